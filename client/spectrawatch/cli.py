@@ -1,0 +1,115 @@
+"""The ``spectrawatch`` command. Server-side commands import the ``[server]`` extra lazily."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from spectrawatch._version import __version__
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _server_settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    """ServerSettings from the environment, with command-line flags taking precedence."""
+    try:
+        from spectrawatch_server.config import ServerSettings
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise SystemExit(f"the server is not installed: pip install 'spectrawatch[server]' ({exc})") from exc
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if getattr(args, "data_dir", None) is not None:
+        values["data_dir"] = Path(args.data_dir)
+    return ServerSettings(**values)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Serve the API, dashboards and the in-process worker with uvicorn."""
+    import uvicorn
+
+    from spectrawatch_server.app import create_app
+
+    settings = _server_settings(
+        args,
+        host=args.host,
+        port=args.port,
+        require_auth=True if args.require_auth else None,
+        run_worker=False if args.no_worker else None,
+        device=args.device,
+    )
+    try:
+        settings.check_startable()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"spectrawatch {__version__} serving on {settings.base_url} (data in {settings.data_dir})")
+    print(f"  API docs: {settings.base_url}/docs", flush=True)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    """Create a project-scoped API token and print it once (only its hash is stored)."""
+    from spectrawatch_server.db import migrate
+    from spectrawatch_server.db.session import make_engine, make_session_factory
+    from spectrawatch_server.storage import repository as repo
+
+    settings = _server_settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    migrate.upgrade(engine)
+    with make_session_factory(engine).begin() as session:
+        project, _ = repo.get_or_create_project(session, args.project)
+        token, secret = repo.create_token(session, project, args.name or "")
+        token_id = token.id
+    engine.dispose()
+    print(secret)
+    print(
+        f"token {token_id} for project {args.project!r}; store it now, it is not shown again",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spectrawatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"spectrawatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    server = sub.add_parser("server", help="run the server (API + dashboards + worker)")
+    server.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=None, help="port (default 8765)")
+    server.add_argument("--data-dir", default=None, help="SQLite database and blobs (default ~/.spectrawatch)")
+    server.add_argument("--require-auth", action="store_true", help="refuse requests without a token")
+    server.add_argument("--no-worker", action="store_true", help="do not run the in-process worker")
+    server.add_argument("--device", default=None, help="worker device: auto, cpu, cuda, cuda:N")
+    server.add_argument("--log-level", default=os.environ.get("SPECTRAWATCH_LOG_LEVEL", "info"))
+    server.set_defaults(func=cmd_server)
+
+    token = sub.add_parser("token", help="manage API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a token scoped to a project")
+    create.add_argument("--project", required=True)
+    create.add_argument("--name", default="")
+    create.add_argument("--data-dir", default=None)
+    create.set_defaults(func=cmd_token_create)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Thin adapters for training frameworks; each imports its framework lazily."""

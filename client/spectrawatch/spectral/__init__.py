@@ -1,0 +1,1 @@
+"""Pure spectral math: tensors in, frozen dataclasses / numbers out. No I/O, no project imports."""

@@ -1,0 +1,295 @@
+"""Frame encoding shared by client and server: one safetensors file per frame.
+
+A frame is a safetensors file whose ``__metadata__`` carries the wire version, the frame
+``kind``, the training ``step`` of its first row, the client's sequence number ``seq`` and a
+JSON ``info`` object (layer names, sketch seed and dimension, the steps of batched rows,
+original dtypes...). The header is validated here *before* any tensor byte is touched, so the
+server can reject a hostile body cheaply; tensors are then loaded with ``safetensors`` (never
+``pickle``). Optional zstd compression wraps the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+WIRE_VERSION = "1"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+class FrameKind(str, Enum):
+    """What a frame holds; each kind has its own tensor layout (see :func:`validate_layout`)."""
+
+    UPDATE_SKETCH = "update_sketch"  # per layer (n_steps, d): sketches of per-step updates
+    PARAM_SKETCH = "param_sketch"  # per layer (n_steps, d): float64 sketches of theta itself
+    WEIGHTS = "weights"  # per layer (m, n): 2-D weight matrices
+    ACTIVATIONS = "activations"  # per module (tokens, hidden) or its Gram (hidden, hidden)
+
+
+# safetensors dtype code -> bytes per element. Only floating data and integer ids travel.
+DTYPE_SIZES: dict[str, int] = {
+    "F16": 2,
+    "BF16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I32": 4,
+    "I64": 8,
+}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+class FrameError(ValueError):
+    """A frame that cannot be accepted; ``code`` is stable, ``message`` names the problem."""
+
+    def __init__(self, code: str, message: str, *, status: int = 422) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """Bounds a frame must respect; the server's settings supply its own values."""
+
+    max_header_bytes: int = 8 * 1024 * 1024
+    max_tensors: int = 4096
+    max_dims: int = 4
+    max_tensor_elements: int = 1 << 30
+    max_name_length: int = 512
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor entry of a validated header."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """The validated header of a frame: what it is, and where each tensor lies."""
+
+    kind: FrameKind
+    step: int
+    seq: int
+    info: dict[str, Any]
+    tensors: tuple[TensorInfo, ...]
+    data_offset: int = field(repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+
+def encode_frame(
+    kind: FrameKind | str,
+    step: int,
+    seq: int,
+    tensors: Mapping[str, torch.Tensor],
+    info: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Pack ``tensors`` (moved to CPU, made contiguous) and metadata into safetensors bytes."""
+    from safetensors.torch import save
+
+    metadata = {
+        "spectrawatch": WIRE_VERSION,
+        "kind": FrameKind(kind).value,
+        "step": str(int(step)),
+        "seq": str(int(seq)),
+        "info": json.dumps(dict(info or {}), separators=(",", ":")),
+    }
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    return save(cpu, metadata=metadata)
+
+
+def compress(data: bytes, level: int = 3) -> bytes:
+    """zstd-compress an encoded frame (sent with ``Content-Encoding: zstd``)."""
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=level).compress(data)
+
+
+def decompress(data: bytes, max_size: int) -> bytes:
+    """Undo :func:`compress`, refusing output larger than ``max_size`` bytes."""
+    import zstandard
+
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data)
+        out = reader.read(max_size + 1)
+    except zstandard.ZstdError as exc:
+        raise FrameError("bad_encoding", f"body is not valid zstd: {exc}", status=400) from exc
+    if len(out) > max_size:
+        raise FrameError("too_large", f"decompressed frame exceeds {max_size} bytes", status=413)
+    return out
+
+
+def parse_header(head: bytes, total_size: int, limits: FrameLimits | None = None) -> FrameHeader:
+    """Validate a safetensors header without reading tensor data.
+
+    ``head`` must hold at least the first ``8 + header_length`` bytes of the file and
+    ``total_size`` is the file's full length; every offset is checked against it.
+    """
+    limits = limits or FrameLimits()
+    if total_size < 8 or len(head) < 8:
+        raise FrameError("truncated", "frame is shorter than the 8-byte safetensors prefix", status=400)
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > limits.max_header_bytes:
+        raise FrameError("header_too_large", f"header of {n} bytes exceeds {limits.max_header_bytes}")
+    if 8 + n > total_size or len(head) < 8 + n:
+        raise FrameError("truncated", "frame ends inside its safetensors header", status=400)
+    try:
+        raw = json.loads(head[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrameError("bad_header", f"safetensors header is not JSON: {exc}", status=400) from exc
+    if not isinstance(raw, dict):
+        raise FrameError("bad_header", "safetensors header must be a JSON object", status=400)
+    meta = raw.pop("__metadata__", None)
+    kind, step, seq, info = _parse_metadata(meta)
+    if len(raw) > limits.max_tensors:
+        raise FrameError("too_many_tensors", f"{len(raw)} tensors exceed the limit of {limits.max_tensors}")
+    data_len = total_size - 8 - n
+    entries = [_parse_entry(name, entry, limits, data_len) for name, entry in raw.items()]
+    if not entries:
+        raise FrameError("empty_frame", "frame holds no tensors")
+    pos = 0
+    for t in sorted(entries, key=lambda t: t.begin):
+        if t.begin != pos:
+            raise FrameError("bad_offsets", f"tensor '{t.name}' does not start where the previous ended")
+        pos = t.end
+    if pos != data_len:
+        raise FrameError("bad_offsets", f"tensor data covers {pos} of {data_len} bytes", status=400)
+    header = FrameHeader(kind, step, seq, info, tuple(entries), data_offset=8 + n)
+    validate_layout(header)
+    return header
+
+
+def _parse_metadata(meta: object) -> tuple[FrameKind, int, int, dict[str, Any]]:
+    if not isinstance(meta, dict):
+        raise FrameError("missing_metadata", "safetensors __metadata__ is missing")
+    if meta.get("spectrawatch") != WIRE_VERSION:
+        raise FrameError(
+            "bad_version", f"__metadata__.spectrawatch must be '{WIRE_VERSION}', got {meta.get('spectrawatch')!r}"
+        )
+    try:
+        kind = FrameKind(meta.get("kind"))
+    except ValueError:
+        allowed = ", ".join(k.value for k in FrameKind)
+        raise FrameError("unknown_kind", f"__metadata__.kind {meta.get('kind')!r} is not one of {allowed}") from None
+    step = _nonneg_int(meta, "step")
+    seq = _nonneg_int(meta, "seq")
+    try:
+        info = json.loads(meta.get("info", "{}"))
+    except (TypeError, json.JSONDecodeError):
+        raise FrameError("bad_metadata", "__metadata__.info must be a JSON object") from None
+    if not isinstance(info, dict):
+        raise FrameError("bad_metadata", "__metadata__.info must be a JSON object")
+    return kind, step, seq, info
+
+
+def _nonneg_int(meta: Mapping[str, Any], key: str) -> int:
+    value = meta.get(key)
+    if not isinstance(value, str) or not value.isdigit() or len(value) > 18:
+        raise FrameError("bad_metadata", f"__metadata__.{key} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _parse_entry(name: str, entry: object, limits: FrameLimits, data_len: int) -> TensorInfo:
+    if not name or len(name) > limits.max_name_length or not name.isprintable():
+        raise FrameError("bad_tensor_name", f"tensor name {name[:64]!r} is empty, too long or unprintable")
+    if not isinstance(entry, dict):
+        raise FrameError("bad_header", f"tensor '{name}' entry is not an object", status=400)
+    dtype = entry.get("dtype")
+    if dtype not in DTYPE_SIZES:
+        raise FrameError(
+            "dtype_not_allowed", f"tensor '{name}' has dtype {dtype!r}; allowed: {', '.join(DTYPE_SIZES)}"
+        )
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise FrameError("bad_shape", f"tensor '{name}' shape must be a list of non-negative integers")
+    if len(shape) > limits.max_dims:
+        raise FrameError("too_many_dims", f"tensor '{name}' has {len(shape)} dims; limit {limits.max_dims}")
+    elements = math.prod(shape)
+    if elements > limits.max_tensor_elements:
+        raise FrameError(
+            "tensor_too_large", f"tensor '{name}' has {elements} elements; limit {limits.max_tensor_elements}"
+        )
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_len
+    ):
+        raise FrameError("bad_offsets", f"tensor '{name}' data_offsets are outside the frame", status=400)
+    if offsets[1] - offsets[0] != elements * DTYPE_SIZES[dtype]:
+        raise FrameError("bad_offsets", f"tensor '{name}' byte length does not match its shape and dtype")
+    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def validate_layout(header: FrameHeader) -> None:
+    """Check the per-kind tensor layout described on :class:`FrameKind`."""
+    for t in header.tensors:
+        if t.dtype not in FLOAT_DTYPES:
+            raise FrameError("dtype_not_allowed", f"tensor '{t.name}' of a {header.kind.value} frame must be floating point")
+        if len(t.shape) != 2:
+            raise FrameError("bad_shape", f"tensor '{t.name}' of a {header.kind.value} frame must be 2-D, got {list(t.shape)}")
+        if 0 in t.shape:
+            raise FrameError("bad_shape", f"tensor '{t.name}' is empty: shape {list(t.shape)}")
+    if header.kind in (FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH):
+        steps = header.info.get("steps")
+        rows = {t.shape[0] for t in header.tensors}
+        if (
+            not isinstance(steps, list)
+            or not all(isinstance(s, int) and s >= 0 for s in steps)
+            or rows != {len(steps)}
+        ):
+            raise FrameError(
+                "bad_metadata",
+                "info.steps must list one non-negative step per row of every sketch tensor",
+            )
+        if steps != sorted(steps):
+            raise FrameError("bad_metadata", "info.steps must be non-decreasing")
+
+
+def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """Load the tensors of an (uncompressed, header-validated) frame; no pickle involved."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise FrameError("bad_tensor_data", f"tensor data could not be read: {exc}", status=400) from exc
+
+
+def decode_frame(
+    data: bytes, limits: FrameLimits | None = None
+) -> tuple[FrameHeader, dict[str, torch.Tensor]]:
+    """Validate and load an uncompressed frame: header first, then tensors."""
+    header = parse_header(data, len(data), limits)
+    return header, load_tensors(data)
+
+
+def count_nonfinite(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Number of NaN/Inf entries per tensor, only for tensors that have any."""
+    import torch
+
+    out: dict[str, int] = {}
+    for name, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum().item())
+        if bad:
+            out[name] = bad
+    return out

@@ -1,0 +1,1 @@
+"""Alembic environment and versions; applied automatically on server start."""

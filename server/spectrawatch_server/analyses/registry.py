@@ -1,0 +1,111 @@
+"""The analysis registry: pure functions registered per frame kind, run by the worker.
+
+An analysis receives one decoded frame (tensors already on the worker's device) and an
+:class:`AnalysisContext` for read-only access to the run's history; it returns metric values
+and optional spectrum records. It does no I/O of its own: the worker stores the result, upserted
+on ``(frame, analysis, layer, name)``, so running a job twice duplicates nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from spectrawatch.wire import FrameHeader, FrameKind
+
+MODEL_LAYER = "__model__"  # layer name for whole-model metrics
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """One number: ``name`` (dotted key) of ``layer`` at ``step`` (defaults to the frame's)."""
+
+    layer: str
+    name: str
+    value: float
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class SpectrumRecord:
+    """A JSON-able spectrum summary for one layer (histogram, fit...), for drill-down plots."""
+
+    layer: str
+    payload: dict[str, Any]
+
+
+@dataclass
+class AnalysisResult:
+    """What an analysis returns; empty lists are a valid answer."""
+
+    metrics: list[MetricValue] = field(default_factory=list)
+    spectra: list[SpectrumRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """A frame as analyses see it: validated header and tensors on ``device``."""
+
+    run_id: int
+    frame_id: int
+    header: FrameHeader
+    tensors: dict[str, torch.Tensor]
+    device: torch.device
+
+    @property
+    def step(self) -> int:
+        return self.header.step
+
+
+class AnalysisContext(Protocol):
+    """Read-only history of the run the frame belongs to (supplied by the worker)."""
+
+    def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
+        """Up to ``limit`` earlier frames of ``kind`` of this run (lower seq), oldest first."""
+        ...
+
+    def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
+        """The last ``limit`` stored ``(step, value)`` points of a metric, oldest first."""
+        ...
+
+    def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
+        """The last ``limit`` client-logged ``(step, value)`` scalars, oldest first."""
+        ...
+
+
+AnalysisFn = Callable[[DecodedFrame, AnalysisContext], AnalysisResult]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A registered analysis: a stable ``name`` and the frame ``kinds`` it runs on."""
+
+    name: str
+    kinds: frozenset[FrameKind]
+    fn: AnalysisFn
+
+
+_REGISTRY: dict[str, Analysis] = {}
+
+
+def register(name: str, kinds: Sequence[FrameKind]) -> Callable[[AnalysisFn], AnalysisFn]:
+    """Decorator: register ``fn`` as analysis ``name`` for frames of ``kinds``."""
+
+    def wrap(fn: AnalysisFn) -> AnalysisFn:
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise ValueError(f"analysis {name!r} is registered twice")
+        _REGISTRY[name] = Analysis(name, frozenset(kinds), fn)
+        return fn
+
+    return wrap
+
+
+def analyses_for(kind: FrameKind) -> list[Analysis]:
+    """Registered analyses for a frame kind, in name order (deterministic)."""
+    from spectrawatch_server.analyses import load_all
+
+    load_all()
+    return sorted((a for a in _REGISTRY.values() if kind in a.kinds), key=lambda a: a.name)

@@ -1,0 +1,80 @@
+"""Typed dependencies: app state, DB session, the caller's principal, scoped lookups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.state import AppState
+from spectrawatch_server.db.models import Run
+from spectrawatch_server.storage import repository as repo
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.spectrawatch
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    with state.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a token's project, or anonymous local use (``project_id`` None)."""
+
+    project_id: int | None
+
+    def can_access(self, project_id: int) -> bool:
+        return self.project_id is None or self.project_id == project_id
+
+
+def get_principal(request: Request, state: StateDep, session: SessionDep) -> Principal:
+    """Check ``Authorization: Bearer``; anonymous only when the server does not require auth."""
+    return authenticate(session, state.settings.require_auth, request.headers.get("authorization"))
+
+
+def authenticate(session: Session, require_auth: bool, header: str | None) -> Principal:
+    """The principal for an ``Authorization`` header value (``None`` when absent)."""
+    if header is None:
+        if require_auth:
+            raise ApiError(401, "unauthorized", "missing Authorization: Bearer <token> header")
+        return Principal(project_id=None)
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise ApiError(401, "unauthorized", "Authorization header must be 'Bearer <token>'")
+    token = repo.find_token(session, secret.strip())
+    if token is None:
+        raise ApiError(401, "unauthorized", "invalid or revoked token")
+    return Principal(project_id=token.project_id)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_run(run_id: int, principal: PrincipalDep, session: SessionDep) -> Run:
+    """The run ``run_id`` if it exists and the caller may see it (else 404, never 403: no leak)."""
+    return find_run(session, principal, run_id)
+
+
+def find_run(session: Session, principal: Principal, run_id: int) -> Run:
+    """See :func:`get_run`."""
+    run = repo.get_run(session, run_id)
+    if run is None or not principal.can_access(run.project_id):
+        raise ApiError(404, "run_not_found", f"run {run_id} does not exist")
+    return run
+
+
+RunDep = Annotated[Run, Depends(get_run)]

@@ -1,0 +1,105 @@
+"""Runs: create (or resume by name), get, list, update status, client health stats."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from spectrawatch_server.api.deps import PrincipalDep, RunDep, SessionDep
+from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.db.models import Frame, Project, Run
+from spectrawatch_server.schemas import ClientStats, RunCreate, RunPublic, RunUpdate
+from spectrawatch_server.storage import repository as repo
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+
+
+def run_public(session: Session, run: Run) -> RunPublic:
+    project = session.get_one(Project, run.project_id)
+    counts = session.execute(
+        select(Frame.status, func.count()).where(Frame.run_id == run.id).group_by(Frame.status)
+    ).all()
+    return RunPublic(
+        id=run.id,
+        project=project.name,
+        name=run.name,
+        status=run.status,
+        config=run.config,
+        tags=run.tags,
+        summary=run.summary,
+        client_stats=run.client_stats,
+        last_step=run.last_step,
+        created_at=run.created_at,
+        updated_at=run.updated_at,
+        last_seen_at=run.last_seen_at,
+        frames={status: int(n) for status, n in counts},
+    )
+
+
+@router.post("", status_code=201, response_model=RunPublic)
+def create_run(
+    body: RunCreate, principal: PrincipalDep, session: SessionDep, response: Response
+) -> RunPublic:
+    """Create run ``name`` in ``project`` (project created if needed); an existing run resumes (200)."""
+    project = repo.get_project(session, body.project)
+    if principal.project_id is not None and (project is None or project.id != principal.project_id):
+        raise ApiError(403, "forbidden", f"token is not valid for project {body.project!r}")
+    try:
+        project, _ = repo.get_or_create_project(session, body.project)
+        run, created = repo.get_or_create_run(session, project, body.name, body.config, body.tags)
+        if not created and run.status != "running":
+            run.status = "running"
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        project, _ = repo.get_or_create_project(session, body.project)
+        run, created = repo.get_or_create_run(session, project, body.name, body.config, body.tags)
+    if not created:
+        response.status_code = 200
+    return run_public(session, run)
+
+
+@router.get("", response_model=list[RunPublic])
+def list_runs(
+    principal: PrincipalDep,
+    session: SessionDep,
+    project: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[RunPublic]:
+    project_id = principal.project_id
+    if project is not None:
+        row = repo.get_project(session, project)
+        if row is None or not principal.can_access(row.id):
+            raise ApiError(404, "project_not_found", f"project {project!r} does not exist")
+        project_id = row.id
+    return [run_public(session, r) for r in repo.list_runs(session, project_id, limit, offset)]
+
+
+@router.get("/{run_id}", response_model=RunPublic)
+def read_run(run: RunDep, session: SessionDep) -> RunPublic:
+    return run_public(session, run)
+
+
+@router.patch("/{run_id}", response_model=RunPublic)
+def update_run(body: RunUpdate, run: RunDep, session: SessionDep) -> RunPublic:
+    if body.status is not None:
+        run.status = body.status
+    if body.summary is not None:
+        run.summary = {**run.summary, **body.summary}
+    if body.tags is not None:
+        run.tags = body.tags
+    session.commit()
+    return run_public(session, run)
+
+
+@router.post("/{run_id}/client-stats", response_model=RunPublic)
+def report_client_stats(body: ClientStats, run: RunDep, session: SessionDep) -> RunPublic:
+    """Latest client health counters (drops, spool) — shown in the run's status."""
+    run.client_stats = body.model_dump()
+    session.commit()
+    return run_public(session, run)

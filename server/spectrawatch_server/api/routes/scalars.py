@@ -1,0 +1,52 @@
+"""Scalars logged by the client (loss, accuracies...): batch ingest and downsampled queries."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query
+
+from spectrawatch_server.api.deps import RunDep, SessionDep, StateDep
+from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.downsample import downsample
+from spectrawatch_server.schemas import ScalarIn, ScalarSeries
+from spectrawatch_server.storage import repository as repo
+
+router = APIRouter(tags=["scalars"])
+
+
+@router.post("/runs/{run_id}/scalars", status_code=202)
+def ingest_scalars(
+    body: Annotated[list[ScalarIn], Body()], run: RunDep, session: SessionDep, state: StateDep
+) -> dict[str, Any]:
+    """Store a batch ``[{step, name, value}]``; NaN/Inf values are kept as null and counted."""
+    if len(body) > state.settings.max_scalars_per_batch:
+        raise ApiError(
+            413, "too_many_scalars", f"{len(body)} scalars exceed {state.settings.max_scalars_per_batch}"
+        )
+    rows = {(s.name, s.step): s.value for s in body}  # last value wins within a batch
+    accepted = repo.upsert_scalars(session, run.id, [(st, n, v) for (n, st), v in rows.items()])
+    session.commit()
+    nonfinite = sum(1 for v in rows.values() if repo.finite_or_none(v) is None)
+    return {"accepted": accepted, "nonfinite": nonfinite}
+
+
+@router.get("/runs/{run_id}/scalars", response_model=list[ScalarSeries])
+def read_scalars(
+    run: RunDep,
+    session: SessionDep,
+    name: str | None = None,
+    start: Annotated[int | None, Query(alias="from", ge=0)] = None,
+    end: Annotated[int | None, Query(alias="to", ge=0)] = None,
+    max_points: Annotated[int | None, Query(ge=3, le=100_000)] = None,
+) -> list[ScalarSeries]:
+    grouped: dict[str, tuple[list[int], list[float | None]]] = {}
+    for sname, step, value in repo.scalar_points(session, run.id, name, start, end):
+        steps, values = grouped.setdefault(sname, ([], []))
+        steps.append(step)
+        values.append(value)
+    out = []
+    for sname, (steps, values) in grouped.items():
+        ds, dv = downsample(steps, values, max_points)
+        out.append(ScalarSeries(name=sname, steps=ds, values=dv, points=len(steps)))
+    return out

@@ -1,0 +1,99 @@
+"""The FastAPI application: ``create_app(settings)`` wires database, blobs, queue and worker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from spectrawatch._version import __version__
+from spectrawatch.wire import FrameLimits
+from spectrawatch_server.api.errors import install_error_handlers
+from spectrawatch_server.api.routes import frames, health, metrics, projects, runs, scalars
+from spectrawatch_server.api.state import AppState
+from spectrawatch_server.config import ServerSettings, get_settings
+from spectrawatch_server.db import migrate
+from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.queue.embedded import EmbeddedQueue
+from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage.blobs import LocalBlobStore
+from spectrawatch_server.worker import FrameLoader, Worker, resolve_device
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+
+
+def build_state(settings: ServerSettings) -> AppState:
+    """Open the database (migrated to head), the blob store, the worker and the queue."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    migrate.upgrade(engine)
+    sessions = make_session_factory(engine)
+    blobs = LocalBlobStore(settings.resolved_blob_dir)
+    limits = FrameLimits(
+        max_tensors=settings.max_tensors,
+        max_dims=settings.max_dims,
+        max_tensor_elements=settings.max_tensor_elements,
+    )
+    loader = FrameLoader(blobs, resolve_device(settings.device), limits, settings.max_body_bytes)
+    worker = Worker(sessions, loader)
+    queue = EmbeddedQueue(
+        sessions,
+        worker.process,
+        lease_seconds=settings.job_lease_seconds,
+        max_attempts=settings.job_max_attempts,
+        poll_seconds=settings.worker_poll_seconds,
+    )
+    return AppState(settings, engine, sessions, blobs, queue, worker, limits)
+
+
+def reconcile_blobs(state: AppState, min_age_seconds: float) -> int:
+    """Delete temp uploads and blobs no frame row references (left by a crash mid-ingest).
+
+    Only files older than ``min_age_seconds`` go: other API processes sharing the blob store
+    may be between their blob write and their row insert.
+    """
+    removed = state.blobs.clear_temp(min_age_seconds)
+    with state.sessions() as session:
+        referenced = repo.referenced_blob_keys(session)
+    for key in state.blobs.keys(min_age_seconds):
+        if key not in referenced:
+            state.blobs.delete(key)
+            removed += 1
+    return removed
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    """The ASGI app; nothing touches disk or database until the lifespan starts."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.check_startable()
+        state = build_state(settings)
+        # The embedded mode is one process, so nothing else can be mid-ingest at start-up.
+        removed = reconcile_blobs(state, 0.0 if settings.queue == "embedded" else 600.0)
+        if removed:
+            log.info("removed %d orphan upload(s)/blob(s) left by an earlier crash", removed)
+        app.state.spectrawatch = state
+        if settings.run_worker:
+            state.queue.start()
+        try:
+            yield
+        finally:
+            state.queue.stop()
+            state.engine.dispose()
+
+    app = FastAPI(
+        title="spectrawatch",
+        version=__version__,
+        description="Spectral monitoring of neural-network training.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for module in (health, projects, runs, frames, scalars, metrics):
+        app.include_router(module.router, prefix=API_PREFIX)
+    return app

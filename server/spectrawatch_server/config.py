@@ -1,0 +1,77 @@
+"""Server settings: one pydantic-settings class, env prefix ``SPECTRAWATCH_``."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Everything the API and worker read from the environment (prefix ``SPECTRAWATCH_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SPECTRAWATCH_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".spectrawatch")
+    database_url: str | None = None  # default: sqlite:///<data_dir>/spectrawatch.db
+    blob_dir: Path | None = None  # default: <data_dir>/blobs
+    queue: Literal["embedded", "procrastinate"] = "embedded"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    run_worker: bool = True  # run the in-process worker thread (embedded queue)
+    require_auth: bool = False
+    max_body_bytes: int = 512 * 1024 * 1024
+    max_tensors: int = 4096
+    max_dims: int = 4
+    max_tensor_elements: int = 1 << 30
+    max_scalars_per_batch: int = 100_000
+    job_lease_seconds: float = 120.0
+    job_max_attempts: int = 5
+    worker_poll_seconds: float = 0.5
+    public_url: str | None = None  # used in links (alerts, CLI output)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'spectrawatch.db'}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+    def check_startable(self) -> None:
+        """Refuse configurations that would expose an unauthenticated server."""
+        if not self.is_loopback and not self.require_auth:
+            raise ValueError(
+                f"refusing to serve on non-loopback host {self.host!r} without auth: "
+                "set SPECTRAWATCH_REQUIRE_AUTH=true (or --require-auth) and create tokens "
+                "with `spectrawatch token create --project NAME`"
+            )
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost names and loopback addresses (127.0.0.0/8, ::1)."""
+    if host in {"localhost", "localhost.localdomain"}:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache
+def get_settings() -> ServerSettings:
+    """The process's settings, read once; tests override by passing their own to create_app."""
+    return ServerSettings()

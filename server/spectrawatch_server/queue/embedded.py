@@ -1,0 +1,107 @@
+"""Embedded queue: jobs in the ``job`` table, consumed by one in-process worker thread.
+
+Restart-safe: on start, jobs left 'running' by a previous process are returned to 'pending'
+(the embedded mode is one process by definition); leases also expire, so a hung job is
+retried. Jobs that fail ``max_attempts`` times end as 'failed' with their error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from datetime import timedelta
+
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from spectrawatch_server.db.models import Job
+from spectrawatch_server.queue.base import JobHandler
+from spectrawatch_server.storage import repository as repo
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedQueue:
+    """DB-table queue with leases; ``start()`` runs ``handler`` on a daemon thread."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        handler: JobHandler,
+        *,
+        lease_seconds: float = 120.0,
+        max_attempts: int = 5,
+        poll_seconds: float = 0.5,
+    ) -> None:
+        self.sessions = sessions
+        self.handler = handler
+        self.lease = timedelta(seconds=lease_seconds)
+        self.max_attempts = max_attempts
+        self.poll_seconds = poll_seconds
+        self.worker_id = f"embedded-{uuid.uuid4().hex[:12]}"
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.processed = 0
+
+    def enqueue(self, session: Session, frame_id: int) -> None:
+        session.add(Job(frame_id=frame_id, status="pending"))
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def counts(self) -> dict[str, int]:
+        with self.sessions() as session:
+            return repo.job_counts(session)
+
+    def start(self) -> None:
+        with self.sessions.begin() as session:
+            released = repo.release_jobs_of_other_workers(session, self.worker_id)
+        if released:
+            log.info("requeued %d job(s) left running by a previous process", released)
+        self._thread = threading.Thread(target=self._loop, name="spectrawatch-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when there was nothing to do."""
+        with self.sessions.begin() as session:
+            repo.fail_expired_jobs(session, self.max_attempts)
+            job = repo.claim_job(session, self.worker_id, self.lease, self.max_attempts)
+        if job is None:
+            return False
+        try:
+            self.handler(job.frame_id)
+        except Exception as exc:  # a failing job must never kill the worker thread
+            log.exception("analysis of frame %d failed (attempt %d)", job.frame_id, job.attempts)
+            with self.sessions.begin() as session:
+                if job.attempts >= self.max_attempts:
+                    repo.finish_frame(session, job.frame_id, "failed", repr(exc))
+                else:
+                    repo.release_job(session, job.job_id, repr(exc))
+        self.processed += 1
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except OperationalError:
+                log.warning("database unavailable; worker retrying", exc_info=True)
+                busy = False
+            except Exception:
+                log.exception("worker loop error")
+                busy = False
+            if not busy:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()

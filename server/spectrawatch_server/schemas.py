@@ -1,0 +1,127 @@
+"""Request and response bodies of the API (``XCreate`` in, ``XPublic`` out)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Name = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f/]+$")
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Name
+
+
+class ProjectPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    name: str
+    created_at: datetime
+
+
+class RunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: str = Name
+    name: str = Name
+    config: dict[str, Any] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list, max_length=100)
+
+
+RunStatus = Literal["running", "finished", "crashed"]
+
+
+class RunUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: RunStatus | None = None
+    summary: dict[str, Any] | None = None
+    tags: list[str] | None = Field(default=None, max_length=100)
+
+
+class RunPublic(BaseModel):
+    id: int
+    project: str
+    name: str
+    status: str
+    config: dict[str, Any]
+    tags: list[str]
+    summary: dict[str, Any]
+    client_stats: dict[str, Any]
+    last_step: int | None
+    created_at: datetime
+    updated_at: datetime
+    last_seen_at: datetime | None
+    frames: dict[str, int] = Field(default_factory=dict, description="frames by analysis status")
+
+
+class ClientStats(BaseModel):
+    """Client-side health counters, reported by the client's sender."""
+
+    model_config = ConfigDict(extra="allow")
+    dropped_frames: int = Field(0, ge=0)
+    spooled_frames: int = Field(0, ge=0)
+    spool_bytes: int = Field(0, ge=0)
+    spool_overflow: int = Field(0, ge=0)
+    errors: int = Field(0, ge=0)
+
+
+class FramePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    run_id: int
+    kind: str
+    step: int
+    seq: int
+    bytes: int
+    encoding: str
+    layers: list[str]
+    nonfinite: dict[str, int]
+    status: str
+    created_at: datetime
+
+
+class ScalarIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step: int = Field(ge=0, le=2**62)
+    name: str = Name
+    value: float
+
+
+class Series(BaseModel):
+    """One downsampled series; ``None`` values were NaN/Inf."""
+
+    layer: str
+    steps: list[int]
+    values: list[float | None]
+    points: int = Field(description="points before downsampling")
+
+
+class MetricSeries(BaseModel):
+    name: str
+    series: list[Series]
+
+
+class ScalarSeries(BaseModel):
+    name: str
+    steps: list[int]
+    values: list[float | None]
+    points: int
+
+
+class MetricInfo(BaseModel):
+    name: str
+    layer: str
+    points: int
+    first_step: int
+    last_step: int
+
+
+class SpectrumPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    frame_id: int
+    analysis: str
+    layer: str
+    step: int
+    payload: dict[str, Any]

@@ -1,0 +1,1 @@
+"""Persistence: the blob store (tensor bytes) and the repository (all SQL)."""

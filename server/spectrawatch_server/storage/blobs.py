@@ -1,0 +1,98 @@
+"""Blob store for frame bodies. Writes are atomic: temp file, fsync, rename."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+
+class BlobStoreFull(OSError):
+    """The blob store has no space left (mapped to 507 by the API)."""
+
+
+class BlobStore(Protocol):
+    """Where frame bodies live; keys are relative, '/'-separated paths."""
+
+    def new_upload(self) -> BinaryIO: ...
+
+    def commit_upload(self, upload: BinaryIO, key: str) -> None: ...
+
+    def abort_upload(self, upload: BinaryIO) -> None: ...
+
+    def read(self, key: str) -> bytes: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def keys(self, min_age_seconds: float = 0.0) -> list[str]: ...
+
+
+class LocalBlobStore:
+    """Blobs as files under ``root``; uploads stream into ``root/.tmp`` and are renamed in."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / ".tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        parts = key.split("/")
+        if not key or any(p in {"", ".", ".."} for p in parts):
+            raise ValueError(f"invalid blob key {key!r}")
+        return self.root.joinpath(*parts)
+
+    def new_upload(self) -> BinaryIO:
+        """An open temp file to stream an upload into (deleted by abort or moved by commit)."""
+        return open(self.tmp / f"{uuid.uuid4().hex}.part", "w+b")  # noqa: SIM115 - caller closes
+
+    def commit_upload(self, upload: BinaryIO, key: str) -> None:
+        """fsync the upload and atomically move it to ``key``."""
+        try:
+            upload.flush()
+            os.fsync(upload.fileno())
+        except OSError as exc:
+            self.abort_upload(upload)
+            raise _translate(exc) from exc
+        upload.close()
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(upload.name, dest)
+
+    def abort_upload(self, upload: BinaryIO) -> None:
+        upload.close()
+        Path(upload.name).unlink(missing_ok=True)
+
+    def read(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def keys(self, min_age_seconds: float = 0.0) -> list[str]:
+        """Committed blob keys (temp uploads excluded) last modified at least that long ago."""
+        cutoff = time.time() - min_age_seconds
+        return [
+            path.relative_to(self.root).as_posix()
+            for path in self.root.rglob("*")
+            if path.is_file() and self.tmp not in path.parents and path.stat().st_mtime <= cutoff
+        ]
+
+    def clear_temp(self, min_age_seconds: float = 0.0) -> int:
+        """Remove uploads left by a crash; returns how many were removed."""
+        cutoff = time.time() - min_age_seconds
+        removed = 0
+        for path in self.tmp.glob("*.part"):
+            if path.stat().st_mtime <= cutoff:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _translate(exc: OSError) -> OSError:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BlobStoreFull(exc.errno, "blob store is full")
+    return exc

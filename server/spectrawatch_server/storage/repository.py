@@ -1,0 +1,437 @@
+"""All SQL of the server lives here: small functions over a caller-owned ``Session``.
+
+Callers own the transaction (``with session.begin():``); functions here never commit, so
+several of them compose into one atomic unit (frame row + job row, results + job done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from spectrawatch_server.db.base import utcnow
+from spectrawatch_server.db.models import (
+    Frame,
+    Job,
+    Metric,
+    Project,
+    Run,
+    Scalar,
+    Spectrum,
+    Token,
+)
+
+TOKEN_PREFIX = "sw_"
+
+
+# --- projects and tokens ---------------------------------------------------------------
+
+
+def get_project(session: Session, name: str) -> Project | None:
+    return session.scalar(select(Project).where(Project.name == name))
+
+
+def get_or_create_project(session: Session, name: str) -> tuple[Project, bool]:
+    """The project called ``name``, created if missing; second value says whether it was."""
+    project = get_project(session, name)
+    if project is not None:
+        return project, False
+    project = Project(name=name)
+    session.add(project)
+    session.flush()
+    return project, True
+
+
+def list_projects(session: Session, project_id: int | None = None) -> Sequence[Project]:
+    stmt = select(Project).order_by(Project.name)
+    if project_id is not None:
+        stmt = stmt.where(Project.id == project_id)
+    return session.scalars(stmt).all()
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_token(session: Session, project: Project, name: str = "") -> tuple[Token, str]:
+    """Create a token for ``project``; returns the row and the secret (shown once, never stored)."""
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = Token(
+        project_id=project.id, name=name, prefix=secret[:10], secret_hash=hash_secret(secret)
+    )
+    session.add(token)
+    session.flush()
+    return token, secret
+
+
+def find_token(session: Session, secret: str) -> Token | None:
+    """The live token whose secret hashes to the stored hash, if any."""
+    return session.scalar(
+        select(Token).where(Token.secret_hash == hash_secret(secret), Token.revoked_at.is_(None))
+    )
+
+
+# --- runs ------------------------------------------------------------------------------
+
+
+def get_run(session: Session, run_id: int) -> Run | None:
+    return session.get(Run, run_id)
+
+
+def get_or_create_run(
+    session: Session,
+    project: Project,
+    name: str,
+    config: dict[str, Any],
+    tags: list[str],
+) -> tuple[Run, bool]:
+    """Create run ``name`` in ``project`` or return the existing one (a resumed run)."""
+    run = session.scalar(select(Run).where(Run.project_id == project.id, Run.name == name))
+    if run is not None:
+        return run, False
+    run = Run(project_id=project.id, name=name, config=config, tags=tags, status="running")
+    session.add(run)
+    session.flush()
+    return run, True
+
+
+def list_runs(
+    session: Session, project_id: int | None, limit: int, offset: int
+) -> Sequence[Run]:
+    stmt = select(Run).order_by(Run.id.desc()).limit(limit).offset(offset)
+    if project_id is not None:
+        stmt = stmt.where(Run.project_id == project_id)
+    return session.scalars(stmt).all()
+
+
+def touch_run(session: Session, run_id: int, step: int | None) -> None:
+    """Record activity (and the highest step seen) on a run."""
+    values: dict[str, Any] = {"last_seen_at": utcnow()}
+    if step is not None:
+        values["last_step"] = func.max(func.coalesce(Run.last_step, step), step)
+    session.execute(update(Run).where(Run.id == run_id).values(**values))
+
+
+# --- frames and jobs -------------------------------------------------------------------
+
+
+def frame_by_key(session: Session, key: str) -> Frame | None:
+    return session.scalar(select(Frame).where(Frame.idempotency_key == key))
+
+
+def insert_frame(session: Session, frame: Frame) -> Frame:
+    """Insert ``frame`` (the caller enqueues its job in the same transaction)."""
+    session.add(frame)
+    session.flush()
+    touch_run(session, frame.run_id, frame.step)
+    return frame
+
+
+def list_frames(
+    session: Session, run_id: int, kind: str | None, limit: int, offset: int
+) -> Sequence[Frame]:
+    stmt = select(Frame).where(Frame.run_id == run_id).order_by(Frame.seq).limit(limit).offset(offset)
+    if kind is not None:
+        stmt = stmt.where(Frame.kind == kind)
+    return session.scalars(stmt).all()
+
+
+def recent_frames(
+    session: Session, run_id: int, kind: str, before_seq: int, limit: int
+) -> list[Frame]:
+    """Up to ``limit`` frames of ``kind`` with seq < ``before_seq``, oldest first."""
+    rows = session.scalars(
+        select(Frame)
+        .where(Frame.run_id == run_id, Frame.kind == kind, Frame.seq < before_seq)
+        .order_by(Frame.seq.desc())
+        .limit(limit)
+    ).all()
+    return list(reversed(rows))
+
+
+def referenced_blob_keys(session: Session) -> set[str]:
+    return set(session.scalars(select(Frame.blob_key)).all())
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    job_id: int
+    frame_id: int
+    attempts: int
+
+
+def claim_job(session: Session, worker_id: str, lease: timedelta, max_attempts: int) -> ClaimedJob | None:
+    """Lease the oldest runnable job: pending, or running with an expired lease.
+
+    The conditional UPDATE makes the claim safe against other workers on any backend.
+    """
+    now = utcnow()
+    runnable = or_(Job.status == "pending", (Job.status == "running") & (Job.lease_until < now))
+    candidates = session.scalars(
+        select(Job.id).where(runnable, Job.attempts < max_attempts).order_by(Job.id).limit(8)
+    ).all()
+    for job_id in candidates:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, runnable)
+            .values(
+                status="running",
+                worker_id=worker_id,
+                lease_until=now + lease,
+                attempts=Job.attempts + 1,
+            )
+        )
+        if claimed.rowcount == 1:  # type: ignore[attr-defined]
+            job = session.get_one(Job, job_id)
+            session.refresh(job)
+            return ClaimedJob(job.id, job.frame_id, job.attempts)
+    return None
+
+
+def fail_expired_jobs(session: Session, max_attempts: int) -> int:
+    """Mark jobs that used up their attempts (and are not running) as failed."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.attempts >= max_attempts,
+            or_(Job.status == "pending", (Job.status == "running") & (Job.lease_until < now)),
+        )
+        .values(status="failed", error=func.coalesce(Job.error, "gave up after max attempts"))
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release_jobs_of_other_workers(session: Session, worker_id: str) -> int:
+    """Return 'running' jobs not owned by ``worker_id`` to 'pending' (single-process restart)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.status == "running", or_(Job.worker_id.is_(None), Job.worker_id != worker_id))
+        .values(status="pending", worker_id=None, lease_until=None)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def finish_frame(session: Session, frame_id: int, status: str, error: str | None) -> None:
+    """Mark a frame's analysis (and its embedded-queue job, if any) done or failed."""
+    session.execute(
+        update(Job)
+        .where(Job.frame_id == frame_id)
+        .values(status=status, error=error, finished_at=utcnow(), lease_until=None)
+    )
+    session.execute(update(Frame).where(Frame.id == frame_id).values(status=status))
+
+
+def release_job(session: Session, job_id: int, error: str) -> None:
+    """Put a job back for a later retry after a transient failure."""
+    session.execute(
+        update(Job).where(Job.id == job_id).values(status="pending", error=error, lease_until=None)
+    )
+
+
+def job_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    return {status: int(n) for status, n in rows}
+
+
+def job_for_frame(session: Session, frame_id: int) -> Job | None:
+    return session.scalar(select(Job).where(Job.frame_id == frame_id))
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    layer: str
+    name: str
+    step: int
+    value: float
+
+
+@dataclass(frozen=True)
+class SpectrumRow:
+    layer: str
+    payload: dict[str, Any]
+
+
+def replace_results(
+    session: Session,
+    run_id: int,
+    frame_id: int,
+    step: int,
+    analysis: str,
+    metrics: Iterable[MetricRow],
+    spectra: Iterable[SpectrumRow],
+) -> None:
+    """Store an analysis' output for a frame, replacing any earlier output (idempotent)."""
+    session.execute(delete(Metric).where(Metric.frame_id == frame_id, Metric.analysis == analysis))
+    session.execute(
+        delete(Spectrum).where(Spectrum.frame_id == frame_id, Spectrum.analysis == analysis)
+    )
+    rows = [
+        {
+            "run_id": run_id,
+            "frame_id": frame_id,
+            "analysis": analysis,
+            "layer": m.layer,
+            "name": m.name,
+            "step": m.step,
+            "value": finite_or_none(m.value),
+        }
+        for m in metrics
+    ]
+    if rows:
+        session.execute(Metric.__table__.insert(), rows)
+    spectrum_rows = [
+        {
+            "run_id": run_id,
+            "frame_id": frame_id,
+            "analysis": analysis,
+            "layer": s.layer,
+            "step": step,
+            "payload": s.payload,
+        }
+        for s in spectra
+    ]
+    if spectrum_rows:
+        session.execute(Spectrum.__table__.insert(), spectrum_rows)
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# --- scalars ---------------------------------------------------------------------------
+
+
+def upsert_scalars(session: Session, run_id: int, rows: Sequence[tuple[int, str, float]]) -> int:
+    """Insert ``(step, name, value)`` scalars; a repeated (name, step) overwrites the value."""
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    values = [
+        {"run_id": run_id, "step": step, "name": name, "value": finite_or_none(value)}
+        for step, name, value in rows
+    ]
+    stmt = insert_fn(Scalar).values(values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id", "name", "step"], set_={"value": stmt.excluded.value}
+    )
+    session.execute(stmt)
+    touch_run(session, run_id, max(step for step, _, _ in rows))
+    return len(rows)
+
+
+# --- queries ---------------------------------------------------------------------------
+
+
+def _ranged(stmt: Select[Any], step_col: Any, start: int | None, end: int | None) -> Select[Any]:
+    if start is not None:
+        stmt = stmt.where(step_col >= start)
+    if end is not None:
+        stmt = stmt.where(step_col <= end)
+    return stmt
+
+
+def metric_points(
+    session: Session,
+    run_id: int,
+    name: str,
+    layer: str | None,
+    start: int | None,
+    end: int | None,
+) -> Sequence[tuple[str, int, float | None]]:
+    """``(layer, step, value)`` rows of one metric, ordered by layer then step."""
+    stmt = select(Metric.layer, Metric.step, Metric.value).where(
+        Metric.run_id == run_id, Metric.name == name
+    )
+    if layer is not None:
+        stmt = stmt.where(Metric.layer == layer)
+    stmt = _ranged(stmt, Metric.step, start, end).order_by(Metric.layer, Metric.step)
+    return [(r[0], r[1], r[2]) for r in session.execute(stmt).all()]
+
+
+def metric_tail(
+    session: Session, run_id: int, name: str, layer: str, limit: int
+) -> list[tuple[int, float]]:
+    """The last ``limit`` finite points of a metric, oldest first."""
+    rows = session.execute(
+        select(Metric.step, Metric.value)
+        .where(
+            Metric.run_id == run_id,
+            Metric.name == name,
+            Metric.layer == layer,
+            Metric.value.is_not(None),
+        )
+        .order_by(Metric.step.desc())
+        .limit(limit)
+    ).all()
+    return [(int(s), float(v)) for s, v in reversed(rows)]
+
+
+def metric_catalog(session: Session, run_id: int) -> Sequence[tuple[str, str, int, int, int]]:
+    """``(name, layer, points, first_step, last_step)`` for every metric series of a run."""
+    stmt = (
+        select(Metric.name, Metric.layer, func.count(), func.min(Metric.step), func.max(Metric.step))
+        .where(Metric.run_id == run_id)
+        .group_by(Metric.name, Metric.layer)
+        .order_by(Metric.name, Metric.layer)
+    )
+    return [(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in session.execute(stmt).all()]
+
+
+def scalar_points(
+    session: Session, run_id: int, name: str | None, start: int | None, end: int | None
+) -> Sequence[tuple[str, int, float | None]]:
+    """``(name, step, value)`` scalar rows, ordered by name then step."""
+    stmt = select(Scalar.name, Scalar.step, Scalar.value).where(Scalar.run_id == run_id)
+    if name is not None:
+        stmt = stmt.where(Scalar.name == name)
+    stmt = _ranged(stmt, Scalar.step, start, end).order_by(Scalar.name, Scalar.step)
+    return [(r[0], r[1], r[2]) for r in session.execute(stmt).all()]
+
+
+def scalar_tail(session: Session, run_id: int, name: str, limit: int) -> list[tuple[int, float]]:
+    rows = session.execute(
+        select(Scalar.step, Scalar.value)
+        .where(Scalar.run_id == run_id, Scalar.name == name, Scalar.value.is_not(None))
+        .order_by(Scalar.step.desc())
+        .limit(limit)
+    ).all()
+    return [(int(s), float(v)) for s, v in reversed(rows)]
+
+
+def spectra_for(
+    session: Session, run_id: int, layer: str | None, frame_id: int | None, analysis: str | None
+) -> Sequence[Spectrum]:
+    stmt = select(Spectrum).where(Spectrum.run_id == run_id).order_by(Spectrum.step, Spectrum.layer)
+    if layer is not None:
+        stmt = stmt.where(Spectrum.layer == layer)
+    if frame_id is not None:
+        stmt = stmt.where(Spectrum.frame_id == frame_id)
+    if analysis is not None:
+        stmt = stmt.where(Spectrum.analysis == analysis)
+    return session.scalars(stmt).all()
+
+
+def count_rows(session: Session, model: Any, **where: Any) -> int:
+    """``SELECT count(*)`` of ``model`` filtered by equality on column names."""
+    stmt = select(func.count()).select_from(model)
+    for column, value in where.items():
+        stmt = stmt.where(getattr(model, column) == value)
+    return int(session.scalar(stmt) or 0)
+
+
+def stale_before(minutes: float) -> datetime:
+    return utcnow() - timedelta(minutes=minutes)
