@@ -19,7 +19,9 @@ def _server_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     try:
         from spectrawatch_server.config import ServerSettings
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise SystemExit(f"the server is not installed: pip install 'spectrawatch[server]' ({exc})") from exc
+        raise SystemExit(
+            f"the server is not installed: pip install 'spectrawatch[server]' ({exc})"
+        ) from exc
     values = {k: v for k, v in overrides.items() if v is not None}
     if getattr(args, "data_dir", None) is not None:
         values["data_dir"] = Path(args.data_dir)
@@ -45,7 +47,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"spectrawatch {__version__} serving on {settings.base_url} (data in {settings.data_dir})")
+    print(
+        f"spectrawatch {__version__} serving on {settings.base_url} (data in {settings.data_dir})"
+    )
     print(f"  API docs: {settings.base_url}/docs", flush=True)
     uvicorn.run(
         create_app(settings),
@@ -55,6 +59,23 @@ def cmd_server(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Consume analysis jobs from the procrastinate queue (scale-out mode)."""
+    import logging
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    from spectrawatch_server import worker_main
+
+    settings = _server_settings(args, queue="procrastinate", device=args.device)
+    try:
+        return worker_main.run(settings, args.concurrency, args.name)
+    except worker_main.WorkerConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -88,12 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="run the server (API + dashboards + worker)")
     server.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=None, help="port (default 8765)")
-    server.add_argument("--data-dir", default=None, help="SQLite database and blobs (default ~/.spectrawatch)")
-    server.add_argument("--require-auth", action="store_true", help="refuse requests without a token")
+    server.add_argument(
+        "--data-dir", default=None, help="SQLite database and blobs (default ~/.spectrawatch)"
+    )
+    server.add_argument(
+        "--require-auth", action="store_true", help="refuse requests without a token"
+    )
     server.add_argument("--no-worker", action="store_true", help="do not run the in-process worker")
     server.add_argument("--device", default=None, help="worker device: auto, cpu, cuda, cuda:N")
     server.add_argument("--log-level", default=os.environ.get("SPECTRAWATCH_LOG_LEVEL", "info"))
     server.set_defaults(func=cmd_server)
+
+    worker = sub.add_parser("worker", help="run an analysis worker (PostgreSQL + procrastinate)")
+    worker.add_argument(
+        "--device", default=None, help="auto, cpu, cuda, cuda:N (one GPU per worker)"
+    )
+    worker.add_argument("--concurrency", type=int, default=1, help="worker processes (CPU only)")
+    worker.add_argument("--name", default=None, help="worker name (default host-pid-device)")
+    worker.add_argument("--data-dir", default=None, help="blob directory root, as the API's")
+    worker.add_argument("--log-level", default=os.environ.get("SPECTRAWATCH_LOG_LEVEL", "info"))
+    worker.set_defaults(func=cmd_worker)
 
     token = sub.add_parser("token", help="manage API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
@@ -102,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="")
     create.add_argument("--data-dir", default=None)
     create.set_defaults(func=cmd_token_create)
+    from spectrawatch._cli_alerts import add_alerts_commands  # alerts list|rules|set|reset
+
+    add_alerts_commands(sub)
     return parser
 
 

@@ -144,22 +144,30 @@ def parse_header(head: bytes, total_size: int, limits: FrameLimits | None = None
     """
     limits = limits or FrameLimits()
     if total_size < 8 or len(head) < 8:
-        raise FrameError("truncated", "frame is shorter than the 8-byte safetensors prefix", status=400)
+        raise FrameError(
+            "truncated", "frame is shorter than the 8-byte safetensors prefix", status=400
+        )
     (n,) = struct.unpack("<Q", head[:8])
-    if n > limits.max_header_bytes:
-        raise FrameError("header_too_large", f"header of {n} bytes exceeds {limits.max_header_bytes}")
     if 8 + n > total_size or len(head) < 8 + n:
         raise FrameError("truncated", "frame ends inside its safetensors header", status=400)
+    if n > limits.max_header_bytes:
+        raise FrameError(
+            "header_too_large", f"header of {n} bytes exceeds {limits.max_header_bytes}"
+        )
     try:
         raw = json.loads(head[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FrameError("bad_header", f"safetensors header is not JSON: {exc}", status=400) from exc
+        raise FrameError(
+            "bad_header", f"safetensors header is not JSON: {exc}", status=400
+        ) from exc
     if not isinstance(raw, dict):
         raise FrameError("bad_header", "safetensors header must be a JSON object", status=400)
     meta = raw.pop("__metadata__", None)
     kind, step, seq, info = _parse_metadata(meta)
     if len(raw) > limits.max_tensors:
-        raise FrameError("too_many_tensors", f"{len(raw)} tensors exceed the limit of {limits.max_tensors}")
+        raise FrameError(
+            "too_many_tensors", f"{len(raw)} tensors exceed the limit of {limits.max_tensors}"
+        )
     data_len = total_size - 8 - n
     entries = [_parse_entry(name, entry, limits, data_len) for name, entry in raw.items()]
     if not entries:
@@ -167,7 +175,9 @@ def parse_header(head: bytes, total_size: int, limits: FrameLimits | None = None
     pos = 0
     for t in sorted(entries, key=lambda t: t.begin):
         if t.begin != pos:
-            raise FrameError("bad_offsets", f"tensor '{t.name}' does not start where the previous ended")
+            raise FrameError(
+                "bad_offsets", f"tensor '{t.name}' does not start where the previous ended"
+            )
         pos = t.end
     if pos != data_len:
         raise FrameError("bad_offsets", f"tensor data covers {pos} of {data_len} bytes", status=400)
@@ -181,13 +191,16 @@ def _parse_metadata(meta: object) -> tuple[FrameKind, int, int, dict[str, Any]]:
         raise FrameError("missing_metadata", "safetensors __metadata__ is missing")
     if meta.get("spectrawatch") != WIRE_VERSION:
         raise FrameError(
-            "bad_version", f"__metadata__.spectrawatch must be '{WIRE_VERSION}', got {meta.get('spectrawatch')!r}"
+            "bad_version",
+            f"__metadata__.spectrawatch must be '{WIRE_VERSION}', got {meta.get('spectrawatch')!r}",
         )
     try:
         kind = FrameKind(meta.get("kind"))
     except ValueError:
         allowed = ", ".join(k.value for k in FrameKind)
-        raise FrameError("unknown_kind", f"__metadata__.kind {meta.get('kind')!r} is not one of {allowed}") from None
+        raise FrameError(
+            "unknown_kind", f"__metadata__.kind {meta.get('kind')!r} is not one of {allowed}"
+        ) from None
     step = _nonneg_int(meta, "step")
     seq = _nonneg_int(meta, "seq")
     try:
@@ -202,29 +215,39 @@ def _parse_metadata(meta: object) -> tuple[FrameKind, int, int, dict[str, Any]]:
 def _nonneg_int(meta: Mapping[str, Any], key: str) -> int:
     value = meta.get(key)
     if not isinstance(value, str) or not value.isdigit() or len(value) > 18:
-        raise FrameError("bad_metadata", f"__metadata__.{key} must be a non-negative integer, got {value!r}")
+        raise FrameError(
+            "bad_metadata", f"__metadata__.{key} must be a non-negative integer, got {value!r}"
+        )
     return int(value)
 
 
 def _parse_entry(name: str, entry: object, limits: FrameLimits, data_len: int) -> TensorInfo:
     if not name or len(name) > limits.max_name_length or not name.isprintable():
-        raise FrameError("bad_tensor_name", f"tensor name {name[:64]!r} is empty, too long or unprintable")
+        raise FrameError(
+            "bad_tensor_name", f"tensor name {name[:64]!r} is empty, too long or unprintable"
+        )
     if not isinstance(entry, dict):
         raise FrameError("bad_header", f"tensor '{name}' entry is not an object", status=400)
     dtype = entry.get("dtype")
     if dtype not in DTYPE_SIZES:
         raise FrameError(
-            "dtype_not_allowed", f"tensor '{name}' has dtype {dtype!r}; allowed: {', '.join(DTYPE_SIZES)}"
+            "dtype_not_allowed",
+            f"tensor '{name}' has dtype {dtype!r}; allowed: {', '.join(DTYPE_SIZES)}",
         )
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise FrameError("bad_shape", f"tensor '{name}' shape must be a list of non-negative integers")
+        raise FrameError(
+            "bad_shape", f"tensor '{name}' shape must be a list of non-negative integers"
+        )
     if len(shape) > limits.max_dims:
-        raise FrameError("too_many_dims", f"tensor '{name}' has {len(shape)} dims; limit {limits.max_dims}")
+        raise FrameError(
+            "too_many_dims", f"tensor '{name}' has {len(shape)} dims; limit {limits.max_dims}"
+        )
     elements = math.prod(shape)
     if elements > limits.max_tensor_elements:
         raise FrameError(
-            "tensor_too_large", f"tensor '{name}' has {elements} elements; limit {limits.max_tensor_elements}"
+            "tensor_too_large",
+            f"tensor '{name}' has {elements} elements; limit {limits.max_tensor_elements}",
         )
     offsets = entry.get("data_offsets")
     if (
@@ -233,9 +256,13 @@ def _parse_entry(name: str, entry: object, limits: FrameLimits, data_len: int) -
         or not all(isinstance(o, int) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= data_len
     ):
-        raise FrameError("bad_offsets", f"tensor '{name}' data_offsets are outside the frame", status=400)
+        raise FrameError(
+            "bad_offsets", f"tensor '{name}' data_offsets are outside the frame", status=400
+        )
     if offsets[1] - offsets[0] != elements * DTYPE_SIZES[dtype]:
-        raise FrameError("bad_offsets", f"tensor '{name}' byte length does not match its shape and dtype")
+        raise FrameError(
+            "bad_offsets", f"tensor '{name}' byte length does not match its shape and dtype"
+        )
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -243,9 +270,16 @@ def validate_layout(header: FrameHeader) -> None:
     """Check the per-kind tensor layout described on :class:`FrameKind`."""
     for t in header.tensors:
         if t.dtype not in FLOAT_DTYPES:
-            raise FrameError("dtype_not_allowed", f"tensor '{t.name}' of a {header.kind.value} frame must be floating point")
+            raise FrameError(
+                "dtype_not_allowed",
+                f"tensor '{t.name}' of a {header.kind.value} frame must be floating point",
+            )
         if len(t.shape) != 2:
-            raise FrameError("bad_shape", f"tensor '{t.name}' of a {header.kind.value} frame must be 2-D, got {list(t.shape)}")
+            raise FrameError(
+                "bad_shape",
+                f"tensor '{t.name}' of a {header.kind.value} frame must be 2-D, "
+                f"got {list(t.shape)}",
+            )
         if 0 in t.shape:
             raise FrameError("bad_shape", f"tensor '{t.name}' is empty: shape {list(t.shape)}")
     if header.kind in (FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH):
@@ -272,7 +306,9 @@ def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
     try:
         return load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise FrameError("bad_tensor_data", f"tensor data could not be read: {exc}", status=400) from exc
+        raise FrameError(
+            "bad_tensor_data", f"tensor data could not be read: {exc}", status=400
+        ) from exc
 
 
 def decode_frame(

@@ -10,15 +10,27 @@ from fastapi import FastAPI
 
 from spectrawatch._version import __version__
 from spectrawatch.wire import FrameLimits
+from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.api.errors import install_error_handlers
-from spectrawatch_server.api.routes import frames, health, metrics, projects, runs, scalars
+from spectrawatch_server.api.routes import (
+    alerts,
+    frames,
+    health,
+    metrics,
+    projects,
+    runs,
+    scalars,
+    webhooks,
+)
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.config import ServerSettings, get_settings
 from spectrawatch_server.db import migrate
 from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.queue.base import JobQueue
 from spectrawatch_server.queue.embedded import EmbeddedQueue
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import LocalBlobStore
+from spectrawatch_server.webhooks.deliver import build_sender
 from spectrawatch_server.worker import FrameLoader, Worker, resolve_device
 
 log = logging.getLogger(__name__)
@@ -39,14 +51,33 @@ def build_state(settings: ServerSettings) -> AppState:
         max_tensor_elements=settings.max_tensor_elements,
     )
     loader = FrameLoader(blobs, resolve_device(settings.device), limits, settings.max_body_bytes)
-    worker = Worker(sessions, loader)
-    queue = EmbeddedQueue(
-        sessions,
-        worker.process,
-        lease_seconds=settings.job_lease_seconds,
-        max_attempts=settings.job_max_attempts,
-        poll_seconds=settings.worker_poll_seconds,
-    )
+    worker = Worker(sessions, loader, hooks=[engine_for(settings).evaluate])
+    queue: JobQueue
+    if settings.queue == "procrastinate":
+        # Lazy: the [scale] extra. The API process only defers jobs; `spectrawatch worker`
+        # processes consume them (ProcrastinateQueue.start/stop are no-ops).
+        from spectrawatch_server.queue import procrastinate as pq
+
+        pq.ensure_schema(engine)
+        queue = pq.ProcrastinateQueue(
+            sessions,
+            settings.resolved_database_url,
+            worker.process,
+            max_attempts=settings.job_max_attempts,
+            backoff_seconds=settings.job_backoff_seconds,
+            heartbeat_seconds=settings.worker_heartbeat_seconds,
+            stalled_seconds=settings.worker_stalled_seconds,
+            stall_check_seconds=settings.stall_check_seconds,
+            poll_seconds=settings.worker_poll_seconds,
+        )
+    else:
+        queue = EmbeddedQueue(
+            sessions,
+            worker.process,
+            lease_seconds=settings.job_lease_seconds,
+            max_attempts=settings.job_max_attempts,
+            poll_seconds=settings.worker_poll_seconds,
+        )
     return AppState(settings, engine, sessions, blobs, queue, worker, limits)
 
 
@@ -81,9 +112,14 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.state.spectrawatch = state
         if settings.run_worker:
             state.queue.start()
+        sender = build_sender(settings, state.sessions) if settings.run_webhooks else None
+        if sender is not None:
+            sender.start()
         try:
             yield
         finally:
+            if sender is not None:
+                sender.stop()
             state.queue.stop()
             state.engine.dispose()
 
@@ -94,6 +130,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (health, projects, runs, frames, scalars, metrics):
+    for module in (health, projects, runs, frames, scalars, metrics, alerts, webhooks):
         app.include_router(module.router, prefix=API_PREFIX)
+    from spectrawatch_server.api.routes import dashboards  # HTML pages, figure API, static files
+
+    dashboards.install(app, API_PREFIX)
     return app

@@ -33,7 +33,20 @@ class ServerSettings(BaseSettings):
     job_lease_seconds: float = 120.0
     job_max_attempts: int = 5
     worker_poll_seconds: float = 0.5
+    job_backoff_seconds: int = 2  # procrastinate retries wait backoff**attempt seconds
+    worker_heartbeat_seconds: float = 10.0  # procrastinate worker heartbeat period
+    worker_stalled_seconds: float = 30.0  # heartbeat age after which a worker's job is re-queued
+    stall_check_seconds: int = 10  # period of the stalled-job check (1..59)
     public_url: str | None = None  # used in links (alerts, CLI output)
+    # alerts and webhooks (issue 8)
+    run_webhooks: bool = True  # run the webhook sender thread (and the silent-run sweep)
+    webhook_allowed_hosts: str = ""  # comma-separated hosts/IPs/CIDRs exempt from the SSRF guard
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"  # s before attempt i
+    webhook_jitter: float = Field(0.2, ge=0, lt=1)
+    webhook_poll_seconds: float = Field(0.25, gt=0)
+    webhook_event_ttl_hours: float = Field(72.0, gt=0)  # pending deliveries expire after this
+    alert_sweep_seconds: float = Field(30.0, gt=0)  # how often silent runs are checked
 
     @property
     def resolved_database_url(self) -> str:

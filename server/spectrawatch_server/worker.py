@@ -64,7 +64,9 @@ class RunHistory:
         self._cache: dict[int, DecodedFrame] = {}
 
     def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
-        rows = repo.recent_frames(self.session, self.frame.run_id, kind.value, self.frame.seq, limit)
+        rows = repo.recent_frames(
+            self.session, self.frame.run_id, kind.value, self.frame.seq, limit
+        )
         out = []
         for row in rows:
             if row.id not in self._cache:
@@ -126,11 +128,15 @@ class Worker:
     @staticmethod
     def _store(session: Session, frame: Frame, analysis: str, result: AnalysisResult) -> None:
         metrics = [
-            repo.MetricRow(m.layer, m.name, frame.step if m.step is None else m.step, float(m.value))
+            repo.MetricRow(
+                m.layer, m.name, frame.step if m.step is None else m.step, float(m.value)
+            )
             for m in result.metrics
         ]
         spectra = [repo.SpectrumRow(s.layer, _jsonable(s.payload)) for s in result.spectra]
-        repo.replace_results(session, frame.run_id, frame.id, frame.step, analysis, metrics, spectra)
+        repo.replace_results(
+            session, frame.run_id, frame.id, frame.step, analysis, metrics, spectra
+        )
 
 
 def _jsonable(value: Any) -> Any:

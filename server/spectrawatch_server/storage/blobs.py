@@ -45,7 +45,7 @@ class LocalBlobStore:
 
     def new_upload(self) -> BinaryIO:
         """An open temp file to stream an upload into (deleted by abort or moved by commit)."""
-        return open(self.tmp / f"{uuid.uuid4().hex}.part", "w+b")  # noqa: SIM115 - caller closes
+        return open(self.tmp / f"{uuid.uuid4().hex}.part", "w+b")
 
     def commit_upload(self, upload: BinaryIO, key: str) -> None:
         """fsync the upload and atomically move it to ``key``."""

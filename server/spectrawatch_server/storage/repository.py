@@ -104,9 +104,7 @@ def get_or_create_run(
     return run, True
 
 
-def list_runs(
-    session: Session, project_id: int | None, limit: int, offset: int
-) -> Sequence[Run]:
+def list_runs(session: Session, project_id: int | None, limit: int, offset: int) -> Sequence[Run]:
     stmt = select(Run).order_by(Run.id.desc()).limit(limit).offset(offset)
     if project_id is not None:
         stmt = stmt.where(Run.project_id == project_id)
@@ -139,7 +137,9 @@ def insert_frame(session: Session, frame: Frame) -> Frame:
 def list_frames(
     session: Session, run_id: int, kind: str | None, limit: int, offset: int
 ) -> Sequence[Frame]:
-    stmt = select(Frame).where(Frame.run_id == run_id).order_by(Frame.seq).limit(limit).offset(offset)
+    stmt = (
+        select(Frame).where(Frame.run_id == run_id).order_by(Frame.seq).limit(limit).offset(offset)
+    )
     if kind is not None:
         stmt = stmt.where(Frame.kind == kind)
     return session.scalars(stmt).all()
@@ -169,7 +169,9 @@ class ClaimedJob:
     attempts: int
 
 
-def claim_job(session: Session, worker_id: str, lease: timedelta, max_attempts: int) -> ClaimedJob | None:
+def claim_job(
+    session: Session, worker_id: str, lease: timedelta, max_attempts: int
+) -> ClaimedJob | None:
     """Lease the oldest runnable job: pending, or running with an expired lease.
 
     The conditional UPDATE makes the claim safe against other workers on any backend.
@@ -383,7 +385,9 @@ def metric_tail(
 def metric_catalog(session: Session, run_id: int) -> Sequence[tuple[str, str, int, int, int]]:
     """``(name, layer, points, first_step, last_step)`` for every metric series of a run."""
     stmt = (
-        select(Metric.name, Metric.layer, func.count(), func.min(Metric.step), func.max(Metric.step))
+        select(
+            Metric.name, Metric.layer, func.count(), func.min(Metric.step), func.max(Metric.step)
+        )
         .where(Metric.run_id == run_id)
         .group_by(Metric.name, Metric.layer)
         .order_by(Metric.name, Metric.layer)

@@ -54,9 +54,13 @@ async def ingest_frame(
     await run_in_threadpool(_authorize, state, run_id, request.headers.get("authorization"))
     encoding = (content_encoding or "identity").strip().lower()
     if encoding not in ("identity", "zstd"):
-        raise ApiError(415, "unsupported_encoding", f"Content-Encoding {encoding!r}; use zstd or none")
+        raise ApiError(
+            415, "unsupported_encoding", f"Content-Encoding {encoding!r}; use zstd or none"
+        )
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_KEY_LENGTH:
-        raise ApiError(400, "bad_idempotency_key", f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} chars")
+        raise ApiError(
+            400, "bad_idempotency_key", f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} chars"
+        )
     limit = state.settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -69,8 +73,11 @@ async def ingest_frame(
     except BaseException:
         await run_in_threadpool(state.blobs.abort_upload, upload)
         raise
-    key = f"{run_id}:{idempotency_key or header.seq}"
-    return await run_in_threadpool(_commit, state, run_id, key, upload, size, encoding, header, nonfinite)
+    # Keys are namespaced by run, so one run's client cannot collide with another's frames.
+    key = f"{run_id}/{idempotency_key or f'{run_id}:{header.seq}'}"
+    return await run_in_threadpool(
+        _commit, state, run_id, key, upload, size, encoding, header, nonfinite
+    )
 
 
 def _authorize(state: AppState, run_id: int, authorization: str | None) -> None:
@@ -163,7 +170,9 @@ def _commit(
 def _frame_response(frame: Frame, status: int) -> JSONResponse:
     body: dict[str, Any] = FramePublic.model_validate(frame).model_dump(mode="json")
     if frame.nonfinite:
-        body["warnings"] = [f"{n} NaN/Inf values in '{layer}'" for layer, n in frame.nonfinite.items()]
+        body["warnings"] = [
+            f"{n} NaN/Inf values in '{layer}'" for layer, n in frame.nonfinite.items()
+        ]
     return JSONResponse(body, status_code=status)
 
 
@@ -175,4 +184,7 @@ def list_frames(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[FramePublic]:
-    return [FramePublic.model_validate(f) for f in repo.list_frames(session, run.id, kind, limit, offset)]
+    return [
+        FramePublic.model_validate(f)
+        for f in repo.list_frames(session, run.id, kind, limit, offset)
+    ]

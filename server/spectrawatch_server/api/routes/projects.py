@@ -19,7 +19,9 @@ def create_project(
 ) -> ProjectPublic:
     """Create a project, or return the existing one of that name (200)."""
     existing = repo.get_project(session, body.name)
-    if principal.project_id is not None and (existing is None or existing.id != principal.project_id):
+    if principal.project_id is not None and (
+        existing is None or existing.id != principal.project_id
+    ):
         raise ApiError(403, "forbidden", f"token is not valid for project {body.name!r}")
     try:
         project, created = repo.get_or_create_project(session, body.name)
@@ -34,4 +36,6 @@ def create_project(
 
 @router.get("", response_model=list[ProjectPublic])
 def list_projects(principal: PrincipalDep, session: SessionDep) -> list[ProjectPublic]:
-    return [ProjectPublic.model_validate(p) for p in repo.list_projects(session, principal.project_id)]
+    return [
+        ProjectPublic.model_validate(p) for p in repo.list_projects(session, principal.project_id)
+    ]

@@ -44,7 +44,7 @@ def run_public(session: Session, run: Run) -> RunPublic:
 def create_run(
     body: RunCreate, principal: PrincipalDep, session: SessionDep, response: Response
 ) -> RunPublic:
-    """Create run ``name`` in ``project`` (project created if needed); an existing run resumes (200)."""
+    """Create run ``name`` in ``project`` (created if needed); an existing run resumes (200)."""
     project = repo.get_project(session, body.project)
     if principal.project_id is not None and (project is None or project.id != principal.project_id):
         raise ApiError(403, "forbidden", f"token is not valid for project {body.project!r}")

@@ -22,7 +22,9 @@ def ingest_scalars(
     """Store a batch ``[{step, name, value}]``; NaN/Inf values are kept as null and counted."""
     if len(body) > state.settings.max_scalars_per_batch:
         raise ApiError(
-            413, "too_many_scalars", f"{len(body)} scalars exceed {state.settings.max_scalars_per_batch}"
+            413,
+            "too_many_scalars",
+            f"{len(body)} scalars exceed {state.settings.max_scalars_per_batch}",
         )
     rows = {(s.name, s.step): s.value for s in body}  # last value wins within a batch
     accepted = repo.upsert_scalars(session, run.id, [(st, n, v) for (n, st), v in rows.items()])

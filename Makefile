@@ -1,0 +1,42 @@
+# spectrawatch — developer commands. `make demo` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8765
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint typecheck bench docs clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch from local disk; never a CUDA build in CI
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[server,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Server + a real training run streaming to it (SQLite, local blobs, in-process worker).
+demo: $(STAMP)
+	$(PY) -m spectrawatch demo --port $(PORT) --data-dir .spectrawatch/demo $(DEMO_ARGS)
+
+## The whole test suite (unit, integration against real servers, e2e). Exit 5 = no tests is a failure.
+test: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -m "not slow and not e2e" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check client server migrations tests benchmarks examples
+	$(VENV)/bin/ruff format --check client server migrations tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy client/spectrawatch server/spectrawatch_server
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .spectrawatch build dist *.egg-info

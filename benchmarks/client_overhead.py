@@ -1,0 +1,241 @@
+"""Client overhead: step time and memory of a GPT-2-small-shaped model with and without monitoring.
+
+Conditions (each in its own subprocess, interleaved over repetitions so that machine load hits
+all of them alike):
+  none         no monitoring
+  spectrawatch default cadence (update sketch every step, theta sketch /100, weights /500,
+               activations /250 on a probe batch), sending to an in-process mock server that
+               accepts everything (client work only; the sender thread's encoding is included)
+  sw_every10   spectrawatch with update sketches every 10 steps
+  wandb        ``wandb.watch(model, log="all", log_freq=1)`` in offline mode + ``wandb.log``
+  tensorboard  ``SummaryWriter.add_histogram`` of every parameter every step
+
+The periodic captures (weights, activations, theta) do not fire inside a short timed window, so
+their one-off cost is timed separately and amortised over its cadence in the report.
+
+    PYTHONPATH=client .venv/bin/python benchmarks/client_overhead.py --steps 8 --reps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812 -- the usual alias
+
+CONDITIONS = ("none", "spectrawatch", "sw_every10", "wandb", "tensorboard")
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(d)
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.mlp_proj = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class GPT2(nn.Module):
+    """GPT-2 small shape: 12 x (768, 12 heads), vocab 50257, context 1024, tied head (124M)."""
+
+    def __init__(self, layers: int = 12, d: int = 768, heads: int = 12, vocab: int = 50257,
+                 ctx: int = 1024) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(ctx, d)
+        self.h = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x) @ self.wte.weight.T
+
+
+def rss_mib() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MiB, from /proc/self/status."""
+    vals = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            key, value = line.split(":")
+            vals[key] = int(value.split()[0]) / 1024
+    return vals["VmRSS"], vals["VmHWM"]
+
+
+def run_condition(cond: str, steps: int, warmup: int, seq: int, batch: int,
+                  layers: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = GPT2(layers=layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 50257, (batch, seq + 1), generator=gen) for _ in range(4)]
+    probe = data[0][:, :-1]
+    rss_before, _ = rss_mib()
+    tmp = tempfile.mkdtemp()
+    finish = None
+    extra: dict[str, Any] = {}
+    step_hook = None
+    t_attach = time.perf_counter()
+    if cond in ("spectrawatch", "sw_every10"):
+        import httpx
+
+        import spectrawatch
+
+        def accept(request: httpx.Request) -> httpx.Response:
+            path = request.url.path
+            if path.endswith("/runs"):
+                return httpx.Response(201, json={"id": 1, "name": "bench", "status": "running"})
+            return httpx.Response(202 if path.endswith("/frames") else 200, json={"id": 1})
+
+        m = spectrawatch.Monitor(transport=httpx.MockTransport(accept))
+        m.init(project="bench", run=f"bench-{cond}", spool_dir=tmp,
+               update_every=10 if cond == "sw_every10" else 1)
+        handle = m.attach(model, opt, probe=probe)
+        assert handle is not None
+        cap = handle.capture
+
+        def sw_finish() -> None:
+            # one-off cost of the periodic captures, amortised by the report
+            t = time.perf_counter()
+            cap.capture_weights(10**9)
+            extra["weights_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            cap.capture_activations(10**9 + 1)
+            extra["activations_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            cap._sketch_all()
+            extra["theta_sketch_s"] = time.perf_counter() - t
+            extra["first_step_hash_build_note"] = "hash index built in step 1 (warm-up)"
+            t = time.perf_counter()
+            m.wait_idle(600)
+            extra["sender_drain_s"] = time.perf_counter() - t
+            extra["client_stats"] = m.stats.snapshot()
+            m.finish(timeout=120)
+
+        finish = sw_finish
+    elif cond == "wandb":
+        os.environ["WANDB_MODE"] = "offline"
+        os.environ["WANDB_SILENT"] = "true"
+        import wandb
+
+        wb = wandb.init(project="bench", dir=tmp)
+        wandb.watch(model, log="all", log_freq=1)
+
+        def wb_step(step: int, loss: float) -> None:
+            wandb.log({"loss": loss}, step=step)
+
+        step_hook = wb_step
+        finish = wb.finish
+    elif cond == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(tmp)
+
+        def tb_step(step: int, loss: float) -> None:
+            writer.add_scalar("loss", loss, step)
+            for name, p in model.named_parameters():
+                writer.add_histogram(name, p.detach(), step)
+
+        step_hook = tb_step
+        finish = writer.close
+    attach_s = time.perf_counter() - t_attach
+    times = []
+    for step in range(warmup + steps):
+        x = data[step % len(data)]
+        t0 = time.perf_counter()
+        logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step_hook is not None:
+            step_hook(step, float(loss))
+        times.append(time.perf_counter() - t0)
+    rss_after, peak = rss_mib()
+    if finish is not None:
+        finish()
+    return {"cond": cond, "times": times[warmup:], "warmup_times": times[:warmup],
+            "attach_s": attach_s, "rss_before_mib": rss_before, "rss_after_mib": rss_after,
+            "peak_rss_mib": peak, **extra}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--conditions", default=",".join(CONDITIONS))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help="write the raw JSON results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        res = run_condition(args.one, args.steps, args.warmup, args.seq, args.batch, args.layers)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    results: dict[str, list[dict[str, Any]]] = {c: [] for c in args.conditions.split(",")}
+    for rep in range(args.reps):
+        for cond in results:
+            cmd = [sys.executable, __file__, "--one", cond, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch",
+                   str(args.batch), "--layers", str(args.layers), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not line:
+                print(f"{cond} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+                continue
+            res = json.loads(line[0][7:])
+            results[cond].append(res)
+            print(f"rep {rep} {cond:13s} median step {statistics.median(res['times']):.3f} s  "
+                  f"peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
+    base = statistics.median(t for r in results.get("none", []) for t in r["times"])
+    base_peak = statistics.median(r["peak_rss_mib"] for r in results.get("none", []))
+    print(f"\n| condition | median step (s) | overhead vs none | peak RSS (MiB) | extra RSS |")
+    print("|---|---|---|---|---|")
+    for cond, rs in results.items():
+        if not rs:
+            continue
+        med = statistics.median(t for r in rs for t in r["times"])
+        peak = statistics.median(r["peak_rss_mib"] for r in rs)
+        print(f"| {cond} | {med:.3f} | {100 * (med / base - 1):+.1f} % | {peak:.0f} | "
+              f"{peak - base_peak:+.0f} |")
+    for cond in ("spectrawatch", "sw_every10"):
+        for r in results.get(cond, []):
+            amort = r["weights_s"] / 500 + r["activations_s"] / 250 + r["theta_sketch_s"] / 100
+            print(f"{cond}: weights snapshot {r['weights_s']:.2f} s, activations "
+                  f"{r['activations_s']:.2f} s, theta sketch {r['theta_sketch_s']:.3f} s -> "
+                  f"amortised {amort * 1000:.1f} ms/step; warm-up steps "
+                  f"{[round(t, 2) for t in r['warmup_times']]}; stats {r['client_stats']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+
+if __name__ == "__main__":
+    main()

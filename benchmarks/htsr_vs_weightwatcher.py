@@ -1,0 +1,185 @@
+"""HT-SR (+ FARMS) in spectrawatch vs WeightWatcher ``analyze()`` on GPT-2-124M-shaped weights.
+
+Weights are generated locally (no download): the 12 transformer blocks of GPT-2 small
+(``c_attn`` 768x2304, ``attn.c_proj`` 768x768, ``c_fc`` 768x3072, ``mlp.c_proj`` 3072x768),
+``wpe`` 1024x768 and ``wte`` 50257x768 (skipped by both tools: N > 50000), entries Student-t(3)
+x 0.02 (heavy-tailed, like trained transformer weights; seed 0). Each configuration runs in its
+own subprocess, so its peak RSS is its own; both tools get the same thread count.
+
+    python benchmarks/htsr_vs_weightwatcher.py --blocks 2 --threads 1
+
+WeightWatcher needs ~1 s per 768-wide layer here (a float64 SciPy SVD), and ~10 s with
+``mp_fit=True`` (a sklearn KDE per grid point), so it runs on the first ``--blocks`` blocks only
+(``--blocks 12`` for all); spectrawatch runs on the same subset and on the whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+BLOCK_SHAPES = {
+    "attn.c_attn": (768, 2304),
+    "attn.c_proj": (768, 768),
+    "mlp.c_fc": (768, 3072),
+    "mlp.c_proj": (3072, 768),
+}
+
+
+def gpt2_weights(blocks: int, embeddings: bool) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    if embeddings:
+        for name, shape in (("wte", (50257, 768)), ("wpe", (1024, 768))):
+            out[name] = torch.from_numpy(0.02 * rng.standard_t(3.0, shape).astype(np.float32))
+    for b in range(blocks):
+        for name, shape in BLOCK_SHAPES.items():
+            w = 0.02 * rng.standard_t(3.0, shape).astype(np.float32)
+            out[f"h.{b}.{name}.weight"] = torch.from_numpy(w)
+    return out
+
+
+def as_module(weights: dict[str, Any]) -> Any:
+    """A module WeightWatcher can walk: one Linear/Embedding per weight, in order."""
+    import torch
+
+    mods = []
+    for name, w in weights.items():
+        if name in ("wte", "wpe"):
+            m: torch.nn.Module = torch.nn.Embedding(*w.shape)
+        else:
+            m = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            m.weight.copy_(w)
+        mods.append(m)
+    return torch.nn.Sequential(*mods)
+
+
+def run_one(config: str, blocks: int, embeddings: bool, repeat: int) -> dict[str, Any]:
+    import warnings
+
+    import torch
+
+    weights = gpt2_weights(blocks, embeddings)
+    result: dict[str, Any] = {"config": config, "blocks": blocks, "embeddings": embeddings}
+    times = []
+    if config.startswith("ww"):
+        import logging
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import weightwatcher as ww
+        logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+        model = as_module(weights)
+        for _ in range(repeat):
+            t = time.perf_counter()
+            details = ww.WeightWatcher(model=model).analyze(mp_fit=config == "ww_mp")
+            times.append(time.perf_counter() - t)
+        result["alpha"] = [float(a) for a in details["alpha"]]
+        result["log_norm"] = [float(a) for a in details["log_norm"]]
+        result["layers"] = len(details)
+    else:
+        from spectrawatch.spectral.farms import FARMS_CV
+        from spectrawatch.spectral.htsr import analyze_weights
+
+        mp = "nomp" not in config
+        use_farms = "farms" in config
+        dtype = torch.float32 if "f32" in config else torch.float64
+        for _ in range(repeat):
+            t = time.perf_counter()
+            report = analyze_weights(
+                weights, farms=FARMS_CV if use_farms else None, mp_fit=mp, dtype=dtype
+            )
+            times.append(time.perf_counter() - t)
+        result["alpha"] = [r.plain.alpha for r in report.layers]
+        result["log_norm"] = [r.plain.log_norm for r in report.layers]
+        result["layers"] = len(report.layers)
+        result["skipped"] = [s.layer for s in report.skipped]
+        if use_farms:
+            result["farms_alpha"] = [r.farms.alpha for r in report.layers if r.farms]
+            result["farms_alpha_hill"] = [r.farms.alpha_hill for r in report.layers if r.farms]
+            result["alpha_hill"] = [r.plain.alpha_hill for r in report.layers]
+    result["seconds"] = min(times)
+    result["all_seconds"] = times
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def spawn(config: str, blocks: int, embeddings: bool, repeat: int, threads: int) -> dict[str, Any]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    args = [sys.executable, __file__, "--worker", config, "--blocks", str(blocks)]
+    args += ["--repeat", str(repeat)] + (["--embeddings"] if embeddings else [])
+    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+    last: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return last
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, default=2, help="GPT-2 blocks given to WeightWatcher")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3, help="repeats of spectrawatch runs (min)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--embeddings", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        print(json.dumps(run_one(args.worker, args.blocks, args.embeddings, args.repeat)))
+        return
+
+    rows: list[dict[str, Any]] = [spawn("baseline", 0, False, 1, args.threads)]
+    sub = args.blocks
+    plan = [
+        ("ww", sub, False, 1),
+        ("ww_mp", sub, False, 1),
+        ("sw_nomp", sub, False, args.repeat),
+        ("sw", sub, False, args.repeat),
+        ("sw_farms", sub, False, args.repeat),
+        ("sw_f32_nomp", sub, False, args.repeat),
+        ("sw_farms", 12, True, args.repeat),
+        ("sw_nomp", 12, True, args.repeat),
+    ]
+    for config, blocks, emb, rep in plan:
+        rows.append(spawn(config, blocks, emb, rep, args.threads))
+        r = rows[-1]
+        print(
+            f"{config:12s} blocks={blocks:2d} emb={emb!s:5s} layers={r['layers']:3d} "
+            f"time={r['seconds']:8.3f}s peak_rss={r['peak_rss_mb']:7.0f} MB",
+            flush=True,
+        )
+    by = {(r["config"], r["blocks"]): r for r in rows[1:]}
+    ww, ww_mp = by[("ww", sub)], by[("ww_mp", sub)]
+    print(f"baseline process (torch + weights of 0 blocks): {rows[0]['peak_rss_mb']:.0f} MB")
+    for cfg, ref in (
+        ("sw_nomp", ww),
+        ("sw_f32_nomp", ww),
+        ("sw", ww_mp),
+        ("sw_farms", ww_mp),
+        ("sw_farms", ww),
+    ):
+        mine = by[(cfg, sub)]
+        d_alpha = max(abs(a - b) for a, b in zip(mine["alpha"], ref["alpha"], strict=True))
+        print(
+            f"speed-up {cfg} vs {ref['config']}: {ref['seconds'] / mine['seconds']:.1f}x "
+            f"(max |d alpha| = {d_alpha:.2e})"
+        )
+    full = by[("sw_farms", 12)]
+    print("full model FARMS Hill alpha:", [round(a, 3) for a in full["farms_alpha_hill"][:6]], "...")
+    print("full model plain Hill alpha:", [round(a, 3) for a in full["alpha_hill"][:6]], "...")
+
+
+if __name__ == "__main__":
+    main()

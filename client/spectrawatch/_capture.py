@@ -1,0 +1,395 @@
+"""What the client captures, and when: optimizer-step hooks, cadences, never raising.
+
+All captures run on the training thread inside the optimizer's step post-hook (or
+:meth:`Capture.on_step` when no optimizer is given) and hand CPU tensors to the sender. Each is
+wrapped so that an exception is counted and logged once, and a capture that fails 3 times in a
+row is switched off; nothing reaches the training loop.
+
+Update sketches (DESIGN §3). Per-step updates are *not* formed from a copy of the parameters:
+the client sketches theta itself in float64 (count-sketch, linear) and differences consecutive
+sketches, ``sketch(theta_n) - sketch(theta_{n-1}) = sketch(delta_n)``. Memory: ``(L + 1) * d``
+float64 values for the previous sketch plus, with ``sketch_cache`` (default), a cached folded
+hash index of 4 bytes per parameter on the parameter's device (the same size as one fp32 copy
+of the model; turn it off to trade memory for ~10x slower sketches). The float64 accumulation
+keeps the difference exact to ~1e-16 relative to |theta|, so tiny updates survive. With
+``update_every = k > 1`` the pre-step hook sketches theta_{n-1} before step n, so a row is still
+the update of one step. The same theta sketches feed interval mode: every ``theta_every`` steps
+a ``param_sketch`` frame carries them (float64), and the server differences them into the SED
+paper's checkpoint-interval displacements without the client keeping any checkpoint.
+Whole model: tensor ``__model__`` is the *sum of the per-layer sketches* (each layer hashed with
+its own seed), which is itself a count-sketch of the concatenated update (a coordinate of layer
+l goes to that layer's bucket and sign); ``info["model_sketch"] = "sum_of_layers"`` says so.
+Exact mode (``exact=True``) keeps one fp32 copy of every parameter and sends full updates.
+
+Activations: forward hooks on the probe modules over a fixed probe batch, in eval mode under
+``torch.no_grad()`` with the RNG forked; every module's train flag is restored and hooks removed.
+For compiled models the probe runs the original (eager) module, so the compiled graph never
+sees a hook. Commutator defect (opt-in):
+:func:`spectrawatch.spectral.grokking.median_commutator_defect` (``research/sed_eigentrack.md``
+§2.2; parameters, buffers and RNG state restored, optimizer never touched), sent as the scalar
+``grok.commutator_defect``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from spectrawatch import wire
+from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
+from spectrawatch.config import ClientSettings
+from spectrawatch.sketch import SketchSpec, count_sketch_signed, signed_buckets
+from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT, median_commutator_defect
+
+MODEL_KEY = "__model__"
+_MAX_FAILURES = 3
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel",
+        ):
+            model = inner
+            continue
+        break
+    return model
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """``model(batch)``, ``model(*batch)`` for tuples/lists, ``model(**batch)`` for mappings."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _rng_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+class Capture:
+    """Hooks one model (and optionally its optimizer) and emits frames at their cadences."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        settings: ClientSettings,
+        emit_frame: Callable[[FrameItem], None],
+        emit_scalars: Callable[[list[dict[str, Any]]], None],
+        errors: ErrorLog,
+        stats: ClientStats,
+        *,
+        probe: Any = None,
+        modules: Iterable[str | nn.Module] | None = None,
+        loss_fn: LossFn | None = None,
+        sample_batch: Callable[[], Any] | None = None,
+        start_step: int = 0,
+    ) -> None:
+        self.model = unwrap_model(model)
+        self.optimizer = optimizer
+        self.s = settings
+        self.emit_frame = emit_frame
+        self.emit_scalars = emit_scalars
+        self.errors = errors
+        self.stats = stats
+        self.probe = probe
+        self.loss_fn = loss_fn
+        self.sample_batch = sample_batch
+        self.step = start_step
+        self.spec = SketchSpec(settings.dim, settings.sketch_seed)
+        self.layers: list[tuple[str, nn.Parameter]] = [
+            (name, p) for name, p in self.model.named_parameters() if p.requires_grad
+        ]
+        self._modules_arg = list(modules) if modules is not None else None
+        self._index: dict[str, torch.Tensor] = {}
+        self._prev: dict[str, torch.Tensor] | None = None
+        self._prev_step: int | None = None
+        self._update_rows: list[dict[str, torch.Tensor]] = []
+        self._update_steps: list[int] = []
+        self._theta_rows: list[dict[str, torch.Tensor]] = []
+        self._theta_steps: list[int] = []
+        self._failures: dict[str, int] = {}
+        self._disabled: set[str] = set()
+        self._last_weights_step: int | None = None
+        self._handles: list[Any] = []
+        self._layer_info = {
+            name: {"numel": p.numel(), "shape": list(p.shape)} for name, p in self.layers
+        }
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
+            self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def remove(self) -> None:
+        """Remove the optimizer hooks (the capture stops; buffered rows are kept for flush)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._guard("update sketch", self._before_step)
+
+    def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.on_step()
+
+    def on_step(self, step: int | None = None) -> None:
+        """Run the captures due after an optimizer step (called by the post-hook)."""
+        try:
+            self.step = self.step + 1 if step is None else int(step)
+            n = self.step
+            s = self.s
+            due_update = s.update_every > 0 and n % s.update_every == 0
+            due_theta = s.theta_every > 0 and n % s.theta_every == 0
+            if due_update or due_theta:
+                self._guard("update sketch", lambda: self._after_step(n, due_update, due_theta))
+            if s.weights_every > 0 and n % s.weights_every == 0:
+                self._guard("weights", lambda: self.capture_weights(n))
+            if self.probe is not None and s.activations_every > 0 and n % s.activations_every == 0:
+                self._guard("activations", lambda: self.capture_activations(n))
+            if (
+                self.loss_fn is not None
+                and self.sample_batch is not None
+                and s.defect_every > 0
+                and n % s.defect_every == 0
+            ):
+                self._guard("commutator defect", lambda: self.capture_defect(n))
+        except Exception as exc:  # belt and braces: nothing escapes a hook
+            self.errors.record("capture", exc)
+
+    def _guard(self, what: str, fn: Callable[[], None]) -> None:
+        if what in self._disabled:
+            return
+        try:
+            fn()
+            self._failures[what] = 0
+            self.stats.incr("captures")
+        except Exception as exc:
+            self.errors.record(what, exc)
+            self._failures[what] = self._failures.get(what, 0) + 1
+            if self._failures[what] >= _MAX_FAILURES:
+                self._disabled.add(what)
+                self.errors.record(
+                    what, RuntimeError(f"{what} disabled after {_MAX_FAILURES} failures")
+                )
+
+    # -- update and theta sketches ---------------------------------------------------------
+
+    def _before_step(self) -> None:
+        n = self.step + 1
+        s = self.s
+        if s.update_every > 0 and n % s.update_every == 0 and self._prev_step != n - 1:
+            self._prev = self._sketch_all()
+            self._prev_step = n - 1
+
+    def _folded(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        idx = self._index.get(name)
+        if idx is None or idx.device != p.device:
+            idx = signed_buckets(p.numel(), self.spec.layer_seed(name), self.spec.dim, p.device)
+            if self.s.sketch_cache:
+                self._index[name] = idx
+        return idx
+
+    @torch.no_grad()
+    def _sketch_all(self) -> dict[str, torch.Tensor]:
+        """float64 ``(d,)`` theta sketch per layer, plus ``__model__`` (their sum)."""
+        if self.s.exact:
+            out = {name: p.detach().reshape(-1).to(torch.float32, copy=True)
+                   for name, p in self.layers}
+            return out
+        out = {}
+        total: torch.Tensor | None = None
+        for name, p in self.layers:
+            sk = count_sketch_signed(p.detach(), self._folded(name, p), self.spec.dim)
+            out[name] = sk
+            total = sk.clone() if total is None else total + sk.to(total.device)
+        if total is not None:
+            out[MODEL_KEY] = total
+        return out
+
+    def _after_step(self, n: int, due_update: bool, due_theta: bool) -> None:
+        cur = self._sketch_all()
+        if due_update and self._prev is not None:
+            row = {k: (cur[k] - self._prev[k]).to(torch.float32) for k in cur}
+            if self.s.exact:
+                row[MODEL_KEY] = torch.cat([row[name] for name, _ in self.layers])
+            self._update_rows.append(row)
+            self._update_steps.append(n)
+            if len(self._update_rows) >= self.s.frame_steps:
+                self.flush_updates()
+        if due_theta and not self.s.exact:
+            self._theta_rows.append(cur)
+            self._theta_steps.append(n)
+            if len(self._theta_rows) >= self.s.theta_frame_steps:
+                self.flush_theta()
+        self._prev = cur
+        self._prev_step = n
+
+    def _sketch_info(self, steps: list[int]) -> dict[str, Any]:
+        return {
+            "steps": steps,
+            "sketch": {"dim": self.spec.dim, "seed": self.spec.seed, "hash": "splitmix64",
+                       "layer_seed": "(seed*1000003 + crc32(name)) & 0x7fffffff"},
+            "window": self.s.window,
+            "layers": self._layer_info,
+            "exact": self.s.exact,
+            "model_sketch": "concat" if self.s.exact else "sum_of_layers",
+            "update": "per_step" if self.optimizer is not None else "since_previous_row",
+        }
+
+    @staticmethod
+    def _stack_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        names = list(rows[0])
+        return {k: torch.stack([r[k] for r in rows]).to("cpu") for k in names}
+
+    def flush_updates(self) -> None:
+        if not self._update_rows:
+            return
+        rows, steps = self._update_rows, self._update_steps
+        self._update_rows, self._update_steps = [], []
+        self.emit_frame(FrameItem(wire.FrameKind.UPDATE_SKETCH, steps[0], self._stack_rows(rows),
+                                  self._sketch_info(steps)))
+
+    def flush_theta(self) -> None:
+        if not self._theta_rows:
+            return
+        rows, steps = self._theta_rows, self._theta_steps
+        self._theta_rows, self._theta_steps = [], []
+        self.emit_frame(FrameItem(wire.FrameKind.PARAM_SKETCH, steps[0], self._stack_rows(rows),
+                                  self._sketch_info(steps)))
+
+    # -- weights ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def capture_weights(self, n: int) -> None:
+        """All >= 2-D parameters as 2-D matrices (conv ``(out, in*kh*kw)``), split by size."""
+        if self._last_weights_step == n:
+            return
+        self._last_weights_step = n
+        dtype = _DTYPES[self.s.weights_dtype]
+        part: dict[str, torch.Tensor] = {}
+        shapes: dict[str, dict[str, list[int]]] = {}
+        size = 0
+        parts = 0
+
+        def emit() -> None:
+            nonlocal part, shapes, size, parts
+            if part:
+                info = {"dtype": self.s.weights_dtype, "layers": shapes, "part": parts}
+                self.emit_frame(FrameItem(wire.FrameKind.WEIGHTS, n, part, info, compress=True))
+                parts += 1
+            part, shapes, size = {}, {}, 0
+
+        for name, p in self.model.named_parameters():
+            if p.dim() < 2 or p.numel() == 0:
+                continue
+            w = p.detach().reshape(p.shape[0], -1).to(device="cpu", dtype=dtype, copy=True)
+            nbytes = w.numel() * w.element_size()
+            if part and size + nbytes > self.s.max_frame_bytes:
+                emit()
+            part[name] = w
+            shapes[name] = {"orig_shape": list(p.shape)}
+            size += nbytes
+        emit()
+
+    # -- activations -------------------------------------------------------------------------
+
+    def _probe_modules(self) -> list[tuple[str, nn.Module]]:
+        named = dict(self.model.named_modules())
+        if self._modules_arg is not None:
+            by_id = {id(m): name for name, m in named.items()}
+            out = []
+            for m in self._modules_arg:
+                if isinstance(m, str):
+                    out.append((m, named[m]))
+                else:
+                    out.append((by_id[id(m)], m))
+            return out
+        out = []
+        for name, m in named.items():
+            width = None
+            if isinstance(m, nn.Linear):
+                width = m.out_features
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                width = m.out_channels
+            if width is not None and width <= self.s.max_activation_hidden:
+                out.append((name, m))
+        return out
+
+    @torch.no_grad()
+    def capture_activations(self, n: int) -> None:
+        """X ``(tokens, hidden)`` per probe module, or its Gram ``XᵀX`` when that is smaller."""
+        captured: dict[str, torch.Tensor] = {}
+        tokens: dict[str, int] = {}
+        gram: list[str] = []
+
+        def make_hook(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+                t = output[0] if isinstance(output, (tuple, list)) else output
+                if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2):
+                    return
+                if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+                    t = t.movedim(1, -1)
+                x = t.detach().reshape(-1, t.shape[-1]).to(torch.float32)
+                tokens[name] = int(x.shape[0])
+                if x.shape[0] > x.shape[1]:
+                    captured[name] = (x.T @ x).to("cpu")
+                    gram.append(name)
+                else:
+                    captured[name] = x.to("cpu", copy=True)
+
+            return hook
+
+        modes = [(m, m.training) for m in self.model.modules()]
+        handles = []
+        try:
+            self.model.eval()
+            handles = [m.register_forward_hook(make_hook(name))
+                       for name, m in self._probe_modules()]
+            with torch.random.fork_rng(devices=_rng_devices(self.model)):
+                call_model(self.model, self.probe)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, was in modes:
+                m.training = was
+        if captured:
+            info = {"gram": gram, "tokens": tokens}
+            self.emit_frame(FrameItem(wire.FrameKind.ACTIVATIONS, n, captured, info, compress=True))
+
+    # -- commutator defect ---------------------------------------------------------------------
+
+    def capture_defect(self, n: int) -> None:
+        """Median commutator defect over K pairs, sent as scalar ``grok.commutator_defect``."""
+        assert self.loss_fn is not None
+        assert self.sample_batch is not None
+        value = median_commutator_defect(
+            self.model, self.loss_fn, self.sample_batch,
+            pairs=self.s.defect_samples, eta=self.s.defect_eta,
+        )
+        self.emit_scalars([{"step": n, "name": COMMUTATOR_DEFECT, "value": value}])
+
+    # -- end -----------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Flush partial frames and take the final weight snapshot (never raises)."""
+        self._guard("update sketch", self.flush_updates)
+        self._guard("update sketch", self.flush_theta)
+        if self.s.weights_at_finish and self.step > 0:
+            self._guard("weights", lambda: self.capture_weights(self.step))
+        self.remove()

@@ -1,0 +1,547 @@
+"""The one background thread that does all network and disk work for a run.
+
+The training thread only calls :meth:`Sender.put_frame` / :meth:`Sender.put_scalars`, which take
+a lock for a few microseconds and never block on I/O. The sender thread creates the run (lazily,
+so a server that is down at start costs nothing), encodes frames (assigning ``seq``), posts them
+with retries and backoff, spools what cannot be delivered, replays the spool in order when the
+server is back, and reports its counters to ``/client-stats``.
+
+Drop policy (bounded queue: ``queue_max_frames`` items and ``queue_max_bytes`` of tensors):
+  1. the oldest queued ``update_sketch`` frame is dropped first, repeatedly, until the new frame
+     fits (per-step sketches are the most redundant data: a window of W survives a gap);
+  2. other frames (``param_sketch``, ``weights``, ``activations``) are never evicted for
+     another frame; if no sketch is left to drop, the *new* frame is refused with a logged
+     warning;
+  3. scalars are never dropped (their own list, capped at ``_SCALAR_CAP`` rows as a last-resort
+     memory guard).
+Every drop is counted (``dropped_frames``, ``dropped_by_kind``) and sent to the server.
+
+Sequence numbers: ``seq = base + n``; ``base`` is 0 for a run the server just created (201) or
+that was auto-named, and otherwise microseconds since the epoch at the first frame, so that a
+resumed run's new frames never collide with the idempotency keys of its earlier ones; and it is
+always above the largest ``seq`` left in the spool by an earlier session, so frames keep their
+order on the server (which orders a run's frames by ``seq``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectrawatch import wire
+from spectrawatch._spool import Spool, safe_component
+from spectrawatch._transport import Api, Rejected, Unavailable
+from spectrawatch.config import ClientSettings
+
+logger = logging.getLogger("spectrawatch")
+
+_SCALAR_CAP = 1_000_000
+_SCALARS_PER_POST = 5_000
+_REPLAY_PER_TURN = 64
+_TAGS = {
+    wire.FrameKind.UPDATE_SKETCH: "us",
+    wire.FrameKind.PARAM_SKETCH: "ps",
+    wire.FrameKind.WEIGHTS: "w",
+    wire.FrameKind.ACTIVATIONS: "a",
+}
+
+
+class ClientStats:
+    """Thread-safe counters of what the client sent, spooled, dropped and failed at."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._c: Counter[str] = Counter()
+        self._dropped_by_kind: Counter[str] = Counter()
+        self.last_error: str | None = None
+
+    def incr(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._c[name] += n
+
+    def set(self, name: str, value: int) -> None:
+        with self._lock:
+            self._c[name] = value
+
+    def drop(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self._c["dropped_frames"] += n
+            self._dropped_by_kind[kind] += n
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self._c[name]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain dict for ``/client-stats``: the keys below always present."""
+        with self._lock:
+            out: dict[str, Any] = {
+                k: self._c[k]
+                for k in (
+                    "dropped_frames", "spooled_frames", "spool_bytes", "errors", "sent_frames",
+                    "rejected_frames", "replayed_frames", "queued_frames", "sent_scalars",
+                    "dropped_scalars", "spool_overflow", "captures",
+                )
+            }
+            out.update({k: v for k, v in self._c.items() if k not in out})
+            out["dropped_by_kind"] = dict(self._dropped_by_kind)
+            if self.last_error:
+                out["last_error"] = self.last_error[:500]
+            return out
+
+
+class ErrorLog:
+    """Count every error; log each (where, exception type) once, so a loop is never flooded."""
+
+    def __init__(self, stats: ClientStats) -> None:
+        self.stats = stats
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def record(self, where: str, exc: BaseException) -> None:
+        try:
+            self.stats.incr("errors")
+            self.stats.last_error = f"{where}: {type(exc).__name__}: {exc}"
+            key = (where, type(exc).__name__)
+            with self._lock:
+                first = key not in self._seen
+                self._seen.add(key)
+            if first:
+                logger.warning(
+                    "spectrawatch: %s failed: %s: %s (counted; not logged again)",
+                    where, type(exc).__name__, exc,
+                )
+        except Exception:  # logging must not raise into the caller
+            return
+
+
+@dataclass
+class FrameItem:
+    """A frame waiting to be encoded: CPU tensors plus metadata."""
+
+    kind: wire.FrameKind
+    step: int
+    tensors: dict[str, torch.Tensor]
+    info: dict[str, Any]
+    compress: bool = False
+    nbytes: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        if not self.nbytes:
+            self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class Sender:
+    """Background delivery of one run's frames and scalars (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        api: Api,
+        run_name: str,
+        *,
+        auto_named: bool = False,
+        config: Mapping[str, Any] | None = None,
+        tags: Sequence[str] | None = None,
+        stats: ClientStats | None = None,
+        errors: ErrorLog | None = None,
+    ) -> None:
+        self.settings = settings
+        self.api = api
+        self.run_name = run_name
+        self.auto_named = auto_named
+        self.config = dict(config or {})
+        self.tags = list(tags or [])
+        self.stats = stats or ClientStats()
+        self.errors = errors or ErrorLog(self.stats)
+        self.spool = Spool(
+            Path(settings.spool_dir) / safe_component(settings.project) / safe_component(run_name),
+            settings.spool_max_bytes,
+        )
+        self.run_id: int | str | None = None
+        self.run_info: dict[str, Any] = {}
+        self._seq_base: int | None = None
+        self._seq_next = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[FrameItem] = deque()
+        self._queue_bytes = 0
+        self._scalars: list[dict[str, Any]] = []
+        self._closing = False
+        self._final_status = "finished"
+        self._summary: dict[str, Any] = {}
+        self._deadline = float("inf")
+        self._offline_until = 0.0
+        self._backoff = settings.backoff_s
+        self._last_stats_at = 0.0
+        self._last_stats: dict[str, Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._disabled = False
+        self._busy = False
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _after_fork(ref))
+
+    # -- training-thread side -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run_safely, name="spectrawatch-sender", daemon=True
+        )
+        self._thread.start()
+
+    def put_frame(self, item: FrameItem) -> None:
+        """Queue a frame, applying the drop policy; never blocks on I/O, never raises."""
+        if self._disabled or self._closing:
+            return
+        s = self.settings
+        with self._cond:
+            self._queue.append(item)
+            self._queue_bytes += item.nbytes
+            while len(self._queue) > s.queue_max_frames or self._queue_bytes > s.queue_max_bytes:
+                victim = next(
+                    (q for q in self._queue if q.kind is wire.FrameKind.UPDATE_SKETCH), None
+                )
+                if victim is None:
+                    victim = item
+                    logger.warning(
+                        "spectrawatch: queue full, dropping a %s frame of step %d "
+                        "(server slow or away; see client-stats)", item.kind.value, item.step,
+                    )
+                self._queue.remove(victim)
+                self._queue_bytes -= victim.nbytes
+                self.stats.drop(victim.kind.value)
+                if victim is item:
+                    break
+            self.stats.set("queued_frames", len(self._queue))
+            self._cond.notify()
+
+    def put_scalars(self, rows: Sequence[dict[str, Any]]) -> None:
+        if self._disabled or self._closing or not rows:
+            return
+        with self._cond:
+            room = _SCALAR_CAP - len(self._scalars)
+            if room < len(rows):
+                self.stats.incr("dropped_scalars", len(rows) - max(room, 0))
+                rows = rows[: max(room, 0)]
+            self._scalars.extend(rows)
+            self._cond.notify()
+
+    def close(self, status: str = "finished", summary: Mapping[str, Any] | None = None,
+              timeout: float | None = None) -> bool:
+        """Flush (deliver or spool everything), mark the run ``status``; True if done in time."""
+        if self._disabled or self._thread is None:
+            return True
+        timeout = self.settings.flush_timeout_s if timeout is None else timeout
+        with self._cond:
+            if not self._closing:
+                self._closing = True
+                self._final_status = status
+                self._summary = dict(summary or {})
+                self._deadline = time.monotonic() + max(timeout - 0.5, 0.0)
+            self._cond.notify()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + (1 if self._scalars else 0) + (1 if self._busy else 0)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until the queue is empty (test/benchmark helper); True if it emptied in time."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.pending() == 0:
+                return True
+            time.sleep(0.005)
+        return False
+
+    # -- sender-thread side ---------------------------------------------------------------
+
+    def _run_safely(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the thread must never die noisily
+            self.errors.record("sender thread", exc)
+        finally:
+            try:
+                self.api.close()
+            except Exception as exc:
+                self.errors.record("sender close", exc)
+
+    def _loop(self) -> None:
+        self._online()  # create the run now if the server is there; later otherwise
+        while True:
+            with self._cond:
+                while not (self._queue or self._scalars or self._closing):
+                    self._cond.wait(timeout=self._idle_wait())
+                    if self._periodic_due():
+                        break
+                item = self._queue.popleft() if self._queue else None
+                if item is not None:
+                    self._queue_bytes -= item.nbytes
+                    self.stats.set("queued_frames", len(self._queue))
+                rows, self._scalars = self._scalars, []
+                closing = self._closing
+                self._busy = item is not None or bool(rows)
+            try:
+                if rows:
+                    self._handle_scalars(rows)
+                if item is not None:
+                    self._handle_frame(item)
+                self._periodic()
+            except Exception as exc:
+                self.errors.record("sender", exc)
+            finally:
+                self._busy = False
+            if closing and item is None and not rows:
+                with self._cond:
+                    if self._queue or self._scalars:
+                        continue
+                self._finish()
+                return
+
+    def _idle_wait(self) -> float:
+        if len(self.spool):
+            return max(0.05, min(1.0, self._offline_until - time.monotonic()))
+        return 1.0
+
+    def _periodic_due(self) -> bool:
+        now = time.monotonic()
+        return (len(self.spool) > 0 and now >= self._offline_until) or (
+            now - self._last_stats_at >= self.settings.stats_every_s
+        )
+
+    def _periodic(self) -> None:
+        if len(self.spool) and self._online():
+            self._replay(_REPLAY_PER_TURN)
+        now = time.monotonic()
+        if now - self._last_stats_at >= self.settings.stats_every_s:
+            self._last_stats_at = now
+            self._send_stats()
+
+    def _online(self) -> bool:
+        if time.monotonic() < self._offline_until:
+            return False
+        return self._ensure_run()
+
+    def _went_offline(self, exc: Exception) -> None:
+        self.errors.record("contacting the server", exc)
+        self._offline_until = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
+
+    def _back_online(self) -> None:
+        self._backoff = self.settings.backoff_s
+
+    def _ensure_run(self) -> bool:
+        if self.run_id is not None:
+            return True
+        try:
+            try:
+                self.api.create_project(self.settings.project)
+            except Rejected as exc:
+                if exc.status != 409:  # 409: exists, fine
+                    raise
+            info = self.api.create_run(self.settings.project, self.run_name, self.config, self.tags)
+            if info.get("_status") == 200 and info.get("status") not in (None, "running"):
+                self.api.update_run(info["id"], "running")
+        except Unavailable as exc:
+            self._went_offline(exc)
+            return False
+        except Rejected as exc:  # bad token, bad name: retrying soon will not help
+            self.errors.record("create run", exc)
+            self._offline_until = time.monotonic() + self.settings.backoff_max_s
+            return False
+        self.run_id = info["id"]
+        self.run_info = info
+        self._back_online()
+        if self._seq_base is None:
+            nxt = info.get("next_seq")
+            if isinstance(nxt, int) and nxt >= 0:
+                self._seq_base = nxt
+            elif info.get("_status") == 201:
+                self._seq_base = 0
+        return True
+
+    def _next_seq(self) -> int:
+        if self._seq_base is None:
+            self._seq_base = 0 if self.auto_named else time.time_ns() // 1000
+        if self._seq_next == 0:  # first frame: number above anything a crashed session spooled
+            spooled = self.spool.max_seq
+            if spooled is not None and spooled >= self._seq_base:
+                self._seq_base = spooled + 1
+        seq = self._seq_base + self._seq_next
+        self._seq_next += 1
+        return seq
+
+    def _handle_frame(self, item: FrameItem) -> None:
+        online = self._online()  # creates the run first, which may fix the seq base
+        seq = self._next_seq()
+        body = wire.encode_frame(item.kind, item.step, seq, item.tensors, item.info)
+        encoding = None
+        if item.compress and self.settings.compress:
+            body = wire.compress(body)
+            encoding = "zstd"
+        meta = {"type": "frame", "kind": item.kind.value, "step": item.step, "seq": seq,
+                "encoding": encoding}
+        if online and len(self.spool):
+            self._replay(_REPLAY_PER_TURN)
+        retries = self.settings.retries
+        if online and not len(self.spool) and self._deliver_frame(meta, body, retries):
+            return
+        self._spool_put(_TAGS[item.kind], meta, body)
+
+    def _deliver_frame(self, meta: Mapping[str, Any], body: bytes, retries: int) -> bool:
+        """Post one frame; True when done with it (accepted or rejected), False to spool it."""
+        assert self.run_id is not None
+        for attempt in range(retries + 1):
+            try:
+                self.api.post_frame(self.run_id, int(meta["seq"]), body, meta.get("encoding"))
+            except Rejected as exc:
+                self.stats.incr("rejected_frames")
+                self.errors.record(f"frame rejected ({meta['kind']})", exc)
+                return True
+            except Unavailable as exc:
+                if attempt < retries and not self._past_deadline():
+                    time.sleep(min(self.settings.backoff_s * 2**attempt, 5.0))
+                    continue
+                self._went_offline(exc)
+                return False
+            self.stats.incr("sent_frames")
+            return True
+        return False
+
+    def _handle_scalars(self, rows: list[dict[str, Any]]) -> None:
+        for start in range(0, len(rows), _SCALARS_PER_POST):
+            chunk = rows[start : start + _SCALARS_PER_POST]
+            if not (self._online() and self._deliver_scalars(chunk, self.settings.retries)):
+                body = wire_json(chunk)
+                self._spool_put("sc", {"type": "scalars", "n": len(chunk)}, body)
+
+    def _deliver_scalars(self, rows: list[dict[str, Any]], retries: int) -> bool:
+        assert self.run_id is not None
+        for attempt in range(retries + 1):
+            try:
+                self.api.post_scalars(self.run_id, rows)
+            except Rejected as exc:
+                self.errors.record("scalars rejected", exc)
+                self.stats.incr("rejected_scalars", len(rows))
+                return True
+            except Unavailable as exc:
+                if attempt < retries and not self._past_deadline():
+                    time.sleep(min(self.settings.backoff_s * 2**attempt, 5.0))
+                    continue
+                self._went_offline(exc)
+                return False
+            self.stats.incr("sent_scalars", len(rows))
+            return True
+        return False
+
+    def _spool_put(self, tag: str, meta: dict[str, Any], body: bytes) -> None:
+        try:
+            stored, evicted = self.spool.put(tag, meta, body)
+        except OSError as exc:
+            stored, evicted = False, 0
+            self.errors.record("spool write", exc)
+        if evicted:
+            self.stats.drop(wire.FrameKind.UPDATE_SKETCH.value, evicted)
+        if stored:
+            self.stats.incr("spooled_frames" if meta["type"] == "frame" else "spooled_scalars")
+        elif meta["type"] == "frame":
+            self.stats.drop(str(meta["kind"]))
+            self.stats.incr("spool_overflow")
+            logger.warning("spectrawatch: spool full, dropped a %s frame", meta["kind"])
+        else:
+            self.stats.incr("dropped_scalars", int(meta.get("n", 0)))
+        self.stats.set("spool_bytes", self.spool.nbytes)
+
+    def _replay(self, limit: int) -> None:
+        """Send up to ``limit`` spooled entries, oldest first; stop at the first failure."""
+        for _ in range(limit):
+            entry = self.spool.peek()
+            if entry is None:
+                break
+            try:
+                meta, body = entry.read()
+            except (OSError, ValueError) as exc:
+                self.errors.record("spool read", exc)
+                self.spool.pop(entry)
+                continue
+            if meta.get("type") == "scalars":
+                import json
+
+                ok = self._deliver_scalars(json.loads(body), 0)
+            else:
+                ok = self._deliver_frame(meta, body, 0)
+                if ok:
+                    self.stats.incr("replayed_frames")
+            if not ok:
+                break
+            self.spool.pop(entry)
+        self.stats.set("spool_bytes", self.spool.nbytes)
+
+    def _past_deadline(self) -> bool:
+        return time.monotonic() >= self._deadline
+
+    def _send_stats(self) -> None:
+        if self.run_id is None or time.monotonic() < self._offline_until:
+            return
+        snap = self.stats.snapshot()
+        snap["spooled_pending"] = len(self.spool)
+        if snap == self._last_stats:
+            return
+        try:
+            self.api.post_client_stats(self.run_id, snap)
+            self._last_stats = snap
+        except (Unavailable, Rejected) as exc:
+            self.errors.record("client stats", exc)
+
+    def _finish(self) -> None:
+        """Final drain: replay what the deadline allows, report stats, close the run."""
+        while len(self.spool) and not self._past_deadline():
+            if not self._online():
+                wait = min(self._offline_until, self._deadline) - time.monotonic()
+                if wait > 0:
+                    time.sleep(min(wait, 0.5))
+                continue
+            before = len(self.spool)
+            self._replay(_REPLAY_PER_TURN)
+            if len(self.spool) == before:
+                continue
+        if self.run_id is None or time.monotonic() < self._offline_until:
+            if len(self.spool):
+                logger.warning(
+                    "spectrawatch: server unreachable at finish; %d entries stay spooled in %s "
+                    "and are replayed when this run is resumed", len(self.spool), self.spool.dir,
+                )
+            return
+        self._last_stats_at = time.monotonic()
+        self._send_stats()
+        try:
+            self.api.update_run(self.run_id, self._final_status, self._summary)
+        except (Unavailable, Rejected) as exc:
+            self.errors.record("close run", exc)
+
+
+def wire_json(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    import json
+
+    return json.dumps(list(rows), separators=(",", ":")).encode()
+
+
+def _after_fork(ref: weakref.ReferenceType[Sender]) -> None:
+    """In a forked child (e.g. a DataLoader worker) the sender is inert: no thread, no sends."""
+    sender = ref()
+    if sender is not None:
+        sender._disabled = True
+        sender._cond = threading.Condition(threading.Lock())
+        sender._queue.clear()
+        sender._scalars = []

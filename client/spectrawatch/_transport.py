@@ -1,0 +1,169 @@
+"""The HTTP API as the client sees it: one method per endpoint, errors sorted by what to do next.
+
+:class:`Api` wraps an ``httpx.Client``; pass ``transport=httpx.MockTransport(handler)`` to test
+without a server (the httpx way of swapping the network out). Two error types matter:
+:class:`Unavailable` (connection failure, timeout, 5xx, 408/429: retry later, spool meanwhile)
+and :class:`Rejected` (any other 4xx: the request itself is wrong; retrying cannot help).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from spectrawatch.wire import IDEMPOTENCY_HEADER
+
+API = "/api/v1"
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
+class ApiError(Exception):
+    """Base of the errors :class:`Api` raises."""
+
+    def __init__(self, message: str, status: int | None = None, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Unavailable(ApiError):
+    """The server could not be reached or answered 5xx/408/429: try again later."""
+
+
+class Rejected(ApiError):
+    """The server refused the request (4xx): do not retry it."""
+
+
+def idempotency_key(run_id: int | str, seq: int) -> str:
+    """``{run_id}:{seq}`` -- the key a frame is deduplicated by on the server."""
+    return f"{run_id}:{seq}"
+
+
+class Api:
+    """Typed calls to the spectrawatch server (DESIGN §4)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout_s: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"User-Agent": "spectrawatch-client"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        try:
+            resp = self._client.request(
+                method, API + path, json=json, content=content, headers=headers
+            )
+        except httpx.HTTPError as exc:  # connect/read/write errors and timeouts
+            raise Unavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code >= 400:
+            code, message = _error_of(resp)
+            text = f"{method} {path} -> {resp.status_code} {code}: {message}"
+            if resp.status_code >= 500 or resp.status_code in _RETRYABLE_4XX:
+                raise Unavailable(text, resp.status_code, code)
+            raise Rejected(text, resp.status_code, code)
+        if not resp.content:
+            body: Any = {}
+        else:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = {}
+        if isinstance(body, dict):
+            body.setdefault("_status", resp.status_code)
+        return body
+
+    def health(self) -> dict[str, Any]:
+        out: dict[str, Any] = self._request("GET", "/health")
+        return out
+
+    def create_project(self, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = self._request("POST", "/projects", json={"name": name})
+        return out
+
+    def create_run(
+        self,
+        project: str,
+        name: str,
+        config: Mapping[str, Any] | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Create the run, or get the existing one of that name (resume: ``_status`` 200)."""
+        body: dict[str, Any] = {"project": project, "name": name}
+        if config:
+            body["config"] = dict(config)
+        if tags:
+            body["tags"] = list(tags)
+        out: dict[str, Any] = self._request("POST", "/runs", json=body)
+        return out
+
+    def update_run(
+        self, run_id: int | str, status: str, summary: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": status}
+        if summary:
+            body["summary"] = dict(summary)
+        out: dict[str, Any] = self._request("PATCH", f"/runs/{run_id}", json=body)
+        return out
+
+    def post_frame(
+        self, run_id: int | str, seq: int, body: bytes, encoding: str | None = None
+    ) -> dict[str, Any]:
+        headers = {
+            IDEMPOTENCY_HEADER: idempotency_key(run_id, seq),
+            "Content-Type": "application/octet-stream",
+        }
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        out: dict[str, Any] = self._request(
+            "POST", f"/runs/{run_id}/frames", content=body, headers=headers
+        )
+        return out
+
+    def post_scalars(self, run_id: int | str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = self._request("POST", f"/runs/{run_id}/scalars", json=list(rows))
+        return out
+
+    def post_client_stats(self, run_id: int | str, stats: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = self._request(
+            "POST", f"/runs/{run_id}/client-stats", json=dict(stats)
+        )
+        return out
+
+
+def _error_of(resp: httpx.Response) -> tuple[str, str]:
+    """``(code, message)`` of a JSON error body ``{"error": {"code", "message"}}``."""
+    try:
+        body = resp.json()
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            return str(err.get("code", "")), str(err.get("message", ""))
+        if isinstance(body, dict) and "detail" in body:
+            return "", str(body["detail"])[:500]
+    except ValueError:
+        pass
+    return "", resp.text[:500]

@@ -1,0 +1,147 @@
+"""Client settings: one frozen object per run, from keyword arguments over ``SPECTRAWATCH_*`` env.
+
+Every field can be set by the environment variable ``SPECTRAWATCH_<FIELD>`` (upper case), e.g.
+``SPECTRAWATCH_URL``, ``SPECTRAWATCH_PROJECT``, ``SPECTRAWATCH_RUN``, ``SPECTRAWATCH_TOKEN``,
+``SPECTRAWATCH_SPOOL_DIR``, ``SPECTRAWATCH_UPDATE_EVERY``; explicit arguments win over the env.
+Nothing is read at import time: :meth:`ClientSettings.from_env` runs when a monitor starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ENV_PREFIX = "SPECTRAWATCH_"
+DEFAULT_URL = "http://127.0.0.1:8765"
+
+WeightsDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class SettingsError(ValueError):
+    """A setting with an invalid value; the message names the field (or env variable)."""
+
+
+def _default_spool_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "spectrawatch" / "spool")
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What the client sends, how often, and how it behaves when the server is away.
+
+    Cadences count optimizer steps; 0 turns a capture off. Sizes are bytes.
+    """
+
+    url: str = DEFAULT_URL
+    project: str = "default"
+    run: str | None = None  # None: generated, ``run-YYYYmmdd-HHMMSS-<pid>-<rand>``
+    token: str | None = None
+    mode: Literal["online", "disabled"] = "online"
+
+    # update sketches (DESIGN §3): d = sketch_dim or 20 * window
+    window: int = 32
+    sketch_dim: int | None = None
+    sketch_seed: int = 0
+    update_every: int = 1  # per-step update sketch every N optimizer steps
+    frame_steps: int = 16  # rows (steps) batched into one update_sketch frame
+    theta_every: int = 100  # param_sketch (sketch of theta, float64) every N steps: interval mode
+    theta_frame_steps: int = 1  # rows batched into one param_sketch frame
+    exact: bool = False  # send full per-layer updates instead of sketches (small models only)
+    sketch_cache: bool = True  # cache the folded hash index (4 bytes / parameter, on its device)
+
+    weights_every: int = 500
+    weights_at_finish: bool = True
+    weights_dtype: WeightsDtype = "float32"
+    activations_every: int = 250
+    max_activation_hidden: int = 4096  # default probe modules: Linear/Conv with <= this width
+    defect_every: int = 100
+    defect_samples: int = 5  # K pairs of batches per measurement (median reported)
+    defect_eta: float = 1e-3
+
+    # sender / spool
+    queue_max_frames: int = 512
+    queue_max_bytes: int = 1 << 30
+    max_frame_bytes: int = 32 << 20  # weights snapshots are split into frames of at most this
+    compress: bool = True  # zstd for weights and activations frames
+    timeout_s: float = 10.0
+    retries: int = 2  # per request, before the item goes to the spool
+    backoff_s: float = 0.25
+    backoff_max_s: float = 30.0
+    spool_dir: str = field(default_factory=_default_spool_dir)
+    spool_max_bytes: int = 2 << 30
+    flush_timeout_s: float = 60.0
+    stats_every_s: float = 10.0
+    rank0_only: bool = True
+
+    @property
+    def dim(self) -> int:
+        """Sketch dimension d (DESIGN §3: 20 * W unless set)."""
+        return self.sketch_dim if self.sketch_dim is not None else 20 * self.window
+
+    def __post_init__(self) -> None:
+        for name in (
+            "update_every", "theta_every", "weights_every", "activations_every", "defect_every",
+        ):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in (
+            "window", "frame_steps", "theta_frame_steps", "queue_max_frames", "defect_samples",
+        ):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim < 1:
+            raise SettingsError(f"sketch_dim must be >= 1, got {self.sketch_dim}")
+        if self.mode not in ("online", "disabled"):
+            raise SettingsError(f"mode must be 'online' or 'disabled', got {self.mode!r}")
+        if self.weights_dtype not in ("float32", "float16", "bfloat16"):
+            raise SettingsError(
+                f"weights_dtype must be float32|float16|bfloat16, got {self.weights_dtype!r}"
+            )
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> ClientSettings:
+        """Settings from ``SPECTRAWATCH_*`` env, then ``overrides`` (``None`` values ignored)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw, cls._field_type(f))
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ClientSettings:
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def _field_type(f: dataclasses.Field[Any]) -> str:
+        return str(f.type)
+
+
+def _parse(name: str, raw: str, type_name: str) -> Any:
+    var = ENV_PREFIX + name.upper()
+    try:
+        if type_name.startswith("bool"):
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{var}={raw!r} is not a valid {type_name.split(' ')[0]}") from None
+    return raw

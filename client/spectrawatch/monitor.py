@@ -1,0 +1,296 @@
+"""The user-facing monitor: ``init`` / ``attach`` / ``log`` / ``step`` / ``finish``.
+
+``from spectrawatch import monitor`` gives the documented module-level default instance (the
+only global mutable state of the package); ``with spectrawatch.Monitor(project=..., run=...) as m``
+runs several runs in one process. Every public method catches its own errors (logged once,
+counted, reported to the server as client-stats): monitoring never raises into training.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import math
+import os
+import secrets
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+import torch
+from torch import nn
+
+from spectrawatch._capture import Capture, LossFn
+from spectrawatch._sender import ClientStats, ErrorLog, FrameItem, Sender
+from spectrawatch._transport import Api
+from spectrawatch.config import ClientSettings
+
+logger = logging.getLogger("spectrawatch")
+
+
+def _generated_run_name() -> str:
+    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def _is_nonzero_rank() -> bool:
+    try:
+        import torch.distributed as dist
+
+        return bool(dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+    except Exception:
+        return False
+
+
+class Handle:
+    """Returned by :meth:`Monitor.attach`; ``remove()`` detaches the hooks."""
+
+    def __init__(self, monitor: Monitor, capture: Capture) -> None:
+        self._monitor = monitor
+        self.capture = capture
+
+    def remove(self) -> None:
+        try:
+            self.capture.finish()
+        except Exception as exc:
+            self._monitor._errors.record("detach", exc)
+        if self.capture in self._monitor._captures:
+            self._monitor._captures.remove(self.capture)
+
+
+class Monitor:
+    """One run's client: settings, captures, and the sender thread.
+
+    ``Monitor(**settings)`` only stores settings; :meth:`init` (called implicitly by ``attach``,
+    ``log`` or ``__enter__``) starts the run. After :meth:`finish` the same object can ``init``
+    another run.
+    """
+
+    def __init__(self, transport: httpx.BaseTransport | None = None, **settings: Any) -> None:
+        self._init_kwargs = settings
+        self._transport = transport
+        self.settings: ClientSettings | None = None
+        self.stats = ClientStats()
+        self._errors = ErrorLog(self.stats)
+        self._sender: Sender | None = None
+        self._captures: list[Capture] = []
+        self._active = False
+        self._noop = False
+        self._last_step = 0
+        self._atexit_registered = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def init(
+        self,
+        url: str | None = None,
+        project: str | None = None,
+        run: str | None = None,
+        token: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        tags: Sequence[str] | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        **settings: Any,
+    ) -> Monitor:
+        """Start a run (lazily created on the server by the sender thread); returns ``self``.
+
+        Arguments override ``Monitor(...)`` arguments, which override ``SPECTRAWATCH_*`` env.
+        Invalid settings raise :class:`~spectrawatch.config.SettingsError` here -- the one
+        place the client raises, before training starts.
+        """
+        if self._active:
+            self.finish()
+        merged = {**self._init_kwargs, **settings,
+                  "url": url, "project": project, "run": run, "token": token}
+        merged = {k: v for k, v in merged.items() if v is not None}
+        for key in ("url", "project", "run", "token"):
+            merged.setdefault(key, self._init_kwargs.get(key))
+        s = ClientSettings.from_env(**merged)
+        self.settings = s
+        self.stats = ClientStats()
+        self._errors = ErrorLog(self.stats)
+        self._captures = []
+        self._last_step = 0
+        self._active = True
+        self._noop = s.mode == "disabled" or (s.rank0_only and _is_nonzero_rank())
+        if self._noop:
+            return self
+        try:
+            auto = s.run is None
+            name = s.run or _generated_run_name()
+            api = Api(s.url, s.token, s.timeout_s, transport=transport or self._transport)
+            self._sender = Sender(
+                s, api, name, auto_named=auto, config=config, tags=tags,
+                stats=self.stats, errors=self._errors,
+            )
+            self._sender.start()
+        except Exception as exc:
+            self._errors.record("init", exc)
+            self._noop = True
+        if not self._atexit_registered:
+            ref = weakref.ref(self)
+            atexit.register(_finish_at_exit, ref)
+            self._atexit_registered = True
+        return self
+
+    def _ensure_init(self) -> bool:
+        if not self._active:
+            try:
+                self.init()
+            except Exception as exc:
+                self._errors.record("init", exc)
+                return False
+        return not self._noop
+
+    def attach(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        probe: Any = None,
+        modules: Iterable[str | nn.Module] | None = None,
+        every: int | Mapping[str, int] | None = None,
+        *,
+        loss_fn: LossFn | None = None,
+        sample_batch: Callable[[], Any] | None = None,
+        start_step: int = 0,
+    ) -> Handle | None:
+        """Hook ``model`` (and ``optimizer``'s step); returns a removable :class:`Handle`.
+
+        ``every``: an int sets the update-sketch cadence; a mapping may set any of ``update``,
+        ``theta``, ``weights``, ``activations``, ``defect`` (optimizer steps; 0 = off).
+        ``probe``: a fixed batch for activation spectra. ``loss_fn(model, batch)`` with
+        ``sample_batch()`` turns on the commutator-defect probe. Without an optimizer, call
+        :meth:`step` after each optimizer step. Returns None (and captures nothing) if the
+        monitor is disabled or the attach failed (the error is logged).
+        """
+        if not self._ensure_init():
+            return None
+        try:
+            assert self.settings is not None
+            assert self._sender is not None
+            s = self.settings
+            if every is not None:
+                if isinstance(every, int):
+                    s = s.replace(update_every=every)
+                else:
+                    s = s.replace(**{f"{k}_every": int(v) for k, v in every.items()})
+            sender = self._sender
+            capture = Capture(
+                model, optimizer, s, sender.put_frame, sender.put_scalars, self._errors,
+                self.stats, probe=probe, modules=modules, loss_fn=loss_fn,
+                sample_batch=sample_batch, start_step=start_step,
+            )
+            self._captures.append(capture)
+            return Handle(self, capture)
+        except Exception as exc:
+            self._errors.record("attach", exc)
+            return None
+
+    def step(self, step: int | None = None) -> None:
+        """Signal an optimizer step for models attached without an optimizer."""
+        if not self._active or self._noop:
+            return
+        for c in self._captures:
+            if c.optimizer is None:
+                c.on_step(step)
+
+    def log(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        """Queue scalars ``{name: number}`` at ``step`` (default: the latest optimizer step).
+
+        Non-finite and non-numeric values are skipped (counted as errors); tensors are read
+        with ``float()``.
+        """
+        if not self._ensure_init():
+            return
+        try:
+            assert self._sender is not None
+            if step is None:
+                step = max((c.step for c in self._captures), default=self._last_step)
+            step = int(step)
+            self._last_step = max(self._last_step, step)
+            rows = []
+            for name, value in values.items():
+                try:
+                    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+                except (TypeError, ValueError) as exc:
+                    self._errors.record(f"log {name!r}", exc)
+                    continue
+                if not math.isfinite(v):
+                    self._errors.record(f"log {name!r}", ValueError(f"non-finite value {v}"))
+                    continue
+                rows.append({"step": step, "name": str(name), "value": v})
+            self._sender.put_scalars(rows)
+        except Exception as exc:
+            self._errors.record("log", exc)
+
+    def finish(self, status: str = "finished", timeout: float | None = None) -> bool:
+        """Flush captures and the queue (bounded by ``timeout``), close the run.
+
+        Returns True when everything was delivered or spooled in time.
+        """
+        if not self._active:
+            return True
+        self._active = False
+        if self._noop:
+            return True
+        ok = True
+        try:
+            for c in list(self._captures):
+                c.finish()
+            self._captures = []
+            if self._sender is not None:
+                summary = {"client": self.stats.snapshot()}
+                ok = self._sender.close(status, summary, timeout)
+        except Exception as exc:
+            self._errors.record("finish", exc)
+            ok = False
+        return ok
+
+    # -- introspection ---------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> int | str | None:
+        return self._sender.run_id if self._sender is not None else None
+
+    @property
+    def run_name(self) -> str | None:
+        return self._sender.run_name if self._sender is not None else None
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until queued items are handed to the server or spool (tests, benchmarks)."""
+        return self._sender.wait_idle(timeout) if self._sender is not None else True
+
+    def _queue_frame(self, item: FrameItem) -> None:
+        if self._sender is not None:
+            self._sender.put_frame(item)
+
+    # -- context manager -------------------------------------------------------------------
+
+    def __enter__(self) -> Monitor:
+        if not self._active:
+            self.init()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finish("crashed" if exc_type is not None else "finished")
+
+
+def _finish_at_exit(ref: weakref.ReferenceType[Monitor]) -> None:
+    m = ref()
+    if m is not None and m._active:
+        s = m.settings
+        with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to tell
+            m.finish(timeout=min(s.flush_timeout_s, 10.0) if s else 10.0)
+
+
+monitor = Monitor()
+"""The documented default instance: ``from spectrawatch import monitor``."""

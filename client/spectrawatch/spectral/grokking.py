@@ -1,0 +1,362 @@
+"""Grokking early warning: the commutator defect and a detector over monitored series.
+
+*Commutator defect* (Xu, "Low-Dimensional and Transversely Curved Optimization Dynamics in
+Grokking", arXiv 2602.16746; research note ``sed_eigentrack.md`` §2.2): for two independent
+training mini-batches A, B and a plain SGD step size η,
+
+    θ_AB = θ0 - η g_A(θ0) - η g_B(θ0 - η g_A(θ0)),   θ_BA likewise with A and B swapped,
+    D = ‖θ_AB - θ_BA‖ / (‖η g_A‖ ‖η g_B‖).
+
+The difference is formed without subtracting parameter vectors:
+θ_AB - θ_BA = η [(g_A(θ0 - η g_B) - g_A) - (g_B(θ0 - η g_A) - g_B)], accumulated in float64, so
+D = ‖(g_A' - g_A) - (g_B' - g_B)‖ / (η ‖g_A‖ ‖g_B‖). Each sample costs 4 backward passes.
+
+The *detector* (:func:`detect_grokking`) reads only training-side series (defect, total weight
+norm, per-matrix effective rank, SED phases); validation metrics may score it, never feed it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+COMMUTATOR_DEFECT = "grok.commutator_defect"  # median D over K pairs (dimensionless)
+WARNING_SCORE = "grok.warning_score"  # fraction of evidence present, in [0, 1]
+IMMINENT = "grok.imminent"  # 1.0 from the step the detector fires on
+EFFECTIVE_RANK = "grok.effective_rank"  # exp(H) of a weight matrix (detector input)
+
+B = TypeVar("B")
+
+
+@dataclass(frozen=True)
+class DefectSample:
+    """One commutator-defect sample: ``defect`` D and the gradient norms ‖g_A‖, ‖g_B‖ at θ0."""
+
+    defect: float
+    grad_norm_a: float
+    grad_norm_b: float
+
+
+def _grads(
+    loss_fn: Callable[[torch.nn.Module, B], torch.Tensor],
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    batch: B,
+) -> list[torch.Tensor]:
+    loss = loss_fn(model, batch)
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return [
+        torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)
+    ]
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float64 where the device supports it (not MPS), else float32."""
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+
+
+def _shift(params: Sequence[torch.nn.Parameter], saved: Sequence[torch.Tensor],
+           grads: Sequence[torch.Tensor], eta: float) -> None:
+    with torch.no_grad():
+        for p, s, g in zip(params, saved, grads, strict=True):
+            p.copy_(s - eta * g.to(s.dtype))
+
+
+def commutator_defect(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, B], torch.Tensor],
+    batch_a: B,
+    batch_b: B,
+    *,
+    eta: float = 1e-3,
+) -> DefectSample:
+    """Commutator defect D of one pair of batches at the model's current parameters.
+
+    ``loss_fn(model, batch)`` returns a scalar training loss. Gradients come from
+    ``torch.autograd.grad`` (``.grad`` fields are never touched). Parameters and buffers are
+    restored bit-identically; the caller restores RNG state (see :func:`preserved_rng`).
+    The model is used in whatever mode it is in (the papers use train mode).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    saved = [p.detach().clone() for p in params]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    try:
+        g_a = _grads(loss_fn, model, params, batch_a)
+        g_b = _grads(loss_fn, model, params, batch_b)
+        _shift(params, saved, g_a, eta)
+        g_b2 = _grads(loss_fn, model, params, batch_b)  # g_B(θ0 - η g_A)
+        _shift(params, saved, g_b, eta)
+        g_a2 = _grads(loss_fn, model, params, batch_a)  # g_A(θ0 - η g_B)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+            for b, s in zip(model.buffers(), buffers, strict=True):
+                b.copy_(s)
+    diff_sq = 0.0
+    na_sq = 0.0
+    nb_sq = 0.0
+    for ga, gb, ga2, gb2 in zip(g_a, g_b, g_a2, g_b2, strict=True):
+        a, b_, a2, b2 = _wide(ga), _wide(gb), _wide(ga2), _wide(gb2)
+        diff_sq += float(((a2 - a) - (b2 - b_)).square().sum())
+        na_sq += float(a.square().sum())
+        nb_sq += float(b_.square().sum())
+    na, nb = math.sqrt(na_sq), math.sqrt(nb_sq)
+    return DefectSample(math.sqrt(diff_sq) / (eta * na * nb + 1e-12 / eta), na, nb)
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore torch (CPU and initialised CUDA), numpy-global and ``random`` RNG state on exit.
+
+    Wrap probe code that draws batches or runs dropout so the training loop sees the same
+    random stream as without the probe.
+    """
+    cpu = torch.get_rng_state()
+    initialised = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    cuda = torch.cuda.get_rng_state_all() if initialised else None
+    legacy = np.random.get_state()  # noqa: NPY002 - the user's global stream must be preserved
+    py = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        np.random.set_state(legacy)  # noqa: NPY002 - see above
+        random.setstate(py)
+
+
+def median_commutator_defect(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, B], torch.Tensor],
+    sample_batch: Callable[[], B],
+    *,
+    pairs: int = 5,
+    eta: float = 1e-3,
+) -> float:
+    """Median D over ``pairs`` fresh (A, B) pairs from ``sample_batch()`` (papers: K = 5 inline).
+
+    Restores parameters, buffers and RNG state; never calls the optimizer. Cost: 4 backward
+    passes per pair. Raises whatever ``loss_fn`` / ``sample_batch`` raise (the client catches).
+    """
+    if pairs < 1:
+        raise ValueError(f"pairs must be >= 1, got {pairs}")
+    with preserved_rng():
+        values = [
+            commutator_defect(model, loss_fn, sample_batch(), sample_batch(), eta=eta).defect
+            for _ in range(pairs)
+        ]
+    return float(statistics.median(values))
+
+
+# --------------------------------------------------------------------------------------------
+# Detector
+
+
+Series = Sequence[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Parameters of :func:`detect_grokking` (defaults tuned on the tuning seed, see benchmarks).
+
+    defect: the papers' rule, value > mean + ``defect_sigma`` sd of the first
+    ``defect_baseline`` evaluations, ``defect_sustain`` evaluations in a row.
+    norm: total weight norm has fallen by ``norm_drop`` (fraction of its running maximum) and
+    then risen ``norm_rise`` (fraction) above its running minimum.
+    rank: median relative rise of per-matrix effective rank above its running minimum.
+    """
+
+    defect_baseline: int = 10
+    defect_sigma: float = 3.0
+    defect_sustain: int = 2
+    norm_drop: float = 0.3
+    norm_rise: float = 0.02
+    rank_rise: float = 0.1
+    rank_drop: float = 0.2
+    require: int = 2
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """When each piece of evidence first appeared (step) or ``None``."""
+
+    defect: int | None
+    norm_turn: int | None
+    rank_turn: int | None
+    sed_collapse: int | None
+
+
+@dataclass(frozen=True)
+class GrokWarning:
+    """Detector decision: firing ``step`` (or ``None``), per-step ``score``, ``evidence``."""
+
+    step: int | None
+    score: tuple[tuple[int, float], ...]
+    evidence: Evidence
+    available: tuple[str, ...] = field(default=())
+
+    @property
+    def fired(self) -> bool:
+        return self.step is not None
+
+
+def defect_alarm(series: Series, *, baseline: int = 10, sigma: float = 3.0,
+                 sustain: int = 2) -> int | None:
+    """The papers' rule: first step ending ``sustain`` evaluations in a row above
+    mean + ``sigma`` sd of the first ``baseline`` evaluations (mini_gpt ``Config``)."""
+    if len(series) <= baseline:
+        return None
+    ref = np.array([v for _, v in series[:baseline]], dtype=np.float64)
+    thr = float(ref.mean() + sigma * ref.std(ddof=1 if baseline > 1 else 0))
+    run = 0
+    for step, value in series[baseline:]:
+        run = run + 1 if value > thr else 0
+        if run >= sustain:
+            return step
+    return None
+
+
+def defect_spike(series: Series, *, factor: float = 10.0, floor: float = 20.0,
+                 baseline: int = 3) -> int | None:
+    """The grokking-integrability repo's rule (``find_spike_step``): first evaluation (index >= 2)
+    with D > ``factor`` x max(median of the first ``baseline`` values, 0.1) and D > ``floor``."""
+    if len(series) < baseline:
+        return None
+    ref = max(float(statistics.median(v for _, v in series[:baseline])), 0.1)
+    for step, value in series[2:]:
+        if value > factor * ref and value > floor:
+            return step
+    return None
+
+
+def norm_turnaround(series: Series, *, drop: float = 0.3, rise: float = 0.02) -> int | None:
+    """First step where the norm, after falling by ``drop`` of its running maximum to a running
+    minimum, stands ``rise`` above that minimum (weight decay has given way to new growth)."""
+    peak = -math.inf
+    low = math.inf
+    for step, value in series:
+        if value > peak and low == math.inf:
+            peak = value
+        if value <= peak * (1.0 - drop):
+            low = min(low, value)
+        if low < math.inf and value >= low * (1.0 + rise):
+            return step
+    return None
+
+
+def rank_turnaround(series_by_matrix: Mapping[str, Series], *, drop: float = 0.2,
+                    rise: float = 0.1) -> int | None:
+    """First step where at least half of the matrices whose effective rank fell by ``drop``
+    (fraction of its running maximum) have risen ``rise`` above their running minimum."""
+    turns: list[int | None] = [
+        norm_turnaround(s, drop=drop, rise=rise) for s in series_by_matrix.values() if s
+    ]
+    fallen = [t for t in turns if t is not None]
+    eligible = len(turns)
+    if not eligible or len(fallen) * 2 < eligible:
+        return None
+    fallen.sort()
+    return fallen[(eligible + 1) // 2 - 1]
+
+
+def detect_grokking(
+    *,
+    defect: Series | None = None,
+    weight_norm: Series | None = None,
+    effective_rank: Mapping[str, Series] | None = None,
+    sed_collapse_step: int | None = None,
+    config: DetectorConfig | None = None,
+) -> GrokWarning:
+    """Combine the evidence available into a warning; fires at the first step where at least
+    ``config.require`` pieces (or all available, if fewer) have appeared.
+
+    Series are ``(step, value)`` sorted by step; any may be absent. ``sed_collapse_step`` is the
+    start of the SED collapse phase (a phase indicator: measured to come after the jump, so it
+    counts as evidence but rarely leads). The score at a step is the fraction of available
+    evidence that has appeared by then.
+    """
+    cfg = config or DetectorConfig()
+    ev = Evidence(
+        defect=defect_alarm(defect, baseline=cfg.defect_baseline, sigma=cfg.defect_sigma,
+                            sustain=cfg.defect_sustain) if defect else None,
+        norm_turn=norm_turnaround(weight_norm, drop=cfg.norm_drop, rise=cfg.norm_rise)
+        if weight_norm else None,
+        rank_turn=rank_turnaround(effective_rank, drop=cfg.rank_drop, rise=cfg.rank_rise)
+        if effective_rank else None,
+        sed_collapse=sed_collapse_step,
+    )
+    available = tuple(
+        name
+        for name, present in (
+            ("defect", bool(defect)),
+            ("norm", bool(weight_norm)),
+            ("rank", bool(effective_rank)),
+            ("sed", sed_collapse_step is not None),
+        )
+        if present
+    )
+    steps = sorted({s for series in _all_series(defect, weight_norm, effective_rank)
+                    for s, _ in series})
+    times = [t for t in (ev.defect, ev.norm_turn, ev.rank_turn, ev.sed_collapse) if t is not None]
+    n_avail = max(1, len([a for a in available if a != "sed"]))
+    need = min(cfg.require, n_avail)
+    score = tuple((s, sum(t <= s for t in times) / n_avail) for s in steps)
+    fired = sorted(times)[need - 1] if len(times) >= need else None
+    return GrokWarning(fired, score, ev, available)
+
+
+def _all_series(
+    defect: Series | None, weight_norm: Series | None, rank: Mapping[str, Series] | None
+) -> Iterable[Series]:
+    if defect:
+        yield defect
+    if weight_norm:
+        yield weight_norm
+    if rank:
+        yield from rank.values()
+
+
+def effective_rank(weights: torch.Tensor) -> float:
+    """Effective rank exp(H(p)), p_i = s_i / sum s (Roy & Vetterli 2007), of a 2-D matrix."""
+    if weights.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(weights.shape)}")
+    s = torch.linalg.svdvals(weights.detach().to(torch.float64))
+    total = float(s.sum())
+    if total == 0.0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+__all__ = [
+    "COMMUTATOR_DEFECT",
+    "EFFECTIVE_RANK",
+    "IMMINENT",
+    "WARNING_SCORE",
+    "DefectSample",
+    "DetectorConfig",
+    "Evidence",
+    "GrokWarning",
+    "commutator_defect",
+    "defect_alarm",
+    "defect_spike",
+    "detect_grokking",
+    "effective_rank",
+    "median_commutator_defect",
+    "norm_turnaround",
+    "preserved_rng",
+    "rank_turnaround",
+]

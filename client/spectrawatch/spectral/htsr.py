@@ -1,0 +1,897 @@
+"""Heavy-tailed self-regularisation (HT-SR) metrics of weight matrices, WeightWatcher-compatible.
+
+The empirical spectral density (ESD) of a weight matrix ``W`` (``N x M``, ``N >= M``) is the set of
+eigenvalues of ``W^T W``, i.e. the squared singular values, **without** a ``1/N`` factor
+(WeightWatcher >= 0.6.5 convention). Heavy-tailed self-regularisation (Martin & Mahoney,
+"Implicit self-regularization in deep neural networks", JMLR 22(165), 2021, §5; Martin, Peng &
+Mahoney, "Predicting trends in the quality of state-of-the-art neural networks without access to
+training or testing data", Nat. Commun. 12:4122, 2021, §"Methods") reads training quality from
+the power-law exponent ``alpha`` of the ESD tail: 2 <= alpha <= 6 for well-trained layers,
+alpha < 2 "over-trained", alpha > 6 "under-trained" (WeightWatcher ``constants.py``).
+
+Definitions follow WeightWatcher 0.7.7 (``weightwatcher.py``: ``combined_eigenvalues``,
+``fit_powerlaw``, ``apply_norm_metrics``, ``mp_fit``; ``WW_powerlaw.WWFit``; ``RMT_Util``); each
+function below names the one it reproduces. Everything is torch on any device; fits run in
+float64; the power-law fit scores every xmin candidate with tensor ops (no loop over candidates).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spectrawatch.spectral.farms import FarmsConfig, sample_windows
+
+# --- metric keys (dotted, defined once) -------------------------------------------------------
+ALPHA = "htsr.alpha"
+ALPHA_WEIGHTED = "htsr.alpha_weighted"
+ALPHA_HILL = "htsr.alpha_hill"
+XMIN = "htsr.xmin"
+KS_DISTANCE = "htsr.ks_distance"
+NUM_PL_SPIKES = "htsr.num_pl_spikes"
+LAMBDA_MAX = "htsr.lambda_max"
+LOG_SPECTRAL_NORM = "htsr.log_spectral_norm"
+LOG_NORM = "htsr.log_norm"
+LOG_ALPHA_NORM = "htsr.log_alpha_norm"
+STABLE_RANK = "htsr.stable_rank"
+MP_SOFTRANK = "htsr.mp_softrank"
+NUM_SPIKES = "htsr.num_spikes"
+ENTROPY = "htsr.entropy"
+UNDER_TRAINED = "htsr.under_trained"  # 1.0 when alpha > 6, else 0.0
+OVER_TRAINED = "htsr.over_trained"  # 1.0 when alpha < 2, else 0.0
+NUM_UNDER_TRAINED = "htsr.num_under_trained"  # model level
+NUM_OVER_TRAINED = "htsr.num_over_trained"  # model level
+NUM_LAYERS = "htsr.num_layers"  # model level
+
+FARMS_PREFIX = "farms."  # FARMS values use the same names with this prefix: "farms.alpha", ...
+
+#: Per-ESD metric keys, in the order they are reported.
+LAYER_KEYS: tuple[str, ...] = (
+    ALPHA,
+    ALPHA_WEIGHTED,
+    ALPHA_HILL,
+    XMIN,
+    KS_DISTANCE,
+    NUM_PL_SPIKES,
+    LAMBDA_MAX,
+    LOG_SPECTRAL_NORM,
+    LOG_NORM,
+    LOG_ALPHA_NORM,
+    STABLE_RANK,
+    MP_SOFTRANK,
+    NUM_SPIKES,
+    ENTROPY,
+    UNDER_TRAINED,
+    OVER_TRAINED,
+)
+
+
+def farms_key(key: str) -> str:
+    """The FARMS twin of an HT-SR key: ``"htsr.alpha"`` -> ``"farms.alpha"``."""
+    return FARMS_PREFIX + key.split(".", 1)[1]
+
+
+# --- WeightWatcher constants (weightwatcher/constants.py, 0.7.7) -------------------------------
+EVALS_THRESH = 1e-5  # eigenvalues at or below are dropped before the power-law fit
+OVER_TRAINED_THRESH = 2.0
+UNDER_TRAINED_THRESH = 6.0
+MIN_EVALS = 8  # layers with fewer eigenvalues (M * rf) are skipped
+MAX_EVALS = 15000  # ... or more
+MAX_N = 50000  # ... or a larger dimension above this (e.g. GPT-2's 50257 x 768 token embedding)
+SMALL_N = 20  # below this many fitted eigenvalues WWFit switches to its small-n estimator
+CONV2D_SCALE = math.sqrt(0.5)  # pooled Conv2d slices are scaled by sqrt(conv2d_count / 2)
+OVER_TRAINED_WARNING = "over-trained"
+UNDER_TRAINED_WARNING = "under-trained"
+
+_DIRECT_KS_MAX_N = 256  # exact O(n^2) KS up to this; bound-pruned exact search above
+_KS_CHUNK_ELEMENTS = 1 << 22  # candidates x points per chunk of the direct KS
+_F64 = torch.float64
+
+
+class SpectralError(ValueError):
+    """An ESD that cannot be analysed (too few positive eigenvalues, non-finite weights...)."""
+
+
+# --- results ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PowerLawFit:
+    """Continuous power law ``p(x) ~ x^-alpha`` for ``x >= xmin`` (Clauset, Shalizi & Newman,
+    "Power-law distributions in empirical data", SIAM Rev. 51(4), 2009, §3.1 MLE and §3.3 KS
+    choice of xmin), as ``WW_powerlaw.WWFit``.
+
+    ``ks_distance`` is the KS distance D at the chosen xmin, ``sigma = (alpha - 1) / sqrt(n_tail)``
+    the MLE standard error, ``num_tail`` the number of eigenvalues ``>= xmin`` (WeightWatcher's
+    ``num_pl_spikes``), ``num_fitted`` the eigenvalues above the 1e-5 threshold, ``xmax`` the
+    largest eigenvalue (no truncation).
+    """
+
+    alpha: float
+    xmin: float
+    xmax: float
+    ks_distance: float
+    sigma: float
+    num_tail: int
+    num_fitted: int
+
+
+@dataclass(frozen=True)
+class MarchenkoPasturFit:
+    """Marchenko-Pastur bulk fitted to a rescaled ESD, as WeightWatcher's ``mp_fit``.
+
+    The ESD is rescaled by ``w_scale**2`` (mean eigenvalue 1). ``sigma`` is the fitted MP scale,
+    ``bulk_max``/``bulk_min`` the MP edges ``(sigma (1 +- 1/sqrt(Q)))^2`` (rescaled units),
+    ``num_spikes`` the eigenvalues above ``bulk_max + sqrt(TW)`` with the Tracy-Widom pad
+    ``TW = Q^-1/2 bulk_max^(2/3) M^(-2/3)``, ``softrank = bulk_max / lambda_max`` (Martin &
+    Mahoney JMLR 2021 §4.2 "MP soft rank").
+    """
+
+    sigma: float
+    w_scale: float
+    bulk_max: float
+    bulk_min: float
+    num_spikes: int
+    softrank: float
+    q: float
+
+
+@dataclass(frozen=True)
+class SpectralMetrics:
+    """All HT-SR metrics of one ESD (``apply_norm_metrics`` + ``fit_powerlaw`` + ``mp_fit``).
+
+    Norm-type values use every eigenvalue: ``log_norm = log10 sum(lambda)`` (squared Frobenius
+    norm), ``log_spectral_norm = log10 lambda_max``, ``stable_rank = sum / max``,
+    ``log_alpha_norm = log10 sum(lambda^alpha)``, ``alpha_weighted = alpha * log10 lambda_max``,
+    ``entropy`` = Shannon entropy of ``lambda / sum`` over ``ln(numerical rank)``.
+    ``alpha_hill`` is the Hill estimator with xmin at the median eigenvalue (the ``xmin_mid``
+    fit of TempBalance / FARMS). ``n_rows``/``n_cols`` are N >= M of the matrices behind the ESD.
+    """
+
+    num_evals: int
+    n_rows: int
+    n_cols: int
+    lambda_max: float
+    log_norm: float
+    log_spectral_norm: float
+    stable_rank: float
+    matrix_rank: int
+    entropy: float
+    fit: PowerLawFit
+    alpha_hill: float
+    alpha_weighted: float
+    log_alpha_norm: float
+    mp: MarchenkoPasturFit | None
+
+    @property
+    def alpha(self) -> float:
+        return self.fit.alpha
+
+    @property
+    def warning(self) -> str:
+        """``"over-trained"`` (alpha < 2), ``"under-trained"`` (alpha > 6) or ``""``."""
+        return training_warning(self.fit.alpha)
+
+    def values(self) -> dict[str, float]:
+        """The metrics as ``{htsr key: value}`` (MP keys absent when no MP fit was made)."""
+        out = {
+            ALPHA: self.fit.alpha,
+            ALPHA_WEIGHTED: self.alpha_weighted,
+            ALPHA_HILL: self.alpha_hill,
+            XMIN: self.fit.xmin,
+            KS_DISTANCE: self.fit.ks_distance,
+            NUM_PL_SPIKES: float(self.fit.num_tail),
+            LAMBDA_MAX: self.lambda_max,
+            LOG_SPECTRAL_NORM: self.log_spectral_norm,
+            LOG_NORM: self.log_norm,
+            LOG_ALPHA_NORM: self.log_alpha_norm,
+            STABLE_RANK: self.stable_rank,
+            ENTROPY: self.entropy,
+            UNDER_TRAINED: float(self.fit.alpha > UNDER_TRAINED_THRESH),
+            OVER_TRAINED: float(self.fit.alpha < OVER_TRAINED_THRESH),
+        }
+        if self.mp is not None:
+            out[MP_SOFTRANK] = self.mp.softrank
+            out[NUM_SPIKES] = float(self.mp.num_spikes)
+        return out
+
+
+def training_warning(alpha: float) -> str:
+    """WeightWatcher's per-layer warning for a power-law exponent."""
+    if alpha < OVER_TRAINED_THRESH:
+        return OVER_TRAINED_WARNING
+    if alpha > UNDER_TRAINED_THRESH:
+        return UNDER_TRAINED_WARNING
+    return ""
+
+
+# --- weight matrices and ESDs -----------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightMatrices:
+    """The 2-D matrices WeightWatcher analyses for one weight tensor, before any SVD.
+
+    ``matrices``: one ``(N, M)`` matrix for a dense weight, ``kh*kw`` slices for a Conv2d kernel
+    (scaled by sqrt(1/2), ``conv2D_Wmats`` + ``apply_normalize_Wmats``); ``rf`` = receptive field.
+    """
+
+    matrices: tuple[torch.Tensor, ...]
+    n_rows: int
+    n_cols: int
+    rf: int
+
+    @property
+    def num_evals(self) -> int:
+        return self.n_cols * self.rf
+
+
+def weight_matrices(weight: torch.Tensor) -> WeightMatrices:
+    """Split a weight tensor into WeightWatcher's matrices.
+
+    2-D ``(out, in)`` (Linear, HF Conv1D, Embedding): itself. 4-D Conv2d ``(out, in, kh, kw)``
+    (channels last in WW's naming: ``out + in >= kh + kw``) or Keras ``(kh, kw, in, out)``: one
+    ``(max, min)`` matrix per kernel position, scaled by ``sqrt(1/2)`` so pooled conv
+    eigenvalues are halved exactly as in WeightWatcher. Other ranks raise :class:`SpectralError`.
+    """
+    if weight.ndim == 2:
+        n, m = max(weight.shape), min(weight.shape)
+        return WeightMatrices((weight,), n, m, 1)
+    if weight.ndim == 4:
+        s0, s1, s2, s3 = weight.shape
+        if s0 + s1 >= s2 + s3:
+            slices = weight.permute(2, 3, 0, 1).reshape(s2 * s3, s0, s1)
+        else:
+            slices = weight.reshape(s0 * s1, s2, s3)
+        n, m = max(slices.shape[1:]), min(slices.shape[1:])
+        mats = tuple(slices * CONV2D_SCALE)
+        return WeightMatrices(mats, n, m, int(slices.shape[0]))
+    raise SpectralError(f"expected a 2-D or 4-D weight, got shape {tuple(weight.shape)}")
+
+
+def is_supported(mats: WeightMatrices) -> bool:
+    """WeightWatcher's size filter (``layer_supported``, pooled mode): 8 <= M*rf <= 15000 and
+    N <= 50000."""
+    return MIN_EVALS <= mats.num_evals <= MAX_EVALS and mats.n_rows <= MAX_N
+
+
+def eigenvalues(
+    matrices: Sequence[torch.Tensor], *, dtype: torch.dtype = _F64
+) -> list[torch.Tensor]:
+    """Ascending eigenvalues of ``W^T W`` (squared singular values, no 1/N) of each matrix.
+
+    Matrices of equal shape are stacked and decomposed in one batched call: the Gram matrix on
+    the smaller side ``(B, M, M)`` in ``dtype`` (float64 by default: the Gram squares the
+    condition number, so float32 would lose eigenvalues below ~1e-7 lambda_max), then
+    ``torch.linalg.eigvalsh``; round-off negatives are clamped to 0. Each result is ``(M,)``
+    ``dtype`` on the matrices' device, in input order.
+    """
+    out: list[torch.Tensor | None] = [None] * len(matrices)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, w in enumerate(matrices):
+        if w.ndim != 2 or 0 in w.shape:
+            raise SpectralError(f"expected a non-empty 2-D matrix, got shape {tuple(w.shape)}")
+        groups.setdefault(tuple(w.shape), []).append(i)
+    for (rows, cols), idx in groups.items():
+        stack = torch.stack([matrices[i] for i in idx]).to(dtype)
+        if not bool(torch.isfinite(stack).all()):
+            raise SpectralError("weights contain NaN or Inf")
+        gram = stack.mT @ stack if rows >= cols else stack @ stack.mT
+        evals = torch.linalg.eigvalsh(gram).clamp_min_(0.0)
+        for k, i in enumerate(idx):
+            out[i] = evals[k]
+    return [e for e in out if e is not None]
+
+
+def pooled_eigenvalues(mats: WeightMatrices, *, dtype: torch.dtype = _F64) -> torch.Tensor:
+    """One sorted ESD for a layer: eigenvalues of all its matrices (``combined_eigenvalues``)."""
+    return torch.sort(torch.cat(eigenvalues(mats.matrices, dtype=dtype))).values
+
+
+# --- power-law fit ----------------------------------------------------------------------------
+def fit_power_law(evals: torch.Tensor, *, thresh: float = EVALS_THRESH) -> PowerLawFit:
+    """Clauset-style power-law fit of an ESD, reproducing WeightWatcher's ``WWFit``.
+
+    Data ``x`` = sorted eigenvalues ``> thresh`` (float64). Every value but the largest is an
+    xmin candidate (duplicates kept). For candidate ``i`` with ``n_i = n - i`` tail points,
+    ``alpha_i = 1 + n_i / sum_{j>=i} ln(x_j / x_i)`` and
+    ``D_i = max_{j>=i} |1 - (x_j/x_i)^(1-alpha_i) - (j-i)/n_i|`` (``D_i = 1`` if alpha_i <= 1);
+    the fit is the first ``argmin D``. All candidates are scored at once: suffix sums give every
+    ``alpha_i``; D is exact, by chunked ``(candidates, points)`` tensors for n <= 256 and by a
+    bound-and-prune search above 256 points (same answer, see :func:`_ks_distances_pruned`).
+    With fewer than 20 points WWFit's small-n variant is used (bias-corrected
+    ``alpha = 1 + (n_i - 1) / sum ln``, tails of >= 8 points).
+    """
+    x = torch.sort(evals.detach().to(_F64).flatten()).values
+    x = x[x > thresh]
+    n = int(x.numel())
+    if n < 2:
+        raise SpectralError(f"need at least 2 eigenvalues above {thresh}, got {n}")
+    logx = torch.log(x)
+    suffix = torch.flip(torch.cumsum(torch.flip(logx, (0,)), 0), (0,))  # sum_{j>=i} ln x_j
+    idx = torch.arange(n - 1, device=x.device)
+    n_i = (n - idx).to(_F64)
+    log_sum = suffix[:-1] - n_i * logx[:-1]  # sum_{j>=i} ln(x_j / x_i)
+    if n < SMALL_N:
+        return _fit_small_n(x, logx, n_i, log_sum)
+    alphas = 1.0 + n_i / log_sum
+    if n <= _DIRECT_KS_MAX_N:
+        ks = _ks_distances(logx, alphas, idx)
+    else:
+        ks = _ks_distances_pruned(logx, alphas)
+    best = int(torch.argmin(ks))
+    alpha = float(alphas[best])
+    return PowerLawFit(
+        alpha=alpha,
+        xmin=float(x[best]),
+        xmax=float(x[-1]),
+        ks_distance=float(ks[best]),
+        sigma=(alpha - 1.0) / math.sqrt(n - best),
+        num_tail=int((x >= x[best]).sum()),
+        num_fitted=n,
+    )
+
+
+def _ks_rows(logx: torch.Tensor, alphas: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Exact KS distance of candidates ``cand`` (indices into ``logx``): ``(len(cand),)``."""
+    n = logx.numel()
+    j = torch.arange(n, device=logx.device)
+    a = alphas[cand].unsqueeze(1)
+    ci = cand.unsqueeze(1)
+    theory = _model_cdf(a, logx.unsqueeze(0) - logx[ci])
+    empirical = (j.unsqueeze(0) - ci).to(_F64) / (n - ci).to(_F64)
+    diff = torch.where(j.unsqueeze(0) >= ci, (theory - empirical).abs(), 0.0)
+    d = torch.nan_to_num(diff.amax(dim=1), nan=1.0)
+    return torch.where(alphas[cand] > 1.0, d, torch.ones_like(d))
+
+
+def _model_cdf(alpha: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """Power-law CDF ``1 - (x/xmin)^(1-alpha)`` from ``ln(x/xmin)``; exactly 0 at ``x = xmin``
+    even for an infinite alpha (ties at the top of the ESD), as numpy's ``1 ** -inf = 1``."""
+    expo = torch.where(log_ratio == 0.0, 0.0, (1.0 - alpha) * log_ratio)
+    return 1.0 - torch.exp(expo)
+
+
+def _ks_distances(logx: torch.Tensor, alphas: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Exact KS distance of every candidate, in chunks of ~4M ``(candidate, point)`` pairs."""
+    n = logx.numel()
+    chunk = max(1, _KS_CHUNK_ELEMENTS // n)
+    parts = [_ks_rows(logx, alphas, idx[s : s + chunk]) for s in range(0, idx.numel(), chunk)]
+    return torch.cat(parts)
+
+
+def _ks_distances_pruned(
+    logx: torch.Tensor, alphas: torch.Tensor, levels: Iterable[int] = (32, 256)
+) -> torch.Tensor:
+    """KS distances where only candidates that can still be the minimum are computed exactly.
+
+    For candidate ``i`` the model CDF ``F`` and the empirical step ``E = (j-i)/n_i`` are both
+    non-decreasing in ``j``. Sampling ``G + 1`` points evenly over the tail ``j = i..n-1``,
+    ``|F - E|`` at the samples is a lower bound on ``D_i``, and ``max(F(b) - E(a), E(b) - F(a))``
+    over consecutive samples ``a < b`` an upper bound (slack ~2/G). A candidate whose lower
+    bound exceeds the smallest upper bound cannot be the (first) minimiser and is dropped; G
+    grows per level and the survivors get exact distances. Dropped candidates get ``+inf``; the
+    argmin, ties included, is that of the full computation.
+    """
+    n = logx.numel()
+    dev = logx.device
+    cand = torch.nonzero(alphas > 1.0).flatten()
+    if cand.numel() == 0:
+        return torch.ones(n - 1, dtype=_F64, device=dev)
+    for g in levels:
+        if cand.numel() * (g + 1) * 4 >= cand.numel() * n:
+            break  # the exact pass is about as cheap
+        chunk = max(1, _KS_CHUNK_ELEMENTS // (g + 1))
+        bounds = [
+            _ks_bounds(logx, alphas, cand[s : s + chunk], g) for s in range(0, cand.numel(), chunk)
+        ]
+        lower = torch.cat([lo for lo, _ in bounds])
+        upper = torch.cat([up for _, up in bounds])
+        cand = cand[lower <= upper.min() + 1e-12]
+    ks = torch.full((n - 1,), math.inf, dtype=_F64, device=dev)
+    ks[cand] = _ks_distances(logx, alphas, cand)
+    return ks
+
+
+def _ks_bounds(
+    logx: torch.Tensor, alphas: torch.Tensor, cand: torch.Tensor, g: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds on the KS distance of ``cand`` from ``g + 1`` tail samples each."""
+    n = logx.numel()
+    ci = cand.unsqueeze(1)
+    n_i = n - ci  # tail sizes (c, 1)
+    k = torch.arange(g + 1, device=logx.device).unsqueeze(0)
+    offset = (k * (n_i - 1)) // g  # 0 .. n_i - 1, non-decreasing
+    theory = _model_cdf(alphas[cand].unsqueeze(1), logx[ci + offset] - logx[ci])
+    empirical = offset.to(_F64) / n_i.to(_F64)
+    lower = (theory - empirical).abs().amax(dim=1)
+    block = torch.maximum(theory[:, 1:] - empirical[:, :-1], empirical[:, 1:] - theory[:, :-1])
+    return lower, block.amax(dim=1)
+
+
+def _fit_small_n(
+    x: torch.Tensor, logx: torch.Tensor, n_i: torch.Tensor, log_sum: torch.Tensor
+) -> PowerLawFit:
+    """WWFit's ``fit_powerlaw_smallN`` (n < 20), vectorised over candidates.
+
+    Candidates with tails of >= 8 points get the bias-corrected ``alpha = 1 + (n_i - 1) / s``;
+    the others keep ``D = 1``. WWFit ranks candidates by ``D - 0.868 / sqrt(n_i)`` internally,
+    but its constructor then re-selects by ``argmin D``, which is what it reports; so do we.
+    """
+    n = x.numel()
+    idx = torch.arange(n - 1, device=x.device)
+    usable = (n_i >= 8) & (log_sum > 1e-12)
+    alphas = torch.where(usable, 1.0 + (n_i - 1.0) / log_sum, torch.zeros_like(n_i))
+    ks = torch.where(usable, _ks_distances(logx, alphas, idx), torch.ones_like(alphas))
+    if not bool((usable & (alphas > 1.0)).any()) and float(log_sum[0]) > 1e-12:
+        alphas[0] = 1.0 + (n - 1.0) / log_sum[0]  # WWFit's fallback: the whole sample as tail
+        ks[0] = _ks_rows(logx, alphas, idx[:1])[0]
+    best = int(torch.argmin(ks))
+    alpha = float(alphas[best])
+    return PowerLawFit(
+        alpha=alpha,
+        xmin=float(x[best]),
+        xmax=float(x[-1]),
+        ks_distance=float(ks[best]),
+        sigma=(alpha - 1.0) / math.sqrt(n - best),
+        num_tail=n - best,
+        num_fitted=n,
+    )
+
+
+def hill_alpha(evals: torch.Tensor, *, thresh: float = EVALS_THRESH) -> float:
+    """Hill estimator with xmin at the median eigenvalue (TempBalance / FARMS ``xmin_mid``).
+
+    With ``x`` sorted ascending (``> thresh``), ``i = n // 2``, ``k = n - i``:
+    ``alpha = 1 + k / sum_{j>=i} ln(x_j / x_i)`` (Hill, Ann. Stat. 3(5), 1975; as used by
+    Zhou et al., "Temperature balancing, layer-wise weight analysis...", NeurIPS 2023, and by
+    FARMS, ICML 2025, for image classification).
+    """
+    x = torch.sort(evals.detach().to(_F64).flatten()).values
+    x = x[x > thresh]
+    n = int(x.numel())
+    if n < 2:
+        raise SpectralError(f"need at least 2 eigenvalues above {thresh}, got {n}")
+    i = n // 2
+    tail = torch.log(x[i:])
+    denom = float(tail.sum() - (n - i) * tail[0])
+    return math.inf if denom <= 0.0 else 1.0 + (n - i) / denom
+
+
+# --- Marchenko-Pastur fit ---------------------------------------------------------------------
+_MP_BANDWIDTH = 0.1
+_MP_GRID = 1000
+_MP_DENSITY_FLOOR = 0.01
+_MP_PENALTY = 1000.0
+
+
+def linear_kde(samples: torch.Tensor, points: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Linear-kernel density estimate at ``points`` (as sklearn ``KernelDensity(kernel="linear")``).
+
+    ``f(g) = 1/(n h) sum_i max(0, 1 - |g - x_i| / h)``, computed exactly in O((n + G) log n) from
+    prefix sums of the sorted samples instead of an ``(n, G)`` kernel matrix.
+    """
+    x = torch.sort(samples.to(_F64).flatten()).values
+    g = points.to(_F64)
+    h = bandwidth
+    prefix = torch.cat([torch.zeros(1, dtype=_F64, device=x.device), torch.cumsum(x, 0)])
+    lo = torch.searchsorted(x, g - h, right=True)
+    mid = torch.searchsorted(x, g, right=True)
+    hi = torch.searchsorted(x, g + h, right=False)
+    n_left = (mid - lo).to(_F64)
+    s_left = prefix[mid] - prefix[lo]
+    n_right = (hi - mid).to(_F64)
+    s_right = prefix[hi] - prefix[mid]
+    total = n_left - (n_left * g - s_left) / h + n_right - (s_right - n_right * g) / h
+    return total.clamp_min(0.0) / (x.numel() * h)
+
+
+def marchenko_pastur_density(x: torch.Tensor, q: float, sigma: torch.Tensor) -> torch.Tensor:
+    """MP density of the eigenvalues of ``W^T W / N`` for i.i.d. entries of variance sigma^2.
+
+    ``rho(x) = sqrt((b - x)(x - a)) / (2 pi sigma^2 x / Q)`` on ``[a, b]``,
+    ``a, b = (sigma (1 -+ 1/sqrt(Q)))^2``, 0 elsewhere (``RMT_Util.marchenko_pastur_fun``).
+    ``sigma`` broadcasts against ``x``.
+    """
+    b = (sigma * (1.0 + math.sqrt(1.0 / q))) ** 2
+    a = (sigma * (1.0 - math.sqrt(1.0 / q))) ** 2
+    val = torch.sqrt((b - x) * (x - a)) / (2.0 * math.pi * sigma**2 * x / q)
+    return torch.nan_to_num(val, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _mp_objective(
+    sigmas: torch.Tensor, xg: torch.Tensor, yg: torch.Tensor, q: float
+) -> torch.Tensor:
+    """WeightWatcher's ``resid_mp`` summed squared residual for each sigma: ``(S,)``."""
+    s = sigmas.unsqueeze(1)
+    if q == 1.0:
+        # quarter_circle_fun: sigma only scales the height (WeightWatcher's definition)
+        model = torch.nan_to_num(torch.sqrt(4.0 - xg**2) / (math.pi * s**2), nan=0.0)
+        return ((model - yg) ** 2).sum(dim=1)
+    model = marchenko_pastur_density(xg.unsqueeze(0), q, s)
+    resid = ((model - yg) ** 2).sum(dim=1)
+    peak = xg[int(torch.argmax(yg))]
+    b = (sigmas * (1.0 + math.sqrt(1.0 / q))) ** 2
+    a = (sigmas * (1.0 - math.sqrt(1.0 / q))) ** 2
+    bad = (b < peak) | (b > xg.max()) | (a > peak)
+    return torch.where(bad, _MP_PENALTY**2 * yg.numel(), resid)
+
+
+def _nelder_mead_1d(fun: Any, x0: float, *, xatol: float = 1e-4, fatol: float = 1e-4) -> float:
+    """``scipy.optimize.fmin`` (Nelder-Mead, default settings) in one dimension.
+
+    Used only to polish the grid optimum as ``scipy.optimize.brute(finish=fmin)`` does; each
+    step evaluates the vectorised objective at one point, so this loop is over iterations.
+    """
+    sim = [x0, x0 * 1.05 if x0 != 0 else 0.00025]
+    fsim = [fun(sim[0]), fun(sim[1])]
+    calls = 2
+    if fsim[1] < fsim[0]:
+        sim.reverse()
+        fsim.reverse()
+    for _ in range(199):
+        if calls >= 200 or (abs(sim[1] - sim[0]) <= xatol and abs(fsim[0] - fsim[1]) <= fatol):
+            break
+        xbar = sim[0]
+        xr = 2.0 * xbar - sim[1]
+        fxr = fun(xr)
+        calls += 1
+        if fxr < fsim[0]:
+            xe = 3.0 * xbar - 2.0 * sim[1]
+            fxe = fun(xe)
+            calls += 1
+            sim[1], fsim[1] = (xe, fxe) if fxe < fxr else (xr, fxr)
+        elif fxr < fsim[1]:  # 1-D: fsim[-2] is fsim[0], so this is the contraction branch
+            xc = 1.5 * xbar - 0.5 * sim[1]
+            fxc = fun(xc)
+            calls += 1
+            if fxc <= fxr:
+                sim[1], fsim[1] = xc, fxc
+            else:
+                sim[1] = sim[0] + 0.5 * (sim[1] - sim[0])
+                fsim[1] = fun(sim[1])
+                calls += 1
+        else:
+            xcc = 0.5 * xbar + 0.5 * sim[1]
+            fxcc = fun(xcc)
+            calls += 1
+            if fxcc < fsim[1]:
+                sim[1], fsim[1] = xcc, fxcc
+            else:
+                sim[1] = sim[0] + 0.5 * (sim[1] - sim[0])
+                fsim[1] = fun(sim[1])
+                calls += 1
+        if fsim[1] < fsim[0]:
+            sim.reverse()
+            fsim.reverse()
+    return sim[0]
+
+
+def fit_marchenko_pastur(evals: torch.Tensor, n_rows: int, n_cols: int) -> MarchenkoPasturFit:
+    """Fit the MP bulk to an ESD as WeightWatcher's ``mp_fit`` / ``fit_density_with_range``.
+
+    Rescale to mean eigenvalue 1; estimate the density by a linear-kernel KDE (bandwidth 0.1)
+    on 1000 points over ``[0, max + 0.5]``, dropping points of density <= 0.01; choose sigma
+    minimising the squared residual to the MP density (Q = N/M != 1) or to WeightWatcher's
+    quarter-circle law on the singular values (Q = 1) over the grid
+    ``sigma0 * (0.05, 0.06, ..., <2)`` with ``sigma0 = sqrt(lambda_max) / (1 + Q^-1/2)``, then
+    polish with Nelder-Mead (``scipy.optimize.brute(finish=fmin)``). The grid is evaluated as
+    one tensor op; the KDE is exact (prefix sums).
+    """
+    q = n_rows / n_cols
+    ev = evals.detach().to(_F64).flatten()
+    total = float(ev.sum())
+    if not total > 0.0:
+        raise SpectralError("all eigenvalues are zero")
+    w_scale = math.sqrt(ev.numel()) / math.sqrt(total)
+    x = ev * w_scale**2
+    lam_max = float(x.max())
+    sigma0 = math.sqrt(lam_max / (1.0 + 1.0 / math.sqrt(q)) ** 2)
+    to_fit = x.sqrt() if q == 1.0 else x
+    grid = torch.linspace(0.0, float(to_fit.max()) + 0.5, _MP_GRID, dtype=_F64, device=x.device)
+    dens = linear_kde(to_fit, grid, _MP_BANDWIDTH)
+    keep = dens > _MP_DENSITY_FLOOR
+    xg, yg = grid[keep], dens[keep]
+    if xg.numel() == 0:
+        raise SpectralError("ESD density is nowhere above the MP-fit floor")
+    start, stop, step = 0.05 * sigma0, 2.0 * sigma0, 0.01 * sigma0
+    count = math.ceil((stop - start) / step)  # as numpy.mgrid[start:stop:step]
+    sigmas = torch.arange(count, dtype=_F64, device=x.device) * step + start
+    scores = _mp_objective(sigmas, xg, yg, q)
+    best = float(sigmas[int(torch.argmin(scores))])
+
+    def score(s: float) -> float:
+        return float(_mp_objective(torch.tensor([s], dtype=_F64, device=x.device), xg, yg, q)[0])
+
+    sigma = _nelder_mead_1d(score, best)
+    bulk_max = (sigma * (1.0 + 1.0 / math.sqrt(q))) ** 2
+    bulk_min = (sigma * (1.0 - 1.0 / math.sqrt(q))) ** 2
+    tw = 1.0 / math.sqrt(q) * bulk_max ** (2.0 / 3.0) * n_cols ** (-2.0 / 3.0)
+    spikes = int((x > bulk_max + math.sqrt(tw)).sum())
+    return MarchenkoPasturFit(
+        sigma=sigma,
+        w_scale=w_scale,
+        bulk_max=bulk_max,
+        bulk_min=bulk_min,
+        num_spikes=spikes,
+        softrank=bulk_max / lam_max,
+        q=q,
+    )
+
+
+# --- all metrics of one ESD -------------------------------------------------------------------
+def spectral_metrics(
+    evals: torch.Tensor, n_rows: int, n_cols: int, *, mp_fit: bool = True
+) -> SpectralMetrics:
+    """Every HT-SR metric of one ESD ``evals`` ``(k,)`` of matrices of shape ``(n_rows, n_cols)``.
+
+    ``n_rows`` (N >= M) enters the numerical-rank tolerance of the entropy, ``n_rows / n_cols``
+    the MP fit. Raises :class:`SpectralError` when the ESD cannot be fitted.
+    """
+    ev = evals.detach().to(_F64).flatten()
+    if ev.numel() == 0 or not bool(torch.isfinite(ev).all()):
+        raise SpectralError("empty or non-finite ESD")
+    n, m = max(n_rows, n_cols), min(n_rows, n_cols)
+    total = float(ev.sum())
+    lam_max = float(ev.max())
+    if not lam_max > 0.0:
+        raise SpectralError("all eigenvalues are zero")
+    fit = fit_power_law(ev)
+    sv = ev.sqrt()
+    rank = int((sv > sv.max() * n * torch.finfo(_F64).eps).sum())
+    p = ev / total + 1e-10
+    entropy = float(-(p * p.log()).sum()) / math.log(rank + 1e-10)
+    positive = ev[ev > 0]
+    log_alpha_norm = float(torch.logsumexp(fit.alpha * positive.log(), 0)) / math.log(10.0)
+    return SpectralMetrics(
+        num_evals=int(ev.numel()),
+        n_rows=n,
+        n_cols=m,
+        lambda_max=lam_max,
+        log_norm=math.log10(total),
+        log_spectral_norm=math.log10(lam_max),
+        stable_rank=total / lam_max,
+        matrix_rank=rank,
+        entropy=entropy,
+        fit=fit,
+        alpha_hill=hill_alpha(ev),
+        alpha_weighted=fit.alpha * math.log10(lam_max),
+        log_alpha_norm=log_alpha_norm,
+        mp=fit_marchenko_pastur(ev, n, m) if mp_fit else None,
+    )
+
+
+# --- plot payload -----------------------------------------------------------------------------
+def esd_payload(
+    evals: torch.Tensor, metrics: SpectralMetrics, *, bins: int = 100
+) -> dict[str, Any]:
+    """JSON-able drill-down data for one ESD: log-binned histogram, power-law line, MP curve.
+
+    ``hist.edges`` (``bins + 1`` eigenvalue edges, log-spaced over the positive eigenvalues),
+    ``hist.counts`` and ``hist.density`` (counts / (k * bin width), a density in lambda for a
+    log-log plot); ``fit`` with the line ``pdf(x) = (n_tail/k) (alpha-1)/xmin (x/xmin)^-alpha``
+    on ``[xmin, xmax]`` (scaled by the tail fraction so it overlays the full-ESD density); ``mp``
+    with the fitted MP density mapped back to eigenvalue units.
+    """
+    ev = evals.detach().to(_F64).flatten()
+    k = ev.numel()
+    pos = ev[ev > 0]
+    lo, hi = math.log10(float(pos.min())), math.log10(float(pos.max()))
+    if hi <= lo:
+        hi = lo + 1e-6
+    edges = torch.logspace(lo, hi, bins + 1, dtype=_F64, device=ev.device)
+    counts = torch.histc(torch.log10(pos), bins=bins, min=lo, max=hi)
+    density = counts / (k * (edges[1:] - edges[:-1]))
+    fit = metrics.fit
+    line_x = torch.logspace(
+        math.log10(fit.xmin), math.log10(fit.xmax), 50, dtype=_F64, device=ev.device
+    )
+    line_y = (fit.num_tail / k) * (fit.alpha - 1.0) / fit.xmin * (line_x / fit.xmin) ** (-fit.alpha)
+    payload: dict[str, Any] = {
+        "num_evals": k,
+        "shape": [metrics.n_rows, metrics.n_cols],
+        "lambda_max": metrics.lambda_max,
+        "hist": {
+            "edges": edges.tolist(),
+            "counts": [int(c) for c in counts.tolist()],
+            "density": density.tolist(),
+        },
+        "fit": {
+            "alpha": fit.alpha,
+            "xmin": fit.xmin,
+            "xmax": fit.xmax,
+            "ks_distance": fit.ks_distance,
+            "num_tail": fit.num_tail,
+            "x": line_x.tolist(),
+            "pdf": line_y.tolist(),
+        },
+        "alpha_hill": metrics.alpha_hill,
+        "warning": metrics.warning,
+    }
+    mp = metrics.mp
+    if mp is not None:
+        scale = mp.w_scale**2
+        xs = torch.linspace(mp.bulk_min, mp.bulk_max, 200, dtype=_F64, device=ev.device)
+        sig = torch.tensor(mp.sigma, dtype=_F64, device=ev.device)
+        pdf = marchenko_pastur_density(xs.clamp_min(1e-12), mp.q if mp.q != 1.0 else 1.0, sig)
+        payload["mp"] = {
+            "sigma": mp.sigma,
+            "bulk_min": mp.bulk_min / scale,
+            "bulk_max": mp.bulk_max / scale,
+            "num_spikes": mp.num_spikes,
+            "softrank": mp.softrank,
+            "x": (xs / scale).tolist(),
+            "pdf": (pdf * scale).tolist(),
+        }
+    return payload
+
+
+# --- layers and models ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerReport:
+    """HT-SR (and optionally FARMS) metrics of one weight: ``shape`` as given, N x M (rf)."""
+
+    layer: str
+    shape: tuple[int, ...]
+    n_rows: int
+    n_cols: int
+    rf: int
+    plain: SpectralMetrics
+    farms: SpectralMetrics | None
+    evals: torch.Tensor = field(repr=False, compare=False)
+    farms_evals: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def values(self) -> dict[str, float]:
+        """``{key: value}`` with plain ``htsr.*`` and FARMS ``farms.*`` keys."""
+        out = self.plain.values()
+        if self.farms is not None:
+            out.update({farms_key(k): v for k, v in self.farms.values().items()})
+        return out
+
+    def row(self) -> dict[str, Any]:
+        """The ``spectrawatch analyze`` JSON object of this layer."""
+        f = self.farms
+        return {
+            "layer": self.layer,
+            "shape": list(self.shape),
+            "alpha": self.plain.alpha,
+            "alpha_weighted": self.plain.alpha_weighted,
+            "xmin": self.plain.fit.xmin,
+            "ks_distance": self.plain.fit.ks_distance,
+            "log_spectral_norm": self.plain.log_spectral_norm,
+            "log_norm": self.plain.log_norm,
+            "stable_rank": self.plain.stable_rank,
+            "mp_softrank": self.plain.mp.softrank if self.plain.mp else None,
+            "num_spikes": self.plain.mp.num_spikes if self.plain.mp else None,
+            "entropy": self.plain.entropy,
+            "farms_alpha": f.alpha if f else None,
+            "farms_alpha_weighted": f.alpha_weighted if f else None,
+            "warning": self.plain.warning,
+        }
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A weight left out, with the reason (WeightWatcher's size filter or a failed fit)."""
+
+    layer: str
+    shape: tuple[int, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """Per-layer reports, skipped layers, and model-level means (``get_summary``)."""
+
+    layers: tuple[LayerReport, ...]
+    skipped: tuple[SkippedLayer, ...]
+
+    def summary(self) -> dict[str, float]:
+        """Unweighted means over layers of every per-layer key (``htsr.*`` and ``farms.*``),
+        plus layer counts; WeightWatcher's ``get_summary`` reports the same means."""
+        if not self.layers:
+            return {NUM_LAYERS: 0.0}
+        rows = [r.values() for r in self.layers]
+        keys = [k for k in rows[0] if all(k in r for r in rows)]
+        out = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+        out[NUM_LAYERS] = float(len(rows))
+        out[NUM_UNDER_TRAINED] = sum(r[UNDER_TRAINED] for r in rows)
+        out[NUM_OVER_TRAINED] = sum(r[OVER_TRAINED] for r in rows)
+        for k in (UNDER_TRAINED, OVER_TRAINED, farms_key(UNDER_TRAINED), farms_key(OVER_TRAINED)):
+            out.pop(k, None)
+        return out
+
+
+def analyze_weights(
+    weights: Mapping[str, torch.Tensor],
+    *,
+    farms: FarmsConfig | None = None,
+    mp_fit: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = _F64,
+) -> ModelReport:
+    """HT-SR metrics of every 2-D / 4-D weight in ``weights`` (name -> tensor).
+
+    Every ESD of the model (all layers, all conv slices, all FARMS windows) is computed in
+    batched eigendecompositions grouped by shape (:func:`eigenvalues`), then each layer is fitted.
+    ``farms`` adds FARMS metrics (:mod:`spectrawatch.spectral.farms`). Layers outside
+    WeightWatcher's size filter, of other ranks, or whose fit fails are listed as skipped.
+    """
+    names: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    layer_mats: list[WeightMatrices] = []
+    skipped: list[SkippedLayer] = []
+    for name, w in weights.items():
+        shape = tuple(w.shape)
+        if w.ndim not in (2, 4):
+            skipped.append(SkippedLayer(name, shape, f"{w.ndim}-D tensor"))
+            continue
+        t = w.detach().to(device) if device is not None else w.detach()
+        mats = weight_matrices(t)
+        if not is_supported(mats):
+            skipped.append(SkippedLayer(name, shape, "outside WeightWatcher's size filter"))
+            continue
+        names.append(name)
+        shapes.append(shape)
+        layer_mats.append(mats)
+
+    flat = [m for lm in layer_mats for m in lm.matrices]
+    windows: list[list[torch.Tensor]] = []
+    if farms is not None:
+        windows = [farms_windows(lm, farms) for lm in layer_mats]
+    all_evals = eigenvalues(flat + [w for ws in windows for w in ws], dtype=dtype)
+    plain_evals: list[torch.Tensor] = []
+    pos = 0
+    for lm in layer_mats:
+        plain_evals.append(torch.sort(torch.cat(all_evals[pos : pos + len(lm.matrices)])).values)
+        pos += len(lm.matrices)
+    farms_evals: list[torch.Tensor | None] = [None] * len(layer_mats)
+    for i, ws in enumerate(windows):
+        farms_evals[i] = torch.sort(torch.cat(all_evals[pos : pos + len(ws)])).values
+        pos += len(ws)
+    reports: list[LayerReport] = []
+    for i, (name, shape, lm) in enumerate(zip(names, shapes, layer_mats, strict=True)):
+        try:
+            plain = spectral_metrics(plain_evals[i], lm.n_rows, lm.n_cols, mp_fit=mp_fit)
+            fm: SpectralMetrics | None = None
+            fe = farms_evals[i]
+            if fe is not None:
+                r, c = windows[i][0].shape
+                fm = spectral_metrics(fe, max(r, c), min(r, c), mp_fit=mp_fit)
+        except SpectralError as exc:
+            skipped.append(SkippedLayer(name, shape, str(exc)))
+            continue
+        reports.append(
+            LayerReport(name, shape, lm.n_rows, lm.n_cols, lm.rf, plain, fm, plain_evals[i], fe)
+        )
+    return ModelReport(tuple(reports), tuple(skipped))
+
+
+def farms_windows(mats: WeightMatrices, config: FarmsConfig) -> list[torch.Tensor]:
+    """The FARMS windows of a layer (every slice), as separate matrices for batched ESDs."""
+    return [w for m in mats.matrices for w in sample_windows(m, config).unbind(0)]
+
+
+def analyze_model(
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    *,
+    farms: FarmsConfig | None = None,
+    mp_fit: bool = True,
+    device: torch.device | str | None = None,
+) -> ModelReport:
+    """WeightWatcher-style analysis of a model or state dict, offline.
+
+    From a module: the ``weight`` of every Linear, Conv1d/HF Conv1D, Conv2d and Embedding
+    (norm layers excluded, as WeightWatcher does); from a state dict: every 2-D or 4-D tensor
+    whose name does not contain ``norm``. See :func:`analyze_weights` for the rest.
+    """
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        weights: dict[str, torch.Tensor] = {}
+        for name, module in model_or_state_dict.named_modules():
+            w = getattr(module, "weight", None)
+            if not isinstance(w, torch.Tensor) or "norm" in type(module).__name__.lower():
+                continue
+            weights[f"{name}.weight" if name else "weight"] = w
+    else:
+        weights = {k: v for k, v in model_or_state_dict.items() if "norm" not in k.lower()}
+    return analyze_weights(weights, farms=farms, mp_fit=mp_fit, device=device)

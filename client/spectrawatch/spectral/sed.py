@@ -1,0 +1,418 @@
+"""Spectral Edge Dynamics (SED): rolling-window SVD of parameter updates.
+
+Xu, "Spectral Edge Dynamics of Training Trajectories: Signal--Noise Geometry Across Scales",
+arXiv 2603.15678 (research note ``sed_eigentrack.md`` §1). The last W updates form the rows of
+a window matrix X (W, d) — exact updates or their count-sketches (the sketch is linear and
+preserves inner products in expectation). Its singular values s1 ≥ … ≥ sW (uncentred, as in the
+paper's code: X Xᵀ without mean removal) split into a few signal directions and a flat noise
+bulk; the *spectral edge* is k* = argmax_k sk/sk+1 and the *gap ratio* sk*/sk*+1.
+
+Two update definitions share this code: per-step Δθ sketches (:func:`rolling_sed`) and the
+paper's checkpoint-interval displacements θ_t - θ_{t-Δ}, obtained by differencing θ sketches
+(:func:`interval_sed`, W = 10).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+GAP_RATIO = "sed.gap_ratio"  # sk*/sk*+1 (≥ 1)
+EDGE = "sed.edge"  # k*, 1-indexed
+MARGIN = "sed.margin"  # best ratio / runner-up ratio (≥ 1); near 1 means k* is ambiguous
+SIGNAL_RANK = "sed.signal_rank"  # fewest leading directions holding 95 % of sum s² (paper's k95)
+PHASE = "sed.phase"  # Phase code of the latest point of the gap series
+INCOMPLETE = "sed.incomplete"  # 1.0 when the window had missing steps (computed on what was there)
+INTERVAL_PREFIX = "sed.interval"  # checkpoint-interval variant: "sed.interval.gap_ratio.w10"
+
+DEFAULT_WINDOWS = (16, 32, 64)
+INTERVAL_WINDOW = 10
+MIN_ROWS = 4  # fewer rows leave no runner-up ratio to compare k* against
+_SVD_BYTES = 64 << 20  # cap on a batched (n, W, d) float64 stack for method="svd"
+_PART = 256  # windows per batched eigen/SVD call (bounds the Gram block to ~(256 + W)^2)
+
+
+class Phase(IntEnum):
+    """Phase of the gap series (paper §3: rise, plateau, collapse); stored as ``sed.phase``."""
+
+    UNKNOWN = 0
+    RISE = 1
+    PLATEAU = 2
+    COLLAPSE = 3
+
+
+def windowed_key(key: str, window: int) -> str:
+    """Metric key for one window size, e.g. ``sed.gap_ratio.w32``."""
+    return f"{key}.w{window}"
+
+
+def interval_key(key: str, window: int = INTERVAL_WINDOW) -> str:
+    """Key of the checkpoint-interval variant, e.g. ``sed.interval.gap_ratio.w10``."""
+    return windowed_key(INTERVAL_PREFIX + key.removeprefix("sed"), window)
+
+
+def window_singular_values(rows: torch.Tensor) -> torch.Tensor:
+    """Singular values, descending, of a window ``(W, d)`` or a batch ``(n, W, d)``, in float64.
+
+    LAPACK ``gesdd`` via ``torch.linalg.svdvals`` on the rows as given (uncentred).
+    """
+    if rows.ndim not in (2, 3):
+        raise ValueError(f"expected (W, d) or (n, W, d) rows, got shape {tuple(rows.shape)}")
+    sigma: torch.Tensor = torch.linalg.svdvals(rows.to(torch.float64))
+    return sigma
+
+
+@dataclass(frozen=True)
+class EdgeBatch:
+    """Edge statistics of n spectra (tensors of shape ``(n,)``); see :func:`spectral_edges`."""
+
+    edge: torch.Tensor  # int64, k* in 1..W-2
+    gap_ratio: torch.Tensor  # float64, sk*/sk*+1
+    margin: torch.Tensor  # float64, best ratio / runner-up ratio
+    runner_up: torch.Tensor  # int64, k of the runner-up ratio
+    signal_rank: torch.Tensor  # int64, k95
+
+
+def spectral_edges(sigma: torch.Tensor, energy: float = 0.95) -> EdgeBatch:
+    """Edge k*, gap ratio, margin and signal rank of spectra ``(n, W)`` or ``(W,)`` (descending).
+
+    k* = argmax over k < W-1 (1-indexed) of sk/sk+1 (paper §2; the last ratio is left out because
+    sW of a sketched or short window can be near zero). Denominators are floored at 1e-12·s1.
+    ``margin`` = best / second-best ratio over the same range (k* is ambiguous when ≈ 1).
+    ``signal_rank`` = fewest leading s holding ``energy`` of sum s² (paper's k95).
+    """
+    s = sigma.to(torch.float64)
+    if s.ndim == 1:
+        s = s[None]
+    w = s.shape[-1]
+    if w < MIN_ROWS:
+        raise ValueError(f"need at least {MIN_ROWS} singular values, got {w}")
+    floor = (s[:, :1] * 1e-12).clamp_min(torch.finfo(torch.float64).tiny)
+    ratios = s[:, : w - 2] / torch.maximum(s[:, 1 : w - 1], floor)
+    top = torch.topk(ratios, 2, dim=1)
+    best, second = top.values[:, 0], top.values[:, 1]
+    energy_cum = torch.cumsum(s.square(), dim=1)
+    total = energy_cum[:, -1:].clamp_min(torch.finfo(torch.float64).tiny)
+    rank = (energy_cum / total < energy).sum(dim=1) + 1
+    return EdgeBatch(
+        edge=top.indices[:, 0] + 1,
+        gap_ratio=best,
+        margin=best / second.clamp_min(torch.finfo(torch.float64).tiny),
+        runner_up=top.indices[:, 1] + 1,
+        signal_rank=rank.clamp_max(w),
+    )
+
+
+@dataclass(frozen=True)
+class WindowSED:
+    """SED of one window ending at ``step``.
+
+    ``n_rows`` updates were present out of ``window`` (``complete`` when equal);
+    ``singular_values`` descending; ``normalized`` = s²/sum s² (energy share per direction).
+    """
+
+    step: int
+    window: int
+    n_rows: int
+    singular_values: tuple[float, ...]
+    edge: int
+    gap_ratio: float
+    margin: float
+    signal_rank: int
+
+    @property
+    def complete(self) -> bool:
+        return self.n_rows == self.window
+
+    @property
+    def normalized(self) -> tuple[float, ...]:
+        total = sum(v * v for v in self.singular_values)
+        return tuple(v * v / total for v in self.singular_values) if total else ()
+
+
+def assemble_rows(
+    chunks: Iterable[tuple[Sequence[int], torch.Tensor]],
+) -> tuple[list[int], torch.Tensor]:
+    """Merge ``(steps, rows (n, d))`` chunks arriving in any order into step order.
+
+    A step seen twice keeps the row of the later chunk (a replayed frame). Returns the sorted
+    unique steps and the matching rows ``(N, d)`` (dtype of the first chunk).
+    """
+    by_step: dict[int, torch.Tensor] = {}
+    dtype: torch.dtype | None = None
+    for steps, rows in chunks:
+        if rows.ndim != 2 or rows.shape[0] != len(steps):
+            raise ValueError(f"rows {tuple(rows.shape)} do not match {len(steps)} steps")
+        dtype = dtype or rows.dtype
+        for i, s in enumerate(steps):
+            by_step[int(s)] = rows[i]
+    if not by_step:
+        raise ValueError("no rows to assemble")
+    order = sorted(by_step)
+    return order, torch.stack([by_step[s].to(dtype) for s in order])
+
+
+def _interval(steps: Sequence[int]) -> int:
+    gaps = [b - a for a, b in itertools.pairwise(steps) if b > a]
+    return min(gaps) if gaps else 1
+
+
+def rolling_sed(
+    rows: torch.Tensor,
+    steps: Sequence[int],
+    window: int,
+    *,
+    at: Sequence[int] | None = None,
+    step_interval: int | None = None,
+    min_rows: int = MIN_ROWS,
+    energy: float = 0.95,
+    method: str = "gram",
+) -> list[WindowSED]:
+    """SED of the windows ending at each step of ``at`` (default: every step of ``steps``).
+
+    ``rows (N, d)`` are update rows at strictly increasing ``steps``. The window ending at t
+    holds the rows with step in (t - window·Δ, t], Δ = ``step_interval`` (default: the smallest
+    step difference present), so a window with missing steps is computed on the rows present
+    and reported with ``n_rows < window``. Windows with fewer than ``min_rows`` rows or an all-
+    zero matrix are skipped. ``method="gram"`` (default) takes each window's spectrum from the
+    eigenvalues of a principal block of the float64 Gram matrix of the rows, shared by
+    overlapping windows (the paper's own computation; s_k accurate to ~1e-16 s1^2/s_k relative);
+    ``"svd"`` runs LAPACK ``svdvals`` on every window. Windows are batched.
+    """
+    if method not in ("gram", "svd"):
+        raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
+    if rows.ndim != 2 or rows.shape[0] != len(steps):
+        raise ValueError(f"rows {tuple(rows.shape)} do not match {len(steps)} steps")
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError("steps must be strictly increasing (use assemble_rows)")
+    min_rows = max(min_rows, MIN_ROWS)
+    delta = step_interval or _interval(steps)
+    st = torch.tensor(list(steps), dtype=torch.int64)
+    ends = torch.tensor(list(steps if at is None else at), dtype=torch.int64)
+    hi = torch.searchsorted(st, ends, right=True)
+    lo = torch.searchsorted(st, ends - window * delta, right=True)
+    groups: dict[int, list[int]] = {}
+    for j, (a, b) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True)):
+        if b - a >= min_rows:
+            groups.setdefault(b - a, []).append(j)
+    out: dict[int, WindowSED] = {}
+    for count, members in groups.items():
+        per = _PART if method == "gram" else max(1, _SVD_BYTES // (count * rows.shape[1] * 8))
+        for c in range(0, len(members), per):
+            part = members[c : c + per]
+            starts = lo[part]
+            if method == "svd":
+                idx = starts[:, None] + torch.arange(count)
+                sig = window_singular_values(rows[idx.to(rows.device)]).cpu()
+            else:
+                sig = _gram_singular_values(rows, starts, count)
+            edges = spectral_edges(sig, energy)
+            for i, j in enumerate(part):
+                if float(sig[i, 0]) == 0.0:
+                    continue
+                out[j] = WindowSED(
+                    step=int(ends[j]),
+                    window=window,
+                    n_rows=count,
+                    singular_values=tuple(sig[i].tolist()),
+                    edge=int(edges.edge[i]),
+                    gap_ratio=float(edges.gap_ratio[i]),
+                    margin=float(edges.margin[i]),
+                    signal_rank=int(edges.signal_rank[i]),
+                )
+    return [out[j] for j in sorted(out)]
+
+
+def _gram_singular_values(rows: torch.Tensor, starts: torch.Tensor, count: int) -> torch.Tensor:
+    """Descending singular values ``(n, count)`` of the windows rows[a : a + count], a in starts."""
+    a0, a1 = int(starts.min()), int(starts.max()) + count
+    block = rows[a0:a1].to(torch.float64)
+    gram = block @ block.T
+    idx = (starts - a0)[:, None] + torch.arange(count)
+    sub = gram[idx[:, :, None].to(gram.device), idx[:, None, :].to(gram.device)]
+    eig = torch.linalg.eigvalsh(sub).flip(-1).clamp_min(0.0)
+    sig: torch.Tensor = eig.sqrt().cpu()
+    return sig
+
+
+def multi_window_sed(
+    rows: torch.Tensor,
+    steps: Sequence[int],
+    windows: Sequence[int] = DEFAULT_WINDOWS,
+    **kwargs: object,
+) -> dict[int, list[WindowSED]]:
+    """:func:`rolling_sed` for several window sizes (the lag analysis compares them)."""
+    return {w: rolling_sed(rows, steps, w, **kwargs) for w in windows}  # type: ignore[arg-type]
+
+
+def interval_deltas(
+    theta_rows: torch.Tensor, steps: Sequence[int]
+) -> tuple[torch.Tensor, list[int]]:
+    """Checkpoint-interval displacements from θ sketches ``(N, d)`` (float64) at ``steps``.
+
+    Row i of the result is sketch(θ_{t_i+1}) - sketch(θ_{t_i}) = sketch(θ_{t_i+1} - θ_{t_i}) (the
+    count-sketch is linear), labelled with its end step t_i+1. Differenced in float64.
+    """
+    if theta_rows.ndim != 2 or theta_rows.shape[0] != len(steps):
+        raise ValueError(f"rows {tuple(theta_rows.shape)} do not match {len(steps)} steps")
+    th = theta_rows.to(torch.float64)
+    return th[1:] - th[:-1], [int(s) for s in steps[1:]]
+
+
+def interval_sed(
+    theta_rows: torch.Tensor,
+    steps: Sequence[int],
+    window: int = INTERVAL_WINDOW,
+    *,
+    at: Sequence[int] | None = None,
+    energy: float = 0.95,
+) -> list[WindowSED]:
+    """The paper's SED: uncentred window of the last ``window`` checkpoint displacements.
+
+    A missing checkpoint makes one displacement span two intervals; that window is computed on
+    the displacements present and counts the missing slot (``n_rows < window``).
+    """
+    if len(steps) < 2:
+        return []
+    deltas, ends = interval_deltas(theta_rows, steps)
+    return rolling_sed(deltas, ends, window, at=at, step_interval=_interval(steps), energy=energy)
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Rise / plateau / collapse of a gap series; start steps are ``None`` where absent."""
+
+    rise_start: int | None
+    plateau_start: int | None
+    collapse_start: int | None
+    peak_step: int | None
+    peak_value: float
+
+    def phase_at(self, step: int) -> Phase:
+        """The phase a step falls in."""
+        for start, phase in (
+            (self.collapse_start, Phase.COLLAPSE),
+            (self.plateau_start, Phase.PLATEAU),
+            (self.rise_start, Phase.RISE),
+        ):
+            if start is not None and step >= start:
+                return phase
+        return Phase.UNKNOWN
+
+
+def detect_phases(
+    steps: Sequence[int],
+    values: Sequence[float],
+    *,
+    smooth: int = 5,
+    plateau_frac: float = 0.7,
+    collapse_frac: float = 0.5,
+    min_excess: float = 0.05,
+    rise_tol: float = 0.1,
+) -> Phases:
+    """Segment a gap-ratio series into rise, plateau and collapse (paper §3, "peak" variant).
+
+    Causal: uses only the points given, smoothed by a trailing mean of ``smooth`` points, so a
+    server can re-run it on the series so far. On the excess e = r - 1 (r ≥ 1): peak p = argmax;
+    plateau starts at the first point with e ≥ ``plateau_frac``·e_p; rise starts at the minimum
+    before it; collapse starts at the first point after p with e < ``collapse_frac``·e_p. While
+    the latest point is the peak and e still grew by more than ``rise_tol``·e_p over the last
+    ``smooth`` points, the series is still rising (no plateau yet). No phases if e_p <
+    ``min_excess`` (flat series).
+    """
+    if len(steps) != len(values):
+        raise ValueError(f"{len(steps)} steps but {len(values)} values")
+    none = Phases(None, None, None, None, math.nan)
+    if not values:
+        return none
+    e = np.asarray(values, dtype=np.float64) - 1.0
+    k = max(1, min(smooth, len(e)))
+    csum = np.cumsum(np.insert(e, 0, 0.0))
+    idx = np.arange(len(e))
+    start = np.maximum(idx + 1 - k, 0)
+    s = (csum[idx + 1] - csum[start]) / (idx + 1 - start)
+    p = int(np.argmax(s))
+    ep = float(s[p])
+    if not ep >= min_excess:
+        return none
+    peak = Phases(None, None, None, int(steps[p]), ep + 1.0)
+    above = np.nonzero(s[: p + 1] >= plateau_frac * ep)[0]
+    plateau = int(above[0])
+    rising = p == len(s) - 1 and s[p] - s[max(0, p - k)] > rise_tol * ep
+    rise = int(np.argmin(s[: plateau + 1])) if plateau > 0 else None
+    if rising:
+        first = rise if rise is not None else 0
+        return Phases(int(steps[first]), None, None, peak.peak_step, peak.peak_value)
+    after = np.nonzero(s[p + 1 :] < collapse_frac * ep)[0]
+    collapse = int(after[0]) + p + 1 if len(after) else None
+    return Phases(
+        int(steps[rise]) if rise is not None and rise < plateau else None,
+        int(steps[plateau]),
+        int(steps[collapse]) if collapse is not None else None,
+        peak.peak_step,
+        peak.peak_value,
+    )
+
+
+def lagged_correlation(
+    x_steps: Sequence[int],
+    x: Sequence[float],
+    y_steps: Sequence[int],
+    y: Sequence[float],
+    max_lag: int,
+) -> list[tuple[int, float]]:
+    """Pearson r(x_t, y_{t+l}) for l in -max_lag..max_lag on the steps both series share.
+
+    Lags are in points of the shared step grid; a strong correlation at l > 0 means x leads y by
+    l points (paper §4 lag analysis, gap series vs validation loss). Lags with fewer than 3
+    overlapping points are left out; constant overlaps give nan.
+    """
+    ys = dict(zip(y_steps, y, strict=True))
+    common = [(float(v), float(ys[s])) for s, v in zip(x_steps, x, strict=True) if s in ys]
+    a = np.array([c[0] for c in common])
+    b = np.array([c[1] for c in common])
+    out: list[tuple[int, float]] = []
+    for lag in range(-max_lag, max_lag + 1):
+        xa = a[: len(a) - lag] if lag >= 0 else a[-lag:]
+        yb = b[lag:] if lag >= 0 else b[: len(b) + lag]
+        if len(xa) < 3:
+            continue
+        if xa.std() == 0 or yb.std() == 0:
+            out.append((lag, math.nan))
+        else:
+            out.append((lag, float(np.corrcoef(xa, yb)[0, 1])))
+    return out
+
+
+__all__ = [
+    "DEFAULT_WINDOWS",
+    "EDGE",
+    "GAP_RATIO",
+    "INCOMPLETE",
+    "INTERVAL_PREFIX",
+    "INTERVAL_WINDOW",
+    "MARGIN",
+    "PHASE",
+    "SIGNAL_RANK",
+    "EdgeBatch",
+    "Phase",
+    "Phases",
+    "WindowSED",
+    "assemble_rows",
+    "detect_phases",
+    "interval_deltas",
+    "interval_key",
+    "interval_sed",
+    "lagged_correlation",
+    "multi_window_sed",
+    "rolling_sed",
+    "spectral_edges",
+    "window_singular_values",
+    "windowed_key",
+]

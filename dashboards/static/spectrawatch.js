@@ -1,0 +1,376 @@
+// spectrawatch dashboards: fetch Plotly figures from /api/v1/dashboards/..., render them, keep
+// the page state in the URL, and refresh while the run is live (polling /api/v1/runs/{id}).
+(function () {
+  "use strict";
+
+  var cfg = JSON.parse(document.getElementById("sw-config").textContent);
+  var SW = (window.SW = { cfg: cfg, renders: 0, ready: false, interactiveMs: null, lastData: null, errors: [] });
+  var POLL_LIVE_MS = 2000;
+  var POLL_IDLE_MS = 15000;
+  var STATE_KEYS = { overview: ["sed_layer"], layers: ["metric"], layer: ["step", "metric"], activations: [],
+                     alerts: [], compare: ["runs", "names", "layer"] };
+  var lastSignature = null;
+  var loading = false;
+
+  function $(id) { return document.getElementById(id); }
+  function el(tag, attrs, text) {
+    var node = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    if (text !== undefined && text !== null) { node.textContent = String(text); }
+    return node;
+  }
+  function params() { return new URLSearchParams(window.location.search); }
+  function token() { try { return window.localStorage.getItem("spectrawatch.token"); } catch (e) { return null; } }
+
+  function api(path) {
+    var headers = { Accept: "application/json" };
+    var t = token();
+    if (t) { headers.Authorization = "Bearer " + t; }
+    return fetch(cfg.api + path, { headers: headers }).then(function (r) {
+      if (r.status === 401) { askToken(); throw new Error("this server requires a token"); }
+      if (!r.ok) {
+        return r.text().then(function (body) {
+          var msg = body;
+          try { msg = JSON.parse(body).message || JSON.parse(body).detail || body; } catch (e) { /* plain text */ }
+          var err = new Error(r.status + ": " + (typeof msg === "string" ? msg : JSON.stringify(msg)));
+          err.status = r.status;
+          throw err;
+        });
+      }
+      return r.json();
+    });
+  }
+
+  function askToken() {
+    var banner = $("banner");
+    if (banner.dataset.token) { return; }
+    banner.dataset.token = "1";
+    banner.hidden = false;
+    banner.className = "banner";
+    banner.textContent = "This server requires an API token: ";
+    var input = el("input", { type: "password", size: "40", placeholder: "sw_…", id: "token-input" });
+    var save = el("button", { type: "button" }, "use token");
+    save.addEventListener("click", function () {
+      try { window.localStorage.setItem("spectrawatch.token", input.value.trim()); } catch (e) { /* private mode */ }
+      window.location.reload();
+    });
+    banner.appendChild(input);
+    banner.appendChild(save);
+  }
+
+  function showError(message) {
+    var banner = $("banner");
+    banner.hidden = false;
+    banner.className = "banner error";
+    banner.textContent = message;
+  }
+
+  function clearError() {
+    var banner = $("banner");
+    if (!banner.dataset.token) { banner.hidden = true; }
+  }
+
+  function plotWidth() {
+    return Math.max(300, Math.min(4000, Math.round(window.innerWidth || 1200)));
+  }
+
+  function endpoint() {
+    var p = params();
+    var q = new URLSearchParams();
+    (STATE_KEYS[cfg.page] || []).forEach(function (k) { if (p.get(k)) { q.set(k, p.get(k)); } });
+    var path;
+    if (cfg.page === "compare") {
+      path = "/dashboards/compare";
+    } else if (cfg.page === "layer") {
+      path = "/dashboards/runs/" + cfg.runId + "/layer";
+      q.set("layer", cfg.layer);
+    } else {
+      path = "/dashboards/runs/" + cfg.runId + "/" + cfg.page;
+    }
+    if (cfg.page !== "layers" && cfg.page !== "alerts") { q.set("max_points", String(plotWidth())); }
+    return path + "?" + q.toString();
+  }
+
+  // --- downloads ----------------------------------------------------------------------------
+  function csvCell(v) {
+    if (v === null || v === undefined) { return ""; }
+    var s = String(v);
+    return /[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+  }
+
+  function figureCsv(gd) {
+    var lines = [];
+    (gd.data || []).forEach(function (t) {
+      if (t.type === "heatmap") {
+        if (!lines.length) { lines.push("layer,step,value"); }
+        (t.y || []).forEach(function (layer, i) {
+          (t.x || []).forEach(function (step, j) { lines.push([layer, step, t.z[i][j]].map(csvCell).join(",")); });
+        });
+      } else {
+        if (!lines.length) { lines.push("series,x,y"); }
+        (t.x || []).forEach(function (x, i) {
+          if (x === null || x === undefined) { return; }
+          lines.push([t.name, x, t.y[i]].map(csvCell).join(","));
+        });
+      }
+    });
+    return lines.join("\n") + "\n";
+  }
+
+  function download(name, text) {
+    var blob = new Blob([text], { type: "text/csv" });
+    var a = el("a", { href: URL.createObjectURL(blob), download: name });
+    document.body.appendChild(a);
+    a.click();
+    window.setTimeout(function () { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
+  }
+  SW.figureCsv = figureCsv;
+
+  var CSV_ICON = { width: 1000, height: 1000, path: "M100 100h800v800h-800z M200 300h600v60h-600z M200 470h600v60h-600z M200 640h600v60h-600z" };
+
+  function plotConfig(panel) {
+    var base = "spectrawatch-" + (cfg.runId || "compare") + "-" + (panel.csv_name || panel.id);
+    return {
+      responsive: true,
+      displaylogo: false,
+      toImageButtonOptions: { format: "png", filename: base, scale: 2 },
+      modeBarButtonsToAdd: [{
+        name: "downloadCsv", title: "Download data as CSV", icon: CSV_ICON,
+        click: function (gd) { download(base + ".csv", figureCsv(gd)); }
+      }]
+    };
+  }
+
+  // --- rendering ------------------------------------------------------------------------------
+  function renderMeta(data) {
+    var meta = $("run-meta");
+    meta.textContent = "";
+    var runs = data.runs || (data.run ? [data.run] : []);
+    runs.forEach(function (run, i) {
+      if (i) { meta.appendChild(document.createTextNode(" · ")); }
+      var a = el("a", { href: "/runs/" + run.id }, run.project + " / " + run.name + " (#" + run.id + ")");
+      meta.appendChild(a);
+      meta.appendChild(document.createTextNode(" "));
+      meta.appendChild(el("span", { "class": "badge " + run.status }, run.status));
+      var frames = run.frames || {};
+      var pending = (frames.pending || 0) + (frames.running || 0);
+      meta.appendChild(document.createTextNode(
+        " last step " + (run.last_step === null ? "—" : run.last_step) +
+        " · frames analysed " + (frames.done || 0) + (pending ? " (" + pending + " queued)" : "") +
+        (frames.failed ? " · " + frames.failed + " failed" : "")));
+    });
+    if (data.run) {
+      $("run-title").textContent = data.run.name + " (#" + data.run.id + ")";
+      document.title = data.page.title + " · " + data.run.name + " · spectrawatch";
+      var cmp = $("compare-link");
+      if (cmp) { cmp.href = "/compare?runs=" + data.run.id; }
+    }
+    var summary = $("summary");
+    summary.textContent = "";
+    var s = data.summary;
+    if (s) {
+      var parts = [];
+      if (s.early_warning_step !== null) { parts.push(["early warning at step ", s.early_warning_step]); }
+      if (s.val_acc_crossing_step !== null) { parts.push([s.val_acc_name + " ≥ 0.9 at step ", s.val_acc_crossing_step]); }
+      if (s.lead_steps !== null) { parts.push(["lead time ", s.lead_steps + " steps"]); }
+      if (s.open_alerts) { parts.push(["open alerts ", s.open_alerts]); }
+      parts.forEach(function (pair, i) {
+        if (i) { summary.appendChild(document.createTextNode(" · ")); }
+        summary.appendChild(document.createTextNode(pair[0]));
+        summary.appendChild(el("b", {}, pair[1]));
+      });
+    }
+  }
+
+  function renderControls(data) {
+    var form = $("controls");
+    var controls = data.controls || {};
+    var key = JSON.stringify(controls);
+    if (form.dataset.key === key) { return; }
+    form.dataset.key = key;
+    form.textContent = "";
+    Object.keys(controls).forEach(function (name) {
+      var c = controls[name];
+      var label = el("label", {}, c.label + " ");
+      var select = el("select", { name: name, id: "control-" + name });
+      if (c.multiple) { select.multiple = true; }
+      var values = Array.isArray(c.value) ? c.value : [c.value];
+      c.options.forEach(function (opt) {
+        var o = el("option", { value: opt }, opt);
+        if (values.indexOf(opt) >= 0) { o.selected = true; }
+        select.appendChild(o);
+      });
+      select.addEventListener("change", function () {
+        var chosen = Array.prototype.filter.call(select.options, function (o) { return o.selected; })
+          .map(function (o) { return o.value; });
+        var p = params();
+        p.set(name, chosen.join(","));
+        if (name === "metric" && cfg.page === "layer") { p.delete("step"); }
+        window.history.replaceState(null, "", window.location.pathname + "?" + p.toString());
+        load();
+      });
+      label.appendChild(select);
+      form.appendChild(label);
+    });
+    if (cfg.page === "layer" && data.links && data.links.heatmap_metric) {
+      form.appendChild(el("a", { href: "/runs/" + cfg.runId + "/layers?metric=" + encodeURIComponent(data.links.heatmap_metric) },
+        "← back to the layer heatmap"));
+    }
+  }
+
+  function bindClick(gd, panel) {
+    if (!panel.click || gd.dataset.clickBound) { return; }
+    gd.dataset.clickBound = "1";
+    gd.on("plotly_click", function (ev) {
+      var p = ev.points && ev.points[0];
+      if (!p) { return; }
+      var metric = gd.dataset.metric;
+      window.location.href = "/runs/" + cfg.runId + "/layers/" + encodeURIComponent(p.y) +
+        "?metric=" + encodeURIComponent(metric) + "&step=" + encodeURIComponent(p.x);
+    });
+  }
+
+  function renderPanels(data) {
+    var box = $("panels");
+    box.removeAttribute("aria-busy");
+    var loadingNode = box.querySelector(".loading");
+    if (loadingNode) { loadingNode.remove(); }
+    box.classList.toggle("two", cfg.page === "overview" || cfg.page === "activations" || cfg.page === "layer");
+    var keep = {};
+    var jobs = [];
+    (data.panels || []).forEach(function (panel, index) {
+      var id = "panel-" + panel.id.replace(/[^A-Za-z0-9_-]/g, "_");
+      keep[id] = true;
+      var node = $(id);
+      if (!node) {
+        node = el("section", { id: id, "class": "panel" });
+        node.appendChild(el("div", { "class": "help" }));
+        node.appendChild(el("div", { "class": "plot" }));
+        node.appendChild(el("div", { "class": "empty" }));
+      }
+      if (box.children[index] !== node) { box.insertBefore(node, box.children[index] || null); }
+      var isHeatmap = panel.figure && panel.figure.data.length && panel.figure.data[0].type === "heatmap";
+      node.classList.toggle("heatmap", !!isHeatmap);
+      node.dataset.panel = panel.id;
+      node.querySelector(".help").textContent = panel.help || "";
+      var plot = node.querySelector(".plot");
+      var empty = node.querySelector(".empty");
+      if (panel.figure) {
+        empty.hidden = true;
+        plot.hidden = false;
+        if (panel.click) { plot.dataset.metric = panel.click.metric; }
+        jobs.push(Plotly.react(plot, panel.figure.data, panel.figure.layout, plotConfig(panel)).then(function (gd) {
+          bindClick(gd, panel);
+          return gd;
+        }));
+        node.dataset.state = "plot";
+      } else {
+        if (plot.dataset.plotted) { Plotly.purge(plot); }
+        plot.hidden = true;
+        empty.hidden = false;
+        empty.textContent = "";
+        empty.appendChild(el("b", {}, panel.title));
+        empty.appendChild(el("br"));
+        empty.appendChild(document.createTextNode(panel.empty));
+        node.dataset.state = "empty";
+      }
+      plot.dataset.plotted = panel.figure ? "1" : "";
+    });
+    Array.prototype.slice.call(box.children).forEach(function (child) {
+      if (!keep[child.id]) {
+        var plot = child.querySelector(".plot");
+        if (plot && plot.dataset.plotted) { Plotly.purge(plot); }
+        child.remove();
+      }
+    });
+    return Promise.all(jobs);
+  }
+
+  function renderTables(data) {
+    var box = $("tables");
+    box.className = "tables";
+    box.textContent = "";
+    (data.tables || []).forEach(function (t) {
+      var section = el("section", { id: "table-" + t.id });
+      section.appendChild(el("h2", {}, t.title));
+      if (!t.rows.length) {
+        section.appendChild(el("div", { "class": "empty" }, t.empty));
+      } else {
+        var table = el("table", { "data-rows": String(t.rows.length) });
+        var head = el("tr");
+        t.columns.forEach(function (c) { head.appendChild(el("th", {}, c)); });
+        table.appendChild(el("thead")).appendChild(head);
+        var body = el("tbody");
+        t.rows.forEach(function (row) {
+          var tr = el("tr");
+          row.forEach(function (v) { tr.appendChild(el("td", {}, v === null ? "—" : v)); });
+          body.appendChild(tr);
+        });
+        table.appendChild(body);
+        section.appendChild(table);
+      }
+      box.appendChild(section);
+    });
+  }
+
+  function load() {
+    if (loading) { return Promise.resolve(); }
+    loading = true;
+    return api(endpoint()).then(function (data) {
+      SW.lastData = data;
+      clearError();
+      renderMeta(data);
+      renderControls(data);
+      renderTables(data);
+      return renderPanels(data).then(function () {
+        SW.renders += 1;
+        document.body.dataset.renders = String(SW.renders);
+        if (!SW.ready) {
+          SW.ready = true;
+          SW.interactiveMs = window.performance.now();
+          document.body.dataset.ready = "1";
+        }
+        if (data.run) { lastSignature = signature(data.run); }
+        liveBadge(data.runs || [data.run]);
+      });
+    }).catch(function (err) {
+      SW.errors.push(String(err.message || err));
+      showError("Could not load this page: " + (err.message || err));
+      if (!SW.ready) { $("panels").textContent = ""; document.body.dataset.ready = "error"; }
+    }).then(function () { loading = false; });
+  }
+
+  function signature(run) {
+    return [run.status, run.last_step, JSON.stringify(run.frames), run.updated_at, run.last_seen_at].join("|");
+  }
+
+  function isLive(runs) { return runs.some(function (r) { return r && r.status === "running"; }); }
+
+  function liveBadge(runs) {
+    var badge = $("live");
+    badge.hidden = false;
+    var live = isLive(runs);
+    badge.classList.toggle("on", live);
+    badge.textContent = (live ? "live · " : "") + "updated " + new Date().toLocaleTimeString();
+  }
+
+  function poll() {
+    var data = SW.lastData;
+    var runs = data ? (data.runs || [data.run]) : [];
+    var delay = isLive(runs) ? POLL_LIVE_MS : POLL_IDLE_MS;
+    window.setTimeout(function () {
+      if (document.hidden || !data) { poll(); return; }
+      var check;
+      if (cfg.page === "compare") {
+        check = Promise.resolve(true);
+      } else {
+        check = api("/runs/" + cfg.runId).then(function (run) { return signature(run) !== lastSignature; });
+      }
+      check.then(function (changed) { return changed ? load() : null; })
+        .catch(function (err) { console.warn("spectrawatch: refresh failed:", err.message || err); })
+        .then(poll);
+    }, delay);
+  }
+
+  load().then(poll);
+})();

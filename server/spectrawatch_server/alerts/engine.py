@@ -1,0 +1,250 @@
+"""Evaluate a project's alert rules for a run right after a frame's results are stored.
+
+Runs inside the worker's results transaction (a :data:`spectrawatch_server.worker.ResultHook`):
+the alert rows and their outbox deliveries commit atomically with the metrics that caused them,
+and a redelivered job re-evaluates to the same state (an open episode is never opened twice).
+Episodes are keyed by (rule, run, layer); ``layer`` is ``""`` for run-level rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from spectrawatch_server.alerts import rules as R
+from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.db.base import utcnow
+from spectrawatch_server.db.models import Alert, Frame, Project, Run
+from spectrawatch_server.storage import alert_store
+from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.webhooks import outbox
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = timedelta(hours=72)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+class AlertEngine:
+    """Rule evaluation bound to the links and delivery expiry of one server."""
+
+    def __init__(self, base_url: str = "", ttl: timedelta = DEFAULT_TTL) -> None:
+        self.base_url = base_url
+        self.ttl = ttl
+
+    # --- the worker hook -------------------------------------------------------------------
+
+    def evaluate(self, session: Session, frame: Frame) -> None:
+        """Open/resolve episodes of every enabled rule of the frame's project for its run."""
+        run = session.get_one(Run, frame.run_id)
+        project = session.get_one(Project, run.project_id)
+        specs = R.effective_rules(alert_store.stored_rules(session, project.id))
+        open_now = alert_store.open_alerts(session, run.id)
+        metrics = alert_store.frame_metrics(session, frame.id)
+        for rule in specs:
+            if not rule.enabled:
+                continue
+            if rule.kind in R.METRIC_KINDS:
+                self._metric_rule(session, rule, run, project, metrics, open_now)
+            elif rule.kind == "nonfinite":
+                self._nonfinite_rule(session, rule, run, project, frame, open_now)
+            elif rule.kind == "client_drops":
+                stats = run.client_stats or {}
+                dropped = int(stats.get("dropped_frames", 0) or 0)
+                overflow = int(stats.get("spool_overflow", 0) or 0)
+                state = R.drops_state(rule, dropped, overflow)
+                values: dict[str, Any] = {"dropped_frames": dropped, "spool_overflow": overflow}
+                self._apply(session, rule, run, project, "", frame.step, state, values, open_now)
+            elif rule.kind == "silence":
+                quiet: dict[str, Any] = {"silent_minutes": 0.0}
+                self._apply(session, rule, run, project, "", frame.step, "clear", quiet, open_now)
+
+    def _metric_rule(
+        self,
+        session: Session,
+        rule: R.RuleSpec,
+        run: Run,
+        project: Project,
+        metrics: list[tuple[str, str, float | None]],
+        open_now: dict[tuple[str, str], Alert],
+    ) -> None:
+        names_by_layer: dict[str, set[str]] = {}
+        for layer, name, _ in metrics:
+            if rule.matches_metric(name) and rule.covers(layer):
+                names_by_layer.setdefault(layer, set()).add(name)
+        for layer, names in sorted(names_by_layer.items()):
+            is_open = (rule.name, layer) in open_now
+            decisions: list[tuple[R.Transition, str, list[tuple[int, float]]]] = []
+            for name in sorted(names):
+                tail = repo.metric_tail(session, run.id, name, layer, rule.history_needed)
+                if not tail:
+                    continue
+                transition = R.decide_series(rule, is_open, [v for _, v in tail])
+                decisions.append((transition, name, tail))
+            if not decisions:
+                continue
+            if not is_open:
+                fired = [d for d in decisions if d[0] is R.Transition.OPEN]
+                if fired:
+                    _, name, tail = fired[0]
+                    self._open(
+                        session,
+                        rule,
+                        run,
+                        project,
+                        layer,
+                        tail[-1][0],
+                        self._metric_values(rule, name, tail),
+                    )
+            elif all(d[0] is R.Transition.RESOLVE for d in decisions):
+                step = max(d[2][-1][0] for d in decisions)
+                self._resolve(session, open_now[(rule.name, layer)], run, project, step)
+
+    @staticmethod
+    def _metric_values(
+        rule: R.RuleSpec, name: str, tail: list[tuple[int, float]]
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = {"metric": name, "value": _finite(tail[-1][1])}
+        if rule.kind == "growth":
+            ratio = R.growth_ratio(rule, [v for _, v in tail])
+            values["ratio"] = _finite(ratio)
+            values["baseline"] = _finite(tail[-1][1] / ratio) if ratio else None
+            values["window"] = rule.window
+        else:
+            values["below"] = rule.below
+            values["above"] = rule.above
+        return values
+
+    def _nonfinite_rule(
+        self,
+        session: Session,
+        rule: R.RuleSpec,
+        run: Run,
+        project: Project,
+        frame: Frame,
+        open_now: dict[tuple[str, str], Alert],
+    ) -> None:
+        counts = frame.nonfinite or {}
+        for layer in sorted(set(frame.layers or []) | set(counts)):
+            if not rule.covers(layer):
+                continue
+            count = int(counts.get(layer, 0))
+            state: R.PointState = "fire" if count else "clear"
+            values = {"count": count, "kind": frame.kind, "frame_id": frame.id}
+            self._apply(session, rule, run, project, layer, frame.step, state, values, open_now)
+
+    def _apply(
+        self,
+        session: Session,
+        rule: R.RuleSpec,
+        run: Run,
+        project: Project,
+        layer: str,
+        step: int,
+        state: R.PointState,
+        values: dict[str, Any],
+        open_now: dict[tuple[str, str], Alert],
+    ) -> None:
+        """A single-point decision (persistence counts do not apply to per-frame states)."""
+        single = R.RuleSpec(rule.name, rule.kind)
+        alert = open_now.get((rule.name, layer))
+        transition = R.decide(single, alert is not None, [state])
+        if transition is R.Transition.OPEN:
+            open_now[(rule.name, layer)] = self._open(
+                session, rule, run, project, layer, step, values
+            )
+        elif transition is R.Transition.RESOLVE and alert is not None:
+            self._resolve(session, alert, run, project, step)
+            del open_now[(rule.name, layer)]
+
+    # --- transitions -----------------------------------------------------------------------
+
+    def _open(
+        self,
+        session: Session,
+        rule: R.RuleSpec,
+        run: Run,
+        project: Project,
+        layer: str,
+        step: int,
+        values: dict[str, Any],
+    ) -> Alert:
+        alert = alert_store.insert_alert(
+            session,
+            Alert(
+                run_id=run.id,
+                rule=rule.name,
+                layer=layer,
+                severity=rule.severity,
+                status="open",
+                step=step,
+                message=R.describe(rule, layer, values),
+                values=values,
+            ),
+        )
+        log.info("alert %d opened: %s", alert.id, alert.message)
+        outbox.enqueue_alert_event(
+            session, outbox.ALERT_OPENED, alert, run, project, self.base_url, self.ttl
+        )
+        return alert
+
+    def _resolve(
+        self, session: Session, alert: Alert, run: Run, project: Project, step: int | None
+    ) -> None:
+        alert_store.resolve_alert(session, alert, step)
+        outbox.enqueue_alert_event(
+            session, outbox.ALERT_RESOLVED, alert, run, project, self.base_url, self.ttl
+        )
+
+    # --- periodic: runs gone silent --------------------------------------------------------
+
+    def sweep_silent(self, session: Session) -> int:
+        """Open ``silence`` episodes for running runs that went quiet; resolve revived ones.
+
+        Called periodically (not per frame: a silent run sends no frames). Returns the number
+        of transitions.
+        """
+        now = utcnow()
+        changes = 0
+        candidates = {r.id: r for r in alert_store.silent_runs(session, now - timedelta(minutes=1))}
+        for alert in alert_store.open_alerts_of_rule(session, "run_silent"):
+            run = session.get(Run, alert.run_id)
+            if run is not None:
+                candidates.setdefault(run.id, run)
+        rules_by_project: dict[int, list[R.RuleSpec]] = {}
+        for run in candidates.values():
+            if run.project_id not in rules_by_project:
+                stored = alert_store.stored_rules(session, run.project_id)
+                rules_by_project[run.project_id] = [
+                    r for r in R.effective_rules(stored) if r.enabled and r.kind == "silence"
+                ]
+            project = session.get_one(Project, run.project_id)
+            open_now = alert_store.open_alerts(session, run.id)
+            seen = run.last_seen_at or run.created_at
+            minutes = (now - seen).total_seconds() / 60.0
+            for rule in rules_by_project[run.project_id]:
+                before = len(open_now), (rule.name, "") in open_now
+                state = R.silence_state(rule, minutes, run.status == "running")
+                values = {"silent_minutes": round(minutes, 1), "last_seen_at": seen.isoformat()}
+                self._apply(
+                    session, rule, run, project, "", run.last_step or 0, state, values, open_now
+                )
+                changes += int(before != (len(open_now), (rule.name, "") in open_now))
+        return changes
+
+
+def evaluate(session: Session, frame: Frame) -> None:
+    """:class:`AlertEngine` with relative dashboard links (the app binds its own base URL)."""
+    AlertEngine().evaluate(session, frame)
+
+
+def engine_for(settings: ServerSettings) -> AlertEngine:
+    """The engine with the server's public base URL and delivery expiry."""
+    return AlertEngine(settings.base_url, timedelta(hours=settings.webhook_event_ttl_hours))

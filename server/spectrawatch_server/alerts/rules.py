@@ -1,0 +1,516 @@
+"""Alert rules: a table of specs and pure decisions over metric values and episode state.
+
+A rule watches one signal per (run, layer) and opens an *episode* (one ``alert`` row) when the
+signal breaches, resolving it when the signal clears (DESIGN §7). Flapping is damped two ways:
+
+- *hysteresis*: the clear condition is stricter than the fire condition (a threshold rule with
+  ``above=6, hysteresis=0.1`` fires above 6 and clears only at or below 5.9; values in between
+  keep the current state);
+- *persistence*: ``fire_after`` / ``clear_after`` consecutive points must agree before a
+  transition.
+
+Everything here is a pure function of the values handed in (the latest metric points of a
+series, oldest first, and whether an episode is open): the engine reads them from SQL, so a
+restart or a redelivered job reaches the same decision. Rules are data (:class:`RuleSpec`); a
+metric no analysis produces simply never fires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+from typing import Any, Literal
+
+from spectrawatch_server.analyses.registry import MODEL_LAYER
+
+RuleKind = Literal["threshold", "growth", "nonfinite", "client_drops", "silence"]
+RULE_KINDS: tuple[RuleKind, ...] = ("threshold", "growth", "nonfinite", "client_drops", "silence")
+SEVERITIES = ("info", "warning", "critical")
+METRIC_KINDS = ("threshold", "growth")
+
+PointState = Literal["fire", "clear", "hold"]
+RULE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class Transition(str, Enum):
+    """What the latest observation does to the episode of one (rule, run, layer)."""
+
+    NONE = "none"
+    OPEN = "open"
+    RESOLVE = "resolve"
+
+
+class RuleError(ValueError):
+    """A rule definition that cannot be used; ``field`` names the offending parameter."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """One rule. Which fields matter depends on ``kind``:
+
+    - ``threshold``: ``metric``; fires when value < ``below`` or > ``above``; clears when
+      ``below + hysteresis <= value <= above - hysteresis`` (metric units).
+    - ``growth``: ``metric``; fires when value / min(previous ``window`` positive values)
+      >= ``factor``; clears when that ratio < ``factor * (1 - hysteresis)``.
+    - ``nonfinite``: fires when a frame carries NaN/Inf in a layer; clears on a finite frame.
+    - ``client_drops``: fires when the client's dropped + spool-overflow count > ``above``.
+    - ``silence``: fires when a running run sent nothing for ``minutes``.
+
+    ``layers`` is a glob on layer names; ``include_model`` says whether the whole-model series
+    (layer ``__model__``, e.g. the mean alpha over layers) is watched too.
+    ``expires_with_run``: deliveries of this rule's events are dropped once the run ended.
+    """
+
+    name: str
+    kind: RuleKind
+    metric: str | None = None
+    below: float | None = None
+    above: float | None = None
+    factor: float | None = None
+    window: int = 10
+    hysteresis: float = 0.0
+    fire_after: int = 1
+    clear_after: int = 1
+    minutes: float | None = None
+    layers: str = "*"
+    include_model: bool = True
+    severity: str = "warning"
+    expires_with_run: bool = False
+    enabled: bool = True
+    description: str = ""
+
+    @property
+    def history_needed(self) -> int:
+        """Points of the series the decision reads (the latest one included)."""
+        extra = self.window if self.kind == "growth" else 0
+        return extra + max(self.fire_after, self.clear_after)
+
+    def params(self) -> dict[str, Any]:
+        """The editable parameters, as stored in ``alert_rule.params`` and shown by the API."""
+        out = dataclasses.asdict(self)
+        for key in ("name", "enabled", "description"):
+            out.pop(key)
+        return out
+
+    def covers(self, layer: str) -> bool:
+        if layer == MODEL_LAYER:
+            return self.include_model
+        return fnmatch.fnmatchcase(layer, self.layers)
+
+    def matches_metric(self, name: str) -> bool:
+        """``name`` is this rule's metric or a windowed variant of it (``sed.phase.w32``)."""
+        return self.metric is not None and (
+            name == self.metric
+            or re.fullmatch(re.escape(self.metric) + r"\.w\d+", name) is not None
+        )
+
+
+def _key(module: str, constant: str, fallback: str) -> str:
+    """A metric key from the spectral module that defines it, or its documented dotted name."""
+    try:
+        value = getattr(importlib.import_module(f"spectrawatch.spectral.{module}"), constant)
+    except (ImportError, AttributeError):
+        return fallback
+    return value if isinstance(value, str) else fallback
+
+
+@lru_cache(maxsize=1)
+def default_rules() -> tuple[RuleSpec, ...]:
+    """The rules every project has, on by default (DESIGN §7, issue 8)."""
+    alpha = _key("htsr", "ALPHA", "htsr.alpha")
+    farms_prefix = _key("htsr", "FARMS_PREFIX", "farms.")
+    collapse = 3  # spectrawatch.spectral.sed.Phase.COLLAPSE
+    return (
+        RuleSpec(
+            "grokking_imminent",
+            "threshold",
+            metric=_key("grokking", "IMMINENT", "grok.imminent"),
+            above=0.5,
+            expires_with_run=True,
+            severity="info",
+            description="the grokking early-warning detector fired (SED, defect, norm, rank)",
+        ),
+        RuleSpec(
+            "alpha_out_of_range",
+            "threshold",
+            metric=alpha,
+            below=2.0,
+            above=6.0,
+            hysteresis=0.1,
+            include_model=False,
+            description="HT-SR alpha < 2 (over-fit layer) or > 6 (under-trained layer)",
+        ),
+        RuleSpec(
+            "farms_alpha_out_of_range",
+            "threshold",
+            metric=farms_prefix + alpha.split(".", 1)[1],
+            below=2.0,
+            above=6.0,
+            hysteresis=0.1,
+            include_model=False,
+            description="FARMS alpha < 2 or > 6 (aspect-ratio-corrected heavy-tail exponent)",
+        ),
+        RuleSpec(
+            "spectral_norm_blowup",
+            "growth",
+            metric=_key("norms", "SPECTRAL_NORM", "norm.spectral"),
+            factor=10.0,
+            window=10,
+            hysteresis=0.5,
+            severity="critical",
+            description="spectral norm grew by factor x over the previous window of frames",
+        ),
+        RuleSpec(
+            "nonfinite",
+            "nonfinite",
+            severity="critical",
+            description="NaN/Inf values in an update, weight or activation frame",
+        ),
+        RuleSpec(
+            "gap_collapse",
+            "threshold",
+            metric=_key("sed", "PHASE", "sed.phase"),
+            above=collapse - 0.5,
+            description="the SED gap series entered its collapse phase (sed.phase = 3)",
+        ),
+        RuleSpec(
+            "activation_change",
+            "threshold",
+            metric=_key("activations", "CHANGE_SCORE", "eigentrack.change_score"),
+            above=6.0,
+            hysteresis=2.0,
+            description="activation-spectrum change score (EigenTrack z-score) above threshold",
+        ),
+        RuleSpec(
+            "client_drops",
+            "client_drops",
+            above=0.0,
+            description="the client dropped frames or overflowed its spool",
+        ),
+        RuleSpec(
+            "run_silent",
+            "silence",
+            minutes=30.0,
+            description="a running run sent nothing for longer than `minutes`",
+        ),
+    )
+
+
+# --- metric names ------------------------------------------------------------------------
+
+_SPECTRAL_MODULES = (
+    "norms",
+    "htsr",
+    "farms",
+    "sed",
+    "grokking",
+    "activations",
+    "polar",
+    "conditioning",
+    "manifold",
+)
+_DOTTED = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+
+
+@lru_cache(maxsize=1)
+def known_metrics() -> frozenset[str]:
+    """Every dotted metric key defined as a constant in ``spectrawatch.spectral`` modules."""
+    keys: set[str] = set()
+    for name in _SPECTRAL_MODULES:
+        try:
+            module = importlib.import_module(f"spectrawatch.spectral.{name}")
+        except ImportError:
+            continue
+        for attr, value in vars(module).items():
+            if attr.isupper() and isinstance(value, str) and _DOTTED.match(value):
+                keys.add(value)
+    for rule in default_rules():
+        if rule.metric is not None:
+            keys.add(rule.metric)
+    return frozenset(keys)
+
+
+def is_known_metric(name: str) -> bool:
+    """A defined key, its FARMS twin (``farms.alpha``), windowed (``.w32``) or interval variant."""
+    known = known_metrics()
+    base = re.sub(r"\.w\d+$", "", name)
+    if base.startswith("sed.interval."):
+        base = "sed." + base.removeprefix("sed.interval.")
+    if base in known:
+        return True
+    return base.startswith("farms.") and "htsr." + base.removeprefix("farms.") in known
+
+
+# --- building specs from stored parameters --------------------------------------------------
+
+
+def _number(params: Mapping[str, Any], key: str, *, positive: bool = False) -> float | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RuleError(key, f"must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise RuleError(key, f"must be > 0, got {value!r}")
+    return float(value)
+
+
+def _count(params: Mapping[str, Any], key: str, default: int, upper: int) -> int:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise RuleError(key, f"must be an integer in 1..{upper}, got {value!r}")
+    return value
+
+
+def build_rule(
+    name: str, params: Mapping[str, Any], *, enabled: bool = True, base: RuleSpec | None = None
+) -> RuleSpec:
+    """A validated spec: ``base`` (a default rule) overridden by ``params``, or a custom rule.
+
+    Raises :class:`RuleError` naming the parameter for unknown keys, bad numbers, an unknown
+    metric, a threshold rule without a bound, or a kind that differs from the default's.
+    """
+    if not RULE_NAME.match(name):
+        raise RuleError("rule", f"rule names are lower_snake_case (<= 64 chars), got {name!r}")
+    allowed = set(RuleSpec("x", "threshold").params())
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise RuleError(unknown[0], f"unknown rule parameter; known: {', '.join(sorted(allowed))}")
+    merged: dict[str, Any] = base.params() if base is not None else {}
+    merged.update(params)
+    kind = merged.get("kind")
+    if kind not in RULE_KINDS:
+        raise RuleError("kind", f"must be one of {', '.join(RULE_KINDS)}, got {kind!r}")
+    if base is not None and kind != base.kind:
+        raise RuleError(
+            "kind", f"rule {name!r} is of kind {base.kind!r}; create a new rule instead"
+        )
+    metric = merged.get("metric")
+    if kind in METRIC_KINDS:
+        if not isinstance(metric, str) or not metric:
+            raise RuleError("metric", f"a {kind} rule needs a metric name")
+        if not is_known_metric(metric):
+            raise RuleError("metric", f"unknown metric {metric!r}")
+    severity = merged.get("severity", "warning")
+    if severity not in SEVERITIES:
+        raise RuleError("severity", f"must be one of {', '.join(SEVERITIES)}, got {severity!r}")
+    layers = merged.get("layers", "*")
+    if not isinstance(layers, str) or not layers:
+        raise RuleError("layers", "must be a non-empty glob pattern")
+    below = _number(merged, "below")
+    above = _number(merged, "above")
+    hysteresis = _number(merged, "hysteresis") or 0.0
+    if hysteresis < 0:
+        raise RuleError("hysteresis", f"must be >= 0, got {hysteresis}")
+    factor = _number(merged, "factor", positive=True)
+    minutes = _number(merged, "minutes", positive=True)
+    if kind == "threshold":
+        if below is None and above is None:
+            raise RuleError("above", "a threshold rule needs `below`, `above` or both")
+        if below is not None and above is not None and below + hysteresis > above - hysteresis:
+            raise RuleError("below", "`below` + hysteresis must not exceed `above` - hysteresis")
+    if kind == "growth":
+        if factor is None or factor <= 1:
+            raise RuleError("factor", f"a growth rule needs factor > 1, got {factor}")
+        if hysteresis >= 1:
+            raise RuleError("hysteresis", "for a growth rule it is a fraction of factor, < 1")
+    if kind == "client_drops" and (above is None or above < 0):
+        raise RuleError("above", "client_drops needs above >= 0")
+    if kind == "silence" and minutes is None:
+        raise RuleError("minutes", "a silence rule needs minutes > 0")
+    expires = merged.get("expires_with_run", False)
+    include_model = merged.get("include_model", True)
+    for key, flag in (("expires_with_run", expires), ("include_model", include_model)):
+        if not isinstance(flag, bool):
+            raise RuleError(key, "must be true or false")
+    return RuleSpec(
+        name=name,
+        kind=kind,
+        metric=metric if kind in METRIC_KINDS else None,
+        below=below,
+        above=above,
+        factor=factor,
+        window=_count(merged, "window", 10, 1000),
+        hysteresis=hysteresis,
+        fire_after=_count(merged, "fire_after", 1, 1000),
+        clear_after=_count(merged, "clear_after", 1, 1000),
+        minutes=minutes,
+        layers=layers,
+        include_model=include_model,
+        severity=severity,
+        expires_with_run=expires,
+        enabled=enabled,
+        description=base.description if base is not None else f"custom {kind} rule",
+    )
+
+
+def effective_rules(stored: Mapping[str, tuple[bool, Mapping[str, Any]]]) -> list[RuleSpec]:
+    """Defaults overridden by a project's stored ``{rule: (enabled, params)}``, plus custom rules.
+
+    A stored row that no longer validates (e.g. a metric renamed) disables that rule rather than
+    breaking evaluation of the others.
+    """
+    defaults = {r.name: r for r in default_rules()}
+    out: list[RuleSpec] = []
+    for name, rule in defaults.items():
+        if name in stored:
+            enabled, params = stored[name]
+            try:
+                rule = build_rule(name, params, enabled=enabled, base=rule)
+            except RuleError:
+                rule = dataclasses.replace(rule, enabled=False)
+        out.append(rule)
+    for name in sorted(set(stored) - set(defaults)):
+        enabled, params = stored[name]
+        try:
+            out.append(build_rule(name, params, enabled=enabled))
+        except RuleError:
+            continue
+    return out
+
+
+# --- decisions ------------------------------------------------------------------------------
+
+
+def point_states(rule: RuleSpec, values: Sequence[float]) -> list[PointState]:
+    """State of each point of a series (oldest first) under a threshold or growth rule.
+
+    Growth points with fewer than one earlier point, or no positive earlier value, are ``hold``.
+    """
+    states: list[PointState] = []
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            states.append("hold")
+        elif rule.kind == "threshold":
+            states.append(_threshold_state(rule, v))
+        elif rule.kind == "growth":
+            earlier = [x for x in values[max(0, i - rule.window) : i] if math.isfinite(x) and x > 0]
+            states.append(_growth_state(rule, v, min(earlier)) if earlier else "hold")
+        else:
+            raise ValueError(f"rule kind {rule.kind!r} has no metric series")
+    return states
+
+
+def _threshold_state(rule: RuleSpec, v: float) -> PointState:
+    low, high, h = rule.below, rule.above, rule.hysteresis
+    if (low is not None and v < low) or (high is not None and v > high):
+        return "fire"
+    if (low is None or v >= low + h) and (high is None or v <= high - h):
+        return "clear"
+    return "hold"
+
+
+def _growth_state(rule: RuleSpec, v: float, baseline: float) -> PointState:
+    assert rule.factor is not None
+    ratio = v / baseline
+    if ratio >= rule.factor:
+        return "fire"
+    if ratio < rule.factor * (1.0 - rule.hysteresis):
+        return "clear"
+    return "hold"
+
+
+def decide(rule: RuleSpec, is_open: bool, states: Sequence[PointState]) -> Transition:
+    """Open when the last ``fire_after`` states all fire (no episode open); resolve when the last
+    ``clear_after`` all clear (episode open); otherwise nothing changes."""
+    if is_open:
+        tail = states[-rule.clear_after :]
+        if len(tail) == rule.clear_after and all(s == "clear" for s in tail):
+            return Transition.RESOLVE
+        return Transition.NONE
+    tail = states[-rule.fire_after :]
+    if len(tail) == rule.fire_after and all(s == "fire" for s in tail):
+        return Transition.OPEN
+    return Transition.NONE
+
+
+def decide_series(rule: RuleSpec, is_open: bool, values: Sequence[float]) -> Transition:
+    """:func:`decide` over :func:`point_states` of a metric series (oldest first)."""
+    return decide(rule, is_open, point_states(rule, values))
+
+
+def growth_ratio(rule: RuleSpec, values: Sequence[float]) -> float | None:
+    """Latest value over the minimum positive value of the preceding window (for messages)."""
+    if not values:
+        return None
+    earlier = [x for x in values[-1 - rule.window : -1] if math.isfinite(x) and x > 0]
+    return values[-1] / min(earlier) if earlier else None
+
+
+def drops_state(rule: RuleSpec, dropped: int, overflow: int) -> PointState:
+    """Client-drop counters are cumulative: once above the threshold the episode stays open."""
+    threshold = rule.above if rule.above is not None else 0.0
+    return "fire" if dropped + overflow > threshold else "clear"
+
+
+def silence_state(rule: RuleSpec, silent_minutes: float, running: bool) -> PointState:
+    """A running run silent for longer than ``minutes`` fires; activity or the run ending clears."""
+    if not running:
+        return "clear"
+    assert rule.minutes is not None
+    return "fire" if silent_minutes > rule.minutes else "clear"
+
+
+def describe(rule: RuleSpec, layer: str, values: Mapping[str, Any]) -> str:
+    """One human line for an alert (also the Slack text)."""
+    where = f" in {layer}" if layer else ""
+    if rule.kind == "threshold":
+        bounds = " or ".join(
+            b
+            for b in (
+                f"< {rule.below:g}" if rule.below is not None else "",
+                f"> {rule.above:g}" if rule.above is not None else "",
+            )
+            if b
+        )
+        return f"{rule.name}: {rule.metric} = {values.get('value')!s}{where} (fires {bounds})"
+    if rule.kind == "growth":
+        ratio = values.get("ratio")
+        shown = f"{ratio:.3g}" if isinstance(ratio, float) else "?"
+        return (
+            f"{rule.name}: {rule.metric} grew x{shown}{where} over the previous {rule.window} "
+            f"points (fires at x{rule.factor:g})"
+        )
+    if rule.kind == "nonfinite":
+        return (
+            f"{rule.name}: {values.get('count')} NaN/Inf values{where} ({values.get('kind')} frame)"
+        )
+    if rule.kind == "client_drops":
+        return (
+            f"{rule.name}: client dropped {values.get('dropped_frames')} frame(s), "
+            f"spool overflow {values.get('spool_overflow')}"
+        )
+    return f"{rule.name}: no data from the run for {values.get('silent_minutes')} min"
+
+
+__all__ = [
+    "RULE_KINDS",
+    "RuleError",
+    "RuleKind",
+    "RuleSpec",
+    "Transition",
+    "build_rule",
+    "decide",
+    "decide_series",
+    "default_rules",
+    "describe",
+    "drops_state",
+    "effective_rules",
+    "growth_ratio",
+    "is_known_metric",
+    "known_metrics",
+    "point_states",
+    "silence_state",
+]

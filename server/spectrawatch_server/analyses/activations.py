@@ -1,0 +1,153 @@
+"""EigenTrack descriptors and the quadratic-manifold curvature index on activation frames.
+
+An activation frame holds, per hooked module, either ``X`` ``(tokens, hidden)`` or its Gram
+``X^T X`` ``(hidden, hidden)`` when the module is listed in ``info["gram"]``. A Gram needs the
+number of rows: ``info["tokens"]`` (an int, or a ``{module: int}`` map); it is taken as centred
+when ``info["gram_centered"]`` is true, else analysed as an uncentred second moment. Modules whose
+Gram lacks a token count are skipped (nothing can place the MP law without it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from spectrawatch.spectral.activations import (
+    CHANGE_SCORE,
+    CHANGE_TRACKED,
+    ActivationSpectrum,
+    activation_spectrum,
+    activation_spectrum_from_gram,
+    change_score,
+    mp_density,
+)
+from spectrawatch.spectral.manifold import choose_rank, quadratic_manifold_fit
+from spectrawatch.wire import FrameKind
+from spectrawatch_server.analyses.registry import (
+    AnalysisContext,
+    AnalysisResult,
+    DecodedFrame,
+    MetricValue,
+    SpectrumRecord,
+    register,
+)
+
+CHANGE_WINDOW = 20  # history points the change score compares against
+CHANGE_MIN_HISTORY = 5
+HISTOGRAM_BINS = 64
+MAX_LISTED_OUTLIERS = 64
+
+
+def _gram_tokens(info: dict[str, Any], module: str) -> int | None:
+    tokens = info.get("tokens")
+    if isinstance(tokens, dict):
+        tokens = tokens.get(module)
+    if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+        return tokens
+    return None
+
+
+def _spectra(frame: DecodedFrame) -> dict[str, ActivationSpectrum]:
+    info = frame.header.info
+    grams = set(info.get("gram") or [])
+    out: dict[str, ActivationSpectrum] = {}
+    for module, tensor in sorted(frame.tensors.items()):
+        try:
+            if module in grams:
+                tokens = _gram_tokens(info, module)
+                if tokens is None:
+                    continue
+                out[module] = activation_spectrum_from_gram(
+                    tensor, tokens, centered=bool(info.get("gram_centered"))
+                )
+            else:
+                out[module] = activation_spectrum(tensor)
+        except ValueError:  # zero or degenerate activations: no spectrum to describe
+            continue
+    return out
+
+
+def _payload(spectrum: ActivationSpectrum, scores: dict[str, float]) -> dict[str, Any]:
+    """Histogram of ``lambda / sigma^2`` with the MP density on the same bins, for drill-down."""
+    mp = spectrum.mp
+    scaled = spectrum.eigenvalues.numpy() / mp.sigma2
+    bulk_top = mp.lambda_plus / mp.sigma2
+    if mp.outliers < scaled.size:
+        bulk_top = max(bulk_top, float(scaled[mp.outliers]))
+    edges = np.linspace(0.0, 1.05 * bulk_top, HISTOGRAM_BINS + 1)
+    counts, _ = np.histogram(scaled[scaled <= edges[-1]], bins=edges)
+    centres = (edges[:-1] + edges[1:]) / 2
+    return {
+        "kind": "eigentrack",
+        "tokens": spectrum.tokens,
+        "hidden": spectrum.hidden,
+        "units": "lambda / sigma2",
+        "bin_edges": edges.tolist(),
+        "counts": counts.tolist(),
+        "mp_counts": (mp_density(centres, mp.ratio) * scaled.size * (edges[1] - edges[0])).tolist(),
+        "mp": {
+            "sigma2": mp.sigma2,
+            "ratio": mp.ratio,
+            "lambda_minus": mp.lambda_minus / mp.sigma2,
+            "lambda_plus": mp.lambda_plus / mp.sigma2,
+            "threshold": mp.threshold / mp.sigma2,
+        },
+        "outliers": scaled[: min(mp.outliers, MAX_LISTED_OUTLIERS)].tolist(),
+        "change_z": scores,
+    }
+
+
+@register("eigentrack", [FrameKind.ACTIVATIONS])
+def eigentrack(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
+    """EigenTrack descriptors per module, and a change score: max |z| of the scale-free descriptors
+    against the module's own last ``CHANGE_WINDOW`` values at earlier steps (so a re-run of the
+    same frame sees the same history)."""
+    result = AnalysisResult()
+    for module, spectrum in _spectra(frame).items():
+        values = spectrum.metrics()
+        for name, value in values.items():
+            if math.isfinite(value):
+                result.metrics.append(MetricValue(module, name, value))
+        scores: dict[str, float] = {}
+        for name in CHANGE_TRACKED:
+            series = context.metric_series(name, module, CHANGE_WINDOW + 1)
+            history = [v for step, v in series if step < frame.step]
+            if len(history) >= CHANGE_MIN_HISTORY:
+                scores[name] = change_score(
+                    history, values[name], window=CHANGE_WINDOW, min_history=CHANGE_MIN_HISTORY
+                )
+        if scores:
+            result.metrics.append(
+                MetricValue(module, CHANGE_SCORE, max(abs(z) for z in scores.values()))
+            )
+        result.spectra.append(SpectrumRecord(module, _payload(spectrum, scores)))
+    return result
+
+
+@register("manifold", [FrameKind.ACTIVATIONS])
+def manifold(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
+    """Held-out R^2 of PCA and of the quadratic decoder at the largest rank the token count
+    supports (``choose_rank``: >= 10 training rows per lifted feature); Gram modules are skipped
+    (the fit needs the rows)."""
+    del context  # stateless
+    result = AnalysisResult()
+    grams = set(frame.header.info.get("gram") or [])
+    for module, x in sorted(frame.tensors.items()):
+        if module in grams or x.ndim != 2:
+            continue
+        ranks = tuple(r for r in (32, 16, 8, 4) if r < x.shape[1])
+        rank = choose_rank(x.shape[0], candidates=ranks)
+        if rank is None:
+            continue
+        try:
+            fit = quadratic_manifold_fit(x, rank)
+        except ValueError:  # rank-deficient activations: nothing to report for this module
+            continue
+        result.metrics.extend(
+            MetricValue(module, name, value)
+            for name, value in fit.metrics().items()
+            if math.isfinite(value)
+        )
+    return result

@@ -1,0 +1,103 @@
+"""Heavy-tail (HT-SR) and FARMS metrics of weight frames, per layer and for the whole model.
+
+Per layer: every ``htsr.*`` key of :mod:`spectrawatch.spectral.htsr` (alpha, alpha_weighted,
+Hill alpha, xmin, KS distance, norms, stable rank, MP soft rank and spikes, entropy,
+under/over-trained flags) and its ``farms.*`` twin on the FARMS average ESD; under
+:data:`MODEL_LAYER` the means over layers plus layer counts (WeightWatcher's ``get_summary``).
+One :class:`SpectrumRecord` per layer carries the log-binned ESD, the fitted power-law line and
+the MP curve, for plain and FARMS spectra, for the drill-down plot.
+
+Conv kernels arrive flattened to 2-D; when ``info["shapes"][layer]`` gives the original 4-D
+shape, the matrix is restored to it so that WeightWatcher's per-kernel-position slicing applies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from spectrawatch.spectral.farms import FARMS_CV
+from spectrawatch.spectral.htsr import analyze_weights, esd_payload
+from spectrawatch.wire import FrameKind
+from spectrawatch_server.analyses.registry import (
+    MODEL_LAYER,
+    AnalysisContext,
+    AnalysisResult,
+    DecodedFrame,
+    MetricValue,
+    SpectrumRecord,
+    register,
+)
+
+SHAPES_INFO_KEY = "shapes"  # frame info: {layer: original shape} for reshaped conv kernels
+
+
+def restore_shapes(tensors: Mapping[str, torch.Tensor], shapes: object) -> dict[str, torch.Tensor]:
+    """Reshape flattened conv kernels back to their 4-D shape when the frame names it."""
+    out = dict(tensors)
+    if not isinstance(shapes, Mapping):
+        return out
+    for layer, shape in shapes.items():
+        t = out.get(layer)
+        if (
+            t is not None
+            and isinstance(shape, list)
+            and len(shape) == 4
+            and all(isinstance(s, int) and s > 0 for s in shape)
+            and math.prod(shape) == t.numel()
+        ):
+            out[layer] = t.reshape(shape)
+    return out
+
+
+@register("htsr", [FrameKind.WEIGHTS])
+def heavy_tail_metrics(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
+    """HT-SR + FARMS metrics and ESD drill-down records of every weight in the frame."""
+    weights = restore_shapes(frame.tensors, frame.header.info.get(SHAPES_INFO_KEY))
+    report = analyze_weights(weights, farms=FARMS_CV, device=frame.device)
+    result = AnalysisResult()
+    for layer in report.layers:
+        for name, value in layer.values().items():
+            if math.isfinite(value):
+                result.metrics.append(MetricValue(layer.layer, name, value))
+        payload: dict[str, Any] = {
+            "analysis": "htsr",
+            "shape": list(layer.shape),
+            "n_rows": layer.n_rows,
+            "n_cols": layer.n_cols,
+            "rf": layer.rf,
+            "plain": esd_payload(layer.evals, layer.plain),
+        }
+        if layer.farms is not None and layer.farms_evals is not None:
+            payload["farms"] = esd_payload(layer.farms_evals, layer.farms)
+            payload["farms_config"] = {
+                "window_rows": FARMS_CV.window_rows,
+                "aspect_ratio": FARMS_CV.aspect_ratio,
+                "windows_per_dim": FARMS_CV.windows_per_dim,
+            }
+        result.spectra.append(SpectrumRecord(layer.layer, _finite(payload)))
+    for skipped in report.skipped:
+        result.spectra.append(
+            SpectrumRecord(
+                skipped.layer,
+                {"analysis": "htsr", "shape": list(skipped.shape), "skipped": skipped.reason},
+            )
+        )
+    for name, value in report.summary().items():
+        if math.isfinite(value):
+            result.metrics.append(MetricValue(MODEL_LAYER, name, value))
+    return result
+
+
+def _finite(value: Any) -> Any:
+    """Replace non-finite floats by ``None`` so the payload is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

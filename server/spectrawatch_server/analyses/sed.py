@@ -1,0 +1,221 @@
+"""Spectral Edge Dynamics on sketch frames, and the grokking early-warning score.
+
+``sed`` runs on ``update_sketch`` frames (per-step updates; windows 16/32/64 by default, or
+``info["sed"]["windows"]``) and on ``param_sketch`` frames (theta sketches, differenced into the
+SED paper's checkpoint-interval displacements; W = 10, keys ``sed.interval.*``). The trailing
+window is assembled from earlier frames of the same kind (``context.recent_frames``), in step
+order whatever order frames arrived in; a window with missing steps is computed on the rows
+present and flagged with ``sed.incomplete.w<W> = 1``. Per layer and for the whole model
+(tensor ``__model__`` when the client sends one, else the concatenation of the layers' sketches,
+itself a count-sketch of the concatenated update), at every ``info["sed"]["stride"]``-th step:
+``sed.{gap_ratio,edge,margin,signal_rank,incomplete,phase}.w<W>``.
+
+The grokking detector (``spectrawatch.spectral.grokking``) is evaluated for ``__model__`` on each
+frame from the commutator-defect scalars, the per-layer Frobenius norms and effective ranks
+stored from weight frames, and the SED phases; it writes ``grok.warning_score`` and
+``grok.imminent`` (0/1) at the frame's last step. Validation scalars are never read.
+``grok_rank`` stores each weight matrix's effective rank (``grok.effective_rank``) for it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from spectrawatch.spectral import grokking, sed
+from spectrawatch.spectral.norms import FROBENIUS_NORM
+from spectrawatch.wire import FrameKind
+from spectrawatch_server.analyses.registry import (
+    MODEL_LAYER,
+    AnalysisContext,
+    AnalysisResult,
+    DecodedFrame,
+    MetricValue,
+    SpectrumRecord,
+    register,
+)
+
+MAX_HISTORY_FRAMES = 256
+PHASE_HISTORY = 1024  # gap-series points read back for phase detection
+DETECTOR_HISTORY = 4096  # points of each detector input series
+
+
+def _settings(frame: DecodedFrame) -> tuple[tuple[int, ...], int]:
+    cfg = frame.header.info.get("sed")
+    cfg = cfg if isinstance(cfg, dict) else {}
+    default = (
+        (sed.INTERVAL_WINDOW,)
+        if frame.header.kind == FrameKind.PARAM_SKETCH
+        else sed.DEFAULT_WINDOWS
+    )
+    windows = cfg.get("windows", default)
+    if not isinstance(windows, list | tuple) or not all(
+        isinstance(w, int) and w >= sed.MIN_ROWS for w in windows
+    ):
+        windows = default
+    stride = cfg.get("stride", 1)
+    stride = stride if isinstance(stride, int) and stride >= 1 else 1
+    return tuple(sorted(set(windows))), stride
+
+
+def _steps(frame: DecodedFrame) -> list[int]:
+    steps = frame.header.info.get("steps")
+    if isinstance(steps, list) and steps:
+        return [int(s) for s in steps]
+    return [frame.step]
+
+
+def _layer_rows(frames: Sequence[DecodedFrame], layer: str) -> tuple[list[int], torch.Tensor]:
+    """Rows of ``layer`` over ``frames`` in step order; rows of another width (a client that
+    changed its sketch dimension) are left out."""
+    device = frames[-1].device
+    chunks = []
+    for f in frames:
+        if layer in f.tensors:
+            rows = f.tensors[layer]
+        elif layer == MODEL_LAYER:
+            names = sorted(n for n in f.tensors if n != MODEL_LAYER)
+            rows = torch.cat([f.tensors[n].to(torch.float64) for n in names], dim=1)
+        else:
+            continue
+        chunks.append((_steps(f), rows.to(device)))
+    width = chunks[-1][1].shape[1]
+    return sed.assemble_rows(c for c in chunks if c[1].shape[1] == width)
+
+
+@register("sed", [FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH])
+def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
+    """SED metrics for the steps of this frame, per layer and ``__model__``, every window."""
+    kind = frame.header.kind
+    interval = kind == FrameKind.PARAM_SKETCH
+    windows, stride = _settings(frame)
+    steps = _steps(frame)
+    need = max(windows) + (1 if interval else 0)
+    limit = min(MAX_HISTORY_FRAMES, math.ceil(need / len(steps)) + 1)
+    history = [f for f in context.recent_frames(kind, limit) if f.frame_id != frame.frame_id]
+    frames = [*history, frame]
+    targets = [s for s in steps if s % stride == 0]
+    layers = sorted(frame.tensors)
+    if MODEL_LAYER not in layers:
+        layers.append(MODEL_LAYER)
+    result = AnalysisResult()
+    if not targets:
+        return result
+    for layer in layers:
+        all_steps, rows = _layer_rows(frames, layer)
+        payload: dict[str, object] = {"analysis": "sed", "interval": interval, "windows": {}}
+        for w in windows:
+            if interval:
+                found = sed.interval_sed(rows, all_steps, w, at=targets)
+            else:
+                found = sed.rolling_sed(rows, all_steps, w, at=targets)
+            if not found:
+                continue
+            result.metrics.extend(_window_metrics(found, layer, w, interval, context))
+            last = found[-1]
+            payload["windows"][str(w)] = {  # type: ignore[index]
+                "step": last.step,
+                "n_rows": last.n_rows,
+                "singular_values": list(last.singular_values),
+                "normalized": list(last.normalized),
+                "edge": last.edge,
+            }
+        if payload["windows"]:
+            result.spectra.append(SpectrumRecord(layer, payload))
+    result.metrics.extend(_grokking_metrics(frame, context, result.metrics, layers))
+    return result
+
+
+def _key(name: str, window: int, interval: bool) -> str:
+    return sed.interval_key(name, window) if interval else sed.windowed_key(name, window)
+
+
+def _window_metrics(
+    found: list[sed.WindowSED],
+    layer: str,
+    window: int,
+    interval: bool,
+    context: AnalysisContext,
+) -> list[MetricValue]:
+    out: list[MetricValue] = []
+    gap_key = _key(sed.GAP_RATIO, window, interval)
+    past = [(s, v) for s, v in context.metric_series(gap_key, layer, PHASE_HISTORY)
+            if s < found[0].step]
+    series = past + [(w.step, w.gap_ratio) for w in found]
+    for i, w in enumerate(found):
+        upto = len(past) + i + 1
+        phases = sed.detect_phases([s for s, _ in series[:upto]], [v for _, v in series[:upto]])
+        for name, value in (
+            (sed.GAP_RATIO, w.gap_ratio),
+            (sed.EDGE, float(w.edge)),
+            (sed.MARGIN, w.margin),
+            (sed.SIGNAL_RANK, float(w.signal_rank)),
+            (sed.INCOMPLETE, 0.0 if w.complete else 1.0),
+            (sed.PHASE, float(phases.phase_at(w.step))),
+        ):
+            out.append(MetricValue(layer, _key(name, window, interval), value, step=w.step))
+    return out
+
+
+def _total_norm(context: AnalysisContext, layers: Sequence[str]) -> list[tuple[int, float]]:
+    """Total Frobenius norm of the weight matrices, on steps where every matrix was seen."""
+    sums: dict[int, tuple[float, int]] = {}
+    seen = 0
+    for layer in layers:
+        series = context.metric_series(FROBENIUS_NORM, layer, DETECTOR_HISTORY)
+        if not series:
+            continue
+        seen += 1
+        for s, v in series:
+            total, count = sums.get(s, (0.0, 0))
+            sums[s] = (total + v * v, count + 1)
+    return [(s, math.sqrt(t)) for s, (t, c) in sorted(sums.items()) if c == seen and seen]
+
+
+def _grokking_metrics(
+    frame: DecodedFrame,
+    context: AnalysisContext,
+    new: Sequence[MetricValue],
+    layers: Sequence[str],
+) -> list[MetricValue]:
+    matrices = [layer for layer in layers if layer != MODEL_LAYER]
+    defect = context.scalar_series(grokking.COMMUTATOR_DEFECT, DETECTOR_HISTORY)
+    rank = {
+        layer: series
+        for layer in matrices
+        if (series := context.metric_series(grokking.EFFECTIVE_RANK, layer, DETECTOR_HISTORY))
+    }
+    gap_key = sed.interval_key(sed.GAP_RATIO)
+    gap = dict(context.metric_series(gap_key, MODEL_LAYER, PHASE_HISTORY))
+    gap.update({m.step: m.value for m in new
+                if m.layer == MODEL_LAYER and m.name == gap_key and m.step is not None})
+    collapse = None
+    if gap:
+        steps = sorted(gap)
+        collapse = sed.detect_phases(steps, [gap[s] for s in steps]).collapse_start
+    warning = grokking.detect_grokking(
+        defect=defect or None,
+        weight_norm=_total_norm(context, matrices) or None,
+        effective_rank=rank or None,
+        sed_collapse_step=collapse,
+    )
+    last = _steps(frame)[-1]
+    score = [v for s, v in warning.score if s <= last]
+    return [
+        MetricValue(MODEL_LAYER, grokking.WARNING_SCORE, score[-1] if score else 0.0, step=last),
+        MetricValue(MODEL_LAYER, grokking.IMMINENT,
+                    1.0 if warning.step is not None and warning.step <= last else 0.0, step=last),
+    ]
+
+
+@register("grok_rank", [FrameKind.WEIGHTS])
+def weight_effective_rank(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
+    """Effective rank exp(H) of every weight matrix (an input of the grokking detector)."""
+    result = AnalysisResult()
+    for layer, weights in frame.tensors.items():
+        if weights.ndim == 2 and min(weights.shape) > 1:
+            value = grokking.effective_rank(weights)
+            result.metrics.append(MetricValue(layer, grokking.EFFECTIVE_RANK, value))
+    return result

@@ -1,0 +1,153 @@
+"""Alerts (per run, per project) and each project's alert rules (defaults on, editable)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
+
+from spectrawatch_server.alerts import rules as R
+from spectrawatch_server.api.deps import Principal, PrincipalDep, RunDep, SessionDep
+from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.db.models import Project
+from spectrawatch_server.storage import alert_store
+from spectrawatch_server.storage import repository as repo
+
+router = APIRouter(tags=["alerts"])
+
+AlertStatus = Literal["open", "resolved"]
+
+
+class AlertPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    run_id: int
+    rule: str
+    layer: str
+    severity: str
+    status: str
+    step: int
+    resolved_step: int | None
+    message: str
+    values: dict[str, Any]
+    created_at: datetime
+    resolved_at: datetime | None
+
+
+class RulePublic(BaseModel):
+    name: str
+    kind: str
+    enabled: bool
+    builtin: bool = Field(description="one of the default rules (DELETE resets it)")
+    customized: bool = Field(description="the project stores overrides for this rule")
+    description: str
+    params: dict[str, Any]
+
+
+class RuleUpdate(BaseModel):
+    """Partial update: ``params`` are merged into the stored overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def find_project(session: Session, principal: Principal, name: str) -> Project:
+    project = repo.get_project(session, name)
+    if project is None or not principal.can_access(project.id):
+        raise ApiError(404, "project_not_found", f"project {name!r} does not exist")
+    return project
+
+
+def _rule_public(spec: R.RuleSpec, stored: dict[str, tuple[bool, dict[str, Any]]]) -> RulePublic:
+    builtin = spec.name in {r.name for r in R.default_rules()}
+    return RulePublic(
+        name=spec.name,
+        kind=spec.kind,
+        enabled=spec.enabled,
+        builtin=builtin,
+        customized=spec.name in stored,
+        description=spec.description,
+        params=spec.params(),
+    )
+
+
+@router.get("/runs/{run_id}/alerts", response_model=list[AlertPublic])
+def list_run_alerts(
+    run: RunDep,
+    session: SessionDep,
+    status: AlertStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[AlertPublic]:
+    """Alert episodes of a run, newest first, with their status (open or resolved)."""
+    rows = alert_store.list_alerts(
+        session, run_id=run.id, status=status, limit=limit, offset=offset
+    )
+    return [AlertPublic.model_validate(a) for a in rows]
+
+
+@router.get("/alerts", response_model=list[AlertPublic])
+def list_alerts(
+    principal: PrincipalDep,
+    session: SessionDep,
+    project: str | None = None,
+    status: AlertStatus | None = None,
+    rule: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[AlertPublic]:
+    """Alerts across runs of a project (or of every project the caller can see)."""
+    project_id = principal.project_id
+    if project is not None:
+        project_id = find_project(session, principal, project).id
+    rows = alert_store.list_alerts(
+        session, project_id=project_id, status=status, rule=rule, limit=limit, offset=offset
+    )
+    return [AlertPublic.model_validate(a) for a in rows]
+
+
+@router.get("/projects/{project}/alert-rules", response_model=list[RulePublic])
+def list_rules(project: str, principal: PrincipalDep, session: SessionDep) -> list[RulePublic]:
+    """Every rule in force for the project: the defaults (with overrides) and custom rules."""
+    row = find_project(session, principal, project)
+    stored = alert_store.stored_rules(session, row.id)
+    return [_rule_public(spec, stored) for spec in R.effective_rules(stored)]
+
+
+@router.patch("/projects/{project}/alert-rules/{rule}", response_model=RulePublic)
+def update_rule(
+    project: str, rule: str, body: RuleUpdate, principal: PrincipalDep, session: SessionDep
+) -> RulePublic:
+    """Edit a default rule or create/edit a custom one (custom rules need ``kind`` + ``metric``).
+
+    Bad parameters (unknown key, non-numeric threshold, unknown metric...) answer 422 naming
+    the parameter.
+    """
+    row = find_project(session, principal, project)
+    stored = alert_store.stored_rules(session, row.id)
+    enabled, params = stored.get(rule, (True, {}))
+    merged = {**params, **body.params}
+    base = {r.name: r for r in R.default_rules()}.get(rule)
+    enabled = enabled if body.enabled is None else body.enabled
+    try:
+        spec = R.build_rule(rule, merged, enabled=enabled, base=base)
+    except R.RuleError as exc:
+        raise ApiError(422, "invalid_rule", f"params.{exc.field}: {exc.message}") from exc
+    alert_store.upsert_rule(session, row.id, rule, enabled, merged)
+    session.commit()
+    return _rule_public(spec, {**stored, rule: (enabled, merged)})
+
+
+@router.delete("/projects/{project}/alert-rules/{rule}", status_code=204)
+def reset_rule(project: str, rule: str, principal: PrincipalDep, session: SessionDep) -> Response:
+    """Reset a default rule to its defaults, or delete a custom rule."""
+    row = find_project(session, principal, project)
+    builtin = rule in {r.name for r in R.default_rules()}
+    if not alert_store.delete_rule(session, row.id, rule) and not builtin:
+        raise ApiError(404, "rule_not_found", f"project {project!r} has no rule {rule!r}")
+    session.commit()
+    return Response(status_code=204)

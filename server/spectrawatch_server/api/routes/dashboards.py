@@ -1,0 +1,654 @@
+"""Dashboards (DESIGN §8): HTML pages, their figure JSON, and the bundled static assets.
+
+HTML pages (``/``, ``/projects/{name}``, ``/runs/{id}``, ``/runs/{id}/layers``,
+``/runs/{id}/layers/{layer}``, ``/runs/{id}/activations``, ``/runs/{id}/alerts``,
+``/compare?runs=1,2``) are shells: the browser script reads the page state from the URL, fetches
+``/api/v1/dashboards/...`` (Plotly figures built by :mod:`spectrawatch_server.figures` from
+downsampled queries, behind the same auth as the rest of the API) and polls
+``/api/v1/runs/{id}`` to refresh while the run is live. Plotly.js is served from the package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from spectrawatch_server import figures as dash
+from spectrawatch_server.api.deps import PrincipalDep, RunDep, SessionDep, StateDep, find_run
+from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.routes.runs import run_public
+from spectrawatch_server.db.models import Alert, Delivery, DeliveryAttempt, Metric, Project, Run, Webhook
+from spectrawatch_server.downsample import downsample
+from spectrawatch_server.storage import repository as repo
+
+STATIC_URL = "/dashboards/static"
+HEATMAP_COLUMNS = 300  # steps sampled for the layer × step heatmap (about one per pixel column)
+DEFAULT_POINTS = 1000
+MAX_COMPARE_RUNS = 8
+
+router = APIRouter(tags=["dashboards"], include_in_schema=False)
+api_router = APIRouter(prefix="/dashboards", tags=["dashboards"])
+
+
+def package_dir() -> Path:
+    """The installed ``spectrawatch_server.dashboards`` folder (pages, templates, static).
+
+    Read from the package's ``__path__``: an editable install maps the top-level ``dashboards/``
+    folder in as a namespace-style package, which ``importlib.resources`` cannot open.
+    """
+    import spectrawatch_server.dashboards as assets
+
+    for entry in assets.__path__:
+        if (Path(entry) / "templates").is_dir():
+            return Path(entry)
+    raise RuntimeError(f"dashboard assets not found in {list(assets.__path__)}")
+
+
+@cache
+def pages() -> dict[str, dash.PageSpec]:
+    """Every page definition of ``dashboards/pages/*.json``, parsed once."""
+    out = {}
+    for path in sorted((package_dir() / "pages").glob("*.json")):
+        spec = dash.parse_page(json.loads(path.read_text(encoding="utf-8")))
+        out[spec.id] = spec
+    return out
+
+
+@cache
+def templates() -> Jinja2Templates:
+    return Jinja2Templates(directory=str(package_dir() / "templates"))
+
+
+def install(app: FastAPI, api_prefix: str) -> None:
+    """Add the HTML pages, the figure API (under ``api_prefix``) and the static mount to ``app``."""
+    app.include_router(router)
+    app.include_router(api_router, prefix=api_prefix)
+    app.mount(STATIC_URL, StaticFiles(directory=str(package_dir() / "static")), name="dashboards-static")
+
+
+# --- queries the dashboards need beyond repository.py ----------------------------------------
+# Index-friendly reads for large runs (100 layers x 10k steps): skip-scans over
+# ix_metric_run_name_step instead of GROUP BY over every row. Candidates for repository.py.
+
+
+def metric_names(session: Session, run_id: int) -> list[str]:
+    """Distinct metric names of a run, by a recursive skip-scan (one index seek per name)."""
+    rows = session.execute(
+        text(
+            "WITH RECURSIVE n(name) AS ("
+            " SELECT min(name) FROM metric WHERE run_id = :r"
+            " UNION ALL"
+            " SELECT (SELECT min(m.name) FROM metric m WHERE m.run_id = :r AND m.name > n.name)"
+            " FROM n WHERE n.name IS NOT NULL"
+            ") SELECT name FROM n WHERE name IS NOT NULL"
+        ),
+        {"r": run_id},
+    ).all()
+    return [str(r[0]) for r in rows]
+
+
+def step_range(session: Session, run_id: int, name: str) -> tuple[int, int] | None:
+    where = (Metric.run_id == run_id, Metric.name == name)
+    lo = session.scalar(select(func.min(Metric.step)).where(*where))
+    hi = session.scalar(select(func.max(Metric.step)).where(*where))
+    return None if lo is None or hi is None else (int(lo), int(hi))
+
+
+def layers_at_last_step(session: Session, run_id: int, name: str) -> list[str]:
+    """Layers reporting ``name`` at its latest step (natural order)."""
+    rng = step_range(session, run_id, name)
+    if rng is None:
+        return []
+    rows = session.scalars(
+        select(Metric.layer)
+        .where(Metric.run_id == run_id, Metric.name == name, Metric.step == rng[1])
+        .distinct()
+    ).all()
+    return sorted(rows, key=dash.natural_key)
+
+
+def sampled_steps(session: Session, run_id: int, name: str, columns: int) -> tuple[list[int], bool]:
+    """Up to ``columns`` steps of ``name``: the first step at or after each of ``columns`` equal
+    divisions of its step range (one index seek each). Second value: whether steps were skipped."""
+    rng = step_range(session, run_id, name)
+    if rng is None:
+        return [], False
+    lo, hi = rng
+    span = hi - lo + 1
+    buckets = min(columns, span)
+    starts = sorted({lo + (span * b) // buckets for b in range(buckets)})
+    found: list[int] = []
+    for i in range(0, len(starts), 500):
+        values = ",".join(f"({int(a)})" for a in starts[i : i + 500])  # ints only: no injection
+        rows = session.execute(
+            text(
+                f"WITH starts(a) AS (VALUES {values}) "
+                "SELECT (SELECT min(m.step) FROM metric m"
+                " WHERE m.run_id = :r AND m.name = :n AND m.step >= starts.a) FROM starts"
+            ),
+            {"r": run_id, "n": name},
+        ).all()
+        found.extend(int(r[0]) for r in rows if r[0] is not None)
+    steps = sorted(set(found))
+    # Skipped when some bucket held more than one step: its next step is not the next bucket's.
+    skipped = span > len(steps) and _has_gaps_filled(session, run_id, name, steps)
+    return steps, skipped
+
+
+def _has_gaps_filled(session: Session, run_id: int, name: str, steps: Sequence[int]) -> bool:
+    """True if a stored step of ``name`` lies strictly between two consecutive sampled steps."""
+    for a, b in zip(steps[:-1], steps[1:], strict=True):
+        if b - a > 1:
+            nxt = session.scalar(
+                select(func.min(Metric.step)).where(
+                    Metric.run_id == run_id, Metric.name == name, Metric.step > a
+                )
+            )
+            if nxt is not None and nxt < b:
+                return True
+    return False
+
+
+def grid_rows(
+    session: Session, run_id: int, name: str, steps: Sequence[int]
+) -> list[tuple[str, int, float | None]]:
+    rows = session.execute(
+        select(Metric.layer, Metric.step, Metric.value).where(
+            Metric.run_id == run_id, Metric.name == name, Metric.step.in_(list(steps))
+        )
+    ).all()
+    return [(str(r[0]), int(r[1]), r[2]) for r in rows]
+
+
+def alert_rows(session: Session, run_id: int) -> list[dict[str, Any]]:
+    alerts = session.scalars(select(Alert).where(Alert.run_id == run_id).order_by(Alert.step, Alert.id)).all()
+    return [
+        {
+            "id": a.id, "rule": a.rule, "layer": a.layer, "severity": a.severity, "status": a.status,
+            "step": a.step, "resolved_step": a.resolved_step, "message": a.message,
+            "values": a.values, "created_at": _iso(a.created_at), "resolved_at": _iso(a.resolved_at),
+        }
+        for a in alerts
+    ]
+
+
+def open_alert_counts(session: Session, run_ids: Sequence[int]) -> dict[int, int]:
+    if not run_ids:
+        return {}
+    rows = session.execute(
+        select(Alert.run_id, func.count())
+        .where(Alert.run_id.in_(list(run_ids)), Alert.status == "open")
+        .group_by(Alert.run_id)
+    ).all()
+    return {int(r): int(n) for r, n in rows}
+
+
+def delivery_rows(session: Session, project_id: int, limit: int = 200) -> list[dict[str, Any]]:
+    rows = session.execute(
+        select(Delivery, Webhook.url)
+        .join(Webhook, Webhook.id == Delivery.webhook_id)
+        .where(Webhook.project_id == project_id)
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+    ).all()
+    ids = [d.id for d, _ in rows]
+    attempts: dict[int, list[DeliveryAttempt]] = {}
+    if ids:
+        for att in session.scalars(
+            select(DeliveryAttempt).where(DeliveryAttempt.delivery_id.in_(ids)).order_by(DeliveryAttempt.id)
+        ).all():
+            attempts.setdefault(att.delivery_id, []).append(att)
+    out = []
+    for d, url in rows:
+        last = attempts.get(d.id, [])[-1:] or [None]
+        out.append(
+            {
+                "id": d.id, "event": d.event, "url": url, "status": d.status, "attempts": d.attempts,
+                "alert_id": d.alert_id, "last_status_code": d.last_status_code,
+                "last_error": d.last_error or "", "created_at": _iso(d.created_at),
+                "delivered_at": _iso(d.delivered_at),
+                "latency_ms": None if last[0] is None else last[0].latency_ms,
+            }
+        )
+    return out
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+# --- series helpers ---------------------------------------------------------------------------
+
+
+def metric_lines(
+    session: Session, run_id: int, name: str, layer: str | None, max_points: int
+) -> list[dash.Line]:
+    grouped: dict[str, tuple[list[int], list[float | None]]] = {}
+    for lname, step, value in repo.metric_points(session, run_id, name, layer, None, None):
+        steps, values = grouped.setdefault(lname, ([], []))
+        steps.append(int(step))
+        values.append(value)
+    out = []
+    for lname in sorted(grouped, key=dash.natural_key):
+        xs, ys = downsample(*grouped[lname], max_points)
+        out.append(dash.Line(lname, xs, ys))
+    return out
+
+
+def scalar_lines(session: Session, run_id: int, max_points: int) -> dict[str, dash.Line]:
+    grouped: dict[str, tuple[list[int], list[float | None]]] = {}
+    for sname, step, value in repo.scalar_points(session, run_id, None, None, None):
+        steps, values = grouped.setdefault(sname, ([], []))
+        steps.append(int(step))
+        values.append(value)
+    return {n: dash.Line(n, *downsample(s, v, max_points)) for n, (s, v) in grouped.items()}
+
+
+def _points(max_points: int | None) -> int:
+    return DEFAULT_POINTS if max_points is None else max(50, min(max_points, 5000))
+
+
+Points = Annotated[int | None, Query(ge=3, le=100_000)]
+
+
+def _choose(options: Sequence[str], requested: str | None, preferred: Sequence[str]) -> str | None:
+    if requested in options:
+        return requested
+    for pattern in preferred:
+        hits = dash.match_names(options, [pattern])
+        if hits:
+            return hits[0]
+    return options[0] if options else None
+
+
+def _base(session: Session, run: Run, page: dash.PageSpec) -> dict[str, Any]:
+    public = run_public(session, run).model_dump(mode="json")
+    return {"run": public, "page": {"id": page.id, "title": page.title}, "controls": {}, "tables": []}
+
+
+# --- figure API -------------------------------------------------------------------------------
+
+
+@api_router.get("/runs/{run_id}/overview")
+def read_overview(
+    run: RunDep, session: SessionDep, sed_layer: str | None = None, max_points: Points = None
+) -> dict[str, Any]:
+    """Scalars, SED gap/edge per window with phase bands, early warning, alert markers."""
+    page = pages()["overview"]
+    n = _points(max_points)
+    body = _base(session, run, page)
+    names = metric_names(session, run.id)
+    scalars = scalar_lines(session, run.id, n)
+    crossing_name = next((s for s in sorted(scalars) if dash.VAL_ACC_PATTERN.match(s)), "")
+    crossing = None
+    if crossing_name:
+        pts = repo.scalar_points(session, run.id, crossing_name, None, None)
+        crossing = dash.first_at_least([p[1] for p in pts], [p[2] for p in pts], dash.VAL_ACC_THRESHOLD)
+    warning = None
+    if dash.WARNING_KEY in names:
+        pts = repo.metric_points(session, run.id, dash.WARNING_KEY, dash.MODEL_LAYER, None, None)
+        warning = dash.first_at_least([p[1] for p in pts], [p[2] for p in pts], 0.5)
+    alerts = alert_rows(session, run.id)
+    markers = dash.overview_markers(warning, crossing, crossing_name, alerts)
+    body["summary"] = {
+        "early_warning_step": warning, "val_acc_name": crossing_name, "val_acc_crossing_step": crossing,
+        "lead_steps": None if warning is None or crossing is None else crossing - warning,
+        "metric_names": len(names), "open_alerts": sum(1 for a in alerts if a["status"] == "open"),
+    }
+    gap_names = dash.match_names(names, page.panel("sed_gap").match)
+    layer_opts = layers_at_last_step(session, run.id, gap_names[0]) if gap_names else []
+    layer = _choose(layer_opts, sed_layer, [dash.MODEL_LAYER])
+    if layer_opts:
+        body["controls"]["sed_layer"] = {"label": "SED layer", "options": layer_opts, "value": layer}
+
+    claimed: set[str] = set()
+    panels = []
+    for spec in page.panels:
+        if spec.kind == "scalars":
+            chosen = [s for s in dash.match_names(scalars, spec.match) if s not in claimed]
+            claimed.update(chosen)
+            fig = dash.line_figure(
+                spec.title, [scalars[s] for s in chosen], y_title=spec.y_title, log_y=spec.log_y,
+                markers=markers,
+            )
+            panels.append(dash.panel_from(spec, fig))
+        elif spec.kind == "sed":
+            lines = []
+            bands: list[dash.Band] = []
+            for name in dash.match_names(names, spec.match):
+                for line in metric_lines(session, run.id, name, layer, n):
+                    lines.append(dash.Line(dash.window_of(name) or name, line.x, line.y))
+            phase_names = dash.match_names(names, [dash.PHASE_PREFIX + ".w*", dash.PHASE_PREFIX])
+            if phase_names and lines:
+                phase = metric_lines(session, run.id, phase_names[0], layer, 100_000)
+                if phase:
+                    bands = dash.phase_bands(phase[0].x, phase[0].y)
+            title = spec.title + (f" · {layer}" if layer else "")
+            fig = dash.line_figure(title, lines, y_title=spec.y_title, log_y=spec.log_y, markers=markers, bands=bands)
+            panels.append(dash.panel_from(spec, fig))
+        else:
+            lines = []
+            for name in dash.match_names(names, spec.match):
+                lines += [dash.Line(name, ln.x, ln.y) for ln in metric_lines(session, run.id, name, dash.MODEL_LAYER, n)]
+            fig = dash.line_figure(spec.title, lines, y_title=spec.y_title, markers=markers)
+            panels.append(dash.panel_from(spec, fig))
+    body["panels"] = [p.public() for p in panels]
+    return body
+
+
+@api_router.get("/runs/{run_id}/layers")
+def read_layers(
+    run: RunDep, session: SessionDep, metric: str | None = None,
+    columns: Annotated[int, Query(ge=10, le=2000)] = HEATMAP_COLUMNS,
+) -> dict[str, Any]:
+    """Layer × step heatmap of one metric (steps sampled to ``columns``)."""
+    page = pages()["layers"]
+    body = _base(session, run, page)
+    names = [
+        n for n in metric_names(session, run.id)
+        if not dash.match_names([n], page.exclude)
+    ]
+    chosen = _choose(names, metric, page.preferred)
+    spec = page.panel("heatmap")
+    panel = dash.panel_from(spec, None)
+    if chosen is not None:
+        body["controls"]["metric"] = {"label": "metric", "options": names, "value": chosen}
+        steps, skipped = sampled_steps(session, run.id, chosen, columns)
+        grid = dash.grid_from_rows(grid_rows(session, run.id, chosen, steps))
+        panel = dash.panel_from(spec, dash.heatmap_figure(chosen, grid, sampled=skipped))
+        panel.extra["click"] = {"kind": "layer_drilldown", "metric": chosen}
+    body["panels"] = [panel.public()]
+    return body
+
+
+@api_router.get("/runs/{run_id}/layer")
+def read_layer(
+    run: RunDep, session: SessionDep,
+    layer: Annotated[str, Query(min_length=1, max_length=500)],
+    step: int | None = None, metric: str | None = None, max_points: Points = None,
+) -> dict[str, Any]:
+    """Drilldown of one layer: ESD + power law, MP bulk and spikes, plain vs FARMS alpha."""
+    page = pages()["layer"]
+    n = _points(max_points)
+    body = _base(session, run, page)
+    body["layer"] = layer
+    rows = [r for r in repo.spectra_for(session, run.id, layer, None, None) if "plain" in r.payload or "farms" in r.payload]
+    steps = sorted({r.step for r in rows})
+    chosen_row = None
+    if rows:
+        target = step if step is not None else steps[-1]
+        at_or_before = [r for r in rows if r.step <= target] or rows
+        chosen_row = max(at_or_before, key=lambda r: (r.step, r.id))
+        body["controls"]["step"] = {"label": "ESD at step", "options": [str(s) for s in steps], "value": str(chosen_row.step)}
+    names = metric_names(session, run.id)
+    panels = []
+    for spec in page.panels:
+        if spec.kind in ("esd", "mp"):
+            part = (chosen_row.payload.get(spec.match[0]) if chosen_row is not None else None) or {}
+            title = f"{spec.title} · {layer}" + (f" @ step {chosen_row.step}" if chosen_row is not None else "")
+            builder = dash.esd_figure if spec.kind == "esd" else dash.mp_figure
+            fig = builder(part, title) if part else None
+            skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
+            panels.append(dash.panel_from(spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None))
+        else:
+            lines = []
+            for name in dash.match_names(names, spec.match):
+                lines += [dash.Line(name, ln.x, ln.y) for ln in metric_lines(session, run.id, name, layer, n)]
+            band = dash.HTSR_GOOD_RANGE if spec.kind == "alpha_history" else None
+            fig = dash.line_figure(f"{spec.title} · {layer}", lines, y_title=spec.y_title, y_band=band,
+                                   markers=[dash.Marker(chosen_row.step, "ESD step", "#555", "dot")] if chosen_row is not None else ())
+            panels.append(dash.panel_from(spec, fig))
+    body["panels"] = [p.public() for p in panels]
+    heat = _choose([m for m in names if not m.startswith("grok.")], metric, pages()["layers"].preferred)
+    body["links"] = {"heatmap_metric": heat}
+    return body
+
+
+@api_router.get("/runs/{run_id}/activations")
+def read_activations(run: RunDep, session: SessionDep, max_points: Points = None) -> dict[str, Any]:
+    """EigenTrack descriptors per module over steps: one figure per descriptor."""
+    page = pages()["activations"]
+    n = _points(max_points)
+    body = _base(session, run, page)
+    names = metric_names(session, run.id)
+    panels = []
+    for spec in page.panels:
+        matched = dash.match_names(names, spec.match)
+        if not matched:
+            panels.append(dash.panel_from(spec, None))
+            continue
+        groups = [[m] for m in matched] if spec.split else [matched]
+        for group in groups:
+            lines = []
+            for name in group:
+                label = (lambda ln, nm=name: ln if len(group) == 1 else f"{nm} · {ln}")
+                lines += [dash.Line(label(ln.name), ln.x, ln.y) for ln in metric_lines(session, run.id, name, None, n)]
+            title = group[0] if len(group) == 1 else spec.title
+            sub = dash.PanelSpec(f"{spec.id}-{group[0]}", title, spec.kind, help=spec.help, empty=spec.empty)
+            panels.append(dash.panel_from(sub, dash.line_figure(title, lines, y_title=group[0] if len(group) == 1 else "")))
+    body["panels"] = [p.public() for p in panels]
+    return body
+
+
+@api_router.get("/runs/{run_id}/alerts")
+def read_alerts(run: RunDep, session: SessionDep) -> dict[str, Any]:
+    """Alert episodes on a timeline, the alert list and the project's webhook delivery log."""
+    page = pages()["alerts"]
+    body = _base(session, run, page)
+    alerts = alert_rows(session, run.id)
+    spec = page.panel("timeline")
+    body["panels"] = [dash.panel_from(spec, dash.alerts_timeline_figure(alerts, run.last_step)).public()]
+    body["tables"] = [
+        {
+            "id": "alerts", "title": "Alerts",
+            "columns": ["step", "rule", "layer", "severity", "status", "resolved_step", "message"],
+            "rows": [[a[c] for c in ("step", "rule", "layer", "severity", "status", "resolved_step", "message")] for a in alerts],
+            "empty": "No alerts for this run.",
+        },
+        {
+            "id": "deliveries", "title": "Webhook deliveries (this project)",
+            "columns": ["id", "event", "url", "status", "attempts", "last_status_code", "latency_ms", "last_error", "created_at", "delivered_at"],
+            "rows": [
+                [d[c] for c in ("id", "event", "url", "status", "attempts", "last_status_code", "latency_ms", "last_error", "created_at", "delivered_at")]
+                for d in delivery_rows(session, run.project_id)
+            ],
+            "empty": "No webhook deliveries yet (add one with POST /api/v1/webhooks).",
+        },
+    ]
+    return body
+
+
+@api_router.get("/compare")
+def read_compare(
+    principal: PrincipalDep, session: SessionDep,
+    runs: Annotated[str, Query(pattern=r"^\d+(,\d+)*$")],
+    names: str | None = None, layer: str | None = None, max_points: Points = None,
+) -> dict[str, Any]:
+    """Two or more runs overlaid per metric or scalar, aligned by step."""
+    page = pages()["compare"]
+    n = _points(max_points)
+    ids = list(dict.fromkeys(int(r) for r in runs.split(",")))[:MAX_COMPARE_RUNS]
+    run_rows = [find_run(session, principal, i) for i in ids]
+    scalars = {r.id: scalar_lines(session, r.id, n) for r in run_rows}
+    metrics = {r.id: metric_names(session, r.id) for r in run_rows}
+    available = sorted({*(s for v in scalars.values() for s in v), *(m for v in metrics.values() for m in v)},
+                       key=dash.natural_key)
+    requested = [x for x in (names or "").split(",") if x in available]
+    if not requested:
+        requested = []
+        for pattern in page.preferred:
+            hit = dash.match_names(available, [pattern])
+            if hit and hit[0] not in requested:
+                requested.append(hit[0])
+        requested = requested[:3] or available[:1]
+    metric_chosen = [x for x in requested if any(x in m for m in metrics.values())]
+    layer_opts: list[str] = []
+    for r in run_rows:
+        for name in metric_chosen:
+            layer_opts += [la for la in layers_at_last_step(session, r.id, name) if la not in layer_opts]
+    layer_value = _choose(layer_opts, layer, [dash.MODEL_LAYER])
+    body: dict[str, Any] = {
+        "runs": [run_public(session, r).model_dump(mode="json") for r in run_rows],
+        "page": {"id": page.id, "title": page.title},
+        "controls": {"names": {"label": "metrics", "options": available, "value": requested, "multiple": True}},
+        "tables": [],
+    }
+    if layer_opts:
+        body["controls"]["layer"] = {"label": "layer", "options": layer_opts, "value": layer_value}
+    spec = page.panel("compare")
+    panels = []
+    for name in requested:
+        lines = []
+        for r in run_rows:
+            label = f"#{r.id} {r.name}"
+            if name in scalars[r.id]:
+                ln = scalars[r.id][name]
+                lines.append(dash.Line(label, ln.x, ln.y))
+            elif name in metrics[r.id]:
+                lines += [dash.Line(label, ln.x, ln.y) for ln in metric_lines(session, r.id, name, layer_value, n)]
+        title = name + (f" · {layer_value}" if name in metric_chosen and layer_value else "")
+        sub = dash.PanelSpec(f"compare-{name}", title, "compare", empty=spec.empty)
+        panels.append(dash.panel_from(sub, dash.line_figure(title, lines, y_title=name)))
+    if not panels:
+        panels.append(dash.panel_from(spec, None))
+    body["panels"] = [p.public() for p in panels]
+    return body
+
+
+# --- HTML pages -------------------------------------------------------------------------------
+
+
+def _age(value: datetime | None, now: datetime) -> str:
+    if value is None:
+        return "—"
+    seconds = max(0.0, (now - value).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{math.floor(seconds / size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+SORTS = {
+    "id": lambda r: r["id"], "name": lambda r: r["name"].lower(), "step": lambda r: r["last_step"] or -1,
+    "age": lambda r: r["created_ts"], "alerts": lambda r: r["open_alerts"], "status": lambda r: r["status"],
+}
+
+
+def runs_table(
+    session: Session, principal_project: int | None, project: str | None, status: str | None,
+    q: str | None, sort: str, desc: bool,
+) -> list[dict[str, Any]]:
+    project_id = principal_project
+    if project is not None:
+        row = repo.get_project(session, project)
+        if row is None or (principal_project is not None and row.id != principal_project):
+            raise ApiError(404, "project_not_found", f"project {project!r} does not exist")
+        project_id = row.id
+    runs = repo.list_runs(session, project_id, 1000, 0)
+    counts = open_alert_counts(session, [r.id for r in runs])
+    projects = {p.id: p.name for p in session.scalars(select(Project)).all()}
+    now = datetime.now(timezone.utc)
+    out = []
+    for r in runs:
+        if status and r.status != status:
+            continue
+        if q and q.lower() not in r.name.lower():
+            continue
+        out.append(
+            {
+                "id": r.id, "name": r.name, "project": projects.get(r.project_id, "?"), "status": r.status,
+                "last_step": r.last_step, "age": _age(r.created_at, now), "seen": _age(r.last_seen_at, now),
+                "created_ts": r.created_at.timestamp(), "open_alerts": counts.get(r.id, 0), "tags": r.tags,
+            }
+        )
+    out.sort(key=SORTS.get(sort, SORTS["id"]), reverse=desc)
+    return out
+
+
+def _page(request: Request, template: str, **context: Any) -> HTMLResponse:
+    context.setdefault("static", STATIC_URL)
+    return templates().TemplateResponse(request, template, context)
+
+
+@router.get("/", response_class=HTMLResponse)
+def show_runs(
+    request: Request, state: StateDep, session: SessionDep, project: str | None = None,
+    status: str | None = None, q: str | None = None, sort: str = "id", desc: bool = True,
+    fragment: bool = False,
+) -> HTMLResponse:
+    """All runs (of one project with ``?project=``): status, last step, age, open alerts."""
+    if state.settings.require_auth:
+        rows: list[dict[str, Any]] = []
+        locked = True
+    else:
+        rows = runs_table(session, None, project, status, q, sort, desc)
+        locked = False
+    context = {
+        "rows": rows, "project": project, "status": status or "", "q": q or "", "sort": sort,
+        "desc": desc, "locked": locked, "projects": [p.name for p in repo.list_projects(session)] if not locked else [],
+    }
+    return _page(request, "runs_table.html" if fragment else "runs.html", **context)
+
+
+@router.get("/projects/{name}", response_class=HTMLResponse)
+def show_project(
+    request: Request, state: StateDep, session: SessionDep, name: str, status: str | None = None,
+    q: str | None = None, sort: str = "id", desc: bool = True, fragment: bool = False,
+) -> HTMLResponse:
+    return show_runs(request, state, session, name, status, q, sort, desc, fragment)
+
+
+def _run_page(request: Request, state: Any, session: Session, run_id: int, page: str, **extra: Any) -> HTMLResponse:
+    title = f"run {run_id}"
+    if not state.settings.require_auth:  # with auth on, the shell names nothing until the API answers
+        run = repo.get_run(session, run_id)
+        if run is None:
+            raise ApiError(404, "run_not_found", f"run {run_id} does not exist")
+        title = f"{run.name} (#{run.id})"
+    config = {"page": page, "runId": run_id, "api": "/api/v1", **extra}
+    return _page(request, "run.html", page=page, title=title, run_id=run_id, config=config,
+                 page_title=pages()[page].title, **extra)
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse)
+def show_run(request: Request, state: StateDep, session: SessionDep, run_id: int) -> HTMLResponse:
+    return _run_page(request, state, session, run_id, "overview")
+
+
+@router.get("/runs/{run_id}/layers", response_class=HTMLResponse)
+def show_layers(request: Request, state: StateDep, session: SessionDep, run_id: int) -> HTMLResponse:
+    return _run_page(request, state, session, run_id, "layers")
+
+
+@router.get("/runs/{run_id}/layers/{layer:path}", response_class=HTMLResponse)
+def show_layer(request: Request, state: StateDep, session: SessionDep, run_id: int, layer: str) -> HTMLResponse:
+    return _run_page(request, state, session, run_id, "layer", layer=layer)
+
+
+@router.get("/runs/{run_id}/activations", response_class=HTMLResponse)
+def show_activations(request: Request, state: StateDep, session: SessionDep, run_id: int) -> HTMLResponse:
+    return _run_page(request, state, session, run_id, "activations")
+
+
+@router.get("/runs/{run_id}/alerts", response_class=HTMLResponse)
+def show_alerts(request: Request, state: StateDep, session: SessionDep, run_id: int) -> HTMLResponse:
+    return _run_page(request, state, session, run_id, "alerts")
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def show_compare(request: Request, runs: str = "") -> HTMLResponse:
+    config = {"page": "compare", "runId": None, "api": "/api/v1"}
+    return _page(request, "run.html", page="compare", title="compare runs", run_id=None,
+                 config=config, page_title=pages()["compare"].title)

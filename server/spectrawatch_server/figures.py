@@ -1,0 +1,607 @@
+"""Dashboard figures: query rows in, Plotly figure JSON (plain dicts) out. Pure: no I/O, no SQL.
+
+(Named ``figures`` because ``spectrawatch_server.dashboards`` is the package of page files,
+templates and static assets shipped from the top-level ``dashboards/`` folder.)
+
+Page definitions (``dashboards/pages/*.json``, shipped as ``spectrawatch_server.dashboards``)
+are parsed by :func:`parse_page`; each panel names a plot ``kind`` and the metric keys it shows
+(glob patterns, matched against the run's metric names). The route module
+(``api/routes/dashboards.py``) runs the queries and calls the builders here; the browser only
+hands the returned ``{"data", "layout"}`` to ``Plotly.react``.
+
+Figures use plotly.js >= 3 conventions (titles as ``{"text": ...}``), SVG traces for small
+series and ``scattergl`` once a figure holds more than :data:`WEBGL_POINTS` points.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+Figure = dict[str, Any]
+
+WEBGL_POINTS = 20_000  # above this many points in one figure, line traces switch to WebGL
+VAL_ACC_THRESHOLD = 0.9  # "generalised" line of the grokking overview
+VAL_ACC_PATTERN = re.compile(r"^(val|valid|validation|test|eval)[._/ -]?(acc|accuracy)$", re.I)
+WARNING_KEY = "grok.imminent"  # 1.0 from the step the SED early-warning detector fires
+PHASE_PREFIX = "sed.phase"
+MODEL_LAYER = "__model__"
+HTSR_GOOD_RANGE = (2.0, 6.0)  # Martin & Mahoney JMLR 2021 §5: well-trained layers
+
+# Phase codes of ``sed.phase`` (spectrawatch.spectral.sed.Phase): paper §3 rise/plateau/collapse.
+PHASES: dict[int, tuple[str, str]] = {
+    1: ("rise", "rgba(46, 160, 67, 0.13)"),
+    2: ("plateau", "rgba(130, 130, 130, 0.13)"),
+    3: ("collapse", "rgba(214, 39, 40, 0.15)"),
+}
+SEVERITY_COLORS = {"critical": "#d62728", "error": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
+PANEL_KINDS = frozenset(
+    {
+        "scalars", "sed", "lines", "heatmap", "esd", "mp", "alpha_history",
+        "layer_metrics", "alerts_timeline", "compare",
+    }
+)
+
+
+class PageSpecError(ValueError):
+    """A page definition file is malformed (names the page and the field)."""
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    """One plot of a page: ``kind`` (a :data:`PANEL_KINDS` member) over metrics ``match``."""
+
+    id: str
+    title: str
+    kind: str
+    match: tuple[str, ...] = ()
+    y_title: str = ""
+    log_y: bool = False
+    split: bool = False  # one figure per matched metric name instead of one for all
+    empty: str = "No data for this panel yet."
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    """A dashboard page: its ``panels`` and the URL ``controls`` it offers."""
+
+    id: str
+    title: str
+    panels: tuple[PanelSpec, ...]
+    controls: tuple[str, ...] = ()
+    preferred: tuple[str, ...] = ()  # default metric order for a ``metric`` control
+    exclude: tuple[str, ...] = ()  # metric patterns a ``metric`` control never offers
+
+    def panel(self, panel_id: str) -> PanelSpec:
+        for p in self.panels:
+            if p.id == panel_id:
+                return p
+        raise KeyError(panel_id)
+
+
+def _strings(page: str, raw: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = raw.get(key, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PageSpecError(f"page {page!r}: {key!r} must be a string or a list of strings")
+    return tuple(value)
+
+
+def parse_page(raw: Mapping[str, Any]) -> PageSpec:
+    """Validate one page definition (the parsed JSON of ``dashboards/pages/<id>.json``)."""
+    page = str(raw.get("id", "?"))
+    if not isinstance(raw.get("id"), str) or not isinstance(raw.get("title"), str):
+        raise PageSpecError(f"page {page!r}: 'id' and 'title' must be strings")
+    panels = []
+    for i, p in enumerate(raw.get("panels", [])):
+        if not isinstance(p, Mapping):
+            raise PageSpecError(f"page {page!r}: panels[{i}] must be an object")
+        kind = p.get("kind")
+        if kind not in PANEL_KINDS:
+            raise PageSpecError(f"page {page!r}: panels[{i}].kind {kind!r} is not one of {sorted(PANEL_KINDS)}")
+        for key in ("id", "title"):
+            if not isinstance(p.get(key), str):
+                raise PageSpecError(f"page {page!r}: panels[{i}].{key} must be a string")
+        panels.append(
+            PanelSpec(
+                id=p["id"],
+                title=p["title"],
+                kind=kind,
+                match=_strings(page, p, "match"),
+                y_title=str(p.get("y_title", "")),
+                log_y=bool(p.get("log_y", False)),
+                split=bool(p.get("split", False)),
+                empty=str(p.get("empty", PanelSpec.empty)),
+                help=str(p.get("help", "")),
+            )
+        )
+    ids = [p.id for p in panels]
+    if len(set(ids)) != len(ids):
+        raise PageSpecError(f"page {page!r}: panel ids must be unique, got {ids}")
+    return PageSpec(
+        id=raw["id"],
+        title=raw["title"],
+        panels=tuple(panels),
+        controls=_strings(page, raw, "controls"),
+        preferred=_strings(page, raw, "preferred"),
+        exclude=_strings(page, raw, "exclude"),
+    )
+
+
+# --- small pure helpers --------------------------------------------------------------------
+
+
+def match_names(names: Iterable[str], patterns: Sequence[str]) -> list[str]:
+    """Names matching any glob in ``patterns``, in pattern order then natural (window) order."""
+    out: list[str] = []
+    pool = list(names)
+    for pattern in patterns:
+        hits = sorted((n for n in pool if fnmatch.fnmatchcase(n, pattern)), key=natural_key)
+        out.extend(h for h in hits if h not in out)
+    return out
+
+
+def natural_key(text: str) -> tuple[Any, ...]:
+    """Sort key that orders embedded integers numerically (``w16`` before ``w128``)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
+def window_of(name: str) -> str:
+    """The window suffix of a windowed SED key (``sed.gap_ratio.w32`` -> ``w32``), or ``""``."""
+    m = re.search(r"\.(w\d+)$", name)
+    return m.group(1) if m else ""
+
+
+def first_at_least(steps: Sequence[int], values: Sequence[float | None], threshold: float) -> int | None:
+    """First step whose value is >= ``threshold`` (None values skipped), or None."""
+    for s, v in zip(steps, values, strict=True):
+        if v is not None and v >= threshold:
+            return int(s)
+    return None
+
+
+def phase_spans(steps: Sequence[int], codes: Sequence[float | None]) -> list[tuple[int, int, int]]:
+    """Contiguous ``(start, end, code)`` runs of a phase series (unknown/None codes break runs).
+
+    A span ends where the next one starts, so bands tile the axis without gaps.
+    """
+    spans: list[tuple[int, int, int]] = []
+    cur: int | None = None
+    start = 0
+    for s, c in zip(steps, codes, strict=True):
+        code = None if c is None or not math.isfinite(c) else int(round(c))
+        if code not in PHASES:
+            code = None
+        if code != cur:
+            if cur is not None:
+                spans.append((start, int(s), cur))
+            cur, start = code, int(s)
+    if cur is not None and steps:
+        spans.append((start, int(steps[-1]), cur))
+    return spans
+
+
+def series_csv(traces: Sequence[tuple[str, Sequence[int], Sequence[float | None]]]) -> str:
+    """Long-format CSV ``series,step,value`` of line traces (the server-side twin of the
+    browser's CSV button, used by tests and exports)."""
+    lines = ["series,step,value"]
+    for name, xs, ys in traces:
+        quoted = '"' + name.replace('"', '""') + '"' if re.search(r'[",\n]', name) else name
+        lines.extend(f"{quoted},{x},{'' if y is None else repr(float(y))}" for x, y in zip(xs, ys, strict=True))
+    return "\n".join(lines) + "\n"
+
+
+# --- figure builders -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line trace: ``name`` with ``x`` steps and ``y`` values (None = gap, e.g. NaN)."""
+
+    name: str
+    x: Sequence[int]
+    y: Sequence[float | None]
+    group: str = ""
+    dash: str = "solid"
+    color: str | None = None
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A vertical marker at ``step`` (alert, early warning, accuracy crossing)."""
+
+    step: int
+    label: str
+    color: str = "#d62728"
+    dash: str = "dash"
+    hover: str = ""
+
+
+@dataclass(frozen=True)
+class Band:
+    """A shaded x-range (``start``..``end``) labelled ``label`` (phase bands)."""
+
+    start: int
+    end: int
+    label: str
+    color: str
+
+
+def _layout(title: str, *, x_title: str = "step", y_title: str = "", log_y: bool = False) -> dict[str, Any]:
+    return {
+        "title": {"text": title, "x": 0.01, "font": {"size": 14}},
+        "margin": {"l": 60, "r": 20, "t": 40, "b": 45},
+        "xaxis": {"title": {"text": x_title}, "zeroline": False},
+        "yaxis": {"title": {"text": y_title}, "type": "log" if log_y else "linear", "zeroline": False},
+        "legend": {"orientation": "h", "y": -0.18, "font": {"size": 11}},
+        "hovermode": "x unified",
+        "uirevision": title,  # keep zoom/legend state across live refreshes
+        "shapes": [],
+        "annotations": [],
+    }
+
+
+def line_figure(
+    title: str,
+    lines: Sequence[Line],
+    *,
+    y_title: str = "",
+    log_y: bool = False,
+    markers: Sequence[Marker] = (),
+    bands: Sequence[Band] = (),
+    y_band: tuple[float, float] | None = None,
+) -> Figure:
+    """Lines over steps with optional vertical markers, shaded x-bands and a shaded y-range."""
+    total = sum(len(line.x) for line in lines)
+    trace_type = "scattergl" if total > WEBGL_POINTS else "scatter"
+    data = []
+    for line in lines:
+        trace: dict[str, Any] = {
+            "type": trace_type,
+            "mode": "lines+markers" if len(line.x) <= 30 else "lines",
+            "name": line.name,
+            "x": list(line.x),
+            "y": list(line.y),
+            "line": {"dash": line.dash, "width": 1.6},
+            "connectgaps": False,
+        }
+        if line.color:
+            trace["line"]["color"] = line.color
+        if line.group:
+            trace["legendgroup"] = line.group
+        data.append(trace)
+    layout = _layout(title, y_title=y_title, log_y=log_y)
+    for band in bands:
+        layout["shapes"].append(
+            {
+                "type": "rect", "xref": "x", "yref": "paper", "x0": band.start, "x1": band.end,
+                "y0": 0, "y1": 1, "fillcolor": band.color, "line": {"width": 0}, "layer": "below",
+            }
+        )
+    seen_bands: set[str] = set()
+    for band in bands:  # one legend-like label per phase kind, at its first span
+        if band.label in seen_bands:
+            continue
+        seen_bands.add(band.label)
+        layout["annotations"].append(
+            {
+                "x": band.start, "y": 1, "xref": "x", "yref": "paper", "text": band.label,
+                "showarrow": False, "xanchor": "left", "yanchor": "top",
+                "font": {"size": 10, "color": "#555"},
+            }
+        )
+    if y_band is not None:
+        layout["shapes"].append(
+            {
+                "type": "rect", "xref": "paper", "yref": "y", "x0": 0, "x1": 1, "y0": y_band[0],
+                "y1": y_band[1], "fillcolor": "rgba(31, 119, 180, 0.07)", "line": {"width": 0},
+                "layer": "below",
+            }
+        )
+    for i, m in enumerate(markers):
+        layout["shapes"].append(
+            {
+                "type": "line", "xref": "x", "yref": "paper", "x0": m.step, "x1": m.step,
+                "y0": 0, "y1": 1, "line": {"color": m.color, "dash": m.dash, "width": 1.5},
+            }
+        )
+        layout["annotations"].append(
+            {
+                "x": m.step, "y": 1 - 0.07 * (i % 4), "xref": "x", "yref": "paper",
+                "text": m.label, "hovertext": m.hover or m.label, "showarrow": False,
+                "xanchor": "left", "yanchor": "top", "font": {"size": 10, "color": m.color},
+                "bgcolor": "rgba(255,255,255,0.7)",
+            }
+        )
+    return {"data": data, "layout": layout}
+
+
+def phase_bands(steps: Sequence[int], codes: Sequence[float | None]) -> list[Band]:
+    """Shaded bands for the rise/plateau/collapse phases of a ``sed.phase`` series."""
+    return [Band(a, b, PHASES[c][0], PHASES[c][1]) for a, b, c in phase_spans(steps, codes)]
+
+
+def overview_markers(
+    warning_step: int | None,
+    crossing_step: int | None,
+    crossing_name: str,
+    alerts: Sequence[Mapping[str, Any]] = (),
+) -> list[Marker]:
+    """Early-warning and val-accuracy markers (with the lead time between them) plus alerts."""
+    out: list[Marker] = []
+    if warning_step is not None:
+        lead = ""
+        if crossing_step is not None:
+            lead = f" (lead {crossing_step - warning_step:+d} steps)"
+        out.append(Marker(warning_step, "early warning" + lead, "#9467bd", "dot"))
+    if crossing_step is not None:
+        out.append(
+            Marker(crossing_step, f"{crossing_name} ≥ {VAL_ACC_THRESHOLD:g}", "#2ca02c", "dash")
+        )
+    for a in alerts:
+        color = SEVERITY_COLORS.get(str(a.get("severity", "warning")), "#ff7f0e")
+        label = f"⚠ {a.get('rule', 'alert')}"
+        hover = f"{a.get('rule')} {a.get('layer') or ''}: {a.get('message') or ''}".strip()
+        out.append(Marker(int(a["step"]), label, color, "dashdot", hover))
+    return out
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A layer × step matrix: ``z[i][j]`` is layer ``layers[i]`` at ``steps[j]`` (None = missing)."""
+
+    layers: list[str]
+    steps: list[int]
+    z: list[list[float | None]]
+
+
+def grid_from_rows(rows: Iterable[tuple[str, int, float | None]]) -> Grid:
+    """Pivot ``(layer, step, value)`` rows into a :class:`Grid` (layers in natural order)."""
+    cells: dict[tuple[str, int], float | None] = {}
+    layers: set[str] = set()
+    steps: set[int] = set()
+    for layer, step, value in rows:
+        cells[(layer, int(step))] = value
+        layers.add(layer)
+        steps.add(int(step))
+    lay = sorted(layers, key=natural_key)
+    st = sorted(steps)
+    z = [[cells.get((la, s)) for s in st] for la in lay]
+    return Grid(lay, st, z)
+
+
+def heatmap_figure(metric: str, grid: Grid, *, sampled: bool = False) -> Figure:
+    """Layer × step heatmap of ``metric``; a click on a cell opens that layer's drilldown.
+
+    ``sampled``: ``grid.steps`` is a sample of the stored steps (one per column, said in the
+    title so a reader knows the columns are decimated, not averaged).
+    """
+    title = f"{metric} by layer and step"
+    if sampled:
+        title += f" (sampled at {len(grid.steps)} steps)"
+    # Category y-axis in layer order, first layer at the top.
+    data = [
+        {
+            "type": "heatmap",
+            "x": grid.steps,
+            "y": grid.layers,
+            "z": grid.z,
+            "colorscale": "Viridis",
+            "colorbar": {"title": {"text": metric}, "thickness": 12},
+            "hovertemplate": "layer %{y}<br>step %{x}<br>" + metric + " %{z:.4g}<extra></extra>",
+            "hoverongaps": False,
+        }
+    ]
+    layout = _layout(title, y_title="layer")
+    layout["hovermode"] = "closest"
+    layout["yaxis"].update({"type": "category", "autorange": "reversed", "automargin": True})
+    layout["margin"]["l"] = 120
+    return {"data": data, "layout": layout}
+
+
+def _num(value: Any) -> float | None:
+    """A finite float from a JSON payload value, else None (payloads store NaN/Inf as null)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _floats(values: Any) -> list[float | None]:
+    return [_num(v) for v in values] if isinstance(values, list) else []
+
+
+def _bins(payload: Mapping[str, Any]) -> tuple[list[float], list[float], list[float], list[int]]:
+    """``(left edges, right edges, density, counts)`` of the valid bins of an ESD histogram."""
+    hist = payload.get("hist") or {}
+    edges = _floats(hist.get("edges"))
+    density = _floats(hist.get("density"))
+    counts = [int(c) if isinstance(c, (int, float)) else 0 for c in hist.get("counts", [])]
+    lo, hi, d, c = [], [], [], []
+    for i in range(min(len(edges) - 1, len(density))):
+        a, b, y = edges[i], edges[i + 1], density[i]
+        if a is None or b is None or y is None:
+            continue
+        lo.append(a)
+        hi.append(b)
+        d.append(y)
+        c.append(counts[i] if i < len(counts) else 0)
+    return lo, hi, d, c
+
+
+def _xy(part: Mapping[str, Any], ykey: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for x, y in zip(_floats(part.get("x")), _floats(part.get(ykey)), strict=False):
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def esd_figure(payload: Mapping[str, Any], title: str) -> Figure:
+    """ESD on log-log axes (``htsr.esd_payload``): histogram density, power-law fit, xmin line."""
+    lo, hi, density, _ = _bins(payload)
+    xs, ys = [], []
+    for a, b, d in zip(lo, hi, density, strict=True):
+        if d > 0 and a > 0:
+            xs.append(math.sqrt(a * b))
+            ys.append(d)
+    data: list[dict[str, Any]] = [
+        {"type": "scatter", "mode": "lines+markers", "name": "ESD (density)", "x": xs, "y": ys,
+         "line": {"shape": "hvh", "width": 1.4, "color": "#1f77b4"}, "marker": {"size": 4}},
+    ]
+    layout = _layout(title, x_title="eigenvalue λ", y_title="density", log_y=True)
+    layout["xaxis"]["type"] = "log"
+    layout["hovermode"] = "closest"
+    fit = payload.get("fit") or {}
+    alpha, xmin = _num(fit.get("alpha")), _num(fit.get("xmin"))
+    if alpha is not None and xmin is not None and xmin > 0:
+        fx, fy = _xy(fit, "pdf")
+        data.append(
+            {"type": "scatter", "mode": "lines", "name": f"power law α={alpha:.3f}", "x": fx,
+             "y": fy, "line": {"dash": "dash", "color": "#d62728", "width": 2}}
+        )
+        layout["shapes"].append(
+            {"type": "line", "xref": "x", "yref": "paper", "x0": xmin, "x1": xmin, "y0": 0, "y1": 1,
+             "line": {"color": "#d62728", "dash": "dot", "width": 1.2}}
+        )
+        layout["annotations"].append(  # annotation x on a log axis is in log10 units
+            {"x": math.log10(xmin), "y": 1, "xref": "x", "yref": "paper", "showarrow": False,
+             "text": f"xmin={xmin:.3g}", "xanchor": "left", "yanchor": "top",
+             "font": {"size": 10, "color": "#d62728"}}
+        )
+    lam = _num(payload.get("lambda_max"))
+    if lam is not None and lam > 0:
+        layout["annotations"].append(
+            {"x": math.log10(lam), "y": 0.9, "xref": "x", "yref": "paper", "showarrow": False,
+             "text": f"λmax={lam:.3g}", "xanchor": "right", "font": {"size": 10}}
+        )
+    return {"data": data, "layout": layout}
+
+
+def mp_figure(payload: Mapping[str, Any], title: str) -> Figure:
+    """ESD on linear axes against the fitted Marchenko-Pastur density: λ+ and the spikes past it."""
+    lo, hi, density, counts = _bins(payload)
+    mp = payload.get("mp") or {}
+    bulk_max = _num(mp.get("bulk_max"))
+    edge = bulk_max if bulk_max is not None else math.inf
+    centers = [(a + b) / 2 for a, b in zip(lo, hi, strict=True)]
+    widths = [b - a for a, b in zip(lo, hi, strict=True)]
+    inside = [i for i, c in enumerate(centers) if c <= edge]
+    spikes = [i for i, c in enumerate(centers) if c > edge and counts[i] > 0]
+    data: list[dict[str, Any]] = [
+        {"type": "bar", "name": "ESD bulk", "x": [centers[i] for i in inside],
+         "y": [density[i] for i in inside], "width": [widths[i] for i in inside],
+         "marker": {"color": "#1f77b4"}, "opacity": 0.75},
+    ]
+    if spikes:
+        data.append(
+            {"type": "bar", "name": "beyond λ+ (spikes)", "x": [centers[i] for i in spikes],
+             "y": [density[i] for i in spikes], "width": [widths[i] for i in spikes],
+             "customdata": [counts[i] for i in spikes], "marker": {"color": "#d62728"},
+             "hovertemplate": "λ≈%{x:.3g}: %{customdata} eigenvalue(s)<extra></extra>"}
+        )
+    layout = _layout(title, x_title="eigenvalue λ", y_title="density")
+    layout["hovermode"] = "closest"
+    layout["bargap"] = 0
+    sigma = _num(mp.get("sigma"))
+    if bulk_max is not None:
+        mx, my = _xy(mp, "pdf")
+        data.append(
+            {"type": "scatter", "mode": "lines",
+             "name": "Marchenko–Pastur" + (f" σ={sigma:.3g}" if sigma is not None else ""),
+             "x": mx, "y": my, "line": {"color": "#ff7f0e", "width": 2}}
+        )
+        n_spikes = int(_num(mp.get("num_spikes")) or 0)
+        layout["shapes"].append(
+            {"type": "line", "xref": "x", "yref": "paper", "x0": bulk_max, "x1": bulk_max,
+             "y0": 0, "y1": 1, "line": {"color": "#ff7f0e", "dash": "dash", "width": 1.5}}
+        )
+        layout["annotations"].append(
+            {"x": bulk_max, "y": 1, "xref": "x", "yref": "paper", "showarrow": False,
+             "text": f"λ+={bulk_max:.3g} · {n_spikes} spike(s)", "xanchor": "left",
+             "yanchor": "top", "font": {"size": 10, "color": "#ff7f0e"}}
+        )
+    return {"data": data, "layout": layout}
+
+
+def heatmap_click_target(run_id: int, layer: str, metric: str, step: int | None) -> str:
+    """The drilldown URL a heatmap cell click goes to (the browser builds the same one)."""
+    query = {"metric": metric}
+    if step is not None:
+        query["step"] = str(step)
+    return f"/runs/{run_id}/layers/{quote(layer, safe='')}?{urlencode(query)}"
+
+
+def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int | None) -> Figure:
+    """Alert episodes over steps, one row per rule: a segment from firing to resolution."""
+    data: list[dict[str, Any]] = []
+    by_severity: dict[str, list[Mapping[str, Any]]] = {}
+    for a in alerts:
+        by_severity.setdefault(str(a.get("severity", "warning")), []).append(a)
+    for severity, rows in sorted(by_severity.items()):
+        xs: list[int | None] = []
+        ys: list[str | None] = []
+        texts: list[str | None] = []
+        for a in rows:
+            end = a.get("resolved_step")
+            if end is None:
+                end = max(int(a["step"]), last_step or int(a["step"]))
+            label = f"{a['rule']} {a.get('layer') or ''}".strip()
+            text = f"{label}<br>{a.get('status')} · {a.get('message') or ''}"
+            xs += [int(a["step"]), int(end), None]
+            ys += [label, label, None]
+            texts += [text, text, None]
+        data.append(
+            {"type": "scatter", "mode": "lines+markers", "name": severity, "x": xs, "y": ys,
+             "text": texts, "hoverinfo": "text+x",
+             "line": {"width": 6, "color": SEVERITY_COLORS.get(severity, "#7f7f7f")},
+             "marker": {"size": 9, "symbol": "diamond"}}
+        )
+    layout = _layout("Alert episodes", y_title="rule · layer")
+    layout["hovermode"] = "closest"
+    layout["yaxis"].update({"type": "category", "automargin": True})
+    return {"data": data, "layout": layout}
+
+
+@dataclass
+class Panel:
+    """What the browser receives for one panel: a figure or an empty-state message."""
+
+    id: str
+    title: str
+    figure: Figure | None = None
+    empty: str = ""
+    help: str = ""
+    csv_name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "title": self.title, "figure": self.figure, "empty": self.empty,
+            "help": self.help, "csv_name": self.csv_name or self.id, **self.extra,
+        }
+
+
+def panel_from(spec: PanelSpec, figure: Figure | None, *, empty: str | None = None) -> Panel:
+    """A :class:`Panel` for ``spec``: the figure if it has data, else the spec's empty state."""
+    has_data = figure is not None and any(_trace_has_data(t) for t in figure.get("data", []))
+    return Panel(
+        id=spec.id,
+        title=spec.title,
+        figure=figure if has_data else None,
+        empty="" if has_data else (empty or spec.empty),
+        help=spec.help,
+    )
+
+
+def _trace_has_data(trace: Mapping[str, Any]) -> bool:
+    if trace.get("type") == "heatmap":
+        return any(v is not None for row in trace.get("z", []) for v in row)
+    return any(v is not None for v in trace.get("y", []))

@@ -1,0 +1,276 @@
+"""Scale-out queue: procrastinate on PostgreSQL (``SPECTRAWATCH_QUEUE=procrastinate``).
+
+The analysis job of a frame is a procrastinate job deferred **on the SQLAlchemy session's own
+psycopg connection**, so the frame row and its job commit or roll back together (no dual
+write, no broker). Jobs are consumed by ``spectrawatch worker`` processes
+(:mod:`spectrawatch_server.worker_main`), never by the API process.
+
+Delivery is at-least-once and the handler is idempotent (results are replaced per
+(frame, analysis)), so every job is done exactly once *in effect*:
+
+- queueing lock ``frame:<id>``: at most one waiting job per frame;
+- lock ``run:<id>``: the jobs of one run execute one at a time, in ingest order, so analyses
+  that read earlier results of their run (SED phase history) see them, whichever worker ran
+  them; different runs proceed in parallel on different workers;
+- retries with exponential backoff (``backoff ** attempt`` seconds); once the attempts are used
+  up the job ends ``failed`` and its frame's status becomes ``failed`` (visible in the API);
+- stalled jobs: workers heartbeat every ``heartbeat_seconds``; a periodic task (procrastinate's
+  opt-in recipe, docs ``howto/production/retry_stalled_jobs``) re-queues the ``doing`` jobs of
+  workers silent for ``stalled_seconds`` (a ``kill -9``-ed or wedged worker), counting it as an
+  attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from procrastinate import App, PsycopgConnector, RetryStrategy
+from procrastinate import exceptions as pexc
+from procrastinate.job_context import JobContext
+from procrastinate.jobs import Job, Status
+from procrastinate.schema import SchemaManager
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from spectrawatch_server.db.models import Frame
+from spectrawatch_server.queue.base import JobHandler
+from spectrawatch_server.storage import repository as repo
+
+log = logging.getLogger(__name__)
+
+ANALYSIS_TASK = "spectrawatch.analyse_frame"
+STALLED_TASK = "spectrawatch.retry_stalled_jobs"
+CLEANUP_TASK = "spectrawatch.delete_old_jobs"
+ANALYSIS_QUEUE = "spectrawatch-analysis"
+MAINTENANCE_QUEUE = "spectrawatch-maintenance"
+_SCHEMA_LOCK_KEY = 0x5357_5150  # pg_advisory_xact_lock key serialising schema installs
+
+# procrastinate job status -> the embedded queue's names, so health/API read the same keys.
+STATUS_NAMES = {
+    "todo": "pending",
+    "doing": "running",
+    "succeeded": "done",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "aborting": "running",
+    "aborted": "failed",
+}
+
+
+class QueueNotSupported(ValueError):
+    """The procrastinate queue was configured on a database that is not PostgreSQL."""
+
+
+def libpq_dsn(database_url: str) -> str:
+    """The libpq connection string for a SQLAlchemy ``postgresql[+driver]://`` URL."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "postgresql":
+        raise QueueNotSupported(
+            f"the procrastinate queue needs PostgreSQL, not {url.get_backend_name()!r}: "
+            "set SPECTRAWATCH_DATABASE_URL=postgresql+psycopg://... or SPECTRAWATCH_QUEUE=embedded"
+        )
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def ensure_schema(engine: Engine) -> bool:
+    """Install procrastinate's tables and functions if missing; True when it installed them.
+
+    Serialised by an advisory lock, so an API and several workers starting together install it
+    once. (Upgrading procrastinate across schema versions: ``procrastinate schema --migrate``.)
+    """
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        if conn.scalar(text("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")):
+            return False
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.execute(SchemaManager.get_schema())  # no parameters: sent verbatim
+        log.info("installed the procrastinate schema")
+        return True
+
+
+class ProcrastinateQueue:
+    """:class:`~spectrawatch_server.queue.base.JobQueue` over procrastinate.
+
+    ``handler`` is the job body (``Worker.process``); the API process passes it too but never
+    consumes jobs: only :meth:`run_worker` (the ``spectrawatch worker`` process) does.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        database_url: str,
+        handler: JobHandler,
+        *,
+        max_attempts: int = 5,
+        backoff_seconds: int = 2,
+        heartbeat_seconds: float = 10.0,
+        stalled_seconds: float = 30.0,
+        stall_check_seconds: int = 10,
+        poll_seconds: float = 5.0,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if not 1 <= stall_check_seconds <= 59:
+            raise ValueError("stall_check_seconds must be within 1..59 (a cron seconds step)")
+        self.sessions = sessions
+        self.handler = handler
+        self.max_attempts = max_attempts
+        self.heartbeat_seconds = heartbeat_seconds
+        self.stalled_seconds = stalled_seconds
+        self.poll_seconds = poll_seconds
+        # procrastinate counts *retries*: attempts 0..max_attempts-1 make max_attempts runs.
+        self.retry = RetryStrategy(max_attempts=max_attempts - 1, exponential_wait=backoff_seconds)
+        self.app = App(connector=PsycopgConnector(conninfo=libpq_dsn(database_url)))
+        self._register_tasks(stall_check_seconds)
+
+    # --- JobQueue --------------------------------------------------------------------
+
+    def enqueue(self, session: Session, frame_id: int) -> None:
+        """Defer the frame's analysis on the session's connection (same transaction)."""
+        frame = session.get_one(Frame, frame_id)  # in the identity map: flushed by the caller
+        try:
+            # A SAVEPOINT, so a queueing-lock conflict leaves the caller's transaction usable;
+            # session.connection() inside it is what makes SQLAlchemy emit the SAVEPOINT.
+            with session.begin_nested():
+                self.app.configure_task(
+                    ANALYSIS_TASK,
+                    lock=f"run:{frame.run_id}",
+                    queueing_lock=f"frame:{frame_id}",
+                    connection=session.connection().connection.driver_connection,
+                ).defer(frame_id=frame_id)
+        except pexc.AlreadyEnqueued:
+            log.info("analysis of frame %d is already queued", frame_id)
+
+    def notify(self) -> None:
+        """Nothing to do: procrastinate's insert trigger NOTIFYs listening workers."""
+
+    def start(self) -> None:
+        """Nothing to do: jobs are consumed by ``spectrawatch worker`` processes."""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Nothing to do (see :meth:`start`)."""
+
+    def counts(self) -> dict[str, int]:
+        """Analysis jobs by status, named as in the embedded queue (pending/running/done/failed)."""
+        with self.sessions() as session:
+            rows = session.execute(
+                text(
+                    "SELECT status::text, count(*) FROM procrastinate_jobs "
+                    "WHERE queue_name = :queue GROUP BY status"
+                ),
+                {"queue": ANALYSIS_QUEUE},
+            ).all()
+        out: dict[str, int] = {}
+        for status, n in rows:
+            name = STATUS_NAMES.get(status, status)
+            out[name] = out.get(name, 0) + int(n)
+        return out
+
+    @property
+    def alive(self) -> bool:
+        """Whether at least one worker heartbeat is fresher than the stall timeout."""
+        with self.sessions() as session:
+            live = session.scalar(
+                text(
+                    "SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat > "
+                    "now() - make_interval(secs => :secs)"
+                ),
+                {"secs": self.stalled_seconds},
+            )
+        return bool(live)
+
+    # --- worker side -------------------------------------------------------------------
+
+    def run_worker(self, name: str, *, stop_when_idle: bool = False) -> None:
+        """Consume jobs in this process, one at a time, until SIGINT/SIGTERM (blocks).
+
+        The job body runs in a thread of this process (procrastinate runs sync tasks via
+        ``asyncio.to_thread``), so the event loop keeps heartbeating during a long GPU job.
+        """
+        asyncio.run(self.run_worker_async(name, stop_when_idle=stop_when_idle))
+
+    async def run_worker_async(self, name: str, *, stop_when_idle: bool = False) -> None:
+        async with self.app.open_async():
+            await self.app.run_worker_async(
+                queues=[ANALYSIS_QUEUE, MAINTENANCE_QUEUE],
+                name=name,
+                concurrency=1,  # one job per device at a time
+                wait=not stop_when_idle,
+                fetch_job_polling_interval=self.poll_seconds,
+                update_heartbeat_interval=self.heartbeat_seconds,
+                stalled_worker_timeout=self.stalled_seconds,
+                install_signal_handlers=True,
+            )
+
+    async def retry_stalled_jobs(self) -> list[int]:
+        """Re-queue (or, out of attempts, fail) the running jobs of silent workers; their ids."""
+        stalled = await self.app.job_manager.get_stalled_jobs(
+            seconds_since_heartbeat=self.stalled_seconds
+        )
+        handled = []
+        for job in stalled:
+            assert job.id is not None
+            handled.append(job.id)
+            if job.task_name == ANALYSIS_TASK and job.attempts + 1 >= self.max_attempts:
+                log.warning("job %d stalled on its last attempt: marking it failed", job.id)
+                await asyncio.to_thread(
+                    self._fail_frame, _frame_id(job), "worker lost during the last attempt"
+                )
+                await self.app.job_manager.finish_job(job, Status.FAILED, delete_job=False)
+            else:
+                log.warning("job %d of a stalled worker re-queued", job.id)
+                await self.app.job_manager.retry_job(job)
+        return handled
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _register_tasks(self, stall_check_seconds: int) -> None:
+        retry = self.retry
+
+        def analyse_frame(context: JobContext, frame_id: int) -> None:
+            try:
+                self.handler(frame_id)
+            except Exception as exc:
+                if retry.get_retry_decision(exception=exc, job=context.job) is None:
+                    log.error("analysis of frame %d failed for good: %r", frame_id, exc)
+                    self._fail_frame(frame_id, repr(exc))
+                raise
+
+        async def retry_stalled_jobs(timestamp: int) -> None:
+            await self.retry_stalled_jobs()
+
+        task: Callable[..., Any] = self.app.task(
+            name=ANALYSIS_TASK, queue=ANALYSIS_QUEUE, pass_context=True, retry=retry
+        )(analyse_frame)
+        stalled = self.app.task(name=STALLED_TASK, queue=MAINTENANCE_QUEUE, priority=10)(
+            retry_stalled_jobs
+        )
+        self.app.periodic(cron=f"* * * * * */{stall_check_seconds}", periodic_id="stalled")(
+            stalled
+        )
+
+        async def delete_old_jobs(timestamp: int) -> None:
+            # The stalled-job check leaves a finished job every few seconds; analysis jobs stay.
+            await self.app.job_manager.delete_old_jobs(
+                nb_hours=1, queue=MAINTENANCE_QUEUE, include_failed=True
+            )
+
+        cleanup = self.app.task(name=CLEANUP_TASK, queue=MAINTENANCE_QUEUE)(delete_old_jobs)
+        self.app.periodic(cron="*/15 * * * *", periodic_id="cleanup")(cleanup)
+        del task
+
+    def _fail_frame(self, frame_id: int | None, error: str) -> None:
+        if frame_id is None:
+            return
+        with self.sessions.begin() as session:
+            repo.finish_frame(session, frame_id, "failed", error)
+
+
+def _frame_id(job: Job) -> int | None:
+    value = job.task_kwargs.get("frame_id")
+    return value if isinstance(value, int) else None

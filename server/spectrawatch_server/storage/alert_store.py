@@ -1,0 +1,230 @@
+"""SQL of alert rules, alerts, webhooks and the delivery outbox (callers own the transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from spectrawatch_server.db.base import utcnow
+from spectrawatch_server.db.models import (
+    Alert,
+    AlertRule,
+    Delivery,
+    DeliveryAttempt,
+    Metric,
+    Run,
+    Webhook,
+)
+
+# --- rules -------------------------------------------------------------------------------
+
+
+def stored_rules(session: Session, project_id: int) -> dict[str, tuple[bool, dict[str, Any]]]:
+    """A project's rule rows: ``{rule: (enabled, params)}``."""
+    rows = session.scalars(select(AlertRule).where(AlertRule.project_id == project_id)).all()
+    return {r.rule: (r.enabled, dict(r.params)) for r in rows}
+
+
+def upsert_rule(
+    session: Session, project_id: int, rule: str, enabled: bool, params: dict[str, Any]
+) -> AlertRule:
+    row = session.scalar(
+        select(AlertRule).where(AlertRule.project_id == project_id, AlertRule.rule == rule)
+    )
+    if row is None:
+        row = AlertRule(project_id=project_id, rule=rule, enabled=enabled, params=params)
+        session.add(row)
+    else:
+        row.enabled = enabled
+        row.params = params
+        row.updated_at = utcnow()
+    session.flush()
+    return row
+
+
+def delete_rule(session: Session, project_id: int, rule: str) -> bool:
+    result = session.execute(
+        delete(AlertRule).where(AlertRule.project_id == project_id, AlertRule.rule == rule)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --- alerts ------------------------------------------------------------------------------
+
+
+def frame_metrics(session: Session, frame_id: int) -> list[tuple[str, str, float | None]]:
+    """``(layer, name, value)`` of every metric stored for a frame."""
+    rows = session.execute(
+        select(Metric.layer, Metric.name, Metric.value).where(Metric.frame_id == frame_id)
+    ).all()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def open_alerts(session: Session, run_id: int) -> dict[tuple[str, str], Alert]:
+    """Open episodes of a run keyed by (rule, layer)."""
+    rows = session.scalars(
+        select(Alert).where(Alert.run_id == run_id, Alert.status == "open").order_by(Alert.id)
+    ).all()
+    return {(a.rule, a.layer): a for a in rows}
+
+
+def insert_alert(session: Session, alert: Alert) -> Alert:
+    session.add(alert)
+    session.flush()
+    return alert
+
+
+def resolve_alert(session: Session, alert: Alert, step: int | None) -> None:
+    alert.status = "resolved"
+    alert.resolved_step = step
+    alert.resolved_at = utcnow()
+    session.flush()
+
+
+def list_alerts(
+    session: Session,
+    *,
+    run_id: int | None = None,
+    project_id: int | None = None,
+    status: str | None = None,
+    rule: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> Sequence[Alert]:
+    stmt = select(Alert).order_by(Alert.id.desc()).limit(limit).offset(offset)
+    if run_id is not None:
+        stmt = stmt.where(Alert.run_id == run_id)
+    if project_id is not None:
+        stmt = stmt.where(Alert.run_id.in_(select(Run.id).where(Run.project_id == project_id)))
+    if status is not None:
+        stmt = stmt.where(Alert.status == status)
+    if rule is not None:
+        stmt = stmt.where(Alert.rule == rule)
+    return session.scalars(stmt).all()
+
+
+def silent_runs(session: Session, before: datetime) -> Sequence[Run]:
+    """Running runs whose last activity is older than ``before``."""
+    return session.scalars(
+        select(Run).where(Run.status == "running", Run.last_seen_at < before).order_by(Run.id)
+    ).all()
+
+
+def open_alerts_of_rule(session: Session, rule: str) -> Sequence[Alert]:
+    return session.scalars(select(Alert).where(Alert.rule == rule, Alert.status == "open")).all()
+
+
+# --- webhooks ----------------------------------------------------------------------------
+
+
+def project_webhooks(session: Session, project_id: int, enabled_only: bool) -> Sequence[Webhook]:
+    stmt = select(Webhook).where(Webhook.project_id == project_id).order_by(Webhook.id)
+    if enabled_only:
+        stmt = stmt.where(Webhook.enabled.is_(True))
+    return session.scalars(stmt).all()
+
+
+def list_webhooks(session: Session, project_id: int | None) -> Sequence[Webhook]:
+    stmt = select(Webhook).order_by(Webhook.id)
+    if project_id is not None:
+        stmt = stmt.where(Webhook.project_id == project_id)
+    return session.scalars(stmt).all()
+
+
+def disable_webhook(session: Session, webhook_id: int, reason: str) -> None:
+    """Disable an endpoint and fail its pending deliveries (a 410 Gone, or an operator)."""
+    session.execute(
+        update(Webhook)
+        .where(Webhook.id == webhook_id)
+        .values(enabled=False, disabled_reason=reason)
+    )
+    session.execute(
+        update(Delivery)
+        .where(Delivery.webhook_id == webhook_id, Delivery.status == "pending")
+        .values(status="failed", last_error=f"endpoint disabled: {reason}")
+    )
+
+
+# --- deliveries (outbox) -----------------------------------------------------------------
+
+
+def insert_delivery(session: Session, delivery: Delivery) -> Delivery:
+    session.add(delivery)
+    session.flush()
+    return delivery
+
+
+def claim_due_deliveries(
+    session: Session, now: datetime, lease: timedelta, limit: int
+) -> list[int]:
+    """Lease up to ``limit`` due pending deliveries by pushing their ``next_at`` past the lease.
+
+    The conditional UPDATE makes a claim exclusive across processes; a sender that dies
+    mid-attempt leaves the row due again when the lease runs out.
+    """
+    candidates = session.scalars(
+        select(Delivery.id)
+        .where(Delivery.status == "pending", Delivery.next_at <= now)
+        .order_by(Delivery.next_at, Delivery.id)
+        .limit(limit)
+    ).all()
+    claimed = []
+    for delivery_id in candidates:
+        result = session.execute(
+            update(Delivery)
+            .where(
+                Delivery.id == delivery_id, Delivery.status == "pending", Delivery.next_at <= now
+            )
+            .values(next_at=now + lease)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            claimed.append(delivery_id)
+    return claimed
+
+
+def record_attempt(
+    session: Session,
+    delivery_id: int,
+    status_code: int | None,
+    latency_ms: float | None,
+    error: str | None,
+) -> DeliveryAttempt:
+    attempt = DeliveryAttempt(
+        delivery_id=delivery_id, status_code=status_code, latency_ms=latency_ms, error=error
+    )
+    session.add(attempt)
+    session.flush()
+    return attempt
+
+
+def webhook_deliveries(
+    session: Session, webhook_id: int, status: str | None, limit: int, offset: int
+) -> Sequence[Delivery]:
+    stmt = (
+        select(Delivery)
+        .where(Delivery.webhook_id == webhook_id)
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    if status is not None:
+        stmt = stmt.where(Delivery.status == status)
+    return session.scalars(stmt).all()
+
+
+def delivery_attempts(session: Session, delivery_id: int) -> Sequence[DeliveryAttempt]:
+    return session.scalars(
+        select(DeliveryAttempt)
+        .where(DeliveryAttempt.delivery_id == delivery_id)
+        .order_by(DeliveryAttempt.id)
+    ).all()
+
+
+def alert_deliveries(session: Session, alert_id: int) -> Sequence[Delivery]:
+    return session.scalars(
+        select(Delivery).where(Delivery.alert_id == alert_id).order_by(Delivery.id)
+    ).all()

@@ -1,0 +1,1 @@
+"""Signed webhook delivery: Standard Webhooks signing, transactional outbox, sender, SSRF guard."""

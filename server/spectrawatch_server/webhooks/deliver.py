@@ -1,0 +1,354 @@
+"""Webhook sender: leases due outbox rows, signs and POSTs them, logs every attempt, retries.
+
+Retry schedule (Standard Webhooks): attempts at 0 s, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
+after the event, each delay with +-``jitter`` relative noise; a ``Retry-After`` answer pushes
+the next attempt at least that far. ``410 Gone`` disables the endpoint. A delivery past its
+``expires_at`` (or, for rules bound to a live run such as the grokking warning, once the run has
+ended) is marked failed instead of being sent late. Redirects are not followed; response bodies
+are truncated in the log. No database transaction is held open during the HTTP request.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import httpx
+from sqlalchemy.orm import Session, sessionmaker
+
+from spectrawatch_server.alerts.engine import engine_for
+from spectrawatch_server.alerts.rules import default_rules
+from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.db.base import utcnow
+from spectrawatch_server.db.models import Alert, Delivery, Run, Webhook
+from spectrawatch_server.storage import alert_store
+from spectrawatch_server.webhooks.outbox import slack_body
+from spectrawatch_server.webhooks.signing import encode_body, signed_headers
+from spectrawatch_server.webhooks.ssrf import Allowlist, Resolver, UnsafeTarget, check_url
+from spectrawatch_server.webhooks.ssrf import system_resolver as _system_resolver
+
+log = logging.getLogger(__name__)
+
+STANDARD_SCHEDULE: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """How deliveries are attempted. ``schedule[i]`` is the delay before attempt ``i + 1``."""
+
+    schedule: tuple[float, ...] = STANDARD_SCHEDULE
+    jitter: float = 0.2
+    timeout: float = 5.0
+    max_retry_after: float = 86_400.0
+    log_chars: int = 500
+    allow: Allowlist = field(default_factory=Allowlist)
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.schedule)
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """``"0,5,300"`` -> ``(0.0, 5.0, 300.0)``; at least one non-negative delay."""
+    values = tuple(float(x) for x in text.split(",") if x.strip())
+    if not values or any(v < 0 for v in values):
+        raise ValueError(f"retry schedule must be non-negative seconds, got {text!r}")
+    return values
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+def next_delay(
+    policy: DeliveryPolicy, attempts_made: int, retry_after: float | None, rng: random.Random
+) -> float | None:
+    """Seconds until the next attempt after ``attempts_made`` failures, or ``None`` to give up."""
+    if attempts_made >= policy.max_attempts:
+        return None
+    base = policy.schedule[attempts_made]
+    delay = base * (1.0 + rng.uniform(-policy.jitter, policy.jitter)) if base > 0 else 0.0
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, policy.max_retry_after))
+    return delay
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt did: the delivery's new ``status`` and the HTTP code (if any)."""
+
+    delivery_id: int
+    status: str
+    status_code: int | None
+    error: str | None
+    latency_ms: float | None
+
+
+@dataclass(frozen=True)
+class _Message:
+    webhook_id: int
+    url: str
+    secret: str
+    format: str
+    msg_id: str
+    body: bytes
+    attempts: int
+
+
+_EXPIRES_WITH_RUN = frozenset(r.name for r in default_rules() if r.expires_with_run)
+
+
+class Deliverer:
+    """Makes single delivery attempts and records them (usable from a route or the thread)."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        policy: DeliveryPolicy,
+        *,
+        resolve: Resolver = _system_resolver,
+        transport: httpx.BaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.policy = policy
+        self.resolve = resolve
+        self.rng = rng or random.Random()
+        self.client = httpx.Client(
+            transport=transport, follow_redirects=False, timeout=policy.timeout, trust_env=False
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def attempt(self, delivery_id: int) -> Outcome | None:
+        """One attempt of a pending delivery; ``None`` when it is no longer pending."""
+        message, skipped = self._load(delivery_id)
+        if message is None:
+            return skipped
+        try:
+            target = check_url(message.url, self.policy.allow, self.resolve)
+        except UnsafeTarget as exc:
+            return self._finish(delivery_id, message, None, None, f"refused: {exc}", None, True)
+        body = message.body
+        headers = signed_headers(message.msg_id, int(time.time()), body, message.secret)
+        url = httpx.URL(target.url)
+        headers["host"] = url.netloc.decode("ascii")
+        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        started = time.perf_counter()
+        try:
+            response = self.client.post(
+                url.copy_with(host=target.address),
+                content=body,
+                headers=headers,
+                extensions=extensions,
+            )
+        except httpx.HTTPError as exc:
+            latency = (time.perf_counter() - started) * 1000
+            return self._finish(
+                delivery_id, message, None, latency, f"{type(exc).__name__}: {exc}", None, False
+            )
+        latency = (time.perf_counter() - started) * 1000
+        code = response.status_code
+        error = (
+            None if 200 <= code < 300 else f"HTTP {code}: {response.text[: self.policy.log_chars]}"
+        )
+        retry_after = parse_retry_after(response.headers.get("retry-after"), utcnow())
+        return self._finish(delivery_id, message, code, latency, error, retry_after, False)
+
+    def _load(self, delivery_id: int) -> tuple[_Message | None, Outcome | None]:
+        with self.sessions.begin() as session:
+            delivery = session.get(Delivery, delivery_id)
+            if delivery is None or delivery.status != "pending":
+                return None, None
+            webhook = session.get(Webhook, delivery.webhook_id)
+            reason = self._expired(session, delivery, webhook)
+            if reason is not None:
+                delivery.status = "failed"
+                delivery.last_error = reason
+                return None, Outcome(delivery_id, "failed", None, reason, None)
+            assert webhook is not None
+            payload = (
+                slack_body(delivery.payload) if webhook.format == "slack" else delivery.payload
+            )
+            return _Message(
+                webhook.id,
+                webhook.url,
+                webhook.secret,
+                webhook.format,
+                delivery.message_id,
+                encode_body(payload),
+                delivery.attempts,
+            ), None
+
+    @staticmethod
+    def _expired(session: Session, delivery: Delivery, webhook: Webhook | None) -> str | None:
+        if webhook is None:
+            return "webhook deleted"
+        if not webhook.enabled:
+            return f"endpoint disabled: {webhook.disabled_reason or 'by operator'}"
+        if delivery.expires_at is not None and delivery.expires_at <= utcnow():
+            return "expired before it could be delivered"
+        if delivery.alert_id is not None:
+            alert = session.get(Alert, delivery.alert_id)
+            if alert is not None and alert.rule in _EXPIRES_WITH_RUN:
+                run = session.get(Run, alert.run_id)
+                if run is not None and run.status != "running":
+                    return f"expired: run ended ({run.status}) before delivery"
+        return None
+
+    def _finish(
+        self,
+        delivery_id: int,
+        message: _Message,
+        code: int | None,
+        latency_ms: float | None,
+        error: str | None,
+        retry_after: float | None,
+        final: bool,
+    ) -> Outcome:
+        with self.sessions.begin() as session:
+            alert_store.record_attempt(session, delivery_id, code, latency_ms, error)
+            delivery = session.get_one(Delivery, delivery_id)
+            delivery.attempts += 1
+            delivery.last_status_code = code
+            delivery.last_error = error
+            now = utcnow()
+            if code is not None and 200 <= code < 300:
+                delivery.status = "delivered"
+                delivery.delivered_at = now
+            elif code == 410:
+                delivery.status = "failed"
+                alert_store.disable_webhook(
+                    session, message.webhook_id, "receiver answered 410 Gone"
+                )
+            elif final:
+                delivery.status = "failed"
+            else:
+                delay = next_delay(self.policy, delivery.attempts, retry_after, self.rng)
+                due = None if delay is None else now + timedelta(seconds=delay)
+                if due is None:
+                    delivery.status = "failed"
+                    delivery.last_error = f"gave up after {delivery.attempts} attempts: {error}"
+                elif delivery.expires_at is not None and due > delivery.expires_at:
+                    delivery.status = "failed"
+                    delivery.last_error = f"expired before the next retry: {error}"
+                else:
+                    delivery.next_at = due
+            status = delivery.status
+            final_error = delivery.last_error
+        if status != "delivered":
+            log.info("webhook delivery %d: %s (%s)", delivery_id, status, final_error)
+        return Outcome(delivery_id, status, code, final_error, latency_ms)
+
+
+class DeliveryThread:
+    """Background sender: polls the outbox and runs periodic ``ticks`` (e.g. the silence sweep)."""
+
+    def __init__(
+        self,
+        deliverer: Deliverer,
+        *,
+        poll_seconds: float = 0.25,
+        lease_seconds: float = 60.0,
+        batch: int = 16,
+        ticks: Sequence[tuple[float, Callable[[], None]]] = (),
+    ) -> None:
+        self.deliverer = deliverer
+        self.poll_seconds = poll_seconds
+        self.lease = timedelta(seconds=max(lease_seconds, deliverer.policy.timeout * 3))
+        self.batch = batch
+        self.ticks = list(ticks)
+        self._next_tick = [0.0 for _ in self.ticks]
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._loop, name="spectrawatch-webhooks", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.deliverer.close()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def run_once(self) -> int:
+        """Attempt every due delivery once; returns how many were attempted."""
+        with self.deliverer.sessions.begin() as session:
+            ids = alert_store.claim_due_deliveries(session, utcnow(), self.lease, self.batch)
+        for delivery_id in ids:
+            if self._stop.is_set():
+                break
+            self.deliverer.attempt(delivery_id)
+        return len(ids)
+
+    def _run_ticks(self) -> None:
+        now = time.monotonic()
+        for i, (every, fn) in enumerate(self.ticks):
+            if now >= self._next_tick[i]:
+                self._next_tick[i] = now + every
+                fn()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            busy = 0
+            try:
+                self._run_ticks()
+                busy = self.run_once()
+            except Exception:  # the sender must survive a database hiccup
+                log.exception("webhook sender loop failed; retrying")
+                self._stop.wait(1.0)
+            if busy < self.batch:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+
+
+def policy_for(settings: ServerSettings) -> DeliveryPolicy:
+    """The delivery policy configured by ``SPECTRAWATCH_WEBHOOK_*`` settings."""
+    return DeliveryPolicy(
+        schedule=parse_schedule(settings.webhook_retry_schedule),
+        jitter=settings.webhook_jitter,
+        timeout=settings.webhook_timeout_seconds,
+        allow=Allowlist.parse(settings.webhook_allowed_hosts),
+    )
+
+
+def build_sender(settings: ServerSettings, sessions: sessionmaker[Session]) -> DeliveryThread:
+    """The sender thread (not started), with the silent-run sweep as a periodic tick."""
+    engine = engine_for(settings)
+
+    def sweep() -> None:
+        with sessions.begin() as session:
+            engine.sweep_silent(session)
+
+    return DeliveryThread(
+        Deliverer(sessions, policy_for(settings)),
+        poll_seconds=settings.webhook_poll_seconds,
+        ticks=[(settings.alert_sweep_seconds, sweep)],
+    )

@@ -1,0 +1,155 @@
+"""``spectrawatch worker``: long-lived analysis worker processes for the procrastinate queue.
+
+One process per device, one job at a time per process: a GPU worker keeps its CUDA context
+and caches warm between jobs and never shares the device with another job. CUDA is
+initialised only inside the process that runs jobs (lazily, by the first tensor moved to the
+device); with ``--concurrency N`` (CPU only) the supervisor starts N children with the
+``spawn`` start method and never touches CUDA itself, so no child inherits a forked CUDA state.
+Jobs carry a frame id; the worker reads the frame's blob from the shared blob store.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from types import FrameType
+
+from sqlalchemy.engine import make_url
+
+from spectrawatch_server.config import ServerSettings
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerConfigError(ValueError):
+    """A worker configuration that cannot run (wrong queue, several jobs on one GPU)."""
+
+
+def is_cuda(device: str) -> bool:
+    """Whether a device name (``cuda``, ``cuda:1``, ``auto``...) may put jobs on a GPU."""
+    return device.startswith("cuda") or device == "auto"
+
+
+def check_config(settings: ServerSettings, concurrency: int) -> None:
+    """Refuse what would break the worker rules before any process or CUDA context starts."""
+    if settings.queue != "procrastinate":
+        raise WorkerConfigError(
+            "`spectrawatch worker` consumes the procrastinate queue: set "
+            "SPECTRAWATCH_QUEUE=procrastinate and SPECTRAWATCH_DATABASE_URL=postgresql+psycopg://..."
+        )
+    if not settings.resolved_database_url.startswith("postgresql"):
+        raise WorkerConfigError(
+            "the procrastinate queue needs PostgreSQL: set "
+            "SPECTRAWATCH_DATABASE_URL=postgresql+psycopg://user:password@host/db"
+        )
+    if concurrency < 1:
+        raise WorkerConfigError("--concurrency must be >= 1")
+    if concurrency > 1 and is_cuda(settings.device):
+        raise WorkerConfigError(
+            "one job per GPU at a time: run one `spectrawatch worker --device cuda:K` per GPU "
+            "(--concurrency > 1 is for --device cpu)"
+        )
+
+
+def default_name(device: str) -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{device}"
+
+
+def serve(
+    settings: ServerSettings, name: str | None = None, *, stop_when_idle: bool = False
+) -> int:
+    """Run one worker in this process until SIGINT/SIGTERM (or until idle, for benchmarks)."""
+    from spectrawatch_server.app import build_state  # torch is imported here, CUDA still idle
+    from spectrawatch_server.queue.procrastinate import ProcrastinateQueue
+
+    worker_name = name or default_name(settings.device)
+    # The name shows in pg_stat_activity.application_name: which worker holds which lock/job.
+    url = make_url(settings.resolved_database_url)
+    url = url.update_query_dict({"application_name": worker_name[:63]})
+    settings = settings.model_copy(
+        update={"database_url": url.render_as_string(hide_password=False)}
+    )
+    state = build_state(settings)
+    queue = state.queue
+    if not isinstance(queue, ProcrastinateQueue):  # pragma: no cover - check_config prevents it
+        raise WorkerConfigError("the worker needs the procrastinate queue")
+    log.info("worker %s consuming analysis jobs on %s", worker_name, state.worker.device)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_maintenance)
+    try:
+        queue.run_worker(worker_name, stop_when_idle=stop_when_idle)
+    finally:
+        state.engine.dispose()
+    return 0
+
+
+def _quiet_maintenance(record: logging.LogRecord) -> bool:
+    """Drop procrastinate's per-run log lines of the every-few-seconds stalled-job check."""
+    if record.levelno >= logging.WARNING or not record.name.startswith("procrastinate"):
+        return True
+    message = record.getMessage()
+    return "retry_stalled_jobs" not in message and "delete_old_jobs" not in message
+
+
+def run(settings: ServerSettings, concurrency: int = 1, name: str | None = None) -> int:
+    """Entry point of ``spectrawatch worker``: one in-process worker or N spawned children."""
+    check_config(settings, concurrency)
+    if concurrency == 1:
+        return serve(settings, name)
+    _refuse_if_cuda_initialised()
+    base = name or default_name(settings.device)
+    ctx = multiprocessing.get_context("spawn")
+    children = [
+        ctx.Process(target=_child, args=(settings, f"{base}-{i}", concurrency), name=f"{base}-{i}")
+        for i in range(concurrency)
+    ]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for child in children:
+        child.join()
+    codes = [child.exitcode or 0 for child in children]
+    return max(codes, key=abs)
+
+
+def _child(settings: ServerSettings, name: str, concurrency: int) -> None:
+    """A spawned worker: dies with its supervisor, shares the CPU cores with its siblings."""
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // concurrency))
+    sys.exit(serve(settings, name))
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when its supervisor dies (even by SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - exotic libc
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+
+
+def _refuse_if_cuda_initialised() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise WorkerConfigError(
+            "CUDA is initialised in the supervisor: children must not inherit it"
+        )

@@ -1,0 +1,150 @@
+"""Seed a server's SQLite with a run that exercises every dashboard panel (plain functions).
+
+Rows go through ``storage.repository`` (and the ORM for alert/webhook rows, which have no
+repository functions yet) into a database migrated by Alembic, before the server starts.
+The HT-SR drill-down payload is the real ``esd_payload`` of a random matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectrawatch.spectral.htsr import analyze_weights, esd_payload
+from spectrawatch_server.db import migrate
+from spectrawatch_server.db.models import Alert, Delivery, DeliveryAttempt, Frame, Webhook
+from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage.repository import MetricRow, SpectrumRow
+
+LAYERS = ("blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "head")
+STEPS = tuple(range(0, 200, 10))  # 20 weight frames
+WARNING_STEP = 80
+CROSSING_STEP = 130
+ALERT_STEP = 150
+
+
+@dataclass(frozen=True)
+class SeededRun:
+    run_id: int
+    empty_run_id: int
+    other_run_id: int
+    layers: tuple[str, ...] = LAYERS
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def htsr_payloads(seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Real HT-SR drill-down payloads (plain + FARMS) for heavy-tailed random matrices."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {
+        name: torch.randn(96, 64, generator=gen, dtype=torch.float64)
+        * (1 + 3 * torch.rand(1, 64, generator=gen, dtype=torch.float64) ** 4)
+        for name in LAYERS
+    }
+    report = analyze_weights(weights)
+    out = {}
+    for layer in report.layers:
+        out[layer.layer] = _finite(
+            {"analysis": "htsr", "plain": esd_payload(layer.evals, layer.plain)}
+        )
+    return out
+
+
+def seed(data_dir: Path, project: str = "demo") -> SeededRun:
+    """Create the database under ``data_dir`` and fill three runs (full, empty, a second one)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(f"sqlite:///{data_dir / 'spectrawatch.db'}")
+    migrate.upgrade(engine)
+    sessions = make_session_factory(engine)
+    payloads = htsr_payloads()
+    with sessions.begin() as s:
+        proj, _ = repo.get_or_create_project(s, project)
+        run, _ = repo.get_or_create_run(s, proj, "grokking-demo", {"lr": 1e-3}, ["demo"])
+        empty, _ = repo.get_or_create_run(s, proj, "empty-run", {}, [])
+        other, _ = repo.get_or_create_run(s, proj, "baseline", {}, [])
+        run.status = "finished"
+        other.status = "finished"
+        for target, shift in ((run, 0.0), (other, 0.4)):
+            _fill(s, target.id, payloads, shift)
+        webhook = Webhook(project_id=proj.id, url="http://127.0.0.1:9/hook", secret="whsec_x", events=[])
+        s.add(webhook)
+        s.flush()
+        alert = Alert(
+            run_id=run.id, rule="heavy_tail_out_of_range", layer="blocks.1.mlp", severity="warning",
+            status="open", step=ALERT_STEP, message="alpha 1.7 < 2", values={"htsr.alpha": 1.7},
+        )
+        s.add(alert)
+        s.add(Alert(run_id=run.id, rule="grokking_imminent", layer="", severity="info",
+                    status="resolved", step=WARNING_STEP, resolved_step=CROSSING_STEP,
+                    message="SED early warning"))
+        s.flush()
+        delivery = Delivery(webhook_id=webhook.id, alert_id=alert.id, message_id="msg_1",
+                            event="alert.opened", payload={"rule": alert.rule}, status="delivered",
+                            attempts=2, last_status_code=200)
+        s.add(delivery)
+        s.flush()
+        s.add(DeliveryAttempt(delivery_id=delivery.id, status_code=503, latency_ms=12.0, error="503"))
+        s.add(DeliveryAttempt(delivery_id=delivery.id, status_code=200, latency_ms=8.5))
+        result = SeededRun(run.id, empty.id, other.id)
+    engine.dispose()
+    return result
+
+
+def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float) -> None:
+    for seq, step in enumerate(STEPS):
+        frame = Frame(run_id=run_id, kind="weights", step=step, seq=seq,
+                      idempotency_key=f"{run_id}:w{seq}", blob_key=f"x/{run_id}/{seq}", bytes=0,
+                      info={}, layers=list(LAYERS), nonfinite={}, status="done")
+        repo.insert_frame(s, frame)
+        metrics = []
+        for i, layer in enumerate(LAYERS):
+            alpha = 5.5 - 3.5 * step / STEPS[-1] + 0.2 * i + shift
+            metrics += [
+                MetricRow(layer, "htsr.alpha", step, alpha),
+                MetricRow(layer, "farms.alpha", step, alpha + 0.3),
+                MetricRow(layer, "htsr.stable_rank", step, 10 + i + step / 50),
+                MetricRow(layer, "norm.spectral", step, 1 + step / 100 + i),
+                MetricRow(layer, "eigentrack.entropy", step, 0.9 - step / 1000 - 0.01 * i),
+                MetricRow(layer, "eigentrack.outliers", step, float(i % 3 + step // 100)),
+            ]
+        spectra = [SpectrumRow(layer, payloads[layer]) for layer in LAYERS if layer in payloads]
+        repo.replace_results(s, run_id, frame.id, step, "htsr", metrics, spectra)
+    # Update-sketch derived SED at __model__, every step, windows 16 and 32, with phases.
+    seq0 = len(STEPS)
+    frame = Frame(run_id=run_id, kind="update_sketch", step=STEPS[-1], seq=seq0,
+                  idempotency_key=f"{run_id}:u", blob_key=f"x/{run_id}/u", bytes=0, info={},
+                  layers=["__model__"], nonfinite={}, status="done")
+    repo.insert_frame(s, frame)
+    sed = []
+    for step in range(0, 200):
+        rise = 1 + 4 * step / 60 if step < 60 else (5.0 if step < 120 else max(1.1, 5 - (step - 120) / 10))
+        phase = 1.0 if step < 60 else (2.0 if step < 120 else 3.0)
+        for w, scale in ((16, 1.0), (32, 1.2)):
+            sed += [
+                MetricRow("__model__", f"sed.gap_ratio.w{w}", step, rise * scale + shift),
+                MetricRow("__model__", f"sed.edge.w{w}", step, 3.0 if step < 120 else 1.0),
+                MetricRow("__model__", f"sed.phase.w{w}", step, phase),
+            ]
+        sed.append(MetricRow("__model__", "grok.warning_score", step, min(1.0, step / WARNING_STEP)))
+        sed.append(MetricRow("__model__", "grok.imminent", step, 1.0 if step >= WARNING_STEP else 0.0))
+    repo.replace_results(s, run_id, frame.id, STEPS[-1], "sed", sed, [])
+    scalars = []
+    for step in range(0, 200):
+        scalars.append((step, "loss", 2.5 * math.exp(-step / 40) + 0.01))
+        acc = 0.2 + 0.78 / (1 + math.exp(-(step - CROSSING_STEP + 8) / 3))
+        scalars.append((step, "val_acc", acc))
+        scalars.append((step, "train_acc", min(1.0, 0.3 + step / 50)))
+    repo.upsert_scalars(s, run_id, scalars)

@@ -1,0 +1,391 @@
+"""Dashboards in real headless Chromium against a real ``spectrawatch server`` subprocess.
+
+Two data sources: a database seeded through ``storage.repository`` before the server starts
+(every panel kind, deterministic values), and a real short training run streaming through the
+client, the ingest API and the worker while a page is open (live refresh).
+
+Needs Debian ``chromium`` + ``chromium-driver`` and ``selenium`` (``.ci/install_chromium.sh``);
+skips only when no Chromium binary can be found. Screenshots of every page go to
+``$SPECTRAWATCH_TEST_ARTIFACTS`` (default: pytest's temp dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.dashboard_data import CROSSING_STEP, LAYERS, STEPS, WARNING_STEP, SeededRun, seed
+from tests.servers import ServerProcess, wait_until
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM_FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+    "--window-size=1400,1000",
+)
+PAGE_TIMEOUT = 60.0
+
+
+def find_chromium() -> tuple[str, str] | None:
+    """``(chromium, chromedriver)`` paths, or None when this machine has no Chromium."""
+    browser = next(
+        (p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+         if p and Path(p).exists()),
+        None,
+    )
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
+    )
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = Path(os.environ.get("SPECTRAWATCH_TEST_ARTIFACTS", tmp_path_factory.mktemp("screens")))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium (via chromedriver) for the module, with browser logs enabled."""
+    found = find_chromium()
+    if found is None:
+        pytest.skip("chromium/chromedriver not installed (run .ci/install_chromium.sh)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:  # chromium is here, so this is a broken setup, not a skip
+        pytest.fail("selenium is not installed: run .ci/install_chromium.sh")
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=found[1]))
+    driver.set_page_load_timeout(PAGE_TIMEOUT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, SeededRun]]:
+    data_dir = tmp_path_factory.mktemp("dash") / "server"
+    runs = seed(data_dir)
+    proc = ServerProcess(data_dir).start()
+    try:
+        yield proc, runs
+    finally:
+        proc.stop()
+
+
+def console_errors(driver: Any) -> list[str]:
+    """SEVERE browser-log entries (JS exceptions, failed loads) since the last call."""
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def wait_js(driver: Any, script: str, timeout: float = PAGE_TIMEOUT) -> Any:
+    """Poll ``return <script>`` until truthy; returns that value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script("return " + script)
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {script!r}")
+
+
+def open_page(driver: Any, url: str) -> None:
+    """Load ``url`` and wait for the dashboard script's first render (or its error state)."""
+    driver.get(url)
+    state = wait_js(driver, "document.body.dataset.ready")
+    errors = driver.execute_script("return window.SW ? window.SW.errors : []")
+    assert state == "1", f"page failed: {errors}"
+
+
+PANELS_JS = """
+return Array.from(document.querySelectorAll('#panels section.panel')).map(function (n) {
+  var gd = n.querySelector('.plot');
+  var rendered = !!(gd && gd.querySelector('.main-svg'));
+  return {id: n.dataset.panel, state: n.dataset.state, rendered: rendered,
+          empty: n.querySelector('.empty').textContent,
+          traces: (gd && gd.data) ? gd.data.map(function (t) {
+            return {name: t.name, type: t.type, n: (t.x || []).length,
+                    nz: t.z ? t.z.length : 0, finite: (t.y || []).filter(function (v) {
+                      return v !== null && isFinite(v); }).length};
+          }) : [],
+          shapes: (gd && gd.layout) ? (gd.layout.shapes || []).map(function (s) {
+            return {type: s.type, x0: s.x0, x1: s.x1}; }) : [],
+          title: (gd && gd.layout && gd.layout.title) ? gd.layout.title.text : ''};
+});
+"""
+
+
+def panels(driver: Any) -> dict[str, dict[str, Any]]:
+    return {p["id"]: p for p in driver.execute_script(PANELS_JS)}
+
+
+def screenshot(driver: Any, artifacts: Path, name: str) -> None:
+    driver.save_screenshot(str(artifacts / f"{name}.png"))
+
+
+def check_plotted(panel: dict[str, Any], names: set[str] | None = None, min_points: int = 1) -> None:
+    assert panel["state"] == "plot", panel
+    assert panel["rendered"], f"{panel['id']}: no SVG rendered"
+    got = {t["name"] for t in panel["traces"]}
+    if names is not None:
+        assert names <= got, f"{panel['id']}: traces {got}, expected {names}"
+    for t in panel["traces"]:
+        if t["type"] != "heatmap":
+            assert t["n"] >= min_points, f"{panel['id']}/{t['name']}: {t['n']} points"
+
+
+# --- seeded server ---------------------------------------------------------------------------
+
+
+def test_runs_page_lists_filters_and_links(browser: Any, seeded: Any, artifacts: Path) -> None:
+    server, runs = seeded
+    browser.get(server.url + "/")
+    rows = wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
+    assert rows == 3
+    alert_link = browser.find_element("css selector", f"tr[data-run='{runs.run_id}'] a.alerts")
+    assert alert_link.text == "1"
+    screenshot(browser, artifacts, "runs")
+    browser.get(server.url + "/projects/demo?q=base")
+    assert wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length") == 1
+    browser.find_element("link text", "baseline").click()
+    wait_until(lambda: browser.current_url.endswith(f"/runs/{runs.other_run_id}"), 20)
+    wait_js(browser, "document.body.dataset.ready")
+    assert console_errors(browser) == []
+
+
+def test_overview_scalars_sed_phases_and_markers(browser: Any, seeded: Any, artifacts: Path) -> None:
+    server, runs = seeded
+    open_page(browser, f"{server.url}/runs/{runs.run_id}")
+    got = panels(browser)
+    check_plotted(got["loss"], {"loss"}, 200)
+    check_plotted(got["accuracy"], {"val_acc", "train_acc"}, 200)
+    check_plotted(got["sed_gap"], {"w16", "w32"}, 200)
+    check_plotted(got["sed_edge"], {"w16", "w32"})
+    check_plotted(got["warning"], {"grok.warning_score", "grok.imminent"})
+    rects = [s for s in got["sed_gap"]["shapes"] if s["type"] == "rect"]
+    assert [(r["x0"], r["x1"]) for r in rects] == [(0, 60), (60, 120), (120, 199)]  # rise/plateau/collapse
+    lines = {s["x0"] for s in got["loss"]["shapes"] if s["type"] == "line"}
+    crossing = CROSSING_STEP - 1  # the seeded sigmoid passes 0.9 one step before its design point
+    assert {WARNING_STEP, crossing, 150} <= lines  # warning, val_acc crossing, the open alert
+    summary = browser.find_element("id", "summary").text
+    assert f"early warning at step {WARNING_STEP}" in summary
+    assert f"lead time {crossing - WARNING_STEP} steps" in summary
+    screenshot(browser, artifacts, "overview")
+    assert console_errors(browser) == []
+
+
+def test_heatmap_click_opens_layer_drilldown(browser: Any, seeded: Any, artifacts: Path) -> None:
+    server, runs = seeded
+    open_page(browser, f"{server.url}/runs/{runs.run_id}/layers?metric=htsr.alpha")
+    heat = panels(browser)["heatmap"]
+    check_plotted(heat)
+    assert heat["traces"][0]["type"] == "heatmap"
+    assert heat["traces"][0]["n"] == len(STEPS) and heat["traces"][0]["nz"] == len(LAYERS)
+    assert browser.execute_script("return document.getElementById('control-metric').value") == "htsr.alpha"
+    screenshot(browser, artifacts, "layers")
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    drag = browser.find_element("css selector", "#panel-heatmap .nsewdrag")
+    ActionChains(browser).move_to_element(drag).click().perform()
+    wait_until(lambda: "/layers/" in browser.current_url, 20)
+    assert "metric=htsr.alpha" in browser.current_url and "step=" in browser.current_url
+    wait_js(browser, "document.body.dataset.ready")
+    layer = browser.find_element("id", "layer-name").text
+    assert layer in LAYERS
+    got = panels(browser)
+    check_plotted(got["esd"], min_points=10)
+    assert any(t["name"].startswith("power law α=") for t in got["esd"]["traces"])
+    axis = browser.execute_script(
+        "return document.querySelector('#panel-esd .plot').layout.xaxis.type")
+    assert axis == "log"
+    check_plotted(got["mp"])
+    assert any(t["name"].startswith("Marchenko") for t in got["mp"]["traces"])
+    check_plotted(got["alpha"], {"htsr.alpha", "farms.alpha"}, len(STEPS))
+    assert got["esd_farms"]["state"] == "empty"  # the seeded payloads carry no FARMS ESD
+    screenshot(browser, artifacts, "layer")
+    assert console_errors(browser) == []
+
+
+def test_drilldown_step_is_url_state(browser: Any, seeded: Any) -> None:
+    server, runs = seeded
+    open_page(browser, f"{server.url}/runs/{runs.run_id}/layers/blocks.1.mlp?step=55")
+    assert browser.execute_script("return document.getElementById('control-step').value") == "50"
+    assert "@ step 50" in panels(browser)["esd"]["title"]
+    browser.execute_script(
+        "var s = document.getElementById('control-step'); s.value = '120';"
+        "s.dispatchEvent(new Event('change'));"
+    )
+    wait_until(lambda: "@ step 120" in panels(browser)["esd"]["title"], 20)
+    assert "step=120" in browser.current_url
+    assert console_errors(browser) == []
+
+
+def test_activations_alerts_and_compare_pages(browser: Any, seeded: Any, artifacts: Path) -> None:
+    server, runs = seeded
+    open_page(browser, f"{server.url}/runs/{runs.run_id}/activations")
+    got = panels(browser)
+    check_plotted(got["eigentrack-eigentrack.entropy"], set(LAYERS), len(STEPS))
+    check_plotted(got["eigentrack-eigentrack.outliers"], set(LAYERS))
+    screenshot(browser, artifacts, "activations")
+
+    open_page(browser, f"{server.url}/runs/{runs.run_id}/alerts")
+    check_plotted(panels(browser)["timeline"], {"warning", "info"})
+    assert wait_js(browser, "document.querySelector('#table-alerts table').dataset.rows") == "2"
+    deliveries = browser.find_element("id", "table-deliveries").text
+    assert "alert.opened" in deliveries and "delivered" in deliveries
+    screenshot(browser, artifacts, "alerts")
+
+    open_page(browser, f"{server.url}/compare?runs={runs.run_id},{runs.other_run_id}&names=loss,htsr.alpha&layer=head")
+    got = panels(browser)
+    two = {f"#{runs.run_id} grokking-demo", f"#{runs.other_run_id} baseline"}
+    check_plotted(got["compare-loss"], two, 200)
+    check_plotted(got["compare-htsr.alpha"], two, len(STEPS))
+    assert "head" in got["compare-htsr.alpha"]["title"]
+    screenshot(browser, artifacts, "compare")
+    assert console_errors(browser) == []
+
+
+def test_empty_run_shows_empty_states(browser: Any, seeded: Any, artifacts: Path) -> None:
+    server, runs = seeded
+    for path in ("", "/layers", "/activations", "/alerts"):
+        open_page(browser, f"{server.url}/runs/{runs.empty_run_id}{path}")
+        got = panels(browser)
+        assert got and all(p["state"] == "empty" and p["empty"] for p in got.values()), got
+    screenshot(browser, artifacts, "empty-run")
+    browser.get(f"{server.url}/runs/987654")
+    assert "run_not_found" in browser.page_source
+    console_errors(browser)  # the 404 document itself is logged as a failed load: expected
+
+
+def test_png_and_csv_downloads(browser: Any, seeded: Any) -> None:
+    server, runs = seeded
+    open_page(browser, f"{server.url}/runs/{runs.run_id}")
+    png = browser.execute_async_script(
+        "var done = arguments[0];"
+        "Plotly.toImage(document.querySelector('#panel-loss .plot'), {format: 'png', width: 600,"
+        " height: 300}).then(done);"
+    )
+    assert png.startswith("data:image/png;base64,") and len(png) > 5000
+    csv = browser.execute_script("return SW.figureCsv(document.querySelector('#panel-loss .plot'))")
+    lines = csv.strip().split("\n")
+    assert lines[0] == "series,x,y" and len(lines) == 201
+    assert lines[1].startswith("loss,0,")
+    assert browser.execute_script(
+        "return !!document.querySelector('#panel-loss [data-title=\"Download data as CSV\"]')")
+    open_page(browser, f"{server.url}/runs/{runs.run_id}/layers?metric=farms.alpha")
+    csv = browser.execute_script("return SW.figureCsv(document.querySelector('#panel-heatmap .plot'))")
+    assert csv.split("\n")[0] == "layer,step,value"
+    assert len(csv.strip().split("\n")) == 1 + len(LAYERS) * len(STEPS)
+    assert console_errors(browser) == []
+
+
+# --- live: a real training run while the page is open ----------------------------------------
+
+TRAINING = r"""
+import sys, time, torch
+from torch import nn
+import spectrawatch
+
+url, steps, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 4))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+x = torch.randn(512, 32)
+y = x[:, :4].argmax(1)
+mon = spectrawatch.Monitor(url=url, project="live", run="live-run", window=8, frame_steps=4)
+mon.attach(model, opt, every={"update": 1, "weights": 5, "theta": 0, "activations": 0, "defect": 0})
+for step in range(steps):
+    loss = nn.functional.cross_entropy(model(x[:384]), y[:384])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        acc = (model(x[384:]).argmax(1) == y[384:]).float().mean().item()
+    mon.log({"loss": loss.item(), "val_acc": acc}, step=step)
+    time.sleep(pause)
+mon.finish()
+"""
+
+
+@pytest.mark.slow
+def test_live_page_updates_while_training_runs(
+    browser: Any, tmp_path: Path, artifacts: Path
+) -> None:
+    server = ServerProcess(tmp_path / "server").start()
+    env = {**os.environ, "SPECTRAWATCH_SPOOL_DIR": str(tmp_path / "spool")}
+    log_path = tmp_path / "trainer.log"
+    with open(log_path, "wb") as log:
+        trainer = subprocess.Popen(
+            [sys.executable, "-c", TRAINING, server.url, "80", "0.3"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    api = httpx.Client(base_url=server.url + "/api/v1", timeout=10)
+    try:
+
+        def loss_points() -> int:
+            return int(browser.execute_script(
+                "var gd = document.querySelector('#panel-loss .plot');"
+                "return gd && gd.data ? gd.data[0].x.length : 0;"))
+
+        run_id: list[int] = []
+
+        def run_has_scalars() -> bool:
+            found = api.get("/runs", params={"project": "live"})
+            if found.status_code != 200 or not found.json():
+                return False
+            run_id[:] = [found.json()[0]["id"]]
+            return bool(api.get(f"/runs/{run_id[0]}/scalars", params={"name": "loss"}).json())
+
+        wait_until(run_has_scalars, 90, 0.5)
+        open_page(browser, f"{server.url}/runs/{run_id[0]}")
+        browser.execute_script("window.__sameDocument = true;")
+        first, renders = loss_points(), int(browser.execute_script("return SW.renders"))
+        wait_until(lambda: loss_points() >= first + 10, 60, 0.5)
+        assert browser.execute_script("return window.__sameDocument === true")  # no reload
+        assert int(browser.execute_script("return SW.renders")) > renders
+        assert "live" in browser.find_element("id", "live").text
+        screenshot(browser, artifacts, "live-overview")
+        assert trainer.wait(180) == 0, log_path.read_text()
+
+        def analysed() -> bool:
+            run = api.get(f"/runs/{run_id[0]}").json()
+            return run["status"] != "running" and not run["frames"].get("pending") and not run["frames"].get("running")
+
+        wait_until(analysed, 120, 1.0)
+        catalog = {m["name"] for m in api.get(f"/runs/{run_id[0]}/metrics/catalog").json()}
+        assert catalog, "the worker stored no metrics"
+        open_page(browser, f"{server.url}/runs/{run_id[0]}/layers")
+        heat = panels(browser)["heatmap"]
+        check_plotted(heat)
+        assert heat["traces"][0]["nz"] >= 1
+        screenshot(browser, artifacts, "live-layers")
+        if "sed.gap_ratio.w8" in catalog:
+            open_page(browser, f"{server.url}/runs/{run_id[0]}")
+            check_plotted(panels(browser)["sed_gap"], {"w8"})
+        assert console_errors(browser) == []
+        print(json.dumps(sorted(catalog)))
+    finally:
+        api.close()
+        if trainer.poll() is None:
+            trainer.kill()
+        trainer.wait()
+        server.stop()

@@ -1,0 +1,414 @@
+"""Alerts and signed webhooks end to end: a real server process, real frames, a real receiver.
+
+The receiver is a ``http.server`` on a loopback port; the server is told to allow loopback
+targets with ``SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS=127.0.0.1`` (its SSRF guard refuses them
+otherwise, which is tested too) and to retry on a fast schedule.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import standardwebhooks
+import torch
+
+from spectrawatch.cli import main as cli_main
+from spectrawatch.webhooks import WebhookVerificationError, verify
+from spectrawatch.wire import FrameKind, encode_frame
+from tests.factories import make_run, post_frame
+from tests.servers import ServerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+RETRY_SCHEDULE = "0,0.3,0.3,0.3"  # four attempts, fast
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class Receiver:
+    """Records every POST; answers with scripted codes per path (then 204)."""
+
+    server: http.server.ThreadingHTTPServer
+    received: list[Received] = field(default_factory=list)
+    script: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def at(self, path: str) -> list[Received]:
+        with self.lock:
+            return [r for r in self.received if r.path == path]
+
+
+def _handler(receiver_ref: list[Receiver]) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            receiver = receiver_ref[0]
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            with receiver.lock:
+                receiver.received.append(
+                    Received(self.path, dict(self.headers.items()), body, time.monotonic())
+                )
+                queue = receiver.script.get(self.path, [])
+                code, headers = queue.pop(0) if queue else (204, {})
+            self.send_response(code)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    ref: list[Receiver] = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(ref))
+    ref.append(Receiver(server))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield ref[0]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def alert_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("alerts"),
+        env={
+            "SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+            "SPECTRAWATCH_WEBHOOK_RETRY_SCHEDULE": RETRY_SCHEDULE,
+            "SPECTRAWATCH_WEBHOOK_JITTER": "0",
+            "SPECTRAWATCH_WEBHOOK_POLL_SECONDS": "0.1",
+            "SPECTRAWATCH_WORKER_POLL_SECONDS": "0.1",
+        },
+    ).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def api(alert_server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{alert_server.url}/api/v1", timeout=30) as client:
+        yield client
+
+
+def setup_project(
+    api: httpx.Client, receiver: Receiver, project: str, **hook: Any
+) -> tuple[int, dict[str, Any]]:
+    """A run in ``project`` (heavy-tail rules off unless wanted) and a webhook to the receiver."""
+    run_id = make_run(api, project=project, name="run")
+    response = api.post(
+        "/webhooks", json={"project": project, "url": f"{receiver.base}/{project}", **hook}
+    )
+    assert response.status_code == 201, response.text
+    return run_id, response.json()
+
+
+def disable(api: httpx.Client, project: str, *rules: str) -> None:
+    for rule in rules:
+        r = api.patch(f"/projects/{project}/alert-rules/{rule}", json={"enabled": False})
+        assert r.status_code == 200, r.text
+
+
+def weights(step: int, seq: int, scale: float = 1.0, nan: bool = False) -> bytes:
+    gen = torch.Generator().manual_seed(seq)
+    w = torch.randn(24, 12, generator=gen) * scale
+    if nan:
+        w[3, 4] = float("nan")
+        w[5, 6] = float("inf")
+    return encode_frame(FrameKind.WEIGHTS, step, seq, {"fc.weight": w})
+
+
+def events(receiver: Receiver, project: str, secret: str) -> list[dict[str, Any]]:
+    """Verified events received for ``project`` (each one checked by our helper)."""
+    return [verify(r.body, r.headers, secret) for r in receiver.at(f"/{project}")]
+
+
+def test_nan_frame_opens_alert_delivered_signed_and_resolves(
+    api: httpx.Client, receiver: Receiver
+) -> None:
+    project = "nan"
+    run_id, hook = setup_project(api, receiver, project)
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")
+    secret = hook["secret"]
+    assert secret.startswith("whsec_")
+    assert "secret" not in api.get(f"/webhooks/{hook['id']}").json()  # shown once only
+
+    t0 = time.monotonic()
+    assert post_frame(api, run_id, weights(10, 0, nan=True), seq=0).status_code == 202
+    wait_until(lambda: len(receiver.at(f"/{project}")) >= 1, timeout=30)
+    latency = receiver.at(f"/{project}")[0].at - t0
+    assert latency < 5.0  # target < 2 s (benchmarks/alerts_latency.py); loose on a shared box
+
+    got = receiver.at(f"/{project}")[0]
+    event = verify(got.body, got.headers, secret)
+    # the reference implementation agrees
+    assert standardwebhooks.Webhook(secret).verify(got.body, got.headers) == event
+    with pytest.raises(WebhookVerificationError):
+        verify(got.body, got.headers, "whsec_" + "A" * 44)
+    assert event["type"] == "alert.opened"
+    data = event["data"]
+    assert (data["rule"], data["layer"], data["step"]) == ("nonfinite", "fc.weight", 10)
+    assert data["values"]["count"] == 2
+    assert data["run"]["id"] == run_id
+    assert data["dashboard_url"].endswith(f"/runs/{run_id}")
+
+    alerts = api.get(f"/runs/{run_id}/alerts").json()
+    assert [(a["rule"], a["status"]) for a in alerts] == [("nonfinite", "open")]
+
+    # another NaN frame: same episode, no second alert
+    assert post_frame(api, run_id, weights(20, 1, nan=True), seq=1).status_code == 202
+    # a finite frame resolves it
+    assert post_frame(api, run_id, weights(30, 2), seq=2).status_code == 202
+    wait_until(lambda: len(receiver.at(f"/{project}")) >= 2, timeout=30)
+    types = [e["type"] for e in events(receiver, project, secret)]
+    assert types == ["alert.opened", "alert.resolved"]
+    alerts = api.get(f"/runs/{run_id}/alerts").json()
+    assert [(a["rule"], a["status"], a["resolved_step"]) for a in alerts] == [
+        ("nonfinite", "resolved", 30)
+    ]
+    deliveries = api.get(f"/webhooks/{hook['id']}/deliveries").json()
+    assert {d["status"] for d in deliveries} == {"delivered"}
+    assert all(len(d["log"]) == 1 and d["log"][0]["status_code"] == 204 for d in deliveries)
+
+
+def test_spectral_norm_blowup_fires_once_per_episode(api: httpx.Client, receiver: Receiver) -> None:
+    project = "blowup"
+    run_id, hook = setup_project(api, receiver, project, events=["alert.opened"])
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")
+    scales = [1.0, 1.1, 0.9, 1.0, 100.0, 120.0]
+    for seq, scale in enumerate(scales):
+        assert post_frame(api, run_id, weights(100 * seq, seq, scale), seq=seq).status_code == 202
+    wait_until(lambda: len(receiver.at(f"/{project}")) >= 1, timeout=30)
+    time.sleep(1.0)  # the sixth frame must not produce a second episode
+    received = events(receiver, project, hook["secret"])
+    assert [e["data"]["rule"] for e in received] == ["spectral_norm_blowup"]
+    values = received[0]["data"]["values"]
+    assert received[0]["data"]["step"] == 400
+    assert values["metric"] == "norm.spectral"
+    assert values["ratio"] == pytest.approx(values["value"] / values["baseline"])
+    assert values["ratio"] > 50
+
+
+def test_alpha_collapse_alert(api: httpx.Client, receiver: Receiver) -> None:
+    """Pareto(1)-tailed entries give an ESD power law with alpha ~1.4 < 2 (over-fit)."""
+    project = "alpha"
+    run_id, hook = setup_project(api, receiver, project, events=["alert.opened:alpha_out_of_range"])
+    gen = torch.Generator().manual_seed(0)
+    heavy = torch.rand(96, 48, generator=gen) ** -1.0 * torch.randn(96, 48, generator=gen).sign()
+    body = encode_frame(FrameKind.WEIGHTS, 500, 0, {"attn.weight": heavy})
+    assert post_frame(api, run_id, body, seq=0).status_code == 202
+    wait_until(lambda: len(receiver.at(f"/{project}")) >= 1, timeout=60)
+    (event,) = events(receiver, project, hook["secret"])
+    data = event["data"]
+    assert (data["rule"], data["layer"]) == ("alpha_out_of_range", "attn.weight")
+    assert data["values"]["value"] < 2.0
+    alpha = api.get(f"/runs/{run_id}/metrics", params={"name": "htsr.alpha"}).json()["series"]
+    assert alpha[0]["values"][-1] == pytest.approx(data["values"]["value"])
+
+
+def test_retries_on_500_then_one_logical_delivery(api: httpx.Client, receiver: Receiver) -> None:
+    project = "retry"
+    receiver.script[f"/{project}"] = [(500, {}), (503, {"Retry-After": "1"}), (200, {})]
+    run_id, hook = setup_project(api, receiver, project)
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")
+    assert post_frame(api, run_id, weights(1, 0, nan=True), seq=0).status_code == 202
+    wait_until(lambda: len(receiver.at(f"/{project}")) >= 3, timeout=30)
+    got = receiver.at(f"/{project}")
+    assert len({r.headers["webhook-id"] for r in got}) == 1  # same message id on every retry
+    assert got[2].at - got[1].at >= 0.9  # Retry-After: 1 honoured (schedule says 0.3 s)
+    for r in got:
+        verify(r.body, r.headers, hook["secret"])
+    wait_until(
+        lambda: api.get(f"/webhooks/{hook['id']}/deliveries").json()[0]["status"] == "delivered"
+    )
+    (delivery,) = api.get(f"/webhooks/{hook['id']}/deliveries").json()
+    assert [a["status_code"] for a in delivery["log"]] == [500, 503, 200]
+    assert delivery["attempts"] == 3
+    assert all(a["latency_ms"] is not None for a in delivery["log"])
+
+    # manual redelivery: same webhook-id again
+    r = api.post(f"/deliveries/{delivery['id']}/redeliver")
+    assert r.status_code == 200, r.text
+    wait_until(lambda: len(receiver.at(f"/{project}")) >= 4, timeout=30)
+    assert receiver.at(f"/{project}")[3].headers["webhook-id"] == got[0].headers["webhook-id"]
+
+
+def test_gives_up_after_schedule(api: httpx.Client, receiver: Receiver) -> None:
+    project = "giveup"
+    receiver.script[f"/{project}"] = [(500, {})] * 10
+    run_id, hook = setup_project(api, receiver, project)
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")
+    assert post_frame(api, run_id, weights(1, 0, nan=True), seq=0).status_code == 202
+
+    def failed() -> bool:
+        rows = api.get(f"/webhooks/{hook['id']}/deliveries").json()
+        return bool(rows) and rows[0]["status"] == "failed"
+
+    wait_until(failed, timeout=30)
+    (delivery,) = api.get(f"/webhooks/{hook['id']}/deliveries").json()
+    assert delivery["attempts"] == len(RETRY_SCHEDULE.split(","))
+    assert "gave up after 4 attempts" in delivery["last_error"]
+
+
+def test_410_disables_the_endpoint(api: httpx.Client, receiver: Receiver) -> None:
+    project = "gone"
+    receiver.script[f"/{project}"] = [(410, {})]
+    run_id, hook = setup_project(api, receiver, project)
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")
+    assert post_frame(api, run_id, weights(1, 0, nan=True), seq=0).status_code == 202
+    wait_until(lambda: not api.get(f"/webhooks/{hook['id']}").json()["enabled"], timeout=30)
+    state = api.get(f"/webhooks/{hook['id']}").json()
+    assert "410" in state["disabled_reason"]
+    (delivery,) = api.get(f"/webhooks/{hook['id']}/deliveries").json()
+    assert delivery["status"] == "failed"
+    assert delivery["attempts"] == 1
+    # later alerts are not sent to a disabled endpoint
+    assert post_frame(api, run_id, weights(2, 1), seq=1).status_code == 202
+    wait_until(lambda: api.get(f"/runs/{run_id}/alerts").json()[0]["status"] == "resolved")
+    time.sleep(0.5)
+    assert len(receiver.at(f"/{project}")) == 1
+    assert len(api.get(f"/webhooks/{hook['id']}/deliveries").json()) == 1
+
+
+def test_test_send_and_slack_format(api: httpx.Client, receiver: Receiver) -> None:
+    project = "ping"
+    make_run(api, project=project, name="r")
+    r = api.post(
+        "/webhooks",
+        json={"project": project, "url": f"{receiver.base}/{project}", "format": "slack"},
+    )
+    hook = r.json()
+    result = api.post(f"/webhooks/{hook['id']}/test").json()
+    assert result["status"] == "delivered", result
+    assert result["log"][0]["status_code"] == 204
+    (got,) = receiver.at(f"/{project}")
+    body = verify(got.body, got.headers, hook["secret"])
+    assert "test delivery" in body["text"]
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.2:9/x", "loopback"),
+        ("http://[::1]:9/x", "loopback"),
+        ("http://169.254.169.254/latest/meta-data", "link-local"),
+        ("http://10.1.2.3/x", "private"),
+        ("http://192.168.0.10/x", "private"),
+        ("http://224.0.0.1/x", "multicast"),
+        ("http://0.0.0.0/x", "unspecified"),
+        ("ftp://example.com/x", "http(s)"),
+    ],
+)
+def test_ssrf_targets_refused(api: httpx.Client, url: str, reason: str) -> None:
+    make_run(api, project="ssrf", name="r")
+    r = api.post("/webhooks", json={"project": "ssrf", "url": url})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "unsafe_webhook_url"
+    assert error["message"].startswith("url:")
+    assert reason in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "needle"),
+    [
+        ({"params": {"above": "high"}}, "invalid_rule", "params.above"),
+        ({"params": {"metric": "htsr.alphaa"}}, "invalid_rule", "unknown metric"),
+        ({"params": {"tresh": 1}}, "invalid_rule", "params.tresh"),
+        ({"params": {"below": 7.0}}, "invalid_rule", "params.below"),
+        ({"params": {"kind": "growth"}}, "invalid_rule", "params.kind"),
+    ],
+)
+def test_bad_rule_input_is_422(
+    api: httpx.Client, body: dict[str, Any], code: str, needle: str
+) -> None:
+    make_run(api, project="badrules", name="r")
+    r = api.patch("/projects/badrules/alert-rules/alpha_out_of_range", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == code
+    assert needle in r.json()["error"]["message"]
+
+
+def test_bad_webhook_input_is_4xx(api: httpx.Client, receiver: Receiver) -> None:
+    make_run(api, project="badhooks", name="r")
+    url = f"{receiver.base}/badhooks"
+    r = api.post(
+        "/webhooks", json={"project": "badhooks", "url": url, "events": ["alert.exploded"]}
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_event")
+    r = api.post("/webhooks", json={"project": "badhooks", "url": url, "secret": "hunter2"})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_secret")
+    r = api.post("/webhooks", json={"project": "badhooks", "url": "not a url"})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "unsafe_webhook_url")
+    r = api.post("/webhooks", json={"project": "nope", "url": url})
+    assert r.status_code == 404
+
+
+def test_custom_rule_and_cli(
+    api: httpx.Client, alert_server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = "cli"
+    make_run(api, project=project, name="r")
+    base = ["--url", alert_server.url]
+    assert (
+        cli_main(["alerts", "set", "alpha_out_of_range", "--project", project, "--disable", *base])
+        == 0
+    )
+    code = cli_main(
+        [
+            "alerts",
+            "set",
+            "wide_norm",
+            "--project",
+            project,
+            "--kind",
+            "threshold",
+            "--metric",
+            "norm.frobenius",
+            "--above",
+            "50",
+            *base,
+        ]
+    )
+    assert code == 0
+    assert cli_main(["alerts", "rules", "--project", project, "--json", *base]) == 0
+    out = capsys.readouterr().out
+    rules = json.loads(out[out.index("[") :])
+    by_name = {r["name"]: r for r in rules}
+    assert by_name["alpha_out_of_range"]["enabled"] is False
+    assert by_name["wide_norm"]["params"]["above"] == 50.0
+    assert by_name["nonfinite"]["enabled"] is True
+    # a bad threshold through the CLI is reported, exit code 1
+    assert (
+        cli_main(["alerts", "set", "wide_norm", "--project", project, "--metric", "nope.x", *base])
+        == 1
+    )
+    assert "unknown metric" in capsys.readouterr().err
+    assert cli_main(["alerts", "reset", "wide_norm", "--project", project, *base]) == 0
+    names = {r["name"] for r in api.get(f"/projects/{project}/alert-rules").json()}
+    assert "wide_norm" not in names
+    assert cli_main(["alerts", "list", "--project", project, *base]) == 0
+    assert "(none)" in capsys.readouterr().out

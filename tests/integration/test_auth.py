@@ -1,0 +1,99 @@
+"""Tokens: hashed at rest, scoped to one project, required when the server requires auth."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.factories import post_frame, weight_frame
+from tests.servers import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def create_token(data_dir: Path, project: str) -> str:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spectrawatch",
+            "token",
+            "create",
+            "--project",
+            project,
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str, str]]:
+    data_dir = tmp_path_factory.mktemp("secure")
+    token_a = create_token(data_dir, "alpha")
+    token_b = create_token(data_dir, "beta")
+    proc = ServerProcess(data_dir, args=["--require-auth"]).start()
+    yield proc, token_a, token_b
+    proc.stop()
+
+
+def client(proc: ServerProcess, token: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=f"{proc.url}/api/v1", headers=headers, timeout=30)
+
+
+def test_tokens_are_stored_hashed(secured: tuple[ServerProcess, str, str]) -> None:
+    proc, token_a, _ = secured
+    assert token_a.startswith("sw_")
+    assert len(token_a) > 30
+    db = sqlite3.connect(proc.data_dir / "spectrawatch.db")
+    stored = [row[0] for row in db.execute("SELECT secret_hash FROM token")]
+    db.close()
+    assert len(stored) == 2
+    assert token_a not in stored
+    import hashlib
+
+    assert hashlib.sha256(token_a.encode()).hexdigest() in stored
+
+
+def test_missing_and_bad_tokens_are_rejected(secured: tuple[ServerProcess, str, str]) -> None:
+    proc, _, _ = secured
+    with client(proc, None) as anon:
+        response = anon.post("/runs", json={"project": "alpha", "name": "r"})
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+    with client(proc, "sw_not-a-real-token") as bad:
+        assert bad.get("/runs").status_code == 401
+    with httpx.Client(
+        base_url=f"{proc.url}/api/v1", headers={"Authorization": "Basic abc"}
+    ) as basic:
+        assert basic.get("/runs").status_code == 401
+
+
+def test_token_is_scoped_to_its_project(secured: tuple[ServerProcess, str, str]) -> None:
+    proc, token_a, token_b = secured
+    with client(proc, token_a) as a, client(proc, token_b) as b:
+        run = a.post("/runs", json={"project": "alpha", "name": "scoped"})
+        assert run.status_code == 201
+        run_id = run.json()["id"]
+        assert post_frame(a, run_id, weight_frame(1, 0), seq=0).status_code == 202
+        # the other project's token cannot read or write this run, nor create runs in alpha
+        assert b.get(f"/runs/{run_id}").status_code == 404
+        assert post_frame(b, run_id, weight_frame(2, 1), seq=1).status_code == 404
+        assert b.post(f"/runs/{run_id}/scalars", json=[]).status_code == 404
+        assert b.post("/runs", json={"project": "alpha", "name": "intruder"}).status_code == 403
+        assert b.post("/projects", json={"name": "gamma"}).status_code == 403
+        assert [r["id"] for r in b.get("/runs").json()] == []
+        assert [r["id"] for r in a.get("/runs").json()] == [run_id]
+        assert [p["name"] for p in a.get("/projects").json()] == ["alpha"]

@@ -1,0 +1,361 @@
+"""Scale-out mode end to end: a real PostgreSQL, one API process, two ``spectrawatch worker``s.
+
+PostgreSQL comes from ``.ci/postgres.sh`` (``eval "$(.ci/postgres.sh)"`` exports
+``SPECTRAWATCH_TEST_POSTGRES_URL``); every test module gets a fresh database on that server.
+Heartbeats and stall timeouts are shortened (1 s / 4 s) so a killed worker is detected quickly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from spectrawatch.wire import decode_frame
+from tests.factories import make_run, post_frame, weight_frame
+from tests.servers import ServerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+POSTGRES_URL = os.environ.get("SPECTRAWATCH_TEST_POSTGRES_URL")
+if not POSTGRES_URL:
+    pytest.skip(
+        "SPECTRAWATCH_TEST_POSTGRES_URL is unset: start PostgreSQL with "
+        '`eval "$(.ci/postgres.sh)"` to run the scale-out tests',
+        allow_module_level=True,
+    )
+
+STALLED_SECONDS = 4.0
+SCALE_ENV = {
+    "SPECTRAWATCH_QUEUE": "procrastinate",
+    "SPECTRAWATCH_WORKER_HEARTBEAT_SECONDS": "1",
+    "SPECTRAWATCH_WORKER_STALLED_SECONDS": str(STALLED_SECONDS),
+    "SPECTRAWATCH_STALL_CHECK_SECONDS": "1",
+    "SPECTRAWATCH_WORKER_POLL_SECONDS": "0.5",
+    "SPECTRAWATCH_JOB_MAX_ATTEMPTS": "3",
+    "SPECTRAWATCH_JOB_BACKOFF_SECONDS": "1",
+    "SPECTRAWATCH_DEVICE": "cpu",
+}
+
+
+@dataclass
+class WorkerProcess:
+    """A real ``spectrawatch worker`` subprocess."""
+
+    name: str
+    data_dir: Path
+    env: dict[str, str]
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"{self.name}.log"
+
+    def start(self) -> WorkerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "spectrawatch", "worker", "--device", "cpu"]
+        cmd += ["--name", self.name, "--data-dir", str(self.data_dir), *self.args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """kill -9: no shutdown code runs, the job it holds stays 'doing'."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def signal(self, signum: int) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signum)
+
+
+@dataclass
+class Topology:
+    """The compose topology from real processes: PostgreSQL database, API, N workers."""
+
+    db: Engine
+    api: ServerProcess
+    workers: list[WorkerProcess]
+    client: httpx.Client
+
+    def live_workers(self) -> set[str]:
+        """Names of workers connected to the database (the name is their application_name)."""
+        rows = self.sql(
+            "SELECT DISTINCT application_name FROM pg_stat_activity "
+            "WHERE datname = current_database()"
+        )
+        return {r[0] for r in rows}
+
+    def fresh_heartbeats(self) -> int:
+        return int(
+            self.sql(
+                "SELECT count(*) FROM procrastinate_workers "
+                "WHERE last_heartbeat > now() - make_interval(secs => :s)",
+                s=STALLED_SECONDS,
+            )[0][0]
+        )
+
+    def ensure_workers(self) -> None:
+        """Restart killed workers and wait until every one heartbeats."""
+        for worker in self.workers:
+            if not worker.alive:
+                worker.start()
+        names = {w.name for w in self.workers}
+        try:
+            wait_until(lambda: names <= self.live_workers(), timeout=120)
+            wait_until(lambda: self.fresh_heartbeats() >= len(self.workers), timeout=30)
+        except AssertionError:
+            logs = "\n".join(w.log_path.read_text()[-3000:] for w in self.workers)
+            raise AssertionError(f"workers did not start:\n{logs}") from None
+
+    def sql(self, query: str, **params: Any) -> list[Any]:
+        with self.db.connect() as conn:
+            return list(conn.execute(text(query), params).all())
+
+
+@pytest.fixture(scope="module")
+def database_url() -> Iterator[str]:
+    """A fresh database on the test server, dropped afterwards."""
+    assert POSTGRES_URL is not None
+    name = f"sw_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Topology]:
+    root = tmp_path_factory.mktemp("scale")
+    env = {
+        **SCALE_ENV,
+        "SPECTRAWATCH_DATABASE_URL": database_url,
+        "SPECTRAWATCH_BLOB_DIR": str(root / "blobs"),  # the shared blob volume
+    }
+    api = ServerProcess(root / "api", env=env).start()
+    workers = [WorkerProcess(f"worker-{i}", root / "workers", env) for i in range(2)]
+    db = create_engine(database_url)
+    client = httpx.Client(base_url=f"{api.url}/api/v1", timeout=30)
+    topo = Topology(db, api, workers, client)
+    try:
+        topo.ensure_workers()
+        yield topo
+    finally:
+        client.close()
+        for worker in workers:  # graceful stops in parallel: each finishes its current job
+            worker.signal(signal.SIGTERM)
+        for worker in workers:
+            worker.stop()
+        api.stop()
+        db.dispose()
+
+
+def frame_statuses(client: httpx.Client, run_id: int) -> list[str]:
+    frames = client.get(f"/runs/{run_id}/frames", params={"limit": 1000}).json()
+    return [f["status"] for f in frames]
+
+
+def metric_rows_per_frame(topo: Topology, run_id: int) -> dict[int, int]:
+    rows = topo.sql(
+        "SELECT frame_id, count(*) FROM metric WHERE run_id = :r GROUP BY frame_id", r=run_id
+    )
+    return {int(f): int(n) for f, n in rows}
+
+
+def test_health_reports_postgres_and_live_workers(topology: Topology) -> None:
+    health = topology.client.get("/health").json()
+    assert health["database"] == "postgresql"
+    assert health["queue"]["engine"] == "procrastinate"
+    assert health["worker"]["running"] is True  # a worker heartbeat is fresh
+
+
+def test_ingest_worker_metrics_match_numpy(topology: Topology) -> None:
+    client = topology.client
+    run_id = make_run(client, name="pg-norms")
+    bodies = [weight_frame(step=100 * i, seq=i) for i in range(3)]
+    for i, body in enumerate(bodies):
+        assert post_frame(client, run_id, body, seq=i).status_code == 202
+    wait_until(lambda: frame_statuses(client, run_id) == ["done"] * 3, timeout=120)
+    params = {"name": "norm.spectral"}
+    series = client.get(f"/runs/{run_id}/metrics", params=params).json()["series"]
+    by_layer = {s["layer"]: s for s in series}
+    assert set(by_layer) == {"layer0.weight", "layer1.weight"}
+    for i, body in enumerate(bodies):
+        _, tensors = decode_frame(body)
+        for layer, w in tensors.items():
+            assert by_layer[layer]["steps"][i] == 100 * i
+            expected = np.linalg.norm(w.double().numpy(), 2)
+            assert by_layer[layer]["values"][i] == pytest.approx(expected, rel=1e-9)
+    # one procrastinate job per frame, all succeeded; a replayed frame enqueues nothing
+    assert post_frame(client, run_id, bodies[0], seq=0).status_code == 200
+    jobs = topology.sql(
+        "SELECT (args->>'frame_id')::int, status::text, attempts FROM procrastinate_jobs "
+        "WHERE lock = :lock ORDER BY id",
+        lock=f"run:{run_id}",
+    )
+    # (procrastinate counts a run in `attempts` when it ends: 1 = done at the first run)
+    assert [(status, attempts) for _, status, attempts in jobs] == [("succeeded", 1)] * 3
+
+
+def test_concurrent_runs_each_frame_done_once_in_run_order(topology: Topology) -> None:
+    client = topology.client
+    runs = [make_run(client, name=f"pg-multi-{k}") for k in range(3)]
+    n_frames = 6
+
+    def ingest(run_id: int) -> None:
+        with httpx.Client(base_url=client.base_url, timeout=30) as own:
+            for seq in range(n_frames):
+                body = weight_frame(step=10 * seq, seq=seq, seed=run_id)
+                assert post_frame(own, run_id, body, seq=seq).status_code == 202
+
+    threads = [threading.Thread(target=ingest, args=(r,)) for r in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_until(
+        lambda: all(frame_statuses(client, r) == ["done"] * n_frames for r in runs), timeout=180
+    )
+    for run_id in runs:
+        per_frame = metric_rows_per_frame(topology, run_id)
+        assert len(per_frame) == n_frames
+        assert len(set(per_frame.values())) == 1  # every frame has the same, complete result set
+        # the jobs of one run ran one at a time, in ingest order, across workers
+        events = topology.sql(
+            "SELECT e.job_id, e.type::text, e.at FROM procrastinate_events e "
+            "JOIN procrastinate_jobs j ON j.id = e.job_id "
+            "WHERE j.lock = :lock AND e.type IN ('started', 'succeeded') ORDER BY e.at, e.id",
+            lock=f"run:{run_id}",
+        )
+        kinds = [kind for _, kind, _ in events]
+        assert kinds == ["started", "succeeded"] * n_frames  # never two of a run at once
+        started = [job for job, kind, _ in events if kind == "started"]
+        assert started == sorted(started)
+    workers_used = topology.sql(
+        "SELECT count(DISTINCT worker_id) FROM procrastinate_jobs WHERE lock = ANY(:locks)",
+        locks=[f"run:{r}" for r in runs],
+    )[0][0]
+    assert workers_used == 2  # the work was shared
+
+
+def test_failing_job_retries_with_backoff_then_fails_visibly(topology: Topology) -> None:
+    client = topology.client
+    run_id = make_run(client, name="pg-failing")
+    for worker in topology.workers:  # hold the workers so the blob can vanish before the job runs
+        worker.signal(signal.SIGSTOP)
+    try:
+        assert post_frame(client, run_id, weight_frame(0, 0), seq=0).status_code == 202
+        (blob_key,) = topology.sql("SELECT blob_key FROM frame WHERE run_id = :r", r=run_id)[0]
+        (Path(topology.api.env["SPECTRAWATCH_BLOB_DIR"]) / blob_key).unlink()
+    finally:
+        for worker in topology.workers:
+            worker.signal(signal.SIGCONT)
+    def job() -> tuple[str, int]:
+        rows = topology.sql(
+            "SELECT status::text, attempts FROM procrastinate_jobs WHERE lock = :l",
+            l=f"run:{run_id}",
+        )
+        return (str(rows[0][0]), int(rows[0][1]))
+
+    wait_until(lambda: job()[0] == "failed", timeout=60)
+    assert job() == ("failed", 3)  # 3 runs (2 retries), then given up
+    assert frame_statuses(client, run_id) == ["failed"]
+    retry_gaps = topology.sql(
+        "SELECT extract(epoch FROM e.at) FROM procrastinate_events e JOIN procrastinate_jobs j "
+        "ON j.id = e.job_id WHERE j.lock = :l AND e.type = 'started' ORDER BY e.at",
+        l=f"run:{run_id}",
+    )
+    starts = [float(t) for (t,) in retry_gaps]
+    assert len(starts) == 3
+    assert all(b - a >= 0.9 for a, b in itertools.pairwise(starts))  # backoff 1**n s
+    assert client.get("/health").json()["queue"]["jobs"].get("failed", 0) >= 1
+
+
+def test_kill_9_worker_mid_job_is_redelivered_and_stored_once(topology: Topology) -> None:
+    client = topology.client
+    topology.ensure_workers()
+    run_id = make_run(client, name="pg-kill")
+    assert post_frame(client, run_id, weight_frame(0, 0), seq=0).status_code == 202
+    wait_until(lambda: frame_statuses(client, run_id) == ["done"], timeout=60)
+    reference_rows = metric_rows_per_frame(topology, run_id)
+
+    with topology.db.connect() as blocker:
+        for worker in topology.workers:
+            worker.signal(signal.SIGSTOP)
+        try:
+            assert post_frame(client, run_id, weight_frame(10, 1), seq=1).status_code == 202
+            (frame_id,) = topology.sql(
+                "SELECT id FROM frame WHERE run_id = :r AND seq = 1", r=run_id
+            )[0]
+            # Row lock: the worker computes, then blocks writing results -> it is mid-job.
+            blocker.execute(text("SELECT id FROM frame WHERE id = :f FOR UPDATE"), {"f": frame_id})
+        finally:
+            for worker in topology.workers:
+                worker.signal(signal.SIGCONT)
+
+        def blocked_worker() -> str | None:
+            rows = topology.sql(
+                "SELECT application_name FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            return str(rows[0][0]) if rows else None
+
+        wait_until(lambda: blocked_worker() is not None, timeout=60)
+        ((first_worker_id,),) = topology.sql(
+            "SELECT worker_id FROM procrastinate_jobs WHERE status = 'doing' AND lock = :l",
+            l=f"run:{run_id}",
+        )
+        victim = next(w for w in topology.workers if w.name == blocked_worker())
+        victim.kill()
+        blocker.rollback()
+
+    wait_until(lambda: frame_statuses(client, run_id) == ["done", "done"], timeout=60)
+    (status, attempts, worker_id) = topology.sql(
+        "SELECT status::text, attempts, worker_id FROM procrastinate_jobs "
+        "WHERE lock = :l AND (args->>'frame_id')::int = :f",
+        l=f"run:{run_id}",
+        f=frame_id,
+    )[0]
+    assert (status, attempts) == ("succeeded", 2)  # re-delivered once after the stall timeout
+    assert worker_id != first_worker_id
+    rows = metric_rows_per_frame(topology, run_id)
+    assert rows[frame_id] == next(iter(reference_rows.values()))  # stored once, complete
+    topology.ensure_workers()

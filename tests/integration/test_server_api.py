@@ -1,0 +1,340 @@
+"""The API against a real ``spectrawatch server`` process on SQLite with the embedded worker."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from spectrawatch.wire import compress, encode_frame
+from tests.factories import make_run, post_frame, weight_frame
+from tests.servers import ServerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("srv"),
+        env={"SPECTRAWATCH_MAX_BODY_BYTES": str(2 * 1024 * 1024), "SPECTRAWATCH_MAX_TENSORS": "64"},
+    ).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(shared_server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{shared_server.url}/api/v1", timeout=30) as c:
+        yield c
+
+
+def frames_done(client: httpx.Client, run_id: int, expected: int) -> bool:
+    frames = client.get(f"/runs/{run_id}/frames").json()
+    return len(frames) == expected and all(f["status"] == "done" for f in frames)
+
+
+def test_health_and_openapi(client: httpx.Client, shared_server: ServerProcess) -> None:
+    health = client.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["database"] == "sqlite"
+    assert health["worker"]["running"] is True
+    docs = httpx.get(f"{shared_server.url}/docs")
+    assert docs.status_code == 200
+    paths = httpx.get(f"{shared_server.url}/openapi.json").json()["paths"]
+    assert "/api/v1/runs/{run_id}/frames" in paths
+
+
+def test_weight_frame_produces_norm_metrics_matching_numpy(client: httpx.Client) -> None:
+    run_id = make_run(client, name="norms")
+    bodies = [weight_frame(step=100 * i, seq=i) for i in range(3)]
+    for i, body in enumerate(bodies):
+        response = post_frame(
+            client,
+            run_id,
+            body if i else compress(body),
+            seq=i,
+            **({} if i else {"Content-Encoding": "zstd"}),
+        )
+        assert response.status_code == 202, response.text
+    wait_until(lambda: frames_done(client, run_id, 3))
+    series = client.get(f"/runs/{run_id}/metrics", params={"name": "norm.spectral"}).json()[
+        "series"
+    ]
+    by_layer = {s["layer"]: s for s in series}
+    assert set(by_layer) == {"layer0.weight", "layer1.weight"}
+    import numpy as np
+
+    from spectrawatch.wire import decode_frame
+
+    for i, body in enumerate(bodies):
+        _, tensors = decode_frame(body)
+        for layer, w in tensors.items():
+            expected = np.linalg.norm(w.double().numpy(), 2)
+            assert by_layer[layer]["steps"][i] == 100 * i
+            assert by_layer[layer]["values"][i] == pytest.approx(expected, rel=1e-9)
+    fro = client.get(
+        f"/runs/{run_id}/metrics", params={"name": "norm.frobenius", "layer": "layer0.weight"}
+    )
+    assert len(fro.json()["series"]) == 1
+    catalog = client.get(f"/runs/{run_id}/metrics/catalog").json()
+    norms = {(c["name"], c["layer"], c["points"]) for c in catalog if c["name"].startswith("norm.")}
+    assert norms == {
+        (n, f"layer{i}.weight", 3) for n in ("norm.spectral", "norm.frobenius") for i in (0, 1)
+    }
+
+
+def test_same_idempotency_key_stores_one_frame(client: httpx.Client) -> None:
+    run_id = make_run(client, name="idem")
+    body = weight_frame(step=5, seq=0)
+    first = post_frame(client, run_id, body, seq=0)
+    second = post_frame(client, run_id, body, seq=0)
+    assert (first.status_code, second.status_code) == (202, 200)
+    assert first.json()["id"] == second.json()["id"]
+    without_header = post_frame(client, run_id, body)  # key defaults to run:seq from metadata
+    assert without_header.status_code == 200
+    assert without_header.json()["id"] == first.json()["id"]
+    assert len(client.get(f"/runs/{run_id}/frames").json()) == 1
+
+
+def test_metrics_downsampled_server_side(client: httpx.Client) -> None:
+    run_id = make_run(client, name="many-scalars")
+    rows = [{"step": s, "name": "loss", "value": float((s % 97) - 0.01 * s)} for s in range(5000)]
+    assert client.post(f"/runs/{run_id}/scalars", json=rows).status_code == 202
+    full = client.get(f"/runs/{run_id}/scalars", params={"name": "loss"}).json()[0]
+    small = client.get(
+        f"/runs/{run_id}/scalars", params={"name": "loss", "max_points": 200}
+    ).json()[0]
+    assert full["points"] == small["points"] == 5000
+    assert len(full["steps"]) == 5000
+    assert len(small["steps"]) == 200
+    assert small["steps"][0] == 0
+    assert small["steps"][-1] == 4999
+    assert max(small["values"]) == max(full["values"])  # LTTB keeps the extremes here
+    ranged = client.get(
+        f"/runs/{run_id}/scalars", params={"name": "loss", "from": 100, "to": 199}
+    ).json()[0]
+    assert ranged["steps"] == list(range(100, 200))
+
+
+def test_scalars_nan_accepted_and_flagged(client: httpx.Client) -> None:
+    run_id = make_run(client, name="nan-scalars")
+    body = '[{"step": 1, "name": "loss", "value": NaN}, {"step": 2, "name": "loss", "value": 0.5}]'
+    response = client.post(
+        f"/runs/{run_id}/scalars", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 202
+    assert response.json() == {"accepted": 2, "nonfinite": 1}
+    series = client.get(f"/runs/{run_id}/scalars", params={"name": "loss"}).json()[0]
+    assert series["values"] == [None, 0.5]
+
+
+def test_run_lifecycle(client: httpx.Client) -> None:
+    created = client.post(
+        "/runs", json={"project": "life", "name": "r", "config": {"lr": 0.1}, "tags": ["a"]}
+    )
+    assert created.status_code == 201
+    again = client.post("/runs", json={"project": "life", "name": "r"})
+    assert again.status_code == 200
+    assert again.json()["id"] == created.json()["id"]
+    run_id = created.json()["id"]
+    patched = client.patch(
+        f"/runs/{run_id}", json={"status": "finished", "summary": {"val_acc": 1.0}}
+    )
+    assert patched.json()["status"] == "finished"
+    assert patched.json()["config"] == {"lr": 0.1}
+    listed = client.get("/runs", params={"project": "life"}).json()
+    assert [r["id"] for r in listed] == [run_id]
+    stats = client.post(f"/runs/{run_id}/client-stats", json={"dropped_frames": 3, "errors": 1})
+    assert stats.json()["client_stats"]["dropped_frames"] == 3
+    assert client.patch(f"/runs/{run_id}", json={"status": "exploded"}).status_code == 422
+
+
+def _raw(header: dict[str, object], data: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + data
+
+
+def _raw_prefix(head: bytes, data: bytes) -> bytes:
+    return struct.pack("<Q", len(head)) + head + data
+
+
+META = {"spectrawatch": "1", "kind": "weights", "step": "1", "seq": "0"}
+F32_2x2 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+
+BAD_FRAMES: list[tuple[str, bytes, dict[str, str], int, str]] = [
+    ("malformed", b"this is not safetensors", {}, 400, "truncated"),
+    ("not json", _raw_prefix(b"{nope", b""), {}, 400, "bad_header"),
+    ("truncated", weight_frame(1, 0)[:-10], {}, 400, "bad_offsets"),
+    ("empty", b"", {}, 400, "empty_body"),
+    ("missing metadata", _raw({"w": F32_2x2}, b"\0" * 16), {}, 422, "missing_metadata"),
+    (
+        "unknown kind",
+        _raw({"__metadata__": {**META, "kind": "grads"}, "w": F32_2x2}, b"\0" * 16),
+        {},
+        422,
+        "unknown_kind",
+    ),
+    (
+        "bad step",
+        _raw({"__metadata__": {**META, "step": "x"}, "w": F32_2x2}, b"\0" * 16),
+        {},
+        422,
+        "bad_metadata",
+    ),
+    (
+        "dtype not allowed",
+        _raw(
+            {"__metadata__": META, "w": {"dtype": "U8", "shape": [4, 4], "data_offsets": [0, 16]}},
+            b"\0" * 16,
+        ),
+        {},
+        422,
+        "dtype_not_allowed",
+    ),
+    (
+        "too many tensors",
+        encode_frame("weights", 1, 0, {f"w{i}": torch.zeros(1, 1) for i in range(65)}),
+        {},
+        422,
+        "too_many_tensors",
+    ),
+    (
+        "wrong rank",
+        encode_frame("weights", 1, 0, {"w": torch.zeros(2, 2, 2)}),
+        {},
+        422,
+        "bad_shape",
+    ),
+    (
+        "oversized body",
+        encode_frame("weights", 1, 0, {"w": torch.zeros(1024, 1024)}),
+        {},
+        413,
+        "too_large",
+    ),
+    ("bad zstd", b"\x28\xb5\x2f\xfd garbage", {"Content-Encoding": "zstd"}, 400, "bad_encoding"),
+    (
+        "zstd bomb",
+        compress(encode_frame("weights", 1, 0, {"w": torch.zeros(1024, 1024)})),
+        {"Content-Encoding": "zstd"},
+        413,
+        "too_large",
+    ),
+    (
+        "unknown encoding",
+        weight_frame(1, 0),
+        {"Content-Encoding": "br"},
+        415,
+        "unsupported_encoding",
+    ),
+    ("long key", weight_frame(1, 0), {"Idempotency-Key": "k" * 500}, 400, "bad_idempotency_key"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "headers", "status", "code"), BAD_FRAMES, ids=[c[0] for c in BAD_FRAMES]
+)
+def test_bad_frames_get_4xx_and_leave_nothing(
+    client: httpx.Client,
+    shared_server: ServerProcess,
+    case: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    code: str,
+) -> None:
+    run_id = make_run(client, name="bad-input")
+    before = len(client.get(f"/runs/{run_id}/frames").json())
+    response = post_frame(client, run_id, body, **headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert len(client.get(f"/runs/{run_id}/frames").json()) == before
+    assert list((shared_server.data_dir / "blobs" / ".tmp").iterdir()) == []
+    assert client.get("/health").status_code == 200
+
+
+def test_nan_frames_accepted_but_flagged(client: httpx.Client) -> None:
+    run_id = make_run(client, name="nan-frame")
+    w = torch.randn(8, 4)
+    w[0, 0] = float("nan")
+    w[1, 1] = float("inf")
+    response = post_frame(client, run_id, encode_frame("weights", 3, 0, {"w": w}), seq=0)
+    assert response.status_code == 202
+    assert response.json()["nonfinite"] == {"w": 2}
+    assert response.json()["warnings"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("post", "/runs/999999/frames", weight_frame(1, 0), 404, "run_not_found"),
+        ("post", "/runs/999999/scalars", b"[]", 404, "run_not_found"),
+        ("get", "/runs/999999/metrics?name=x", None, 404, "run_not_found"),
+        ("post", "/runs", b'{"project": "p"}', 422, "invalid_request"),
+        ("post", "/runs", b'{"project": "p", "name": ""}', 422, "invalid_request"),
+        ("post", "/runs", b"{not json", 422, "invalid_request"),
+        (
+            "post",
+            "/runs/RUN/scalars",
+            b'[{"step": -1, "name": "x", "value": 1}]',
+            422,
+            "invalid_request",
+        ),
+        (
+            "post",
+            "/runs/RUN/scalars",
+            b'[{"step": 1, "name": "x", "value": "high"}]',
+            422,
+            "invalid_request",
+        ),
+        ("post", "/runs/RUN/scalars", b'{"step": 1}', 422, "invalid_request"),
+        ("get", "/runs/RUN/metrics", None, 422, "invalid_request"),
+        ("get", "/runs/RUN/metrics?name=x&max_points=1", None, 422, "invalid_request"),
+        ("get", "/nowhere", None, 404, "not_found"),
+    ],
+)
+def test_bad_requests_get_named_4xx(
+    client: httpx.Client, method: str, path: str, body: bytes | None, status: int, code: str
+) -> None:
+    run_id = make_run(client, name="bad-requests")
+    path = path.replace("RUN", str(run_id))
+    headers = (
+        {"content-type": "application/json"}
+        if body is not None and not path.endswith("frames")
+        else {}
+    )
+    response = client.request(method, path, content=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+    assert client.get("/health").status_code == 200
+
+
+def test_refuses_non_loopback_without_auth(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spectrawatch",
+            "server",
+            "--host",
+            "0.0.0.0",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "without auth" in result.stderr

@@ -1,0 +1,253 @@
+"""Alert rules: pure decisions (hysteresis, persistence, growth), validation, and the engine
+over a real SQLite database migrated by Alembic (episodes, resolution, outbox rows)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from spectrawatch_server.alerts import rules as R
+from spectrawatch_server.alerts.engine import AlertEngine
+from spectrawatch_server.db import migrate
+from spectrawatch_server.db.models import Alert, Delivery, Frame, Project, Run, Webhook
+from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.storage import alert_store
+from spectrawatch_server.storage import repository as repo
+
+ALPHA = R.RuleSpec("alpha", "threshold", metric="htsr.alpha", below=2.0, above=6.0, hysteresis=0.1)
+
+
+def episodes(rule: R.RuleSpec, series: list[float]) -> list[tuple[int, R.Transition]]:
+    """Replay a series point by point as the engine does; the transitions and where."""
+    is_open = False
+    out = []
+    for i in range(len(series)):
+        t = R.decide_series(rule, is_open, series[: i + 1][-rule.history_needed :])
+        if t is not R.Transition.NONE:
+            out.append((i, t))
+            is_open = t is R.Transition.OPEN
+    return out
+
+
+def test_threshold_states_with_hysteresis_band() -> None:
+    values = [1.5, 1.95, 2.05, 2.1, 4.0, 5.9, 5.95, 6.0, 6.01]
+    assert R.point_states(ALPHA, values) == [
+        "fire", "fire", "hold", "clear", "clear", "clear", "hold", "hold", "fire",
+    ]  # fmt: skip
+
+
+def test_flapping_metric_gives_one_episode() -> None:
+    # alpha oscillates around 6 inside the hysteresis band: one alert, resolved once it clears
+    series = [5.0, 6.2, 5.95, 6.3, 5.92, 6.1, 5.5, 5.0]
+    assert episodes(ALPHA, series) == [(1, R.Transition.OPEN), (6, R.Transition.RESOLVE)]
+    # without hysteresis the same series spams three episodes
+    bare = R.RuleSpec("a", "threshold", metric="htsr.alpha", below=2.0, above=6.0)
+    assert [t for _, t in episodes(bare, series)].count(R.Transition.OPEN) == 3
+
+
+def test_persistence_fire_after_and_clear_after() -> None:
+    rule = R.RuleSpec("s", "threshold", metric="htsr.alpha", above=1.0, fire_after=3, clear_after=2)
+    series = [2.0, 2.0, 0.0, 2.0, 2.0, 2.0, 0.0, 2.0, 0.0, 0.0]
+    assert episodes(rule, series) == [(5, R.Transition.OPEN), (9, R.Transition.RESOLVE)]
+
+
+def test_growth_rule_ratio_over_window() -> None:
+    rule = R.RuleSpec("g", "growth", metric="norm.spectral", factor=10.0, window=3, hysteresis=0.5)
+    values = [1.0, 2.0, 3.0, 25.0, 30.0, 40.0, 45.0]
+    # 25 / min(1, 2, 3) = 25 fires; 30 / min(2, 3, 25) = 15 fires; 40 / 3 = 13.3 fires;
+    # 45 / min(25, 30, 40) = 1.8 < 10 * 0.5 clears
+    assert R.point_states(rule, values) == [
+        "hold",
+        "clear",
+        "clear",
+        "fire",
+        "fire",
+        "fire",
+        "clear",
+    ]
+    assert R.growth_ratio(rule, values[:4]) == pytest.approx(25.0)
+    assert episodes(rule, values) == [(3, R.Transition.OPEN), (6, R.Transition.RESOLVE)]
+    # a ratio between factor*(1-h) and factor holds the episode open
+    assert R.point_states(rule, [1.0, 7.0]) == ["hold", "hold"]
+
+
+def test_nonfinite_values_hold() -> None:
+    # NaN/Inf are the nonfinite rule's business; threshold rules neither fire nor clear on them
+    assert R.point_states(ALPHA, [float("nan"), float("inf"), 7.0]) == ["hold", "hold", "fire"]
+
+
+def test_drops_and_silence() -> None:
+    drops = R.RuleSpec("d", "client_drops", above=0.0)
+    assert R.drops_state(drops, 0, 0) == "clear"
+    assert R.drops_state(drops, 1, 0) == "fire"
+    silent = R.RuleSpec("s", "silence", minutes=30.0)
+    assert R.silence_state(silent, 31.0, running=True) == "fire"
+    assert R.silence_state(silent, 29.0, running=True) == "clear"
+    assert R.silence_state(silent, 600.0, running=False) == "clear"
+
+
+def test_default_rules_cover_the_design() -> None:
+    names = {r.name: r for r in R.default_rules()}
+    assert set(names) == {
+        "grokking_imminent", "alpha_out_of_range", "farms_alpha_out_of_range",
+        "spectral_norm_blowup", "nonfinite", "gap_collapse", "activation_change",
+        "client_drops", "run_silent",
+    }  # fmt: skip
+    assert all(r.enabled for r in names.values())
+    # metric keys are the spectral modules' own constants
+    from spectrawatch.spectral import grokking, htsr, norms, sed
+
+    assert names["grokking_imminent"].metric == grokking.IMMINENT
+    assert names["alpha_out_of_range"].metric == htsr.ALPHA
+    assert names["farms_alpha_out_of_range"].metric == htsr.FARMS_PREFIX + "alpha"
+    assert names["spectral_norm_blowup"].metric == norms.SPECTRAL_NORM
+    assert names["gap_collapse"].metric == sed.PHASE
+    assert names["gap_collapse"].above == pytest.approx(sed.Phase.COLLAPSE - 0.5)
+    # windowed SED keys are matched, other keys are not
+    assert names["gap_collapse"].matches_metric(sed.windowed_key(sed.PHASE, 32))
+    assert not names["gap_collapse"].matches_metric("sed.phase_x")
+    assert not names["alpha_out_of_range"].covers("__model__")
+    assert names["grokking_imminent"].covers("__model__")
+
+
+def test_known_metrics() -> None:
+    known = ["htsr.alpha", "farms.alpha", "norm.spectral", "sed.phase.w32"]
+    known += ["sed.interval.gap_ratio.w10", "grok.imminent", "eigentrack.change_score"]
+    for name in known:
+        assert R.is_known_metric(name), name
+    for name in ("htsr.alphaa", "farms.nothing", "loss", "sed.phase.wx"):
+        assert not R.is_known_metric(name), name
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "field"),
+    [
+        ("alpha_out_of_range", {"above": "high"}, "above"),
+        ("alpha_out_of_range", {"above": float("nan")}, "above"),
+        ("alpha_out_of_range", {"tresh": 3}, "tresh"),
+        ("alpha_out_of_range", {"below": 7.0}, "below"),
+        ("alpha_out_of_range", {"kind": "growth"}, "kind"),
+        ("alpha_out_of_range", {"fire_after": 0}, "fire_after"),
+        ("alpha_out_of_range", {"severity": "panic"}, "severity"),
+        ("spectral_norm_blowup", {"factor": 0.5}, "factor"),
+        ("custom_one", {"kind": "threshold", "metric": "htsr.alpha"}, "above"),
+        ("custom_one", {"kind": "threshold", "metric": "no.such", "above": 1}, "metric"),
+        ("custom_one", {"metric": "htsr.alpha", "above": 1}, "kind"),
+        ("Bad-Name", {"kind": "nonfinite"}, "rule"),
+    ],
+)
+def test_build_rule_rejects_bad_input(name: str, params: dict[str, object], field: str) -> None:
+    base = {r.name: r for r in R.default_rules()}.get(name)
+    with pytest.raises(R.RuleError) as info:
+        R.build_rule(name, params, base=base)
+    assert info.value.field == field
+
+
+def test_effective_rules_merge_overrides_and_custom() -> None:
+    stored = {
+        "alpha_out_of_range": (True, {"below": 1.5}),
+        "nonfinite": (False, {}),
+        "big_norm": (True, {"kind": "threshold", "metric": "norm.frobenius", "above": 100.0}),
+        "broken": (True, {"kind": "threshold", "metric": "gone.metric", "above": 1.0}),
+    }
+    rules = {r.name: r for r in R.effective_rules(stored)}
+    assert rules["alpha_out_of_range"].below == 1.5
+    assert rules["alpha_out_of_range"].above == 6.0  # untouched default
+    assert rules["nonfinite"].enabled is False
+    assert rules["big_norm"].above == 100.0
+    assert "broken" not in rules  # an invalid stored custom rule is skipped, not fatal
+
+
+# --- the engine over a real database -----------------------------------------------------
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate.upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def add_frame(
+    session: Session,
+    run: Run,
+    seq: int,
+    metrics: dict[str, float],
+    nonfinite: dict[str, int] | None = None,
+) -> Frame:
+    frame = Frame(
+        run_id=run.id,
+        kind="weights",
+        step=100 * seq,
+        seq=seq,
+        idempotency_key=f"{run.id}:{seq}",
+        blob_key=f"b{seq}",
+        bytes=1,
+        layers=["fc.weight"],
+        nonfinite=nonfinite or {},
+        status="done",
+    )
+    repo.insert_frame(session, frame)
+    rows = [repo.MetricRow("fc.weight", name, frame.step, v) for name, v in metrics.items()]
+    repo.replace_results(session, run.id, frame.id, frame.step, "test", rows, [])
+    return frame
+
+
+def test_engine_episodes_and_outbox(sessions: sessionmaker[Session]) -> None:
+    engine = AlertEngine("http://sw.example")
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "p")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        session.add(Webhook(project_id=project.id, url="https://h.example/", secret="whsec_x"))
+        session.add(
+            Webhook(
+                project_id=project.id,
+                url="https://o.example/",
+                secret="whsec_y",
+                events=["alert.opened:nonfinite"],
+            )
+        )
+        run_id = run.id
+    series = [5.0, 6.3, 5.95, 6.4, 5.92, 5.5]  # flaps inside the band, then clears
+    for seq, alpha in enumerate(series):
+        with sessions.begin() as session:
+            run = session.get_one(Run, run_id)
+            frame = add_frame(session, run, seq, {"htsr.alpha": alpha})
+            engine.evaluate(session, frame)
+            engine.evaluate(session, frame)  # a redelivered job changes nothing
+    with sessions() as session:
+        alerts = alert_store.list_alerts(session, run_id=run_id)
+        assert [(a.rule, a.layer, a.status, a.step, a.resolved_step) for a in alerts] == [
+            ("alpha_out_of_range", "fc.weight", "resolved", 100, 500)
+        ]
+        assert alerts[0].values["value"] == 6.3
+        deliveries = session.query(Delivery).order_by(Delivery.id).all()
+        # only the unfiltered webhook wants alpha events: opened + resolved
+        assert [d.event for d in deliveries] == ["alert.opened", "alert.resolved"]
+        assert {d.webhook_id for d in deliveries} == {1}
+        assert len({d.message_id for d in deliveries}) == 2
+        data = deliveries[0].payload["data"]
+        assert data["dashboard_url"] == f"http://sw.example/runs/{run_id}"
+        assert (data["project"], data["rule"], data["step"]) == ("p", "alpha_out_of_range", 100)
+
+
+def test_engine_nonfinite_and_disabled_rule(sessions: sessionmaker[Session]) -> None:
+    engine = AlertEngine()
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "q")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        alert_store.upsert_rule(session, project.id, "alpha_out_of_range", False, {})
+        for seq, bad in enumerate([3, 1, 0]):
+            frame = add_frame(
+                session, run, seq, {"htsr.alpha": 1.0}, {"fc.weight": bad} if bad else {}
+            )
+            engine.evaluate(session, frame)
+        alerts = session.query(Alert).all()
+        assert [(a.rule, a.status, a.values["count"]) for a in alerts] == [
+            ("nonfinite", "resolved", 3)
+        ]
+        assert session.query(Project).count() == 1

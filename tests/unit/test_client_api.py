@@ -1,0 +1,74 @@
+"""The client's public surface: pinned ``__all__``, lazy imports, settings from env."""
+
+from __future__ import annotations
+
+import pytest
+
+import spectrawatch
+from spectrawatch.config import ClientSettings, SettingsError
+
+
+def test_public_api_is_pinned() -> None:
+    assert spectrawatch.__all__ == [
+        "ClientSettings",
+        "Handle",
+        "Monitor",
+        "SettingsError",
+        "__version__",
+        "monitor",
+    ]
+    for name in spectrawatch.__all__:
+        assert getattr(spectrawatch, name) is not None
+    assert isinstance(spectrawatch.monitor, spectrawatch.Monitor)
+
+
+def test_monitor_name_is_the_default_instance_even_after_submodule_import() -> None:
+    import importlib
+
+    module = importlib.import_module("spectrawatch.monitor")  # the submodule, via sys.modules
+    from spectrawatch import monitor
+
+    assert isinstance(monitor, module.Monitor)
+    assert spectrawatch.monitor is monitor
+
+
+def test_defaults_follow_design() -> None:
+    s = ClientSettings.from_env({})
+    assert s.url == "http://127.0.0.1:8765"
+    assert s.window == 32
+    assert s.dim == 640  # d = 20 W (DESIGN §3)
+    assert s.update_every == 1
+    assert s.weights_every == 500
+    assert s.activations_every == 250
+    assert s.defect_every == 100
+    assert s.run is None
+
+
+def test_env_then_overrides() -> None:
+    env = {
+        "SPECTRAWATCH_URL": "http://x:1",
+        "SPECTRAWATCH_PROJECT": "p",
+        "SPECTRAWATCH_RUN": "r",
+        "SPECTRAWATCH_TOKEN": "tok",
+        "SPECTRAWATCH_WINDOW": "64",
+        "SPECTRAWATCH_EXACT": "yes",
+        "SPECTRAWATCH_BACKOFF_S": "0.5",
+        "SPECTRAWATCH_SPOOL_DIR": "/tmp/sp",
+    }
+    s = ClientSettings.from_env(env, project="q", run=None)
+    assert (s.url, s.project, s.run, s.token) == ("http://x:1", "q", "r", "tok")
+    assert s.dim == 1280
+    assert s.exact is True
+    assert s.backoff_s == 0.5
+    assert s.spool_dir == "/tmp/sp"
+
+
+def test_bad_values_name_the_variable() -> None:
+    with pytest.raises(SettingsError, match="SPECTRAWATCH_WINDOW"):
+        ClientSettings.from_env({"SPECTRAWATCH_WINDOW": "many"})
+    with pytest.raises(SettingsError, match="update_every"):
+        ClientSettings.from_env({}, update_every=-1)
+    with pytest.raises(SettingsError, match="unknown setting"):
+        ClientSettings.from_env({}, windw=3)
+    with pytest.raises(SettingsError, match="weights_dtype"):
+        ClientSettings.from_env({}, weights_dtype="int8")

@@ -1,0 +1,302 @@
+"""Captures on real training loops: update sketches vs exact updates, cadences, weights,
+activations, the defect probe, and that training is never changed or interrupted."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from spectrawatch import wire
+from spectrawatch._capture import MODEL_KEY, Capture
+from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
+from spectrawatch.config import ClientSettings
+from spectrawatch.sketch import SketchSpec, count_sketch, hash_coordinates
+from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT
+
+
+class Sink:
+    """Collects what a capture emits (stands in for the sender)."""
+
+    def __init__(self) -> None:
+        self.frames: list[FrameItem] = []
+        self.scalars: list[dict[str, Any]] = []
+
+    def of(self, kind: wire.FrameKind) -> list[FrameItem]:
+        return [f for f in self.frames if f.kind is kind]
+
+
+def make_capture(model: nn.Module, opt: torch.optim.Optimizer | None, sink: Sink,
+                 **kw: Any) -> tuple[Capture, ClientStats]:
+    options = {k: kw.pop(k) for k in ("probe", "modules", "loss_fn", "sample_batch") if k in kw}
+    s = ClientSettings.from_env({}, **{"weights_every": 0, "activations_every": 0,
+                                        "theta_every": 0, "frame_steps": 4, **kw})
+    stats = ClientStats()
+    cap = Capture(model, opt, s, sink.frames.append, sink.scalars.extend, ErrorLog(stats), stats,
+                  **options)
+    return cap, stats
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.2), nn.Linear(12, 3))
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, accum: int = 1,
+          record: list[dict[str, torch.Tensor]] | None = None) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for _ in range(accum):
+            x = torch.randn(16, 6, generator=gen)
+            loss = model(x).pow(2).mean() / accum
+            loss.backward()
+        if record is not None:
+            record.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    if record is not None:
+        record.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def reference_sketch(x: torch.Tensor, spec: SketchSpec, name: str) -> torch.Tensor:
+    b, s = hash_coordinates(x.numel(), spec.layer_seed(name), spec.dim)
+    return count_sketch(x.reshape(-1).double(), b, s, spec.dim, torch.float64)
+
+
+def test_update_rows_are_sketches_of_the_exact_updates() -> None:
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sink = Sink()
+    cap, stats = make_capture(model, opt, sink)
+    thetas: list[dict[str, torch.Tensor]] = []
+    train(model, opt, 10, record=thetas)
+    cap.finish()
+    frames = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    assert [f.info["steps"] for f in frames] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert frames[0].step == 1
+    spec = SketchSpec(640, 0)
+    names = [n for n, _ in model.named_parameters()]
+    for frame in frames:
+        assert set(frame.tensors) == {*names, MODEL_KEY}
+        assert frame.info["sketch"]["dim"] == 640
+        assert frame.info["layers"]["0.weight"] == {"numel": 72, "shape": [12, 6]}
+        for row, step in enumerate(frame.info["steps"]):
+            total = torch.zeros(640, dtype=torch.float64)
+            for name in names:
+                delta = thetas[step][name].double() - thetas[step - 1][name].double()
+                ref = reference_sketch(delta, spec, name)
+                total += ref
+                got = frame.tensors[name][row].double()
+                assert frame.tensors[name].dtype == torch.float32
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7 * float(ref.abs().max()))
+            torch.testing.assert_close(frame.tensors[MODEL_KEY][row].double(), total,
+                                       rtol=1e-5, atol=1e-7 * float(total.abs().max()))
+    assert stats.get("errors") == 0
+
+
+def test_cadence_k_still_sends_one_step_updates_and_grad_accumulation() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(model, opt, sink, update_every=3, frame_steps=10)
+    thetas: list[dict[str, torch.Tensor]] = []
+    train(model, opt, 9, accum=4, record=thetas)  # 36 backward passes, 9 optimizer steps
+    cap.finish()
+    (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    assert frame.info["steps"] == [3, 6, 9]
+    spec = SketchSpec(640, 0)
+    for row, step in enumerate([3, 6, 9]):
+        delta = thetas[step]["3.weight"] - thetas[step - 1]["3.weight"]
+        ref = reference_sketch(delta, spec, "3.weight")
+        torch.testing.assert_close(frame.tensors["3.weight"][row].double(), ref, rtol=1e-5,
+                                   atol=1e-7 * float(ref.abs().max()))
+
+
+def test_theta_sketches_difference_into_interval_updates() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(model, opt, sink, theta_every=5, frame_steps=100)
+    train(model, opt, 10)
+    cap.finish()
+    theta = sink.of(wire.FrameKind.PARAM_SKETCH)
+    assert [f.info["steps"] for f in theta] == [[5], [10]]
+    assert theta[0].tensors[MODEL_KEY].dtype == torch.float64
+    (upd,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    # linearity: theta_10 - theta_5 sketch == sum of per-step update sketches 6..10
+    interval = theta[1].tensors[MODEL_KEY][0] - theta[0].tensors[MODEL_KEY][0]
+    summed = upd.tensors[MODEL_KEY][5:10].double().sum(0)
+    torch.testing.assert_close(interval, summed, rtol=1e-5, atol=1e-6 * float(interval.abs().max()))
+
+
+def test_exact_mode_sends_full_updates() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(model, opt, sink, exact=True)
+    thetas: list[dict[str, torch.Tensor]] = []
+    train(model, opt, 4, record=thetas)
+    cap.finish()
+    (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    assert frame.info["exact"] is True
+    assert frame.tensors["0.weight"].shape == (4, 72)
+    torch.testing.assert_close(frame.tensors["0.weight"][2],
+                               (thetas[3]["0.weight"] - thetas[2]["0.weight"]).reshape(-1))
+    p = sum(t.numel() for t in thetas[0].values())
+    assert frame.tensors[MODEL_KEY].shape == (4, p)
+
+
+def test_monitoring_does_not_change_training() -> None:
+    """Same seed, same data: bit-identical parameters with every capture firing every step."""
+    ref_model = mlp()
+    model = copy.deepcopy(ref_model)
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(5)
+    train(ref_model, ref_opt, 6)
+    sink = Sink()
+    gen = torch.Generator().manual_seed(9)
+    probe = torch.randn(8, 6, generator=gen)
+
+    def loss_fn(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return m(batch).pow(2).mean()
+
+    cap, stats = make_capture(
+        model, opt, sink, weights_every=2, activations_every=2, theta_every=2, defect_every=3,
+        defect_samples=2, probe=probe, loss_fn=loss_fn,
+        sample_batch=lambda: torch.randn(4, 6),
+    )
+    model.train()
+    model[2].eval()  # a submodule in its own mode must come back in it
+    model[2].train()
+    torch.manual_seed(5)
+    train(model, opt, 6)
+    cap.finish()
+    assert stats.get("errors") == 0
+    for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert model.training
+    assert all(not m._forward_hooks for m in model.modules())
+    defect = [r for r in sink.scalars if r["name"] == COMMUTATOR_DEFECT]
+    assert [r["step"] for r in defect] == [3, 6]
+    assert all(r["value"] > 0 for r in defect)
+
+
+def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 10), nn.Embedding(50, 16))
+    sink = Sink()
+    cap, _ = make_capture(model, None, sink, weights_dtype="float16", max_frame_bytes=1500)
+    cap.capture_weights(7)
+    frames = sink.of(wire.FrameKind.WEIGHTS)
+    names = {n for f in frames for n in f.tensors}
+    assert names == {"0.weight", "3.weight", "4.weight"}  # biases / norm scales skipped
+    assert len(frames) == 3  # split: each matrix exceeds 1500 bytes with the others
+    got = {n: (f.tensors[n], f.info) for f in frames for n in f.tensors}
+    conv, info = got["0.weight"]
+    assert conv.shape == (8, 27)
+    assert conv.dtype == torch.float16
+    assert info["layers"]["0.weight"]["orig_shape"] == [8, 3, 3, 3]
+    assert info["dtype"] == "float16"
+    torch.testing.assert_close(conv, model[0].weight.detach().reshape(8, 27).half())
+    assert all(f.compress and f.step == 7 for f in frames)
+    body = wire.encode_frame(frames[0].kind, 7, 0, frames[0].tensors, frames[0].info)
+    wire.decode_frame(body)  # valid on the wire
+
+
+def test_activations_x_or_gram_and_modes_restored() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3))
+    probe = torch.randn(10, 4)
+    sink = Sink()
+    cap, _ = make_capture(model, None, sink, probe=probe)
+    model.train()
+    cap.capture_activations(5)
+    (frame,) = sink.of(wire.FrameKind.ACTIVATIONS)
+    x0 = model[0](probe).detach()
+    torch.testing.assert_close(frame.tensors["0"], x0)  # 10 tokens < 32 hidden: X itself
+    x2 = model[2](model[1](x0)).detach()
+    torch.testing.assert_close(frame.tensors["2"], x2.T @ x2)  # 10 > 3: Gram (3, 3)
+    assert frame.info == {"gram": ["2"], "tokens": {"0": 10, "2": 10}}
+    assert model.training
+    assert all(not m._forward_hooks for m in model.modules())
+    wire.decode_frame(wire.encode_frame(frame.kind, 5, 0, frame.tensors, frame.info))
+
+
+def test_failures_never_reach_the_loop_and_disable_the_capture() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+
+    def bad_loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        raise RuntimeError("user loss_fn bug")
+
+    cap, stats = make_capture(model, opt, sink, probe=torch.randn(2, 99),  # wrong width
+                              activations_every=1, defect_every=1, loss_fn=bad_loss,
+                              sample_batch=lambda: None)
+    train(model, opt, 6)  # must not raise
+    cap.finish()
+    assert stats.get("errors") >= 6
+    assert cap._disabled == {"activations", "commutator defect"}
+    assert len(sink.of(wire.FrameKind.UPDATE_SKETCH)) == 2  # the sketches kept going
+
+
+def test_no_optimizer_mode_uses_explicit_steps() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(model, None, sink)
+    gen = torch.Generator().manual_seed(1)
+    cap.on_step()  # first call: the reference point
+    for _ in range(4):
+        model(torch.randn(4, 6, generator=gen)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        cap.on_step()
+    cap.finish()
+    (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    assert frame.info["steps"] == [2, 3, 4, 5]
+    assert frame.info["update"] == "since_previous_row"
+
+
+def test_compiled_and_wrapped_models_keep_plain_names() -> None:
+    model = mlp()
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    sink = Sink()
+    cap, stats = make_capture(compiled, opt, sink, probe=torch.randn(3, 6), activations_every=2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        compiled(torch.randn(8, 6, generator=gen)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    cap.finish()
+    assert stats.get("errors") == 0
+    (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    assert "0.weight" in frame.tensors
+    assert len(sink.of(wire.FrameKind.ACTIVATIONS)) == 2
+
+
+@pytest.mark.gpu
+def test_cuda_sketch_matches_cpu() -> None:
+    model = mlp().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(model, opt, sink)
+    cpu_model = copy.deepcopy(model).cpu()
+    cpu_opt = torch.optim.SGD(cpu_model.parameters(), lr=0.1)
+    cpu_sink = Sink()
+    cpu_cap, _ = make_capture(cpu_model, cpu_opt, cpu_sink)
+    for m, o in ((model, opt), (cpu_model, cpu_opt)):
+        dev = next(m.parameters()).device
+        m(torch.ones(4, 6, device=dev)).sum().backward()
+        o.step()
+    cap.finish()
+    cpu_cap.finish()
+    a = sink.of(wire.FrameKind.UPDATE_SKETCH)[0].tensors[MODEL_KEY]
+    b = cpu_sink.of(wire.FrameKind.UPDATE_SKETCH)[0].tensors[MODEL_KEY]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

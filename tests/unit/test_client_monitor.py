@@ -1,0 +1,155 @@
+"""The public Monitor end to end against the fake server (mock transport)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import spectrawatch
+from spectrawatch import wire
+from tests.unit.test_client_sender import FakeServer
+
+
+def fast(tmp_path: Path, **kw: Any) -> dict[str, Any]:
+    return {"spool_dir": str(tmp_path / "spool"), "backoff_s": 0.01, "backoff_max_s": 0.05,
+            "retries": 0, "flush_timeout_s": 10.0, **kw}
+
+
+def loop(m: spectrawatch.Monitor, steps: int, probe: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    handle = m.attach(model, opt, probe=torch.randn(4, 5) if probe else None)
+    assert handle is not None
+    gen = torch.Generator().manual_seed(1)
+    for t in range(steps):
+        x = torch.randn(8, 5, generator=gen)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.log({"loss": loss, "lr": 1e-2}, step=t + 1)
+    return model
+
+
+def test_init_attach_log_finish(tmp_path: Path) -> None:
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="grok", run="p97", config={"wd": 1.0}, tags=["test"],
+           **fast(tmp_path, weights_every=10, activations_every=5, theta_every=10))
+    loop(m, 20)
+    assert m.finish()
+    assert m.run_id == 1
+    kinds = server.headers_by_kind()
+    assert [h.info["steps"][0] for h in kinds["update_sketch"]] == [1, 17]
+    assert sum(len(h.info["steps"]) for h in kinds["update_sketch"]) == 20
+    assert [h.step for h in kinds["weights"]] == [10, 20]  # the finish snapshot is deduplicated
+    assert [h.step for h in kinds["activations"]] == [5, 10, 15, 20]
+    assert [h.info["steps"] for h in kinds["param_sketch"]] == [[10], [20]]
+    assert len(server.scalars) == 40
+    assert {r["name"] for r in server.scalars} == {"loss", "lr"}
+    assert server.patches[-1]["status"] == "finished"
+    assert server.patches[-1]["summary"]["client"]["dropped_frames"] == 0
+    assert server.runs[("grok", "p97")]["name"] == "p97"
+
+
+def test_context_manager_marks_crash_and_lets_user_errors_through(tmp_path: Path) -> None:
+    server = FakeServer()
+
+    def crash() -> None:
+        with spectrawatch.Monitor(
+            transport=server.transport(), project="p", run="boom", **fast(tmp_path)
+        ) as m:
+            loop(m, 3)
+            _ = 1 / 0
+
+    with pytest.raises(ZeroDivisionError):
+        crash()
+    assert server.patches[-1]["status"] == "crashed"
+
+
+def test_two_monitors_in_one_process(tmp_path: Path) -> None:
+    server = FakeServer()
+    with spectrawatch.Monitor(transport=server.transport(), project="p", run="a",
+                              **fast(tmp_path)) as a, \
+         spectrawatch.Monitor(transport=server.transport(), project="p", run="b",
+                              **fast(tmp_path)) as b:
+        loop(a, 4, probe=False)
+        loop(b, 8, probe=False)
+    assert set(server.runs) == {("p", "a"), ("p", "b")}
+    by_run: dict[str, int] = {}
+    for key, (h, _, _) in server.frames.items():
+        if h.kind is wire.FrameKind.UPDATE_SKETCH:
+            by_run[key.split(":")[0]] = by_run.get(key.split(":")[0], 0) + len(h.info["steps"])
+    assert by_run == {"1": 4, "2": 8}
+
+
+def test_server_never_started_training_completes(tmp_path: Path) -> None:
+    server = FakeServer()
+    server.down = True
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="down", **fast(tmp_path, flush_timeout_s=1.0))
+    model = loop(m, 12)
+    assert isinstance(model, nn.Module)
+    m.finish()
+    assert m.stats.get("spooled_frames") >= 1
+    assert server.frames == {}
+
+
+def test_disabled_mode_sends_nothing(tmp_path: Path) -> None:
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport(), mode="disabled")
+    m.init(project="p", run="off", **fast(tmp_path))
+    assert m.attach(nn.Linear(2, 2)) is None
+    m.log({"loss": 1.0})
+    assert m.finish()
+    assert server.runs == {}
+
+
+def test_log_skips_bad_values_and_defaults_the_step(tmp_path: Path) -> None:
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="log", **fast(tmp_path))
+    loop(m, 3, probe=False)
+    m.log({"nan": float("nan"), "text": "abc", "ok": 2})  # step: the latest optimizer step
+    m.finish()
+    assert {"step": 3, "name": "ok", "value": 2.0} in server.scalars
+    assert not any(r["name"] in ("nan", "text") for r in server.scalars)
+    assert m.stats.get("errors") == 2
+
+
+def test_env_configures_the_default_monitor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    server = FakeServer()
+    monkeypatch.setenv("SPECTRAWATCH_PROJECT", "envproj")
+    monkeypatch.setenv("SPECTRAWATCH_RUN", "envrun")
+    monkeypatch.setenv("SPECTRAWATCH_SPOOL_DIR", str(tmp_path))
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.log({"x": 1.0}, step=0)  # implicit init from the environment
+    m.finish()
+    assert ("envproj", "envrun") in server.runs
+    assert server.scalars == [{"step": 0, "name": "x", "value": 1.0}]
+
+
+def test_handle_remove_detaches(tmp_path: Path) -> None:
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="h", **fast(tmp_path))
+    model = nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = m.attach(model, opt)
+    assert handle is not None
+    for _ in range(2):
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+    handle.remove()
+    for _ in range(3):
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+    m.finish()
+    (h,) = server.headers_by_kind()["update_sketch"]
+    assert h.info["steps"] == [1, 2]

@@ -1,0 +1,349 @@
+"""Sender, spool and drop policy against an in-process fake server (``httpx.MockTransport``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from spectrawatch import wire
+from spectrawatch._sender import FrameItem, Sender
+from spectrawatch._spool import Spool
+from spectrawatch._transport import Api
+from spectrawatch.config import ClientSettings
+
+
+class FakeServer:
+    """The frames/scalars/runs endpoints with the contract's semantics, in memory.
+
+    ``down`` makes every request fail to connect; ``fail_next`` answers that many requests 503;
+    ``delay`` sleeps in every request (a slow server). Frames are decoded with ``wire`` exactly
+    as the real ingest does; a repeated idempotency key answers 200 and stores nothing.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.down = False
+        self.fail_next = 0
+        self.delay = 0.0
+        self.reject_frames = False
+        self.runs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.frames: dict[str, tuple[wire.FrameHeader, dict[str, torch.Tensor], str | None]] = {}
+        self.arrivals: list[str] = []
+        self.frame_posts = 0
+        self.scalars: list[dict[str, Any]] = []
+        self.stats: list[dict[str, Any]] = []
+        self.patches: list[dict[str, Any]] = []
+        self.auth: list[str | None] = []
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        with self.lock:
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                return httpx.Response(503, json={"error": {"code": "busy", "message": "later"}})
+            self.auth.append(request.headers.get("Authorization"))
+            return self._route(request)
+
+    def _route(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/api/v1/projects":
+            return httpx.Response(201, json={"id": 1, "name": json.loads(request.content)["name"]})
+        if path == "/api/v1/runs":
+            body = json.loads(request.content)
+            key = (body["project"], body["name"])
+            if key in self.runs:
+                return httpx.Response(200, json=self.runs[key])
+            run = {"id": len(self.runs) + 1, "project": key[0], "name": key[1], "status": "running"}
+            self.runs[key] = run
+            return httpx.Response(201, json=run)
+        if request.method == "PATCH":
+            self.patches.append(json.loads(request.content))
+            return httpx.Response(200, json={})
+        if path.endswith("/frames"):
+            self.frame_posts += 1
+            if self.reject_frames:
+                return httpx.Response(
+                    422, json={"error": {"code": "bad_shape", "message": "tensor 'x' bad"}}
+                )
+            key = request.headers["Idempotency-Key"]
+            assert request.headers["Content-Type"] == "application/octet-stream"
+            data = request.content
+            encoding = request.headers.get("Content-Encoding")
+            if encoding == "zstd":
+                data = wire.decompress(data, 1 << 30)
+            header, tensors = wire.decode_frame(data)
+            assert key == f"{path.split('/')[4]}:{header.seq}"
+            if key in self.frames:
+                return httpx.Response(200, json={"id": key})
+            self.frames[key] = (header, tensors, encoding)
+            self.arrivals.append(key)
+            return httpx.Response(202, json={"id": key})
+        if path.endswith("/scalars"):
+            rows = json.loads(request.content)
+            self.scalars.extend(rows)
+            return httpx.Response(202, json={"accepted": len(rows)})
+        if path.endswith("/client-stats"):
+            self.stats.append(json.loads(request.content))
+            return httpx.Response(200, json={})
+        if path == "/api/v1/health":
+            return httpx.Response(200, json={"status": "ok"})
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": path}})
+
+    def headers_by_kind(self) -> dict[str, list[wire.FrameHeader]]:
+        out: dict[str, list[wire.FrameHeader]] = {}
+        for h, _, _ in self.frames.values():
+            out.setdefault(h.kind.value, []).append(h)
+        return out
+
+
+def settings(tmp_path: Path, **kw: Any) -> ClientSettings:
+    base: dict[str, Any] = {
+        "project": "p", "run": "r", "spool_dir": str(tmp_path / "spool"), "backoff_s": 0.01,
+        "backoff_max_s": 0.05, "retries": 1, "flush_timeout_s": 10.0, "stats_every_s": 0.2,
+    }
+    base.update(kw)
+    return ClientSettings.from_env({}, **base)
+
+
+def make_sender(server: FakeServer, s: ClientSettings, *, start: bool = True,
+                auto_named: bool = False) -> Sender:
+    sender = Sender(s, Api(s.url, s.token, 2.0, transport=server.transport()), s.run or "auto",
+                    auto_named=auto_named)
+    if start:
+        sender.start()
+    return sender
+
+
+def sketch_item(step: int, rows: int = 2, d: int = 8) -> FrameItem:
+    info = {"steps": list(range(step, step + rows)), "sketch": {"dim": d, "seed": 0}}
+    return FrameItem(wire.FrameKind.UPDATE_SKETCH, step, {"a": torch.full((rows, d), float(step))},
+                     info)
+
+
+def weights_item(step: int, n: int = 4) -> FrameItem:
+    return FrameItem(wire.FrameKind.WEIGHTS, step, {"w": torch.eye(n) * step},
+                     {"dtype": "float32"}, compress=True)
+
+
+def test_frames_arrive_once_with_idempotency_keys_and_zstd(tmp_path: Path) -> None:
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path, token="secret"))
+    for step in range(5):
+        sender.put_frame(sketch_item(step * 2))
+    sender.put_frame(weights_item(10))
+    sender.put_scalars([{"step": 1, "name": "loss", "value": 0.5}])
+    assert sender.close(timeout=10)
+    assert len(server.frames) == 6
+    assert server.frame_posts == 6
+    assert list(server.frames) == [f"1:{i}" for i in range(6)]  # new run: seq from 0
+    header, tensors, encoding = server.frames["1:5"]
+    assert header.kind is wire.FrameKind.WEIGHTS
+    assert encoding == "zstd"
+    torch.testing.assert_close(tensors["w"], torch.eye(4) * 10)
+    assert server.frames["1:0"][2] is None  # sketches are not compressed
+    assert server.scalars == [{"step": 1, "name": "loss", "value": 0.5}]
+    assert server.patches[-1]["status"] == "finished"
+    assert server.stats[-1]["sent_frames"] == 6
+    assert set(server.auth) == {"Bearer secret"}
+
+
+def test_transient_5xx_is_retried_without_duplicates(tmp_path: Path) -> None:
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path, retries=3))
+    deadline = time.monotonic() + 5
+    while sender.run_id is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.fail_next = 2
+    sender.put_frame(sketch_item(0))
+    assert sender.close(timeout=10)
+    assert len(server.frames) == 1
+    assert sender.stats.get("spooled_frames") == 0
+
+
+def test_rejected_frames_are_counted_not_retried_nor_spooled(tmp_path: Path) -> None:
+    server = FakeServer()
+    server.reject_frames = True
+    sender = make_sender(server, settings(tmp_path, retries=3))
+    sender.put_frame(sketch_item(0))
+    sender.put_frame(sketch_item(2))
+    assert sender.close(timeout=10)
+    assert server.frame_posts == 2
+    assert sender.stats.get("rejected_frames") == 2
+    assert sender.stats.get("errors") >= 2
+    assert len(sender.spool) == 0
+    assert server.stats[-1]["rejected_frames"] == 2
+
+
+def test_server_down_mid_run_spools_then_replays_in_order(tmp_path: Path) -> None:
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path))
+    for step in range(3):
+        sender.put_frame(sketch_item(step))
+    assert sender.wait_idle(5)
+    server.down = True
+    for step in range(3, 10):
+        sender.put_frame(sketch_item(step))
+    sender.put_frame(weights_item(10))
+    sender.put_scalars([{"step": 9, "name": "loss", "value": 1.0}])
+    assert sender.wait_idle(5)
+    assert sender.stats.get("spooled_frames") == 8
+    assert len(sender.spool) == 9  # 8 frames + 1 scalar batch
+    server.down = False
+    assert sender.close(timeout=10)
+    assert len(server.frames) == 11
+    assert server.arrivals == [f"1:{i}" for i in range(11)]  # replay kept the order
+    assert [h.step for h, _, _ in server.frames.values()] == list(range(11))
+    assert sender.stats.get("replayed_frames") == 8
+    assert server.scalars == [{"step": 9, "name": "loss", "value": 1.0}]
+    assert len(sender.spool) == 0
+    assert not list((tmp_path / "spool" / "p" / "r").glob("*.sw"))
+
+
+def test_replay_after_lost_response_does_not_duplicate(tmp_path: Path) -> None:
+    # A frame the server stored but whose answer was lost is replayed with the same key.
+    server = FakeServer()
+    s = settings(tmp_path)
+    api = Api(s.url, None, 2.0, transport=server.transport())
+    run = api.create_run("p", "r")
+    body = wire.encode_frame("update_sketch", 0, 7, {"a": torch.ones(1, 4)}, {"steps": [0]})
+    api.post_frame(run["id"], 7, body)
+    spool = Spool(tmp_path / "spool" / "p" / "r", 1 << 20)
+    spool.put("us", {"type": "frame", "kind": "update_sketch", "step": 0, "seq": 7,
+                     "encoding": None}, body)
+    sender = make_sender(server, s)
+    assert sender.close(timeout=10)
+    assert server.frame_posts == 2
+    assert list(server.frames) == ["1:7"]
+
+
+def test_server_never_started_then_later_run_replays(tmp_path: Path) -> None:
+    server = FakeServer()
+    server.down = True
+    s = settings(tmp_path, run="offline-run")
+    sender = make_sender(server, s)
+    t0 = time.perf_counter()
+    for step in range(20):
+        sender.put_frame(sketch_item(step))
+    put_time = time.perf_counter() - t0
+    assert put_time < 0.5  # the loop is never blocked by the dead server
+    assert not sender.close(timeout=1.0) or len(sender.spool) > 0
+    assert len(sender.spool) == 20
+    assert server.frames == {}
+    # a later process resumes the same run name with the server up: the spool replays
+    server.down = False
+    sender2 = make_sender(server, s)
+    sender2.put_frame(sketch_item(100))
+    assert sender2.close(timeout=10)
+    assert len(server.frames) == 21
+    seqs = [h.seq for h, _, _ in server.frames.values()]
+    assert seqs[:20] == sorted(seqs[:20])
+    assert seqs[20] > seqs[19]  # resumed run: new seq base, no key collision
+    assert [h.step for h, _, _ in server.frames.values()] == [*range(20), 100]
+
+
+def test_drop_policy_oldest_sketch_first_never_weights(tmp_path: Path) -> None:
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path, queue_max_frames=3), start=False)
+    sender.put_frame(sketch_item(0))
+    sender.put_frame(weights_item(1))
+    sender.put_frame(sketch_item(2))
+    sender.put_frame(sketch_item(3))  # drops sketch 0 (oldest sketch)
+    sender.put_frame(weights_item(4))  # drops sketch 2
+    assert [q.step for q in sender._queue] == [1, 3, 4]
+    sender.put_frame(weights_item(5))  # drops sketch 3
+    sender.put_frame(weights_item(6))  # nothing droppable: the new weights frame is refused
+    assert [q.step for q in sender._queue] == [1, 4, 5]
+    snap = sender.stats.snapshot()
+    assert snap["dropped_frames"] == 4
+    assert snap["dropped_by_kind"] == {"update_sketch": 3, "weights": 1}
+    sender.put_scalars([{"step": i, "name": "x", "value": 1.0} for i in range(10_000)])
+    assert len(sender._scalars) == 10_000  # scalars are never dropped
+    sender.start()
+    assert sender.close(timeout=10)
+    assert sorted(h.step for h, _, _ in server.frames.values()) == [1, 4, 5]
+    assert len(server.scalars) == 10_000
+    assert server.stats[-1]["dropped_frames"] == 4
+
+
+def test_queue_byte_cap(tmp_path: Path) -> None:
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path, queue_max_bytes=200), start=False)
+    for step in range(5):
+        sender.put_frame(sketch_item(step))  # 64 bytes each
+    assert [q.step for q in sender._queue] == [2, 3, 4]
+    assert sender.stats.get("dropped_frames") == 2
+
+
+def test_spool_cap_evicts_oldest_update_sketches_first(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s", max_bytes=1200)  # entries are 300 bytes + ~50 of header
+    meta = {"type": "frame", "kind": "update_sketch"}
+    assert spool.put("us", meta, b"a" * 300) == (True, 0)
+    assert spool.put("w", meta, b"b" * 300) == (True, 0)
+    assert spool.put("us", meta, b"c" * 300) == (True, 0)
+    stored, evicted = spool.put("w", meta, b"d" * 300)  # evicts the first sketch
+    assert (stored, evicted) == (True, 1)
+    stored, evicted = spool.put("w", meta, b"e" * 300)  # evicts the second sketch
+    assert (stored, evicted) == (True, 1)
+    stored, evicted = spool.put("w", meta, b"f" * 300)  # only weights left: refused
+    assert (stored, evicted) == (False, 0)
+    bodies = [e.read()[1][:1] for e in spool._entries]
+    assert bodies == [b"b", b"d", b"e"]
+    # a new Spool object on the same directory sees the same entries, in order
+    again = Spool(tmp_path / "s", max_bytes=1200)
+    assert len(again) == 3
+    entry = again.peek()
+    assert entry is not None
+    assert entry.read() == (meta, b"b" * 300)
+
+
+def test_slow_server_never_blocks_put(tmp_path: Path) -> None:
+    server = FakeServer()
+    server.delay = 0.2
+    sender = make_sender(server, settings(tmp_path, queue_max_frames=4))
+    worst = 0.0
+    for step in range(30):
+        t0 = time.perf_counter()
+        sender.put_frame(sketch_item(step))
+        sender.put_scalars([{"step": step, "name": "loss", "value": 1.0}])
+        worst = max(worst, time.perf_counter() - t0)
+    assert worst < 0.05
+    assert sender.stats.get("dropped_frames") > 0
+    server.delay = 0.0
+    assert sender.close(timeout=20)
+    assert len(server.scalars) == 30
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_forked_child_is_inert(tmp_path: Path) -> None:
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path))
+    pid = os.fork()
+    if pid == 0:  # child: a DataLoader worker, say
+        code = 0
+        try:
+            sender.put_frame(sketch_item(0))
+            sender.put_scalars([{"step": 0, "name": "x", "value": 1.0}])
+            code = 0 if (sender._disabled and not sender._queue and not sender._scalars) else 3
+            code = code or (0 if sender.close(timeout=1) else 4)
+        except BaseException:
+            code = 5
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    sender.put_frame(sketch_item(1))
+    assert sender.close(timeout=10)
+    assert len(server.frames) == 1  # the parent still sends; the child sent nothing

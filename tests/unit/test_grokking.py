@@ -1,0 +1,193 @@
+"""Commutator defect against a direct float64 computation; detector rules on synthetic series."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from spectrawatch.spectral import grokking as gk
+
+
+def _mlp(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+
+def _batch(seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 6, generator=g).to(dtype), torch.randint(3, (32,), generator=g)
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _direct_defect(model: nn.Module, a: Batch, b: Batch, eta: float) -> float:
+    """The papers' formula literally on float64 flat vectors:
+    |th_AB - th_BA| / (|eta gA| |eta gB| + 1e-12)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta0 = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    ref = _mlp(torch.float64)
+
+    def grad(theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+        th = theta.clone().requires_grad_(True)
+        parts = dict(zip(names, torch.split(th, [s.numel() for s in shapes]), strict=True))
+        params = {n: v.reshape(s) for (n, v), s in zip(parts.items(), shapes, strict=True)}
+        x, y = batch
+        out = functional_call(ref, params, (x.double(),))
+        (g,) = torch.autograd.grad(nn.functional.cross_entropy(out, y), th)
+        return g
+
+    ga, gb = grad(theta0, a), grad(theta0, b)
+    th_ab = theta0 - eta * ga - eta * grad(theta0 - eta * ga, b)
+    th_ba = theta0 - eta * gb - eta * grad(theta0 - eta * gb, a)
+    return float((th_ab - th_ba).norm() / ((eta * ga).norm() * (eta * gb).norm() + 1e-12))
+
+
+@pytest.mark.parametrize("eta", [1e-3, 1e-2])
+def test_defect_equals_direct_float64_computation(eta: float) -> None:
+    model = _mlp(torch.float64)
+    a, b = _batch(1, torch.float64), _batch(2, torch.float64)
+    got = gk.commutator_defect(model, _loss, a, b, eta=eta)
+    want = _direct_defect(model, a, b, eta)
+    # the direct form subtracts two O(1) vectors differing by O(eta^2): ~1e-16/eta^2 relative
+    assert got.defect == pytest.approx(want, rel=1e-6)
+    assert got.defect > 0.1
+
+
+def test_float32_model_defect_is_close_to_the_float64_value() -> None:
+    a, b = _batch(1, torch.float32), _batch(2, torch.float32)
+    got = gk.commutator_defect(_mlp(torch.float32), _loss, a, b, eta=1e-2).defect
+    want = _direct_defect(_mlp(torch.float64), a, b, 1e-2)
+    assert got == pytest.approx(want, rel=2e-2)
+
+
+def test_probe_leaves_model_optimizer_grads_and_rng_bit_identical() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 4), torch.randint(2, (16,))
+    _loss(model, (x, y)).backward()  # type: ignore[no-untyped-call]
+    opt.step()
+    _loss(model, (x, y)).backward()  # type: ignore[no-untyped-call]  # leave non-trivial .grad fields
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    opt_state = {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()}
+
+    def sample_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        np.random.rand()  # noqa: NPY002 - the user's global stream is what must survive
+        random.random()
+        return torch.randn(16, 4), torch.randint(2, (16,))
+
+    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
+    value = gk.median_commutator_defect(model, _loss, sample_batch, pairs=3)
+    assert value > 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k  # weights and BatchNorm running stats
+    assert all(torch.equal(p.grad, g) for p, g in zip(  # type: ignore[arg-type]
+        (p for p in model.parameters() if p.grad is not None), grads, strict=True))
+    for param, state in opt.state.items():
+        assert all(torch.equal(t, opt_state[param][n]) for n, t in state.items())
+    after = (torch.rand(3), np.random.rand(), random.random())  # noqa: NPY002
+    torch.set_rng_state(rng[0])
+    np.random.set_state(rng[1])  # noqa: NPY002
+    random.setstate(rng[2])
+    assert torch.equal(after[0], torch.rand(3))
+    assert after[1] == np.random.rand()  # noqa: NPY002
+    assert after[2] == random.random()
+
+
+def test_probe_restores_parameters_when_the_loss_raises() -> None:
+    model = _mlp(torch.float32)
+    before = [p.clone() for p in model.parameters()]
+    calls = []
+
+    def flaky(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 3:  # after the first shift of the parameters
+            raise RuntimeError("boom")
+        return _loss(m, batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        gk.commutator_defect(model, flaky, _batch(1, torch.float32), _batch(2, torch.float32))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_effective_rank_matches_numpy() -> None:
+    w = torch.randn(20, 7, generator=torch.Generator().manual_seed(4))
+    s = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    p = s / s.sum()
+    assert gk.effective_rank(w) == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-12)
+    assert gk.effective_rank(torch.eye(5)) == pytest.approx(5.0)
+    assert gk.effective_rank(torch.zeros(3, 3)) == 0.0
+
+
+def _steps(n: int) -> list[int]:
+    return [100 * i for i in range(n)]
+
+
+def test_defect_alarm_papers_rule() -> None:
+    base = [10.0, 11.0, 9.0, 10.5, 9.5, 10.0, 11.0, 9.0, 10.5, 9.5]  # mean 10.1, sd 0.74
+    spike = [*base, 10.0, 13.0, 10.0, 13.0, 13.0, 14.0]  # threshold 12.31; two in a row at 1400
+    assert gk.defect_alarm(list(zip(_steps(16), spike, strict=True))) == 1400
+    assert gk.defect_alarm(list(zip(_steps(16), spike, strict=True)), sustain=3) == 1500
+    assert gk.defect_alarm(list(zip(_steps(12), [*base, 10.0, 11.0], strict=True))) is None
+
+
+def test_defect_spike_ten_times_rule() -> None:
+    vals = [2.0, 3.0, 2.5, 20.0, 25.0, 31.0]  # baseline median 2.5: needs > 25 and > 20
+    assert gk.defect_spike(list(zip(_steps(6), vals, strict=True))) == 500
+    assert gk.defect_spike(list(zip(_steps(6), vals, strict=True)), floor=30.0) == 500
+    assert gk.defect_spike(list(zip(_steps(6), vals, strict=True)), floor=31.0) is None
+
+
+def test_norm_and_rank_turnarounds() -> None:
+    norm = [100.0, 90, 80, 70, 60, 55, 54, 54.5, 55.5, 57, 60]
+    series = list(zip(_steps(11), norm, strict=True))
+    # fell >= 30 % to a minimum of 54 at 600, then >= 2 % above it (55.08) at 800
+    assert gk.norm_turnaround(series) == 800
+    assert gk.norm_turnaround(series, rise=0.1) == 1000
+    assert gk.norm_turnaround(list(zip(_steps(5), [100.0, 95, 97, 99, 101], strict=True))) is None
+    flat = list(zip(_steps(11), [10.0] * 11, strict=True))
+    ranks = {
+        "a": list(zip(_steps(11), [10.0, 9, 7, 6, 6, 6.5, 7, 7, 7, 7, 7], strict=True)),  # 600
+        "b": list(zip(_steps(11), [10.0, 9, 8, 7, 6, 5, 5, 5.2, 5.4, 5.6, 6], strict=True)),  # 900
+        "c": flat,
+    }
+    # 2 of 3 matrices turned; the detector takes the step at which half (rounded up) have
+    assert gk.rank_turnaround(ranks) == 900
+    assert gk.rank_turnaround({"a": ranks["a"], "c": flat, "d": flat}) is None
+
+
+def test_detector_needs_two_pieces_of_evidence_and_scores_them() -> None:
+    steps = _steps(30)
+    defect = [(s, 10.0 + (i % 3) + (50.0 if s >= 2000 else 0.0)) for i, s in enumerate(steps)]
+    norm = [(s, 100.0 - s / 40 if s <= 2400 else 40.0 + (s - 2400) / 20) for s in steps]
+    w = gk.detect_grokking(defect=defect, weight_norm=norm)
+    assert w.evidence.defect == 2100
+    assert w.evidence.norm_turn == 2500
+    assert w.step == 2500
+    assert w.fired
+    score = dict(w.score)
+    assert (score[2000], score[2100], score[2500]) == (0.0, 0.5, 1.0)
+    # a control: the defect never leaves its baseline and the norm keeps decaying
+    quiet = gk.detect_grokking(
+        defect=[(s, 10.0 + (i % 3)) for i, s in enumerate(steps)],
+        weight_norm=[(s, 100.0 - s / 40) for s in steps],
+    )
+    assert quiet.step is None
+    assert max(v for _, v in quiet.score) == 0.0
+    # one piece of evidence is not enough when two inputs are available
+    assert gk.detect_grokking(defect=defect, weight_norm=[(s, 100.0) for s in steps]).step is None
+    # without the probe, the weight evidence alone decides
+    assert gk.detect_grokking(weight_norm=norm).step == 2500
+    assert gk.detect_grokking().step is None

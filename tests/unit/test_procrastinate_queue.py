@@ -1,0 +1,182 @@
+"""ProcrastinateQueue and worker configuration.
+
+The first tests need nothing; the ``pg`` ones run in-process against the real PostgreSQL of
+``.ci/postgres.sh`` (``SPECTRAWATCH_TEST_POSTGRES_URL``) and skip without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import pytest
+from procrastinate.jobs import Job
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.db import migrate
+from spectrawatch_server.db.models import Frame
+from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.queue import procrastinate as pq
+from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.worker_main import WorkerConfigError, check_config, is_cuda
+
+POSTGRES_URL = os.environ.get("SPECTRAWATCH_TEST_POSTGRES_URL")
+needs_pg = pytest.mark.skipif(
+    not POSTGRES_URL, reason='SPECTRAWATCH_TEST_POSTGRES_URL is unset (eval "$(.ci/postgres.sh)")'
+)
+PG = "postgresql+psycopg://u:p%40ss@db.example:5433/sw"
+
+
+def make_queue(
+    url: str = PG, sessions: sessionmaker[Session] | None = None, **kw: int
+) -> pq.ProcrastinateQueue:
+    return pq.ProcrastinateQueue(sessions or sessionmaker(), url, lambda _fid: None, **kw)
+
+
+def test_libpq_dsn_keeps_credentials_and_drops_the_driver() -> None:
+    assert pq.libpq_dsn(PG) == "postgresql://u:p%40ss@db.example:5433/sw"
+    assert pq.libpq_dsn("postgresql://a@h/d?application_name=w1") == (
+        "postgresql://a@h/d?application_name=w1"
+    )
+    with pytest.raises(pq.QueueNotSupported, match="PostgreSQL"):
+        pq.libpq_dsn("sqlite:///x.db")
+
+
+def test_retry_strategy_is_exponential_and_bounded() -> None:
+    queue = make_queue(max_attempts=4, backoff_seconds=3)
+    job = Job(
+        id=1, queue=pq.ANALYSIS_QUEUE, lock=None, queueing_lock=None, task_name=pq.ANALYSIS_TASK
+    )
+    before = datetime.now(timezone.utc)
+    delays: list[float | None] = []
+    for attempts in range(5):
+        decision = queue.retry.get_retry_decision(
+            exception=OSError("disk"), job=job.evolve(attempts=attempts)
+        )
+        retry_at = None if decision is None else decision.retry_at
+        delays.append(None if retry_at is None else (retry_at - before).total_seconds())
+    # backoff ** (attempts + 1) s: 3, 9, 27; then none (4 runs in all), within 1 s of clock drift
+    assert [None if d is None else round(d) for d in delays] == [3, 9, 27, None, None]
+
+
+@pytest.mark.parametrize(("kw", "match"), [({"max_attempts": 0}, "max_attempts"),
+                                             ({"stall_check_seconds": 60}, "stall_check")])
+def test_queue_rejects_bad_tuning(kw: dict[str, int], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_queue(**kw)
+
+
+def test_worker_config_rules() -> None:
+    ok = ServerSettings(queue="procrastinate", database_url=PG, device="cpu")
+    check_config(ok, 4)  # several CPU worker processes are fine
+    with pytest.raises(WorkerConfigError, match="one job per GPU"):
+        check_config(ok.model_copy(update={"device": "cuda:0"}), 2)
+    check_config(ok.model_copy(update={"device": "cuda:1"}), 1)
+    with pytest.raises(WorkerConfigError, match="SPECTRAWATCH_QUEUE"):
+        check_config(ok.model_copy(update={"queue": "embedded"}), 1)
+    with pytest.raises(WorkerConfigError, match="needs PostgreSQL"):
+        check_config(ok.model_copy(update={"database_url": "sqlite:///x.db"}), 1)
+    with pytest.raises(WorkerConfigError, match="concurrency"):
+        check_config(ok, 0)
+    assert [is_cuda(d) for d in ("cpu", "cuda", "cuda:3", "auto")] == [False, True, True, True]
+
+
+# --- against a real PostgreSQL ----------------------------------------------------------
+
+
+@pytest.fixture
+def pg_sessions() -> Iterator[sessionmaker[Session]]:
+    assert POSTGRES_URL is not None
+    name = f"sw_unit_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = make_engine(make_url(POSTGRES_URL).set(database=name).render_as_string(False))
+    try:
+        migrate.upgrade(engine)
+        assert pq.ensure_schema(engine) is True
+        assert pq.ensure_schema(engine) is False  # idempotent
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _frame(session: Session, seq: int) -> Frame:
+    project, _ = repo.get_or_create_project(session, "p")
+    run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+    frame = Frame(run_id=run.id, kind="weights", step=seq, seq=seq, idempotency_key=f"k{seq}",
+                  blob_key=f"b{seq}", bytes=1)
+    return repo.insert_frame(session, frame)
+
+
+def _jobs(sessions: sessionmaker[Session]) -> list[tuple[int, str, str, str, int]]:
+    with sessions() as session:
+        rows = session.execute(text(
+            "SELECT (args->>'frame_id')::int, status::text, lock, queueing_lock, attempts "
+            "FROM procrastinate_jobs WHERE queue_name = :q ORDER BY id"), {"q": pq.ANALYSIS_QUEUE})
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+@needs_pg
+def test_job_commits_and_rolls_back_with_its_frame(pg_sessions: sessionmaker[Session]) -> None:
+    queue = make_queue(str(pg_sessions.kw["bind"].url.render_as_string(False)), pg_sessions)
+    with pg_sessions.begin() as session:
+        frame = _frame(session, 0)
+        queue.enqueue(session, frame.id)
+        queue.enqueue(session, frame.id)  # queueing lock: ignored, transaction still usable
+        session.execute(text("SELECT 1"))
+    session = pg_sessions()
+    with session.begin():  # a crash after the insert, before commit
+        queue.enqueue(session, _frame(session, 1).id)
+        session.rollback()
+    session.close()
+    run_lock = f"run:{frame.run_id}"
+    assert _jobs(pg_sessions) == [(frame.id, "todo", run_lock, f"frame:{frame.id}", 0)]
+    with pg_sessions() as session:
+        assert session.scalar(text("SELECT count(*) FROM frame")) == 1
+    assert queue.counts() == {"pending": 1}
+    assert queue.alive is False  # no worker heartbeat yet
+
+
+@needs_pg
+def test_stalled_jobs_are_requeued_then_failed_on_the_last_attempt(
+    pg_sessions: sessionmaker[Session],
+) -> None:
+    url = pg_sessions.kw["bind"].url.render_as_string(False)
+    queue = make_queue(url, pg_sessions, max_attempts=2)
+    with pg_sessions.begin() as session:
+        frame_id = _frame(session, 0).id
+        queue.enqueue(session, frame_id)
+
+    def die_while_running() -> None:  # what a kill -9 leaves: 'doing', heartbeat long gone
+        with pg_sessions.begin() as session:
+            worker = session.scalar(text(
+                "INSERT INTO procrastinate_workers (last_heartbeat) VALUES (:t) RETURNING id"),
+                {"t": repo.stale_before(10)})
+            session.execute(text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w "
+                                 "WHERE queue_name = :q"), {"w": worker, "q": pq.ANALYSIS_QUEUE})
+
+    async def recover() -> list[int]:
+        async with queue.app.open_async():
+            return await queue.retry_stalled_jobs()
+
+    die_while_running()
+    assert len(asyncio.run(recover())) == 1
+    (_, status, _, _, attempts) = _jobs(pg_sessions)[0]
+    assert (status, attempts) == ("todo", 1)  # re-queued, one attempt used
+    die_while_running()
+    asyncio.run(recover())
+    assert _jobs(pg_sessions)[0][1] == "failed"  # no attempts left: failed, not re-queued
+    with pg_sessions() as session:
+        assert session.get_one(Frame, frame_id).status == "failed"
+    assert queue.counts() == {"failed": 1}
+    assert asyncio.run(recover()) == []

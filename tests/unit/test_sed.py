@@ -1,0 +1,370 @@
+"""SED math against numpy/LAPACK and streams with planted spectra; the worker analysis."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spectrawatch.sketch import SketchSpec, count_sketch, hash_coordinates, sketch_tensor
+from spectrawatch.spectral import grokking, sed
+from spectrawatch.spectral.norms import FROBENIUS_NORM
+from spectrawatch.wire import FrameHeader, FrameKind
+from spectrawatch_server.analyses.registry import MODEL_LAYER, DecodedFrame, analyses_for
+from spectrawatch_server.analyses.sed import spectral_edge_dynamics, weight_effective_rank
+
+
+def _planted(
+    n: int, p: int, scales: tuple[float, ...], noise: float, seed: int
+) -> torch.Tensor:
+    """n rows in R^p: zero-mean coefficients on len(scales) orthonormal directions + noise."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(p, len(scales), generator=g, dtype=torch.float64))
+    coef = torch.randn(n, len(scales), generator=g, dtype=torch.float64) * torch.tensor(scales)
+    rows: torch.Tensor = coef @ basis.T
+    return rows + noise * torch.randn(n, p, generator=g, dtype=torch.float64)
+
+
+def test_singular_values_equal_numpy_lapack() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 16, 200)).astype(np.float32)
+    got = sed.window_singular_values(torch.from_numpy(x))
+    assert got.dtype == torch.float64
+    want = np.linalg.svd(x.astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    np.testing.assert_allclose(
+        sed.window_singular_values(torch.from_numpy(x[1])).numpy(), want[1], rtol=1e-12
+    )
+
+
+def test_edge_gap_margin_and_signal_rank_of_a_known_spectrum() -> None:
+    sigma = torch.tensor([10.0, 5.0, 1.0, 0.9, 0.8, 0.7])
+    e = sed.spectral_edges(sigma)
+    assert int(e.edge[0]) == 2
+    assert float(e.gap_ratio[0]) == pytest.approx(5.0)
+    assert int(e.runner_up[0]) == 1
+    assert float(e.margin[0]) == pytest.approx(2.5)
+    # energies 100, 25, 1, .81, .64, .49: the first two hold 125/127.94 = 97.7 % >= 95 %
+    assert int(e.signal_rank[0]) == 2
+
+
+def test_last_ratio_is_excluded_from_the_edge_search() -> None:
+    e = sed.spectral_edges(torch.tensor([3.0, 2.9, 2.0, 1.9, 1e-9]))
+    assert int(e.edge[0]) == 2  # sigma_4/sigma_5 = 1.9e9 is outside k < W-1
+    assert float(e.gap_ratio[0]) == pytest.approx(1.45)
+
+
+def test_edges_need_enough_rows() -> None:
+    with pytest.raises(ValueError, match="at least"):
+        sed.spectral_edges(torch.tensor([2.0, 1.0, 0.5]))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 5])
+def test_planted_rank_is_recovered_exactly_and_through_the_sketch(rank: int) -> None:
+    scales = tuple(40.0 * 0.8**i for i in range(rank))
+    rows = _planted(32, 20_000, scales, noise=0.05, seed=rank)
+    (win,) = sed.rolling_sed(rows, list(range(32)), 32, at=[31])
+    assert win.edge == rank
+    assert win.signal_rank == rank
+    assert win.complete
+    # count-sketch at d = 20 W (DESIGN default) finds the same edge. The flat isotropic noise
+    # bulk is the worst case for the gap: the sketch spreads it like a W x d Gaussian matrix, so
+    # its top singular value grows by up to (1 + sqrt(W/d)) (Marchenko-Pastur edge) and the gap
+    # shrinks by as much; it never grows by more than the 5 % JL error of the signal direction.
+    b, s = hash_coordinates(20_000, seed=11, dim=640)
+    sk = count_sketch(rows, b, s, 640, torch.float64)
+    (swin,) = sed.rolling_sed(sk, list(range(32)), 32, at=[31])
+    assert swin.edge == rank
+    bound = 1.0 + math.sqrt(32 / 640)
+    assert win.gap_ratio / bound * 0.95 <= swin.gap_ratio <= win.gap_ratio * 1.05
+
+
+def test_sketched_gap_error_on_a_decaying_spectrum_is_within_the_measured_band() -> None:
+    """Relative error of the gap at the exact edge, d = 20 W, W = 32, over the complete windows
+    of a stream whose spectrum decays smoothly (like real update streams). DESIGN §3 measured
+    2-3 % median, 7.5-9 % p95 on real streams."""
+    scales = tuple(10.0 * 0.75**i for i in range(24))
+    rows = _planted(80, 8_000, scales, noise=0.001, seed=7)
+    steps = list(range(80))
+    exact = [w for w in sed.rolling_sed(rows, steps, 32) if w.complete]
+    b, s = hash_coordinates(8_000, seed=3, dim=640)
+    sk = count_sketch(rows, b, s, 640, torch.float64)
+    sketched = [w for w in sed.rolling_sed(sk, steps, 32) if w.complete]
+    assert len(exact) == len(sketched) == 80 - 32 + 1
+    errs = []
+    for ex, sw in zip(exact, sketched, strict=True):
+        k = ex.edge - 1
+        ratio = sw.singular_values[k] / sw.singular_values[k + 1]
+        errs.append(abs(ratio - ex.gap_ratio) / ex.gap_ratio)
+    assert float(np.median(errs)) < 0.03
+    assert float(np.percentile(errs, 95)) < 0.09
+
+
+def test_pure_noise_has_a_flat_spectrum_and_ambiguous_edge() -> None:
+    rows = torch.randn(32, 50_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (win,) = sed.rolling_sed(rows, list(range(32)), 32, at=[31])
+    assert win.gap_ratio < 1.1
+    assert win.margin < 1.05
+
+
+def test_rolling_windows_equal_direct_svd_and_flag_missing_steps() -> None:
+    rows = _planted(40, 500, (5.0, 2.0), noise=0.1, seed=3)
+    steps = list(range(100, 140))
+    out = sed.rolling_sed(rows, steps, 8)
+    assert [w.step for w in out] == steps[3:]  # windows need >= 4 rows
+    for w in out:
+        hi = steps.index(w.step) + 1
+        want = np.linalg.svd(rows[max(0, hi - 8) : hi].numpy(), compute_uv=False)
+        np.testing.assert_allclose(w.singular_values, want, rtol=1e-10)
+        assert w.n_rows == min(8, hi)
+    # drop steps 120 and 121: the window ending at 125 covers (117, 125] and holds 6 rows
+    keep = [i for i, s in enumerate(steps) if s not in (120, 121)]
+    gappy = sed.rolling_sed(rows[keep], [steps[i] for i in keep], 8, at=[125], step_interval=1)
+    (w,) = gappy
+    assert (w.n_rows, w.complete) == (6, False)
+    idx = [i for i in keep if 117 < steps[i] <= 125]
+    want = np.linalg.svd(rows[idx].numpy(), compute_uv=False)
+    np.testing.assert_allclose(w.singular_values, want, rtol=1e-10)
+
+
+def test_gram_and_svd_paths_agree_on_a_decaying_spectrum() -> None:
+    scales = tuple(10.0 * 0.6**i for i in range(20))  # s1/s20 ~ 2e4
+    rows = _planted(60, 3_000, scales, noise=1e-4, seed=9).float()
+    gram = sed.rolling_sed(rows, list(range(60)), 32)
+    svd = sed.rolling_sed(rows, list(range(60)), 32, method="svd")
+    assert len(gram) == len(svd) == 57
+    for a, b in zip(gram, svd, strict=True):
+        # s_k from the Gram carries ~1e-16 s1^2 / s_k^2 relative error: < 1e-7 down to s1/s_k ~ 1e4
+        np.testing.assert_allclose(a.singular_values[:20], b.singular_values[:20], rtol=1e-7)
+        assert (a.edge, a.signal_rank) == (b.edge, b.signal_rank)
+        assert a.gap_ratio == pytest.approx(b.gap_ratio, rel=1e-9)
+
+
+def test_all_zero_window_is_skipped() -> None:
+    assert sed.rolling_sed(torch.zeros(6, 10), list(range(6)), 6) == []
+
+
+def test_out_of_order_chunks_assemble_in_step_order_and_replays_win() -> None:
+    rows = torch.arange(12.0).reshape(6, 2)
+    chunks = [([4, 5], rows[4:6]), ([0, 1, 2], rows[0:3]), ([3], rows[3:4]), ([2], rows[2:3] + 100)]
+    steps, got = sed.assemble_rows(chunks)
+    assert steps == [0, 1, 2, 3, 4, 5]
+    want = rows.clone()
+    want[2] += 100
+    assert torch.equal(got, want)
+
+
+def test_interval_sed_from_differenced_theta_sketches_equals_sed_of_sketched_deltas() -> None:
+    g = torch.Generator().manual_seed(5)
+    p, n = 30_000, 14
+    drift = torch.randn(p, generator=g, dtype=torch.float64)
+    theta = [torch.randn(p, generator=g, dtype=torch.float64) * 3.0]
+    for i in range(n - 1):
+        step = 0.01 * (1 + 0.3 * math.sin(i)) * drift
+        theta.append(theta[-1] + step + 0.002 * torch.randn(p, generator=g, dtype=torch.float64))
+    spec = SketchSpec(dim=200, seed=9)
+    steps = [100 * i for i in range(n)]
+    th_sk = torch.stack([sketch_tensor(t, spec, "w", torch.float64) for t in theta])
+    got = sed.interval_sed(th_sk, steps, window=10)
+    deltas = torch.stack([sketch_tensor(b - a, spec, "w", torch.float64)
+                          for a, b in itertools.pairwise(theta)])
+    want = sed.rolling_sed(deltas, steps[1:], 10)
+    assert [w.step for w in got] == [w.step for w in want] == steps[4:]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.singular_values, b.singular_values, rtol=1e-8)
+        assert (a.edge, a.n_rows) == (b.edge, b.n_rows)
+    assert got[-1].edge == 1  # a common drift direction dominates the uncentred window
+
+
+def _phase_series() -> tuple[list[int], list[float]]:
+    rng = np.random.default_rng(0)
+    r = np.concatenate([
+        np.full(20, 1.05),
+        np.linspace(1.05, 3.0, 30),
+        np.full(50, 3.0),
+        np.linspace(3.0, 1.1, 10),
+        np.full(30, 1.1),
+    ]) + rng.normal(0, 0.02, 140)
+    return [10 * i for i in range(140)], r.tolist()
+
+
+def test_phases_of_a_synthetic_rise_plateau_collapse() -> None:
+    steps, r = _phase_series()
+    ph = sed.detect_phases(steps, r)
+    assert ph.rise_start is not None
+    assert 10 * 10 <= ph.rise_start <= 10 * 21
+    # excess reaches 0.7 of its peak (1.4) at point 41, plus <= 2 points of trailing smoothing
+    assert ph.plateau_start is not None
+    assert 10 * 40 <= ph.plateau_start <= 10 * 45
+    # excess falls below half its peak at point ~105, plus smoothing delay
+    assert ph.collapse_start is not None
+    assert 10 * 104 <= ph.collapse_start <= 10 * 110
+    assert ph.peak_value == pytest.approx(3.0, abs=0.05)
+    assert ph.phase_at(50) == sed.Phase.UNKNOWN
+    assert ph.phase_at(300) == sed.Phase.RISE
+    assert ph.phase_at(800) == sed.Phase.PLATEAU
+    assert ph.phase_at(1300) == sed.Phase.COLLAPSE
+
+
+def test_phases_are_causal_still_rising_and_flat() -> None:
+    steps, r = _phase_series()
+    rising = sed.detect_phases(steps[:40], r[:40])
+    assert rising.plateau_start is None
+    assert rising.rise_start is not None
+    assert rising.phase_at(steps[39]) == sed.Phase.RISE
+    mid = sed.detect_phases(steps[:90], r[:90])
+    assert mid.collapse_start is None
+    assert mid.phase_at(steps[89]) == sed.Phase.PLATEAU
+    flat = sed.detect_phases(list(range(50)), [1.01] * 50)
+    assert flat == sed.Phases(None, None, None, None, flat.peak_value)
+    assert math.isnan(flat.peak_value)
+
+
+def test_lagged_correlation_finds_the_lead() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(60)
+    y = np.concatenate([rng.standard_normal(3), x[:-3]])  # y_t = x_{t-3}: x leads by 3
+    steps = list(range(0, 600, 10))
+    out = dict(sed.lagged_correlation(steps, x.tolist(), steps, y.tolist(), max_lag=5))
+    assert max(out, key=lambda k: out[k]) == 3
+    assert out[3] == pytest.approx(1.0)
+    assert out[0] == pytest.approx(float(np.corrcoef(x, y)[0, 1]))
+    assert out[-2] == pytest.approx(float(np.corrcoef(x[2:], y[:-2])[0, 1]))
+
+
+def test_metric_keys() -> None:
+    assert sed.windowed_key(sed.GAP_RATIO, 32) == "sed.gap_ratio.w32"
+    assert sed.interval_key(sed.EDGE) == "sed.interval.edge.w10"
+
+
+# ------------------------------------------------------------------------------------------
+# the worker analysis, with a fake context
+
+
+class FakeContext:
+    """Serves earlier frames, stored metrics and scalars; records which scalars were read."""
+
+    def __init__(self, frames: list[DecodedFrame] | None = None) -> None:
+        self.frames = frames or []
+        self.metrics: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+        self.scalars_read: list[str] = []
+
+    def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
+        return [f for f in self.frames if f.header.kind == kind][-limit:]
+
+    def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
+        return self.metrics.get((name, layer), [])[-limit:]
+
+    def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
+        self.scalars_read.append(name)
+        return self.scalars.get(name, [])[-limit:]
+
+
+def _frame(kind: FrameKind, steps: list[int], tensors: dict[str, torch.Tensor], seq: int,
+           **info: object) -> DecodedFrame:
+    header = FrameHeader(kind, steps[0], seq, {"steps": steps, **info}, (), data_offset=0)
+    return DecodedFrame(1, seq, header, tensors, torch.device("cpu"))
+
+
+def _values(result: object, name: str, layer: str) -> dict[int, float]:
+    return {m.step: m.value for m in result.metrics  # type: ignore[attr-defined]
+            if m.name == name and m.layer == layer}
+
+
+def test_analysis_is_registered_for_both_sketch_kinds() -> None:
+    for kind in (FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH):
+        assert "sed" in [a.name for a in analyses_for(kind)]
+    assert "grok_rank" in [a.name for a in analyses_for(FrameKind.WEIGHTS)]
+
+
+def test_update_frames_out_of_order_give_the_direct_sed_per_layer_and_model() -> None:
+    rows_a = _planted(40, 300, (5.0, 2.0), 0.05, seed=1).float()
+    rows_b = _planted(40, 300, (3.0,), 0.05, seed=2).float()
+    model = rows_a + rows_b  # what a client's "sum of layers" sketch would be
+    frames = [
+        _frame(FrameKind.UPDATE_SKETCH, list(range(i, i + 10)),
+               {"a": rows_a[i : i + 10], "b": rows_b[i : i + 10], MODEL_LAYER: model[i : i + 10]},
+               seq=i // 10, sed={"windows": [8, 16], "stride": 2})
+        for i in range(0, 40, 10)
+    ]
+    ctx = FakeContext([frames[2], frames[0], frames[1]])  # arrived out of order
+    result = spectral_edge_dynamics(frames[3], ctx)
+    for layer, rows in (("a", rows_a), ("b", rows_b), (MODEL_LAYER, model)):
+        for w in (8, 16):
+            want = {x.step: x for x in sed.rolling_sed(rows, list(range(40)), w)
+                    if x.step >= 30 and x.step % 2 == 0}
+            got = _values(result, sed.windowed_key(sed.GAP_RATIO, w), layer)
+            assert sorted(got) == [30, 32, 34, 36, 38]
+            for step, value in got.items():
+                assert value == pytest.approx(want[step].gap_ratio, rel=1e-9)
+            edges = _values(result, sed.windowed_key(sed.EDGE, w), layer)
+            assert edges == {s: float(x.edge) for s, x in want.items()}
+            flags = _values(result, sed.windowed_key(sed.INCOMPLETE, w), layer)
+            assert set(flags.values()) == {0.0}
+    assert _values(result, sed.windowed_key(sed.EDGE, 16), "a")[38] == 2.0
+    assert {r.layer for r in result.spectra} == {"a", "b", MODEL_LAYER}
+
+
+def test_missing_frame_flags_incomplete_windows_and_model_falls_back_to_concat() -> None:
+    rows_a = _planted(30, 200, (4.0,), 0.05, seed=3).float()
+    rows_b = _planted(30, 100, (2.0, 1.0), 0.05, seed=4).float()
+    frames = [_frame(FrameKind.UPDATE_SKETCH, list(range(i, i + 10)),
+                     {"a": rows_a[i : i + 10], "b": rows_b[i : i + 10]}, seq=i // 10,
+                     sed={"windows": [16]})
+              for i in range(0, 30, 10)]
+    result = spectral_edge_dynamics(frames[2], FakeContext([frames[0]]))  # frame 1 was lost
+    flags = _values(result, sed.windowed_key(sed.INCOMPLETE, 16), MODEL_LAYER)
+    assert flags[29] == 1.0
+    keep = [*range(10), *range(20, 30)]
+    cat = torch.cat([rows_a, rows_b], dim=1).double()[keep]
+    (want,) = sed.rolling_sed(cat, keep, 16, at=[29], step_interval=1)
+    assert want.n_rows == 10
+    got = _values(result, sed.windowed_key(sed.GAP_RATIO, 16), MODEL_LAYER)[29]
+    assert got == pytest.approx(want.gap_ratio, rel=1e-9)
+
+
+def test_param_sketch_frames_give_the_interval_variant() -> None:
+    g = torch.Generator().manual_seed(8)
+    theta = torch.cumsum(torch.randn(25, 400, generator=g, dtype=torch.float64) * 0.1
+                         + torch.linspace(0, 1, 400, dtype=torch.float64), dim=0)
+    steps = [100 * i for i in range(25)]
+    frames = [_frame(FrameKind.PARAM_SKETCH, steps[i : i + 5], {MODEL_LAYER: theta[i : i + 5]},
+                     seq=i // 5) for i in range(0, 25, 5)]
+    result = spectral_edge_dynamics(frames[4], FakeContext(frames[:4]))
+    want = {w.step: w for w in sed.interval_sed(theta, steps, 10) if w.step >= 2000}
+    got = _values(result, sed.interval_key(sed.GAP_RATIO), MODEL_LAYER)
+    assert sorted(got) == sorted(want) == [2000, 2100, 2200, 2300, 2400]
+    for step, value in got.items():
+        assert value == pytest.approx(want[step].gap_ratio, rel=1e-9)
+
+
+def test_grokking_score_uses_training_series_only() -> None:
+    rows = _planted(10, 50, (1.0,), 0.1, seed=5).float()
+    frame = _frame(FrameKind.UPDATE_SKETCH, list(range(2000, 2010)), {"w": rows}, seq=0)
+    ctx = FakeContext()
+    ctx.scalars["val_acc"] = [(s, 1.0) for s in range(0, 2000, 100)]
+    quiet = spectral_edge_dynamics(frame, ctx)
+    assert _values(quiet, grokking.IMMINENT, MODEL_LAYER) == {2009: 0.0}
+    # a defect spike at 1500 and a norm turnaround at 1400: two pieces of evidence
+    ctx.scalars[grokking.COMMUTATOR_DEFECT] = [
+        (s, 10.0 + (s % 200) / 100 + (40.0 if s >= 1400 else 0.0)) for s in range(0, 2000, 100)
+    ]
+    ctx.metrics[(FROBENIUS_NORM, "w")] = [
+        (s, 100.0 - s / 20 if s <= 1300 else 35.0 + (s - 1300) / 50) for s in range(0, 2000, 100)
+    ]
+    fired = spectral_edge_dynamics(frame, ctx)
+    assert _values(fired, grokking.IMMINENT, MODEL_LAYER) == {2009: 1.0}
+    assert _values(fired, grokking.WARNING_SCORE, MODEL_LAYER)[2009] == pytest.approx(1.0)
+    assert "val_acc" not in ctx.scalars_read
+
+
+def test_weight_effective_rank_analysis() -> None:
+    w = torch.diag(torch.tensor([3.0, 3.0, 0.0, 0.0]))
+    frame = _frame(FrameKind.WEIGHTS, [0], {"w": w, "bias_row": torch.ones(1, 4)}, seq=0)
+    result = weight_effective_rank(frame, FakeContext())
+    assert [(m.layer, m.name) for m in result.metrics] == [("w", grokking.EFFECTIVE_RANK)]
+    assert result.metrics[0].value == pytest.approx(2.0)

@@ -1,0 +1,140 @@
+"""Count-sketch properties: pinned hash, linearity, reproducibility, norm preservation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spectrawatch.sketch import (
+    SketchSpec,
+    _hash_torch,
+    count_sketch,
+    count_sketch_signed,
+    hash_coordinates,
+    signed_buckets,
+    sketch_tensor,
+)
+
+
+@pytest.mark.parametrize(("n", "seed", "dim"), [(1, 0, 640), (10, 7, 3), (2_500_003, 123, 640),
+                                                (1000, 2**31 - 1, 1280)])
+def test_numpy_hash_path_is_identical_to_the_torch_recipe(n: int, seed: int, dim: int) -> None:
+    buckets, signs = hash_coordinates(n, seed, dim)
+    ref_b, ref_s = _hash_torch(n, seed, dim, "cpu")
+    assert buckets.dtype == torch.int64
+    assert signs.dtype == torch.float32
+    assert torch.equal(buckets, ref_b)
+    assert torch.equal(signs, ref_s)
+
+
+def test_hash_values_are_pinned() -> None:
+    # The server and the SED helper rebuild the projection from (n, seed, dim): these values
+    # must never change. Independent check: SplitMix64 finaliser in pure Python integers.
+    def splitmix(i: int, seed: int) -> int:
+        m = (1 << 64) - 1
+        x = (i + seed * 0x9E3779B97F4A7C15) & m
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+        return x ^ (x >> 31)
+
+    buckets, signs = hash_coordinates(50, 42, 640)
+    for i in range(50):
+        x = splitmix(i, 42)
+        assert int(buckets[i]) == (x & ((1 << 31) - 1)) % 640
+        assert float(signs[i]) == (1.0 if (x >> 40) & 1 else -1.0)
+
+
+def test_seeded_reproducibility_and_seed_dependence() -> None:
+    a = hash_coordinates(10_000, 5, 640)
+    b = hash_coordinates(10_000, 5, 640)
+    c = hash_coordinates(10_000, 6, 640)
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[1], b[1])
+    assert (a[0] == c[0]).float().mean() < 0.01  # ~1/640 agree by chance
+    spec = SketchSpec(640, 3)
+    assert spec.layer_seed("w") == SketchSpec(640, 3).layer_seed("w")
+    assert spec.layer_seed("w") != spec.layer_seed("v")
+
+
+def test_buckets_and_signs_are_balanced() -> None:
+    buckets, signs = hash_coordinates(640_000, 1, 640)
+    counts = torch.bincount(buckets, minlength=640).double()
+    assert counts.min() > 1000 * 0.8  # expected 1000 each (std ~32)
+    assert counts.max() < 1000 * 1.2
+    assert abs(float(signs.mean())) < 0.01  # std of mean ~0.00125
+    assert set(signs.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_signed_sketch_equals_reference_count_sketch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(100_003, generator=gen, dtype=torch.float64)
+    buckets, signs = hash_coordinates(x.numel(), 9, 640)
+    ref = count_sketch(x, buckets, signs, 640, torch.float64)
+    folded = signed_buckets(x.numel(), 9, 640)
+    assert folded.dtype == torch.int32
+    out = count_sketch_signed(x, folded, 640, chunk=7_777)  # chunking must not matter
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    # and against a numpy scatter-add written independently
+    np_ref = np.zeros(640)
+    np.add.at(np_ref, buckets.numpy(), (signs.double() * x).numpy())
+    np.testing.assert_allclose(out.numpy(), np_ref, rtol=0, atol=1e-10)
+
+
+def test_linearity() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(50_000, generator=gen, dtype=torch.float64)
+    y = torch.randn(50_000, generator=gen, dtype=torch.float64)
+    folded = signed_buckets(50_000, 4, 640)
+    lhs = count_sketch_signed(2.5 * x - 0.75 * y, folded, 640)
+    rhs = 2.5 * count_sketch_signed(x, folded, 640) - 0.75 * count_sketch_signed(y, folded, 640)
+    torch.testing.assert_close(lhs, rhs, rtol=0, atol=1e-10)
+
+
+def test_float64_theta_differencing_recovers_tiny_updates() -> None:
+    # sketch(theta_t) - sketch(theta_s) = sketch(theta_t - theta_s) for updates 1e-6 of |theta|
+    # (the client's per-step update path); float64 accumulation keeps ~1e-9 relative accuracy.
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.randn(200_000, generator=gen)  # float32 parameters
+    delta = 1e-6 * torch.randn(200_000, generator=gen)
+    theta2 = theta + delta
+    exact_delta = (theta2.double() - theta.double())  # what float32 actually stored
+    folded = signed_buckets(200_000, 8, 640)
+    diff = count_sketch_signed(theta2, folded, 640) - count_sketch_signed(theta, folded, 640)
+    ref = count_sketch_signed(exact_delta, folded, 640)
+    rel = float((diff - ref).norm() / ref.norm())
+    assert rel < 1e-8
+
+
+def test_norm_preservation_within_stated_tolerance() -> None:
+    # E||Sx||^2 = ||x||^2; for a dense random x the relative spread is ~sqrt(2/d) = 5.6 % at
+    # d = 640. Stated tolerance: each of 20 seeds within 25 % (> 4 sigma), their mean within 3 %.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(100_000, generator=gen, dtype=torch.float64)
+    ratios = []
+    for seed in range(20):
+        folded = signed_buckets(x.numel(), seed, 640)
+        ratios.append(float(count_sketch_signed(x, folded, 640).norm() ** 2 / x.norm() ** 2))
+    assert all(0.75 < r < 1.25 for r in ratios)
+    assert abs(np.mean(ratios) - 1.0) < 0.03
+
+
+def test_inner_products_are_preserved_in_expectation() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(20_000, generator=gen, dtype=torch.float64)
+    y = 0.6 * x + 0.8 * torch.randn(20_000, generator=gen, dtype=torch.float64)
+    true = float(x @ y)
+    est = []
+    for seed in range(30):
+        folded = signed_buckets(x.numel(), seed, 640)
+        est.append(float(count_sketch_signed(x, folded, 640) @ count_sketch_signed(y, folded, 640)))
+    # std of one estimate ~ sqrt((|x|^2|y|^2 + <x,y>^2)/d) ~ 0.046 |x||y|; mean of 30 ~ 0.0085
+    assert abs(np.mean(est) - true) < 0.04 * float(x.norm() * y.norm())
+
+
+def test_sketch_tensor_uses_the_layer_seed() -> None:
+    spec = SketchSpec(64, 11)
+    w = torch.randn(30, 40)
+    out = sketch_tensor(w, spec, "layer.weight")
+    buckets, signs = hash_coordinates(w.numel(), spec.layer_seed("layer.weight"), 64)
+    torch.testing.assert_close(out, count_sketch(w.reshape(-1), buckets, signs, 64))

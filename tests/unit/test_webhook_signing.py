@@ -1,0 +1,261 @@
+"""Standard Webhooks signing/verification, the retry schedule, and the SSRF guard.
+
+Signatures are checked against an HMAC computed here from the spec's definition
+(``base64(HMAC-SHA256(base64decode(secret without 'whsec_'), f"{id}.{ts}.{body}"))``) and
+against the reference ``standardwebhooks`` package, in both directions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import random
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import standardwebhooks
+
+from spectrawatch.webhooks import WebhookVerificationError, sign, signature_headers, verify
+from spectrawatch_server.webhooks.deliver import (
+    STANDARD_SCHEDULE,
+    DeliveryPolicy,
+    next_delay,
+    parse_retry_after,
+    parse_schedule,
+)
+from spectrawatch_server.webhooks.signing import check_secret, encode_body, generate_secret
+from spectrawatch_server.webhooks.ssrf import Allowlist, UnsafeTarget, check_url, classify
+
+# The Standard Webhooks spec's published example secret (standard-webhooks/spec).
+SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+BODY = b'{"type":"alert.opened","data":{"rule":"nonfinite","step":10}}'
+
+
+def reference_signature(secret: str, msg_id: str, ts: int, body: bytes) -> str:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    digest = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def test_sign_matches_independent_hmac() -> None:
+    ts = 1_700_000_000
+    assert sign("msg_1", ts, BODY, SPEC_SECRET) == reference_signature(
+        SPEC_SECRET, "msg_1", ts, BODY
+    )
+    secret = generate_secret()
+    assert sign("msg_2", ts, BODY, secret) == reference_signature(secret, "msg_2", ts, BODY)
+
+
+def test_reference_library_verifies_our_headers() -> None:
+    secret = generate_secret()
+    headers = signature_headers("msg_abc", int(time.time()), BODY, secret)
+    assert standardwebhooks.Webhook(secret).verify(BODY, headers) == verify(BODY, headers, secret)
+
+
+def test_we_verify_reference_signed_messages() -> None:
+    ref = standardwebhooks.Webhook(SPEC_SECRET)
+    now = datetime.now(timezone.utc)
+    signature = ref.sign("msg_ref", now, BODY.decode())
+    headers = {
+        "Webhook-Id": "msg_ref",  # header names are case-insensitive
+        "Webhook-Timestamp": str(int(now.timestamp())),
+        "Webhook-Signature": signature,
+    }
+    assert verify(BODY, headers, SPEC_SECRET)["data"]["rule"] == "nonfinite"
+
+
+def both_reject(body: bytes, headers: dict[str, str], secret: str) -> None:
+    with pytest.raises(WebhookVerificationError):
+        verify(body, headers, secret)
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(secret).verify(body, headers)
+
+
+def test_rejects_what_the_reference_rejects() -> None:
+    secret = generate_secret()
+    now = int(time.time())
+    good = signature_headers("msg_x", now, BODY, secret)
+    both_reject(BODY + b" ", good, secret)  # tampered body
+    both_reject(BODY, good, generate_secret())  # other secret
+    both_reject(BODY, {**good, "webhook-id": "msg_y"}, secret)  # id not what was signed
+    both_reject(BODY, signature_headers("msg_x", now - 600, BODY, secret), secret)  # stale
+    both_reject(BODY, signature_headers("msg_x", now + 600, BODY, secret), secret)  # future
+    both_reject(BODY, {k: v for k, v in good.items() if k != "webhook-signature"}, secret)
+    v2 = {**good, "webhook-signature": good["webhook-signature"].replace("v1,", "v2,")}
+    both_reject(BODY, v2, secret)  # only v1 is understood
+
+
+def test_tolerance_boundary() -> None:
+    secret = generate_secret()
+    headers = signature_headers("m", 1000, BODY, secret)
+    assert verify(BODY, headers, secret, now=1300)  # exactly 300 s old is accepted
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        verify(BODY, headers, secret, now=1301)
+    with pytest.raises(WebhookVerificationError, match="too new"):
+        verify(BODY, headers, secret, now=699)
+
+
+def test_rotated_secret_lists() -> None:
+    old, new = generate_secret(), generate_secret()
+    now = int(time.time())
+    # sender signs with both during a rotation: a receiver on either secret accepts
+    both = signature_headers("msg_r", now, BODY, [old, new])
+    assert len(both["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):
+        assert verify(BODY, both, secret)
+        assert standardwebhooks.Webhook(secret).verify(BODY, both)
+    # receiver holding a list accepts a message signed with either one
+    assert verify(BODY, signature_headers("msg_r", now, BODY, old), [new, old])
+    with pytest.raises(WebhookVerificationError):
+        verify(BODY, signature_headers("msg_r", now, BODY, generate_secret()), [new, old])
+
+
+def test_secrets() -> None:
+    secret = generate_secret()
+    assert secret.startswith("whsec_")
+    assert len(base64.b64decode(secret.removeprefix("whsec_"))) == 32
+    assert check_secret(secret) == secret
+    for bad in ("hunter2", "whsec_!!!", "whsec_" + base64.b64encode(b"short").decode()):
+        with pytest.raises(ValueError, match="secret"):
+            check_secret(bad)
+
+
+def test_body_encoding_is_canonical() -> None:
+    assert encode_body({"b": 1, "a": [1.5, "é"]}) == '{"a":[1.5,"é"],"b":1}'.encode()
+
+
+# --- retry schedule ------------------------------------------------------------------------
+
+
+def test_standard_schedule_and_jitter() -> None:
+    assert STANDARD_SCHEDULE == (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+    policy = DeliveryPolicy(jitter=0.2)
+    rng = random.Random(0)
+    for attempts in range(1, len(STANDARD_SCHEDULE)):
+        base = STANDARD_SCHEDULE[attempts]
+        delays = [next_delay(policy, attempts, None, rng) for _ in range(200)]
+        assert all(d is not None and 0.8 * base <= d <= 1.2 * base for d in delays)
+        assert len(set(delays)) > 100  # jittered, not constant
+    assert next_delay(policy, len(STANDARD_SCHEDULE), None, rng) is None  # give up
+
+
+def test_retry_after_is_a_floor() -> None:
+    policy = DeliveryPolicy(schedule=(0, 5, 300), jitter=0.0)
+    rng = random.Random(0)
+    assert next_delay(policy, 1, 60.0, rng) == 60.0
+    assert next_delay(policy, 1, 1.0, rng) == 5.0
+    assert next_delay(policy, 1, 10**9, rng) == policy.max_retry_after
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    assert parse_retry_after("120", now) == 120.0
+    http_date = "Thu, 01 Jan 2026 12:02:00 GMT"
+    assert parse_retry_after(http_date, now) == pytest.approx(120.0)
+    assert (
+        parse_retry_after((now - timedelta(hours=1)).strftime("%a, %d %b %Y %H:%M:%S GMT"), now)
+        == 0
+    )
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after(None, now) is None
+
+
+def test_parse_schedule() -> None:
+    assert parse_schedule("0, 5,300") == (0.0, 5.0, 300.0)
+    for bad in ("", "1,-1"):
+        with pytest.raises(ValueError, match="schedule"):
+            parse_schedule(bad)
+
+
+# --- SSRF guard ----------------------------------------------------------------------------
+
+
+def resolver(*addresses: str):  # type: ignore[no-untyped-def]
+    return lambda host, port: list(addresses)
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.10.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("169.254.169.254", "link_local"),
+        ("fe80::1", "link_local"),
+        ("10.0.0.1", "private"),
+        ("172.16.5.4", "private"),
+        ("192.168.1.1", "private"),
+        ("fd00::1", "private"),
+        ("224.0.0.251", "multicast"),
+        ("ff02::1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "non_global"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:169.254.169.254", "link_local"),
+    ],
+)
+def test_forbidden_classes(address: str, kind: str) -> None:
+    import ipaddress
+
+    assert classify(ipaddress.ip_address(address)) == kind
+    with pytest.raises(UnsafeTarget) as info:
+        check_url("https://hooks.example.com/x", Allowlist(), resolver(address))
+    assert info.value.reason == f"forbidden_{kind}"
+    assert "SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS" in str(info.value)
+
+
+def test_public_targets_pass_and_pin_the_address() -> None:
+    target = check_url(
+        "https://hooks.example.com:8443/p?q=1", Allowlist(), resolver("93.184.215.14")
+    )
+    assert (target.host, target.port, target.address) == (
+        "hooks.example.com",
+        8443,
+        "93.184.215.14",
+    )
+    assert check_url("http://8.8.8.8/x", Allowlist(), resolver()).address == "8.8.8.8"
+
+
+def test_any_internal_address_in_the_answer_refuses() -> None:
+    with pytest.raises(UnsafeTarget, match=r"10\.0\.0\.5"):
+        check_url("https://evil.example/x", Allowlist(), resolver("93.184.215.14", "10.0.0.5"))
+
+
+def test_allowlist_by_host_ip_and_cidr() -> None:
+    allow = Allowlist.parse("127.0.0.1, hooks.internal ,10.20.0.0/16")
+    assert check_url("http://127.0.0.1:9000/x", allow).address == "127.0.0.1"
+    assert (
+        check_url("http://hooks.internal/x", allow, resolver("192.168.3.3")).host
+        == "hooks.internal"
+    )
+    assert check_url("http://svc/x", allow, resolver("10.20.3.4")).address == "10.20.3.4"
+    with pytest.raises(UnsafeTarget):
+        check_url("http://127.0.0.2/x", allow)
+    with pytest.raises(UnsafeTarget):
+        check_url("http://svc/x", allow, resolver("10.21.0.1"))
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("ftp://example.com/x", "bad_scheme"),
+        ("file:///etc/passwd", "bad_scheme"),
+        ("http:///nohost", "bad_url"),
+        ("http://user:pw@example.com/", "bad_url"),
+        ("http://example.com:99999/", "bad_url"),
+    ],
+)
+def test_malformed_urls(url: str, reason: str) -> None:
+    with pytest.raises(UnsafeTarget) as info:
+        check_url(url, Allowlist(), resolver("93.184.215.14"))
+    assert info.value.reason == reason
+
+
+def test_unresolvable_host() -> None:
+    def fail(host: str, port: int) -> list[str]:
+        raise OSError("no such host")
+
+    with pytest.raises(UnsafeTarget) as info:
+        check_url("https://nowhere.invalid/x", Allowlist(), fail)
+    assert info.value.reason == "unresolvable"

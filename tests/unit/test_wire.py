@@ -1,0 +1,189 @@
+"""Frame encoding and header validation (the server's first line of defence)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from spectrawatch.wire import (
+    FrameError,
+    FrameKind,
+    FrameLimits,
+    compress,
+    count_nonfinite,
+    decode_frame,
+    decompress,
+    encode_frame,
+    parse_header,
+)
+
+
+def weights_frame(**tensors: torch.Tensor) -> bytes:
+    return encode_frame(FrameKind.WEIGHTS, 7, 3, tensors or {"w": torch.randn(4, 3)}, {"k": 1})
+
+
+def raw_frame(header: dict[str, object], data: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + data
+
+
+def meta(**overrides: str) -> dict[str, str]:
+    return {"spectrawatch": "1", "kind": "weights", "step": "1", "seq": "0", **overrides}
+
+
+def test_roundtrip_keeps_values_dtypes_and_metadata() -> None:
+    w = torch.randn(5, 3, dtype=torch.float64)
+    h = torch.randn(2, 8).to(torch.bfloat16)
+    header, tensors = decode_frame(encode_frame("weights", 12, 4, {"a.w": w, "b": h}, {"x": [1]}))
+    assert (header.kind, header.step, header.seq, header.info) == (
+        FrameKind.WEIGHTS,
+        12,
+        4,
+        {"x": [1]},
+    )
+    assert torch.equal(tensors["a.w"], w)
+    assert tensors["b"].dtype == torch.bfloat16
+    assert torch.equal(tensors["b"], h)
+
+
+def test_zstd_roundtrip_and_decompression_cap() -> None:
+    data = weights_frame(w=torch.zeros(256, 256))
+    packed = compress(data)
+    assert len(packed) < len(data) // 10
+    assert decompress(packed, len(data)) == data
+    with pytest.raises(FrameError) as err:
+        decompress(packed, len(data) - 1)
+    assert err.value.code == "too_large"
+    with pytest.raises(FrameError) as err:
+        decompress(b"not zstd at all", 1000)
+    assert err.value.code == "bad_encoding"
+
+
+def test_sketch_frames_need_one_step_per_row() -> None:
+    rows = torch.randn(3, 16)
+    ok = encode_frame("update_sketch", 10, 0, {"l": rows}, {"steps": [10, 11, 12]})
+    assert parse_header(ok, len(ok)).info["steps"] == [10, 11, 12]
+    bad = encode_frame("update_sketch", 10, 0, {"l": rows}, {"steps": [10, 11]})
+    with pytest.raises(FrameError, match=r"info\.steps"):
+        parse_header(bad, len(bad))
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"", "truncated"),
+        (b"\x01\x00", "truncated"),
+        (struct.pack("<Q", 1 << 40) + b"{}", "truncated"),
+        (struct.pack("<Q", 100) + b"{}", "truncated"),
+        (raw_frame({"__metadata__": meta()}, b"")[:-3] + b"xyz", "bad_header"),
+        (
+            raw_frame({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "missing_metadata",
+        ),
+        (raw_frame({"__metadata__": meta(kind="gradients")}, b""), "unknown_kind"),
+        (raw_frame({"__metadata__": meta(step="-1")}, b""), "bad_metadata"),
+        (raw_frame({"__metadata__": meta(spectrawatch="9")}, b""), "bad_version"),
+        (raw_frame({"__metadata__": meta()}, b""), "empty_frame"),
+        (
+            raw_frame(
+                {
+                    "__metadata__": meta(),
+                    "w": {"dtype": "U8", "shape": [2, 2], "data_offsets": [0, 4]},
+                },
+                b"\0" * 4,
+            ),
+            "dtype_not_allowed",
+        ),
+        (
+            raw_frame(
+                {
+                    "__metadata__": meta(),
+                    "w": {"dtype": "I64", "shape": [1, 1], "data_offsets": [0, 8]},
+                },
+                b"\0" * 8,
+            ),
+            "dtype_not_allowed",
+        ),
+        (
+            raw_frame(
+                {
+                    "__metadata__": meta(),
+                    "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]},
+                },
+                b"\0" * 8,
+            ),
+            "bad_offsets",
+        ),
+        (
+            raw_frame(
+                {
+                    "__metadata__": meta(),
+                    "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+                },
+                b"\0" * 8,
+            ),
+            "bad_offsets",
+        ),
+        (
+            raw_frame(
+                {
+                    "__metadata__": meta(),
+                    "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                },
+                b"\0" * 16,
+            ),
+            "bad_shape",
+        ),
+        (
+            raw_frame(
+                {
+                    "__metadata__": meta(),
+                    "w": {"dtype": "F32", "shape": [1, 1, 1, 1, 1], "data_offsets": [0, 4]},
+                },
+                b"\0" * 4,
+            ),
+            "too_many_dims",
+        ),
+        (
+            raw_frame(
+                {
+                    "__metadata__": meta(),
+                    "w": {"dtype": "F32", "shape": "2x2", "data_offsets": [0, 16]},
+                },
+                b"\0" * 16,
+            ),
+            "bad_shape",
+        ),
+    ],
+)
+def test_bad_headers_raise_named_errors(body: bytes, code: str) -> None:
+    with pytest.raises(FrameError) as err:
+        parse_header(body, len(body))
+    assert err.value.code == code
+    assert 400 <= err.value.status < 500
+    assert err.value.message
+
+
+def test_limits_on_tensor_count_and_size() -> None:
+    data = encode_frame("weights", 0, 0, {f"w{i}": torch.zeros(2, 2) for i in range(5)})
+    with pytest.raises(FrameError) as err:
+        parse_header(data, len(data), FrameLimits(max_tensors=4))
+    assert err.value.code == "too_many_tensors"
+    with pytest.raises(FrameError) as err:
+        parse_header(data, len(data), FrameLimits(max_tensor_elements=3))
+    assert err.value.code == "tensor_too_large"
+    with pytest.raises(FrameError) as err:
+        parse_header(data, len(data), FrameLimits(max_header_bytes=64))
+    assert err.value.code == "header_too_large"
+    with pytest.raises(FrameError) as err:
+        parse_header(data, len(data), FrameLimits(max_tensor_elements=3))
+    assert err.value.code == "tensor_too_large"
+
+
+def test_count_nonfinite_flags_only_bad_tensors() -> None:
+    w = torch.ones(3, 3)
+    w[0, 0], w[1, 1] = float("nan"), float("inf")
+    assert count_nonfinite({"bad": w, "good": torch.ones(2, 2)}) == {"bad": 2}
