@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812 -- the usual alias
+from torch.nn import functional as F
 
 CONDITIONS = ("none", "spectrawatch", "sw_every10", "wandb", "tensorboard")
 
@@ -162,8 +162,13 @@ def run_condition(cond: str, steps: int, warmup: int, seq: int, batch: int,
         finish = writer.close
     attach_s = time.perf_counter() - t_attach
     times = []
+    cpu = []
+    proc_cpu0 = 0.0
     for step in range(warmup + steps):
+        if step == warmup:
+            proc_cpu0 = time.process_time()
         x = data[step % len(data)]
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         logits = model(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
@@ -173,10 +178,13 @@ def run_condition(cond: str, steps: int, warmup: int, seq: int, batch: int,
         if step_hook is not None:
             step_hook(step, float(loss))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    proc_cpu = (time.process_time() - proc_cpu0) / steps
     rss_after, peak = rss_mib()
     if finish is not None:
         finish()
     return {"cond": cond, "times": times[warmup:], "warmup_times": times[:warmup],
+            "cpu": cpu[warmup:], "process_cpu_per_step": proc_cpu,
             "attach_s": attach_s, "rss_before_mib": rss_before, "rss_after_mib": rss_after,
             "peak_rss_mib": peak, **extra}
 
@@ -189,7 +197,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the raw JSON results here")
@@ -213,18 +221,28 @@ def main() -> None:
             res = json.loads(line[0][7:])
             results[cond].append(res)
             print(f"rep {rep} {cond:13s} median step {statistics.median(res['times']):.3f} s  "
+                  f"train-thread CPU {statistics.median(res['cpu']):.3f} s  "
                   f"peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
-    base = statistics.median(t for r in results.get("none", []) for t in r["times"])
-    base_peak = statistics.median(r["peak_rss_mib"] for r in results.get("none", []))
-    print(f"\n| condition | median step (s) | overhead vs none | peak RSS (MiB) | extra RSS |")
-    print("|---|---|---|---|---|")
+
+    def med(rs: list[dict[str, Any]], key: str) -> float:
+        return statistics.median(t for r in rs for t in r[key])
+
+    none = results.get("none", [])
+    base, base_cpu = med(none, "times"), med(none, "cpu")
+    base_proc = statistics.median(r["process_cpu_per_step"] for r in none)
+    base_peak = statistics.median(r["peak_rss_mib"] for r in none)
+    print("\n| condition | wall step (s) | wall overhead | train-thread CPU (s) | CPU overhead |"
+          " process CPU/step (s) | process CPU overhead | peak RSS (MiB) | extra RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cond, rs in results.items():
         if not rs:
             continue
-        med = statistics.median(t for r in rs for t in r["times"])
+        wall, cpu = med(rs, "times"), med(rs, "cpu")
+        proc = statistics.median(r["process_cpu_per_step"] for r in rs)
         peak = statistics.median(r["peak_rss_mib"] for r in rs)
-        print(f"| {cond} | {med:.3f} | {100 * (med / base - 1):+.1f} % | {peak:.0f} | "
-              f"{peak - base_peak:+.0f} |")
+        print(f"| {cond} | {wall:.3f} | {100 * (wall / base - 1):+.1f} % | {cpu:.3f} | "
+              f"{100 * (cpu / base_cpu - 1):+.1f} % | {proc:.3f} | "
+              f"{100 * (proc / base_proc - 1):+.1f} % | {peak:.0f} | {peak - base_peak:+.0f} |")
     for cond in ("spectrawatch", "sw_every10"):
         for r in results.get(cond, []):
             amort = r["weights_s"] / 500 + r["activations_s"] / 250 + r["theta_sketch_s"] / 100

@@ -12,7 +12,8 @@ Part 2: EigenTrack descriptors for a GPT-2-small-shaped probe (12 modules x 512 
 Usage::
 
     PYTHONPATH=client .venv/bin/python benchmarks/polar_express.py [--sizes 512 1024 2048]
-        [--bf16-max 1024] [--device cpu|cuda] [--repeat 1] [--threads 0]
+        [--bf16-max 256] [--device cpu|cuda] [--repeat 1] [--threads 0]
+        [--spike-only] [--skip-descriptors]
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import math
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 import torch
 
-from spectrawatch.spectral.activations import activation_spectrum
+from spectrawatch.spectral.activations import activation_spectra, activation_spectrum
 from spectrawatch.spectral.polar import count_above
 
 T = TypeVar("T")
@@ -56,10 +58,13 @@ def spiked_wishart(n: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     q = torch.linalg.qr(torch.randn(n, 16, generator=g, dtype=torch.float64))[0]
     spikes = torch.linspace(4.0, 12.0, 16, dtype=torch.float64)
     a = a + (q * spikes) @ q.mT
-    return ((a + a.mT) / 2).to(device)
+    out: torch.Tensor = ((a + a.mT) / 2).to(device)
+    return out
 
 
-def bench_counts(sizes: list[int], bf16_max: int, device: torch.device, repeat: int) -> None:
+def bench_counts(
+    sizes: list[int], bf16_max: int, device: torch.device, repeat: int, spike_only: bool
+) -> None:
     print(
         "| n | threshold | exact | eigvalsh f64 s | eigvalsh f32 s | PE f32 est. (ambig.) | "
         "PE f32 s | PE bf16 est. (ambig.) | PE bf16 s | min gap / s8 |"
@@ -67,22 +72,21 @@ def bench_counts(sizes: list[int], bf16_max: int, device: torch.device, repeat: 
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         a = spiked_wishart(n, device)
-        ev64, t64 = timed(lambda a=a: torch.linalg.eigvalsh(a), device, repeat)
+        ev64, t64 = timed(partial(torch.linalg.eigvalsh, a), device, repeat)
         a32 = a.float()
-        _, t32 = timed(lambda a32=a32: torch.linalg.eigvalsh(a32), device, repeat)
+        _, t32 = timed(partial(torch.linalg.eigvalsh, a32), device, repeat)
         lam_plus = (1 + math.sqrt(0.5)) ** 2
-        for label, t in (
-            ("1.05 lambda+", 1.05 * lam_plus),
-            ("bulk middle", float(ev64[n // 2 - 1 : n // 2 + 1].mean())),
-        ):
+        middle = float(ev64[n // 2 - 1 : n // 2 + 1].mean())
+        thresholds = [("1.05 lambda+", 1.05 * lam_plus), ("bulk middle", middle)]
+        for label, t in thresholds[:1] if spike_only else thresholds:
             exact = int((ev64 > t).sum())
             shifted = ev64 - t
             s8 = float((shifted**8).sum() ** 0.125)
             gap = float(shifted.abs().min()) / s8
-            pe32, tp32 = timed(lambda a32=a32, t=t: count_above(a32, t), device, repeat)
+            pe32, tp32 = timed(partial(count_above, a32, t), device, repeat)
             if n <= bf16_max:
                 pebf, tpbf = timed(
-                    lambda a32=a32, t=t: count_above(a32, t, dtype=torch.bfloat16), device, repeat
+                    partial(count_above, a32, t, dtype=torch.bfloat16), device, repeat
                 )
                 bf = f"{pebf.estimate:.3f} ({pebf.ambiguity:.3f}) | {tpbf:.2f}"
             else:
@@ -97,22 +101,28 @@ def bench_descriptors(device: torch.device, repeat: int) -> None:
     g = torch.Generator().manual_seed(1)
     probe = torch.randn(12, 512, 768, generator=g).to(device)
 
-    def run() -> list[float]:
+    def one_by_one() -> list[float]:
         return [activation_spectrum(probe[i]).mp.ks for i in range(12)]
 
-    _, seconds = timed(run, device, repeat)
-    print(
-        f"\nEigenTrack descriptors, 12 x 512 x 768 float32 probe: {seconds * 1e3:.0f} ms "
-        f"({seconds * 1e3 / 12:.0f} ms per module)"
-    )
+    def batched() -> list[float]:
+        return [s.mp.ks for s in activation_spectra(probe)]
+
+    for label, fn in (("one module at a time", one_by_one), ("batched", batched)):
+        _, seconds = timed(fn, device, repeat)
+        print(
+            f"EigenTrack descriptors, 12 x 512 x 768 float32 probe, {label}: "
+            f"{seconds * 1e3:.0f} ms ({seconds * 1e3 / 12:.0f} ms per module)"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
-    parser.add_argument("--bf16-max", type=int, default=1024)
+    parser.add_argument("--bf16-max", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--spike-only", action="store_true", help="skip the bulk threshold")
+    parser.add_argument("--skip-descriptors", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
     if args.threads:
@@ -122,8 +132,10 @@ def main() -> None:
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
         f"{platform.processor() or platform.machine()}"
     )
-    bench_counts(args.sizes, args.bf16_max, device, args.repeat)
-    bench_descriptors(device, args.repeat)
+    bench_counts(args.sizes, args.bf16_max, device, args.repeat, args.spike_only)
+    if not args.skip_descriptors:
+        print()
+        bench_descriptors(device, args.repeat)
 
 
 if __name__ == "__main__":

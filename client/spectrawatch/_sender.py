@@ -525,8 +525,9 @@ class Sender:
             return
         self._last_stats_at = time.monotonic()
         self._send_stats()
+        summary = {**self._summary, "client": self.stats.snapshot()}
         try:
-            self.api.update_run(self.run_id, self._final_status, self._summary)
+            self.api.update_run(self.run_id, self._final_status, summary)
         except (Unavailable, Rejected) as exc:
             self.errors.record("close run", exc)
 

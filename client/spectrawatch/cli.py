@@ -78,26 +78,53 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
 
 
-def cmd_token_create(args: argparse.Namespace) -> int:
-    """Create a project-scoped API token and print it once (only its hash is stored)."""
+def _open_db(args: argparse.Namespace) -> Any:
+    """Session factory on the server's database (migrated), for offline admin commands."""
     from spectrawatch_server.db import migrate
     from spectrawatch_server.db.session import make_engine, make_session_factory
-    from spectrawatch_server.storage import repository as repo
 
     settings = _server_settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
     migrate.upgrade(engine)
-    with make_session_factory(engine).begin() as session:
+    return make_session_factory(engine)
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    """Create a project-scoped API token and print it once (only its hash is stored)."""
+    from spectrawatch_server.storage import repository as repo
+
+    with _open_db(args).begin() as session:
         project, _ = repo.get_or_create_project(session, args.project)
         token, secret = repo.create_token(session, project, args.name or "")
         token_id = token.id
-    engine.dispose()
     print(secret)
     print(
         f"token {token_id} for project {args.project!r}; store it now, it is not shown again",
         file=sys.stderr,
     )
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from spectrawatch_server.storage import repository as repo
+
+    with _open_db(args)() as session:
+        for token, project in repo.list_tokens(session):
+            state = f"revoked {token.revoked_at:%Y-%m-%d}" if token.revoked_at else "active"
+            print(f"{token.id}\t{project}\t{token.prefix}…\t{token.name}\t{state}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from spectrawatch_server.storage import repository as repo
+
+    with _open_db(args).begin() as session:
+        revoked = repo.revoke_token(session, args.id)
+    if not revoked:
+        print(f"error: no active token with id {args.id}", file=sys.stderr)
+        return 1
+    print(f"token {args.id} revoked")
     return 0
 
 
@@ -137,9 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="")
     create.add_argument("--data-dir", default=None)
     create.set_defaults(func=cmd_token_create)
+    listing = token_sub.add_parser("list", help="list tokens (ids, projects, prefixes)")
+    listing.add_argument("--data-dir", default=None)
+    listing.set_defaults(func=cmd_token_list)
+    revoke = token_sub.add_parser("revoke", help="revoke a token by id")
+    revoke.add_argument("id", type=int)
+    revoke.add_argument("--data-dir", default=None)
+    revoke.set_defaults(func=cmd_token_revoke)
     from spectrawatch._cli_alerts import add_alerts_commands  # alerts list|rules|set|reset
+    from spectrawatch._demo import add_demo_command
 
     add_alerts_commands(sub)
+    add_demo_command(sub)
+    from spectrawatch._cli_tools import add_tool_commands  # analyze|export|import|doctor
+
+    add_tool_commands(sub)
     return parser
 
 

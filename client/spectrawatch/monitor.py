@@ -27,7 +27,7 @@ from torch import nn
 from spectrawatch._capture import Capture, LossFn
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem, Sender
 from spectrawatch._transport import Api
-from spectrawatch.config import ClientSettings
+from spectrawatch.config import ClientSettings, SettingsError
 
 logger = logging.getLogger("spectrawatch")
 
@@ -165,19 +165,23 @@ class Monitor:
         ``probe``: a fixed batch for activation spectra. ``loss_fn(model, batch)`` with
         ``sample_batch()`` turns on the commutator-defect probe. Without an optimizer, call
         :meth:`step` after each optimizer step. Returns None (and captures nothing) if the
-        monitor is disabled or the attach failed (the error is logged).
+        monitor is disabled or the attach failed (the error is logged); an invalid ``every``
+        raises :class:`~spectrawatch.config.SettingsError`.
         """
         if not self._ensure_init():
             return None
+        assert self.settings is not None
+        s = self.settings
+        if every is not None:  # a bad cadence raises SettingsError here, before training
+            if isinstance(every, int):
+                s = s.replace(update_every=every)
+            else:
+                unknown = set(every) - {"update", "theta", "weights", "activations", "defect"}
+                if unknown:
+                    raise SettingsError(f"unknown cadence(s) in every=: {sorted(unknown)}")
+                s = s.replace(**{f"{k}_every": int(v) for k, v in every.items()})
         try:
-            assert self.settings is not None
             assert self._sender is not None
-            s = self.settings
-            if every is not None:
-                if isinstance(every, int):
-                    s = s.replace(update_every=every)
-                else:
-                    s = s.replace(**{f"{k}_every": int(v) for k, v in every.items()})
             sender = self._sender
             capture = Capture(
                 model, optimizer, s, sender.put_frame, sender.put_scalars, self._errors,
@@ -243,8 +247,7 @@ class Monitor:
                 c.finish()
             self._captures = []
             if self._sender is not None:
-                summary = {"client": self.stats.snapshot()}
-                ok = self._sender.close(status, summary, timeout)
+                ok = self._sender.close(status, None, timeout)  # it adds its final stats
         except Exception as exc:
             self._errors.record("finish", exc)
             ok = False

@@ -127,18 +127,29 @@ def count_sketch_signed(
     folded: torch.Tensor,
     dim: int,
     dtype: torch.dtype = torch.float64,
-    chunk: int = 1 << 22,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Sketch a flat ``(n,)`` tensor with a :func:`signed_buckets` index; ``(dim,)`` in ``dtype``.
 
-    The input is converted to ``dtype`` in chunks of ``chunk`` elements, so the transient memory
-    is ``chunk * itemsize`` bytes, not a full-size copy.
+    The input is converted to ``dtype`` chunk by chunk into one reused buffer of ``chunk``
+    elements (default 2^18 on CPU, where it stays in cache and avoids page faults -- about 3x
+    faster than converting the whole tensor -- and 2^24 elsewhere), so the transient memory is
+    ``chunk * itemsize`` bytes, not a full-size copy.
     """
     flat = x.reshape(-1)
+    n = flat.numel()
+    if chunk is None:
+        chunk = 1 << 18 if flat.device.type == "cpu" else 1 << 24
     out = torch.zeros(2 * dim, dtype=dtype, device=x.device)
-    for start in range(0, flat.numel(), chunk):
-        stop = start + chunk
-        out.index_add_(0, folded[start:stop], flat[start:stop].to(dtype))
+    if flat.dtype == dtype and flat.device.type != "cpu":
+        out.index_add_(0, folded, flat)
+        return out[:dim] - out[dim:]
+    buf = torch.empty(min(chunk, n), dtype=dtype, device=x.device)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        part = buf[:m]
+        part.copy_(flat[start : start + m])
+        out.index_add_(0, folded[start : start + m], part)
     return out[:dim] - out[dim:]
 
 

@@ -12,6 +12,7 @@ from spectrawatch._version import __version__
 from spectrawatch.wire import FrameLimits
 from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.api.errors import install_error_handlers
+from spectrawatch_server.api.limits import JsonBodyLimit
 from spectrawatch_server.api.routes import (
     alerts,
     frames,
@@ -130,6 +131,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
     for module in (health, projects, runs, frames, scalars, metrics, alerts, webhooks):
         app.include_router(module.router, prefix=API_PREFIX)
     from spectrawatch_server.api.routes import dashboards  # HTML pages, figure API, static files

@@ -21,6 +21,9 @@ class ServerSettings(BaseSettings):
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".spectrawatch")
     database_url: str | None = None  # default: sqlite:///<data_dir>/spectrawatch.db
     blob_dir: Path | None = None  # default: <data_dir>/blobs
+    blob_url: str | None = None  # s3://bucket/prefix: S3-compatible blob store instead of blob_dir
+    s3_endpoint_url: str | None = None  # non-AWS S3 (MinIO, Ceph RGW...); keys: AWS_* env vars
+    s3_region: str | None = None
     queue: Literal["embedded", "procrastinate"] = "embedded"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run_worker: bool = True  # run the in-process worker thread (embedded queue)
@@ -30,6 +33,7 @@ class ServerSettings(BaseSettings):
     max_dims: int = 4
     max_tensor_elements: int = 1 << 30
     max_scalars_per_batch: int = 100_000
+    max_json_bytes: int = 32 * 1024 * 1024  # JSON request bodies (scalars, runs, rules...)
     job_lease_seconds: float = 120.0
     job_max_attempts: int = 5
     worker_poll_seconds: float = 0.5

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import numpy as np
+
 Figure = dict[str, Any]
 
 WEBGL_POINTS = 20_000  # above this many points in one figure, line traces switch to WebGL
@@ -39,11 +41,24 @@ PHASES: dict[int, tuple[str, str]] = {
     2: ("plateau", "rgba(130, 130, 130, 0.13)"),
     3: ("collapse", "rgba(214, 39, 40, 0.15)"),
 }
-SEVERITY_COLORS = {"critical": "#d62728", "error": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
+SEVERITY_COLORS = {
+    "critical": "#d62728",
+    "error": "#d62728",
+    "warning": "#ff7f0e",
+    "info": "#1f77b4",
+}
 PANEL_KINDS = frozenset(
     {
-        "scalars", "sed", "lines", "heatmap", "esd", "mp", "alpha_history",
-        "layer_metrics", "alerts_timeline", "compare",
+        "scalars",
+        "sed",
+        "lines",
+        "heatmap",
+        "esd",
+        "mp",
+        "alpha_history",
+        "layer_metrics",
+        "alerts_timeline",
+        "compare",
     }
 )
 
@@ -105,7 +120,9 @@ def parse_page(raw: Mapping[str, Any]) -> PageSpec:
             raise PageSpecError(f"page {page!r}: panels[{i}] must be an object")
         kind = p.get("kind")
         if kind not in PANEL_KINDS:
-            raise PageSpecError(f"page {page!r}: panels[{i}].kind {kind!r} is not one of {sorted(PANEL_KINDS)}")
+            raise PageSpecError(
+                f"page {page!r}: panels[{i}].kind {kind!r} is not one of {sorted(PANEL_KINDS)}"
+            )
         for key in ("id", "title"):
             if not isinstance(p.get(key), str):
                 raise PageSpecError(f"page {page!r}: panels[{i}].{key} must be a string")
@@ -159,7 +176,9 @@ def window_of(name: str) -> str:
     return m.group(1) if m else ""
 
 
-def first_at_least(steps: Sequence[int], values: Sequence[float | None], threshold: float) -> int | None:
+def first_at_least(
+    steps: Sequence[int], values: Sequence[float | None], threshold: float
+) -> int | None:
     """First step whose value is >= ``threshold`` (None values skipped), or None."""
     for s, v in zip(steps, values, strict=True):
         if v is not None and v >= threshold:
@@ -176,7 +195,7 @@ def phase_spans(steps: Sequence[int], codes: Sequence[float | None]) -> list[tup
     cur: int | None = None
     start = 0
     for s, c in zip(steps, codes, strict=True):
-        code = None if c is None or not math.isfinite(c) else int(round(c))
+        code = None if c is None or not math.isfinite(c) else round(c)
         if code not in PHASES:
             code = None
         if code != cur:
@@ -194,8 +213,30 @@ def series_csv(traces: Sequence[tuple[str, Sequence[int], Sequence[float | None]
     lines = ["series,step,value"]
     for name, xs, ys in traces:
         quoted = '"' + name.replace('"', '""') + '"' if re.search(r'[",\n]', name) else name
-        lines.extend(f"{quoted},{x},{'' if y is None else repr(float(y))}" for x, y in zip(xs, ys, strict=True))
+        lines.extend(
+            f"{quoted},{x},{'' if y is None else repr(float(y))}"
+            for x, y in zip(xs, ys, strict=True)
+        )
     return "\n".join(lines) + "\n"
+
+
+def rounded(values: Sequence[float | None], digits: int = 6) -> list[float | None]:
+    """Values rounded to ``digits`` significant digits (smaller JSON; plots cannot show more).
+
+    None and non-finite values come back as None. Vectorised: ``round(v * 10^k) / 10^k`` with
+    ``k = digits - 1 - floor(log10 |v|)`` is the double nearest the rounded decimal, whose
+    shortest repr is that decimal.
+    """
+    if not values:
+        return []
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    finite = np.isfinite(v) & (v != 0) & (np.abs(v) < 10.0**digits)  # big values stay as they are
+    scale = np.ones_like(v)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exp = digits - 1 - np.floor(np.log10(np.abs(v[finite])))
+    scale[finite] = 10.0**exp
+    out = np.where(finite, np.round(v * scale) / scale, v)
+    return [None if not math.isfinite(x) else x for x in out.tolist()]
 
 
 # --- figure builders -----------------------------------------------------------------------
@@ -234,12 +275,18 @@ class Band:
     color: str
 
 
-def _layout(title: str, *, x_title: str = "step", y_title: str = "", log_y: bool = False) -> dict[str, Any]:
+def _layout(
+    title: str, *, x_title: str = "step", y_title: str = "", log_y: bool = False
+) -> dict[str, Any]:
     return {
         "title": {"text": title, "x": 0.01, "font": {"size": 14}},
         "margin": {"l": 60, "r": 20, "t": 40, "b": 45},
         "xaxis": {"title": {"text": x_title}, "zeroline": False},
-        "yaxis": {"title": {"text": y_title}, "type": "log" if log_y else "linear", "zeroline": False},
+        "yaxis": {
+            "title": {"text": y_title},
+            "type": "log" if log_y else "linear",
+            "zeroline": False,
+        },
         "legend": {"orientation": "h", "y": -0.18, "font": {"size": 11}},
         "hovermode": "x unified",
         "uirevision": title,  # keep zoom/legend state across live refreshes
@@ -281,8 +328,16 @@ def line_figure(
     for band in bands:
         layout["shapes"].append(
             {
-                "type": "rect", "xref": "x", "yref": "paper", "x0": band.start, "x1": band.end,
-                "y0": 0, "y1": 1, "fillcolor": band.color, "line": {"width": 0}, "layer": "below",
+                "type": "rect",
+                "xref": "x",
+                "yref": "paper",
+                "x0": band.start,
+                "x1": band.end,
+                "y0": 0,
+                "y1": 1,
+                "fillcolor": band.color,
+                "line": {"width": 0},
+                "layer": "below",
             }
         )
     seen_bands: set[str] = set()
@@ -292,31 +347,57 @@ def line_figure(
         seen_bands.add(band.label)
         layout["annotations"].append(
             {
-                "x": band.start, "y": 1, "xref": "x", "yref": "paper", "text": band.label,
-                "showarrow": False, "xanchor": "left", "yanchor": "top",
+                "x": band.start,
+                "y": 1,
+                "xref": "x",
+                "yref": "paper",
+                "text": band.label,
+                "showarrow": False,
+                "xanchor": "left",
+                "yanchor": "top",
                 "font": {"size": 10, "color": "#555"},
             }
         )
     if y_band is not None:
         layout["shapes"].append(
             {
-                "type": "rect", "xref": "paper", "yref": "y", "x0": 0, "x1": 1, "y0": y_band[0],
-                "y1": y_band[1], "fillcolor": "rgba(31, 119, 180, 0.07)", "line": {"width": 0},
+                "type": "rect",
+                "xref": "paper",
+                "yref": "y",
+                "x0": 0,
+                "x1": 1,
+                "y0": y_band[0],
+                "y1": y_band[1],
+                "fillcolor": "rgba(31, 119, 180, 0.07)",
+                "line": {"width": 0},
                 "layer": "below",
             }
         )
     for i, m in enumerate(markers):
         layout["shapes"].append(
             {
-                "type": "line", "xref": "x", "yref": "paper", "x0": m.step, "x1": m.step,
-                "y0": 0, "y1": 1, "line": {"color": m.color, "dash": m.dash, "width": 1.5},
+                "type": "line",
+                "xref": "x",
+                "yref": "paper",
+                "x0": m.step,
+                "x1": m.step,
+                "y0": 0,
+                "y1": 1,
+                "line": {"color": m.color, "dash": m.dash, "width": 1.5},
             }
         )
         layout["annotations"].append(
             {
-                "x": m.step, "y": 1 - 0.07 * (i % 4), "xref": "x", "yref": "paper",
-                "text": m.label, "hovertext": m.hover or m.label, "showarrow": False,
-                "xanchor": "left", "yanchor": "top", "font": {"size": 10, "color": m.color},
+                "x": m.step,
+                "y": 1 - 0.07 * (i % 4),
+                "xref": "x",
+                "yref": "paper",
+                "text": m.label,
+                "hovertext": m.hover or m.label,
+                "showarrow": False,
+                "xanchor": "left",
+                "yanchor": "top",
+                "font": {"size": 10, "color": m.color},
                 "bgcolor": "rgba(255,255,255,0.7)",
             }
         )
@@ -355,7 +436,7 @@ def overview_markers(
 
 @dataclass(frozen=True)
 class Grid:
-    """A layer × step matrix: ``z[i][j]`` is layer ``layers[i]`` at ``steps[j]`` (None = missing)."""
+    """A layer x step matrix: ``z[i][j]`` is ``layers[i]`` at ``steps[j]`` (None = missing)."""
 
     layers: list[str]
     steps: list[int]
@@ -378,7 +459,7 @@ def grid_from_rows(rows: Iterable[tuple[str, int, float | None]]) -> Grid:
 
 
 def heatmap_figure(metric: str, grid: Grid, *, sampled: bool = False) -> Figure:
-    """Layer × step heatmap of ``metric``; a click on a cell opens that layer's drilldown.
+    """Layer x step heatmap of ``metric``; a click on a cell opens that layer's drilldown.
 
     ``sampled``: ``grid.steps`` is a sample of the stored steps (one per column, said in the
     title so a reader knows the columns are decimated, not averaged).
@@ -392,7 +473,7 @@ def heatmap_figure(metric: str, grid: Grid, *, sampled: bool = False) -> Figure:
             "type": "heatmap",
             "x": grid.steps,
             "y": grid.layers,
-            "z": grid.z,
+            "z": [rounded(row) for row in grid.z],
             "colorscale": "Viridis",
             "colorbar": {"title": {"text": metric}, "thickness": 12},
             "hovertemplate": "layer %{y}<br>step %{x}<br>" + metric + " %{z:.4g}<extra></extra>",
@@ -453,8 +534,15 @@ def esd_figure(payload: Mapping[str, Any], title: str) -> Figure:
             xs.append(math.sqrt(a * b))
             ys.append(d)
     data: list[dict[str, Any]] = [
-        {"type": "scatter", "mode": "lines+markers", "name": "ESD (density)", "x": xs, "y": ys,
-         "line": {"shape": "hvh", "width": 1.4, "color": "#1f77b4"}, "marker": {"size": 4}},
+        {
+            "type": "scatter",
+            "mode": "lines+markers",
+            "name": "ESD (density)",
+            "x": xs,
+            "y": ys,
+            "line": {"shape": "hvh", "width": 1.4, "color": "#1f77b4"},
+            "marker": {"size": 4},
+        },
     ]
     layout = _layout(title, x_title="eigenvalue λ", y_title="density", log_y=True)
     layout["xaxis"]["type"] = "log"
@@ -464,23 +552,53 @@ def esd_figure(payload: Mapping[str, Any], title: str) -> Figure:
     if alpha is not None and xmin is not None and xmin > 0:
         fx, fy = _xy(fit, "pdf")
         data.append(
-            {"type": "scatter", "mode": "lines", "name": f"power law α={alpha:.3f}", "x": fx,
-             "y": fy, "line": {"dash": "dash", "color": "#d62728", "width": 2}}
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": f"power law \u03b1={alpha:.3f}",
+                "x": fx,
+                "y": fy,
+                "line": {"dash": "dash", "color": "#d62728", "width": 2},
+            }
         )
         layout["shapes"].append(
-            {"type": "line", "xref": "x", "yref": "paper", "x0": xmin, "x1": xmin, "y0": 0, "y1": 1,
-             "line": {"color": "#d62728", "dash": "dot", "width": 1.2}}
+            {
+                "type": "line",
+                "xref": "x",
+                "yref": "paper",
+                "x0": xmin,
+                "x1": xmin,
+                "y0": 0,
+                "y1": 1,
+                "line": {"color": "#d62728", "dash": "dot", "width": 1.2},
+            }
         )
         layout["annotations"].append(  # annotation x on a log axis is in log10 units
-            {"x": math.log10(xmin), "y": 1, "xref": "x", "yref": "paper", "showarrow": False,
-             "text": f"xmin={xmin:.3g}", "xanchor": "left", "yanchor": "top",
-             "font": {"size": 10, "color": "#d62728"}}
+            {
+                "x": math.log10(xmin),
+                "y": 1,
+                "xref": "x",
+                "yref": "paper",
+                "showarrow": False,
+                "text": f"xmin={xmin:.3g}",
+                "xanchor": "left",
+                "yanchor": "top",
+                "font": {"size": 10, "color": "#d62728"},
+            }
         )
     lam = _num(payload.get("lambda_max"))
     if lam is not None and lam > 0:
         layout["annotations"].append(
-            {"x": math.log10(lam), "y": 0.9, "xref": "x", "yref": "paper", "showarrow": False,
-             "text": f"λmax={lam:.3g}", "xanchor": "right", "font": {"size": 10}}
+            {
+                "x": math.log10(lam),
+                "y": 0.9,
+                "xref": "x",
+                "yref": "paper",
+                "showarrow": False,
+                "text": f"λmax={lam:.3g}",
+                "xanchor": "right",
+                "font": {"size": 10},
+            }
         )
     return {"data": data, "layout": layout}
 
@@ -496,16 +614,28 @@ def mp_figure(payload: Mapping[str, Any], title: str) -> Figure:
     inside = [i for i, c in enumerate(centers) if c <= edge]
     spikes = [i for i, c in enumerate(centers) if c > edge and counts[i] > 0]
     data: list[dict[str, Any]] = [
-        {"type": "bar", "name": "ESD bulk", "x": [centers[i] for i in inside],
-         "y": [density[i] for i in inside], "width": [widths[i] for i in inside],
-         "marker": {"color": "#1f77b4"}, "opacity": 0.75},
+        {
+            "type": "bar",
+            "name": "ESD bulk",
+            "x": [centers[i] for i in inside],
+            "y": [density[i] for i in inside],
+            "width": [widths[i] for i in inside],
+            "marker": {"color": "#1f77b4"},
+            "opacity": 0.75,
+        },
     ]
     if spikes:
         data.append(
-            {"type": "bar", "name": "beyond λ+ (spikes)", "x": [centers[i] for i in spikes],
-             "y": [density[i] for i in spikes], "width": [widths[i] for i in spikes],
-             "customdata": [counts[i] for i in spikes], "marker": {"color": "#d62728"},
-             "hovertemplate": "λ≈%{x:.3g}: %{customdata} eigenvalue(s)<extra></extra>"}
+            {
+                "type": "bar",
+                "name": "beyond λ+ (spikes)",
+                "x": [centers[i] for i in spikes],
+                "y": [density[i] for i in spikes],
+                "width": [widths[i] for i in spikes],
+                "customdata": [counts[i] for i in spikes],
+                "marker": {"color": "#d62728"},
+                "hovertemplate": "λ≈%{x:.3g}: %{customdata} eigenvalue(s)<extra></extra>",
+            }
         )
     layout = _layout(title, x_title="eigenvalue λ", y_title="density")
     layout["hovermode"] = "closest"
@@ -514,19 +644,40 @@ def mp_figure(payload: Mapping[str, Any], title: str) -> Figure:
     if bulk_max is not None:
         mx, my = _xy(mp, "pdf")
         data.append(
-            {"type": "scatter", "mode": "lines",
-             "name": "Marchenko–Pastur" + (f" σ={sigma:.3g}" if sigma is not None else ""),
-             "x": mx, "y": my, "line": {"color": "#ff7f0e", "width": 2}}
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": "Marchenko-Pastur" + (f" \u03c3={sigma:.3g}" if sigma is not None else ""),
+                "x": mx,
+                "y": my,
+                "line": {"color": "#ff7f0e", "width": 2},
+            }
         )
         n_spikes = int(_num(mp.get("num_spikes")) or 0)
         layout["shapes"].append(
-            {"type": "line", "xref": "x", "yref": "paper", "x0": bulk_max, "x1": bulk_max,
-             "y0": 0, "y1": 1, "line": {"color": "#ff7f0e", "dash": "dash", "width": 1.5}}
+            {
+                "type": "line",
+                "xref": "x",
+                "yref": "paper",
+                "x0": bulk_max,
+                "x1": bulk_max,
+                "y0": 0,
+                "y1": 1,
+                "line": {"color": "#ff7f0e", "dash": "dash", "width": 1.5},
+            }
         )
         layout["annotations"].append(
-            {"x": bulk_max, "y": 1, "xref": "x", "yref": "paper", "showarrow": False,
-             "text": f"λ+={bulk_max:.3g} · {n_spikes} spike(s)", "xanchor": "left",
-             "yanchor": "top", "font": {"size": 10, "color": "#ff7f0e"}}
+            {
+                "x": bulk_max,
+                "y": 1,
+                "xref": "x",
+                "yref": "paper",
+                "showarrow": False,
+                "text": f"λ+={bulk_max:.3g} · {n_spikes} spike(s)",
+                "xanchor": "left",
+                "yanchor": "top",
+                "font": {"size": 10, "color": "#ff7f0e"},
+            }
         )
     return {"data": data, "layout": layout}
 
@@ -559,10 +710,17 @@ def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int |
             ys += [label, label, None]
             texts += [text, text, None]
         data.append(
-            {"type": "scatter", "mode": "lines+markers", "name": severity, "x": xs, "y": ys,
-             "text": texts, "hoverinfo": "text+x",
-             "line": {"width": 6, "color": SEVERITY_COLORS.get(severity, "#7f7f7f")},
-             "marker": {"size": 9, "symbol": "diamond"}}
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": severity,
+                "x": xs,
+                "y": ys,
+                "text": texts,
+                "hoverinfo": "text+x",
+                "line": {"width": 6, "color": SEVERITY_COLORS.get(severity, "#7f7f7f")},
+                "marker": {"size": 9, "symbol": "diamond"},
+            }
         )
     layout = _layout("Alert episodes", y_title="rule · layer")
     layout["hovermode"] = "closest"
@@ -584,8 +742,13 @@ class Panel:
 
     def public(self) -> dict[str, Any]:
         return {
-            "id": self.id, "title": self.title, "figure": self.figure, "empty": self.empty,
-            "help": self.help, "csv_name": self.csv_name or self.id, **self.extra,
+            "id": self.id,
+            "title": self.title,
+            "figure": self.figure,
+            "empty": self.empty,
+            "help": self.help,
+            "csv_name": self.csv_name or self.id,
+            **self.extra,
         }
 
 

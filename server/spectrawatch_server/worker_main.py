@@ -69,6 +69,7 @@ def serve(
     from spectrawatch_server.app import build_state  # torch is imported here, CUDA still idle
     from spectrawatch_server.queue.procrastinate import ProcrastinateQueue
 
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # per-plugin INFO lines at start
     worker_name = name or default_name(settings.device)
     # The name shows in pg_stat_activity.application_name: which worker holds which lock/job.
     url = make_url(settings.resolved_database_url)

@@ -79,24 +79,50 @@ def seed(data_dir: Path, project: str = "demo") -> SeededRun:
         other.status = "finished"
         for target, shift in ((run, 0.0), (other, 0.4)):
             _fill(s, target.id, payloads, shift)
-        webhook = Webhook(project_id=proj.id, url="http://127.0.0.1:9/hook", secret="whsec_x", events=[])
+        webhook = Webhook(
+            project_id=proj.id, url="http://127.0.0.1:9/hook", secret="whsec_x", events=[]
+        )
         s.add(webhook)
         s.flush()
         alert = Alert(
-            run_id=run.id, rule="heavy_tail_out_of_range", layer="blocks.1.mlp", severity="warning",
-            status="open", step=ALERT_STEP, message="alpha 1.7 < 2", values={"htsr.alpha": 1.7},
+            run_id=run.id,
+            rule="heavy_tail_out_of_range",
+            layer="blocks.1.mlp",
+            severity="warning",
+            status="open",
+            step=ALERT_STEP,
+            message="alpha 1.7 < 2",
+            values={"htsr.alpha": 1.7},
         )
         s.add(alert)
-        s.add(Alert(run_id=run.id, rule="grokking_imminent", layer="", severity="info",
-                    status="resolved", step=WARNING_STEP, resolved_step=CROSSING_STEP,
-                    message="SED early warning"))
+        s.add(
+            Alert(
+                run_id=run.id,
+                rule="grokking_imminent",
+                layer="",
+                severity="info",
+                status="resolved",
+                step=WARNING_STEP,
+                resolved_step=CROSSING_STEP,
+                message="SED early warning",
+            )
+        )
         s.flush()
-        delivery = Delivery(webhook_id=webhook.id, alert_id=alert.id, message_id="msg_1",
-                            event="alert.opened", payload={"rule": alert.rule}, status="delivered",
-                            attempts=2, last_status_code=200)
+        delivery = Delivery(
+            webhook_id=webhook.id,
+            alert_id=alert.id,
+            message_id="msg_1",
+            event="alert.opened",
+            payload={"rule": alert.rule},
+            status="delivered",
+            attempts=2,
+            last_status_code=200,
+        )
         s.add(delivery)
         s.flush()
-        s.add(DeliveryAttempt(delivery_id=delivery.id, status_code=503, latency_ms=12.0, error="503"))
+        s.add(
+            DeliveryAttempt(delivery_id=delivery.id, status_code=503, latency_ms=12.0, error="503")
+        )
         s.add(DeliveryAttempt(delivery_id=delivery.id, status_code=200, latency_ms=8.5))
         result = SeededRun(run.id, empty.id, other.id)
     engine.dispose()
@@ -105,9 +131,19 @@ def seed(data_dir: Path, project: str = "demo") -> SeededRun:
 
 def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float) -> None:
     for seq, step in enumerate(STEPS):
-        frame = Frame(run_id=run_id, kind="weights", step=step, seq=seq,
-                      idempotency_key=f"{run_id}:w{seq}", blob_key=f"x/{run_id}/{seq}", bytes=0,
-                      info={}, layers=list(LAYERS), nonfinite={}, status="done")
+        frame = Frame(
+            run_id=run_id,
+            kind="weights",
+            step=step,
+            seq=seq,
+            idempotency_key=f"{run_id}:w{seq}",
+            blob_key=f"x/{run_id}/{seq}",
+            bytes=0,
+            info={},
+            layers=list(LAYERS),
+            nonfinite={},
+            status="done",
+        )
         repo.insert_frame(s, frame)
         metrics = []
         for i, layer in enumerate(LAYERS):
@@ -124,13 +160,27 @@ def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float
         repo.replace_results(s, run_id, frame.id, step, "htsr", metrics, spectra)
     # Update-sketch derived SED at __model__, every step, windows 16 and 32, with phases.
     seq0 = len(STEPS)
-    frame = Frame(run_id=run_id, kind="update_sketch", step=STEPS[-1], seq=seq0,
-                  idempotency_key=f"{run_id}:u", blob_key=f"x/{run_id}/u", bytes=0, info={},
-                  layers=["__model__"], nonfinite={}, status="done")
+    frame = Frame(
+        run_id=run_id,
+        kind="update_sketch",
+        step=STEPS[-1],
+        seq=seq0,
+        idempotency_key=f"{run_id}:u",
+        blob_key=f"x/{run_id}/u",
+        bytes=0,
+        info={},
+        layers=["__model__"],
+        nonfinite={},
+        status="done",
+    )
     repo.insert_frame(s, frame)
     sed = []
-    for step in range(0, 200):
-        rise = 1 + 4 * step / 60 if step < 60 else (5.0 if step < 120 else max(1.1, 5 - (step - 120) / 10))
+    for step in range(200):
+        rise = (
+            1 + 4 * step / 60
+            if step < 60
+            else (5.0 if step < 120 else max(1.1, 5 - (step - 120) / 10))
+        )
         phase = 1.0 if step < 60 else (2.0 if step < 120 else 3.0)
         for w, scale in ((16, 1.0), (32, 1.2)):
             sed += [
@@ -138,11 +188,15 @@ def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float
                 MetricRow("__model__", f"sed.edge.w{w}", step, 3.0 if step < 120 else 1.0),
                 MetricRow("__model__", f"sed.phase.w{w}", step, phase),
             ]
-        sed.append(MetricRow("__model__", "grok.warning_score", step, min(1.0, step / WARNING_STEP)))
-        sed.append(MetricRow("__model__", "grok.imminent", step, 1.0 if step >= WARNING_STEP else 0.0))
+        sed.append(
+            MetricRow("__model__", "grok.warning_score", step, min(1.0, step / WARNING_STEP))
+        )
+        sed.append(
+            MetricRow("__model__", "grok.imminent", step, 1.0 if step >= WARNING_STEP else 0.0)
+        )
     repo.replace_results(s, run_id, frame.id, STEPS[-1], "sed", sed, [])
     scalars = []
-    for step in range(0, 200):
+    for step in range(200):
         scalars.append((step, "loss", 2.5 * math.exp(-step / 40) + 0.01))
         acc = 0.2 + 0.78 / (1 + math.exp(-(step - CROSSING_STEP + 8) / 3))
         scalars.append((step, "val_acc", acc))

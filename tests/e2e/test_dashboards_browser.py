@@ -30,8 +30,14 @@ from tests.servers import ServerProcess, wait_until
 pytestmark = pytest.mark.e2e
 
 CHROMIUM_FLAGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
     "--window-size=1400,1000",
 )
 PAGE_TIMEOUT = 60.0
@@ -40,8 +46,15 @@ PAGE_TIMEOUT = 60.0
 def find_chromium() -> tuple[str, str] | None:
     """``(chromium, chromedriver)`` paths, or None when this machine has no Chromium."""
     browser = next(
-        (p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
-         if p and Path(p).exists()),
+        (
+            p
+            for p in (
+                shutil.which("chromium"),
+                shutil.which("chromium-browser"),
+                "/usr/bin/chromium",
+            )
+            if p and Path(p).exists()
+        ),
         None,
     )
     driver = shutil.which("chromedriver") or (
@@ -142,7 +155,9 @@ def screenshot(driver: Any, artifacts: Path, name: str) -> None:
     driver.save_screenshot(str(artifacts / f"{name}.png"))
 
 
-def check_plotted(panel: dict[str, Any], names: set[str] | None = None, min_points: int = 1) -> None:
+def check_plotted(
+    panel: dict[str, Any], names: set[str] | None = None, min_points: int = 1
+) -> None:
     assert panel["state"] == "plot", panel
     assert panel["rendered"], f"{panel['id']}: no SVG rendered"
     got = {t["name"] for t in panel["traces"]}
@@ -172,7 +187,9 @@ def test_runs_page_lists_filters_and_links(browser: Any, seeded: Any, artifacts:
     assert console_errors(browser) == []
 
 
-def test_overview_scalars_sed_phases_and_markers(browser: Any, seeded: Any, artifacts: Path) -> None:
+def test_overview_scalars_sed_phases_and_markers(
+    browser: Any, seeded: Any, artifacts: Path
+) -> None:
     server, runs = seeded
     open_page(browser, f"{server.url}/runs/{runs.run_id}")
     got = panels(browser)
@@ -182,7 +199,11 @@ def test_overview_scalars_sed_phases_and_markers(browser: Any, seeded: Any, arti
     check_plotted(got["sed_edge"], {"w16", "w32"})
     check_plotted(got["warning"], {"grok.warning_score", "grok.imminent"})
     rects = [s for s in got["sed_gap"]["shapes"] if s["type"] == "rect"]
-    assert [(r["x0"], r["x1"]) for r in rects] == [(0, 60), (60, 120), (120, 199)]  # rise/plateau/collapse
+    assert [(r["x0"], r["x1"]) for r in rects] == [
+        (0, 60),
+        (60, 120),
+        (120, 199),
+    ]  # rise/plateau/collapse
     lines = {s["x0"] for s in got["loss"]["shapes"] if s["type"] == "line"}
     crossing = CROSSING_STEP - 1  # the seeded sigmoid passes 0.9 one step before its design point
     assert {WARNING_STEP, crossing, 150} <= lines  # warning, val_acc crossing, the open alert
@@ -199,23 +220,29 @@ def test_heatmap_click_opens_layer_drilldown(browser: Any, seeded: Any, artifact
     heat = panels(browser)["heatmap"]
     check_plotted(heat)
     assert heat["traces"][0]["type"] == "heatmap"
-    assert heat["traces"][0]["n"] == len(STEPS) and heat["traces"][0]["nz"] == len(LAYERS)
-    assert browser.execute_script("return document.getElementById('control-metric').value") == "htsr.alpha"
+    assert heat["traces"][0]["n"] == len(STEPS)
+    assert heat["traces"][0]["nz"] == len(LAYERS)
+    assert (
+        browser.execute_script("return document.getElementById('control-metric').value")
+        == "htsr.alpha"
+    )
     screenshot(browser, artifacts, "layers")
     from selenium.webdriver.common.action_chains import ActionChains
 
     drag = browser.find_element("css selector", "#panel-heatmap .nsewdrag")
     ActionChains(browser).move_to_element(drag).click().perform()
     wait_until(lambda: "/layers/" in browser.current_url, 20)
-    assert "metric=htsr.alpha" in browser.current_url and "step=" in browser.current_url
+    assert "metric=htsr.alpha" in browser.current_url
+    assert "step=" in browser.current_url
     wait_js(browser, "document.body.dataset.ready")
     layer = browser.find_element("id", "layer-name").text
     assert layer in LAYERS
     got = panels(browser)
     check_plotted(got["esd"], min_points=10)
-    assert any(t["name"].startswith("power law α=") for t in got["esd"]["traces"])
+    assert any(t["name"].startswith("power law \u03b1=") for t in got["esd"]["traces"])
     axis = browser.execute_script(
-        "return document.querySelector('#panel-esd .plot').layout.xaxis.type")
+        "return document.querySelector('#panel-esd .plot').layout.xaxis.type"
+    )
     assert axis == "log"
     check_plotted(got["mp"])
     assert any(t["name"].startswith("Marchenko") for t in got["mp"]["traces"])
@@ -251,10 +278,14 @@ def test_activations_alerts_and_compare_pages(browser: Any, seeded: Any, artifac
     check_plotted(panels(browser)["timeline"], {"warning", "info"})
     assert wait_js(browser, "document.querySelector('#table-alerts table').dataset.rows") == "2"
     deliveries = browser.find_element("id", "table-deliveries").text
-    assert "alert.opened" in deliveries and "delivered" in deliveries
+    assert "alert.opened" in deliveries
+    assert "delivered" in deliveries
     screenshot(browser, artifacts, "alerts")
 
-    open_page(browser, f"{server.url}/compare?runs={runs.run_id},{runs.other_run_id}&names=loss,htsr.alpha&layer=head")
+    open_page(
+        browser,
+        f"{server.url}/compare?runs={runs.run_id},{runs.other_run_id}&names=loss,htsr.alpha&layer=head",
+    )
     got = panels(browser)
     two = {f"#{runs.run_id} grokking-demo", f"#{runs.other_run_id} baseline"}
     check_plotted(got["compare-loss"], two, 200)
@@ -269,7 +300,9 @@ def test_empty_run_shows_empty_states(browser: Any, seeded: Any, artifacts: Path
     for path in ("", "/layers", "/activations", "/alerts"):
         open_page(browser, f"{server.url}/runs/{runs.empty_run_id}{path}")
         got = panels(browser)
-        assert got and all(p["state"] == "empty" and p["empty"] for p in got.values()), got
+        assert got
+        assert all(p["state"] == "empty" for p in got.values()), got
+        assert all(p["empty"] for p in got.values()), got
     screenshot(browser, artifacts, "empty-run")
     browser.get(f"{server.url}/runs/987654")
     assert "run_not_found" in browser.page_source
@@ -284,15 +317,20 @@ def test_png_and_csv_downloads(browser: Any, seeded: Any) -> None:
         "Plotly.toImage(document.querySelector('#panel-loss .plot'), {format: 'png', width: 600,"
         " height: 300}).then(done);"
     )
-    assert png.startswith("data:image/png;base64,") and len(png) > 5000
+    assert png.startswith("data:image/png;base64,")
+    assert len(png) > 5000
     csv = browser.execute_script("return SW.figureCsv(document.querySelector('#panel-loss .plot'))")
     lines = csv.strip().split("\n")
-    assert lines[0] == "series,x,y" and len(lines) == 201
+    assert lines[0] == "series,x,y"
+    assert len(lines) == 201
     assert lines[1].startswith("loss,0,")
     assert browser.execute_script(
-        "return !!document.querySelector('#panel-loss [data-title=\"Download data as CSV\"]')")
+        "return !!document.querySelector('#panel-loss [data-title=\"Download data as CSV\"]')"
+    )
     open_page(browser, f"{server.url}/runs/{runs.run_id}/layers?metric=farms.alpha")
-    csv = browser.execute_script("return SW.figureCsv(document.querySelector('#panel-heatmap .plot'))")
+    csv = browser.execute_script(
+        "return SW.figureCsv(document.querySelector('#panel-heatmap .plot'))"
+    )
     assert csv.split("\n")[0] == "layer,step,value"
     assert len(csv.strip().split("\n")) == 1 + len(LAYERS) * len(STEPS)
     assert console_errors(browser) == []
@@ -312,7 +350,8 @@ opt = torch.optim.SGD(model.parameters(), lr=0.05)
 x = torch.randn(512, 32)
 y = x[:, :4].argmax(1)
 mon = spectrawatch.Monitor(url=url, project="live", run="live-run", window=8, frame_steps=4)
-mon.attach(model, opt, every={"update": 1, "weights": 5, "theta": 0, "activations": 0, "defect": 0})
+every = {"update": 1, "weights": 10, "theta": 0, "activations": 0, "defect": 0}
+mon.attach(model, opt, every=every)
 for step in range(steps):
     loss = nn.functional.cross_entropy(model(x[:384]), y[:384])
     opt.zero_grad()
@@ -335,16 +374,21 @@ def test_live_page_updates_while_training_runs(
     log_path = tmp_path / "trainer.log"
     with open(log_path, "wb") as log:
         trainer = subprocess.Popen(
-            [sys.executable, "-c", TRAINING, server.url, "80", "0.3"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-c", TRAINING, server.url, "70", "0.25"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     api = httpx.Client(base_url=server.url + "/api/v1", timeout=10)
     try:
 
         def loss_points() -> int:
-            return int(browser.execute_script(
-                "var gd = document.querySelector('#panel-loss .plot');"
-                "return gd && gd.data ? gd.data[0].x.length : 0;"))
+            return int(
+                browser.execute_script(
+                    "var gd = document.querySelector('#panel-loss .plot');"
+                    "return gd && gd.data ? gd.data[0].x.length : 0;"
+                )
+            )
 
         run_id: list[int] = []
 
@@ -368,7 +412,11 @@ def test_live_page_updates_while_training_runs(
 
         def analysed() -> bool:
             run = api.get(f"/runs/{run_id[0]}").json()
-            return run["status"] != "running" and not run["frames"].get("pending") and not run["frames"].get("running")
+            return (
+                run["status"] != "running"
+                and not run["frames"].get("pending")
+                and not run["frames"].get("running")
+            )
 
         wait_until(analysed, 120, 1.0)
         catalog = {m["name"] for m in api.get(f"/runs/{run_id[0]}/metrics/catalog").json()}
@@ -378,9 +426,11 @@ def test_live_page_updates_while_training_runs(
         check_plotted(heat)
         assert heat["traces"][0]["nz"] >= 1
         screenshot(browser, artifacts, "live-layers")
-        if "sed.gap_ratio.w8" in catalog:
+        windows = {n.rsplit(".", 1)[1] for n in catalog if n.startswith("sed.gap_ratio.w")}
+        if windows:  # SED needs a full window of update rows: present once enough steps ran
             open_page(browser, f"{server.url}/runs/{run_id[0]}")
-            check_plotted(panels(browser)["sed_gap"], {"w8"})
+            check_plotted(panels(browser)["sed_gap"], windows)
+            screenshot(browser, artifacts, "live-overview-finished")
         assert console_errors(browser) == []
         print(json.dumps(sorted(catalog)))
     finally:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,15 +21,16 @@ import pytest
 import standardwebhooks
 import torch
 
+from spectrawatch import Monitor
 from spectrawatch.cli import main as cli_main
 from spectrawatch.webhooks import WebhookVerificationError, verify
 from spectrawatch.wire import FrameKind, encode_frame
 from tests.factories import make_run, post_frame
-from tests.servers import ServerProcess, wait_until
+from tests.servers import ServerProcess, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
-RETRY_SCHEDULE = "0,0.3,0.3,0.3"  # four attempts, fast
+RETRY_SCHEDULE = "0,0.4,0.4,0.4,0.4,0.4"  # six attempts over 2 s
 
 
 @dataclass
@@ -80,16 +82,24 @@ def _handler(receiver_ref: list[Receiver]) -> type[http.server.BaseHTTPRequestHa
     return Handler
 
 
+def start_receiver(port: int = 0) -> Receiver:
+    ref: list[Receiver] = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _handler(ref))
+    ref.append(Receiver(server))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return ref[0]
+
+
+def stop_receiver(receiver: Receiver) -> None:
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
-    ref: list[Receiver] = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(ref))
-    ref.append(Receiver(server))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield ref[0]
-    server.shutdown()
-    server.server_close()
+    rec = start_receiver()
+    yield rec
+    stop_receiver(rec)
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +280,7 @@ def test_gives_up_after_schedule(api: httpx.Client, receiver: Receiver) -> None:
     wait_until(failed, timeout=30)
     (delivery,) = api.get(f"/webhooks/{hook['id']}/deliveries").json()
     assert delivery["attempts"] == len(RETRY_SCHEDULE.split(","))
-    assert "gave up after 4 attempts" in delivery["last_error"]
+    assert f"gave up after {delivery['attempts']} attempts" in delivery["last_error"]
 
 
 def test_410_disables_the_endpoint(api: httpx.Client, receiver: Receiver) -> None:
@@ -412,3 +422,69 @@ def test_custom_rule_and_cli(
     assert "wide_norm" not in names
     assert cli_main(["alerts", "list", "--project", project, *base]) == 0
     assert "(none)" in capsys.readouterr().out
+
+
+def test_real_training_run_nan_alert_survives_receiver_outage(
+    api: httpx.Client, alert_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A real training loop under the client monitor; a NaN is injected into a weight while the
+    receiver is down; deliveries retry with backoff and succeed once it is back, one logical
+    delivery (one ``webhook-id``) per alert."""
+    project = "training"
+    assert api.post("/projects", json={"name": project}).status_code in (200, 201)
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")
+    port = free_port()  # nothing listens here yet: the receiver is down
+    hook = api.post(
+        "/webhooks",
+        json={
+            "project": project,
+            "url": f"http://127.0.0.1:{port}/hook",
+            "events": ["alert.opened"],
+        },
+    ).json()
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    monitor = Monitor(
+        url=alert_server.url, project=project, run="mlp", weights_every=5, activations_every=0,
+        theta_every=0, frame_steps=4, spool_dir=str(tmp_path / "spool"),
+    )  # fmt: skip
+    monitor.attach(model, opt)
+    for step in range(1, 21):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        if step == 12:
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+        monitor.log({"loss": loss.item()}, step=step)
+    assert monitor.finish(timeout=60)
+
+    def deliveries() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = api.get(f"/webhooks/{hook['id']}/deliveries").json()
+        return rows
+
+    wait_until(lambda: any(d["attempts"] >= 2 for d in deliveries()), timeout=60)
+    failed_attempt = next(d for d in deliveries() if d["attempts"] >= 2)["log"][0]
+    assert failed_attempt["status_code"] is None
+    assert "Connect" in failed_attempt["error"]  # connection refused, logged
+
+    rec = start_receiver(port)  # the receiver comes back
+    try:
+        wait_until(lambda: all(d["status"] == "delivered" for d in deliveries()), timeout=60)
+        rows = deliveries()
+        got = rec.at("/hook")
+        received = [verify(r.body, r.headers, hook["secret"]) for r in got]
+        assert len(got) == len(rows)  # exactly one logical delivery per alert
+        assert {r.headers["webhook-id"] for r in got} == {d["message_id"] for d in rows}
+        nan_layers = {e["data"]["layer"] for e in received if e["data"]["rule"] == "nonfinite"}
+        assert "0.weight" in nan_layers, nan_layers
+        run_id = received[0]["data"]["run"]["id"]
+        alerts = api.get(f"/runs/{run_id}/alerts", params={"status": "open"}).json()
+        assert {a["id"] for a in alerts} >= {e["data"]["alert_id"] for e in received}
+        assert min(e["data"]["step"] for e in received) >= 12
+    finally:
+        stop_receiver(rec)

@@ -359,3 +359,16 @@ def test_kill_9_worker_mid_job_is_redelivered_and_stored_once(topology: Topology
     rows = metric_rows_per_frame(topology, run_id)
     assert rows[frame_id] == next(iter(reference_rows.values()))  # stored once, complete
     topology.ensure_workers()
+
+
+@pytest.mark.slow
+def test_cpu_supervisor_spawns_workers_that_die_with_it(topology: Topology, tmp_path: Path) -> None:
+    env = dict(topology.workers[0].env)
+    supervisor = WorkerProcess("sup", tmp_path, env, args=["--concurrency", "2"]).start()
+    try:
+        wait_until(lambda: {"sup-0", "sup-1"} <= topology.live_workers(), timeout=180)
+        assert "sup" not in topology.live_workers()  # the supervisor itself runs no jobs
+        supervisor.kill()  # kill -9: the children get SIGTERM from the kernel (PDEATHSIG)
+        wait_until(lambda: not {"sup-0", "sup-1"} & topology.live_workers(), timeout=60)
+    finally:
+        supervisor.kill()

@@ -20,6 +20,7 @@ from spectrawatch.spectral.activations import (
     ENTROPY,
     MP_KS,
     OUTLIERS,
+    activation_spectra,
     activation_spectrum,
     activation_spectrum_from_gram,
     change_score,
@@ -129,6 +130,14 @@ def test_planted_spikes_are_exactly_the_outliers() -> None:
     assert below_bbp.mp.outliers == 0
 
 
+def test_batched_spectra_equal_single() -> None:
+    stack = torch.stack([_spiked(200, 50, [5.0 * (k + 1)], seed=10 + k) for k in range(3)])
+    for batched, x in zip(activation_spectra(stack), stack, strict=True):
+        single = activation_spectrum(x)
+        np.testing.assert_allclose(batched.eigenvalues, single.eigenvalues, rtol=1e-9, atol=1e-12)
+        assert batched.metrics() == pytest.approx(single.metrics(), rel=1e-9)
+
+
 def test_fit_requires_a_spectrum() -> None:
     with pytest.raises(ValueError, match="nonzero"):
         fit_marchenko_pastur(np.zeros(5), 10, 5)
@@ -158,6 +167,7 @@ def test_change_score() -> None:
     assert change_score([5.0] * 6, 5.0) == 0.0
     assert change_score([5.0] * 6, 5.5) == pytest.approx(0.5 / 5e-3)  # relative floor 1e-3
     assert change_score([*range(100), 1.0, 1.0, 1.0, 1.0, 1.0], 1.0, window=5) == 0.0
+    assert change_score([0.0] * 5, 0.05, abs_floor=1e-3) == pytest.approx(50.0)
     with pytest.raises(ValueError, match="history"):
         change_score([1.0, math.nan, 2.0], 1.0, min_history=3)
 
@@ -187,7 +197,13 @@ def test_eigentrack_analysis_with_history() -> None:
     x = _spiked(256, 96, [8.0, 5.0], seed=6)
     gram_x = _noise(256, 64, seed=7)
     frame = _frame(
-        {"h.0": x, "h.1": gram_x.mT @ gram_x, "h.2": torch.eye(8)},
+        {
+            "h.0": x,
+            "h.1": gram_x.mT @ gram_x,
+            "h.2": torch.eye(8),
+            "h.3": torch.zeros_like(x),  # degenerate, same shape as h.0: left out alone
+            "h.4": torch.full_like(x, math.nan),
+        },
         step=1000,
         info={"gram": ["h.1", "h.2"], "tokens": {"h.1": 256}},
     )

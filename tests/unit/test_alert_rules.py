@@ -251,3 +251,50 @@ def test_engine_nonfinite_and_disabled_rule(sessions: sessionmaker[Session]) -> 
             ("nonfinite", "resolved", 3)
         ]
         assert session.query(Project).count() == 1
+
+
+def test_database_allows_one_open_episode(sessions: sessionmaker[Session]) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "u")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        run_id = run.id
+        session.add(Alert(run_id=run_id, rule="nonfinite", layer="a", step=1, status="resolved"))
+        session.add(Alert(run_id=run_id, rule="nonfinite", layer="a", step=2, status="open"))
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.add(Alert(run_id=run_id, rule="nonfinite", layer="a", step=3, status="open"))
+
+
+def test_engine_silent_runs_and_client_drops(sessions: sessionmaker[Session]) -> None:
+    from datetime import timedelta
+
+    from spectrawatch_server.db.base import utcnow
+
+    engine = AlertEngine()
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "s")
+        quiet, _ = repo.get_or_create_run(session, project, "quiet", {}, [])
+        busy, _ = repo.get_or_create_run(session, project, "busy", {}, [])
+        done, _ = repo.get_or_create_run(session, project, "done", {}, [])
+        quiet.last_seen_at = utcnow() - timedelta(minutes=31)
+        busy.last_seen_at = utcnow() - timedelta(minutes=5)
+        done.last_seen_at = utcnow() - timedelta(minutes=90)
+        done.status = "finished"
+        ids = (quiet.id, busy.id, done.id)
+    with sessions.begin() as session:
+        assert engine.sweep_silent(session) == 1
+        assert engine.sweep_silent(session) == 0  # the open episode is not re-opened
+    with sessions.begin() as session:
+        (alert,) = alert_store.list_alerts(session, rule="run_silent")
+        assert (alert.run_id, alert.status) == (ids[0], "open")
+        assert alert.values["silent_minutes"] == pytest.approx(31.0, abs=0.2)
+        run = session.get_one(Run, ids[0])
+        run.client_stats = {"dropped_frames": 3, "spool_overflow": 0}
+        frame = add_frame(session, run, 0, {})  # the run speaks again, and reports drops
+        engine.evaluate(session, frame)
+    with sessions.begin() as session:
+        by_rule = {a.rule: a for a in alert_store.list_alerts(session, run_id=ids[0])}
+        assert by_rule["run_silent"].status == "resolved"
+        assert by_rule["client_drops"].status == "open"
+        assert by_rule["client_drops"].values == {"dropped_frames": 3, "spool_overflow": 0}

@@ -132,6 +132,29 @@ def test_theta_sketches_difference_into_interval_updates() -> None:
     torch.testing.assert_close(interval, summed, rtol=1e-5, atol=1e-6 * float(interval.abs().max()))
 
 
+def test_amp_skipped_steps_are_not_captured() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    sink = Sink()
+    cap, stats = make_capture(model, opt, sink)
+    x = torch.randn(8, 6)
+    for poison in (False, True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().pow(2).mean()
+        if poison:
+            loss = loss * float("inf")  # inf gradients: the scaler skips optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    cap.finish()
+    (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    assert frame.info["steps"] == [1, 2]  # two real optimizer steps
+    assert stats.get("errors") == 0
+    assert all(torch.isfinite(t).all() for t in frame.tensors.values())
+
+
 def test_exact_mode_sends_full_updates() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -135,6 +135,17 @@ def test_env_configures_the_default_monitor(tmp_path: Path, monkeypatch: pytest.
     assert server.scalars == [{"step": 0, "name": "x", "value": 1.0}]
 
 
+def test_bad_cadence_raises_before_training(tmp_path: Path) -> None:
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="bad", **fast(tmp_path))
+    with pytest.raises(spectrawatch.SettingsError, match="weight"):
+        m.attach(nn.Linear(2, 2), every={"weight": 10})
+    with pytest.raises(spectrawatch.SettingsError, match="weights_every"):
+        m.attach(nn.Linear(2, 2), every={"weights": -1})
+    m.finish()
+
+
 def test_handle_remove_detaches(tmp_path: Path) -> None:
     server = FakeServer()
     m = spectrawatch.Monitor(transport=server.transport())

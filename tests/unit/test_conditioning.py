@@ -32,7 +32,7 @@ from spectrawatch.spectral.conditioning import (
 from spectrawatch.spectral.polar import MUON_POLAR_DISTANCE, POLAR_MP_SPIKES
 from spectrawatch.wire import FrameHeader, FrameKind
 from spectrawatch_server.analyses.conditioning import muon_update_audit, weight_conditioning
-from spectrawatch_server.analyses.registry import DecodedFrame
+from spectrawatch_server.analyses.registry import MODEL_LAYER, DecodedFrame
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -142,11 +142,14 @@ def _frame(kind: FrameKind, tensors: dict[str, torch.Tensor], info: dict[str, An
 def test_conditioning_analysis() -> None:
     rng = np.random.default_rng(3)
     w = torch.from_numpy(rng.standard_normal((64, 48))).float()
+    w2 = torch.from_numpy(rng.standard_normal((30, 90))).float()
     bad = torch.full((4, 4), math.nan)
-    frame = _frame(FrameKind.WEIGHTS, {"fc": w, "nan": bad, "vec": torch.ones(1, 5)}, {})
-    result = weight_conditioning(frame, NoHistory())
+    tensors = {"fc": w, "fc2": w2, "nan": bad, "vec": torch.ones(1, 5)}
+    result = weight_conditioning(_frame(FrameKind.WEIGHTS, tensors, {}), NoHistory())
     by_key = {(m.layer, m.name): m.value for m in result.metrics}
-    assert {layer for layer, _ in by_key} == {"fc"}
+    assert {layer for layer, _ in by_key} == {"fc", "fc2", MODEL_LAYER}
+    geo = math.sqrt(_numpy_gmcn(w.double().numpy()) * _numpy_gmcn(w2.double().numpy()))
+    assert by_key[(MODEL_LAYER, GMCN)] == pytest.approx(geo, rel=1e-5)
     cond = conditioning(w)
     assert by_key[("fc", GMCN)] == pytest.approx(cond.gmcn)
     assert by_key[("fc", SIGMA_MAX)] == pytest.approx(cond.sigma_max)

@@ -71,11 +71,17 @@ def test_eigenvalues_of_known_spectrum() -> None:
     torch.testing.assert_close(ev, torch.sort(s**2).values, rtol=1e-10, atol=1e-9)
 
 
-def test_eigenvalues_reject_non_finite() -> None:
-    w = torch.ones(10, 10)
-    w[0, 0] = math.nan
+def test_non_finite_matrix_gets_nan_esd_without_spoiling_its_batch() -> None:
+    bad = torch.ones(10, 10)
+    bad[0, 0] = math.nan
+    good = torch.eye(10) * 2.0
+    ev_bad, ev_good = htsr.eigenvalues([bad, good])
+    assert bool(torch.isnan(ev_bad).all())
+    torch.testing.assert_close(ev_good, torch.full((10,), 4.0, dtype=torch.float64))
     with pytest.raises(htsr.SpectralError):
-        htsr.eigenvalues([w])
+        htsr.spectral_metrics(ev_bad, 10, 10)
+    report = htsr.analyze_weights({"bad": bad, "good": torch.randn(20, 10)})
+    assert [s.layer for s in report.skipped] == ["bad"]
 
 
 # --- power-law fit ----------------------------------------------------------------------------

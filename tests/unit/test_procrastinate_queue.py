@@ -134,11 +134,10 @@ def test_job_commits_and_rolls_back_with_its_frame(pg_sessions: sessionmaker[Ses
         queue.enqueue(session, frame.id)
         queue.enqueue(session, frame.id)  # queueing lock: ignored, transaction still usable
         session.execute(text("SELECT 1"))
-    session = pg_sessions()
-    with session.begin():  # a crash after the insert, before commit
+    with pg_sessions() as session:
+        session.begin()
         queue.enqueue(session, _frame(session, 1).id)
-        session.rollback()
-    session.close()
+        session.rollback()  # as a crash after the inserts, before the commit
     run_lock = f"run:{frame.run_id}"
     assert _jobs(pg_sessions) == [(frame.id, "todo", run_lock, f"frame:{frame.id}", 0)]
     with pg_sessions() as session:

@@ -13,6 +13,8 @@ import hmac
 import random
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
 import pytest
 import standardwebhooks
@@ -259,3 +261,133 @@ def test_unresolvable_host() -> None:
     with pytest.raises(UnsafeTarget) as info:
         check_url("https://nowhere.invalid/x", Allowlist(), fail)
     assert info.value.reason == "unresolvable"
+
+
+# --- the sender against a mock transport and a real SQLite outbox ---------------------------
+
+
+def make_outbox(tmp_path: Path, rule: str = "nonfinite") -> tuple[Any, int, int, str]:
+    """A migrated database with one run, one webhook and one pending alert delivery."""
+    from spectrawatch_server.db import migrate
+    from spectrawatch_server.db.models import Alert, Project, Webhook
+    from spectrawatch_server.db.session import make_engine, make_session_factory
+    from spectrawatch_server.storage import repository as repo
+    from spectrawatch_server.webhooks import outbox
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'o.db'}")
+    migrate.upgrade(engine)
+    sessions = make_session_factory(engine)
+    secret = generate_secret()
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "p")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        hook = Webhook(project_id=project.id, url="https://hooks.example/in", secret=secret)
+        session.add(hook)
+        alert = Alert(run_id=run.id, rule=rule, layer="l", step=5, message="m", values={})
+        session.add(alert)
+        session.flush()
+        (delivery,) = outbox.enqueue_alert_event(
+            session, outbox.ALERT_OPENED, alert, run, session.get_one(Project, project.id),
+            "http://sw", timedelta(hours=1),
+        )  # fmt: skip
+        run_id, delivery_id = run.id, delivery.id
+    return sessions, run_id, delivery_id, secret
+
+
+def sender(sessions: Any, handler: Any, schedule: tuple[float, ...] = (0, 5, 300)) -> Any:
+    import httpx
+
+    from spectrawatch_server.webhooks.deliver import Deliverer
+
+    policy = DeliveryPolicy(schedule=schedule, jitter=0.0)
+    return Deliverer(
+        sessions,
+        policy,
+        resolve=lambda host, port: ["93.184.215.14"],
+        transport=httpx.MockTransport(handler),
+        rng=random.Random(0),
+    )
+
+
+def test_sender_signs_pins_and_does_not_follow_redirects(tmp_path: Path) -> None:
+    import httpx
+
+    from spectrawatch_server.db.models import Delivery
+
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(302, headers={"location": "http://169.254.169.254/"}, text="x" * 900)
+
+    sessions, _, delivery_id, secret = make_outbox(tmp_path)
+    deliverer = sender(sessions, handler)
+    outcome = deliverer.attempt(delivery_id)
+    deliverer.close()
+    assert outcome is not None
+    assert (outcome.status, outcome.status_code) == ("pending", 302)  # a failure, retried later
+    (request,) = seen  # the redirect was not followed
+    assert request.url.host == "93.184.215.14"  # connected to the checked address
+    assert request.headers["host"] == "hooks.example"
+    assert request.extensions["sni_hostname"] == "hooks.example"
+    event = verify(request.content, request.headers, secret)
+    assert event["data"]["rule"] == "nonfinite"
+    with sessions() as session:
+        row = session.get_one(Delivery, delivery_id)
+        assert row.attempts == 1
+        assert row.last_error is not None
+        assert len(row.last_error) <= len("HTTP 302: ") + 500  # response body truncated
+        wait = (row.next_at - row.created_at).total_seconds()
+        assert 4.0 < wait < 6.5  # schedule[1] = 5 s
+
+
+def test_sender_expires_run_bound_events_after_the_run_ended(tmp_path: Path) -> None:
+    import httpx
+
+    from spectrawatch_server.db.models import Delivery, Run
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("an expired event must not be sent")
+
+    sessions, run_id, delivery_id, _ = make_outbox(tmp_path, rule="grokking_imminent")
+    with sessions.begin() as session:
+        session.get_one(Run, run_id).status = "finished"
+    deliverer = sender(sessions, handler)
+    outcome = deliverer.attempt(delivery_id)
+    deliverer.close()
+    assert outcome is not None
+    assert outcome.status == "failed"
+    with sessions() as session:
+        row = session.get_one(Delivery, delivery_id)
+        assert row.last_error is not None
+        assert "run ended" in row.last_error
+        assert row.attempts == 0
+
+
+def test_sender_expires_at_deadline_and_gives_up(tmp_path: Path) -> None:
+    import httpx
+
+    from spectrawatch_server.db.base import utcnow
+    from spectrawatch_server.db.models import Delivery
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500)
+
+    sessions, _, delivery_id, _ = make_outbox(tmp_path)
+    deliverer = sender(sessions, handler, schedule=(0, 0))
+    assert deliverer.attempt(delivery_id).status == "pending"  # type: ignore[union-attr]
+    final = deliverer.attempt(delivery_id)
+    assert final is not None
+    assert final.status == "failed"
+    assert final.error is not None
+    assert "gave up after 2 attempts" in final.error
+    # a pending row past its expires_at is failed without being sent
+    with sessions.begin() as session:
+        row = session.get_one(Delivery, delivery_id)
+        row.status = "pending"
+        row.expires_at = utcnow() - timedelta(seconds=1)
+    expired = deliverer.attempt(delivery_id)
+    deliverer.close()
+    assert expired is not None
+    assert expired.status == "failed"
+    assert expired.error == "expired before it could be delivered"

@@ -291,6 +291,26 @@ def activation_spectrum(
     return _describe(eig, n, n - 1, p, top_k, margin)
 
 
+def activation_spectra(
+    x: torch.Tensor, top_k: int = 10, margin: float = 3.0
+) -> list[ActivationSpectrum]:
+    """:func:`activation_spectrum` of a stack ``(L, tokens, hidden)`` of same-shaped modules.
+
+    One batched float64 Gram and one batched ``eigvalsh`` on ``x``'s device (the GPU worker's
+    path for a probe of many layers); the descriptors are then computed per module.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"expected (modules, tokens, hidden), got shape {tuple(x.shape)}")
+    _, n, p = x.shape
+    if n < 3 or p < 2:
+        raise ValueError(f"need at least 3 tokens and 2 hidden units, got {tuple(x.shape[1:])}")
+    xc = x.to(torch.float64)
+    xc = xc - xc.mean(dim=1, keepdim=True)
+    gram = xc.mT @ xc if p <= n else xc @ xc.mT
+    eig = torch.linalg.eigvalsh(gram / (n - 1)).cpu().numpy()
+    return [_describe(e, n, n - 1, p, top_k, margin) for e in eig]
+
+
 def activation_spectrum_from_gram(
     gram: torch.Tensor,
     tokens: int,
@@ -327,11 +347,13 @@ def change_score(
     window: int = 20,
     min_history: int = 5,
     rel_floor: float = 1e-3,
+    abs_floor: float = 1e-12,
 ) -> float:
     """z-score of ``value`` against the last ``window`` points of ``history`` (oldest first).
 
-    ``(value - mean) / max(std, rel_floor * |mean|, 1e-12)`` with the sample std (ddof 1); the
-    floor keeps a constant history from producing infinities. Raises ``ValueError`` when fewer
+    ``(value - mean) / max(std, rel_floor * |mean|, abs_floor)`` with the sample std (ddof 1);
+    the floors keep a constant history from producing infinities (``abs_floor`` is the smallest
+    change worth one unit of z for a series that sits at 0). Raises ``ValueError`` when fewer
     than ``min_history`` finite points are available.
     """
     if min_history < 2:
@@ -341,4 +363,4 @@ def change_score(
         raise ValueError(f"need {min_history} finite history points, got {recent.size}")
     mean = float(recent.mean())
     std = float(recent.std(ddof=1))
-    return (value - mean) / max(std, rel_floor * abs(mean), 1e-12)
+    return (value - mean) / max(std, rel_floor * abs(mean), abs_floor)

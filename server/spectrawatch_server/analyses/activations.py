@@ -13,11 +13,13 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from spectrawatch.spectral.activations import (
     CHANGE_SCORE,
     CHANGE_TRACKED,
     ActivationSpectrum,
+    activation_spectra,
     activation_spectrum,
     activation_spectrum_from_gram,
     change_score,
@@ -36,6 +38,9 @@ from spectrawatch_server.analyses.registry import (
 
 CHANGE_WINDOW = 20  # history points the change score compares against
 CHANGE_MIN_HISTORY = 5
+# The tracked descriptors live in [0, 1] (effective rank >= 1): a move of 1e-3 from a flat
+# history (e.g. outlier mass stuck at 0) counts as one standard deviation.
+CHANGE_ABS_FLOOR = 1e-3
 HISTOGRAM_BINS = 64
 MAX_LISTED_OUTLIERS = 64
 
@@ -50,23 +55,38 @@ def _gram_tokens(info: dict[str, Any], module: str) -> int | None:
 
 
 def _spectra(frame: DecodedFrame) -> dict[str, ActivationSpectrum]:
+    """Spectra of the frame's modules; same-shaped row matrices share one batched eigensolve.
+    Degenerate modules (zero or non-finite activations, too few rows) are left out."""
     info = frame.header.info
     grams = set(info.get("gram") or [])
     out: dict[str, ActivationSpectrum] = {}
+    by_shape: dict[tuple[int, ...], list[str]] = {}
     for module, tensor in sorted(frame.tensors.items()):
-        try:
-            if module in grams:
-                tokens = _gram_tokens(info, module)
-                if tokens is None:
-                    continue
-                out[module] = activation_spectrum_from_gram(
-                    tensor, tokens, centered=bool(info.get("gram_centered"))
-                )
-            else:
-                out[module] = activation_spectrum(tensor)
-        except ValueError:  # zero or degenerate activations: no spectrum to describe
+        if not bool(torch.isfinite(tensor).all()):
+            continue  # NaN/Inf activations have no spectrum
+        if module not in grams:
+            by_shape.setdefault(tuple(tensor.shape), []).append(module)
             continue
-    return out
+        tokens = _gram_tokens(info, module)
+        if tokens is None:
+            continue
+        try:
+            out[module] = activation_spectrum_from_gram(
+                tensor, tokens, centered=bool(info.get("gram_centered"))
+            )
+        except ValueError:
+            continue
+    for modules in by_shape.values():
+        try:
+            stacked = torch.stack([frame.tensors[m].to(torch.float64) for m in modules])
+            out.update(zip(modules, activation_spectra(stacked), strict=True))
+        except ValueError:  # one degenerate module: describe them one by one
+            for module in modules:
+                try:
+                    out[module] = activation_spectrum(frame.tensors[module])
+                except ValueError:
+                    continue
+    return dict(sorted(out.items()))
 
 
 def _payload(spectrum: ActivationSpectrum, scores: dict[str, float]) -> dict[str, Any]:
@@ -116,7 +136,11 @@ def eigentrack(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
             history = [v for step, v in series if step < frame.step]
             if len(history) >= CHANGE_MIN_HISTORY:
                 scores[name] = change_score(
-                    history, values[name], window=CHANGE_WINDOW, min_history=CHANGE_MIN_HISTORY
+                    history,
+                    values[name],
+                    window=CHANGE_WINDOW,
+                    min_history=CHANGE_MIN_HISTORY,
+                    abs_floor=CHANGE_ABS_FLOOR,
                 )
         if scores:
             result.metrics.append(
@@ -135,7 +159,7 @@ def manifold(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     result = AnalysisResult()
     grams = set(frame.header.info.get("gram") or [])
     for module, x in sorted(frame.tensors.items()):
-        if module in grams or x.ndim != 2:
+        if module in grams or x.ndim != 2 or not bool(torch.isfinite(x).all()):
             continue
         ranks = tuple(r for r in (32, 16, 8, 4) if r < x.shape[1])
         rank = choose_rank(x.shape[0], candidates=ranks)

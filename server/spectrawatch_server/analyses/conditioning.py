@@ -2,7 +2,8 @@
 
 * ``conditioning`` on weight frames: exact singular values per 2-D weight, then sigma_max,
   sigma_min, condition number, GMCN, the count of singular values above the MP edge and the GMCN a
-  PC layer of level 2 / 4 would leave. On a CUDA worker, for matrices whose short side is at least
+  PC layer of level 2 / 4 would leave; plus the global GMCN (geometric mean over the frame's
+  matrices, as PC Layer's ``metrics_plotter.py`` plots it) on the model layer. On a CUDA worker, for matrices whose short side is at least
   ``POLAR_MIN_DIM``, the same spike count is also computed GEMM-only by Polar Express
   (``polar.mp_spikes``, with its ambiguity) so the fast path is continuously checked against the
   exact one.
@@ -40,6 +41,7 @@ from spectrawatch.spectral.polar import (
 )
 from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.registry import (
+    MODEL_LAYER,
     AnalysisContext,
     AnalysisResult,
     DecodedFrame,
@@ -59,6 +61,7 @@ def weight_conditioning(frame: DecodedFrame, context: AnalysisContext) -> Analys
     """Per-layer conditioning metrics of every 2-D weight in the frame."""
     del context  # stateless
     result = AnalysisResult()
+    log_gmcn: list[float] = []
     for layer, weights in sorted(frame.tensors.items()):
         if weights.ndim != 2 or min(weights.shape) < 2:
             continue
@@ -86,6 +89,12 @@ def weight_conditioning(frame: DecodedFrame, context: AnalysisContext) -> Analys
             values[POLAR_MP_SPIKES] = float(count.count)
             values[POLAR_MP_SPIKES_AMBIGUITY] = count.ambiguity
         result.metrics.extend(_finite(layer, values))
+        if 0 < cond.gmcn < math.inf:
+            log_gmcn.append(math.log(cond.gmcn))
+    if log_gmcn:  # PC Layer's global GMCN: geometric mean over the frame's matrices
+        result.metrics.append(
+            MetricValue(MODEL_LAYER, GMCN, math.exp(sum(log_gmcn) / len(log_gmcn)))
+        )
     return result
 
 

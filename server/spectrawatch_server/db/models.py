@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -175,7 +176,19 @@ class Alert(Base):
     """One episode of a rule firing for (run, layer); resolved when the condition clears."""
 
     __tablename__ = "alert"
-    __table_args__ = (Index("ix_alert_run_rule_layer", "run_id", "rule", "layer"),)
+    __table_args__ = (
+        Index("ix_alert_run_rule_layer", "run_id", "rule", "layer"),
+        # one open episode per (run, rule, layer); migration 0002
+        Index(
+            "ux_alert_open_episode",
+            "run_id",
+            "rule",
+            "layer",
+            unique=True,
+            sqlite_where=text("status = 'open'"),
+            postgresql_where=text("status = 'open'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))

@@ -73,6 +73,24 @@ def create_token(session: Session, project: Project, name: str = "") -> tuple[To
     return token, secret
 
 
+def revoke_token(session: Session, token_id: int) -> bool:
+    """Revoke a token; False when no live token has that id."""
+    result = session.execute(
+        update(Token)
+        .where(Token.id == token_id, Token.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    return int(result.rowcount) == 1  # type: ignore[attr-defined]
+
+
+def list_tokens(session: Session) -> Sequence[tuple[Token, str]]:
+    """Every token with its project name (secrets are never stored, only prefixes)."""
+    rows = session.execute(
+        select(Token, Project.name).join(Project, Project.id == Token.project_id).order_by(Token.id)
+    ).all()
+    return [(t, n) for t, n in rows]
+
+
 def find_token(session: Session, secret: str) -> Token | None:
     """The live token whose secret hashes to the stored hash, if any."""
     return session.scalar(

@@ -10,6 +10,8 @@ downsampled queries, behind the same auth as the rest of the API) and polls
 
 from __future__ import annotations
 
+import importlib
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select, text
@@ -29,12 +31,20 @@ from spectrawatch_server import figures as dash
 from spectrawatch_server.api.deps import PrincipalDep, RunDep, SessionDep, StateDep, find_run
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.runs import run_public
-from spectrawatch_server.db.models import Alert, Delivery, DeliveryAttempt, Metric, Project, Run, Webhook
-from spectrawatch_server.downsample import downsample
+from spectrawatch_server.db.models import (
+    Alert,
+    Delivery,
+    DeliveryAttempt,
+    Metric,
+    Project,
+    Run,
+    Scalar,
+    Webhook,
+)
 from spectrawatch_server.storage import repository as repo
 
 STATIC_URL = "/dashboards/static"
-HEATMAP_COLUMNS = 300  # steps sampled for the layer × step heatmap (about one per pixel column)
+HEATMAP_COLUMNS = 300  # steps sampled for the layer x step heatmap (about one per pixel column)
 DEFAULT_POINTS = 1000
 MAX_COMPARE_RUNS = 8
 
@@ -48,12 +58,13 @@ def package_dir() -> Path:
     Read from the package's ``__path__``: an editable install maps the top-level ``dashboards/``
     folder in as a namespace-style package, which ``importlib.resources`` cannot open.
     """
-    import spectrawatch_server.dashboards as assets
-
-    for entry in assets.__path__:
+    entries = list(
+        getattr(importlib.import_module("spectrawatch_server.dashboards"), "__path__", [])
+    )
+    for entry in entries:
         if (Path(entry) / "templates").is_dir():
             return Path(entry)
-    raise RuntimeError(f"dashboard assets not found in {list(assets.__path__)}")
+    raise RuntimeError(f"dashboard assets not found in {entries}")
 
 
 @cache
@@ -75,7 +86,9 @@ def install(app: FastAPI, api_prefix: str) -> None:
     """Add the HTML pages, the figure API (under ``api_prefix``) and the static mount to ``app``."""
     app.include_router(router)
     app.include_router(api_router, prefix=api_prefix)
-    app.mount(STATIC_URL, StaticFiles(directory=str(package_dir() / "static")), name="dashboards-static")
+    app.mount(
+        STATIC_URL, StaticFiles(directory=str(package_dir() / "static")), name="dashboards-static"
+    )
 
 
 # --- queries the dashboards need beyond repository.py ----------------------------------------
@@ -149,7 +162,7 @@ def sampled_steps(session: Session, run_id: int, name: str, columns: int) -> tup
 
 def _has_gaps_filled(session: Session, run_id: int, name: str, steps: Sequence[int]) -> bool:
     """True if a stored step of ``name`` lies strictly between two consecutive sampled steps."""
-    for a, b in zip(steps[:-1], steps[1:], strict=True):
+    for a, b in itertools.pairwise(steps):
         if b - a > 1:
             nxt = session.scalar(
                 select(func.min(Metric.step)).where(
@@ -164,21 +177,35 @@ def _has_gaps_filled(session: Session, run_id: int, name: str, steps: Sequence[i
 def grid_rows(
     session: Session, run_id: int, name: str, steps: Sequence[int]
 ) -> list[tuple[str, int, float | None]]:
-    rows = session.execute(
-        select(Metric.layer, Metric.step, Metric.value).where(
-            Metric.run_id == run_id, Metric.name == name, Metric.step.in_(list(steps))
+    rows = (
+        session.connection()
+        .execute(  # Core, not ORM: no per-row entity loading
+            select(Metric.layer, Metric.step, Metric.value).where(
+                Metric.run_id == run_id, Metric.name == name, Metric.step.in_(list(steps))
+            )
         )
-    ).all()
+        .all()
+    )
     return [(str(r[0]), int(r[1]), r[2]) for r in rows]
 
 
 def alert_rows(session: Session, run_id: int) -> list[dict[str, Any]]:
-    alerts = session.scalars(select(Alert).where(Alert.run_id == run_id).order_by(Alert.step, Alert.id)).all()
+    alerts = session.scalars(
+        select(Alert).where(Alert.run_id == run_id).order_by(Alert.step, Alert.id)
+    ).all()
     return [
         {
-            "id": a.id, "rule": a.rule, "layer": a.layer, "severity": a.severity, "status": a.status,
-            "step": a.step, "resolved_step": a.resolved_step, "message": a.message,
-            "values": a.values, "created_at": _iso(a.created_at), "resolved_at": _iso(a.resolved_at),
+            "id": a.id,
+            "rule": a.rule,
+            "layer": a.layer,
+            "severity": a.severity,
+            "status": a.status,
+            "step": a.step,
+            "resolved_step": a.resolved_step,
+            "message": a.message,
+            "values": a.values,
+            "created_at": _iso(a.created_at),
+            "resolved_at": _iso(a.resolved_at),
         }
         for a in alerts
     ]
@@ -207,19 +234,28 @@ def delivery_rows(session: Session, project_id: int, limit: int = 200) -> list[d
     attempts: dict[int, list[DeliveryAttempt]] = {}
     if ids:
         for att in session.scalars(
-            select(DeliveryAttempt).where(DeliveryAttempt.delivery_id.in_(ids)).order_by(DeliveryAttempt.id)
+            select(DeliveryAttempt)
+            .where(DeliveryAttempt.delivery_id.in_(ids))
+            .order_by(DeliveryAttempt.id)
         ).all():
             attempts.setdefault(att.delivery_id, []).append(att)
     out = []
     for d, url in rows:
-        last = attempts.get(d.id, [])[-1:] or [None]
+        tried = attempts.get(d.id, [])
+        latency = tried[-1].latency_ms if tried else None
         out.append(
             {
-                "id": d.id, "event": d.event, "url": url, "status": d.status, "attempts": d.attempts,
-                "alert_id": d.alert_id, "last_status_code": d.last_status_code,
-                "last_error": d.last_error or "", "created_at": _iso(d.created_at),
+                "id": d.id,
+                "event": d.event,
+                "url": url,
+                "status": d.status,
+                "attempts": d.attempts,
+                "alert_id": d.alert_id,
+                "last_status_code": d.last_status_code,
+                "last_error": d.last_error or "",
+                "created_at": _iso(d.created_at),
                 "delivered_at": _iso(d.delivered_at),
-                "latency_ms": None if last[0] is None else last[0].latency_ms,
+                "latency_ms": latency,
             }
         )
     return out
@@ -232,28 +268,100 @@ def _iso(value: datetime | None) -> str | None:
 # --- series helpers ---------------------------------------------------------------------------
 
 
-def metric_lines(
-    session: Session, run_id: int, name: str, layer: str | None, max_points: int
-) -> list[dash.Line]:
-    grouped: dict[str, tuple[list[int], list[float | None]]] = {}
-    for lname, step, value in repo.metric_points(session, run_id, name, layer, None, None):
-        steps, values = grouped.setdefault(lname, ([], []))
-        steps.append(int(step))
-        values.append(value)
-    out = []
-    for lname in sorted(grouped, key=dash.natural_key):
-        xs, ys = downsample(*grouped[lname], max_points)
-        out.append(dash.Line(lname, xs, ys))
+Raw = dict[str, tuple[list[int], list[float | None]]]
+
+
+def _bucketed(
+    session: Session, model: type[Metric] | type[Scalar], key: Any, where: list[Any], buckets: int
+) -> Raw:
+    """Min/max per step bucket, aggregated in SQL: ``{key: (steps, values)}``, about
+    ``2 * buckets`` points per key (the M4 idea, Jugel et al., VLDB 2014: at one bucket per
+    pixel column the plot looks like the full series). Buckets with missing values (NaN/Inf
+    stored as NULL) end in a None point so gaps stay visible. Exact when the series has no
+    more steps than ``buckets``."""
+    lo = session.scalar(select(func.min(model.step)).where(*where))
+    hi = session.scalar(select(func.max(model.step)).where(*where))
+    if lo is None or hi is None:
+        return {}
+    span = int(hi) - int(lo) + 1
+    n = max(1, min(buckets, span))
+    k = ((model.step - int(lo)) * n // span).label("k")
+    stmt = (
+        select(
+            key,
+            k,
+            func.min(model.step),
+            func.max(model.step),
+            func.min(model.value),
+            func.max(model.value),
+            func.count(model.value),
+            func.count(),
+        )
+        .where(*where)
+        .group_by(key, k)
+        .order_by(key, k)
+    )
+    out: Raw = {}
+    previous: dict[str, float] = {}
+    for name, _, smin, smax, vmin, vmax, finite, total in session.connection().execute(stmt):
+        steps, values = out.setdefault(str(name), ([], []))
+        if finite:
+            mid = (vmin + vmax) / 2
+            falling = mid < previous.get(name, mid)
+            previous[name] = mid
+            first, second = (vmax, vmin) if falling else (vmin, vmax)
+            steps.append(int(smin))
+            values.append(first)
+            if second != first:
+                steps.append(int(smax))
+                values.append(second)
+        if finite < total:
+            steps.append(int(smax))
+            values.append(None)
     return out
 
 
+def metric_series(
+    session: Session, run_id: int, name: str, layer: str | None, max_points: int
+) -> Raw:
+    """``{layer: (steps, values)}`` of one metric (one layer if given), bucketed to the width."""
+    where = [Metric.run_id == run_id, Metric.name == name]
+    if layer is not None:
+        where.append(Metric.layer == layer)
+    return _bucketed(session, Metric, Metric.layer, where, max(1, max_points // 2))
+
+
+def scalar_series(session: Session, run_id: int, max_points: int) -> Raw:
+    """``{name: (steps, values)}`` of every scalar of a run, bucketed to the plot width."""
+    return _bucketed(
+        session, Scalar, Scalar.name, [Scalar.run_id == run_id], max(1, max_points // 2)
+    )
+
+
+def first_step_at_least(
+    session: Session, model: type[Metric] | type[Scalar], where: list[Any], threshold: float
+) -> int | None:
+    """First step whose value is >= ``threshold`` (exact, not bucketed)."""
+    step = session.scalar(select(func.min(model.step)).where(*where, model.value >= threshold))
+    return None if step is None else int(step)
+
+
+def lines_of(raw: Raw, label: str | None = None) -> list[dash.Line]:
+    """One line per key of ``raw`` in natural order (named ``label`` if given)."""
+    return [
+        dash.Line(label or key, raw[key][0], dash.rounded(raw[key][1]))
+        for key in sorted(raw, key=dash.natural_key)
+    ]
+
+
+def metric_lines(
+    session: Session, run_id: int, name: str, layer: str | None, max_points: int
+) -> list[dash.Line]:
+    return lines_of(metric_series(session, run_id, name, layer, max_points))
+
+
 def scalar_lines(session: Session, run_id: int, max_points: int) -> dict[str, dash.Line]:
-    grouped: dict[str, tuple[list[int], list[float | None]]] = {}
-    for sname, step, value in repo.scalar_points(session, run_id, None, None, None):
-        steps, values = grouped.setdefault(sname, ([], []))
-        steps.append(int(step))
-        values.append(value)
-    return {n: dash.Line(n, *downsample(s, v, max_points)) for n, (s, v) in grouped.items()}
+    return {line.name: line for line in lines_of(scalar_series(session, run_id, max_points))}
 
 
 def _points(max_points: int | None) -> int:
@@ -273,9 +381,20 @@ def _choose(options: Sequence[str], requested: str | None, preferred: Sequence[s
     return options[0] if options else None
 
 
+def _json(body: dict[str, Any]) -> Response:
+    """Compact strict JSON (figures are large: skip FastAPI's generic encoder)."""
+    text_body = json.dumps(body, separators=(",", ":"), allow_nan=False, default=str)
+    return Response(text_body, media_type="application/json")
+
+
 def _base(session: Session, run: Run, page: dash.PageSpec) -> dict[str, Any]:
     public = run_public(session, run).model_dump(mode="json")
-    return {"run": public, "page": {"id": page.id, "title": page.title}, "controls": {}, "tables": []}
+    return {
+        "run": public,
+        "page": {"id": page.id, "title": page.title},
+        "controls": {},
+        "tables": [],
+    }
 
 
 # --- figure API -------------------------------------------------------------------------------
@@ -284,7 +403,7 @@ def _base(session: Session, run: Run, page: dash.PageSpec) -> dict[str, Any]:
 @api_router.get("/runs/{run_id}/overview")
 def read_overview(
     run: RunDep, session: SessionDep, sed_layer: str | None = None, max_points: Points = None
-) -> dict[str, Any]:
+) -> Response:
     """Scalars, SED gap/edge per window with phase bands, early warning, alert markers."""
     page = pages()["overview"]
     n = _points(max_points)
@@ -294,24 +413,35 @@ def read_overview(
     crossing_name = next((s for s in sorted(scalars) if dash.VAL_ACC_PATTERN.match(s)), "")
     crossing = None
     if crossing_name:
-        pts = repo.scalar_points(session, run.id, crossing_name, None, None)
-        crossing = dash.first_at_least([p[1] for p in pts], [p[2] for p in pts], dash.VAL_ACC_THRESHOLD)
+        where = [Scalar.run_id == run.id, Scalar.name == crossing_name]
+        crossing = first_step_at_least(session, Scalar, where, dash.VAL_ACC_THRESHOLD)
     warning = None
     if dash.WARNING_KEY in names:
-        pts = repo.metric_points(session, run.id, dash.WARNING_KEY, dash.MODEL_LAYER, None, None)
-        warning = dash.first_at_least([p[1] for p in pts], [p[2] for p in pts], 0.5)
+        where = [
+            Metric.run_id == run.id,
+            Metric.name == dash.WARNING_KEY,
+            Metric.layer == dash.MODEL_LAYER,
+        ]
+        warning = first_step_at_least(session, Metric, where, 0.5)
     alerts = alert_rows(session, run.id)
     markers = dash.overview_markers(warning, crossing, crossing_name, alerts)
     body["summary"] = {
-        "early_warning_step": warning, "val_acc_name": crossing_name, "val_acc_crossing_step": crossing,
+        "early_warning_step": warning,
+        "val_acc_name": crossing_name,
+        "val_acc_crossing_step": crossing,
         "lead_steps": None if warning is None or crossing is None else crossing - warning,
-        "metric_names": len(names), "open_alerts": sum(1 for a in alerts if a["status"] == "open"),
+        "metric_names": len(names),
+        "open_alerts": sum(1 for a in alerts if a["status"] == "open"),
     }
     gap_names = dash.match_names(names, page.panel("sed_gap").match)
     layer_opts = layers_at_last_step(session, run.id, gap_names[0]) if gap_names else []
     layer = _choose(layer_opts, sed_layer, [dash.MODEL_LAYER])
     if layer_opts:
-        body["controls"]["sed_layer"] = {"label": "SED layer", "options": layer_opts, "value": layer}
+        body["controls"]["sed_layer"] = {
+            "label": "SED layer",
+            "options": layer_opts,
+            "value": layer,
+        }
 
     claimed: set[str] = set()
     panels = []
@@ -320,7 +450,10 @@ def read_overview(
             chosen = [s for s in dash.match_names(scalars, spec.match) if s not in claimed]
             claimed.update(chosen)
             fig = dash.line_figure(
-                spec.title, [scalars[s] for s in chosen], y_title=spec.y_title, log_y=spec.log_y,
+                spec.title,
+                [scalars[s] for s in chosen],
+                y_title=spec.y_title,
+                log_y=spec.log_y,
                 markers=markers,
             )
             panels.append(dash.panel_from(spec, fig))
@@ -332,92 +465,123 @@ def read_overview(
                     lines.append(dash.Line(dash.window_of(name) or name, line.x, line.y))
             phase_names = dash.match_names(names, [dash.PHASE_PREFIX + ".w*", dash.PHASE_PREFIX])
             if phase_names and lines:
-                phase = metric_lines(session, run.id, phase_names[0], layer, 100_000)
-                if phase:
-                    bands = dash.phase_bands(phase[0].x, phase[0].y)
+                phase = metric_series(session, run.id, phase_names[0], layer, n)
+                for steps, codes in phase.values():
+                    bands = dash.phase_bands(steps, codes)
             title = spec.title + (f" · {layer}" if layer else "")
-            fig = dash.line_figure(title, lines, y_title=spec.y_title, log_y=spec.log_y, markers=markers, bands=bands)
+            fig = dash.line_figure(
+                title, lines, y_title=spec.y_title, log_y=spec.log_y, markers=markers, bands=bands
+            )
             panels.append(dash.panel_from(spec, fig))
         else:
             lines = []
             for name in dash.match_names(names, spec.match):
-                lines += [dash.Line(name, ln.x, ln.y) for ln in metric_lines(session, run.id, name, dash.MODEL_LAYER, n)]
+                raw = metric_series(session, run.id, name, dash.MODEL_LAYER, n)
+                lines += lines_of(raw, name)
             fig = dash.line_figure(spec.title, lines, y_title=spec.y_title, markers=markers)
             panels.append(dash.panel_from(spec, fig))
     body["panels"] = [p.public() for p in panels]
-    return body
+    return _json(body)
 
 
 @api_router.get("/runs/{run_id}/layers")
 def read_layers(
-    run: RunDep, session: SessionDep, metric: str | None = None,
+    run: RunDep,
+    session: SessionDep,
+    metric: str | None = None,
     columns: Annotated[int, Query(ge=10, le=2000)] = HEATMAP_COLUMNS,
-) -> dict[str, Any]:
-    """Layer × step heatmap of one metric (steps sampled to ``columns``)."""
+) -> Response:
+    """Layer x step heatmap of one metric (steps sampled to ``columns``)."""
     page = pages()["layers"]
     body = _base(session, run, page)
-    names = [
-        n for n in metric_names(session, run.id)
-        if not dash.match_names([n], page.exclude)
-    ]
+    names = [n for n in metric_names(session, run.id) if not dash.match_names([n], page.exclude)]
     chosen = _choose(names, metric, page.preferred)
     spec = page.panel("heatmap")
     panel = dash.panel_from(spec, None)
     if chosen is not None:
         body["controls"]["metric"] = {"label": "metric", "options": names, "value": chosen}
         steps, skipped = sampled_steps(session, run.id, chosen, columns)
-        grid = dash.grid_from_rows(grid_rows(session, run.id, chosen, steps))
+        rows = grid_rows(session, run.id, chosen, steps)
+        layer_rows = [r for r in rows if r[0] != dash.MODEL_LAYER]  # a model mean is not a layer
+        grid = dash.grid_from_rows(layer_rows or rows)
         panel = dash.panel_from(spec, dash.heatmap_figure(chosen, grid, sampled=skipped))
         panel.extra["click"] = {"kind": "layer_drilldown", "metric": chosen}
     body["panels"] = [panel.public()]
-    return body
+    return _json(body)
 
 
 @api_router.get("/runs/{run_id}/layer")
 def read_layer(
-    run: RunDep, session: SessionDep,
+    run: RunDep,
+    session: SessionDep,
     layer: Annotated[str, Query(min_length=1, max_length=500)],
-    step: int | None = None, metric: str | None = None, max_points: Points = None,
-) -> dict[str, Any]:
+    step: int | None = None,
+    metric: str | None = None,
+    max_points: Points = None,
+) -> Response:
     """Drilldown of one layer: ESD + power law, MP bulk and spikes, plain vs FARMS alpha."""
     page = pages()["layer"]
     n = _points(max_points)
     body = _base(session, run, page)
     body["layer"] = layer
-    rows = [r for r in repo.spectra_for(session, run.id, layer, None, None) if "plain" in r.payload or "farms" in r.payload]
+    rows = [
+        r
+        for r in repo.spectra_for(session, run.id, layer, None, None)
+        if "plain" in r.payload or "farms" in r.payload
+    ]
     steps = sorted({r.step for r in rows})
     chosen_row = None
     if rows:
         target = step if step is not None else steps[-1]
         at_or_before = [r for r in rows if r.step <= target] or rows
         chosen_row = max(at_or_before, key=lambda r: (r.step, r.id))
-        body["controls"]["step"] = {"label": "ESD at step", "options": [str(s) for s in steps], "value": str(chosen_row.step)}
+        body["controls"]["step"] = {
+            "label": "ESD at step",
+            "options": [str(s) for s in steps],
+            "value": str(chosen_row.step),
+        }
     names = metric_names(session, run.id)
     panels = []
     for spec in page.panels:
         if spec.kind in ("esd", "mp"):
             part = (chosen_row.payload.get(spec.match[0]) if chosen_row is not None else None) or {}
-            title = f"{spec.title} · {layer}" + (f" @ step {chosen_row.step}" if chosen_row is not None else "")
+            title = f"{spec.title} · {layer}" + (
+                f" @ step {chosen_row.step}" if chosen_row is not None else ""
+            )
             builder = dash.esd_figure if spec.kind == "esd" else dash.mp_figure
             fig = builder(part, title) if part else None
             skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
-            panels.append(dash.panel_from(spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None))
+            panels.append(
+                dash.panel_from(spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None)
+            )
         else:
             lines = []
             for name in dash.match_names(names, spec.match):
-                lines += [dash.Line(name, ln.x, ln.y) for ln in metric_lines(session, run.id, name, layer, n)]
+                lines += [
+                    dash.Line(name, ln.x, ln.y)
+                    for ln in metric_lines(session, run.id, name, layer, n)
+                ]
             band = dash.HTSR_GOOD_RANGE if spec.kind == "alpha_history" else None
-            fig = dash.line_figure(f"{spec.title} · {layer}", lines, y_title=spec.y_title, y_band=band,
-                                   markers=[dash.Marker(chosen_row.step, "ESD step", "#555", "dot")] if chosen_row is not None else ())
+            fig = dash.line_figure(
+                f"{spec.title} · {layer}",
+                lines,
+                y_title=spec.y_title,
+                y_band=band,
+                markers=[dash.Marker(chosen_row.step, "ESD step", "#555", "dot")]
+                if chosen_row is not None
+                else (),
+            )
             panels.append(dash.panel_from(spec, fig))
     body["panels"] = [p.public() for p in panels]
-    heat = _choose([m for m in names if not m.startswith("grok.")], metric, pages()["layers"].preferred)
+    heat = _choose(
+        [m for m in names if not m.startswith("grok.")], metric, pages()["layers"].preferred
+    )
     body["links"] = {"heatmap_metric": heat}
-    return body
+    return _json(body)
 
 
 @api_router.get("/runs/{run_id}/activations")
-def read_activations(run: RunDep, session: SessionDep, max_points: Points = None) -> dict[str, Any]:
+def read_activations(run: RunDep, session: SessionDep, max_points: Points = None) -> Response:
     """EigenTrack descriptors per module over steps: one figure per descriptor."""
     page = pages()["activations"]
     n = _points(max_points)
@@ -433,49 +597,104 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
         for group in groups:
             lines = []
             for name in group:
-                label = (lambda ln, nm=name: ln if len(group) == 1 else f"{nm} · {ln}")
-                lines += [dash.Line(label(ln.name), ln.x, ln.y) for ln in metric_lines(session, run.id, name, None, n)]
+                prefix = "" if len(group) == 1 else f"{name} · "
+                lines += [
+                    dash.Line(prefix + ln.name, ln.x, ln.y)
+                    for ln in metric_lines(session, run.id, name, None, n)
+                ]
             title = group[0] if len(group) == 1 else spec.title
-            sub = dash.PanelSpec(f"{spec.id}-{group[0]}", title, spec.kind, help=spec.help, empty=spec.empty)
-            panels.append(dash.panel_from(sub, dash.line_figure(title, lines, y_title=group[0] if len(group) == 1 else "")))
+            sub = dash.PanelSpec(
+                f"{spec.id}-{group[0]}", title, spec.kind, help=spec.help, empty=spec.empty
+            )
+            panels.append(
+                dash.panel_from(
+                    sub, dash.line_figure(title, lines, y_title=group[0] if len(group) == 1 else "")
+                )
+            )
     body["panels"] = [p.public() for p in panels]
-    return body
+    return _json(body)
 
 
 @api_router.get("/runs/{run_id}/alerts")
-def read_alerts(run: RunDep, session: SessionDep) -> dict[str, Any]:
+def read_alerts(run: RunDep, session: SessionDep) -> Response:
     """Alert episodes on a timeline, the alert list and the project's webhook delivery log."""
     page = pages()["alerts"]
     body = _base(session, run, page)
     alerts = alert_rows(session, run.id)
     spec = page.panel("timeline")
-    body["panels"] = [dash.panel_from(spec, dash.alerts_timeline_figure(alerts, run.last_step)).public()]
+    body["panels"] = [
+        dash.panel_from(spec, dash.alerts_timeline_figure(alerts, run.last_step)).public()
+    ]
     body["tables"] = [
         {
-            "id": "alerts", "title": "Alerts",
+            "id": "alerts",
+            "title": "Alerts",
             "columns": ["step", "rule", "layer", "severity", "status", "resolved_step", "message"],
-            "rows": [[a[c] for c in ("step", "rule", "layer", "severity", "status", "resolved_step", "message")] for a in alerts],
+            "rows": [
+                [
+                    a[c]
+                    for c in (
+                        "step",
+                        "rule",
+                        "layer",
+                        "severity",
+                        "status",
+                        "resolved_step",
+                        "message",
+                    )
+                ]
+                for a in alerts
+            ],
             "empty": "No alerts for this run.",
         },
         {
-            "id": "deliveries", "title": "Webhook deliveries (this project)",
-            "columns": ["id", "event", "url", "status", "attempts", "last_status_code", "latency_ms", "last_error", "created_at", "delivered_at"],
+            "id": "deliveries",
+            "title": "Webhook deliveries (this project)",
+            "columns": [
+                "id",
+                "event",
+                "url",
+                "status",
+                "attempts",
+                "last_status_code",
+                "latency_ms",
+                "last_error",
+                "created_at",
+                "delivered_at",
+            ],
             "rows": [
-                [d[c] for c in ("id", "event", "url", "status", "attempts", "last_status_code", "latency_ms", "last_error", "created_at", "delivered_at")]
+                [
+                    d[c]
+                    for c in (
+                        "id",
+                        "event",
+                        "url",
+                        "status",
+                        "attempts",
+                        "last_status_code",
+                        "latency_ms",
+                        "last_error",
+                        "created_at",
+                        "delivered_at",
+                    )
+                ]
                 for d in delivery_rows(session, run.project_id)
             ],
             "empty": "No webhook deliveries yet (add one with POST /api/v1/webhooks).",
         },
     ]
-    return body
+    return _json(body)
 
 
 @api_router.get("/compare")
 def read_compare(
-    principal: PrincipalDep, session: SessionDep,
+    principal: PrincipalDep,
+    session: SessionDep,
     runs: Annotated[str, Query(pattern=r"^\d+(,\d+)*$")],
-    names: str | None = None, layer: str | None = None, max_points: Points = None,
-) -> dict[str, Any]:
+    names: str | None = None,
+    layer: str | None = None,
+    max_points: Points = None,
+) -> Response:
     """Two or more runs overlaid per metric or scalar, aligned by step."""
     page = pages()["compare"]
     n = _points(max_points)
@@ -483,8 +702,10 @@ def read_compare(
     run_rows = [find_run(session, principal, i) for i in ids]
     scalars = {r.id: scalar_lines(session, r.id, n) for r in run_rows}
     metrics = {r.id: metric_names(session, r.id) for r in run_rows}
-    available = sorted({*(s for v in scalars.values() for s in v), *(m for v in metrics.values() for m in v)},
-                       key=dash.natural_key)
+    available = sorted(
+        {*(s for v in scalars.values() for s in v), *(m for v in metrics.values() for m in v)},
+        key=dash.natural_key,
+    )
     requested = [x for x in (names or "").split(",") if x in available]
     if not requested:
         requested = []
@@ -497,12 +718,21 @@ def read_compare(
     layer_opts: list[str] = []
     for r in run_rows:
         for name in metric_chosen:
-            layer_opts += [la for la in layers_at_last_step(session, r.id, name) if la not in layer_opts]
+            layer_opts += [
+                la for la in layers_at_last_step(session, r.id, name) if la not in layer_opts
+            ]
     layer_value = _choose(layer_opts, layer, [dash.MODEL_LAYER])
     body: dict[str, Any] = {
         "runs": [run_public(session, r).model_dump(mode="json") for r in run_rows],
         "page": {"id": page.id, "title": page.title},
-        "controls": {"names": {"label": "metrics", "options": available, "value": requested, "multiple": True}},
+        "controls": {
+            "names": {
+                "label": "metrics",
+                "options": available,
+                "value": requested,
+                "multiple": True,
+            }
+        },
         "tables": [],
     }
     if layer_opts:
@@ -517,14 +747,17 @@ def read_compare(
                 ln = scalars[r.id][name]
                 lines.append(dash.Line(label, ln.x, ln.y))
             elif name in metrics[r.id]:
-                lines += [dash.Line(label, ln.x, ln.y) for ln in metric_lines(session, r.id, name, layer_value, n)]
+                lines += [
+                    dash.Line(label, ln.x, ln.y)
+                    for ln in metric_lines(session, r.id, name, layer_value, n)
+                ]
         title = name + (f" · {layer_value}" if name in metric_chosen and layer_value else "")
         sub = dash.PanelSpec(f"compare-{name}", title, "compare", empty=spec.empty)
         panels.append(dash.panel_from(sub, dash.line_figure(title, lines, y_title=name)))
     if not panels:
         panels.append(dash.panel_from(spec, None))
     body["panels"] = [p.public() for p in panels]
-    return body
+    return _json(body)
 
 
 # --- HTML pages -------------------------------------------------------------------------------
@@ -541,14 +774,23 @@ def _age(value: datetime | None, now: datetime) -> str:
 
 
 SORTS = {
-    "id": lambda r: r["id"], "name": lambda r: r["name"].lower(), "step": lambda r: r["last_step"] or -1,
-    "age": lambda r: r["created_ts"], "alerts": lambda r: r["open_alerts"], "status": lambda r: r["status"],
+    "id": lambda r: r["id"],
+    "name": lambda r: r["name"].lower(),
+    "step": lambda r: r["last_step"] or -1,
+    "age": lambda r: r["created_ts"],
+    "alerts": lambda r: r["open_alerts"],
+    "status": lambda r: r["status"],
 }
 
 
 def runs_table(
-    session: Session, principal_project: int | None, project: str | None, status: str | None,
-    q: str | None, sort: str, desc: bool,
+    session: Session,
+    principal_project: int | None,
+    project: str | None,
+    status: str | None,
+    q: str | None,
+    sort: str,
+    desc: bool,
 ) -> list[dict[str, Any]]:
     project_id = principal_project
     if project is not None:
@@ -568,9 +810,16 @@ def runs_table(
             continue
         out.append(
             {
-                "id": r.id, "name": r.name, "project": projects.get(r.project_id, "?"), "status": r.status,
-                "last_step": r.last_step, "age": _age(r.created_at, now), "seen": _age(r.last_seen_at, now),
-                "created_ts": r.created_at.timestamp(), "open_alerts": counts.get(r.id, 0), "tags": r.tags,
+                "id": r.id,
+                "name": r.name,
+                "project": projects.get(r.project_id, "?"),
+                "status": r.status,
+                "last_step": r.last_step,
+                "age": _age(r.created_at, now),
+                "seen": _age(r.last_seen_at, now),
+                "created_ts": r.created_at.timestamp(),
+                "open_alerts": counts.get(r.id, 0),
+                "tags": r.tags,
             }
         )
     out.sort(key=SORTS.get(sort, SORTS["id"]), reverse=desc)
@@ -584,8 +833,14 @@ def _page(request: Request, template: str, **context: Any) -> HTMLResponse:
 
 @router.get("/", response_class=HTMLResponse)
 def show_runs(
-    request: Request, state: StateDep, session: SessionDep, project: str | None = None,
-    status: str | None = None, q: str | None = None, sort: str = "id", desc: bool = True,
+    request: Request,
+    state: StateDep,
+    session: SessionDep,
+    project: str | None = None,
+    status: str | None = None,
+    q: str | None = None,
+    sort: str = "id",
+    desc: bool = True,
     fragment: bool = False,
 ) -> HTMLResponse:
     """All runs (of one project with ``?project=``): status, last step, age, open alerts."""
@@ -596,30 +851,55 @@ def show_runs(
         rows = runs_table(session, None, project, status, q, sort, desc)
         locked = False
     context = {
-        "rows": rows, "project": project, "status": status or "", "q": q or "", "sort": sort,
-        "desc": desc, "locked": locked, "projects": [p.name for p in repo.list_projects(session)] if not locked else [],
+        "rows": rows,
+        "project": project,
+        "status": status or "",
+        "q": q or "",
+        "sort": sort,
+        "desc": desc,
+        "locked": locked,
+        "projects": [p.name for p in repo.list_projects(session)] if not locked else [],
     }
     return _page(request, "runs_table.html" if fragment else "runs.html", **context)
 
 
 @router.get("/projects/{name}", response_class=HTMLResponse)
 def show_project(
-    request: Request, state: StateDep, session: SessionDep, name: str, status: str | None = None,
-    q: str | None = None, sort: str = "id", desc: bool = True, fragment: bool = False,
+    request: Request,
+    state: StateDep,
+    session: SessionDep,
+    name: str,
+    status: str | None = None,
+    q: str | None = None,
+    sort: str = "id",
+    desc: bool = True,
+    fragment: bool = False,
 ) -> HTMLResponse:
     return show_runs(request, state, session, name, status, q, sort, desc, fragment)
 
 
-def _run_page(request: Request, state: Any, session: Session, run_id: int, page: str, **extra: Any) -> HTMLResponse:
+def _run_page(
+    request: Request, state: Any, session: Session, run_id: int, page: str, **extra: Any
+) -> HTMLResponse:
     title = f"run {run_id}"
-    if not state.settings.require_auth:  # with auth on, the shell names nothing until the API answers
+    if (
+        not state.settings.require_auth
+    ):  # with auth on, the shell names nothing until the API answers
         run = repo.get_run(session, run_id)
         if run is None:
             raise ApiError(404, "run_not_found", f"run {run_id} does not exist")
         title = f"{run.name} (#{run.id})"
     config = {"page": page, "runId": run_id, "api": "/api/v1", **extra}
-    return _page(request, "run.html", page=page, title=title, run_id=run_id, config=config,
-                 page_title=pages()[page].title, **extra)
+    return _page(
+        request,
+        "run.html",
+        page=page,
+        title=title,
+        run_id=run_id,
+        config=config,
+        page_title=pages()[page].title,
+        **extra,
+    )
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
@@ -628,27 +908,42 @@ def show_run(request: Request, state: StateDep, session: SessionDep, run_id: int
 
 
 @router.get("/runs/{run_id}/layers", response_class=HTMLResponse)
-def show_layers(request: Request, state: StateDep, session: SessionDep, run_id: int) -> HTMLResponse:
+def show_layers(
+    request: Request, state: StateDep, session: SessionDep, run_id: int
+) -> HTMLResponse:
     return _run_page(request, state, session, run_id, "layers")
 
 
 @router.get("/runs/{run_id}/layers/{layer:path}", response_class=HTMLResponse)
-def show_layer(request: Request, state: StateDep, session: SessionDep, run_id: int, layer: str) -> HTMLResponse:
+def show_layer(
+    request: Request, state: StateDep, session: SessionDep, run_id: int, layer: str
+) -> HTMLResponse:
     return _run_page(request, state, session, run_id, "layer", layer=layer)
 
 
 @router.get("/runs/{run_id}/activations", response_class=HTMLResponse)
-def show_activations(request: Request, state: StateDep, session: SessionDep, run_id: int) -> HTMLResponse:
+def show_activations(
+    request: Request, state: StateDep, session: SessionDep, run_id: int
+) -> HTMLResponse:
     return _run_page(request, state, session, run_id, "activations")
 
 
 @router.get("/runs/{run_id}/alerts", response_class=HTMLResponse)
-def show_alerts(request: Request, state: StateDep, session: SessionDep, run_id: int) -> HTMLResponse:
+def show_alerts(
+    request: Request, state: StateDep, session: SessionDep, run_id: int
+) -> HTMLResponse:
     return _run_page(request, state, session, run_id, "alerts")
 
 
 @router.get("/compare", response_class=HTMLResponse)
 def show_compare(request: Request, runs: str = "") -> HTMLResponse:
     config = {"page": "compare", "runId": None, "api": "/api/v1"}
-    return _page(request, "run.html", page="compare", title="compare runs", run_id=None,
-                 config=config, page_title=pages()["compare"].title)
+    return _page(
+        request,
+        "run.html",
+        page="compare",
+        title="compare runs",
+        run_id=None,
+        config=config,
+        page_title=pages()["compare"].title,
+    )

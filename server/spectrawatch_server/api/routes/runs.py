@@ -54,10 +54,11 @@ def create_run(
         if not created and run.status != "running":
             run.status = "running"
         session.commit()
-    except IntegrityError:
+    except IntegrityError:  # the project or run was created concurrently: retry once
         session.rollback()
         project, _ = repo.get_or_create_project(session, body.project)
         run, created = repo.get_or_create_run(session, project, body.name, body.config, body.tags)
+        session.commit()
     if not created:
         response.status_code = 200
     return run_public(session, run)

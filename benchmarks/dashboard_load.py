@@ -1,0 +1,195 @@
+"""Time to interactive of the run overview and the layer heatmap for a large run, in Chromium.
+
+A run of ``--layers`` x ``--steps`` per-layer metric points (``htsr.alpha``, 1M rows by
+default) plus model-level SED series (3 windows x gap/edge/phase), the early-warning series and
+two scalars, all at every step, is written into a fresh SQLite database; a real
+``spectrawatch server`` subprocess serves it; headless Chromium loads each page ``--repeats``
+times. "Interactive" is ``SW.interactiveMs``: ``performance.now()`` (ms since navigation start)
+when the first ``Plotly.react`` of every panel has resolved, i.e. plots drawn and click/hover
+handlers bound. The figure-API response time (server side, via httpx) is reported alongside.
+
+    .venv/bin/python benchmarks/dashboard_load.py --layers 100 --steps 10000 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spectrawatch_server.db import migrate  # noqa: E402
+from spectrawatch_server.db.models import Frame  # noqa: E402
+from spectrawatch_server.db.session import make_engine, make_session_factory  # noqa: E402
+from spectrawatch_server.storage import repository as repo  # noqa: E402
+from tests.e2e.test_dashboards_browser import CHROMIUM_FLAGS, find_chromium  # noqa: E402
+from tests.servers import ServerProcess  # noqa: E402
+
+
+def seed_big(data_dir: Path, layers: int, steps: int) -> int:
+    """Write the benchmark run; returns its id. Bulk inserts through the DB-API (fast)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(f"sqlite:///{data_dir / 'spectrawatch.db'}")
+    migrate.upgrade(engine)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as s:
+        project, _ = repo.get_or_create_project(s, "bench")
+        run, _ = repo.get_or_create_run(s, project, f"big-{layers}x{steps}", {}, [])
+        frame = Frame(
+            run_id=run.id,
+            kind="weights",
+            step=steps - 1,
+            seq=0,
+            idempotency_key="b",
+            blob_key="b",
+            bytes=0,
+            info={},
+            layers=[],
+            nonfinite={},
+            status="done",
+        )
+        repo.insert_frame(s, frame)
+        run.status = "finished"
+        run_id, frame_id = run.id, frame.id
+        repo.upsert_scalars(
+            s,
+            run_id,
+            [(t, "loss", 2.0 * math.exp(-t / (steps / 5)) + 0.01) for t in range(steps)]
+            + [
+                (t, "val_acc", 1 / (1 + math.exp(-(t - 0.7 * steps) / (steps / 100))))
+                for t in range(steps)
+            ],
+        )
+    sql = (
+        "INSERT INTO metric (run_id, frame_id, analysis, layer, name, step, value)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    )
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        for i in range(layers):
+            layer = f"blocks.{i // 4}.{('q', 'k', 'v', 'mlp')[i % 4]}"
+            cur.executemany(
+                sql,
+                [
+                    (
+                        run_id,
+                        frame_id,
+                        "htsr",
+                        layer,
+                        "htsr.alpha",
+                        t,
+                        2 + 3 * math.exp(-t / steps) + 0.01 * i,
+                    )
+                    for t in range(steps)
+                ],
+            )
+        model = []
+        for t in range(steps):
+            phase = 1.0 if t < steps * 0.3 else (2.0 if t < steps * 0.6 else 3.0)
+            for w in (16, 32, 64):
+                gap = 1 + 4 * min(1.0, t / (0.3 * steps)) * (1 if t < 0.6 * steps else 0.3)
+                model += [
+                    ("sed", f"sed.gap_ratio.w{w}", t, gap),
+                    ("sed", f"sed.edge.w{w}", t, 2.0),
+                    ("sed", f"sed.phase.w{w}", t, phase),
+                ]
+            model += [
+                ("sed", "grok.warning_score", t, min(1.0, t / (0.5 * steps))),
+                ("sed", "grok.imminent", t, 1.0 if t >= 0.5 * steps else 0.0),
+            ]
+        cur.executemany(sql, [(run_id, frame_id, a, "__model__", n, t, v) for a, n, t, v in model])
+        raw.commit()
+    finally:
+        raw.close()
+    engine.dispose()
+    return run_id
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--data-dir", type=Path, default=None, help="reuse/keep the seeded database here"
+    )
+    args = ap.parse_args()
+    found = find_chromium()
+    if found is None:
+        print("chromium/chromedriver not found: run .ci/install_chromium.sh", file=sys.stderr)
+        return 2
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="sw-dash-bench-"))
+    db = data_dir / "spectrawatch.db"
+    t0 = time.perf_counter()
+    run_id = 1 if db.exists() else seed_big(data_dir, args.layers, args.steps)
+    print(f"seeded in {time.perf_counter() - t0:.1f} s: {data_dir}")
+    server = ServerProcess(data_dir).start()
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=found[1]))
+    results: dict[str, dict[str, list[float]]] = {}
+    try:
+        pages = {
+            "overview": (
+                f"/runs/{run_id}",
+                f"/api/v1/dashboards/runs/{run_id}/overview?max_points=1400",
+            ),
+            "layer heatmap": (
+                f"/runs/{run_id}/layers?metric=htsr.alpha",
+                f"/api/v1/dashboards/runs/{run_id}/layers?metric=htsr.alpha",
+            ),
+        }
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            for name, (page, api) in pages.items():
+                r = results.setdefault(name, {"tti": [], "api": [], "kb": []})
+                for i in range(args.repeats + 1):
+                    t = time.perf_counter()
+                    resp = client.get(api)
+                    api_ms = (time.perf_counter() - t) * 1000
+                    driver.get(server.url + page)
+                    deadline = time.monotonic() + 120
+                    while not driver.execute_script("return document.body.dataset.ready"):
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{name}: page never became ready")
+                        time.sleep(0.02)
+                    tti = float(driver.execute_script("return SW.interactiveMs"))
+                    state = driver.execute_script("return document.body.dataset.ready")
+                    if state != "1":
+                        raise RuntimeError(f"{name}: {driver.execute_script('return SW.errors')}")
+                    if i == 0:
+                        print(f"{name}: first (cold) load {tti:.0f} ms, api {api_ms:.0f} ms")
+                        continue  # warm-up: browser cache, SQLite page cache
+                    r["tti"].append(tti)
+                    r["api"].append(api_ms)
+                    r["kb"].append(len(resp.content) / 1024)
+    finally:
+        driver.quit()
+        server.stop()
+    print(f"\n{args.layers} layers x {args.steps} steps, median of {args.repeats} warm loads\n")
+    print("| page | time to interactive (ms) | figure API (ms) | payload (KiB) |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        print(
+            f"| {name} | {statistics.median(r['tti']):.0f}"
+            f" (min {min(r['tti']):.0f}, max {max(r['tti']):.0f})"
+            f" | {statistics.median(r['api']):.0f} | {statistics.median(r['kb']):.0f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

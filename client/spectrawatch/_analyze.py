@@ -1,0 +1,643 @@
+"""``spectrawatch analyze``: offline weight metrics of a checkpoint, no server needed.
+
+Reads a ``.safetensors`` file, a directory of shards, a PyTorch state-dict file (only ever through
+``torch.load(weights_only=True)``: arbitrary pickles are refused, never executed) or a Hugging
+Face model directory; computes the HT-SR and FARMS metrics (:mod:`spectrawatch.spectral.htsr`,
+:mod:`spectrawatch.spectral.farms`) and weight conditioning
+(:mod:`spectrawatch.spectral.conditioning`) of every 2-D / 4-D weight, on CUDA when present, and
+prints a table; ``--csv``, ``--json`` and ``--html`` (a self-contained Plotly report) write the
+results, ``--compare A B`` diffs two checkpoints layer by layer. The numbers are exactly those the
+server's worker computes from a weights frame (same pure functions, same FARMS configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import io
+import json
+import math
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from spectrawatch.spectral.conditioning import (
+    CONDITION_NUMBER,
+    GMCN,
+    MP_SPIKES,
+    PC_PREVIEW_KEYS,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    conditioning_from_singular_values,
+    pc_preview,
+    singular_values,
+)
+from spectrawatch.spectral.farms import FARMS_CV, FarmsConfig
+from spectrawatch.spectral.htsr import (
+    ALPHA,
+    ALPHA_WEIGHTED,
+    LOG_SPECTRAL_NORM,
+    STABLE_RANK,
+    LayerReport,
+    analyze_weights,
+    esd_payload,
+    farms_key,
+    training_warning,
+)
+
+SAFETENSORS_SUFFIX = ".safetensors"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Keys under which training frameworks nest the state dict inside a checkpoint dictionary.
+NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+#: Columns of the printed table and of ``--compare`` (metric key, header).
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    (ALPHA, "alpha"),
+    (ALPHA_WEIGHTED, "alpha_w"),
+    (farms_key(ALPHA), "farms_alpha"),
+    (LOG_SPECTRAL_NORM, "log_spec"),
+    (STABLE_RANK, "stable_rank"),
+    (GMCN, "gmcn"),
+    (CONDITION_NUMBER, "cond"),
+)
+
+
+class AnalyzeError(Exception):
+    """A checkpoint that cannot be read or analysed; the message says why and what to do."""
+
+
+# --- loading -----------------------------------------------------------------------------------
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AnalyzeError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint: a flat name -> tensor mapping, or one nested under
+    ``state_dict`` / ``model`` ... (Lightning and common training-loop checkpoints)."""
+    if isinstance(obj, torch.nn.Module):  # pragma: no cover - weights_only never yields one
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping):
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+        for key in NESTED_STATE_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping):
+                return _state_dict_of(inner, path)
+    raise AnalyzeError(
+        f"{path}: no tensors found (expected a state dict of name -> tensor, or one under "
+        f"{', '.join(repr(k) for k in NESTED_STATE_KEYS)})"
+    )
+
+
+def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)`` on CPU; a pickle that needs arbitrary code is refused."""
+    try:
+        with warnings.catch_warnings():
+            # torch notes any pickle protocol other than 2; the refusal below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise AnalyzeError(
+            f"{path}: refused: this checkpoint holds Python objects beyond tensors and can only be "
+            f"loaded by unpickling arbitrary code, which spectrawatch never does "
+            f"({_unpickling_reason(exc)}). "
+            "Re-save it with torch.save(model.state_dict(), path) or as .safetensors."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise AnalyzeError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    return _state_dict_of(obj, path)
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The informative line of torch's weights-only refusal (e.g. ``Unsupported global: ...``)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        if "unsupported global" in line.lower() or "unsupported operand" in line.lower():
+            return line.strip().rstrip(".")
+    return type(exc).__name__
+
+
+def _sniff(path: Path) -> str:
+    """``"safetensors"``, ``"torch"`` or ``""`` from the first bytes of a file."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive / legacy pickle
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte little-endian header length, then JSON
+        return "safetensors"
+    return ""
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        return _load_safetensors(path)
+    if suffix in TORCH_SUFFIXES:
+        return _load_torch(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _load_safetensors(path)
+    if kind == "torch":
+        return _load_torch(path)
+    raise AnalyzeError(
+        f"{path}: unsupported file: expected .safetensors or a PyTorch state dict "
+        f"({', '.join(TORCH_SUFFIXES)})"
+    )
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The weight files a path stands for: itself, or a directory's shards.
+
+    In a directory (a Hugging Face model folder or any folder of shards) ``*.safetensors`` files
+    win over PyTorch ones (``pytorch_model*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``), as
+    ``transformers`` prefers them; shards are read in name order.
+    """
+    if not path.exists():
+        raise AnalyzeError(f"{path}: no such file or directory")
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise AnalyzeError(f"{path}: not a regular file or directory")
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    shards = [p for p in files if p.suffix.lower() == SAFETENSORS_SUFFIX]
+    if not shards:
+        shards = [p for p in files if p.suffix.lower() in TORCH_SUFFIXES]
+    if not shards:
+        raise AnalyzeError(
+            f"{path}: no weight files in this directory (looked for *.safetensors, "
+            f"{', '.join('*' + s for s in TORCH_SUFFIXES)})"
+        )
+    return shards
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, on CPU, by name (shards merged; a repeated name is an error)."""
+    out: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(Path(path)):
+        for name, tensor in _load_file(file).items():
+            if name in out:
+                raise AnalyzeError(f"{file}: tensor {name!r} already read from another shard")
+            out[name] = tensor
+    if not out:
+        raise AnalyzeError(f"{path}: the checkpoint holds no tensors")
+    return out
+
+
+def weight_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors analysed: floating 2-D / 4-D weights whose name does not contain ``norm``
+    (WeightWatcher's and :func:`~spectrawatch.spectral.htsr.analyze_model`'s selection)."""
+    return {
+        name: t
+        for name, t in tensors.items()
+        if t.ndim in (2, 4) and t.is_floating_point() and "norm" not in name.lower()
+    }
+
+
+# --- analysis ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerResult:
+    """Every weight metric of one tensor: ``values`` by metric key, the HT-SR report (ESDs for
+    plots) when the layer passed WeightWatcher's size filter, and why not otherwise."""
+
+    layer: str
+    shape: tuple[int, ...]
+    values: dict[str, float]
+    warning: str
+    note: str = ""
+    report: LayerReport | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class CheckpointAnalysis:
+    """The analysis of one checkpoint: per-layer results in checkpoint order."""
+
+    source: str
+    device: str
+    layers: tuple[LayerResult, ...]
+    ignored: int  # tensors that are not 2-D/4-D floating weights (biases, norms, buffers)
+
+    def layer(self, name: str) -> LayerResult:
+        for r in self.layers:
+            if r.layer == name:
+                return r
+        raise KeyError(name)
+
+    def keys(self) -> list[str]:
+        """Every metric key present in any layer, in first-seen order."""
+        seen: dict[str, None] = {}
+        for r in self.layers:
+            seen.update(dict.fromkeys(r.values))
+        return list(seen)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "device": self.device,
+            "ignored_tensors": self.ignored,
+            "layers": [
+                {
+                    "layer": r.layer,
+                    "shape": list(r.shape),
+                    "warning": r.warning,
+                    "note": r.note,
+                    "metrics": {k: _json_float(v) for k, v in r.values.items()},
+                }
+                for r in self.layers
+            ],
+        }
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` (or None): the first CUDA device when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise AnalyzeError(f"invalid device {device!r} ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AnalyzeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def conditioning_values(weight: torch.Tensor) -> dict[str, float]:
+    """Conditioning metrics of one 2-D weight, exactly as the server's ``conditioning`` analysis:
+    sigma_max/min, condition number, GMCN, MP spikes, and the PC-layer GMCN previews."""
+    sv = singular_values(weight)
+    cond = conditioning_from_singular_values(sv, (weight.shape[0], weight.shape[1]))
+    values = {
+        SIGMA_MAX: cond.sigma_max,
+        SIGMA_MIN: cond.sigma_min,
+        CONDITION_NUMBER: cond.condition_number,
+        GMCN: cond.gmcn,
+        MP_SPIKES: float(cond.mp_spikes),
+    }
+    if cond.sigma_max > 0:
+        for level, (gmcn_key, ratio_key) in PC_PREVIEW_KEYS.items():
+            preview = pc_preview(sv, level)
+            values[gmcn_key] = preview.gmcn_after
+            values[ratio_key] = preview.gmcn_ratio
+    return values
+
+
+def analyze_layer(
+    name: str,
+    weight: torch.Tensor,
+    *,
+    device: torch.device,
+    farms: FarmsConfig | None = FARMS_CV,
+) -> LayerResult:
+    """HT-SR + FARMS (:func:`~spectrawatch.spectral.htsr.analyze_weights`) and conditioning of
+    one weight (4-D conv kernels: HT-SR per kernel position, conditioning of ``(out, in*kh*kw)``,
+    the matrix the client sends). Non-finite values are kept as NaN/inf here."""
+    w = weight.detach().to(device)
+    values: dict[str, float] = {}
+    notes: list[str] = []
+    model = analyze_weights({name: w}, farms=farms, device=device)
+    report = model.layers[0] if model.layers else None
+    if report is not None:
+        values.update(report.values())
+    else:
+        notes.append(f"HT-SR skipped: {model.skipped[0].reason}")
+    matrix = w.reshape(w.shape[0], -1) if w.ndim == 4 else w
+    if min(matrix.shape) < 2:
+        notes.append("conditioning skipped: fewer than 2 rows or columns")
+    elif not bool(torch.isfinite(matrix).all()):
+        notes.append("conditioning skipped: NaN or Inf in weights")
+    else:
+        values.update(conditioning_values(matrix))
+    warning = training_warning(values[ALPHA]) if ALPHA in values else ""
+    return LayerResult(name, tuple(weight.shape), values, warning, "; ".join(notes), report)
+
+
+def analyze_checkpoint(
+    path: str | Path,
+    *,
+    device: str | None = None,
+    farms: FarmsConfig | None = FARMS_CV,
+    progress: bool = True,
+    layers: Callable[[str], bool] | None = None,
+) -> CheckpointAnalysis:
+    """Load ``path`` and analyse every weight tensor (see :func:`weight_tensors`), one layer at a
+    time with a progress bar on stderr; ``layers`` filters tensor names."""
+    dev = resolve_device(device)
+    tensors = load_weights(path)
+    weights = weight_tensors(tensors)
+    if layers is not None:
+        weights = {k: v for k, v in weights.items() if layers(k)}
+    if not weights:
+        raise AnalyzeError(f"{path}: no 2-D or 4-D floating-point weights to analyse")
+    results = [
+        analyze_layer(name, w, device=dev, farms=farms)
+        for name, w in _progress(weights.items(), len(weights), f"analyze {Path(path).name}",
+                                 enabled=progress)
+    ]
+    return CheckpointAnalysis(str(path), str(dev), tuple(results), len(tensors) - len(weights))
+
+
+def _progress(
+    items: Iterable[tuple[str, torch.Tensor]], total: int, desc: str, *, enabled: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A tqdm bar when tqdm is installed, else a one-line counter on stderr (when enabled)."""
+    if not enabled:
+        yield from items
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        for i, item in enumerate(items, 1):
+            print(f"\r{desc}: {i}/{total} {item[0][:60]:<60}", end="", file=sys.stderr)
+            yield item
+        print(file=sys.stderr)
+        return
+    with tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False) as bar:
+        for item in items:
+            bar.set_postfix_str(item[0][-40:], refresh=False)
+            yield item
+            bar.update(1)
+
+
+# --- comparison --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerDiff:
+    """One layer in two checkpoints: metric values in A and B (None where absent)."""
+
+    layer: str
+    shape_a: tuple[int, ...] | None
+    shape_b: tuple[int, ...] | None
+    a: dict[str, float]
+    b: dict[str, float]
+
+    def delta(self, key: str) -> float | None:
+        if key in self.a and key in self.b:
+            return self.b[key] - self.a[key]
+        return None
+
+
+def compare(a: CheckpointAnalysis, b: CheckpointAnalysis) -> list[LayerDiff]:
+    """Layer-by-layer pairing by tensor name: A's order, then layers only in B."""
+    bmap = {r.layer: r for r in b.layers}
+    out = []
+    for r in a.layers:
+        other = bmap.pop(r.layer, None)
+        out.append(
+            LayerDiff(r.layer, r.shape, other.shape if other else None, r.values,
+                      other.values if other else {})
+        )
+    out.extend(LayerDiff(r.layer, None, r.shape, {}, r.values) for r in bmap.values())
+    return out
+
+
+# --- output ------------------------------------------------------------------------------------
+def _json_float(v: float) -> float | str:
+    return v if math.isfinite(v) else str(v)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if not math.isfinite(v):
+        return str(v)
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return f"{v:.3e}"
+    return f"{v:.4g}" if abs(v) >= 100 else f"{v:.3f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_table(analysis: CheckpointAnalysis) -> str:
+    """The printed per-layer table (selected metrics; CSV/JSON hold all of them)."""
+    header = ["layer", "shape", *(h for _, h in TABLE_COLUMNS), "warning"]
+    rows = []
+    for r in analysis.layers:
+        cells = [r.layer, "x".join(map(str, r.shape))]
+        cells += [_fmt(r.values.get(k)) for k, _ in TABLE_COLUMNS]
+        cells.append(r.warning or (r.note and f"({r.note})"))
+        rows.append(cells)
+    return _table(header, rows)
+
+
+def format_compare(diffs: Sequence[LayerDiff]) -> str:
+    """One row per layer: A -> B and the change, for the table's metrics."""
+    header = ["layer"]
+    for _, h in TABLE_COLUMNS[:5]:
+        header += [f"{h} A", f"{h} B", f"d{h}"]
+    rows = []
+    for d in diffs:
+        cells = [d.layer + ("" if d.shape_a and d.shape_b else " (only A)" if d.shape_a
+                            else " (only B)")]
+        for k, _ in TABLE_COLUMNS[:5]:
+            cells += [_fmt(d.a.get(k)), _fmt(d.b.get(k)), _fmt(d.delta(k))]
+        rows.append(cells)
+    return _table(header, rows)
+
+
+def write_csv(analysis: CheckpointAnalysis, out: TextIO) -> None:
+    """One row per layer: ``layer, shape, warning, note`` and one column per metric key."""
+    keys = analysis.keys()
+    writer = csv.writer(out)
+    writer.writerow(["layer", "shape", "warning", "note", *keys])
+    for r in analysis.layers:
+        vals = [repr(r.values[k]) if k in r.values else "" for k in keys]
+        writer.writerow([r.layer, "x".join(map(str, r.shape)), r.warning, r.note, *vals])
+
+
+def write_compare_csv(diffs: Sequence[LayerDiff], out: TextIO) -> None:
+    """Long format: ``layer, metric, a, b, delta`` for every metric in either checkpoint."""
+    writer = csv.writer(out)
+    writer.writerow(["layer", "metric", "a", "b", "delta"])
+    for d in diffs:
+        for k in dict.fromkeys([*d.a, *d.b]):
+            delta = d.delta(k)
+            writer.writerow([
+                d.layer, k, repr(d.a[k]) if k in d.a else "", repr(d.b[k]) if k in d.b else "",
+                "" if delta is None else repr(delta),
+            ])
+
+
+def compare_json(a: CheckpointAnalysis, b: CheckpointAnalysis,
+                 diffs: Sequence[LayerDiff]) -> dict[str, Any]:
+    return {
+        "a": a.source,
+        "b": b.source,
+        "layers": [
+            {
+                "layer": d.layer,
+                "shape_a": list(d.shape_a) if d.shape_a else None,
+                "shape_b": list(d.shape_b) if d.shape_b else None,
+                "metrics": {
+                    k: {
+                        "a": _json_float(d.a[k]) if k in d.a else None,
+                        "b": _json_float(d.b[k]) if k in d.b else None,
+                        "delta": (None if (x := d.delta(k)) is None else _json_float(x)),
+                    }
+                    for k in dict.fromkeys([*d.a, *d.b])
+                },
+            }
+            for d in diffs
+        ],
+    }
+
+
+def _plotly() -> Any:
+    try:
+        import plotly.graph_objects as go
+        import plotly.io as pio
+        from plotly.offline import get_plotlyjs
+    except ImportError as exc:
+        raise AnalyzeError(
+            "--html needs plotly: pip install plotly (or 'spectrawatch[server]')"
+        ) from exc
+    return go, pio, get_plotlyjs
+
+
+def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
+    """A self-contained HTML page (plotly.js inlined, no CDN): alpha per layer (plain and FARMS,
+    every checkpoint), a warnings table, and per-layer ESD log-log plots with the power-law fit
+    and the Marchenko-Pastur bulk of the first checkpoint."""
+    go, pio, get_plotlyjs = _plotly()
+    figures: list[tuple[str, Any]] = []
+    bar = go.Figure()
+    for a in analyses:
+        tag = Path(a.source).name if len(analyses) > 1 else ""
+        layers = [r.layer for r in a.layers]
+        for key, label in ((ALPHA, "alpha"), (farms_key(ALPHA), "FARMS alpha")):
+            bar.add_trace(go.Bar(
+                name=f"{label} {tag}".strip(), x=layers,
+                y=[r.values.get(key) for r in a.layers],
+            ))
+    bar.add_hrect(y0=2, y1=6, fillcolor="green", opacity=0.08, line_width=0)
+    bar.update_layout(title="Power-law exponent per layer (2-6: well trained)",
+                      barmode="group", yaxis_title="alpha", height=450)
+    figures.append(("alpha", bar))
+    for r in analyses[0].layers:
+        if r.report is None:
+            continue
+        fig = go.Figure()
+        for which, evals, metrics in (
+            ("ESD", r.report.evals, r.report.plain),
+            ("FARMS ESD", r.report.farms_evals, r.report.farms),
+        ):
+            if evals is None or metrics is None:
+                continue
+            p = esd_payload(evals, metrics)
+            edges = p["hist"]["edges"]
+            mids = [math.sqrt(lo * hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+            dens = p["hist"]["density"]
+            keep = [i for i, d in enumerate(dens) if d > 0]
+            fig.add_trace(go.Scatter(x=[mids[i] for i in keep], y=[dens[i] for i in keep],
+                                     mode="markers", name=which))
+            fig.add_trace(go.Scatter(x=p["fit"]["x"], y=p["fit"]["pdf"], mode="lines",
+                                     name=f"{which} power law, alpha={p['fit']['alpha']:.2f}"))
+            if which == "ESD" and "mp" in p:
+                fig.add_trace(go.Scatter(x=p["mp"]["x"], y=p["mp"]["pdf"], mode="lines",
+                                         line={"dash": "dot"}, name="Marchenko-Pastur bulk"))
+        fig.update_layout(title=f"{r.layer} {'x'.join(map(str, r.shape))}"
+                          + (f" - {r.warning}" if r.warning else ""), height=380)
+        fig.update_xaxes(type="log", title="eigenvalue of W^T W")
+        fig.update_yaxes(type="log", title="density")
+        figures.append((r.layer, fig))
+    warn_rows = "".join(
+        f"<tr><td>{html.escape(Path(a.source).name)}</td><td>{html.escape(r.layer)}</td>"
+        f"<td>{_fmt(r.values.get(ALPHA))}</td><td>{html.escape(r.warning or r.note)}</td></tr>"
+        for a in analyses for r in a.layers if r.warning or r.note
+    ) or "<tr><td colspan=4>no warnings</td></tr>"
+    body = io.StringIO()
+    body.write(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px}</style>"
+        f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>"
+        + "<br>".join(html.escape(f"{a.source} ({len(a.layers)} layers, device {a.device})")
+                      for a in analyses)
+        + "</p><h2>Warnings</h2><table><tr><th>checkpoint</th><th>layer</th><th>alpha</th>"
+        f"<th>warning</th></tr>{warn_rows}</table>"
+    )
+    for i, (_, fig) in enumerate(figures):
+        if i == 1:
+            body.write("<h2>Eigenvalue spectra</h2>")
+        body.write(pio.to_html(fig, include_plotlyjs=False, full_html=False,
+                               div_id=f"fig{i}"))
+    body.write("</body></html>")
+    return body.getvalue()
+
+
+# --- command -----------------------------------------------------------------------------------
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise AnalyzeError(f"cannot write {path}: {exc}") from exc
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """``spectrawatch analyze PATH`` / ``spectrawatch analyze --compare A B``."""
+    try:
+        return _cmd_analyze(args)
+    except AnalyzeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    if (args.path is None) == (args.compare is None):
+        raise AnalyzeError("give either a checkpoint PATH or --compare A B")
+    farms = None if args.no_farms else FARMS_CV
+    opts: dict[str, Any] = {"device": args.device, "farms": farms, "progress": not args.quiet}
+    if args.layers:
+        needle = args.layers
+        opts["layers"] = lambda name: needle in name
+    if args.compare is not None:
+        a = analyze_checkpoint(args.compare[0], **opts)
+        b = analyze_checkpoint(args.compare[1], **opts)
+        diffs = compare(a, b)
+        if not args.quiet:
+            print(format_compare(diffs))
+        if args.csv:
+            buf = io.StringIO()
+            write_compare_csv(diffs, buf)
+            _write(args.csv, buf.getvalue())
+        if args.json:
+            _write(args.json, json.dumps(compare_json(a, b, diffs), indent=1))
+        if args.html:
+            _write(args.html, html_report([a, b], f"spectrawatch compare: {a.source} vs {b.source}"))
+        return 0
+    analysis = analyze_checkpoint(args.path, **opts)
+    if not args.quiet:
+        print(format_table(analysis))
+        warned = sum(1 for r in analysis.layers if r.warning)
+        print(f"\n{len(analysis.layers)} layers analysed on {analysis.device}, {warned} with "
+              f"warnings, {analysis.ignored} other tensors ignored")
+    if args.csv:
+        buf = io.StringIO()
+        write_csv(analysis, buf)
+        _write(args.csv, buf.getvalue())
+    if args.json:
+        _write(args.json, json.dumps(analysis.to_json(), indent=1))
+    if args.html:
+        _write(args.html, html_report([analysis], f"spectrawatch analyze: {analysis.source}"))
+    return 0

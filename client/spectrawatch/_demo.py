@@ -1,0 +1,102 @@
+"""``spectrawatch demo``: the embedded server plus a real grokking run streaming to it.
+
+Starts ``spectrawatch server`` as a subprocess (unless one already answers at the URL), trains
+the modular-addition transformer of :mod:`spectrawatch.grokking_demo` with the monitor
+attached, waits for the worker to analyse every frame, and prints where to look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_server(port: int, data_dir: Path, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+    """Start ``spectrawatch server`` on ``port`` and wait until it is healthy."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "server.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "spectrawatch", "server", "--port", str(port), "--data-dir", str(data_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {data_dir / 'server.log'}")
+        if _healthy(url):
+            return proc
+        time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError(f"server did not start within {timeout:.0f} s; see {data_dir / 'server.log'}")
+
+
+def wait_for_analysis(url: str, run_id: int, timeout: float) -> dict[str, int]:
+    """Poll until no frame of the run is pending; returns frame counts by status."""
+    deadline = time.monotonic() + timeout
+    counts: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        counts = httpx.get(f"{url}/api/v1/runs/{run_id}", timeout=10).json()["frames"]
+        if counts and not counts.get("pending") and not counts.get("running"):
+            break
+        time.sleep(0.5)
+    return counts
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from spectrawatch import grokking_demo
+
+    url = f"http://127.0.0.1:{args.port}"
+    server = None if _healthy(url) else start_server(args.port, Path(args.data_dir))
+    try:
+        print(f"server: {url}  (API docs {url}/docs)", flush=True)
+        train_args = ["--steps", str(args.steps), "--url", url, "--project", args.project]
+        if args.run:
+            train_args += ["--run", args.run]
+        summary = grokking_demo.main(train_args)
+        run_id = int(summary["run_id"])
+        counts = wait_for_analysis(url, run_id, timeout=600)
+        catalog = httpx.get(f"{url}/api/v1/runs/{run_id}/metrics/catalog", timeout=30).json()
+        names = sorted({c["name"] for c in catalog})
+        print(f"run {run_id}: frames {counts}; {len(names)} metric series kinds: {', '.join(names[:12])}")
+        print(f"final train_acc={summary.get('train_acc')} val_acc={summary.get('val_acc')}")
+        print(f"dashboard: {url}/runs/{run_id}")
+        print(f"metrics:   {url}/api/v1/runs/{run_id}/metrics/catalog")
+        if counts.get("failed"):
+            print(f"warning: {counts['failed']} frame(s) failed analysis", file=sys.stderr)
+            return 1
+        if server is not None and args.keep_serving:
+            print("serving; press Ctrl-C to stop", flush=True)
+            try:
+                server.wait()
+            except KeyboardInterrupt:
+                pass
+        return 0
+    finally:
+        if server is not None and server.poll() is None:
+            server.terminate()
+            server.wait(30)
+
+
+def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser("demo", help="run the server and a real grokking run streaming to it")
+    demo.add_argument("--port", type=int, default=8765)
+    demo.add_argument("--data-dir", default=".spectrawatch/demo")
+    demo.add_argument("--steps", type=int, default=1500, help="training steps (grokking: ~3000+)")
+    demo.add_argument("--project", default="demo")
+    demo.add_argument("--run", default=None)
+    demo.add_argument("--keep-serving", action="store_true", help="keep the server up afterwards")
+    demo.set_defaults(func=run_demo)

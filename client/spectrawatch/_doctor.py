@@ -1,0 +1,175 @@
+"""``spectrawatch doctor``: is this machine ready to stream runs to the server?
+
+Checks, in order: the local install (spectrawatch, Python, torch, local CUDA), connectivity to
+``/api/v1/health`` (latency, server version against the client's, database, queue), auth (the
+token is accepted; the server requires one or not), the worker (running, its device: GPU or
+CPU), and the local spool (runs with frames still waiting to be replayed, size against the cap).
+Prints one line per check; exits 1 when a check fails, 0 otherwise (warnings included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from spectrawatch._version import __version__
+from spectrawatch.config import ClientSettings, SettingsError
+
+Status = Literal["ok", "warn", "fail", "info"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    name: str
+    status: Status
+    detail: str
+
+
+def _local() -> list[Check]:
+    checks = [Check("client", "info", f"spectrawatch {__version__}, Python "
+                                        f"{platform.python_version()} on {platform.system()}")]
+    try:
+        import torch
+    except ImportError:
+        checks.append(Check("torch", "warn", "torch is not installed (needed to attach a model)"))
+        return checks
+    cuda = (f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): "
+            f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no CUDA device")
+    checks.append(Check("torch", "info", f"torch {torch.__version__}; {cuda}"))
+    return checks
+
+
+def spool_state(settings: ClientSettings) -> tuple[int, int, list[str]]:
+    """Spooled entries, their bytes, and the ``project/run`` directories that hold them."""
+    root = Path(settings.spool_dir)
+    count, size, runs = 0, 0, []
+    if not root.is_dir():
+        return 0, 0, []
+    for run_dir in sorted(p for p in root.glob("*/*") if p.is_dir()):
+        entries = [p for p in run_dir.iterdir() if p.is_file() and p.suffix == ".sw"]
+        if entries:
+            count += len(entries)
+            size += sum(p.stat().st_size for p in entries)
+            runs.append(f"{run_dir.parent.name}/{run_dir.name}")
+    return count, size, runs
+
+
+def _spool(settings: ClientSettings) -> Check:
+    count, size, runs = spool_state(settings)
+    if count == 0:
+        return Check("spool", "ok", f"empty ({settings.spool_dir})")
+    share = size / settings.spool_max_bytes if settings.spool_max_bytes else 1.0
+    status: Status = "warn" if share > 0.8 else "info"
+    shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+    return Check(
+        "spool", status,
+        f"{count} entries, {size / 2**20:.1f} MiB ({share:.0%} of the cap) waiting to be replayed "
+        f"in {settings.spool_dir}: {shown} (replayed when a run of that name resumes)",
+    )
+
+
+def _remote(settings: ClientSettings, get: Callable[..., httpx.Response]) -> list[Check]:
+    base = settings.url.rstrip("/") + "/api/v1"
+    t0 = time.perf_counter()
+    try:
+        r = get(f"{base}/health")
+    except httpx.HTTPError as exc:
+        return [Check("connectivity", "fail", f"cannot reach {settings.url}: {exc}")]
+    ms = (time.perf_counter() - t0) * 1000
+    if r.status_code != 200:
+        return [Check("connectivity", "fail",
+                      f"{settings.url}/api/v1/health answered HTTP {r.status_code}")]
+    try:
+        health: dict[str, Any] = r.json()
+    except ValueError:
+        return [Check("connectivity", "fail", f"{settings.url} is not a spectrawatch server")]
+    checks = [Check("connectivity", "ok", f"{settings.url} answered in {ms:.0f} ms")]
+    version = str(health.get("version", "?"))
+    checks.append(Check(
+        "versions", "ok" if version == __version__ else "warn",
+        f"server {version}, client {__version__}"
+        + ("" if version == __version__ else " (mismatch: upgrade the older side)"),
+    ))
+    queue = health.get("queue") or {}
+    jobs = queue.get("jobs") or {}
+    checks.append(Check("database", "info", f"{health.get('database', '?')}; queue "
+                        f"{queue.get('engine', '?')}, jobs {json.dumps(jobs, sort_keys=True)}"))
+    checks.append(_auth(settings, base, bool(health.get("auth_required")), get))
+    worker = health.get("worker") or {}
+    device = str(worker.get("device", "?"))
+    if not worker.get("running"):
+        checks.append(Check("worker", "warn", f"no worker running in the API process (device "
+                            f"{device}); in scale-out mode run `spectrawatch worker`"))
+    elif device.startswith("cuda"):
+        checks.append(Check("worker", "ok", f"running on GPU ({device})"))
+    else:
+        checks.append(Check("worker", "warn", f"running on {device}: analyses of large models "
+                            "will be slow; start the server with --device cuda on a GPU host"))
+    return checks
+
+
+def _auth(
+    settings: ClientSettings, base: str, required: bool, get: Callable[..., httpx.Response]
+) -> Check:
+    headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
+    try:
+        r = get(f"{base}/runs", params={"limit": 1}, headers=headers)
+    except httpx.HTTPError as exc:
+        return Check("auth", "fail", f"request failed: {exc}")
+    if r.status_code == 200:
+        if settings.token:
+            return Check("auth", "ok", "token accepted")
+        return Check("auth", "ok" if not required else "fail",
+                     "anonymous access allowed (no token configured)")
+    if r.status_code in (401, 403):
+        what = "token rejected" if settings.token else "the server requires a token"
+        return Check("auth", "fail", f"{what} (HTTP {r.status_code}): set SPECTRAWATCH_TOKEN or "
+                     "--token (create one with `spectrawatch token create --project NAME`)")
+    return Check("auth", "fail", f"/runs answered HTTP {r.status_code}")
+
+
+def run_checks(
+    settings: ClientSettings, get: Callable[..., httpx.Response] | None = None
+) -> list[Check]:
+    """All checks against ``settings`` (``get``: an httpx-like GET, swappable in tests)."""
+    if get is None:
+        timeout = min(settings.timeout_s, 10.0)
+
+        def get(url: str, **kwargs: Any) -> httpx.Response:
+            return httpx.get(url, timeout=timeout, **kwargs)
+
+    return [*_local(), *_remote(settings, get), _spool(settings)]
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    try:
+        settings = ClientSettings.from_env(url=args.url, token=args.token)
+    except SettingsError as exc:
+        print(f"[fail] settings      {exc}")
+        return 1
+    checks = run_checks(settings)
+    if args.json:
+        print(json.dumps([asdict(c) for c in checks], indent=1))
+    else:
+        for c in checks:
+            print(f"[{c.status:<4}] {c.name:<13} {c.detail}")
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def add_doctor_command(subparsers: Any) -> None:
+    """Register ``doctor`` on the top-level ``spectrawatch`` parser."""
+    p = subparsers.add_parser("doctor", help="check connectivity, auth, versions, spool, worker")
+    p.add_argument("--url", default=None, help="server URL (SPECTRAWATCH_URL)")
+    p.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(func=cmd_doctor)

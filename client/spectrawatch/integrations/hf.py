@@ -1,0 +1,176 @@
+"""Hugging Face ``transformers.Trainer`` integration.
+
+```python
+from spectrawatch.integrations.hf import SpectrawatchCallback
+trainer = Trainer(model, args, train_dataset=ds, callbacks=[SpectrawatchCallback(project="lm")])
+```
+
+At ``on_train_begin`` the callback starts a run (named after ``TrainingArguments.run_name``
+unless ``run=`` is given; the training arguments become the run's config) and attaches the model
+and the Trainer's optimizer, so update sketches follow real optimizer steps (with gradient
+accumulation, one per accumulated step); ``on_log`` sends the Trainer's logs (loss,
+learning_rate, grad_norm, eval_* ...) as scalars at ``state.global_step``; ``on_train_end``
+finishes the run. Only the world-process-zero rank reports. ``transformers`` is imported lazily:
+importing this module does not need it, constructing the callback does.
+
+``transformers`` selects its built-in loggers with ``report_to``; spectrawatch is not one of them,
+so pass the callback in ``callbacks=[...]`` (``report_to="none"`` leaves spectrawatch alone on the
+run). Settings come from keyword arguments over ``SPECTRAWATCH_*`` env, as for ``monitor.init``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from spectrawatch.monitor import Monitor
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.optim import Optimizer
+
+logger = logging.getLogger("spectrawatch")
+
+_CONFIG_MAX_ITEMS = 200
+
+
+def _trainer_callback_base() -> type:
+    try:
+        from transformers import TrainerCallback
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "SpectrawatchCallback needs transformers: pip install transformers"
+        ) from exc
+    base: type = TrainerCallback
+    return base
+
+
+def numeric_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
+    """The finite numbers (and 0-d tensors) of a Trainer ``logs`` dict; strings and lists out."""
+    out: dict[str, float] = {}
+    for name, value in (logs or {}).items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, numbers.Real):
+            v = float(value)
+        elif hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+            v = float(value.item())
+        else:
+            continue
+        if math.isfinite(v):
+            out[str(name)] = v
+    return out
+
+
+def inner_optimizer(optimizer: Any) -> Optimizer | None:
+    """The torch optimizer under accelerate's ``AcceleratedOptimizer`` (its ``.optimizer``); the
+    inner one steps exactly when parameters change (not on skipped AMP / accumulation steps)."""
+    import torch
+
+    for _ in range(3):
+        if isinstance(optimizer, torch.optim.Optimizer) and not hasattr(optimizer, "optimizer"):
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            break
+        optimizer = inner
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+
+
+def _config_of(args: Any) -> dict[str, Any]:
+    """``TrainingArguments.to_sanitized_dict()`` (JSON scalars), bounded in size."""
+    to_dict = getattr(args, "to_sanitized_dict", None)
+    try:
+        raw = to_dict() if callable(to_dict) else {}
+    except Exception:  # a config is a nicety, never a reason to fail
+        return {}
+    items = list(raw.items())[:_CONFIG_MAX_ITEMS]
+    return {
+        str(k): v for k, v in items if isinstance(v, (str, int, float, bool)) or v is None
+    }
+
+
+class _Callback:
+    """``transformers.TrainerCallback`` that streams a Trainer run to spectrawatch.
+
+    ``SpectrawatchCallback(project=..., run=..., url=..., token=..., tags=..., probe=batch,
+    every=..., monitor=..., **settings)``: keyword settings as :meth:`Monitor.init`; ``monitor``
+    reuses an existing :class:`~spectrawatch.Monitor` (default: a new one per callback).
+    """
+
+    def __init__(
+        self,
+        project: str | None = None,
+        run: str | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        tags: Sequence[str] | None = None,
+        probe: Any = None,
+        every: int | Mapping[str, int] | None = None,
+        monitor: Monitor | None = None,
+        **settings: Any,
+    ) -> None:
+        self.monitor = monitor if monitor is not None else Monitor()
+        self._init = {"project": project, "run": run, "url": url, "token": token, **settings}
+        self._tags = tags
+        self._probe = probe
+        self._every = every
+        self._active = False
+
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+        optimizer: Any = None, **kwargs: Any,
+    ) -> None:
+        if not getattr(state, "is_world_process_zero", True):
+            return
+        init = dict(self._init)
+        if init.get("run") is None and getattr(args, "run_name", None):
+            init["run"] = str(args.run_name)
+        self.monitor.init(config=_config_of(args), tags=self._tags, **init)
+        self._active = True
+        if model is not None:
+            self.monitor.attach(
+                model, inner_optimizer(optimizer), probe=self._probe, every=self._every,
+                start_step=int(getattr(state, "global_step", 0) or 0),
+            )
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self._active:
+            values = numeric_logs(logs)
+            if values:
+                self.monitor.log(values, step=int(state.global_step))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._active:
+            self._active = False
+            self.monitor.finish()
+
+
+@functools.cache
+def _build() -> type:
+    """``SpectrawatchCallback``: the implementation with ``TrainerCallback`` as base, made once."""
+    return type(
+        "SpectrawatchCallback",
+        (_Callback, _trainer_callback_base()),
+        {"__doc__": _Callback.__doc__, "__module__": __name__,
+         "__qualname__": "SpectrawatchCallback"},
+    )
+
+
+if TYPE_CHECKING:
+    SpectrawatchCallback = _Callback
+else:
+
+    def __getattr__(name: str) -> Any:
+        """PEP 562: ``SpectrawatchCallback`` imports transformers on first access only."""
+        if name == "SpectrawatchCallback":
+            return _build()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,221 @@
+"""Hostile input against a real server: only 4xx, never 5xx, nothing stored, service alive."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from spectrawatch.wire import encode_frame
+from tests.factories import make_run, post_frame, weight_frame
+from tests.servers import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "spectrawatch", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def secured(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ServerProcess, dict[str, str]]]:
+    data_dir = tmp_path_factory.mktemp("authz")
+    tokens = {
+        "own": cli("token", "create", "--project", "mine", "--data-dir", str(data_dir)),
+        "other": cli("token", "create", "--project", "theirs", "--data-dir", str(data_dir)),
+        "revoked": cli("token", "create", "--project", "mine", "--data-dir", str(data_dir)),
+    }
+    listing = cli("token", "list", "--data-dir", str(data_dir)).splitlines()
+    revoked_id = listing[-1].split("\t")[0]
+    cli("token", "revoke", revoked_id, "--data-dir", str(data_dir))
+    proc = ServerProcess(data_dir, args=["--require-auth"]).start()
+    yield proc, tokens
+    proc.stop()
+
+
+def test_authz_matrix(secured: tuple[ServerProcess, dict[str, str]]) -> None:
+    """Each endpoint x {none, bad, other project, revoked}: 401/403/404, never the data."""
+    proc, tokens = secured
+    base = f"{proc.url}/api/v1"
+    own = httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {tokens['own']}"}, timeout=30
+    )
+    run_id = make_run(own, project="mine", name="private")
+    assert post_frame(own, run_id, weight_frame(1, 0), seq=0).status_code == 202
+    assert (
+        own.post(
+            f"/runs/{run_id}/scalars", json=[{"step": 1, "name": "loss", "value": 2.0}]
+        ).status_code
+        == 202
+    )
+    endpoints: list[tuple[str, str, bytes | None]] = [
+        ("get", f"/runs/{run_id}", None),
+        ("patch", f"/runs/{run_id}", b'{"status": "crashed"}'),
+        ("get", f"/runs/{run_id}/frames", None),
+        ("post", f"/runs/{run_id}/frames", weight_frame(2, 1)),
+        ("post", f"/runs/{run_id}/scalars", b'[{"step": 2, "name": "loss", "value": 1}]'),
+        ("get", f"/runs/{run_id}/scalars", None),
+        ("get", f"/runs/{run_id}/metrics?name=norm.spectral", None),
+        ("get", f"/runs/{run_id}/metrics/catalog", None),
+        ("get", f"/runs/{run_id}/spectra", None),
+        ("post", f"/runs/{run_id}/client-stats", b'{"errors": 1}'),
+        ("post", "/runs", b'{"project": "mine", "name": "sneaky"}'),
+    ]
+    callers = {
+        "none": {},
+        "bad": {"Authorization": "Bearer sw_forged"},
+        "revoked": {"Authorization": f"Bearer {tokens['revoked']}"},
+        "other": {"Authorization": f"Bearer {tokens['other']}"},
+    }
+    for who, headers in callers.items():
+        for method, path, body in endpoints:
+            h = dict(headers)
+            if body is not None and not path.endswith("/frames"):
+                h["content-type"] = "application/json"
+            response = httpx.request(method, base + path, content=body, headers=h, timeout=30)
+            expected = {401} if who != "other" else {403, 404}
+            assert response.status_code in expected, (who, method, path, response.text)
+            assert "private" not in response.text
+    run = own.get(f"/runs/{run_id}").json()
+    assert run["status"] == "running"
+    assert sum(run["frames"].values()) == 1
+    scalars = own.get(f"/runs/{run_id}/scalars").json()
+    assert scalars[0]["values"] == [2.0]
+    own.close()
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("hostile"), env={"SPECTRAWATCH_MAX_JSON_BYTES": "1000000"}
+    ).start()
+    yield proc
+    proc.stop()
+
+
+def test_large_and_nested_json_rejected(open_server: ServerProcess) -> None:
+    with httpx.Client(base_url=f"{open_server.url}/api/v1", timeout=60) as api:
+        run_id = make_run(api, name="json")
+        huge = (
+            b"["
+            + b",".join(b'{"step": 1, "name": "x", "value": 1.0}' for _ in range(40_000))
+            + b"]"
+        )
+        response = api.post(
+            f"/runs/{run_id}/scalars", content=huge, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "too_large"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+            yield b"["
+            for _ in range(40_000):
+                yield b'{"step": 1, "name": "x", "value": 1.0},'
+            yield b'{"step": 1, "name": "x", "value": 1.0}]'
+
+        streamed = api.post(
+            f"/runs/{run_id}/scalars",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        )
+        assert streamed.status_code == 413
+        nested = (
+            b'{"project": "p", "name": "n", "config": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001
+        )
+        response = api.post("/runs", content=nested, headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500
+        assert api.get(f"/runs/{run_id}/scalars").json() == []
+        assert api.get("/health").status_code == 200
+
+
+def test_out_of_range_ids_are_4xx(open_server: ServerProcess) -> None:
+    with httpx.Client(base_url=f"{open_server.url}/api/v1", timeout=30) as api:
+        assert api.get(f"/runs/{2**80}").status_code == 422
+        assert api.get("/runs", params={"offset": 2**80}).status_code == 422
+        run_id = make_run(api, name="ranges")
+        assert (
+            api.get(f"/runs/{run_id}/metrics", params={"name": "x", "from": 2**80}).status_code
+            == 422
+        )
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_errors(open_server: ServerProcess) -> None:
+    """Property-based requests from the OpenAPI schema: no operation may answer 5xx."""
+    st = shutil.which("st", path=os.path.dirname(sys.executable))
+    assert st is not None, "schemathesis is a dev dependency"
+    with httpx.Client(base_url=f"{open_server.url}/api/v1", timeout=30) as api:
+        run_id = make_run(api, name="fuzzed")
+        assert post_frame(api, run_id, weight_frame(1, 0), seq=0).status_code == 202
+    result = subprocess.run(
+        [
+            st,
+            "run",
+            f"{open_server.url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "10",
+            "--request-timeout",
+            "30",
+            "--no-color",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert httpx.get(f"{open_server.url}/api/v1/health").status_code == 200
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        return False
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def test_full_blob_disk_answers_507_and_stores_nothing(tmp_path: Path) -> None:
+    """A 2 MiB tmpfs as the blob directory: frames that do not fit get 507, no partial state."""
+    blob_dir = tmp_path / "blobs"
+    if not _mount_tmpfs(blob_dir, "2m"):
+        pytest.skip("cannot mount a tmpfs here (needs root); the storage-layer test covers ENOSPC")
+    proc = ServerProcess(tmp_path / "srv", env={"SPECTRAWATCH_BLOB_DIR": str(blob_dir)})
+    try:
+        proc.start()
+        with httpx.Client(base_url=f"{proc.url}/api/v1", timeout=60) as api:
+            run_id = make_run(api, name="disk-full")
+            small = post_frame(api, run_id, weight_frame(1, 0), seq=0)
+            assert small.status_code == 202
+            big = encode_frame("weights", 2, 1, {"w": torch.randn(1024, 1024)})  # 4 MiB
+            response = post_frame(api, run_id, big, seq=1)
+            assert response.status_code == 507, response.text
+            assert response.json()["error"]["code"] == "storage_full"
+            assert len(api.get(f"/runs/{run_id}/frames").json()) == 1
+            assert list((blob_dir / ".tmp").iterdir()) == []
+            assert post_frame(api, run_id, weight_frame(3, 2), seq=2).status_code == 202
+            assert api.get("/health").status_code == 200
+    finally:
+        proc.stop()
+        subprocess.run(["umount", str(blob_dir)], capture_output=True)

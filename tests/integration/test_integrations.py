@@ -1,0 +1,195 @@
+"""The Hugging Face Trainer and Lightning callbacks, each driving a real tiny model for a few
+steps against a real ``spectrawatch server`` subprocess: the run, its scalars and its frames
+arrive. transformers / lightning are test-only extras; without them these tests skip."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.servers import ServerProcess
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    # third-party deprecation / "few dataloader workers" notices, not ours
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers).*:UserWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+STEPS = 6
+SETTINGS: dict[str, Any] = {
+    "every": {"update": 1, "weights": 3, "activations": 0, "theta": 0, "defect": 0},
+    "frame_steps": 2,
+}
+
+
+def _run(api: httpx.Client, project: str, name: str) -> dict[str, Any]:
+    runs = api.get("/runs", params={"project": project}).raise_for_status().json()
+    matching = [r for r in runs if r["name"] == name]
+    assert matching, f"run {name!r} not found in {[r['name'] for r in runs]}"
+    run: dict[str, Any] = matching[0]
+    return run
+
+
+def _frames(api: httpx.Client, run_id: int) -> list[dict[str, Any]]:
+    frames: list[dict[str, Any]] = api.get(f"/runs/{run_id}/frames").raise_for_status().json()
+    return frames
+
+
+def _scalars(api: httpx.Client, run_id: int) -> dict[str, list[int]]:
+    series = api.get(f"/runs/{run_id}/scalars").raise_for_status().json()
+    return {s["name"]: s["steps"] for s in series}
+
+
+def test_hf_trainer_callback_streams_a_run(
+    server: ServerProcess, api: httpx.Client, tmp_path: Path
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from spectrawatch.integrations.hf import SpectrawatchCallback
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    data = [
+        {"input_ids": ids, "labels": ids}
+        for ids in torch.randint(0, 64, (16, 8)).unbind(0)
+    ]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        logging_steps=2,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        run_name="hf-gpt2",
+        dataloader_num_workers=0,
+    )
+    callback = SpectrawatchCallback(
+        url=server.url, project="integrations", spool_dir=str(tmp_path / "spool"), **SETTINGS
+    )
+    assert isinstance(callback, transformers.TrainerCallback)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, callbacks=[callback]
+    )
+    trainer.train()  # on_train_end finishes the run (flushes the queue)
+
+    run = _run(api, "integrations", "hf-gpt2")
+    assert run["status"] == "finished"
+    assert run["config"]["max_steps"] == STEPS
+    assert run["config"]["gradient_accumulation_steps"] == 2
+    scalars = _scalars(api, run["id"])
+    assert scalars["loss"] == [2, 4, 6]  # Trainer logs every logging_steps optimizer steps
+    assert "learning_rate" in scalars
+    frames = _frames(api, run["id"])
+    kinds = {f["kind"] for f in frames}
+    assert {"update_sketch", "weights"} <= kinds
+    # frame_steps=2 rows per frame, one row per real optimizer step (6), not per micro-batch (12)
+    assert len([f for f in frames if f["kind"] == "update_sketch"]) == STEPS // 2
+    weights = [f for f in frames if f["kind"] == "weights"]
+    assert "transformer.h.0.attn.c_attn.weight" in weights[0]["layers"]
+    assert {f["step"] for f in weights} >= {3, STEPS}
+
+
+class _TinyLightningModel:
+    """Built lazily so that this module imports without lightning."""
+
+    @staticmethod
+    def make(pl: Any) -> Any:
+        class Tiny(pl.LightningModule):  # type: ignore[misc, name-defined]
+            def __init__(self, hidden: int = 16, lr: float = 0.05) -> None:
+                super().__init__()
+                self.save_hyperparameters()
+                self.net = torch.nn.Sequential(
+                    torch.nn.Linear(8, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)
+                )
+
+            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                x, y = batch
+                loss = torch.nn.functional.mse_loss(self.net(x), y)
+                self.log("train_loss", loss)
+                return loss
+
+            def validation_step(self, batch: Any, batch_idx: int) -> None:
+                x, y = batch
+                self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+            def configure_optimizers(self) -> Any:
+                return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"])
+
+        return Tiny()
+
+
+def test_lightning_callback_streams_a_run(
+    server: ServerProcess, api: httpx.Client, tmp_path: Path
+) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from spectrawatch.integrations.lightning import SpectrawatchCallback
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    train = torch.utils.data.DataLoader(data, batch_size=8)
+    val = torch.utils.data.DataLoader(data, batch_size=32)
+    callback = SpectrawatchCallback(
+        url=server.url, project="integrations", run="lightning-mlp", log_every=2,
+        spool_dir=str(tmp_path / "spool"), **SETTINGS,
+    )
+    assert isinstance(callback, pl.Callback)
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=3,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(_TinyLightningModel.make(pl), train, val)
+
+    run = _run(api, "integrations", "lightning-mlp")
+    assert run["status"] == "finished"
+    assert run["config"] == {"hidden": 16, "lr": 0.05}
+    scalars = _scalars(api, run["id"])
+    assert scalars["train_loss"] == [2, 4, 6]
+    assert scalars["val_loss"] == [3, 6]
+    frames = _frames(api, run["id"])
+    assert len([f for f in frames if f["kind"] == "update_sketch"]) == STEPS // 2
+    weights = [f for f in frames if f["kind"] == "weights"]
+    assert weights and "net.0.weight" in weights[0]["layers"]
+
+
+def test_integrations_do_not_import_frameworks() -> None:
+    """``import spectrawatch`` and the integration modules leave the frameworks unimported."""
+    import subprocess
+
+    code = (
+        "import sys, spectrawatch, spectrawatch.integrations.hf, "
+        "spectrawatch.integrations.lightning; "
+        "print(sorted(m for m in ('transformers', 'lightning', 'pytorch_lightning') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
+

@@ -1,0 +1,261 @@
+"""``spectrawatch analyze``: loading every supported checkpoint form, results equal to the
+in-process spectral functions and to independent LAPACK references, exact scale laws in
+``--compare``, and clear refusals of bad, corrupt and pickle-only files."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from spectrawatch import _analyze as an
+from spectrawatch.cli import main
+from spectrawatch.spectral.conditioning import GMCN, SIGMA_MAX, SIGMA_MIN
+from spectrawatch.spectral.farms import FARMS_CV
+from spectrawatch.spectral.htsr import ALPHA, LOG_SPECTRAL_NORM, analyze_model, farms_key
+
+REL = 1e-9  # same float64 code path: agreement to round-off
+
+
+def _state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    heavy = torch.randn(96, 48, generator=g) @ torch.diag(torch.rand(48, generator=g) ** 3 * 5)
+    return {
+        "encoder.dense.weight": torch.randn(80, 40, generator=g),
+        "encoder.dense.bias": torch.randn(80, generator=g),
+        "encoder.layer_norm.weight": torch.ones(40),
+        "decoder.proj.weight": heavy.T.contiguous(),  # wide (48, 96)
+        "conv.weight": torch.randn(12, 6, 3, 3, generator=g),
+        "head.weight": torch.randn(3, 4, generator=g),  # below WeightWatcher's size filter
+        "step": torch.tensor(7),  # an int buffer: ignored
+    }
+
+
+@pytest.fixture(scope="module")
+def sd() -> dict[str, torch.Tensor]:
+    return _state_dict()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory, sd: dict[str, torch.Tensor]) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def analysis(ckpt: Path) -> an.CheckpointAnalysis:
+    return an.analyze_checkpoint(ckpt, device="cpu", progress=False)
+
+
+def test_selects_2d_and_4d_float_weights_except_norms(analysis: an.CheckpointAnalysis) -> None:
+    assert [r.layer for r in analysis.layers] == [
+        "conv.weight", "decoder.proj.weight", "encoder.dense.weight", "head.weight",
+    ]  # safetensors stores names sorted
+    assert analysis.ignored == 3  # bias, layer_norm, int buffer
+    head = analysis.layer("head.weight")
+    assert ALPHA not in head.values
+    assert "size filter" in head.note
+    assert SIGMA_MAX in head.values  # conditioning needs no size filter
+
+
+def test_htsr_and_farms_equal_the_in_process_batched_analysis(
+    analysis: an.CheckpointAnalysis, sd: dict[str, torch.Tensor]
+) -> None:
+    reference = analyze_model(sd, farms=FARMS_CV)
+    assert {r.layer for r in reference.layers} == {
+        r.layer for r in analysis.layers if r.report is not None
+    }
+    for ref in reference.layers:
+        got = analysis.layer(ref.layer).values
+        want = ref.values()
+        assert farms_key(ALPHA) in want
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=REL, abs=1e-12), key
+
+
+def test_conditioning_matches_lapack(
+    analysis: an.CheckpointAnalysis, sd: dict[str, torch.Tensor]
+) -> None:
+    for name in ("encoder.dense.weight", "decoder.proj.weight", "head.weight", "conv.weight"):
+        w = sd[name].double().numpy()
+        s = np.linalg.svd(w.reshape(w.shape[0], -1), compute_uv=False)  # conv: (out, in*kh*kw)
+        k = math.ceil(0.1 * s.size)
+        got = analysis.layer(name).values
+        assert got[SIGMA_MAX] == pytest.approx(s[0], rel=1e-10)
+        assert got[SIGMA_MIN] == pytest.approx(s[-1], rel=1e-10)
+        assert got[GMCN] == pytest.approx(s[0] / np.sort(s)[:k].mean(), rel=1e-10)
+
+
+def test_alpha_is_independent_of_the_checkpoint_form(
+    tmp_path: Path, sd: dict[str, torch.Tensor], analysis: an.CheckpointAnalysis
+) -> None:
+    """state-dict file, Lightning-style nested checkpoint, a folder of shards: same numbers."""
+    torch.save(sd, tmp_path / "sd.pt")
+    torch.save({"epoch": 3, "state_dict": sd}, tmp_path / "lightning.ckpt")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    names = sorted(sd)
+    save_file({k: sd[k] for k in names[:3]}, str(shards / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in names[3:]}, str(shards / "model-00002-of-00002.safetensors"))
+    (shards / "config.json").write_text("{}")
+    want = {r.layer: r.values for r in analysis.layers}
+    for path in (tmp_path / "sd.pt", tmp_path / "lightning.ckpt", shards):
+        got = an.analyze_checkpoint(path, device="cpu", progress=False)
+        assert {r.layer: r.values for r in got.layers} == want, path
+
+
+def test_compare_obeys_exact_scale_laws(tmp_path: Path, sd: dict[str, torch.Tensor]) -> None:
+    """B = 2 A: every eigenvalue x4, so alpha and GMCN are unchanged, log10 lambda_max +log10 4."""
+    a_path, b_path = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": sd["encoder.dense.weight"]}, str(a_path))
+    save_file({"w": 2 * sd["encoder.dense.weight"], "extra": torch.randn(20, 10)}, str(b_path))
+    a = an.analyze_checkpoint(a_path, device="cpu", progress=False)
+    b = an.analyze_checkpoint(b_path, device="cpu", progress=False)
+    diffs = {d.layer: d for d in an.compare(a, b)}
+    assert set(diffs) == {"w", "extra"}
+    assert diffs["extra"].shape_a is None
+    d = diffs["w"]
+    assert d.delta(ALPHA) == pytest.approx(0.0, abs=1e-9)
+    assert d.delta(GMCN) == pytest.approx(0.0, abs=1e-9)
+    assert d.delta(LOG_SPECTRAL_NORM) == pytest.approx(math.log10(4.0), rel=1e-12)
+    assert d.delta(SIGMA_MAX) == pytest.approx(a.layer("w").values[SIGMA_MAX], rel=1e-12)
+
+    out = tmp_path / "cmp.csv"
+    assert main(["analyze", "-q", "--compare", str(a_path), str(b_path), "--csv", str(out)]) == 0
+    with out.open() as f:
+        rows = {(r["layer"], r["metric"]): r for r in csv.DictReader(f)}
+    assert float(rows[("w", LOG_SPECTRAL_NORM)]["delta"]) == pytest.approx(math.log10(4.0))
+    assert rows[("extra", ALPHA)]["a"] == ""
+
+
+def test_cli_writes_table_csv_json_and_self_contained_html(
+    ckpt: Path, tmp_path: Path, analysis: an.CheckpointAnalysis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    csv_path, json_path, html_path = tmp_path / "m.csv", tmp_path / "m.json", tmp_path / "m.html"
+    code = main(["analyze", str(ckpt), "--device", "cpu", "--csv", str(csv_path),
+                 "--json", str(json_path), "--html", str(html_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "encoder.dense.weight" in out
+    assert "4 layers analysed on cpu" in out
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    dense = next(r for r in rows if r["layer"] == "encoder.dense.weight")
+    assert float(dense[ALPHA]) == analysis.layer("encoder.dense.weight").values[ALPHA]
+    assert float(dense[farms_key(ALPHA)]) > 0
+    data = json.loads(json_path.read_text())
+    assert data["device"] == "cpu"
+    assert {la["layer"] for la in data["layers"]} == {r.layer for r in analysis.layers}
+    page = html_path.read_text()
+    assert "<script src=" not in page and "src=\"http" not in page  # offline: nothing fetched
+    assert "Plotly.newPlot" in page and len(page) > 1_000_000  # plotly.js inlined
+    assert page.count("Plotly.newPlot") == 1 + 3  # alpha bars + one ESD plot per fitted layer
+
+
+def test_refuses_pickles_that_need_code_without_running_them(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (marker.touch, ())  # type: ignore[return-value]
+
+    path = tmp_path / "evil.pt"
+    with path.open("wb") as f:
+        pickle.dump({"w": Exploit()}, f)
+    with pytest.raises(an.AnalyzeError, match="refused.*never does"):
+        an.load_weights(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.safetensors", None, "no such file"),
+        ("corrupt.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + b"x" * 8,
+         "not a readable safetensors file"),
+        ("truncated.pt", b"PK\x03\x04truncated", "not a readable PyTorch checkpoint"),
+        ("notes.txt", b"hello", "unsupported file"),
+    ],
+)
+def test_bad_files_fail_clearly(
+    tmp_path: Path, name: str, content: bytes | None, message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(an.AnalyzeError, match=message):
+        an.load_weights(path)
+    assert main(["analyze", "-q", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_checkpoints_without_weights_fail_clearly(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(an.AnalyzeError, match="no weight files"):
+        an.load_weights(tmp_path / "empty")
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pt")
+    with pytest.raises(an.AnalyzeError, match="no tensors found"):
+        an.load_weights(tmp_path / "meta.pt")
+    save_file({"bias": torch.zeros(3)}, str(tmp_path / "bias.safetensors"))
+    with pytest.raises(an.AnalyzeError, match="no 2-D or 4-D"):
+        an.analyze_checkpoint(tmp_path / "bias.safetensors", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(an.AnalyzeError, match="CUDA is not available"):
+            an.resolve_device("cuda")
+
+
+def test_a_checkpoint_shipped_by_a_pypi_package() -> None:
+    """torchmetrics ships LPIPS heads (1 x C x 1 x 1 convs) as weights-only state dicts: they
+    load, and every layer is reported as outside the size filters instead of failing."""
+    spec = importlib.util.find_spec("torchmetrics")
+    if spec is None or spec.origin is None:
+        pytest.skip("torchmetrics (test extra) not installed")
+    path = Path(spec.origin).parent / "functional/image/lpips_models/alex.pth"
+    if not path.is_file():
+        pytest.skip(f"{path} not shipped by this torchmetrics version")
+    result = an.analyze_checkpoint(path, device="cpu", progress=False)
+    assert [r.shape for r in result.layers][:2] == [(1, 64, 1, 1), (1, 192, 1, 1)]
+    assert all(not r.values and "size filter" in r.note for r in result.layers)
+
+
+@pytest.mark.slow
+def test_hugging_face_model_directory(tmp_path: Path) -> None:
+    """A folder written by ``save_pretrained`` (config.json + model.safetensors)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "gpt2-tiny")
+    result = an.analyze_checkpoint(tmp_path / "gpt2-tiny", device="cpu", progress=False)
+    names = {r.layer for r in result.layers}
+    assert "lm_head.weight" not in names  # tied to the token embedding, saved once
+    reference = analyze_model(
+        {k: v for k, v in model.state_dict().items() if k in names}, farms=FARMS_CV
+    )
+    assert len(reference.layers) >= 4
+    for ref in reference.layers:
+        assert result.layer(ref.layer).values[ALPHA] == pytest.approx(ref.plain.alpha, rel=REL)
+    assert "transformer.h.0.attn.c_attn.weight" in {r.layer for r in result.layers}
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(ckpt: Path, analysis: an.CheckpointAnalysis) -> None:
+    got = an.analyze_checkpoint(ckpt, device="cuda", progress=False)
+    assert got.device.startswith("cuda")
+    for r in analysis.layers:
+        for key, value in r.values.items():
+            # float64 ESDs on both; conditioning SVD is float32 on CUDA
+            rel = 1e-4 if key.startswith("conditioning.") else 1e-6
+            assert got.layer(r.layer).values[key] == pytest.approx(value, rel=rel, abs=1e-6), key

@@ -1,0 +1,416 @@
+"""Dashboard figures (pure builders), page definitions, the index-friendly queries, and every
+page/figure route through FastAPI's TestClient (browser rendering is in tests/e2e)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from spectrawatch.spectral.htsr import analyze_weights, esd_payload
+from spectrawatch_server import figures as fig
+from spectrawatch_server.api.routes import dashboards as routes
+from spectrawatch_server.db import migrate
+from spectrawatch_server.db.models import Frame, Metric
+from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage.repository import MetricRow
+
+# --- page definitions ------------------------------------------------------------------------
+
+
+def test_shipped_pages_parse_and_cover_every_route() -> None:
+    pages = routes.pages()
+    assert set(pages) == {"overview", "layers", "layer", "activations", "compare", "alerts"}
+    assert [p.id for p in pages["overview"].panels] == [
+        "loss",
+        "accuracy",
+        "sed_gap",
+        "sed_edge",
+        "warning",
+    ]
+    assert pages["layer"].panel("esd").kind == "esd"
+    assert pages["activations"].panels[0].split
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"id": "p", "title": "t", "panels": [{"id": "a", "title": "A", "kind": "pie"}]},
+            "kind 'pie'",
+        ),
+        (
+            {"id": "p", "title": "t", "panels": [{"id": "a", "title": "A", "kind": "lines"}] * 2},
+            "unique",
+        ),
+        ({"id": "p", "title": 3}, "'id' and 'title'"),
+        (
+            {
+                "id": "p",
+                "title": "t",
+                "panels": [{"id": "a", "title": "A", "kind": "lines", "match": 4}],
+            },
+            "'match'",
+        ),
+    ],
+)
+def test_bad_page_definitions_name_the_problem(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(fig.PageSpecError, match=message):
+        fig.parse_page(raw)
+
+
+def test_bundled_plotly_is_the_installed_plotly_js() -> None:
+    import plotly
+
+    installed = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    bundled = routes.package_dir() / "static" / "plotly.min.js"
+    assert (
+        hashlib.sha256(bundled.read_bytes()).hexdigest()
+        == hashlib.sha256(installed.read_bytes()).hexdigest()
+    )
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def test_match_names_orders_windows_numerically_and_dedupes() -> None:
+    names = ["sed.gap_ratio.w128", "sed.gap_ratio.w16", "sed.gap_ratio", "sed.edge.w16", "loss"]
+    got = fig.match_names(names, ["sed.gap_ratio.w*", "sed.gap_ratio", "sed.*"])
+    assert got == ["sed.gap_ratio.w16", "sed.gap_ratio.w128", "sed.gap_ratio", "sed.edge.w16"]
+    assert fig.window_of("sed.gap_ratio.w32") == "w32"
+    assert fig.window_of("sed.gap_ratio") == ""
+
+
+def test_first_at_least_skips_missing_values() -> None:
+    assert fig.first_at_least([0, 5, 10, 15], [0.1, None, 0.95, 0.99], 0.9) == 10
+    assert fig.first_at_least([0, 5], [0.1, 0.2], 0.9) is None
+
+
+def test_phase_spans_tile_the_axis_and_break_on_unknown() -> None:
+    steps = [0, 1, 2, 3, 4, 5, 6, 7]
+    codes: list[float | None] = [1, 1, 2, 2, 0, 3, 3, None]
+    assert fig.phase_spans(steps, codes) == [(0, 2, 1), (2, 4, 2), (5, 7, 3)]
+    bands = fig.phase_bands(steps, codes)
+    assert [b.label for b in bands] == ["rise", "plateau", "collapse"]
+
+
+def test_val_acc_pattern() -> None:
+    assert all(
+        fig.VAL_ACC_PATTERN.match(n) for n in ("val_acc", "val/accuracy", "test_acc", "eval.acc")
+    )
+    assert not any(fig.VAL_ACC_PATTERN.match(n) for n in ("train_acc", "val_loss", "accuracy"))
+
+
+def test_series_csv_quotes_names() -> None:
+    csv = fig.series_csv([("a,b", [1, 2], [0.5, None])])
+    assert csv == 'series,step,value\n"a,b",1,0.5\n"a,b",2,\n'
+
+
+def test_click_target_encodes_layer_names() -> None:
+    url = fig.heatmap_click_target(3, "blocks/0.attn", "htsr.alpha", 40)
+    assert url == "/runs/3/layers/blocks%2F0.attn?metric=htsr.alpha&step=40"
+
+
+# --- figure builders -------------------------------------------------------------------------
+
+
+def test_line_figure_markers_bands_and_webgl_switch() -> None:
+    small = fig.line_figure(
+        "t",
+        [fig.Line("loss", [0, 1, 2], [1.0, None, 0.5])],
+        markers=fig.overview_markers(
+            10, 25, "val_acc", [{"step": 30, "rule": "nan", "severity": "critical"}]
+        ),
+        bands=fig.phase_bands([0, 10, 20], [1, 2, 2]),
+        y_band=(2.0, 6.0),
+    )
+    assert small["data"][0]["type"] == "scatter"
+    assert small["data"][0]["y"] == [1.0, None, 0.5]
+    lines = [
+        (s["x0"], s["line"]["color"]) for s in small["layout"]["shapes"] if s["type"] == "line"
+    ]
+    assert lines == [(10, "#9467bd"), (25, "#2ca02c"), (30, "#d62728")]
+    labels = [a["text"] for a in small["layout"]["annotations"]]
+    assert "early warning (lead +15 steps)" in labels
+    rects = [(s["x0"], s["x1"]) for s in small["layout"]["shapes"] if s["type"] == "rect"]
+    assert rects == [(0, 10), (10, 20), (0, 1)]  # two phase bands, then the y band (paper x)
+    n = fig.WEBGL_POINTS // 2 + 1
+    big = fig.line_figure("t", [fig.Line(str(i), list(range(n)), [0.0] * n) for i in range(2)])
+    assert {t["type"] for t in big["data"]} == {"scattergl"}
+    json.dumps(big, allow_nan=False)  # strict JSON
+
+
+def test_grid_and_heatmap() -> None:
+    rows = [("l10", 5, 1.0), ("l2", 5, 2.0), ("l2", 0, None), ("l10", 0, 3.0)]
+    grid = fig.grid_from_rows(rows)
+    assert grid.layers == ["l2", "l10"]
+    assert grid.steps == [0, 5]
+    assert grid.z == [[None, 2.0], [3.0, 1.0]]
+    heat = fig.heatmap_figure("htsr.alpha", grid, sampled=True)
+    assert heat["data"][0]["type"] == "heatmap"
+    assert heat["layout"]["yaxis"]["type"] == "category"
+    assert "sampled at 2 steps" in heat["layout"]["title"]["text"]
+    missing = fig.grid_from_rows([("a", 0, 1.0), ("b", 1, 2.0)])
+    assert missing.z == [[1.0, None], [None, 2.0]]
+
+
+@pytest.fixture(scope="module")
+def payload() -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(200, 100, generator=gen, dtype=torch.float64)
+    w[:, :3] *= 8.0  # three planted spikes above the MP bulk
+    report = analyze_weights({"w": w})
+    layer = report.layers[0]
+    out = esd_payload(layer.evals, layer.plain)
+    out["_evals"] = layer.evals.tolist()
+    return out
+
+
+def test_esd_figure_log_log_with_fit(payload: dict[str, Any]) -> None:
+    f = fig.esd_figure(payload, "ESD")
+    esd, line = f["data"][0], f["data"][1]
+    edges = np.asarray(payload["hist"]["edges"])
+    density = np.asarray(payload["hist"]["density"])
+    keep = density > 0
+    np.testing.assert_allclose(esd["x"], np.sqrt(edges[:-1] * edges[1:])[keep], rtol=1e-12)
+    np.testing.assert_allclose(esd["y"], density[keep], rtol=1e-12)
+    assert f["layout"]["xaxis"]["type"] == "log"
+    assert f["layout"]["yaxis"]["type"] == "log"
+    assert line["name"] == f"power law \u03b1={payload['fit']['alpha']:.3f}"
+    xmin = [s["x0"] for s in f["layout"]["shapes"]]
+    assert xmin == [pytest.approx(payload["fit"]["xmin"])]
+    # The fitted line is the tail-scaled power-law pdf: check one point independently.
+    fit = payload["fit"]
+    k = payload["num_evals"]
+    x0 = line["x"][0]
+    expect = (
+        (fit["num_tail"] / k)
+        * (fit["alpha"] - 1)
+        / fit["xmin"]
+        * (x0 / fit["xmin"]) ** -fit["alpha"]
+    )
+    assert line["y"][0] == pytest.approx(expect, rel=1e-9)
+
+
+def test_mp_figure_marks_spikes_beyond_lambda_plus(payload: dict[str, Any]) -> None:
+    f = fig.mp_figure(payload, "MP")
+    names = [t["name"] for t in f["data"]]
+    assert names[0] == "ESD bulk"
+    assert names[1] == "beyond \u03bb+ (spikes)"
+    bulk_max = payload["mp"]["bulk_max"]
+    # Independent count: eigenvalues in bins whose centre lies beyond lambda+ (numpy histogram).
+    evals = np.asarray(payload["_evals"])
+    edges = np.asarray(payload["hist"]["edges"])
+    counts, _ = np.histogram(np.log10(evals[evals > 0]), bins=np.log10(edges))
+    centers = (edges[:-1] + edges[1:]) / 2
+    assert sum(f["data"][1]["customdata"]) == int(counts[centers > bulk_max].sum())
+    assert sum(f["data"][1]["customdata"]) >= 3  # the planted spikes
+    assert [s["x0"] for s in f["layout"]["shapes"]] == [pytest.approx(bulk_max)]
+
+
+def test_payload_with_nulls_does_not_break_builders() -> None:
+    broken = {
+        "hist": {"edges": [1.0, None, 3.0], "density": [0.5, None], "counts": [1, 0]},
+        "fit": {"alpha": None, "xmin": 1.0},
+        "mp": {"bulk_max": None},
+    }
+    assert fig.esd_figure(broken, "x")["data"][0]["x"] == []
+    assert len(fig.esd_figure(broken, "x")["data"]) == 1  # no fit line without alpha
+    assert fig.mp_figure(broken, "x")["layout"]["shapes"] == []
+    assert (
+        fig.panel_from(
+            fig.PanelSpec("e", "E", "esd", empty="none"), fig.esd_figure(broken, "x")
+        ).empty
+        == "none"
+    )
+
+
+def test_alerts_timeline_open_episode_runs_to_last_step() -> None:
+    alerts = [
+        {
+            "rule": "nan",
+            "layer": "fc",
+            "severity": "critical",
+            "status": "open",
+            "step": 5,
+            "resolved_step": None,
+        },
+        {
+            "rule": "gap",
+            "layer": "",
+            "severity": "warning",
+            "status": "resolved",
+            "step": 2,
+            "resolved_step": 4,
+        },
+    ]
+    f = fig.alerts_timeline_figure(alerts, last_step=9)
+    by_name = {t["name"]: t for t in f["data"]}
+    assert by_name["critical"]["x"] == [5, 9, None]
+    assert by_name["critical"]["y"] == ["nan fc", "nan fc", None]
+    assert by_name["warning"]["x"] == [2, 4, None]
+
+
+# --- queries and routes on a real (temporary) SQLite database ---------------------------------
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Any:
+    engine = make_engine(f"sqlite:///{tmp_path / 'sw.db'}")
+    migrate.upgrade(engine)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as s:
+        project, _ = repo.get_or_create_project(s, "p")
+        run, _ = repo.get_or_create_run(s, project, "r", {}, [])
+        frame = Frame(
+            run_id=run.id,
+            kind="weights",
+            step=0,
+            seq=0,
+            idempotency_key="k",
+            blob_key="b",
+            bytes=0,
+            info={},
+            layers=[],
+            nonfinite={},
+            status="done",
+        )
+        repo.insert_frame(s, frame)
+        rows = [
+            MetricRow(f"l{i}", "htsr.alpha", step, i + step / 100)
+            for i in range(4)
+            for step in range(0, 97, 3)
+        ]
+        rows += [MetricRow("l9", "htsr.alpha", 200, 1.0)]  # a late layer
+        rows += [MetricRow("lnan", "x.gappy", t, v) for t, v in ((0, 1.0), (1, math.nan), (2, 3.0))]
+        rows += [
+            MetricRow("__model__", name, 1, 0.0)
+            for name in ("sed.gap_ratio.w16", "grok.imminent", "a", "zz")
+        ]
+        repo.replace_results(s, run.id, frame.id, 0, "htsr", rows, [])
+    yield sessions, run.id
+    engine.dispose()
+
+
+def test_metric_names_skip_scan_equals_distinct(db: Any) -> None:
+    sessions, run_id = db
+    with sessions() as s:
+        assert routes.metric_names(s, run_id) == [
+            "a",
+            "grok.imminent",
+            "htsr.alpha",
+            "sed.gap_ratio.w16",
+            "x.gappy",
+            "zz",
+        ]
+        assert routes.metric_names(s, run_id + 1) == []
+        assert routes.layers_at_last_step(s, run_id, "htsr.alpha") == ["l9"]
+        assert routes.step_range(s, run_id, "htsr.alpha") == (0, 200)
+
+
+def test_sampled_steps_pick_first_step_of_each_bucket(db: Any) -> None:
+    sessions, run_id = db
+    stored = sorted({*range(0, 97, 3), 200})
+    with sessions() as s:
+        steps, skipped = routes.sampled_steps(s, run_id, "htsr.alpha", 1000)
+        assert steps == stored
+        assert not skipped
+        steps, skipped = routes.sampled_steps(s, run_id, "htsr.alpha", 4)
+        # Buckets of width 201/4 start at 0, 50, 100, 150: first stored step at or after each.
+        assert steps == [0, 51, 200]
+        assert skipped
+        rows = routes.grid_rows(s, run_id, "htsr.alpha", steps)
+        assert sorted(rows) == sorted(
+            [(f"l{i}", st, i + st / 100) for i in range(4) for st in (0, 51)] + [("l9", 200, 1.0)]
+        )
+
+
+def test_routes_serve_pages_and_figures(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False)
+    with TestClient(create_app(settings)) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()
+        steps = list(range(120))
+        client.post(
+            "/api/v1/runs/{}/scalars".format(run["id"]),
+            json=[{"step": s, "name": "loss", "value": 1 / (s + 1)} for s in steps],
+        )
+        for path in (
+            "/",
+            "/projects/p",
+            f"/runs/{run['id']}",
+            f"/runs/{run['id']}/layers",
+            f"/runs/{run['id']}/layers/a.b",
+            f"/runs/{run['id']}/activations",
+            f"/runs/{run['id']}/alerts",
+            f"/compare?runs={run['id']}",
+        ):
+            page = client.get(path)
+            assert page.status_code == 200, path
+            assert "text/html" in page.headers["content-type"]
+        assert "/dashboards/static/plotly.min.js" in client.get(f"/runs/{run['id']}").text
+        assert client.get("/dashboards/static/plotly.min.js").status_code == 200
+        assert client.get("/runs/999").status_code == 404
+        assert client.get("/projects/nope").status_code == 404
+        overview = client.get(
+            f"/api/v1/dashboards/runs/{run['id']}/overview", params={"max_points": 60}
+        ).json()
+        loss = next(p for p in overview["panels"] if p["id"] == "loss")
+        assert loss["figure"]["data"][0]["name"] == "loss"
+        assert len(loss["figure"]["data"][0]["x"]) == 60  # LTTB-downsampled to the plot width
+        assert loss["figure"]["data"][0]["x"][0] == 0
+        assert loss["figure"]["data"][0]["x"][-1] == 119
+        sed = next(p for p in overview["panels"] if p["id"] == "sed_gap")
+        assert sed["figure"] is None
+        assert "update sketches" in sed["empty"]
+        layers = client.get(f"/api/v1/dashboards/runs/{run['id']}/layers").json()
+        assert layers["panels"][0]["figure"] is None
+        compare = client.get(
+            "/api/v1/dashboards/compare", params={"runs": f"{run['id']},{run['id']}"}
+        ).json()
+        assert compare["controls"]["names"]["value"] == ["loss"]
+        assert client.get("/api/v1/dashboards/compare", params={"runs": "1;2"}).status_code == 422
+        assert client.get("/api/v1/dashboards/runs/999/overview").status_code == 404
+        assert math.isfinite(overview["run"]["id"])
+
+
+def test_bucketed_series_keep_each_bucket_min_and_max(db: Any) -> None:
+    sessions, run_id = db
+    with sessions() as s:
+        got = routes.metric_series(s, run_id, "htsr.alpha", "l1", max_points=8)
+        assert list(got) == ["l1"]
+        steps = list(range(0, 97, 3))
+        buckets: dict[int, list[int]] = {}
+        for t in steps:  # 4 buckets over the layer's step range 0..96 (span 97)
+            buckets.setdefault(t * 4 // 97, []).append(t)
+        want_x = [x for b in sorted(buckets) for x in (buckets[b][0], buckets[b][-1])]
+        want_y = [1 + x / 100 for x in want_x]  # rising series: min first, then max
+        assert got["l1"][0] == want_x
+        assert got["l1"][1] == pytest.approx(want_y)
+        exact = routes.metric_series(s, run_id, "htsr.alpha", "l1", max_points=1000)
+        assert exact["l1"][0] == steps
+        assert routes.metric_series(s, run_id, "x.gappy", None, 100) == {
+            "lnan": ([0, 1, 2], [1.0, None, 3.0])
+        }
+        assert (
+            routes.first_step_at_least(
+                s, Metric, [Metric.run_id == run_id, Metric.layer == "l2"], 2.5
+            )
+            == 51
+        )
+
+
+def test_rounded_keeps_six_significant_digits() -> None:
+    got = fig.rounded([0.123456789, 123456.789, None, math.nan, 0.0, -2.5e-7, 1e300])
+    assert got == [0.123457, 123457.0, None, None, 0.0, -2.5e-07, 1e300]

@@ -1,0 +1,67 @@
+"""Property tests: no byte string makes header validation fail with anything but FrameError."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectrawatch.wire import FrameError, FrameLimits, decode_frame, parse_header
+
+DTYPES = st.sampled_from(
+    ["F16", "BF16", "F32", "F64", "I32", "I64", "U8", "BOOL", "F8_E4M3", "", "x"]
+)
+INTS = st.one_of(st.integers(-(2**70), 2**70), st.integers(0, 64))
+ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": DTYPES,
+        "shape": st.one_of(st.lists(INTS, max_size=6), st.text(max_size=5), st.none()),
+        "data_offsets": st.one_of(st.lists(INTS, min_size=0, max_size=3), st.text(max_size=3)),
+    }
+)
+META = st.dictionaries(
+    st.sampled_from(["spectrawatch", "kind", "step", "seq", "info", "other"]),
+    st.one_of(
+        st.sampled_from(["1", "weights", "update_sketch", "0", "-1", "{}", '{"steps": [0]}']),
+        st.text(max_size=10),
+        st.integers(),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    meta=st.one_of(
+        st.just({"spectrawatch": "1", "kind": "weights", "step": "0", "seq": "0"}),
+        META,
+        st.none(),
+        st.text(max_size=4),
+    ),
+    entries=st.dictionaries(st.text(min_size=0, max_size=8), ENTRY, max_size=4),
+    data=st.binary(max_size=128),
+    declared_extra=st.integers(-16, 2**64 - 1),
+)
+def test_random_headers_only_raise_frame_errors(
+    meta: object, entries: dict[str, object], data: bytes, declared_extra: int
+) -> None:
+    header: dict[str, object] = dict(entries)
+    if meta is not None:
+        header["__metadata__"] = meta
+    head = json.dumps(header).encode()
+    declared = max(0, min(2**64 - 1, len(head) + (declared_extra if declared_extra < 0 else 0)))
+    body = struct.pack("<Q", declared) + head + data
+    try:
+        decode_frame(body, FrameLimits(max_tensor_elements=1 << 20))
+    except FrameError as exc:
+        assert 400 <= exc.status < 500
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=256))
+def test_random_bytes_only_raise_frame_errors(body: bytes) -> None:
+    try:
+        parse_header(body, len(body))
+    except FrameError as exc:
+        assert exc.code
