@@ -98,10 +98,26 @@ def run_condition(cond: str, steps: int, warmup: int, seq: int, batch: int,
     extra: dict[str, Any] = {}
     step_hook = None
     t_attach = time.perf_counter()
+    hook_time = [0.0]
     if cond in ("spectrawatch", "sw_every10"):
         import httpx
 
         import spectrawatch
+        from spectrawatch._capture import Capture
+
+        def timed(fn: Any) -> Any:
+            def wrapper(*a: Any, **k: Any) -> Any:
+                c = time.thread_time()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    hook_time[0] += time.thread_time() - c
+
+            return wrapper
+
+        # paired measurement: CPU time spent inside the optimizer-step hooks of this very run
+        Capture._pre_hook = timed(Capture._pre_hook)  # type: ignore[method-assign]
+        Capture._post_hook = timed(Capture._post_hook)  # type: ignore[method-assign]
 
         def accept(request: httpx.Request) -> httpx.Response:
             path = request.url.path
@@ -154,9 +170,11 @@ def run_condition(cond: str, steps: int, warmup: int, seq: int, batch: int,
         writer = SummaryWriter(tmp)
 
         def tb_step(step: int, loss: float) -> None:
+            c = time.thread_time()
             writer.add_scalar("loss", loss, step)
             for name, p in model.named_parameters():
                 writer.add_histogram(name, p.detach(), step)
+            hook_time[0] += time.thread_time() - c
 
         step_hook = tb_step
         finish = writer.close
@@ -167,6 +185,7 @@ def run_condition(cond: str, steps: int, warmup: int, seq: int, batch: int,
     for step in range(warmup + steps):
         if step == warmup:
             proc_cpu0 = time.process_time()
+            hook_time[0] = 0.0
         x = data[step % len(data)]
         c0 = time.thread_time()
         t0 = time.perf_counter()
@@ -185,6 +204,7 @@ def run_condition(cond: str, steps: int, warmup: int, seq: int, batch: int,
         finish()
     return {"cond": cond, "times": times[warmup:], "warmup_times": times[:warmup],
             "cpu": cpu[warmup:], "process_cpu_per_step": proc_cpu,
+            "hook_cpu_per_step": hook_time[0] / steps,
             "attach_s": attach_s, "rss_before_mib": rss_before, "rss_after_mib": rss_after,
             "peak_rss_mib": peak, **extra}
 
@@ -243,6 +263,13 @@ def main() -> None:
         print(f"| {cond} | {wall:.3f} | {100 * (wall / base - 1):+.1f} % | {cpu:.3f} | "
               f"{100 * (cpu / base_cpu - 1):+.1f} % | {proc:.3f} | "
               f"{100 * (proc / base_proc - 1):+.1f} % | {peak:.0f} | {peak - base_peak:+.0f} |")
+    print("\nPaired (same process, same load): train-thread CPU inside the monitoring hooks")
+    for cond in ("spectrawatch", "sw_every10", "tensorboard"):
+        for r in results.get(cond, []):
+            hook = r["hook_cpu_per_step"]
+            rest = statistics.median(r["cpu"]) - hook
+            print(f"  {cond}: {hook:.3f} s/step in hooks vs {rest:.3f} s/step of training "
+                  f"-> {100 * hook / rest:.1f} %")
     for cond in ("spectrawatch", "sw_every10"):
         for r in results.get(cond, []):
             amort = r["weights_s"] / 500 + r["activations_s"] / 250 + r["theta_sketch_s"] / 100

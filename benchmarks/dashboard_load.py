@@ -35,7 +35,8 @@ from tests.servers import ServerProcess  # noqa: E402
 
 
 def seed_big(data_dir: Path, layers: int, steps: int) -> int:
-    """Write the benchmark run; returns its id. Bulk inserts through the DB-API (fast)."""
+    """Write the benchmark run; returns its id. Bulk inserts through the DB-API (fast), in step
+    order like the worker (each weights frame stores every layer at one step)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(f"sqlite:///{data_dir / 'spectrawatch.db'}")
     migrate.upgrade(engine)
@@ -75,8 +76,8 @@ def seed_big(data_dir: Path, layers: int, steps: int) -> int:
     raw = engine.raw_connection()
     try:
         cur = raw.cursor()
-        for i in range(layers):
-            layer = f"blocks.{i // 4}.{('q', 'k', 'v', 'mlp')[i % 4]}"
+        names = [f"blocks.{i // 4}.{('q', 'k', 'v', 'mlp')[i % 4]}" for i in range(layers)]
+        for t in range(steps):  # step-major, as the worker writes: one frame = all layers
             cur.executemany(
                 sql,
                 [
@@ -89,7 +90,7 @@ def seed_big(data_dir: Path, layers: int, steps: int) -> int:
                         t,
                         2 + 3 * math.exp(-t / steps) + 0.01 * i,
                     )
-                    for t in range(steps)
+                    for i, layer in enumerate(names)
                 ],
             )
         model = []
@@ -155,7 +156,9 @@ def main() -> int:
         }
         with httpx.Client(base_url=server.url, timeout=120) as client:
             for name, (page, api) in pages.items():
-                r = results.setdefault(name, {"tti": [], "api": [], "kb": []})
+                r = results.setdefault(
+                    name, {"tti": [], "api": [], "kb": [], "fetch_end": [], "scripts": []}
+                )
                 for i in range(args.repeats + 1):
                     t = time.perf_counter()
                     resp = client.get(api)
@@ -167,6 +170,7 @@ def main() -> int:
                             raise RuntimeError(f"{name}: page never became ready")
                         time.sleep(0.02)
                     tti = float(driver.execute_script("return SW.interactiveMs"))
+                    timing = driver.execute_script("return SW.timing")
                     state = driver.execute_script("return document.body.dataset.ready")
                     if state != "1":
                         raise RuntimeError(f"{name}: {driver.execute_script('return SW.errors')}")
@@ -174,18 +178,24 @@ def main() -> int:
                         print(f"{name}: first (cold) load {tti:.0f} ms, api {api_ms:.0f} ms")
                         continue  # warm-up: browser cache, SQLite page cache
                     r["tti"].append(tti)
+                    r["fetch_end"].append(float(timing["fetchEnd"]))
+                    r["scripts"].append(float(timing["scriptsDone"] or 0.0))
                     r["api"].append(api_ms)
                     r["kb"].append(len(resp.content) / 1024)
     finally:
         driver.quit()
         server.stop()
     print(f"\n{args.layers} layers x {args.steps} steps, median of {args.repeats} warm loads\n")
-    print("| page | time to interactive (ms) | figure API (ms) | payload (KiB) |")
-    print("|---|---|---|---|")
+    print(
+        "| page | time to interactive (ms) | scripts parsed (ms) | figures received (ms)"
+        " | figure API alone (ms) | payload (KiB) |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
         print(
             f"| {name} | {statistics.median(r['tti']):.0f}"
             f" (min {min(r['tti']):.0f}, max {max(r['tti']):.0f})"
+            f" | {statistics.median(r['scripts']):.0f} | {statistics.median(r['fetch_end']):.0f}"
             f" | {statistics.median(r['api']):.0f} | {statistics.median(r['kb']):.0f} |"
         )
     return 0

@@ -105,7 +105,7 @@ def start_worker(env: dict[str, str], root: Path, name: str) -> subprocess.Popen
 
 
 def bench_drain(pg: str, root: Path, workers: int, runs: int, frames: int, layers: int,
-                size: int) -> tuple[float, int]:
+                size: int) -> tuple[float, int, float]:
     with postgres_database(pg) as url:
         env = {"SPECTRAWATCH_DATABASE_URL": url, "SPECTRAWATCH_QUEUE": "procrastinate",
                "SPECTRAWATCH_BLOB_DIR": str(root / "blobs"), "SPECTRAWATCH_DEVICE": "cpu",
@@ -117,8 +117,9 @@ def bench_drain(pg: str, root: Path, workers: int, runs: int, frames: int, layer
                 run_id = make_run(api.url, f"drain-{r}")
                 bodies = [weight_frame(10 * s, s, layers, size, r) for s in range(frames)]
                 post_all(api.url, run_id, bodies, 1, offset=0)
-            torch_threads = str(max(1, (os.cpu_count() or 1) // workers))
-            wenv = {**env, "OMP_NUM_THREADS": torch_threads}
+            # one intra-op thread per worker: W workers use W cores (oversubscribed OpenMP
+            # threads spin and distort the comparison on a small, shared machine)
+            wenv = {**env, "OMP_NUM_THREADS": "1"}
             procs = [start_worker(wenv, root, f"bench-{workers}-{i}") for i in range(workers)]
             db = create_engine(url)
             total = runs * frames
@@ -130,13 +131,18 @@ def bench_drain(pg: str, root: Path, workers: int, runs: int, frames: int, layer
 
             wait_until(done, timeout=3600, interval=0.5)
             with db.connect() as conn:
-                first, last = conn.execute(text(
-                    "SELECT min(e.at) FILTER (WHERE e.type = 'started'), "
-                    "max(e.at) FILTER (WHERE e.type = 'succeeded') FROM procrastinate_events e "
-                    "JOIN procrastinate_jobs j ON j.id = e.job_id "
-                    "WHERE j.task_name = 'spectrawatch.analyse_frame'")).one()
+                first, last, median = conn.execute(text(
+                    "WITH ev AS (SELECT e.job_id, e.type, e.at FROM procrastinate_events e "
+                    "  JOIN procrastinate_jobs j ON j.id = e.job_id "
+                    "  WHERE j.task_name = 'spectrawatch.analyse_frame'), "
+                    "dur AS (SELECT s.job_id, extract(epoch FROM f.at - s.at) AS d "
+                    "  FROM ev s JOIN ev f ON f.job_id = s.job_id "
+                    "  WHERE s.type = 'started' AND f.type = 'succeeded') "
+                    "SELECT (SELECT min(at) FROM ev WHERE type = 'started'), "
+                    "(SELECT max(at) FROM ev WHERE type = 'succeeded'), "
+                    "(SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FROM dur)")).one()
             db.dispose()
-            return (last - first).total_seconds(), total
+            return (last - first).total_seconds(), total, float(median)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -168,11 +174,11 @@ def main() -> None:
             print(f"ingest, {threads} client thread(s): SQLite {sqlite[threads]:.0f} frames/s, "
                   f"PostgreSQL+procrastinate {postgres[threads]:.0f} frames/s")
         for workers in (1, 2):
-            seconds, jobs = bench_drain(pg, root / f"drain{workers}", workers, args.runs,
+            seconds, jobs, median = bench_drain(pg, root / f"drain{workers}", workers, args.runs,
                                         args.frames, args.layers, args.size)
             print(f"drain, {workers} worker(s): {jobs} jobs ({args.runs} runs x {args.frames}, "
                   f"{args.layers} x ({args.size}, {args.size})) in {seconds:.1f} s = "
-                  f"{jobs / seconds:.2f} jobs/s")
+                  f"{jobs / seconds:.2f} jobs/s (median job {median:.2f} s)")
 
 
 if __name__ == "__main__":

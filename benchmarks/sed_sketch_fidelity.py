@@ -125,6 +125,16 @@ def train(args: argparse.Namespace) -> None:
         "eval_step", "val_acc", "val_loss", "train_acc", "defect", "wnorm", "erank", "theta_sk")}
     fid: dict[str, list[Any]] = {"step": []}
     t0 = time.time()
+
+    def save(n: int) -> None:  # also every 500 steps, so a stopped run leaves its prefix
+        np.savez_compressed(
+            args.out,
+            upd=upd[:n], n_params=n_par, mats=np.array([n for n, _ in mats]),
+            config=np.array(repr(vars(args))),
+            **{k: np.array(v) for k, v in rec.items()},
+            **{f"fid_{k}": np.array(v) for k, v in fid.items()},
+        )
+
     grok_at = None
     last = args.steps
     for step in range(args.steps + 1):
@@ -148,6 +158,7 @@ def train(args: argparse.Namespace) -> None:
             b200, s200 = hashes[200]
             rec["theta_sk"].append(count_sketch(th, b200, s200, 200, torch.float64).numpy())
             if step % 500 == 0:
+                save(step)
                 print(f"step {step} val_acc {val_acc:.3f} train_acc {tr_acc:.3f} "
                       f"defect {defect:.1f} |θ| {rec['wnorm'][-1]:.1f} ({time.time() - t0:.0f}s)",
                       flush=True)
@@ -172,13 +183,7 @@ def train(args: argparse.Namespace) -> None:
         ring.append(delta)
         if len(ring) == ring.maxlen and (step + 1) % args.fid_every == 0:
             _fidelity_point(step + 1, torch.stack(list(ring)), hashes, fid)
-    np.savez_compressed(
-        args.out,
-        upd=upd[:last], n_params=n_par, mats=np.array([n for n, _ in mats]),
-        config=np.array(repr(vars(args))),
-        **{k: np.array(v) for k, v in rec.items()},
-        **{f"fid_{k}": np.array(v) for k, v in fid.items()},
-    )
+    save(last)
     print(f"saved {args.out}: {last} steps, grok(val>=0.9) at {grok_at}, {time.time() - t0:.0f}s")
 
 
@@ -244,7 +249,17 @@ def run_series(z: Any) -> dict[str, Any]:
     # checkpoint-interval SED from differenced theta sketches (W = 10, interval 100)
     iv = sed.interval_sed(torch.from_numpy(z["theta_sk"]), steps, window=10)
     interval = [(r.step, r.gap_ratio, r.edge) for r in iv]
+    # the SED paper's rule on s2/s3 (collapse below 1.2 after its peak), read causally: first
+    # window with s2/s3 < 1.2 once the running maximum has exceeded 1.5
+    paper_rule, top = None, 0.0
+    for r in iv:
+        r23 = r.singular_values[1] / r.singular_values[2]
+        top = max(top, r23)
+        if top > 1.5 and r23 < 1.2:
+            paper_rule = r.step
+            break
     ph = sed.detect_phases([s for s, _, _ in interval], [v for _, v, _ in interval])
+    first_collapse = _causal_collapse([(s, v) for s, v, _ in interval])
     upd = torch.from_numpy(z["upd"])
     per_step = {}
     for w in (16, 32, 64):
@@ -252,9 +267,21 @@ def run_series(z: Any) -> dict[str, Any]:
         res = sed.rolling_sed(upd, list(range(1, len(upd) + 1)), w, at=at)
         per_step[w] = [(r.step, r.gap_ratio, r.edge) for r in res]
     ph32 = sed.detect_phases([s for s, _, _ in per_step[32]], [v for _, v, _ in per_step[32]])
+    collapse32 = _causal_collapse([(s, v) for s, v, _ in per_step[32]])
     return {"defect": defect, "weight_norm": wnorm, "effective_rank": rank,
-            "sed_collapse_step": ph.collapse_start, "interval": interval, "phases": ph,
-            "per_step": per_step, "phases32": ph32}
+            "sed_collapse_step": first_collapse, "interval": interval, "phases": ph,
+            "per_step": per_step, "phases32": ph32, "collapse32": collapse32,
+            "paper_sed": paper_rule}
+
+
+def _causal_collapse(series: list[tuple[int, float]]) -> int | None:
+    """First step at which phase detection on the series *so far* reports a collapse (what the
+    worker sees live), not the collapse of the whole run's segmentation."""
+    for i in range(len(series)):
+        ph = sed.detect_phases([s for s, _ in series[: i + 1]], [v for _, v in series[: i + 1]])
+        if ph.collapse_start is not None:
+            return series[i][0]
+    return None
 
 
 def _cfg(args: argparse.Namespace) -> gk.DetectorConfig:
@@ -265,19 +292,22 @@ def _cfg(args: argparse.Namespace) -> gk.DetectorConfig:
 def grok(args: argparse.Namespace) -> None:
     cfg = _cfg(args)
     print(f"config: {cfg}")
-    print("| run | val>=0.9 | detector (lead) | no-probe detector (lead) | papers defect rule | "
-          "10x rule | norm turn | rank turn | interval-SED collapse | per-step SED collapse |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | val>=0.9 | detector: defect+norm+rank (lead) | + SED | "
+          "no probe: norm+rank+SED | "
+          "papers defect rule | 10x rule | norm turn | rank turn | interval-SED collapse | "
+          "per-step SED collapse | SED paper s2/s3 rule |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path in args.runs:
         z = np.load(path)
         g = _first(z["eval_step"], z["val_acc"], 0.9)
         s = run_series(z)
-        sed_step = s["sed_collapse_step"] if cfg_use_sed(args) else None
-        full = gk.detect_grokking(defect=s["defect"], weight_norm=s["weight_norm"],
-                                  effective_rank=s["effective_rank"],
-                                  sed_collapse_step=sed_step, config=cfg)
+        inputs = {"defect": s["defect"], "weight_norm": s["weight_norm"],
+                  "effective_rank": s["effective_rank"]}
+        full = gk.detect_grokking(**inputs, config=cfg)
+        with_sed = gk.detect_grokking(**inputs, sed_collapse_step=s["sed_collapse_step"],
+                                      config=cfg)
         nop = gk.detect_grokking(weight_norm=s["weight_norm"], effective_rank=s["effective_rank"],
-                                 sed_collapse_step=sed_step, config=cfg)
+                                 sed_collapse_step=s["sed_collapse_step"], config=cfg)
 
         def cell(w: int | None, g: int | None = g) -> str:
             if w is None:
@@ -287,13 +317,9 @@ def grok(args: argparse.Namespace) -> None:
         ev = full.evidence
         spike = gk.defect_spike(s["defect"])
         print(f"| {Path(path).stem} | {g if g is not None else 'never'} | {cell(full.step)} | "
-              f"{cell(nop.step)} | {cell(ev.defect)} | {cell(spike)} | {cell(ev.norm_turn)} | "
-              f"{cell(ev.rank_turn)} | {cell(ev.sed_collapse)} | "
-              f"{cell(s['phases32'].collapse_start)} |")
-
-
-def cfg_use_sed(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "use_sed", False))
+              f"{cell(with_sed.step)} | {cell(nop.step)} | {cell(ev.defect)} | {cell(spike)} | "
+              f"{cell(ev.norm_turn)} | {cell(ev.rank_turn)} | {cell(s['sed_collapse_step'])} | "
+              f"{cell(s['collapse32'])} | {cell(s['paper_sed'])} |")
 
 
 def series(args: argparse.Namespace) -> None:
@@ -326,6 +352,30 @@ def series(args: argparse.Namespace) -> None:
         print()
 
 
+def cost(args: argparse.Namespace) -> None:
+    """Time SED for GPT-2-small-shaped sketches: 149 tensors + model, windows 16/32/64, d = 640,
+    one frame of ``--rows`` new steps on top of a 64-row history (what the worker does)."""
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    n = 64 + args.rows
+    rows = torch.randn(150, n, 640, device=dev)
+    steps = list(range(n))
+    at = steps[-args.rows :]
+    for method in ("gram", "svd"):
+        times = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            for layer in range(150):
+                for w in (16, 32, 64):
+                    sed.rolling_sed(rows[layer], steps, w, at=at, method=method)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        print(f"{method}: {min(times) * 1e3:.0f} ms per frame of {args.rows} steps "
+              f"(150 tensors x 3 windows, {args.device}, {args.threads} thread(s), best of "
+              f"{args.repeat})")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -350,9 +400,15 @@ def main(argv: list[str] | None = None) -> None:
             for field, spec in gk.DetectorConfig.__dataclass_fields__.items():
                 flag = f"--{field.replace('_', '-')}"
                 s.add_argument(flag, type=type(spec.default), default=None)
-            s.add_argument("--use-sed", action="store_true")
+    c = sub.add_parser("cost")
+    c.add_argument("--rows", type=int, default=1)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--repeat", type=int, default=3)
+    c.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    {"train": train, "fidelity": fidelity, "grok": grok, "series": series}[args.cmd](args)
+    {"train": train, "fidelity": fidelity, "grok": grok, "series": series, "cost": cost}[
+        args.cmd
+    ](args)
 
 
 if __name__ == "__main__":

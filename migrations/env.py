@@ -21,12 +21,18 @@ def _url() -> str:
     return get_settings().resolved_database_url
 
 
+def _include_name(name: str | None, type_: str, parents: object) -> bool:
+    """procrastinate owns its tables (scale-out mode); they are not part of our schema."""
+    return not (type_ == "table" and (name or "").startswith("procrastinate_"))
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=True,  # ALTER TABLE support on SQLite
         compare_type=True,
+        include_name=_include_name,
     )
     with context.begin_transaction():
         context.run_migrations()

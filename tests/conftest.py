@@ -11,6 +11,10 @@ import torch
 
 from tests.servers import ServerProcess
 
+# CI has 2 cores shared with the server subprocesses: oversubscribed BLAS threads make the
+# math tests 3-10x slower there, and results do not depend on the thread count.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import csv
 import html
+import importlib
 import io
+import itertools
 import json
 import math
 import pickle
@@ -187,7 +189,8 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, on CPU, by name (shards merged; a repeated name is an error)."""
+    """Every tensor of a checkpoint on CPU, by name (shards merged; a name read twice is an
+    error)."""
     out: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(Path(path)):
         for name, tensor in _load_file(file).items():
@@ -345,8 +348,9 @@ def analyze_checkpoint(
         raise AnalyzeError(f"{path}: no 2-D or 4-D floating-point weights to analyse")
     results = [
         analyze_layer(name, w, device=dev, farms=farms)
-        for name, w in _progress(weights.items(), len(weights), f"analyze {Path(path).name}",
-                                 enabled=progress)
+        for name, w in _progress(
+            weights.items(), len(weights), f"analyze {Path(path).name}", enabled=progress
+        )
     ]
     return CheckpointAnalysis(str(path), str(dev), tuple(results), len(tensors) - len(weights))
 
@@ -359,7 +363,7 @@ def _progress(
         yield from items
         return
     try:
-        from tqdm.auto import tqdm
+        tqdm = importlib.import_module("tqdm.auto").tqdm  # optional, untyped
     except ImportError:
         for i, item in enumerate(items, 1):
             print(f"\r{desc}: {i}/{total} {item[0][:60]:<60}", end="", file=sys.stderr)
@@ -397,8 +401,13 @@ def compare(a: CheckpointAnalysis, b: CheckpointAnalysis) -> list[LayerDiff]:
     for r in a.layers:
         other = bmap.pop(r.layer, None)
         out.append(
-            LayerDiff(r.layer, r.shape, other.shape if other else None, r.values,
-                      other.values if other else {})
+            LayerDiff(
+                r.layer,
+                r.shape,
+                other.shape if other else None,
+                r.values,
+                other.values if other else {},
+            )
         )
     out.extend(LayerDiff(r.layer, None, r.shape, {}, r.values) for r in bmap.values())
     return out
@@ -420,8 +429,9 @@ def _fmt(v: float | None) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -447,8 +457,9 @@ def format_compare(diffs: Sequence[LayerDiff]) -> str:
         header += [f"{h} A", f"{h} B", f"d{h}"]
     rows = []
     for d in diffs:
-        cells = [d.layer + ("" if d.shape_a and d.shape_b else " (only A)" if d.shape_a
-                            else " (only B)")]
+        cells = [
+            d.layer + ("" if d.shape_a and d.shape_b else " (only A)" if d.shape_a else " (only B)")
+        ]
         for k, _ in TABLE_COLUMNS[:5]:
             cells += [_fmt(d.a.get(k)), _fmt(d.b.get(k)), _fmt(d.delta(k))]
         rows.append(cells)
@@ -472,14 +483,20 @@ def write_compare_csv(diffs: Sequence[LayerDiff], out: TextIO) -> None:
     for d in diffs:
         for k in dict.fromkeys([*d.a, *d.b]):
             delta = d.delta(k)
-            writer.writerow([
-                d.layer, k, repr(d.a[k]) if k in d.a else "", repr(d.b[k]) if k in d.b else "",
-                "" if delta is None else repr(delta),
-            ])
+            writer.writerow(
+                [
+                    d.layer,
+                    k,
+                    repr(d.a[k]) if k in d.a else "",
+                    repr(d.b[k]) if k in d.b else "",
+                    "" if delta is None else repr(delta),
+                ]
+            )
 
 
-def compare_json(a: CheckpointAnalysis, b: CheckpointAnalysis,
-                 diffs: Sequence[LayerDiff]) -> dict[str, Any]:
+def compare_json(
+    a: CheckpointAnalysis, b: CheckpointAnalysis, diffs: Sequence[LayerDiff]
+) -> dict[str, Any]:
     return {
         "a": a.source,
         "b": b.source,
@@ -525,13 +542,20 @@ def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
         tag = Path(a.source).name if len(analyses) > 1 else ""
         layers = [r.layer for r in a.layers]
         for key, label in ((ALPHA, "alpha"), (farms_key(ALPHA), "FARMS alpha")):
-            bar.add_trace(go.Bar(
-                name=f"{label} {tag}".strip(), x=layers,
-                y=[r.values.get(key) for r in a.layers],
-            ))
+            bar.add_trace(
+                go.Bar(
+                    name=f"{label} {tag}".strip(),
+                    x=layers,
+                    y=[r.values.get(key) for r in a.layers],
+                )
+            )
     bar.add_hrect(y0=2, y1=6, fillcolor="green", opacity=0.08, line_width=0)
-    bar.update_layout(title="Power-law exponent per layer (2-6: well trained)",
-                      barmode="group", yaxis_title="alpha", height=450)
+    bar.update_layout(
+        title="Power-law exponent per layer (2-6: well trained)",
+        barmode="group",
+        yaxis_title="alpha",
+        height=450,
+    )
     figures.append(("alpha", bar))
     for r in analyses[0].layers:
         if r.report is None:
@@ -545,26 +569,50 @@ def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
                 continue
             p = esd_payload(evals, metrics)
             edges = p["hist"]["edges"]
-            mids = [math.sqrt(lo * hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+            mids = [math.sqrt(lo * hi) for lo, hi in itertools.pairwise(edges)]
             dens = p["hist"]["density"]
             keep = [i for i, d in enumerate(dens) if d > 0]
-            fig.add_trace(go.Scatter(x=[mids[i] for i in keep], y=[dens[i] for i in keep],
-                                     mode="markers", name=which))
-            fig.add_trace(go.Scatter(x=p["fit"]["x"], y=p["fit"]["pdf"], mode="lines",
-                                     name=f"{which} power law, alpha={p['fit']['alpha']:.2f}"))
+            fig.add_trace(
+                go.Scatter(
+                    x=[mids[i] for i in keep], y=[dens[i] for i in keep], mode="markers", name=which
+                )
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=p["fit"]["x"],
+                    y=p["fit"]["pdf"],
+                    mode="lines",
+                    name=f"{which} power law, alpha={p['fit']['alpha']:.2f}",
+                )
+            )
             if which == "ESD" and "mp" in p:
-                fig.add_trace(go.Scatter(x=p["mp"]["x"], y=p["mp"]["pdf"], mode="lines",
-                                         line={"dash": "dot"}, name="Marchenko-Pastur bulk"))
-        fig.update_layout(title=f"{r.layer} {'x'.join(map(str, r.shape))}"
-                          + (f" - {r.warning}" if r.warning else ""), height=380)
+                fig.add_trace(
+                    go.Scatter(
+                        x=p["mp"]["x"],
+                        y=p["mp"]["pdf"],
+                        mode="lines",
+                        line={"dash": "dot"},
+                        name="Marchenko-Pastur bulk",
+                    )
+                )
+        fig.update_layout(
+            title=f"{r.layer} {'x'.join(map(str, r.shape))}"
+            + (f" - {r.warning}" if r.warning else ""),
+            height=380,
+        )
         fig.update_xaxes(type="log", title="eigenvalue of W^T W")
         fig.update_yaxes(type="log", title="density")
         figures.append((r.layer, fig))
-    warn_rows = "".join(
-        f"<tr><td>{html.escape(Path(a.source).name)}</td><td>{html.escape(r.layer)}</td>"
-        f"<td>{_fmt(r.values.get(ALPHA))}</td><td>{html.escape(r.warning or r.note)}</td></tr>"
-        for a in analyses for r in a.layers if r.warning or r.note
-    ) or "<tr><td colspan=4>no warnings</td></tr>"
+    warn_rows = (
+        "".join(
+            f"<tr><td>{html.escape(Path(a.source).name)}</td><td>{html.escape(r.layer)}</td>"
+            f"<td>{_fmt(r.values.get(ALPHA))}</td><td>{html.escape(r.warning or r.note)}</td></tr>"
+            for a in analyses
+            for r in a.layers
+            if r.warning or r.note
+        )
+        or "<tr><td colspan=4>no warnings</td></tr>"
+    )
     body = io.StringIO()
     body.write(
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -572,16 +620,16 @@ def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
         "td,th{border:1px solid #ccc;padding:2px 8px}</style>"
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
         f"<h1>{html.escape(title)}</h1><p>"
-        + "<br>".join(html.escape(f"{a.source} ({len(a.layers)} layers, device {a.device})")
-                      for a in analyses)
+        + "<br>".join(
+            html.escape(f"{a.source} ({len(a.layers)} layers, device {a.device})") for a in analyses
+        )
         + "</p><h2>Warnings</h2><table><tr><th>checkpoint</th><th>layer</th><th>alpha</th>"
         f"<th>warning</th></tr>{warn_rows}</table>"
     )
     for i, (_, fig) in enumerate(figures):
         if i == 1:
             body.write("<h2>Eigenvalue spectra</h2>")
-        body.write(pio.to_html(fig, include_plotlyjs=False, full_html=False,
-                               div_id=f"fig{i}"))
+        body.write(pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"fig{i}"))
     body.write("</body></html>")
     return body.getvalue()
 
@@ -624,14 +672,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         if args.json:
             _write(args.json, json.dumps(compare_json(a, b, diffs), indent=1))
         if args.html:
-            _write(args.html, html_report([a, b], f"spectrawatch compare: {a.source} vs {b.source}"))
+            title = f"spectrawatch compare: {a.source} vs {b.source}"
+            _write(args.html, html_report([a, b], title))
         return 0
     analysis = analyze_checkpoint(args.path, **opts)
     if not args.quiet:
         print(format_table(analysis))
         warned = sum(1 for r in analysis.layers if r.warning)
-        print(f"\n{len(analysis.layers)} layers analysed on {analysis.device}, {warned} with "
-              f"warnings, {analysis.ignored} other tensors ignored")
+        print(
+            f"\n{len(analysis.layers)} layers analysed on {analysis.device}, {warned} with "
+            f"warnings, {analysis.ignored} other tensors ignored"
+        )
     if args.csv:
         buf = io.StringIO()
         write_csv(analysis, buf)

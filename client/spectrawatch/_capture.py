@@ -9,8 +9,8 @@ Update sketches (DESIGN §3). Per-step updates are *not* formed from a copy of t
 the client sketches theta itself in float64 (count-sketch, linear) and differences consecutive
 sketches, ``sketch(theta_n) - sketch(theta_{n-1}) = sketch(delta_n)``. Memory: ``(L + 1) * d``
 float64 values for the previous sketch plus, with ``sketch_cache`` (default), a cached folded
-hash index of 4 bytes per parameter on the parameter's device (the same size as one fp32 copy
-of the model; turn it off to trade memory for ~10x slower sketches). The float64 accumulation
+hash index of 2 bytes per parameter (int16; 4 if d > 16383) on the parameter's device -- half
+of one fp32 copy of the model; turn it off to trade that memory for ~10x slower sketches. The float64 accumulation
 keeps the difference exact to ~1e-16 relative to |theta|, so tiny updates survive. With
 ``update_every = k > 1`` the pre-step hook sketches theta_{n-1} before step n, so a row is still
 the update of one step. The same theta sketches feed interval mode: every ``theta_every`` steps

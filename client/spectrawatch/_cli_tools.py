@@ -30,14 +30,26 @@ def add_analyze_command(subparsers: Any) -> None:
         "shards or a Hugging Face model folder, or a PyTorch state dict (loaded with "
         "torch.load(weights_only=True) only).",
     )
-    p.add_argument("path", nargs="?", default=None,
-                   help=".safetensors file, directory of shards / HF model folder, or state dict")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
-                   help="diff two checkpoints layer by layer")
+    p.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        help=".safetensors file, directory of shards / HF model folder, or state dict",
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="diff two checkpoints layer by layer",
+    )
     p.add_argument("--csv", default=None, help="write all metrics per layer as CSV")
     p.add_argument("--json", default=None, help="write all metrics per layer as JSON")
-    p.add_argument("--html", default=None,
-                   help="write a self-contained Plotly report (ESD plots, alpha per layer)")
+    p.add_argument(
+        "--html",
+        default=None,
+        help="write a self-contained Plotly report (ESD plots, alpha per layer)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--layers", default=None, help="only tensors whose name contains this text")
     p.add_argument("--no-farms", action="store_true", help="skip the FARMS metrics (faster)")

@@ -36,15 +36,25 @@ class Check:
 
 
 def _local() -> list[Check]:
-    checks = [Check("client", "info", f"spectrawatch {__version__}, Python "
-                                        f"{platform.python_version()} on {platform.system()}")]
+    checks = [
+        Check(
+            "client",
+            "info",
+            f"spectrawatch {__version__}, Python "
+            f"{platform.python_version()} on {platform.system()}",
+        )
+    ]
     try:
         import torch
     except ImportError:
         checks.append(Check("torch", "warn", "torch is not installed (needed to attach a model)"))
         return checks
-    cuda = (f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): "
-            f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no CUDA device")
+    cuda = (
+        f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): "
+        f"{torch.cuda.get_device_name(0)}"
+        if torch.cuda.is_available()
+        else "no CUDA device"
+    )
     checks.append(Check("torch", "info", f"torch {torch.__version__}; {cuda}"))
     return checks
 
@@ -72,7 +82,8 @@ def _spool(settings: ClientSettings) -> Check:
     status: Status = "warn" if share > 0.8 else "info"
     shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
     return Check(
-        "spool", status,
+        "spool",
+        status,
         f"{count} entries, {size / 2**20:.1f} MiB ({share:.0%} of the cap) waiting to be replayed "
         f"in {settings.spool_dir}: {shown} (replayed when a run of that name resumes)",
     )
@@ -87,34 +98,60 @@ def _remote(settings: ClientSettings, get: Callable[..., httpx.Response]) -> lis
         return [Check("connectivity", "fail", f"cannot reach {settings.url}: {exc}")]
     ms = (time.perf_counter() - t0) * 1000
     if r.status_code != 200:
-        return [Check("connectivity", "fail",
-                      f"{settings.url}/api/v1/health answered HTTP {r.status_code}")]
+        return [
+            Check(
+                "connectivity",
+                "fail",
+                f"{settings.url}/api/v1/health answered HTTP {r.status_code}",
+            )
+        ]
     try:
         health: dict[str, Any] = r.json()
     except ValueError:
         return [Check("connectivity", "fail", f"{settings.url} is not a spectrawatch server")]
     checks = [Check("connectivity", "ok", f"{settings.url} answered in {ms:.0f} ms")]
     version = str(health.get("version", "?"))
-    checks.append(Check(
-        "versions", "ok" if version == __version__ else "warn",
-        f"server {version}, client {__version__}"
-        + ("" if version == __version__ else " (mismatch: upgrade the older side)"),
-    ))
+    checks.append(
+        Check(
+            "versions",
+            "ok" if version == __version__ else "warn",
+            f"server {version}, client {__version__}"
+            + ("" if version == __version__ else " (mismatch: upgrade the older side)"),
+        )
+    )
     queue = health.get("queue") or {}
     jobs = queue.get("jobs") or {}
-    checks.append(Check("database", "info", f"{health.get('database', '?')}; queue "
-                        f"{queue.get('engine', '?')}, jobs {json.dumps(jobs, sort_keys=True)}"))
+    checks.append(
+        Check(
+            "database",
+            "info",
+            f"{health.get('database', '?')}; queue "
+            f"{queue.get('engine', '?')}, jobs {json.dumps(jobs, sort_keys=True)}",
+        )
+    )
     checks.append(_auth(settings, base, bool(health.get("auth_required")), get))
     worker = health.get("worker") or {}
     device = str(worker.get("device", "?"))
     if not worker.get("running"):
-        checks.append(Check("worker", "warn", f"no worker running in the API process (device "
-                            f"{device}); in scale-out mode run `spectrawatch worker`"))
+        checks.append(
+            Check(
+                "worker",
+                "warn",
+                f"no worker running in the API process (device "
+                f"{device}); in scale-out mode run `spectrawatch worker`",
+            )
+        )
     elif device.startswith("cuda"):
         checks.append(Check("worker", "ok", f"running on GPU ({device})"))
     else:
-        checks.append(Check("worker", "warn", f"running on {device}: analyses of large models "
-                            "will be slow; start the server with --device cuda on a GPU host"))
+        checks.append(
+            Check(
+                "worker",
+                "warn",
+                f"running on {device}: analyses of large models "
+                "will be slow; start the server with --device cuda on a GPU host",
+            )
+        )
     return checks
 
 
@@ -129,12 +166,19 @@ def _auth(
     if r.status_code == 200:
         if settings.token:
             return Check("auth", "ok", "token accepted")
-        return Check("auth", "ok" if not required else "fail",
-                     "anonymous access allowed (no token configured)")
+        return Check(
+            "auth",
+            "ok" if not required else "fail",
+            "anonymous access allowed (no token configured)",
+        )
     if r.status_code in (401, 403):
         what = "token rejected" if settings.token else "the server requires a token"
-        return Check("auth", "fail", f"{what} (HTTP {r.status_code}): set SPECTRAWATCH_TOKEN or "
-                     "--token (create one with `spectrawatch token create --project NAME`)")
+        return Check(
+            "auth",
+            "fail",
+            f"{what} (HTTP {r.status_code}): set SPECTRAWATCH_TOKEN or "
+            "--token (create one with `spectrawatch token create --project NAME`)",
+        )
     return Check("auth", "fail", f"/runs answered HTTP {r.status_code}")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import os
@@ -77,8 +78,10 @@ def resolve_run(args: argparse.Namespace, run: str, project: str | None) -> dict
         raise ExportError(f"no run named {run!r}{where}")
     if len(matches) > 1:
         projects = ", ".join(sorted(r["project"] for r in matches))
-        raise ExportError(f"run name {run!r} exists in several projects ({projects}): "
-                          "pass --project or the run id")
+        raise ExportError(
+            f"run name {run!r} exists in several projects ({projects}): "
+            "pass --project or the run id"
+        )
     return matches[0]
 
 
@@ -99,8 +102,18 @@ def fetch_run(args: argparse.Namespace, run: dict[str, Any]) -> ExportedRun:
     ]
     scalars.sort(key=lambda r: (r[1], r[0]))
     metrics.sort(key=lambda r: (r[2], r[1], r[0]))
-    keep = ("id", "project", "name", "status", "config", "tags", "summary", "last_step",
-            "created_at", "updated_at")
+    keep = (
+        "id",
+        "project",
+        "name",
+        "status",
+        "config",
+        "tags",
+        "summary",
+        "last_step",
+        "created_at",
+        "updated_at",
+    )
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -145,20 +158,24 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]])
         writer.writerow(header)
         for row in rows:
             writer.writerow(
-                "" if isinstance(c, float) and not math.isfinite(c) else
-                repr(c) if isinstance(c, float) else c
+                ""
+                if isinstance(c, float) and not math.isfinite(c)
+                else repr(c)
+                if isinstance(c, float)
+                else c
                 for c in row
             )
 
 
 def _pandas() -> Any:
+    """pandas, with pyarrow present as its parquet engine (both optional, untyped)."""
     try:
-        import pandas as pd
-        import pyarrow  # noqa: F401  (pandas' parquet engine)
+        importlib.import_module("pyarrow")
+        return importlib.import_module("pandas")
     except ImportError as exc:
-        raise ExportError(f"parquet needs pandas and pyarrow: pip install pandas pyarrow ({exc})")\
-            from exc
-    return pd
+        raise ExportError(
+            f"parquet needs pandas and pyarrow: pip install pandas pyarrow ({exc})"
+        ) from exc
 
 
 # --- reading an export -------------------------------------------------------------------------
@@ -172,8 +189,10 @@ def read_export(path: Path) -> ExportedRun:
     except (OSError, ValueError) as exc:
         raise ExportError(f"{meta_path}: unreadable ({exc})") from exc
     if meta.get("format") != FORMAT_NAME or int(meta.get("version", 0)) > FORMAT_VERSION:
-        raise ExportError(f"{meta_path}: unsupported export format {meta.get('format')!r} "
-                          f"version {meta.get('version')!r}")
+        raise ExportError(
+            f"{meta_path}: unsupported export format {meta.get('format')!r} "
+            f"version {meta.get('version')!r}"
+        )
     files = meta.get("files") or {}
     scalars = [
         (int(r[0]), str(r[1]), float(r[2]))
@@ -203,11 +222,11 @@ def _read_table(path: Path, columns: Sequence[str]) -> Iterator[list[Any]]:
             if len(row) != len(columns):
                 raise ExportError(f"{path}:{n}: expected {len(columns)} fields, got {len(row)}")
             try:
-                row[-1] = float(row[-1]) if row[-1] != "" else math.nan
-                row[0] = int(row[0])
+                step = int(row[0])
+                value = float(row[-1]) if row[-1] != "" else math.nan
             except ValueError as exc:
                 raise ExportError(f"{path}:{n}: {exc}") from exc
-            yield row
+            yield [step, *row[1:-1], value]
 
 
 # --- import ------------------------------------------------------------------------------------
@@ -219,27 +238,46 @@ def import_run(args: argparse.Namespace, data: ExportedRun) -> dict[str, Any]:
     engine = _target_engine(args) if data.metrics and not args.skip_metrics else None
     existing = _find_run(args, project, name)
     if existing is not None:
-        raise ExportError(f"run {name!r} already exists in project {project!r} on the target "
-                          f"server (id {existing['id']}): pass --run NEW_NAME")
+        raise ExportError(
+            f"run {name!r} already exists in project {project!r} on the target "
+            f"server (id {existing['id']}): pass --run NEW_NAME"
+        )
     _call(args, "POST", "/projects", json={"name": project})
-    run = _call(args, "POST", "/runs", json={
-        "project": project, "name": name, "config": src.get("config") or {},
-        "tags": src.get("tags") or [],
-    })
+    run = _call(
+        args,
+        "POST",
+        "/runs",
+        json={
+            "project": project,
+            "name": name,
+            "config": src.get("config") or {},
+            "tags": src.get("tags") or [],
+        },
+    )
     rid = run["id"]
     for i in range(0, len(data.scalars), SCALAR_BATCH):
         batch = data.scalars[i : i + SCALAR_BATCH]
-        _call(args, "POST", f"/runs/{rid}/scalars", json=[
-            {"step": s, "name": n, "value": v if math.isfinite(v) else None} for s, n, v in batch
-        ])
+        rows = [{"step": s, "name": n, "value": v} for s, n, v in batch]
+        # json.dumps writes NaN (the server stores it as null); httpx's json= would refuse it
+        _call(
+            args,
+            "POST",
+            f"/runs/{rid}/scalars",
+            content=json.dumps(rows),
+            headers={"content-type": "application/json"},
+        )
     if engine is not None:
         _store_metrics(engine, rid, name, data.metrics)
     summary = dict(src.get("summary") or {})
-    summary["imported_from"] = {"url": data.meta.get("source_url"), "run_id": src.get("id"),
-                                "exported_at": data.meta.get("exported_at")}
+    summary["imported_from"] = {
+        "url": data.meta.get("source_url"),
+        "run_id": src.get("id"),
+        "exported_at": data.meta.get("exported_at"),
+    }
     status = src.get("status") if src.get("status") in ("finished", "crashed") else "finished"
-    final: dict[str, Any] = _call(args, "PATCH", f"/runs/{rid}",
-                                  json={"status": status, "summary": summary})
+    final: dict[str, Any] = _call(
+        args, "PATCH", f"/runs/{rid}", json={"status": status, "summary": summary}
+    )
     return final
 
 
@@ -295,15 +333,25 @@ def _store_metrics(
                 )
             last = max(s for s, _, _, _ in metrics)
             frame = Frame(
-                run_id=run_id, kind=IMPORT_KIND, step=last, seq=-1,
-                idempotency_key=f"{run_id}:import:{uuid.uuid4().hex}", blob_key="",
-                bytes=0, info={"imported_metrics": len(metrics)},
-                layers=sorted({la for _, la, _, _ in metrics}), status="done",
+                run_id=run_id,
+                kind=IMPORT_KIND,
+                step=last,
+                seq=-1,
+                idempotency_key=f"{run_id}:import:{uuid.uuid4().hex}",
+                blob_key="",
+                bytes=0,
+                info={"imported_metrics": len(metrics)},
+                layers=sorted({la for _, la, _, _ in metrics}),
+                status="done",
             )
             session.add(frame)
             session.flush()
             replace_results(
-                session, run_id, frame.id, last, IMPORT_KIND,
+                session,
+                run_id,
+                frame.id,
+                last,
+                IMPORT_KIND,
                 [MetricRow(layer, name, step, value) for step, layer, name, value in metrics],
                 [],
             )
@@ -322,8 +370,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     counts = data.meta["counts"]
-    print(f"exported run {run['id']} ({run['project']}/{run['name']}): {counts['scalars']} "
-          f"scalars, {counts['metrics']} metric points -> {', '.join(str(f) for f in files)}")
+    print(
+        f"exported run {run['id']} ({run['project']}/{run['name']}): {counts['scalars']} "
+        f"scalars, {counts['metrics']} metric points -> {', '.join(str(f) for f in files)}"
+    )
     return 0
 
 
@@ -334,9 +384,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     except (CliError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"imported into run {run['id']} ({run['project']}/{run['name']}): "
-          f"{len(data.scalars)} scalars, "
-          f"{0 if args.skip_metrics else len(data.metrics)} metric points")
+    print(
+        f"imported into run {run['id']} ({run['project']}/{run['name']}): "
+        f"{len(data.scalars)} scalars, "
+        f"{0 if args.skip_metrics else len(data.metrics)} metric points"
+    )
     return 0
 
 
@@ -346,24 +398,32 @@ def add_export_commands(subparsers: Any) -> None:
     common.add_argument("--url", default=None, help=f"server URL (SPECTRAWATCH_URL, {DEFAULT_URL})")
     common.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
 
-    exp = subparsers.add_parser("export", parents=[common],
-                                help="export a run's metrics and scalars to CSV or Parquet")
+    exp = subparsers.add_parser(
+        "export", parents=[common], help="export a run's metrics and scalars to CSV or Parquet"
+    )
     exp.add_argument("run", help="run id, or run name (with --project when ambiguous)")
     exp.add_argument("--project", default=None)
-    exp.add_argument("-o", "--output", default=None,
-                     help="output directory (default PROJECT-RUN-export)")
+    exp.add_argument(
+        "-o", "--output", default=None, help="output directory (default PROJECT-RUN-export)"
+    )
     exp.add_argument("--format", choices=["csv", "parquet"], default="csv")
     exp.set_defaults(func=cmd_export)
 
-    imp = subparsers.add_parser("import", parents=[common],
-                                help="import an exported run into a server")
+    imp = subparsers.add_parser(
+        "import", parents=[common], help="import an exported run into a server"
+    )
     imp.add_argument("path", help="export directory (from spectrawatch export)")
     imp.add_argument("--project", default=None, help="target project (default: the exported one)")
     imp.add_argument("--run", default=None, help="target run name (default: the exported one)")
-    imp.add_argument("--data-dir", default=None,
-                     help="the target server's data dir, for metrics (SQLite)")
-    imp.add_argument("--database-url", default=None,
-                     help="the target server's database URL, for metrics")
-    imp.add_argument("--skip-metrics", action="store_true",
-                     help="import the run and its scalars only (HTTP API only)")
+    imp.add_argument(
+        "--data-dir", default=None, help="the target server's data dir, for metrics (SQLite)"
+    )
+    imp.add_argument(
+        "--database-url", default=None, help="the target server's database URL, for metrics"
+    )
+    imp.add_argument(
+        "--skip-metrics",
+        action="store_true",
+        help="import the run and its scalars only (HTTP API only)",
+    )
     imp.set_defaults(func=cmd_import)

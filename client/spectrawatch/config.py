@@ -52,7 +52,7 @@ class ClientSettings:
     theta_every: int = 100  # param_sketch (sketch of theta, float64) every N steps: interval mode
     theta_frame_steps: int = 1  # rows batched into one param_sketch frame
     exact: bool = False  # send full per-layer updates instead of sketches (small models only)
-    sketch_cache: bool = True  # cache the folded hash index (4 bytes / parameter, on its device)
+    sketch_cache: bool = True  # cache the folded hash index (2 bytes / parameter, on its device)
 
     weights_every: int = 500
     weights_at_finish: bool = True

@@ -80,46 +80,60 @@ def _hash_numpy(n: int, seed: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`hash_coordinates` in numpy ``uint64`` (wrapping multiply, logical shift)."""
     buckets = np.empty(n, dtype=np.int64)
     signs = np.empty(n, dtype=np.float32)
-    offset = np.uint64((seed * _GOLDEN) & _U64)
-    mix1, mix2 = np.uint64(_MIX1 & _U64), np.uint64(_MIX2 & _U64)
     for start in range(0, n, _HASH_CHUNK):
         stop = min(n, start + _HASH_CHUNK)
-        x = np.arange(start, stop, dtype=np.uint64)
-        x += offset
-        t = np.empty_like(x)
-        np.right_shift(x, np.uint64(30), out=t)
-        x ^= t
-        x *= mix1
-        np.right_shift(x, np.uint64(27), out=t)
-        x ^= t
-        x *= mix2
-        np.right_shift(x, np.uint64(31), out=t)
-        x ^= t
-        np.bitwise_and(x, np.uint64(_LOW31), out=t)
-        t %= np.uint64(dim)
-        buckets[start:stop] = t
-        np.right_shift(x, np.uint64(40), out=t)
-        t &= np.uint64(1)
-        signs[start:stop] = t
-    signs *= 2
-    signs -= 1
+        b, neg = _hash_range(start, stop, seed, dim)
+        buckets[start:stop] = b
+        signs[start:stop] = neg
+    signs *= -2
+    signs += 1
     return buckets, signs
+
+
+def _hash_range(start: int, stop: int, seed: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Buckets and negative-sign flags (0/1), both ``(stop - start,) uint64``."""
+    x = np.arange(start, stop, dtype=np.uint64)
+    x += np.uint64((seed * _GOLDEN) & _U64)
+    t = np.empty_like(x)
+    np.right_shift(x, np.uint64(30), out=t)
+    x ^= t
+    x *= np.uint64(_MIX1 & _U64)
+    np.right_shift(x, np.uint64(27), out=t)
+    x ^= t
+    x *= np.uint64(_MIX2 & _U64)
+    np.right_shift(x, np.uint64(31), out=t)
+    x ^= t
+    np.bitwise_and(x, np.uint64(_LOW31), out=t)
+    t %= np.uint64(dim)
+    np.right_shift(x, np.uint64(40), out=x)
+    x &= np.uint64(1)
+    x ^= np.uint64(1)  # sign bit 1 -> +1, so the flag "negative" is its complement
+    return t, x
 
 
 _HASH_CHUNK = 1 << 20
 
 
-def signed_buckets(n: int, seed: int, dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bucket and sign folded into one ``(n,) int32`` index in ``[0, 2*dim)``.
+def signed_buckets(
+    n: int, seed: int, dim: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Bucket and sign folded into one ``(n,)`` index in ``[0, 2*dim)``.
 
     Coordinate ``i`` goes to ``h(i)`` when ``s(i) = +1`` and to ``h(i) + dim`` when ``s(i) = -1``;
     :func:`count_sketch_signed` then subtracts the two halves. Same projection as
-    :func:`count_sketch` with :func:`hash_coordinates`, at 4 bytes per coordinate when cached
-    (instead of 12) and with no sign multiply per call.
+    :func:`count_sketch` with :func:`hash_coordinates`. Stored as int16 when ``2*dim`` fits
+    (d <= 16383, so 2 bytes per coordinate when cached, instead of 12 for buckets + signs),
+    else int32; there is no sign multiply per call.
     """
-    buckets, signs = hash_coordinates(n, seed, dim, "cpu")
-    folded = buckets + dim * (signs < 0).to(torch.int64)
-    return folded.to(torch.int32).to(device)
+    small = torch.int16 if 2 * dim <= torch.iinfo(torch.int16).max else torch.int32
+    folded = np.empty(n, dtype=np.int16 if small == torch.int16 else np.int32)
+    for start in range(0, n, _HASH_CHUNK):  # chunked: transient memory O(chunk), not O(n)
+        stop = min(n, start + _HASH_CHUNK)
+        buckets, negative = _hash_range(start, stop, seed, dim)
+        negative *= np.uint64(dim)
+        buckets += negative
+        folded[start:stop] = buckets
+    return torch.from_numpy(folded).to(device)
 
 
 def count_sketch_signed(
@@ -131,25 +145,28 @@ def count_sketch_signed(
 ) -> torch.Tensor:
     """Sketch a flat ``(n,)`` tensor with a :func:`signed_buckets` index; ``(dim,)`` in ``dtype``.
 
-    The input is converted to ``dtype`` chunk by chunk into one reused buffer of ``chunk``
-    elements (default 2^18 on CPU, where it stays in cache and avoids page faults -- about 3x
+    The input (and an int16 index) is converted chunk by chunk into reused buffers of ``chunk``
+    elements (default 2^18 on CPU, where they stay in cache and avoid page faults -- about 3x
     faster than converting the whole tensor -- and 2^24 elsewhere), so the transient memory is
-    ``chunk * itemsize`` bytes, not a full-size copy.
+    ``chunk * (itemsize + 4)`` bytes, not a full-size copy.
     """
     flat = x.reshape(-1)
     n = flat.numel()
     if chunk is None:
         chunk = 1 << 18 if flat.device.type == "cpu" else 1 << 24
     out = torch.zeros(2 * dim, dtype=dtype, device=x.device)
-    if flat.dtype == dtype and flat.device.type != "cpu":
-        out.index_add_(0, folded, flat)
-        return out[:dim] - out[dim:]
-    buf = torch.empty(min(chunk, n), dtype=dtype, device=x.device)
+    size = min(chunk, n)
+    buf = torch.empty(size, dtype=dtype, device=x.device)
+    wide_index = folded.dtype in (torch.int32, torch.int64)
+    ibuf = None if wide_index else torch.empty(size, dtype=torch.int32, device=x.device)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         part = buf[:m]
         part.copy_(flat[start : start + m])
-        out.index_add_(0, folded[start : start + m], part)
+        idx = folded[start : start + m]
+        if ibuf is not None:
+            idx = ibuf[:m].copy_(idx)
+        out.index_add_(0, idx, part)
     return out[:dim] - out[dim:]
 
 

@@ -9,6 +9,13 @@
   var POLL_IDLE_MS = 15000;
   var STATE_KEYS = { overview: ["sed_layer"], layers: ["metric"], layer: ["step", "metric"], activations: [],
                      alerts: [], compare: ["runs", "names", "layer"] };
+  // This script runs before plotly.min.js (so the first request overlaps its parsing); every
+  // Plotly call waits for the document's scripts to have run.
+  var plotlyReady = window.Plotly ? Promise.resolve() : new Promise(function (resolve) {
+    document.addEventListener("DOMContentLoaded", function () { resolve(); });
+  });
+  var domReadyAt = null;
+  document.addEventListener("DOMContentLoaded", function () { domReadyAt = window.performance.now(); });
   var lastSignature = null;
   var loading = false;
 
@@ -316,18 +323,21 @@
   function load() {
     if (loading) { return Promise.resolve(); }
     loading = true;
+    var started = window.performance.now();
     return api(endpoint()).then(function (data) {
+      if (!SW.ready) { SW.timing = { fetchStart: started, fetchEnd: window.performance.now() }; }
       SW.lastData = data;
       clearError();
       renderMeta(data);
       renderControls(data);
       renderTables(data);
-      return renderPanels(data).then(function () {
+      return plotlyReady.then(function () { return renderPanels(data); }).then(function () {
         SW.renders += 1;
         document.body.dataset.renders = String(SW.renders);
         if (!SW.ready) {
           SW.ready = true;
           SW.interactiveMs = window.performance.now();
+          SW.timing.scriptsDone = domReadyAt;
           document.body.dataset.ready = "1";
         }
         if (data.run) { lastSignature = signature(data.run); }

@@ -30,7 +30,7 @@ from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue.base import JobQueue
 from spectrawatch_server.queue.embedded import EmbeddedQueue
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.storage.blobs import LocalBlobStore
+from spectrawatch_server.storage.s3 import open_blob_store
 from spectrawatch_server.webhooks.deliver import build_sender
 from spectrawatch_server.worker import FrameLoader, Worker, resolve_device
 
@@ -45,7 +45,7 @@ def build_state(settings: ServerSettings) -> AppState:
     engine = make_engine(settings.resolved_database_url)
     migrate.upgrade(engine)
     sessions = make_session_factory(engine)
-    blobs = LocalBlobStore(settings.resolved_blob_dir)
+    blobs = open_blob_store(settings)  # local directory, or S3 when SPECTRAWATCH_BLOB_URL=s3://
     limits = FrameLimits(
         max_tensors=settings.max_tensors,
         max_dims=settings.max_dims,

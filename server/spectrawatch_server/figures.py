@@ -373,7 +373,8 @@ def line_figure(
                 "layer": "below",
             }
         )
-    for i, m in enumerate(markers):
+    labelled = 0
+    for m in markers:
         layout["shapes"].append(
             {
                 "type": "line",
@@ -386,10 +387,13 @@ def line_figure(
                 "line": {"color": m.color, "dash": m.dash, "width": 1.5},
             }
         )
+        if not m.label:
+            continue
+        labelled += 1
         layout["annotations"].append(
             {
                 "x": m.step,
-                "y": 1 - 0.07 * (i % 4),
+                "y": 1 - 0.07 * ((labelled - 1) % 4),
                 "xref": "x",
                 "yref": "paper",
                 "text": m.label,
@@ -426,9 +430,12 @@ def overview_markers(
         out.append(
             Marker(crossing_step, f"{crossing_name} ≥ {VAL_ACC_THRESHOLD:g}", "#2ca02c", "dash")
         )
+    labelled: set[str] = set()
     for a in alerts:
         color = SEVERITY_COLORS.get(str(a.get("severity", "warning")), "#ff7f0e")
-        label = f"⚠ {a.get('rule', 'alert')}"
+        rule = str(a.get("rule", "alert"))
+        label = "" if rule in labelled else f"⚠ {rule}"  # one label per rule: no pile-ups
+        labelled.add(rule)
         hover = f"{a.get('rule')} {a.get('layer') or ''}: {a.get('message') or ''}".strip()
         out.append(Marker(int(a["step"]), label, color, "dashdot", hover))
     return out
@@ -482,8 +489,10 @@ def heatmap_figure(metric: str, grid: Grid, *, sampled: bool = False) -> Figure:
     ]
     layout = _layout(title, y_title="layer")
     layout["hovermode"] = "closest"
-    layout["yaxis"].update({"type": "category", "autorange": "reversed", "automargin": True})
-    layout["margin"]["l"] = 120
+    # A fixed margin sized to the longest name: automargin costs a second layout pass.
+    layout["yaxis"].update({"type": "category", "autorange": "reversed"})
+    longest = max((len(la) for la in grid.layers), default=8)
+    layout["margin"]["l"] = min(320, 30 + 7 * longest)
     return {"data": data, "layout": layout}
 
 

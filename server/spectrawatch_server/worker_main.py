@@ -62,10 +62,8 @@ def default_name(device: str) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{device}"
 
 
-def serve(
-    settings: ServerSettings, name: str | None = None, *, stop_when_idle: bool = False
-) -> int:
-    """Run one worker in this process until SIGINT/SIGTERM (or until idle, for benchmarks)."""
+def serve(settings: ServerSettings, name: str | None = None) -> int:
+    """Run one worker in this process until SIGINT/SIGTERM (finishing the job in hand)."""
     from spectrawatch_server.app import build_state  # torch is imported here, CUDA still idle
     from spectrawatch_server.queue.procrastinate import ProcrastinateQueue
 
@@ -85,7 +83,7 @@ def serve(
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_maintenance)
     try:
-        queue.run_worker(worker_name, stop_when_idle=stop_when_idle)
+        queue.run_worker(worker_name)
     finally:
         state.engine.dispose()
     return 0

@@ -58,14 +58,16 @@ def test_hf_trainer_callback_streams_a_run(
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=16,
+        bos_token_id=0,
         eos_token_id=0,
     )
     model = transformers.GPT2LMHeadModel(config)
-    data = [
-        {"input_ids": ids, "labels": ids}
-        for ids in torch.randint(0, 64, (16, 8)).unbind(0)
-    ]
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 8)).unbind(0)]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
         max_steps=STEPS,
@@ -84,9 +86,7 @@ def test_hf_trainer_callback_streams_a_run(
         url=server.url, project="integrations", spool_dir=str(tmp_path / "spool"), **SETTINGS
     )
     assert isinstance(callback, transformers.TrainerCallback)
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=data, callbacks=[callback]
-    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()  # on_train_end finishes the run (flushes the queue)
 
     run = _run(api, "integrations", "hf-gpt2")
@@ -111,7 +111,7 @@ class _TinyLightningModel:
 
     @staticmethod
     def make(pl: Any) -> Any:
-        class Tiny(pl.LightningModule):  # type: ignore[misc, name-defined]
+        class Tiny(pl.LightningModule):  # type: ignore[misc]
             def __init__(self, hidden: int = 16, lr: float = 0.05) -> None:
                 super().__init__()
                 self.save_hyperparameters()
@@ -147,8 +147,12 @@ def test_lightning_callback_streams_a_run(
     train = torch.utils.data.DataLoader(data, batch_size=8)
     val = torch.utils.data.DataLoader(data, batch_size=32)
     callback = SpectrawatchCallback(
-        url=server.url, project="integrations", run="lightning-mlp", log_every=2,
-        spool_dir=str(tmp_path / "spool"), **SETTINGS,
+        url=server.url,
+        project="integrations",
+        run="lightning-mlp",
+        log_every=2,
+        spool_dir=str(tmp_path / "spool"),
+        **SETTINGS,
     )
     assert isinstance(callback, pl.Callback)
     trainer = pl.Trainer(
@@ -175,7 +179,8 @@ def test_lightning_callback_streams_a_run(
     frames = _frames(api, run["id"])
     assert len([f for f in frames if f["kind"] == "update_sketch"]) == STEPS // 2
     weights = [f for f in frames if f["kind"] == "weights"]
-    assert weights and "net.0.weight" in weights[0]["layers"]
+    assert weights
+    assert "net.0.weight" in weights[0]["layers"]
 
 
 def test_integrations_do_not_import_frameworks() -> None:
@@ -192,4 +197,3 @@ def test_integrations_do_not_import_frameworks() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
-

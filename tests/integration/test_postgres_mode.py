@@ -372,3 +372,28 @@ def test_cpu_supervisor_spawns_workers_that_die_with_it(topology: Topology, tmp_
         wait_until(lambda: not {"sup-0", "sup-1"} & topology.live_workers(), timeout=60)
     finally:
         supervisor.kill()
+
+
+@pytest.mark.gpu
+def test_gpu_worker_analyses_on_cuda(topology: Topology, tmp_path: Path) -> None:
+    gpu = WorkerProcess("gpu-0", tmp_path, dict(topology.workers[0].env))
+    gpu.env["SPECTRAWATCH_DEVICE"] = "cuda:0"
+    gpu.args = ["--device", "cuda:0"]  # later flag wins over the cpu default
+    for worker in topology.workers:
+        worker.stop()
+    try:
+        gpu.start()
+        wait_until(lambda: "gpu-0" in topology.live_workers(), timeout=180)
+        run_id = make_run(topology.client, name="pg-gpu")
+        body = weight_frame(0, 0)
+        assert post_frame(topology.client, run_id, body, seq=0).status_code == 202
+        wait_until(lambda: frame_statuses(topology.client, run_id) == ["done"], timeout=120)
+        assert "on cuda:0" in gpu.log_path.read_text()
+        params = {"name": "norm.spectral", "layer": "layer0.weight"}
+        (series,) = topology.client.get(f"/runs/{run_id}/metrics", params=params).json()["series"]
+        _, tensors = decode_frame(body)
+        expected = np.linalg.norm(tensors["layer0.weight"].double().numpy(), 2)
+        assert series["values"][0] == pytest.approx(expected, rel=1e-5)
+    finally:
+        gpu.stop()
+        topology.ensure_workers()

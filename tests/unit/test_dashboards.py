@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -414,3 +415,34 @@ def test_bucketed_series_keep_each_bucket_min_and_max(db: Any) -> None:
 def test_rounded_keeps_six_significant_digits() -> None:
     got = fig.rounded([0.123456789, 123456.789, None, math.nan, 0.0, -2.5e-7, 1e300])
     assert got == [0.123457, 123457.0, None, None, 0.0, -2.5e-07, 1e300]
+
+
+def test_repeated_alert_rules_are_labelled_once() -> None:
+    alerts = [{"step": s, "rule": "gap_collapse", "severity": "warning"} for s in (3, 5, 9)]
+    markers = fig.overview_markers(None, None, "", alerts)
+    assert [m.step for m in markers] == [3, 5, 9]
+    f = fig.line_figure("t", [fig.Line("loss", [0, 10], [1.0, 0.5])], markers=markers)
+    assert len([s for s in f["layout"]["shapes"] if s["type"] == "line"]) == 3
+    assert [a["text"] for a in f["layout"]["annotations"]] == ["\u26a0 gap_collapse"]
+
+
+def test_runs_page_filters_and_sorts(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+        for project, name in (("a", "alpha"), ("a", "beta"), ("b", "gamma")):
+            client.post("/api/v1/runs", json={"project": project, "name": name})
+
+        def names(**params: str) -> list[str]:
+            html = client.get("/", params={"fragment": "true", **params}).text
+            return re.findall(r'<a href="/runs/\d+">([^<]+)</a>', html)
+
+        assert names() == ["gamma", "beta", "alpha"]  # newest first
+        assert names(desc="false") == ["alpha", "beta", "gamma"]
+        assert names(project="a", sort="name") == ["beta", "alpha"]
+        assert names(q="MM") == ["gamma"]
+        assert names(status="finished") == []
+        assert client.get("/projects/a", params={"fragment": "true"}).text.count("<tr ") == 2

@@ -345,7 +345,7 @@ def test_esd_payload_histogram_and_line() -> None:
     json.dumps(payload, allow_nan=False)
     hist = payload["hist"]
     assert len(hist["edges"]) == 51
-    assert sum(hist["counts"]) == int((ev > 0).sum())
+    assert sum(hist["counts"]) == int((ev > htsr.EVALS_THRESH).sum()) == 200
     widths = np.diff(hist["edges"])
     assert float(np.sum(np.array(hist["density"]) * widths)) == pytest.approx(1.0, rel=1e-9)
     fit = payload["fit"]
@@ -420,3 +420,28 @@ def test_cuda_matches_cpu() -> None:
         assert d.evals.device.type == "cuda"
         for key, value in c.values().items():
             assert d.values()[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_restore_shapes_ignores_malformed_entries() -> None:
+    from spectrawatch_server.analyses.htsr import restore_shapes
+
+    flat = torch.zeros(16, 72)
+    shapes = {"conv": [16, 8, 3, 3], "bad": [16, 8, 3, 4], "fc": "x", "missing": [1, 1, 1, 1]}
+    out = restore_shapes({"conv": flat, "bad": flat, "fc": flat}, shapes)
+    assert out["conv"].shape == (16, 8, 3, 3)
+    assert out["bad"].shape == (16, 72)
+    assert out["fc"].shape == (16, 72)
+    assert restore_shapes({"conv": flat}, None)["conv"].shape == (16, 72)
+
+
+def test_analyze_model_accepts_a_state_dict() -> None:
+    g = _gen(15)
+    state = {
+        "h.0.weight": torch.randn(64, 32, generator=g),
+        "h.0.bias": torch.randn(64, generator=g),
+        "ln.norm.weight": torch.randn(32, 32, generator=g),  # name says norm: left out
+    }
+    report = htsr.analyze_model(state, mp_fit=False)
+    assert [r.layer for r in report.layers] == ["h.0.weight"]
+    assert report.layers[0].plain.mp is None
+    assert htsr.MP_SOFTRANK not in report.layers[0].values()

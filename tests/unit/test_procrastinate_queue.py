@@ -179,3 +179,14 @@ def test_stalled_jobs_are_requeued_then_failed_on_the_last_attempt(
         assert session.get_one(Frame, frame_id).status == "failed"
     assert queue.counts() == {"failed": 1}
     assert asyncio.run(recover()) == []
+
+
+@pytest.mark.gpu
+def test_supervisor_refuses_to_spawn_after_cuda_init() -> None:
+    import torch
+
+    from spectrawatch_server.worker_main import _refuse_if_cuda_initialised
+
+    torch.zeros(1, device="cuda")
+    with pytest.raises(WorkerConfigError, match="CUDA is initialised"):
+        _refuse_if_cuda_initialised()

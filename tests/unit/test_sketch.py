@@ -72,13 +72,23 @@ def test_signed_sketch_equals_reference_count_sketch() -> None:
     buckets, signs = hash_coordinates(x.numel(), 9, 640)
     ref = count_sketch(x, buckets, signs, 640, torch.float64)
     folded = signed_buckets(x.numel(), 9, 640)
-    assert folded.dtype == torch.int32
+    assert folded.dtype == torch.int16  # 2 * 640 buckets fit: 2 bytes per cached coordinate
     out = count_sketch_signed(x, folded, 640, chunk=7_777)  # chunking must not matter
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     # and against a numpy scatter-add written independently
     np_ref = np.zeros(640)
     np.add.at(np_ref, buckets.numpy(), (signs.double() * x).numpy())
     np.testing.assert_allclose(out.numpy(), np_ref, rtol=0, atol=1e-10)
+
+
+def test_wide_dims_use_an_int32_index() -> None:
+    x = torch.randn(5000, dtype=torch.float64)
+    folded = signed_buckets(5000, 2, 20_000)
+    assert folded.dtype == torch.int32
+    buckets, signs = hash_coordinates(5000, 2, 20_000)
+    torch.testing.assert_close(count_sketch_signed(x, folded, 20_000),
+                               count_sketch(x, buckets, signs, 20_000, torch.float64),
+                               rtol=0, atol=1e-12)
 
 
 def test_linearity() -> None:

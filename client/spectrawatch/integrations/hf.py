@@ -89,9 +89,7 @@ def _config_of(args: Any) -> dict[str, Any]:
     except Exception:  # a config is a nicety, never a reason to fail
         return {}
     items = list(raw.items())[:_CONFIG_MAX_ITEMS]
-    return {
-        str(k): v for k, v in items if isinstance(v, (str, int, float, bool)) or v is None
-    }
+    return {str(k): v for k, v in items if isinstance(v, (str, int, float, bool)) or v is None}
 
 
 class _Callback:
@@ -123,8 +121,13 @@ class _Callback:
         self._active = False
 
     def on_train_begin(
-        self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-        optimizer: Any = None, **kwargs: Any,
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
     ) -> None:
         if not getattr(state, "is_world_process_zero", True):
             return
@@ -135,12 +138,19 @@ class _Callback:
         self._active = True
         if model is not None:
             self.monitor.attach(
-                model, inner_optimizer(optimizer), probe=self._probe, every=self._every,
+                model,
+                inner_optimizer(optimizer),
+                probe=self._probe,
+                every=self._every,
                 start_step=int(getattr(state, "global_step", 0) or 0),
             )
 
     def on_log(
-        self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        logs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if self._active:
@@ -160,8 +170,11 @@ def _build() -> type:
     return type(
         "SpectrawatchCallback",
         (_Callback, _trainer_callback_base()),
-        {"__doc__": _Callback.__doc__, "__module__": __name__,
-         "__qualname__": "SpectrawatchCallback"},
+        {
+            "__doc__": _Callback.__doc__,
+            "__module__": __name__,
+            "__qualname__": "SpectrawatchCallback",
+        },
     )
 
 

@@ -20,6 +20,7 @@ spectrawatch``.
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,17 +31,14 @@ _CONFIG_MAX_ITEMS = 200
 
 
 def _callback_base() -> type:
-    try:
-        from lightning.pytorch import Callback
-    except ImportError:
+    """``lightning.pytorch.Callback``, else ``pytorch_lightning.Callback``."""
+    for module in ("lightning.pytorch", "pytorch_lightning"):
         try:
-            from pytorch_lightning import Callback
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ImportError(
-                "the Lightning SpectrawatchCallback needs lightning: pip install lightning"
-            ) from exc
-    base: type = Callback
-    return base
+            base: type = importlib.import_module(module).Callback
+        except ImportError:
+            continue
+        return base
+    raise ImportError("the Lightning SpectrawatchCallback needs lightning: pip install lightning")
 
 
 def _hparams(module: Any) -> dict[str, Any]:
@@ -98,7 +96,10 @@ class _Callback:
         self._manual_steps = optimizer is None
         self._last_step = int(trainer.global_step)
         self.monitor.attach(
-            pl_module, optimizer, probe=self._probe, every=self._every,
+            pl_module,
+            optimizer,
+            probe=self._probe,
+            every=self._every,
             start_step=self._last_step,
         )
 
@@ -150,9 +151,7 @@ class _Callback:
         logged at the step their validation ran, not repeated at every later step)."""
         self._last_logged = step
         metrics = getattr(trainer, "callback_metrics", None) or {}
-        values = numeric_logs(
-            {k: v for k, v in metrics.items() if k not in self._validation_keys}
-        )
+        values = numeric_logs({k: v for k, v in metrics.items() if k not in self._validation_keys})
         if values:
             self.monitor.log(values, step=step)
 
@@ -163,8 +162,11 @@ def _build() -> type:
     return type(
         "SpectrawatchCallback",
         (_Callback, _callback_base()),
-        {"__doc__": _Callback.__doc__, "__module__": __name__,
-         "__qualname__": "SpectrawatchCallback"},
+        {
+            "__doc__": _Callback.__doc__,
+            "__module__": __name__,
+            "__qualname__": "SpectrawatchCallback",
+        },
     )
 
 

@@ -1,1 +1,11 @@
-"""Pure spectral math: tensors in, frozen dataclasses / numbers out. No I/O, no project imports."""
+"""Pure spectral math: tensors in, frozen dataclasses / numbers out. No I/O, no project imports.
+
+Modules: ``sed`` (spectral edge dynamics), ``grokking`` (early warning), ``htsr`` (heavy-tail
+weight metrics), ``farms`` (fixed-aspect-ratio sampling), ``activations`` (EigenTrack),
+``polar`` (Polar Express), ``conditioning`` (GMCN, PC layers), ``manifold`` (quadratic fit),
+``norms``.
+"""
+
+from spectrawatch.spectral.htsr import analyze_model
+
+__all__ = ["analyze_model"]

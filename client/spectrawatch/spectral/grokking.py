@@ -169,7 +169,8 @@ Series = Sequence[tuple[int, float]]
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """Parameters of :func:`detect_grokking` (defaults tuned on the tuning seed, see benchmarks).
+    """Parameters of :func:`detect_grokking`. Defaults come from the reference rules of DESIGN §3/§6
+    and the papers, fixed before any evaluation run (``benchmarks/results/sed.md``).
 
     defect: the papers' rule, value > mean + ``defect_sigma`` sd of the first
     ``defect_baseline`` evaluations, ``defect_sustain`` evaluations in a row.
@@ -283,9 +284,10 @@ def detect_grokking(
     ``config.require`` pieces (or all available, if fewer) have appeared.
 
     Series are ``(step, value)`` sorted by step; any may be absent. ``sed_collapse_step`` is the
-    start of the SED collapse phase (a phase indicator: measured to come after the jump, so it
-    counts as evidence but rarely leads). The score at a step is the fraction of available
-    evidence that has appeared by then.
+    first step at which the (causally computed) SED gap series entered its collapse phase; it
+    counts as extra evidence but not towards how many inputs are available, since its absence
+    cannot be told from a run without SED. The score at a step is the fraction of the required
+    evidence present by then (1.0 from the firing step on).
     """
     cfg = config or DetectorConfig()
     ev = Evidence(
@@ -312,7 +314,7 @@ def detect_grokking(
     times = [t for t in (ev.defect, ev.norm_turn, ev.rank_turn, ev.sed_collapse) if t is not None]
     n_avail = max(1, len([a for a in available if a != "sed"]))
     need = min(cfg.require, n_avail)
-    score = tuple((s, sum(t <= s for t in times) / n_avail) for s in steps)
+    score = tuple((s, min(1.0, sum(t <= s for t in times) / need)) for s in steps)
     fired = sorted(times)[need - 1] if len(times) >= need else None
     return GrokWarning(fired, score, ev, available)
 

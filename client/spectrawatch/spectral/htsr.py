@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from spectrawatch.spectral.farms import FarmsConfig, sample_windows
@@ -89,6 +90,7 @@ UNDER_TRAINED_WARNING = "under-trained"
 
 _DIRECT_KS_MAX_N = 256  # exact O(n^2) KS up to this; bound-pruned exact search above
 _KS_CHUNK_ELEMENTS = 1 << 22  # candidates x points per chunk of the direct KS
+_EIG_CHUNK_BYTES = 1 << 27  # at most ~128 MB of stacked float64 matrices per batched call
 _F64 = torch.float64
 
 
@@ -260,9 +262,10 @@ def eigenvalues(
 ) -> list[torch.Tensor]:
     """Ascending eigenvalues of ``W^T W`` (squared singular values, no 1/N) of each matrix.
 
-    Matrices of equal shape are stacked and decomposed in one batched call: the Gram matrix on
-    the smaller side ``(B, M, M)`` in ``dtype`` (float64 by default: the Gram squares the
-    condition number, so float32 would lose eigenvalues below ~1e-7 lambda_max), then
+    Matrices of equal shape are stacked (up to ~128 MB per call) and decomposed in batched
+    calls: the Gram matrix on the smaller side ``(B, M, M)`` in ``dtype`` (float64 by default:
+    the Gram squares the condition number, so float32 loses eigenvalues below ~1e-7 lambda_max
+    and shifts alpha by ~1e-4 on GPT-2-shaped layers), then
     ``torch.linalg.eigvalsh``; round-off negatives are clamped to 0. Each result is ``(M,)``
     ``dtype`` on the matrices' device, in input order; a matrix with NaN/Inf entries gets an
     all-NaN result (its metrics then raise :class:`SpectralError`) without spoiling its batch.
@@ -273,19 +276,31 @@ def eigenvalues(
         if w.ndim != 2 or 0 in w.shape:
             raise SpectralError(f"expected a non-empty 2-D matrix, got shape {tuple(w.shape)}")
         groups.setdefault(tuple(w.shape), []).append(i)
-    for (rows, cols), idx in groups.items():
-        stack = torch.stack([matrices[i] for i in idx]).to(dtype)
-        finite = torch.isfinite(stack).all(dim=(1, 2))
-        all_finite = bool(finite.all())
-        if not all_finite:  # decompose zeros instead; those ESDs become NaN below
-            stack = torch.where(finite[:, None, None], stack, 0.0)
-        gram = stack.mT @ stack if rows >= cols else stack @ stack.mT
-        evals = torch.linalg.eigvalsh(gram).clamp_min_(0.0)
-        if not all_finite:
-            evals[~finite] = math.nan
-        for k, i in enumerate(idx):
-            out[i] = evals[k]
+    for (rows, cols), group in groups.items():
+        per_chunk = max(1, _EIG_CHUNK_BYTES // (rows * cols * 8))
+        for start in range(0, len(group), per_chunk):
+            idx = group[start : start + per_chunk]
+            for i, ev in zip(
+                idx, _batched_eigenvalues([matrices[i] for i in idx], dtype), strict=True
+            ):
+                out[i] = ev
     return [e for e in out if e is not None]
+
+
+def _batched_eigenvalues(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Eigenvalues of ``W^T W`` for equal-shape ``mats``: ``(B, min(rows, cols))``."""
+    rows, cols = mats[0].shape
+    stack = torch.stack(mats).to(dtype)
+    finite = torch.isfinite(stack).all(dim=(1, 2))
+    all_finite = bool(finite.all())
+    if not all_finite:  # decompose zeros instead; those ESDs become NaN below
+        stack = torch.where(finite[:, None, None], stack, 0.0)
+    gram = stack.mT @ stack if rows >= cols else stack @ stack.mT
+    del stack
+    evals: torch.Tensor = torch.linalg.eigvalsh(gram).clamp_min_(0.0)
+    if not all_finite:
+        evals[~finite] = math.nan
+    return evals
 
 
 def pooled_eigenvalues(mats: WeightMatrices, *, dtype: torch.dtype = _F64) -> torch.Tensor:
@@ -522,6 +537,23 @@ def _mp_objective(
     return torch.where(bad, _MP_PENALTY**2 * yg.numel(), resid)
 
 
+def _mp_objective_scalar(sigma: float, xg: Any, yg: Any, q: float) -> float:
+    """:func:`_mp_objective` for one sigma on host arrays (WeightWatcher's numpy expressions);
+    used by the sequential Nelder-Mead polish, where per-call tensor overhead would dominate."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if q == 1.0:
+            model = np.nan_to_num((1 / (np.pi * sigma * sigma)) * np.sqrt(4 - xg**2))
+            return float(np.sum((model - yg) ** 2))
+        b = (sigma * (1 + np.sqrt(1 / q))) ** 2
+        a = (sigma * (1 - np.sqrt(1 / q))) ** 2
+        peak = xg[int(np.argmax(yg))]
+        if b < peak or b > xg.max() or a > peak:
+            return float(_MP_PENALTY**2 * yg.size)
+        val = (1 / (2 * np.pi * sigma * sigma * xg * (1 / q))) * np.sqrt((b - xg) * (xg - a))
+        model = np.nan_to_num(val, nan=0.0, posinf=0.0, neginf=0.0)
+        return float(np.sum((model - yg) ** 2))
+
+
 def _nelder_mead_1d(fun: Any, x0: float, *, xatol: float = 1e-4, fatol: float = 1e-4) -> float:
     """``scipy.optimize.fmin`` (Nelder-Mead, default settings) in one dimension.
 
@@ -605,10 +637,8 @@ def fit_marchenko_pastur(evals: torch.Tensor, n_rows: int, n_cols: int) -> March
     scores = _mp_objective(sigmas, xg, yg, q)
     best = float(sigmas[int(torch.argmin(scores))])
 
-    def score(s: float) -> float:
-        return float(_mp_objective(torch.tensor([s], dtype=_F64, device=x.device), xg, yg, q)[0])
-
-    sigma = _nelder_mead_1d(score, best)
+    xg_np, yg_np = xg.cpu().numpy(), yg.cpu().numpy()  # <= 1000 points: the polish is scalar
+    sigma = _nelder_mead_1d(lambda s: _mp_objective_scalar(s, xg_np, yg_np, q), best)
     bulk_max = (sigma * (1.0 + 1.0 / math.sqrt(q))) ** 2
     bulk_min = (sigma * (1.0 - 1.0 / math.sqrt(q))) ** 2
     tw = 1.0 / math.sqrt(q) * bulk_max ** (2.0 / 3.0) * n_cols ** (-2.0 / 3.0)
@@ -672,7 +702,7 @@ def esd_payload(
 ) -> dict[str, Any]:
     """JSON-able drill-down data for one ESD: log-binned histogram, power-law line, MP curve.
 
-    ``hist.edges`` (``bins + 1`` eigenvalue edges, log-spaced over the positive eigenvalues),
+    ``hist.edges`` (``bins + 1`` eigenvalue edges, log-spaced over the eigenvalues > 1e-5),
     ``hist.counts`` and ``hist.density`` (counts / (k * bin width), a density in lambda for a
     log-log plot); ``fit`` with the line ``pdf(x) = (n_tail/k) (alpha-1)/xmin (x/xmin)^-alpha``
     on ``[xmin, xmax]`` (scaled by the tail fraction so it overlays the full-ESD density); ``mp``
@@ -680,7 +710,9 @@ def esd_payload(
     """
     ev = evals.detach().to(_F64).flatten()
     k = ev.numel()
-    pos = ev[ev > 0]
+    pos = ev[ev > EVALS_THRESH]  # numerically zero eigenvalues would stretch the log axis
+    if pos.numel() == 0:
+        raise SpectralError(f"no eigenvalue above {EVALS_THRESH}")
     lo, hi = math.log10(float(pos.min())), math.log10(float(pos.max()))
     if hi <= lo:
         hi = lo + 1e-6
@@ -689,7 +721,7 @@ def esd_payload(
     density = counts / (k * (edges[1:] - edges[:-1]))
     fit = metrics.fit
     line_x = torch.logspace(
-        math.log10(fit.xmin), math.log10(fit.xmax), 50, dtype=_F64, device=ev.device
+        math.log10(fit.xmin), math.log10(fit.xmax), 20, dtype=_F64, device=ev.device
     )
     line_y = (fit.num_tail / k) * (fit.alpha - 1.0) / fit.xmin * (line_x / fit.xmin) ** (-fit.alpha)
     payload: dict[str, Any] = {
@@ -716,9 +748,9 @@ def esd_payload(
     mp = metrics.mp
     if mp is not None:
         scale = mp.w_scale**2
-        xs = torch.linspace(mp.bulk_min, mp.bulk_max, 200, dtype=_F64, device=ev.device)
+        xs = torch.linspace(mp.bulk_min, mp.bulk_max, 100, dtype=_F64, device=ev.device)
         sig = torch.tensor(mp.sigma, dtype=_F64, device=ev.device)
-        pdf = marchenko_pastur_density(xs.clamp_min(1e-12), mp.q if mp.q != 1.0 else 1.0, sig)
+        pdf = marchenko_pastur_density(xs.clamp_min(1e-12), mp.q, sig)
         payload["mp"] = {
             "sigma": mp.sigma,
             "bulk_min": mp.bulk_min / scale,

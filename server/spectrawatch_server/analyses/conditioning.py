@@ -3,10 +3,10 @@
 * ``conditioning`` on weight frames: exact singular values per 2-D weight, then sigma_max,
   sigma_min, condition number, GMCN, the count of singular values above the MP edge and the GMCN a
   PC layer of level 2 / 4 would leave; plus the global GMCN (geometric mean over the frame's
-  matrices, as PC Layer's ``metrics_plotter.py`` plots it) on the model layer. On a CUDA worker, for matrices whose short side is at least
-  ``POLAR_MIN_DIM``, the same spike count is also computed GEMM-only by Polar Express
-  (``polar.mp_spikes``, with its ambiguity) so the fast path is continuously checked against the
-  exact one.
+  matrices, as PC Layer's ``metrics_plotter.py`` plots it) on the model layer. On a CUDA
+  worker, for matrices whose short side is at least ``POLAR_MIN_DIM``, the same spike count is
+  also computed GEMM-only by Polar Express (``polar.mp_spikes``, with its ambiguity) so the fast
+  path is continuously checked against the exact one.
 * ``muon_audit`` on update frames sent in exact mode (``info["exact"]`` true): the last row of each
   layer, reshaped to ``info["shapes"][layer]``, is audited for its distance from a scaled
   orthogonal matrix. Layers without a 2-D shape are skipped.

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from spectrawatch.wire import FrameLimits
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.queue.base import JobQueue
-from spectrawatch_server.storage.blobs import LocalBlobStore
+from spectrawatch_server.storage.blobs import BlobStore
 from spectrawatch_server.worker import Worker
 
 
@@ -19,7 +19,7 @@ class AppState:
     settings: ServerSettings
     engine: Engine
     sessions: sessionmaker[Session]
-    blobs: LocalBlobStore
+    blobs: BlobStore
     queue: JobQueue
     worker: Worker
     limits: FrameLimits

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
 
 from procrastinate import App, PsycopgConnector, RetryStrategy
 from procrastinate import exceptions as pexc
@@ -186,21 +184,20 @@ class ProcrastinateQueue:
 
     # --- worker side -------------------------------------------------------------------
 
-    def run_worker(self, name: str, *, stop_when_idle: bool = False) -> None:
+    def run_worker(self, name: str) -> None:
         """Consume jobs in this process, one at a time, until SIGINT/SIGTERM (blocks).
 
         The job body runs in a thread of this process (procrastinate runs sync tasks via
         ``asyncio.to_thread``), so the event loop keeps heartbeating during a long GPU job.
         """
-        asyncio.run(self.run_worker_async(name, stop_when_idle=stop_when_idle))
+        asyncio.run(self.run_worker_async(name))
 
-    async def run_worker_async(self, name: str, *, stop_when_idle: bool = False) -> None:
+    async def run_worker_async(self, name: str) -> None:
         async with self.app.open_async():
             await self.app.run_worker_async(
                 queues=[ANALYSIS_QUEUE, MAINTENANCE_QUEUE],
                 name=name,
                 concurrency=1,  # one job per device at a time
-                wait=not stop_when_idle,
                 fetch_job_polling_interval=self.poll_seconds,
                 update_heartbeat_interval=self.heartbeat_seconds,
                 stalled_worker_timeout=self.stalled_seconds,
@@ -244,12 +241,13 @@ class ProcrastinateQueue:
         async def retry_stalled_jobs(timestamp: int) -> None:
             await self.retry_stalled_jobs()
 
-        task: Callable[..., Any] = self.app.task(
-            name=ANALYSIS_TASK, queue=ANALYSIS_QUEUE, pass_context=True, retry=retry
-        )(analyse_frame)
+        self.app.task(name=ANALYSIS_TASK, queue=ANALYSIS_QUEUE, pass_context=True, retry=retry)(
+            analyse_frame
+        )
         stalled = self.app.task(name=STALLED_TASK, queue=MAINTENANCE_QUEUE, priority=10)(
             retry_stalled_jobs
         )
+        # a 6th cron field is seconds: every `stall_check_seconds` s
         self.app.periodic(cron=f"* * * * * */{stall_check_seconds}", periodic_id="stalled")(
             stalled
         )
@@ -262,7 +260,6 @@ class ProcrastinateQueue:
 
         cleanup = self.app.task(name=CLEANUP_TASK, queue=MAINTENANCE_QUEUE)(delete_old_jobs)
         self.app.periodic(cron="*/15 * * * *", periodic_id="cleanup")(cleanup)
-        del task
 
     def _fail_frame(self, frame_id: int | None, error: str) -> None:
         if frame_id is None:

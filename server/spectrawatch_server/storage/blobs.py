@@ -28,6 +28,8 @@ class BlobStore(Protocol):
 
     def keys(self, min_age_seconds: float = 0.0) -> list[str]: ...
 
+    def clear_temp(self, min_age_seconds: float = 0.0) -> int: ...
+
 
 class LocalBlobStore:
     """Blobs as files under ``root``; uploads stream into ``root/.tmp`` and are renamed in."""

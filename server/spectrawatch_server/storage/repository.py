@@ -133,7 +133,9 @@ def touch_run(session: Session, run_id: int, step: int | None) -> None:
     """Record activity (and the highest step seen) on a run."""
     values: dict[str, Any] = {"last_seen_at": utcnow()}
     if step is not None:
-        values["last_step"] = func.max(func.coalesce(Run.last_step, step), step)
+        # scalar max of two values: GREATEST on PostgreSQL, two-argument max() on SQLite
+        larger = func.greatest if session.get_bind().dialect.name == "postgresql" else func.max
+        values["last_step"] = larger(func.coalesce(Run.last_step, step), step)
     session.execute(update(Run).where(Run.id == run_id).values(**values))
 
 

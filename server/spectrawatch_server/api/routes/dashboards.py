@@ -41,6 +41,7 @@ from spectrawatch_server.db.models import (
     Scalar,
     Webhook,
 )
+from spectrawatch_server.storage import alert_store
 from spectrawatch_server.storage import repository as repo
 
 STATIC_URL = "/dashboards/static"
@@ -190,9 +191,9 @@ def grid_rows(
 
 
 def alert_rows(session: Session, run_id: int) -> list[dict[str, Any]]:
-    alerts = session.scalars(
-        select(Alert).where(Alert.run_id == run_id).order_by(Alert.step, Alert.id)
-    ).all()
+    alerts = sorted(
+        alert_store.list_alerts(session, run_id=run_id, limit=100_000), key=lambda a: (a.step, a.id)
+    )
     return [
         {
             "id": a.id,
