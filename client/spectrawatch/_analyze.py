@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import html
 import importlib
 import io
@@ -25,7 +26,7 @@ import re
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -78,14 +79,65 @@ class AnalyzeError(Exception):
 
 
 # --- loading -----------------------------------------------------------------------------------
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of a checkpoint, known by name, shape and kind before its data is read:
+    safetensors files are read one tensor at a time, so a checkpoint larger than memory works."""
+
+    name: str
+    shape: tuple[int, ...]
+    floating: bool
+    load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+
+    @property
+    def is_weight(self) -> bool:
+        """Analysed: a floating 2-D / 4-D tensor whose name does not contain ``norm``
+        (WeightWatcher's and :func:`~spectrawatch.spectral.htsr.analyze_model`'s selection)."""
+        return len(self.shape) in (2, 4) and self.floating and "norm" not in self.name.lower()
+
+
+def _read_safetensor(path: Path, name: str) -> torch.Tensor:
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return dict(load_file(str(path), device="cpu"))
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensor: torch.Tensor = f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AnalyzeError(f"{path}: cannot read tensor {name!r} ({exc})") from exc
+    return tensor
+
+
+def _safetensors_refs(path: Path) -> list[TensorRef]:
+    """Names, shapes and dtypes from the safetensors header (no tensor data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            refs = []
+            for name in f.keys():  # noqa: SIM118 - a safe_open handle, not a dict
+                sl = f.get_slice(name)
+                refs.append(
+                    TensorRef(
+                        name,
+                        tuple(int(d) for d in sl.get_shape()),
+                        str(sl.get_dtype()).startswith(("F", "BF")),
+                        functools.partial(_read_safetensor, path, name),
+                    )
+                )
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AnalyzeError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return refs
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _tensor_refs(tensors: Mapping[str, torch.Tensor]) -> list[TensorRef]:
+    return [
+        TensorRef(name, tuple(t.shape), t.is_floating_point(), functools.partial(_identity, t))
+        for name, t in tensors.items()
+    ]
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -146,17 +198,18 @@ def _sniff(path: Path) -> str:
     return ""
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
+def _file_refs(path: Path) -> list[TensorRef]:
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
-        return _load_safetensors(path)
-    if suffix in TORCH_SUFFIXES:
-        return _load_torch(path)
-    kind = _sniff(path)
+        kind = "safetensors"
+    elif suffix in TORCH_SUFFIXES:
+        kind = "torch"
+    else:
+        kind = _sniff(path)
     if kind == "safetensors":
-        return _load_safetensors(path)
+        return _safetensors_refs(path)
     if kind == "torch":
-        return _load_torch(path)
+        return _tensor_refs(_load_torch(path))
     raise AnalyzeError(
         f"{path}: unsupported file: expected .safetensors or a PyTorch state dict "
         f"({', '.join(TORCH_SUFFIXES)})"
@@ -188,28 +241,23 @@ def checkpoint_files(path: Path) -> list[Path]:
     return shards
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint on CPU, by name (shards merged; a name read twice is an
-    error)."""
-    out: dict[str, torch.Tensor] = {}
+def checkpoint_tensors(path: str | Path) -> list[TensorRef]:
+    """Every tensor of a checkpoint (shards merged, in file then checkpoint order), unread;
+    a name found in two shards is an error."""
+    out: dict[str, TensorRef] = {}
     for file in checkpoint_files(Path(path)):
-        for name, tensor in _load_file(file).items():
-            if name in out:
-                raise AnalyzeError(f"{file}: tensor {name!r} already read from another shard")
-            out[name] = tensor
+        for ref in _file_refs(file):
+            if ref.name in out:
+                raise AnalyzeError(f"{file}: tensor {ref.name!r} already read from another shard")
+            out[ref.name] = ref
     if not out:
         raise AnalyzeError(f"{path}: the checkpoint holds no tensors")
-    return out
+    return list(out.values())
 
 
-def weight_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors analysed: floating 2-D / 4-D weights whose name does not contain ``norm``
-    (WeightWatcher's and :func:`~spectrawatch.spectral.htsr.analyze_model`'s selection)."""
-    return {
-        name: t
-        for name, t in tensors.items()
-        if t.ndim in (2, 4) and t.is_floating_point() and "norm" not in name.lower()
-    }
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint on CPU, by name (all read into memory)."""
+    return {ref.name: ref.load() for ref in checkpoint_tensors(path)}
 
 
 # --- analysis ----------------------------------------------------------------------------------
@@ -337,43 +385,38 @@ def analyze_checkpoint(
     progress: bool = True,
     layers: Callable[[str], bool] | None = None,
 ) -> CheckpointAnalysis:
-    """Load ``path`` and analyse every weight tensor (see :func:`weight_tensors`), one layer at a
-    time with a progress bar on stderr; ``layers`` filters tensor names."""
+    """Analyse every weight of ``path`` (:attr:`TensorRef.is_weight`), reading and analysing one
+    tensor at a time with a progress bar on stderr; ``layers`` filters tensor names."""
     dev = resolve_device(device)
-    tensors = load_weights(path)
-    weights = weight_tensors(tensors)
-    if layers is not None:
-        weights = {k: v for k, v in weights.items() if layers(k)}
-    if not weights:
+    refs = checkpoint_tensors(path)
+    selected = [r for r in refs if r.is_weight and (layers is None or layers(r.name))]
+    if not selected:
         raise AnalyzeError(f"{path}: no 2-D or 4-D floating-point weights to analyse")
     results = [
-        analyze_layer(name, w, device=dev, farms=farms)
-        for name, w in _progress(
-            weights.items(), len(weights), f"analyze {Path(path).name}", enabled=progress
-        )
+        analyze_layer(ref.name, ref.load(), device=dev, farms=farms)
+        for ref in _progress(selected, f"analyze {Path(path).name}", enabled=progress)
     ]
-    return CheckpointAnalysis(str(path), str(dev), tuple(results), len(tensors) - len(weights))
+    ignored = sum(1 for r in refs if not r.is_weight)
+    return CheckpointAnalysis(str(path), str(dev), tuple(results), ignored)
 
 
-def _progress(
-    items: Iterable[tuple[str, torch.Tensor]], total: int, desc: str, *, enabled: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """A tqdm bar when tqdm is installed, else a one-line counter on stderr (when enabled)."""
+def _progress(refs: Sequence[TensorRef], desc: str, *, enabled: bool) -> Iterator[TensorRef]:
+    """A tqdm bar on stderr when tqdm is installed, else a one-line counter (when enabled)."""
     if not enabled:
-        yield from items
+        yield from refs
         return
     try:
         tqdm = importlib.import_module("tqdm.auto").tqdm  # optional, untyped
     except ImportError:
-        for i, item in enumerate(items, 1):
-            print(f"\r{desc}: {i}/{total} {item[0][:60]:<60}", end="", file=sys.stderr)
-            yield item
+        for i, ref in enumerate(refs, 1):
+            print(f"\r{desc}: {i}/{len(refs)} {ref.name[:60]:<60}", end="", file=sys.stderr)
+            yield ref
         print(file=sys.stderr)
         return
-    with tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False) as bar:
-        for item in items:
-            bar.set_postfix_str(item[0][-40:], refresh=False)
-            yield item
+    with tqdm(total=len(refs), desc=desc, unit="layer", file=sys.stderr, leave=False) as bar:
+        for ref in refs:
+            bar.set_postfix_str(ref.name[-40:], refresh=False)
+            yield ref
             bar.update(1)
 
 

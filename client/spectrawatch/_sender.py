@@ -505,8 +505,15 @@ class Sender:
             self.errors.record("client stats", exc)
 
     def _finish(self) -> None:
-        """Final drain: replay what the deadline allows, report stats, close the run."""
-        while len(self.spool) and not self._past_deadline():
+        """Final drain: replay what the deadline allows, report stats, close the run.
+
+        If the server was never reached in this session, nothing is waited for: the spool stays
+        on disk for the next session of this run name.
+        """
+        if self.run_id is None:  # one last try (the server may have come up meanwhile)
+            self._offline_until = 0.0
+            self._online()
+        while len(self.spool) and not self._past_deadline() and self.run_id is not None:
             if not self._online():
                 wait = min(self._offline_until, self._deadline) - time.monotonic()
                 if wait > 0:

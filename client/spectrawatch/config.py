@@ -74,7 +74,7 @@ class ClientSettings:
     backoff_max_s: float = 30.0
     spool_dir: str = field(default_factory=_default_spool_dir)
     spool_max_bytes: int = 2 << 30
-    flush_timeout_s: float = 60.0
+    flush_timeout_s: float = 30.0
     stats_every_s: float = 10.0
     rank0_only: bool = True
 

@@ -224,6 +224,20 @@ def test_bad_files_fail_clearly(
     assert message in capsys.readouterr().err
 
 
+def test_truncated_and_conflicting_shards_fail_clearly(tmp_path: Path) -> None:
+    save_file({"w": torch.randn(32, 16)}, str(tmp_path / "full.safetensors"))
+    data = (tmp_path / "full.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(an.AnalyzeError, match=r"cut\.safetensors: not a readable safetensors"):
+        an.analyze_checkpoint(tmp_path / "cut.safetensors", progress=False)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_file({"w": torch.randn(4, 4)}, str(shards / "a.safetensors"))
+    save_file({"w": torch.randn(4, 4)}, str(shards / "b.safetensors"))
+    with pytest.raises(an.AnalyzeError, match="'w' already read from another shard"):
+        an.checkpoint_tensors(shards)
+
+
 def test_checkpoints_without_weights_fail_clearly(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(an.AnalyzeError, match="no weight files"):

@@ -368,3 +368,15 @@ def test_weight_effective_rank_analysis() -> None:
     result = weight_effective_rank(frame, FakeContext())
     assert [(m.layer, m.name) for m in result.metrics] == [("w", grokking.EFFECTIVE_RANK)]
     assert result.metrics[0].value == pytest.approx(2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rolling_sed_on_cuda_equals_cpu() -> None:
+    rows = _planted(40, 2_000, (5.0, 2.0), noise=0.05, seed=6).float()
+    cpu = sed.rolling_sed(rows, list(range(40)), 16)
+    gpu = sed.rolling_sed(rows.cuda(), list(range(40)), 16)
+    assert [w.step for w in gpu] == [w.step for w in cpu]
+    for a, b in zip(gpu, cpu, strict=True):
+        np.testing.assert_allclose(a.singular_values, b.singular_values, rtol=1e-9)
+        assert a.edge == b.edge

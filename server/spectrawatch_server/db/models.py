@@ -133,6 +133,7 @@ class Metric(Base):
     __table_args__ = (
         UniqueConstraint("frame_id", "analysis", "layer", "name", "step"),
         Index("ix_metric_run_name_step", "run_id", "name", "step"),
+        Index("ix_metric_run_name_layer_step", "run_id", "name", "layer", "step"),  # 0003
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
