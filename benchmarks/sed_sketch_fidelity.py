@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import sys
 import time
@@ -309,10 +310,13 @@ def grok(args: argparse.Namespace) -> None:
         nop = gk.detect_grokking(weight_norm=s["weight_norm"], effective_rank=s["effective_rank"],
                                  sed_collapse_step=s["sed_collapse_step"], config=cfg)
 
-        def cell(w: int | None, g: int | None = g) -> str:
+        done = int(z["eval_step"][-1]) >= ast.literal_eval(str(z["config"]))["steps"]
+        verdict = "false alarm" if done else f"no grok yet at {int(z['eval_step'][-1])}"
+
+        def cell(w: int | None, g: int | None = g, verdict: str = verdict) -> str:
             if w is None:
                 return "silent"
-            return f"{w} ({g - w})" if g is not None else f"{w} (false alarm)"
+            return f"{w} ({g - w})" if g is not None else f"{w} ({verdict})"
 
         ev = full.evidence
         spike = gk.defect_spike(s["defect"])

@@ -10,8 +10,10 @@ the client sketches theta itself in float64 (count-sketch, linear) and differenc
 sketches, ``sketch(theta_n) - sketch(theta_{n-1}) = sketch(delta_n)``. Memory: ``(L + 1) * d``
 float64 values for the previous sketch plus, with ``sketch_cache`` (default), a cached folded
 hash index of 2 bytes per parameter (int16; 4 if d > 16383) on the parameter's device -- half
-of one fp32 copy of the model; turn it off to trade that memory for ~10x slower sketches. The float64 accumulation
-keeps the difference exact to ~1e-16 relative to |theta|, so tiny updates survive. With
+of one fp32 copy of the model; turn it off to trade that memory for ~20x slower sketches. The
+float64 accumulation keeps the difference exact to ~1e-16 relative to |theta|, so tiny updates
+survive. The first captured step builds that index (one-off, ~25-50 ms per million parameters
+on a CPU core). With
 ``update_every = k > 1`` the pre-step hook sketches theta_{n-1} before step n, so a row is still
 the update of one step. The same theta sketches feed interval mode: every ``theta_every`` steps
 a ``param_sketch`` frame carries them (float64), and the server differences them into the SED
@@ -127,7 +129,7 @@ class Capture:
         self._disabled: set[str] = set()
         self._last_weights_step: int | None = None
         self._handles: list[Any] = []
-        self._layer_info = {
+        self._layer_info: dict[str, dict[str, Any]] = {
             name: {"numel": p.numel(), "shape": list(p.shape)} for name, p in self.layers
         }
         if optimizer is not None:
@@ -247,6 +249,7 @@ class Capture:
                        "layer_seed": "(seed*1000003 + crc32(name)) & 0x7fffffff"},
             "window": self.s.window,
             "layers": self._layer_info,
+            "shapes": {name: info["shape"] for name, info in self._layer_info.items()},
             "exact": self.s.exact,
             "model_sketch": "concat" if self.s.exact else "sum_of_layers",
             "update": "per_step" if self.optimizer is not None else "since_previous_row",
@@ -290,7 +293,8 @@ class Capture:
         def emit() -> None:
             nonlocal part, shapes, size, parts
             if part:
-                info = {"dtype": self.s.weights_dtype, "layers": shapes, "part": parts}
+                info = {"dtype": self.s.weights_dtype, "layers": shapes, "part": parts,
+                        "shapes": {k: v["orig_shape"] for k, v in shapes.items()}}
                 self.emit_frame(FrameItem(wire.FrameKind.WEIGHTS, n, part, info, compress=True))
                 parts += 1
             part, shapes, size = {}, {}, 0

@@ -197,3 +197,33 @@ def test_integrations_do_not_import_frameworks() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_numeric_logs_keep_finite_numbers_only() -> None:
+    from spectrawatch.integrations.hf import numeric_logs
+
+    logs = {
+        "loss": 0.5,
+        "step": 3,
+        "grad_norm": torch.tensor(1.25),
+        "nan": float("nan"),
+        "flag": True,
+        "name": "x",
+        "vector": torch.ones(2),
+    }
+    assert numeric_logs(logs) == {"loss": 0.5, "step": 3.0, "grad_norm": 1.25}
+    assert numeric_logs(None) == {}
+
+
+def test_inner_optimizer_unwraps_accelerate_style_wrappers() -> None:
+    from spectrawatch.integrations.hf import inner_optimizer
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+
+    class Wrapper:  # accelerate's AcceleratedOptimizer keeps the real one in .optimizer
+        def __init__(self, optimizer: object) -> None:
+            self.optimizer = optimizer
+
+    assert inner_optimizer(opt) is opt
+    assert inner_optimizer(Wrapper(Wrapper(opt))) is opt
+    assert inner_optimizer(None) is None

@@ -165,6 +165,7 @@ def test_exact_mode_sends_full_updates() -> None:
     cap.finish()
     (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
     assert frame.info["exact"] is True
+    assert frame.info["shapes"]["0.weight"] == [12, 6]  # muon_audit reshapes exact rows
     assert frame.tensors["0.weight"].shape == (4, 72)
     torch.testing.assert_close(frame.tensors["0.weight"][2],
                                (thetas[3]["0.weight"] - thetas[2]["0.weight"]).reshape(-1))
@@ -224,6 +225,7 @@ def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:
     assert conv.shape == (8, 27)
     assert conv.dtype == torch.float16
     assert info["layers"]["0.weight"]["orig_shape"] == [8, 3, 3, 3]
+    assert info["shapes"]["0.weight"] == [8, 3, 3, 3]  # the server's htsr reads "shapes"
     assert info["dtype"] == "float16"
     torch.testing.assert_close(conv, model[0].weight.detach().reshape(8, 27).half())
     assert all(f.compress and f.step == 7 for f in frames)
