@@ -95,7 +95,7 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     demo = sub.add_parser("demo", help="run the server and a real grokking run streaming to it")
     demo.add_argument("--port", type=int, default=8765)
     demo.add_argument("--data-dir", default=".spectrawatch/demo")
-    demo.add_argument("--steps", type=int, default=1500, help="training steps (grokking: ~3000+)")
+    demo.add_argument("--steps", type=int, default=1000, help="training steps (val_acc jumps near step 4,100)")
     demo.add_argument("--project", default="demo")
     demo.add_argument("--run", default=None)
     demo.add_argument("--keep-serving", action="store_true", help="keep the server up afterwards")

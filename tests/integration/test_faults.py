@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from sqlalchemy import create_engine, text
 from torch import nn
 
 import spectrawatch
@@ -42,10 +43,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 def settings(tmp_path: Path, url: str, run: str, **kw: Any) -> dict[str, Any]:
     """Small cadences so a few hundred steps make a few hundred frames; short backoff."""
-    return {"url": url, "project": "faults", "run": run, "spool_dir": str(tmp_path / "spool"),
-            "backoff_s": 0.05, "backoff_max_s": 0.5, "retries": 1, "timeout_s": 5.0,
-            "frame_steps": 4, "theta_every": 10, "weights_every": 10, "activations_every": 10,
-            "stats_every_s": 0.5, **kw}
+    return {
+        "url": url,
+        "project": "faults",
+        "run": run,
+        "spool_dir": str(tmp_path / "spool"),
+        "backoff_s": 0.05,
+        "backoff_max_s": 0.5,
+        "retries": 1,
+        "timeout_s": 5.0,
+        "frame_steps": 4,
+        "theta_every": 10,
+        "weights_every": 10,
+        "activations_every": 10,
+        "stats_every_s": 0.5,
+        **kw,
+    }
 
 
 class Loop:
@@ -175,8 +188,12 @@ def test_kill9_api_during_stream_stores_every_frame_once(
         assert m.finish(timeout=120)
         assert isinstance(m.run_id, int)
         n = numbered(m)
-        seqs = [s for (s,) in sqlite_rows(
-            data_dir, "SELECT seq FROM frame WHERE run_id = ? ORDER BY id", m.run_id)]
+        seqs = [
+            s
+            for (s,) in sqlite_rows(
+                data_dir, "SELECT seq FROM frame WHERE run_id = ? ORDER BY id", m.run_id
+            )
+        ]
         assert_exactly_once_in_order(seqs, n)
         stats = m.stats
         assert stats.get("dropped_frames") == 0
@@ -184,26 +201,33 @@ def test_kill9_api_during_stream_stores_every_frame_once(
         assert stats.get("replayed_frames") == stats.get("spooled_frames")
         # scalars: one row per logged step (upserts make replays harmless)
         (loss_rows,) = sqlite_rows(
-            data_dir, "SELECT count(*), count(DISTINCT step) FROM scalar "
-            "WHERE run_id = ? AND name = 'loss'", m.run_id)
+            data_dir,
+            "SELECT count(*), count(DISTINCT step) FROM scalar WHERE run_id = ? AND name = 'loss'",
+            m.run_id,
+        )
         assert loss_rows == (loop.step, loop.step)
         # the worker analyses every frame exactly once
         t_stream = time.monotonic() - t0
-        wait_until(lambda: all(f["status"] == "done" for f in frames_of(srv.url, m.run_id)),
-                   timeout=180)
+        wait_until(
+            lambda: all(f["status"] == "done" for f in frames_of(srv.url, m.run_id)), timeout=180
+        )
         t_analysed = time.monotonic() - t0
         (dupes,) = sqlite_rows(
-            data_dir, "SELECT count(*) FROM (SELECT frame_id, analysis, layer, name, step, "
-            "count(*) c FROM metric GROUP BY frame_id, analysis, layer, name, step HAVING c > 1)")
+            data_dir,
+            "SELECT count(*) FROM (SELECT frame_id, analysis, layer, name, step, "
+            "count(*) c FROM metric GROUP BY frame_id, analysis, layer, name, step HAVING c > 1)",
+        )
         assert dupes == (0,)
         # one more crash at rest, then the start-up reconciliation must find the store consistent
         srv.kill()
         srv = ServerProcess(data_dir, port=port).start()
         assert_blobs_consistent(data_dir)
-        print(f"kill -9 x{kills}: {len(n)} frames numbered, {len(seqs)} stored, "
-              f"{stats.get('spooled_frames')} spooled and replayed, "
-              f"temp uploads left by the kills: {len(orphans_before_restart)}; stream "
-              f"{t_stream:.0f} s, all analysed at {t_analysed:.0f} s")
+        print(
+            f"kill -9 x{kills}: {len(n)} frames numbered, {len(seqs)} stored, "
+            f"{stats.get('spooled_frames')} spooled and replayed, "
+            f"temp uploads left by the kills: {len(orphans_before_restart)}; stream "
+            f"{t_stream:.0f} s, all analysed at {t_analysed:.0f} s"
+        )
     finally:
         srv.kill()
 
@@ -228,8 +252,15 @@ def test_server_down_for_a_while_spools_and_replays_in_order(
 
     port = free_port()
     data_dir = tmp_path / "server"
-    m.init(**settings(tmp_path, f"http://127.0.0.1:{port}", "outage",
-                      spool_max_bytes=64 << 20, flush_timeout_s=120.0))
+    m.init(
+        **settings(
+            tmp_path,
+            f"http://127.0.0.1:{port}",
+            "outage",
+            spool_max_bytes=64 << 20,
+            flush_timeout_s=120.0,
+        )
+    )
     loop = Loop(m)
     loop.run_for(OUTAGE_S, pause=PAUSE_S)  # the server has not started yet
     outage = list(loop.times)
@@ -237,7 +268,8 @@ def test_server_down_for_a_while_spools_and_replays_in_order(
     spooled = m.stats.get("spooled_frames")
     spool_dir = tmp_path / "spool" / "faults" / "outage"
     spool_bytes = sum(p.stat().st_size for p in spool_dir.glob("*.sw"))
-    assert spooled > 0 and spool_bytes <= 64 << 20
+    assert spooled > 0
+    assert spool_bytes <= 64 << 20
     assert m.stats.get("dropped_frames") == 0
 
     srv = ServerProcess(data_dir, port=port).start()
@@ -246,13 +278,23 @@ def test_server_down_for_a_while_spools_and_replays_in_order(
         assert m.finish(timeout=120)
         assert isinstance(m.run_id, int)
         n = numbered(m)
-        seqs = [s for (s,) in sqlite_rows(
-            data_dir, "SELECT seq FROM frame WHERE run_id = ? ORDER BY id", m.run_id)]
+        seqs = [
+            s
+            for (s,) in sqlite_rows(
+                data_dir, "SELECT seq FROM frame WHERE run_id = ? ORDER BY id", m.run_id
+            )
+        ]
         assert_exactly_once_in_order(seqs, n)
-        steps = [s for (s,) in sqlite_rows(
-            data_dir, "SELECT step FROM frame WHERE run_id = ? AND kind = 'weights' ORDER BY id",
-            m.run_id)]
-        assert steps == sorted(steps) and len(steps) > 0
+        steps = [
+            s
+            for (s,) in sqlite_rows(
+                data_dir,
+                "SELECT step FROM frame WHERE run_id = ? AND kind = 'weights' ORDER BY id",
+                m.run_id,
+            )
+        ]
+        assert steps == sorted(steps)
+        assert len(steps) > 0
         assert m.stats.get("replayed_frames") == m.stats.get("spooled_frames") >= spooled
         assert list(spool_dir.glob("*.sw")) == []
         with httpx.Client(base_url=f"{srv.url}/api/v1", timeout=30) as c:
@@ -265,9 +307,11 @@ def test_server_down_for_a_while_spools_and_replays_in_order(
 
     # training speed: the sender thread does all I/O, so the loop's step time barely moves
     med, worst = statistics.median(outage), max(outage)
-    print(f"no-monitor median step {base_median * 1e3:.2f} ms (max {max(base.times) * 1e3:.2f}); "
-          f"server down {OUTAGE_S:.0f} s: {len(outage)} steps, median {med * 1e3:.2f} ms, "
-          f"max {worst * 1e3:.2f} ms, {spooled} frames / {spool_bytes} bytes spooled")
+    print(
+        f"no-monitor median step {base_median * 1e3:.2f} ms (max {max(base.times) * 1e3:.2f}); "
+        f"server down {OUTAGE_S:.0f} s: {len(outage)} steps, median {med * 1e3:.2f} ms, "
+        f"max {worst * 1e3:.2f} ms, {spooled} frames / {spool_bytes} bytes spooled"
+    )
     assert med < 3 * base_median + 0.005
     assert worst < max(0.5, 50 * base_median)
 
@@ -277,8 +321,15 @@ def test_tiny_spool_cap_overflow_is_counted_and_reported(
 ) -> None:
     port = free_port()
     cap = 48 << 10  # a few frames' worth
-    m.init(**settings(tmp_path, f"http://127.0.0.1:{port}", "overflow",
-                      spool_max_bytes=cap, flush_timeout_s=60.0))
+    m.init(
+        **settings(
+            tmp_path,
+            f"http://127.0.0.1:{port}",
+            "overflow",
+            spool_max_bytes=cap,
+            flush_timeout_s=60.0,
+        )
+    )
     loop = Loop(m)
     loop.run(120)  # server down: everything goes to the tiny spool
     assert m.wait_idle(30)
@@ -286,7 +337,6 @@ def test_tiny_spool_cap_overflow_is_counted_and_reported(
     assert sum(p.stat().st_size for p in spool_dir.glob("*.sw")) <= cap
     dropped = m.stats.get("dropped_frames")
     assert dropped > 0
-    assert m.stats.get("spool_overflow") + m.stats.get("dropped_frames") > 0
     srv = ServerProcess(tmp_path / "server", port=port).start()
     try:
         loop.run(20)
@@ -295,7 +345,8 @@ def test_tiny_spool_cap_overflow_is_counted_and_reported(
         assert isinstance(m.run_id, int)
         n = numbered(m)
         stored = [f["seq"] for f in frames_of(srv.url, m.run_id)]
-        assert len(stored) == len(set(stored)) and set(stored) <= set(n)
+        assert len(stored) == len(set(stored))
+        assert set(stored) <= set(n)
         final = m.stats
         # every numbered frame is either stored or counted as dropped (spool eviction/refusal)
         assert len(stored) + final.get("dropped_frames") == len(n)
@@ -309,9 +360,11 @@ def test_tiny_spool_cap_overflow_is_counted_and_reported(
         (loss,) = [s for s in series if s["name"] == "loss"]
         assert len(loss["steps"]) + final.get("dropped_scalars") == loop.step
         assert reported["dropped_scalars"] == final.get("dropped_scalars")
-        print(f"spool cap {cap} B: {len(n)} frames numbered, {len(stored)} stored, "
-              f"{final.get('dropped_frames')} dropped (spool_overflow "
-              f"{final.get('spool_overflow')}), {final.get('dropped_scalars')} scalars dropped")
+        print(
+            f"spool cap {cap} B: {len(n)} frames numbered, {len(stored)} stored, "
+            f"{final.get('dropped_frames')} dropped (spool_overflow "
+            f"{final.get('spool_overflow')}), {final.get('dropped_scalars')} scalars dropped"
+        )
     finally:
         srv.stop()
 
@@ -324,12 +377,21 @@ class PrivatePostgres:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.env = {**os.environ, "SPECTRAWATCH_PG_PORT": str(self.port),
-                    "SPECTRAWATCH_PG_DATA": f"/tmp/spectrawatch-faults-pg-{self.port}"}
+        self.env = {
+            **os.environ,
+            "SPECTRAWATCH_PG_PORT": str(self.port),
+            "SPECTRAWATCH_PG_DATA": f"/tmp/spectrawatch-faults-pg-{self.port}",
+        }
 
     def _script(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", str(REPO / ".ci" / "postgres.sh"), *args], env=self.env,
-                              capture_output=True, text=True, timeout=300, check=False)
+        return subprocess.run(
+            ["bash", str(REPO / ".ci" / "postgres.sh"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
     def start(self) -> str:
         done = self._script("start")
@@ -363,37 +425,57 @@ def test_database_down_answers_503_and_client_loses_nothing(
     tmp_path: Path, private_postgres: tuple[PrivatePostgres, str], m: spectrawatch.Monitor
 ) -> None:
     pg, url = private_postgres
+    t0 = time.monotonic()
+    marks: dict[str, float] = {}
     data_dir = tmp_path / "server"
-    srv = ServerProcess(data_dir, env={"SPECTRAWATCH_DATABASE_URL": url}).start()
+    # A job whose analysis dies with the database stays 'running' until its lease expires
+    # (the release fails too, see docs/reliability.md): a short lease keeps this test short.
+    env = {"SPECTRAWATCH_DATABASE_URL": url, "SPECTRAWATCH_JOB_LEASE_SECONDS": "15"}
+    srv = ServerProcess(data_dir, env=env).start()
     api = httpx.Client(base_url=f"{srv.url}/api/v1", timeout=30)
     try:
         assert api.get("/health").json()["database"] == "postgresql"
-        m.init(**settings(tmp_path, srv.url, "dbdown", flush_timeout_s=120.0))
+        m.init(
+            **settings(
+                tmp_path,
+                srv.url,
+                "dbdown",
+                weights_every=20,
+                activations_every=20,
+                flush_timeout_s=120.0,
+            )
+        )
         loop = Loop(m)
-        loop.run(40, pause=0.005)
+        loop.run(20, pause=0.005)
         assert m.wait_idle(30)
         probe_run = make_run(api, project="faults", name="probe")
 
+        marks["pg stopped"] = time.monotonic() - t0
         pg.stop()
         try:
             resp = post_frame(api, probe_run, weight_frame(0, 0), seq=0)
             assert resp.status_code == 503, resp.text
             assert resp.headers["Retry-After"].isdigit()
             assert resp.json()["error"]["code"] == "database_unavailable"
-            resp = api.post(f"/runs/{probe_run}/scalars",
-                            json=[{"step": 1, "name": "loss", "value": 1.0}])
-            assert resp.status_code == 503 and resp.headers["Retry-After"].isdigit()
-            loop.run_for(5.0, pause=0.01)  # the client meets 503s, spools, backs off
+            resp = api.post(
+                f"/runs/{probe_run}/scalars", json=[{"step": 1, "name": "loss", "value": 1.0}]
+            )
+            assert resp.status_code == 503
+            assert resp.headers["Retry-After"].isdigit()
+            loop.run_for(4.0, pause=0.04)  # the client meets 503s, spools, backs off
             assert m.wait_idle(30)
-            assert srv.proc is not None and srv.proc.poll() is None  # the API stays up
+            assert srv.proc is not None
+            assert srv.proc.poll() is None
         finally:
             pg.start()
+            marks["pg restarted"] = time.monotonic() - t0
         spooled = m.stats.get("spooled_frames")
         assert spooled > 0
         assert m.stats.get("errors") > 0
 
-        loop.run(60, pause=0.005)
+        loop.run(20, pause=0.005)
         assert m.finish(timeout=120)
+        marks["client finished"] = time.monotonic() - t0
         assert isinstance(m.run_id, int)
         n = numbered(m)
         frames = frames_of(srv.url, m.run_id)
@@ -404,9 +486,20 @@ def test_database_down_answers_503_and_client_loses_nothing(
         series = api.get(f"/runs/{m.run_id}/scalars", params={"name": "loss"}).json()
         assert [len(s["steps"]) for s in series if s["name"] == "loss"] == [loop.step]
         # the embedded worker survived the outage and analyses every frame
-        wait_until(lambda: all(f["status"] == "done" for f in frames_of(srv.url, m.run_id)),
-                   timeout=180)
+        wait_until(
+            lambda: all(f["status"] == "done" for f in frames_of(srv.url, m.run_id)), timeout=180
+        )
+        marks["all analysed"] = time.monotonic() - t0
+        db = create_engine(url)
+        with db.connect() as conn:
+            retried = conn.execute(text("SELECT count(*) FROM job WHERE attempts > 1")).scalar()
+        db.dispose()
         assert post_frame(api, probe_run, weight_frame(0, 0), seq=0).status_code == 202
+        print(
+            f"PostgreSQL down/up: {len(n)} frames, {spooled} spooled and replayed, {retried} "
+            "job(s) re-run after the outage, timeline "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in marks.items())
+        )
     finally:
         api.close()
         srv.stop()
@@ -443,22 +536,33 @@ def test_kill9_mid_upload_leaves_no_partial_state(tmp_path: Path) -> None:
         def upload() -> None:
             try:
                 with httpx.Client(timeout=30) as c:
-                    outcome.append(c.post(
-                        f"{srv.url}/api/v1/runs/{run_id}/frames", content=slow_body(),
-                        headers={"Idempotency-Key": f"{run_id}:1",
-                                 "Content-Length": str(len(body))}))
+                    outcome.append(
+                        c.post(
+                            f"{srv.url}/api/v1/runs/{run_id}/frames",
+                            content=slow_body(),
+                            headers={
+                                "Idempotency-Key": f"{run_id}:1",
+                                "Content-Length": str(len(body)),
+                            },
+                        )
+                    )
             except httpx.HTTPError as exc:
                 outcome.append(exc)
 
         sender = threading.Thread(target=upload)
         sender.start()
-        wait_until(lambda: any(p.stat().st_size > 4 * chunk for p in temp_uploads(blob_dir)),
-                   timeout=30, interval=0.02)
+        wait_until(
+            lambda: any(p.stat().st_size > 4 * chunk for p in temp_uploads(blob_dir)),
+            timeout=30,
+            interval=0.02,
+        )
         srv.kill()
         sender.join(30)
-        assert len(outcome) == 1 and isinstance(outcome[0], httpx.HTTPError)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], httpx.HTTPError)
         partial = temp_uploads(blob_dir)
-        assert len(partial) == 1 and 0 < partial[0].stat().st_size < len(body)
+        assert len(partial) == 1
+        assert 0 < partial[0].stat().st_size < len(body)
         # as if a crash also fell between a blob's rename and its row insert
         orphan = blob_dir / "runs" / str(run_id) / "weights" / "000000000007-deadbeef.safetensors"
         orphan.parent.mkdir(parents=True, exist_ok=True)
@@ -474,8 +578,10 @@ def test_kill9_mid_upload_leaves_no_partial_state(tmp_path: Path) -> None:
             assert post_frame(api, run_id, body, seq=1).status_code == 202
             assert post_frame(api, run_id, body, seq=1).status_code == 200
             stored = api.get(f"/runs/{run_id}/frames").json()
-        assert [(f["seq"], f["bytes"]) for f in stored] == [(0, len(weight_frame(0, 0))),
-                                                            (1, len(body))]
+        assert [(f["seq"], f["bytes"]) for f in stored] == [
+            (0, len(weight_frame(0, 0))),
+            (1, len(body)),
+        ]
         assert_blobs_consistent(data_dir)
     finally:
         srv.kill()

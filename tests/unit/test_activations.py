@@ -240,3 +240,14 @@ def test_manifold_analysis_picks_a_supported_rank() -> None:
     assert by_key[("curved", MANIFOLD_RANK)] == 4.0
     assert by_key[("curved", MANIFOLD_DELTA_R2)] > 0.2
     assert all(layer == "curved" for layer, _ in by_key)
+
+
+def test_dead_units_are_left_out_of_the_mp_fit() -> None:
+    """ReLU-style dead units give exact zero eigenvalues: the fit uses the live subspace only."""
+    gen = torch.Generator().manual_seed(3)
+    live = torch.randn(2000, 40, generator=gen, dtype=torch.float64)
+    x = torch.cat([live, torch.zeros(2000, 88, dtype=torch.float64)], dim=1)
+    dead = activation_spectrum(x)
+    alone = activation_spectrum(live)
+    assert dead.mp.sigma2 == pytest.approx(alone.mp.sigma2, rel=1e-9)
+    assert dead.mp.outliers == alone.mp.outliers == 0

@@ -188,6 +188,8 @@ def test_detector_needs_two_pieces_of_evidence_and_scores_them() -> None:
     assert max(v for _, v in quiet.score) == 0.0
     # one piece of evidence is not enough when two inputs are available
     assert gk.detect_grokking(defect=defect, weight_norm=[(s, 100.0) for s in steps]).step is None
-    # without the probe, the weight evidence alone decides
-    assert gk.detect_grokking(weight_norm=norm).step == 2500
+    # one piece alone never fires by default; a second one (here the SED collapse) does
+    assert gk.detect_grokking(weight_norm=norm).step is None
+    assert gk.detect_grokking(weight_norm=norm, sed_collapse_step=2700).step == 2700
+    assert gk.detect_grokking(weight_norm=norm, config=gk.DetectorConfig(require=1)).step == 2500
     assert gk.detect_grokking().step is None

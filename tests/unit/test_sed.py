@@ -362,6 +362,29 @@ def test_grokking_score_uses_training_series_only() -> None:
     assert "val_acc" not in ctx.scalars_read
 
 
+def test_without_the_probe_the_sed_collapse_is_the_second_piece_of_evidence() -> None:
+    rows = _planted(10, 50, (1.0,), 0.1, seed=5).float()
+    frame = _frame(FrameKind.UPDATE_SKETCH, list(range(3000, 3010)), {"w": rows}, seq=0)
+    ctx = FakeContext()
+    ctx.metrics[(FROBENIUS_NORM, "w")] = [
+        (s, 100.0 - s / 20 if s <= 1300 else 35.0 + (s - 1300) / 50) for s in range(0, 3000, 100)
+    ]
+    assert _values(spectral_edge_dynamics(frame, ctx), grokking.IMMINENT, MODEL_LAYER) == {
+        3009: 0.0
+    }
+    # interval gap: rises to 5 by 1000, holds, falls to 1.5 from 2000 on
+    gap = [(s, 1.0 + 4.0 * min(s, 1000) / 1000 if s < 2000 else 1.5) for s in range(100, 3000, 100)]
+    ctx.metrics[(sed.interval_key(sed.GAP_RATIO), MODEL_LAYER)] = gap
+    fired = spectral_edge_dynamics(frame, ctx)
+    assert _values(fired, grokking.IMMINENT, MODEL_LAYER) == {3009: 1.0}
+    # with a (quiet) defect series the SED collapse is not used as evidence
+    ctx.scalars[grokking.COMMUTATOR_DEFECT] = [
+        (s, 10.0 + (s % 300) / 100) for s in range(0, 3000, 100)
+    ]
+    quiet = spectral_edge_dynamics(frame, ctx)
+    assert _values(quiet, grokking.IMMINENT, MODEL_LAYER) == {3009: 0.0}
+
+
 def test_weight_effective_rank_analysis() -> None:
     w = torch.diag(torch.tensor([3.0, 3.0, 0.0, 0.0]))
     frame = _frame(FrameKind.WEIGHTS, [0], {"w": w, "bias_row": torch.ones(1, 4)}, seq=0)

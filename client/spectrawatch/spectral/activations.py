@@ -255,7 +255,14 @@ def _describe(
     nz = p[p > 0]
     h = float(-(nz * np.log(nz)).sum())
     k = min(top_k, m)
-    mp = fit_marchenko_pastur(lam, tokens_eff, hidden, margin=margin)
+    # Dead directions (e.g. ReLU units that never fire) give exact zeros; the MP law is fitted to
+    # the live subspace, with the hidden size reduced by the number of dead directions.
+    rank = int((lam > lam[0] * 1e-12).sum())
+    if rank < 2:
+        raise ValueError("activation covariance has fewer than two nonzero eigenvalues")
+    mp = fit_marchenko_pastur(lam[:rank], tokens_eff, hidden - (m - rank), margin=margin)
+    if not mp.sigma2 > 0:
+        raise ValueError("activation covariance has no noise bulk to fit")
     return ActivationSpectrum(
         tokens=tokens,
         hidden=hidden,

@@ -280,13 +280,13 @@ def detect_grokking(
     sed_collapse_step: int | None = None,
     config: DetectorConfig | None = None,
 ) -> GrokWarning:
-    """Combine the evidence available into a warning; fires at the first step where at least
-    ``config.require`` pieces (or all available, if fewer) have appeared.
+    """Combine the evidence into a warning; fires at the first step where at least
+    ``config.require`` pieces have appeared (one alone is never enough by default: the weight-norm
+    turnaround and the SED collapse each fired alone on a non-grokking run).
 
     Series are ``(step, value)`` sorted by step; any may be absent. ``sed_collapse_step`` is the
-    first step at which the (causally computed) SED gap series entered its collapse phase; it
-    counts as extra evidence but not towards how many inputs are available, since its absence
-    cannot be told from a run without SED. The score at a step is the fraction of the required
+    first step at which the (causally computed) SED gap series entered its collapse phase. The
+    score at a step is the fraction of the required
     evidence present by then (1.0 from the firing step on).
     """
     cfg = config or DetectorConfig()
@@ -312,8 +312,7 @@ def detect_grokking(
     steps = sorted({s for series in _all_series(defect, weight_norm, effective_rank)
                     for s, _ in series})
     times = [t for t in (ev.defect, ev.norm_turn, ev.rank_turn, ev.sed_collapse) if t is not None]
-    n_avail = max(1, len([a for a in available if a != "sed"]))
-    need = min(cfg.require, n_avail)
+    need = max(1, cfg.require)
     score = tuple((s, min(1.0, sum(t <= s for t in times) / need)) for s in steps)
     fired = sorted(times)[need - 1] if len(times) >= need else None
     return GrokWarning(fired, score, ev, available)

@@ -11,9 +11,10 @@ itself a count-sketch of the concatenated update), at every ``info["sed"]["strid
 ``sed.{gap_ratio,edge,margin,signal_rank,incomplete,phase}.w<W>``.
 
 The grokking detector (``spectrawatch.spectral.grokking``) is evaluated for ``__model__`` on each
-frame from the commutator-defect scalars, the per-layer Frobenius norms and effective ranks
-stored from weight frames, and the SED phases; it writes ``grok.warning_score`` and
-``grok.imminent`` (0/1) at the frame's last step. Validation scalars are never read.
+frame from the commutator-defect scalars and the per-layer Frobenius norms and effective ranks
+stored from weight frames (plus, only when no defect is reported, the collapse of the
+checkpoint-interval SED gap); it writes ``grok.warning_score`` and ``grok.imminent`` (0/1) at
+the frame's last step. Validation scalars are never read.
 ``grok_rank`` stores each weight matrix's effective rank (``grok.effective_rank``) for it.
 """
 
@@ -192,7 +193,10 @@ def _grokking_metrics(
     gap.update({m.step: m.value for m in new
                 if m.layer == MODEL_LAYER and m.name == gap_key and m.step is not None})
     collapse = None
-    if gap:
+    if gap and not defect:
+        # measured (benchmarks/results/sed.md): with the defect, adding the SED collapse gained
+        # 400 steps of lead but raised a false alarm on a non-grokking a^3+ab run; without the
+        # probe it is the only second piece of evidence besides the weights.
         steps = sorted(gap)
         collapse = sed.detect_phases(steps, [gap[s] for s in steps]).collapse_start
     warning = grokking.detect_grokking(
