@@ -59,8 +59,9 @@ class Block(nn.Module):
 class GPT2(nn.Module):
     """GPT-2 small shape: 12 x (768, 12 heads), vocab 50257, context 1024, tied head (124M)."""
 
-    def __init__(self, layers: int = 12, d: int = 768, heads: int = 12, vocab: int = 50257,
-                 ctx: int = 1024) -> None:
+    def __init__(
+        self, layers: int = 12, d: int = 768, heads: int = 12, vocab: int = 50257, ctx: int = 1024
+    ) -> None:
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(ctx, d)
@@ -84,8 +85,9 @@ def rss_mib() -> tuple[float, float]:
     return vals["VmRSS"], vals["VmHWM"]
 
 
-def run_condition(cond: str, steps: int, warmup: int, seq: int, batch: int,
-                  layers: int) -> dict[str, Any]:
+def run_condition(
+    cond: str, steps: int, warmup: int, seq: int, batch: int, layers: int
+) -> dict[str, Any]:
     torch.manual_seed(0)
     model = GPT2(layers=layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -126,8 +128,12 @@ def run_condition(cond: str, steps: int, warmup: int, seq: int, batch: int,
             return httpx.Response(202 if path.endswith("/frames") else 200, json={"id": 1})
 
         m = spectrawatch.Monitor(transport=httpx.MockTransport(accept))
-        m.init(project="bench", run=f"bench-{cond}", spool_dir=tmp,
-               update_every=10 if cond == "sw_every10" else 1)
+        m.init(
+            project="bench",
+            run=f"bench-{cond}",
+            spool_dir=tmp,
+            update_every=10 if cond == "sw_every10" else 1,
+        )
         handle = m.attach(model, opt, probe=probe)
         assert handle is not None
         cap = handle.capture
@@ -202,11 +208,19 @@ def run_condition(cond: str, steps: int, warmup: int, seq: int, batch: int,
     rss_after, peak = rss_mib()
     if finish is not None:
         finish()
-    return {"cond": cond, "times": times[warmup:], "warmup_times": times[:warmup],
-            "cpu": cpu[warmup:], "process_cpu_per_step": proc_cpu,
-            "hook_cpu_per_step": hook_time[0] / steps,
-            "attach_s": attach_s, "rss_before_mib": rss_before, "rss_after_mib": rss_after,
-            "peak_rss_mib": peak, **extra}
+    return {
+        "cond": cond,
+        "times": times[warmup:],
+        "warmup_times": times[:warmup],
+        "cpu": cpu[warmup:],
+        "process_cpu_per_step": proc_cpu,
+        "hook_cpu_per_step": hook_time[0] / steps,
+        "attach_s": attach_s,
+        "rss_before_mib": rss_before,
+        "rss_after_mib": rss_after,
+        "peak_rss_mib": peak,
+        **extra,
+    }
 
 
 def main() -> None:
@@ -230,9 +244,24 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in args.conditions.split(",")}
     for rep in range(args.reps):
         for cond in results:
-            cmd = [sys.executable, __file__, "--one", cond, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--seq", str(args.seq), "--batch",
-                   str(args.batch), "--layers", str(args.layers), "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                cond,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--seq",
+                str(args.seq),
+                "--batch",
+                str(args.batch),
+                "--layers",
+                str(args.layers),
+                "--threads",
+                str(args.threads),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
@@ -240,9 +269,12 @@ def main() -> None:
                 continue
             res = json.loads(line[0][7:])
             results[cond].append(res)
-            print(f"rep {rep} {cond:13s} median step {statistics.median(res['times']):.3f} s  "
-                  f"train-thread CPU {statistics.median(res['cpu']):.3f} s  "
-                  f"peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"rep {rep} {cond:13s} median step {statistics.median(res['times']):.3f} s  "
+                f"train-thread CPU {statistics.median(res['cpu']):.3f} s  "
+                f"peak RSS {res['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
 
     def med(rs: list[dict[str, Any]], key: str) -> float:
         return statistics.median(t for r in rs for t in r[key])
@@ -251,8 +283,10 @@ def main() -> None:
     base, base_cpu = med(none, "times"), med(none, "cpu")
     base_proc = statistics.median(r["process_cpu_per_step"] for r in none)
     base_peak = statistics.median(r["peak_rss_mib"] for r in none)
-    print("\n| condition | wall step (s) | wall overhead | train-thread CPU (s) | CPU overhead |"
-          " process CPU/step (s) | process CPU overhead | peak RSS (MiB) | extra RSS (MiB) |")
+    print(
+        "\n| condition | wall step (s) | wall overhead | train-thread CPU (s) | CPU overhead |"
+        " process CPU/step (s) | process CPU overhead | peak RSS (MiB) | extra RSS (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for cond, rs in results.items():
         if not rs:
@@ -260,26 +294,31 @@ def main() -> None:
         wall, cpu = med(rs, "times"), med(rs, "cpu")
         proc = statistics.median(r["process_cpu_per_step"] for r in rs)
         peak = statistics.median(r["peak_rss_mib"] for r in rs)
-        print(f"| {cond} | {wall:.3f} | {100 * (wall / base - 1):+.1f} % | {cpu:.3f} | "
-              f"{100 * (cpu / base_cpu - 1):+.1f} % | {proc:.3f} | "
-              f"{100 * (proc / base_proc - 1):+.1f} % | {peak:.0f} | {peak - base_peak:+.0f} |")
+        print(
+            f"| {cond} | {wall:.3f} | {100 * (wall / base - 1):+.1f} % | {cpu:.3f} | "
+            f"{100 * (cpu / base_cpu - 1):+.1f} % | {proc:.3f} | "
+            f"{100 * (proc / base_proc - 1):+.1f} % | {peak:.0f} | {peak - base_peak:+.0f} |"
+        )
     print("\nPaired (same process, same load): train-thread CPU inside the monitoring hooks")
     for cond in ("spectrawatch", "sw_every10", "tensorboard"):
         for r in results.get(cond, []):
             hook = r["hook_cpu_per_step"]
             rest = statistics.median(r["cpu"]) - hook
-            print(f"  {cond}: {hook:.3f} s/step in hooks vs {rest:.3f} s/step of training "
-                  f"-> {100 * hook / rest:.1f} %")
+            print(
+                f"  {cond}: {hook:.3f} s/step in hooks vs {rest:.3f} s/step of training "
+                f"-> {100 * hook / rest:.1f} %"
+            )
     for cond in ("spectrawatch", "sw_every10"):
         for r in results.get(cond, []):
             amort = r["weights_s"] / 500 + r["activations_s"] / 250 + r["theta_sketch_s"] / 100
-            print(f"{cond}: weights snapshot {r['weights_s']:.2f} s, activations "
-                  f"{r['activations_s']:.2f} s, theta sketch {r['theta_sketch_s']:.3f} s -> "
-                  f"amortised {amort * 1000:.1f} ms/step; warm-up steps "
-                  f"{[round(t, 2) for t in r['warmup_times']]}; stats {r['client_stats']}")
+            print(
+                f"{cond}: weights snapshot {r['weights_s']:.2f} s, activations "
+                f"{r['activations_s']:.2f} s, theta sketch {r['theta_sketch_s']:.3f} s -> "
+                f"amortised {amort * 1000:.1f} ms/step; warm-up steps "
+                f"{[round(t, 2) for t in r['warmup_times']]}; stats {r['client_stats']}"
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-
 
 
 if __name__ == "__main__":

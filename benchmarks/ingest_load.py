@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import sqlite3
 import statistics
@@ -25,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spectrawatch.wire import FrameKind, encode_frame  # noqa: E402
-from tests.servers import ServerProcess  # noqa: E402
+from spectrawatch.wire import FrameKind, encode_frame
+from tests.servers import ServerProcess
 
 
 def rss_mib(pid: int) -> float:
@@ -43,7 +44,9 @@ def sketch_frame(seq: int, layers: int = 4, rows: int = 16, dim: int = 640) -> b
     return encode_frame(FrameKind.UPDATE_SKETCH, steps[0], seq, tensors, info)
 
 
-async def one_run(client: httpx.AsyncClient, run: int, frames: list[bytes], lat: list[float]) -> None:
+async def one_run(
+    client: httpx.AsyncClient, run: int, frames: list[bytes], lat: list[float]
+) -> None:
     created = await client.post("/runs", json={"project": "load", "name": f"run-{run}"})
     run_id = created.json()["id"]
     for seq, body in enumerate(frames):
@@ -55,7 +58,9 @@ async def one_run(client: httpx.AsyncClient, run: int, frames: list[bytes], lat:
         if r.status_code != 202:
             raise RuntimeError(f"frame {seq} of run {run_id}: {r.status_code} {r.text}")
         if seq % 10 == 0:
-            rows = [{"step": seq * 16 + i, "name": "loss", "value": 1.0 / (1 + seq)} for i in range(16)]
+            rows = [
+                {"step": seq * 16 + i, "name": "loss", "value": 1.0 / (1 + seq)} for i in range(16)
+            ]
             await client.post(f"/runs/{run_id}/scalars", json=rows)
 
 
@@ -96,9 +101,11 @@ def main() -> None:
             server.stop()
     lat_ms = sorted(x * 1000 for x in lat)
     p99 = lat_ms[int(0.99 * (len(lat_ms) - 1))]
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cores={len(__import__('os').sched_getaffinity(0))}")
+    cores = len(os.sched_getaffinity(0))
+    print(f"machine: {platform.machine()} {platform.processor() or ''} cores={cores}")
     print(f"frames sent {total}, stored {stored}, distinct keys {distinct}, lost {total - stored}")
-    print(f"sustained ingest: {total / elapsed:.0f} frames/s over {elapsed:.1f} s ({args.runs} concurrent runs)")
+    rate = total / elapsed
+    print(f"sustained ingest: {rate:.0f} frames/s over {elapsed:.1f} s ({args.runs} runs at once)")
     print(f"latency p50 {statistics.median(lat_ms):.1f} ms, p99 {p99:.1f} ms")
     print(f"worker backlog drain after load: {drain:.1f} s")
     print(f"server RSS: {rss0:.0f} MiB before, {rss1:.0f} after load, {rss2:.0f} after drain")

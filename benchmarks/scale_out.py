@@ -63,8 +63,9 @@ def post_all(api_url: str, run_id: int, bodies: list[bytes], threads: int, offse
         with httpx.Client(base_url=f"{api_url}/api/v1", timeout=60) as client:
             for seq, body in part:
                 key = f"{run_id}:{offset + seq}"
-                r = client.post(f"/runs/{run_id}/frames", content=body,
-                                headers={"Idempotency-Key": key})
+                r = client.post(
+                    f"/runs/{run_id}/frames", content=body, headers={"Idempotency-Key": key}
+                )
                 assert r.status_code == 202, r.text
 
     items = list(enumerate(bodies))
@@ -97,19 +98,35 @@ def bench_ingest(env: dict[str, str], root: Path, frames: int) -> dict[int, floa
 
 
 def start_worker(env: dict[str, str], root: Path, name: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "spectrawatch", "worker", "--device", "cpu", "--name", name,
-           "--data-dir", str(root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spectrawatch",
+        "worker",
+        "--device",
+        "cpu",
+        "--name",
+        name,
+        "--data-dir",
+        str(root),
+    ]
     with open(root / f"{name}.log", "ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env})
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
 
 
-def bench_drain(pg: str, root: Path, workers: int, runs: int, frames: int, layers: int,
-                size: int) -> tuple[float, int, float]:
+def bench_drain(
+    pg: str, root: Path, workers: int, runs: int, frames: int, layers: int, size: int
+) -> tuple[float, int, float]:
     with postgres_database(pg) as url:
-        env = {"SPECTRAWATCH_DATABASE_URL": url, "SPECTRAWATCH_QUEUE": "procrastinate",
-               "SPECTRAWATCH_BLOB_DIR": str(root / "blobs"), "SPECTRAWATCH_DEVICE": "cpu",
-               "SPECTRAWATCH_LOG_LEVEL": "warning"}
+        env = {
+            "SPECTRAWATCH_DATABASE_URL": url,
+            "SPECTRAWATCH_QUEUE": "procrastinate",
+            "SPECTRAWATCH_BLOB_DIR": str(root / "blobs"),
+            "SPECTRAWATCH_DEVICE": "cpu",
+            "SPECTRAWATCH_LOG_LEVEL": "warning",
+        }
         api = ServerProcess(root / "api", env=env).start()
         procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -131,16 +148,19 @@ def bench_drain(pg: str, root: Path, workers: int, runs: int, frames: int, layer
 
             wait_until(done, timeout=3600, interval=0.5)
             with db.connect() as conn:
-                first, last, median = conn.execute(text(
-                    "WITH ev AS (SELECT e.job_id, e.type, e.at FROM procrastinate_events e "
-                    "  JOIN procrastinate_jobs j ON j.id = e.job_id "
-                    "  WHERE j.task_name = 'spectrawatch.analyse_frame'), "
-                    "dur AS (SELECT s.job_id, extract(epoch FROM f.at - s.at) AS d "
-                    "  FROM ev s JOIN ev f ON f.job_id = s.job_id "
-                    "  WHERE s.type = 'started' AND f.type = 'succeeded') "
-                    "SELECT (SELECT min(at) FROM ev WHERE type = 'started'), "
-                    "(SELECT max(at) FROM ev WHERE type = 'succeeded'), "
-                    "(SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FROM dur)")).one()
+                first, last, median = conn.execute(
+                    text(
+                        "WITH ev AS (SELECT e.job_id, e.type, e.at FROM procrastinate_events e "
+                        "  JOIN procrastinate_jobs j ON j.id = e.job_id "
+                        "  WHERE j.task_name = 'spectrawatch.analyse_frame'), "
+                        "dur AS (SELECT s.job_id, extract(epoch FROM f.at - s.at) AS d "
+                        "  FROM ev s JOIN ev f ON f.job_id = s.job_id "
+                        "  WHERE s.type = 'started' AND f.type = 'succeeded') "
+                        "SELECT (SELECT min(at) FROM ev WHERE type = 'started'), "
+                        "(SELECT max(at) FROM ev WHERE type = 'succeeded'), "
+                        "(SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FROM dur)"
+                    )
+                ).one()
             db.dispose()
             return (last - first).total_seconds(), total, float(median)
         finally:
@@ -168,17 +188,29 @@ def main() -> None:
         with postgres_database(pg) as url:
             postgres = bench_ingest(
                 {"SPECTRAWATCH_DATABASE_URL": url, "SPECTRAWATCH_QUEUE": "procrastinate"},
-                root / "postgres", args.ingest_frames,
+                root / "postgres",
+                args.ingest_frames,
             )
         for threads in (1, 4):
-            print(f"ingest, {threads} client thread(s): SQLite {sqlite[threads]:.0f} frames/s, "
-                  f"PostgreSQL+procrastinate {postgres[threads]:.0f} frames/s")
+            print(
+                f"ingest, {threads} client thread(s): SQLite {sqlite[threads]:.0f} frames/s, "
+                f"PostgreSQL+procrastinate {postgres[threads]:.0f} frames/s"
+            )
         for workers in (1, 2):
-            seconds, jobs, median = bench_drain(pg, root / f"drain{workers}", workers, args.runs,
-                                        args.frames, args.layers, args.size)
-            print(f"drain, {workers} worker(s): {jobs} jobs ({args.runs} runs x {args.frames}, "
-                  f"{args.layers} x ({args.size}, {args.size})) in {seconds:.1f} s = "
-                  f"{jobs / seconds:.2f} jobs/s (median job {median:.2f} s)")
+            seconds, jobs, median = bench_drain(
+                pg,
+                root / f"drain{workers}",
+                workers,
+                args.runs,
+                args.frames,
+                args.layers,
+                args.size,
+            )
+            print(
+                f"drain, {workers} worker(s): {jobs} jobs ({args.runs} runs x {args.frames}, "
+                f"{args.layers} x ({args.size}, {args.size})) in {seconds:.1f} s = "
+                f"{jobs / seconds:.2f} jobs/s (median job {median:.2f} s)"
+            )
 
 
 if __name__ == "__main__":

@@ -122,15 +122,28 @@ def train(args: argparse.Namespace) -> None:
     prev = flat()
     ring: deque[torch.Tensor] = deque(maxlen=max(FID_WINDOWS))
     upd = np.zeros((args.steps, 640), dtype=np.float32)
-    rec: dict[str, list[Any]] = {k: [] for k in (
-        "eval_step", "val_acc", "val_loss", "train_acc", "defect", "wnorm", "erank", "theta_sk")}
+    rec: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "eval_step",
+            "val_acc",
+            "val_loss",
+            "train_acc",
+            "defect",
+            "wnorm",
+            "erank",
+            "theta_sk",
+        )
+    }
     fid: dict[str, list[Any]] = {"step": []}
     t0 = time.time()
 
     def save(n: int) -> None:  # also every 500 steps, so a stopped run leaves its prefix
         np.savez_compressed(
             args.out,
-            upd=upd[:n], n_params=n_par, mats=np.array([n for n, _ in mats]),
+            upd=upd[:n],
+            n_params=n_par,
+            mats=np.array([n for n, _ in mats]),
             config=np.array(repr(vars(args))),
             **{k: np.array(v) for k, v in rec.items()},
             **{f"fid_{k}": np.array(v) for k, v in fid.items()},
@@ -160,9 +173,11 @@ def train(args: argparse.Namespace) -> None:
             rec["theta_sk"].append(count_sketch(th, b200, s200, 200, torch.float64).numpy())
             if step % 500 == 0:
                 save(step)
-                print(f"step {step} val_acc {val_acc:.3f} train_acc {tr_acc:.3f} "
-                      f"defect {defect:.1f} |θ| {rec['wnorm'][-1]:.1f} ({time.time() - t0:.0f}s)",
-                      flush=True)
+                print(
+                    f"step {step} val_acc {val_acc:.3f} train_acc {tr_acc:.3f} "
+                    f"defect {defect:.1f} |θ| {rec['wnorm'][-1]:.1f} ({time.time() - t0:.0f}s)",
+                    flush=True,
+                )
             if grok_at is None and val_acc >= 0.9:
                 grok_at = step
             if grok_at is not None and step >= grok_at + args.after:
@@ -230,8 +245,10 @@ def fidelity(args: argparse.Namespace) -> None:
                 flat = (ex.margin < 1.05).numpy()
                 fa = f"{agree[flat].mean():.0%} (n={flat.sum()})" if flat.any() else "-"
                 ca = f"{agree[~flat].mean():.0%}" if (~flat).any() else "-"
-                print(f"| {Path(path).stem} | {w} | {mult * w} | {len(err)} | "
-                      f"{np.median(err):.1%} | {np.percentile(err, 95):.1%} | {fa} / {ca} |")
+                print(
+                    f"| {Path(path).stem} | {w} | {mult * w} | {len(err)} | "
+                    f"{np.median(err):.1%} | {np.percentile(err, 95):.1%} | {fa} / {ca} |"
+                )
 
 
 def _first(steps: np.ndarray, values: np.ndarray, thr: float) -> int | None:
@@ -245,8 +262,11 @@ def run_series(z: Any) -> dict[str, Any]:
     defect = list(zip(steps, map(float, z["defect"]), strict=True))
     wnorm = list(zip(steps, map(float, z["wnorm"]), strict=True))
     er = z["erank"]
-    rank = {str(n): list(zip(steps, map(float, er[:, i]), strict=True))
-            for i, n in enumerate(z["mats"]) if "tok" not in str(n) and "pos" not in str(n)}
+    rank = {
+        str(n): list(zip(steps, map(float, er[:, i]), strict=True))
+        for i, n in enumerate(z["mats"])
+        if "tok" not in str(n) and "pos" not in str(n)
+    }
     # checkpoint-interval SED from differenced theta sketches (W = 10, interval 100)
     iv = sed.interval_sed(torch.from_numpy(z["theta_sk"]), steps, window=10)
     interval = [(r.step, r.gap_ratio, r.edge) for r in iv]
@@ -269,10 +289,18 @@ def run_series(z: Any) -> dict[str, Any]:
         per_step[w] = [(r.step, r.gap_ratio, r.edge) for r in res]
     ph32 = sed.detect_phases([s for s, _, _ in per_step[32]], [v for _, v, _ in per_step[32]])
     collapse32 = _causal_collapse([(s, v) for s, v, _ in per_step[32]])
-    return {"defect": defect, "weight_norm": wnorm, "effective_rank": rank,
-            "sed_collapse_step": first_collapse, "interval": interval, "phases": ph,
-            "per_step": per_step, "phases32": ph32, "collapse32": collapse32,
-            "paper_sed": paper_rule}
+    return {
+        "defect": defect,
+        "weight_norm": wnorm,
+        "effective_rank": rank,
+        "sed_collapse_step": first_collapse,
+        "interval": interval,
+        "phases": ph,
+        "per_step": per_step,
+        "phases32": ph32,
+        "collapse32": collapse32,
+        "paper_sed": paper_rule,
+    }
 
 
 def _causal_collapse(series: list[tuple[int, float]]) -> int | None:
@@ -286,29 +314,44 @@ def _causal_collapse(series: list[tuple[int, float]]) -> int | None:
 
 
 def _cfg(args: argparse.Namespace) -> gk.DetectorConfig:
-    return gk.DetectorConfig(**{k: v for k, v in vars(args).items()
-                                if k in gk.DetectorConfig.__dataclass_fields__ and v is not None})
+    return gk.DetectorConfig(
+        **{
+            k: v
+            for k, v in vars(args).items()
+            if k in gk.DetectorConfig.__dataclass_fields__ and v is not None
+        }
+    )
 
 
 def grok(args: argparse.Namespace) -> None:
     cfg = _cfg(args)
     print(f"config: {cfg}")
-    print("| run | val>=0.9 | detector: defect+norm+rank (lead) | + SED | "
-          "no probe: norm+rank+SED | "
-          "papers defect rule | 10x rule | norm turn | rank turn | interval-SED collapse | "
-          "per-step SED collapse | SED paper s2/s3 rule |")
+    print(
+        "| run | val>=0.9 | detector: defect+norm+rank (lead) | + SED | "
+        "no probe: norm+rank+SED | "
+        "papers defect rule | 10x rule | norm turn | rank turn | interval-SED collapse | "
+        "per-step SED collapse | SED paper s2/s3 rule |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path in args.runs:
         z = np.load(path)
         g = _first(z["eval_step"], z["val_acc"], 0.9)
         s = run_series(z)
-        inputs = {"defect": s["defect"], "weight_norm": s["weight_norm"],
-                  "effective_rank": s["effective_rank"]}
+        inputs = {
+            "defect": s["defect"],
+            "weight_norm": s["weight_norm"],
+            "effective_rank": s["effective_rank"],
+        }
         full = gk.detect_grokking(**inputs, config=cfg)
-        with_sed = gk.detect_grokking(**inputs, sed_collapse_step=s["sed_collapse_step"],
-                                      config=cfg)
-        nop = gk.detect_grokking(weight_norm=s["weight_norm"], effective_rank=s["effective_rank"],
-                                 sed_collapse_step=s["sed_collapse_step"], config=cfg)
+        with_sed = gk.detect_grokking(
+            **inputs, sed_collapse_step=s["sed_collapse_step"], config=cfg
+        )
+        nop = gk.detect_grokking(
+            weight_norm=s["weight_norm"],
+            effective_rank=s["effective_rank"],
+            sed_collapse_step=s["sed_collapse_step"],
+            config=cfg,
+        )
 
         done = int(z["eval_step"][-1]) >= ast.literal_eval(str(z["config"]))["steps"]
         verdict = "false alarm" if done else f"no grok yet at {int(z['eval_step'][-1])}"
@@ -320,10 +363,12 @@ def grok(args: argparse.Namespace) -> None:
 
         ev = full.evidence
         spike = gk.defect_spike(s["defect"])
-        print(f"| {Path(path).stem} | {g if g is not None else 'never'} | {cell(full.step)} | "
-              f"{cell(with_sed.step)} | {cell(nop.step)} | {cell(ev.defect)} | {cell(spike)} | "
-              f"{cell(ev.norm_turn)} | {cell(ev.rank_turn)} | {cell(s['sed_collapse_step'])} | "
-              f"{cell(s['collapse32'])} | {cell(s['paper_sed'])} |")
+        print(
+            f"| {Path(path).stem} | {g if g is not None else 'never'} | {cell(full.step)} | "
+            f"{cell(with_sed.step)} | {cell(nop.step)} | {cell(ev.defect)} | {cell(spike)} | "
+            f"{cell(ev.norm_turn)} | {cell(ev.rank_turn)} | {cell(s['sed_collapse_step'])} | "
+            f"{cell(s['collapse32'])} | {cell(s['paper_sed'])} |"
+        )
 
 
 def series(args: argparse.Namespace) -> None:
@@ -332,8 +377,10 @@ def series(args: argparse.Namespace) -> None:
         z = np.load(path)
         s = run_series(z)
         print(f"## {Path(path).stem}: interval phases {s['phases']}; per-step W32 {s['phases32']}")
-        print("| step | val_acc | val_loss | defect | weight norm | median erank | "
-              "interval s_k*/s_k*+1 (k*) | per-step W32 gap (k*) |")
+        print(
+            "| step | val_acc | val_loss | defect | weight norm | median erank | "
+            "interval s_k*/s_k*+1 (k*) | per-step W32 gap (k*) |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         iv = {st: (v, k) for st, v, k in s["interval"]}
         ps = {st: (v, k) for st, v, k in s["per_step"][32]}
@@ -344,15 +391,24 @@ def series(args: argparse.Namespace) -> None:
             a, b = iv.get(int(st)), ps.get(int(st))
             ta = f"{a[0]:.2f} ({a[1]})" if a else "-"
             tb = f"{b[0]:.2f} ({b[1]})" if b else "-"
-            print(f"| {st} | {z['val_acc'][i]:.3f} | {z['val_loss'][i]:.2f} | {z['defect'][i]:.1f} "
-                  f"| {z['wnorm'][i]:.1f} | {er[i]:.1f} | {ta} | {tb} |")
+            print(
+                f"| {st} | {z['val_acc'][i]:.3f} | {z['val_loss'][i]:.2f} | {z['defect'][i]:.1f} "
+                f"| {z['wnorm'][i]:.1f} | {er[i]:.1f} | {ta} | {tb} |"
+            )
         steps = [int(v) for v in z["eval_step"]]
         for w, rows in s["per_step"].items():
-            lags = sed.lagged_correlation([r[0] for r in rows], [r[1] for r in rows], steps,
-                                          [float(v) for v in z["val_loss"]], max_lag=10)
+            lags = sed.lagged_correlation(
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                steps,
+                [float(v) for v in z["val_loss"]],
+                max_lag=10,
+            )
             best = max((x for x in lags if not math.isnan(x[1])), key=lambda x: abs(x[1]))
-            print(f"lag (W={w}): strongest r = {best[1]:+.2f} at lag {best[0] * 100:+d} steps "
-                  f"(positive: the gap leads val loss)")
+            print(
+                f"lag (W={w}): strongest r = {best[1]:+.2f} at lag {best[0] * 100:+d} steps "
+                f"(positive: the gap leads val loss)"
+            )
         print()
 
 
@@ -375,9 +431,11 @@ def cost(args: argparse.Namespace) -> None:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-        print(f"{method}: {min(times) * 1e3:.0f} ms per frame of {args.rows} steps "
-              f"(150 tensors x 3 windows, {args.device}, {args.threads} thread(s), best of "
-              f"{args.repeat})")
+        print(
+            f"{method}: {min(times) * 1e3:.0f} ms per frame of {args.rows} steps "
+            f"(150 tensors x 3 windows, {args.device}, {args.threads} thread(s), best of "
+            f"{args.repeat})"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -410,9 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--repeat", type=int, default=3)
     c.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    {"train": train, "fidelity": fidelity, "grok": grok, "series": series, "cost": cost}[
-        args.cmd
-    ](args)
+    {"train": train, "fidelity": fidelity, "grok": grok, "series": series, "cost": cost}[args.cmd](
+        args
+    )
 
 
 if __name__ == "__main__":

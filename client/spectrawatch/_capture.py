@@ -62,7 +62,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             continue
         inner = getattr(model, "module", None)
         if isinstance(inner, nn.Module) and type(model).__name__ in (
-            "DistributedDataParallel", "DataParallel",
+            "DistributedDataParallel",
+            "DataParallel",
         ):
             model = inner
             continue
@@ -211,8 +212,9 @@ class Capture:
     def _sketch_all(self) -> dict[str, torch.Tensor]:
         """float64 ``(d,)`` theta sketch per layer, plus ``__model__`` (their sum)."""
         if self.s.exact:
-            out = {name: p.detach().reshape(-1).to(torch.float32, copy=True)
-                   for name, p in self.layers}
+            out = {
+                name: p.detach().reshape(-1).to(torch.float32, copy=True) for name, p in self.layers
+            }
             return out
         out = {}
         total: torch.Tensor | None = None
@@ -245,8 +247,12 @@ class Capture:
     def _sketch_info(self, steps: list[int]) -> dict[str, Any]:
         return {
             "steps": steps,
-            "sketch": {"dim": self.spec.dim, "seed": self.spec.seed, "hash": "splitmix64",
-                       "layer_seed": "(seed*1000003 + crc32(name)) & 0x7fffffff"},
+            "sketch": {
+                "dim": self.spec.dim,
+                "seed": self.spec.seed,
+                "hash": "splitmix64",
+                "layer_seed": "(seed*1000003 + crc32(name)) & 0x7fffffff",
+            },
             "window": self.s.window,
             "layers": self._layer_info,
             "shapes": {name: info["shape"] for name, info in self._layer_info.items()},
@@ -265,16 +271,28 @@ class Capture:
             return
         rows, steps = self._update_rows, self._update_steps
         self._update_rows, self._update_steps = [], []
-        self.emit_frame(FrameItem(wire.FrameKind.UPDATE_SKETCH, steps[0], self._stack_rows(rows),
-                                  self._sketch_info(steps)))
+        self.emit_frame(
+            FrameItem(
+                wire.FrameKind.UPDATE_SKETCH,
+                steps[0],
+                self._stack_rows(rows),
+                self._sketch_info(steps),
+            )
+        )
 
     def flush_theta(self) -> None:
         if not self._theta_rows:
             return
         rows, steps = self._theta_rows, self._theta_steps
         self._theta_rows, self._theta_steps = [], []
-        self.emit_frame(FrameItem(wire.FrameKind.PARAM_SKETCH, steps[0], self._stack_rows(rows),
-                                  self._sketch_info(steps)))
+        self.emit_frame(
+            FrameItem(
+                wire.FrameKind.PARAM_SKETCH,
+                steps[0],
+                self._stack_rows(rows),
+                self._sketch_info(steps),
+            )
+        )
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -293,8 +311,12 @@ class Capture:
         def emit() -> None:
             nonlocal part, shapes, size, parts
             if part:
-                info = {"dtype": self.s.weights_dtype, "layers": shapes, "part": parts,
-                        "shapes": {k: v["orig_shape"] for k, v in shapes.items()}}
+                info = {
+                    "dtype": self.s.weights_dtype,
+                    "layers": shapes,
+                    "part": parts,
+                    "shapes": {k: v["orig_shape"] for k, v in shapes.items()},
+                }
                 self.emit_frame(FrameItem(wire.FrameKind.WEIGHTS, n, part, info, compress=True))
                 parts += 1
             part, shapes, size = {}, {}, 0
@@ -363,8 +385,9 @@ class Capture:
         handles = []
         try:
             self.model.eval()
-            handles = [m.register_forward_hook(make_hook(name))
-                       for name, m in self._probe_modules()]
+            handles = [
+                m.register_forward_hook(make_hook(name)) for name, m in self._probe_modules()
+            ]
             with torch.random.fork_rng(devices=_rng_devices(self.model)):
                 call_model(self.model, self.probe)
         finally:
@@ -383,8 +406,11 @@ class Capture:
         assert self.loss_fn is not None
         assert self.sample_batch is not None
         value = median_commutator_defect(
-            self.model, self.loss_fn, self.sample_batch,
-            pairs=self.s.defect_samples, eta=self.s.defect_eta,
+            self.model,
+            self.loss_fn,
+            self.sample_batch,
+            pairs=self.s.defect_samples,
+            eta=self.s.defect_eta,
         )
         self.emit_scalars([{"step": n, "name": COMMUTATOR_DEFECT, "value": value}])
 

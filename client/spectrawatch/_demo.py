@@ -8,6 +8,7 @@ attached, waits for the worker to analyse every frame, and prints where to look.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import time
@@ -28,7 +29,16 @@ def start_server(port: int, data_dir: Path, timeout: float = 120.0) -> subproces
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "server.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "spectrawatch", "server", "--port", str(port), "--data-dir", str(data_dir)],
+            [
+                sys.executable,
+                "-m",
+                "spectrawatch",
+                "server",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -41,7 +51,9 @@ def start_server(port: int, data_dir: Path, timeout: float = 120.0) -> subproces
             return proc
         time.sleep(0.3)
     proc.terminate()
-    raise RuntimeError(f"server did not start within {timeout:.0f} s; see {data_dir / 'server.log'}")
+    raise RuntimeError(
+        f"server did not start within {timeout:.0f} s; see {data_dir / 'server.log'}"
+    )
 
 
 def wait_for_analysis(url: str, run_id: int, timeout: float) -> dict[str, int]:
@@ -71,7 +83,8 @@ def run_demo(args: argparse.Namespace) -> int:
         counts = wait_for_analysis(url, run_id, timeout=600)
         catalog = httpx.get(f"{url}/api/v1/runs/{run_id}/metrics/catalog", timeout=30).json()
         names = sorted({c["name"] for c in catalog})
-        print(f"run {run_id}: frames {counts}; {len(names)} metric series kinds: {', '.join(names[:12])}")
+        shown = ", ".join(names[:12])
+        print(f"run {run_id}: frames {counts}; {len(names)} metric kinds: {shown}, ...")
         print(f"final train_acc={summary.get('train_acc')} val_acc={summary.get('val_acc')}")
         print(f"dashboard: {url}/runs/{run_id}")
         print(f"metrics:   {url}/api/v1/runs/{run_id}/metrics/catalog")
@@ -80,10 +93,8 @@ def run_demo(args: argparse.Namespace) -> int:
             return 1
         if server is not None and args.keep_serving:
             print("serving; press Ctrl-C to stop", flush=True)
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 server.wait()
-            except KeyboardInterrupt:
-                pass
         return 0
     finally:
         if server is not None and server.poll() is None:
@@ -95,7 +106,9 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     demo = sub.add_parser("demo", help="run the server and a real grokking run streaming to it")
     demo.add_argument("--port", type=int, default=8765)
     demo.add_argument("--data-dir", default=".spectrawatch/demo")
-    demo.add_argument("--steps", type=int, default=1000, help="training steps (val_acc jumps near step 4,100)")
+    demo.add_argument(
+        "--steps", type=int, default=1000, help="training steps (val_acc jumps near step 4,100)"
+    )
     demo.add_argument("--project", default="demo")
     demo.add_argument("--run", default=None)
     demo.add_argument("--keep-serving", action="store_true", help="keep the server up afterwards")

@@ -88,9 +88,18 @@ class ClientStats:
             out: dict[str, Any] = {
                 k: self._c[k]
                 for k in (
-                    "dropped_frames", "spooled_frames", "spool_bytes", "errors", "sent_frames",
-                    "rejected_frames", "replayed_frames", "queued_frames", "sent_scalars",
-                    "dropped_scalars", "spool_overflow", "captures",
+                    "dropped_frames",
+                    "spooled_frames",
+                    "spool_bytes",
+                    "errors",
+                    "sent_frames",
+                    "rejected_frames",
+                    "replayed_frames",
+                    "queued_frames",
+                    "sent_scalars",
+                    "dropped_scalars",
+                    "spool_overflow",
+                    "captures",
                 )
             }
             out.update({k: v for k, v in self._c.items() if k not in out})
@@ -119,7 +128,9 @@ class ErrorLog:
             if first:
                 logger.warning(
                     "spectrawatch: %s failed: %s: %s (counted; not logged again)",
-                    where, type(exc).__name__, exc,
+                    where,
+                    type(exc).__name__,
+                    exc,
                 )
         except Exception:  # logging must not raise into the caller
             return
@@ -214,7 +225,9 @@ class Sender:
                     victim = item
                     logger.warning(
                         "spectrawatch: queue full, dropping a %s frame of step %d "
-                        "(server slow or away; see client-stats)", item.kind.value, item.step,
+                        "(server slow or away; see client-stats)",
+                        item.kind.value,
+                        item.step,
                     )
                 self._queue.remove(victim)
                 self._queue_bytes -= victim.nbytes
@@ -235,8 +248,12 @@ class Sender:
             self._scalars.extend(rows)
             self._cond.notify()
 
-    def close(self, status: str = "finished", summary: Mapping[str, Any] | None = None,
-              timeout: float | None = None) -> bool:
+    def close(
+        self,
+        status: str = "finished",
+        summary: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> bool:
         """Flush (deliver or spool everything), mark the run ``status``; True if done in time."""
         if self._disabled or self._thread is None:
             return True
@@ -390,8 +407,13 @@ class Sender:
         if item.compress and self.settings.compress:
             body = wire.compress(body)
             encoding = "zstd"
-        meta = {"type": "frame", "kind": item.kind.value, "step": item.step, "seq": seq,
-                "encoding": encoding}
+        meta = {
+            "type": "frame",
+            "kind": item.kind.value,
+            "step": item.step,
+            "seq": seq,
+            "encoding": encoding,
+        }
         if online and len(self.spool):
             self._replay(_REPLAY_PER_TURN)
         retries = self.settings.retries
@@ -527,7 +549,9 @@ class Sender:
             if len(self.spool):
                 logger.warning(
                     "spectrawatch: server unreachable at finish; %d entries stay spooled in %s "
-                    "and are replayed when this run is resumed", len(self.spool), self.spool.dir,
+                    "and are replayed when this run is resumed",
+                    len(self.spool),
+                    self.spool.dir,
                 )
             return
         self._last_stats_at = time.monotonic()

@@ -85,12 +85,20 @@ class ClientSettings:
 
     def __post_init__(self) -> None:
         for name in (
-            "update_every", "theta_every", "weights_every", "activations_every", "defect_every",
+            "update_every",
+            "theta_every",
+            "weights_every",
+            "activations_every",
+            "defect_every",
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in (
-            "window", "frame_steps", "theta_frame_steps", "queue_max_frames", "defect_samples",
+            "window",
+            "frame_steps",
+            "theta_frame_steps",
+            "queue_max_frames",
+            "defect_samples",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -104,9 +112,7 @@ class ClientSettings:
             )
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str] | None = None, **overrides: Any
-    ) -> ClientSettings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ClientSettings:
         """Settings from ``SPECTRAWATCH_*`` env, then ``overrides`` (``None`` values ignored)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}

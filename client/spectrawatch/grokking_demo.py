@@ -60,7 +60,8 @@ class ModAddTransformer(nn.Module):
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1)  # (B, h, 1, 3)
         resid = x[:, -1] + self.o((att @ v).reshape(bsz, d))
         resid = resid + self.mlp(resid)
-        return self.unembed(resid)
+        logits: torch.Tensor = self.unembed(resid)
+        return logits
 
 
 def make_data(p: int, train_frac: float, seed: int) -> tuple[torch.Tensor, ...]:
@@ -86,26 +87,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--url", default=None, help="server URL (default: SPECTRAWATCH_URL or local)")
     ap.add_argument("--project", default="grokking")
     ap.add_argument("--run", default=None, help="run name (default: p{p}-wd{wd}-s{seed})")
-    ap.add_argument("--defect", action="store_true",
-                    help="also run the commutator-defect probe (4 extra backward passes x 5)")
+    ap.add_argument(
+        "--defect",
+        action="store_true",
+        help="also run the commutator-defect probe (4 extra backward passes x 5)",
+    )
     ap.add_argument("--no-monitor", action="store_true", help="train without spectrawatch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    ap.add_argument("--stop-at", type=float, default=0.0,
-                    help="stop once val_acc has stayed >= this for 500 steps (0: never)")
+    ap.add_argument(
+        "--stop-at",
+        type=float,
+        default=0.0,
+        help="stop once val_acc has stayed >= this for 500 steps (0: never)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     x_tr, y_tr, x_va, y_va = make_data(args.p, args.train_frac, args.seed)
     model = ModAddTransformer(args.p)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd,
-                            betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd, betas=(0.9, 0.98))
     loss_f = nn.CrossEntropyLoss()
     run = args.run or f"p{args.p}-wd{args.wd:g}-s{args.seed}"
     if not args.no_monitor:
         config = {k: v for k, v in vars(args).items() if k not in ("url", "no_monitor")}
-        monitor.init(url=args.url, project=args.project, run=run, config=config,
-                     tags=["grokking", "modular-addition"])
+        monitor.init(
+            url=args.url,
+            project=args.project,
+            run=run,
+            config=config,
+            tags=["grokking", "modular-addition"],
+        )
         defect: dict[str, Any] = {}
         if args.defect:
             gen = torch.Generator().manual_seed(args.seed + 1)
@@ -114,9 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 idx = torch.randint(0, len(x_tr), (512,), generator=gen)
                 return x_tr[idx], y_tr[idx]
 
-            def defect_loss(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
-                            ) -> torch.Tensor:
-                return loss_f(m(batch[0]), batch[1])
+            def defect_loss(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                loss: torch.Tensor = loss_f(m(batch[0]), batch[1])
+                return loss
 
             defect = {"loss_fn": defect_loss, "sample_batch": sample_batch}
         monitor.attach(model, opt, probe=x_tr[:256], **defect)
@@ -138,16 +150,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 val_logits = model(x_va)
                 val_loss = loss_f(val_logits, y_va).item()
                 val_acc = (val_logits.argmax(-1) == y_va).float().mean().item()
-            result = {"loss": loss.item(), "train_acc": train_acc, "val_loss": val_loss,
-                      "val_acc": val_acc}
+            result = {
+                "loss": loss.item(),
+                "train_acc": train_acc,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+            }
             if not args.no_monitor:
                 monitor.log(result, step=step)
             if grok_step is None and val_acc >= 0.9:
                 grok_step = step
             held = held + args.eval_every if args.stop_at and val_acc >= args.stop_at else 0
             if step % (10 * args.eval_every) == 0 or step == 1:
-                print(f"step {step:6d}  loss {loss.item():.4f}  train_acc {train_acc:.3f}  "
-                      f"val_acc {val_acc:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"step {step:6d}  loss {loss.item():.4f}  train_acc {train_acc:.3f}  "
+                    f"val_acc {val_acc:.3f}  ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
             if args.stop_at and held >= 500:
                 break
     run_id = None

@@ -104,8 +104,14 @@ class Monitor:
         """
         if self._active:
             self.finish()
-        merged = {**self._init_kwargs, **settings,
-                  "url": url, "project": project, "run": run, "token": token}
+        merged = {
+            **self._init_kwargs,
+            **settings,
+            "url": url,
+            "project": project,
+            "run": run,
+            "token": token,
+        }
         merged = {k: v for k, v in merged.items() if v is not None}
         for key in ("url", "project", "run", "token"):
             merged.setdefault(key, self._init_kwargs.get(key))
@@ -124,8 +130,14 @@ class Monitor:
             name = s.run or _generated_run_name()
             api = Api(s.url, s.token, s.timeout_s, transport=transport or self._transport)
             self._sender = Sender(
-                s, api, name, auto_named=auto, config=config, tags=tags,
-                stats=self.stats, errors=self._errors,
+                s,
+                api,
+                name,
+                auto_named=auto,
+                config=config,
+                tags=tags,
+                stats=self.stats,
+                errors=self._errors,
             )
             self._sender.start()
         except Exception as exc:
@@ -184,9 +196,18 @@ class Monitor:
             assert self._sender is not None
             sender = self._sender
             capture = Capture(
-                model, optimizer, s, sender.put_frame, sender.put_scalars, self._errors,
-                self.stats, probe=probe, modules=modules, loss_fn=loss_fn,
-                sample_batch=sample_batch, start_step=start_step,
+                model,
+                optimizer,
+                s,
+                sender.put_frame,
+                sender.put_scalars,
+                self._errors,
+                self.stats,
+                probe=probe,
+                modules=modules,
+                loss_fn=loss_fn,
+                sample_batch=sample_batch,
+                start_step=start_step,
             )
             self._captures.append(capture)
             return Handle(self, capture)

@@ -114,9 +114,7 @@ def _hash_range(start: int, stop: int, seed: int, dim: int) -> tuple[np.ndarray,
 _HASH_CHUNK = 1 << 20
 
 
-def signed_buckets(
-    n: int, seed: int, dim: int, device: torch.device | str = "cpu"
-) -> torch.Tensor:
+def signed_buckets(n: int, seed: int, dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bucket and sign folded into one ``(n,)`` index in ``[0, 2*dim)``.
 
     Coordinate ``i`` goes to ``h(i)`` when ``s(i) = +1`` and to ``h(i) + dim`` when ``s(i) = -1``;

@@ -14,7 +14,7 @@ import numpy.typing as npt
 def lttb_indices(
     x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], n_out: int
 ) -> npt.NDArray[np.int64]:
-    """Indices of the ``n_out`` points LTTB keeps from ``(x, y)``, x ascending; NaN y counts as 0."""
+    """Indices of the ``n_out`` points LTTB keeps from ``(x, y)`` (x ascending, NaN y as 0)."""
     n = len(x)
     if n_out >= n or n_out <= 0:
         return np.arange(n, dtype=np.int64)

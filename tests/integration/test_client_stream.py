@@ -20,10 +20,22 @@ pytestmark = pytest.mark.integration
 
 
 def client_settings(tmp_path: Path, url: str, run: str, **kw: Any) -> dict[str, Any]:
-    return {"url": url, "project": "stream", "run": run, "spool_dir": str(tmp_path / "spool"),
-            "backoff_s": 0.05, "backoff_max_s": 0.5, "retries": 1, "timeout_s": 5.0,
-            "frame_steps": 4, "theta_every": 10, "weights_every": 10, "activations_every": 10,
-            "stats_every_s": 0.5, **kw}
+    return {
+        "url": url,
+        "project": "stream",
+        "run": run,
+        "spool_dir": str(tmp_path / "spool"),
+        "backoff_s": 0.05,
+        "backoff_max_s": 0.5,
+        "retries": 1,
+        "timeout_s": 5.0,
+        "frame_steps": 4,
+        "theta_every": 10,
+        "weights_every": 10,
+        "activations_every": 10,
+        "stats_every_s": 0.5,
+        **kw,
+    }
 
 
 class Loop:
@@ -74,8 +86,9 @@ def test_every_frame_arrives_exactly_once(server: ServerProcess, tmp_path: Path)
     kinds = {f["kind"] for f in frames}
     assert kinds == {"update_sketch", "param_sketch", "weights", "activations"}
     assert m.stats.get("errors") == 0
-    wait_until(lambda: all(f["status"] == "done" for f in frames_of(server.url, m.run_id)),
-               timeout=120)
+    wait_until(
+        lambda: all(f["status"] == "done" for f in frames_of(server.url, m.run_id)), timeout=120
+    )
     with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as c:
         run = c.get(f"/runs/{m.run_id}").json()
     assert run["status"] == "finished"
@@ -94,7 +107,7 @@ def test_kill_and_restart_replays_the_spool(tmp_path: Path) -> None:
         before = list(loop.times)
         srv.kill()  # kill -9: no shutdown code runs
         loop.run(20, pause=0.01)
-        outage = loop.times[len(before):]
+        outage = loop.times[len(before) :]
         assert m.wait_idle(30)
         assert m.stats.get("spooled_frames") > 0
         srv = ServerProcess(tmp_path / "server", port=port).start()
@@ -107,9 +120,11 @@ def test_kill_and_restart_replays_the_spool(tmp_path: Path) -> None:
         assert m.stats.get("replayed_frames") == m.stats.get("spooled_frames")
         # the loop never stalled while the server was gone
         inflation = max(outage) / statistics.median(before)
-        print(f"median step {statistics.median(before) * 1e3:.1f} ms, max before "
-              f"{max(before) * 1e3:.1f} ms, max during outage {max(outage) * 1e3:.1f} ms "
-              f"(x{inflation:.1f} the median; capture steps included)")
+        print(
+            f"median step {statistics.median(before) * 1e3:.1f} ms, max before "
+            f"{max(before) * 1e3:.1f} ms, max during outage {max(outage) * 1e3:.1f} ms "
+            f"(x{inflation:.1f} the median; capture steps included)"
+        )
         assert max(outage) < max(0.5, 20 * statistics.median(before))
     finally:
         srv.kill()

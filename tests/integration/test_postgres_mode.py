@@ -288,6 +288,7 @@ def test_failing_job_retries_with_backoff_then_fails_visibly(topology: Topology)
     finally:
         for worker in topology.workers:
             worker.signal(signal.SIGCONT)
+
     def job() -> tuple[str, int]:
         rows = topology.sql(
             "SELECT status::text, attempts FROM procrastinate_jobs WHERE lock = :l",

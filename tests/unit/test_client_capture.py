@@ -29,14 +29,17 @@ class Sink:
         return [f for f in self.frames if f.kind is kind]
 
 
-def make_capture(model: nn.Module, opt: torch.optim.Optimizer | None, sink: Sink,
-                 **kw: Any) -> tuple[Capture, ClientStats]:
+def make_capture(
+    model: nn.Module, opt: torch.optim.Optimizer | None, sink: Sink, **kw: Any
+) -> tuple[Capture, ClientStats]:
     options = {k: kw.pop(k) for k in ("probe", "modules", "loss_fn", "sample_batch") if k in kw}
-    s = ClientSettings.from_env({}, **{"weights_every": 0, "activations_every": 0,
-                                        "theta_every": 0, "frame_steps": 4, **kw})
+    s = ClientSettings.from_env(
+        {}, **{"weights_every": 0, "activations_every": 0, "theta_every": 0, "frame_steps": 4, **kw}
+    )
     stats = ClientStats()
-    cap = Capture(model, opt, s, sink.frames.append, sink.scalars.extend, ErrorLog(stats), stats,
-                  **options)
+    cap = Capture(
+        model, opt, s, sink.frames.append, sink.scalars.extend, ErrorLog(stats), stats, **options
+    )
     return cap, stats
 
 
@@ -45,8 +48,13 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.2), nn.Linear(12, 3))
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, accum: int = 1,
-          record: list[dict[str, torch.Tensor]] | None = None) -> None:
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    accum: int = 1,
+    record: list[dict[str, torch.Tensor]] | None = None,
+) -> None:
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for _ in range(accum):
@@ -92,8 +100,12 @@ def test_update_rows_are_sketches_of_the_exact_updates() -> None:
                 got = frame.tensors[name][row].double()
                 assert frame.tensors[name].dtype == torch.float32
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7 * float(ref.abs().max()))
-            torch.testing.assert_close(frame.tensors[MODEL_KEY][row].double(), total,
-                                       rtol=1e-5, atol=1e-7 * float(total.abs().max()))
+            torch.testing.assert_close(
+                frame.tensors[MODEL_KEY][row].double(),
+                total,
+                rtol=1e-5,
+                atol=1e-7 * float(total.abs().max()),
+            )
     assert stats.get("errors") == 0
 
 
@@ -111,8 +123,12 @@ def test_cadence_k_still_sends_one_step_updates_and_grad_accumulation() -> None:
     for row, step in enumerate([3, 6, 9]):
         delta = thetas[step]["3.weight"] - thetas[step - 1]["3.weight"]
         ref = reference_sketch(delta, spec, "3.weight")
-        torch.testing.assert_close(frame.tensors["3.weight"][row].double(), ref, rtol=1e-5,
-                                   atol=1e-7 * float(ref.abs().max()))
+        torch.testing.assert_close(
+            frame.tensors["3.weight"][row].double(),
+            ref,
+            rtol=1e-5,
+            atol=1e-7 * float(ref.abs().max()),
+        )
 
 
 def test_theta_sketches_difference_into_interval_updates() -> None:
@@ -167,8 +183,9 @@ def test_exact_mode_sends_full_updates() -> None:
     assert frame.info["exact"] is True
     assert frame.info["shapes"]["0.weight"] == [12, 6]  # muon_audit reshapes exact rows
     assert frame.tensors["0.weight"].shape == (4, 72)
-    torch.testing.assert_close(frame.tensors["0.weight"][2],
-                               (thetas[3]["0.weight"] - thetas[2]["0.weight"]).reshape(-1))
+    torch.testing.assert_close(
+        frame.tensors["0.weight"][2], (thetas[3]["0.weight"] - thetas[2]["0.weight"]).reshape(-1)
+    )
     p = sum(t.numel() for t in thetas[0].values())
     assert frame.tensors[MODEL_KEY].shape == (4, p)
 
@@ -189,8 +206,16 @@ def test_monitoring_does_not_change_training() -> None:
         return m(batch).pow(2).mean()
 
     cap, stats = make_capture(
-        model, opt, sink, weights_every=2, activations_every=2, theta_every=2, defect_every=3,
-        defect_samples=2, probe=probe, loss_fn=loss_fn,
+        model,
+        opt,
+        sink,
+        weights_every=2,
+        activations_every=2,
+        theta_every=2,
+        defect_every=3,
+        defect_samples=2,
+        probe=probe,
+        loss_fn=loss_fn,
         sample_batch=lambda: torch.randn(4, 6),
     )
     model.train()
@@ -211,8 +236,13 @@ def test_monitoring_does_not_change_training() -> None:
 
 def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(),
-                          nn.Linear(8 * 4 * 4, 10), nn.Embedding(50, 16))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+        nn.Embedding(50, 16),
+    )
     sink = Sink()
     cap, _ = make_capture(model, None, sink, weights_dtype="float16", max_frame_bytes=1500)
     cap.capture_weights(7)
@@ -260,9 +290,16 @@ def test_failures_never_reach_the_loop_and_disable_the_capture() -> None:
     def bad_loss(m: nn.Module, batch: Any) -> torch.Tensor:
         raise RuntimeError("user loss_fn bug")
 
-    cap, stats = make_capture(model, opt, sink, probe=torch.randn(2, 99),  # wrong width
-                              activations_every=1, defect_every=1, loss_fn=bad_loss,
-                              sample_batch=lambda: None)
+    cap, stats = make_capture(
+        model,
+        opt,
+        sink,
+        probe=torch.randn(2, 99),  # wrong width
+        activations_every=1,
+        defect_every=1,
+        loss_fn=bad_loss,
+        sample_batch=lambda: None,
+    )
     train(model, opt, 6)  # must not raise
     cap.finish()
     assert stats.get("errors") >= 6

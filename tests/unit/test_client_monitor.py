@@ -15,8 +15,14 @@ from tests.unit.test_client_sender import FakeServer
 
 
 def fast(tmp_path: Path, **kw: Any) -> dict[str, Any]:
-    return {"spool_dir": str(tmp_path / "spool"), "backoff_s": 0.01, "backoff_max_s": 0.05,
-            "retries": 0, "flush_timeout_s": 10.0, **kw}
+    return {
+        "spool_dir": str(tmp_path / "spool"),
+        "backoff_s": 0.01,
+        "backoff_max_s": 0.05,
+        "retries": 0,
+        "flush_timeout_s": 10.0,
+        **kw,
+    }
 
 
 def loop(m: spectrawatch.Monitor, steps: int, probe: bool = True) -> nn.Module:
@@ -39,8 +45,13 @@ def loop(m: spectrawatch.Monitor, steps: int, probe: bool = True) -> nn.Module:
 def test_init_attach_log_finish(tmp_path: Path) -> None:
     server = FakeServer()
     m = spectrawatch.Monitor(transport=server.transport())
-    m.init(project="grok", run="p97", config={"wd": 1.0}, tags=["test"],
-           **fast(tmp_path, weights_every=10, activations_every=5, theta_every=10))
+    m.init(
+        project="grok",
+        run="p97",
+        config={"wd": 1.0},
+        tags=["test"],
+        **fast(tmp_path, weights_every=10, activations_every=5, theta_every=10),
+    )
     loop(m, 20)
     assert m.finish()
     assert m.run_id == 1
@@ -74,10 +85,14 @@ def test_context_manager_marks_crash_and_lets_user_errors_through(tmp_path: Path
 
 def test_two_monitors_in_one_process(tmp_path: Path) -> None:
     server = FakeServer()
-    with spectrawatch.Monitor(transport=server.transport(), project="p", run="a",
-                              **fast(tmp_path)) as a, \
-         spectrawatch.Monitor(transport=server.transport(), project="p", run="b",
-                              **fast(tmp_path)) as b:
+    with (
+        spectrawatch.Monitor(
+            transport=server.transport(), project="p", run="a", **fast(tmp_path)
+        ) as a,
+        spectrawatch.Monitor(
+            transport=server.transport(), project="p", run="b", **fast(tmp_path)
+        ) as b,
+    ):
         loop(a, 4, probe=False)
         loop(b, 8, probe=False)
     assert set(server.runs) == {("p", "a"), ("p", "b")}
@@ -122,8 +137,9 @@ def test_log_skips_bad_values_and_defaults_the_step(tmp_path: Path) -> None:
     assert m.stats.get("errors") == 2
 
 
-def test_env_configures_the_default_monitor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                            ) -> None:
+def test_env_configures_the_default_monitor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server = FakeServer()
     monkeypatch.setenv("SPECTRAWATCH_PROJECT", "envproj")
     monkeypatch.setenv("SPECTRAWATCH_RUN", "envrun")

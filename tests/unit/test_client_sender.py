@@ -112,17 +112,28 @@ class FakeServer:
 
 def settings(tmp_path: Path, **kw: Any) -> ClientSettings:
     base: dict[str, Any] = {
-        "project": "p", "run": "r", "spool_dir": str(tmp_path / "spool"), "backoff_s": 0.01,
-        "backoff_max_s": 0.05, "retries": 1, "flush_timeout_s": 10.0, "stats_every_s": 0.2,
+        "project": "p",
+        "run": "r",
+        "spool_dir": str(tmp_path / "spool"),
+        "backoff_s": 0.01,
+        "backoff_max_s": 0.05,
+        "retries": 1,
+        "flush_timeout_s": 10.0,
+        "stats_every_s": 0.2,
     }
     base.update(kw)
     return ClientSettings.from_env({}, **base)
 
 
-def make_sender(server: FakeServer, s: ClientSettings, *, start: bool = True,
-                auto_named: bool = False) -> Sender:
-    sender = Sender(s, Api(s.url, s.token, 2.0, transport=server.transport()), s.run or "auto",
-                    auto_named=auto_named)
+def make_sender(
+    server: FakeServer, s: ClientSettings, *, start: bool = True, auto_named: bool = False
+) -> Sender:
+    sender = Sender(
+        s,
+        Api(s.url, s.token, 2.0, transport=server.transport()),
+        s.run or "auto",
+        auto_named=auto_named,
+    )
     if start:
         sender.start()
     return sender
@@ -130,13 +141,19 @@ def make_sender(server: FakeServer, s: ClientSettings, *, start: bool = True,
 
 def sketch_item(step: int, rows: int = 2, d: int = 8) -> FrameItem:
     info = {"steps": list(range(step, step + rows)), "sketch": {"dim": d, "seed": 0}}
-    return FrameItem(wire.FrameKind.UPDATE_SKETCH, step, {"a": torch.full((rows, d), float(step))},
-                     info)
+    return FrameItem(
+        wire.FrameKind.UPDATE_SKETCH, step, {"a": torch.full((rows, d), float(step))}, info
+    )
 
 
 def weights_item(step: int, n: int = 4) -> FrameItem:
-    return FrameItem(wire.FrameKind.WEIGHTS, step, {"w": torch.eye(n) * step},
-                     {"dtype": "float32"}, compress=True)
+    return FrameItem(
+        wire.FrameKind.WEIGHTS,
+        step,
+        {"w": torch.eye(n) * step},
+        {"dtype": "float32"},
+        compress=True,
+    )
 
 
 def test_frames_arrive_once_with_idempotency_keys_and_zstd(tmp_path: Path) -> None:
@@ -222,8 +239,11 @@ def test_replay_after_lost_response_does_not_duplicate(tmp_path: Path) -> None:
     body = wire.encode_frame("update_sketch", 0, 7, {"a": torch.ones(1, 4)}, {"steps": [0]})
     api.post_frame(run["id"], 7, body)
     spool = Spool(tmp_path / "spool" / "p" / "r", 1 << 20)
-    spool.put("us", {"type": "frame", "kind": "update_sketch", "step": 0, "seq": 7,
-                     "encoding": None}, body)
+    spool.put(
+        "us",
+        {"type": "frame", "kind": "update_sketch", "step": 0, "seq": 7, "encoding": None},
+        body,
+    )
     sender = make_sender(server, s)
     assert sender.close(timeout=10)
     assert server.frame_posts == 2

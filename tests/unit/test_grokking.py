@@ -93,8 +93,12 @@ def test_probe_leaves_model_optimizer_grads_and_rng_bit_identical() -> None:
     assert value > 0
     for k, v in model.state_dict().items():
         assert torch.equal(v, params[k]), k  # weights and BatchNorm running stats
-    assert all(torch.equal(p.grad, g) for p, g in zip(  # type: ignore[arg-type]
-        (p for p in model.parameters() if p.grad is not None), grads, strict=True))
+    assert all(
+        torch.equal(p.grad, g)
+        for p, g in zip(  # type: ignore[arg-type]
+            (p for p in model.parameters() if p.grad is not None), grads, strict=True
+        )
+    )
     for param, state in opt.state.items():
         assert all(torch.equal(t, opt_state[param][n]) for n, t in state.items())
     after = (torch.rand(3), np.random.rand(), random.random())  # noqa: NPY002

@@ -65,8 +65,10 @@ def test_retry_strategy_is_exponential_and_bounded() -> None:
     assert [None if d is None else round(d) for d in delays] == [3, 9, 27, None, None]
 
 
-@pytest.mark.parametrize(("kw", "match"), [({"max_attempts": 0}, "max_attempts"),
-                                             ({"stall_check_seconds": 60}, "stall_check")])
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [({"max_attempts": 0}, "max_attempts"), ({"stall_check_seconds": 60}, "stall_check")],
+)
 def test_queue_rejects_bad_tuning(kw: dict[str, int], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_queue(**kw)
@@ -113,16 +115,27 @@ def pg_sessions() -> Iterator[sessionmaker[Session]]:
 def _frame(session: Session, seq: int) -> Frame:
     project, _ = repo.get_or_create_project(session, "p")
     run, _ = repo.get_or_create_run(session, project, "r", {}, [])
-    frame = Frame(run_id=run.id, kind="weights", step=seq, seq=seq, idempotency_key=f"k{seq}",
-                  blob_key=f"b{seq}", bytes=1)
+    frame = Frame(
+        run_id=run.id,
+        kind="weights",
+        step=seq,
+        seq=seq,
+        idempotency_key=f"k{seq}",
+        blob_key=f"b{seq}",
+        bytes=1,
+    )
     return repo.insert_frame(session, frame)
 
 
 def _jobs(sessions: sessionmaker[Session]) -> list[tuple[int, str, str, str, int]]:
     with sessions() as session:
-        rows = session.execute(text(
-            "SELECT (args->>'frame_id')::int, status::text, lock, queueing_lock, attempts "
-            "FROM procrastinate_jobs WHERE queue_name = :q ORDER BY id"), {"q": pq.ANALYSIS_QUEUE})
+        rows = session.execute(
+            text(
+                "SELECT (args->>'frame_id')::int, status::text, lock, queueing_lock, attempts "
+                "FROM procrastinate_jobs WHERE queue_name = :q ORDER BY id"
+            ),
+            {"q": pq.ANALYSIS_QUEUE},
+        )
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
@@ -158,11 +171,17 @@ def test_stalled_jobs_are_requeued_then_failed_on_the_last_attempt(
 
     def die_while_running() -> None:  # what a kill -9 leaves: 'doing', heartbeat long gone
         with pg_sessions.begin() as session:
-            worker = session.scalar(text(
-                "INSERT INTO procrastinate_workers (last_heartbeat) VALUES (:t) RETURNING id"),
-                {"t": repo.stale_before(10)})
-            session.execute(text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w "
-                                 "WHERE queue_name = :q"), {"w": worker, "q": pq.ANALYSIS_QUEUE})
+            worker = session.scalar(
+                text("INSERT INTO procrastinate_workers (last_heartbeat) VALUES (:t) RETURNING id"),
+                {"t": repo.stale_before(10)},
+            )
+            session.execute(
+                text(
+                    "UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w "
+                    "WHERE queue_name = :q"
+                ),
+                {"w": worker, "q": pq.ANALYSIS_QUEUE},
+            )
 
     async def recover() -> list[int]:
         async with queue.app.open_async():

@@ -134,8 +134,12 @@ def test_settings_choose_the_store(tmp_path: Path, s3_endpoint: str) -> None:
     assert isinstance(local, LocalBlobStore)
     assert local.root == tmp_path / "blobs"
     remote = open_blob_store(
-        ServerSettings(data_dir=tmp_path, blob_url="s3://bkt/p", s3_endpoint_url=s3_endpoint,
-                       s3_region="us-east-1")
+        ServerSettings(
+            data_dir=tmp_path,
+            blob_url="s3://bkt/p",
+            s3_endpoint_url=s3_endpoint,
+            s3_region="us-east-1",
+        )
     )
     assert isinstance(remote, S3BlobStore)
     assert (remote.bucket, remote.prefix) == ("bkt", "p")

@@ -17,9 +17,7 @@ from spectrawatch_server.analyses.registry import MODEL_LAYER, DecodedFrame, ana
 from spectrawatch_server.analyses.sed import spectral_edge_dynamics, weight_effective_rank
 
 
-def _planted(
-    n: int, p: int, scales: tuple[float, ...], noise: float, seed: int
-) -> torch.Tensor:
+def _planted(n: int, p: int, scales: tuple[float, ...], noise: float, seed: int) -> torch.Tensor:
     """n rows in R^p: zero-mean coefficients on len(scales) orthonormal directions + noise."""
     g = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(p, len(scales), generator=g, dtype=torch.float64))
@@ -169,8 +167,9 @@ def test_interval_sed_from_differenced_theta_sketches_equals_sed_of_sketched_del
     steps = [100 * i for i in range(n)]
     th_sk = torch.stack([sketch_tensor(t, spec, "w", torch.float64) for t in theta])
     got = sed.interval_sed(th_sk, steps, window=10)
-    deltas = torch.stack([sketch_tensor(b - a, spec, "w", torch.float64)
-                          for a, b in itertools.pairwise(theta)])
+    deltas = torch.stack(
+        [sketch_tensor(b - a, spec, "w", torch.float64) for a, b in itertools.pairwise(theta)]
+    )
     want = sed.rolling_sed(deltas, steps[1:], 10)
     assert [w.step for w in got] == [w.step for w in want] == steps[4:]
     for a, b in zip(got, want, strict=True):
@@ -181,13 +180,15 @@ def test_interval_sed_from_differenced_theta_sketches_equals_sed_of_sketched_del
 
 def _phase_series() -> tuple[list[int], list[float]]:
     rng = np.random.default_rng(0)
-    r = np.concatenate([
-        np.full(20, 1.05),
-        np.linspace(1.05, 3.0, 30),
-        np.full(50, 3.0),
-        np.linspace(3.0, 1.1, 10),
-        np.full(30, 1.1),
-    ]) + rng.normal(0, 0.02, 140)
+    r = np.concatenate(
+        [
+            np.full(20, 1.05),
+            np.linspace(1.05, 3.0, 30),
+            np.full(50, 3.0),
+            np.linspace(3.0, 1.1, 10),
+            np.full(30, 1.1),
+        ]
+    ) + rng.normal(0, 0.02, 140)
     return [10 * i for i in range(140)], r.tolist()
 
 
@@ -264,15 +265,19 @@ class FakeContext:
         return self.scalars.get(name, [])[-limit:]
 
 
-def _frame(kind: FrameKind, steps: list[int], tensors: dict[str, torch.Tensor], seq: int,
-           **info: object) -> DecodedFrame:
+def _frame(
+    kind: FrameKind, steps: list[int], tensors: dict[str, torch.Tensor], seq: int, **info: object
+) -> DecodedFrame:
     header = FrameHeader(kind, steps[0], seq, {"steps": steps, **info}, (), data_offset=0)
     return DecodedFrame(1, seq, header, tensors, torch.device("cpu"))
 
 
 def _values(result: object, name: str, layer: str) -> dict[int, float]:
-    return {m.step: m.value for m in result.metrics  # type: ignore[attr-defined]
-            if m.name == name and m.layer == layer}
+    return {
+        m.step: m.value
+        for m in result.metrics  # type: ignore[attr-defined]
+        if m.name == name and m.layer == layer
+    }
 
 
 def test_analysis_is_registered_for_both_sketch_kinds() -> None:
@@ -286,17 +291,24 @@ def test_update_frames_out_of_order_give_the_direct_sed_per_layer_and_model() ->
     rows_b = _planted(40, 300, (3.0,), 0.05, seed=2).float()
     model = rows_a + rows_b  # what a client's "sum of layers" sketch would be
     frames = [
-        _frame(FrameKind.UPDATE_SKETCH, list(range(i, i + 10)),
-               {"a": rows_a[i : i + 10], "b": rows_b[i : i + 10], MODEL_LAYER: model[i : i + 10]},
-               seq=i // 10, sed={"windows": [8, 16], "stride": 2})
+        _frame(
+            FrameKind.UPDATE_SKETCH,
+            list(range(i, i + 10)),
+            {"a": rows_a[i : i + 10], "b": rows_b[i : i + 10], MODEL_LAYER: model[i : i + 10]},
+            seq=i // 10,
+            sed={"windows": [8, 16], "stride": 2},
+        )
         for i in range(0, 40, 10)
     ]
     ctx = FakeContext([frames[2], frames[0], frames[1]])  # arrived out of order
     result = spectral_edge_dynamics(frames[3], ctx)
     for layer, rows in (("a", rows_a), ("b", rows_b), (MODEL_LAYER, model)):
         for w in (8, 16):
-            want = {x.step: x for x in sed.rolling_sed(rows, list(range(40)), w)
-                    if x.step >= 30 and x.step % 2 == 0}
+            want = {
+                x.step: x
+                for x in sed.rolling_sed(rows, list(range(40)), w)
+                if x.step >= 30 and x.step % 2 == 0
+            }
             got = _values(result, sed.windowed_key(sed.GAP_RATIO, w), layer)
             assert sorted(got) == [30, 32, 34, 36, 38]
             for step, value in got.items():
@@ -312,10 +324,16 @@ def test_update_frames_out_of_order_give_the_direct_sed_per_layer_and_model() ->
 def test_missing_frame_flags_incomplete_windows_and_model_falls_back_to_concat() -> None:
     rows_a = _planted(30, 200, (4.0,), 0.05, seed=3).float()
     rows_b = _planted(30, 100, (2.0, 1.0), 0.05, seed=4).float()
-    frames = [_frame(FrameKind.UPDATE_SKETCH, list(range(i, i + 10)),
-                     {"a": rows_a[i : i + 10], "b": rows_b[i : i + 10]}, seq=i // 10,
-                     sed={"windows": [16]})
-              for i in range(0, 30, 10)]
+    frames = [
+        _frame(
+            FrameKind.UPDATE_SKETCH,
+            list(range(i, i + 10)),
+            {"a": rows_a[i : i + 10], "b": rows_b[i : i + 10]},
+            seq=i // 10,
+            sed={"windows": [16]},
+        )
+        for i in range(0, 30, 10)
+    ]
     result = spectral_edge_dynamics(frames[2], FakeContext([frames[0]]))  # frame 1 was lost
     flags = _values(result, sed.windowed_key(sed.INCOMPLETE, 16), MODEL_LAYER)
     assert flags[29] == 1.0
@@ -329,11 +347,18 @@ def test_missing_frame_flags_incomplete_windows_and_model_falls_back_to_concat()
 
 def test_param_sketch_frames_give_the_interval_variant() -> None:
     g = torch.Generator().manual_seed(8)
-    theta = torch.cumsum(torch.randn(25, 400, generator=g, dtype=torch.float64) * 0.1
-                         + torch.linspace(0, 1, 400, dtype=torch.float64), dim=0)
+    theta = torch.cumsum(
+        torch.randn(25, 400, generator=g, dtype=torch.float64) * 0.1
+        + torch.linspace(0, 1, 400, dtype=torch.float64),
+        dim=0,
+    )
     steps = [100 * i for i in range(25)]
-    frames = [_frame(FrameKind.PARAM_SKETCH, steps[i : i + 5], {MODEL_LAYER: theta[i : i + 5]},
-                     seq=i // 5) for i in range(0, 25, 5)]
+    frames = [
+        _frame(
+            FrameKind.PARAM_SKETCH, steps[i : i + 5], {MODEL_LAYER: theta[i : i + 5]}, seq=i // 5
+        )
+        for i in range(0, 25, 5)
+    ]
     result = spectral_edge_dynamics(frames[4], FakeContext(frames[:4]))
     want = {w.step: w for w in sed.interval_sed(theta, steps, 10) if w.step >= 2000}
     got = _values(result, sed.interval_key(sed.GAP_RATIO), MODEL_LAYER)

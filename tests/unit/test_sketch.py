@@ -17,8 +17,9 @@ from spectrawatch.sketch import (
 )
 
 
-@pytest.mark.parametrize(("n", "seed", "dim"), [(1, 0, 640), (10, 7, 3), (2_500_003, 123, 640),
-                                                (1000, 2**31 - 1, 1280)])
+@pytest.mark.parametrize(
+    ("n", "seed", "dim"), [(1, 0, 640), (10, 7, 3), (2_500_003, 123, 640), (1000, 2**31 - 1, 1280)]
+)
 def test_numpy_hash_path_is_identical_to_the_torch_recipe(n: int, seed: int, dim: int) -> None:
     buckets, signs = hash_coordinates(n, seed, dim)
     ref_b, ref_s = _hash_torch(n, seed, dim, "cpu")
@@ -86,9 +87,12 @@ def test_wide_dims_use_an_int32_index() -> None:
     folded = signed_buckets(5000, 2, 20_000)
     assert folded.dtype == torch.int32
     buckets, signs = hash_coordinates(5000, 2, 20_000)
-    torch.testing.assert_close(count_sketch_signed(x, folded, 20_000),
-                               count_sketch(x, buckets, signs, 20_000, torch.float64),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        count_sketch_signed(x, folded, 20_000),
+        count_sketch(x, buckets, signs, 20_000, torch.float64),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_linearity() -> None:
@@ -108,7 +112,7 @@ def test_float64_theta_differencing_recovers_tiny_updates() -> None:
     theta = torch.randn(200_000, generator=gen)  # float32 parameters
     delta = 1e-6 * torch.randn(200_000, generator=gen)
     theta2 = theta + delta
-    exact_delta = (theta2.double() - theta.double())  # what float32 actually stored
+    exact_delta = theta2.double() - theta.double()  # what float32 actually stored
     folded = signed_buckets(200_000, 8, 640)
     diff = count_sketch_signed(theta2, folded, 640) - count_sketch_signed(theta, folded, 640)
     ref = count_sketch_signed(exact_delta, folded, 640)

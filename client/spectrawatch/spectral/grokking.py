@@ -63,8 +63,12 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
 
 
-def _shift(params: Sequence[torch.nn.Parameter], saved: Sequence[torch.Tensor],
-           grads: Sequence[torch.Tensor], eta: float) -> None:
+def _shift(
+    params: Sequence[torch.nn.Parameter],
+    saved: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    eta: float,
+) -> None:
     with torch.no_grad():
         for p, s, g in zip(params, saved, grads, strict=True):
             p.copy_(s - eta * g.to(s.dtype))
@@ -213,8 +217,9 @@ class GrokWarning:
         return self.step is not None
 
 
-def defect_alarm(series: Series, *, baseline: int = 10, sigma: float = 3.0,
-                 sustain: int = 2) -> int | None:
+def defect_alarm(
+    series: Series, *, baseline: int = 10, sigma: float = 3.0, sustain: int = 2
+) -> int | None:
     """The papers' rule: first step ending ``sustain`` evaluations in a row above
     mean + ``sigma`` sd of the first ``baseline`` evaluations (mini_gpt ``Config``)."""
     if len(series) <= baseline:
@@ -229,8 +234,9 @@ def defect_alarm(series: Series, *, baseline: int = 10, sigma: float = 3.0,
     return None
 
 
-def defect_spike(series: Series, *, factor: float = 10.0, floor: float = 20.0,
-                 baseline: int = 3) -> int | None:
+def defect_spike(
+    series: Series, *, factor: float = 10.0, floor: float = 20.0, baseline: int = 3
+) -> int | None:
     """The grokking-integrability repo's rule (``find_spike_step``): first evaluation (index >= 2)
     with D > ``factor`` x max(median of the first ``baseline`` values, 0.1) and D > ``floor``."""
     if len(series) < baseline:
@@ -257,8 +263,9 @@ def norm_turnaround(series: Series, *, drop: float = 0.3, rise: float = 0.02) ->
     return None
 
 
-def rank_turnaround(series_by_matrix: Mapping[str, Series], *, drop: float = 0.2,
-                    rise: float = 0.1) -> int | None:
+def rank_turnaround(
+    series_by_matrix: Mapping[str, Series], *, drop: float = 0.2, rise: float = 0.1
+) -> int | None:
     """First step where at least half of the matrices whose effective rank fell by ``drop``
     (fraction of its running maximum) have risen ``rise`` above their running minimum."""
     turns: list[int | None] = [
@@ -291,12 +298,17 @@ def detect_grokking(
     """
     cfg = config or DetectorConfig()
     ev = Evidence(
-        defect=defect_alarm(defect, baseline=cfg.defect_baseline, sigma=cfg.defect_sigma,
-                            sustain=cfg.defect_sustain) if defect else None,
+        defect=defect_alarm(
+            defect, baseline=cfg.defect_baseline, sigma=cfg.defect_sigma, sustain=cfg.defect_sustain
+        )
+        if defect
+        else None,
         norm_turn=norm_turnaround(weight_norm, drop=cfg.norm_drop, rise=cfg.norm_rise)
-        if weight_norm else None,
+        if weight_norm
+        else None,
         rank_turn=rank_turnaround(effective_rank, drop=cfg.rank_drop, rise=cfg.rank_rise)
-        if effective_rank else None,
+        if effective_rank
+        else None,
         sed_collapse=sed_collapse_step,
     )
     available = tuple(
@@ -309,8 +321,9 @@ def detect_grokking(
         )
         if present
     )
-    steps = sorted({s for series in _all_series(defect, weight_norm, effective_rank)
-                    for s, _ in series})
+    steps = sorted(
+        {s for series in _all_series(defect, weight_norm, effective_rank) for s, _ in series}
+    )
     times = [t for t in (ev.defect, ev.norm_turn, ev.rank_turn, ev.sed_collapse) if t is not None]
     need = max(1, cfg.require)
     score = tuple((s, min(1.0, sum(t <= s for t in times) / need)) for s in steps)

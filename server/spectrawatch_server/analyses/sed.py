@@ -142,8 +142,9 @@ def _window_metrics(
 ) -> list[MetricValue]:
     out: list[MetricValue] = []
     gap_key = _key(sed.GAP_RATIO, window, interval)
-    past = [(s, v) for s, v in context.metric_series(gap_key, layer, PHASE_HISTORY)
-            if s < found[0].step]
+    past = [
+        (s, v) for s, v in context.metric_series(gap_key, layer, PHASE_HISTORY) if s < found[0].step
+    ]
     series = past + [(w.step, w.gap_ratio) for w in found]
     for i, w in enumerate(found):
         upto = len(past) + i + 1
@@ -190,8 +191,13 @@ def _grokking_metrics(
     }
     gap_key = sed.interval_key(sed.GAP_RATIO)
     gap = dict(context.metric_series(gap_key, MODEL_LAYER, PHASE_HISTORY))
-    gap.update({m.step: m.value for m in new
-                if m.layer == MODEL_LAYER and m.name == gap_key and m.step is not None})
+    gap.update(
+        {
+            m.step: m.value
+            for m in new
+            if m.layer == MODEL_LAYER and m.name == gap_key and m.step is not None
+        }
+    )
     collapse = None
     if gap and not defect:
         # measured (benchmarks/results/sed.md): with the defect, adding the SED collapse gained
@@ -209,8 +215,12 @@ def _grokking_metrics(
     score = [v for s, v in warning.score if s <= last]
     return [
         MetricValue(MODEL_LAYER, grokking.WARNING_SCORE, score[-1] if score else 0.0, step=last),
-        MetricValue(MODEL_LAYER, grokking.IMMINENT,
-                    1.0 if warning.step is not None and warning.step <= last else 0.0, step=last),
+        MetricValue(
+            MODEL_LAYER,
+            grokking.IMMINENT,
+            1.0 if warning.step is not None and warning.step <= last else 0.0,
+            step=last,
+        ),
     ]
 
 

@@ -248,9 +248,7 @@ class ProcrastinateQueue:
             retry_stalled_jobs
         )
         # a 6th cron field is seconds: every `stall_check_seconds` s
-        self.app.periodic(cron=f"* * * * * */{stall_check_seconds}", periodic_id="stalled")(
-            stalled
-        )
+        self.app.periodic(cron=f"* * * * * */{stall_check_seconds}", periodic_id="stalled")(stalled)
 
         async def delete_old_jobs(timestamp: int) -> None:
             # The stalled-job check leaves a finished job every few seconds; analysis jobs stay.

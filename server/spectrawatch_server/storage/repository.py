@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -313,7 +313,7 @@ def replace_results(
         for m in metrics
     ]
     if rows:
-        session.execute(Metric.__table__.insert(), rows)
+        session.execute(insert(Metric), rows)
     spectrum_rows = [
         {
             "run_id": run_id,
@@ -326,7 +326,7 @@ def replace_results(
         for s in spectra
     ]
     if spectrum_rows:
-        session.execute(Spectrum.__table__.insert(), spectrum_rows)
+        session.execute(insert(Spectrum), spectrum_rows)
 
 
 def finite_or_none(value: float) -> float | None:
@@ -358,12 +358,14 @@ def upsert_scalars(session: Session, run_id: int, rows: Sequence[tuple[int, str,
 # --- queries ---------------------------------------------------------------------------
 
 
-def _ranged(stmt: Select[Any], step_col: Any, start: int | None, end: int | None) -> Select[Any]:
+def _in_range(step_col: Any, start: int | None, end: int | None) -> list[ColumnElement[bool]]:
+    """WHERE clauses restricting ``step_col`` to ``[start, end]`` (either bound optional)."""
+    clauses: list[ColumnElement[bool]] = []
     if start is not None:
-        stmt = stmt.where(step_col >= start)
+        clauses.append(step_col >= start)
     if end is not None:
-        stmt = stmt.where(step_col <= end)
-    return stmt
+        clauses.append(step_col <= end)
+    return clauses
 
 
 def metric_points(
@@ -380,7 +382,7 @@ def metric_points(
     )
     if layer is not None:
         stmt = stmt.where(Metric.layer == layer)
-    stmt = _ranged(stmt, Metric.step, start, end).order_by(Metric.layer, Metric.step)
+    stmt = stmt.where(*_in_range(Metric.step, start, end)).order_by(Metric.layer, Metric.step)
     return [(r[0], r[1], r[2]) for r in session.execute(stmt).all()]
 
 
@@ -399,7 +401,7 @@ def metric_tail(
         .order_by(Metric.step.desc())
         .limit(limit)
     ).all()
-    return [(int(s), float(v)) for s, v in reversed(rows)]
+    return [(int(s), float(v)) for s, v in reversed(rows) if v is not None]
 
 
 def metric_catalog(session: Session, run_id: int) -> Sequence[tuple[str, str, int, int, int]]:
@@ -422,7 +424,7 @@ def scalar_points(
     stmt = select(Scalar.name, Scalar.step, Scalar.value).where(Scalar.run_id == run_id)
     if name is not None:
         stmt = stmt.where(Scalar.name == name)
-    stmt = _ranged(stmt, Scalar.step, start, end).order_by(Scalar.name, Scalar.step)
+    stmt = stmt.where(*_in_range(Scalar.step, start, end)).order_by(Scalar.name, Scalar.step)
     return [(r[0], r[1], r[2]) for r in session.execute(stmt).all()]
 
 
@@ -433,7 +435,7 @@ def scalar_tail(session: Session, run_id: int, name: str, limit: int) -> list[tu
         .order_by(Scalar.step.desc())
         .limit(limit)
     ).all()
-    return [(int(s), float(v)) for s, v in reversed(rows)]
+    return [(int(s), float(v)) for s, v in reversed(rows) if v is not None]
 
 
 def spectra_for(

@@ -105,7 +105,7 @@ class S3BlobStore:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
             for obj in page.get("Contents", []):
                 if obj["LastModified"] <= cutoff:
-                    out.append(obj["Key"][len(start):])
+                    out.append(obj["Key"][len(start) :])
         return out
 
     def clear_temp(self, min_age_seconds: float = 0.0) -> int:
