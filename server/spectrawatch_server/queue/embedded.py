@@ -44,6 +44,7 @@ class EmbeddedQueue:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.processed = 0
+        self._release_later: list[int] = []
 
     def enqueue(self, session: Session, frame_id: int) -> None:
         session.add(Job(frame_id=frame_id, status="pending"))
@@ -76,12 +77,20 @@ class EmbeddedQueue:
     def run_once(self) -> bool:
         """Claim and run one job; False when there was nothing to do."""
         with self.sessions.begin() as session:
+            for job_id in self._release_later:  # jobs interrupted by a database outage
+                repo.release_job(session, job_id, "database unavailable", refund_attempt=True)
+            self._release_later.clear()
             repo.fail_expired_jobs(session, self.max_attempts)
             job = repo.claim_job(session, self.worker_id, self.lease, self.max_attempts)
         if job is None:
             return False
         try:
             self.handler(job.frame_id)
+        except OperationalError:
+            # The database went away mid-job: not the job's fault. Release it (refunding the
+            # attempt) as soon as the database answers again, instead of waiting for the lease.
+            self._release_later.append(job.job_id)
+            raise
         except Exception as exc:  # a failing job must never kill the worker thread
             log.exception("analysis of frame %d failed (attempt %d)", job.frame_id, job.attempts)
             with self.sessions.begin() as session:

@@ -133,9 +133,7 @@ def touch_run(session: Session, run_id: int, step: int | None) -> None:
     """Record activity (and the highest step seen) on a run."""
     values: dict[str, Any] = {"last_seen_at": utcnow()}
     if step is not None:
-        # scalar max of two values: GREATEST on PostgreSQL, two-argument max() on SQLite
-        larger = func.greatest if session.get_bind().dialect.name == "postgresql" else func.max
-        values["last_step"] = larger(func.coalesce(Run.last_step, step), step)
+        values["last_step"] = _greatest(session, func.coalesce(Run.last_step, step), step)
     session.execute(update(Run).where(Run.id == run_id).values(**values))
 
 
@@ -253,11 +251,18 @@ def finish_frame(session: Session, frame_id: int, status: str, error: str | None
     session.execute(update(Frame).where(Frame.id == frame_id).values(status=status))
 
 
-def release_job(session: Session, job_id: int, error: str) -> None:
-    """Put a job back for a later retry after a transient failure."""
-    session.execute(
-        update(Job).where(Job.id == job_id).values(status="pending", error=error, lease_until=None)
-    )
+def release_job(session: Session, job_id: int, error: str, refund_attempt: bool = False) -> None:
+    """Put a job back for a later retry; ``refund_attempt`` when the failure was not the job's."""
+    values: dict[str, Any] = {"status": "pending", "error": error, "lease_until": None}
+    if refund_attempt:
+        values["attempts"] = _greatest(session, Job.attempts - 1, 0)
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(**values))
+
+
+def _greatest(session: Session, *values: Any) -> Any:
+    """The larger of scalar SQL values: GREATEST on PostgreSQL, multi-argument max() on SQLite."""
+    larger = func.greatest if session.get_bind().dialect.name == "postgresql" else func.max
+    return larger(*values)
 
 
 def job_counts(session: Session) -> dict[str, int]:
