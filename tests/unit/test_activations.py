@@ -7,7 +7,6 @@ References: numpy ``eigvalsh`` of ``np.cov``, ``scipy.integrate.quad`` of the MP
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -36,14 +35,6 @@ from spectrawatch.spectral.manifold import MANIFOLD_DELTA_R2, MANIFOLD_RANK
 from spectrawatch.wire import FrameHeader, FrameKind
 from spectrawatch_server.analyses.activations import eigentrack, manifold
 from spectrawatch_server.analyses.registry import DecodedFrame
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _noise(n: int, p: int, seed: int, sigma: float = 1.0) -> torch.Tensor:

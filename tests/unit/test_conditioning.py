@@ -7,7 +7,6 @@ of `Empath-aln/PC-layer` (``p_k(1) = 1``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,14 +32,6 @@ from spectrawatch.spectral.polar import MUON_POLAR_DISTANCE, POLAR_MP_SPIKES
 from spectrawatch.wire import FrameHeader, FrameKind
 from spectrawatch_server.analyses.conditioning import muon_update_audit, weight_conditioning
 from spectrawatch_server.analyses.registry import MODEL_LAYER, DecodedFrame
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _with_singular_values(sv: np.ndarray, rows: int, cols: int, seed: int) -> torch.Tensor:

@@ -6,8 +6,6 @@ linear subspace (both plus noise).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -18,14 +16,6 @@ from spectrawatch.spectral.manifold import (
     quadratic_lift,
     quadratic_manifold_fit,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _data(n: int, d: int, r: int, curved: bool, seed: int, noise: float = 0.05) -> torch.Tensor:

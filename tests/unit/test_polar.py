@@ -7,7 +7,6 @@ per-step lower ends l_t of research/matrix_methods.md §1.4 (computed there inde
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -24,15 +23,6 @@ from spectrawatch.spectral.polar import (
     polar_express_coefficients,
     schatten8_norm,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Small GEMMs: one thread avoids oversubscription on shared CI cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _orthonormal(rows: int, cols: int, seed: int) -> np.ndarray:
