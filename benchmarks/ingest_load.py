@@ -79,9 +79,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--frames", type=int, default=250)
+    ap.add_argument("--no-worker", action="store_true", help="measure ingest alone (no analysis)")
     args = ap.parse_args()
+    env = {"SPECTRAWATCH_LOG_LEVEL": "warning"}
+    if args.no_worker:
+        env["SPECTRAWATCH_RUN_WORKER"] = "false"
     with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess(Path(tmp), env={"SPECTRAWATCH_LOG_LEVEL": "warning"}).start()
+        server = ServerProcess(Path(tmp), env=env).start()
         try:
             assert server.proc is not None
             rss0 = rss_mib(server.proc.pid)
@@ -90,7 +94,10 @@ def main() -> None:
             total = args.runs * args.frames
             t_drain = time.perf_counter()
             db = sqlite3.connect(Path(tmp) / "spectrawatch.db")
-            while db.execute("SELECT count(*) FROM job WHERE status != 'done'").fetchone()[0]:
+            while (
+                not args.no_worker
+                and db.execute("SELECT count(*) FROM job WHERE status != 'done'").fetchone()[0]
+            ):
                 time.sleep(0.5)
             drain = time.perf_counter() - t_drain
             stored = db.execute("SELECT count(*) FROM frame").fetchone()[0]
