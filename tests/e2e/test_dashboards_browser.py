@@ -365,6 +365,40 @@ mon.finish()
 """
 
 
+XSS = '<img src=x onerror="window.__xss=1">'
+
+
+def test_user_strings_are_escaped_not_executed(browser: Any, seeded: Any) -> None:
+    """Run names, tags and config values are shown as text, never run as HTML/JS (issue 12)."""
+    server, _ = seeded
+    created = httpx.post(
+        f"{server.url}/api/v1/runs",
+        json={
+            "project": "xss-probe",
+            "name": XSS,
+            "tags": [XSS, "<script>window.__xss=1</script>"],
+            "config": {"note": XSS, XSS: "<b>bold</b>"},
+        },
+        timeout=30,
+    )
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    for path in ("/projects/xss-probe", f"/runs/{run_id}", f"/runs/{run_id}/layers"):
+        browser.get(server.url + path)
+        wait_js(browser, "document.body.dataset.ready || document.readyState === 'complete'")
+        time.sleep(0.5)  # give an injected onerror handler the chance to fire
+        assert browser.execute_script("return window.__xss === undefined"), path
+        injected = browser.execute_script(
+            "return document.querySelectorAll('img[src=\"x\"]').length + Array.from("
+            "document.querySelectorAll('b')).filter(function (b) {"
+            " return b.textContent === 'bold'; }).length"
+        )
+        assert injected == 0, path
+    browser.get(server.url + "/projects/xss-probe")
+    wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
+    assert XSS in browser.find_element("css selector", "table.runs").text
+
+
 @pytest.mark.slow
 def test_live_page_updates_while_training_runs(
     browser: Any, tmp_path: Path, artifacts: Path

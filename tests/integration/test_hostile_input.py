@@ -64,6 +64,9 @@ def test_authz_matrix(secured: tuple[ServerProcess, dict[str, str]]) -> None:
         ).status_code
         == 202
     )
+    hook = own.post("/webhooks", json={"project": "mine", "url": "https://93.184.216.34/hook"})
+    assert hook.status_code == 201, hook.text
+    webhook_id = hook.json()["id"]
     endpoints: list[tuple[str, str, bytes | None]] = [
         ("get", f"/runs/{run_id}", None),
         ("patch", f"/runs/{run_id}", b'{"status": "crashed"}'),
@@ -76,6 +79,17 @@ def test_authz_matrix(secured: tuple[ServerProcess, dict[str, str]]) -> None:
         ("get", f"/runs/{run_id}/spectra", None),
         ("post", f"/runs/{run_id}/client-stats", b'{"errors": 1}'),
         ("post", "/runs", b'{"project": "mine", "name": "sneaky"}'),
+        ("get", f"/runs/{run_id}/alerts", None),
+        ("get", "/projects/mine/alert-rules", None),
+        ("patch", "/projects/mine/alert-rules/nonfinite", b'{"enabled": false}'),
+        ("get", f"/webhooks/{webhook_id}", None),
+        ("patch", f"/webhooks/{webhook_id}", b'{"enabled": false}'),
+        ("get", f"/webhooks/{webhook_id}/deliveries", None),
+        ("post", f"/webhooks/{webhook_id}/test", b"{}"),
+        ("get", f"/dashboards/runs/{run_id}/overview", None),
+        ("get", f"/dashboards/runs/{run_id}/layers", None),
+        ("get", f"/dashboards/runs/{run_id}/alerts", None),
+        ("get", f"/dashboards/compare?runs={run_id}", None),
     ]
     callers = {
         "none": {},
@@ -92,6 +106,9 @@ def test_authz_matrix(secured: tuple[ServerProcess, dict[str, str]]) -> None:
             expected = {401} if who != "other" else {403, 404}
             assert response.status_code in expected, (who, method, path, response.text)
             assert "private" not in response.text
+    assert own.get(f"/webhooks/{webhook_id}").json()["enabled"] is True
+    rules = own.get("/projects/mine/alert-rules").json()
+    assert "private" not in str(rules)
     run = own.get(f"/runs/{run_id}").json()
     assert run["status"] == "running"
     assert sum(run["frames"].values()) == 1
