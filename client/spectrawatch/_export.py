@@ -6,12 +6,11 @@ same tables as ``.parquet`` (``--format parquet``, needs pandas + pyarrow). Valu
 NaN/Inf on the server (stored as null) are written empty / as NaN. Everything is read over the
 HTTP API at full resolution (no downsampling).
 
-Import creates the run on the target server over the HTTP API (refusing a run name that already
-exists there), posts the scalars, and sets status, tags and summary. The HTTP API has no endpoint
-that accepts analysis results (metrics are only ever computed by the server's worker), so metrics
-are written straight into the target server's database, as ``spectrawatch token create`` does:
-pass ``--data-dir`` (SQLite) or ``--database-url`` of that server, or ``--skip-metrics``. They are
-stored under one synthetic frame of kind ``import`` (analysis ``import``), never re-analysed.
+Import works over the HTTP API alone: it creates the run on the target server (refusing a run
+name that already exists there), posts the scalars, posts the metrics to
+``POST /runs/{id}/metrics`` in batches (each with an idempotency key, so a retried batch is
+stored once; the server keeps them under a frame of kind ``import`` that is never re-analysed),
+and sets status, tags and summary. ``--skip-metrics`` imports the run and its scalars only.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ SCALAR_COLUMNS = ("step", "name", "value")
 METRIC_COLUMNS = ("step", "layer", "name", "value")
 IMPORT_KIND = "import"  # frame kind and analysis name of imported metrics
 SCALAR_BATCH = 5000
+METRIC_BATCH = 20000
 
 
 class ExportError(CliError):
@@ -235,7 +235,6 @@ def import_run(args: argparse.Namespace, data: ExportedRun) -> dict[str, Any]:
     src = data.meta["run"]
     project = args.project or src["project"]
     name = args.run or src["name"]
-    engine = _target_engine(args) if data.metrics and not args.skip_metrics else None
     existing = _find_run(args, project, name)
     if existing is not None:
         raise ExportError(
@@ -266,8 +265,23 @@ def import_run(args: argparse.Namespace, data: ExportedRun) -> dict[str, Any]:
             content=json.dumps(rows),
             headers={"content-type": "application/json"},
         )
-    if engine is not None:
-        _store_metrics(engine, rid, name, data.metrics)
+    if not args.skip_metrics:
+        batch_id = uuid.uuid4().hex
+        for i in range(0, len(data.metrics), METRIC_BATCH):
+            rows = [
+                {"step": s, "layer": la, "name": n, "value": v}
+                for s, la, n, v in data.metrics[i : i + METRIC_BATCH]
+            ]
+            _call(
+                args,
+                "POST",
+                f"/runs/{rid}/metrics",
+                content=json.dumps({"source": IMPORT_KIND, "rows": rows}),
+                headers={
+                    "content-type": "application/json",
+                    "Idempotency-Key": f"import-{batch_id}-{i}",
+                },
+            )
     summary = dict(src.get("summary") or {})
     summary["imported_from"] = {
         "url": data.meta.get("source_url"),
@@ -290,73 +304,6 @@ def _find_run(args: argparse.Namespace, project: str, name: str) -> dict[str, An
         if "404" in str(exc):  # the project does not exist yet
             return None
         raise
-
-
-def _target_engine(args: argparse.Namespace) -> Any:
-    """SQLAlchemy engine of the target server's database (``--database-url`` / ``--data-dir``)."""
-    url = args.database_url or os.environ.get("SPECTRAWATCH_DATABASE_URL")
-    data_dir = args.data_dir or os.environ.get("SPECTRAWATCH_DATA_DIR")
-    if not url and not data_dir:
-        raise ExportError(
-            "the export holds metrics, and the HTTP API cannot receive analysis results: pass the "
-            "target server's --data-dir (SQLite) or --database-url, or --skip-metrics"
-        )
-    try:
-        from spectrawatch_server.db.session import make_engine
-    except ImportError as exc:
-        raise ExportError(
-            f"importing metrics needs the server package: pip install 'spectrawatch[server]' "
-            f"({exc})"
-        ) from exc
-    if not url:
-        db = Path(data_dir or "") / "spectrawatch.db"
-        if not db.is_file():
-            raise ExportError(f"{db}: no spectrawatch database in --data-dir {data_dir}")
-        url = f"sqlite:///{db}"
-    return make_engine(url)
-
-
-def _store_metrics(
-    engine: Any, run_id: int, run_name: str, metrics: Sequence[tuple[int, str, str, float]]
-) -> None:
-    from spectrawatch_server.db.models import Frame, Run
-    from spectrawatch_server.db.session import make_session_factory
-    from spectrawatch_server.storage.repository import MetricRow, replace_results
-
-    try:
-        with make_session_factory(engine).begin() as session:
-            run = session.get(Run, run_id)
-            if run is None or run.name != run_name:
-                raise ExportError(
-                    f"run {run_id} ({run_name!r}) is not in the database given: --data-dir / "
-                    "--database-url must be those of the server at --url"
-                )
-            last = max(s for s, _, _, _ in metrics)
-            frame = Frame(
-                run_id=run_id,
-                kind=IMPORT_KIND,
-                step=last,
-                seq=-1,
-                idempotency_key=f"{run_id}:import:{uuid.uuid4().hex}",
-                blob_key="",
-                bytes=0,
-                info={"imported_metrics": len(metrics)},
-                layers=sorted({la for _, la, _, _ in metrics}),
-                status="done",
-            )
-            session.add(frame)
-            session.flush()
-            replace_results(
-                session,
-                run_id,
-                frame.id,
-                last,
-                IMPORT_KIND,
-                [MetricRow(layer, name, step, value) for step, layer, name, value in metrics],
-                [],
-            )
-    finally:
-        engine.dispose()
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -416,14 +363,8 @@ def add_export_commands(subparsers: Any) -> None:
     imp.add_argument("--project", default=None, help="target project (default: the exported one)")
     imp.add_argument("--run", default=None, help="target run name (default: the exported one)")
     imp.add_argument(
-        "--data-dir", default=None, help="the target server's data dir, for metrics (SQLite)"
-    )
-    imp.add_argument(
-        "--database-url", default=None, help="the target server's database URL, for metrics"
-    )
-    imp.add_argument(
         "--skip-metrics",
         action="store_true",
-        help="import the run and its scalars only (HTTP API only)",
+        help="import the run and its scalars only",
     )
     imp.set_defaults(func=cmd_import)

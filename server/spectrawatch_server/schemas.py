@@ -89,6 +89,22 @@ class ScalarIn(BaseModel):
     value: float
 
 
+class MetricIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step: int = Field(ge=0, le=2**62)
+    layer: str = Field(min_length=1, max_length=500)
+    name: str = Name
+    value: float | None
+
+
+class MetricBatch(BaseModel):
+    """Analysis results computed elsewhere (``spectrawatch import``), stored as-is."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field("import", pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    rows: list[MetricIn] = Field(min_length=1)
+
+
 class Series(BaseModel):
     """One downsampled series; ``None`` values were NaN/Inf."""
 

@@ -338,3 +338,20 @@ def test_refuses_non_loopback_without_auth(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "without auth" in result.stderr
+
+
+def test_metric_batches_are_stored_once_per_key(client: httpx.Client) -> None:
+    run_id = make_run(client, name="metric-import")
+    rows = [{"step": s, "layer": "l0", "name": "htsr.alpha", "value": 2.0 + s} for s in range(5)]
+    rows.append({"step": 5, "layer": "l0", "name": "htsr.alpha", "value": None})
+    body = {"source": "import", "rows": rows}
+    first = client.post(f"/runs/{run_id}/metrics", json=body, headers={"Idempotency-Key": "b1"})
+    again = client.post(f"/runs/{run_id}/metrics", json=body, headers={"Idempotency-Key": "b1"})
+    assert first.status_code == again.status_code == 202
+    assert (first.json()["accepted"], again.json()["replayed"]) == (6, True)
+    series = client.get(f"/runs/{run_id}/metrics", params={"name": "htsr.alpha"}).json()["series"]
+    assert series[0]["steps"] == [0, 1, 2, 3, 4, 5]
+    assert series[0]["values"] == [2.0, 3.0, 4.0, 5.0, 6.0, None]
+    bad = client.post(f"/runs/{run_id}/metrics", json={"rows": [{"step": -1, "layer": "l"}]})
+    assert bad.status_code == 422
+    assert client.post(f"/runs/{run_id}/metrics", json={"rows": []}).status_code == 422

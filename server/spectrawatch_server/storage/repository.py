@@ -334,6 +334,33 @@ def replace_results(
         session.execute(insert(Spectrum), spectrum_rows)
 
 
+def insert_metric_batch(
+    session: Session, run_id: int, key: str, source: str, metrics: Sequence[MetricRow]
+) -> Frame:
+    """Store externally computed metrics under one blob-less frame of kind ``source``.
+
+    The frame row (idempotency ``key``) makes a replayed batch a no-op; it has no job, so the
+    values are never re-analysed.
+    """
+    last = max(m.step for m in metrics)
+    frame = Frame(
+        run_id=run_id,
+        kind=source,
+        step=last,
+        seq=-1,
+        idempotency_key=key,
+        blob_key="",
+        bytes=0,
+        info={"imported_metrics": len(metrics)},
+        layers=sorted({m.layer for m in metrics}),
+        nonfinite={},
+        status="done",
+    )
+    insert_frame(session, frame)
+    replace_results(session, run_id, frame.id, last, source, metrics, [])
+    return frame
+
+
 def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import math
+import uuid
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 
-from spectrawatch_server.api.deps import RunDep, SessionDep
+from spectrawatch_server.api.deps import RunDep, SessionDep, StateDep
+from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.downsample import downsample
-from spectrawatch_server.schemas import MetricInfo, MetricSeries, Series, SpectrumPublic
+from spectrawatch_server.schemas import (
+    MetricBatch,
+    MetricInfo,
+    MetricSeries,
+    Series,
+    SpectrumPublic,
+)
 from spectrawatch_server.storage import repository as repo
 
 router = APIRouter(tags=["metrics"])
@@ -35,6 +44,34 @@ def read_metrics(
         ds, dv = downsample(steps, values, max_points)
         series.append(Series(layer=lname, steps=ds, values=dv, points=len(steps)))
     return MetricSeries(name=name, series=series)
+
+
+@router.post("/runs/{run_id}/metrics", status_code=202)
+def ingest_metrics(
+    body: MetricBatch,
+    run: RunDep,
+    session: SessionDep,
+    state: StateDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=160)] = None,
+) -> dict[str, Any]:
+    """Store a batch of metrics computed elsewhere (``spectrawatch import``); replay-safe."""
+    if len(body.rows) > state.settings.max_scalars_per_batch:
+        raise ApiError(
+            413,
+            "too_many_metrics",
+            f"{len(body.rows)} rows exceed {state.settings.max_scalars_per_batch}",
+        )
+    key = f"{run.id}/{idempotency_key or uuid.uuid4().hex}"
+    existing = repo.frame_by_key(session, key)
+    if existing is not None:
+        return {"accepted": 0, "frame_id": existing.id, "replayed": True}
+    rows = [
+        repo.MetricRow(m.layer, m.name, m.step, math.nan if m.value is None else m.value)
+        for m in body.rows
+    ]
+    frame = repo.insert_metric_batch(session, run.id, key, body.source, rows)
+    session.commit()
+    return {"accepted": len(rows), "frame_id": frame.id, "replayed": False}
 
 
 @router.get("/runs/{run_id}/metrics/catalog", response_model=list[MetricInfo])
