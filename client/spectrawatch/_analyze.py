@@ -36,12 +36,7 @@ import torch
 from spectrawatch.spectral.conditioning import (
     CONDITION_NUMBER,
     GMCN,
-    MP_SPIKES,
-    PC_PREVIEW_KEYS,
-    SIGMA_MAX,
-    SIGMA_MIN,
-    conditioning_from_singular_values,
-    pc_preview,
+    conditioning_metrics,
     singular_values,
 )
 from spectrawatch.spectral.farms import FARMS_CV, FarmsConfig
@@ -328,23 +323,8 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def conditioning_values(weight: torch.Tensor) -> dict[str, float]:
-    """Conditioning metrics of one 2-D weight, exactly as the server's ``conditioning`` analysis:
-    sigma_max/min, condition number, GMCN, MP spikes, and the PC-layer GMCN previews."""
-    sv = singular_values(weight)
-    cond = conditioning_from_singular_values(sv, (weight.shape[0], weight.shape[1]))
-    values = {
-        SIGMA_MAX: cond.sigma_max,
-        SIGMA_MIN: cond.sigma_min,
-        CONDITION_NUMBER: cond.condition_number,
-        GMCN: cond.gmcn,
-        MP_SPIKES: float(cond.mp_spikes),
-    }
-    if cond.sigma_max > 0:
-        for level, (gmcn_key, ratio_key) in PC_PREVIEW_KEYS.items():
-            preview = pc_preview(sv, level)
-            values[gmcn_key] = preview.gmcn_after
-            values[ratio_key] = preview.gmcn_ratio
-    return values
+    """Conditioning metrics of one 2-D weight, exactly as the server's ``conditioning`` analysis."""
+    return conditioning_metrics(singular_values(weight), (weight.shape[0], weight.shape[1]))
 
 
 def analyze_layer(

@@ -188,3 +188,23 @@ def pc_preview(
         condition_before=float(s.max()) / smin_b if smin_b > 0 else math.inf,
         condition_after=float(after.max()) / smin_a if smin_a > 0 else math.inf,
     )
+
+
+def conditioning_metrics(sv: torch.Tensor, shape: tuple[int, int]) -> dict[str, float]:
+    """Every conditioning metric of one weight, keyed by its dotted name, from its singular values
+    ``sv`` ``(min(m, n),)`` and ``shape`` ``(m, n)``: sigma_max/min, condition number, GMCN, MP
+    spikes and the PC-layer GMCN previews (what the worker and ``spectrawatch analyze`` report)."""
+    cond = conditioning_from_singular_values(sv, shape)
+    values = {
+        SIGMA_MAX: cond.sigma_max,
+        SIGMA_MIN: cond.sigma_min,
+        CONDITION_NUMBER: cond.condition_number,
+        GMCN: cond.gmcn,
+        MP_SPIKES: float(cond.mp_spikes),
+    }
+    if cond.sigma_max > 0:
+        for level, (gmcn_key, ratio_key) in PC_PREVIEW_KEYS.items():
+            preview = pc_preview(sv, level)
+            values[gmcn_key] = preview.gmcn_after
+            values[ratio_key] = preview.gmcn_ratio
+    return values

@@ -20,15 +20,10 @@ from typing import Any
 import torch
 
 from spectrawatch.spectral.conditioning import (
-    CONDITION_NUMBER,
     GMCN,
-    MP_SPIKES,
-    PC_PREVIEW_KEYS,
     SIGMA_MAX,
-    SIGMA_MIN,
-    conditioning_from_singular_values,
+    conditioning_metrics,
     mp_spike_threshold,
-    pc_preview,
     singular_values,
 )
 from spectrawatch.spectral.polar import (
@@ -69,28 +64,16 @@ def weight_conditioning(frame: DecodedFrame, context: AnalysisContext) -> Analys
             continue  # NaN/Inf weights have no spectrum; the NaN rule reports them
         shape = (weights.shape[0], weights.shape[1])
         sv = singular_values(weights)
-        cond = conditioning_from_singular_values(sv, shape)
-        values = {
-            SIGMA_MAX: cond.sigma_max,
-            SIGMA_MIN: cond.sigma_min,
-            CONDITION_NUMBER: cond.condition_number,
-            GMCN: cond.gmcn,
-            MP_SPIKES: float(cond.mp_spikes),
-        }
-        if cond.sigma_max > 0:
-            for level, (gmcn_key, ratio_key) in PC_PREVIEW_KEYS.items():
-                preview = pc_preview(sv, level)
-                values[gmcn_key] = preview.gmcn_after
-                values[ratio_key] = preview.gmcn_ratio
-        if weights.is_cuda and min(shape) >= POLAR_MIN_DIM and cond.sigma_max > 0:
+        values = conditioning_metrics(sv, shape)
+        if weights.is_cuda and min(shape) >= POLAR_MIN_DIM and values[SIGMA_MAX] > 0:
             frob_sq = float((sv.to(torch.float64) ** 2).sum())
             threshold = mp_spike_threshold(shape, frob_sq)
             count = count_singular_values_above(weights, math.sqrt(threshold * max(shape)))
             values[POLAR_MP_SPIKES] = float(count.count)
             values[POLAR_MP_SPIKES_AMBIGUITY] = count.ambiguity
         result.metrics.extend(_finite(layer, values))
-        if 0 < cond.gmcn < math.inf:
-            log_gmcn.append(math.log(cond.gmcn))
+        if 0 < values[GMCN] < math.inf:
+            log_gmcn.append(math.log(values[GMCN]))
     if log_gmcn:  # PC Layer's global GMCN: geometric mean over the frame's matrices
         result.metrics.append(
             MetricValue(MODEL_LAYER, GMCN, math.exp(sum(log_gmcn) / len(log_gmcn)))
