@@ -83,6 +83,12 @@ def templates() -> Jinja2Templates:
     return Jinja2Templates(directory=str(package_dir() / "templates"))
 
 
+@router.get("/favicon.ico")
+def read_favicon() -> Response:
+    """No icon: 204, so browsers asking for one on non-HTML pages log no failed load."""
+    return Response(status_code=204)
+
+
 def install(app: FastAPI, api_prefix: str) -> None:
     """Add the HTML pages, the figure API (under ``api_prefix``) and the static mount to ``app``."""
     app.include_router(router)
