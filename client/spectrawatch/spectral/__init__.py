@@ -2,7 +2,8 @@
 
 Modules: ``sed`` (spectral edge dynamics), ``grokking`` (early warning), ``htsr`` (heavy-tail
 weight metrics), ``farms`` (fixed-aspect-ratio sampling), ``activations`` (EigenTrack),
-``polar`` (Polar Express), ``conditioning`` (GMCN, PC layers), ``manifold`` (quadratic fit),
+``polar`` (Polar Express), ``conditioning`` (GMCN, PC layers), ``subspace`` (spike-subspace
+drift), ``manifold`` (quadratic fit),
 ``norms``.
 """
 

@@ -151,6 +151,38 @@ def schatten8_norm(sym: torch.Tensor) -> torch.Tensor:
     return norm.sqrt().sqrt()
 
 
+def shifted_sign(
+    sym: torch.Tensor, threshold: float, steps: int, dtype: torch.dtype, refine_steps: int
+) -> torch.Tensor:
+    """``sign(A - tI)`` ``(n, n)`` of a symmetric ``sym`` by Polar Express, in float32 or wider.
+
+    The shift and the Schatten-8 scale are done in float32/float64 before any bf16 cast
+    (``research/matrix_methods.md`` §1.7); ``refine_steps`` fp32 Newton-Schulz steps follow.
+    """
+    if sym.ndim != 2 or sym.shape[0] != sym.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(sym.shape)}")
+    _check_dtype(dtype)
+    n = sym.shape[0]
+    work = torch.promote_types(torch.promote_types(sym.dtype, dtype), torch.float32)
+    shifted = sym.to(work)
+    shifted = (shifted + shifted.mT) / 2 - threshold * torch.eye(n, dtype=work, device=sym.device)
+    x = shifted / (SAFETY * schatten8_norm(shifted) + NORM_EPS)
+    x = _iterate(x.to(dtype), polar_express_coefficients(steps)).to(work)
+    return _iterate(x, [NEWTON_SCHULZ_QUINTIC] * refine_steps)
+
+
+def spectral_projector(
+    sym: torch.Tensor, threshold: float, steps: int = 16, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Projector ``(I + sign(A - tI)) / 2`` ``(n, n)`` onto the eigenvectors of a symmetric
+    ``sym`` with eigenvalue above ``threshold``, GEMM-only (research notes §1.8 item 4); its trace
+    is the count of :func:`count_above`. bf16 runs get one fp32 refinement step."""
+    refine = 1 if dtype == torch.bfloat16 else 0
+    x = shifted_sign(sym, threshold, steps, dtype, refine)
+    eye = torch.eye(sym.shape[0], dtype=x.dtype, device=x.device)
+    return (eye + x) / 2
+
+
 @dataclass(frozen=True)
 class EigenCount:
     """Eigenvalue count above a threshold from ``(n + tr sign(A - tI)) / 2``.
@@ -184,18 +216,10 @@ def count_above(
     fp32 Newton-Schulz quintic steps and the trace is divided by ``mu = ||X||_F / sqrt(n)``, which
     removes the systematic ~1e-3 shrinkage of bf16's converged values (§1.7, measured there).
     """
-    if sym.ndim != 2 or sym.shape[0] != sym.shape[1]:
-        raise ValueError(f"expected a square matrix, got shape {tuple(sym.shape)}")
-    _check_dtype(dtype)
     if refine_steps is None:
         refine_steps = 1 if dtype == torch.bfloat16 else 0
+    x = shifted_sign(sym, threshold, steps, dtype, refine_steps)
     n = sym.shape[0]
-    work = torch.promote_types(torch.promote_types(sym.dtype, dtype), torch.float32)
-    shifted = sym.to(work)
-    shifted = (shifted + shifted.mT) / 2 - threshold * torch.eye(n, dtype=work, device=sym.device)
-    x = shifted / (SAFETY * schatten8_norm(shifted) + NORM_EPS)
-    x = _iterate(x.to(dtype), polar_express_coefficients(steps)).to(work)
-    x = _iterate(x, [NEWTON_SCHULZ_QUINTIC] * refine_steps)
     trace = torch.diagonal(x).sum()
     if dtype == torch.bfloat16:
         mu = torch.linalg.matrix_norm(x) / math.sqrt(n)
