@@ -32,9 +32,10 @@ from spectrawatch.spectral.activations import (
     wasserstein_distance,
 )
 from spectrawatch.spectral.manifold import MANIFOLD_DELTA_R2, MANIFOLD_RANK
-from spectrawatch.wire import FrameHeader, FrameKind
+from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.activations import eigentrack, manifold
 from spectrawatch_server.analyses.registry import DecodedFrame
+from tests.history import StubHistory, decoded_frame
 
 
 def _noise(n: int, p: int, seed: int, sigma: float = 1.0) -> torch.Tensor:
@@ -163,25 +164,8 @@ def test_change_score() -> None:
         change_score([1.0, math.nan, 2.0], 1.0, min_history=3)
 
 
-class FakeContext:
-    """Serves stored metric series; records what was asked."""
-
-    def __init__(self, series: dict[tuple[str, str], list[tuple[int, float]]]) -> None:
-        self.series = series
-
-    def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
-        return []
-
-    def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
-        return self.series.get((name, layer), [])[-limit:]
-
-    def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
-        return []
-
-
 def _frame(tensors: dict[str, torch.Tensor], step: int, info: dict[str, Any]) -> DecodedFrame:
-    header = FrameHeader(FrameKind.ACTIVATIONS, step, 1, info, (), 0)
-    return DecodedFrame(1, 1, header, tensors, torch.device("cpu"))
+    return decoded_frame(FrameKind.ACTIVATIONS, step, tensors, info)
 
 
 def test_eigentrack_analysis_with_history() -> None:
@@ -201,7 +185,7 @@ def test_eigentrack_analysis_with_history() -> None:
     entropy = activation_spectrum(x).entropy
     history = [(100 * k, entropy + 0.01 * (-1) ** k) for k in range(1, 10)]
     history.append((1000, 123.0))  # the frame's own stored value: must be ignored on a re-run
-    context = FakeContext({(ENTROPY, "h.0"): history})
+    context = StubHistory(series={(ENTROPY, "h.0"): history})
     result = eigentrack(frame, context)
     by_key = {(m.layer, m.name): m.value for m in result.metrics}
     assert {layer for layer, _ in by_key} == {"h.0", "h.1"}  # h.2 has no token count
@@ -225,7 +209,7 @@ def test_manifold_analysis_picks_a_supported_rank() -> None:
     i, j = torch.triu_indices(4, 4)
     x = 3 * z @ basis[:, :4].T + (z[:, i] * z[:, j]) @ basis[:, 4:14].T
     frame = _frame({"curved": x, "gram": x.mT @ x}, step=5, info={"gram": ["gram"]})
-    result = manifold(frame, FakeContext({}))
+    result = manifold(frame, StubHistory())
     by_key = {(m.layer, m.name): m.value for m in result.metrics}
     # 320 training rows: 10 x 15 features (rank 4) <= 320 < 10 x 45 (rank 8)
     assert by_key[("curved", MANIFOLD_RANK)] == 4.0

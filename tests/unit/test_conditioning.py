@@ -32,6 +32,7 @@ from spectrawatch.spectral.polar import MUON_POLAR_DISTANCE, POLAR_MP_SPIKES
 from spectrawatch.wire import FrameHeader, FrameKind
 from spectrawatch_server.analyses.conditioning import muon_update_audit, weight_conditioning
 from spectrawatch_server.analyses.registry import MODEL_LAYER, DecodedFrame
+from tests.history import StubHistory, decoded_frame
 
 
 def _with_singular_values(sv: np.ndarray, rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -114,20 +115,8 @@ def test_pc_lowers_gmcn_on_ill_conditioned_matrices() -> None:
     assert ratios[3] == pytest.approx(1 / PC_COEFFICIENTS[4][0], rel=0.05)
 
 
-class NoHistory:
-    def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
-        return []
-
-    def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
-        return []
-
-    def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
-        return []
-
-
 def _frame(kind: FrameKind, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> DecodedFrame:
-    header = FrameHeader(kind, 10, 1, info, (), 0)
-    return DecodedFrame(1, 1, header, tensors, torch.device("cpu"))
+    return decoded_frame(kind, 10, tensors, info)
 
 
 def test_conditioning_analysis() -> None:
@@ -136,7 +125,7 @@ def test_conditioning_analysis() -> None:
     w2 = torch.from_numpy(rng.standard_normal((30, 90))).float()
     bad = torch.full((4, 4), math.nan)
     tensors = {"fc": w, "fc2": w2, "nan": bad, "vec": torch.ones(1, 5)}
-    result = weight_conditioning(_frame(FrameKind.WEIGHTS, tensors, {}), NoHistory())
+    result = weight_conditioning(_frame(FrameKind.WEIGHTS, tensors, {}), StubHistory())
     by_key = {(m.layer, m.name): m.value for m in result.metrics}
     assert {layer for layer, _ in by_key} == {"fc", "fc2", MODEL_LAYER}
     geo = math.sqrt(_numpy_gmcn(w.double().numpy()) * _numpy_gmcn(w2.double().numpy()))
@@ -158,7 +147,7 @@ def test_muon_audit_analysis_only_on_exact_frames() -> None:
     noisy = torch.from_numpy(rng.standard_normal((2, 48 * 32))).float()
     tensors = {"w.orth": orth.repeat(2, 1), "w.adam": noisy, "bias": torch.ones(2, 48)}
     info = {"exact": True, "steps": [7, 8], "shapes": {"w.orth": [48, 32], "w.adam": [48, 32]}}
-    result = muon_update_audit(_frame(FrameKind.UPDATE_SKETCH, tensors, info), NoHistory())
+    result = muon_update_audit(_frame(FrameKind.UPDATE_SKETCH, tensors, info), StubHistory())
     by_key = {(m.layer, m.name): m for m in result.metrics}
     assert by_key[("w.orth", MUON_POLAR_DISTANCE)].value < 1e-5
     assert by_key[("w.orth", MUON_POLAR_DISTANCE)].step == 8
@@ -167,7 +156,7 @@ def test_muon_audit_analysis_only_on_exact_frames() -> None:
     assert by_key[("w.adam", MUON_POLAR_DISTANCE)].value == pytest.approx(expected, rel=1e-3)
     assert {layer for layer, _ in by_key} == {"w.orth", "w.adam"}
     sketched = _frame(FrameKind.UPDATE_SKETCH, tensors, {**info, "exact": False})
-    assert muon_update_audit(sketched, NoHistory()).metrics == []
+    assert muon_update_audit(sketched, StubHistory()).metrics == []
 
 
 @pytest.mark.gpu
@@ -181,5 +170,5 @@ def test_cuda_conditioning_adds_the_polar_count() -> None:
     tensors = {"fc": torch.from_numpy(w).float().cuda()}
     header = FrameHeader(FrameKind.WEIGHTS, 1, 1, {}, (), 0)
     frame = DecodedFrame(1, 1, header, tensors, torch.device("cuda"))
-    by_key = {(x.layer, x.name): x.value for x in weight_conditioning(frame, NoHistory()).metrics}
+    by_key = {(x.layer, x.name): x.value for x in weight_conditioning(frame, StubHistory()).metrics}
     assert by_key[("fc", POLAR_MP_SPIKES)] == by_key[("fc", MP_SPIKES)] == 4.0

@@ -23,6 +23,7 @@ from spectrawatch.spectral.farms import FARMS_CV
 from spectrawatch.wire import FrameKind, encode_frame, parse_header
 from spectrawatch_server.analyses import MODEL_LAYER, DecodedFrame, analyses_for
 from spectrawatch_server.analyses.htsr import heavy_tail_metrics
+from tests.history import StubHistory
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning:powerlaw",
@@ -357,17 +358,6 @@ def test_esd_payload_histogram_and_line() -> None:
 
 
 # --- the worker analysis ----------------------------------------------------------------------
-class _Context:
-    def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
-        return []
-
-    def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
-        return []
-
-    def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
-        return []
-
-
 def _frame(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> DecodedFrame:
     data = encode_frame(FrameKind.WEIGHTS, 500, 3, tensors, info)
     header = parse_header(data, len(data))
@@ -388,7 +378,7 @@ def test_analysis_metrics_spectra_and_model_summary() -> None:
         "head.weight": torch.randn(4, 48, generator=g),  # too small: skipped
     }
     frame = _frame(tensors, {"shapes": {"conv.weight": [16, 8, 3, 3]}})
-    result = heavy_tail_metrics(frame, _Context())
+    result = heavy_tail_metrics(frame, StubHistory())
     by_key = {(m.layer, m.name): m.value for m in result.metrics}
     assert all(m.step is None for m in result.metrics)
     direct = htsr.analyze_weights(
@@ -406,7 +396,7 @@ def test_analysis_metrics_spectra_and_model_summary() -> None:
     assert spectra["head.weight"]["skipped"]
     assert set(spectra["fc.weight"]) >= {"plain", "farms", "farms_config", "shape"}
     json.dumps(spectra, allow_nan=False)
-    again = heavy_tail_metrics(frame, _Context())
+    again = heavy_tail_metrics(frame, StubHistory())
     assert again.metrics == result.metrics  # deterministic / idempotent
 
 

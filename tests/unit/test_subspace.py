@@ -21,9 +21,10 @@ from spectrawatch.spectral.subspace import (
     top_subspace,
     weight_subspace_drift,
 )
-from spectrawatch.wire import FrameHeader, FrameKind
+from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.registry import MODEL_LAYER, DecodedFrame
 from spectrawatch_server.analyses.subspace import weight_subspace
+from tests.history import StubHistory, decoded_frame
 
 M, N, K = 300, 120, 4
 
@@ -112,25 +113,9 @@ def test_polar_express_projectors_agree_with_exact_eigenvectors(
     assert fast.drift == pytest.approx(exact.drift, abs=tol)
 
 
-class _History:
-    def __init__(self, frames: list[DecodedFrame]) -> None:
-        self.frames = frames
-
-    def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
-        assert kind == FrameKind.WEIGHTS
-        return self.frames[-limit:]
-
-    def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
-        return []
-
-    def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
-        return []
-
-
 def _weights_frame(step: int, tensors: dict[str, np.ndarray]) -> DecodedFrame:
-    header = FrameHeader(FrameKind.WEIGHTS, step, step, {}, (), 0)
     as_torch = {name: torch.from_numpy(t).float() for name, t in tensors.items()}
-    return DecodedFrame(1, step, header, as_torch, torch.device("cpu"))
+    return decoded_frame(FrameKind.WEIGHTS, step, as_torch, frame_id=step)
 
 
 def test_analysis_compares_with_the_previous_weight_frame() -> None:
@@ -150,9 +135,9 @@ def test_analysis_compares_with_the_previous_weight_frame() -> None:
             "new": noise,  # not in the previous frame: skipped
         },
     )
-    assert weight_subspace(first, _History([])).metrics == []
+    assert weight_subspace(first, StubHistory()).metrics == []
     metrics = {
-        (m.layer, m.name): m.value for m in weight_subspace(second, _History([first])).metrics
+        (m.layer, m.name): m.value for m in weight_subspace(second, StubHistory([first])).metrics
     }
     assert set(metrics) == {
         ("a", SUBSPACE_DRIFT),

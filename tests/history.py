@@ -1,0 +1,52 @@
+"""In-memory stand-ins for what the worker hands an analysis: a decoded frame and run history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from spectrawatch.wire import FrameHeader, FrameKind
+from spectrawatch_server.analyses.registry import DecodedFrame
+
+
+class StubHistory:
+    """An :class:`AnalysisContext` over given earlier frames, metric and scalar series."""
+
+    def __init__(
+        self,
+        frames: list[DecodedFrame] | None = None,
+        series: dict[tuple[str, str], list[tuple[int, float]]] | None = None,
+        scalars: dict[str, list[tuple[int, float]]] | None = None,
+    ) -> None:
+        self.frames = frames or []
+        self.series = series or {}
+        self.scalars = scalars or {}
+
+    def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
+        return [f for f in self.frames if f.header.kind == kind][-limit:]
+
+    def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
+        return self.series.get((name, layer), [])[-limit:]
+
+    def metric_tails(
+        self, wanted: dict[tuple[str, str], int]
+    ) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        return {k: self.metric_series(*k, n) for k, n in wanted.items()}
+
+    def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
+        return self.scalars.get(name, [])[-limit:]
+
+
+def decoded_frame(
+    kind: FrameKind,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    info: dict[str, Any] | None = None,
+    *,
+    frame_id: int = 1,
+    seq: int | None = None,
+) -> DecodedFrame:
+    """A CPU :class:`DecodedFrame` of run 1 (``seq`` defaults to ``step``)."""
+    header = FrameHeader(kind, step, step if seq is None else seq, info or {}, (), 0)
+    return DecodedFrame(1, frame_id, header, tensors, torch.device("cpu"))
