@@ -9,11 +9,20 @@ all of them alike):
   sw_every10   spectrawatch with update sketches every 10 steps
   wandb        ``wandb.watch(model, log="all", log_freq=1)`` in offline mode + ``wandb.log``
   tensorboard  ``SummaryWriter.add_histogram`` of every parameter every step
+  sw_index_step1  spectrawatch with the hash index built inside the first step (the behaviour
+               before it moved to a background thread at ``attach``), for ``--first-steps``
 
 The periodic captures (weights, activations, theta) do not fire inside a short timed window, so
 their one-off cost is timed separately and amortised over its cadence in the report.
 
     PYTHONPATH=client .venv/bin/python benchmarks/client_overhead.py --steps 8 --reps 2
+
+``--first-steps`` times every step from the first one (no warm-up, periodic captures not timed):
+the cost of building the hash index -- inside step 1 (``sw_index_step1``) or on the background
+thread started by ``attach`` (``spectrawatch``), with the steps skipped meanwhile.
+
+    PYTHONPATH=client .venv/bin/python benchmarks/client_overhead.py --first-steps --steps 8 \
+        --conditions none,sw_index_step1,spectrawatch
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 CONDITIONS = ("none", "spectrawatch", "sw_every10", "wandb", "tensorboard")
+SW_CONDITIONS = ("spectrawatch", "sw_every10", "sw_index_step1")
 
 
 class Block(nn.Module):
@@ -85,8 +95,23 @@ def rss_mib() -> tuple[float, float]:
     return vals["VmRSS"], vals["VmHWM"]
 
 
+def index_in_first_step() -> None:
+    """Patch the client back to building the hash index inside the first captured step."""
+    from spectrawatch._capture import Capture
+
+    before_step = Capture._before_step
+
+    def build_then_sketch(self: Capture) -> None:
+        if not self._index_ready.is_set():
+            self._build_index()
+        before_step(self)
+
+    Capture._start_index_build = lambda self: None  # type: ignore[method-assign]
+    Capture._before_step = build_then_sketch  # type: ignore[method-assign]
+
+
 def run_condition(
-    cond: str, steps: int, warmup: int, seq: int, batch: int, layers: int
+    cond: str, steps: int, warmup: int, seq: int, batch: int, layers: int, periodic: bool = True
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     model = GPT2(layers=layers)
@@ -101,7 +126,7 @@ def run_condition(
     step_hook = None
     t_attach = time.perf_counter()
     hook_time = [0.0]
-    if cond in ("spectrawatch", "sw_every10"):
+    if cond in SW_CONDITIONS:
         import httpx
 
         import spectrawatch
@@ -120,6 +145,8 @@ def run_condition(
         # paired measurement: CPU time spent inside the optimizer-step hooks of this very run
         Capture._pre_hook = timed(Capture._pre_hook)  # type: ignore[method-assign]
         Capture._post_hook = timed(Capture._post_hook)  # type: ignore[method-assign]
+        if cond == "sw_index_step1":
+            index_in_first_step()
 
         def accept(request: httpx.Request) -> httpx.Response:
             path = request.url.path
@@ -137,8 +164,14 @@ def run_condition(
         handle = m.attach(model, opt, probe=probe)
         assert handle is not None
         cap = handle.capture
+        if periodic:  # steady-state overhead: let the background index build finish first
+            cap.wait_index(600)
 
         def sw_finish() -> None:
+            extra["client_stats"] = m.stats.snapshot()
+            if not periodic:
+                m.finish(timeout=120)
+                return
             # one-off cost of the periodic captures, amortised by the report
             t = time.perf_counter()
             cap.capture_weights(10**9)
@@ -149,7 +182,6 @@ def run_condition(
             t = time.perf_counter()
             cap._sketch_all()
             extra["theta_sketch_s"] = time.perf_counter() - t
-            extra["first_step_hash_build_note"] = "hash index built in step 1 (warm-up)"
             t = time.perf_counter()
             m.wait_idle(600)
             extra["sender_drain_s"] = time.perf_counter() - t
@@ -235,10 +267,21 @@ def main() -> None:
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the raw JSON results here")
+    ap.add_argument("--first-steps", action="store_true", help="time steps 1..N, no warm-up")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.first_steps:
+        args.warmup = 0
     if args.one:
-        res = run_condition(args.one, args.steps, args.warmup, args.seq, args.batch, args.layers)
+        res = run_condition(
+            args.one,
+            args.steps,
+            args.warmup,
+            args.seq,
+            args.batch,
+            args.layers,
+            periodic=not args.first_steps,
+        )
         print("RESULT " + json.dumps(res), flush=True)
         return
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in args.conditions.split(",")}
@@ -261,6 +304,7 @@ def main() -> None:
                 str(args.layers),
                 "--threads",
                 str(args.threads),
+                *(["--first-steps"] if args.first_steps else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -275,6 +319,32 @@ def main() -> None:
                 f"peak RSS {res['peak_rss_mib']:.0f} MiB",
                 flush=True,
             )
+
+    if args.first_steps:
+        report_first_steps(results)
+    else:
+        report_overhead(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def report_first_steps(results: dict[str, list[dict[str, Any]]]) -> None:
+    """Per-step wall times from step 1, attach time, and steps skipped while the index builds."""
+    print(
+        "\n| condition | attach (s) | wall time of steps 1..N (s) | training-thread CPU of "
+        "steps 1..N (s) | sketch steps skipped |"
+    )
+    print("|---|---|---|---|---|")
+    for cond, rs in results.items():
+        for r in rs:
+            wall = ", ".join(f"{t:.2f}" for t in r["times"])
+            cpu = ", ".join(f"{t:.2f}" for t in r["cpu"])
+            skipped = r.get("client_stats", {}).get("sketch_steps_skipped", 0)
+            print(f"| {cond} | {r['attach_s']:.2f} | {wall} | {cpu} | {skipped} |")
+
+
+def report_overhead(results: dict[str, list[dict[str, Any]]]) -> None:
+    """Median step times, CPU and RSS per condition; paired hook CPU; amortised captures."""
 
     def med(rs: list[dict[str, Any]], key: str) -> float:
         return statistics.median(t for r in rs for t in r[key])
@@ -317,8 +387,6 @@ def main() -> None:
                 f"amortised {amort * 1000:.1f} ms/step; warm-up steps "
                 f"{[round(t, 2) for t in r['warmup_times']]}; stats {r['client_stats']}"
             )
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ float64 values for the previous sketch plus, with ``sketch_cache`` (default), a 
 hash index of 2 bytes per parameter (int16; 4 if d > 16383) on the parameter's device -- half
 of one fp32 copy of the model; turn it off to trade that memory for ~20x slower sketches. The
 float64 accumulation keeps the difference exact to ~1e-16 relative to |theta|, so tiny updates
-survive. The first captured step builds that index (one-off, ~25-50 ms per million parameters
-on a CPU core). With
+survive. The index is built off the training steps (~25-50 ms per million parameters on a CPU
+core): inside ``attach`` for models up to ``index_inline_max`` parameters, else on a daemon
+thread at lowered priority started by ``attach``. Until it is ready, a due sketch step is
+*skipped*, never waited for: no row is sent for it, stat ``sketch_steps_skipped`` counts it, and
+the first row after the index is ready is a true one-step update (theta is sketched again
+before that step). With
 ``update_every = k > 1`` the pre-step hook sketches theta_{n-1} before step n, so a row is still
 the update of one step. The same theta sketches feed interval mode: every ``theta_every`` steps
 a ``param_sketch`` frame carries them (float64), and the server differences them into the SED
@@ -22,6 +26,11 @@ Whole model: tensor ``__model__`` is the *sum of the per-layer sketches* (each l
 its own seed), which is itself a count-sketch of the concatenated update (a coordinate of layer
 l goes to that layer's bucket and sign); ``info["model_sketch"] = "sum_of_layers"`` says so.
 Exact mode (``exact=True``) keeps one fp32 copy of every parameter and sends full updates.
+
+Sharded models (FSDP2 ``fully_shard``; see :mod:`spectrawatch._shards`): every rank runs the
+same captures on its local shards (the sketch is summed over ranks with one ``all_reduce``;
+weights are gathered only at snapshot steps; the probe forward runs on every rank) and only the
+emitting rank (rank 0) sends. The commutator-defect probe is off for sharded models.
 
 Activations: forward hooks on the probe modules over a fixed probe batch, in eval mode under
 ``torch.no_grad()`` with the RNG forked; every module's train flag is restored and hooks removed.
@@ -34,13 +43,16 @@ sees a hook. Commutator defect (opt-in):
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from spectrawatch import wire
+from spectrawatch import _shards, wire
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch.config import ClientSettings
 from spectrawatch.sketch import SketchSpec, count_sketch_signed, signed_buckets
@@ -102,8 +114,14 @@ class Capture:
         loss_fn: LossFn | None = None,
         sample_batch: Callable[[], Any] | None = None,
         start_step: int = 0,
+        emits: bool = True,
     ) -> None:
         self.model = unwrap_model(model)
+        self.emits = emits  # False: a non-zero rank that joins collective captures, sends nothing
+        self.sharded = _shards.has_sharded_params(self.model)
+        if self.sharded and loss_fn is not None:
+            errors.record("commutator defect", NotImplementedError("off for sharded models"))
+            loss_fn = None
         self.optimizer = optimizer
         self.s = settings
         self.emit_frame = emit_frame
@@ -120,6 +138,14 @@ class Capture:
         ]
         self._modules_arg = list(modules) if modules is not None else None
         self._index: dict[str, torch.Tensor] = {}
+        self._index_ready = threading.Event()
+        self._index_error: BaseException | None = None
+        self._index_cancel = False
+        # per layer: (global flat offset of the local shard, its numel, whether it is summed)
+        self._shard_of: dict[str, tuple[int, int, bool]] = {}
+        for name, p in self.layers:
+            local, start, contributes = _shards.local_shard(p.detach())
+            self._shard_of[name] = (start, local.numel(), contributes)
         self._prev: dict[str, torch.Tensor] | None = None
         self._prev_step: int | None = None
         self._update_rows: list[dict[str, torch.Tensor]] = []
@@ -136,11 +162,52 @@ class Capture:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
             self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+        self._start_index_build()
+
+    # -- hash index ---------------------------------------------------------------------------
+
+    def _start_index_build(self) -> None:
+        """Build the folded hash index inline (small model) or on a background thread."""
+        if self.s.exact or not self.s.sketch_cache:
+            self._index_ready.set()
+            return
+        local_numel = sum(numel for _, numel, _ in self._shard_of.values())
+        if local_numel <= self.s.index_inline_max:
+            self._build_index()
+            return
+        threading.Thread(target=self._build_index, name="spectrawatch-index", daemon=True).start()
+
+    def _build_index(self) -> None:
+        """Fill ``_index`` (int16 ``(numel,)`` per layer, on its device), then set ready."""
+        try:
+            if threading.current_thread() is not threading.main_thread():
+                with contextlib.suppress(AttributeError, OSError):  # Linux: this thread only
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            index: dict[str, torch.Tensor] = {}
+            for name, p in self.layers:
+                if self._index_cancel:
+                    return
+                index[name] = self._hash_index(name, p.device)
+            self._index = index
+        except Exception as exc:
+            self._index_error = exc
+            self.errors.record("sketch index", exc)
+        finally:
+            self._index_ready.set()
+
+    def _hash_index(self, name: str, device: torch.device) -> torch.Tensor:
+        start, numel, _ = self._shard_of[name]
+        return signed_buckets(numel, self.spec.layer_seed(name), self.spec.dim, device, start)
+
+    def wait_index(self, timeout: float | None = None) -> bool:
+        """Block until the hash index is built (tests, benchmarks); True when it is ready."""
+        return self._index_ready.wait(timeout) and self._index_error is None
 
     # -- hooks ----------------------------------------------------------------------------
 
     def remove(self) -> None:
         """Remove the optimizer hooks (the capture stops; buffered rows are kept for flush)."""
+        self._index_cancel = True
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -198,29 +265,50 @@ class Capture:
         s = self.s
         if s.update_every > 0 and n % s.update_every == 0 and self._prev_step != n - 1:
             self._prev = self._sketch_all()
-            self._prev_step = n - 1
+            self._prev_step = n - 1 if self._prev is not None else None
 
-    def _folded(self, name: str, p: torch.Tensor) -> torch.Tensor:
+    def _folded(self, name: str, local: torch.Tensor) -> torch.Tensor:
         idx = self._index.get(name)
-        if idx is None or idx.device != p.device:
-            idx = signed_buckets(p.numel(), self.spec.layer_seed(name), self.spec.dim, p.device)
+        if idx is None or idx.device != local.device:
+            idx = self._hash_index(name, local.device)
             if self.s.sketch_cache:
                 self._index[name] = idx
         return idx
 
     @torch.no_grad()
-    def _sketch_all(self) -> dict[str, torch.Tensor]:
-        """float64 ``(d,)`` theta sketch per layer, plus ``__model__`` (their sum)."""
+    def _sketch_all(self) -> dict[str, torch.Tensor] | None:
+        """float64 ``(d,)`` theta sketch per layer, plus ``__model__`` (their sum).
+
+        None while the hash index is still being built (on any rank, for sharded models).
+        """
         if self.s.exact:
-            out = {
-                name: p.detach().reshape(-1).to(torch.float32, copy=True) for name, p in self.layers
+            return {
+                name: _shards.full_tensor(p.detach()).reshape(-1).to(torch.float32, copy=True)
+                for name, p in self.layers
             }
-            return out
-        out = {}
-        total: torch.Tensor | None = None
+        ready = self._index_ready.is_set() and self._index_error is None
+        if self._index_error is not None and not self.sharded:
+            raise RuntimeError("the sketch hash index could not be built") from self._index_error
+        if not ready and not self.sharded:
+            return None
+        d = self.spec.dim
+        out: dict[str, torch.Tensor] = {}
         for name, p in self.layers:
-            sk = count_sketch_signed(p.detach(), self._folded(name, p), self.spec.dim)
-            out[name] = sk
+            local, _, contributes = _shards.local_shard(p.detach())
+            if ready and contributes:
+                out[name] = count_sketch_signed(local, self._folded(name, local), d)
+            else:  # a not-yet-ready rank still joins the all_reduce, with zeros
+                out[name] = torch.zeros(d, dtype=torch.float64, device=local.device)
+        if self.sharded and out:
+            # one all_reduce of every layer's partial sketch plus a ready flag per rank
+            device = next(iter(out.values())).device
+            flag = torch.full((1,), float(ready), dtype=torch.float64, device=device)
+            flat = _shards.all_reduce_sum(torch.cat([*(v.to(device) for v in out.values()), flag]))
+            if flat[-1].item() < _shards.world_size():
+                return None
+            out = {name: flat[i * d : (i + 1) * d] for i, name in enumerate(out)}
+        total: torch.Tensor | None = None
+        for sk in out.values():
             total = sk.clone() if total is None else total + sk.to(total.device)
         if total is not None:
             out[MODEL_KEY] = total
@@ -228,6 +316,10 @@ class Capture:
 
     def _after_step(self, n: int, due_update: bool, due_theta: bool) -> None:
         cur = self._sketch_all()
+        if cur is None:  # hash index not built yet: skip, never wait
+            self.stats.incr("sketch_steps_skipped")
+            self._prev, self._prev_step = None, None
+            return
         if due_update and self._prev is not None:
             row = {k: (cur[k] - self._prev[k]).to(torch.float32) for k in cur}
             if self.s.exact:
@@ -324,7 +416,10 @@ class Capture:
         for name, p in self.model.named_parameters():
             if p.dim() < 2 or p.numel() == 0:
                 continue
-            w = p.detach().reshape(p.shape[0], -1).to(device="cpu", dtype=dtype, copy=True)
+            full = _shards.full_tensor(p.detach())  # sharded: every rank joins the gather
+            if not self.emits:
+                continue
+            w = full.reshape(p.shape[0], -1).to(device="cpu", dtype=dtype, copy=True)
             nbytes = w.numel() * w.element_size()
             if part and size + nbytes > self.s.max_frame_bytes:
                 emit()
@@ -385,9 +480,8 @@ class Capture:
         handles = []
         try:
             self.model.eval()
-            handles = [
-                m.register_forward_hook(make_hook(name)) for name, m in self._probe_modules()
-            ]
+            probed = self._probe_modules() if self.emits else []  # other ranks: forward only
+            handles = [m.register_forward_hook(make_hook(name)) for name, m in probed]
             with torch.random.fork_rng(devices=_rng_devices(self.model)):
                 call_model(self.model, self.probe)
         finally:

@@ -53,6 +53,9 @@ class ClientSettings:
     theta_frame_steps: int = 1  # rows batched into one param_sketch frame
     exact: bool = False  # send full per-layer updates instead of sketches (small models only)
     sketch_cache: bool = True  # cache the folded hash index (2 bytes / parameter, on its device)
+    # models up to this many parameters get their index built inside attach() (~30 ms per
+    # million on a CPU core); larger ones on a background thread, sketches skipped until ready
+    index_inline_max: int = 1 << 20
 
     weights_every: int = 500
     weights_at_finish: bool = True
@@ -90,6 +93,7 @@ class ClientSettings:
             "weights_every",
             "activations_every",
             "defect_every",
+            "index_inline_max",
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")

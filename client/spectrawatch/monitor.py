@@ -4,6 +4,11 @@
 only global mutable state of the package); ``with spectrawatch.Monitor(project=..., run=...) as m``
 runs several runs in one process. Every public method catches its own errors (logged once,
 counted, reported to the server as client-stats): monitoring never raises into training.
+
+Distributed: with ``rank0_only`` (default) only rank 0 has a sender. Under DDP the other ranks
+do nothing (their parameters equal rank 0's). A model with sharded (FSDP2 DTensor) parameters
+must be attached on *every* rank with the same arguments: non-zero ranks then join the
+collective captures (sketch all_reduce, weight gathers, probe forward) and send nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import httpx
 import torch
 from torch import nn
 
+from spectrawatch import _shards
 from spectrawatch._capture import Capture, LossFn
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem, Sender
 from spectrawatch._transport import Api
@@ -79,6 +85,7 @@ class Monitor:
         self._captures: list[Capture] = []
         self._active = False
         self._noop = False
+        self._participant = False  # a non-zero rank: captures of sharded models, no sender
         self._last_step = 0
         self._atexit_registered = False
 
@@ -122,7 +129,8 @@ class Monitor:
         self._captures = []
         self._last_step = 0
         self._active = True
-        self._noop = s.mode == "disabled" or (s.rank0_only and _is_nonzero_rank())
+        self._participant = s.mode != "disabled" and s.rank0_only and _is_nonzero_rank()
+        self._noop = s.mode == "disabled" or self._participant
         if self._noop:
             return self
         try:
@@ -177,10 +185,12 @@ class Monitor:
         ``probe``: a fixed batch for activation spectra. ``loss_fn(model, batch)`` with
         ``sample_batch()`` turns on the commutator-defect probe. Without an optimizer, call
         :meth:`step` after each optimizer step. Returns None (and captures nothing) if the
-        monitor is disabled or the attach failed (the error is logged); an invalid ``every``
-        raises :class:`~spectrawatch.config.SettingsError`.
+        monitor is disabled, on a non-zero rank for an unsharded model, or if the attach failed
+        (the error is logged); an invalid ``every`` raises
+        :class:`~spectrawatch.config.SettingsError`. FSDP1 ``FullyShardedDataParallel`` is
+        refused (logged); use FSDP2 ``fully_shard``.
         """
-        if not self._ensure_init():
+        if not self._ensure_init() and not self._participant:
             return None
         assert self.settings is not None
         s = self.settings
@@ -193,14 +203,22 @@ class Monitor:
                     raise SettingsError(f"unknown cadence(s) in every=: {sorted(unknown)}")
                 s = s.replace(**{f"{k}_every": int(v) for k, v in every.items()})
         try:
-            assert self._sender is not None
-            sender = self._sender
+            if _shards.uses_fsdp1(model):
+                raise NotImplementedError("FSDP1 is not supported: shard with fully_shard (FSDP2)")
+            if self._participant:
+                if not _shards.has_sharded_params(model):
+                    return None  # DDP / replicated: rank 0 alone captures
+                emit_frame: Callable[[FrameItem], None] = _discard
+                emit_scalars: Callable[[list[dict[str, Any]]], None] = _discard
+            else:
+                assert self._sender is not None
+                emit_frame, emit_scalars = self._sender.put_frame, self._sender.put_scalars
             capture = Capture(
                 model,
                 optimizer,
                 s,
-                sender.put_frame,
-                sender.put_scalars,
+                emit_frame,
+                emit_scalars,
                 self._errors,
                 self.stats,
                 probe=probe,
@@ -208,6 +226,7 @@ class Monitor:
                 loss_fn=loss_fn,
                 sample_batch=sample_batch,
                 start_step=start_step,
+                emits=not self._participant,
             )
             self._captures.append(capture)
             return Handle(self, capture)
@@ -217,7 +236,7 @@ class Monitor:
 
     def step(self, step: int | None = None) -> None:
         """Signal an optimizer step for models attached without an optimizer."""
-        if not self._active or self._noop:
+        if not self._active or (self._noop and not self._participant):
             return
         for c in self._captures:
             if c.optimizer is None:
@@ -260,12 +279,10 @@ class Monitor:
         if not self._active:
             return True
         self._active = False
-        if self._noop:
-            return True
         ok = True
         try:
             for c in list(self._captures):
-                c.finish()
+                c.finish()  # participants too: the final weight gather is collective
             self._captures = []
             if self._sender is not None:
                 ok = self._sender.close(status, None, timeout)  # it adds its final stats
@@ -306,6 +323,10 @@ class Monitor:
         tb: TracebackType | None,
     ) -> None:
         self.finish("crashed" if exc_type is not None else "finished")
+
+
+def _discard(item: Any) -> None:
+    """The emitter of a participant rank: frames and scalars go nowhere."""
 
 
 def _finish_at_exit(ref: weakref.ReferenceType[Monitor]) -> None:

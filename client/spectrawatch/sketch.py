@@ -114,8 +114,11 @@ def _hash_range(start: int, stop: int, seed: int, dim: int) -> tuple[np.ndarray,
 _HASH_CHUNK = 1 << 20
 
 
-def signed_buckets(n: int, seed: int, dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bucket and sign folded into one ``(n,)`` index in ``[0, 2*dim)``.
+def signed_buckets(
+    n: int, seed: int, dim: int, device: torch.device | str = "cpu", start: int = 0
+) -> torch.Tensor:
+    """Bucket and sign folded into one ``(n,)`` index in ``[0, 2*dim)`` for coordinates
+    ``start .. start+n-1`` (a shard of a larger flattened tensor uses its global offset).
 
     Coordinate ``i`` goes to ``h(i)`` when ``s(i) = +1`` and to ``h(i) + dim`` when ``s(i) = -1``;
     :func:`count_sketch_signed` then subtracts the two halves. Same projection as
@@ -125,12 +128,12 @@ def signed_buckets(n: int, seed: int, dim: int, device: torch.device | str = "cp
     """
     small = torch.int16 if 2 * dim <= torch.iinfo(torch.int16).max else torch.int32
     folded = np.empty(n, dtype=np.int16 if small == torch.int16 else np.int32)
-    for start in range(0, n, _HASH_CHUNK):  # chunked: transient memory O(chunk), not O(n)
-        stop = min(n, start + _HASH_CHUNK)
-        buckets, negative = _hash_range(start, stop, seed, dim)
+    for lo in range(0, n, _HASH_CHUNK):  # chunked: transient memory O(chunk), not O(n)
+        hi = min(n, lo + _HASH_CHUNK)
+        buckets, negative = _hash_range(start + lo, start + hi, seed, dim)
         negative *= np.uint64(dim)
         buckets += negative
-        folded[start:stop] = buckets
+        folded[lo:hi] = buckets
     return torch.from_numpy(folded).to(device)
 
 

@@ -362,3 +362,47 @@ def test_cuda_sketch_matches_cpu() -> None:
     a = sink.of(wire.FrameKind.UPDATE_SKETCH)[0].tensors[MODEL_KEY]
     b = cpu_sink.of(wire.FrameKind.UPDATE_SKETCH)[0].tensors[MODEL_KEY]
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_index_built_off_the_step_and_steps_skipped_until_ready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above ``index_inline_max`` the index is built on a thread; steps taken before it is ready
+    are skipped and counted (never waited for), then rows are exact one-step updates again."""
+    import threading
+    import time
+
+    release = threading.Event()
+    real = Capture._hash_index
+
+    def held(self: Capture, name: str, device: torch.device) -> torch.Tensor:
+        assert threading.current_thread() is not threading.main_thread()
+        release.wait(30)
+        return real(self, name, device)
+
+    monkeypatch.setattr(Capture, "_hash_index", held)
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sink = Sink()
+    cap, stats = make_capture(model, opt, sink, index_inline_max=0, theta_every=2)
+    thetas: list[dict[str, torch.Tensor]] = []
+    t0 = time.perf_counter()
+    train(model, opt, 3, record=thetas)  # the index is held: these steps must not wait for it
+    assert time.perf_counter() - t0 < 5
+    assert stats.get("sketch_steps_skipped") == 3
+    release.set()
+    assert cap.wait_index(30)
+    thetas.pop()
+    train(model, opt, 5, record=thetas)
+    cap.finish()
+    frames = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    assert [s for f in frames for s in f.info["steps"]] == [4, 5, 6, 7, 8]
+    assert [s for f in sink.of(wire.FrameKind.PARAM_SKETCH) for s in f.info["steps"]] == [4, 6, 8]
+    spec = SketchSpec(640, 0)
+    for row, step in enumerate([4, 5, 6, 7]):  # thetas[i] is theta after step i
+        for name in ("0.weight", "3.bias"):
+            delta = thetas[step][name].double() - thetas[step - 1][name].double()
+            ref = reference_sketch(delta, spec, name)
+            got = frames[0].tensors[name][row].double()
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7 * float(ref.abs().max()))
+    assert stats.get("errors") == 0

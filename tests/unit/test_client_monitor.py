@@ -180,3 +180,19 @@ def test_handle_remove_detaches(tmp_path: Path) -> None:
     m.finish()
     (h,) = server.headers_by_kind()["update_sketch"]
     assert h.info["steps"] == [1, 2]
+
+
+def test_fsdp1_is_refused_with_a_logged_reason(tmp_path: Path) -> None:
+    class FullyShardedDataParallel(nn.Module):  # detected by class name, as torch's FSDP1
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="fsdp1", **fast(tmp_path))
+    model = FullyShardedDataParallel(nn.Linear(3, 3))
+    assert m.attach(model, torch.optim.SGD(model.parameters(), lr=0.1)) is None
+    assert m.stats.get("errors") == 1
+    assert "FSDP1" in str(m.stats.snapshot().get("last_error"))
+    assert m.finish()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,19 @@ def test_sketch_tensor_uses_the_layer_seed() -> None:
     out = sketch_tensor(w, spec, "layer.weight")
     buckets, signs = hash_coordinates(w.numel(), spec.layer_seed("layer.weight"), 64)
     torch.testing.assert_close(out, count_sketch(w.reshape(-1), buckets, signs, 64))
+
+
+def test_shard_offsets_sum_to_the_full_sketch() -> None:
+    """The index of a shard at global offset ``start`` is the full index's slice, so the sum of
+    the shards' sketches is the full tensor's sketch (what FSDP capture all-reduces)."""
+    n, seed, dim = 3 * (1 << 20) + 17, 5, 640  # shards cross the 2^20 hashing chunk
+    full = signed_buckets(n, seed, dim)
+    cuts = [0, 1000, (1 << 20) + 3, 2 * (1 << 20) + 11, n]
+    for lo, hi in itertools.pairwise(cuts):
+        assert torch.equal(signed_buckets(hi - lo, seed, dim, start=lo), full[lo:hi])
+    x = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    parts = sum(
+        count_sketch_signed(x[lo:hi], signed_buckets(hi - lo, seed, dim, start=lo), dim)
+        for lo, hi in itertools.pairwise(cuts)
+    )
+    torch.testing.assert_close(parts, count_sketch_signed(x, full, dim), rtol=0, atol=1e-9)

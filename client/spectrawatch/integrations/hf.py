@@ -10,7 +10,8 @@ unless ``run=`` is given; the training arguments become the run's config) and at
 and the Trainer's optimizer, so update sketches follow real optimizer steps (with gradient
 accumulation, one per accumulated step); ``on_log`` sends the Trainer's logs (loss,
 learning_rate, grad_norm, eval_* ...) as scalars at ``state.global_step``; ``on_train_end``
-finishes the run. Only the world-process-zero rank reports. ``transformers`` is imported lazily:
+finishes the run. Only the world-process-zero rank reports (with an FSDP2-sharded model every
+rank attaches, for the collective captures). ``transformers`` is imported lazily:
 importing this module does not need it, constructing the callback does.
 
 ``transformers`` selects its built-in loggers with ``report_to``; spectrawatch is not one of them,
@@ -20,13 +21,14 @@ run). Settings come from keyword arguments over ``SPECTRAWATCH_*`` env, as for `
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from spectrawatch._shards import has_sharded_params
+from spectrawatch.integrations import lazy_callback
 from spectrawatch.monitor import Monitor
 
 if TYPE_CHECKING:
@@ -129,8 +131,9 @@ class _Callback:
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        if not getattr(state, "is_world_process_zero", True):
-            return
+        zero = getattr(state, "is_world_process_zero", True)
+        if not zero and (model is None or not has_sharded_params(model)):
+            return  # FSDP2: every rank attaches, the captures are collective (rank 0 sends)
         init = dict(self._init)
         if init.get("run") is None and getattr(args, "run_name", None):
             init["run"] = str(args.run_name)
@@ -164,26 +167,7 @@ class _Callback:
             self.monitor.finish()
 
 
-@functools.cache
-def _build() -> type:
-    """``SpectrawatchCallback``: the implementation with ``TrainerCallback`` as base, made once."""
-    return type(
-        "SpectrawatchCallback",
-        (_Callback, _trainer_callback_base()),
-        {
-            "__doc__": _Callback.__doc__,
-            "__module__": __name__,
-            "__qualname__": "SpectrawatchCallback",
-        },
-    )
-
-
 if TYPE_CHECKING:
     SpectrawatchCallback = _Callback
-else:
-
-    def __getattr__(name: str) -> Any:
-        """PEP 562: ``SpectrawatchCallback`` imports transformers on first access only."""
-        if name == "SpectrawatchCallback":
-            return _build()
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+else:  # PEP 562: the framework is imported on first access to SpectrawatchCallback only
+    __getattr__ = lazy_callback(__name__, _Callback, _trainer_callback_base)

@@ -12,18 +12,20 @@ several optimizers the module is attached without one and the callback signals a
 are sent as scalars at ``trainer.global_step``: training ones every ``log_every`` steps (default:
 the Trainer's ``log_every_n_steps``) from ``on_train_batch_end``, validation ones at
 ``on_validation_end`` (not during the sanity check). ``on_train_end`` finishes the run,
-``on_exception`` marks it crashed. Only global rank zero reports; other ranks do nothing.
+``on_exception`` marks it crashed. Only global rank zero reports; other ranks do nothing,
+except with an FSDP2-sharded module, where every rank attaches for the collective captures.
 Lightning is imported on first access to ``SpectrawatchCallback``, never by ``import
 spectrawatch``.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from spectrawatch._shards import has_sharded_params
+from spectrawatch.integrations import lazy_callback
 from spectrawatch.integrations.hf import numeric_logs
 from spectrawatch.monitor import Monitor
 
@@ -87,8 +89,8 @@ class _Callback:
         self._validation_keys: set[str] = set()
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if not getattr(trainer, "is_global_zero", True):
-            return
+        if not getattr(trainer, "is_global_zero", True) and not has_sharded_params(pl_module):
+            return  # FSDP2: every rank attaches, the captures are collective (rank 0 sends)
         self.monitor.init(config=_hparams(pl_module), tags=self._tags, **self._init)
         self._active = True
         optimizers = list(getattr(trainer, "optimizers", []) or [])
@@ -156,26 +158,7 @@ class _Callback:
             self.monitor.log(values, step=step)
 
 
-@functools.cache
-def _build() -> type:
-    """``SpectrawatchCallback``: the implementation with Lightning's ``Callback`` as base."""
-    return type(
-        "SpectrawatchCallback",
-        (_Callback, _callback_base()),
-        {
-            "__doc__": _Callback.__doc__,
-            "__module__": __name__,
-            "__qualname__": "SpectrawatchCallback",
-        },
-    )
-
-
 if TYPE_CHECKING:
     SpectrawatchCallback = _Callback
-else:
-
-    def __getattr__(name: str) -> Any:
-        """PEP 562: ``SpectrawatchCallback`` imports Lightning on first access only."""
-        if name == "SpectrawatchCallback":
-            return _build()
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+else:  # PEP 562: the framework is imported on first access to SpectrawatchCallback only
+    __getattr__ = lazy_callback(__name__, _Callback, _callback_base)
