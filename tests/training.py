@@ -75,3 +75,18 @@ def frames_of(url: str, run_id: int) -> list[dict[str, Any]]:
         resp.raise_for_status()
         out: list[dict[str, Any]] = resp.json()
         return out
+
+
+def tiny_gpt2(transformers: Any) -> Any:
+    """A 1-layer, 32-wide GPT-2 (``transformers.GPT2LMHeadModel``), seeded, for adapter tests."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config)

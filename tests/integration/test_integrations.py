@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.servers import ServerProcess
+from tests.training import tiny_gpt2
 
 pytestmark = [
     pytest.mark.integration,
@@ -56,17 +57,7 @@ def test_hf_trainer_callback_streams_a_run(
     pytest.importorskip("accelerate")
     from spectrawatch.integrations.hf import SpectrawatchCallback
 
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=1,
-        n_embd=32,
-        n_head=2,
-        vocab_size=64,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config)
+    model = tiny_gpt2(transformers)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 8)).unbind(0)]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),

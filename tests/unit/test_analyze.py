@@ -21,6 +21,7 @@ from spectrawatch.cli import main
 from spectrawatch.spectral.conditioning import GMCN, SIGMA_MAX, SIGMA_MIN
 from spectrawatch.spectral.farms import FARMS_CV
 from spectrawatch.spectral.htsr import ALPHA, LOG_SPECTRAL_NORM, analyze_model, farms_key
+from tests.training import tiny_gpt2
 
 REL = 1e-9  # same float64 code path: agreement to round-off
 
@@ -271,17 +272,7 @@ def test_a_checkpoint_shipped_by_a_pypi_package() -> None:
 def test_hugging_face_model_directory(tmp_path: Path) -> None:
     """A folder written by ``save_pretrained`` (config.json + model.safetensors)."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=1,
-        n_embd=32,
-        n_head=2,
-        vocab_size=64,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config)
+    model = tiny_gpt2(transformers)
     model.save_pretrained(tmp_path / "gpt2-tiny")
     result = an.analyze_checkpoint(tmp_path / "gpt2-tiny", device="cpu", progress=False)
     names = {r.layer for r in result.layers}
