@@ -34,6 +34,10 @@ class ServerSettings(BaseSettings):
     max_tensor_elements: int = 1 << 30
     max_scalars_per_batch: int = 100_000
     max_json_bytes: int = 32 * 1024 * 1024  # JSON request bodies (scalars, runs, rules...)
+    # ingest throughput: token/run cache of the frame route (a revoked token stops ingest after
+    # at most this long; 0 disables), and the most frames one group-commit transaction holds
+    auth_cache_seconds: float = Field(5.0, ge=0, le=300)
+    ingest_batch_max: int = Field(64, ge=1, le=10_000)
     job_lease_seconds: float = 120.0
     job_max_attempts: int = 5
     worker_poll_seconds: float = 0.5

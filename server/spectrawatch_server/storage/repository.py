@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -150,6 +160,26 @@ def insert_frame(session: Session, frame: Frame) -> Frame:
     session.flush()
     touch_run(session, frame.run_id, frame.step)
     return frame
+
+
+def insert_frames(session: Session, frames: Sequence[Frame]) -> None:
+    """Insert ``frames`` in one flush (ids assigned) and touch each run once with its top step."""
+    session.add_all(frames)
+    session.flush()
+    top: dict[int, int] = {}
+    for frame in frames:
+        top[frame.run_id] = max(frame.step, top.get(frame.run_id, frame.step))
+    # one executemany on the connection (compiled once) instead of an ORM statement per run
+    step = bindparam("top_step", type_=BigInteger)
+    stmt = (
+        update(Run)
+        .where(Run.id == bindparam("run_id", type_=BigInteger))
+        .values(
+            last_seen_at=utcnow(),
+            last_step=_greatest(session, func.coalesce(Run.last_step, step), step),
+        )
+    )
+    session.connection().execute(stmt, [{"run_id": r, "top_step": s} for r, s in top.items()])
 
 
 def list_frames(

@@ -1,19 +1,21 @@
-"""Frame ingest: stream the body to a temp blob under a size cap, validate, then commit
-blob-first and insert the frame row and its analysis job in one transaction.
+"""Frame ingest: take the body under a size cap, validate it, make its blob durable, then
+hand the frame row to the app's group committer, which inserts it with its analysis job (and
+those of concurrent requests) in one transaction and answers once that has committed.
 
 A repeated ``Idempotency-Key`` answers 200 with the first frame's id and stores nothing new.
-The API never runs analysis.
+The API never runs analysis. Per frame the event loop hands off to a thread twice at most:
+once to validate and store the blob, once (shared by the batch) to commit.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
 
 from spectrawatch.wire import (
     FrameError,
@@ -23,17 +25,40 @@ from spectrawatch.wire import (
     load_tensors,
     parse_header,
 )
-from spectrawatch_server.api.deps import RunDep, SessionDep, StateDep, authenticate, find_run
+from spectrawatch_server.api.auth_cache import AuthCache
+from spectrawatch_server.api.deps import RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.schemas import FramePublic
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import BlobStoreFull
+from spectrawatch_server.storage.group_commit import FrameCommitter
 
 router = APIRouter(tags=["frames"])
 
 MAX_KEY_LENGTH = 160
+SPOOL_BYTES = 1024 * 1024  # bodies up to this size stay in memory until validated
+
+
+@dataclass
+class IngestContext:
+    """Per-app ingest helpers, made on the first frame (they live as long as the app)."""
+
+    auth: AuthCache
+    committer: FrameCommitter
+
+
+def ingest_context(request: Request, state: AppState) -> IngestContext:
+    """The app's :class:`IngestContext` (one per app, hence per event loop)."""
+    ctx: IngestContext | None = getattr(request.app.state, "ingest", None)
+    if ctx is None:
+        ctx = IngestContext(
+            AuthCache(state.settings.auth_cache_seconds),
+            FrameCommitter(state.sessions, state.queue, state.settings.ingest_batch_max),
+        )
+        request.app.state.ingest = ctx
+    return ctx
 
 
 @router.post(
@@ -50,8 +75,14 @@ async def ingest_frame(
     content_encoding: Annotated[str | None, Header(alias="Content-Encoding")] = None,
 ) -> JSONResponse:
     """Store one safetensors frame (optionally zstd) and queue its analysis."""
-    # A short session of its own: no DB connection is held while the body streams in.
-    await run_in_threadpool(_authorize, state, run_id, request.headers.get("authorization"))
+    ctx = ingest_context(request, state)
+    authorization = request.headers.get("authorization")
+    require_auth = state.settings.require_auth
+    if not ctx.auth.check(require_auth, authorization, run_id):
+        # A short session of its own: no DB connection is held while the body streams in.
+        await run_in_threadpool(
+            ctx.auth.authorize, state.sessions, require_auth, authorization, run_id
+        )
     encoding = (content_encoding or "identity").strip().lower()
     if encoding not in ("identity", "zstd"):
         raise ApiError(
@@ -66,48 +97,109 @@ async def ingest_frame(
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"body of {declared} bytes exceeds the limit of {limit}")
 
-    upload = await run_in_threadpool(state.blobs.new_upload)
+    # Cleanup below is on Exception only: a cancelled request (shutdown) may still have its
+    # blob or row completed by the thread or batch it started; restart reconciles orphans.
+    body = _Body(state)
     try:
-        size = await _stream_to(request, upload, limit)
-        header, nonfinite = await run_in_threadpool(_validate, state, upload, size, encoding)
-    except BaseException:
-        await run_in_threadpool(state.blobs.abort_upload, upload)
+        await _receive(request, body, limit)
+        frame = await run_in_threadpool(_store, state, run_id, body, encoding)
+    except Exception:
+        await run_in_threadpool(body.discard)
         raise
     # Keys are namespaced by run, so one run's client cannot collide with another's frames.
-    key = f"{run_id}/{idempotency_key or f'{run_id}:{header.seq}'}"
-    return await run_in_threadpool(
-        _commit, state, run_id, key, upload, size, encoding, header, nonfinite
+    frame.idempotency_key = f"{run_id}/{idempotency_key or f'{run_id}:{frame.seq}'}"
+    try:
+        committed = await ctx.committer.commit(frame)
+    except Exception:  # its transaction rolled back: no row names the blob
+        await run_in_threadpool(state.blobs.delete, frame.blob_key)
+        raise
+    if not committed.created:  # the key was stored before: drop this copy's blob
+        await run_in_threadpool(state.blobs.delete, frame.blob_key)
+        return _frame_response(committed.frame, 200)
+    return _frame_response(committed.frame, 202)
+
+
+class _Body:
+    """A request body: chunks in memory, spilled to a blob upload past ``SPOOL_BYTES``."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.size = 0
+        self.upload: BinaryIO | None = None
+
+    def add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.buffered += len(chunk)
+        self.size += len(chunk)
+
+    def spill(self) -> None:
+        """Write the buffered chunks to the upload file (opened on first use)."""
+        if self.upload is None:
+            self.upload = self.state.blobs.new_upload()
+        try:
+            self.upload.write(b"".join(self.chunks))
+        except OSError as exc:
+            raise BlobStoreFull(exc.errno, "blob store is full") from exc
+        self.chunks.clear()
+        self.buffered = 0
+
+    def data(self) -> bytes:
+        """The whole body (read back from the upload file if it was spilled)."""
+        if self.upload is None:
+            return b"".join(self.chunks)
+        self.spill()
+        self.upload.seek(0)
+        return self.upload.read()
+
+    def discard(self) -> None:
+        if self.upload is not None:
+            self.state.blobs.abort_upload(self.upload)
+            self.upload = None
+        self.chunks.clear()
+
+
+async def _receive(request: Request, body: _Body, limit: int) -> None:
+    """Read the request body into ``body``; 413 as soon as it passes ``limit`` bytes."""
+    async for chunk in request.stream():
+        body.add(chunk)
+        if body.size > limit:
+            raise ApiError(413, "too_large", f"body exceeds the limit of {limit} bytes")
+        if body.buffered > SPOOL_BYTES:
+            await run_in_threadpool(body.spill)
+    if body.size == 0:
+        raise ApiError(400, "empty_body", "frame body is empty")
+
+
+def _store(state: AppState, run_id: int, body: _Body, encoding: str) -> Frame:
+    """Validate the body, commit its blob (durable before any row names it), build the row."""
+    data = body.data()
+    header, nonfinite = _validate(state, data, encoding)
+    body.spill()  # in-memory bodies are written only once they proved valid
+    assert body.upload is not None
+    suffix = ".safetensors.zst" if encoding == "zstd" else ".safetensors"
+    blob_key = f"runs/{run_id}/{header.kind.value}/{header.seq:012d}-{uuid.uuid4().hex[:8]}{suffix}"
+    upload, body.upload = body.upload, None
+    state.blobs.commit_upload(upload, blob_key)  # blob first: a crash leaves an orphan, not a hole
+    return Frame(
+        run_id=run_id,
+        kind=header.kind.value,
+        step=header.step,
+        seq=header.seq,
+        idempotency_key="",
+        blob_key=blob_key,
+        encoding=encoding,
+        bytes=body.size,
+        info=header.info,
+        layers=header.names,
+        nonfinite=nonfinite,
+        status="pending",
     )
 
 
-def _authorize(state: AppState, run_id: int, authorization: str | None) -> None:
-    with state.sessions() as session:
-        principal = authenticate(session, state.settings.require_auth, authorization)
-        find_run(session, principal, run_id)
-
-
-async def _stream_to(request: Request, upload: BinaryIO, limit: int) -> int:
-    """Copy the request body into ``upload``; 413 as soon as it passes ``limit`` bytes."""
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"body exceeds the limit of {limit} bytes")
-        try:
-            await run_in_threadpool(upload.write, chunk)
-        except OSError as exc:
-            raise BlobStoreFull(exc.errno, "blob store is full") from exc
-    if size == 0:
-        raise ApiError(400, "empty_body", "frame body is empty")
-    return size
-
-
-def _validate(
-    state: AppState, upload: BinaryIO, size: int, encoding: str
-) -> tuple[FrameHeader, dict[str, int]]:
+def _validate(state: AppState, data: bytes, encoding: str) -> tuple[FrameHeader, dict[str, int]]:
     """Header checks, then a full tensor read (also catches corrupt data) and NaN/Inf count."""
-    upload.seek(0)
-    data = upload.read()
     if encoding == "zstd":
         data = decompress(data, state.settings.max_body_bytes)
     header = parse_header(data, len(data), state.limits)
@@ -115,56 +207,6 @@ def _validate(
     if set(tensors) != set(header.names):
         raise FrameError("bad_tensor_data", "tensor names differ from the header", status=400)
     return header, count_nonfinite(tensors)
-
-
-def _commit(
-    state: AppState,
-    run_id: int,
-    key: str,
-    upload: BinaryIO,
-    size: int,
-    encoding: str,
-    header: FrameHeader,
-    nonfinite: dict[str, int],
-) -> JSONResponse:
-    with state.sessions() as session:
-        existing = repo.frame_by_key(session, key)
-        if existing is not None:
-            state.blobs.abort_upload(upload)
-            return _frame_response(existing, 200)
-    suffix = ".safetensors.zst" if encoding == "zstd" else ".safetensors"
-    blob_key = f"runs/{run_id}/{header.kind.value}/{header.seq:012d}-{uuid.uuid4().hex[:8]}{suffix}"
-    state.blobs.commit_upload(upload, blob_key)  # blob first: a crash leaves an orphan, not a hole
-    frame = Frame(
-        run_id=run_id,
-        kind=header.kind.value,
-        step=header.step,
-        seq=header.seq,
-        idempotency_key=key,
-        blob_key=blob_key,
-        encoding=encoding,
-        bytes=size,
-        info=header.info,
-        layers=header.names,
-        nonfinite=nonfinite,
-        status="pending",
-    )
-    try:
-        with state.sessions.begin() as session:
-            repo.insert_frame(session, frame)
-            state.queue.enqueue(session, frame.id)
-    except IntegrityError:  # the same key won a race in another request
-        state.blobs.delete(blob_key)
-        with state.sessions() as session:
-            existing = repo.frame_by_key(session, key)
-        if existing is None:
-            raise
-        return _frame_response(existing, 200)
-    except BaseException:
-        state.blobs.delete(blob_key)
-        raise
-    state.queue.notify()
-    return _frame_response(frame, 202)
 
 
 def _frame_response(frame: Frame, status: int) -> JSONResponse:

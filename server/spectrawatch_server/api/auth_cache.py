@@ -1,0 +1,75 @@
+"""Short-lived cache of ingest authorization, so a frame costs no token or run query.
+
+Positive answers only: a bearer secret's project (kept ``ttl_seconds``, keyed by the secret's
+SHA-256, never the secret) and a run's project (kept until evicted: runs are never deleted and
+never change project). A token revoked by ``spectrawatch token revoke`` (another process) thus
+stops ingest within ``ttl_seconds``; every other endpoint checks the database each time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from spectrawatch_server.api.deps import Principal, authenticate, find_run
+from spectrawatch_server.storage.repository import hash_secret
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+MAX_ENTRIES = 10_000  # per map; cleared when full (a cache, not a registry)
+
+
+class AuthCache:
+    """``check`` answers from memory; ``authorize`` asks the database and remembers."""
+
+    def __init__(self, ttl_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl_seconds
+        self.clock = clock
+        self._tokens: dict[str, tuple[int, float]] = {}  # sha256(secret) -> project, expiry
+        self._runs: dict[int, int] = {}  # run id -> project id
+
+    def check(self, require_auth: bool, header: str | None, run_id: int) -> bool:
+        """True when memory alone shows the caller may post to ``run_id`` (no I/O)."""
+        if self.ttl <= 0:
+            return False
+        principal = self._cached_principal(require_auth, header)
+        project = self._runs.get(run_id)
+        return principal is not None and project is not None and principal.can_access(project)
+
+    def authorize(
+        self, sessions: sessionmaker[Session], require_auth: bool, header: str | None, run_id: int
+    ) -> None:
+        """Check token and run in the database (401/404 as :func:`find_run`); cache success."""
+        with sessions() as session:
+            principal = authenticate(session, require_auth, header)
+            run = find_run(session, principal, run_id)
+        if self.ttl <= 0:
+            return
+        if header is not None and principal.project_id is not None:
+            _bounded(self._tokens)[_token_key(header)] = (
+                principal.project_id,
+                self.clock() + self.ttl,
+            )
+        _bounded(self._runs)[run_id] = run.project_id
+
+    def _cached_principal(self, require_auth: bool, header: str | None) -> Principal | None:
+        if header is None:
+            return None if require_auth else Principal(project_id=None)
+        entry = self._tokens.get(_token_key(header))
+        if entry is None or entry[1] < self.clock():
+            return None
+        return Principal(project_id=entry[0])
+
+
+def _token_key(header: str) -> str:
+    return hash_secret(header)
+
+
+def _bounded(cache: dict[_K, _V]) -> dict[_K, _V]:
+    if len(cache) >= MAX_ENTRIES:
+        cache.clear()
+    return cache

@@ -1,0 +1,123 @@
+"""Group commit of ingested frames: concurrent requests share one transaction.
+
+Each ingest request hands its validated frame row (its blob already durable) to the
+:class:`FrameCommitter` of its app and waits. One drain task per event loop takes everything
+queued so far (up to ``max_batch`` rows) and inserts those frames, their analysis jobs and the
+run activity in one transaction on a threadpool thread, then answers every waiting request. A
+frame is acknowledged only after the transaction holding it has committed.
+
+A batch that fails on the idempotency-key constraint (a replay, or two requests racing with the
+same key) is redone one frame per transaction, so one duplicate costs only itself: it answers
+with the stored frame. Any other error (database down) is raised in every request of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from spectrawatch_server.db.models import Frame
+from spectrawatch_server.queue.base import JobQueue
+from spectrawatch_server.storage import repository as repo
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The stored frame, and whether it is new (False: the key was already stored)."""
+
+    frame: Frame
+    created: bool
+
+
+@dataclass
+class _Pending:
+    frame: Frame
+    future: asyncio.Future[Committed]
+
+
+class FrameCommitter:
+    """Batches frame inserts of concurrent requests (see the module docstring)."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], queue: JobQueue, max_batch: int = 64
+    ) -> None:
+        self.sessions = sessions
+        self.queue = queue
+        self.max_batch = max_batch
+        self._pending: list[_Pending] = []
+        self._drain: asyncio.Task[None] | None = None
+        self.batches = 0  # transactions committed, for benchmarks and tests
+        self.frames = 0
+
+    async def commit(self, frame: Frame) -> Committed:
+        """Insert ``frame`` and its job; returns once durable (or the stored frame of its key)."""
+        item = _Pending(frame, asyncio.get_running_loop().create_future())
+        self._pending.append(item)
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.create_task(self._run())
+        # shield: a client that disconnects must not cancel the batch its frame is part of
+        return await asyncio.shield(item.future)
+
+    async def _run(self) -> None:
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            try:
+                results = await run_in_threadpool(self.write, [p.frame for p in batch])
+            except Exception as exc:  # database down...: each waiting request raises it
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            except BaseException:  # cancelled (shutdown): nobody will be answered
+                for p in batch:
+                    p.future.cancel()
+                raise
+            for p, result in zip(batch, results, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    p.future.set_exception(result)
+                else:
+                    p.future.set_result(result)
+            self.queue.notify()
+
+    def write(self, frames: list[Frame]) -> list[Committed | Exception]:
+        """Insert ``frames`` (+ jobs) in one transaction; per frame again if a key is taken.
+
+        Raises only when nothing was stored; after a split, each frame gets its own outcome
+        (a frame whose own transaction failed gets its exception, the others their rows).
+        """
+        try:
+            self._insert(frames)
+        except IntegrityError as exc:
+            if len(frames) == 1:
+                return [self._stored(frames[0], exc)]
+            return [self._write_one(f) for f in frames]
+        self.batches += 1
+        self.frames += len(frames)
+        return [Committed(f, True) for f in frames]
+
+    def _write_one(self, frame: Frame) -> Committed | Exception:
+        try:
+            return self.write([frame])[0]
+        except Exception as exc:  # this frame's outcome, not the batch's
+            return exc
+
+    def _stored(self, frame: Frame, error: IntegrityError) -> Committed:
+        """The stored frame holding ``frame``'s key; ``error`` again if no frame has it."""
+        with self.sessions() as session:
+            existing = repo.frame_by_key(session, frame.idempotency_key)
+        if existing is None:  # the failed constraint was not the key: a real error
+            raise error
+        return Committed(existing, False)
+
+    def _insert(self, frames: list[Frame]) -> None:
+        with self.sessions.begin() as session:
+            repo.insert_frames(session, frames)
+            for frame in frames:
+                self.queue.enqueue(session, frame.id)

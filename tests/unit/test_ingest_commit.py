@@ -1,0 +1,161 @@
+"""Group commit of frames and the ingest auth cache, over a real SQLite database (Alembic)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from spectrawatch_server.api.auth_cache import AuthCache
+from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.db import migrate
+from spectrawatch_server.db.models import Frame, Job, Run
+from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.queue.embedded import EmbeddedQueue
+from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage.group_commit import Committed, FrameCommitter
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate.upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def make_runs(sessions: sessionmaker[Session], n: int, project: str = "p") -> list[int]:
+    with sessions.begin() as session:
+        proj, _ = repo.get_or_create_project(session, project)
+        return [repo.get_or_create_run(session, proj, f"r{i}", {}, [])[0].id for i in range(n)]
+
+
+def frame(run_id: int, seq: int, key: str | None = None) -> Frame:
+    return Frame(
+        run_id=run_id,
+        kind="weights",
+        step=10 * seq,
+        seq=seq,
+        idempotency_key=key or f"{run_id}/{run_id}:{seq}",
+        blob_key=f"runs/{run_id}/{seq}",
+        bytes=1,
+        info={},
+        layers=["w"],
+        nonfinite={},
+        status="pending",
+    )
+
+
+def committer(sessions: sessionmaker[Session]) -> FrameCommitter:
+    return FrameCommitter(sessions, EmbeddedQueue(sessions, lambda _: None), max_batch=64)
+
+
+def created(results: list[Committed | Exception]) -> list[bool]:
+    return [r.created if isinstance(r, Committed) else False for r in results]
+
+
+def stored(sessions: sessionmaker[Session]) -> tuple[int, int, list[str]]:
+    with sessions() as session:
+        keys = list(session.scalars(select(Frame.idempotency_key).order_by(Frame.id)))
+        jobs = session.scalar(select(func.count()).select_from(Job)) or 0
+        return len(keys), jobs, keys
+
+
+def test_batch_is_one_transaction_with_jobs_and_run_steps(sessions: sessionmaker[Session]) -> None:
+    a, b = make_runs(sessions, 2)
+    frames = [frame(a, 0), frame(b, 0), frame(a, 1), frame(a, 2), frame(b, 5)]
+    c = committer(sessions)
+    assert created(c.write(frames)) == [True] * 5
+    assert c.batches == 1
+    assert c.frames == 5
+    n, jobs, keys = stored(sessions)
+    assert (n, jobs) == (5, 5)
+    assert keys == [f.idempotency_key for f in frames]  # arrival order kept
+    with sessions() as session:
+        assert session.get_one(Run, a).last_step == 20
+        assert session.get_one(Run, b).last_step == 50
+
+
+def test_duplicate_key_in_batch_costs_only_itself(sessions: sessionmaker[Session]) -> None:
+    (a,) = make_runs(sessions, 1)
+    c = committer(sessions)
+    (first,) = c.write([frame(a, 0)])
+    # a replay of seq 0 (already stored), a new frame, and two racing copies of seq 2
+    results = c.write([frame(a, 0), frame(a, 1), frame(a, 2), frame(a, 2)])
+    assert created(results) == [False, True, True, False]
+    ids = [r.frame.id for r in [first, *results] if isinstance(r, Committed)]
+    assert ids[1] == ids[0]
+    assert ids[4] == ids[3]
+    n, jobs, keys = stored(sessions)
+    assert (n, jobs, len(set(keys))) == (3, 3, 3)
+
+
+def test_concurrent_requests_share_transactions(sessions: sessionmaker[Session]) -> None:
+    runs = make_runs(sessions, 4)
+    c = committer(sessions)
+
+    async def post_all() -> list[bool]:
+        tasks = [c.commit(frame(r, s)) for s in range(25) for r in runs]
+        return [r.created for r in await asyncio.gather(*tasks)]
+
+    assert asyncio.run(post_all()) == [True] * 100
+    n, jobs, keys = stored(sessions)
+    assert (n, jobs, len(set(keys))) == (100, 100, 100)
+    assert c.frames == 100
+    assert c.batches == 2  # all 100 queued before the first commit: batches of 64 and 36
+
+
+def test_failed_frame_fails_alone(sessions: sessionmaker[Session]) -> None:
+    (a,) = make_runs(sessions, 1)
+    c = committer(sessions)
+
+    async def post() -> list[object]:
+        # run 999 does not exist: its foreign key fails (not the idempotency key); the batch
+        # is split and the other frames are stored and acknowledged
+        tasks = [c.commit(frame(a, 0)), c.commit(frame(999, 0)), c.commit(frame(a, 1))]
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    ok0, bad, ok1 = asyncio.run(post())
+    assert isinstance(bad, IntegrityError)
+    assert isinstance(ok0, Committed)
+    assert isinstance(ok1, Committed)
+    assert ok0.created
+    assert ok1.created
+    assert stored(sessions)[:2] == (2, 2)
+
+
+def test_auth_cache_ttl_revocation_and_no_negative_caching(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:
+        mine, _ = repo.get_or_create_project(session, "mine")
+        other, _ = repo.get_or_create_project(session, "other")
+        token, secret = repo.create_token(session, mine)
+        run_mine = repo.get_or_create_run(session, mine, "a", {}, [])[0].id
+        run_other = repo.get_or_create_run(session, other, "b", {}, [])[0].id
+    now = [0.0]
+    cache = AuthCache(5.0, clock=lambda: now[0])
+    header = f"Bearer {secret}"
+    assert not cache.check(True, header, run_mine)  # nothing cached yet
+    cache.authorize(sessions, True, header, run_mine)
+    assert cache.check(True, header, run_mine)
+    assert not cache.check(True, header, run_other)  # another project's run: ask the DB
+    with pytest.raises(ApiError) as err:
+        cache.authorize(sessions, True, header, run_other)
+    assert err.value.status == 404
+    with sessions.begin() as session:
+        repo.revoke_token(session, token.id)
+    now[0] = 4.9
+    assert cache.check(True, header, run_mine)  # the documented revocation delay
+    now[0] = 5.1
+    assert not cache.check(True, header, run_mine)
+    with pytest.raises(ApiError) as err:
+        cache.authorize(sessions, True, header, run_mine)
+    assert err.value.status == 401
+    assert not cache.check(True, None, run_mine)  # auth required: no anonymous pass
+    assert not AuthCache(0.0).check(False, None, run_mine)  # disabled
