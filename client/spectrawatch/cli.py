@@ -47,18 +47,38 @@ def cmd_server(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1 and settings.queue != "procrastinate":
+        print(
+            "error: --workers > 1 needs the PostgreSQL queue (SPECTRAWATCH_QUEUE=procrastinate): "
+            "the embedded queue and its in-process worker belong to one process",
+            file=sys.stderr,
+        )
+        return 2
     print(
         f"spectrawatch {__version__} serving on {settings.base_url} (data in {settings.data_dir})"
     )
     print(f"  API docs: {settings.base_url}/docs", flush=True)
+    app: Any = create_app(settings)
+    if args.workers > 1:  # uvicorn starts each process from an import string: settings via env
+        _export_settings(settings)
+        app = "spectrawatch_server.app:create_app"
     uvicorn.run(
-        create_app(settings),
+        app,
+        factory=args.workers > 1,
+        workers=args.workers,
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def _export_settings(settings: Any) -> None:
+    """Put the settings that command-line flags can change into ``SPECTRAWATCH_*`` env vars, so
+    worker processes started by uvicorn read the same values."""
+    for name in ("host", "port", "require_auth", "run_worker", "device", "data_dir"):
+        os.environ[f"SPECTRAWATCH_{name.upper()}"] = str(getattr(settings, name))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -144,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--no-worker", action="store_true", help="do not run the in-process worker")
     server.add_argument("--device", default=None, help="worker device: auto, cpu, cuda, cuda:N")
+    server.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes (PostgreSQL queue only; analysis runs in `spectrawatch worker`)",
+    )
     server.add_argument("--log-level", default=os.environ.get("SPECTRAWATCH_LOG_LEVEL", "info"))
     server.set_defaults(func=cmd_server)
 
