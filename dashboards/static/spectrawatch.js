@@ -4,7 +4,10 @@
   "use strict";
 
   var cfg = JSON.parse(document.getElementById("sw-config").textContent);
-  var SW = (window.SW = { cfg: cfg, renders: 0, ready: false, interactiveMs: null, lastData: null, errors: [] });
+  // interactiveMs: ms after navigation start when the plots in the viewport were drawn and
+  // bound; allDrawnMs: when every plot was (then body[data-ready] is set).
+  var SW = (window.SW = { cfg: cfg, renders: 0, ready: false, interactiveMs: null, allDrawnMs: null,
+                          lastData: null, errors: [] });
   var POLL_LIVE_MS = 2000;
   var POLL_IDLE_MS = 15000;
   var STATE_KEYS = { overview: ["sed_layer"], layers: ["metric"], layer: ["step", "metric"], activations: [],
@@ -237,6 +240,21 @@
     });
   }
 
+  function nextTask() { return new Promise(function (resolve) { window.setTimeout(resolve, 0); }); }
+
+  // Plots in the viewport are drawn first, in this task; the ones below the fold in the next
+  // task (after the browser could paint and take input). Returns {visible, all} promises.
+  function drawVisibleFirst(draws) {
+    var height = window.innerHeight || 800;
+    var visible = draws.filter(function (d) { return d.node.getBoundingClientRect().top < height; });
+    var later = draws.filter(function (d) { return visible.indexOf(d) < 0; });
+    var first = Promise.all(visible.map(function (d) { return d.draw(); }));
+    var all = !later.length ? first : first.then(nextTask).then(function () {
+      return Promise.all(later.map(function (d) { return d.draw(); }));
+    });
+    return { visible: first, all: all };
+  }
+
   function renderPanels(data) {
     var box = $("panels");
     box.removeAttribute("aria-busy");
@@ -244,7 +262,7 @@
     if (loadingNode) { loadingNode.remove(); }
     box.classList.toggle("two", cfg.page === "overview" || cfg.page === "activations" || cfg.page === "layer");
     var keep = {};
-    var jobs = [];
+    var draws = [];
     (data.panels || []).forEach(function (panel, index) {
       var id = "panel-" + panel.id.replace(/[^A-Za-z0-9_-]/g, "_");
       keep[id] = true;
@@ -266,10 +284,14 @@
         empty.hidden = true;
         plot.hidden = false;
         if (panel.click) { plot.dataset.metric = panel.click.metric; }
-        jobs.push(Plotly.react(plot, panel.figure.data, panel.figure.layout, plotConfig(panel)).then(function (gd) {
-          bindClick(gd, panel);
-          return gd;
-        }));
+        draws.push({ node: node, draw: function () {
+          var drawStart = window.performance.now();
+          return Plotly.react(plot, panel.figure.data, panel.figure.layout, plotConfig(panel)).then(function (gd) {
+            bindClick(gd, panel);
+            if (SW.timing && !SW.ready) { SW.timing.draws.push([panel.id, Math.round(window.performance.now() - drawStart)]); }
+            return gd;
+          });
+        } });
         node.dataset.state = "plot";
       } else {
         if (plot.dataset.plotted) { Plotly.purge(plot); }
@@ -290,7 +312,7 @@
         child.remove();
       }
     });
-    return Promise.all(jobs);
+    return drawVisibleFirst(draws);
   }
 
   function renderTables(data) {
@@ -325,18 +347,24 @@
     loading = true;
     var started = window.performance.now();
     return api(endpoint()).then(function (data) {
-      if (!SW.ready) { SW.timing = { fetchStart: started, fetchEnd: window.performance.now() }; }
+      if (!SW.ready) { SW.timing = { fetchStart: started, fetchEnd: window.performance.now(), draws: [] }; }
       SW.lastData = data;
       clearError();
       renderMeta(data);
       renderControls(data);
       renderTables(data);
-      return plotlyReady.then(function () { return renderPanels(data); }).then(function () {
+      return plotlyReady.then(function () {
+        var drawn = renderPanels(data);
+        drawn.visible.then(function () {
+          if (SW.interactiveMs === null) { SW.interactiveMs = window.performance.now(); }
+        });
+        return drawn.all;
+      }).then(function () {
         SW.renders += 1;
         document.body.dataset.renders = String(SW.renders);
         if (!SW.ready) {
           SW.ready = true;
-          SW.interactiveMs = window.performance.now();
+          SW.allDrawnMs = window.performance.now();
           SW.timing.scriptsDone = domReadyAt;
           document.body.dataset.ready = "1";
         }

@@ -443,7 +443,8 @@ def overview_markers(
 
 @dataclass(frozen=True)
 class Grid:
-    """A layer x step matrix: ``z[i][j]`` is ``layers[i]`` at ``steps[j]`` (None = missing)."""
+    """A layer x step matrix: ``z[i][j]`` is ``layers[i]`` at ``steps[j]`` (None = missing;
+    rounded to 6 significant digits by :func:`grid_from_rows`)."""
 
     layers: list[str]
     steps: list[int]
@@ -451,18 +452,19 @@ class Grid:
 
 
 def grid_from_rows(rows: Iterable[tuple[str, int, float | None]]) -> Grid:
-    """Pivot ``(layer, step, value)`` rows into a :class:`Grid` (layers in natural order)."""
-    cells: dict[tuple[str, int], float | None] = {}
-    layers: set[str] = set()
-    steps: set[int] = set()
-    for layer, step, value in rows:
-        cells[(layer, int(step))] = value
-        layers.add(layer)
-        steps.add(int(step))
-    lay = sorted(layers, key=natural_key)
-    st = sorted(steps)
-    z = [[cells.get((la, s)) for s in st] for la in lay]
-    return Grid(lay, st, z)
+    """Pivot ``(layer, step, value)`` rows into a :class:`Grid` (layers in natural order),
+    values rounded by :func:`rounded` (vectorised over the whole grid: heatmaps hold ~10^4-10^5
+    cells)."""
+    cells = list(rows)
+    lay = sorted({c[0] for c in cells}, key=natural_key)
+    st = sorted({int(c[1]) for c in cells})
+    row_of = {la: i for i, la in enumerate(lay)}
+    col_of = {s: j for j, s in enumerate(st)}
+    z: list[float | None] = [None] * (len(lay) * len(st))
+    for layer, step, value in cells:
+        z[row_of[layer] * len(st) + col_of[int(step)]] = value
+    flat = rounded(z)
+    return Grid(lay, st, [flat[i * len(st) : (i + 1) * len(st)] for i in range(len(lay))])
 
 
 def heatmap_figure(metric: str, grid: Grid, *, sampled: bool = False) -> Figure:
@@ -480,7 +482,7 @@ def heatmap_figure(metric: str, grid: Grid, *, sampled: bool = False) -> Figure:
             "type": "heatmap",
             "x": grid.steps,
             "y": grid.layers,
-            "z": [rounded(row) for row in grid.z],
+            "z": grid.z,
             "colorscale": "Viridis",
             "colorbar": {"title": {"text": metric}, "thickness": 12},
             "hovertemplate": "layer %{y}<br>step %{x}<br>" + metric + " %{z:.4g}<extra></extra>",

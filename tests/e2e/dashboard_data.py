@@ -15,11 +15,10 @@ from typing import Any
 import torch
 
 from spectrawatch.spectral.htsr import analyze_weights, esd_payload
-from spectrawatch_server.db import migrate
-from spectrawatch_server.db.models import Alert, Delivery, DeliveryAttempt, Frame, Webhook
-from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.db.models import Alert, Delivery, DeliveryAttempt, Webhook
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.repository import MetricRow, SpectrumRow
+from tests.dashboard_seed import done_frame, migrated
 
 LAYERS = ("blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "head")
 STEPS = tuple(range(0, 200, 10))  # 20 weight frames
@@ -65,10 +64,7 @@ def htsr_payloads(seed: int = 0) -> dict[str, dict[str, Any]]:
 
 def seed(data_dir: Path, project: str = "demo") -> SeededRun:
     """Create the database under ``data_dir`` and fill three runs (full, empty, a second one)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(f"sqlite:///{data_dir / 'spectrawatch.db'}")
-    migrate.upgrade(engine)
-    sessions = make_session_factory(engine)
+    engine, sessions = migrated(data_dir)
     payloads = htsr_payloads()
     with sessions.begin() as s:
         proj, _ = repo.get_or_create_project(s, project)
@@ -131,20 +127,7 @@ def seed(data_dir: Path, project: str = "demo") -> SeededRun:
 
 def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float) -> None:
     for seq, step in enumerate(STEPS):
-        frame = Frame(
-            run_id=run_id,
-            kind="weights",
-            step=step,
-            seq=seq,
-            idempotency_key=f"{run_id}:w{seq}",
-            blob_key=f"x/{run_id}/{seq}",
-            bytes=0,
-            info={},
-            layers=list(LAYERS),
-            nonfinite={},
-            status="done",
-        )
-        repo.insert_frame(s, frame)
+        frame = done_frame(s, run_id, step, seq, layers=LAYERS)
         metrics = []
         for i, layer in enumerate(LAYERS):
             alpha = 5.5 - 3.5 * step / STEPS[-1] + 0.2 * i + shift
@@ -159,21 +142,7 @@ def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float
         spectra = [SpectrumRow(layer, payloads[layer]) for layer in LAYERS if layer in payloads]
         repo.replace_results(s, run_id, frame.id, step, "htsr", metrics, spectra)
     # Update-sketch derived SED at __model__, every step, windows 16 and 32, with phases.
-    seq0 = len(STEPS)
-    frame = Frame(
-        run_id=run_id,
-        kind="update_sketch",
-        step=STEPS[-1],
-        seq=seq0,
-        idempotency_key=f"{run_id}:u",
-        blob_key=f"x/{run_id}/u",
-        bytes=0,
-        info={},
-        layers=["__model__"],
-        nonfinite={},
-        status="done",
-    )
-    repo.insert_frame(s, frame)
+    frame = done_frame(s, run_id, STEPS[-1], len(STEPS), "update_sketch", ["__model__"])
     sed = []
     for step in range(200):
         rise = (

@@ -17,11 +17,11 @@ import torch
 from spectrawatch.spectral.htsr import analyze_weights, esd_payload
 from spectrawatch_server import figures as fig
 from spectrawatch_server.api.routes import dashboards as routes
-from spectrawatch_server.db import migrate
-from spectrawatch_server.db.models import Frame, Metric
-from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.db.models import Metric, Scalar
+from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.repository import MetricRow
+from tests.dashboard_seed import done_frame, migrated, new_run
 
 # --- page definitions ------------------------------------------------------------------------
 
@@ -264,26 +264,10 @@ def test_alerts_timeline_open_episode_runs_to_last_step() -> None:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Any:
-    engine = make_engine(f"sqlite:///{tmp_path / 'sw.db'}")
-    migrate.upgrade(engine)
-    sessions = make_session_factory(engine)
+    engine, sessions = migrated(tmp_path)
     with sessions.begin() as s:
-        project, _ = repo.get_or_create_project(s, "p")
-        run, _ = repo.get_or_create_run(s, project, "r", {}, [])
-        frame = Frame(
-            run_id=run.id,
-            kind="weights",
-            step=0,
-            seq=0,
-            idempotency_key="k",
-            blob_key="b",
-            bytes=0,
-            info={},
-            layers=[],
-            nonfinite={},
-            status="done",
-        )
-        repo.insert_frame(s, frame)
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
         rows = [
             MetricRow(f"l{i}", "htsr.alpha", step, i + step / 100)
             for i in range(4)
@@ -291,43 +275,50 @@ def db(tmp_path: Path) -> Any:
         ]
         rows += [MetricRow("l9", "htsr.alpha", 200, 1.0)]  # a late layer
         rows += [MetricRow("lnan", "x.gappy", t, v) for t, v in ((0, 1.0), (1, math.nan), (2, 3.0))]
+        rows += [MetricRow("lr", "l.regular", t, 1.0) for t in range(5, 3000, 3)]
         rows += [
             MetricRow("__model__", name, 1, 0.0)
             for name in ("sed.gap_ratio.w16", "grok.imminent", "a", "zz")
         ]
-        repo.replace_results(s, run.id, frame.id, 0, "htsr", rows, [])
-    yield sessions, run.id
+        repo.replace_results(s, run_id, frame.id, 0, "htsr", rows, [])
+    yield sessions, run_id
     engine.dispose()
 
 
 def test_metric_names_skip_scan_equals_distinct(db: Any) -> None:
     sessions, run_id = db
     with sessions() as s:
-        assert routes.metric_names(s, run_id) == [
+        assert reads.series_names(s, run_id) == [
             "a",
             "grok.imminent",
             "htsr.alpha",
+            "l.regular",
             "sed.gap_ratio.w16",
             "x.gappy",
             "zz",
         ]
-        assert routes.metric_names(s, run_id + 1) == []
-        assert routes.layers_at_last_step(s, run_id, "htsr.alpha") == ["l9"]
-        assert routes.step_range(s, run_id, "htsr.alpha") == (0, 200)
+        assert reads.series_names(s, run_id + 1) == []
+        assert reads.layers_at_last_step(s, run_id, "htsr.alpha") == ["l9"]
+        assert reads.step_range(s, run_id, "htsr.alpha") == (0, 200)
+        assert reads.step_range(s, run_id, "htsr.alpha", "l1") == (0, 96)
 
 
 def test_sampled_steps_pick_first_step_of_each_bucket(db: Any) -> None:
     sessions, run_id = db
     stored = sorted({*range(0, 97, 3), 200})
     with sessions() as s:
-        steps, skipped = routes.sampled_steps(s, run_id, "htsr.alpha", 1000)
+        steps, skipped = reads.sampled_steps(s, run_id, "htsr.alpha", 1000)
         assert steps == stored
         assert not skipped
-        steps, skipped = routes.sampled_steps(s, run_id, "htsr.alpha", 4)
-        # Buckets of width 201/4 start at 0, 50, 100, 150: first stored step at or after each.
+        steps, skipped = reads.sampled_steps(s, run_id, "htsr.alpha", 4)
+        # Starts every 3 * ceil(201 / (4 * 3)) = 51 steps (a multiple of the logging gap 3):
+        # 0, 51, 102, 153; the first stored step at or after each.
         assert steps == [0, 51, 200]
         assert skipped
-        rows = routes.grid_rows(s, run_id, "htsr.alpha", steps)
+        regular, skipped = reads.sampled_steps(s, run_id, "l.regular", 10)
+        assert regular == list(range(5, 3000, 300))  # logged every 3rd step: equal columns
+        assert skipped
+        rows = reads.grid_cells(s, run_id, "htsr.alpha", steps)
         assert sorted(rows) == sorted(
             [(f"l{i}", st, i + st / 100) for i in range(4) for st in (0, 51)] + [("l9", 200, 1.0)]
         )
@@ -389,27 +380,62 @@ def test_routes_serve_pages_and_figures(tmp_path: Path) -> None:
 def test_bucketed_series_keep_each_bucket_min_and_max(db: Any) -> None:
     sessions, run_id = db
     with sessions() as s:
-        got = routes.metric_series(s, run_id, "htsr.alpha", "l1", max_points=8)
-        assert list(got) == ["l1"]
+        got = reads.bucketed_series(s, run_id, ["htsr.alpha"], 4, layer="l1")
+        assert list(got) == [("htsr.alpha", "l1")]
         steps = list(range(0, 97, 3))
         buckets: dict[int, list[int]] = {}
         for t in steps:  # 4 buckets over the layer's step range 0..96 (span 97)
             buckets.setdefault(t * 4 // 97, []).append(t)
         want_x = [x for b in sorted(buckets) for x in (buckets[b][0], buckets[b][-1])]
         want_y = [1 + x / 100 for x in want_x]  # rising series: min first, then max
-        assert got["l1"][0] == want_x
-        assert got["l1"][1] == pytest.approx(want_y)
-        exact = routes.metric_series(s, run_id, "htsr.alpha", "l1", max_points=1000)
-        assert exact["l1"][0] == steps
-        assert routes.metric_series(s, run_id, "x.gappy", None, 100) == {
-            "lnan": ([0, 1, 2], [1.0, None, 3.0])
+        assert got["htsr.alpha", "l1"][0] == want_x
+        assert got["htsr.alpha", "l1"][1] == pytest.approx(want_y)
+        exact = reads.bucketed_series(s, run_id, ["htsr.alpha"], 500, layer="l1")
+        assert exact["htsr.alpha", "l1"][0] == steps
+        assert reads.bucketed_series(s, run_id, ["x.gappy"], 50) == {
+            ("x.gappy", "lnan"): ([0, 1, 2], [1.0, None, 3.0])
         }
-        assert (
-            routes.first_step_at_least(
-                s, Metric, [Metric.run_id == run_id, Metric.layer == "l2"], 2.5
-            )
-            == 51
+        # Several names, every layer: one query, one series per (name, layer).
+        both = reads.bucketed_series(s, run_id, ["htsr.alpha", "x.gappy"], 500)
+        assert sorted(both) == sorted(
+            [("htsr.alpha", f"l{i}") for i in (0, 1, 2, 3, 9)] + [("x.gappy", "lnan")]
         )
+        assert both["htsr.alpha", "l9"] == ([200], [1.0])
+        assert reads.bucketed_series(s, run_id, ["nope"], 10) == {}
+        assert reads.first_step_at_least(s, run_id, "htsr.alpha", 2.5, layer="l2") == 51
+        assert reads.first_step_at_least(s, run_id, "htsr.alpha", 99.0) is None
+
+
+def test_bucketed_series_match_a_numpy_reference(tmp_path: Path) -> None:
+    """Min/max per bucket from SQL against numpy over the same random series (with NaN gaps),
+    for a scalar and a metric read in one query."""
+    gen = np.random.default_rng(7)
+    steps = np.sort(gen.choice(5000, size=1200, replace=False)) + 100
+    values = np.cumsum(gen.normal(size=steps.size))
+    values[gen.choice(steps.size, size=25, replace=False)] = np.nan
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = [MetricRow("fc", "m", int(t), float(v)) for t, v in zip(steps, values, strict=True)]
+        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+        repo.upsert_scalars(
+            s, run_id, [(int(t), "loss", float(v)) for t, v in zip(steps, values, strict=True)]
+        )
+    n = 37
+    k = (steps - steps[0]) * n // (steps[-1] - steps[0] + 1)
+    with sessions() as s:
+        for model, key in ((Metric, ("m", "fc")), (Scalar, ("loss", ""))):
+            got_x, got_y = reads.bucketed_series(s, run_id, [key[0]], n, model=model)[key]
+            assert len(got_x) <= 3 * n
+            for b in range(n):
+                inside = k == b
+                finite = inside & np.isfinite(values)
+                ys = {y for x, y in zip(got_x, got_y, strict=True) if k[steps == x][0] == b}
+                want = {values[finite].min(), values[finite].max()} if finite.any() else set()
+                assert ys - {None} == want, b
+                assert (None in ys) == bool((inside & ~np.isfinite(values)).any()), b
+    engine.dispose()
 
 
 def test_rounded_keeps_six_significant_digits() -> None:

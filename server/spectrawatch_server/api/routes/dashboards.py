@@ -4,17 +4,17 @@ HTML pages (``/``, ``/projects/{name}``, ``/runs/{id}``, ``/runs/{id}/layers``,
 ``/runs/{id}/layers/{layer}``, ``/runs/{id}/activations``, ``/runs/{id}/alerts``,
 ``/compare?runs=1,2``) are shells: the browser script reads the page state from the URL, fetches
 ``/api/v1/dashboards/...`` (Plotly figures built by :mod:`spectrawatch_server.figures` from
-downsampled queries, behind the same auth as the rest of the API) and polls
+the downsampled reads of :mod:`spectrawatch_server.storage.dashboard_reads`, behind the same
+auth as the rest of the API) and polls
 ``/api/v1/runs/{id}`` to refresh while the run is live. Plotly.js is served from the package.
 """
 
 from __future__ import annotations
 
 import importlib
-import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
@@ -24,24 +24,14 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from spectrawatch_server import figures as dash
 from spectrawatch_server.api.deps import PrincipalDep, RunDep, SessionDep, StateDep, find_run
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.runs import run_public
-from spectrawatch_server.db.models import (
-    Alert,
-    Delivery,
-    DeliveryAttempt,
-    Metric,
-    Project,
-    Run,
-    Scalar,
-    Webhook,
-)
-from spectrawatch_server.storage import alert_store
+from spectrawatch_server.db.models import Run, Scalar
+from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import repository as repo
 
 STATIC_URL = "/dashboards/static"
@@ -98,277 +88,51 @@ def install(app: FastAPI, api_prefix: str) -> None:
     )
 
 
-# --- queries the dashboards need beyond repository.py ----------------------------------------
-# Index-friendly reads for large runs (100 layers x 10k steps): skip-scans over
-# ix_metric_run_name_step instead of GROUP BY over every row. Candidates for repository.py.
+# --- series as plot lines (the SQL is in storage.dashboard_reads) -----------------------------
 
 
-def metric_names(session: Session, run_id: int) -> list[str]:
-    """Distinct metric names of a run, by a recursive skip-scan (one index seek per name)."""
-    rows = session.execute(
-        text(
-            "WITH RECURSIVE n(name) AS ("
-            " SELECT min(name) FROM metric WHERE run_id = :r"
-            " UNION ALL"
-            " SELECT (SELECT min(m.name) FROM metric m WHERE m.run_id = :r AND m.name > n.name)"
-            " FROM n WHERE n.name IS NOT NULL"
-            ") SELECT name FROM n WHERE name IS NOT NULL"
-        ),
-        {"r": run_id},
-    ).all()
-    return [str(r[0]) for r in rows]
+def _by_natural_key(key: reads.Key) -> tuple[Any, ...]:
+    return (dash.natural_key(key[0]), dash.natural_key(key[1]))
 
 
-def step_range(session: Session, run_id: int, name: str) -> tuple[int, int] | None:
-    where = (Metric.run_id == run_id, Metric.name == name)
-    lo = session.scalar(select(func.min(Metric.step)).where(*where))
-    hi = session.scalar(select(func.max(Metric.step)).where(*where))
-    return None if lo is None or hi is None else (int(lo), int(hi))
+def layer_label(prefix: str = "") -> Callable[[reads.Key], str]:
+    """Labels a line by its layer, after ``prefix``."""
+    return lambda key: prefix + key[1]
 
 
-def layers_at_last_step(session: Session, run_id: int, name: str) -> list[str]:
-    """Layers reporting ``name`` at its latest step (natural order)."""
-    rng = step_range(session, run_id, name)
-    if rng is None:
-        return []
-    rows = session.scalars(
-        select(Metric.layer)
-        .where(Metric.run_id == run_id, Metric.name == name, Metric.step == rng[1])
-        .distinct()
-    ).all()
-    return sorted(rows, key=dash.natural_key)
-
-
-def sampled_steps(session: Session, run_id: int, name: str, columns: int) -> tuple[list[int], bool]:
-    """Up to ``columns`` steps of ``name``: the first step at or after each of ``columns`` equal
-    divisions of its step range (one index seek each). Second value: whether steps were skipped."""
-    rng = step_range(session, run_id, name)
-    if rng is None:
-        return [], False
-    lo, hi = rng
-    span = hi - lo + 1
-    buckets = min(columns, span)
-    starts = sorted({lo + (span * b) // buckets for b in range(buckets)})
-    found: list[int] = []
-    for i in range(0, len(starts), 500):
-        values = ",".join(f"({int(a)})" for a in starts[i : i + 500])  # ints only: no injection
-        rows = session.execute(
-            text(
-                f"WITH starts(a) AS (VALUES {values}) "
-                "SELECT (SELECT min(m.step) FROM metric m"
-                " WHERE m.run_id = :r AND m.name = :n AND m.step >= starts.a) FROM starts"
-            ),
-            {"r": run_id, "n": name},
-        ).all()
-        found.extend(int(r[0]) for r in rows if r[0] is not None)
-    steps = sorted(set(found))
-    # Skipped when some bucket held more than one step: its next step is not the next bucket's.
-    skipped = span > len(steps) and _has_gaps_filled(session, run_id, name, steps)
-    return steps, skipped
-
-
-def _has_gaps_filled(session: Session, run_id: int, name: str, steps: Sequence[int]) -> bool:
-    """True if a stored step of ``name`` lies strictly between two consecutive sampled steps."""
-    for a, b in itertools.pairwise(steps):
-        if b - a > 1:
-            nxt = session.scalar(
-                select(func.min(Metric.step)).where(
-                    Metric.run_id == run_id, Metric.name == name, Metric.step > a
-                )
-            )
-            if nxt is not None and nxt < b:
-                return True
-    return False
-
-
-def grid_rows(
-    session: Session, run_id: int, name: str, steps: Sequence[int]
-) -> list[tuple[str, int, float | None]]:
-    rows = (
-        session.connection()
-        .execute(  # Core, not ORM: no per-row entity loading
-            select(Metric.layer, Metric.step, Metric.value).where(
-                Metric.run_id == run_id, Metric.name == name, Metric.step.in_(list(steps))
-            )
-        )
-        .all()
-    )
-    return [(str(r[0]), int(r[1]), r[2]) for r in rows]
-
-
-def alert_rows(session: Session, run_id: int) -> list[dict[str, Any]]:
-    alerts = sorted(
-        alert_store.list_alerts(session, run_id=run_id, limit=100_000), key=lambda a: (a.step, a.id)
-    )
+def lines_of(
+    series: reads.Series, name: str, label: str | Callable[[reads.Key], str] | None = None
+) -> list[dash.Line]:
+    """The lines of series ``name`` in ``series`` (one per layer, natural order), each labelled
+    ``label`` (a string, or a function of ``(name, layer)``; the layer by default), values
+    rounded for the JSON."""
+    label = label or layer_label()
+    keys = sorted((k for k in series if k[0] == name), key=_by_natural_key)
     return [
-        {
-            "id": a.id,
-            "rule": a.rule,
-            "layer": a.layer,
-            "severity": a.severity,
-            "status": a.status,
-            "step": a.step,
-            "resolved_step": a.resolved_step,
-            "message": a.message,
-            "values": a.values,
-            "created_at": _iso(a.created_at),
-            "resolved_at": _iso(a.resolved_at),
-        }
-        for a in alerts
+        dash.Line(
+            label if isinstance(label, str) else label(k), series[k][0], dash.rounded(series[k][1])
+        )
+        for k in keys
     ]
-
-
-def open_alert_counts(session: Session, run_ids: Sequence[int]) -> dict[int, int]:
-    if not run_ids:
-        return {}
-    rows = session.execute(
-        select(Alert.run_id, func.count())
-        .where(Alert.run_id.in_(list(run_ids)), Alert.status == "open")
-        .group_by(Alert.run_id)
-    ).all()
-    return {int(r): int(n) for r, n in rows}
-
-
-def delivery_rows(session: Session, project_id: int, limit: int = 200) -> list[dict[str, Any]]:
-    rows = session.execute(
-        select(Delivery, Webhook.url)
-        .join(Webhook, Webhook.id == Delivery.webhook_id)
-        .where(Webhook.project_id == project_id)
-        .order_by(Delivery.id.desc())
-        .limit(limit)
-    ).all()
-    ids = [d.id for d, _ in rows]
-    attempts: dict[int, list[DeliveryAttempt]] = {}
-    if ids:
-        for att in session.scalars(
-            select(DeliveryAttempt)
-            .where(DeliveryAttempt.delivery_id.in_(ids))
-            .order_by(DeliveryAttempt.id)
-        ).all():
-            attempts.setdefault(att.delivery_id, []).append(att)
-    out = []
-    for d, url in rows:
-        tried = attempts.get(d.id, [])
-        latency = tried[-1].latency_ms if tried else None
-        out.append(
-            {
-                "id": d.id,
-                "event": d.event,
-                "url": url,
-                "status": d.status,
-                "attempts": d.attempts,
-                "alert_id": d.alert_id,
-                "last_status_code": d.last_status_code,
-                "last_error": d.last_error or "",
-                "created_at": _iso(d.created_at),
-                "delivered_at": _iso(d.delivered_at),
-                "latency_ms": latency,
-            }
-        )
-    return out
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-# --- series helpers ---------------------------------------------------------------------------
-
-
-Raw = dict[str, tuple[list[int], list[float | None]]]
-
-
-def _bucketed(
-    session: Session, model: type[Metric] | type[Scalar], key: Any, where: list[Any], buckets: int
-) -> Raw:
-    """Min/max per step bucket, aggregated in SQL: ``{key: (steps, values)}``, about
-    ``2 * buckets`` points per key (the M4 idea, Jugel et al., VLDB 2014: at one bucket per
-    pixel column the plot looks like the full series). Buckets with missing values (NaN/Inf
-    stored as NULL) end in a None point so gaps stay visible. Exact when the series has no
-    more steps than ``buckets``."""
-    lo = session.scalar(select(func.min(model.step)).where(*where))
-    hi = session.scalar(select(func.max(model.step)).where(*where))
-    if lo is None or hi is None:
-        return {}
-    span = int(hi) - int(lo) + 1
-    n = max(1, min(buckets, span))
-    k = ((model.step - int(lo)) * n // span).label("k")
-    stmt = (
-        select(
-            key,
-            k,
-            func.min(model.step),
-            func.max(model.step),
-            func.min(model.value),
-            func.max(model.value),
-            func.count(model.value),
-            func.count(),
-        )
-        .where(*where)
-        .group_by(key, k)
-        .order_by(key, k)
-    )
-    out: Raw = {}
-    previous: dict[str, float] = {}
-    for name, _, smin, smax, vmin, vmax, finite, total in session.connection().execute(stmt):
-        steps, values = out.setdefault(str(name), ([], []))
-        if finite:
-            mid = (vmin + vmax) / 2
-            falling = mid < previous.get(name, mid)
-            previous[name] = mid
-            first, second = (vmax, vmin) if falling else (vmin, vmax)
-            steps.append(int(smin))
-            values.append(first)
-            if second != first:
-                steps.append(int(smax))
-                values.append(second)
-        if finite < total:
-            steps.append(int(smax))
-            values.append(None)
-    return out
 
 
 def metric_series(
-    session: Session, run_id: int, name: str, layer: str | None, max_points: int
-) -> Raw:
-    """``{layer: (steps, values)}`` of one metric (one layer if given), bucketed to the width."""
-    where = [Metric.run_id == run_id, Metric.name == name]
-    if layer is not None:
-        where.append(Metric.layer == layer)
-    return _bucketed(session, Metric, Metric.layer, where, max(1, max_points // 2))
-
-
-def scalar_series(session: Session, run_id: int, max_points: int) -> Raw:
-    """``{name: (steps, values)}`` of every scalar of a run, bucketed to the plot width."""
-    return _bucketed(
-        session, Scalar, Scalar.name, [Scalar.run_id == run_id], max(1, max_points // 2)
-    )
-
-
-def first_step_at_least(
-    session: Session, model: type[Metric] | type[Scalar], where: list[Any], threshold: float
-) -> int | None:
-    """First step whose value is >= ``threshold`` (exact, not bucketed)."""
-    step = session.scalar(select(func.min(model.step)).where(*where, model.value >= threshold))
-    return None if step is None else int(step)
-
-
-def lines_of(raw: Raw, label: str | None = None) -> list[dash.Line]:
-    """One line per key of ``raw`` in natural order (named ``label`` if given)."""
-    return [
-        dash.Line(label or key, raw[key][0], dash.rounded(raw[key][1]))
-        for key in sorted(raw, key=dash.natural_key)
-    ]
-
-
-def metric_lines(
-    session: Session, run_id: int, name: str, layer: str | None, max_points: int
-) -> list[dash.Line]:
-    return lines_of(metric_series(session, run_id, name, layer, max_points))
+    session: Session, run_id: int, names: Sequence[str], layer: str | None, max_points: int
+) -> reads.Series:
+    """Metrics ``names`` (one layer if given) bucketed to about ``max_points`` points each."""
+    return reads.bucketed_series(session, run_id, names, max(1, max_points // 2), layer=layer)
 
 
 def scalar_lines(session: Session, run_id: int, max_points: int) -> dict[str, dash.Line]:
-    return {line.name: line for line in lines_of(scalar_series(session, run_id, max_points))}
+    """Every scalar of a run as a line, bucketed to about ``max_points`` points, by name."""
+    names = reads.series_names(session, run_id, Scalar)
+    series = reads.bucketed_series(session, run_id, names, max(1, max_points // 2), model=Scalar)
+    return {n: line for n in names for line in lines_of(series, n, lambda k: k[0])}
+
+
+def layer_options(session: Session, run_id: int, name: str) -> list[str]:
+    """Layers of metric ``name`` at its latest step, natural order (a layer control's options)."""
+    return sorted(reads.layers_at_last_step(session, run_id, name), key=dash.natural_key)
 
 
 def _points(max_points: int | None) -> int:
@@ -415,22 +179,20 @@ def read_overview(
     page = pages()["overview"]
     n = _points(max_points)
     body = _base(session, run, page)
-    names = metric_names(session, run.id)
+    names = reads.series_names(session, run.id)
     scalars = scalar_lines(session, run.id, n)
     crossing_name = next((s for s in sorted(scalars) if dash.VAL_ACC_PATTERN.match(s)), "")
     crossing = None
     if crossing_name:
-        where = [Scalar.run_id == run.id, Scalar.name == crossing_name]
-        crossing = first_step_at_least(session, Scalar, where, dash.VAL_ACC_THRESHOLD)
+        crossing = reads.first_step_at_least(
+            session, run.id, crossing_name, dash.VAL_ACC_THRESHOLD, model=Scalar
+        )
     warning = None
     if dash.WARNING_KEY in names:
-        where = [
-            Metric.run_id == run.id,
-            Metric.name == dash.WARNING_KEY,
-            Metric.layer == dash.MODEL_LAYER,
-        ]
-        warning = first_step_at_least(session, Metric, where, 0.5)
-    alerts = alert_rows(session, run.id)
+        warning = reads.first_step_at_least(
+            session, run.id, dash.WARNING_KEY, 0.5, layer=dash.MODEL_LAYER
+        )
+    alerts = reads.alert_rows(session, run.id)
     markers = dash.overview_markers(warning, crossing, crossing_name, alerts)
     body["summary"] = {
         "early_warning_step": warning,
@@ -441,7 +203,7 @@ def read_overview(
         "open_alerts": sum(1 for a in alerts if a["status"] == "open"),
     }
     gap_names = dash.match_names(names, page.panel("sed_gap").match)
-    layer_opts = layers_at_last_step(session, run.id, gap_names[0]) if gap_names else []
+    layer_opts = layer_options(session, run.id, gap_names[0]) if gap_names else []
     layer = _choose(layer_opts, sed_layer, [dash.MODEL_LAYER])
     if layer_opts:
         body["controls"]["sed_layer"] = {
@@ -450,6 +212,20 @@ def read_overview(
             "value": layer,
         }
 
+    # Every metric series of the page in one bucketed read per layer (SED panels at the
+    # chosen layer with their phase codes; the other line panels at the model level).
+    phase_names = dash.match_names(names, [dash.PHASE_PREFIX + ".w*", dash.PHASE_PREFIX])[:1]
+    wanted: dict[str | None, set[str]] = {}
+    for spec in page.panels:
+        if spec.kind in ("sed", "lines"):
+            at = layer if spec.kind == "sed" else dash.MODEL_LAYER
+            extra = phase_names if spec.kind == "sed" else []
+            wanted.setdefault(at, set()).update(dash.match_names(names, spec.match), extra)
+    series: dict[str | None, reads.Series] = {
+        at: metric_series(session, run.id, sorted(group), at, n)
+        for at, group in wanted.items()
+        if group
+    }
     claimed: set[str] = set()
     panels = []
     for spec in page.panels:
@@ -465,26 +241,24 @@ def read_overview(
             )
             panels.append(dash.panel_from(spec, fig))
         elif spec.kind == "sed":
+            at_layer = series.get(layer, {})
             lines = []
-            bands: list[dash.Band] = []
             for name in dash.match_names(names, spec.match):
-                for line in metric_lines(session, run.id, name, layer, n):
-                    lines.append(dash.Line(dash.window_of(name) or name, line.x, line.y))
-            phase_names = dash.match_names(names, [dash.PHASE_PREFIX + ".w*", dash.PHASE_PREFIX])
+                lines += lines_of(at_layer, name, lambda k: dash.window_of(k[0]) or k[0])
+            bands: list[dash.Band] = []
             if phase_names and lines:
-                phase = metric_series(session, run.id, phase_names[0], layer, n)
-                for steps, codes in phase.values():
-                    bands = dash.phase_bands(steps, codes)
+                for key in (k for k in at_layer if k[0] == phase_names[0]):
+                    bands = dash.phase_bands(*at_layer[key])
             title = spec.title + (f" · {layer}" if layer else "")
             fig = dash.line_figure(
                 title, lines, y_title=spec.y_title, log_y=spec.log_y, markers=markers, bands=bands
             )
             panels.append(dash.panel_from(spec, fig))
         else:
+            model_level = series.get(dash.MODEL_LAYER, {})
             lines = []
             for name in dash.match_names(names, spec.match):
-                raw = metric_series(session, run.id, name, dash.MODEL_LAYER, n)
-                lines += lines_of(raw, name)
+                lines += lines_of(model_level, name, lambda k: k[0])
             fig = dash.line_figure(spec.title, lines, y_title=spec.y_title, markers=markers)
             panels.append(dash.panel_from(spec, fig))
     body["panels"] = [p.public() for p in panels]
@@ -501,16 +275,18 @@ def read_layers(
     """Layer x step heatmap of one metric (steps sampled to ``columns``)."""
     page = pages()["layers"]
     body = _base(session, run, page)
-    names = [n for n in metric_names(session, run.id) if not dash.match_names([n], page.exclude)]
+    names = [
+        n for n in reads.series_names(session, run.id) if not dash.match_names([n], page.exclude)
+    ]
     chosen = _choose(names, metric, page.preferred)
     spec = page.panel("heatmap")
     panel = dash.panel_from(spec, None)
     if chosen is not None:
         body["controls"]["metric"] = {"label": "metric", "options": names, "value": chosen}
-        steps, skipped = sampled_steps(session, run.id, chosen, columns)
-        rows = grid_rows(session, run.id, chosen, steps)
-        layer_rows = [r for r in rows if r[0] != dash.MODEL_LAYER]  # a model mean is not a layer
-        grid = dash.grid_from_rows(layer_rows or rows)
+        steps, skipped = reads.sampled_steps(session, run.id, chosen, columns)
+        cells = reads.grid_cells(session, run.id, chosen, steps)
+        layer_cells = [c for c in cells if c[0] != dash.MODEL_LAYER]  # a model mean is no layer
+        grid = dash.grid_from_rows(layer_cells or cells)
         panel = dash.panel_from(spec, dash.heatmap_figure(chosen, grid, sampled=skipped))
         panel.extra["click"] = {"kind": "layer_drilldown", "metric": chosen}
     body["panels"] = [panel.public()]
@@ -547,7 +323,7 @@ def read_layer(
             "options": [str(s) for s in steps],
             "value": str(chosen_row.step),
         }
-    names = metric_names(session, run.id)
+    names = reads.series_names(session, run.id)
     panels = []
     for spec in page.panels:
         if spec.kind in ("esd", "mp"):
@@ -562,12 +338,9 @@ def read_layer(
                 dash.panel_from(spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None)
             )
         else:
-            lines = []
-            for name in dash.match_names(names, spec.match):
-                lines += [
-                    dash.Line(name, ln.x, ln.y)
-                    for ln in metric_lines(session, run.id, name, layer, n)
-                ]
+            matched = dash.match_names(names, spec.match)
+            series = metric_series(session, run.id, matched, layer, n)
+            lines = [ln for name in matched for ln in lines_of(series, name, lambda k: k[0])]
             band = dash.HTSR_GOOD_RANGE if spec.kind == "alpha_history" else None
             fig = dash.line_figure(
                 f"{spec.title} · {layer}",
@@ -593,7 +366,7 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
     page = pages()["activations"]
     n = _points(max_points)
     body = _base(session, run, page)
-    names = metric_names(session, run.id)
+    names = reads.series_names(session, run.id)
     panels = []
     for spec in page.panels:
         matched = dash.match_names(names, spec.match)
@@ -602,13 +375,11 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             continue
         groups = [[m] for m in matched] if spec.split else [matched]
         for group in groups:
+            series = metric_series(session, run.id, group, None, n)
             lines = []
             for name in group:
                 prefix = "" if len(group) == 1 else f"{name} · "
-                lines += [
-                    dash.Line(prefix + ln.name, ln.x, ln.y)
-                    for ln in metric_lines(session, run.id, name, None, n)
-                ]
+                lines += lines_of(series, name, layer_label(prefix))
             title = group[0] if len(group) == 1 else spec.title
             sub = dash.PanelSpec(
                 f"{spec.id}-{group[0]}", title, spec.kind, help=spec.help, empty=spec.empty
@@ -627,7 +398,7 @@ def read_alerts(run: RunDep, session: SessionDep) -> Response:
     """Alert episodes on a timeline, the alert list and the project's webhook delivery log."""
     page = pages()["alerts"]
     body = _base(session, run, page)
-    alerts = alert_rows(session, run.id)
+    alerts = reads.alert_rows(session, run.id)
     spec = page.panel("timeline")
     body["panels"] = [
         dash.panel_from(spec, dash.alerts_timeline_figure(alerts, run.last_step)).public()
@@ -685,7 +456,7 @@ def read_alerts(run: RunDep, session: SessionDep) -> Response:
                         "delivered_at",
                     )
                 ]
-                for d in delivery_rows(session, run.project_id)
+                for d in reads.delivery_rows(session, run.project_id)
             ],
             "empty": "No webhook deliveries yet (add one with POST /api/v1/webhooks).",
         },
@@ -708,7 +479,7 @@ def read_compare(
     ids = list(dict.fromkeys(int(r) for r in runs.split(",")))[:MAX_COMPARE_RUNS]
     run_rows = [find_run(session, principal, i) for i in ids]
     scalars = {r.id: scalar_lines(session, r.id, n) for r in run_rows}
-    metrics = {r.id: metric_names(session, r.id) for r in run_rows}
+    metrics = {r.id: reads.series_names(session, r.id) for r in run_rows}
     available = sorted(
         {*(s for v in scalars.values() for s in v), *(m for v in metrics.values() for m in v)},
         key=dash.natural_key,
@@ -725,9 +496,7 @@ def read_compare(
     layer_opts: list[str] = []
     for r in run_rows:
         for name in metric_chosen:
-            layer_opts += [
-                la for la in layers_at_last_step(session, r.id, name) if la not in layer_opts
-            ]
+            layer_opts += [la for la in layer_options(session, r.id, name) if la not in layer_opts]
     layer_value = _choose(layer_opts, layer, [dash.MODEL_LAYER])
     body: dict[str, Any] = {
         "runs": [run_public(session, r).model_dump(mode="json") for r in run_rows],
@@ -754,10 +523,8 @@ def read_compare(
                 ln = scalars[r.id][name]
                 lines.append(dash.Line(label, ln.x, ln.y))
             elif name in metrics[r.id]:
-                lines += [
-                    dash.Line(label, ln.x, ln.y)
-                    for ln in metric_lines(session, r.id, name, layer_value, n)
-                ]
+                series = metric_series(session, r.id, [name], layer_value, n)
+                lines += lines_of(series, name, label)
         title = name + (f" · {layer_value}" if name in metric_chosen and layer_value else "")
         sub = dash.PanelSpec(f"compare-{name}", title, "compare", empty=spec.empty)
         panels.append(dash.panel_from(sub, dash.line_figure(title, lines, y_title=name)))
@@ -806,8 +573,8 @@ def runs_table(
             raise ApiError(404, "project_not_found", f"project {project!r} does not exist")
         project_id = row.id
     runs = repo.list_runs(session, project_id, 1000, 0)
-    counts = open_alert_counts(session, [r.id for r in runs])
-    projects = {p.id: p.name for p in session.scalars(select(Project)).all()}
+    counts = reads.open_alert_counts(session, [r.id for r in runs])
+    projects = {p.id: p.name for p in repo.list_projects(session)}
     now = datetime.now(timezone.utc)
     out = []
     for r in runs:

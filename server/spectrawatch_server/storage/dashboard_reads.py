@@ -1,0 +1,309 @@
+"""The reads behind the dashboards (DESIGN §8): series names, step samples, bucketed series,
+heatmap cells, alert and webhook-delivery rows. All dashboard SQL lives here.
+
+Index-friendly for large runs (100 layers x 10k steps): names and step ranges by index seeks
+over ``ix_metric_run_name_step`` / ``ix_scalar_run_name_step`` instead of ``GROUP BY`` over
+every row, and one parameterised min/max-per-bucket query for every plotted series.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BindParameter, bindparam, func, select, text
+from sqlalchemy.orm import Session
+
+from spectrawatch_server.db.models import (
+    Alert,
+    Delivery,
+    DeliveryAttempt,
+    Metric,
+    Scalar,
+    Webhook,
+)
+from spectrawatch_server.storage import alert_store
+
+Model = type[Metric] | type[Scalar]
+Key = tuple[str, str]  # (series name, layer); scalars have layer ""
+Points = tuple[list[int], list[float | None]]  # (steps, values), None = missing (NaN/Inf)
+Series = dict[Key, Points]
+
+
+def series_names(session: Session, run_id: int, model: Model = Metric) -> list[str]:
+    """Distinct metric (or scalar) names of a run, sorted, by a recursive skip-scan: one index
+    seek per name instead of a scan of every row."""
+    table = model.__tablename__  # a fixed table name, not user input
+    rows = session.execute(
+        text(
+            "WITH RECURSIVE n(name) AS ("
+            f" SELECT min(name) FROM {table} WHERE run_id = :r"
+            " UNION ALL"
+            f" SELECT (SELECT min(m.name) FROM {table} m WHERE m.run_id = :r AND m.name > n.name)"
+            " FROM n WHERE n.name IS NOT NULL"
+            ") SELECT name FROM n WHERE name IS NOT NULL"
+        ),
+        {"r": run_id},
+    ).all()
+    return [str(r[0]) for r in rows]
+
+
+def _where(
+    model: Model, run_id: int, name: str | BindParameter[Any], layer: str | None
+) -> list[Any]:
+    where = [model.run_id == run_id, model.name == name]
+    if layer is not None and model is Metric:
+        where.append(Metric.layer == layer)
+    return where
+
+
+def step_range(
+    session: Session, run_id: int, name: str, layer: str | None = None, model: Model = Metric
+) -> tuple[int, int] | None:
+    """``(first, last)`` stored step of one series (of every layer if ``layer`` is None), by two
+    index seeks; None when it has no rows."""
+    where = _where(model, run_id, name, layer)
+    lo = session.scalar(select(func.min(model.step)).where(*where))
+    hi = session.scalar(select(func.max(model.step)).where(*where))
+    return None if lo is None or hi is None else (int(lo), int(hi))
+
+
+def layers_at_last_step(session: Session, run_id: int, name: str) -> list[str]:
+    """Layers reporting metric ``name`` at its latest step (unordered)."""
+    rng = step_range(session, run_id, name)
+    if rng is None:
+        return []
+    return list(
+        session.scalars(
+            select(Metric.layer)
+            .where(Metric.run_id == run_id, Metric.name == name, Metric.step == rng[1])
+            .distinct()
+        ).all()
+    )
+
+
+def sampled_steps(session: Session, run_id: int, name: str, columns: int) -> tuple[list[int], bool]:
+    """Up to ``columns`` steps of metric ``name``: the first stored step at or after each of
+    equally spaced starts over its step range (one index seek each). Second value: whether
+    stored steps were skipped (the sample is a decimation, not every step).
+
+    The spacing is a multiple of the gap between the first two stored steps, so a series logged
+    every ``g`` steps is sampled at exactly equal intervals (which Plotly draws as a uniform
+    heatmap, several times faster than one with uneven columns).
+    """
+    rng = step_range(session, run_id, name)
+    if rng is None:
+        return [], False
+    lo, hi = rng
+    second = session.scalar(
+        select(func.min(Metric.step)).where(
+            Metric.run_id == run_id, Metric.name == name, Metric.step > lo
+        )
+    )
+    gap = 1 if second is None else int(second) - lo
+    stride = gap * max(1, -(-(hi - lo + 1) // (columns * gap)))  # ceil division
+    starts = list(range(lo, hi + 1, stride))
+    found: list[int] = []
+    for i in range(0, len(starts), 500):
+        values = ",".join(f"({int(a)})" for a in starts[i : i + 500])  # ints only: no injection
+        rows = session.execute(
+            text(
+                f"WITH starts(a) AS (VALUES {values}) "
+                "SELECT (SELECT min(m.step) FROM metric m"
+                " WHERE m.run_id = :r AND m.name = :n AND m.step >= starts.a) FROM starts"
+            ),
+            {"r": run_id, "n": name},
+        ).all()
+        found.extend(int(r[0]) for r in rows if r[0] is not None)
+    steps = sorted(set(found))
+    return steps, hi - lo + 1 > len(steps) and _skips_stored_steps(session, run_id, name, steps)
+
+
+def _skips_stored_steps(session: Session, run_id: int, name: str, steps: Sequence[int]) -> bool:
+    """True if a stored step of ``name`` lies strictly between two consecutive sampled steps."""
+    for a, b in itertools.pairwise(steps):
+        if b - a > 1:
+            nxt = session.scalar(
+                select(func.min(Metric.step)).where(
+                    Metric.run_id == run_id, Metric.name == name, Metric.step > a
+                )
+            )
+            if nxt is not None and nxt < b:
+                return True
+    return False
+
+
+def grid_cells(
+    session: Session, run_id: int, name: str, steps: Sequence[int]
+) -> list[tuple[str, int, float | None]]:
+    """``(layer, step, value)`` of metric ``name`` at ``steps`` (heatmap cells)."""
+    stmt = select(Metric.layer, Metric.step, Metric.value).where(
+        Metric.run_id == run_id, Metric.name == name, Metric.step.in_(list(steps))
+    )
+    return [tuple(r) for r in session.connection().execute(stmt)]  # type: ignore[misc]
+
+
+def bucketed_series(
+    session: Session,
+    run_id: int,
+    names: Sequence[str],
+    buckets: int,
+    *,
+    layer: str | None = None,
+    model: Model = Metric,
+) -> Series:
+    """Min and max per step bucket of each series of ``names`` (one layer if ``layer`` is given;
+    scalars with ``model=Scalar``), aggregated in SQL by one parameterised query run per name:
+    ``{(name, layer): (steps, values)}``, at most ``2 * buckets`` points per series.
+
+    The buckets split the common step range of ``names`` into equal parts, so every series of
+    one plot shares its bucket edges; at one bucket per pixel column (or two) the plot looks
+    like the full series (the M4 idea, Jugel et al., VLDB 2014). Within a bucket the min and
+    max come in the order the series moves (max first when it falls), so a line through the
+    points keeps its shape. A bucket holding missing values (NaN/Inf stored as NULL) ends in a
+    None point so gaps stay visible. Exact when a series has no more steps than ``buckets``.
+    """
+    ranges = [r for n in names if (r := step_range(session, run_id, n, layer, model))]
+    if not ranges:
+        return {}
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    span = hi - lo + 1
+    n = max(1, min(buckets, span))
+    k = ((model.step - lo) * n // span).label("k")
+    keys: list[Any] = [model.name] + ([Metric.layer] if model is Metric else [])
+    name: BindParameter[str] = bindparam("name")
+    stmt = (
+        select(
+            *keys,
+            k,
+            func.min(model.step),
+            func.max(model.step),
+            func.min(model.value),
+            func.max(model.value),
+            func.count(model.value),
+            func.count(),
+        )
+        .where(*_where(model, run_id, name, layer))
+        .group_by(*keys, k)
+        .order_by(*keys, k)
+    )
+    # One execution per name: SQLite sorts each name's groups apart, faster than one sort of all.
+    rows = itertools.chain.from_iterable(
+        session.connection().execute(stmt, {"name": n}) for n in dict.fromkeys(names)
+    )
+    out: Series = {}
+    previous: dict[Key, float] = {}
+    for row in rows:
+        key: Key = (str(row[0]), str(row[1]) if model is Metric else "")
+        smin, smax, vmin, vmax, finite, total = row[-6:]
+        steps, values = out.setdefault(key, ([], []))
+        if finite:
+            mid = (vmin + vmax) / 2
+            falling = mid < previous.get(key, mid)
+            previous[key] = mid
+            first, second = (vmax, vmin) if falling else (vmin, vmax)
+            steps.append(int(smin))
+            values.append(first)
+            if second != first:
+                steps.append(int(smax))
+                values.append(second)
+        if finite < total:
+            steps.append(int(smax))
+            values.append(None)
+    return out
+
+
+def first_step_at_least(
+    session: Session,
+    run_id: int,
+    name: str,
+    threshold: float,
+    *,
+    layer: str | None = None,
+    model: Model = Metric,
+) -> int | None:
+    """First step whose value of series ``name`` is >= ``threshold`` (exact, not bucketed)."""
+    where = _where(model, run_id, name, layer)
+    step = session.scalar(select(func.min(model.step)).where(*where, model.value >= threshold))
+    return None if step is None else int(step)
+
+
+def open_alert_counts(session: Session, run_ids: Sequence[int]) -> dict[int, int]:
+    """Open alerts per run of ``run_ids`` (runs without any are absent)."""
+    if not run_ids:
+        return {}
+    rows = session.execute(
+        select(Alert.run_id, func.count())
+        .where(Alert.run_id.in_(list(run_ids)), Alert.status == "open")
+        .group_by(Alert.run_id)
+    ).all()
+    return {int(r): int(n) for r, n in rows}
+
+
+def alert_rows(session: Session, run_id: int) -> list[dict[str, Any]]:
+    """Every alert of a run as a JSON-ready dict, by step then id."""
+    alerts = sorted(
+        alert_store.list_alerts(session, run_id=run_id, limit=100_000), key=lambda a: (a.step, a.id)
+    )
+    return [
+        {
+            "id": a.id,
+            "rule": a.rule,
+            "layer": a.layer,
+            "severity": a.severity,
+            "status": a.status,
+            "step": a.step,
+            "resolved_step": a.resolved_step,
+            "message": a.message,
+            "values": a.values,
+            "created_at": _iso(a.created_at),
+            "resolved_at": _iso(a.resolved_at),
+        }
+        for a in alerts
+    ]
+
+
+def delivery_rows(session: Session, project_id: int, limit: int = 200) -> list[dict[str, Any]]:
+    """The project's latest ``limit`` webhook deliveries (newest first) as JSON-ready dicts,
+    with the latency of each one's last attempt (ms)."""
+    rows = session.execute(
+        select(Delivery, Webhook.url)
+        .join(Webhook, Webhook.id == Delivery.webhook_id)
+        .where(Webhook.project_id == project_id)
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+    ).all()
+    ids = [d.id for d, _ in rows]
+    attempts: dict[int, list[DeliveryAttempt]] = {}
+    if ids:
+        for att in session.scalars(
+            select(DeliveryAttempt)
+            .where(DeliveryAttempt.delivery_id.in_(ids))
+            .order_by(DeliveryAttempt.id)
+        ).all():
+            attempts.setdefault(att.delivery_id, []).append(att)
+    out = []
+    for d, url in rows:
+        tried = attempts.get(d.id, [])
+        out.append(
+            {
+                "id": d.id,
+                "event": d.event,
+                "url": url,
+                "status": d.status,
+                "attempts": d.attempts,
+                "alert_id": d.alert_id,
+                "last_status_code": d.last_status_code,
+                "last_error": d.last_error or "",
+                "created_at": _iso(d.created_at),
+                "delivered_at": _iso(d.delivered_at),
+                "latency_ms": tried[-1].latency_ms if tried else None,
+            }
+        )
+    return out
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
