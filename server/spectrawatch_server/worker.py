@@ -8,7 +8,7 @@ same (frame, analysis), so a redelivered job duplicates nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from spectrawatch.wire import FrameKind, FrameLimits, decode_frame, decompress
 from spectrawatch_server.analyses import AnalysisResult, DecodedFrame, analyses_for
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage import series
 from spectrawatch_server.storage.blobs import BlobStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,11 @@ class RunHistory:
 
     def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
         return repo.metric_tail(self.session, self.frame.run_id, name, layer, limit)
+
+    def metric_tails(
+        self, wanted: Mapping[tuple[str, str], int]
+    ) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        return series.metric_tails(self.session, self.frame.run_id, wanted)
 
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
         return repo.scalar_tail(self.session, self.frame.run_id, name, limit)

@@ -14,7 +14,7 @@ from spectrawatch_server.alerts.engine import AlertEngine
 from spectrawatch_server.db import migrate
 from spectrawatch_server.db.models import Alert, Delivery, Frame, Project, Run, Webhook
 from spectrawatch_server.db.session import make_engine, make_session_factory
-from spectrawatch_server.storage import alert_store
+from spectrawatch_server.storage import alert_store, series
 from spectrawatch_server.storage import repository as repo
 
 ALPHA = R.RuleSpec("alpha", "threshold", metric="htsr.alpha", below=2.0, above=6.0, hysteresis=0.1)
@@ -298,3 +298,80 @@ def test_engine_silent_runs_and_client_drops(sessions: sessionmaker[Session]) ->
         assert by_rule["run_silent"].status == "resolved"
         assert by_rule["client_drops"].status == "open"
         assert by_rule["client_drops"].values == {"dropped_frames": 3, "spool_overflow": 0}
+
+
+def test_watched_series_takes_the_longest_history_per_series() -> None:
+    rules = [
+        R.RuleSpec("a", "threshold", metric="m", above=1.0, fire_after=3),
+        R.RuleSpec("b", "growth", metric="m", factor=2.0, window=5),
+        R.RuleSpec("c", "threshold", metric="m", above=1.0, layers="x*", include_model=False),
+        R.RuleSpec("off", "threshold", metric="other", above=1.0, enabled=False),
+    ]
+    metrics = [("x1", "m", 1.0), ("__model__", "m", 2.0), ("y", "m.w16", 0.0), ("y", "other", 1.0)]
+    watched = R.watched_series(rules, metrics)
+    assert watched == {
+        "a": {"x1": {"m"}, "__model__": {"m"}, "y": {"m.w16"}},
+        "b": {"x1": {"m"}, "__model__": {"m"}, "y": {"m.w16"}},
+        "c": {"x1": {"m"}},
+    }
+    assert R.history_wanted(rules, watched) == {
+        ("m", "x1"): 6,
+        ("m", "__model__"): 6,
+        ("m.w16", "y"): 6,
+    }
+
+
+def test_metric_tails_equal_per_series_queries(sessions: sessionmaker[Session]) -> None:
+    from sqlalchemy import event
+
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "p")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        for seq in range(12):
+            frame = add_frame(session, run, seq, {})
+            rows = [
+                repo.MetricRow(layer, name, 100 * seq + k, float(seq * 10 + k))
+                for name in ("a", "b")
+                for layer in [f"l{i}" for i in range(10)]
+                for k in range(3)  # three points per frame, as a multi-step sketch frame
+                if not (layer == "l2" and seq % 2)  # l2 is in every other frame only
+            ]
+            rows.append(repo.MetricRow("l0", "nan", 100 * seq, float("nan")))
+            if seq >= 10:
+                rows.append(repo.MetricRow("l0", "young", 100 * seq, 1.0))  # 2 points in all
+            repo.replace_results(session, run.id, frame.id, frame.step, "t", rows, [])
+        run_id = run.id
+    wanted = {
+        (name, layer): limit
+        for name, layer, limit in [
+            ("a", "l0", 1),
+            ("a", "l1", 5),
+            ("a", "l2", 5),  # missing from the latest frames: falls back to its own query
+            ("b", "l2", 2),
+            ("b", "l1", 40),  # more points than stored
+            ("nan", "l0", 3),
+            ("young", "l0", 11),
+            ("absent", "l0", 1),
+            *[("a", f"l{i}", 3) for i in range(3, 10)],
+        ]
+    }
+    with sessions() as session:
+        want = {k: repo.metric_tail(session, run_id, *k, n) for k, n in wanted.items()}
+        queries: list[str] = []
+        listen = session.connection().engine
+        event.listen(listen, "before_cursor_execute", lambda *a: queries.append(a[2]))
+        got = series.metric_tails(session, run_id, wanted)
+    assert {k: v for k, v in got.items() if v} == {k: v for k, v in want.items() if v}
+    assert (
+        got[("a", "l1")]
+        == [
+            (1000, 100.0),
+            (1001, 101.0),
+            (1002, 102.0),
+            (1100, 110.0),
+            (1101, 111.0),
+            (1102, 112.0),
+        ][-5:]
+    )
+    assert len(wanted) == 15
+    assert len(queries) == 2 * 5 + 1  # 2 per name + 1 fallback for (a, l2), whatever the layers

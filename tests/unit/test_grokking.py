@@ -197,3 +197,14 @@ def test_detector_needs_two_pieces_of_evidence_and_scores_them() -> None:
     assert gk.detect_grokking(weight_norm=norm, sed_collapse_step=2700).step == 2700
     assert gk.detect_grokking(weight_norm=norm, config=gk.DetectorConfig(require=1)).step == 2500
     assert gk.detect_grokking().step is None
+
+
+def test_detector_default_defect_threshold_ignores_a_slow_creep() -> None:
+    # baseline 10/12 alternating: mean 11, sd 1.054 -> 3 sd at 14.16, 4 sd (default) at 15.22
+    steps = _steps(30)
+    creep = [(s, (10.0, 12.0)[i % 2] if i < 10 else 14.7) for i, s in enumerate(steps)]
+    norm = [(s, 100.0 - s / 40 if s <= 2400 else 40.0 + (s - 2400) / 20) for s in steps]
+    assert gk.defect_alarm(creep) == 1100  # the papers' 3-sd rule fires on the creep
+    assert gk.detect_grokking(defect=creep, weight_norm=norm).step is None
+    papers = gk.DetectorConfig(defect_sigma=3.0)
+    assert gk.detect_grokking(defect=creep, weight_norm=norm, config=papers).step == 2500

@@ -260,6 +260,11 @@ class FakeContext:
     def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
         return self.metrics.get((name, layer), [])[-limit:]
 
+    def metric_tails(
+        self, wanted: dict[tuple[str, str], int]
+    ) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        return {k: self.metric_series(*k, n) for k, n in wanted.items()}
+
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
         self.scalars_read.append(name)
         return self.scalars.get(name, [])[-limit:]
@@ -428,3 +433,91 @@ def test_rolling_sed_on_cuda_equals_cpu() -> None:
     for a, b in zip(gpu, cpu, strict=True):
         np.testing.assert_allclose(a.singular_values, b.singular_values, rtol=1e-9)
         assert a.edge == b.edge
+
+
+def _numpy_windows(
+    rows: torch.Tensor, steps: list[int], window: int, ends: list[int]
+) -> list[tuple[int, np.ndarray]]:
+    """(end step, numpy singular values) of every window with ≥ 4 rows (the reference)."""
+    out = []
+    for t in ends:
+        idx = [i for i, s in enumerate(steps) if t - window < s <= t]
+        if len(idx) >= sed.MIN_ROWS:
+            out.append((t, np.linalg.svd(rows[idx].double().numpy(), compute_uv=False)))
+    return out
+
+
+def test_batched_sed_equals_numpy_per_tensor_and_window() -> None:
+    steps = [s for s in range(90) if s not in (40, 41, 77)]  # windows with missing steps too
+    tensors = [
+        _planted(len(steps), d, (6.0, 3.0, 1.5)[: i + 1], noise=0.1, seed=20 + i).float()
+        for i, d in enumerate((300, 300, 900))  # two widths: one bmm per width
+    ]
+    ends = steps[-12:]
+    found = sed.batched_sed(tensors, steps, (8, 16, 32), at=ends, step_interval=1)
+    assert len(found) == 3
+    for rows, per_window in zip(tensors, found, strict=True):
+        assert sorted(per_window) == [8, 16, 32]
+        for w, got in per_window.items():
+            want = _numpy_windows(rows, steps, w, ends)
+            assert [x.step for x in got] == [t for t, _ in want]
+            for x, (_, s) in zip(got, want, strict=True):
+                assert x.n_rows == len(s)
+                np.testing.assert_allclose(x.singular_values, s, rtol=1e-8, atol=1e-10 * s[0])
+
+
+def test_batched_sed_planted_rank_per_tensor() -> None:
+    tensors = [_planted(64, 1_280, (8.0,) * r, noise=0.05, seed=r) for r in (1, 2, 3)]
+    found = sed.batched_sed(tensors, list(range(64)), (32,), at=[63])
+    assert [f[32][0].edge for f in found] == [1, 2, 3]
+
+
+def test_batched_sed_bounds_the_gram_matrix_over_long_histories() -> None:
+    rows = _planted(700, 64, (4.0, 1.0), noise=0.05, seed=3)  # > _ENDS_PER_PART ends
+    got = sed.batched_sed([rows], list(range(700)), (16,))[0][16]
+    assert [w.step for w in got] == list(range(3, 700))
+    want = _numpy_windows(rows, list(range(700)), 16, [15, 400, 699])
+    by_step = {w.step: w for w in got}
+    for t, s in want:
+        np.testing.assert_allclose(by_step[t].singular_values, s, rtol=1e-9)
+
+
+def test_phase_codes_equal_detect_phases_on_every_prefix() -> None:
+    rng = np.random.default_rng(4)
+    t = np.arange(120)
+    shapes = [
+        1.0 + 3.0 * np.exp(-(((t - 50) / 15.0) ** 2)),  # rise, plateau, collapse
+        1.0 + 0.5 * t / 120,  # still rising
+        np.full(120, 1.01),  # flat
+    ]
+    seen = []
+    for shape, noise in zip(shapes, (0.05, 0.05, 0.0), strict=True):
+        values = list(shape + noise * rng.standard_normal(120))
+        steps = [int(s) * 10 for s in t]
+        got = sed.phase_codes(values, 0)
+        want = [
+            sed.detect_phases(steps[: i + 1], values[: i + 1]).phase_at(steps[i])
+            for i in range(120)
+        ]
+        assert got == want
+        assert sed.phase_codes(values, 100) == want[100:]
+        seen.append(set(got))
+    assert seen[0] >= {sed.Phase.RISE, sed.Phase.PLATEAU, sed.Phase.COLLAPSE}
+    assert sed.Phase.RISE in seen[1]
+    assert seen[2] == {sed.Phase.UNKNOWN}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_sed_on_cuda_equals_cpu() -> None:
+    tensors = [_planted(80, 640, (5.0, 2.0), noise=0.05, seed=s).float() for s in range(6)]
+    cpu = sed.batched_sed(tensors, list(range(80)), (16, 32, 64), at=list(range(64, 80)))
+    gpu = sed.batched_sed(
+        [t.cuda() for t in tensors], list(range(80)), (16, 32, 64), at=list(range(64, 80))
+    )
+    for a_layer, b_layer in zip(gpu, cpu, strict=True):
+        for w in (16, 32, 64):
+            assert [x.step for x in a_layer[w]] == [x.step for x in b_layer[w]] != []
+            for a, b in zip(a_layer[w], b_layer[w], strict=True):
+                np.testing.assert_allclose(a.singular_values, b.singular_values, rtol=1e-9)
+                assert a.edge == b.edge

@@ -35,7 +35,8 @@ DEFAULT_WINDOWS = (16, 32, 64)
 INTERVAL_WINDOW = 10
 MIN_ROWS = 4  # fewer rows leave no runner-up ratio to compare k* against
 _SVD_BYTES = 64 << 20  # cap on a batched (n, W, d) float64 stack for method="svd"
-_PART = 256  # windows per batched eigen/SVD call (bounds the Gram block to ~(256 + W)^2)
+_ENDS_PER_PART = 256  # window ends per Gram matrix
+_GRAM_BYTES = 64 << 20  # cap on a stacked (L, n, W, W) float64 block for one eigvalsh call
 
 
 class Phase(IntEnum):
@@ -144,23 +145,48 @@ def assemble_rows(
     A step seen twice keeps the row of the later chunk (a replayed frame). Returns the sorted
     unique steps and the matching rows ``(N, d)`` (dtype of the first chunk).
     """
-    by_step: dict[int, torch.Tensor] = {}
-    dtype: torch.dtype | None = None
-    for steps, rows in chunks:
+    parts = list(chunks)
+    for steps, rows in parts:
         if rows.ndim != 2 or rows.shape[0] != len(steps):
             raise ValueError(f"rows {tuple(rows.shape)} do not match {len(steps)} steps")
-        dtype = dtype or rows.dtype
+    if not any(len(steps) for steps, _ in parts):
+        raise ValueError("no rows to assemble")
+    dtype = parts[0][1].dtype
+    flat = [int(s) for steps, _ in parts for s in steps]
+    if all(a < b for a, b in itertools.pairwise(flat)):  # in order already: one copy
+        return flat, torch.cat([rows.to(dtype) for _, rows in parts])
+    by_step: dict[int, torch.Tensor] = {}
+    for steps, rows in parts:
         for i, s in enumerate(steps):
             by_step[int(s)] = rows[i]
-    if not by_step:
-        raise ValueError("no rows to assemble")
     order = sorted(by_step)
     return order, torch.stack([by_step[s].to(dtype) for s in order])
 
 
-def _interval(steps: Sequence[int]) -> int:
+def min_step_gap(steps: Sequence[int]) -> int:
+    """Smallest positive difference between consecutive steps (1 when there is none)."""
     gaps = [b - a for a, b in itertools.pairwise(steps) if b > a]
     return min(gaps) if gaps else 1
+
+
+def _window_bounds(
+    steps: Sequence[int],
+    ends: Sequence[int],
+    window: int,
+    delta: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ranges ``[lo, hi)`` of the windows ending at ``ends`` (rows with step in
+    (t - window·delta, t])."""
+    st = torch.tensor(list(steps), dtype=torch.int64)
+    at = torch.tensor(list(ends), dtype=torch.int64)
+    hi = torch.searchsorted(st, at, right=True)
+    lo = torch.searchsorted(st, at - window * delta, right=True)
+    return lo, hi
+
+
+def _check_rows(rows: torch.Tensor, steps: Sequence[int]) -> None:
+    if rows.ndim != 2 or rows.shape[0] != len(steps):
+        raise ValueError(f"rows {tuple(rows.shape)} do not match {len(steps)} steps")
 
 
 def rolling_sed(
@@ -180,65 +206,161 @@ def rolling_sed(
     holds the rows with step in (t - window·Δ, t], Δ = ``step_interval`` (default: the smallest
     step difference present), so a window with missing steps is computed on the rows present
     and reported with ``n_rows < window``. Windows with fewer than ``min_rows`` rows or an all-
-    zero matrix are skipped. ``method="gram"`` (default) takes each window's spectrum from the
-    eigenvalues of a principal block of the float64 Gram matrix of the rows, shared by
-    overlapping windows (the paper's own computation; s_k accurate to ~1e-16 s1^2/s_k relative);
-    ``"svd"`` runs LAPACK ``svdvals`` on every window. Windows are batched.
+    zero matrix are skipped. ``method="gram"`` (default) is :func:`batched_sed` on this one
+    tensor (eigenvalues of principal blocks of the float64 Gram matrix, the paper's own
+    computation; s_k accurate to ~1e-16 s1^2/s_k relative); ``"svd"`` runs LAPACK ``svdvals``
+    on every window (the slow reference).
     """
     if method not in ("gram", "svd"):
         raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
-    if rows.ndim != 2 or rows.shape[0] != len(steps):
-        raise ValueError(f"rows {tuple(rows.shape)} do not match {len(steps)} steps")
+    if method == "gram":
+        found = batched_sed(
+            [rows],
+            steps,
+            (window,),
+            at=at,
+            step_interval=step_interval,
+            min_rows=min_rows,
+            energy=energy,
+        )
+        return found[0][window]
+    _check_rows(rows, steps)
     if any(b <= a for a, b in itertools.pairwise(steps)):
         raise ValueError("steps must be strictly increasing (use assemble_rows)")
-    min_rows = max(min_rows, MIN_ROWS)
-    delta = step_interval or _interval(steps)
-    st = torch.tensor(list(steps), dtype=torch.int64)
-    ends = torch.tensor(list(steps if at is None else at), dtype=torch.int64)
-    hi = torch.searchsorted(st, ends, right=True)
-    lo = torch.searchsorted(st, ends - window * delta, right=True)
+    ends = list(steps if at is None else at)
+    lo, hi = _window_bounds(steps, ends, window, step_interval or min_step_gap(steps))
+    groups = _count_groups(lo, hi, max(min_rows, MIN_ROWS))
+    out: dict[int, WindowSED] = {}
+    for count, members in groups.items():
+        per = max(1, _SVD_BYTES // (count * rows.shape[1] * 8))
+        for c in range(0, len(members), per):
+            part = members[c : c + per]
+            idx = lo[part][:, None] + torch.arange(count)
+            sig = window_singular_values(rows[idx.to(rows.device)]).cpu()
+            spectra = _window_results(sig, [ends[j] for j in part], window, energy)
+            for j, res in zip(part, spectra, strict=True):
+                if res is not None:
+                    out[j] = res
+    return [out[j] for j in sorted(out)]
+
+
+def _count_groups(lo: torch.Tensor, hi: torch.Tensor, min_rows: int) -> dict[int, list[int]]:
+    """Window indices grouped by their row count (windows below ``min_rows`` left out)."""
     groups: dict[int, list[int]] = {}
     for j, (a, b) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True)):
         if b - a >= min_rows:
             groups.setdefault(b - a, []).append(j)
-    out: dict[int, WindowSED] = {}
-    for count, members in groups.items():
-        per = _PART if method == "gram" else max(1, _SVD_BYTES // (count * rows.shape[1] * 8))
-        for c in range(0, len(members), per):
-            part = members[c : c + per]
-            starts = lo[part]
-            if method == "svd":
-                idx = starts[:, None] + torch.arange(count)
-                sig = window_singular_values(rows[idx.to(rows.device)]).cpu()
-            else:
-                sig = _gram_singular_values(rows, starts, count)
-            edges = spectral_edges(sig, energy)
-            for i, j in enumerate(part):
-                if float(sig[i, 0]) == 0.0:
-                    continue
-                out[j] = WindowSED(
-                    step=int(ends[j]),
-                    window=window,
-                    n_rows=count,
-                    singular_values=tuple(sig[i].tolist()),
-                    edge=int(edges.edge[i]),
-                    gap_ratio=float(edges.gap_ratio[i]),
-                    margin=float(edges.margin[i]),
-                    signal_rank=int(edges.signal_rank[i]),
-                )
-    return [out[j] for j in sorted(out)]
+    return groups
 
 
-def _gram_singular_values(rows: torch.Tensor, starts: torch.Tensor, count: int) -> torch.Tensor:
-    """Descending singular values ``(n, count)`` of the windows rows[a : a + count], a in starts."""
-    a0, a1 = int(starts.min()), int(starts.max()) + count
-    block = rows[a0:a1].to(torch.float64)
-    gram = block @ block.T
-    idx = (starts - a0)[:, None] + torch.arange(count)
-    sub = gram[idx[:, :, None].to(gram.device), idx[:, None, :].to(gram.device)]
-    eig = torch.linalg.eigvalsh(sub).flip(-1).clamp_min(0.0)
-    sig: torch.Tensor = eig.sqrt().cpu()
-    return sig
+def _window_results(
+    sig: torch.Tensor, end_steps: Sequence[int], window: int, energy: float
+) -> list[WindowSED | None]:
+    """:class:`WindowSED` of spectra ``sig (n, c)`` of the windows ending at ``end_steps`` (n),
+    ``None`` for an all-zero window; one :func:`spectral_edges` call for all of them."""
+    edges = spectral_edges(sig, energy)
+    cols = zip(
+        sig.tolist(),
+        end_steps,
+        edges.edge.tolist(),
+        edges.gap_ratio.tolist(),
+        edges.margin.tolist(),
+        edges.signal_rank.tolist(),
+        strict=True,
+    )
+    return [
+        None if s[0] == 0.0 else WindowSED(int(t), window, len(s), tuple(s), k, gap, margin, rank)
+        for s, t, k, gap, margin, rank in cols
+    ]
+
+
+def batched_sed(
+    rows: Sequence[torch.Tensor],
+    steps: Sequence[int],
+    windows: Sequence[int] = DEFAULT_WINDOWS,
+    *,
+    at: Sequence[int] | None = None,
+    step_interval: int | None = None,
+    min_rows: int = MIN_ROWS,
+    energy: float = 0.95,
+) -> list[dict[int, list[WindowSED]]]:
+    """:func:`rolling_sed` (Gram method) of L tensors sharing ``steps``, every window size at once.
+
+    ``rows[l]`` is ``(N, d_l)`` (widths may differ). One float64 Gram matrix ``(N', N')`` per
+    tensor over the N' rows any window touches (batched ``bmm`` per width); then, per window size
+    and row count, the principal blocks of every tensor and window end are stacked and passed to
+    one batched ``torch.linalg.eigvalsh`` (split only to bound memory). Returns, per tensor,
+    ``{window: [WindowSED, ...]}`` in ``at`` order, equal to :func:`rolling_sed` per tensor.
+    """
+    if not rows:
+        return []
+    for r in rows:
+        _check_rows(r, steps)
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError("steps must be strictly increasing (use assemble_rows)")
+    delta = step_interval or min_step_gap(steps)
+    ends = list(steps if at is None else at)
+    out: list[dict[int, list[WindowSED]]] = [{w: [] for w in windows} for _ in rows]
+    for c in range(0, len(ends), _ENDS_PER_PART):  # bounds the Gram matrix to ~(part + W)^2
+        part = _sed_part(
+            rows, steps, ends[c : c + _ENDS_PER_PART], windows, delta, min_rows, energy
+        )
+        for layer, found in enumerate(part):
+            for w in windows:
+                out[layer][w].extend(found[w])
+    return out
+
+
+def _sed_part(
+    rows: Sequence[torch.Tensor],
+    steps: Sequence[int],
+    ends: Sequence[int],
+    windows: Sequence[int],
+    delta: int,
+    min_rows: int,
+    energy: float,
+) -> list[dict[int, list[WindowSED]]]:
+    """:func:`batched_sed` for one slice of window ends."""
+    bounds = {w: _window_bounds(steps, ends, w, delta) for w in windows}
+    groups = {w: _count_groups(lo, hi, max(min_rows, MIN_ROWS)) for w, (lo, hi) in bounds.items()}
+    used = [(int(bounds[w][0][j]), c) for w, g in groups.items() for c, m in g.items() for j in m]
+    out: list[dict[int, list[WindowSED]]] = [{w: [] for w in windows} for _ in rows]
+    if not used:
+        return out
+    a0 = min(a for a, _ in used)
+    grams = layer_grams([r[a0 : max(a + c for a, c in used)] for r in rows])
+    n_layers = len(rows)
+    for w, by_count in groups.items():
+        found: list[dict[int, WindowSED]] = [{} for _ in rows]
+        for count, members in by_count.items():
+            per = max(1, _GRAM_BYTES // (n_layers * count * count * 8))
+            for c in range(0, len(members), per):
+                part = members[c : c + per]
+                idx = ((bounds[w][0][part] - a0)[:, None] + torch.arange(count)).to(grams.device)
+                sub = grams[:, idx[:, :, None], idx[:, None, :]]  # (L, m, c, c)
+                eig = torch.linalg.eigvalsh(sub.reshape(-1, count, count))
+                sig = eig.flip(-1).clamp_min(0.0).sqrt().cpu()  # (L * m, c), layer-major
+                res = _window_results(sig, [ends[j] for j in part] * n_layers, w, energy)
+                for r, item in enumerate(res):
+                    if item is not None:
+                        found[r // len(part)][part[r % len(part)]] = item
+        for layer in range(n_layers):
+            out[layer][w] = [found[layer][j] for j in sorted(found[layer])]
+    return out
+
+
+def layer_grams(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """float64 Gram matrices ``X Xᵀ`` ``(L, N, N)`` of L row blocks ``(N, d_l)``; tensors of
+    equal width are multiplied in one batched ``bmm``."""
+    n = rows[0].shape[0]
+    grams = torch.empty(len(rows), n, n, dtype=torch.float64, device=rows[0].device)
+    by_width: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_width.setdefault(r.shape[1], []).append(i)
+    for members in by_width.values():
+        x = torch.stack([rows[i].to(grams.device) for i in members]).to(torch.float64)
+        grams[members] = x @ x.mT
+    return grams
 
 
 def multi_window_sed(
@@ -247,8 +369,8 @@ def multi_window_sed(
     windows: Sequence[int] = DEFAULT_WINDOWS,
     **kwargs: object,
 ) -> dict[int, list[WindowSED]]:
-    """:func:`rolling_sed` for several window sizes (the lag analysis compares them)."""
-    return {w: rolling_sed(rows, steps, w, **kwargs) for w in windows}  # type: ignore[arg-type]
+    """SED of one tensor for several window sizes (the lag analysis compares them)."""
+    return batched_sed([rows], steps, windows, **kwargs)[0]  # type: ignore[arg-type]
 
 
 def interval_deltas(
@@ -281,7 +403,9 @@ def interval_sed(
     if len(steps) < 2:
         return []
     deltas, ends = interval_deltas(theta_rows, steps)
-    return rolling_sed(deltas, ends, window, at=at, step_interval=_interval(steps), energy=energy)
+    return rolling_sed(
+        deltas, ends, window, at=at, step_interval=min_step_gap(steps), energy=energy
+    )
 
 
 @dataclass(frozen=True)
@@ -333,10 +457,7 @@ def detect_phases(
         return none
     e = np.asarray(values, dtype=np.float64) - 1.0
     k = max(1, min(smooth, len(e)))
-    csum = np.cumsum(np.insert(e, 0, 0.0))
-    idx = np.arange(len(e))
-    start = np.maximum(idx + 1 - k, 0)
-    s = (csum[idx + 1] - csum[start]) / (idx + 1 - start)
+    s = _trailing_mean(e, k)
     p = int(np.argmax(s))
     ep = float(s[p])
     if not ep >= min_excess:
@@ -358,6 +479,63 @@ def detect_phases(
         peak.peak_step,
         peak.peak_value,
     )
+
+
+def phase_codes(
+    values: Sequence[float],
+    first: int,
+    *,
+    smooth: int = 5,
+    collapse_frac: float = 0.5,
+    min_excess: float = 0.05,
+    rise_tol: float = 0.1,
+) -> list[Phase]:
+    """``detect_phases(steps[:i+1], values[:i+1]).phase_at(steps[i])`` for every i ≥ ``first``
+    (the steps of a series do not change its phases, only their labels).
+
+    The causal segmentation re-run after each new point of a gap series, sharing the trailing
+    mean between prefixes (the trailing mean of a prefix is a prefix of the trailing mean), so
+    each point costs a few array scans instead of a full re-run. The phase of the latest point
+    does not depend on ``plateau_frac`` (the peak itself is always on the plateau).
+    """
+    e = np.asarray(values, dtype=np.float64) - 1.0
+    full = _trailing_mean(e, smooth)
+    out: list[Phase] = []
+    for i in range(first, len(e)):
+        k = max(1, min(smooth, i + 1))
+        s = full[: i + 1] if k == smooth else _trailing_mean(e[: i + 1], k)
+        out.append(_phase_of_prefix(s, collapse_frac, min_excess, rise_tol, k))
+    return out
+
+
+def _trailing_mean(e: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the last ``k`` points up to each index (fewer at the start)."""
+    csum = np.cumsum(np.insert(e, 0, 0.0))
+    idx = np.arange(len(e))
+    start = np.maximum(idx + 1 - k, 0)
+    out: np.ndarray = (csum[idx + 1] - csum[start]) / (idx + 1 - start)
+    return out
+
+
+def _phase_of_prefix(
+    s: np.ndarray,
+    collapse_frac: float,
+    min_excess: float,
+    rise_tol: float,
+    k: int,
+) -> Phase:
+    """Phase of the last point of a smoothed prefix ``s`` (the cases of :func:`detect_phases`:
+    a rising peak at the end is RISE, any point after the peak below the collapse level is
+    COLLAPSE, otherwise the plateau has started)."""
+    p = int(np.argmax(s))
+    ep = float(s[p])
+    if not ep >= min_excess:
+        return Phase.UNKNOWN
+    if p == len(s) - 1 and s[p] - s[max(0, p - k)] > rise_tol * ep:
+        return Phase.RISE
+    if bool((s[p + 1 :] < collapse_frac * ep).any()):
+        return Phase.COLLAPSE
+    return Phase.PLATEAU
 
 
 def lagged_correlation(
@@ -405,12 +583,16 @@ __all__ = [
     "Phases",
     "WindowSED",
     "assemble_rows",
+    "batched_sed",
     "detect_phases",
     "interval_deltas",
     "interval_key",
     "interval_sed",
     "lagged_correlation",
+    "layer_grams",
+    "min_step_gap",
     "multi_window_sed",
+    "phase_codes",
     "rolling_sed",
     "spectral_edges",
     "window_singular_values",

@@ -19,8 +19,7 @@ from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Alert, Frame, Project, Run
-from spectrawatch_server.storage import alert_store
-from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage import alert_store, series
 from spectrawatch_server.webhooks import outbox
 
 log = logging.getLogger(__name__)
@@ -48,11 +47,14 @@ class AlertEngine:
         specs = R.effective_rules(alert_store.stored_rules(session, project.id))
         open_now = alert_store.open_alerts(session, run.id)
         metrics = alert_store.frame_metrics(session, frame.id)
+        watched = R.watched_series(specs, metrics)
+        tails = series.metric_tails(session, run.id, R.history_wanted(specs, watched))
         for rule in specs:
             if not rule.enabled:
                 continue
             if rule.kind in R.METRIC_KINDS:
-                self._metric_rule(session, rule, run, project, metrics, open_now)
+                names_by_layer = watched.get(rule.name, {})
+                self._metric_rule(session, rule, run, project, names_by_layer, tails, open_now)
             elif rule.kind == "nonfinite":
                 self._nonfinite_rule(session, rule, run, project, frame, open_now)
             elif rule.kind == "client_drops":
@@ -72,18 +74,15 @@ class AlertEngine:
         rule: R.RuleSpec,
         run: Run,
         project: Project,
-        metrics: list[tuple[str, str, float | None]],
+        names_by_layer: dict[str, set[str]],
+        tails: series.Series,
         open_now: dict[tuple[str, str], Alert],
     ) -> None:
-        names_by_layer: dict[str, set[str]] = {}
-        for layer, name, _ in metrics:
-            if rule.matches_metric(name) and rule.covers(layer):
-                names_by_layer.setdefault(layer, set()).add(name)
         for layer, names in sorted(names_by_layer.items()):
             is_open = (rule.name, layer) in open_now
             decisions: list[tuple[R.Transition, str, list[tuple[int, float]]]] = []
             for name in sorted(names):
-                tail = repo.metric_tail(session, run.id, name, layer, rule.history_needed)
+                tail = tails.get((name, layer), [])[-rule.history_needed :]
                 if not tail:
                     continue
                 transition = R.decide_series(rule, is_open, [v for _, v in tail])

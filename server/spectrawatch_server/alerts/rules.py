@@ -444,6 +444,42 @@ def decide_series(rule: RuleSpec, is_open: bool, values: Sequence[float]) -> Tra
     return decide(rule, is_open, point_states(rule, values))
 
 
+Watched = dict[str, dict[str, set[str]]]
+"""``{rule name: {layer: metric names}}``: the series of a frame each metric rule watches."""
+
+
+def watched_series(
+    rules: Sequence[RuleSpec], metrics: Sequence[tuple[str, str, float | None]]
+) -> Watched:
+    """The series of a frame's ``(layer, name, value)`` metrics each enabled metric rule watches
+    (names are matched once per distinct name, not once per metric row)."""
+    layers_by_name: dict[str, set[str]] = {}
+    for layer, name, _ in metrics:
+        layers_by_name.setdefault(name, set()).add(layer)
+    out: Watched = {}
+    for rule in rules:
+        if not rule.enabled or rule.kind not in METRIC_KINDS:
+            continue
+        per_layer: dict[str, set[str]] = {}
+        for name, layers in layers_by_name.items():
+            if rule.matches_metric(name):
+                for layer in layers:
+                    if rule.covers(layer):
+                        per_layer.setdefault(layer, set()).add(name)
+        out[rule.name] = per_layer
+    return out
+
+
+def history_wanted(rules: Sequence[RuleSpec], watched: Watched) -> dict[tuple[str, str], int]:
+    """``{(name, layer): points}``: the most points any rule reads from each watched series."""
+    wanted: dict[tuple[str, str], int] = {}
+    for rule in rules:
+        for layer, names in watched.get(rule.name, {}).items():
+            for name in names:
+                wanted[(name, layer)] = max(wanted.get((name, layer), 0), rule.history_needed)
+    return wanted
+
+
 def growth_ratio(rule: RuleSpec, values: Sequence[float]) -> float | None:
     """Latest value over the minimum positive value of the preceding window (for messages)."""
     if not values:

@@ -1,8 +1,10 @@
-"""Per-layer Frobenius and spectral norms of weight frames."""
+"""Per-layer Frobenius and spectral norms of weight frames, and the frame's shared SVDs."""
 
 from __future__ import annotations
 
-from spectrawatch.spectral.norms import FROBENIUS_NORM, SPECTRAL_NORM, matrix_norms
+import torch
+
+from spectrawatch.spectral.norms import FROBENIUS_NORM, SPECTRAL_NORM
 from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.registry import (
     AnalysisContext,
@@ -13,12 +15,29 @@ from spectrawatch_server.analyses.registry import (
 )
 
 
+def weight_singular_values(frame: DecodedFrame, layer: str) -> torch.Tensor:
+    """Singular values ``(min(m, n),)``, descending, float64, of the 2-D weight ``layer`` of a
+    frame; LAPACK runs once per frame and layer, the analyses that need them (``norms``,
+    ``grok_rank``) share the result through ``frame.memo``."""
+    key = ("svdvals", layer)
+    s = frame.memo.get(key)
+    if s is None:
+        weights = frame.tensors[layer]
+        if weights.ndim != 2:
+            raise ValueError(f"expected a 2-D matrix, got shape {tuple(weights.shape)}")
+        s = torch.linalg.svdvals(weights.detach().to(torch.float64))
+        frame.memo[key] = s
+    return s
+
+
 @register("norms", [FrameKind.WEIGHTS])
 def weight_norms(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
-    """Frobenius and spectral norm of every weight matrix in the frame."""
+    """Frobenius and spectral norm of every weight matrix in the frame (float64; the spectral
+    norm is the largest shared singular value, what ``matrix_norm(ord=2)`` computes)."""
     result = AnalysisResult()
     for layer, weights in frame.tensors.items():
-        norms = matrix_norms(weights)
-        result.metrics.append(MetricValue(layer, FROBENIUS_NORM, norms.frobenius))
-        result.metrics.append(MetricValue(layer, SPECTRAL_NORM, norms.spectral))
+        spectral = float(weight_singular_values(frame, layer)[0])
+        frobenius = float(torch.linalg.matrix_norm(weights.to(torch.float64), ord="fro"))
+        result.metrics.append(MetricValue(layer, FROBENIUS_NORM, frobenius))
+        result.metrics.append(MetricValue(layer, SPECTRAL_NORM, spectral))
     return result

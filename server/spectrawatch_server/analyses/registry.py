@@ -8,7 +8,7 @@ on ``(frame, analysis, layer, name)``, so running a job twice duplicates nothing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +54,11 @@ class DecodedFrame:
     header: FrameHeader
     tensors: dict[str, torch.Tensor]
     device: torch.device
+    memo: dict[tuple[str, str], torch.Tensor] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    """Per-frame results shared between analyses, keyed ``(what, layer)`` (see
+    :func:`spectrawatch_server.analyses.norms.weight_singular_values`)."""
 
     @property
     def step(self) -> int:
@@ -69,6 +74,13 @@ class AnalysisContext(Protocol):
 
     def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
         """The last ``limit`` stored ``(step, value)`` points of a metric, oldest first."""
+        ...
+
+    def metric_tails(
+        self, wanted: Mapping[tuple[str, str], int]
+    ) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        """:meth:`metric_series` of many ``(name, layer): limit`` series at once (a few queries
+        instead of one per series); series with no points may be absent."""
         ...
 
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:

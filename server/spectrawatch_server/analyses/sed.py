@@ -8,7 +8,9 @@ order whatever order frames arrived in; a window with missing steps is computed 
 present and flagged with ``sed.incomplete.w<W> = 1``. Per layer and for the whole model
 (tensor ``__model__`` when the client sends one, else the concatenation of the layers' sketches,
 itself a count-sketch of the concatenated update), at every ``info["sed"]["stride"]``-th step:
-``sed.{gap_ratio,edge,margin,signal_rank,incomplete,phase}.w<W>``.
+``sed.{gap_ratio,edge,margin,signal_rank,incomplete,phase}.w<W>``. All layers sharing the same
+steps, every window size and every new step go through one :func:`sed.batched_sed` call, and the
+stored gap series that phase detection continues are read in one ``metric_tails`` call.
 
 The grokking detector (``spectrawatch.spectral.grokking``) is evaluated for ``__model__`` on each
 frame from the commutator-defect scalars and the per-layer Frobenius norms and effective ranks
@@ -20,14 +22,16 @@ the frame's last step. Validation scalars are never read.
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from spectrawatch.spectral import grokking, sed
 from spectrawatch.spectral.norms import FROBENIUS_NORM
 from spectrawatch.wire import FrameKind
+from spectrawatch_server.analyses.norms import weight_singular_values
 from spectrawatch_server.analyses.registry import (
     MODEL_LAYER,
     AnalysisContext,
@@ -104,33 +108,68 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
     result = AnalysisResult()
     if not targets:
         return result
+    by_steps: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = {}
     for layer in layers:
         all_steps, rows = _layer_rows(frames, layer)
-        payload: dict[str, object] = {"analysis": "sed", "interval": interval, "windows": {}}
-        for w in windows:
-            if interval:
-                found = sed.interval_sed(rows, all_steps, w, at=targets)
-            else:
-                found = sed.rolling_sed(rows, all_steps, w, at=targets)
-            if not found:
+        if interval:
+            if len(all_steps) < 2:
                 continue
-            result.metrics.extend(_window_metrics(found, layer, w, interval, context))
-            last = found[-1]
-            payload["windows"][str(w)] = {  # type: ignore[index]
-                "step": last.step,
-                "n_rows": last.n_rows,
-                "singular_values": list(last.singular_values),
-                "normalized": list(last.normalized),
-                "edge": last.edge,
-            }
-        if payload["windows"]:
-            result.spectra.append(SpectrumRecord(layer, payload))
+            rows, ends = sed.interval_deltas(rows, all_steps)
+            key = (sed.min_step_gap(all_steps), *ends)
+        else:
+            key = (0, *all_steps)
+        by_steps.setdefault(key, []).append((layer, rows))
+    found: list[tuple[str, dict[int, list[sed.WindowSED]]]] = []
+    for (delta, *group_steps), members in by_steps.items():
+        batch = sed.batched_sed(
+            [rows for _, rows in members],
+            group_steps,
+            windows,
+            at=targets,
+            step_interval=delta or None,
+        )
+        found.extend((layer, f) for (layer, _), f in zip(members, batch, strict=True))
+    past = context.metric_tails(
+        {(_key(sed.GAP_RATIO, w, interval), layer): PHASE_HISTORY for layer, f in found for w in f}
+    )
+    for layer, by_window in found:
+        _layer_result(result, layer, by_window, interval, past)
     result.metrics.extend(_grokking_metrics(frame, context, result.metrics, layers))
     return result
 
 
+def _layer_result(
+    result: AnalysisResult,
+    layer: str,
+    found_by_window: dict[int, list[sed.WindowSED]],
+    interval: bool,
+    past: Mapping[tuple[str, str], list[tuple[int, float]]],
+) -> None:
+    """Append one layer's metrics and its spectrum record (latest window of each size);
+    ``past`` holds the stored gap series by ``(key, layer)``."""
+    payload: dict[str, object] = {"analysis": "sed", "interval": interval, "windows": {}}
+    for w, found in found_by_window.items():
+        if not found:
+            continue
+        stored = past.get((_key(sed.GAP_RATIO, w, interval), layer), [])
+        result.metrics.extend(_window_metrics(found, layer, w, interval, stored))
+        last = found[-1]
+        payload["windows"][str(w)] = {  # type: ignore[index]
+            "step": last.step,
+            "n_rows": last.n_rows,
+            "singular_values": list(last.singular_values),
+            "normalized": list(last.normalized),
+            "edge": last.edge,
+        }
+    if payload["windows"]:
+        result.spectra.append(SpectrumRecord(layer, payload))
+
+
 def _key(name: str, window: int, interval: bool) -> str:
     return sed.interval_key(name, window) if interval else sed.windowed_key(name, window)
+
+
+_WINDOW_NAMES = (sed.GAP_RATIO, sed.EDGE, sed.MARGIN, sed.SIGNAL_RANK, sed.INCOMPLETE, sed.PHASE)
 
 
 def _window_metrics(
@@ -138,26 +177,25 @@ def _window_metrics(
     layer: str,
     window: int,
     interval: bool,
-    context: AnalysisContext,
+    stored: list[tuple[int, float]],
 ) -> list[MetricValue]:
+    """Metrics of one layer's windows; ``stored`` is the gap series so far (oldest first)."""
+    keys = [_key(name, window, interval) for name in _WINDOW_NAMES]
+    cut = bisect.bisect_left(stored, found[0].step, key=lambda p: p[0])
+    values = [v for _, v in stored[:cut]] + [w.gap_ratio for w in found]
     out: list[MetricValue] = []
-    gap_key = _key(sed.GAP_RATIO, window, interval)
-    past = [
-        (s, v) for s, v in context.metric_series(gap_key, layer, PHASE_HISTORY) if s < found[0].step
-    ]
-    series = past + [(w.step, w.gap_ratio) for w in found]
-    for i, w in enumerate(found):
-        upto = len(past) + i + 1
-        phases = sed.detect_phases([s for s, _ in series[:upto]], [v for _, v in series[:upto]])
-        for name, value in (
-            (sed.GAP_RATIO, w.gap_ratio),
-            (sed.EDGE, float(w.edge)),
-            (sed.MARGIN, w.margin),
-            (sed.SIGNAL_RANK, float(w.signal_rank)),
-            (sed.INCOMPLETE, 0.0 if w.complete else 1.0),
-            (sed.PHASE, float(phases.phase_at(w.step))),
-        ):
-            out.append(MetricValue(layer, _key(name, window, interval), value, step=w.step))
+    for w, phase in zip(found, sed.phase_codes(values, cut), strict=True):
+        numbers = (
+            w.gap_ratio,
+            float(w.edge),
+            w.margin,
+            float(w.signal_rank),
+            0.0 if w.complete else 1.0,
+            float(phase),
+        )
+        out.extend(
+            MetricValue(layer, k, v, step=w.step) for k, v in zip(keys, numbers, strict=True)
+        )
     return out
 
 
@@ -165,8 +203,9 @@ def _total_norm(context: AnalysisContext, layers: Sequence[str]) -> list[tuple[i
     """Total Frobenius norm of the weight matrices, on steps where every matrix was seen."""
     sums: dict[int, tuple[float, int]] = {}
     seen = 0
+    tails = context.metric_tails({(FROBENIUS_NORM, layer): DETECTOR_HISTORY for layer in layers})
     for layer in layers:
-        series = context.metric_series(FROBENIUS_NORM, layer, DETECTOR_HISTORY)
+        series = tails.get((FROBENIUS_NORM, layer))
         if not series:
             continue
         seen += 1
@@ -184,10 +223,13 @@ def _grokking_metrics(
 ) -> list[MetricValue]:
     matrices = [layer for layer in layers if layer != MODEL_LAYER]
     defect = context.scalar_series(grokking.COMMUTATOR_DEFECT, DETECTOR_HISTORY)
+    ranks = context.metric_tails(
+        {(grokking.EFFECTIVE_RANK, layer): DETECTOR_HISTORY for layer in matrices}
+    )
     rank = {
         layer: series
         for layer in matrices
-        if (series := context.metric_series(grokking.EFFECTIVE_RANK, layer, DETECTOR_HISTORY))
+        if (series := ranks.get((grokking.EFFECTIVE_RANK, layer)))
     }
     gap_key = sed.interval_key(sed.GAP_RATIO)
     gap = dict(context.metric_series(gap_key, MODEL_LAYER, PHASE_HISTORY))
@@ -226,10 +268,11 @@ def _grokking_metrics(
 
 @register("grok_rank", [FrameKind.WEIGHTS])
 def weight_effective_rank(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
-    """Effective rank exp(H) of every weight matrix (an input of the grokking detector)."""
+    """Effective rank exp(H) of every weight matrix (an input of the grokking detector), from
+    the frame's singular values shared with the ``norms`` analysis."""
     result = AnalysisResult()
     for layer, weights in frame.tensors.items():
         if weights.ndim == 2 and min(weights.shape) > 1:
-            value = grokking.effective_rank(weights)
+            value = grokking.effective_rank_of(weight_singular_values(frame, layer))
             result.metrics.append(MetricValue(layer, grokking.EFFECTIVE_RANK, value))
     return result

@@ -1,0 +1,57 @@
+"""Tails of many metric series of a run, read in a few queries (the worker's history reads)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from spectrawatch_server.db.models import Metric
+from spectrawatch_server.storage.repository import metric_tail
+
+Series = dict[tuple[str, str], list[tuple[int, float]]]
+
+
+def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str], int]) -> Series:
+    """The last ``wanted[(name, layer)]`` finite ``(step, value)`` points of each series, oldest
+    first (what :func:`repository.metric_tail` returns for one series), in two queries per
+    metric name instead of one per series.
+
+    Per name, with k the most points any of its series needs: the step of the k-th latest point
+    of one such series (an index seek), then every finite point of the name from that step on;
+    a series with enough points there has its tail. When that series has fewer than k points,
+    every point of the name is read instead (a young run). A series with fewer points than it
+    needs after the bounded read (a layer missing from some frames) gets its own query.
+    """
+    out: Series = {}
+    conn = session.connection()  # Core rows: no ORM row processing for thousands of points
+    by_name: dict[str, tuple[int, str]] = {}
+    for (name, layer), limit in sorted(wanted.items()):
+        if limit > by_name.get(name, (0, ""))[0]:
+            by_name[name] = (limit, layer)
+    for name, (k, probe) in sorted(by_name.items()):
+        finite = (Metric.run_id == run_id, Metric.name == name, Metric.value.is_not(None))
+        since = conn.scalar(
+            select(Metric.step)
+            .where(*finite, Metric.layer == probe)
+            .order_by(Metric.step.desc())
+            .offset(k - 1)
+            .limit(1)
+        )
+        stmt = select(Metric.layer, Metric.step, Metric.value).where(*finite)
+        if since is not None:
+            stmt = stmt.where(Metric.step >= since)
+        points: Series = {}
+        for layer, step, value in conn.execute(stmt.order_by(Metric.step)).all():
+            if value is not None:
+                points.setdefault((name, layer), []).append((int(step), float(value)))
+        for key, limit in wanted.items():
+            if key[0] != name:
+                continue
+            found = points.get(key, [])
+            if len(found) >= limit or since is None:
+                out[key] = found[-limit:]
+            else:
+                out[key] = metric_tail(session, run_id, name, key[1], limit)
+    return out

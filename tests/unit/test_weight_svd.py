@@ -1,0 +1,45 @@
+"""The weight frame's singular values are computed once and shared by ``norms`` and
+``grok_rank``, with the same stored values as the standalone functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spectrawatch.spectral import grokking
+from spectrawatch.spectral.norms import FROBENIUS_NORM, SPECTRAL_NORM, matrix_norms
+from spectrawatch.wire import FrameKind
+from spectrawatch_server.analyses.norms import weight_norms
+from spectrawatch_server.analyses.sed import weight_effective_rank
+from tests.history import StubHistory, decoded_frame
+
+
+def test_norms_and_effective_rank_share_one_svd_per_matrix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(64, 32, generator=g),
+        "b": torch.randn(16, 48, generator=g) * 3.0,
+        "row": torch.randn(1, 8, generator=g),  # no effective rank, but norms
+    }
+    frame = decoded_frame(FrameKind.WEIGHTS, 10, tensors)
+    calls: list[tuple[int, ...]] = []
+    svdvals = torch.linalg.svdvals
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return svdvals(x)
+
+    monkeypatch.setattr(torch.linalg, "svdvals", counting)
+    ranks = weight_effective_rank(frame, StubHistory())
+    norms = weight_norms(frame, StubHistory())
+    assert sorted(calls) == [(1, 8), (16, 48), (64, 32)]  # one SVD per matrix for both
+    monkeypatch.setattr(torch.linalg, "svdvals", svdvals)
+    got_rank = {m.layer: m.value for m in ranks.metrics}
+    assert got_rank == {k: grokking.effective_rank(tensors[k]) for k in ("a", "b")}  # exact
+    got = {(m.layer, m.name): m.value for m in norms.metrics}
+    for layer, w in tensors.items():
+        want = matrix_norms(w)
+        assert got[(layer, SPECTRAL_NORM)] == want.spectral  # exact, as stored before
+        assert got[(layer, FROBENIUS_NORM)] == want.frobenius
