@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8765
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint typecheck bench docs clean
+.PHONY: install demo test test-postgres test-fast lint typecheck bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ demo: $(STAMP)
 ## The whole test suite (unit, integration against real servers, e2e). Exit 5 = no tests is a failure.
 test: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+## The integration suite again in scale-out mode: PostgreSQL + procrastinate, one API and two
+## worker processes per server. Needs SPECTRAWATCH_TEST_POSTGRES_URL (eval "$$(.ci/postgres.sh)").
+test-postgres: $(STAMP)
+	@test -n "$$SPECTRAWATCH_TEST_POSTGRES_URL" || \
+	  { echo 'set SPECTRAWATCH_TEST_POSTGRES_URL: eval "$$(bash .ci/postgres.sh)"' >&2; exit 2; }
+	SPECTRAWATCH_TEST_MODE=postgres $(PY) -m pytest -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -m "not slow and not e2e" $(PYTEST_ARGS)

@@ -1,4 +1,8 @@
-"""Shared fixtures: a real server subprocess on a free port with a temp data dir."""
+"""Shared fixtures: a real server subprocess on a free port with a temp data dir.
+
+``SPECTRAWATCH_TEST_MODE=postgres`` runs every server as the scale-out topology (PostgreSQL,
+procrastinate, one API and two worker processes): see :mod:`tests.servers`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,13 @@ import httpx
 import pytest
 import torch
 
-from tests.servers import ServerProcess
+from tests.servers import (
+    POSTGRES_MODE,
+    ServerProcess,
+    drop_databases,
+    stop_all_workers,
+    stop_orphan_workers,
+)
 
 # CI has 2 cores shared with the server subprocesses: oversubscribed BLAS threads make the
 # math tests 3-10x slower there, and results do not depend on the thread count.
@@ -25,9 +35,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_mode_cleanup() -> Iterator[None]:
+    """Postgres mode: stop stray worker processes and drop this session's databases."""
+    yield
+    if POSTGRES_MODE:
+        stop_all_workers()
+        drop_databases()
+
+
+@pytest.fixture(autouse=True)
+def _stop_orphan_workers() -> Iterator[None]:
+    """Postgres mode: a test that killed its API leaves its workers running: stop them."""
+    yield
+    if POSTGRES_MODE:
+        stop_orphan_workers()
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    """A running ``spectrawatch server`` (SQLite, embedded worker) for one test."""
+    """A running ``spectrawatch server`` for one test (SQLite and the embedded worker, or the
+    PostgreSQL topology in postgres mode)."""
     proc = ServerProcess(tmp_path / "server").start()
     try:
         yield proc

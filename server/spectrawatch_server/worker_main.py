@@ -65,13 +65,15 @@ def default_name(device: str) -> str:
 def serve(settings: ServerSettings, name: str | None = None) -> int:
     """Run one worker in this process until SIGINT/SIGTERM (finishing the job in hand)."""
     from spectrawatch_server.app import build_state  # torch is imported here, CUDA still idle
-    from spectrawatch_server.queue.procrastinate import ProcrastinateQueue
+    from spectrawatch_server.queue.procrastinate import ProcrastinateQueue, worker_application_name
+    from spectrawatch_server.worker import resolve_device  # is_available(): no CUDA context
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # per-plugin INFO lines at start
     worker_name = name or default_name(settings.device)
-    # The name shows in pg_stat_activity.application_name: which worker holds which lock/job.
-    url = make_url(settings.resolved_database_url)
-    url = url.update_query_dict({"application_name": worker_name[:63]})
+    # pg_stat_activity.application_name <name>@<device>: which worker holds which lock/job,
+    # and the devices /health reports.
+    app_name = worker_application_name(worker_name, str(resolve_device(settings.device)))
+    url = make_url(settings.resolved_database_url).update_query_dict({"application_name": app_name})
     settings = settings.model_copy(
         update={"database_url": url.render_as_string(hide_password=False)}
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ import httpx
 import pytest
 
 from tests.factories import post_frame, weight_frame
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, cli_env, db_rows
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +33,7 @@ def create_token(data_dir: Path, project: str) -> str:
         text=True,
         check=True,
         timeout=120,
+        env=cli_env(data_dir),
     )
     return result.stdout.strip()
 
@@ -57,9 +57,7 @@ def test_tokens_are_stored_hashed(secured: tuple[ServerProcess, str, str]) -> No
     proc, token_a, _ = secured
     assert token_a.startswith("sw_")
     assert len(token_a) > 30
-    db = sqlite3.connect(proc.data_dir / "spectrawatch.db")
-    stored = [row[0] for row in db.execute("SELECT secret_hash FROM token")]
-    db.close()
+    stored = [row[0] for row in db_rows(proc.data_dir, "SELECT secret_hash FROM token")]
     assert len(stored) == 2
     assert token_a not in stored
     import hashlib

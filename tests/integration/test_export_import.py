@@ -15,7 +15,7 @@ import torch
 
 from spectrawatch.cli import main
 from tests.factories import make_run, post_frame, weight_frame
-from tests.servers import ServerProcess, wait_until
+from tests.servers import DIALECT, ServerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -190,7 +190,7 @@ def test_doctor_reports_server_worker_auth_and_spool(
     checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
     assert checks["connectivity"]["status"] == "ok"
     assert checks["versions"]["status"] == "ok"
-    assert "sqlite" in checks["database"]["detail"]
+    assert DIALECT in checks["database"]["detail"]
     assert checks["auth"]["status"] == "ok"
     assert "anonymous" in checks["auth"]["detail"]
     # the server's worker runs on CUDA when this machine has it; on CPU doctor warns

@@ -10,12 +10,10 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +25,17 @@ from sqlalchemy.engine import make_url
 
 from spectrawatch.wire import decode_frame
 from tests.factories import make_run, post_frame, weight_frame
-from tests.servers import ServerProcess, wait_until
+from tests.servers import POSTGRES_MODE, STALLED_SECONDS, ServerProcess, WorkerProcess, wait_until
+from tests.servers import SCALE_ENV as SERVER_SCALE_ENV
 
 pytestmark = pytest.mark.integration
 
 POSTGRES_URL = os.environ.get("SPECTRAWATCH_TEST_POSTGRES_URL")
+if POSTGRES_MODE:
+    pytest.skip(
+        "these tests build their own topology, whatever the mode: they ran in the embedded pass",
+        allow_module_level=True,
+    )
 if not POSTGRES_URL:
     pytest.skip(
         "SPECTRAWATCH_TEST_POSTGRES_URL is unset: start PostgreSQL with "
@@ -39,67 +43,11 @@ if not POSTGRES_URL:
         allow_module_level=True,
     )
 
-STALLED_SECONDS = 4.0
 SCALE_ENV = {
-    "SPECTRAWATCH_QUEUE": "procrastinate",
-    "SPECTRAWATCH_WORKER_HEARTBEAT_SECONDS": "1",
-    "SPECTRAWATCH_WORKER_STALLED_SECONDS": str(STALLED_SECONDS),
-    "SPECTRAWATCH_STALL_CHECK_SECONDS": "1",
-    "SPECTRAWATCH_WORKER_POLL_SECONDS": "0.5",
+    **SERVER_SCALE_ENV,
     "SPECTRAWATCH_JOB_MAX_ATTEMPTS": "3",
     "SPECTRAWATCH_JOB_BACKOFF_SECONDS": "1",
-    "SPECTRAWATCH_DEVICE": "cpu",
 }
-
-
-@dataclass
-class WorkerProcess:
-    """A real ``spectrawatch worker`` subprocess."""
-
-    name: str
-    data_dir: Path
-    env: dict[str, str]
-    args: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / f"{self.name}.log"
-
-    def start(self) -> WorkerProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "spectrawatch", "worker", "--device", "cpu"]
-        cmd += ["--name", self.name, "--data-dir", str(self.data_dir), *self.args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
-        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """kill -9: no shutdown code runs, the job it holds stays 'doing'."""
-        if self.alive:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.alive:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def signal(self, signum: int) -> None:
-        if self.alive:
-            assert self.proc is not None
-            self.proc.send_signal(signum)
 
 
 @dataclass
@@ -112,12 +60,12 @@ class Topology:
     client: httpx.Client
 
     def live_workers(self) -> set[str]:
-        """Names of workers connected to the database (the name is their application_name)."""
+        """Names of workers connected to the database (application_name ``<name>@<device>``)."""
         rows = self.sql(
             "SELECT DISTINCT application_name FROM pg_stat_activity "
             "WHERE datname = current_database()"
         )
-        return {r[0] for r in rows}
+        return {r[0].rsplit("@", 1)[0] for r in rows}
 
     def fresh_heartbeats(self) -> int:
         return int(
@@ -205,6 +153,9 @@ def test_health_reports_postgres_and_live_workers(topology: Topology) -> None:
     assert health["database"] == "postgresql"
     assert health["queue"]["engine"] == "procrastinate"
     assert health["worker"]["running"] is True  # a worker heartbeat is fresh
+    # the devices of the external workers, not of the API process
+    assert health["worker"]["live"] == 2
+    assert (health["worker"]["devices"], health["worker"]["external"]) == (["cpu"], True)
 
 
 def test_ingest_worker_metrics_match_numpy(topology: Topology) -> None:
@@ -337,7 +288,7 @@ def test_kill_9_worker_mid_job_is_redelivered_and_stored_once(topology: Topology
                 "SELECT application_name FROM pg_stat_activity "
                 "WHERE datname = current_database() AND wait_event_type = 'Lock'"
             )
-            return str(rows[0][0]) if rows else None
+            return str(rows[0][0]).rsplit("@", 1)[0] if rows else None
 
         wait_until(lambda: blocked_worker() is not None, timeout=60)
         ((first_worker_id,),) = topology.sql(

@@ -13,7 +13,7 @@ import torch
 
 from spectrawatch.wire import compress, encode_frame
 from tests.factories import make_run, post_frame, weight_frame
-from tests.servers import ServerProcess, wait_until
+from tests.servers import DIALECT, ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def frames_done(client: httpx.Client, run_id: int, expected: int) -> bool:
 def test_health_and_openapi(client: httpx.Client, shared_server: ServerProcess) -> None:
     health = client.get("/health").json()
     assert health["status"] == "ok"
-    assert health["database"] == "sqlite"
+    assert health["database"] == DIALECT
     assert health["worker"]["running"] is True
     docs = httpx.get(f"{shared_server.url}/docs")
     assert docs.status_code == 200

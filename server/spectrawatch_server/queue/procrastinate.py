@@ -23,7 +23,9 @@ Delivery is at-least-once and the handler is idempotent (results are replaced pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 
 from procrastinate import App, PsycopgConnector, RetryStrategy
 from procrastinate import exceptions as pexc
@@ -45,6 +47,7 @@ STALLED_TASK = "spectrawatch.retry_stalled_jobs"
 CLEANUP_TASK = "spectrawatch.delete_old_jobs"
 ANALYSIS_QUEUE = "spectrawatch-analysis"
 MAINTENANCE_QUEUE = "spectrawatch-maintenance"
+_RECONNECT_MAX_SECONDS = 30.0  # longest wait between reconnection attempts of a worker
 _SCHEMA_LOCK_KEY = 0x5357_5150  # pg_advisory_xact_lock key serialising schema installs
 
 # procrastinate job status -> the embedded queue's names, so health/API read the same keys.
@@ -57,6 +60,15 @@ STATUS_NAMES = {
     "aborting": "running",
     "aborted": "failed",
 }
+
+
+_DEVICE_SEP = "@"  # application_name of a worker's connections: <name>@<device>
+
+
+def worker_application_name(name: str, device: str) -> str:
+    """``<name>@<device>`` (PostgreSQL keeps 63 bytes): who holds which lock, on which device."""
+    suffix = f"{_DEVICE_SEP}{device}"
+    return name.replace(_DEVICE_SEP, "-")[: 63 - len(suffix)] + suffix
 
 
 class QueueNotSupported(ValueError):
@@ -172,6 +184,12 @@ class ProcrastinateQueue:
     @property
     def alive(self) -> bool:
         """Whether at least one worker heartbeat is fresher than the stall timeout."""
+        return self.live_workers()[0] > 0
+
+    def live_workers(self) -> tuple[int, list[str]]:
+        """Workers with a heartbeat fresher than the stall timeout, and the devices of the
+        workers connected to the database (from their ``application_name``, see
+        :func:`worker_application_name`), e.g. ``(2, ["cuda:0", "cuda:1"])``."""
         with self.sessions() as session:
             live = session.scalar(
                 text(
@@ -180,7 +198,15 @@ class ProcrastinateQueue:
                 ),
                 {"secs": self.stalled_seconds},
             )
-        return bool(live)
+            names = session.scalars(
+                text(
+                    "SELECT DISTINCT application_name FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND application_name LIKE :pattern"
+                ),
+                {"pattern": f"%{_DEVICE_SEP}%"},
+            ).all()
+        devices = {name.rsplit(_DEVICE_SEP, 1)[1] for name in names}
+        return int(live or 0), sorted(devices)
 
     # --- worker side -------------------------------------------------------------------
 
@@ -193,6 +219,48 @@ class ProcrastinateQueue:
         asyncio.run(self.run_worker_async(name))
 
     async def run_worker_async(self, name: str) -> None:
+        """Run procrastinate's worker until SIGINT/SIGTERM, reconnecting after database loss.
+
+        procrastinate stops a worker whose LISTEN connection or heartbeat fails (the database
+        restarted, a network blip); this process then reconnects with a backoff of 1..30 s
+        and goes on. The job in hand of a lost worker is re-queued by the stalled-job check.
+        On a signal the current job finishes first (procrastinate's graceful stop).
+        """
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        delay = 1.0
+        try:
+            while not stop.is_set():
+                started = loop.time()
+                worker = asyncio.create_task(self._run_worker_once(name))
+                stopped = asyncio.create_task(stop.wait())
+                await asyncio.wait({worker, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if not worker.done():  # a signal: cancelling makes procrastinate stop gracefully
+                    worker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await worker
+                    return
+                error = worker.exception()
+                if stop.is_set():
+                    return
+                delay = 1.0 if loop.time() - started > _RECONNECT_MAX_SECONDS else delay
+                log.warning(
+                    "worker %s stopped (%s); reconnecting to the database in %.0f s",
+                    name,
+                    repr(error) if error else "lost its database connection",
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(2 * delay, _RECONNECT_MAX_SECONDS)
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    async def _run_worker_once(self, name: str) -> None:
         async with self.app.open_async():
             await self.app.run_worker_async(
                 queues=[ANALYSIS_QUEUE, MAINTENANCE_QUEUE],
@@ -201,7 +269,7 @@ class ProcrastinateQueue:
                 fetch_job_polling_interval=self.poll_seconds,
                 update_heartbeat_interval=self.heartbeat_seconds,
                 stalled_worker_timeout=self.stalled_seconds,
-                install_signal_handlers=True,
+                install_signal_handlers=False,  # run_worker_async handles them
             )
 
     async def retry_stalled_jobs(self) -> list[int]:

@@ -1,4 +1,4 @@
-"""Liveness and readiness: database reachable, queue depth, worker device."""
+"""Liveness and readiness: database reachable, queue depth, worker devices."""
 
 from __future__ import annotations
 
@@ -9,8 +9,28 @@ from sqlalchemy import text
 
 from spectrawatch._version import __version__
 from spectrawatch_server.api.deps import SessionDep, StateDep
+from spectrawatch_server.api.state import AppState
 
 router = APIRouter(tags=["health"])
+
+
+def worker_health(state: AppState) -> dict[str, Any]:
+    """``running``, ``live`` (workers heartbeating) and ``device``; ``external`` is true when
+    jobs run in ``spectrawatch worker`` processes, whose devices are listed (``devices``) and
+    joined into ``device`` (``"none"`` while no worker is connected)."""
+    live_workers = getattr(state.queue, "live_workers", None)
+    if live_workers is None:  # embedded: the worker thread of this process
+        running = bool(getattr(state.queue, "alive", False))
+        device = str(state.worker.device)
+        return {"device": device, "running": running, "live": int(running), "external": False}
+    live, devices = live_workers()
+    return {
+        "device": ",".join(devices) or "none",
+        "devices": devices,
+        "running": live > 0,
+        "live": live,
+        "external": True,
+    }
 
 
 @router.get("/health")
@@ -21,9 +41,6 @@ def read_health(state: StateDep, session: SessionDep) -> dict[str, Any]:
         "version": __version__,
         "database": state.engine.dialect.name,
         "queue": {"engine": state.settings.queue, "jobs": state.queue.counts()},
-        "worker": {
-            "device": str(state.worker.device),
-            "running": bool(getattr(state.queue, "alive", False)),
-        },
+        "worker": worker_health(state),
         "auth_required": state.settings.require_auth,
     }
