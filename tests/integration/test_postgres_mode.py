@@ -13,6 +13,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,43 @@ def test_cpu_supervisor_spawns_workers_that_die_with_it(topology: Topology, tmp_
         wait_until(lambda: not {"sup-0", "sup-1"} & topology.live_workers(), timeout=60)
     finally:
         supervisor.kill()
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """PIDs of ``multiprocessing`` spawn children of ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # the process ended meanwhile
+            continue
+        if parent == pid and b"spawn_main" in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_several_api_processes_share_one_port(topology: Topology, tmp_path: Path) -> None:
+    """`spectrawatch server --workers 2`: two uvicorn processes on the same database and port;
+    concurrent frames all stored once, replays answered from the store, jobs analysed."""
+    api = ServerProcess(tmp_path / "api2", env=topology.api.env, args=["--workers", "2"]).start()
+    try:
+        with httpx.Client(base_url=f"{api.url}/api/v1", timeout=30) as client:
+            run_id = make_run(client, name="pg-api-processes")
+            bodies = [weight_frame(step=10 * seq, seq=seq, seed=7) for seq in range(24)]
+
+            def send(seq: int) -> int:
+                with httpx.Client(base_url=client.base_url, timeout=30) as own:
+                    return post_frame(own, run_id, bodies[seq], seq=seq).status_code
+
+            with ThreadPoolExecutor(8) as pool:
+                assert list(pool.map(send, range(24))) == [202] * 24
+                assert list(pool.map(send, range(24))) == [200] * 24
+            wait_until(lambda: frame_statuses(client, run_id) == ["done"] * 24, timeout=180)
+        assert api.proc is not None
+        assert len(_spawned_children(api.proc.pid)) == 2  # uvicorn's supervisor and its 2
+    finally:
+        api.stop()
 
 
 @pytest.mark.gpu
