@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,11 +65,18 @@ class ModAddTransformer(nn.Module):
         return logits
 
 
-def make_data(p: int, train_frac: float, seed: int) -> tuple[torch.Tensor, ...]:
+def make_data(
+    p: int,
+    train_frac: float,
+    seed: int,
+    op: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``x_train (n, 3), y_train (n,), x_val, y_val`` for ``op(a, b, p)`` (default (a + b) mod p)
+    over all p^2 pairs, split at random (``seed``) with ``train_frac`` for training."""
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
     a, b = a.reshape(-1), b.reshape(-1)
     x = torch.stack([a, b, torch.full_like(a, p)], dim=1)
-    y = (a + b) % p
+    y = (a + b) % p if op is None else op(a, b, p)
     perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed))
     n_train = int(train_frac * p * p)
     tr, va = perm[:n_train], perm[n_train:]
