@@ -3,17 +3,12 @@ over a real SQLite database migrated by Alembic (episodes, resolution, outbox ro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.alerts.engine import AlertEngine
-from spectrawatch_server.db import migrate
 from spectrawatch_server.db.models import Alert, Delivery, Frame, Project, Run, Webhook
-from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.storage import alert_store, series
 from spectrawatch_server.storage import repository as repo
 
@@ -162,14 +157,6 @@ def test_effective_rules_merge_overrides_and_custom() -> None:
 
 
 # --- the engine over a real database -----------------------------------------------------
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    migrate.upgrade(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def add_frame(

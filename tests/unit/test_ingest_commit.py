@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -13,20 +11,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch_server.api.auth_cache import AuthCache
 from spectrawatch_server.api.errors import ApiError
-from spectrawatch_server.db import migrate
 from spectrawatch_server.db.models import Frame, Job, Run
-from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue.embedded import EmbeddedQueue
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.group_commit import Committed, FrameCommitter
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    migrate.upgrade(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def make_runs(sessions: sessionmaker[Session], n: int, project: str = "p") -> list[int]:

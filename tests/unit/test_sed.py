@@ -15,6 +15,7 @@ from spectrawatch.spectral.norms import FROBENIUS_NORM
 from spectrawatch.wire import FrameHeader, FrameKind
 from spectrawatch_server.analyses.registry import MODEL_LAYER, DecodedFrame, analyses_for
 from spectrawatch_server.analyses.sed import spectral_edge_dynamics, weight_effective_rank
+from tests.history import StubHistory
 
 
 def _planted(n: int, p: int, scales: tuple[float, ...], noise: float, seed: int) -> torch.Tensor:
@@ -245,29 +246,16 @@ def test_metric_keys() -> None:
 # the worker analysis, with a fake context
 
 
-class FakeContext:
-    """Serves earlier frames, stored metrics and scalars; records which scalars were read."""
+class FakeContext(StubHistory):
+    """:class:`StubHistory` that records which scalars were read."""
 
     def __init__(self, frames: list[DecodedFrame] | None = None) -> None:
-        self.frames = frames or []
-        self.metrics: dict[tuple[str, str], list[tuple[int, float]]] = {}
-        self.scalars: dict[str, list[tuple[int, float]]] = {}
+        super().__init__(frames)
         self.scalars_read: list[str] = []
-
-    def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
-        return [f for f in self.frames if f.header.kind == kind][-limit:]
-
-    def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
-        return self.metrics.get((name, layer), [])[-limit:]
-
-    def metric_tails(
-        self, wanted: dict[tuple[str, str], int]
-    ) -> dict[tuple[str, str], list[tuple[int, float]]]:
-        return {k: self.metric_series(*k, n) for k, n in wanted.items()}
 
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
         self.scalars_read.append(name)
-        return self.scalars.get(name, [])[-limit:]
+        return super().scalar_series(name, limit)
 
 
 def _frame(
@@ -383,7 +371,7 @@ def test_grokking_score_uses_training_series_only() -> None:
     ctx.scalars[grokking.COMMUTATOR_DEFECT] = [
         (s, 10.0 + (s % 200) / 100 + (40.0 if s >= 1400 else 0.0)) for s in range(0, 2000, 100)
     ]
-    ctx.metrics[(FROBENIUS_NORM, "w")] = [
+    ctx.series[(FROBENIUS_NORM, "w")] = [
         (s, 100.0 - s / 20 if s <= 1300 else 35.0 + (s - 1300) / 50) for s in range(0, 2000, 100)
     ]
     fired = spectral_edge_dynamics(frame, ctx)
@@ -396,7 +384,7 @@ def test_without_the_probe_the_sed_collapse_is_the_second_piece_of_evidence() ->
     rows = _planted(10, 50, (1.0,), 0.1, seed=5).float()
     frame = _frame(FrameKind.UPDATE_SKETCH, list(range(3000, 3010)), {"w": rows}, seq=0)
     ctx = FakeContext()
-    ctx.metrics[(FROBENIUS_NORM, "w")] = [
+    ctx.series[(FROBENIUS_NORM, "w")] = [
         (s, 100.0 - s / 20 if s <= 1300 else 35.0 + (s - 1300) / 50) for s in range(0, 3000, 100)
     ]
     assert _values(spectral_edge_dynamics(frame, ctx), grokking.IMMINENT, MODEL_LAYER) == {
@@ -404,7 +392,7 @@ def test_without_the_probe_the_sed_collapse_is_the_second_piece_of_evidence() ->
     }
     # interval gap: rises to 5 by 1000, holds, falls to 1.5 from 2000 on
     gap = [(s, 1.0 + 4.0 * min(s, 1000) / 1000 if s < 2000 else 1.5) for s in range(100, 3000, 100)]
-    ctx.metrics[(sed.interval_key(sed.GAP_RATIO), MODEL_LAYER)] = gap
+    ctx.series[(sed.interval_key(sed.GAP_RATIO), MODEL_LAYER)] = gap
     fired = spectral_edge_dynamics(frame, ctx)
     assert _values(fired, grokking.IMMINENT, MODEL_LAYER) == {3009: 1.0}
     # with a (quiet) defect series the SED collapse is not used as evidence
