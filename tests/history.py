@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ class StubHistory:
         return self.series.get((name, layer), [])[-limit:]
 
     def metric_tails(
-        self, wanted: dict[tuple[str, str], int]
+        self, wanted: Mapping[tuple[str, str], int]
     ) -> dict[tuple[str, str], list[tuple[int, float]]]:
         return {k: self.metric_series(*k, n) for k, n in wanted.items()}
 
