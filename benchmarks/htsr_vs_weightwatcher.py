@@ -48,6 +48,50 @@ def gpt2_weights(blocks: int, embeddings: bool) -> dict[str, Any]:
     return out
 
 
+def trained_weights(path: str, steps: int = 300) -> None:
+    """Train a small transformer LM briefly and save its 2-D weights to ``path`` (safetensors).
+
+    4 pre-norm encoder blocks, d_model 256, 4 heads, d_ff 1024 (``in_proj`` 768x256, ``out_proj``
+    256x256, ``linear1`` 1024x256, ``linear2`` 256x1024) + a 512x256 embedding, next-token
+    prediction on sequences of a fixed random bigram chain, AdamW lr 1e-3, batch 32 x 64 tokens,
+    seed 0: weights that have moved off their init, as a "briefly trained" model.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    torch.manual_seed(0)
+    vocab, width, seq = 512, 256, 64
+    layer = nn.TransformerEncoderLayer(
+        width, 4, 1024, dropout=0.0, batch_first=True, norm_first=True
+    )
+    model = nn.ModuleDict(
+        {
+            "emb": nn.Embedding(vocab, width),
+            "blocks": nn.TransformerEncoder(layer, 4, enable_nested_tensor=False),
+            "head": nn.Linear(width, vocab),
+        }
+    )
+    nxt = torch.randint(vocab, (vocab, 4))  # each token is followed by one of 4 tokens
+    mask = nn.Transformer.generate_square_subsequent_mask(seq)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        tokens = [torch.randint(vocab, (32,))]
+        for _ in range(seq):
+            tokens.append(nxt[tokens[-1], torch.randint(4, (32,))])
+        x = torch.stack(tokens, 1)
+        h = model["blocks"](model["emb"](x[:, :-1]), mask=mask, is_causal=True)
+        loss = nn.functional.cross_entropy(model["head"](h).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    weights = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.ndim == 2}
+    save_file(weights, path)
+    print(
+        f"trained {steps} steps, final loss {loss.item():.3f}, {len(weights)} matrices", flush=True
+    )
+
+
 def as_module(weights: dict[str, Any]) -> Any:
     """A module WeightWatcher can walk: one Linear/Embedding per weight, in order."""
     import torch
@@ -64,12 +108,19 @@ def as_module(weights: dict[str, Any]) -> Any:
     return torch.nn.Sequential(*mods)
 
 
-def run_one(config: str, blocks: int, embeddings: bool, repeat: int) -> dict[str, Any]:
+def run_one(
+    config: str, blocks: int, embeddings: bool, repeat: int, weights_file: str | None = None
+) -> dict[str, Any]:
     import warnings
 
     import torch
 
-    weights = gpt2_weights(blocks, embeddings)
+    if weights_file:
+        from safetensors.torch import load_file
+
+        weights = load_file(weights_file)
+    else:
+        weights = gpt2_weights(blocks, embeddings)
     result: dict[str, Any] = {"config": config, "blocks": blocks, "embeddings": embeddings}
     times = []
     if config.startswith("ww"):
@@ -114,15 +165,55 @@ def run_one(config: str, blocks: int, embeddings: bool, repeat: int) -> dict[str
     return result
 
 
-def spawn(config: str, blocks: int, embeddings: bool, repeat: int, threads: int) -> dict[str, Any]:
+def spawn(
+    config: str,
+    blocks: int,
+    embeddings: bool,
+    repeat: int,
+    threads: int,
+    weights_file: str | None = None,
+) -> dict[str, Any]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     args = [sys.executable, __file__, "--worker", config, "--blocks", str(blocks)]
     args += ["--repeat", str(repeat)] + (["--embeddings"] if embeddings else [])
+    args += ["--weights-file", weights_file] if weights_file else []
     out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
     last: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return last
+
+
+def compare_trained(args: argparse.Namespace) -> None:
+    """Every configuration on all 2-D weights of the briefly trained model, alternating rounds."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trained.safetensors")
+        # trained in a child: Linux keeps a parent's peak RSS in its exec'd children's ru_maxrss
+        subprocess.run([sys.executable, __file__, "--train-to", path], check=True)
+        best: dict[str, dict[str, Any]] = {}
+        configs = ["ww", "sw_nomp", "ww_mp", "sw", "sw_farms"]
+        for rnd in range(args.rounds):
+            for config in configs if rnd % 2 == 0 else configs[::-1]:
+                repeat = 1 if config.startswith("ww") else args.repeat
+                r = spawn(config, 0, False, repeat, args.threads, path)
+                if config not in best or r["seconds"] < best[config]["seconds"]:
+                    best[config] = r
+                print(f"round {rnd} {config:10s} {r['seconds']:8.3f}s", flush=True)
+    for config, r in best.items():
+        print(
+            f"{config:10s} layers={r['layers']:3d} time={r['seconds']:8.3f}s "
+            f"peak_rss={r['peak_rss_mb']:7.0f} MB"
+        )
+    for cfg, ref in (("sw_nomp", "ww"), ("sw", "ww_mp"), ("sw_farms", "ww_mp")):
+        mine, theirs = best[cfg], best[ref]
+        d_alpha = max(abs(a - b) for a, b in zip(mine["alpha"], theirs["alpha"], strict=True))
+        print(
+            f"speed-up {cfg} vs {ref}: {theirs['seconds'] / mine['seconds']:.1f}x "
+            f"(max |d alpha| = {d_alpha:.2e}; alpha range {min(mine['alpha']):.2f}-"
+            f"{max(mine['alpha']):.2f})"
+        )
 
 
 def main() -> None:
@@ -133,12 +224,26 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of all tools (min)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--embeddings", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--weights-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--train-to", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--trained",
+        action="store_true",
+        help="compare on a briefly trained small transformer instead of GPT-2 shapes",
+    )
     args = p.parse_args()
     if args.worker:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        print(json.dumps(run_one(args.worker, args.blocks, args.embeddings, args.repeat)))
+        result = run_one(args.worker, args.blocks, args.embeddings, args.repeat, args.weights_file)
+        print(json.dumps(result))
+        return
+    if args.train_to:
+        trained_weights(args.train_to)
+        return
+    if args.trained:
+        compare_trained(args)
         return
 
     rows: list[dict[str, Any]] = [spawn("baseline", 0, False, 1, args.threads)]
@@ -152,25 +257,26 @@ def main() -> None:
         ("sw_farms", sub, False, args.repeat),
     ]
     # the box is shared: alternate the tools over several rounds and keep each one's best
-    best: dict[tuple[str, int], dict[str, Any]] = {}
+    best: dict[tuple[str, str], dict[str, Any]] = {}
     for rnd in range(args.rounds):
         for config, blocks, emb, rep in plan if rnd % 2 == 0 else plan[::-1]:
             r = spawn(config, blocks, emb, rep, args.threads)
-            key = (config, blocks)
+            key = (config, "subset")
             if key not in best or r["seconds"] < best[key]["seconds"]:
                 best[key] = r
             print(f"round {rnd} {config:12s} blocks={blocks:2d} {r['seconds']:8.3f}s", flush=True)
     for config, blocks, emb, rep in (("sw_farms", 12, True, 1), ("sw_nomp", 12, True, 1)):
-        best[(config, blocks)] = spawn(config, blocks, emb, rep, args.threads)
-    for (config, blocks), r in best.items():
+        best[(config, "full")] = spawn(config, blocks, emb, rep, args.threads)
+    for (config, _), r in best.items():
         rows.append(r)
         print(
-            f"{config:12s} blocks={blocks:2d} emb={r['embeddings']!s:5s} layers={r['layers']:3d} "
-            f"time={r['seconds']:8.3f}s peak_rss={r['peak_rss_mb']:7.0f} MB",
+            f"{config:12s} blocks={r['blocks']:2d} emb={r['embeddings']!s:5s} "
+            f"layers={r['layers']:3d} time={r['seconds']:8.3f}s "
+            f"peak_rss={r['peak_rss_mb']:7.0f} MB",
             flush=True,
         )
-    by = {(r["config"], r["blocks"]): r for r in rows[1:]}
-    ww, ww_mp = by[("ww", sub)], by[("ww_mp", sub)]
+    by = best
+    ww, ww_mp = by[("ww", "subset")], by[("ww_mp", "subset")]
     print(f"baseline process (torch + weights of 0 blocks): {rows[0]['peak_rss_mb']:.0f} MB")
     for cfg, ref in (
         ("sw_nomp", ww),
@@ -179,13 +285,13 @@ def main() -> None:
         ("sw_farms", ww_mp),
         ("sw_farms", ww),
     ):
-        mine = by[(cfg, sub)]
+        mine = by[(cfg, "subset")]
         d_alpha = max(abs(a - b) for a, b in zip(mine["alpha"], ref["alpha"], strict=True))
         print(
             f"speed-up {cfg} vs {ref['config']}: {ref['seconds'] / mine['seconds']:.1f}x "
             f"(max |d alpha| = {d_alpha:.2e})"
         )
-    full = by[("sw_farms", 12)]
+    full = by[("sw_farms", "full")]
     for key in ("alpha_hill", "farms_alpha_hill", "alpha", "farms_alpha"):
         vals = full[key]
         print(f"full model {key}: min {min(vals):.3f} max {max(vals):.3f} (first 4: {vals[:4]})")

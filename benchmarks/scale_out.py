@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from benchmarks.ingest_load import sketch_frame
 from spectrawatch.wire import FrameKind, encode_frame
 from tests.servers import ServerProcess, wait_until
 
@@ -117,8 +118,9 @@ def start_worker(env: dict[str, str], root: Path, name: str) -> subprocess.Popen
 
 
 def bench_drain(
-    pg: str, root: Path, workers: int, runs: int, frames: int, layers: int, size: int
+    pg: str, root: Path, workers: int, runs: int, frames: int, body: Callable[[int, int], bytes]
 ) -> tuple[float, int, float]:
+    """Drain time of ``runs x frames`` queued frames (``body(seq, run)``) by ``workers``."""
     with postgres_database(pg) as url:
         env = {
             "SPECTRAWATCH_DATABASE_URL": url,
@@ -132,7 +134,7 @@ def bench_drain(
         try:
             for r in range(runs):
                 run_id = make_run(api.url, f"drain-{r}")
-                bodies = [weight_frame(10 * s, s, layers, size, r) for s in range(frames)]
+                bodies = [body(s, r) for s in range(frames)]
                 post_all(api.url, run_id, bodies, 1, offset=0)
             # one intra-op thread per worker: W workers use W cores (oversubscribed OpenMP
             # threads spin and distort the comparison on a small, shared machine)
@@ -171,6 +173,22 @@ def bench_drain(
             api.stop()
 
 
+def bench_ingest_both(pg: str, root: Path, frames: int) -> None:
+    """Ingest frames/s with 1 and 4 client threads on SQLite and on PostgreSQL."""
+    sqlite = bench_ingest({}, root / "sqlite", frames)
+    with postgres_database(pg) as url:
+        postgres = bench_ingest(
+            {"SPECTRAWATCH_DATABASE_URL": url, "SPECTRAWATCH_QUEUE": "procrastinate"},
+            root / "postgres",
+            frames,
+        )
+    for threads in (1, 4):
+        print(
+            f"ingest, {threads} client thread(s): SQLite {sqlite[threads]:.0f} frames/s, "
+            f"PostgreSQL+procrastinate {postgres[threads]:.0f} frames/s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ingest-frames", type=int, default=200)
@@ -178,24 +196,33 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--sketch-layers",
+        type=int,
+        default=0,
+        help="drain update-sketch frames of this many tensors x (16, 640) instead of weight "
+        "frames (150 = GPT-2 small: 149 parameter tensors + the whole model)",
+    )
+    parser.add_argument("--skip-ingest", action="store_true")
     args = parser.parse_args()
+    if args.sketch_layers:
+        shape = f"{args.sketch_layers} x (16, 640) sketch"
+
+        def body(seq: int, run: int) -> bytes:
+            return sketch_frame(seq, args.sketch_layers)
+    else:
+        shape = f"{args.layers} x ({args.size}, {args.size})"
+
+        def body(seq: int, run: int) -> bytes:
+            return weight_frame(10 * seq, seq, args.layers, args.size, run)
+
     pg = os.environ.get("SPECTRAWATCH_TEST_POSTGRES_URL")
     if not pg:
         raise SystemExit('SPECTRAWATCH_TEST_POSTGRES_URL is unset: eval "$(.ci/postgres.sh)"')
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sqlite = bench_ingest({}, root / "sqlite", args.ingest_frames)
-        with postgres_database(pg) as url:
-            postgres = bench_ingest(
-                {"SPECTRAWATCH_DATABASE_URL": url, "SPECTRAWATCH_QUEUE": "procrastinate"},
-                root / "postgres",
-                args.ingest_frames,
-            )
-        for threads in (1, 4):
-            print(
-                f"ingest, {threads} client thread(s): SQLite {sqlite[threads]:.0f} frames/s, "
-                f"PostgreSQL+procrastinate {postgres[threads]:.0f} frames/s"
-            )
+        if not args.skip_ingest:
+            bench_ingest_both(pg, root, args.ingest_frames)
         for workers in (1, 2):
             seconds, jobs, median = bench_drain(
                 pg,
@@ -203,12 +230,11 @@ def main() -> None:
                 workers,
                 args.runs,
                 args.frames,
-                args.layers,
-                args.size,
+                body,
             )
             print(
                 f"drain, {workers} worker(s): {jobs} jobs ({args.runs} runs x {args.frames}, "
-                f"{args.layers} x ({args.size}, {args.size})) in {seconds:.1f} s = "
+                f"{shape}) in {seconds:.1f} s = "
                 f"{jobs / seconds:.2f} jobs/s (median job {median:.2f} s)"
             )
 
