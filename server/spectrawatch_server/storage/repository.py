@@ -156,9 +156,7 @@ def frame_by_key(session: Session, key: str) -> Frame | None:
 
 def insert_frame(session: Session, frame: Frame) -> Frame:
     """Insert ``frame`` (the caller enqueues its job in the same transaction)."""
-    session.add(frame)
-    session.flush()
-    touch_run(session, frame.run_id, frame.step)
+    insert_frames(session, [frame])
     return frame
 
 

@@ -102,12 +102,10 @@ async def ingest_frame(
     body = _Body(state)
     try:
         await _receive(request, body, limit)
-        frame = await run_in_threadpool(_store, state, run_id, body, encoding)
+        frame = await run_in_threadpool(_store, state, run_id, body, encoding, idempotency_key)
     except Exception:
         await run_in_threadpool(body.discard)
         raise
-    # Keys are namespaced by run, so one run's client cannot collide with another's frames.
-    frame.idempotency_key = f"{run_id}/{idempotency_key or f'{run_id}:{frame.seq}'}"
     try:
         committed = await ctx.committer.commit(frame)
     except Exception:  # its transaction rolled back: no row names the blob
@@ -172,7 +170,9 @@ async def _receive(request: Request, body: _Body, limit: int) -> None:
         raise ApiError(400, "empty_body", "frame body is empty")
 
 
-def _store(state: AppState, run_id: int, body: _Body, encoding: str) -> Frame:
+def _store(
+    state: AppState, run_id: int, body: _Body, encoding: str, idempotency_key: str | None
+) -> Frame:
     """Validate the body, commit its blob (durable before any row names it), build the row."""
     data = body.data()
     header, nonfinite = _validate(state, data, encoding)
@@ -187,7 +187,8 @@ def _store(state: AppState, run_id: int, body: _Body, encoding: str) -> Frame:
         kind=header.kind.value,
         step=header.step,
         seq=header.seq,
-        idempotency_key="",
+        # Keys are namespaced by run, so one run's client cannot collide with another's frames.
+        idempotency_key=f"{run_id}/{idempotency_key or f'{run_id}:{header.seq}'}",
         blob_key=blob_key,
         encoding=encoding,
         bytes=body.size,
