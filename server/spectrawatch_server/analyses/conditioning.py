@@ -1,6 +1,7 @@
 """Weight conditioning (GMCN, condition number, PC-layer preview) and the Muon-update audit.
 
-* ``conditioning`` on weight frames: exact singular values per 2-D weight, then sigma_max,
+* ``conditioning`` on weight frames: exact singular values per 2-D weight (float64, computed once
+  per frame and shared with ``norms`` and ``grok_rank``), then sigma_max,
   sigma_min, condition number, GMCN, the count of singular values above the MP edge and the GMCN a
   PC layer of level 2 / 4 would leave; plus the global GMCN (geometric mean over the frame's
   matrices, as PC Layer's ``metrics_plotter.py`` plots it) on the model layer. On a CUDA
@@ -24,7 +25,6 @@ from spectrawatch.spectral.conditioning import (
     SIGMA_MAX,
     conditioning_metrics,
     mp_spike_threshold,
-    singular_values,
 )
 from spectrawatch.spectral.polar import (
     MUON_POLAR_DISTANCE,
@@ -35,6 +35,7 @@ from spectrawatch.spectral.polar import (
     muon_audit,
 )
 from spectrawatch.wire import FrameKind
+from spectrawatch_server.analyses.norms import weight_singular_values
 from spectrawatch_server.analyses.registry import (
     MODEL_LAYER,
     AnalysisContext,
@@ -63,7 +64,7 @@ def weight_conditioning(frame: DecodedFrame, context: AnalysisContext) -> Analys
         if not bool(torch.isfinite(weights).all()):
             continue  # NaN/Inf weights have no spectrum; the NaN rule reports them
         shape = (weights.shape[0], weights.shape[1])
-        sv = singular_values(weights)
+        sv = weight_singular_values(frame, layer)  # the SVD `norms` and `grok_rank` share
         values = conditioning_metrics(sv, shape)
         if weights.is_cuda and min(shape) >= POLAR_MIN_DIM and values[SIGMA_MAX] > 0:
             frob_sq = float((sv.to(torch.float64) ** 2).sum())
