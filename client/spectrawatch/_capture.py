@@ -294,8 +294,8 @@ class Capture:
         d = self.spec.dim
         out: dict[str, torch.Tensor] = {}
         for name, p in self.layers:
-            local, _, contributes = _shards.local_shard(p.detach())
-            if ready and contributes:
+            local = _shards.local_tensor(p.detach())  # offsets were found once, at attach
+            if ready and self._shard_of[name][2]:
                 out[name] = count_sketch_signed(local, self._folded(name, local), d)
             else:  # a not-yet-ready rank still joins the all_reduce, with zeros
                 out[name] = torch.zeros(d, dtype=torch.float64, device=local.device)

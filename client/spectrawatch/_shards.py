@@ -45,6 +45,14 @@ def uses_fsdp1(model: nn.Module) -> bool:
     return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
 
 
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``p``: the local tensor of a DTensor, else ``p`` itself."""
+    if not is_sharded(p):
+        return p
+    local: torch.Tensor = p.to_local()  # type: ignore[attr-defined]
+    return local
+
+
 def local_shard(p: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
     """``(local tensor, global flat offset of its first element, contributes)`` of ``p``.
 
@@ -67,8 +75,7 @@ def local_shard(p: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
             raise NotImplementedError(f"sketching a DTensor placed as {placement} (only Shard(0))")
     _, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
     row = math.prod(p.shape[1:]) if p.dim() > 1 else 1
-    local: torch.Tensor = p.to_local()  # type: ignore[attr-defined]
-    return local, int(offset[0]) * row if offset else 0, contributes
+    return local_tensor(p), int(offset[0]) * row if offset else 0, contributes
 
 
 def full_tensor(p: torch.Tensor) -> torch.Tensor:

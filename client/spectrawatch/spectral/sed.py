@@ -184,9 +184,13 @@ def _window_bounds(
     return lo, hi
 
 
-def _check_rows(rows: torch.Tensor, steps: Sequence[int]) -> None:
-    if rows.ndim != 2 or rows.shape[0] != len(steps):
-        raise ValueError(f"rows {tuple(rows.shape)} do not match {len(steps)} steps")
+def _check_stream(rows: Sequence[torch.Tensor], steps: Sequence[int]) -> None:
+    """Every row block ``(N, d)`` has one row per step, and the steps strictly increase."""
+    for r in rows:
+        if r.ndim != 2 or r.shape[0] != len(steps):
+            raise ValueError(f"rows {tuple(r.shape)} do not match {len(steps)} steps")
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError("steps must be strictly increasing (use assemble_rows)")
 
 
 def rolling_sed(
@@ -224,9 +228,7 @@ def rolling_sed(
             energy=energy,
         )
         return found[0][window]
-    _check_rows(rows, steps)
-    if any(b <= a for a, b in itertools.pairwise(steps)):
-        raise ValueError("steps must be strictly increasing (use assemble_rows)")
+    _check_stream([rows], steps)
     ends = list(steps if at is None else at)
     lo, hi = _window_bounds(steps, ends, window, step_interval or min_step_gap(steps))
     groups = _count_groups(lo, hi, max(min_rows, MIN_ROWS))
@@ -294,10 +296,7 @@ def batched_sed(
     """
     if not rows:
         return []
-    for r in rows:
-        _check_rows(r, steps)
-    if any(b <= a for a, b in itertools.pairwise(steps)):
-        raise ValueError("steps must be strictly increasing (use assemble_rows)")
+    _check_stream(rows, steps)
     delta = step_interval or min_step_gap(steps)
     ends = list(steps if at is None else at)
     out: list[dict[int, list[WindowSED]]] = [{w: [] for w in windows} for _ in rows]
