@@ -160,6 +160,24 @@ def db_rows(data_dir: Path, query: str, **params: Any) -> list[Any]:
         engine.dispose()
 
 
+def end_process(
+    proc: subprocess.Popen[bytes] | None, signum: int | None = None, timeout: float = 30.0
+) -> None:
+    """Stop ``proc`` if it runs: send ``signum`` and wait up to ``timeout`` s, then kill -9
+    (``signum=None``: kill -9 at once, no shutdown code runs)."""
+    if proc is None or proc.poll() is not None:
+        return
+    if signum is not None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait()
+
+
 @dataclass
 class WorkerProcess:
     """A real ``spectrawatch worker`` subprocess (log: ``<data_dir>/<name>.log``)."""
@@ -189,21 +207,11 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """kill -9: no shutdown code runs, the job it holds stays 'doing'."""
-        if self.alive:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Graceful stop (SIGTERM): the worker finishes its job in hand."""
-        if self.alive:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, signal.SIGTERM, timeout)
 
     def signal(self, signum: int) -> None:
         if self.alive:
@@ -319,21 +327,13 @@ class ServerProcess:
         """Graceful stop (SIGINT, as Ctrl-C); postgres mode: the workers too (SIGTERM)."""
         for worker in self.workers:  # in parallel: each finishes its job in hand
             worker.signal(signal.SIGTERM)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, signal.SIGINT, timeout)
         self.proc = None
         self.stop_workers()
 
     def kill(self) -> None:
         """kill -9 of the API: no shutdown code runs (postgres mode: the workers live on)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc)
         self.proc = None
 
     def stop_workers(self) -> None:
