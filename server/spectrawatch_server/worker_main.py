@@ -13,10 +13,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
 import sys
+import threading
 from types import FrameType
 
 from sqlalchemy.engine import make_url
@@ -138,14 +140,28 @@ def _child(settings: ServerSettings, name: str, concurrency: int) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when its supervisor dies (even by SIGKILL)."""
-    if not sys.platform.startswith("linux"):
+    """SIGTERM this process when its supervisor dies, even by SIGKILL.
+
+    Two independent mechanisms: the kernel's parent-death signal (Linux ``prctl``), and a
+    daemon thread that waits on the supervisor's ``multiprocessing`` sentinel (portable, and
+    effective where a sandboxed kernel ignores ``PR_SET_PDEATHSIG``).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # pragma: no cover - exotic libc
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+    parent = multiprocessing.parent_process()
+    if parent is None:  # pragma: no cover - only called in spawned children
         return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        log.warning("supervisor %s is gone: stopping", parent.pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def _refuse_if_cuda_initialised() -> None:

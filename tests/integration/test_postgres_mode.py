@@ -321,8 +321,12 @@ def test_cpu_supervisor_spawns_workers_that_die_with_it(topology: Topology, tmp_
     try:
         wait_until(lambda: {"sup-0", "sup-1"} <= topology.live_workers(), timeout=180)
         assert "sup" not in topology.live_workers()  # the supervisor itself runs no jobs
-        supervisor.kill()  # kill -9: the children get SIGTERM from the kernel (PDEATHSIG)
-        wait_until(lambda: not {"sup-0", "sup-1"} & topology.live_workers(), timeout=60)
+        supervisor.kill()  # kill -9: the children stop (PDEATHSIG and a sentinel watcher)
+        try:
+            wait_until(lambda: not {"sup-0", "sup-1"} & topology.live_workers(), timeout=60)
+        except AssertionError as exc:
+            log_tail = supervisor.log_path.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{exc}; the supervisor's log ends:\n{log_tail}") from None
     finally:
         supervisor.kill()
 
