@@ -79,7 +79,7 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(d)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.h:
             x = block(x)
         return self.ln_f(x) @ self.wte.weight.T
@@ -110,14 +110,28 @@ def index_in_first_step() -> None:
     Capture._before_step = build_then_sketch  # type: ignore[method-assign]
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a step's wall time is the step's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_condition(
-    cond: str, steps: int, warmup: int, seq: int, batch: int, layers: int, periodic: bool = True
+    cond: str,
+    steps: int,
+    warmup: int,
+    seq: int,
+    batch: int,
+    layers: int,
+    periodic: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = GPT2(layers=layers)
+    dev = torch.device(device)
+    model = GPT2(layers=layers).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, 50257, (batch, seq + 1), generator=gen) for _ in range(4)]
+    data = [torch.randint(0, 50257, (batch, seq + 1), generator=gen).to(dev) for _ in range(4)]
     probe = data[0][:, :-1]
     rss_before, _ = rss_mib()
     tmp = tempfile.mkdtemp()
@@ -173,14 +187,18 @@ def run_condition(
                 m.finish(timeout=120)
                 return
             # one-off cost of the periodic captures, amortised by the report
+            sync(dev)
             t = time.perf_counter()
             cap.capture_weights(10**9)
+            sync(dev)
             extra["weights_s"] = time.perf_counter() - t
             t = time.perf_counter()
             cap.capture_activations(10**9 + 1)
+            sync(dev)
             extra["activations_s"] = time.perf_counter() - t
             t = time.perf_counter()
             cap._sketch_all()
+            sync(dev)
             extra["theta_sketch_s"] = time.perf_counter() - t
             t = time.perf_counter()
             m.wait_idle(600)
@@ -225,6 +243,7 @@ def run_condition(
             proc_cpu0 = time.process_time()
             hook_time[0] = 0.0
         x = data[step % len(data)]
+        sync(dev)
         c0 = time.thread_time()
         t0 = time.perf_counter()
         logits = model(x[:, :-1])
@@ -234,6 +253,7 @@ def run_condition(
         opt.step()
         if step_hook is not None:
             step_hook(step, float(loss))
+        sync(dev)
         times.append(time.perf_counter() - t0)
         cpu.append(time.thread_time() - c0)
     proc_cpu = (time.process_time() - proc_cpu0) / steps
@@ -268,6 +288,7 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the raw JSON results here")
     ap.add_argument("--first-steps", action="store_true", help="time steps 1..N, no warm-up")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (model, data and optimizer)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.first_steps:
@@ -281,6 +302,7 @@ def main() -> None:
             args.batch,
             args.layers,
             periodic=not args.first_steps,
+            device=args.device,
         )
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -304,6 +326,8 @@ def main() -> None:
                 str(args.layers),
                 "--threads",
                 str(args.threads),
+                "--device",
+                args.device,
                 *(["--first-steps"] if args.first_steps else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -312,6 +336,7 @@ def main() -> None:
                 print(f"{cond} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
                 continue
             res = json.loads(line[0][7:])
+            res["device"] = args.device
             results[cond].append(res)
             print(
                 f"rep {rep} {cond:13s} median step {statistics.median(res['times']):.3f} s  "

@@ -161,17 +161,20 @@ def train_run(
     on_update: StepHook | None = None,
     extra: Callable[[], dict[str, np.ndarray]] | None = None,
     resume: bool = True,
+    device: str = "cpu",
 ) -> None:
     """Train one run and write its series to ``out`` (.npz; ``done`` = 1 once finished).
 
     ``on_update`` sees every exact update (``sed_sketch_fidelity.py`` records fidelity points with
-    it) and ``extra()`` adds arrays to each save; runs with a hook do not resume.
+    it) and ``extra()`` adds arrays to each save; runs with a hook do not resume. On
+    ``device="cuda"`` the batch indices still come from the same CPU generators.
     """
     torch.set_num_threads(1)
     torch.manual_seed(spec.seed)
     p = spec.p
-    x_tr, y_tr, x_va, y_va = make_data(p, spec.frac, spec.seed, OPS[spec.op])
-    model: nn.Module = Net(p) if spec.regime == "mb2" else ModAddTransformer(p)
+    dev = torch.device(device)
+    x_tr, y_tr, x_va, y_va = (t.to(dev) for t in make_data(p, spec.frac, spec.seed, OPS[spec.op]))
+    model: nn.Module = (Net(p) if spec.regime == "mb2" else ModAddTransformer(p)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=spec.wd)
     params = list(model.parameters())
     mats = [(n, q) for n, q in model.named_parameters() if q.ndim == 2]
@@ -181,11 +184,11 @@ def train_run(
     n_train = len(x_tr)
 
     def sample_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(n_train, (spec.batch,), generator=probe_gen)
+        idx = torch.randint(n_train, (spec.batch,), generator=probe_gen).to(dev)
         return x_tr[idx], y_tr[idx]
 
-    b_upd, s_upd = hash_coordinates(n_par, 7919 + spec.seed, UPD_DIM)
-    b_th, s_th = hash_coordinates(n_par, 7919 + spec.seed, THETA_DIM)
+    b_upd, s_upd = (t.to(dev) for t in hash_coordinates(n_par, 7919 + spec.seed, UPD_DIM))
+    b_th, s_th = (t.to(dev) for t in hash_coordinates(n_par, 7919 + spec.seed, THETA_DIM))
 
     def flat() -> torch.Tensor:
         return torch.cat([q.detach().reshape(-1) for q in params])
@@ -197,7 +200,7 @@ def train_run(
     start, grok_at, elapsed = 0, None, 0.0
     if resume and on_update is None and ckpt.exists() and out.exists():
         # our own local file, written below (never network data)
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True)  # RNG states stay CPU tensors
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         data_gen.set_state(state["data_gen"])
@@ -219,6 +222,7 @@ def train_run(
             n_params=n_par,
             mats=np.array([m for m, _ in mats]),
             config=np.array(repr(asdict(spec))),
+            device=np.array(device),
             done=int(done),
             seconds=time.time() - t0,
             **{k: np.array(v) for k, v in rec.items()},
@@ -259,7 +263,9 @@ def train_run(
             rec["defect"].append(gk.median_commutator_defect(model, loss_fn, sample_batch, pairs=5))
             rec["wnorm"].append(float(th.double().norm()))
             rec["erank"].append([gk.effective_rank(q) for _, q in mats])
-            rec["theta_sk"].append(count_sketch(th, b_th, s_th, THETA_DIM, torch.float64).numpy())
+            rec["theta_sk"].append(
+                count_sketch(th, b_th, s_th, THETA_DIM, torch.float64).cpu().numpy()
+            )
             if grok_at is None and val_acc >= 0.9:
                 grok_at = step
             if step % save_every == 0 and step > start:
@@ -276,7 +282,7 @@ def train_run(
         if step == spec.steps:
             break
         if spec.regime == "mb2":
-            idx = torch.randint(n_train, (spec.batch,), generator=data_gen)
+            idx = torch.randint(n_train, (spec.batch,), generator=data_gen).to(dev)
             loss = loss_fn(model, (x_tr[idx], y_tr[idx]))
         else:
             loss = loss_fn(model, (x_tr, y_tr))
@@ -288,7 +294,7 @@ def train_run(
         now = flat()
         delta = now - prev
         prev = now
-        upd[step] = count_sketch(delta, b_upd, s_upd, UPD_DIM).numpy()
+        upd[step] = count_sketch(delta, b_upd, s_upd, UPD_DIM).cpu().numpy()
         if on_update is not None:
             on_update(step + 1, delta)
     save(last, True)
@@ -377,7 +383,7 @@ def grid(args: argparse.Namespace) -> None:
             cmd = ["nice", "-n", str(args.nice), sys.executable, __file__, "run"]
             for k, v in asdict(spec).items():
                 cmd += [f"--{k.replace('_', '-')}", str(v)]
-            cmd += ["--out-dir", str(out_dir)]
+            cmd += ["--out-dir", str(out_dir), "--device", args.device]
             log = (out_dir / f"{spec.name}.log").open("ab")
             running.append((spec, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
             print(f"{time.strftime('%H:%M:%S')} started {spec.name}", flush=True)
@@ -719,7 +725,7 @@ def run(args: argparse.Namespace) -> None:
     if is_done(out):
         print(f"{out} already finished")
         return
-    train_run(spec, out, save_every=args.save_every)
+    train_run(spec, out, save_every=args.save_every, device=args.device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -730,6 +736,7 @@ def main(argv: list[str] | None = None) -> None:
         r.add_argument(f"--{k.replace('_', '-')}", type=type(f.default), default=f.default)
     r.add_argument("--out-dir", required=True)
     r.add_argument("--save-every", type=int, default=1000)
+    r.add_argument("--device", default="cpu", help="cpu or cuda (CUDA numerics: another run)")
     g = sub.add_parser("grid")
     g.add_argument("--tiers", type=int, nargs="+", default=[1, 2, 3])
     g.add_argument("--jobs", type=int, default=2)
@@ -741,6 +748,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--out-dir", required=True)
     g.add_argument("--skip", nargs="*", default=[], help="run names not to launch")
     g.add_argument("--adopt", type=int, nargs="*", default=[], help="pids holding a slot")
+    g.add_argument("--device", default="cpu", help="device of every run (cpu or cuda)")
     rp = sub.add_parser("report")
     rp.add_argument("dir")
     rp.add_argument("--md", default="")

@@ -435,3 +435,15 @@ def test_analyze_model_accepts_a_state_dict() -> None:
     assert [r.layer for r in report.layers] == ["h.0.weight"]
     assert report.layers[0].plain.mp is None
     assert htsr.MP_SOFTRANK not in report.layers[0].values()
+
+
+def test_entropy_rank_ignores_gram_round_off() -> None:
+    """Eigenvalues below eps * lambda_max are round-off of the Gram (their sign and size vary by
+    device and library): they must not change the numerical rank or the entropy."""
+    ev = torch.linspace(0.5, 4.0, 40, dtype=torch.float64)
+    noisy = torch.cat([ev, torch.tensor([0.0, 3e-17, 1e-16], dtype=torch.float64)])
+    clean = torch.cat([ev, torch.zeros(3, dtype=torch.float64)])
+    a = htsr.spectral_metrics(noisy, 60, 43, mp_fit=False)
+    b = htsr.spectral_metrics(clean, 60, 43, mp_fit=False)
+    assert a.matrix_rank == b.matrix_rank == 40
+    assert a.entropy == pytest.approx(b.entropy, rel=1e-12)

@@ -199,3 +199,17 @@ def test_cuda_bf16_count_matches_exact() -> None:
     assert result.count == int((eig > 2.5).sum())
     polar = polar_express(a.float(), dtype=torch.bfloat16)
     assert polar.factor.is_cuda
+
+
+def test_float32_count_of_a_large_scale_gram_does_not_overflow() -> None:
+    """S^4 of a float32 Gram with eigenvalues ~1e5 overflowed the Schatten-8 norm to inf, which
+    zeroed the iterate and returned n/2 (found on an H200: 256 for 4 spikes)."""
+    rng = np.random.default_rng(5)
+    m, n = 1024, 512
+    u = _orthonormal(m, 4, 1)
+    v = _orthonormal(n, 4, 2)
+    w = rng.standard_normal((m, n)) + (u * np.array([150.0, 200.0, 250.0, 300.0])) @ v.T
+    w32 = torch.from_numpy(w).float()
+    assert math.isfinite(float(schatten8_norm(w32.mT @ w32)))
+    result = count_singular_values_above(w32, 66.4)  # bulk edge ~54, spikes 156..302
+    assert (result.count, result.ambiguity < 1e-3) == (4, True)

@@ -656,12 +656,18 @@ def fit_marchenko_pastur(evals: torch.Tensor, n_rows: int, n_cols: int) -> March
 
 # --- all metrics of one ESD -------------------------------------------------------------------
 def spectral_metrics(
-    evals: torch.Tensor, n_rows: int, n_cols: int, *, mp_fit: bool = True
+    evals: torch.Tensor,
+    n_rows: int,
+    n_cols: int,
+    *,
+    mp_fit: bool = True,
+    eps: float = torch.finfo(_F64).eps,
 ) -> SpectralMetrics:
     """Every HT-SR metric of one ESD ``evals`` ``(k,)`` of matrices of shape ``(n_rows, n_cols)``.
 
-    ``n_rows`` (N >= M) enters the numerical-rank tolerance of the entropy, ``n_rows / n_cols``
-    the MP fit. Raises :class:`SpectralError` when the ESD cannot be fitted.
+    ``n_rows`` (N >= M) and ``eps`` (machine epsilon of the Gram the eigenvalues came from) set the
+    numerical-rank tolerance of the entropy, ``n_rows / n_cols`` the MP fit. Raises
+    :class:`SpectralError` when the ESD cannot be fitted.
     """
     ev = evals.detach().to(_F64).flatten()
     if ev.numel() == 0 or not bool(torch.isfinite(ev).all()):
@@ -672,8 +678,10 @@ def spectral_metrics(
     if not lam_max > 0.0:
         raise SpectralError("all eigenvalues are zero")
     fit = fit_power_law(ev)
-    sv = ev.sqrt()
-    rank = int((sv > sv.max() * n * torch.finfo(_F64).eps).sum())
+    # Numerical rank of the Gram: its eigenvalues carry an absolute error ~ eps * lambda_max, so
+    # WeightWatcher's SVD rule (sigma > n eps sigma_max) would count round-off here, and differently
+    # on each device; eigenvalues above n eps lambda_max are resolved.
+    rank = int((ev > lam_max * n * eps).sum())
     p = ev / total + 1e-10
     entropy = float(-(p * p.log()).sum()) / math.log(rank + 1e-10)
     positive = ev[ev > 0]
@@ -889,12 +897,13 @@ def analyze_weights(
     reports: list[LayerReport] = []
     for i, (name, shape, lm) in enumerate(zip(names, shapes, layer_mats, strict=True)):
         try:
-            plain = spectral_metrics(plain_evals[i], lm.n_rows, lm.n_cols, mp_fit=mp_fit)
+            eps = torch.finfo(dtype).eps
+            plain = spectral_metrics(plain_evals[i], lm.n_rows, lm.n_cols, mp_fit=mp_fit, eps=eps)
             fm: SpectralMetrics | None = None
             fe = farms_evals[i]
             if fe is not None:
                 r, c = windows[i][0].shape
-                fm = spectral_metrics(fe, max(r, c), min(r, c), mp_fit=mp_fit)
+                fm = spectral_metrics(fe, max(r, c), min(r, c), mp_fit=mp_fit, eps=eps)
         except SpectralError as exc:
             skipped.append(SkippedLayer(name, shape, str(exc)))
             continue

@@ -145,10 +145,16 @@ def schatten8_norm(sym: torch.Tensor) -> torch.Tensor:
     bound on ``||S||_2`` at most ``n^(1/8)`` too large. For ``S = W^T W`` this is the
     `modified_F` norm ``||(W^T W)^2||_F^(1/4)`` of PC-Layer-torchtitan applied to ``W``; note that
     ``||S^2||_F^(1/4)`` (as written in research/matrix_methods.md §1.7) is only ``(tr S^4)^(1/8)``,
-    which can be smaller than ``||S||_2``."""
-    square = sym @ sym
+    which can be smaller than ``||S||_2``.
+
+    ``S`` is divided by its largest entry first: ``S^4`` of a float32 Gram with entries ~1e5
+    would otherwise overflow the squares of its Frobenius norm to inf (and the count to n/2).
+    """
+    scale = sym.abs().amax().clamp_min(torch.finfo(sym.dtype).tiny)
+    unit = sym / scale
+    square = unit @ unit
     norm: torch.Tensor = torch.linalg.matrix_norm(square @ square)
-    return norm.sqrt().sqrt()
+    return scale * norm.sqrt().sqrt()
 
 
 def shifted_sign(

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every GPU measurement of benchmarks/RESULTS.md and the CUDA tests, in one pass on one GPU machine.
+#
+#   OUT=gpu-results bash benchmarks/gpu_suite.sh bench             # CUDA tests + benchmarks
+#   OUT=gpu-results bash benchmarks/gpu_suite.sh grokking [SECONDS]  # fb1 grid on the GPU
+#
+# Needs a CUDA torch and the project's dependencies importable (PYTHONPATH=client:server is set
+# here). Writes one text file per part into $OUT; the grokking grid's runs go to $GROK_DIR
+# (default /tmp/grok-gpu) and its report to $OUT/grokking_fb1.md. Parts run one after another
+# (no two share the GPU while timed); each has its own time limit, so one failure costs only
+# its part. SECONDS (default 240) bounds the grokking grid.
+set -uo pipefail
+OUT="${OUT:-gpu-results}"
+GROK_DIR="${GROK_DIR:-/tmp/grok-gpu}"
+WHAT="${1:-bench}"
+GROK_SECONDS="${2:-240}"
+PY="${PY:-python3}"
+mkdir -p "$OUT"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}client:server" PYTHONUNBUFFERED=1
+
+part() {  # part NAME SECONDS CMD...: run CMD with a time limit, output to $OUT/NAME.txt
+  local name="$1" limit="$2"
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+  echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  lscpu | grep -E "Model name|^CPU\(s\)"
+  "$PY" -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)"
+} >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+if [[ "$WHAT" == bench ]]; then
+part tests 90 "$PY" -m pytest -q -p no:cacheprovider -W default -m gpu \
+  tests/unit/test_analyze.py tests/unit/test_client_capture.py tests/unit/test_conditioning.py \
+  tests/unit/test_htsr.py tests/unit/test_polar.py tests/unit/test_sed.py
+part htsr 100 "$PY" benchmarks/htsr_gpu.py --repeat 5 --ww-blocks 2 --ww-threads 8
+part sed 60 "$PY" benchmarks/sed_cost.py --device cuda --rows 1 10 --repeat 5
+part polar 60 "$PY" benchmarks/polar_express.py --device cuda --sizes 512 1024 2048 4096 \
+  --bf16-max 1024 --repeat 3
+part activations 40 "$PY" benchmarks/activations_cost.py --device cuda --repeat 5
+part client 150 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
+  --steps 20 --warmup 5 --reps 2 --threads 4 --conditions none,spectrawatch,sw_every10,tensorboard
+
+tail -n 3 "$OUT"/*.txt
+exit 0
+fi
+
+# grokking, 1-layer full-batch regime (tier 2: 18 runs at once on the one GPU)
+part grokking_grid "$GROK_SECONDS" "$PY" benchmarks/grokking.py grid --tiers 2 --jobs 18 \
+  --nice 0 --device cuda --out-dir "$GROK_DIR"
+part grokking_report 120 "$PY" benchmarks/grokking.py report "$GROK_DIR" \
+  --md "$OUT/grokking_fb1.md"
+# the evaluation-level series of every run (no per-step sketches): small enough to bring home
+"$PY" - "$GROK_DIR" "$OUT/grokking_fb1_series.npz" <<'EOF'
+import sys
+from pathlib import Path
+
+import numpy as np
+
+runs = {}
+for path in sorted(Path(sys.argv[1]).glob("fb1_*.npz")):
+    if path.stem.endswith(".tmp"):
+        continue
+    z = np.load(path)
+    for key in z.files:
+        if key != "upd":
+            runs[f"{path.stem}/{key}"] = z[key]
+np.savez_compressed(sys.argv[2], **runs)
+print(f"{len({k.split('/')[0] for k in runs})} runs -> {sys.argv[2]}")
+EOF
+tail -n 3 "$OUT"/*.txt
