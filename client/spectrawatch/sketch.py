@@ -143,6 +143,7 @@ def count_sketch_signed(
     dim: int,
     dtype: torch.dtype = torch.float64,
     chunk: int | None = None,
+    private: int | None = None,
 ) -> torch.Tensor:
     """Sketch a flat ``(n,)`` tensor with a :func:`signed_buckets` index; ``(dim,)`` in ``dtype``.
 
@@ -150,16 +151,39 @@ def count_sketch_signed(
     elements (default 2^18 on CPU, where they stay in cache and avoid page faults -- about 3x
     faster than converting the whole tensor -- and 2^24 elsewhere), so the transient memory is
     ``chunk * (itemsize + 4)`` bytes, not a full-size copy.
+
+    Off the CPU every ``private`` (default 2^16) consecutive coordinates add into their own copy
+    of the ``2 * dim`` buckets, summed at the end: a GPU's atomic adds then meet ~``private /
+    (2 * dim)`` times per address instead of ~``n / (2 * dim)`` (on an H200 the shared buckets
+    cost a GPT-2-small step +23 %). ``private=0`` turns this off; any value gives the same sums up
+    to float rounding.
     """
     flat = x.reshape(-1)
     n = flat.numel()
+    on_cpu = flat.device.type == "cpu"
     if chunk is None:
-        chunk = 1 << 18 if flat.device.type == "cpu" else 1 << 24
-    out = torch.zeros(2 * dim, dtype=dtype, device=x.device)
+        chunk = 1 << 18 if on_cpu else 1 << 24
+    if private is None:
+        private = 0 if on_cpu else 1 << 16
     size = min(chunk, n)
+    if private:
+        size = -(-size // private) * private  # whole private blocks per chunk
+        chunk = size
+    copies = max(1, -(-size // private)) if private else 1
+    out = torch.zeros(copies * 2 * dim, dtype=dtype, device=x.device)
     buf = torch.empty(size, dtype=dtype, device=x.device)
     wide_index = folded.dtype in (torch.int32, torch.int64)
-    ibuf = None if wide_index else torch.empty(size, dtype=torch.int32, device=x.device)
+    ibuf = (
+        None
+        if wide_index and not private
+        else torch.empty(size, dtype=torch.int32, device=x.device)
+    )
+    offsets = (
+        torch.arange(size, dtype=torch.int32, device=x.device).div_(private, rounding_mode="floor")
+        * (2 * dim)
+        if private
+        else None
+    )
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         part = buf[:m]
@@ -167,8 +191,11 @@ def count_sketch_signed(
         idx = folded[start : start + m]
         if ibuf is not None:
             idx = ibuf[:m].copy_(idx)
+        if offsets is not None:
+            idx = idx.add_(offsets[:m])
         out.index_add_(0, idx, part)
-    return out[:dim] - out[dim:]
+    total = out.view(copies, 2 * dim).sum(0)
+    return total[:dim] - total[dim:]
 
 
 def count_sketch(

@@ -84,6 +84,20 @@ def test_signed_sketch_equals_reference_count_sketch() -> None:
     np.testing.assert_allclose(out.numpy(), np_ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize(("chunk", "private"), [(7_777, 1_000), (None, 4_096), (50_000, 1 << 16)])
+def test_private_bucket_copies_give_the_same_sketch(chunk: int | None, private: int) -> None:
+    """The GPU path (each block of coordinates adds into its own buckets) forced on the CPU."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(100_003, generator=gen, dtype=torch.float64)
+    for dim in (640, 20_000):  # int16 and int32 index
+        folded = signed_buckets(x.numel(), 9, dim)
+        ref = count_sketch_signed(x, folded, dim, private=0)
+        before = folded.clone()
+        out = count_sketch_signed(x, folded, dim, chunk=chunk, private=private)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+        assert torch.equal(folded, before)  # the cached index is never modified
+
+
 def test_wide_dims_use_an_int32_index() -> None:
     x = torch.randn(5000, dtype=torch.float64)
     folded = signed_buckets(5000, 2, 20_000)
