@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spectrawatch.spectral.eigen import batched_eigvalsh
 from spectrawatch.spectral.farms import FarmsConfig, sample_windows
 
 # --- metric keys (dotted, defined once) -------------------------------------------------------
@@ -297,7 +298,7 @@ def _batched_eigenvalues(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.
         stack = torch.where(finite[:, None, None], stack, 0.0)
     gram = stack.mT @ stack if rows >= cols else stack @ stack.mT
     del stack
-    evals: torch.Tensor = torch.linalg.eigvalsh(gram).clamp_min_(0.0)
+    evals: torch.Tensor = batched_eigvalsh(gram).clamp_min_(0.0)
     if not all_finite:
         evals[~finite] = math.nan
     return evals

@@ -23,6 +23,8 @@ from enum import IntEnum
 import numpy as np
 import torch
 
+from spectrawatch.spectral.eigen import batched_eigvalsh
+
 GAP_RATIO = "sed.gap_ratio"  # sk*/sk*+1 (≥ 1)
 EDGE = "sed.edge"  # k*, 1-indexed
 MARGIN = "sed.margin"  # best ratio / runner-up ratio (≥ 1); near 1 means k* is ambiguous
@@ -337,7 +339,7 @@ def _sed_part(
                 part = members[c : c + per]
                 idx = ((bounds[w][0][part] - a0)[:, None] + torch.arange(count)).to(grams.device)
                 sub = grams[:, idx[:, :, None], idx[:, None, :]]  # (L, m, c, c)
-                eig = torch.linalg.eigvalsh(sub.reshape(-1, count, count))
+                eig = batched_eigvalsh(sub.reshape(-1, count, count))
                 sig = eig.flip(-1).clamp_min(0.0).sqrt().cpu()  # (L * m, c), layer-major
                 res = _window_results(sig, [ends[j] for j in part] * n_layers, w, energy)
                 for r, item in enumerate(res):

@@ -1,0 +1,35 @@
+"""Batched symmetric eigenvalues, on the processor that is fast for their size.
+
+On CUDA, ``torch.linalg.eigvalsh`` of a stack of matrices uses cuSOLVER's batched Jacobi solver
+only up to 32 x 32; larger matrices are decomposed one call per matrix (torch's
+``linalg_eigh_cusolver`` dispatch). On an H200 that made the 150 float64 64 x 64 Gram matrices of
+one GPT-2-sized SED step cost ~50 ms, and FARMS' ~4,000 windows of 100 x 100 cost 3.2 s
+(``benchmarks/results/gpu_h200.md``), while LAPACK on one host core needs ~0.1-0.5 ms for each.
+Stacks of such mid-sized matrices are therefore decomposed on the host. Small (batched Jacobi)
+and large matrices (where the GPU's divide-and-conquer wins) stay on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CUDA_BATCHED_MAX = 32  # largest n that torch sends to cuSOLVER's batched syevj
+HOST_MAX = 160  # largest n of a CUDA stack decomposed by the host's LAPACK instead
+
+
+def on_host(n: int, batch: int, device: torch.device) -> bool:
+    """Whether a CUDA stack of ``batch`` ``n x n`` matrices is decomposed on the host."""
+    return device.type == "cuda" and batch > 1 and CUDA_BATCHED_MAX < n <= HOST_MAX
+
+
+def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.eigvalsh(sym)`` of a stack ``(..., n, n)``, returned on ``sym``'s device.
+
+    The routing (see the module docstring) changes where the same LAPACK-style solver runs, not
+    the result beyond round-off.
+    """
+    n = sym.shape[-1]
+    batch = sym.numel() // (n * n) if n else 0
+    if on_host(n, batch, sym.device):
+        return torch.linalg.eigvalsh(sym.cpu()).to(sym.device)
+    return torch.linalg.eigvalsh(sym)

@@ -1,0 +1,45 @@
+"""Routing of batched symmetric eigensolves between the GPU and the host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spectrawatch.spectral.eigen import CUDA_BATCHED_MAX, HOST_MAX, batched_eigvalsh, on_host
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "device", "expected"),
+    [
+        (64, 150, CUDA, True),  # SED W = 64 windows: looped cuSOLVER calls otherwise
+        (100, 4000, CUDA, True),  # FARMS windows
+        (CUDA_BATCHED_MAX, 150, CUDA, False),  # cuSOLVER's batched Jacobi
+        (HOST_MAX + 1, 10, CUDA, False),  # large: the GPU's solver wins
+        (64, 1, CUDA, False),  # one matrix: nothing to batch
+        (64, 150, CPU, False),
+    ],
+)
+def test_routing(n: int, batch: int, device: torch.device, expected: bool) -> None:
+    assert on_host(n, batch, device) is expected
+
+
+def test_equals_eigvalsh_and_keeps_the_device() -> None:
+    x = torch.randn(7, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sym = x @ x.mT
+    out = batched_eigvalsh(sym)
+    assert out.shape == (7, 3, 48)
+    assert out.device == sym.device
+    torch.testing.assert_close(out, torch.linalg.eigvalsh(sym), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stack_routed_to_the_host_matches_the_gpu_solver() -> None:
+    x = torch.randn(150, 64, 640, dtype=torch.float64, device="cuda")
+    sym = x @ x.mT
+    out = batched_eigvalsh(sym)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out, torch.linalg.eigvalsh(sym), rtol=1e-10, atol=1e-8)
