@@ -150,7 +150,8 @@ def count_sketch_signed(
     The input (and an int16 index) is converted chunk by chunk into reused buffers of ``chunk``
     elements (default 2^18 on CPU, where they stay in cache and avoid page faults -- about 3x
     faster than converting the whole tensor -- and 2^24 elsewhere), so the transient memory is
-    ``chunk * (itemsize + 4)`` bytes, not a full-size copy.
+    ``chunk * (itemsize + 4)`` bytes (``+ 4`` more off the CPU: the block offsets below), not a
+    full-size copy.
 
     Off the CPU every ``private`` (default 2^16) consecutive coordinates add into their own copy
     of the ``2 * dim`` buckets, summed at the end: a GPU's atomic adds then meet ~``private /

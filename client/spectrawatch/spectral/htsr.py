@@ -896,9 +896,9 @@ def analyze_weights(
         farms_evals[i] = torch.sort(torch.cat(all_evals[pos : pos + len(ws)])).values
         pos += len(ws)
     reports: list[LayerReport] = []
+    eps = torch.finfo(dtype).eps  # the Grams' precision: sets the entropy's numerical rank
     for i, (name, shape, lm) in enumerate(zip(names, shapes, layer_mats, strict=True)):
         try:
-            eps = torch.finfo(dtype).eps
             plain = spectral_metrics(plain_evals[i], lm.n_rows, lm.n_cols, mp_fit=mp_fit, eps=eps)
             fm: SpectralMetrics | None = None
             fe = farms_evals[i]
