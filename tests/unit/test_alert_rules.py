@@ -294,8 +294,8 @@ def test_watched_series_takes_the_longest_history_per_series() -> None:
         R.RuleSpec("c", "threshold", metric="m", above=1.0, layers="x*", include_model=False),
         R.RuleSpec("off", "threshold", metric="other", above=1.0, enabled=False),
     ]
-    metrics = [("x1", "m", 1.0), ("__model__", "m", 2.0), ("y", "m.w16", 0.0), ("y", "other", 1.0)]
-    watched = R.watched_series(rules, metrics)
+    series = [("x1", "m"), ("__model__", "m"), ("y", "m.w16"), ("y", "other")]
+    watched = R.watched_series(rules, series)
     assert watched == {
         "a": {"x1": {"m"}, "__model__": {"m"}, "y": {"m.w16"}},
         "b": {"x1": {"m"}, "__model__": {"m"}, "y": {"m.w16"}},

@@ -31,5 +31,7 @@ def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
     n = sym.shape[-1]
     batch = sym.numel() // (n * n) if n else 0
     if on_host(n, batch, sym.device):
-        return torch.linalg.eigvalsh(sym.cpu()).to(sym.device)
-    return torch.linalg.eigvalsh(sym)
+        host: torch.Tensor = torch.linalg.eigvalsh(sym.cpu())
+        return host.to(sym.device)
+    out: torch.Tensor = torch.linalg.eigvalsh(sym)
+    return out

@@ -46,8 +46,7 @@ class AlertEngine:
         project = session.get_one(Project, run.project_id)
         specs = R.effective_rules(alert_store.stored_rules(session, project.id))
         open_now = alert_store.open_alerts(session, run.id)
-        metrics = alert_store.frame_metrics(session, frame.id)
-        watched = R.watched_series(specs, metrics)
+        watched = R.watched_series(specs, alert_store.frame_series(session, frame.id))
         tails = series.metric_tails(session, run.id, R.history_wanted(specs, watched))
         for rule in specs:
             if not rule.enabled:

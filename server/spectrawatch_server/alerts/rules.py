@@ -448,13 +448,11 @@ Watched = dict[str, dict[str, set[str]]]
 """``{rule name: {layer: metric names}}``: the series of a frame each metric rule watches."""
 
 
-def watched_series(
-    rules: Sequence[RuleSpec], metrics: Sequence[tuple[str, str, float | None]]
-) -> Watched:
-    """The series of a frame's ``(layer, name, value)`` metrics each enabled metric rule watches
-    (names are matched once per distinct name, not once per metric row)."""
+def watched_series(rules: Sequence[RuleSpec], series: Sequence[tuple[str, str]]) -> Watched:
+    """The ``(layer, name)`` series of a frame each enabled metric rule watches (names are
+    matched once per distinct name)."""
     layers_by_name: dict[str, set[str]] = {}
-    for layer, name, _ in metrics:
+    for layer, name in series:
         layers_by_name.setdefault(name, set()).add(layer)
     out: Watched = {}
     for rule in rules:

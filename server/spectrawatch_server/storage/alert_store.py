@@ -56,12 +56,13 @@ def delete_rule(session: Session, project_id: int, rule: str) -> bool:
 # --- alerts ------------------------------------------------------------------------------
 
 
-def frame_metrics(session: Session, frame_id: int) -> list[tuple[str, str, float | None]]:
-    """``(layer, name, value)`` of every metric stored for a frame."""
+def frame_series(session: Session, frame_id: int) -> list[tuple[str, str]]:
+    """Distinct ``(layer, name)`` of the metrics stored for a frame (a GPT-2-sized SED frame has
+    ~44k rows but ~2.7k series: the rows are never turned into Python objects)."""
     rows = session.execute(
-        select(Metric.layer, Metric.name, Metric.value).where(Metric.frame_id == frame_id)
+        select(Metric.layer, Metric.name).where(Metric.frame_id == frame_id).distinct()
     ).all()
-    return [(r[0], r[1], r[2]) for r in rows]
+    return [(r[0], r[1]) for r in rows]
 
 
 def open_alerts(session: Session, run_id: int) -> dict[tuple[str, str], Alert]:
