@@ -14,7 +14,11 @@ from spectrawatch.spectral import grokking, sed
 from spectrawatch.spectral.norms import FROBENIUS_NORM
 from spectrawatch.wire import FrameHeader, FrameKind
 from spectrawatch_server.analyses.registry import MODEL_LAYER, DecodedFrame, analyses_for
-from spectrawatch_server.analyses.sed import spectral_edge_dynamics, weight_effective_rank
+from spectrawatch_server.analyses.sed import (
+    default_layer_stride,
+    spectral_edge_dynamics,
+    weight_effective_rank,
+)
 from tests.history import StubHistory
 
 
@@ -312,6 +316,41 @@ def test_update_frames_out_of_order_give_the_direct_sed_per_layer_and_model() ->
             assert set(flags.values()) == {0.0}
     assert _values(result, sed.windowed_key(sed.EDGE, 16), "a")[38] == 2.0
     assert {r.layer for r in result.spectra} == {"a", "b", MODEL_LAYER}
+
+
+@pytest.mark.parametrize(("layers", "stride"), [(1, 1), (16, 1), (17, 2), (40, 4), (149, 16)])
+def test_default_layer_stride_bounds_per_layer_points_per_step(layers: int, stride: int) -> None:
+    assert default_layer_stride(layers) == stride
+
+
+def test_many_layers_are_evaluated_at_the_layer_stride_and_the_model_at_every_step() -> None:
+    g = torch.Generator().manual_seed(11)
+    rows = {f"l{i:02d}": torch.randn(32, 24, generator=g) for i in range(40)}  # stride 4
+    rows[MODEL_LAYER] = sum(rows.values())  # type: ignore[assignment]
+
+    def frames(**sed_info: object) -> list[DecodedFrame]:
+        return [
+            _frame(
+                FrameKind.UPDATE_SKETCH,
+                list(range(i, i + 16)),
+                {k: v[i : i + 16] for k, v in rows.items()},
+                seq=i // 16,
+                sed={"windows": [16], **sed_info},
+            )
+            for i in (0, 16)
+        ]
+
+    default = frames()
+    result = spectral_edge_dynamics(default[1], FakeContext(default[:1]))
+    key = sed.windowed_key(sed.GAP_RATIO, 16)
+    assert sorted(_values(result, key, MODEL_LAYER)) == list(range(16, 32))
+    assert sorted(_values(result, key, "l07")) == [16, 20, 24, 28]
+    want = {w.step: w.gap_ratio for w in sed.rolling_sed(rows["l07"], list(range(32)), 16)}
+    for step, value in _values(result, key, "l07").items():
+        assert value == pytest.approx(want[step], rel=1e-9)  # thinned, not changed
+    every = frames(layer_stride=1)
+    result = spectral_edge_dynamics(every[1], FakeContext(every[:1]))
+    assert sorted(_values(result, key, "l07")) == list(range(16, 32))
 
 
 def test_missing_frame_flags_incomplete_windows_and_model_falls_back_to_concat() -> None:

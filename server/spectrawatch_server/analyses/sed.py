@@ -8,7 +8,12 @@ order whatever order frames arrived in; a window with missing steps is computed 
 present and flagged with ``sed.incomplete.w<W> = 1``. Per layer and for the whole model
 (tensor ``__model__`` when the client sends one, else the concatenation of the layers' sketches,
 itself a count-sketch of the concatenated update), at every ``info["sed"]["stride"]``-th step:
-``sed.{gap_ratio,edge,margin,signal_rank,incomplete,phase}.w<W>``. All layers sharing the same
+``sed.{gap_ratio,edge,margin,signal_rank,incomplete,phase}.w<W>``. Per-layer series of update
+frames are kept at every ``layer_stride``-th of those steps: ``info["sed"]["layer_stride"]``, else
+1 for up to :data:`LAYER_POINTS_PER_STEP` layers and the smallest power of two that keeps the
+layers' points per step at or under it (16 for GPT-2's 149 tensors: ~2.7k instead of ~43k metric
+rows per 16-step frame; every window is still computed on all its rows, only the evaluation steps
+thin out). ``__model__`` is evaluated at every step. All layers sharing the same
 steps, every window size and every new step go through one :func:`sed.batched_sed` call, and the
 stored gap series that phase detection continues are read in one ``metric_tails`` call.
 
@@ -43,11 +48,13 @@ from spectrawatch_server.analyses.registry import (
 )
 
 MAX_HISTORY_FRAMES = 256
+LAYER_POINTS_PER_STEP = 16  # default budget of per-layer SED evaluations per training step
 PHASE_HISTORY = 1024  # gap-series points read back for phase detection
 DETECTOR_HISTORY = 4096  # points of each detector input series
 
 
-def _settings(frame: DecodedFrame) -> tuple[tuple[int, ...], int]:
+def _settings(frame: DecodedFrame) -> tuple[tuple[int, ...], int, int]:
+    """``(windows, stride, layer_stride)`` from ``info["sed"]`` and the frame's layer count."""
     cfg = frame.header.info.get("sed")
     cfg = cfg if isinstance(cfg, dict) else {}
     default = (
@@ -62,7 +69,20 @@ def _settings(frame: DecodedFrame) -> tuple[tuple[int, ...], int]:
         windows = default
     stride = cfg.get("stride", 1)
     stride = stride if isinstance(stride, int) and stride >= 1 else 1
-    return tuple(sorted(set(windows))), stride
+    layer_stride = cfg.get("layer_stride")
+    if frame.header.kind == FrameKind.PARAM_SKETCH:
+        layer_stride = 1  # interval frames are already ~100 steps apart
+    elif not (isinstance(layer_stride, int) and layer_stride >= 1):
+        layer_stride = default_layer_stride(sum(1 for n in frame.tensors if n != MODEL_LAYER))
+    return tuple(sorted(set(windows))), stride, layer_stride
+
+
+def default_layer_stride(layers: int) -> int:
+    """1 up to :data:`LAYER_POINTS_PER_STEP` layers, else the smallest power of two ``k`` with
+    ``layers / k <= LAYER_POINTS_PER_STEP``."""
+    if layers <= LAYER_POINTS_PER_STEP:
+        return 1
+    return 1 << math.ceil(math.log2(layers / LAYER_POINTS_PER_STEP))
 
 
 def _steps(frame: DecodedFrame) -> list[int]:
@@ -95,13 +115,14 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
     """SED metrics for the steps of this frame, per layer and ``__model__``, every window."""
     kind = frame.header.kind
     interval = kind == FrameKind.PARAM_SKETCH
-    windows, stride = _settings(frame)
+    windows, stride, layer_stride = _settings(frame)
     steps = _steps(frame)
     need = max(windows) + (1 if interval else 0)
     limit = min(MAX_HISTORY_FRAMES, math.ceil(need / len(steps)) + 1)
     history = [f for f in context.recent_frames(kind, limit) if f.frame_id != frame.frame_id]
     frames = [*history, frame]
     targets = [s for s in steps if s % stride == 0]
+    layer_targets = [s for s in targets if s % layer_stride == 0]
     layers = sorted(frame.tensors)
     if MODEL_LAYER not in layers:
         layers.append(MODEL_LAYER)
@@ -110,22 +131,24 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
         return result
     by_steps: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = {}
     for layer in layers:
+        if layer != MODEL_LAYER and not layer_targets:
+            continue
         all_steps, rows = _layer_rows(frames, layer)
         if interval:
             if len(all_steps) < 2:
                 continue
             rows, ends = sed.interval_deltas(rows, all_steps)
-            key = (sed.min_step_gap(all_steps), *ends)
+            key = (int(layer == MODEL_LAYER), sed.min_step_gap(all_steps), *ends)
         else:
-            key = (0, *all_steps)
+            key = (int(layer == MODEL_LAYER), 0, *all_steps)
         by_steps.setdefault(key, []).append((layer, rows))
     found: list[tuple[str, dict[int, list[sed.WindowSED]]]] = []
-    for (delta, *group_steps), members in by_steps.items():
+    for (is_model, delta, *group_steps), members in by_steps.items():
         batch = sed.batched_sed(
             [rows for _, rows in members],
             group_steps,
             windows,
-            at=targets,
+            at=targets if is_model else layer_targets,
             step_interval=delta or None,
         )
         found.extend((layer, f) for (layer, _), f in zip(members, batch, strict=True))
