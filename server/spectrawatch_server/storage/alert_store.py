@@ -57,8 +57,8 @@ def delete_rule(session: Session, project_id: int, rule: str) -> bool:
 
 
 def frame_series(session: Session, frame_id: int) -> list[tuple[str, str]]:
-    """Distinct ``(layer, name)`` of the metrics stored for a frame (a GPT-2-sized SED frame has
-    ~44k rows but ~2.7k series: the rows are never turned into Python objects)."""
+    """Distinct ``(layer, name)`` of the metrics stored for a frame (one row per step of each
+    series: a 16-step SED frame has many times more rows than series)."""
     rows = session.execute(
         select(Metric.layer, Metric.name).where(Metric.frame_id == frame_id).distinct()
     ).all()
