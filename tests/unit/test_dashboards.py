@@ -280,6 +280,11 @@ def db(tmp_path: Path) -> Any:
             MetricRow("__model__", name, 1, 0.0)
             for name in ("sed.gap_ratio.w16", "grok.imminent", "a", "zz")
         ]
+        # SED of a large model: the model every step, its layers every 16th (layer_stride)
+        rows += [MetricRow("__model__", "sed.edge.w16", t, 1.0) for t in range(16, 500)]
+        rows += [
+            MetricRow(f"h{i}", "sed.edge.w16", t, 2.0) for i in range(3) for t in range(16, 500, 16)
+        ]
         repo.replace_results(s, run_id, frame.id, 0, "htsr", rows, [])
     yield sessions, run_id
     engine.dispose()
@@ -293,6 +298,7 @@ def test_metric_names_skip_scan_equals_distinct(db: Any) -> None:
             "grok.imminent",
             "htsr.alpha",
             "l.regular",
+            "sed.edge.w16",
             "sed.gap_ratio.w16",
             "x.gappy",
             "zz",
@@ -301,6 +307,23 @@ def test_metric_names_skip_scan_equals_distinct(db: Any) -> None:
         assert reads.layers_at_last_step(s, run_id, "htsr.alpha") == ["l9"]
         assert reads.step_range(s, run_id, "htsr.alpha") == (0, 200)
         assert reads.step_range(s, run_id, "htsr.alpha", "l1") == (0, 96)
+
+
+def test_heatmap_steps_come_from_the_layers_not_the_denser_model_row(db: Any) -> None:
+    sessions, run_id = db
+    with sessions() as s:
+        steps, skipped = reads.sampled_steps(s, run_id, "sed.edge.w16", 10, skip_layer="__model__")
+        # starts every 16 * ceil(481 / (10 * 16)) = 64 steps from 16, the layers' logging gap
+        assert steps == list(range(16, 500, 64))
+        assert skipped
+        cells = reads.grid_cells(s, run_id, "sed.edge.w16", steps)
+        assert {(layer, st) for layer, st, _ in cells if layer != "__model__"} == {
+            (f"h{i}", st) for i in range(3) for st in steps
+        }
+        dense, _ = reads.sampled_steps(s, run_id, "sed.edge.w16", 10)  # with the model row
+        assert [st % 16 for st in dense] != [0] * len(dense)
+        only_model, _ = reads.sampled_steps(s, run_id, "grok.imminent", 10, skip_layer="__model__")
+        assert only_model == [1]
 
 
 def test_sampled_steps_pick_first_step_of_each_bucket(db: Any) -> None:

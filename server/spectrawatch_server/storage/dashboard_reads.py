@@ -84,27 +84,34 @@ def layers_at_last_step(session: Session, run_id: int, name: str) -> list[str]:
     )
 
 
-def sampled_steps(session: Session, run_id: int, name: str, columns: int) -> tuple[list[int], bool]:
+def sampled_steps(
+    session: Session, run_id: int, name: str, columns: int, skip_layer: str | None = None
+) -> tuple[list[int], bool]:
     """Up to ``columns`` steps of metric ``name``: the first stored step at or after each of
     equally spaced starts over its step range (one index seek each). Second value: whether
     stored steps were skipped (the sample is a decimation, not every step).
 
     The spacing is a multiple of the gap between the first two stored steps, so a series logged
     every ``g`` steps is sampled at exactly equal intervals (which Plotly draws as a uniform
-    heatmap, several times faster than one with uneven columns).
+    heatmap, several times faster than one with uneven columns). Rows of ``skip_layer`` are not
+    sampled while other layers have the metric: the heatmap's ``__model__`` row is left out, and
+    its SED series has every step while the layers' have every ``layer_stride``-th.
     """
-    rng = step_range(session, run_id, name)
-    if rng is None:
+    extra = [] if skip_layer is None else [Metric.layer != skip_layer]
+    where = [Metric.run_id == run_id, Metric.name == name, *extra]
+    lo = session.scalar(select(func.min(Metric.step)).where(*where))
+    if lo is None and extra:
+        return sampled_steps(session, run_id, name, columns)  # only that layer has the metric
+    hi = session.scalar(select(func.max(Metric.step)).where(*where))
+    if lo is None or hi is None:
         return [], False
-    lo, hi = rng
-    second = session.scalar(
-        select(func.min(Metric.step)).where(
-            Metric.run_id == run_id, Metric.name == name, Metric.step > lo
-        )
-    )
+    lo, hi = int(lo), int(hi)
+    second = session.scalar(select(func.min(Metric.step)).where(*where, Metric.step > lo))
     gap = 1 if second is None else int(second) - lo
     stride = gap * max(1, -(-(hi - lo + 1) // (columns * gap)))  # ceil division
     starts = list(range(lo, hi + 1, stride))
+    skip = "" if skip_layer is None else " AND m.layer != :x"
+    params: dict[str, Any] = {"r": run_id, "n": name, "x": skip_layer}
     found: list[int] = []
     for i in range(0, len(starts), 500):
         values = ",".join(f"({int(a)})" for a in starts[i : i + 500])  # ints only: no injection
@@ -112,24 +119,21 @@ def sampled_steps(session: Session, run_id: int, name: str, columns: int) -> tup
             text(
                 f"WITH starts(a) AS (VALUES {values}) "
                 "SELECT (SELECT min(m.step) FROM metric m"
-                " WHERE m.run_id = :r AND m.name = :n AND m.step >= starts.a) FROM starts"
+                f" WHERE m.run_id = :r AND m.name = :n AND m.step >= starts.a{skip}) FROM starts"
             ),
-            {"r": run_id, "n": name},
+            params,
         ).all()
         found.extend(int(r[0]) for r in rows if r[0] is not None)
     steps = sorted(set(found))
-    return steps, hi - lo + 1 > len(steps) and _skips_stored_steps(session, run_id, name, steps)
+    return steps, hi - lo + 1 > len(steps) and _skips_stored_steps(session, where, steps)
 
 
-def _skips_stored_steps(session: Session, run_id: int, name: str, steps: Sequence[int]) -> bool:
-    """True if a stored step of ``name`` lies strictly between two consecutive sampled steps."""
+def _skips_stored_steps(session: Session, where: list[Any], steps: Sequence[int]) -> bool:
+    """True if a stored step (rows matching ``where``) lies strictly between two consecutive
+    sampled steps."""
     for a, b in itertools.pairwise(steps):
         if b - a > 1:
-            nxt = session.scalar(
-                select(func.min(Metric.step)).where(
-                    Metric.run_id == run_id, Metric.name == name, Metric.step > a
-                )
-            )
+            nxt = session.scalar(select(func.min(Metric.step)).where(*where, Metric.step > a))
             if nxt is not None and nxt < b:
                 return True
     return False

@@ -283,7 +283,9 @@ def read_layers(
     panel = dash.panel_from(spec, None)
     if chosen is not None:
         body["controls"]["metric"] = {"label": "metric", "options": names, "value": chosen}
-        steps, skipped = reads.sampled_steps(session, run.id, chosen, columns)
+        steps, skipped = reads.sampled_steps(
+            session, run.id, chosen, columns, skip_layer=dash.MODEL_LAYER
+        )
         cells = reads.grid_cells(session, run.id, chosen, steps)
         layer_cells = [c for c in cells if c[0] != dash.MODEL_LAYER]  # a model mean is no layer
         grid = dash.grid_from_rows(layer_cells or cells)
