@@ -320,6 +320,10 @@ def test_heatmap_steps_come_from_the_layers_not_the_denser_model_row(db: Any) ->
         assert {(layer, st) for layer, st, _ in cells if layer != "__model__"} == {
             (f"h{i}", st) for i in range(3) for st in steps
         }
+        assert reads.layers_at_last_step(s, run_id, "sed.edge.w16") == ["__model__"]  # step 499
+        assert sorted(
+            reads.layers_at_last_step(s, run_id, "sed.edge.w16", skip_layer="__model__")
+        ) == ["__model__", "h0", "h1", "h2"]  # and the layers' last step, 496
         dense, _ = reads.sampled_steps(s, run_id, "sed.edge.w16", 10)  # with the model row
         assert [st % 16 for st in dense] != [0] * len(dense)
         only_model, _ = reads.sampled_steps(s, run_id, "grok.imminent", 10, skip_layer="__model__")

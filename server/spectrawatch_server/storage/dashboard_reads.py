@@ -70,15 +70,28 @@ def step_range(
     return None if lo is None or hi is None else (int(lo), int(hi))
 
 
-def layers_at_last_step(session: Session, run_id: int, name: str) -> list[str]:
-    """Layers reporting metric ``name`` at its latest step (unordered)."""
+def layers_at_last_step(
+    session: Session, run_id: int, name: str, skip_layer: str | None = None
+) -> list[str]:
+    """Layers reporting metric ``name`` at its latest step (unordered); with ``skip_layer``, also
+    those at the latest step of the other layers (per-layer SED is evaluated every
+    ``layer_stride``-th step, ``__model__`` at every step)."""
     rng = step_range(session, run_id, name)
     if rng is None:
         return []
+    steps = {rng[1]}
+    if skip_layer is not None:
+        last = session.scalar(
+            select(func.max(Metric.step)).where(
+                Metric.run_id == run_id, Metric.name == name, Metric.layer != skip_layer
+            )
+        )
+        if last is not None:
+            steps.add(int(last))
     return list(
         session.scalars(
             select(Metric.layer)
-            .where(Metric.run_id == run_id, Metric.name == name, Metric.step == rng[1])
+            .where(Metric.run_id == run_id, Metric.name == name, Metric.step.in_(sorted(steps)))
             .distinct()
         ).all()
     )

@@ -132,7 +132,8 @@ def scalar_lines(session: Session, run_id: int, max_points: int) -> dict[str, da
 
 def layer_options(session: Session, run_id: int, name: str) -> list[str]:
     """Layers of metric ``name`` at its latest step, natural order (a layer control's options)."""
-    return sorted(reads.layers_at_last_step(session, run_id, name), key=dash.natural_key)
+    layers = reads.layers_at_last_step(session, run_id, name, skip_layer=dash.MODEL_LAYER)
+    return sorted(layers, key=dash.natural_key)
 
 
 def _points(max_points: int | None) -> int:
