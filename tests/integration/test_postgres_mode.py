@@ -284,19 +284,25 @@ def test_kill_9_worker_mid_job_is_redelivered_and_stored_once(topology: Topology
             for worker in topology.workers:
                 worker.signal(signal.SIGCONT)
 
-        def blocked_worker() -> str | None:
+        names = {w.name for w in topology.workers}
+        blocked: list[str] = []
+
+        def worker_blocked() -> bool:
+            """Whether one of the test's workers waits on a lock (other sessions may wait too)."""
             rows = topology.sql(
                 "SELECT application_name FROM pg_stat_activity "
                 "WHERE datname = current_database() AND wait_event_type = 'Lock'"
             )
-            return str(rows[0][0]).rsplit("@", 1)[0] if rows else None
+            waiting = [str(r[0]).rsplit("@", 1)[0] for r in rows]
+            blocked[:] = [n for n in waiting if n in names]
+            return bool(blocked)
 
-        wait_until(lambda: blocked_worker() is not None, timeout=60)
+        wait_until(worker_blocked, timeout=60)
         ((first_worker_id,),) = topology.sql(
             "SELECT worker_id FROM procrastinate_jobs WHERE status = 'doing' AND lock = :l",
             l=f"run:{run_id}",
         )
-        victim = next(w for w in topology.workers if w.name == blocked_worker())
+        victim = next(w for w in topology.workers if w.name == blocked[0])
         victim.kill()
         blocker.rollback()
 
