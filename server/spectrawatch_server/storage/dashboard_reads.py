@@ -51,20 +51,31 @@ def series_names(session: Session, run_id: int, model: Model = Metric) -> list[s
 
 
 def _where(
-    model: Model, run_id: int, name: str | BindParameter[Any], layer: str | None
+    model: Model,
+    run_id: int,
+    name: str | BindParameter[Any],
+    layer: str | None,
+    skip_layer: str | None = None,
 ) -> list[Any]:
     where = [model.run_id == run_id, model.name == name]
     if layer is not None and model is Metric:
         where.append(Metric.layer == layer)
+    if skip_layer is not None and model is Metric:
+        where.append(Metric.layer != skip_layer)
     return where
 
 
 def step_range(
-    session: Session, run_id: int, name: str, layer: str | None = None, model: Model = Metric
+    session: Session,
+    run_id: int,
+    name: str,
+    layer: str | None = None,
+    model: Model = Metric,
+    skip_layer: str | None = None,
 ) -> tuple[int, int] | None:
-    """``(first, last)`` stored step of one series (of every layer if ``layer`` is None), by two
-    index seeks; None when it has no rows."""
-    where = _where(model, run_id, name, layer)
+    """``(first, last)`` stored step of one series (of every layer if ``layer`` is None, of every
+    layer but ``skip_layer`` if that is given), by two index seeks; None when it has no rows."""
+    where = _where(model, run_id, name, layer, skip_layer)
     lo = session.scalar(select(func.min(model.step)).where(*where))
     hi = session.scalar(select(func.max(model.step)).where(*where))
     return None if lo is None or hi is None else (int(lo), int(hi))
@@ -80,14 +91,9 @@ def layers_at_last_step(
     if rng is None:
         return []
     steps = {rng[1]}
-    if skip_layer is not None:
-        last = session.scalar(
-            select(func.max(Metric.step)).where(
-                Metric.run_id == run_id, Metric.name == name, Metric.layer != skip_layer
-            )
-        )
-        if last is not None:
-            steps.add(int(last))
+    others = step_range(session, run_id, name, skip_layer=skip_layer) if skip_layer else None
+    if others is not None:
+        steps.add(others[1])
     return list(
         session.scalars(
             select(Metric.layer)
@@ -110,15 +116,13 @@ def sampled_steps(
     sampled while other layers have the metric: the heatmap's ``__model__`` row is left out, and
     its SED series has every step while the layers' have every ``layer_stride``-th.
     """
-    extra = [] if skip_layer is None else [Metric.layer != skip_layer]
-    where = [Metric.run_id == run_id, Metric.name == name, *extra]
-    lo = session.scalar(select(func.min(Metric.step)).where(*where))
-    if lo is None and extra:
+    rng = step_range(session, run_id, name, skip_layer=skip_layer)
+    if rng is None and skip_layer is not None:
         return sampled_steps(session, run_id, name, columns)  # only that layer has the metric
-    hi = session.scalar(select(func.max(Metric.step)).where(*where))
-    if lo is None or hi is None:
+    if rng is None:
         return [], False
-    lo, hi = int(lo), int(hi)
+    lo, hi = rng
+    where = _where(Metric, run_id, name, None, skip_layer)
     second = session.scalar(select(func.min(Metric.step)).where(*where, Metric.step > lo))
     gap = 1 if second is None else int(second) - lo
     stride = gap * max(1, -(-(hi - lo + 1) // (columns * gap)))  # ceil division
