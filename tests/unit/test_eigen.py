@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spectrawatch.spectral.eigen import CUDA_BATCHED_MAX, HOST_MAX, batched_eigvalsh, on_host
+from spectrawatch.spectral.eigen import (
+    CUDA_BATCHED_MAX,
+    HOST_MAX,
+    NUMPY_MIN,
+    batched_eigvalsh,
+    gram,
+    on_host,
+)
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -33,6 +40,23 @@ def test_equals_eigvalsh_and_keeps_the_device() -> None:
     assert out.shape == (7, 3, 48)
     assert out.device == sym.device
     torch.testing.assert_close(out, torch.linalg.eigvalsh(sym), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, NUMPY_MIN + 40, NUMPY_MIN), (3, NUMPY_MIN, NUMPY_MIN + 9)])
+def test_cpu_numpy_route_equals_torch(shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """From NUMPY_MIN columns the CPU Gram and eigenvalues go through numpy: same results."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    rows, cols = shape[1:]
+    g = gram(x)
+    assert g.dtype == dtype
+    assert g.shape == (shape[0], NUMPY_MIN, NUMPY_MIN)
+    ref = x.mT @ x if rows >= cols else x @ x.mT
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(g, ref, rtol=tol, atol=tol * NUMPY_MIN)
+    ev = batched_eigvalsh(ref)
+    assert ev.dtype == dtype
+    torch.testing.assert_close(ev, torch.linalg.eigvalsh(ref), rtol=tol, atol=tol * NUMPY_MIN)
 
 
 @pytest.mark.gpu

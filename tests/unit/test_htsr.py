@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from spectrawatch.spectral import htsr
+from spectrawatch.spectral.eigen import NUMPY_MIN
 from spectrawatch.spectral.farms import FARMS_CV
 from spectrawatch.wire import FrameKind, encode_frame, parse_header
 from spectrawatch_server.analyses import MODEL_LAYER, DecodedFrame, analyses_for
@@ -72,13 +73,21 @@ def test_eigenvalues_of_known_spectrum() -> None:
     torch.testing.assert_close(ev, torch.sort(s**2).values, rtol=1e-10, atol=1e-9)
 
 
-def test_non_finite_matrix_gets_nan_esd_without_spoiling_its_batch() -> None:
-    bad = torch.ones(10, 10)
-    bad[0, 0] = math.nan
-    good = torch.eye(10) * 2.0
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("n", [10, NUMPY_MIN + 4])  # torch's and numpy's Gram/eigen paths
+def test_non_finite_matrix_gets_nan_esd_without_spoiling_its_batch(value: float, n: int) -> None:
+    bad = torch.ones(n, n)
+    bad[n - 1, 3] = value
+    good = torch.eye(n) * 2.0
     ev_bad, ev_good = htsr.eigenvalues([bad, good])
     assert bool(torch.isnan(ev_bad).all())
-    torch.testing.assert_close(ev_good, torch.full((10,), 4.0, dtype=torch.float64))
+    torch.testing.assert_close(ev_good, torch.full((n,), 4.0, dtype=torch.float64))
+
+
+def test_non_finite_matrix_is_skipped_with_a_reason() -> None:
+    bad = torch.ones(10, 10)
+    bad[0, 0] = math.nan
+    (ev_bad,) = htsr.eigenvalues([bad])
     with pytest.raises(htsr.SpectralError):
         htsr.spectral_metrics(ev_bad, 10, 10)
     report = htsr.analyze_weights({"bad": bad, "good": torch.randn(20, 10)})

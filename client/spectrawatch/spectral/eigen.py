@@ -7,14 +7,38 @@ one GPT-2-sized SED step cost ~50 ms, and FARMS' ~4,000 windows of 100 x 100 cos
 (``benchmarks/results/gpu_h200.md``), while LAPACK on one host core needs ~0.1-0.5 ms for each.
 Stacks of such mid-sized matrices are therefore decomposed on the host. Small (batched Jacobi)
 and large matrices (where the GPU's divide-and-conquer wins) stay on the GPU.
+
+On the CPU, the torch wheel's BLAS/LAPACK (MKL) was 1.6-2x slower than numpy's (OpenBLAS) for
+the float64 Gram products and eigendecompositions of 768-wide weights on the AMD EPYC this
+project is measured on (``benchmarks/results/htsr.md``), and on par for small matrices, so CPU
+work from :data:`NUMPY_MIN` columns up goes through numpy (zero-copy views, same LAPACK driver
+family; results equal to round-off).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 CUDA_BATCHED_MAX = 32  # largest n that torch sends to cuSOLVER's batched syevj
 HOST_MAX = 160  # largest n of a CUDA stack decomposed by the host's LAPACK instead
+NUMPY_MIN = 256  # smallest n of a CPU matrix whose Gram / eigenvalues go through numpy
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
+def _via_numpy(t: torch.Tensor, n: int) -> bool:
+    return t.device.type == "cpu" and n >= NUMPY_MIN and t.dtype in _NUMPY_DTYPES
+
+
+def gram(stack: torch.Tensor) -> torch.Tensor:
+    """Gram matrices of a stack ``(..., rows, cols)`` on its smaller side: ``W^T W`` if
+    ``rows >= cols`` else ``W W^T``, in ``stack``'s dtype and on its device."""
+    rows, cols = stack.shape[-2:]
+    if _via_numpy(stack, min(rows, cols)):
+        a = stack.detach().numpy()
+        at = np.swapaxes(a, -1, -2)
+        return torch.from_numpy(at @ a if rows >= cols else a @ at)
+    return stack.mT @ stack if rows >= cols else stack @ stack.mT
 
 
 def on_host(n: int, batch: int, device: torch.device) -> bool:
@@ -30,6 +54,8 @@ def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
     """
     n = sym.shape[-1]
     batch = sym.numel() // (n * n) if n else 0
+    if _via_numpy(sym, n):
+        return torch.from_numpy(np.linalg.eigvalsh(sym.detach().numpy()))
     if on_host(n, batch, sym.device):
         host: torch.Tensor = torch.linalg.eigvalsh(sym.cpu())
         return host.to(sym.device)

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from spectrawatch.spectral.eigen import batched_eigvalsh, gram
+
 
 @dataclass(frozen=True)
 class FarmsConfig:
@@ -104,10 +106,9 @@ def farms_esd(weight: torch.Tensor, config: FarmsConfig = FARMS_CV) -> torch.Ten
     """Pooled, ascending FARMS eigenvalues of a 2-D weight: ``(n_windows * min(r, c),)`` float64.
 
     Eigenvalues of each window's Gram ``(min(r,c), min(r,c))`` in float64 by one batched
-    ``eigvalsh``, round-off negatives clamped to 0.
+    :func:`~spectrawatch.spectral.eigen.batched_eigvalsh` (a CUDA stack of 100 x 100 windows is
+    decomposed on the host), round-off negatives clamped to 0.
     """
     win = sample_windows(weight.detach(), config).to(torch.float64)
-    r, c = win.shape[1:]
-    gram = win.mT @ win if r >= c else win @ win.mT
-    evals = torch.linalg.eigvalsh(gram).clamp_min_(0.0)
+    evals = batched_eigvalsh(gram(win)).clamp_min_(0.0)
     return torch.sort(evals.flatten()).values

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spectrawatch.spectral.eigen import batched_eigvalsh
+from spectrawatch.spectral.eigen import batched_eigvalsh, gram
 from spectrawatch.spectral.farms import FarmsConfig, sample_windows
 
 # --- metric keys (dotted, defined once) -------------------------------------------------------
@@ -290,15 +290,16 @@ def eigenvalues(
 
 def _batched_eigenvalues(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Eigenvalues of ``W^T W`` for equal-shape ``mats``: ``(B, min(rows, cols))``."""
-    rows, cols = mats[0].shape
     stack = torch.stack(mats).to(dtype)
-    finite = torch.isfinite(stack).all(dim=(1, 2))
+    grams = gram(stack)
+    del stack
+    # A NaN/Inf entry makes its row's or column's diagonal Gram entry NaN/Inf (as does a finite
+    # matrix whose squares overflow), so the diagonal finds them without a pass over every entry.
+    finite = torch.isfinite(torch.diagonal(grams, dim1=-2, dim2=-1)).all(dim=-1)
     all_finite = bool(finite.all())
     if not all_finite:  # decompose zeros instead; those ESDs become NaN below
-        stack = torch.where(finite[:, None, None], stack, 0.0)
-    gram = stack.mT @ stack if rows >= cols else stack @ stack.mT
-    del stack
-    evals: torch.Tensor = batched_eigvalsh(gram).clamp_min_(0.0)
+        grams = torch.where(finite[:, None, None], grams, 0.0)
+    evals: torch.Tensor = batched_eigvalsh(grams).clamp_min_(0.0)
     if not all_finite:
         evals[~finite] = math.nan
     return evals
