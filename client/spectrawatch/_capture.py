@@ -55,10 +55,17 @@ from torch import nn
 from spectrawatch import _shards, wire
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch.config import ClientSettings
-from spectrawatch.sketch import SketchSpec, count_sketch_signed, signed_buckets
+from spectrawatch.sketch import (
+    FusedCountSketch,
+    SketchSpec,
+    count_sketch_signed,
+    signed_buckets,
+)
 from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT, median_commutator_defect
 
 MODEL_KEY = "__model__"
+# theta sketches of all layers: an (L + 1, d) matrix, or (exact mode) flat parameters by name
+Rows = torch.Tensor | dict[str, torch.Tensor]
 _MAX_FAILURES = 3
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -138,6 +145,8 @@ class Capture:
         ]
         self._modules_arg = list(modules) if modules is not None else None
         self._index: dict[str, torch.Tensor] = {}
+        self._flat_index: torch.Tensor | None = None  # all layers' index, when on one device
+        self._fused: FusedCountSketch | None = None
         self._index_ready = threading.Event()
         self._index_error: BaseException | None = None
         self._index_cancel = False
@@ -146,11 +155,11 @@ class Capture:
         for name, p in self.layers:
             local, start, contributes = _shards.local_shard(p.detach())
             self._shard_of[name] = (start, local.numel(), contributes)
-        self._prev: dict[str, torch.Tensor] | None = None
+        self._prev: Rows | None = None
         self._prev_step: int | None = None
-        self._update_rows: list[dict[str, torch.Tensor]] = []
+        self._update_rows: list[Rows] = []
         self._update_steps: list[int] = []
-        self._theta_rows: list[dict[str, torch.Tensor]] = []
+        self._theta_rows: list[Rows] = []
         self._theta_steps: list[int] = []
         self._failures: dict[str, int] = {}
         self._disabled: set[str] = set()
@@ -184,10 +193,31 @@ class Capture:
                 with contextlib.suppress(AttributeError, OSError):  # Linux: this thread only
                     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
             index: dict[str, torch.Tensor] = {}
-            for name, p in self.layers:
-                if self._index_cancel:
-                    return
-                index[name] = self._hash_index(name, p.device)
+            devices = {p.device for _, p in self.layers}
+            if len(devices) == 1 and all(c for _, _, c in self._shard_of.values()):
+                # one concatenated index (views per layer) for the fused all-layer sketch
+                device = devices.pop()
+                flat = torch.empty(
+                    sum(n for _, n, _ in self._shard_of.values()),
+                    dtype=signed_buckets(1, 0, self.spec.dim).dtype,
+                    device=device,
+                )
+                at = 0
+                for name, _ in self.layers:
+                    if self._index_cancel:
+                        return
+                    n = self._shard_of[name][1]
+                    index[name] = flat[at : at + n].copy_(self._hash_index(name, device))
+                    at += n
+                self._fused = FusedCountSketch(
+                    [n for _, n, _ in self._shard_of.values()], self.spec.dim, device
+                )
+                self._flat_index = flat
+            else:
+                for name, p in self.layers:
+                    if self._index_cancel:
+                        return
+                    index[name] = self._hash_index(name, p.device)
             self._index = index
         except Exception as exc:
             self._index_error = exc
@@ -276,8 +306,9 @@ class Capture:
         return idx
 
     @torch.no_grad()
-    def _sketch_all(self) -> dict[str, torch.Tensor] | None:
-        """float64 ``(d,)`` theta sketch per layer, plus ``__model__`` (their sum).
+    def _sketch_all(self) -> Rows | None:
+        """Theta sketches: float64 ``(L + 1, d)``, one row per layer then ``__model__`` (their
+        sum), in :attr:`row_names` order; exact mode: the flat float32 parameters by name.
 
         None while the hash index is still being built (on any rank, for sharded models).
         """
@@ -291,28 +322,35 @@ class Capture:
             raise RuntimeError("the sketch hash index could not be built") from self._index_error
         if not ready and not self.sharded:
             return None
+        if not self.layers:
+            return None
         d = self.spec.dim
-        out: dict[str, torch.Tensor] = {}
-        for name, p in self.layers:
-            local = _shards.local_tensor(p.detach())  # offsets were found once, at attach
-            if ready and self._shard_of[name][2]:
-                out[name] = count_sketch_signed(local, self._folded(name, local), d)
-            else:  # a not-yet-ready rank still joins the all_reduce, with zeros
-                out[name] = torch.zeros(d, dtype=torch.float64, device=local.device)
-        if self.sharded and out:
+        locals_ = [_shards.local_tensor(p.detach()) for _, p in self.layers]
+        device = locals_[0].device
+        if ready and self._fused is not None and self._flat_index is not None:
+            mat = self._fused(locals_, self._flat_index)
+        else:  # layers on several devices (or replicated shards): one sketch per layer
+            rows = []
+            for (name, _), local in zip(self.layers, locals_, strict=True):
+                if ready and self._shard_of[name][2]:
+                    row = count_sketch_signed(local, self._folded(name, local), d)
+                else:  # a not-yet-ready rank still joins the all_reduce, with zeros
+                    row = torch.zeros(d, dtype=torch.float64, device=local.device)
+                rows.append(row.to(device))
+            mat = torch.stack(rows)
+        if self.sharded:
             # one all_reduce of every layer's partial sketch plus a ready flag per rank
-            device = next(iter(out.values())).device
             flag = torch.full((1,), float(ready), dtype=torch.float64, device=device)
-            flat = _shards.all_reduce_sum(torch.cat([*(v.to(device) for v in out.values()), flag]))
+            flat = _shards.all_reduce_sum(torch.cat([mat.reshape(-1), flag]))
             if flat[-1].item() < _shards.world_size():
                 return None
-            out = {name: flat[i * d : (i + 1) * d] for i, name in enumerate(out)}
-        total: torch.Tensor | None = None
-        for sk in out.values():
-            total = sk.clone() if total is None else total + sk.to(total.device)
-        if total is not None:
-            out[MODEL_KEY] = total
-        return out
+            mat = flat[:-1].view(-1, d)
+        return torch.cat([mat, mat.sum(0, keepdim=True)])
+
+    @property
+    def row_names(self) -> list[str]:
+        """Names of the rows of a sketch matrix from :meth:`_sketch_all`."""
+        return [*(name for name, _ in self.layers), MODEL_KEY]
 
     def _after_step(self, n: int, due_update: bool, due_theta: bool) -> None:
         cur = self._sketch_all()
@@ -320,9 +358,13 @@ class Capture:
             self.stats.incr("sketch_steps_skipped")
             self._prev, self._prev_step = None, None
             return
-        if due_update and self._prev is not None:
-            row = {k: (cur[k] - self._prev[k]).to(torch.float32) for k in cur}
-            if self.s.exact:
+        prev = self._prev
+        if due_update and prev is not None:
+            row: Rows
+            if isinstance(cur, torch.Tensor) and isinstance(prev, torch.Tensor):
+                row = (cur - prev).to(torch.float32)
+            elif isinstance(cur, dict) and isinstance(prev, dict):  # exact mode
+                row = {k: cur[k] - prev[k] for k in cur}
                 row[MODEL_KEY] = torch.cat([row[name] for name, _ in self.layers])
             self._update_rows.append(row)
             self._update_steps.append(n)
@@ -353,10 +395,14 @@ class Capture:
             "update": "per_step" if self.optimizer is not None else "since_previous_row",
         }
 
-    @staticmethod
-    def _stack_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        names = list(rows[0])
-        return {k: torch.stack([r[k] for r in rows]).to("cpu") for k in names}
+    def _stack_rows(self, rows: list[Rows]) -> dict[str, torch.Tensor]:
+        """``(steps, d)`` CPU tensor per row name; one device-to-host copy for sketch rows."""
+        first = rows[0]
+        if isinstance(first, dict):
+            dicts = [r for r in rows if isinstance(r, dict)]
+            return {k: torch.stack([r[k] for r in dicts]).cpu() for k in first}
+        stacked = torch.stack([r for r in rows if isinstance(r, torch.Tensor)]).cpu()
+        return {name: stacked[:, i].clone() for i, name in enumerate(self.row_names)}
 
     def flush_updates(self) -> None:
         if not self._update_rows:

@@ -74,11 +74,17 @@ def reference_sketch(x: torch.Tensor, spec: SketchSpec, name: str) -> torch.Tens
     return count_sketch(x.reshape(-1).double(), b, s, spec.dim, torch.float64)
 
 
-def test_update_rows_are_sketches_of_the_exact_updates() -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_update_rows_are_sketches_of_the_exact_updates(fused: bool) -> None:
+    """Fused: all layers in one pass (one device); else one sketch per layer (several devices)."""
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sink = Sink()
     cap, stats = make_capture(model, opt, sink)
+    assert cap.wait_index(30)
+    assert cap._fused is not None
+    if not fused:
+        cap._fused = None
     thetas: list[dict[str, torch.Tensor]] = []
     train(model, opt, 10, record=thetas)
     cap.finish()

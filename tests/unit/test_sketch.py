@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from spectrawatch.sketch import (
+    FusedCountSketch,
     SketchSpec,
     _hash_torch,
     count_sketch,
@@ -96,6 +97,47 @@ def test_private_bucket_copies_give_the_same_sketch(chunk: int | None, private: 
         out = count_sketch_signed(x, folded, dim, chunk=chunk, private=private)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
         assert torch.equal(folded, before)  # the cached index is never modified
+
+
+def _tensors(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = (torch.float32, torch.float64, torch.bfloat16)
+    return [torch.randn(s, generator=gen).to(dtypes[i % 3]) for i, s in enumerate(shapes)]
+
+
+@pytest.mark.parametrize(
+    ("chunk", "private"),
+    [(None, None), (1_000, 0), (777, 64), (50_000, 1_000), (1 << 20, 0), (4_096, 1 << 16)],
+)
+@pytest.mark.parametrize("dim", [64, 20_000])  # int16 and int32 index
+def test_fused_sketch_equals_one_sketch_per_tensor(
+    chunk: int | None, private: int | None, dim: int
+) -> None:
+    """Tensors larger than a chunk, many small ones sharing one, an empty one, mixed dtypes."""
+    xs = _tensors([(300,), (1_000, 70), (5,), (0,), (123_457,), (10,), (3, 40)], 4)
+    index = [signed_buckets(x.numel(), 7 + i, dim) for i, x in enumerate(xs)]
+    folded = torch.cat(index)
+    before = folded.clone()
+    fused = FusedCountSketch([x.numel() for x in xs], dim, "cpu", chunk=chunk, private=private)
+    out = fused(xs, folded)
+    ref = torch.stack([count_sketch_signed(x, i, dim) for x, i in zip(xs, index, strict=True)])
+    assert out.shape == (len(xs), dim)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+    assert not out[3].any()  # the empty tensor
+    assert torch.equal(folded, before)
+    torch.testing.assert_close(fused(xs, folded), out, rtol=0, atol=0)  # the plan is reusable
+
+
+def test_fused_sketch_of_very_many_tensors_switches_to_an_int64_index() -> None:
+    """9,000 tensors in one CPU chunk put virtual coordinates past 2^31: int64, same sums."""
+    xs = _tensors([(3,)] * 9_000, 5)
+    index = [signed_buckets(3, i, 64) for i in range(len(xs))]
+    fused = FusedCountSketch([3] * len(xs), 64, "cpu")
+    assert fused.index_dtype == torch.int64
+    out = fused(xs, torch.cat(index))
+    ref = torch.stack([count_sketch_signed(x, i, 64) for x, i in zip(xs, index, strict=True)])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
 def test_wide_dims_use_an_int32_index() -> None:
