@@ -327,8 +327,9 @@ class Capture:
         d = self.spec.dim
         locals_ = [_shards.local_tensor(p.detach()) for _, p in self.layers]
         device = locals_[0].device
-        if ready and self._fused is not None and self._flat_index is not None:
-            mat = self._fused(locals_, self._flat_index)
+        fused = self._fused_on(device) if ready else None
+        if fused is not None and all(t.device == device for t in locals_):
+            mat = fused[0](locals_, fused[1])
         else:  # layers on several devices (or replicated shards): one sketch per layer
             rows = []
             for (name, _), local in zip(self.layers, locals_, strict=True):
@@ -346,6 +347,21 @@ class Capture:
                 return None
             mat = flat[:-1].view(-1, d)
         return torch.cat([mat, mat.sum(0, keepdim=True)])
+
+    def _fused_on(self, device: torch.device) -> tuple[FusedCountSketch, torch.Tensor] | None:
+        """The fused sketcher and its index, moved to ``device`` if the model moved there."""
+        fused, flat = self._fused, self._flat_index
+        if fused is None or flat is None:
+            return None
+        if fused.device != device:
+            self._flat_index = flat = flat.to(device)
+            at = 0
+            for name, _ in self.layers:
+                n = self._shard_of[name][1]
+                self._index[name] = flat[at : at + n]
+                at += n
+            self._fused = fused = FusedCountSketch(fused.numels, fused.dim, device)
+        return fused, flat
 
     @property
     def row_names(self) -> list[str]:

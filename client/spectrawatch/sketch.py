@@ -207,7 +207,9 @@ class _Chunk(NamedTuple):
     g0: int
     g1: int
     pieces: list[tuple[int, int, int]]  # (tensor, local lo, local hi), in order
-    shifts: torch.Tensor  # per piece: chunk coordinate -> virtual coordinate (block-aligned)
+    # per piece: chunk coordinate -> virtual coordinate (block-aligned); where every piece is one
+    # block, the piece's bucket offset instead (block * 2 * dim)
+    shifts: torch.Tensor
     lengths: torch.Tensor  # per piece: its length
     owners: torch.Tensor  # per block: the tensor whose coordinates it holds
     blocks: int
@@ -253,9 +255,18 @@ class FusedCountSketch:
         offsets = [0, *np.cumsum(self.numels).tolist()]
         self.total = offsets[-1]
         plans = [self._plan_chunk(g0, offsets) for g0 in range(0, self.total, self.chunk)]
-        # virtual coordinates reach blocks * block: int32 unless a chunk holds very many tensors
-        most = max((p[-1] for p in plans), default=0)
-        self.index_dtype = torch.int32 if (most + 1) * self.block < 2**31 else torch.int64
+        dim2 = 2 * dim
+        plans = [  # one block per piece: the shift used is the piece's bucket offset
+            (*p[:3], [i * dim2 for i in range(len(p[2]))], *p[4:]) if p[-1] == len(p[2]) else p
+            for p in plans
+        ]
+        # indices reach blocks * 2 * dim, virtual coordinates blocks * block: int32 unless a
+        # chunk holds very many tensors
+        reach = max(
+            (p[-1] * (dim2 if p[-1] == len(p[2]) else max(dim2, self.block)) for p in plans),
+            default=0,
+        )
+        self.index_dtype = torch.int32 if reach < 2**31 else torch.int64
         self.chunks = [
             _Chunk(
                 g0,
@@ -302,12 +313,17 @@ class FusedCountSketch:
             m = c.g1 - c.g0
             part = buf[:m]
             torch.cat([flats[k][lo:hi] for k, lo, hi in c.pieces], out=part)
-            if len(c.pieces) == 1:
-                virtual = coords[:m] + c.shifts[0]
-            else:
-                virtual = coords[:m] + torch.repeat_interleave(c.shifts, c.lengths, output_size=m)
             idx = ibuf[:m].copy_(folded[c.g0 : c.g1])
-            idx.add_(virtual.div_(self.block, rounding_mode="floor").mul_(dim2))
+            if c.blocks == len(c.pieces):  # one block per piece (the CPU): offset by piece
+                if c.blocks > 1:
+                    idx.add_(torch.repeat_interleave(c.shifts, c.lengths, output_size=m))
+            else:  # block of a coordinate = its block-aligned virtual coordinate // block
+                if len(c.pieces) == 1:
+                    virtual = coords[:m] + c.shifts[0]
+                else:
+                    shift = torch.repeat_interleave(c.shifts, c.lengths, output_size=m)
+                    virtual = shift.add_(coords[:m])
+                idx.add_(virtual.div_(self.block, rounding_mode="floor").mul_(dim2))
             acc = torch.zeros(c.blocks * dim2, dtype=self.dtype, device=self.device)
             acc.index_add_(0, idx, part)
             out.index_add_(0, c.owners, acc.view(c.blocks, dim2))

@@ -370,6 +370,34 @@ def test_cuda_sketch_matches_cpu() -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.gpu
+def test_model_moved_to_cuda_after_attach_is_sketched_on_cuda() -> None:
+    """The fused sketcher and its index follow the parameters to their new device."""
+    model = mlp().eval()
+    cpu_model = copy.deepcopy(model)
+    sinks, caps = [], []
+    for m in (model, cpu_model):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        sink = Sink()
+        cap, stats = make_capture(m, opt, sink)
+        assert cap.wait_index(30)
+        if m is model:
+            m.cuda()  # after attach: parameters move, the optimizer keeps the same objects
+        dev = next(m.parameters()).device
+        for _ in range(2):
+            m(torch.ones(4, 6, device=dev)).sum().backward()
+            opt.step()
+        cap.finish()
+        assert stats.get("errors") == 0
+        sinks.append(sink)
+        caps.append(cap)
+    fused = caps[0]._fused
+    assert fused is not None
+    assert fused.device.type == "cuda"
+    a, b = (s.of(wire.FrameKind.UPDATE_SKETCH)[0].tensors[MODEL_KEY] for s in sinks)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_index_built_off_the_step_and_steps_skipped_until_ready(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

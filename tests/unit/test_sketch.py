@@ -129,15 +129,18 @@ def test_fused_sketch_equals_one_sketch_per_tensor(
     torch.testing.assert_close(fused(xs, folded), out, rtol=0, atol=0)  # the plan is reusable
 
 
-def test_fused_sketch_of_very_many_tensors_switches_to_an_int64_index() -> None:
-    """9,000 tensors in one CPU chunk put virtual coordinates past 2^31: int64, same sums."""
-    xs = _tensors([(3,)] * 9_000, 5)
-    index = [signed_buckets(3, i, 64) for i in range(len(xs))]
-    fused = FusedCountSketch([3] * len(xs), 64, "cpu")
+def test_fused_sketch_past_int32_coordinates_switches_to_int64() -> None:
+    """9,000 small tensors and one of two 2^20-coordinate blocks in one chunk put the virtual
+    coordinates (blocks x 2^20) past 2^31: the index is int64, the sums the same."""
+    numels = [3] * 9_000 + [(1 << 20) + 1]
+    xs = _tensors([(n,) for n in numels], 5)
+    index = [signed_buckets(n, i, 64) for i, n in enumerate(numels)]
+    fused = FusedCountSketch(numels, 64, "cpu", chunk=1 << 21, private=1 << 20)
+    assert len(fused.chunks) == 1
     assert fused.index_dtype == torch.int64
     out = fused(xs, torch.cat(index))
     ref = torch.stack([count_sketch_signed(x, i, 64) for x, i in zip(xs, index, strict=True)])
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
 
 
 def test_wide_dims_use_an_int32_index() -> None:
