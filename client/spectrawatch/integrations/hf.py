@@ -24,12 +24,11 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from spectrawatch._shards import has_sharded_params
-from spectrawatch.integrations import lazy_callback
-from spectrawatch.monitor import Monitor
+from spectrawatch.integrations import CallbackOptions, lazy_callback
 
 if TYPE_CHECKING:
     from torch import nn
@@ -94,33 +93,12 @@ def _config_of(args: Any) -> dict[str, Any]:
     return {str(k): v for k, v in items if isinstance(v, (str, int, float, bool)) or v is None}
 
 
-class _Callback:
+class _Callback(CallbackOptions):
     """``transformers.TrainerCallback`` that streams a Trainer run to spectrawatch.
 
     ``SpectrawatchCallback(project=..., run=..., url=..., token=..., tags=..., probe=batch,
-    every=..., monitor=..., **settings)``: keyword settings as :meth:`Monitor.init`; ``monitor``
-    reuses an existing :class:`~spectrawatch.Monitor` (default: a new one per callback).
+    every=..., monitor=..., **settings)``: see :class:`~spectrawatch.integrations.CallbackOptions`.
     """
-
-    def __init__(
-        self,
-        project: str | None = None,
-        run: str | None = None,
-        *,
-        url: str | None = None,
-        token: str | None = None,
-        tags: Sequence[str] | None = None,
-        probe: Any = None,
-        every: int | Mapping[str, int] | None = None,
-        monitor: Monitor | None = None,
-        **settings: Any,
-    ) -> None:
-        self.monitor = monitor if monitor is not None else Monitor()
-        self._init = {"project": project, "run": run, "url": url, "token": token, **settings}
-        self._tags = tags
-        self._probe = probe
-        self._every = every
-        self._active = False
 
     def on_train_begin(
         self,

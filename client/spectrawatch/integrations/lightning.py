@@ -21,13 +21,11 @@ spectrawatch``.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from spectrawatch._shards import has_sharded_params
-from spectrawatch.integrations import lazy_callback
+from spectrawatch.integrations import CallbackOptions, lazy_callback
 from spectrawatch.integrations.hf import numeric_logs
-from spectrawatch.monitor import Monitor
 
 _CONFIG_MAX_ITEMS = 200
 
@@ -53,35 +51,18 @@ def _hparams(module: Any) -> dict[str, Any]:
     return {str(k): v for k, v in items if isinstance(v, (str, int, float, bool)) or v is None}
 
 
-class _Callback:
+class _Callback(CallbackOptions):
     """Lightning ``Callback`` that streams a training run to spectrawatch (global rank zero).
 
     ``SpectrawatchCallback(project=..., run=..., url=..., token=..., tags=..., probe=batch,
-    every=..., log_every=None, monitor=None, **settings)``: keyword settings as
-    :meth:`Monitor.init`; ``monitor`` reuses an existing :class:`~spectrawatch.Monitor`.
+    every=..., log_every=None, monitor=None, **settings)``: see
+    :class:`~spectrawatch.integrations.CallbackOptions`; ``log_every`` (default: Lightning's
+    ``log_every_n_steps``) is how often the logged metrics are sent.
     """
 
-    def __init__(
-        self,
-        project: str | None = None,
-        run: str | None = None,
-        *,
-        url: str | None = None,
-        token: str | None = None,
-        tags: Sequence[str] | None = None,
-        probe: Any = None,
-        every: int | Mapping[str, int] | None = None,
-        log_every: int | None = None,
-        monitor: Monitor | None = None,
-        **settings: Any,
-    ) -> None:
-        self.monitor = monitor if monitor is not None else Monitor()
-        self._init = {"project": project, "run": run, "url": url, "token": token, **settings}
-        self._tags = tags
-        self._probe = probe
-        self._every = every
+    def __init__(self, *args: Any, log_every: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._log_every = log_every
-        self._active = False
         self._manual_steps = False
         self._last_step = -1
         self._last_logged = -1
