@@ -125,6 +125,7 @@ def run_condition(
     layers: int,
     periodic: bool = True,
     device: str = "cpu",
+    amp: str = "none",
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -246,8 +247,9 @@ def run_condition(
         sync(dev)
         c0 = time.thread_time()
         t0 = time.perf_counter()
-        logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits = model(x[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -289,6 +291,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the raw JSON results here")
     ap.add_argument("--first-steps", action="store_true", help="time steps 1..N, no warm-up")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (model, data and optimizer)")
+    ap.add_argument(
+        "--amp", default="none", choices=("none", "bf16"), help="bf16: forward under autocast"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.first_steps:
@@ -303,6 +308,7 @@ def main() -> None:
             args.layers,
             periodic=not args.first_steps,
             device=args.device,
+            amp=args.amp,
         )
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -328,6 +334,8 @@ def main() -> None:
                 str(args.threads),
                 "--device",
                 args.device,
+                "--amp",
+                args.amp,
                 *(["--first-steps"] if args.first_steps else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -337,6 +345,7 @@ def main() -> None:
                 continue
             res = json.loads(line[0][7:])
             res["device"] = args.device
+            res["amp"] = args.amp
             results[cond].append(res)
             print(
                 f"rep {rep} {cond:13s} median step {statistics.median(res['times']):.3f} s  "

@@ -44,6 +44,8 @@ part polar 60 "$PY" benchmarks/polar_express.py --device cuda --sizes 512 1024 2
 part activations 40 "$PY" benchmarks/activations_cost.py --device cuda --repeat 5
 part client 150 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
   --steps 20 --warmup 5 --reps 2 --threads 4 --conditions none,spectrawatch,sw_every10,tensorboard
+part client_bf16 90 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 --batch 8 \
+  --seq 256 --steps 20 --warmup 5 --reps 1 --threads 4 --conditions none,spectrawatch,sw_every10
 
 tail -n 3 "$OUT"/*.txt
 exit 0
