@@ -309,10 +309,21 @@ class FusedCountSketch:
         ibuf = torch.empty(size, dtype=self.index_dtype, device=self.device)
         coords = torch.arange(size, dtype=self.index_dtype, device=self.device)
         flats = [x.reshape(-1) for x in xs]
+        staging: dict[torch.dtype, torch.Tensor] = {}
         for c in self.chunks:
             m = c.g1 - c.g0
             part = buf[:m]
-            torch.cat([flats[k][lo:hi] for k, lo, hi in c.pieces], out=part)
+            pieces = [flats[k][lo:hi] for k, lo, hi in c.pieces]
+            dtypes = {p.dtype for p in pieces}
+            if len(dtypes) == 1 and (dt := dtypes.pop()) != self.dtype:
+                # cat in the parameters' dtype, then one cast: a cat whose output dtype differs
+                # from its inputs' is done one copy per input on CUDA
+                stage = staging.get(dt)
+                if stage is None:
+                    stage = staging[dt] = torch.empty(size, dtype=dt, device=self.device)
+                part.copy_(torch.cat(pieces, out=stage[:m]))
+            else:
+                torch.cat(pieces, out=part)
             idx = ibuf[:m].copy_(folded[c.g0 : c.g1])
             if c.blocks == len(c.pieces):  # one block per piece (the CPU): offset by piece
                 if c.blocks > 1:
