@@ -59,6 +59,7 @@ from spectrawatch.sketch import (
     FusedCountSketch,
     SketchSpec,
     count_sketch_signed,
+    folded_dtype,
     signed_buckets,
 )
 from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT, median_commutator_defect
@@ -199,7 +200,7 @@ class Capture:
                 device = devices.pop()
                 flat = torch.empty(
                     sum(n for _, n, _ in self._shard_of.values()),
-                    dtype=signed_buckets(1, 0, self.spec.dim).dtype,
+                    dtype=folded_dtype(self.spec.dim),
                     device=device,
                 )
                 at = 0

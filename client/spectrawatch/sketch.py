@@ -116,6 +116,11 @@ def _hash_range(start: int, stop: int, seed: int, dim: int) -> tuple[np.ndarray,
 _HASH_CHUNK = 1 << 20
 
 
+def folded_dtype(dim: int) -> torch.dtype:
+    """dtype of a :func:`signed_buckets` index for sketch dimension ``dim``."""
+    return torch.int16 if 2 * dim <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def signed_buckets(
     n: int, seed: int, dim: int, device: torch.device | str = "cpu", start: int = 0
 ) -> torch.Tensor:
@@ -128,7 +133,7 @@ def signed_buckets(
     (d <= 16383, so 2 bytes per coordinate when cached, instead of 12 for buckets + signs),
     else int32; there is no sign multiply per call.
     """
-    small = torch.int16 if 2 * dim <= torch.iinfo(torch.int16).max else torch.int32
+    small = folded_dtype(dim)
     folded = np.empty(n, dtype=np.int16 if small == torch.int16 else np.int32)
     for lo in range(0, n, _HASH_CHUNK):  # chunked: transient memory O(chunk), not O(n)
         hi = min(n, lo + _HASH_CHUNK)
