@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import bisect
 import zlib
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -220,6 +220,19 @@ class _Chunk(NamedTuple):
     blocks: int
 
 
+@dataclass
+class _Plan:
+    """A :class:`_Chunk` while it is planned (host lists)."""
+
+    g0: int
+    g1: int
+    pieces: list[tuple[int, int, int]] = field(default_factory=list)
+    shifts: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    blocks: int = 0
+
+
 class FusedCountSketch:
     """:func:`count_sketch_signed` of many flat tensors at once: ``(len(xs), dim)``.
 
@@ -261,49 +274,41 @@ class FusedCountSketch:
         self.total = offsets[-1]
         plans = [self._plan_chunk(g0, offsets) for g0 in range(0, self.total, self.chunk)]
         dim2 = 2 * dim
-        plans = [  # one block per piece: the shift used is the piece's bucket offset
-            (*p[:3], [i * dim2 for i in range(len(p[2]))], *p[4:]) if p[-1] == len(p[2]) else p
-            for p in plans
-        ]
-        # indices reach blocks * 2 * dim, virtual coordinates blocks * block: int32 unless a
-        # chunk holds very many tensors
-        reach = max(
-            (p[-1] * (dim2 if p[-1] == len(p[2]) else max(dim2, self.block)) for p in plans),
-            default=0,
-        )
+        reach = 0  # the largest bucket index or virtual coordinate
+        for p in plans:
+            if p.blocks == len(p.pieces):  # one block per piece: shift by its bucket offset
+                p.shifts[:] = [i * dim2 for i in range(p.blocks)]
+                reach = max(reach, p.blocks * dim2)
+            else:
+                reach = max(reach, p.blocks * max(dim2, self.block))
         self.index_dtype = torch.int32 if reach < 2**31 else torch.int64
         self.chunks = [
             _Chunk(
-                g0,
-                g1,
-                pieces,
-                torch.tensor(shifts, dtype=self.index_dtype, device=self.device),
-                torch.tensor(lengths, dtype=torch.int64, device=self.device),
-                torch.tensor(owners, dtype=torch.int64, device=self.device),
-                blocks,
+                p.g0,
+                p.g1,
+                p.pieces,
+                torch.tensor(p.shifts, dtype=self.index_dtype, device=self.device),
+                torch.tensor(p.lengths, dtype=torch.int64, device=self.device),
+                torch.tensor(p.owners, dtype=torch.int64, device=self.device),
+                p.blocks,
             )
-            for g0, g1, pieces, shifts, lengths, owners, blocks in plans
+            for p in plans
         ]
 
-    def _plan_chunk(self, g0: int, offsets: list[int]) -> tuple[Any, ...]:
-        g1 = min(self.total, g0 + self.chunk)
-        pieces: list[tuple[int, int, int]] = []
-        shifts: list[int] = []
-        lengths: list[int] = []
-        owners: list[int] = []
-        blocks = 0
+    def _plan_chunk(self, g0: int, offsets: list[int]) -> _Plan:
+        plan = _Plan(g0, min(self.total, g0 + self.chunk))
         k = bisect.bisect_right(offsets, g0) - 1
-        while k < len(self.numels) and offsets[k] < g1:
-            lo, hi = max(g0, offsets[k]) - offsets[k], min(g1, offsets[k + 1]) - offsets[k]
+        while k < len(self.numels) and offsets[k] < plan.g1:
+            lo, hi = max(g0, offsets[k]) - offsets[k], min(plan.g1, offsets[k + 1]) - offsets[k]
             if hi > lo:
-                pieces.append((k, lo, hi))
-                shifts.append(blocks * self.block - (offsets[k] + lo - g0))
-                lengths.append(hi - lo)
+                plan.pieces.append((k, lo, hi))
+                plan.shifts.append(plan.blocks * self.block - (offsets[k] + lo - g0))
+                plan.lengths.append(hi - lo)
                 count = -(-(hi - lo) // self.block)
-                owners.extend([k] * count)
-                blocks += count
+                plan.owners.extend([k] * count)
+                plan.blocks += count
             k += 1
-        return g0, g1, pieces, shifts, lengths, owners, blocks
+        return plan
 
     def __call__(self, xs: list[torch.Tensor], folded: torch.Tensor) -> torch.Tensor:
         """Sketch ``xs`` (any shapes with the planned numels) with their concatenated index."""

@@ -266,8 +266,9 @@ def eigenvalues(
     Matrices of equal shape are stacked (up to ~128 MB per call) and decomposed in batched
     calls: the Gram matrix on the smaller side ``(B, M, M)`` in ``dtype`` (float64 by default:
     the Gram squares the condition number, so float32 loses eigenvalues below ~1e-7 lambda_max
-    and shifts alpha by ~1e-4 on GPT-2-shaped layers), then
-    ``torch.linalg.eigvalsh``; round-off negatives are clamped to 0. Each result is ``(M,)``
+    and shifts alpha by ~1e-4 on GPT-2-shaped layers), then a batched ``eigvalsh``
+    (:mod:`spectrawatch.spectral.eigen` picks the solver: numpy's LAPACK for wide CPU matrices,
+    the host's for mid-sized CUDA stacks); round-off negatives are clamped to 0. Each result is ``(M,)``
     ``dtype`` on the matrices' device, in input order; a matrix with NaN/Inf entries gets an
     all-NaN result (its metrics then raise :class:`SpectralError`) without spoiling its batch.
     """
