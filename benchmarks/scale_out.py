@@ -24,39 +24,22 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import torch
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from benchmarks.ingest_load import sketch_frame
 from spectrawatch.wire import FrameKind, encode_frame
-from tests.servers import ServerProcess, wait_until
+from tests.servers import ServerProcess, fresh_database, wait_until
 
 
 def weight_frame(step: int, seq: int, layers: int, size: int, seed: int) -> bytes:
     gen = torch.Generator().manual_seed(seed * 100_003 + seq)
     tensors = {f"h.{i}.weight": torch.randn(size, size, generator=gen) for i in range(layers)}
     return encode_frame(FrameKind.WEIGHTS, step, seq, tensors, {"dtype": "float32"})
-
-
-@contextmanager
-def postgres_database(base_url: str) -> Iterator[str]:
-    name = f"sw_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(base_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def post_all(api_url: str, run_id: int, bodies: list[bytes], threads: int, offset: int) -> None:
@@ -121,7 +104,7 @@ def bench_drain(
     pg: str, root: Path, workers: int, runs: int, frames: int, body: Callable[[int, int], bytes]
 ) -> tuple[float, int, float]:
     """Drain time of ``runs x frames`` queued frames (``body(seq, run)``) by ``workers``."""
-    with postgres_database(pg) as url:
+    with fresh_database(pg, "sw_bench") as url:
         env = {
             "SPECTRAWATCH_DATABASE_URL": url,
             "SPECTRAWATCH_QUEUE": "procrastinate",
@@ -176,7 +159,7 @@ def bench_drain(
 def bench_ingest_both(pg: str, root: Path, frames: int) -> None:
     """Ingest frames/s with 1 and 4 client threads on SQLite and on PostgreSQL."""
     sqlite = bench_ingest({}, root / "sqlite", frames)
-    with postgres_database(pg) as url:
+    with fresh_database(pg, "sw_bench") as url:
         postgres = bench_ingest(
             {"SPECTRAWATCH_DATABASE_URL": url, "SPECTRAWATCH_QUEUE": "procrastinate"},
             root / "postgres",

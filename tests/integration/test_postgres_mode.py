@@ -11,7 +11,6 @@ import itertools
 import os
 import signal
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,11 +21,17 @@ import httpx
 import numpy as np
 import pytest
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
 
 from spectrawatch.wire import decode_frame
 from tests.factories import make_run, post_frame, weight_frame
-from tests.servers import POSTGRES_MODE, STALLED_SECONDS, ServerProcess, WorkerProcess, wait_until
+from tests.servers import (
+    POSTGRES_MODE,
+    STALLED_SECONDS,
+    ServerProcess,
+    WorkerProcess,
+    fresh_database,
+    wait_until,
+)
 from tests.servers import SCALE_ENV as SERVER_SCALE_ENV
 
 pytestmark = pytest.mark.integration
@@ -99,16 +104,8 @@ class Topology:
 def database_url() -> Iterator[str]:
     """A fresh database on the test server, dropped afterwards."""
     assert POSTGRES_URL is not None
-    name = f"sw_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database(POSTGRES_URL, "sw_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

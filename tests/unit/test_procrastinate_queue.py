@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
 from procrastinate.jobs import Job
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch_server.config import ServerSettings
@@ -25,6 +23,7 @@ from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue import procrastinate as pq
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.worker_main import WorkerConfigError, check_config, is_cuda
+from tests.servers import fresh_database
 
 POSTGRES_URL = os.environ.get("SPECTRAWATCH_TEST_POSTGRES_URL")
 needs_pg = pytest.mark.skipif(
@@ -95,21 +94,15 @@ def test_worker_config_rules() -> None:
 @pytest.fixture
 def pg_sessions() -> Iterator[sessionmaker[Session]]:
     assert POSTGRES_URL is not None
-    name = f"sw_unit_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(make_url(POSTGRES_URL).set(database=name).render_as_string(False))
-    try:
-        migrate.upgrade(engine)
-        assert pq.ensure_schema(engine) is True
-        assert pq.ensure_schema(engine) is False  # idempotent
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database(POSTGRES_URL, "sw_unit") as url:
+        engine = make_engine(url)
+        try:
+            migrate.upgrade(engine)
+            assert pq.ensure_schema(engine) is True
+            assert pq.ensure_schema(engine) is False  # idempotent
+            yield make_session_factory(engine)
+        finally:
+            engine.dispose()
 
 
 def _frame(session: Session, seq: int) -> Frame:
