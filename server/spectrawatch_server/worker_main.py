@@ -101,6 +101,14 @@ def _quiet_maintenance(record: logging.LogRecord) -> bool:
     return "retry_stalled_jobs" not in message and "delete_old_jobs" not in message
 
 
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def threads_per_child(concurrency: int) -> int:
+    """CPU threads for each of ``concurrency`` worker children: the cores split evenly."""
+    return max(1, (os.cpu_count() or 1) // concurrency)
+
+
 def run(settings: ServerSettings, concurrency: int = 1, name: str | None = None) -> int:
     """Entry point of ``spectrawatch worker``: one in-process worker or N spawned children."""
     check_config(settings, concurrency)
@@ -108,6 +116,10 @@ def run(settings: ServerSettings, concurrency: int = 1, name: str | None = None)
         return serve(settings, name)
     _refuse_if_cuda_initialised()
     base = name or default_name(settings.device)
+    # The children import numpy/torch afresh: their BLAS pools (numpy's OpenBLAS runs the CPU
+    # HT-SR eigensolves) share the cores instead of each taking all of them.
+    for var in BLAS_THREAD_VARS:
+        os.environ.setdefault(var, str(threads_per_child(concurrency)))
     ctx = multiprocessing.get_context("spawn")
     children = [
         ctx.Process(target=_child, args=(settings, f"{base}-{i}", concurrency), name=f"{base}-{i}")
@@ -135,7 +147,7 @@ def _child(settings: ServerSettings, name: str, concurrency: int) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // concurrency))
+    torch.set_num_threads(threads_per_child(concurrency))
     sys.exit(serve(settings, name))
 
 

@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from spectrawatch.wire import decode_frame
+from spectrawatch_server.worker_main import threads_per_child
 from tests.factories import make_run, post_frame, weight_frame
 from tests.servers import (
     POSTGRES_MODE,
@@ -324,6 +325,13 @@ def test_cpu_supervisor_spawns_workers_that_die_with_it(topology: Topology, tmp_
     try:
         wait_until(lambda: {"sup-0", "sup-1"} <= topology.live_workers(), timeout=180)
         assert "sup" not in topology.live_workers()  # the supervisor itself runs no jobs
+        assert supervisor.proc is not None
+        children = _spawned_children(supervisor.proc.pid)
+        assert len(children) == 2
+        given = {**os.environ, **env}.get("OPENBLAS_NUM_THREADS")  # a user's setting is kept
+        share = f"OPENBLAS_NUM_THREADS={given or threads_per_child(2)}".encode()
+        for pid in children:  # each child's BLAS pool gets its share of the cores
+            assert share in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         supervisor.kill()  # kill -9: the children stop (PDEATHSIG and a sentinel watcher)
         try:
             wait_until(lambda: not {"sup-0", "sup-1"} & topology.live_workers(), timeout=60)
