@@ -187,3 +187,23 @@ def test_count_nonfinite_flags_only_bad_tensors() -> None:
     w = torch.ones(3, 3)
     w[0, 0], w[1, 1] = float("nan"), float("inf")
     assert count_nonfinite({"bad": w, "good": torch.ones(2, 2)}) == {"bad": 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_count_nonfinite_counts_every_kind_of_bad_entry(dtype: torch.dtype) -> None:
+    """+Inf and -Inf together (their sum is NaN), a lone -Inf, values whose float64 sum
+    overflows (finite: counted 0), complex, integer and empty tensors."""
+    both = torch.zeros(4, dtype=dtype)
+    both[0], both[1] = float("inf"), float("-inf")
+    neg = torch.zeros(5, dtype=dtype)
+    neg[2] = float("-inf")
+    tensors = {
+        "both": both,
+        "neg": neg,
+        "huge": torch.full((3,), 1e308, dtype=torch.float64),  # sum overflows, entries finite
+        "cplx": torch.tensor([1 + 1j, complex("nan+0j")]),
+        "ints": torch.arange(4),
+        "empty": torch.zeros(0, dtype=dtype),
+        "ok": torch.ones(2, 2, dtype=dtype),
+    }
+    assert count_nonfinite(tensors) == {"both": 2, "neg": 1, "cplx": 1}

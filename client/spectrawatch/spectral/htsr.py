@@ -268,9 +268,10 @@ def eigenvalues(
     the Gram squares the condition number, so float32 loses eigenvalues below ~1e-7 lambda_max
     and shifts alpha by ~1e-4 on GPT-2-shaped layers), then a batched ``eigvalsh``
     (:mod:`spectrawatch.spectral.eigen` picks the solver: numpy's LAPACK for wide CPU matrices,
-    the host's for mid-sized CUDA stacks); round-off negatives are clamped to 0. Each result is ``(M,)``
-    ``dtype`` on the matrices' device, in input order; a matrix with NaN/Inf entries gets an
-    all-NaN result (its metrics then raise :class:`SpectralError`) without spoiling its batch.
+    the host's for mid-sized CUDA stacks); round-off negatives are clamped to 0. Each result is
+    ``(M,)`` ``dtype`` on the matrices' device, in input order; a matrix with NaN/Inf entries
+    gets an all-NaN result (its metrics then raise :class:`SpectralError`) without spoiling its
+    batch.
     """
     out: list[torch.Tensor | None] = [None] * len(matrices)
     groups: dict[tuple[int, ...], list[int]] = {}
