@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=250)
     ap.add_argument("--no-worker", action="store_true", help="measure ingest alone (no analysis)")
     ap.add_argument("--small", action="store_true", help="1.2 KiB frames: per-request costs")
+    ap.add_argument(
+        "--layers", type=int, default=4, help="tensors per frame (GPT-2 small sends 150)"
+    )
     ap.add_argument("--procs", type=int, default=1, help="load-generator processes")
     ap.add_argument(
         "--database-url", help="e.g. a PostgreSQL URL (empty database; default: SQLite in tmp)"
@@ -129,7 +132,7 @@ def main() -> None:
     if args.small:
         bodies = [sketch_frame(seq, layers=1, rows=4, dim=64) for seq in range(args.frames)]
     else:
-        bodies = [sketch_frame(seq) for seq in range(args.frames)]
+        bodies = [sketch_frame(seq, layers=args.layers) for seq in range(args.frames)]
     env = {"SPECTRAWATCH_LOG_LEVEL": "warning"}
     if args.no_worker:
         env["SPECTRAWATCH_RUN_WORKER"] = "false"
