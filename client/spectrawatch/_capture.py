@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -198,21 +198,13 @@ class Capture:
             if len(devices) == 1 and all(c for _, _, c in self._shard_of.values()):
                 # one concatenated index (views per layer) for the fused all-layer sketch
                 device = devices.pop()
-                flat = torch.empty(
-                    sum(n for _, n, _ in self._shard_of.values()),
-                    dtype=folded_dtype(self.spec.dim),
-                    device=device,
-                )
-                at = 0
-                for name, _ in self.layers:
+                numels = [n for _, n, _ in self._shard_of.values()]
+                flat = torch.empty(sum(numels), dtype=folded_dtype(self.spec.dim), device=device)
+                for name, view in self._layer_views(flat):
                     if self._index_cancel:
                         return
-                    n = self._shard_of[name][1]
-                    index[name] = flat[at : at + n].copy_(self._hash_index(name, device))
-                    at += n
-                self._fused = FusedCountSketch(
-                    [n for _, n, _ in self._shard_of.values()], self.spec.dim, device
-                )
+                    index[name] = view.copy_(self._hash_index(name, device))
+                self._fused = FusedCountSketch(numels, self.spec.dim, device)
                 self._flat_index = flat
             else:
                 for name, p in self.layers:
@@ -225,6 +217,14 @@ class Capture:
             self.errors.record("sketch index", exc)
         finally:
             self._index_ready.set()
+
+    def _layer_views(self, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each layer's slice of a concatenated per-coordinate tensor, in layer order."""
+        at = 0
+        for name, _ in self.layers:
+            n = self._shard_of[name][1]
+            yield name, flat[at : at + n]
+            at += n
 
     def _hash_index(self, name: str, device: torch.device) -> torch.Tensor:
         start, numel, _ = self._shard_of[name]
@@ -356,11 +356,7 @@ class Capture:
             return None
         if fused.device != device:
             self._flat_index = flat = flat.to(device)
-            at = 0
-            for name, _ in self.layers:
-                n = self._shard_of[name][1]
-                self._index[name] = flat[at : at + n]
-                at += n
+            self._index.update(self._layer_views(flat))
             self._fused = fused = FusedCountSketch(fused.numels, fused.dim, device)
         return fused, flat
 

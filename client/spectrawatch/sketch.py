@@ -282,6 +282,8 @@ class FusedCountSketch:
             else:
                 reach = max(reach, p.blocks * max(dim2, self.block))
         self.index_dtype = torch.int32 if reach < 2**31 else torch.int64
+        # chunk coordinates are needed only where a piece spans several blocks (off the CPU)
+        self._needs_coords = any(p.blocks != len(p.pieces) for p in plans)
         self.chunks = [
             _Chunk(
                 p.g0,
@@ -317,7 +319,11 @@ class FusedCountSketch:
         size = min(self.chunk, self.total)
         buf = torch.empty(size, dtype=self.dtype, device=self.device)
         ibuf = torch.empty(size, dtype=self.index_dtype, device=self.device)
-        coords = torch.arange(size, dtype=self.index_dtype, device=self.device)
+        coords = (
+            torch.arange(size, dtype=self.index_dtype, device=self.device)
+            if self._needs_coords
+            else None
+        )
         flats = [x.reshape(-1) for x in xs]
         staging: dict[torch.dtype, torch.Tensor] = {}
         for c in self.chunks:
@@ -339,6 +345,7 @@ class FusedCountSketch:
                 if c.blocks > 1:
                     idx.add_(torch.repeat_interleave(c.shifts, c.lengths, output_size=m))
             else:  # block of a coordinate = its block-aligned virtual coordinate // block
+                assert coords is not None
                 if len(c.pieces) == 1:
                     virtual = coords[:m] + c.shifts[0]
                 else:

@@ -97,7 +97,7 @@ def layers_at_last_step(
     return list(
         session.scalars(
             select(Metric.layer)
-            .where(Metric.run_id == run_id, Metric.name == name, Metric.step.in_(sorted(steps)))
+            .where(*_where(Metric, run_id, name, None), Metric.step.in_(sorted(steps)))
             .distinct()
         ).all()
     )
