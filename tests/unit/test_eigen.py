@@ -8,7 +8,7 @@ import torch
 from spectrawatch.spectral.eigen import (
     CUDA_BATCHED_MAX,
     HOST_MAX,
-    NUMPY_MIN,
+    NUMPY_MIN_EIG,
     batched_eigvalsh,
     gram,
     on_host,
@@ -43,20 +43,24 @@ def test_equals_eigvalsh_and_keeps_the_device() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(2, NUMPY_MIN + 40, NUMPY_MIN), (3, NUMPY_MIN, NUMPY_MIN + 9)])
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 10, 7), (2, NUMPY_MIN_EIG + 40, NUMPY_MIN_EIG), (3, NUMPY_MIN_EIG, NUMPY_MIN_EIG + 9)],
+)
 def test_cpu_numpy_route_equals_torch(shape: tuple[int, int, int], dtype: torch.dtype) -> None:
-    """From NUMPY_MIN columns the CPU Gram and eigenvalues go through numpy: same results."""
+    """CPU Grams, and eigenvalues from NUMPY_MIN_EIG columns, go through numpy: same results."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     rows, cols = shape[1:]
+    m = min(rows, cols)
     g = gram(x)
     assert g.dtype == dtype
-    assert g.shape == (shape[0], NUMPY_MIN, NUMPY_MIN)
+    assert g.shape == (shape[0], m, m)
     ref = x.mT @ x if rows >= cols else x @ x.mT
     tol = 1e-12 if dtype == torch.float64 else 1e-4
-    torch.testing.assert_close(g, ref, rtol=tol, atol=tol * NUMPY_MIN)
+    torch.testing.assert_close(g, ref, rtol=tol, atol=tol * m)
     ev = batched_eigvalsh(ref)
     assert ev.dtype == dtype
-    torch.testing.assert_close(ev, torch.linalg.eigvalsh(ref), rtol=tol, atol=tol * NUMPY_MIN)
+    torch.testing.assert_close(ev, torch.linalg.eigvalsh(ref), rtol=tol, atol=tol * m)
 
 
 @pytest.mark.gpu

@@ -8,11 +8,13 @@ one GPT-2-sized SED step cost ~50 ms, and FARMS' ~4,000 windows of 100 x 100 cos
 Stacks of such mid-sized matrices are therefore decomposed on the host. Small (batched Jacobi)
 and large matrices (where the GPU's divide-and-conquer wins) stay on the GPU.
 
-On the CPU, the torch wheel's BLAS/LAPACK (MKL) was 1.6-2x slower than numpy's (OpenBLAS) for
-the float64 Gram products and eigendecompositions of 768-wide weights on the AMD EPYC this
-project is measured on (``benchmarks/results/htsr.md``), and on par for small matrices, so CPU
-work from :data:`NUMPY_MIN` columns up goes through numpy (zero-copy views, same LAPACK driver
-family; results equal to round-off).
+On the CPU, the torch wheel's BLAS/LAPACK (MKL) was slower than numpy's (OpenBLAS) on the AMD
+EPYC this project is measured on (``benchmarks/results/htsr.md``): 1.6-2x for the float64 Grams
+and eigendecompositions of 768-wide weights, 2.2x for the Grams of stacks of 64-160-wide FARMS
+windows (numpy's matmul uses ``syrk`` for ``A^T A``), 0-15 % for eigendecompositions from
+:data:`NUMPY_MIN_EIG` columns up, while torch is faster below that. So CPU Grams always, and
+eigendecompositions from :data:`NUMPY_MIN_EIG` columns up, go through numpy (zero-copy views,
+same LAPACK driver family; results equal to round-off).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import torch
 
 CUDA_BATCHED_MAX = 32  # largest n that torch sends to cuSOLVER's batched syevj
 HOST_MAX = 160  # largest n of a CUDA stack decomposed by the host's LAPACK instead
-NUMPY_MIN = 256  # smallest n of a CPU matrix whose Gram / eigenvalues go through numpy
+NUMPY_MIN_EIG = 64  # smallest n of a CPU stack whose eigenvalues numpy computes
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
-def _via_numpy(t: torch.Tensor, n: int) -> bool:
-    return t.device.type == "cpu" and n >= NUMPY_MIN and t.dtype in _NUMPY_DTYPES
+def _via_numpy(t: torch.Tensor, n: int, smallest: int = 1) -> bool:
+    return t.device.type == "cpu" and n >= smallest and t.dtype in _NUMPY_DTYPES
 
 
 def gram(stack: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
     """
     n = sym.shape[-1]
     batch = sym.numel() // (n * n) if n else 0
-    if _via_numpy(sym, n):
+    if _via_numpy(sym, n, NUMPY_MIN_EIG):
         return torch.from_numpy(np.linalg.eigvalsh(sym.detach().numpy()))
     if on_host(n, batch, sym.device):
         host: torch.Tensor = torch.linalg.eigvalsh(sym.cpu())
