@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from spectrawatch.spectral.eigen import (
     batched_eigvalsh,
     gram,
     on_host,
+    svdvals,
 )
 
 CUDA = torch.device("cuda")
@@ -71,3 +73,15 @@ def test_cuda_stack_routed_to_the_host_matches_the_gpu_solver() -> None:
     out = batched_eigvalsh(sym)
     assert out.device.type == "cuda"
     torch.testing.assert_close(out, torch.linalg.eigvalsh(sym), rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(7, 40), (40, 7), (3, 5, 33), (12, 12)])
+def test_svdvals_of_wide_cpu_matrices_equal_lapack_on_the_matrix_itself(
+    shape: tuple[int, ...],
+) -> None:
+    """Wide CPU matrices are decomposed as their transpose: same singular values as numpy's SVD."""
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out = svdvals(x)
+    assert out.shape == (*shape[:-2], min(shape[-2:]))
+    ref = torch.from_numpy(np.linalg.svd(x.numpy(), compute_uv=False))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

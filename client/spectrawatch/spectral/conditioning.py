@@ -19,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from spectrawatch.spectral.eigen import svdvals
+
 SIGMA_MAX = "conditioning.sigma_max"
 SIGMA_MIN = "conditioning.sigma_min"
 CONDITION_NUMBER = "conditioning.condition_number"
@@ -49,12 +51,11 @@ FloatArray = npt.NDArray[np.float64]
 
 def singular_values(weights: torch.Tensor) -> torch.Tensor:
     """Singular values ``(min(m, n),)`` descending of a 2-D ``weights``, float64 on CPU and
-    float32 on CUDA (``torch.linalg.svdvals``)."""
+    float32 on CUDA (:func:`~spectrawatch.spectral.eigen.svdvals`)."""
     if weights.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(weights.shape)}")
     dtype = torch.float32 if weights.is_cuda else torch.float64
-    sv: torch.Tensor = torch.linalg.svdvals(weights.to(dtype))
-    return sv
+    return svdvals(weights.to(dtype))
 
 
 def gmcn(sv: torch.Tensor | FloatArray, fraction: float = 0.1) -> float:

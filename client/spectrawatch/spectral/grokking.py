@@ -28,6 +28,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from spectrawatch.spectral.eigen import svdvals
+
 COMMUTATOR_DEFECT = "grok.commutator_defect"  # median D over K pairs (dimensionless)
 WARNING_SCORE = "grok.warning_score"  # fraction of evidence present, in [0, 1]
 IMMINENT = "grok.imminent"  # 1.0 from the step the detector fires on
@@ -350,7 +352,7 @@ def effective_rank(weights: torch.Tensor) -> float:
     """Effective rank exp(H(p)), p_i = s_i / sum s (Roy & Vetterli 2007), of a 2-D matrix."""
     if weights.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(weights.shape)}")
-    return effective_rank_of(torch.linalg.svdvals(weights.detach().to(torch.float64)))
+    return effective_rank_of(svdvals(weights.detach().to(torch.float64)))
 
 
 def effective_rank_of(s: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from spectrawatch.spectral.eigen import batched_eigvalsh
+from spectrawatch.spectral.eigen import batched_eigvalsh, svdvals
 
 GAP_RATIO = "sed.gap_ratio"  # sk*/sk*+1 (≥ 1)
 EDGE = "sed.edge"  # k*, 1-indexed
@@ -63,12 +63,12 @@ def interval_key(key: str, window: int = INTERVAL_WINDOW) -> str:
 def window_singular_values(rows: torch.Tensor) -> torch.Tensor:
     """Singular values, descending, of a window ``(W, d)`` or a batch ``(n, W, d)``, in float64.
 
-    LAPACK ``gesdd`` via ``torch.linalg.svdvals`` on the rows as given (uncentred).
+    LAPACK ``gesdd`` (:func:`~spectrawatch.spectral.eigen.svdvals`) on the rows as given
+    (uncentred).
     """
     if rows.ndim not in (2, 3):
         raise ValueError(f"expected (W, d) or (n, W, d) rows, got shape {tuple(rows.shape)}")
-    sigma: torch.Tensor = torch.linalg.svdvals(rows.to(torch.float64))
-    return sigma
+    return svdvals(rows.to(torch.float64))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from spectrawatch.spectral.eigen import svdvals
 from spectrawatch.spectral.norms import FROBENIUS_NORM, SPECTRAL_NORM
 from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.registry import (
@@ -25,7 +26,7 @@ def weight_singular_values(frame: DecodedFrame, layer: str) -> torch.Tensor:
         weights = frame.tensors[layer]
         if weights.ndim != 2:
             raise ValueError(f"expected a 2-D matrix, got shape {tuple(weights.shape)}")
-        s = torch.linalg.svdvals(weights.detach().to(torch.float64))
+        s = svdvals(weights.detach().to(torch.float64))
         frame.memo[key] = s
     return s
 
