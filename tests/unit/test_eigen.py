@@ -11,6 +11,7 @@ from spectrawatch.spectral.eigen import (
     HOST_MAX,
     NUMPY_MIN_EIG,
     batched_eigvalsh,
+    eigh,
     gram,
     on_host,
     svdvals,
@@ -85,3 +86,16 @@ def test_svdvals_of_wide_cpu_matrices_equal_lapack_on_the_matrix_itself(
     assert out.shape == (*shape[:-2], min(shape[-2:]))
     ref = torch.from_numpy(np.linalg.svd(x.numpy(), compute_uv=False))
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [5, NUMPY_MIN_EIG + 3])
+def test_eigh_equals_torch_on_both_routes(n: int) -> None:
+    x = torch.randn(2 * n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    sym = x.mT @ x
+    vals, vecs = eigh(sym)
+    ref = torch.linalg.eigh(sym)
+    torch.testing.assert_close(vals, ref.eigenvalues, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(vecs @ torch.diag(vals) @ vecs.mT, sym, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(
+        vecs.mT @ vecs, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0
+    )

@@ -67,6 +67,17 @@ def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh(sym)`` (ascending eigenvalues, eigenvectors in columns) of a symmetric
+    matrix or stack; CPU matrices from :data:`NUMPY_MIN_EIG` columns go through numpy's LAPACK
+    (768 x 768 float64: 97 vs 124 ms on the measured EPYC)."""
+    if _via_numpy(sym, sym.shape[-1], NUMPY_MIN_EIG):
+        vals, vecs = np.linalg.eigh(sym.detach().numpy())
+        return torch.from_numpy(vals), torch.from_numpy(vecs)
+    out = torch.linalg.eigh(sym)
+    return out.eigenvalues, out.eigenvectors
+
+
 def svdvals(matrix: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.svdvals(matrix)`` of a matrix or stack ``(..., rows, cols)``, descending;
     a wide CPU matrix is decomposed as its (equal-spectrum) transpose (see the module docstring)."""

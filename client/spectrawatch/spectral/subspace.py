@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from spectrawatch.spectral.conditioning import mp_spike_threshold
+from spectrawatch.spectral.eigen import eigh, gram
 from spectrawatch.spectral.polar import spectral_projector
 
 SUBSPACE_DRIFT = "subspace.drift"
@@ -46,10 +47,7 @@ def _gram(weights: torch.Tensor) -> torch.Tensor:
     if weights.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(weights.shape)}")
     work = torch.float32 if weights.is_cuda else torch.float64
-    x = weights.to(work)
-    if x.shape[0] < x.shape[1]:
-        x = x.mT
-    return (x.mT @ x) / x.shape[0]
+    return gram(weights.to(work)) / max(weights.shape)
 
 
 def _threshold(weights: torch.Tensor, delta: float) -> float:
@@ -62,7 +60,7 @@ def top_subspace(
 ) -> torch.Tensor:
     """Orthonormal basis ``(n, k)`` of the spike subspace of ``weights`` (exact ``eigh``);
     ``k`` = number of Gram eigenvalues above the MP threshold, at most ``max_rank``."""
-    eig, vec = torch.linalg.eigh(_gram(weights))  # ascending
+    eig, vec = eigh(_gram(weights))  # ascending
     k = min(int((eig > _threshold(weights, delta)).sum()), max_rank)
     basis: torch.Tensor = vec[:, eig.shape[0] - k :]
     return basis
