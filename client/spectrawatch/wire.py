@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 WIRE_VERSION = "1"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_STEP = 2**62  # largest training step a frame may name (as scalar and metric rows)
 
 
 class FrameKind(str, Enum):
@@ -156,9 +157,10 @@ def parse_header(head: bytes, total_size: int, limits: FrameLimits | None = None
         )
     try:
         raw = json.loads(head[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers past Python's digit limit
         raise FrameError(
-            "bad_header", f"safetensors header is not JSON: {exc}", status=400
+            "bad_header", f"safetensors header is not readable JSON: {_brief(exc)}", status=400
         ) from exc
     if not isinstance(raw, dict):
         raise FrameError("bad_header", "safetensors header must be a JSON object", status=400)
@@ -205,16 +207,25 @@ def _parse_metadata(meta: object) -> tuple[FrameKind, int, int, dict[str, Any]]:
     seq = _nonneg_int(meta, "seq")
     try:
         info = json.loads(meta.get("info", "{}"))
-    except (TypeError, json.JSONDecodeError):
-        raise FrameError("bad_metadata", "__metadata__.info must be a JSON object") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise FrameError(
+            "bad_metadata", f"__metadata__.info must be a JSON object ({_brief(exc)})"
+        ) from None
     if not isinstance(info, dict):
         raise FrameError("bad_metadata", "__metadata__.info must be a JSON object")
     return kind, step, seq, info
 
 
+def _brief(exc: BaseException) -> str:
+    """A one-line reason for an unreadable JSON document (RecursionError's text is useless)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).splitlines()[0][:200]
+
+
 def _nonneg_int(meta: Mapping[str, Any], key: str) -> int:
     value = meta.get(key)
-    if not isinstance(value, str) or not value.isdigit() or len(value) > 18:
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise FrameError(
             "bad_metadata", f"__metadata__.{key} must be a non-negative integer, got {value!r}"
         )
@@ -287,12 +298,12 @@ def validate_layout(header: FrameHeader) -> None:
         rows = {t.shape[0] for t in header.tensors}
         if (
             not isinstance(steps, list)
-            or not all(isinstance(s, int) and s >= 0 for s in steps)
+            or not all(type(s) is int and 0 <= s <= MAX_STEP for s in steps)
             or rows != {len(steps)}
         ):
             raise FrameError(
                 "bad_metadata",
-                "info.steps must list one non-negative step per row of every sketch tensor",
+                "info.steps must list one step in [0, 2**62] per row of every sketch tensor",
             )
         if steps != sorted(steps):
             raise FrameError("bad_metadata", "info.steps must be non-decreasing")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from spectrawatch.wire import MAX_STEP
+
 Name = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f/]+$")
+# free text that ends up in SQL text columns: no control characters (PostgreSQL rejects NUL)
+Tag = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
+Layer = Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x1f]+$")
 
 
 class ProjectCreate(BaseModel):
@@ -27,7 +32,7 @@ class RunCreate(BaseModel):
     project: str = Name
     name: str = Name
     config: dict[str, Any] = Field(default_factory=dict)
-    tags: list[str] = Field(default_factory=list, max_length=100)
+    tags: list[Tag] = Field(default_factory=list, max_length=100)
 
 
 RunStatus = Literal["running", "finished", "crashed"]
@@ -37,7 +42,7 @@ class RunUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: RunStatus | None = None
     summary: dict[str, Any] | None = None
-    tags: list[str] | None = Field(default=None, max_length=100)
+    tags: list[Tag] | None = Field(default=None, max_length=100)
 
 
 class RunPublic(BaseModel):
@@ -84,15 +89,15 @@ class FramePublic(BaseModel):
 
 class ScalarIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    step: int = Field(ge=0, le=2**62)
+    step: int = Field(ge=0, le=MAX_STEP)
     name: str = Name
     value: float
 
 
 class MetricIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    step: int = Field(ge=0, le=2**62)
-    layer: str = Field(min_length=1, max_length=500)
+    step: int = Field(ge=0, le=MAX_STEP)
+    layer: str = Layer
     name: str = Name
     value: float | None
 

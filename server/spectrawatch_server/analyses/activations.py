@@ -45,24 +45,38 @@ HISTOGRAM_BINS = 64
 MAX_LISTED_OUTLIERS = 64
 
 
+MAX_TOKENS = 2**53  # largest row count of a Gram taken at its word (exact as a float)
+
+
 def _gram_tokens(info: dict[str, Any], module: str) -> int | None:
     tokens = info.get("tokens")
     if isinstance(tokens, dict):
         tokens = tokens.get(module)
-    if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+    if type(tokens) is int and 0 < tokens <= MAX_TOKENS:
         return tokens
     return None
+
+
+def _gram_modules(info: dict[str, Any]) -> set[str]:
+    """Modules sent as Grams (``info["gram"]``: a list of names; anything else means none)."""
+    names = info.get("gram")
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
+def _analysable(x: torch.Tensor) -> bool:
+    """Finite, with a float64 Gram that cannot overflow (the squared Frobenius norm bounds it)."""
+    return bool(torch.isfinite(x.to(torch.float64).square().sum()))
 
 
 def _spectra(frame: DecodedFrame) -> dict[str, ActivationSpectrum]:
     """Spectra of the frame's modules; same-shaped row matrices share one batched eigensolve.
     Degenerate modules (zero or non-finite activations, too few rows) are left out."""
     info = frame.header.info
-    grams = set(info.get("gram") or [])
+    grams = _gram_modules(info)
     out: dict[str, ActivationSpectrum] = {}
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for module, tensor in sorted(frame.tensors.items()):
-        if not bool(torch.isfinite(tensor).all()):
+        if not _analysable(tensor):
             continue  # NaN/Inf activations have no spectrum
         if module not in grams:
             by_shape.setdefault(tuple(tensor.shape), []).append(module)
@@ -157,9 +171,9 @@ def manifold(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     (the fit needs the rows)."""
     del context  # stateless
     result = AnalysisResult()
-    grams = set(frame.header.info.get("gram") or [])
+    grams = _gram_modules(frame.header.info)
     for module, x in sorted(frame.tensors.items()):
-        if module in grams or x.ndim != 2 or not bool(torch.isfinite(x).all()):
+        if module in grams or x.ndim != 2 or not _analysable(x):
             continue
         ranks = tuple(r for r in (32, 16, 8, 4) if r < x.shape[1])
         rank = choose_rank(x.shape[0], candidates=ranks)

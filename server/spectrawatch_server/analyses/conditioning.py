@@ -35,7 +35,7 @@ from spectrawatch.spectral.polar import (
     muon_audit,
 )
 from spectrawatch.wire import FrameKind
-from spectrawatch_server.analyses.norms import weight_singular_values
+from spectrawatch_server.analyses.norms import has_spectrum, weight_singular_values
 from spectrawatch_server.analyses.registry import (
     MODEL_LAYER,
     AnalysisContext,
@@ -61,7 +61,7 @@ def weight_conditioning(frame: DecodedFrame, context: AnalysisContext) -> Analys
     for layer, weights in sorted(frame.tensors.items()):
         if weights.ndim != 2 or min(weights.shape) < 2:
             continue
-        if not bool(torch.isfinite(weights).all()):
+        if not has_spectrum(frame, layer):
             continue  # NaN/Inf weights have no spectrum; the NaN rule reports them
         shape = (weights.shape[0], weights.shape[1])
         sv = weight_singular_values(frame, layer)  # the SVD `norms` and `grok_rank` share

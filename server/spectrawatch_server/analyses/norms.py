@@ -16,13 +16,27 @@ from spectrawatch_server.analyses.registry import (
 )
 
 
+def has_spectrum(frame: DecodedFrame, layer: str) -> bool:
+    """Whether the weight ``layer`` of a frame is a 2-D matrix with a computable spectrum: every
+    entry finite and its float64 squared Frobenius norm too (so Gram products cannot overflow).
+    Analyses skip the others; the frame's ``nonfinite`` count and the NaN alert report them.
+    Computed once per frame and layer (``frame.memo``)."""
+    key = ("has_spectrum", layer)
+    ok = frame.memo.get(key)
+    if ok is None:
+        weights = frame.tensors[layer]
+        ok = weights.ndim == 2 and bool(torch.isfinite(weights.to(torch.float64).square().sum()))
+        frame.memo[key] = ok
+    return bool(ok)
+
+
 def weight_singular_values(frame: DecodedFrame, layer: str) -> torch.Tensor:
     """Singular values ``(min(m, n),)``, descending, float64, of the 2-D weight ``layer`` of a
     frame; LAPACK runs once per frame and layer, the analyses that need them (``norms``,
     ``grok_rank``) share the result through ``frame.memo``."""
     key = ("svdvals", layer)
     s = frame.memo.get(key)
-    if s is None:
+    if not isinstance(s, torch.Tensor):
         weights = frame.tensors[layer]
         if weights.ndim != 2:
             raise ValueError(f"expected a 2-D matrix, got shape {tuple(weights.shape)}")
@@ -37,6 +51,8 @@ def weight_norms(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResul
     norm is the largest shared singular value, what ``matrix_norm(ord=2)`` computes)."""
     result = AnalysisResult()
     for layer, weights in frame.tensors.items():
+        if not has_spectrum(frame, layer):
+            continue
         spectral = float(weight_singular_values(frame, layer)[0])
         frobenius = float(torch.linalg.matrix_norm(weights.to(torch.float64), ord="fro"))
         result.metrics.append(MetricValue(layer, FROBENIUS_NORM, frobenius))

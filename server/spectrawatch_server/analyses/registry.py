@@ -54,7 +54,7 @@ class DecodedFrame:
     header: FrameHeader
     tensors: dict[str, torch.Tensor]
     device: torch.device
-    memo: dict[tuple[str, str], torch.Tensor] = field(
+    memo: dict[tuple[str, str], torch.Tensor | bool] = field(
         default_factory=dict, repr=False, compare=False
     )
     """Per-frame results shared between analyses, keyed ``(what, layer)`` (see

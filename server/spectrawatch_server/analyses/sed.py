@@ -36,7 +36,7 @@ import torch
 from spectrawatch.spectral import grokking, sed
 from spectrawatch.spectral.norms import FROBENIUS_NORM
 from spectrawatch.wire import FrameKind
-from spectrawatch_server.analyses.norms import weight_singular_values
+from spectrawatch_server.analyses.norms import has_spectrum, weight_singular_values
 from spectrawatch_server.analyses.registry import (
     MODEL_LAYER,
     AnalysisContext,
@@ -92,9 +92,17 @@ def _steps(frame: DecodedFrame) -> list[int]:
     return [frame.step]
 
 
-def _layer_rows(frames: Sequence[DecodedFrame], layer: str) -> tuple[list[int], torch.Tensor]:
-    """Rows of ``layer`` over ``frames`` in step order; rows of another width (a client that
-    changed its sketch dimension) are left out."""
+def _layer_rows(
+    frames: Sequence[DecodedFrame], layer: str
+) -> tuple[list[int], torch.Tensor] | None:
+    """Rows of ``layer`` over ``frames`` in step order, ``None`` when none is usable.
+
+    Rows of another width (a client that changed its sketch dimension) are left out, and so
+    are rows that are not finite in float64 (NaN/Inf entries, or squares that overflow): the
+    frame's ``nonfinite`` count and alert report those, and leaving them out keeps one bad
+    step from failing the windows of the clean frames after it (such windows are computed on
+    the rows present and flagged incomplete).
+    """
     device = frames[-1].device
     chunks = []
     for f in frames:
@@ -105,9 +113,15 @@ def _layer_rows(frames: Sequence[DecodedFrame], layer: str) -> tuple[list[int], 
             rows = torch.cat([f.tensors[n].to(torch.float64) for n in names], dim=1)
         else:
             continue
-        chunks.append((_steps(f), rows.to(device)))
+        rows, steps = rows.to(device), _steps(f)
+        finite = torch.isfinite(rows.to(torch.float64).square().sum(dim=1))
+        if not bool(finite.all()):
+            steps = [s for s, ok in zip(steps, finite.tolist(), strict=True) if ok]
+            rows = rows[finite]
+        chunks.append((steps, rows))
     width = chunks[-1][1].shape[1]
-    return sed.assemble_rows(c for c in chunks if c[1].shape[1] == width)
+    usable = [c for c in chunks if c[1].shape[1] == width and c[0]]
+    return sed.assemble_rows(usable) if usable else None
 
 
 @register("sed", [FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH])
@@ -133,7 +147,10 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
     for layer in layers:
         if layer != MODEL_LAYER and not layer_targets:
             continue
-        all_steps, rows = _layer_rows(frames, layer)
+        assembled = _layer_rows(frames, layer)
+        if assembled is None:
+            continue
+        all_steps, rows = assembled
         if interval:
             if len(all_steps) < 2:
                 continue
@@ -295,7 +312,7 @@ def weight_effective_rank(frame: DecodedFrame, context: AnalysisContext) -> Anal
     the frame's singular values shared with the ``norms`` analysis."""
     result = AnalysisResult()
     for layer, weights in frame.tensors.items():
-        if weights.ndim == 2 and min(weights.shape) > 1:
+        if weights.ndim == 2 and min(weights.shape) > 1 and has_spectrum(frame, layer):
             value = grokking.effective_rank_of(weight_singular_values(frame, layer))
             result.metrics.append(MetricValue(layer, grokking.EFFECTIVE_RANK, value))
     return result

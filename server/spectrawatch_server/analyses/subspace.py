@@ -25,11 +25,12 @@ from spectrawatch_server.analyses.registry import (
 
 
 def _usable(weights: torch.Tensor | None) -> bool:
+    """2-D, at least 2 x 2, finite, with a float64 Gram that cannot overflow."""
     return (
         weights is not None
         and weights.ndim == 2
         and min(weights.shape) >= 2
-        and bool(torch.isfinite(weights).all())
+        and bool(torch.isfinite(weights.to(torch.float64).square().sum()))
     )
 
 

@@ -366,12 +366,19 @@ def replace_results(
 
 
 def insert_metric_batch(
-    session: Session, run_id: int, key: str, source: str, metrics: Sequence[MetricRow]
+    session: Session,
+    run_id: int,
+    key: str,
+    source: str,
+    metrics: Sequence[MetricRow],
+    *,
+    digest: str | None = None,
 ) -> Frame:
     """Store externally computed metrics under one blob-less frame of kind ``source``.
 
     The frame row (idempotency ``key``) makes a replayed batch a no-op; it has no job, so the
-    values are never re-analysed.
+    values are never re-analysed. ``digest`` (of the request body) is kept in its ``info`` so a
+    reused key with another body can be told from a replay.
     """
     last = max(m.step for m in metrics)
     frame = Frame(
@@ -382,7 +389,7 @@ def insert_metric_batch(
         idempotency_key=key,
         blob_key="",
         bytes=0,
-        info={"imported_metrics": len(metrics)},
+        info={"imported_metrics": len(metrics), **({"digest": digest} if digest else {})},
         layers=sorted({m.layer for m in metrics}),
         nonfinite={},
         status="done",

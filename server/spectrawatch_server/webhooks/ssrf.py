@@ -99,11 +99,17 @@ def check_url(url: str, allow: Allowlist, resolve: Resolver = system_resolver) -
     Every address the name resolves to must be allowed (an attacker's DNS could otherwise
     return one public and one internal address).
     """
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise UnsafeTarget("bad_url", f"webhook URL is malformed: {exc}") from exc
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise UnsafeTarget("bad_scheme", f"webhook URL must be http(s), got {parts.scheme!r}")
-    host = (parts.hostname or "").rstrip(".").lower()
+    try:
+        host = (parts.hostname or "").rstrip(".").lower()
+    except ValueError as exc:  # e.g. "http://[zz]/": brackets around a non-address
+        raise UnsafeTarget("bad_url", f"webhook URL is malformed: {exc}") from exc
     if not host:
         raise UnsafeTarget("bad_url", f"webhook URL {url!r} has no host")
     if parts.username is not None or parts.password is not None:

@@ -113,8 +113,23 @@ async def ingest_frame(
         raise
     if not committed.created:  # the key was stored before: drop this copy's blob
         await run_in_threadpool(state.blobs.delete, frame.blob_key)
+        _check_replay(committed.frame, frame)
         return _frame_response(committed.frame, 200)
     return _frame_response(committed.frame, 202)
+
+
+def _check_replay(stored: Frame, new: Frame) -> None:
+    """409 when a reused idempotency key names a different frame: a replay repeats the kind,
+    step, seq and layers of what was stored (the tensor bytes are not compared)."""
+    fields = ("kind", "step", "seq", "layers")
+    differ = [f for f in fields if getattr(stored, f) != getattr(new, f)]
+    if differ:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"the idempotency key of this frame was used for frame {stored.id}, whose "
+            f"{', '.join(differ)} differ; a replay must repeat the same frame",
+        )
 
 
 class _Body:

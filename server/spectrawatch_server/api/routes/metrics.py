@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 from typing import Annotated, Any
@@ -62,14 +63,21 @@ def ingest_metrics(
             f"{len(body.rows)} rows exceed {state.settings.max_scalars_per_batch}",
         )
     key = f"{run.id}/{idempotency_key or uuid.uuid4().hex}"
+    digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     existing = repo.frame_by_key(session, key)
     if existing is not None:
+        if existing.info.get("digest", digest) != digest:
+            raise ApiError(
+                409,
+                "idempotency_conflict",
+                f"Idempotency-Key was used for a different metric batch (frame {existing.id})",
+            )
         return {"accepted": 0, "frame_id": existing.id, "replayed": True}
     rows = [
         repo.MetricRow(m.layer, m.name, m.step, math.nan if m.value is None else m.value)
         for m in body.rows
     ]
-    frame = repo.insert_metric_batch(session, run.id, key, body.source, rows)
+    frame = repo.insert_metric_batch(session, run.id, key, body.source, rows, digest=digest)
     session.commit()
     return {"accepted": len(rows), "frame_id": frame.id, "replayed": False}
 
