@@ -12,6 +12,7 @@ from spectrawatch.spectral.eigen import (
     NUMPY_MIN_EIG,
     batched_eigvalsh,
     eigh,
+    eigh_above,
     gram,
     on_host,
     svdvals,
@@ -99,3 +100,19 @@ def test_eigh_equals_torch_on_both_routes(n: int) -> None:
     torch.testing.assert_close(
         vecs.mT @ vecs, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0
     )
+
+
+@pytest.mark.parametrize("spikes", [0, 3])
+def test_eigh_above_returns_the_eigenpairs_past_the_threshold(spikes: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 80, dtype=torch.float64, generator=g)
+    x[:, :spikes] *= 10.0
+    sym = x.mT @ x
+    ref = torch.linalg.eigh(sym)
+    threshold = float(ref.eigenvalues[-spikes - 1]) * 1.001 if spikes else 1e9
+    vals, vecs = eigh_above(sym, threshold)
+    assert vals.shape == (spikes,)
+    assert vecs.shape == (80, spikes)
+    torch.testing.assert_close(vals, ref.eigenvalues[80 - spikes :], rtol=1e-12, atol=0)
+    top = ref.eigenvectors[:, 80 - spikes :]  # same projector, whatever the signs
+    torch.testing.assert_close(vecs @ vecs.mT, top @ top.mT, rtol=0, atol=1e-10)

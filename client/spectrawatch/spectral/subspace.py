@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from spectrawatch.spectral.conditioning import mp_spike_threshold
-from spectrawatch.spectral.eigen import eigh, gram
+from spectrawatch.spectral.eigen import eigh_above, gram
 from spectrawatch.spectral.polar import spectral_projector
 
 SUBSPACE_DRIFT = "subspace.drift"
@@ -58,11 +58,11 @@ def _threshold(weights: torch.Tensor, delta: float) -> float:
 def top_subspace(
     weights: torch.Tensor, delta: float = 0.05, max_rank: int = MAX_RANK
 ) -> torch.Tensor:
-    """Orthonormal basis ``(n, k)`` of the spike subspace of ``weights`` (exact ``eigh``);
+    """Orthonormal basis ``(n, k)`` of the spike subspace of ``weights`` (exact eigenpairs);
     ``k`` = number of Gram eigenvalues above the MP threshold, at most ``max_rank``."""
-    eig, vec = eigh(_gram(weights))  # ascending
-    k = min(int((eig > _threshold(weights, delta)).sum()), max_rank)
-    basis: torch.Tensor = vec[:, eig.shape[0] - k :]
+    _, vec = eigh_above(_gram(weights), _threshold(weights, delta))  # ascending
+    k = min(vec.shape[1], max_rank)
+    basis: torch.Tensor = vec[:, vec.shape[1] - k :]
     return basis
 
 
