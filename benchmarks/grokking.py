@@ -23,7 +23,9 @@ Sub-commands::
     $B profile                                                  # CPU ms of each part of a run
 
 ``run`` saves the series prefix and a resume checkpoint every ``--save-every`` steps and resumes
-from them; ``grid`` skips finished runs. Seed 0 tunes, seeds >= 1 report.
+from them; ``grid`` skips finished runs. Seed 0 tunes, seeds 1-2 report; seeds 3-4 were run
+with ``run --seed N`` after the post-hoc rules (``posthoc_rules``) were frozen, as a fresh test
+(``benchmarks/results/grokking.md`` lists the runs).
 """
 
 from __future__ import annotations
@@ -452,6 +454,68 @@ def run_series(z: Any, per_step: bool = True) -> dict[str, Any]:
     return out
 
 
+# Post-hoc rules found by a session-5 search over the recorded series of seeds 0-2 (feature family
+# chosen with every seed in view, thresholds tuned on seed 0 only), frozen here and scored on the
+# fresh seeds 3-4 (results/grokking.md). They read the unembedding ("head.weight") effective
+# rank, the weight norm and train accuracy, so they are specific to this harness's models.
+HEAD = "head.weight"
+H1_THRESHOLD, H1_FROM = 1.4725, 500  # % fall of the head rank per 100 steps over 300 steps
+H2_THRESHOLD, H2_FLAT, H2_NORM = 0.4188, 0.25, 0.6  # over 500 steps, after a flat phase
+SLINGSHOT = 0.2883  # 1 - train_acc after train_acc first reached 0.99
+
+
+def _rank_fall(rank: np.ndarray, k: int) -> np.ndarray:
+    """% fall of ``rank`` per evaluation over the last ``k`` evaluations (NaN for the first k)."""
+    out = np.full(len(rank), np.nan)
+    if len(rank) > k:
+        out[k:] = (rank[:-k] - rank[k:]) / k / rank[k:] * 100.0
+    return out
+
+
+def _first_above(steps: np.ndarray, stat: np.ndarray, threshold: float) -> int | None:
+    hit = np.nonzero(np.nan_to_num(stat, nan=-np.inf) > threshold)[0]
+    return int(steps[hit[0]]) if len(hit) else None
+
+
+def posthoc_rules(z: Any) -> dict[str, int | None]:
+    """Warning steps of the post-hoc rules (causal: each decision reads evaluations <= t).
+
+    H1: the head rank falls faster than ``H1_THRESHOLD`` % per 100 steps over 300 steps, from
+    step 500. H2: over 500 steps it falls faster than ``H2_THRESHOLD`` % per 100 steps after
+    having once fallen slower than ``H2_FLAT``, at a new minimum of the head rank, with the
+    weight norm below ``H2_NORM`` of its start. S (slingshot): train accuracy drops by more than
+    ``SLINGSHOT`` after first reaching 0.99.
+    """
+    steps = np.asarray(z["eval_step"])
+    mats = [str(m) for m in z["mats"]]
+    out: dict[str, int | None] = {"head_h1": None, "head_h2": None, "slingshot": None}
+    acc = np.asarray(z["train_acc"], dtype=np.float64)
+    if (acc >= 0.99).any():
+        fitted = int(np.argmax(acc >= 0.99))
+        drop = np.full(len(acc), np.nan)
+        drop[fitted + 1 :] = 1.0 - acc[fitted + 1 :]
+        out["slingshot"] = _first_above(steps, drop, SLINGSHOT)
+    if HEAD in mats:
+        rank = np.asarray(z["erank"], dtype=np.float64)[:, mats.index(HEAD)]
+        h1 = _rank_fall(rank, 3)
+        h1[steps < H1_FROM] = np.nan
+        out["head_h1"] = _first_above(steps, h1, H1_THRESHOLD)
+        fall5, norm = _rank_fall(rank, 5), np.asarray(z["wnorm"], dtype=np.float64)
+        h2 = np.full(len(rank), np.nan)
+        flat_seen, low = False, math.inf
+        for i, value in enumerate(rank):
+            new_low, low = value <= low + 1e-9, min(low, value)
+            if not np.isfinite(fall5[i]):
+                continue
+            flat_seen = flat_seen or fall5[i] < H2_FLAT
+            if flat_seen and new_low and norm[i] < H2_NORM * norm[0]:
+                h2[i] = fall5[i]
+        out["head_h2"] = _first_above(steps, h2, H2_THRESHOLD)
+    fired = [w for w in out.values() if w is not None]
+    out["posthoc"] = min(fired) if fired else None
+    return out
+
+
 RULES = (
     "detector",
     "detector_s3",
@@ -462,6 +526,10 @@ RULES = (
     "sed_interval",
     "sed_paper",
     "sed_step32",
+    "head_h1",
+    "head_h2",
+    "slingshot",
+    "posthoc",
 )
 RULE_LABEL = {
     "detector": "detector (defect + norm + rank), default (defect 4 sd)",
@@ -473,6 +541,10 @@ RULE_LABEL = {
     "sed_interval": "interval-SED collapse phase",
     "sed_paper": "SED paper s2/s3 rule",
     "sed_step32": "per-step SED (W 32) collapse phase",
+    "head_h1": "post-hoc: early head-rank collapse (H1)",
+    "head_h2": "post-hoc: late head-rank re-acceleration (H2)",
+    "slingshot": "post-hoc: train-accuracy slingshot (S)",
+    "posthoc": "post-hoc: H1 or H2 or S",
 }
 
 
@@ -500,6 +572,7 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
         "sed_interval": s["sed_collapse_step"],
         "sed_paper": s["paper_sed"],
         "sed_step32": s["collapse32"],
+        **posthoc_rules(z),
     }
     done = bool(int(z["done"]))
     last = int(z["eval_step"][-1])
@@ -589,7 +662,11 @@ def report(args: argparse.Namespace) -> None:
             f"| {cells} |"
         )
     for title, sel in (
-        ("report seeds (1, 2)", lambda r: r["spec"]["seed"] != 0),
+        ("report seeds (1, 2)", lambda r: r["spec"]["seed"] in (1, 2)),
+        (
+            "fresh seeds (3+, run after the post-hoc rules were frozen)",
+            lambda r: r["spec"]["seed"] >= 3,
+        ),
         ("tuning seed (0)", lambda r: r["spec"]["seed"] == 0),
     ):
         for regime in sorted({r["spec"]["regime"] for r in rows}):
