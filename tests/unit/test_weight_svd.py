@@ -44,3 +44,38 @@ def test_norms_and_effective_rank_share_one_svd_per_matrix(
         want = matrix_norms(w)
         assert got[(layer, SPECTRAL_NORM)] == want.spectral  # exact, as stored before
         assert got[(layer, FROBENIUS_NORM)] == want.frobenius
+
+
+def test_htsr_takes_the_shared_svd_as_its_esd_with_the_same_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After ``conditioning`` has the frame's SVDs, ``htsr`` squares them instead of running
+    its own Gram eigendecompositions, and every stored value stays the same to round-off."""
+    from spectrawatch.spectral import htsr as htsr_math
+    from spectrawatch_server.analyses.conditioning import weight_conditioning
+    from spectrawatch_server.analyses.htsr import heavy_tail_metrics
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "wide": torch.distributions.StudentT(3.0).sample((40, 120)) * 0.02,
+        "tall": torch.randn(150, 60, generator=g),
+    }
+    alone = heavy_tail_metrics(decoded_frame(FrameKind.WEIGHTS, 5, tensors), StubHistory())
+    frame = decoded_frame(FrameKind.WEIGHTS, 5, tensors)
+    weight_conditioning(frame, StubHistory())
+    decomposed: list[int] = []
+    eigenvalues = htsr_math.eigenvalues
+
+    def counting(matrices: list[torch.Tensor], **kw: object) -> list[torch.Tensor]:
+        decomposed.extend(max(m.shape) for m in matrices)
+        return eigenvalues(matrices, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(htsr_math, "eigenvalues", counting)
+    shared = heavy_tail_metrics(frame, StubHistory())
+    assert decomposed  # the FARMS windows still are
+    assert max(decomposed) <= 100  # but no whole matrix: 120 and 150 rows came from the SVDs
+    want = {(m.layer, m.name): m.value for m in alone.metrics}
+    got = {(m.layer, m.name): m.value for m in shared.metrics}
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key

@@ -858,14 +858,19 @@ def analyze_weights(
     mp_fit: bool = True,
     device: torch.device | str | None = None,
     dtype: torch.dtype = _F64,
+    esds: Mapping[str, torch.Tensor] | None = None,
 ) -> ModelReport:
     """HT-SR metrics of every 2-D / 4-D weight in ``weights`` (name -> tensor).
 
     Every ESD of the model (all layers, all conv slices, all FARMS windows) is computed in
     batched eigendecompositions grouped by shape (:func:`eigenvalues`), then each layer is fitted.
-    ``farms`` adds FARMS metrics (:mod:`spectrawatch.spectral.farms`). Layers outside
-    WeightWatcher's size filter, of other ranks, or whose fit fails are listed as skipped.
+    ``esds`` may hold the ESD of some 2-D layers already (eigenvalues of ``W^T W``, e.g. squared
+    exact singular values, which the server has for other analyses): those layers skip their
+    Gram and eigendecomposition. ``farms`` adds FARMS metrics
+    (:mod:`spectrawatch.spectral.farms`). Layers outside WeightWatcher's size filter, of other
+    ranks, or whose fit fails are listed as skipped.
     """
+    given = dict(esds or {})
     names: list[str] = []
     shapes: list[tuple[int, ...]] = []
     layer_mats: list[WeightMatrices] = []
@@ -884,14 +889,22 @@ def analyze_weights(
         shapes.append(shape)
         layer_mats.append(mats)
 
-    flat = [m for lm in layer_mats for m in lm.matrices]
+    known = [
+        name in given and lm.rf == 1 and given[name].numel() == lm.n_cols
+        for name, lm in zip(names, layer_mats, strict=True)
+    ]
+    flat = [m for k, lm in zip(known, layer_mats, strict=True) if not k for m in lm.matrices]
     windows: list[list[torch.Tensor]] = []
     if farms is not None:
         windows = [farms_windows(lm, farms) for lm in layer_mats]
     all_evals = eigenvalues(flat + [w for ws in windows for w in ws], dtype=dtype)
     plain_evals: list[torch.Tensor] = []
     pos = 0
-    for lm in layer_mats:
+    for name, k, lm in zip(names, known, layer_mats, strict=True):
+        if k:
+            ev = given[name].detach().to(device=lm.matrices[0].device, dtype=dtype)
+            plain_evals.append(torch.sort(ev.flatten().clamp_min(0.0)).values)
+            continue
         plain_evals.append(torch.sort(torch.cat(all_evals[pos : pos + len(lm.matrices)])).values)
         pos += len(lm.matrices)
     farms_evals: list[torch.Tensor | None] = [None] * len(layer_mats)

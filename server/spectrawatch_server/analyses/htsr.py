@@ -22,6 +22,7 @@ import torch
 from spectrawatch.spectral.farms import FARMS_CV
 from spectrawatch.spectral.htsr import analyze_weights, esd_payload
 from spectrawatch.wire import FrameKind
+from spectrawatch_server.analyses.norms import shared_singular_values
 from spectrawatch_server.analyses.registry import (
     MODEL_LAYER,
     AnalysisContext,
@@ -55,9 +56,18 @@ def restore_shapes(tensors: Mapping[str, torch.Tensor], shapes: object) -> dict[
 
 @register("htsr", [FrameKind.WEIGHTS])
 def heavy_tail_metrics(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
-    """HT-SR + FARMS metrics and ESD drill-down records of every weight in the frame."""
+    """HT-SR + FARMS metrics and ESD drill-down records of every weight in the frame.
+
+    A 2-D layer whose exact singular values the frame already holds (``conditioning``, which
+    runs first, computes them for itself, ``norms`` and ``grok_rank``) takes its ESD from their
+    squares instead of a Gram eigendecomposition of its own."""
     weights = restore_shapes(frame.tensors, frame.header.info.get(SHAPES_INFO_KEY))
-    report = analyze_weights(weights, farms=FARMS_CV, device=frame.device)
+    esds = {
+        layer: sv.square()
+        for layer, w in weights.items()
+        if w.ndim == 2 and (sv := shared_singular_values(frame, layer)) is not None
+    }
+    report = analyze_weights(weights, farms=FARMS_CV, device=frame.device, esds=esds)
     result = AnalysisResult()
     for layer in report.layers:
         for name, value in layer.values().items():

@@ -45,6 +45,12 @@ def weight_singular_values(frame: DecodedFrame, layer: str) -> torch.Tensor:
     return s
 
 
+def shared_singular_values(frame: DecodedFrame, layer: str) -> torch.Tensor | None:
+    """The singular values of ``layer`` if an analysis of this frame has computed them already."""
+    s = frame.memo.get(("svdvals", layer))
+    return s if isinstance(s, torch.Tensor) else None
+
+
 @register("norms", [FrameKind.WEIGHTS])
 def weight_norms(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     """Frobenius and spectral norm of every weight matrix in the frame (float64; the spectral
