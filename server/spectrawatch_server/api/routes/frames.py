@@ -121,8 +121,9 @@ async def ingest_frame(
 def _check_replay(stored: Frame, new: Frame) -> None:
     """409 when a reused idempotency key names a different frame: a replay repeats the kind,
     step, seq and layers of what was stored (the tensor bytes are not compared)."""
-    fields = ("kind", "step", "seq", "layers")
-    differ = [f for f in fields if getattr(stored, f) != getattr(new, f)]
+    differ = [f for f in ("kind", "step", "seq") if getattr(stored, f) != getattr(new, f)]
+    if sorted(stored.layers) != sorted(new.layers):
+        differ.append("layers")
     if differ:
         raise ApiError(
             409,
