@@ -340,19 +340,25 @@ def analyze_layer(
     w = weight.detach().to(device)
     values: dict[str, float] = {}
     notes: list[str] = []
-    model = analyze_weights({name: w}, farms=farms, device=device)
-    report = model.layers[0] if model.layers else None
-    if report is not None:
-        values.update(report.values())
-    else:
-        notes.append(f"HT-SR skipped: {model.skipped[0].reason}")
     matrix = w.reshape(w.shape[0], -1) if w.ndim == 4 else w
+    sv: torch.Tensor | None = None
     if min(matrix.shape) < 2:
         notes.append("conditioning skipped: fewer than 2 rows or columns")
     elif not bool(torch.isfinite(matrix).all()):
         notes.append("conditioning skipped: NaN or Inf in weights")
     else:
-        values.update(conditioning_values(matrix))
+        sv = singular_values(matrix)
+    # a 2-D weight's float64 singular values give HT-SR its ESD without a second decomposition
+    share = sv is not None and w.ndim == 2 and sv.dtype == torch.float64
+    esds = {name: sv.square()} if share and sv is not None else None
+    model = analyze_weights({name: w}, farms=farms, device=device, esds=esds)
+    report = model.layers[0] if model.layers else None
+    if report is not None:
+        values.update(report.values())
+    else:
+        notes.append(f"HT-SR skipped: {model.skipped[0].reason}")
+    if sv is not None:
+        values.update(conditioning_metrics(sv, (matrix.shape[0], matrix.shape[1])))
     warning = training_warning(values[ALPHA]) if ALPHA in values else ""
     return LayerResult(name, tuple(weight.shape), values, warning, "; ".join(notes), report)
 
