@@ -82,7 +82,7 @@ def eigh_above(sym: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
     """Eigenpairs of a symmetric ``(n, n)`` matrix whose eigenvalues exceed ``threshold``:
     ascending values ``(k,)`` and vectors ``(n, k)``.
 
-    On the CPU with SciPy installed (the server's dependencies include it), LAPACK's ``syevr``
+    On the CPU with SciPy installed (the ``[server]`` extra requires it), LAPACK's ``syevr``
     computes only that range: one tridiagonal reduction plus k vectors, 43 vs 120 ms for a full
     ``eigh`` of a 768 x 768 Gram with five spikes. Elsewhere a full :func:`eigh`, filtered.
     """
