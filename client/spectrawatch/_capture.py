@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -141,9 +142,13 @@ class Capture:
         self.sample_batch = sample_batch
         self.step = start_step
         self.spec = SketchSpec(settings.dim, settings.sketch_seed)
+        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         self.layers: list[tuple[str, nn.Parameter]] = [
-            (name, p) for name, p in self.model.named_parameters() if p.requires_grad
+            (name, p) for name, p in trained if not p.is_complex()
         ]
+        if len(self.layers) < len(trained):  # a real sketch of them would drop the imaginary part
+            skipped = ", ".join(name for name, p in trained if p.is_complex())
+            errors.record("update sketch", TypeError(f"complex parameters not sketched: {skipped}"))
         self._modules_arg = list(modules) if modules is not None else None
         self._index: dict[str, torch.Tensor] = {}
         self._flat_index: torch.Tensor | None = None  # all layers' index, when on one device
@@ -158,6 +163,9 @@ class Capture:
             self._shard_of[name] = (start, local.numel(), contributes)
         self._prev: Rows | None = None
         self._prev_step: int | None = None
+        self._forked = False  # in a forked child (DataLoader worker...) the hooks do nothing
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _inert_after_fork(ref))
         self._update_rows: list[Rows] = []
         self._update_steps: list[int] = []
         self._theta_rows: list[Rows] = []
@@ -244,13 +252,18 @@ class Capture:
         self._handles.clear()
 
     def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._guard("update sketch", self._before_step)
+        if not self._forked:
+            self._guard("update sketch", self._before_step)
 
     def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.on_step()
 
     def on_step(self, step: int | None = None) -> None:
-        """Run the captures due after an optimizer step (called by the post-hook)."""
+        """Run the captures due after an optimizer step (called by the post-hook); nothing in
+        a forked child, where some CPU kernels the sketch uses can hang (torch's thread pool
+        does not survive a fork) and whose sender is inert anyway."""
+        if self._forked:
+            return
         try:
             self.step = self.step + 1 if step is None else int(step)
             n = self.step
@@ -475,6 +488,9 @@ class Capture:
         for name, p in self.model.named_parameters():
             if p.dim() < 2 or p.numel() == 0:
                 continue
+            if p.is_complex():  # a real cast would drop the imaginary part without a word
+                self.errors.record("weights", TypeError(f"complex parameter {name} not sent"))
+                continue
             full = _shards.full_tensor(p.detach())  # sharded: every rank joins the gather
             if not self.emits:
                 continue
@@ -576,3 +592,9 @@ class Capture:
         if self.s.weights_at_finish and self.step > 0:
             self._guard("weights", lambda: self.capture_weights(self.step))
         self.remove()
+
+
+def _inert_after_fork(ref: weakref.ReferenceType[Capture]) -> None:
+    capture = ref()
+    if capture is not None:
+        capture._forked = True

@@ -135,6 +135,14 @@ class ErrorLog:
         except Exception:  # logging must not raise into the caller
             return
 
+    def note(self, where: str, message: str) -> None:
+        """Log a condition once per ``where`` (its occurrences are counted elsewhere)."""
+        with self._lock:
+            first = (where, "") not in self._seen
+            self._seen.add((where, ""))
+        if first:
+            logger.warning("spectrawatch: %s (counted in client-stats; not logged again)", message)
+
 
 @dataclass
 class FrameItem:
@@ -223,11 +231,10 @@ class Sender:
                 )
                 if victim is None:
                     victim = item
-                    logger.warning(
-                        "spectrawatch: queue full, dropping a %s frame of step %d "
-                        "(server slow or away; see client-stats)",
-                        item.kind.value,
-                        item.step,
+                    self.errors.note(
+                        "queue full",
+                        f"queue full, dropping a {item.kind.value} frame of step {item.step} "
+                        "(server slow or away)",
                     )
                 self._queue.remove(victim)
                 self._queue_bytes -= victim.nbytes
@@ -266,7 +273,7 @@ class Sender:
                 self._deadline = time.monotonic() + max(timeout - 0.5, 0.0)
             self._cond.notify()
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return not self._thread.is_alive() and self.pending() == 0
 
     def pending(self) -> int:
         with self._cond:
@@ -285,7 +292,15 @@ class Sender:
 
     def _run_safely(self) -> None:
         try:
-            self._loop()
+            while True:
+                try:
+                    self._loop()
+                    return
+                except Exception as exc:  # a hostile reply or a bug: count it, keep the thread
+                    self.errors.record("sender", exc)
+                    if self._closing and self._past_deadline():
+                        return
+                    time.sleep(min(self._backoff, 1.0))
         except BaseException as exc:  # the thread must never die noisily
             self.errors.record("sender thread", exc)
         finally:
@@ -368,8 +383,12 @@ class Sender:
                 if exc.status != 409:  # 409: exists, fine
                     raise
             info = self.api.create_run(self.settings.project, self.run_name, self.config, self.tags)
+            run_id = info.get("id") if isinstance(info, dict) else None
+            if not isinstance(run_id, int | str) or isinstance(run_id, bool) or run_id == "":
+                # a proxy page, a redirect target or another service: not our server, for now
+                raise Unavailable(f"POST /runs answered without a run id: {str(info)[:200]}")
             if info.get("_status") == 200 and info.get("status") not in (None, "running"):
-                self.api.update_run(info["id"], "running")
+                self.api.update_run(run_id, "running")
         except Unavailable as exc:
             self._went_offline(exc)
             return False
@@ -429,7 +448,7 @@ class Sender:
                 self.api.post_frame(self.run_id, int(meta["seq"]), body, meta.get("encoding"))
             except Rejected as exc:
                 self.stats.incr("rejected_frames")
-                self.errors.record(f"frame rejected ({meta['kind']})", exc)
+                self.errors.record(f"frame rejected ({meta.get('kind')})", exc)
                 return True
             except Unavailable as exc:
                 if attempt < retries and not self._past_deadline():
@@ -480,7 +499,7 @@ class Sender:
         elif meta["type"] == "frame":
             self.stats.drop(str(meta["kind"]))
             self.stats.incr("spool_overflow")
-            logger.warning("spectrawatch: spool full, dropped a %s frame", meta["kind"])
+            self.errors.note("spool full", f"spool full, dropped a {meta['kind']} frame")
         else:
             self.stats.incr("dropped_scalars", int(meta.get("n", 0)))
         self.stats.set("spool_bytes", self.spool.nbytes)
@@ -493,14 +512,16 @@ class Sender:
                 break
             try:
                 meta, body = entry.read()
-            except (OSError, ValueError) as exc:
-                self.errors.record("spool read", exc)
+                rows = _spooled_rows(body) if meta.get("type") == "scalars" else None
+                if rows is None:
+                    int(meta["seq"])  # a frame entry names its seq (its idempotency key)
+            except (OSError, LookupError, ValueError, AttributeError, TypeError) as exc:
+                self.errors.record("spool read", exc)  # unreadable: dropped, counted
+                self.stats.incr("spool_unreadable")
                 self.spool.pop(entry)
                 continue
-            if meta.get("type") == "scalars":
-                import json
-
-                ok = self._deliver_scalars(json.loads(body), 0)
+            if rows is not None:
+                ok = self._deliver_scalars(rows, 0)
             else:
                 ok = self._deliver_frame(meta, body, 0)
                 if ok:
@@ -561,6 +582,16 @@ class Sender:
             self.api.update_run(self.run_id, self._final_status, summary)
         except (Unavailable, Rejected) as exc:
             self.errors.record("close run", exc)
+
+
+def _spooled_rows(body: bytes) -> list[dict[str, Any]]:
+    """The scalar rows of a spooled batch; ``ValueError`` when they are not a list of objects."""
+    import json
+
+    rows = json.loads(body)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("spooled scalar batch is not a list of rows")
+    return rows
 
 
 def wire_json(rows: Sequence[Mapping[str, Any]]) -> bytes:

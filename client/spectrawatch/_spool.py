@@ -48,7 +48,9 @@ class SpoolEntry:
     def read(self) -> tuple[dict[str, Any], bytes]:
         data = self.path.read_bytes()
         head, _, body = data.partition(b"\n")
-        meta: dict[str, Any] = json.loads(head.decode("utf-8"))
+        meta = json.loads(head.decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"spool entry {self.path.name} has no JSON object header")
         return meta, body
 
 

@@ -86,6 +86,14 @@ class Api:
             if resp.status_code >= 500 or resp.status_code in _RETRYABLE_4XX:
                 raise Unavailable(text, resp.status_code, code)
             raise Rejected(text, resp.status_code, code)
+        if not 200 <= resp.status_code < 300:  # redirects are not followed: nothing was stored
+            where = resp.headers.get("location", "")
+            raise Unavailable(
+                f"{method} {path} -> {resp.status_code} (redirect to {where!r}: point the client "
+                "at the server's final URL)",
+                resp.status_code,
+                "redirect",
+            )
         if not resp.content:
             body: Any = {}
         else:

@@ -20,7 +20,6 @@ import math
 import os
 import secrets
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -87,7 +86,6 @@ class Monitor:
         self._noop = False
         self._participant = False  # a non-zero rank: captures of sharded models, no sender
         self._last_step = 0
-        self._atexit_registered = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -151,10 +149,8 @@ class Monitor:
         except Exception as exc:
             self._errors.record("init", exc)
             self._noop = True
-        if not self._atexit_registered:
-            ref = weakref.ref(self)
-            atexit.register(_finish_at_exit, ref)
-            self._atexit_registered = True
+        if self._active:
+            _keep_until_finish(self)
         return self
 
     def _ensure_init(self) -> bool:
@@ -260,7 +256,7 @@ class Monitor:
             for name, value in values.items():
                 try:
                     v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-                except (TypeError, ValueError) as exc:
+                except Exception as exc:  # str, complex, meta tensor, 10**400: skip this one
                     self._errors.record(f"log {name!r}", exc)
                     continue
                 if not math.isfinite(v):
@@ -279,6 +275,7 @@ class Monitor:
         if not self._active:
             return True
         self._active = False
+        _LIVE.discard(self)
         ok = True
         try:
             for c in list(self._captures):
@@ -329,9 +326,25 @@ def _discard(item: Any) -> None:
     """The emitter of a participant rank: frames and scalars go nowhere."""
 
 
-def _finish_at_exit(ref: weakref.ReferenceType[Monitor]) -> None:
-    m = ref()
-    if m is not None and m._active:
+_LIVE: set[Monitor] = set()
+"""Active monitors: a ``Monitor`` created in a function and never finished is still flushed."""
+
+
+_exit_hook = False
+
+
+def _keep_until_finish(m: Monitor) -> None:
+    """Hold ``m`` until ``finish()``; the exit hook is registered at the first ``init`` (so it
+    runs before the handlers of libraries imported earlier, as a per-monitor hook did)."""
+    global _exit_hook
+    if not _exit_hook:
+        atexit.register(_finish_at_exit)
+        _exit_hook = True
+    _LIVE.add(m)
+
+
+def _finish_at_exit() -> None:
+    for m in list(_LIVE):
         s = m.settings
         with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to tell
             m.finish(timeout=min(s.flush_timeout_s, 10.0) if s else 10.0)

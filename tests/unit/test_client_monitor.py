@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +203,109 @@ def test_fsdp1_is_refused_with_a_logged_reason(tmp_path: Path) -> None:
     assert m.stats.get("errors") == 1
     assert "FSDP1" in str(m.stats.snapshot().get("last_error"))
     assert m.finish()
+
+
+def test_log_skips_only_the_values_float_cannot_take(tmp_path: Path) -> None:
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="log2", **fast(tmp_path))
+    m.log({"loss": 0.5, "count": 10**400}, step=1)  # OverflowError
+    m.log({"loss": 0.4, "z": torch.tensor(1 + 2j)}, step=2)  # complex: RuntimeError/TypeError
+    m.log({"loss": 0.3, "meta": torch.empty(1, device="meta")}, step=3)
+    m.finish()
+    assert [(r["step"], r["value"]) for r in server.scalars] == [(1, 0.5), (2, 0.4), (3, 0.3)]
+    assert m.stats.get("errors") == 3
+
+
+def test_complex_parameters_are_left_out_of_weight_snapshots(tmp_path: Path) -> None:
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="cplx", **fast(tmp_path, weights_every=2))
+    model = nn.Linear(4, 4)
+    model.c = nn.Parameter(torch.randn(3, 3, dtype=torch.cfloat))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    m.attach(model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "casting complex values to real" on the way
+        for _ in range(2):
+            (model(torch.ones(1, 4)).sum() + model.c.abs().sum()).backward()
+            opt.step()
+    m.finish()
+    kinds = server.headers_by_kind()
+    assert {name for h in kinds["weights"] for name in h.names} == {"weight"}
+    assert {name for h in kinds["update_sketch"] for name in h.names} >= {"weight", "bias"}
+    assert m.stats.get("errors") >= 2  # counted: not sketched, not snapshotted
+
+
+def test_a_forked_child_steps_without_the_monitor(tmp_path: Path) -> None:
+    """In a forked child (a DataLoader worker that trains, say) the hooks do nothing: the
+    sketch's CPU kernels can hang there, torch's thread pool does not survive a fork."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the parent's OpenMP pool is what a forked child cannot use
+    try:
+        _fork_and_step(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fork_and_step(tmp_path: Path) -> None:
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="fork", **fast(tmp_path))
+    loop(m, 3, probe=False)
+    model = nn.Linear(5, 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    m.attach(model, opt)
+    model(torch.ones(1, 5)).sum().backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
+            signal.alarm(30)  # a hang in C code ends the child, not the test run
+            for _ in range(3):
+                model(torch.ones(1, 5)).sum().backward()
+                opt.step()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in opt.step()")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert m.finish()
+
+
+def test_an_unfinished_monitor_of_a_returned_function_is_flushed_at_exit(tmp_path: Path) -> None:
+    script = f"""
+import torch
+from torch import nn
+import spectrawatch
+
+def main():
+    m = spectrawatch.Monitor()
+    m.init(url="http://127.0.0.1:9", project="p", run="exit", spool_dir={str(tmp_path)!r},
+           flush_timeout_s=5, backoff_s=0.01)
+    model = nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    m.attach(model, opt)
+    for t in range(5):
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        m.log({{"loss": float(t)}}, step=t + 1)
+
+main()  # returns without finish(): nothing holds the Monitor but the module
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, env=env)
+    spooled = [json.loads(p.read_bytes().split(b"\n", 1)[0]) for p in tmp_path.rglob("*.sw")]
+    kinds = {e.get("kind") for e in spooled if e.get("type") == "frame"}
+    assert "weights" in kinds  # the final snapshot finish() takes
+    assert any(e.get("type") == "scalars" for e in spooled)

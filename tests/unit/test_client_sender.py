@@ -16,7 +16,7 @@ import torch
 from spectrawatch import wire
 from spectrawatch._sender import FrameItem, Sender
 from spectrawatch._spool import Spool
-from spectrawatch._transport import Api
+from spectrawatch._transport import Api, Unavailable
 from spectrawatch.config import ClientSettings
 
 
@@ -367,3 +367,67 @@ def test_forked_child_is_inert(tmp_path: Path) -> None:
     sender.put_frame(sketch_item(1))
     assert sender.close(timeout=10)
     assert len(server.frames) == 1  # the parent still sends; the child sent nothing
+
+
+class HostileServer(FakeServer):
+    """A FakeServer behind something else for a while: every request gets ``hostile``'s
+    response (an HTML proxy page, a run without an id, a redirect) until it is set to None."""
+
+    def __init__(self, hostile: httpx.Response | None) -> None:
+        super().__init__()
+        self.hostile = hostile
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        hostile = self.hostile
+        if hostile is not None:
+            return httpx.Response(hostile.status_code, headers=hostile.headers, content=b"<p/>")
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        httpx.Response(200, headers={"content-type": "text/html"}),  # a captive proxy page
+        httpx.Response(307, headers={"location": "https://elsewhere/api"}),  # not followed
+    ],
+)
+def test_a_reply_that_is_not_the_server_spools_and_the_thread_survives(
+    tmp_path: Path, hostile: httpx.Response
+) -> None:
+    server = HostileServer(hostile)
+    sender = make_sender(server, settings(tmp_path))
+    for step in range(3):
+        sender.put_frame(sketch_item(step))
+    sender.put_scalars([{"step": 2, "name": "loss", "value": 1.0}])
+    assert sender.wait_idle(5)
+    assert sender._thread is not None
+    assert sender._thread.is_alive()
+    assert len(sender.spool) == 4  # nothing counted as delivered, nothing lost
+    assert sender.stats.get("errors") >= 1
+    server.hostile = None  # the real server is reachable again
+    sender.put_frame(sketch_item(3))
+    assert sender.close(timeout=10)
+    assert sorted(h.step for h, _, _ in server.frames.values()) == [0, 1, 2, 3]
+    assert server.scalars == [{"step": 2, "name": "loss", "value": 1.0}]
+
+
+def test_a_redirect_on_upload_is_not_counted_as_sent(tmp_path: Path) -> None:
+    api = Api("http://x", None, 2.0, transport=HostileServer(httpx.Response(308)).transport())
+    with pytest.raises(Unavailable, match="308"):
+        api.post_scalars(1, [{"step": 1, "name": "x", "value": 1.0}])
+
+
+def test_an_unreadable_spool_entry_is_dropped_and_counted(tmp_path: Path) -> None:
+    run_dir = tmp_path / "spool" / "p" / "r"
+    spool = Spool(run_dir, 1 << 20)
+    spool.put("sc", {"type": "scalars", "n": 1}, b'[{"step": 1, "name": "x", "value": 1.0}]')
+    spool.put("sc", {"type": "scalars", "n": 1}, b'[{"step": 2, "name": "x"')  # truncated
+    spool.put("us", {"type": "frame", "kind": "update_sketch"}, b"no seq in its header")
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path))
+    sender.put_frame(sketch_item(5))
+    assert sender.close(timeout=10)
+    assert server.scalars == [{"step": 1, "name": "x", "value": 1.0}]
+    assert [h.step for h, _, _ in server.frames.values()] == [5]
+    assert sender.stats.get("spool_unreadable") == 2
+    assert len(sender.spool) == 0
