@@ -27,6 +27,7 @@ from spectrawatch.spectral.activations import (
 )
 from spectrawatch.spectral.manifold import choose_rank, quadratic_manifold_fit
 from spectrawatch.wire import FrameKind
+from spectrawatch_server.analyses.norms import gram_is_finite
 from spectrawatch_server.analyses.registry import (
     AnalysisContext,
     AnalysisResult,
@@ -63,11 +64,6 @@ def _gram_modules(info: dict[str, Any]) -> set[str]:
     return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
-def _analysable(x: torch.Tensor) -> bool:
-    """Finite, with a float64 Gram that cannot overflow (the squared Frobenius norm bounds it)."""
-    return bool(torch.isfinite(x.to(torch.float64).square().sum()))
-
-
 def _spectra(frame: DecodedFrame) -> dict[str, ActivationSpectrum]:
     """Spectra of the frame's modules; same-shaped row matrices share one batched eigensolve.
     Degenerate modules (zero or non-finite activations, too few rows) are left out."""
@@ -76,7 +72,7 @@ def _spectra(frame: DecodedFrame) -> dict[str, ActivationSpectrum]:
     out: dict[str, ActivationSpectrum] = {}
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for module, tensor in sorted(frame.tensors.items()):
-        if not _analysable(tensor):
+        if not gram_is_finite(tensor):
             continue  # NaN/Inf activations have no spectrum
         if module not in grams:
             by_shape.setdefault(tuple(tensor.shape), []).append(module)
@@ -173,7 +169,7 @@ def manifold(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     result = AnalysisResult()
     grams = _gram_modules(frame.header.info)
     for module, x in sorted(frame.tensors.items()):
-        if module in grams or x.ndim != 2 or not _analysable(x):
+        if module in grams or x.ndim != 2 or not gram_is_finite(x):
             continue
         ranks = tuple(r for r in (32, 16, 8, 4) if r < x.shape[1])
         rank = choose_rank(x.shape[0], candidates=ranks)

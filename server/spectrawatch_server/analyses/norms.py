@@ -15,6 +15,14 @@ from spectrawatch_server.analyses.registry import (
     register,
 )
 
+_SVD = "svdvals"  # frame.memo key of a layer's shared singular values
+
+
+def gram_is_finite(x: torch.Tensor) -> bool:
+    """Every entry of ``x`` finite and its float64 squared Frobenius norm too, so the float64
+    Gram ``x^T x`` (whose entries that norm bounds) cannot overflow."""
+    return bool(torch.isfinite(x.to(torch.float64).square().sum()))
+
 
 def has_spectrum(frame: DecodedFrame, layer: str) -> bool:
     """Whether the weight ``layer`` of a frame is a 2-D matrix with a computable spectrum: every
@@ -25,7 +33,7 @@ def has_spectrum(frame: DecodedFrame, layer: str) -> bool:
     ok = frame.memo.get(key)
     if ok is None:
         weights = frame.tensors[layer]
-        ok = weights.ndim == 2 and bool(torch.isfinite(weights.to(torch.float64).square().sum()))
+        ok = weights.ndim == 2 and gram_is_finite(weights)
         frame.memo[key] = ok
     return bool(ok)
 
@@ -34,7 +42,7 @@ def weight_singular_values(frame: DecodedFrame, layer: str) -> torch.Tensor:
     """Singular values ``(min(m, n),)``, descending, float64, of the 2-D weight ``layer`` of a
     frame; LAPACK runs once per frame and layer, the analyses that need them (``norms``,
     ``grok_rank``) share the result through ``frame.memo``."""
-    key = ("svdvals", layer)
+    key = (_SVD, layer)
     s = frame.memo.get(key)
     if not isinstance(s, torch.Tensor):
         weights = frame.tensors[layer]
@@ -47,7 +55,7 @@ def weight_singular_values(frame: DecodedFrame, layer: str) -> torch.Tensor:
 
 def shared_singular_values(frame: DecodedFrame, layer: str) -> torch.Tensor | None:
     """The singular values of ``layer`` if an analysis of this frame has computed them already."""
-    s = frame.memo.get(("svdvals", layer))
+    s = frame.memo.get((_SVD, layer))
     return s if isinstance(s, torch.Tensor) else None
 
 

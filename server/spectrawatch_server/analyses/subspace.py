@@ -9,11 +9,10 @@ elsewhere exact ``eigh``. Layers without a spike in either snapshot have no drif
 
 from __future__ import annotations
 
-import torch
-
 from spectrawatch.spectral.subspace import SUBSPACE_DRIFT, SUBSPACE_RANK, weight_subspace_drift
 from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.conditioning import POLAR_MIN_DIM
+from spectrawatch_server.analyses.norms import has_spectrum
 from spectrawatch_server.analyses.registry import (
     MODEL_LAYER,
     AnalysisContext,
@@ -24,16 +23,6 @@ from spectrawatch_server.analyses.registry import (
 )
 
 
-def _usable(weights: torch.Tensor | None) -> bool:
-    """2-D, at least 2 x 2, finite, with a float64 Gram that cannot overflow."""
-    return (
-        weights is not None
-        and weights.ndim == 2
-        and min(weights.shape) >= 2
-        and bool(torch.isfinite(weights.to(torch.float64).square().sum()))
-    )
-
-
 @register("subspace", [FrameKind.WEIGHTS])
 def weight_subspace(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     """Drift of each layer's spike subspace since the previous weight frame of the run."""
@@ -41,14 +30,15 @@ def weight_subspace(frame: DecodedFrame, context: AnalysisContext) -> AnalysisRe
     previous = context.recent_frames(FrameKind.WEIGHTS, 1)
     if not previous:
         return result
-    before_tensors = previous[-1].tensors
+    prior = previous[-1]
     drifts: list[float] = []
     for layer, after in sorted(frame.tensors.items()):
-        before = before_tensors.get(layer)
+        before = prior.tensors.get(layer)
         if (
             before is None
             or before.shape != after.shape
-            or not (_usable(before) and _usable(after))
+            or min(after.shape) < 2
+            or not (has_spectrum(prior, layer) and has_spectrum(frame, layer))
         ):
             continue
         polar = after.is_cuda and min(after.shape) >= POLAR_MIN_DIM
