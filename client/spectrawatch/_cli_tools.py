@@ -12,6 +12,7 @@ from typing import Any
 
 from spectrawatch._doctor import add_doctor_command
 from spectrawatch._export import add_export_commands
+from spectrawatch._sync import add_sync_command
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -58,7 +59,8 @@ def add_analyze_command(subparsers: Any) -> None:
 
 
 def add_tool_commands(subparsers: Any) -> None:
-    """Add ``analyze``, ``export``, ``import`` and ``doctor`` to the top-level sub-parsers."""
+    """Add ``analyze``, ``export``, ``import``, ``sync`` and ``doctor`` to the sub-parsers."""
     add_analyze_command(subparsers)
     add_export_commands(subparsers)
+    add_sync_command(subparsers)
     add_doctor_command(subparsers)

@@ -85,7 +85,7 @@ def _spool(settings: ClientSettings) -> Check:
         "spool",
         status,
         f"{count} entries, {size / 2**20:.1f} MiB ({share:.0%} of the cap) waiting to be replayed "
-        f"in {settings.spool_dir}: {shown} (replayed when a run of that name resumes)",
+        f"in {settings.spool_dir}: {shown} (`spectrawatch sync` delivers them)",
     )
 
 

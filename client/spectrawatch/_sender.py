@@ -206,6 +206,9 @@ class Sender:
         self._thread: threading.Thread | None = None
         self._disabled = False
         self._busy = False
+        self._spool_owned = False
+        self._spool_named = False
+        self.reopen = True  # set a finished run of this name back to running when resuming
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _after_fork(ref))
 
@@ -271,6 +274,7 @@ class Sender:
                 self._final_status = status
                 self._summary = dict(summary or {})
                 self._deadline = time.monotonic() + max(timeout - 0.5, 0.0)
+                self.api.not_after = self._deadline  # a request in flight is cut off there
             self._cond.notify()
         self._thread.join(timeout)
         return not self._thread.is_alive() and self.pending() == 0
@@ -361,8 +365,8 @@ class Sender:
             self._send_stats()
 
     def _online(self) -> bool:
-        if time.monotonic() < self._offline_until:
-            return False
+        if time.monotonic() < self._offline_until or (self._closing and self._past_deadline()):
+            return False  # past the flush deadline what is left goes to the spool
         return self._ensure_run()
 
     def _went_offline(self, exc: Exception) -> None:
@@ -387,7 +391,8 @@ class Sender:
             if not isinstance(run_id, int | str) or isinstance(run_id, bool) or run_id == "":
                 # a proxy page, a redirect target or another service: not our server, for now
                 raise Unavailable(f"POST /runs answered without a run id: {str(info)[:200]}")
-            if info.get("_status") == 200 and info.get("status") not in (None, "running"):
+            resumed = info.get("_status") == 200 and info.get("status") not in (None, "running")
+            if resumed and self.reopen:
                 self.api.update_run(run_id, "running")
         except Unavailable as exc:
             self._went_offline(exc)
@@ -486,8 +491,32 @@ class Sender:
             return True
         return False
 
+    def _own_spool(self) -> bool:
+        """Hold the spool's lock (False while ``spectrawatch sync`` is replaying it)."""
+        if not self._spool_owned:
+            try:
+                self._spool_owned = self.spool.lock()
+            except OSError as exc:
+                self.errors.record("spool lock", exc)
+        return self._spool_owned
+
+    def run_meta(self, **final: Any) -> dict[str, Any]:
+        """What ``run.json`` says about this run (no token: sync takes it from its caller)."""
+        meta = {
+            "project": self.settings.project,
+            "run": self.run_name,
+            "url": self.settings.url,
+            "config": self.config,
+            "tags": self.tags,
+        }
+        return {**meta, **final}
+
     def _spool_put(self, tag: str, meta: dict[str, Any], body: bytes) -> None:
         try:
+            self._own_spool()
+            if not self._spool_named:
+                self.spool.write_meta(self.run_meta())
+                self._spool_named = True
             stored, evicted = self.spool.put(tag, meta, body)
         except OSError as exc:
             stored, evicted = False, 0
@@ -506,6 +535,8 @@ class Sender:
 
     def _replay(self, limit: int) -> None:
         """Send up to ``limit`` spooled entries, oldest first; stop at the first failure."""
+        if not self._own_spool():
+            return
         for _ in range(limit):
             entry = self.spool.peek()
             if entry is None:
@@ -531,6 +562,22 @@ class Sender:
             self.spool.pop(entry)
         self.stats.set("spool_bytes", self.spool.nbytes)
 
+    def drain_spool(self, until: float) -> str:
+        """Replay the spool in this thread until empty or ``until`` (``spectrawatch sync``).
+
+        Returns why it stopped early, or ``""`` when everything was delivered.
+        """
+        if not self._online():
+            return f"server unreachable: {self.stats.last_error or 'no reply'}"
+        while len(self.spool):
+            if time.monotonic() >= until:
+                return "out of time"
+            before = len(self.spool)
+            self._replay(_REPLAY_PER_TURN)
+            if len(self.spool) == before:
+                return f"stopped: {self.stats.last_error or 'no progress'}"
+        return ""
+
     def _past_deadline(self) -> bool:
         return time.monotonic() >= self._deadline
 
@@ -551,12 +598,17 @@ class Sender:
         """Final drain: replay what the deadline allows, report stats, close the run.
 
         If the server was never reached in this session, nothing is waited for: the spool stays
-        on disk for the next session of this run name.
+        on disk for ``spectrawatch sync`` or the next session of this run name.
         """
         if self.run_id is None:  # one last try (the server may have come up meanwhile)
             self._offline_until = 0.0
             self._online()
-        while len(self.spool) and not self._past_deadline() and self.run_id is not None:
+        while (
+            len(self.spool)
+            and not self._past_deadline()
+            and self.run_id is not None
+            and self._own_spool()
+        ):
             if not self._online():
                 wait = min(self._offline_until, self._deadline) - time.monotonic()
                 if wait > 0:
@@ -566,22 +618,36 @@ class Sender:
             self._replay(_REPLAY_PER_TURN)
             if len(self.spool) == before:
                 continue
-        if self.run_id is None or time.monotonic() < self._offline_until:
-            if len(self.spool):
-                logger.warning(
-                    "spectrawatch: server unreachable at finish; %d entries stay spooled in %s "
-                    "and are replayed when this run is resumed",
-                    len(self.spool),
-                    self.spool.dir,
-                )
-            return
-        self._last_stats_at = time.monotonic()
-        self._send_stats()
         summary = {**self._summary, "client": self.stats.snapshot()}
         try:
-            self.api.update_run(self.run_id, self._final_status, summary)
-        except (Unavailable, Rejected) as exc:
-            self.errors.record("close run", exc)
+            if self.run_id is not None and time.monotonic() >= self._offline_until:
+                self.api.not_after = self._deadline + 0.4  # a short grace for the final status
+                self._last_stats_at = time.monotonic()
+                self._send_stats()
+                try:
+                    self.api.update_run(self.run_id, self._final_status, summary)
+                except (Unavailable, Rejected) as exc:
+                    self.errors.record("close run", exc)
+        finally:
+            self._leave_spool(summary)
+
+    def _leave_spool(self, summary: dict[str, Any]) -> None:
+        """Say what stays spooled (and how the run ended, for ``sync``), or tidy up."""
+        try:
+            if len(self.spool):
+                self.spool.write_meta(self.run_meta(status=self._final_status, summary=summary))
+                logger.warning(
+                    "spectrawatch: %d entries could not be delivered before finish and stay "
+                    "spooled in %s: `spectrawatch sync` delivers them (so does resuming run %r)",
+                    len(self.spool),
+                    self.spool.dir,
+                    self.run_name,
+                )
+                self.spool.unlock()
+            elif self._spool_owned:
+                self.spool.remove_if_empty()
+        except OSError as exc:
+            self.errors.record("spool close", exc)
 
 
 def _spooled_rows(body: bytes) -> list[dict[str, Any]]:

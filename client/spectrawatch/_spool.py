@@ -9,11 +9,17 @@ the server stores each frame once however often it is replayed.
 
 Cap policy (``max_bytes``): to make room the oldest *update-sketch* entries are deleted first;
 if that is not enough the new entry is refused. Callers count both as drops.
-Used only from the sender thread.
+
+Beside the entries: ``run.json`` names the run they belong to (project and run names as given,
+config, tags, and the final status once the run finished) so that ``spectrawatch sync`` can
+deliver them later without the training script; and ``.lock``, which the process using the
+spool holds (``flock``, released when the process ends) so that a sync never replays entries
+a live run is replaying too. Used only from the sender thread (or the sync command).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 _NAME = re.compile(r"^(\d{16})-([a-z]+)\.sw$")
+RUN_META = "run.json"
+_LOCK = ".lock"
 DROPPABLE_TAGS = frozenset({"us"})  # update_sketch entries may be evicted to make room
 
 
@@ -64,6 +72,58 @@ class Spool:
         self._bytes = 0
         self._next = 0
         self._scanned = False
+        self._lock_fd: int | None = None
+
+    def lock(self) -> bool:
+        """Hold this spool for this process; False if another live process holds it."""
+        if self._lock_fd is not None:
+            return True
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no protection against a concurrent sync
+            return True
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Write ``run.json`` (atomically)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / (RUN_META + ".tmp")
+        tmp.write_text(json.dumps(meta, separators=(",", ":"), default=str))
+        os.replace(tmp, self.dir / RUN_META)
+
+    def read_meta(self) -> dict[str, Any] | None:
+        """``run.json``, or None when absent or unreadable."""
+        try:
+            meta = json.loads((self.dir / RUN_META).read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def remove_if_empty(self) -> None:
+        """Delete the run's directory (meta and lock too) once no entry is left."""
+        self._scan()
+        if self._entries:
+            return
+        for name in (RUN_META, _LOCK):
+            with contextlib.suppress(OSError):
+                (self.dir / name).unlink()
+        self.unlock()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
 
     def _scan(self) -> None:
         if self._scanned:
@@ -131,6 +191,11 @@ class Spool:
         self._scan()
         seqs = [e.seq for e in self._entries if isinstance(e.seq, int)]
         return max(seqs) if seqs else None
+
+    def entries(self) -> list[SpoolEntry]:
+        """Every entry, oldest first."""
+        self._scan()
+        return list(self._entries)
 
     def peek(self) -> SpoolEntry | None:
         """The oldest entry, or None."""

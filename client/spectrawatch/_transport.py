@@ -4,10 +4,22 @@
 without a server (the httpx way of swapping the network out). Two error types matter:
 :class:`Unavailable` (connection failure, timeout, 5xx, 408/429: retry later, spool meanwhile)
 and :class:`Rejected` (any other 4xx: the request itself is wrong; retrying cannot help).
+
+httpx's timeouts bound each connect, read and write, not a request as a whole: a server that
+answers one byte a second would hold the caller forever. So every request runs on its own daemon
+thread and is abandoned (as :class:`Unavailable`) when it has not completed within
+``deadline_s`` plus one second per ``_MIN_RATE`` bytes of body, or by :attr:`Api.not_after`
+(the sender's flush deadline). An abandoned request may still complete later; everything the
+client sends is idempotent (frames by their key, scalars by (step, name)), so sending it again
+from the spool is safe. At most ``_MAX_ABANDONED`` abandoned requests are left running; while
+that many are, new requests fail at once instead of piling up connections.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +29,8 @@ from spectrawatch.wire import IDEMPOTENCY_HEADER
 
 API = "/api/v1"
 _RETRYABLE_4XX = frozenset({408, 425, 429})
+_MIN_RATE = 100_000  # bytes/s an upload is allowed on top of ``deadline_s``
+_MAX_ABANDONED = 2
 
 
 class ApiError(Exception):
@@ -51,6 +65,7 @@ class Api:
         token: str | None = None,
         timeout_s: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        deadline_s: float | None = None,
     ) -> None:
         headers = {"User-Agent": "spectrawatch-client"}
         if token:
@@ -61,9 +76,50 @@ class Api:
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
             transport=transport,
         )
+        self.deadline_s = 3 * timeout_s if deadline_s is None else deadline_s
+        self.not_after = math.inf  # monotonic time after which no request may still run
+        self._abandoned: list[threading.Thread] = []
 
     def close(self) -> None:
         self._client.close()
+
+    def _send(self, method: str, path: str, content: bytes | None, **kwargs: Any) -> httpx.Response:
+        """``httpx.Client.request`` bounded as a whole (see the module docstring)."""
+        size = len(content) if content else 0
+        budget = self.deadline_s + size / _MIN_RATE
+        if self.not_after <= time.monotonic():
+            raise Unavailable(f"{method} {path}: not sent, the flush deadline has passed")
+        self._abandoned = [t for t in self._abandoned if t.is_alive()]
+        if len(self._abandoned) >= _MAX_ABANDONED:
+            raise Unavailable(
+                f"{method} {path}: not sent, {len(self._abandoned)} earlier requests are "
+                "still unanswered (server too slow)"
+            )
+        outcome: list[httpx.Response | BaseException] = []
+
+        def call() -> None:
+            try:
+                outcome.append(self._client.request(method, API + path, content=content, **kwargs))
+            except BaseException as exc:  # handed to the caller, never raised here
+                outcome.append(exc)
+
+        worker = threading.Thread(target=call, name="spectrawatch-request", daemon=True)
+        worker.start()
+        start = time.monotonic()
+        end = start + budget
+        while worker.is_alive():  # in slices: ``not_after`` may be moved meanwhile (finish)
+            left = min(end, self.not_after) - time.monotonic()
+            if left <= 0:
+                self._abandoned.append(worker)
+                waited = time.monotonic() - start
+                raise Unavailable(f"{method} {path}: no complete reply in {waited:.1f} s")
+            worker.join(min(left, 0.25))
+        result = outcome[0]
+        if isinstance(result, httpx.HTTPError):  # connect/read/write errors and timeouts
+            raise Unavailable(f"{method} {path}: {type(result).__name__}: {result}") from result
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def _request(
         self,
@@ -74,12 +130,7 @@ class Api:
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Any:
-        try:
-            resp = self._client.request(
-                method, API + path, json=json, content=content, headers=headers
-            )
-        except httpx.HTTPError as exc:  # connect/read/write errors and timeouts
-            raise Unavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        resp = self._send(method, path, content, json=json, headers=headers)
         if resp.status_code >= 400:
             code, message = _error_of(resp)
             text = f"{method} {path} -> {resp.status_code} {code}: {message}"

@@ -71,7 +71,9 @@ class ClientSettings:
     queue_max_bytes: int = 1 << 30
     max_frame_bytes: int = 32 << 20  # weights snapshots are split into frames of at most this
     compress: bool = True  # zstd for weights and activations frames
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # per connect/read/write
+    # one request as a whole (plus 1 s per 100 kB of body): a reply that trickles in is abandoned
+    request_deadline_s: float = 30.0
     retries: int = 2  # per request, before the item goes to the spool
     backoff_s: float = 0.25
     backoff_max_s: float = 30.0
@@ -106,6 +108,16 @@ class ClientSettings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("project", "run"):
+            value = getattr(self, name)
+            if value is not None and not _valid_name(value):
+                raise SettingsError(
+                    f"{name} name {value!r} is not accepted by the server: 1-200 characters, "
+                    "no '/' and no control characters"
+                )
+        for name in ("timeout_s", "request_deadline_s", "flush_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dim < 1:
             raise SettingsError(f"sketch_dim must be >= 1, got {self.sketch_dim}")
         if self.mode not in ("online", "disabled"):
@@ -136,6 +148,16 @@ class ClientSettings:
     @staticmethod
     def _field_type(f: dataclasses.Field[Any]) -> str:
         return str(f.type)
+
+
+def _valid_name(name: str) -> bool:
+    """The server's rule for project and run names (``schemas.Name``)."""
+    return (
+        isinstance(name, str)
+        and 1 <= len(name) <= 200
+        and "/" not in name
+        and not any(ord(c) < 0x20 for c in name)
+    )
 
 
 def _parse(name: str, raw: str, type_name: str) -> Any:

@@ -134,7 +134,13 @@ class Monitor:
         try:
             auto = s.run is None
             name = s.run or _generated_run_name()
-            api = Api(s.url, s.token, s.timeout_s, transport=transport or self._transport)
+            api = Api(
+                s.url,
+                s.token,
+                s.timeout_s,
+                transport=transport or self._transport,
+                deadline_s=s.request_deadline_s,
+            )
             self._sender = Sender(
                 s,
                 api,

@@ -92,3 +92,46 @@ def test_server_never_started_training_completes(tmp_path: Path) -> None:
     assert loop.step == 25
     assert m.stats.get("spooled_frames") > 0
     assert list((tmp_path / "spool" / "stream" / "never").glob("*.sw"))
+
+
+def test_sync_delivers_what_runs_left_in_the_spool(tmp_path: Path) -> None:
+    """Two runs finish while no server is up; later ``spectrawatch sync`` delivers everything."""
+    from spectrawatch._spool import Spool
+    from spectrawatch.cli import main
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    names = ["later", "an odd name ü"]  # the second is not a safe directory name
+    spooled: dict[str, list[int]] = {}
+    for name in names:
+        m = spectrawatch.Monitor()
+        m.init(**client_settings(tmp_path, url, name, flush_timeout_s=2.0))
+        Loop(m).run(15)
+        assert m.finish()  # everything delivered or spooled
+        run_dir = next(
+            d
+            for d in (tmp_path / "spool" / "stream").iterdir()
+            if (Spool(d, 0).read_meta() or {}).get("run") == name
+        )
+        entries = [e.read()[0] for e in Spool(run_dir, 1 << 40).entries()]
+        spooled[name] = sorted(e["seq"] for e in entries if e["type"] == "frame")
+        assert spooled[name]
+        assert any(e["type"] == "scalars" for e in entries)
+    srv = ServerProcess(tmp_path / "server", port=port).start()
+    try:
+        spool_dir = str(tmp_path / "spool")
+        assert main(["sync", "--spool-dir", spool_dir, "--dry-run"]) == 0
+        assert main(["sync", "--spool-dir", spool_dir]) == 0  # url: the one each run used
+        with httpx.Client(base_url=f"{url}/api/v1", timeout=30) as c:
+            runs = {r["name"]: r for r in c.get("/runs", params={"project": "stream"}).json()}
+            for name in names:
+                run = runs[name]
+                assert run["status"] == "finished"
+                seqs = sorted(f["seq"] for f in frames_of(url, run["id"]))
+                assert seqs == spooled[name]  # every spooled frame once, none twice
+                (loss,) = c.get(f"/runs/{run['id']}/scalars", params={"name": "loss"}).json()
+                assert loss["steps"] == list(range(1, 16))
+        assert not list((tmp_path / "spool" / "stream").iterdir())  # spools removed
+        assert main(["sync", "--spool-dir", spool_dir]) == 0  # nothing left: a no-op
+    finally:
+        srv.kill()

@@ -431,3 +431,141 @@ def test_an_unreadable_spool_entry_is_dropped_and_counted(tmp_path: Path) -> Non
     assert [h.step for h, _, _ in server.frames.values()] == [5]
     assert sender.stats.get("spool_unreadable") == 2
     assert len(sender.spool) == 0
+
+
+class DripServer:
+    """A real TCP server that answers run creation at once and frames one byte every 0.2 s.
+
+    httpx's timeouts are per read, so without an overall deadline such a reply holds the
+    client for as long as the server likes.
+    """
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.frame_requests = 0
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: Any) -> None:
+        buf = b""
+        try:
+            while not self.stop.is_set():
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                buf = buf[length:]
+                path = head.split(b" ")[1]
+                if path.endswith(b"/runs"):
+                    body = json.dumps({"id": 1, "status": "running"}).encode()
+                    code = b"201 Created"
+                else:
+                    body = json.dumps({"ok": True, "padding": "x" * 40}).encode()
+                    code = b"202 Accepted"
+                reply = b"HTTP/1.1 " + code + b"\r\nContent-Type: application/json\r\n"
+                reply += b"Content-Length: %d\r\n\r\n" % len(body) + body
+                if not path.endswith((b"/runs", b"/projects")):
+                    self.frame_requests += path.endswith(b"/frames")
+                    for i in range(len(reply)):  # one byte at a time
+                        if self.stop.wait(0.2):
+                            return
+                        conn.sendall(reply[i : i + 1])
+                else:
+                    conn.sendall(reply)
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_reply_that_trickles_in_is_abandoned_at_the_request_deadline() -> None:
+    server = DripServer()
+    try:
+        api = Api(server.url, None, timeout_s=1.0, deadline_s=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match="no complete reply"):
+            api.post_scalars(1, [{"step": 1, "name": "x", "value": 1.0}])
+        assert time.monotonic() - t0 < 2.0  # the reply alone would take ~25 s
+        api.not_after = time.monotonic() - 1.0
+        with pytest.raises(Unavailable, match="flush deadline"):
+            api.post_scalars(1, [])
+    finally:
+        server.close()
+
+
+def test_what_a_trickling_server_holds_at_finish_is_spooled_not_lost(tmp_path: Path) -> None:
+    server = DripServer()
+    try:
+        s = settings(tmp_path, url=server.url, timeout_s=1.0, request_deadline_s=1.0)
+        sender = Sender(s, Api(s.url, None, 1.0, deadline_s=1.0), "r")
+        sender.start()
+        for step in range(0, 60, 2):
+            sender.put_frame(sketch_item(step))
+            sender.put_scalars([{"step": step, "name": "loss", "value": 1.0}])
+        sender.put_frame(weights_item(60))
+        t0 = time.monotonic()
+        done = sender.close(timeout=3.0)
+        took = time.monotonic() - t0
+        assert took < 3.5
+        assert not done or server.frame_requests == 0
+        assert sender.pending() == 0  # nothing left in memory to be lost at exit
+        left = Spool(tmp_path / "spool" / "p" / "r", 1 << 30)
+        metas = [e.read()[0] for e in left.entries()]
+        frames = [m for m in metas if m["type"] == "frame"]
+        assert len(frames) == 31
+        assert sender.stats.get("dropped_frames") == 0
+        assert sum(m["n"] for m in metas if m["type"] == "scalars") == 30
+        assert [m["seq"] for m in frames] == sorted(m["seq"] for m in frames)
+    finally:
+        server.close()
+
+
+def test_sync_skips_a_spool_a_live_run_holds_and_one_it_cannot_name(tmp_path: Path) -> None:
+    from spectrawatch._sync import sync_run
+
+    s = settings(tmp_path, url="http://127.0.0.1:9")  # nothing listens: must not be contacted
+    held = Spool(tmp_path / "spool" / "p" / "r", 1 << 20)
+    held.put("sc", {"type": "scalars", "n": 1}, b'[{"step":1,"name":"x","value":1.0}]')
+    held.write_meta({"project": "p", "run": "r"})
+    assert held.lock()  # a live run's sender holds it
+    r = sync_run(s, held.dir, held.read_meta(), deadline_s=5)
+    assert (r.delivered, r.left, r.note) == (0, 1, "in use by a running process: skipped")
+    held.unlock()
+    mangled = Spool(tmp_path / "spool" / "p" / "odd_name-1234abcd", 1 << 20)  # no run.json
+    mangled.put("sc", {"type": "scalars", "n": 1}, b"[]")
+    r = sync_run(s, mangled.dir, None, deadline_s=5)
+    assert r.left == 1
+    assert "no run.json" in r.note
+    assert len(Spool(mangled.dir, 1 << 20)) == 1  # left as it was
+
+
+@pytest.mark.parametrize("name", ["a/b", "", "tab\there", "x" * 201])
+def test_names_the_server_would_refuse_fail_at_init(name: str) -> None:
+    from spectrawatch.config import SettingsError
+
+    with pytest.raises(SettingsError, match="not accepted by the server"):
+        ClientSettings.from_env({}, run=name)

@@ -1,0 +1,159 @@
+"""``spectrawatch sync``: deliver what runs left in the local spool, without their scripts.
+
+A run whose server was away (or too slow) when it finished leaves its frames and scalars in
+``<spool_dir>/<project>/<run>/``, with ``run.json`` naming the run. ``sync`` replays each such
+spool in order with the entries' own idempotency keys (so nothing is stored twice, however
+often it is run), then sets the run's final status if the run had finished. A spool that a live
+training process holds (its ``.lock``) is skipped. Like ``wandb sync`` for offline runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spectrawatch._sender import Sender
+from spectrawatch._spool import RUN_META, Spool
+from spectrawatch._transport import Api, Rejected, Unavailable
+from spectrawatch.config import ClientSettings, SettingsError
+
+
+@dataclass
+class SyncResult:
+    """What happened to one run's spool."""
+
+    project: str
+    run: str
+    entries: int
+    delivered: int = 0
+    left: int = 0
+    note: str = ""
+
+
+def spooled_runs(spool_dir: str | Path) -> list[tuple[Path, dict[str, Any] | None]]:
+    """``(directory, run.json or None)`` of every run directory holding spooled entries."""
+    root = Path(spool_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for run_dir in sorted(p for p in root.glob("*/*") if p.is_dir()):
+        if any(p.suffix == ".sw" for p in run_dir.iterdir()):
+            out.append((run_dir, Spool(run_dir, 0).read_meta()))
+    return out
+
+
+def _names(meta: dict[str, Any] | None) -> tuple[str, str] | None:
+    """The run's project and name from ``run.json`` (directory names may be shortened)."""
+    project, run = (meta or {}).get("project"), (meta or {}).get("run")
+    if isinstance(project, str) and isinstance(run, str) and project and run:
+        return project, run
+    return None
+
+
+def sync_run(
+    settings: ClientSettings,
+    run_dir: Path,
+    meta: dict[str, Any] | None,
+    *,
+    deadline_s: float,
+    dry_run: bool = False,
+) -> SyncResult:
+    """Replay one run's spool; stops at the first failure (what is left stays spooled)."""
+    names = _names(meta)
+    spool = Spool(run_dir, settings.spool_max_bytes)
+    count = len(spool)
+    if names is None:
+        return SyncResult(
+            run_dir.parent.name,
+            run_dir.name,
+            count,
+            left=count,
+            note=f"no {RUN_META} (an older client's spool): resume the run to deliver it",
+        )
+    project, run = names
+    result = SyncResult(project, run, count, left=count)
+    if dry_run:
+        result.note = "dry run"
+        return result
+    if not spool.lock():
+        result.note = "in use by a running process: skipped"
+        return result
+    meta = meta or {}
+    s = settings.replace(project=project, run=run, spool_dir=str(run_dir.parent.parent))
+    api = Api(s.url, s.token, s.timeout_s, deadline_s=s.request_deadline_s)
+    sender = Sender(s, api, run, config=meta.get("config"), tags=meta.get("tags"))
+    sender.spool = spool  # the one scanned and locked above (same directory)
+    sender.reopen = False  # a finished run stays finished; its final status is set below
+    try:
+        result.note = sender.drain_spool(time.monotonic() + deadline_s)
+        result.left = len(spool)
+        result.delivered = count - result.left
+        unreadable = sender.stats.get("spool_unreadable")
+        rejected = sender.stats.get("rejected_frames") + sender.stats.get("rejected_scalars")
+        if unreadable or rejected:
+            result.note = f"{unreadable} unreadable and {rejected} refused by the server (dropped)"
+        status = meta.get("status")
+        if not result.left and isinstance(status, str) and sender.run_id is not None:
+            summary = meta.get("summary")
+            try:
+                api.update_run(
+                    sender.run_id, status, summary if isinstance(summary, dict) else None
+                )
+            except (Unavailable, Rejected) as exc:
+                result.note = f"entries delivered; final status not set: {exc}"
+        if not result.left:
+            spool.remove_if_empty()
+    finally:
+        spool.unlock()
+        api.close()
+    return result
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    try:
+        settings = ClientSettings.from_env(url=args.url, token=args.token, spool_dir=args.spool_dir)
+    except SettingsError as exc:
+        print(f"spectrawatch sync: {exc}")
+        return 2
+    chosen = []
+    for run_dir, meta in spooled_runs(settings.spool_dir):
+        project, run = _names(meta) or (None, None)
+        if args.project in (None, project) and args.run in (None, run):
+            chosen.append((run_dir, meta))
+    if not chosen:
+        print(f"nothing to sync in {settings.spool_dir}")
+        return 0
+    failed = 0
+    for run_dir, meta in chosen:
+        url = args.url or (meta or {}).get("url") or settings.url
+        r = sync_run(
+            settings.replace(url=url), run_dir, meta, deadline_s=args.timeout, dry_run=args.dry_run
+        )
+        failed += r.left > 0 and not args.dry_run
+        note = f" ({r.note})" if r.note else ""
+        print(f"{r.project}/{r.run}: {r.delivered} of {r.entries} entries delivered to {url}{note}")
+    return 1 if failed else 0
+
+
+def add_sync_command(subparsers: Any) -> None:
+    """Register ``sync`` on the top-level ``spectrawatch`` parser."""
+    p = subparsers.add_parser(
+        "sync", help="deliver frames and scalars that runs left in the local spool"
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        help="server URL (default: the one each run used, then SPECTRAWATCH_URL)",
+    )
+    p.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
+    p.add_argument("--spool-dir", default=None, help="spool directory (SPECTRAWATCH_SPOOL_DIR)")
+    p.add_argument("--project", default=None, help="only runs of this project")
+    p.add_argument("--run", default=None, help="only the run of this name")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to spend per run (default 600)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="list what would be delivered")
+    p.set_defaults(func=cmd_sync)
