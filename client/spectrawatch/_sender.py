@@ -209,6 +209,8 @@ class Sender:
         self._spool_owned = False
         self._spool_named = False
         self.reopen = True  # set a finished run of this name back to running when resuming
+        if settings.mode == "offline":
+            self._offline_until = float("inf")  # never contacts the server
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _after_fork(ref))
 
@@ -365,6 +367,8 @@ class Sender:
             self._send_stats()
 
     def _online(self) -> bool:
+        if self.settings.mode == "offline":
+            return False
         if time.monotonic() < self._offline_until or (self._closing and self._past_deadline()):
             return False  # past the flush deadline what is left goes to the spool
         return self._ensure_run()
@@ -600,6 +604,9 @@ class Sender:
         If the server was never reached in this session, nothing is waited for: the spool stays
         on disk for ``spectrawatch sync`` or the next session of this run name.
         """
+        if self.settings.mode == "offline":
+            self._leave_spool({**self._summary, "client": self.stats.snapshot()})
+            return
         if self.run_id is None:  # one last try (the server may have come up meanwhile)
             self._offline_until = 0.0
             self._online()
@@ -636,13 +643,23 @@ class Sender:
         try:
             if len(self.spool):
                 self.spool.write_meta(self.run_meta(status=self._final_status, summary=summary))
-                logger.warning(
-                    "spectrawatch: %d entries could not be delivered before finish and stay "
-                    "spooled in %s: `spectrawatch sync` delivers them (so does resuming run %r)",
-                    len(self.spool),
-                    self.spool.dir,
-                    self.run_name,
-                )
+                if self.settings.mode == "offline":
+                    logger.info(
+                        "spectrawatch: offline run %r: %d entries in %s; upload them with "
+                        "`spectrawatch sync`",
+                        self.run_name,
+                        len(self.spool),
+                        self.spool.dir,
+                    )
+                else:
+                    logger.warning(
+                        "spectrawatch: %d entries could not be delivered before finish and "
+                        "stay spooled in %s: `spectrawatch sync` delivers them (so does "
+                        "resuming run %r)",
+                        len(self.spool),
+                        self.spool.dir,
+                        self.run_name,
+                    )
                 self.spool.unlock()
             elif self._spool_owned:
                 self.spool.remove_if_empty()

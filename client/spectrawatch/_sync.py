@@ -82,7 +82,14 @@ def sync_run(
         result.note = "in use by a running process: skipped"
         return result
     meta = meta or {}
-    s = settings.replace(project=project, run=run, spool_dir=str(run_dir.parent.parent))
+    try:
+        s = settings.replace(
+            project=project, run=run, spool_dir=str(run_dir.parent.parent), mode="online"
+        )
+    except SettingsError as exc:  # a hand-edited run.json
+        spool.unlock()
+        result.note = f"{RUN_META}: {exc}: skipped"
+        return result
     api = Api(s.url, s.token, s.timeout_s, deadline_s=s.request_deadline_s)
     sender = Sender(s, api, run, config=meta.get("config"), tags=meta.get("tags"))
     sender.spool = spool  # the one scanned and locked above (same directory)
@@ -91,10 +98,13 @@ def sync_run(
         result.note = sender.drain_spool(time.monotonic() + deadline_s)
         result.left = len(spool)
         result.delivered = count - result.left
-        unreadable = sender.stats.get("spool_unreadable")
-        rejected = sender.stats.get("rejected_frames") + sender.stats.get("rejected_scalars")
-        if unreadable or rejected:
-            result.note = f"{unreadable} unreadable and {rejected} refused by the server (dropped)"
+        lost = {
+            "unreadable entries": sender.stats.get("spool_unreadable"),
+            "frames refused by the server": sender.stats.get("rejected_frames"),
+            "scalar rows refused by the server": sender.stats.get("rejected_scalars"),
+        }
+        if any(lost.values()):
+            result.note = ", ".join(f"{n} {what}" for what, n in lost.items() if n) + " (dropped)"
         status = meta.get("status")
         if not result.left and isinstance(status, str) and sender.run_id is not None:
             summary = meta.get("summary")

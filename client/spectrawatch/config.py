@@ -41,7 +41,8 @@ class ClientSettings:
     project: str = "default"
     run: str | None = None  # None: generated, ``run-YYYYmmdd-HHMMSS-<pid>-<rand>``
     token: str | None = None
-    mode: Literal["online", "disabled"] = "online"
+    # offline: everything goes to the spool, nothing to the network; `spectrawatch sync` uploads
+    mode: Literal["online", "offline", "disabled"] = "online"
 
     # update sketches (DESIGN §3): d = sketch_dim or 20 * window
     window: int = 32
@@ -120,8 +121,10 @@ class ClientSettings:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dim < 1:
             raise SettingsError(f"sketch_dim must be >= 1, got {self.sketch_dim}")
-        if self.mode not in ("online", "disabled"):
-            raise SettingsError(f"mode must be 'online' or 'disabled', got {self.mode!r}")
+        if self.mode not in ("online", "offline", "disabled"):
+            raise SettingsError(
+                f"mode must be 'online', 'offline' or 'disabled', got {self.mode!r}"
+            )
         if self.weights_dtype not in ("float32", "float16", "bfloat16"):
             raise SettingsError(
                 f"weights_dtype must be float32|float16|bfloat16, got {self.weights_dtype!r}"

@@ -135,3 +135,32 @@ def test_sync_delivers_what_runs_left_in_the_spool(tmp_path: Path) -> None:
         assert main(["sync", "--spool-dir", spool_dir]) == 0  # nothing left: a no-op
     finally:
         srv.kill()
+
+
+def test_offline_mode_sends_nothing_until_sync(server: ServerProcess, tmp_path: Path) -> None:
+    """``mode="offline"`` (e.g. compute nodes without network): spool only, then ``sync``."""
+    from spectrawatch._spool import Spool
+    from spectrawatch.cli import main
+
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "offline-run", mode="offline"))
+    Loop(m).run(15)
+    assert m.finish()
+    assert m.run_id is None
+    with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as c:
+
+        def run_named() -> dict[str, Any] | None:
+            resp = c.get("/runs", params={"project": "stream", "limit": 1000})
+            runs = resp.json() if resp.status_code == 200 else []
+            return next((r for r in runs if r["name"] == "offline-run"), None)
+
+        assert run_named() is None  # nothing went to the network
+        spool = Spool(tmp_path / "spool" / "stream" / "offline-run", 1 << 40)
+        seqs = sorted(e.read()[0]["seq"] for e in spool.entries() if e.tag != "sc")
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # consecutive, none dropped
+        assert (spool.read_meta() or {}).get("status") == "finished"
+        assert main(["sync", "--spool-dir", str(tmp_path / "spool")]) == 0
+        run = run_named()
+        assert run is not None
+        assert run["status"] == "finished"
+        assert sorted(f["seq"] for f in frames_of(server.url, run["id"])) == seqs
