@@ -10,8 +10,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the CPU build of torch from local disk; never a CUDA build in CI
-	$(PY) -m pip install -q torch==2.13.0
+	# the CPU build of torch, never a CUDA build: from local disk where the machine has it
+	# (CI), else from PyTorch's CPU index (plain PyPI's torch is the CUDA build)
+	$(PY) -m pip install -q 'torch==2.13.0+cpu' 2>/dev/null || \
+	  $(PY) -m pip install -q 'torch==2.13.0+cpu' --extra-index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install -q -e '.[server,dev,scale]'
 	touch $(STAMP)
 

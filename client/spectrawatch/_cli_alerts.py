@@ -96,6 +96,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_set(args: argparse.Namespace) -> int:
     params = {k: getattr(args, k) for k in _PARAMS if getattr(args, k) is not None}
+    if args.include_model is not None:
+        params["include_model"] = args.include_model
     body: dict[str, Any] = {"params": params}
     if args.enabled is not None:
         body["enabled"] = args.enabled
@@ -152,6 +154,13 @@ def add_alerts_commands(subparsers: Any) -> None:
     toggle.add_argument("--disable", dest="enabled", action="store_false")
     for name, kind in _PARAMS.items():
         set_.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
+    set_.add_argument(
+        "--include-model",
+        dest="include_model",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also watch the whole-model series (__model__)",
+    )
     set_.set_defaults(func=_run(cmd_set))
 
     reset = sub.add_parser("reset", parents=[common], help="reset a rule to its defaults")

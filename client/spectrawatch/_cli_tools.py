@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from spectrawatch._cli_runs import add_runs_commands
 from spectrawatch._doctor import add_doctor_command
 from spectrawatch._export import add_export_commands
 from spectrawatch._sync import add_sync_command
@@ -59,8 +60,9 @@ def add_analyze_command(subparsers: Any) -> None:
 
 
 def add_tool_commands(subparsers: Any) -> None:
-    """Add ``analyze``, ``export``, ``import``, ``sync`` and ``doctor`` to the sub-parsers."""
+    """Add ``analyze``, ``runs``, ``export``, ``import``, ``sync`` and ``doctor``."""
     add_analyze_command(subparsers)
+    add_runs_commands(subparsers)
     add_export_commands(subparsers)
     add_sync_command(subparsers)
     add_doctor_command(subparsers)

@@ -148,8 +148,12 @@ def _remote(settings: ClientSettings, get: Callable[..., httpx.Response]) -> lis
             Check(
                 "worker",
                 "warn",
-                f"running on {device}: analyses of large models "
-                "will be slow; start the server with --device cuda on a GPU host",
+                f"running on {device}: analyses of large models will be slow; "
+                + (
+                    "run `spectrawatch worker --device cuda:N` on GPU hosts"
+                    if worker.get("external")
+                    else "start the server with --device cuda on a GPU host"
+                ),
             )
         )
     return checks

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_alerts_commands(sub)
     add_demo_command(sub)
-    from spectrawatch._cli_tools import add_tool_commands  # analyze|export|import|sync|doctor
+    from spectrawatch._cli_tools import add_tool_commands  # analyze|runs|export|import|sync|doctor
 
     add_tool_commands(sub)
     return parser

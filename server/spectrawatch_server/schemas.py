@@ -45,6 +45,17 @@ class RunUpdate(BaseModel):
     tags: list[Tag] | None = Field(default=None, max_length=100)
 
 
+class RunDeleted(BaseModel):
+    """What ``DELETE /runs/{id}`` removed."""
+
+    id: int
+    project: str
+    name: str
+    frames: int
+    bytes: int
+    blobs_not_deleted: int = 0
+
+
 class RunPublic(BaseModel):
     id: int
     project: str

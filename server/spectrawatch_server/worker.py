@@ -111,7 +111,14 @@ class Worker:
             if frame is None:
                 log.warning("job for missing frame %d dropped", frame_id)
                 return
-            decoded = self.loader.load(frame)
+            try:
+                decoded = self.loader.load(frame)
+            except Exception:
+                session.rollback()
+                if session.get(Frame, frame_id) is None:  # deleted with its run meanwhile
+                    log.info("frame %d deleted before its analysis; job dropped", frame_id)
+                    return
+                raise
             history = RunHistory(session, self.loader, frame)
             outputs: list[tuple[str, AnalysisResult]] = []
             errors: list[str] = []
@@ -123,7 +130,10 @@ class Worker:
                     errors.append(f"{analysis.name}: {exc!r}")
             session.rollback()  # end the read transaction; SQLite cannot upgrade it safely
             with session.begin():
-                frame = session.get_one(Frame, frame_id)
+                frame = session.get(Frame, frame_id)
+                if frame is None:  # its run was deleted meanwhile
+                    log.info("frame %d deleted during its analysis; results dropped", frame_id)
+                    return
                 for name, result in outputs:
                     self._store(session, frame, name, result)
                 error = "; ".join(errors) or None

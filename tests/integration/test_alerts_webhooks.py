@@ -400,6 +400,7 @@ def test_custom_rule_and_cli(
             "norm.frobenius",
             "--above",
             "50",
+            "--no-include-model",
             *base,
         ]
     )
@@ -410,6 +411,7 @@ def test_custom_rule_and_cli(
     by_name = {r["name"]: r for r in rules}
     assert by_name["alpha_out_of_range"]["enabled"] is False
     assert by_name["wide_norm"]["params"]["above"] == 50.0
+    assert by_name["wide_norm"]["params"]["include_model"] is False
     assert by_name["nonfinite"]["enabled"] is True
     # a bad threshold through the CLI is reported, exit code 1
     assert (

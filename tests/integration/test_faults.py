@@ -375,8 +375,8 @@ def test_database_down_answers_503_and_client_loses_nothing(
     t0 = time.monotonic()
     marks: dict[str, float] = {}
     data_dir = tmp_path / "server"
-    # A job whose analysis dies with the database stays 'running' until its lease expires
-    # (the release fails too, see docs/reliability.md): a short lease keeps this test short.
+    # A job whose analysis dies with the database is released once the database answers again
+    # (attempt refunded); a short lease bounds the wait should that release be missed.
     env = {"SPECTRAWATCH_DATABASE_URL": url, "SPECTRAWATCH_JOB_LEASE_SECONDS": "15"}
     srv = ServerProcess(data_dir, env=env).start()
     api = httpx.Client(base_url=f"{srv.url}/api/v1", timeout=30)

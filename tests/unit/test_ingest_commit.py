@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch_server.api.auth_cache import AuthCache
@@ -14,7 +13,7 @@ from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.db.models import Frame, Job, Run
 from spectrawatch_server.queue.embedded import EmbeddedQueue
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.storage.group_commit import Committed, FrameCommitter
+from spectrawatch_server.storage.group_commit import Committed, FrameCommitter, RunGone
 
 
 def make_runs(sessions: sessionmaker[Session], n: int, project: str = "p") -> list[int]:
@@ -98,23 +97,35 @@ def test_concurrent_requests_share_transactions(sessions: sessionmaker[Session])
     assert c.batches == 2  # all 100 queued before the first commit: batches of 64 and 36
 
 
-def test_failed_frame_fails_alone(sessions: sessionmaker[Session]) -> None:
-    (a,) = make_runs(sessions, 1)
+def test_frames_of_missing_or_deleted_runs_fail_alone(sessions: sessionmaker[Session]) -> None:
+    a, b = make_runs(sessions, 2)
+    with sessions.begin() as session:
+        repo.delete_run(session, session.get_one(Run, b))  # b is now a tombstone
     c = committer(sessions)
 
     async def post() -> list[object]:
-        # run 999 does not exist: its foreign key fails (not the idempotency key); the batch
-        # is split and the other frames are stored and acknowledged
-        tasks = [c.commit(frame(a, 0)), c.commit(frame(999, 0)), c.commit(frame(a, 1))]
+        # run 999 does not exist and run b was deleted: the batch is split and the other
+        # frames are stored and acknowledged
+        tasks = [
+            c.commit(frame(a, 0)),
+            c.commit(frame(999, 0)),
+            c.commit(frame(b, 0)),
+            c.commit(frame(a, 1)),
+        ]
         return list(await asyncio.gather(*tasks, return_exceptions=True))
 
-    ok0, bad, ok1 = asyncio.run(post())
-    assert isinstance(bad, IntegrityError)
+    ok0, missing, deleted, ok1 = asyncio.run(post())
+    assert isinstance(missing, RunGone)
+    assert isinstance(deleted, RunGone)
+    assert deleted.run_id == b
     assert isinstance(ok0, Committed)
     assert isinstance(ok1, Committed)
     assert ok0.created
     assert ok1.created
     assert stored(sessions)[:2] == (2, 2)
+    with sessions() as session:
+        assert repo.get_run(session, b) is None
+        assert repo.live_runs(session, [a, b, 999]) == {a}
 
 
 def test_auth_cache_ttl_revocation_and_no_negative_caching(
@@ -147,3 +158,31 @@ def test_auth_cache_ttl_revocation_and_no_negative_caching(
     assert err.value.status == 401
     assert not cache.check(True, None, run_mine)  # auth required: no anonymous pass
     assert not AuthCache(0.0).check(False, None, run_mine)  # disabled
+
+
+def test_a_job_cut_by_a_database_outage_is_released_at_once_without_using_an_attempt(
+    sessions: sessionmaker[Session],
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    (a,) = make_runs(sessions, 1)
+    outage = {"on": True}
+
+    def handler(frame_id: int) -> None:  # as the worker: the job ends with its frame
+        if outage["on"]:
+            raise OperationalError("SELECT 1", {}, Exception("connection lost"))
+        with sessions.begin() as session:
+            repo.finish_frame(session, frame_id, "done", None)
+
+    queue = EmbeddedQueue(sessions, handler, lease_seconds=3600, max_attempts=2)
+    FrameCommitter(sessions, queue).write([frame(a, 0)])
+    with pytest.raises(OperationalError):
+        queue.run_once()  # the analysis dies with the database
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.status, job.attempts) == ("running", 1)  # nothing can be written yet
+    outage["on"] = False
+    assert queue.run_once()  # the database answers: released (attempt refunded), then re-run
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.status, job.attempts) == ("done", 1)  # not held until the 1-hour lease

@@ -56,6 +56,10 @@ class AuthCache:
             )
         _bounded(self._runs)[run_id] = run.project_id
 
+    def forget_run(self, run_id: int) -> None:
+        """Drop ``run_id`` (deleted); other API processes learn it from the database's 404."""
+        self._runs.pop(run_id, None)
+
     def _cached_principal(self, require_auth: bool, header: str | None) -> Principal | None:
         if header is None:
             return None if require_auth else Principal(project_id=None)

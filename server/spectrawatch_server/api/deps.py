@@ -78,3 +78,15 @@ def find_run(session: Session, principal: Principal, run_id: int) -> Run:
 
 
 RunDep = Annotated[Run, Depends(get_run)]
+
+
+def get_live_run(run: RunDep, session: SessionDep) -> Run:
+    """:func:`get_run` for a write: on PostgreSQL the run stays share-locked until the request
+    commits, so a concurrent deletion either waits for this write (and deletes it too) or has
+    already made the run a tombstone (404 here)."""
+    if not repo.live_runs(session, [run.id]):
+        raise ApiError(404, "run_not_found", f"run {run.id} does not exist")
+    return run
+
+
+LiveRunDep = Annotated[Run, Depends(get_live_run)]

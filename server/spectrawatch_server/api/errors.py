@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spectrawatch.wire import FrameError
@@ -72,6 +72,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
         # ids/steps beyond the database's 64-bit integers (or similar value errors)
         return error_response(422, "out_of_range", "a numeric parameter is out of range")
+
+    @app.exception_handler(IntegrityError)
+    async def _conflict(_: Request, exc: IntegrityError) -> JSONResponse:
+        # a uniqueness or reference constraint broken by a concurrent change
+        log.info("integrity error: %s", exc)
+        return error_response(
+            409, "conflict", "the request conflicts with a concurrent change; retry it"
+        )
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:

@@ -7,8 +7,9 @@ run activity in one transaction on a threadpool thread, then answers every waiti
 frame is acknowledged only after the transaction holding it has committed.
 
 A batch that fails on the idempotency-key constraint (a replay, or two requests racing with the
-same key) is redone one frame per transaction, so one duplicate costs only itself: it answers
-with the stored frame. Any other error (database down) is raised in every request of the batch.
+same key), or that holds a frame of a run deleted meanwhile (:class:`RunGone`), is redone one
+frame per transaction, so one such frame costs only itself. Any other error (database down) is
+raised in every request of the batch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from starlette.concurrency import run_in_threadpool
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.queue.base import JobQueue
 from spectrawatch_server.storage import repository as repo
+
+
+class RunGone(Exception):
+    """The frame's run was deleted before the frame could be committed."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(f"run {run_id} does not exist")
+        self.run_id = run_id
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,10 @@ class FrameCommitter:
         """
         try:
             self._insert(frames)
+        except RunGone:
+            if len(frames) == 1:
+                raise
+            return [self._write_one(f) for f in frames]
         except IntegrityError as exc:
             if len(frames) == 1:
                 return [self._stored(frames[0], exc)]
@@ -118,6 +131,10 @@ class FrameCommitter:
 
     def _insert(self, frames: list[Frame]) -> None:
         with self.sessions.begin() as session:
+            live = repo.live_runs(session, {f.run_id for f in frames})
+            gone = next((f.run_id for f in frames if f.run_id not in live), None)
+            if gone is not None:
+                raise RunGone(gone)
             repo.insert_frames(session, frames)
             for frame in frames:
                 self.queue.enqueue(session, frame.id)

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import (
+    Alert,
     Frame,
     Job,
     Metric,
@@ -113,7 +114,9 @@ def find_token(session: Session, secret: str) -> Token | None:
 
 
 def get_run(session: Session, run_id: int) -> Run | None:
-    return session.get(Run, run_id)
+    """The run, or None if it does not exist or was deleted."""
+    run = session.get(Run, run_id)
+    return None if run is None or run.status == DELETED else run
 
 
 def get_or_create_run(
@@ -134,10 +137,61 @@ def get_or_create_run(
 
 
 def list_runs(session: Session, project_id: int | None, limit: int, offset: int) -> Sequence[Run]:
-    stmt = select(Run).order_by(Run.id.desc()).limit(limit).offset(offset)
+    stmt = select(Run).where(Run.status != DELETED).order_by(Run.id.desc())
+    stmt = stmt.limit(limit).offset(offset)
     if project_id is not None:
         stmt = stmt.where(Run.project_id == project_id)
     return session.scalars(stmt).all()
+
+
+DELETED = "deleted"  # status of a deleted run's tombstone row
+
+
+@dataclass(frozen=True)
+class DeletedRun:
+    """What :func:`delete_run` removed; the caller deletes ``blob_keys`` after the commit."""
+
+    frames: int
+    bytes: int
+    blob_keys: list[str]
+
+
+def delete_run(session: Session, run: Run) -> DeletedRun:
+    """Delete everything stored for ``run``; its row stays as a tombstone.
+
+    Frames (and by cascade their jobs, metrics and spectra), metrics and spectra, scalars and
+    alerts are deleted; the row keeps its id (so an id is never handed out again, which SQLite
+    would otherwise do for the highest one, and a late client of the run gets 404, not another
+    run) with status ``deleted``, a name no client can choose (``deleted/<id>``: names cannot
+    hold ``/``) and no config, tags or summary. Webhook deliveries stay, unlinked from their
+    alerts. The row is updated first, so a concurrent ingest that locks it (:func:`live_runs`)
+    either commits before and is deleted too, or sees the tombstone.
+    """
+    session.execute(
+        update(Run)
+        .where(Run.id == run.id)
+        .values(
+            status=DELETED,
+            name=f"deleted/{run.id}",
+            config={},
+            tags=[],
+            summary={},
+            client_stats={},
+        )
+    )
+    rows = session.execute(select(Frame.blob_key, Frame.bytes).where(Frame.run_id == run.id)).all()
+    for model in (Frame, Metric, Spectrum, Scalar, Alert):
+        session.execute(delete(model).where(model.run_id == run.id))
+    return DeletedRun(len(rows), sum(int(b) for _, b in rows), [k for k, _ in rows])
+
+
+def live_runs(session: Session, run_ids: Iterable[int]) -> set[int]:
+    """The runs of ``run_ids`` that exist and are not deleted, share-locked until the commit
+    on PostgreSQL (a deletion waits for the writes that checked; SQLite serialises writers)."""
+    stmt = select(Run.id).where(Run.id.in_(set(run_ids)), Run.status != DELETED)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(read=True)
+    return set(session.scalars(stmt).all())
 
 
 def touch_run(session: Session, run_id: int, step: int | None) -> None:

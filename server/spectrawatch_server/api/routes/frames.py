@@ -33,7 +33,7 @@ from spectrawatch_server.db.models import Frame
 from spectrawatch_server.schemas import FramePublic
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import BlobStoreFull
-from spectrawatch_server.storage.group_commit import FrameCommitter
+from spectrawatch_server.storage.group_commit import FrameCommitter, RunGone
 
 router = APIRouter(tags=["frames"])
 
@@ -108,8 +108,11 @@ async def ingest_frame(
         raise
     try:
         committed = await ctx.committer.commit(frame)
-    except Exception:  # its transaction rolled back: no row names the blob
+    except Exception as exc:  # its transaction rolled back: no row names the blob
         await run_in_threadpool(state.blobs.delete, frame.blob_key)
+        if isinstance(exc, RunGone):  # deleted while this frame streamed in
+            ctx.auth.forget_run(run_id)
+            raise ApiError(404, "run_not_found", str(exc)) from exc
         raise
     if not committed.created:  # the key was stored before: drop this copy's blob
         await run_in_threadpool(state.blobs.delete, frame.blob_key)

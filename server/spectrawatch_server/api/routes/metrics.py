@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 
-from spectrawatch_server.api.deps import RunDep, SessionDep, StateDep
+from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.downsample import downsample
 from spectrawatch_server.schemas import (
@@ -50,7 +50,7 @@ def read_metrics(
 @router.post("/runs/{run_id}/metrics", status_code=202)
 def ingest_metrics(
     body: MetricBatch,
-    run: RunDep,
+    run: LiveRunDep,
     session: SessionDep,
     state: StateDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=160)] = None,

@@ -1,18 +1,24 @@
-"""Runs: create (or resume by name), get, list, update status, client health stats."""
+"""Runs: create (or resume by name), get, list, update status, client health stats, delete."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from spectrawatch_server.api.deps import PrincipalDep, RunDep, SessionDep
+from spectrawatch_server.api.deps import LiveRunDep, PrincipalDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.db.models import Frame, Project, Run
-from spectrawatch_server.schemas import ClientStats, RunCreate, RunPublic, RunUpdate
+from spectrawatch_server.schemas import (
+    ClientStats,
+    RunCreate,
+    RunDeleted,
+    RunPublic,
+    RunUpdate,
+)
 from spectrawatch_server.storage import repository as repo
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -87,7 +93,7 @@ def read_run(run: RunDep, session: SessionDep) -> RunPublic:
 
 
 @router.patch("/{run_id}", response_model=RunPublic)
-def update_run(body: RunUpdate, run: RunDep, session: SessionDep) -> RunPublic:
+def update_run(body: RunUpdate, run: LiveRunDep, session: SessionDep) -> RunPublic:
     if body.status is not None:
         run.status = body.status
     if body.summary is not None:
@@ -99,8 +105,35 @@ def update_run(body: RunUpdate, run: RunDep, session: SessionDep) -> RunPublic:
 
 
 @router.post("/{run_id}/client-stats", response_model=RunPublic)
-def report_client_stats(body: ClientStats, run: RunDep, session: SessionDep) -> RunPublic:
+def report_client_stats(body: ClientStats, run: LiveRunDep, session: SessionDep) -> RunPublic:
     """Latest client health counters (drops, spool) — shown in the run's status."""
     run.client_stats = body.model_dump()
     session.commit()
     return run_public(session, run)
+
+
+@router.delete("/{run_id}", response_model=RunDeleted)
+def delete_run(run: RunDep, session: SessionDep, state: StateDep, request: Request) -> RunDeleted:
+    """Delete a run with everything stored for it: frames and their blobs, metrics, spectra,
+    scalars, alerts and pending analysis jobs. Frames still arriving for it get 404."""
+    project = session.get_one(Project, run.project_id).name
+    run_id, name = run.id, run.name
+    deleted = repo.delete_run(session, run)
+    session.commit()
+    ingest = getattr(request.app.state, "ingest", None)
+    if ingest is not None:  # this process's cached ingest authorisation for the run
+        ingest.auth.forget_run(run_id)
+    failed = 0
+    for key in deleted.blob_keys:  # after the commit: a failure leaves an orphan, not a hole
+        try:
+            state.blobs.delete(key)
+        except Exception:  # an orphan: removed at the next start-up (``reconcile_blobs``)
+            failed += 1
+    return RunDeleted(
+        id=run_id,
+        project=project,
+        name=name,
+        frames=deleted.frames,
+        bytes=deleted.bytes,
+        blobs_not_deleted=failed,
+    )

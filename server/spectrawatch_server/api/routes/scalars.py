@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 
-from spectrawatch_server.api.deps import RunDep, SessionDep, StateDep
+from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.downsample import downsample
 from spectrawatch_server.schemas import ScalarIn, ScalarSeries
@@ -17,7 +17,7 @@ router = APIRouter(tags=["scalars"])
 
 @router.post("/runs/{run_id}/scalars", status_code=202)
 def ingest_scalars(
-    body: Annotated[list[ScalarIn], Body()], run: RunDep, session: SessionDep, state: StateDep
+    body: Annotated[list[ScalarIn], Body()], run: LiveRunDep, session: SessionDep, state: StateDep
 ) -> dict[str, Any]:
     """Store a batch ``[{step, name, value}]``; NaN/Inf values are kept as null and counted."""
     if len(body) > state.settings.max_scalars_per_batch:

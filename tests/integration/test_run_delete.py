@@ -1,0 +1,123 @@
+"""Deleting a run against a real server: its rows, blobs and pending jobs go, other runs stay,
+late frames for it get 404 and its name can be used again (SQLite and PostgreSQL modes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+import spectrawatch
+from spectrawatch import wire
+from spectrawatch.cli import main
+from tests.servers import ServerProcess, db_rows, wait_until
+from tests.training import Loop, client_settings, frames_of
+
+pytestmark = pytest.mark.integration
+
+
+def _blob_files(server: ServerProcess) -> set[Path]:
+    root = server.data_dir / "blobs"
+    return {p for p in root.rglob("*") if p.is_file() and ".tmp" not in p.parts}
+
+
+def _stream(server: ServerProcess, tmp_path: Path, name: str) -> int:
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, name, project="deletes"))
+    Loop(m).run(20)
+    assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    return m.run_id
+
+
+def test_delete_run_removes_everything_of_it_and_nothing_else(
+    server: ServerProcess, api: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keep, gone = _stream(server, tmp_path, "keep"), _stream(server, tmp_path, "gone")
+    assert gone > keep  # the highest id: the one SQLite would hand out again
+    wait_until(
+        lambda: all(f["status"] == "done" for r in (keep, gone) for f in frames_of(server.url, r)),
+        timeout=180,
+    )
+    n_gone = len(frames_of(server.url, gone))
+    kept = {
+        "run": api.get(f"/runs/{keep}").json(),
+        "frames": frames_of(server.url, keep),
+        "catalog": api.get(f"/runs/{keep}/metrics/catalog").json(),
+        "scalars": api.get(f"/runs/{keep}/scalars").json(),
+    }
+    assert api.get(f"/runs/{gone}/metrics/catalog").json()  # it has results to delete
+    blobs_before = _blob_files(server)
+
+    url = ["--url", server.url]
+    assert main(["runs", "delete", str(gone), *url]) == 1  # no --yes: a dry run
+    assert api.get(f"/runs/{gone}").status_code == 200
+    assert main(["runs", "delete", "gone", "--project", "deletes", "--yes", *url]) == 0
+    assert f"deleted run {gone} (deletes/gone): {n_gone} frames" in capsys.readouterr().out
+
+    for path in ("", "/frames", "/scalars", "/metrics/catalog", "/alerts"):
+        assert api.get(f"/runs/{gone}{path}").status_code == 404
+    assert len(blobs_before) - len(_blob_files(server)) == n_gone  # exactly its blobs went
+    assert api.get(f"/runs/{keep}").json()["frames"] == kept["run"]["frames"]
+    assert frames_of(server.url, keep) == kept["frames"]
+    assert api.get(f"/runs/{keep}/metrics/catalog").json() == kept["catalog"]
+    assert api.get(f"/runs/{keep}/scalars").json() == kept["scalars"]
+
+    # a late frame for the deleted run: 404, nothing stored
+    body = wire.encode_frame(wire.FrameKind.UPDATE_SKETCH, 1, 10**6, {"a": _rows()}, _info())
+    late = api.post(f"/runs/{gone}/frames", content=body, headers={"Idempotency-Key": "late:1"})
+    assert late.status_code == 404
+    assert late.json()["error"]["code"] == "run_not_found"
+    assert api.delete(f"/runs/{gone}").status_code == 404
+
+    # the name is free again: a new, empty run
+    again = api.post("/runs", json={"project": "deletes", "name": "gone"})
+    assert again.status_code == 201
+    assert again.json()["id"] > keep  # ids are never handed out again (SQLite would reuse)
+    assert again.json()["frames"] == {}
+    for table in ("frame", "metric", "spectrum", "scalar", "alert"):  # nothing left in SQL
+        assert (
+            db_rows(server.data_dir, f"SELECT count(*) FROM {table} WHERE run_id = :r", r=gone)[0][
+                0
+            ]
+            == 0
+        ), table
+    listed = {r["name"] for r in api.get("/runs", params={"project": "deletes"}).json()}
+    assert listed == {"keep", "gone"}  # the tombstone of the deleted run is not listed
+    assert main(["runs", "list", "--project", "deletes", *url]) == 0
+    assert "deletes/keep" in capsys.readouterr().out
+
+
+def test_delete_while_the_run_streams(
+    server: ServerProcess, api: httpx.Client, tmp_path: Path
+) -> None:
+    """Frames, scalars and stats that arrive after the deletion are refused (404, counted by
+    the client as rejected); none is stored under the deleted run, training is unaffected."""
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "live", project="deletes"))
+    loop = Loop(m)
+    loop.run(10)
+    assert m.wait_idle(30)
+    assert isinstance(m.run_id, int)
+    run_id = m.run_id
+    assert api.delete(f"/runs/{run_id}").status_code == 200
+    loop.run(20)
+    m.finish(timeout=30)
+    assert loop.step == 30
+    assert m.stats.get("rejected_frames") > 0
+    for table in ("frame", "metric", "spectrum", "scalar", "alert"):
+        rows = db_rows(server.data_dir, f"SELECT count(*) FROM {table} WHERE run_id = :r", r=run_id)
+        assert rows[0][0] == 0, table
+    status = db_rows(server.data_dir, "SELECT status, name FROM run WHERE id = :r", r=run_id)
+    assert [tuple(r) for r in status] == [("deleted", f"deleted/{run_id}")]  # the tombstone
+
+
+def _rows() -> object:
+    import torch
+
+    return torch.zeros(1, 8)
+
+
+def _info() -> dict[str, object]:
+    return {"steps": [1], "sketch": {"dim": 8, "seed": 0}}
