@@ -13,6 +13,7 @@ server's worker computes from a weights frame (same pure functions, same FARMS c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import html
@@ -21,6 +22,7 @@ import io
 import itertools
 import json
 import math
+import os
 import pickle
 import re
 import sys
@@ -43,8 +45,14 @@ from spectrawatch.spectral.farms import FARMS_CV, FarmsConfig
 from spectrawatch.spectral.htsr import (
     ALPHA,
     ALPHA_WEIGHTED,
+    ENTROPY,
+    KS_DISTANCE,
+    LOG_NORM,
     LOG_SPECTRAL_NORM,
+    MP_SOFTRANK,
+    NUM_SPIKES,
     STABLE_RANK,
+    XMIN,
     LayerReport,
     analyze_weights,
     esd_payload,
@@ -67,6 +75,29 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     (GMCN, "gmcn"),
     (CONDITION_NUMBER, "cond"),
 )
+
+
+#: The per-layer fields of ``--format json|csv`` (issue contract: WeightWatcher's column names),
+#: each from a metric key; ``metrics`` in JSON (and the further CSV columns) hold every key.
+FIELDS: tuple[tuple[str, str], ...] = (
+    ("alpha", ALPHA),
+    ("alpha_weighted", ALPHA_WEIGHTED),
+    ("xmin", XMIN),
+    ("ks_distance", KS_DISTANCE),
+    ("log_spectral_norm", LOG_SPECTRAL_NORM),
+    ("log_norm", LOG_NORM),
+    ("stable_rank", STABLE_RANK),
+    ("mp_softrank", MP_SOFTRANK),
+    ("num_spikes", NUM_SPIKES),
+    ("entropy", ENTROPY),
+    ("farms_alpha", farms_key(ALPHA)),
+    ("farms_alpha_weighted", farms_key(ALPHA_WEIGHTED)),
+)
+_INTEGER_FIELDS = frozenset({"num_spikes"})
+#: Floating dtypes the linear algebra takes as they are; others (float8, float4) are upcast.
+_NATIVE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Bytes of working memory per weight element (a float64 copy, the SVD and its workspace).
+_BYTES_PER_ELEMENT = 24
 
 
 class AnalyzeError(Exception):
@@ -160,7 +191,10 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():
             # torch notes any pickle protocol other than 2; the refusal below says what matters
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            # a file object, not a path: torch >= 2.13 hands a path ending in .safetensors to
+            # safetensors whatever the file holds; the first bytes decided the format here
+            with path.open("rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise AnalyzeError(
             f"{path}: refused: this checkpoint holds Python objects beyond tensors and can only be "
@@ -186,21 +220,28 @@ def _sniff(path: Path) -> str:
     """``"safetensors"``, ``"torch"`` or ``""`` from the first bytes of a file."""
     with path.open("rb") as f:
         head = f.read(16)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive / legacy pickle
-        return "torch"
-    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte little-endian header length, then JSON
+    size = path.stat().st_size
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    if head[8:9] == b"{" and 2 <= header_len <= size - 8:  # u64 header length, then JSON
         return "safetensors"
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
+        return "torch"  # torch zip archive / legacy pickle (protocol 2-5)
     return ""
 
 
 def _file_refs(path: Path) -> list[TensorRef]:
+    """The tensors of one file, its format told by its first bytes (a suffix can lie)."""
     suffix = path.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        kind = "safetensors"
-    elif suffix in TORCH_SUFFIXES:
-        kind = "torch"
-    else:
+    try:
         kind = _sniff(path)
+    except OSError as exc:
+        raise AnalyzeError(f"{path}: cannot read ({exc})") from exc
+    if not kind and (suffix == SAFETENSORS_SUFFIX or suffix in TORCH_SUFFIXES):
+        expected = "safetensors" if suffix == SAFETENSORS_SUFFIX else "PyTorch checkpoint"
+        raise AnalyzeError(
+            f"{path}: not a {expected} (its first bytes are neither a safetensors header nor a "
+            "PyTorch zip archive or pickle): truncated, or another kind of file"
+        )
     if kind == "safetensors":
         return _safetensors_refs(path)
     if kind == "torch":
@@ -291,22 +332,25 @@ class CheckpointAnalysis:
             seen.update(dict.fromkeys(r.values))
         return list(seen)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "device": self.device,
-            "ignored_tensors": self.ignored,
-            "layers": [
-                {
-                    "layer": r.layer,
-                    "shape": list(r.shape),
-                    "warning": r.warning,
-                    "note": r.note,
-                    "metrics": {k: _json_float(v) for k, v in r.values.items()},
-                }
-                for r in self.layers
-            ],
-        }
+    def to_json(self) -> list[dict[str, Any]]:
+        """One object per weight: ``layer``, ``shape``, the :data:`FIELDS` (null when absent or
+        not finite), ``warning``, ``note`` and ``metrics`` (every metric key; non-finite: null)."""
+        return [
+            {
+                "layer": r.layer,
+                "shape": list(r.shape),
+                **{name: _field(r, name, key) for name, key in FIELDS},
+                "warning": r.warning,
+                "note": r.note,
+                "metrics": {k: _json_float(v) for k, v in r.values.items()},
+            }
+            for r in self.layers
+        ]
+
+
+def _field(r: LayerResult, name: str, key: str) -> float | int | None:
+    v = _json_float(r.values[key]) if key in r.values else None
+    return int(v) if v is not None and name in _INTEGER_FIELDS else v
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -317,8 +361,12 @@ def resolve_device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise AnalyzeError(f"invalid device {device!r} ({exc})") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise AnalyzeError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AnalyzeError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise AnalyzeError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -337,7 +385,14 @@ def analyze_layer(
     """HT-SR + FARMS (:func:`~spectrawatch.spectral.htsr.analyze_weights`) and conditioning of
     one weight (4-D conv kernels: HT-SR per kernel position, conditioning of ``(out, in*kh*kw)``,
     the matrix the client sends). Non-finite values are kept as NaN/inf here."""
-    w = weight.detach().to(device)
+    w = weight.detach()
+    if w.is_meta:
+        raise AnalyzeError("a meta tensor: shape only, no values")
+    if w.layout != torch.strided:  # sparse COO/CSR from a .pt file
+        w = w.to_dense()
+    if w.dtype not in _NATIVE_FLOATS:  # float8 / float4: no linear algebra kernels
+        w = w.to(torch.float32)
+    w = w.to(device)
     values: dict[str, float] = {}
     notes: list[str] = []
     matrix = w.reshape(w.shape[0], -1) if w.ndim == 4 else w
@@ -375,15 +430,48 @@ def analyze_checkpoint(
     tensor at a time with a progress bar on stderr; ``layers`` filters tensor names."""
     dev = resolve_device(device)
     refs = checkpoint_tensors(path)
-    selected = [r for r in refs if r.is_weight and (layers is None or layers(r.name))]
+    weights = [r for r in refs if r.is_weight]
+    if not weights:
+        raise AnalyzeError(
+            f"{path}: no 2-D or 4-D floating-point weights to analyse among its {len(refs)} "
+            f"tensors (the others are 1-D/3-D, integer, boolean or complex, or norm layers)"
+        )
+    selected = [r for r in weights if layers is None or layers(r.name)]
     if not selected:
-        raise AnalyzeError(f"{path}: no 2-D or 4-D floating-point weights to analyse")
-    results = [
-        analyze_layer(ref.name, ref.load(), device=dev, farms=farms)
-        for ref in _progress(selected, f"analyze {Path(path).name}", enabled=progress)
-    ]
+        raise AnalyzeError(f"{path}: the layer filter matched none of its {len(weights)} weights")
+    desc = f"analyze {_printable(Path(path).name)}"
+    results = [_analyze_ref(ref, dev, farms) for ref in _progress(selected, desc, enabled=progress)]
     ignored = sum(1 for r in refs if not r.is_weight)
     return CheckpointAnalysis(str(path), str(dev), tuple(results), ignored)
+
+
+def _analyze_ref(ref: TensorRef, device: torch.device, farms: FarmsConfig | None) -> LayerResult:
+    """One weight; what cannot be computed for it (too large for this machine's memory, a tensor
+    kind the linear algebra lacks) becomes a note on its row instead of ending the run."""
+    need = math.prod(ref.shape) * _BYTES_PER_ELEMENT
+    available = _available_memory()
+    if available is not None and need > available:
+        note = f"not analysed: needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
+        return LayerResult(ref.name, ref.shape, {}, "", note)
+    weight = ref.load()  # a read error is the file's: it ends the run (AnalyzeError)
+    try:
+        return analyze_layer(ref.name, weight, device=device, farms=farms)
+    except (AnalyzeError, RuntimeError, NotImplementedError, ValueError, MemoryError) as exc:
+        reason = str(exc).splitlines()[0][:300] if str(exc) else ""
+        note = f"not analysed: {type(exc).__name__}: {reason}"
+        return LayerResult(ref.name, ref.shape, {}, "", note)
+
+
+def _available_memory() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _progress(refs: Sequence[TensorRef], desc: str, *, enabled: bool) -> Iterator[TensorRef]:
@@ -395,13 +483,17 @@ def _progress(refs: Sequence[TensorRef], desc: str, *, enabled: bool) -> Iterato
         tqdm = importlib.import_module("tqdm.auto").tqdm  # optional, untyped
     except ImportError:
         for i, ref in enumerate(refs, 1):
-            print(f"\r{desc}: {i}/{len(refs)} {ref.name[:60]:<60}", end="", file=sys.stderr)
+            print(
+                f"\r{desc}: {i}/{len(refs)} {_printable(ref.name)[:60]:<60}",
+                end="",
+                file=sys.stderr,
+            )
             yield ref
         print(file=sys.stderr)
         return
     with tqdm(total=len(refs), desc=desc, unit="layer", file=sys.stderr, leave=False) as bar:
         for ref in refs:
-            bar.set_postfix_str(ref.name[-40:], refresh=False)
+            bar.set_postfix_str(_printable(ref.name)[-40:], refresh=False)
             yield ref
             bar.update(1)
 
@@ -443,8 +535,16 @@ def compare(a: CheckpointAnalysis, b: CheckpointAnalysis) -> list[LayerDiff]:
 
 
 # --- output ------------------------------------------------------------------------------------
-def _json_float(v: float) -> float | str:
-    return v if math.isfinite(v) else str(v)
+def _json_float(v: float) -> float | None:
+    """Strict JSON: a non-finite value is null (the table and CSV say inf/nan)."""
+    return v if math.isfinite(v) else None
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a tensor name cannot drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _fmt(v: float | None) -> str:
@@ -472,7 +572,7 @@ def format_table(analysis: CheckpointAnalysis) -> str:
     header = ["layer", "shape", *(h for _, h in TABLE_COLUMNS), "warning"]
     rows = []
     for r in analysis.layers:
-        cells = [r.layer, "x".join(map(str, r.shape))]
+        cells = [_printable(r.layer), "x".join(map(str, r.shape))]
         cells += [_fmt(r.values.get(k)) for k, _ in TABLE_COLUMNS]
         cells.append(r.warning or (r.note and f"({r.note})"))
         rows.append(cells)
@@ -486,9 +586,7 @@ def format_compare(diffs: Sequence[LayerDiff]) -> str:
         header += [f"{h} A", f"{h} B", f"d{h}"]
     rows = []
     for d in diffs:
-        cells = [
-            d.layer + ("" if d.shape_a and d.shape_b else " (only A)" if d.shape_a else " (only B)")
-        ]
+        cells = [_printable(d.layer) + _presence(d)]
         for k, _ in TABLE_COLUMNS[:5]:
             cells += [_fmt(d.a.get(k)), _fmt(d.b.get(k)), _fmt(d.delta(k))]
         rows.append(cells)
@@ -496,13 +594,31 @@ def format_compare(diffs: Sequence[LayerDiff]) -> str:
 
 
 def write_csv(analysis: CheckpointAnalysis, out: TextIO) -> None:
-    """One row per layer: ``layer, shape, warning, note`` and one column per metric key."""
+    """One row per layer: ``layer, shape``, the :data:`FIELDS`, ``warning, note``, then one
+    column per metric key (all of them; empty when absent)."""
     keys = analysis.keys()
     writer = csv.writer(out)
-    writer.writerow(["layer", "shape", "warning", "note", *keys])
+    writer.writerow(["layer", "shape", *(n for n, _ in FIELDS), "warning", "note", *keys])
     for r in analysis.layers:
-        vals = [repr(r.values[k]) if k in r.values else "" for k in keys]
-        writer.writerow([r.layer, "x".join(map(str, r.shape)), r.warning, r.note, *vals])
+        fields = [_csv_value(r.values.get(k)) for _, k in FIELDS]
+        vals = [_csv_value(r.values.get(k)) for k in keys]
+        shape = "x".join(map(str, r.shape))
+        writer.writerow([r.layer, shape, *fields, r.warning, r.note, *vals])
+
+
+def _csv_value(v: float | None) -> str:
+    return "" if v is None else repr(v)
+
+
+def _presence(d: LayerDiff) -> str:
+    """What the layer's row notes: only in one checkpoint, or a changed shape."""
+    if not d.shape_b:
+        return " (only A)"
+    if not d.shape_a:
+        return " (only B)"
+    if d.shape_a != d.shape_b:
+        return f" (shape {'x'.join(map(str, d.shape_a))} -> {'x'.join(map(str, d.shape_b))})"
+    return ""
 
 
 def write_compare_csv(diffs: Sequence[LayerDiff], out: TextIO) -> None:
@@ -672,18 +788,67 @@ def _write(path: str, text: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """``spectrawatch analyze PATH`` / ``spectrawatch analyze --compare A B``."""
+    """``spectrawatch analyze PATH`` / ``spectrawatch analyze --compare A B``: 0 on success,
+    2 for an input or output that cannot be used, 130 when interrupted."""
+    _tolerant_stdout()
     try:
         return _cmd_analyze(args)
     except AnalyzeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # stdout itself failed (disk full)
+        print(f"error: cannot write the output: {exc}", file=sys.stderr)
+        return 2
+
+
+def _tolerant_stdout() -> None:
+    """Names outside the terminal's encoding are printed escaped instead of failing."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """Fail before any analysis when an output file cannot be written."""
+    if path is None:
+        return
+    if not path.strip():
+        raise AnalyzeError(f"{option}: empty file name")
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise AnalyzeError(f"{option} {path}: is a directory")
+    if not parent.is_dir():
+        raise AnalyzeError(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise AnalyzeError(f"{option} {path}: not writable")
+
+
+def _emit(args: argparse.Namespace, text: str) -> None:
+    """The ``--format`` output: to ``-o FILE`` or stdout."""
+    if args.output:
+        _write(args.output, text if text.endswith("\n") else text + "\n")
+    else:
+        print(text)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     if (args.path is None) == (args.compare is None):
         raise AnalyzeError("give either a checkpoint PATH or --compare A B")
-    farms = None if args.no_farms else FARMS_CV
+    for option in ("output", "csv", "json", "html"):
+        _check_output(getattr(args, option), "-o" if option == "output" else f"--{option}")
+    inputs = [args.path] if args.path is not None else list(args.compare)
+    for path in inputs:  # a missing second checkpoint is reported before the first is analysed
+        checkpoint_files(Path(path))
+    farms = FARMS_CV if args.farms else None
+    table = args.format == "table"
     opts: dict[str, Any] = {"device": args.device, "farms": farms, "progress": not args.quiet}
     if args.layers:
         needle = args.layers
@@ -692,8 +857,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         a = analyze_checkpoint(args.compare[0], **opts)
         b = analyze_checkpoint(args.compare[1], **opts)
         diffs = compare(a, b)
-        if not args.quiet:
-            print(format_compare(diffs))
+        if args.format == "json":
+            _emit(args, json.dumps(compare_json(a, b, diffs), indent=1))
+        elif args.format == "csv":
+            buf = io.StringIO()
+            write_compare_csv(diffs, buf)
+            _emit(args, buf.getvalue())
+        elif args.output or not args.quiet:
+            _emit(args, format_compare(diffs))
         if args.csv:
             buf = io.StringIO()
             write_compare_csv(diffs, buf)
@@ -705,12 +876,22 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             _write(args.html, html_report([a, b], title))
         return 0
     analysis = analyze_checkpoint(args.path, **opts)
-    if not args.quiet:
-        print(format_table(analysis))
+    if args.format == "json":
+        _emit(args, json.dumps(analysis.to_json(), indent=1))
+    elif args.format == "csv":
+        buf = io.StringIO()
+        write_csv(analysis, buf)
+        _emit(args, buf.getvalue())
+    elif args.output or not args.quiet:
+        _emit(args, format_table(analysis))
+    if table and not args.quiet:
         warned = sum(1 for r in analysis.layers if r.warning)
+        failed = sum(1 for r in analysis.layers if r.note.startswith("not analysed"))
         print(
             f"\n{len(analysis.layers)} layers analysed on {analysis.device}, {warned} with "
             f"warnings, {analysis.ignored} other tensors ignored"
+            + (f", {failed} not analysed (see their notes)" if failed else ""),
+            file=sys.stdout if not args.output else sys.stderr,
         )
     if args.csv:
         buf = io.StringIO()

@@ -45,8 +45,16 @@ def add_analyze_command(subparsers: Any) -> None:
         default=None,
         help="diff two checkpoints layer by layer",
     )
-    p.add_argument("--csv", default=None, help="write all metrics per layer as CSV")
-    p.add_argument("--json", default=None, help="write all metrics per layer as JSON")
+    p.add_argument(
+        "--format",
+        choices=["table", "json", "csv"],
+        default="table",
+        help="output format (default table): json, a list with one object per weight; csv, one "
+        "row per weight",
+    )
+    p.add_argument("-o", "--output", default=None, help="write the --format output to FILE")
+    p.add_argument("--csv", default=None, help="also write all metrics per layer as CSV to FILE")
+    p.add_argument("--json", default=None, help="also write all metrics per layer as JSON to FILE")
     p.add_argument(
         "--html",
         default=None,
@@ -54,7 +62,12 @@ def add_analyze_command(subparsers: Any) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--layers", default=None, help="only tensors whose name contains this text")
-    p.add_argument("--no-farms", action="store_true", help="skip the FARMS metrics (faster)")
+    p.add_argument(
+        "--farms",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="FARMS metrics (default on; --no-farms is faster)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
     p.set_defaults(func=_cmd_analyze)
 

@@ -172,8 +172,7 @@ def test_cli_writes_table_csv_json_and_self_contained_html(
     assert float(dense[ALPHA]) == analysis.layer("encoder.dense.weight").values[ALPHA]
     assert float(dense[farms_key(ALPHA)]) > 0
     data = json.loads(json_path.read_text())
-    assert data["device"] == "cpu"
-    assert {la["layer"] for la in data["layers"]} == {r.layer for r in analysis.layers}
+    assert {la["layer"] for la in data} == {r.layer for r in analysis.layers}
     page = html_path.read_text()
     assert "<script src=" not in page  # offline: nothing fetched
     assert 'src="http' not in page
@@ -295,3 +294,113 @@ def test_cuda_matches_cpu(ckpt: Path, analysis: an.CheckpointAnalysis) -> None:
             # float64 ESDs on both; conditioning SVD is float32 on CUDA
             rel = 1e-4 if key.startswith("conditioning.") else 1e-6
             assert got.layer(r.layer).values[key] == pytest.approx(value, rel=rel, abs=1e-6), key
+
+
+def test_format_json_and_csv_follow_the_issue_contract(
+    ckpt: Path,
+    tmp_path: Path,
+    analysis: an.CheckpointAnalysis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--format json|csv [-o FILE]``: one flat object / row per weight with WeightWatcher's
+    field names; strict JSON (null for what is absent); ``--no-farms`` leaves FARMS null."""
+    out = tmp_path / "layers.json"
+    assert main(["analyze", str(ckpt), "-q", "--format", "json", "-o", str(out)]) == 0
+    assert capsys.readouterr().out == ""
+    rows = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert isinstance(rows, list)
+    contract = {
+        "layer", "shape", "alpha", "alpha_weighted", "xmin", "ks_distance",
+        "log_spectral_norm", "log_norm", "stable_rank", "mp_softrank", "num_spikes",
+        "entropy", "farms_alpha", "farms_alpha_weighted", "warning",
+    }  # fmt: skip
+    for row in rows:
+        assert contract <= set(row)
+        ref = analysis.layer(row["layer"])
+        assert row["shape"] == list(ref.shape)
+        if ALPHA in ref.values:
+            assert row["alpha"] == ref.values[ALPHA]
+            assert row["farms_alpha"] == ref.values[farms_key(ALPHA)]
+            assert isinstance(row["num_spikes"], int)
+        else:
+            assert row["alpha"] is None  # e.g. below the size filter: the note says why
+            assert row["note"]
+    assert main(["analyze", str(ckpt), "-q", "--format", "csv", "--no-farms"]) == 0
+    table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    dense = next(r for r in table if r["layer"] == "encoder.dense.weight")
+    assert float(dense["alpha"]) == analysis.layer("encoder.dense.weight").values[ALPHA]
+    assert dense["farms_alpha"] == ""
+
+
+def test_odd_tensors_become_notes_not_crashes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """float8 is upcast, a sparse tensor densified, an orthogonal matrix (flat spectrum) gets no
+    fit, a meta tensor and a control-character name cannot break the run or the terminal."""
+    g = torch.Generator().manual_seed(1)
+    dense = torch.randn(64, 32, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    f8 = tmp_path / "f8.safetensors"
+    save_file({"w\x1b[31m": dense.to(torch.float8_e4m3fn), "q": q.contiguous()}, str(f8))
+    result = an.analyze_checkpoint(f8, device="cpu", progress=False)
+    assert result.layer("w\x1b[31m").values[ALPHA] > 0
+    assert ALPHA not in result.layer("q").values
+    assert "flat spectrum" in result.layer("q").note
+    assert main(["analyze", str(f8), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed
+    assert "w\\x1b[31m" in printed
+
+    pt = tmp_path / "odd.pt"
+    torch.save({"sparse": dense.to_sparse(), "meta": torch.empty(64, 32, device="meta")}, pt)
+    odd = an.analyze_checkpoint(pt, device="cpu", progress=False)
+    plain = an.analyze_layer("sparse", dense, device=torch.device("cpu"))
+    assert odd.layer("sparse").values[ALPHA] == pytest.approx(plain.values[ALPHA], rel=REL)
+    assert odd.layer("meta").note.startswith("not analysed")
+
+
+def test_bad_options_fail_before_any_analysis(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope" / "x.json"
+    for argv in (
+        [str(ckpt), "--json", str(missing)],
+        [str(ckpt), "-o", ""],
+        ["--compare", str(ckpt), str(tmp_path / "absent.safetensors")],
+        [str(ckpt), "--device", "meta"],
+        [str(ckpt), "--layers", "zzz"],
+    ):
+        assert main(["analyze", "-q", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ")
+        assert "Traceback" not in err
+    assert main(["analyze", "-q", str(ckpt), "--layers", "zzz"]) == 2
+    assert "matched none of its 4 weights" in capsys.readouterr().err
+
+
+def test_a_closed_stdout_ends_quietly(ckpt: Path) -> None:
+    """``spectrawatch analyze ... | head``: the reader is gone before the output is written."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "spectrawatch", "analyze", "-q", str(ckpt), "--format", "json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err
+
+
+def test_the_first_bytes_decide_the_format_not_the_suffix(tmp_path: Path) -> None:
+    w = torch.randn(20, 10, generator=torch.Generator().manual_seed(2))
+    save_file({"w": w}, str(tmp_path / "named.pt"))  # safetensors behind a .pt suffix
+    torch.save({"w": w}, tmp_path / "named.safetensors")  # a torch zip behind .safetensors
+    a = an.analyze_checkpoint(tmp_path / "named.pt", device="cpu", progress=False)
+    b = an.analyze_checkpoint(tmp_path / "named.safetensors", device="cpu", progress=False)
+    assert a.layer("w").values == b.layer("w").values
+    (tmp_path / "noise.bin").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(an.AnalyzeError, match="not a PyTorch checkpoint"):
+        an.load_weights(tmp_path / "noise.bin")

@@ -49,6 +49,7 @@ NUM_UNDER_TRAINED = "htsr.num_under_trained"  # model level
 NUM_OVER_TRAINED = "htsr.num_over_trained"  # model level
 NUM_LAYERS = "htsr.num_layers"  # model level
 
+FLAT_SPREAD = 1e-6  # relative eigenvalue spread under which an ESD has no tail to fit
 FARMS_PREFIX = "farms."  # FARMS values use the same names with this prefix: "farms.alpha", ...
 
 #: Per-ESD metric keys, in the order they are reported.
@@ -681,6 +682,11 @@ def spectral_metrics(
     lam_max = float(ev.max())
     if not lam_max > 0.0:
         raise SpectralError("all eigenvalues are zero")
+    if float(ev.min()) >= lam_max * (1.0 - FLAT_SPREAD):
+        # an orthogonal (or scaled orthogonal) matrix: a fit would return noise (alpha 1e6, inf)
+        raise SpectralError(
+            f"flat spectrum: every eigenvalue within {FLAT_SPREAD:g} of the largest"
+        )
     fit = fit_power_law(ev)
     # Numerical rank of the Gram: its eigenvalues carry an absolute error ~ eps * lambda_max, so
     # WeightWatcher's SVD rule (sigma > n eps sigma_max) would count round-off here, and differently
