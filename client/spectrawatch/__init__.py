@@ -8,6 +8,8 @@ monitor.log({"loss": loss}, step=t)
 monitor.finish()
 ```
 
+``spectrawatch.Api`` reads results back (runs, metric series, alerts; :mod:`spectrawatch.api`).
+
 ``spectrawatch.monitor`` is the default :class:`Monitor` *instance* (it shadows the submodule of
 the same name, which stays importable as ``from spectrawatch.monitor import Monitor``).
 """
@@ -15,11 +17,13 @@ the same name, which stays importable as ``from spectrawatch.monitor import Moni
 from __future__ import annotations
 
 from spectrawatch._version import __version__
+from spectrawatch.api import Api
 from spectrawatch.config import ClientSettings, SettingsError
 from spectrawatch.monitor import Handle, Monitor
 from spectrawatch.monitor import monitor as monitor
 
 __all__ = [
+    "Api",
     "ClientSettings",
     "Handle",
     "Monitor",

@@ -1,0 +1,190 @@
+"""Read results back in Python: runs, metric and scalar series, alerts, spectra.
+
+The notebook side of the HTTP API (like ``wandb.Api`` or ``mlflow.search_runs``)::
+
+    from spectrawatch import Api
+    api = Api()                                   # SPECTRAWATCH_URL / SPECTRAWATCH_TOKEN, or args
+    run = api.run("p97-wd1", project="grok")      # or api.run(42)
+    alpha = run.metric("htsr.alpha")              # {layer: Series(steps, values)}, full resolution
+    df = run.history(["htsr.alpha", "sed.gap_ratio.w32"], layer="__model__")  # pandas, if present
+
+Values the server stored as NaN/Inf come back as ``nan``. Every call is one or a few HTTP
+requests; errors raise :class:`ApiError` with the server's message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from spectrawatch.config import DEFAULT_URL
+
+MODEL_LAYER = "__model__"  # the layer name of whole-model series
+_PAGE = 1000
+
+
+class ApiError(Exception):
+    """A request the server refused or could not be reached for; ``status`` is None then."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Series:
+    """One series: ``steps`` ascending and their ``values`` (``nan`` where NaN/Inf was stored)."""
+
+    steps: list[int]
+    values: list[float]
+
+
+class Api:
+    """A connection to a spectrawatch server (``url``/``token`` default to the environment)."""
+
+    def __init__(
+        self, url: str | None = None, token: str | None = None, timeout_s: float = 30.0
+    ) -> None:
+        self.url = (url or os.environ.get("SPECTRAWATCH_URL") or DEFAULT_URL).rstrip("/")
+        token = token or os.environ.get("SPECTRAWATCH_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=f"{self.url}/api/v1", headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def get(self, path: str, **params: Any) -> Any:
+        """``GET /api/v1{path}`` with query ``params`` (None values left out): the JSON body."""
+        return self._call("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach {self.url}: {exc}") from exc
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text[:300]
+            raise ApiError(f"{method} {path}: HTTP {resp.status_code}: {message}", resp.status_code)
+        return resp.json() if resp.content else None
+
+    def projects(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self.get("/projects")
+        return out
+
+    def runs(self, project: str | None = None) -> list[Run]:
+        """Every run (of ``project``), newest first."""
+        found: list[Run] = []
+        while True:
+            page = self.get("/runs", project=project, limit=_PAGE, offset=len(found))
+            found += [Run(self, r) for r in page]
+            if len(page) < _PAGE:
+                return found
+
+    def run(self, run: int | str, project: str | None = None) -> Run:
+        """A run by id, or by name (``project`` needed when the name is in several projects)."""
+        if isinstance(run, int) or (isinstance(run, str) and run.isdigit()):
+            return Run(self, self.get(f"/runs/{int(run)}"))
+        matches = [r for r in self.runs(project) if r.name == run]
+        if len(matches) != 1:
+            where = f" in project {project!r}" if project else ""
+            many = f"{len(matches)} runs are" if matches else "no run is"
+            raise ApiError(f"{many} named {run!r}{where}" + (": pass project=" if matches else ""))
+        return matches[0]
+
+
+class Run:
+    """One run: its record (``id``, ``name``, ``project``, ``status``, ``config``, ``summary``,
+    ``tags``, ``last_step``; all of it in ``info``) and its series."""
+
+    def __init__(self, api: Api, info: dict[str, Any]) -> None:
+        self.api = api
+        self.info = info
+        self.id: int = info["id"]
+        self.name: str = info["name"]
+        self.project: str = info["project"]
+        self.status: str = info["status"]
+        self.config: dict[str, Any] = info.get("config") or {}
+        self.summary: dict[str, Any] = info.get("summary") or {}
+        self.tags: list[str] = info.get("tags") or []
+        self.last_step: int | None = info.get("last_step")
+
+    def __repr__(self) -> str:
+        return f"<Run {self.id} {self.project}/{self.name} ({self.status})>"
+
+    def metric_keys(self) -> list[tuple[str, str]]:
+        """``(metric name, layer)`` of every stored series."""
+        return [(m["name"], m["layer"]) for m in self.api.get(f"/runs/{self.id}/metrics/catalog")]
+
+    def metric(
+        self, name: str, layer: str | None = None, max_points: int | None = None
+    ) -> dict[str, Series]:
+        """Series of metric ``name`` by layer (all points unless ``max_points``: LTTB)."""
+        body = self.api.get(
+            f"/runs/{self.id}/metrics", name=name, layer=layer, max_points=max_points
+        )
+        return {s["layer"]: _series(s) for s in body["series"]}
+
+    def scalars(self, name: str | None = None) -> dict[str, Series]:
+        """Logged scalars (``monitor.log``) by name."""
+        body = self.api.get(f"/runs/{self.id}/scalars", name=name)
+        return {s["name"]: _series(s) for s in body}
+
+    def alerts(self, status: str | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self.api.get(f"/runs/{self.id}/alerts", status=status)
+        return out
+
+    def spectra(
+        self, layer: str | None = None, analysis: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Stored spectra (ESD histograms and fits, per layer and frame) for drill-down plots."""
+        out: list[dict[str, Any]] = self.api.get(
+            f"/runs/{self.id}/spectra", layer=layer, analysis=analysis
+        )
+        return out
+
+    def history(
+        self, names: Sequence[str], layer: str = MODEL_LAYER, scalars: Iterable[str] = ()
+    ) -> Any:
+        """A ``pandas.DataFrame`` indexed by step: one column per metric (at ``layer``) and per
+        scalar, NaN where a series has no point at a step. Needs pandas."""
+        try:
+            pd = importlib.import_module("pandas")  # optional, untyped
+        except ImportError as exc:
+            raise ImportError("Run.history needs pandas: pip install pandas") from exc
+        columns: dict[str, Any] = {}
+        for name in names:
+            series = self.metric(name, layer=layer).get(layer)
+            if series is not None:
+                columns[name] = pd.Series(series.values, index=series.steps, dtype=float)
+        for name in scalars:
+            found = self.scalars(name).get(name)
+            if found is not None:
+                columns[name] = pd.Series(found.values, index=found.steps, dtype=float)
+        frame = pd.DataFrame(columns)
+        frame.index.name = "step"
+        return frame.sort_index()
+
+    def delete(self) -> dict[str, Any]:
+        """Delete the run and everything stored for it (see ``spectrawatch runs delete``)."""
+        out: dict[str, Any] = self.api._call("DELETE", f"/runs/{self.id}")
+        return out
+
+
+def _series(body: dict[str, Any]) -> Series:
+    values = [math.nan if v is None else float(v) for v in body["values"]]
+    return Series([int(s) for s in body["steps"]], values)

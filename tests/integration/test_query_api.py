@@ -1,0 +1,58 @@
+"""``spectrawatch.Api`` against a real server: what a run streamed comes back in Python equal to
+the HTTP API's own answers, by id and by name, with scalars, alerts and a pandas history."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+
+import spectrawatch
+from spectrawatch import Api
+from spectrawatch.api import MODEL_LAYER, ApiError
+from tests.servers import ServerProcess, wait_until
+from tests.training import Loop, client_settings, frames_of
+
+pytestmark = pytest.mark.integration
+
+
+def test_results_read_back_in_python(
+    server: ServerProcess, api: httpx.Client, tmp_path: Path
+) -> None:
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "queried", project="notebook"))
+    Loop(m).run(30)
+    assert m.finish(timeout=60)
+    run_id = m.run_id
+    assert isinstance(run_id, int)
+    wait_until(lambda: all(f["status"] == "done" for f in frames_of(server.url, run_id)), 180)
+
+    with Api(server.url) as sw:
+        run = sw.run("queried", project="notebook")
+        assert (run.id, run.status) == (run_id, "finished")
+        assert sw.run(run_id).name == "queried"
+        assert [r.id for r in sw.runs("notebook")] == [run_id]
+        keys = run.metric_keys()
+        catalog = api.get(f"/runs/{run_id}/metrics/catalog").json()
+        assert keys == [(c["name"], c["layer"]) for c in catalog]
+        name, layer = next(k for k in keys if k[1] == MODEL_LAYER)
+        series = run.metric(name)[layer]
+        raw = api.get(f"/runs/{run_id}/metrics", params={"name": name, "layer": layer}).json()
+        (expected,) = raw["series"]
+        assert series.steps == expected["steps"]
+        assert [None if math.isnan(v) else v for v in series.values] == expected["values"]
+        loss = run.scalars("loss")["loss"]
+        assert loss.steps == list(range(1, 31))
+        assert run.alerts() == api.get(f"/runs/{run_id}/alerts").json()
+        frame = run.history([name], scalars=["loss"])
+        assert list(frame.columns) == [name, "loss"]
+        assert frame.index.name == "step"
+        assert frame["loss"].dropna().index.tolist() == loss.steps
+        assert frame[name].dropna().tolist() == [v for v in series.values if not math.isnan(v)]
+        with pytest.raises(ApiError, match="no run is named 'absent'"):
+            sw.run("absent")
+        with pytest.raises(ApiError) as missing:
+            sw.run(10**9)
+        assert missing.value.status == 404
