@@ -105,7 +105,15 @@
   function csvCell(v) {
     if (v === null || v === undefined) { return ""; }
     var s = String(v);
-    return /[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+    // a name a spreadsheet would run as a formula (=, +, -, @, tab, CR first) is kept as text
+    if (typeof v === "string" && /^[=+\-@\t\r]/.test(s)) { s = "'" + s; }
+    return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+  }
+
+  // The name of row i (heatmap) or of the trace as stored: labels shown are HTML-escaped.
+  function rawName(t, i) {
+    if (Array.isArray(t.meta)) { return t.meta[i] !== undefined ? t.meta[i] : (t.y || [])[i]; }
+    return typeof t.meta === "string" ? t.meta : t.name;
   }
 
   function figureCsv(gd) {
@@ -113,14 +121,15 @@
     (gd.data || []).forEach(function (t) {
       if (t.type === "heatmap") {
         if (!lines.length) { lines.push("layer,step,value"); }
-        (t.y || []).forEach(function (layer, i) {
+        (t.y || []).forEach(function (_, i) {
+          var layer = rawName(t, i);
           (t.x || []).forEach(function (step, j) { lines.push([layer, step, t.z[i][j]].map(csvCell).join(",")); });
         });
       } else {
         if (!lines.length) { lines.push("series,x,y"); }
         (t.x || []).forEach(function (x, i) {
           if (x === null || x === undefined) { return; }
-          lines.push([t.name, x, t.y[i]].map(csvCell).join(","));
+          lines.push([rawName(t), x, t.y[i]].map(csvCell).join(","));
         });
       }
     });
@@ -235,7 +244,9 @@
       var p = ev.points && ev.points[0];
       if (!p) { return; }
       var metric = gd.dataset.metric;
-      window.location.href = "/runs/" + cfg.runId + "/layers/" + encodeURIComponent(p.y) +
+      var row = Array.isArray(p.pointNumber) ? p.pointNumber[0] : p.pointNumber;
+      var layer = rawName(gd.data[p.curveNumber] || {}, row);
+      window.location.href = "/runs/" + cfg.runId + "/layers/" + encodeURIComponent(layer) +
         "?metric=" + encodeURIComponent(metric) + "&step=" + encodeURIComponent(p.x);
     });
   }

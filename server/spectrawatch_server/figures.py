@@ -275,15 +275,24 @@ class Band:
     color: str
 
 
+def plot_text(text: str, limit: int = 120) -> str:
+    """User text (layer, metric, run and scalar names) for plotly.js labels, which render a
+    subset of HTML (``<a href>``, ``<b>``, ``<br>``): ``& < >`` become entities, so a name shows
+    as written and cannot add a link; cut to ``limit`` characters with an ellipsis."""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _layout(
     title: str, *, x_title: str = "step", y_title: str = "", log_y: bool = False
 ) -> dict[str, Any]:
     return {
-        "title": {"text": title, "x": 0.01, "font": {"size": 14}},
+        "title": {"text": plot_text(title, 160), "x": 0.01, "font": {"size": 14}},
         "margin": {"l": 60, "r": 20, "t": 40, "b": 45},
-        "xaxis": {"title": {"text": x_title}, "zeroline": False},
+        "xaxis": {"title": {"text": plot_text(x_title)}, "zeroline": False},
         "yaxis": {
-            "title": {"text": y_title},
+            "title": {"text": plot_text(y_title)},
             "type": "log" if log_y else "linear",
             "zeroline": False,
         },
@@ -313,7 +322,8 @@ def line_figure(
         trace: dict[str, Any] = {
             "type": trace_type,
             "mode": "lines+markers" if len(line.x) <= 30 else "lines",
-            "name": line.name,
+            "name": plot_text(line.name),
+            "meta": line.name,  # as stored: the CSV download
             "x": list(line.x),
             "y": list(line.y),
             "line": {"dash": line.dash, "width": 1.6},
@@ -477,15 +487,19 @@ def heatmap_figure(metric: str, grid: Grid, *, sampled: bool = False) -> Figure:
     if sampled:
         title += f" (sampled at {len(grid.steps)} steps)"
     # Category y-axis in layer order, first layer at the top.
+    # y holds the escaped names (tick labels and hover render HTML), meta the names as stored
+    # (for the click-through and the CSV); the metric enters the hover as data, not template
     data = [
         {
             "type": "heatmap",
+            "name": plot_text(metric),
             "x": grid.steps,
-            "y": grid.layers,
+            "y": [plot_text(la, 10_000) for la in grid.layers],
+            "meta": list(grid.layers),
             "z": grid.z,
             "colorscale": "Viridis",
-            "colorbar": {"title": {"text": metric}, "thickness": 12},
-            "hovertemplate": "layer %{y}<br>step %{x}<br>" + metric + " %{z:.4g}<extra></extra>",
+            "colorbar": {"title": {"text": plot_text(metric)}, "thickness": 12},
+            "hovertemplate": "layer %{y}<br>step %{x}<br>%{fullData.name} %{z:.4g}<extra></extra>",
             "hoverongaps": False,
         }
     ]
@@ -715,8 +729,9 @@ def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int |
             end = a.get("resolved_step")
             if end is None:
                 end = max(int(a["step"]), last_step or int(a["step"]))
-            label = f"{a['rule']} {a.get('layer') or ''}".strip()
-            text = f"{label}<br>{a.get('status')} · {a.get('message') or ''}"
+            label = plot_text(f"{a['rule']} {a.get('layer') or ''}".strip(), 10_000)
+            message = plot_text(str(a.get("message") or ""), 300)
+            text = f"{label}<br>{plot_text(str(a.get('status')))} · {message}"
             xs += [int(a["step"]), int(end), None]
             ys += [label, label, None]
             texts += [text, text, None]

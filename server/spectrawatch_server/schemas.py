@@ -12,7 +12,12 @@ from spectrawatch.wire import MAX_STEP
 Name = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f/]+$")
 # free text that ends up in SQL text columns: no control characters (PostgreSQL rejects NUL)
 Tag = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
-Layer = Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x1f]+$")
+# a layer name is also a dashboard URL segment: "." and ".." would be resolved away by browsers
+Layer = Field(
+    min_length=1,
+    max_length=500,
+    pattern=r"^([^\x00-\x1f.][^\x00-\x1f]*|\.[^\x00-\x1f.][^\x00-\x1f]*|\.\.[^\x00-\x1f]+)$",
+)
 
 
 class ProjectCreate(BaseModel):

@@ -305,8 +305,9 @@ def test_empty_run_shows_empty_states(browser: Any, seeded: Any, artifacts: Path
         assert all(p["empty"] for p in got.values()), got
     screenshot(browser, artifacts, "empty-run")
     browser.get(f"{server.url}/runs/987654")
-    assert "run_not_found" in browser.page_source
     console_errors(browser)  # the 404 document itself is logged as a failed load: expected
+    assert "run 987654 does not exist" in browser.page_source  # an error page, not JSON
+    assert browser.find_element("link text", "All runs")
 
 
 def test_png_and_csv_downloads(browser: Any, seeded: Any) -> None:

@@ -132,8 +132,9 @@ def test_control_characters_in_stored_text_are_422(api: httpx.Client) -> None:
     )
     run_id = make_run(api, name="ctl")
     assert api.patch(f"/runs/{run_id}", json={"tags": ["x\u0001"]}).status_code == 422
-    row = {"step": 1, "layer": "l\u0000", "name": "m", "value": 1.0}
-    assert api.post(f"/runs/{run_id}/metrics", json={"rows": [row]}).status_code == 422
+    for layer in ("l\u0000", ".", ".."):  # NUL; dot segments a browser would resolve away
+        row = {"step": 1, "layer": layer, "name": "m", "value": 1.0}
+        assert api.post(f"/runs/{run_id}/metrics", json={"rows": [row]}).status_code == 422
     assert api.get(f"/runs/{run_id}").json()["tags"] == []
 
 
@@ -222,3 +223,24 @@ def test_odd_weights_and_activation_info_end_done(api: httpx.Client) -> None:
     norms = api.get(f"/runs/{run_id}/metrics", params={"name": "norm.spectral", "layer": "w"})
     (series,) = norms.json()["series"]
     assert series["steps"] == [10]  # the clean snapshot only
+
+
+def test_a_metric_row_given_twice_in_a_batch_keeps_the_last_value(api: httpx.Client) -> None:
+    """Found by a dashboard audit: such a batch answered 409 'retry it' forever."""
+    run_id = make_run(api, name="dupes")
+    rows = [{"step": 1, "layer": "a", "name": "htsr.alpha", "value": v} for v in (1.0, 3.0)]
+    resp = api.post(
+        f"/runs/{run_id}/metrics", json={"rows": rows}, headers={"Idempotency-Key": "d"}
+    )
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["accepted"] == 1
+    (series,) = api.get(f"/runs/{run_id}/metrics", params={"name": "htsr.alpha"}).json()["series"]
+    assert series["values"] == [3.0]
+
+
+def test_nul_in_config_and_summary_is_stored_or_refused_never_500(api: httpx.Client) -> None:
+    created = api.post("/runs", json={"project": "p", "name": "nul", "config": {"k": "a\u0000b"}})
+    assert created.status_code in (201, 422), created.text
+    run_id = make_run(api, name="nul2")
+    patched = api.patch(f"/runs/{run_id}", json={"summary": {"k": "a\u0000b"}})
+    assert patched.status_code in (200, 422), patched.text

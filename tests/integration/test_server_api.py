@@ -355,3 +355,20 @@ def test_metric_batches_are_stored_once_per_key(client: httpx.Client) -> None:
     bad = client.post(f"/runs/{run_id}/metrics", json={"rows": [{"step": -1, "layer": "l"}]})
     assert bad.status_code == 422
     assert client.post(f"/runs/{run_id}/metrics", json={"rows": []}).status_code == 422
+
+
+def test_dashboard_errors_are_pages_api_errors_json(shared_server: ServerProcess) -> None:
+    """A browser gets an HTML error page (message escaped), an API client JSON."""
+    page = {"Accept": "text/html,application/xhtml+xml"}
+    with httpx.Client(base_url=shared_server.url, timeout=30) as web:
+        missing = web.get("/runs/99999999", headers=page)
+        assert missing.status_code == 404
+        assert missing.headers["content-type"].startswith("text/html")
+        assert "run 99999999 does not exist" in missing.text
+        bad = web.get("/", params={"desc": "<script>x"}, headers=page)
+        assert bad.status_code == 422
+        assert bad.headers["content-type"].startswith("text/html")
+        assert "<script>x" not in bad.text
+        api = web.get("/api/v1/runs/99999999", headers=page)
+        assert api.json()["error"]["code"] == "run_not_found"
+        assert web.get("/runs/99999999").json()["error"]["code"] == "run_not_found"

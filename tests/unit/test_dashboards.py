@@ -499,3 +499,22 @@ def test_runs_page_filters_and_sorts(tmp_path: Path) -> None:
         assert names(q="MM") == ["gamma"]
         assert names(status="finished") == []
         assert client.get("/projects/a", params={"fragment": "true"}).text.count("<tr ") == 2
+
+
+def test_user_names_cannot_add_markup_to_plots() -> None:
+    """plotly.js renders ``<a href>``, ``<b>``, ``<br>`` in labels: names are shown escaped,
+    the names as stored travel in ``meta`` (click-through, CSV), and a metric name is data in
+    the hover template, never template syntax. From a dashboard audit (session 6)."""
+    link = '<a href="https://evil.example">x</a>'
+    line = fig.line_figure(f"loss · {link}", [fig.Line(f"<b>{link}</b>", [1, 2], [0.5, 0.4])])
+    trace = line["data"][0]
+    assert "<" not in trace["name"]
+    assert trace["meta"] == f"<b>{link}</b>"
+    assert "<a" not in line["layout"]["title"]["text"]
+    grid = fig.Grid(steps=[1, 2], layers=[link, "ok"], z=[[1.0, 2.0], [3.0, 4.0]])
+    heat = fig.heatmap_figure("%{z}<b>m", grid)["data"][0]
+    assert heat["y"] == ["&lt;a href=\"https://evil.example\"&gt;x&lt;/a&gt;", "ok"]
+    assert heat["meta"] == [link, "ok"]
+    assert "%{z}<b>m" not in heat["hovertemplate"]
+    assert heat["name"] == "%{z}&lt;b&gt;m"
+    assert fig.plot_text("x" * 200).endswith("…")

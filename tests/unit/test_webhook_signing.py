@@ -391,3 +391,27 @@ def test_sender_expires_at_deadline_and_gives_up(tmp_path: Path) -> None:
     assert expired is not None
     assert expired.status == "failed"
     assert expired.error == "expired before it could be delivered"
+
+
+def test_slack_text_escapes_user_names() -> None:
+    """A project or run named ``<!channel>`` must not notify a Slack channel or add a link."""
+    from spectrawatch_server.webhooks.outbox import slack_body
+
+    payload = {
+        "type": "alert.fired",
+        "data": {
+            "project": "<!channel> <mailto:x@evil.example|click>",
+            "run": {"name": "r&d <b>"},
+            "severity": "critical",
+            "step": 7,
+            "message": "layer <https://evil.example|here> alpha 1.2",
+            "dashboard_url": "http://sw.example/runs/1",
+        },
+    }
+    text = slack_body(payload)["text"]
+    assert "<!channel>" not in text
+    assert "<mailto:" not in text
+    assert "<https://evil" not in text
+    assert "&lt;!channel&gt;" in text
+    assert "r&amp;d &lt;b&gt;" in text
+    assert text.endswith("<http://sw.example/runs/1|dashboard>")  # the one real link

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,9 +39,29 @@ def error_response(
     )
 
 
+def _wants_page(request: Request) -> bool:
+    """A browser asking for a dashboard page (not ``/api``, not a static file)."""
+    path = request.url.path
+    accept = request.headers.get("accept", "")
+    return not path.startswith(("/api/", "/static/")) and "text/html" in accept
+
+
+def error_page(status: int, message: str) -> HTMLResponse:
+    """The dashboards' error page: the status and the message (escaped), a link home."""
+    text = html.escape(message)
+    body = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{status} · spectrawatch"
+        f"</title><link rel='stylesheet' href='/static/spectrawatch.css'></head><body><main>"
+        f"<h1>{status}</h1><p>{text}</p><p><a href='/'>All runs</a></p></main></body></html>"
+    )
+    return HTMLResponse(body, status_code=status)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        if _wants_page(request):
+            return error_page(exc.status, exc.message)
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(FrameError)
@@ -48,19 +69,23 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         problems = [
             {"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")}
             for e in exc.errors()
         ]
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
+        if _wants_page(request):
+            return error_page(422, summary)
         return error_response(422, "invalid_request", summary, problems=problems)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
+        if _wants_page(request):
+            return error_page(exc.status_code, str(exc.detail))
         return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(BlobStoreFull)

@@ -66,17 +66,24 @@ def ping_payload(webhook: Webhook, project: Project, at: datetime) -> dict[str, 
 
 
 def slack_body(payload: dict[str, Any]) -> dict[str, Any]:
-    """A Slack incoming-webhook compatible body for the same event."""
+    """A Slack incoming-webhook compatible body for the same event (user text escaped)."""
     data = payload.get("data", {})
     if payload.get("type") == WEBHOOK_TEST:
-        return {"text": f"spectrawatch: test delivery for project {data.get('project')}"}
+        return {"text": f"spectrawatch: test delivery for project {_slack(data.get('project'))}"}
     state = "resolved" if payload.get("type") == ALERT_RESOLVED else data.get("severity", "alert")
     run = data.get("run", {})
     text = (
-        f"[{state}] {data.get('project')}/{run.get('name')} step {data.get('step')}: "
-        f"{data.get('message')} <{data.get('dashboard_url')}|dashboard>"
+        f"[{_slack(state)}] {_slack(data.get('project'))}/{_slack(run.get('name'))} "
+        f"step {data.get('step')}: {_slack(data.get('message'))} "
+        f"<{_slack(data.get('dashboard_url'))}|dashboard>"
     )
     return {"text": text}
+
+
+def _slack(value: Any) -> str:
+    """Slack's mrkdwn escaping: ``& < >`` as entities, so names cannot add ``<!channel>``
+    mentions or links (formatting characters such as ``*`` only change emphasis)."""
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def enqueue_alert_event(

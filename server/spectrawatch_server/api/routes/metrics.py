@@ -73,9 +73,11 @@ def ingest_metrics(
                 f"Idempotency-Key was used for a different metric batch (frame {existing.id})",
             )
         return {"accepted": 0, "frame_id": existing.id, "replayed": True}
+    # a (layer, name, step) given twice: the last value wins, as for scalars
+    latest = {(m.layer, m.name, m.step): m.value for m in body.rows}
     rows = [
-        repo.MetricRow(m.layer, m.name, m.step, math.nan if m.value is None else m.value)
-        for m in body.rows
+        repo.MetricRow(layer, name, step, math.nan if value is None else value)
+        for (layer, name, step), value in latest.items()
     ]
     frame = repo.insert_metric_batch(session, run.id, key, body.source, rows, digest=digest)
     session.commit()
