@@ -513,7 +513,7 @@ def test_user_names_cannot_add_markup_to_plots() -> None:
     assert "<a" not in line["layout"]["title"]["text"]
     grid = fig.Grid(steps=[1, 2], layers=[link, "ok"], z=[[1.0, 2.0], [3.0, 4.0]])
     heat = fig.heatmap_figure("%{z}<b>m", grid)["data"][0]
-    assert heat["y"] == ["&lt;a href=\"https://evil.example\"&gt;x&lt;/a&gt;", "ok"]
+    assert heat["y"] == ['&lt;a href="https://evil.example"&gt;x&lt;/a&gt;', "ok"]
     assert heat["meta"] == [link, "ok"]
     assert "%{z}<b>m" not in heat["hovertemplate"]
     assert heat["name"] == "%{z}&lt;b&gt;m"
