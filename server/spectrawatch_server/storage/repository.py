@@ -43,6 +43,7 @@ from spectrawatch_server.db.models import (
 )
 
 TOKEN_PREFIX = "sw_"
+DELETED = "deleted"  # status of a deleted run's tombstone row (see delete_run)
 
 
 # --- projects and tokens ---------------------------------------------------------------
@@ -144,9 +145,6 @@ def list_runs(session: Session, project_id: int | None, limit: int, offset: int)
     return session.scalars(stmt).all()
 
 
-DELETED = "deleted"  # status of a deleted run's tombstone row
-
-
 @dataclass(frozen=True)
 class DeletedRun:
     """What :func:`delete_run` removed; the caller deletes ``blob_keys`` after the commit."""
@@ -182,7 +180,8 @@ def delete_run(session: Session, run: Run) -> DeletedRun:
     rows = session.execute(select(Frame.blob_key, Frame.bytes).where(Frame.run_id == run.id)).all()
     for model in (Frame, Metric, Spectrum, Scalar, Alert):
         session.execute(delete(model).where(model.run_id == run.id))
-    return DeletedRun(len(rows), sum(int(b) for _, b in rows), [k for k, _ in rows])
+    keys = [k for k, _ in rows if k]  # imported metric batches have no blob
+    return DeletedRun(len(rows), sum(int(b) for _, b in rows), keys)
 
 
 def live_runs(session: Session, run_ids: Iterable[int]) -> set[int]:
