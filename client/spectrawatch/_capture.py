@@ -523,6 +523,8 @@ class Capture:
                 width = m.out_features
             elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
                 width = m.out_channels
+            elif type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int):
+                width = m.nf  # Hugging Face's GPT-2-style linear layer (weight: in x out)
             if width is not None and width <= self.s.max_activation_hidden:
                 out.append((name, m))
         return out

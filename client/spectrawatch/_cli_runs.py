@@ -75,7 +75,7 @@ def add_runs_commands(subparsers: Any) -> None:
     rm = sub.add_parser(
         "delete", parents=[common], help="delete a run and everything stored for it"
     )
-    rm.add_argument("run", help="run id, or run name (with --project when ambiguous)")
+    rm.add_argument("run", help="run id; or run name, always with --project when given")
     rm.add_argument("--project", default=None)
     rm.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")
     rm.set_defaults(func=cmd_runs_delete)

@@ -58,8 +58,10 @@ class ExportedRun:
 
 # --- export ------------------------------------------------------------------------------------
 def resolve_run(args: argparse.Namespace, run: str, project: str | None) -> dict[str, Any]:
-    """A run by id (digits) or by name (``--project`` narrows it; a name must be unambiguous)."""
-    if run.isdigit():
+    """A run by id (digits, without ``--project``) or by name (``--project`` narrows it; a name
+    must be unambiguous). With ``--project`` the argument is a name even when it is all digits,
+    so ``runs delete 6 --project P`` can never pick run id 6 of another project."""
+    if run.isdigit() and not project:
         found: dict[str, Any] = _call(args, "GET", f"/runs/{int(run)}")
         return found
     params: dict[str, Any] = {"limit": 1000}
@@ -348,7 +350,7 @@ def add_export_commands(subparsers: Any) -> None:
     exp = subparsers.add_parser(
         "export", parents=[common], help="export a run's metrics and scalars to CSV or Parquet"
     )
-    exp.add_argument("run", help="run id, or run name (with --project when ambiguous)")
+    exp.add_argument("run", help="run id; or run name, always with --project when given")
     exp.add_argument("--project", default=None)
     exp.add_argument(
         "-o", "--output", default=None, help="output directory (default PROJECT-RUN-export)"

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from spectrawatch import _shards
-from spectrawatch._capture import Capture, LossFn
+from spectrawatch._capture import Capture, LossFn, unwrap_model
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem, Sender
 from spectrawatch._transport import Api
 from spectrawatch.config import ClientSettings, SettingsError
+from spectrawatch.wire import MAX_STEP
 
 logger = logging.getLogger("spectrawatch")
 
@@ -86,6 +87,8 @@ class Monitor:
         self._noop = False
         self._participant = False  # a non-zero rank: captures of sharded models, no sender
         self._last_step = 0
+        self._logged = False
+        self._finished = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -126,6 +129,8 @@ class Monitor:
         self._errors = ErrorLog(self.stats)
         self._captures = []
         self._last_step = 0
+        self._logged = False
+        self._finished = False
         self._active = True
         self._participant = s.mode != "disabled" and s.rank0_only and _is_nonzero_rank()
         self._noop = s.mode == "disabled" or self._participant
@@ -161,6 +166,12 @@ class Monitor:
 
     def _ensure_init(self) -> bool:
         if not self._active:
+            if self._finished:  # not a new auto-named run: the user ended this one
+                self._errors.note(
+                    "after finish",
+                    "log()/attach() after finish() ignored; call init() to start another run",
+                )
+                return False
             try:
                 self.init()
             except Exception as exc:
@@ -188,8 +199,10 @@ class Monitor:
         ``sample_batch()`` turns on the commutator-defect probe. Without an optimizer, call
         :meth:`step` after each optimizer step. Returns None (and captures nothing) if the
         monitor is disabled, on a non-zero rank for an unsharded model, or if the attach failed
-        (the error is logged); an invalid ``every`` raises
-        :class:`~spectrawatch.config.SettingsError`. FSDP1 ``FullyShardedDataParallel`` is
+        (the error is logged); an invalid ``every`` or an unknown name in ``modules`` raises
+        :class:`~spectrawatch.config.SettingsError`. One model per monitor: attaching the same
+        model and optimizer again returns the same handle; another model needs another
+        :class:`Monitor`. FSDP1 ``FullyShardedDataParallel`` is
         refused (logged); use FSDP2 ``fully_shard``.
         """
         if not self._ensure_init() and not self._participant:
@@ -204,6 +217,24 @@ class Monitor:
                 if unknown:
                     raise SettingsError(f"unknown cadence(s) in every=: {sorted(unknown)}")
                 s = s.replace(**{f"{k}_every": int(v) for k, v in every.items()})
+        if modules is not None:  # a misspelt module name raises here, before training
+            modules = list(modules)
+            named = dict(unwrap_model(model).named_modules())
+            missing = [m for m in modules if isinstance(m, str) and m not in named]
+            if missing:
+                raise SettingsError(f"modules=: no module named {missing[:5]} in the model")
+        if self._captures:
+            first = self._captures[0]
+            if first.model is unwrap_model(model) and first.optimizer is optimizer:
+                return Handle(self, first)  # attached already: the same hooks, not twice
+            self._errors.record(
+                "attach",
+                ValueError(
+                    "this monitor already watches a model: one model (and optimizer) per "
+                    "Monitor; use another Monitor (another run) for a second one"
+                ),
+            )
+            return None
         try:
             if _shards.uses_fsdp1(model):
                 raise NotImplementedError("FSDP1 is not supported: shard with fully_shard (FSDP2)")
@@ -254,12 +285,25 @@ class Monitor:
             return
         try:
             assert self._sender is not None
-            if step is None:
-                step = max((c.step for c in self._captures), default=self._last_step)
+            if step is None:  # the latest optimizer step; without a model: one step per call
+                if self._captures:
+                    step = max(c.step for c in self._captures)
+                else:
+                    step = self._last_step + 1 if self._logged else 0
             step = int(step)
+            if not 0 <= step <= MAX_STEP:
+                self._errors.record("log", ValueError(f"step {step} outside [0, {MAX_STEP}]"))
+                return
             self._last_step = max(self._last_step, step)
+            self._logged = True
             rows = []
             for name, value in values.items():
+                key = str(name)
+                if not _valid_scalar_name(key):  # the server would refuse the whole batch
+                    self._errors.record(
+                        "log", ValueError(f"scalar name {key[:80]!r}: 1-200 characters, no control")
+                    )
+                    continue
                 try:
                     v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
                 except Exception as exc:  # str, complex, meta tensor, 10**400: skip this one
@@ -268,7 +312,7 @@ class Monitor:
                 if not math.isfinite(v):
                     self._errors.record(f"log {name!r}", ValueError(f"non-finite value {v}"))
                     continue
-                rows.append({"step": step, "name": str(name), "value": v})
+                rows.append({"step": step, "name": key, "value": v})
             self._sender.put_scalars(rows)
         except Exception as exc:
             self._errors.record("log", exc)
@@ -281,6 +325,7 @@ class Monitor:
         if not self._active:
             return True
         self._active = False
+        self._finished = True
         _LIVE.discard(self)
         ok = True
         try:
@@ -358,3 +403,8 @@ def _finish_at_exit() -> None:
 
 monitor = Monitor()
 """The documented default instance: ``from spectrawatch import monitor``."""
+
+
+def _valid_scalar_name(name: str) -> bool:
+    """The server's rule for scalar names: 1-200 characters, no control characters."""
+    return 1 <= len(name) <= 200 and not any(ord(c) < 0x20 for c in name)

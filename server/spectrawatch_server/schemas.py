@@ -103,10 +103,14 @@ class FramePublic(BaseModel):
     created_at: datetime
 
 
+# scalar names are query parameters, never path segments: "train/loss" is fine
+ScalarName = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")
+
+
 class ScalarIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     step: int = Field(ge=0, le=MAX_STEP)
-    name: str = Name
+    name: str = ScalarName
     value: float
 
 

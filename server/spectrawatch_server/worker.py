@@ -108,8 +108,8 @@ class Worker:
         """Analyse frame ``frame_id``; raises on I/O failure so the queue can retry."""
         with self.sessions() as session:
             frame = session.get(Frame, frame_id)
-            if frame is None:
-                log.warning("job for missing frame %d dropped", frame_id)
+            if frame is None:  # its run was deleted (or a job outlived its frame)
+                log.info("job for missing frame %d dropped", frame_id)
                 return
             try:
                 decoded = self.loader.load(frame)
@@ -130,7 +130,10 @@ class Worker:
                     errors.append(f"{analysis.name}: {exc!r}")
             session.rollback()  # end the read transaction; SQLite cannot upgrade it safely
             with session.begin():
-                frame = session.get(Frame, frame_id)
+                # FOR KEY SHARE (PostgreSQL): a run deletion waits until these results are in,
+                # then deletes them too, instead of failing this insert on the foreign key
+                lock = {"read": True, "key_share": True}
+                frame = session.get(Frame, frame_id, with_for_update=lock, populate_existing=True)
                 if frame is None:  # its run was deleted meanwhile
                     log.info("frame %d deleted during its analysis; results dropped", frame_id)
                     return

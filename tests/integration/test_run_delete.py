@@ -89,6 +89,11 @@ def test_delete_run_removes_everything_of_it_and_nothing_else(
             ]
             == 0
         ), table
+    # a run *named* like another run's id, with --project: the name counts, never the id
+    digits = api.post("/runs", json={"project": "digits", "name": str(keep)}).json()["id"]
+    assert main(["runs", "delete", str(keep), "--project", "digits", "--yes", *url]) == 0
+    assert api.get(f"/runs/{digits}").status_code == 404
+    assert api.get(f"/runs/{keep}").status_code == 200
     listed = {r["name"] for r in api.get("/runs", params={"project": "deletes"}).json()}
     assert listed == {"keep", "gone"}  # the tombstone of the deleted run is not listed
     assert main(["runs", "list", "--project", "deletes", *url]) == 0
@@ -127,3 +132,37 @@ def _rows() -> object:
 
 def _info() -> dict[str, object]:
     return {"steps": [1], "sketch": {"dim": 8, "seed": 0}}
+
+
+def test_concurrent_writes_to_one_run_and_concurrent_deletes(
+    server: ServerProcess, api: httpx.Client
+) -> None:
+    """From a scale-out audit: the liveness check once took a share lock and then updated the
+    run row, so two overlapping writes to one run deadlocked (503). Writes now queue; of two
+    concurrent DELETEs of a run, one deletes and the other answers 404."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    run_id = api.post("/runs", json={"project": "race", "name": "busy"}).json()["id"]
+
+    def write(i: int) -> int:
+        with httpx.Client(base_url=f"{server.url}/api/v1", timeout=60) as c:
+            if i % 3 == 0:
+                return c.patch(f"/runs/{run_id}", json={"summary": {"i": i}}).status_code
+            if i % 3 == 1:
+                stats = {"sent_frames": i}
+                return c.post(f"/runs/{run_id}/client-stats", json=stats).status_code
+            rows = [{"step": i, "name": "loss", "value": 1.0}]
+            return c.post(f"/runs/{run_id}/scalars", json=rows).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(write, range(60)))
+    assert sorted(set(codes)) == [200, 202], codes
+    (loss,) = api.get(f"/runs/{run_id}/scalars", params={"name": "loss"}).json()
+    assert loss["points"] == 20
+
+    def delete(_: int) -> int:
+        with httpx.Client(base_url=f"{server.url}/api/v1", timeout=60) as c:
+            return c.delete(f"/runs/{run_id}").status_code
+
+    with ThreadPoolExecutor(3) as pool:
+        assert sorted(pool.map(delete, range(3))) == [200, 404, 404]

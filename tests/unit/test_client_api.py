@@ -10,6 +10,7 @@ from spectrawatch.config import ClientSettings, SettingsError
 
 def test_public_api_is_pinned() -> None:
     assert spectrawatch.__all__ == [
+        "Api",
         "ClientSettings",
         "Handle",
         "Monitor",

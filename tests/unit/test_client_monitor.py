@@ -107,7 +107,8 @@ def test_two_monitors_in_one_process(tmp_path: Path) -> None:
     for key, (h, _, _) in server.frames.items():
         if h.kind is wire.FrameKind.UPDATE_SKETCH:
             by_run[key.split(":")[0]] = by_run.get(key.split(":")[0], 0) + len(h.info["steps"])
-    assert by_run == {"1": 4, "2": 8}
+    ids = {name: str(run["id"]) for (_, name), run in server.runs.items()}  # created in any order
+    assert by_run == {ids["a"]: 4, ids["b"]: 8}
 
 
 def test_server_never_started_training_completes(tmp_path: Path) -> None:

@@ -154,8 +154,9 @@ class DeletedRun:
     blob_keys: list[str]
 
 
-def delete_run(session: Session, run: Run) -> DeletedRun:
-    """Delete everything stored for ``run``; its row stays as a tombstone.
+def delete_run(session: Session, run: Run) -> DeletedRun | None:
+    """Delete everything stored for ``run``; its row stays as a tombstone (None: it already
+    is one, deleted by a concurrent request).
 
     Frames (and by cascade their jobs, metrics and spectra), metrics and spectra, scalars and
     alerts are deleted; the row keeps its id (so an id is never handed out again, which SQLite
@@ -165,9 +166,9 @@ def delete_run(session: Session, run: Run) -> DeletedRun:
     alerts. The row is updated first, so a concurrent ingest that locks it (:func:`live_runs`)
     either commits before and is deleted too, or sees the tombstone.
     """
-    session.execute(
+    result = session.execute(
         update(Run)
-        .where(Run.id == run.id)
+        .where(Run.id == run.id, Run.status != DELETED)
         .values(
             status=DELETED,
             name=f"deleted/{run.id}",
@@ -177,6 +178,8 @@ def delete_run(session: Session, run: Run) -> DeletedRun:
             client_stats={},
         )
     )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return None  # deleted meanwhile by a concurrent request
     rows = session.execute(select(Frame.blob_key, Frame.bytes).where(Frame.run_id == run.id)).all()
     for model in (Frame, Metric, Spectrum, Scalar, Alert):
         session.execute(delete(model).where(model.run_id == run.id))
@@ -185,11 +188,18 @@ def delete_run(session: Session, run: Run) -> DeletedRun:
 
 
 def live_runs(session: Session, run_ids: Iterable[int]) -> set[int]:
-    """The runs of ``run_ids`` that exist and are not deleted, share-locked until the commit
-    on PostgreSQL (a deletion waits for the writes that checked; SQLite serialises writers)."""
+    """The runs of ``run_ids`` that exist and are not deleted, locked until the commit on
+    PostgreSQL (SQLite serialises writers anyway).
+
+    The lock is ``FOR NO KEY UPDATE``: the one the writes' own ``UPDATE run`` (last step,
+    status, client stats) takes, so two writes to one run queue instead of deadlocking (a share
+    lock then an update would deadlock), frames' foreign-key checks (``KEY SHARE``) are not
+    blocked, and a deletion (an ``UPDATE``) waits for the writes that checked. Rows are locked
+    in id order, so batches naming several runs cannot deadlock either.
+    """
     stmt = select(Run.id).where(Run.id.in_(set(run_ids)), Run.status != DELETED)
     if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(read=True)
+        stmt = stmt.order_by(Run.id).with_for_update(key_share=True)
     return set(session.scalars(stmt).all())
 
 

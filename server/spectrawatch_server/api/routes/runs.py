@@ -120,6 +120,8 @@ def delete_run(run: RunDep, session: SessionDep, state: StateDep, request: Reque
     run_id, name = run.id, run.name
     deleted = repo.delete_run(session, run)
     session.commit()
+    if deleted is None:  # a concurrent DELETE of the same run won
+        raise ApiError(404, "run_not_found", f"run {run_id} does not exist")
     ingest = getattr(request.app.state, "ingest", None)
     if ingest is not None:  # this process's cached ingest authorisation for the run
         ingest.auth.forget_run(run_id)
