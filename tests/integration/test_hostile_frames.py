@@ -244,3 +244,14 @@ def test_nul_in_config_and_summary_is_stored_or_refused_never_500(api: httpx.Cli
     run_id = make_run(api, name="nul2")
     patched = api.patch(f"/runs/{run_id}", json={"summary": {"k": "a\u0000b"}})
     assert patched.status_code in (200, 422), patched.text
+
+
+def test_scalar_names_may_hold_slashes(api: httpx.Client) -> None:
+    """``train/loss`` is the usual scalar naming (TensorBoard, W&B, Lightning)."""
+    run_id = make_run(api, name="slashes")
+    rows = [{"step": 1, "name": "train/loss", "value": 0.5}]
+    assert api.post(f"/runs/{run_id}/scalars", json=rows).status_code == 202
+    (series,) = api.get(f"/runs/{run_id}/scalars", params={"name": "train/loss"}).json()
+    assert series["values"] == [0.5]
+    bad = [{"step": 1, "name": "x\u0000", "value": 0.5}]
+    assert api.post(f"/runs/{run_id}/scalars", json=bad).status_code == 422

@@ -310,3 +310,56 @@ main()  # returns without finish(): nothing holds the Monitor but the module
     kinds = {e.get("kind") for e in spooled if e.get("type") == "frame"}
     assert "weights" in kinds  # the final snapshot finish() takes
     assert any(e.get("type") == "scalars" for e in spooled)
+
+
+def test_api_use_from_the_session_6_audit(tmp_path: Path) -> None:
+    """One model per monitor (re-attach: the same handle), bad scalar keys dropped alone, one
+    step per log() call without a model, log() after finish() ignored, modules= checked."""
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="use", **fast(tmp_path))
+    m.log({"train/loss": 1.0, "": 2.0, "x" * 201: 3.0, "ok": 4.0})  # no step, no model: 0
+    m.log({"train/loss": 0.5})  # the next call: step 1
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(spectrawatch.SettingsError, match="no module named"):
+        m.attach(model, opt, modules=["nope"])
+    first = m.attach(model, opt)
+    assert first is not None
+    again = m.attach(model, opt)
+    assert again is not None
+    assert again.capture is first.capture  # not a second set of hooks
+    other = nn.Linear(3, 3)
+    assert m.attach(other, torch.optim.SGD(other.parameters(), lr=0.1)) is None
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert m.finish()
+    m.log({"late": 1.0})  # after finish: ignored, no new run
+    m.finish()
+    assert set(server.runs) == {("p", "use")}
+    rows = {(r["name"], r["step"]): r["value"] for r in server.scalars}
+    assert rows == {("train/loss", 0): 1.0, ("ok", 0): 4.0, ("train/loss", 1): 0.5}
+    steps = [s for h, _, _ in server.frames.values() if h.kind is wire.FrameKind.UPDATE_SKETCH
+             for s in h.info["steps"]]  # fmt: skip
+    assert steps == [1, 2, 3]  # each step once
+
+
+def test_hugging_face_conv1d_layers_are_probed() -> None:
+    transformers = pytest.importorskip("transformers")
+    from spectrawatch._capture import Capture
+    from spectrawatch._sender import ClientStats, ErrorLog
+    from spectrawatch.config import ClientSettings
+    from tests.training import tiny_gpt2
+
+    model = tiny_gpt2(transformers)
+    stats = ClientStats()
+    capture = Capture(
+        model, None, ClientSettings.from_env({}), lambda _: None, lambda _: None,
+        ErrorLog(stats), stats,
+    )  # fmt: skip
+    names = [name for name, _ in capture._probe_modules()]
+    assert "transformer.h.0.mlp.c_fc" in names
+    assert "transformer.h.0.attn.c_attn" in names
+    capture.remove()
