@@ -142,13 +142,15 @@ class Capture:
         self.sample_batch = sample_batch
         self.step = start_step
         self.spec = SketchSpec(settings.dim, settings.sketch_seed)
-        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
-        self.layers: list[tuple[str, nn.Parameter]] = [
-            (name, p) for name, p in trained if not p.is_complex()
-        ]
-        if len(self.layers) < len(trained):  # a real sketch of them would drop the imaginary part
-            skipped = ", ".join(name for name, p in trained if p.is_complex())
-            errors.record("update sketch", TypeError(f"complex parameters not sketched: {skipped}"))
+        self.layers: list[tuple[str, nn.Parameter]] = []
+        # per layer: (global flat offset of the local shard, its numel, whether it is summed)
+        self._shard_of: dict[str, tuple[int, int, bool]] = {}
+        self._layer_info: dict[str, dict[str, Any]] = {}
+        self._layout: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
+        _watch_structure()
+        self._structure = _STRUCTURE[0]
+        self._watch = self._watched()
+        self._set_layers(self._trained())
         self._modules_arg = list(modules) if modules is not None else None
         self._index: dict[str, torch.Tensor] = {}
         self._flat_index: torch.Tensor | None = None  # all layers' index, when on one device
@@ -156,11 +158,8 @@ class Capture:
         self._index_ready = threading.Event()
         self._index_error: BaseException | None = None
         self._index_cancel = False
-        # per layer: (global flat offset of the local shard, its numel, whether it is summed)
-        self._shard_of: dict[str, tuple[int, int, bool]] = {}
-        for name, p in self.layers:
-            local, start, contributes = _shards.local_shard(p.detach())
-            self._shard_of[name] = (start, local.numel(), contributes)
+        self._index_gen = 0  # a layout change starts a new build; older builds are discarded
+        self._index_lock = threading.Lock()
         self._prev: Rows | None = None
         self._prev_step: int | None = None
         self._forked = False  # in a forked child (DataLoader worker...) the hooks do nothing
@@ -174,68 +173,162 @@ class Capture:
         self._disabled: set[str] = set()
         self._last_weights_step: int | None = None
         self._handles: list[Any] = []
-        self._layer_info: dict[str, dict[str, Any]] = {
-            name: {"numel": p.numel(), "shape": list(p.shape)} for name, p in self.layers
-        }
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
             self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+        self._start_index_build()
+
+    # -- the sketched parameters --------------------------------------------------------------
+
+    def _trained(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters sketched: trainable and real (a real sketch of a complex parameter
+        would drop its imaginary part; they are left out, and said so once)."""
+        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        real = [(name, p) for name, p in trained if not p.is_complex()]
+        if len(real) < len(trained) and not self._layout:  # said once, at attach
+            skipped = ", ".join(name for name, p in trained if p.is_complex())
+            self.errors.record(
+                "update sketch", TypeError(f"complex parameters not sketched: {skipped}")
+            )
+        return real
+
+    def _watched(self) -> list[tuple[nn.Parameter, torch.Size, bool]]:
+        return [(p, p.shape, p.requires_grad) for p in self.model.parameters()]
+
+    def _layout_may_have_changed(self) -> bool:
+        """Cheap, every step (~60 us for 150 parameters): a parameter or module registered
+        anywhere since the last look (torch's global registration hooks), or one of the model's
+        parameters with another shape or ``requires_grad``."""
+        if _STRUCTURE[0] != self._structure:
+            return True
+        return not all(p.requires_grad is rg and p.shape == sh for p, sh, rg in self._watch)
+
+    @staticmethod
+    def _layout_of(
+        layers: list[tuple[str, nn.Parameter]],
+    ) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+        return tuple((name, id(p), tuple(p.shape)) for name, p in layers)
+
+    def _set_layers(self, layers: list[tuple[str, nn.Parameter]]) -> None:
+        self.layers = layers
+        self._layout = self._layout_of(layers)
+        self._shard_of = {}
+        for name, p in layers:
+            local, start, contributes = _shards.local_shard(p.detach())
+            self._shard_of[name] = (start, local.numel(), contributes)
+        self._layer_info = {
+            name: {"numel": p.numel(), "shape": list(p.shape)} for name, p in layers
+        }
+
+    def _check_layout(self) -> None:
+        """Follow the model when its trained parameters change after ``attach``: one unfrozen,
+        frozen, replaced (a new ``nn.Parameter``) or resized (``resize_token_embeddings``).
+        The rows buffered so far go out with the old layout, the sketch index is rebuilt, and
+        update rows restart with the next step (the step of the change has none: its before
+        and after sketches are of different parameter sets). Not for sharded models, whose
+        captures are collective."""
+        if self.sharded or not self._layout_may_have_changed():
+            return
+        self._structure = _STRUCTURE[0]
+        self._watch = self._watched()
+        layers = self._trained()
+        if self._layout_of(layers) == self._layout:
+            return
+        self.flush_updates()
+        self.flush_theta()
+        self._set_layers(layers)
+        self._prev, self._prev_step = None, None
+        self._index, self._flat_index, self._fused = {}, None, None
+        self._index_error = None
+        self.stats.incr("layout_changes")
+        self.errors.note(
+            "layout",
+            "the model's trained parameters changed after attach (unfrozen, replaced or resized):"
+            " sketching the new set from the next step",
+        )
         self._start_index_build()
 
     # -- hash index ---------------------------------------------------------------------------
 
     def _start_index_build(self) -> None:
         """Build the folded hash index inline (small model) or on a background thread."""
+        with self._index_lock:
+            self._index_gen += 1
+            gen = self._index_gen
+            self._index_ready.clear()
         if self.s.exact or not self.s.sketch_cache:
             self._index_ready.set()
             return
         local_numel = sum(numel for _, numel, _ in self._shard_of.values())
         if local_numel <= self.s.index_inline_max:
-            self._build_index()
+            self._build_index(gen)
             return
-        threading.Thread(target=self._build_index, name="spectrawatch-index", daemon=True).start()
+        threading.Thread(
+            target=self._build_index, args=(gen,), name="spectrawatch-index", daemon=True
+        ).start()
 
-    def _build_index(self) -> None:
-        """Fill ``_index`` (int16 ``(numel,)`` per layer, on its device), then set ready."""
+    def _build_index(self, gen: int) -> None:
+        """Fill ``_index`` (int16 ``(numel,)`` per layer, on its device), then set ready; a
+        build overtaken by a layout change (``gen`` no longer current) is dropped."""
+        fused: FusedCountSketch | None = None
+        flat_index: torch.Tensor | None = None
+        index: dict[str, torch.Tensor] = {}
+        error: BaseException | None = None
         try:
             if threading.current_thread() is not threading.main_thread():
                 with contextlib.suppress(AttributeError, OSError):  # Linux: this thread only
                     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-            index: dict[str, torch.Tensor] = {}
-            devices = {p.device for _, p in self.layers}
-            if len(devices) == 1 and all(c for _, _, c in self._shard_of.values()):
+            layers, shard_of = list(self.layers), dict(self._shard_of)
+            devices = {p.device for _, p in layers}
+            if len(devices) == 1 and all(c for _, _, c in shard_of.values()):
                 # one concatenated index (views per layer) for the fused all-layer sketch
                 device = devices.pop()
-                numels = [n for _, n, _ in self._shard_of.values()]
+                numels = [shard_of[name][1] for name, _ in layers]
                 flat = torch.empty(sum(numels), dtype=folded_dtype(self.spec.dim), device=device)
-                for name, view in self._layer_views(flat):
-                    if self._index_cancel:
+                for name, view in self._layer_views(flat, layers, shard_of):
+                    if self._index_cancel or gen != self._index_gen:
                         return
-                    index[name] = view.copy_(self._hash_index(name, device))
-                self._fused = FusedCountSketch(numels, self.spec.dim, device)
-                self._flat_index = flat
+                    index[name] = view.copy_(self._hash_index(name, device, shard_of))
+                fused = FusedCountSketch(numels, self.spec.dim, device)
+                flat_index = flat
             else:
-                for name, p in self.layers:
-                    if self._index_cancel:
+                for name, p in layers:
+                    if self._index_cancel or gen != self._index_gen:
                         return
-                    index[name] = self._hash_index(name, p.device)
-            self._index = index
+                    index[name] = self._hash_index(name, p.device, shard_of)
         except Exception as exc:
-            self._index_error = exc
-            self.errors.record("sketch index", exc)
+            error = exc
         finally:
-            self._index_ready.set()
+            with self._index_lock:
+                if gen == self._index_gen:
+                    self._index, self._fused, self._flat_index = index, fused, flat_index
+                    self._index_error = error
+                    if error is not None:
+                        self.errors.record("sketch index", error)
+                    self._index_ready.set()
 
-    def _layer_views(self, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    def _layer_views(
+        self,
+        flat: torch.Tensor,
+        layers: list[tuple[str, nn.Parameter]] | None = None,
+        shard_of: dict[str, tuple[int, int, bool]] | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Each layer's slice of a concatenated per-coordinate tensor, in layer order."""
+        layers = self.layers if layers is None else layers
+        shard_of = self._shard_of if shard_of is None else shard_of
         at = 0
-        for name, _ in self.layers:
-            n = self._shard_of[name][1]
+        for name, _ in layers:
+            n = shard_of[name][1]
             yield name, flat[at : at + n]
             at += n
 
-    def _hash_index(self, name: str, device: torch.device) -> torch.Tensor:
-        start, numel, _ = self._shard_of[name]
+    def _hash_index(
+        self,
+        name: str,
+        device: torch.device,
+        shard_of: dict[str, tuple[int, int, bool]] | None = None,
+    ) -> torch.Tensor:
+        start, numel, _ = (self._shard_of if shard_of is None else shard_of)[name]
         return signed_buckets(numel, self.spec.layer_seed(name), self.spec.dim, device, start)
 
     def wait_index(self, timeout: float | None = None) -> bool:
@@ -305,6 +398,7 @@ class Capture:
     # -- update and theta sketches ---------------------------------------------------------
 
     def _before_step(self) -> None:
+        self._check_layout()
         n = self.step + 1
         s = self.s
         if s.update_every > 0 and n % s.update_every == 0 and self._prev_step != n - 1:
@@ -379,6 +473,8 @@ class Capture:
         return [*(name for name, _ in self.layers), MODEL_KEY]
 
     def _after_step(self, n: int, due_update: bool, due_theta: bool) -> None:
+        if self.optimizer is None:  # with an optimizer the pre-step hook has checked
+            self._check_layout()
         cur = self._sketch_all()
         if cur is None:  # hash index not built yet: skip, never wait
             self.stats.incr("sketch_steps_skipped")
@@ -588,12 +684,37 @@ class Capture:
     # -- end -----------------------------------------------------------------------------------
 
     def finish(self) -> None:
-        """Flush partial frames and take the final weight snapshot (never raises)."""
-        self._guard("update sketch", self.flush_updates)
-        self._guard("update sketch", self.flush_theta)
+        """Flush partial frames and take the final weight snapshot (never raises); the rows
+        already buffered go out even if the update sketch was disabled after failures."""
+        for flush in (self.flush_updates, self.flush_theta):
+            try:
+                flush()
+            except Exception as exc:
+                self.errors.record("update sketch", exc)
         if self.s.weights_at_finish and self.step > 0:
             self._guard("weights", lambda: self.capture_weights(self.step))
         self.remove()
+
+
+_STRUCTURE = [0]  # bumped whenever any module registers a parameter or a submodule
+_STRUCTURE_HOOKS: list[Any] = []
+
+
+def _bump_structure(*_: Any) -> None:
+    _STRUCTURE[0] += 1
+
+
+def _watch_structure() -> None:
+    """Install torch's global registration hooks once (they cost one call per registration)."""
+    if not _STRUCTURE_HOOKS:
+        from torch.nn.modules import module as torch_module
+
+        _STRUCTURE_HOOKS.append(
+            torch_module.register_module_parameter_registration_hook(_bump_structure)
+        )
+        _STRUCTURE_HOOKS.append(
+            torch_module.register_module_module_registration_hook(_bump_structure)
+        )
 
 
 def _inert_after_fork(ref: weakref.ReferenceType[Capture]) -> None:

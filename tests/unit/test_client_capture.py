@@ -409,10 +409,10 @@ def test_index_built_off_the_step_and_steps_skipped_until_ready(
     release = threading.Event()
     real = Capture._hash_index
 
-    def held(self: Capture, name: str, device: torch.device) -> torch.Tensor:
+    def held(self: Capture, name: str, device: torch.device, *rest: Any) -> torch.Tensor:
         assert threading.current_thread() is not threading.main_thread()
         release.wait(30)
-        return real(self, name, device)
+        return real(self, name, device, *rest)
 
     monkeypatch.setattr(Capture, "_hash_index", held)
     model = mlp()
@@ -440,3 +440,48 @@ def test_index_built_off_the_step_and_steps_skipped_until_ready(
             got = frames[0].tensors[name][row].double()
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7 * float(ref.abs().max()))
     assert stats.get("errors") == 0
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_parameters_that_change_after_attach_are_followed(exact: bool) -> None:
+    """Unfrozen, replaced (a new nn.Parameter) and resized (same Parameter, new shape) after
+    attach: rows are of the live parameters from the step of the change on (the pre-step hook
+    sees the change); before the fix they were missing, zero, or truncated (session-6 audit)."""
+    model = mlp()
+    model[0].weight.requires_grad_(False)  # frozen at attach
+    opt = torch.optim.SGD(list(model.parameters()), lr=0.1)
+    sink = Sink()
+    cap, stats = make_capture(model, opt, sink, exact=exact, frame_steps=1)
+    assert cap.wait_index(30)
+    thetas: list[dict[str, torch.Tensor]] = []  # per train() call: before each step, then after
+    train(model, opt, 2, record=thetas)  # steps 1-2: thetas 0..2
+    model[0].weight.requires_grad_(True)  # unfrozen
+    train(model, opt, 2, record=thetas)  # steps 3-4: thetas 3..5
+    model[3] = nn.Linear(12, 3)  # replaced; the optimizer follows the new parameters
+    opt.param_groups[0]["params"] = list(model.parameters())
+    train(model, opt, 2, record=thetas)  # steps 5-6: thetas 6..8
+    with torch.no_grad():  # resized in place (as resize_token_embeddings does)
+        model[3].weight.data = torch.randn(5, 12)
+        model[3].bias.data = torch.zeros(5)
+    train(model, opt, 2, record=thetas)  # steps 7-8: thetas 9..11
+    cap.finish()
+    frames = {f.info["steps"][0]: f for f in sink.of(wire.FrameKind.UPDATE_SKETCH)}
+    spec = SketchSpec(640, 0)
+    everything = {"0.weight", "0.bias", "3.weight", "3.bias"}
+
+    def check(step: int, before: int, shape: list[int]) -> None:
+        frame = frames[step]
+        assert set(frame.tensors) == everything | {MODEL_KEY}
+        assert frame.info["layers"]["3.weight"]["shape"] == shape
+        for name in everything:
+            delta = (thetas[before + 1][name].double() - thetas[before][name].double()).reshape(-1)
+            got = frame.tensors[name][0].double()
+            ref = delta.float().double() if exact else reference_sketch(delta, spec, name)
+            tol = 1e-6 * (1 + float(ref.abs().max()))
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=tol)
+
+    assert set(frames[2].tensors) == everything - {"0.weight"} | {MODEL_KEY}  # frozen
+    for step, before, shape in ((3, 3, [3, 12]), (4, 4, [3, 12]), (5, 6, [3, 12]),
+                                (6, 7, [3, 12]), (7, 9, [5, 12]), (8, 10, [5, 12])):  # fmt: skip
+        check(step, before, shape)
+    assert stats.get("layout_changes") == 3
