@@ -831,6 +831,12 @@ def _check_output(path: str | None, option: str) -> None:
         raise AnalyzeError(f"{option} {path}: not writable")
 
 
+def _csv_text(write: Callable[[Any, TextIO], None], data: Any) -> str:
+    buf = io.StringIO()
+    write(data, buf)
+    return buf.getvalue()
+
+
 def _emit(args: argparse.Namespace, text: str) -> None:
     """The ``--format`` output: to ``-o FILE`` or stdout."""
     if args.output:
@@ -848,57 +854,42 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     for path in inputs:  # a missing second checkpoint is reported before the first is analysed
         checkpoint_files(Path(path))
     farms = FARMS_CV if args.farms else None
-    table = args.format == "table"
     opts: dict[str, Any] = {"device": args.device, "farms": farms, "progress": not args.quiet}
     if args.layers:
         needle = args.layers
         opts["layers"] = lambda name: needle in name
+    render: dict[str, Callable[[], str]]
     if args.compare is not None:
         a = analyze_checkpoint(args.compare[0], **opts)
         b = analyze_checkpoint(args.compare[1], **opts)
         diffs = compare(a, b)
-        if args.format == "json":
-            _emit(args, json.dumps(compare_json(a, b, diffs), indent=1))
-        elif args.format == "csv":
-            buf = io.StringIO()
-            write_compare_csv(diffs, buf)
-            _emit(args, buf.getvalue())
-        elif args.output or not args.quiet:
-            _emit(args, format_compare(diffs))
-        if args.csv:
-            buf = io.StringIO()
-            write_compare_csv(diffs, buf)
-            _write(args.csv, buf.getvalue())
-        if args.json:
-            _write(args.json, json.dumps(compare_json(a, b, diffs), indent=1))
-        if args.html:
-            title = f"spectrawatch compare: {a.source} vs {b.source}"
-            _write(args.html, html_report([a, b], title))
-        return 0
-    analysis = analyze_checkpoint(args.path, **opts)
-    if args.format == "json":
-        _emit(args, json.dumps(analysis.to_json(), indent=1))
-    elif args.format == "csv":
-        buf = io.StringIO()
-        write_csv(analysis, buf)
-        _emit(args, buf.getvalue())
-    elif args.output or not args.quiet:
-        _emit(args, format_table(analysis))
-    if table and not args.quiet:
+        render = {
+            "json": lambda: json.dumps(compare_json(a, b, diffs), indent=1),
+            "csv": lambda: _csv_text(write_compare_csv, diffs),
+            "table": lambda: format_compare(diffs),
+            "html": lambda: html_report([a, b], f"spectrawatch compare: {a.source} vs {b.source}"),
+        }
+        summary = ""
+    else:
+        analysis = analyze_checkpoint(args.path, **opts)
+        render = {
+            "json": lambda: json.dumps(analysis.to_json(), indent=1),
+            "csv": lambda: _csv_text(write_csv, analysis),
+            "table": lambda: format_table(analysis),
+            "html": lambda: html_report([analysis], f"spectrawatch analyze: {analysis.source}"),
+        }
         warned = sum(1 for r in analysis.layers if r.warning)
         failed = sum(1 for r in analysis.layers if r.note.startswith("not analysed"))
-        print(
+        summary = (
             f"\n{len(analysis.layers)} layers analysed on {analysis.device}, {warned} with "
             f"warnings, {analysis.ignored} other tensors ignored"
-            + (f", {failed} not analysed (see their notes)" if failed else ""),
-            file=sys.stdout if not args.output else sys.stderr,
+            + (f", {failed} not analysed (see their notes)" if failed else "")
         )
-    if args.csv:
-        buf = io.StringIO()
-        write_csv(analysis, buf)
-        _write(args.csv, buf.getvalue())
-    if args.json:
-        _write(args.json, json.dumps(analysis.to_json(), indent=1))
-    if args.html:
-        _write(args.html, html_report([analysis], f"spectrawatch analyze: {analysis.source}"))
+    if args.format != "table" or args.output or not args.quiet:
+        _emit(args, render[args.format]())
+    if args.format == "table" and summary and not args.quiet:
+        print(summary, file=sys.stderr if args.output else sys.stdout)
+    for option in ("csv", "json", "html"):  # the extra files
+        if getattr(args, option):
+            _write(getattr(args, option), render[option]())
     return 0

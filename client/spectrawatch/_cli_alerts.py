@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from spectrawatch._transport import error_of
 from spectrawatch.config import DEFAULT_URL
 
 # CLI flag -> rule parameter (value type)
@@ -47,10 +48,7 @@ def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> An
         except httpx.HTTPError as exc:
             raise CliError(f"cannot reach the server: {exc}") from exc
     if response.status_code >= 400:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:500]
+        _, message = error_of(response)
         raise CliError(f"HTTP {response.status_code}: {message}")
     return None if response.status_code == 204 else response.json()
 

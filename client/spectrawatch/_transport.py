@@ -132,7 +132,7 @@ class Api:
     ) -> Any:
         resp = self._send(method, path, content, json=json, headers=headers)
         if resp.status_code >= 400:
-            code, message = _error_of(resp)
+            code, message = error_of(resp)
             text = f"{method} {path} -> {resp.status_code} {code}: {message}"
             if resp.status_code >= 500 or resp.status_code in _RETRYABLE_4XX:
                 raise Unavailable(text, resp.status_code, code)
@@ -214,7 +214,7 @@ class Api:
         return out
 
 
-def _error_of(resp: httpx.Response) -> tuple[str, str]:
+def error_of(resp: httpx.Response) -> tuple[str, str]:
     """``(code, message)`` of a JSON error body ``{"error": {"code", "message"}}``."""
     try:
         body = resp.json()

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from spectrawatch._transport import error_of
 from spectrawatch.config import DEFAULT_URL
 
 MODEL_LAYER = "__model__"  # the layer name of whole-model series
@@ -75,10 +76,7 @@ class Api:
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach {self.url}: {exc}") from exc
         if resp.status_code >= 400:
-            try:
-                message = resp.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = resp.text[:300]
+            _, message = error_of(resp)
             raise ApiError(f"{method} {path}: HTTP {resp.status_code}: {message}", resp.status_code)
         return resp.json() if resp.content else None
 
