@@ -11,7 +11,7 @@ import pytest
 import spectrawatch
 from spectrawatch import wire
 from spectrawatch.cli import main
-from tests.servers import ServerProcess, db_rows, wait_until
+from tests.servers import POSTGRES_MODE, ServerProcess, db_rows, wait_until
 from tests.training import Loop, client_settings, frames_of
 
 pytestmark = pytest.mark.integration
@@ -120,6 +120,9 @@ def test_delete_while_the_run_streams(
     for table in ("frame", "metric", "spectrum", "scalar", "alert"):
         rows = db_rows(server.data_dir, f"SELECT count(*) FROM {table} WHERE run_id = :r", r=run_id)
         assert rows[0][0] == 0, table
+    if POSTGRES_MODE:  # procrastinate's waiting jobs of the run went with it
+        waiting = "SELECT count(*) FROM procrastinate_jobs WHERE lock = :l AND status = 'todo'"
+        assert db_rows(server.data_dir, waiting, l=f"run:{run_id}")[0][0] == 0
     status = db_rows(server.data_dir, "SELECT status, name FROM run WHERE id = :r", r=run_id)
     assert [tuple(r) for r in status] == [("deleted", f"deleted/{run_id}")]  # the tombstone
 

@@ -16,6 +16,10 @@ class JobQueue(Protocol):
         """Add the analysis job of ``frame_id`` inside the caller's open transaction."""
         ...
 
+    def forget_run(self, session: Session, run_id: int) -> int:
+        """Drop the waiting jobs of a run being deleted, in the caller's transaction; how many."""
+        ...
+
     def notify(self) -> None:
         """Hint that new jobs were committed (wakes an idle embedded worker)."""
         ...

@@ -49,6 +49,10 @@ class EmbeddedQueue:
     def enqueue(self, session: Session, frame_id: int) -> None:
         session.add(Job(frame_id=frame_id, status="pending"))
 
+    def forget_run(self, session: Session, run_id: int) -> int:
+        """Nothing to do: a run's jobs are deleted with its frames (foreign-key cascade)."""
+        return 0
+
     def notify(self) -> None:
         self._wake.set()
 

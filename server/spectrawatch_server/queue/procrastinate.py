@@ -156,6 +156,18 @@ class ProcrastinateQueue:
         except pexc.AlreadyEnqueued:
             log.info("analysis of frame %d is already queued", frame_id)
 
+    def forget_run(self, session: Session, run_id: int) -> int:
+        """Delete the run's jobs still waiting (``todo``; their lock names the run). One a
+        worker already took runs and finds its frame gone (a no-op)."""
+        result = session.execute(
+            text(
+                "DELETE FROM procrastinate_jobs WHERE queue_name = :queue AND lock = :lock "
+                "AND status = 'todo'"
+            ),
+            {"queue": ANALYSIS_QUEUE, "lock": f"run:{run_id}"},
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
     def notify(self) -> None:
         """Nothing to do: procrastinate's insert trigger NOTIFYs listening workers."""
 

@@ -119,6 +119,8 @@ def delete_run(run: RunDep, session: SessionDep, state: StateDep, request: Reque
     project = session.get_one(Project, run.project_id).name
     run_id, name = run.id, run.name
     deleted = repo.delete_run(session, run)
+    if deleted is not None:
+        state.queue.forget_run(session, run_id)
     session.commit()
     if deleted is None:  # a concurrent DELETE of the same run won
         raise ApiError(404, "run_not_found", f"run {run_id} does not exist")
