@@ -276,10 +276,12 @@ class Monitor:
                 c.on_step(step)
 
     def log(self, values: Mapping[str, Any], step: int | None = None) -> None:
-        """Queue scalars ``{name: number}`` at ``step`` (default: the latest optimizer step).
+        """Queue scalars ``{name: number}`` at ``step`` (default: the latest optimizer step of
+        the attached model; with none attached, one step per call from 0).
 
-        Non-finite and non-numeric values are skipped (counted as errors); tensors are read
-        with ``float()``.
+        Non-finite and non-numeric values, and names the server refuses (empty, over 200
+        characters, control characters), are skipped one by one (counted as errors); tensors
+        are read with ``float()``. ``train/loss``-style names are fine.
         """
         if not self._ensure_init():
             return
