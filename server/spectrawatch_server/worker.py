@@ -130,10 +130,12 @@ class Worker:
                     errors.append(f"{analysis.name}: {exc!r}")
             session.rollback()  # end the read transaction; SQLite cannot upgrade it safely
             with session.begin():
-                # FOR KEY SHARE (PostgreSQL): a run deletion waits until these results are in,
-                # then deletes them too, instead of failing this insert on the foreign key
-                lock = {"read": True, "key_share": True}
-                frame = session.get(Frame, frame_id, with_for_update=lock, populate_existing=True)
+                # The run's row lock first, as ingest and deletion take it (PostgreSQL): a
+                # deletion waits until these results are in and deletes them too, or has made
+                # the run a tombstone; one lock order, so no deadlock with a deletion
+                frame = session.get(Frame, frame_id, populate_existing=True)
+                if frame is not None and not repo.live_runs(session, [frame.run_id]):
+                    frame = None
                 if frame is None:  # its run was deleted meanwhile
                     log.info("frame %d deleted during its analysis; results dropped", frame_id)
                     return
