@@ -41,6 +41,14 @@ def _client(args: argparse.Namespace) -> httpx.Client:
     return httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=30)
 
 
+def server_args() -> argparse.ArgumentParser:
+    """The ``--url``/``--token`` options every server-talking command shares (a parent parser)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=None, help=f"server URL (SPECTRAWATCH_URL, {DEFAULT_URL})")
+    common.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
+    return common
+
+
 def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
     with _client(args) as client:
         try:
@@ -126,9 +134,7 @@ def _run(func: Any) -> Any:
 def add_alerts_commands(subparsers: Any) -> None:
     """Register ``alerts`` and its sub-commands on the top-level ``spectrawatch`` parser."""
     alerts = subparsers.add_parser("alerts", help="list alerts and edit alert rules")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=None, help=f"server URL (SPECTRAWATCH_URL, {DEFAULT_URL})")
-    common.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
+    common = server_args()
     common.add_argument("--json", action="store_true", help="print the API's JSON")
     sub = alerts.add_subparsers(dest="alerts_command", required=True)
 

@@ -7,9 +7,8 @@ import json
 import sys
 from typing import Any
 
-from spectrawatch._cli_alerts import CliError, _call
+from spectrawatch._cli_alerts import CliError, _call, server_args
 from spectrawatch._export import resolve_run
-from spectrawatch.config import DEFAULT_URL
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
@@ -62,9 +61,7 @@ def cmd_runs_delete(args: argparse.Namespace) -> int:
 
 def add_runs_commands(subparsers: Any) -> None:
     """Register ``runs list`` and ``runs delete`` on the top-level ``spectrawatch`` parser."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=None, help=f"server URL (SPECTRAWATCH_URL, {DEFAULT_URL})")
-    common.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
+    common = server_args()
     runs = subparsers.add_parser("runs", help="list runs, delete a run with its data")
     sub = runs.add_subparsers(dest="runs_command", required=True)
     ls = sub.add_parser("list", parents=[common], help="runs, newest first")

@@ -15,11 +15,11 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
+from spectrawatch._spool import spooled_run_dirs
 from spectrawatch._version import __version__
 from spectrawatch.config import ClientSettings, SettingsError
 
@@ -61,16 +61,11 @@ def _local() -> list[Check]:
 
 def spool_state(settings: ClientSettings) -> tuple[int, int, list[str]]:
     """Spooled entries, their bytes, and the ``project/run`` directories that hold them."""
-    root = Path(settings.spool_dir)
     count, size, runs = 0, 0, []
-    if not root.is_dir():
-        return 0, 0, []
-    for run_dir in sorted(p for p in root.glob("*/*") if p.is_dir()):
-        entries = [p for p in run_dir.iterdir() if p.is_file() and p.suffix == ".sw"]
-        if entries:
-            count += len(entries)
-            size += sum(p.stat().st_size for p in entries)
-            runs.append(f"{run_dir.parent.name}/{run_dir.name}")
+    for run_dir, entries in spooled_run_dirs(settings.spool_dir):
+        count += len(entries)
+        size += sum(p.stat().st_size for p in entries)
+        runs.append(f"{run_dir.parent.name}/{run_dir.name}")
     return count, size, runs
 
 

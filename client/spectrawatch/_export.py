@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from spectrawatch._cli_alerts import CliError, _call
+from spectrawatch._cli_alerts import CliError, _call, server_args
 from spectrawatch._version import __version__
 from spectrawatch.config import DEFAULT_URL
 
@@ -343,9 +343,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def add_export_commands(subparsers: Any) -> None:
     """Register ``export`` and ``import`` on the top-level ``spectrawatch`` parser."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=None, help=f"server URL (SPECTRAWATCH_URL, {DEFAULT_URL})")
-    common.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
+    common = server_args()
 
     exp = subparsers.add_parser(
         "export", parents=[common], help="export a run's metrics and scalars to CSV or Parquet"

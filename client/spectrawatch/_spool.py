@@ -43,6 +43,20 @@ def safe_component(name: str) -> str:
     return clean[:120]
 
 
+def spooled_run_dirs(root: str | Path) -> list[tuple[Path, list[Path]]]:
+    """``(run directory, its entry files)`` of every ``<root>/<project>/<run>/`` holding
+    entries, in name order."""
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    out = []
+    for run_dir in sorted(p for p in base.glob("*/*") if p.is_dir()):
+        files = [p for p in run_dir.iterdir() if p.is_file() and p.suffix == ".sw"]
+        if files:
+            out.append((run_dir, files))
+    return out
+
+
 @dataclass(frozen=True)
 class SpoolEntry:
     """One spooled request: ``meta`` (JSON header) and where its body lies."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from spectrawatch._sender import Sender
-from spectrawatch._spool import RUN_META, Spool
+from spectrawatch._spool import RUN_META, Spool, spooled_run_dirs
 from spectrawatch._transport import Api, Rejected, Unavailable
 from spectrawatch.config import ClientSettings, SettingsError
 
@@ -35,14 +35,7 @@ class SyncResult:
 
 def spooled_runs(spool_dir: str | Path) -> list[tuple[Path, dict[str, Any] | None]]:
     """``(directory, run.json or None)`` of every run directory holding spooled entries."""
-    root = Path(spool_dir)
-    if not root.is_dir():
-        return []
-    out = []
-    for run_dir in sorted(p for p in root.glob("*/*") if p.is_dir()):
-        if any(p.suffix == ".sw" for p in run_dir.iterdir()):
-            out.append((run_dir, Spool(run_dir, 0).read_meta()))
-    return out
+    return [(d, Spool(d, 0).read_meta()) for d, _ in spooled_run_dirs(spool_dir)]
 
 
 def _names(meta: dict[str, Any] | None) -> tuple[str, str] | None:
