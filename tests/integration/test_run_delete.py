@@ -65,6 +65,7 @@ def test_delete_run_removes_everything_of_it_and_nothing_else(
     for path in ("", "/frames", "/scalars", "/metrics/catalog", "/alerts"):
         assert api.get(f"/runs/{gone}{path}").status_code == 404
     assert len(blobs_before) - len(_blob_files(server)) == n_gone - 1  # exactly its blobs went
+    assert not (server.data_dir / "blobs" / "runs" / str(gone)).exists()  # no empty directories
     assert api.get(f"/runs/{keep}").json()["frames"] == kept["run"]["frames"]
     assert frames_of(server.url, keep) == kept["frames"]
     assert api.get(f"/runs/{keep}/metrics/catalog").json() == kept["catalog"]

@@ -144,3 +144,19 @@ def test_settings_choose_the_store(tmp_path: Path, s3_endpoint: str) -> None:
     assert isinstance(remote, S3BlobStore)
     assert (remote.bucket, remote.prefix) == ("bkt", "p")
     assert remote.client.meta.endpoint_url == s3_endpoint
+
+
+def test_local_delete_prunes_emptied_directories(tmp_path: Path) -> None:
+    local = LocalBlobStore(tmp_path / "blobs")
+    put(local, "runs/1/weights/a", b"1")
+    put(local, "runs/1/weights/b", b"2")
+    put(local, "runs/2/weights/c", b"3")
+    local.delete("runs/1/weights/a")
+    assert (local.root / "runs/1/weights").is_dir()  # still holds b
+    local.delete("runs/1/weights/b")
+    assert not (local.root / "runs/1").exists()
+    assert (local.root / "runs/2/weights/c").is_file() and local.tmp.is_dir()
+    local.delete("runs/2/weights/c")
+    assert sorted(p.name for p in local.root.iterdir()) == [".tmp"]  # root and .tmp stay
+    put(local, "runs/2/weights/d", b"4")  # the pruned directories are made again
+    assert local.read("runs/2/weights/d") == b"4"

@@ -59,8 +59,14 @@ class LocalBlobStore:
             raise _translate(exc) from exc
         upload.close()
         dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(upload.name, dest)
+        for attempt in range(3):  # a concurrent ``delete`` may prune the directory just made
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(upload.name, dest)
+                return
+            except FileNotFoundError:
+                if attempt == 2 or not os.path.exists(upload.name):
+                    raise
 
     def abort_upload(self, upload: BinaryIO) -> None:
         upload.close()
@@ -70,7 +76,16 @@ class LocalBlobStore:
         return self.path(key).read_bytes()
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        """Remove a blob and the directories it leaves empty (never ``root`` itself)."""
+        path = self.path(key)
+        path.unlink(missing_ok=True)
+        for parent in path.parents:
+            if parent == self.root or self.root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or already gone): stop pruning
+                break
 
     def keys(self, min_age_seconds: float = 0.0) -> list[str]:
         """Committed blob keys (temp uploads excluded) last modified at least that long ago."""
