@@ -155,7 +155,8 @@ def test_local_delete_prunes_emptied_directories(tmp_path: Path) -> None:
     assert (local.root / "runs/1/weights").is_dir()  # still holds b
     local.delete("runs/1/weights/b")
     assert not (local.root / "runs/1").exists()
-    assert (local.root / "runs/2/weights/c").is_file() and local.tmp.is_dir()
+    assert (local.root / "runs/2/weights/c").is_file()
+    assert local.tmp.is_dir()
     local.delete("runs/2/weights/c")
     assert sorted(p.name for p in local.root.iterdir()) == [".tmp"]  # root and .tmp stay
     put(local, "runs/2/weights/d", b"4")  # the pruned directories are made again
