@@ -319,6 +319,106 @@ def test_test_send_and_slack_format(api: httpx.Client, receiver: Receiver) -> No
     assert "test delivery" in body["text"]
 
 
+class _HostileReceiver:
+    """A raw socket server that answers every request in a hostile way and counts bytes sent:
+    ``trickle`` sends a status line, then one header byte per 0.3 s; ``huge`` answers 500
+    with a 200 MB body."""
+
+    def __init__(self, mode: str) -> None:
+        import socket
+
+        self.mode = mode
+        self.sent = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: Any) -> None:
+        with conn:
+            conn.settimeout(60)
+            try:
+                conn.recv(65536)
+                if self.mode == "trickle":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(200):
+                        time.sleep(0.3)
+                        conn.sendall(b"x")
+                        self.sent += 1
+                else:
+                    size = 200 * 2**20
+                    conn.sendall(f"HTTP/1.1 500 Oops\r\ncontent-length: {size}\r\n\r\n".encode())
+                    chunk = b"E" * 2**16
+                    while self.sent < size:
+                        conn.sendall(chunk)
+                        self.sent += len(chunk)
+            except OSError:  # the server gave up on us: what we want
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", ["trickle", "huge"])
+def test_hostile_receiver_cannot_hold_or_flood_the_sender(api: httpx.Client, mode: str) -> None:
+    """httpx's timeout is per read: a receiver trickling bytes held an attempt for minutes, and
+    the whole answer was read into memory before being cut to 500 characters for the log."""
+    hostile = _HostileReceiver(mode)
+    try:
+        project = f"hostile-{mode}"
+        make_run(api, project=project, name="r")
+        hook = api.post(
+            "/webhooks", json={"project": project, "url": f"http://127.0.0.1:{hostile.port}/h"}
+        ).json()
+        started = time.monotonic()
+        result = api.post(f"/webhooks/{hook['id']}/test").json()
+        took = time.monotonic() - started
+    finally:
+        hostile.close()
+    assert result["status"] == "failed", result
+    assert took < 5.0 + 3.0  # SPECTRAWATCH_WEBHOOK_TIMEOUT_SECONDS (5) bounds the whole attempt
+    error = result["log"][0]["error"]
+    if mode == "trickle":
+        assert "timed out: no complete answer within 5 s" in error
+    else:
+        assert error.startswith("HTTP 500: EEEE")
+        assert len(error) <= len("HTTP 500: ") + 500
+        time.sleep(0.5)
+        assert hostile.sent < 32 * 2**20  # it stopped reading: not 200 MB into memory
+
+
+def test_test_sends_in_flight_are_bounded(api: httpx.Client) -> None:
+    """Test deliveries to a slow receiver run in the API's request threads: past four at once
+    the API answers 429 instead of letting them take every thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hostile = _HostileReceiver("trickle")
+    try:
+        make_run(api, project="slow-tests", name="r")
+        hook = api.post(
+            "/webhooks", json={"project": "slow-tests", "url": f"http://127.0.0.1:{hostile.port}"}
+        ).json()
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: api.post(f"/webhooks/{hook['id']}/test"), range(8)))
+        assert api.get("/alerts").status_code == 200
+    finally:
+        hostile.close()
+    statuses = sorted(r.status_code for r in codes)
+    assert statuses.count(200) >= 1
+    assert statuses.count(200) <= 4
+    assert statuses.count(429) == 8 - statuses.count(200)
+    busy = next(r for r in codes if r.status_code == 429)
+    assert busy.json()["error"]["code"] == "too_many_test_sends"
+    assert busy.headers["retry-after"] == "5"
+
+
 @pytest.mark.parametrize(
     ("url", "reason"),
     [

@@ -195,6 +195,8 @@ def resolver(*addresses: str):  # type: ignore[no-untyped-def]
         ("100.64.0.1", "non_global"),
         ("::ffff:127.0.0.1", "loopback"),
         ("::ffff:169.254.169.254", "link_local"),
+        ("2002:7f00:1::", "loopback"),  # 6to4 of 127.0.0.1
+        ("2002:a9fe:a9fe::1", "link_local"),  # 6to4 of 169.254.169.254
     ],
 )
 def test_forbidden_classes(address: str, kind: str) -> None:

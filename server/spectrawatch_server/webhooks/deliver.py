@@ -4,20 +4,26 @@ Retry schedule (Standard Webhooks): attempts at 0 s, 5 s, 5 min, 30 min, 2 h, 5 
 after the event, each delay with +-``jitter`` relative noise; a ``Retry-After`` answer pushes
 the next attempt at least that far. ``410 Gone`` disables the endpoint. A delivery past its
 ``expires_at`` (or, for rules bound to a live run such as the grokking warning, once the run has
-ended) is marked failed instead of being sent late. Redirects are not followed; response bodies
-are truncated in the log. No database transaction is held open during the HTTP request.
+ended) is marked failed instead of being sent late. Redirects are not followed. ``timeout``
+bounds the whole attempt (connect, send, answer), not each read: at the deadline a watchdog
+shuts the socket down, so a receiver trickling bytes cannot hold the sender. Only the first
+``log_chars`` characters of an answer are read (uncompressed: ``Accept-Encoding: identity``),
+whatever its size. No database transaction is held open during the HTTP request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import random
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
@@ -113,6 +119,51 @@ class _Message:
     attempts: int
 
 
+class _Watchdog:
+    """Shuts an attempt's socket down at its deadline (httpx's timeouts are per read).
+
+    Fed by httpcore's ``trace`` extension, which hands over each new connection's stream; a
+    shutdown wakes the blocked read, which then fails. The raw ``socket.shutdown`` is used on
+    TLS sockets too, so the SSL object is not touched from this thread.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, event: str, info: Mapping[str, object]) -> None:
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        stream = info.get("return_value")
+        sock = getattr(stream, "get_extra_info", lambda _name: None)("socket")
+        if not isinstance(sock, socket.socket):
+            return
+        with self._lock:
+            self._sock = sock
+            expired = self.expired
+        if expired:
+            _shutdown(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sock = self._sock
+        if sock is not None:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 _EXPIRES_WITH_RUN = frozenset(r.name for r in default_rules() if r.expires_with_run)
 
 
@@ -133,7 +184,11 @@ class Deliverer:
         self.resolve = resolve
         self.rng = rng or random.Random()
         self.client = httpx.Client(
-            transport=transport, follow_redirects=False, timeout=policy.timeout, trust_env=False
+            transport=transport,
+            follow_redirects=False,
+            timeout=policy.timeout,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),  # one connection per attempt
         )
 
     def close(self) -> None:
@@ -152,27 +207,56 @@ class Deliverer:
         headers = signed_headers(message.msg_id, int(time.time()), body, message.secret)
         url = httpx.URL(target.url)
         headers["host"] = url.netloc.decode("ascii")
-        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        headers["accept-encoding"] = "identity"  # the answer is only logged: never inflate it
+        extensions: dict[str, Any] = (
+            {"sni_hostname": target.host} if target.scheme == "https" else {}
+        )
         started = time.perf_counter()
+        watchdog = _Watchdog(self.policy.timeout)
         try:
-            response = self.client.post(
-                url.copy_with(host=target.address),
-                content=body,
-                headers=headers,
-                extensions=extensions,
+            code, text, retry_header = self._post(
+                url.copy_with(host=target.address), body, headers, extensions, watchdog
             )
         except httpx.HTTPError as exc:
             latency = (time.perf_counter() - started) * 1000
-            return self._finish(
-                delivery_id, message, None, latency, f"{type(exc).__name__}: {exc}", None, False
+            failure = (
+                f"timed out: no complete answer within {self.policy.timeout:g} s"
+                if watchdog.expired
+                else f"{type(exc).__name__}: {exc}"
             )
+            return self._finish(delivery_id, message, None, latency, failure, None, False)
+        finally:
+            watchdog.cancel()
         latency = (time.perf_counter() - started) * 1000
-        code = response.status_code
-        error = (
-            None if 200 <= code < 300 else f"HTTP {code}: {response.text[: self.policy.log_chars]}"
-        )
-        retry_after = parse_retry_after(response.headers.get("retry-after"), utcnow())
+        error = None if 200 <= code < 300 else f"HTTP {code}: {text}"
+        retry_after = parse_retry_after(retry_header, utcnow())
         return self._finish(delivery_id, message, code, latency, error, retry_after, False)
+
+    def _post(
+        self,
+        url: httpx.URL,
+        body: bytes,
+        headers: Mapping[str, str],
+        extensions: dict[str, Any],
+        watchdog: _Watchdog,
+    ) -> tuple[int, str, str | None]:
+        """POST and read at most ``log_chars`` of the answer: (status, text, Retry-After)."""
+        limit = self.policy.log_chars * 4  # UTF-8: up to 4 bytes per character
+        with self.client.stream(
+            "POST",
+            url,
+            content=body,
+            headers=headers,
+            extensions={**extensions, "trace": watchdog.trace},
+        ) as response:
+            raw = bytearray()
+            if not 200 <= response.status_code < 300:
+                for chunk in response.iter_raw():
+                    raw += chunk
+                    if len(raw) >= limit:
+                        break
+            text = raw.decode("utf-8", "replace")[: self.policy.log_chars]
+            return response.status_code, text, response.headers.get("retry-after")
 
     def _load(self, delivery_id: int) -> tuple[_Message | None, Outcome | None]:
         with self.sessions.begin() as session:

@@ -4,7 +4,9 @@ A webhook URL is attacker-controlled input that makes the server send requests. 
 explicitly allowed (``SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS``, comma-separated host names, IPs or
 CIDRs): loopback, link-local (169.254.0.0/16 incl. cloud metadata endpoints, fe80::/10),
 private (RFC 1918, fc00::/7), shared address space (100.64.0.0/10), multicast, unspecified,
-reserved and every other non-global address; IPv4-mapped IPv6 is judged by its IPv4 address.
+reserved and every other non-global address. An IPv6 address that embeds an IPv4 one
+(IPv4-mapped ``::ffff:a.b.c.d``, 6to4 ``2002:aabb:ccdd::``, Teredo ``2001:0::`` whose client
+address is the obfuscated IPv4) is also judged by that IPv4 address.
 The check runs at creation (a clear 4xx) and again before every attempt, and the sender connects
 to the address that was checked (no second DNS lookup for a rebinding attack to race).
 """
@@ -71,8 +73,12 @@ class Target:
 
 def classify(address: IPAddress) -> str | None:
     """The forbidden class of an address, or ``None`` when it is publicly routable."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return classify(address.ipv4_mapped)
+        for v4 in (address.sixtofour, *(address.teredo or ())):  # teredo: (server, client)
+            if v4 is not None and (kind := classify(v4)) is not None:
+                return kind
     checks = (
         ("loopback", address.is_loopback),
         ("link_local", address.is_link_local),

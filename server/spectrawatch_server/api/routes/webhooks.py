@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 from spectrawatch_server.api.deps import Principal, PrincipalDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
+from spectrawatch_server.api.state import AppState
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Delivery, Project, Webhook
@@ -271,15 +273,35 @@ def redeliver(
     return _delivery_public(session, delivery, with_log=True)
 
 
+TEST_SENDS_IN_FLIGHT = 4  # per API process: each holds a request thread up to the timeout
+_test_sends = threading.BoundedSemaphore(TEST_SENDS_IN_FLIGHT)
+
+
 @router.post("/webhooks/{webhook_id}/test", response_model=DeliveryPublic)
 def send_test(
     webhook_id: int, state: StateDep, principal: PrincipalDep, session: SessionDep
 ) -> DeliveryPublic:
     """Send a signed ``webhook.test`` event now and answer with the attempt's outcome.
 
-    A failed test is not retried (the caller sees the result right away).
+    A failed test is not retried (the caller sees the result right away). At most
+    :data:`TEST_SENDS_IN_FLIGHT` run at once (429 beyond), so slow receivers cannot take the
+    API's request threads.
     """
     hook = _find_webhook(session, principal, webhook_id)
+    if not _test_sends.acquire(blocking=False):
+        raise ApiError(
+            429,
+            "too_many_test_sends",
+            f"{TEST_SENDS_IN_FLIGHT} test deliveries are in flight; retry in a few seconds",
+            {"Retry-After": "5"},
+        )
+    try:
+        return _send_test(hook, state, session)
+    finally:
+        _test_sends.release()
+
+
+def _send_test(hook: Webhook, state: AppState, session: Session) -> DeliveryPublic:
     project = session.get_one(Project, hook.project_id)
     delivery = outbox.enqueue_test(session, hook, project, timedelta(minutes=5))
     delivery.next_at = utcnow() + timedelta(days=1)  # not for the background sender
