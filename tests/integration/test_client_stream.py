@@ -43,6 +43,20 @@ def test_every_frame_arrives_exactly_once(server: ServerProcess, tmp_path: Path)
         run = c.get(f"/runs/{m.run_id}").json()
     assert run["status"] == "finished"
     assert run["client_stats"]["dropped_frames"] == 0
+    # SED phases come from complete windows only (a window of a few rows has a huge gap that
+    # made every later point a "collapse"), and a clean run raises no gap-collapse alert
+    with spectrawatch.Api(server.url) as api:
+        stored = api.run(m.run_id)
+        for w in (16, 32):
+            phase = stored.metric(f"sed.phase.w{w}")
+            incomplete = stored.metric(f"sed.incomplete.w{w}")
+            assert phase.keys() == incomplete.keys()
+            for layer, series in phase.items():
+                flags = dict(zip(incomplete[layer].steps, incomplete[layer].values, strict=True))
+                partial = [v for s, v in zip(series.steps, series.values, strict=True) if flags[s]]
+                assert partial
+                assert set(partial) == {0.0}, (w, layer)
+        assert not [a for a in stored.alerts() if a["rule"] == "gap_collapse"]
 
 
 def test_kill_and_restart_replays_the_spool(tmp_path: Path) -> None:

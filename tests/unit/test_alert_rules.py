@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.alerts.engine import AlertEngine
+from spectrawatch_server.analyses.registry import MODEL_LAYER
 from spectrawatch_server.db.models import Alert, Delivery, Frame, Project, Run, Webhook
 from spectrawatch_server.storage import alert_store, series
 from spectrawatch_server.storage import repository as repo
@@ -100,6 +101,8 @@ def test_default_rules_cover_the_design() -> None:
     assert names["farms_alpha_out_of_range"].metric == htsr.FARMS_PREFIX + "alpha"
     assert names["spectral_norm_blowup"].metric == norms.SPECTRAL_NORM
     assert names["gap_collapse"].metric == sed.PHASE
+    assert names["gap_collapse"].covers(MODEL_LAYER)  # the whole model only, by default
+    assert not names["gap_collapse"].covers("fc.bias")
     assert names["gap_collapse"].above == pytest.approx(sed.Phase.COLLAPSE - 0.5)
     # windowed SED keys are matched, other keys are not
     assert names["gap_collapse"].matches_metric(sed.windowed_key(sed.PHASE, 32))

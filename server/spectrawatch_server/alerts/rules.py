@@ -186,7 +186,11 @@ def default_rules() -> tuple[RuleSpec, ...]:
             "threshold",
             metric=_key("sed", "PHASE", "sed.phase"),
             above=collapse - 0.5,
-            description="the SED gap series entered its collapse phase (sed.phase = 3)",
+            # The whole model only: a layer's gap (a bias's above all) rises and collapses in
+            # ordinary training; on a clean 300-step MLP run every bias "collapsed".
+            layers=MODEL_LAYER,
+            description="the whole model's SED gap series entered its collapse phase "
+            "(sed.phase = 3)",
         ),
         RuleSpec(
             "activation_change",

@@ -170,7 +170,12 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
         )
         found.extend((layer, f) for (layer, _), f in zip(members, batch, strict=True))
     past = context.metric_tails(
-        {(_key(sed.GAP_RATIO, w, interval), layer): PHASE_HISTORY for layer, f in found for w in f}
+        {
+            (_key(name, w, interval), layer): PHASE_HISTORY
+            for layer, f in found
+            for w in f
+            for name in (sed.GAP_RATIO, sed.INCOMPLETE)
+        }
     )
     for layer, by_window in found:
         _layer_result(result, layer, by_window, interval, past)
@@ -191,7 +196,9 @@ def _layer_result(
     for w, found in found_by_window.items():
         if not found:
             continue
-        stored = past.get((_key(sed.GAP_RATIO, w, interval), layer), [])
+        gaps = past.get((_key(sed.GAP_RATIO, w, interval), layer), [])
+        partial = {s for s, v in past.get((_key(sed.INCOMPLETE, w, interval), layer), []) if v}
+        stored = [(s, v) for s, v in gaps if s not in partial]
         result.metrics.extend(_window_metrics(found, layer, w, interval, stored))
         last = found[-1]
         payload["windows"][str(w)] = {  # type: ignore[index]
@@ -219,12 +226,17 @@ def _window_metrics(
     interval: bool,
     stored: list[tuple[int, float]],
 ) -> list[MetricValue]:
-    """Metrics of one layer's windows; ``stored`` is the gap series so far (oldest first)."""
+    """Metrics of one layer's windows; ``stored`` is the gap series of complete windows so far
+    (oldest first). Phases are detected on complete windows only: a window of a few rows has
+    a large, meaningless gap, which made its peak and every later point a "collapse"; an
+    incomplete window's phase is UNKNOWN."""
     keys = [_key(name, window, interval) for name in _WINDOW_NAMES]
     cut = bisect.bisect_left(stored, found[0].step, key=lambda p: p[0])
-    values = [v for _, v in stored[:cut]] + [w.gap_ratio for w in found]
+    values = [v for _, v in stored[:cut]] + [w.gap_ratio for w in found if w.complete]
+    codes = iter(sed.phase_codes(values, cut))
     out: list[MetricValue] = []
-    for w, phase in zip(found, sed.phase_codes(values, cut), strict=True):
+    for w in found:
+        phase = next(codes) if w.complete else sed.Phase.UNKNOWN
         numbers = (
             w.gap_ratio,
             float(w.edge),
