@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -13,18 +15,27 @@ import httpx
 from spectrawatch._transport import error_of
 from spectrawatch.config import DEFAULT_URL
 
+
 # CLI flag -> rule parameter (value type)
-_PARAMS: dict[str, type] = {
+def _finite_float(text: str) -> float:
+    """A finite number (argparse type): rule thresholds cannot be NaN or infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+_PARAMS: dict[str, Callable[[str], Any]] = {
     "kind": str,
     "metric": str,
-    "below": float,
-    "above": float,
-    "factor": float,
+    "below": _finite_float,
+    "above": _finite_float,
+    "factor": _finite_float,
     "window": int,
-    "hysteresis": float,
+    "hysteresis": _finite_float,
     "fire_after": int,
     "clear_after": int,
-    "minutes": float,
+    "minutes": _finite_float,
     "layers": str,
     "severity": str,
 }

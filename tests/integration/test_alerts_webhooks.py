@@ -319,6 +319,15 @@ def test_test_send_and_slack_format(api: httpx.Client, receiver: Receiver) -> No
     assert "test delivery" in body["text"]
 
 
+def test_client_stats_alone_open_the_drops_alert(api: httpx.Client) -> None:
+    """A client whose every frame was dropped only reports its counters: that must alert."""
+    run_id = make_run(api, project="drops", name="r")
+    stats = {"dropped_frames": 5, "spool_overflow": 2}
+    assert api.post(f"/runs/{run_id}/client-stats", json=stats).status_code == 200
+    (alert,) = api.get(f"/runs/{run_id}/alerts").json()
+    assert (alert["rule"], alert["status"]) == ("client_drops", "open")
+
+
 class _HostileReceiver:
     """A raw socket server that answers every request in a hostile way and counts bytes sent:
     ``trickle`` sends a status line, then one header byte per 0.3 s; ``huge`` answers 500

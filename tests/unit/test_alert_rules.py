@@ -271,10 +271,17 @@ def test_engine_silent_runs_and_client_drops(sessions: sessionmaker[Session]) ->
         busy.last_seen_at = utcnow() - timedelta(minutes=5)
         done.last_seen_at = utcnow() - timedelta(minutes=90)
         done.status = "finished"
-        ids = (quiet.id, busy.id, done.id)
+        mute, _ = repo.get_or_create_run(session, project, "mute", {}, [])
+        mute.created_at = utcnow() - timedelta(minutes=40)  # hung before its first step
+        young, _ = repo.get_or_create_run(session, project, "young", {}, [])
+        ids = (quiet.id, busy.id, done.id, mute.id, young.id)
     with sessions.begin() as session:
-        assert engine.sweep_silent(session) == 1
+        assert engine.sweep_silent(session) == 2
         assert engine.sweep_silent(session) == 0  # the open episode is not re-opened
+    with sessions.begin() as session:
+        (mute_alert,) = alert_store.list_alerts(session, rule="run_silent", run_id=ids[3])
+        assert mute_alert.values["silent_minutes"] == pytest.approx(40.0, abs=0.2)
+        session.delete(mute_alert)
     with sessions.begin() as session:
         (alert,) = alert_store.list_alerts(session, rule="run_silent")
         assert (alert.run_id, alert.status) == (ids[0], "open")
@@ -288,6 +295,12 @@ def test_engine_silent_runs_and_client_drops(sessions: sessionmaker[Session]) ->
         assert by_rule["run_silent"].status == "resolved"
         assert by_rule["client_drops"].status == "open"
         assert by_rule["client_drops"].values == {"dropped_frames": 3, "spool_overflow": 0}
+        # counters reported with no frame after them (all were dropped) are judged at once
+        busy_run = session.get_one(Run, ids[1])
+        busy_run.client_stats = {"dropped_frames": 0, "spool_overflow": 2}
+        engine.evaluate_client_stats(session, busy_run)
+        (drops,) = alert_store.list_alerts(session, run_id=ids[1], rule="client_drops")
+        assert (drops.status, drops.values["spool_overflow"]) == ("open", 2)
 
 
 def test_watched_series_takes_the_longest_history_per_series() -> None:
@@ -365,3 +378,14 @@ def test_metric_tails_equal_per_series_queries(sessions: sessionmaker[Session]) 
     )
     assert len(wanted) == 15
     assert len(queries) == 2 * 5 + 1  # 2 per name + 1 fallback for (a, l2), whatever the layers
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "Infinity"])
+def test_cli_refuses_non_finite_thresholds(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """They reached the JSON encoder and ended in a traceback (the API refuses them too)."""
+    from spectrawatch.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["alerts", "set", "r", "--project", "p", "--above", value, "--url", "http://x:1"])
+    assert exit_info.value.code == 2
+    assert f"must be a finite number, got '{value}'" in capsys.readouterr().err

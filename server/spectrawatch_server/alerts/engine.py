@@ -57,15 +57,35 @@ class AlertEngine:
             elif rule.kind == "nonfinite":
                 self._nonfinite_rule(session, rule, run, project, frame, open_now)
             elif rule.kind == "client_drops":
-                stats = run.client_stats or {}
-                dropped = int(stats.get("dropped_frames", 0) or 0)
-                overflow = int(stats.get("spool_overflow", 0) or 0)
-                state = R.drops_state(rule, dropped, overflow)
-                values: dict[str, Any] = {"dropped_frames": dropped, "spool_overflow": overflow}
-                self._apply(session, rule, run, project, "", frame.step, state, values, open_now)
+                self._drops_rule(session, rule, run, project, frame.step, open_now)
             elif rule.kind == "silence":
                 quiet: dict[str, Any] = {"silent_minutes": 0.0}
                 self._apply(session, rule, run, project, "", frame.step, "clear", quiet, open_now)
+
+    def evaluate_client_stats(self, session: Session, run: Run) -> None:
+        """The ``client_drops`` rules after the client reported its counters (a run whose
+        frames were all dropped sends no frame that would run them)."""
+        project = session.get_one(Project, run.project_id)
+        open_now = alert_store.open_alerts(session, run.id)
+        for rule in R.effective_rules(alert_store.stored_rules(session, project.id)):
+            if rule.enabled and rule.kind == "client_drops":
+                self._drops_rule(session, rule, run, project, run.last_step or 0, open_now)
+
+    def _drops_rule(
+        self,
+        session: Session,
+        rule: R.RuleSpec,
+        run: Run,
+        project: Project,
+        step: int,
+        open_now: dict[tuple[str, str], Alert],
+    ) -> None:
+        stats = run.client_stats or {}
+        dropped = int(stats.get("dropped_frames", 0) or 0)
+        overflow = int(stats.get("spool_overflow", 0) or 0)
+        state = R.drops_state(rule, dropped, overflow)
+        values: dict[str, Any] = {"dropped_frames": dropped, "spool_overflow": overflow}
+        self._apply(session, rule, run, project, "", step, state, values, open_now)
 
     def _metric_rule(
         self,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.base import utcnow
@@ -109,10 +109,12 @@ def list_alerts(
 
 
 def silent_runs(session: Session, before: datetime) -> Sequence[Run]:
-    """Running runs whose last activity is older than ``before``."""
-    return session.scalars(
-        select(Run).where(Run.status == "running", Run.last_seen_at < before).order_by(Run.id)
-    ).all()
+    """Running runs whose last activity (their creation if they never sent anything: a job
+    that hung before its first step) is older than ``before``."""
+    quiet = or_(
+        Run.last_seen_at < before, and_(Run.last_seen_at.is_(None), Run.created_at < before)
+    )
+    return session.scalars(select(Run).where(Run.status == "running", quiet).order_by(Run.id)).all()
 
 
 def open_alerts_of_rule(session: Session, rule: str) -> Sequence[Alert]:

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.api.deps import LiveRunDep, PrincipalDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.db.models import Frame, Project, Run
@@ -105,9 +106,13 @@ def update_run(body: RunUpdate, run: LiveRunDep, session: SessionDep) -> RunPubl
 
 
 @router.post("/{run_id}/client-stats", response_model=RunPublic)
-def report_client_stats(body: ClientStats, run: LiveRunDep, session: SessionDep) -> RunPublic:
-    """Latest client health counters (drops, spool) — shown in the run's status."""
+def report_client_stats(
+    body: ClientStats, run: LiveRunDep, session: SessionDep, state: StateDep
+) -> RunPublic:
+    """Latest client health counters (drops, spool) — shown in the run's status; the
+    ``client_drops`` alert rules run on them at once."""
     run.client_stats = body.model_dump()
+    engine_for(state.settings).evaluate_client_stats(session, run)
     session.commit()
     return run_public(session, run)
 
