@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -328,6 +328,25 @@ def decode_frame(
     """Validate and load an uncompressed frame: header first, then tensors."""
     header = parse_header(data, len(data), limits)
     return header, load_tensors(data)
+
+
+def nonfinite_steps(
+    tensors: Mapping[str, torch.Tensor], bad: Iterable[str], steps: Sequence[int] | None, step: int
+) -> dict[str, list[int]]:
+    """``[first, last]`` step of the NaN/Inf values of each tensor named in ``bad``: its rows'
+    steps where it has one row per entry of ``steps`` (sketch frames), else ``[step, step]``."""
+    import torch
+
+    out: dict[str, list[int]] = {}
+    for name in bad:
+        t = tensors[name]
+        if steps and t.ndim >= 1 and t.shape[0] == len(steps):
+            rows = (~torch.isfinite(t)).reshape(len(steps), -1).any(dim=1).nonzero().flatten()
+            if len(rows):
+                out[name] = [int(steps[int(rows[0])]), int(steps[int(rows[-1])])]
+                continue
+        out[name] = [step, step]
+    return out
 
 
 def count_nonfinite(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:

@@ -389,3 +389,50 @@ def test_cli_refuses_non_finite_thresholds(value: str, capsys: pytest.CaptureFix
         main(["alerts", "set", "r", "--project", "p", "--above", value, "--url", "http://x:1"])
     assert exit_info.value.code == 2
     assert f"must be a finite number, got '{value}'" in capsys.readouterr().err
+
+
+def test_engine_nonfinite_episodes_follow_steps_not_arrival(
+    sessions: sessionmaker[Session],
+) -> None:
+    """One NaN incident seen by frames of several kinds arriving out of step order is one
+    episode, opened at its first bad step; a relapse later is a second one."""
+    engine = AlertEngine()
+
+    def frame(seq: int, kind: str, steps: list[int], bad: tuple[int, int] | None) -> Frame:
+        row = Frame(
+            run_id=run_id,
+            kind=kind,
+            step=steps[0],
+            seq=seq,
+            idempotency_key=f"nan:{seq}",
+            blob_key=f"n{seq}",
+            bytes=1,
+            info={"steps": steps} if len(steps) > 1 else {},
+            layers=["fc.weight"],
+            nonfinite={"fc.weight": 3} if bad else {},
+            nonfinite_steps={"fc.weight": list(bad)} if bad else {},
+            status="done",
+        )
+        repo.insert_frame(session, row)
+        return row
+
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "nan")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        run_id = run.id
+        arrivals = [
+            frame(0, "param_sketch", list(range(97, 113)), (100, 112)),  # opens at 100
+            frame(1, "param_sketch", list(range(113, 129)), (113, 128)),  # same incident
+            frame(2, "weights", [140], None),  # restored: resolves
+            frame(3, "update_sketch", list(range(129, 145)), (129, 140)),  # late tail
+            frame(4, "update_sketch", list(range(145, 161)), None),
+            frame(5, "weights", [200], (200, 200)),  # relapse
+            frame(6, "weights", [90], None),  # a late clean frame from before it
+        ]
+        for f in arrivals:
+            engine.evaluate(session, f)
+        alerts = alert_store.list_alerts(session, run_id=run_id, rule="nonfinite")
+        got = sorted((a.step, a.status, a.resolved_step, a.values["last_step"]) for a in alerts)
+        assert got == [(100, "resolved", 140, 128), (200, "open", None, 200)]
+        first = min(alerts, key=lambda a: a.step)
+        assert "(param_sketch frame, steps 100-112)" in first.message

@@ -17,6 +17,7 @@ from spectrawatch.wire import (
     decode_frame,
     decompress,
     encode_frame,
+    nonfinite_steps,
     parse_header,
 )
 
@@ -207,3 +208,17 @@ def test_count_nonfinite_counts_every_kind_of_bad_entry(dtype: torch.dtype) -> N
         "ok": torch.ones(2, 2, dtype=dtype),
     }
     assert count_nonfinite(tensors) == {"both": 2, "neg": 1, "cplx": 1}
+
+
+def test_nonfinite_steps_of_rows_and_whole_tensors() -> None:
+    rows = torch.zeros(4, 3)
+    rows[1, 2] = float("nan")
+    rows[2, 0] = float("inf")
+    whole = torch.ones(2, 5)
+    whole[0, 0] = float("nan")
+    tensors = {"a": rows, "b": whole, "c": torch.zeros(4, 3)}
+    bad = count_nonfinite(tensors)
+    assert bad == {"a": 2, "b": 1}
+    spans = nonfinite_steps(tensors, bad, [10, 11, 12, 13], 10)
+    assert spans == {"a": [11, 12], "b": [10, 10]}  # "b" has no row per step
+    assert nonfinite_steps({"b": whole}, ["b"], None, 7) == {"b": [7, 7]}

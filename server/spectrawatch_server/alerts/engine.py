@@ -149,14 +149,45 @@ class AlertEngine:
         frame: Frame,
         open_now: dict[tuple[str, str], Alert],
     ) -> None:
+        """Per layer: NaN/Inf rows open an episode at their first step (unless they are the
+        tail of an episode already resolved after them: frames of other kinds arrive out of
+        step order); a later open episode only extends its ``last_step``. A clean frame
+        resolves it only if it reaches past that last bad step."""
         counts = frame.nonfinite or {}
+        spans = frame.nonfinite_steps or {}
+        steps = (frame.info or {}).get("steps")
+        frame_last = max([frame.step, *steps]) if isinstance(steps, list) else frame.step
         for layer in sorted(set(frame.layers or []) | set(counts)):
             if not rule.covers(layer):
                 continue
+            alert = open_now.get((rule.name, layer))
             count = int(counts.get(layer, 0))
-            state: R.PointState = "fire" if count else "clear"
-            values = {"count": count, "kind": frame.kind, "frame_id": frame.id}
-            self._apply(session, rule, run, project, layer, frame.step, state, values, open_now)
+            if not count:
+                last_bad = int((alert.values or {}).get("last_step", alert.step)) if alert else 0
+                if alert is not None and frame_last > last_bad:
+                    self._resolve(session, alert, run, project, max(frame.step, last_bad + 1))
+                    del open_now[(rule.name, layer)]
+                continue
+            first, last = spans.get(layer, (frame.step, frame_last))
+            if alert is not None:
+                alert.values = {
+                    **alert.values,
+                    "last_step": max(last, int(alert.values.get("last_step", alert.step))),
+                }
+                continue
+            resolved = alert_store.last_resolved_step(session, run.id, rule.name, layer)
+            if resolved is not None and last <= resolved:
+                continue
+            values = {
+                "count": count,
+                "kind": frame.kind,
+                "frame_id": frame.id,
+                "first_step": first,
+                "last_step": last,
+            }
+            open_now[(rule.name, layer)] = self._open(
+                session, rule, run, project, layer, first, values
+            )
 
     def _apply(
         self,

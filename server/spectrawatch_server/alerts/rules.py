@@ -504,6 +504,13 @@ def silence_state(rule: RuleSpec, silent_minutes: float, running: bool) -> Point
     return "fire" if silent_minutes > rule.minutes else "clear"
 
 
+def _span(first: Any, last: Any) -> str:
+    """``", steps 129-140"`` / ``", step 140"`` / nothing when unknown."""
+    if first is None or last is None:
+        return ""
+    return f", step {first}" if first == last else f", steps {first}-{last}"
+
+
 def describe(rule: RuleSpec, layer: str, values: Mapping[str, Any]) -> str:
     """One human line for an alert (also the Slack text)."""
     where = f" in {layer}" if layer else ""
@@ -526,7 +533,9 @@ def describe(rule: RuleSpec, layer: str, values: Mapping[str, Any]) -> str:
         )
     if rule.kind == "nonfinite":
         return (
-            f"{rule.name}: {values.get('count')} NaN/Inf values{where} ({values.get('kind')} frame)"
+            f"{rule.name}: {values.get('count')} NaN/Inf values{where} ({values.get('kind')} frame"
+            + _span(values.get("first_step"), values.get("last_step"))
+            + ")"
         )
     if rule.kind == "client_drops":
         return (

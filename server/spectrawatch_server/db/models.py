@@ -89,6 +89,8 @@ class Frame(Base):
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     layers: Mapped[list[str]] = mapped_column(JSON, default=list)
     nonfinite: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    # layer -> [first, last] step of its NaN/Inf rows (None: a frame stored before 0004)
+    nonfinite_steps: Mapped[dict[str, list[int]] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

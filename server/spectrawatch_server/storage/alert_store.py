@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.base import utcnow
@@ -71,6 +71,18 @@ def open_alerts(session: Session, run_id: int) -> dict[tuple[str, str], Alert]:
         select(Alert).where(Alert.run_id == run_id, Alert.status == "open").order_by(Alert.id)
     ).all()
     return {(a.rule, a.layer): a for a in rows}
+
+
+def last_resolved_step(session: Session, run_id: int, rule: str, layer: str) -> int | None:
+    """The latest step at which an episode of (run, rule, layer) was resolved, if any."""
+    return session.scalar(
+        select(func.max(Alert.resolved_step)).where(
+            Alert.run_id == run_id,
+            Alert.rule == rule,
+            Alert.layer == layer,
+            Alert.status == "resolved",
+        )
+    )
 
 
 def insert_alert(session: Session, alert: Alert) -> Alert:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, BinaryIO
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -23,6 +23,7 @@ from spectrawatch.wire import (
     count_nonfinite,
     decompress,
     load_tensors,
+    nonfinite_steps,
     parse_header,
 )
 from spectrawatch_server.api.auth_cache import AuthCache
@@ -34,6 +35,9 @@ from spectrawatch_server.schemas import FramePublic
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import BlobStoreFull
 from spectrawatch_server.storage.group_commit import FrameCommitter, RunGone
+
+if TYPE_CHECKING:
+    import torch
 
 router = APIRouter(tags=["frames"])
 
@@ -194,7 +198,10 @@ def _store(
 ) -> Frame:
     """Validate the body, commit its blob (durable before any row names it), build the row."""
     data = body.data()
-    header, nonfinite = _validate(state, data, encoding)
+    header, tensors = _validate(state, data, encoding)
+    nonfinite = count_nonfinite(tensors)
+    bad_steps = nonfinite_steps(tensors, nonfinite, header.info.get("steps"), header.step)
+    del tensors
     body.spill()  # in-memory bodies are written only once they proved valid
     assert body.upload is not None
     suffix = ".safetensors.zst" if encoding == "zstd" else ".safetensors"
@@ -214,19 +221,22 @@ def _store(
         info=header.info,
         layers=header.names,
         nonfinite=nonfinite,
+        nonfinite_steps=bad_steps,
         status="pending",
     )
 
 
-def _validate(state: AppState, data: bytes, encoding: str) -> tuple[FrameHeader, dict[str, int]]:
-    """Header checks, then a full tensor read (also catches corrupt data) and NaN/Inf count."""
+def _validate(
+    state: AppState, data: bytes, encoding: str
+) -> tuple[FrameHeader, dict[str, torch.Tensor]]:
+    """Header checks, then a full tensor read (also catches corrupt data)."""
     if encoding == "zstd":
         data = decompress(data, state.settings.max_body_bytes)
     header = parse_header(data, len(data), state.limits)
     tensors = load_tensors(data)
     if set(tensors) != set(header.names):
         raise FrameError("bad_tensor_data", "tensor names differ from the header", status=400)
-    return header, count_nonfinite(tensors)
+    return header, tensors
 
 
 def _frame_response(frame: Frame, status: int) -> JSONResponse:
