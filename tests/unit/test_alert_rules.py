@@ -68,6 +68,9 @@ def test_growth_rule_ratio_over_window() -> None:
     assert episodes(rule, values) == [(3, R.Transition.OPEN), (6, R.Transition.RESOLVE)]
     # a ratio between factor*(1-h) and factor holds the episode open
     assert R.point_states(rule, [1.0, 7.0]) == ["hold", "hold"]
+    # with the open episode's baseline, a value that stays grown does not clear
+    assert R.point_states(rule, values, baseline=1.0)[-1] == "fire"
+    assert R.point_states(rule, [25.0, 30.0, 40.0, 1.5], baseline=1.0)[-1] == "clear"
 
 
 def test_nonfinite_values_hold() -> None:
@@ -436,3 +439,21 @@ def test_engine_nonfinite_episodes_follow_steps_not_arrival(
         assert got == [(100, "resolved", 140, 128), (200, "open", None, 200)]
         first = min(alerts, key=lambda a: a.step)
         assert "(param_sketch frame, steps 100-112)" in first.message
+
+
+def test_engine_growth_episode_stays_open_while_grown(sessions: sessionmaker[Session]) -> None:
+    """A weight blown up x100 and left there stayed "resolved" once the 10-frame window had slid
+    into the grown values; it now resolves when the norm comes back."""
+    engine = AlertEngine()
+    norms = [1.0, 1.1, 0.9, 1.0] + [100.0] * 14 + [1.2]
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "grow")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        history = []
+        for seq, value in enumerate(norms):
+            engine.evaluate(session, add_frame(session, run, seq, {"norm.spectral": value}))
+            (alert,) = alert_store.list_alerts(session, run_id=run.id) or [None]
+            history.append(None if alert is None else alert.status)
+    assert history[:4] == [None] * 4
+    assert history[4:-1] == ["open"] * 14
+    assert history[-1] == "resolved"

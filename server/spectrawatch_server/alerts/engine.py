@@ -98,13 +98,18 @@ class AlertEngine:
         open_now: dict[tuple[str, str], Alert],
     ) -> None:
         for layer, names in sorted(names_by_layer.items()):
-            is_open = (rule.name, layer) in open_now
+            episode = open_now.get((rule.name, layer))
+            is_open = episode is not None
+            baseline = (episode.values or {}).get("baseline") if episode is not None else None
             decisions: list[tuple[R.Transition, str, list[tuple[int, float]]]] = []
             for name in sorted(names):
                 tail = tails.get((name, layer), [])[-rule.history_needed :]
                 if not tail:
                     continue
-                transition = R.decide_series(rule, is_open, [v for _, v in tail])
+                values = [v for _, v in tail]
+                transition = R.decide_series(
+                    rule, is_open, values, baseline if rule.kind == "growth" else None
+                )
                 decisions.append((transition, name, tail))
             if not decisions:
                 continue

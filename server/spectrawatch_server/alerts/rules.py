@@ -63,7 +63,9 @@ class RuleSpec:
     - ``threshold``: ``metric``; fires when value < ``below`` or > ``above``; clears when
       ``below + hysteresis <= value <= above - hysteresis`` (metric units).
     - ``growth``: ``metric``; fires when value / min(previous ``window`` positive values)
-      >= ``factor``; clears when that ratio < ``factor * (1 - hysteresis)``.
+      >= ``factor``; clears when that ratio < ``factor * (1 - hysteresis)``, the minimum then
+      including the baseline the episode fired against (a grown value that stays grown does
+      not clear once the window has slid past the jump).
     - ``nonfinite``: fires when a frame carries NaN/Inf in a layer; clears on a finite frame.
     - ``client_drops``: fires when the client's dropped + spool-overflow count > ``above``.
     - ``silence``: fires when a running run sent nothing for ``minutes``.
@@ -391,10 +393,15 @@ def effective_rules(stored: Mapping[str, tuple[bool, Mapping[str, Any]]]) -> lis
 # --- decisions ------------------------------------------------------------------------------
 
 
-def point_states(rule: RuleSpec, values: Sequence[float]) -> list[PointState]:
+def point_states(
+    rule: RuleSpec, values: Sequence[float], baseline: float | None = None
+) -> list[PointState]:
     """State of each point of a series (oldest first) under a threshold or growth rule.
 
     Growth points with fewer than one earlier point, or no positive earlier value, are ``hold``.
+    ``baseline`` (an open growth episode's reference value) joins every point's earlier values,
+    so the episode clears only once the value is back near it, not when the window has slid
+    into the grown values.
     """
     states: list[PointState] = []
     for i, v in enumerate(values):
@@ -404,6 +411,8 @@ def point_states(rule: RuleSpec, values: Sequence[float]) -> list[PointState]:
             states.append(_threshold_state(rule, v))
         elif rule.kind == "growth":
             earlier = [x for x in values[max(0, i - rule.window) : i] if math.isfinite(x) and x > 0]
+            if baseline is not None and math.isfinite(baseline) and baseline > 0:
+                earlier.append(baseline)
             states.append(_growth_state(rule, v, min(earlier)) if earlier else "hold")
         else:
             raise ValueError(f"rule kind {rule.kind!r} has no metric series")
@@ -443,9 +452,11 @@ def decide(rule: RuleSpec, is_open: bool, states: Sequence[PointState]) -> Trans
     return Transition.NONE
 
 
-def decide_series(rule: RuleSpec, is_open: bool, values: Sequence[float]) -> Transition:
+def decide_series(
+    rule: RuleSpec, is_open: bool, values: Sequence[float], baseline: float | None = None
+) -> Transition:
     """:func:`decide` over :func:`point_states` of a metric series (oldest first)."""
-    return decide(rule, is_open, point_states(rule, values))
+    return decide(rule, is_open, point_states(rule, values, baseline))
 
 
 Watched = dict[str, dict[str, set[str]]]
