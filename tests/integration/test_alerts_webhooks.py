@@ -471,6 +471,13 @@ def test_bad_rule_input_is_422(
     assert needle in r.json()["error"]["message"]
 
 
+def test_editing_an_unknown_rule_is_404(api: httpx.Client) -> None:
+    make_run(api, project="norule", name="r")
+    r = api.patch("/projects/norule/alert-rules/nosuch", json={"enabled": False})
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "rule_not_found")
+    assert "has no rule 'nosuch'; a new custom rule needs params.kind" in r.text
+
+
 def test_bad_webhook_input_is_4xx(api: httpx.Client, receiver: Receiver) -> None:
     make_run(api, project="badhooks", name="r")
     url = f"{receiver.base}/badhooks"

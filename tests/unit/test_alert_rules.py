@@ -457,3 +457,15 @@ def test_engine_growth_episode_stays_open_while_grown(sessions: sessionmaker[Ses
     assert history[:4] == [None] * 4
     assert history[4:-1] == ["open"] * 14
     assert history[-1] == "resolved"
+
+
+def test_threshold_messages_name_the_series_and_round() -> None:
+    rules = {r.name: r for r in R.default_rules()}
+    phase = {"metric": "sed.phase.w32", "value": 3.0}
+    assert R.describe(rules["gap_collapse"], "__model__", phase) == (
+        "gap_collapse: sed.phase.w32 = 3 in __model__ (fires > 2.5)"
+    )
+    alpha = {"metric": "farms.alpha", "value": 7.2463131206248415}
+    assert R.describe(rules["farms_alpha_out_of_range"], "fc.weight", alpha) == (
+        "farms_alpha_out_of_range: farms.alpha = 7.246 in fc.weight (fires < 2 or > 6)"
+    )

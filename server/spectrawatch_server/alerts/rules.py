@@ -534,7 +534,10 @@ def describe(rule: RuleSpec, layer: str, values: Mapping[str, Any]) -> str:
             )
             if b
         )
-        return f"{rule.name}: {rule.metric} = {values.get('value')!s}{where} (fires {bounds})"
+        value = values.get("value")
+        shown_value = f"{value:.4g}" if isinstance(value, float) else str(value)
+        metric = values.get("metric") or rule.metric  # the windowed name, e.g. sed.phase.w32
+        return f"{rule.name}: {metric} = {shown_value}{where} (fires {bounds})"
     if rule.kind == "growth":
         ratio = values.get("ratio")
         shown = f"{ratio:.3g}" if isinstance(ratio, float) else "?"

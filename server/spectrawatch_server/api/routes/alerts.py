@@ -132,6 +132,13 @@ def update_rule(
     enabled, params = stored.get(rule, (True, {}))
     merged = {**params, **body.params}
     base = {r.name: r for r in R.default_rules()}.get(rule)
+    if base is None and rule not in stored and "kind" not in merged:
+        raise ApiError(
+            404,
+            "rule_not_found",
+            f"project {project!r} has no rule {rule!r}; a new custom rule needs params.kind "
+            "and params.metric",
+        )
     enabled = enabled if body.enabled is None else body.enabled
     try:
         spec = R.build_rule(rule, merged, enabled=enabled, base=base)
