@@ -41,6 +41,7 @@ class RunCreate(BaseModel):
     name: str = Name
     config: dict[str, Any] = Field(default_factory=dict)
     tags: list[Tag] = Field(default_factory=list, max_length=100)
+    resume: bool = Field(True, description="false: answer 409 if the run exists (create only)")
 
 
 RunStatus = Literal["running", "finished", "crashed"]

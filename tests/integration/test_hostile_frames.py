@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -290,3 +291,11 @@ def test_a_blobless_frame_never_poisons_the_runs_later_frames(
     statuses = _settled(api, run_id, 3)
     assert set(statuses.values()) == {"done"}, statuses
 
+
+def test_create_only_run_is_409_when_it_exists_even_concurrently(api: httpx.Client) -> None:
+    body = {"project": "create-only", "name": "r", "resume": False}
+    with ThreadPoolExecutor(4) as pool:
+        codes = sorted(pool.map(lambda _: api.post("/runs", json=body).status_code, range(4)))
+    assert codes == [201, 409, 409, 409]
+    assert "already exists" in _error(api.post("/runs", json=body), 409, "run_exists")
+    assert api.post("/runs", json={**body, "resume": True}).status_code == 200
