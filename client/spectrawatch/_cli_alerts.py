@@ -42,11 +42,20 @@ _PARAMS: dict[str, Callable[[str], Any]] = {
 
 
 class CliError(Exception):
-    """A failed API call, with the server's message."""
+    """A failed API call, with the server's message (and HTTP ``status`` when it answered)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def server_url(args: argparse.Namespace) -> str:
+    """The server root URL: ``--url``, else ``SPECTRAWATCH_URL``, else the default."""
+    return str(args.url or os.environ.get("SPECTRAWATCH_URL") or DEFAULT_URL).rstrip("/")
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
-    url = (args.url or os.environ.get("SPECTRAWATCH_URL") or DEFAULT_URL).rstrip("/")
+    url = server_url(args)
     token = args.token or os.environ.get("SPECTRAWATCH_TOKEN")
     headers = {"authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=30)
@@ -68,7 +77,9 @@ def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> An
             raise CliError(f"cannot reach the server: {exc}") from exc
     if response.status_code >= 400:
         _, message = error_of(response)
-        raise CliError(f"HTTP {response.status_code}: {message}")
+        if response.status_code == 404 and server_url(args).endswith("/api/v1"):
+            message += " (--url is the server root, e.g. http://host:8765, without /api/v1)"
+        raise CliError(f"HTTP {response.status_code}: {message}", response.status_code)
     return None if response.status_code == 204 else response.json()
 
 

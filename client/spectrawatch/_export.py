@@ -1,16 +1,26 @@
 """``spectrawatch export RUN`` and ``spectrawatch import DIR``: move a run between servers.
 
-An export is a directory: ``run.json`` (project, name, status, config, tags, summary, counts),
-``scalars.csv`` (``step,name,value``) and ``metrics.csv`` (``step,layer,name,value``), or the
-same tables as ``.parquet`` (``--format parquet``, needs pandas + pyarrow). Values that were
-NaN/Inf on the server (stored as null) are written empty / as NaN. Everything is read over the
-HTTP API at full resolution (no downsampling).
+An export is a directory: ``run.json`` (project, name, status, config, tags, summary,
+created_at, counts of rows, file names), ``scalars.csv`` (``step,name,value``) and
+``metrics.csv`` (``step,layer,name,value``), or the same tables as ``.parquet``
+(``--format parquet``, needs pyarrow). Values that were NaN/Inf on the server (stored as null)
+are written empty / as NaN. Everything is read over the HTTP API at full resolution (no
+downsampling). Not exported: frames (the raw tensors), spectra, alerts and client_stats.
+Names are written exactly as stored, also one a spreadsheet would run as a formula (``=``,
+``+``, ``-``, ``@`` first): the round trip stays exact, so open such files as data, not in a
+spreadsheet.
 
-Import works over the HTTP API alone: it creates the run on the target server (refusing a run
-name that already exists there), posts the scalars, posts the metrics to
-``POST /runs/{id}/metrics`` in batches (each with an idempotency key, so a retried batch is
-stored once; the server keeps them under a frame of kind ``import`` that is never re-analysed),
-and sets status, tags and summary. ``--skip-metrics`` imports the run and its scalars only.
+Import works over the HTTP API alone. It reads and checks the whole export first (run.json,
+every row against the server's rules, row counts against ``run.json``), so a damaged export is
+refused before anything is created; a (step, [layer,] name) given twice keeps its last row, as
+the server does within a batch. It then creates the run create-only (``resume: false``: an
+existing run is refused, also when another import creates it concurrently), posts the scalars,
+posts the metrics to ``POST /runs/{id}/metrics`` in batches (each with an idempotency key; the
+server keeps them under a frame of kind ``import`` that is never re-analysed), and sets the
+exported status, tags and summary (``summary.imported_from`` names the source run and its
+``created_at``; the new run's own ``created_at`` is the import time). If a request fails after
+the run was created, the run is deleted again. ``--skip-metrics`` imports the run and its
+scalars only.
 """
 
 from __future__ import annotations
@@ -18,9 +28,10 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import io
 import json
 import math
-import os
+import re
 import sys
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,22 +40,49 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from spectrawatch._cli_alerts import CliError, _call, server_args
+from spectrawatch._cli_alerts import CliError, _call, server_args, server_url
 from spectrawatch._version import __version__
-from spectrawatch.config import DEFAULT_URL
+from spectrawatch.wire import (
+    LAYER_MAX,
+    LAYER_PATTERN,
+    MAX_STEP,
+    NAME_MAX,
+    NAME_PATTERN,
+    TEXT_PATTERN,
+)
 
 FORMAT_NAME = "spectrawatch-export"
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
-SCALAR_COLUMNS = ("step", "name", "value")
-METRIC_COLUMNS = ("step", "layer", "name", "value")
 IMPORT_KIND = "import"  # frame kind and analysis name of imported metrics
+STATUSES = ("running", "finished", "crashed")
 SCALAR_BATCH = 5000
 METRIC_BATCH = 20000
+FORMATS = ("csv", "parquet")
+MAX_ROWS = 10_000_000  # rows per table import reads by default (--max-rows): bounds memory
 
 
 class ExportError(CliError):
     """An export or import that cannot proceed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table of an export: its key in ``run.json`` (``files``, ``counts``), its columns
+    (``step``, text columns, ``value``) and the server's rule (pattern, longest) per text."""
+
+    key: str
+    columns: tuple[str, ...]
+    rules: tuple[tuple[str, int], ...]
+
+
+SCALARS = Table("scalars", ("step", "name", "value"), ((TEXT_PATTERN, NAME_MAX),))
+METRICS = Table(
+    "metrics",
+    ("step", "layer", "name", "value"),
+    ((LAYER_PATTERN, LAYER_MAX), (NAME_PATTERN, NAME_MAX)),
+)
+TABLES = (SCALARS, METRICS)
 
 
 @dataclass(frozen=True)
@@ -121,7 +159,7 @@ def fetch_run(args: argparse.Namespace, run: dict[str, Any]) -> ExportedRun:
         "version": FORMAT_VERSION,
         "exported_at": datetime.now(timezone.utc).isoformat(),
         "exported_by": f"spectrawatch {__version__}",
-        "source_url": _url(args),
+        "source_url": server_url(args),
         "run": {k: run.get(k) for k in keep},
         "counts": {"scalars": len(scalars), "metrics": len(metrics)},
     }
@@ -132,24 +170,37 @@ def _num(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
-def _url(args: argparse.Namespace) -> str:
-    return str(args.url or os.environ.get("SPECTRAWATCH_URL") or DEFAULT_URL).rstrip("/")
+def write_export(data: ExportedRun, out: Path, fmt: str, force: bool = False) -> list[Path]:
+    """Write ``run.json`` and the two tables into ``out`` (created); returns the files.
 
-
-def write_export(data: ExportedRun, out: Path, fmt: str) -> list[Path]:
-    """Write ``run.json`` and the two tables into ``out`` (created); returns the files."""
+    An ``out`` that already holds export files is refused unless ``force``; then every one of
+    them is removed first, so no table of another format is left beside the new ``run.json``.
+    """
+    if str(out) == "-":
+        raise ExportError("-o -: an export is a folder (run.json and two tables), not a stream")
+    old = [out / n for n in (RUN_FILE, *(f"{t.key}.{f}" for t in TABLES for f in FORMATS))]
+    old = [f for f in old if f.exists() or f.is_symlink()]
+    if old and not force:
+        raise ExportError(
+            f"{out} already holds an export ({old[0].name}): pass --force to replace it"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    meta = {**data.meta, "files": {"scalars": f"scalars.{fmt}", "metrics": f"metrics.{fmt}"}}
-    files = [out / RUN_FILE, out / f"scalars.{fmt}", out / f"metrics.{fmt}"]
-    if fmt == "csv":
-        _write_csv(files[1], SCALAR_COLUMNS, data.scalars)
-        _write_csv(files[2], METRIC_COLUMNS, data.metrics)
-    elif fmt == "parquet":
-        pd = _pandas()
-        pd.DataFrame(data.scalars, columns=list(SCALAR_COLUMNS)).to_parquet(files[1], index=False)
-        pd.DataFrame(data.metrics, columns=list(METRIC_COLUMNS)).to_parquet(files[2], index=False)
-    else:
-        raise ExportError(f"unknown format {fmt!r} (csv or parquet)")
+    for f in old:
+        f.unlink()
+    meta = {**data.meta, "files": {t.key: f"{t.key}.{fmt}" for t in TABLES}}
+    files = [out / RUN_FILE, *(out / f"{t.key}.{fmt}" for t in TABLES)]
+    tables: tuple[list[Any], ...] = (data.scalars, data.metrics)
+    for table, rows, path in zip(TABLES, tables, files[1:], strict=True):
+        if fmt == "csv":
+            _write_csv(path, table.columns, rows)
+        else:
+            pa = _pyarrow()
+            columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) or [
+                [] for _ in table.columns
+            ]
+            types = [pa.int64(), *(pa.string() for _ in table.rules), pa.float64()]
+            arrays = [pa.array(c, type=t) for c, t in zip(columns, types, strict=True)]
+            pa.parquet.write_table(pa.table(arrays, names=list(table.columns)), path)
     files[0].write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
     return files
 
@@ -169,20 +220,32 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]])
             )
 
 
-def _pandas() -> Any:
-    """pandas, with pyarrow present as its parquet engine (both optional, untyped)."""
+def _pyarrow() -> Any:
+    """pyarrow with its parquet module loaded (optional, untyped)."""
     try:
-        importlib.import_module("pyarrow")
-        return importlib.import_module("pandas")
+        importlib.import_module("pyarrow.parquet")
+        return importlib.import_module("pyarrow")
     except ImportError as exc:
-        raise ExportError(
-            f"parquet needs pandas and pyarrow: pip install pandas pyarrow ({exc})"
-        ) from exc
+        raise ExportError(f"parquet needs pyarrow: pip install pyarrow ({exc})") from exc
 
 
 # --- reading an export -------------------------------------------------------------------------
-def read_export(path: Path) -> ExportedRun:
-    """Read an export directory (CSV or Parquet tables); clear errors on anything else."""
+def read_export(path: Path, max_rows: int = MAX_ROWS) -> ExportedRun:
+    """Read and check an export directory (CSV or Parquet tables) completely; a clear
+    :class:`ExportError` on anything the server would refuse or that looks damaged."""
+    meta = _read_meta(path)
+    files = meta.get("files") or {}
+    tables = [
+        _read_table(
+            _table_file(path, files.get(t.key, f"{t.key}.csv")), t, meta["counts"][t.key], max_rows
+        )
+        for t in TABLES
+    ]
+    return ExportedRun(meta, tables[0], tables[1])
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``run.json``, with the types import relies on checked."""
     meta_path = path / RUN_FILE
     if not meta_path.is_file():
         raise ExportError(f"{path}: not a spectrawatch export (no {RUN_FILE})")
@@ -190,131 +253,238 @@ def read_export(path: Path) -> ExportedRun:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ExportError(f"{meta_path}: unreadable ({exc})") from exc
-    if meta.get("format") != FORMAT_NAME or int(meta.get("version", 0)) > FORMAT_VERSION:
-        raise ExportError(
-            f"{meta_path}: unsupported export format {meta.get('format')!r} "
-            f"version {meta.get('version')!r}"
+
+    def need(ok: bool, problem: str) -> None:
+        if not ok:
+            raise ExportError(f"{meta_path}: {problem}")
+
+    need(isinstance(meta, dict) and meta.get("format") == FORMAT_NAME, "not a spectrawatch export")
+    version = meta.get("version")
+    need(
+        type(version) is int and 1 <= version <= FORMAT_VERSION,
+        f"unsupported export format version {version!r:.40} (reads 1..{FORMAT_VERSION})",
+    )
+    run = meta.get("run")
+    need(isinstance(run, dict), "'run' must be an object")
+    for key in ("project", "name"):
+        need(isinstance(run.get(key), str), f"run.{key} must be a string")
+    for key, kind in (("config", dict), ("summary", dict), ("tags", list)):
+        need(
+            run.get(key) is None or isinstance(run[key], kind),
+            f"run.{key} must be a {kind.__name__}",
         )
-    files = meta.get("files") or {}
-    scalars = [
-        (int(r[0]), str(r[1]), float(r[2]))
-        for r in _read_table(path / files.get("scalars", "scalars.csv"), SCALAR_COLUMNS)
-    ]
-    metrics = [
-        (int(r[0]), str(r[1]), str(r[2]), float(r[3]))
-        for r in _read_table(path / files.get("metrics", "metrics.csv"), METRIC_COLUMNS)
-    ]
-    return ExportedRun(meta, scalars, metrics)
+    need(run.get("status") is None or isinstance(run["status"], str), "run.status must be a string")
+    counts, files = meta.get("counts"), meta.get("files") or {}
+    need(
+        isinstance(counts, dict) and all(type(counts.get(t.key)) is int for t in TABLES),
+        "counts.scalars and counts.metrics must be integers",
+    )
+    need(isinstance(files, dict), "'files' must be an object")
+    checked: dict[str, Any] = meta
+    return checked
 
 
-def _read_table(path: Path, columns: Sequence[str]) -> Iterator[list[Any]]:
-    if not path.is_file():
-        raise ExportError(f"{path}: missing")
-    if path.suffix == ".parquet":
-        frame = _pandas().read_parquet(path)
-        if list(frame.columns) != list(columns):
-            raise ExportError(f"{path}: columns {list(frame.columns)}, expected {list(columns)}")
-        yield from (list(r) for r in frame.itertuples(index=False, name=None))
-        return
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        if next(reader, None) != list(columns):
-            raise ExportError(f"{path}: expected the header {','.join(columns)}")
-        for n, row in enumerate(reader, 2):
-            if len(row) != len(columns):
-                raise ExportError(f"{path}:{n}: expected {len(columns)} fields, got {len(row)}")
-            try:
-                step = int(row[0])
-                value = float(row[-1]) if row[-1] != "" else math.nan
-            except ValueError as exc:
-                raise ExportError(f"{path}:{n}: {exc}") from exc
-            yield [step, *row[1:-1], value]
+def _table_file(folder: Path, name: Any) -> Path:
+    """``folder / name``, only for a plain file directly inside ``folder`` (no path, no ``..``,
+    no symlink): an export never points anywhere else."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ExportError(f"{folder / RUN_FILE}: files entry {name!r:.80} is not a file name")
+    path = folder / name
+    if path.is_symlink() or not path.is_file():
+        raise ExportError(f"{path}: missing, or not a plain file")
+    if path.suffix not in (".csv", ".parquet"):
+        raise ExportError(f"{path}: neither .csv nor .parquet")
+    return path
+
+
+def _read_table(path: Path, table: Table, expected: int, max_rows: int) -> list[Any]:
+    """Every row of one table, checked (:func:`check_row`); a (step, [layer,] name) given
+    twice keeps its last row. The number of rows must be ``expected`` (``run.json`` counts)."""
+    reader = _parquet_rows if path.suffix == ".parquet" else _csv_rows
+    rows: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    found = 0
+    for where, raw in reader(path, table, max_rows):
+        found += 1
+        try:
+            row = check_row(table, raw)
+        except ValueError as exc:
+            raise ExportError(f"{where}: {exc}") from None
+        rows[row[:-1]] = row
+    if found != expected:
+        raise ExportError(
+            f"{path}: {found} rows, but run.json counts {expected} (truncated or edited?)"
+        )
+    return list(rows.values())
+
+
+def check_row(table: Table, row: Sequence[Any]) -> tuple[Any, ...]:
+    """``(step, *texts, value)`` as the server accepts it: step an int in 0..2^62, each text
+    by the server's rule, value a number (None: NaN); else ``ValueError`` naming the column."""
+    step, *texts, value = row
+    if type(step) is not int or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step {step!r:.40} is not an integer in 0..2^62")
+    for column, (pattern, longest), text in zip(
+        table.columns[1:-1], table.rules, texts, strict=True
+    ):
+        if type(text) is not str or len(text) > longest or not re.fullmatch(pattern, text):
+            raise ValueError(
+                f"{column} {text!r:.80} is refused by the server "
+                f"(1-{longest} characters matching {pattern})"
+            )
+    if value is None:
+        value = math.nan
+    if type(value) not in (int, float):
+        raise ValueError(f"value {value!r:.40} is not a number")
+    return (step, *texts, float(value))
+
+
+def _csv_rows(path: Path, table: Table, max_rows: int) -> Iterator[tuple[str, list[Any]]]:
+    """``(where, row)`` per CSV line, step and value converted where they parse."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ExportError(f"{path}:{line}: not UTF-8 ({exc.reason})") from None
+    if text and not text.endswith("\n"):  # the writer ends every line: a cut-off file
+        raise ExportError(f"{path}:{text.count(chr(10)) + 1}: no line end (truncated?)")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        if next(reader, None) != list(table.columns):
+            raise ExportError(f"{path}: expected the header {','.join(table.columns)}")
+        for n, row in enumerate(reader, 1):
+            where = f"{path}:{reader.line_num}"
+            if n > max_rows:
+                raise ExportError(f"{path}: more than {max_rows} rows (--max-rows)")
+            if len(row) != len(table.columns):
+                raise ExportError(f"{where}: expected {len(table.columns)} fields, got {len(row)}")
+            step, *texts, value = row
+            yield where, [_int(step), *texts, _float(value)]
+    except csv.Error as exc:
+        raise ExportError(f"{path}:{reader.line_num}: {exc}") from None
+
+
+def _int(field: str) -> int | str:
+    return int(field) if field.isascii() and field.isdigit() else field
+
+
+def _float(field: str) -> float | str | None:
+    try:
+        return None if field == "" else float(field)
+    except ValueError:
+        return field
+
+
+def _parquet_rows(path: Path, table: Table, max_rows: int) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """``(where, row)`` per Parquet row; the row count is read from the file's metadata first,
+    so a small file that would expand to more than ``max_rows`` rows is refused unread."""
+    pa = _pyarrow()
+    try:
+        parquet = pa.parquet.ParquetFile(path)
+        names, count = parquet.schema_arrow.names, parquet.metadata.num_rows
+        if names != list(table.columns):
+            raise ExportError(f"{path}: columns {names}, expected {list(table.columns)}")
+        if count > max_rows:
+            raise ExportError(f"{path}: more than {max_rows} rows (--max-rows): {count}")
+        data = parquet.read()
+        columns = [data.column(c).to_pylist() for c in table.columns]
+    except (OSError, ValueError, pa.ArrowException) as exc:  # damaged, truncated, not Parquet
+        raise ExportError(f"{path}: not a readable Parquet file ({exc})") from None
+    for i, row in enumerate(zip(*columns, strict=True), 1):
+        yield f"{path} row {i}", row
 
 
 # --- import ------------------------------------------------------------------------------------
 def import_run(args: argparse.Namespace, data: ExportedRun) -> dict[str, Any]:
-    """Create the run on the target server and load its scalars (HTTP) and metrics (database)."""
+    """Create the run on the target server (create-only) and load its scalars and metrics; a
+    failure after the run was created deletes it again."""
     src = data.meta["run"]
     project = args.project or src["project"]
     name = args.run or src["name"]
-    existing = _find_run(args, project, name)
-    if existing is not None:
-        raise ExportError(
-            f"run {name!r} already exists in project {project!r} on the target "
-            f"server (id {existing['id']}): pass --run NEW_NAME"
-        )
-    _call(args, "POST", "/projects", json={"name": project})
-    run = _call(
-        args,
-        "POST",
-        "/runs",
-        json={
-            "project": project,
-            "name": name,
-            "config": src.get("config") or {},
-            "tags": src.get("tags") or [],
-        },
-    )
-    rid = run["id"]
-    for i in range(0, len(data.scalars), SCALAR_BATCH):
-        batch = data.scalars[i : i + SCALAR_BATCH]
-        rows = [{"step": s, "name": n, "value": v} for s, n, v in batch]
-        # json.dumps writes NaN (the server stores it as null); httpx's json= would refuse it
-        _call(
-            args,
-            "POST",
-            f"/runs/{rid}/scalars",
-            content=json.dumps(rows),
-            headers={"content-type": "application/json"},
-        )
+    for what, value in (("project", project), ("run name", name)):
+        if len(value) > NAME_MAX or not re.fullmatch(NAME_PATTERN, value):
+            raise ExportError(f"{what} {value!r:.80}: 1-{NAME_MAX} characters, no '/' or control")
+    body = {
+        "project": project,
+        "name": name,
+        "config": src.get("config") or {},
+        "tags": src.get("tags") or [],
+        "resume": False,
+    }
+    try:
+        run = _call(args, "POST", "/runs", json=body)
+    except CliError as exc:
+        if exc.status == 409:
+            raise ExportError(
+                f"run {name!r} already exists in project {project!r} on the target server: "
+                "pass --run NEW_NAME"
+            ) from exc
+        raise
+    try:
+        return _load_run(args, data, run["id"])
+    except (CliError, KeyboardInterrupt) as exc:
+        try:
+            _call(args, "DELETE", f"/runs/{run['id']}")
+            note = f"the partly imported run {run['id']} was deleted"
+        except CliError as again:
+            note = f"deleting the partly imported run {run['id']} failed too ({again})"
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"interrupted: {note}", file=sys.stderr)
+            raise
+        raise ExportError(f"{exc}; {note}") from exc
+
+
+def _load_run(args: argparse.Namespace, data: ExportedRun, rid: int) -> dict[str, Any]:
+    """Post the scalars and metrics of ``data`` into run ``rid``, then its status and summary."""
+    batches: list[tuple[str, Any, str | None]] = [
+        (f"/runs/{rid}/scalars", [{"step": s, "name": n, "value": v} for s, n, v in b], None)
+        for b in _chunks(data.scalars, SCALAR_BATCH)
+    ]
     if not args.skip_metrics:
         batch_id = uuid.uuid4().hex
-        for i in range(0, len(data.metrics), METRIC_BATCH):
-            rows = [
-                {"step": s, "layer": la, "name": n, "value": v}
-                for s, la, n, v in data.metrics[i : i + METRIC_BATCH]
-            ]
-            _call(
-                args,
-                "POST",
+        batches += [
+            (
                 f"/runs/{rid}/metrics",
-                content=json.dumps({"source": IMPORT_KIND, "rows": rows}),
-                headers={
-                    "content-type": "application/json",
-                    "Idempotency-Key": f"import-{batch_id}-{i}",
+                {
+                    "source": IMPORT_KIND,
+                    "rows": [{"step": s, "layer": la, "name": n, "value": v} for s, la, n, v in b],
                 },
+                f"import-{batch_id}-{i}",
             )
+            for i, b in enumerate(_chunks(data.metrics, METRIC_BATCH))
+        ]
+    for path, rows, key in batches:
+        headers = {"content-type": "application/json", **({"Idempotency-Key": key} if key else {})}
+        # json.dumps writes NaN (the server stores it as null); httpx's json= would refuse it
+        _call(args, "POST", path, content=json.dumps(rows), headers=headers)
+    src = data.meta["run"]
     summary = dict(src.get("summary") or {})
     summary["imported_from"] = {
         "url": data.meta.get("source_url"),
         "run_id": src.get("id"),
+        "created_at": src.get("created_at"),
         "exported_at": data.meta.get("exported_at"),
     }
-    status = src.get("status") if src.get("status") in ("finished", "crashed") else "finished"
+    status = src.get("status") if src.get("status") in STATUSES else "finished"
     final: dict[str, Any] = _call(
         args, "PATCH", f"/runs/{rid}", json={"status": status, "summary": summary}
     )
     return final
 
 
-def _find_run(args: argparse.Namespace, project: str, name: str) -> dict[str, Any] | None:
-    try:
-        return resolve_run(args, name, project)
-    except ExportError:
-        return None
-    except CliError as exc:
-        if "404" in str(exc):  # the project does not exist yet
-            return None
-        raise
+def _chunks(rows: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    return (rows[i : i + size] for i in range(0, len(rows), size))
 
 
 # --- commands ----------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     try:
         run = resolve_run(args, args.run, args.project)
-        data = fetch_run(args, run)
         out = Path(args.output or f"{run['project']}-{run['name']}-export")
-        files = write_export(data, out, args.format)
+        if args.format == "parquet":
+            _pyarrow()  # before fetching everything
+        data = fetch_run(args, run)
+        files = write_export(data, out, args.format, args.force)
     except (CliError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -328,7 +498,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     try:
-        data = read_export(Path(args.path))
+        data = read_export(Path(args.path), args.max_rows)
         run = import_run(args, data)
     except (CliError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -341,23 +511,47 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_HELP = """\
+Writes run.json (project, name, status, config, tags, summary, created_at, row counts) and
+every scalar and metric point at full resolution as CSV or Parquet. Not exported: frames (raw
+tensors), spectra, alerts, client_stats. Names are written exactly as stored, also ones a
+spreadsheet would run as formulas (starting with = + - @): treat the files as data, not as
+spreadsheets."""
+
+IMPORT_HELP = """\
+Checks the whole export first (run.json, every row against the server's rules, row counts),
+then creates the run (refused if it exists), posts scalars and metrics and sets the exported
+status, tags and summary; summary.imported_from names the source run and its created_at (the
+new run's created_at is the import time). A failure after the run was created deletes it. A
+row given twice (same step and name, and layer) keeps its last value."""
+
+
 def add_export_commands(subparsers: Any) -> None:
     """Register ``export`` and ``import`` on the top-level ``spectrawatch`` parser."""
     common = server_args()
 
     exp = subparsers.add_parser(
-        "export", parents=[common], help="export a run's metrics and scalars to CSV or Parquet"
+        "export",
+        parents=[common],
+        help="export a run's metrics and scalars to CSV or Parquet",
+        description=EXPORT_HELP,
     )
     exp.add_argument("run", help="run id; or run name, always with --project when given")
     exp.add_argument("--project", default=None)
     exp.add_argument(
         "-o", "--output", default=None, help="output directory (default PROJECT-RUN-export)"
     )
-    exp.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    exp.add_argument("--format", choices=FORMATS, default="csv")
+    exp.add_argument(
+        "--force", action="store_true", help="replace an export already in the output directory"
+    )
     exp.set_defaults(func=cmd_export)
 
     imp = subparsers.add_parser(
-        "import", parents=[common], help="import an exported run into a server"
+        "import",
+        parents=[common],
+        help="import an exported run into a server",
+        description=IMPORT_HELP,
     )
     imp.add_argument("path", help="export directory (from spectrawatch export)")
     imp.add_argument("--project", default=None, help="target project (default: the exported one)")
@@ -366,5 +560,11 @@ def add_export_commands(subparsers: Any) -> None:
         "--skip-metrics",
         action="store_true",
         help="import the run and its scalars only",
+    )
+    imp.add_argument(
+        "--max-rows",
+        type=int,
+        default=MAX_ROWS,
+        help=f"refuse a table with more rows (default {MAX_ROWS:,}; bounds memory)",
     )
     imp.set_defaults(func=cmd_import)

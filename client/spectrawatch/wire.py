@@ -24,6 +24,14 @@ if TYPE_CHECKING:
 WIRE_VERSION = "1"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_STEP = 2**62  # largest training step a frame may name (as scalar and metric rows)
+# The server's text rules (``schemas.py`` builds its fields from these; the client checks with
+# them before sending). No control characters anywhere: PostgreSQL text refuses NUL.
+NAME_PATTERN = r"^[^\x00-\x1f/]+$"  # project, run and metric names, 1-200 characters
+TEXT_PATTERN = r"^[^\x00-\x1f]+$"  # scalar names and tags, 1-200 characters
+# a layer name is also a dashboard URL segment: "." and ".." would be resolved away by browsers
+LAYER_PATTERN = r"^([^\x00-\x1f.][^\x00-\x1f]*|\.[^\x00-\x1f.][^\x00-\x1f]*|\.\.[^\x00-\x1f]+)$"
+NAME_MAX = 200  # characters, for names and TEXT_PATTERN text
+LAYER_MAX = 500  # characters
 
 
 class FrameKind(str, Enum):

@@ -5,19 +5,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from spectrawatch.wire import MAX_STEP
-
-Name = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f/]+$")
-# free text that ends up in SQL text columns: no control characters (PostgreSQL rejects NUL)
-Tag = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
-# a layer name is also a dashboard URL segment: "." and ".." would be resolved away by browsers
-Layer = Field(
-    min_length=1,
-    max_length=500,
-    pattern=r"^([^\x00-\x1f.][^\x00-\x1f]*|\.[^\x00-\x1f.][^\x00-\x1f]*|\.\.[^\x00-\x1f]+)$",
+from spectrawatch.wire import (
+    LAYER_MAX,
+    LAYER_PATTERN,
+    MAX_STEP,
+    NAME_MAX,
+    NAME_PATTERN,
+    TEXT_PATTERN,
+    FrameKind,
 )
+
+Name = Field(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)
+# free text that ends up in SQL text columns: no control characters (PostgreSQL rejects NUL)
+Tag = Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=TEXT_PATTERN)]
+Layer = Field(min_length=1, max_length=LAYER_MAX, pattern=LAYER_PATTERN)
 
 
 class ProjectCreate(BaseModel):
@@ -38,6 +41,7 @@ class RunCreate(BaseModel):
     name: str = Name
     config: dict[str, Any] = Field(default_factory=dict)
     tags: list[Tag] = Field(default_factory=list, max_length=100)
+    resume: bool = Field(True, description="false: answer 409 if the run exists (create only)")
 
 
 RunStatus = Literal["running", "finished", "crashed"]
@@ -104,7 +108,7 @@ class FramePublic(BaseModel):
 
 
 # scalar names are query parameters, never path segments: "train/loss" is fine
-ScalarName = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")
+ScalarName = Field(min_length=1, max_length=NAME_MAX, pattern=TEXT_PATTERN)
 
 
 class ScalarIn(BaseModel):
@@ -128,6 +132,14 @@ class MetricBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: str = Field("import", pattern=r"^[a-z][a-z0-9_]{0,31}$")
     rows: list[MetricIn] = Field(min_length=1)
+
+    @field_validator("source")
+    @classmethod
+    def _not_a_frame_kind(cls, source: str) -> str:
+        """A frame kind here would give the run a blob-less frame the worker reads as its own."""
+        if source in {k.value for k in FrameKind}:
+            raise ValueError(f"{source!r} is a frame kind; use another source (e.g. 'import')")
+        return source
 
 
 class Series(BaseModel):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from spectrawatch import _export
 from spectrawatch.cli import main
 from tests.factories import make_run, post_frame, weight_frame
 from tests.servers import DIALECT, ServerProcess, wait_until
@@ -203,3 +206,300 @@ def test_doctor_reports_server_worker_auth_and_spool(
     assert "[fail] auth          token rejected (HTTP 401)" in capsys.readouterr().out
     assert main(["doctor", "--url", "http://127.0.0.1:9"]) == 1
     assert "[fail] connectivity" in capsys.readouterr().out
+
+
+# --- audit of export/import: everything wrong is refused before anything is created ----------
+@pytest.fixture(scope="module")
+def exported(source: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The source run exported once as CSV and once as Parquet."""
+    pytest.importorskip("pyarrow")
+    out = {}
+    for fmt in ("csv", "parquet"):
+        out[fmt] = tmp_path_factory.mktemp("exported") / fmt
+        argv = ["export", str(source["id"]), "--url", source["url"], "--format", fmt]
+        assert main([*argv, "-o", str(out[fmt])]) == 0
+    return out
+
+
+def _edit_csv(name: str, line: int, text: str) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        lines = (folder / name).read_text().splitlines(keepends=True)
+        lines[line - 1] = text
+        (folder / name).write_text("".join(lines))
+
+    return edit
+
+
+def _edit_meta(change: Callable[[dict[str, Any]], Any]) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        meta = json.loads((folder / "run.json").read_text())
+        change(meta)
+        (folder / "run.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def _write_bytes(name: str, data: bytes) -> Callable[[Path], None]:
+    return lambda folder: (folder / name).write_bytes(data)
+
+
+def _parquet(file: str, **columns: list[Any]) -> Callable[[Path], None]:
+    """Replace ``file`` with a Parquet table of ``columns`` (pyarrow infers their types)."""
+
+    def edit(folder: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(columns), folder / file)
+
+    return edit
+
+
+def _truncate(name: str, cut: int) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[:-cut])
+
+    return edit
+
+
+def _append(name: str, text: str) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        with (folder / name).open("a", newline="") as f:
+            f.write(text)
+
+    return edit
+
+
+def _symlink(folder: Path) -> None:
+    (folder / "elsewhere.csv").write_text((folder / "scalars.csv").read_text())
+    (folder / "scalars.csv").unlink()
+    (folder / "scalars.csv").symlink_to(folder / "elsewhere.csv")
+
+
+BROKEN_CSV = {
+    "bad layer halfway": (
+        _edit_csv("metrics.csv", 50, "5,.,htsr.alpha,1.0\n"),
+        "metrics.csv:50: layer",
+    ),
+    "fractional step": (_edit_csv("scalars.csv", 3, "1.5,loss,1.0\n"), "scalars.csv:3: step '1.5'"),
+    "step past 2^62": (_edit_csv("scalars.csv", 3, f"{2**62 + 1},loss,1\n"), "scalars.csv:3: step"),
+    "negative step": (_edit_csv("scalars.csv", 3, "-1,loss,1\n"), "scalars.csv:3: step"),
+    "text value": (_edit_csv("scalars.csv", 4, "1,loss,abc\n"), "scalars.csv:4: value 'abc'"),
+    "control in a name": (_edit_csv("scalars.csv", 2, "1,a\x01b,1\n"), "scalars.csv:2: name"),
+    "slash in a metric name": (_edit_csv("metrics.csv", 2, "1,l,a/b,1\n"), "metrics.csv:2: name"),
+    "fields missing": (_edit_csv("scalars.csv", 5, "1,loss\n"), "scalars.csv:5: expected 3"),
+    "a row cut off": (_truncate("metrics.csv", 30), "metrics.csv:"),
+    "the last field cut": (_truncate("scalars.csv", 3), "no line end"),
+    "a row more": (
+        _append("scalars.csv", "7,loss,1.0\r\n"),
+        "12 rows, but run.json counts 11",
+    ),
+    "not UTF-8": (
+        _write_bytes("scalars.csv", b"step,name,value\r\n1,lo\xffss,1\r\n"),
+        "scalars.csv:2: not UTF-8",
+    ),
+    "a huge field": (_edit_csv("scalars.csv", 2, '1,"' + "x" * 140_000 + '",1\n'), "scalars.csv:"),
+    "run.json a list": (_write_bytes("run.json", b"[1, 2]"), "not a spectrawatch export"),
+    "version abc": (
+        _edit_meta(lambda m: m.update(version="abc")),
+        "unsupported export format version 'abc'",
+    ),
+    "version 2": (_edit_meta(lambda m: m.update(version=2)), "version 2"),
+    "run missing": (_edit_meta(lambda m: m.pop("run")), "'run' must be an object"),
+    "run null": (_edit_meta(lambda m: m.update(run=None)), "'run' must be an object"),
+    "name an int": (_edit_meta(lambda m: m["run"].update(name=5)), "run.name must be a string"),
+    "summary a list": (
+        _edit_meta(lambda m: m["run"].update(summary=[1])),
+        "run.summary must be a dict",
+    ),
+    "counts missing": (_edit_meta(lambda m: m.pop("counts")), "counts.scalars"),
+    "files entry an int": (_edit_meta(lambda m: m["files"].update(scalars=5)), "files entry 5"),
+    "files entry ..": (
+        _edit_meta(lambda m: m["files"].update(scalars="../scalars.csv")),
+        "not a file name",
+    ),
+    "files entry absolute": (
+        _edit_meta(lambda m: m["files"].update(scalars="/etc/hostname")),
+        "not a file name",
+    ),
+    "files entry a symlink": (_symlink, "not a plain file"),
+}
+BROKEN_PARQUET = {
+    "garbage": (_write_bytes("scalars.parquet", b"PAR1 not really"), "not a readable Parquet file"),
+    "empty": (_write_bytes("scalars.parquet", b""), "not a readable Parquet file"),
+    "truncated": (_truncate("metrics.parquet", 100), "not a readable Parquet file"),
+    "NaN step": (
+        _parquet("scalars.parquet", step=[1.0, float("nan")], name=["a", "b"], value=[1.0, 2.0]),
+        "row 1: step 1.0",
+    ),
+    "fractional step": (
+        _parquet("scalars.parquet", step=[1.5], name=["a"], value=[1.0]),
+        "row 1: step 1.5",
+    ),
+    "bool step": (
+        _parquet("scalars.parquet", step=[True], name=["a"], value=[1.0]),
+        "row 1: step True",
+    ),
+    "string value": (
+        _parquet("scalars.parquet", step=[1, 2], name=["a", "b"], value=["1", "x"]),
+        "row 1: value '1'",
+    ),
+    "null name": (
+        _parquet("scalars.parquet", step=[1, 2], name=["a", None], value=[1.0, 2.0]),
+        "row 2: name None",
+    ),
+    "int names": (_parquet("scalars.parquet", step=[1], name=[5], value=[1.0]), "row 1: name 5"),
+    "other columns": (
+        _parquet("scalars.parquet", step=[1], label=["a"], value=[1.0]),
+        "columns ['step', 'label', 'value']",
+    ),
+}
+
+
+def _import_broken(
+    exported: Path, tmp_path: Path, edit: Callable[[Path], None], url: str, *args: str
+) -> int:
+    folder = tmp_path / "broken"
+    shutil.copytree(exported, folder)
+    edit(folder)
+    return main(["import", str(folder), "--url", url, "--project", "broken", "--run", "x", *args])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "case"), [("csv", c) for c in BROKEN_CSV] + [("parquet", c) for c in BROKEN_PARQUET]
+)
+def test_a_broken_export_is_refused_before_anything_is_created(
+    exported: dict[str, Path],
+    target: ServerProcess,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fmt: str,
+    case: str,
+) -> None:
+    edit, message = (BROKEN_CSV if fmt == "csv" else BROKEN_PARQUET)[case]
+    code = _import_broken(exported[fmt], tmp_path, edit, target.url)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1, err  # one line, no traceback
+    assert message in err, err
+    assert httpx.get(f"{target.url}/api/v1/runs", params={"project": "broken"}).status_code == 404
+
+
+def test_a_table_past_max_rows_is_refused_from_its_metadata(
+    exported: dict[str, Path], target: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for fmt in ("csv", "parquet"):
+        argv = ["import", str(exported[fmt]), "--url", target.url, "--max-rows", "100"]
+        assert main(argv) == 1
+        assert f"metrics.{fmt}: more than 100 rows (--max-rows)" in capsys.readouterr().err
+
+
+def test_a_failure_after_the_run_was_created_deletes_it(
+    exported: dict[str, Path],
+    target: ServerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(_export, "IMPORT_KIND", "weights")  # refused by the server (a frame kind)
+    argv = ["import", str(exported["csv"]), "--url", target.url, "--project", "rolled-back"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 422" in err, err
+    assert "was deleted" in err, err
+    assert httpx.get(f"{target.url}/api/v1/runs", params={"project": "rolled-back"}).json() == []
+
+
+def test_a_row_given_twice_across_batches_is_stored_once_last_wins(
+    exported: dict[str, Path],
+    target: ServerProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_export, "METRIC_BATCH", 7)
+    folder = tmp_path / "dupes"
+    shutil.copytree(exported["csv"], folder)
+    rows = (folder / "metrics.csv").read_text().splitlines(keepends=True)
+    step, layer, name, _ = rows[1].split(",")
+    rows.append(f"{step},{layer},{name},42.0\r\n")
+    (folder / "metrics.csv").write_text("".join(rows))
+    _edit_meta(lambda m: m["counts"].update(metrics=m["counts"]["metrics"] + 1))(folder)
+    assert main(["import", str(folder), "--url", target.url, "--project", "dupes"]) == 0
+    run = _run_named(target.url, "dupes", "src")
+    metrics = _everything(target.url, run["id"])[1]
+    assert metrics[(name, layer, int(step))] == 42.0
+    catalog = httpx.get(f"{target.url}/api/v1/runs/{run['id']}/metrics/catalog").json()
+    assert sum(c["points"] for c in catalog) == len(rows) - 2  # less the header and the duplicate
+
+
+def test_concurrent_imports_into_one_name_create_one_run(
+    exported: dict[str, Path], target: ServerProcess
+) -> None:
+    argv = ["import", str(exported["csv"]), "--url", target.url, "--project", "race"]
+    with ThreadPoolExecutor(3) as pool:
+        codes = sorted(pool.map(lambda _: main(argv), range(3)))
+    assert codes == [0, 1, 1]
+    (run,) = httpx.get(f"{target.url}/api/v1/runs", params={"project": "race"}).json()
+    assert run["frames"] == {"done": 1}  # one import batch, not three
+
+
+def test_status_and_formula_like_names_round_trip_exactly(
+    source: dict[str, Any], target: ServerProcess, tmp_path: Path
+) -> None:
+    """Names a spreadsheet would run are kept as they are (documented); the status is kept."""
+    names = ["=1+1", "+a", "-b", "@c", "'d", 'e,"f"']
+    with httpx.Client(base_url=f"{source['url']}/api/v1") as api:
+        run_id = make_run(api, project="exp", name="formulas")
+        rows = [{"step": 1, "name": n, "value": 1.0} for n in names]
+        api.post(f"/runs/{run_id}/scalars", json=rows).raise_for_status()
+    for fmt in ("csv", "parquet"):
+        out = tmp_path / fmt
+        assert (
+            main(["export", str(run_id), "--url", source["url"], "--format", fmt, "-o", str(out)])
+            == 0
+        )
+        assert main(["import", str(out), "--url", target.url, "--project", f"formulas-{fmt}"]) == 0
+        run = _run_named(target.url, f"formulas-{fmt}", "formulas")
+        assert run["status"] == "running"  # as exported, not "finished"
+        assert run["summary"]["imported_from"]["created_at"]
+        assert set(_everything(target.url, run["id"])[0]) == {(n, 1) for n in names}
+
+
+def test_export_output_and_url_mistakes_are_clear(
+    source: dict[str, Any],
+    exported: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = str(source["id"])
+    assert main(["export", run, "--url", source["url"], "-o", "-"]) == 1
+    assert "not a stream" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists()
+
+    out = tmp_path / "again"
+    shutil.copytree(exported["csv"], out)
+    assert main(["export", run, "--url", source["url"], "-o", str(out)]) == 1
+    assert "already holds an export" in capsys.readouterr().err
+    argv = ["export", run, "--url", source["url"], "-o", str(out), "--format", "parquet"]
+    assert main([*argv, "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.parquet",
+        "run.json",
+        "scalars.parquet",
+    ]
+
+    assert main(["export", run, "--url", f"{source['url']}/api/v1"]) == 1
+    assert "--url is the server root" in capsys.readouterr().err
+
+
+def test_help_says_what_is_not_exported(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("export", "import"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Not exported: frames (raw tensors), spectra, alerts, client_stats" in out
+    assert "formulas" in out
+    assert "created_at is the import time" in out

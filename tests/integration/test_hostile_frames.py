@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
+from spectrawatch.wire import FrameKind
 from tests.factories import make_run, post_frame, weight_frame
-from tests.servers import ServerProcess, wait_until
+from tests.servers import ServerProcess, db_rows, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -255,3 +257,45 @@ def test_scalar_names_may_hold_slashes(api: httpx.Client) -> None:
     assert series["values"] == [0.5]
     bad = [{"step": 1, "name": "x\u0000", "value": 0.5}]
     assert api.post(f"/runs/{run_id}/scalars", json=bad).status_code == 422
+
+
+def test_a_frame_kind_as_metric_source_is_422(api: httpx.Client) -> None:
+    """Found by an export audit: such a batch made a blob-less ``weights`` frame, and every later
+    weights frame of the run failed its analysis (``invalid blob key ''``)."""
+    run_id = make_run(api, name="source-kind")
+    rows = [{"step": 1, "layer": "l", "name": "m", "value": 1.0}]
+    for kind in FrameKind:
+        body = {"source": kind.value, "rows": rows}
+        assert "frame kind" in _error(
+            api.post(f"/runs/{run_id}/metrics", json=body), 422, "invalid_request"
+        )
+    assert api.get(f"/runs/{run_id}/frames").json() == []
+
+
+def test_a_blobless_frame_never_poisons_the_runs_later_frames(
+    api: httpx.Client, server: ServerProcess
+) -> None:
+    """A metric batch stored under a frame kind (as servers before the check above did) is not
+    history for the worker: the weights frames after it are analysed."""
+    run_id = make_run(api, name="blobless")
+    rows = [{"step": 1, "layer": "layer0.weight", "name": "m", "value": 1.0}]
+    batch = api.post(f"/runs/{run_id}/metrics", json={"source": "import", "rows": rows})
+    assert batch.status_code == 202, batch.text
+    db_rows(
+        server.data_dir,
+        "UPDATE frame SET kind = 'weights' WHERE id = :id",
+        id=batch.json()["frame_id"],
+    )
+    for seq in range(2):
+        assert post_frame(api, run_id, weight_frame(10 * (seq + 1), seq), seq=seq).is_success
+    statuses = _settled(api, run_id, 3)
+    assert set(statuses.values()) == {"done"}, statuses
+
+
+def test_create_only_run_is_409_when_it_exists_even_concurrently(api: httpx.Client) -> None:
+    body = {"project": "create-only", "name": "r", "resume": False}
+    with ThreadPoolExecutor(4) as pool:
+        codes = sorted(pool.map(lambda _: api.post("/runs", json=body).status_code, range(4)))
+    assert codes == [201, 409, 409, 409]
+    assert "already exists" in _error(api.post("/runs", json=body), 409, "run_exists")
+    assert api.post("/runs", json={**body, "resume": True}).status_code == 200

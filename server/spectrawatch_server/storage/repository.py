@@ -258,10 +258,16 @@ def list_frames(
 def recent_frames(
     session: Session, run_id: int, kind: str, before_seq: int, limit: int
 ) -> list[Frame]:
-    """Up to ``limit`` frames of ``kind`` with seq < ``before_seq``, oldest first."""
+    """Up to ``limit`` frames of ``kind`` with seq < ``before_seq``, oldest first; only frames
+    with a blob (never imported metric batches, whatever their kind)."""
     rows = session.scalars(
         select(Frame)
-        .where(Frame.run_id == run_id, Frame.kind == kind, Frame.seq < before_seq)
+        .where(
+            Frame.run_id == run_id,
+            Frame.kind == kind,
+            Frame.seq < before_seq,
+            Frame.blob_key != "",
+        )
         .order_by(Frame.seq.desc())
         .limit(limit)
     ).all()

@@ -51,13 +51,15 @@ def run_public(session: Session, run: Run) -> RunPublic:
 def create_run(
     body: RunCreate, principal: PrincipalDep, session: SessionDep, response: Response
 ) -> RunPublic:
-    """Create run ``name`` in ``project`` (created if needed); an existing run resumes (200)."""
+    """Create run ``name`` in ``project`` (created if needed); an existing run resumes (200),
+    or with ``resume: false`` is refused (409: ``spectrawatch import`` creates, never merges)."""
     project = repo.get_project(session, body.project)
     if principal.project_id is not None and (project is None or project.id != principal.project_id):
         raise ApiError(403, "forbidden", f"token is not valid for project {body.project!r}")
     try:
         project, _ = repo.get_or_create_project(session, body.project)
         run, created = repo.get_or_create_run(session, project, body.name, body.config, body.tags)
+        _refuse_resume(body, created)
         if not created and run.status != "running":
             run.status = "running"
         session.commit()
@@ -65,10 +67,18 @@ def create_run(
         session.rollback()
         project, _ = repo.get_or_create_project(session, body.project)
         run, created = repo.get_or_create_run(session, project, body.name, body.config, body.tags)
+        _refuse_resume(body, created)
         session.commit()
     if not created:
         response.status_code = 200
     return run_public(session, run)
+
+
+def _refuse_resume(body: RunCreate, created: bool) -> None:
+    if not created and not body.resume:
+        raise ApiError(
+            409, "run_exists", f"run {body.name!r} already exists in project {body.project!r}"
+        )
 
 
 @router.get("", response_model=list[RunPublic])
