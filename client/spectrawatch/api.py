@@ -94,8 +94,10 @@ class Api:
                 return found
 
     def run(self, run: int | str, project: str | None = None) -> Run:
-        """A run by id, or by name (``project`` needed when the name is in several projects)."""
-        if isinstance(run, int) or (isinstance(run, str) and run.isdigit()):
+        """A run by id (an int, or a string of digits without ``project``), or by name
+        (``project`` needed when the name is in several projects; with ``project``, a string is
+        always a name, as in ``spectrawatch runs delete RUN --project P``)."""
+        if isinstance(run, int) or (project is None and run.isdigit()):
             return Run(self, self.get(f"/runs/{int(run)}"))
         matches = [r for r in self.runs(project) if r.name == run]
         if len(matches) != 1:

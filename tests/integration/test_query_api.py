@@ -33,6 +33,9 @@ def test_results_read_back_in_python(
         run = sw.run("queried", project="notebook")
         assert (run.id, run.status) == (run_id, "finished")
         assert sw.run(run_id).name == "queried"
+        assert sw.run(str(run_id)).name == "queried"  # digits without a project: an id
+        with pytest.raises(ApiError, match=f"no run is named '{run_id}' in project 'notebook'"):
+            sw.run(str(run_id), project="notebook")  # with one: always a name, as in the CLI
         assert [r.id for r in sw.runs("notebook")] == [run_id]
         keys = run.metric_keys()
         catalog = api.get(f"/runs/{run_id}/metrics/catalog").json()
