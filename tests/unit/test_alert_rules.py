@@ -469,3 +469,17 @@ def test_threshold_messages_name_the_series_and_round() -> None:
     assert R.describe(rules["farms_alpha_out_of_range"], "fc.weight", alpha) == (
         "farms_alpha_out_of_range: farms.alpha = 7.246 in fc.weight (fires < 2 or > 6)"
     )
+
+
+def test_engine_ignores_steps_a_client_put_in_other_frames_info(
+    sessions: sessionmaker[Session],
+) -> None:
+    """``info.steps`` is validated for sketch frames only: elsewhere it is client data."""
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "info")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        frame = add_frame(session, run, 3, {}, {"fc.weight": 1})
+        frame.info = {"steps": ["x", None]}
+        AlertEngine().evaluate(session, frame)
+        (alert,) = alert_store.list_alerts(session, run_id=run.id)
+        assert (alert.rule, alert.step) == ("nonfinite", 300)

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from spectrawatch.wire import FrameKind
 from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db.base import utcnow
@@ -160,8 +161,9 @@ class AlertEngine:
         resolves it only if it reaches past that last bad step."""
         counts = frame.nonfinite or {}
         spans = frame.nonfinite_steps or {}
-        steps = (frame.info or {}).get("steps")
-        frame_last = max([frame.step, *steps]) if isinstance(steps, list) else frame.step
+        steps = (frame.info or {}).get("steps")  # validated at ingest for sketch frames only
+        sketch = frame.kind in (FrameKind.UPDATE_SKETCH.value, FrameKind.PARAM_SKETCH.value)
+        frame_last = max([frame.step, *steps]) if sketch and isinstance(steps, list) else frame.step
         for layer in sorted(set(frame.layers or []) | set(counts)):
             if not rule.covers(layer):
                 continue
