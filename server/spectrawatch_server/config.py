@@ -9,12 +9,26 @@ from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+ENV_PREFIX = "SPECTRAWATCH_"
+
+
+class SettingError(ValueError):
+    """A setting the server cannot start with; ``str()`` is ``SPECTRAWATCH_<NAME>: <reason>``."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{ENV_PREFIX}{name.upper()}: {reason}")
+        self.name = name
+        self.reason = reason
 
 
 class ServerSettings(BaseSettings):
     """Everything the API and worker read from the environment (prefix ``SPECTRAWATCH_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="SPECTRAWATCH_", extra="ignore")
+    # An empty variable means unset (compose passes unset ones as ""): BLOB_DIR= must not be
+    # Path("") (the working directory).
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = 8765
@@ -72,14 +86,45 @@ class ServerSettings(BaseSettings):
     def is_loopback(self) -> bool:
         return is_loopback_host(self.host)
 
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None (PostgreSQL, in-memory)."""
+        url = make_url(self.resolved_database_url)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return None
+        return Path(url.database)
+
     def check_startable(self) -> None:
-        """Refuse configurations that would expose an unauthenticated server."""
+        """Refuse configurations that would expose an unauthenticated server or lose files."""
         if not self.is_loopback and not self.require_auth:
-            raise ValueError(
+            raise SettingError(
+                "host",
                 f"refusing to serve on non-loopback host {self.host!r} without auth: "
                 "set SPECTRAWATCH_REQUIRE_AUTH=true (or --require-auth) and create tokens "
-                "with `spectrawatch token create --project NAME`"
+                "with `spectrawatch token create --project NAME`",
             )
+        self.check_blob_dir()
+
+    def check_blob_dir(self) -> None:
+        """Refuse a local blob directory that is or contains the data directory, the database,
+        the working or the home directory: the start-up clean-up deletes files in it."""
+        if self.blob_url:
+            return
+        blob = self.resolved_blob_dir.expanduser().resolve()
+        guarded = {
+            "the data directory": self.data_dir,
+            "the SQLite database": self.sqlite_path,
+            "the working directory": Path.cwd(),
+            "the home directory": Path.home(),
+        }
+        for what, path in guarded.items():
+            if path is not None and _within(path.expanduser().resolve(), blob):
+                reason = f"{blob} contains {what}; use a directory of its own"
+                raise SettingError("blob_dir", reason)
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 def is_loopback_host(host: str) -> bool:
