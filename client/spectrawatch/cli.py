@@ -13,10 +13,34 @@ from spectrawatch._version import __version__
 
 Command = Callable[[argparse.Namespace], int]
 
+# settings that a flag of `server` / `worker` can set: the flag is named in errors when given
+_FLAGS = {
+    "host": "host",
+    "port": "port",
+    "data_dir": "data_dir",
+    "device": "device",
+    "require_auth": "require_auth",
+    "run_worker": "no_worker",
+}
+
+
+class CommandError(Exception):
+    """A command that cannot run; each line of the message is printed as ``error: <line>``."""
+
+
+def _setting_label(args: argparse.Namespace, name: str) -> str:
+    """``--flag`` when the command line set the setting, else ``SPECTRAWATCH_<NAME>``."""
+    flag = _FLAGS.get(name)
+    if flag is not None and getattr(args, flag, None) not in (None, False):
+        return "--" + flag.replace("_", "-")
+    return f"SPECTRAWATCH_{name.upper()}"
+
 
 def _server_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     """ServerSettings from the environment, with command-line flags taking precedence."""
     try:
+        from pydantic import ValidationError
+
         from spectrawatch_server.config import ServerSettings
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise SystemExit(
@@ -25,13 +49,39 @@ def _server_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     values = {k: v for k, v in overrides.items() if v is not None}
     if getattr(args, "data_dir", None) is not None:
         values["data_dir"] = Path(args.data_dir)
-    return ServerSettings(**values)
+    try:
+        return ServerSettings(**values)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else "settings"
+            reason = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{_setting_label(args, name)}: {reason}")
+        raise CommandError("\n".join(lines)) from None
+
+
+def _startup_check(args: argparse.Namespace, check: Callable[[], Any]) -> Any:
+    """Run a start-up check, turning its refusal into a :class:`CommandError`."""
+    from spectrawatch_server.config import SettingError
+    from spectrawatch_server.startup import StartupError
+
+    try:
+        return check()
+    except SettingError as exc:
+        raise CommandError(f"{_setting_label(args, exc.name)}: {exc.reason}") from None
+    except StartupError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    """Serve the API, dashboards and the in-process worker with uvicorn."""
+    """Serve the API, dashboards and the in-process worker with uvicorn.
+
+    Every check runs before anything is printed or started; an embedded server holds the data
+    directory's lock (:func:`~spectrawatch_server.startup.lock_data_dir`) until it exits.
+    """
     import uvicorn
 
+    from spectrawatch_server import startup
     from spectrawatch_server.app import create_app
 
     settings = _server_settings(
@@ -42,18 +92,18 @@ def cmd_server(args: argparse.Namespace) -> int:
         run_worker=False if args.no_worker else None,
         device=args.device,
     )
-    try:
-        settings.check_startable()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.workers < 1:
+        raise CommandError(f"--workers: must be >= 1, got {args.workers}")
     if args.workers > 1 and settings.queue != "procrastinate":
-        print(
-            "error: --workers > 1 needs the PostgreSQL queue (SPECTRAWATCH_QUEUE=procrastinate): "
-            "the embedded queue and its in-process worker belong to one process",
-            file=sys.stderr,
+        raise CommandError(
+            "--workers > 1 needs the PostgreSQL queue (SPECTRAWATCH_QUEUE=procrastinate): "
+            "the embedded queue and its in-process worker belong to one process"
         )
-        return 2
+    _startup_check(args, settings.check_startable)
+    lock = None
+    if settings.queue == "embedded":
+        lock = _startup_check(args, lambda: startup.lock_data_dir(settings.data_dir))
+    _startup_check(args, lambda: startup.check_port_free(settings.host, settings.port))
     print(
         f"spectrawatch {__version__} serving on {settings.base_url} (data in {settings.data_dir})"
     )
@@ -62,15 +112,19 @@ def cmd_server(args: argparse.Namespace) -> int:
     if args.workers > 1:  # uvicorn starts each process from an import string: settings via env
         _export_settings(settings)
         app = "spectrawatch_server.app:create_app"
-    uvicorn.run(
-        app,
-        factory=args.workers > 1,
-        workers=args.workers,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=5,
-    )
+    try:
+        uvicorn.run(
+            app,
+            factory=args.workers > 1,
+            workers=args.workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        if lock is not None:
+            lock.close()
     return 0
 
 
@@ -211,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Command = args.func
-    return func(args)
+    try:
+        return func(args)
+    except CommandError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
