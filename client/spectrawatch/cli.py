@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -100,19 +101,24 @@ def cmd_server(args: argparse.Namespace) -> int:
             "the embedded queue and its in-process worker belong to one process"
         )
     _startup_check(args, settings.check_startable)
-    lock = None
-    if settings.queue == "embedded":
-        lock = _startup_check(args, lambda: startup.lock_data_dir(settings.data_dir))
-    _startup_check(args, lambda: startup.check_port_free(settings.host, settings.port))
-    print(
-        f"spectrawatch {__version__} serving on {settings.base_url} (data in {settings.data_dir})"
-    )
-    print(f"  API docs: {settings.base_url}/docs", flush=True)
-    app: Any = create_app(settings)
-    if args.workers > 1:  # uvicorn starts each process from an import string: settings via env
-        _export_settings(settings)
-        app = "spectrawatch_server.app:create_app"
-    try:
+    _startup_check(args, lambda: startup.make_data_dir(settings.data_dir))
+    with contextlib.ExitStack() as held:
+        if settings.queue == "embedded":
+            held.enter_context(
+                _startup_check(args, lambda: startup.lock_data_dir(settings.data_dir))
+            )
+        _startup_check(args, lambda: startup.check_port_free(settings.host, settings.port))
+        _startup_check(args, lambda: startup.check_device(settings.device))
+        _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
+        print(
+            f"spectrawatch {__version__} serving on {settings.base_url} "
+            f"(data in {settings.data_dir})"
+        )
+        print(f"  API docs: {settings.base_url}/docs", flush=True)
+        app: Any = create_app(settings)
+        if args.workers > 1:  # uvicorn starts each process from an import string: env settings
+            _export_settings(settings)
+            app = "spectrawatch_server.app:create_app"
         uvicorn.run(
             app,
             factory=args.workers > 1,
@@ -122,9 +128,6 @@ def cmd_server(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             timeout_graceful_shutdown=5,
         )
-    finally:
-        if lock is not None:
-            lock.close()
     return 0
 
 
@@ -142,23 +145,37 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    from spectrawatch_server import worker_main
+    from spectrawatch_server import startup, worker_main
 
     settings = _server_settings(args, queue="procrastinate", device=args.device)
     try:
-        return worker_main.run(settings, args.concurrency, args.name)
+        worker_main.check_config(settings, args.concurrency)
     except worker_main.WorkerConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from None
+    _startup_check(args, lambda: startup.check_device(settings.device))
+    _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
+    return worker_main.run(settings, args.concurrency, args.name)
 
 
-def _open_db(args: argparse.Namespace) -> Any:
-    """Session factory on the server's database (migrated), for offline admin commands."""
+def _open_db(args: argparse.Namespace, create: bool = False) -> Any:
+    """Session factory on the server's database (migrated), for offline admin commands.
+
+    Only ``create`` makes a missing data directory and SQLite database (``token create`` may
+    bootstrap a server); otherwise a missing one is a typo, refused.
+    """
+    from spectrawatch_server import startup
     from spectrawatch_server.db import migrate
     from spectrawatch_server.db.session import make_engine, make_session_factory
 
     settings = _server_settings(args)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database = settings.sqlite_path
+    if not create and database is not None and not database.exists():
+        raise CommandError(
+            f"no spectrawatch database at {database}: check --data-dir / SPECTRAWATCH_DATA_DIR"
+        )
+    if create:
+        _startup_check(args, lambda: startup.make_data_dir(settings.data_dir))
+    _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
     engine = make_engine(settings.resolved_database_url)
     migrate.upgrade(engine)
     return make_session_factory(engine)
@@ -166,9 +183,19 @@ def _open_db(args: argparse.Namespace) -> Any:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     """Create a project-scoped API token and print it once (only its hash is stored)."""
+    from pydantic import ValidationError
+
+    from spectrawatch_server.schemas import ProjectCreate
     from spectrawatch_server.storage import repository as repo
 
-    with _open_db(args).begin() as session:
+    try:
+        ProjectCreate(name=args.project)  # the API's rule for project names
+    except ValidationError:
+        raise CommandError(
+            f"--project: {args.project!r} is not a valid project name (1-200 characters, "
+            "not blank, no '/' and no control characters)"
+        ) from None
+    with _open_db(args, create=True).begin() as session:
         project, _ = repo.get_or_create_project(session, args.project)
         token, secret = repo.create_token(session, project, args.name or "")
         token_id = token.id

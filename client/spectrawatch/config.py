@@ -114,7 +114,7 @@ class ClientSettings:
             if value is not None and not _valid_name(value):
                 raise SettingsError(
                     f"{name} name {value!r} is not accepted by the server: 1-200 characters, "
-                    "no '/' and no control characters"
+                    "not blank, no '/' and no control characters"
                 )
         for name in ("timeout_s", "request_deadline_s", "flush_timeout_s"):
             if not getattr(self, name) > 0:
@@ -158,6 +158,7 @@ def _valid_name(name: str) -> bool:
     return (
         isinstance(name, str)
         and 1 <= len(name) <= 200
+        and not name.isspace()
         and "/" not in name
         and not any(ord(c) < 0x20 for c in name)
     )

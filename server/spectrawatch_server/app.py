@@ -29,6 +29,7 @@ from spectrawatch_server.db import migrate
 from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue.base import JobQueue
 from spectrawatch_server.queue.embedded import EmbeddedQueue
+from spectrawatch_server.startup import make_data_dir
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import FRAME_BLOB_KEY
 from spectrawatch_server.storage.s3 import open_blob_store
@@ -42,7 +43,7 @@ API_PREFIX = "/api/v1"
 
 def build_state(settings: ServerSettings) -> AppState:
     """Open the database (migrated to head), the blob store, the worker and the queue."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(settings.data_dir)
     engine = make_engine(settings.resolved_database_url)
     migrate.upgrade(engine)
     sessions = make_session_factory(engine)

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spectrawatch.wire import MAX_STEP
 
-Name = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f/]+$")
+# project and run names: not blank, no "/" (URL segments) and no control characters
+Name = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f/]*[^\s\x00-\x1f/][^\x00-\x1f/]*$")
 # free text that ends up in SQL text columns: no control characters (PostgreSQL rejects NUL)
 Tag = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
 # a layer name is also a dashboard URL segment: "." and ".." would be resolved away by browsers
