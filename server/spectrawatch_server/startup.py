@@ -55,9 +55,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def make_data_dir(data_dir: Path) -> None:
-    """Create the data directory if needed; refuse a path that is not a usable directory."""
+    """Create the data directory if needed (0700: database, blobs, tokens' hashes); refuse a
+    path that is not a usable directory. An existing directory keeps its mode."""
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
         raise SettingError("data_dir", f"{data_dir} exists and is not a directory") from None
     except OSError as exc:

@@ -67,3 +67,11 @@ def test_blob_key_pattern_matches_the_keys_written() -> None:
         assert FRAME_BLOB_KEY.fullmatch(frame_blob_key(12, "update_sketch", 0, encoding))
     for key in ("notes.txt", "runs/1/weights/x.safetensors", "runs/1/weights/../../a"):
         assert not FRAME_BLOB_KEY.fullmatch(key)
+
+
+def test_new_data_dir_and_database_are_private(tmp_path: Path) -> None:
+    data_dir = tmp_path / "new" / "data"
+    with TestClient(create_app(quiet(data_dir=data_dir))):
+        assert data_dir.stat().st_mode & 0o777 == 0o700
+        for name in ("spectrawatch.db", "spectrawatch.db-wal"):
+            assert (data_dir / name).stat().st_mode & 0o777 == 0o600
