@@ -75,3 +75,10 @@ def test_new_data_dir_and_database_are_private(tmp_path: Path) -> None:
         assert data_dir.stat().st_mode & 0o777 == 0o700
         for name in ("spectrawatch.db", "spectrawatch.db-wal"):
             assert (data_dir / name).stat().st_mode & 0o777 == 0o600
+
+
+def test_every_setting_is_in_the_settings_table() -> None:
+    page = (Path(__file__).parents[2] / "docs" / "deployment.md").read_text()
+    table = page.split("## Settings\n", 1)[1].split("\n\n### ", 1)[0]
+    missing = [name for name in ServerSettings.model_fields if f"`{name.upper()}`" not in table]
+    assert missing == []
