@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -13,10 +14,34 @@ from spectrawatch._version import __version__
 
 Command = Callable[[argparse.Namespace], int]
 
+# settings that a flag of `server` / `worker` can set: the flag is named in errors when given
+_FLAGS = {
+    "host": "host",
+    "port": "port",
+    "data_dir": "data_dir",
+    "device": "device",
+    "require_auth": "require_auth",
+    "run_worker": "no_worker",
+}
+
+
+class CommandError(Exception):
+    """A command that cannot run; each line of the message is printed as ``error: <line>``."""
+
+
+def _setting_label(args: argparse.Namespace, name: str) -> str:
+    """``--flag`` when the command line set the setting, else ``SPECTRAWATCH_<NAME>``."""
+    flag = _FLAGS.get(name)
+    if flag is not None and getattr(args, flag, None) not in (None, False):
+        return "--" + flag.replace("_", "-")
+    return f"SPECTRAWATCH_{name.upper()}"
+
 
 def _server_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     """ServerSettings from the environment, with command-line flags taking precedence."""
     try:
+        from pydantic import ValidationError
+
         from spectrawatch_server.config import ServerSettings
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise SystemExit(
@@ -25,13 +50,39 @@ def _server_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     values = {k: v for k, v in overrides.items() if v is not None}
     if getattr(args, "data_dir", None) is not None:
         values["data_dir"] = Path(args.data_dir)
-    return ServerSettings(**values)
+    try:
+        return ServerSettings(**values)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else "settings"
+            reason = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{_setting_label(args, name)}: {reason}")
+        raise CommandError("\n".join(lines)) from None
+
+
+def _startup_check(args: argparse.Namespace, check: Callable[[], Any]) -> Any:
+    """Run a start-up check, turning its refusal into a :class:`CommandError`."""
+    from spectrawatch_server.config import SettingError
+    from spectrawatch_server.startup import StartupError
+
+    try:
+        return check()
+    except SettingError as exc:
+        raise CommandError(f"{_setting_label(args, exc.name)}: {exc.reason}") from None
+    except StartupError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    """Serve the API, dashboards and the in-process worker with uvicorn."""
+    """Serve the API, dashboards and the in-process worker with uvicorn.
+
+    Every check runs before anything is printed or started; an embedded server holds the data
+    directory's lock (:func:`~spectrawatch_server.startup.lock_data_dir`) until it exits.
+    """
     import uvicorn
 
+    from spectrawatch_server import startup
     from spectrawatch_server.app import create_app
 
     settings = _server_settings(
@@ -42,35 +93,41 @@ def cmd_server(args: argparse.Namespace) -> int:
         run_worker=False if args.no_worker else None,
         device=args.device,
     )
-    try:
-        settings.check_startable()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.workers < 1:
+        raise CommandError(f"--workers: must be >= 1, got {args.workers}")
     if args.workers > 1 and settings.queue != "procrastinate":
-        print(
-            "error: --workers > 1 needs the PostgreSQL queue (SPECTRAWATCH_QUEUE=procrastinate): "
-            "the embedded queue and its in-process worker belong to one process",
-            file=sys.stderr,
+        raise CommandError(
+            "--workers > 1 needs the PostgreSQL queue (SPECTRAWATCH_QUEUE=procrastinate): "
+            "the embedded queue and its in-process worker belong to one process"
         )
-        return 2
-    print(
-        f"spectrawatch {__version__} serving on {settings.base_url} (data in {settings.data_dir})"
-    )
-    print(f"  API docs: {settings.base_url}/docs", flush=True)
-    app: Any = create_app(settings)
-    if args.workers > 1:  # uvicorn starts each process from an import string: settings via env
-        _export_settings(settings)
-        app = "spectrawatch_server.app:create_app"
-    uvicorn.run(
-        app,
-        factory=args.workers > 1,
-        workers=args.workers,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=5,
-    )
+    _startup_check(args, settings.check_startable)
+    _startup_check(args, lambda: startup.make_data_dir(settings.data_dir))
+    with contextlib.ExitStack() as held:
+        if settings.queue == "embedded":
+            held.enter_context(
+                _startup_check(args, lambda: startup.lock_data_dir(settings.data_dir))
+            )
+        _startup_check(args, lambda: startup.check_port_free(settings.host, settings.port))
+        _startup_check(args, lambda: startup.check_device(settings.device))
+        _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
+        print(
+            f"spectrawatch {__version__} serving on {settings.base_url} "
+            f"(data in {settings.data_dir})"
+        )
+        print(f"  API docs: {settings.base_url}/docs", flush=True)
+        app: Any = create_app(settings)
+        if args.workers > 1:  # uvicorn starts each process from an import string: env settings
+            _export_settings(settings)
+            app = "spectrawatch_server.app:create_app"
+        uvicorn.run(
+            app,
+            factory=args.workers > 1,
+            workers=args.workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+        )
     return 0
 
 
@@ -88,23 +145,37 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    from spectrawatch_server import worker_main
+    from spectrawatch_server import startup, worker_main
 
     settings = _server_settings(args, queue="procrastinate", device=args.device)
     try:
-        return worker_main.run(settings, args.concurrency, args.name)
+        worker_main.check_config(settings, args.concurrency)
     except worker_main.WorkerConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc)) from None
+    _startup_check(args, lambda: startup.check_device(settings.device))
+    _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
+    return worker_main.run(settings, args.concurrency, args.name)
 
 
-def _open_db(args: argparse.Namespace) -> Any:
-    """Session factory on the server's database (migrated), for offline admin commands."""
+def _open_db(args: argparse.Namespace, create: bool = False) -> Any:
+    """Session factory on the server's database (migrated), for offline admin commands.
+
+    Only ``create`` makes a missing data directory and SQLite database (``token create`` may
+    bootstrap a server); otherwise a missing one is a typo, refused.
+    """
+    from spectrawatch_server import startup
     from spectrawatch_server.db import migrate
     from spectrawatch_server.db.session import make_engine, make_session_factory
 
     settings = _server_settings(args)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database = settings.sqlite_path
+    if not create and database is not None and not database.exists():
+        raise CommandError(
+            f"no spectrawatch database at {database}: check --data-dir / SPECTRAWATCH_DATA_DIR"
+        )
+    if create:
+        _startup_check(args, lambda: startup.make_data_dir(settings.data_dir))
+    _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
     engine = make_engine(settings.resolved_database_url)
     migrate.upgrade(engine)
     return make_session_factory(engine)
@@ -112,9 +183,19 @@ def _open_db(args: argparse.Namespace) -> Any:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     """Create a project-scoped API token and print it once (only its hash is stored)."""
+    from pydantic import ValidationError
+
+    from spectrawatch_server.schemas import ProjectCreate
     from spectrawatch_server.storage import repository as repo
 
-    with _open_db(args).begin() as session:
+    try:
+        ProjectCreate(name=args.project)  # the API's rule for project names
+    except ValidationError:
+        raise CommandError(
+            f"--project: {args.project!r} is not a valid project name (1-200 characters, "
+            "not blank, no '/' and no control characters)"
+        ) from None
+    with _open_db(args, create=True).begin() as session:
         project, _ = repo.get_or_create_project(session, args.project)
         token, secret = repo.create_token(session, project, args.name or "")
         token_id = token.id
@@ -211,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Command = args.func
-    return func(args)
+    try:
+        return func(args)
+    except CommandError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from spectrawatch.wire import NAME_MAX, NAME_PATTERN
 
 ENV_PREFIX = "SPECTRAWATCH_"
 DEFAULT_URL = "http://127.0.0.1:8765"
@@ -114,7 +117,7 @@ class ClientSettings:
             if value is not None and not _valid_name(value):
                 raise SettingsError(
                     f"{name} name {value!r} is not accepted by the server: 1-200 characters, "
-                    "no '/' and no control characters"
+                    "not blank, no '/' and no control characters"
                 )
         for name in ("timeout_s", "request_deadline_s", "flush_timeout_s"):
             if not getattr(self, name) > 0:
@@ -157,9 +160,8 @@ def _valid_name(name: str) -> bool:
     """The server's rule for project and run names (``schemas.Name``)."""
     return (
         isinstance(name, str)
-        and 1 <= len(name) <= 200
-        and "/" not in name
-        and not any(ord(c) < 0x20 for c in name)
+        and len(name) <= NAME_MAX
+        and re.fullmatch(NAME_PATTERN, name) is not None
     )
 
 

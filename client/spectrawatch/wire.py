@@ -26,7 +26,8 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_STEP = 2**62  # largest training step a frame may name (as scalar and metric rows)
 # The server's text rules (``schemas.py`` builds its fields from these; the client checks with
 # them before sending). No control characters anywhere: PostgreSQL text refuses NUL.
-NAME_PATTERN = r"^[^\x00-\x1f/]+$"  # project, run and metric names, 1-200 characters
+# project, run and metric names, 1-200 characters: not blank, no "/" (URL segments)
+NAME_PATTERN = r"^[^\x00-\x1f/]*[^\s\x00-\x1f/][^\x00-\x1f/]*$"
 TEXT_PATTERN = r"^[^\x00-\x1f]+$"  # scalar names and tags, 1-200 characters
 # a layer name is also a dashboard URL segment: "." and ".." would be resolved away by browsers
 LAYER_PATTERN = r"^([^\x00-\x1f.][^\x00-\x1f]*|\.[^\x00-\x1f.][^\x00-\x1f]*|\.\.[^\x00-\x1f]+)$"

@@ -29,7 +29,9 @@ from spectrawatch_server.db import migrate
 from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue.base import JobQueue
 from spectrawatch_server.queue.embedded import EmbeddedQueue
+from spectrawatch_server.startup import make_data_dir
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage.blobs import FRAME_BLOB_KEY
 from spectrawatch_server.storage.s3 import open_blob_store
 from spectrawatch_server.webhooks.deliver import build_sender
 from spectrawatch_server.worker import FrameLoader, Worker, resolve_device
@@ -41,7 +43,7 @@ API_PREFIX = "/api/v1"
 
 def build_state(settings: ServerSettings) -> AppState:
     """Open the database (migrated to head), the blob store, the worker and the queue."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(settings.data_dir)
     engine = make_engine(settings.resolved_database_url)
     migrate.upgrade(engine)
     sessions = make_session_factory(engine)
@@ -86,13 +88,17 @@ def reconcile_blobs(state: AppState, min_age_seconds: float) -> int:
     """Delete temp uploads and blobs no frame row references (left by a crash mid-ingest).
 
     Only files older than ``min_age_seconds`` go: other API processes sharing the blob store
-    may be between their blob write and their row insert.
+    may be between their blob write and their row insert. Only keys of the form the server
+    writes (:data:`FRAME_BLOB_KEY`) are candidates; every removal is logged at WARNING.
     """
     removed = state.blobs.clear_temp(min_age_seconds)
+    if removed:
+        log.warning("removed %d temp upload(s) left by an earlier crash", removed)
     with state.sessions() as session:
         referenced = repo.referenced_blob_keys(session)
     for key in state.blobs.keys(min_age_seconds):
-        if key not in referenced:
+        if key not in referenced and FRAME_BLOB_KEY.fullmatch(key):
+            log.warning("removing orphan blob %s (no frame row names it)", key)
             state.blobs.delete(key)
             removed += 1
     return removed
@@ -107,9 +113,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         settings.check_startable()
         state = build_state(settings)
         # The embedded mode is one process, so nothing else can be mid-ingest at start-up.
-        removed = reconcile_blobs(state, 0.0 if settings.queue == "embedded" else 600.0)
-        if removed:
-            log.info("removed %d orphan upload(s)/blob(s) left by an earlier crash", removed)
+        reconcile_blobs(state, 0.0 if settings.queue == "embedded" else 600.0)
         app.state.spectrawatch = state
         if settings.run_worker:
             state.queue.start()

@@ -186,3 +186,17 @@ def test_a_job_cut_by_a_database_outage_is_released_at_once_without_using_an_att
     with sessions() as session:
         job = session.scalars(select(Job)).one()
         assert (job.status, job.attempts) == ("done", 1)  # not held until the 1-hour lease
+
+
+def test_job_out_of_attempts_fails_its_frame_too(sessions: sessionmaker[Session]) -> None:
+    (run_id,) = make_runs(sessions, 1)
+    with sessions.begin() as session:
+        row = repo.insert_frame(session, frame(run_id, 0))
+        session.add(Job(frame_id=row.id, status="pending", attempts=3))
+    with sessions.begin() as session:
+        assert repo.fail_expired_jobs(session, max_attempts=3) == 1
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.status, job.error) == ("failed", "gave up after max attempts")
+        assert session.scalars(select(Frame.status)).one() == "failed"
+        assert repo.fail_expired_jobs(session, max_attempts=3) == 0

@@ -16,3 +16,106 @@ def test_several_api_processes_need_the_postgresql_queue(
     assert main(["server", "--workers", "2", "--data-dir", str(tmp_path)]) == 2
     assert "--workers > 1 needs the PostgreSQL queue" in capsys.readouterr().err
     assert not (tmp_path / "spectrawatch.db").exists()  # refused before touching the database
+
+
+def no_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test instead of serving if a refusal did not happen."""
+    import uvicorn
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("uvicorn started")
+
+    monkeypatch.setattr(uvicorn, "run", refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "label"),
+    [
+        (["--port", "83766"], {}, "--port"),
+        ([], {"SPECTRAWATCH_PORT": "0"}, "SPECTRAWATCH_PORT"),
+        ([], {"SPECTRAWATCH_WORKER_POLL_SECONDS": "0"}, "SPECTRAWATCH_WORKER_POLL_SECONDS"),
+        ([], {"SPECTRAWATCH_JOB_MAX_ATTEMPTS": "0"}, "SPECTRAWATCH_JOB_MAX_ATTEMPTS"),
+        ([], {"SPECTRAWATCH_MAX_BODY_BYTES": "-1"}, "SPECTRAWATCH_MAX_BODY_BYTES"),
+        ([], {"SPECTRAWATCH_DEVICE": "gpu"}, "SPECTRAWATCH_DEVICE"),
+        (["--device", "cuda:99"], {}, "--device"),
+        ([], {"SPECTRAWATCH_PUBLIC_URL": "example.com"}, "SPECTRAWATCH_PUBLIC_URL"),
+        ([], {"SPECTRAWATCH_DATABASE_URL": "mysql://u:pw@h/db"}, "SPECTRAWATCH_DATABASE_URL"),
+        ([], {"SPECTRAWATCH_BLOB_URL": "/srv/blobs"}, "SPECTRAWATCH_BLOB_URL"),
+        (
+            [],
+            {"SPECTRAWATCH_WEBHOOK_RETRY_SCHEDULE": "soon"},
+            "SPECTRAWATCH_WEBHOOK_RETRY_SCHEDULE",
+        ),
+        (["--workers", "0"], {}, "--workers"),
+        (
+            [],
+            {"SPECTRAWATCH_DATABASE_URL": "postgresql+psycopg://u:pw@127.0.0.1:18599/db"},
+            "cannot open the database postgresql+psycopg://u:***@127.0.0.1:18599/db",
+        ),
+    ],
+)
+def test_invalid_setting_is_one_line_before_serving(
+    argv: list[str],
+    env: dict[str, str],
+    label: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    no_serving(monkeypatch)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["server", "--data-dir", str(tmp_path), *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing printed as "serving on ..."
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: {label}")
+    assert not (tmp_path / "spectrawatch.db").exists()
+
+
+def test_data_dir_that_is_a_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no_serving(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    assert main(["server", "--data-dir", str(tmp_path / "file")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: --data-dir: {tmp_path / 'file'} exists and is not a directory\n"
+    )
+    assert main(["token", "create", "--project", "p", "--data-dir", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.startswith("error: --data-dir: ")
+
+
+def test_worker_settings_are_checked_like_the_server_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPECTRAWATCH_WORKER_POLL_SECONDS", "0")
+    assert main(["worker", "--device", "cpu", "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "error: SPECTRAWATCH_WORKER_POLL_SECONDS: Input should be greater than 0\n"
+    )
+
+
+@pytest.mark.parametrize("project", ["", "   ", "a/b?c"])
+def test_token_create_applies_the_project_name_rule(
+    project: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["token", "create", "--project", project, "--data-dir", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err.startswith("error: --project: ")
+    assert not (tmp_path / "d").exists()
+
+
+def test_token_list_and_revoke_never_create_a_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo"
+    assert main(["token", "list", "--data-dir", str(typo)]) == 2
+    assert main(["token", "revoke", "1", "--data-dir", str(typo)]) == 2
+    assert capsys.readouterr().err.count("error: no spectrawatch database at ") == 2
+    assert not typo.exists()
+    # `token create` bootstraps a new data directory; then list finds the token
+    assert main(["token", "create", "--project", "p", "--data-dir", str(typo)]) == 0
+    capsys.readouterr()
+    assert main(["token", "list", "--data-dir", str(typo)]) == 0
+    assert "\tp\t" in capsys.readouterr().out

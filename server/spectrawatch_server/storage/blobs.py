@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+# The only keys the server writes (``frame_blob_key``); the start-up clean-up deletes nothing
+# else, so a blob directory pointed at the wrong place loses no foreign file.
+FRAME_BLOB_KEY = re.compile(r"runs/[0-9]+/[a-z_]+/[0-9]{12,}-[0-9a-f]{8}\.safetensors(\.zst)?")
+
+
+def frame_blob_key(run_id: int, kind: str, seq: int, encoding: str) -> str:
+    """Key of a new frame body: ``runs/<run>/<kind>/<seq:012>-<8 hex>.safetensors[.zst]``."""
+    suffix = ".safetensors.zst" if encoding == "zstd" else ".safetensors"
+    return f"runs/{run_id}/{kind}/{seq:012d}-{uuid.uuid4().hex[:8]}{suffix}"
 
 
 class BlobStoreFull(OSError):

@@ -316,16 +316,27 @@ def claim_job(
 
 
 def fail_expired_jobs(session: Session, max_attempts: int) -> int:
-    """Mark jobs that used up their attempts (and are not running) as failed."""
+    """Mark jobs that used up their attempts (and are not running) as failed, and their frames
+    too, as :func:`finish_frame` does (the reason stays in the job's ``error``)."""
     now = utcnow()
+    expired = (
+        Job.attempts >= max_attempts,
+        or_(Job.status == "pending", (Job.status == "running") & (Job.lease_until < now)),
+    )
+    frame_ids = session.scalars(select(Job.frame_id).where(*expired)).all()
+    if not frame_ids:
+        return 0
     result = session.execute(
         update(Job)
-        .where(
-            Job.attempts >= max_attempts,
-            or_(Job.status == "pending", (Job.status == "running") & (Job.lease_until < now)),
+        .where(Job.frame_id.in_(frame_ids), *expired)
+        .values(
+            status="failed",
+            error=func.coalesce(Job.error, "gave up after max attempts"),
+            finished_at=now,
+            lease_until=None,
         )
-        .values(status="failed", error=func.coalesce(Job.error, "gave up after max attempts"))
     )
+    session.execute(update(Frame).where(Frame.id.in_(frame_ids)).values(status="failed"))
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 

@@ -14,9 +14,8 @@ import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
 
-from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.config import ServerSettings, parse_s3_url
 from spectrawatch_server.storage.blobs import BlobStoreFull, LocalBlobStore
 
 
@@ -47,10 +46,7 @@ class S3BlobStore:
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> S3BlobStore:
         """``s3://bucket/optional/prefix`` -> store."""
-        parts = urlsplit(url)
-        if parts.scheme != "s3" or not parts.netloc:
-            raise ValueError(f"not an s3://bucket[/prefix] URL: {url!r}")
-        return cls(parts.netloc, parts.path, **kwargs)
+        return cls(*parse_s3_url(url), **kwargs)
 
     def object_key(self, key: str) -> str:
         parts = key.split("/")

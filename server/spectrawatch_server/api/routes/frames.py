@@ -9,7 +9,6 @@ once to validate and store the blob, once (shared by the batch) to commit.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO
 
@@ -33,7 +32,7 @@ from spectrawatch_server.api.state import AppState
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.schemas import FramePublic
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.storage.blobs import BlobStoreFull
+from spectrawatch_server.storage.blobs import BlobStoreFull, frame_blob_key
 from spectrawatch_server.storage.group_commit import FrameCommitter, RunGone
 
 if TYPE_CHECKING:
@@ -204,8 +203,7 @@ def _store(
     del tensors
     body.spill()  # in-memory bodies are written only once they proved valid
     assert body.upload is not None
-    suffix = ".safetensors.zst" if encoding == "zstd" else ".safetensors"
-    blob_key = f"runs/{run_id}/{header.kind.value}/{header.seq:012d}-{uuid.uuid4().hex[:8]}{suffix}"
+    blob_key = frame_blob_key(run_id, header.kind.value, header.seq, encoding)
     upload, body.upload = body.upload, None
     state.blobs.commit_upload(upload, blob_key)  # blob first: a crash leaves an orphan, not a hole
     return Frame(

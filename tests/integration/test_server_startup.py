@@ -1,0 +1,57 @@
+"""`spectrawatch server` start-up refusals against a running server (real processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import ServerProcess, cli_env, embedded_only, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def start_second(data_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "spectrawatch", "server", "--data-dir", str(data_dir)]
+    return subprocess.run(
+        [*cmd, "--port", str(port)],
+        env=cli_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@embedded_only("the data-directory lock guards the embedded (one-process) server")
+def test_second_server_on_a_data_dir_is_refused_before_start_up(tmp_path: Path) -> None:
+    first = ServerProcess(tmp_path / "srv").start()
+    try:
+        upload = first.data_dir / "blobs" / ".tmp" / "in-flight.part"
+        upload.write_bytes(b"half a frame")
+        second = start_second(first.data_dir, free_port())
+        assert second.returncode == 2
+        assert second.stdout == ""  # nothing printed as "serving on ..."
+        assert second.stderr.strip().splitlines() == [
+            f"error: data directory {first.data_dir} is in use by another spectrawatch server "
+            f"(pid {first.proc.pid if first.proc else '?'})"
+        ]
+        assert upload.exists()  # the first server's upload was not "cleaned up"
+        assert httpx.get(f"{first.url}/api/v1/health", timeout=5).status_code == 200
+    finally:
+        first.stop()
+
+
+def test_port_in_use_is_refused_before_start_up(tmp_path: Path) -> None:
+    first = ServerProcess(tmp_path / "srv").start()
+    try:
+        second = start_second(tmp_path / "other", first.port)
+        assert second.returncode == 2
+        assert second.stdout == ""
+        assert second.stderr.startswith(f"error: cannot listen on 127.0.0.1:{first.port}: ")
+        assert not (tmp_path / "other" / "spectrawatch.db").exists()
+    finally:
+        first.stop()
