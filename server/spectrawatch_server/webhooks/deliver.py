@@ -250,8 +250,10 @@ class Deliverer:
             extensions={**extensions, "trace": watchdog.trace},
         ) as response:
             raw = bytearray()
-            if not 200 <= response.status_code < 300:
-                for chunk in response.iter_raw():
+            if response.is_stream_consumed:  # read already (in-memory transports)
+                raw += response.content[:limit]
+            elif not 200 <= response.status_code < 300:
+                for chunk in response.iter_raw():  # raw: never inflate a compressed answer
                     raw += chunk
                     if len(raw) >= limit:
                         break
