@@ -1,4 +1,5 @@
-"""``spectrawatch runs list|delete``: the runs of a server, and removing one with its data."""
+"""``spectrawatch runs list|delete|prune``: the runs of a server, removing one with its data,
+and releasing the stored frame bodies of ended runs (their results stay)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,34 @@ def cmd_runs_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_prune(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"older_than_days": args.older_than, "dry_run": not args.yes}
+    try:
+        if args.run is not None:
+            body["run_id"] = resolve_run(args, args.run, args.project)["id"]
+        elif args.project:
+            body["project"] = args.project
+        out = _call(args, "POST", "/blobs/prune", json=body)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    size = f"{out['frames']} frame blob(s), {out['bytes'] / 2**20:.1f} MiB"
+    if out["dry_run"]:
+        print(f"would delete {size}; pass --yes to delete", file=sys.stderr)
+        return 1
+    print(f"deleted {size} (metrics, spectra and alerts kept)")
+    if out.get("blobs_not_deleted"):
+        print(f"{out['blobs_not_deleted']} could not be deleted now; removed at the next start")
+    return 0
+
+
+def _days(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 36_500:
+        raise argparse.ArgumentTypeError(f"must be 0-36500 days, got {text!r}")
+    return value
+
+
 def add_runs_commands(subparsers: Any) -> None:
     """Register ``runs list`` and ``runs delete`` on the top-level ``spectrawatch`` parser."""
     common = server_args()
@@ -76,3 +105,17 @@ def add_runs_commands(subparsers: Any) -> None:
     rm.add_argument("--project", default=None)
     rm.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")
     rm.set_defaults(func=cmd_runs_delete)
+    prune = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="delete the stored frames (tensors) of ended runs, keeping every result",
+        description="Delete the blobs (sketches, weights, activations) of analysed frames "
+        "stored more than --older-than days ago, of finished or crashed runs. Metrics, "
+        "spectra, scalars and alerts stay and dashboards keep working; only re-analysis of "
+        "those frames becomes impossible. Running runs are never pruned.",
+    )
+    prune.add_argument("--older-than", type=_days, required=True, metavar="DAYS")
+    prune.add_argument("--project", default=None, help="only this project")
+    prune.add_argument("--run", default=None, help="only this run (id, or name with --project)")
+    prune.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")
+    prune.set_defaults(func=cmd_runs_prune)

@@ -15,6 +15,7 @@ from spectrawatch_server.api.errors import install_error_handlers
 from spectrawatch_server.api.limits import JsonBodyLimit
 from spectrawatch_server.api.routes import (
     alerts,
+    blobs,
     frames,
     health,
     metrics,
@@ -104,6 +105,15 @@ def reconcile_blobs(state: AppState, min_age_seconds: float) -> int:
     return removed
 
 
+PRUNE_PERIOD_SECONDS = 3600.0
+
+
+def _prune(state: AppState, days: float) -> None:
+    frames = blobs.prune_expired(state, days)
+    if frames:
+        log.info("retention: released the blobs of %d frame(s) older than %g days", frames, days)
+
+
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     """The ASGI app; nothing touches disk or database until the lifespan starts."""
     settings = settings or get_settings()
@@ -117,7 +127,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.state.spectrawatch = state
         if settings.run_worker:
             state.queue.start()
-        sender = build_sender(settings, state.sessions) if settings.run_webhooks else None
+        ticks = []
+        if settings.prune_blobs_after_days > 0:
+            days = settings.prune_blobs_after_days
+            ticks.append((PRUNE_PERIOD_SECONDS, lambda: _prune(state, days)))
+        sender = build_sender(settings, state.sessions, ticks) if settings.run_webhooks else None
         if sender is not None:
             sender.start()
         try:
@@ -136,7 +150,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
-    for module in (health, projects, runs, frames, scalars, metrics, alerts, webhooks):
+    for module in (health, projects, runs, frames, scalars, metrics, alerts, webhooks, blobs):
         app.include_router(module.router, prefix=API_PREFIX)
     from spectrawatch_server.api.routes import dashboards  # HTML pages, figure API, static files
 

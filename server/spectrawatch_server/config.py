@@ -127,6 +127,9 @@ class ServerSettings(BaseSettings):
     webhook_poll_seconds: float = Field(0.25, gt=0)
     webhook_event_ttl_hours: float = Field(72.0, gt=0)  # pending deliveries expire after this
     alert_sweep_seconds: float = Field(30.0, gt=0)  # how often silent runs are checked
+    # retention: frame blobs of ended runs older than this many days are deleted hourly
+    # (results stay); 0 keeps every blob
+    prune_blobs_after_days: float = Field(0.0, ge=0, le=36_500)
 
     @property
     def resolved_database_url(self) -> str:

@@ -105,6 +105,24 @@ class FramePublic(BaseModel):
     nonfinite: dict[str, int]
     status: str
     created_at: datetime
+    has_blob: bool  # false: an imported metric batch, or a frame whose blob was pruned
+
+
+class PruneRequest(BaseModel):
+    """Which frame blobs to release: those stored more than ``older_than_days`` ago, of ended
+    runs, in ``project`` / run ``run_id`` (all the caller may see when neither is given)."""
+
+    older_than_days: float = Field(ge=0, le=36_500)
+    project: str | None = Field(None, min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)
+    run_id: int | None = Field(None, ge=1, le=2**63 - 1)
+    dry_run: bool = False
+
+
+class PruneResult(BaseModel):
+    frames: int
+    bytes: int
+    blobs_not_deleted: int
+    dry_run: bool
 
 
 # scalar names are query parameters, never path segments: "train/loss" is fine

@@ -94,6 +94,11 @@ class Frame(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
+    @property
+    def has_blob(self) -> bool:
+        """False for an imported metric batch and for a frame whose blob was pruned."""
+        return bool(self.blob_key)
+
 
 class Job(Base):
     """Analysis job of the embedded queue: one per frame, leased by a worker."""

@@ -118,6 +118,18 @@ class LocalBlobStore:
         return removed
 
 
+def delete_all(store: BlobStore, keys: list[str]) -> int:
+    """Delete blobs after the commit that released them; returns how many could not be (an
+    orphan is removed at the next start-up; never a row naming a missing blob)."""
+    failed = 0
+    for key in keys:
+        try:
+            store.delete(key)
+        except Exception:
+            failed += 1
+    return failed
+
+
 def _translate(exc: OSError) -> OSError:
     import errno
 

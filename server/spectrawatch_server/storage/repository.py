@@ -187,6 +187,57 @@ def delete_run(session: Session, run: Run) -> DeletedRun | None:
     return DeletedRun(len(rows), sum(int(b) for _, b in rows), keys)
 
 
+PRUNABLE_RUN_STATUSES = ("finished", "crashed")
+
+
+@dataclass(frozen=True)
+class PrunedBlobs:
+    """What :func:`prune_blobs` released; the caller deletes ``blob_keys`` after the commit."""
+
+    frames: int
+    bytes: int
+    blob_keys: list[str]
+
+
+def prune_blobs(
+    session: Session,
+    before: datetime,
+    *,
+    project_id: int | None = None,
+    run_id: int | None = None,
+    dry_run: bool = False,
+) -> PrunedBlobs:
+    """Release the blobs of analysed frames (done or failed) stored before ``before``, of runs
+    that ended (finished or crashed), optionally of one project or run.
+
+    The frame rows and everything computed from them (metrics, spectra, alerts) stay; a pruned
+    frame is blob-less (``blob_key`` empty, as an imported metric batch), so analyses no longer
+    read it. Running runs keep their blobs: SED windows and subspace drift read recent frames.
+    """
+    stmt = (
+        select(Frame.id, Frame.blob_key, Frame.bytes)
+        .join(Run, Run.id == Frame.run_id)
+        .where(
+            Frame.blob_key != "",
+            Frame.status.in_(("done", "failed")),
+            Frame.created_at < before,
+            Run.status.in_(PRUNABLE_RUN_STATUSES),
+        )
+        .order_by(Frame.id)
+    )
+    if project_id is not None:
+        stmt = stmt.where(Run.project_id == project_id)
+    if run_id is not None:
+        stmt = stmt.where(Frame.run_id == run_id)
+    rows = session.execute(stmt).all()
+    if not dry_run:
+        ids = [r.id for r in rows]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            session.execute(update(Frame).where(Frame.id.in_(chunk)).values(blob_key=""))
+    return PrunedBlobs(len(rows), sum(int(r.bytes) for r in rows), [r.blob_key for r in rows])
+
+
 def live_runs(session: Session, run_ids: Iterable[int]) -> set[int]:
     """The runs of ``run_ids`` that exist and are not deleted, locked until the commit on
     PostgreSQL (SQLite serialises writers anyway).

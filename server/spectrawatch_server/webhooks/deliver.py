@@ -425,8 +425,13 @@ def policy_for(settings: ServerSettings) -> DeliveryPolicy:
     )
 
 
-def build_sender(settings: ServerSettings, sessions: sessionmaker[Session]) -> DeliveryThread:
-    """The sender thread (not started), with the silent-run sweep as a periodic tick."""
+def build_sender(
+    settings: ServerSettings,
+    sessions: sessionmaker[Session],
+    ticks: Sequence[tuple[float, Callable[[], None]]] = (),
+) -> DeliveryThread:
+    """The sender thread (not started), with the silent-run sweep and ``ticks`` as periodic
+    tasks."""
     engine = engine_for(settings)
 
     def sweep() -> None:
@@ -436,5 +441,5 @@ def build_sender(settings: ServerSettings, sessions: sessionmaker[Session]) -> D
     return DeliveryThread(
         Deliverer(sessions, policy_for(settings)),
         poll_seconds=settings.webhook_poll_seconds,
-        ticks=[(settings.alert_sweep_seconds, sweep)],
+        ticks=[(settings.alert_sweep_seconds, sweep), *ticks],
     )

@@ -21,6 +21,7 @@ from spectrawatch_server.schemas import (
     RunUpdate,
 )
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage.blobs import delete_all
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
@@ -142,12 +143,7 @@ def delete_run(run: RunDep, session: SessionDep, state: StateDep, request: Reque
     ingest = getattr(request.app.state, "ingest", None)
     if ingest is not None:  # this process's cached ingest authorisation for the run
         ingest.auth.forget_run(run_id)
-    failed = 0
-    for key in deleted.blob_keys:  # after the commit: a failure leaves an orphan, not a hole
-        try:
-            state.blobs.delete(key)
-        except Exception:  # an orphan: removed at the next start-up (``reconcile_blobs``)
-            failed += 1
+    failed = delete_all(state.blobs, deleted.blob_keys)  # after the commit: orphans, not holes
     return RunDeleted(
         id=run_id,
         project=project,

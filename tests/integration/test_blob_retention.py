@@ -1,0 +1,95 @@
+"""Blob retention against a real server: `spectrawatch runs prune` releases the stored frames of
+ended runs and keeps every result; running runs and other projects keep their blobs (SQLite
+and PostgreSQL modes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+import spectrawatch
+from spectrawatch.cli import main
+from tests.servers import ServerProcess, wait_until
+from tests.training import Loop, client_settings, frames_of
+
+pytestmark = pytest.mark.integration
+
+
+def _stream(server: ServerProcess, tmp_path: Path, project: str, name: str) -> int:
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path / name, server.url, name, project=project))
+    Loop(m).run(20)
+    assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    return m.run_id
+
+
+def _blob_files(server: ServerProcess, run_id: int) -> list[Path]:
+    return [p for p in (server.data_dir / "blobs" / "runs" / str(run_id)).rglob("*") if p.is_file()]
+
+
+def test_prune_releases_blobs_of_ended_runs_and_keeps_results(
+    server: ServerProcess, api: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ended = _stream(server, tmp_path, "retention", "ended")
+    live = _stream(server, tmp_path, "retention", "live")
+    other = _stream(server, tmp_path, "elsewhere", "other")
+    runs = (ended, live, other)
+    wait_until(
+        lambda: all(f["status"] == "done" for r in runs for f in frames_of(server.url, r)), 180
+    )
+    assert api.patch(f"/runs/{live}", json={"status": "running"}).status_code == 200  # resumed
+    before = {r: (len(_blob_files(server, r)), frames_of(server.url, r)) for r in runs}
+    catalog = api.get(f"/runs/{ended}/metrics/catalog").json()
+    name, layer = catalog[0]["name"], catalog[0]["layer"]
+    series = api.get(f"/runs/{ended}/metrics", params={"name": name, "layer": layer}).json()
+    assert all(f["has_blob"] for r in runs for f in before[r][1])
+
+    url = ["--url", server.url]
+    assert main(["runs", "prune", "--older-than", "0", "--project", "retention", *url]) == 1
+    assert f"would delete {len(before[ended][1])} frame blob(s)" in capsys.readouterr().err
+    assert len(_blob_files(server, ended)) == before[ended][0]  # a dry run deletes nothing
+
+    assert (
+        main(["runs", "prune", "--older-than", "0", "--project", "retention", "--yes", *url]) == 0
+    )
+    assert f"deleted {len(before[ended][1])} frame blob(s)" in capsys.readouterr().out
+    assert not (server.data_dir / "blobs" / "runs" / str(ended)).exists()
+    pruned = frames_of(server.url, ended)
+    assert [f["id"] for f in pruned] == [f["id"] for f in before[ended][1]]
+    assert not any(f["has_blob"] for f in pruned)
+    assert api.get(f"/runs/{ended}/metrics/catalog").json() == catalog  # results stay
+    again = api.get(f"/runs/{ended}/metrics", params={"name": name, "layer": layer}).json()
+    assert again == series
+    for run in (live, other):  # a running run and another project keep everything
+        assert len(_blob_files(server, run)) == before[run][0]
+        assert all(f["has_blob"] for f in frames_of(server.url, run))
+
+    none_left = api.post("/blobs/prune", json={"older_than_days": 0, "project": "retention"})
+    assert none_left.json()["frames"] == 0
+    recent = api.post("/blobs/prune", json={"older_than_days": 1, "run_id": other})
+    assert recent.json()["frames"] == 0  # stored minutes ago: younger than a day
+    assert len(_blob_files(server, other)) == before[other][0]
+    bad = api.post("/blobs/prune", json={"older_than_days": -1})
+    assert bad.status_code == 422
+    wrong = api.post(
+        "/blobs/prune", json={"older_than_days": 0, "project": "elsewhere", "run_id": ended}
+    )
+    assert wrong.status_code == 404
+
+
+def test_retention_setting_prunes_at_start_and_hourly(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """``SPECTRAWATCH_PRUNE_BLOBS_AFTER_DAYS``: the sweep runs when the server starts, then
+    hourly."""
+    ended = _stream(server, tmp_path, "sweep", "ended")
+    wait_until(lambda: all(f["status"] == "done" for f in frames_of(server.url, ended)), 180)
+    assert _blob_files(server, ended)
+    server.stop()
+    server.env["SPECTRAWATCH_PRUNE_BLOBS_AFTER_DAYS"] = "0.00001"  # 0.86 s
+    server.start()
+    wait_until(lambda: not any(f["has_blob"] for f in frames_of(server.url, ended)), 30)
+    assert not _blob_files(server, ended)
