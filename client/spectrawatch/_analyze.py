@@ -118,7 +118,9 @@ class TensorRef:
     @property
     def is_weight(self) -> bool:
         """Analysed: a floating 2-D / 4-D tensor whose name does not contain ``norm``
-        (WeightWatcher's and :func:`~spectrawatch.spectral.htsr.analyze_model`'s selection)."""
+        (:func:`~spectrawatch.spectral.htsr.analyze_model`'s state-dict selection; a file has
+        no module types, so unlike WeightWatcher it includes e.g. ``nn.MultiheadAttention``'s
+        ``in_proj_weight``)."""
         return len(self.shape) in (2, 4) and self.floating and "norm" not in self.name.lower()
 
 

@@ -81,7 +81,7 @@ def test_htsr_and_farms_equal_the_in_process_batched_analysis(
     for ref in reference.layers:
         got = analysis.layer(ref.layer).values
         want = ref.values()
-        assert farms_key(ALPHA) in want
+        assert (farms_key(ALPHA) in want) == (ref.layer != "conv.weight")  # 12 x 6 slices: < 32
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=REL, abs=1e-12), key
 
@@ -320,7 +320,7 @@ def test_format_json_and_csv_follow_the_issue_contract(
         assert row["shape"] == list(ref.shape)
         if ALPHA in ref.values:
             assert row["alpha"] == ref.values[ALPHA]
-            assert row["farms_alpha"] == ref.values[farms_key(ALPHA)]
+            assert row["farms_alpha"] == ref.values.get(farms_key(ALPHA))  # None: too small
             assert isinstance(row["num_spikes"], int)
         else:
             assert row["alpha"] is None  # e.g. below the size filter: the note says why

@@ -123,3 +123,24 @@ def test_farms_still_sees_heavy_tails() -> None:
     gauss = torch.from_numpy(rng.standard_normal((400, 1200)))
     assert htsr.fit_power_law(farms.farms_esd(heavy)).alpha < 3.0
     assert htsr.fit_power_law(farms.farms_esd(gauss)).alpha > 6.0
+
+
+def test_layers_narrower_than_the_minimum_window_get_no_farms() -> None:
+    """A 10-class head's 10 x 10 windows have no tail to fit (FARMS alpha ~16 where the plain
+    one is ~3): FARMS needs windows of at least MIN_WINDOW rows."""
+    gen = torch.Generator().manual_seed(3)
+    weights = {
+        "head": torch.randn(10, 128, generator=gen),
+        "ok": torch.randn(32, 128, generator=gen),
+    }
+    assert not farms.applies(10, 128, FARMS_CV)
+    assert farms.applies(farms.MIN_WINDOW, 128, FARMS_CV)
+    report = htsr.analyze_weights(weights, farms=FARMS_CV, mp_fit=False)
+    by_name = {layer.layer: layer for layer in report.layers}
+    assert by_name["head"].farms is None
+    assert by_name["ok"].farms is not None
+    summary = report.summary()
+    assert summary[htsr.farms_key(htsr.ALPHA)] == by_name["ok"].farms.alpha  # FARMS layers only
+    assert summary[htsr.ALPHA] == pytest.approx(
+        (by_name["head"].plain.alpha + by_name["ok"].plain.alpha) / 2
+    )

@@ -30,7 +30,10 @@ Open choices, documented here:
 - ``c > cols`` (aspect ratio > 1 on a short matrix): the authors' slicing silently truncates the
   window; we clip ``c`` to ``cols`` and report the actual window shape.
 - The ``r`` clip to ``min(rows, cols)`` exists only in the LLM code; we apply it everywhere so a
-  layer narrower than the window still has full windows.
+  layer narrower than the window still has full windows, down to :data:`MIN_WINDOW` rows:
+  below that (a 10-class head, a 16 x 64 position table) a window has a handful of
+  eigenvalues, their pooled ESD has no tail to fit (FARMS alpha 16-18 where the plain one is
+  3.2-3.4, measured), and the layer gets no FARMS metrics (:func:`applies`).
 - Conv2d: the authors' image code takes one block per kernel slice; we apply the same window grid
   to each ``kh*kw`` slice (WeightWatcher slicing, scaled by sqrt(1/2)) and pool all windows.
 - Which fit: the authors use WeightWatcher's KS fit with ``xmin_peak`` (LLM pruning) or the Hill
@@ -58,6 +61,14 @@ class FarmsConfig:
     def __post_init__(self) -> None:
         if self.window_rows < 1 or self.aspect_ratio <= 0 or self.windows_per_dim < 1:
             raise ValueError(f"invalid FARMS configuration {self}")
+
+
+MIN_WINDOW = 32  # smallest window (rows) FARMS is computed on; smaller layers get none
+
+
+def applies(rows: int, cols: int, config: FarmsConfig) -> bool:
+    """Whether a ``rows x cols`` matrix is large enough for FARMS windows (:data:`MIN_WINDOW`)."""
+    return min(window_shape(rows, cols, config)) >= min(MIN_WINDOW, config.window_rows)
 
 
 FARMS_CV = FarmsConfig(window_rows=100, aspect_ratio=1.0, windows_per_dim=9)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from spectrawatch.spectral.eigen import batched_eigvalsh, gram
-from spectrawatch.spectral.farms import FarmsConfig, sample_windows
+from spectrawatch.spectral.farms import FarmsConfig, applies, sample_windows
 
 # --- metric keys (dotted, defined once) -------------------------------------------------------
 ALPHA = "htsr.alpha"
@@ -49,7 +49,9 @@ NUM_UNDER_TRAINED = "htsr.num_under_trained"  # model level
 NUM_OVER_TRAINED = "htsr.num_over_trained"  # model level
 NUM_LAYERS = "htsr.num_layers"  # model level
 
-FLAT_SPREAD = 1e-6  # relative eigenvalue spread under which an ESD has no tail to fit
+# relative eigenvalue spread under which an ESD has no tail to fit: an orthogonal float32 matrix
+# (every eigenvalue 1 up to round-off) got alpha ~ 1e6 under 1e-6
+FLAT_SPREAD = 1e-4
 FARMS_PREFIX = "farms."  # FARMS values use the same names with this prefix: "farms.alpha", ...
 
 #: Per-ESD metric keys, in the order they are reported.
@@ -842,19 +844,27 @@ class ModelReport:
     skipped: tuple[SkippedLayer, ...]
 
     def summary(self) -> dict[str, float]:
-        """Unweighted means over layers of every per-layer key (``htsr.*`` and ``farms.*``),
-        plus layer counts; WeightWatcher's ``get_summary`` reports the same means."""
-        if not self.layers:
-            return {NUM_LAYERS: 0.0}
-        rows = [r.values() for r in self.layers]
-        keys = [k for k in rows[0] if all(k in r for r in rows)]
-        out = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
-        out[NUM_LAYERS] = float(len(rows))
-        out[NUM_UNDER_TRAINED] = sum(r[UNDER_TRAINED] for r in rows)
-        out[NUM_OVER_TRAINED] = sum(r[OVER_TRAINED] for r in rows)
-        for k in (UNDER_TRAINED, OVER_TRAINED, farms_key(UNDER_TRAINED), farms_key(OVER_TRAINED)):
-            out.pop(k, None)
-        return out
+        """Unweighted means over layers of every per-layer key (``htsr.*``: every layer, as
+        WeightWatcher's ``get_summary``; ``farms.*``: the layers FARMS applies to), plus layer
+        counts."""
+        return summarize_layers([r.values() for r in self.layers])
+
+
+def summarize_layers(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """:meth:`ModelReport.summary` of per-layer ``values()`` dicts (e.g. read back from storage)."""
+    if not rows:
+        return {NUM_LAYERS: 0.0}
+    out: dict[str, float] = {}
+    for k in dict.fromkeys(k for r in rows for k in r):
+        have = [r[k] for r in rows if k in r]
+        if len(have) == len(rows) or k.startswith(FARMS_PREFIX):
+            out[k] = sum(have) / len(have)
+    out[NUM_LAYERS] = float(len(rows))
+    out[NUM_UNDER_TRAINED] = sum(r.get(UNDER_TRAINED, 0.0) for r in rows)
+    out[NUM_OVER_TRAINED] = sum(r.get(OVER_TRAINED, 0.0) for r in rows)
+    for k in (UNDER_TRAINED, OVER_TRAINED, farms_key(UNDER_TRAINED), farms_key(OVER_TRAINED)):
+        out.pop(k, None)
+    return out
 
 
 def analyze_weights(
@@ -915,8 +925,9 @@ def analyze_weights(
         pos += len(lm.matrices)
     farms_evals: list[torch.Tensor | None] = [None] * len(layer_mats)
     for i, ws in enumerate(windows):
-        farms_evals[i] = torch.sort(torch.cat(all_evals[pos : pos + len(ws)])).values
-        pos += len(ws)
+        if ws:
+            farms_evals[i] = torch.sort(torch.cat(all_evals[pos : pos + len(ws)])).values
+            pos += len(ws)
     reports: list[LayerReport] = []
     eps = torch.finfo(dtype).eps  # the Grams' precision: sets the entropy's numerical rank
     for i, (name, shape, lm) in enumerate(zip(names, shapes, layer_mats, strict=True)):
@@ -937,7 +948,10 @@ def analyze_weights(
 
 
 def farms_windows(mats: WeightMatrices, config: FarmsConfig) -> list[torch.Tensor]:
-    """The FARMS windows of a layer (every slice), as separate matrices for batched ESDs."""
+    """The FARMS windows of a layer (every slice), as separate matrices for batched ESDs; none
+    for a layer too small for FARMS (:func:`~spectrawatch.spectral.farms.applies`)."""
+    if not applies(mats.n_rows, mats.n_cols, config):
+        return []
     return [w for m in mats.matrices for w in sample_windows(m, config).unbind(0)]
 
 
@@ -950,9 +964,11 @@ def analyze_model(
 ) -> ModelReport:
     """WeightWatcher-style analysis of a model or state dict, offline.
 
-    From a module: the ``weight`` of every Linear, Conv1d/HF Conv1D, Conv2d and Embedding
-    (norm layers excluded, as WeightWatcher does); from a state dict: every 2-D or 4-D tensor
-    whose name does not contain ``norm``. See :func:`analyze_weights` for the rest.
+    From a module: the 2-D or 4-D ``weight`` of every module except norm layers (Linear, HF
+    Conv1D, Conv2d, Embedding, as WeightWatcher; also ConvTranspose2d, which WeightWatcher
+    0.7.7 skips; a 3-D Conv1d kernel is skipped by both); from a state dict: every 2-D or 4-D
+    tensor whose name does not contain ``norm`` (so also ``nn.MultiheadAttention``'s
+    ``in_proj_weight``, which WeightWatcher does not see). See :func:`analyze_weights`.
     """
     if isinstance(model_or_state_dict, torch.nn.Module):
         weights: dict[str, torch.Tensor] = {}
