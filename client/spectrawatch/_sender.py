@@ -48,6 +48,9 @@ logger = logging.getLogger("spectrawatch")
 _SCALAR_CAP = 1_000_000
 _SCALARS_PER_POST = 5_000
 _REPLAY_PER_TURN = 64
+# past the flush deadline only local work is left (encode, compress, write): wait this long at
+# most for it (a stuck disk), not for the server
+_SPOOL_AFTER_DEADLINE_S = 600.0
 _TAGS = {
     wire.FrameKind.UPDATE_SKETCH: "us",
     wire.FrameKind.PARAM_SKETCH: "ps",
@@ -266,7 +269,13 @@ class Sender:
         summary: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> bool:
-        """Flush (deliver or spool everything), mark the run ``status``; True if done in time."""
+        """Flush (deliver or spool everything), mark the run ``status``; True if done in time.
+
+        ``timeout`` bounds the wait for the server. What is still queued then is written to the
+        spool before this returns (local work only: no request outlives the deadline), however
+        long that takes, since a daemon thread still writing at interpreter exit would lose it
+        (a GPT-2-sized final weight snapshot takes seconds to compress and write).
+        """
         if self._disabled or self._thread is None:
             return True
         timeout = self.settings.flush_timeout_s if timeout is None else timeout
@@ -279,6 +288,20 @@ class Sender:
                 self.api.not_after = self._deadline  # a request in flight is cut off there
             self._cond.notify()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cond:
+                left = len(self._queue) + (1 if self._busy else 0)
+                size = self._queue_bytes
+            if left:
+                logger.warning(
+                    "spectrawatch: the server did not take everything within %.0f s; writing "
+                    "%d frame(s) (%.0f MB) to the spool %s for `spectrawatch sync`",
+                    timeout,
+                    left,
+                    size / 2**20,
+                    self.spool.dir,
+                )
+            self._thread.join(_SPOOL_AFTER_DEADLINE_S)
         return not self._thread.is_alive() and self.pending() == 0
 
     def pending(self) -> int:

@@ -544,6 +544,33 @@ def test_what_a_trickling_server_holds_at_finish_is_spooled_not_lost(tmp_path: P
         server.close()
 
 
+def test_finish_waits_for_a_large_backlog_to_reach_the_spool(tmp_path: Path) -> None:
+    """A GPT-2-sized final weight snapshot (13 frames, ~460 MB) queued behind a slow server:
+    ``close`` returned at its timeout while the daemon thread was still compressing and
+    spooling, and the interpreter's exit killed it (10 of 13 frames lost, in a real run)."""
+    server = DripServer()
+    try:
+        s = settings(tmp_path, url=server.url, timeout_s=1.0, request_deadline_s=1.0)
+        sender = Sender(s, Api(s.url, None, 1.0, deadline_s=1.0), "r")
+        sender.start()
+        gen = torch.Generator().manual_seed(0)
+        for step in range(12):  # 12 x 16 MB of incompressible floats
+            w = torch.randn(2048, 2048, generator=gen)
+            sender.put_frame(
+                FrameItem(wire.FrameKind.WEIGHTS, step, {"w": w}, {"dtype": "float32"}, True)
+            )
+        sender.close(timeout=1.0)
+        assert sender.pending() == 0
+        assert not sender._thread or not sender._thread.is_alive()
+        left = Spool(tmp_path / "spool" / "p" / "r", 1 << 34)
+        frames = [e.read()[0] for e in left.entries()]
+        assert len(frames) + server.frame_requests >= 12  # every frame spooled (or sent)
+        assert len(frames) >= 11
+        assert left.read_meta()["status"] == "finished"  # for `spectrawatch sync`
+    finally:
+        server.close()
+
+
 def test_sync_skips_a_spool_a_live_run_holds_and_one_it_cannot_name(tmp_path: Path) -> None:
     from spectrawatch._sync import sync_run
 
