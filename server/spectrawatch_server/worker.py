@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch.wire import FrameKind, FrameLimits, decode_frame, decompress
 from spectrawatch_server.analyses import AnalysisResult, DecodedFrame, analyses_for
+from spectrawatch_server.analyses.registry import MODEL_LAYER, SummarizeFn
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage import series
@@ -141,10 +142,23 @@ class Worker:
                     return
                 for name, result in outputs:
                     self._store(session, frame, name, result)
+                for analysis in analyses_for(decoded.header.kind):
+                    if analysis.summarize is not None and analysis.name in dict(outputs):
+                        self._summarize(session, frame, analysis.name, analysis.summarize)
                 error = "; ".join(errors) or None
                 repo.finish_frame(session, frame.id, "failed" if errors else "done", error)
                 for hook in self.hooks:
                     hook(session, frame)
+
+    @staticmethod
+    def _summarize(session: Session, frame: Frame, analysis: str, fn: SummarizeFn) -> None:
+        """The step's whole-model values from every layer stored for it (all parts of a
+        weight snapshot), replacing the summary an earlier part wrote."""
+        layers = repo.layer_values_at(session, frame.run_id, frame.step, analysis, MODEL_LAYER)
+        values = fn(layers) if layers else {}
+        repo.replace_model_values(
+            session, frame.run_id, frame.id, frame.step, analysis, MODEL_LAYER, values
+        )
 
     @staticmethod
     def _store(session: Session, frame: Frame, analysis: str, result: AnalysisResult) -> None:

@@ -178,3 +178,32 @@ def test_offline_mode_sends_nothing_until_sync(server: ServerProcess, tmp_path: 
         assert run is not None
         assert run["status"] == "finished"
         assert sorted(f["seq"] for f in frames_of(server.url, run["id"])) == seqs
+
+
+def test_model_summaries_cover_every_part_of_a_weight_snapshot(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A snapshot larger than ``max_frame_bytes`` arrives in parts; the whole-model HT-SR means
+    and the global GMCN were written once per part (a GPT-2-sized run had 14 ``__model__``
+    points at one step, ``htsr.num_layers`` 0, 5, 4, ...): now one per step, over all parts."""
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "parts", max_frame_bytes=4096))
+    Loop(m).run(20)
+    assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    frames = frames_of(server.url, m.run_id)
+    weights = [f for f in frames if f["kind"] == "weights"]
+    steps = sorted({f["step"] for f in weights})
+    assert len(weights) >= 2 * len(steps)  # every snapshot came in parts
+    wait_until(lambda: all(f["status"] == "done" for f in frames_of(server.url, m.run_id)), 120)
+    with spectrawatch.Api(server.url) as api:
+        run = api.run(m.run_id)
+        layers = run.metric("htsr.num_layers", layer="__model__")["__model__"]
+        assert layers.steps == steps  # one point per snapshot
+        assert set(layers.values) == {2.0}  # both matrices of the model, from their two parts
+        alpha = run.metric("htsr.alpha")
+        mean = [
+            sum(alpha[n].values[i] for n in ("0.weight", "2.weight")) / 2 for i in range(len(steps))
+        ]
+        assert alpha["__model__"].values == pytest.approx(mean, rel=1e-12)
+        assert run.metric("conditioning.gmcn", layer="__model__")["__model__"].steps == steps

@@ -31,7 +31,7 @@ from spectrawatch.spectral.conditioning import (
 from spectrawatch.spectral.polar import MUON_POLAR_DISTANCE, POLAR_MP_SPIKES
 from spectrawatch.wire import FrameHeader, FrameKind
 from spectrawatch_server.analyses.conditioning import muon_update_audit, weight_conditioning
-from spectrawatch_server.analyses.registry import MODEL_LAYER, DecodedFrame
+from spectrawatch_server.analyses.registry import MODEL_LAYER, DecodedFrame, analyses_for
 from tests.history import StubHistory, decoded_frame
 
 
@@ -127,7 +127,13 @@ def test_conditioning_analysis() -> None:
     tensors = {"fc": w, "fc2": w2, "nan": bad, "vec": torch.ones(1, 5)}
     result = weight_conditioning(_frame(FrameKind.WEIGHTS, tensors, {}), StubHistory())
     by_key = {(m.layer, m.name): m.value for m in result.metrics}
-    assert {layer for layer, _ in by_key} == {"fc", "fc2", MODEL_LAYER}
+    assert {layer for layer, _ in by_key} == {"fc", "fc2"}  # the model value: summarize
+    per_layer: dict[str, dict[str, float]] = {}
+    for (layer, name), value in by_key.items():
+        per_layer.setdefault(layer, {})[name] = value
+    (registered,) = [a for a in analyses_for(FrameKind.WEIGHTS) if a.name == "conditioning"]
+    assert registered.summarize is not None
+    by_key.update({(MODEL_LAYER, k): v for k, v in registered.summarize(per_layer).items()})
     geo = math.sqrt(_numpy_gmcn(w.double().numpy()) * _numpy_gmcn(w2.double().numpy()))
     assert by_key[(MODEL_LAYER, GMCN)] == pytest.approx(geo, rel=1e-5)
     cond = conditioning(w)

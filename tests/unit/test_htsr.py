@@ -397,9 +397,16 @@ def test_analysis_metrics_spectra_and_model_summary() -> None:
         for key, value in layer.values().items():
             assert by_key[(layer.layer, key)] == pytest.approx(value, rel=1e-12), key
     assert direct.layers[1].rf == 9  # conv restored from info.shapes and sliced
-    for key in (htsr.ALPHA, htsr.farms_key(htsr.ALPHA), htsr.NUM_LAYERS):
-        assert (MODEL_LAYER, key) in by_key
-    assert by_key[(MODEL_LAYER, htsr.NUM_LAYERS)] == 2
+    assert MODEL_LAYER not in {layer for layer, _ in by_key}  # the worker's summarize step
+    per_layer: dict[str, dict[str, float]] = {}
+    for (layer, name), value in by_key.items():
+        per_layer.setdefault(layer, {})[name] = value
+    (registered,) = [a for a in analyses_for(FrameKind.WEIGHTS) if a.name == "htsr"]
+    assert registered.summarize is not None
+    summary = registered.summarize(per_layer)
+    for key, value in direct.summary().items():
+        assert summary[key] == pytest.approx(value, rel=1e-12), key
+    assert summary[htsr.NUM_LAYERS] == 2
     assert not any(layer == "head.weight" for layer, _ in by_key)
     spectra = {s.layer: s.payload for s in result.spectra}
     assert spectra["head.weight"]["skipped"]

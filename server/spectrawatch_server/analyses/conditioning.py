@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,7 +38,6 @@ from spectrawatch.spectral.polar import (
 from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.norms import has_spectrum, weight_singular_values
 from spectrawatch_server.analyses.registry import (
-    MODEL_LAYER,
     AnalysisContext,
     AnalysisResult,
     DecodedFrame,
@@ -52,12 +52,17 @@ def _finite(layer: str, values: dict[str, float]) -> list[MetricValue]:
     return [MetricValue(layer, name, v) for name, v in values.items() if math.isfinite(v)]
 
 
-@register("conditioning", [FrameKind.WEIGHTS])
+def _global_gmcn(layers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """PC Layer's global GMCN: the geometric mean of the layers' GMCN at the step."""
+    logs = [math.log(v[GMCN]) for v in layers.values() if 0 < v.get(GMCN, 0.0) < math.inf]
+    return {GMCN: math.exp(sum(logs) / len(logs))} if logs else {}
+
+
+@register("conditioning", [FrameKind.WEIGHTS], summarize=_global_gmcn)
 def weight_conditioning(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     """Per-layer conditioning metrics of every 2-D weight in the frame."""
     del context  # stateless
     result = AnalysisResult()
-    log_gmcn: list[float] = []
     for layer, weights in sorted(frame.tensors.items()):
         if weights.ndim != 2 or min(weights.shape) < 2:
             continue
@@ -73,13 +78,7 @@ def weight_conditioning(frame: DecodedFrame, context: AnalysisContext) -> Analys
             values[POLAR_MP_SPIKES] = float(count.count)
             values[POLAR_MP_SPIKES_AMBIGUITY] = count.ambiguity
         result.metrics.extend(_finite(layer, values))
-        if 0 < values[GMCN] < math.inf:
-            log_gmcn.append(math.log(values[GMCN]))
-    if log_gmcn:  # PC Layer's global GMCN: geometric mean over the frame's matrices
-        result.metrics.append(
-            MetricValue(MODEL_LAYER, GMCN, math.exp(sum(log_gmcn) / len(log_gmcn)))
-        )
-    return result
+    return result  # the global GMCN comes from _global_gmcn over every part of the snapshot
 
 
 def _shape(info: dict[str, Any], layer: str, size: int) -> tuple[int, int] | None:

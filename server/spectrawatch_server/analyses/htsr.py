@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from spectrawatch.spectral.farms import FARMS_CV
-from spectrawatch.spectral.htsr import analyze_weights, esd_payload
+from spectrawatch.spectral.htsr import analyze_weights, esd_payload, summarize_layers
 from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.norms import shared_singular_values
 from spectrawatch_server.analyses.registry import (
-    MODEL_LAYER,
     AnalysisContext,
     AnalysisResult,
     DecodedFrame,
@@ -54,7 +53,12 @@ def restore_shapes(tensors: Mapping[str, torch.Tensor], shapes: object) -> dict[
     return out
 
 
-@register("htsr", [FrameKind.WEIGHTS])
+def _summary(layers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    values = summarize_layers(list(layers.values()))
+    return {k: v for k, v in values.items() if math.isfinite(v)}
+
+
+@register("htsr", [FrameKind.WEIGHTS], summarize=_summary)
 def heavy_tail_metrics(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     """HT-SR + FARMS metrics and ESD drill-down records of every weight in the frame.
 
@@ -96,10 +100,7 @@ def heavy_tail_metrics(frame: DecodedFrame, context: AnalysisContext) -> Analysi
                 {"analysis": "htsr", "shape": list(skipped.shape), "skipped": skipped.reason},
             )
         )
-    for name, value in report.summary().items():
-        if math.isfinite(value):
-            result.metrics.append(MetricValue(MODEL_LAYER, name, value))
-    return result
+    return result  # the whole-model means come from _summary over every part of the snapshot
 
 
 def _finite(value: Any) -> Any:

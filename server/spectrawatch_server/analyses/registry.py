@@ -91,25 +91,40 @@ class AnalysisContext(Protocol):
 AnalysisFn = Callable[[DecodedFrame, AnalysisContext], AnalysisResult]
 
 
+SummarizeFn = Callable[[Mapping[str, Mapping[str, float]]], dict[str, float]]
+"""Whole-model values of one step from ``{layer: {metric name: value}}`` of that step."""
+
+
 @dataclass(frozen=True)
 class Analysis:
-    """A registered analysis: a stable ``name`` and the frame ``kinds`` it runs on."""
+    """A registered analysis: a stable ``name``, the frame ``kinds`` it runs on, and optionally
+    how its per-layer values of a step make the :data:`MODEL_LAYER` values (``summarize``)."""
 
     name: str
     kinds: frozenset[FrameKind]
     fn: AnalysisFn
+    summarize: SummarizeFn | None = None
 
 
 _REGISTRY: dict[str, Analysis] = {}
 
 
-def register(name: str, kinds: Sequence[FrameKind]) -> Callable[[AnalysisFn], AnalysisFn]:
-    """Decorator: register ``fn`` as analysis ``name`` for frames of ``kinds``."""
+def register(
+    name: str, kinds: Sequence[FrameKind], summarize: SummarizeFn | None = None
+) -> Callable[[AnalysisFn], AnalysisFn]:
+    """Decorator: register ``fn`` as analysis ``name`` for frames of ``kinds``.
+
+    ``summarize``: the analysis leaves :data:`MODEL_LAYER` out of its results; after storing a
+    frame's results the worker hands it every layer's values stored for the step (a weight
+    snapshot arrives in several frames) and stores what it returns as the step's only
+    whole-model values, under the run's lock, so parts analysed in any order or by several
+    workers end with one summary of the whole snapshot.
+    """
 
     def wrap(fn: AnalysisFn) -> AnalysisFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"analysis {name!r} is registered twice")
-        _REGISTRY[name] = Analysis(name, frozenset(kinds), fn)
+        _REGISTRY[name] = Analysis(name, frozenset(kinds), fn, summarize)
         return fn
 
     return wrap

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -449,6 +449,64 @@ class MetricRow:
 class SpectrumRow:
     layer: str
     payload: dict[str, Any]
+
+
+def layer_values_at(
+    session: Session, run_id: int, step: int, analysis: str, model_layer: str
+) -> dict[str, dict[str, float]]:
+    """``{layer: {name: value}}`` an analysis stored at ``step`` for every layer of the run
+    but ``model_layer`` (all frames; the latest row wins where a step was analysed twice)."""
+    rows = session.execute(
+        select(Metric.layer, Metric.name, Metric.value)
+        .where(
+            Metric.run_id == run_id,
+            Metric.step == step,
+            Metric.analysis == analysis,
+            Metric.layer != model_layer,
+            Metric.value.is_not(None),
+        )
+        .order_by(Metric.id)
+    ).all()
+    out: dict[str, dict[str, float]] = {}
+    for layer, name, value in rows:
+        if value is not None:
+            out.setdefault(layer, {})[name] = float(value)
+    return out
+
+
+def replace_model_values(
+    session: Session,
+    run_id: int,
+    frame_id: int,
+    step: int,
+    analysis: str,
+    model_layer: str,
+    values: Mapping[str, float],
+) -> None:
+    """Make ``values`` the only ``model_layer`` rows of ``analysis`` at ``step`` (owned by
+    ``frame_id``), whichever frame wrote the earlier ones."""
+    session.execute(
+        delete(Metric).where(
+            Metric.run_id == run_id,
+            Metric.step == step,
+            Metric.analysis == analysis,
+            Metric.layer == model_layer,
+        )
+    )
+    rows = [
+        {
+            "run_id": run_id,
+            "frame_id": frame_id,
+            "analysis": analysis,
+            "layer": model_layer,
+            "name": name,
+            "step": step,
+            "value": finite_or_none(value),
+        }
+        for name, value in values.items()
+    ]
+    if rows:
+        session.execute(insert(cast(Table, Metric.__table__)), rows)
 
 
 def replace_results(
