@@ -287,6 +287,9 @@
       if (box.children[index] !== node) { box.insertBefore(node, box.children[index] || null); }
       var isHeatmap = panel.figure && panel.figure.data.length && panel.figure.data[0].type === "heatmap";
       node.classList.toggle("heatmap", !!isHeatmap);
+      // one readable row per layer (16 px): 150 layers in the fixed 620 px were 4 px each
+      var rows = isHeatmap ? (panel.figure.data[0].y || []).length : 0;
+      node.querySelector(".plot").style.height = isHeatmap ? Math.min(4000, Math.max(620, 160 + 16 * rows)) + "px" : "";
       node.dataset.panel = panel.id;
       node.querySelector(".help").textContent = panel.help || "";
       var plot = node.querySelector(".plot");

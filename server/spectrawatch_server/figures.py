@@ -506,7 +506,8 @@ def heatmap_figure(metric: str, grid: Grid, *, sampled: bool = False) -> Figure:
     layout = _layout(title, y_title="layer")
     layout["hovermode"] = "closest"
     # A fixed margin sized to the longest name: automargin costs a second layout pass.
-    layout["yaxis"].update({"type": "category", "autorange": "reversed"})
+    # every layer labelled (the page gives each row 16 px; Plotly would skip every other one)
+    layout["yaxis"].update({"type": "category", "autorange": "reversed", "dtick": 1})
     longest = max((len(la) for la in grid.layers), default=8)
     layout["margin"]["l"] = min(320, 30 + 7 * longest)
     return {"data": data, "layout": layout}

@@ -157,6 +157,7 @@ def test_grid_and_heatmap() -> None:
     heat = fig.heatmap_figure("htsr.alpha", grid, sampled=True)
     assert heat["data"][0]["type"] == "heatmap"
     assert heat["layout"]["yaxis"]["type"] == "category"
+    assert heat["layout"]["yaxis"]["dtick"] == 1  # every layer labelled
     assert "sampled at 2 steps" in heat["layout"]["title"]["text"]
     missing = fig.grid_from_rows([("a", 0, 1.0), ("b", 1, 2.0)])
     assert missing.z == [[1.0, None], [None, 2.0]]
@@ -518,3 +519,31 @@ def test_user_names_cannot_add_markup_to_plots() -> None:
     assert "%{z}<b>m" not in heat["hovertemplate"]
     assert heat["name"] == "%{z}&lt;b&gt;m"
     assert fig.plot_text("x" * 200).endswith("…")
+
+
+def test_drilldown_of_a_layer_htsr_skips_says_why(tmp_path: Path) -> None:
+    """A 50k-token embedding is outside WeightWatcher's size filter: its drilldown said "No ESD
+    for this layer yet", as if the analysis had not run."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+    from spectrawatch_server.db.models import Frame
+    from spectrawatch_server.storage import repository as repo
+
+    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()
+        with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
+            frame = Frame(
+                run_id=run["id"], kind="weights", step=5, seq=0, idempotency_key="k",
+                blob_key="", bytes=1, layers=["wte.weight"], status="done",
+            )  # fmt: skip
+            repo.insert_frame(session, frame)
+            skipped = {"analysis": "htsr", "shape": [50257, 768], "skipped": "outside the filter"}
+            row = repo.SpectrumRow("wte.weight", skipped)
+            repo.replace_results(session, run["id"], frame.id, 5, "htsr", [], [row])
+        url = f"/api/v1/dashboards/runs/{run['id']}/layer"
+        page = client.get(url, params={"layer": "wte.weight"}).json()
+    esd = next(p for p in page["panels"] if p["id"] == "esd")
+    assert esd["figure"] is None
+    assert esd["empty"] == "Layer skipped: outside the filter"

@@ -310,11 +310,11 @@ def read_layer(
     n = _points(max_points)
     body = _base(session, run, page)
     body["layer"] = layer
-    rows = [
-        r
-        for r in repo.spectra_for(session, run.id, layer, None, None)
-        if "plain" in r.payload or "farms" in r.payload
-    ]
+    records = repo.spectra_for(session, run.id, layer, None, None)
+    rows = [r for r in records if "plain" in r.payload or "farms" in r.payload]
+    # a layer HT-SR leaves out (e.g. a 50k-token embedding) says why, not "no ESD yet"
+    skips = [r for r in records if r.payload.get("analysis") == "htsr" and "skipped" in r.payload]
+    why = str(max(skips, key=lambda r: (r.step, r.id)).payload["skipped"]) if skips else None
     steps = sorted({r.step for r in rows})
     chosen_row = None
     if rows:
@@ -336,7 +336,7 @@ def read_layer(
             )
             builder = dash.esd_figure if spec.kind == "esd" else dash.mp_figure
             fig = builder(part, title) if part else None
-            skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
+            skipped = chosen_row.payload.get("skipped") if chosen_row is not None else why
             panels.append(
                 dash.panel_from(spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None)
             )
