@@ -115,6 +115,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             f"(data in {settings.data_dir})"
         )
         print(f"  API docs: {settings.base_url}/docs", flush=True)
+        _log_to_stderr(args.log_level)
         app: Any = create_app(settings)
         if args.workers > 1:  # uvicorn starts each process from an import string: env settings
             _export_settings(settings)
@@ -138,13 +139,22 @@ def _export_settings(settings: Any) -> None:
         os.environ[f"SPECTRAWATCH_{name.upper()}"] = str(getattr(settings, name))
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    """Consume analysis jobs from the procrastinate queue (scale-out mode)."""
+def _log_to_stderr(level: str) -> None:
+    """The server's own log lines (analysed frames, alerts, start-up clean-up) at ``level``:
+    uvicorn configures only its loggers, which left every ``spectrawatch_server`` INFO line
+    unprinted."""
     import logging
 
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        level=getattr(logging, level.upper(), logging.DEBUG),  # uvicorn's "trace": debug here
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-migration INFO lines
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Consume analysis jobs from the procrastinate queue (scale-out mode)."""
+    _log_to_stderr(args.log_level)
     from spectrawatch_server import startup, worker_main
 
     settings = _server_settings(args, queue="procrastinate", device=args.device)

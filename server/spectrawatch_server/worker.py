@@ -8,6 +8,7 @@ same (frame, analysis), so a redelivered job duplicates nothing.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -123,12 +124,25 @@ class Worker:
             history = RunHistory(session, self.loader, frame)
             outputs: list[tuple[str, AnalysisResult]] = []
             errors: list[str] = []
+            took: dict[str, float] = {}
             for analysis in analyses_for(decoded.header.kind):
+                started = time.perf_counter()
                 try:
                     outputs.append((analysis.name, analysis.fn(decoded, history)))
                 except Exception as exc:  # one broken analysis must not block the others
                     log.exception("analysis %s failed on frame %d", analysis.name, frame_id)
                     errors.append(f"{analysis.name}: {exc!r}")
+                took[analysis.name] = time.perf_counter() - started
+            slowest = max(took, key=took.__getitem__, default="-")
+            log.info(
+                "frame %d (%s, step %d) analysed in %.2f s (slowest: %s %.2f s)",
+                frame_id,
+                decoded.header.kind.value,
+                decoded.header.step,
+                sum(took.values()),
+                slowest,
+                took.get(slowest, 0.0),
+            )
             session.rollback()  # end the read transaction; SQLite cannot upgrade it safely
             with session.begin():
                 # The run's row lock first, as ingest and deletion take it (PostgreSQL): a

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import spectrawatch
-from tests.servers import ServerProcess, free_port, wait_until
+from tests.servers import ServerProcess, embedded_only, free_port, wait_until
 from tests.training import Loop, frames_of
 from tests.training import client_settings as _client_settings
 
@@ -207,3 +207,18 @@ def test_model_summaries_cover_every_part_of_a_weight_snapshot(
         ]
         assert alpha["__model__"].values == pytest.approx(mean, rel=1e-12)
         assert run.metric("conditioning.gmcn", layer="__model__")["__model__"].steps == steps
+
+
+@embedded_only("in the PostgreSQL topology the worker processes analyse (and log) frames")
+def test_server_logs_each_analysed_frame_at_info(tmp_path: Path) -> None:
+    """uvicorn configures only its own loggers: the server's INFO lines were never printed."""
+    server = ServerProcess(tmp_path / "server", env={"SPECTRAWATCH_LOG_LEVEL": "info"}).start()
+    try:
+        m = spectrawatch.Monitor()
+        m.init(**client_settings(tmp_path, server.url, "logged"))
+        Loop(m).run(8)
+        assert m.finish(timeout=60)
+        wait_until(lambda: "(update_sketch, step 1) analysed in" in server.log_path.read_text(), 60)
+    finally:
+        server.stop()
+    assert "alembic" not in server.log_path.read_text()
