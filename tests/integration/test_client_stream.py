@@ -57,6 +57,11 @@ def test_every_frame_arrives_exactly_once(server: ServerProcess, tmp_path: Path)
                 assert partial
                 assert set(partial) == {0.0}, (w, layer)
         assert not [a for a in stored.alerts() if a["rule"] == "gap_collapse"]
+        # one whole-model point per step: the update- and theta-sketch frames ending at the
+        # last step both evaluated the grokking detector, and both points were kept
+        for name in ("grok.imminent", "grok.warning_score"):
+            steps = stored.metric(name, layer="__model__")["__model__"].steps
+            assert steps == sorted(set(steps)), name
 
 
 def test_kill_and_restart_replays_the_spool(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -507,6 +508,31 @@ def replace_model_values(
     ]
     if rows:
         session.execute(insert(cast(Table, Metric.__table__)), rows)
+
+
+def drop_other_model_values(
+    session: Session,
+    run_id: int,
+    frame_id: int,
+    analysis: str,
+    model_layer: str,
+    keys: Iterable[tuple[str, int]],
+) -> None:
+    """Delete the ``model_layer`` values of ``(name, step)`` ``keys`` other frames of the run
+    wrote for ``analysis``: a whole-model value has one point per step, the latest (the SED
+    analysis of an update-sketch frame and of a theta-sketch frame ending at the same step
+    both evaluate the grokking detector there)."""
+    wanted = list(set(keys))
+    for start in range(0, len(wanted), 200):
+        session.execute(
+            delete(Metric).where(
+                Metric.run_id == run_id,
+                Metric.analysis == analysis,
+                Metric.layer == model_layer,
+                Metric.frame_id != frame_id,
+                tuple_(Metric.name, Metric.step).in_(wanted[start : start + 200]),
+            )
+        )
 
 
 def replace_results(
