@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -63,9 +64,15 @@ def _device(value: str) -> str:
     return value
 
 
-def _retry_schedule(value: str) -> str:
-    from spectrawatch_server.webhooks.deliver import parse_schedule  # the sender's one parser
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """``"0,5,300"`` -> ``(0.0, 5.0, 300.0)``; at least one non-negative delay."""
+    values = tuple(float(x) for x in text.split(",") if x.strip())
+    if not values or not all(0 <= v < math.inf for v in values):  # NaN fails too
+        raise ValueError(f"retry schedule must be non-negative seconds, got {text!r}")
+    return values
 
+
+def _retry_schedule(value: str) -> str:
     try:
         parse_schedule(value)
     except ValueError:

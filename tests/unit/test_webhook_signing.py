@@ -163,7 +163,7 @@ def test_retry_after_is_a_floor() -> None:
 
 def test_parse_schedule() -> None:
     assert parse_schedule("0, 5,300") == (0.0, 5.0, 300.0)
-    for bad in ("", "1,-1"):
+    for bad in ("", "1,-1", "0,nan", "inf"):
         with pytest.raises(ValueError, match="schedule"):
             parse_schedule(bad)
 

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.alerts.rules import default_rules
-from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.config import ServerSettings, parse_schedule
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Alert, Delivery, Run, Webhook
 from spectrawatch_server.storage import alert_store
@@ -58,14 +58,6 @@ class DeliveryPolicy:
     @property
     def max_attempts(self) -> int:
         return len(self.schedule)
-
-
-def parse_schedule(text: str) -> tuple[float, ...]:
-    """``"0,5,300"`` -> ``(0.0, 5.0, 300.0)``; at least one non-negative delay."""
-    values = tuple(float(x) for x in text.split(",") if x.strip())
-    if not values or any(v < 0 for v in values):
-        raise ValueError(f"retry schedule must be non-negative seconds, got {text!r}")
-    return values
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
