@@ -302,7 +302,7 @@ def validate_layout(header: FrameHeader) -> None:
             )
         if 0 in t.shape:
             raise FrameError("bad_shape", f"tensor '{t.name}' is empty: shape {list(t.shape)}")
-    if header.kind in (FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH):
+    if header.kind.value in SKETCH_KINDS:
         steps = header.info.get("steps")
         rows = {t.shape[0] for t in header.tensors}
         if (
@@ -337,6 +337,16 @@ def decode_frame(
     """Validate and load an uncompressed frame: header first, then tensors."""
     header = parse_header(data, len(data), limits)
     return header, load_tensors(data)
+
+
+SKETCH_KINDS = frozenset({FrameKind.UPDATE_SKETCH.value, FrameKind.PARAM_SKETCH.value})
+
+
+def row_steps(kind: str, info: Mapping[str, Any]) -> list[int] | None:
+    """The steps of a sketch frame's rows (``info.steps``, validated at ingest for these kinds
+    only); None for other kinds, whose ``info`` is the client's own data."""
+    steps = info.get("steps")
+    return steps if kind in SKETCH_KINDS and isinstance(steps, list) else None
 
 
 def nonfinite_steps(

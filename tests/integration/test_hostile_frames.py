@@ -197,6 +197,10 @@ def test_odd_weights_and_activation_info_end_done(api: httpx.Client) -> None:
         raw_frame(meta(seq="1", step="20"), {"w": np.full((24, 12), 1e300)}, dtype="F64"),
         raw_frame(meta(seq="2", step="30"), {"w": np.full((24, 12), np.nan)}),
         raw_frame(meta(seq="3", step="40"), {"w": np.full((24, 12), np.inf)}),
+        raw_frame(  # info.steps is client data outside sketch frames: one "step" per row
+            meta(seq="7", step="45", info=json.dumps({"steps": ["x"] * 24})),
+            {"w": np.full((24, 12), np.nan)},
+        ),
         raw_frame(
             meta(
                 kind="activations",

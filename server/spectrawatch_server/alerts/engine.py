@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from spectrawatch.wire import FrameKind
+from spectrawatch.wire import row_steps
 from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db.base import utcnow
@@ -161,9 +161,7 @@ class AlertEngine:
         resolves it only if it reaches past that last bad step."""
         counts = frame.nonfinite or {}
         spans = frame.nonfinite_steps or {}
-        steps = (frame.info or {}).get("steps")  # validated at ingest for sketch frames only
-        sketch = frame.kind in (FrameKind.UPDATE_SKETCH.value, FrameKind.PARAM_SKETCH.value)
-        frame_last = max([frame.step, *steps]) if sketch and isinstance(steps, list) else frame.step
+        frame_last = max([frame.step, *(row_steps(frame.kind, frame.info or {}) or [])])
         for layer in sorted(set(frame.layers or []) | set(counts)):
             if not rule.covers(layer):
                 continue

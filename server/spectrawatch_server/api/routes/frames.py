@@ -24,6 +24,7 @@ from spectrawatch.wire import (
     load_tensors,
     nonfinite_steps,
     parse_header,
+    row_steps,
 )
 from spectrawatch_server.api.auth_cache import AuthCache
 from spectrawatch_server.api.deps import RunDep, SessionDep, StateDep
@@ -199,7 +200,8 @@ def _store(
     data = body.data()
     header, tensors = _validate(state, data, encoding)
     nonfinite = count_nonfinite(tensors)
-    bad_steps = nonfinite_steps(tensors, nonfinite, header.info.get("steps"), header.step)
+    steps = row_steps(header.kind.value, header.info)
+    bad_steps = nonfinite_steps(tensors, nonfinite, steps, header.step)
     del tensors
     body.spill()  # in-memory bodies are written only once they proved valid
     assert body.upload is not None
