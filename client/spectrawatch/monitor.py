@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,7 +34,7 @@ from spectrawatch._capture import Capture, LossFn, unwrap_model
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem, Sender
 from spectrawatch._transport import Api
 from spectrawatch.config import ClientSettings, SettingsError
-from spectrawatch.wire import MAX_STEP
+from spectrawatch.wire import MAX_STEP, NAME_MAX, TEXT_PATTERN
 
 logger = logging.getLogger("spectrawatch")
 
@@ -408,5 +409,5 @@ monitor = Monitor()
 
 
 def _valid_scalar_name(name: str) -> bool:
-    """The server's rule for scalar names: 1-200 characters, no control characters."""
-    return 1 <= len(name) <= 200 and not any(ord(c) < 0x20 for c in name)
+    """The server's rule for scalar names (``schemas.ScalarName``)."""
+    return len(name) <= NAME_MAX and re.fullmatch(TEXT_PATTERN, name) is not None

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch.wire import FrameKind, FrameLimits, decode_frame, decompress
 from spectrawatch_server.analyses import AnalysisResult, DecodedFrame, analyses_for
-from spectrawatch_server.analyses.registry import MODEL_LAYER, SummarizeFn
+from spectrawatch_server.analyses.registry import MODEL_LAYER, Analysis, SummarizeFn
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage import series
@@ -122,13 +122,13 @@ class Worker:
                     return
                 raise
             history = RunHistory(session, self.loader, frame)
-            outputs: list[tuple[str, AnalysisResult]] = []
+            outputs: list[tuple[Analysis, AnalysisResult]] = []
             errors: list[str] = []
             took: dict[str, float] = {}
             for analysis in analyses_for(decoded.header.kind):
                 started = time.perf_counter()
                 try:
-                    outputs.append((analysis.name, analysis.fn(decoded, history)))
+                    outputs.append((analysis, analysis.fn(decoded, history)))
                 except Exception as exc:  # one broken analysis must not block the others
                     log.exception("analysis %s failed on frame %d", analysis.name, frame_id)
                     errors.append(f"{analysis.name}: {exc!r}")
@@ -154,10 +154,9 @@ class Worker:
                 if frame is None:  # its run was deleted meanwhile
                     log.info("frame %d deleted during its analysis; results dropped", frame_id)
                     return
-                for name, result in outputs:
-                    self._store(session, frame, name, result)
-                for analysis in analyses_for(decoded.header.kind):
-                    if analysis.summarize is not None and analysis.name in dict(outputs):
+                for analysis, result in outputs:
+                    self._store(session, frame, analysis.name, result)
+                    if analysis.summarize is not None:
                         self._summarize(session, frame, analysis.name, analysis.summarize)
                 error = "; ".join(errors) or None
                 repo.finish_frame(session, frame.id, "failed" if errors else "done", error)
