@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 CONDITIONS = ("none", "spectrawatch", "sw_every10", "wandb", "tensorboard")
-SW_CONDITIONS = ("spectrawatch", "sw_every10", "sw_index_step1")
+SW_CONDITIONS = ("spectrawatch", "sw_every10", "sw_index_step1", "sw_torch")
 
 
 class Block(nn.Module):
@@ -127,6 +127,8 @@ def run_condition(
     device: str = "cpu",
     amp: str = "none",
 ) -> dict[str, Any]:
+    if cond == "sw_torch":  # the default sketch with the Triton kernel turned off
+        os.environ["SPECTRAWATCH_TRITON"] = "0"
     torch.manual_seed(0)
     dev = torch.device(device)
     model = GPT2(layers=layers).to(dev)
@@ -181,6 +183,7 @@ def run_condition(
         cap = handle.capture
         if periodic:  # steady-state overhead: let the background index build finish first
             cap.wait_index(600)
+        extra["sketch_backend"] = getattr(cap._fused, "backend", None)
 
         def sw_finish() -> None:
             extra["client_stats"] = m.stats.snapshot()
@@ -260,6 +263,8 @@ def run_condition(
         cpu.append(time.thread_time() - c0)
     proc_cpu = (time.process_time() - proc_cpu0) / steps
     rss_after, peak = rss_mib()
+    if dev.type == "cuda":
+        extra["peak_gpu_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if finish is not None:
         finish()
     return {
@@ -350,7 +355,9 @@ def main() -> None:
             print(
                 f"rep {rep} {cond:13s} median step {statistics.median(res['times']):.3f} s  "
                 f"train-thread CPU {statistics.median(res['cpu']):.3f} s  "
-                f"peak RSS {res['peak_rss_mib']:.0f} MiB",
+                f"peak RSS {res['peak_rss_mib']:.0f} MiB"
+                + (f", peak GPU {res['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in res else "")
+                + (f", sketch {res['sketch_backend']}" if res.get("sketch_backend") else ""),
                 flush=True,
             )
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU measurement of benchmarks/RESULTS.md and the CUDA tests, in one pass on one GPU machine.
 #
-#   OUT=gpu-results bash benchmarks/gpu_suite.sh bench             # CUDA tests + benchmarks
+#   OUT=gpu-results DEADLINE=500 bash benchmarks/gpu_suite.sh bench  # CUDA tests + benchmarks
 #   OUT=gpu-results bash benchmarks/gpu_suite.sh grokking [SECONDS]  # fb1 grid on the GPU
 #
 # Needs a CUDA torch and the project's dependencies importable (PYTHONPATH=client:server is set
-# here). Writes one text file per part into $OUT; the grokking grid's runs go to $GROK_DIR
+# here). Appends every part's output to $OUT/suite.txt; the grokking grid's runs go to $GROK_DIR
 # (default /tmp/grok-gpu) and its report to $OUT/grokking_fb1.md. Parts run one after another
 # (no two share the GPU while timed); each has its own time limit, so one failure costs only
 # its part. SECONDS (default 300: the 18 runs need ~260 s at once on an H200) bounds the grid.
@@ -18,36 +18,60 @@ PY="${PY:-python3}"
 mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}client:server" PYTHONUNBUFFERED=1
 
-part() {  # part NAME SECONDS CMD...: run CMD with a time limit, output to $OUT/NAME.txt
+DEADLINE="${DEADLINE:-0}"  # seconds: parts that would start later are skipped, limits cut to fit
+ONLY="${ONLY:-}"  # space-separated part names: run only those
+
+LOG="$OUT/suite.txt"  # one file: the device tool brings back at most 8
+
+part() {  # part NAME SECONDS CMD...: run CMD with a time limit, its output appended to $LOG
   local name="$1" limit="$2"
   shift 2
+  if [[ -n "$ONLY" && " $ONLY " != *" $name "* ]]; then return; fi
+  if ((DEADLINE > 0)); then
+    local left=$((DEADLINE - SECONDS))
+    if ((left < 20)); then echo "== $name: skipped (deadline)"; return; fi
+    ((limit > left)) && limit=$left
+  fi
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
-  echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
+  echo "== $name: $*" >>"$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   lscpu | grep -E "Model name|^CPU\(s\)"
   "$PY" -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)"
-} >"$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+} >"$LOG" 2>&1
+cat "$LOG"
 
 if [[ "$WHAT" == bench ]]; then
-part tests 90 "$PY" -m pytest -q -p no:cacheprovider -W default -m gpu \
+# in order of what the open targets need; later parts are skipped if DEADLINE comes first
+part tests 150 "$PY" -m pytest -q -p no:cacheprovider -W default -m gpu \
   tests/unit/test_analyze.py tests/unit/test_client_capture.py tests/unit/test_conditioning.py \
-  tests/unit/test_htsr.py tests/unit/test_polar.py tests/unit/test_sed.py
+  tests/unit/test_htsr.py tests/unit/test_polar.py tests/unit/test_sed.py \
+  tests/unit/test_sketch_triton.py tests/unit/test_eigen.py
+part sketch 120 "$PY" benchmarks/sketch_gpu.py --device cuda --repeat 20
+# the client runs below use the fastest Triton tile found above (its BEST line), if any
+best="$(grep -o '^BEST .*' "$LOG" | tail -n 1 | cut -c6-)"
+if [[ -n "$best" ]]; then export $best; echo "== using $best" | tee -a "$LOG"; fi
+part client_bf16 150 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 --batch 8 \
+  --seq 256 --steps 20 --warmup 5 --reps 2 --threads 4 \
+  --conditions none,spectrawatch,sw_torch,sw_every10
+part client_bf16_quick 100 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 \
+  --batch 8 --seq 256 --steps 20 --warmup 5 --reps 2 --threads 4 \
+  --conditions none,spectrawatch,sw_every10
 part htsr 100 "$PY" benchmarks/htsr_gpu.py --repeat 5 --ww-blocks 2 --ww-threads 8
+part htsr_breakdown 90 "$PY" benchmarks/htsr_breakdown.py --device cuda --repeat 3
 part sed 60 "$PY" benchmarks/sed_cost.py --device cuda --rows 1 10 --repeat 5
+part client 100 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
+  --steps 20 --warmup 5 --reps 1 --threads 4 --conditions none,spectrawatch,sw_torch
+part tensorboard 90 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 --batch 8 \
+  --seq 256 --steps 4 --warmup 1 --reps 1 --threads 4 --conditions none,tensorboard
 part polar 60 "$PY" benchmarks/polar_express.py --device cuda --sizes 512 1024 2048 4096 \
   --bf16-max 1024 --repeat 3
 part activations 40 "$PY" benchmarks/activations_cost.py --device cuda --repeat 5
-part client 150 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
-  --steps 20 --warmup 5 --reps 2 --threads 4 --conditions none,spectrawatch,sw_every10,tensorboard
-part client_bf16 90 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 --batch 8 \
-  --seq 256 --steps 20 --warmup 5 --reps 1 --threads 4 --conditions none,spectrawatch,sw_every10
 
-tail -n 3 "$OUT"/*.txt
 exit 0
 fi
 
@@ -74,4 +98,3 @@ for path in sorted(Path(sys.argv[1]).glob("fb1_*.npz")):
 np.savez_compressed(sys.argv[2], **runs)
 print(f"{len({k.split('/')[0] for k in runs})} runs -> {sys.argv[2]}")
 EOF
-tail -n 3 "$OUT"/*.txt

@@ -55,9 +55,9 @@ from torch import nn
 
 from spectrawatch import _shards, wire
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
+from spectrawatch._sketch_triton import CountSketcher
 from spectrawatch.config import ClientSettings
 from spectrawatch.sketch import (
-    FusedCountSketch,
     SketchSpec,
     count_sketch_signed,
     folded_dtype,
@@ -154,7 +154,7 @@ class Capture:
         self._modules_arg = list(modules) if modules is not None else None
         self._index: dict[str, torch.Tensor] = {}
         self._flat_index: torch.Tensor | None = None  # all layers' index, when on one device
-        self._fused: FusedCountSketch | None = None
+        self._fused: CountSketcher | None = None
         self._index_ready = threading.Event()
         self._index_error: BaseException | None = None
         self._index_cancel = False
@@ -270,7 +270,7 @@ class Capture:
     def _build_index(self, gen: int) -> None:
         """Fill ``_index`` (int16 ``(numel,)`` per layer, on its device), then set ready; a
         build overtaken by a layout change (``gen`` no longer current) is dropped."""
-        fused: FusedCountSketch | None = None
+        fused: CountSketcher | None = None
         flat_index: torch.Tensor | None = None
         index: dict[str, torch.Tensor] = {}
         error: BaseException | None = None
@@ -289,7 +289,10 @@ class Capture:
                     if self._index_cancel or gen != self._index_gen:
                         return
                     index[name] = view.copy_(self._hash_index(name, device, shard_of))
-                fused = FusedCountSketch(numels, self.spec.dim, device)
+                fused = CountSketcher(numels, self.spec.dim, device)
+                if fused.backend == "triton":  # compile the kernel here, off the training steps
+                    with torch.no_grad():
+                        fused([_shards.local_tensor(p.detach()) for _, p in layers], flat)
                 flat_index = flat
             else:
                 for name, p in layers:
@@ -456,7 +459,7 @@ class Capture:
             mat = flat[:-1].view(-1, d)
         return torch.cat([mat, mat.sum(0, keepdim=True)])
 
-    def _fused_on(self, device: torch.device) -> tuple[FusedCountSketch, torch.Tensor] | None:
+    def _fused_on(self, device: torch.device) -> tuple[CountSketcher, torch.Tensor] | None:
         """The fused sketcher and its index, moved to ``device`` if the model moved there."""
         fused, flat = self._fused, self._flat_index
         if fused is None or flat is None:
@@ -464,7 +467,7 @@ class Capture:
         if fused.device != device:
             self._flat_index = flat = flat.to(device)
             self._index.update(self._layer_views(flat))
-            self._fused = fused = FusedCountSketch(fused.numels, fused.dim, device)
+            self._fused = fused = CountSketcher(fused.numels, fused.dim, device)
         return fused, flat
 
     @property

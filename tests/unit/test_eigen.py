@@ -116,3 +116,21 @@ def test_eigh_above_returns_the_eigenpairs_past_the_threshold(spikes: int) -> No
     torch.testing.assert_close(vals, ref.eigenvalues[80 - spikes :], rtol=1e-12, atol=0)
     top = ref.eigenvectors[:, 80 - spikes :]  # same projector, whatever the signs
     torch.testing.assert_close(vecs @ vecs.mT, top @ top.mT, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_host_pool_equals_one_call(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """A large stack split over the thread pool gives one call's eigenvalues, in order."""
+    from spectrawatch.spectral import eigen
+
+    monkeypatch.setattr(eigen, "host_threads", lambda: threads)
+    monkeypatch.setattr(eigen, "POOL_MIN", 8)
+    x = np.random.default_rng(3).standard_normal((2, 13, 20, 20))
+    sym = x @ np.swapaxes(x, -1, -2)
+    out = eigen.host_eigvalsh(sym)
+    assert out.shape == (2, 13, 20)
+    np.testing.assert_array_equal(out, np.linalg.eigvalsh(sym))
+    # and through batched_eigvalsh's CPU route (n >= NUMPY_MIN_EIG)
+    big = torch.randn(9, NUMPY_MIN_EIG, NUMPY_MIN_EIG, dtype=torch.float64)
+    big = big @ big.mT
+    torch.testing.assert_close(batched_eigvalsh(big), torch.linalg.eigvalsh(big))

@@ -5,8 +5,11 @@ only up to 32 x 32; larger matrices are decomposed one call per matrix (torch's
 ``linalg_eigh_cusolver`` dispatch). On an H200 that made the 150 float64 64 x 64 Gram matrices of
 one GPT-2-sized SED step cost ~50 ms, and FARMS' ~4,000 windows of 100 x 100 cost 3.2 s
 (``benchmarks/results/gpu_h200.md``), while LAPACK on one host core needs ~0.1-0.5 ms for each.
-Stacks of such mid-sized matrices are therefore decomposed on the host. Small (batched Jacobi)
-and large matrices (where the GPU's divide-and-conquer wins) stay on the GPU.
+Stacks of such mid-sized matrices are therefore decomposed on the host (large stacks split over a
+pool of threads: :func:`host_eigvalsh`). Small (batched Jacobi) and large matrices (where the
+GPU's divide-and-conquer wins) stay on the GPU. On an H100 the 49 float64 768 x 768 Grams of
+GPT-2 small took 0.37 s through cuSOLVER, 1.5 s through MAGMA and 1.2-1.6 s on its host's 16
+cores (``benchmarks/results/gpu_h100.md``): large matrices stay on the GPU.
 
 On the CPU, the torch wheel's BLAS/LAPACK (MKL) was slower than numpy's (OpenBLAS) on the AMD
 EPYC this project is measured on (``benchmarks/results/htsr.md``): 1.6-2x for the float64 Grams
@@ -21,6 +24,10 @@ slower on a wide matrix than on its transpose (768 x 3072 float64: 0.78 vs 0.26 
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -28,6 +35,39 @@ CUDA_BATCHED_MAX = 32  # largest n that torch sends to cuSOLVER's batched syevj
 HOST_MAX = 160  # largest n of a CUDA stack decomposed by the host's LAPACK instead
 NUMPY_MIN_EIG = 64  # smallest n of a CPU stack whose eigenvalues numpy computes
 _NUMPY_DTYPES = (torch.float32, torch.float64)
+POOL_MIN = 256  # smallest stack that the host splits over a pool of threads
+POOL_MAX_THREADS = 16
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def host_threads() -> int:
+    """Cores this process may run on (its CPU affinity), at most :data:`POOL_MAX_THREADS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, POOL_MAX_THREADS))
+
+
+def host_eigvalsh(stack: np.ndarray) -> np.ndarray:
+    """``np.linalg.eigvalsh`` of a stack ``(..., n, n)``; a stack of :data:`POOL_MIN` or more
+    matrices is split over a pool of :func:`host_threads` threads (LAPACK releases the GIL) where
+    there are at least 3 cores. One call decomposes a stack one matrix after another on one core:
+    on the 16-core host of an H100, FARMS' 3,969 windows of 100 x 100 took 1.69 s in one call
+    and 0.53 s over 16 threads (``benchmarks/htsr_breakdown.py``); on the 2-core machine of
+    ``benchmarks/results/htsr.md`` splitting gained nothing, hence the 3-core minimum."""
+    n = stack.shape[-1]
+    flat = stack.reshape(-1, n, n)
+    threads = host_threads()
+    if threads < 3 or len(flat) < POOL_MIN:
+        return np.linalg.eigvalsh(stack)
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(POOL_MAX_THREADS, thread_name_prefix="spectrawatch-eig")
+    parts = list(_pool.map(np.linalg.eigvalsh, np.array_split(flat, threads)))
+    return np.concatenate(parts).reshape(stack.shape[:-1])
 
 
 def _numpy_can(t: torch.Tensor) -> bool:
@@ -60,10 +100,13 @@ def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
     n = sym.shape[-1]
     batch = sym.numel() // (n * n) if n else 0
     if _numpy_can(sym) and n >= NUMPY_MIN_EIG:
-        return torch.from_numpy(np.linalg.eigvalsh(sym.detach().numpy()))
+        return torch.from_numpy(host_eigvalsh(sym.detach().numpy()))
     if on_host(n, batch, sym.device):
-        host: torch.Tensor = torch.linalg.eigvalsh(sym.cpu())
-        return host.to(sym.device)
+        host = sym.cpu()
+        if host.dtype in _NUMPY_DTYPES:
+            return torch.from_numpy(host_eigvalsh(host.numpy())).to(sym.device)
+        vals: torch.Tensor = torch.linalg.eigvalsh(host)
+        return vals.to(sym.device)
     out: torch.Tensor = torch.linalg.eigvalsh(sym)
     return out
 
