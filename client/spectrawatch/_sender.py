@@ -200,6 +200,7 @@ class Sender:
         self._scalars: list[dict[str, Any]] = []
         self._closing = False
         self._final_status = "finished"
+        self._status_sent = False  # the server took the final status (else run.json keeps it)
         self._summary: dict[str, Any] = {}
         self._deadline = float("inf")
         self._offline_until = 0.0
@@ -656,6 +657,7 @@ class Sender:
                 self._send_stats()
                 try:
                     self.api.update_run(self.run_id, self._final_status, summary)
+                    self._status_sent = True
                 except (Unavailable, Rejected) as exc:
                     self.errors.record("close run", exc)
         finally:
@@ -683,6 +685,18 @@ class Sender:
                         self.spool.dir,
                         self.run_name,
                     )
+                self.spool.unlock()
+            elif self.settings.mode != "offline" and not self._status_sent and self._own_spool():
+                # every entry was delivered but not how the run ended: run.json alone keeps it
+                # for `spectrawatch sync` (else the run would stay "running" on the server)
+                self.spool.write_meta(self.run_meta(status=self._final_status, summary=summary))
+                logger.warning(
+                    "spectrawatch: the final status of run %r (%s) could not be delivered; "
+                    "`spectrawatch sync` sets it (%s)",
+                    self.run_name,
+                    self._final_status,
+                    self.spool.dir,
+                )
                 self.spool.unlock()
             elif self._spool_owned:
                 self.spool.remove_if_empty()

@@ -45,14 +45,14 @@ def safe_component(name: str) -> str:
 
 def spooled_run_dirs(root: str | Path) -> list[tuple[Path, list[Path]]]:
     """``(run directory, its entry files)`` of every ``<root>/<project>/<run>/`` holding
-    entries, in name order."""
+    entries or a ``run.json`` (a run whose final status is still to be set), in name order."""
     base = Path(root)
     if not base.is_dir():
         return []
     out = []
     for run_dir in sorted(p for p in base.glob("*/*") if p.is_dir()):
         files = [p for p in run_dir.iterdir() if p.is_file() and p.suffix == ".sw"]
-        if files:
+        if files or (run_dir / RUN_META).is_file():
             out.append((run_dir, files))
     return out
 

@@ -31,6 +31,7 @@ class SyncResult:
     delivered: int = 0
     left: int = 0
     note: str = ""
+    status_pending: bool = False  # run.json's final status is still to be set (run.json kept)
 
 
 def spooled_runs(spool_dir: str | Path) -> list[tuple[Path, dict[str, Any] | None]]:
@@ -99,15 +100,25 @@ def sync_run(
         if any(lost.values()):
             result.note = ", ".join(f"{n} {what}" for what, n in lost.items() if n) + " (dropped)"
         status = meta.get("status")
-        if not result.left and isinstance(status, str) and sender.run_id is not None:
+        result.status_pending = not result.left and isinstance(status, str)
+        if result.status_pending and isinstance(status, str):
             summary = meta.get("summary")
-            try:
-                api.update_run(
-                    sender.run_id, status, summary if isinstance(summary, dict) else None
-                )
-            except (Unavailable, Rejected) as exc:
-                result.note = f"entries delivered; final status not set: {exc}"
-        if not result.left:
+            if sender.run_id is None:
+                result.note = result.note or "final status not set: the server was not reached"
+            else:
+                try:
+                    api.update_run(
+                        sender.run_id, status, summary if isinstance(summary, dict) else None
+                    )
+                    result.status_pending = False
+                    if not count:
+                        result.note = f"final status set: {status}"
+                except Unavailable as exc:
+                    result.note = f"entries delivered; final status not set: {exc}"
+                except Rejected as exc:  # retrying cannot help
+                    result.status_pending = False
+                    result.note = f"final status refused by the server: {exc} (dropped)"
+        if not result.left and not result.status_pending:  # else run.json stays, for next time
             spool.remove_if_empty()
     finally:
         spool.unlock()
@@ -135,7 +146,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         r = sync_run(
             settings.replace(url=url), run_dir, meta, deadline_s=args.timeout, dry_run=args.dry_run
         )
-        failed += r.left > 0 and not args.dry_run
+        failed += (r.left > 0 or r.status_pending) and not args.dry_run
         note = f" ({r.note})" if r.note else ""
         print(f"{r.project}/{r.run}: {r.delivered} of {r.entries} entries delivered to {url}{note}")
     return 1 if failed else 0

@@ -156,6 +156,43 @@ def test_sync_delivers_what_runs_left_in_the_spool(tmp_path: Path) -> None:
         srv.kill()
 
 
+def test_a_final_status_the_server_missed_is_set_by_sync(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Every frame reaches a real server but the final status does not (the server fails that
+    one request): ``run.json`` alone stays in the spool and ``spectrawatch sync`` sets it."""
+    from spectrawatch._spool import RUN_META
+    from spectrawatch.cli import main
+
+    real = httpx.Client(timeout=30)
+
+    def forward(request: httpx.Request) -> httpx.Response:
+        if request.method == "PATCH" and request.url.path.startswith("/api/v1/runs/"):
+            return httpx.Response(503, json={"detail": "down for maintenance"})
+        reply = real.request(
+            request.method, request.url, headers=request.headers, content=request.read()
+        )
+        return httpx.Response(reply.status_code, headers=reply.headers, content=reply.content)
+
+    try:
+        m = spectrawatch.Monitor(transport=httpx.MockTransport(forward))
+        m.init(**client_settings(tmp_path, server.url, "status-only", flush_timeout_s=3.0))
+        Loop(m).run(10)
+        m.finish(timeout=30)
+    finally:
+        real.close()
+    run_id = m.run_id
+    assert isinstance(run_id, int)
+    (run_dir,) = (tmp_path / "spool" / "stream").iterdir()
+    assert not list(run_dir.glob("*.sw"))  # every entry was delivered
+    assert (run_dir / RUN_META).is_file()
+    with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as c:
+        assert c.get(f"/runs/{run_id}").json()["status"] == "running"
+        assert main(["sync", "--spool-dir", str(tmp_path / "spool")]) == 0
+        assert c.get(f"/runs/{run_id}").json()["status"] == "finished"
+    assert not list((tmp_path / "spool" / "stream").iterdir())  # run.json removed
+
+
 def test_offline_mode_sends_nothing_until_sync(server: ServerProcess, tmp_path: Path) -> None:
     """``mode="offline"`` (e.g. compute nodes without network): spool only, then ``sync``."""
     from spectrawatch._spool import Spool
