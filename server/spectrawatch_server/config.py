@@ -34,6 +34,33 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\.?$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+    r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?",
+    re.IGNORECASE,
+)
+
+
+def _allowed_hosts(value: str) -> str:
+    """Each comma-separated entry is an IP address, a CIDR network or a host name."""
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        try:
+            ipaddress.ip_network(item.strip("[]"), strict=False)
+            continue
+        except ValueError:
+            pass
+        if "://" in item:
+            raise ValueError(f"{item!r}: give a host name, an IP address or a CIDR network")
+        if "/" in item:
+            raise ValueError(f"{item!r} is not a valid CIDR network")
+        if not _HOST_NAME.fullmatch(item):
+            raise ValueError(f"{item!r} is not a host name, an IP address or a CIDR network")
+    return value
+
+
 def _database_url(value: str | None) -> str | None:
     try:
         backend = make_url(value).get_backend_name() if value is not None else "sqlite"
@@ -124,7 +151,8 @@ class ServerSettings(BaseSettings):
     public_url: Annotated[str | None, AfterValidator(_http_url)] = None
     # alerts and webhooks (issue 8)
     run_webhooks: bool = True  # run the webhook sender thread (and the silent-run sweep)
-    webhook_allowed_hosts: str = ""  # comma-separated hosts/IPs/CIDRs exempt from the SSRF guard
+    # comma-separated host names, IPs and CIDR networks exempt from the SSRF guard
+    webhook_allowed_hosts: Annotated[str, AfterValidator(_allowed_hosts)] = ""
     webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
     # seconds before attempt i
     webhook_retry_schedule: Annotated[str, AfterValidator(_retry_schedule)] = (

@@ -49,6 +49,13 @@ def no_serving(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--workers", "0"], {}, "--workers"),
         (
             [],
+            {"SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS": "10.0.0.0/8, http://hooks.internal"},
+            "SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS",
+        ),
+        ([], {"SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS": "10.0.0.0/33"}, "SPECTRAWATCH_WEBHOOK_ALLOWED"),
+        ([], {"SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS": "*.internal"}, "SPECTRAWATCH_WEBHOOK_ALLOWED"),
+        (
+            [],
             {"SPECTRAWATCH_DATABASE_URL": "postgresql+psycopg://u:pw@127.0.0.1:18599/db"},
             "cannot open the database postgresql+psycopg://u:***@127.0.0.1:18599/db",
         ),

@@ -82,3 +82,13 @@ def test_every_setting_is_in_the_settings_table() -> None:
     table = page.split("## Settings\n", 1)[1].split("\n\n### ", 1)[0]
     missing = [name for name in ServerSettings.model_fields if f"`{name.upper()}`" not in table]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    "value", ["", "127.0.0.1, 10.0.0.0/8,hooks.internal", "[::1],fd00::/8", "my_host.local."]
+)
+def test_webhook_allowed_hosts_accepts_hosts_ips_and_networks(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS", value)
+    assert ServerSettings().webhook_allowed_hosts == value
