@@ -3,14 +3,14 @@
 :class:`~spectrawatch.sketch.FusedCountSketch` spends ~10 full passes over the coordinates per
 step in torch ops (copy to a float64 buffer, widen the index, add block offsets, ``index_add_``).
 Here each program reads its tile of a parameter (any float dtype) and of its int16 folded index
-once and adds every coordinate, widened to float64, into the tile's own ``2 * dim`` buckets with
-relaxed atomics: ~6 bytes read per coordinate, no temporary. Tensors smaller than a tile are laid
-end to end in one buffer (one ``torch.cat``) and added straight into their own rows. One
-``index_add_`` then sums the tiles into their tensors' rows. Same sums as the torch path up to
-float rounding (the order of float64 additions differs).
+once and adds every coordinate, widened to float64 and signed, into the tile's own ``dim``
+buckets with relaxed atomics: ~6 bytes read per coordinate, no temporary. Tensors smaller than a
+tile are laid end to end in one buffer (one ``torch.cat``) and added straight into their own
+rows. One ``index_add_`` then sums the tiles into their tensors' rows. Same sums as the torch
+path up to float rounding (the order of float64 additions differs).
 
-Used when ``triton`` imports and the parameters are on a CUDA device; any error on the first call
-falls back to the torch path for good (the caller's error log records it). Set
+Used by :class:`CountSketcher` where ``triton`` imports and the parameters are on a CUDA device;
+any compile or launch error switches it to the torch path for good (logged once). Set
 ``SPECTRAWATCH_TRITON=0`` to never use it.
 """
 
@@ -119,6 +119,12 @@ class TritonCountSketch:
         self.dim = dim
         self.tile = tile or _env_int("SPECTRAWATCH_TRITON_TILE", TILE)
         self.block = min(block, self.tile)
+        if self.block & (self.block - 1) or self.tile % self.block:
+            # a program's inner loop must end exactly at its tile's end (else it would add
+            # the next tile's first coordinates twice)
+            raise ValueError(
+                f"tile {self.tile} must be a multiple of block {self.block}, a power of 2"
+            )
         self.unfold = (
             bool(_env_int("SPECTRAWATCH_TRITON_UNFOLD", UNFOLD)) if unfold is None else unfold
         )
@@ -179,8 +185,8 @@ class TritonCountSketch:
                 res += folded_rows[:, :dim] - folded_rows[:, dim:]
         if self.small:
             flats = [xs[k].reshape(-1) for k in self.small]
-            if len({f.dtype for f in flats}) > 1:
-                flats = [f.to(torch.float32) for f in flats]
+            common = functools.reduce(torch.promote_types, (f.dtype for f in flats))
+            flats = [f.to(common) for f in flats]  # no copy where the dtype already is common
             out = res.new_zeros(len(self.numels), dim2)
             self._launch(torch.cat(flats), self._small_index_for(folded), out, 0, 0, False)
             res += out[:, :dim] - out[:, dim:]

@@ -64,6 +64,14 @@ def test_tuning_knobs_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
         assert TritonCountSketch([1], 64, "cpu").tile == 1 << 13
 
 
+def test_a_tile_the_inner_loop_would_overrun_is_refused() -> None:
+    with pytest.raises(ValueError, match="multiple of block"):
+        TritonCountSketch([10], 64, "cpu", tile=3000)
+    with pytest.raises(ValueError, match="multiple of block"):
+        TritonCountSketch([10], 64, "cpu", tile=4096, block=768)
+    assert TritonCountSketch([10], 64, "cpu", tile=1024).block == 1024
+
+
 def test_kernel_in_the_triton_interpreter() -> None:
     """The kernel's arithmetic, run by Triton's CPU interpreter (needs the triton package)."""
     pytest.importorskip("triton")
