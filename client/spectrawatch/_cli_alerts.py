@@ -124,8 +124,9 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_set(args: argparse.Namespace) -> int:
     params = {k: getattr(args, k) for k in _PARAMS if getattr(args, k) is not None}
-    if args.include_model is not None:
-        params["include_model"] = args.include_model
+    for flag in ("include_model", "above_after_in_range"):
+        if getattr(args, flag) is not None:
+            params[flag] = getattr(args, flag)
     body: dict[str, Any] = {"params": params}
     if args.enabled is not None:
         body["enabled"] = args.enabled
@@ -186,6 +187,13 @@ def add_alerts_commands(subparsers: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also watch the whole-model series (__model__)",
+    )
+    set_.add_argument(
+        "--above-after-in-range",
+        dest="above_after_in_range",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="threshold rules: fire above `above` only for a series that was once in range",
     )
     set_.set_defaults(func=_run(cmd_set))
 

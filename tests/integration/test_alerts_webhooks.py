@@ -239,6 +239,36 @@ def test_alpha_collapse_alert(api: httpx.Client, receiver: Receiver) -> None:
     assert alpha[0]["values"][-1] == pytest.approx(data["values"]["value"])
 
 
+def test_alpha_above_range_fires_only_after_the_layer_was_in_range(api: httpx.Client) -> None:
+    """A layer near-random from the first snapshot (alpha > 6, as at initialisation) raises no
+    alert; once it was within [2, 6], drifting above 6 does (``above_after_in_range``)."""
+    project = "alpha-armed"
+    run_id = make_run(api, project=project, name="run")
+    disable(api, project, "farms_alpha_out_of_range")
+    gen = torch.Generator().manual_seed(0)
+    gauss = torch.randn(256, 128, generator=gen)  # alpha 10.9 (MP-like bulk)
+    heavy = (
+        torch.rand(256, 128, generator=gen) ** -0.5 * torch.randn(256, 128, generator=gen).sign()
+    )
+    expected = [(100, gauss, []), (200, heavy, []), (300, gauss, [300])]
+    for seq, (step, w, alerted) in enumerate(expected):
+        body = encode_frame(FrameKind.WEIGHTS, step, seq, {"l.weight": w})
+        assert post_frame(api, run_id, body, seq=seq).status_code == 202
+        wait_until(
+            lambda n=seq + 1: (
+                [f["status"] for f in api.get(f"/runs/{run_id}/frames").json()] == ["done"] * n
+            ),
+            timeout=60,
+        )
+        alerts = api.get(f"/runs/{run_id}/alerts").json()
+        assert [a["step"] for a in alerts if a["rule"] == "alpha_out_of_range"] == alerted
+    alpha = api.get(f"/runs/{run_id}/metrics", params={"name": "htsr.alpha"}).json()["series"]
+    values = alpha[0]["values"]
+    assert values[0] > 6
+    assert 2 < values[1] < 6
+    assert values[2] > 6
+
+
 def test_retries_on_500_then_one_logical_delivery(api: httpx.Client, receiver: Receiver) -> None:
     project = "retry"
     receiver.script[f"/{project}"] = [(500, {}), (503, {"Retry-After": "1"}), (200, {})]
@@ -517,6 +547,7 @@ def test_custom_rule_and_cli(
             "--above",
             "50",
             "--no-include-model",
+            "--above-after-in-range",
             *base,
         ]
     )
@@ -528,6 +559,8 @@ def test_custom_rule_and_cli(
     assert by_name["alpha_out_of_range"]["enabled"] is False
     assert by_name["wide_norm"]["params"]["above"] == 50.0
     assert by_name["wide_norm"]["params"]["include_model"] is False
+    assert by_name["wide_norm"]["params"]["above_after_in_range"] is True
+    assert by_name["farms_alpha_out_of_range"]["params"]["above_after_in_range"] is True
     assert by_name["nonfinite"]["enabled"] is True
     # a bad threshold through the CLI is reported, exit code 1
     assert (

@@ -112,6 +112,21 @@ def test_default_rules_cover_the_design() -> None:
     assert not names["gap_collapse"].matches_metric("sed.phase_x")
     assert not names["alpha_out_of_range"].covers("__model__")
     assert names["grokking_imminent"].covers("__model__")
+    # near-random layers of a run trained from scratch (alpha > 6) are not news
+    armed = {n for n, r in names.items() if r.above_after_in_range}
+    assert armed == {"alpha_out_of_range", "farms_alpha_out_of_range"}
+
+
+def test_above_after_in_range_is_a_flag_of_threshold_rules() -> None:
+    base = {r.name: r for r in R.default_rules()}["alpha_out_of_range"]
+    off = R.build_rule("alpha_out_of_range", {"above_after_in_range": False}, base=base)
+    assert not off.above_after_in_range
+    with pytest.raises(R.RuleError) as err:
+        R.build_rule("alpha_out_of_range", {"above_after_in_range": "yes"}, base=base)
+    assert err.value.field == "above_after_in_range"
+    growth = {"kind": "growth", "metric": "norm.spectral", "factor": 3}
+    growth["above_after_in_range"] = True
+    assert not R.build_rule("custom_growth", growth).above_after_in_range
 
 
 def test_known_metrics() -> None:

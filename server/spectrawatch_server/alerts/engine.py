@@ -111,6 +111,10 @@ class AlertEngine:
                 transition = R.decide_series(
                     rule, is_open, values, baseline if rule.kind == "growth" else None
                 )
+                if transition is R.Transition.OPEN and self._not_armed(
+                    session, rule, run, name, layer, values[-1]
+                ):
+                    continue  # above range, but the series never was in range: not news
                 decisions.append((transition, name, tail))
             if not decisions:
                 continue
@@ -130,6 +134,16 @@ class AlertEngine:
             elif all(d[0] is R.Transition.RESOLVE for d in decisions):
                 step = max(d[2][-1][0] for d in decisions)
                 self._resolve(session, open_now[(rule.name, layer)], run, project, step)
+
+    @staticmethod
+    def _not_armed(
+        session: Session, rule: R.RuleSpec, run: Run, name: str, layer: str, value: float
+    ) -> bool:
+        """An ``above_after_in_range`` rule firing on its upper bound for a series that never
+        was within range (e.g. alpha of a near-random layer since the first snapshot)."""
+        if not rule.above_after_in_range or rule.above is None or not value > rule.above:
+            return False
+        return not alert_store.was_within(session, run.id, name, layer, rule.below, rule.above)
 
     @staticmethod
     def _metric_values(

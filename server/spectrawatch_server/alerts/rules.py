@@ -73,6 +73,9 @@ class RuleSpec:
     ``layers`` is a glob on layer names; ``include_model`` says whether the whole-model series
     (layer ``__model__``, e.g. the mean alpha over layers) is watched too.
     ``expires_with_run``: deliveries of this rule's events are dropped once the run ended.
+    ``above_after_in_range`` (threshold rules): a value above ``above`` fires only for a series
+    that was once within range; a run trained from scratch starts with every layer near-random
+    (HT-SR alpha > 6), which is not news, while a layer that learned and then drifts is.
     """
 
     name: str
@@ -88,6 +91,7 @@ class RuleSpec:
     minutes: float | None = None
     layers: str = "*"
     include_model: bool = True
+    above_after_in_range: bool = False
     severity: str = "warning"
     expires_with_run: bool = False
     enabled: bool = True
@@ -155,6 +159,7 @@ def default_rules() -> tuple[RuleSpec, ...]:
             above=6.0,
             hysteresis=0.1,
             include_model=False,
+            above_after_in_range=True,
             description="HT-SR alpha < 2 (over-fit layer) or > 6 (under-trained layer)",
         ),
         RuleSpec(
@@ -165,6 +170,7 @@ def default_rules() -> tuple[RuleSpec, ...]:
             above=6.0,
             hysteresis=0.1,
             include_model=False,
+            above_after_in_range=True,
             description="FARMS alpha < 2 or > 6 (aspect-ratio-corrected heavy-tail exponent)",
         ),
         RuleSpec(
@@ -341,7 +347,13 @@ def build_rule(
         raise RuleError("minutes", "a silence rule needs minutes > 0")
     expires = merged.get("expires_with_run", False)
     include_model = merged.get("include_model", True)
-    for key, flag in (("expires_with_run", expires), ("include_model", include_model)):
+    armed_above = merged.get("above_after_in_range", False)
+    flags = (
+        ("expires_with_run", expires),
+        ("include_model", include_model),
+        ("above_after_in_range", armed_above),
+    )
+    for key, flag in flags:
         if not isinstance(flag, bool):
             raise RuleError(key, "must be true or false")
     return RuleSpec(
@@ -358,6 +370,7 @@ def build_rule(
         minutes=minutes,
         layers=layers,
         include_model=include_model,
+        above_after_in_range=armed_above and kind == "threshold",
         severity=severity,
         expires_with_run=expires,
         enabled=enabled,

@@ -65,6 +65,22 @@ def frame_series(session: Session, frame_id: int) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in rows]
 
 
+def was_within(
+    session: Session, run_id: int, name: str, layer: str, low: float | None, high: float
+) -> bool:
+    """Whether a run's ``(name, layer)`` series ever had a value in ``[low, high]`` (any step;
+    the ``ix_metric_run_name_layer_step`` index bounds the scan to that series)."""
+    stmt = select(Metric.id).where(
+        Metric.run_id == run_id,
+        Metric.name == name,
+        Metric.layer == layer,
+        Metric.value <= high,
+    )
+    if low is not None:
+        stmt = stmt.where(Metric.value >= low)
+    return session.scalar(stmt.limit(1)) is not None
+
+
 def open_alerts(session: Session, run_id: int) -> dict[tuple[str, str], Alert]:
     """Open episodes of a run keyed by (rule, layer)."""
     rows = session.scalars(
