@@ -200,6 +200,8 @@ class Sender:
         self._scalars: list[dict[str, Any]] = []
         self._closing = False
         self._final_status = "finished"
+        # set once the first "create or resume run" attempt ended (answer, failure or offline)
+        self.first_contact = threading.Event()
         self._status_sent = False  # the server took the final status (else run.json keeps it)
         self._summary: dict[str, Any] = {}
         self._deadline = float("inf")
@@ -340,7 +342,10 @@ class Sender:
                 self.errors.record("sender close", exc)
 
     def _loop(self) -> None:
-        self._online()  # create the run now if the server is there; later otherwise
+        try:
+            self._online()  # create the run now if the server is there; later otherwise
+        finally:
+            self.first_contact.set()
         while True:
             with self._cond:
                 while not (self._queue or self._scalars or self._closing):

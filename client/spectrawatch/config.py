@@ -86,6 +86,9 @@ class ClientSettings:
     flush_timeout_s: float = 30.0
     stats_every_s: float = 10.0
     rank0_only: bool = True
+    # attach() without start_step waits up to this long for the server's answer to "create or
+    # resume run": a resumed run's steps then continue after its last step (0: never wait)
+    resume_wait_s: float = 3.0
 
     @property
     def dim(self) -> int:
@@ -122,6 +125,8 @@ class ClientSettings:
         for name in ("timeout_s", "request_deadline_s", "flush_timeout_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.resume_wait_s <= 600:
+            raise SettingsError(f"resume_wait_s must be in [0, 600], got {self.resume_wait_s}")
         if self.dim < 1:
             raise SettingsError(f"sketch_dim must be >= 1, got {self.sketch_dim}")
         if self.mode not in ("online", "offline", "disabled"):

@@ -190,7 +190,7 @@ class Monitor:
         *,
         loss_fn: LossFn | None = None,
         sample_batch: Callable[[], Any] | None = None,
-        start_step: int = 0,
+        start_step: int | None = None,
     ) -> Handle | None:
         """Hook ``model`` (and ``optimizer``'s step); returns a removable :class:`Handle`.
 
@@ -198,7 +198,10 @@ class Monitor:
         ``theta``, ``weights``, ``activations``, ``defect`` (optimizer steps; 0 = off).
         ``probe``: a fixed batch for activation spectra. ``loss_fn(model, batch)`` with
         ``sample_batch()`` turns on the commutator-defect probe. Without an optimizer, call
-        :meth:`step` after each optimizer step. Returns None (and captures nothing) if the
+        :meth:`step` after each optimizer step. ``start_step``: the optimizer step the model
+        is at (a checkpoint's); by default 0, or, when ``init`` resumed an existing run, the
+        run's last step on the server (waiting up to ``resume_wait_s`` for its answer;
+        multi-rank runs always start at 0 unless given). Returns None (and captures nothing) if the
         monitor is disabled, on a non-zero rank for an unsharded model, or if the attach failed
         (the error is logged); an invalid ``every`` or an unknown name in ``modules`` raises
         :class:`~spectrawatch.config.SettingsError`. One model per monitor: attaching the same
@@ -236,6 +239,8 @@ class Monitor:
                 ),
             )
             return None
+        if start_step is None:
+            start_step = self._resumed_step(s)
         try:
             if _shards.uses_fsdp1(model):
                 raise NotImplementedError("FSDP1 is not supported: shard with fully_shard (FSDP2)")
@@ -267,6 +272,26 @@ class Monitor:
         except Exception as exc:
             self._errors.record("attach", exc)
             return None
+
+    def _resumed_step(self, s: ClientSettings) -> int:
+        """A resumed run's last step on the server (0 for a new run, or without an answer)."""
+        sender = self._sender
+        if sender is None or self._participant or _shards.world_size() > 1:
+            return 0  # ranks must agree on step numbers (cadences decide collectives)
+        if not sender.first_contact.wait(s.resume_wait_s):
+            return 0
+        info = sender.run_info
+        last = info.get("last_step")
+        if info.get("_status") != 200 or not isinstance(last, int) or isinstance(last, bool):
+            return 0
+        if last > 0:
+            logger.info(
+                "spectrawatch: run %r resumed: its steps continue after step %d (pass "
+                "attach(..., start_step=N) to number them otherwise)",
+                sender.run_name,
+                last,
+            )
+        return max(0, last)
 
     def step(self, step: int | None = None) -> None:
         """Signal an optimizer step for models attached without an optimizer."""

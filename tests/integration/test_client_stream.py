@@ -113,6 +113,30 @@ def test_server_never_started_training_completes(tmp_path: Path) -> None:
     assert list((tmp_path / "spool" / "stream" / "never").glob("*.sw"))
 
 
+def test_a_resumed_run_continues_after_its_last_step(server: ServerProcess, tmp_path: Path) -> None:
+    """A second session of the same run name (training resumed) numbers its steps after the
+    run's last step on the server, without ``start_step``: no step gets two points."""
+    for _ in range(2):
+        m = spectrawatch.Monitor()
+        m.init(**client_settings(tmp_path, server.url, "resume-me"))
+        loop = Loop(m)  # attach() without start_step
+        for _ in range(10):
+            loss = loop.model(loop.x).pow(2).mean()
+            loop.opt.zero_grad()
+            loss.backward()
+            loop.opt.step()
+            m.log({"loss": loss})  # at the attached model's step
+        assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as c:
+        (loss,) = c.get(f"/runs/{m.run_id}/scalars", params={"name": "loss"}).json()
+        assert loss["steps"] == list(range(1, 21))
+        assert c.get(f"/runs/{m.run_id}").json()["last_step"] == 20
+    steps = sorted(f["step"] for f in frames_of(server.url, m.run_id) if f["kind"] == "weights")
+    assert steps == sorted(set(steps))  # one snapshot per step: the second session's are > 10
+    assert steps[-1] == 20
+
+
 def test_sync_delivers_what_runs_left_in_the_spool(tmp_path: Path) -> None:
     """Two runs finish while no server is up; later ``spectrawatch sync`` delivers everything."""
     from spectrawatch._spool import Spool
