@@ -102,7 +102,7 @@ def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
     if _numpy_can(sym) and n >= NUMPY_MIN_EIG:
         return torch.from_numpy(host_eigvalsh(sym.detach().numpy()))
     if on_host(n, batch, sym.device):
-        host = sym.cpu()
+        host = sym.detach().cpu()
         if host.dtype in _NUMPY_DTYPES:
             return torch.from_numpy(host_eigvalsh(host.numpy())).to(sym.device)
         vals: torch.Tensor = torch.linalg.eigvalsh(host)
