@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from spectrawatch import wire
-from spectrawatch._spool import Spool, safe_component
+from spectrawatch._spool import RUN_META, Spool, safe_component
 from spectrawatch._transport import Api, Rejected, Unavailable
 from spectrawatch.config import ClientSettings
 
@@ -703,7 +703,11 @@ class Sender:
                     self.spool.dir,
                 )
                 self.spool.unlock()
-            elif self._spool_owned:
+            elif self._spool_owned or (
+                # an earlier session's run.json (its undelivered final status) must not outlive
+                # this session's: a later `spectrawatch sync` would set the old status again
+                self._status_sent and (self.spool.dir / RUN_META).is_file() and self._own_spool()
+            ):
                 self.spool.remove_if_empty()
         except OSError as exc:
             self.errors.record("spool close", exc)

@@ -175,7 +175,9 @@ class TritonCountSketch:
             width = dim if self.unfold else dim2
             acc = torch.zeros(self.tiles, width, dtype=torch.float64, device=self.device)
             for k, row in self.large:
-                x = xs[k].reshape(-1)
+                # the kernel reads x[0..n) at unit stride: a strided parameter (e.g. a column
+                # of a larger tensor) stays strided under reshape(-1), so copy it
+                x = xs[k].reshape(-1).contiguous()
                 idx = folded[self._offsets[k] : self._offsets[k + 1]]
                 self._launch(x, idx, acc, row, width, self.unfold)
             if self.unfold:

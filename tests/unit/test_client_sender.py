@@ -596,3 +596,37 @@ def test_names_the_server_would_refuse_fail_at_init(name: str) -> None:
 
     with pytest.raises(SettingsError, match="not accepted by the server"):
         ClientSettings.from_env({}, run=name)
+
+
+def test_a_later_session_that_sets_its_status_drops_an_old_sessions_run_json(
+    tmp_path: Path,
+) -> None:
+    """Session 1 delivered everything but its final status ("failed"): run.json alone keeps it.
+    Session 2 of the same run finishes and the server takes "finished": the old run.json must
+    go, else a later ``spectrawatch sync`` would set the run back to "failed"."""
+    from spectrawatch._spool import RUN_META, spooled_run_dirs
+
+    server = FakeServer()
+    s = settings(tmp_path)
+    first = make_sender(server, s)
+    first.put_frame(sketch_item(1))
+    assert first.wait_idle(10)
+    route = server._route
+
+    def no_patch(request: httpx.Request) -> httpx.Response:
+        if request.method == "PATCH":
+            return httpx.Response(503, json={"error": {"code": "busy", "message": "later"}})
+        return route(request)
+
+    server._route = no_patch  # type: ignore[method-assign]
+    first.close("failed", timeout=2)
+    run_dir = tmp_path / "spool" / "p" / "r"
+    assert Spool(run_dir, 0).read_meta()["status"] == "failed"  # type: ignore[index]
+    server._route = route  # type: ignore[method-assign]
+    second = make_sender(server, s)
+    second.put_frame(sketch_item(2))
+    assert second.wait_idle(10)
+    assert second.close("finished", timeout=5)
+    assert server.patches[-1]["status"] == "finished"
+    assert not (run_dir / RUN_META).exists()
+    assert spooled_run_dirs(tmp_path / "spool") == []

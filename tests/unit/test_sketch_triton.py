@@ -84,6 +84,11 @@ def test_kernel_in_the_triton_interpreter() -> None:
         "    got = sk(xs, index)\n"
         "    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)\n"
         "    assert got.abs().max() > 1\n"
+        "strided = [torch.randn(3000, 8)[:, 3], torch.randn(5)]\n"
+        "ix = torch.cat([t.signed_buckets(n, i, 64) for i, n in enumerate((3000, 5))])\n"
+        "ref = t.FusedCountSketch([3000, 5], 64, 'cpu')(strided, ix)\n"
+        "got = t.TritonCountSketch([3000, 5], 64, 'cpu', tile=1024, block=512)(strided, ix)\n"
+        "torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *sys.path])
@@ -91,6 +96,26 @@ def test_kernel_in_the_triton_interpreter() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_strided_large_parameter_reaches_the_kernel_contiguous() -> None:
+    """The kernel reads ``x_ptr + offs`` at unit stride: a strided 1-D parameter (a column of a
+    larger tensor, which ``reshape(-1)`` leaves strided) must be copied first."""
+    big = torch.randn(3000, 8)
+    xs = [big[:, 3], torch.randn(7)]
+    numels = [x.numel() for x in xs]
+    sketch = TritonCountSketch(numels, 64, "cpu", tile=1024, block=512)
+    seen: list[torch.Tensor] = []
+
+    def launch(x: torch.Tensor, *_: object) -> None:
+        seen.append(x)
+
+    sketch._launch = launch  # type: ignore[method-assign]
+    index = torch.cat([signed_buckets(n, i, 64) for i, n in enumerate(numels)])
+    sketch(xs, index)
+    assert len(seen) == 2
+    assert all(x.is_contiguous() for x in seen)
+    torch.testing.assert_close(seen[0], xs[0])
 
 
 @pytest.mark.gpu
