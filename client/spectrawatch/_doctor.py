@@ -71,6 +71,14 @@ def spool_state(settings: ClientSettings) -> tuple[int, int, list[str]]:
 
 def _spool(settings: ClientSettings) -> Check:
     count, size, runs = spool_state(settings)
+    if count == 0 and runs:  # run.json alone: a final status the server did not get
+        shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+        return Check(
+            "spool",
+            "info",
+            f"no entries; the final status of {shown} waits in {settings.spool_dir} "
+            "(`spectrawatch sync` sets it)",
+        )
     if count == 0:
         return Check("spool", "ok", f"empty ({settings.spool_dir})")
     share = size / settings.spool_max_bytes if settings.spool_max_bytes else 1.0

@@ -346,6 +346,10 @@ class Sender:
             self._online()  # create the run now if the server is there; later otherwise
         finally:
             self.first_contact.set()
+        if (self.spool.dir / RUN_META).is_file():
+            # an earlier session's run.json: hold the spool, so a `spectrawatch sync` meanwhile
+            # cannot set that session's final status on this live run
+            self._own_spool()
         while True:
             with self._cond:
                 while not (self._queue or self._scalars or self._closing):

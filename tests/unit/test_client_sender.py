@@ -630,3 +630,35 @@ def test_a_later_session_that_sets_its_status_drops_an_old_sessions_run_json(
     assert server.patches[-1]["status"] == "finished"
     assert not (run_dir / RUN_META).exists()
     assert spooled_run_dirs(tmp_path / "spool") == []
+
+
+def test_doctor_names_a_final_status_waiting_in_the_spool(tmp_path: Path) -> None:
+    from spectrawatch._doctor import _spool
+    from spectrawatch.config import ClientSettings
+
+    settings = ClientSettings(spool_dir=str(tmp_path))
+    assert _spool(settings).status == "ok"
+    run_dir = tmp_path / "proj" / "r1"
+    Spool(run_dir, 1 << 20).write_meta({"project": "proj", "run": "r1", "status": "finished"})
+    check = _spool(settings)
+    assert check.status == "info"
+    assert "final status of proj/r1" in check.detail
+
+
+def test_a_live_session_holds_a_spool_with_an_earlier_run_json(tmp_path: Path) -> None:
+    """A ``sync`` during a later session of the run must not set the earlier final status."""
+    server = FakeServer()
+    s = settings(tmp_path)
+    run_dir = tmp_path / "spool" / "p" / "r"
+    Spool(run_dir, 1 << 20).write_meta({"project": "p", "run": "r", "status": "failed"})
+    sender = make_sender(server, s)
+    sender.put_frame(sketch_item(0))
+    assert sender.first_contact.wait(10)
+    other = Spool(run_dir, 1 << 20)
+    deadline = time.monotonic() + 10
+    while other.lock():  # free: the sender has not taken it yet (it does after first contact)
+        other.unlock()
+        assert time.monotonic() < deadline, "the live sender never held its spool"
+        time.sleep(0.01)
+    assert sender.close(timeout=10)
+    assert not run_dir.exists()  # its own status delivered: the old run.json is gone

@@ -33,7 +33,8 @@ def _reference(xs: list[torch.Tensor], index: torch.Tensor, numels: list[int]) -
     return FusedCountSketch(numels, 64, "cpu")(cpu, index.cpu())
 
 
-def test_fallback_to_torch_after_an_error() -> None:
+def test_fallback_to_torch_after_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     xs, index, numels = _inputs("cpu")
     sketcher = CountSketcher(numels, 64, "cpu")
     assert sketcher.backend == "torch"  # no CUDA here: the torch path, whatever triton is
