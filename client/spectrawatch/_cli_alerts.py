@@ -40,6 +40,12 @@ _PARAMS: dict[str, Callable[[str], Any]] = {
     "severity": str,
 }
 
+_FLAGS = {  # boolean rule parameters: --NAME / --no-NAME
+    "include_model": "also watch the whole-model series (__model__)",
+    "above_after_in_range": "threshold rules: fire above `above` only for a series that was "
+    "once in range",
+}
+
 
 class CliError(Exception):
     """A failed API call, with the server's message (and HTTP ``status`` when it answered)."""
@@ -124,7 +130,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_set(args: argparse.Namespace) -> int:
     params = {k: getattr(args, k) for k in _PARAMS if getattr(args, k) is not None}
-    for flag in ("include_model", "above_after_in_range"):
+    for flag in _FLAGS:
         if getattr(args, flag) is not None:
             params[flag] = getattr(args, flag)
     body: dict[str, Any] = {"params": params}
@@ -181,20 +187,14 @@ def add_alerts_commands(subparsers: Any) -> None:
     toggle.add_argument("--disable", dest="enabled", action="store_false")
     for name, kind in _PARAMS.items():
         set_.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
-    set_.add_argument(
-        "--include-model",
-        dest="include_model",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also watch the whole-model series (__model__)",
-    )
-    set_.add_argument(
-        "--above-after-in-range",
-        dest="above_after_in_range",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="threshold rules: fire above `above` only for a series that was once in range",
-    )
+    for flag, text in _FLAGS.items():
+        set_.add_argument(
+            f"--{flag.replace('_', '-')}",
+            dest=flag,
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=text,
+        )
     set_.set_defaults(func=_run(cmd_set))
 
     reset = sub.add_parser("reset", parents=[common], help="reset a rule to its defaults")
