@@ -1,6 +1,7 @@
 """``spectrawatch doctor``: is this machine ready to stream runs to the server?
 
-Checks, in order: the local install (spectrawatch, Python, torch, local CUDA), connectivity to
+Checks, in order: the local install (spectrawatch, Python, torch, local CUDA and, with CUDA,
+whether update sketches use the Triton kernel), connectivity to
 ``/api/v1/health`` (latency, server version against the client's, database, queue), auth (the
 token is accepted; the server requires one or not), the worker (running, its device: GPU or
 CPU), and the local spool (runs with frames still waiting to be replayed, size against the cap).
@@ -35,6 +36,24 @@ class Check:
     detail: str
 
 
+def _sketch_backend(device: Any) -> Check:
+    """Which kernel sketches a model's updates on ``device`` (a CUDA device)."""
+    from spectrawatch import _sketch_triton
+
+    if _sketch_triton.available(device):
+        return Check("sketch", "ok", "update sketches on CUDA use the Triton kernel")
+    reason = (
+        "SPECTRAWATCH_TRITON=0"
+        if not _sketch_triton.enabled()
+        else "triton does not import (`pip install triton`)"
+    )
+    return Check(
+        "sketch",
+        "warn",
+        f"update sketches on CUDA use torch ops, ~5x slower than the Triton kernel ({reason})",
+    )
+
+
 def _local() -> list[Check]:
     checks = [
         Check(
@@ -56,6 +75,8 @@ def _local() -> list[Check]:
         else "no CUDA device"
     )
     checks.append(Check("torch", "info", f"torch {torch.__version__}; {cuda}"))
+    if torch.cuda.is_available():
+        checks.append(_sketch_backend(torch.device("cuda")))
     return checks
 
 

@@ -49,10 +49,15 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
+def enabled() -> bool:
+    """False when ``SPECTRAWATCH_TRITON`` turns the Triton path off (0, false, no, off)."""
+    return os.environ.get("SPECTRAWATCH_TRITON", "1").lower() not in ("0", "false", "no", "off")
+
+
 def available(device: torch.device) -> bool:
     """Whether the Triton path applies on ``device``: CUDA (or Triton's CPU interpreter), not
     disabled by ``SPECTRAWATCH_TRITON=0``, and triton importable (imported here, on first use)."""
-    if os.environ.get("SPECTRAWATCH_TRITON", "1").lower() in ("0", "false", "no", "off"):
+    if not enabled():
         return False
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False

@@ -131,3 +131,17 @@ def test_cuda_kernel_matches_the_torch_path() -> None:
     sketcher = CountSketcher(numels, 64, "cuda")
     assert sketcher.backend == "triton"
     torch.testing.assert_close(sketcher(xs, index).cpu(), got.cpu(), rtol=1e-12, atol=1e-12)
+
+
+def test_doctor_says_which_kernel_sketches_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spectrawatch import _sketch_triton
+    from spectrawatch._doctor import _sketch_backend
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_sketch_triton, "_kernel", lambda: object())
+    assert _sketch_backend(cuda).status == "ok"
+    monkeypatch.setattr(_sketch_triton, "_kernel", lambda: None)
+    check = _sketch_backend(cuda)
+    assert (check.status, "pip install triton" in check.detail) == ("warn", True)
+    monkeypatch.setenv("SPECTRAWATCH_TRITON", "off")
+    assert "SPECTRAWATCH_TRITON=0" in _sketch_backend(cuda).detail
