@@ -58,9 +58,11 @@ if [[ -n "$best" ]]; then export $best; echo "== using $best" | tee -a "$LOG"; f
 part client_bf16 150 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 --batch 8 \
   --seq 256 --steps 20 --warmup 5 --reps 2 --threads 4 \
   --conditions none,spectrawatch,sw_torch,sw_every10
-part client_bf16_quick 100 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 \
-  --batch 8 --seq 256 --steps 20 --warmup 5 --reps 2 --threads 4 \
-  --conditions none,spectrawatch,sw_every10
+if [[ " $ONLY " == *" client_bf16_quick "* ]]; then  # session 8's pass 2: only when named
+  part client_bf16_quick 100 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 \
+    --batch 8 --seq 256 --steps 20 --warmup 5 --reps 2 --threads 4 \
+    --conditions none,spectrawatch,sw_every10
+fi
 part htsr 100 "$PY" benchmarks/htsr_gpu.py --repeat 5 --ww-blocks 2 --ww-threads 8
 part htsr_breakdown 90 "$PY" benchmarks/htsr_breakdown.py --device cuda --repeat 3
 part sed 60 "$PY" benchmarks/sed_cost.py --device cuda --rows 1 10 --repeat 5
