@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -35,8 +36,6 @@ def timed(fn: Callable[[], torch.Tensor], repeat: int, device: torch.device) -> 
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(stop))
         else:
-            import time
-
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)

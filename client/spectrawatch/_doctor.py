@@ -92,8 +92,8 @@ def spool_state(settings: ClientSettings) -> tuple[int, int, list[str]]:
 
 def _spool(settings: ClientSettings) -> Check:
     count, size, runs = spool_state(settings)
+    shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
     if count == 0 and runs:  # run.json alone: a final status the server did not get
-        shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
         return Check(
             "spool",
             "info",
@@ -104,7 +104,6 @@ def _spool(settings: ClientSettings) -> Check:
         return Check("spool", "ok", f"empty ({settings.spool_dir})")
     share = size / settings.spool_max_bytes if settings.spool_max_bytes else 1.0
     status: Status = "warn" if share > 0.8 else "info"
-    shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
     return Check(
         "spool",
         status,

@@ -707,11 +707,9 @@ class Sender:
                     self.spool.dir,
                 )
                 self.spool.unlock()
-            elif self._spool_owned or (
-                # an earlier session's run.json (its undelivered final status) must not outlive
-                # this session's: a later `spectrawatch sync` would set the old status again
-                self._status_sent and (self.spool.dir / RUN_META).is_file() and self._own_spool()
-            ):
+            elif self._spool_owned:  # also when an earlier session's run.json made _loop
+                # take the spool: this session's status replaces it, so it must not outlive
+                # this session (a later `spectrawatch sync` would set the old status again)
                 self.spool.remove_if_empty()
         except OSError as exc:
             self.errors.record("spool close", exc)

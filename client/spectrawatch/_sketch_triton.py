@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,16 +38,18 @@ BLOCK = 2048  # coordinates per inner iteration of a program
 UNFOLD = 1  # signed buckets: dim per tile (rather than the folded index's 2 * dim)
 
 
-def _env_int(name: str, default: int) -> int:
-    """A tuning knob from the environment; the default if unset or not a valid value."""
-    raw = os.environ.get(name, "")
+def _env_int(name: str, default: int, valid: Callable[[int], bool] = lambda _: True) -> int:
+    """A tuning knob from the environment; the default if unset, not an integer or not
+    ``valid``."""
     try:
-        value = int(raw)
+        value = int(os.environ.get(name, ""))
     except ValueError:
         return default
-    if name.endswith("_TILE") and (value < 1 << 10 or value & (value - 1)):
-        return default
-    return value
+    return value if valid(value) else default
+
+
+def _power_of_two_tile(value: int) -> bool:
+    return value >= 1 << 10 and not value & (value - 1)
 
 
 def enabled() -> bool:
@@ -122,7 +125,7 @@ class TritonCountSketch:
         self.device = torch.device(device)
         self.numels = list(numels)
         self.dim = dim
-        self.tile = tile or _env_int("SPECTRAWATCH_TRITON_TILE", TILE)
+        self.tile = tile or _env_int("SPECTRAWATCH_TRITON_TILE", TILE, _power_of_two_tile)
         self.block = min(block, self.tile)
         if self.block & (self.block - 1) or self.tile % self.block:
             # a program's inner loop must end exactly at its tile's end (else it would add

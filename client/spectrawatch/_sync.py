@@ -100,8 +100,8 @@ def sync_run(
         if any(lost.values()):
             result.note = ", ".join(f"{n} {what}" for what, n in lost.items() if n) + " (dropped)"
         status = meta.get("status")
-        result.status_pending = not result.left and isinstance(status, str)
-        if result.status_pending and isinstance(status, str):
+        if not result.left and isinstance(status, str):
+            result.status_pending = True
             summary = meta.get("summary")
             if sender.run_id is None:
                 result.note = result.note or "final status not set: the server was not reached"
