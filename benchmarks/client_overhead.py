@@ -353,7 +353,7 @@ def main() -> None:
             res["amp"] = args.amp
             results[cond].append(res)
             print(
-                f"rep {rep} {cond:13s} median step {statistics.median(res['times']):.3f} s  "
+                f"rep {rep} {cond:13s} median step {statistics.median(res['times']):.4f} s  "
                 f"train-thread CPU {statistics.median(res['cpu']):.3f} s  "
                 f"peak RSS {res['peak_rss_mib']:.0f} MiB"
                 + (f", peak GPU {res['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in res else "")
@@ -406,7 +406,7 @@ def report_overhead(results: dict[str, list[dict[str, Any]]]) -> None:
         proc = statistics.median(r["process_cpu_per_step"] for r in rs)
         peak = statistics.median(r["peak_rss_mib"] for r in rs)
         print(
-            f"| {cond} | {wall:.3f} | {100 * (wall / base - 1):+.1f} % | {cpu:.3f} | "
+            f"| {cond} | {wall:.4f} | {100 * (wall / base - 1):+.1f} % | {cpu:.3f} | "
             f"{100 * (cpu / base_cpu - 1):+.1f} % | {proc:.3f} | "
             f"{100 * (proc / base_proc - 1):+.1f} % | {peak:.0f} | {peak - base_peak:+.0f} |"
         )
@@ -416,7 +416,7 @@ def report_overhead(results: dict[str, list[dict[str, Any]]]) -> None:
             hook = r["hook_cpu_per_step"]
             rest = statistics.median(r["cpu"]) - hook
             print(
-                f"  {cond}: {hook:.3f} s/step in hooks vs {rest:.3f} s/step of training "
+                f"  {cond}: {hook:.4f} s/step in hooks vs {rest:.4f} s/step of training "
                 f"-> {100 * hook / rest:.1f} %"
             )
     for cond in ("spectrawatch", "sw_every10"):

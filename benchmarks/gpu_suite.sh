@@ -52,22 +52,17 @@ part tests 150 "$PY" -m pytest -q -p no:cacheprovider -W default -m gpu \
   tests/unit/test_htsr.py tests/unit/test_polar.py tests/unit/test_sed.py \
   tests/unit/test_sketch_triton.py tests/unit/test_eigen.py
 part sketch 120 "$PY" benchmarks/sketch_gpu.py --device cuda --repeat 20
-# the client runs below use the fastest Triton tile found above (its BEST line), if any
+# the client runs below use the fastest Triton knobs found above (its BEST line), if any
 best="$(grep -o '^BEST .*' "$LOG" | tail -n 1 | cut -c6-)"
 if [[ -n "$best" ]]; then export $best; echo "== using $best" | tee -a "$LOG"; fi
 part client_bf16 150 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 --batch 8 \
   --seq 256 --steps 20 --warmup 5 --reps 2 --threads 4 \
-  --conditions none,spectrawatch,sw_torch,sw_every10
-if [[ " $ONLY " == *" client_bf16_quick "* ]]; then  # session 8's pass 2: only when named
-  part client_bf16_quick 100 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 \
-    --batch 8 --seq 256 --steps 20 --warmup 5 --reps 2 --threads 4 \
-    --conditions none,spectrawatch,sw_every10
-fi
+  --conditions none,spectrawatch,sw_every10
+part client 120 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
+  --steps 20 --warmup 5 --reps 2 --threads 4 --conditions none,spectrawatch,sw_every10
 part htsr 100 "$PY" benchmarks/htsr_gpu.py --repeat 5 --ww-blocks 2 --ww-threads 8
 part htsr_breakdown 90 "$PY" benchmarks/htsr_breakdown.py --device cuda --repeat 3
 part sed 60 "$PY" benchmarks/sed_cost.py --device cuda --rows 1 10 --repeat 5
-part client 100 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
-  --steps 20 --warmup 5 --reps 1 --threads 4 --conditions none,spectrawatch,sw_torch
 part tensorboard 90 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 --batch 8 \
   --seq 256 --steps 4 --warmup 1 --reps 1 --threads 4 --conditions none,tensorboard
 part polar 60 "$PY" benchmarks/polar_express.py --device cuda --sizes 512 1024 2048 4096 \

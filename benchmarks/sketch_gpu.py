@@ -2,8 +2,10 @@
 
 Every GPT-2-124M-shaped parameter (148 tensors, 124.4 M coordinates), d = 640, on one CUDA
 device, float32 and bfloat16 parameters: ``FusedCountSketch`` (torch ops; its private-bucket
-block size varied) beside ``TritonCountSketch`` (tile size varied). Median of ``--repeat``
-CUDA-event-timed calls after 3 warm-ups; each result is compared with the float64 torch path.
+block size varied) beside ``TritonCountSketch`` (the rotated-rows kernel; rows per program,
+rows and buckets per inner iteration varied). Median of ``--repeat`` CUDA-event-timed calls
+after 3 warm-ups; each result is compared with the float64 torch path. The floor: one read of
+all coordinates (``sum`` of one flat tensor of them).
 
     PYTHONPATH=client python benchmarks/sketch_gpu.py --device cuda
 """
@@ -52,8 +54,9 @@ def main() -> None:
     dim = 640
     torch.manual_seed(0)
     shapes = gpt2_shapes(blocks=args.blocks)
+    seeds = list(range(len(shapes)))
     index = torch.cat(
-        [signed_buckets(int(torch.Size(s).numel()), i, dim) for i, s in enumerate(shapes)]
+        [signed_buckets(int(torch.Size(s).numel()), seed, dim) for seed, s in enumerate(shapes)]
     )
     index = index.to(device)
     numels = [int(torch.Size(s).numel()) for s in shapes]
@@ -66,47 +69,60 @@ def main() -> None:
         ("torch, private 2^18", lambda: FusedCountSketch(numels, dim, device, private=1 << 18)),
     ]
     if available(device):
-        for log2, unfold in (
-            (16, False),
-            (14, False),
-            (14, True),
-            (13, True),
-            (12, True),
-            (15, True),
+        for rows, row_block, buckets in (
+            (16, 8, 128),
+            (16, 16, 128),
+            (32, 8, 128),
+            (64, 16, 128),
+            (16, 8, 256),
+            (16, 16, 64),
         ):
             variants.append(
                 (
-                    f"triton, tile 2^{log2}, {'d' if unfold else '2d'} buckets per tile",
-                    lambda t=1 << log2, u=unfold: TritonCountSketch(
-                        numels, dim, device, tile=t, unfold=u
+                    f"triton, {rows} rows, {row_block} x {buckets} per iteration",
+                    lambda r=rows, rb=row_block, bb=buckets: TritonCountSketch(
+                        numels, dim, device, seeds=seeds, rows=r, row_block=rb, buckets=bb
                     ),
                 )
             )
     print("| parameters | sketcher | ms per sketch | max rel. diff vs torch default |")
     print("|---|---|---|---|")
-    best: tuple[float, int, bool] | None = None
+    best: tuple[float, int, int, int] | None = None
     for dtype in (torch.float32, torch.bfloat16):
         xs = [torch.randn(s, device=device).mul_(0.02).to(dtype) for s in shapes]
         reference: torch.Tensor | None = None
+        flat = torch.cat([x.reshape(-1) for x in xs])
+        floor = timed(flat.sum, args.repeat, device)
+        print(f"| {str(dtype)[6:]} | floor: one read of all coordinates (sum) | {floor:.2f} | |")
+        del flat
         for name, make in variants:
             try:
                 sketcher = make()
-                result = sketcher(xs, index)
+                sk = sketcher  # FusedCountSketch reads the index, the Triton path none
+                run = (
+                    (lambda x, s=sk: s(x))
+                    if isinstance(sk, TritonCountSketch)
+                    else (lambda x, s=sk: s(x, index))
+                )
+                result = run(xs)
                 if reference is None:
                     reference = result
                 diff = float((result - reference).abs().max() / reference.abs().max())
-                ms = timed(lambda s=sketcher, x=xs: s(x, index), args.repeat, device)
+                ms = timed(lambda r=run, x=xs: r(x), args.repeat, device)
                 print(f"| {str(dtype)[6:]} | {name} | {ms:.2f} | {diff:.1e} |", flush=True)
                 fastest = best is None or ms < best[0]
                 if isinstance(sketcher, TritonCountSketch) and dtype == torch.float32 and fastest:
-                    best = (ms, sketcher.tile, sketcher.unfold)
+                    best = (ms, sketcher.rows, sketcher.row_block, sketcher.buckets)
             except Exception as exc:  # one failing variant must not hide the others
                 print(f"| {str(dtype)[6:]} | {name} | failed: {type(exc).__name__}: {exc} | |")
         del xs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if best is not None:  # for gpu_suite.sh: the client runs that follow use the fastest
-        print(f"BEST SPECTRAWATCH_TRITON_TILE={best[1]} SPECTRAWATCH_TRITON_UNFOLD={int(best[2])}")
+        print(
+            f"BEST SPECTRAWATCH_TRITON_ROWS={best[1]} SPECTRAWATCH_TRITON_ROW_BLOCK={best[2]}"
+            f" SPECTRAWATCH_TRITON_BUCKETS={best[3]}"
+        )
 
 
 if __name__ == "__main__":

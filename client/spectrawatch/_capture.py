@@ -9,19 +9,20 @@ Update sketches (DESIGN §3). Per-step updates are *not* formed from a copy of t
 the client sketches theta itself in float64 (count-sketch, linear) and differences consecutive
 sketches, ``sketch(theta_n) - sketch(theta_{n-1}) = sketch(delta_n)``. Memory: ``(L + 1) * d``
 float64 values for the previous sketch plus, with ``sketch_cache`` (default), a cached folded
-hash index of 2 bytes per parameter (int16; 4 if d > 16383) on the parameter's device -- half
-of one fp32 copy of the model; turn it off to trade that memory for ~20x slower sketches. The
-float64 accumulation keeps the difference exact to ~1e-16 relative to |theta|, so tiny updates
-survive. The index is built off the training steps (~25-50 ms per million parameters on a CPU
-core): inside ``attach`` for models up to ``index_inline_max`` parameters, else on a daemon
-thread at lowered priority started by ``attach``. Until it is ready, a due sketch step is
+hash index of 2 bytes per parameter (int16; 4 if d > 16383) on the parameter's device -- half of
+one fp32 copy of the model; turn it off to trade that memory for ~20x slower sketches. The
+Triton sketch on CUDA (:mod:`spectrawatch._sketch_triton`) hashes on the fly and keeps no index.
+The float64 accumulation keeps the difference exact to ~1e-16 relative to |theta|, so tiny
+updates survive. The index is built off the training steps (~25-50 ms per million parameters on
+a CPU core): inside ``attach`` for models up to ``index_inline_max`` parameters, else on a
+daemon thread at lowered priority started by ``attach``. Until it is ready, a due sketch step is
 *skipped*, never waited for: no row is sent for it, stat ``sketch_steps_skipped`` counts it, and
-the first row after the index is ready is a true one-step update (theta is sketched again
-before that step). With
-``update_every = k > 1`` the pre-step hook sketches theta_{n-1} before step n, so a row is still
-the update of one step. The same theta sketches feed interval mode: every ``theta_every`` steps
-a ``param_sketch`` frame carries them (float64), and the server differences them into the SED
-paper's checkpoint-interval displacements without the client keeping any checkpoint.
+the first row after the index is ready is a true one-step update (theta is sketched again before
+that step). With ``update_every = k > 1`` the pre-step hook sketches theta_{n-1} before step n,
+so a row is still the update of one step. The same theta sketches feed interval mode: every
+``theta_every`` steps a ``param_sketch`` frame carries them (float64), and the server
+differences them into the SED paper's checkpoint-interval displacements without the client
+keeping any checkpoint.
 Whole model: tensor ``__model__`` is the *sum of the per-layer sketches* (each layer hashed with
 its own seed), which is itself a count-sketch of the concatenated update (a coordinate of layer
 l goes to that layer's bucket and sign); ``info["model_sketch"] = "sum_of_layers"`` says so.
@@ -47,7 +48,7 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -58,9 +59,9 @@ from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch._sketch_triton import CountSketcher
 from spectrawatch.config import ClientSettings
 from spectrawatch.sketch import (
+    HASH_NAME,
     SketchSpec,
     count_sketch_signed,
-    folded_dtype,
     signed_buckets,
 )
 from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT, median_commutator_defect
@@ -152,8 +153,7 @@ class Capture:
         self._watch = self._watched()
         self._set_layers(self._trained())
         self._modules_arg = list(modules) if modules is not None else None
-        self._index: dict[str, torch.Tensor] = {}
-        self._flat_index: torch.Tensor | None = None  # all layers' index, when on one device
+        self._index: dict[str, torch.Tensor] = {}  # per layer, where not fused
         self._fused: CountSketcher | None = None
         self._index_ready = threading.Event()
         self._index_error: BaseException | None = None
@@ -238,7 +238,7 @@ class Capture:
         self.flush_theta()
         self._set_layers(layers)
         self._prev, self._prev_step = None, None
-        self._index, self._flat_index, self._fused = {}, None, None
+        self._index, self._fused = {}, None
         self._index_error = None
         self.stats.incr("layout_changes")
         self.errors.note(
@@ -268,10 +268,10 @@ class Capture:
         ).start()
 
     def _build_index(self, gen: int) -> None:
-        """Fill ``_index`` (int16 ``(numel,)`` per layer, on its device), then set ready; a
-        build overtaken by a layout change (``gen`` no longer current) is dropped."""
+        """Build the fused all-layer sketcher (layers on one device) or else fill ``_index``
+        (int16 ``(numel,)`` per layer, on its device), then set ready; a build overtaken by a
+        layout change (``gen`` no longer current) is dropped."""
         fused: CountSketcher | None = None
-        flat_index: torch.Tensor | None = None
         index: dict[str, torch.Tensor] = {}
         error: BaseException | None = None
         try:
@@ -281,19 +281,20 @@ class Capture:
             layers, shard_of = list(self.layers), dict(self._shard_of)
             devices = {p.device for _, p in layers}
             if len(devices) == 1 and all(c for _, _, c in shard_of.values()):
-                # one concatenated index (views per layer) for the fused all-layer sketch
+                # one fused all-layer sketcher, which owns its index (none with Triton)
                 device = devices.pop()
-                numels = [shard_of[name][1] for name, _ in layers]
-                flat = torch.empty(sum(numels), dtype=folded_dtype(self.spec.dim), device=device)
-                for name, view in self._layer_views(flat, layers, shard_of):
-                    if self._index_cancel or gen != self._index_gen:
-                        return
-                    index[name] = view.copy_(self._hash_index(name, device, shard_of))
-                fused = CountSketcher(numels, self.spec.dim, device)
+                fused = CountSketcher(
+                    [shard_of[name][1] for name, _ in layers],
+                    self.spec.dim,
+                    device,
+                    seeds=[self.spec.layer_seed(name) for name, _ in layers],
+                    starts=[shard_of[name][0] for name, _ in layers],
+                )
+                if self._index_cancel or gen != self._index_gen:
+                    return
                 if fused.backend == "triton":  # compile the kernel here, off the training steps
                     with torch.no_grad():
-                        fused([_shards.local_tensor(p.detach()) for _, p in layers], flat)
-                flat_index = flat
+                        fused([_shards.local_tensor(p.detach()) for _, p in layers])
             else:
                 for name, p in layers:
                     if self._index_cancel or gen != self._index_gen:
@@ -304,26 +305,11 @@ class Capture:
         finally:
             with self._index_lock:
                 if gen == self._index_gen:
-                    self._index, self._fused, self._flat_index = index, fused, flat_index
+                    self._index, self._fused = index, fused
                     self._index_error = error
                     if error is not None:
                         self.errors.record("sketch index", error)
                     self._index_ready.set()
-
-    def _layer_views(
-        self,
-        flat: torch.Tensor,
-        layers: list[tuple[str, nn.Parameter]] | None = None,
-        shard_of: dict[str, tuple[int, int, bool]] | None = None,
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each layer's slice of a concatenated per-coordinate tensor, in layer order."""
-        layers = self.layers if layers is None else layers
-        shard_of = self._shard_of if shard_of is None else shard_of
-        at = 0
-        for name, _ in layers:
-            n = shard_of[name][1]
-            yield name, flat[at : at + n]
-            at += n
 
     def _hash_index(
         self,
@@ -440,7 +426,7 @@ class Capture:
         device = locals_[0].device
         fused = self._fused_on(device) if ready else None
         if fused is not None and all(t.device == device for t in locals_):
-            mat = fused[0](locals_, fused[1])
+            mat = fused(locals_)
         else:  # layers on several devices (or replicated shards): one sketch per layer
             rows = []
             for (name, _), local in zip(self.layers, locals_, strict=True):
@@ -459,16 +445,14 @@ class Capture:
             mat = flat[:-1].view(-1, d)
         return torch.cat([mat, mat.sum(0, keepdim=True)])
 
-    def _fused_on(self, device: torch.device) -> tuple[CountSketcher, torch.Tensor] | None:
-        """The fused sketcher and its index, moved to ``device`` if the model moved there."""
-        fused, flat = self._fused, self._flat_index
-        if fused is None or flat is None:
-            return None
-        if fused.device != device:
-            self._flat_index = flat = flat.to(device)
-            self._index.update(self._layer_views(flat))
-            self._fused = fused = CountSketcher(fused.numels, fused.dim, device)
-        return fused, flat
+    def _fused_on(self, device: torch.device) -> CountSketcher | None:
+        """The fused sketcher, rebuilt for ``device`` if the model moved there."""
+        fused = self._fused
+        if fused is not None and fused.device != device:
+            self._fused = fused = CountSketcher(
+                fused.numels, fused.dim, device, seeds=fused.seeds, starts=fused.starts
+            )
+        return fused
 
     @property
     def row_names(self) -> list[str]:
@@ -509,7 +493,7 @@ class Capture:
             "sketch": {
                 "dim": self.spec.dim,
                 "seed": self.spec.seed,
-                "hash": "splitmix64",
+                "hash": HASH_NAME,
                 "layer_seed": "(seed*1000003 + crc32(name)) & 0x7fffffff",
             },
             "window": self.s.window,

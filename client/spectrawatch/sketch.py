@@ -5,8 +5,8 @@ Coordinate ``i`` of a flattened tensor goes to bucket ``h(i)`` in ``[0, d)`` wit
 ``sketch(theta_t) - sketch(theta_s) = sketch(theta_t - theta_s)`` and inner products are
 preserved in expectation (Charikar, Chen & Farach-Colton 2002; Clarkson & Woodruff 2013).
 
-``h`` and ``s`` come from an integer hash of ``(seed, i)`` evaluated with int64 tensor ops, so
-the projection is the same on every device and the server can rebuild it from the seed alone.
+``h`` and ``s`` come from integer hashes of ``(seed, i)`` (see :func:`hash_coordinates`), so
+the projection is the same on every device and can be rebuilt from the seed alone.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
-_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+_GOLD32 = 0x9E3779B1  # 2^32 / golden ratio, odd: i -> i * _GOLD32 is a bijection of uint32
+_FMIX1 = 0x85EBCA6B  # MurmurHash3's 32-bit finaliser constants
+_FMIX2 = 0xC2B2AE35
+_M32 = 0xFFFFFFFF
 _LOW31 = (1 << 31) - 1
+HASH_NAME = "rotated-rows-fmix32-v2"  # sent in frame metadata (v1, before 0.9: "splitmix64")
 
 
 @dataclass(frozen=True)
@@ -37,80 +39,108 @@ class SketchSpec:
         return (self.seed * 1_000_003 + zlib.crc32(name.encode())) & _LOW31
 
 
-def _logical_shift(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 values (torch's ``>>`` is arithmetic)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+def fmix32(h: int) -> int:
+    """MurmurHash3's finaliser of a uint32 (pure Python; the tensor versions must match it)."""
+    h ^= h >> 16
+    h = (h * _FMIX1) & _M32
+    h ^= h >> 13
+    h = (h * _FMIX2) & _M32
+    return h ^ (h >> 16)
 
 
-def _wrap_int64(v: int) -> int:
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >= 1 << 63 else v
+def hash_keys(seed: int) -> tuple[int, int]:
+    """``(sign key, rotation key)`` of a layer seed, each a uint32."""
+    return fmix32((2 * seed + 1) & _M32), fmix32((2 * seed + 2) & _M32)
 
 
 def hash_coordinates(
-    n: int, seed: int, dim: int, device: torch.device | str = "cpu"
+    n: int, seed: int, dim: int, device: torch.device | str = "cpu", start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Buckets ``(n,) int64`` in ``[0, dim)`` and signs ``(n,) float32`` of coordinates 0..n-1.
+    """Buckets ``(n,) int64`` in ``[0, dim)`` and signs ``(n,) float32`` of coordinates
+    ``start .. start+n-1``.
 
-    SplitMix64 finaliser on ``i + seed * golden``; int64 overflow wraps identically on CPU and CUDA.
-    On CPU the same integer recipe runs in numpy ``uint64`` (about 7x faster than torch int64
-    ops; identical output, pinned by a test); on other devices it runs in torch.
+    *Rotated rows*: coordinate ``i`` lies in row ``g = i // dim`` at column ``c = i % dim``; each
+    row is cyclically shifted by its own pseudo-random ``r(g)``, so ``h(i) = (c + r(g)) mod dim``,
+    and ``s(i)`` is the top bit of a hash of ``i``. Two coordinates of one row never share a
+    bucket; two of different rows share one with probability ``1/dim`` (over the seed), as in a
+    fully random count-sketch, and every sign is independent of the buckets. What this buys is a
+    GPU kernel with no index and no atomics per coordinate: a program reads whole rows
+    (contiguous, shifted) and sums them column-wise (:mod:`spectrawatch._sketch_triton`).
+
+    ``r(g) = fmix32(g * golden ^ k_rot) mod dim`` and ``s(i) = 1 - 2 * (fmix32(i * golden ^
+    k_sign) >> 31)``, with ``(k_sign, k_rot) = hash_keys(seed)`` and ``i``, ``g`` taken modulo
+    2^32 (a tensor shard of more than 4.3 G coordinates would repeat its signs). On CPU the
+    recipe runs in numpy ``uint32``; elsewhere in torch ``int64`` ops masked to 32 bits
+    (identical output, pinned by a test).
     """
     if torch.device(device).type == "cpu":
-        b_np, s_np = _hash_numpy(n, seed, dim)
+        b_np, s_np = _hash_numpy(n, seed, dim, start)
         return torch.from_numpy(b_np), torch.from_numpy(s_np)
-    return _hash_torch(n, seed, dim, device)
+    return _hash_torch(n, seed, dim, device, start)
+
+
+def _fmix32_torch(h: torch.Tensor) -> torch.Tensor:
+    """:func:`fmix32` of int64 values in ``[0, 2^32)`` (products wrap mod 2^64, then masked)."""
+    h = h ^ (h >> 16)
+    h = (h * _FMIX1) & _M32
+    h = h ^ (h >> 13)
+    h = (h * _FMIX2) & _M32
+    return h ^ (h >> 16)
 
 
 def _hash_torch(
-    n: int, seed: int, dim: int, device: torch.device | str
+    n: int, seed: int, dim: int, device: torch.device | str, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference recipe in torch int64 ops (used off-CPU; the numpy path must match it)."""
-    x = torch.arange(n, dtype=torch.int64, device=device) + _wrap_int64(seed * _GOLDEN)
-    x = (x ^ _logical_shift(x, 30)) * _MIX1
-    x = (x ^ _logical_shift(x, 27)) * _MIX2
-    x = x ^ _logical_shift(x, 31)
-    buckets = torch.remainder(x & _LOW31, dim)
-    signs = ((_logical_shift(x, 40) & 1) * 2 - 1).to(torch.float32)
-    return buckets, signs
+    """The recipe in torch int64 ops (used off-CPU; the numpy path must match it)."""
+    k_sign, k_rot = hash_keys(seed)
+    i = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    rot = torch.remainder(_fmix32_torch((((i // dim) & _M32) * _GOLD32 & _M32) ^ k_rot), dim)
+    buckets = torch.remainder(i % dim + rot, dim)
+    negative = _fmix32_torch(((i & _M32) * _GOLD32 & _M32) ^ k_sign) >> 31
+    return buckets, (1 - 2 * negative).to(torch.float32)
 
 
-_U64 = (1 << 64) - 1
+def _fmix32_numpy(h: np.ndarray) -> np.ndarray:
+    """:func:`fmix32` of a ``uint32`` array, in place (uint32 products wrap)."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(_FMIX1)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(_FMIX2)
+    h ^= h >> np.uint32(16)
+    return h
 
 
-def _hash_numpy(n: int, seed: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`hash_coordinates` in numpy ``uint64`` (wrapping multiply, logical shift)."""
+def _hash_numpy(n: int, seed: int, dim: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`hash_coordinates` in numpy, chunked (transient memory O(chunk))."""
     buckets = np.empty(n, dtype=np.int64)
     signs = np.empty(n, dtype=np.float32)
-    for start in range(0, n, _HASH_CHUNK):
-        stop = min(n, start + _HASH_CHUNK)
-        b, neg = _hash_range(start, stop, seed, dim)
-        buckets[start:stop] = b
-        signs[start:stop] = neg
+    for lo in range(0, n, _HASH_CHUNK):
+        hi = min(n, lo + _HASH_CHUNK)
+        b, neg = _hash_range(start + lo, start + hi, seed, dim)
+        buckets[lo:hi] = b
+        signs[lo:hi] = neg
     signs *= -2
     signs += 1
     return buckets, signs
 
 
 def _hash_range(start: int, stop: int, seed: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Buckets and negative-sign flags (0/1), both ``(stop - start,) uint64``."""
-    x = np.arange(start, stop, dtype=np.uint64)
-    x += np.uint64((seed * _GOLDEN) & _U64)
-    t = np.empty_like(x)
-    np.right_shift(x, np.uint64(30), out=t)
-    x ^= t
-    x *= np.uint64(_MIX1 & _U64)
-    np.right_shift(x, np.uint64(27), out=t)
-    x ^= t
-    x *= np.uint64(_MIX2 & _U64)
-    np.right_shift(x, np.uint64(31), out=t)
-    x ^= t
-    np.bitwise_and(x, np.uint64(_LOW31), out=t)
-    t %= np.uint64(dim)
-    np.right_shift(x, np.uint64(40), out=x)
-    x &= np.uint64(1)
-    x ^= np.uint64(1)  # sign bit 1 -> +1, so the flag "negative" is its complement
-    return t, x
+    """Buckets ``int64`` and negative-sign flags ``uint32`` (0/1) of coordinates
+    ``start .. stop-1``; the row shifts are hashed once per row, not per coordinate."""
+    k_sign, k_rot = hash_keys(seed)
+    g0, g1 = start // dim, (stop - 1) // dim + 1
+    rows = np.arange(g0, g1, dtype=np.uint64).astype(np.uint32)  # modulo 2^32
+    rows *= np.uint32(_GOLD32)
+    rows ^= np.uint32(k_rot)
+    rot = (_fmix32_numpy(rows) % np.uint32(dim)).astype(np.int64)
+    i = np.arange(start, stop, dtype=np.int64)
+    buckets = i % dim
+    buckets += np.repeat(rot, dim)[start - g0 * dim : stop - g0 * dim]
+    buckets[buckets >= dim] -= dim
+    h = i.astype(np.uint32)  # modulo 2^32
+    h *= np.uint32(_GOLD32)
+    h ^= np.uint32(k_sign)
+    return buckets, _fmix32_numpy(h) >> np.uint32(31)
 
 
 _HASH_CHUNK = 1 << 20
@@ -138,8 +168,7 @@ def signed_buckets(
     for lo in range(0, n, _HASH_CHUNK):  # chunked: transient memory O(chunk), not O(n)
         hi = min(n, lo + _HASH_CHUNK)
         buckets, negative = _hash_range(start + lo, start + hi, seed, dim)
-        negative *= np.uint64(dim)
-        buckets += negative
+        buckets += negative.astype(np.int64) * dim
         folded[lo:hi] = buckets
     return torch.from_numpy(folded).to(device)
 

@@ -406,15 +406,17 @@ def test_index_built_off_the_step_and_steps_skipped_until_ready(
     import threading
     import time
 
-    release = threading.Event()
-    real = Capture._hash_index
+    from spectrawatch import _sketch_triton
 
-    def held(self: Capture, name: str, device: torch.device, *rest: Any) -> torch.Tensor:
+    release = threading.Event()
+    real = _sketch_triton.signed_buckets
+
+    def held(*args: Any) -> torch.Tensor:  # the fused sketcher's index, built on its thread
         assert threading.current_thread() is not threading.main_thread()
         release.wait(30)
-        return real(self, name, device, *rest)
+        return real(*args)
 
-    monkeypatch.setattr(Capture, "_hash_index", held)
+    monkeypatch.setattr(_sketch_triton, "signed_buckets", held)
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sink = Sink()

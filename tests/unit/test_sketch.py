@@ -21,11 +21,20 @@ from spectrawatch.sketch import (
 
 
 @pytest.mark.parametrize(
-    ("n", "seed", "dim"), [(1, 0, 640), (10, 7, 3), (2_500_003, 123, 640), (1000, 2**31 - 1, 1280)]
+    ("n", "seed", "dim", "start"),
+    [
+        (1, 0, 640, 0),
+        (10, 7, 3, 0),
+        (2_500_003, 123, 640, 0),
+        (1000, 2**31 - 1, 1280, 0),
+        (5000, 9, 640, 2**32 - 2000),  # across the 2^32 wrap, a shard not starting at a row
+    ],
 )
-def test_numpy_hash_path_is_identical_to_the_torch_recipe(n: int, seed: int, dim: int) -> None:
-    buckets, signs = hash_coordinates(n, seed, dim)
-    ref_b, ref_s = _hash_torch(n, seed, dim, "cpu")
+def test_numpy_hash_path_is_identical_to_the_torch_recipe(
+    n: int, seed: int, dim: int, start: int
+) -> None:
+    buckets, signs = hash_coordinates(n, seed, dim, start=start)
+    ref_b, ref_s = _hash_torch(n, seed, dim, "cpu", start)
     assert buckets.dtype == torch.int64
     assert signs.dtype == torch.float32
     assert torch.equal(buckets, ref_b)
@@ -33,20 +42,39 @@ def test_numpy_hash_path_is_identical_to_the_torch_recipe(n: int, seed: int, dim
 
 
 def test_hash_values_are_pinned() -> None:
-    # The server and the SED helper rebuild the projection from (n, seed, dim): these values
-    # must never change. Independent check: SplitMix64 finaliser in pure Python integers.
-    def splitmix(i: int, seed: int) -> int:
-        m = (1 << 64) - 1
-        x = (i + seed * 0x9E3779B97F4A7C15) & m
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
-        return x ^ (x >> 31)
+    # Sketches stored by a run must stay comparable with the ones its client sends later: these
+    # values must never change (a new recipe needs a new HASH_NAME). Independent check: the
+    # recipe in pure Python integers, with MurmurHash3's finaliser written out.
+    def fmix(h: int) -> int:
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+        return h ^ (h >> 16)
 
-    buckets, signs = hash_coordinates(50, 42, 640)
-    for i in range(50):
-        x = splitmix(i, 42)
-        assert int(buckets[i]) == (x & ((1 << 31) - 1)) % 640
-        assert float(signs[i]) == (1.0 if (x >> 40) & 1 else -1.0)
+    def mix(v: int, key: int) -> int:
+        return fmix(((v & 0xFFFFFFFF) * 0x9E3779B1 & 0xFFFFFFFF) ^ key)
+
+    seed, dim = 42, 640
+    k_sign, k_rot = fmix(2 * seed + 1), fmix(2 * seed + 2)
+    coords = [*range(50), 640 * 7 + 3, 2**32 - 1, 2**32 + 5, 10**11]
+    for i in coords:
+        buckets, signs = hash_coordinates(1, seed, dim, start=i)
+        assert int(buckets[0]) == (i % dim + mix(i // dim, k_rot) % dim) % dim
+        assert float(signs[0]) == (-1.0 if mix(i, k_sign) >> 31 else 1.0)
+    buckets, signs = hash_coordinates(50, seed, dim)
+    assert buckets[:4].tolist() == [174, 175, 176, 177]  # one row: consecutive, shifted
+    assert signs[:8].tolist() == [float(1 - 2 * (mix(i, k_sign) >> 31)) for i in range(8)]
+
+
+def test_coordinates_of_a_row_never_collide_and_rows_are_shifted_independently() -> None:
+    dim = 640
+    buckets, _ = hash_coordinates(dim * 400, 3, dim)
+    rows = buckets.view(400, dim)
+    assert all(sorted(r.tolist()) == list(range(dim)) for r in rows[:20])
+    shifts = rows[:, 0]  # column 0's bucket is the row's shift
+    assert len(set(shifts.tolist())) > 400 * 0.6  # ~ uniform over 640 (expected ~293 distinct)
+    assert torch.equal(rows, (torch.arange(dim) + shifts[:, None]) % dim)
 
 
 def test_seeded_reproducibility_and_seed_dependence() -> None:
