@@ -323,6 +323,44 @@ def test_update_frames_out_of_order_give_the_direct_sed_per_layer_and_model() ->
     assert {r.layer for r in result.spectra} == {"a", "b", MODEL_LAYER}
 
 
+def test_frames_of_another_sketch_projection_are_left_out() -> None:
+    """A run resumed by a client with another hash recipe (or seed): its earlier sketches are
+    not comparable, so windows use only the frames made like the newest one."""
+    rows = _planted(30, 200, (4.0,), 0.05, seed=3).float()
+    old = {"hash": "splitmix64", "seed": 0, "dim": 200}
+    new = {**old, "hash": "rotated-rows-fmix32-v2"}
+
+    def frames() -> list[DecodedFrame]:
+        return [
+            _frame(
+                FrameKind.UPDATE_SKETCH,
+                list(range(i, i + 10)),
+                {"a": rows[i : i + 10]},
+                seq=i // 10,
+                sed={"windows": [16], "stride": 1},
+                sketch=old if i == 0 else new,
+            )
+            for i in range(0, 30, 10)
+        ]
+
+    mixed = frames()
+    result = spectral_edge_dynamics(mixed[2], FakeContext(mixed[:2]))
+    gap, flag = sed.windowed_key(sed.GAP_RATIO, 16), sed.windowed_key(sed.INCOMPLETE, 16)
+    got = _values(result, gap, "a")
+    want = {x.step: x for x in sed.rolling_sed(rows[10:], list(range(10, 30)), 16)}
+    assert sorted(got) == list(range(20, 30))
+    for step, value in got.items():
+        assert value == pytest.approx(want[step].gap_ratio, rel=1e-9)
+    flags = _values(result, flag, "a")
+    assert (flags[20], flags[24], flags[25]) == (1.0, 1.0, 0.0)  # steps 5..9 were old rows
+    same = frames()
+    same[0].header.info["sketch"] = new  # one projection throughout: every row counts
+    full = spectral_edge_dynamics(same[2], FakeContext(same[:2]))
+    want = {x.step: x for x in sed.rolling_sed(rows, list(range(30)), 16)}
+    assert _values(full, gap, "a")[20] == pytest.approx(want[20].gap_ratio, rel=1e-9)
+    assert _values(full, flag, "a")[20] == 0.0
+
+
 @pytest.mark.parametrize(("layers", "stride"), [(1, 1), (16, 1), (17, 2), (40, 4), (149, 16)])
 def test_default_layer_stride_bounds_per_layer_points_per_step(layers: int, stride: int) -> None:
     assert default_layer_stride(layers) == stride

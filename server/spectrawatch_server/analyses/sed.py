@@ -97,11 +97,12 @@ def _layer_rows(
 ) -> tuple[list[int], torch.Tensor] | None:
     """Rows of ``layer`` over ``frames`` in step order, ``None`` when none is usable.
 
-    Rows of another width (a client that changed its sketch dimension) are left out, and so
-    are rows that are not finite in float64 (NaN/Inf entries, or squares that overflow): the
-    frame's ``nonfinite`` count and alert report those, and leaving them out keeps one bad
-    step from failing the windows of the clean frames after it (such windows are computed on
-    the rows present and flagged incomplete).
+    Rows of another width or projection (a client that changed its sketch dimension, seed or
+    hash recipe, e.g. a run resumed by a newer client: ``info["sketch"]``) than the newest
+    frame's are left out, and so are rows that are not finite in float64 (NaN/Inf entries, or
+    squares that overflow): the frame's ``nonfinite`` count and alert report those, and leaving
+    them out keeps one bad step from failing the windows of the clean frames after it (such
+    windows are computed on the rows present and flagged incomplete).
     """
     device = frames[-1].device
     chunks = []
@@ -118,10 +119,18 @@ def _layer_rows(
         if not bool(finite.all()):
             steps = [s for s, ok in zip(steps, finite.tolist(), strict=True) if ok]
             rows = rows[finite]
-        chunks.append((steps, rows))
-    width = chunks[-1][1].shape[1]
-    usable = [c for c in chunks if c[1].shape[1] == width and c[0]]
+        chunks.append((_projection(f), steps, rows))
+    newest, width = chunks[-1][0], chunks[-1][2].shape[1]
+    usable = [(s, r) for p, s, r in chunks if p == newest and r.shape[1] == width and s]
     return sed.assemble_rows(usable) if usable else None
+
+
+def _projection(frame: DecodedFrame) -> tuple[str, ...]:
+    """The sketch projection a frame's rows were made with: comparable only within one."""
+    sketch = frame.header.info.get("sketch")
+    if not isinstance(sketch, dict):
+        return ()
+    return tuple(str(sketch.get(k)) for k in ("hash", "seed", "dim", "layer_seed"))
 
 
 @register("sed", [FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH])
