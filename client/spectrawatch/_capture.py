@@ -422,7 +422,8 @@ class Capture:
         if not self.layers:
             return None
         d = self.spec.dim
-        locals_ = [_shards.local_tensor(p.detach()) for _, p in self.layers]
+        # no detach(): this runs under no_grad, and 150 detach() calls cost ~0.5 ms a step
+        locals_ = [_shards.local_tensor(p) for _, p in self.layers]
         device = locals_[0].device
         fused = self._fused_on(device) if ready else None
         if fused is not None and all(t.device == device for t in locals_):

@@ -15,12 +15,14 @@ is not supported: :func:`uses_fsdp1` lets ``attach`` refuse it with a clear mess
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
 
 
+@functools.cache  # called per parameter per step: the import machinery costs ~1 us a call
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
