@@ -110,6 +110,16 @@ def index_in_first_step() -> None:
     Capture._before_step = build_then_sketch  # type: ignore[method-assign]
 
 
+def accept(request: Any) -> Any:
+    """An in-process mock server (``httpx.MockTransport``): accepts every request."""
+    import httpx
+
+    path = request.url.path
+    if path.endswith("/runs"):
+        return httpx.Response(201, json={"id": 1, "name": "bench", "status": "running"})
+    return httpx.Response(202 if path.endswith("/frames") else 200, json={"id": 1})
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that a step's wall time is the step's."""
     if device.type == "cuda":
@@ -164,12 +174,6 @@ def run_condition(
         Capture._post_hook = timed(Capture._post_hook)  # type: ignore[method-assign]
         if cond == "sw_index_step1":
             index_in_first_step()
-
-        def accept(request: httpx.Request) -> httpx.Response:
-            path = request.url.path
-            if path.endswith("/runs"):
-                return httpx.Response(201, json={"id": 1, "name": "bench", "status": "running"})
-            return httpx.Response(202 if path.endswith("/frames") else 200, json={"id": 1})
 
         m = spectrawatch.Monitor(transport=httpx.MockTransport(accept))
         m.init(

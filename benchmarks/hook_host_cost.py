@@ -18,7 +18,7 @@ import time
 
 import httpx
 import torch
-from client_overhead import GPT2
+from client_overhead import GPT2, accept
 
 import spectrawatch
 
@@ -31,12 +31,6 @@ def main() -> None:
     torch.set_num_threads(1)
     model = GPT2(layers=args.layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def accept(request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if path.endswith("/runs"):
-            return httpx.Response(201, json={"id": 1, "name": "b", "status": "running"})
-        return httpx.Response(202 if path.endswith("/frames") else 200, json={"id": 1})
 
     m = spectrawatch.Monitor(transport=httpx.MockTransport(accept))
     m.init(project="bench", run="hooks", spool_dir=tempfile.mkdtemp())

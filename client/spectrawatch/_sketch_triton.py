@@ -70,8 +70,8 @@ def _power_of_two(value: int) -> bool:
 
 @functools.cache
 def _kernels() -> Any:
-    """``(rows_kernel, index_kernel)`` jitted, or None where triton does not import (CPU wheels,
-    a broken install)."""
+    """``(rows_kernel, index_kernel, {torch dtype: triton dtype})``, the kernels jitted, or None
+    where triton does not import (CPU wheels, a broken install)."""
     try:
         import triton
         import triton.language as tl
@@ -313,6 +313,7 @@ class CountSketcher:
         return "triton" if self.triton is not None else "torch"
 
     def _torch_path(self) -> FusedCountSketch:
+        """The torch-ops sketcher, with the concatenated index built on first use."""
         if self._torch is None:
             index = torch.empty(sum(self.numels), dtype=folded_dtype(self.dim), device=self.device)
             at = 0

@@ -24,7 +24,7 @@ _FMIX1 = 0x85EBCA6B  # MurmurHash3's 32-bit finaliser constants
 _FMIX2 = 0xC2B2AE35
 _M32 = 0xFFFFFFFF
 _LOW31 = (1 << 31) - 1
-HASH_NAME = "rotated-rows-fmix32-v2"  # sent in frame metadata (v1, before 0.9: "splitmix64")
+HASH_NAME = "rotated-rows-fmix32-v2"  # sent in frame metadata (clients up to 0.1.0: "splitmix64")
 
 
 @dataclass(frozen=True)
