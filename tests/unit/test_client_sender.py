@@ -654,11 +654,12 @@ def test_a_live_session_holds_a_spool_with_an_earlier_run_json(tmp_path: Path) -
     sender = make_sender(server, s)
     sender.put_frame(sketch_item(0))
     assert sender.first_contact.wait(10)
-    other = Spool(run_dir, 1 << 20)
     deadline = time.monotonic() + 10
-    while other.lock():  # free: the sender has not taken it yet (it does after first contact)
-        other.unlock()
+    # wait on the sender's own flag, not by probing the lock: a probe holding it at the moment
+    # the sender tries would make the sender see a `sync` in progress and not hold it (as meant)
+    while not sender._spool_owned:  # it takes the spool just after first contact
         assert time.monotonic() < deadline, "the live sender never held its spool"
         time.sleep(0.01)
+    assert not Spool(run_dir, 1 << 20).lock()  # a `sync` now would find it held
     assert sender.close(timeout=10)
     assert not run_dir.exists()  # its own status delivered: the old run.json is gone
