@@ -11,6 +11,8 @@ all of them alike):
   tensorboard  ``SummaryWriter.add_histogram`` of every parameter every step
   sw_index_step1  spectrawatch with the hash index built inside the first step (the behaviour
                before it moved to a background thread at ``attach``), for ``--first-steps``
+  sw_one_stream   spectrawatch with ``sketch_stream=False``: the CUDA sketch on the training
+               stream instead of a side stream that overlaps the next step
 
 The periodic captures (weights, activations, theta) do not fire inside a short timed window, so
 their one-off cost is timed separately and amortised over its cadence in the report.
@@ -43,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 CONDITIONS = ("none", "spectrawatch", "sw_every10", "wandb", "tensorboard")
-SW_CONDITIONS = ("spectrawatch", "sw_every10", "sw_index_step1", "sw_torch")
+SW_CONDITIONS = ("spectrawatch", "sw_every10", "sw_index_step1", "sw_torch", "sw_one_stream")
 
 
 class Block(nn.Module):
@@ -136,6 +138,7 @@ def run_condition(
     periodic: bool = True,
     device: str = "cpu",
     amp: str = "none",
+    block: bool = False,
 ) -> dict[str, Any]:
     if cond == "sw_torch":  # the default sketch with the Triton kernel turned off
         os.environ["SPECTRAWATCH_TRITON"] = "0"
@@ -181,6 +184,7 @@ def run_condition(
             run=f"bench-{cond}",
             spool_dir=tmp,
             update_every=10 if cond == "sw_every10" else 1,
+            sketch_stream=cond != "sw_one_stream",
         )
         handle = m.attach(model, opt, probe=probe)
         assert handle is not None
@@ -246,12 +250,16 @@ def run_condition(
     times = []
     cpu = []
     proc_cpu0 = 0.0
+    t_block = 0.0
     for step in range(warmup + steps):
         if step == warmup:
+            sync(dev)
             proc_cpu0 = time.process_time()
             hook_time[0] = 0.0
+            t_block = time.perf_counter()
         x = data[step % len(data)]
-        sync(dev)
+        if not block:
+            sync(dev)
         c0 = time.thread_time()
         t0 = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
@@ -262,9 +270,13 @@ def run_condition(
         opt.step()
         if step_hook is not None:
             step_hook(step, float(loss))
-        sync(dev)
+        if not block:
+            sync(dev)
         times.append(time.perf_counter() - t0)
         cpu.append(time.thread_time() - c0)
+    if block:  # one synchronisation for all timed steps: their mean, as every step's time
+        sync(dev)
+        times[warmup:] = [(time.perf_counter() - t_block) / steps] * steps
     proc_cpu = (time.process_time() - proc_cpu0) / steps
     rss_after, peak = rss_mib()
     if dev.type == "cuda":
@@ -303,6 +315,13 @@ def main() -> None:
     ap.add_argument(
         "--amp", default="none", choices=("none", "bf16"), help="bf16: forward under autocast"
     )
+    ap.add_argument(
+        "--block",
+        action="store_true",
+        help="time the steps as one block (no synchronisation per step, as a training loop that "
+        "does not read its loss every step): a sketch on a side stream can then overlap the next "
+        "step",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.first_steps:
@@ -318,6 +337,7 @@ def main() -> None:
             periodic=not args.first_steps,
             device=args.device,
             amp=args.amp,
+            block=args.block,
         )
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -346,6 +366,7 @@ def main() -> None:
                 "--amp",
                 args.amp,
                 *(["--first-steps"] if args.first_steps else []),
+                *(["--block"] if args.block else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]

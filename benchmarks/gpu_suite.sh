@@ -55,6 +55,9 @@ part sketch 120 "$PY" benchmarks/sketch_gpu.py --device cuda --repeat 20
 # the client runs below use the fastest Triton knobs found above (its BEST line), if any
 best="$(grep -o '^BEST .*' "$LOG" | tail -n 1 | cut -c6-)"
 if [[ -n "$best" ]]; then export $best; echo "== using $best" | tee -a "$LOG"; fi
+# the side-stream sketch overlaps the next step only where steps are not synchronised one by one
+part client_block 90 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
+  --steps 60 --warmup 5 --reps 2 --threads 4 --block --conditions none,spectrawatch
 part client_bf16 150 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 --batch 8 \
   --seq 256 --steps 20 --warmup 5 --reps 2 --threads 4 \
   --conditions none,spectrawatch,sw_every10
@@ -62,6 +65,9 @@ part client 120 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --se
   --steps 20 --warmup 5 --reps 2 --threads 4 --conditions none,spectrawatch,sw_every10
 part htsr 100 "$PY" benchmarks/htsr_gpu.py --repeat 5 --ww-blocks 2 --ww-threads 8
 part htsr_breakdown 90 "$PY" benchmarks/htsr_breakdown.py --device cuda --repeat 3
+part client_block_bf16 90 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 \
+  --batch 8 --seq 256 --steps 100 --warmup 5 --reps 2 --threads 4 --block \
+  --conditions none,spectrawatch
 part sed 60 "$PY" benchmarks/sed_cost.py --device cuda --rows 1 10 --repeat 5
 part tensorboard 90 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 --batch 8 \
   --seq 256 --steps 4 --warmup 1 --reps 1 --threads 4 --conditions none,tensorboard

@@ -4,12 +4,17 @@ On the weights of ``htsr_gpu.py`` (49 matrices, all with 768 x 768 Grams), each 
 ``--repeat`` synchronised calls:
 
 1. ESDs: :func:`spectrawatch.spectral.htsr.eigenvalues` of all 49 (Grams + ``eigvalsh``);
-2. the ``eigvalsh`` of the 49 float64 Grams alone, by solver: cuSOLVER (torch's default), MAGMA
-   (``torch.backends.cuda.preferred_linalg_library``), the host's LAPACK through numpy one matrix
-   after another, and the same from a pool of ``--threads`` threads;
-3. the per-layer fits (:func:`spectral_metrics`, with and without the MP fit) on the GPU ESDs and
-   on host copies of the same ESDs;
-4. FARMS: the ESDs of all windows (the current route: batched on the host) and from a pool.
+2. the ``eigvalsh`` of the 49 float64 Grams alone, by solver: cuSOLVER (torch's default), the
+   same split over 2-16 CUDA streams (:func:`~spectrawatch.spectral.eigen.streams_eigvalsh`),
+   and with ``--all-solvers`` MAGMA (``torch.backends.cuda.preferred_linalg_library``), the
+   host's LAPACK through numpy one matrix after another, and the same from a pool of
+   ``--threads`` threads;
+3. the per-layer fits (:func:`spectral_metrics`, with and without the MP fit) on the GPU ESDs, on
+   host copies of the same ESDs, and on host copies from a pool of 4 threads;
+4. FARMS: the ESDs of all windows (:func:`eigenvalues`: on CUDA cuSOLVER's batched ``gesvda``),
+   the same by LAPACK on the host (one call, and from a pool), the largest error of ``gesvda``
+   against LAPACK relative to each window's largest eigenvalue, and the fits of the pooled
+   FARMS ESDs.
 
     PYTHONPATH=client python benchmarks/htsr_breakdown.py --device cuda
 """
@@ -31,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from htsr_vs_weightwatcher import gpt2_weights
 
-from spectrawatch.spectral.eigen import gram
+from spectrawatch.spectral.eigen import gram, squared_svdvals, streams_eigvalsh
 from spectrawatch.spectral.farms import FARMS_CV
 from spectrawatch.spectral.htsr import (
     eigenvalues,
@@ -62,6 +67,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=12)
+    ap.add_argument("--all-solvers", action="store_true", help="also MAGMA and the host's LAPACK")
     args = ap.parse_args()
     dev = torch.device(args.device)
     weights = {k: v.to(dev) for k, v in gpt2_weights(args.blocks, embeddings=True).items()}
@@ -86,21 +92,25 @@ def main() -> None:
     add("  Grams alone", lambda: [gram(m.to(f64)) for m in flat])
     add("  eigvalsh, cuSOLVER (default)", lambda: torch.linalg.eigvalsh(grams))
     if dev.type == "cuda":
+        for k in (2, 4, 8, 16):
+            add(f"  eigvalsh, cuSOLVER on {k} streams", lambda k=k: streams_eigvalsh(grams, k))
+    if dev.type == "cuda" and args.all_solvers:
         try:
             torch.backends.cuda.preferred_linalg_library("magma")
             add("  eigvalsh, MAGMA", lambda: torch.linalg.eigvalsh(grams))
         finally:
             torch.backends.cuda.preferred_linalg_library("default")
     host = [g.cpu().numpy() for g in grams]
-    add(
-        "  eigvalsh, host numpy one by one (+ copies)",
-        lambda: [np.linalg.eigvalsh(g) for g in [t.cpu().numpy() for t in grams]],
-    )
-    with ThreadPoolExecutor(args.threads) as pool:
+    if args.all_solvers or dev.type != "cuda":
         add(
-            f"  eigvalsh, host numpy, {args.threads} threads (copies excluded)",
-            lambda: list(pool.map(np.linalg.eigvalsh, host)),
+            "  eigvalsh, host numpy one by one (+ copies)",
+            lambda: [np.linalg.eigvalsh(g) for g in [t.cpu().numpy() for t in grams]],
         )
+        with ThreadPoolExecutor(args.threads) as pool:
+            add(
+                f"  eigvalsh, host numpy, {args.threads} threads (copies excluded)",
+                lambda: list(pool.map(np.linalg.eigvalsh, host)),
+            )
     esds = [torch.sort(e).values for e in eigenvalues(flat, dtype=f64)]
     esds_host = [e.cpu() for e in esds]
     shape = [(m.n_rows, m.n_cols) for m in mats]
@@ -113,6 +123,16 @@ def main() -> None:
                     spectral_metrics(e, r, c, mp_fit=mp, eps=eps)
                     for e, (r, c) in zip(evs, shape, strict=True)
                 ],
+            )
+        with ThreadPoolExecutor(4) as pool:
+            add(
+                f"fits of all layers on the host ESDs, 4 threads, mp_fit={mp}",
+                lambda mp=mp: list(
+                    pool.map(
+                        lambda er: spectral_metrics(er[0], *er[1], mp_fit=mp, eps=eps),
+                        zip(esds_host, shape, strict=True),
+                    )
+                ),
             )
     windows = [w for m in mats for w in farms_windows(m, FARMS_CV)]
     add(f"FARMS: eigenvalues() of {len(windows)} windows", lambda: eigenvalues(windows, dtype=f64))
@@ -129,6 +149,27 @@ def main() -> None:
             "  window eigvalsh on the host, one call (copies excluded)",
             lambda: np.linalg.eigvalsh(stack),
         )
+        if dev.type == "cuda":
+            wins = torch.stack(windows).to(f64)
+            exact = torch.from_numpy(np.linalg.eigvalsh(stack))
+            add("  window squared singular values, gesvda", lambda: squared_svdvals(wins))
+            err = (squared_svdvals(wins).cpu() - exact).abs().amax(-1) / exact[:, -1]
+            print(f"    gesvda: max error / lambda_max {float(err.max()):.1e}")
+        farms_esds = []
+        pos = 0
+        wev = eigenvalues(windows, dtype=f64)
+        for m in mats:
+            count = len(farms_windows(m, FARMS_CV))
+            if count:
+                farms_esds.append(torch.sort(torch.cat(wev[pos : pos + count]).cpu()).values)
+            pos += count
+        for mp in (False, True):
+            add(
+                f"fits of the {len(farms_esds)} FARMS ESDs on the host, mp_fit={mp}",
+                lambda mp=mp: [
+                    spectral_metrics(e, 100, 100, mp_fit=mp, eps=eps) for e in farms_esds
+                ],
+            )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def main() -> None:
     ap.add_argument("--ww-threads", type=int, default=8)
     ap.add_argument("--blocks", type=int, default=12, help="GPT-2 blocks (12: the whole model)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to check the script")
+    ap.add_argument("--only", default="", help="comma-separated configuration labels to run")
     args = ap.parse_args()
+    only = {c.strip() for c in args.only.split(",") if c.strip()}
     dev = torch.device(args.device)
     host = gpt2_weights(args.blocks, embeddings=True)
     resident = {k: v.to(dev) for k, v in host.items()}
@@ -75,6 +77,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for label, kw in CONFIGS.items():
+        if only and label not in only:
+            continue
 
         def run_resident(kw: dict[str, Any] = kw) -> ModelReport:
             return analyze_weights(resident, device=dev, **kw)
@@ -94,6 +98,8 @@ def main() -> None:
             flush=True,
         )
 
+    if args.ww_blocks < 1:
+        return
     # WeightWatcher on this machine's CPU vs spectrawatch on its GPU, same layers
     # the weights WeightWatcher's subprocess generates (same seed, no embeddings drawn first)
     sub = {k: v.to(dev) for k, v in gpt2_weights(args.ww_blocks, embeddings=False).items()}

@@ -11,7 +11,9 @@ sketches, ``sketch(theta_n) - sketch(theta_{n-1}) = sketch(delta_n)``. Memory: `
 float64 values for the previous sketch plus, with ``sketch_cache`` (default), a cached folded
 hash index of 2 bytes per parameter (int16; 4 if d > 16383) on the parameter's device -- half of
 one fp32 copy of the model; turn it off to trade that memory for ~20x slower sketches. The
-Triton sketch on CUDA (:mod:`spectrawatch._sketch_triton`) hashes on the fly and keeps no index.
+Triton sketch on CUDA (:mod:`spectrawatch._sketch_triton`) hashes on the fly and keeps no index;
+it runs on a side stream that overlaps the next step, and rows leave the GPU by asynchronous
+copies (:mod:`spectrawatch._overlap`, setting ``sketch_stream``).
 The float64 accumulation keeps the difference exact to ~1e-16 relative to |theta|, so tiny
 updates survive. The index is built off the training steps (~25-50 ms per million parameters on
 a CPU core): inside ``attach`` for models up to ``index_inline_max`` parameters, else on a
@@ -55,6 +57,7 @@ import torch
 from torch import nn
 
 from spectrawatch import _shards, wire
+from spectrawatch._overlap import PendingFrames, SketchStream
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch._sketch_triton import CountSketcher
 from spectrawatch.config import ClientSettings
@@ -169,6 +172,9 @@ class Capture:
         self._update_steps: list[int] = []
         self._theta_rows: list[Rows] = []
         self._theta_steps: list[int] = []
+        # CUDA: sketch on a side stream, rows leave the GPU asynchronously (see _overlap)
+        self._stream = SketchStream(settings.sketch_stream and optimizer is not None)
+        self._frames = PendingFrames()
         self._failures: dict[str, int] = {}
         self._disabled: set[str] = set()
         self._last_weights_step: int | None = None
@@ -336,6 +342,21 @@ class Capture:
     def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._forked:
             self._guard("update sketch", self._before_step)
+            self._join_stream()
+
+    def _join_stream(self) -> None:
+        """The training stream waits for the side stream's last sketch (before the optimizer or
+        the defect probe writes the parameters); a parameter written since then turns it off."""
+        try:
+            if self._stream.join():
+                self.stats.incr("sketch_stream_off")
+                self.errors.note(
+                    "sketch stream",
+                    "parameters were written in place outside optimizer.step(): the update "
+                    "sketch runs on the training stream from now on (sketch_stream=False)",
+                )
+        except Exception as exc:
+            self.errors.record("update sketch", exc)
 
     def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.on_step()
@@ -364,6 +385,7 @@ class Capture:
                 and s.defect_every > 0
                 and n % s.defect_every == 0
             ):
+                self._join_stream()  # the probe writes the parameters (and restores them)
                 self._guard("commutator defect", lambda: self.capture_defect(n))
         except Exception as exc:  # belt and braces: nothing escapes a hook
             self.errors.record("capture", exc)
@@ -427,6 +449,12 @@ class Capture:
         device = locals_[0].device
         fused = self._fused_on(device) if ready else None
         if fused is not None and all(t.device == device for t in locals_):
+            if not self.sharded:
+                with self._stream.use(device):
+                    mat = fused(locals_)
+                    out = torch.cat([mat, mat.sum(0, keepdim=True)])
+                self._stream.launched(device, [p for _, p in self.layers])
+                return out
             mat = fused(locals_)
         else:  # layers on several devices (or replicated shards): one sketch per layer
             rows = []
@@ -461,6 +489,7 @@ class Capture:
         return [*(name for name, _ in self.layers), MODEL_KEY]
 
     def _after_step(self, n: int, due_update: bool, due_theta: bool) -> None:
+        self._frames.release(self.emit_frame, wait=False)
         if self.optimizer is None:  # with an optimizer the pre-step hook has checked
             self._check_layout()
         cur = self._sketch_all()
@@ -472,7 +501,8 @@ class Capture:
         if due_update and prev is not None:
             row: Rows
             if isinstance(cur, torch.Tensor) and isinstance(prev, torch.Tensor):
-                row = (cur - prev).to(torch.float32)
+                with self._stream.use(cur.device):  # where cur and prev were made
+                    row = (cur - prev).to(torch.float32)
             elif isinstance(cur, dict) and isinstance(prev, dict):  # exact mode
                 row = {k: cur[k] - prev[k] for k in cur}
                 row[MODEL_KEY] = torch.cat([row[name] for name, _ in self.layers])
@@ -505,42 +535,40 @@ class Capture:
             "update": "per_step" if self.optimizer is not None else "since_previous_row",
         }
 
-    def _stack_rows(self, rows: list[Rows]) -> dict[str, torch.Tensor]:
-        """``(steps, d)`` CPU tensor per row name; one device-to-host copy for sketch rows."""
+    def _emit_rows(self, kind: wire.FrameKind, rows: list[Rows], steps: list[int]) -> None:
+        """One frame of ``rows`` (one per step): a ``(steps, d)`` CPU tensor per row name, after
+        one device-to-host copy that the training thread does not wait for (see _overlap)."""
+        info = self._sketch_info(steps)
         first = rows[0]
-        if isinstance(first, dict):
+        if isinstance(first, dict):  # exact mode
             dicts = [r for r in rows if isinstance(r, dict)]
-            return {k: torch.stack([r[k] for r in dicts]).cpu() for k in first}
-        stacked = torch.stack([r for r in rows if isinstance(r, torch.Tensor)]).cpu()
-        return {name: stacked[:, i].clone() for i, name in enumerate(self.row_names)}
+            host = {k: torch.stack([r[k] for r in dicts]).cpu() for k in first}
+            self.emit_frame(FrameItem(kind, steps[0], host, info))
+            return
+        names = self.row_names
+
+        def build(stacked: torch.Tensor) -> FrameItem:
+            tensors = {name: stacked[:, i].clone() for i, name in enumerate(names)}
+            return FrameItem(kind, steps[0], tensors, info)
+
+        with self._stream.use(first.device):  # where the rows were made
+            stacked = torch.stack([r for r in rows if isinstance(r, torch.Tensor)])
+            self._frames.copy(stacked, build)
+        self._frames.release(self.emit_frame, wait=False)
 
     def flush_updates(self) -> None:
         if not self._update_rows:
             return
         rows, steps = self._update_rows, self._update_steps
         self._update_rows, self._update_steps = [], []
-        self.emit_frame(
-            FrameItem(
-                wire.FrameKind.UPDATE_SKETCH,
-                steps[0],
-                self._stack_rows(rows),
-                self._sketch_info(steps),
-            )
-        )
+        self._emit_rows(wire.FrameKind.UPDATE_SKETCH, rows, steps)
 
     def flush_theta(self) -> None:
         if not self._theta_rows:
             return
         rows, steps = self._theta_rows, self._theta_steps
         self._theta_rows, self._theta_steps = [], []
-        self.emit_frame(
-            FrameItem(
-                wire.FrameKind.PARAM_SKETCH,
-                steps[0],
-                self._stack_rows(rows),
-                self._sketch_info(steps),
-            )
-        )
+        self._emit_rows(wire.FrameKind.PARAM_SKETCH, rows, steps)
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -674,7 +702,12 @@ class Capture:
     def finish(self) -> None:
         """Flush partial frames and take the final weight snapshot (never raises); the rows
         already buffered go out even if the update sketch was disabled after failures."""
-        for flush in (self.flush_updates, self.flush_theta):
+        self._join_stream()
+        for flush in (
+            self.flush_updates,
+            self.flush_theta,
+            lambda: self._frames.release(self.emit_frame, wait=True),
+        ):
             try:
                 flush()
             except Exception as exc:

@@ -57,6 +57,8 @@ class ClientSettings:
     theta_frame_steps: int = 1  # rows batched into one param_sketch frame
     exact: bool = False  # send full per-layer updates instead of sketches (small models only)
     sketch_cache: bool = True  # cache the folded hash index (2 bytes / parameter, on its device)
+    # CUDA: sketch on a side stream that overlaps the next step (off: on the training stream)
+    sketch_stream: bool = True
     # models up to this many parameters get their index built inside attach() (~30 ms per
     # million on a CPU core); larger ones on a background thread, sketches skipped until ready
     index_inline_max: int = 1 << 20

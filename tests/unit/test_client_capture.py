@@ -487,3 +487,49 @@ def test_parameters_that_change_after_attach_are_followed(exact: bool) -> None:
                                 (6, 7, [3, 12]), (7, 9, [5, 12]), (8, 10, [5, 12])):  # fmt: skip
         check(step, before, shape)
     assert stats.get("layout_changes") == 3
+
+
+def _cuda_run(steps: int, *, sketch_stream: bool, clamp: bool = False) -> tuple[Sink, ClientStats]:
+    model = mlp().cuda().eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, stats = make_capture(model, opt, sink, sketch_stream=sketch_stream, theta_every=3)
+    assert cap.wait_index(30)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        model(torch.randn(16, 6, generator=gen).cuda()).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if clamp:
+            with torch.no_grad():
+                model[0].weight.clamp_(-0.3, 0.3)  # a write outside optimizer.step()
+    cap.finish()
+    assert stats.get("errors") == 0
+    return sink, stats
+
+
+@pytest.mark.gpu
+def test_cuda_side_stream_sends_the_rows_of_the_training_stream() -> None:
+    """Sketching on the side stream, with asynchronous copies, changes no row and no order."""
+    side, side_stats = _cuda_run(18, sketch_stream=True)
+    main, _ = _cuda_run(18, sketch_stream=False)
+    assert side_stats.get("sketch_stream_off") == 0
+    for kind in (wire.FrameKind.UPDATE_SKETCH, wire.FrameKind.PARAM_SKETCH):
+        a, b = side.of(kind), main.of(kind)
+        assert [f.info["steps"] for f in a] == [f.info["steps"] for f in b]
+        assert a
+        for fa, fb in zip(a, b, strict=True):
+            assert fa.tensors.keys() == fb.tensors.keys()
+            for k, t in fa.tensors.items():
+                assert t.device.type == "cpu"
+                torch.testing.assert_close(t, fb.tensors[k], rtol=1e-12, atol=1e-12)
+    steps = [s for f in side.of(wire.FrameKind.UPDATE_SKETCH) for s in f.info["steps"]]
+    assert steps == list(range(1, 19))  # the pre-step hook sketched theta_0
+
+
+@pytest.mark.gpu
+def test_cuda_parameter_written_outside_the_step_turns_the_side_stream_off() -> None:
+    sink, stats = _cuda_run(10, sketch_stream=True, clamp=True)
+    assert stats.get("sketch_stream_off") == 1
+    steps = [s for f in sink.of(wire.FrameKind.UPDATE_SKETCH) for s in f.info["steps"]]
+    assert steps == list(range(1, 11))

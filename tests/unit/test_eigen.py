@@ -8,13 +8,18 @@ import torch
 
 from spectrawatch.spectral.eigen import (
     CUDA_BATCHED_MAX,
+    DEFAULT_STREAMS,
     HOST_MAX,
     NUMPY_MIN_EIG,
+    STREAMS_ENV,
     batched_eigvalsh,
+    cuda_streams,
     eigh,
     eigh_above,
     gram,
     on_host,
+    squared_svdvals,
+    streams_eigvalsh,
     svdvals,
 )
 
@@ -75,6 +80,42 @@ def test_cuda_stack_routed_to_the_host_matches_the_gpu_solver() -> None:
     out = batched_eigvalsh(sym)
     assert out.device.type == "cuda"
     torch.testing.assert_close(out, torch.linalg.eigvalsh(sym), rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("streams", [1, 3, 8])
+def test_cuda_stack_split_over_streams_matches_one_call(streams: int) -> None:
+    x = torch.randn(5, 300, 200, dtype=torch.float64, device="cuda")
+    sym = x.mT @ x
+    out = streams_eigvalsh(sym, streams)
+    assert out.shape == (5, 200)
+    torch.testing.assert_close(out, torch.linalg.eigvalsh(sym), rtol=1e-10, atol=1e-8)
+    sym.zero_()  # the result does not alias the input
+    assert bool((out > 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(40, 100, 100), (7, 150, 60), (7, 60, 150)])
+def test_cuda_squared_singular_values_equal_lapack_on_the_gram(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape, dtype=torch.float64) ** 3  # heavy-tailed entries
+    ref = torch.from_numpy(np.linalg.eigvalsh(gram(x).numpy()))
+    out = squared_svdvals(x.cuda()).cpu()
+    assert out.shape == ref.shape
+    scale = ref[:, -1:]
+    assert float(((out - ref).abs() / scale).max()) < 1e-12
+
+
+def test_cuda_streams_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(STREAMS_ENV, raising=False)
+    assert cuda_streams() == DEFAULT_STREAMS
+    monkeypatch.setenv(STREAMS_ENV, "1")
+    assert cuda_streams() == 1
+    monkeypatch.setenv(STREAMS_ENV, "0")
+    assert cuda_streams() == 1
+    monkeypatch.setenv(STREAMS_ENV, "many")
+    assert cuda_streams() == DEFAULT_STREAMS
 
 
 @pytest.mark.parametrize("shape", [(7, 40), (40, 7), (3, 5, 33), (12, 12)])

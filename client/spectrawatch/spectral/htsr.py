@@ -17,15 +17,24 @@ float64; the power-law fit scores every xmin candidate with tensor ops (no loop 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from spectrawatch.spectral.eigen import batched_eigvalsh, gram
+from spectrawatch.spectral.eigen import (
+    HOST_MAX,
+    batched_eigvalsh,
+    cuda_streams,
+    gram,
+    on_host,
+    on_streams,
+    squared_svdvals,
+)
 from spectrawatch.spectral.farms import FarmsConfig, applies, sample_windows
 
 # --- metric keys (dotted, defined once) -------------------------------------------------------
@@ -271,7 +280,10 @@ def eigenvalues(
     the Gram squares the condition number, so float32 loses eigenvalues below ~1e-7 lambda_max
     and shifts alpha by ~1e-4 on GPT-2-shaped layers), then a batched ``eigvalsh``
     (:mod:`spectrawatch.spectral.eigen` picks the solver: numpy's LAPACK for wide CPU matrices,
-    the host's for mid-sized CUDA stacks); round-off negatives are clamped to 0. Each result is
+    the host's for mid-sized CUDA stacks); round-off negatives are clamped to 0. On CUDA,
+    mid-sized stacks (FARMS windows) take cuSOLVER's batched SVD of the matrices themselves
+    (:func:`~spectrawatch.spectral.eigen.squared_svdvals`) and the large matrices are solved on
+    several streams at once (:func:`~spectrawatch.spectral.eigen.on_streams`). Each result is
     ``(M,)`` ``dtype`` on the matrices' device, in input order; a matrix with NaN/Inf entries
     gets an all-NaN result (its metrics then raise :class:`SpectralError`) without spoiling its
     batch.
@@ -282,31 +294,52 @@ def eigenvalues(
         if w.ndim != 2 or 0 in w.shape:
             raise SpectralError(f"expected a non-empty 2-D matrix, got shape {tuple(w.shape)}")
         groups.setdefault(tuple(w.shape), []).append(i)
+    chunks: list[list[int]] = []
     for (rows, cols), group in groups.items():
         per_chunk = max(1, _EIG_CHUNK_BYTES // (rows * cols * 8))
-        for start in range(0, len(group), per_chunk):
-            idx = group[start : start + per_chunk]
-            for i, ev in zip(
-                idx, _batched_eigenvalues([matrices[i] for i in idx], dtype), strict=True
-            ):
-                out[i] = ev
+        chunks += [group[start : start + per_chunk] for start in range(0, len(group), per_chunk)]
+
+    def solve(idx: list[int]) -> torch.Tensor:
+        return _batched_eigenvalues([matrices[i] for i in idx], dtype)
+
+    device = matrices[0].device if matrices else torch.device("cpu")
+    streams = cuda_streams() if device.type == "cuda" else 1
+    if streams > 1 and chunks:
+        # on CUDA streams at once; one matrix per task where cuSOLVER would solve a stack one
+        # matrix after another anyway (larger than HOST_MAX), other stacks whole
+        chunks = [
+            part
+            for c in chunks
+            for part in ([[i] for i in c] if min(matrices[c[0]].shape) > HOST_MAX else [c])
+        ]
+        results = on_streams([functools.partial(solve, c) for c in chunks], device, streams)
+    else:
+        results = [solve(c) for c in chunks]
+    for idx, evals in zip(chunks, results, strict=True):
+        for i, ev in zip(idx, evals, strict=True):
+            out[i] = ev
     return [e for e in out if e is not None]
 
 
 def _batched_eigenvalues(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Eigenvalues of ``W^T W`` for equal-shape ``mats``: ``(B, min(rows, cols))``."""
     stack = torch.stack(mats).to(dtype)
-    grams = gram(stack)
-    del stack
-    # A NaN/Inf entry makes its row's or column's diagonal Gram entry NaN/Inf (as does a finite
-    # matrix whose squares overflow), so the diagonal finds them without a pass over every entry.
-    finite = torch.isfinite(torch.diagonal(grams, dim1=-2, dim2=-1)).all(dim=-1)
-    all_finite = bool(finite.all())
-    if not all_finite:  # decompose zeros instead; those ESDs become NaN below
-        grams = torch.where(finite[:, None, None], grams, 0.0)
-    evals: torch.Tensor = batched_eigvalsh(grams).clamp_min_(0.0)
-    if not all_finite:
-        evals[~finite] = math.nan
+    solve: Callable[[torch.Tensor], torch.Tensor]
+    if on_host(min(stack.shape[-2:]), len(mats), stack.device):  # e.g. FARMS windows on CUDA
+        finite = torch.isfinite(stack).flatten(1).all(dim=1)
+        data, solve = stack, squared_svdvals
+    else:
+        data = gram(stack)
+        del stack
+        # A NaN/Inf entry makes its row's or column's diagonal Gram entry NaN/Inf (as does a
+        # finite matrix whose squares overflow): the diagonal finds them without a full pass.
+        finite = torch.isfinite(torch.diagonal(data, dim1=-2, dim2=-1)).all(dim=-1)
+        solve = batched_eigvalsh
+    if not bool(finite.all()):  # decompose zeros instead; those ESDs become NaN below
+        data = torch.where(finite[:, None, None], data, 0.0)
+    evals: torch.Tensor = solve(data).clamp_min_(0.0)
+    bad = ~(finite & torch.isfinite(evals).all(dim=-1))  # squares overflowing in the SVD route
+    evals[bad] = math.nan
     return evals
 
 
@@ -928,6 +961,10 @@ def analyze_weights(
         if ws:
             farms_evals[i] = torch.sort(torch.cat(all_evals[pos : pos + len(ws)])).values
             pos += len(ws)
+    # the fits are many small steps: on host copies they took 126 vs 190 ms (223 vs 313 with the
+    # MP fit) for GPT-2 small on an H100 (benchmarks/results/gpu_h100.md)
+    plain_evals = [e for e in _on_host([*plain_evals]) if e is not None]
+    farms_evals = _on_host(farms_evals)
     reports: list[LayerReport] = []
     eps = torch.finfo(dtype).eps  # the Grams' precision: sets the entropy's numerical rank
     for i, (name, shape, lm) in enumerate(zip(names, shapes, layer_mats, strict=True)):
@@ -945,6 +982,20 @@ def analyze_weights(
             LayerReport(name, shape, lm.n_rows, lm.n_cols, lm.rf, plain, fm, plain_evals[i], fe)
         )
     return ModelReport(tuple(reports), tuple(skipped))
+
+
+def _on_host(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """``tensors`` copied to the host in one transfer (CPU ones, and ``None``, as they are)."""
+    moved = [t for t in tensors if t is not None and t.device.type != "cpu"]
+    if not moved:
+        return tensors
+    parts = iter(
+        torch.split(torch.cat([t.flatten() for t in moved]).cpu(), [t.numel() for t in moved])
+    )
+    return [
+        next(parts).view(t.shape) if t is not None and t.device.type != "cpu" else t
+        for t in tensors
+    ]
 
 
 def farms_windows(mats: WeightMatrices, config: FarmsConfig) -> list[torch.Tensor]:
