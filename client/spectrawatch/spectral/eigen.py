@@ -5,13 +5,17 @@ only up to 32 x 32; larger matrices are decomposed one call per matrix (torch's
 ``linalg_eigh_cusolver`` dispatch). On an H200 that made the 150 float64 64 x 64 Gram matrices of
 one GPT-2-sized SED step cost ~50 ms, and FARMS' ~4,000 windows of 100 x 100 cost 3.2 s
 (``benchmarks/results/gpu_h200.md``), while LAPACK on one host core needs ~0.1-0.5 ms for each.
-Stacks of such mid-sized matrices are therefore decomposed on the host (large stacks split over a
-pool of threads: :func:`host_eigvalsh`). Small (batched Jacobi) and large matrices (where the
-GPU's divide-and-conquer wins) stay on the GPU. On an H100 the 49 float64 768 x 768 Grams of
-GPT-2 small took 0.37 s through cuSOLVER, 1.5 s through MAGMA and 1.2-1.6 s on its host's 16
-cores (``benchmarks/results/gpu_h100.md``): large matrices stay on the GPU. Each of those solves
-is latency-bound (~7.5 ms, as slow in float32), so a stack of them is split over a few CUDA
-streams, one host thread each, whose solves overlap (:func:`streams_eigvalsh`).
+Stacks of such mid-sized symmetric matrices are therefore decomposed on the host (large stacks
+split over a pool of threads: :func:`host_eigvalsh`). Where the Grams' own matrices are at hand
+(HT-SR, FARMS windows), their squared singular values come from cuSOLVER's strided batched
+``gesvda`` instead, one call for the stack (:func:`squared_svdvals`: FARMS' windows in 44 ms vs
+0.45 s on 16 host cores, H200). Small (batched Jacobi) and large matrices (where the GPU's
+divide-and-conquer wins) stay on the GPU. On an H100 the 49 float64 768 x 768 Grams of GPT-2
+small took 0.37 s through cuSOLVER, 1.5 s through MAGMA and 1.2-1.6 s on its host's 16 cores
+(``benchmarks/results/gpu_h100.md``): large matrices stay on the GPU. Each of those solves is
+latency-bound (~7.5 ms, as slow in float32), so they are spread over a few CUDA streams, one host
+thread each, whose solves overlap (:func:`on_streams`, :func:`streams_eigvalsh`; 350 -> 260 ms on
+an H200).
 
 On the CPU, the torch wheel's BLAS/LAPACK (MKL) was slower than numpy's (OpenBLAS) on the AMD
 EPYC this project is measured on (``benchmarks/results/htsr.md``): 1.6-2x for the float64 Grams
