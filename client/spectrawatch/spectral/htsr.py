@@ -434,8 +434,10 @@ def _ks_distances_pruned(
     ``|F - E|`` at the samples is a lower bound on ``D_i``, and ``max(F(b) - E(a), E(b) - F(a))``
     over consecutive samples ``a < b`` an upper bound (slack ~2/G). A candidate whose lower
     bound exceeds the smallest upper bound cannot be the (first) minimiser and is dropped; G
-    grows per level and the survivors get exact distances. Dropped candidates get ``+inf``; the
-    argmin, ties included, is that of the full computation.
+    grows per level and the survivors get exact distances. The smallest upper bound is tightened
+    by the exact distance of the candidate that has it (one row of ``n`` points per level): any
+    exact distance is at least the minimum. Dropped candidates get ``+inf``; the argmin, ties
+    included, is that of the full computation.
     """
     n = logx.numel()
     dev = logx.device
@@ -451,7 +453,9 @@ def _ks_distances_pruned(
         ]
         lower = torch.cat([lo for lo, _ in bounds])
         upper = torch.cat([up for _, up in bounds])
-        cand = cand[lower <= upper.min() + 1e-12]
+        seed = cand[int(torch.argmin(upper))].reshape(1)
+        limit = torch.minimum(upper.min(), _ks_rows(logx, alphas, seed)[0])
+        cand = cand[lower <= limit + 1e-12]
     ks = torch.full((n - 1,), math.inf, dtype=_F64, device=dev)
     ks[cand] = _ks_distances(logx, alphas, cand)
     return ks
@@ -465,7 +469,9 @@ def _ks_bounds(
     ci = cand.unsqueeze(1)
     n_i = n - ci  # tail sizes (c, 1)
     k = torch.arange(g + 1, device=logx.device).unsqueeze(0)
-    offset = (k * (n_i - 1)) // g  # 0 .. n_i - 1, non-decreasing
+    # 0 .. n_i - 1, non-decreasing: floor(k (n_i - 1) / g), exact in float64 (and faster on a
+    # CPU than int64 floor division)
+    offset = torch.floor((k * (n_i - 1)).to(_F64) / g).long()
     theory = _model_cdf(alphas[cand].unsqueeze(1), logx[ci + offset] - logx[ci])
     empirical = offset.to(_F64) / n_i.to(_F64)
     lower = (theory - empirical).abs().amax(dim=1)
