@@ -217,6 +217,7 @@ class Capture:
 
     def _set_layers(self, layers: list[tuple[str, nn.Parameter]]) -> None:
         self.layers = layers
+        self._params: list[torch.Tensor] = [p for _, p in layers]
         self._layout = self._layout_of(layers)
         self._shard_of = {}
         for name, p in layers:
@@ -445,7 +446,7 @@ class Capture:
             return None
         d = self.spec.dim
         # no detach(): this runs under no_grad, and 150 detach() calls cost ~0.5 ms a step
-        locals_ = [_shards.local_tensor(p) for _, p in self.layers]
+        locals_ = [_shards.local_tensor(p) for p in self._params] if self.sharded else self._params
         device = locals_[0].device
         fused = self._fused_on(device) if ready else None
         if fused is not None and all(t.device == device for t in locals_):
@@ -453,7 +454,7 @@ class Capture:
                 with self._stream.use(device):
                     mat = fused(locals_)
                     out = torch.cat([mat, mat.sum(0, keepdim=True)])
-                self._stream.launched(device, [p for _, p in self.layers])
+                self._stream.launched(device, self._params)
                 return out
             mat = fused(locals_)
         else:  # layers on several devices (or replicated shards): one sketch per layer

@@ -186,7 +186,7 @@ class TritonCountSketch:
         self.large = [k for k, n in enumerate(self.numels) if n >= band]
         self.small = [k for k, n in enumerate(self.numels) if 0 < n < band]
         self._keys = [hash_keys(seed) for seed in self.seeds]
-        self._launch_key: tuple[tuple[int, torch.dtype], ...] | None = None
+        self._launch_key: tuple[tuple[int, torch.dtype, bool], ...] | None = None
         self._launches: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
         self._small_index: torch.Tensor | None = None  # row * 2 * dim + folded, int32
 
@@ -242,10 +242,13 @@ class TritonCountSketch:
         res = torch.zeros(len(self.numels), dim, dtype=torch.float64, device=self.device)
         rows_kernel, index_kernel, tl_dtypes = _kernels()
         # the kernel reads x[0..n) at unit stride: a strided parameter (e.g. a column of a
-        # larger tensor) stays strided under reshape(-1), so copy it (kept alive to the launch)
-        flats = [xs[k].reshape(-1).contiguous() for k in self.large]
-        key = tuple((x.data_ptr(), x.dtype) for x in flats)
-        if key != self._launch_key:
+        # larger tensor) stays strided under reshape(-1), so copy it (kept alive to the launch).
+        # Parameters stay where they are from step to step: while every one is contiguous and
+        # at the same address, the launch tables of the last step are reused as they are.
+        large = [xs[k] for k in self.large]
+        key = tuple((x.data_ptr(), x.dtype, x.is_contiguous()) for x in large)
+        if key != self._launch_key or not all(c for _, _, c in key):
+            flats = [x.reshape(-1).contiguous() for x in large]
             self._launches = self._plan_launches(flats, tl_dtypes)
             self._launch_key = key
         for tl_dtype, meta, owner in self._launches:

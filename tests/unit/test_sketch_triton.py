@@ -175,6 +175,13 @@ def test_a_strided_large_parameter_reaches_the_kernel_contiguous(
     assert len(planned) == 3
     rows_launches = launched[-3:-1]  # the last launch is the small tensor's
     assert [m[:, 6].tolist() for m, _ in rows_launches] == [[0], [2]]
+    kept = [xs[0].contiguous(), xs[1], xs[2]]
+    sketch(kept)
+    sketch(kept)  # contiguous, same addresses: the last plan is reused
+    assert len(planned) == 4
+    sketch([xs[0], xs[1], xs[2]])  # strided again: copied and planned every call
+    sketch([xs[0], xs[1], xs[2]])
+    assert len(planned) == 6
 
 
 @pytest.mark.gpu
