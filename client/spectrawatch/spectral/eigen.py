@@ -181,8 +181,17 @@ def gram(stack: torch.Tensor) -> torch.Tensor:
     rows, cols = stack.shape[-2:]
     if _numpy_can(stack):
         a = stack.detach().numpy()
-        at = np.swapaxes(a, -1, -2)
-        return torch.from_numpy(at @ a if rows >= cols else a @ at)
+        if a.ndim == 2:
+            return torch.from_numpy(a.T @ a if rows >= cols else a @ a.T)
+        # one 2-D product per matrix: numpy's batched matmul does not take the syrk route
+        # (3,969 FARMS windows of 100 x 100: 0.30 vs 0.46 s on one core)
+        flat = a.reshape(-1, rows, cols)
+        m = min(rows, cols)
+        out = np.empty((len(flat), m, m), dtype=a.dtype)
+        for i, x in enumerate(flat):
+            left, right = (x.T, x) if rows >= cols else (x, x.T)
+            np.matmul(left, right, out=out[i])
+        return torch.from_numpy(out.reshape(*a.shape[:-2], m, m))
     return stack.mT @ stack if rows >= cols else stack @ stack.mT
 
 

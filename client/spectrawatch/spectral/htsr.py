@@ -327,7 +327,12 @@ def eigenvalues(
 
 def _batched_eigenvalues(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Eigenvalues of ``W^T W`` for equal-shape ``mats``: ``(B, min(rows, cols))``."""
-    stack = torch.stack(mats).to(dtype)
+    if mats[0].device.type == "cpu":  # one copy, converting as it goes (stack + to: two)
+        stack = torch.empty((len(mats), *mats[0].shape), dtype=dtype)
+        for i, m in enumerate(mats):
+            stack[i].copy_(m)
+    else:  # one kernel, not one per matrix
+        stack = torch.stack(mats).to(dtype)
     solve: Callable[[torch.Tensor], torch.Tensor]
     if on_host(min(stack.shape[-2:]), len(mats), stack.device):  # e.g. FARMS windows on CUDA
         finite = torch.isfinite(stack).flatten(1).all(dim=1)
