@@ -99,13 +99,18 @@ def sample_windows(weight: torch.Tensor, config: FarmsConfig) -> torch.Tensor:
     """All FARMS windows of a 2-D ``weight`` ``(rows, cols)`` as ``(n_r * n_c, r, c)``.
 
     Row-major over the grid (row window ``i``, column window ``j`` -> index ``i * n_c + j``),
-    on ``weight``'s device and dtype; a gather, not a loop over windows.
+    on ``weight``'s device and dtype; on CUDA one gather, not a loop over windows.
     """
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
     r, c = window_shape(rows, cols, config)
     rs, cs = window_starts(rows, cols, config)
+    if weight.device.type == "cpu":  # slice copies: ~10x faster than the gather on a CPU core
+        out = weight.new_empty((len(rs) * len(cs), r, c))
+        for k, (i, j) in enumerate((i, j) for i in rs.tolist() for j in cs.tolist()):
+            out[k] = weight[i : i + r, j : j + c]
+        return out
     dev = weight.device
     row_idx = (rs.unsqueeze(1) + torch.arange(r)).to(dev)  # (n_r, r)
     col_idx = (cs.unsqueeze(1) + torch.arange(c)).to(dev)  # (n_c, c)
