@@ -8,8 +8,8 @@ one GPT-2-sized SED step cost ~50 ms, and FARMS' ~4,000 windows of 100 x 100 cos
 Stacks of such mid-sized symmetric matrices are therefore decomposed on the host (large stacks
 split over a pool of threads: :func:`host_eigvalsh`). Where the Grams' own matrices are at hand
 (HT-SR, FARMS windows), their squared singular values come from cuSOLVER's strided batched
-``gesvda`` instead, one call for the stack (:func:`squared_svdvals`: FARMS' windows in 44 ms vs
-0.45 s on 16 host cores, H200). Small (batched Jacobi) and large matrices (where the GPU's
+``gesvda`` instead, one call for the stack (:func:`squared_svdvals`: FARMS' windows in 32 ms vs
+0.45-0.56 s on 16 host cores, H200). Small (batched Jacobi) and large matrices (where the GPU's
 divide-and-conquer wins) stay on the GPU. On an H100 the 49 float64 768 x 768 Grams of GPT-2
 small took 0.37 s through cuSOLVER, 1.5 s through MAGMA and 1.2-1.6 s on its host's 16 cores
 (``benchmarks/results/gpu_h100.md``): large matrices stay on the GPU. Each of those solves is
@@ -83,8 +83,10 @@ def host_eigvalsh(stack: np.ndarray) -> np.ndarray:
 
 
 def cuda_streams() -> int:
-    """Streams for :func:`streams_eigvalsh`: ``$SPECTRAWATCH_CUDA_EIG_STREAMS`` (1 = one call on
-    the current stream), else :data:`DEFAULT_STREAMS`."""
+    """CUDA streams (and host threads) that large eigenproblems are spread over
+    (:func:`on_streams`): ``$SPECTRAWATCH_CUDA_EIG_STREAMS`` (1: all on the current stream, one
+    after another), else :data:`DEFAULT_STREAMS` (on an H200, 4 streams took 350 -> 268 ms, 8
+    and 16 259 ms)."""
     try:
         return max(1, int(os.environ.get(STREAMS_ENV, DEFAULT_STREAMS)))
     except ValueError:
@@ -159,11 +161,12 @@ def streams_eigvalsh(sym: torch.Tensor, streams: int) -> torch.Tensor:
 
 def squared_svdvals(stack: torch.Tensor) -> torch.Tensor:
     """Ascending squared singular values of a CUDA stack ``(B, rows, cols)``, i.e. the eigenvalues
-    of its Grams on the smaller side, by cuSOLVER's strided batched ``gesvda`` (one call for the
-    whole stack). ``gesvda`` works from the Gram matrix itself, so its accuracy is that of
-    ``eigvalsh`` of the Gram: on the 3,969 FARMS windows (100 x 100, float64) of GPT-2 small the
-    largest difference from LAPACK was 4.6e-15 of each window's largest eigenvalue, in 33 ms on an
-    H200 against 0.56 s on its host's 16 cores (``benchmarks/results/gpu_h200.md``)."""
+    of its Grams on the smaller side, by cuSOLVER's strided batched ``gesvda`` (its "approximate"
+    SVD of tall matrices; one call for the whole stack). Measured against LAPACK's ``eigvalsh`` of
+    the Grams: on the 3,969 FARMS windows (100 x 100, float64) of GPT-2 small the largest
+    difference was 4.6e-15 of each window's largest eigenvalue, the same absolute round-off as
+    the Gram route, in 32 ms on an H200 against 0.45-0.56 s on its host's 16 cores
+    (``benchmarks/results/gpu_h200.md``); a CUDA test pins 1e-12."""
     rows, cols = stack.shape[-2:]
     tall = stack if rows >= cols else stack.mT
     sv: torch.Tensor = torch.linalg.svdvals(tall, driver="gesvda")

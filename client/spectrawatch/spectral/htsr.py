@@ -329,8 +329,9 @@ def _batched_eigenvalues(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.
     """Eigenvalues of ``W^T W`` for equal-shape ``mats``: ``(B, min(rows, cols))``."""
     if mats[0].device.type == "cpu":  # one copy, converting as it goes (stack + to: two)
         stack = torch.empty((len(mats), *mats[0].shape), dtype=dtype)
-        for i, m in enumerate(mats):
-            stack[i].copy_(m)
+        with torch.no_grad():
+            for i, m in enumerate(mats):
+                stack[i].copy_(m)
     else:  # one kernel, not one per matrix
         stack = torch.stack(mats).to(dtype)
     solve: Callable[[torch.Tensor], torch.Tensor]
