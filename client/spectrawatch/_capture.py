@@ -557,6 +557,13 @@ class Capture:
             self._frames.copy(stacked, build)
         self._frames.release(self.emit_frame, wait=False)
 
+    def release_frames(self) -> None:
+        """Hand over every frame whose rows are still being copied off the GPU (never raises)."""
+        try:
+            self._frames.release(self.emit_frame, wait=True)
+        except Exception as exc:
+            self.errors.record("update sketch", exc)
+
     def flush_updates(self) -> None:
         if not self._update_rows:
             return
@@ -704,15 +711,12 @@ class Capture:
         """Flush partial frames and take the final weight snapshot (never raises); the rows
         already buffered go out even if the update sketch was disabled after failures."""
         self._join_stream()
-        for flush in (
-            self.flush_updates,
-            self.flush_theta,
-            lambda: self._frames.release(self.emit_frame, wait=True),
-        ):
+        for flush in (self.flush_updates, self.flush_theta):
             try:
                 flush()
             except Exception as exc:
                 self.errors.record("update sketch", exc)
+        self.release_frames()
         if self.s.weights_at_finish and self.step > 0:
             self._guard("weights", lambda: self.capture_weights(self.step))
         self.remove()

@@ -378,7 +378,11 @@ class Monitor:
         return self._sender.run_name if self._sender is not None else None
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until queued items are handed to the server or spool (tests, benchmarks)."""
+        """Block until queued items are handed to the server or spool (tests, benchmarks);
+        frames whose rows are still being copied off the GPU are waited for first. Call it
+        from the training thread."""
+        for c in list(self._captures):
+            c.release_frames()
         return self._sender.wait_idle(timeout) if self._sender is not None else True
 
     def _queue_frame(self, item: FrameItem) -> None:

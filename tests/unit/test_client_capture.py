@@ -533,3 +533,20 @@ def test_cuda_parameter_written_outside_the_step_turns_the_side_stream_off() -> 
     assert stats.get("sketch_stream_off") == 1
     steps = [s for f in sink.of(wire.FrameKind.UPDATE_SKETCH) for s in f.info["steps"]]
     assert steps == list(range(1, 11))
+
+
+@pytest.mark.gpu
+def test_cuda_frame_in_flight_is_released_on_request() -> None:
+    """A frame whose rows are still being copied goes out at the next step or when asked."""
+    model = mlp().cuda().eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(model, opt, sink)
+    assert cap.wait_index(30)
+    for _ in range(4):  # frame_steps = 4: the frame is cut at step 4, its copy started
+        model(torch.ones(4, 6, device="cuda")).sum().backward()
+        opt.step()
+    cap.release_frames()
+    (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    assert frame.info["steps"] == [1, 2, 3, 4]
+    cap.finish()
