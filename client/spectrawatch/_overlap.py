@@ -29,13 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from spectrawatch._sender import FrameItem
-
-
-def _mark(stream: torch.cuda.Stream) -> torch.cuda.Event:
-    """An event recorded on ``stream`` now."""
-    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    event.record(stream)
-    return event
+from spectrawatch.spectral.eigen import record_event
 
 
 class SketchStream:
@@ -64,7 +58,7 @@ class SketchStream:
         """Note a sketch of ``params`` just queued on the side stream of ``device``."""
         if not self.enabled or device.type != "cuda":
             return
-        self._done = _mark(self._streams[device])
+        self._done = record_event(self._streams[device])
         self._device = device
         self._params = list(params)
         self._versions = [p._version for p in self._params]
@@ -108,7 +102,7 @@ class PendingFrames:
         the frame once they are there."""
         if rows.device.type == "cuda":
             host = rows.to("cpu", non_blocking=True)
-            ready = _mark(torch.cuda.current_stream(rows.device))
+            ready = record_event(torch.cuda.current_stream(rows.device))
         else:
             host, ready = rows, None
         self._queue.append(_Pending(host, ready, build))

@@ -102,7 +102,7 @@ def _own_stream(device: torch.device) -> torch.cuda.Stream:
     return streams[device]
 
 
-def _mark(stream: torch.cuda.Stream) -> torch.cuda.Event:
+def record_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
     """An event recorded on ``stream`` now."""
     event = torch.cuda.Event()  # type: ignore[no-untyped-call]
     event.record(stream)
@@ -122,14 +122,14 @@ def on_streams(
             torch.linalg.eigvalsh(torch.eye(2, device=device))
             _linalg_ready.add(device)
     main = torch.cuda.current_stream(device)
-    ready = _mark(main)
+    ready = record_event(main)
 
     def run(task: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.cuda.Event]:
         stream = _own_stream(device)
         stream.wait_event(ready)
         with torch.cuda.device(device), torch.cuda.stream(stream):
             out = task()
-        return out, _mark(stream)
+        return out, record_event(stream)
 
     global _stream_pool
     workers = max(1, min(streams, len(tasks)))
