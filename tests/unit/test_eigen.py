@@ -12,6 +12,7 @@ from spectrawatch.spectral.eigen import (
     HOST_MAX,
     NUMPY_MIN_EIG,
     STREAMS_ENV,
+    TORCH_EIG_MAX,
     batched_eigvalsh,
     cuda_streams,
     eigh,
@@ -54,10 +55,16 @@ def test_equals_eigvalsh_and_keeps_the_device() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "shape",
-    [(4, 10, 7), (2, NUMPY_MIN_EIG + 40, NUMPY_MIN_EIG), (3, NUMPY_MIN_EIG, NUMPY_MIN_EIG + 9)],
+    [
+        (4, 10, 7),
+        (2, NUMPY_MIN_EIG + 40, NUMPY_MIN_EIG),
+        (3, NUMPY_MIN_EIG, NUMPY_MIN_EIG + 9),
+        (2, TORCH_EIG_MAX + 20, TORCH_EIG_MAX + 1),
+    ],
 )
 def test_cpu_numpy_route_equals_torch(shape: tuple[int, int, int], dtype: torch.dtype) -> None:
-    """CPU Grams, and eigenvalues from NUMPY_MIN_EIG columns, go through numpy: same results."""
+    """CPU Grams, and eigenvalues of stacks of more than TORCH_EIG_MAX columns (or split over a
+    pool), go through numpy: same results."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     rows, cols = shape[1:]
     m = min(rows, cols)

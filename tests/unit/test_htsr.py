@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from spectrawatch.spectral import htsr
-from spectrawatch.spectral.eigen import NUMPY_MIN_EIG
+from spectrawatch.spectral.eigen import TORCH_EIG_MAX
 from spectrawatch.spectral.farms import FARMS_CV
 from spectrawatch.wire import FrameKind, encode_frame, parse_header
 from spectrawatch_server.analyses import MODEL_LAYER, DecodedFrame, analyses_for
@@ -74,7 +74,7 @@ def test_eigenvalues_of_known_spectrum() -> None:
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("n", [10, NUMPY_MIN_EIG + 4])  # torch's and numpy's eigen paths
+@pytest.mark.parametrize("n", [10, TORCH_EIG_MAX + 4])  # torch's and numpy's eigen paths
 def test_non_finite_matrix_gets_nan_esd_without_spoiling_its_batch(value: float, n: int) -> None:
     bad = torch.ones(n, n)
     bad[n - 1, 3] = value

@@ -23,9 +23,15 @@ and eigendecompositions of 768-wide weights, 2.2x for the Grams of stacks of 64-
 windows (numpy's matmul uses ``syrk`` for ``A^T A``), 0-15 % for eigendecompositions from
 :data:`NUMPY_MIN_EIG` columns up, while torch is faster below that. So CPU Grams always, and
 eigendecompositions from :data:`NUMPY_MIN_EIG` columns up, go through numpy (zero-copy views,
-same LAPACK driver family; results equal to round-off). The wheel's ``gesdd`` is also 2-3.4x
-slower on a wide matrix than on its transpose (768 x 3072 float64: 0.78 vs 0.26 s), so
-:func:`svdvals` decomposes CPU matrices in their tall orientation.
+same LAPACK driver family; results equal to round-off). Re-measured in session 10 with one
+thread each (OpenBLAS and MKL pinned to 1): torch was the faster at 100 (0.27 vs 0.36 ms) and
+160 (0.84 vs 0.91 ms), numpy at 768 (39.7 vs 41.2 ms), and the whole GPT-2-shaped HT-SR + FARMS
+took 5.26-5.44 vs 5.61-5.69 s (best of 3-6, three A/B runs) with FARMS' 100 x 100 windows through
+torch. So stacks up to :data:`TORCH_EIG_MAX` columns go through torch, unless the host splits
+them over its pool of threads (:func:`host_eigvalsh`, 3 cores up), measured with numpy only.
+The wheel's ``gesdd`` is also 2-3.4x slower on a wide matrix than on its transpose
+(768 x 3072 float64: 0.78 vs 0.26 s), so :func:`svdvals` decomposes CPU matrices in their tall
+orientation.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ import torch
 
 CUDA_BATCHED_MAX = 32  # largest n that torch sends to cuSOLVER's batched syevj
 HOST_MAX = 160  # largest n of a CUDA stack decomposed by the host's LAPACK instead
-NUMPY_MIN_EIG = 64  # smallest n of a CPU stack whose eigenvalues numpy computes
+NUMPY_MIN_EIG = 64  # smallest n of a CPU stack whose eigenvalues numpy computes ...
+TORCH_EIG_MAX = 160  # ... except stacks up to this n that are not split over a thread pool
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 POOL_MIN = 256  # smallest stack that the host splits over a pool of threads
 POOL_MAX_THREADS = 16
@@ -71,15 +78,20 @@ def host_eigvalsh(stack: np.ndarray) -> np.ndarray:
     ``benchmarks/results/htsr.md`` splitting gained nothing, hence the 3-core minimum."""
     n = stack.shape[-1]
     flat = stack.reshape(-1, n, n)
-    threads = host_threads()
-    if threads < 3 or len(flat) < POOL_MIN:
+    if not _pooled(len(flat)):
         return np.linalg.eigvalsh(stack)
+    threads = host_threads()
     global _pool
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(POOL_MAX_THREADS, thread_name_prefix="spectrawatch-eig")
     parts = list(_pool.map(np.linalg.eigvalsh, np.array_split(flat, threads)))
     return np.concatenate(parts).reshape(stack.shape[:-1])
+
+
+def _pooled(batch: int) -> bool:
+    """Whether :func:`host_eigvalsh` splits a stack of ``batch`` matrices over its pool."""
+    return batch >= POOL_MIN and host_threads() >= 3
 
 
 def cuda_streams() -> int:
@@ -211,7 +223,7 @@ def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
     """
     n = sym.shape[-1]
     batch = sym.numel() // (n * n) if n else 0
-    if _numpy_can(sym) and n >= NUMPY_MIN_EIG:
+    if _numpy_can(sym) and n >= NUMPY_MIN_EIG and (n > TORCH_EIG_MAX or _pooled(batch)):
         return torch.from_numpy(host_eigvalsh(sym.detach().numpy()))
     if on_host(n, batch, sym.device):
         host = sym.detach().cpu()
