@@ -76,7 +76,8 @@ class SketchStream:
         self._done = None
         written = any(p._version != v for p, v in zip(self._params, self._versions, strict=True))
         self._params, self._versions = [], []
-        if written:
+        if written:  # from now on the rows made on the side stream are used on this one
+            torch.cuda.current_stream(device).wait_stream(self._streams[device])
             self.enabled = False
         return written
 
