@@ -215,6 +215,13 @@ def on_host(n: int, batch: int, device: torch.device) -> bool:
     return device.type == "cuda" and batch > 1 and CUDA_BATCHED_MAX < n <= HOST_MAX
 
 
+def svd_route(n: int, batch: int, device: torch.device) -> bool:
+    """Whether the eigenvalues of the Grams of a stack of ``batch`` matrices with ``n`` columns
+    on the smaller side, on ``device``, come from :func:`squared_svdvals` of the matrices: the
+    mid-sized CUDA stacks that :func:`batched_eigvalsh` would send to the host."""
+    return on_host(n, batch, device)
+
+
 def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.eigvalsh(sym)`` of a stack ``(..., n, n)``, returned on ``sym``'s device.
 

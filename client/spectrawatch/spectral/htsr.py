@@ -31,9 +31,9 @@ from spectrawatch.spectral.eigen import (
     batched_eigvalsh,
     cuda_streams,
     gram,
-    on_host,
     on_streams,
     squared_svdvals,
+    svd_route,
 )
 from spectrawatch.spectral.farms import FarmsConfig, applies, sample_windows
 
@@ -298,7 +298,7 @@ def eigenvalues(
     device = matrices[0].device if matrices else torch.device("cpu")
     chunks: list[list[int]] = []
     for (rows, cols), group in groups.items():
-        svd = on_host(min(rows, cols), len(group), device)  # batched gesvda: its workspace is
+        svd = svd_route(min(rows, cols), len(group), device)  # batched gesvda: its workspace is
         # ~15x the input (peak 6.8 GiB for FARMS' 3,969 windows in 128 MB chunks on an H200)
         cap = _SVD_CHUNK_BYTES if svd else _EIG_CHUNK_BYTES
         per_chunk = max(2 if svd else 1, cap // (rows * cols * 8))
@@ -335,7 +335,7 @@ def _batched_eigenvalues(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.
     else:  # one kernel, not one per matrix
         stack = torch.stack(mats).to(dtype)
     solve: Callable[[torch.Tensor], torch.Tensor]
-    if on_host(min(stack.shape[-2:]), len(mats), stack.device):  # e.g. FARMS windows on CUDA
+    if svd_route(min(stack.shape[-2:]), len(mats), stack.device):  # e.g. FARMS windows on CUDA
         finite = torch.isfinite(stack).flatten(1).all(dim=1)
         data, solve = stack, squared_svdvals
     else:
