@@ -172,8 +172,11 @@ class Capture:
         self._update_steps: list[int] = []
         self._theta_rows: list[Rows] = []
         self._theta_steps: list[int] = []
-        # CUDA: sketch on a side stream, rows leave the GPU asynchronously (see _overlap)
-        self._stream = SketchStream(settings.sketch_stream and optimizer is not None)
+        # CUDA: sketch on a side stream, rows leave the GPU asynchronously (see _overlap); not
+        # for sharded models, whose sketch ends in a collective on the training stream
+        self._stream = SketchStream(
+            settings.sketch_stream and optimizer is not None and not self.sharded
+        )
         self._frames = PendingFrames()
         self._failures: dict[str, int] = {}
         self._disabled: set[str] = set()

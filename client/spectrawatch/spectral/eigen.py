@@ -222,6 +222,15 @@ def svd_route(n: int, batch: int, device: torch.device) -> bool:
     return on_host(n, batch, device)
 
 
+def gram_eigvalsh(stack: torch.Tensor) -> torch.Tensor:
+    """Ascending eigenvalues of the Grams on the smaller side of a stack ``(B, rows, cols)``: by
+    :func:`squared_svdvals` of the matrices where :func:`svd_route` says so, else
+    :func:`batched_eigvalsh` of :func:`gram`. Entries must be finite."""
+    if svd_route(min(stack.shape[-2:]), stack.shape[0], stack.device):
+        return squared_svdvals(stack)
+    return batched_eigvalsh(gram(stack))
+
+
 def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.eigvalsh(sym)`` of a stack ``(..., n, n)``, returned on ``sym``'s device.
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spectrawatch.spectral.eigen import batched_eigvalsh, gram, squared_svdvals, svd_route
+from spectrawatch.spectral.eigen import gram_eigvalsh
 
 
 @dataclass(frozen=True)
@@ -123,13 +123,9 @@ def farms_esd(weight: torch.Tensor, config: FarmsConfig = FARMS_CV) -> torch.Ten
     """Pooled, ascending FARMS eigenvalues of a 2-D weight: ``(n_windows * min(r, c),)`` float64.
 
     Eigenvalues of each window's Gram ``(min(r,c), min(r,c))`` in float64 by one batched
-    :func:`~spectrawatch.spectral.eigen.batched_eigvalsh` (on CUDA: the windows' squared
-    singular values by one batched :func:`~spectrawatch.spectral.eigen.squared_svdvals`),
-    round-off negatives clamped to 0.
+    :func:`~spectrawatch.spectral.eigen.gram_eigvalsh` (on CUDA: the windows' squared singular
+    values by one batched SVD), round-off negatives clamped to 0.
     """
     win = sample_windows(weight.detach(), config).to(torch.float64)
-    if svd_route(min(win.shape[-2:]), len(win), win.device):
-        evals = squared_svdvals(win).clamp_min_(0.0)
-    else:
-        evals = batched_eigvalsh(gram(win)).clamp_min_(0.0)
+    evals = gram_eigvalsh(win).clamp_min_(0.0)
     return torch.sort(evals.flatten()).values

@@ -979,8 +979,10 @@ def analyze_weights(
             pos += len(ws)
     # the fits are many small steps: on host copies they took 126 vs 190 ms (223 vs 313 with the
     # MP fit) for GPT-2 small on an H100 (benchmarks/results/gpu_h100.md)
-    plain_evals = [e for e in _on_host([*plain_evals]) if e is not None]
-    farms_evals = _on_host(farms_evals)
+    n_plain = len(plain_evals)
+    host = _on_host([*plain_evals, *farms_evals])  # one transfer for all
+    plain_evals = [e for e in host[:n_plain] if e is not None]
+    farms_evals = host[n_plain:]
     reports: list[LayerReport] = []
     eps = torch.finfo(dtype).eps  # the Grams' precision: sets the entropy's numerical rank
     for i, (name, shape, lm) in enumerate(zip(names, shapes, layer_mats, strict=True)):
