@@ -18,6 +18,7 @@ from spectrawatch.spectral.eigen import (
     eigh,
     eigh_above,
     gram,
+    grams,
     on_host,
     squared_svdvals,
     streams_eigvalsh,
@@ -182,3 +183,26 @@ def test_host_pool_equals_one_call(monkeypatch: pytest.MonkeyPatch, threads: int
     big = torch.randn(9, NUMPY_MIN_EIG, NUMPY_MIN_EIG, dtype=torch.float64)
     big = big @ big.mT
     torch.testing.assert_close(batched_eigvalsh(big), torch.linalg.eigvalsh(big))
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (30, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grams_of_a_list_equal_numpy_on_each_matrix(
+    shape: tuple[int, int], dtype: torch.dtype
+) -> None:
+    """Converted, already-``dtype`` and non-contiguous inputs: each Gram is numpy's ``A^T A``
+    (or ``A A^T``) of that matrix in ``dtype``."""
+    g = torch.Generator().manual_seed(3)
+    mats = [
+        torch.randn(shape, generator=g, dtype=torch.float32),
+        torch.randn(shape, generator=g, dtype=dtype),
+        torch.randn(shape[::-1], generator=g, dtype=torch.float64).T,
+    ]
+    out = grams(mats, dtype)
+    assert out.dtype == dtype
+    assert out.shape == (3, min(shape), min(shape))
+    for w, got in zip(mats, out, strict=True):
+        a = w.numpy().astype(np.float64)
+        ref = a.T @ a if shape[0] >= shape[1] else a @ a.T
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        np.testing.assert_allclose(got.numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())

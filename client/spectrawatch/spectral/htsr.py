@@ -31,6 +31,7 @@ from spectrawatch.spectral.eigen import (
     batched_eigvalsh,
     cuda_streams,
     gram,
+    grams,
     on_streams,
     squared_svdvals,
     svd_route,
@@ -327,24 +328,22 @@ def eigenvalues(
 
 def _batched_eigenvalues(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Eigenvalues of ``W^T W`` for equal-shape ``mats``: ``(B, min(rows, cols))``."""
-    if mats[0].device.type == "cpu":  # one copy, converting as it goes (stack + to: two)
-        stack = torch.empty((len(mats), *mats[0].shape), dtype=dtype)
-        with torch.no_grad():
-            for i, m in enumerate(mats):
-                stack[i].copy_(m)
-    else:  # one kernel, not one per matrix
-        stack = torch.stack(mats).to(dtype)
     solve: Callable[[torch.Tensor], torch.Tensor]
-    if svd_route(min(stack.shape[-2:]), len(mats), stack.device):  # e.g. FARMS windows on CUDA
-        finite = torch.isfinite(stack).flatten(1).all(dim=1)
-        data, solve = stack, squared_svdvals
+    if mats[0].device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        data, solve = grams(mats, dtype), batched_eigvalsh  # no stacked copy
     else:
-        data = gram(stack)
-        del stack
+        stack = torch.stack(mats).to(dtype)  # one kernel, not one per matrix
+        if svd_route(min(stack.shape[-2:]), len(mats), stack.device):  # e.g. FARMS windows
+            data, solve = stack, squared_svdvals
+        else:
+            data, solve = gram(stack), batched_eigvalsh
+            del stack
+    if solve is squared_svdvals:
+        finite = torch.isfinite(data).flatten(1).all(dim=1)
+    else:
         # A NaN/Inf entry makes its row's or column's diagonal Gram entry NaN/Inf (as does a
         # finite matrix whose squares overflow): the diagonal finds them without a full pass.
         finite = torch.isfinite(torch.diagonal(data, dim1=-2, dim2=-1)).all(dim=-1)
-        solve = batched_eigvalsh
     if not bool(finite.all()):  # decompose zeros instead; those ESDs become NaN below
         data = torch.where(finite[:, None, None], data, 0.0)
     evals: torch.Tensor = solve(data).clamp_min_(0.0)
