@@ -19,6 +19,18 @@ their one-off cost is timed separately and amortised over its cadence in the rep
 
     PYTHONPATH=client .venv/bin/python benchmarks/client_overhead.py --steps 8 --reps 2
 
+``--paired K`` measures spectrawatch against no monitoring *in one process*: after a warm-up
+with the monitor attached, 2K blocks of ``--steps`` steps, each timed as one block, alternate
+between the optimizer hooks attached and removed (order ABBA, so a drift in clocks or load
+cancels); the overhead is the median over the K pairs of (on / off - 1). It removes the
+between-process spread of a step's time (bf16 on an H200: 0.021-0.028 s for the same
+condition), which comparing one process per condition cannot. Periodic weight and activation
+captures are off in the blocks (their one-off cost is timed and amortised as above); each
+re-attached block's first row spans the detached block (timing only: the server is a mock).
+
+    PYTHONPATH=client .venv/bin/python benchmarks/client_overhead.py --paired 6 --steps 20 \
+        --device cuda --amp bf16 --batch 8 --seq 256
+
 ``--first-steps`` times every step from the first one (no warm-up, periodic captures not timed):
 the cost of building the hash index -- inside step 1 (``sw_index_step1``) or on the background
 thread started by ``attach`` (``spectrawatch``), with the steps skipped meanwhile.
@@ -122,6 +134,14 @@ def accept(request: Any) -> Any:
     return httpx.Response(202 if path.endswith("/frames") else 200, json={"id": 1})
 
 
+def no_denormals(device: torch.device) -> None:
+    """Flush denormal floats on the CPU: this loop's float32 training produces them, and they
+    slowed its steps from 0.8 to 1.4 s within 40 steps (2 blocks, batch 1 x 16), the same with
+    and without monitoring, which swamps any overhead in a longer run."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that a step's wall time is the step's."""
     if device.type == "cuda":
@@ -144,6 +164,7 @@ def run_condition(
         os.environ["SPECTRAWATCH_TRITON"] = "0"
     torch.manual_seed(0)
     dev = torch.device(device)
+    no_denormals(dev)
     model = GPT2(layers=layers).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -298,6 +319,92 @@ def run_condition(
     }
 
 
+def run_paired(
+    pairs: int,
+    steps: int,
+    warmup: int,
+    seq: int,
+    batch: int,
+    layers: int,
+    device: str = "cpu",
+    amp: str = "none",
+) -> dict[str, Any]:
+    """Blocks of ``steps`` steps with the monitor's hooks on and off, alternating ABBA."""
+    import httpx
+
+    import spectrawatch
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    no_denormals(dev)
+    model = GPT2(layers=layers).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 50257, (batch, seq + 1), generator=gen).to(dev) for _ in range(4)]
+    m = spectrawatch.Monitor(transport=httpx.MockTransport(accept))
+    m.init(
+        project="bench",
+        run="bench-paired",
+        spool_dir=tempfile.mkdtemp(),
+        weights_every=0,
+        activations_every=0,
+    )
+    handle = m.attach(model, opt)
+    assert handle is not None
+    cap = handle.capture
+    cap.wait_index(600)
+
+    def hooks(on: bool) -> None:
+        for h in cap._handles:
+            h.remove()
+        cap._handles.clear()
+        if on:
+            cap._handles += [
+                opt.register_step_pre_hook(cap._pre_hook),
+                opt.register_step_post_hook(cap._post_hook),
+            ]
+
+    def block(n: int, first: int) -> float:
+        sync(dev)
+        t = time.perf_counter()
+        for i in range(n):
+            x = data[(first + i) % len(data)]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                logits = model(x[:, :-1])
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync(dev)
+        return (time.perf_counter() - t) / n
+
+    block(warmup, 0)
+    on_times, off_times = [], []
+    for k in range(pairs):
+        for on in (True, False) if k % 2 == 0 else (False, True):
+            hooks(on)
+            (on_times if on else off_times).append(block(steps, k))
+    hooks(False)
+    stats = m.stats.snapshot()
+    m.wait_idle(600)
+    m.finish(timeout=120)
+    return {"on": on_times, "off": off_times, "client_stats": stats}
+
+
+def report_paired(results: list[dict[str, Any]]) -> None:
+    """Per-pair step times and the median paired overhead (on / off - 1)."""
+    ratios = [a / b - 1 for r in results for a, b in zip(r["on"], r["off"], strict=True)]
+    for i, r in enumerate(results):
+        pairs = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(r["on"], r["off"], strict=True))
+        print(f"process {i}: on/off step (s) per pair: {pairs}")
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    print(
+        f"paired overhead over {len(ratios)} pairs: median {100 * statistics.median(ratios):+.2f} %"
+        f", quartiles {100 * q[0]:+.2f} / {100 * q[2]:+.2f} %, "
+        f"min {100 * min(ratios):+.2f} %, max {100 * max(ratios):+.2f} %"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
@@ -322,10 +429,32 @@ def main() -> None:
         "does not read its loss every step): a sketch on a side stream can then overlap the next "
         "step",
     )
+    ap.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K pairs of --steps-step blocks, monitor hooks on and off, in one process per rep",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.first_steps:
         args.warmup = 0
+    if args.paired and args.one:
+        res = run_paired(
+            args.paired,
+            args.steps,
+            args.warmup,
+            args.seq,
+            args.batch,
+            args.layers,
+            device=args.device,
+            amp=args.amp,
+        )
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    if args.paired:
+        args.conditions = "paired"
     if args.one:
         res = run_condition(
             args.one,
@@ -367,6 +496,7 @@ def main() -> None:
                 args.amp,
                 *(["--first-steps"] if args.first_steps else []),
                 *(["--block"] if args.block else []),
+                *(["--paired", str(args.paired)] if args.paired else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -377,6 +507,9 @@ def main() -> None:
             res["device"] = args.device
             res["amp"] = args.amp
             results[cond].append(res)
+            if args.paired:
+                print(f"rep {rep} paired: {len(res['on'])} pairs", flush=True)
+                continue
             print(
                 f"rep {rep} {cond:13s} median step {statistics.median(res['times']):.4f} s  "
                 f"train-thread CPU {statistics.median(res['cpu']):.3f} s  "
@@ -386,7 +519,9 @@ def main() -> None:
                 flush=True,
             )
 
-    if args.first_steps:
+    if args.paired:
+        report_paired(results["paired"])
+    elif args.first_steps:
         report_first_steps(results)
     else:
         report_overhead(results)

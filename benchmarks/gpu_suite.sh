@@ -55,6 +55,12 @@ part sketch 120 "$PY" benchmarks/sketch_gpu.py --device cuda --repeat 20
 # the client runs below use the fastest Triton knobs found above (its BEST line), if any
 best="$(grep -o '^BEST .*' "$LOG" | tail -n 1 | cut -c6-)"
 if [[ -n "$best" ]]; then export $best; echo "== using $best" | tee -a "$LOG"; fi
+# bf16, hooks on and off in the same process (ABBA blocks): the between-process spread of the
+# bf16 step (0.021-0.028 s on an H200) left session 10's one-process-per-condition runs unsettled
+part client_paired_bf16 120 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 \
+  --batch 8 --seq 256 --paired 8 --steps 30 --warmup 10 --reps 2 --threads 4
+part client_paired 120 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
+  --paired 8 --steps 20 --warmup 10 --reps 2 --threads 4
 # the side-stream sketch overlaps the next step only where steps are not synchronised one by one
 part client_block 90 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
   --steps 60 --warmup 5 --reps 2 --threads 4 --block --conditions none,spectrawatch
