@@ -96,6 +96,15 @@ def window_starts(rows: int, cols: int, config: FarmsConfig) -> tuple[torch.Tens
     return _starts(rows, r, config.windows_per_dim), _starts(cols, c, config.windows_per_dim)
 
 
+def window_views(weight: torch.Tensor, config: FarmsConfig) -> list[torch.Tensor]:
+    """The FARMS windows of a 2-D ``weight`` as views into it (no copy), in
+    :func:`sample_windows`' order."""
+    rows, cols = weight.shape
+    r, c = window_shape(rows, cols, config)
+    rs, cs = window_starts(rows, cols, config)
+    return [weight[i : i + r, j : j + c] for i, j in itertools.product(rs.tolist(), cs.tolist())]
+
+
 def sample_windows(weight: torch.Tensor, config: FarmsConfig) -> torch.Tensor:
     """All FARMS windows of a 2-D ``weight`` ``(rows, cols)`` as ``(n_r * n_c, r, c)``.
 
@@ -104,14 +113,11 @@ def sample_windows(weight: torch.Tensor, config: FarmsConfig) -> torch.Tensor:
     """
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(weight.shape)}")
+    if weight.device.type == "cpu":  # slice copies: ~10x faster than the gather on a CPU core
+        return torch.stack(window_views(weight, config))
     rows, cols = weight.shape
     r, c = window_shape(rows, cols, config)
     rs, cs = window_starts(rows, cols, config)
-    if weight.device.type == "cpu":  # slice copies: ~10x faster than the gather on a CPU core
-        out = weight.new_empty((len(rs) * len(cs), r, c))
-        for k, (i, j) in enumerate(itertools.product(rs.tolist(), cs.tolist())):
-            out[k] = weight[i : i + r, j : j + c]
-        return out
     dev = weight.device
     row_idx = (rs.unsqueeze(1) + torch.arange(r)).to(dev)  # (n_r, r)
     col_idx = (cs.unsqueeze(1) + torch.arange(c)).to(dev)  # (n_c, c)
