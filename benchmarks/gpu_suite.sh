@@ -61,6 +61,8 @@ part client_paired_bf16 120 "$PY" benchmarks/client_overhead.py --device cuda --
   --batch 8 --seq 256 --paired 8 --steps 30 --warmup 10 --reps 2 --threads 4
 part client_paired 120 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
   --paired 8 --steps 20 --warmup 10 --reps 2 --threads 4
+# where the hooks' 1.9-2.2 ms of host time per step go with the real (Triton) sketch
+part hook_host 60 "$PY" benchmarks/hook_host_cost.py --device cuda --steps 100
 # the side-stream sketch overlaps the next step only where steps are not synchronised one by one
 part client_block 90 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
   --steps 60 --warmup 5 --reps 2 --threads 4 --block --conditions none,spectrawatch

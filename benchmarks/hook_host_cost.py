@@ -6,6 +6,11 @@ rows. This measures exactly that on the CPU, GPT-2-small-shaped model (148 tenso
 fused sketcher replaced by one that only allocates its result, then prints a cProfile of it.
 
     PYTHONPATH=client:server python benchmarks/hook_host_cost.py [--steps 50] [--layers 12]
+
+With ``--device cuda`` the model lives on the GPU and the sketch is the real one (the Triton
+kernel where triton imports, on the side stream): the host time per step is then what the
+training thread pays for launching it, the row differences and the frame copies (the GPU work
+itself is queued, not waited for; one synchronisation ends the timed loop).
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--device", default="cpu", help="cpu (sketch faked) or cuda (real sketch)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = GPT2(layers=args.layers)
+    device = torch.device(args.device)
+    model = GPT2(layers=args.layers).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     m = spectrawatch.Monitor(transport=httpx.MockTransport(accept))
@@ -47,18 +54,31 @@ def main() -> None:
         def __call__(self, xs: list[torch.Tensor]) -> torch.Tensor:
             return torch.zeros(rows, cap.spec.dim, dtype=torch.float64)
 
-    cap._fused = Allocating()  # type: ignore[assignment]
+    if device.type == "cpu":
+        cap._fused = Allocating()  # type: ignore[assignment]
 
     def steps(n: int) -> None:
         for _ in range(n):
             cap._pre_hook(opt, (), {})
             cap._post_hook(opt, (), {})
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     steps(3)
+    sync()
     t = time.perf_counter()
     steps(args.steps)
     per_step = (time.perf_counter() - t) / args.steps * 1e3
-    print(f"{rows} tensors: {per_step:.2f} ms of host time per step in the hooks (sketch faked)")
+    sync()
+    wall = (time.perf_counter() - t) / args.steps * 1e3
+    backend = getattr(cap._fused, "backend", None)
+    what = "sketch faked" if device.type == "cpu" else f"real sketch: {backend}"
+    print(
+        f"{rows} tensors: {per_step:.2f} ms of host time per step in the hooks ({what}); "
+        f"{wall:.2f} ms per step until the device finished"
+    )
     profile = cProfile.Profile()
     profile.runcall(steps, args.steps)
     pstats.Stats(profile).sort_stats("tottime").print_stats(10)
