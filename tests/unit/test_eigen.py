@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -173,7 +175,7 @@ def test_host_pool_equals_one_call(monkeypatch: pytest.MonkeyPatch, threads: int
     from spectrawatch.spectral import eigen
 
     monkeypatch.setattr(eigen, "host_threads", lambda: threads)
-    monkeypatch.setattr(eigen, "POOL_MIN", 8)
+    monkeypatch.setattr(eigen, "POOL_MIN_WORK", 8 * 20**3)
     x = np.random.default_rng(3).standard_normal((2, 13, 20, 20))
     sym = x @ np.swapaxes(x, -1, -2)
     out = eigen.host_eigvalsh(sym)
@@ -206,3 +208,30 @@ def test_grams_of_a_list_equal_numpy_on_each_matrix(
         ref = a.T @ a if shape[0] >= shape[1] else a @ a.T
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         np.testing.assert_allclose(got.numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+def test_pool_respects_the_torch_thread_budget_and_one_blas_thread() -> None:
+    """``torch.set_num_threads(1)`` means no pool; the pool's solves run with one BLAS thread,
+    and the BLAS setting is restored afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from spectrawatch.spectral import eigen
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert eigen.host_threads() == 1
+        assert not eigen._pooled(64, 768)
+        torch.set_num_threads(2)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        assert eigen.host_threads() == min(2, cores)
+    finally:
+        torch.set_num_threads(before)
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    outside = blas_threads()
+    with eigen._one_blas_thread():
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == outside

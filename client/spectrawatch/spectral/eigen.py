@@ -28,7 +28,8 @@ thread each (OpenBLAS and MKL pinned to 1): torch was the faster at 100 (0.27 vs
 160 (0.84 vs 0.91 ms), numpy at 768 (39.7 vs 41.2 ms), and the whole GPT-2-shaped HT-SR + FARMS
 took 5.26-5.44 vs 5.61-5.69 s (best of 3-6, three A/B runs) with FARMS' 100 x 100 windows through
 torch. So stacks up to :data:`TORCH_EIG_MAX` columns go through torch, unless the host splits
-them over its pool of threads (:func:`host_eigvalsh`, 3 cores up), measured with numpy only.
+them over its pool of threads (:func:`host_eigvalsh`, from 2 threads of budget: numpy with one
+BLAS thread per pool thread, 1.9x on 2 cores where torch's threaded MKL call gained nothing).
 The wheel's ``gesdd`` is also 2-3.4x slower on a wide matrix than on its transpose
 (768 x 3072 float64: 0.78 vs 0.26 s), so :func:`svdvals` decomposes CPU matrices in their tall
 orientation.
@@ -36,10 +37,12 @@ orientation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +52,7 @@ HOST_MAX = 160  # largest n of a CUDA stack decomposed by the host's LAPACK inst
 NUMPY_MIN_EIG = 64  # smallest n of a CPU stack whose eigenvalues numpy computes ...
 TORCH_EIG_MAX = 160  # ... except stacks up to this n that are not split over a thread pool
 _NUMPY_DTYPES = (torch.float32, torch.float64)
-POOL_MIN = 256  # smallest stack that the host splits over a pool of threads
+POOL_MIN_WORK = 8 * 100**3  # smallest batch * n^3 that the host splits over a pool of threads
 POOL_MAX_THREADS = 16
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -61,37 +64,65 @@ _linalg_ready: set[torch.device] = set()
 
 
 def host_threads() -> int:
-    """Cores this process may run on (its CPU affinity), at most :data:`POOL_MAX_THREADS`."""
+    """Threads the host's eigensolves may use: the cores this process may run on (its CPU
+    affinity), at most torch's intra-op thread count (``torch.set_num_threads``, the budget a
+    user or ``spectrawatch worker`` sets) and :data:`POOL_MAX_THREADS`."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, POOL_MAX_THREADS))
+    return max(1, min(cores, torch.get_num_threads(), POOL_MAX_THREADS))
 
 
 def host_eigvalsh(stack: np.ndarray) -> np.ndarray:
-    """``np.linalg.eigvalsh`` of a stack ``(..., n, n)``; a stack of :data:`POOL_MIN` or more
-    matrices is split over a pool of :func:`host_threads` threads (LAPACK releases the GIL) where
-    there are at least 3 cores. One call decomposes a stack one matrix after another on one core:
-    on the 16-core host of an H100, FARMS' 3,969 windows of 100 x 100 took 1.69 s in one call
-    and 0.53 s over 16 threads (``benchmarks/htsr_breakdown.py``); on the 2-core machine of
-    ``benchmarks/results/htsr.md`` splitting gained nothing, hence the 3-core minimum."""
+    """``np.linalg.eigvalsh`` of a stack ``(..., n, n)``; a stack worth :data:`POOL_MIN_WORK` or
+    more is split over a pool of :func:`host_threads` threads (LAPACK releases the GIL), each
+    with a single-threaded BLAS meanwhile (:func:`_one_blas_thread`).
+
+    One call decomposes a stack one matrix after another, and BLAS threads inside LAPACK's
+    tridiagonal reduction scale poorly. On this project's 2-core box (``benchmarks/results/
+    htsr.md``, session 11): float64 768 x 768 Grams 38 ms each on one thread, 27-32 ms in one
+    call with OpenBLAS on both cores, 19-26 ms split over 2 threads with one BLAS thread each
+    (35-43 ms with two each: oversubscribed); 100 x 100 FARMS windows 0.35 -> 0.17-0.20 ms. On
+    the 16-core host of an H100, 3,969 windows took 1.69 s in one call and 0.53 s over 16
+    threads (``benchmarks/htsr_breakdown.py``).
+    """
     n = stack.shape[-1]
     flat = stack.reshape(-1, n, n)
-    if not _pooled(len(flat)):
+    if not _pooled(len(flat), n):
         return np.linalg.eigvalsh(stack)
-    threads = host_threads()
+    threads = min(host_threads(), len(flat))
     global _pool
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(POOL_MAX_THREADS, thread_name_prefix="spectrawatch-eig")
-    parts = list(_pool.map(np.linalg.eigvalsh, np.array_split(flat, threads)))
+    with _one_blas_thread():
+        parts = list(_pool.map(np.linalg.eigvalsh, np.array_split(flat, threads)))
     return np.concatenate(parts).reshape(stack.shape[:-1])
 
 
-def _pooled(batch: int) -> bool:
-    """Whether :func:`host_eigvalsh` splits a stack of ``batch`` matrices over its pool."""
-    return batch >= POOL_MIN and host_threads() >= 3
+def _pooled(batch: int, n: int) -> bool:
+    """Whether :func:`host_eigvalsh` splits a stack of ``batch`` ``n x n`` matrices over its
+    pool: two or more threads to use and enough work to pay for the hand-off."""
+    return batch >= 2 and batch * n**3 >= POOL_MIN_WORK and host_threads() >= 2
+
+
+_blas_controller: Any = None
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS (OpenBLAS) limited to one thread for the block (a process-wide setting,
+    restored after; ``threadpoolctl``), so that the pool's threads do not oversubscribe."""
+    global _blas_controller
+    with _pool_lock:
+        if _blas_controller is None:
+            from threadpoolctl import ThreadpoolController
+
+            _blas_controller = ThreadpoolController()
+        controller = _blas_controller
+    with controller.limit(limits=1, user_api="blas"):
+        yield
 
 
 def cuda_streams() -> int:
@@ -264,7 +295,7 @@ def batched_eigvalsh(sym: torch.Tensor) -> torch.Tensor:
     """
     n = sym.shape[-1]
     batch = sym.numel() // (n * n) if n else 0
-    if _numpy_can(sym) and n >= NUMPY_MIN_EIG and (n > TORCH_EIG_MAX or _pooled(batch)):
+    if _numpy_can(sym) and n >= NUMPY_MIN_EIG and (n > TORCH_EIG_MAX or _pooled(batch, n)):
         return torch.from_numpy(host_eigvalsh(sym.detach().numpy()))
     if on_host(n, batch, sym.device):
         host = sym.detach().cpu()
