@@ -232,6 +232,11 @@ def test_pool_respects_the_torch_thread_budget_and_one_blas_thread() -> None:
         return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
 
     outside = blas_threads()
-    with eigen._one_blas_thread():
-        assert set(blas_threads()) == {1}
+    first, second = eigen._one_blas_thread(), eigen._one_blas_thread()
+    first.__enter__()
+    assert set(blas_threads()) == {1}
+    second.__enter__()  # a concurrent pooled solve (another thread) shares the limit ...
+    first.__exit__(None, None, None)
+    assert set(blas_threads()) == {1}  # ... which stays while that one runs
+    second.__exit__(None, None, None)
     assert blas_threads() == outside

@@ -108,21 +108,32 @@ def _pooled(batch: int, n: int) -> bool:
 
 
 _blas_controller: Any = None
+_blas_limit: Any = None  # the active one-thread limit, shared by concurrent pooled solves
+_blas_users = 0
 
 
 @contextlib.contextmanager
 def _one_blas_thread() -> Iterator[None]:
-    """numpy's BLAS (OpenBLAS) limited to one thread for the block (a process-wide setting,
-    restored after; ``threadpoolctl``), so that the pool's threads do not oversubscribe."""
-    global _blas_controller
+    """numpy's BLAS (OpenBLAS) limited to one thread for the block (``threadpoolctl``; the
+    setting is process-wide: the first of concurrent callers sets it, the last restores it), so
+    that the pool's threads do not oversubscribe the cores."""
+    global _blas_controller, _blas_limit, _blas_users
     with _pool_lock:
-        if _blas_controller is None:
-            from threadpoolctl import ThreadpoolController
+        if _blas_users == 0:
+            if _blas_controller is None:
+                from threadpoolctl import ThreadpoolController
 
-            _blas_controller = ThreadpoolController()
-        controller = _blas_controller
-    with controller.limit(limits=1, user_api="blas"):
+                _blas_controller = ThreadpoolController()
+            _blas_limit = _blas_controller.limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
         yield
+    finally:
+        with _pool_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
 
 
 def cuda_streams() -> int:
