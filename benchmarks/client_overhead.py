@@ -142,6 +142,30 @@ def no_denormals(device: torch.device) -> None:
         torch.set_flush_denormal(True)
 
 
+def setup(
+    layers: int, batch: int, seq: int, dev: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, list[torch.Tensor]]:
+    """The seeded model, its AdamW and four token batches ``(batch, seq + 1)`` on ``dev``."""
+    torch.manual_seed(0)
+    no_denormals(dev)
+    model = GPT2(layers=layers).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 50257, (batch, seq + 1), generator=gen).to(dev) for _ in range(4)]
+    return model, opt, data
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, amp: str) -> Any:
+    """One next-token step on ``x`` (forward under bf16 autocast if ``amp == "bf16"``)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that a step's wall time is the step's."""
     if device.type == "cuda":
@@ -162,13 +186,8 @@ def run_condition(
 ) -> dict[str, Any]:
     if cond == "sw_torch":  # the default sketch with the Triton kernel turned off
         os.environ["SPECTRAWATCH_TRITON"] = "0"
-    torch.manual_seed(0)
     dev = torch.device(device)
-    no_denormals(dev)
-    model = GPT2(layers=layers).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, 50257, (batch, seq + 1), generator=gen).to(dev) for _ in range(4)]
+    model, opt, data = setup(layers, batch, seq, dev)
     probe = data[0][:, :-1]
     rss_before, _ = rss_mib()
     tmp = tempfile.mkdtemp()
@@ -283,12 +302,7 @@ def run_condition(
             sync(dev)
         c0 = time.thread_time()
         t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            logits = model(x[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = train_step(model, opt, x, amp)
         if step_hook is not None:
             step_hook(step, float(loss))
         if not block:
@@ -334,13 +348,8 @@ def run_paired(
 
     import spectrawatch
 
-    torch.manual_seed(0)
     dev = torch.device(device)
-    no_denormals(dev)
-    model = GPT2(layers=layers).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, 50257, (batch, seq + 1), generator=gen).to(dev) for _ in range(4)]
+    model, opt, data = setup(layers, batch, seq, dev)
     m = spectrawatch.Monitor(transport=httpx.MockTransport(accept))
     m.init(
         project="bench",
@@ -369,12 +378,7 @@ def run_paired(
         t = time.perf_counter()
         for i in range(n):
             x = data[(first + i) % len(data)]
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                logits = model(x[:, :-1])
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, opt, x, amp)
         sync(dev)
         return (time.perf_counter() - t) / n
 
