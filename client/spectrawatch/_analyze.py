@@ -602,7 +602,7 @@ def write_csv(analysis: CheckpointAnalysis, out: TextIO) -> None:
     writer = csv.writer(out)
     writer.writerow(["layer", "shape", *(n for n, _ in FIELDS), "warning", "note", *keys])
     for r in analysis.layers:
-        fields = [_csv_value(r.values.get(k)) for _, k in FIELDS]
+        fields = ["" if (v := _field(r, n, k)) is None else repr(v) for n, k in FIELDS]
         vals = [_csv_value(r.values.get(k)) for k in keys]
         shape = "x".join(map(str, r.shape))
         writer.writerow([r.layer, shape, *fields, r.warning, r.note, *vals])

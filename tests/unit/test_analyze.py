@@ -330,6 +330,8 @@ def test_format_json_and_csv_follow_the_issue_contract(
     dense = next(r for r in table if r["layer"] == "encoder.dense.weight")
     assert float(dense["alpha"]) == analysis.layer("encoder.dense.weight").values[ALPHA]
     assert dense["farms_alpha"] == ""
+    dense_json = next(r for r in rows if r["layer"] == "encoder.dense.weight")
+    assert dense["num_spikes"] == str(dense_json["num_spikes"])  # an integer, as in JSON
 
 
 def test_odd_tensors_become_notes_not_crashes(
