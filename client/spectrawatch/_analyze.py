@@ -602,13 +602,18 @@ def write_csv(analysis: CheckpointAnalysis, out: TextIO) -> None:
     writer = csv.writer(out)
     writer.writerow(["layer", "shape", *(n for n, _ in FIELDS), "warning", "note", *keys])
     for r in analysis.layers:
-        fields = ["" if (v := _field(r, n, k)) is None else repr(v) for n, k in FIELDS]
+        fields = [_csv_value(_field(r, n, k)) for n, k in FIELDS]  # as the JSON's values
         vals = [_csv_value(r.values.get(k)) for k in keys]
         shape = "x".join(map(str, r.shape))
         writer.writerow([r.layer, shape, *fields, r.warning, r.note, *vals])
 
 
-def _csv_value(v: float | None) -> str:
+def _count(n: int, noun: str) -> str:
+    """``"1 layer"``, ``"2 layers"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _csv_value(v: float | int | None) -> str:
     return "" if v is None else repr(v)
 
 
@@ -883,8 +888,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         warned = sum(1 for r in analysis.layers if r.warning)
         failed = sum(1 for r in analysis.layers if r.note.startswith("not analysed"))
         summary = (
-            f"\n{len(analysis.layers)} layers analysed on {analysis.device}, {warned} with "
-            f"warnings, {analysis.ignored} other tensors ignored"
+            f"\n{_count(len(analysis.layers), 'layer')} analysed on {analysis.device}, "
+            f"{warned} with warnings, {_count(analysis.ignored, 'other tensor')} ignored"
             + (f", {failed} not analysed (see their notes)" if failed else "")
         )
     if args.format != "table" or args.output or not args.quiet:

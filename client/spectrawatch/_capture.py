@@ -145,6 +145,7 @@ class Capture:
         self.loss_fn = loss_fn
         self.sample_batch = sample_batch
         self.step = start_step
+        self._stepped = False  # whether on_step ran (an explicit first step may be any number)
         self.spec = SketchSpec(settings.dim, settings.sketch_seed)
         self.layers: list[tuple[str, nn.Parameter]] = []
         # per layer: (global flat offset of the local shard, its numel, whether it is summed)
@@ -372,7 +373,16 @@ class Capture:
         if self._forked:
             return
         try:
+            if step is not None and self._stepped and int(step) <= self.step:
+                # as a late log(step=...): ignored, so that frames' steps keep increasing
+                self.stats.incr("steps_not_increasing")
+                self.errors.note(
+                    "step order",
+                    f"step({int(step)}) after step {self.step} ignored: steps must increase",
+                )
+                return
             self.step = self.step + 1 if step is None else int(step)
+            self._stepped = True
             n = self.step
             s = self.s
             due_update = s.update_every > 0 and n % s.update_every == 0

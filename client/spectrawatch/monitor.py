@@ -294,7 +294,10 @@ class Monitor:
         return max(0, last)
 
     def step(self, step: int | None = None) -> None:
-        """Signal an optimizer step for models attached without an optimizer."""
+        """Signal an optimizer step for models attached without an optimizer (call it after
+        each one; ``step`` defaults to the previous one + 1). A ``step`` not above the previous
+        one is ignored (counted as ``steps_not_increasing``, logged once), like a late
+        :meth:`log`. The first update row is the change between the first two calls."""
         if not self._active or (self._noop and not self._participant):
             return
         for c in self._captures:

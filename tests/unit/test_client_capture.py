@@ -331,6 +331,26 @@ def test_no_optimizer_mode_uses_explicit_steps() -> None:
     assert frame.info["update"] == "since_previous_row"
 
 
+def test_explicit_steps_that_do_not_increase_are_ignored() -> None:
+    """As a late ``log(step=...)``: a frame's rows keep increasing steps, no row twice; a first
+    explicit step may be 0."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, stats = make_capture(model, None, sink)
+    gen = torch.Generator().manual_seed(1)
+    for s in (0, 1, 2, 10, 5, 6, 11, 11, 12):
+        model(torch.randn(4, 6, generator=gen)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        cap.on_step(s)
+    cap.finish()
+    steps = [n for f in sink.of(wire.FrameKind.UPDATE_SKETCH) for n in f.info["steps"]]
+    assert steps == [1, 2, 10, 11, 12]
+    assert stats.get("steps_not_increasing") == 3
+    assert stats.get("errors") == 0
+
+
 def test_compiled_and_wrapped_models_keep_plain_names() -> None:
     model = mlp()
     compiled = torch.compile(model, backend="eager")
