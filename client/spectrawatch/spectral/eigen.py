@@ -236,30 +236,26 @@ def gram(stack: torch.Tensor) -> torch.Tensor:
     """Gram matrices of a stack ``(..., rows, cols)`` on its smaller side: ``W^T W`` if
     ``rows >= cols`` else ``W W^T``, in ``stack``'s dtype and on its device."""
     rows, cols = stack.shape[-2:]
-    if _numpy_can(stack):
+    if _numpy_can(stack) and stack.ndim == 2:
         a = stack.detach().numpy()
-        if a.ndim == 2:
-            return torch.from_numpy(a.T @ a if rows >= cols else a @ a.T)
-        # one 2-D product per matrix: numpy's batched matmul does not take the syrk route
-        # (3,969 FARMS windows of 100 x 100: 0.30 vs 0.46 s on one core)
-        flat = a.reshape(-1, rows, cols)
+        return torch.from_numpy(a.T @ a if rows >= cols else a @ a.T)
+    if _numpy_can(stack) and stack.numel():
         m = min(rows, cols)
-        out = np.empty((len(flat), m, m), dtype=a.dtype)
-        for i, x in enumerate(flat):
-            left, right = (x.T, x) if rows >= cols else (x, x.T)
-            np.matmul(left, right, out=out[i])
-        return torch.from_numpy(out.reshape(*a.shape[:-2], m, m))
+        out = grams(stack.detach().reshape(-1, rows, cols).unbind(0), stack.dtype)
+        return out.reshape(*stack.shape[:-2], m, m)
     return stack.mT @ stack if rows >= cols else stack @ stack.mT
 
 
 def grams(mats: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Gram matrices on the smaller side of equal-shape CPU matrices ``(B, m, m)`` in ``dtype``.
 
-    Each matrix is converted through one reused buffer (none where it already is a contiguous
-    ``dtype`` array) and multiplied into the result: no stacked ``(B, rows, cols)`` copy (up to
-    128 MB per chunk of :func:`~spectrawatch.spectral.htsr.eigenvalues`), whose fresh pages cost
-    more than the conversion (GPT-2's HT-SR + FARMS on one core, three A/B pairs: best of 3
-    5.09-5.51 vs 5.30-5.64 s).
+    One 2-D product per matrix: numpy's batched matmul does not take the ``syrk`` route (3,969
+    FARMS windows of 100 x 100: 0.30 vs 0.46 s on one core). Each matrix is converted through
+    one reused buffer (none where it already is a contiguous ``dtype`` array) and multiplied
+    into the result: no stacked ``(B, rows, cols)`` copy (up to 128 MB per chunk of
+    :func:`~spectrawatch.spectral.htsr.eigenvalues`), whose fresh pages cost more than the
+    conversion (GPT-2's HT-SR + FARMS on one core, three A/B pairs: best of 3 5.09-5.51 vs
+    5.30-5.64 s). :func:`gram` of a CPU stack uses it too.
     """
     rows, cols = mats[0].shape
     m = min(rows, cols)
