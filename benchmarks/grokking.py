@@ -11,8 +11,10 @@ Two regimes (CPU, one torch thread per run):
 Every ``--eval-every`` (100) steps a run records val/train accuracy and loss (scoring only), the
 commutator defect (K = 5 pairs of training mini-batches of 512), the total weight norm, per-matrix
 effective ranks and a float64 count-sketch of θ (d = 200, for checkpoint-interval SED); every step
-it records the count-sketch of Δθ (d = 640, per-step SED). A run stops ``--after`` (300) steps
-after val_acc first reaches 0.9, else at ``--steps`` (the control horizon).
+it records the count-sketch of Δθ (d = 640, per-step SED). Runs since session 12 also record the
+HT-SR metrics of every weight matrix (``HTSR_KEYS``, plain and FARMS, ``htsr.analyze_weights``).
+A run stops ``--after`` (300) steps after val_acc first reaches 0.9, else at ``--steps`` (the
+control horizon).
 
 Sub-commands::
 
@@ -53,7 +55,8 @@ from torch import nn
 from spectrawatch.grokking_demo import ModAddTransformer, make_data
 from spectrawatch.sketch import count_sketch, hash_coordinates
 from spectrawatch.spectral import grokking as gk
-from spectrawatch.spectral import sed
+from spectrawatch.spectral import htsr, sed
+from spectrawatch.spectral.farms import FarmsConfig
 
 Op = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 OPS: dict[str, Op] = {
@@ -66,6 +69,20 @@ OPS: dict[str, Op] = {
 GROK_OPS = ("add", "sub", "sq")
 OP_LABEL = {"add": "a+b", "sub": "a-b", "sq": "a²+b²", "cube": "a³+ab", "quad": "a²+ab+b²"}
 UPD_DIM = 640  # per-step Δθ sketch width (= 20·W at W = 32)
+# HT-SR metrics recorded per weight matrix at every evaluation (session 12), plain and FARMS
+HTSR_KEYS = (
+    htsr.ALPHA,
+    htsr.ALPHA_HILL,
+    htsr.ALPHA_WEIGHTED,
+    htsr.STABLE_RANK,
+    htsr.LOG_SPECTRAL_NORM,
+    htsr.LOG_NORM,
+    htsr.ENTROPY,
+    htsr.MP_SOFTRANK,
+    htsr.NUM_SPIKES,
+    htsr.farms_key(htsr.ALPHA),
+    htsr.farms_key(htsr.ALPHA_HILL),
+)
 THETA_DIM = 200  # θ sketch width for checkpoint-interval SED (W = 10: 20·W)
 
 
@@ -195,7 +212,17 @@ def train_run(
     def flat() -> torch.Tensor:
         return torch.cat([q.detach().reshape(-1) for q in params])
 
-    keys = ("eval_step", "val_acc", "val_loss", "train_acc", "defect", "wnorm", "erank", "theta_sk")
+    keys = (
+        "eval_step",
+        "val_acc",
+        "val_loss",
+        "train_acc",
+        "defect",
+        "wnorm",
+        "erank",
+        "theta_sk",
+        "htsr",
+    )
     rec: dict[str, list[Any]] = {k: [] for k in keys}
     upd = np.zeros((spec.steps, UPD_DIM), dtype=np.float32)
     ckpt = out.with_suffix(".ckpt.pt")
@@ -223,6 +250,7 @@ def train_run(
             upd=upd[:n],
             n_params=n_par,
             mats=np.array([m for m, _ in mats]),
+            htsr_keys=np.array(HTSR_KEYS),
             config=np.array(repr(asdict(spec))),
             device=np.array(device),
             done=int(done),
@@ -265,6 +293,7 @@ def train_run(
             rec["defect"].append(gk.median_commutator_defect(model, loss_fn, sample_batch, pairs=5))
             rec["wnorm"].append(float(th.double().norm()))
             rec["erank"].append([gk.effective_rank(q) for _, q in mats])
+            rec["htsr"].append(htsr_rows(mats))
             rec["theta_sk"].append(
                 count_sketch(th, b_th, s_th, THETA_DIM, torch.float64).cpu().numpy()
             )
@@ -302,6 +331,16 @@ def train_run(
     save(last, True)
     ckpt.unlink(missing_ok=True)
     print(f"saved {out}: {last} steps, val>=0.9 at {grok_at}, {time.time() - t0:.0f}s", flush=True)
+
+
+def htsr_rows(mats: list[tuple[str, torch.Tensor]]) -> np.ndarray:
+    """``(len(mats), len(HTSR_KEYS))`` HT-SR metrics (NaN where a matrix is skipped)."""
+    report = htsr.analyze_weights({n: q.detach() for n, q in mats}, farms=FarmsConfig())
+    by_layer = {r.layer: r.values() for r in report.layers}
+    return np.array(
+        [[by_layer.get(n, {}).get(k, math.nan) for k in HTSR_KEYS] for n, _ in mats],
+        dtype=np.float64,
+    )
 
 
 def is_done(path: Path) -> bool:
@@ -416,6 +455,20 @@ def _causal_collapse(series: list[tuple[int, float]]) -> int | None:
     return None
 
 
+def _alpha_series(z: Any, steps: list[int]) -> dict[str, list[tuple[int, float]]] | None:
+    """Per-matrix HT-SR alpha series, as the server's detector reads them (every matrix the HT-SR
+    analysis fits; runs recorded before session 12 have none)."""
+    if "htsr" not in z.files:
+        return None
+    col = [str(k) for k in z["htsr_keys"]].index(htsr.ALPHA)
+    values = np.asarray(z["htsr"])[:, :, col]
+    return {
+        str(n): [(s, float(v)) for s, v in zip(steps, values[:, i], strict=True) if np.isfinite(v)]
+        for i, n in enumerate(z["mats"])
+        if np.isfinite(values[:, i]).any()
+    }
+
+
 def run_series(z: Any, per_step: bool = True) -> dict[str, Any]:
     """Detector inputs recorded in a run (training-side only) plus SED series and rules."""
     steps = [int(s) for s in z["eval_step"]]
@@ -445,6 +498,7 @@ def run_series(z: Any, per_step: bool = True) -> dict[str, Any]:
         "sed_collapse_step": _causal_collapse([(s, v) for s, v, _ in interval]),
         "paper_sed": paper_rule,
         "collapse32": None,
+        "alpha": _alpha_series(z, steps),
     }
     upd = torch.from_numpy(np.asarray(z["upd"]))
     if per_step and len(upd) >= 32:
@@ -530,6 +584,8 @@ RULES = (
     "head_h2",
     "slingshot",
     "posthoc",
+    "alpha2",
+    "detector_alpha",
 )
 RULE_LABEL = {
     "detector": "detector (defect + norm + rank), default (defect 4 sd)",
@@ -545,6 +601,8 @@ RULE_LABEL = {
     "head_h2": "post-hoc: late head-rank re-acceleration (H2)",
     "slingshot": "post-hoc: train-accuracy slingshot (S)",
     "posthoc": "post-hoc: H1 or H2 or S",
+    "alpha2": "HT-SR: median layer alpha <= 2 (2 evaluations)",
+    "detector_alpha": "detector with the HT-SR alpha evidence counted",
 }
 
 
@@ -562,6 +620,10 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
         config=cfg,
     )
     pre = gk.detect_grokking(**inputs, config=dataclasses.replace(cfg, defect_sigma=3.0))
+    alpha = s["alpha"]
+    with_alpha = gk.detect_grokking(
+        **inputs, alpha=alpha, config=dataclasses.replace(cfg, alpha_counts=True)
+    )
     warn = {
         "detector": full.step,
         "detector_s3": pre.step,
@@ -573,6 +635,10 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
         "sed_paper": s["paper_sed"],
         "sed_step32": s["collapse32"],
         **posthoc_rules(z),
+        "alpha2": gk.alpha_floor(alpha, floor=cfg.alpha_floor, sustain=cfg.alpha_sustain)
+        if alpha
+        else None,
+        "detector_alpha": with_alpha.step if alpha else None,
     }
     done = bool(int(z["done"]))
     last = int(z["eval_step"][-1])

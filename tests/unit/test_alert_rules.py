@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from spectrawatch.spectral import grokking
 from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.alerts.engine import AlertEngine
 from spectrawatch_server.analyses.registry import MODEL_LAYER
@@ -186,6 +187,7 @@ def add_frame(
     seq: int,
     metrics: dict[str, float],
     nonfinite: dict[str, int] | None = None,
+    layer: str = "fc.weight",
 ) -> Frame:
     frame = Frame(
         run_id=run.id,
@@ -200,7 +202,7 @@ def add_frame(
         status="done",
     )
     repo.insert_frame(session, frame)
-    rows = [repo.MetricRow("fc.weight", name, frame.step, v) for name, v in metrics.items()]
+    rows = [repo.MetricRow(layer, name, frame.step, v) for name, v in metrics.items()]
     repo.replace_results(session, run.id, frame.id, frame.step, "test", rows, [])
     return frame
 
@@ -472,6 +474,37 @@ def test_engine_growth_episode_stays_open_while_grown(sessions: sessionmaker[Ses
     assert history[:4] == [None] * 4
     assert history[4:-1] == ["open"] * 14
     assert history[-1] == "resolved"
+
+
+def test_grokking_alert_quotes_the_detector_evidence(sessions: sessionmaker[Session]) -> None:
+    """The detector stores, beside ``grok.imminent``, the step each piece of evidence appeared;
+    the alert (and its webhook payload) carries them and its message names them in order."""
+    engine = AlertEngine()
+    frames = [
+        {grokking.IMMINENT: 0.0, "grok.evidence.norm_turn": 2300.0},
+        {
+            grokking.IMMINENT: 1.0,
+            "grok.evidence.norm_turn": 2300.0,
+            "grok.evidence.defect": 3300.0,
+            "grok.evidence.alpha_floor": 2200.0,
+        },
+    ]
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "grok")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        session.add(Webhook(project_id=project.id, url="https://h.example/", secret="whsec_x"))
+        for seq, metrics in enumerate(frames, start=33):
+            engine.evaluate(session, add_frame(session, run, seq, metrics, layer="__model__"))
+        (alert,) = alert_store.list_alerts(session, run_id=run.id)
+        assert (alert.rule, alert.layer, alert.step) == ("grokking_imminent", "__model__", 3400)
+        assert alert.values["evidence"] == {"alpha_floor": 2200, "defect": 3300, "norm_turn": 2300}
+        assert alert.message == (
+            "grokking_imminent: grok.imminent = 1 in __model__ (fires > 0.5); evidence: "
+            "median HT-SR alpha <= 2 at step 2200, weight-norm turnaround at step 2300, "
+            "commutator defect above its baseline at step 3300"
+        )
+        (delivery,) = session.query(Delivery).all()
+        assert delivery.payload["data"]["values"]["evidence"]["defect"] == 3300
 
 
 def test_threshold_messages_name_the_series_and_round() -> None:

@@ -208,3 +208,35 @@ def test_detector_default_defect_threshold_ignores_a_slow_creep() -> None:
     assert gk.detect_grokking(defect=creep, weight_norm=norm).step is None
     papers = gk.DetectorConfig(defect_sigma=3.0)
     assert gk.detect_grokking(defect=creep, weight_norm=norm, config=papers).step == 2500
+
+
+def test_alpha_floor_reads_the_median_over_matrices() -> None:
+    steps = _steps(8)
+    alpha = {
+        "a": list(zip(steps, [4.0, 3.0, 2.5, 1.9, 1.8, 2.1, 1.7, 1.6], strict=True)),
+        "b": list(zip(steps, [5.0, 4.0, 3.0, 1.9, 2.2, 1.9, 1.9, 1.8], strict=True)),
+        "c": list(zip(steps, [6.0, 5.0, 4.0, 3.0, 1.5, 1.5, 1.5, 1.5], strict=True)),
+    }
+    # medians: 5, 4, 3, 1.9, 1.8, 1.9, 1.7, 1.6 -> at or below 2 from step 300
+    assert [v for _, v in gk.median_series(alpha)] == [5.0, 4.0, 3.0, 1.9, 1.8, 1.9, 1.7, 1.6]
+    assert gk.alpha_floor(alpha) == 400  # two evaluations in a row: 300 and 400
+    assert gk.alpha_floor(alpha, sustain=1) == 300
+    assert gk.alpha_floor(alpha, sustain=3) == 500
+    assert gk.alpha_floor(alpha, floor=1.5) is None
+    # a matrix without a value at a step (a failed fit) leaves the median to the others
+    gappy = {"a": alpha["a"][:3], "b": alpha["b"], "c": [(s, float("nan")) for s in steps]}
+    assert gk.median_series(gappy)[3] == (300, 1.9)
+
+
+def test_alpha_evidence_counts_only_when_configured() -> None:
+    steps = _steps(30)
+    norm = [(s, 100.0 - s / 40 if s <= 2400 else 40.0 + (s - 2400) / 20) for s in steps]
+    alpha = {"w": [(s, 4.0 if s < 1500 else 1.8) for s in steps]}
+    w = gk.detect_grokking(weight_norm=norm, alpha=alpha)
+    assert w.evidence.alpha_floor == 1600
+    assert "alpha" in w.available
+    assert w.step is None  # reported, not counted: the norm turnaround alone does not fire
+    counted = gk.detect_grokking(
+        weight_norm=norm, alpha=alpha, config=gk.DetectorConfig(alpha_counts=True)
+    )
+    assert counted.step == 2500  # the second piece: the norm turnaround at 2,500

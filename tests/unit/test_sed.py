@@ -456,9 +456,24 @@ def test_grokking_score_uses_training_series_only() -> None:
     ctx.series[(FROBENIUS_NORM, "w")] = [
         (s, 100.0 - s / 20 if s <= 1300 else 35.0 + (s - 1300) / 50) for s in range(0, 2000, 100)
     ]
+    # HT-SR alpha of the weights frames: at or below 2 from 1200 (reported, not counted)
+    ctx.series[(grokking.HTSR_ALPHA, "w")] = [
+        (s, 3.0 if s < 1200 else 1.9) for s in range(0, 2000, 100)
+    ]
     fired = spectral_edge_dynamics(frame, ctx)
     assert _values(fired, grokking.IMMINENT, MODEL_LAYER) == {2009: 1.0}
     assert _values(fired, grokking.WARNING_SCORE, MODEL_LAYER)[2009] == pytest.approx(1.0)
+    evidence = {
+        m.name.removeprefix(grokking.EVIDENCE_PREFIX): (m.step, m.value)
+        for m in fired.metrics
+        if m.name.startswith(grokking.EVIDENCE_PREFIX)
+    }
+    assert evidence == {
+        "defect": (2009, 1500.0),
+        "norm_turn": (2009, 1400.0),
+        "alpha_floor": (2009, 1300.0),
+    }
+    assert not [m for m in quiet.metrics if m.name.startswith(grokking.EVIDENCE_PREFIX)]
     assert "val_acc" not in ctx.scalars_read
 
 

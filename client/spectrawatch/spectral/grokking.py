@@ -22,7 +22,7 @@ import random
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -34,6 +34,15 @@ COMMUTATOR_DEFECT = "grok.commutator_defect"  # median D over K pairs (dimension
 WARNING_SCORE = "grok.warning_score"  # fraction of evidence present, in [0, 1]
 IMMINENT = "grok.imminent"  # 1.0 from the step the detector fires on
 EFFECTIVE_RANK = "grok.effective_rank"  # exp(H) of a weight matrix (detector input)
+HTSR_ALPHA = "htsr.alpha"  # per-layer power-law exponent of the weights frame (detector input)
+EVIDENCE_PREFIX = "grok.evidence."  # + Evidence field: the step the piece of evidence appeared
+EVIDENCE_LABELS = {  # Evidence field -> what a person reads in an alert
+    "defect": "commutator defect above its baseline",
+    "norm_turn": "weight-norm turnaround",
+    "rank_turn": "effective-rank turnaround",
+    "sed_collapse": "SED gap collapse",
+    "alpha_floor": "median HT-SR alpha <= 2",
+}
 
 B = TypeVar("B")
 
@@ -187,6 +196,11 @@ class DetectorConfig:
     norm: total weight norm has fallen by ``norm_drop`` (fraction of its running maximum) and
     then risen ``norm_rise`` (fraction) above its running minimum.
     rank: median relative rise of per-matrix effective rank above its running minimum.
+    alpha (HT-SR, where weight frames carry it): the median over matrices of the power-law
+    exponent alpha has been <= ``alpha_floor`` (2, HT-SR's boundary of well-trained layers)
+    for ``alpha_sustain`` evaluations in a row. It is reported in :class:`Evidence` but counts
+    towards firing only with ``alpha_counts``: on the evaluation runs it reached 2 on grokking
+    and non-grokking runs alike (``benchmarks/results/grokking.md``, session 12).
     """
 
     defect_baseline: int = 10
@@ -196,6 +210,9 @@ class DetectorConfig:
     norm_rise: float = 0.02
     rank_rise: float = 0.1
     rank_drop: float = 0.2
+    alpha_floor: float = 2.0
+    alpha_sustain: int = 2
+    alpha_counts: bool = False
     require: int = 2
 
 
@@ -207,6 +224,11 @@ class Evidence:
     norm_turn: int | None
     rank_turn: int | None
     sed_collapse: int | None
+    alpha_floor: int | None = None
+
+    def steps(self) -> dict[str, int]:
+        """``{piece: step}`` of the evidence present (field names: ``defect``, ``norm_turn``...)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -285,12 +307,37 @@ def rank_turnaround(
     return fallen[(eligible + 1) // 2 - 1]
 
 
+def median_series(series_by_matrix: Mapping[str, Series]) -> list[tuple[int, float]]:
+    """Per step, the median over the matrices that have a finite value at that step."""
+    by_step: dict[int, list[float]] = {}
+    for series in series_by_matrix.values():
+        for step, value in series:
+            if math.isfinite(value):
+                by_step.setdefault(step, []).append(value)
+    return [(s, float(statistics.median(v))) for s, v in sorted(by_step.items())]
+
+
+def alpha_floor(
+    series_by_matrix: Mapping[str, Series], *, floor: float = 2.0, sustain: int = 2
+) -> int | None:
+    """First step ending ``sustain`` evaluations in a row at which the median HT-SR alpha over
+    matrices is <= ``floor`` (HT-SR: alpha ~ 2 marks well-trained layers; Prakash & Martin,
+    arXiv 2506.04434, saw the layer alphas fall towards 2 as an MLP grokked)."""
+    run = 0
+    for step, value in median_series(series_by_matrix):
+        run = run + 1 if value <= floor else 0
+        if run >= max(1, sustain):
+            return step
+    return None
+
+
 def detect_grokking(
     *,
     defect: Series | None = None,
     weight_norm: Series | None = None,
     effective_rank: Mapping[str, Series] | None = None,
     sed_collapse_step: int | None = None,
+    alpha: Mapping[str, Series] | None = None,
     config: DetectorConfig | None = None,
 ) -> GrokWarning:
     """Combine the evidence into a warning; fires at the first step where at least
@@ -298,7 +345,9 @@ def detect_grokking(
     turnaround and the SED collapse each fired alone on a non-grokking run).
 
     Series are ``(step, value)`` sorted by step; any may be absent. ``sed_collapse_step`` is the
-    first step at which the (causally computed) SED gap series entered its collapse phase. The
+    first step at which the (causally computed) SED gap series entered its collapse phase;
+    ``alpha`` holds per-matrix HT-SR alpha series (see :class:`DetectorConfig` for whether
+    they count). The
     score at a step is the fraction of the required
     evidence present by then (1.0 from the firing step on).
     """
@@ -316,6 +365,9 @@ def detect_grokking(
         if effective_rank
         else None,
         sed_collapse=sed_collapse_step,
+        alpha_floor=alpha_floor(alpha, floor=cfg.alpha_floor, sustain=cfg.alpha_sustain)
+        if alpha
+        else None,
     )
     available = tuple(
         name
@@ -324,13 +376,17 @@ def detect_grokking(
             ("norm", bool(weight_norm)),
             ("rank", bool(effective_rank)),
             ("sed", sed_collapse_step is not None),
+            ("alpha", bool(alpha)),
         )
         if present
     )
     steps = sorted(
         {s for series in _all_series(defect, weight_norm, effective_rank) for s, _ in series}
     )
-    times = [t for t in (ev.defect, ev.norm_turn, ev.rank_turn, ev.sed_collapse) if t is not None]
+    counted = [ev.defect, ev.norm_turn, ev.rank_turn, ev.sed_collapse]
+    if cfg.alpha_counts:
+        counted.append(ev.alpha_floor)
+    times = [t for t in counted if t is not None]
     need = max(1, cfg.require)
     score = tuple((s, min(1.0, sum(t <= s for t in times) / need)) for s in steps)
     fired = sorted(times)[need - 1] if len(times) >= need else None
@@ -368,12 +424,16 @@ def effective_rank_of(s: torch.Tensor) -> float:
 __all__ = [
     "COMMUTATOR_DEFECT",
     "EFFECTIVE_RANK",
+    "EVIDENCE_LABELS",
+    "EVIDENCE_PREFIX",
+    "HTSR_ALPHA",
     "IMMINENT",
     "WARNING_SCORE",
     "DefectSample",
     "DetectorConfig",
     "Evidence",
     "GrokWarning",
+    "alpha_floor",
     "commutator_defect",
     "defect_alarm",
     "defect_spike",
@@ -381,6 +441,7 @@ __all__ = [
     "effective_rank",
     "effective_rank_of",
     "median_commutator_defect",
+    "median_series",
     "norm_turnaround",
     "preserved_rng",
     "rank_turnaround",

@@ -122,15 +122,17 @@ class AlertEngine:
                 fired = [d for d in decisions if d[0] is R.Transition.OPEN]
                 if fired:
                     _, name, tail = fired[0]
-                    self._open(
-                        session,
-                        rule,
-                        run,
-                        project,
-                        layer,
-                        tail[-1][0],
-                        self._metric_values(rule, name, tail),
-                    )
+                    opened = self._metric_values(rule, name, tail)
+                    source = R.evidence_sources().get(name)
+                    if source is not None:  # what the metric's value rests on
+                        prefix = source[0]
+                        at = alert_store.metrics_at(session, run.id, layer, prefix, tail[-1][0])
+                        opened["evidence"] = {
+                            k.removeprefix(prefix): int(v) if float(v).is_integer() else v
+                            for k, v in sorted(at.items())
+                            if math.isfinite(v)
+                        }
+                    self._open(session, rule, run, project, layer, tail[-1][0], opened)
             elif all(d[0] is R.Transition.RESOLVE for d in decisions):
                 step = max(d[2][-1][0] for d in decisions)
                 self._resolve(session, open_now[(rule.name, layer)], run, project, step)

@@ -136,6 +136,32 @@ def _key(module: str, constant: str, fallback: str) -> str:
 
 
 @lru_cache(maxsize=1)
+def evidence_sources() -> dict[str, tuple[str, dict[str, str]]]:
+    """Metric -> (prefix of the metrics that explain it, {suffix: label}): an alert on the
+    grokking detector's ``grok.imminent`` quotes the evidence it fired on."""
+    try:
+        labels = importlib.import_module("spectrawatch.spectral.grokking").EVIDENCE_LABELS
+    except (ImportError, AttributeError):
+        labels = {}
+    return {
+        _key("grokking", "IMMINENT", "grok.imminent"): (
+            _key("grokking", "EVIDENCE_PREFIX", "grok.evidence."),
+            dict(labels) if isinstance(labels, Mapping) else {},
+        )
+    }
+
+
+def describe_evidence(evidence: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+    """``"evidence: weight-norm turnaround at step 1400, ..."`` in step order."""
+    parts = sorted(
+        (int(at), labels.get(piece, piece))
+        for piece, at in evidence.items()
+        if isinstance(at, int | float) and math.isfinite(at)
+    )
+    return "evidence: " + ", ".join(f"{label} at step {at}" for at, label in parts)
+
+
+@lru_cache(maxsize=1)
 def default_rules() -> tuple[RuleSpec, ...]:
     """The rules every project has, on by default (DESIGN §7, issue 8)."""
     alpha = _key("htsr", "ALPHA", "htsr.alpha")
@@ -149,7 +175,8 @@ def default_rules() -> tuple[RuleSpec, ...]:
             above=0.5,
             expires_with_run=True,
             severity="info",
-            description="the grokking early-warning detector fired (SED, defect, norm, rank)",
+            description="the grokking early-warning detector fired (defect, weight norm, "
+            "effective rank, SED); the alert quotes each piece of evidence and its step",
         ),
         RuleSpec(
             "alpha_out_of_range",
@@ -550,7 +577,12 @@ def describe(rule: RuleSpec, layer: str, values: Mapping[str, Any]) -> str:
         value = values.get("value")
         shown_value = f"{value:.4g}" if isinstance(value, float) else str(value)
         metric = values.get("metric") or rule.metric  # the windowed name, e.g. sed.phase.w32
-        return f"{rule.name}: {metric} = {shown_value}{where} (fires {bounds})"
+        line = f"{rule.name}: {metric} = {shown_value}{where} (fires {bounds})"
+        evidence = values.get("evidence")
+        if isinstance(evidence, Mapping) and evidence:
+            source = evidence_sources().get(str(metric))
+            line += "; " + describe_evidence(evidence, source[1] if source else {})
+        return line
     if rule.kind == "growth":
         ratio = values.get("ratio")
         shown = f"{ratio:.3g}" if isinstance(ratio, float) else "?"

@@ -284,14 +284,14 @@ def _grokking_metrics(
 ) -> list[MetricValue]:
     matrices = [layer for layer in layers if layer != MODEL_LAYER]
     defect = context.scalar_series(grokking.COMMUTATOR_DEFECT, DETECTOR_HISTORY)
-    ranks = context.metric_tails(
-        {(grokking.EFFECTIVE_RANK, layer): DETECTOR_HISTORY for layer in matrices}
+    per_matrix = (grokking.EFFECTIVE_RANK, grokking.HTSR_ALPHA)
+    tails = context.metric_tails(
+        {(name, layer): DETECTOR_HISTORY for name in per_matrix for layer in matrices}
     )
-    rank = {
-        layer: series
-        for layer in matrices
-        if (series := ranks.get((grokking.EFFECTIVE_RANK, layer)))
-    }
+    rank, alpha = (
+        {layer: series for layer in matrices if (series := tails.get((name, layer)))}
+        for name in per_matrix
+    )
     gap_key = sed.interval_key(sed.GAP_RATIO)
     gap = dict(context.metric_series(gap_key, MODEL_LAYER, PHASE_HISTORY))
     gap.update(
@@ -313,10 +313,11 @@ def _grokking_metrics(
         weight_norm=_total_norm(context, matrices) or None,
         effective_rank=rank or None,
         sed_collapse_step=collapse,
+        alpha=alpha or None,
     )
     last = _steps(frame)[-1]
     score = [v for s, v in warning.score if s <= last]
-    return [
+    out = [
         MetricValue(MODEL_LAYER, grokking.WARNING_SCORE, score[-1] if score else 0.0, step=last),
         MetricValue(
             MODEL_LAYER,
@@ -325,6 +326,14 @@ def _grokking_metrics(
             step=last,
         ),
     ]
+    # the evidence behind the score (the grokking_imminent alert quotes it): per piece present,
+    # the step at which it appeared
+    out.extend(
+        MetricValue(MODEL_LAYER, grokking.EVIDENCE_PREFIX + piece, float(at), step=last)
+        for piece, at in warning.evidence.steps().items()
+        if at <= last
+    )
+    return out
 
 
 @register("grok_rank", [FrameKind.WEIGHTS])
