@@ -279,6 +279,17 @@ def checkpoint_files(path: Path) -> list[Path]:
     return shards
 
 
+def shadowed_files(path: Path) -> list[Path]:
+    """PyTorch weight files of a directory that :func:`checkpoint_files` passes over because
+    ``*.safetensors`` shards are present (empty for a file or a directory without both)."""
+    if not path.is_dir():
+        return []
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    if not any(p.suffix.lower() == SAFETENSORS_SUFFIX for p in files):
+        return []
+    return [p for p in files if p.suffix.lower() in TORCH_SUFFIXES]
+
+
 def checkpoint_tensors(path: str | Path) -> list[TensorRef]:
     """Every tensor of a checkpoint (shards merged, in file then checkpoint order), unread;
     a name found in two shards is an error."""
@@ -860,6 +871,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     inputs = [args.path] if args.path is not None else list(args.compare)
     for path in inputs:  # a missing second checkpoint is reported before the first is analysed
         checkpoint_files(Path(path))
+        if passed_over := shadowed_files(Path(path)):
+            print(
+                f"note: {path}: reading its .safetensors shards; "
+                f"{_count(len(passed_over), 'PyTorch file')} beside them not read "
+                f"({', '.join(p.name for p in passed_over[:3])}"
+                f"{', ...' if len(passed_over) > 3 else ''}), as transformers does",
+                file=sys.stderr,
+            )
     farms = FARMS_CV if args.farms else None
     opts: dict[str, Any] = {"device": args.device, "farms": farms, "progress": not args.quiet}
     if args.layers:

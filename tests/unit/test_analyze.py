@@ -238,6 +238,26 @@ def test_truncated_and_conflicting_shards_fail_clearly(tmp_path: Path) -> None:
         an.checkpoint_tensors(shards)
 
 
+def test_pytorch_files_beside_safetensors_shards_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder with both formats is read from its safetensors shards (as transformers does);
+    the PyTorch files passed over are named on stderr, not skipped silently."""
+    folder = tmp_path / "both"
+    folder.mkdir()
+    save_file({"w": torch.randn(64, 32)}, str(folder / "model.safetensors"))
+    torch.save({"w": torch.randn(64, 32)}, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text("{}")
+    assert an.shadowed_files(folder) == [folder / "pytorch_model.bin"]
+    assert an.shadowed_files(folder / "model.safetensors") == []
+    assert main(["analyze", str(folder), "-q", "--no-farms", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "1 PyTorch file beside them not read (pytorch_model.bin)" in captured.err
+    assert [r["layer"] for r in json.loads(captured.out)] == ["w"]
+    (folder / "pytorch_model.bin").unlink()
+    assert an.shadowed_files(folder) == []
+
+
 def test_checkpoints_without_weights_fail_clearly(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(an.AnalyzeError, match="no weight files"):
