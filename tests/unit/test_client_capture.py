@@ -352,6 +352,12 @@ def test_explicit_steps_that_do_not_increase_are_ignored() -> None:
 
 
 def test_compiled_and_wrapped_models_keep_plain_names() -> None:
+    """A ``torch.compile`` model: plain parameter names, and the monitor's captures (activation
+    probes every 2 steps included) cause no graph break and no recompilation of its forward."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     model = mlp()
     compiled = torch.compile(model, backend="eager")
     opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
@@ -367,6 +373,8 @@ def test_compiled_and_wrapped_models_keep_plain_names() -> None:
     (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
     assert "0.weight" in frame.tensors
     assert len(sink.of(wire.FrameKind.ACTIVATIONS)) == 2
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1  # the probes never re-traced the forward
 
 
 @pytest.mark.gpu
