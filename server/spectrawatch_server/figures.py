@@ -428,14 +428,17 @@ def overview_markers(
     crossing_step: int | None,
     crossing_name: str,
     alerts: Sequence[Mapping[str, Any]] = (),
+    *,
+    warning_hover: str = "",
 ) -> list[Marker]:
-    """Early-warning and val-accuracy markers (with the lead time between them) plus alerts."""
+    """Early-warning and val-accuracy markers (with the lead time between them) plus alerts;
+    ``warning_hover`` (the detector's evidence) is the early-warning marker's hover text."""
     out: list[Marker] = []
     if warning_step is not None:
         lead = ""
         if crossing_step is not None:
             lead = f" (lead {crossing_step - warning_step:+d} steps)"
-        out.append(Marker(warning_step, "early warning" + lead, "#9467bd", "dot"))
+        out.append(Marker(warning_step, "early warning" + lead, "#9467bd", "dot", warning_hover))
     if crossing_step is not None:
         out.append(
             Marker(crossing_step, f"{crossing_name} ≥ {VAL_ACC_THRESHOLD:g}", "#2ca02c", "dash")

@@ -23,6 +23,7 @@ from tests.dashboard_seed import done_frame, migrated
 LAYERS = ("blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "head")
 STEPS = tuple(range(0, 200, 10))  # 20 weight frames
 WARNING_STEP = 80
+EVIDENCE = {"norm_turn": 40, "defect": 80}  # grok.evidence.*: the second piece at the warning
 CROSSING_STEP = 130
 ALERT_STEP = 150
 
@@ -163,6 +164,11 @@ def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float
         sed.append(
             MetricRow("__model__", "grok.imminent", step, 1.0 if step >= WARNING_STEP else 0.0)
         )
+        sed += [  # the detector's evidence: the step each piece appeared, once present
+            MetricRow("__model__", f"grok.evidence.{piece}", step, float(at))
+            for piece, at in EVIDENCE.items()
+            if step >= at
+        ]
     repo.replace_results(s, run_id, frame.id, STEPS[-1], "sed", sed, [])
     scalars = []
     for step in range(200):

@@ -209,6 +209,10 @@ def test_overview_scalars_sed_phases_and_markers(
     assert {WARNING_STEP, crossing, 150} <= lines  # warning, val_acc crossing, the open alert
     summary = browser.find_element("id", "summary").text
     assert f"early warning at step {WARNING_STEP}" in summary
+    assert (
+        "evidence: weight-norm turnaround at step 40, commutator defect above its baseline at "
+        f"step {WARNING_STEP}"
+    ) in summary
     assert f"lead time {crossing - WARNING_STEP} steps" in summary
     screenshot(browser, artifacts, "overview")
     assert console_errors(browser) == []

@@ -126,7 +126,7 @@ class AlertEngine:
                     source = R.evidence_sources().get(name)
                     if source is not None:  # what the metric's value rests on
                         prefix = source[0]
-                        at = alert_store.metrics_at(session, run.id, layer, prefix, tail[-1][0])
+                        at = series.metrics_at(session, run.id, layer, prefix, tail[-1][0])
                         opened["evidence"] = {
                             k.removeprefix(prefix): int(v) if float(v).is_integer() else v
                             for k, v in sorted(at.items())

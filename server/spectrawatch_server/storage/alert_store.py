@@ -65,21 +65,6 @@ def frame_series(session: Session, frame_id: int) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in rows]
 
 
-def metrics_at(
-    session: Session, run_id: int, layer: str, prefix: str, step: int
-) -> dict[str, float]:
-    """``{name: value}`` of a run's metrics named ``prefix*`` in ``layer`` at ``step``."""
-    rows = session.execute(
-        select(Metric.name, Metric.value).where(
-            Metric.run_id == run_id,
-            Metric.layer == layer,
-            Metric.step == step,
-            Metric.name.startswith(prefix, autoescape=True),
-        )
-    ).all()
-    return {r[0]: r[1] for r in rows if r[1] is not None}
-
-
 def was_within(
     session: Session, run_id: int, name: str, layer: str, low: float | None, high: float
 ) -> bool:

@@ -55,3 +55,18 @@ def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str],
             else:
                 out[key] = metric_tail(session, run_id, name, key[1], limit)
     return out
+
+
+def metrics_at(
+    session: Session, run_id: int, layer: str, prefix: str, step: int
+) -> dict[str, float]:
+    """``{name: value}`` of a run's metrics named ``prefix*`` in ``layer`` at ``step``."""
+    rows = session.execute(
+        select(Metric.name, Metric.value).where(
+            Metric.run_id == run_id,
+            Metric.layer == layer,
+            Metric.step == step,
+            Metric.name.startswith(prefix, autoescape=True),
+        )
+    ).all()
+    return {r[0]: r[1] for r in rows if r[1] is not None}

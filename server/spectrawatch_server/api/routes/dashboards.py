@@ -27,12 +27,14 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from spectrawatch_server import figures as dash
+from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.api.deps import PrincipalDep, RunDep, SessionDep, StateDep, find_run
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.runs import run_public
 from spectrawatch_server.db.models import Run, Scalar
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage import series
 
 STATIC_URL = "/dashboards/static"
 HEATMAP_COLUMNS = 300  # steps sampled for the layer x step heatmap (about one per pixel column)
@@ -86,6 +88,18 @@ def install(app: FastAPI, api_prefix: str) -> None:
     app.mount(
         STATIC_URL, StaticFiles(directory=str(package_dir() / "static")), name="dashboards-static"
     )
+
+
+def warning_evidence(
+    session: Session, run_id: int, warning: int | None
+) -> tuple[dict[str, int], str]:
+    """The detector's evidence where it fired (``{piece: step}``) and its one-line reading."""
+    if warning is None:
+        return {}, ""
+    prefix, labels = R.evidence_sources()[dash.WARNING_KEY]
+    at = series.metrics_at(session, run_id, dash.MODEL_LAYER, prefix, warning)
+    evidence = {k.removeprefix(prefix): int(v) for k, v in at.items() if math.isfinite(v)}
+    return evidence, R.describe_evidence(evidence, labels) if evidence else ""
 
 
 # --- series as plot lines (the SQL is in storage.dashboard_reads) -----------------------------
@@ -193,10 +207,13 @@ def read_overview(
         warning = reads.first_step_at_least(
             session, run.id, dash.WARNING_KEY, 0.5, layer=dash.MODEL_LAYER
         )
+    evidence, why = warning_evidence(session, run.id, warning)
     alerts = reads.alert_rows(session, run.id)
-    markers = dash.overview_markers(warning, crossing, crossing_name, alerts)
+    markers = dash.overview_markers(warning, crossing, crossing_name, alerts, warning_hover=why)
     body["summary"] = {
         "early_warning_step": warning,
+        "early_warning_evidence": evidence,
+        "early_warning_reason": why,
         "val_acc_name": crossing_name,
         "val_acc_crossing_step": crossing,
         "lead_steps": None if warning is None or crossing is None else crossing - warning,
