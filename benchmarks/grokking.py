@@ -56,7 +56,7 @@ from spectrawatch.grokking_demo import ModAddTransformer, make_data
 from spectrawatch.sketch import count_sketch, hash_coordinates
 from spectrawatch.spectral import grokking as gk
 from spectrawatch.spectral import htsr, sed
-from spectrawatch.spectral.farms import FarmsConfig
+from spectrawatch.spectral.farms import FARMS_CV
 
 Op = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 OPS: dict[str, Op] = {
@@ -334,8 +334,9 @@ def train_run(
 
 
 def htsr_rows(mats: list[tuple[str, torch.Tensor]]) -> np.ndarray:
-    """``(len(mats), len(HTSR_KEYS))`` HT-SR metrics (NaN where a matrix is skipped)."""
-    report = htsr.analyze_weights({n: q.detach() for n, q in mats}, farms=FarmsConfig())
+    """``(len(mats), len(HTSR_KEYS))`` HT-SR metrics as the server computes them (FARMS_CV; NaN
+    where a matrix is skipped)."""
+    report = htsr.analyze_weights({n: q.detach() for n, q in mats}, farms=FARMS_CV)
     by_layer = {r.layer: r.values() for r in report.layers}
     return np.array(
         [[by_layer.get(n, {}).get(k, math.nan) for k in HTSR_KEYS] for n, _ in mats],
@@ -845,6 +846,10 @@ def profile(args: argparse.Namespace) -> None:
         "evaluation (train + val)": (evaluate, 3),
         "effective ranks of all matrices": (
             lambda: [gk.effective_rank(q) for q in params if q.ndim == 2],
+            3,
+        ),
+        "HT-SR + FARMS (MP fit) of all matrices": (
+            lambda: htsr_rows([(n, q) for n, q in model.named_parameters() if q.ndim == 2]),
             3,
         ),
     }
