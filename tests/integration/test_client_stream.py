@@ -288,3 +288,52 @@ def test_server_logs_each_analysed_frame_at_info(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert "alembic" not in server.log_path.read_text()
+
+
+def test_grokking_alert_quotes_its_evidence_end_to_end(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A real loop whose weights shrink (pulled to 0) and then grow (pulled to a target), and a
+    commutator-defect series that leaves its baseline: the server's detector fires and the
+    ``grokking_imminent`` alert, read back through the API, names both pieces of evidence."""
+    import torch
+    from torch import nn
+
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "grok-evidence"))
+    torch.manual_seed(0)
+    model = nn.Linear(16, 16, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    assert m.attach(model, opt) is not None
+    target = 3.0 * model.weight.detach().clone()
+
+    def train(steps: range) -> None:
+        for step in steps:
+            pull = torch.zeros_like(target) if step < 60 else target  # the norm turns at ~60
+            loss = 0.5 * (model.weight - pull).pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if (step + 1) % 10 == 0:  # baseline 10 evaluations of ~10, then 50 from step 110
+                defect = 50.0 if step + 1 > 100 else 10.0 + 0.5 * ((step + 1) // 10 % 2)
+                m.log({"grok.commutator_defect": defect}, step=step + 1)
+
+    def analysed() -> bool:
+        return all(f["status"] == "done" for f in frames_of(server.url, m.run_id or 0))
+
+    train(range(160))
+    assert m.wait_idle(30)
+    wait_until(analysed, timeout=120)
+    train(range(160, 180))  # frames analysed once every scalar and weights frame is stored
+    assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    wait_until(analysed, timeout=120)
+    with spectrawatch.Api(server.url) as api:
+        alerts = [a for a in api.run(m.run_id).alerts() if a["rule"] == "grokking_imminent"]
+    assert len(alerts) == 1
+    evidence = alerts[0]["values"]["evidence"]
+    assert evidence["defect"] == 120  # two evaluations in a row above mean + 4 sd
+    assert 60 < evidence["norm_turn"] <= 80  # the first weights frame after the turn
+    assert alerts[0]["step"] >= 120
+    assert "commutator defect above its baseline at step 120" in alerts[0]["message"]
+    assert "weight-norm turnaround at step" in alerts[0]["message"]
