@@ -199,8 +199,9 @@ class DetectorConfig:
     alpha (HT-SR, where weight frames carry it): the median over matrices of the power-law
     exponent alpha has been <= ``alpha_floor`` (2, HT-SR's boundary of well-trained layers)
     for ``alpha_sustain`` evaluations in a row. It is reported in :class:`Evidence` but counts
-    towards firing only with ``alpha_counts``: on the evaluation runs it reached 2 on grokking
-    and non-grokking runs alike (``benchmarks/results/grokking.md``, session 12).
+    towards firing only with ``alpha_counts``: in the evaluation it came at or after the jump at
+    p = 97 and on every run, grokking or not, at p = 59 (``benchmarks/results/grokking.md``,
+    session 12).
     """
 
     defect_baseline: int = 10
