@@ -1,0 +1,47 @@
+"""``benchmarks/grokking.py`` end to end on a short run: it trains, records every series the
+report reads (HT-SR per matrix included) and scores every rule, as the grid does."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from spectrawatch.spectral import grokking as gk
+from spectrawatch.spectral import htsr
+
+HARNESS = Path(__file__).resolve().parents[2] / "benchmarks" / "grokking.py"
+
+
+@pytest.fixture(scope="module")
+def harness() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("grokking_harness", HARNESS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_short_run_records_and_scores_every_series(harness: ModuleType, tmp_path: Path) -> None:
+    spec = harness.RunSpec(op="add", steps=200, seed=0)
+    out = tmp_path / f"{spec.name}.npz"
+    harness.train_run(spec, out)
+    z = np.load(out)
+    assert harness.is_done(out)
+    assert list(z["eval_step"]) == [0, 100, 200]
+    mats = [str(m) for m in z["mats"]]
+    keys = [str(k) for k in z["htsr_keys"]]
+    assert z["htsr"].shape == (3, len(mats), len(harness.HTSR_KEYS))
+    head = z["htsr"][-1, mats.index("head.weight")]
+    assert 1.0 < head[keys.index(htsr.ALPHA)] < 20.0
+    assert np.isnan(z["htsr"][:, mats.index("pos.weight")]).all()  # 3 x 128: size filter
+    row = harness.score_run(z, gk.DetectorConfig(), per_step=True)
+    assert set(row["warn"]) == set(harness.RULES)
+    assert row["status"] == "no grok by horizon"  # a+b with weight decay, 200 steps
+    alpha = harness.run_series(z)["alpha"]
+    assert "pos.weight" not in alpha and len(alpha["head.weight"]) == 3
