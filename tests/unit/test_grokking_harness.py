@@ -20,7 +20,8 @@ HARNESS = Path(__file__).resolve().parents[2] / "benchmarks" / "grokking.py"
 @pytest.fixture(scope="module")
 def harness() -> ModuleType:
     spec = importlib.util.spec_from_file_location("grokking_harness", HARNESS)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
@@ -44,4 +45,5 @@ def test_a_short_run_records_and_scores_every_series(harness: ModuleType, tmp_pa
     assert set(row["warn"]) == set(harness.RULES)
     assert row["status"] == "no grok by horizon"  # a+b with weight decay, 200 steps
     alpha = harness.run_series(z)["alpha"]
-    assert "pos.weight" not in alpha and len(alpha["head.weight"]) == 3
+    assert "pos.weight" not in alpha
+    assert len(alpha["head.weight"]) == 3
