@@ -148,6 +148,15 @@ class Run:
         out: list[dict[str, Any]] = self.api.get(f"/runs/{self.id}/alerts", status=status)
         return out
 
+    def sed_lag(
+        self, scalar: str = "val_loss", layer: str = "__model__", max_lag: int = 10
+    ) -> list[dict[str, Any]]:
+        """SED lag analysis: per gap-ratio series, r(gap_t, ``scalar``_{t+lag}) for each lag and
+        the strongest (``best``: ``lag`` > 0 means the gap leads, by ``steps``)."""
+        body = self.api.get(f"/runs/{self.id}/sed/lag", scalar=scalar, layer=layer, max_lag=max_lag)
+        out: list[dict[str, Any]] = body["series"]
+        return out
+
     def spectra(
         self, layer: str | None = None, analysis: str | None = None
     ) -> list[dict[str, Any]]:

@@ -181,6 +181,31 @@ class ScalarSeries(BaseModel):
     points: int
 
 
+class LagPoint(BaseModel):
+    """Pearson r of a gap series with a scalar ``lag`` grid points later (``steps`` later)."""
+
+    lag: int
+    steps: int
+    r: float | None = Field(description="null where an overlap is constant")
+
+
+class LagSeries(BaseModel):
+    """The lag analysis of one gap-ratio series against the scalar."""
+
+    metric: str
+    layer: str
+    points: int = Field(description="steps both series share (the lag grid)")
+    step_unit: int | None = Field(description="median step spacing of the shared grid")
+    lags: list[LagPoint]
+    best: LagPoint | None = Field(description="the strongest |r|; lag > 0: the gap leads")
+
+
+class LagAnalysis(BaseModel):
+    scalar: str
+    max_lag: int
+    series: list[LagSeries]
+
+
 class MetricInfo(BaseModel):
     name: str
     layer: str

@@ -54,6 +54,17 @@ def test_results_read_back_in_python(
         assert frame.index.name == "step"
         assert frame["loss"].dropna().index.tolist() == loss.steps
         assert frame[name].dropna().tolist() == [v for v in series.values if not math.isnan(v)]
+        lag = run.sed_lag(scalar="loss", max_lag=3)  # SED gap series vs the logged loss
+        http = api.get(f"/runs/{run_id}/sed/lag", params={"scalar": "loss", "max_lag": 3})
+        assert lag == http.json()["series"]
+        w16 = next(s for s in lag if s["metric"] == "sed.gap_ratio.w16")
+        assert (w16["step_unit"], w16["points"]) == (
+            1,
+            len(run.metric("sed.gap_ratio.w16")[MODEL_LAYER].steps),
+        )
+        assert {p["lag"] for p in w16["lags"]} == set(range(-3, 4))
+        with pytest.raises(ApiError, match="no finite scalar 'absent'"):
+            run.sed_lag(scalar="absent")
         with pytest.raises(ApiError, match="no run is named 'absent'"):
             sw.run("absent")
         with pytest.raises(ApiError) as missing:

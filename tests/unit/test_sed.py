@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -606,3 +607,51 @@ def test_batched_sed_on_cuda_equals_cpu() -> None:
             for a, b in zip(a_layer[w], b_layer[w], strict=True):
                 np.testing.assert_allclose(a.singular_values, b.singular_values, rtol=1e-9)
                 assert a.edge == b.edge
+
+
+def test_lag_endpoint_finds_the_lead_of_a_gap_series(tmp_path: Path) -> None:
+    """``GET /runs/{id}/sed/lag``: the gap series is val loss 300 steps early (3 points of a
+    100-step grid), so the strongest correlation is at lag +3; r equals numpy's on the
+    shifted arrays. Other metrics are not gap series; an unknown scalar is a 404."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    steps = list(range(0, 3000, 100))
+    curve = [math.sin(s / 400.0) + 0.001 * s for s in range(-300, 3000, 100)]
+    val_loss = curve[:30]  # val_loss(t) = f(t - 300)
+    gap = curve[3:]  # gap(t) = f(t): val loss repeats it 300 steps later
+    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "lag"}).json()
+        base = f"/api/v1/runs/{run['id']}"
+        rows = [
+            {"step": s, "layer": "__model__", "name": name, "value": v}
+            for name, values in (("sed.gap_ratio.w32", gap), ("sed.edge.w32", gap))
+            for s, v in zip(steps, values, strict=True)
+        ]
+        rows += [
+            {"step": s, "layer": "__model__", "name": "sed.gap_ratio.w16", "value": 1.0}
+            for s in range(0, 3000, 7)
+        ]  # on its own grid: shares every 700th step
+        assert client.post(f"{base}/metrics", json={"rows": rows}).status_code == 202
+        scalars = [
+            {"step": s, "name": "val_loss", "value": v}
+            for s, v in zip(steps, val_loss, strict=True)
+        ]
+        assert client.post(f"{base}/scalars", json=scalars).status_code == 202
+        body = client.get(f"{base}/sed/lag", params={"max_lag": 5}).json()
+        assert body["scalar"] == "val_loss"
+        by_metric = {s["metric"]: s for s in body["series"]}
+        assert sorted(by_metric) == ["sed.gap_ratio.w16", "sed.gap_ratio.w32"]
+        w32 = by_metric["sed.gap_ratio.w32"]
+        assert (w32["points"], w32["step_unit"]) == (30, 100)
+        assert (w32["best"]["lag"], w32["best"]["steps"]) == (3, 300)
+        want = np.corrcoef(np.array(gap[:-3]), np.array(val_loss[3:]))[0, 1]
+        assert w32["best"]["r"] == pytest.approx(want, rel=1e-12)
+        assert want == pytest.approx(1.0)
+        assert {p["lag"] for p in w32["lags"]} == set(range(-5, 6))
+        constant = by_metric["sed.gap_ratio.w16"]
+        assert constant["best"] is None  # a constant gap correlates with nothing
+        assert client.get(f"{base}/sed/lag", params={"scalar": "nope"}).status_code == 404
+        assert client.get(f"{base}/sed/lag", params={"max_lag": 0}).status_code == 422

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import statistics
 import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 
+from spectrawatch.spectral import sed
 from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.downsample import downsample
 from spectrawatch_server.schemas import (
+    LagAnalysis,
+    LagPoint,
+    LagSeries,
     MetricBatch,
     MetricInfo,
     MetricSeries,
@@ -82,6 +88,67 @@ def ingest_metrics(
     frame = repo.insert_metric_batch(session, run.id, key, body.source, rows, digest=digest)
     session.commit()
     return {"accepted": len(rows), "frame_id": frame.id, "replayed": False}
+
+
+# per-step SED gap ratio (``sed.gap_ratio.w<W>``) and its checkpoint-interval variant
+_GAP_BASES = (sed.GAP_RATIO, sed.interval_key(sed.GAP_RATIO).rpartition(".w")[0])
+
+
+def _is_gap_series(name: str) -> bool:
+    base, sep, window = name.rpartition(".w")
+    return bool(sep) and window.isdigit() and base in _GAP_BASES
+
+
+def _finite_points(rows: Any) -> tuple[list[int], list[float]]:
+    points = [
+        (step, value) for _, step, value in rows if value is not None and math.isfinite(value)
+    ]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+@router.get("/runs/{run_id}/sed/lag", response_model=LagAnalysis)
+def read_sed_lag(
+    run: RunDep,
+    session: SessionDep,
+    scalar: Annotated[str, Query(min_length=1, max_length=200)] = "val_loss",
+    layer: Annotated[str, Query(min_length=1, max_length=500)] = "__model__",
+    max_lag: Annotated[int, Query(ge=1, le=500)] = 10,
+) -> LagAnalysis:
+    """SED lag analysis (the SED paper's §4): Pearson r(gap_t, scalar_{t+l}) of every gap-ratio
+    series of ``layer`` (each window size, and the checkpoint-interval variant) with a logged
+    scalar, for l = -max_lag..max_lag points of the steps both share. The strongest |r| at
+    l > 0 says the gap leads the scalar by ``steps``; at l < 0 it lags behind it."""
+    y_steps, y = _finite_points(repo.scalar_points(session, run.id, scalar, None, None))
+    if not y_steps:
+        raise ApiError(404, "unknown_scalar", f"run {run.id} has no finite scalar {scalar!r}")
+    names = sorted(
+        {
+            n
+            for n, la, *_ in repo.metric_catalog(session, run.id)
+            if la == layer and _is_gap_series(n)
+        }
+    )
+    out = []
+    for name in names:
+        x_steps, x = _finite_points(repo.metric_points(session, run.id, name, layer, None, None))
+        shared = sorted(set(x_steps) & set(y_steps))
+        unit = (
+            int(statistics.median(b - a for a, b in itertools.pairwise(shared)))
+            if len(shared) > 1
+            else None
+        )
+        lags = [
+            LagPoint(lag=lag, steps=lag * (unit or 0), r=None if math.isnan(r) else r)
+            for lag, r in sed.lagged_correlation(x_steps, x, y_steps, y, max_lag)
+        ]
+        scored = [p for p in lags if p.r is not None]
+        best = max(scored, key=lambda p: abs(p.r or 0.0)) if scored else None
+        out.append(
+            LagSeries(
+                metric=name, layer=layer, points=len(shared), step_unit=unit, lags=lags, best=best
+            )
+        )
+    return LagAnalysis(scalar=scalar, max_lag=max_lag, series=out)
 
 
 @router.get("/runs/{run_id}/metrics/catalog", response_model=list[MetricInfo])
