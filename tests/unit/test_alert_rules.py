@@ -500,7 +500,8 @@ def test_grokking_alert_quotes_the_detector_evidence(sessions: sessionmaker[Sess
         assert alert.values["evidence"] == {"alpha_floor": 2200, "defect": 3300, "norm_turn": 2300}
         assert alert.message == (
             "grokking_imminent: grok.imminent = 1 in __model__ (fires > 0.5); evidence: "
-            "median HT-SR alpha <= 2 at step 2200, weight-norm turnaround at step 2300, "
+            "median HT-SR alpha <= 2 (reported, not counted by default) at step 2200, "
+            "weight-norm turnaround at step 2300, "
             "commutator defect above its baseline at step 3300"
         )
         (delivery,) = session.query(Delivery).all()

@@ -41,7 +41,7 @@ EVIDENCE_LABELS = {  # Evidence field -> what a person reads in an alert
     "norm_turn": "weight-norm turnaround",
     "rank_turn": "effective-rank turnaround",
     "sed_collapse": "SED gap collapse",
-    "alpha_floor": "median HT-SR alpha <= 2",
+    "alpha_floor": "median HT-SR alpha <= 2 (reported, not counted by default)",
 }
 
 B = TypeVar("B")
