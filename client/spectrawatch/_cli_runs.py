@@ -1,5 +1,6 @@
-"""``spectrawatch runs list|delete|prune``: the runs of a server, removing one with its data,
-and releasing the stored frame bodies of ended runs (their results stay)."""
+"""``spectrawatch runs list|delete|prune|lag``: the runs of a server, removing one with its data,
+releasing the stored frame bodies of ended runs (their results stay), and a run's SED lag
+analysis."""
 
 from __future__ import annotations
 
@@ -81,6 +82,35 @@ def cmd_runs_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_lag(args: argparse.Namespace) -> int:
+    try:
+        run = resolve_run(args, args.run, args.project)
+        params = {"scalar": args.scalar, "layer": args.layer, "max_lag": args.max_lag}
+        out = _call(args, "GET", f"/runs/{run['id']}/sed/lag", params=params)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(
+        f"SED gap series of {args.layer} vs {out['scalar']}, lags -{args.max_lag}..{args.max_lag}"
+    )
+    for series in out["series"]:
+        best = series["best"]
+        reading = "no variation to correlate"
+        if best is not None:
+            steps = best["steps"]
+            who = "gap leads" if steps > 0 else "gap lags" if steps < 0 else "in step"
+            reading = f"strongest r = {best['r']:+.2f} at {steps:+d} steps ({who})"
+            if abs(best["lag"]) == args.max_lag:
+                reading += ", at the edge of the range"
+        print(f"  {series['metric']:<30} {series['points']:>6} shared steps  {reading}")
+    if not out["series"]:
+        print("  (no SED gap series in this layer)")
+    return 0
+
+
 def _days(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 36_500:
@@ -89,7 +119,7 @@ def _days(text: str) -> float:
 
 
 def add_runs_commands(subparsers: Any) -> None:
-    """Register ``runs list`` and ``runs delete`` on the top-level ``spectrawatch`` parser."""
+    """Register ``runs list|delete|prune|lag`` on the top-level ``spectrawatch`` parser."""
     common = server_args()
     runs = subparsers.add_parser("runs", help="list runs, delete a run with its data")
     sub = runs.add_subparsers(dest="runs_command", required=True)
@@ -119,3 +149,15 @@ def add_runs_commands(subparsers: Any) -> None:
     prune.add_argument("--run", default=None, help="only this run (id, or name with --project)")
     prune.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")
     prune.set_defaults(func=cmd_runs_prune)
+    lag = sub.add_parser(
+        "lag",
+        parents=[common],
+        help="SED lag analysis: does the spectral gap lead a logged scalar, by how many steps",
+    )
+    lag.add_argument("run", help="run id; or run name, always with --project when given")
+    lag.add_argument("--project", default=None)
+    lag.add_argument("--scalar", default="val_loss", help="logged scalar (default val_loss)")
+    lag.add_argument("--layer", default="__model__", help="layer of the gap series")
+    lag.add_argument("--max-lag", type=int, default=10, help="lags in points of the shared steps")
+    lag.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    lag.set_defaults(func=cmd_runs_lag)

@@ -3,6 +3,7 @@ the HTTP API's own answers, by id and by name, with scalars, alerts and a pandas
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import spectrawatch
 from spectrawatch import Api
 from spectrawatch.api import MODEL_LAYER, ApiError
+from spectrawatch.cli import main
 from tests.servers import ServerProcess, wait_until
 from tests.training import Loop, client_settings, frames_of
 
@@ -19,7 +21,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_results_read_back_in_python(
-    server: ServerProcess, api: httpx.Client, tmp_path: Path
+    server: ServerProcess,
+    api: httpx.Client,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     m = spectrawatch.Monitor()
     m.init(**client_settings(tmp_path, server.url, "queried", project="notebook"))
@@ -65,6 +70,15 @@ def test_results_read_back_in_python(
         assert {p["lag"] for p in w16["lags"]} == set(range(-3, 4))
         with pytest.raises(ApiError, match="no finite scalar 'absent'"):
             run.sed_lag(scalar="absent")
+    cli = ["runs", "lag", "queried", "--project", "notebook", "--scalar", "loss", "--max-lag", "3"]
+    assert main([*cli, "--json", "--url", server.url]) == 0
+    assert json.loads(capsys.readouterr().out)["series"] == lag
+    assert main([*cli, "--url", server.url]) == 0
+    text = capsys.readouterr().out
+    line = next(x for x in text.splitlines() if "sed.gap_ratio.w16" in x)
+    assert f"{w16['points']:>6} shared steps  strongest r = {w16['best']['r']:+.2f}" in line
+    assert main(["runs", "lag", str(run_id), "--scalar", "absent", "--url", server.url]) == 1
+    with Api(server.url) as sw:
         with pytest.raises(ApiError, match="no run is named 'absent'"):
             sw.run("absent")
         with pytest.raises(ApiError) as missing:
