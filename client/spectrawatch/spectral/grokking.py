@@ -348,9 +348,8 @@ def detect_grokking(
     Series are ``(step, value)`` sorted by step; any may be absent. ``sed_collapse_step`` is the
     first step at which the (causally computed) SED gap series entered its collapse phase;
     ``alpha`` holds per-matrix HT-SR alpha series (see :class:`DetectorConfig` for whether
-    they count). The
-    score at a step is the fraction of the required
-    evidence present by then (1.0 from the firing step on).
+    they count). The score at a step is the fraction of the required evidence present by then
+    (1.0 from the firing step on).
     """
     cfg = config or DetectorConfig()
     ev = Evidence(

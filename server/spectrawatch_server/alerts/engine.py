@@ -32,6 +32,23 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def read_evidence(
+    session: Session, run_id: int, layer: str, metric: str, step: int
+) -> dict[str, int | float] | None:
+    """``{piece: value}`` of the evidence stored beside ``metric`` at ``step`` (the grokking
+    detector's ``grok.evidence.*``: the step each piece appeared); None for a metric that has
+    no evidence (:func:`~spectrawatch_server.alerts.rules.evidence_sources`)."""
+    source = R.evidence_sources().get(metric)
+    if source is None:
+        return None
+    prefix = source[0]
+    return {
+        k.removeprefix(prefix): int(v) if float(v).is_integer() else v
+        for k, v in sorted(series.metrics_at(session, run_id, layer, prefix, step).items())
+        if math.isfinite(v)
+    }
+
+
 class AlertEngine:
     """Rule evaluation bound to the links and delivery expiry of one server."""
 
@@ -123,15 +140,9 @@ class AlertEngine:
                 if fired:
                     _, name, tail = fired[0]
                     opened = self._metric_values(rule, name, tail)
-                    source = R.evidence_sources().get(name)
-                    if source is not None:  # what the metric's value rests on
-                        prefix = source[0]
-                        at = series.metrics_at(session, run.id, layer, prefix, tail[-1][0])
-                        opened["evidence"] = {
-                            k.removeprefix(prefix): int(v) if float(v).is_integer() else v
-                            for k, v in sorted(at.items())
-                            if math.isfinite(v)
-                        }
+                    evidence = read_evidence(session, run.id, layer, name, tail[-1][0])
+                    if evidence is not None:  # what the metric's value rests on
+                        opened["evidence"] = evidence
                     self._open(session, rule, run, project, layer, tail[-1][0], opened)
             elif all(d[0] is R.Transition.RESOLVE for d in decisions):
                 step = max(d[2][-1][0] for d in decisions)

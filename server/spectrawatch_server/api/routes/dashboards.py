@@ -28,13 +28,13 @@ from sqlalchemy.orm import Session
 
 from spectrawatch_server import figures as dash
 from spectrawatch_server.alerts import rules as R
+from spectrawatch_server.alerts.engine import read_evidence
 from spectrawatch_server.api.deps import PrincipalDep, RunDep, SessionDep, StateDep, find_run
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.runs import run_public
 from spectrawatch_server.db.models import Run, Scalar
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.storage import series
 
 STATIC_URL = "/dashboards/static"
 HEATMAP_COLUMNS = 300  # steps sampled for the layer x step heatmap (about one per pixel column)
@@ -92,13 +92,13 @@ def install(app: FastAPI, api_prefix: str) -> None:
 
 def warning_evidence(
     session: Session, run_id: int, warning: int | None
-) -> tuple[dict[str, int], str]:
+) -> tuple[dict[str, int | float], str]:
     """The detector's evidence where it fired (``{piece: step}``) and its one-line reading."""
     if warning is None:
         return {}, ""
-    prefix, labels = R.evidence_sources()[dash.WARNING_KEY]
-    at = series.metrics_at(session, run_id, dash.MODEL_LAYER, prefix, warning)
-    evidence = {k.removeprefix(prefix): int(v) for k, v in at.items() if math.isfinite(v)}
+    key = dash.WARNING_KEY
+    evidence = read_evidence(session, run_id, dash.MODEL_LAYER, key, warning) or {}
+    labels = R.evidence_sources()[key][1]
     return evidence, R.describe_evidence(evidence, labels) if evidence else ""
 
 
