@@ -290,15 +290,33 @@ def shadowed_files(path: Path) -> list[Path]:
     return [p for p in files if p.suffix.lower() in TORCH_SUFFIXES]
 
 
-def checkpoint_tensors(path: str | Path) -> list[TensorRef]:
+def checkpoint_tensors(path: str | Path, unreadable: list[str] | None = None) -> list[TensorRef]:
     """Every tensor of a checkpoint (shards merged, in file then checkpoint order), unread;
-    a name found in two shards is an error."""
+    a name found in two shards is an error.
+
+    A shard that cannot be read ends the call, unless ``unreadable`` is given and the directory
+    has other shards: then its error message is appended there and the rest are read (a
+    checkpoint whose every shard is unreadable still fails with the first one's error).
+    """
     out: dict[str, TensorRef] = {}
-    for file in checkpoint_files(Path(path)):
-        for ref in _file_refs(file):
+    files = checkpoint_files(Path(path))
+    skipped: list[AnalyzeError] = []
+    for file in files:
+        try:
+            refs = _file_refs(file)
+        except AnalyzeError as exc:
+            if unreadable is None or len(files) == 1:
+                raise
+            skipped.append(exc)
+            continue
+        for ref in refs:
             if ref.name in out:
                 raise AnalyzeError(f"{file}: tensor {ref.name!r} already read from another shard")
             out[ref.name] = ref
+    if skipped and len(skipped) == len(files):
+        raise skipped[0]
+    if unreadable is not None:
+        unreadable.extend(str(exc) for exc in skipped)
     if not out:
         raise AnalyzeError(f"{path}: the checkpoint holds no tensors")
     return list(out.values())
@@ -331,6 +349,7 @@ class CheckpointAnalysis:
     device: str
     layers: tuple[LayerResult, ...]
     ignored: int  # tensors that are not 2-D/4-D floating weights (biases, norms, buffers)
+    unreadable: tuple[str, ...] = ()  # why each skipped shard of a directory could not be read
 
     def layer(self, name: str) -> LayerResult:
         for r in self.layers:
@@ -440,9 +459,11 @@ def analyze_checkpoint(
     layers: Callable[[str], bool] | None = None,
 ) -> CheckpointAnalysis:
     """Analyse every weight of ``path`` (:attr:`TensorRef.is_weight`), reading and analysing one
-    tensor at a time with a progress bar on stderr; ``layers`` filters tensor names."""
+    tensor at a time with a progress bar on stderr; ``layers`` filters tensor names. Unreadable
+    shards of a directory are skipped and named in :attr:`CheckpointAnalysis.unreadable`."""
     dev = resolve_device(device)
-    refs = checkpoint_tensors(path)
+    unreadable: list[str] = []
+    refs = checkpoint_tensors(path, unreadable)
     weights = [r for r in refs if r.is_weight]
     if not weights:
         raise AnalyzeError(
@@ -455,7 +476,7 @@ def analyze_checkpoint(
     desc = f"analyze {_printable(Path(path).name)}"
     results = [_analyze_ref(ref, dev, farms) for ref in _progress(selected, desc, enabled=progress)]
     ignored = sum(1 for r in refs if not r.is_weight)
-    return CheckpointAnalysis(str(path), str(dev), tuple(results), ignored)
+    return CheckpointAnalysis(str(path), str(dev), tuple(results), ignored, tuple(unreadable))
 
 
 def _analyze_ref(ref: TensorRef, device: torch.device, farms: FarmsConfig | None) -> LayerResult:
@@ -786,7 +807,13 @@ def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
         + "<br>".join(
             html.escape(f"{a.source} ({len(a.layers)} layers, device {a.device})") for a in analyses
         )
-        + "</p><h2>Warnings</h2><table><tr><th>checkpoint</th><th>layer</th><th>alpha</th>"
+        + "</p>"
+        + "".join(
+            f"<p><b>not read</b>: {html.escape(reason)}</p>"
+            for a in analyses
+            for reason in a.unreadable
+        )
+        + "<h2>Warnings</h2><table><tr><th>checkpoint</th><th>layer</th><th>alpha</th>"
         f"<th>warning</th></tr>{warn_rows}</table>"
     )
     for i, (_, fig) in enumerate(figures):
@@ -807,7 +834,9 @@ def _write(path: str, text: str) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``spectrawatch analyze PATH`` / ``spectrawatch analyze --compare A B``: 0 on success,
-    2 for an input or output that cannot be used, 130 when interrupted."""
+    1 when some shards of a directory could not be read (the rest is analysed and written, each
+    unreadable shard named on stderr), 2 for an input or output that cannot be used, 130 when
+    interrupted."""
     _tolerant_stdout()
     try:
         return _cmd_analyze(args)
@@ -889,6 +918,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         a = analyze_checkpoint(args.compare[0], **opts)
         b = analyze_checkpoint(args.compare[1], **opts)
         diffs = compare(a, b)
+        analyses = [a, b]
         render = {
             "json": lambda: json.dumps(compare_json(a, b, diffs), indent=1),
             "csv": lambda: _csv_text(write_compare_csv, diffs),
@@ -898,6 +928,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         summary = ""
     else:
         analysis = analyze_checkpoint(args.path, **opts)
+        analyses = [analysis]
         render = {
             "json": lambda: json.dumps(analysis.to_json(), indent=1),
             "csv": lambda: _csv_text(write_csv, analysis),
@@ -910,6 +941,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             f"\n{_count(len(analysis.layers), 'layer')} analysed on {analysis.device}, "
             f"{warned} with warnings, {_count(analysis.ignored, 'other tensor')} ignored"
             + (f", {failed} not analysed (see their notes)" if failed else "")
+            + (
+                f", {_count(len(analysis.unreadable), 'file')} not read"
+                if analysis.unreadable
+                else ""
+            )
         )
     if args.format != "table" or args.output or not args.quiet:
         _emit(args, render[args.format]())
@@ -918,4 +954,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     for option in ("csv", "json", "html"):  # the extra files
         if getattr(args, option):
             _write(getattr(args, option), render[option]())
-    return 0
+    unread = [reason for a in analyses for reason in a.unreadable]
+    for reason in unread:
+        print(f"error: not read, skipped: {reason}", file=sys.stderr)
+    return 1 if unread else 0

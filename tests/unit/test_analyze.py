@@ -238,6 +238,48 @@ def test_truncated_and_conflicting_shards_fail_clearly(tmp_path: Path) -> None:
         an.checkpoint_tensors(shards)
 
 
+def test_an_unreadable_shard_is_skipped_named_and_fails_the_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One truncated shard of a folder: the other shards' layers are analysed and written, the
+    bad shard is named on stderr and in the HTML report, and the exit code is 1."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(3)
+    save_file({"a.weight": torch.randn(64, 32, generator=g)}, str(folder / "m-1.safetensors"))
+    save_file({"b.weight": torch.randn(48, 32, generator=g)}, str(folder / "m-2.safetensors"))
+    data = (folder / "m-2.safetensors").read_bytes()
+    (folder / "m-2.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(an.AnalyzeError, match="not a readable safetensors"):
+        an.checkpoint_tensors(folder)  # without a list to note it in, a bad shard still ends it
+    analysis = an.analyze_checkpoint(folder, device="cpu", progress=False)
+    assert [r.layer for r in analysis.layers] == ["a.weight"]
+    assert len(analysis.unreadable) == 1
+    assert "m-2.safetensors" in analysis.unreadable[0]
+    html_path = tmp_path / "r.html"
+    argv = [
+        "analyze",
+        str(folder),
+        "-q",
+        "--no-farms",
+        "--format",
+        "json",
+        "--html",
+        str(html_path),
+    ]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert [r["layer"] for r in json.loads(captured.out)] == ["a.weight"]
+    assert "error: not read, skipped:" in captured.err
+    assert "m-2.safetensors" in captured.err
+    assert "m-2.safetensors" in html_path.read_text()
+    assert main(["analyze", str(folder), "--no-farms"]) == 1
+    assert "1 file not read" in capsys.readouterr().out
+    (folder / "m-1.safetensors").write_bytes(b"\x00" * 16)  # every shard unreadable: an error
+    assert main(["analyze", str(folder), "-q"]) == 2
+    assert "m-1.safetensors: not a safetensors" in capsys.readouterr().err  # the first error
+
+
 def test_pytorch_files_beside_safetensors_shards_are_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
