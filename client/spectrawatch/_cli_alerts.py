@@ -5,15 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
-import httpx
-
-from spectrawatch._transport import error_of
-from spectrawatch.config import DEFAULT_URL
+from spectrawatch._cli_http import call, print_result, reporting_errors, server_args
 
 
 # CLI flag -> rule parameter (value type)
@@ -47,69 +42,20 @@ _FLAGS = {  # boolean rule parameters: --NAME / --no-NAME
 }
 
 
-class CliError(Exception):
-    """A failed API call, with the server's message (and HTTP ``status`` when it answered)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def server_url(args: argparse.Namespace) -> str:
-    """The server root URL: ``--url``, else ``SPECTRAWATCH_URL``, else the default."""
-    return str(args.url or os.environ.get("SPECTRAWATCH_URL") or DEFAULT_URL).rstrip("/")
-
-
-def _client(args: argparse.Namespace) -> httpx.Client:
-    url = server_url(args)
-    token = args.token or os.environ.get("SPECTRAWATCH_TOKEN")
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=30)
-
-
-def server_args() -> argparse.ArgumentParser:
-    """The ``--url``/``--token`` options every server-talking command shares (a parent parser)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=None, help=f"server URL (SPECTRAWATCH_URL, {DEFAULT_URL})")
-    common.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
-    return common
-
-
-def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
-    with _client(args) as client:
-        try:
-            response = client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise CliError(f"cannot reach the server: {exc}") from exc
-    if response.status_code >= 400:
-        _, message = error_of(response)
-        if response.status_code == 404 and server_url(args).endswith("/api/v1"):
-            message += " (--url is the server root, e.g. http://host:8765, without /api/v1)"
-        raise CliError(f"HTTP {response.status_code}: {message}", response.status_code)
-    return None if response.status_code == 204 else response.json()
-
-
-def _print(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        print("\n".join(lines) if lines else "(none)")
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     params = {"status": args.status} if args.status else {}
     if args.run is not None:
-        data = _call(args, "GET", f"/runs/{args.run}/alerts", params=params)
+        data = call(args, "GET", f"/runs/{args.run}/alerts", params=params)
     else:
         if args.project:
             params["project"] = args.project
-        data = _call(args, "GET", "/alerts", params=params)
+        data = call(args, "GET", "/alerts", params=params)
     lines = [
         f"{a['id']:>6}  {a['status']:<8} {a['severity']:<8} run {a['run_id']:<5} "
         f"step {a['step']:<8} {a['message']}"
         for a in data
     ]
-    _print(args, data, lines)
+    print_result(args, data, lines)
     return 0
 
 
@@ -118,13 +64,13 @@ def _shown(key: str, value: Any) -> bool:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    data = _call(args, "GET", f"/projects/{args.project}/alert-rules")
+    data = call(args, "GET", f"/projects/{args.project}/alert-rules")
     lines = []
     for r in data:
         shown = {k: v for k, v in r["params"].items() if _shown(k, v)}
         state = "on " if r["enabled"] else "off"
         lines.append(f"{state} {r['name']:<26} {r['kind']:<12} {json.dumps(shown)}")
-    _print(args, data, lines)
+    print_result(args, data, lines)
     return 0
 
 
@@ -136,28 +82,16 @@ def cmd_set(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"params": params}
     if args.enabled is not None:
         body["enabled"] = args.enabled
-    data = _call(args, "PATCH", f"/projects/{args.project}/alert-rules/{args.rule}", json=body)
+    data = call(args, "PATCH", f"/projects/{args.project}/alert-rules/{args.rule}", json=body)
     state = "on" if data["enabled"] else "off"
-    _print(args, data, [f"{data['name']} ({state}): {json.dumps(data['params'])}"])
+    print_result(args, data, [f"{data['name']} ({state}): {json.dumps(data['params'])}"])
     return 0
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    _call(args, "DELETE", f"/projects/{args.project}/alert-rules/{args.rule}")
+    call(args, "DELETE", f"/projects/{args.project}/alert-rules/{args.rule}")
     print(f"rule {args.rule!r} of project {args.project!r} reset")
     return 0
-
-
-def _run(func: Any) -> Any:
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            code: int = func(args)
-        except CliError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        return code
-
-    return wrapped
 
 
 def add_alerts_commands(subparsers: Any) -> None:
@@ -171,11 +105,11 @@ def add_alerts_commands(subparsers: Any) -> None:
     lst.add_argument("--project", default=None)
     lst.add_argument("--run", type=int, default=None, help="run id")
     lst.add_argument("--status", choices=["open", "resolved"], default=None)
-    lst.set_defaults(func=_run(cmd_list))
+    lst.set_defaults(func=reporting_errors(cmd_list))
 
     rules = sub.add_parser("rules", parents=[common], help="the rules in force for a project")
     rules.add_argument("--project", required=True)
-    rules.set_defaults(func=_run(cmd_rules))
+    rules.set_defaults(func=reporting_errors(cmd_rules))
 
     set_ = sub.add_parser(
         "set", parents=[common], help="edit a rule or create a custom one (needs --kind, --metric)"
@@ -195,9 +129,9 @@ def add_alerts_commands(subparsers: Any) -> None:
             default=None,
             help=text,
         )
-    set_.set_defaults(func=_run(cmd_set))
+    set_.set_defaults(func=reporting_errors(cmd_set))
 
     reset = sub.add_parser("reset", parents=[common], help="reset a rule to its defaults")
     reset.add_argument("rule")
     reset.add_argument("--project", required=True)
-    reset.set_defaults(func=_run(cmd_reset))
+    reset.set_defaults(func=reporting_errors(cmd_reset))

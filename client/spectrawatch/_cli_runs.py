@@ -5,11 +5,10 @@ analysis."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from spectrawatch._cli_alerts import CliError, _call, server_args
+from spectrawatch._cli_http import call, print_result, reporting_errors, server_args
 from spectrawatch._export import resolve_run
 
 
@@ -17,41 +16,28 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"limit": args.limit}
     if args.project:
         params["project"] = args.project
-    try:
-        runs = _call(args, "GET", "/runs", params=params)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(runs, indent=2))
-        return 0
-    for r in runs:
-        frames = sum((r.get("frames") or {}).values())
-        print(
-            f"{r['id']:>6}  {r['project']}/{r['name']}  {r['status']}  "
-            f"last step {r.get('last_step')}  {frames} frames"
-        )
-    if not runs:
-        print("(none)")
+    runs = call(args, "GET", "/runs", params=params)
+    lines = [
+        f"{r['id']:>6}  {r['project']}/{r['name']}  {r['status']}  "
+        f"last step {r.get('last_step')}  {sum((r.get('frames') or {}).values())} frames"
+        for r in runs
+    ]
+    print_result(args, runs, lines)
     return 0
 
 
 def cmd_runs_delete(args: argparse.Namespace) -> int:
-    try:
-        run = resolve_run(args, args.run, args.project)
-        label = f"run {run['id']} ({run['project']}/{run['name']})"
-        if not args.yes:
-            frames = sum((run.get("frames") or {}).values())
-            print(
-                f"would delete {label}: {frames} frames with their blobs, every metric, "
-                "spectrum, scalar and alert of it; pass --yes to delete",
-                file=sys.stderr,
-            )
-            return 1
-        out = _call(args, "DELETE", f"/runs/{run['id']}")
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    run = resolve_run(args, args.run, args.project)
+    label = f"run {run['id']} ({run['project']}/{run['name']})"
+    if not args.yes:
+        frames = sum((run.get("frames") or {}).values())
+        print(
+            f"would delete {label}: {frames} frames with their blobs, every metric, "
+            "spectrum, scalar and alert of it; pass --yes to delete",
+            file=sys.stderr,
+        )
         return 1
+    out = call(args, "DELETE", f"/runs/{run['id']}")
     print(f"deleted {label}: {out['frames']} frames, {out['bytes'] / 2**20:.1f} MiB of blobs")
     if out.get("blobs_not_deleted"):
         print(
@@ -63,15 +49,11 @@ def cmd_runs_delete(args: argparse.Namespace) -> int:
 
 def cmd_runs_prune(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"older_than_days": args.older_than, "dry_run": not args.yes}
-    try:
-        if args.run is not None:
-            body["run_id"] = resolve_run(args, args.run, args.project)["id"]
-        elif args.project:
-            body["project"] = args.project
-        out = _call(args, "POST", "/blobs/prune", json=body)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.run is not None:
+        body["run_id"] = resolve_run(args, args.run, args.project)["id"]
+    elif args.project:
+        body["project"] = args.project
+    out = call(args, "POST", "/blobs/prune", json=body)
     size = f"{out['frames']} frame blob(s), {out['bytes'] / 2**20:.1f} MiB"
     if out["dry_run"]:
         print(f"would delete {size}; pass --yes to delete", file=sys.stderr)
@@ -83,19 +65,12 @@ def cmd_runs_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_lag(args: argparse.Namespace) -> int:
-    try:
-        run = resolve_run(args, args.run, args.project)
-        params = {"scalar": args.scalar, "layer": args.layer, "max_lag": args.max_lag}
-        out = _call(args, "GET", f"/runs/{run['id']}/sed/lag", params=params)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    print(
+    run = resolve_run(args, args.run, args.project)
+    params = {"scalar": args.scalar, "layer": args.layer, "max_lag": args.max_lag}
+    out = call(args, "GET", f"/runs/{run['id']}/sed/lag", params=params)
+    lines = [
         f"SED gap series of {args.layer} vs {out['scalar']}, lags -{args.max_lag}..{args.max_lag}"
-    )
+    ]
     for series in out["series"]:
         best = series["best"]
         reading = "no variation to correlate"
@@ -105,9 +80,10 @@ def cmd_runs_lag(args: argparse.Namespace) -> int:
             reading = f"strongest r = {best['r']:+.2f} at {steps:+d} steps ({who})"
             if abs(best["lag"]) == args.max_lag:
                 reading += ", at the edge of the range"
-        print(f"  {series['metric']:<30} {series['points']:>6} shared steps  {reading}")
+        lines.append(f"  {series['metric']:<30} {series['points']:>6} shared steps  {reading}")
     if not out["series"]:
-        print("  (no SED gap series in this layer)")
+        lines.append("  (no SED gap series in this layer)")
+    print_result(args, out, lines)
     return 0
 
 
@@ -127,14 +103,14 @@ def add_runs_commands(subparsers: Any) -> None:
     ls.add_argument("--project", default=None)
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--json", action="store_true", help="print the runs as JSON")
-    ls.set_defaults(func=cmd_runs_list)
+    ls.set_defaults(func=reporting_errors(cmd_runs_list))
     rm = sub.add_parser(
         "delete", parents=[common], help="delete a run and everything stored for it"
     )
     rm.add_argument("run", help="run id; or run name, always with --project when given")
     rm.add_argument("--project", default=None)
     rm.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")
-    rm.set_defaults(func=cmd_runs_delete)
+    rm.set_defaults(func=reporting_errors(cmd_runs_delete))
     prune = sub.add_parser(
         "prune",
         parents=[common],
@@ -148,7 +124,7 @@ def add_runs_commands(subparsers: Any) -> None:
     prune.add_argument("--project", default=None, help="only this project")
     prune.add_argument("--run", default=None, help="only this run (id, or name with --project)")
     prune.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")
-    prune.set_defaults(func=cmd_runs_prune)
+    prune.set_defaults(func=reporting_errors(cmd_runs_prune))
     lag = sub.add_parser(
         "lag",
         parents=[common],
@@ -160,4 +136,4 @@ def add_runs_commands(subparsers: Any) -> None:
     lag.add_argument("--layer", default="__model__", help="layer of the gap series")
     lag.add_argument("--max-lag", type=int, default=10, help="lags in points of the shared steps")
     lag.add_argument("--json", action="store_true", help="print the analysis as JSON")
-    lag.set_defaults(func=cmd_runs_lag)
+    lag.set_defaults(func=reporting_errors(cmd_runs_lag))

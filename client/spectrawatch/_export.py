@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from spectrawatch._cli_alerts import CliError, _call, server_args, server_url
+from spectrawatch._cli_http import CliError, call, server_args, server_url
 from spectrawatch._version import __version__
 from spectrawatch.wire import (
     LAYER_MAX,
@@ -100,7 +100,7 @@ def resolve_run(args: argparse.Namespace, run: str, project: str | None) -> dict
     must be unambiguous). With ``--project`` the argument is a name even when it is all digits,
     so ``runs delete 6 --project P`` can never pick run id 6 of another project."""
     if run.isdigit() and not project:
-        found: dict[str, Any] = _call(args, "GET", f"/runs/{int(run)}")
+        found: dict[str, Any] = call(args, "GET", f"/runs/{int(run)}")
         return found
     params: dict[str, Any] = {"limit": 1000}
     if project:
@@ -108,7 +108,7 @@ def resolve_run(args: argparse.Namespace, run: str, project: str | None) -> dict
     offset = 0
     matches: list[dict[str, Any]] = []
     while True:
-        page = _call(args, "GET", "/runs", params={**params, "offset": offset})
+        page = call(args, "GET", "/runs", params={**params, "offset": offset})
         matches += [r for r in page if r["name"] == run]
         if len(page) < params["limit"]:
             break
@@ -130,14 +130,14 @@ def fetch_run(args: argparse.Namespace, run: dict[str, Any]) -> ExportedRun:
     rid = run["id"]
     scalars = [
         (int(step), s["name"], _num(v))
-        for s in _call(args, "GET", f"/runs/{rid}/scalars")
+        for s in call(args, "GET", f"/runs/{rid}/scalars")
         for step, v in zip(s["steps"], s["values"], strict=True)
     ]
-    names = sorted({m["name"] for m in _call(args, "GET", f"/runs/{rid}/metrics/catalog")})
+    names = sorted({m["name"] for m in call(args, "GET", f"/runs/{rid}/metrics/catalog")})
     metrics = [
         (int(step), series["layer"], name, _num(v))
         for name in names
-        for series in _call(args, "GET", f"/runs/{rid}/metrics", params={"name": name})["series"]
+        for series in call(args, "GET", f"/runs/{rid}/metrics", params={"name": name})["series"]
         for step, v in zip(series["steps"], series["values"], strict=True)
     ]
     scalars.sort(key=lambda r: (r[1], r[0]))
@@ -412,7 +412,7 @@ def import_run(args: argparse.Namespace, data: ExportedRun) -> dict[str, Any]:
         "resume": False,
     }
     try:
-        run = _call(args, "POST", "/runs", json=body)
+        run = call(args, "POST", "/runs", json=body)
     except CliError as exc:
         if exc.status == 409:
             raise ExportError(
@@ -424,7 +424,7 @@ def import_run(args: argparse.Namespace, data: ExportedRun) -> dict[str, Any]:
         return _load_run(args, data, run["id"])
     except (CliError, KeyboardInterrupt) as exc:
         try:
-            _call(args, "DELETE", f"/runs/{run['id']}")
+            call(args, "DELETE", f"/runs/{run['id']}")
             note = f"the partly imported run {run['id']} was deleted"
         except CliError as again:
             note = f"deleting the partly imported run {run['id']} failed too ({again})"
@@ -456,7 +456,7 @@ def _load_run(args: argparse.Namespace, data: ExportedRun, rid: int) -> dict[str
     for path, rows, key in batches:
         headers = {"content-type": "application/json", **({"Idempotency-Key": key} if key else {})}
         # json.dumps writes NaN (the server stores it as null); httpx's json= would refuse it
-        _call(args, "POST", path, content=json.dumps(rows), headers=headers)
+        call(args, "POST", path, content=json.dumps(rows), headers=headers)
     src = data.meta["run"]
     summary = dict(src.get("summary") or {})
     summary["imported_from"] = {
@@ -466,7 +466,7 @@ def _load_run(args: argparse.Namespace, data: ExportedRun, rid: int) -> dict[str
         "exported_at": data.meta.get("exported_at"),
     }
     status = src.get("status") if src.get("status") in STATUSES else "finished"
-    final: dict[str, Any] = _call(
+    final: dict[str, Any] = call(
         args, "PATCH", f"/runs/{rid}", json={"status": status, "summary": summary}
     )
     return final

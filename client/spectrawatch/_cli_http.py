@@ -1,0 +1,83 @@
+"""What every server-talking CLI command shares: ``--url``/``--token``, one API call with the
+server's error message, ``error:`` lines and exit 1 for a failed call, ``--json`` or lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from spectrawatch._transport import error_of
+from spectrawatch.config import DEFAULT_URL
+
+
+class CliError(Exception):
+    """A failed API call, with the server's message (and HTTP ``status`` when it answered)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def server_url(args: argparse.Namespace) -> str:
+    """The server root URL: ``--url``, else ``SPECTRAWATCH_URL``, else the default."""
+    return str(args.url or os.environ.get("SPECTRAWATCH_URL") or DEFAULT_URL).rstrip("/")
+
+
+def _client(args: argparse.Namespace) -> httpx.Client:
+    url = server_url(args)
+    token = args.token or os.environ.get("SPECTRAWATCH_TOKEN")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=30)
+
+
+def server_args() -> argparse.ArgumentParser:
+    """The ``--url``/``--token`` options every server-talking command shares (a parent parser)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=None, help=f"server URL (SPECTRAWATCH_URL, {DEFAULT_URL})")
+    common.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
+    return common
+
+
+def call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
+    """One request to ``/api/v1{path}``: its JSON (None for 204), or :class:`CliError`."""
+    with _client(args) as client:
+        try:
+            response = client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise CliError(f"cannot reach the server: {exc}") from exc
+    if response.status_code >= 400:
+        _, message = error_of(response)
+        if response.status_code == 404 and server_url(args).endswith("/api/v1"):
+            message += " (--url is the server root, e.g. http://host:8765, without /api/v1)"
+        raise CliError(f"HTTP {response.status_code}: {message}", response.status_code)
+    return None if response.status_code == 204 else response.json()
+
+
+def print_result(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
+    """``data`` as JSON with ``--json``, else ``lines`` (``(none)`` when there are none)."""
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join(lines) if lines else "(none)")
+
+
+def reporting_errors(
+    func: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """``func`` with a failed API call printed as ``error: ...`` on stderr and exit code 1."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            code: int = func(args)
+        except CliError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return code
+
+    return wrapped
