@@ -31,6 +31,13 @@ re-attached block's first row spans the detached block (timing only: the server 
     PYTHONPATH=client .venv/bin/python benchmarks/client_overhead.py --paired 6 --steps 20 \
         --device cuda --amp bf16 --batch 8 --seq 256
 
+With ``--budget B`` the monitor runs with ``overhead_budget=B`` and picks its update cadence in
+the warm-up (give it 12+ steps, and blocks of several times that cadence); the report adds the
+cadence chosen and the training thread's CPU time in the hooks per monitored step.
+
+    PYTHONPATH=client .venv/bin/python benchmarks/client_overhead.py --paired 2 --steps 100 \
+        --warmup 15 --reps 1 --budget 0.01
+
 ``--first-steps`` times every step from the first one (no warm-up, periodic captures not timed):
 the cost of building the hash index -- inside step 1 (``sw_index_step1``) or on the background
 thread started by ``attach`` (``spectrawatch``), with the steps skipped meanwhile.
@@ -342,8 +349,11 @@ def run_paired(
     layers: int,
     device: str = "cpu",
     amp: str = "none",
+    budget: float = 0.0,
 ) -> dict[str, Any]:
-    """Blocks of ``steps`` steps with the monitor's hooks on and off, alternating ABBA."""
+    """Blocks of ``steps`` steps with the monitor's hooks on and off, alternating ABBA; with
+    ``budget``, the monitor's ``overhead_budget`` (the warm-up is where it picks its cadence).
+    Also the training thread's CPU time inside the hooks, per monitored step."""
     import httpx
 
     import spectrawatch
@@ -357,11 +367,25 @@ def run_paired(
         spool_dir=tempfile.mkdtemp(),
         weights_every=0,
         activations_every=0,
+        overhead_budget=budget,
     )
     handle = m.attach(model, opt)
     assert handle is not None
     cap = handle.capture
     cap.wait_index(600)
+    hook_cpu = [0.0]
+
+    def timed(fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            c = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                hook_cpu[0] += time.thread_time() - c
+
+        return wrapper
+
+    pre_hook, post_hook = timed(cap._pre_hook), timed(cap._post_hook)
 
     def hooks(on: bool) -> None:
         for h in cap._handles:
@@ -369,8 +393,8 @@ def run_paired(
         cap._handles.clear()
         if on:
             cap._handles += [
-                opt.register_step_pre_hook(cap._pre_hook),
-                opt.register_step_post_hook(cap._post_hook),
+                opt.register_step_pre_hook(pre_hook),
+                opt.register_step_post_hook(post_hook),
             ]
 
     def block(n: int, first: int) -> float:
@@ -382,8 +406,10 @@ def run_paired(
         sync(dev)
         return (time.perf_counter() - t) / n
 
+    hooks(True)
     block(warmup, 0)
     on_times, off_times = [], []
+    hook_cpu[0] = 0.0
     for k in range(pairs):
         for on in (True, False) if k % 2 == 0 else (False, True):
             hooks(on)
@@ -392,7 +418,13 @@ def run_paired(
     stats = m.stats.snapshot()
     m.wait_idle(600)
     m.finish(timeout=120)
-    return {"on": on_times, "off": off_times, "client_stats": stats}
+    return {
+        "on": on_times,
+        "off": off_times,
+        "client_stats": stats,
+        "update_every": cap.update_every,
+        "hook_cpu_per_step": hook_cpu[0] / (pairs * steps),
+    }
 
 
 def report_paired(results: list[dict[str, Any]]) -> None:
@@ -401,6 +433,13 @@ def report_paired(results: list[dict[str, Any]]) -> None:
     for i, r in enumerate(results):
         pairs = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(r["on"], r["off"], strict=True))
         print(f"process {i}: on/off step (s) per pair: {pairs}")
+        if "hook_cpu_per_step" in r:
+            off = statistics.median(r["off"])
+            print(
+                f"process {i}: update sketch every {r['update_every']} steps; training-thread "
+                f"CPU in the hooks {1e3 * r['hook_cpu_per_step']:.2f} ms per monitored step = "
+                f"{100 * r['hook_cpu_per_step'] / off:.2f} % of the median unmonitored step"
+            )
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     print(
         f"paired overhead over {len(ratios)} pairs: median {100 * statistics.median(ratios):+.2f} %"
@@ -440,6 +479,12 @@ def main() -> None:
         metavar="K",
         help="K pairs of --steps-step blocks, monitor hooks on and off, in one process per rep",
     )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=0.0,
+        help="with --paired: the monitor's overhead_budget (a fraction; 0 = off, every step)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.first_steps:
@@ -454,6 +499,7 @@ def main() -> None:
             args.layers,
             device=args.device,
             amp=args.amp,
+            budget=args.budget,
         )
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -501,6 +547,7 @@ def main() -> None:
                 *(["--first-steps"] if args.first_steps else []),
                 *(["--block"] if args.block else []),
                 *(["--paired", str(args.paired)] if args.paired else []),
+                *(["--budget", str(args.budget)] if args.budget else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]

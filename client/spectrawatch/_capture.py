@@ -49,7 +49,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -57,6 +59,7 @@ import torch
 from torch import nn
 
 from spectrawatch import _shards, wire
+from spectrawatch._cadence import AdaptiveCadence
 from spectrawatch._overlap import PendingFrames, SketchStream
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch._sketch_triton import CountSketcher
@@ -166,6 +169,16 @@ class Capture:
         self._index_lock = threading.Lock()
         self._prev: Rows | None = None
         self._prev_step: int | None = None
+        # overhead_budget: the update cadence follows measured sketch and loop times
+        self._cadence = (
+            AdaptiveCadence(settings.overhead_budget, settings.update_every)
+            if settings.overhead_budget > 0 and settings.update_every > 0
+            else None
+        )
+        self._loop_end: float | None = None  # when the last post-step hook returned
+        self._pre_sketch_s = 0.0  # host time of this step's pre-step sketch
+        self._gpu_sketches: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._sketch_on_gpu = False  # the last _sketch_all recorded CUDA events
         self._forked = False  # in a forked child (DataLoader worker...) the hooks do nothing
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _inert_after_fork(ref))
@@ -385,7 +398,10 @@ class Capture:
             self._stepped = True
             n = self.step
             s = self.s
-            due_update = s.update_every > 0 and n % s.update_every == 0
+            if self._cadence is not None:
+                self._time_loop()
+            every = self.update_every
+            due_update = every > 0 and n % every == 0
             due_theta = s.theta_every > 0 and n % s.theta_every == 0
             if due_update or due_theta:
                 self._guard("update sketch", lambda: self._after_step(n, due_update, due_theta))
@@ -403,6 +419,37 @@ class Capture:
                 self._guard("commutator defect", lambda: self.capture_defect(n))
         except Exception as exc:  # belt and braces: nothing escapes a hook
             self.errors.record("capture", exc)
+        finally:
+            self._loop_end = time.perf_counter()
+
+    @property
+    def update_every(self) -> int:
+        """The update-sketch cadence in force: the setting, or the one the budget chose."""
+        return self._cadence.every if self._cadence is not None else self.s.update_every
+
+    def _time_loop(self) -> None:
+        """Feed the cadence controller (see :mod:`spectrawatch._cadence`): the loop's time since
+        the last post-step hook returned, less this step's pre-step sketch; finished CUDA
+        sketches' event times; then apply the cadence the samples call for."""
+        assert self._cadence is not None
+        now = time.perf_counter()
+        if self._loop_end is not None:
+            self._cadence.loop_time(now - self._loop_end - self._pre_sketch_s)
+        self._pre_sketch_s = 0.0
+        while self._gpu_sketches and self._gpu_sketches[0][1].query():  # type: ignore[no-untyped-call]
+            start, end = self._gpu_sketches.popleft()
+            self._cadence.sketch_time(start.elapsed_time(end) / 1e3)
+        before = self._cadence.every
+        every = self._cadence.update()
+        if every is not None:
+            self.stats.set("update_every", every)
+            cost = self._cadence.overhead(before)
+            self.errors.note(
+                f"cadence {every}",
+                f"update sketches every {every} steps from now on: every {before} cost "
+                f"~{100 * (cost or 0):.1f} % of the loop's time, over overhead_budget "
+                f"{100 * self._cadence.budget:g} %",
+            )
 
     def _guard(self, what: str, fn: Callable[[], None]) -> None:
         if what in self._disabled:
@@ -425,10 +472,24 @@ class Capture:
     def _before_step(self) -> None:
         self._check_layout()
         n = self.step + 1
-        s = self.s
-        if s.update_every > 0 and n % s.update_every == 0 and self._prev_step != n - 1:
-            self._prev = self._sketch_all()
+        every = self.update_every
+        if every > 0 and n % every == 0 and self._prev_step != n - 1:
+            t0 = time.perf_counter()
+            self._prev = self._timed_sketch()
+            self._pre_sketch_s = time.perf_counter() - t0
             self._prev_step = n - 1 if self._prev is not None else None
+
+    def _timed_sketch(self) -> Rows | None:
+        """:meth:`_sketch_all`, its time given to the cadence controller when there is one (host
+        time; a CUDA sketch on the fused path is timed by events, read once finished)."""
+        if self._cadence is None:
+            return self._sketch_all()
+        self._sketch_on_gpu = False
+        t0 = time.perf_counter()
+        out = self._sketch_all()
+        if out is not None and not self._sketch_on_gpu:
+            self._cadence.sketch_time(time.perf_counter() - t0)
+        return out
 
     def _folded(self, name: str, local: torch.Tensor) -> torch.Tensor:
         idx = self._index.get(name)
@@ -465,8 +526,13 @@ class Capture:
         if fused is not None and all(t.device == device for t in locals_):
             if not self.sharded:
                 with self._stream.use(device):
+                    events = self._cuda_events(device)
                     mat = fused(locals_)
                     out = torch.cat([mat, mat.sum(0, keepdim=True)])
+                    if events is not None:
+                        events[1].record()
+                        self._gpu_sketches.append(events)
+                        self._sketch_on_gpu = True
                 self._stream.launched(device, self._params)
                 return out
             mat = fused(locals_)
@@ -488,6 +554,17 @@ class Capture:
             mat = flat[:-1].view(-1, d)
         return torch.cat([mat, mat.sum(0, keepdim=True)])
 
+    def _cuda_events(
+        self, device: torch.device
+    ) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
+        """A recorded start event and an end event for timing a CUDA sketch on the current
+        stream, when the cadence controller wants them (a bounded number in flight)."""
+        if self._cadence is None or device.type != "cuda" or len(self._gpu_sketches) >= 64:
+            return None
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        return start, torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+
     def _fused_on(self, device: torch.device) -> CountSketcher | None:
         """The fused sketcher, rebuilt for ``device`` if the model moved there."""
         fused = self._fused
@@ -506,7 +583,7 @@ class Capture:
         self._frames.release(self.emit_frame, wait=False)
         if self.optimizer is None:  # with an optimizer the pre-step hook has checked
             self._check_layout()
-        cur = self._sketch_all()
+        cur = self._timed_sketch()
         if cur is None:  # hash index not built yet: skip, never wait
             self.stats.incr("sketch_steps_skipped")
             self._prev, self._prev_step = None, None
@@ -547,6 +624,7 @@ class Capture:
             "exact": self.s.exact,
             "model_sketch": "concat" if self.s.exact else "sum_of_layers",
             "update": "per_step" if self.optimizer is not None else "since_previous_row",
+            "update_every": self.update_every,
         }
 
     def _emit_rows(self, kind: wire.FrameKind, rows: list[Rows], steps: list[int]) -> None:

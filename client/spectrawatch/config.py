@@ -52,6 +52,9 @@ class ClientSettings:
     sketch_dim: int | None = None
     sketch_seed: int = 0
     update_every: int = 1  # per-step update sketch every N optimizer steps
+    # > 0: the client stretches update_every (never below the setting) so that the sketches
+    # cost at most this fraction of the loop's step time, as measured (see _cadence)
+    overhead_budget: float = 0.0
     frame_steps: int = 16  # rows (steps) batched into one update_sketch frame
     theta_every: int = 100  # param_sketch (sketch of theta, float64) every N steps: interval mode
     theta_frame_steps: int = 1  # rows batched into one param_sketch frame
@@ -127,6 +130,11 @@ class ClientSettings:
         for name in ("timeout_s", "request_deadline_s", "flush_timeout_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.overhead_budget < 1:  # also refuses NaN
+            raise SettingsError(
+                "overhead_budget must be in [0, 1) (a fraction, 0 = off), "
+                f"got {self.overhead_budget}"
+            )
         if not 0 <= self.resume_wait_s <= 600:
             raise SettingsError(f"resume_wait_s must be in [0, 600], got {self.resume_wait_s}")
         if self.dim < 1:
