@@ -337,3 +337,58 @@ def test_grokking_alert_quotes_its_evidence_end_to_end(
     assert alerts[0]["step"] >= 120
     assert "commutator defect above its baseline at step 120" in alerts[0]["message"]
     assert "weight-norm turnaround at step" in alerts[0]["message"]
+
+
+def test_a_raised_cadence_keeps_one_step_rows_and_complete_sed_windows(
+    server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``overhead_budget`` raises the update cadence from 1 to 5 at step 40 (the decision is
+    fixed here; the controller's own choice is tested in ``tests/unit/test_cadence.py``): the
+    real server keeps computing complete SED windows through the change, from the last W rows,
+    and the run's client stats show the cadence."""
+    from spectrawatch._cadence import AdaptiveCadence
+
+    def update(self: AdaptiveCadence) -> int | None:
+        self._sketches_seen += 1000  # any call: counts as "the samples are in"
+        if loop.step + 1 >= 40 and self.every == 1:
+            self.every = 5
+            return 5
+        return None
+
+    monkeypatch.setattr(AdaptiveCadence, "update", update)
+    m = spectrawatch.Monitor()
+    m.init(
+        **client_settings(
+            tmp_path,
+            server.url,
+            "budget",
+            overhead_budget=0.01,
+            weights_every=0,
+            activations_every=0,
+            theta_every=0,
+        )
+    )
+    loop = Loop(m)
+    loop.run(200)
+    assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    wait_until(
+        lambda: all(f["status"] == "done" for f in frames_of(server.url, m.run_id or 0)),
+        timeout=120,
+    )
+    with spectrawatch.Api(server.url) as api:
+        stored = api.run(m.run_id)
+        gap = stored.metric("sed.gap_ratio.w16", layer="__model__")["__model__"]
+        flags = stored.metric("sed.incomplete.w16", layer="__model__")["__model__"]
+        assert stats_of(server.url, m.run_id)["update_every"] == 5
+    # from the 4th row on, then one point per 5 steps; only the run's first windows (fewer
+    # than 16 rows yet) are incomplete: through the change each holds the last 16 rows
+    assert gap.steps == [*range(4, 40), *range(40, 201, 5)]
+    assert [s for s, v in zip(flags.steps, flags.values, strict=True) if v] == list(range(4, 16))
+    assert all(v > 0 for v in gap.values)
+
+
+def stats_of(url: str, run_id: int) -> dict[str, Any]:
+    with httpx.Client(base_url=f"{url}/api/v1", timeout=30) as c:
+        stats: dict[str, Any] = c.get(f"/runs/{run_id}").json()["client_stats"]
+    return stats

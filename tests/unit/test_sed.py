@@ -397,6 +397,42 @@ def test_many_layers_are_evaluated_at_the_layer_stride_and_the_model_at_every_st
     assert sorted(_values(result, key, "l07")) == list(range(16, 32))
 
 
+def test_a_raised_client_cadence_keeps_windows_complete() -> None:
+    """A client (``overhead_budget``) moves from a row every step to one every 10 steps: the
+    windows right after the change hold the last W rows, not the few that a 1-step spacing
+    would leave, and stay complete; per-layer thinning counts rows, not steps."""
+    g = torch.Generator().manual_seed(11)
+    steps = [*range(1, 65), *range(70, 230, 10)]  # 64 dense rows, then 16 sparse ones
+    rows = {name: torch.randn(len(steps), 96, generator=g) for name in ("a", "b")}
+    rows[MODEL_LAYER] = rows["a"] + rows["b"]
+
+    def frame(lo: int, hi: int, seq: int, **info: object) -> DecodedFrame:
+        return _frame(
+            FrameKind.UPDATE_SKETCH,
+            steps[lo:hi],
+            {k: v[lo:hi] for k, v in rows.items()},
+            seq=seq,
+            sed={"windows": [16], "layer_stride": 4},
+            **info,
+        )
+
+    frames = [frame(i, i + 16, i // 16) for i in range(0, 64, 16)]
+    frames.append(frame(64, 80, 4, update_every=10))
+    result = spectral_edge_dynamics(frames[4], FakeContext(frames[:4]))
+    key = sed.windowed_key(sed.GAP_RATIO, 16)
+    got = _values(result, key, MODEL_LAYER)
+    assert sorted(got) == steps[64:]
+    assert set(_values(result, sed.windowed_key(sed.INCOMPLETE, 16), MODEL_LAYER).values()) == {0.0}
+    for i, step in enumerate(steps[64:], start=64):
+        last = rows[MODEL_LAYER][i - 15 : i + 1].double()  # exactly the last 16 rows
+        (want,) = sed.rolling_sed(last, steps[i - 15 : i + 1], 16, at=[step], step_interval=10**6)
+        assert want.n_rows == 16
+        assert got[step] == pytest.approx(want.gap_ratio, rel=1e-9)
+    assert sorted(_values(result, key, "a")) == [80, 120, 160, 200]  # every 4th row: steps//10
+    assert default_layer_stride(149) == 16
+    assert default_layer_stride(149, every=10) == 1
+
+
 def test_missing_frame_flags_incomplete_windows_and_model_falls_back_to_concat() -> None:
     rows_a = _planted(30, 200, (4.0,), 0.05, seed=3).float()
     rows_b = _planted(30, 100, (2.0, 1.0), 0.05, seed=4).float()

@@ -177,13 +177,14 @@ def _window_bounds(
     window: int,
     delta: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row ranges ``[lo, hi)`` of the windows ending at ``ends`` (rows with step in
-    (t - window·delta, t])."""
+    """Row ranges ``[lo, hi)`` of the windows ending at ``ends``: rows with step in
+    (t - window·delta, t], at most the last ``window`` of them (more can be there only where
+    rows are denser than ``delta``: a client that raised its cadence)."""
     st = torch.tensor(list(steps), dtype=torch.int64)
     at = torch.tensor(list(ends), dtype=torch.int64)
     hi = torch.searchsorted(st, at, right=True)
     lo = torch.searchsorted(st, at - window * delta, right=True)
-    return lo, hi
+    return torch.maximum(lo, hi - window), hi
 
 
 def _check_stream(rows: Sequence[torch.Tensor], steps: Sequence[int]) -> None:

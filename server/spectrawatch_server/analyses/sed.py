@@ -7,14 +7,17 @@ window is assembled from earlier frames of the same kind (``context.recent_frame
 order whatever order frames arrived in; a window with missing steps is computed on the rows
 present and flagged with ``sed.incomplete.w<W> = 1``. Per layer and for the whole model
 (tensor ``__model__`` when the client sends one, else the concatenation of the layers' sketches,
-itself a count-sketch of the concatenated update), at every ``info["sed"]["stride"]``-th step:
+itself a count-sketch of the concatenated update), at every ``info["sed"]["stride"]``-th row:
 ``sed.{gap_ratio,edge,margin,signal_rank,incomplete,phase}.w<W>``. Per-layer series of update
-frames are kept at every ``layer_stride``-th of those steps: ``info["sed"]["layer_stride"]``, else
+frames are kept at every ``layer_stride``-th of those rows: ``info["sed"]["layer_stride"]``, else
 1 for up to :data:`LAYER_POINTS_PER_STEP` layers and the smallest power of two that keeps the
 layers' points per step at or under it (16 for GPT-2's 149 tensors: ~2.7k instead of ~43k metric
 rows per 16-step frame; every window is still computed on all its rows, only the evaluation steps
-thin out). ``__model__`` is evaluated at every step. All layers sharing the same
-steps, every window size and every new step go through one :func:`sed.batched_sed` call, and the
+thin out). Rows are one every ``info["update_every"]`` steps (the client's cadence, which its
+``overhead_budget`` may raise during a run): a window spans that many steps per row, and where
+older rows are denser (before the cadence rose) it holds the last W of them. ``__model__`` is
+evaluated at every row. All layers sharing the same steps, every window size and every new step
+go through one :func:`sed.batched_sed` call, and the
 stored gap series that phase detection continues are read in one ``metric_tails`` call.
 
 The grokking detector (``spectrawatch.spectral.grokking``) is evaluated for ``__model__`` on each
@@ -53,8 +56,14 @@ PHASE_HISTORY = 1024  # gap-series points read back for phase detection
 DETECTOR_HISTORY = 4096  # points of each detector input series
 
 
-def _settings(frame: DecodedFrame) -> tuple[tuple[int, ...], int, int]:
-    """``(windows, stride, layer_stride)`` from ``info["sed"]`` and the frame's layer count."""
+def _settings(frame: DecodedFrame) -> tuple[tuple[int, ...], int, int, int]:
+    """``(windows, stride, layer_stride, every)`` from ``info["sed"]``, the frame's layer count
+    and, for update frames, the client's cadence ``info["update_every"]`` (1 when absent).
+    ``stride`` and ``layer_stride`` count rows (steps // every), not steps."""
+    every = frame.header.info.get("update_every")
+    every = every if isinstance(every, int) and every >= 1 else 1
+    if frame.header.kind == FrameKind.PARAM_SKETCH:
+        every = 1
     cfg = frame.header.info.get("sed")
     cfg = cfg if isinstance(cfg, dict) else {}
     default = (
@@ -73,16 +82,18 @@ def _settings(frame: DecodedFrame) -> tuple[tuple[int, ...], int, int]:
     if frame.header.kind == FrameKind.PARAM_SKETCH:
         layer_stride = 1  # interval frames are already ~100 steps apart
     elif not (isinstance(layer_stride, int) and layer_stride >= 1):
-        layer_stride = default_layer_stride(sum(1 for n in frame.tensors if n != MODEL_LAYER))
-    return tuple(sorted(set(windows))), stride, layer_stride
+        layers = sum(1 for n in frame.tensors if n != MODEL_LAYER)
+        layer_stride = default_layer_stride(layers, every)
+    return tuple(sorted(set(windows))), stride, layer_stride, every
 
 
-def default_layer_stride(layers: int) -> int:
-    """1 up to :data:`LAYER_POINTS_PER_STEP` layers, else the smallest power of two ``k`` with
-    ``layers / k <= LAYER_POINTS_PER_STEP``."""
-    if layers <= LAYER_POINTS_PER_STEP:
+def default_layer_stride(layers: int, every: int = 1) -> int:
+    """In rows (one every ``every`` steps): 1 while ``layers / every`` is at most
+    :data:`LAYER_POINTS_PER_STEP`, else the smallest power of two ``k`` with
+    ``layers / (k * every) <= LAYER_POINTS_PER_STEP``."""
+    if layers <= LAYER_POINTS_PER_STEP * every:
         return 1
-    return 1 << math.ceil(math.log2(layers / LAYER_POINTS_PER_STEP))
+    return 1 << math.ceil(math.log2(layers / (LAYER_POINTS_PER_STEP * every)))
 
 
 def _steps(frame: DecodedFrame) -> list[int]:
@@ -138,14 +149,14 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
     """SED metrics for the steps of this frame, per layer and ``__model__``, every window."""
     kind = frame.header.kind
     interval = kind == FrameKind.PARAM_SKETCH
-    windows, stride, layer_stride = _settings(frame)
+    windows, stride, layer_stride, every = _settings(frame)
     steps = _steps(frame)
     need = max(windows) + (1 if interval else 0)
     limit = min(MAX_HISTORY_FRAMES, math.ceil(need / len(steps)) + 1)
     history = [f for f in context.recent_frames(kind, limit) if f.frame_id != frame.frame_id]
     frames = [*history, frame]
-    targets = [s for s in steps if s % stride == 0]
-    layer_targets = [s for s in targets if s % layer_stride == 0]
+    targets = [s for s in steps if (s // every) % stride == 0]
+    layer_targets = [s for s in targets if (s // every) % layer_stride == 0]
     layers = sorted(frame.tensors)
     if MODEL_LAYER not in layers:
         layers.append(MODEL_LAYER)
@@ -165,8 +176,8 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
                 continue
             rows, ends = sed.interval_deltas(rows, all_steps)
             key = (int(layer == MODEL_LAYER), sed.min_step_gap(all_steps), *ends)
-        else:
-            key = (int(layer == MODEL_LAYER), 0, *all_steps)
+        else:  # rows every `every` steps; denser older rows (a raised cadence): the last W
+            key = (int(layer == MODEL_LAYER), every if every > 1 else 0, *all_steps)
         by_steps.setdefault(key, []).append((layer, rows))
     found: list[tuple[str, dict[int, list[sed.WindowSED]]]] = []
     for (is_model, delta, *group_steps), members in by_steps.items():
