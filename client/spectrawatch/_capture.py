@@ -21,10 +21,12 @@ daemon thread at lowered priority started by ``attach``. Until it is ready, a du
 *skipped*, never waited for: no row is sent for it, stat ``sketch_steps_skipped`` counts it, and
 the first row after the index is ready is a true one-step update (theta is sketched again before
 that step). With ``update_every = k > 1`` the pre-step hook sketches theta_{n-1} before step n,
-so a row is still the update of one step. The same theta sketches feed interval mode: every
-``theta_every`` steps a ``param_sketch`` frame carries them (float64), and the server
-differences them into the SED paper's checkpoint-interval displacements without the client
-keeping any checkpoint.
+so a row is still the update of one step; with ``overhead_budget`` the client chooses k itself
+from the measured sketch and step times (:mod:`spectrawatch._cadence`, never lowering it), and
+each update frame names the k in force (``info["update_every"]``). The same theta sketches feed
+interval mode: every ``theta_every`` steps a ``param_sketch`` frame carries them (float64), and
+the server differences them into the SED paper's checkpoint-interval displacements without the
+client keeping any checkpoint.
 Whole model: tensor ``__model__`` is the *sum of the per-layer sketches* (each layer hashed with
 its own seed), which is itself a count-sketch of the concatenated update (a coordinate of layer
 l goes to that layer's bucket and sign); ``info["model_sketch"] = "sum_of_layers"`` says so.
