@@ -171,12 +171,21 @@ class Capture:
         self._index_lock = threading.Lock()
         self._prev: Rows | None = None
         self._prev_step: int | None = None
-        # overhead_budget: the update cadence follows measured sketch and loop times
+        # overhead_budget: the update cadence follows measured sketch and loop times; not for
+        # sharded models, whose ranks must sketch (all_reduce) at the same steps
         self._cadence = (
             AdaptiveCadence(settings.overhead_budget, settings.update_every)
-            if settings.overhead_budget > 0 and settings.update_every > 0
+            if settings.overhead_budget > 0 and settings.update_every > 0 and not self.sharded
             else None
         )
+        if settings.overhead_budget > 0 and self.sharded:
+            errors.note(
+                "cadence",
+                "overhead_budget is ignored for sharded models (every rank must sketch at the "
+                "same steps): update sketches follow update_every",
+            )
+        if settings.update_every > 0:
+            stats.set("update_every", settings.update_every)  # shown with the run's client stats
         self._loop_end: float | None = None  # when the last post-step hook returned
         self._pre_sketch_s = 0.0  # host time of this step's pre-step sketch
         self._gpu_sketches: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()

@@ -177,6 +177,7 @@
         " last step " + (run.last_step === null ? "—" : run.last_step) +
         " · frames analysed " + (frames.done || 0) + (pending ? " (" + pending + " queued)" : "") +
         (frames.failed ? " · " + frames.failed + " failed" : "")));
+      if (!data.runs) { renderClient(meta, run.client_stats); }
     });
     if (data.run) {
       $("run-title").textContent = data.run.name + " (#" + data.run.id + ")";
@@ -200,6 +201,23 @@
         summary.appendChild(el("b", {}, pair[1]));
       });
     }
+  }
+
+  // the client's own report (client stats): what it sent, dropped, spooled, its cadence
+  function renderClient(meta, cs) {
+    if (!cs || !Object.keys(cs).length) { return; }
+    var bits = [(cs.sent_frames || 0) + " frames sent"];
+    if (cs.dropped_frames) { bits.push(cs.dropped_frames + " dropped"); }
+    if (cs.spooled_frames) { bits.push(cs.spooled_frames + " spooled"); }
+    if (cs.errors) { bits.push(cs.errors + (cs.errors === 1 ? " error" : " errors")); }
+    if (cs.update_every) {
+      bits.push("update sketch every " + (cs.update_every === 1 ? "step" : cs.update_every + " steps"));
+    }
+    var bad = cs.dropped_frames || cs.errors;
+    meta.appendChild(document.createTextNode(" · "));
+    meta.appendChild(el("span", {
+      id: "client-stats", "class": "client" + (bad ? " warn" : ""), title: cs.last_error || ""
+    }, "client: " + bits.join(", ")));
   }
 
   function renderControls(data) {

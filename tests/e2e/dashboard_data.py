@@ -74,6 +74,14 @@ def seed(data_dir: Path, project: str = "demo") -> SeededRun:
         other, _ = repo.get_or_create_run(s, proj, "baseline", {}, [])
         run.status = "finished"
         other.status = "finished"
+        run.client_stats = {  # what a client reports; the run pages show it
+            "sent_frames": 120,
+            "dropped_frames": 3,
+            "spooled_frames": 2,
+            "errors": 1,
+            "update_every": 100,
+            "last_error": "update sketch: RuntimeError: out of memory",
+        }
         for target, shift in ((run, 0.0), (other, 0.4)):
             _fill(s, target.id, payloads, shift)
         webhook = Webhook(

@@ -214,6 +214,12 @@ def test_overview_scalars_sed_phases_and_markers(
         f"step {WARNING_STEP}"
     ) in summary
     assert f"lead time {crossing - WARNING_STEP} steps" in summary
+    client = browser.find_element("id", "client-stats")
+    assert client.text == (
+        "client: 120 frames sent, 3 dropped, 2 spooled, 1 error, update sketch every 100 steps"
+    )
+    assert client.get_attribute("class") == "client warn"
+    assert "out of memory" in client.get_attribute("title")
     screenshot(browser, artifacts, "overview")
     assert console_errors(browser) == []
 

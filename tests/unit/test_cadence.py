@@ -143,6 +143,7 @@ def test_real_loops_cheap_sketch_keeps_every_step_costly_one_is_stretched() -> N
     sink = Sink()
     cap, stats = make_capture(model, opt, sink, overhead_budget=0.2, frame_steps=100)
     assert cap.wait_index(30)
+    assert stats.get("update_every") == 1  # reported from the start, not only on a change
     gen = torch.Generator().manual_seed(1)
     for _ in range(30):
         time.sleep(0.02)  # a sketch of 231 parameters is ~0.1 ms: far below 20 % of 20 ms
