@@ -179,6 +179,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def thread_timed(fn: Any, total: list[float]) -> Any:
+    """``fn``, adding the calling thread's CPU time spent inside it to ``total[0]``."""
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        c = time.thread_time()
+        try:
+            return fn(*a, **k)
+        finally:
+            total[0] += time.thread_time() - c
+
+    return wrapper
+
+
 def run_condition(
     cond: str,
     steps: int,
@@ -209,19 +222,9 @@ def run_condition(
         import spectrawatch
         from spectrawatch._capture import Capture
 
-        def timed(fn: Any) -> Any:
-            def wrapper(*a: Any, **k: Any) -> Any:
-                c = time.thread_time()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    hook_time[0] += time.thread_time() - c
-
-            return wrapper
-
         # paired measurement: CPU time spent inside the optimizer-step hooks of this very run
-        Capture._pre_hook = timed(Capture._pre_hook)  # type: ignore[method-assign]
-        Capture._post_hook = timed(Capture._post_hook)  # type: ignore[method-assign]
+        Capture._pre_hook = thread_timed(Capture._pre_hook, hook_time)  # type: ignore[method-assign]
+        Capture._post_hook = thread_timed(Capture._post_hook, hook_time)  # type: ignore[method-assign]
         if cond == "sw_index_step1":
             index_in_first_step()
 
@@ -374,18 +377,8 @@ def run_paired(
     cap = handle.capture
     cap.wait_index(600)
     hook_cpu = [0.0]
-
-    def timed(fn: Any) -> Any:
-        def wrapper(*a: Any, **k: Any) -> Any:
-            c = time.thread_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                hook_cpu[0] += time.thread_time() - c
-
-        return wrapper
-
-    pre_hook, post_hook = timed(cap._pre_hook), timed(cap._post_hook)
+    pre_hook = thread_timed(cap._pre_hook, hook_cpu)
+    post_hook = thread_timed(cap._post_hook, hook_cpu)
 
     def hooks(on: bool) -> None:
         for h in cap._handles:

@@ -15,7 +15,7 @@ from spectrawatch import _capture, wire
 from spectrawatch._cadence import LADDER, MIN_SKETCHES, MIN_STEPS, WARMUP_SKETCHES, AdaptiveCadence
 from spectrawatch.config import ClientSettings, SettingsError
 from spectrawatch.sketch import SketchSpec
-from tests.unit.test_client_capture import Sink, make_capture, mlp, reference_sketch
+from tests.unit.test_client_capture import Sink, assert_sketch_of, make_capture, mlp
 
 
 def _fed(sketch_s: float, loop_s: float, floor: int = 1, budget: float = 0.05) -> AdaptiveCadence:
@@ -124,13 +124,7 @@ def test_capture_switches_to_the_cadence_the_times_call_for(
     spec = SketchSpec(640, 0)
     for row, step in enumerate(frame.info["steps"]):
         delta = thetas[step]["0.weight"].double() - thetas[step - 1]["0.weight"].double()
-        ref = reference_sketch(delta, spec, "0.weight")
-        torch.testing.assert_close(
-            frame.tensors["0.weight"][row].double(),
-            ref,
-            rtol=1e-5,
-            atol=1e-7 * float(ref.abs().max()),
-        )
+        assert_sketch_of(frame.tensors["0.weight"][row], delta, spec, "0.weight")
     assert stats.get("errors") == 0
 
 
@@ -178,8 +172,8 @@ def test_real_loops_cheap_sketch_keeps_every_step_costly_one_is_stretched() -> N
     spec = SketchSpec(640, 0)
     rows = torch.cat([f.tensors["weight"] for f in sink.of(wire.FrameKind.UPDATE_SKETCH)])
     for row, step in zip(rows, steps, strict=True):
-        ref = reference_sketch(thetas[step]["weight"] - thetas[step - 1]["weight"], spec, "weight")
-        torch.testing.assert_close(row.double(), ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+        delta = thetas[step]["weight"] - thetas[step - 1]["weight"]
+        assert_sketch_of(row, delta, spec, "weight", rtol=1e-4)
 
 
 @pytest.mark.gpu

@@ -74,6 +74,17 @@ def reference_sketch(x: torch.Tensor, spec: SketchSpec, name: str) -> torch.Tens
     return count_sketch(x.reshape(-1).double(), b, s, spec.dim, torch.float64)
 
 
+def assert_sketch_of(
+    row: torch.Tensor, delta: torch.Tensor, spec: SketchSpec, name: str, rtol: float = 1e-5
+) -> None:
+    """``row`` (a float32 update row) is the sketch of ``delta`` to ``rtol`` (absolute slack:
+    ``rtol / 100`` of its largest bucket)."""
+    ref = reference_sketch(delta, spec, name)
+    torch.testing.assert_close(
+        row.double(), ref, rtol=rtol, atol=rtol / 100 * float(ref.abs().max())
+    )
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_update_rows_are_sketches_of_the_exact_updates(fused: bool) -> None:
     """Fused: all layers in one pass (one device); else one sketch per layer (several devices)."""
@@ -128,13 +139,7 @@ def test_cadence_k_still_sends_one_step_updates_and_grad_accumulation() -> None:
     spec = SketchSpec(640, 0)
     for row, step in enumerate([3, 6, 9]):
         delta = thetas[step]["3.weight"] - thetas[step - 1]["3.weight"]
-        ref = reference_sketch(delta, spec, "3.weight")
-        torch.testing.assert_close(
-            frame.tensors["3.weight"][row].double(),
-            ref,
-            rtol=1e-5,
-            atol=1e-7 * float(ref.abs().max()),
-        )
+        assert_sketch_of(frame.tensors["3.weight"][row], delta, spec, "3.weight")
 
 
 def test_theta_sketches_difference_into_interval_updates() -> None:
@@ -466,9 +471,7 @@ def test_index_built_off_the_step_and_steps_skipped_until_ready(
     for row, step in enumerate([4, 5, 6, 7]):  # thetas[i] is theta after step i
         for name in ("0.weight", "3.bias"):
             delta = thetas[step][name].double() - thetas[step - 1][name].double()
-            ref = reference_sketch(delta, spec, name)
-            got = frames[0].tensors[name][row].double()
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7 * float(ref.abs().max()))
+            assert_sketch_of(frames[0].tensors[name][row], delta, spec, name)
     assert stats.get("errors") == 0
 
 
