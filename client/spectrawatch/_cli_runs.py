@@ -1,6 +1,6 @@
-"""``spectrawatch runs list|delete|prune|lag``: the runs of a server, removing one with its data,
-releasing the stored frame bodies of ended runs (their results stay), and a run's SED lag
-analysis."""
+"""``spectrawatch runs list|show|delete|prune|lag``: the runs of a server, one run's state (frames,
+the client's report, alerts, metrics, config), removing one with its data, releasing the stored
+frame bodies of ended runs (their results stay), and a run's SED lag analysis."""
 
 from __future__ import annotations
 
@@ -23,6 +23,66 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         for r in runs
     ]
     print_result(args, runs, lines)
+    return 0
+
+
+def client_report(stats: dict[str, Any]) -> str:
+    """The client's own report in one line: frames sent, dropped, spooled, errors, cadence."""
+    bits = [f"{stats.get('sent_frames', 0)} frames sent"]
+    for key, noun in (("dropped_frames", "dropped"), ("spooled_frames", "spooled")):
+        if stats.get(key):
+            bits.append(f"{stats[key]} {noun}")
+    if stats.get("errors"):
+        bits.append(f"{stats['errors']} error{'s' if stats['errors'] != 1 else ''}")
+    every = stats.get("update_every")
+    if every:
+        bits.append("update sketch every " + ("step" if every == 1 else f"{every} steps"))
+    return ", ".join(bits)
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    run = resolve_run(args, args.run, args.project)
+    rid = run["id"]
+    open_alerts = call(args, "GET", f"/runs/{rid}/alerts", params={"status": "open"})
+    catalog = call(args, "GET", f"/runs/{rid}/metrics/catalog")
+    if args.json:
+        print_result(args, {**run, "open_alerts": len(open_alerts), "metrics": catalog}, [])
+        return 0
+    frames = run.get("frames") or {}
+    queued = frames.get("pending", 0) + frames.get("running", 0)
+    kinds = len({m["name"] for m in catalog})
+    lines = [
+        f"run {rid}: {run['project']}/{run['name']} ({run['status']})",
+        f"  created {run['created_at']}, last seen {run.get('last_seen_at') or '-'}, "
+        f"last step {run.get('last_step')}",
+        f"  frames: {frames.get('done', 0)} analysed, {queued} queued, "
+        f"{frames.get('failed', 0)} failed",
+    ]
+    stats = run.get("client_stats") or {}
+    if stats:
+        lines.append(f"  client: {client_report(stats)}")
+        if stats.get("last_error"):
+            lines.append(f"  client's last error: {stats['last_error']}")
+    lines.append(f"  metrics: {kinds} kinds, {len(catalog)} series")
+    by_rule: dict[str, int] = {}
+    for a in open_alerts:
+        by_rule[a["rule"]] = by_rule.get(a["rule"], 0) + 1
+    lines.append(
+        f"  open alerts: {len(open_alerts)}"
+        + (
+            " (" + ", ".join(f"{k} x{v}" for k, v in sorted(by_rule.items())) + ")"
+            if by_rule
+            else ""
+        )
+    )
+    if run.get("tags"):
+        lines.append(f"  tags: {', '.join(map(str, run['tags']))}")
+    config = run.get("config") or {}
+    if config:
+        shown = ", ".join(f"{k}={v}" for k, v in list(config.items())[:12])
+        more = f", ... ({len(config)} keys)" if len(config) > 12 else ""
+        lines.append(f"  config: {shown}{more}")
+    print_result(args, run, lines)
     return 0
 
 
@@ -95,7 +155,7 @@ def _days(text: str) -> float:
 
 
 def add_runs_commands(subparsers: Any) -> None:
-    """Register ``runs list|delete|prune|lag`` on the top-level ``spectrawatch`` parser."""
+    """Register ``runs list|show|delete|prune|lag`` on the top-level ``spectrawatch`` parser."""
     common = server_args()
     runs = subparsers.add_parser("runs", help="list runs, delete a run with its data")
     sub = runs.add_subparsers(dest="runs_command", required=True)
@@ -104,6 +164,17 @@ def add_runs_commands(subparsers: Any) -> None:
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--json", action="store_true", help="print the runs as JSON")
     ls.set_defaults(func=reporting_errors(cmd_runs_list))
+    show = sub.add_parser(
+        "show",
+        parents=[common],
+        help="one run: status, frames, the client's report, open alerts, metrics, config",
+    )
+    show.add_argument("run", help="run id; or run name, always with --project when given")
+    show.add_argument("--project", default=None)
+    show.add_argument(
+        "--json", action="store_true", help="the run, open alerts and catalog as JSON"
+    )
+    show.set_defaults(func=reporting_errors(cmd_runs_show))
     rm = sub.add_parser(
         "delete", parents=[common], help="delete a run and everything stored for it"
     )

@@ -78,6 +78,25 @@ def test_results_read_back_in_python(
     line = next(x for x in text.splitlines() if "sed.gap_ratio.w16" in x)
     assert f"{w16['points']:>6} shared steps  strongest r = {w16['best']['r']:+.2f}" in line
     assert main(["runs", "lag", str(run_id), "--scalar", "absent", "--url", server.url]) == 1
+    capsys.readouterr()
+    # runs show: the run's state, the client's own report (as the real client sent it)
+    stored = api.get(f"/runs/{run_id}").json()
+    stats = stored["client_stats"]
+    assert stats["sent_frames"] > 0
+    assert stats["update_every"] == 1
+    assert main(["runs", "show", "queried", "--project", "notebook", "--url", server.url]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"run {run_id}: notebook/queried (finished)")
+    assert f"frames: {len(frames_of(server.url, run_id))} analysed, 0 queued, 0 failed" in text
+    assert f"client: {stats['sent_frames']} frames sent, update sketch every step\n" in text
+    assert f"metrics: {len({n for n, _ in keys})} kinds, {len(keys)} series" in text
+    assert main(["runs", "show", str(run_id), "--json", "--url", server.url]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["client_stats"] == stats
+    assert shown["metrics"] == catalog
+    assert shown["open_alerts"] == len(api.get(f"/runs/{run_id}/alerts?status=open").json())
+    assert main(["runs", "show", "nope", "--url", server.url]) == 1
+    assert "no run named 'nope'" in capsys.readouterr().err
     with Api(server.url) as sw:
         with pytest.raises(ApiError, match="no run is named 'absent'"):
             sw.run("absent")
