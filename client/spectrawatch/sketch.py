@@ -12,7 +12,10 @@ the projection is the same on every device and can be rebuilt from the seed alon
 from __future__ import annotations
 
 import bisect
+import os
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -278,6 +281,12 @@ class FusedCountSketch:
 
     The plan is built once for the tensors' sizes; every call passes tensors of those sizes, in
     the same order, on ``device``.
+
+    On the CPU (``private`` 0) the chunks are split into ``workers`` contiguous runs, each
+    summed by a thread of a shared pool into its own rows, and the partial rows added in run
+    order (torch's kernels release the GIL): default ``torch.get_num_threads()``, the thread
+    budget the training itself uses; a training step is paused while its sketch runs. Same sums
+    up to float rounding, and the same bits on every call with the same ``workers``.
     """
 
     def __init__(
@@ -289,9 +298,11 @@ class FusedCountSketch:
         dtype: torch.dtype = torch.float64,
         chunk: int | None = None,
         private: int | None = None,
+        workers: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
+        self.workers = workers
         self.numels = list(numels)
         self.dim = dim
         self.dtype = dtype
@@ -343,6 +354,29 @@ class FusedCountSketch:
 
     def __call__(self, xs: list[torch.Tensor], folded: torch.Tensor) -> torch.Tensor:
         """Sketch ``xs`` (any shapes with the planned numels) with their concatenated index."""
+        flats = [x.reshape(-1) for x in xs]
+        workers = self.workers if self.workers is not None else torch.get_num_threads()
+        workers = min(workers, len(self.chunks) // 2)
+        if self.device.type != "cpu" or self.block != self.chunk or workers < 2:
+            out = self._sum_chunks(self.chunks, flats, folded)
+        else:
+            runs = np.array_split(np.arange(len(self.chunks)), workers)
+            grad = torch.is_grad_enabled()
+
+            def run(ids: np.ndarray) -> torch.Tensor:
+                with torch.set_grad_enabled(grad):  # grad mode is per thread
+                    return self._sum_chunks([self.chunks[i] for i in ids], flats, folded)
+
+            parts = list(_cpu_pool(workers).map(run, runs))
+            out = parts[0]
+            for part in parts[1:]:
+                out += part
+        return out[:, : self.dim] - out[:, self.dim :]
+
+    def _sum_chunks(
+        self, chunks: list[_Chunk], flats: list[torch.Tensor], folded: torch.Tensor
+    ) -> torch.Tensor:
+        """``(L, 2 * dim)`` bucket sums of ``chunks`` (positive and negative halves)."""
         dim2 = 2 * self.dim
         out = torch.zeros(len(self.numels), dim2, dtype=self.dtype, device=self.device)
         size = min(self.chunk, self.total)
@@ -353,9 +387,8 @@ class FusedCountSketch:
             if self._needs_coords
             else None
         )
-        flats = [x.reshape(-1) for x in xs]
         staging: dict[torch.dtype, torch.Tensor] = {}
-        for c in self.chunks:
+        for c in chunks:
             m = c.g1 - c.g0
             part = buf[:m]
             pieces = [flats[k][lo:hi] for k, lo, hi in c.pieces]
@@ -384,7 +417,26 @@ class FusedCountSketch:
             acc = torch.zeros(c.blocks * dim2, dtype=self.dtype, device=self.device)
             acc.index_add_(0, idx, part)
             out.index_add_(0, c.owners, acc.view(c.blocks, dim2))
-        return out[:, : self.dim] - out[:, self.dim :]
+        return out
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}  # size -> the one shared pool
+_POOL_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=_POOL.clear)  # a child has none of the parent's threads
+
+
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """The shared pool of CPU sketch threads, grown to ``workers`` when needed."""
+    with _POOL_LOCK:
+        size, pool = next(iter(_POOL.items()), (0, None))
+        if pool is None or size < workers:
+            if pool is not None:
+                pool.shutdown(wait=False)  # work already given to it still runs
+            _POOL.clear()
+            pool = _POOL[workers] = ThreadPoolExecutor(
+                workers, thread_name_prefix="spectrawatch-sketch"
+            )
+        return pool
 
 
 def count_sketch(

@@ -157,6 +157,28 @@ def test_fused_sketch_equals_one_sketch_per_tensor(
     torch.testing.assert_close(fused(xs, folded), out, rtol=0, atol=0)  # the plan is reusable
 
 
+@pytest.mark.parametrize("workers", [2, 3, 64])
+def test_cpu_sketch_split_over_threads_equals_one_thread(workers: int) -> None:
+    """The CPU chunks summed by several pool threads (more than there are chunk pairs: capped)
+    give the one-thread sums to rounding, the same bits on every call, with grad mode kept."""
+    xs = _tensors([(300,), (1_000, 70), (5,), (0,), (123_457,), (10,), (3, 40)], 4)
+    for x in xs:
+        x.requires_grad_(True)
+    index = [signed_buckets(x.numel(), 7 + i, 64) for i, x in enumerate(xs)]
+    folded = torch.cat(index)
+    numels = [x.numel() for x in xs]
+    one = FusedCountSketch(numels, 64, "cpu", chunk=4_096, workers=1)
+    many = FusedCountSketch(numels, 64, "cpu", chunk=4_096, workers=workers)
+    assert len(many.chunks) == 48
+    with torch.no_grad():  # the capture's mode; the pool threads must run in it too
+        ref = one(xs, folded)
+        out = many(xs, folded)
+        again = many(xs, folded)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+    assert torch.equal(out, again)
+    assert not out.requires_grad
+
+
 def test_fused_sketch_past_int32_coordinates_switches_to_int64() -> None:
     """9,000 small tensors and one of two 2^20-coordinate blocks in one chunk put the virtual
     coordinates (blocks x 2^20) past 2^31: the index is int64, the sums the same."""
