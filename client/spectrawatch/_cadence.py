@@ -4,9 +4,10 @@ With ``overhead_budget = b > 0`` the client times every sketch of theta (host ti
 CUDA events around the kernel on a GPU) and the training loop's own time per step (between
 two optimizer steps, the monitor's sketches excluded). A row of per-step updates costs one
 sketch when rows are every step (the previous step's sketch is reused) and two otherwise (theta
-before and after the step), so sketching every ``k`` steps costs the fraction
+before and after the step; one without an optimizer, whose rows are the change since the last
+row), so sketching every ``k`` steps costs the fraction
 
-    overhead(k) = median sketch time * (1 if k == 1 else 2) / (k * median loop time)
+    overhead(k) = median sketch time * sketches per row / (k * median loop time)
 
 of the loop. Once enough samples are in, :meth:`AdaptiveCadence.update` moves the cadence to
 the smallest ``floor * m`` (``m`` in :data:`LADDER`) whose overhead is within the budget. The
@@ -28,13 +29,16 @@ MIN_STEPS = 8  # loop-time samples needed before a decision
 class AdaptiveCadence:
     """Samples of sketch and loop time, and the cadence they call for (never decreasing)."""
 
-    def __init__(self, budget: float, floor: int, samples: int = 16) -> None:
+    def __init__(
+        self, budget: float, floor: int, samples: int = 16, *, per_step_rows: bool = True
+    ) -> None:
         if not 0 < budget < 1:
             raise ValueError(f"budget must be in (0, 1), got {budget}")
         if floor < 1:
             raise ValueError(f"floor must be >= 1, got {floor}")
         self.budget = budget
         self.every = floor
+        self.per_step_rows = per_step_rows  # rows of one step: 2 sketches each when k > 1
         self.candidates = [floor * m for m in LADDER]
         self._sketch: deque[float] = deque(maxlen=samples)
         self._loop: deque[float] = deque(maxlen=2 * samples)
@@ -56,7 +60,8 @@ class AdaptiveCadence:
         until there are enough samples)."""
         if len(self._sketch) < MIN_SKETCHES or len(self._loop) < MIN_STEPS:
             return None
-        per_row = statistics.median(self._sketch) * (1 if every == 1 else 2)
+        sketches = 2 if every > 1 and self.per_step_rows else 1
+        per_row = statistics.median(self._sketch) * sketches
         return per_row / (every * statistics.median(self._loop))
 
     def update(self) -> int | None:

@@ -174,7 +174,9 @@ class Capture:
         # overhead_budget: the update cadence follows measured sketch and loop times; not for
         # sharded models, whose ranks must sketch (all_reduce) at the same steps
         self._cadence = (
-            AdaptiveCadence(settings.overhead_budget, settings.update_every)
+            AdaptiveCadence(
+                settings.overhead_budget, settings.update_every, per_step_rows=optimizer is not None
+            )
             if settings.overhead_budget > 0 and settings.update_every > 0 and not self.sharded
             else None
         )

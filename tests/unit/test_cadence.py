@@ -42,6 +42,11 @@ def test_the_cadence_is_the_smallest_ladder_step_within_the_budget() -> None:
     assert c.update() == 6  # 2 * 10 % / 6 = 3.3 %
     c = _fed(10.0, 0.001)  # hopeless: the largest cadence, not "off"
     assert c.update() == LADDER[-1]
+    assert _fed(0.008, 0.1).update() == 5  # every 2: 2 * 8 % / 2 = 8 %; every 5: 3.2 %
+    c = _fed(0.008, 0.1)  # without an optimizer a row is one sketch (change since the last row)
+    c.per_step_rows = False
+    assert c.overhead(2) == pytest.approx(0.04)
+    assert c.update() == 2
 
 
 def test_no_decision_before_enough_samples_and_the_cadence_never_shrinks() -> None:
