@@ -487,21 +487,23 @@ class Capture:
         n = self.step + 1
         every = self.update_every
         if every > 0 and n % every == 0 and self._prev_step != n - 1:
-            t0 = time.perf_counter()
-            self._prev = self._timed_sketch()
-            self._pre_sketch_s = time.perf_counter() - t0
+            self._prev = self._timed_sketch(before_step=True)
             self._prev_step = n - 1 if self._prev is not None else None
 
-    def _timed_sketch(self) -> Rows | None:
+    def _timed_sketch(self, before_step: bool = False) -> Rows | None:
         """:meth:`_sketch_all`, its time given to the cadence controller when there is one (host
-        time; a CUDA sketch on the fused path is timed by events, read once finished)."""
+        time; a CUDA sketch on the fused path is timed by events, read once finished). The
+        pre-step sketch's host time is also kept, to take it out of the loop's time."""
         if self._cadence is None:
             return self._sketch_all()
         self._sketch_on_gpu = False
         t0 = time.perf_counter()
         out = self._sketch_all()
+        host = time.perf_counter() - t0
+        if before_step:
+            self._pre_sketch_s = host
         if out is not None and not self._sketch_on_gpu:
-            self._cadence.sketch_time(time.perf_counter() - t0)
+            self._cadence.sketch_time(host)
         return out
 
     def _folded(self, name: str, local: torch.Tensor) -> torch.Tensor:

@@ -157,6 +157,9 @@ def _days(text: str) -> float:
 def add_runs_commands(subparsers: Any) -> None:
     """Register ``runs list|show|delete|prune|lag`` on the top-level ``spectrawatch`` parser."""
     common = server_args()
+    one_run = argparse.ArgumentParser(add_help=False)  # the commands about one run
+    one_run.add_argument("run", help="run id; or run name, always with --project when given")
+    one_run.add_argument("--project", default=None)
     runs = subparsers.add_parser("runs", help="list runs, delete a run with its data")
     sub = runs.add_subparsers(dest="runs_command", required=True)
     ls = sub.add_parser("list", parents=[common], help="runs, newest first")
@@ -166,20 +169,16 @@ def add_runs_commands(subparsers: Any) -> None:
     ls.set_defaults(func=reporting_errors(cmd_runs_list))
     show = sub.add_parser(
         "show",
-        parents=[common],
+        parents=[common, one_run],
         help="one run: status, frames, the client's report, open alerts, metrics, config",
     )
-    show.add_argument("run", help="run id; or run name, always with --project when given")
-    show.add_argument("--project", default=None)
     show.add_argument(
         "--json", action="store_true", help="the run, open alerts and catalog as JSON"
     )
     show.set_defaults(func=reporting_errors(cmd_runs_show))
     rm = sub.add_parser(
-        "delete", parents=[common], help="delete a run and everything stored for it"
+        "delete", parents=[common, one_run], help="delete a run and everything stored for it"
     )
-    rm.add_argument("run", help="run id; or run name, always with --project when given")
-    rm.add_argument("--project", default=None)
     rm.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")
     rm.set_defaults(func=reporting_errors(cmd_runs_delete))
     prune = sub.add_parser(
@@ -198,11 +197,9 @@ def add_runs_commands(subparsers: Any) -> None:
     prune.set_defaults(func=reporting_errors(cmd_runs_prune))
     lag = sub.add_parser(
         "lag",
-        parents=[common],
+        parents=[common, one_run],
         help="SED lag analysis: does the spectral gap lead a logged scalar, by how many steps",
     )
-    lag.add_argument("run", help="run id; or run name, always with --project when given")
-    lag.add_argument("--project", default=None)
     lag.add_argument("--scalar", default="val_loss", help="logged scalar (default val_loss)")
     lag.add_argument("--layer", default="__model__", help="layer of the gap series")
     lag.add_argument("--max-lag", type=int, default=10, help="lags in points of the shared steps")
