@@ -218,6 +218,9 @@ def train_run(
         "val_loss",
         "train_acc",
         "defect",
+        "grad_cos",
+        "pred_va",
+        "conf_va",
         "wnorm",
         "erank",
         "theta_sk",
@@ -281,16 +284,22 @@ def train_run(
             model.eval()
             with torch.no_grad():
                 out_va = model(x_va)
-                val_acc = float((out_va.argmax(-1) == y_va).float().mean())
+                pred_va = out_va.argmax(-1)
+                val_acc = float((pred_va == y_va).float().mean())
                 val_loss = float(F.cross_entropy(out_va, y_va))
                 tr_acc = float((model(x_tr).argmax(-1) == y_tr).float().mean())
             model.train()
             th = flat()
             rec["eval_step"].append(step)
             rec["val_acc"].append(val_acc)
+            # label-free: the predictions on held-out inputs (argmax, mean max-softmax)
+            rec["pred_va"].append(pred_va.to(torch.int16).cpu().numpy())
+            rec["conf_va"].append(float(out_va.softmax(-1).amax(-1).mean()))
             rec["val_loss"].append(val_loss)
             rec["train_acc"].append(tr_acc)
-            rec["defect"].append(gk.median_commutator_defect(model, loss_fn, sample_batch, pairs=5))
+            defect, grad_cos = gk.commutator_probe(model, loss_fn, sample_batch, pairs=5)
+            rec["defect"].append(defect)
+            rec["grad_cos"].append(grad_cos)
             rec["wnorm"].append(float(th.double().norm()))
             rec["erank"].append([gk.effective_rank(q) for _, q in mats])
             rec["htsr"].append(htsr_rows(mats))
@@ -303,7 +312,8 @@ def train_run(
                 save(step, False)
                 print(
                     f"{spec.name} step {step} val_acc {val_acc:.3f} train_acc {tr_acc:.3f} "
-                    f"defect {rec['defect'][-1]:.1f} |θ| {rec['wnorm'][-1]:.1f} "
+                    f"defect {rec['defect'][-1]:.1f} cos {rec['grad_cos'][-1]:.3f} "
+                    f"|θ| {rec['wnorm'][-1]:.1f} "
                     f"({time.time() - t0:.0f}s)",
                     flush=True,
                 )

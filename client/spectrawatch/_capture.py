@@ -49,6 +49,7 @@ sees a hook. Commutator defect (opt-in):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -72,7 +73,7 @@ from spectrawatch.sketch import (
     count_sketch_signed,
     signed_buckets,
 )
-from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT, median_commutator_defect
+from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT, GRADIENT_COHERENCE, commutator_probe
 
 MODEL_KEY = "__model__"
 # theta sketches of all layers: an (L + 1, d) matrix, or (exact mode) flat parameters by name
@@ -799,17 +800,21 @@ class Capture:
     # -- commutator defect ---------------------------------------------------------------------
 
     def capture_defect(self, n: int) -> None:
-        """Median commutator defect over K pairs, sent as scalar ``grok.commutator_defect``."""
+        """Median commutator defect and gradient cosine over K pairs, sent as scalars
+        ``grok.commutator_defect`` and ``grok.gradient_coherence``."""
         assert self.loss_fn is not None
         assert self.sample_batch is not None
-        value = median_commutator_defect(
+        defect, cosine = commutator_probe(
             self.model,
             self.loss_fn,
             self.sample_batch,
             pairs=self.s.defect_samples,
             eta=self.s.defect_eta,
         )
-        self.emit_scalars([{"step": n, "name": COMMUTATOR_DEFECT, "value": value}])
+        rows = [{"step": n, "name": COMMUTATOR_DEFECT, "value": defect}]
+        if math.isfinite(cosine):  # a zero gradient has no direction
+            rows.append({"step": n, "name": GRADIENT_COHERENCE, "value": cosine})
+        self.emit_scalars(rows)
 
     # -- end -----------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 import weakref
@@ -48,6 +49,7 @@ logger = logging.getLogger("spectrawatch")
 _SCALAR_CAP = 1_000_000
 _SCALARS_PER_POST = 5_000
 _REPLAY_PER_TURN = 64
+_INLINE_RETRY_S = 5.0  # a longer Retry-After is waited out with the frame in the spool
 # past the flush deadline only local work is left (encode, compress, write): wait this long at
 # most for it (a stuck disk), not for the server
 _SPOOL_AFTER_DEADLINE_S = 600.0
@@ -207,6 +209,7 @@ class Sender:
         self._deadline = float("inf")
         self._offline_until = 0.0
         self._backoff = settings.backoff_s
+        self._jitter = random.Random()  # its own stream: the user's global one is left alone
         self._last_stats_at = 0.0
         self._last_stats: dict[str, Any] | None = None
         self._thread: threading.Thread | None = None
@@ -407,9 +410,26 @@ class Sender:
         return self._ensure_run()
 
     def _went_offline(self, exc: Exception) -> None:
+        """Stay away for the backoff (+-20 % jitter, so clients an outage stopped together do
+        not return together), or for the server's ``Retry-After`` when longer (capped at
+        ``backoff_max_s``); the backoff doubles up to ``backoff_max_s``."""
         self.errors.record("contacting the server", exc)
-        self._offline_until = time.monotonic() + self._backoff
+        pause = self._backoff * self._jitter.uniform(0.8, 1.2)
+        asked = getattr(exc, "retry_after", None)
+        if asked is not None:
+            pause = max(pause, min(asked, self.settings.backoff_max_s))
+        self._offline_until = time.monotonic() + pause
         self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
+
+    def _retry_soon(self, exc: Unavailable, attempt: int, retries: int) -> bool:
+        """Sleep before another immediate attempt and say True, or False to go offline: no
+        attempts left, past the flush deadline, or a ``Retry-After`` longer than
+        ``_INLINE_RETRY_S`` (the frame waits in the spool instead of in this thread)."""
+        asked = exc.retry_after or 0.0
+        if attempt >= retries or self._past_deadline() or asked > _INLINE_RETRY_S:
+            return False
+        time.sleep(max(min(self.settings.backoff_s * 2**attempt, 5.0), asked))
+        return True
 
     def _back_online(self) -> None:
         self._backoff = self.settings.backoff_s
@@ -493,8 +513,7 @@ class Sender:
                 self.errors.record(f"frame rejected ({meta.get('kind')})", exc)
                 return True
             except Unavailable as exc:
-                if attempt < retries and not self._past_deadline():
-                    time.sleep(min(self.settings.backoff_s * 2**attempt, 5.0))
+                if self._retry_soon(exc, attempt, retries):
                     continue
                 self._went_offline(exc)
                 return False
@@ -519,8 +538,7 @@ class Sender:
                 self.stats.incr("rejected_scalars", len(rows))
                 return True
             except Unavailable as exc:
-                if attempt < retries and not self._past_deadline():
-                    time.sleep(min(self.settings.backoff_s * 2**attempt, 5.0))
+                if self._retry_soon(exc, attempt, retries):
                     continue
                 self._went_offline(exc)
                 return False

@@ -2,7 +2,8 @@
 
 :class:`Api` wraps an ``httpx.Client``; pass ``transport=httpx.MockTransport(handler)`` to test
 without a server (the httpx way of swapping the network out). Two error types matter:
-:class:`Unavailable` (connection failure, timeout, 5xx, 408/429: retry later, spool meanwhile)
+:class:`Unavailable` (connection failure, timeout, 5xx, 408/429: retry later, spool meanwhile;
+its ``retry_after`` holds the server's ``Retry-After`` in seconds when it sent one)
 and :class:`Rejected` (any other 4xx: the request itself is wrong; retrying cannot help).
 
 httpx's timeouts bound each connect, read and write, not a request as a whole: a server that
@@ -17,10 +18,12 @@ that many are, new requests fail at once instead of piling up connections.
 
 from __future__ import annotations
 
+import email.utils
 import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
@@ -44,7 +47,34 @@ class ApiError(Exception):
 
 
 class Unavailable(ApiError):
-    """The server could not be reached or answered 5xx/408/429: try again later."""
+    """The server could not be reached or answered 5xx/408/429: try again later
+    (``retry_after``: the seconds its ``Retry-After`` header asked for, if any)."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        code: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status, code)
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
 
 
 class Rejected(ApiError):
@@ -135,7 +165,8 @@ class Api:
             code, message = error_of(resp)
             text = f"{method} {path} -> {resp.status_code} {code}: {message}"
             if resp.status_code >= 500 or resp.status_code in _RETRYABLE_4XX:
-                raise Unavailable(text, resp.status_code, code)
+                wait = parse_retry_after(resp.headers.get("retry-after"))
+                raise Unavailable(text, resp.status_code, code, wait)
             raise Rejected(text, resp.status_code, code)
         if not 200 <= resp.status_code < 300:  # redirects are not followed: nothing was stored
             where = resp.headers.get("location", "")

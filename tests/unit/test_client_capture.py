@@ -15,7 +15,7 @@ from spectrawatch._capture import MODEL_KEY, Capture
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch.config import ClientSettings
 from spectrawatch.sketch import SketchSpec, count_sketch, hash_coordinates
-from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT
+from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT, GRADIENT_COHERENCE
 
 
 class Sink:
@@ -243,6 +243,9 @@ def test_monitoring_does_not_change_training() -> None:
     defect = [r for r in sink.scalars if r["name"] == COMMUTATOR_DEFECT]
     assert [r["step"] for r in defect] == [3, 6]
     assert all(r["value"] > 0 for r in defect)
+    coherence = [r for r in sink.scalars if r["name"] == GRADIENT_COHERENCE]
+    assert [r["step"] for r in coherence] == [3, 6]
+    assert all(-1.0 <= r["value"] <= 1.0 for r in coherence)
 
 
 def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ class FakeServer:
         self.lock = threading.Lock()
         self.down = False
         self.fail_next = 0
+        self.retry_after: str | None = None  # the Retry-After header of those 503s
         self.delay = 0.0
         self.reject_frames = False
         self.runs: dict[tuple[str, str], dict[str, Any]] = {}
@@ -42,6 +45,7 @@ class FakeServer:
         self.stats: list[dict[str, Any]] = []
         self.patches: list[dict[str, Any]] = []
         self.auth: list[str | None] = []
+        self.times: list[tuple[str, float]] = []  # (path, monotonic time) of every request
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self)
@@ -52,9 +56,13 @@ class FakeServer:
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
         with self.lock:
+            self.times.append((request.url.path, time.monotonic()))
             if self.fail_next > 0:
                 self.fail_next -= 1
-                return httpx.Response(503, json={"error": {"code": "busy", "message": "later"}})
+                headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+                return httpx.Response(
+                    503, json={"error": {"code": "busy", "message": "later"}}, headers=headers
+                )
             self.auth.append(request.headers.get("Authorization"))
             return self._route(request)
 
@@ -189,6 +197,62 @@ def test_transient_5xx_is_retried_without_duplicates(tmp_path: Path) -> None:
     assert sender.close(timeout=10)
     assert len(server.frames) == 1
     assert sender.stats.get("spooled_frames") == 0
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_unavailable_carries_the_servers_retry_after(status: int) -> None:
+    when = datetime.now(timezone.utc) + timedelta(seconds=90)
+    answers = iter(["7", email.utils.format_datetime(when, usegmt=True), "soon", None])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        value = next(answers)
+        headers = {"Retry-After": value} if value is not None else {}
+        body = {"error": {"code": "x", "message": "y"}}
+        return httpx.Response(status, json=body, headers=headers)
+
+    api = Api("http://sw.test", transport=httpx.MockTransport(handler))
+    got = []
+    for _ in range(4):
+        with pytest.raises(Unavailable) as info:
+            api.health()
+        got.append(info.value.retry_after)
+    assert got[0] == 7.0
+    assert got[1] == pytest.approx(90, abs=2)  # an HTTP-date: seconds from now
+    assert got[2:] == [None, None]  # unreadable or absent: the client's own backoff
+
+
+def test_a_short_retry_after_is_waited_before_the_next_attempt(tmp_path: Path) -> None:
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path, retries=3))
+    deadline = time.monotonic() + 5
+    while sender.run_id is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.fail_next, server.retry_after = 1, "1"
+    sender.put_frame(sketch_item(0))
+    assert sender.close(timeout=10)
+    posts = [t for path, t in server.times if path.endswith("/frames")]
+    assert len(posts) == 2
+    assert len(server.frames) == 1
+    assert posts[1] - posts[0] >= 0.95  # own schedule: 0.01 s
+    assert sender.stats.get("spooled_frames") == 0
+
+
+def test_a_long_retry_after_spools_and_keeps_the_client_away(tmp_path: Path) -> None:
+    server = FakeServer()
+    s = settings(tmp_path, retries=3, backoff_max_s=1.5, flush_timeout_s=10.0)
+    sender = make_sender(server, s)
+    deadline = time.monotonic() + 5
+    while sender.run_id is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.fail_next, server.retry_after = 1, "3600"
+    sender.put_frame(sketch_item(0))
+    assert sender.close(timeout=10)
+    posts = [t for path, t in server.times if path.endswith("/frames")]
+    assert len(posts) == 2  # no inline retry, one replay
+    assert len(server.frames) == 1
+    assert sender.stats.get("spooled_frames") == 1
+    # away for Retry-After capped at backoff_max_s, not the 0.01 s backoff
+    assert 1.4 <= posts[1] - posts[0] <= 4.0
 
 
 def test_rejected_frames_are_counted_not_retried_nor_spooled(tmp_path: Path) -> None:

@@ -64,6 +64,33 @@ def test_defect_equals_direct_float64_computation(eta: float) -> None:
     assert got.defect > 0.1
 
 
+def test_gradient_cosine_equals_direct_float64_computation() -> None:
+    model = _mlp(torch.float64)
+    a, b = _batch(1, torch.float64), _batch(2, torch.float64)
+    got = gk.commutator_defect(model, _loss, a, b)
+    params = list(model.parameters())
+    ga, gb = (
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(_loss(model, x), params)])
+        for x in (a, b)
+    )
+    want = float(ga @ gb / (ga.norm() * gb.norm()))
+    assert got.grad_cosine == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert got.grad_norm_a == pytest.approx(float(ga.norm()), rel=1e-12)
+    same = gk.commutator_defect(model, _loss, a, a)
+    assert same.grad_cosine == pytest.approx(1.0, abs=1e-12)
+    assert same.defect == pytest.approx(0.0, abs=1e-6)
+
+
+def test_probe_returns_medians_of_defect_and_cosine() -> None:
+    model = _mlp(torch.float64)
+    batches = iter([_batch(i, torch.float64) for i in range(6)])
+    defect, cosine = gk.commutator_probe(model, _loss, lambda: next(batches), pairs=3)
+    pairs = [(_batch(i, torch.float64), _batch(i + 1, torch.float64)) for i in (0, 2, 4)]
+    samples = [gk.commutator_defect(model, _loss, x, y) for x, y in pairs]
+    assert defect == pytest.approx(float(np.median([s.defect for s in samples])), rel=1e-12)
+    assert cosine == pytest.approx(float(np.median([s.grad_cosine for s in samples])), rel=1e-12)
+
+
 def test_float32_model_defect_is_close_to_the_float64_value() -> None:
     a, b = _batch(1, torch.float32), _batch(2, torch.float32)
     got = gk.commutator_defect(_mlp(torch.float32), _loss, a, b, eta=1e-2).defect

@@ -31,6 +31,7 @@ import torch
 from spectrawatch.spectral.eigen import svdvals
 
 COMMUTATOR_DEFECT = "grok.commutator_defect"  # median D over K pairs (dimensionless)
+GRADIENT_COHERENCE = "grok.gradient_coherence"  # median cosine of g_A, g_B over the same pairs
 WARNING_SCORE = "grok.warning_score"  # fraction of evidence present, in [0, 1]
 IMMINENT = "grok.imminent"  # 1.0 from the step the detector fires on
 EFFECTIVE_RANK = "grok.effective_rank"  # exp(H) of a weight matrix (detector input)
@@ -49,11 +50,13 @@ B = TypeVar("B")
 
 @dataclass(frozen=True)
 class DefectSample:
-    """One commutator-defect sample: ``defect`` D and the gradient norms ‖g_A‖, ‖g_B‖ at θ0."""
+    """One commutator-defect sample: ``defect`` D, the gradient norms ‖g_A‖, ‖g_B‖ at θ0 and
+    their cosine ``grad_cosine`` = ⟨g_A, g_B⟩ / (‖g_A‖ ‖g_B‖) (gradient coherence of the pair)."""
 
     defect: float
     grad_norm_a: float
     grad_norm_b: float
+    grad_cosine: float = math.nan
 
 
 def _grads(
@@ -121,13 +124,16 @@ def commutator_defect(
     diff_sq = 0.0
     na_sq = 0.0
     nb_sq = 0.0
+    dot = 0.0
     for ga, gb, ga2, gb2 in zip(g_a, g_b, g_a2, g_b2, strict=True):
         a, b_, a2, b2 = _wide(ga), _wide(gb), _wide(ga2), _wide(gb2)
         diff_sq += float(((a2 - a) - (b2 - b_)).square().sum())
         na_sq += float(a.square().sum())
         nb_sq += float(b_.square().sum())
+        dot += float((a * b_).sum())
     na, nb = math.sqrt(na_sq), math.sqrt(nb_sq)
-    return DefectSample(math.sqrt(diff_sq) / (eta * na * nb + 1e-12 / eta), na, nb)
+    cosine = dot / (na * nb) if na > 0 and nb > 0 else math.nan
+    return DefectSample(math.sqrt(diff_sq) / (eta * na * nb + 1e-12 / eta), na, nb, cosine)
 
 
 @contextmanager
@@ -165,14 +171,33 @@ def median_commutator_defect(
     Restores parameters, buffers and RNG state; never calls the optimizer. Cost: 4 backward
     passes per pair. Raises whatever ``loss_fn`` / ``sample_batch`` raise (the client catches).
     """
+    return commutator_probe(model, loss_fn, sample_batch, pairs=pairs, eta=eta)[0]
+
+
+def commutator_probe(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, B], torch.Tensor],
+    sample_batch: Callable[[], B],
+    *,
+    pairs: int = 5,
+    eta: float = 1e-3,
+) -> tuple[float, float]:
+    """Median defect D and median gradient cosine over ``pairs`` fresh (A, B) pairs.
+
+    Same probe, state handling and cost as :func:`median_commutator_defect`; the cosine of the
+    two batches' gradients comes free with it.
+    """
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
     with preserved_rng():
-        values = [
-            commutator_defect(model, loss_fn, sample_batch(), sample_batch(), eta=eta).defect
+        samples = [
+            commutator_defect(model, loss_fn, sample_batch(), sample_batch(), eta=eta)
             for _ in range(pairs)
         ]
-    return float(statistics.median(values))
+    return (
+        float(statistics.median(s.defect for s in samples)),
+        float(statistics.median(s.grad_cosine for s in samples)),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +460,7 @@ __all__ = [
     "GrokWarning",
     "alpha_floor",
     "commutator_defect",
+    "commutator_probe",
     "defect_alarm",
     "defect_spike",
     "detect_grokking",

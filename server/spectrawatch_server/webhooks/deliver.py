@@ -14,7 +14,6 @@ whatever its size. No database transaction is held open during the HTTP request.
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import logging
 import random
 import socket
@@ -22,12 +21,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
+from spectrawatch._transport import parse_retry_after
 from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.alerts.rules import default_rules
 from spectrawatch_server.config import ServerSettings, parse_schedule
@@ -58,22 +58,6 @@ class DeliveryPolicy:
     @property
     def max_attempts(self) -> int:
         return len(self.schedule)
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - now).total_seconds())
 
 
 def next_delay(
