@@ -581,6 +581,49 @@ def posthoc_rules(z: Any) -> dict[str, int | None]:
     return out
 
 
+# Held-out prediction agreement (session 14): the fraction of held-out inputs whose argmax has
+# been the same at the last AGREE_K + 1 evaluations; labels are never read. Rule: its fall by
+# AGREE_DROP of its running maximum, then a rise of AGREE_RISE above the running minimum, two
+# evaluations in a row, each turn also > 3 binomial standard errors of the probe's size (added
+# after the 512-input probe read noise at the start as a turn). Constants fixed after looking at a+b seed 2, a-b seeds 1-2, a³+ab seeds
+# 1-2 and the first half of a+b wd-0 seed 0 (tier 1), before every other run was scored.
+AGREE_K, AGREE_DROP, AGREE_RISE, AGREE_SUSTAIN = 3, 0.3, 0.25, 2
+AGREE_PROBE = 512  # held-out inputs in the smaller probe (a fixed random subset)
+
+
+def _held_out(z: Any) -> int:
+    return int(np.asarray(z["pred_va"]).shape[1]) if "pred_va" in z.files else 1
+
+
+def agreement_series(z: Any, probe: int | None = None) -> list[tuple[int, float]]:
+    """``(step, agreement)`` from the recorded held-out predictions (all, or ``probe`` of them)."""
+    if "pred_va" not in z.files:
+        return []
+    pred = torch.from_numpy(np.asarray(z["pred_va"]).astype(np.int64))
+    if probe is not None and probe < pred.shape[1]:
+        pick = torch.randperm(pred.shape[1], generator=torch.Generator().manual_seed(0))[:probe]
+        pred = pred[:, pick]
+    steps = [int(s) for s in z["eval_step"]]
+    return [
+        (steps[t], gk.prediction_agreement(list(pred[t - AGREE_K : t + 1])))
+        for t in range(AGREE_K, len(steps))
+    ]
+
+
+def agreement_rule(series: list[tuple[int, float]], probe_size: int) -> int | None:
+    return (
+        gk.agreement_turnaround(
+            series,
+            probe_size=probe_size,
+            drop=AGREE_DROP,
+            rise=AGREE_RISE,
+            sustain=AGREE_SUSTAIN,
+        )
+        if series
+        else None
+    )
+
+
 RULES = (
     "detector",
     "detector_s3",
@@ -597,6 +640,8 @@ RULES = (
     "posthoc",
     "alpha2",
     "detector_alpha",
+    "agree",
+    "agree512",
 )
 RULE_LABEL = {
     "detector": "detector (defect + norm + rank), default (defect 4 sd)",
@@ -614,6 +659,8 @@ RULE_LABEL = {
     "posthoc": "post-hoc: H1 or H2 or S",
     "alpha2": "HT-SR: median layer alpha <= 2 (2 evaluations)",
     "detector_alpha": "detector with the HT-SR alpha evidence counted",
+    "agree": "held-out prediction agreement turnaround (all held-out inputs, no labels)",
+    "agree512": "same, a probe of 512 held-out inputs",
 }
 
 
@@ -650,6 +697,8 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
         if alpha
         else None,
         "detector_alpha": with_alpha.step if alpha else None,
+        "agree": agreement_rule(agreement_series(z), _held_out(z)),
+        "agree512": agreement_rule(agreement_series(z, AGREE_PROBE), AGREE_PROBE),
     }
     done = bool(int(z["done"]))
     last = int(z["eval_step"][-1])

@@ -267,3 +267,41 @@ def test_alpha_evidence_counts_only_when_configured() -> None:
         weight_norm=norm, alpha=alpha, config=gk.DetectorConfig(alpha_counts=True)
     )
     assert counted.step == 2500  # the second piece: the norm turnaround at 2,500
+
+
+def test_prediction_agreement_counts_positions_unchanged_in_every_evaluation() -> None:
+    a = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    b = a.clone()
+    b[0, 0] = 9
+    c = a.clone()
+    c[1, 3] = 0
+    assert gk.prediction_agreement([a, a]) == 1.0
+    assert gk.prediction_agreement([b, a, a]) == pytest.approx(7 / 8)
+    assert gk.prediction_agreement([b, c, a]) == pytest.approx(6 / 8)
+    with pytest.raises(ValueError, match="two"):
+        gk.prediction_agreement([a])
+    with pytest.raises(ValueError, match="shapes"):
+        gk.prediction_agreement([a, a[:1]])
+
+
+def test_agreement_turnaround_needs_a_fall_then_a_rise_beyond_probe_noise() -> None:
+    down_up = [0.05, 0.2, 0.25, 0.2, 0.15, 0.12, 0.11, 0.13, 0.16, 0.2, 0.3]
+    series = [(100 * (i + 1), v) for i, v in enumerate(down_up)]
+    # large probe: the fall (0.25 -> 0.11) and the rise above 1.25 x 0.11 = 0.1375 are real;
+    # fires at the second evaluation in a row above it
+    assert gk.agreement_turnaround(series, probe_size=100_000) == 1000
+    # a 50-position probe: a rise of 0.09 is within 3 standard errors until 0.3
+    assert gk.agreement_turnaround(series, probe_size=50) is None
+    only_down = [(100 * (i + 1), v) for i, v in enumerate([0.25, 0.2, 0.15, 0.12, 0.1, 0.09])]
+    assert gk.agreement_turnaround(only_down, probe_size=100_000) is None
+    # a start at 0 is no peak to fall from, and noise around it is no turn
+    flicker = [(100 * (i + 1), v) for i, v in enumerate([0.0, 0.004, 0.0, 0.006, 0.002])]
+    assert gk.agreement_turnaround(flicker, probe_size=512) is None
+    with pytest.raises(ValueError, match="probe_size"):
+        gk.agreement_turnaround(series, probe_size=0)
+
+
+def test_norm_turnaround_sustain_waits_for_consecutive_evaluations() -> None:
+    series = [(1, 10.0), (2, 6.0), (3, 6.5), (4, 6.0), (5, 6.5), (6, 6.6)]
+    assert gk.norm_turnaround(series, drop=0.3, rise=0.05) == 3
+    assert gk.norm_turnaround(series, drop=0.3, rise=0.05, sustain=2) == 6

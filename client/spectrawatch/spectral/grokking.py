@@ -302,17 +302,77 @@ def defect_spike(
     return None
 
 
-def norm_turnaround(series: Series, *, drop: float = 0.3, rise: float = 0.02) -> int | None:
+def norm_turnaround(
+    series: Series, *, drop: float = 0.3, rise: float = 0.02, sustain: int = 1
+) -> int | None:
     """First step where the norm, after falling by ``drop`` of its running maximum to a running
-    minimum, stands ``rise`` above that minimum (weight decay has given way to new growth)."""
+    minimum, stands ``rise`` above that minimum (weight decay has given way to new growth), the
+    last of ``sustain`` evaluations in a row that do."""
     peak = -math.inf
     low = math.inf
+    run = 0
     for step, value in series:
         if value > peak and low == math.inf:
             peak = value
         if value <= peak * (1.0 - drop):
             low = min(low, value)
-        if low < math.inf and value >= low * (1.0 + rise):
+        run = run + 1 if low < math.inf and value >= low * (1.0 + rise) else 0
+        if run >= max(1, sustain):
+            return step
+    return None
+
+
+def prediction_agreement(history: Sequence[torch.Tensor]) -> float:
+    """Fraction of probe positions whose prediction (e.g. the argmax class or token) is the same
+    in every one of ``history`` (the latest evaluation and the ones before it, equal shapes).
+
+    On held-out inputs, predictions that stop changing are the ones a consistent rule gives; a
+    model that only memorises keeps reshuffling them (``benchmarks/results/grokking.md``)."""
+    if len(history) < 2:
+        raise ValueError("need at least two evaluations")
+    last = history[-1]
+    if any(h.shape != last.shape for h in history):
+        raise ValueError("predictions of different shapes")
+    if last.numel() == 0:
+        return math.nan
+    same = torch.ones_like(last, dtype=torch.bool)
+    for h in history[:-1]:
+        same &= h == last
+    return float(same.float().mean())
+
+
+def agreement_turnaround(
+    series: Series,
+    *,
+    probe_size: int,
+    drop: float = 0.3,
+    rise: float = 0.25,
+    sustain: int = 2,
+    z: float = 3.0,
+) -> int | None:
+    """First step where held-out prediction agreement (:func:`prediction_agreement`), after
+    falling by ``drop`` of its running maximum to a running minimum, stands ``rise`` above that
+    minimum, the last of ``sustain`` evaluations in a row that do.
+
+    Each fall and rise must also exceed ``z`` binomial standard errors of a fraction measured on
+    ``probe_size`` positions, so the noise of a small probe is not read as a turn."""
+    if probe_size < 1:
+        raise ValueError(f"probe_size must be >= 1, got {probe_size}")
+
+    def se(q: float) -> float:  # z standard errors; never 0 (a fraction of 0 is not exact)
+        return z * math.sqrt((max(q * (1.0 - q), 0.0) + 1.0 / probe_size) / probe_size)
+
+    peak, low, run = -math.inf, math.inf, 0
+    for step, value in series:
+        if not math.isfinite(value):
+            continue
+        if value > peak and low == math.inf:
+            peak = value
+        if value <= peak * (1.0 - drop) and peak - value >= se(peak):
+            low = min(low, value)
+        up = low < math.inf and value >= low * (1.0 + rise) and value - low >= se(low)
+        run = run + 1 if up else 0
+        if run >= max(1, sustain):
             return step
     return None
 
@@ -469,6 +529,8 @@ __all__ = [
     "median_commutator_defect",
     "median_series",
     "norm_turnaround",
+    "prediction_agreement",
+    "agreement_turnaround",
     "preserved_rng",
     "rank_turnaround",
 ]
