@@ -585,8 +585,9 @@ def posthoc_rules(z: Any) -> dict[str, int | None]:
 # been the same at the last AGREE_K + 1 evaluations; labels are never read. Rule: its fall by
 # AGREE_DROP of its running maximum, then a rise of AGREE_RISE above the running minimum, two
 # evaluations in a row, each turn also > 3 binomial standard errors of the probe's size (added
-# after the 512-input probe read noise at the start as a turn). Constants fixed after looking at a+b seed 2, a-b seeds 1-2, a³+ab seeds
-# 1-2 and the first half of a+b wd-0 seed 0 (tier 1), before every other run was scored.
+# after the 512-input probe read noise at the start as a turn). Constants fixed after looking
+# at a+b seed 2, a-b seeds 1-2, a³+ab seeds 1-2 and the first half of a+b wd-0 seed 0 (tier 1),
+# before every other run was scored.
 AGREE_K, AGREE_DROP, AGREE_RISE, AGREE_SUSTAIN = 3, 0.3, 0.25, 2
 AGREE_PROBE = 512  # held-out inputs in the smaller probe (a fixed random subset)
 

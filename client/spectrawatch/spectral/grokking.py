@@ -518,6 +518,7 @@ __all__ = [
     "DetectorConfig",
     "Evidence",
     "GrokWarning",
+    "agreement_turnaround",
     "alpha_floor",
     "commutator_defect",
     "commutator_probe",
@@ -530,7 +531,6 @@ __all__ = [
     "median_series",
     "norm_turnaround",
     "prediction_agreement",
-    "agreement_turnaround",
     "preserved_rng",
     "rank_turnaround",
 ]
