@@ -73,7 +73,17 @@ from spectrawatch.sketch import (
     count_sketch_signed,
     signed_buckets,
 )
-from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT, GRADIENT_COHERENCE, commutator_probe
+from spectrawatch.spectral.grokking import (
+    AGREEMENT_WINDOW,
+    COMMUTATOR_DEFECT,
+    GRADIENT_COHERENCE,
+    PREDICTION_AGREEMENT,
+    PREDICTION_CHURN,
+    PREDICTION_POSITIONS,
+    commutator_probe,
+    prediction_agreement,
+    predictions_of,
+)
 
 MODEL_KEY = "__model__"
 # theta sketches of all layers: an (L + 1, d) matrix, or (exact mode) flat parameters by name
@@ -137,6 +147,7 @@ class Capture:
     ) -> None:
         self.model = unwrap_model(model)
         self.emits = emits  # False: a non-zero rank that joins collective captures, sends nothing
+        self._predictions: deque[torch.Tensor] = deque(maxlen=AGREEMENT_WINDOW)  # probe argmax
         self.sharded = _shards.has_sharded_params(self.model)
         if self.sharded and loss_fn is not None:
             errors.record("commutator defect", NotImplementedError("off for sharded models"))
@@ -787,15 +798,38 @@ class Capture:
             probed = self._probe_modules() if self.emits else []  # other ranks: forward only
             handles = [m.register_forward_hook(make_hook(name)) for name, m in probed]
             with torch.random.fork_rng(devices=_rng_devices(self.model)):
-                call_model(self.model, self.probe)
+                output = call_model(self.model, self.probe)
         finally:
             for h in handles:
                 h.remove()
             for m, was in modes:
                 m.training = was
+        if self.emits:
+            self._prediction_scalars(n, predictions_of(output))
         if captured:
             info = {"gram": gram, "tokens": tokens}
             self.emit_frame(FrameItem(wire.FrameKind.ACTIVATIONS, n, captured, info, compress=True))
+
+    def _prediction_scalars(self, n: int, pred: torch.Tensor | None) -> None:
+        """Churn (changed since the last probe) and agreement (unchanged through the last
+        ``AGREEMENT_WINDOW`` probes) of the probe batch's predictions."""
+        if pred is None:
+            return
+        history = self._predictions
+        if history and history[-1].shape != pred.shape:
+            history.clear()  # another probe shape: start over
+        history.append(pred.to("cpu", torch.int64, copy=True))
+        if len(history) < 2:
+            return
+        last_two = [history[-2], history[-1]]
+        rows = [
+            {"step": n, "name": PREDICTION_CHURN, "value": 1.0 - prediction_agreement(last_two)},
+            {"step": n, "name": PREDICTION_POSITIONS, "value": float(pred.numel())},
+        ]
+        if len(history) == AGREEMENT_WINDOW:
+            value = prediction_agreement(list(history))
+            rows.append({"step": n, "name": PREDICTION_AGREEMENT, "value": value})
+        self.emit_scalars(rows)
 
     # -- commutator defect ---------------------------------------------------------------------
 

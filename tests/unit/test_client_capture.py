@@ -15,6 +15,7 @@ from spectrawatch._capture import MODEL_KEY, Capture
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch.config import ClientSettings
 from spectrawatch.sketch import SketchSpec, count_sketch, hash_coordinates
+from spectrawatch.spectral import grokking as gk
 from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT, GRADIENT_COHERENCE
 
 
@@ -275,6 +276,54 @@ def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:
     assert all(f.compress and f.step == 7 for f in frames)
     body = wire.encode_frame(frames[0].kind, 7, 0, frames[0].tensors, frames[0].info)
     wire.decode_frame(body)  # valid on the wire
+
+
+def test_probe_prediction_churn_and_agreement() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 5))
+    probe = torch.randn(40, 4)
+    sink = Sink()
+    cap, _ = make_capture(model, None, sink, probe=probe)
+    preds = []
+    for n in range(1, 6):
+        cap.capture_activations(n)
+        preds.append(model(probe).argmax(-1))
+        with torch.no_grad():
+            model[2].weight[n % 5].add_(0.5)  # move some predictions between probes
+
+    def rows(name: str) -> list[tuple[int, float]]:
+        return [(r["step"], round(r["value"], 6)) for r in sink.scalars if r["name"] == name]
+
+    churn = [
+        (k + 1, round(float((preds[k] != preds[k - 1]).double().mean()), 6)) for k in range(1, 5)
+    ]
+    assert rows(gk.PREDICTION_CHURN) == churn
+    assert any(v > 0 for _, v in churn)
+    agree = [
+        (
+            k + 1,
+            round(float((torch.stack(preds[k - 3 : k + 1]) == preds[k]).all(0).double().mean()), 6),
+        )
+        for k in (3, 4)
+    ]
+    assert rows(gk.PREDICTION_AGREEMENT) == agree
+    assert rows(gk.PREDICTION_POSITIONS) == [(n, 40.0) for n in range(2, 6)]
+
+
+@pytest.mark.parametrize(
+    ("output", "want"),
+    [
+        (torch.tensor([[0.1, 0.9], [2.0, 1.0]]), [1, 0]),
+        ((torch.tensor([[0.1, 0.9]]), "aux"), [1]),
+        ({"logits": torch.tensor([[3.0, 0.0, 1.0]])}, [0]),
+        (torch.ones(3, 1), None),  # regression: no classes
+        (torch.tensor([1, 2]), None),  # integer output
+        ("text", None),
+    ],
+)
+def test_predictions_of_model_outputs(output: Any, want: list[int] | None) -> None:
+    got = gk.predictions_of(output)
+    assert (got.tolist() if got is not None else None) == want
 
 
 def test_activations_x_or_gram_and_modes_restored() -> None:

@@ -35,6 +35,10 @@ GRADIENT_COHERENCE = "grok.gradient_coherence"  # median cosine of g_A, g_B over
 WARNING_SCORE = "grok.warning_score"  # fraction of evidence present, in [0, 1]
 IMMINENT = "grok.imminent"  # 1.0 from the step the detector fires on
 EFFECTIVE_RANK = "grok.effective_rank"  # exp(H) of a weight matrix (detector input)
+PREDICTION_AGREEMENT = "probe.prediction_agreement"  # probe predictions unchanged over 4 probes
+PREDICTION_CHURN = "probe.prediction_churn"  # fraction of probe predictions changed since the last
+PREDICTION_POSITIONS = "probe.prediction_positions"  # how many predictions the probe gives
+AGREEMENT_WINDOW = 4  # probes a prediction must be unchanged through (the latest included)
 HTSR_ALPHA = "htsr.alpha"  # per-layer power-law exponent of the weights frame (detector input)
 EVIDENCE_PREFIX = "grok.evidence."  # + Evidence field: the step the piece of evidence appeared
 EVIDENCE_LABELS = {  # Evidence field -> what a person reads in an alert
@@ -322,6 +326,25 @@ def norm_turnaround(
     return None
 
 
+def predictions_of(output: object) -> torch.Tensor | None:
+    """Argmax over the last dimension of a model's output (a tensor, the first element of a
+    tuple or list, or ``output["logits"]`` / ``output.logits``), or None when it has none to
+    take (not a floating tensor, or a last dimension of 1: regression)."""
+    if isinstance(output, Mapping) and "logits" in output:
+        output = output["logits"]
+    elif not isinstance(output, torch.Tensor) and isinstance(
+        getattr(output, "logits", None), torch.Tensor
+    ):
+        output = output.logits  # type: ignore[attr-defined]
+    elif isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        return None
+    if output.dim() < 1 or output.shape[-1] < 2:
+        return None
+    return output.detach().argmax(-1)
+
+
 def prediction_agreement(history: Sequence[torch.Tensor]) -> float:
     """Fraction of probe positions whose prediction (e.g. the argmax class or token) is the same
     in every one of ``history`` (the latest evaluation and the ones before it, equal shapes).
@@ -507,12 +530,16 @@ def effective_rank_of(s: torch.Tensor) -> float:
 
 
 __all__ = [
+    "AGREEMENT_WINDOW",
     "COMMUTATOR_DEFECT",
     "EFFECTIVE_RANK",
     "EVIDENCE_LABELS",
     "EVIDENCE_PREFIX",
     "HTSR_ALPHA",
     "IMMINENT",
+    "PREDICTION_AGREEMENT",
+    "PREDICTION_CHURN",
+    "PREDICTION_POSITIONS",
     "WARNING_SCORE",
     "DefectSample",
     "DetectorConfig",
@@ -531,6 +558,7 @@ __all__ = [
     "median_series",
     "norm_turnaround",
     "prediction_agreement",
+    "predictions_of",
     "preserved_rng",
     "rank_turnaround",
 ]
