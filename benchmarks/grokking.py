@@ -643,6 +643,7 @@ RULES = (
     "detector_alpha",
     "agree",
     "agree512",
+    "detector_agree",
 )
 RULE_LABEL = {
     "detector": "detector (defect + norm + rank), default (defect 4 sd)",
@@ -662,6 +663,7 @@ RULE_LABEL = {
     "detector_alpha": "detector with the HT-SR alpha evidence counted",
     "agree": "held-out prediction agreement turnaround (all held-out inputs, no labels)",
     "agree512": "same, a probe of 512 held-out inputs",
+    "detector_agree": "detector with the agreement evidence (512-input probe) counted",
 }
 
 
@@ -700,6 +702,12 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
         "detector_alpha": with_alpha.step if alpha else None,
         "agree": agreement_rule(agreement_series(z), _held_out(z)),
         "agree512": agreement_rule(agreement_series(z, AGREE_PROBE), AGREE_PROBE),
+        "detector_agree": gk.detect_grokking(
+            **inputs,
+            agreement=agreement_series(z, AGREE_PROBE),
+            probe_size=AGREE_PROBE,
+            config=dataclasses.replace(cfg, agreement_counts=True),
+        ).step,
     }
     done = bool(int(z["done"]))
     last = int(z["eval_step"][-1])

@@ -305,3 +305,24 @@ def test_norm_turnaround_sustain_waits_for_consecutive_evaluations() -> None:
     series = [(1, 10.0), (2, 6.0), (3, 6.5), (4, 6.0), (5, 6.5), (6, 6.6)]
     assert gk.norm_turnaround(series, drop=0.3, rise=0.05) == 3
     assert gk.norm_turnaround(series, drop=0.3, rise=0.05, sustain=2) == 6
+
+
+def test_agreement_evidence_is_reported_and_counts_only_when_configured() -> None:
+    norm = [
+        (s, 100.0 - s / 20 if s <= 1300 else 35.0 + (s - 1300) / 50) for s in range(0, 3000, 100)
+    ]
+    agreement = [(s, 0.3 - s / 4500 if s < 1000 else 0.2) for s in range(0, 3000, 100)]
+    w = gk.detect_grokking(weight_norm=norm, agreement=agreement, probe_size=2000)
+    assert w.evidence.agreement_turn == 1100
+    assert w.evidence.norm_turn is not None
+    assert not w.fired  # one counted piece (the norm) is not enough
+    assert "agreement" in w.available
+    counted = gk.detect_grokking(
+        weight_norm=norm,
+        agreement=agreement,
+        probe_size=2000,
+        config=gk.DetectorConfig(agreement_counts=True),
+    )
+    assert counted.step == max(1100, counted.evidence.norm_turn or 0)
+    # without the probe size the series is not read (its noise level is unknown)
+    assert gk.detect_grokking(weight_norm=norm, agreement=agreement).evidence.agreement_turn is None

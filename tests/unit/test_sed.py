@@ -497,6 +497,12 @@ def test_grokking_score_uses_training_series_only() -> None:
     ctx.series[(grokking.HTSR_ALPHA, "w")] = [
         (s, 3.0 if s < 1200 else 1.9) for s in range(0, 2000, 100)
     ]
+    # probe-prediction agreement over 2,000 positions: 0.3 -> 0.1 by 900, 0.2 from 1000
+    # (a turn, reported, not counted: it fires at the second evaluation above 0.125, 1100)
+    ctx.scalars[grokking.PREDICTION_AGREEMENT] = [
+        (s, 0.3 - s / 4500 if s < 1000 else 0.2) for s in range(0, 2000, 100)
+    ]
+    ctx.scalars[grokking.PREDICTION_POSITIONS] = [(s, 2000.0) for s in range(0, 2000, 100)]
     fired = spectral_edge_dynamics(frame, ctx)
     assert _values(fired, grokking.IMMINENT, MODEL_LAYER) == {2009: 1.0}
     assert _values(fired, grokking.WARNING_SCORE, MODEL_LAYER)[2009] == pytest.approx(1.0)
@@ -509,6 +515,7 @@ def test_grokking_score_uses_training_series_only() -> None:
         "defect": (2009, 1500.0),
         "norm_turn": (2009, 1400.0),
         "alpha_floor": (2009, 1300.0),
+        "agreement_turn": (2009, 1100.0),
     }
     assert not [m for m in quiet.metrics if m.name.startswith(grokking.EVIDENCE_PREFIX)]
     assert "val_acc" not in ctx.scalars_read

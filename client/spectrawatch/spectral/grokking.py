@@ -47,6 +47,7 @@ EVIDENCE_LABELS = {  # Evidence field -> what a person reads in an alert
     "rank_turn": "effective-rank turnaround",
     "sed_collapse": "SED gap collapse",
     "alpha_floor": "median HT-SR alpha <= 2 (reported, not counted by default)",
+    "agreement_turn": "probe-prediction agreement turnaround (reported, not counted by default)",
 }
 
 B = TypeVar("B")
@@ -231,6 +232,12 @@ class DetectorConfig:
     towards firing only with ``alpha_counts``: in the evaluation it came at or after the jump at
     p = 97 and on every run, grokking or not, at p = 59 (``benchmarks/results/grokking.md``,
     session 12).
+    agreement (where the client's probe batch gives predictions, ideally on held-out inputs):
+    :func:`agreement_turnaround` of ``probe.prediction_agreement`` with ``agreement_drop``,
+    ``agreement_rise``, ``agreement_sustain`` and ``agreement_z``. Reported; it counts only with
+    ``agreement_counts``: in the evaluation it warned ahead on runs with a memorisation plateau
+    but also turned on a partly generalising control and on an unstable weight-decay-0 run
+    (``benchmarks/results/grokking.md``, session 14).
     """
 
     defect_baseline: int = 10
@@ -243,6 +250,11 @@ class DetectorConfig:
     alpha_floor: float = 2.0
     alpha_sustain: int = 2
     alpha_counts: bool = False
+    agreement_drop: float = 0.3
+    agreement_rise: float = 0.25
+    agreement_sustain: int = 2
+    agreement_z: float = 3.0
+    agreement_counts: bool = False
     require: int = 2
 
 
@@ -255,6 +267,7 @@ class Evidence:
     rank_turn: int | None
     sed_collapse: int | None
     alpha_floor: int | None = None
+    agreement_turn: int | None = None
 
     def steps(self) -> dict[str, int]:
         """``{piece: step}`` of the evidence present (field names: ``defect``, ``norm_turn``...)."""
@@ -447,6 +460,8 @@ def detect_grokking(
     effective_rank: Mapping[str, Series] | None = None,
     sed_collapse_step: int | None = None,
     alpha: Mapping[str, Series] | None = None,
+    agreement: Series | None = None,
+    probe_size: int | None = None,
     config: DetectorConfig | None = None,
 ) -> GrokWarning:
     """Combine the evidence into a warning; fires at the first step where at least
@@ -455,7 +470,8 @@ def detect_grokking(
 
     Series are ``(step, value)`` sorted by step; any may be absent. ``sed_collapse_step`` is the
     first step at which the (causally computed) SED gap series entered its collapse phase;
-    ``alpha`` holds per-matrix HT-SR alpha series (see :class:`DetectorConfig` for whether
+    ``alpha`` holds per-matrix HT-SR alpha series and ``agreement`` the probe-prediction
+    agreement series over ``probe_size`` positions (see :class:`DetectorConfig` for whether
     they count). The score at a step is the fraction of the required evidence present by then
     (1.0 from the firing step on).
     """
@@ -476,6 +492,16 @@ def detect_grokking(
         alpha_floor=alpha_floor(alpha, floor=cfg.alpha_floor, sustain=cfg.alpha_sustain)
         if alpha
         else None,
+        agreement_turn=agreement_turnaround(
+            agreement,
+            probe_size=probe_size,
+            drop=cfg.agreement_drop,
+            rise=cfg.agreement_rise,
+            sustain=cfg.agreement_sustain,
+            z=cfg.agreement_z,
+        )
+        if agreement and probe_size
+        else None,
     )
     available = tuple(
         name
@@ -485,6 +511,7 @@ def detect_grokking(
             ("rank", bool(effective_rank)),
             ("sed", sed_collapse_step is not None),
             ("alpha", bool(alpha)),
+            ("agreement", bool(agreement and probe_size)),
         )
         if present
     )
@@ -494,6 +521,8 @@ def detect_grokking(
     counted = [ev.defect, ev.norm_turn, ev.rank_turn, ev.sed_collapse]
     if cfg.alpha_counts:
         counted.append(ev.alpha_floor)
+    if cfg.agreement_counts:
+        counted.append(ev.agreement_turn)
     times = [t for t in counted if t is not None]
     need = max(1, cfg.require)
     score = tuple((s, min(1.0, sum(t <= s for t in times) / need)) for s in steps)

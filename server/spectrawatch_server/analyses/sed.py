@@ -295,6 +295,8 @@ def _grokking_metrics(
 ) -> list[MetricValue]:
     matrices = [layer for layer in layers if layer != MODEL_LAYER]
     defect = context.scalar_series(grokking.COMMUTATOR_DEFECT, DETECTOR_HISTORY)
+    agreement = context.scalar_series(grokking.PREDICTION_AGREEMENT, DETECTOR_HISTORY)
+    positions = context.scalar_series(grokking.PREDICTION_POSITIONS, 1)
     per_matrix = (grokking.EFFECTIVE_RANK, grokking.HTSR_ALPHA)
     tails = context.metric_tails(
         {(name, layer): DETECTOR_HISTORY for name in per_matrix for layer in matrices}
@@ -325,6 +327,8 @@ def _grokking_metrics(
         effective_rank=rank or None,
         sed_collapse_step=collapse,
         alpha=alpha or None,
+        agreement=agreement or None,
+        probe_size=int(positions[-1][1]) if positions else None,
     )
     last = _steps(frame)[-1]
     score = [v for s, v in warning.score if s <= last]
