@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return loss
 
             defect = {"loss_fn": defect_loss, "sample_batch": sample_batch}
-        monitor.attach(model, opt, probe=x_tr[:256], **defect)
+        # probe: 256 held-out inputs (their labels are never read), so the probe.* prediction
+        # scalars say how settled the answers off the training set are
+        monitor.attach(model, opt, probe=x_va[:256], **defect)
 
     t0 = time.perf_counter()
     grok_step = None

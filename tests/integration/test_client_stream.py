@@ -57,6 +57,13 @@ def test_every_frame_arrives_exactly_once(server: ServerProcess, tmp_path: Path)
                 assert partial
                 assert set(partial) == {0.0}, (w, layer)
         assert not [a for a in stored.alerts() if a["rule"] == "gap_collapse"]
+        # the probe's predictions (32 inputs, 8 classes) at activations 10, 20, 30: churn from
+        # the second probe on, agreement needs four
+        probe = stored.scalars()
+        assert probe["probe.prediction_churn"].steps == [20, 30]
+        assert all(0.0 <= v <= 1.0 for v in probe["probe.prediction_churn"].values)
+        assert probe["probe.prediction_positions"].values == [32.0, 32.0]
+        assert "probe.prediction_agreement" not in probe
         # one whole-model point per step: the update- and theta-sketch frames ending at the
         # last step both evaluated the grokking detector, and both points were kept
         for name in ("grok.imminent", "grok.warning_score"):
