@@ -428,7 +428,8 @@ class Sender:
         asked = exc.retry_after or 0.0
         if attempt >= retries or self._past_deadline() or asked > _INLINE_RETRY_S:
             return False
-        time.sleep(max(min(self.settings.backoff_s * 2**attempt, 5.0), asked))
+        wait = max(min(self.settings.backoff_s * 2**attempt, 5.0), asked)
+        time.sleep(max(0.0, min(wait, self._deadline - time.monotonic())))
         return True
 
     def _back_online(self) -> None:
