@@ -78,6 +78,7 @@ class PanelSpec:
     y_title: str = ""
     log_y: bool = False
     split: bool = False  # one figure per matched metric name instead of one for all
+    hide: tuple[str, ...] = ()  # scalars panels: names claimed from later panels, not drawn
     empty: str = "No data for this panel yet."
     help: str = ""
 
@@ -135,6 +136,7 @@ def parse_page(raw: Mapping[str, Any]) -> PageSpec:
                 y_title=str(p.get("y_title", "")),
                 log_y=bool(p.get("log_y", False)),
                 split=bool(p.get("split", False)),
+                hide=_strings(page, p, "hide"),
                 empty=str(p.get("empty", PanelSpec.empty)),
                 help=str(p.get("help", "")),
             )
@@ -153,6 +155,21 @@ def parse_page(raw: Mapping[str, Any]) -> PageSpec:
 
 
 # --- small pure helpers --------------------------------------------------------------------
+
+
+def claim_scalars(panels: Sequence[PanelSpec], names: Iterable[str]) -> dict[str, list[str]]:
+    """Scalar names each ``scalars`` panel draws: a name goes to one panel only, panels with a
+    catch-all ``*`` pattern claim last (so a specific panel anywhere on the page wins), and a
+    panel's ``hide`` patterns claim names it does not draw (e.g. a sample size)."""
+    pool = list(names)
+    claimed: set[str] = set()
+    out: dict[str, list[str]] = {}
+    scalar_panels = [p for p in panels if p.kind == "scalars"]
+    for spec in sorted(scalar_panels, key=lambda p: "*" in p.match):
+        claimed.update(match_names(pool, spec.hide))
+        out[spec.id] = [s for s in match_names(pool, spec.match) if s not in claimed]
+        claimed.update(out[spec.id])
+    return out
 
 
 def match_names(names: Iterable[str], patterns: Sequence[str]) -> list[str]:

@@ -35,9 +35,36 @@ def test_shipped_pages_parse_and_cover_every_route() -> None:
         "sed_gap",
         "sed_edge",
         "warning",
+        "probe",
+        "defect",
     ]
     assert pages["layer"].panel("esd").kind == "esd"
     assert pages["activations"].panels[0].split
+
+
+def test_scalars_claimed_by_specific_panels_before_catch_alls() -> None:
+    overview = routes.pages()["overview"]
+    names = [
+        "loss",
+        "val_acc",
+        "lr",
+        "probe.prediction_agreement",
+        "probe.prediction_churn",
+        "probe.prediction_positions",
+        "grok.gradient_coherence",
+        "grok.commutator_defect",
+    ]
+    got = fig.claim_scalars(overview.panels, names)
+    assert got == {
+        "loss": ["loss"],
+        "accuracy": ["val_acc", "lr"],  # the catch-all comes second on the page, claims last
+        "probe": [
+            "probe.prediction_agreement",
+            "probe.prediction_churn",
+            "grok.gradient_coherence",
+        ],
+        "defect": ["grok.commutator_defect"],
+    }  # the sample size is claimed by "probe" (hide) and drawn nowhere
 
 
 @pytest.mark.parametrize(

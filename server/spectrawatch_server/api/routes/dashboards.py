@@ -244,12 +244,11 @@ def read_overview(
         for at, group in wanted.items()
         if group
     }
-    claimed: set[str] = set()
+    claimed = dash.claim_scalars(page.panels, scalars)
     panels = []
     for spec in page.panels:
         if spec.kind == "scalars":
-            chosen = [s for s in dash.match_names(scalars, spec.match) if s not in claimed]
-            claimed.update(chosen)
+            chosen = claimed[spec.id]
             fig = dash.line_figure(
                 spec.title,
                 [scalars[s] for s in chosen],
