@@ -68,8 +68,15 @@ def test_init_attach_log_finish(tmp_path: Path) -> None:
     assert [h.step for h in kinds["weights"]] == [10, 20]  # the finish snapshot is deduplicated
     assert [h.step for h in kinds["activations"]] == [5, 10, 15, 20]
     assert [h.info["steps"] for h in kinds["param_sketch"]] == [[10], [20]]
-    assert len(server.scalars) == 40
-    assert {r["name"] for r in server.scalars} == {"loss", "lr"}
+    user = [r for r in server.scalars if not r["name"].startswith("probe.")]
+    assert len(user) == 40
+    assert {r["name"] for r in user} == {"loss", "lr"}
+    probe = [(r["step"], r["name"]) for r in server.scalars if r["name"].startswith("probe.")]
+    assert sorted(probe) == sorted(  # the probe's predictions: churn from its second activation
+        [(n, "probe.prediction_churn") for n in (10, 15, 20)]
+        + [(n, "probe.prediction_positions") for n in (10, 15, 20)]
+        + [(20, "probe.prediction_agreement")]
+    )
     assert server.patches[-1]["status"] == "finished"
     assert server.patches[-1]["summary"]["client"]["dropped_frames"] == 0
     assert server.runs[("grok", "p97")]["name"] == "p97"
