@@ -325,15 +325,25 @@ def norm_turnaround(
     """First step where the norm, after falling by ``drop`` of its running maximum to a running
     minimum, stands ``rise`` above that minimum (weight decay has given way to new growth), the
     last of ``sustain`` evaluations in a row that do."""
-    peak = -math.inf
-    low = math.inf
-    run = 0
+    return _turnaround(series, drop, rise, sustain, lambda _: 0.0)
+
+
+def _turnaround(
+    series: Series, drop: float, rise: float, sustain: int, margin: Callable[[float], float]
+) -> int | None:
+    """Fall by ``drop`` of the running maximum, then ``rise`` above the running minimum for
+    ``sustain`` evaluations; each move must also exceed ``margin(level)`` (noise) in absolute
+    terms. Non-finite values are skipped."""
+    peak, low, run = -math.inf, math.inf, 0
     for step, value in series:
+        if not math.isfinite(value):
+            continue
         if value > peak and low == math.inf:
             peak = value
-        if value <= peak * (1.0 - drop):
+        if value <= peak * (1.0 - drop) and peak - value >= margin(peak):
             low = min(low, value)
-        run = run + 1 if low < math.inf and value >= low * (1.0 + rise) else 0
+        up = low < math.inf and value >= low * (1.0 + rise) and value - low >= margin(low)
+        run = run + 1 if up else 0
         if run >= max(1, sustain):
             return step
     return None
@@ -398,19 +408,7 @@ def agreement_turnaround(
     def se(q: float) -> float:  # z standard errors; never 0 (a fraction of 0 is not exact)
         return z * math.sqrt((max(q * (1.0 - q), 0.0) + 1.0 / probe_size) / probe_size)
 
-    peak, low, run = -math.inf, math.inf, 0
-    for step, value in series:
-        if not math.isfinite(value):
-            continue
-        if value > peak and low == math.inf:
-            peak = value
-        if value <= peak * (1.0 - drop) and peak - value >= se(peak):
-            low = min(low, value)
-        up = low < math.inf and value >= low * (1.0 + rise) and value - low >= se(low)
-        run = run + 1 if up else 0
-        if run >= max(1, sustain):
-            return step
-    return None
+    return _turnaround(series, drop, rise, sustain, se)
 
 
 def rank_turnaround(
