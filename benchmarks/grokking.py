@@ -775,22 +775,23 @@ def report(args: argparse.Namespace) -> None:
     markers of that file (the prose around it is kept)."""
     cfg = gk.DetectorConfig()
     rows = _load_rows(Path(args.dir), cfg, per_step=not args.no_per_step)
+    rules = tuple(args.rules) if getattr(args, "rules", None) else RULES
     counts = {k: sum(r["status"] == k for r in rows) for k in STATUSES}
     lines = [f"Detector config: `{cfg}`. Runs: {counts}.", "", "### Per run", ""]
     lines.append(
         "Cells: warning step (lead = step val_acc first ≥ 0.9 minus warning step; FA = false "
         "alarm on a control that ran its whole horizon; `not counted` = unfinished run or a "
         "grokking operation that had not grokked by the horizon). Columns: "
-        + "; ".join(f"`{k}` {RULE_LABEL[k]}" for k in RULES)
+        + "; ".join(f"`{k}` {RULE_LABEL[k]}" for k in rules)
         + "."
     )
-    lines += ["", "| run | op | wd | seed | steps | val≥0.9 | " + " | ".join(RULES) + " |"]
-    lines.append("|" + "---|" * (len(RULES) + 6))
+    lines += ["", "| run | op | wd | seed | steps | val≥0.9 | " + " | ".join(rules) + " |"]
+    lines.append("|" + "---|" * (len(rules) + 6))
     for r in rows:
         sp = r["spec"]
         seed = f"{sp['seed']} ({'tune' if sp['seed'] == 0 else 'report'})"
         status = r["grok"] if r["status"] == "grok" else r["status"]
-        cells = " | ".join(_cell(r["warn"][k], r) for k in RULES)
+        cells = " | ".join(_cell(r["warn"][k], r) for k in rules)
         name = r["name"] + (" †" if r["legacy"] else "")
         lines.append(
             f"| {name} | {OP_LABEL[sp['op']]} | {sp['wd']:g} | {seed} | {r['last']} | {status} "
@@ -814,7 +815,7 @@ def report(args: argparse.Namespace) -> None:
                 "lead ≥ 600 | false alarms |"
             )
             lines.append("|---|---|---|---|---|---|---|")
-            lines += [f"| {RULE_LABEL[k]} | {_aggregate(sub, k)} |" for k in RULES]
+            lines += [f"| {RULE_LABEL[k]} | {_aggregate(sub, k)} |" for k in rules]
     text = "\n".join(lines)
     print(text)
     if args.md:
@@ -969,6 +970,7 @@ def main(argv: list[str] | None = None) -> None:
     rp.add_argument("dir")
     rp.add_argument("--md", default="")
     rp.add_argument("--no-per-step", action="store_true")
+    rp.add_argument("--rules", nargs="+", choices=RULES, help="columns (default: every rule)")
     se = sub.add_parser("series")
     se.add_argument("runs", nargs="+")
     se.add_argument("--every", type=int, default=500)
