@@ -235,9 +235,10 @@ class DetectorConfig:
     agreement (where the client's probe batch gives predictions, ideally on held-out inputs):
     :func:`agreement_turnaround` of ``probe.prediction_agreement`` with ``agreement_drop``,
     ``agreement_rise``, ``agreement_sustain`` and ``agreement_z``. Reported; it counts only with
-    ``agreement_counts``: in the evaluation it warned ahead on runs with a memorisation plateau
-    but also turned on a partly generalising control and on an unstable weight-decay-0 run
-    (``benchmarks/results/grokking.md``, session 14).
+    ``agreement_counts``: in the evaluation it warned 1,100-1,300 steps ahead on a+b but also
+    turned on partly generalising, unstable (weight decay 0) and oscillating controls: 4/11
+    grokking runs warned >= 600 ahead, 5/10 controls alarmed (``benchmarks/results/grokking.md``,
+    session 14).
     """
 
     defect_baseline: int = 10
