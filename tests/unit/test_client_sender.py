@@ -147,6 +147,13 @@ def make_sender(
     return sender
 
 
+def wait_for_run(sender: Sender, timeout: float = 5.0) -> None:
+    """Until the sender has created its run on the fake server (or ``timeout`` passed)."""
+    deadline = time.monotonic() + timeout
+    while sender.run_id is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def sketch_item(step: int, rows: int = 2, d: int = 8) -> FrameItem:
     info = {"steps": list(range(step, step + rows)), "sketch": {"dim": d, "seed": 0}}
     return FrameItem(
@@ -189,9 +196,7 @@ def test_frames_arrive_once_with_idempotency_keys_and_zstd(tmp_path: Path) -> No
 def test_transient_5xx_is_retried_without_duplicates(tmp_path: Path) -> None:
     server = FakeServer()
     sender = make_sender(server, settings(tmp_path, retries=3))
-    deadline = time.monotonic() + 5
-    while sender.run_id is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_run(sender)
     server.fail_next = 2
     sender.put_frame(sketch_item(0))
     assert sender.close(timeout=10)
@@ -224,9 +229,7 @@ def test_unavailable_carries_the_servers_retry_after(status: int) -> None:
 def test_a_short_retry_after_is_waited_before_the_next_attempt(tmp_path: Path) -> None:
     server = FakeServer()
     sender = make_sender(server, settings(tmp_path, retries=3))
-    deadline = time.monotonic() + 5
-    while sender.run_id is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_run(sender)
     server.fail_next, server.retry_after = 1, "1"
     sender.put_frame(sketch_item(0))
     assert sender.close(timeout=10)
@@ -241,9 +244,7 @@ def test_a_long_retry_after_spools_and_keeps_the_client_away(tmp_path: Path) -> 
     server = FakeServer()
     s = settings(tmp_path, retries=3, backoff_max_s=1.5, flush_timeout_s=10.0)
     sender = make_sender(server, s)
-    deadline = time.monotonic() + 5
-    while sender.run_id is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_run(sender)
     server.fail_next, server.retry_after = 1, "3600"
     sender.put_frame(sketch_item(0))
     assert sender.close(timeout=10)
