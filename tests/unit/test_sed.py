@@ -519,6 +519,12 @@ def test_grokking_score_uses_training_series_only() -> None:
     }
     assert not [m for m in quiet.metrics if m.name.startswith(grokking.EVIDENCE_PREFIX)]
     assert "val_acc" not in ctx.scalars_read
+    # a probe size no client would send is ignored (so is the agreement), never an error
+    for bad in (0.0, -5.0, 1e300):
+        ctx.scalars[grokking.PREDICTION_POSITIONS] = [(1900, bad)]
+        names = {m.name for m in spectral_edge_dynamics(frame, ctx).metrics}
+        assert grokking.EVIDENCE_PREFIX + "agreement_turn" not in names
+        assert grokking.EVIDENCE_PREFIX + "defect" in names
 
 
 def test_without_the_probe_the_sed_collapse_is_the_second_piece_of_evidence() -> None:

@@ -287,6 +287,14 @@ def _total_norm(context: AnalysisContext, layers: Sequence[str]) -> list[tuple[i
     return [(s, math.sqrt(t)) for s, (t, c) in sorted(sums.items()) if c == seen and seen]
 
 
+def _probe_size(positions: Sequence[tuple[int, float]]) -> int | None:
+    """The client's latest ``probe.prediction_positions``, if it is a usable count."""
+    if not positions:
+        return None
+    value = positions[-1][1]
+    return int(value) if math.isfinite(value) and 1 <= value <= 2**53 else None
+
+
 def _grokking_metrics(
     frame: DecodedFrame,
     context: AnalysisContext,
@@ -328,7 +336,7 @@ def _grokking_metrics(
         sed_collapse_step=collapse,
         alpha=alpha or None,
         agreement=agreement or None,
-        probe_size=int(positions[-1][1]) if positions else None,
+        probe_size=_probe_size(positions),
     )
     last = _steps(frame)[-1]
     score = [v for s, v in warning.score if s <= last]
