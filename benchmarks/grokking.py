@@ -588,7 +588,8 @@ def posthoc_rules(z: Any) -> dict[str, int | None]:
 # after the 512-input probe read noise at the start as a turn). Constants fixed after looking
 # at a+b seed 2, a-b seeds 1-2, a³+ab seeds 1-2 and the first half of a+b wd-0 seed 0 (tier 1),
 # before every other run was scored.
-AGREE_K, AGREE_DROP, AGREE_RISE, AGREE_SUSTAIN = 3, 0.3, 0.25, 2
+AGREE_K = gk.AGREEMENT_WINDOW - 1  # evaluations before the latest one (the client's window)
+AGREE_DROP, AGREE_RISE, AGREE_SUSTAIN = 0.3, 0.25, 2
 AGREE_PROBE = 512  # held-out inputs in the smaller probe (a fixed random subset)
 
 
