@@ -683,6 +683,7 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
     )
     pre = gk.detect_grokking(**inputs, config=dataclasses.replace(cfg, defect_sigma=3.0))
     alpha = s["alpha"]
+    probe = agreement_series(z, AGREE_PROBE)  # the 512-input probe's agreement series
     with_alpha = gk.detect_grokking(
         **inputs, alpha=alpha, config=dataclasses.replace(cfg, alpha_counts=True)
     )
@@ -702,10 +703,10 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
         else None,
         "detector_alpha": with_alpha.step if alpha else None,
         "agree": agreement_rule(agreement_series(z), _held_out(z)),
-        "agree512": agreement_rule(agreement_series(z, AGREE_PROBE), AGREE_PROBE),
+        "agree512": agreement_rule(probe, AGREE_PROBE),
         "detector_agree": gk.detect_grokking(
             **inputs,
-            agreement=agreement_series(z, AGREE_PROBE),
+            agreement=probe,
             probe_size=AGREE_PROBE,
             config=dataclasses.replace(cfg, agreement_counts=True),
         ).step,

@@ -409,15 +409,14 @@ class Sender:
             return False  # past the flush deadline what is left goes to the spool
         return self._ensure_run()
 
-    def _went_offline(self, exc: Exception) -> None:
+    def _went_offline(self, exc: Unavailable) -> None:
         """Stay away for the backoff (+-20 % jitter, so clients an outage stopped together do
         not return together), or for the server's ``Retry-After`` when longer (capped at
         ``backoff_max_s``); the backoff doubles up to ``backoff_max_s``."""
         self.errors.record("contacting the server", exc)
         pause = self._backoff * self._jitter.uniform(0.8, 1.2)
-        asked = getattr(exc, "retry_after", None)
-        if asked is not None:
-            pause = max(pause, min(asked, self.settings.backoff_max_s))
+        if exc.retry_after is not None:
+            pause = max(pause, min(exc.retry_after, self.settings.backoff_max_s))
         self._offline_until = time.monotonic() + pause
         self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
 

@@ -304,7 +304,7 @@ def _grokking_metrics(
     matrices = [layer for layer in layers if layer != MODEL_LAYER]
     defect = context.scalar_series(grokking.COMMUTATOR_DEFECT, DETECTOR_HISTORY)
     agreement = context.scalar_series(grokking.PREDICTION_AGREEMENT, DETECTOR_HISTORY)
-    positions = context.scalar_series(grokking.PREDICTION_POSITIONS, 1)
+    positions = context.scalar_series(grokking.PREDICTION_POSITIONS, 1) if agreement else []
     per_matrix = (grokking.EFFECTIVE_RANK, grokking.HTSR_ALPHA)
     tails = context.metric_tails(
         {(name, layer): DETECTOR_HISTORY for name in per_matrix for layer in matrices}
