@@ -366,7 +366,9 @@ def is_done(path: Path) -> bool:
 # ---------------------------------------------------------------------------------- grid
 
 
-def grid_specs(tiers: list[int], horizon: dict[str, int]) -> Iterator[RunSpec]:
+def grid_specs(
+    tiers: list[int], horizon: dict[str, int], seeds: tuple[int, ...] = (0, 1, 2)
+) -> Iterator[RunSpec]:
     """The grid in priority order: (1) papers' regime p 97 frac 0.3, five ops and wd-0 a+b;
     (2) the 1-layer full-batch regime (frac 0.5), same; (3) p 59 and frac 0.5 subsets. Within a
     tier, a+b, a³+ab and a-b come first for every seed (tuning and held-out runs of a grokking
@@ -377,11 +379,11 @@ def grid_specs(tiers: list[int], horizon: dict[str, int]) -> Iterator[RunSpec]:
         if tier in (1, 2):
             regime, frac = ("mb2", 0.3) if tier == 1 else ("fb1", 0.5)
             for order in (first, then):
-                for seed in (0, 1, 2):
+                for seed in seeds:
                     for op, wd in order:
                         yield RunSpec(regime, op, 97, frac, wd, seed, horizon[regime])
         elif tier == 3:
-            for seed in (0, 1, 2):
+            for seed in seeds:
                 for op in ("add", "cube", "sq"):
                     yield RunSpec("mb2", op, 59, 0.3, 1.0, seed, horizon["mb2"])
                     yield RunSpec("mb2", op, 97, 0.5, 1.0, seed, horizon["mb2"])
@@ -408,7 +410,7 @@ def grid(args: argparse.Namespace) -> None:
     horizon = {"mb2": args.horizon_mb2, "fb1": args.horizon_fb1}
     todo = [
         s
-        for s in grid_specs(args.tiers, horizon)
+        for s in grid_specs(args.tiers, horizon, tuple(args.seeds))
         if not is_done(out_dir / f"{s.name}.npz") and s.name not in args.skip
     ]
     adopted = list(args.adopt)  # runs started by an earlier grid: they hold slots until they end
@@ -626,6 +628,19 @@ def agreement_rule(series: list[tuple[int, float]], probe_size: int) -> int | No
     )
 
 
+# Held-out confidence (session 15): the mean largest softmax probability over all held-out
+# inputs at each evaluation (no labels), ``gk.confidence_rise`` with its defaults: after the
+# memorisation plateau, 0.05 above its running minimum two evaluations in a row, once the weight
+# norm has fallen by 30 %. Form and constants chosen after looking at seeds 0-2 of tiers 1 and 3,
+# frozen (commit of 2026-11-27 ~13:20 UTC) before any run of seeds 3-4 was read.
+
+
+def confidence_series(z: Any) -> list[tuple[int, float]]:
+    if "conf_va" not in z.files:
+        return []
+    return list(zip(map(int, z["eval_step"]), map(float, z["conf_va"]), strict=True))
+
+
 RULES = (
     "detector",
     "detector_s3",
@@ -645,6 +660,8 @@ RULES = (
     "agree",
     "agree512",
     "detector_agree",
+    "confidence",
+    "detector_conf",
 )
 RULE_LABEL = {
     "detector": "detector (defect + norm + rank), default (defect 4 sd)",
@@ -665,6 +682,8 @@ RULE_LABEL = {
     "agree": "held-out prediction agreement turnaround (all held-out inputs, no labels)",
     "agree512": "same, a probe of 512 held-out inputs",
     "detector_agree": "detector with the agreement evidence (512-input probe) counted",
+    "confidence": "held-out confidence rise after its plateau, with the weight norm fallen",
+    "detector_conf": "detector with the confidence evidence counted",
 }
 
 
@@ -684,6 +703,7 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
     pre = gk.detect_grokking(**inputs, config=dataclasses.replace(cfg, defect_sigma=3.0))
     alpha = s["alpha"]
     probe = agreement_series(z, AGREE_PROBE)  # the 512-input probe's agreement series
+    conf = confidence_series(z)
     with_alpha = gk.detect_grokking(
         **inputs, alpha=alpha, config=dataclasses.replace(cfg, alpha_counts=True)
     )
@@ -709,6 +729,10 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
             agreement=probe,
             probe_size=AGREE_PROBE,
             config=dataclasses.replace(cfg, agreement_counts=True),
+        ).step,
+        "confidence": gk.confidence_rise(conf, s["weight_norm"]) if conf else None,
+        "detector_conf": gk.detect_grokking(
+            **inputs, confidence=conf, config=dataclasses.replace(cfg, confidence_counts=True)
         ).step,
     }
     done = bool(int(z["done"]))
@@ -958,6 +982,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--device", default="cpu", help="cpu or cuda (CUDA numerics: another run)")
     g = sub.add_parser("grid")
     g.add_argument("--tiers", type=int, nargs="+", default=[1, 2, 3])
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     g.add_argument("--jobs", type=int, default=2)
     g.add_argument("--nice", type=int, default=15)
     g.add_argument("--horizon-mb2", type=int, default=7500)

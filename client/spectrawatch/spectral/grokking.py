@@ -38,6 +38,7 @@ EFFECTIVE_RANK = "grok.effective_rank"  # exp(H) of a weight matrix (detector in
 PREDICTION_AGREEMENT = "probe.prediction_agreement"  # probe predictions unchanged over 4 probes
 PREDICTION_CHURN = "probe.prediction_churn"  # fraction of probe predictions changed since the last
 PREDICTION_POSITIONS = "probe.prediction_positions"  # how many predictions the probe gives
+PREDICTION_CONFIDENCE = "probe.prediction_confidence"  # mean max softmax over the probe's positions
 AGREEMENT_WINDOW = 4  # probes a prediction must be unchanged through (the latest included)
 HTSR_ALPHA = "htsr.alpha"  # per-layer power-law exponent of the weights frame (detector input)
 EVIDENCE_PREFIX = "grok.evidence."  # + Evidence field: the step the piece of evidence appeared
@@ -48,6 +49,7 @@ EVIDENCE_LABELS = {  # Evidence field -> what a person reads in an alert
     "sed_collapse": "SED gap collapse",
     "alpha_floor": "median HT-SR alpha <= 2 (reported, not counted by default)",
     "agreement_turn": "probe-prediction agreement turnaround (reported, not counted by default)",
+    "confidence_rise": "probe confidence rise after its plateau (reported, not counted by default)",
 }
 
 B = TypeVar("B")
@@ -239,6 +241,11 @@ class DetectorConfig:
     turned on partly generalising, unstable (weight decay 0) and oscillating controls: 4/11
     grokking runs warned >= 600 ahead, 5/10 controls alarmed (``benchmarks/results/grokking.md``,
     session 14).
+    confidence (where the probe gives logits and weight frames give the norm):
+    :func:`confidence_rise` of ``probe.prediction_confidence`` with ``confidence_rise``,
+    ``confidence_plateau``, ``confidence_sustain`` and ``norm_drop``. Reported; it counts only
+    with ``confidence_counts`` (its constants were chosen on seeds 0-2 and scored on fresh seeds:
+    ``benchmarks/results/grokking.md``, session 15).
     """
 
     defect_baseline: int = 10
@@ -256,6 +263,10 @@ class DetectorConfig:
     agreement_sustain: int = 2
     agreement_z: float = 3.0
     agreement_counts: bool = False
+    confidence_rise: float = 0.05
+    confidence_plateau: float = 0.02
+    confidence_sustain: int = 2
+    confidence_counts: bool = False
     require: int = 2
 
 
@@ -269,6 +280,7 @@ class Evidence:
     sed_collapse: int | None
     alpha_floor: int | None = None
     agreement_turn: int | None = None
+    confidence_rise: int | None = None
 
     def steps(self) -> dict[str, int]:
         """``{piece: step}`` of the evidence present (field names: ``defect``, ``norm_turn``...)."""
@@ -350,10 +362,9 @@ def _turnaround(
     return None
 
 
-def predictions_of(output: object) -> torch.Tensor | None:
-    """Argmax over the last dimension of a model's output (a tensor, the first element of a
-    tuple or list, or ``output["logits"]`` / ``output.logits``), or None when it has none to
-    take (not a floating tensor, or a last dimension of 1: regression)."""
+def _logits_of(output: object) -> torch.Tensor | None:
+    """A model output's logits: the tensor itself, the first element of a tuple or list, or
+    ``output["logits"]`` / ``output.logits``; None unless floating with a last dimension >= 2."""
     if isinstance(output, Mapping) and "logits" in output:
         output = output["logits"]
     elif not isinstance(output, torch.Tensor) and isinstance(
@@ -366,7 +377,27 @@ def predictions_of(output: object) -> torch.Tensor | None:
         return None
     if output.dim() < 1 or output.shape[-1] < 2:
         return None
-    return output.detach().argmax(-1)
+    return output.detach()
+
+
+def predictions_of(output: object) -> torch.Tensor | None:
+    """Argmax over the last dimension of a model's output (a tensor, the first element of a
+    tuple or list, or ``output["logits"]`` / ``output.logits``), or None when it has none to
+    take (not a floating tensor, or a last dimension of 1: regression)."""
+    logits = _logits_of(output)
+    return None if logits is None else logits.argmax(-1)
+
+
+def confidence_of(output: object) -> float | None:
+    """Mean over positions of the largest softmax probability of a model's output (found as by
+    :func:`predictions_of`), computed in float64; None when there are no logits or a position
+    has a non-finite one."""
+    logits = _logits_of(output)
+    if logits is None or logits.numel() == 0:
+        return None
+    top = torch.softmax(logits.to(torch.float64), dim=-1).amax(-1)
+    value = float(top.mean())
+    return value if math.isfinite(value) else None
 
 
 def prediction_agreement(history: Sequence[torch.Tensor]) -> float:
@@ -410,6 +441,50 @@ def agreement_turnaround(
         return z * math.sqrt((max(q * (1.0 - q), 0.0) + 1.0 / probe_size) / probe_size)
 
     return _turnaround(series, drop, rise, sustain, se)
+
+
+def confidence_rise(
+    confidence: Series,
+    weight_norm: Series,
+    *,
+    rise: float = 0.05,
+    plateau: float = 0.02,
+    lag: int = 3,
+    sustain: int = 2,
+    norm_drop: float = 0.3,
+) -> int | None:
+    """First step where held-out probe confidence (:func:`confidence_of`), after its
+    memorisation plateau, stands ``rise`` (absolute) above its running minimum, the last of
+    ``sustain`` evaluations in a row that do, once the weight norm has fallen by ``norm_drop``
+    of its running maximum.
+
+    The confidence is smoothed by a causal median of 3; its plateau starts at the first
+    evaluation that is less than ``plateau`` above the one ``lag`` evaluations earlier. The
+    weight-norm condition (the norm at the latest step <= the evaluation's) keeps out runs
+    whose confidence grows with the scale of unregularised weights (weight decay 0), which
+    rose without generalising (``benchmarks/results/grokking.md``, session 15)."""
+    values = [(s, v) for s, v in confidence if math.isfinite(v)]
+    norms = [(s, v) for s, v in weight_norm if math.isfinite(v)]
+    smooth = [
+        (step, statistics.median(v for _, v in values[max(0, i - 2) : i + 1]))
+        for i, (step, _) in enumerate(values)
+    ]
+    low, run, k, peak, fallen = math.inf, 0, 0, -math.inf, False
+    started = False
+    for i, (step, value) in enumerate(smooth):
+        while k < len(norms) and norms[k][0] <= step:
+            peak = max(peak, norms[k][1])
+            fallen = fallen or norms[k][1] <= peak * (1.0 - norm_drop)
+            k += 1
+        if not started:
+            started = i >= lag and value - smooth[i - lag][1] < plateau
+            if not started:
+                continue
+        low = min(low, value)
+        run = run + 1 if fallen and value >= low + rise else 0
+        if run >= max(1, sustain):
+            return step
+    return None
 
 
 def rank_turnaround(
@@ -461,6 +536,7 @@ def detect_grokking(
     alpha: Mapping[str, Series] | None = None,
     agreement: Series | None = None,
     probe_size: int | None = None,
+    confidence: Series | None = None,
     config: DetectorConfig | None = None,
 ) -> GrokWarning:
     """Combine the evidence into a warning; fires at the first step where at least
@@ -501,6 +577,16 @@ def detect_grokking(
         )
         if agreement and probe_size
         else None,
+        confidence_rise=confidence_rise(
+            confidence,
+            weight_norm,
+            rise=cfg.confidence_rise,
+            plateau=cfg.confidence_plateau,
+            sustain=cfg.confidence_sustain,
+            norm_drop=cfg.norm_drop,
+        )
+        if confidence and weight_norm
+        else None,
     )
     available = tuple(
         name
@@ -511,6 +597,7 @@ def detect_grokking(
             ("sed", sed_collapse_step is not None),
             ("alpha", bool(alpha)),
             ("agreement", bool(agreement and probe_size)),
+            ("confidence", bool(confidence and weight_norm)),
         )
         if present
     )
@@ -522,6 +609,8 @@ def detect_grokking(
         counted.append(ev.alpha_floor)
     if cfg.agreement_counts:
         counted.append(ev.agreement_turn)
+    if cfg.confidence_counts:
+        counted.append(ev.confidence_rise)
     times = [t for t in counted if t is not None]
     need = max(1, cfg.require)
     score = tuple((s, min(1.0, sum(t <= s for t in times) / need)) for s in steps)
@@ -567,6 +656,7 @@ __all__ = [
     "IMMINENT",
     "PREDICTION_AGREEMENT",
     "PREDICTION_CHURN",
+    "PREDICTION_CONFIDENCE",
     "PREDICTION_POSITIONS",
     "WARNING_SCORE",
     "DefectSample",
@@ -577,6 +667,8 @@ __all__ = [
     "alpha_floor",
     "commutator_defect",
     "commutator_probe",
+    "confidence_of",
+    "confidence_rise",
     "defect_alarm",
     "defect_spike",
     "detect_grokking",
