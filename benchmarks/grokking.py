@@ -632,7 +632,7 @@ def agreement_rule(series: list[tuple[int, float]], probe_size: int) -> int | No
 # inputs at each evaluation (no labels), ``gk.confidence_rise`` with its defaults: after the
 # memorisation plateau, 0.05 above its running minimum two evaluations in a row, once the weight
 # norm has fallen by 30 %. Form and constants chosen after looking at seeds 0-2 of tiers 1 and 3,
-# frozen (commit of 2026-11-27 ~13:20 UTC) before any run of seeds 3-4 was read.
+# frozen (commit dee6ed8, 2026-11-27 12:53 UTC) before any run of seeds 3-4 had finished.
 
 
 def confidence_series(z: Any) -> list[tuple[int, float]]:

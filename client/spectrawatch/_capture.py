@@ -79,8 +79,10 @@ from spectrawatch.spectral.grokking import (
     GRADIENT_COHERENCE,
     PREDICTION_AGREEMENT,
     PREDICTION_CHURN,
+    PREDICTION_CONFIDENCE,
     PREDICTION_POSITIONS,
     commutator_probe,
+    confidence_of,
     prediction_agreement,
     predictions_of,
 )
@@ -805,14 +807,19 @@ class Capture:
             for m, was in modes:
                 m.training = was
         if self.emits:
-            self._prediction_scalars(n, predictions_of(output))
+            self._prediction_scalars(n, predictions_of(output), confidence_of(output))
         if captured:
             info = {"gram": gram, "tokens": tokens}
             self.emit_frame(FrameItem(wire.FrameKind.ACTIVATIONS, n, captured, info, compress=True))
 
-    def _prediction_scalars(self, n: int, pred: torch.Tensor | None) -> None:
-        """Churn (changed since the last probe) and agreement (unchanged through the last
-        ``AGREEMENT_WINDOW`` probes) of the probe batch's predictions."""
+    def _prediction_scalars(
+        self, n: int, pred: torch.Tensor | None, confidence: float | None
+    ) -> None:
+        """Confidence (mean largest softmax probability), churn (changed since the last probe)
+        and agreement (unchanged through the last ``AGREEMENT_WINDOW`` probes) of the probe
+        batch's predictions."""
+        if confidence is not None:
+            self.emit_scalars([{"step": n, "name": PREDICTION_CONFIDENCE, "value": confidence}])
         if pred is None:
             return
         history = self._predictions

@@ -64,6 +64,8 @@ def test_every_frame_arrives_exactly_once(server: ServerProcess, tmp_path: Path)
         assert all(0.0 <= v <= 1.0 for v in probe["probe.prediction_churn"].values)
         assert probe["probe.prediction_positions"].values == [32.0, 32.0]
         assert "probe.prediction_agreement" not in probe
+        assert probe["probe.prediction_confidence"].steps == [10, 20, 30]
+        assert all(1 / 8 <= v <= 1.0 for v in probe["probe.prediction_confidence"].values)
         # one whole-model point per step: the update- and theta-sketch frames ending at the
         # last step both evaluated the grokking detector, and both points were kept
         for name in ("grok.imminent", "grok.warning_score"):

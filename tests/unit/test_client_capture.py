@@ -4,6 +4,7 @@ activations, the defect probe, and that training is never changed or interrupted
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -278,16 +279,19 @@ def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:
     wire.decode_frame(body)  # valid on the wire
 
 
-def test_probe_prediction_churn_and_agreement() -> None:
+def test_probe_prediction_churn_agreement_and_confidence() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 5))
     probe = torch.randn(40, 4)
     sink = Sink()
     cap, _ = make_capture(model, None, sink, probe=probe)
-    preds = []
+    preds, conf = [], []
     for n in range(1, 6):
         cap.capture_activations(n)
-        preds.append(model(probe).argmax(-1))
+        with torch.no_grad():
+            out = model(probe)
+        preds.append(out.argmax(-1))
+        conf.append((n, round(float(out.double().softmax(-1).amax(-1).mean()), 6)))
         with torch.no_grad():
             model[2].weight[n % 5].add_(0.5)  # move some predictions between probes
 
@@ -308,6 +312,8 @@ def test_probe_prediction_churn_and_agreement() -> None:
     ]
     assert rows(gk.PREDICTION_AGREEMENT) == agree
     assert rows(gk.PREDICTION_POSITIONS) == [(n, 40.0) for n in range(2, 6)]
+    assert rows(gk.PREDICTION_CONFIDENCE) == conf  # from the first probe on
+    assert len({v for _, v in conf}) == 5
 
 
 @pytest.mark.parametrize(
@@ -324,6 +330,22 @@ def test_probe_prediction_churn_and_agreement() -> None:
 def test_predictions_of_model_outputs(output: Any, want: list[int] | None) -> None:
     got = gk.predictions_of(output)
     assert (got.tolist() if got is not None else None) == want
+
+
+@pytest.mark.parametrize(
+    ("output", "want"),
+    [
+        (torch.zeros(3, 4), 0.25),
+        ({"logits": torch.tensor([[0.0, math.log(3.0)]])}, 0.75),
+        ((torch.tensor([[[0.0, math.log(3.0)], [math.log(3.0), 0.0]]]), "aux"), 0.75),
+        (torch.tensor([[math.inf, 0.0]]), None),  # non-finite logits: nothing to report
+        (torch.ones(3, 1), None),
+        (torch.empty(0, 5), None),
+    ],
+)
+def test_confidence_of_model_outputs(output: Any, want: float | None) -> None:
+    got = gk.confidence_of(output)
+    assert got == pytest.approx(want) if want is not None else got is None
 
 
 def test_activations_x_or_gram_and_modes_restored() -> None:

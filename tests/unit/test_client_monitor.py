@@ -73,7 +73,8 @@ def test_init_attach_log_finish(tmp_path: Path) -> None:
     assert {r["name"] for r in user} == {"loss", "lr"}
     probe = [(r["step"], r["name"]) for r in server.scalars if r["name"].startswith("probe.")]
     assert sorted(probe) == sorted(  # the probe's predictions: churn from its second activation
-        [(n, "probe.prediction_churn") for n in (10, 15, 20)]
+        [(n, "probe.prediction_confidence") for n in (5, 10, 15, 20)]
+        + [(n, "probe.prediction_churn") for n in (10, 15, 20)]
         + [(n, "probe.prediction_positions") for n in (10, 15, 20)]
         + [(20, "probe.prediction_agreement")]
     )

@@ -51,6 +51,7 @@ def test_scalars_claimed_by_specific_panels_before_catch_alls() -> None:
         "probe.prediction_agreement",
         "probe.prediction_churn",
         "probe.prediction_positions",
+        "probe.prediction_confidence",
         "grok.gradient_coherence",
         "grok.commutator_defect",
     ]
@@ -61,6 +62,7 @@ def test_scalars_claimed_by_specific_panels_before_catch_alls() -> None:
         "probe": [
             "probe.prediction_agreement",
             "probe.prediction_churn",
+            "probe.prediction_confidence",
             "grok.gradient_coherence",
         ],
         "defect": ["grok.commutator_defect"],

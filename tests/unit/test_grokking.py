@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -326,3 +327,56 @@ def test_agreement_evidence_is_reported_and_counts_only_when_configured() -> Non
     assert counted.step == max(1100, counted.evidence.norm_turn or 0)
     # without the probe size the series is not read (its noise level is unknown)
     assert gk.detect_grokking(weight_norm=norm, agreement=agreement).evidence.agreement_turn is None
+
+
+def _confidence(spike_at: int | None = None, rise: bool = True) -> list[tuple[int, float]]:
+    """Memorisation ramp 0.1 -> 0.45 by step 400, flat to 1,500, then (``rise``) +0.02 per
+    evaluation; optionally one wild value at ``spike_at``."""
+    out = []
+    for s in range(0, 3000, 100):
+        v = 0.1 + s / 1000 if s < 400 else 0.45
+        if rise and s > 1500:
+            v += 0.02 * (s - 1500) / 100
+        out.append((s, 0.9 if s == spike_at else v))
+    return out
+
+
+FALLING_NORM = [
+    (s, 100.0 - s / 20 if s <= 1200 else 40.0 + (s - 1200) / 100) for s in range(0, 3000, 100)
+]
+
+
+def test_confidence_rise_after_the_plateau_once_the_norm_has_fallen() -> None:
+    # smoothed (causal median of 3): the plateau starts at 800 (0.45 - 0.45 < 0.02 over 3
+    # evaluations), its minimum is 0.45; 0.51 at 1,900 and 0.53 at 2,000 stand >= 0.05 above
+    assert gk.confidence_rise(_confidence(), FALLING_NORM) == 2000
+    # weight decay 0: confidence grows with the norm, which never falls
+    growing = [(s, 100.0 + s / 100) for s in range(0, 3000, 100)]
+    assert gk.confidence_rise(_confidence(), growing) is None
+    # weight frames at a coarser cadence: the norm is known to have fallen from 2,500 on
+    late = [(s, 100.0 if s < 2500 else 60.0) for s in range(0, 3000, 500)]
+    assert gk.confidence_rise(_confidence(), late) == 2600
+    # one wild evaluation is smoothed away; no rise, no warning
+    assert gk.confidence_rise(_confidence(spike_at=1000), FALLING_NORM) == 2000
+    assert gk.confidence_rise(_confidence(spike_at=1000, rise=False), FALLING_NORM) is None
+    nan = [(s, math.nan if s == 1200 else v) for s, v in _confidence()]
+    assert gk.confidence_rise(nan, FALLING_NORM) == 2000
+    assert gk.confidence_rise(_confidence(), FALLING_NORM, sustain=4) == 2200
+
+
+def test_confidence_evidence_is_reported_and_counts_only_when_configured() -> None:
+    w = gk.detect_grokking(weight_norm=FALLING_NORM, confidence=_confidence())
+    assert w.evidence.confidence_rise == 2000
+    assert w.evidence.norm_turn == 1300
+    assert not w.fired
+    assert "confidence" in w.available
+    counted = gk.detect_grokking(
+        weight_norm=FALLING_NORM,
+        confidence=_confidence(),
+        config=gk.DetectorConfig(confidence_counts=True),
+    )
+    assert counted.step == 2000
+    # without weight frames the rise is not read (it cannot tell weight decay 0 apart)
+    alone = gk.detect_grokking(confidence=_confidence())
+    assert alone.evidence.confidence_rise is None
+    assert "confidence" not in alone.available

@@ -503,6 +503,12 @@ def test_grokking_score_uses_training_series_only() -> None:
         (s, 0.3 - s / 4500 if s < 1000 else 0.2) for s in range(0, 2000, 100)
     ]
     ctx.scalars[grokking.PREDICTION_POSITIONS] = [(s, 2000.0) for s in range(0, 2000, 100)]
+    # probe confidence: memorised by 400 (0.45), flat, +0.03 per evaluation after 1000; with
+    # the norm fallen by 30 % since 600, its smoothed value stands 0.05 up at 1300 and 1400
+    ctx.scalars[grokking.PREDICTION_CONFIDENCE] = [
+        (s, 0.1 + s / 1000 if s < 400 else 0.45 + max(0, s - 1000) * 3e-4)
+        for s in range(0, 2000, 100)
+    ]
     fired = spectral_edge_dynamics(frame, ctx)
     assert _values(fired, grokking.IMMINENT, MODEL_LAYER) == {2009: 1.0}
     assert _values(fired, grokking.WARNING_SCORE, MODEL_LAYER)[2009] == pytest.approx(1.0)
@@ -516,6 +522,7 @@ def test_grokking_score_uses_training_series_only() -> None:
         "norm_turn": (2009, 1400.0),
         "alpha_floor": (2009, 1300.0),
         "agreement_turn": (2009, 1100.0),
+        "confidence_rise": (2009, 1400.0),
     }
     assert not [m for m in quiet.metrics if m.name.startswith(grokking.EVIDENCE_PREFIX)]
     assert "val_acc" not in ctx.scalars_read

@@ -305,6 +305,7 @@ def _grokking_metrics(
     defect = context.scalar_series(grokking.COMMUTATOR_DEFECT, DETECTOR_HISTORY)
     agreement = context.scalar_series(grokking.PREDICTION_AGREEMENT, DETECTOR_HISTORY)
     positions = context.scalar_series(grokking.PREDICTION_POSITIONS, 1) if agreement else []
+    confidence = context.scalar_series(grokking.PREDICTION_CONFIDENCE, DETECTOR_HISTORY)
     per_matrix = (grokking.EFFECTIVE_RANK, grokking.HTSR_ALPHA)
     tails = context.metric_tails(
         {(name, layer): DETECTOR_HISTORY for name in per_matrix for layer in matrices}
@@ -337,6 +338,7 @@ def _grokking_metrics(
         alpha=alpha or None,
         agreement=agreement or None,
         probe_size=_probe_size(positions),
+        confidence=confidence or None,
     )
     last = _steps(frame)[-1]
     score = [v for s, v in warning.score if s <= last]
