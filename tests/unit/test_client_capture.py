@@ -348,6 +348,16 @@ def test_confidence_of_model_outputs(output: Any, want: float | None) -> None:
     assert got == pytest.approx(want) if want is not None else got is None
 
 
+def test_confidence_of_works_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    logits = torch.randn(4, 6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    want = float(logits.double().softmax(-1).amax(-1).mean())
+    monkeypatch.setattr(gk, "_CONFIDENCE_CHUNK", 120)  # 2 rows of 50 per chunk, 12 chunks
+    assert gk.confidence_of(logits) == pytest.approx(want, rel=1e-12)
+    assert gk.confidence_of(logits.bfloat16()) == pytest.approx(want, rel=2e-2)
+    masked = torch.tensor([[-math.inf, 0.0, -math.inf]])  # masked classes are fine
+    assert gk.confidence_of(masked) == 1.0
+
+
 def test_activations_x_or_gram_and_modes_restored() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3))

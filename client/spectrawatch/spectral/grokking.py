@@ -390,14 +390,22 @@ def predictions_of(output: object) -> torch.Tensor | None:
 
 def confidence_of(output: object) -> float | None:
     """Mean over positions of the largest softmax probability of a model's output (found as by
-    :func:`predictions_of`), computed in float64; None when there are no logits or a position
-    has a non-finite one."""
+    :func:`predictions_of`), exp(max - logsumexp) in float64 over chunks of at most
+    ``_CONFIDENCE_CHUNK`` values (a language model's logits are not copied whole); None when
+    there are no logits or a position has a non-finite one."""
     logits = _logits_of(output)
     if logits is None or logits.numel() == 0:
         return None
-    top = torch.softmax(logits.to(torch.float64), dim=-1).amax(-1)
-    value = float(top.mean())
+    flat = logits.reshape(-1, logits.shape[-1])
+    total = 0.0
+    for chunk in flat.split(max(1, _CONFIDENCE_CHUNK // flat.shape[1])):
+        c = chunk.to(torch.float64)
+        total += float(torch.exp(c.amax(-1) - torch.logsumexp(c, -1)).sum())
+    value = total / flat.shape[0]
     return value if math.isfinite(value) else None
+
+
+_CONFIDENCE_CHUNK = 1 << 22  # float64 values per chunk (32 MB)
 
 
 def prediction_agreement(history: Sequence[torch.Tensor]) -> float:
