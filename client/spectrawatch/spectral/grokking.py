@@ -397,9 +397,9 @@ def confidence_of(output: object) -> float | None:
     if logits is None or logits.numel() == 0:
         return None
     flat = logits.reshape(-1, logits.shape[-1])
-    total = 0.0
-    for chunk in flat.split(max(1, _CONFIDENCE_CHUNK // flat.shape[1])):
-        c = chunk.to(torch.float64)
+    total, rows = 0.0, max(1, _CONFIDENCE_CHUNK // flat.shape[1])
+    for start in range(0, flat.shape[0], rows):
+        c = flat[start : start + rows].to(torch.float64)
         total += float(torch.exp(c.amax(-1) - torch.logsumexp(c, -1)).sum())
     value = total / flat.shape[0]
     return value if math.isfinite(value) else None
