@@ -388,6 +388,9 @@ def predictions_of(output: object) -> torch.Tensor | None:
     return None if logits is None else logits.argmax(-1)
 
 
+_CONFIDENCE_CHUNK = 1 << 22  # float64 values per chunk of confidence_of (32 MB)
+
+
 def confidence_of(output: object) -> float | None:
     """Mean over positions of the largest softmax probability of a model's output (found as by
     :func:`predictions_of`), exp(max - logsumexp) in float64 over chunks of at most
@@ -403,9 +406,6 @@ def confidence_of(output: object) -> float | None:
         total += float(torch.exp(c.amax(-1) - torch.logsumexp(c, -1)).sum())
     value = total / flat.shape[0]
     return value if math.isfinite(value) else None
-
-
-_CONFIDENCE_CHUNK = 1 << 22  # float64 values per chunk (32 MB)
 
 
 def prediction_agreement(history: Sequence[torch.Tensor]) -> float:
@@ -477,8 +477,7 @@ def confidence_rise(
         (step, statistics.median(v for _, v in values[max(0, i - 2) : i + 1]))
         for i, (step, _) in enumerate(values)
     ]
-    low, run, k, peak, fallen = math.inf, 0, 0, -math.inf, False
-    started = False
+    low, run, k, peak, fallen, started = math.inf, 0, 0, -math.inf, False, False
     for i, (step, value) in enumerate(smooth):
         while k < len(norms) and norms[k][0] <= step:
             peak = max(peak, norms[k][1])
