@@ -25,9 +25,9 @@ Sub-commands::
     $B profile                                                  # CPU ms of each part of a run
 
 ``run`` saves the series prefix and a resume checkpoint every ``--save-every`` steps and resumes
-from them; ``grid`` skips finished runs. Seed 0 tunes, seeds 1-2 report; seeds 3-4 were run
-with ``run --seed N`` after the post-hoc rules (``posthoc_rules``) were frozen, as a fresh test
-(``benchmarks/results/grokking.md`` lists the runs).
+from them; ``grid`` skips finished runs. Seed 0 tunes, seeds 1-2 report; seeds 3-4 are fresh
+tests of rules frozen before they ran (``run --seed N`` after the post-hoc rules of session 5,
+``grid --seeds 3 4`` after the confidence rule of session 15; ``benchmarks/results/grokking.md``).
 """
 
 from __future__ import annotations
@@ -815,7 +815,8 @@ def report(args: argparse.Namespace) -> None:
     lines.append("|" + "---|" * (len(rules) + 6))
     for r in rows:
         sp = r["spec"]
-        seed = f"{sp['seed']} ({'tune' if sp['seed'] == 0 else 'report'})"
+        role = "tune" if sp["seed"] == 0 else "report" if sp["seed"] <= 2 else "fresh"
+        seed = f"{sp['seed']} ({role})"
         status = r["grok"] if r["status"] == "grok" else r["status"]
         cells = " | ".join(_cell(r["warn"][k], r) for k in rules)
         name = r["name"] + (" †" if r["legacy"] else "")
@@ -826,7 +827,7 @@ def report(args: argparse.Namespace) -> None:
     for title, sel in (
         ("report seeds (1, 2)", lambda r: r["spec"]["seed"] in (1, 2)),
         (
-            "fresh seeds (3+, run after the post-hoc rules were frozen)",
+            "fresh seeds (3+, run after the rules scored on them were frozen)",
             lambda r: r["spec"]["seed"] >= 3,
         ),
         ("tuning seed (0)", lambda r: r["spec"]["seed"] == 0),

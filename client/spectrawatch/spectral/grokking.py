@@ -244,8 +244,9 @@ class DetectorConfig:
     confidence (where the probe gives logits and weight frames give the norm):
     :func:`confidence_rise` of ``probe.prediction_confidence`` with ``confidence_rise``,
     ``confidence_plateau``, ``confidence_sustain`` and ``norm_drop``. Reported; it counts only
-    with ``confidence_counts`` (its constants were chosen on seeds 0-2 and scored on fresh seeds:
-    ``benchmarks/results/grokking.md``, session 15).
+    with ``confidence_counts``: chosen on seeds 0-2 and scored on fresh seeds 3-4, it had the
+    fewest false alarms of the general rules (3/10) but short leads (3/11 grokking runs warned
+    >= 600 ahead; ``benchmarks/results/grokking.md``, session 15).
     """
 
     defect_baseline: int = 10
