@@ -221,6 +221,7 @@ def train_run(
         "grad_cos",
         "pred_va",
         "conf_va",
+        "top_va",
         "wnorm",
         "erank",
         "theta_sk",
@@ -242,7 +243,7 @@ def train_run(
         grok_at = int(state["grok_at"]) if int(state["grok_at"]) >= 0 else None
         z = np.load(out)
         upd[:start] = z["upd"][:start]
-        rec = {k: list(z[k]) for k in keys}
+        rec = {k: list(z[k]) if k in z.files else [] for k in keys}
         print(f"resumed {spec.name} at step {start}", flush=True)
     t0 = time.time() - elapsed
 
@@ -294,7 +295,9 @@ def train_run(
             rec["val_acc"].append(val_acc)
             # label-free: the predictions on held-out inputs (argmax, mean max-softmax)
             rec["pred_va"].append(pred_va.to(torch.int16).cpu().numpy())
-            rec["conf_va"].append(float(out_va.softmax(-1).amax(-1).mean()))
+            top = out_va.softmax(-1).amax(-1)
+            rec["conf_va"].append(float(top.mean()))
+            rec["top_va"].append(top.half().cpu().numpy())  # per input, for a smaller probe
             rec["val_loss"].append(val_loss)
             rec["train_acc"].append(tr_acc)
             defect, grad_cos = gk.commutator_probe(model, loss_fn, sample_batch, pairs=5)
@@ -599,14 +602,18 @@ def _held_out(z: Any) -> int:
     return int(np.asarray(z["pred_va"]).shape[1]) if "pred_va" in z.files else 1
 
 
+def _probe_pick(held_out: int, probe: int) -> torch.Tensor:
+    """The fixed random ``probe`` of ``held_out`` inputs a smaller probe sees (seed 0)."""
+    return torch.randperm(held_out, generator=torch.Generator().manual_seed(0))[:probe]
+
+
 def agreement_series(z: Any, probe: int | None = None) -> list[tuple[int, float]]:
     """``(step, agreement)`` from the recorded held-out predictions (all, or ``probe`` of them)."""
     if "pred_va" not in z.files:
         return []
     pred = torch.from_numpy(np.asarray(z["pred_va"]).astype(np.int64))
     if probe is not None and probe < pred.shape[1]:
-        pick = torch.randperm(pred.shape[1], generator=torch.Generator().manual_seed(0))[:probe]
-        pred = pred[:, pick]
+        pred = pred[:, _probe_pick(pred.shape[1], probe)]
     steps = [int(s) for s in z["eval_step"]]
     return [
         (steps[t], gk.prediction_agreement(list(pred[t - AGREE_K : t + 1])))
@@ -635,10 +642,17 @@ def agreement_rule(series: list[tuple[int, float]], probe_size: int) -> int | No
 # frozen (commit dee6ed8, 2026-11-27 12:53 UTC) before any run of seeds 3-4 had finished.
 
 
-def confidence_series(z: Any) -> list[tuple[int, float]]:
-    if "conf_va" not in z.files:
+def confidence_series(z: Any, probe: int | None = None) -> list[tuple[int, float]]:
+    """``(step, mean largest softmax probability)`` on all held-out inputs, or on the same
+    ``probe`` of them as :func:`agreement_series` (runs that recorded ``top_va``)."""
+    steps = list(map(int, z["eval_step"]))
+    if probe is None:
+        conf = z["conf_va"] if "conf_va" in z.files else []
+        return list(zip(steps, map(float, conf), strict=True)) if len(conf) else []
+    if "top_va" not in z.files:
         return []
-    return list(zip(map(int, z["eval_step"]), map(float, z["conf_va"]), strict=True))
+    top = torch.from_numpy(np.asarray(z["top_va"]).astype(np.float64))
+    return list(zip(steps, top[:, _probe_pick(top.shape[1], probe)].mean(1).tolist(), strict=True))
 
 
 RULES = (
@@ -661,6 +675,7 @@ RULES = (
     "agree512",
     "detector_agree",
     "confidence",
+    "confidence512",
     "detector_conf",
 )
 RULE_LABEL = {
@@ -683,6 +698,7 @@ RULE_LABEL = {
     "agree512": "same, a probe of 512 held-out inputs",
     "detector_agree": "detector with the agreement evidence (512-input probe) counted",
     "confidence": "held-out confidence rise after its plateau, with the weight norm fallen",
+    "confidence512": "same, a probe of 512 held-out inputs (runs from session 15 on)",
     "detector_conf": "detector with the confidence evidence counted",
 }
 
@@ -703,7 +719,7 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
     pre = gk.detect_grokking(**inputs, config=dataclasses.replace(cfg, defect_sigma=3.0))
     alpha = s["alpha"]
     probe = agreement_series(z, AGREE_PROBE)  # the 512-input probe's agreement series
-    conf = confidence_series(z)
+    conf, conf512 = confidence_series(z), confidence_series(z, AGREE_PROBE)
     with_alpha = gk.detect_grokking(
         **inputs, alpha=alpha, config=dataclasses.replace(cfg, alpha_counts=True)
     )
@@ -731,6 +747,7 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
             config=dataclasses.replace(cfg, agreement_counts=True),
         ).step,
         "confidence": gk.confidence_rise(conf, s["weight_norm"]) if conf else None,
+        "confidence512": gk.confidence_rise(conf512, s["weight_norm"]) if conf512 else None,
         "detector_conf": gk.detect_grokking(
             **inputs, confidence=conf, config=dataclasses.replace(cfg, confidence_counts=True)
         ).step,

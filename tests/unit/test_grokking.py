@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -380,3 +381,8 @@ def test_confidence_evidence_is_reported_and_counts_only_when_configured() -> No
     alone = gk.detect_grokking(confidence=_confidence())
     assert alone.evidence.confidence_rise is None
     assert "confidence" not in alone.available
+
+
+def test_every_piece_of_evidence_has_an_alert_label() -> None:
+    fields = {f.name for f in dataclasses.fields(gk.Evidence)}
+    assert set(gk.EVIDENCE_LABELS) == fields

@@ -51,3 +51,11 @@ def test_a_short_run_records_and_scores_every_series(harness: ModuleType, tmp_pa
     assert z["pred_va"].shape == (3, len(harness.make_data(97, 0.3, 0, harness.OPS["add"])[3]))
     assert np.all((z["grad_cos"] >= -1.0) & (z["grad_cos"] <= 1.0))
     assert harness.agreement_series(z) == []  # 4 evaluations needed, 3 recorded
+    # held-out confidence: per input (float16) and its mean; a 512-input probe is a subset mean
+    top = z["top_va"].astype(np.float64)
+    assert top.shape == z["pred_va"].shape
+    np.testing.assert_allclose(top.mean(1), z["conf_va"], atol=1e-3)
+    probe = harness.confidence_series(z, 512)
+    assert [s for s, _ in probe] == [0, 100, 200]
+    pick = harness._probe_pick(top.shape[1], 512).numpy()
+    np.testing.assert_allclose([v for _, v in probe], top[:, pick].mean(1))
