@@ -302,12 +302,12 @@ def test_tiny_spool_cap_overflow_is_counted_and_reported(
         assert reported["dropped_frames"] == final.get("dropped_frames") > 0
         assert reported["spool_overflow"] == final.get("spool_overflow")
         # scalar batches refused by the full spool are counted too: stored + dropped = logged
-        # (the loss of every step, and the probe's prediction scalars: churn and positions
-        # from its second activation probe on, agreement from its fourth)
+        # (the loss of every step, and the probe's prediction scalars: confidence at every
+        # activation probe, churn and positions from its second on, agreement from its fourth)
         with httpx.Client(base_url=f"{srv.url}/api/v1", timeout=30) as c:
             series = c.get(f"/runs/{m.run_id}/scalars").json()
         probes = loop.step // 10  # activations_every
-        logged = loop.step + 2 * (probes - 1) + (probes - 3)
+        logged = loop.step + probes + 2 * (probes - 1) + (probes - 3)
         stored_rows = sum(len(s["steps"]) for s in series)
         assert stored_rows + final.get("dropped_scalars") == logged
         assert reported["dropped_scalars"] == final.get("dropped_scalars")
