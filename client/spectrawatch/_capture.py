@@ -815,28 +815,36 @@ class Capture:
     def _prediction_scalars(
         self, n: int, pred: torch.Tensor | None, confidence: float | None
     ) -> None:
-        """Confidence (mean largest softmax probability), churn (changed since the last probe)
-        and agreement (unchanged through the last ``AGREEMENT_WINDOW`` probes) of the probe
-        batch's predictions."""
-        if confidence is not None:
-            self.emit_scalars([{"step": n, "name": PREDICTION_CONFIDENCE, "value": confidence}])
-        if pred is None:
-            return
+        """Confidence (mean largest softmax probability), churn and agreement of the probe
+        batch's predictions, sent as one batch of scalars."""
+        rows = (
+            []
+            if confidence is None
+            else [{"step": n, "name": PREDICTION_CONFIDENCE, "value": confidence}]
+        )
+        if pred is not None:
+            rows += self._agreement_rows(n, pred)
+        if rows:
+            self.emit_scalars(rows)
+
+    def _agreement_rows(self, n: int, pred: torch.Tensor) -> list[dict[str, Any]]:
+        """Churn (changed since the last probe) and agreement (unchanged through the last
+        ``AGREEMENT_WINDOW`` probes), from the second probe of one shape on."""
         history = self._predictions
         if history and history[-1].shape != pred.shape:
             history.clear()  # another probe shape: start over
         history.append(pred.to("cpu", torch.int64, copy=True))
         if len(history) < 2:
-            return
+            return []
         last_two = [history[-2], history[-1]]
-        rows = [
+        rows: list[dict[str, Any]] = [
             {"step": n, "name": PREDICTION_CHURN, "value": 1.0 - prediction_agreement(last_two)},
             {"step": n, "name": PREDICTION_POSITIONS, "value": float(pred.numel())},
         ]
         if len(history) == AGREEMENT_WINDOW:
             value = prediction_agreement(list(history))
             rows.append({"step": n, "name": PREDICTION_AGREEMENT, "value": value})
-        self.emit_scalars(rows)
+        return rows
 
     # -- commutator defect ---------------------------------------------------------------------
 
