@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -191,6 +192,27 @@ def test_stalled_jobs_are_requeued_then_failed_on_the_last_attempt(
         assert session.get_one(Frame, frame_id).status == "failed"
     assert queue.counts() == {"failed": 1}
     assert asyncio.run(recover()) == []
+
+
+@needs_pg
+@pytest.mark.timeout(120)  # the bug this guards against was a hang
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.003, 0.006, 0.05])
+def test_worker_stops_on_a_signal_during_start_up(
+    pg_sessions: sessionmaker[Session], delay: float
+) -> None:
+    """SIGTERM while the worker's pool connects (a supervisor killed right after spawning it):
+    the worker returns promptly instead of hanging on the pool's retrying connection tasks."""
+    queue = make_queue(pg_sessions.kw["bind"].url.render_as_string(False), pg_sessions)
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, os.kill, os.getpid(), signal.SIGTERM)  # handlers are set by then
+        started = loop.time()
+        await queue.run_worker_async("startup-stop")
+        return loop.time() - started
+
+    assert asyncio.run(run()) < 10
+    assert queue.app.connector._async_pool is None  # closed, so nothing keeps reconnecting
 
 
 @pytest.mark.gpu

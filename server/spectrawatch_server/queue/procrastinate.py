@@ -273,7 +273,16 @@ class ProcrastinateQueue:
                 loop.remove_signal_handler(signum)
 
     async def _run_worker_once(self, name: str) -> None:
-        async with self.app.open_async():
+        connector = self.app.connector
+        try:
+            await connector.open_async()
+        except BaseException:
+            # A failed or cancelled start leaves the pool half open: on a stop while it
+            # connects, psycopg_pool's connection tasks swallow the cancellation and retry
+            # for ever, so the process would never end (and a reconnection would reuse it).
+            await connector.close_async()
+            raise
+        try:
             await self.app.run_worker_async(
                 queues=[ANALYSIS_QUEUE, MAINTENANCE_QUEUE],
                 name=name,
@@ -283,6 +292,8 @@ class ProcrastinateQueue:
                 stalled_worker_timeout=self.stalled_seconds,
                 install_signal_handlers=False,  # run_worker_async handles them
             )
+        finally:
+            await connector.close_async()
 
     async def retry_stalled_jobs(self) -> list[int]:
         """Re-queue (or, out of attempts, fail) the running jobs of silent workers; their ids."""
