@@ -84,6 +84,9 @@ HTSR_KEYS = (
     htsr.farms_key(htsr.ALPHA_HILL),
 )
 THETA_DIM = 200  # θ sketch width for checkpoint-interval SED (W = 10: 20·W)
+TARGET_LEAD = 600  # the issue's target: warn at least this many steps before val_acc ≥ 0.9
+MEMORISED = 0.99  # train_acc at which a run counts as having memorised its training set
+UNGENERALISED = 0.1  # val_acc below this at memorisation: it had not begun to generalise
 
 
 # ---------------------------------------------------------------------------------- models
@@ -707,6 +710,11 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
     """Warning step of every rule, the step val_acc first ≥ 0.9, and the run's status."""
     spec = ast.literal_eval(str(z["config"]))
     g = _first(np.asarray(z["eval_step"]), np.asarray(z["val_acc"]), 0.9)
+    steps, train = np.asarray(z["eval_step"]), np.asarray(z["train_acc"])
+    memorised = _first(steps, train, MEMORISED)
+    at_memorised = (
+        None if memorised is None else float(z["val_acc"][int(np.argmax(train >= MEMORISED))])
+    )
     s = run_series(z, per_step)
     inputs = {k: s[k] for k in ("defect", "weight_norm", "effective_rank")}
     full = gk.detect_grokking(**inputs, config=cfg)
@@ -762,7 +770,17 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
         status = "no grok by horizon"  # neither a grokking run nor a control: not counted
     else:
         status = "control"
-    return {"spec": spec, "grok": g, "warn": warn, "status": status, "last": last, "done": done}
+    return {
+        "spec": spec,
+        "grok": g,
+        "memorised": memorised,
+        "val_at_memorised": at_memorised,
+        "first": int(z["eval_step"][0]),
+        "warn": warn,
+        "status": status,
+        "last": last,
+        "done": done,
+    }
 
 
 STATUSES = ("grok", "control", "no grok by horizon", "unfinished")
@@ -776,20 +794,49 @@ def _cell(w: int | None, r: dict[str, Any]) -> str:
     return f"{w} (FA)" if r["status"] == "control" else f"{w} (not counted)"
 
 
+def attainable(r: dict[str, Any]) -> bool:
+    """Whether any rule could warn this grokking run ``TARGET_LEAD`` steps ahead: val_acc
+    reaches 0.9 at least that long after the first evaluation."""
+    return r["grok"] - r["first"] >= TARGET_LEAD
+
+
+def delayed(r: dict[str, Any]) -> bool:
+    """Whether the run groks in the delayed sense: it memorised its training set with val_acc
+    still below ``UNGENERALISED`` and reached val_acc 0.9 at least ``TARGET_LEAD`` steps later.
+
+    The others were already generalising as they memorised (val_acc 0.3-0.95 then, on the
+    a²+b² runs and at train fraction 0.5): their step of val_acc 0.9 ends a steady climb.
+    """
+    if r["memorised"] is None or r["val_at_memorised"] >= UNGENERALISED:
+        return False
+    return bool(r["grok"] - r["memorised"] >= TARGET_LEAD)
+
+
 def _aggregate(rows: list[dict[str, Any]], rule: str) -> str:
     groks = [r for r in rows if r["status"] == "grok"]
     ctrls = [r for r in rows if r["status"] == "control"]
-    leads = [r["grok"] - r["warn"][rule] for r in groks if r["warn"][rule] is not None]
+    lead = {id(r): r["grok"] - r["warn"][rule] for r in groks if r["warn"][rule] is not None}
+    leads = list(lead.values())
     early = [v for v in leads if v > 0]
     missed = len(groks) - len(early)
     fa = sum(r["warn"][rule] is not None for r in ctrls)
     med = f"{np.median(leads):.0f}" if leads else "-"
     mn = f"{min(leads)}" if leads else "-"
-    hit600 = sum(v >= 600 for v in leads)
+
+    def hits(sub: list[dict[str, Any]]) -> str:
+        return f"{sum(lead.get(id(r), -1) >= TARGET_LEAD for r in sub)}/{len(sub)}"
+
     return (
-        f"{med} | {mn} | {len(early)}/{len(groks)} | {missed} | {hit600}/{len(groks)} | "
+        f"{med} | {mn} | {len(early)}/{len(groks)} | {missed} | {hits(groks)} | "
+        f"{hits([r for r in groks if attainable(r)])} | {hits([r for r in groks if delayed(r)])} | "
         f"{fa}/{len(ctrls)}"
     )
+
+
+def _memorised_cell(r: dict[str, Any]) -> str:
+    if r["memorised"] is None:
+        return "-"
+    return f"{r['memorised']} (val {r['val_at_memorised']:.2f})"
 
 
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
@@ -828,8 +875,19 @@ def report(args: argparse.Namespace) -> None:
         + "; ".join(f"`{k}` {RULE_LABEL[k]}" for k in rules)
         + "."
     )
-    lines += ["", "| run | op | wd | seed | steps | val≥0.9 | " + " | ".join(rules) + " |"]
-    lines.append("|" + "---|" * (len(rules) + 6))
+    lines.append(
+        f"`memorised`: first evaluation with train_acc ≥ {MEMORISED}. Aggregate columns: `lead ≥ "
+        f"600` over every grokking run; `of runs allowing it` over those whose val_acc reaches "
+        f"0.9 at least {TARGET_LEAD} steps after the first evaluation (no rule can do better "
+        f"on the others); `of delayed runs` over those whose val_acc reaches 0.9 at least "
+        f"{TARGET_LEAD} steps after the model memorised its training set with val_acc still "
+        f"below {UNGENERALISED} (grokking in the delayed sense)."
+    )
+    lines += [
+        "",
+        "| run | op | wd | seed | steps | memorised | val≥0.9 | " + " | ".join(rules) + " |",
+    ]
+    lines.append("|" + "---|" * (len(rules) + 7))
     for r in rows:
         sp = r["spec"]
         role = "tune" if sp["seed"] == 0 else "report" if sp["seed"] <= 2 else "fresh"
@@ -838,8 +896,8 @@ def report(args: argparse.Namespace) -> None:
         cells = " | ".join(_cell(r["warn"][k], r) for k in rules)
         name = r["name"] + (" †" if r["legacy"] else "")
         lines.append(
-            f"| {name} | {OP_LABEL[sp['op']]} | {sp['wd']:g} | {seed} | {r['last']} | {status} "
-            f"| {cells} |"
+            f"| {name} | {OP_LABEL[sp['op']]} | {sp['wd']:g} | {seed} | {r['last']} "
+            f"| {_memorised_cell(r)} | {status} | {cells} |"
         )
     for title, sel in (
         ("report seeds (1, 2)", lambda r: r["spec"]["seed"] in (1, 2)),
@@ -856,9 +914,9 @@ def report(args: argparse.Namespace) -> None:
             lines += ["", f"### Aggregate, {regime}, {title}", ""]
             lines.append(
                 "| rule | median lead | min lead | warned early | missed (silent or late) | "
-                "lead ≥ 600 | false alarms |"
+                "lead ≥ 600 | of runs allowing it | of delayed runs | false alarms |"
             )
-            lines.append("|---|---|---|---|---|---|---|")
+            lines.append("|---|---|---|---|---|---|---|---|---|")
             lines += [f"| {RULE_LABEL[k]} | {_aggregate(sub, k)} |" for k in rules]
     text = "\n".join(lines)
     print(text)

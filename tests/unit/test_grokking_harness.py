@@ -44,6 +44,12 @@ def test_a_short_run_records_and_scores_every_series(harness: ModuleType, tmp_pa
     row = harness.score_run(z, gk.DetectorConfig(), per_step=True)
     assert set(row["warn"]) == set(harness.RULES)
     assert row["status"] == "no grok by horizon"  # a+b with weight decay, 200 steps
+    assert row["first"] == 0
+    train = z["train_acc"]
+    expect = next((int(s) for s, a in zip(z["eval_step"], train, strict=True) if a >= 0.99), None)
+    assert row["memorised"] == expect
+    if expect is not None:
+        assert row["val_at_memorised"] == z["val_acc"][list(z["eval_step"]).index(expect)]
     alpha = harness.run_series(z)["alpha"]
     assert "pos.weight" not in alpha
     assert len(alpha["head.weight"]) == 3
@@ -59,3 +65,28 @@ def test_a_short_run_records_and_scores_every_series(harness: ModuleType, tmp_pa
     assert [s for s, _ in probe] == [0, 100, 200]
     pick = harness._probe_pick(top.shape[1], 512).numpy()
     np.testing.assert_allclose([v for _, v in probe], top[:, pick].mean(1))
+
+
+def test_aggregate_counts_the_runs_that_allow_the_target_lead(harness: ModuleType) -> None:
+    def row(status: str, grok: int | None, mem: tuple[int, float], warn: int | None) -> dict:
+        return {
+            "status": status,
+            "grok": grok,
+            "memorised": mem[0],
+            "val_at_memorised": mem[1],
+            "first": 0,
+            "warn": {"r": warn},
+        }
+
+    rows = [
+        row("grok", 3300, (400, 0.01), 2700),  # lead 600 after a plateau: a hit everywhere
+        row("grok", 400, (400, 0.9), None),  # generalises as it memorises: no rule can lead 600
+        row("grok", 1000, (600, 0.05), 500),  # lead 500; delayed by only 400 steps
+        row("grok", 1800, (300, 0.4), 1200),  # lead 600, but already generalising: not delayed
+        row("control", None, (300, 0.01), 100),
+        row("control", None, (300, 0.01), None),
+    ]
+    assert [harness.attainable(r) for r in rows[:4]] == [True, False, True, True]
+    assert [harness.delayed(r) for r in rows[:4]] == [True, False, False, False]
+    cells = [c.strip() for c in harness._aggregate(rows, "r").split("|")]
+    assert cells == ["600", "500", "3/4", "1", "2/4", "2/3", "1/1", "1/2"]
