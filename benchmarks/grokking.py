@@ -556,7 +556,9 @@ def posthoc_rules(z: Any) -> dict[str, int | None]:
     H1: the head rank falls faster than ``H1_THRESHOLD`` % per 100 steps over 300 steps, from
     step 500. H2: over 500 steps it falls faster than ``H2_THRESHOLD`` % per 100 steps after
     having once fallen slower than ``H2_FLAT``, at a new minimum of the head rank, with the
-    weight norm below ``H2_NORM`` of its start. S (slingshot): train accuracy drops by more than
+    weight norm below ``H2_NORM`` of its running maximum (``gk.head_rank_fall``; until session
+    16 an index-based copy that compared with the norm at step 0, the same warning step on all
+    79 recorded runs with a head). S (slingshot): train accuracy drops by more than
     ``SLINGSHOT`` after first reaching 0.99.
     """
     steps = np.asarray(z["eval_step"])
@@ -573,17 +575,15 @@ def posthoc_rules(z: Any) -> dict[str, int | None]:
         h1 = _rank_fall(rank, 3)
         h1[steps < H1_FROM] = np.nan
         out["head_h1"] = _first_above(steps, h1, H1_THRESHOLD)
-        fall5, norm = _rank_fall(rank, 5), np.asarray(z["wnorm"], dtype=np.float64)
-        h2 = np.full(len(rank), np.nan)
-        flat_seen, low = False, math.inf
-        for i, value in enumerate(rank):
-            new_low, low = value <= low + 1e-9, min(low, value)
-            if not np.isfinite(fall5[i]):
-                continue
-            flat_seen = flat_seen or fall5[i] < H2_FLAT
-            if flat_seen and new_low and norm[i] < H2_NORM * norm[0]:
-                h2[i] = fall5[i]
-        out["head_h2"] = _first_above(steps, h2, H2_THRESHOLD)
+        out["head_h2"] = gk.head_rank_fall(  # the product's function, the same rule
+            list(zip(steps.tolist(), rank.tolist(), strict=True)),
+            list(
+                zip(steps.tolist(), np.asarray(z["wnorm"], dtype=np.float64).tolist(), strict=True)
+            ),
+            threshold=H2_THRESHOLD,
+            flat=H2_FLAT,
+            norm_below=H2_NORM,
+        )
     fired = [w for w in out.values() if w is not None]
     out["posthoc"] = min(fired) if fired else None
     return out

@@ -365,6 +365,41 @@ def test_confidence_rise_after_the_plateau_once_the_norm_has_fallen() -> None:
     assert gk.confidence_rise(_confidence(), FALLING_NORM, sustain=4) == 2200
 
 
+def _head_rank(cadence: int = 100, flat: bool = True) -> list[tuple[int, float]]:
+    """Memorisation fall 100 -> 60 by step 400, flat (or falling 2 % per 100 steps) to 2,000,
+    then a fall of 1 % of 60 per 100 steps."""
+
+    def rank(step: int) -> float:
+        if step <= 400:
+            return 100.0 - step / 10
+        if step <= 2000:
+            return 60.0 if flat else 60.0 * (1 - 0.02 * (step - 400) / 100)
+        return rank(2000) * (1 - 0.01 * (step - 2000) / 100)
+
+    return [(s, rank(s)) for s in range(0, 3001, cadence)]
+
+
+def test_head_rank_fall_after_a_flat_stretch_with_the_norm_down() -> None:
+    norm = [(s, max(50.0, 120.0 - s / 20)) for s in range(0, 3001, 100)]
+    # over 500 steps: at 2,200 (60 - 58.8) / 58.8 / 5 = 0.408 % per 100 steps, under 0.4188;
+    # at 2,300 (60 - 58.2) / 58.2 / 5 = 0.619 %: the first fall above the threshold
+    assert gk.head_rank_fall(_head_rank(), norm) == 2300
+    # frames every 250 steps: at 2,250 the rank is 58.5 against 60 at 1,750: 0.513 %
+    assert gk.head_rank_fall(_head_rank(250), norm[::5]) == 2250
+    # the weight norm never fell to 0.6 of its maximum (weight decay 0): silent
+    assert gk.head_rank_fall(_head_rank(), [(s, 100.0) for s, _ in norm]) is None
+    # a rank that never flattens (falls 2 % per 100 steps throughout): silent
+    assert gk.head_rank_fall(_head_rank(flat=False), norm) is None
+    # the memorisation fall itself (before any flat stretch) never counts
+    assert gk.head_rank_fall(_head_rank()[:20], norm) is None
+    # a value that is not a new minimum does not fire; NaN and zero ranks are skipped
+    bump = [(s, v + 5.0 if s == 2300 else v) for s, v in _head_rank()]
+    assert gk.head_rank_fall(bump, norm) == 2400
+    holes = [(s, math.nan if s == 2300 else v) for s, v in _head_rank()]
+    assert gk.head_rank_fall(holes, norm) == 2400
+    assert gk.head_rank_fall([], norm) is None
+
+
 def test_confidence_evidence_is_reported_and_counts_only_when_configured() -> None:
     w = gk.detect_grokking(weight_norm=FALLING_NORM, confidence=_confidence())
     assert w.evidence.confidence_rise == 2000

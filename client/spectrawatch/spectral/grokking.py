@@ -495,6 +495,46 @@ def confidence_rise(
     return None
 
 
+def head_rank_fall(
+    rank: Series,
+    weight_norm: Series,
+    *,
+    span: int = 500,
+    threshold: float = 0.4188,
+    flat: float = 0.25,
+    norm_below: float = 0.6,
+) -> int | None:
+    """First step where the output layer's effective rank falls faster than ``threshold`` % per
+    100 steps (measured over the last ``span`` steps) at a new minimum, after it once fell
+    slower than ``flat`` % per 100 steps, with the weight norm below ``norm_below`` of its
+    running maximum.
+
+    The rule H2 of ``benchmarks/grokking.py`` (constants from its session-5 search): in the
+    mini-batch regime the unembedding's rank falls fast while the model memorises, flattens
+    on the plateau, and falls again as the generalising circuit forms, 600-1,700 steps before
+    val_acc reaches 0.9 on runs that grok after a plateau (``benchmarks/results/grokking.md``,
+    session 16). The fall at a step compares its rank with the rank at the latest step at
+    least ``span`` earlier; the norm is the latest at or before the step."""
+    values = [(s, v) for s, v in rank if math.isfinite(v) and v > 0]
+    norms = [(s, v) for s, v in weight_norm if math.isfinite(v)]
+    low, k, peak, norm, seen_flat, j = math.inf, 0, -math.inf, math.inf, False, -1
+    for step, value in values:
+        new_low, low = value <= low + 1e-9, min(low, value)
+        while k < len(norms) and norms[k][0] <= step:
+            peak, norm = max(peak, norms[k][1]), norms[k][1]
+            k += 1
+        while j + 1 < len(values) and values[j + 1][0] <= step - span:
+            j += 1
+        if j < 0:
+            continue
+        then, before = values[j]
+        fall = (before - value) / value * 100.0 / ((step - then) / 100.0)
+        seen_flat = seen_flat or fall < flat
+        if seen_flat and new_low and norm < norm_below * peak and fall > threshold:
+            return step
+    return None
+
+
 def rank_turnaround(
     series_by_matrix: Mapping[str, Series], *, drop: float = 0.2, rise: float = 0.1
 ) -> int | None:
@@ -682,6 +722,7 @@ __all__ = [
     "detect_grokking",
     "effective_rank",
     "effective_rank_of",
+    "head_rank_fall",
     "median_commutator_defect",
     "median_series",
     "norm_turnaround",
