@@ -114,6 +114,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def output_layer(model: nn.Module) -> str | None:
+    """Name of the weight that maps features to the model's outputs: that of the module a
+    Hugging Face model's ``get_output_embeddings()`` returns (with tied embeddings, the
+    embedding's name), else the last parameter of >= 2 dimensions in registration order (where
+    PyTorch models define their head)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        with contextlib.suppress(Exception):  # a model's own method: whatever it raises
+            weight = getattr(get(), "weight", None)
+            if isinstance(weight, torch.Tensor) and id(weight) in names:
+                return names[id(weight)]
+    last = None
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            last = name
+    return last
+
+
 def call_model(model: nn.Module, batch: Any) -> Any:
     """``model(batch)``, ``model(*batch)`` for tuples/lists, ``model(**batch)`` for mappings."""
     if isinstance(batch, Mapping):
@@ -711,16 +730,19 @@ class Capture:
         shapes: dict[str, dict[str, list[int]]] = {}
         size = 0
         parts = 0
+        head = self.s.output_layer or output_layer(self.model)
 
         def emit() -> None:
             nonlocal part, shapes, size, parts
             if part:
-                info = {
+                info: dict[str, Any] = {
                     "dtype": self.s.weights_dtype,
                     "layers": shapes,
                     "part": parts,
                     "shapes": {k: v["orig_shape"] for k, v in shapes.items()},
                 }
+                if head in part:
+                    info["output_layer"] = head
                 self.emit_frame(FrameItem(wire.FrameKind.WEIGHTS, n, part, info, compress=True))
                 parts += 1
             part, shapes, size = {}, {}, 0

@@ -74,6 +74,9 @@ class ClientSettings:
     defect_every: int = 100
     defect_samples: int = 5  # K pairs of batches per measurement (median reported)
     defect_eta: float = 1e-3
+    # the weight that maps features to the model's outputs, named in weight frames for the
+    # grokking detector's output-rank evidence; None: found (see _capture.output_layer)
+    output_layer: str | None = None
 
     # sender / spool
     queue_max_frames: int = 512

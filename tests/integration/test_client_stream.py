@@ -282,6 +282,10 @@ def test_model_summaries_cover_every_part_of_a_weight_snapshot(
         ]
         assert alpha["__model__"].values == pytest.approx(mean, rel=1e-12)
         assert run.metric("conditioning.gmcn", layer="__model__")["__model__"].steps == steps
+        # the client names the output layer (the last matrix, 2.weight) in the part holding it
+        head = run.metric("grok.output_effective_rank", layer="__model__")["__model__"]
+        assert head.steps == steps
+        assert head.values == run.metric("grok.effective_rank")["2.weight"].values
 
 
 @embedded_only("in the PostgreSQL topology the worker processes analyse (and log) frames")

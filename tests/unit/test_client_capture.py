@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from spectrawatch import wire
-from spectrawatch._capture import MODEL_KEY, Capture
+from spectrawatch._capture import MODEL_KEY, Capture, output_layer
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch.config import ClientSettings
 from spectrawatch.sketch import SketchSpec, count_sketch, hash_coordinates
@@ -277,6 +277,45 @@ def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:
     assert all(f.compress and f.step == 7 for f in frames)
     body = wire.encode_frame(frames[0].kind, 7, 0, frames[0].tensors, frames[0].info)
     wire.decode_frame(body)  # valid on the wire
+
+
+class TiedLM(nn.Module):
+    """A language model whose unembedding is its embedding (Hugging Face's tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(20, 8)
+        self.block = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 20, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+
+class Broken(nn.Sequential):
+    def get_output_embeddings(self) -> nn.Module:
+        raise NotImplementedError
+
+
+def test_output_layer_is_found_and_named_in_the_weights_frame_holding_it() -> None:
+    assert output_layer(mlp()) == "3.weight"  # the last matrix in registration order
+    assert output_layer(TiedLM()) == "wte.weight"  # tied: the embedding's (only) name
+    assert output_layer(Broken(nn.Linear(4, 4), nn.Linear(4, 2))) == "1.weight"
+    assert output_layer(nn.LayerNorm(4)) is None
+    model = nn.Sequential(nn.Linear(40, 40), nn.Linear(40, 3))
+    sink = Sink()
+    cap, _ = make_capture(model, None, sink, max_frame_bytes=4000)  # one matrix per frame
+    cap.capture_weights(5)
+    heads = {
+        n: f.info.get("output_layer") for f in sink.of(wire.FrameKind.WEIGHTS) for n in f.tensors
+    }
+    assert heads == {"0.weight": None, "1.weight": "1.weight"}
+    sink = Sink()
+    cap, _ = make_capture(model, None, sink, output_layer="0.weight")  # the user's choice
+    cap.capture_weights(5)
+    (frame,) = sink.of(wire.FrameKind.WEIGHTS)
+    assert frame.info["output_layer"] == "0.weight"
 
 
 def test_probe_prediction_churn_agreement_and_confidence() -> None:

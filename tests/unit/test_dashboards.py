@@ -35,6 +35,7 @@ def test_shipped_pages_parse_and_cover_every_route() -> None:
         "sed_gap",
         "sed_edge",
         "warning",
+        "output_rank",
         "probe",
         "defect",
     ]

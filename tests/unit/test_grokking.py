@@ -418,6 +418,31 @@ def test_confidence_evidence_is_reported_and_counts_only_when_configured() -> No
     assert "confidence" not in alone.available
 
 
+def test_output_rank_evidence_is_reported_and_counts_only_when_configured() -> None:
+    norm = [(s, max(50.0, 120.0 - s / 20)) for s in range(0, 3001, 100)]
+    w = gk.detect_grokking(weight_norm=norm, output_rank=_head_rank())
+    assert w.evidence.output_rank_fall == 2300
+    assert "output_rank" in w.available
+    assert not w.fired  # one piece of evidence
+    counted = gk.detect_grokking(
+        weight_norm=norm, output_rank=_head_rank(), config=gk.DetectorConfig(output_counts=True)
+    )
+    assert counted.step is None  # still one piece: the norm never turned up again
+    rising = norm + [(s, 50.0 + (s - 3000) / 10) for s in range(3100, 3600, 100)]
+    assert gk.norm_turnaround(rising) == 3100
+    both = gk.detect_grokking(
+        weight_norm=rising, output_rank=_head_rank(), config=gk.DetectorConfig(output_counts=True)
+    )
+    assert both.step == 3100  # two pieces: the rank fall (2,300), then the norm turnaround
+    tuned = gk.detect_grokking(
+        weight_norm=norm, output_rank=_head_rank(), config=gk.DetectorConfig(output_fall=0.3)
+    )
+    assert tuned.evidence.output_rank_fall == 2200  # 0.408 % per 100 steps at 2,200
+    alone = gk.detect_grokking(output_rank=_head_rank())  # no weight norm: not read
+    assert alone.evidence.output_rank_fall is None
+    assert "output_rank" not in alone.available
+
+
 def test_every_piece_of_evidence_has_an_alert_label() -> None:
     fields = {f.name for f in dataclasses.fields(gk.Evidence)}
     assert set(gk.EVIDENCE_LABELS) == fields

@@ -509,6 +509,13 @@ def test_grokking_score_uses_training_series_only() -> None:
         (s, 0.1 + s / 1000 if s < 400 else 0.45 + max(0, s - 1000) * 3e-4)
         for s in range(0, 2000, 100)
     ]
+    # the output layer's effective rank: 100 -> 60 by 400, flat, then down 1 % of 60 per 100
+    # steps from 1,000; over 500 steps that is 0.62 % per 100 steps at 1,300 (the norm is 35,
+    # below 0.6 of its maximum 100): reported, not counted
+    ctx.series[(grokking.OUTPUT_RANK, MODEL_LAYER)] = [
+        (s, 100.0 - s / 10 if s <= 400 else 60.0 * (1 - 0.01 * max(0, s - 1000) / 100))
+        for s in range(0, 2000, 100)
+    ]
     fired = spectral_edge_dynamics(frame, ctx)
     assert _values(fired, grokking.IMMINENT, MODEL_LAYER) == {2009: 1.0}
     assert _values(fired, grokking.WARNING_SCORE, MODEL_LAYER)[2009] == pytest.approx(1.0)
@@ -523,6 +530,7 @@ def test_grokking_score_uses_training_series_only() -> None:
         "alpha_floor": (2009, 1300.0),
         "agreement_turn": (2009, 1100.0),
         "confidence_rise": (2009, 1400.0),
+        "output_rank_fall": (2009, 1300.0),
     }
     assert not [m for m in quiet.metrics if m.name.startswith(grokking.EVIDENCE_PREFIX)]
     assert "val_acc" not in ctx.scalars_read
@@ -563,6 +571,25 @@ def test_weight_effective_rank_analysis() -> None:
     result = weight_effective_rank(frame, FakeContext())
     assert [(m.layer, m.name) for m in result.metrics] == [("w", grokking.EFFECTIVE_RANK)]
     assert result.metrics[0].value == pytest.approx(2.0)
+    # the layer the client names as the output layer also gives the run-level series
+    head = torch.diag(torch.tensor([2.0, 1.0, 1.0]))
+    tensors = {"w": w, "head": head}
+    named = weight_effective_rank(
+        _frame(FrameKind.WEIGHTS, [0], tensors, 0, output_layer="head"), FakeContext()
+    )
+    got = {(m.layer, m.name): m.value for m in named.metrics}
+    assert set(got) == {
+        ("w", grokking.EFFECTIVE_RANK),
+        ("head", grokking.EFFECTIVE_RANK),
+        (MODEL_LAYER, grokking.OUTPUT_RANK),
+    }
+    assert got[MODEL_LAYER, grokking.OUTPUT_RANK] == got["head", grokking.EFFECTIVE_RANK]
+    # a name that is not a matrix of this frame (another part holds it, or nonsense) adds none
+    for bad in ("missing", "bias_row", 7, None, ["head"]):
+        frame = _frame(FrameKind.WEIGHTS, [0], {"w": w, "bias_row": torch.ones(1, 4)}, 0)
+        frame.header.info["output_layer"] = bad
+        out = weight_effective_rank(frame, FakeContext())
+        assert [m.name for m in out.metrics] == [grokking.EFFECTIVE_RANK]
 
 
 @pytest.mark.gpu

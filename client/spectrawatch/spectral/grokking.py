@@ -35,6 +35,7 @@ GRADIENT_COHERENCE = "grok.gradient_coherence"  # median cosine of g_A, g_B over
 WARNING_SCORE = "grok.warning_score"  # fraction of evidence present, in [0, 1]
 IMMINENT = "grok.imminent"  # 1.0 from the step the detector fires on
 EFFECTIVE_RANK = "grok.effective_rank"  # exp(H) of a weight matrix (detector input)
+OUTPUT_RANK = "grok.output_effective_rank"  # EFFECTIVE_RANK of the output layer, run-level
 PREDICTION_AGREEMENT = "probe.prediction_agreement"  # probe predictions unchanged over 4 probes
 PREDICTION_CHURN = "probe.prediction_churn"  # fraction of probe predictions changed since the last
 PREDICTION_POSITIONS = "probe.prediction_positions"  # how many predictions the probe gives
@@ -50,6 +51,8 @@ EVIDENCE_LABELS = {  # Evidence field -> what a person reads in an alert
     "alpha_floor": "median HT-SR alpha <= 2 (reported, not counted by default)",
     "agreement_turn": "probe-prediction agreement turnaround (reported, not counted by default)",
     "confidence_rise": "probe confidence rise after its plateau (reported, not counted by default)",
+    "output_rank_fall": "output layer's effective rank falling again after a flat stretch "
+    "(reported, not counted by default)",
 }
 
 B = TypeVar("B")
@@ -247,6 +250,13 @@ class DetectorConfig:
     with ``confidence_counts``: chosen on seeds 0-2 and scored on fresh seeds 3-4, it had the
     fewest false alarms of the general rules (3/10) but short leads (3/11 grokking runs warned
     >= 600 ahead; ``benchmarks/results/grokking.md``, session 15).
+    output rank (where weight frames name the output layer, ``grok.output_effective_rank``):
+    :func:`head_rank_fall` with ``output_span``, ``output_fall``, ``output_flat`` and
+    ``output_norm`` (the harness's rule H2, constants from its session-5 search). Reported; it
+    counts only with ``output_counts``. On seeds 0-4 of the mini-batch harness it warned
+    600-1,700 steps ahead on all 7 runs that grok after a plateau and on none of 25 controls;
+    it does not fire on runs that generalise while they memorise, and the full-batch regime
+    is untested (``benchmarks/results/grokking.md``, session 16).
     """
 
     defect_baseline: int = 10
@@ -268,6 +278,11 @@ class DetectorConfig:
     confidence_plateau: float = 0.02
     confidence_sustain: int = 2
     confidence_counts: bool = False
+    output_span: int = 500
+    output_fall: float = 0.4188
+    output_flat: float = 0.25
+    output_norm: float = 0.6
+    output_counts: bool = False
     require: int = 2
 
 
@@ -282,6 +297,7 @@ class Evidence:
     alpha_floor: int | None = None
     agreement_turn: int | None = None
     confidence_rise: int | None = None
+    output_rank_fall: int | None = None
 
     def steps(self) -> dict[str, int]:
         """``{piece: step}`` of the evidence present (field names: ``defect``, ``norm_turn``...)."""
@@ -585,6 +601,7 @@ def detect_grokking(
     agreement: Series | None = None,
     probe_size: int | None = None,
     confidence: Series | None = None,
+    output_rank: Series | None = None,
     config: DetectorConfig | None = None,
 ) -> GrokWarning:
     """Combine the evidence into a warning; fires at the first step where at least
@@ -594,7 +611,8 @@ def detect_grokking(
     Series are ``(step, value)`` sorted by step; any may be absent. ``sed_collapse_step`` is the
     first step at which the (causally computed) SED gap series entered its collapse phase;
     ``alpha`` holds per-matrix HT-SR alpha series and ``agreement`` the probe-prediction
-    agreement series over ``probe_size`` positions (see :class:`DetectorConfig` for whether
+    agreement series over ``probe_size`` positions, ``confidence`` the probe's confidence and
+    ``output_rank`` the output layer's effective rank (see :class:`DetectorConfig` for whether
     they count). The score at a step is the fraction of the required evidence present by then
     (1.0 from the firing step on).
     """
@@ -635,6 +653,16 @@ def detect_grokking(
         )
         if confidence and weight_norm
         else None,
+        output_rank_fall=head_rank_fall(
+            output_rank,
+            weight_norm,
+            span=cfg.output_span,
+            threshold=cfg.output_fall,
+            flat=cfg.output_flat,
+            norm_below=cfg.output_norm,
+        )
+        if output_rank and weight_norm
+        else None,
     )
     available = tuple(
         name
@@ -646,6 +674,7 @@ def detect_grokking(
             ("alpha", bool(alpha)),
             ("agreement", bool(agreement and probe_size)),
             ("confidence", bool(confidence and weight_norm)),
+            ("output_rank", bool(output_rank and weight_norm)),
         )
         if present
     )
@@ -659,6 +688,8 @@ def detect_grokking(
         counted.append(ev.agreement_turn)
     if cfg.confidence_counts:
         counted.append(ev.confidence_rise)
+    if cfg.output_counts:
+        counted.append(ev.output_rank_fall)
     times = [t for t in counted if t is not None]
     need = max(1, cfg.require)
     score = tuple((s, min(1.0, sum(t <= s for t in times) / need)) for s in steps)
@@ -702,6 +733,7 @@ __all__ = [
     "EVIDENCE_PREFIX",
     "HTSR_ALPHA",
     "IMMINENT",
+    "OUTPUT_RANK",
     "PREDICTION_AGREEMENT",
     "PREDICTION_CHURN",
     "PREDICTION_CONFIDENCE",

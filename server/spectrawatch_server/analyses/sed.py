@@ -307,9 +307,10 @@ def _grokking_metrics(
     positions = context.scalar_series(grokking.PREDICTION_POSITIONS, 1) if agreement else []
     confidence = context.scalar_series(grokking.PREDICTION_CONFIDENCE, DETECTOR_HISTORY)
     per_matrix = (grokking.EFFECTIVE_RANK, grokking.HTSR_ALPHA)
-    tails = context.metric_tails(
-        {(name, layer): DETECTOR_HISTORY for name in per_matrix for layer in matrices}
-    )
+    wanted = {(name, layer): DETECTOR_HISTORY for name in per_matrix for layer in matrices}
+    wanted[grokking.OUTPUT_RANK, MODEL_LAYER] = DETECTOR_HISTORY
+    tails = context.metric_tails(wanted)
+    output_rank = tails.get((grokking.OUTPUT_RANK, MODEL_LAYER))
     rank, alpha = (
         {layer: series for layer in matrices if (series := tails.get((name, layer)))}
         for name in per_matrix
@@ -339,6 +340,7 @@ def _grokking_metrics(
         agreement=agreement or None,
         probe_size=_probe_size(positions),
         confidence=confidence or None,
+        output_rank=output_rank or None,
     )
     last = _steps(frame)[-1]
     score = [v for s, v in warning.score if s <= last]
@@ -366,8 +368,11 @@ def weight_effective_rank(frame: DecodedFrame, context: AnalysisContext) -> Anal
     """Effective rank exp(H) of every weight matrix (an input of the grokking detector), from
     the frame's singular values shared with the ``norms`` analysis."""
     result = AnalysisResult()
+    head = frame.header.info.get("output_layer")  # named by the client in the part holding it
     for layer, weights in frame.tensors.items():
         if weights.ndim == 2 and min(weights.shape) > 1 and has_spectrum(frame, layer):
             value = grokking.effective_rank_of(weight_singular_values(frame, layer))
             result.metrics.append(MetricValue(layer, grokking.EFFECTIVE_RANK, value))
+            if layer == head:  # the detector reads it as one run-level series
+                result.metrics.append(MetricValue(MODEL_LAYER, grokking.OUTPUT_RANK, value))
     return result
