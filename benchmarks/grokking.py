@@ -550,6 +550,16 @@ def _first_above(steps: np.ndarray, stat: np.ndarray, threshold: float) -> int |
     return int(steps[hit[0]]) if len(hit) else None
 
 
+def output_rank_series(z: Any) -> list[tuple[int, float]]:
+    """The head's effective rank per evaluation: what the server stores as
+    ``grok.output_effective_rank`` (the client names ``head.weight``, the last matrix)."""
+    mats = [str(m) for m in z["mats"]]
+    if HEAD not in mats:
+        return []
+    rank = np.asarray(z["erank"], dtype=np.float64)[:, mats.index(HEAD)]
+    return list(zip(np.asarray(z["eval_step"]).tolist(), rank.tolist(), strict=True))
+
+
 def posthoc_rules(z: Any) -> dict[str, int | None]:
     """Warning steps of the post-hoc rules (causal: each decision reads evaluations <= t).
 
@@ -680,6 +690,7 @@ RULES = (
     "confidence",
     "confidence512",
     "detector_conf",
+    "detector_output",
 )
 RULE_LABEL = {
     "detector": "detector (defect + norm + rank), default (defect 4 sd)",
@@ -703,6 +714,7 @@ RULE_LABEL = {
     "confidence": "held-out confidence rise after its plateau, with the weight norm fallen",
     "confidence512": "same, a probe of 512 held-out inputs (runs from session 15 on)",
     "detector_conf": "detector with the confidence evidence counted",
+    "detector_output": "detector with the output-rank evidence (H2) counted",
 }
 
 
@@ -758,6 +770,11 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
         "confidence512": gk.confidence_rise(conf512, s["weight_norm"]) if conf512 else None,
         "detector_conf": gk.detect_grokking(
             **inputs, confidence=conf, config=dataclasses.replace(cfg, confidence_counts=True)
+        ).step,
+        "detector_output": gk.detect_grokking(
+            **inputs,
+            output_rank=output_rank_series(z),
+            config=dataclasses.replace(cfg, output_counts=True),
         ).step,
     }
     done = bool(int(z["done"]))
