@@ -566,7 +566,7 @@ def posthoc_rules(z: Any) -> dict[str, int | None]:
     H1: the head rank falls faster than ``H1_THRESHOLD`` % per 100 steps over 300 steps, from
     step 500. H2: over 500 steps it falls faster than ``H2_THRESHOLD`` % per 100 steps after
     having once fallen slower than ``H2_FLAT``, at a new minimum of the head rank, with the
-    weight norm below ``H2_NORM`` of its running maximum (``gk.head_rank_fall``; until session
+    weight norm below ``H2_NORM`` of its running maximum (``gk.output_rank_fall``; until session
     16 an index-based copy that compared with the norm at step 0, the same warning step on all
     79 recorded runs with a head). S (slingshot): train accuracy drops by more than
     ``SLINGSHOT`` after first reaching 0.99.
@@ -585,7 +585,7 @@ def posthoc_rules(z: Any) -> dict[str, int | None]:
         h1 = _rank_fall(rank, 3)
         h1[steps < H1_FROM] = np.nan
         out["head_h1"] = _first_above(steps, h1, H1_THRESHOLD)
-        out["head_h2"] = gk.head_rank_fall(  # the product's function, the same rule
+        out["head_h2"] = gk.output_rank_fall(  # the product's function, the same rule
             list(zip(steps.tolist(), rank.tolist(), strict=True)),
             list(
                 zip(steps.tolist(), np.asarray(z["wnorm"], dtype=np.float64).tolist(), strict=True)

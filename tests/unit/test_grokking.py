@@ -379,25 +379,27 @@ def _head_rank(cadence: int = 100, flat: bool = True) -> list[tuple[int, float]]
     return [(s, rank(s)) for s in range(0, 3001, cadence)]
 
 
-def test_head_rank_fall_after_a_flat_stretch_with_the_norm_down() -> None:
+def test_output_rank_fall_after_a_flat_stretch_with_the_norm_down() -> None:
     norm = [(s, max(50.0, 120.0 - s / 20)) for s in range(0, 3001, 100)]
     # over 500 steps: at 2,200 (60 - 58.8) / 58.8 / 5 = 0.408 % per 100 steps, under 0.4188;
     # at 2,300 (60 - 58.2) / 58.2 / 5 = 0.619 %: the first fall above the threshold
-    assert gk.head_rank_fall(_head_rank(), norm) == 2300
+    assert gk.output_rank_fall(_head_rank(), norm) == 2300
     # frames every 250 steps: at 2,250 the rank is 58.5 against 60 at 1,750: 0.513 %
-    assert gk.head_rank_fall(_head_rank(250), norm[::5]) == 2250
+    assert gk.output_rank_fall(_head_rank(250), norm[::5]) == 2250
     # the weight norm never fell to 0.6 of its maximum (weight decay 0): silent
-    assert gk.head_rank_fall(_head_rank(), [(s, 100.0) for s, _ in norm]) is None
+    assert gk.output_rank_fall(_head_rank(), [(s, 100.0) for s, _ in norm]) is None
     # a rank that never flattens (falls 2 % per 100 steps throughout): silent
-    assert gk.head_rank_fall(_head_rank(flat=False), norm) is None
+    assert gk.output_rank_fall(_head_rank(flat=False), norm) is None
     # the memorisation fall itself (before any flat stretch) never counts
-    assert gk.head_rank_fall(_head_rank()[:20], norm) is None
+    assert gk.output_rank_fall(_head_rank()[:20], norm) is None
     # a value that is not a new minimum does not fire; NaN and zero ranks are skipped
     bump = [(s, v + 5.0 if s == 2300 else v) for s, v in _head_rank()]
-    assert gk.head_rank_fall(bump, norm) == 2400
+    assert gk.output_rank_fall(bump, norm) == 2400
     holes = [(s, math.nan if s == 2300 else v) for s, v in _head_rank()]
-    assert gk.head_rank_fall(holes, norm) == 2400
-    assert gk.head_rank_fall([], norm) is None
+    assert gk.output_rank_fall(holes, norm) == 2400
+    assert gk.output_rank_fall([], norm) is None
+    with pytest.raises(ValueError, match="span"):
+        gk.output_rank_fall(_head_rank(), norm, span=0)
 
 
 def test_confidence_evidence_is_reported_and_counts_only_when_configured() -> None:

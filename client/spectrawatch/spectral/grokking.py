@@ -251,7 +251,7 @@ class DetectorConfig:
     fewest false alarms of the general rules (3/10) but short leads (3/11 grokking runs warned
     >= 600 ahead; ``benchmarks/results/grokking.md``, session 15).
     output rank (where weight frames name the output layer, ``grok.output_effective_rank``):
-    :func:`head_rank_fall` with ``output_span``, ``output_fall``, ``output_flat`` and
+    :func:`output_rank_fall` with ``output_span``, ``output_fall``, ``output_flat`` and
     ``output_norm`` (the harness's rule H2, constants from its session-5 search). Reported; it
     counts only with ``output_counts``. On seeds 0-6 of the mini-batch harness it warned
     600-1,700 steps ahead on all 10 runs that grok after a plateau (3 of them on fresh seeds
@@ -513,7 +513,7 @@ def confidence_rise(
     return None
 
 
-def head_rank_fall(
+def output_rank_fall(
     rank: Series,
     weight_norm: Series,
     *,
@@ -533,6 +533,8 @@ def head_rank_fall(
     val_acc reaches 0.9 on runs that grok after a plateau (``benchmarks/results/grokking.md``,
     session 16). The fall at a step compares its rank with the rank at the latest step at
     least ``span`` earlier; the norm is the latest at or before the step."""
+    if span < 1:
+        raise ValueError(f"span must be >= 1 step, got {span}")
     values = [(s, v) for s, v in rank if math.isfinite(v) and v > 0]
     norms = [(s, v) for s, v in weight_norm if math.isfinite(v)]
     low, k, peak, norm, seen_flat, j = math.inf, 0, -math.inf, math.inf, False, -1
@@ -655,7 +657,7 @@ def detect_grokking(
         )
         if confidence and weight_norm
         else None,
-        output_rank_fall=head_rank_fall(
+        output_rank_fall=output_rank_fall(
             output_rank,
             weight_norm,
             span=cfg.output_span,
@@ -756,10 +758,10 @@ __all__ = [
     "detect_grokking",
     "effective_rank",
     "effective_rank_of",
-    "head_rank_fall",
     "median_commutator_defect",
     "median_series",
     "norm_turnaround",
+    "output_rank_fall",
     "prediction_agreement",
     "predictions_of",
     "preserved_rng",
