@@ -585,11 +585,10 @@ def posthoc_rules(z: Any) -> dict[str, int | None]:
         h1 = _rank_fall(rank, 3)
         h1[steps < H1_FROM] = np.nan
         out["head_h1"] = _first_above(steps, h1, H1_THRESHOLD)
+        norm = np.asarray(z["wnorm"], dtype=np.float64).tolist()
         out["head_h2"] = gk.output_rank_fall(  # the product's function, the same rule
-            list(zip(steps.tolist(), rank.tolist(), strict=True)),
-            list(
-                zip(steps.tolist(), np.asarray(z["wnorm"], dtype=np.float64).tolist(), strict=True)
-            ),
+            output_rank_series(z),
+            list(zip(steps.tolist(), norm, strict=True)),
             threshold=H2_THRESHOLD,
             flat=H2_FLAT,
             norm_below=H2_NORM,
@@ -721,12 +720,10 @@ RULE_LABEL = {
 def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str, Any]:
     """Warning step of every rule, the step val_acc first ≥ 0.9, and the run's status."""
     spec = ast.literal_eval(str(z["config"]))
-    g = _first(np.asarray(z["eval_step"]), np.asarray(z["val_acc"]), 0.9)
-    steps, train = np.asarray(z["eval_step"]), np.asarray(z["train_acc"])
+    steps, train, val = (np.asarray(z[k]) for k in ("eval_step", "train_acc", "val_acc"))
+    g = _first(steps, val, 0.9)
     memorised = _first(steps, train, MEMORISED)
-    at_memorised = (
-        None if memorised is None else float(z["val_acc"][int(np.argmax(train >= MEMORISED))])
-    )
+    at_memorised = None if memorised is None else float(val[int(np.argmax(train >= MEMORISED))])
     s = run_series(z, per_step)
     inputs = {k: s[k] for k in ("defect", "weight_norm", "effective_rank")}
     full = gk.detect_grokking(**inputs, config=cfg)
@@ -893,12 +890,12 @@ def report(args: argparse.Namespace) -> None:
         + "."
     )
     lines.append(
-        f"`memorised`: first evaluation with train_acc ≥ {MEMORISED}. Aggregate columns: `lead ≥ "
-        f"600` over every grokking run; `of runs allowing it` over those whose val_acc reaches "
-        f"0.9 at least {TARGET_LEAD} steps after the first evaluation (no rule can do better "
-        f"on the others); `of delayed runs` over those whose val_acc reaches 0.9 at least "
-        f"{TARGET_LEAD} steps after the model memorised its training set with val_acc still "
-        f"below {UNGENERALISED} (grokking in the delayed sense)."
+        f"`memorised`: first evaluation with train_acc ≥ {MEMORISED}. Aggregate columns: "
+        f"`lead ≥ {TARGET_LEAD}` over every grokking run; `of runs allowing it` over those "
+        f"whose val_acc reaches 0.9 at least {TARGET_LEAD} steps after the first evaluation (no "
+        f"rule can do better on the others); `of delayed runs` over those whose val_acc reaches "
+        f"0.9 at least {TARGET_LEAD} steps after the model memorised its training set with "
+        f"val_acc still below {UNGENERALISED} (grokking in the delayed sense)."
     )
     lines += [
         "",
