@@ -775,7 +775,7 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
         ).step,
     }
     done = bool(int(z["done"]))
-    last = int(z["eval_step"][-1])
+    last = int(steps[-1])
     if g is not None:
         status = "grok"
     elif not done:
@@ -789,7 +789,7 @@ def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str
         "grok": g,
         "memorised": memorised,
         "val_at_memorised": at_memorised,
-        "first": int(z["eval_step"][0]),
+        "first": int(steps[0]),
         "warn": warn,
         "status": status,
         "last": last,
@@ -829,8 +829,11 @@ def delayed(r: dict[str, Any]) -> bool:
 def _aggregate(rows: list[dict[str, Any]], rule: str) -> str:
     groks = [r for r in rows if r["status"] == "grok"]
     ctrls = [r for r in rows if r["status"] == "control"]
-    lead = {id(r): r["grok"] - r["warn"][rule] for r in groks if r["warn"][rule] is not None}
-    leads = list(lead.values())
+
+    def lead(r: dict[str, Any]) -> int | None:
+        return None if r["warn"][rule] is None else r["grok"] - r["warn"][rule]
+
+    leads = [v for r in groks if (v := lead(r)) is not None]
     early = [v for v in leads if v > 0]
     missed = len(groks) - len(early)
     fa = sum(r["warn"][rule] is not None for r in ctrls)
@@ -838,7 +841,7 @@ def _aggregate(rows: list[dict[str, Any]], rule: str) -> str:
     mn = f"{min(leads)}" if leads else "-"
 
     def hits(sub: list[dict[str, Any]]) -> str:
-        return f"{sum(lead.get(id(r), -1) >= TARGET_LEAD for r in sub)}/{len(sub)}"
+        return f"{sum((lead(r) or -1) >= TARGET_LEAD for r in sub)}/{len(sub)}"
 
     return (
         f"{med} | {mn} | {len(early)}/{len(groks)} | {missed} | {hits(groks)} | "

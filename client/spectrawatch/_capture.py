@@ -119,18 +119,15 @@ def output_layer(model: nn.Module) -> str | None:
     Hugging Face model's ``get_output_embeddings()`` returns (with tied embeddings, the
     embedding's name), else the last parameter of >= 2 dimensions in registration order (where
     PyTorch models define their head)."""
-    names = {id(p): name for name, p in model.named_parameters()}
+    params = list(model.named_parameters())
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
         with contextlib.suppress(Exception):  # a model's own method: whatever it raises
             weight = getattr(get(), "weight", None)
-            if isinstance(weight, torch.Tensor) and id(weight) in names:
-                return names[id(weight)]
-    last = None
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            last = name
-    return last
+            named = next((name for name, p in params if p is weight), None)
+            if named is not None:
+                return named
+    return next((name for name, p in reversed(params) if p.dim() >= 2), None)
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
