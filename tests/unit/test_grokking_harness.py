@@ -67,6 +67,29 @@ def test_a_short_run_records_and_scores_every_series(harness: ModuleType, tmp_pa
     np.testing.assert_allclose([v for _, v in probe], top[:, pick].mean(1))
 
 
+def test_the_mlp_regime_trains_and_its_output_layer_is_read(
+    harness: ModuleType, tmp_path: Path
+) -> None:
+    assert harness.RunSpec().name == "mb2_add_p97_f0.3_wd1_s0"  # names of recorded runs kept
+    specs = list(harness.grid_specs([4], {"mlp": 8000}, (3,)))
+    assert len(specs) == 12
+    assert {(s.frac, s.lr) for s in specs} == {(0.3, 3e-3), (0.5, 1e-3)}
+    assert len({s.name for s in specs}) == 12
+    spec = harness.RunSpec(regime="mlp", op="sub", frac=0.5, lr=3e-3, steps=100, seed=1)
+    assert spec.name == "mlp_sub_p97_f0.5_wd1_lr0.003_s1"
+    out = tmp_path / f"{spec.name}.npz"
+    harness.train_run(spec, out)
+    z = np.load(out)
+    assert [str(m) for m in z["mats"]] == ["tok.weight", "fc.weight", "head.weight"]
+    rank = harness.output_rank_series(z)
+    assert [s for s, _ in rank] == [0, 100]
+    np.testing.assert_array_equal([v for _, v in rank], z["erank"][:, 2])
+    assert 1.0 < rank[0][1] <= 97.0
+    assert harness.score_run(z, gk.DetectorConfig(), per_step=True)["status"] == (
+        "no grok by horizon"
+    )
+
+
 def test_aggregate_counts_the_runs_that_allow_the_target_lead(harness: ModuleType) -> None:
     def row(status: str, grok: int | None, mem: tuple[int, float], warn: int | None) -> dict:
         return {
