@@ -108,8 +108,26 @@ def test_aggregate_counts_the_runs_that_allow_the_target_lead(harness: ModuleTyp
         row("grok", 1800, (300, 0.4), 1200),  # lead 600, but already generalising: not delayed
         row("control", None, (300, 0.01), 100),
         row("control", None, (300, 0.01), None),
+        row("grok", 4100, (300, 0.46), 2300),  # val_acc 0.46 at memorisation, all of it mirrored
     ]
+    rows[-1]["off_mirror_at_memorised"] = 0.0
     assert [harness.attainable(r) for r in rows[:4]] == [True, False, True, True]
     assert [harness.delayed(r) for r in rows[:4]] == [True, False, False, False]
+    assert harness.delayed(rows[-1]) and not harness.delayed(rows[-1], mirror=False)
     cells = [c.strip() for c in harness._aggregate(rows, "r").split("|")]
-    assert cells == ["600", "500", "3/4", "1", "2/4", "2/3", "1/1", "1/2"]
+    assert cells == ["600", "500", "4/5", "1", "3/5", "3/4", "2/2", "1/1", "1/2"]
+
+
+def test_mirrored_held_out_inputs_are_told_apart(harness: ModuleType) -> None:
+    spec = {"p": 13, "frac": 0.5, "seed": 3, "op": "add"}
+    x_tr, _, x_va, y_va = harness.make_data(13, 0.5, 3, harness.OPS["add"])
+    mask = harness.mirror_mask(spec)
+    assert mask.shape == (len(x_va),)
+    train = {(int(a), int(b)) for a, b, _ in x_tr}
+    for (a, b, _), mirrored in zip(x_va.tolist(), mask, strict=True):
+        assert mirrored == ((b, a) in train)
+    assert 0.3 < mask.mean() < 0.7
+    # right on every mirrored input by symmetry, wrong on the rest: 0 off the mirror
+    symmetric = np.where(mask, y_va.numpy(), (y_va.numpy() + 1) % 13)
+    assert harness.off_mirror_accuracy(spec, symmetric) == 0.0
+    assert harness.off_mirror_accuracy(spec, y_va.numpy()) == 1.0
