@@ -113,7 +113,8 @@ def test_aggregate_counts_the_runs_that_allow_the_target_lead(harness: ModuleTyp
     rows[-1]["off_mirror_at_memorised"] = 0.0
     assert [harness.attainable(r) for r in rows[:4]] == [True, False, True, True]
     assert [harness.delayed(r) for r in rows[:4]] == [True, False, False, False]
-    assert harness.delayed(rows[-1]) and not harness.delayed(rows[-1], mirror=False)
+    assert harness.delayed(rows[-1])
+    assert not harness.delayed(rows[-1], mirror=False)
     cells = [c.strip() for c in harness._aggregate(rows, "r").split("|")]
     assert cells == ["600", "500", "4/5", "1", "3/5", "3/4", "2/2", "1/1", "1/2"]
 
