@@ -253,12 +253,13 @@ class DetectorConfig:
     output rank (where weight frames name the output layer, ``grok.output_effective_rank``):
     :func:`output_rank_fall` with ``output_span``, ``output_fall``, ``output_flat`` and
     ``output_norm`` (the harness's rule H2, constants from its session-5 search). Reported; it
-    counts only with ``output_counts``. On seeds 0-6 of the mini-batch harness it warned
-    600-1,700 steps ahead on all 10 runs that grok after a plateau (3 of them on fresh seeds
-    5-6, predicted beforehand) and alarmed on none of 35 controls; it does not fire on runs
-    that generalise while they memorise, and the full-batch regime is untested. Counted, it
-    left the detector's alarms and its fresh-seed leads as they were, so it is not counted by
-    default (``benchmarks/results/grokking.md``, session 16).
+    counts only with ``output_counts``. On seeds 0-6 of the 2-layer mini-batch harness at
+    train fraction 0.3 it warned 600-1,700 steps ahead on all 10 runs that grok after a plateau
+    (3 of them on fresh seeds 5-6, predicted beforehand) and alarmed on none of 35 controls;
+    but it missed the delayed a+b runs at fraction 0.5, alarmed on the a²+ab+b² controls of the
+    1-layer full-batch transformer and never fired on an MLP. Counted, it left the detector's
+    alarms and its fresh-seed leads as they were, so it is not counted by default
+    (``benchmarks/results/grokking.md``, sessions 16-17).
     """
 
     defect_baseline: int = 10
@@ -530,9 +531,11 @@ def output_rank_fall(
     The rule H2 of ``benchmarks/grokking.py`` (constants from its session-5 search): in the
     mini-batch regime the unembedding's rank falls fast while the model memorises, flattens
     on the plateau, and falls again as the generalising circuit forms, 600-1,700 steps before
-    val_acc reaches 0.9 on runs that grok after a plateau (``benchmarks/results/grokking.md``,
-    session 16). The fall at a step compares its rank with the rank at the latest step at
-    least ``span`` earlier; the norm is the latest at or before the step."""
+    val_acc reaches 0.9 on runs that grok after a plateau; in a 1-layer full-batch transformer
+    it fires on non-grokking runs too, and in an MLP not at all
+    (``benchmarks/results/grokking.md``, sessions 16-17). The fall at a step compares its rank
+    with the rank at the latest step at least ``span`` earlier; the norm is the latest at or
+    before the step."""
     if span < 1:
         raise ValueError(f"span must be >= 1 step, got {span}")
     values = [(s, v) for s, v in rank if math.isfinite(v) and v > 0]
