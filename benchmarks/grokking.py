@@ -749,7 +749,7 @@ def mirror_mask(spec: dict[str, Any]) -> np.ndarray:
 
     For a commutative operation (a+b, a²+b², a²+ab+b²) a model that has learnt the symmetry
     answers these from its memorised training set alone (found in session 17: the full-batch
-    a+b runs sat at val_acc 0.46-0.49, 92-98 % on mirrored inputs and 0.0-0.2 % on the rest)."""
+    a+b runs sat at val_acc 0.46-0.49, 92-98 % on mirrored inputs and 0.0-0.6 % on the rest)."""
     x_tr, _, x_va, _ = make_data(spec["p"], spec["frac"], spec["seed"], OPS[spec["op"]])
     seen = set(map(tuple, x_tr[:, :2].tolist()))
     return np.array([(b, a) in seen for a, b in x_va[:, :2].tolist()], dtype=bool)
