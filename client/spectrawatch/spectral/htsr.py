@@ -582,9 +582,11 @@ def _mp_objective(
     """WeightWatcher's ``resid_mp`` summed squared residual for each sigma: ``(S,)``."""
     s = sigmas.unsqueeze(1)
     if q == 1.0:
-        # quarter_circle_fun: sigma only scales the height (WeightWatcher's definition)
-        model = torch.nan_to_num(torch.sqrt(4.0 - xg**2) / (math.pi * s**2), nan=0.0)
-        return ((model - yg) ** 2).sum(dim=1)
+        # quarter_circle_fun: sigma only scales the height (WeightWatcher's definition), so
+        # sum((c / s^2 - y)^2) is a quadratic in 1 / s^2
+        c = torch.sqrt((4.0 - xg**2).clamp_min(0.0)) / math.pi
+        k = 1.0 / sigmas**2
+        return k * k * (c @ c) - 2.0 * k * (c @ yg) + yg @ yg
     model = marchenko_pastur_density(xg.unsqueeze(0), q, s)
     resid = ((model - yg) ** 2).sum(dim=1)
     peak = xg[int(torch.argmax(yg))]
@@ -594,21 +596,49 @@ def _mp_objective(
     return torch.where(bad, _MP_PENALTY**2 * yg.numel(), resid)
 
 
-def _mp_objective_scalar(sigma: float, xg: Any, yg: Any, q: float) -> float:
-    """:func:`_mp_objective` for one sigma on host arrays (WeightWatcher's numpy expressions);
-    used by the sequential Nelder-Mead polish, where per-call tensor overhead would dominate."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+class _MpResidual:
+    """:func:`_mp_objective` for one sigma on host arrays, for the sequential Nelder-Mead polish
+    (where per-call tensor overhead would dominate).
+
+    The same sum as WeightWatcher's ``resid_mp``, arranged so that a call costs little: the model
+    density is 0 outside the bulk ``[a, b]``, so the points there contribute ``sum y^2`` (prefix
+    sums, the grid being sorted); for Q = 1 the quarter-circle law is ``c(x) / sigma^2``, so the
+    residual is a quadratic in ``1 / sigma^2`` with precomputed coefficients.
+    """
+
+    def __init__(self, xg: np.ndarray, yg: np.ndarray, q: float) -> None:
+        self.xg, self.yg, self.q = xg, yg, q
+        self.peak = float(xg[int(np.argmax(yg))])
+        self.xmax = float(xg.max())
+        self.penalty = float(_MP_PENALTY**2 * yg.size)
+        self.y2 = np.concatenate([[0.0], np.cumsum(yg * yg)])
+        self.q_inv_root = math.sqrt(1.0 / q)
         if q == 1.0:
-            model = np.nan_to_num((1 / (np.pi * sigma * sigma)) * np.sqrt(4 - xg**2))
-            return float(np.sum((model - yg) ** 2))
-        b = (sigma * (1 + np.sqrt(1 / q))) ** 2
-        a = (sigma * (1 - np.sqrt(1 / q))) ** 2
-        peak = xg[int(np.argmax(yg))]
-        if b < peak or b > xg.max() or a > peak:
-            return float(_MP_PENALTY**2 * yg.size)
-        val = (1 / (2 * np.pi * sigma * sigma * xg * (1 / q))) * np.sqrt((b - xg) * (xg - a))
-        model = np.nan_to_num(val, nan=0.0, posinf=0.0, neginf=0.0)
-        return float(np.sum((model - yg) ** 2))
+            inside = xg <= 2.0  # sqrt(4 - x^2) is real (the grid starts at 0)
+            c = np.sqrt(4.0 - xg[inside] ** 2) / math.pi
+            y = yg[inside]
+            self.quad = (float(c @ c), float(c @ y), float(self.y2[-1]))
+
+    def __call__(self, sigma: float) -> float:
+        s2 = sigma * sigma
+        if self.q == 1.0:
+            cc, cy, yy = self.quad
+            if s2 == 0.0:
+                return yy if cc == 0.0 else math.inf
+            k = 1.0 / s2
+            return k * k * cc - 2.0 * k * cy + yy
+        b = (sigma * (1.0 + self.q_inv_root)) ** 2
+        a = (sigma * (1.0 - self.q_inv_root)) ** 2
+        if b < self.peak or b > self.xmax or a > self.peak:
+            return self.penalty
+        lo = int(np.searchsorted(self.xg, a, side="left"))
+        hi = int(np.searchsorted(self.xg, b, side="right"))
+        x, y = self.xg[lo:hi], self.yg[lo:hi]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            model = np.sqrt((b - x) * (x - a)) / (2.0 * math.pi * s2 * x / self.q)
+        model = np.nan_to_num(model, nan=0.0, posinf=0.0, neginf=0.0)
+        outside = self.y2[lo] + (self.y2[-1] - self.y2[hi])
+        return float(np.sum((model - y) ** 2) + outside)
 
 
 def _nelder_mead_1d(fun: Any, x0: float, *, xatol: float = 1e-4, fatol: float = 1e-4) -> float:
@@ -694,8 +724,8 @@ def fit_marchenko_pastur(evals: torch.Tensor, n_rows: int, n_cols: int) -> March
     scores = _mp_objective(sigmas, xg, yg, q)
     best = float(sigmas[int(torch.argmin(scores))])
 
-    xg_np, yg_np = xg.cpu().numpy(), yg.cpu().numpy()  # <= 1000 points: the polish is scalar
-    sigma = _nelder_mead_1d(lambda s: _mp_objective_scalar(s, xg_np, yg_np, q), best)
+    # <= 1000 points: the polish is scalar
+    sigma = _nelder_mead_1d(_MpResidual(xg.cpu().numpy(), yg.cpu().numpy(), q), best)
     bulk_max = (sigma * (1.0 + 1.0 / math.sqrt(q))) ** 2
     bulk_min = (sigma * (1.0 - 1.0 / math.sqrt(q))) ** 2
     tw = 1.0 / math.sqrt(q) * bulk_max ** (2.0 / 3.0) * n_cols ** (-2.0 / 3.0)
