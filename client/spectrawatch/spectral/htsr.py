@@ -546,21 +546,26 @@ def linear_kde(samples: torch.Tensor, points: torch.Tensor, bandwidth: float) ->
     """Linear-kernel density estimate at ``points`` (as sklearn ``KernelDensity(kernel="linear")``).
 
     ``f(g) = 1/(n h) sum_i max(0, 1 - |g - x_i| / h)``, computed exactly in O((n + G) log n) from
-    prefix sums of the sorted samples instead of an ``(n, G)`` kernel matrix.
+    prefix sums of the sorted samples instead of an ``(n, G)`` kernel matrix (on the host).
     """
-    x = torch.sort(samples.to(_F64).flatten()).values
-    g = points.to(_F64)
-    h = bandwidth
-    prefix = torch.cat([torch.zeros(1, dtype=_F64, device=x.device), torch.cumsum(x, 0)])
-    lo = torch.searchsorted(x, g - h, right=True)
-    mid = torch.searchsorted(x, g, right=True)
-    hi = torch.searchsorted(x, g + h, right=False)
-    n_left = (mid - lo).to(_F64)
+    x = samples.detach().to(device="cpu", dtype=_F64).flatten().numpy()
+    g = points.detach().to(device="cpu", dtype=_F64).numpy()
+    return torch.from_numpy(_linear_kde(np.sort(x), g, bandwidth)).to(points.device)
+
+
+def _linear_kde(x: np.ndarray, g: np.ndarray, h: float) -> np.ndarray:
+    """:func:`linear_kde` of sorted host samples ``x`` at ``g``."""
+    prefix = np.concatenate([[0.0], np.cumsum(x)])
+    lo = np.searchsorted(x, g - h, side="right")
+    mid = np.searchsorted(x, g, side="right")
+    hi = np.searchsorted(x, g + h, side="left")
+    n_left = (mid - lo).astype(np.float64)
     s_left = prefix[mid] - prefix[lo]
-    n_right = (hi - mid).to(_F64)
+    n_right = (hi - mid).astype(np.float64)
     s_right = prefix[hi] - prefix[mid]
     total = n_left - (n_left * g - s_left) / h + n_right - (s_right - n_right * g) / h
-    return total.clamp_min(0.0) / (x.numel() * h)
+    out: np.ndarray = np.maximum(total, 0.0) / (x.size * h)
+    return out
 
 
 def marchenko_pastur_density(x: torch.Tensor, q: float, sigma: torch.Tensor) -> torch.Tensor:
@@ -576,24 +581,28 @@ def marchenko_pastur_density(x: torch.Tensor, q: float, sigma: torch.Tensor) -> 
     return torch.nan_to_num(val, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _mp_objective(
-    sigmas: torch.Tensor, xg: torch.Tensor, yg: torch.Tensor, q: float
-) -> torch.Tensor:
-    """WeightWatcher's ``resid_mp`` summed squared residual for each sigma: ``(S,)``."""
-    s = sigmas.unsqueeze(1)
+def _mp_objective(sigmas: np.ndarray, xg: np.ndarray, yg: np.ndarray, q: float) -> np.ndarray:
+    """WeightWatcher's ``resid_mp`` summed squared residual for each sigma: ``(S,)``.
+
+    On host arrays: a few (S, G) element-wise passes, which numpy does on one thread (torch's
+    intra-op pool made them several times slower on a 16-core host).
+    """
     if q == 1.0:
         # quarter_circle_fun: sigma only scales the height (WeightWatcher's definition), so
         # sum((c / s^2 - y)^2) is a quadratic in 1 / s^2
-        c = torch.sqrt((4.0 - xg**2).clamp_min(0.0)) / math.pi
+        c = np.sqrt(np.maximum(4.0 - xg**2, 0.0)) / math.pi
         k = 1.0 / sigmas**2
-        return k * k * (c @ c) - 2.0 * k * (c @ yg) + yg @ yg
-    model = marchenko_pastur_density(xg.unsqueeze(0), q, s)
-    resid = ((model - yg) ** 2).sum(dim=1)
-    peak = xg[int(torch.argmax(yg))]
-    b = (sigmas * (1.0 + math.sqrt(1.0 / q))) ** 2
-    a = (sigmas * (1.0 - math.sqrt(1.0 / q))) ** 2
-    bad = (b < peak) | (b > xg.max()) | (a > peak)
-    return torch.where(bad, _MP_PENALTY**2 * yg.numel(), resid)
+        return k * k * float(c @ c) - 2.0 * k * float(c @ yg) + float(yg @ yg)
+    s = sigmas[:, None]
+    b = (s * (1.0 + math.sqrt(1.0 / q))) ** 2
+    a = (s * (1.0 - math.sqrt(1.0 / q))) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        model = np.sqrt((b - xg) * (xg - a)) / (2.0 * math.pi * s**2 * xg / q)
+    model = np.nan_to_num(model, nan=0.0, posinf=0.0, neginf=0.0)
+    resid = ((model - yg) ** 2).sum(axis=1)
+    peak = xg[int(np.argmax(yg))]
+    bad = (b[:, 0] < peak) | (b[:, 0] > xg.max()) | (a[:, 0] > peak)
+    return np.where(bad, _MP_PENALTY**2 * yg.size, resid)
 
 
 class _MpResidual:
@@ -699,33 +708,30 @@ def fit_marchenko_pastur(evals: torch.Tensor, n_rows: int, n_cols: int) -> March
     minimising the squared residual to the MP density (Q = N/M != 1) or to WeightWatcher's
     quarter-circle law on the singular values (Q = 1) over the grid
     ``sigma0 * (0.05, 0.06, ..., <2)`` with ``sigma0 = sqrt(lambda_max) / (1 + Q^-1/2)``, then
-    polish with Nelder-Mead (``scipy.optimize.brute(finish=fmin)``). The grid is evaluated as
-    one tensor op; the KDE is exact (prefix sums).
+    polish with Nelder-Mead (``scipy.optimize.brute(finish=fmin)``). On the host (the ESD is
+    copied there): the grid is evaluated as one array op; the KDE is exact (prefix sums).
     """
     q = n_rows / n_cols
-    ev = evals.detach().to(_F64).flatten()
-    total = float(ev.sum())
+    x = evals.detach().to(device="cpu", dtype=_F64).flatten().numpy()  # <= a few 1000 values
+    total = float(x.sum())
     if not total > 0.0:
         raise SpectralError("all eigenvalues are zero")
-    w_scale = math.sqrt(ev.numel()) / math.sqrt(total)
-    x = ev * w_scale**2
+    w_scale = math.sqrt(x.size) / math.sqrt(total)
+    x = x * w_scale**2
     lam_max = float(x.max())
     sigma0 = math.sqrt(lam_max / (1.0 + 1.0 / math.sqrt(q)) ** 2)
-    to_fit = x.sqrt() if q == 1.0 else x
-    grid = torch.linspace(0.0, float(to_fit.max()) + 0.5, _MP_GRID, dtype=_F64, device=x.device)
-    dens = linear_kde(to_fit, grid, _MP_BANDWIDTH)
+    to_fit = np.sqrt(x) if q == 1.0 else x
+    grid = np.linspace(0.0, float(to_fit.max()) + 0.5, _MP_GRID)
+    dens = _linear_kde(np.sort(to_fit), grid, _MP_BANDWIDTH)
     keep = dens > _MP_DENSITY_FLOOR
     xg, yg = grid[keep], dens[keep]
-    if xg.numel() == 0:
+    if xg.size == 0:
         raise SpectralError("ESD density is nowhere above the MP-fit floor")
     start, stop, step = 0.05 * sigma0, 2.0 * sigma0, 0.01 * sigma0
     count = math.ceil((stop - start) / step)  # as numpy.mgrid[start:stop:step]
-    sigmas = torch.arange(count, dtype=_F64, device=x.device) * step + start
-    scores = _mp_objective(sigmas, xg, yg, q)
-    best = float(sigmas[int(torch.argmin(scores))])
-
-    # <= 1000 points: the polish is scalar
-    sigma = _nelder_mead_1d(_MpResidual(xg.cpu().numpy(), yg.cpu().numpy(), q), best)
+    sigmas = np.arange(count, dtype=np.float64) * step + start
+    best = float(sigmas[int(np.argmin(_mp_objective(sigmas, xg, yg, q)))])
+    sigma = _nelder_mead_1d(_MpResidual(xg, yg, q), best)  # the polish is scalar
     bulk_max = (sigma * (1.0 + 1.0 / math.sqrt(q))) ** 2
     bulk_min = (sigma * (1.0 - 1.0 / math.sqrt(q))) ** 2
     tw = 1.0 / math.sqrt(q) * bulk_max ** (2.0 / 3.0) * n_cols ** (-2.0 / 3.0)
