@@ -10,7 +10,8 @@ fused sketcher replaced by one that only allocates its result, then prints a cPr
 With ``--device cuda`` the model lives on the GPU and the sketch is the real one (the Triton
 kernel where triton imports, on the side stream): the host time per step is then what the
 training thread pays for launching it, the row differences and the frame copies (the GPU work
-itself is queued, not waited for; one synchronisation ends the timed loop).
+itself is queued, not waited for; one synchronisation ends the timed loop). There the sketch is
+replayed from a CUDA graph unless ``SPECTRAWATCH_SKETCH_GRAPH=0``.
 """
 
 from __future__ import annotations
@@ -75,13 +76,16 @@ def main() -> None:
     wall = (time.perf_counter() - t) / args.steps * 1e3
     backend = getattr(cap._fused, "backend", None)
     what = "sketch faked" if device.type == "cpu" else f"real sketch: {backend}"
+    graphed = cap._graphed
+    graph = f"{graphed.captures} CUDA graph capture(s)" if graphed.enabled else "no CUDA graph"
     print(
-        f"{rows} tensors: {per_step:.2f} ms of host time per step in the hooks ({what}); "
+        f"{rows} tensors: {per_step:.2f} ms of host time per step in the hooks ({what}, {graph}"
+        f"{'; capture failed: ' + graphed.error if graphed.error else ''}); "
         f"{wall:.2f} ms per step until the device finished"
     )
     profile = cProfile.Profile()
     profile.runcall(steps, args.steps)
-    pstats.Stats(profile).sort_stats("tottime").print_stats(10)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(15)
     m.finish(timeout=5)
 
 

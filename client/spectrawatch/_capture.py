@@ -63,7 +63,7 @@ from torch import nn
 
 from spectrawatch import _shards, wire
 from spectrawatch._cadence import AdaptiveCadence
-from spectrawatch._overlap import PendingFrames, SketchStream
+from spectrawatch._overlap import GraphedSketch, PendingFrames, SketchStream
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch._sketch_triton import CountSketcher
 from spectrawatch.config import ClientSettings
@@ -235,6 +235,8 @@ class Capture:
             settings.sketch_stream and optimizer is not None and not self.sharded
         )
         self._frames = PendingFrames()
+        self._graphed = GraphedSketch(settings.sketch_graph and not self.sharded)
+        self._graph_error_logged = False
         self._failures: dict[str, int] = {}
         self._disabled: set[str] = set()
         self._last_weights_step: int | None = None
@@ -572,8 +574,12 @@ class Capture:
             if not self.sharded:
                 with self._stream.use(device):
                     events = self._cuda_events(device)
-                    mat = fused(locals_)
-                    out = torch.cat([mat, mat.sum(0, keepdim=True)])
+                    graphable = device.type == "cuda" and fused.triton is not None
+                    out = self._graphed(fused, locals_) if graphable else None
+                    if out is None:
+                        mat = fused(locals_)
+                        out = torch.cat([mat, mat.sum(0, keepdim=True)])
+                    self._graph_failed()
                     if events is not None:
                         events[1].record()
                         self._gpu_sketches.append(events)
@@ -598,6 +604,15 @@ class Capture:
                 return None
             mat = flat[:-1].view(-1, d)
         return torch.cat([mat, mat.sum(0, keepdim=True)])
+
+    def _graph_failed(self) -> None:
+        """Log (once) a sketch graph capture that failed: the sketch runs eagerly from then on."""
+        if self._graphed.error is not None and not self._graph_error_logged:
+            self._graph_error_logged = True
+            self.stats.incr("sketch_graph_off")
+            self.errors.record(
+                "update sketch", RuntimeError(f"CUDA graph capture failed: {self._graphed.error}")
+            )
 
     def _cuda_events(
         self, device: torch.device

@@ -1,6 +1,6 @@
 """Keeping the update sketch off the training step's critical path on CUDA.
 
-Two parts, both no-ops on the CPU:
+Three parts, all no-ops on the CPU:
 
 - :class:`SketchStream`: the sketch of theta taken after optimizer step n runs on a side stream
   that first waits for the training stream (so it reads theta_n), and then overlaps the next
@@ -17,6 +17,10 @@ Two parts, both no-ops on the CPU:
   memory; the frame is handed to the sender once the copy's event has completed, checked without
   waiting at the next step (and waited for at ``finish``). A ``.cpu()`` would make the training
   thread wait for the GPU to finish the step, draining the queue of launched work once a frame.
+- :class:`GraphedSketch`: the sketch's launches (the Triton kernels, the small tensors' gather,
+  the model row) captured once in a CUDA graph and replayed every step: a host-bound step (bf16
+  autocast on a fast GPU) pays every microsecond of launch overhead in the hooks, and a replay
+  is one launch instead of ~10 plus their Python.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -119,3 +124,64 @@ class PendingFrames:
                     return
             self._queue.popleft()
             emit(head.build(head.host))
+
+
+class GraphedSketch:
+    """The all-parameter theta sketch ``(L + 1, d)`` (layers, then their sum) replayed from a CUDA
+    graph; ``enabled=False``: never (the caller sketches eagerly).
+
+    A graph reads the parameters at the addresses it was captured with, so it is keyed by the
+    sketcher and every parameter's ``data_ptr()``: the first step with a new key runs eagerly
+    (compiling the kernels and planning their launches), the second captures and replays, later
+    ones replay. Optimizers update parameters in place, so the key stays; a parameter replaced
+    or moved (``.data = ...``, ``model.to()``) changes it and the graph is captured anew. The
+    capture itself synchronises the device once (``torch.cuda.graph``). A capture that fails
+    turns graphs off for the run (:attr:`error` says why) and the call returns None: the eager
+    path is the same sketch.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.error: str | None = None
+        self.captures = 0
+        self._seen: tuple[int, ...] | None = None
+        self._key: tuple[int, ...] | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._out: torch.Tensor | None = None
+
+    def __call__(
+        self, sketch: Callable[[list[torch.Tensor]], torch.Tensor], params: list[torch.Tensor]
+    ) -> torch.Tensor | None:
+        """A fresh ``(L + 1, d)`` sketch of ``params`` from the graph, on the current stream;
+        None where this step must sketch eagerly."""
+        if not self.enabled or not params or params[0].device.type != "cuda":
+            return None
+        key = (id(sketch), *map(torch.Tensor.data_ptr, params))
+        if self._graph is None or key != self._key:
+            if key != self._seen:  # a new layout: eager once, capture on the next step
+                self._seen, self._graph, self._out = key, None, None
+                return None
+            try:
+                self._capture(sketch, params)
+            except Exception as exc:  # never again this run: the eager path is the same sketch
+                self.enabled, self._graph, self._out = False, None, None
+                self.error = f"{type(exc).__name__}: {exc}"[:300]
+                return None
+            self._key = key
+        graph, out = self._graph, self._out
+        if graph is None or out is None:  # unreachable: captured just above
+            return None
+        graph.replay()
+        return out.clone()
+
+    def _capture(
+        self, sketch: Callable[[list[torch.Tensor]], torch.Tensor], params: list[torch.Tensor]
+    ) -> None:
+        graph = torch.cuda.CUDAGraph()
+        # captured on the graph's own stream (nothing runs then); replayed on the caller's
+        ctx: Any = torch.cuda.graph(graph, capture_error_mode="thread_local")
+        with ctx:
+            mat = sketch(params)
+            out = torch.cat([mat, mat.sum(0, keepdim=True)])
+        self._graph, self._out = graph, out
+        self.captures += 1

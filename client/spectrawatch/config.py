@@ -62,6 +62,9 @@ class ClientSettings:
     sketch_cache: bool = True  # cache the folded hash index (2 bytes / parameter, on its device)
     # CUDA: sketch on a side stream that overlaps the next step (off: on the training stream)
     sketch_stream: bool = True
+    # CUDA (Triton sketch): the sketch's launches replayed from a CUDA graph (off: launched
+    # one by one every step); graphs read parameters in place, at the addresses of the capture
+    sketch_graph: bool = True
     # models up to this many parameters get their index built inside attach() (~30 ms per
     # million on a CPU core); larger ones on a background thread, sketches skipped until ready
     index_inline_max: int = 1 << 20

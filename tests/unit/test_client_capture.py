@@ -681,6 +681,66 @@ def test_cuda_side_stream_sends_the_rows_of_the_training_stream() -> None:
     assert steps == list(range(1, 19))  # the pre-step hook sketched theta_0
 
 
+def _graph_run(steps: int, *, graph: bool, swap_at: int = 0) -> tuple[Sink, ClientStats, Capture]:
+    """A model with tensors for both Triton kernels (a 256 x 256 weight is over one band of
+    rows); at step ``swap_at`` one weight gets new storage (``.data =``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
+                          nn.Linear(256, 3)).cuda()  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sink = Sink()
+    cap, stats = make_capture(model, opt, sink, sketch_graph=graph, theta_every=3)
+    assert cap.wait_index(30)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(1, steps + 1):
+        if step == swap_at:
+            with torch.no_grad():
+                model[2].weight.data = model[2].weight.data.clone()
+        model(torch.randn(16, 6, generator=gen).cuda()).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    cap.finish()
+    assert stats.get("errors") == 0
+    return sink, stats, cap
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("swap_at", [0, 7])
+def test_cuda_graphed_sketch_sends_the_rows_of_the_eager_one(swap_at: int) -> None:
+    """The sketch replayed from a CUDA graph changes no row; new storage means a new capture."""
+    graphed, stats, cap = _graph_run(12, graph=True, swap_at=swap_at)
+    eager, _, eager_cap = _graph_run(12, graph=False, swap_at=swap_at)
+    assert cap._graphed.error is None
+    assert stats.get("sketch_graph_off") == 0
+    assert cap._graphed.captures == (2 if swap_at else 1)
+    assert eager_cap._graphed.captures == 0
+    for kind in (wire.FrameKind.UPDATE_SKETCH, wire.FrameKind.PARAM_SKETCH):
+        a, b = graphed.of(kind), eager.of(kind)
+        assert a
+        assert [f.info["steps"] for f in a] == [f.info["steps"] for f in b]
+        for fa, fb in zip(a, b, strict=True):
+            assert fa.tensors.keys() == fb.tensors.keys()
+            for k, t in fa.tensors.items():
+                torch.testing.assert_close(t, fb.tensors[k], rtol=1e-12, atol=1e-12)
+
+
+def test_graphed_sketch_is_off_the_gpu_and_when_disabled() -> None:
+    from spectrawatch._overlap import GraphedSketch
+
+    calls: list[int] = []
+
+    def sketch(xs: list[torch.Tensor]) -> torch.Tensor:
+        calls.append(1)
+        return torch.zeros(len(xs), 4, dtype=torch.float64)
+
+    params = [torch.zeros(3)]
+    for g in (GraphedSketch(True), GraphedSketch(False)):
+        assert all(g(sketch, params) is None for _ in range(3))
+        assert g.captures == 0
+        assert g.error is None
+    assert not calls  # the caller sketches eagerly
+
+
 @pytest.mark.gpu
 def test_cuda_parameter_written_outside_the_step_turns_the_side_stream_off() -> None:
     sink, stats = _cuda_run(10, sketch_stream=True, clamp=True)
