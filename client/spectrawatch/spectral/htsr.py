@@ -584,8 +584,10 @@ def marchenko_pastur_density(x: torch.Tensor, q: float, sigma: torch.Tensor) -> 
 def _mp_objective(sigmas: np.ndarray, xg: np.ndarray, yg: np.ndarray, q: float) -> np.ndarray:
     """WeightWatcher's ``resid_mp`` summed squared residual for each sigma: ``(S,)``.
 
-    On host arrays: a few (S, G) element-wise passes, which numpy does on one thread (torch's
-    intra-op pool made them several times slower on a 16-core host).
+    On sorted host arrays. Penalised sigmas (bulk edge below the density's peak or past the
+    grid) are not evaluated, and the others only on the grid points between the lowest bulk
+    start and the highest bulk end: the density is 0 outside the bulk, so the points there add
+    ``sum y^2``.
     """
     if q == 1.0:
         # quarter_circle_fun: sigma only scales the height (WeightWatcher's definition), so
@@ -593,16 +595,23 @@ def _mp_objective(sigmas: np.ndarray, xg: np.ndarray, yg: np.ndarray, q: float) 
         c = np.sqrt(np.maximum(4.0 - xg**2, 0.0)) / math.pi
         k = 1.0 / sigmas**2
         return k * k * float(c @ c) - 2.0 * k * float(c @ yg) + float(yg @ yg)
-    s = sigmas[:, None]
-    b = (s * (1.0 + math.sqrt(1.0 / q))) ** 2
-    a = (s * (1.0 - math.sqrt(1.0 / q))) ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        model = np.sqrt((b - xg) * (xg - a)) / (2.0 * math.pi * s**2 * xg / q)
-    model = np.nan_to_num(model, nan=0.0, posinf=0.0, neginf=0.0)
-    resid = ((model - yg) ** 2).sum(axis=1)
+    b = (sigmas * (1.0 + math.sqrt(1.0 / q))) ** 2
+    a = (sigmas * (1.0 - math.sqrt(1.0 / q))) ** 2
     peak = xg[int(np.argmax(yg))]
-    bad = (b[:, 0] < peak) | (b[:, 0] > xg.max()) | (a[:, 0] > peak)
-    return np.where(bad, _MP_PENALTY**2 * yg.size, resid)
+    good = ~((b < peak) | (b > xg.max()) | (a > peak))
+    out = np.full(sigmas.shape, _MP_PENALTY**2 * yg.size)
+    if not good.any():
+        return out
+    lo = int(np.searchsorted(xg, a[good].min(), side="left"))
+    lo += int(lo < xg.size and xg[lo] == 0.0)  # the density is 0 there (0 / 0 below)
+    hi = int(np.searchsorted(xg, b[good].max(), side="right"))
+    x, y = xg[lo:hi], yg[lo:hi]
+    s, ag, bg = sigmas[good, None], a[good, None], b[good, None]
+    # (b - x)(x - a) < 0 off the bulk: density 0 there (WeightWatcher's nan_to_num of a nan)
+    model = np.sqrt(np.maximum((bg - x) * (x - ag), 0.0)) / (2.0 * math.pi * s**2 * x / q)
+    y2 = yg * yg
+    out[good] = ((model - y) ** 2).sum(axis=1) + (y2[:lo].sum() + y2[hi:].sum())
+    return out
 
 
 class _MpResidual:
@@ -641,11 +650,11 @@ class _MpResidual:
         if b < self.peak or b > self.xmax or a > self.peak:
             return self.penalty
         lo = int(np.searchsorted(self.xg, a, side="left"))
+        lo += int(lo < self.xg.size and self.xg[lo] == 0.0)  # density 0 there (a = 0)
         hi = int(np.searchsorted(self.xg, b, side="right"))
         x, y = self.xg[lo:hi], self.yg[lo:hi]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            model = np.sqrt((b - x) * (x - a)) / (2.0 * math.pi * s2 * x / self.q)
-        model = np.nan_to_num(model, nan=0.0, posinf=0.0, neginf=0.0)
+        # a <= x <= b: both factors >= 0 in floating point, x > 0
+        model = np.sqrt((b - x) * (x - a)) / (2.0 * math.pi * s2 * x / self.q)
         outside = self.y2[lo] + (self.y2[-1] - self.y2[hi])
         return float(np.sum((model - y) ** 2) + outside)
 
