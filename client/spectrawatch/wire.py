@@ -104,6 +104,17 @@ class FrameHeader:
         return [t.name for t in self.tensors]
 
 
+# str(torch dtype) -> safetensors dtype code (torch is imported lazily here)
+_TORCH_DTYPES: dict[str, str] = {
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.float32": "F32",
+    "torch.float64": "F64",
+    "torch.int32": "I32",
+    "torch.int64": "I64",
+}
+
+
 def encode_frame(
     kind: FrameKind | str,
     step: int,
@@ -111,8 +122,14 @@ def encode_frame(
     tensors: Mapping[str, torch.Tensor],
     info: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """Pack ``tensors`` (moved to CPU, made contiguous) and metadata into safetensors bytes."""
-    from safetensors.torch import save
+    """Pack ``tensors`` (moved to CPU) and metadata into safetensors bytes.
+
+    Written directly in the safetensors layout (8-byte little-endian header length, the JSON
+    header padded with spaces to 8 bytes, the tensors' bytes back to back in the header's order),
+    which ``safetensors.torch.load`` reads. Unlike ``safetensors.torch.save`` it takes views that
+    share storage (a frame's rows are views of one host copy) and costs one copy of the data.
+    """
+    import torch
 
     metadata = {
         "spectrawatch": WIRE_VERSION,
@@ -121,8 +138,41 @@ def encode_frame(
         "seq": str(int(seq)),
         "info": json.dumps(dict(info or {}), separators=(",", ":")),
     }
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    return save(cpu, metadata=metadata)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    # runs of tensors whose bytes lie back to back in one storage (a frame's rows, views of one
+    # host copy) are copied as one block: [storage tensor, byte offset, byte count]
+    runs: list[list[Any]] = []
+    end = 0
+    for name, t in tensors.items():
+        x = t.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        code = _TORCH_DTYPES.get(str(x.dtype))
+        if code is None:
+            raise TypeError(f"tensor {name!r}: dtype {x.dtype} cannot travel in a frame")
+        size = x.element_size()
+        n = x.numel() * size
+        header[name] = {"dtype": code, "shape": list(x.shape), "data_offsets": [end, end + n]}
+        end += n
+        if not n:
+            continue
+        if not x.is_contiguous():
+            x = x.contiguous()
+        storage = x.untyped_storage()
+        offset = x.storage_offset() * size
+        last = runs[-1] if runs else None
+        if last is not None and last[0] is storage and last[1] + last[2] == offset:
+            last[2] += n
+        else:
+            runs.append([storage, offset, n])
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    # bytes in native (little-endian) order, as safetensors stores them; one copy, by join
+    blocks = [
+        torch.empty(0, dtype=torch.uint8).set_(storage)[offset : offset + n].numpy().data
+        for storage, offset, n in runs
+    ]
+    return b"".join([struct.pack("<Q", len(head)), head, *blocks])
 
 
 def compress(data: bytes, level: int = 3) -> bytes:

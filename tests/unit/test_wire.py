@@ -50,6 +50,44 @@ def test_roundtrip_keeps_values_dtypes_and_metadata() -> None:
     assert torch.equal(tensors["b"], h)
 
 
+def test_encoding_is_safetensors_for_every_dtype_and_layout() -> None:
+    """The hand-written layout loads with safetensors itself: all travelling dtypes, 0-d and
+    empty tensors, strided ones, views sharing one storage in order, out of order, repeated."""
+    from safetensors.torch import load
+
+    base = torch.randn(6, 5)
+    tensors = {
+        "f64": torch.randn(3, 2, dtype=torch.float64),
+        "bf16": torch.randn(2, 3).to(torch.bfloat16),
+        "f16": torch.randn(4).half(),
+        "i64": torch.arange(7),
+        "i32": torch.arange(3, dtype=torch.int32),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.randn(4, 6).t(),
+        "row2": base[2],
+        "row3": base[3],  # continues row2's bytes: one block
+        "row1": base[1],  # behind it: a new block
+        "row1_again": base[1],
+        "column": base[:, 4],
+    }
+    data = encode_frame("activations", 1, 2, tensors)
+    (n,) = struct.unpack("<Q", data[:8])
+    assert n % 8 == 0  # header padded as safetensors pads it
+    loaded = load(data)
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype
+        assert torch.equal(loaded[name], t), name
+    header = json.loads(data[8 : 8 + n])
+    assert header["__metadata__"]["kind"] == "activations"
+
+
+def test_encoding_refuses_dtypes_that_cannot_travel() -> None:
+    with pytest.raises(TypeError, match="uint8"):
+        encode_frame("weights", 1, 0, {"w": torch.zeros(2, 2, dtype=torch.uint8)})
+
+
 def test_zstd_roundtrip_and_decompression_cap() -> None:
     data = weights_frame(w=torch.zeros(256, 256))
     packed = compress(data)
