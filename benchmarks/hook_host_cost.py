@@ -76,11 +76,14 @@ def main() -> None:
     wall = (time.perf_counter() - t) / args.steps * 1e3
     backend = getattr(cap._fused, "backend", None)
     what = "sketch faked" if device.type == "cpu" else f"real sketch: {backend}"
-    graphed = cap._graphed
-    graph = f"{graphed.captures} CUDA graph capture(s)" if graphed.enabled else "no CUDA graph"
+    graphed = getattr(cap, "_graphed", None)  # None: a client from before session 18
+    graph = "no CUDA graph"
+    if graphed is not None and graphed.enabled:
+        graph = f"{graphed.captures} CUDA graph capture(s)"
+    if graphed is not None and graphed.error:
+        graph += f"; capture failed: {graphed.error}"
     print(
-        f"{rows} tensors: {per_step:.2f} ms of host time per step in the hooks ({what}, {graph}"
-        f"{'; capture failed: ' + graphed.error if graphed.error else ''}); "
+        f"{rows} tensors: {per_step:.2f} ms of host time per step in the hooks ({what}, {graph}); "
         f"{wall:.2f} ms per step until the device finished"
     )
     profile = cProfile.Profile()
