@@ -17,6 +17,7 @@ On the weights of ``htsr_gpu.py`` (49 matrices, all with 768 x 768 Grams), each 
    FARMS ESDs.
 
     PYTHONPATH=client python benchmarks/htsr_breakdown.py --device cuda
+    PYTHONPATH=client python benchmarks/htsr_breakdown.py --device cpu --fits-only
 """
 
 from __future__ import annotations
@@ -61,32 +62,14 @@ def best(fn: Callable[[], Any], repeat: int, device: torch.device) -> float:
     return min(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=16)
-    ap.add_argument("--blocks", type=int, default=12)
-    ap.add_argument("--all-solvers", action="store_true", help="also MAGMA and the host's LAPACK")
-    args = ap.parse_args()
-    dev = torch.device(args.device)
-    weights = {k: v.to(dev) for k, v in gpt2_weights(args.blocks, embeddings=True).items()}
-    mats = [weight_matrices(w) for w in weights.values()]
-    mats = [m for m in mats if max(m.n_rows, m.n_cols) <= 50_000]  # wte: outside the filter
-    flat = [m.matrices[0] for m in mats]
+def solvers(
+    flat: list[torch.Tensor],
+    add: Callable[[str, Callable[[], Any]], None],
+    dev: torch.device,
+    args: argparse.Namespace,
+) -> None:
+    """Parts 1 and 2: the ESDs of all layers, and the Grams' ``eigvalsh`` by solver."""
     f64 = torch.float64
-    print(f"{len(flat)} matrices on {dev}; repeat {args.repeat}; pool of {args.threads} threads")
-    rows: list[tuple[str, float]] = []
-
-    def add(label: str, fn: Callable[[], Any]) -> None:
-        try:
-            rows.append((label, best(fn, args.repeat, dev)))
-        except Exception as exc:  # one failing variant must not hide the others
-            print(f"{label}: failed: {type(exc).__name__}: {exc}")
-            return
-        print(f"| {label} | {rows[-1][1] * 1e3:.1f} |", flush=True)
-
-    print("| part | ms |\n|---|---|")
     add("ESDs: eigenvalues() of all (Grams + eigvalsh)", lambda: eigenvalues(flat, dtype=f64))
     grams = torch.stack([gram(m.to(f64)) for m in flat])
     add("  Grams alone", lambda: [gram(m.to(f64)) for m in flat])
@@ -111,6 +94,37 @@ def main() -> None:
                 f"  eigvalsh, host numpy, {args.threads} threads (copies excluded)",
                 lambda: list(pool.map(np.linalg.eigvalsh, host)),
             )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=12)
+    ap.add_argument("--all-solvers", action="store_true", help="also MAGMA and the host's LAPACK")
+    ap.add_argument("--fits-only", action="store_true", help="only part 3 (e.g. on a CPU)")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    weights = {k: v.to(dev) for k, v in gpt2_weights(args.blocks, embeddings=True).items()}
+    mats = [weight_matrices(w) for w in weights.values()]
+    mats = [m for m in mats if max(m.n_rows, m.n_cols) <= 50_000]  # wte: outside the filter
+    flat = [m.matrices[0] for m in mats]
+    f64 = torch.float64
+    print(f"{len(flat)} matrices on {dev}; repeat {args.repeat}; pool of {args.threads} threads")
+    rows: list[tuple[str, float]] = []
+
+    def add(label: str, fn: Callable[[], Any]) -> None:
+        try:
+            rows.append((label, best(fn, args.repeat, dev)))
+        except Exception as exc:  # one failing variant must not hide the others
+            print(f"{label}: failed: {type(exc).__name__}: {exc}")
+            return
+        print(f"| {label} | {rows[-1][1] * 1e3:.1f} |", flush=True)
+
+    print("| part | ms |\n|---|---|")
+    if not args.fits_only:
+        solvers(flat, add, dev, args)
     esds = [torch.sort(e).values for e in eigenvalues(flat, dtype=f64)]
     esds_host = [e.cpu() for e in esds]
     shape = [(m.n_rows, m.n_cols) for m in mats]
@@ -134,6 +148,8 @@ def main() -> None:
                     )
                 ),
             )
+    if args.fits_only:
+        return
     windows = [w for m in mats for w in farms_windows(m, FARMS_CV)]
     add(f"FARMS: eigenvalues() of {len(windows)} windows", lambda: eigenvalues(windows, dtype=f64))
     if windows:
