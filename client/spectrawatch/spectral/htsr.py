@@ -581,47 +581,15 @@ def marchenko_pastur_density(x: torch.Tensor, q: float, sigma: torch.Tensor) -> 
     return torch.nan_to_num(val, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _mp_objective(sigmas: np.ndarray, xg: np.ndarray, yg: np.ndarray, q: float) -> np.ndarray:
-    """WeightWatcher's ``resid_mp`` summed squared residual for each sigma: ``(S,)``.
+class _MpObjective:
+    """WeightWatcher's ``resid_mp``: the summed squared residual between the MP density of sigma
+    (the quarter-circle law for Q = 1) and the KDE ``yg`` on the sorted host grid ``xg``, for a
+    grid of sigmas (:meth:`grid`) or one (a call: the Nelder-Mead polish).
 
-    On sorted host arrays. Penalised sigmas (bulk edge below the density's peak or past the
-    grid) are not evaluated, and the others only on the grid points between the lowest bulk
-    start and the highest bulk end: the density is 0 outside the bulk, so the points there add
-    ``sum y^2``.
-    """
-    if q == 1.0:
-        # quarter_circle_fun: sigma only scales the height (WeightWatcher's definition), so
-        # sum((c / s^2 - y)^2) is a quadratic in 1 / s^2
-        c = np.sqrt(np.maximum(4.0 - xg**2, 0.0)) / math.pi
-        k = 1.0 / sigmas**2
-        return k * k * float(c @ c) - 2.0 * k * float(c @ yg) + float(yg @ yg)
-    b = (sigmas * (1.0 + math.sqrt(1.0 / q))) ** 2
-    a = (sigmas * (1.0 - math.sqrt(1.0 / q))) ** 2
-    peak = xg[int(np.argmax(yg))]
-    good = ~((b < peak) | (b > xg.max()) | (a > peak))
-    out = np.full(sigmas.shape, _MP_PENALTY**2 * yg.size)
-    if not good.any():
-        return out
-    lo = int(np.searchsorted(xg, a[good].min(), side="left"))
-    lo += int(lo < xg.size and xg[lo] == 0.0)  # the density is 0 there (0 / 0 below)
-    hi = int(np.searchsorted(xg, b[good].max(), side="right"))
-    x, y = xg[lo:hi], yg[lo:hi]
-    s, ag, bg = sigmas[good, None], a[good, None], b[good, None]
-    # (b - x)(x - a) < 0 off the bulk: density 0 there (WeightWatcher's nan_to_num of a nan)
-    model = np.sqrt(np.maximum((bg - x) * (x - ag), 0.0)) / (2.0 * math.pi * s**2 * x / q)
-    y2 = yg * yg
-    out[good] = ((model - y) ** 2).sum(axis=1) + (y2[:lo].sum() + y2[hi:].sum())
-    return out
-
-
-class _MpResidual:
-    """:func:`_mp_objective` for one sigma on host arrays, for the sequential Nelder-Mead polish
-    (where per-call tensor overhead would dominate).
-
-    The same sum as WeightWatcher's ``resid_mp``, arranged so that a call costs little: the model
-    density is 0 outside the bulk ``[a, b]``, so the points there contribute ``sum y^2`` (prefix
-    sums, the grid being sorted); for Q = 1 the quarter-circle law is ``c(x) / sigma^2``, so the
-    residual is a quadratic in ``1 / sigma^2`` with precomputed coefficients.
+    Arranged so that an evaluation costs little: the density is 0 outside the bulk ``[a, b]``, so
+    the points there add ``sum y^2`` (prefix sums), and penalised sigmas (bulk edge below the
+    KDE's peak or past the grid, or bulk start past the peak) are not evaluated; for Q = 1 the
+    law is ``c(x) / sigma^2``, so the residual is a quadratic in ``1 / sigma^2``.
     """
 
     def __init__(self, xg: np.ndarray, yg: np.ndarray, q: float) -> None:
@@ -629,13 +597,37 @@ class _MpResidual:
         self.peak = float(xg[int(np.argmax(yg))])
         self.xmax = float(xg.max())
         self.penalty = float(_MP_PENALTY**2 * yg.size)
-        self.y2 = np.concatenate([[0.0], np.cumsum(yg * yg)])
-        self.q_inv_root = math.sqrt(1.0 / q)
-        if q == 1.0:
-            inside = xg <= 2.0  # sqrt(4 - x^2) is real (the grid starts at 0)
-            c = np.sqrt(4.0 - xg[inside] ** 2) / math.pi
-            y = yg[inside]
-            self.quad = (float(c @ c), float(c @ y), float(self.y2[-1]))
+        self.y2 = np.concatenate([[0.0], np.cumsum(yg * yg)])  # prefix sums of y^2
+        self.r = math.sqrt(1.0 / q)
+        c = np.sqrt(np.maximum(4.0 - xg**2, 0.0)) / math.pi  # quarter circle (Q = 1) at s = 1
+        self.quad = (float(c @ c), float(c @ yg), float(self.y2[-1]))
+
+    def _band(self, a: float, b: float) -> tuple[int, int]:
+        """The grid points in ``[a, b]``, less a point at 0 (density 0 there: 0 / 0 below)."""
+        lo = int(np.searchsorted(self.xg, a, side="left"))
+        lo += int(lo < self.xg.size and self.xg[lo] == 0.0)
+        return lo, int(np.searchsorted(self.xg, b, side="right"))
+
+    def grid(self, sigmas: np.ndarray) -> np.ndarray:
+        """The residual for each of ``sigmas``: ``(S,)``."""
+        if self.q == 1.0:
+            cc, cy, yy = self.quad
+            k = 1.0 / sigmas**2
+            return k * k * cc - 2.0 * k * cy + yy
+        b = (sigmas * (1.0 + self.r)) ** 2
+        a = (sigmas * (1.0 - self.r)) ** 2
+        good = ~((b < self.peak) | (b > self.xmax) | (a > self.peak))
+        out = np.full(sigmas.shape, self.penalty)
+        if not good.any():
+            return out
+        lo, hi = self._band(a[good].min(), b[good].max())
+        x, y = self.xg[lo:hi], self.yg[lo:hi]
+        s, ag, bg = sigmas[good, None], a[good, None], b[good, None]
+        # (b - x)(x - a) < 0 off each bulk: density 0 there (WeightWatcher's nan_to_num of nan)
+        model = np.sqrt(np.maximum((bg - x) * (x - ag), 0.0)) / (2.0 * math.pi * s**2 * x / self.q)
+        outside = self.y2[lo] + (self.y2[-1] - self.y2[hi])
+        out[good] = ((model - y) ** 2).sum(axis=1) + outside
+        return out
 
     def __call__(self, sigma: float) -> float:
         s2 = sigma * sigma
@@ -645,18 +637,15 @@ class _MpResidual:
                 return yy if cc == 0.0 else math.inf
             k = 1.0 / s2
             return k * k * cc - 2.0 * k * cy + yy
-        b = (sigma * (1.0 + self.q_inv_root)) ** 2
-        a = (sigma * (1.0 - self.q_inv_root)) ** 2
+        b = (sigma * (1.0 + self.r)) ** 2
+        a = (sigma * (1.0 - self.r)) ** 2
         if b < self.peak or b > self.xmax or a > self.peak:
             return self.penalty
-        lo = int(np.searchsorted(self.xg, a, side="left"))
-        lo += int(lo < self.xg.size and self.xg[lo] == 0.0)  # density 0 there (a = 0)
-        hi = int(np.searchsorted(self.xg, b, side="right"))
+        lo, hi = self._band(a, b)
         x, y = self.xg[lo:hi], self.yg[lo:hi]
         # a <= x <= b: both factors >= 0 in floating point, x > 0
         model = np.sqrt((b - x) * (x - a)) / (2.0 * math.pi * s2 * x / self.q)
-        outside = self.y2[lo] + (self.y2[-1] - self.y2[hi])
-        return float(np.sum((model - y) ** 2) + outside)
+        return float(np.sum((model - y) ** 2) + self.y2[lo] + (self.y2[-1] - self.y2[hi]))
 
 
 def _nelder_mead_1d(fun: Any, x0: float, *, xatol: float = 1e-4, fatol: float = 1e-4) -> float:
@@ -739,8 +728,9 @@ def fit_marchenko_pastur(evals: torch.Tensor, n_rows: int, n_cols: int) -> March
     start, stop, step = 0.05 * sigma0, 2.0 * sigma0, 0.01 * sigma0
     count = math.ceil((stop - start) / step)  # as numpy.mgrid[start:stop:step]
     sigmas = np.arange(count, dtype=np.float64) * step + start
-    best = float(sigmas[int(np.argmin(_mp_objective(sigmas, xg, yg, q)))])
-    sigma = _nelder_mead_1d(_MpResidual(xg, yg, q), best)  # the polish is scalar
+    objective = _MpObjective(xg, yg, q)
+    best = float(sigmas[int(np.argmin(objective.grid(sigmas)))])
+    sigma = _nelder_mead_1d(objective, best)  # the polish is scalar
     bulk_max = (sigma * (1.0 + 1.0 / math.sqrt(q))) ** 2
     bulk_min = (sigma * (1.0 - 1.0 / math.sqrt(q))) ** 2
     tw = 1.0 / math.sqrt(q) * bulk_max ** (2.0 / 3.0) * n_cols ** (-2.0 / 3.0)
