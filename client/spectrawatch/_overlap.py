@@ -144,8 +144,8 @@ class GraphedSketch:
         self.enabled = enabled
         self.error: str | None = None
         self.captures = 0
-        self._seen: tuple[int, ...] | None = None
-        self._key: tuple[int, ...] | None = None
+        self._seen: tuple[object, ...] | None = None
+        self._key: tuple[object, ...] | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._out: torch.Tensor | None = None
 
@@ -156,7 +156,8 @@ class GraphedSketch:
         None where this step must sketch eagerly."""
         if not self.enabled or not params or params[0].device.type != "cuda":
             return None
-        key = (id(sketch), *map(torch.Tensor.data_ptr, params))
+        # the sketcher itself, not its id(): a new one (new layout) could reuse a freed one's id
+        key = (sketch, *map(torch.Tensor.data_ptr, params))
         if self._graph is None or key != self._key:
             if key != self._seen:  # a new layout: eager once, capture on the next step
                 self._seen, self._graph, self._out = key, None, None
