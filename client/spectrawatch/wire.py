@@ -160,9 +160,9 @@ def encode_frame(
             x = x.contiguous()
         storage = x.untyped_storage()
         offset = x.storage_offset() * size
-        last = runs[-1] if runs else None
-        if last is not None and last[0] is storage and last[1] + last[2] == offset:
-            last[2] += n
+        # same storage (by address: older torch made a new wrapper per call), next offset
+        if runs and runs[-1][0].data_ptr() == storage.data_ptr() and sum(runs[-1][1:]) == offset:
+            runs[-1][2] += n
         else:
             runs.append([storage, offset, n])
     head = json.dumps(header, separators=(",", ":")).encode()
