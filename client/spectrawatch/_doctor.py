@@ -41,7 +41,12 @@ def _sketch_backend(device: Any) -> Check:
     from spectrawatch import _sketch_triton
 
     if _sketch_triton.available(device):
-        return Check("sketch", "ok", "update sketches on CUDA use the Triton kernel")
+        try:
+            graph = ClientSettings.from_env().sketch_graph
+        except Exception:  # an unreadable setting is reported by the settings check
+            graph = True
+        how = "replayed from a CUDA graph" if graph else "launched each step (sketch_graph off)"
+        return Check("sketch", "ok", f"update sketches on CUDA use the Triton kernel, {how}")
     reason = (
         "SPECTRAWATCH_TRITON=0"
         if not _sketch_triton.enabled()

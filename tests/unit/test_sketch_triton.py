@@ -214,7 +214,11 @@ def test_doctor_says_which_kernel_sketches_on_cuda(monkeypatch: pytest.MonkeyPat
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(_sketch_triton, "_kernels", lambda: object())
-    assert _sketch_backend(cuda).status == "ok"
+    check = _sketch_backend(cuda)
+    assert (check.status, "CUDA graph" in check.detail) == ("ok", True)
+    monkeypatch.setenv("SPECTRAWATCH_SKETCH_GRAPH", "0")
+    assert "sketch_graph off" in _sketch_backend(cuda).detail
+    monkeypatch.delenv("SPECTRAWATCH_SKETCH_GRAPH")
     monkeypatch.setattr(_sketch_triton, "_kernels", lambda: None)
     check = _sketch_backend(cuda)
     assert (check.status, "pip install triton" in check.detail) == ("warn", True)
