@@ -27,6 +27,10 @@ between-process spread of a step's time (bf16 on an H200: 0.021-0.028 s for the 
 condition), which comparing one process per condition cannot. Periodic weight and activation
 captures are off in the blocks (their one-off cost is timed and amortised as above); each
 re-attached block's first row spans the detached block (timing only: the server is a mock).
+The same pairs are also compared by the training thread's CPU time per step: where the step is
+host-bound (bf16 autocast on a fast GPU: the thread launches, the GPU waits) that is the step's
+cost without the time the thread was not scheduled, the noise of a shared machine. On a CPU the
+sketch runs on a pool of threads, so there it says little.
 
     PYTHONPATH=client .venv/bin/python benchmarks/client_overhead.py --paired 6 --steps 20 \
         --device cuda --amp bf16 --batch 8 --seq 256
@@ -394,23 +398,27 @@ def run_paired(
                 opt.register_step_post_hook(post_hook),
             ]
 
-    def block(n: int, first: int) -> float:
+    def block(n: int, first: int) -> tuple[float, float]:
+        """Wall and training-thread CPU seconds per step (CPU time leaves out the time the
+        thread was not scheduled: on a shared host-bound machine, the steadier of the two)."""
         sync(dev)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         for i in range(n):
             x = data[(first + i) % len(data)]
             train_step(model, opt, x, amp)
         sync(dev)
-        return (time.perf_counter() - t) / n
+        return (time.perf_counter() - t) / n, (time.thread_time() - c) / n
 
     hooks(True)
     block(warmup, 0)
-    on_times, off_times = [], []
+    on_times, off_times, on_cpu, off_cpu = [], [], [], []
     hook_cpu[:] = [0.0, 0.0]
     for k in range(pairs):
         for on in (True, False) if k % 2 == 0 else (False, True):
             hooks(on)
-            (on_times if on else off_times).append(block(steps, k))
+            wall, cpu = block(steps, k)
+            (on_times if on else off_times).append(wall)
+            (on_cpu if on else off_cpu).append(cpu)
     hooks(False)
     stats = m.stats.snapshot()
     m.wait_idle(600)
@@ -418,6 +426,8 @@ def run_paired(
     return {
         "on": on_times,
         "off": off_times,
+        "on_cpu": on_cpu,
+        "off_cpu": off_cpu,
         "client_stats": stats,
         "update_every": cap.update_every,
         "hook_cpu_per_step": hook_cpu[0] / (pairs * steps),
@@ -440,9 +450,16 @@ def report_paired(results: list[dict[str, Any]]) -> None:
                 f"median unmonitored step ({1e3 * r['hook_cpu_per_step']:.2f} ms "
                 f"training-thread CPU = {100 * r['hook_cpu_per_step'] / off:.2f} %)"
             )
+    _print_ratios(f"paired overhead over {len(ratios)} pairs", ratios)
+    if all("on_cpu" in r for r in results):
+        cpu = [a / b - 1 for r in results for a, b in zip(r["on_cpu"], r["off_cpu"], strict=True)]
+        _print_ratios("paired training-thread CPU time per step", cpu)
+
+
+def _print_ratios(label: str, ratios: list[float]) -> None:
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     print(
-        f"paired overhead over {len(ratios)} pairs: median {100 * statistics.median(ratios):+.2f} %"
+        f"{label}: median {100 * statistics.median(ratios):+.2f} %"
         f", quartiles {100 * q[0]:+.2f} / {100 * q[2]:+.2f} %, "
         f"min {100 * min(ratios):+.2f} %, max {100 * max(ratios):+.2f} %"
     )
