@@ -59,6 +59,10 @@ if [[ -n "$best" ]]; then export $best; echo "== using $best" | tee -a "$LOG"; f
 # bf16 step (0.021-0.028 s on an H200) left session 10's one-process-per-condition runs unsettled
 part client_paired_bf16 120 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 \
   --batch 8 --seq 256 --paired 8 --steps 30 --warmup 10 --reps 2 --threads 4
+# the same with the sketch launched eagerly each step (no CUDA graph): what the graph saves
+part client_paired_bf16_eager 120 env SPECTRAWATCH_SKETCH_GRAPH=0 "$PY" \
+  benchmarks/client_overhead.py --device cuda --amp bf16 --batch 8 --seq 256 --paired 8 \
+  --steps 30 --warmup 10 --reps 2 --threads 4
 part client_paired 120 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
   --paired 8 --steps 20 --warmup 10 --reps 2 --threads 4
 # bf16 with overhead_budget=0.01: the cadence the CUDA-event timing picks, and its paired cost
@@ -66,6 +70,8 @@ part client_budget_bf16 120 "$PY" benchmarks/client_overhead.py --device cuda --
   --batch 8 --seq 256 --paired 4 --steps 40 --warmup 15 --reps 2 --threads 4 --budget 0.01
 # where the hooks' 1.9-2.2 ms of host time per step go with the real (Triton) sketch
 part hook_host 60 "$PY" benchmarks/hook_host_cost.py --device cuda --steps 100
+part hook_host_eager 60 env SPECTRAWATCH_SKETCH_GRAPH=0 "$PY" benchmarks/hook_host_cost.py \
+  --device cuda --steps 100
 # the side-stream sketch overlaps the next step only where steps are not synchronised one by one
 part client_block 90 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
   --steps 60 --warmup 5 --reps 2 --threads 4 --block --conditions none,spectrawatch
