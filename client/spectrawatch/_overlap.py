@@ -136,9 +136,8 @@ class GraphedSketch:
     ones replay. Optimizers update parameters in place, so the key stays; a parameter replaced
     or moved (``.data = ...``, ``model.to()``) changes it and the graph is captured anew. The
     capture itself synchronises the device and empties torch's cache of free GPU memory, once
-(``torch.cuda.graph``). A capture that fails
-    turns graphs off for the run (:attr:`error` says why) and the call returns None: the eager
-    path is the same sketch.
+    (``torch.cuda.graph``). A capture that fails turns graphs off for the run (:attr:`error`
+    says why) and the call returns None: the eager path is the same sketch.
     """
 
     def __init__(self, enabled: bool) -> None:
