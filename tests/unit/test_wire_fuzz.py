@@ -69,3 +69,51 @@ def test_random_bytes_only_raise_frame_errors(body: bytes) -> None:
     except FrameError as exc:  # the only exception allowed
         code = exc.code
     assert code
+
+
+_TORCH_DTYPES = st.sampled_from(["float16", "bfloat16", "float32", "float64", "int32", "int64"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    specs=st.lists(
+        st.tuples(
+            _TORCH_DTYPES,
+            st.lists(st.integers(0, 5), max_size=3),  # shape
+            st.sampled_from(["own", "view", "transposed"]),
+            st.integers(0, 3),  # which row of the shared base a view takes
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    names=st.lists(st.text(min_size=1, max_size=6), min_size=8, max_size=8, unique=True),
+)
+def test_encoded_frames_load_with_safetensors_as_given(
+    specs: list[tuple[str, list[int], str, int]], names: list[str]
+) -> None:
+    """``encode_frame`` against ``safetensors.torch.load``: any mix of dtypes, shapes (0-d,
+    empty), strided tensors and views of one shared storage loads back equal."""
+    import torch
+    from safetensors.torch import load
+
+    from spectrawatch.wire import encode_frame
+
+    bases: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (dtype_name, shape, layout, row) in zip(names, specs, strict=False):
+        dtype = getattr(torch, dtype_name)
+        if layout == "view":  # rows of one base per dtype: adjacent, repeated or out of order
+            base = bases.setdefault(dtype_name, (torch.arange(20) * 3 - 7).to(dtype).view(4, 5))
+            t = base[row]
+        else:
+            t = (torch.arange(max(1, torch.Size(shape).numel())) % 11 - 5).to(dtype)
+            t = t[: torch.Size(shape).numel()].reshape(shape)
+            if layout == "transposed" and t.dim() >= 2:
+                t = t.transpose(0, 1)
+        tensors[name] = t
+    loaded = load(encode_frame("activations", 3, 4, tensors))
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype
+        assert loaded[name].shape == t.shape
+        assert torch.equal(loaded[name], t)
