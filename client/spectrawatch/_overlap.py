@@ -136,8 +136,9 @@ class GraphedSketch:
     ones replay. Optimizers update parameters in place, so the key stays; a parameter replaced
     or moved (``.data = ...``, ``model.to()``) changes it and the graph is captured anew. The
     capture itself synchronises the device and empties torch's cache of free GPU memory, once
-    (``torch.cuda.graph``). A capture that fails turns graphs off for the run (:attr:`error`
-    says why) and the call returns None: the eager path is the same sketch.
+    (``torch.cuda.graph``). A model with a non-contiguous parameter is never captured. A
+    capture that fails turns graphs off for the run (:attr:`error` says why) and the call
+    returns None: the eager path is the same sketch.
     """
 
     def __init__(self, enabled: bool) -> None:
@@ -161,6 +162,11 @@ class GraphedSketch:
         if self._graph is None or key != self._key:
             if key != self._seen:  # a new layout: eager once, capture on the next step
                 self._seen, self._graph, self._out = key, None, None
+                return None
+            if not all(map(torch.Tensor.is_contiguous, params)):
+                # the Triton sketch copies such a parameter and re-plans its launches (a copy
+                # from host memory) on every call: nothing a graph could replay
+                self.enabled = False
                 return None
             try:
                 self._capture(sketch, params)

@@ -724,6 +724,30 @@ def test_cuda_graphed_sketch_sends_the_rows_of_the_eager_one(swap_at: int) -> No
                 torch.testing.assert_close(t, fb.tensors[k], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.gpu
+def test_cuda_model_with_a_strided_parameter_is_sketched_eagerly() -> None:
+    """A non-contiguous parameter is copied and its launch re-planned on every call: never
+    captured (the graph would replay a copy from host memory)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 256), nn.Tanh(), nn.Linear(256, 256)).cuda()
+    model[2].weight = nn.Parameter(torch.randn(256, 256, device="cuda").t())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sink = Sink()
+    cap, stats = make_capture(model, opt, sink)
+    assert cap.wait_index(30)
+    for _ in range(6):
+        model(torch.randn(16, 6, device="cuda")).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    cap.finish()
+    assert stats.get("errors") == 0
+    assert cap._graphed.captures == 0
+    assert not cap._graphed.enabled
+    assert cap._graphed.error is None
+    steps = [s for f in sink.of(wire.FrameKind.UPDATE_SKETCH) for s in f.info["steps"]]
+    assert steps == list(range(1, 7))
+
+
 def test_graphed_sketch_is_off_the_gpu_and_when_disabled() -> None:
     from spectrawatch._overlap import GraphedSketch
 
