@@ -160,7 +160,7 @@ def encode_frame(
             x = x.contiguous()
         storage = x.untyped_storage()
         offset = x.storage_offset() * size
-        # same storage (by address: older torch made a new wrapper per call), next offset
+        # same storage (by address: torch need not reuse the wrapper object), next offset
         if runs and runs[-1][0].data_ptr() == storage.data_ptr() and sum(runs[-1][1:]) == offset:
             runs[-1][2] += n
         else:
