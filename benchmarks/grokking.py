@@ -750,16 +750,21 @@ def mirror_mask(spec: dict[str, Any]) -> np.ndarray:
     For a commutative operation (a+b, a²+b², a²+ab+b²) a model that has learnt the symmetry
     answers these from its memorised training set alone (found in session 17: the full-batch
     a+b runs sat at val_acc 0.46-0.49, 92-98 % on mirrored inputs and 0.0-0.6 % on the rest)."""
-    x_tr, _, x_va, _ = make_data(spec["p"], spec["frac"], spec["seed"], OPS[spec["op"]])
+    return _mirror(spec)[0]
+
+
+def _mirror(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mirror_mask` and the held-out labels, from one rebuild of the run's split."""
+    x_tr, _, x_va, y_va = make_data(spec["p"], spec["frac"], spec["seed"], OPS[spec["op"]])
     seen = set(map(tuple, x_tr[:, :2].tolist()))
-    return np.array([(b, a) in seen for a, b in x_va[:, :2].tolist()], dtype=bool)
+    mask = np.array([(b, a) in seen for a, b in x_va[:, :2].tolist()], dtype=bool)
+    return mask, y_va.numpy()
 
 
 def off_mirror_accuracy(spec: dict[str, Any], predictions: np.ndarray) -> float:
     """Accuracy of held-out ``predictions`` on the inputs whose mirror is not a training pair."""
-    _, _, _, y_va = make_data(spec["p"], spec["frac"], spec["seed"], OPS[spec["op"]])
-    off = ~mirror_mask(spec)
-    return float((predictions[off] == y_va.numpy()[off]).mean())
+    mask, y_va = _mirror(spec)
+    return float((predictions[~mask] == y_va[~mask]).mean())
 
 
 def score_run(z: Any, cfg: gk.DetectorConfig, per_step: bool = True) -> dict[str, Any]:
