@@ -51,6 +51,7 @@ def main() -> None:
     class Allocating:  # a GPU sketch as the host sees it: a result tensor, no arithmetic
         backend = "fake"
         device = torch.device("cpu")
+        triton = None  # as a CountSketcher without the Triton kernel
 
         def __call__(self, xs: list[torch.Tensor]) -> torch.Tensor:
             return torch.zeros(rows, cap.spec.dim, dtype=torch.float64)

@@ -574,8 +574,8 @@ class Capture:
             if not self.sharded:
                 with self._stream.use(device):
                     events = self._cuda_events(device)
-                    graphable = device.type == "cuda" and fused.triton is not None
-                    out = self._graphed(fused, locals_) if graphable else None
+                    # the graph replays the Triton launches (it returns None off CUDA)
+                    out = self._graphed(fused, locals_) if fused.triton is not None else None
                     if out is None:
                         mat = fused(locals_)
                         out = torch.cat([mat, mat.sum(0, keepdim=True)])
