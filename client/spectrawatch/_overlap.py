@@ -29,12 +29,15 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import torch
 
 from spectrawatch._sender import FrameItem
 from spectrawatch.spectral.eigen import record_event
+
+_VERSION = attrgetter("_version")
 
 
 class SketchStream:
@@ -66,7 +69,7 @@ class SketchStream:
         self._done = record_event(self._streams[device])
         self._device = device
         self._params = list(params)
-        self._versions = [p._version for p in self._params]
+        self._versions = list(map(_VERSION, self._params))
 
     def join(self) -> bool:
         """Make the training stream wait for the last sketch before it writes the parameters.
@@ -79,7 +82,7 @@ class SketchStream:
             return False
         torch.cuda.current_stream(device).wait_event(done)
         self._done = None
-        written = any(p._version != v for p, v in zip(self._params, self._versions, strict=True))
+        written = list(map(_VERSION, self._params)) != self._versions
         self._params, self._versions = [], []
         if written:  # from now on the rows made on the side stream are used on this one
             torch.cuda.current_stream(device).wait_stream(self._streams[device])
@@ -151,14 +154,20 @@ class GraphedSketch:
         self._out: torch.Tensor | None = None
 
     def __call__(
-        self, sketch: Callable[[list[torch.Tensor]], torch.Tensor], params: list[torch.Tensor]
+        self,
+        sketch: Callable[[list[torch.Tensor]], torch.Tensor],
+        params: list[torch.Tensor],
+        ptrs: tuple[int, ...] | None = None,
     ) -> torch.Tensor | None:
         """A fresh ``(L + 1, d)`` sketch of ``params`` from the graph, on the current stream;
-        None where this step must sketch eagerly."""
+        None where this step must sketch eagerly. ``ptrs``: their ``data_ptr()``s, where the
+        caller has them already."""
         if not self.enabled or not params or params[0].device.type != "cuda":
             return None
+        if ptrs is None:
+            ptrs = tuple(map(torch.Tensor.data_ptr, params))
         # the sketcher itself, not its id(): a new one (new layout) could reuse a freed one's id
-        key = (sketch, *map(torch.Tensor.data_ptr, params))
+        key = (sketch, ptrs)
         if self._graph is None or key != self._key:
             if key != self._seen:  # a new layout: eager once, capture on the next step
                 self._seen, self._graph, self._out = key, None, None
