@@ -8,6 +8,9 @@ after 3 warm-ups; each result is compared with the float64 torch path. The floor
 all coordinates (``sum`` of one flat tensor of them).
 
     PYTHONPATH=client python benchmarks/sketch_gpu.py --device cuda
+
+With ``--device cpu`` the same table on the CPU (``--threads``: torch's intra-op threads, which
+are also the CPU sketch's pool of workers), where the default is one block per tensor piece.
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--blocks", type=int, default=12, help="transformer blocks (12 = GPT-2 small)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dim = 640
     torch.manual_seed(0)
@@ -63,8 +69,11 @@ def main() -> None:
     print(f"{len(shapes)} tensors, {sum(numels):,} coordinates, d = {dim}, device {device}")
     if device.type == "cuda":
         print(torch.cuda.get_device_name(device), "torch", torch.__version__)
+    else:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    default = "private 2^16" if device.type != "cpu" else "one block per piece"
     variants: list[tuple[str, Callable[[], Callable[..., torch.Tensor]]]] = [
-        ("torch, private 2^16 (default)", lambda: FusedCountSketch(numels, dim, device)),
+        (f"torch, {default} (default)", lambda: FusedCountSketch(numels, dim, device)),
         ("torch, private 2^14", lambda: FusedCountSketch(numels, dim, device, private=1 << 14)),
         ("torch, private 2^18", lambda: FusedCountSketch(numels, dim, device, private=1 << 18)),
     ]
