@@ -77,6 +77,19 @@ def solvers(
     if dev.type == "cuda":
         for k in (2, 4, 8, 16):
             add(f"  eigvalsh, cuSOLVER on {k} streams", lambda k=k: streams_eigvalsh(grams, k))
+    if dev.type == "cuda":  # the FARMS windows' route, tried on the whole matrices
+        groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for m in flat:
+            groups.setdefault(tuple(m.shape), []).append(m)
+        stacks = [torch.stack(g).to(f64) for g in groups.values()]
+        label = f"  squared singular values of the matrices, gesvda ({len(stacks)} stacks)"
+        add(label, lambda: [squared_svdvals(st) for st in stacks])
+        err = 0.0
+        for st in stacks:
+            exact = torch.linalg.eigvalsh(gram(st))
+            diff = (squared_svdvals(st) - exact).abs().amax(-1) / exact[:, -1]
+            err = max(err, float(diff.max()))
+        print(f"    gesvda of the matrices: max error / lambda_max {err:.1e}")
     if dev.type == "cuda" and args.all_solvers:
         try:
             torch.backends.cuda.preferred_linalg_library("magma")
