@@ -512,7 +512,8 @@ def phase_codes(
 
 def _trailing_mean(e: np.ndarray, k: int) -> np.ndarray:
     """Mean of the last ``k`` points up to each index (fewer at the start)."""
-    csum = np.cumsum(np.insert(e, 0, 0.0))
+    csum = np.zeros(len(e) + 1)  # (np.insert costs more than the sums on ~1,000 points)
+    np.cumsum(e, out=csum[1:])
     idx = np.arange(len(e))
     start = np.maximum(idx + 1 - k, 0)
     out: np.ndarray = (csum[idx + 1] - csum[start]) / (idx + 1 - start)
