@@ -293,8 +293,8 @@ class FusedCountSketch:
     budget the training itself uses; a training step is paused while its sketch runs. Same sums
     up to float rounding, and the same bits on every call with the same ``workers``. There each
     piece of a chunk adds into its own block's buckets by a 1-D ``scatter_add_`` of its slice,
-    without per-coordinate block offsets: GPT-2 small (124 M coordinates, one thread) 0.30 ->
-    0.19 s per sketch against one ``index_add_`` per chunk, the same bits
+    without per-coordinate block offsets: GPT-2 small (124 M coordinates, one thread) 0.29 ->
+    0.20 s per sketch against one ``index_add_`` per chunk, the same bits
     (``benchmarks/results/client.md``).
     """
 

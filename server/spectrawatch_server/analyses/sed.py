@@ -218,7 +218,7 @@ def _layer_result(
             continue
         gaps = past.get((_key(sed.GAP_RATIO, w, interval), layer), [])
         partial = {s for s, v in past.get((_key(sed.INCOMPLETE, w, interval), layer), []) if v}
-        # (a filter of every stored point costed ~1/4 of a GPT-2-sized frame's analysis)
+        # (filtering every stored point cost ~1/4 of a GPT-2-sized frame's analysis)
         stored = [(s, v) for s, v in gaps if s not in partial] if partial else gaps
         result.metrics.extend(_window_metrics(found, layer, w, interval, stored))
         last = found[-1]
