@@ -116,8 +116,9 @@ def analysis_cost(rows: int, repeat: int, device: torch.device) -> float:
     return _best(lambda: analysis.fn(frames[-1], context), repeat, device)
 
 
-def worker_cost(frames: int) -> tuple[float, float]:
-    """CPU ms per frame of ``Worker.process`` and of its alert hook, frames N/2..N of one run."""
+def worker_cost(frames: int, layers: int = 4) -> tuple[float, float]:
+    """CPU ms per frame of ``Worker.process`` and of its alert hook, frames N/2..N of one run
+    of ``layers`` sketch tensors per frame (149 for GPT-2 small)."""
     import tempfile
     from pathlib import Path
 
@@ -136,7 +137,7 @@ def worker_cost(frames: int) -> tuple[float, float]:
             for seq in range(frames):
                 r = client.post(
                     f"/api/v1/runs/{run}/frames",
-                    content=sketch_frame(seq),
+                    content=sketch_frame(seq, layers=layers),
                     headers={"Idempotency-Key": str(seq)},
                 )
                 assert r.status_code == 202, r.text
@@ -169,13 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--worker", type=int, default=0, help="time the real worker on N frames")
+    ap.add_argument("--layers", type=int, default=4, help="--worker: sketch tensors per frame")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:
-        total, alerts = worker_cost(args.worker)
+        total, alerts = worker_cost(args.worker, args.layers)
         print(
             f"worker: {total:.0f} ms CPU per frame, alert hook {alerts:.1f} ms "
-            f"(frames {args.worker // 2}..{args.worker} of one run, sed from {sed.__file__})"
+            f"(frames {args.worker // 2}..{args.worker} of one run, {args.layers} sketch tensors"
+            f" a frame, sed from {sed.__file__})"
         )
         return
     device = torch.device(args.device)

@@ -120,13 +120,20 @@ def _layer_rows(
     for f in frames:
         if layer in f.tensors:
             rows = f.tensors[layer]
-        elif layer == MODEL_LAYER:
-            names = sorted(n for n in f.tensors if n != MODEL_LAYER)
-            rows = torch.cat([f.tensors[n].to(torch.float64) for n in names], dim=1)
+        elif layer == MODEL_LAYER:  # a client that sent no model row: its layers' rows joined
+            joined = f.memo.get(("joined_rows", layer))
+            if not isinstance(joined, torch.Tensor):
+                names = sorted(n for n in f.tensors if n != MODEL_LAYER)
+                joined = torch.cat([f.tensors[n].to(torch.float64) for n in names], dim=1)
+                f.memo["joined_rows", layer] = joined
+            rows = joined
         else:
             continue
         rows, steps = rows.to(device), _steps(f)
-        finite = torch.isfinite(rows.to(torch.float64).square().sum(dim=1))
+        finite = f.memo.get(("finite_rows", layer))  # a frame is history for several frames
+        if not isinstance(finite, torch.Tensor):
+            finite = torch.isfinite(rows.to(torch.float64).square().sum(dim=1))
+            f.memo["finite_rows", layer] = finite
         if not bool(finite.all()):
             steps = [s for s, ok in zip(steps, finite.tolist(), strict=True) if ok]
             rows = rows[finite]

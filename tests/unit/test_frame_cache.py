@@ -1,0 +1,98 @@
+"""The worker's cache of decoded sketch frames (``FrameLoader``): hits, keys and its bound."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import torch
+
+from spectrawatch.wire import FrameKind, FrameLimits, encode_frame
+from spectrawatch_server.db.models import Frame
+from spectrawatch_server.storage.blobs import LocalBlobStore
+from spectrawatch_server.worker import FrameLoader
+
+ROWS = torch.arange(16 * 64, dtype=torch.float32).reshape(16, 64)  # 4 KiB of tensor
+
+
+def _frame(store: LocalBlobStore, frame_id: int, kind: FrameKind, scale: float = 1.0) -> Frame:
+    """A frame row (not in a database) whose blob holds ``ROWS * scale``."""
+    key = f"run/{frame_id}.st"
+    body = encode_frame(kind, 0, frame_id, {"layer": ROWS * scale}, {"steps": list(range(16))})
+    upload = store.new_upload()
+    upload.write(body)
+    store.commit_upload(upload, key)
+    created = dt.datetime(2026, 11, 28, tzinfo=dt.UTC)
+    return Frame(
+        id=frame_id, kind=kind.value, blob_key=key, bytes=len(body), created_at=created, run_id=1
+    )
+
+
+def _loader(tmp_path: Path, cache_bytes: int) -> tuple[LocalBlobStore, FrameLoader]:
+    store = LocalBlobStore(tmp_path)
+    return store, FrameLoader(store, torch.device("cpu"), FrameLimits(), 1 << 20, cache_bytes)
+
+
+def test_a_sketch_frame_is_decoded_once_and_served_from_the_cache(tmp_path: Path) -> None:
+    store, loader = _loader(tmp_path, 1 << 20)
+    frame = _frame(store, 1, FrameKind.UPDATE_SKETCH)
+    first = loader.load(frame)
+    store.delete(frame.blob_key)  # a second read of the blob would now fail
+    assert loader.load(frame) is first
+    assert loader.hits == 1
+    torch.testing.assert_close(first.tensors["layer"], ROWS, rtol=0, atol=0)
+
+
+def test_a_reused_id_with_a_new_blob_or_creation_time_is_read_anew(tmp_path: Path) -> None:
+    """A database may hand a deleted run's frame id to a new frame: never its old tensors."""
+    store, loader = _loader(tmp_path, 1 << 20)
+    old = loader.load(_frame(store, 7, FrameKind.UPDATE_SKETCH))
+    again = _frame(store, 7, FrameKind.UPDATE_SKETCH, scale=2.0)  # same id and blob key
+    again.created_at = again.created_at + dt.timedelta(seconds=1)
+    new = loader.load(again)
+    assert new is not old
+    torch.testing.assert_close(new.tensors["layer"], ROWS * 2, rtol=0, atol=0)
+
+
+def test_the_cache_holds_at_most_its_bytes_dropping_the_least_recently_used(
+    tmp_path: Path,
+) -> None:
+    store, loader = _loader(tmp_path, 2 * ROWS.numel() * 4)  # room for two frames
+    frames = [_frame(store, i, FrameKind.PARAM_SKETCH) for i in range(3)]
+    a = loader.load(frames[0])
+    loader.load(frames[1])
+    assert loader.load(frames[0]) is a  # frame 0 used last: frame 1 is the oldest
+    loader.load(frames[2])
+    assert loader.load(frames[0]) is a
+    assert loader.hits == 2
+    before = loader.hits
+    loader.load(frames[1])  # evicted: decoded again
+    assert loader.hits == before
+
+
+def test_other_kinds_and_a_zero_budget_are_never_cached(tmp_path: Path) -> None:
+    store, loader = _loader(tmp_path, 1 << 20)
+    weights = _frame(store, 1, FrameKind.WEIGHTS)
+    assert loader.load(weights) is not loader.load(weights)
+    _, off = _loader(tmp_path, 0)
+    sketch = _frame(store, 2, FrameKind.UPDATE_SKETCH)
+    assert off.load(sketch) is not off.load(sketch)
+    assert loader.hits == off.hits == 0
+
+
+def test_payloads_become_json_values_with_non_finite_floats_as_null() -> None:
+    from spectrawatch_server.worker import _jsonable
+
+    nan, inf = float("nan"), float("inf")
+    payload = {
+        "sv": [3.0, nan, inf, 1.0],  # the fast path: a list of floats
+        "mixed": (1, 2.5, -inf, None),
+        "tensor": torch.tensor([1.0, float("nan")]),
+        2: {"x": torch.tensor(0.5, dtype=torch.float64).numpy()},
+    }
+    assert _jsonable(payload) == {
+        "sv": [3.0, None, None, 1.0],
+        "mixed": [1, 2.5, None, None],
+        "tensor": [1.0, None],
+        "2": {"x": 0.5},
+    }
