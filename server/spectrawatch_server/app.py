@@ -54,7 +54,13 @@ def build_state(settings: ServerSettings) -> AppState:
         max_dims=settings.max_dims,
         max_tensor_elements=settings.max_tensor_elements,
     )
-    loader = FrameLoader(blobs, resolve_device(settings.device), limits, settings.max_body_bytes)
+    loader = FrameLoader(
+        blobs,
+        resolve_device(settings.device),
+        limits,
+        settings.max_body_bytes,
+        settings.frame_cache_mb << 20,
+    )
     worker = Worker(sessions, loader, hooks=[engine_for(settings).evaluate])
     queue: JobQueue
     if settings.queue == "procrastinate":

@@ -142,6 +142,8 @@ class ServerSettings(BaseSettings):
     job_lease_seconds: float = Field(120.0, gt=0)
     job_max_attempts: int = Field(5, ge=1)
     worker_poll_seconds: float = Field(0.5, gt=0)  # 0 would spin
+    # decoded sketch frames a worker keeps for the next frames' SED windows (0: none)
+    frame_cache_mb: int = Field(256, ge=0)
     job_backoff_seconds: int = Field(2, ge=0)  # procrastinate retries wait backoff**attempt s
     worker_heartbeat_seconds: float = Field(10.0, gt=0)  # procrastinate worker heartbeat period
     # heartbeat age after which a worker's job is re-queued
