@@ -52,8 +52,8 @@ class FrameLoader:
     Sketch frames are kept, decoded, in a small LRU cache (``cache_bytes`` of tensors): each
     frame's SED reads the frames before it as its windows' history (a GPT-2-sized update frame:
     ~3 ms to read and decode, 5 history frames for W = 64), so without it every frame is decoded
-    up to ``1 + W / rows`` times. Keyed by the frame's id, blob and creation time (a database may
-    reuse a deleted run's ids); analyses never write into a frame's tensors.
+    up to ``1 + W / rows`` times. Keyed by the frame's id, blob, creation time and size (a
+    database may reuse a deleted run's ids); analyses never write into a frame's tensors.
     """
 
     def __init__(
@@ -241,8 +241,8 @@ class Worker:
 
 def _jsonable(value: Any) -> Any:
     """Turn tensors/numpy values and non-finite floats into plain JSON values."""
-    if isinstance(value, float):
-        return repo.finite_or_none(value)
+    if isinstance(value, float):  # numpy's float64 too: stored as a plain float
+        return repo.finite_or_none(float(value))
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from spectrawatch.wire import FrameKind, FrameLimits, encode_frame
@@ -88,11 +89,12 @@ def test_payloads_become_json_values_with_non_finite_floats_as_null() -> None:
         "sv": [3.0, nan, inf, 1.0],  # the fast path: a list of floats
         "mixed": (1, 2.5, -inf, None),
         "tensor": torch.tensor([1.0, float("nan")]),
-        2: {"x": torch.tensor(0.5, dtype=torch.float64).numpy()},
+        2: {"x": torch.tensor(0.5, dtype=torch.float64).numpy(), "y": np.float64(0.25)},
     }
     assert _jsonable(payload) == {
         "sv": [3.0, None, None, 1.0],
         "mixed": [1, 2.5, None, None],
         "tensor": [1.0, None],
-        "2": {"x": 0.5},
+        "2": {"x": 0.5, "y": 0.25},
     }
+    assert type(_jsonable(payload)["2"]["y"]) is float
