@@ -11,7 +11,8 @@ tensor per frame, as the client sends them). Two measurements:
               history frames, SED, phase detection against a stored 1,024-point gap series per
               tensor and window (an in-memory context, no database), metric objects.
 ``--worker N`` instead: the real worker (SQLite, every analysis, storage, alert hook) on N
-              ``ingest_load.py`` frames of one run posted through the app; CPU time per frame
+              ``ingest_load.py`` frames of one run posted through the app (``--layers``
+              sketch tensors each: 4 by default, 149 for GPT-2 small); CPU time per frame
               and of the alert hook over the second half of the run.
 
 "Before" numbers come from the same script run against an older tree, e.g.::
