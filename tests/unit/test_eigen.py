@@ -232,7 +232,7 @@ def test_pool_respects_the_torch_thread_budget_and_one_blas_thread() -> None:
         return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
 
     outside = blas_threads()
-    first, second = eigen._one_blas_thread(), eigen._one_blas_thread()
+    first, second = eigen.one_blas_thread(), eigen.one_blas_thread()
     first.__enter__()
     assert set(blas_threads()) == {1}
     second.__enter__()  # a concurrent pooled solve (another thread) shares the limit ...

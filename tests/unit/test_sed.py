@@ -738,3 +738,19 @@ def test_lag_endpoint_finds_the_lead_of_a_gap_series(tmp_path: Path) -> None:
         assert constant["best"] is None  # a constant gap correlates with nothing
         assert client.get(f"{base}/sed/lag", params={"scalar": "nope"}).status_code == 404
         assert client.get(f"{base}/sed/lag", params={"max_lag": 0}).status_code == 422
+
+
+@pytest.mark.parametrize("n", [5, 12, 30])  # fewer rows than some widths, equal, more
+def test_layer_grams_equal_float64_products_for_every_width(n: int) -> None:
+    """The CPU route (numpy's 2-D products where the rows are fewer than the width) and the
+    batched ``bmm`` (square and tall blocks) give ``X Xᵀ`` in float64, whatever the dtype."""
+    gen = torch.Generator().manual_seed(n)
+    widths = [12, 40, 40, 7, 12]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32, torch.float64]
+    rows = [torch.randn(n, w, generator=gen).to(dt) for w, dt in zip(widths, dtypes, strict=True)]
+    grams = sed.layer_grams(rows)
+    assert grams.shape == (len(rows), n, n)
+    assert grams.dtype == torch.float64
+    for g, r in zip(grams, rows, strict=True):
+        x = r.to(torch.float64).numpy()
+        np.testing.assert_allclose(g.numpy(), x @ x.T, rtol=1e-12, atol=1e-12)

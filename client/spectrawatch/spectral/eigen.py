@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -77,7 +78,7 @@ def host_threads() -> int:
 def host_eigvalsh(stack: np.ndarray) -> np.ndarray:
     """``np.linalg.eigvalsh`` of a stack ``(..., n, n)``; a stack worth :data:`POOL_MIN_WORK` or
     more is split over a pool of :func:`host_threads` threads (LAPACK releases the GIL), each
-    with a single-threaded BLAS meanwhile (:func:`_one_blas_thread`).
+    with a single-threaded BLAS meanwhile (:func:`one_blas_thread`).
 
     One call decomposes a stack one matrix after another, and BLAS threads inside LAPACK's
     tridiagonal reduction scale poorly. On this project's 2-core box (``benchmarks/results/
@@ -96,7 +97,7 @@ def host_eigvalsh(stack: np.ndarray) -> np.ndarray:
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(POOL_MAX_THREADS, thread_name_prefix="spectrawatch-eig")
-    with _one_blas_thread():
+    with one_blas_thread():
         parts = list(_pool.map(np.linalg.eigvalsh, np.array_split(flat, threads)))
     return np.concatenate(parts).reshape(stack.shape[:-1])
 
@@ -110,20 +111,24 @@ def _pooled(batch: int, n: int) -> bool:
 _blas_controller: Any = None
 _blas_limit: Any = None  # the active one-thread limit, shared by concurrent pooled solves
 _blas_users = 0
+_blas_modules = 0  # len(sys.modules) when the controller was made
 
 
 @contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
+def one_blas_thread() -> Iterator[None]:
     """numpy's BLAS (OpenBLAS) limited to one thread for the block (``threadpoolctl``; the
     setting is process-wide: the first of concurrent callers sets it, the last restores it), so
     that the pool's threads do not oversubscribe the cores."""
-    global _blas_controller, _blas_limit, _blas_users
+    global _blas_controller, _blas_limit, _blas_users, _blas_modules
     with _pool_lock:
         if _blas_users == 0:
-            if _blas_controller is None:
+            # the controller knows the BLAS libraries loaded when it was made (~2 ms to make):
+            # made anew once modules were imported since, which may have loaded another
+            if _blas_controller is None or len(sys.modules) != _blas_modules:
                 from threadpoolctl import ThreadpoolController
 
                 _blas_controller = ThreadpoolController()
+                _blas_modules = len(sys.modules)
             _blas_limit = _blas_controller.limit(limits=1, user_api="blas")
         _blas_users += 1
     try:

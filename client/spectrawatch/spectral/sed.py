@@ -23,7 +23,8 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from spectrawatch.spectral.eigen import batched_eigvalsh, svdvals
+from spectrawatch.spectral.eigen import batched_eigvalsh, one_blas_thread, svdvals
+from spectrawatch.spectral.eigen import grams as eigen_grams
 
 GAP_RATIO = "sed.gap_ratio"  # sk*/sk*+1 (≥ 1)
 EDGE = "sed.edge"  # k*, 1-indexed
@@ -353,13 +354,22 @@ def _sed_part(
 
 def layer_grams(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """float64 Gram matrices ``X Xᵀ`` ``(L, N, N)`` of L row blocks ``(N, d_l)``; tensors of
-    equal width are multiplied in one batched ``bmm``."""
+    equal width are multiplied in one batched ``bmm``, except on the CPU where the blocks are
+    wider than tall (sketch rows: N <= 80, d = 640), which take numpy's 2-D ``syrk`` per block
+    (:func:`~spectrawatch.spectral.eigen.grams`, one BLAS thread): GPT-2-sized ``batched_sed``
+    96-98 -> 54-60 ms on one thread (``benchmarks/results/sed.md``)."""
     n = rows[0].shape[0]
     grams = torch.empty(len(rows), n, n, dtype=torch.float64, device=rows[0].device)
     by_width: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         by_width.setdefault(r.shape[1], []).append(i)
-    for members in by_width.values():
+    for width, members in by_width.items():
+        if grams.device.type == "cpu" and n < width and all(rows[i].is_cpu for i in members):
+            # numpy's 2-D products: one BLAS syrk per tensor (half the flops of the batched
+            # bmm), each converted through one reused float64 buffer
+            with one_blas_thread():  # blocks this small only spin a second BLAS thread
+                grams[members] = eigen_grams([rows[i] for i in members], torch.float64)
+            continue
         x = torch.stack([rows[i].to(grams.device) for i in members]).to(torch.float64)
         grams[members] = x @ x.mT
     return grams
