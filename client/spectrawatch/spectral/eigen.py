@@ -118,7 +118,8 @@ _blas_modules = 0  # len(sys.modules) when the controller was made
 def one_blas_thread() -> Iterator[None]:
     """numpy's BLAS (OpenBLAS) limited to one thread for the block (``threadpoolctl``; the
     setting is process-wide: the first of concurrent callers sets it, the last restores it), so
-    that the pool's threads do not oversubscribe the cores."""
+    that the pool's threads do not oversubscribe the cores and small products (SED's sketch-row
+    Grams) do not spin a second BLAS thread."""
     global _blas_controller, _blas_limit, _blas_users, _blas_modules
     with _pool_lock:
         if _blas_users == 0:
