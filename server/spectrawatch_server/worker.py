@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from spectrawatch.wire import FrameKind, FrameLimits, decode_frame, decompress
+from spectrawatch.wire import SKETCH_KINDS, FrameKind, FrameLimits, decode_frame, decompress
 from spectrawatch_server.analyses import AnalysisResult, DecodedFrame, analyses_for
 from spectrawatch_server.analyses.registry import MODEL_LAYER, Analysis, SummarizeFn
 from spectrawatch_server.db.models import Frame
@@ -42,10 +42,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-_CACHED_KINDS = frozenset({FrameKind.UPDATE_SKETCH.value, FrameKind.PARAM_SKETCH.value})
-CACHE_BYTES = 256 << 20  # decoded sketch frames kept for the next frames' SED windows
-
-
 class FrameLoader:
     """Reads and decodes frame blobs onto the worker device.
 
@@ -62,7 +58,7 @@ class FrameLoader:
         device: torch.device,
         limits: FrameLimits,
         max_bytes: int,
-        cache_bytes: int = CACHE_BYTES,
+        cache_bytes: int,
     ):
         self.blobs = blobs
         self.device = device
@@ -75,7 +71,7 @@ class FrameLoader:
         self.hits = 0
 
     def load(self, frame: Frame) -> DecodedFrame:
-        if frame.kind not in _CACHED_KINDS or self.cache_bytes <= 0:
+        if frame.kind not in SKETCH_KINDS or self.cache_bytes <= 0:
             return self._load(frame)
         key = (frame.id, frame.blob_key, frame.created_at, frame.bytes)
         with self._lock:

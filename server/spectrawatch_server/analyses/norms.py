@@ -29,28 +29,24 @@ def has_spectrum(frame: DecodedFrame, layer: str) -> bool:
     entry finite and its float64 squared Frobenius norm too (so Gram products cannot overflow).
     Analyses skip the others; the frame's ``nonfinite`` count and the NaN alert report them.
     Computed once per frame and layer (``frame.memo``)."""
-    key = ("has_spectrum", layer)
-    ok = frame.memo.get(key)
-    if ok is None:
-        weights = frame.tensors[layer]
-        ok = weights.ndim == 2 and gram_is_finite(weights)
-        frame.memo[key] = ok
-    return bool(ok)
+    weights = frame.tensors[layer]
+    return frame.memoised(
+        ("has_spectrum", layer), lambda: weights.ndim == 2 and gram_is_finite(weights)
+    )
 
 
 def weight_singular_values(frame: DecodedFrame, layer: str) -> torch.Tensor:
     """Singular values ``(min(m, n),)``, descending, float64, of the 2-D weight ``layer`` of a
     frame; LAPACK runs once per frame and layer, the analyses that need them (``norms``,
     ``grok_rank``) share the result through ``frame.memo``."""
-    key = (_SVD, layer)
-    s = frame.memo.get(key)
-    if not isinstance(s, torch.Tensor):
+
+    def compute() -> torch.Tensor:
         weights = frame.tensors[layer]
         if weights.ndim != 2:
             raise ValueError(f"expected a 2-D matrix, got shape {tuple(weights.shape)}")
-        s = svdvals(weights.detach().to(torch.float64))
-        frame.memo[key] = s
-    return s
+        return svdvals(weights.detach().to(torch.float64))
+
+    return frame.memoised((_SVD, layer), compute)
 
 
 def shared_singular_values(frame: DecodedFrame, layer: str) -> torch.Tensor | None:

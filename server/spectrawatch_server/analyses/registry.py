@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 
 from spectrawatch.wire import FrameHeader, FrameKind
+
+_Memo = TypeVar("_Memo", torch.Tensor, bool)
 
 MODEL_LAYER = "__model__"  # layer name for whole-model metrics
 
@@ -59,6 +61,13 @@ class DecodedFrame:
     )
     """Per-frame results shared between analyses, keyed ``(what, layer)`` (see
     :func:`spectrawatch_server.analyses.norms.weight_singular_values`)."""
+
+    def memoised(self, key: tuple[str, str], compute: Callable[[], _Memo]) -> _Memo:
+        """``compute()`` once per frame and ``key``: a frame is read by several analyses and,
+        as history, by the analyses of later frames."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return cast(_Memo, self.memo[key])
 
     @property
     def step(self) -> int:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import torch
 
@@ -103,6 +104,17 @@ def _steps(frame: DecodedFrame) -> list[int]:
     return [frame.step]
 
 
+def _joined_rows(frame: DecodedFrame) -> torch.Tensor:
+    """The model row of a frame without one: its layers' rows side by side, float64."""
+    names = sorted(n for n in frame.tensors if n != MODEL_LAYER)
+    return torch.cat([frame.tensors[n].to(torch.float64) for n in names], dim=1)
+
+
+def _finite_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Which rows are finite in float64, squares included (Gram products cannot overflow)."""
+    return torch.isfinite(rows.to(torch.float64).square().sum(dim=1))
+
+
 def _layer_rows(
     frames: Sequence[DecodedFrame], layer: str
 ) -> tuple[list[int], torch.Tensor] | None:
@@ -121,19 +133,12 @@ def _layer_rows(
         if layer in f.tensors:
             rows = f.tensors[layer]
         elif layer == MODEL_LAYER:  # a client that sent no model row: its layers' rows joined
-            joined = f.memo.get(("joined_rows", layer))
-            if not isinstance(joined, torch.Tensor):
-                names = sorted(n for n in f.tensors if n != MODEL_LAYER)
-                joined = torch.cat([f.tensors[n].to(torch.float64) for n in names], dim=1)
-                f.memo["joined_rows", layer] = joined
-            rows = joined
+            rows = f.memoised(("joined_rows", layer), partial(_joined_rows, f))
         else:
             continue
         rows, steps = rows.to(device), _steps(f)
-        finite = f.memo.get(("finite_rows", layer))  # a frame is history for several frames
-        if not isinstance(finite, torch.Tensor):
-            finite = torch.isfinite(rows.to(torch.float64).square().sum(dim=1))
-            f.memo["finite_rows", layer] = finite
+        # a frame is history for several frames: its rows are checked once
+        finite = f.memoised(("finite_rows", layer), partial(_finite_rows, rows))
         if not bool(finite.all()):
             steps = [s for s, ok in zip(steps, finite.tolist(), strict=True) if ok]
             rows = rows[finite]
