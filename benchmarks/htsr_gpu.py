@@ -62,9 +62,9 @@ def main() -> None:
     ap.add_argument("--ww-threads", type=int, default=8)
     ap.add_argument("--blocks", type=int, default=12, help="GPT-2 blocks (12: the whole model)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to check the script")
-    ap.add_argument("--only", default="", help="comma-separated configuration labels to run")
+    ap.add_argument("--only", nargs="*", default=[], help="configuration labels to run")
     args = ap.parse_args()
-    only = {c.strip() for c in args.only.split(",") if c.strip()}
+    only = set(args.only)
     dev = torch.device(args.device)
     host = gpt2_weights(args.blocks, embeddings=True)
     resident = {k: v.to(dev) for k, v in host.items()}

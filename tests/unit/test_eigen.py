@@ -14,6 +14,7 @@ from spectrawatch.spectral.eigen import (
     HOST_MAX,
     NUMPY_MIN_EIG,
     STREAMS_ENV,
+    SVD_ENV,
     TORCH_EIG_MAX,
     batched_eigvalsh,
     cuda_streams,
@@ -24,6 +25,7 @@ from spectrawatch.spectral.eigen import (
     on_host,
     squared_svdvals,
     streams_eigvalsh,
+    svd_route,
     svdvals,
 )
 
@@ -44,6 +46,19 @@ CPU = torch.device("cpu")
 )
 def test_routing(n: int, batch: int, device: torch.device, expected: bool) -> None:
     assert on_host(n, batch, device) is expected
+
+
+def test_svd_route_takes_the_host_stacks_or_with_the_setting_every_wide_cuda_matrix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(SVD_ENV, raising=False)
+    assert svd_route(100, 4000, CUDA)
+    assert not svd_route(768, 12, CUDA)
+    monkeypatch.setenv(SVD_ENV, "all")
+    assert svd_route(768, 12, CUDA)
+    assert svd_route(768, 1, CUDA)
+    assert not svd_route(CUDA_BATCHED_MAX, 150, CUDA)  # batched Jacobi stays
+    assert not svd_route(768, 12, CPU)
 
 
 def test_equals_eigvalsh_and_keeps_the_device() -> None:

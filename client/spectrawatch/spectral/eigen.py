@@ -58,6 +58,7 @@ POOL_MAX_THREADS = 16
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 STREAMS_ENV = "SPECTRAWATCH_CUDA_EIG_STREAMS"
+SVD_ENV = "SPECTRAWATCH_CUDA_SVD"  # "all": every CUDA matrix wider than CUDA_BATCHED_MAX by gesvda
 DEFAULT_STREAMS = 4  # CUDA streams a stack of large matrices is split over
 _stream_pool: ThreadPoolExecutor | None = None
 _stream_local = threading.local()
@@ -287,7 +288,11 @@ def on_host(n: int, batch: int, device: torch.device) -> bool:
 def svd_route(n: int, batch: int, device: torch.device) -> bool:
     """Whether the eigenvalues of the Grams of a stack of ``batch`` matrices with ``n`` columns
     on the smaller side, on ``device``, come from :func:`squared_svdvals` of the matrices: the
-    mid-sized CUDA stacks that :func:`batched_eigvalsh` would send to the host."""
+    mid-sized CUDA stacks that :func:`batched_eigvalsh` would send to the host, or, with
+    ``SPECTRAWATCH_CUDA_SVD=all`` (:data:`SVD_ENV`, to compare the routes), every CUDA matrix
+    wider than :data:`CUDA_BATCHED_MAX`."""
+    if device.type == "cuda" and n > CUDA_BATCHED_MAX and os.environ.get(SVD_ENV) == "all":
+        return True
     return on_host(n, batch, device)
 
 
