@@ -311,12 +311,12 @@ def eigenvalues(
     streams = cuda_streams() if device.type == "cuda" else 1
     if streams > 1 and chunks:
         # on CUDA streams at once; one matrix per task where cuSOLVER would solve a stack one
-        # matrix after another anyway (larger than HOST_MAX), other stacks whole
-        chunks = [
-            part
-            for c in chunks
-            for part in ([[i] for i in c] if min(matrices[c[0]].shape) > HOST_MAX else [c])
-        ]
+        # matrix after another anyway (syevd of Grams larger than HOST_MAX), other stacks whole
+        def one_by_one(c: list[int]) -> bool:
+            n = min(matrices[c[0]].shape)
+            return n > HOST_MAX and not svd_route(n, len(c), device)
+
+        chunks = [part for c in chunks for part in ([[i] for i in c] if one_by_one(c) else [c])]
         results = on_streams([functools.partial(solve, c) for c in chunks], device, streams)
     else:
         results = [solve(c) for c in chunks]
