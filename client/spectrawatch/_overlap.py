@@ -17,9 +17,6 @@ Three parts, all no-ops on the CPU:
   memory; the frame is handed to the sender once the copy's event has completed, checked without
   waiting at the next step (and waited for at ``finish``). A ``.cpu()`` would make the training
   thread wait for the GPU to finish the step, draining the queue of launched work once a frame.
-  The pinned buffers are kept and reused once the frame made from one is gone (sent, spooled or
-  dropped): on an H200 each ``rows.to("cpu", non_blocking=True)`` of a GPT-2 frame (149 x 16 x
-  640 float32) cost the training thread 2.7 ms, a third of the hooks' host time.
 - :class:`GraphedSketch`: the sketch's launches (the Triton kernels, the small tensors' gather,
   the model row) captured once in a CUDA graph and replayed every step: a host-bound step (bf16
   autocast on a fast GPU) pays every microsecond of launch overhead in the hooks, and a replay
@@ -29,7 +26,6 @@ Three parts, all no-ops on the CPU:
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -94,41 +90,18 @@ class SketchStream:
         return written
 
 
-PINNED_MAX_BYTES = 256 << 20  # pinned host memory kept for reuse by one run's frames
-
-
-def _pinned_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, pin_memory=True)
-
-
-@dataclass(eq=False)
-class _Pinned:
-    """A reusable pinned host buffer; ``owner``: the frame made from it, while it lives."""
-
-    buf: torch.Tensor
-    owner: weakref.ref[FrameItem] | None = None
-    busy: bool = True  # copying into it, or its frame not yet built
-
-    @property
-    def free(self) -> bool:
-        return not self.busy and (self.owner is None or self.owner() is None)
-
-
 @dataclass
 class _Pending:
     host: torch.Tensor
     ready: torch.cuda.Event | None
     build: Callable[[torch.Tensor], FrameItem]
-    pinned: _Pinned | None = None
 
 
 class PendingFrames:
     """Frames whose rows are still being copied to the host, released in order."""
 
-    def __init__(self, pinned_max_bytes: int = PINNED_MAX_BYTES) -> None:
+    def __init__(self) -> None:
         self._queue: deque[_Pending] = deque()
-        self._pinned: list[_Pinned] = []
-        self._pinned_max_bytes = pinned_max_bytes
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -136,30 +109,12 @@ class PendingFrames:
     def copy(self, rows: torch.Tensor, build: Callable[[torch.Tensor], FrameItem]) -> None:
         """Start copying ``rows`` to the host (on the current stream); ``build(host_rows)`` makes
         the frame once they are there."""
-        if rows.device.type != "cuda":
-            self._queue.append(_Pending(rows, None, build))
-            return
-        pinned = self._buffer(rows)
-        if pinned is None:  # no buffer to spare: a fresh one from torch's caching host allocator
+        if rows.device.type == "cuda":
             host = rows.to("cpu", non_blocking=True)
+            ready = record_event(torch.cuda.current_stream(rows.device))
         else:
-            host = pinned.buf.copy_(rows, non_blocking=True)
-        ready = record_event(torch.cuda.current_stream(rows.device))
-        self._queue.append(_Pending(host, ready, build, pinned))
-
-    def _buffer(self, rows: torch.Tensor) -> _Pinned | None:
-        """A free kept buffer shaped like ``rows`` (marked busy), a new one while the kept ones
-        stay under the byte cap, else None."""
-        for pinned in self._pinned:
-            if pinned.free and pinned.buf.shape == rows.shape and pinned.buf.dtype == rows.dtype:
-                pinned.busy, pinned.owner = True, None
-                return pinned
-        kept = sum(p.buf.numel() * p.buf.element_size() for p in self._pinned)
-        if kept + rows.numel() * rows.element_size() > self._pinned_max_bytes:
-            return None
-        pinned = _Pinned(_pinned_empty(rows.shape, rows.dtype))
-        self._pinned.append(pinned)
-        return pinned
+            host, ready = rows, None
+        self._queue.append(_Pending(host, ready, build))
 
     def release(self, emit: Callable[[FrameItem], None], *, wait: bool) -> None:
         """Emit the frames whose copies are done, oldest first (all of them if ``wait``)."""
@@ -171,10 +126,7 @@ class PendingFrames:
                 elif not head.ready.query():  # type: ignore[no-untyped-call]
                     return
             self._queue.popleft()
-            item = head.build(head.host)
-            if head.pinned is not None:  # free again once the frame is gone
-                head.pinned.owner, head.pinned.busy = weakref.ref(item), False
-            emit(item)
+            emit(head.build(head.host))
 
 
 class GraphedSketch:
