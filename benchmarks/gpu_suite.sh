@@ -81,8 +81,8 @@ part client_bf16 150 "$PY" benchmarks/client_overhead.py --device cuda --amp bf1
 part client 120 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
   --steps 20 --warmup 5 --reps 2 --threads 4 --conditions none,spectrawatch,sw_every10
 part htsr 100 "$PY" benchmarks/htsr_gpu.py --repeat 5 --ww-blocks 2 --ww-threads 8
-# the 49 whole matrices' ESDs by batched gesvda of the matrices instead of syevd of their Grams
-part htsr_gesvda 60 env SPECTRAWATCH_CUDA_SVD=all "$PY" benchmarks/htsr_gpu.py --repeat 5 \
+# the 49 whole matrices' ESDs by syevd of their Grams (the route before session 20), to compare
+part htsr_syevd 60 env SPECTRAWATCH_CUDA_SVD=stacks "$PY" benchmarks/htsr_gpu.py --repeat 5 \
   --ww-blocks 0 --only "f64, no MP fit" "f64 + MP fit"
 part htsr_breakdown 90 "$PY" benchmarks/htsr_breakdown.py --device cuda --repeat 3
 part client_block_bf16 90 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 \

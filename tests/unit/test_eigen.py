@@ -15,6 +15,7 @@ from spectrawatch.spectral.eigen import (
     NUMPY_MIN_EIG,
     STREAMS_ENV,
     SVD_ENV,
+    SVD_MAX,
     TORCH_EIG_MAX,
     batched_eigvalsh,
     cuda_streams,
@@ -48,17 +49,19 @@ def test_routing(n: int, batch: int, device: torch.device, expected: bool) -> No
     assert on_host(n, batch, device) is expected
 
 
-def test_svd_route_takes_the_host_stacks_or_with_the_setting_every_wide_cuda_matrix(
+def test_svd_route_takes_every_wide_cuda_matrix_or_with_the_setting_the_host_stacks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(SVD_ENV, raising=False)
     assert svd_route(100, 4000, CUDA)
-    assert not svd_route(768, 12, CUDA)
-    monkeypatch.setenv(SVD_ENV, "all")
     assert svd_route(768, 12, CUDA)
-    assert svd_route(768, 1, CUDA)
+    assert svd_route(SVD_MAX, 1, CUDA)
+    assert not svd_route(SVD_MAX + 1, 12, CUDA)  # wider: syevd of the Grams
     assert not svd_route(CUDA_BATCHED_MAX, 150, CUDA)  # batched Jacobi stays
     assert not svd_route(768, 12, CPU)
+    monkeypatch.setenv(SVD_ENV, "stacks")
+    assert svd_route(100, 4000, CUDA)
+    assert not svd_route(768, 12, CUDA)
 
 
 def test_equals_eigvalsh_and_keeps_the_device() -> None:

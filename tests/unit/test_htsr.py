@@ -418,19 +418,20 @@ def test_analysis_metrics_spectra_and_model_summary() -> None:
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu() -> None:
-    """Every route a CUDA model takes: 120-column Grams and FARMS windows solved on the host in
-    the background while the two 200-column Grams are solved on two CUDA streams; fits on host
-    copies."""
+    """Every route a CUDA model takes: the matrices up to ``SVD_MAX`` columns and the FARMS
+    windows by batched ``gesvda`` on CUDA streams, a wider one by ``syevd`` of its Gram; fits on
+    host copies."""
     g = _gen(14)
     weights = {
         "a": torch.randn(300, 120, generator=g),
         "b": torch.randn(120, 120, generator=g),
         "c": torch.randn(400, 200, generator=g),
         "d": torch.randn(200, 400, generator=g) ** 3,
+        "e": torch.randn(1100, 1040, generator=g),  # wider than SVD_MAX
     }
     cpu = htsr.analyze_weights(weights, farms=FARMS_CV)
     gpu = htsr.analyze_weights(weights, farms=FARMS_CV, device="cuda")
-    assert len(gpu.layers) == 4
+    assert len(gpu.layers) == 5
     for c, d in zip(cpu.layers, gpu.layers, strict=True):
         assert d.evals.device.type == "cpu"
         torch.testing.assert_close(d.evals, c.evals, rtol=1e-9, atol=1e-9)

@@ -7,15 +7,19 @@ one GPT-2-sized SED step cost ~50 ms, and FARMS' ~4,000 windows of 100 x 100 cos
 (``benchmarks/results/gpu_h200.md``), while LAPACK on one host core needs ~0.1-0.5 ms for each.
 Stacks of such mid-sized symmetric matrices are therefore decomposed on the host (large stacks
 split over a pool of threads: :func:`host_eigvalsh`). Where the Grams' own matrices are at hand
-(HT-SR, FARMS windows), their squared singular values come from cuSOLVER's strided batched
-``gesvda`` instead, one call for the stack (:func:`squared_svdvals`: FARMS' windows in 32 ms vs
-0.45-0.56 s on 16 host cores, H200). Small (batched Jacobi) and large matrices (where the GPU's
-divide-and-conquer wins) stay on the GPU. On an H100 the 49 float64 768 x 768 Grams of GPT-2
-small took 0.37 s through cuSOLVER, 1.5 s through MAGMA and 1.2-1.6 s on its host's 16 cores
-(``benchmarks/results/gpu_h100.md``): large matrices stay on the GPU. Each of those solves is
-latency-bound (~7.5 ms, as slow in float32), so they are spread over a few CUDA streams, one host
-thread each, whose solves overlap (:func:`on_streams`, :func:`streams_eigvalsh`; 350 -> 260 ms on
-an H200).
+(HT-SR, FARMS windows, SED windows), their squared singular values come from cuSOLVER's strided
+batched ``gesvda`` instead, one call per stack (:func:`squared_svdvals`): FARMS' windows in 32 ms
+vs 0.45-0.56 s on 16 host cores (H200), and, since session 20, the whole weights of up to
+:data:`SVD_MAX` columns as well. On an H100 the 49 float64 768 x 768 Grams of GPT-2 small took
+0.37 s through cuSOLVER's ``syevd``, 1.5 s through MAGMA and 1.2-1.6 s on its host's 16 cores
+(``benchmarks/results/gpu_h100.md``); each ``syevd`` is latency-bound (~7.5 ms, as slow in
+float32), so they were spread over a few CUDA streams, one host thread each
+(:func:`on_streams`, :func:`streams_eigvalsh`; 350 -> 260 ms on an H200). One ``gesvda`` call per
+shape's stack of the matrices themselves, the stacks on 4 streams, does better: the whole
+GPT-2-shaped HT-SR with the MP fit took 0.205 s best / 0.251 s median on an H200 against 0.418 /
+0.440 s by ``syevd`` of the Grams (alphas equal to the CPU's to 5.5e-13; peak GPU memory 4.4 vs
+0.7 GiB: ``gesvda``'s workspace; ``benchmarks/results/gpu_h200.md``, session 20). Wider matrices
+(unmeasured) keep ``syevd``, and a ``gesvda`` that runs out of memory falls back to it.
 
 On the CPU, the torch wheel's BLAS/LAPACK (MKL) was slower than numpy's (OpenBLAS) on the AMD
 EPYC this project is measured on (``benchmarks/results/htsr.md``): 1.6-2x for the float64 Grams
@@ -58,7 +62,8 @@ POOL_MAX_THREADS = 16
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 STREAMS_ENV = "SPECTRAWATCH_CUDA_EIG_STREAMS"
-SVD_ENV = "SPECTRAWATCH_CUDA_SVD"  # "all": every CUDA matrix wider than CUDA_BATCHED_MAX by gesvda
+SVD_MAX = 1024  # widest CUDA matrices (smaller side) decomposed by gesvda; measured to 768
+SVD_ENV = "SPECTRAWATCH_CUDA_SVD"  # "stacks": gesvda for mid-sized stacks only (before session 20)
 DEFAULT_STREAMS = 4  # CUDA streams a stack of large matrices is split over
 _stream_pool: ThreadPoolExecutor | None = None
 _stream_local = threading.local()
@@ -230,7 +235,10 @@ def squared_svdvals(stack: torch.Tensor) -> torch.Tensor:
     (``benchmarks/results/gpu_h200.md``); a CUDA test pins 1e-12."""
     rows, cols = stack.shape[-2:]
     tall = stack if rows >= cols else stack.mT
-    sv: torch.Tensor = torch.linalg.svdvals(tall, driver="gesvda")
+    try:
+        sv: torch.Tensor = torch.linalg.svdvals(tall, driver="gesvda")
+    except torch.OutOfMemoryError:  # the workspace (~5-15x the stack) did not fit
+        return batched_eigvalsh(gram(stack))
     return (sv * sv).flip(-1)
 
 
@@ -287,13 +295,13 @@ def on_host(n: int, batch: int, device: torch.device) -> bool:
 
 def svd_route(n: int, batch: int, device: torch.device) -> bool:
     """Whether the eigenvalues of the Grams of a stack of ``batch`` matrices with ``n`` columns
-    on the smaller side, on ``device``, come from :func:`squared_svdvals` of the matrices: the
-    mid-sized CUDA stacks that :func:`batched_eigvalsh` would send to the host, or, with
-    ``SPECTRAWATCH_CUDA_SVD=all`` (:data:`SVD_ENV`, to compare the routes), every CUDA matrix
-    wider than :data:`CUDA_BATCHED_MAX`."""
-    if device.type == "cuda" and n > CUDA_BATCHED_MAX and os.environ.get(SVD_ENV) == "all":
-        return True
-    return on_host(n, batch, device)
+    on the smaller side, on ``device``, come from :func:`squared_svdvals` of the matrices: CUDA
+    matrices wider than :data:`CUDA_BATCHED_MAX` up to :data:`SVD_MAX` (see the module
+    docstring); with ``SPECTRAWATCH_CUDA_SVD=stacks`` (:data:`SVD_ENV`, to compare the routes)
+    only the mid-sized stacks that :func:`batched_eigvalsh` would send to the host."""
+    if os.environ.get(SVD_ENV) == "stacks":
+        return on_host(n, batch, device)
+    return device.type == "cuda" and CUDA_BATCHED_MAX < n <= SVD_MAX
 
 
 def gram_eigvalsh(stack: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,8 @@ _DIRECT_KS_MAX_N = 256  # exact O(n^2) KS up to this; bound-pruned exact search 
 _KS_CHUNK_ELEMENTS = 1 << 22  # candidates x points per chunk of the direct KS
 _EIG_CHUNK_BYTES = 1 << 27  # at most ~128 MB of stacked float64 matrices per batched call
 _SVD_CHUNK_BYTES = 1 << 24  # ... and 16 MB per batched SVD of mid-sized CUDA matrices
+_SVD_LARGE_CHUNK_BYTES = 1 << 28  # ... and 256 MB of matrices wider than HOST_MAX (a GPT-2
+# shape's whole stack: 4 such calls on 4 streams peaked at 4.4 GiB on an H200)
 _F64 = torch.float64
 
 
@@ -283,9 +285,11 @@ def eigenvalues(
     and shifts alpha by ~1e-4 on GPT-2-shaped layers), then a batched ``eigvalsh``
     (:mod:`spectrawatch.spectral.eigen` picks the solver: numpy's LAPACK for wide CPU matrices,
     the host's for mid-sized CUDA stacks); round-off negatives are clamped to 0. On CUDA,
-    mid-sized stacks (FARMS windows) take cuSOLVER's batched SVD of the matrices themselves
-    (:func:`~spectrawatch.spectral.eigen.squared_svdvals`) and the large matrices are solved on
-    several streams at once (:func:`~spectrawatch.spectral.eigen.on_streams`). Each result is
+    matrices up to :data:`~spectrawatch.spectral.eigen.SVD_MAX` wide (FARMS windows, GPT-2's
+    weights) take cuSOLVER's batched SVD of the matrices themselves
+    (:func:`~spectrawatch.spectral.eigen.squared_svdvals`), and the stacks are solved on several
+    streams at once (:func:`~spectrawatch.spectral.eigen.on_streams`; wider matrices' Grams one
+    by one). Each result is
     ``(M,)`` ``dtype`` on the matrices' device, in input order; a matrix with NaN/Inf entries
     gets an all-NaN result (its metrics then raise :class:`SpectralError`) without spoiling its
     batch.
@@ -299,9 +303,12 @@ def eigenvalues(
     device = matrices[0].device if matrices else torch.device("cpu")
     chunks: list[list[int]] = []
     for (rows, cols), group in groups.items():
-        svd = svd_route(min(rows, cols), len(group), device)  # batched gesvda: its workspace is
-        # ~15x the input (peak 6.8 GiB for FARMS' 3,969 windows in 128 MB chunks on an H200)
-        cap = _SVD_CHUNK_BYTES if svd else _EIG_CHUNK_BYTES
+        n = min(rows, cols)
+        svd = svd_route(n, len(group), device)  # batched gesvda: its workspace is ~15x the
+        # input for small matrices (peak 6.8 GiB for FARMS' 3,969 windows in 128 MB chunks)
+        cap = _EIG_CHUNK_BYTES
+        if svd:
+            cap = _SVD_LARGE_CHUNK_BYTES if n > HOST_MAX else _SVD_CHUNK_BYTES
         per_chunk = max(2 if svd else 1, cap // (rows * cols * 8))
         chunks += [group[start : start + per_chunk] for start in range(0, len(group), per_chunk)]
 
