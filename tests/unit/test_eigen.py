@@ -135,6 +135,21 @@ def test_cuda_squared_singular_values_equal_lapack_on_the_gram(shape: tuple[int,
     assert float(((out - ref).abs() / scale).max()) < 1e-12
 
 
+def test_squared_singular_values_fall_back_to_the_grams_when_gesvda_runs_out_of_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def out_of_memory(*args: object, **kwargs: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(torch.linalg, "svdvals", out_of_memory)
+    x = torch.randn(3, 50, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref = torch.from_numpy(np.linalg.eigvalsh(gram(x).numpy()))
+    out = squared_svdvals(x)  # on the CPU here; the fall-back is the same on CUDA
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    wide = squared_svdvals(x.mT.contiguous())
+    torch.testing.assert_close(wide, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_cuda_streams_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(STREAMS_ENV, raising=False)
     assert cuda_streams() == DEFAULT_STREAMS
