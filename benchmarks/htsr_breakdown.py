@@ -3,7 +3,7 @@
 On the weights of ``htsr_gpu.py`` (49 matrices, all with 768 x 768 Grams), each best of
 ``--repeat`` synchronised calls:
 
-1. ESDs: :func:`spectrawatch.spectral.htsr.eigenvalues` of all 49 (Grams + ``eigvalsh``);
+1. ESDs: :func:`spectrawatch.spectral.htsr.eigenvalues` of all 49 (on CUDA: batched ``gesvda``);
 2. the ``eigvalsh`` of the 49 float64 Grams alone, by solver: cuSOLVER (torch's default), the
    same split over 2-16 CUDA streams (:func:`~spectrawatch.spectral.eigen.streams_eigvalsh`),
    and with ``--all-solvers`` MAGMA (``torch.backends.cuda.preferred_linalg_library``), the
@@ -70,7 +70,7 @@ def solvers(
 ) -> None:
     """Parts 1 and 2: the ESDs of all layers, and the Grams' ``eigvalsh`` by solver."""
     f64 = torch.float64
-    add("ESDs: eigenvalues() of all (Grams + eigvalsh)", lambda: eigenvalues(flat, dtype=f64))
+    add("ESDs: eigenvalues() of all (the default route)", lambda: eigenvalues(flat, dtype=f64))
     grams = torch.stack([gram(m.to(f64)) for m in flat])
     add("  Grams alone", lambda: [gram(m.to(f64)) for m in flat])
     add("  eigvalsh, cuSOLVER (default)", lambda: torch.linalg.eigvalsh(grams))
