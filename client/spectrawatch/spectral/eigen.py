@@ -7,7 +7,7 @@ one GPT-2-sized SED step cost ~50 ms, and FARMS' ~4,000 windows of 100 x 100 cos
 (``benchmarks/results/gpu_h200.md``), while LAPACK on one host core needs ~0.1-0.5 ms for each.
 Stacks of such mid-sized symmetric matrices are therefore decomposed on the host (large stacks
 split over a pool of threads: :func:`host_eigvalsh`). Where the Grams' own matrices are at hand
-(HT-SR, FARMS windows, SED windows), their squared singular values come from cuSOLVER's strided
+(HT-SR, FARMS windows), their squared singular values come from cuSOLVER's strided
 batched ``gesvda`` instead, one call per stack (:func:`squared_svdvals`): FARMS' windows in 32 ms
 vs 0.45-0.56 s on 16 host cores (H200), and, since session 20, the whole weights of up to
 :data:`SVD_MAX` columns as well. On an H100 the 49 float64 768 x 768 Grams of GPT-2 small took

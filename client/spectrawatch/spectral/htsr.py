@@ -340,7 +340,7 @@ def _batched_eigenvalues(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.
         data, solve = grams(mats, dtype), batched_eigvalsh  # no stacked copy
     else:
         stack = torch.stack(mats).to(dtype)  # one kernel, not one per matrix
-        if svd_route(min(stack.shape[-2:]), len(mats), stack.device):  # e.g. FARMS windows
+        if svd_route(min(stack.shape[-2:]), len(mats), stack.device):  # FARMS windows, weights
             data, solve = stack, squared_svdvals
         else:
             data, solve = gram(stack), batched_eigvalsh
