@@ -301,11 +301,17 @@ def eigenvalues(
             raise SpectralError(f"expected a non-empty 2-D matrix, got shape {tuple(w.shape)}")
         groups.setdefault(tuple(w.shape), []).append(i)
     device = matrices[0].device if matrices else torch.device("cpu")
+    streams = cuda_streams() if device.type == "cuda" else 1
     chunks: list[list[int]] = []
     for (rows, cols), group in groups.items():
         n = min(rows, cols)
         svd = svd_route(n, len(group), device)  # batched gesvda: its workspace is ~15x the
         # input for small matrices (peak 6.8 GiB for FARMS' 3,969 windows in 128 MB chunks)
+        if streams > 1 and n > HOST_MAX and not svd:
+            # syevd of Grams this large: cuSOLVER solves a stack one matrix after another
+            # anyway, so one matrix per task on the streams
+            chunks += [[i] for i in group]
+            continue
         cap = _EIG_CHUNK_BYTES
         if svd:
             cap = _SVD_LARGE_CHUNK_BYTES if n > HOST_MAX else _SVD_CHUNK_BYTES
@@ -315,15 +321,7 @@ def eigenvalues(
     def solve(idx: list[int]) -> torch.Tensor:
         return _batched_eigenvalues([matrices[i] for i in idx], dtype)
 
-    streams = cuda_streams() if device.type == "cuda" else 1
-    if streams > 1 and chunks:
-        # on CUDA streams at once; one matrix per task where cuSOLVER would solve a stack one
-        # matrix after another anyway (syevd of Grams larger than HOST_MAX), other stacks whole
-        def one_by_one(c: list[int]) -> bool:
-            n = min(matrices[c[0]].shape)
-            return n > HOST_MAX and not svd_route(n, len(c), device)
-
-        chunks = [part for c in chunks for part in ([[i] for i in c] if one_by_one(c) else [c])]
+    if streams > 1 and chunks:  # the chunks on CUDA streams at once
         results = on_streams([functools.partial(solve, c) for c in chunks], device, streams)
     else:
         results = [solve(c) for c in chunks]
