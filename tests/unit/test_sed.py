@@ -635,6 +635,26 @@ def test_batched_sed_equals_numpy_per_tensor_and_window() -> None:
                 np.testing.assert_allclose(x.singular_values, s, rtol=1e-8, atol=1e-10 * s[0])
 
 
+def test_windows_wider_than_their_tensor_keep_only_its_rank() -> None:
+    # an exact-mode bias of 8 values in a 16-row window: rank <= 8, so 8 singular values (as
+    # LAPACK gives); the Gram's 8 round-off eigenvalues made the gap ratio ~1e7 at k* = 8
+    steps = list(range(40))
+    tensors = [torch.randn(40, d, generator=torch.Generator().manual_seed(d)) for d in (8, 3, 64)]
+    found = sed.batched_sed(tensors, steps, (16,), at=[39])
+    narrow, tiny, wide = (f[16] for f in found)
+    assert tiny == []  # 3 singular values leave no runner-up ratio: skipped, as too few rows
+    for rows, (got,) in ((tensors[0], narrow), (tensors[2], wide)):
+        want = np.linalg.svd(rows[24:40].double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(got.singular_values, want, rtol=1e-9)
+        assert (got.n_rows, got.complete) == (16, True)
+    (svd,) = sed.rolling_sed(tensors[0], steps, 16, at=[39], method="svd")
+    (win,) = narrow
+    assert (svd.edge, svd.n_rows, svd.complete) == (win.edge, 16, True)
+    assert win.gap_ratio == pytest.approx(svd.gap_ratio, rel=1e-9)
+    assert win.gap_ratio < 10.0
+    assert sed.rolling_sed(tensors[1], steps, 16, method="svd") == []
+
+
 def test_batched_sed_planted_rank_per_tensor() -> None:
     tensors = [_planted(64, 1_280, (8.0,) * r, noise=0.05, seed=r) for r in (1, 2, 3)]
     found = sed.batched_sed(tensors, list(range(64)), (32,), at=[63])

@@ -118,7 +118,8 @@ class WindowSED:
     """SED of one window ending at ``step``.
 
     ``n_rows`` updates were present out of ``window`` (``complete`` when equal);
-    ``singular_values`` descending; ``normalized`` = s²/sum s² (energy share per direction).
+    ``singular_values`` descending, ``min(n_rows, d)`` of them; ``normalized`` = s²/sum s²
+    (energy share per direction).
     """
 
     step: int
@@ -213,11 +214,12 @@ def rolling_sed(
     ``rows (N, d)`` are update rows at strictly increasing ``steps``. The window ending at t
     holds the rows with step in (t - window·Δ, t], Δ = ``step_interval`` (default: the smallest
     step difference present), so a window with missing steps is computed on the rows present
-    and reported with ``n_rows < window``. Windows with fewer than ``min_rows`` rows or an all-
-    zero matrix are skipped. ``method="gram"`` (default) is :func:`batched_sed` on this one
-    tensor (eigenvalues of principal blocks of the float64 Gram matrix, the paper's own
-    computation; s_k accurate to ~1e-16 s1^2/s_k relative); ``"svd"`` runs LAPACK ``svdvals``
-    on every window (the slow reference).
+    and reported with ``n_rows < window``. Windows with fewer than ``min_rows`` rows, rows
+    narrower than :data:`MIN_ROWS` (``d < 4``) or an all-zero matrix are skipped.
+    ``method="gram"`` (default) is :func:`batched_sed` on this one tensor (eigenvalues of
+    principal blocks of the float64 Gram matrix, the paper's own computation; s_k accurate to
+    ~1e-16 s1^2/s_k relative); ``"svd"`` runs LAPACK ``svdvals`` on every window (the slow
+    reference).
     """
     if method not in ("gram", "svd"):
         raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
@@ -243,7 +245,9 @@ def rolling_sed(
             part = members[c : c + per]
             idx = lo[part][:, None] + torch.arange(count)
             sig = window_singular_values(rows[idx.to(rows.device)]).cpu()
-            spectra = _window_results(sig, [ends[j] for j in part], window, energy)
+            if sig.shape[1] < MIN_ROWS:  # rows narrower than MIN_ROWS: no runner-up ratio
+                continue
+            spectra = _window_results(sig, [ends[j] for j in part], window, energy, count)
             for j, res in zip(part, spectra, strict=True):
                 if res is not None:
                     out[j] = res
@@ -260,10 +264,11 @@ def _count_groups(lo: torch.Tensor, hi: torch.Tensor, min_rows: int) -> dict[int
 
 
 def _window_results(
-    sig: torch.Tensor, end_steps: Sequence[int], window: int, energy: float
+    sig: torch.Tensor, end_steps: Sequence[int], window: int, energy: float, n_rows: int
 ) -> list[WindowSED | None]:
-    """:class:`WindowSED` of spectra ``sig (n, c)`` of the windows ending at ``end_steps`` (n),
-    ``None`` for an all-zero window; one :func:`spectral_edges` call for all of them."""
+    """:class:`WindowSED` of spectra ``sig (n, c)`` of the windows of ``n_rows`` rows ending at
+    ``end_steps`` (n), ``None`` for an all-zero window; one :func:`spectral_edges` call for all
+    of them."""
     edges = spectral_edges(sig, energy)
     cols = zip(
         sig.tolist(),
@@ -275,7 +280,7 @@ def _window_results(
         strict=True,
     )
     return [
-        None if s[0] == 0.0 else WindowSED(int(t), window, len(s), tuple(s), k, gap, margin, rank)
+        None if s[0] == 0.0 else WindowSED(int(t), window, n_rows, tuple(s), k, gap, margin, rank)
         for s, t, k, gap, margin, rank in cols
     ]
 
@@ -342,14 +347,34 @@ def _sed_part(
                 idx = ((bounds[w][0][part] - a0)[:, None] + torch.arange(count)).to(grams.device)
                 sub = grams[:, idx[:, :, None], idx[:, None, :]]  # (L, m, c, c)
                 eig = batched_eigvalsh(sub.reshape(-1, count, count))
-                sig = eig.flip(-1).clamp_min(0.0).sqrt().cpu()  # (L * m, c), layer-major
-                res = _window_results(sig, [ends[j] for j in part] * n_layers, w, energy)
-                for r, item in enumerate(res):
-                    if item is not None:
-                        found[r // len(part)][part[r % len(part)]] = item
+                sig = eig.flip(-1).clamp_min(0.0).sqrt().cpu().reshape(n_layers, len(part), count)
+                for rank, layers in _by_rank(rows, count).items():
+                    res = _window_results(
+                        sig[layers, :, :rank].reshape(-1, rank),
+                        [ends[j] for j in part] * len(layers),
+                        w,
+                        energy,
+                        count,
+                    )
+                    for r, item in enumerate(res):
+                        if item is not None:
+                            found[layers[r // len(part)]][part[r % len(part)]] = item
         for layer in range(n_layers):
             out[layer][w] = [found[layer][j] for j in sorted(found[layer])]
     return out
+
+
+def _by_rank(rows: Sequence[torch.Tensor], count: int) -> dict[int, list[int]]:
+    """Tensors grouped by the rank bound ``min(count, d_l)`` of their ``count``-row windows,
+    those below :data:`MIN_ROWS` left out. A window narrower than it is tall has only ``d_l``
+    singular values (what ``svdvals`` returns): its Gram's other eigenvalues are round-off, and
+    kept they made ``s_d / s_d+1`` a gap ratio of ~1e7 (an exact-mode bias of 8 values, W = 16)."""
+    groups: dict[int, list[int]] = {}
+    for layer, r in enumerate(rows):
+        rank = min(count, r.shape[1])
+        if rank >= MIN_ROWS:
+            groups.setdefault(rank, []).append(layer)
+    return groups
 
 
 def layer_grams(rows: Sequence[torch.Tensor]) -> torch.Tensor:
