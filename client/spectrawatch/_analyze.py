@@ -62,6 +62,9 @@ from spectrawatch.spectral.htsr import (
 
 SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Shard indexes written by transformers' save_pretrained: weight name -> shard file.
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
 # Keys under which training frameworks nest the state dict inside a checkpoint dictionary.
 NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model", "module")
 
@@ -259,7 +262,11 @@ def checkpoint_files(path: Path) -> list[Path]:
 
     In a directory (a Hugging Face model folder or any folder of shards) ``*.safetensors`` files
     win over PyTorch ones (``pytorch_model*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``), as
-    ``transformers`` prefers them; shards are read in name order.
+    ``transformers`` prefers them; shards are read in name order. Where the folder has the shard
+    index ``save_pretrained`` writes (``model.safetensors.index.json``,
+    ``pytorch_model.bin.index.json``), only the files its ``weight_map`` names are read, as
+    ``transformers`` does: other weight files beside them (a Hub snapshot's
+    ``consolidated.safetensors``, a stale single-file save) are other copies of the same layers.
     """
     if not path.exists():
         raise AnalyzeError(f"{path}: no such file or directory")
@@ -269,12 +276,33 @@ def checkpoint_files(path: Path) -> list[Path]:
         raise AnalyzeError(f"{path}: not a regular file or directory")
     files = sorted(p for p in path.iterdir() if p.is_file())
     shards = [p for p in files if p.suffix.lower() == SAFETENSORS_SUFFIX]
+    index = path / SAFETENSORS_INDEX
     if not shards:
         shards = [p for p in files if p.suffix.lower() in TORCH_SUFFIXES]
+        index = path / TORCH_INDEX
     if not shards:
         raise AnalyzeError(
             f"{path}: no weight files in this directory (looked for *.safetensors, "
             f"{', '.join('*' + s for s in TORCH_SUFFIXES)})"
+        )
+    return _indexed_shards(index) if index.is_file() else shards
+
+
+def _indexed_shards(index: Path) -> list[Path]:
+    """The shard files a Hugging Face shard index names (its ``weight_map`` values), in name
+    order; a malformed index or a missing shard is an error."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError("no shard file names")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AnalyzeError(f"{index}: not a readable shard index ({exc!r})") from exc
+    shards = [index.parent / n for n in names]
+    if missing := [n for n, p in zip(names, shards, strict=True) if not p.is_file()]:
+        raise AnalyzeError(
+            f"{index}: names {_count(len(missing), 'shard')} not in the folder "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
         )
     return shards
 

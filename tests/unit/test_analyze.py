@@ -300,6 +300,35 @@ def test_pytorch_files_beside_safetensors_shards_are_named(
     assert an.shadowed_files(folder) == []
 
 
+def test_a_shard_index_names_the_files_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``save_pretrained`` folder with ``model.safetensors.index.json``: only the shards it
+    names are read, not other copies beside them (a Hub snapshot's ``consolidated.safetensors``
+    was analysed as a second set of layers; a stale ``model.safetensors`` failed the run)."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(64, 32, generator=g), torch.randn(48, 32, generator=g)
+    save_file({"l1.weight": a}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({"l2.weight": b}, str(folder / "model-00002-of-00002.safetensors"))
+    weight_map = {"l1.weight": "model-00001-of-00002.safetensors"}
+    weight_map["l2.weight"] = "model-00002-of-00002.safetensors"
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file({"layers.0.wq": a, "layers.1.wq": b}, str(folder / "consolidated.safetensors"))
+    save_file({"l1.weight": a, "l2.weight": b}, str(folder / "model.safetensors"))
+    assert an.checkpoint_files(folder) == sorted(folder / f for f in weight_map.values())
+    assert main(["analyze", str(folder), "-q", "--no-farms", "--format", "json"]) == 0
+    assert [r["layer"] for r in json.loads(capsys.readouterr().out)] == ["l1.weight", "l2.weight"]
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    assert main(["analyze", str(folder), "-q"]) == 2
+    assert "names 1 shard not in the folder (model-00002-of-00002" in capsys.readouterr().err
+    index.write_text("{not json")
+    assert main(["analyze", str(folder), "-q"]) == 2
+    assert "model.safetensors.index.json: not a readable shard index" in capsys.readouterr().err
+
+
 def test_checkpoints_without_weights_fail_clearly(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(an.AnalyzeError, match="no weight files"):
