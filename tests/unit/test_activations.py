@@ -226,3 +226,19 @@ def test_dead_units_are_left_out_of_the_mp_fit() -> None:
     alone = activation_spectrum(live)
     assert dead.mp.sigma2 == pytest.approx(alone.mp.sigma2, rel=1e-9)
     assert dead.mp.outliers == alone.mp.outliers == 0
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_activations_raise_value_error(value: float) -> None:
+    """NaN/Inf activations (or a Gram past float64) are a ValueError like the other degenerate
+    inputs, not LAPACK's convergence failure (``_LinAlgError``, "ill-conditioned")."""
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    x[3, 4] = value
+    with pytest.raises(ValueError, match="not finite"):
+        activation_spectrum(x)
+    with pytest.raises(ValueError, match="not finite"):
+        activation_spectra(torch.stack([x.abs().nan_to_num(1.0), x]))
+    with pytest.raises(ValueError, match="not finite"):
+        activation_spectrum_from_gram(x.double().T @ x.double(), 50)
+    with pytest.raises(ValueError, match="not finite"):
+        activation_spectrum(x.nan_to_num(1.0).double() * 1e200)  # squares overflow

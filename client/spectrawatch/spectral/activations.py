@@ -278,13 +278,25 @@ def _describe(
     )
 
 
+def _covariance_eigenvalues(cov: torch.Tensor) -> FloatArray:
+    """Ascending eigenvalues of a float64 covariance ``(..., p, p)`` on the host; ``ValueError``
+    when it is not finite (NaN/Inf activations, or squares past float64): LAPACK would fail to
+    converge on it with an ``_LinAlgError`` that says "ill-conditioned"."""
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError("activation covariance is not finite (NaN/Inf activations or overflow)")
+    eig: FloatArray = torch.linalg.eigvalsh(cov).cpu().numpy()
+    return eig
+
+
 def activation_spectrum(
     x: torch.Tensor, top_k: int = 10, margin: float = 3.0
 ) -> ActivationSpectrum:
     """EigenTrack descriptors of activations ``x`` ``(tokens, hidden)`` (any float dtype/device).
 
     Centres over tokens, forms the smaller of the two Grams (``p x p`` or ``n x n``) in float64
-    and takes ``eigvalsh``; ``margin`` is the outlier cut in Tracy-Widom units.
+    and takes ``eigvalsh``; ``margin`` is the outlier cut in Tracy-Widom units. Raises
+    ``ValueError`` for activations without a spectrum to fit: too few rows, all constant, or not
+    finite (NaN/Inf).
     """
     if x.ndim != 2:
         raise ValueError(f"expected (tokens, hidden), got shape {tuple(x.shape)}")
@@ -294,7 +306,7 @@ def activation_spectrum(
     xc = x.to(torch.float64)
     xc = xc - xc.mean(dim=0, keepdim=True)
     gram = xc.mT @ xc if p <= n else xc @ xc.mT
-    eig = torch.linalg.eigvalsh(gram / (n - 1)).cpu().numpy()
+    eig = _covariance_eigenvalues(gram / (n - 1))
     return _describe(eig, n, n - 1, p, top_k, margin)
 
 
@@ -314,7 +326,7 @@ def activation_spectra(
     xc = x.to(torch.float64)
     xc = xc - xc.mean(dim=1, keepdim=True)
     gram = xc.mT @ xc if p <= n else xc @ xc.mT
-    eig = torch.linalg.eigvalsh(gram / (n - 1)).cpu().numpy()
+    eig = _covariance_eigenvalues(gram / (n - 1))
     return [_describe(e, n, n - 1, p, top_k, margin) for e in eig]
 
 
@@ -344,7 +356,7 @@ def activation_spectrum_from_gram(
     n_eff = tokens - 1 if centered else tokens
     if n_eff < 2 or p < 2:
         raise ValueError(f"need at least 3 tokens and 2 hidden units, got {tokens} x {p}")
-    eig = torch.linalg.eigvalsh(g / n_eff).cpu().numpy()
+    eig = _covariance_eigenvalues(g / n_eff)
     return _describe(eig, tokens, n_eff, p, top_k, margin)
 
 
