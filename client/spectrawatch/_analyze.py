@@ -455,7 +455,7 @@ def analyze_layer(
     w = w.to(device)
     values: dict[str, float] = {}
     notes: list[str] = []
-    matrix = w.reshape(w.shape[0], -1) if w.ndim == 4 else w
+    matrix = w.flatten(1) if w.ndim == 4 else w  # reshape(n, -1) fails on 0 elements
     sv: torch.Tensor | None = None
     if min(matrix.shape) < 2:
         notes.append("conditioning skipped: fewer than 2 rows or columns")

@@ -329,6 +329,20 @@ def test_a_shard_index_names_the_files_read(
     assert "model.safetensors.index.json: not a readable shard index" in capsys.readouterr().err
 
 
+def test_empty_weights_are_noted_not_failed(tmp_path: Path) -> None:
+    """Zero-size weights (a conv pruned to no output channel) get the size-filter notes; the
+    4-D one failed its ``(out, -1)`` reshape ("not analysed: RuntimeError: ... ambiguous")."""
+    path = tmp_path / "empty.safetensors"
+    save_file({"conv": torch.zeros(0, 16, 3, 3), "fc": torch.zeros(0, 32)}, str(path))
+    result = an.analyze_checkpoint(path, device="cpu", progress=False)
+    for r in result.layers:
+        assert r.values == {}
+        assert r.note == (
+            "conditioning skipped: fewer than 2 rows or columns; "
+            "HT-SR skipped: outside WeightWatcher's size filter"
+        ), r.layer
+
+
 def test_checkpoints_without_weights_fail_clearly(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(an.AnalyzeError, match="no weight files"):
