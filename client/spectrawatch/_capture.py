@@ -89,6 +89,9 @@ from spectrawatch.spectral.grokking import (
 )
 
 MODEL_KEY = "__model__"
+# the name of the model itself among the probed modules (a model that is one Linear or Conv):
+# its ``named_modules()`` name is "", which a frame cannot carry as a tensor name
+ROOT_MODULE = "(model)"
 # theta sketches of all layers: an (L + 1, d) matrix, or (exact mode) flat parameters by name
 Rows = torch.Tensor | dict[str, torch.Tensor]
 _MAX_FAILURES = 3
@@ -800,6 +803,10 @@ class Capture:
     # -- activations -------------------------------------------------------------------------
 
     def _probe_modules(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of the probed modules; the model itself is named ``ROOT_MODULE``."""
+        return [(name or ROOT_MODULE, m) for name, m in self._named_probe_modules()]
+
+    def _named_probe_modules(self) -> list[tuple[str, nn.Module]]:
         named = dict(self.model.named_modules())
         if self._modules_arg is not None:
             by_id = {id(m): name for name, m in named.items()}

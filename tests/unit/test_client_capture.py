@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from spectrawatch import wire
-from spectrawatch._capture import MODEL_KEY, Capture, output_layer
+from spectrawatch._capture import MODEL_KEY, ROOT_MODULE, Capture, output_layer
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch.config import ClientSettings
 from spectrawatch.sketch import SketchSpec, count_sketch, hash_coordinates
@@ -414,6 +414,21 @@ def test_activations_x_or_gram_and_modes_restored() -> None:
     assert model.training
     assert all(not m._forward_hooks for m in model.modules())
     wire.decode_frame(wire.encode_frame(frame.kind, 5, 0, frame.tensors, frame.info))
+
+
+def test_a_model_that_is_one_layer_is_probed_under_a_name_a_frame_can_carry() -> None:
+    """Its ``named_modules()`` name is "": the server refused such frames (422 bad_tensor_name)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    probe = torch.randn(2, 4)
+    sink = Sink()
+    cap, stats = make_capture(nn.DataParallel(model), None, sink, probe=probe)
+    cap.capture_activations(1)
+    (frame,) = sink.of(wire.FrameKind.ACTIVATIONS)
+    assert list(frame.tensors) == [ROOT_MODULE]
+    torch.testing.assert_close(frame.tensors[ROOT_MODULE], model(probe).detach())
+    wire.decode_frame(wire.encode_frame(frame.kind, 1, 0, frame.tensors, frame.info))
+    assert stats.get("errors") == 0
 
 
 def test_failures_never_reach_the_loop_and_disable_the_capture() -> None:
