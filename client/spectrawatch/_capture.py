@@ -842,6 +842,8 @@ class Capture:
                 t = output[0] if isinstance(output, (tuple, list)) else output
                 if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2):
                     return
+                if t.numel() == 0:  # a zero-width layer (or no tokens): no spectrum to send
+                    return
                 if isinstance(module, (nn.Conv1d, nn.Conv2d)):
                     t = t.movedim(1, -1)
                 x = t.detach().reshape(-1, t.shape[-1]).to(torch.float32)

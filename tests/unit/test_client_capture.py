@@ -431,6 +431,20 @@ def test_a_model_that_is_one_layer_is_probed_under_a_name_a_frame_can_carry() ->
     assert stats.get("errors") == 0
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
+def test_a_zero_width_layer_is_left_out_of_the_activations_of_the_others() -> None:
+    """Its empty output used to raise in the hook: three probes later every layer's went off."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 0))
+    sink = Sink()
+    cap, stats = make_capture(model, None, sink, probe=torch.randn(2, 4))
+    for n in range(1, 4):
+        cap._guard("activations", lambda n=n: cap.capture_activations(n))
+    frames = sink.of(wire.FrameKind.ACTIVATIONS)
+    assert [list(f.tensors) for f in frames] == [["0"]] * 3
+    assert stats.get("errors") == 0
+    assert not cap._disabled
+
+
 def test_failures_never_reach_the_loop_and_disable_the_capture() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
