@@ -293,7 +293,8 @@ class Sender:
                 self._deadline = time.monotonic() + max(timeout - 0.5, 0.0)
                 self.api.not_after = self._deadline  # a request in flight is cut off there
             self._cond.notify()
-        self._thread.join(timeout)
+        # inf (wait as long as it takes) or a huge timeout: join() itself refuses those
+        self._thread.join(min(timeout, threading.TIMEOUT_MAX))
         if self._thread.is_alive():
             with self._cond:
                 left = len(self._queue) + (1 if self._busy else 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import os
 import threading
 import time
@@ -634,6 +635,22 @@ def test_finish_waits_for_a_large_backlog_to_reach_the_spool(tmp_path: Path) -> 
         assert left.read_meta()["status"] == "finished"  # for `spectrawatch sync`
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e12])
+def test_close_without_a_time_limit_delivers_everything(tmp_path: Path, timeout: float) -> None:
+    """``finish(timeout=inf)`` (or ``flush_timeout_s=inf``) raised OverflowError from
+    ``Thread.join``: close returned at once, nothing was flushed and the run stayed open."""
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path, flush_timeout_s=timeout))
+    sender.put_frame(
+        FrameItem(wire.FrameKind.WEIGHTS, 1, {"w": torch.ones(2, 3)}, {"dtype": "float32"})
+    )
+    sender.put_scalars([{"step": 1, "name": "loss", "value": 1.0}])
+    assert sender.close()
+    assert len(server.frames) == 1
+    assert [r["name"] for r in server.scalars] == ["loss"]
+    assert [p["status"] for p in server.patches] == ["finished"]
 
 
 def test_sync_skips_a_spool_a_live_run_holds_and_one_it_cannot_name(tmp_path: Path) -> None:
