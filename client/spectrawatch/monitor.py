@@ -66,6 +66,8 @@ class Handle:
             self._monitor._errors.record("detach", exc)
         if self.capture in self._monitor._captures:
             self._monitor._captures.remove(self.capture)
+            # a later attach in this run (another optimizer) numbers its steps after these
+            self._monitor._detached_step = max(self._monitor._detached_step, self.capture.step)
 
 
 class Monitor:
@@ -88,6 +90,7 @@ class Monitor:
         self._noop = False
         self._participant = False  # a non-zero rank: captures of sharded models, no sender
         self._last_step = 0
+        self._detached_step = 0  # the last step of a capture removed from this run
         self._logged = False
         self._finished = False
 
@@ -130,6 +133,7 @@ class Monitor:
         self._errors = ErrorLog(self.stats)
         self._captures = []
         self._last_step = 0
+        self._detached_step = 0
         self._logged = False
         self._finished = False
         self._active = True
@@ -206,7 +210,9 @@ class Monitor:
         (the error is logged); an invalid ``every`` or an unknown name in ``modules`` raises
         :class:`~spectrawatch.config.SettingsError`. One model per monitor: attaching the same
         model and optimizer again returns the same handle; another model needs another
-        :class:`Monitor`. FSDP1 ``FullyShardedDataParallel`` is
+        :class:`Monitor` (after ``handle.remove()`` the same run may attach it again, e.g. with
+        a new optimizer: its steps continue after the removed one's). FSDP1
+        ``FullyShardedDataParallel`` is
         refused (logged); use FSDP2 ``fully_shard``.
         """
         if not self._ensure_init() and not self._participant:
@@ -240,7 +246,7 @@ class Monitor:
             )
             return None
         if start_step is None:
-            start_step = self._resumed_step(s)
+            start_step = max(self._resumed_step(s), self._detached_step)
         try:
             if _shards.uses_fsdp1(model):
                 raise NotImplementedError("FSDP1 is not supported: shard with fully_shard (FSDP2)")

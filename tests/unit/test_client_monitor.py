@@ -198,6 +198,28 @@ def test_handle_remove_detaches(tmp_path: Path) -> None:
     assert h.info["steps"] == [1, 2]
 
 
+def test_attaching_again_with_a_new_optimizer_continues_the_steps(tmp_path: Path) -> None:
+    """``remove()`` then ``attach(model, new_optimizer)`` in the same run numbered its steps
+    from 1 again: frames and the final weights carried steps the run already had."""
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="again", **fast(tmp_path, weights_every=0))
+    model = nn.Linear(3, 3)
+    for _ in range(2):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        handle = m.attach(model, opt)
+        assert handle is not None
+        for _ in range(3):
+            model(torch.ones(1, 3)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        handle.remove()
+    assert m.finish()
+    kinds = server.headers_by_kind()
+    assert [s for h in kinds["update_sketch"] for s in h.info["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert [h.step for h in kinds["weights"]] == [3, 6]
+
+
 def test_fsdp1_is_refused_with_a_logged_reason(tmp_path: Path) -> None:
     class FullyShardedDataParallel(nn.Module):  # detected by class name, as torch's FSDP1
         def __init__(self, inner: nn.Module) -> None:
