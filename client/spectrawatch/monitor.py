@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import logging
 import math
+import operator
 import os
 import re
 import secrets
@@ -220,13 +221,12 @@ class Monitor:
         assert self.settings is not None
         s = self.settings
         if every is not None:  # a bad cadence raises SettingsError here, before training
-            if isinstance(every, int):
-                s = s.replace(update_every=every)
-            else:
-                unknown = set(every) - {"update", "theta", "weights", "activations", "defect"}
-                if unknown:
-                    raise SettingsError(f"unknown cadence(s) in every=: {sorted(unknown)}")
-                s = s.replace(**{f"{k}_every": int(v) for k, v in every.items()})
+            if not isinstance(every, Mapping):
+                every = {"update": every}
+            unknown = set(every) - {"update", "theta", "weights", "activations", "defect"}
+            if unknown:
+                raise SettingsError(f"unknown cadence(s) in every=: {sorted(unknown)}")
+            s = s.replace(**{f"{k}_every": _cadence(k, v) for k, v in every.items()})
         if modules is not None:  # a misspelt module name raises here, before training
             modules = list(modules)
             named = dict(unwrap_model(model).named_modules())
@@ -444,6 +444,18 @@ def _finish_at_exit() -> None:
 
 monitor = Monitor()
 """The documented default instance: ``from spectrawatch import monitor``."""
+
+
+def _cadence(name: str, value: Any) -> int:
+    """A cadence of ``attach(every=...)`` as an int: a whole number of optimizer steps."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise SettingsError(
+            f"every=: the {name} cadence must be a whole number of optimizer steps, got {value!r}"
+        ) from None
 
 
 def _valid_scalar_name(name: str) -> bool:

@@ -175,6 +175,11 @@ def test_bad_cadence_raises_before_training(tmp_path: Path) -> None:
         m.attach(nn.Linear(2, 2), every={"weight": 10})
     with pytest.raises(spectrawatch.SettingsError, match="weights_every"):
         m.attach(nn.Linear(2, 2), every={"weights": -1})
+    # not whole numbers: TypeError ('float' object is not iterable) or ValueError, or silently
+    # truncated (1.5 -> 1), before
+    for every in (2.5, "5", {"weights": "x"}, {"weights": None}, {"activations": 1.5}):
+        with pytest.raises(spectrawatch.SettingsError, match="whole number"):
+            m.attach(nn.Linear(2, 2), every=every)
     m.finish()
 
 
