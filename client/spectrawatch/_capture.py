@@ -95,6 +95,7 @@ ROOT_MODULE = "(model)"
 # theta sketches of all layers: an (L + 1, d) matrix, or (exact mode) flat parameters by name
 Rows = torch.Tensor | dict[str, torch.Tensor]
 _MAX_FAILURES = 3
+_MAX_TENSORS = wire.FrameLimits().max_tensors  # per frame: the server refuses more (default)
 # the model's parameters, their shapes and requires_grad flags, as last looked at
 _Watch = tuple[list[nn.Parameter], tuple[torch.Size, ...], tuple[bool, ...]]
 _SHAPE = attrgetter("shape")
@@ -756,7 +757,8 @@ class Capture:
 
     @torch.no_grad()
     def capture_weights(self, n: int) -> None:
-        """All >= 2-D parameters as 2-D matrices (conv ``(out, in*kh*kw)``), split by size."""
+        """All >= 2-D parameters as 2-D matrices (conv ``(out, in*kh*kw)``), split into frames
+        of at most ``max_frame_bytes`` and of at most the server's default tensor count."""
         if self._last_weights_step == n:
             return
         self._last_weights_step = n
@@ -793,7 +795,7 @@ class Capture:
                 continue
             w = full.reshape(p.shape[0], -1).to(device="cpu", dtype=dtype, copy=True)
             nbytes = w.numel() * w.element_size()
-            if part and size + nbytes > self.s.max_frame_bytes:
+            if part and (size + nbytes > self.s.max_frame_bytes or len(part) >= _MAX_TENSORS):
                 emit()
             part[name] = w
             shapes[name] = {"orig_shape": list(p.shape)}

@@ -279,6 +279,20 @@ def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:
     wire.decode_frame(body)  # valid on the wire
 
 
+def test_weights_frames_stay_within_the_servers_tensor_count() -> None:
+    """A model of more than 4096 small matrices (per-expert MoE layers) had every weight frame
+    refused by the server (422 too_many_tensors)."""
+    n = wire.FrameLimits().max_tensors + 10
+    model = nn.ParameterList([nn.Parameter(torch.zeros(2, 2)) for _ in range(n)])
+    sink = Sink()
+    cap, _ = make_capture(model, None, sink)
+    cap.capture_weights(1)
+    frames = sink.of(wire.FrameKind.WEIGHTS)
+    assert [len(f.tensors) for f in frames] == [n - 10, 10]
+    for f in frames:
+        wire.decode_frame(wire.encode_frame(f.kind, 1, 0, f.tensors, f.info))
+
+
 class TiedLM(nn.Module):
     """A language model whose unembedding is its embedding (Hugging Face's tied weights)."""
 
