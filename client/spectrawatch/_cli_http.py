@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from spectrawatch._transport import error_of
-from spectrawatch.config import DEFAULT_URL
+from spectrawatch.config import DEFAULT_URL, url_problem
 
 
 class CliError(Exception):
@@ -26,7 +26,11 @@ class CliError(Exception):
 
 def server_url(args: argparse.Namespace) -> str:
     """The server root URL: ``--url``, else ``SPECTRAWATCH_URL``, else the default."""
-    return str(args.url or os.environ.get("SPECTRAWATCH_URL") or DEFAULT_URL).rstrip("/")
+    url = str(args.url or os.environ.get("SPECTRAWATCH_URL") or DEFAULT_URL).rstrip("/")
+    problem = url_problem(url)
+    if problem is not None:
+        raise CliError(f"--url {url!r:.200}: {problem}")
+    return url
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:

@@ -126,6 +126,9 @@ class ClientSettings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        problem = url_problem(self.url)
+        if problem is not None:
+            raise SettingsError(f"url {self.url!r:.200}: {problem}")
         for name in ("project", "run"):
             value = getattr(self, name)
             if value is not None and not _valid_name(value):
@@ -175,6 +178,21 @@ class ClientSettings:
     @staticmethod
     def _field_type(f: dataclasses.Field[Any]) -> str:
         return str(f.type)
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a server root URL (httpx refuses to parse it, or it is not
+    http(s) with a host), or None. Checked up front: httpx raises its ``InvalidURL`` only when a
+    client is built or a request made, where a command would print a traceback."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        return f"not a valid URL ({exc})"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return "must be http:// or https:// with a host, e.g. " + DEFAULT_URL
+    return None
 
 
 def _valid_name(name: str) -> bool:

@@ -73,3 +73,31 @@ def test_bad_values_name_the_variable() -> None:
         ClientSettings.from_env({}, windw=3)
     with pytest.raises(SettingsError, match="weights_dtype"):
         ClientSettings.from_env({}, weights_dtype="int8")
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "localhost:8765", "ftp://h/", "http://"])
+def test_a_url_httpx_cannot_use_is_a_settings_error(url: str) -> None:
+    with pytest.raises(SettingsError, match="url"):
+        ClientSettings.from_env({}, url=url)
+    with pytest.raises(SettingsError, match="url"):
+        ClientSettings.from_env({"SPECTRAWATCH_URL": url})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["runs", "list"],
+        ["export", "1"],
+        ["alerts", "list"],
+        ["doctor"],
+    ],
+)
+def test_cli_refuses_a_malformed_url_in_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spectrawatch.cli import main
+
+    assert main([*argv, "--url", "http://[::1"]) == 1
+    out = capsys.readouterr()
+    assert "not a valid URL" in out.out + out.err
+    assert "Traceback" not in out.out + out.err
