@@ -231,7 +231,8 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     from spectrawatch_server.storage import repository as repo
 
     with _open_db(args).begin() as session:
-        revoked = repo.revoke_token(session, args.id)
+        # an id beyond the database's 64-bit integers names no token (SQLite would overflow)
+        revoked = 0 < args.id < 2**63 and repo.revoke_token(session, args.id)
     if not revoked:
         print(f"error: no active token with id {args.id}", file=sys.stderr)
         return 1

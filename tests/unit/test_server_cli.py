@@ -126,3 +126,14 @@ def test_token_list_and_revoke_never_create_a_database(
     capsys.readouterr()
     assert main(["token", "list", "--data-dir", str(typo)]) == 0
     assert "\tp\t" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("token_id", ["0", str(2**63), "99999999999999999999999"])
+def test_token_revoke_of_an_id_out_of_range_is_one_line(
+    token_id: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = str(tmp_path / "d")
+    assert main(["token", "create", "--project", "p", "--data-dir", data]) == 0
+    capsys.readouterr()
+    assert main(["token", "revoke", token_id, "--data-dir", data]) == 1
+    assert capsys.readouterr().err == f"error: no active token with id {token_id}\n"
