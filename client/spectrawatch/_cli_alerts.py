@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from spectrawatch._cli_http import call, print_result, reporting_errors, server_args
+from spectrawatch._cli_http import call, print_result, reporting_errors, segment, server_args
 
 
 # CLI flag -> rule parameter (value type)
@@ -64,7 +64,7 @@ def _shown(key: str, value: Any) -> bool:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    data = call(args, "GET", f"/projects/{args.project}/alert-rules")
+    data = call(args, "GET", f"/projects/{segment(args.project)}/alert-rules")
     lines = []
     for r in data:
         shown = {k: v for k, v in r["params"].items() if _shown(k, v)}
@@ -82,14 +82,19 @@ def cmd_set(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"params": params}
     if args.enabled is not None:
         body["enabled"] = args.enabled
-    data = call(args, "PATCH", f"/projects/{args.project}/alert-rules/{args.rule}", json=body)
+    data = call(
+        args,
+        "PATCH",
+        f"/projects/{segment(args.project)}/alert-rules/{segment(args.rule)}",
+        json=body,
+    )
     state = "on" if data["enabled"] else "off"
     print_result(args, data, [f"{data['name']} ({state}): {json.dumps(data['params'])}"])
     return 0
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    call(args, "DELETE", f"/projects/{args.project}/alert-rules/{args.rule}")
+    call(args, "DELETE", f"/projects/{segment(args.project)}/alert-rules/{segment(args.rule)}")
     print(f"rule {args.rule!r} of project {args.project!r} reset")
     return 0
 

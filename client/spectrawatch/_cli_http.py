@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -46,6 +47,14 @@ def server_args() -> argparse.ArgumentParser:
     common.add_argument("--url", default=None, help=f"server URL (SPECTRAWATCH_URL, {DEFAULT_URL})")
     common.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
     return common
+
+
+def segment(text: str) -> str:
+    """``text`` as one URL path segment: every reserved character percent-encoded (a project
+    named ``a?b``, ``a#b`` or ``50%``), and ``.``/``..`` too, which URL normalisation would
+    otherwise resolve away."""
+    quoted = quote(text, safe="")
+    return quoted.replace(".", "%2E") if text in (".", "..") else quoted
 
 
 def call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:

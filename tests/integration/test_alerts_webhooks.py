@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -573,6 +574,33 @@ def test_custom_rule_and_cli(
     assert "wide_norm" not in names
     assert cli_main(["alerts", "list", "--project", project, *base]) == 0
     assert "(none)" in capsys.readouterr().out
+
+
+def test_cli_edits_the_rules_of_projects_named_with_url_characters(
+    api: httpx.Client, alert_server: ServerProcess
+) -> None:
+    """Project names may hold '?', '#', '%' or be '.'/'..': the CLI puts them in the path as
+    one escaped segment (it sent them raw: a 404, or '%2e%2e' editing the rules of '..')."""
+    base = ["--url", alert_server.url]
+
+    def enabled(name: str) -> bool:
+        path = name.replace(".", "%2E") if name in (".", "..") else quote(name, safe="")
+        rules = api.get(f"/projects/{path}/alert-rules")
+        assert rules.status_code == 200, (name, rules.text)
+        return {r["name"]: r["enabled"] for r in rules.json()}["alpha_out_of_range"]
+
+    names = ["a?b", "c#d", "50%", "%2e%2e", ".", ".."]
+    for name in names:
+        make_run(api, project=name, name="r")
+    for name in names:
+        argv = ["alerts", "set", "alpha_out_of_range", "--project", name, "--disable", *base]
+        assert cli_main(argv) == 0, name
+        assert enabled(name) is False, name
+        if name == "%2e%2e":
+            assert enabled("..") is True  # not the rules of another project
+    for name in names:
+        assert cli_main(["alerts", "reset", "alpha_out_of_range", "--project", name, *base]) == 0
+        assert enabled(name) is True, name
 
 
 def test_real_training_run_nan_alert_survives_receiver_outage(
