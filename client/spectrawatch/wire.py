@@ -183,11 +183,15 @@ def compress(data: bytes, level: int = 3) -> bytes:
 
 
 def decompress(data: bytes, max_size: int) -> bytes:
-    """Undo :func:`compress`, refusing output larger than ``max_size`` bytes."""
+    """Undo :func:`compress`, refusing output larger than ``max_size`` bytes.
+
+    Every zstd frame of ``data`` is decoded (a zstd stream may hold several, back to back), and
+    bytes after the last one are an error, so nothing sent is silently left out.
+    """
     import zstandard
 
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(data)
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
         out = reader.read(max_size + 1)
     except zstandard.ZstdError as exc:
         raise FrameError("bad_encoding", f"body is not valid zstd: {exc}", status=400) from exc

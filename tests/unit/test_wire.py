@@ -101,6 +101,24 @@ def test_zstd_roundtrip_and_decompression_cap() -> None:
     assert err.value.code == "bad_encoding"
 
 
+def test_zstd_body_is_read_to_its_end() -> None:
+    """A zstd stream may hold several frames: all are decoded (only the first was, so a body of
+    two whole frames was stored as the first one, 202, the second lost), and bytes after the last
+    frame are refused (they were ignored)."""
+    a = weights_frame(w=torch.ones(4, 4))
+    b = weights_frame(v=torch.zeros(4, 4))
+    assert decompress(compress(a) + compress(b), 10_000) == a + b
+    with pytest.raises(FrameError) as err:  # the server sees a + b: not one safetensors file
+        decode_frame(decompress(compress(a) + compress(b), 10_000))
+    assert err.value.status == 400
+    with pytest.raises(FrameError) as err:
+        decompress(compress(a) + b"trailing bytes", 10_000)
+    assert err.value.code == "bad_encoding"
+    with pytest.raises(FrameError) as err:  # the cap counts every frame
+        decompress(compress(a) * 3, 2 * len(a))
+    assert err.value.code == "too_large"
+
+
 def test_sketch_frames_need_one_step_per_row() -> None:
     rows = torch.randn(3, 16)
     ok = encode_frame("update_sketch", 10, 0, {"l": rows}, {"steps": [10, 11, 12]})
