@@ -65,6 +65,7 @@ from torch import nn
 from spectrawatch import _shards, wire
 from spectrawatch._cadence import AdaptiveCadence
 from spectrawatch._overlap import GraphedSketch, PendingFrames, SketchStream
+from spectrawatch._row_groups import RowGroups, prefix_groups
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch._sketch_triton import CountSketcher
 from spectrawatch.config import ClientSettings
@@ -304,6 +305,44 @@ class Capture:
         self._layer_info = {
             name: {"numel": p.numel(), "shape": list(p.shape)} for name, p in layers
         }
+        self._set_row_groups(layers)
+
+    def _set_row_groups(self, layers: list[tuple[str, nn.Parameter]]) -> None:
+        """Rows per module prefix when the trained tensors (plus ``__model__``) are more than a
+        frame carries (:mod:`spectrawatch._row_groups`); exact mode sends every tensor."""
+        groups = None if self.s.exact else prefix_groups([n for n, _ in layers], _MAX_TENSORS - 1)
+        self._groups: RowGroups | None = groups
+        self._group_index: dict[torch.device, torch.Tensor] = {}
+        if groups is None:
+            return
+        numel = [0] * len(groups.names)
+        for (_, p), g in zip(layers, groups.member_of, strict=True):
+            numel[g] += p.numel()
+        self._layer_info = {
+            name: {"numel": n, "shape": [n], "tensors": k}
+            for name, n, k in zip(groups.names, numel, groups.sizes(), strict=True)
+        }
+        self.stats.set("row_groups", len(groups.names))
+        self.errors.note(
+            "row groups",
+            f"{len(layers)} trained tensors are more than a frame carries ({_MAX_TENSORS - 1} "
+            f"rows and __model__): update and theta sketches are sent as {len(groups.names)} "
+            f"rows, one per group of tensors (e.g. {groups.names[0]!r})",
+        )
+
+    def _grouped(self, rows: torch.Tensor) -> torch.Tensor:
+        """A sketch matrix ``(L + 1, d)`` summed into its groups' rows ``(G + 1, d)`` (on the
+        current stream); ``rows`` itself where there are no groups."""
+        groups = self._groups
+        if groups is None:
+            return rows
+        index = self._group_index.get(rows.device)
+        if index is None:
+            member_of = [*groups.member_of, len(groups.names)]  # __model__ stays itself
+            index = torch.tensor(member_of, dtype=torch.int64, device=rows.device)
+            self._group_index[rows.device] = index
+        out = rows.new_zeros((len(groups.names) + 1, rows.shape[1]))
+        return out.index_add_(0, index, rows)
 
     def _check_layout(self) -> None:
         """Follow the model when its trained parameters change after ``attach``: one unfrozen,
@@ -601,6 +640,7 @@ class Capture:
                     if out is None:
                         mat = fused(locals_)
                         out = torch.cat([mat, mat.sum(0, keepdim=True)])
+                    out = self._grouped(out)
                     self._graph_failed()
                     if events is not None:
                         events[1].record()
@@ -625,7 +665,7 @@ class Capture:
             if flat[-1].item() < _shards.world_size():
                 return None
             mat = flat[:-1].view(-1, d)
-        return torch.cat([mat, mat.sum(0, keepdim=True)])
+        return self._grouped(torch.cat([mat, mat.sum(0, keepdim=True)]))
 
     def _graph_failed(self) -> None:
         """Log (once) a sketch graph capture that failed: the sketch runs eagerly from then on."""
@@ -658,8 +698,10 @@ class Capture:
 
     @property
     def row_names(self) -> list[str]:
-        """Names of the rows of a sketch matrix from :meth:`_sketch_all`."""
-        return [*(name for name, _ in self.layers), MODEL_KEY]
+        """Names of the rows of a sketch matrix from :meth:`_sketch_all` (layers or their groups,
+        then ``__model__``)."""
+        names = self._groups.names if self._groups is not None else [n for n, _ in self.layers]
+        return [*names, MODEL_KEY]
 
     def _after_step(self, n: int, due_update: bool, due_theta: bool) -> None:
         self._frames.release(self.emit_frame, wait=False)

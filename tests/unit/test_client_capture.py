@@ -293,6 +293,85 @@ def test_weights_frames_stay_within_the_servers_tensor_count() -> None:
         wire.decode_frame(wire.encode_frame(f.kind, 1, 0, f.tensors, f.info))
 
 
+class Experts(nn.Module):
+    """A fine-grained mixture of experts: more trained tensors than a frame carries."""
+
+    def __init__(self, layers: int, experts: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "router": nn.Linear(2, 2, bias=False),
+                    "experts": nn.ModuleList(
+                        nn.ModuleDict({w: nn.Linear(2, 2, bias=False) for w in ("w1", "w2", "w3")})
+                        for _ in range(experts)
+                    ),
+                }
+            )
+            for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for layer in self.layers:
+            out = layer["router"](out)
+            for expert in layer["experts"]:
+                out = out + 1e-3 * expert["w2"](expert["w1"](x) * expert["w3"](x))
+        return out
+
+
+def test_a_model_with_more_tensors_than_a_frame_carries_sends_rows_per_module_prefix() -> None:
+    """2 layers x 700 experts x 3 matrices (+ 2 routers): 4,202 tensors, one frame may carry
+    4,096. Every update frame was refused (422 too_many_tensors); the rows are now the sums of
+    each expert's 3 tensors' rows (a count-sketch of its block), and ``__model__`` is unchanged."""
+    torch.manual_seed(0)
+    model = Experts(2, 700)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, stats = make_capture(model, opt, sink, theta_every=2)
+    assert cap.wait_index(120)
+    thetas: list[dict[str, torch.Tensor]] = []
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        thetas.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        model(torch.randn(8, 2, generator=gen)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    thetas.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    cap.finish()
+    assert stats.get("errors") == 0
+    assert stats.get("row_groups") == 1402
+    groups = ["layers.0.router.weight", "layers.0.experts.0", "layers.1.experts.699"]
+    spec = SketchSpec(640, 0)
+    (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    assert len(frame.tensors) == 1403
+    assert set(groups) < set(frame.tensors)
+    assert frame.info["layers"]["layers.1.experts.699"] == {
+        "numel": 12,
+        "shape": [12],
+        "tensors": 3,
+    }
+    for row, step in enumerate(frame.info["steps"]):
+        model_row = torch.zeros(640, dtype=torch.float64)
+        for name in thetas[0]:
+            model_row += reference_sketch(thetas[step][name] - thetas[step - 1][name], spec, name)
+        torch.testing.assert_close(
+            frame.tensors[MODEL_KEY][row].double(), model_row, rtol=1e-5, atol=1e-9
+        )
+        for group in groups:
+            members = [n for n in thetas[0] if n == group or n.startswith(group + ".")]
+            assert len(members) in (1, 3)
+            ref = sum(
+                reference_sketch(thetas[step][n] - thetas[step - 1][n], spec, n) for n in members
+            )
+            torch.testing.assert_close(
+                frame.tensors[group][row].double(), ref, rtol=1e-5, atol=1e-9
+            )
+    for f in sink.of(wire.FrameKind.PARAM_SKETCH):  # theta rows grouped the same way
+        assert set(f.tensors) == set(frame.tensors)
+    wire.decode_frame(wire.encode_frame(frame.kind, 1, 0, frame.tensors, frame.info))
+
+
 class TiedLM(nn.Module):
     """A language model whose unembedding is its embedding (Hugging Face's tied weights)."""
 
