@@ -190,7 +190,7 @@ class Monitor:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         probe: Any = None,
-        modules: Iterable[str | nn.Module] | None = None,
+        modules: Iterable[str | nn.Module] | nn.Module | None = None,
         every: int | Mapping[str, int] | None = None,
         *,
         loss_fn: LossFn | None = None,
@@ -201,14 +201,17 @@ class Monitor:
 
         ``every``: an int sets the update-sketch cadence; a mapping may set any of ``update``,
         ``theta``, ``weights``, ``activations``, ``defect`` (optimizer steps; 0 = off).
-        ``probe``: a fixed batch for activation spectra. ``loss_fn(model, batch)`` with
+        ``probe``: a fixed batch for activation spectra, taken at the modules ``modules`` names
+        or holds (one name or module, or several; default: every ``Linear``/``Conv`` up to
+        ``max_activation_hidden`` wide). ``loss_fn(model, batch)`` with
         ``sample_batch()`` turns on the commutator-defect probe. Without an optimizer, call
         :meth:`step` after each optimizer step. ``start_step``: the optimizer step the model
         is at (a checkpoint's); by default 0, or, when ``init`` resumed an existing run, the
         run's last step on the server (waiting up to ``resume_wait_s`` for its answer;
         multi-rank runs always start at 0 unless given). Returns None (and captures nothing) if the
         monitor is disabled, on a non-zero rank for an unsharded model, or if the attach failed
-        (the error is logged); an invalid ``every`` or an unknown name in ``modules`` raises
+        (the error is logged); an invalid ``every``, or a name in ``modules`` the model lacks or
+        a module not in it, raises
         :class:`~spectrawatch.config.SettingsError`. One model per monitor: attaching the same
         model and optimizer again returns the same handle; another model needs another
         :class:`Monitor` (after ``handle.remove()`` the same run may attach it again, e.g. with
@@ -227,12 +230,22 @@ class Monitor:
             if unknown:
                 raise SettingsError(f"unknown cadence(s) in every=: {sorted(unknown)}")
             s = s.replace(**{f"{k}_every": _cadence(k, v) for k, v in every.items()})
-        if modules is not None:  # a misspelt module name raises here, before training
+        if modules is not None:  # a misspelt name or a foreign module raises here, before training
+            # one name or one module (a Sequential/ModuleList still stands for its children)
+            if isinstance(modules, str) or not isinstance(modules, Iterable):
+                modules = [modules]
             modules = list(modules)
             named = dict(unwrap_model(model).named_modules())
             missing = [m for m in modules if isinstance(m, str) and m not in named]
             if missing:
                 raise SettingsError(f"modules=: no module named {missing[:5]} in the model")
+            ours = {id(m) for m in named.values()}
+            foreign = [m for m in modules if not isinstance(m, str) and id(m) not in ours]
+            if foreign:
+                raise SettingsError(
+                    f"modules=: {len(foreign)} module(s) not in the model, e.g. "
+                    f"{type(foreign[0]).__name__}"
+                )
         if self._captures:
             first = self._captures[0]
             if first.model is unwrap_model(model) and first.optimizer is optimizer:

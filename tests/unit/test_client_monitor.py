@@ -359,6 +359,12 @@ def test_api_use_from_the_session_6_audit(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(spectrawatch.SettingsError, match="no module named"):
         m.attach(model, opt, modules=["nope"])
+    with pytest.raises(spectrawatch.SettingsError, match="not in the model"):
+        m.attach(model, opt, modules=[model[0], nn.Linear(4, 4)])  # failed at every probe before
+    one = m.attach(model, opt, modules="0")  # one name, not the characters of a name
+    assert one is not None
+    assert one.capture._probe_modules() == [("0", model[0])]
+    one.remove()
     first = m.attach(model, opt)
     assert first is not None
     again = m.attach(model, opt)
