@@ -193,10 +193,18 @@ def decompress(data: bytes, max_size: int) -> bytes:
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
         out = reader.read(max_size + 1)
+        # a truncated frame decodes to what it holds, without an error: its declared size says
+        declared = zstandard.get_frame_parameters(data).content_size
     except zstandard.ZstdError as exc:
         raise FrameError("bad_encoding", f"body is not valid zstd: {exc}", status=400) from exc
     if len(out) > max_size:
         raise FrameError("too_large", f"decompressed frame exceeds {max_size} bytes", status=413)
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and len(out) < declared:
+        raise FrameError(
+            "bad_encoding",
+            f"zstd body is truncated: {len(out)} of the {declared} bytes its frame declares",
+            status=400,
+        )
     return out
 
 

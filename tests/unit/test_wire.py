@@ -114,6 +114,13 @@ def test_zstd_body_is_read_to_its_end() -> None:
     with pytest.raises(FrameError) as err:
         decompress(compress(a) + b"trailing bytes", 10_000)
     assert err.value.code == "bad_encoding"
+    with pytest.raises(FrameError, match="truncated") as err:  # decoded to nothing before
+        decompress(compress(a)[:-3], 10_000)
+    assert err.value.code == "bad_encoding"
+    for short in (b"", compress(a)[:3]):
+        with pytest.raises(FrameError) as err:
+            decompress(short, 10_000)
+        assert err.value.code == "bad_encoding"
     with pytest.raises(FrameError) as err:  # the cap counts every frame
         decompress(compress(a) * 3, 2 * len(a))
     assert err.value.code == "too_large"
