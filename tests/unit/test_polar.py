@@ -213,3 +213,34 @@ def test_float32_count_of_a_large_scale_gram_does_not_overflow() -> None:
     assert math.isfinite(float(schatten8_norm(w32.mT @ w32)))
     result = count_singular_values_above(w32, 66.4)  # bulk edge ~54, spikes 156..302
     assert (result.count, result.ambiguity < 1e-3) == (4, True)
+
+
+def test_huge_tiny_and_non_finite_inputs() -> None:
+    """A float32 input past ~1e19 overflowed its Frobenius norm (the factor came back all zero,
+    error 1.0; the count failed on a NaN trace; muon_audit called a finite update not finite);
+    a tiny one drowned in the normalisation's epsilon. Scaling by a power of two fixes both and
+    leaves ordinary inputs bit-identical."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 24, generator=g)
+    base = polar_express(a)
+    assert base.orthogonality_error < 1e-2
+    assert torch.equal(polar_express(a * 4.0).factor, base.factor)  # a power of two: exact
+    exact = int((torch.linalg.svdvals(a.double()) > 5.0).sum())
+    assert 0 < exact < 24
+    for c in (1e20, 1e-20):
+        got = polar_express(a * c)
+        assert got.orthogonality_error < 1e-2
+        torch.testing.assert_close(got.factor, base.factor, rtol=1e-4, atol=1e-4)
+        count = count_singular_values_above(a * c, 5.0 * c)
+        assert count.count == exact
+        assert count.threshold == pytest.approx((5.0 * c) ** 2)
+        audit, ref = muon_audit(a * c), muon_audit(a)
+        assert audit.polar_distance == pytest.approx(ref.polar_distance, rel=1e-4)
+        assert audit.scale == pytest.approx(ref.scale * c, rel=1e-4)
+    bad = a.clone()
+    bad[0, 0] = float("nan")
+    for call in (polar_express, lambda m: count_singular_values_above(m, 1.0)):
+        with pytest.raises(ValueError, match="not finite"):
+            call(bad)
+    with pytest.raises(ValueError, match="finite and non-zero"):
+        muon_audit(bad)

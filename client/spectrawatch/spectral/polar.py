@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,6 +83,19 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"dtype must be float64, float32 or bfloat16, got {dtype}")
 
 
+def _unit_scaled(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``x / c`` and ``c``: the power of two nearest above ``max |x|`` (exact in binary floating
+    point, so results in ordinary ranges do not change), or 1 for a zero matrix; keeps the
+    Frobenius norms and Grams of huge (or tiny) inputs in range. ``ValueError`` if not finite."""
+    peak = float(x.abs().amax()) if x.numel() else 0.0
+    if not math.isfinite(peak):
+        raise ValueError("matrix is not finite (NaN/Inf entries)")
+    if peak == 0.0:
+        return x, 1.0
+    scale = math.ldexp(1.0, math.frexp(peak)[1])
+    return x / scale, scale
+
+
 def orthogonality_error(q: torch.Tensor) -> float:
     """``||Q Q^T - I||_F / sqrt(k)`` for ``q`` ``(m, n)``, on its short side ``k = min(m, n)``.
 
@@ -132,7 +145,7 @@ def polar_express(
         refine_steps = 2 if dtype == torch.bfloat16 else 0
     work = torch.promote_types(dtype, torch.float32)
     tall = matrix.shape[0] > matrix.shape[1]
-    x = (matrix.mT if tall else matrix).to(work)
+    x, _ = _unit_scaled((matrix.mT if tall else matrix).to(work))  # polar(cA) = polar(A)
     x = x / (SAFETY * torch.linalg.matrix_norm(x) + NORM_EPS)
     x = _iterate(x.to(dtype), polar_express_coefficients(steps)).to(work)
     x = _iterate(x, [NEWTON_SCHULZ_QUINTIC] * refine_steps)
@@ -250,9 +263,10 @@ def count_singular_values_above(
     if threshold <= 0:
         raise ValueError(f"threshold must be positive, got {threshold}")
     work = torch.promote_types(matrix.dtype, torch.float32)
-    x = matrix.to(work)
+    x, scale = _unit_scaled(matrix.to(work))  # sigma(A / c) > t / c: the same count
     gram = x.mT @ x if x.shape[0] >= x.shape[1] else x @ x.mT
-    return count_above(gram, threshold * threshold, steps=steps, dtype=dtype)
+    count = count_above(gram, (threshold / scale) ** 2, steps=steps, dtype=dtype)
+    return replace(count, threshold=threshold * threshold)
 
 
 def exact_count_above(sym: torch.Tensor, threshold: float) -> int:
@@ -286,12 +300,15 @@ def muon_audit(
     if update.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(update.shape)}")
     work = torch.promote_types(update.dtype, torch.float32)
-    u = update.to(work)
+    try:
+        u, unit = _unit_scaled(update.to(work))  # the distance is scale-free; the scale is not
+    except ValueError:
+        raise ValueError("update must be finite and non-zero") from None
     norm = torch.linalg.matrix_norm(u)
-    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+    if float(norm) == 0.0:
         raise ValueError("update must be finite and non-zero")
     polar = polar_express(u, steps=steps, dtype=dtype)
     p = polar.factor.to(work)
     scale = (p * u).sum() / (p * p).sum()
     distance = torch.linalg.matrix_norm(u - scale * p) / norm
-    return MuonAudit(float(distance), float(scale), polar.orthogonality_error)
+    return MuonAudit(float(distance), float(scale) * unit, polar.orthogonality_error)
