@@ -532,3 +532,39 @@ def test_engine_ignores_steps_a_client_put_in_other_frames_info(
         AlertEngine().evaluate(session, frame)
         (alert,) = alert_store.list_alerts(session, run_id=run.id)
         assert (alert.rule, alert.step) == ("nonfinite", 300)
+
+
+def test_a_custom_silence_rule_resolves_when_the_run_ends_or_speaks_again(
+    sessions: sessionmaker[Session],
+) -> None:
+    # the sweep used to revisit only open episodes of the default `run_silent`: an episode of a
+    # custom silence rule stayed open for ever once its run finished, or came back with
+    # scalars only (no frame, so no per-frame evaluation)
+    from datetime import timedelta
+
+    from spectrawatch_server.db.base import utcnow
+
+    engine = AlertEngine()
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "s")
+        params = {"kind": "silence", "minutes": 5.0}
+        alert_store.upsert_rule(session, project.id, "quiet_5min", True, params)
+        ended, _ = repo.get_or_create_run(session, project, "ended", {}, [])
+        back, _ = repo.get_or_create_run(session, project, "back", {}, [])
+        for run in (ended, back):
+            run.last_seen_at = utcnow() - timedelta(minutes=10)
+        ids = (ended.id, back.id)
+    with sessions.begin() as session:
+        assert engine.sweep_silent(session) == 2
+        opened = alert_store.list_alerts(session, rule="quiet_5min", status="open")
+        assert sorted(a.run_id for a in opened) == sorted(ids)
+    with sessions.begin() as session:
+        session.get_one(Run, ids[0]).status = "finished"
+        session.get_one(Run, ids[1]).last_seen_at = utcnow()  # a scalar batch came in
+    with sessions.begin() as session:
+        assert engine.sweep_silent(session) == 2
+        alerts = alert_store.list_alerts(session, rule="quiet_5min")
+        assert sorted((a.run_id, a.status) for a in alerts) == [
+            (ids[0], "resolved"),
+            (ids[1], "resolved"),
+        ]

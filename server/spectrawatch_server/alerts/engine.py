@@ -295,7 +295,11 @@ class AlertEngine:
         now = utcnow()
         changes = 0
         candidates = {r.id: r for r in alert_store.silent_runs(session, now - timedelta(minutes=1))}
-        for alert in alert_store.open_alerts_of_rule(session, "run_silent"):
+        # open episodes of every silence rule, custom ones too: the run may have ended or
+        # spoken again (scalars only) since, and no frame would resolve them
+        silence = {r.name for r in R.default_rules() if r.kind == "silence"}
+        silence |= alert_store.stored_rule_names_of_kind(session, "silence")
+        for alert in alert_store.open_alerts_of_rules(session, silence):
             run = session.get(Run, alert.run_id)
             if run is not None:
                 candidates.setdefault(run.id, run)

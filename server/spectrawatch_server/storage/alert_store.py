@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -145,8 +145,14 @@ def silent_runs(session: Session, before: datetime) -> Sequence[Run]:
     return session.scalars(select(Run).where(Run.status == "running", quiet).order_by(Run.id)).all()
 
 
-def open_alerts_of_rule(session: Session, rule: str) -> Sequence[Alert]:
-    return session.scalars(select(Alert).where(Alert.rule == rule, Alert.status == "open")).all()
+def open_alerts_of_rules(session: Session, rules: Collection[str]) -> Sequence[Alert]:
+    return session.scalars(select(Alert).where(Alert.rule.in_(rules), Alert.status == "open")).all()
+
+
+def stored_rule_names_of_kind(session: Session, kind: str) -> set[str]:
+    """Names of the rules of ``kind`` any project stores (custom rules; a small table)."""
+    rows = session.execute(select(AlertRule.rule, AlertRule.params)).all()
+    return {rule for rule, params in rows if (params or {}).get("kind") == kind}
 
 
 # --- webhooks ----------------------------------------------------------------------------
