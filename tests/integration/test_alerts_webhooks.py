@@ -459,6 +459,30 @@ def test_test_sends_in_flight_are_bounded(api: httpx.Client) -> None:
     assert busy.headers["retry-after"] == "5"
 
 
+def test_a_webhook_deleted_during_its_test_send_is_404(api: httpx.Client) -> None:
+    """The test send's delivery goes with its webhook: its outcome was a 409 "retry it" (the
+    attempt could not be recorded), and is now a 404 naming the deleted webhook."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hostile = _HostileReceiver("trickle")  # holds the attempt for its 5 s timeout
+    try:
+        make_run(api, project="deleted-mid-test", name="r")
+        hook = api.post(
+            "/webhooks",
+            json={"project": "deleted-mid-test", "url": f"http://127.0.0.1:{hostile.port}"},
+        ).json()
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(api.post, f"/webhooks/{hook['id']}/test")
+            wait_until(lambda: hostile.sent > 0, timeout=10)
+            assert api.delete(f"/webhooks/{hook['id']}").status_code == 204
+            answer = pending.result()
+    finally:
+        hostile.close()
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["error"]["code"] == "webhook_not_found"
+    assert api.get("/health").status_code == 200
+
+
 @pytest.mark.parametrize(
     ("url", "reason"),
     [

@@ -417,3 +417,47 @@ def test_slack_text_escapes_user_names() -> None:
     assert "&lt;!channel&gt;" in text
     assert "r&amp;d &lt;b&gt;" in text
     assert text.endswith("<http://sw.example/runs/1|dashboard>")  # the one real link
+
+
+def test_a_webhook_deleted_during_an_attempt_ends_it_and_the_batch_goes_on(
+    tmp_path: Path,
+) -> None:
+    # recording the attempt of a delivery whose webhook (and with it the delivery) was deleted
+    # while the request was in flight raised a foreign-key IntegrityError out of the sender's
+    # batch: the other deliveries it had claimed waited out their lease (60 s)
+    import httpx
+
+    from spectrawatch_server.db.models import Alert, Delivery, DeliveryAttempt, Webhook
+    from spectrawatch_server.webhooks.deliver import DeliveryThread
+
+    sessions, _, doomed_id, _ = make_outbox(tmp_path)
+    with sessions.begin() as session:
+        doomed = session.get_one(Delivery, doomed_id)
+        alive = Webhook(project_id=1, url="https://hooks.example/alive", secret=generate_secret())
+        session.add(alive)
+        session.flush()
+        alert = session.get_one(Alert, doomed.alert_id)
+        session.add(
+            Delivery(
+                webhook_id=alive.id, alert_id=alert.id, message_id="msg_alive", event=doomed.event,
+                payload=doomed.payload, status="pending", attempts=0, next_at=doomed.next_at,
+            )
+        )  # fmt: skip
+        doomed_hook = doomed.webhook_id
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/in":  # the operator deletes this endpoint meanwhile
+            with sessions.begin() as session:
+                session.delete(session.get_one(Webhook, doomed_hook))
+            return httpx.Response(500)
+        return httpx.Response(204)
+
+    thread = DeliveryThread(sender(sessions, handler))
+    assert thread.run_once() == 2
+    thread.deliverer.close()
+    with sessions() as session:
+        rows = session.query(Delivery).all()
+        assert [(d.message_id, d.status, d.attempts) for d in rows] == [
+            ("msg_alive", "delivered", 1)
+        ]
+        assert session.query(DeliveryAttempt).count() == 1

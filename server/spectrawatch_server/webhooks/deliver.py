@@ -288,8 +288,13 @@ class Deliverer:
         final: bool,
     ) -> Outcome:
         with self.sessions.begin() as session:
+            # locked: a webhook deleted now waits; one deleted during the request took its
+            # deliveries with it (no attempt to record, and no row to retry)
+            delivery = session.get(Delivery, delivery_id, with_for_update=True)
+            if delivery is None:
+                log.info("webhook delivery %d: webhook deleted during the attempt", delivery_id)
+                return Outcome(delivery_id, "failed", code, "webhook deleted", latency_ms)
             alert_store.record_attempt(session, delivery_id, code, latency_ms, error)
-            delivery = session.get_one(Delivery, delivery_id)
             delivery.attempts += 1
             delivery.last_status_code = code
             delivery.last_error = error

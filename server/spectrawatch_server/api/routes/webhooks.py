@@ -312,7 +312,9 @@ def _send_test(hook: Webhook, state: AppState, session: Session) -> DeliveryPubl
     finally:
         deliverer.close()
     with state.sessions.begin() as fresh:
-        row = fresh.get_one(Delivery, delivery.id)
+        row = fresh.get(Delivery, delivery.id)
+        if row is None:  # the webhook was deleted while the test was in flight
+            raise ApiError(404, "webhook_not_found", f"webhook {hook.id} was deleted")
         if row.status == "pending":  # one shot: the sender thread must not retry it
             row.status = "failed"
         return _delivery_public(fresh, row, with_log=True)
