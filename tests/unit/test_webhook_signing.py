@@ -461,3 +461,44 @@ def test_a_webhook_deleted_during_an_attempt_ends_it_and_the_batch_goes_on(
             ("msg_alive", "delivered", 1)
         ]
         assert session.query(DeliveryAttempt).count() == 1
+
+
+@pytest.mark.parametrize(
+    ("rule", "params", "expires"),
+    [
+        ("run_bound", {"kind": "nonfinite", "expires_with_run": True}, True),
+        ("grokking_imminent", {"expires_with_run": False}, False),
+    ],
+)
+def test_sender_honours_the_projects_expires_with_run(
+    tmp_path: Path, rule: str, params: dict[str, Any], expires: bool
+) -> None:
+    # the API accepts and shows `expires_with_run` for any rule, but the sender read it from
+    # the default rules only: a custom rule's events were sent after the run ended, and a
+    # project that turned it off for grokking_imminent still had them dropped
+    import httpx
+
+    from spectrawatch_server.db.models import Run
+    from spectrawatch_server.storage import alert_store
+
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(204)
+
+    sessions, run_id, delivery_id, _ = make_outbox(tmp_path, rule=rule)
+    with sessions.begin() as session:
+        run = session.get_one(Run, run_id)
+        run.status = "finished"
+        alert_store.upsert_rule(session, run.project_id, rule, True, params)
+    deliverer = sender(sessions, handler)
+    outcome = deliverer.attempt(delivery_id)
+    deliverer.close()
+    assert outcome is not None
+    if expires:
+        assert (outcome.status, len(sent)) == ("failed", 0)
+        assert outcome.error is not None
+        assert "run ended" in outcome.error
+    else:
+        assert (outcome.status, len(sent)) == ("delivered", 1)

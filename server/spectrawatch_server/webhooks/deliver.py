@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch._transport import parse_retry_after
 from spectrawatch_server.alerts.engine import engine_for
-from spectrawatch_server.alerts.rules import default_rules
+from spectrawatch_server.alerts.rules import effective_rules
 from spectrawatch_server.config import ServerSettings, parse_schedule
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Alert, Delivery, Run, Webhook
@@ -138,9 +138,6 @@ class _Watchdog:
 def _shutdown(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):  # already closed
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-_EXPIRES_WITH_RUN = frozenset(r.name for r in default_rules() if r.expires_with_run)
 
 
 class Deliverer:
@@ -271,9 +268,13 @@ class Deliverer:
             return "expired before it could be delivered"
         if delivery.alert_id is not None:
             alert = session.get(Alert, delivery.alert_id)
-            if alert is not None and alert.rule in _EXPIRES_WITH_RUN:
-                run = session.get(Run, alert.run_id)
-                if run is not None and run.status != "running":
+            run = session.get(Run, alert.run_id) if alert is not None else None
+            if alert is not None and run is not None and run.status != "running":
+                # the project's rule: `expires_with_run` is an editable parameter
+                stored = alert_store.stored_rules(session, run.project_id)
+                if any(
+                    r.name == alert.rule and r.expires_with_run for r in effective_rules(stored)
+                ):
                     return f"expired: run ended ({run.status}) before delivery"
         return None
 
