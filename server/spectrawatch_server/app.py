@@ -87,6 +87,7 @@ def build_state(settings: ServerSettings) -> AppState:
             lease_seconds=settings.job_lease_seconds,
             max_attempts=settings.job_max_attempts,
             poll_seconds=settings.worker_poll_seconds,
+            backoff_seconds=settings.job_backoff_seconds,
         )
     return AppState(settings, engine, sessions, blobs, queue, worker, limits)
 

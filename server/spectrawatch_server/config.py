@@ -144,7 +144,7 @@ class ServerSettings(BaseSettings):
     worker_poll_seconds: float = Field(0.5, gt=0)  # 0 would spin
     # decoded sketch frames a worker keeps for the next frames' SED windows (0: none)
     frame_cache_mb: int = Field(256, ge=0)
-    job_backoff_seconds: int = Field(2, ge=0)  # procrastinate retries wait backoff**attempt s
+    job_backoff_seconds: int = Field(2, ge=0)  # a retried job waits backoff**attempt s
     worker_heartbeat_seconds: float = Field(10.0, gt=0)  # procrastinate worker heartbeat period
     # heartbeat age after which a worker's job is re-queued
     worker_stalled_seconds: float = Field(30.0, gt=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from sqlalchemy import func, select
@@ -200,3 +201,38 @@ def test_job_out_of_attempts_fails_its_frame_too(sessions: sessionmaker[Session]
         assert (job.status, job.error) == ("failed", "gave up after max attempts")
         assert session.scalars(select(Frame.status)).one() == "failed"
         assert repo.fail_expired_jobs(session, max_attempts=3) == 0
+
+
+def test_a_failed_job_waits_its_backoff_before_the_next_attempt(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The embedded queue re-ran a failed analysis at once: five attempts took ~25 ms, so a
+    blob store away for a second failed the frame for good. It now waits backoff**attempts s."""
+    (run_id,) = make_runs(sessions, 1)
+    calls: list[float] = []
+
+    def handler(frame_id: int) -> None:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise OSError("blob store unavailable")
+        with sessions.begin() as session:
+            repo.finish_frame(session, frame_id, "done", None)
+
+    queue = EmbeddedQueue(sessions, handler, max_attempts=5, backoff_seconds=0.5)
+    FrameCommitter(sessions, queue).write([frame(run_id, 0)])
+    assert queue.run_once()  # attempt 1 fails: not before 0.5**1 s from now
+    assert not queue.run_once()  # nothing runnable yet
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.status, job.attempts, job.error) == (
+            "pending",
+            1,
+            "OSError('blob store unavailable')",
+        )
+    while len(calls) < 3:
+        queue.run_once()
+        time.sleep(0.01)
+    assert calls[1] - calls[0] >= 0.5
+    assert calls[2] - calls[1] >= 0.25  # 0.5**2
+    with sessions() as session:
+        assert session.scalars(select(Job.status)).one() == "done"

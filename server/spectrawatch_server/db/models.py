@@ -113,6 +113,7 @@ class Job(Base):
     )  # pending|running|done|failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # running: the lease's end; pending: not before (a retry's backoff), None: at once
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -2,7 +2,10 @@
 
 Restart-safe: on start, jobs left 'running' by a previous process are returned to 'pending'
 (the embedded mode is one process by definition); leases also expire, so a hung job is
-retried. Jobs that fail ``max_attempts`` times end as 'failed' with their error.
+retried. A job whose analysis raised waits ``backoff_seconds ** attempts`` seconds before its
+next attempt (2, 4, 8, ... s by default: procrastinate's schedule), so a transient error (a blob
+store briefly away) does not use up every attempt at once; jobs that fail ``max_attempts`` times
+end as 'failed' with their error.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from datetime import timedelta
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Job
 from spectrawatch_server.queue.base import JobHandler
 from spectrawatch_server.storage import repository as repo
@@ -33,12 +37,14 @@ class EmbeddedQueue:
         lease_seconds: float = 120.0,
         max_attempts: int = 5,
         poll_seconds: float = 0.5,
+        backoff_seconds: float = 0.0,
     ) -> None:
         self.sessions = sessions
         self.handler = handler
         self.lease = timedelta(seconds=lease_seconds)
         self.max_attempts = max_attempts
         self.poll_seconds = poll_seconds
+        self.backoff_seconds = backoff_seconds
         self.worker_id = f"embedded-{uuid.uuid4().hex[:12]}"
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -101,7 +107,8 @@ class EmbeddedQueue:
                 if job.attempts >= self.max_attempts:
                     repo.finish_frame(session, job.frame_id, "failed", repr(exc))
                 else:
-                    repo.release_job(session, job.job_id, repr(exc))
+                    wait = timedelta(seconds=self.backoff_seconds**job.attempts)
+                    repo.release_job(session, job.job_id, repr(exc), not_before=utcnow() + wait)
         self.processed += 1
         return True
 

@@ -345,7 +345,11 @@ def claim_job(
     The conditional UPDATE makes the claim safe against other workers on any backend.
     """
     now = utcnow()
-    runnable = or_(Job.status == "pending", (Job.status == "running") & (Job.lease_until < now))
+    # a pending job's lease_until is its not-before time (a retry's backoff), if it has one
+    waited = or_(Job.lease_until.is_(None), Job.lease_until <= now)
+    runnable = or_(
+        (Job.status == "pending") & waited, (Job.status == "running") & (Job.lease_until < now)
+    )
     candidates = session.scalars(
         select(Job.id).where(runnable, Job.attempts < max_attempts).order_by(Job.id).limit(8)
     ).all()
@@ -412,9 +416,16 @@ def finish_frame(session: Session, frame_id: int, status: str, error: str | None
     session.execute(update(Frame).where(Frame.id == frame_id).values(status=status))
 
 
-def release_job(session: Session, job_id: int, error: str, refund_attempt: bool = False) -> None:
-    """Put a job back for a later retry; ``refund_attempt`` when the failure was not the job's."""
-    values: dict[str, Any] = {"status": "pending", "error": error, "lease_until": None}
+def release_job(
+    session: Session,
+    job_id: int,
+    error: str,
+    refund_attempt: bool = False,
+    not_before: datetime | None = None,
+) -> None:
+    """Put a job back for a retry, at once or from ``not_before`` on (kept in ``lease_until``);
+    ``refund_attempt`` when the failure was not the job's."""
+    values: dict[str, Any] = {"status": "pending", "error": error, "lease_until": not_before}
     if refund_attempt:
         values["attempts"] = _greatest(session, Job.attempts - 1, 0)
     session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(**values))
