@@ -24,6 +24,9 @@ _FLAGS = {
     "run_worker": "no_worker",
 }
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+LOG_LEVEL_HELP = f"{', '.join(LOG_LEVELS)} (default SPECTRAWATCH_LOG_LEVEL, else info)"
+
 
 class CommandError(Exception):
     """A command that cannot run; each line of the message is printed as ``error: <line>``."""
@@ -74,6 +77,18 @@ def _startup_check(args: argparse.Namespace, check: Callable[[], Any]) -> Any:
         raise CommandError(str(exc)) from None
 
 
+def _log_level(args: argparse.Namespace) -> str:
+    """``--log-level``, else ``SPECTRAWATCH_LOG_LEVEL`` (empty: unset), else ``info``; checked up
+    front like the other settings (uvicorn failed on an unknown level with a traceback, after
+    the server had printed that it was serving)."""
+    flag = args.log_level is not None
+    raw = args.log_level if flag else os.environ.get("SPECTRAWATCH_LOG_LEVEL") or "info"
+    if raw.lower() not in LOG_LEVELS:
+        label = "--log-level" if flag else "SPECTRAWATCH_LOG_LEVEL"
+        raise CommandError(f"{label}: must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return str(raw.lower())
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     """Serve the API, dashboards and the in-process worker with uvicorn.
 
@@ -85,6 +100,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from spectrawatch_server import startup
     from spectrawatch_server.app import create_app
 
+    log_level = _log_level(args)
     settings = _server_settings(
         args,
         host=args.host,
@@ -115,7 +131,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             f"(data in {settings.data_dir})"
         )
         print(f"  API docs: {settings.base_url}/docs", flush=True)
-        _log_to_stderr(args.log_level)
+        _log_to_stderr(log_level)
         app: Any = create_app(settings)
         if args.workers > 1:  # uvicorn starts each process from an import string: env settings
             _export_settings(settings)
@@ -126,7 +142,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             workers=args.workers,
             host=settings.host,
             port=settings.port,
-            log_level=args.log_level,
+            log_level=log_level,
             timeout_graceful_shutdown=5,
         )
     return 0
@@ -154,7 +170,7 @@ def _log_to_stderr(level: str) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Consume analysis jobs from the procrastinate queue (scale-out mode)."""
-    _log_to_stderr(args.log_level)
+    _log_to_stderr(_log_level(args))
     from spectrawatch_server import startup, worker_main
 
     settings = _server_settings(args, queue="procrastinate", device=args.device)
@@ -262,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="API processes (PostgreSQL queue only; analysis runs in `spectrawatch worker`)",
     )
-    server.add_argument("--log-level", default=os.environ.get("SPECTRAWATCH_LOG_LEVEL", "info"))
+    server.add_argument("--log-level", default=None, help=LOG_LEVEL_HELP)
     server.set_defaults(func=cmd_server)
 
     worker = sub.add_parser("worker", help="run an analysis worker (PostgreSQL + procrastinate)")
@@ -272,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1, help="worker processes (CPU only)")
     worker.add_argument("--name", default=None, help="worker name (default host-pid-device)")
     worker.add_argument("--data-dir", default=None, help="blob directory root, as the API's")
-    worker.add_argument("--log-level", default=os.environ.get("SPECTRAWATCH_LOG_LEVEL", "info"))
+    worker.add_argument("--log-level", default=None, help=LOG_LEVEL_HELP)
     worker.set_defaults(func=cmd_worker)
 
     token = sub.add_parser("token", help="manage API tokens")

@@ -47,6 +47,8 @@ def no_serving(monkeypatch: pytest.MonkeyPatch) -> None:
             "SPECTRAWATCH_WEBHOOK_RETRY_SCHEDULE",
         ),
         (["--workers", "0"], {}, "--workers"),
+        ([], {"SPECTRAWATCH_LOG_LEVEL": "verbose"}, "SPECTRAWATCH_LOG_LEVEL: must be one of"),
+        (["--log-level", "loud"], {}, "--log-level: must be one of"),
         (
             [],
             {"SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS": "10.0.0.0/8, http://hooks.internal"},
@@ -102,6 +104,24 @@ def test_worker_settings_are_checked_like_the_server_s(
     assert capsys.readouterr().err == (
         "error: SPECTRAWATCH_WORKER_POLL_SECONDS: Input should be greater than 0\n"
     )
+
+
+def test_worker_log_level_is_checked_and_an_empty_one_is_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPECTRAWATCH_LOG_LEVEL", "verbose")
+    assert main(["worker", "--device", "cpu", "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "error: SPECTRAWATCH_LOG_LEVEL: must be one of critical, error, warning, info, debug, "
+        "trace, got 'verbose'\n"
+    )
+    import uvicorn
+
+    served: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(kwargs))
+    monkeypatch.setenv("SPECTRAWATCH_LOG_LEVEL", "")  # empty: unset
+    assert main(["server", "--data-dir", str(tmp_path), "--port", "8798"]) == 0
+    assert served["log_level"] == "info"
 
 
 @pytest.mark.parametrize("project", ["", "   ", "a/b?c"])
