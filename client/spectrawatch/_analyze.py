@@ -892,8 +892,10 @@ def _tolerant_stdout() -> None:
 
 def _check_output(path: str | None, option: str) -> None:
     """Fail before any analysis when an output file cannot be written."""
-    if path is None:
+    if path is None or (path == "-" and option == "-o"):  # -o -: stdout, as without -o
         return
+    if path == "-":
+        raise AnalyzeError(f"{option} -: stdout is for the --format output (-o -); give a file")
     if not path.strip():
         raise AnalyzeError(f"{option}: empty file name")
     target = Path(path)
@@ -913,8 +915,8 @@ def _csv_text(write: Callable[[Any, TextIO], None], data: Any) -> str:
 
 
 def _emit(args: argparse.Namespace, text: str) -> None:
-    """The ``--format`` output: to ``-o FILE`` or stdout."""
-    if args.output:
+    """The ``--format`` output: to ``-o FILE`` or stdout (also ``-o -``)."""
+    if args.output and args.output != "-":
         _write(args.output, text if text.endswith("\n") else text + "\n")
     else:
         print(text)

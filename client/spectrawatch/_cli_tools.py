@@ -52,7 +52,9 @@ def add_analyze_command(subparsers: Any) -> None:
         help="output format (default table): json, a list with one object per weight; csv, one "
         "row per weight",
     )
-    p.add_argument("-o", "--output", default=None, help="write the --format output to FILE")
+    p.add_argument(
+        "-o", "--output", default=None, help="write the --format output to FILE (-: stdout)"
+    )
     p.add_argument("--csv", default=None, help="also write all metrics per layer as CSV to FILE")
     p.add_argument("--json", default=None, help="also write all metrics per layer as JSON to FILE")
     p.add_argument(

@@ -211,11 +211,11 @@ class Monitor:
         multi-rank runs always start at 0 unless given). Returns None (and captures nothing) if the
         monitor is disabled, on a non-zero rank for an unsharded model, or if the attach failed
         (the error is logged); an invalid ``every``, or a name in ``modules`` the model lacks or
-        a module not in it, raises
-        :class:`~spectrawatch.config.SettingsError`. One model per monitor: attaching the same
-        model and optimizer again returns the same handle; another model needs another
-        :class:`Monitor` (after ``handle.remove()`` the same run may attach it again, e.g. with
-        a new optimizer: its steps continue after the removed one's). FSDP1
+        a module not in it, raises :class:`~spectrawatch.config.SettingsError`. One model per
+        monitor: attaching the same model and optimizer again returns a handle to the same hooks
+        (none are added); another model needs another :class:`Monitor` (after
+        ``handle.remove()`` the same run may attach it again, e.g. with a new optimizer: its
+        steps continue after the removed one's). FSDP1
         ``FullyShardedDataParallel`` is
         refused (logged); use FSDP2 ``fully_shard``.
         """

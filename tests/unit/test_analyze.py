@@ -473,6 +473,7 @@ def test_bad_options_fail_before_any_analysis(
     for argv in (
         [str(ckpt), "--json", str(missing)],
         [str(ckpt), "-o", ""],
+        [str(ckpt), "--csv", "-"],  # "-" is stdout only for -o
         ["--compare", str(ckpt), str(tmp_path / "absent.safetensors")],
         [str(ckpt), "--device", "meta"],
         [str(ckpt), "--layers", "zzz"],
@@ -483,6 +484,16 @@ def test_bad_options_fail_before_any_analysis(
         assert "Traceback" not in err
     assert main(["analyze", "-q", str(ckpt), "--layers", "zzz"]) == 2
     assert "matched none of its 4 weights" in capsys.readouterr().err
+
+
+def test_output_dash_is_stdout(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-o -`` wrote a file named ``-``; it is stdout, as in most tools."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "-q", str(ckpt), "--format", "json", "-o", "-"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+    assert not (tmp_path / "-").exists()
 
 
 def test_a_closed_stdout_ends_quietly(ckpt: Path) -> None:
