@@ -133,11 +133,13 @@ def cmd_runs_lag(args: argparse.Namespace) -> int:
     ]
     for series in out["series"]:
         best = series["best"]
-        reading = "no variation to correlate"
+        reading = "no variation to correlate, or fewer than 10 point pairs"
         if best is not None:
             steps = best["steps"]
             who = "gap leads" if steps > 0 else "gap lags" if steps < 0 else "in step"
-            reading = f"strongest r = {best['r']:+.2f} at {steps:+d} steps ({who})"
+            reading = (
+                f"strongest r = {best['r']:+.2f} at {steps:+d} steps ({who}, {best['pairs']} pairs)"
+            )
             if abs(best["lag"]) == args.max_lag:
                 reading += ", at the edge of the range"
         lines.append(f"  {series['metric']:<30} {series['points']:>6} shared steps  {reading}")

@@ -187,6 +187,7 @@ class LagPoint(BaseModel):
     lag: int
     steps: int
     r: float | None = Field(description="null where an overlap is constant")
+    pairs: int = Field(description="point pairs the correlation is over (shared points - |lag|)")
 
 
 class LagSeries(BaseModel):
@@ -197,7 +198,9 @@ class LagSeries(BaseModel):
     points: int = Field(description="steps both series share (the lag grid)")
     step_unit: int | None = Field(description="median step spacing of the shared grid")
     lags: list[LagPoint]
-    best: LagPoint | None = Field(description="the strongest |r|; lag > 0: the gap leads")
+    best: LagPoint | None = Field(
+        description="the strongest |r| among lags over at least 10 pairs; lag > 0: the gap leads"
+    )
 
 
 class LagAnalysis(BaseModel):

@@ -737,6 +737,10 @@ def test_lag_endpoint_finds_the_lead_of_a_gap_series(tmp_path: Path) -> None:
             {"step": s, "layer": "__model__", "name": "sed.gap_ratio.w16", "value": 1.0}
             for s in range(0, 3000, 7)
         ]  # on its own grid: shares every 700th step
+        rows += [
+            {"step": s, "layer": "__model__", "name": "sed.gap_ratio.w64", "value": v}
+            for s, v in zip(steps[:9], gap, strict=False)
+        ]  # 9 shared points: every lag's r is over fewer than 10 pairs
         assert client.post(f"{base}/metrics", json={"rows": rows}).status_code == 202
         scalars = [
             {"step": s, "name": "val_loss", "value": v}
@@ -746,7 +750,7 @@ def test_lag_endpoint_finds_the_lead_of_a_gap_series(tmp_path: Path) -> None:
         body = client.get(f"{base}/sed/lag", params={"max_lag": 5}).json()
         assert body["scalar"] == "val_loss"
         by_metric = {s["metric"]: s for s in body["series"]}
-        assert sorted(by_metric) == ["sed.gap_ratio.w16", "sed.gap_ratio.w32"]
+        assert sorted(by_metric) == ["sed.gap_ratio.w16", "sed.gap_ratio.w32", "sed.gap_ratio.w64"]
         w32 = by_metric["sed.gap_ratio.w32"]
         assert (w32["points"], w32["step_unit"]) == (30, 100)
         assert (w32["best"]["lag"], w32["best"]["steps"]) == (3, 300)
@@ -754,6 +758,11 @@ def test_lag_endpoint_finds_the_lead_of_a_gap_series(tmp_path: Path) -> None:
         assert w32["best"]["r"] == pytest.approx(want, rel=1e-12)
         assert want == pytest.approx(1.0)
         assert {p["lag"] for p in w32["lags"]} == set(range(-5, 6))
+        assert all(p["pairs"] == 30 - abs(p["lag"]) for p in w32["lags"])
+        short = by_metric["sed.gap_ratio.w64"]
+        assert short["lags"]  # computed, with their pairs, but none strong enough to be best
+        assert max(p["pairs"] for p in short["lags"]) == 9
+        assert short["best"] is None
         constant = by_metric["sed.gap_ratio.w16"]
         assert constant["best"] is None  # a constant gap correlates with nothing
         assert client.get(f"{base}/sed/lag", params={"scalar": "nope"}).status_code == 404

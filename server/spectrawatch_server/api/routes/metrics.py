@@ -91,6 +91,7 @@ def ingest_metrics(
 
 
 # per-step SED gap ratio (``sed.gap_ratio.w<W>``) and its checkpoint-interval variant
+BEST_LAG_PAIRS = 10  # the fewest point pairs a lag needs to be reported as the strongest
 _GAP_BASES = (sed.GAP_RATIO, sed.interval_key(sed.GAP_RATIO).rpartition(".w")[0])
 
 
@@ -117,7 +118,9 @@ def read_sed_lag(
     """SED lag analysis (the SED paper's §4): Pearson r(gap_t, scalar_{t+l}) of every gap-ratio
     series of ``layer`` (each window size, and the checkpoint-interval variant) with a logged
     scalar, for l = -max_lag..max_lag points of the steps both share. The strongest |r| at
-    l > 0 says the gap leads the scalar by ``steps``; at l < 0 it lags behind it."""
+    l > 0 says the gap leads the scalar by ``steps``; at l < 0 it lags behind it. ``best`` is
+    chosen among lags over at least :data:`BEST_LAG_PAIRS` point pairs (each lag says its own).
+    """
     y_steps, y = _finite_points(repo.scalar_points(session, run.id, scalar, None, None))
     if not y_steps:
         raise ApiError(404, "unknown_scalar", f"run {run.id} has no finite scalar {scalar!r}")
@@ -138,10 +141,16 @@ def read_sed_lag(
             else None
         )
         lags = [
-            LagPoint(lag=lag, steps=lag * (unit or 0), r=None if math.isnan(r) else r)
+            LagPoint(
+                lag=lag,
+                steps=lag * (unit or 0),
+                r=None if math.isnan(r) else r,
+                pairs=len(shared) - abs(lag),
+            )
             for lag, r in sed.lagged_correlation(x_steps, x, y_steps, y, max_lag)
         ]
-        scored = [p for p in lags if p.r is not None]
+        # r over a few pairs is large by chance (3 independent pairs: |r| > 0.9 in 29 % of cases)
+        scored = [p for p in lags if p.r is not None and p.pairs >= BEST_LAG_PAIRS]
         best = max(scored, key=lambda p: abs(p.r or 0.0)) if scored else None
         out.append(
             LagSeries(
