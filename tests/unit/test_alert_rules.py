@@ -154,6 +154,7 @@ def test_known_metrics() -> None:
         ("custom_one", {"kind": "threshold", "metric": "no.such", "above": 1}, "metric"),
         ("custom_one", {"metric": "htsr.alpha", "above": 1}, "kind"),
         ("Bad-Name", {"kind": "nonfinite"}, "rule"),
+        ("nonfinite", {"layers": "a" * 100_000}, "layers"),  # was stored, matched on every frame
     ],
 )
 def test_build_rule_rejects_bad_input(name: str, params: dict[str, object], field: str) -> None:

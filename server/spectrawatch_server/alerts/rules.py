@@ -28,6 +28,7 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, Literal
 
+from spectrawatch.wire import LAYER_MAX
 from spectrawatch_server.analyses.registry import MODEL_LAYER
 
 RuleKind = Literal["threshold", "growth", "nonfinite", "client_drops", "silence"]
@@ -349,8 +350,10 @@ def build_rule(
     if severity not in SEVERITIES:
         raise RuleError("severity", f"must be one of {', '.join(SEVERITIES)}, got {severity!r}")
     layers = merged.get("layers", "*")
-    if not isinstance(layers, str) or not layers:
-        raise RuleError("layers", "must be a non-empty glob pattern")
+    if not isinstance(layers, str) or not layers or len(layers) > LAYER_MAX:
+        raise RuleError(
+            "layers", f"must be a non-empty glob pattern of at most {LAYER_MAX} characters"
+        )
     below = _number(merged, "below")
     above = _number(merged, "above")
     hysteresis = _number(merged, "hysteresis") or 0.0
