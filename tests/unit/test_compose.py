@@ -89,3 +89,16 @@ def test_compose_topology_is_configured_by_environment() -> None:
     assert worker["command"][:3] == ["worker", "--device", "cuda:0"]
     assert "healthcheck" in services["db"]
     assert "healthcheck" in api
+
+
+def test_every_spectrawatch_image_is_built_by_its_own_service() -> None:
+    """``worker-cpu`` reused the api's image without a build section, so compose could try to
+    pull ``spectrawatch:latest-cpu`` (no such public image) when it created that service first."""
+    result = compose("--profile", "cpu", "config", SPECTRAWATCH_DB_PASSWORD="pw")
+    assert result.returncode == 0, result.stderr
+    services: dict[str, Any] = yaml.safe_load(result.stdout)["services"]
+    ours = {name: s for name, s in services.items() if s["image"].startswith("spectrawatch:")}
+    assert {"api", "worker", "worker-cpu"} <= set(ours)
+    for name, service in ours.items():
+        variant = service["image"].rpartition("-")[2]
+        assert service["build"]["args"]["VARIANT"] == variant, name
