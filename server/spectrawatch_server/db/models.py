@@ -141,7 +141,8 @@ class Metric(Base):
     __table_args__ = (
         UniqueConstraint("frame_id", "analysis", "layer", "name", "step"),
         Index("ix_metric_run_name_step", "run_id", "name", "step"),
-        Index("ix_metric_run_name_layer_step", "run_id", "name", "layer", "step"),  # 0003
+        # value last: a per-layer series read needs no table row (0003, covering since 0005)
+        Index("ix_metric_run_name_layer_step", "run_id", "name", "layer", "step", "value"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

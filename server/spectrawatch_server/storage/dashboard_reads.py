@@ -159,11 +159,18 @@ def _skips_stored_steps(session: Session, where: list[Any], steps: Sequence[int]
 def grid_cells(
     session: Session, run_id: int, name: str, steps: Sequence[int]
 ) -> list[tuple[str, int, float | None]]:
-    """``(layer, step, value)`` of metric ``name`` at ``steps`` (heatmap cells)."""
-    stmt = select(Metric.layer, Metric.step, Metric.value).where(
-        Metric.run_id == run_id, Metric.name == name, Metric.step.in_(list(steps))
-    )
-    return [tuple(r) for r in session.connection().execute(stmt)]  # type: ignore[misc]
+    """``(layer, step, value)`` of metric ``name`` at ``steps`` (heatmap cells), by one seek
+    per step. SQLite is told the index: without statistics it prefers scanning every row of
+    the metric in the covering ``ix_metric_run_name_layer_step`` (0.1 -> 0.2 s for 300 steps
+    of 150 layers x 5,000)."""
+    conn = session.connection()
+    hint = " INDEXED BY ix_metric_run_name_step" if conn.dialect.name == "sqlite" else ""
+    stmt = text(
+        f"SELECT layer, step, value FROM metric{hint}"  # a fixed index name, not user input
+        " WHERE run_id = :r AND name = :n AND step IN :steps"
+    ).bindparams(bindparam("steps", expanding=True))
+    rows = conn.execute(stmt, {"r": run_id, "n": name, "steps": [int(t) for t in steps]})
+    return [(str(la), int(t), v) for la, t, v in rows]
 
 
 def bucketed_series(
