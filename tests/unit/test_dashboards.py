@@ -21,6 +21,7 @@ from spectrawatch_server.api.routes import dashboards as routes
 from spectrawatch_server.db.models import Metric, Scalar
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage import series
 from spectrawatch_server.storage.repository import MetricRow
 from tests.dashboard_seed import done_frame, migrated, new_run
 
@@ -537,6 +538,38 @@ def test_series_reads_touch_no_table_row(db: Any) -> None:
         assert plan(query, params) == [
             "SEARCH metric USING INDEX ix_metric_run_name_step (run_id=? AND name=? AND step=?)"
         ]
+
+
+def test_metrics_at_reads_by_name_not_every_row(db: Any) -> None:
+    """``metrics_at`` (the early-warning evidence under the overview, the alert engine) finds
+    its names among the run's names and seeks each: ``name LIKE 'prefix%'`` used no index and
+    read every metric row of the run (0.4 s at 4.5M rows). The prefix is literal."""
+    sessions, run_id = db
+    with sessions() as s:
+        conn = s.connection()
+        seen: list[tuple[str, Any]] = []
+
+        def record(*args: Any) -> None:
+            seen.append((args[2], args[3]))
+
+        event.listen(conn.engine, "before_cursor_execute", record)
+        try:
+            assert series.metrics_at(s, run_id, "__model__", "sed.", 1) == {
+                "sed.gap_ratio.w16": 0.0
+            }
+            assert series.metrics_at(s, run_id, "lnan", "x.", 0) == {"x.gappy": 1.0}
+            assert series.metrics_at(s, run_id, "lnan", "x.", 1) == {}  # NaN is no value
+            assert series.metrics_at(s, run_id, "lnan", "x_", 0) == {}  # not a LIKE pattern
+            assert series.metrics_at(s, run_id, "l1", "nope.", 3) == {}
+        finally:
+            event.remove(conn.engine, "before_cursor_execute", record)
+        assert seen
+        for query, params in seen:
+            assert " LIKE " not in query.upper(), query
+            if "metric.value" not in query:
+                continue  # the names' skip-scan: a min() seek per name
+            plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query, params)]
+            assert not [line for line in plan if line.endswith("(run_id=?)")], (query, plan)
 
 
 def test_rounded_keeps_six_significant_digits() -> None:

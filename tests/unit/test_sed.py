@@ -741,6 +741,9 @@ def test_lag_endpoint_finds_the_lead_of_a_gap_series(tmp_path: Path) -> None:
             {"step": s, "layer": "__model__", "name": "sed.gap_ratio.w64", "value": v}
             for s, v in zip(steps[:9], gap, strict=False)
         ]  # 9 shared points: every lag's r is over fewer than 10 pairs
+        rows += [
+            {"step": s, "layer": "fc1", "name": "sed.gap_ratio.w8", "value": 1.0} for s in steps
+        ]  # a window only another layer has: no series of __model__
         assert client.post(f"{base}/metrics", json={"rows": rows}).status_code == 202
         scalars = [
             {"step": s, "name": "val_loss", "value": v}

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.models import Metric
+from spectrawatch_server.storage.dashboard_reads import series_names
 from spectrawatch_server.storage.repository import metric_tail
 
 Series = dict[tuple[str, str], list[tuple[int, float]]]
@@ -60,13 +61,20 @@ def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str],
 def metrics_at(
     session: Session, run_id: int, layer: str, prefix: str, step: int
 ) -> dict[str, float]:
-    """``{name: value}`` of a run's metrics named ``prefix*`` in ``layer`` at ``step``."""
+    """``{name: value}`` of a run's metrics named ``prefix*`` in ``layer`` at ``step``.
+
+    The names come from the run's distinct names (one index seek each) and the values by a
+    seek per name: ``name LIKE 'prefix%'`` uses no index, so it read every metric row of the
+    run (0.4 s for 4.5M rows; the overview's early-warning evidence, the alert engine)."""
+    names = [n for n in series_names(session, run_id) if n.startswith(prefix)]
+    if not names:
+        return {}
     rows = session.execute(
         select(Metric.name, Metric.value).where(
             Metric.run_id == run_id,
+            Metric.name.in_(names),
             Metric.layer == layer,
             Metric.step == step,
-            Metric.name.startswith(prefix, autoescape=True),
         )
     ).all()
     return {r[0]: r[1] for r in rows if r[1] is not None}

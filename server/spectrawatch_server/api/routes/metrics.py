@@ -26,6 +26,7 @@ from spectrawatch_server.schemas import (
     SpectrumPublic,
 )
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage.dashboard_reads import series_names
 
 router = APIRouter(tags=["metrics"])
 
@@ -124,16 +125,14 @@ def read_sed_lag(
     y_steps, y = _finite_points(repo.scalar_points(session, run.id, scalar, None, None))
     if not y_steps:
         raise ApiError(404, "unknown_scalar", f"run {run.id} has no finite scalar {scalar!r}")
-    names = sorted(
-        {
-            n
-            for n, la, *_ in repo.metric_catalog(session, run.id)
-            if la == layer and _is_gap_series(n)
-        }
-    )
+    # the run's names by index seeks, not its catalog (a GROUP BY over every metric row)
+    names = sorted(n for n in series_names(session, run.id) if _is_gap_series(n))
     out = []
     for name in names:
-        x_steps, x = _finite_points(repo.metric_points(session, run.id, name, layer, None, None))
+        rows = repo.metric_points(session, run.id, name, layer, None, None)
+        if not rows:  # a window only other layers have
+            continue
+        x_steps, x = _finite_points(rows)
         shared = sorted(set(x_steps) & set(y_steps))
         unit = (
             int(statistics.median(b - a for a, b in itertools.pairwise(shared)))
