@@ -3,10 +3,12 @@ page/figure route through FastAPI's TestClient (browser rendering is in tests/e2
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -498,6 +500,21 @@ def test_bucketed_series_match_a_numpy_reference(tmp_path: Path) -> None:
     engine.dispose()
 
 
+@contextlib.contextmanager
+def statements(conn: Any) -> Iterator[list[tuple[str, Any]]]:
+    """The SQL statements (and their parameters) ``conn``'s engine runs inside the block."""
+    seen: list[tuple[str, Any]] = []
+
+    def record(*args: Any) -> None:
+        seen.append((args[2], args[3]))
+
+    event.listen(conn.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(conn.engine, "before_cursor_execute", record)
+
+
 def test_series_reads_touch_no_table_row(db: Any) -> None:
     """Every SQL statement of a metric series read (the dashboards' min/max buckets, one layer
     or all; ``GET /runs/{id}/metrics``) is an index-only search on SQLite: a frame stores all
@@ -506,13 +523,7 @@ def test_series_reads_touch_no_table_row(db: Any) -> None:
     sessions, run_id = db
     with sessions() as s:
         conn = s.connection()
-        seen: list[tuple[str, Any]] = []
-
-        def record(*args: Any) -> None:
-            seen.append((args[2], args[3]))
-
-        event.listen(conn.engine, "before_cursor_execute", record)
-        try:
+        with statements(conn) as seen:
             reads.bucketed_series(s, run_id, ["htsr.alpha", "x.gappy"], 4)
             reads.bucketed_series(s, run_id, ["htsr.alpha"], 4, layer="l1")
             repo.metric_points(s, run_id, "htsr.alpha", None, None, None)
@@ -520,8 +531,6 @@ def test_series_reads_touch_no_table_row(db: Any) -> None:
             cells_from = len(seen)
             assert len(reads.grid_cells(s, run_id, "htsr.alpha", [0, 3, 96])) == 3 * 4
             assert reads.grid_cells(s, run_id, "htsr.alpha", []) == []
-        finally:
-            event.remove(conn.engine, "before_cursor_execute", record)
 
         def plan(query: str, params: Any) -> list[str]:
             rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query, params)
@@ -547,13 +556,7 @@ def test_metrics_at_reads_by_name_not_every_row(db: Any) -> None:
     sessions, run_id = db
     with sessions() as s:
         conn = s.connection()
-        seen: list[tuple[str, Any]] = []
-
-        def record(*args: Any) -> None:
-            seen.append((args[2], args[3]))
-
-        event.listen(conn.engine, "before_cursor_execute", record)
-        try:
+        with statements(conn) as seen:
             assert series.metrics_at(s, run_id, "__model__", "sed.", 1) == {
                 "sed.gap_ratio.w16": 0.0
             }
@@ -561,8 +564,6 @@ def test_metrics_at_reads_by_name_not_every_row(db: Any) -> None:
             assert series.metrics_at(s, run_id, "lnan", "x.", 1) == {}  # NaN is no value
             assert series.metrics_at(s, run_id, "lnan", "x_", 0) == {}  # not a LIKE pattern
             assert series.metrics_at(s, run_id, "l1", "nope.", 3) == {}
-        finally:
-            event.remove(conn.engine, "before_cursor_execute", record)
         assert seen
         for query, params in seen:
             assert " LIKE " not in query.upper(), query
@@ -578,17 +579,9 @@ def test_layer_values_at_seeks_each_name_not_every_row(db: Any) -> None:
     sessions, run_id = db
     with sessions() as s:
         conn = s.connection()
-        seen: list[tuple[str, Any]] = []
-
-        def record(*args: Any) -> None:
-            seen.append((args[2], args[3]))
-
-        event.listen(conn.engine, "before_cursor_execute", record)
-        try:
+        with statements(conn) as seen:
             got = repo.layer_values_at(s, run_id, 3, "htsr", "__model__")
             assert repo.layer_values_at(s, run_id, 3, "conditioning", "__model__") == {}
-        finally:
-            event.remove(conn.engine, "before_cursor_execute", record)
         assert got == {f"l{i}": {"htsr.alpha": i + 0.03} for i in range(4)}
         queries = [(q, p) for q, p in seen if "metric.value" in q]
         assert len(queries) == 2
