@@ -58,6 +58,11 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         f"  frames: {frames.get('done', 0)} analysed, {queued} queued, "
         f"{frames.get('failed', 0)} failed",
     ]
+    if frames.get("failed"):  # why: the first failed frame's reason
+        (first, *_) = call(
+            args, "GET", f"/runs/{rid}/frames", params={"status": "failed", "limit": 1}
+        )
+        lines.append(f"  first failure: frame {first['id']} ({first['kind']}): {first['error']}")
     stats = run.get("client_stats") or {}
     if stats:
         lines.append(f"  client: {client_report(stats)}")

@@ -104,6 +104,7 @@ class FramePublic(BaseModel):
     layers: list[str]
     nonfinite: dict[str, int]
     status: str
+    error: str | None = Field(None, description="why its analysis failed (status failed)")
     created_at: datetime
     has_blob: bool  # false: an imported metric batch, or a frame whose blob was pruned
 

@@ -249,6 +249,9 @@ def test_failing_job_retries_with_backoff_then_fails_visibly(topology: Topology)
     wait_until(lambda: job()[0] == "failed", timeout=60)
     assert job() == ("failed", 3)  # 3 runs (2 retries), then given up
     assert frame_statuses(client, run_id) == ["failed"]
+    (failed,) = client.get(f"/runs/{run_id}/frames", params={"status": "failed"}).json()
+    assert "FileNotFoundError" in failed["error"], failed  # why, through the API
+    assert client.get(f"/runs/{run_id}/frames", params={"status": "done"}).json() == []
     retry_gaps = topology.sql(
         "SELECT extract(epoch FROM e.at) FROM procrastinate_events e JOIN procrastinate_jobs j "
         "ON j.id = e.job_id WHERE j.lock = :l AND e.type = 'started' ORDER BY e.at",

@@ -13,6 +13,7 @@ from spectrawatch_server.api.auth_cache import AuthCache
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.db.models import Frame, Job, Run
 from spectrawatch_server.queue.embedded import EmbeddedQueue
+from spectrawatch_server.schemas import FramePublic
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.group_commit import Committed, FrameCommitter, RunGone
 
@@ -200,6 +201,7 @@ def test_job_out_of_attempts_fails_its_frame_too(sessions: sessionmaker[Session]
         job = session.scalars(select(Job)).one()
         assert (job.status, job.error) == ("failed", "gave up after max attempts")
         assert session.scalars(select(Frame.status)).one() == "failed"
+        assert session.scalars(select(Frame.error)).one() == "gave up after max attempts"
         assert repo.fail_expired_jobs(session, max_attempts=3) == 0
 
 
@@ -236,3 +238,33 @@ def test_a_failed_job_waits_its_backoff_before_the_next_attempt(
     assert calls[2] - calls[1] >= 0.25  # 0.5**2
     with sessions() as session:
         assert session.scalars(select(Job.status)).one() == "done"
+
+
+def test_a_failed_frame_says_why_until_it_is_analysed(sessions: sessionmaker[Session]) -> None:
+    """The reason of a failed analysis was kept in the embedded queue's job row only (none with
+    procrastinate): it is on the frame now, listed by status, and cleared when it succeeds."""
+    (run_id,) = make_runs(sessions, 1)
+    fail = {"on": True}
+
+    def handler(frame_id: int) -> None:
+        if fail["on"]:
+            raise OSError("blob store unavailable")
+        with sessions.begin() as session:
+            repo.finish_frame(session, frame_id, "done", None)
+
+    queue = EmbeddedQueue(sessions, handler, max_attempts=1)
+    FrameCommitter(sessions, queue).write([frame(run_id, 0), frame(run_id, 1)])
+    assert queue.run_once()
+    with sessions() as session:
+        (failed,) = repo.list_frames(session, run_id, None, 10, 0, status="failed")
+        assert FramePublic.model_validate(failed).error == "OSError('blob store unavailable')"
+        assert [f.error for f in repo.list_frames(session, run_id, None, 10, 0)] == [
+            "OSError('blob store unavailable')",
+            None,
+        ]
+    fail["on"] = False
+    with sessions.begin() as session:
+        repo.finish_frame(session, failed.id, "done", None)  # re-analysed
+    with sessions() as session:
+        assert repo.list_frames(session, run_id, None, 10, 0, status="failed") == []
+        assert session.get_one(Frame, failed.id).error is None

@@ -157,3 +157,34 @@ def test_token_revoke_of_an_id_out_of_range_is_one_line(
     capsys.readouterr()
     assert main(["token", "revoke", token_id, "--data-dir", data]) == 1
     assert capsys.readouterr().err == f"error: no active token with id {token_id}\n"
+
+
+def test_runs_show_says_why_a_frame_failed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``runs show`` counted failed frames without a reason; it now names the first one's."""
+    from typing import Any
+
+    from spectrawatch import _cli_runs
+
+    run = {"id": 7, "project": "p", "name": "r", "status": "running", "created_at": "t"}
+    run["frames"] = {"done": 3, "failed": 2}  # type: ignore[assignment]
+    answers: dict[str, Any] = {
+        "/runs/7": run,
+        "/runs/7/alerts": [],
+        "/runs/7/metrics/catalog": [],
+        "/runs/7/frames": [{"id": 12, "kind": "weights", "error": "OSError('gone')"}],
+    }
+    asked: list[tuple[str, Any]] = []
+
+    def call(args: Any, method: str, path: str, **kwargs: Any) -> Any:
+        asked.append((path, kwargs.get("params")))
+        return answers[path]
+
+    monkeypatch.setattr(_cli_runs, "call", call)
+    monkeypatch.setattr("spectrawatch._export.call", call)
+    assert main(["runs", "show", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "frames: 3 analysed, 0 queued, 2 failed" in out
+    assert "first failure: frame 12 (weights): OSError('gone')" in out
+    assert ("/runs/7/frames", {"status": "failed", "limit": 1}) in asked

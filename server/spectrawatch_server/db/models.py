@@ -92,6 +92,7 @@ class Frame(Base):
     # layer -> [first, last] step of its NaN/Inf rows (None: a frame stored before 0004)
     nonfinite_steps: Mapped[dict[str, list[int]] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why its analysis failed
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     @property

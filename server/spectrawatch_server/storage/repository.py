@@ -297,13 +297,20 @@ def insert_frames(session: Session, frames: Sequence[Frame]) -> None:
 
 
 def list_frames(
-    session: Session, run_id: int, kind: str | None, limit: int, offset: int
+    session: Session,
+    run_id: int,
+    kind: str | None,
+    limit: int,
+    offset: int,
+    status: str | None = None,
 ) -> Sequence[Frame]:
     stmt = (
         select(Frame).where(Frame.run_id == run_id).order_by(Frame.seq).limit(limit).offset(offset)
     )
     if kind is not None:
         stmt = stmt.where(Frame.kind == kind)
+    if status is not None:
+        stmt = stmt.where(Frame.status == status)
     return session.scalars(stmt).all()
 
 
@@ -392,7 +399,10 @@ def fail_expired_jobs(session: Session, max_attempts: int) -> int:
             lease_until=None,
         )
     )
-    session.execute(update(Frame).where(Frame.id.in_(frame_ids)).values(status="failed"))
+    reason = select(Job.error).where(Job.frame_id == Frame.id).scalar_subquery()
+    session.execute(
+        update(Frame).where(Frame.id.in_(frame_ids)).values(status="failed", error=reason)
+    )
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
@@ -406,14 +416,19 @@ def release_jobs_of_other_workers(session: Session, worker_id: str) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+FRAME_ERROR_MAX = 2000  # characters of a failed analysis' reason kept on its frame
+
+
 def finish_frame(session: Session, frame_id: int, status: str, error: str | None) -> None:
-    """Mark a frame's analysis (and its embedded-queue job, if any) done or failed."""
+    """Mark a frame's analysis (and its embedded-queue job, if any) done or failed, with the
+    reason (None when done)."""
     session.execute(
         update(Job)
         .where(Job.frame_id == frame_id)
         .values(status=status, error=error, finished_at=utcnow(), lease_until=None)
     )
-    session.execute(update(Frame).where(Frame.id == frame_id).values(status=status))
+    reason = None if error is None else error[:FRAME_ERROR_MAX]
+    session.execute(update(Frame).where(Frame.id == frame_id).values(status=status, error=reason))
 
 
 def release_job(

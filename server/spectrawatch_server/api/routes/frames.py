@@ -10,7 +10,7 @@ once to validate and store the blob, once (shared by the batch) to commit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, BinaryIO
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -255,8 +255,9 @@ def list_frames(
     kind: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
+    status: Literal["pending", "running", "done", "failed"] | None = None,
 ) -> list[FramePublic]:
     return [
         FramePublic.model_validate(f)
-        for f in repo.list_frames(session, run.id, kind, limit, offset)
+        for f in repo.list_frames(session, run.id, kind, limit, offset, status)
     ]
