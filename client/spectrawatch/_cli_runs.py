@@ -59,10 +59,11 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         f"{frames.get('failed', 0)} failed",
     ]
     if frames.get("failed"):  # why: the first failed frame's reason
-        (first, *_) = call(
-            args, "GET", f"/runs/{rid}/frames", params={"status": "failed", "limit": 1}
-        )
-        lines.append(f"  first failure: frame {first['id']} ({first['kind']}): {first['error']}")
+        params = {"status": "failed", "limit": 1}
+        for first in call(args, "GET", f"/runs/{rid}/frames", params=params):
+            lines.append(
+                f"  first failure: frame {first['id']} ({first['kind']}): {first['error']}"
+            )
     stats = run.get("client_stats") or {}
     if stats:
         lines.append(f"  client: {client_report(stats)}")
