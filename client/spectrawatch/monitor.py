@@ -95,6 +95,16 @@ class Monitor:
         self._logged = False
         self._finished = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickled monitor keeps: its constructor arguments. Lightning's spawn launchers
+        (``strategy="ddp_spawn"``) pickle the Trainer with its callbacks, and with them this
+        monitor, into each process they start; the copy is a fresh, unstarted ``Monitor(...)``
+        (a run, its sender thread and hooks never travel, as across a fork)."""
+        return {"transport": self._transport, "settings": dict(self._init_kwargs)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        Monitor.__init__(self, state["transport"], **state["settings"])
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def init(

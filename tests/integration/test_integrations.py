@@ -190,6 +190,24 @@ def test_integrations_do_not_import_frameworks() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("framework", ["hf", "lightning"])
+def test_callbacks_survive_pickling(framework: str, tmp_path: Path) -> None:
+    """Lightning's ``ddp_spawn`` pickles the Trainer with its callbacks into each process it
+    starts; a callback holding a ``Monitor`` (a lock) failed that before fit() began."""
+    import pickle
+
+    if framework == "hf":
+        pytest.importorskip("transformers")
+        from spectrawatch.integrations.hf import SpectrawatchCallback
+    else:
+        pytest.importorskip("lightning.pytorch")
+        from spectrawatch.integrations.lightning import SpectrawatchCallback  # type: ignore[assignment]
+    callback = SpectrawatchCallback(project="p", run="r", spool_dir=str(tmp_path), mode="offline")
+    copy = pickle.loads(pickle.dumps(callback))
+    assert copy.monitor is not callback.monitor
+    assert copy.monitor._init_kwargs == callback.monitor._init_kwargs
+
+
 def test_numeric_logs_keep_finite_numbers_only() -> None:
     from spectrawatch.integrations.hf import numeric_logs
 

@@ -404,3 +404,25 @@ def test_hugging_face_conv1d_layers_are_probed() -> None:
     assert "transformer.h.0.mlp.c_fc" in names
     assert "transformer.h.0.attn.c_attn" in names
     capture.remove()
+
+
+def test_a_pickled_monitor_is_a_fresh_one_with_the_same_settings(tmp_path: Path) -> None:
+    """Lightning's ``ddp_spawn`` pickles the Trainer and its callbacks into each process it
+    starts (from an audit of session 22: "cannot pickle '_thread.lock' object" ended fit()).
+    The copy keeps the constructor's settings and starts unstarted, live or not."""
+    import pickle
+
+    settings = {"project": "p", "run": "pickled", "mode": "offline", **fast(tmp_path)}
+    fresh = pickle.loads(pickle.dumps(spectrawatch.Monitor(**settings)))
+    live = spectrawatch.Monitor(**settings)
+    loop(live, 3, probe=False)
+    copy = pickle.loads(pickle.dumps(live))
+    assert live.finish()
+    for m in (fresh, copy):
+        assert m.settings is None
+        assert m.stats.get("captures") == 0
+        loop(m, 2, probe=False)
+        assert m.settings is not None
+        assert m.settings.run == "pickled"
+        assert m.settings.mode == "offline"
+        assert m.finish()
