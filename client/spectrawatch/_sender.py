@@ -217,6 +217,7 @@ class Sender:
         self._busy = False
         self._spool_owned = False
         self._spool_named = False
+        self._spool_private = False  # spooling to <run>~<pid>: another process holds <run>
         self.reopen = True  # set a finished run of this name back to running when resuming
         if settings.mode == "offline":
             self._offline_until = float("inf")  # never contacts the server
@@ -548,10 +549,20 @@ class Sender:
         return False
 
     def _own_spool(self) -> bool:
-        """Hold the spool's lock (False while ``spectrawatch sync`` is replaying it)."""
+        """Hold the spool's lock. When another live process holds it (``spectrawatch sync``
+        replaying it, or a second process training under the same run name), this one leaves
+        that directory to it and spools to one of its own, ``<run>~<pid>`` (which ``sync``
+        delivers like any other): two writers of one directory gave their entries the same
+        names and overwrote each other's."""
         if not self._spool_owned:
             try:
                 self._spool_owned = self.spool.lock()
+                if not self._spool_owned and not self._spool_private:
+                    private = self.spool.dir.with_name(f"{self.spool.dir.name}~{os.getpid()}")
+                    self.spool = Spool(private, self.spool.max_bytes)
+                    self._spool_private = True
+                    self._spool_named = False
+                    self._spool_owned = self.spool.lock()
             except OSError as exc:
                 self.errors.record("spool lock", exc)
         return self._spool_owned

@@ -745,3 +745,30 @@ def test_a_live_session_holds_a_spool_with_an_earlier_run_json(tmp_path: Path) -
     assert not Spool(run_dir, 1 << 20).lock()  # a `sync` now would find it held
     assert sender.close(timeout=10)
     assert not run_dir.exists()  # its own status delivered: the old run.json is gone
+
+
+def test_a_second_process_of_a_run_spools_to_its_own_directory(tmp_path: Path) -> None:
+    """Two processes training under one run name with the server away (from an audit of
+    session 22): both wrote ``<run>/0000000000000000-us.sw``, ... and overwrote each other's
+    entries (406 spooled, 286 on disk). The one that finds the spool held spools to
+    ``<run>~<pid>``, which ``sync`` delivers to the same run."""
+    from spectrawatch._spool import spooled_run_dirs
+
+    s = settings(tmp_path, mode="offline")
+    other = Spool(tmp_path / "spool" / "p" / "r", 1 << 20)  # the first process's spool
+    assert other.lock()
+    other.write_meta({"project": "p", "run": "r"})
+    frame = {"type": "frame", "kind": "update_sketch", "step": 1, "seq": 1, "encoding": None}
+    other.put("us", frame, b"")
+    sender = make_sender(FakeServer(), s)
+    for step in range(5):
+        sender.put_frame(sketch_item(step))
+    assert sender.wait_idle(10)
+    for _ in range(4):  # named 1-us to 4-us by the first process, as the sender's first four
+        other.put("us", frame, b"")
+    assert sender.close(timeout=10)
+    assert sender.stats.get("spooled_frames") == 5
+    dirs = {d.name: len(files) for d, files in spooled_run_dirs(tmp_path / "spool")}
+    assert dirs == {"r": 5, f"r~{os.getpid()}": 5}
+    assert Spool(tmp_path / "spool" / "p" / f"r~{os.getpid()}", 0).read_meta() is not None
+    other.unlock()
