@@ -44,6 +44,14 @@ def _generated_run_name() -> str:
     return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
+def _in_dataloader_worker() -> bool:
+    """True in a ``torch.utils.data.DataLoader`` worker process (fork or spawn)."""
+    try:
+        return torch.utils.data.get_worker_info() is not None
+    except Exception:
+        return False
+
+
 def _is_nonzero_rank() -> bool:
     try:
         import torch.distributed as dist
@@ -123,8 +131,14 @@ class Monitor:
 
         Arguments override ``Monitor(...)`` arguments, which override ``SPECTRAWATCH_*`` env.
         Invalid settings raise :class:`~spectrawatch.config.SettingsError` here -- the one
-        place the client raises, before training starts.
+        place the client raises, before training starts. In a DataLoader worker it does
+        nothing (the monitor stays a no-op there): a worker never trains, and one started by
+        ``spawn`` (a fresh interpreter) would otherwise start a sender and a run of its own.
         """
+        if _in_dataloader_worker():
+            if not self._active:  # a forked worker keeps the parent's state (inert after fork)
+                self._active, self._noop = True, True
+            return self
         if self._active:
             self.finish()
         merged = {

@@ -426,3 +426,38 @@ def test_a_pickled_monitor_is_a_fresh_one_with_the_same_settings(tmp_path: Path)
         assert m.settings.run == "pickled"
         assert m.settings.mode == "offline"
         assert m.finish()
+
+
+class LoggingDataset(torch.utils.data.Dataset[Any]):
+    """A dataset that logs from its worker through the default monitor and reports which
+    ``spectrawatch`` threads that worker then runs."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> list[str]:
+        import threading
+
+        spectrawatch.monitor.log({"from_worker": 1.0})
+        return [t.name for t in threading.enumerate() if t.name.startswith("spectrawatch")]
+
+
+def test_a_spawned_dataloader_worker_starts_no_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``spawn`` DataLoader worker is a fresh interpreter: its default monitor is not the
+    parent's, and ``log()`` there started a sender and an auto-named run of the worker's own
+    (a spool directory per worker; with ``SPECTRAWATCH_URL`` set, a run per worker on the
+    server). From an audit of session 22."""
+    monkeypatch.setenv("SPECTRAWATCH_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("SPECTRAWATCH_URL", "http://127.0.0.1:9")  # nothing listens
+    loader = torch.utils.data.DataLoader(
+        LoggingDataset(),
+        batch_size=None,
+        num_workers=1,
+        multiprocessing_context="spawn",
+        timeout=120,
+    )
+    threads = list(loader)
+    assert threads == [[], []]
+    assert not (tmp_path / "spool").exists()
