@@ -342,13 +342,14 @@ def _sed_part(
         found: list[dict[int, WindowSED]] = [{} for _ in rows]
         for count, members in by_count.items():
             per = max(1, _GRAM_BYTES // (n_layers * count * count * 8))
+            ranks = _by_rank(rows, count)  # the same for every part of this count
             for c in range(0, len(members), per):
                 part = members[c : c + per]
                 idx = ((bounds[w][0][part] - a0)[:, None] + torch.arange(count)).to(grams.device)
                 sub = grams[:, idx[:, :, None], idx[:, None, :]]  # (L, m, c, c)
                 eig = batched_eigvalsh(sub.reshape(-1, count, count))
                 sig = eig.flip(-1).clamp_min(0.0).sqrt().cpu().reshape(n_layers, len(part), count)
-                for rank, layers in _by_rank(rows, count).items():
+                for rank, layers in ranks.items():
                     res = _window_results(
                         sig[layers, :, :rank].reshape(-1, rank),
                         [ends[j] for j in part] * len(layers),
