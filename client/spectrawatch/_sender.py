@@ -193,7 +193,9 @@ class Sender:
             settings.spool_max_bytes,
         )
         self.run_id: int | str | None = None
+        self.run_uid: str | None = None  # the run's uid, sent with each write (None: old server)
         self.run_info: dict[str, Any] = {}
+        self._run_deleted = False  # the server said so: nothing more is sent
         self._seq_base: int | None = None
         self._seq_next = 0
         self._cond = threading.Condition(threading.Lock())
@@ -416,9 +418,13 @@ class Sender:
         not return together), or for the server's ``Retry-After`` when longer (capped at
         ``backoff_max_s``); the backoff doubles up to ``backoff_max_s``."""
         self.errors.record("contacting the server", exc)
+        self._pause(exc.retry_after)
+
+    def _pause(self, retry_after: float | None = None) -> None:
+        """Send nothing for the backoff (or ``retry_after``, see :meth:`_went_offline`)."""
         pause = self._backoff * self._jitter.uniform(0.8, 1.2)
-        if exc.retry_after is not None:
-            pause = max(pause, min(exc.retry_after, self.settings.backoff_max_s))
+        if retry_after is not None:
+            pause = max(pause, min(retry_after, self.settings.backoff_max_s))
         self._offline_until = time.monotonic() + pause
         self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
 
@@ -450,9 +456,11 @@ class Sender:
             if not isinstance(run_id, int | str) or isinstance(run_id, bool) or run_id == "":
                 # a proxy page, a redirect target or another service: not our server, for now
                 raise Unavailable(f"POST /runs answered without a run id: {str(info)[:200]}")
+            uid = info.get("uid")
+            uid = uid if isinstance(uid, str) and uid else None
             resumed = info.get("_status") == 200 and info.get("status") not in (None, "running")
             if resumed and self.reopen:
-                self.api.update_run(run_id, "running")
+                self.api.update_run(run_id, "running", uid=uid)
         except Unavailable as exc:
             self._went_offline(exc)
             return False
@@ -461,6 +469,7 @@ class Sender:
             self._offline_until = time.monotonic() + self.settings.backoff_max_s
             return False
         self.run_id = info["id"]
+        self.run_uid = uid
         self.run_info = info
         self._back_online()
         if self._seq_base is None:
@@ -509,8 +518,14 @@ class Sender:
         assert self.run_id is not None
         for attempt in range(retries + 1):
             try:
-                self.api.post_frame(self.run_id, int(meta["seq"]), body, meta.get("encoding"))
+                if self._run_deleted:
+                    raise Rejected("the run was deleted on the server", 404, "run_deleted")
+                self.api.post_frame(
+                    self.run_id, int(meta["seq"]), body, meta.get("encoding"), uid=self.run_uid
+                )
             except Rejected as exc:
+                if self._run_lost(exc):
+                    return False
                 self.stats.incr("rejected_frames")
                 self.errors.record(f"frame rejected ({meta.get('kind')})", exc)
                 return True
@@ -534,8 +549,12 @@ class Sender:
         assert self.run_id is not None
         for attempt in range(retries + 1):
             try:
-                self.api.post_scalars(self.run_id, rows)
+                if self._run_deleted:
+                    raise Rejected("the run was deleted on the server", 404, "run_deleted")
+                self.api.post_scalars(self.run_id, rows, uid=self.run_uid)
             except Rejected as exc:
+                if self._run_lost(exc):
+                    return False
                 self.errors.record("scalars rejected", exc)
                 self.stats.incr("rejected_scalars", len(rows))
                 return True
@@ -649,17 +668,47 @@ class Sender:
         return time.monotonic() >= self._deadline
 
     def _send_stats(self) -> None:
-        if self.run_id is None or time.monotonic() < self._offline_until:
+        if self.run_id is None or self._run_deleted or time.monotonic() < self._offline_until:
             return
         snap = self.stats.snapshot()
         snap["spooled_pending"] = len(self.spool)
         if snap == self._last_stats:
             return
         try:
-            self.api.post_client_stats(self.run_id, snap)
+            self.api.post_client_stats(self.run_id, snap, uid=self.run_uid)
             self._last_stats = snap
-        except (Unavailable, Rejected) as exc:
+        except Rejected as exc:
+            if not self._run_lost(exc):
+                self.errors.record("client stats", exc)
+        except Unavailable as exc:
             self.errors.record("client stats", exc)
+
+    def _run_lost(self, exc: Rejected) -> bool:
+        """True when the server no longer has this session's run: ``404 run_not_found`` for a
+        write naming the run's ``uid`` (a server that knows uids answers ``run_deleted`` for a
+        deleted run, so this one was never deleted: the server's database was replaced or
+        restored from an older backup, and the id may even be another run's). Handled like an
+        outage: the item is spooled, and after the backoff the run is created again by name and
+        the spool replayed into it. ``run_deleted`` marks the run: nothing more is sent."""
+        if exc.status != 404:
+            return False
+        if exc.code == "run_deleted":
+            if not self._run_deleted:
+                self._run_deleted = True
+                self.errors.note(
+                    "run deleted",
+                    f"run {self.run_id} was deleted on the server; nothing more is sent for it",
+                )
+            return False
+        if exc.code != "run_not_found" or self.run_uid is None:
+            return False  # a server without uids says run_not_found for deleted runs too
+        self.stats.incr("run_lost")
+        self.errors.note(
+            "run lost", f"the server no longer has run {self.run_id}; creating it again"
+        )
+        self.run_id = self.run_uid = None
+        self._pause()
+        return True
 
     def _finish(self) -> None:
         """Final drain: replay what the deadline allows, report stats, close the run.
@@ -676,7 +725,7 @@ class Sender:
         while (
             len(self.spool)
             and not self._past_deadline()
-            and self.run_id is not None
+            and (self.run_id is not None or self.run_info)  # reached in this session
             and self._own_spool()
         ):
             if not self._online():
@@ -690,12 +739,16 @@ class Sender:
                 continue
         summary = {**self._summary, "client": self.stats.snapshot()}
         try:
-            if self.run_id is not None and time.monotonic() >= self._offline_until:
+            if (
+                self.run_id is not None
+                and not self._run_deleted
+                and time.monotonic() >= self._offline_until
+            ):
                 self.api.not_after = self._deadline + 0.4  # a short grace for the final status
                 self._last_stats_at = time.monotonic()
                 self._send_stats()
                 try:
-                    self.api.update_run(self.run_id, self._final_status, summary)
+                    self.api.update_run(self.run_id, self._final_status, summary, uid=self.run_uid)
                     self._status_sent = True
                 except (Unavailable, Rejected) as exc:
                     self.errors.record("close run", exc)
@@ -725,7 +778,12 @@ class Sender:
                         self.run_name,
                     )
                 self.spool.unlock()
-            elif self.settings.mode != "offline" and not self._status_sent and self._own_spool():
+            elif (
+                self.settings.mode != "offline"
+                and not self._status_sent
+                and not self._run_deleted  # `sync` would create it again
+                and self._own_spool()
+            ):
                 # every entry was delivered but not how the run ended: run.json alone keeps it
                 # for `spectrawatch sync` (else the run would stay "running" on the server)
                 self.spool.write_meta(self.run_meta(status=self._final_status, summary=summary))

@@ -108,7 +108,10 @@ def sync_run(
             else:
                 try:
                     api.update_run(
-                        sender.run_id, status, summary if isinstance(summary, dict) else None
+                        sender.run_id,
+                        status,
+                        summary if isinstance(summary, dict) else None,
+                        uid=sender.run_uid,
                     )
                     result.status_pending = False
                     if not count:

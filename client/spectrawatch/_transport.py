@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from spectrawatch.wire import IDEMPOTENCY_HEADER
+from spectrawatch.wire import IDEMPOTENCY_HEADER, RUN_UID_HEADER
 
 API = "/api/v1"
 _RETRYABLE_4XX = frozenset({408, 425, 429})
@@ -211,21 +211,36 @@ class Api:
         out: dict[str, Any] = self._request("POST", "/runs", json=body)
         return out
 
+    # The writes to a run take its ``uid`` (from ``create_run``; None for a server older than
+    # run uids): a server whose run ``run_id`` is another run answers 404 ``run_not_found``.
+
     def update_run(
-        self, run_id: int | str, status: str, summary: Mapping[str, Any] | None = None
+        self,
+        run_id: int | str,
+        status: str,
+        summary: Mapping[str, Any] | None = None,
+        uid: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"status": status}
         if summary:
             body["summary"] = dict(summary)
-        out: dict[str, Any] = self._request("PATCH", f"/runs/{run_id}", json=body)
+        out: dict[str, Any] = self._request(
+            "PATCH", f"/runs/{run_id}", json=body, headers=_uid_header(uid)
+        )
         return out
 
     def post_frame(
-        self, run_id: int | str, seq: int, body: bytes, encoding: str | None = None
+        self,
+        run_id: int | str,
+        seq: int,
+        body: bytes,
+        encoding: str | None = None,
+        uid: str | None = None,
     ) -> dict[str, Any]:
         headers = {
             IDEMPOTENCY_HEADER: idempotency_key(run_id, seq),
             "Content-Type": "application/octet-stream",
+            **_uid_header(uid),
         }
         if encoding:
             headers["Content-Encoding"] = encoding
@@ -234,15 +249,25 @@ class Api:
         )
         return out
 
-    def post_scalars(self, run_id: int | str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = self._request("POST", f"/runs/{run_id}/scalars", json=list(rows))
-        return out
-
-    def post_client_stats(self, run_id: int | str, stats: Mapping[str, Any]) -> dict[str, Any]:
+    def post_scalars(
+        self, run_id: int | str, rows: Sequence[Mapping[str, Any]], uid: str | None = None
+    ) -> dict[str, Any]:
         out: dict[str, Any] = self._request(
-            "POST", f"/runs/{run_id}/client-stats", json=dict(stats)
+            "POST", f"/runs/{run_id}/scalars", json=list(rows), headers=_uid_header(uid)
         )
         return out
+
+    def post_client_stats(
+        self, run_id: int | str, stats: Mapping[str, Any], uid: str | None = None
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = self._request(
+            "POST", f"/runs/{run_id}/client-stats", json=dict(stats), headers=_uid_header(uid)
+        )
+        return out
+
+
+def _uid_header(uid: str | None) -> dict[str, str]:
+    return {RUN_UID_HEADER: uid} if uid else {}
 
 
 def error_of(resp: httpx.Response) -> tuple[str, str]:

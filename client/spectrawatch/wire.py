@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 WIRE_VERSION = "1"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+# The ``uid`` of the run a client created: its writes name it, so that a server whose database
+# was replaced (where the client's cached run id may be another run's) refuses them (404).
+RUN_UID_HEADER = "X-Spectrawatch-Run-Uid"
 MAX_STEP = 2**62  # largest training step a frame may name (as scalar and metric rows)
 # The server's text rules (``schemas.py`` builds its fields from these; the client checks with
 # them before sending). No control characters anywhere: PostgreSQL text refuses NUL.

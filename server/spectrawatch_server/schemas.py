@@ -67,6 +67,10 @@ class RunDeleted(BaseModel):
 
 class RunPublic(BaseModel):
     id: int
+    uid: str = Field(
+        description="random identity of the run: clients send it with their writes as "
+        "`X-Spectrawatch-Run-Uid`, so a reused id (a replaced database) cannot take them"
+    )
     project: str
     name: str
     status: str

@@ -108,6 +108,65 @@ def test_kill_and_restart_replays_the_spool(tmp_path: Path) -> None:
         srv.kill()
 
 
+def test_a_server_on_a_fresh_database_gets_the_run_again_not_another_runs_frames(
+    tmp_path: Path,
+) -> None:
+    # The server comes back on an empty data directory at the same URL, where another
+    # project's run took id 1, the id the client holds: the client's writes must not land in
+    # that run (they did, counted as sent), nor be thrown away as rejected; the client creates
+    # its run again and delivers everything from the outage on into it.
+    port = free_port()
+    srv = ServerProcess(tmp_path / "server", port=port).start()
+    try:
+        m = spectrawatch.Monitor()
+        m.init(**client_settings(tmp_path, srv.url, "replaced"))
+        loop = Loop(m)
+        loop.run(10)
+        assert m.wait_idle(30)
+        old_id, sent_before = m.run_id, (m._sender._seq_next if m._sender else 0)
+        srv.kill()
+        srv = ServerProcess(tmp_path / "fresh", port=port).start()
+        with httpx.Client(base_url=f"{srv.url}/api/v1", timeout=30) as c:
+            theirs = c.post("/runs", json={"project": "someone-else", "name": "theirs"}).json()
+            assert theirs["id"] == old_id
+            loop.run(14)
+            assert m.finish(timeout=90)
+            assert frames_of(srv.url, theirs["id"]) == []
+            assert c.get(f"/runs/{theirs['id']}/scalars").json() == []
+            assert c.get(f"/runs/{theirs['id']}").json()["status"] == "running"
+            ours = c.get(f"/runs/{m.run_id}").json()
+        assert m.run_id != old_id
+        assert (ours["project"], ours["name"], ours["status"]) == ("stream", "replaced", "finished")
+        n = m._sender._seq_next if m._sender else 0
+        assert sorted(f["seq"] for f in frames_of(srv.url, m.run_id)) == list(range(sent_before, n))
+        assert m.stats.get("rejected_frames") == 0
+        assert m.stats.get("run_lost") >= 1
+        assert ours["client_stats"]["run_lost"] >= 1
+    finally:
+        srv.kill()
+
+
+def test_a_run_deleted_mid_training_is_not_recreated(server: ServerProcess, tmp_path: Path) -> None:
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "deleted-live"))
+    loop = Loop(m)
+    loop.run(10)
+    assert m.wait_idle(30)
+    run_id = m.run_id
+    with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as c:
+        assert c.delete(f"/runs/{run_id}").status_code == 200
+        loop.run(14)
+        t0 = time.perf_counter()
+        assert m.finish(timeout=60)
+        assert time.perf_counter() - t0 < 10
+        assert c.get("/runs", params={"project": "stream"}).json() == []  # not resurrected
+        assert c.get(f"/runs/{run_id}").json()["error"]["code"] == "run_deleted"
+    assert m.run_id == run_id
+    assert m.stats.get("rejected_frames") > 0
+    assert m.stats.get("run_lost") == 0
+    assert not list((tmp_path / "spool").rglob("*.*"))  # refused, nothing left for `sync`
+
+
 def test_server_never_started_training_completes(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     m = spectrawatch.Monitor()

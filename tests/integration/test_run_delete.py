@@ -75,7 +75,7 @@ def test_delete_run_removes_everything_of_it_and_nothing_else(
     body = wire.encode_frame(wire.FrameKind.UPDATE_SKETCH, 1, 10**6, {"a": _rows()}, _info())
     late = api.post(f"/runs/{gone}/frames", content=body, headers={"Idempotency-Key": "late:1"})
     assert late.status_code == 404
-    assert late.json()["error"]["code"] == "run_not_found"
+    assert late.json()["error"]["code"] == "run_deleted"  # the client stops, never recreates
     assert api.delete(f"/runs/{gone}").status_code == 404
 
     # the name is free again: a new, empty run

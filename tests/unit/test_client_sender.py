@@ -772,3 +772,119 @@ def test_a_second_process_of_a_run_spools_to_its_own_directory(tmp_path: Path) -
     assert dirs == {"r": 5, f"r~{os.getpid()}": 5}
     assert Spool(tmp_path / "spool" / "p" / f"r~{os.getpid()}", 0).read_meta() is not None
     other.unlock()
+
+
+class ReplaceableServer(FakeServer):
+    """Runs with ids and uids as the real server keeps them. ``replace_database()`` empties it
+    and lets another project's run take the next id; ``delete(id)`` leaves a tombstone. A write
+    whose uid header is not its run's, or to an unknown id, answers 404 ``run_not_found``; to a
+    tombstone 404 ``run_deleted``. ``uids=False``: a server older than uids (no ``uid`` and
+    ``run_not_found`` for deleted runs too)."""
+
+    def __init__(self, uids: bool = True) -> None:
+        super().__init__()
+        self.uids = uids
+        self.next_id = 1
+        self.deleted: set[int] = set()
+        self.uid_headers: list[tuple[str, str | None]] = []
+
+    def replace_database(self) -> None:
+        with self.lock:
+            self.runs, self.next_id = {}, 1
+            self._create(("someone-else", "theirs"))
+
+    def delete(self, run_id: int) -> None:
+        with self.lock:
+            self.runs = {k: r for k, r in self.runs.items() if r["id"] != run_id}
+            self.deleted.add(run_id)
+
+    def _create(self, key: tuple[str, str]) -> dict[str, Any]:
+        run = {"id": self.next_id, "project": key[0], "name": key[1], "status": "running"}
+        if self.uids:
+            run["uid"] = f"uid-{key[0]}-{key[1]}-{self.next_id}"
+        self.next_id += 1
+        self.runs[key] = run
+        return run
+
+    def _route(self, request: httpx.Request) -> httpx.Response:
+        parts = request.url.path.split("/")
+        if request.url.path == "/api/v1/runs":
+            body = json.loads(request.content)
+            key = (body["project"], body["name"])
+            if key in self.runs:
+                return httpx.Response(200, json=self.runs[key])
+            return httpx.Response(201, json=self._create(key))
+        if len(parts) > 4 and parts[3] == "runs":
+            run_id, uid = int(parts[4]), request.headers.get(wire.RUN_UID_HEADER)
+            self.uid_headers.append((request.url.path, uid))
+            run = next((r for r in self.runs.values() if r["id"] == run_id), None)
+            if run is None or (uid is not None and uid != run.get("uid")):
+                code = "run_deleted" if self.uids and run_id in self.deleted else "run_not_found"
+                return httpx.Response(404, json={"error": {"code": code, "message": "no"}})
+        return super()._route(request)
+
+
+def test_a_replaced_database_gets_the_run_created_again_not_another_runs_frames(
+    tmp_path: Path,
+) -> None:
+    # A server restarted on a fresh database (or restored from an older backup) gave the
+    # client's run id to another project's run: the client's frames went into that run, counted
+    # as sent. Its uid now tells them apart: the client spools, creates its run again and
+    # replays into it; nothing is rejected and the other run gets nothing.
+    server = ReplaceableServer()
+    sender = make_sender(server, settings(tmp_path))
+    for step in range(3):
+        sender.put_frame(sketch_item(step))
+    assert sender.wait_idle(5)
+    assert (sender.run_id, sender.run_uid) == (1, "uid-p-r-1")
+    server.replace_database()  # run 1 is now someone-else/theirs
+    arrived = len(server.arrivals)
+    for step in range(3, 6):
+        sender.put_frame(sketch_item(step))
+    sender.put_scalars([{"step": 5, "name": "loss", "value": 1.0}])
+    assert sender.close(timeout=10)
+    assert (sender.run_id, sender.run_uid) == (2, "uid-p-r-2")
+    assert server.arrivals[arrived:] == ["2:3", "2:4", "2:5"]
+    assert server.scalars == [{"step": 5, "name": "loss", "value": 1.0}]
+    assert sender.stats.get("rejected_frames") == 0
+    assert sender.stats.get("run_lost") >= 1
+    assert server.patches[-1]["status"] == "finished"
+    assert len(sender.spool) == 0
+    assert all(uid is not None for _, uid in server.uid_headers)  # every write named its run
+
+
+def test_a_deleted_run_stops_the_sending_and_is_not_created_again(tmp_path: Path) -> None:
+    server = ReplaceableServer()
+    sender = make_sender(server, settings(tmp_path))
+    sender.put_frame(sketch_item(0))
+    assert sender.wait_idle(5)
+    server.delete(1)
+    for step in range(1, 5):
+        sender.put_frame(sketch_item(step))
+    sender.put_scalars([{"step": 4, "name": "loss", "value": 1.0}])
+    assert sender.close(timeout=10)
+    assert server.runs == {}  # not resurrected under its name
+    frame_posts = [path for path, _ in server.uid_headers if path.endswith("/frames")]
+    assert len(frame_posts) <= 2  # the first refusal says so; the rest are not even sent
+    assert sender.stats.get("rejected_frames") == 4
+    assert sender.stats.get("rejected_scalars") == 1
+    assert sender.stats.get("run_lost") == 0
+    assert not server.patches  # no final status for a deleted run
+    assert not sender.spool.dir.exists()  # no run.json: `sync` would create the run again
+
+
+def test_a_server_without_run_uids_keeps_its_404_final(tmp_path: Path) -> None:
+    # An older server says run_not_found for a deleted run too: recreating would resurrect it.
+    server = ReplaceableServer(uids=False)
+    sender = make_sender(server, settings(tmp_path))
+    sender.put_frame(sketch_item(0))
+    assert sender.wait_idle(5)
+    assert sender.run_uid is None
+    server.delete(1)
+    for step in range(1, 4):
+        sender.put_frame(sketch_item(step))
+    assert sender.close(timeout=10)
+    assert server.runs == {}
+    assert sender.stats.get("rejected_frames") == 3
+    assert sender.stats.get("run_lost") == 0
+    assert all(uid is None for _, uid in server.uid_headers)

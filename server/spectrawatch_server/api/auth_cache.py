@@ -1,9 +1,10 @@
 """Short-lived cache of ingest authorization, so a frame costs no token or run query.
 
 Positive answers only: a bearer secret's project (kept ``ttl_seconds``, keyed by the secret's
-SHA-256, never the secret) and a run's project (kept until evicted: runs are never deleted and
-never change project). A token revoked by ``spectrawatch token revoke`` (another process) thus
-stops ingest within ``ttl_seconds``; every other endpoint checks the database each time.
+SHA-256, never the secret) and a run's project and ``uid`` (kept until evicted or the run is
+deleted here: runs never change project or ``uid``). A token revoked by ``spectrawatch token
+revoke`` (another process) thus stops ingest within ``ttl_seconds``; every other endpoint
+checks the database each time.
 """
 
 from __future__ import annotations
@@ -30,23 +31,36 @@ class AuthCache:
         self.ttl = ttl_seconds
         self.clock = clock
         self._tokens: dict[str, tuple[int, float]] = {}  # sha256(secret) -> project, expiry
-        self._runs: dict[int, int] = {}  # run id -> project id
+        self._runs: dict[int, tuple[int, str]] = {}  # run id -> project id, uid
 
-    def check(self, require_auth: bool, header: str | None, run_id: int) -> bool:
-        """True when memory alone shows the caller may post to ``run_id`` (no I/O)."""
+    def check(
+        self, require_auth: bool, header: str | None, run_id: int, uid: str | None = None
+    ) -> bool:
+        """True when memory alone shows the caller may post to ``run_id`` (of ``uid`` when
+        given) (no I/O)."""
         if self.ttl <= 0:
             return False
         principal = self._cached_principal(require_auth, header)
-        project = self._runs.get(run_id)
-        return principal is not None and project is not None and principal.can_access(project)
+        run = self._runs.get(run_id)
+        return (
+            principal is not None
+            and run is not None
+            and principal.can_access(run[0])
+            and uid in (None, run[1])
+        )
 
     def authorize(
-        self, sessions: sessionmaker[Session], require_auth: bool, header: str | None, run_id: int
+        self,
+        sessions: sessionmaker[Session],
+        require_auth: bool,
+        header: str | None,
+        run_id: int,
+        uid: str | None = None,
     ) -> None:
         """Check token and run in the database (401/404 as :func:`find_run`); cache success."""
         with sessions() as session:
             principal = authenticate(session, require_auth, header)
-            run = find_run(session, principal, run_id)
+            run = find_run(session, principal, run_id, uid)
         if self.ttl <= 0:
             return
         if header is not None and principal.project_id is not None:
@@ -54,7 +68,7 @@ class AuthCache:
                 principal.project_id,
                 self.clock() + self.ttl,
             )
-        _bounded(self._runs)[run_id] = run.project_id
+        _bounded(self._runs)[run_id] = (run.project_id, run.uid)
 
     def forget_run(self, run_id: int) -> None:
         """Drop ``run_id`` (deleted); other API processes learn it from the database's 404."""

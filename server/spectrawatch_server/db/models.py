@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +22,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from spectrawatch_server.db.base import Base, UTCDateTime, utcnow
+
+
+def new_run_uid() -> str:
+    """A run's ``uid``: 32 random hex digits."""
+    return secrets.token_hex(16)
+
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; BigInteger elsewhere.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -60,6 +67,8 @@ class Run(Base):
         ForeignKey("project.id", ondelete="CASCADE"), index=True
     )
     name: Mapped[str] = mapped_column(String(200))
+    # random identity: a client's writes name it, so a reused id cannot take them (0007)
+    uid: Mapped[str] = mapped_column(String(32), default=new_run_uid)
     status: Mapped[str] = mapped_column(String(16), default="running")
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     tags: Mapped[list[str]] = mapped_column(JSON, default=list)

@@ -30,7 +30,7 @@ class RunGone(Exception):
     """The frame's run was deleted before the frame could be committed."""
 
     def __init__(self, run_id: int) -> None:
-        super().__init__(f"run {run_id} does not exist")
+        super().__init__(f"run {run_id} was deleted")
         self.run_id = run_id
 
 

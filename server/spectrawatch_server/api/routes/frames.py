@@ -27,7 +27,7 @@ from spectrawatch.wire import (
     row_steps,
 )
 from spectrawatch_server.api.auth_cache import AuthCache
-from spectrawatch_server.api.deps import RunDep, SessionDep, StateDep
+from spectrawatch_server.api.deps import RunDep, RunUidDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.db.models import Frame
@@ -77,15 +77,16 @@ async def ingest_frame(
     state: StateDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     content_encoding: Annotated[str | None, Header(alias="Content-Encoding")] = None,
+    uid: RunUidDep = None,
 ) -> JSONResponse:
     """Store one safetensors frame (optionally zstd) and queue its analysis."""
     ctx = ingest_context(request, state)
     authorization = request.headers.get("authorization")
     require_auth = state.settings.require_auth
-    if not ctx.auth.check(require_auth, authorization, run_id):
+    if not ctx.auth.check(require_auth, authorization, run_id, uid):
         # A short session of its own: no DB connection is held while the body streams in.
         await run_in_threadpool(
-            ctx.auth.authorize, state.sessions, require_auth, authorization, run_id
+            ctx.auth.authorize, state.sessions, require_auth, authorization, run_id, uid
         )
     encoding = (content_encoding or "identity").strip().lower()
     if encoding not in ("identity", "zstd"):
@@ -116,7 +117,7 @@ async def ingest_frame(
         await run_in_threadpool(state.blobs.delete, frame.blob_key)
         if isinstance(exc, RunGone):  # deleted while this frame streamed in
             ctx.auth.forget_run(run_id)
-            raise ApiError(404, "run_not_found", str(exc)) from exc
+            raise ApiError(404, "run_deleted", str(exc)) from exc
         raise
     if not committed.created:  # the key was stored before: drop this copy's blob
         await run_in_threadpool(state.blobs.delete, frame.blob_key)

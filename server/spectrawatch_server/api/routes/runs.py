@@ -33,6 +33,7 @@ def run_public(session: Session, run: Run) -> RunPublic:
     ).all()
     return RunPublic(
         id=run.id,
+        uid=run.uid,
         project=project.name,
         name=run.name,
         status=run.status,
@@ -131,7 +132,8 @@ def report_client_stats(
 @router.delete("/{run_id}", response_model=RunDeleted)
 def delete_run(run: RunDep, session: SessionDep, state: StateDep, request: Request) -> RunDeleted:
     """Delete a run with everything stored for it: frames and their blobs, metrics, spectra,
-    scalars, alerts and pending analysis jobs. Frames still arriving for it get 404."""
+    scalars, alerts and pending analysis jobs. Writes still arriving for it get 404
+    ``run_deleted`` (the client stops sending; it recreates only a ``run_not_found`` run)."""
     project = session.get_one(Project, run.project_id).name
     run_id, name = run.id, run.name
     deleted = repo.delete_run(session, run)
@@ -139,7 +141,7 @@ def delete_run(run: RunDep, session: SessionDep, state: StateDep, request: Reque
         state.queue.forget_run(session, run_id)
     session.commit()
     if deleted is None:  # a concurrent DELETE of the same run won
-        raise ApiError(404, "run_not_found", f"run {run_id} does not exist")
+        raise ApiError(404, "run_deleted", f"run {run_id} was deleted")
     ingest = getattr(request.app.state, "ingest", None)
     if ingest is not None:  # this process's cached ingest authorisation for the run
         ingest.auth.forget_run(run_id)
