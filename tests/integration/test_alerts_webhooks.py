@@ -334,6 +334,60 @@ def test_410_disables_the_endpoint(api: httpx.Client, receiver: Receiver) -> Non
     assert len(api.get(f"/webhooks/{hook['id']}/deliveries").json()) == 1
 
 
+def test_disabling_or_deleting_a_rule_resolves_its_open_alerts(
+    api: httpx.Client, receiver: Receiver
+) -> None:
+    """Nothing evaluates a disabled or deleted rule, so its open alerts are resolved then (an
+    ``alert.resolved`` event each); resetting a default rule leaves it on and its alerts open."""
+    project = "ruleoff"
+    run_id, hook = setup_project(api, receiver, project)
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")
+    custom = {"params": {"kind": "nonfinite", "severity": "info"}}
+    r = api.patch(f"/projects/{project}/alert-rules/nan_watch", json=custom)
+    assert r.status_code == 200, r.text
+    assert post_frame(api, run_id, weights(10, 0, nan=True), seq=0).status_code == 202
+    wait_until(lambda: len(receiver.at(f"/{project}")) >= 2, timeout=30)
+
+    def alerts() -> dict[str, dict[str, Any]]:
+        return {a["rule"]: a for a in api.get(f"/runs/{run_id}/alerts").json()}
+
+    assert {k: a["status"] for k, a in alerts().items()} == {
+        "nonfinite": "open",
+        "nan_watch": "open",
+    }
+    # a default rule reset to its defaults is still on: its alert stays open
+    assert api.delete(f"/projects/{project}/alert-rules/nonfinite").status_code == 204
+    assert alerts()["nonfinite"]["status"] == "open"
+
+    disable(api, project, "nonfinite")
+    nonfinite = alerts()["nonfinite"]
+    assert (nonfinite["status"], nonfinite["resolved_step"]) == ("resolved", 10)
+    assert nonfinite["resolved_at"] is not None
+    assert nonfinite["values"]["resolved_reason"] == "rule disabled"
+    assert alerts()["nan_watch"]["status"] == "open"
+
+    assert api.delete(f"/projects/{project}/alert-rules/nan_watch").status_code == 204
+    nan_watch = alerts()["nan_watch"]
+    assert (nan_watch["status"], nan_watch["values"]["resolved_reason"]) == (
+        "resolved",
+        "rule deleted",
+    )
+    assert api.get("/alerts", params={"project": project, "status": "open"}).json() == []
+
+    wait_until(lambda: len(receiver.at(f"/{project}")) >= 4, timeout=30)
+    got = [(e["type"], e["data"]["rule"]) for e in events(receiver, project, hook["secret"])]
+    assert sorted(got[:2]) == [("alert.opened", "nan_watch"), ("alert.opened", "nonfinite")]
+    assert sorted(got[2:]) == [("alert.resolved", "nan_watch"), ("alert.resolved", "nonfinite")]
+    reasons = {
+        e["data"]["rule"]: (e["data"]["status"], e["data"]["values"]["resolved_reason"])
+        for e in events(receiver, project, hook["secret"])[2:]
+    }
+    assert reasons == {
+        "nonfinite": ("resolved", "rule disabled"),
+        "nan_watch": ("resolved", "rule deleted"),
+    }
+
+
 def test_test_send_and_slack_format(api: httpx.Client, receiver: Receiver) -> None:
     project = "ping"
     make_run(api, project=project, name="r")

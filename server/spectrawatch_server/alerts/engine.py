@@ -284,6 +284,22 @@ class AlertEngine:
             session, outbox.ALERT_RESOLVED, alert, run, project, self.base_url, self.ttl
         )
 
+    # --- rules switched off -----------------------------------------------------------------
+
+    def resolve_rule(self, session: Session, project: Project, rule: str, reason: str) -> int:
+        """Resolve every open episode of ``rule`` in the project's runs, each with an
+        ``alert.resolved`` event: the rule was disabled or deleted, so no evaluation would
+        ever resolve them. ``reason`` is kept as ``values.resolved_reason``; the resolved step
+        is the run's latest step. Returns the number of episodes resolved."""
+        alerts = alert_store.open_alerts_of_project_rule(session, project.id, rule)
+        for alert in alerts:
+            run = session.get_one(Run, alert.run_id)
+            alert.values = {**(alert.values or {}), "resolved_reason": reason}
+            step = max(alert.step, run.last_step or alert.step)
+            self._resolve(session, alert, run, project, step)
+            log.info("alert %d resolved: %s", alert.id, reason)
+        return len(alerts)
+
     # --- periodic: runs gone silent --------------------------------------------------------
 
     def sweep_silent(self, session: Session) -> int:

@@ -145,6 +145,16 @@ def silent_runs(session: Session, before: datetime) -> Sequence[Run]:
     return session.scalars(select(Run).where(Run.status == "running", quiet).order_by(Run.id)).all()
 
 
+def open_alerts_of_project_rule(session: Session, project_id: int, rule: str) -> Sequence[Alert]:
+    """Open episodes of ``rule`` across the runs of a project, oldest first."""
+    runs = select(Run.id).where(Run.project_id == project_id)
+    return session.scalars(
+        select(Alert)
+        .where(Alert.rule == rule, Alert.status == "open", Alert.run_id.in_(runs))
+        .order_by(Alert.id)
+    ).all()
+
+
 def open_alerts_of_rules(session: Session, rules: Collection[str]) -> Sequence[Alert]:
     return session.scalars(select(Alert).where(Alert.rule.in_(rules), Alert.status == "open")).all()
 

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.alerts import rules as R
-from spectrawatch_server.api.deps import Principal, PrincipalDep, RunDep, SessionDep
+from spectrawatch_server.alerts.engine import engine_for
+from spectrawatch_server.api.deps import Principal, PrincipalDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.db.models import Project
 from spectrawatch_server.storage import alert_store
@@ -120,12 +121,18 @@ def list_rules(project: str, principal: PrincipalDep, session: SessionDep) -> li
 
 @router.patch("/projects/{project}/alert-rules/{rule}", response_model=RulePublic)
 def update_rule(
-    project: str, rule: str, body: RuleUpdate, principal: PrincipalDep, session: SessionDep
+    project: str,
+    rule: str,
+    body: RuleUpdate,
+    principal: PrincipalDep,
+    session: SessionDep,
+    state: StateDep,
 ) -> RulePublic:
     """Edit a default rule or create/edit a custom one (custom rules need ``kind`` + ``metric``).
 
     Bad parameters (unknown key, non-numeric threshold, unknown metric...) answer 422 naming
-    the parameter.
+    the parameter. Disabling a rule resolves its open alerts (``values.resolved_reason``
+    ``rule disabled``, an ``alert.resolved`` event each): nothing evaluates it any more.
     """
     row = find_project(session, principal, project)
     stored = alert_store.stored_rules(session, row.id)
@@ -145,16 +152,28 @@ def update_rule(
     except R.RuleError as exc:
         raise ApiError(422, "invalid_rule", f"params.{exc.field}: {exc.message}") from exc
     alert_store.upsert_rule(session, row.id, rule, enabled, merged)
+    if not enabled:
+        engine_for(state.settings).resolve_rule(session, row, rule, "rule disabled")
     session.commit()
     return _rule_public(spec, {**stored, rule: (enabled, merged)})
 
 
 @router.delete("/projects/{project}/alert-rules/{rule}", status_code=204)
-def reset_rule(project: str, rule: str, principal: PrincipalDep, session: SessionDep) -> Response:
-    """Reset a default rule to its defaults, or delete a custom rule."""
+def reset_rule(
+    project: str, rule: str, principal: PrincipalDep, session: SessionDep, state: StateDep
+) -> Response:
+    """Reset a default rule to its defaults, or delete a custom rule.
+
+    A deleted custom rule's open alerts are resolved (``values.resolved_reason``
+    ``rule deleted``, an ``alert.resolved`` event each); a default rule is back on, and the
+    engine goes on evaluating its open alerts.
+    """
     row = find_project(session, principal, project)
-    builtin = rule in {r.name for r in R.default_rules()}
-    if not alert_store.delete_rule(session, row.id, rule) and not builtin:
+    base = {r.name: r for r in R.default_rules()}.get(rule)
+    if not alert_store.delete_rule(session, row.id, rule) and base is None:
         raise ApiError(404, "rule_not_found", f"project {project!r} has no rule {rule!r}")
+    if base is None or not base.enabled:
+        reason = "rule deleted" if base is None else "rule disabled"
+        engine_for(state.settings).resolve_rule(session, row, rule, reason)
     session.commit()
     return Response(status_code=204)
