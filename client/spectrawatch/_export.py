@@ -43,6 +43,7 @@ from typing import Any
 from spectrawatch._cli_http import CliError, call, server_args, server_url
 from spectrawatch._version import __version__
 from spectrawatch.wire import (
+    DOT_NAMES,
     LAYER_MAX,
     LAYER_PATTERN,
     MAX_STEP,
@@ -402,8 +403,10 @@ def import_run(args: argparse.Namespace, data: ExportedRun) -> dict[str, Any]:
     project = args.project or src["project"]
     name = args.run or src["name"]
     for what, value in (("project", project), ("run name", name)):
-        if len(value) > NAME_MAX or not re.fullmatch(NAME_PATTERN, value):
-            raise ExportError(f"{what} {value!r:.80}: 1-{NAME_MAX} characters, no '/' or control")
+        if len(value) > NAME_MAX or not re.fullmatch(NAME_PATTERN, value) or value in DOT_NAMES:
+            raise ExportError(
+                f"{what} {value!r:.80}: 1-{NAME_MAX} characters, not '.' or '..', no '/' or control"
+            )
     body = {
         "project": project,
         "name": name,

@@ -211,17 +211,30 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     """Create a project-scoped API token and print it once (only its hash is stored)."""
     from pydantic import ValidationError
 
+    from spectrawatch.wire import DOT_NAMES
     from spectrawatch_server.schemas import ProjectCreate
     from spectrawatch_server.storage import repository as repo
 
+    refused = CommandError(
+        f"--project: {args.project!r} is not a valid project name (1-200 characters, "
+        "not blank, not '.' or '..', no '/' and no control characters)"
+    )
     try:
-        ProjectCreate(name=args.project)  # the API's rule for project names
+        ProjectCreate(name=args.project)  # the API's rule for new project names
+        valid = True
     except ValidationError:
-        raise CommandError(
-            f"--project: {args.project!r} is not a valid project name (1-200 characters, "
-            "not blank, no '/' and no control characters)"
-        ) from None
-    with _open_db(args, create=True).begin() as session:
+        if args.project not in DOT_NAMES:
+            raise refused from None
+        valid = False  # "." or "..": only for a project stored before they were refused
+    try:
+        sessions = _open_db(args, create=valid)
+    except CommandError:
+        if valid:
+            raise
+        raise refused from None  # no database: no such project either
+    with sessions.begin() as session:
+        if not valid and repo.get_project(session, args.project) is None:
+            raise refused
         project, _ = repo.get_or_create_project(session, args.project)
         token, secret = repo.create_token(session, project, args.name or "")
         token_id = token.id

@@ -31,6 +31,9 @@ MAX_STEP = 2**62  # largest training step a frame may name (as scalar and metric
 # them before sending). No control characters anywhere: PostgreSQL text refuses NUL.
 # project, run and metric names, 1-200 characters: not blank, no "/" (URL segments)
 NAME_PATTERN = r"^[^\x00-\x1f/]*[^\s\x00-\x1f/][^\x00-\x1f/]*$"
+# a new project or run name is also refused as exactly "." or "..": the dashboards link
+# /projects/<name>, which a browser resolves to another page (names stored before stay readable)
+DOT_NAMES = (".", "..")
 TEXT_PATTERN = r"^[^\x00-\x1f]+$"  # scalar names and tags, 1-200 characters
 # a layer name is also a dashboard URL segment: "." and ".." would be resolved away by browsers
 LAYER_PATTERN = r"^([^\x00-\x1f.][^\x00-\x1f]*|\.[^\x00-\x1f.][^\x00-\x1f]*|\.\.[^\x00-\x1f]+)$"

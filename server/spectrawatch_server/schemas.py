@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from spectrawatch.wire import (
+    DOT_NAMES,
     LAYER_MAX,
     LAYER_PATTERN,
     MAX_STEP,
@@ -18,6 +19,19 @@ from spectrawatch.wire import (
 )
 
 Name = Field(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)
+
+
+def _not_a_dot_name(name: str) -> str:
+    if name in DOT_NAMES:
+        raise ValueError(
+            f"{name!r} is not accepted as a new project or run name: the dashboards' links "
+            f"would resolve /projects/{name} to another page"
+        )
+    return name
+
+
+# the name of a project or run being created (a stored "." or ".." stays readable)
+NewName = Annotated[str, Name, AfterValidator(_not_a_dot_name)]
 # free text that ends up in SQL text columns: no control characters (PostgreSQL rejects NUL)
 Tag = Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=TEXT_PATTERN)]
 Layer = Field(min_length=1, max_length=LAYER_MAX, pattern=LAYER_PATTERN)
@@ -25,7 +39,7 @@ Layer = Field(min_length=1, max_length=LAYER_MAX, pattern=LAYER_PATTERN)
 
 class ProjectCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Name
+    name: NewName
 
 
 class ProjectPublic(BaseModel):
@@ -37,8 +51,8 @@ class ProjectPublic(BaseModel):
 
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    project: str = Name
-    name: str = Name
+    project: NewName
+    name: NewName
     config: dict[str, Any] = Field(default_factory=dict)
     tags: list[Tag] = Field(default_factory=list, max_length=100)
     resume: bool = Field(True, description="false: answer 409 if the run exists (create only)")

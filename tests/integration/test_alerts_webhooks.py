@@ -21,13 +21,16 @@ import httpx
 import pytest
 import standardwebhooks
 import torch
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
 from spectrawatch import Monitor
 from spectrawatch.cli import main as cli_main
 from spectrawatch.webhooks import WebhookVerificationError, verify
 from spectrawatch.wire import FrameKind, encode_frame
+from spectrawatch_server.storage import repository as repo
 from tests.factories import make_run, post_frame
-from tests.servers import ServerProcess, free_port, wait_until
+from tests.servers import ServerProcess, database_url, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -657,8 +660,9 @@ def test_custom_rule_and_cli(
 def test_cli_edits_the_rules_of_projects_named_with_url_characters(
     api: httpx.Client, alert_server: ServerProcess
 ) -> None:
-    """Project names may hold '?', '#', '%' or be '.'/'..': the CLI puts them in the path as
-    one escaped segment (it sent them raw: a 404, or '%2e%2e' editing the rules of '..')."""
+    """Project names may hold '?', '#', '%' or be '.'/'..' (stored before those two were
+    refused): the CLI puts them in the path as one escaped segment (it sent them raw: a 404, or
+    '%2e%2e' editing the rules of '..')."""
     base = ["--url", alert_server.url]
 
     def enabled(name: str) -> bool:
@@ -668,8 +672,15 @@ def test_cli_edits_the_rules_of_projects_named_with_url_characters(
         return {r["name"]: r["enabled"] for r in rules.json()}["alpha_out_of_range"]
 
     names = ["a?b", "c#d", "50%", "%2e%2e", ".", ".."]
-    for name in names:
+    for name in names[:-2]:
         make_run(api, project=name, name="r")
+    engine = create_engine(database_url(alert_server.data_dir))
+    try:
+        with Session(engine) as session, session.begin():
+            for name in names[-2:]:
+                repo.get_or_create_project(session, name)
+    finally:
+        engine.dispose()
     for name in names:
         argv = ["alerts", "set", "alpha_out_of_range", "--project", name, "--disable", *base]
         assert cli_main(argv) == 0, name

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urljoin
 
 import httpx
 import pytest
 import torch
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
 from spectrawatch.wire import compress, encode_frame
+from spectrawatch_server.storage import repository as repo
 from tests.factories import make_run, post_frame, weight_frame
-from tests.servers import DIALECT, ServerProcess, wait_until
+from tests.servers import DIALECT, ServerProcess, database_url, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -372,3 +378,57 @@ def test_dashboard_errors_are_pages_api_errors_json(shared_server: ServerProcess
         api = web.get("/api/v1/runs/99999999", headers=page)
         assert api.json()["error"]["code"] == "run_not_found"
         assert web.get("/runs/99999999").json()["error"]["code"] == "run_not_found"
+
+
+def test_dot_names_refused_stored_ones_readable_and_every_project_link_lands(
+    client: httpx.Client, shared_server: ServerProcess
+) -> None:
+    """A new project or run named "." or ".." is refused with a 422 naming the field: the runs
+    table links /projects/<name>, which a browser resolves to / or /projects (escaped as %2E
+    too). Projects stored before stay readable and deletable, and every project's link (a name
+    with '#', '?', '%', a space...) leads to that project's page."""
+    for path, body, field in (
+        ("/projects", {"name": ".."}, "body.name"),
+        ("/projects", {"name": "."}, "body.name"),
+        ("/runs", {"project": ".", "name": "r"}, "body.project"),
+        ("/runs", {"project": "dots", "name": ".."}, "body.name"),
+    ):
+        r = client.post(path, json=body)
+        assert r.status_code == 422, (body, r.text)
+        message = r.json()["error"]["message"]
+        assert message.startswith(f"{field}: "), message
+        assert "not accepted as a new project or run name" in message
+    names = ["a#b", "a?b", "50%", "a b", "%2e%2e", ".%2E", "...", ".x", "back\\slash", "<&>"]
+    for name in names:
+        make_run(client, project=name, name=name)
+    engine = create_engine(database_url(shared_server.data_dir))
+    try:
+        with Session(engine) as session, session.begin():  # stored before the refusal
+            for name in (".", ".."):
+                project, _ = repo.get_or_create_project(session, name)
+                repo.get_or_create_run(session, project, name, {}, [])
+    finally:
+        engine.dispose()
+
+    with httpx.Client(base_url=shared_server.url, timeout=30) as web:
+        table = web.get("/", params={"fragment": "true"}).text
+        links = {
+            html.unescape(text): html.unescape(href)
+            for href, text in re.findall(r'<td><a href="([^"]+)">([^<]+)</a></td>', table)
+        }
+        assert links["a#b"] == "/projects/a%23b"
+        assert links["50%"] == "/projects/50%25"
+        assert links[".."] == "/?project=.."
+        for name in [*names, ".", ".."]:
+            url = urljoin(f"{shared_server.url}/", links[name])  # dot segments resolved
+            segments = httpx.URL(url).raw_path.decode().partition("?")[0].split("/")
+            dots = (".", "..", "%2e", "%2e%2e", ".%2e", "%2e.")  # what browsers resolve away
+            assert not any(s.lower() in dots for s in segments), (name, url)
+            page = web.get(url)
+            assert page.status_code == 200, (name, url, page.text)
+            assert f"<h1>Project {html.escape(name, quote=False)}</h1>" in page.text, (name, url)
+    runs = client.get("/runs", params={"project": ".."}).json()
+    assert [(r["project"], r["name"]) for r in runs] == [("..", "..")]
+    assert client.get("/projects/%2E%2E/alert-rules").status_code == 200
+    assert client.delete(f"/runs/{runs[0]['id']}").status_code == 200
+    assert client.get("/runs", params={"project": ".."}).json() == []

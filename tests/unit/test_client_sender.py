@@ -672,7 +672,7 @@ def test_sync_skips_a_spool_a_live_run_holds_and_one_it_cannot_name(tmp_path: Pa
     assert len(Spool(mangled.dir, 1 << 20)) == 1  # left as it was
 
 
-@pytest.mark.parametrize("name", ["a/b", "", "tab\there", "x" * 201])
+@pytest.mark.parametrize("name", ["a/b", "", "tab\there", "x" * 201, ".", ".."])
 def test_names_the_server_would_refuse_fail_at_init(name: str) -> None:
     from spectrawatch.config import SettingsError
 

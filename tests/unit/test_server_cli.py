@@ -133,6 +133,27 @@ def test_token_create_applies_the_project_name_rule(
     assert not (tmp_path / "d").exists()
 
 
+def test_token_create_refuses_a_new_dot_project_but_serves_a_stored_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """New projects cannot be named "." or ".."; a project stored so before (readable
+    through the API) can still have a token."""
+    from spectrawatch_server.db.session import make_engine, make_session_factory
+    from spectrawatch_server.storage import repository as repo
+
+    data = str(tmp_path / "d")
+    assert main(["token", "create", "--project", ".", "--data-dir", data]) == 2
+    assert not (tmp_path / "d").exists()
+    assert main(["token", "create", "--project", "p", "--data-dir", data]) == 0
+    assert main(["token", "create", "--project", "..", "--data-dir", data]) == 2
+    assert "not '.' or '..'" in capsys.readouterr().err
+    engine = make_engine(f"sqlite:///{tmp_path / 'd' / 'spectrawatch.db'}")
+    with make_session_factory(engine).begin() as session:
+        repo.get_or_create_project(session, "..")
+    engine.dispose()
+    assert main(["token", "create", "--project", "..", "--data-dir", data]) == 0
+
+
 def test_token_list_and_revoke_never_create_a_database(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

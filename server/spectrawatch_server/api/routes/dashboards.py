@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -26,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
+from spectrawatch.wire import DOT_NAMES
 from spectrawatch_server import figures as dash
 from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.alerts.engine import read_evidence
@@ -70,9 +72,21 @@ def pages() -> dict[str, dash.PageSpec]:
     return out
 
 
+def project_href(name: str) -> str:
+    """The dashboard link of a project's runs: ``/projects/<name>`` with the name escaped as
+    one path segment (``#``, ``?``, ``%``, space, ``\\``...), or ``/?project=<name>`` for ``.``
+    and ``..``, which a browser resolves away as path segments even escaped (``%2E``); new
+    projects cannot be named so, ones stored before can."""
+    if name in DOT_NAMES:
+        return "/?" + urlencode({"project": name})
+    return "/projects/" + quote(name, safe="")
+
+
 @cache
 def templates() -> Jinja2Templates:
-    return Jinja2Templates(directory=str(package_dir() / "templates"))
+    out = Jinja2Templates(directory=str(package_dir() / "templates"))
+    out.env.filters["project_href"] = project_href
+    return out
 
 
 @router.get("/favicon.ico")
