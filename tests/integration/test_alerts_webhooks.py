@@ -391,6 +391,45 @@ def test_disabling_or_deleting_a_rule_resolves_its_open_alerts(
     }
 
 
+def test_changing_a_rule_resolves_its_alerts_and_the_new_rule_opens_its_own(
+    api: httpx.Client, receiver: Receiver
+) -> None:
+    """A rule's open alerts came from its old condition: a parameter change (or resetting a
+    customized default) resolves them as ``rule changed``; the next evaluation under the new
+    rule opens a new episode where it holds. Re-enabling without a change resolves nothing."""
+    project = "rulechange"
+    run_id, _ = setup_project(api, receiver, project)
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")
+    assert post_frame(api, run_id, weights(10, 0, nan=True), seq=0).status_code == 202
+
+    def nonfinite() -> list[dict[str, Any]]:
+        got = [a for a in api.get(f"/runs/{run_id}/alerts").json() if a["rule"] == "nonfinite"]
+        return sorted(got, key=lambda a: a["id"])
+
+    wait_until(lambda: len(nonfinite()) == 1, timeout=30)
+    first = nonfinite()[0]["id"]
+    r = api.patch(f"/projects/{project}/alert-rules/nonfinite", json={"enabled": True})
+    assert r.status_code == 200, r.text
+    assert [a["status"] for a in nonfinite()] == ["open"]  # nothing changed: still open
+    r = api.patch(
+        f"/projects/{project}/alert-rules/nonfinite", json={"params": {"severity": "warning"}}
+    )
+    assert r.status_code == 200, r.text
+    (old,) = nonfinite()
+    assert (old["status"], old["values"]["resolved_reason"]) == ("resolved", "rule changed")
+    assert post_frame(api, run_id, weights(20, 1, nan=True), seq=1).status_code == 202
+    wait_until(lambda: len(nonfinite()) == 2, timeout=30)
+    new = nonfinite()[1]
+    assert (new["status"], new["severity"], new["step"]) == ("open", "warning", 20)
+    assert new["id"] != first
+    # resetting the customized default: its condition changed back, so resolved again
+    assert api.delete(f"/projects/{project}/alert-rules/nonfinite").status_code == 204
+    assert [(a["status"], a["values"].get("resolved_reason")) for a in nonfinite()] == [
+        ("resolved", "rule changed"),
+        ("resolved", "rule changed"),
+    ]
+
+
 def test_test_send_and_slack_format(api: httpx.Client, receiver: Receiver) -> None:
     project = "ping"
     make_run(api, project=project, name="r")

@@ -133,6 +133,10 @@ def update_rule(
     Bad parameters (unknown key, non-numeric threshold, unknown metric...) answer 422 naming
     the parameter. Disabling a rule resolves its open alerts (``values.resolved_reason``
     ``rule disabled``, an ``alert.resolved`` event each): nothing evaluates it any more.
+    Changing its parameters resolves them too (``rule changed``; as Prometheus restarts a
+    changed rule's alerts): they were raised by a condition that no longer exists (a narrower
+    ``layers`` glob, another metric or threshold), and the engine opens new ones where the new
+    rule holds at its next evaluation of each run.
     """
     row = find_project(session, principal, project)
     stored = alert_store.stored_rules(session, row.id)
@@ -154,6 +158,8 @@ def update_rule(
     alert_store.upsert_rule(session, row.id, rule, enabled, merged)
     if not enabled:
         engine_for(state.settings).resolve_rule(session, row, rule, "rule disabled")
+    elif merged != params:
+        engine_for(state.settings).resolve_rule(session, row, rule, "rule changed")
     session.commit()
     return _rule_public(spec, {**stored, rule: (enabled, merged)})
 
@@ -166,14 +172,18 @@ def reset_rule(
 
     A deleted custom rule's open alerts are resolved (``values.resolved_reason``
     ``rule deleted``, an ``alert.resolved`` event each); a default rule is back on, and the
-    engine goes on evaluating its open alerts.
+    engine goes on evaluating its open alerts, unless it had been customized: then they are
+    resolved as ``rule changed`` (see :func:`update_rule`).
     """
     row = find_project(session, principal, project)
     base = {r.name: r for r in R.default_rules()}.get(rule)
-    if not alert_store.delete_rule(session, row.id, rule) and base is None:
+    customized = alert_store.delete_rule(session, row.id, rule)
+    if not customized and base is None:
         raise ApiError(404, "rule_not_found", f"project {project!r} has no rule {rule!r}")
     if base is None or not base.enabled:
         reason = "rule deleted" if base is None else "rule disabled"
         engine_for(state.settings).resolve_rule(session, row, rule, reason)
+    elif customized:
+        engine_for(state.settings).resolve_rule(session, row, rule, "rule changed")
     session.commit()
     return Response(status_code=204)
