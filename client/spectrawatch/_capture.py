@@ -233,8 +233,7 @@ class Capture:
         self._gpu_sketches: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
         self._sketch_on_gpu = False  # the last _sketch_all recorded CUDA events
         self._forked = False  # in a forked child (DataLoader worker...) the hooks do nothing
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: _inert_after_fork(ref))
+        _LIVE.add(self)  # inert in a forked child (see _inert_after_fork)
         self._update_rows: list[Rows] = []
         self._update_steps: list[int] = []
         self._theta_rows: list[Rows] = []
@@ -1010,7 +1009,14 @@ def _watch_structure() -> None:
         )
 
 
-def _inert_after_fork(ref: weakref.ReferenceType[Capture]) -> None:
-    capture = ref()
-    if capture is not None:
+# the captures alive in this process, for the one fork hook below (a hook per capture could
+# never be unregistered: they would pile up, one per attach, each run at every fork)
+_LIVE: weakref.WeakSet[Capture] = weakref.WeakSet()
+
+
+def _inert_after_fork() -> None:
+    for capture in list(_LIVE):
         capture._forked = True
+
+
+os.register_at_fork(after_in_child=_inert_after_fork)

@@ -223,8 +223,7 @@ class Sender:
         self.reopen = True  # set a finished run of this name back to running when resuming
         if settings.mode == "offline":
             self._offline_until = float("inf")  # never contacts the server
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: _after_fork(ref))
+        _LIVE.add(self)  # made inert in a forked child (see _after_fork)
 
     # -- training-thread side -------------------------------------------------------------
 
@@ -819,11 +818,18 @@ def wire_json(rows: Sequence[Mapping[str, Any]]) -> bytes:
     return json.dumps(list(rows), separators=(",", ":")).encode()
 
 
-def _after_fork(ref: weakref.ReferenceType[Sender]) -> None:
-    """In a forked child (e.g. a DataLoader worker) the sender is inert: no thread, no sends."""
-    sender = ref()
-    if sender is not None:
+# the senders alive in this process, for the one fork hook below (a hook per sender could never
+# be unregistered: a process making 10,000 runs would run 10,000 hooks at every fork)
+_LIVE: weakref.WeakSet[Sender] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child (e.g. a DataLoader worker) every sender is inert: no thread, no sends."""
+    for sender in list(_LIVE):
         sender._disabled = True
         sender._cond = threading.Condition(threading.Lock())
         sender._queue.clear()
         sender._scalars = []
+
+
+os.register_at_fork(after_in_child=_after_fork)

@@ -4,7 +4,10 @@ activations, the defect probe, and that training is never changed or interrupted
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import os
+import weakref
 from typing import Any
 
 import pytest
@@ -912,3 +915,31 @@ def test_cuda_frame_in_flight_is_released_on_request() -> None:
     (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
     assert frame.info["steps"] == [1, 2, 3, 4]
     cap.finish()
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_captures_share_one_fork_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One module fork hook, not one per capture (fork hooks cannot be unregistered, and a
+    process re-attaching or making many runs would run them all at every fork): in a forked
+    child every live capture is inert, and the registry keeps none alive."""
+    hooks: list[dict[str, Any]] = []
+    monkeypatch.setattr(os, "register_at_fork", lambda **kw: hooks.append(kw))
+    caps = []
+    for _ in range(10):
+        model = nn.Linear(3, 3)
+        cap, _ = make_capture(model, torch.optim.SGD(model.parameters(), lr=0.1), Sink())
+        assert cap.wait_index(30)
+        cap.remove()
+        caps.append(cap)
+    assert hooks == []
+    monkeypatch.undo()
+    del cap
+    gone = weakref.ref(caps.pop())
+    gc.collect()
+    assert gone() is None
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if all(c._forked for c in caps) else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not any(c._forked for c in caps)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import email.utils
+import gc
 import json
 import math
 import os
 import threading
 import time
+import weakref
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -433,6 +435,39 @@ def test_forked_child_is_inert(tmp_path: Path) -> None:
     sender.put_frame(sketch_item(1))
     assert sender.close(timeout=10)
     assert len(server.frames) == 1  # the parent still sends; the child sent nothing
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_senders_share_one_fork_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork hook can never be unregistered: one per sender would pile up in a process that
+    makes many runs (a sweep), each run at every fork. One module hook makes all live senders
+    inert in a forked child, and keeps none alive."""
+    hooks: list[dict[str, Any]] = []
+    monkeypatch.setattr(os, "register_at_fork", lambda **kw: hooks.append(kw))
+    server = FakeServer()
+    senders = [make_sender(server, settings(tmp_path, run=f"r{i}"), start=False) for i in range(20)]
+    assert hooks == []
+    monkeypatch.undo()
+    gone = weakref.ref(senders.pop())
+    gc.collect()
+    assert gone() is None  # the registry holds no sender
+    senders[0].start()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            for s in senders:
+                s.put_scalars([{"step": 0, "name": "x", "value": 1.0}])
+            code = 0 if all(s._disabled and not s._scalars for s in senders) else 3
+        except BaseException:
+            code = 5
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not any(s._disabled for s in senders)  # the parent's are untouched
+    senders[0].put_scalars([{"step": 1, "name": "x", "value": 1.0}])
+    assert senders[0].close(timeout=10)
+    assert len(server.scalars) == 1
 
 
 class HostileServer(FakeServer):
