@@ -10,10 +10,12 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
+from sqlalchemy.exc import IntegrityError
 
 from spectrawatch.spectral import sed
 from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.db.models import Frame
 from spectrawatch_server.downsample import downsample
 from spectrawatch_server.schemas import (
     LagAnalysis,
@@ -73,22 +75,37 @@ def ingest_metrics(
     digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     existing = repo.frame_by_key(session, key)
     if existing is not None:
-        if existing.info.get("digest", digest) != digest:
-            raise ApiError(
-                409,
-                "idempotency_conflict",
-                f"Idempotency-Key was used for a different metric batch (frame {existing.id})",
-            )
-        return {"accepted": 0, "frame_id": existing.id, "replayed": True}
+        return _replayed(existing, digest)
     # a (layer, name, step) given twice: the last value wins, as for scalars
     latest = {(m.layer, m.name, m.step): m.value for m in body.rows}
     rows = [
         repo.MetricRow(layer, name, step, math.nan if value is None else value)
         for (layer, name, step), value in latest.items()
     ]
-    frame = repo.insert_metric_batch(session, run.id, key, body.source, rows, digest=digest)
-    session.commit()
+    try:
+        frame = repo.insert_metric_batch(session, run.id, key, body.source, rows, digest=digest)
+        session.commit()
+    except IntegrityError:
+        # the key was stored since the look-up above: the same batch sent again while its first
+        # request was still being stored (a retry after a timeout) is a replay, not a conflict
+        session.rollback()
+        existing = repo.frame_by_key(session, key)
+        if existing is None:  # another constraint failed (the run deleted meanwhile...)
+            raise
+        return _replayed(existing, digest)
     return {"accepted": len(rows), "frame_id": frame.id, "replayed": False}
+
+
+def _replayed(stored: Frame, digest: str) -> dict[str, Any]:
+    """The answer to a batch whose key is ``stored``'s: a replay if the bodies' ``digest``s
+    agree, else 409."""
+    if stored.info.get("digest", digest) != digest:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"Idempotency-Key was used for a different metric batch (frame {stored.id})",
+        )
+    return {"accepted": 0, "frame_id": stored.id, "replayed": True}
 
 
 # per-step SED gap ratio (``sed.gap_ratio.w<W>``) and its checkpoint-interval variant
