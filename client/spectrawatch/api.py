@@ -160,11 +160,21 @@ class Run:
     def spectra(
         self, layer: str | None = None, analysis: str | None = None
     ) -> list[dict[str, Any]]:
-        """Stored spectra (ESD histograms and fits, per layer and frame) for drill-down plots."""
-        out: list[dict[str, Any]] = self.api.get(
-            f"/runs/{self.id}/spectra", layer=layer, analysis=analysis
-        )
-        return out
+        """Stored spectra (ESD histograms and fits, per layer and frame) for drill-down plots,
+        by step then layer: every one, read a page of 1,000 at a time (the server returns 100
+        a request unless told more)."""
+        found: list[dict[str, Any]] = []
+        while True:
+            page = self.api.get(
+                f"/runs/{self.id}/spectra",
+                layer=layer,
+                analysis=analysis,
+                limit=_PAGE,
+                offset=len(found),
+            )
+            found += page
+            if len(page) < _PAGE:
+                return found
 
     def history(
         self, names: Sequence[str], layer: str = MODEL_LAYER, scalars: Iterable[str] = ()

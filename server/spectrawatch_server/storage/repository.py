@@ -757,16 +757,42 @@ def scalar_tail(session: Session, run_id: int, name: str, limit: int) -> list[tu
 
 
 def spectra_for(
-    session: Session, run_id: int, layer: str | None, frame_id: int | None, analysis: str | None
+    session: Session,
+    run_id: int,
+    layer: str | None,
+    frame_id: int | None,
+    analysis: str | None,
+    *,
+    start: int | None = None,
+    end: int | None = None,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> Sequence[Spectrum]:
-    stmt = select(Spectrum).where(Spectrum.run_id == run_id).order_by(Spectrum.step, Spectrum.layer)
+    """Spectra of a run (of one layer, frame, analysis and step range where given) by step,
+    layer, analysis and id: ``limit`` of them from the ``offset``-th (all when None).
+
+    A page is chosen on the rows' keys, then only its rows are loaded: ordering whole rows
+    would carry every payload of the run (a histogram and fits, ~10 KB each) through SQLite's
+    sorter for every page."""
+    stmt = select(Spectrum.id).where(Spectrum.run_id == run_id)
     if layer is not None:
         stmt = stmt.where(Spectrum.layer == layer)
     if frame_id is not None:
         stmt = stmt.where(Spectrum.frame_id == frame_id)
     if analysis is not None:
         stmt = stmt.where(Spectrum.analysis == analysis)
-    return session.scalars(stmt).all()
+    stmt = stmt.where(*_in_range(Spectrum.step, start, end)).order_by(
+        Spectrum.step, Spectrum.layer, Spectrum.analysis, Spectrum.id
+    )
+    stmt = stmt.limit(limit).offset(offset)
+    ids = session.scalars(stmt).all()
+    rows: dict[int, Spectrum] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        rows.update(
+            (r.id, r) for r in session.scalars(select(Spectrum).where(Spectrum.id.in_(chunk)))
+        )
+    return [rows[i] for i in ids]
 
 
 def count_rows(session: Session, model: Any, **where: Any) -> int:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from sqlalchemy.exc import IntegrityError
+from fastapi import APIRouter, Header, Query, Request, Response
 
 from spectrawatch.spectral import sed
 from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
@@ -185,15 +186,47 @@ def read_metric_catalog(run: RunDep, session: SessionDep) -> list[MetricInfo]:
     ]
 
 
+SPECTRA_LIMIT = 100  # spectra per response by default (each a histogram and fits, ~10 KB)
+SPECTRA_LIMIT_MAX = 1000
+
+
 @router.get("/runs/{run_id}/spectra", response_model=list[SpectrumPublic])
 def read_spectra(
     run: RunDep,
     session: SessionDep,
+    request: Request,
+    response: Response,
     layer: str | None = None,
     frame: int | None = None,
     analysis: str | None = None,
+    start: Annotated[int | None, Query(alias="from", ge=0)] = None,
+    end: Annotated[int | None, Query(alias="to", ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=SPECTRA_LIMIT_MAX)] = SPECTRA_LIMIT,
+    offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[SpectrumPublic]:
-    rows = repo.spectra_for(session, run.id, layer, frame, analysis)
+    """Stored spectra (ESD histograms and fits, per layer and frame) of the run, optionally of
+    one ``layer``, ``frame``, ``analysis`` and step range ``from``..``to``, ordered by step,
+    layer and analysis; one page of at most ``limit`` (default 100, at most 1000) from the
+    ``offset``-th. When more match, the response has a ``Link: <url>; rel="next"`` header with
+    the next page's URL (and ``X-Next-Offset``); a page shorter than ``limit`` is the last.
+    ``GET /runs/{id}/spectra/{frame_id}`` returns every spectrum of one frame."""
+    rows = repo.spectra_for(
+        session,
+        run.id,
+        layer,
+        frame,
+        analysis,
+        start=start,
+        end=end,
+        limit=limit + 1,
+        offset=offset,
+    )
+    if len(rows) > limit:
+        rows = rows[:limit]
+        following = offset + limit
+        url = request.url.include_query_params(offset=following, limit=limit)
+        response.headers["Link"] = f'<{url}>; rel="next"'
+        response.headers["X-Next-Offset"] = str(following)
     return [SpectrumPublic.model_validate(r) for r in rows]
 
 
