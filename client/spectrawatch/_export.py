@@ -126,6 +126,25 @@ def resolve_run(args: argparse.Namespace, run: str, project: str | None) -> dict
     return matches[0]
 
 
+MAX_POINTS = 100_000  # the most points per series the server returns at once
+
+
+def _metric_series(args: argparse.Namespace, rid: int, name: str) -> list[dict[str, Any]]:
+    """Every layer's series of metric ``name`` at full resolution: without a layer the server
+    bounds each series (``max_points``), so a layer still cut short is read again alone."""
+    path = f"/runs/{rid}/metrics"
+    out = []
+    for series in call(args, "GET", path, params={"name": name, "max_points": MAX_POINTS})[
+        "series"
+    ]:
+        if series.get("downsampled"):
+            (series,) = call(args, "GET", path, params={"name": name, "layer": series["layer"]})[
+                "series"
+            ]
+        out.append(series)
+    return out
+
+
 def fetch_run(args: argparse.Namespace, run: dict[str, Any]) -> ExportedRun:
     """Every scalar and metric point of ``run`` over the HTTP API."""
     rid = run["id"]
@@ -138,7 +157,7 @@ def fetch_run(args: argparse.Namespace, run: dict[str, Any]) -> ExportedRun:
     metrics = [
         (int(step), series["layer"], name, _num(v))
         for name in names
-        for series in call(args, "GET", f"/runs/{rid}/metrics", params={"name": name})["series"]
+        for series in _metric_series(args, rid, name)
         for step, v in zip(series["steps"], series["values"], strict=True)
     ]
     scalars.sort(key=lambda r: (r[1], r[0]))

@@ -28,6 +28,7 @@ from spectrawatch.config import DEFAULT_URL
 
 MODEL_LAYER = "__model__"  # the layer name of whole-model series
 _PAGE = 1000
+_MAX_POINTS = 100_000  # the most points per series the server returns at once
 
 
 class ApiError(Exception):
@@ -133,11 +134,20 @@ class Run:
     def metric(
         self, name: str, layer: str | None = None, max_points: int | None = None
     ) -> dict[str, Series]:
-        """Series of metric ``name`` by layer (all points unless ``max_points``: LTTB)."""
-        body = self.api.get(
-            f"/runs/{self.id}/metrics", name=name, layer=layer, max_points=max_points
-        )
-        return {s["layer"]: _series(s) for s in body["series"]}
+        """Series of metric ``name`` by layer (all points unless ``max_points``: LTTB).
+
+        Without ``layer`` the server bounds each layer's series (1,000 points unless told
+        otherwise); all points are asked for, and a layer still cut short is read again alone."""
+        path = f"/runs/{self.id}/metrics"
+        if max_points is not None or layer is not None:
+            body = self.api.get(path, name=name, layer=layer, max_points=max_points)
+            return {s["layer"]: _series(s) for s in body["series"]}
+        out: dict[str, Series] = {}
+        for s in self.api.get(path, name=name, max_points=_MAX_POINTS)["series"]:
+            if s.get("downsampled"):
+                (s,) = self.api.get(path, name=name, layer=s["layer"])["series"]
+            out[s["layer"]] = _series(s)
+        return out
 
     def scalars(self, name: str | None = None) -> dict[str, Series]:
         """Logged scalars (``monitor.log``) by name."""

@@ -186,6 +186,9 @@ class Series(BaseModel):
     steps: list[int]
     values: list[float | None]
     points: int = Field(description="points before downsampling")
+    downsampled: bool = Field(
+        False, description="whether points were left out (fewer steps than ``points``)"
+    )
 
 
 class MetricSeries(BaseModel):

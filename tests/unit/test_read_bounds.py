@@ -3,19 +3,23 @@ read and downsampled per layer, the activations figures keep a bounded number of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 import spectrawatch.api as client_api
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.downsample import downsample, downsample_many
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.repository import SpectrumRow
 from tests.dashboard_seed import done_frame, migrated, new_run
+from tests.unit.test_dashboards import statements
 
 LAYERS = ("l2", "l10", "l1")
 SPECTRA_STEPS = 90  # x 3 layers = 270 spectra, pages of 100
@@ -85,3 +89,118 @@ def test_client_reads_every_spectrum_page_by_page(
     run = api.run(run_id)
     assert len(run.spectra()) == SPECTRA_STEPS * len(LAYERS)
     assert _keys(run.spectra(layer="l2")) == [(t, "l2") for t in range(SPECTRA_STEPS)]
+
+
+# --- GET /runs/{id}/metrics without a layer ----------------------------------------------------
+
+SERIES_STEPS = 2500
+SPIKE = 1234  # one point far above the rest: downsampling must keep it
+
+
+@pytest.fixture
+def metrics_app(tmp_path: Path) -> Iterator[tuple[TestClient, int]]:
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = [
+            repo.MetricRow(layer, "m", t, 100.0 if t == SPIKE else math.sin(t / 40) + i)
+            for i, layer in enumerate(LAYERS)
+            for t in range(SERIES_STEPS)
+        ]
+        rows += [repo.MetricRow("short", "m", t, float(t)) for t in range(10)]
+        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+    engine.dispose()
+    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+        yield client, run_id
+
+
+def test_metric_of_every_layer_is_bounded_per_layer_and_says_so(
+    metrics_app: tuple[TestClient, int],
+) -> None:
+    """Without ``layer`` the endpoint returned every point of every layer (750,000 points,
+    17 MB and 4-5 s on a big run); now at most 1000 a layer unless ``max_points`` says
+    otherwise, each series saying whether it was downsampled. One layer: every point."""
+    client, run_id = metrics_app
+    url = f"/api/v1/runs/{run_id}/metrics"
+    body = client.get(url, params={"name": "m"}).json()
+    by_layer = {s["layer"]: s for s in body["series"]}
+    assert sorted(by_layer) == sorted([*LAYERS, "short"])
+    for layer in LAYERS:
+        series = by_layer[layer]
+        assert len(series["steps"]) == 1000
+        assert series["points"] == SERIES_STEPS
+        assert series["downsampled"] is True
+        assert SPIKE in series["steps"]  # LTTB keeps the extreme
+        assert series["steps"][0] == 0
+        assert series["steps"][-1] == SERIES_STEPS - 1
+    assert by_layer["short"]["downsampled"] is False
+    assert by_layer["short"]["steps"] == list(range(10))
+    one = client.get(url, params={"name": "m", "layer": "l2"}).json()["series"]
+    assert [(len(s["steps"]), s["downsampled"]) for s in one] == [(SERIES_STEPS, False)]
+    every = client.get(url, params={"name": "m", "max_points": 100_000}).json()["series"]
+    assert all(not s["downsampled"] and len(s["steps"]) == s["points"] for s in every)
+    few = client.get(url, params={"name": "m", "max_points": 50, "from": 10, "to": 1999})
+    assert {len(s["steps"]) for s in few.json()["series"] if s["layer"] != "short"} == {50}
+    description = client.get("/openapi.json").json()["paths"]["/api/v1/runs/{run_id}/metrics"]
+    assert "at most 1000 points" in description["get"]["description"]
+
+
+def test_client_metric_keeps_full_resolution(
+    metrics_app: tuple[TestClient, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Run.metric(name)`` promised every point: it asks for all, and reads a layer the
+    server still cut short on its own."""
+    client, run_id = metrics_app
+    monkeypatch.setattr(client_api, "_MAX_POINTS", 1000)
+    api = client_api.Api("http://testserver")
+    api.close()
+    api._http = client
+    client.base_url = "http://testserver/api/v1"  # type: ignore[assignment]
+    got = api.run(run_id).metric("m")
+    assert {k: len(v.steps) for k, v in got.items()} == {
+        **dict.fromkeys(LAYERS, SERIES_STEPS),
+        "short": 10,
+    }
+    assert got["l1"].values[SPIKE] == 100.0
+
+
+def test_metric_series_seeks_each_layer_in_the_covering_index(tmp_path: Path) -> None:
+    """The read behind the endpoint: the layers by a skip-scan, then one covering-index search
+    per layer returning steps and values only."""
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = [repo.MetricRow(la, n, t, 1.0) for la in LAYERS for n in "ab" for t in range(5)]
+        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+    with sessions() as s:
+        conn = s.connection()
+        with statements(conn) as seen:
+            got = repo.metric_series(s, run_id, "a", None, 1, 3)
+        assert list(got) == sorted(LAYERS)
+        assert all(v == ([1, 2, 3], [1.0, 1.0, 1.0]) for v in got.values())
+        assert len(seen) == 1 + len(LAYERS)
+        for query, params in seen[1:]:
+            plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query, params)]
+            assert plan == [
+                "SEARCH metric USING COVERING INDEX ix_metric_run_name_layer_step"
+                " (run_id=? AND name=? AND layer=? AND step>? AND step<?)"
+            ], plan
+        assert repo.metric_series(s, run_id, "zz", None, None, None) == {}
+        assert repo.metric_series(s, run_id, "a", "nope", None, None) == {}
+    engine.dispose()
+
+
+@pytest.mark.parametrize("max_points", [3, 4, 10, 999, 2000, 2001, None])
+def test_downsample_many_equals_downsample_of_each(max_points: int | None) -> None:
+    """The batched LTTB (series of one length together) keeps exactly the points LTTB keeps
+    of each series alone, NaN/Inf (None) included."""
+    rng = np.random.default_rng(7)
+    series: list[tuple[list[int], list[float | None]]] = []
+    for i in range(12):
+        n = (2000, 1500, 2000, 37)[i % 4]
+        values: list[float | None] = rng.standard_normal(n).cumsum().tolist()
+        values[i] = None
+        series.append((list(range(0, 3 * n, 3)), values))
+    assert downsample_many(series, max_points) == [downsample(s, v, max_points) for s, v in series]

@@ -18,6 +18,7 @@ from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDe
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.downsample import downsample
+from spectrawatch_server.downsample import downsample_many
 from spectrawatch_server.schemas import (
     LagAnalysis,
     LagPoint,
@@ -34,6 +35,9 @@ from spectrawatch_server.storage.dashboard_reads import series_names
 router = APIRouter(tags=["metrics"])
 
 
+SERIES_POINTS = 1000  # points per layer by default when no layer is named
+
+
 @router.get("/runs/{run_id}/metrics", response_model=MetricSeries)
 def read_metrics(
     run: RunDep,
@@ -44,17 +48,30 @@ def read_metrics(
     end: Annotated[int | None, Query(alias="to", ge=0)] = None,
     max_points: Annotated[int | None, Query(ge=3, le=100_000)] = None,
 ) -> MetricSeries:
-    """One metric, one series per layer, each LTTB-downsampled to ``max_points``."""
-    grouped: dict[str, tuple[list[int], list[float | None]]] = {}
-    for lname, step, value in repo.metric_points(session, run.id, name, layer, start, end):
-        steps, values = grouped.setdefault(lname, ([], []))
-        steps.append(step)
-        values.append(value)
-    series = []
-    for lname, (steps, values) in grouped.items():
-        ds, dv = downsample(steps, values, max_points)
-        series.append(Series(layer=lname, steps=ds, values=dv, points=len(steps)))
-    return MetricSeries(name=name, series=series)
+    """One metric, one series per layer, each LTTB-downsampled to at most ``max_points``
+    points (LTTB keeps the first and last point and each bucket's most prominent one, so peaks
+    survive). With ``layer``, every point unless ``max_points`` is given; without it, every
+    layer's series has at most 1000 points unless ``max_points`` says otherwise (a metric of
+    150 layers x 5,000 steps is 750,000 points, 17 MB of JSON). Each series says how many
+    points it has stored (``points``) and whether some were left out (``downsampled``); ask
+    for one ``layer`` to read all of its points."""
+    if max_points is None and layer is None:
+        max_points = SERIES_POINTS
+    stored = repo.metric_series(session, run.id, name, layer, start, end)
+    kept = downsample_many(list(stored.values()), max_points)
+    return MetricSeries(
+        name=name,
+        series=[
+            Series(
+                layer=lname,
+                steps=steps,
+                values=values,
+                points=len(full[0]),
+                downsampled=len(steps) < len(full[0]),
+            )
+            for (lname, full), (steps, values) in zip(stored.items(), kept, strict=True)
+        ],
+    )
 
 
 @router.post("/runs/{run_id}/metrics", status_code=202)

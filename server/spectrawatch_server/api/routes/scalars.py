@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Query
 
 from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
-from spectrawatch_server.downsample import downsample
+from spectrawatch_server.downsample import downsample_many
 from spectrawatch_server.schemas import ScalarIn, ScalarSeries
 from spectrawatch_server.storage import repository as repo
 
@@ -47,8 +47,8 @@ def read_scalars(
         steps, values = grouped.setdefault(sname, ([], []))
         steps.append(step)
         values.append(value)
-    out = []
-    for sname, (steps, values) in grouped.items():
-        ds, dv = downsample(steps, values, max_points)
-        out.append(ScalarSeries(name=sname, steps=ds, values=dv, points=len(steps)))
-    return out
+    kept = downsample_many(list(grouped.values()), max_points)
+    return [
+        ScalarSeries(name=sname, steps=ds, values=dv, points=len(full[0]))
+        for (sname, full), (ds, dv) in zip(grouped.items(), kept, strict=True)
+    ]
