@@ -33,10 +33,14 @@ from tests.dashboard_seed import done_frame, migrated, new_run  # noqa: E402
 from tests.e2e.test_dashboards_browser import CHROMIUM_FLAGS, find_chromium  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 
+ACTIVATION_METRICS = ("eigentrack.entropy", "eigentrack.effective_rank")
 
-def seed_big(data_dir: Path, layers: int, steps: int) -> int:
+
+def seed_big(data_dir: Path, layers: int, steps: int, activations: bool = False) -> int:
     """Write the benchmark run; returns its id. Bulk inserts through the DB-API (fast), in step
-    order like the worker (each weights frame stores every layer at one step)."""
+    order like the worker (each weights frame stores every layer at one step). With
+    ``activations``, every layer also has the :data:`ACTIVATION_METRICS` at every step (the
+    activations page: one figure per descriptor, one line per layer)."""
     engine, sessions = migrated(data_dir)
     with sessions.begin() as s:
         run_id = new_run(s, "bench", f"big-{layers}x{steps}")
@@ -74,6 +78,16 @@ def seed_big(data_dir: Path, layers: int, steps: int) -> int:
                     for i, layer in enumerate(names)
                 ],
             )
+            if activations:  # a spike every 997 steps: extremes a plot must keep
+                cur.executemany(
+                    sql,
+                    [
+                        (run_id, frame_id, "activations", layer, m, t, v)
+                        for i, layer in enumerate(names)
+                        for j, m in enumerate(ACTIVATION_METRICS)
+                        for v in [(1 + j) * (3 + math.sin(t / 50 + i) + (5 if t % 997 == i else 0))]
+                    ],
+                )
         model = []
         for t in range(steps):
             phase = 1.0 if t < steps * 0.3 else (2.0 if t < steps * 0.6 else 3.0)
@@ -102,6 +116,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
+        "--activations",
+        action="store_true",
+        help=f"also seed {', '.join(ACTIVATION_METRICS)} per layer and time the activations page",
+    )
+    ap.add_argument(
         "--data-dir", type=Path, default=None, help="reuse/keep the seeded database here"
     )
     args = ap.parse_args()
@@ -115,7 +134,7 @@ def main() -> int:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="sw-dash-bench-"))
     db = data_dir / "spectrawatch.db"
     t0 = time.perf_counter()
-    run_id = 1 if db.exists() else seed_big(data_dir, args.layers, args.steps)
+    run_id = 1 if db.exists() else seed_big(data_dir, args.layers, args.steps, args.activations)
     print(f"seeded in {time.perf_counter() - t0:.1f} s: {data_dir}")
     server = ServerProcess(data_dir).start()
     options = webdriver.ChromeOptions()
@@ -135,6 +154,11 @@ def main() -> int:
                 f"/api/v1/dashboards/runs/{run_id}/layers?metric=htsr.alpha",
             ),
         }
+        if args.activations:
+            pages["activations"] = (
+                f"/runs/{run_id}/activations",
+                f"/api/v1/dashboards/runs/{run_id}/activations",
+            )
         with httpx.Client(base_url=server.url, timeout=120) as client:
             for name, (page, api) in pages.items():
                 r = results.setdefault(

@@ -19,7 +19,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -269,6 +269,8 @@ class Line:
     group: str = ""
     dash: str = "solid"
     color: str | None = None
+    shown: bool = True  # False: listed in the legend (a click draws it), not drawn
+    fill: str = ""  # Plotly ``fill`` (``tonexty``: shade down to the previous line)
 
 
 @dataclass(frozen=True)
@@ -332,7 +334,7 @@ def line_figure(
     y_band: tuple[float, float] | None = None,
 ) -> Figure:
     """Lines over steps with optional vertical markers, shaded x-bands and a shaded y-range."""
-    total = sum(len(line.x) for line in lines)
+    total = sum(len(line.x) for line in lines if line.shown)  # hidden lines are not drawn
     trace_type = "scattergl" if total > WEBGL_POINTS else "scatter"
     data = []
     for line in lines:
@@ -350,6 +352,11 @@ def line_figure(
             trace["line"]["color"] = line.color
         if line.group:
             trace["legendgroup"] = line.group
+        if not line.shown:
+            trace["visible"] = "legendonly"
+        if line.fill:
+            trace["fill"] = line.fill
+            trace["line"]["width"] = 0.8
         data.append(trace)
     layout = _layout(title, y_title=y_title, log_y=log_y)
     for band in bands:
@@ -433,6 +440,57 @@ def line_figure(
             }
         )
     return {"data": data, "layout": layout}
+
+
+ENVELOPE_COLOR = "rgba(120, 120, 120, 0.55)"
+
+
+def envelope_lines(lines: Sequence[Line], label: str) -> list[Line]:
+    """The lowest and the highest value of ``lines`` at each step where any has one (lower
+    first; the upper one shades down to it): two lines that keep every line's extremes, drawn
+    where the lines themselves are too many to draw. Lines bucketed together share their steps
+    (a bucket's first and last), so each bucket's min and max over all lines are on them."""
+    lows: dict[int, float] = {}
+    highs: dict[int, float] = {}
+    for line in lines:
+        for x, y in zip(line.x, line.y, strict=True):
+            if y is None:
+                continue
+            if x not in lows or y < lows[x]:
+                lows[x] = y
+            if x not in highs or y > highs[x]:
+                highs[x] = y
+    steps = sorted(lows)
+    return [
+        Line(
+            f"{label} min", steps, [lows[x] for x in steps], group="envelope", color=ENVELOPE_COLOR
+        ),
+        Line(
+            f"{label} max",
+            steps,
+            [highs[x] for x in steps],
+            group="envelope",
+            color=ENVELOPE_COLOR,
+            fill="tonexty",
+        ),
+    ]
+
+
+def thin_lines(lines: Sequence[Line], drawn: int) -> list[Line]:
+    """``lines`` as they are if at most ``drawn``; else :func:`envelope_lines` of all of them,
+    then every line, the first ``drawn`` and those reaching the lowest or highest value drawn,
+    the others only listed in the legend (a click draws one).
+
+    Plotly's cost grows with the traces drawn, more than with their points (plotly.js #3227,
+    #3826): 150 lines of a module each took 1.4-2.2 s to draw in Chromium."""
+    if len(lines) <= drawn:
+        return list(lines)
+    finite = [
+        (y, i) for i, line in enumerate(lines) for y in line.y if y is not None and math.isfinite(y)
+    ]
+    extremes = {min(finite)[1], max(finite)[1]} if finite else set()
+    marked = [replace(line, shown=i < drawn or i in extremes) for i, line in enumerate(lines)]
+    return envelope_lines(lines, f"all {len(lines)}:") + marked
 
 
 def phase_bands(steps: Sequence[int], codes: Sequence[float | None]) -> list[Band]:

@@ -15,7 +15,9 @@ from fastapi.testclient import TestClient
 import spectrawatch.api as client_api
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.db.models import Metric
 from spectrawatch_server.downsample import downsample, downsample_many
+from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.repository import SpectrumRow
 from tests.dashboard_seed import done_frame, migrated, new_run
@@ -204,3 +206,71 @@ def test_downsample_many_equals_downsample_of_each(max_points: int | None) -> No
         values[i] = None
         series.append((list(range(0, 3 * n, 3)), values))
     assert downsample_many(series, max_points) == [downsample(s, v, max_points) for s, v in series]
+
+
+# --- the activations page ----------------------------------------------------------------------
+
+
+def test_bucketed_layers_equal_the_sql_buckets(tmp_path: Path) -> None:
+    """Every layer's min/max buckets computed in numpy from per-layer reads are the points the
+    ``GROUP BY`` read returns: gaps (NaN stored as NULL), falling stretches, layers with other
+    steps, a bucket of missing values only."""
+    engine, sessions = migrated(tmp_path)
+    rng = np.random.default_rng(3)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = []
+        for i, layer in enumerate(("a", "b", "c.1", "c.10")):
+            steps = range(i, 700 - 3 * i, 1 + i % 2)
+            walk = rng.standard_normal(len(steps)).cumsum()
+            for j, (t, v) in enumerate(zip(steps, walk, strict=True)):
+                value = math.nan if (j % 97 == 5 or 300 <= t < 306) and layer == "b" else v
+                rows.append(repo.MetricRow(layer, "m", t, float(value)))
+        rows += [repo.MetricRow("a", "other", t, float(t % 7)) for t in range(0, 900, 4)]
+        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+    with sessions() as s:
+        for names, buckets in ((["m"], 50), (["m"], 3), (["m", "other"], 128), (["m"], 5000)):
+            got = reads.bucketed_series(s, run_id, names, buckets)
+            ranges = [r for n in names if (r := reads.step_range(s, run_id, n))]
+            lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+            n = max(1, min(buckets, hi - lo + 1))
+            want = reads._bucketed_sql(s, run_id, names, None, Metric, lo, hi - lo + 1, n)
+            assert got == want, (names, buckets)
+            assert None in got[("m", "b")][1]
+    engine.dispose()
+
+
+def test_activations_figures_draw_a_band_and_a_few_lines_of_many(tmp_path: Path) -> None:
+    """With 150 modules the page drew 150 lines of 1,000 points per descriptor (1.4-2.2 s of
+    Plotly in Chromium): now a min-max band over all of them, the first 12 lines and those
+    holding the extremes drawn, every other line in the legend only, at most ~60k points per
+    figure. A spike of a module not drawn is still on the band."""
+    engine, sessions = migrated(tmp_path)
+    layers = [f"blocks.{i}" for i in range(30)]
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = [
+            repo.MetricRow(layer, "eigentrack.entropy", t, 50.0 if (i, t) == (20, 777) else i)
+            for i, layer in enumerate(layers)
+            for t in range(3000)
+        ]
+        repo.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
+    engine.dispose()
+    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+        body = client.get(f"/api/v1/dashboards/runs/{run_id}/activations").json()
+    (panel,) = [p for p in body["panels"] if p["figure"]]
+    data = panel["figure"]["data"]
+    band, traces = data[:2], data[2:]
+    assert [t["name"] for t in traces] == layers  # every module still there, in order
+    drawn = [t["name"] for t in traces if t.get("visible") != "legendonly"]
+    assert drawn == [*layers[:12], "blocks.20"]  # the first 12 and the one with the spike
+    assert [t.get("fill") for t in band] == [None, "tonexty"]
+    assert max(band[1]["y"]) == 50.0
+    assert min(band[0]["y"]) == 0.0
+    top = band[1]["x"][band[1]["y"].index(50.0)]
+    assert abs(top - 777) < 6  # on its bucket (3,000 steps in 500 buckets): its first or last step
+    assert sum(len(t["x"]) for t in traces) <= 60_000
+    assert {t["type"] for t in data} == {"scatter"}  # few points drawn: SVG, not WebGL
+    assert "grey band" in panel["help"]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import BindParameter, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
@@ -199,6 +200,22 @@ def bucketed_series(
     lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
     span = hi - lo + 1
     n = max(1, min(buckets, span))
+    if model is Metric and layer is None:
+        return _bucketed_layers(session, run_id, names, lo, span, n)
+    return _bucketed_sql(session, run_id, names, layer, model, lo, span, n)
+
+
+def _bucketed_sql(
+    session: Session,
+    run_id: int,
+    names: Sequence[str],
+    layer: str | None,
+    model: Model,
+    lo: int,
+    span: int,
+    n: int,
+) -> Series:
+    """:func:`bucketed_series` by one ``GROUP BY`` statement per name."""
     k = ((model.step - lo) * n // span).label("k")
     keys: list[Any] = [model.name] + ([Metric.layer] if model is Metric else [])
     name: BindParameter[str] = bindparam("name")
@@ -241,6 +258,62 @@ def bucketed_series(
             steps.append(int(smax))
             values.append(None)
     return out
+
+
+def _bucketed_layers(
+    session: Session, run_id: int, names: Sequence[str], lo: int, span: int, n: int
+) -> Series:
+    """:func:`bucketed_series` of every layer of metrics ``names`` (same buckets, same points):
+    each layer's points by its own covering-index search (:func:`repository.metric_series`),
+    the buckets' min and max by numpy. SQLite's ``GROUP BY`` evaluated the bucket expression
+    and four aggregates row by row: 1.8-2.8 s for 150 layers x 5,000 steps, against ~1 s."""
+    from spectrawatch_server.storage.repository import metric_series
+
+    out: Series = {}
+    for name in dict.fromkeys(names):
+        for layer, (steps, values) in metric_series(
+            session, run_id, name, None, None, None
+        ).items():
+            out[(name, layer)] = _bucket_points(steps, values, lo, span, n)
+    return out
+
+
+def _bucket_points(
+    steps: list[int], values: list[float | None], lo: int, span: int, n: int
+) -> Points:
+    """One series (steps ascending) as :func:`bucketed_series` returns it: bucket ``k = (step -
+    lo) * n // span``, its min and max in the order the series moves, None after a bucket
+    holding a missing value."""
+    s = np.asarray(steps, dtype=np.int64)
+    v = np.asarray(values, dtype=np.float64)  # None -> NaN
+    k = (s - lo) * n // span
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    ends = np.r_[starts[1:], len(s)] - 1
+    ok = ~np.isnan(v)
+    finite = np.add.reduceat(ok, starts).tolist()
+    total = (ends - starts + 1).tolist()
+    with np.errstate(invalid="ignore"):
+        vmin = np.fmin.reduceat(v, starts).tolist()  # NaN only where every value is missing
+        vmax = np.fmax.reduceat(v, starts).tolist()
+    smin, smax = s[starts].tolist(), s[ends].tolist()
+    out_steps: list[int] = []
+    out_values: list[float | None] = []
+    previous: float | None = None
+    for i in range(len(starts)):
+        if finite[i]:
+            mid = (vmin[i] + vmax[i]) / 2
+            falling = previous is not None and mid < previous
+            previous = mid
+            first, second = (vmax[i], vmin[i]) if falling else (vmin[i], vmax[i])
+            out_steps.append(smin[i])
+            out_values.append(first)
+            if second != first:
+                out_steps.append(smax[i])
+                out_values.append(second)
+        if finite[i] < total[i]:
+            out_steps.append(smax[i])
+            out_values.append(None)
+    return out_steps, out_values
 
 
 def first_step_at_least(

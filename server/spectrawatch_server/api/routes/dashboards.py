@@ -41,6 +41,9 @@ from spectrawatch_server.storage import repository as repo
 STATIC_URL = "/dashboards/static"
 HEATMAP_COLUMNS = 300  # steps sampled for the layer x step heatmap (about one per pixel column)
 DEFAULT_POINTS = 1000
+ACTIVATION_LINES = 12  # lines drawn per activations figure; more: a min-max band of all
+ACTIVATION_POINTS = 60_000  # points per activations figure (legend-only lines included)
+MIN_LINE_POINTS = 200
 MAX_COMPARE_RUNS = 8
 
 router = APIRouter(tags=["dashboards"], include_in_schema=False)
@@ -408,14 +411,26 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             continue
         groups = [[m] for m in matched] if spec.split else [matched]
         for group in groups:
-            series = metric_series(session, run.id, group, None, n)
+            # a point budget per figure: 150 modules get 400 points each (min and max of 200
+            # buckets), not 1,000; the layers by index seeks
+            count = sum(len(repo.metric_layers(session, run.id, m)) for m in group)
+            per_line = max(MIN_LINE_POINTS, min(n, ACTIVATION_POINTS // max(1, count)))
+            series = metric_series(session, run.id, group, None, per_line)
             lines = []
             for name in group:
                 prefix = "" if len(group) == 1 else f"{name} · "
                 lines += lines_of(series, name, layer_label(prefix))
             title = group[0] if len(group) == 1 else spec.title
+            help_text = spec.help
+            if len(lines) > ACTIVATION_LINES:
+                lines = dash.thin_lines(lines, ACTIVATION_LINES)
+                help_text += (
+                    f" The grey band spans all {len(lines) - 2} lines (lowest to highest at each"
+                    f" step); the first {ACTIVATION_LINES} and those reaching the extremes are"
+                    " drawn, the others are in the legend: click one to draw it."
+                )
             sub = dash.PanelSpec(
-                f"{spec.id}-{group[0]}", title, spec.kind, help=spec.help, empty=spec.empty
+                f"{spec.id}-{group[0]}", title, spec.kind, help=help_text, empty=spec.empty
             )
             panels.append(
                 dash.panel_from(
