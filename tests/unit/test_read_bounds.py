@@ -68,6 +68,7 @@ def test_spectra_come_in_bounded_pages_with_a_next_link(
     assert client.get(url, params={"limit": 1000}).headers.get("link") is None
     assert client.get(url, params={"limit": 1001}).status_code == 422
     assert client.get(url, params={"limit": 0}).status_code == 422
+    assert client.get(url, params={"from": 2**63}).status_code == 422
     # the filters still apply, with the page bound
     two = client.get(url, params={"layer": "l10", "from": 5, "to": 6}).json()
     assert _keys(two) == [(5, "l10"), (6, "l10")]
@@ -144,6 +145,9 @@ def test_metric_of_every_layer_is_bounded_per_layer_and_says_so(
     assert all(not s["downsampled"] and len(s["steps"]) == s["points"] for s in every)
     few = client.get(url, params={"name": "m", "max_points": 50, "from": 10, "to": 1999})
     assert {len(s["steps"]) for s in few.json()["series"] if s["layer"] != "short"} == {50}
+    for bound in ("from", "to"):  # past the database's integers, also for an unknown metric
+        assert client.get(url, params={"name": "nope", bound: 2**63}).status_code == 422
+        assert client.get(url, params={"name": "m", bound: 2**63 - 1}).status_code == 200
     description = client.get("/openapi.json").json()["paths"]["/api/v1/runs/{run_id}/metrics"]
     assert "at most 1000 points" in description["get"]["description"]
 

@@ -34,6 +34,10 @@ from spectrawatch_server.storage.dashboard_reads import series_names
 
 router = APIRouter(tags=["metrics"])
 
+# a step bound past the database's integers is refused up front: a read that runs no query
+# (a metric without layers) would not reach the OverflowError that answers 422 otherwise
+INT64_MAX = 2**63 - 1
+
 
 SERIES_POINTS = 1000  # points per layer by default when no layer is named
 
@@ -44,8 +48,8 @@ def read_metrics(
     session: SessionDep,
     name: Annotated[str, Query(min_length=1, max_length=200)],
     layer: str | None = None,
-    start: Annotated[int | None, Query(alias="from", ge=0)] = None,
-    end: Annotated[int | None, Query(alias="to", ge=0)] = None,
+    start: Annotated[int | None, Query(alias="from", ge=0, le=INT64_MAX)] = None,
+    end: Annotated[int | None, Query(alias="to", ge=0, le=INT64_MAX)] = None,
     max_points: Annotated[int | None, Query(ge=3, le=100_000)] = None,
 ) -> MetricSeries:
     """One metric, one series per layer, each LTTB-downsampled to at most ``max_points``
@@ -216,8 +220,8 @@ def read_spectra(
     layer: str | None = None,
     frame: int | None = None,
     analysis: str | None = None,
-    start: Annotated[int | None, Query(alias="from", ge=0)] = None,
-    end: Annotated[int | None, Query(alias="to", ge=0)] = None,
+    start: Annotated[int | None, Query(alias="from", ge=0, le=INT64_MAX)] = None,
+    end: Annotated[int | None, Query(alias="to", ge=0, le=INT64_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=SPECTRA_LIMIT_MAX)] = SPECTRA_LIMIT,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[SpectrumPublic]:
