@@ -9,15 +9,13 @@ import statistics
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
-from sqlalchemy.exc import IntegrityError
 from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
 
 from spectrawatch.spectral import sed
 from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.db.models import Frame
-from spectrawatch_server.downsample import downsample
 from spectrawatch_server.downsample import downsample_many
 from spectrawatch_server.schemas import (
     LagAnalysis,
