@@ -87,10 +87,15 @@ class Api:
 
     def runs(self, project: str | None = None) -> list[Run]:
         """Every run (of ``project``), newest first."""
-        found: list[Run] = []
+        return [Run(self, r) for r in self._every("/runs", project=project)]
+
+    def _every(self, path: str, **params: Any) -> list[Any]:
+        """Every item of a paged list endpoint (``limit``/``offset``), read ``_PAGE`` at a
+        time: one request returns at most the server's page size."""
+        found: list[Any] = []
         while True:
-            page = self.get("/runs", project=project, limit=_PAGE, offset=len(found))
-            found += [Run(self, r) for r in page]
+            page = self.get(path, **params, limit=_PAGE, offset=len(found))
+            found += page
             if len(page) < _PAGE:
                 return found
 
@@ -155,8 +160,8 @@ class Run:
         return {s["name"]: _series(s) for s in body}
 
     def alerts(self, status: str | None = None) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = self.api.get(f"/runs/{self.id}/alerts", status=status)
-        return out
+        """Every alert episode of the run (``status``: open or resolved), newest first."""
+        return self.api._every(f"/runs/{self.id}/alerts", status=status)
 
     def sed_lag(
         self, scalar: str = "val_loss", layer: str = "__model__", max_lag: int = 10
@@ -173,18 +178,7 @@ class Run:
         """Stored spectra (ESD histograms and fits, per layer and frame) for drill-down plots,
         by step then layer: every one, read a page of 1,000 at a time (the server returns 100
         a request unless told more)."""
-        found: list[dict[str, Any]] = []
-        while True:
-            page = self.api.get(
-                f"/runs/{self.id}/spectra",
-                layer=layer,
-                analysis=analysis,
-                limit=_PAGE,
-                offset=len(found),
-            )
-            found += page
-            if len(page) < _PAGE:
-                return found
+        return self.api._every(f"/runs/{self.id}/spectra", layer=layer, analysis=analysis)
 
     def history(
         self, names: Sequence[str], layer: str = MODEL_LAYER, scalars: Iterable[str] = ()

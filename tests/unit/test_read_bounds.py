@@ -278,3 +278,32 @@ def test_activations_figures_draw_a_band_and_a_few_lines_of_many(tmp_path: Path)
     assert sum(len(t["x"]) for t in traces) <= 60_000
     assert {t["type"] for t in data} == {"scatter"}  # few points drawn: SVG, not WebGL
     assert "grey band" in panel["help"]
+
+
+def test_run_alerts_reads_every_page() -> None:
+    """``Run.alerts()`` returned the server's first page only (1,000 of a run's episodes)."""
+    import httpx
+
+    stored = [{"id": i, "status": "open" if i % 3 else "resolved"} for i in range(2500, 0, -1)]
+    asked: list[dict[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/runs/7"):
+            return httpx.Response(
+                200, json={"id": 7, "name": "r", "project": "p", "status": "running"}
+            )
+        q = dict(request.url.params)
+        asked.append(q)
+        rows = [a for a in stored if q.get("status") in (None, a["status"])]
+        offset, limit = int(q["offset"]), min(int(q["limit"]), 1000)  # the server's cap
+        return httpx.Response(200, json=rows[offset : offset + limit])
+
+    api = client_api.Api("http://testserver")
+    api.close()
+    api._http = httpx.Client(
+        base_url="http://testserver/api/v1", transport=httpx.MockTransport(handler)
+    )
+    run = api.run(7)
+    assert run.alerts() == stored
+    assert [q["offset"] for q in asked] == ["0", "1000", "2000"]
+    assert run.alerts(status="resolved") == [a for a in stored if a["status"] == "resolved"]
