@@ -672,3 +672,55 @@ def test_drilldown_of_a_layer_htsr_skips_says_why(tmp_path: Path) -> None:
     esd = next(p for p in page["panels"] if p["id"] == "esd")
     assert esd["figure"] is None
     assert esd["empty"] == "Layer skipped: outside the filter"
+
+
+def test_layer_drilldown_loads_the_shown_spectrum_only(tmp_path: Path) -> None:
+    """The drill-down listed a layer's steps by loading every spectrum of it (histograms and
+    fits, ~10 KB each: tens of MB a page on a long run); now their keys and the one shown."""
+    import torch
+    from fastapi.testclient import TestClient
+    from sqlalchemy import event
+
+    from spectrawatch.spectral.htsr import analyze_weights, esd_payload
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+    from spectrawatch_server.db.models import Frame, Spectrum
+    from spectrawatch_server.storage import repository as repo
+
+    (layer,) = analyze_weights({"a.weight": torch.randn(64, 32)}).layers
+    payload = {"analysis": "htsr", "plain": esd_payload(layer.evals, layer.plain)}
+    steps = list(range(0, 300, 10))
+    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()
+        with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
+            for step in steps:
+                frame = Frame(
+                    run_id=run["id"], kind="weights", step=step, seq=step,
+                    idempotency_key=f"k{step}", blob_key="", bytes=1,
+                    layers=["a.weight", "b.weight"], status="done",
+                )  # fmt: skip
+                repo.insert_frame(session, frame)
+                rows = [repo.SpectrumRow(name, payload) for name in ("a.weight", "b.weight")]
+                repo.replace_results(session, run["id"], frame.id, step, "htsr", [], rows)
+        loaded: list[tuple[str, int]] = []
+
+        def on_load(target: Spectrum, _context: Any) -> None:
+            loaded.append((target.layer, target.step))
+
+        event.listen(Spectrum, "load", on_load)
+        try:
+            url = f"/api/v1/dashboards/runs/{run['id']}/layer"
+            page = client.get(url, params={"layer": "a.weight", "step": 125}).json()
+            latest = client.get(url, params={"layer": "a.weight"}).json()
+        finally:
+            event.remove(Spectrum, "load", on_load)
+    assert loaded == [("a.weight", 120), ("a.weight", 290)]
+    assert page["controls"]["step"] == {
+        "label": "ESD at step",
+        "options": [str(s) for s in steps],
+        "value": "120",
+    }
+    assert latest["controls"]["step"]["value"] == "290"
+    esd = next(p for p in page["panels"] if p["id"] == "esd")
+    assert esd["figure"] is not None
+    assert esd["figure"]["layout"]["title"]["text"].endswith("@ step 120")

@@ -810,6 +810,19 @@ def scalar_tail(session: Session, run_id: int, name: str, limit: int) -> list[tu
     return [(int(s), float(v)) for s, v in reversed(rows) if v is not None]
 
 
+def spectrum_steps(
+    session: Session, run_id: int, layer: str, analysis: str
+) -> list[tuple[int, int]]:
+    """``(step, id)`` of one layer's spectra of one analysis, by step then id: the keys alone
+    (a layer's drill-down lists its steps and loads one payload, not every one of the run)."""
+    stmt = (
+        select(Spectrum.step, Spectrum.id)
+        .where(Spectrum.run_id == run_id, Spectrum.layer == layer, Spectrum.analysis == analysis)
+        .order_by(Spectrum.step, Spectrum.id)
+    )
+    return [(int(step), int(sid)) for step, sid in session.execute(stmt)]
+
+
 def spectra_for(
     session: Session,
     run_id: int,

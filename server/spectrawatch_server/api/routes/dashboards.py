@@ -34,7 +34,7 @@ from spectrawatch_server.alerts.engine import read_evidence
 from spectrawatch_server.api.deps import PrincipalDep, RunDep, SessionDep, StateDep, find_run
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.runs import run_public
-from spectrawatch_server.db.models import Run, Scalar
+from spectrawatch_server.db.models import Run, Scalar, Spectrum
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import repository as repo
 
@@ -343,17 +343,16 @@ def read_layer(
     n = _points(max_points)
     body = _base(session, run, page)
     body["layer"] = layer
-    records = repo.spectra_for(session, run.id, layer, None, None)
-    rows = [r for r in records if "plain" in r.payload or "farms" in r.payload]
-    # a layer HT-SR leaves out (e.g. a 50k-token embedding) says why, not "no ESD yet"
-    skips = [r for r in records if r.payload.get("analysis") == "htsr" and "skipped" in r.payload]
-    why = str(max(skips, key=lambda r: (r.step, r.id)).payload["skipped"]) if skips else None
-    steps = sorted({r.step for r in rows})
+    # the HT-SR spectra's keys, then the one payload shown (a long run holds hundreds of them,
+    # ~10 KB each); a layer HT-SR leaves out (e.g. a 50k-token embedding) has spectra that say
+    # why ("skipped"), so its page says so, not "no ESD yet"
+    keys = repo.spectrum_steps(session, run.id, layer, "htsr")
+    steps = sorted({s for s, _ in keys})
     chosen_row = None
-    if rows:
+    if keys:
         target = step if step is not None else steps[-1]
-        at_or_before = [r for r in rows if r.step <= target] or rows
-        chosen_row = max(at_or_before, key=lambda r: (r.step, r.id))
+        chosen = max([k for k in keys if k[0] <= target] or keys)
+        chosen_row = session.get_one(Spectrum, chosen[1])
         body["controls"]["step"] = {
             "label": "ESD at step",
             "options": [str(s) for s in steps],
@@ -369,7 +368,7 @@ def read_layer(
             )
             builder = dash.esd_figure if spec.kind == "esd" else dash.mp_figure
             fig = builder(part, title) if part else None
-            skipped = chosen_row.payload.get("skipped") if chosen_row is not None else why
+            skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
             panels.append(
                 dash.panel_from(spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None)
             )
