@@ -161,11 +161,12 @@ def _log_to_stderr(level: str) -> None:
     unprinted."""
     import logging
 
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.DEBUG),  # uvicorn's "trace": debug here
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    numeric = getattr(logging, level.upper(), logging.DEBUG)  # uvicorn's "trace": debug here
+    logging.basicConfig(level=numeric, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-migration INFO lines
+    # httpx logs each request's full URL at INFO; a webhook's URL can be its receiver's
+    # credential (Slack's and Discord's incoming webhooks, a ?token= query)
+    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

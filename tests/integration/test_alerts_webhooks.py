@@ -446,6 +446,31 @@ def test_test_send_and_slack_format(api: httpx.Client, receiver: Receiver) -> No
     assert "test delivery" in body["text"]
 
 
+def test_server_log_does_not_name_webhook_urls(receiver: Receiver, tmp_path: Path) -> None:
+    """At the default log level (info), no line names a webhook's URL: for Slack's and
+    Discord's incoming webhooks the URL is the receiver's credential (httpx logged it, the
+    secret path included, for every attempt)."""
+    proc = ServerProcess(
+        tmp_path,
+        env={"SPECTRAWATCH_LOG_LEVEL": "info", "SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"},
+    ).start()
+    secret_path = "/services/T0LOGS/B0LOGS/Xq7secretPathPart"
+    try:
+        with httpx.Client(base_url=f"{proc.url}/api/v1", timeout=30) as api:
+            make_run(api, project="logs", name="r")
+            hook = api.post(
+                "/webhooks", json={"project": "logs", "url": receiver.base + secret_path}
+            )
+            result = api.post(f"/webhooks/{hook.json()['id']}/test").json()
+            assert result["status"] == "delivered", result
+    finally:
+        proc.stop()
+    assert len(receiver.at(secret_path)) == 1
+    log = proc.log_path.read_text()
+    assert '"POST /api/v1/webhooks HTTP/1.1" 201' in log  # info lines are written
+    assert "Xq7secretPathPart" not in log
+
+
 def test_client_stats_alone_open_the_drops_alert(api: httpx.Client) -> None:
     """A client whose every frame was dropped only reports its counters: that must alert."""
     run_id = make_run(api, project="drops", name="r")
