@@ -133,7 +133,7 @@ def worker_cost(frames: int, layers: int = 4) -> tuple[float, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         app = create_app(ServerSettings(data_dir=Path(tmp), run_worker=False))
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://127.0.0.1") as client:
             run = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()["id"]
             for seq in range(frames):
                 r = client.post(

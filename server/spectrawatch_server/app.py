@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from spectrawatch._version import __version__
 from spectrawatch.wire import FrameLimits
 from spectrawatch_server.alerts.engine import engine_for
+from spectrawatch_server.api.cross_site import CrossSiteGuard
 from spectrawatch_server.api.errors import install_error_handlers
 from spectrawatch_server.api.limits import JsonBodyLimit
 from spectrawatch_server.api.routes import (
@@ -157,6 +158,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
+    if not settings.require_auth:  # added last: runs first
+        app.add_middleware(CrossSiteGuard, public_url=settings.public_url)
     for module in (health, projects, runs, frames, scalars, metrics, alerts, webhooks, blobs):
         app.include_router(module.router, prefix=API_PREFIX)
     from spectrawatch_server.api.routes import dashboards  # HTML pages, figure API, static files

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.factories import post_frame, weight_frame
+from tests.factories import make_run, post_frame, weight_frame
 from tests.servers import ServerProcess, cli_env, db_rows
 
 pytestmark = pytest.mark.integration
@@ -95,3 +95,34 @@ def test_token_is_scoped_to_its_project(secured: tuple[ServerProcess, str, str])
         assert [r["id"] for r in b.get("/runs").json()] == []
         assert [r["id"] for r in a.get("/runs").json()] == [run_id]
         assert [p["name"] for p in a.get("/projects").json()] == ["alpha"]
+
+
+def test_an_anonymous_server_refuses_other_sites_pages(
+    server: ServerProcess, api: httpx.Client
+) -> None:
+    """Without auth a web page of another site could write to the local server with a
+    "simple" no-cors POST (a frame body is read whatever its content type), and a DNS-
+    rebinding page (its own host name resolved to 127.0.0.1) could read and write all of it."""
+    run_id = make_run(api, project="local", name="r")
+    evil_page = {
+        "Origin": "https://evil.example",
+        "Content-Type": "text/plain",
+        "Sec-Fetch-Site": "cross-site",
+    }
+    r = api.post(f"/runs/{run_id}/frames", content=weight_frame(1, 0), headers=evil_page)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "cross_origin"
+    assert api.delete(f"/runs/{run_id}", headers={"Origin": "null"}).status_code == 403
+    rebound = {"Host": f"evil.example:{server.port}"}
+    r = api.get("/runs", headers=rebound)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "host_not_allowed"
+    assert "local" not in r.text
+    assert httpx.get(f"{server.url}/runs/{run_id}", headers=rebound).status_code == 403
+    assert api.get("/runs").json()[0]["frames"] == {}  # nothing was stored
+    # its own pages, local clients and loopback names are served
+    own = {"Origin": server.url}
+    assert post_frame(api, run_id, weight_frame(1, 0), seq=0, **own).status_code == 202
+    assert api.get("/runs", headers={"Host": f"localhost:{server.port}"}).status_code == 200
+    assert api.get("/runs", headers={"Host": f"[::1]:{server.port}"}).status_code == 200
+    assert api.get("/health").status_code == 200

@@ -45,13 +45,16 @@ DATABASES = [
 def app_client(tmp_path: Path, database: str) -> Iterator[TestClient]:
     """A client of an in-process app (no worker) on a fresh SQLite file or PostgreSQL database."""
     if database == "sqlite":
-        with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as c:
+        with TestClient(
+            create_app(ServerSettings(data_dir=tmp_path, run_worker=False)),
+            base_url="http://127.0.0.1",
+        ) as c:
             yield c
         return
     assert POSTGRES_URL is not None
     with fresh_database(POSTGRES_URL, "sw_race") as url:
         settings = ServerSettings(data_dir=tmp_path, database_url=url, run_worker=False)
-        with TestClient(create_app(settings)) as c:
+        with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
             yield c
 
 

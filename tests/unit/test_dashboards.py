@@ -393,7 +393,7 @@ def test_routes_serve_pages_and_figures(tmp_path: Path) -> None:
     from spectrawatch_server.config import ServerSettings
 
     settings = ServerSettings(data_dir=tmp_path, run_worker=False)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         run = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()
         steps = list(range(120))
         client.post(
@@ -611,7 +611,9 @@ def test_runs_page_filters_and_sorts(tmp_path: Path) -> None:
     from spectrawatch_server.app import create_app
     from spectrawatch_server.config import ServerSettings
 
-    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
         for project, name in (("a", "alpha"), ("a", "beta"), ("b", "gamma")):
             client.post("/api/v1/runs", json={"project": project, "name": name})
 
@@ -656,7 +658,9 @@ def test_drilldown_of_a_layer_htsr_skips_says_why(tmp_path: Path) -> None:
     from spectrawatch_server.db.models import Frame
     from spectrawatch_server.storage import repository as repo
 
-    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
         run = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()
         with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
             frame = Frame(

@@ -725,7 +725,9 @@ def test_lag_endpoint_finds_the_lead_of_a_gap_series(tmp_path: Path) -> None:
     curve = [math.sin(s / 400.0) + 0.001 * s for s in range(-300, 3000, 100)]
     val_loss = curve[:30]  # val_loss(t) = f(t - 300)
     gap = curve[3:]  # gap(t) = f(t): val loss repeats it 300 steps later
-    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
         run = client.post("/api/v1/runs", json={"project": "p", "name": "lag"}).json()
         base = f"/api/v1/runs/{run['id']}"
         rows = [
