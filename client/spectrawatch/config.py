@@ -43,7 +43,7 @@ class ClientSettings:
     url: str = DEFAULT_URL
     project: str = "default"
     run: str | None = None  # None: generated, ``run-YYYYmmdd-HHMMSS-<pid>-<rand>``
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: not in reprs, tracebacks
     # offline: everything goes to the spool, nothing to the network; `spectrawatch sync` uploads
     mode: Literal["online", "offline", "disabled"] = "online"
 

@@ -64,6 +64,14 @@ def test_env_then_overrides() -> None:
     assert s.spool_dir == "/tmp/sp"
 
 
+def test_the_token_is_not_in_the_settings_repr() -> None:
+    """A repr reaches notebooks' saved outputs, logs and error reports with local variables."""
+    s = ClientSettings.from_env({}, token="sw_not-for-logs")
+    assert s.token == "sw_not-for-logs"
+    assert "sw_not-for-logs" not in repr(s)
+    assert "sw_not-for-logs" not in str(s)
+
+
 def test_bad_values_name_the_variable() -> None:
     with pytest.raises(SettingsError, match="SPECTRAWATCH_WINDOW"):
         ClientSettings.from_env({"SPECTRAWATCH_WINDOW": "many"})
