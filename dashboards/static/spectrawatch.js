@@ -57,7 +57,8 @@
     banner.dataset.token = "1";
     banner.hidden = false;
     banner.className = "banner";
-    banner.textContent = "This server requires an API token: ";
+    banner.textContent = token() ? "This server refused the stored API token (revoked?); paste another: "
+                                 : "This server requires an API token: ";
     var input = el("input", { type: "password", size: "40", placeholder: "sw_…", id: "token-input" });
     var save = el("button", { type: "button" }, "use token");
     save.addEventListener("click", function () {
@@ -70,6 +71,7 @@
 
   function showError(message) {
     var banner = $("banner");
+    if (banner.dataset.token) { return; }  // the token prompt says why; replacing it left no way in
     banner.hidden = false;
     banner.className = "banner error";
     banner.textContent = message;

@@ -25,7 +25,8 @@ import httpx
 import pytest
 
 from tests.e2e.dashboard_data import CROSSING_STEP, LAYERS, STEPS, WARNING_STEP, SeededRun, seed
-from tests.servers import ServerProcess, wait_until
+from tests.factories import make_run
+from tests.servers import ServerProcess, cli_env, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -483,4 +484,55 @@ def test_live_page_updates_while_training_runs(
         if trainer.poll() is None:
             trainer.kill()
         trainer.wait()
+        server.stop()
+
+
+def create_token(data_dir: Path, project: str) -> str:
+    command = ["token", "create", "--project", project, "--data-dir", str(data_dir)]
+    result = subprocess.run(
+        [sys.executable, "-m", "spectrawatch", *command],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env=cli_env(data_dir),
+    )
+    return result.stdout.strip()
+
+
+def test_pages_of_a_server_requiring_auth_ask_for_a_token(browser: Any, tmp_path: Path) -> None:
+    """With auth on, a run page asks for a token (its load error used to replace the prompt at
+    once, leaving no way to give one), then reads with it; another project's run is not found,
+    and a refused token (revoked) is asked for again."""
+    data_dir = tmp_path / "secured"
+    tokens = {project: create_token(data_dir, project) for project in ("mine", "theirs")}
+    server = ServerProcess(data_dir, args=["--require-auth"]).start()
+    banner = "document.getElementById('banner').textContent"
+    try:
+        ids = {}
+        for project, token in tokens.items():
+            headers = {"Authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=f"{server.url}/api/v1", headers=headers) as api:
+                ids[project] = make_run(api, project=project, name=f"{project}-run")
+        browser.get(f"{server.url}/runs/{ids['mine']}")
+        wait_js(browser, "document.body.dataset.ready === 'error'")
+        assert "requires an API token" in browser.execute_script("return " + banner)
+        browser.find_element("id", "token-input").send_keys(tokens["mine"])
+        browser.find_element("css selector", "#banner button").click()
+        wait_js(browser, "document.body.dataset.ready === '1'")
+        assert "mine-run" in browser.title
+
+        browser.get(f"{server.url}/runs/{ids['theirs']}")
+        wait_js(browser, "document.body.dataset.ready === 'error'")
+        assert "run_not_found" in browser.execute_script("return " + banner)
+        assert "theirs-run" not in browser.page_source
+
+        browser.execute_script("window.localStorage.setItem('spectrawatch.token', 'sw_revoked')")
+        browser.get(f"{server.url}/runs/{ids['mine']}")
+        wait_js(browser, "document.body.dataset.ready === 'error'")
+        assert "refused the stored API token" in browser.execute_script("return " + banner)
+        assert browser.find_elements("id", "token-input")
+    finally:
+        browser.execute_script("window.localStorage.clear()")
+        console_errors(browser)  # the 401 and 404 loads above, not for later tests
         server.stop()
