@@ -694,7 +694,9 @@ def test_layer_drilldown_loads_the_shown_spectrum_only(tmp_path: Path) -> None:
     (layer,) = analyze_weights({"a.weight": torch.randn(64, 32)}).layers
     payload = {"analysis": "htsr", "plain": esd_payload(layer.evals, layer.plain)}
     steps = list(range(0, 300, 10))
-    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
         run = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()
         with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
             for step in steps:

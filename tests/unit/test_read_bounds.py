@@ -37,7 +37,9 @@ def spectra_app(tmp_path: Path) -> Iterator[tuple[TestClient, int]]:
             spectra = [SpectrumRow(layer, {"step": step, "layer": layer}) for layer in LAYERS]
             repo.replace_results(s, run_id, frame.id, step, "htsr", [], spectra)
     engine.dispose()
-    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
         yield client, run_id
 
 
@@ -85,10 +87,10 @@ def test_client_reads_every_spectrum_page_by_page(
     """``Run.spectra()`` promised every stored spectrum: it follows the pages."""
     client, run_id = spectra_app
     monkeypatch.setattr(client_api, "_PAGE", 64)
-    api = client_api.Api("http://testserver")
+    api = client_api.Api("http://127.0.0.1")
     api.close()
     api._http = client
-    client.base_url = "http://testserver/api/v1"  # type: ignore[assignment]
+    client.base_url = "http://127.0.0.1/api/v1"  # type: ignore[assignment]
     run = api.run(run_id)
     assert len(run.spectra()) == SPECTRA_STEPS * len(LAYERS)
     assert _keys(run.spectra(layer="l2")) == [(t, "l2") for t in range(SPECTRA_STEPS)]
@@ -114,7 +116,9 @@ def metrics_app(tmp_path: Path) -> Iterator[tuple[TestClient, int]]:
         rows += [repo.MetricRow("short", "m", t, float(t)) for t in range(10)]
         repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
     engine.dispose()
-    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
         yield client, run_id
 
 
@@ -159,10 +163,10 @@ def test_client_metric_keeps_full_resolution(
     server still cut short on its own."""
     client, run_id = metrics_app
     monkeypatch.setattr(client_api, "_MAX_POINTS", 1000)
-    api = client_api.Api("http://testserver")
+    api = client_api.Api("http://127.0.0.1")
     api.close()
     api._http = client
-    client.base_url = "http://testserver/api/v1"  # type: ignore[assignment]
+    client.base_url = "http://127.0.0.1/api/v1"  # type: ignore[assignment]
     got = api.run(run_id).metric("m")
     assert {k: len(v.steps) for k, v in got.items()} == {
         **dict.fromkeys(LAYERS, SERIES_STEPS),
@@ -262,7 +266,9 @@ def test_activations_figures_draw_a_band_and_a_few_lines_of_many(tmp_path: Path)
         ]
         repo.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
     engine.dispose()
-    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
         body = client.get(f"/api/v1/dashboards/runs/{run_id}/activations").json()
     (panel,) = [p for p in body["panels"] if p["figure"]]
     data = panel["figure"]["data"]
