@@ -157,6 +157,10 @@ def test_reused_idempotency_key_with_another_frame_is_409(api: httpx.Client) -> 
     assert again.json()["replayed"] is True
     rows["rows"][0]["value"] = 2.0
     _error(api.post(f"/runs/{run_id}/metrics", json=rows, headers=key), 409, "idempotency_conflict")
+    # a batch under the weight frame's key is not that frame's replay (it was dropped as one)
+    frame_key = {"Idempotency-Key": f"{run_id}:0"}
+    taken = api.post(f"/runs/{run_id}/metrics", json=rows, headers=frame_key)
+    assert "weights frame" in _error(taken, 409, "idempotency_conflict")
     assert len(api.get(f"/runs/{run_id}/frames").json()) == 2  # the weights and one batch
 
 

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
 
 from spectrawatch.spectral import sed
+from spectrawatch.wire import FrameKind
 from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.db.models import Frame
@@ -31,6 +32,7 @@ from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.dashboard_reads import series_names
 
 router = APIRouter(tags=["metrics"])
+FRAME_KINDS = frozenset(k.value for k in FrameKind)  # never a metric batch's source
 
 # a step bound past the database's integers is refused up front: a read that runs no query
 # (a metric without layers) would not reach the OverflowError that answers 422 otherwise
@@ -118,7 +120,14 @@ def ingest_metrics(
 
 def _replayed(stored: Frame, digest: str) -> dict[str, Any]:
     """The answer to a batch whose key is ``stored``'s: a replay if the bodies' ``digest``s
-    agree, else 409."""
+    agree, else 409 (also when the key is a streamed frame's: a batch's source is never a
+    frame kind, and that frame's metrics are not this batch)."""
+    if stored.kind in FRAME_KINDS:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"Idempotency-Key was used for a {stored.kind} frame of this run (frame {stored.id})",
+        )
     if stored.info.get("digest", digest) != digest:
         raise ApiError(
             409,
