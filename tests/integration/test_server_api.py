@@ -371,6 +371,13 @@ def test_dashboard_errors_are_pages_api_errors_json(shared_server: ServerProcess
         assert missing.status_code == 404
         assert missing.headers["content-type"].startswith("text/html")
         assert "run 99999999 does not exist" in missing.text
+        (css,) = re.findall(r"href='([^']+\.css)'", missing.text)  # the page is styled
+        assert web.get(css).status_code == 200
+        assert (
+            web.get(css + "-missing", headers=page)
+            .headers["content-type"]
+            .startswith("application/json")
+        )  # a static file is never answered with a page
         bad = web.get("/", params={"desc": "<script>x"}, headers=page)
         assert bad.status_code == 422
         assert bad.headers["content-type"].startswith("text/html")

@@ -39,11 +39,14 @@ def error_response(
     )
 
 
+STATIC_URL = "/dashboards/static"  # the dashboards' CSS and JS (mounted by routes/dashboards.py)
+
+
 def _wants_page(request: Request) -> bool:
     """A browser asking for a dashboard page (not ``/api``, not a static file)."""
     path = request.url.path
     accept = request.headers.get("accept", "")
-    return not path.startswith(("/api/", "/static/")) and "text/html" in accept
+    return not path.startswith(("/api/", f"{STATIC_URL}/")) and "text/html" in accept
 
 
 def error_page(status: int, message: str) -> HTMLResponse:
@@ -51,7 +54,7 @@ def error_page(status: int, message: str) -> HTMLResponse:
     text = html.escape(message)
     body = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{status} · spectrawatch"
-        f"</title><link rel='stylesheet' href='/static/spectrawatch.css'></head><body><main>"
+        f"</title><link rel='stylesheet' href='{STATIC_URL}/spectrawatch.css'></head><body><main>"
         f"<h1>{status}</h1><p>{text}</p><p><a href='/'>All runs</a></p></main></body></html>"
     )
     return HTMLResponse(body, status_code=status)

@@ -32,13 +32,12 @@ from spectrawatch_server import figures as dash
 from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.alerts.engine import read_evidence
 from spectrawatch_server.api.deps import PrincipalDep, RunDep, SessionDep, StateDep, find_run
-from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.errors import STATIC_URL, ApiError
 from spectrawatch_server.api.routes.runs import run_public
 from spectrawatch_server.db.models import Run, Scalar, Spectrum
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import repository as repo
 
-STATIC_URL = "/dashboards/static"
 HEATMAP_COLUMNS = 300  # steps sampled for the layer x step heatmap (about one per pixel column)
 DEFAULT_POINTS = 1000
 ACTIVATION_LINES = 12  # lines drawn per activations figure; more: a min-max band of all
