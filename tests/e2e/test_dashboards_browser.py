@@ -188,6 +188,24 @@ def test_runs_page_lists_filters_and_links(browser: Any, seeded: Any, artifacts:
     assert console_errors(browser) == []
 
 
+def test_long_run_name_does_not_break_status_badges(browser: Any, seeded: Any) -> None:
+    """A 200-character run name squeezes the other columns: the status badges stay one line
+    (they wrapped mid-word, "finishe / d", with the cells' ``overflow-wrap: anywhere``)."""
+    server, _ = seeded
+    name = "ünïcødé-" + "very-long-run-name-" * 10
+    created = httpx.post(
+        f"{server.url}/api/v1/runs", json={"project": "long-names", "name": name}, timeout=30
+    )
+    assert created.status_code == 201, created.text
+    browser.get(server.url + "/projects/long-names")
+    wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
+    lines = browser.execute_script(
+        "return Array.from(document.querySelectorAll('table.runs .badge'))"
+        ".map(function (b) { return b.getClientRects().length; })"
+    )
+    assert lines == [1], lines
+
+
 def test_overview_scalars_sed_phases_and_markers(
     browser: Any, seeded: Any, artifacts: Path
 ) -> None:
