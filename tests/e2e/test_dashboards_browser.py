@@ -324,6 +324,19 @@ def test_activations_alerts_and_compare_pages(browser: Any, seeded: Any, artifac
     assert console_errors(browser) == []
 
 
+def test_compare_without_runs_says_how_to_pick_them(browser: Any, seeded: Any) -> None:
+    """``/compare`` with no runs (typed, bookmarked) is an empty state, not an error banner
+    with the API's raw 422 JSON and a 422 in the console."""
+    server, _ = seeded
+    console_errors(browser)
+    open_page(browser, f"{server.url}/compare")
+    got = panels(browser)
+    assert [p["state"] for p in got.values()] == ["empty"], got
+    assert "No runs picked" in next(iter(got.values()))["empty"]
+    assert browser.find_element("id", "banner").get_attribute("hidden") is not None
+    assert console_errors(browser) == []
+
+
 def test_empty_run_shows_empty_states(browser: Any, seeded: Any, artifacts: Path) -> None:
     server, runs = seeded
     for path in ("", "/layers", "/activations", "/alerts"):

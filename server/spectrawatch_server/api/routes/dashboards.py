@@ -44,6 +44,10 @@ ACTIVATION_LINES = 12  # lines drawn per activations figure; more: a min-max ban
 ACTIVATION_POINTS = 60_000  # points per activations figure (legend-only lines included)
 MIN_LINE_POINTS = 200
 MAX_COMPARE_RUNS = 8
+NO_RUNS_PICKED = (
+    "No runs picked: tick them on the runs list (/) and press “compare selected”, "
+    "or open /compare?runs=1,2."
+)
 
 router = APIRouter(tags=["dashboards"], include_in_schema=False)
 api_router = APIRouter(prefix="/dashboards", tags=["dashboards"])
@@ -514,15 +518,16 @@ def read_alerts(run: RunDep, session: SessionDep) -> Response:
 def read_compare(
     principal: PrincipalDep,
     session: SessionDep,
-    runs: Annotated[str, Query(pattern=r"^\d+(,\d+)*$")],
+    runs: Annotated[str | None, Query(pattern=r"^\d+(,\d+)*$")] = None,
     names: str | None = None,
     layer: str | None = None,
     max_points: Points = None,
 ) -> Response:
-    """Two or more runs overlaid per metric or scalar, aligned by step."""
+    """Two or more runs overlaid per metric or scalar, aligned by step; none picked (the
+    page opened as ``/compare``): the empty state says how to pick them."""
     page = pages()["compare"]
     n = _points(max_points)
-    ids = list(dict.fromkeys(int(r) for r in runs.split(",")))[:MAX_COMPARE_RUNS]
+    ids = list(dict.fromkeys(int(r) for r in (runs or "").split(",") if r))[:MAX_COMPARE_RUNS]
     run_rows = [find_run(session, principal, i) for i in ids]
     scalars = {r.id: scalar_lines(session, r.id, n) for r in run_rows}
     metrics = {r.id: reads.series_names(session, r.id) for r in run_rows}
@@ -575,7 +580,7 @@ def read_compare(
         sub = dash.PanelSpec(f"compare-{name}", title, "compare", empty=spec.empty)
         panels.append(dash.panel_from(sub, dash.line_figure(title, lines, y_title=name)))
     if not panels:
-        panels.append(dash.panel_from(spec, None))
+        panels.append(dash.panel_from(spec, None, empty=None if ids else NO_RUNS_PICKED))
     body["panels"] = [p.public() for p in panels]
     return _json(body)
 
