@@ -272,6 +272,63 @@
     });
   }
 
+  // A horizontal legend under a plot is placed at a fraction of the plot area's height, and
+  // Plotly shrinks that area to make room for the legend's rows: from two rows on, the legend
+  // rides up over the x-axis title. Such a legend goes to the bottom of the figure instead, and
+  // the bottom margin grows by its height: estimated before the first draw (entry widths
+  // measured on a canvas), checked after it (one more layout pass only when the estimate was
+  // short), remembered for the panel's next refresh.
+  var LEGEND_GAP_PX = 6;
+  var UNDER_PLOT_PX = 56;  // tick labels and the x-axis title under the plot area
+  var LEGEND_ROW_PX = 21;
+  var measure = null;
+  function textWidth(text) {
+    measure = measure || document.createElement("canvas").getContext("2d");
+    measure.font = "11px 'Open Sans', verdana, arial, sans-serif";
+    return measure.measureText(text).width;
+  }
+  function legendRows(data, width) {
+    var shown = (data || []).filter(function (t) { return t.showlegend !== false && t.type !== "heatmap"; });
+    if (shown.length < 2) { return 0; }
+    var rows = 1;
+    var x = 0;
+    shown.forEach(function (t) {
+      var name = String(t.name || "").replace(/&lt;/g, "<").replace(/&gt;/g, ">").replace(/&amp;/g, "&");
+      var w = textWidth(name) + 50;  // symbol, gaps
+      if (x && x + w > width) { rows += 1; x = 0; }
+      x += w;
+    });
+    return rows;
+  }
+  function legendBottom(plot, figure) {
+    if (plot.dataset.legendBottom) { return Number(plot.dataset.legendBottom); }
+    var margin = figure.layout.margin || {};
+    var rows = legendRows(figure.data, plot.clientWidth - (margin.l || 0) - (margin.r || 0));
+    return rows < 2 ? 0 : UNDER_PLOT_PX + LEGEND_ROW_PX * rows + 2 * LEGEND_GAP_PX;
+  }
+  function legendLayout(layout, bottom) {
+    if (!bottom) { return layout; }
+    var out = Object.assign({}, layout);
+    out.legend = Object.assign({}, layout.legend, { yref: "container", y: 0, yanchor: "bottom" });
+    out.margin = Object.assign({}, layout.margin, { b: bottom });
+    return out;
+  }
+  function clearLegend(gd) {
+    var title = gd.querySelector(".xtitle");
+    var texts = gd.querySelectorAll(".legend .legendtext");
+    if (!title || !texts.length) { return gd; }
+    var titleBottom = title.getBoundingClientRect().bottom;
+    var legend = gd.querySelector(".legend").getBoundingClientRect();
+    var textTop = Math.min.apply(null, Array.prototype.map.call(texts, function (t) { return t.getBoundingClientRect().top; }));
+    if (!legend.height || textTop >= titleBottom - LEGEND_GAP_PX) { return gd; }
+    var size = gd._fullLayout._size;
+    var underPlot = titleBottom - gd.getBoundingClientRect().top - (size.t + size.h);
+    var bottom = Math.ceil(underPlot + legend.height + LEGEND_GAP_PX);
+    gd.dataset.legendBottom = String(bottom);
+    return Plotly.relayout(gd, { "legend.yref": "container", "legend.y": 0, "legend.yanchor": "bottom", "margin.b": bottom })
+      .then(function () { return gd; });
+  }
+
   function nextTask() { return new Promise(function (resolve) { window.setTimeout(resolve, 0); }); }
 
   // Plots in the viewport are drawn first, in this task; the ones below the fold in the next
@@ -321,7 +378,8 @@
         if (panel.click) { plot.dataset.metric = panel.click.metric; }
         draws.push({ node: node, draw: function () {
           var drawStart = window.performance.now();
-          return Plotly.react(plot, panel.figure.data, panel.figure.layout, plotConfig(panel)).then(function (gd) {
+          var layout = legendLayout(panel.figure.layout, legendBottom(plot, panel.figure));
+          return Plotly.react(plot, panel.figure.data, layout, plotConfig(panel)).then(clearLegend).then(function (gd) {
             bindClick(gd, panel);
             if (SW.timing && !SW.ready) { SW.timing.draws.push([panel.id, Math.round(window.performance.now() - drawStart)]); }
             return gd;

@@ -337,6 +337,40 @@ def test_compare_without_runs_says_how_to_pick_them(browser: Any, seeded: Any) -
     assert console_errors(browser) == []
 
 
+LEGEND_JS = """
+return Array.from(document.querySelectorAll('#panels .plot')).map(function (gd) {
+  var texts = Array.from(gd.querySelectorAll('.legend .legendtext')).map(function (t) {
+    return t.getBoundingClientRect().top; });
+  return {rows: new Set(texts.map(Math.round)).size, legendTop: Math.min.apply(null, texts),
+          titleBottom: gd.querySelector('.xtitle').getBoundingClientRect().bottom,
+          bottom: gd.getBoundingClientRect().bottom,
+          legendBottom: gd.querySelector('.legend').getBoundingClientRect().bottom};
+});
+"""
+
+
+def test_legend_of_many_runs_stays_clear_of_the_axis_title(browser: Any, seeded: Any) -> None:
+    """A legend that wraps to several rows sits under the x-axis title, not over it (Plotly
+    places it at a fraction of a plot area it shrinks for the legend's rows)."""
+    server, _ = seeded
+    ids = []
+    for i in range(5):
+        run = httpx.post(
+            f"{server.url}/api/v1/runs",
+            json={"project": "legend", "name": f"run-{i}-" + "long-name-" * 6},
+            timeout=30,
+        ).json()
+        rows = [{"step": s, "name": "loss", "value": 1 / (s + i + 1)} for s in range(20)]
+        posted = httpx.post(f"{server.url}/api/v1/runs/{run['id']}/scalars", json=rows, timeout=30)
+        assert posted.status_code < 300, posted.text
+        ids.append(str(run["id"]))
+    open_page(browser, f"{server.url}/compare?runs={','.join(ids)}&names=loss")
+    (plot,) = browser.execute_script(LEGEND_JS)
+    assert plot["rows"] >= 2, plot
+    assert plot["legendTop"] >= plot["titleBottom"], plot
+    assert plot["legendBottom"] <= plot["bottom"] + 1, plot
+
+
 def test_empty_run_shows_empty_states(browser: Any, seeded: Any, artifacts: Path) -> None:
     server, runs = seeded
     for path in ("", "/layers", "/activations", "/alerts"):
