@@ -715,8 +715,23 @@ def mp_figure(payload: Mapping[str, Any], title: str) -> Figure:
     edge = bulk_max if bulk_max is not None else math.inf
     centers = [(a + b) / 2 for a, b in zip(lo, hi, strict=True)]
     widths = [b - a for a, b in zip(lo, hi, strict=True)]
-    inside = [i for i, c in enumerate(centers) if c <= edge]
-    spikes = [i for i, c in enumerate(centers) if c > edge and counts[i] > 0]
+    beyond = [i for i, c in enumerate(centers) if c > edge and counts[i] > 0]
+    # Red: the bins of the ``num_spikes`` largest eigenvalues (past lambda+ and its Tracy-Widom
+    # pad, as the metric counts them), so the bars agree with the "n spike(s)" label; an
+    # eigenvalue just past lambda+, within the pad, stays in the bulk. Without a count (older
+    # payloads), every bin past lambda+.
+    declared = _num(mp.get("num_spikes"))
+    spikes = beyond
+    if declared is not None:
+        left, spikes = int(declared), []
+        for i in reversed(beyond):
+            if left <= 0:
+                break
+            spikes.insert(0, i)
+            left -= counts[i]
+    inside = [
+        i for i in range(len(centers)) if i not in spikes and (i in beyond or centers[i] <= edge)
+    ]
     data: list[dict[str, Any]] = [
         {
             "type": "bar",

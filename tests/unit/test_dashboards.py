@@ -246,9 +246,34 @@ def test_mp_figure_marks_spikes_beyond_lambda_plus(payload: dict[str, Any]) -> N
     edges = np.asarray(payload["hist"]["edges"])
     counts, _ = np.histogram(np.log10(evals[evals > 0]), bins=np.log10(edges))
     centers = (edges[:-1] + edges[1:]) / 2
-    assert sum(f["data"][1]["customdata"]) == int(counts[centers > bulk_max].sum())
-    assert sum(f["data"][1]["customdata"]) >= 3  # the planted spikes
+    beyond = counts[centers > bulk_max]
+    # Red: the top bins holding the num_spikes largest eigenvalues (the label's count).
+    red = f["data"][1]["customdata"]
+    n_spikes = payload["mp"]["num_spikes"]
+    assert n_spikes >= 3  # the planted spikes
+    assert sum(red) >= n_spikes > sum(red[1:])
+    assert red == [int(c) for c in beyond[beyond > 0][-len(red) :]]
+    assert f"{n_spikes} spike(s)" in f["layout"]["annotations"][0]["text"]
     assert [s["x0"] for s in f["layout"]["shapes"]] == [pytest.approx(bulk_max)]
+
+
+def test_mp_figure_bars_agree_with_the_spike_count(payload: dict[str, Any]) -> None:
+    """An eigenvalue past lambda+ but within its Tracy-Widom pad is no spike: with
+    ``num_spikes`` 0 no bar is red (it was: a red "spikes" bar under "0 spike(s)")."""
+    calm = {**payload, "mp": {**payload["mp"], "num_spikes": 0}}
+    f = fig.mp_figure(calm, "MP")
+    assert [t["name"] for t in f["data"]] == ["ESD bulk", f["data"][1]["name"]]
+    assert f["data"][1]["type"] == "scatter"  # the MP density, no spike bars
+    assert "0 spike(s)" in f["layout"]["annotations"][0]["text"]
+    edges = np.asarray(payload["hist"]["edges"])
+    centers = (edges[:-1] + edges[1:]) / 2
+    past = centers[
+        (centers > payload["mp"]["bulk_max"]) & (np.asarray(payload["hist"]["counts"]) > 0)
+    ]
+    assert len(past) >= 1
+    assert set(past.tolist()) <= set(f["data"][0]["x"])  # within the pad: drawn as bulk
+    legacy = {**payload, "mp": {k: v for k, v in payload["mp"].items() if k != "num_spikes"}}
+    assert fig.mp_figure(legacy, "MP")["data"][1]["name"] == "beyond \u03bb+ (spikes)"
 
 
 def test_payload_with_nulls_does_not_break_builders() -> None:
