@@ -41,7 +41,10 @@
       if (!r.ok) {
         return r.text().then(function (body) {
           var msg = body;
-          try { msg = JSON.parse(body).message || JSON.parse(body).detail || body; } catch (e) { /* plain text */ }
+          try {
+            var parsed = JSON.parse(body);  // the API's errors: {"error": {"code", "message"}}
+            msg = (parsed.error && parsed.error.message) || parsed.message || parsed.detail || body;
+          } catch (e) { /* plain text */ }
           var err = new Error(r.status + ": " + (typeof msg === "string" ? msg : JSON.stringify(msg)));
           err.status = r.status;
           throw err;

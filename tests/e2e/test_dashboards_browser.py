@@ -371,6 +371,15 @@ def test_legend_of_many_runs_stays_clear_of_the_axis_title(browser: Any, seeded:
     assert plot["legendBottom"] <= plot["bottom"] + 1, plot
 
 
+def test_api_error_banner_shows_the_message_not_json(browser: Any, seeded: Any) -> None:
+    """A figure request the API refuses shows its message, not the raw error JSON."""
+    server, _ = seeded
+    browser.get(f"{server.url}/compare?runs=99999")
+    assert wait_js(browser, "document.body.dataset.ready") == "error"
+    banner = browser.find_element("id", "banner").text
+    assert banner == "Could not load this page: 404: run 99999 does not exist", banner
+
+
 def test_empty_run_shows_empty_states(browser: Any, seeded: Any, artifacts: Path) -> None:
     server, runs = seeded
     for path in ("", "/layers", "/activations", "/alerts"):
