@@ -249,7 +249,8 @@
         var p = params();
         p.set(name, chosen.join(","));
         if (name === "metric" && cfg.page === "layer") { p.delete("step"); }
-        window.history.replaceState(null, "", window.location.pathname + "?" + p.toString());
+        // one history entry per choice: Back returns to the previous one (see popstate)
+        window.history.pushState(null, "", window.location.pathname + "?" + p.toString());
         load();
       });
       label.appendChild(select);
@@ -438,8 +439,9 @@
     });
   }
 
+  var loadAgain = false;
   function load() {
-    if (loading) { return Promise.resolve(); }
+    if (loading) { loadAgain = true; return Promise.resolve(); }
     loading = true;
     var started = window.performance.now();
     return api(endpoint()).then(function (data) {
@@ -471,7 +473,10 @@
       SW.errors.push(String(err.message || err));
       showError("Could not load this page: " + (err.message || err));
       if (!SW.ready) { $("panels").textContent = ""; document.body.dataset.ready = "error"; }
-    }).then(function () { loading = false; });
+    }).then(function () {
+      loading = false;
+      if (loadAgain) { loadAgain = false; return load(); }
+    });
   }
 
   function signature(run) {
@@ -506,5 +511,7 @@
     }, delay);
   }
 
+  // Back / Forward between the page's own states (control choices): draw the URL's state.
+  window.addEventListener("popstate", function () { load(); });
   load().then(poll);
 })();

@@ -295,6 +295,29 @@ def test_drilldown_step_is_url_state(browser: Any, seeded: Any) -> None:
     assert console_errors(browser) == []
 
 
+def test_back_and_forward_step_through_control_choices(browser: Any, seeded: Any) -> None:
+    """A control choice is a history entry: Back shows the previous metric (it left the page,
+    the choices were replaced in place), Forward the next; each is the URL's state."""
+    server, runs = seeded
+    base = f"{server.url}/runs/{runs.run_id}/layers"
+    open_page(browser, base + "?metric=htsr.alpha")
+    browser.execute_script(
+        "var s = document.getElementById('control-metric'); s.value = 'farms.alpha';"
+        "s.dispatchEvent(new Event('change'));"
+    )
+    title = "return (document.querySelector('#panels .plot').layout.title || {}).text"
+    wait_until(lambda: browser.execute_script(title).startswith("farms.alpha"), 20)
+    assert browser.current_url == base + "?metric=farms.alpha"
+    browser.back()
+    wait_until(lambda: browser.execute_script(title).startswith("htsr.alpha"), 20)
+    assert browser.current_url == base + "?metric=htsr.alpha"
+    control = "return document.getElementById('control-metric').value"
+    assert browser.execute_script(control) == "htsr.alpha"
+    browser.forward()
+    wait_until(lambda: browser.execute_script(title).startswith("farms.alpha"), 20)
+    assert browser.execute_script(control) == "farms.alpha"
+
+
 def test_activations_alerts_and_compare_pages(browser: Any, seeded: Any, artifacts: Path) -> None:
     server, runs = seeded
     open_page(browser, f"{server.url}/runs/{runs.run_id}/activations")
