@@ -755,3 +755,21 @@ def test_layer_drilldown_loads_the_shown_spectrum_only(tmp_path: Path) -> None:
     esd = next(p for p in page["panels"] if p["id"] == "esd")
     assert esd["figure"] is not None
     assert esd["figure"]["layout"]["title"]["text"].endswith("@ step 120")
+
+
+def test_runs_list_says_when_filters_hide_every_run(tmp_path: Path) -> None:
+    """A filter that matches nothing says so (it said "No runs yet. Start one with ...")."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert "No runs yet" in client.get("/").text
+        client.post("/api/v1/runs", json={"project": "p", "name": "r"})
+        for path in ("/?q=zzz", "/projects/p?status=crashed", "/?q=zzz&fragment=true"):
+            page = client.get(path).text
+            assert "No runs match these filters" in page, path
+            assert "No runs yet" not in page, path
+        assert "No runs match" not in client.get("/projects/p").text
