@@ -773,3 +773,20 @@ def test_runs_list_says_when_filters_hide_every_run(tmp_path: Path) -> None:
             assert "No runs match these filters" in page, path
             assert "No runs yet" not in page, path
         assert "No runs match" not in client.get("/projects/p").text
+
+
+def test_runs_list_status_filter_offers_the_run_statuses(tmp_path: Path) -> None:
+    """The status filter offers exactly the statuses a run can have (it offered ``failed``,
+    which no run has: picking it always showed nothing)."""
+    import re
+    import typing
+
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+    from spectrawatch_server.schemas import RunStatus
+
+    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+        select = client.get("/").text.split('name="status"')[1].split("</select>")[0]
+    assert re.findall(r'<option value="([^"]*)"', select) == ["", *typing.get_args(RunStatus)]
