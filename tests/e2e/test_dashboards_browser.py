@@ -197,13 +197,33 @@ def test_long_run_name_does_not_break_status_badges(browser: Any, seeded: Any) -
         f"{server.url}/api/v1/runs", json={"project": "long-names", "name": name}, timeout=30
     )
     assert created.status_code == 201, created.text
-    browser.get(server.url + "/projects/long-names")
-    wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
+    scalar = [{"step": 12_345_678, "name": "loss", "value": 1.0}]
+    run_id = created.json()["id"]
+    httpx.post(f"{server.url}/api/v1/runs/{run_id}/scalars", json=scalar, timeout=30)
+    browser.set_window_size(900, 1000)  # a laptop half-screen: the name takes what it can
+    try:
+        browser.get(server.url + "/projects/long-names")
+        wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
+        check_one_line_cells(browser)
+    finally:
+        browser.set_window_size(1400, 1000)
+
+
+def check_one_line_cells(browser: Any) -> None:
     lines = browser.execute_script(
         "return Array.from(document.querySelectorAll('table.runs .badge'))"
         ".map(function (b) { return b.getClientRects().length; })"
     )
     assert lines == [1], lines
+    # the short cells too: id, last step, age, last seen ("27m" broke as "27" / "m")
+    texts = browser.execute_script(
+        "return [2, 6, 7, 8].map(function (n) {"
+        " var td = document.querySelector('table.runs tbody td:nth-child(' + n + ')');"
+        " var r = document.createRange(); r.selectNodeContents(td.firstChild);"
+        " return [td.textContent.trim(), r.getClientRects().length]; })"
+    )
+    assert texts[1][0] == "12345678", texts
+    assert [n for _, n in texts] == [1] * 4, texts
 
 
 def test_overview_scalars_sed_phases_and_markers(
