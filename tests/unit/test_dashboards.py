@@ -790,3 +790,17 @@ def test_runs_list_status_filter_offers_the_run_statuses(tmp_path: Path) -> None
     with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
         select = client.get("/").text.split('name="status"')[1].split("</select>")[0]
     assert re.findall(r'<option value="([^"]*)"', select) == ["", *typing.get_args(RunStatus)]
+
+
+def test_compare_heading_names_the_page_once(tmp_path: Path) -> None:
+    """The compare page's heading is "Compare runs" (it read "Compare runs compare runs":
+    the run pages' run-name slot filled with the page's title)."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+        page = client.get("/compare?runs=1,2").text
+    heading = page.split("<h1>")[1].split("</h1>")[0]
+    assert heading == '<span id="page-title">Compare runs</span> ', heading
