@@ -641,7 +641,8 @@ def test_pages_of_a_server_requiring_auth_ask_for_a_token(browser: Any, tmp_path
 
         browser.get(f"{server.url}/runs/{ids['theirs']}")
         wait_js(browser, "document.body.dataset.ready === 'error'")
-        assert "run_not_found" in browser.execute_script("return " + banner)
+        text = browser.execute_script("return " + banner)
+        assert f"404: run {ids['theirs']} does not exist" in text  # as for a missing run
         assert "theirs-run" not in browser.page_source
 
         browser.execute_script("window.localStorage.setItem('spectrawatch.token', 'sw_revoked')")

@@ -787,7 +787,9 @@ def test_runs_list_status_filter_offers_the_run_statuses(tmp_path: Path) -> None
     from spectrawatch_server.config import ServerSettings
     from spectrawatch_server.schemas import RunStatus
 
-    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
         select = client.get("/").text.split('name="status"')[1].split("</select>")[0]
     assert re.findall(r'<option value="([^"]*)"', select) == ["", *typing.get_args(RunStatus)]
 
@@ -800,7 +802,9 @@ def test_compare_heading_names_the_page_once(tmp_path: Path) -> None:
     from spectrawatch_server.app import create_app
     from spectrawatch_server.config import ServerSettings
 
-    with TestClient(create_app(ServerSettings(data_dir=tmp_path, run_worker=False))) as client:
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
         page = client.get("/compare?runs=1,2").text
     heading = page.split("<h1>")[1].split("</h1>")[0]
     assert heading == '<span id="page-title">Compare runs</span> ', heading
