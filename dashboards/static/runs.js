@@ -1,6 +1,8 @@
 // Runs list: keep the table fresh while runs are live, and open the compare page for picked runs.
+// With auth on, the page comes without rows: the table is asked for with the browser's token.
 (function () {
   "use strict";
+  var TOKEN_KEY = "spectrawatch.token";  // the run pages' key (spectrawatch.js)
   var table = document.getElementById("runs-table");
   var button = document.getElementById("compare-selected");
   if (button) {
@@ -10,14 +12,50 @@
     });
   }
   if (!table) { return; }
-  function refresh() {
-    if (document.querySelector("input.pick:checked")) { return; }  // do not wipe a selection
+  var locked = table.dataset.locked === "1";
+  var refused = false;  // the server refused the stored token: asking again is the user's move
+  function token() { try { return window.localStorage.getItem(TOKEN_KEY); } catch (e) { return null; } }
+
+  function askToken(refused) {
+    var prompt = document.getElementById("runs-token-prompt");
+    if (!prompt || prompt.dataset.shown) { return; }
+    prompt.dataset.shown = "1";
+    prompt.appendChild(document.createTextNode(refused ? "The stored token was refused (revoked?); paste another: " : "Paste one: "));
+    var input = document.createElement("input");
+    input.type = "password"; input.size = 40; input.placeholder = "sw_…"; input.id = "runs-token-input";
+    var save = document.createElement("button");
+    save.type = "button"; save.textContent = "use token";
+    save.addEventListener("click", function () {
+      try { window.localStorage.setItem(TOKEN_KEY, input.value.trim()); } catch (e) { /* private mode */ }
+      window.location.reload();
+    });
+    prompt.appendChild(input);
+    prompt.appendChild(save);
+  }
+
+  function refresh(force) {
+    if (!force && document.querySelector("input.pick:checked")) { return; }  // do not wipe a selection
     var params = new URLSearchParams(window.location.search);
     params.set("fragment", "true");
-    fetch(window.location.pathname + "?" + params.toString(), { headers: { Accept: "text/html" } })
-      .then(function (r) { return r.ok ? r.text() : null; })
-      .then(function (html) { if (html !== null) { table.innerHTML = html; } })
+    var headers = { Accept: "text/html" };
+    var t = token();
+    if (t) { headers.Authorization = "Bearer " + t; }
+    fetch(window.location.pathname + "?" + params.toString(), { headers: headers })
+      .then(function (r) {
+        if (r.status === 401) { refused = true; askToken(Boolean(t)); return null; }
+        return r.ok ? r.text() : null;
+      })
+      .then(function (html) {
+        if (html === null) { return; }
+        table.innerHTML = html;
+        var notice = document.getElementById("runs-locked");
+        if (notice) { notice.hidden = true; }
+        document.body.dataset.runs = "1";
+      })
       .catch(function () { /* transient: try again next tick */ });
   }
-  window.setInterval(refresh, 5000);
+  if (locked) {
+    if (token()) { refresh(true); } else { askToken(false); }
+  }
+  window.setInterval(function () { if (!refused && (!locked || token())) { refresh(false); } }, 5000);
 })();

@@ -620,7 +620,8 @@ def create_token(data_dir: Path, project: str) -> str:
 def test_pages_of_a_server_requiring_auth_ask_for_a_token(browser: Any, tmp_path: Path) -> None:
     """With auth on, a run page asks for a token (its load error used to replace the prompt at
     once, leaving no way to give one), then reads with it; another project's run is not found,
-    and a refused token (revoked) is asked for again."""
+    and a refused token (revoked) is asked for again. The runs list, served without rows (it
+    was a notice only), lists the token's project's runs."""
     data_dir = tmp_path / "secured"
     tokens = {project: create_token(data_dir, project) for project in ("mine", "theirs")}
     server = ServerProcess(data_dir, args=["--require-auth"]).start()
@@ -650,6 +651,20 @@ def test_pages_of_a_server_requiring_auth_ask_for_a_token(browser: Any, tmp_path
         wait_js(browser, "document.body.dataset.ready === 'error'")
         assert "refused the stored API token" in browser.execute_script("return " + banner)
         assert browser.find_elements("id", "token-input")
+
+        # the runs list: served without rows, filled with the token's project's runs
+        browser.get(f"{server.url}/")
+        wait_js(browser, "document.getElementById('runs-token-prompt').dataset.shown === '1'")
+        assert "was refused" in browser.find_element("id", "runs-token-prompt").text
+        browser.execute_script("window.localStorage.clear()")
+        browser.get(f"{server.url}/")
+        browser.find_element("id", "runs-token-input").send_keys(tokens["mine"])
+        browser.find_element("css selector", "#runs-token-prompt button").click()
+        wait_js(browser, "document.body.dataset.runs === '1'")
+        table = browser.find_element("id", "runs-table").text
+        assert "mine-run" in table
+        assert "theirs-run" not in browser.page_source
+        assert not browser.find_element("id", "runs-locked").is_displayed()
     finally:
         browser.execute_script("window.localStorage.clear()")
         console_errors(browser)  # the 401 and 404 loads above, not for later tests

@@ -126,3 +126,36 @@ def test_an_anonymous_server_refuses_other_sites_pages(
     assert api.get("/runs", headers={"Host": f"localhost:{server.port}"}).status_code == 200
     assert api.get("/runs", headers={"Host": f"[::1]:{server.port}"}).status_code == 200
     assert api.get("/health").status_code == 200
+
+
+def test_runs_list_with_auth_lists_the_tokens_project_only(
+    secured: tuple[ServerProcess, str, str],
+) -> None:
+    """The runs page comes without rows or project names; its table (the fragment its script
+    asks for with the browser's token) holds the token's project's runs, 401 without one."""
+    proc, token_a, token_b = secured
+    with client(proc, token_a) as a, client(proc, token_b) as b:
+        a.post("/runs", json={"project": "alpha", "name": "listed-alpha"}).raise_for_status()
+        b.post("/runs", json={"project": "beta", "name": "listed-beta"}).raise_for_status()
+    html = {"Accept": "text/html"}
+    with httpx.Client(base_url=proc.url, timeout=30, headers=html) as web:
+        page = web.get("/")
+        assert page.status_code == 200
+        assert 'data-locked="1"' in page.text
+        assert "listed-" not in page.text
+        assert "beta" not in page.text and "alpha" not in page.text  # no project names either
+        assert web.get("/", params={"fragment": "true"}).status_code == 401
+        bad = {"Authorization": "Bearer sw_nope"}
+        assert web.get("/", params={"fragment": "true"}, headers=bad).status_code == 401
+        table = web.get(
+            "/", params={"fragment": "true"}, headers={"Authorization": f"Bearer {token_a}"}
+        )
+        assert "listed-alpha" in table.text
+        assert "listed-beta" not in table.text
+        other = web.get(
+            "/projects/beta",
+            params={"fragment": "true"},
+            headers={"Authorization": f"Bearer {token_a}"},
+        )
+        assert other.status_code == 404
+        assert "listed-beta" not in other.text

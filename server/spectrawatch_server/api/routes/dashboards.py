@@ -31,7 +31,15 @@ from spectrawatch.wire import DOT_NAMES
 from spectrawatch_server import figures as dash
 from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.alerts.engine import read_evidence
-from spectrawatch_server.api.deps import PrincipalDep, RunDep, SessionDep, StateDep, find_run
+from spectrawatch_server.api.deps import (
+    Principal,
+    PrincipalDep,
+    RunDep,
+    SessionDep,
+    StateDep,
+    authenticate,
+    find_run,
+)
 from spectrawatch_server.api.errors import STATIC_URL, ApiError
 from spectrawatch_server.api.routes.runs import run_public
 from spectrawatch_server.db.models import Run, Scalar, Spectrum
@@ -668,13 +676,21 @@ def show_runs(
     desc: bool = True,
     fragment: bool = False,
 ) -> HTMLResponse:
-    """All runs (of one project with ``?project=``): status, last step, age, open alerts."""
+    """All runs (of one project with ``?project=``): status, last step, age, open alerts.
+
+    With auth on, a page asked for without a token (a browser's navigation) is served without
+    its rows; its script asks for the table (``fragment``) with the token the browser keeps,
+    which answers the rows of the token's project (401 without a valid token)."""
+    principal = Principal(project_id=None)
+    locked = False
     if state.settings.require_auth:
-        rows: list[dict[str, Any]] = []
-        locked = True
-    else:
-        rows = runs_table(session, None, project, status, q, sort, desc)
-        locked = False
+        header = request.headers.get("authorization")
+        locked = header is None and not fragment
+        if not locked:
+            principal = authenticate(session, True, header)
+    rows = (
+        [] if locked else runs_table(session, principal.project_id, project, status, q, sort, desc)
+    )
     context = {
         "rows": rows,
         "project": project,
@@ -683,7 +699,10 @@ def show_runs(
         "sort": sort,
         "desc": desc,
         "locked": locked,
-        "projects": [p.name for p in repo.list_projects(session)] if not locked else [],
+        # a filter of project names for anonymous use only (a token sees one project)
+        "projects": []
+        if state.settings.require_auth
+        else [p.name for p in repo.list_projects(session)],
     }
     return _page(request, "runs_table.html" if fragment else "runs.html", **context)
 
