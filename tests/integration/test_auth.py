@@ -143,7 +143,8 @@ def test_runs_list_with_auth_lists_the_tokens_project_only(
         assert page.status_code == 200
         assert 'data-locked="1"' in page.text
         assert "listed-" not in page.text
-        assert "beta" not in page.text and "alpha" not in page.text  # no project names either
+        assert "beta" not in page.text  # no project names either
+        assert "alpha" not in page.text
         assert web.get("/", params={"fragment": "true"}).status_code == 401
         bad = {"Authorization": "Bearer sw_nope"}
         assert web.get("/", params={"fragment": "true"}, headers=bad).status_code == 401
