@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.pool import QueuePool
 
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings, SettingError
@@ -92,3 +93,19 @@ def test_webhook_allowed_hosts_accepts_hosts_ips_and_networks(
 ) -> None:
     monkeypatch.setenv("SPECTRAWATCH_WEBHOOK_ALLOWED_HOSTS", value)
     assert ServerSettings().webhook_allowed_hosts == value
+
+
+def test_an_exhausted_connection_pool_answers_503_with_retry_after(tmp_path: Path) -> None:
+    """Every pooled connection busy past the pool's timeout (a locked or slow database, a burst
+    of clients): 503 ``database_busy`` with ``Retry-After``, as for a database outage; it was an
+    unhandled ``TimeoutError``, a 500 without ``Retry-After`` (PostgreSQL fault audit)."""
+    with TestClient(create_app(quiet(data_dir=tmp_path / "data"))) as client:
+        engine = client.app.state.spectrawatch.engine  # type: ignore[attr-defined]
+        engine.pool = QueuePool(engine.pool._creator, pool_size=2, max_overflow=0, timeout=0.1)
+        assert client.get("/api/v1/health").status_code == 200
+        with engine.connect(), engine.connect():  # hold both of the pool's connections
+            resp = client.get("/api/v1/health")
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["Retry-After"].isdigit()
+        assert resp.json()["error"]["code"] == "database_busy"
+        assert client.get("/api/v1/health").status_code == 200  # and back once one is free

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spectrawatch.wire import FrameError
@@ -114,6 +115,15 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database unavailable: %s", exc)
         return error_response(
             503, "database_unavailable", "database unavailable; retry later", {"Retry-After": "5"}
+        )
+
+    @app.exception_handler(PoolTimeoutError)
+    async def _pool_exhausted(_: Request, exc: PoolTimeoutError) -> JSONResponse:
+        # every pooled connection stayed busy for the pool's timeout (a slow or locked
+        # database, a burst of clients): transient, like a database outage, not a server bug
+        log.warning("database connection pool exhausted: %s", exc)
+        return error_response(
+            503, "database_busy", "no database connection free; retry later", {"Retry-After": "5"}
         )
 
     @app.exception_handler(Exception)
