@@ -109,3 +109,15 @@ def test_an_exhausted_connection_pool_answers_503_with_retry_after(tmp_path: Pat
         assert resp.headers["Retry-After"].isdigit()
         assert resp.json()["error"]["code"] == "database_busy"
         assert client.get("/api/v1/health").status_code == 200  # and back once one is free
+
+
+def test_health_needs_one_database_connection_at_a_time(tmp_path: Path) -> None:
+    """/health held its own session's connection while the queue counts took a second one: with
+    as many concurrent checks as pooled connections, each waited on the others until the pool
+    timed out. On a pool of one connection it now answers (PostgreSQL fault audit)."""
+    with TestClient(create_app(quiet(data_dir=tmp_path / "data"))) as client:
+        engine = client.app.state.spectrawatch.engine  # type: ignore[attr-defined]
+        engine.pool = QueuePool(engine.pool._creator, pool_size=1, max_overflow=0, timeout=0.1)
+        resp = client.get("/api/v1/health")
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["status"] == "ok"

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from spectrawatch._version import __version__
-from spectrawatch_server.api.deps import SessionDep, StateDep
+from spectrawatch_server.api.deps import StateDep
 from spectrawatch_server.api.state import AppState
 
 router = APIRouter(tags=["health"])
@@ -34,8 +34,12 @@ def worker_health(state: AppState) -> dict[str, Any]:
 
 
 @router.get("/health")
-def read_health(state: StateDep, session: SessionDep) -> dict[str, Any]:
-    session.execute(text("SELECT 1"))
+def read_health(state: StateDep) -> dict[str, Any]:
+    # One connection at a time: the check's session is closed before the queue and worker
+    # queries open theirs, so health checks never hold one connection while waiting for another
+    # (as many concurrent checks as the pool has connections would otherwise wait on each other).
+    with state.sessions() as session:
+        session.execute(text("SELECT 1"))
     return {
         "status": "ok",
         "version": __version__,
