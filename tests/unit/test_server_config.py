@@ -99,7 +99,9 @@ def test_an_exhausted_connection_pool_answers_503_with_retry_after(tmp_path: Pat
     """Every pooled connection busy past the pool's timeout (a locked or slow database, a burst
     of clients): 503 ``database_busy`` with ``Retry-After``, as for a database outage; it was an
     unhandled ``TimeoutError``, a 500 without ``Retry-After`` (PostgreSQL fault audit)."""
-    with TestClient(create_app(quiet(data_dir=tmp_path / "data"))) as client:
+    with TestClient(
+        create_app(quiet(data_dir=tmp_path / "data")), base_url="http://127.0.0.1"
+    ) as client:
         engine = client.app.state.spectrawatch.engine  # type: ignore[attr-defined]
         engine.pool = QueuePool(engine.pool._creator, pool_size=2, max_overflow=0, timeout=0.1)
         assert client.get("/api/v1/health").status_code == 200
@@ -115,7 +117,9 @@ def test_health_needs_one_database_connection_at_a_time(tmp_path: Path) -> None:
     """/health held its own session's connection while the queue counts took a second one: with
     as many concurrent checks as pooled connections, each waited on the others until the pool
     timed out. On a pool of one connection it now answers (PostgreSQL fault audit)."""
-    with TestClient(create_app(quiet(data_dir=tmp_path / "data"))) as client:
+    with TestClient(
+        create_app(quiet(data_dir=tmp_path / "data")), base_url="http://127.0.0.1"
+    ) as client:
         engine = client.app.state.spectrawatch.engine  # type: ignore[attr-defined]
         engine.pool = QueuePool(engine.pool._creator, pool_size=1, max_overflow=0, timeout=0.1)
         resp = client.get("/api/v1/health")
