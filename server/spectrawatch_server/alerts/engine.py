@@ -284,12 +284,12 @@ class AlertEngine:
             session, outbox.ALERT_RESOLVED, alert, run, project, self.base_url, self.ttl
         )
 
-    # --- rules switched off -----------------------------------------------------------------
+    # --- rules switched off or changed ---------------------------------------------------
 
     def resolve_rule(self, session: Session, project: Project, rule: str, reason: str) -> int:
         """Resolve every open episode of ``rule`` in the project's runs, each with an
-        ``alert.resolved`` event: the rule was disabled or deleted, so no evaluation would
-        ever resolve them. ``reason`` is kept as ``values.resolved_reason``; the resolved step
+        ``alert.resolved`` event: the rule was disabled or deleted (no evaluation would ever
+        resolve them) or changed (they came from a condition that is gone). ``reason`` is kept as ``values.resolved_reason``; the resolved step
         is the run's latest step. Returns the number of episodes resolved."""
         alerts = alert_store.open_alerts_of_project_rule(session, project.id, rule)
         for alert in alerts:
