@@ -289,8 +289,9 @@ class AlertEngine:
     def resolve_rule(self, session: Session, project: Project, rule: str, reason: str) -> int:
         """Resolve every open episode of ``rule`` in the project's runs, each with an
         ``alert.resolved`` event: the rule was disabled or deleted (no evaluation would ever
-        resolve them) or changed (they came from a condition that is gone). ``reason`` is kept as ``values.resolved_reason``; the resolved step
-        is the run's latest step. Returns the number of episodes resolved."""
+        resolve them) or changed (they came from a condition that is gone). ``reason`` is kept
+        as ``values.resolved_reason``; the resolved step is the run's latest step. Returns the
+        number of episodes resolved."""
         alerts = alert_store.open_alerts_of_project_rule(session, project.id, rule)
         for alert in alerts:
             run = session.get_one(Run, alert.run_id)
