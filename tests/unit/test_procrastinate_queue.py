@@ -12,8 +12,10 @@ import signal
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
+import psycopg
 import pytest
 from procrastinate.jobs import Job
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +24,7 @@ from spectrawatch_server.db import migrate
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue import procrastinate as pq
+from spectrawatch_server.queue.base import database_unavailable
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.worker_main import WorkerConfigError, check_config, is_cuda
 from tests.servers import fresh_database
@@ -63,6 +66,47 @@ def test_retry_strategy_is_exponential_and_bounded() -> None:
         delays.append(None if retry_at is None else (retry_at - before).total_seconds())
     # backoff ** (attempts + 1) s: 3, 9, 27; then none (4 runs in all), within 1 s of clock drift
     assert [None if d is None else round(d) for d in delays] == [3, 9, 27, None, None]
+
+
+def _outage() -> sa_exc.OperationalError:
+    """What SQLAlchemy raises when PostgreSQL stops or restarts under a session."""
+    return sa_exc.OperationalError("SELECT 1", {}, psycopg.OperationalError("connection refused"))
+
+
+def test_database_outages_are_told_from_analysis_failures() -> None:
+    invalidated = sa_exc.DBAPIError("SELECT 1", {}, Exception("EOF"), connection_invalidated=True)
+    wrapped = RuntimeError("connector")
+    wrapped.__cause__ = psycopg.OperationalError("server closed the connection")
+    outages = [_outage(), sa_exc.TimeoutError("QueuePool limit"), invalidated, wrapped]
+    assert [database_unavailable(e) for e in outages] == [True] * 4
+    failures = [
+        OSError("disk"),
+        ValueError("bad frame"),
+        sa_exc.DBAPIError("SELECT 1", {}, Exception("syntax")),
+        sa_exc.IntegrityError("INSERT", {}, Exception("duplicate")),
+    ]
+    assert [database_unavailable(e) for e in failures] == [False] * 4
+
+
+def test_database_outage_is_retried_without_limit_and_noted_for_a_refund() -> None:
+    queue = make_queue(max_attempts=2, backoff_seconds=3)
+    job = Job(
+        id=7, queue=pq.ANALYSIS_QUEUE, lock=None, queueing_lock=None, task_name=pq.ANALYSIS_TASK
+    )
+    for attempts in (0, 1, 5, 50):  # past max_attempts: an outage does not use attempts up
+        decision = queue.retry.get_retry_decision(
+            exception=_outage(), job=job.evolve(attempts=attempts)
+        )
+        assert decision is not None
+        assert decision.retry_at is not None
+        wait = (decision.retry_at - datetime.now(timezone.utc)).total_seconds()
+        assert 3 < wait <= 5  # db_retry_seconds, not the analysis backoff
+    assert queue.retry.refunds == {7}
+    assert queue.app.job_manager is queue.jobs
+    assert queue.jobs.refunds is queue.retry.refunds
+    # an analysis failure still counts: none left after the second run
+    fail = OSError("disk")
+    assert queue.retry.get_retry_decision(exception=fail, job=job.evolve(attempts=1)) is None
 
 
 @pytest.mark.parametrize(
@@ -192,6 +236,43 @@ def test_stalled_jobs_are_requeued_then_failed_on_the_last_attempt(
         assert session.get_one(Frame, frame_id).status == "failed"
     assert queue.counts() == {"failed": 1}
     assert asyncio.run(recover()) == []
+
+
+@needs_pg
+def test_job_cut_by_database_outages_keeps_its_attempts(
+    pg_sessions: sessionmaker[Session],
+) -> None:
+    """More database outages than JOB_MAX_ATTEMPTS during one frame's analysis: the job is
+    retried each time without using an attempt, and the frame is analysed once, not failed."""
+    url = pg_sessions.kw["bind"].url.render_as_string(False)
+    calls: list[int] = []
+
+    def handler(frame_id: int) -> None:
+        calls.append(frame_id)
+        if len(calls) <= 3:  # max_attempts = 2
+            raise _outage()
+
+    queue = pq.ProcrastinateQueue(
+        pg_sessions, url, handler, max_attempts=2, backoff_seconds=1, db_retry_seconds=0
+    )
+    with pg_sessions.begin() as session:
+        frame_id = _frame(session, 0).id
+        queue.enqueue(session, frame_id)
+
+    async def work() -> None:
+        async with queue.app.open_async():
+            await queue.app.run_worker_async(
+                queues=[pq.ANALYSIS_QUEUE], wait=False, install_signal_handlers=False
+            )
+
+    asyncio.run(work())
+    assert calls == [frame_id] * 4  # 3 runs cut by the outage, then one that went through
+    (_, status, _, _, attempts) = _jobs(pg_sessions)[0]
+    # finishing counts its run too: only the run that went through is counted
+    assert (status, attempts) == ("succeeded", 1)
+    assert queue.retry.refunds == set()
+    with pg_sessions() as session:
+        assert session.get_one(Frame, frame_id).status != "failed"
 
 
 @needs_pg

@@ -15,12 +15,11 @@ import threading
 import uuid
 from datetime import timedelta
 
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Job
-from spectrawatch_server.queue.base import JobHandler
+from spectrawatch_server.queue.base import JobHandler, database_unavailable
 from spectrawatch_server.storage import repository as repo
 
 log = logging.getLogger(__name__)
@@ -96,12 +95,12 @@ class EmbeddedQueue:
             return False
         try:
             self.handler(job.frame_id)
-        except OperationalError:
-            # The database went away mid-job: not the job's fault. Release it (refunding the
-            # attempt) as soon as the database answers again, instead of waiting for the lease.
-            self._release_later.append(job.job_id)
-            raise
         except Exception as exc:  # a failing job must never kill the worker thread
+            if database_unavailable(exc):
+                # The database went away mid-job: not the job's fault. Release it (refunding
+                # the attempt) as soon as the database answers again, not after the lease.
+                self._release_later.append(job.job_id)
+                raise
             log.exception("analysis of frame %d failed (attempt %d)", job.frame_id, job.attempts)
             with self.sessions.begin() as session:
                 if job.attempts >= self.max_attempts:
@@ -116,11 +115,11 @@ class EmbeddedQueue:
         while not self._stop.is_set():
             try:
                 busy = self.run_once()
-            except OperationalError:
-                log.warning("database unavailable; worker retrying", exc_info=True)
-                busy = False
-            except Exception:
-                log.exception("worker loop error")
+            except Exception as exc:
+                if database_unavailable(exc):
+                    log.warning("database unavailable; worker retrying", exc_info=True)
+                else:
+                    log.exception("worker loop error")
                 busy = False
             if not busy:
                 self._wake.wait(self.poll_seconds)

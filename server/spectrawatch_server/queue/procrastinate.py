@@ -14,6 +14,9 @@ Delivery is at-least-once and the handler is idempotent (results are replaced pe
   them; different runs proceed in parallel on different workers;
 - retries with exponential backoff (``backoff ** attempt`` seconds); once the attempts are used
   up the job ends ``failed`` and its frame's status becomes ``failed`` (visible in the API);
+- a job cut by a database outage (:func:`~spectrawatch_server.queue.base.database_unavailable`)
+  is retried after ``db_retry_seconds`` for as long as the outage lasts, and its attempt is
+  given back (:class:`AnalysisRetry`, :class:`RefundingJobManager`), as in the embedded queue;
 - stalled jobs: workers heartbeat every ``heartbeat_seconds``; a periodic task (procrastinate's
   opt-in recipe, docs ``howto/production/retry_stalled_jobs``) re-queues the ``doing`` jobs of
   workers silent for ``stalled_seconds`` (a ``kill -9``-ed or wedged worker), counting it as an
@@ -26,18 +29,21 @@ import asyncio
 import contextlib
 import logging
 import signal
+from datetime import datetime
 
-from procrastinate import App, PsycopgConnector, RetryStrategy
+from procrastinate import App, BaseConnector, PsycopgConnector, RetryStrategy
 from procrastinate import exceptions as pexc
 from procrastinate.job_context import JobContext
 from procrastinate.jobs import Job, Status
+from procrastinate.manager import JobManager
+from procrastinate.retry import BaseRetryStrategy, RetryDecision
 from procrastinate.schema import SchemaManager
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch_server.db.models import Frame
-from spectrawatch_server.queue.base import JobHandler
+from spectrawatch_server.queue.base import JobHandler, database_unavailable
 from spectrawatch_server.storage import repository as repo
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,71 @@ def worker_application_name(name: str, device: str) -> str:
     """``<name>@<device>`` (PostgreSQL keeps 63 bytes): who holds which lock, on which device."""
     suffix = f"{_DEVICE_SEP}{device}"
     return name.replace(_DEVICE_SEP, "-")[: 63 - len(suffix)] + suffix
+
+
+class AnalysisRetry(BaseRetryStrategy):
+    """When to run a failed analysis job again.
+
+    A job whose analysis raised is retried ``max_attempts - 1`` times with exponential backoff
+    (procrastinate's :class:`~procrastinate.RetryStrategy`). A job cut by a database outage is
+    retried after ``db_retry_seconds``, without limit, and its id is noted in ``refunds`` so
+    that :class:`RefundingJobManager` gives its attempt back: an outage never uses up the
+    attempts of a frame that nothing was wrong with.
+    """
+
+    def __init__(self, max_attempts: int, backoff_seconds: int, db_retry_seconds: int) -> None:
+        # procrastinate counts *retries*: attempts 0..max_attempts-1 make max_attempts runs.
+        self.analysis = RetryStrategy(
+            max_attempts=max_attempts - 1, exponential_wait=backoff_seconds
+        )
+        self.db_retry_seconds = db_retry_seconds
+        self.refunds: set[int] = set()
+
+    def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
+        if database_unavailable(exception):
+            if job.id is not None:
+                self.refunds.add(job.id)
+            return RetryDecision(retry_in={"seconds": self.db_retry_seconds})
+        return self.analysis.get_retry_decision(exception=exception, job=job)
+
+
+_REFUND_SQL = (
+    "UPDATE procrastinate_jobs SET attempts = attempts - 1 "
+    "WHERE id = ANY(%(ids)s) AND status IN ('todo', 'doing')"
+)
+
+
+class RefundingJobManager(JobManager):
+    """procrastinate's job manager, giving back the attempts of jobs noted in ``refunds``.
+
+    The refund is written *before* procrastinate's retry adds the attempt (while the job is
+    still ``doing``, so no worker can fetch it in between): net, the attempt is not counted.
+    When the database is still away, the ids stay noted and are refunded by the next retry or
+    when the worker reconnects (:meth:`refund_attempts`); the job, left ``doing``, is then
+    re-queued by the stalled-job check, whose added attempt the refund cancels.
+    """
+
+    def __init__(self, connector: BaseConnector, refunds: set[int]) -> None:
+        super().__init__(connector)
+        self.refunds = refunds
+
+    async def refund_attempts(self) -> None:
+        ids = sorted(self.refunds.copy())  # copy(): atomic while a job's thread adds to it
+        if ids:
+            await self.connector.execute_query_async(_REFUND_SQL, ids=ids)
+            self.refunds.difference_update(ids)
+            log.info("gave back the attempt of job(s) cut by a database outage: %s", ids)
+
+    async def retry_job(
+        self,
+        job: Job,
+        retry_at: datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        lock: str | None = None,
+    ) -> None:
+        await self.refund_attempts()
+        await super().retry_job(job, retry_at=retry_at, priority=priority, queue=queue, lock=lock)
 
 
 class QueueNotSupported(ValueError):
@@ -122,6 +193,7 @@ class ProcrastinateQueue:
         stalled_seconds: float = 30.0,
         stall_check_seconds: int = 10,
         poll_seconds: float = 5.0,
+        db_retry_seconds: int = 5,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
@@ -133,9 +205,11 @@ class ProcrastinateQueue:
         self.heartbeat_seconds = heartbeat_seconds
         self.stalled_seconds = stalled_seconds
         self.poll_seconds = poll_seconds
-        # procrastinate counts *retries*: attempts 0..max_attempts-1 make max_attempts runs.
-        self.retry = RetryStrategy(max_attempts=max_attempts - 1, exponential_wait=backoff_seconds)
+        self.retry = AnalysisRetry(max_attempts, backoff_seconds, db_retry_seconds)
         self.app = App(connector=PsycopgConnector(conninfo=libpq_dsn(database_url)))
+        # before the tasks are registered: they keep the job manager they were made with
+        self.jobs = RefundingJobManager(self.app.connector, self.retry.refunds)
+        self.app.job_manager = self.jobs
         self._register_tasks(stall_check_seconds)
 
     # --- JobQueue --------------------------------------------------------------------
@@ -276,6 +350,7 @@ class ProcrastinateQueue:
         connector = self.app.connector
         try:
             await connector.open_async()
+            await self.jobs.refund_attempts()  # of jobs cut by the outage we reconnect after
         except BaseException:
             # A failed or cancelled start leaves the pool half open: on a stop while it
             # connects, psycopg_pool's connection tasks swallow the cancellation and retry
@@ -297,6 +372,7 @@ class ProcrastinateQueue:
 
     async def retry_stalled_jobs(self) -> list[int]:
         """Re-queue (or, out of attempts, fail) the running jobs of silent workers; their ids."""
+        await self.jobs.refund_attempts()  # first, so that a job cut by an outage is not failed
         stalled = await self.app.job_manager.get_stalled_jobs(
             seconds_since_heartbeat=self.stalled_seconds
         )
