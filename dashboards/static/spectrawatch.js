@@ -200,6 +200,9 @@
       if (s.val_acc_crossing_step !== null) { parts.push([s.val_acc_name + " ≥ 0.9 at step ", s.val_acc_crossing_step]); }
       if (s.lead_steps !== null) { parts.push(["lead time ", s.lead_steps + " steps"]); }
       if (s.open_alerts) { parts.push(["open alerts ", s.open_alerts]); }
+      if (s.nonfinite_step !== null && s.nonfinite_step !== undefined) {
+        parts.push(["non-finite (NaN/Inf) from step ", s.nonfinite_step]);
+      }
       parts.forEach(function (pair, i) {
         if (i) { summary.appendChild(document.createTextNode(" · ")); }
         summary.appendChild(document.createTextNode(pair[0]));
@@ -363,6 +366,7 @@
       if (!node) {
         node = el("section", { id: id, "class": "panel" });
         node.appendChild(el("div", { "class": "help" }));
+        node.appendChild(el("div", { "class": "note", role: "note" }));
         node.appendChild(el("div", { "class": "plot" }));
         node.appendChild(el("div", { "class": "empty" }));
       }
@@ -374,6 +378,9 @@
       node.querySelector(".plot").style.height = isHeatmap ? Math.min(4000, Math.max(620, 160 + 16 * rows)) + "px" : "";
       node.dataset.panel = panel.id;
       node.querySelector(".help").textContent = panel.help || "";
+      var note = node.querySelector(".note");  // why the data stops (NaN/Inf weights...)
+      note.textContent = panel.note || "";
+      note.hidden = !panel.note;
       var plot = node.querySelector(".plot");
       var empty = node.querySelector(".empty");
       if (panel.figure) {

@@ -529,6 +529,63 @@ def overview_markers(
     return out
 
 
+NONFINITE_COLOR = "#a40e26"
+NONFINITE_KINDS = {
+    "weights": "weights",
+    "activations": "activations",
+    "update_sketch": "update sketches",
+    "param_sketch": "parameter sketches",
+}
+
+
+def nonfinite_note(
+    onsets: Mapping[str, tuple[int, str]], layers: Iterable[str] | None = None
+) -> str:
+    """Why a run's per-layer series stop early: ``onsets`` (``{layer: (first step, frame
+    kind)}`` of NaN/Inf data, see ``dashboard_reads.nonfinite_onsets``) as one sentence per frame
+    kind, e.g. "weights non-finite (NaN/Inf) from step 61 in fc1, fc2: HT-SR and the other
+    analyses skip them, so their series end at the last finite frame". ``layers``: only those
+    (all when None); "" when none of them went non-finite."""
+    wanted = None if layers is None else set(layers)
+    by_kind: dict[str, list[tuple[int, str]]] = {}
+    for layer, (step, kind) in onsets.items():
+        if wanted is None or layer in wanted:
+            by_kind.setdefault(kind, []).append((step, layer))
+    parts = []
+    for kind, hits in sorted(by_kind.items(), key=lambda kv: min(kv[1])):
+        first = min(step for step, _ in hits)
+        names = sorted((layer for _, layer in hits), key=natural_key)
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        parts.append(
+            f"{NONFINITE_KINDS.get(kind, kind)} non-finite (NaN/Inf) from step {first} in {shown}"
+        )
+    if not parts:
+        return ""
+    return (
+        "; ".join(parts)
+        + ": HT-SR and the other analyses skip non-finite layers, so their series end at the"
+        " last finite frame."
+    )
+
+
+def nonfinite_marker(
+    onsets: Mapping[str, tuple[int, str]], layers: Iterable[str] | None = None
+) -> Marker | None:
+    """A marker at the first step where ``layers`` (all when None) went NaN/Inf, or None."""
+    wanted = None if layers is None else set(layers)
+    steps = [step for layer, (step, _) in onsets.items() if wanted is None or layer in wanted]
+    if not steps:
+        return None
+    first = min(steps)
+    return Marker(
+        first,
+        f"non-finite from step {first}",
+        NONFINITE_COLOR,
+        "solid",
+        nonfinite_note(onsets, layers),
+    )
+
+
 @dataclass(frozen=True)
 class Grid:
     """A layer x step matrix: ``z[i][j]`` is ``layers[i]`` at ``steps[j]`` (None = missing;
@@ -555,11 +612,14 @@ def grid_from_rows(rows: Iterable[tuple[str, int, float | None]]) -> Grid:
     return Grid(lay, st, [flat[i * len(st) : (i + 1) * len(st)] for i in range(len(lay))])
 
 
-def heatmap_figure(metric: str, grid: Grid, *, sampled: bool = False) -> Figure:
+def heatmap_figure(
+    metric: str, grid: Grid, *, sampled: bool = False, marker: Marker | None = None
+) -> Figure:
     """Layer x step heatmap of ``metric``; a click on a cell opens that layer's drilldown.
 
     ``sampled``: ``grid.steps`` is a sample of the stored steps (one per column, said in the
-    title so a reader knows the columns are decimated, not averaged).
+    title so a reader knows the columns are decimated, not averaged). ``marker``: a vertical
+    line (the first non-finite step: the columns stop before it), labelled above the plot.
     """
     title = f"{metric} by layer and step"
     if sampled:
@@ -588,6 +648,33 @@ def heatmap_figure(metric: str, grid: Grid, *, sampled: bool = False) -> Figure:
     layout["yaxis"].update({"type": "category", "autorange": "reversed", "dtick": 1})
     longest = max((len(la) for la in grid.layers), default=8)
     layout["margin"]["l"] = min(320, 30 + 7 * longest)
+    if marker is not None:
+        layout["shapes"].append(
+            {
+                "type": "line",
+                "xref": "x",
+                "yref": "paper",
+                "x0": marker.step,
+                "x1": marker.step,
+                "y0": 0,
+                "y1": 1,
+                "line": {"color": marker.color, "dash": marker.dash, "width": 2},
+            }
+        )
+        layout["annotations"].append(
+            {
+                "x": marker.step,
+                "y": 1,
+                "xref": "x",
+                "yref": "paper",
+                "text": marker.label,
+                "hovertext": marker.hover or marker.label,
+                "showarrow": False,
+                "xanchor": "right",
+                "yanchor": "bottom",
+                "font": {"size": 11, "color": marker.color},
+            }
+        )
     return {"data": data, "layout": layout}
 
 

@@ -185,3 +185,26 @@ def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float
         scalars.append((step, "val_acc", acc))
         scalars.append((step, "train_acc", min(1.0, 0.3 + step / 50)))
     repo.upsert_scalars(s, run_id, scalars)
+
+
+NAN_FROM = 70  # the first weight frame with NaN/Inf of seed_nonfinite's run
+
+
+def seed_nonfinite(data_dir: Path) -> int:
+    """A run whose weights went NaN at step ``NAN_FROM`` of 120: its frames from there carry
+    ``nonfinite`` counts and no metrics (HT-SR skips them), as the worker leaves them."""
+    engine, sessions = migrated(data_dir)
+    with sessions.begin() as s:
+        proj, _ = repo.get_or_create_project(s, "nan")
+        run, _ = repo.get_or_create_run(s, proj, "nan-weights", {}, [])
+        run.status = "crashed"
+        for seq, step in enumerate(range(0, 121, 10)):
+            frame = done_frame(s, run.id, step, seq, layers=LAYERS)
+            if step >= NAN_FROM:
+                frame.nonfinite = dict.fromkeys(LAYERS, 12)
+                continue
+            metrics = [MetricRow(la, "htsr.alpha", step, 4.0 - step / 60) for la in LAYERS]
+            repo.replace_results(s, run.id, frame.id, step, "htsr", metrics, [])
+        run_id = run.id
+    engine.dispose()
+    return run_id

@@ -24,7 +24,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.dashboard_data import CROSSING_STEP, LAYERS, STEPS, WARNING_STEP, SeededRun, seed
+from tests.e2e.dashboard_data import (
+    CROSSING_STEP,
+    LAYERS,
+    NAN_FROM,
+    STEPS,
+    WARNING_STEP,
+    SeededRun,
+    seed,
+    seed_nonfinite,
+)
 from tests.factories import make_run
 from tests.servers import ServerProcess, cli_env, wait_until
 
@@ -668,4 +677,32 @@ def test_pages_of_a_server_requiring_auth_ask_for_a_token(browser: Any, tmp_path
     finally:
         browser.execute_script("window.localStorage.clear()")
         console_errors(browser)  # the 401 and 404 loads above, not for later tests
+        server.stop()
+
+
+def test_pages_of_a_run_gone_nan_say_where_and_why_its_data_stops(
+    browser: Any, tmp_path: Path, artifacts: Path
+) -> None:
+    """Weights NaN from step 70 of 120: the heatmap and the drill-down ended at step 60 without
+    a word; now each shows a note and a line at the first non-finite step, and the overview's
+    summary names it."""
+    data_dir = tmp_path / "nan"
+    run_id = seed_nonfinite(data_dir)
+    server = ServerProcess(data_dir).start()
+    note = "document.querySelector('#panels .note:not([hidden])')"
+    try:
+        open_page(browser, f"{server.url}/runs/{run_id}/layers")
+        text = wait_js(browser, note + ".textContent")
+        assert f"weights non-finite (NaN/Inf) from step {NAN_FROM}" in text
+        assert browser.find_element("css selector", "#panels .note").is_displayed()
+        heat = panels(browser)["heatmap"]
+        assert {"type": "line", "x0": NAN_FROM, "x1": NAN_FROM} in heat["shapes"]
+        screenshot(browser, artifacts, "nan-heatmap")
+        open_page(browser, f"{server.url}/runs/{run_id}/layers/{LAYERS[0]}")
+        assert f"from step {NAN_FROM} in {LAYERS[0]}" in wait_js(browser, note + ".textContent")
+        open_page(browser, f"{server.url}/runs/{run_id}")
+        summary = browser.find_element("id", "summary").text
+        assert f"non-finite (NaN/Inf) from step {NAN_FROM}" in summary
+        assert console_errors(browser) == []
+    finally:
         server.stop()

@@ -808,3 +808,79 @@ def test_compare_heading_names_the_page_once(tmp_path: Path) -> None:
         page = client.get("/compare?runs=1,2").text
     heading = page.split("<h1>")[1].split("</h1>")[0]
     assert heading == '<span id="page-title">Compare runs</span> ', heading
+
+
+def test_nan_weights_are_said_on_heatmap_drilldown_and_overview(tmp_path: Path) -> None:
+    """A run whose weights went NaN at step 61 of 120: its heatmap and drill-down stopped at
+    step 60 without saying why (HT-SR skips non-finite layers); now a note, a marker at the
+    first non-finite step, and the overview's summary say it."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+    from spectrawatch_server.db.models import Frame
+
+    layers = ["fc1.weight", "fc2.weight"]
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "nan"}).json()
+        with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
+            for step in range(0, 121, 10):
+                bad = step > 60
+                frame = Frame(
+                    run_id=run["id"], kind="weights", step=step, seq=step,
+                    idempotency_key=f"k{step}", blob_key="", bytes=1, layers=layers,
+                    nonfinite=dict.fromkeys(layers, 4) if bad else {}, status="done",
+                )  # fmt: skip
+                repo.insert_frame(session, frame)
+                if not bad:
+                    rows = [MetricRow(la, "htsr.alpha", step, 3.0) for la in layers]
+                    repo.replace_results(session, run["id"], frame.id, step, "htsr", rows, [])
+            # a finite run beside it says nothing
+            other = new_run(session, "p", "fine")
+            frame = done_frame(session, other, 0, 0, layers=layers)
+            rows = [MetricRow(la, "htsr.alpha", 0, 3.0) for la in layers]
+            repo.replace_results(session, other, frame.id, 0, "htsr", rows, [])
+        api = f"/api/v1/dashboards/runs/{run['id']}"
+        heat = client.get(f"{api}/layers").json()["panels"][0]
+        drill = client.get(f"{api}/layer", params={"layer": "fc1.weight"}).json()
+        overview = client.get(f"{api}/overview").json()
+        fine = client.get(f"/api/v1/dashboards/runs/{other}/layers").json()["panels"][0]
+    assert heat["figure"]["data"][0]["x"][-1] == 60
+    assert "weights non-finite (NaN/Inf) from step 70 in fc1.weight, fc2.weight" in heat["note"]
+    assert "HT-SR" in heat["note"]
+    (shape,) = heat["figure"]["layout"]["shapes"]
+    assert shape["x0"] == 70
+    assert heat["figure"]["layout"]["annotations"][0]["text"] == "non-finite from step 70"
+    assert "from step 70 in fc1.weight:" in drill["nonfinite_note"]
+    for panel in drill["panels"]:
+        assert panel["note"] == drill["nonfinite_note"], panel["id"]
+    alpha = next(p for p in drill["panels"] if p["figure"] and p["id"] != "esd")
+    assert any(s["x0"] == 70 for s in alpha["figure"]["layout"]["shapes"])
+    assert overview["summary"]["nonfinite_step"] == 70
+    assert "from step 70" in overview["summary"]["nonfinite_note"]
+    assert fine["note"] == ""
+    assert fine["figure"]["layout"]["shapes"] == []
+
+
+def test_nonfinite_onsets_take_the_first_row_step_of_sketch_frames(db: Any) -> None:
+    """A sketch frame of steps 100..131 whose rows go NaN from step 117 starts at 117."""
+    from spectrawatch_server.db.models import Frame
+
+    sessions, _ = db
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "sketch")
+        repo.insert_frame(
+            s,
+            Frame(
+                run_id=run_id, kind="update_sketch", step=131, seq=0, idempotency_key="s0",
+                blob_key="", bytes=1, layers=["a"], nonfinite={"a": 3},
+                nonfinite_steps={"a": [117, 131]}, status="done",
+            ),
+        )  # fmt: skip
+        onsets = reads.nonfinite_onsets(s, run_id)
+    assert onsets == {"a": (117, "update_sketch")}
+    note = fig.nonfinite_note(onsets)
+    assert note.startswith("update sketches non-finite (NaN/Inf) from step 117")
+    assert fig.nonfinite_note(onsets, ["b"]) == ""

@@ -14,13 +14,14 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import BindParameter, bindparam, func, select, text
+from sqlalchemy import BindParameter, String, bindparam, cast, func, select, text
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.models import (
     Alert,
     Delivery,
     DeliveryAttempt,
+    Frame,
     Metric,
     Scalar,
     Webhook,
@@ -329,6 +330,28 @@ def first_step_at_least(
     where = _where(model, run_id, name, layer)
     step = session.scalar(select(func.min(model.step)).where(*where, model.value >= threshold))
     return None if step is None else int(step)
+
+
+def nonfinite_onsets(session: Session, run_id: int) -> dict[str, tuple[int, str]]:
+    """Where a run's data first went NaN/Inf: ``{layer: (step, frame kind)}``, the earliest
+    step of each layer over every frame carrying non-finite values (the row step of a sketch
+    frame where ``nonfinite_steps`` has it, else the frame's step). The analyses skip such
+    layers (HT-SR, SED, norms), so the dashboards say why their series stop there."""
+    rows = session.execute(
+        select(Frame.kind, Frame.step, Frame.nonfinite, Frame.nonfinite_steps).where(
+            Frame.run_id == run_id, cast(Frame.nonfinite, String).not_in(["{}", "null"])
+        )
+    ).all()
+    out: dict[str, tuple[int, str]] = {}
+    for kind, step, counts, spans in rows:
+        for layer, n in (counts or {}).items():
+            if not n:
+                continue
+            span = (spans or {}).get(layer)
+            first = int(span[0]) if span else int(step)
+            if layer not in out or first < out[layer][0]:
+                out[layer] = (first, str(kind))
+    return out
 
 
 def open_alert_counts(session: Session, run_ids: Sequence[int]) -> dict[int, int]:

@@ -238,6 +238,10 @@ def read_overview(
     evidence, why = warning_evidence(session, run.id, warning)
     alerts = reads.alert_rows(session, run.id)
     markers = dash.overview_markers(warning, crossing, crossing_name, alerts, warning_hover=why)
+    onsets = reads.nonfinite_onsets(session, run.id)
+    bad = dash.nonfinite_marker(onsets)
+    if bad is not None:
+        markers.append(bad)
     body["summary"] = {
         "early_warning_step": warning,
         "early_warning_evidence": evidence,
@@ -247,6 +251,8 @@ def read_overview(
         "lead_steps": None if warning is None or crossing is None else crossing - warning,
         "metric_names": len(names),
         "open_alerts": sum(1 for a in alerts if a["status"] == "open"),
+        "nonfinite_step": None if bad is None else bad.step,
+        "nonfinite_note": dash.nonfinite_note(onsets),
     }
     gap_names = dash.match_names(names, page.panel("sed_gap").match)
     layer_opts = layer_options(session, run.id, gap_names[0]) if gap_names else []
@@ -334,8 +340,14 @@ def read_layers(
         cells = reads.grid_cells(session, run.id, chosen, steps)
         layer_cells = [c for c in cells if c[0] != dash.MODEL_LAYER]  # a model mean is no layer
         grid = dash.grid_from_rows(layer_cells or cells)
-        panel = dash.panel_from(spec, dash.heatmap_figure(chosen, grid, sampled=skipped))
+        # layers gone NaN/Inf: their columns stop at the last finite frame; say so, and where
+        onsets = reads.nonfinite_onsets(session, run.id)
+        shown = [la for la in grid.layers if la in onsets] or None
+        marker = dash.nonfinite_marker(onsets, shown)
+        figure = dash.heatmap_figure(chosen, grid, sampled=skipped, marker=marker)
+        panel = dash.panel_from(spec, figure)
         panel.extra["click"] = {"kind": "layer_drilldown", "metric": chosen}
+        panel.extra["note"] = dash.nonfinite_note(onsets, shown)
     body["panels"] = [panel.public()]
     return _json(body)
 
@@ -370,6 +382,10 @@ def read_layer(
             "value": str(chosen_row.step),
         }
     names = reads.series_names(session, run.id)
+    onsets = reads.nonfinite_onsets(session, run.id)
+    note = dash.nonfinite_note(onsets, [layer])
+    bad = dash.nonfinite_marker(onsets, [layer])
+    body["nonfinite_note"] = note
     panels = []
     for spec in page.panels:
         if spec.kind in ("esd", "mp"):
@@ -380,24 +396,31 @@ def read_layer(
             builder = dash.esd_figure if spec.kind == "esd" else dash.mp_figure
             fig = builder(part, title) if part else None
             skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
-            panels.append(
-                dash.panel_from(spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None)
+            panel = dash.panel_from(
+                spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None
             )
+            panel.extra["note"] = note
+            panels.append(panel)
         else:
             matched = dash.match_names(names, spec.match)
             series = metric_series(session, run.id, matched, layer, n)
             lines = [ln for name in matched for ln in lines_of(series, name, lambda k: k[0])]
             band = dash.HTSR_GOOD_RANGE if spec.kind == "alpha_history" else None
+            line_markers = []
+            if chosen_row is not None:
+                line_markers.append(dash.Marker(chosen_row.step, "ESD step", "#555", "dot"))
+            if bad is not None:
+                line_markers.append(bad)
             fig = dash.line_figure(
                 f"{spec.title} · {layer}",
                 lines,
                 y_title=spec.y_title,
                 y_band=band,
-                markers=[dash.Marker(chosen_row.step, "ESD step", "#555", "dot")]
-                if chosen_row is not None
-                else (),
+                markers=line_markers,
             )
-            panels.append(dash.panel_from(spec, fig))
+            panel = dash.panel_from(spec, fig)
+            panel.extra["note"] = note
+            panels.append(panel)
     body["panels"] = [p.public() for p in panels]
     heat = _choose(
         [m for m in names if not m.startswith("grok.")], metric, pages()["layers"].preferred
