@@ -11,6 +11,21 @@
       if (ids.length) { window.location.href = "/compare?runs=" + ids.join(","); }
     });
   }
+  // The ages' tooltips: the time in the browser's zone, the run pages' format (spectrawatch.js).
+  var TIME_FORMAT = new Intl.DateTimeFormat(undefined, {
+    year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit",
+    second: "2-digit", hourCycle: "h23", timeZoneName: "short" });
+  function titleTimes() {
+    Array.prototype.forEach.call(document.querySelectorAll("table.runs time[datetime]"), function (node) {
+      var date = new Date(node.getAttribute("datetime"));
+      if (isNaN(date.getTime())) { return; }
+      var p = {};
+      TIME_FORMAT.formatToParts(date).forEach(function (part) { p[part.type] = part.value; });
+      node.title = p.year + "-" + p.month + "-" + p.day + " " + p.hour + ":" + p.minute + ":" +
+        p.second + " " + p.timeZoneName;
+    });
+  }
+  titleTimes();
   if (!table) { return; }
   var locked = table.dataset.locked === "1";
   var refused = false;  // the server refused the stored token: asking again is the user's move
@@ -48,6 +63,7 @@
       .then(function (html) {
         if (html === null) { return; }
         table.innerHTML = html;
+        titleTimes();
         var notice = document.getElementById("runs-locked");
         if (notice) { notice.hidden = true; }
         document.body.dataset.runs = "1";

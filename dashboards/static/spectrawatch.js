@@ -29,6 +29,29 @@
     if (text !== undefined && text !== null) { node.textContent = String(text); }
     return node;
   }
+  // Every time on the pages: the browser's local time with its zone, one format
+  // ("2026-11-28 12:03:18 GMT+1"); the API's UTC ISO value is the element's tooltip.
+  var TIME_FORMAT = new Intl.DateTimeFormat(undefined, {
+    year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit",
+    second: "2-digit", hourCycle: "h23", timeZoneName: "short" });
+  function formatTime(value) {
+    if (value === null || value === undefined || value === "") { return "—"; }
+    var date = value instanceof Date ? value : new Date(value);
+    if (isNaN(date.getTime())) { return String(value); }
+    var p = {};
+    TIME_FORMAT.formatToParts(date).forEach(function (part) { p[part.type] = part.value; });
+    return p.year + "-" + p.month + "-" + p.day + " " + p.hour + ":" + p.minute + ":" + p.second +
+      " " + p.timeZoneName;
+  }
+  function timeNode(value, id) {
+    var date = value instanceof Date ? value : new Date(value);
+    var attrs = { title: isNaN(date.getTime()) ? "" : date.toISOString().replace(".000Z", "Z") + " (UTC)" };
+    if (!isNaN(date.getTime())) { attrs.datetime = date.toISOString(); }
+    if (id) { attrs.id = id; }
+    return el("time", attrs, formatTime(date));
+  }
+  SW.formatTime = formatTime;
+
   function params() { return new URLSearchParams(window.location.search); }
   function token() { try { return window.localStorage.getItem("spectrawatch.token"); } catch (e) { return null; } }
 
@@ -182,7 +205,14 @@
         " last step " + (run.last_step === null ? "—" : run.last_step) +
         " · frames analysed " + (frames.done || 0) + (pending ? " (" + pending + " queued)" : "") +
         (frames.failed ? " · " + frames.failed + " failed" : "")));
-      if (!data.runs) { renderClient(meta, run.client_stats); }
+      if (!data.runs) {
+        meta.appendChild(document.createTextNode(" · started "));
+        meta.appendChild(timeNode(run.created_at, "run-started"));
+        var seen = run.last_seen_at || run.updated_at;
+        meta.appendChild(document.createTextNode(run.last_seen_at ? " · last seen " : " · updated "));
+        meta.appendChild(timeNode(seen, "run-seen"));
+        renderClient(meta, run.client_stats);
+      }
     });
     if (data.run) {
       $("run-title").textContent = data.run.name + " (#" + data.run.id + ")";
@@ -426,6 +456,11 @@
     (data.tables || []).forEach(function (t) {
       var section = el("section", { id: "table-" + t.id });
       section.appendChild(el("h2", {}, t.title));
+      var times = t.times || [];  // columns holding UTC ISO times: shown local, zone named
+      if (times.length && t.rows.length) {
+        section.appendChild(el("div", { "class": "help" },
+          "Times are your browser's local time (zone shown after each); hover one for UTC."));
+      }
       if (!t.rows.length) {
         section.appendChild(el("div", { "class": "empty" }, t.empty));
       } else {
@@ -436,7 +471,11 @@
         var body = el("tbody");
         t.rows.forEach(function (row) {
           var tr = el("tr");
-          row.forEach(function (v) { tr.appendChild(el("td", {}, v === null ? "—" : v)); });
+          row.forEach(function (v, i) {
+            var td = el("td", {}, v === null ? "—" : (times.indexOf(t.columns[i]) >= 0 ? undefined : v));
+            if (v !== null && times.indexOf(t.columns[i]) >= 0) { td.appendChild(timeNode(v)); }
+            tr.appendChild(td);
+          });
           body.appendChild(tr);
         });
         table.appendChild(body);
@@ -497,7 +536,7 @@
     badge.hidden = false;
     var live = isLive(runs);
     badge.classList.toggle("on", live);
-    badge.textContent = (live ? "live · " : "") + "updated " + new Date().toLocaleTimeString();
+    badge.textContent = (live ? "live · " : "") + "page updated " + formatTime(new Date());
   }
 
   function poll() {

@@ -706,3 +706,43 @@ def test_pages_of_a_run_gone_nan_say_where_and_why_its_data_stops(
         assert console_errors(browser) == []
     finally:
         server.stop()
+
+
+LOCAL_TIME = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d GMT\+5:30$"
+
+
+def test_times_are_local_with_the_zone_and_the_header_says_when_the_run_started(
+    browser: Any, seeded: Any
+) -> None:
+    """The deliveries table printed ISO UTC with microseconds, the live badge local time
+    without a zone, and no page said when a run started: every time is now the browser's
+    local time in one format with its zone (UTC in the tooltip), the run header included."""
+    import re
+
+    server, runs = seeded
+    browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "Asia/Kolkata"})
+    try:
+        open_page(browser, f"{server.url}/runs/{runs.run_id}/alerts")
+        run = httpx.get(f"{server.url}/api/v1/runs/{runs.run_id}").json()
+        started = browser.find_element("id", "run-started")
+        assert re.match(LOCAL_TIME, started.text), started.text
+        assert started.get_attribute("title").endswith("(UTC)")
+        assert started.get_attribute("datetime")[:19] == run["created_at"][:19]
+        assert re.match(LOCAL_TIME, browser.find_element("id", "run-seen").text)
+        cells = browser.find_elements("css selector", "#table-deliveries td time")
+        assert cells, "no time cells in the deliveries table"
+        for cell in cells:
+            assert re.match(LOCAL_TIME, cell.text), cell.text
+            assert "UTC" in cell.get_attribute("title")
+        help_text = browser.find_element("css selector", "#table-deliveries .help").text
+        assert "local time" in help_text
+        badge = browser.find_element("id", "live").text
+        assert re.search(r"\d\d:\d\d:\d\d GMT\+5:30$", badge), badge
+        # the runs list's relative ages carry the same local time as their tooltip
+        browser.get(server.url + "/")
+        age = f"tr[data-run='{runs.run_id}'] td.age time"
+        title = wait_js(browser, f'document.querySelector("{age}").title')
+        assert re.match(LOCAL_TIME, title), title
+        assert console_errors(browser) == []
+    finally:
+        browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})

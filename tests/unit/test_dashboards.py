@@ -884,3 +884,22 @@ def test_nonfinite_onsets_take_the_first_row_step_of_sketch_frames(db: Any) -> N
     note = fig.nonfinite_note(onsets)
     assert note.startswith("update sketches non-finite (NaN/Inf) from step 117")
     assert fig.nonfinite_note(onsets, ["b"]) == ""
+
+
+def test_deliveries_table_names_its_time_columns(tmp_path: Path) -> None:
+    """The deliveries table's times are UTC ISO values the page formats in the browser's zone
+    (they were printed raw, with microseconds): the table names those columns."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()
+        page = client.get(f"/api/v1/dashboards/runs/{run['id']}/alerts").json()
+    tables = {t["id"]: t for t in page["tables"]}
+    assert tables["deliveries"]["times"] == ["created_at", "delivered_at"]
+    assert set(tables["deliveries"]["times"]) <= set(tables["deliveries"]["columns"])
+    assert page["run"]["created_at"].endswith("Z") or page["run"]["created_at"].endswith("+00:00")

@@ -540,6 +540,8 @@ def read_alerts(run: RunDep, session: SessionDep) -> Response:
                 for d in reads.delivery_rows(session, run.project_id)
             ],
             "empty": "No webhook deliveries yet (add one with POST /api/v1/webhooks).",
+            # UTC ISO values: the page shows them in the browser's local time, zone named
+            "times": ["created_at", "delivered_at"],
         },
     ]
     return _json(body)
@@ -673,6 +675,9 @@ def runs_table(
                 "last_step": r.last_step,
                 "age": _age(r.created_at, now),
                 "seen": _age(r.last_seen_at, now),
+                # UTC ISO: the page's script titles the ages with them in local time
+                "created_at": r.created_at.isoformat(),
+                "last_seen_at": None if r.last_seen_at is None else r.last_seen_at.isoformat(),
                 "created_ts": r.created_at.timestamp(),
                 "open_alerts": counts.get(r.id, 0),
                 "tags": r.tags,
