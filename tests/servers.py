@@ -166,6 +166,25 @@ def cli_env(data_dir: Path) -> dict[str, str]:
     return {**os.environ, **mode_env(data_dir)}
 
 
+def run_cli(data_dir: Path, *args: str) -> str:
+    """Run ``spectrawatch ARGS`` on the database of ``data_dir``; its stdout, stripped (a
+    non-zero exit raises ``CalledProcessError``)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "spectrawatch", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env=cli_env(data_dir),
+    )
+    return result.stdout.strip()
+
+
+def create_token(data_dir: Path, project: str) -> str:
+    """A new token of ``project`` (``spectrawatch token create``), on ``data_dir``'s database."""
+    return run_cli(data_dir, "token", "create", "--project", project, "--data-dir", str(data_dir))
+
+
 def db_rows(data_dir: Path, query: str, **params: Any) -> list[Any]:
     """Rows of a SQL query (``:name`` parameters) on the database of ``data_dir``."""
     engine = create_engine(database_url(data_dir))

@@ -35,7 +35,7 @@ from tests.e2e.dashboard_data import (
     seed_nonfinite,
 )
 from tests.factories import make_run
-from tests.servers import ServerProcess, cli_env, wait_until
+from tests.servers import ServerProcess, create_token, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -611,19 +611,6 @@ def test_live_page_updates_while_training_runs(
             trainer.kill()
         trainer.wait()
         server.stop()
-
-
-def create_token(data_dir: Path, project: str) -> str:
-    command = ["token", "create", "--project", project, "--data-dir", str(data_dir)]
-    result = subprocess.run(
-        [sys.executable, "-m", "spectrawatch", *command],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-        env=cli_env(data_dir),
-    )
-    return result.stdout.strip()
 
 
 def test_pages_of_a_server_requiring_auth_ask_for_a_token(browser: Any, tmp_path: Path) -> None:

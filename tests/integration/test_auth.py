@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.factories import make_run, post_frame, weight_frame
-from tests.servers import ServerProcess, cli_env, db_rows
+from tests.servers import ServerProcess, create_token, db_rows
 
 pytestmark = pytest.mark.integration
-
-
-def create_token(data_dir: Path, project: str) -> str:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spectrawatch",
-            "token",
-            "create",
-            "--project",
-            project,
-            "--data-dir",
-            str(data_dir),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-        env=cli_env(data_dir),
-    )
-    return result.stdout.strip()
 
 
 @pytest.fixture(scope="module")

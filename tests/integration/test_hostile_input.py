@@ -15,22 +15,13 @@ import torch
 
 from spectrawatch.wire import encode_frame
 from tests.factories import make_run, post_frame, weight_frame
-from tests.servers import ServerProcess, cli_env
+from tests.servers import ServerProcess, run_cli
 
 pytestmark = pytest.mark.integration
 
 
 def cli(*args: str) -> str:
-    data_dir = Path(args[args.index("--data-dir") + 1])
-    result = subprocess.run(
-        [sys.executable, "-m", "spectrawatch", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-        env=cli_env(data_dir),
-    )
-    return result.stdout.strip()
+    return run_cli(Path(args[args.index("--data-dir") + 1]), *args)
 
 
 @pytest.fixture(scope="module")
