@@ -43,6 +43,15 @@ def spectra_app(tmp_path: Path) -> Iterator[tuple[TestClient, int]]:
         yield client, run_id
 
 
+def api_over(client: TestClient) -> client_api.Api:
+    """The read API (``spectrawatch.Api``) on an in-process app's ``TestClient``."""
+    api = client_api.Api("http://127.0.0.1")
+    api.close()
+    api._http = client
+    client.base_url = "http://127.0.0.1/api/v1"  # type: ignore[assignment]
+    return api
+
+
 def _keys(rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
     return [(r["step"], r["layer"]) for r in rows]
 
@@ -87,10 +96,7 @@ def test_client_reads_every_spectrum_page_by_page(
     """``Run.spectra()`` promised every stored spectrum: it follows the pages."""
     client, run_id = spectra_app
     monkeypatch.setattr(client_api, "_PAGE", 64)
-    api = client_api.Api("http://127.0.0.1")
-    api.close()
-    api._http = client
-    client.base_url = "http://127.0.0.1/api/v1"  # type: ignore[assignment]
+    api = api_over(client)
     run = api.run(run_id)
     assert len(run.spectra()) == SPECTRA_STEPS * len(LAYERS)
     assert _keys(run.spectra(layer="l2")) == [(t, "l2") for t in range(SPECTRA_STEPS)]
@@ -163,10 +169,7 @@ def test_client_metric_keeps_full_resolution(
     server still cut short on its own."""
     client, run_id = metrics_app
     monkeypatch.setattr(client_api, "_MAX_POINTS", 1000)
-    api = client_api.Api("http://127.0.0.1")
-    api.close()
-    api._http = client
-    client.base_url = "http://127.0.0.1/api/v1"  # type: ignore[assignment]
+    api = api_over(client)
     got = api.run(run_id).metric("m")
     assert {k: len(v.steps) for k, v in got.items()} == {
         **dict.fromkeys(LAYERS, SERIES_STEPS),
