@@ -4,6 +4,7 @@ read and downsampled per layer, the activations figures keep a bounded number of
 from __future__ import annotations
 
 import math
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event
 
 import spectrawatch.api as client_api
+from spectrawatch_server.api.routes import dashboards
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db.models import Metric
@@ -316,3 +319,60 @@ def test_run_alerts_reads_every_page() -> None:
     assert run.alerts() == stored
     assert [q["offset"] for q in asked] == ["0", "1000", "2000"]
     assert run.alerts(status="resolved") == [a for a in stored if a["status"] == "resolved"]
+
+
+def test_activations_of_a_long_run_read_a_bounded_number_of_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The figure API read every stored point of each descriptor (150 modules x 5,000 steps:
+    750,000 points, ~0.7 s in SQLite) to draw 400 of each module. Past its read budget a
+    descriptor is now read at evenly spaced stored steps (an index seek each), the figure
+    saying so; a run within it is read in full (the test above: same points as before)."""
+    layers = [f"blocks.{i}" for i in range(12)]
+    steps = 2000
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = [
+            repo.MetricRow(layer, "eigentrack.entropy", t, math.sin(t / 100) + i)
+            for i, layer in enumerate(layers)
+            for t in range(0, 2 * steps, 2)  # every other step: the sample keeps to them
+        ]
+        repo.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
+    engine.dispose()
+    # 12 modules: 1,000 points drawn a line, and 6,000 / 12 -> 1,000 read of 2,000 stored
+    monkeypatch.setattr(dashboards, "ACTIVATION_READ_POINTS", 6000, raising=False)
+    seen: list[tuple[str, Any]] = []
+
+    def record(*args: Any) -> None:
+        seen.append((args[2], args[3]))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        with TestClient(
+            create_app(ServerSettings(data_dir=tmp_path, run_worker=False)),
+            base_url="http://127.0.0.1",
+        ) as client:
+            seen.clear()
+            body = client.get(f"/api/v1/dashboards/runs/{run_id}/activations").json()
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    # the rows the figure's statements returned, counted by running them again
+    with sqlite3.connect(tmp_path / "spectrawatch.db") as db:
+        returned = sum(
+            len(db.execute(sql, params).fetchall())
+            for sql, params in seen
+            if sql.lstrip().upper().startswith(("SELECT", "WITH")) and "metric" in sql
+        )
+    assert returned <= len(layers) * 1000 + 2 * 1000 + 100, returned  # every point: 24,000+
+    (panel,) = [p for p in body["panels"] if p["figure"]]
+    traces = [t for t in panel["figure"]["data"] if t["name"] in layers]
+    assert [t["name"] for t in traces] == layers
+    for trace in traces:
+        drawn = set(trace["x"])
+        assert len(drawn) <= 1000
+        assert min(drawn) == 0
+        assert max(drawn) >= 2 * steps - 2 * 4  # to the end of the run
+        assert all(t % 4 == 0 for t in drawn)  # every other stored step, on the stored grid
+    assert "1,000 evenly spaced steps" in panel["help"]

@@ -50,6 +50,8 @@ HEATMAP_COLUMNS = 300  # steps sampled for the layer x step heatmap (about one p
 DEFAULT_POINTS = 1000
 ACTIVATION_LINES = 12  # lines drawn per activations figure; more: a min-max band of all
 ACTIVATION_POINTS = 60_000  # points per activations figure (legend-only lines included)
+# stored points read per activations figure: a longer series is read at evenly spaced steps
+ACTIVATION_READ_POINTS = 2 * ACTIVATION_POINTS
 MIN_LINE_POINTS = 200
 MAX_COMPARE_RUNS = 8
 NO_RUNS_PICKED = (
@@ -448,13 +450,24 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             # buckets), not 1,000; the layers by index seeks
             count = sum(len(repo.metric_layers(session, run.id, m)) for m in group)
             per_line = max(MIN_LINE_POINTS, min(n, ACTIVATION_POINTS // max(1, count)))
-            series = metric_series(session, run.id, group, None, per_line)
+            # and a read budget: 150 modules x 5,000 steps read 800 steps of each, not all
+            per_read = max(per_line, ACTIVATION_READ_POINTS // max(1, count))
+            series, decimated = reads.bucketed_layers(
+                session, run.id, group, max(1, per_line // 2), per_read
+            )
             lines = []
             for name in group:
                 prefix = "" if len(group) == 1 else f"{name} · "
                 lines += lines_of(series, name, layer_label(prefix))
             title = group[0] if len(group) == 1 else spec.title
             help_text = spec.help
+            if decimated:
+                help_text += (
+                    f" Each line is read at {per_read:,} evenly spaced steps of the"
+                    f" {'series' if len(group) == 1 else ', '.join(decimated)} (of more stored):"
+                    " a spike between two of them is not drawn (GET"
+                    " /api/v1/runs/{id}/metrics?name=…&layer=… has every point)."
+                )
             if len(lines) > ACTIVATION_LINES:
                 lines = dash.thin_lines(lines, ACTIVATION_LINES)
                 help_text += (
