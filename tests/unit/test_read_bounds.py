@@ -4,6 +4,7 @@ read and downsampled per layer, the activations figures keep a bounded number of
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, func, select
 
 import spectrawatch.api as client_api
 from spectrawatch_server.api.routes import dashboards
@@ -376,3 +377,60 @@ def test_activations_of_a_long_run_read_a_bounded_number_of_points(
         assert max(drawn) >= 2 * steps - 2 * 4  # to the end of the run
         assert all(t % 4 == 0 for t in drawn)  # every other stored step, on the stored grid
     assert "1,000 evenly spaced steps" in panel["help"]
+
+
+# --- GET /runs/{id}/metrics/catalog ------------------------------------------------------------
+
+
+def test_metric_catalog_is_a_loose_index_scan_with_the_group_by_answer(tmp_path: Path) -> None:
+    """The catalog was one ``GROUP BY name, layer`` over every metric row of the run (0.5-0.6 s
+    on 2.3 M rows); now seeks per name and layer and a count of each series' index entries,
+    with the same rows: layers missing from some metrics, NaN stored as NULL, another run's
+    series, unicode and names that sort between others."""
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        other = new_run(s, "p", "other")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = [
+            repo.MetricRow(layer, name, t, math.nan if t % 7 == 3 else float(t))
+            for i, layer in enumerate(("a", "b.10", "b.2", "ü", "__model__"))
+            for j, name in enumerate(("htsr.alpha", "sed.gap_ratio.w16", "z", "a.b"))
+            if (i + j) % 3
+            for t in range(i, 40 + 5 * j, 1 + j)
+        ]
+        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+        frame2 = done_frame(s, other, 0, 0)
+        repo.replace_results(s, other, frame2.id, 0, "x", [repo.MetricRow("q", "m", 5, 1.0)], [])
+    with sessions() as s:
+        want = [
+            (str(n), str(la), int(p), int(a), int(b))
+            for n, la, p, a, b in s.execute(
+                select(
+                    Metric.name,
+                    Metric.layer,
+                    func.count(),
+                    func.min(Metric.step),
+                    func.max(Metric.step),
+                )
+                .where(Metric.run_id == run_id)
+                .group_by(Metric.name, Metric.layer)
+                .order_by(Metric.name, Metric.layer)
+            )
+        ]
+        assert len(want) > 10
+        conn = s.connection()
+        with statements(conn) as seen:
+            got = list(repo.metric_catalog(s, run_id))
+        assert got == want
+        for query, params in seen:
+            plan = " / ".join(
+                str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query, params)
+            )
+            # every search of the series index is within one name (the GROUP BY's: run_id=?)
+            searches = re.findall(r"ix_metric_run_name_layer_step \(([^)]*)\)", plan)
+            assert all("name" in where for where in searches), plan
+            assert "FOR GROUP BY" not in plan, plan
+        assert any("layer=?" in q or "layer = l.layer" in q for q, _ in seen)
+        assert repo.metric_catalog(s, 10_000) == []
+    engine.dispose()

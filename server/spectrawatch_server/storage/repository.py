@@ -799,16 +799,49 @@ def metric_tail(
 
 
 def metric_catalog(session: Session, run_id: int) -> Sequence[tuple[str, str, int, int, int]]:
-    """``(name, layer, points, first_step, last_step)`` for every metric series of a run."""
-    stmt = (
-        select(
-            Metric.name, Metric.layer, func.count(), func.min(Metric.step), func.max(Metric.step)
+    """``(name, layer, points, first_step, last_step)`` for every metric series of a run, by
+    name then layer.
+
+    A loose index scan of the covering ``ix_metric_run_name_layer_step``: the names and each
+    name's layers by recursive skip-scans (one seek each), each series' first and last step by
+    a seek, its point count by counting its index entries. One ``GROUP BY name, layer`` over
+    every metric row compared two strings a row: 0.5-0.6 s on 2.3 M rows in SQLite, against
+    ~0.2 s (the count still visits each entry, in the database's own loop). PostgreSQL keeps
+    the ``GROUP BY`` (0.3-0.45 s there; its per-series counts took as long)."""
+    from spectrawatch_server.storage.dashboard_reads import series_names
+
+    if session.get_bind().dialect.name != "sqlite":
+        grouped = (
+            select(
+                Metric.name,
+                Metric.layer,
+                func.count(),
+                func.min(Metric.step),
+                func.max(Metric.step),
+            )
+            .where(Metric.run_id == run_id)
+            .group_by(Metric.name, Metric.layer)
+            .order_by(Metric.name, Metric.layer)
         )
-        .where(Metric.run_id == run_id)
-        .group_by(Metric.name, Metric.layer)
-        .order_by(Metric.name, Metric.layer)
+        return [(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in session.execute(grouped)]
+    series = "FROM metric m WHERE m.run_id = :r AND m.name = :n AND m.layer = l.layer"
+    stmt = text(
+        "WITH RECURSIVE l(layer) AS ("
+        " SELECT min(layer) FROM metric WHERE run_id = :r AND name = :n"
+        " UNION ALL"
+        " SELECT (SELECT min(m.layer) FROM metric m"
+        "  WHERE m.run_id = :r AND m.name = :n AND m.layer > l.layer)"
+        " FROM l WHERE l.layer IS NOT NULL"
+        ") SELECT layer,"
+        f" (SELECT count(*) {series}), (SELECT min(m.step) {series}),"
+        f" (SELECT max(m.step) {series})"
+        " FROM l WHERE layer IS NOT NULL ORDER BY layer"
     )
-    return [(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in session.execute(stmt).all()]
+    out: list[tuple[str, str, int, int, int]] = []
+    for name in series_names(session, run_id):
+        for layer, points, first, last in session.execute(stmt, {"r": run_id, "n": name}):
+            out.append((name, str(layer), int(points), int(first), int(last)))
+    return out
 
 
 def scalar_points(
