@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 from alembic import command
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from spectrawatch_server.db import migrate
 from spectrawatch_server.db.migrate import alembic_config
 from spectrawatch_server.db.models import Base
-from spectrawatch_server.db.session import make_engine
+from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.storage import repository as repo
+from tests.servers import POSTGRES_URL, fresh_database
+
+T = {"t": "2026-11-28 00:00:00+00:00"}
 
 
 def test_migrations_match_models_and_downgrade_cleanly(tmp_path: Path) -> None:
@@ -45,4 +52,87 @@ def test_run_uid_migration_gives_every_existing_run_its_own_uid(tmp_path: Path) 
     assert len(uids) == len(set(uids)) == 1501
     assert all(len(u) == 32 and int(u, 16) >= 0 for u in uids)
     assert not nullable
+    engine.dispose()
+
+
+def _database_urls() -> list[Any]:
+    """SQLite, and PostgreSQL where ``SPECTRAWATCH_TEST_POSTGRES_URL`` names a server."""
+    pg = pytest.mark.skipif(POSTGRES_URL is None, reason="SPECTRAWATCH_TEST_POSTGRES_URL unset")
+    return ["sqlite", pytest.param("postgresql", marks=pg)]
+
+
+@pytest.fixture(params=_database_urls())
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.db'}"
+        return
+    assert POSTGRES_URL is not None
+    with fresh_database(POSTGRES_URL, "sw_migr") as url:
+        yield url
+
+
+def _spectrum_indexes(engine: Any) -> dict[str, list[str]]:
+    return {
+        str(ix["name"]): [str(c) for c in ix["column_names"]]
+        for ix in inspect(engine).get_indexes("spectrum")
+    }
+
+
+def test_spectrum_page_index_migration_keeps_spectra_and_downgrades(empty_database: str) -> None:
+    """0008 replaces ``ix_spectrum_run_id`` by the page order's index on a database holding
+    spectra; one step down restores it; the rows stay."""
+    url = empty_database
+    engine = make_engine(url)
+    command.upgrade(alembic_config(url), "0007_run_uid")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO project (id, name, created_at) VALUES (1, 'p', :t)"), T)
+        conn.execute(
+            text(
+                "INSERT INTO run (id, project_id, name, uid, status, config, tags, summary,"
+                " client_stats, created_at, updated_at) VALUES"
+                " (1, 1, 'r', 'u', 'running', '{}', '[]', '{}', '{}', :t, :t)"
+            ),
+            T,
+        )
+        for step in range(3):
+            conn.execute(
+                text(
+                    "INSERT INTO frame (id, run_id, kind, step, seq, idempotency_key, blob_key,"
+                    " encoding, bytes, info, layers, nonfinite, status, created_at) VALUES"
+                    " (:i, 1, 'weights', :i, :i, :k, '', 'identity', 0, '{}', '[]', '{}',"
+                    " 'done', :t)"
+                ),
+                {"i": step + 1, "k": f"k{step}", **T},
+            )
+            for layer in ("b", "a"):
+                conn.execute(
+                    text(
+                        "INSERT INTO spectrum (run_id, frame_id, analysis, layer, step, payload)"
+                        " VALUES (1, :f, 'htsr', :l, :s, '{}')"
+                    ),
+                    {"f": step + 1, "l": layer, "s": 2 - step},
+                )
+    assert "ix_spectrum_run_id" in _spectrum_indexes(engine)
+    migrate.upgrade(engine)
+    indexes = _spectrum_indexes(engine)
+    assert indexes["ix_spectrum_run_step_layer"] == ["run_id", "step", "layer", "analysis", "id"]
+    assert "ix_spectrum_run_id" not in indexes
+    sessions = make_session_factory(engine)
+    with sessions() as s:
+        first = repo.spectra_for(s, 1, None, None, None, limit=3)
+        assert [(r.step, r.layer) for r in first] == [(0, "a"), (0, "b"), (1, "a")]
+        last = first[-1]
+        rest = repo.spectra_for(
+            s, 1, None, None, None, after=(last.step, last.layer, last.analysis, last.id)
+        )
+        assert [(r.step, r.layer) for r in rest] == [(1, "b"), (2, "a"), (2, "b")]
+    command.downgrade(alembic_config(url), "-1")
+    indexes = _spectrum_indexes(engine)
+    assert "ix_spectrum_run_step_layer" not in indexes
+    assert indexes["ix_spectrum_run_id"] == ["run_id"]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM spectrum")).scalar() == 6
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == (
+            "0007_run_uid"
+        )
     engine.dispose()

@@ -169,10 +169,14 @@ class Spectrum(Base):
     """Per-layer spectrum summary of a frame (histogram, fit), for drill-down plots."""
 
     __tablename__ = "spectrum"
-    __table_args__ = (UniqueConstraint("frame_id", "analysis", "layer"),)
+    __table_args__ = (
+        UniqueConstraint("frame_id", "analysis", "layer"),
+        # the page order of GET /runs/{id}/spectra: a page is an index range (0008)
+        Index("ix_spectrum_run_step_layer", "run_id", "step", "layer", "analysis", "id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
     frame_id: Mapped[int] = mapped_column(ForeignKey("frame.id", ondelete="CASCADE"))
     analysis: Mapped[str] = mapped_column(String(64))
     layer: Mapped[str] = mapped_column(String(500))

@@ -878,6 +878,9 @@ def spectrum_steps(
     return [(int(step), int(sid)) for step, sid in session.execute(stmt)]
 
 
+SpectrumKey = tuple[int, str, str, int]  # (step, layer, analysis, id): the page order
+
+
 def spectra_for(
     session: Session,
     run_id: int,
@@ -889,13 +892,18 @@ def spectra_for(
     end: int | None = None,
     limit: int | None = None,
     offset: int = 0,
+    after: SpectrumKey | None = None,
 ) -> Sequence[Spectrum]:
     """Spectra of a run (of one layer, frame, analysis and step range where given) by step,
-    layer, analysis and id: ``limit`` of them from the ``offset``-th (all when None).
+    layer, analysis and id: ``limit`` of them (all when None) after the key ``after`` (the
+    previous page's last: keyset pagination), from the ``offset``-th of those.
 
-    A page is chosen on the rows' keys, then only its rows are loaded: ordering whole rows
-    would carry every payload of the run (a histogram and fits, ~10 KB each) through SQLite's
-    sorter for every page."""
+    A page is chosen on the rows' keys, in ``ix_spectrum_run_step_layer``'s order (0008: a page
+    after a key is an index range that stops after ``limit`` entries; with ``ix_spectrum_run_id``
+    alone every page read and sorted the keys of all of the run's spectra), then only its rows
+    are loaded: ordering whole rows would carry every payload of the run (a histogram and fits,
+    ~10 KB each) through the sorter."""
+    order = (Spectrum.step, Spectrum.layer, Spectrum.analysis, Spectrum.id)
     stmt = select(Spectrum.id).where(Spectrum.run_id == run_id)
     if layer is not None:
         stmt = stmt.where(Spectrum.layer == layer)
@@ -903,9 +911,9 @@ def spectra_for(
         stmt = stmt.where(Spectrum.frame_id == frame_id)
     if analysis is not None:
         stmt = stmt.where(Spectrum.analysis == analysis)
-    stmt = stmt.where(*_in_range(Spectrum.step, start, end)).order_by(
-        Spectrum.step, Spectrum.layer, Spectrum.analysis, Spectrum.id
-    )
+    if after is not None:
+        stmt = stmt.where(tuple_(*order) > tuple_(*after))
+    stmt = stmt.where(*_in_range(Spectrum.step, start, end)).order_by(*order)
     stmt = stmt.limit(limit).offset(offset)
     ids = session.scalars(stmt).all()
     rows: dict[int, Spectrum] = {}

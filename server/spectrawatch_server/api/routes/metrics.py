@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
+import json
 import math
 import statistics
 import uuid
@@ -231,13 +233,18 @@ def read_spectra(
     end: Annotated[int | None, Query(alias="to", ge=0, le=INT64_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=SPECTRA_LIMIT_MAX)] = SPECTRA_LIMIT,
     offset: Annotated[int, Query(ge=0)] = 0,
+    cursor: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> list[SpectrumPublic]:
     """Stored spectra (ESD histograms and fits, per layer and frame) of the run, optionally of
     one ``layer``, ``frame``, ``analysis`` and step range ``from``..``to``, ordered by step,
-    layer and analysis; one page of at most ``limit`` (default 100, at most 1000) from the
-    ``offset``-th. When more match, the response has a ``Link: <url>; rel="next"`` header with
-    the next page's URL (and ``X-Next-Offset``); a page shorter than ``limit`` is the last.
-    ``GET /runs/{id}/spectra/{frame_id}`` returns every spectrum of one frame."""
+    layer and analysis; one page of at most ``limit`` (default 100, at most 1000). When more
+    match, the response has a ``Link: <url>; rel="next"`` header with the next page's URL (its
+    ``cursor`` names the last spectrum of this page: the next page is read from the index from
+    there, however deep) and ``X-Next-Offset`` (how many spectra come before the next page); a
+    page shorter than ``limit`` is the last. ``offset`` skips that many spectra (after the
+    ``cursor``'s, if one is given). ``GET /runs/{id}/spectra/{frame_id}`` returns every spectrum
+    of one frame."""
+    position, after = (0, None) if cursor is None else _parse_cursor(cursor)
     rows = repo.spectra_for(
         session,
         run.id,
@@ -248,14 +255,38 @@ def read_spectra(
         end=end,
         limit=limit + 1,
         offset=offset,
+        after=after,
     )
     if len(rows) > limit:
         rows = rows[:limit]
-        following = offset + limit
-        url = request.url.include_query_params(offset=following, limit=limit)
+        following = position + offset + limit
+        last = rows[-1]
+        token = _cursor(following, (last.step, last.layer, last.analysis, last.id))
+        url = request.url.remove_query_params("offset").include_query_params(
+            cursor=token, limit=limit
+        )
         response.headers["Link"] = f'<{url}>; rel="next"'
         response.headers["X-Next-Offset"] = str(following)
     return [SpectrumPublic.model_validate(r) for r in rows]
+
+
+def _cursor(position: int, key: repo.SpectrumKey) -> str:
+    """A page cursor: the spectra before the next page and the last one's key, base64url."""
+    raw = json.dumps([position, *key], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str) -> tuple[int, repo.SpectrumKey]:
+    """``(position, key)`` of a cursor :func:`_cursor` made; 422 ``invalid_cursor`` otherwise."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        position, step, layer, analysis, sid = value
+        ints = all(type(v) is int and 0 <= v <= INT64_MAX for v in (position, step, sid))
+        if ints and isinstance(layer, str) and isinstance(analysis, str):
+            return position, (step, layer, analysis, sid)
+    except (ValueError, TypeError):  # not base64, not JSON, not 5 values
+        pass
+    raise ApiError(422, "invalid_cursor", "cursor: not a page cursor of GET /runs/{id}/spectra")
 
 
 @router.get("/runs/{run_id}/spectra/{frame_id}", response_model=list[SpectrumPublic])
