@@ -72,6 +72,10 @@ class Api:
         return self._call("GET", path, params={k: v for k, v in params.items() if v is not None})
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._send(method, path, **kwargs)
+        return resp.json() if resp.content else None
+
+    def _send(self, method: str, path: str | httpx.URL, **kwargs: Any) -> httpx.Response:
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -79,7 +83,7 @@ class Api:
         if resp.status_code >= 400:
             _, message = error_of(resp)
             raise ApiError(f"{method} {path}: HTTP {resp.status_code}: {message}", resp.status_code)
-        return resp.json() if resp.content else None
+        return resp
 
     def projects(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = self.get("/projects")
@@ -90,14 +94,35 @@ class Api:
         return [Run(self, r) for r in self._every("/runs", project=project)]
 
     def _every(self, path: str, **params: Any) -> list[Any]:
-        """Every item of a paged list endpoint (``limit``/``offset``), read ``_PAGE`` at a
-        time: one request returns at most the server's page size."""
+        """Every item of a paged list endpoint, read ``_PAGE`` at a time (one request returns
+        at most the server's page size): by the response's ``Link: <...>; rel="next"`` where
+        it sends one, else by ``offset``.
+
+        A link is resolved against the URL of the request it answered (RFC 8288: the server
+        sends a relative reference, or a URL under its public URL). One naming another origin
+        (a public URL this client does not use) is followed on this client's server, its query
+        on the same path: the token is sent to no other host."""
+        query = {k: v for k, v in params.items() if v is not None}
         found: list[Any] = []
+        resp = self._send("GET", path, params={**query, "limit": _PAGE, "offset": 0})
+        linked = False
         while True:
-            page = self.get(path, **params, limit=_PAGE, offset=len(found))
+            page = resp.json()
             found += page
-            if len(page) < _PAGE:
+            link = resp.links.get("next", {}).get("url")
+            if link:
+                linked = True
+                here = resp.url
+                url = here.join(link)
+                if (url.scheme, url.host, url.port) != (here.scheme, here.host, here.port):
+                    url = here.copy_with(query=url.query)
+                resp = self._send("GET", url)
+            elif linked or len(page) < _PAGE:
                 return found
+            else:
+                resp = self._send(
+                    "GET", path, params={**query, "limit": _PAGE, "offset": len(found)}
+                )
 
     def run(self, run: int | str, project: str | None = None) -> Run:
         """A run by id (an int, or a string of digits without ``project``), or by name

@@ -3,8 +3,10 @@ the HTTP API's own answers, by id and by name, with scalars, alerts and a pandas
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
+import threading
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,7 @@ import spectrawatch
 from spectrawatch import Api
 from spectrawatch.api import MODEL_LAYER, ApiError
 from spectrawatch.cli import main
-from tests.servers import ServerProcess, wait_until
+from tests.servers import ServerProcess, database_url, wait_until
 from tests.training import Loop, client_settings, frames_of
 
 pytestmark = pytest.mark.integration
@@ -103,3 +105,118 @@ def test_results_read_back_in_python(
         with pytest.raises(ApiError) as missing:
             sw.run(10**9)
         assert missing.value.status == 404
+
+
+# --- paging behind a reverse proxy ---------------------------------------------------------------
+
+SPECTRA_LAYERS = ("l0", "l1", "l2")
+SPECTRA_STEPS = 30  # x 3 layers = 90 spectra: pages of 16 from the client
+
+
+class _Proxy:
+    """A reverse proxy in a thread, as ``proxy_pass http://127.0.0.1:PORT/`` without forwarding
+    headers: the upstream sees its own address as ``Host``; ``prefix`` is stripped from the
+    path (a server published under a sub-path). Records each request's path and the ``Link``
+    header of each response."""
+
+    def __init__(self, upstream: str, prefix: str = "") -> None:
+        self.upstream, self.prefix = upstream, prefix
+        self.paths: list[str] = []
+        self.links: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                proxy.paths.append(self.path)
+                if not self.path.startswith(proxy.prefix + "/"):
+                    self.send_error(404)
+                    return
+                token = self.headers.get("Authorization")
+                headers = {"Authorization": token} if token else {}
+                resp = httpx.get(
+                    proxy.upstream + self.path[len(proxy.prefix) :], headers=headers, timeout=30
+                )
+                if "link" in resp.headers:
+                    proxy.links.append(resp.headers["link"])
+                self.send_response(resp.status_code)
+                for name in ("content-type", "link", "x-next-offset"):
+                    if name in resp.headers:
+                        self.send_header(name, resp.headers[name])
+                self.send_header("content-length", str(len(resp.content)))
+                self.end_headers()
+                self.wfile.write(resp.content)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{prefix}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _seed_spectra(data_dir: Path) -> int:
+    """A run with :data:`SPECTRA_STEPS` x :data:`SPECTRA_LAYERS` spectra in the database of a
+    server on ``data_dir`` (either mode); its id."""
+    from spectrawatch_server.db import migrate
+    from spectrawatch_server.db.session import make_engine, make_session_factory
+    from spectrawatch_server.storage import repository as repo
+    from tests.dashboard_seed import done_frame, new_run
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(database_url(data_dir))
+    try:
+        migrate.upgrade(engine)
+        with make_session_factory(engine).begin() as s:
+            run_id = new_run(s, "proxied", "r")
+            for step in range(SPECTRA_STEPS):
+                frame = done_frame(s, run_id, step, step)
+                rows = [repo.SpectrumRow(la, {"at": [step, la]}) for la in SPECTRA_LAYERS]
+                repo.replace_results(s, run_id, frame.id, step, "htsr", [], rows)
+    finally:
+        engine.dispose()
+    return run_id
+
+
+@pytest.mark.parametrize(
+    ("public", "prefix"), [(False, ""), (True, "/sw")], ids=["relative", "public-url"]
+)
+def test_spectra_pages_are_followed_through_a_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, public: bool, prefix: str
+) -> None:
+    """The next-page ``Link`` named the host the request reached: behind a proxy that sends no
+    forwarded headers, the internal address, which a client outside cannot reach. It is now a
+    relative reference (resolved against the request's URL), or a URL under
+    ``SPECTRAWATCH_PUBLIC_URL`` (a server published under a sub-path), and ``Run.spectra()``
+    follows it through the proxy to the last page."""
+    data_dir = tmp_path / "server"
+    run_id = _seed_spectra(data_dir)
+    server = ServerProcess(data_dir)
+    proxy = _Proxy(server.url, prefix)
+    if public:
+        server.env["SPECTRAWATCH_PUBLIC_URL"] = proxy.url
+    server.start()
+    try:
+        monkeypatch.setattr(spectrawatch.api, "_PAGE", 16)
+        got = Api(proxy.url).run(run_id).spectra()
+        links = list(proxy.links)
+        paths = list(proxy.paths)
+    finally:
+        server.stop()
+        proxy.close()
+    want = [[t, la] for t in range(SPECTRA_STEPS) for la in SPECTRA_LAYERS]
+    assert [s["payload"]["at"] for s in got] == want
+    assert len(links) == -(-len(want) // 16) - 1  # a link on every page but the last
+    for link in links:
+        assert f":{server.port}" not in link, link  # never the internal address
+        target = link.split(">")[0].lstrip("<")
+        if public:
+            assert target.startswith(f"{proxy.url}/api/v1/runs/{run_id}/spectra?"), link
+        else:
+            assert target.startswith(f"/api/v1/runs/{run_id}/spectra?"), link
+    followed = [p for p in paths if "cursor=" in p]
+    assert len(followed) == len(links)  # the client followed each link through the proxy
+    assert all(p.startswith(f"{prefix}/api/v1/runs/{run_id}/spectra?") for p in followed)

@@ -474,3 +474,40 @@ def test_metric_catalog_is_a_loose_index_scan_with_the_group_by_answer(tmp_path:
         assert any("layer=?" in q or "layer = l.layer" in q for q, _ in seen)
         assert repo.metric_catalog(s, 10_000) == []
     engine.dispose()
+
+
+def test_client_follows_next_links_and_sends_its_token_to_no_other_host() -> None:
+    """``Api._every`` follows ``Link: rel="next"``, relative ones against the URL of the
+    request they answered; a link naming another origin (a public URL this client does not
+    use) is followed on the client's own server: the bearer token goes to no other host."""
+    import httpx
+
+    seen: list[str] = []
+    hops = {
+        "0": '</api/v1/runs/7/spectra?cursor=a&limit=1000>; rel="next"',  # relative
+        "a": '<https://public.example/sw/api/v1/runs/7/spectra?cursor=b>; rel="next"',
+        "b": "",  # the last page
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        assert request.headers["authorization"] == "Bearer t"
+        if request.url.path.endswith("/runs/7"):
+            return httpx.Response(200, json={"id": 7, "name": "r", "project": "p", "status": "x"})
+        at = request.url.params.get("cursor", "0")
+        link = {"link": hops[at]} if hops[at] else {}
+        return httpx.Response(200, json=[{"at": at}], headers=link)
+
+    api = client_api.Api("http://internal:8000", token="t")
+    api.close()
+    api._http = httpx.Client(
+        base_url="http://internal:8000/api/v1",
+        headers={"Authorization": "Bearer t"},
+        transport=httpx.MockTransport(handler),
+    )
+    assert api.run(7).spectra() == [{"at": "0"}, {"at": "a"}, {"at": "b"}]
+    assert seen[1:] == [
+        "http://internal:8000/api/v1/runs/7/spectra?limit=1000&offset=0",
+        "http://internal:8000/api/v1/runs/7/spectra?cursor=a&limit=1000",
+        "http://internal:8000/api/v1/runs/7/spectra?cursor=b",
+    ]

@@ -18,6 +18,7 @@ from spectrawatch.spectral import sed
 from spectrawatch.wire import FrameKind
 from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.links import next_link
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.downsample import downsample_many
 from spectrawatch_server.schemas import (
@@ -224,6 +225,7 @@ SPECTRA_LIMIT_MAX = 1000
 def read_spectra(
     run: RunDep,
     session: SessionDep,
+    state: StateDep,
     request: Request,
     response: Response,
     layer: str | None = None,
@@ -238,12 +240,13 @@ def read_spectra(
     """Stored spectra (ESD histograms and fits, per layer and frame) of the run, optionally of
     one ``layer``, ``frame``, ``analysis`` and step range ``from``..``to``, ordered by step,
     layer and analysis; one page of at most ``limit`` (default 100, at most 1000). When more
-    match, the response has a ``Link: <url>; rel="next"`` header with the next page's URL (its
-    ``cursor`` names the last spectrum of this page: the next page is read from the index from
-    there, however deep) and ``X-Next-Offset`` (how many spectra come before the next page); a
-    page shorter than ``limit`` is the last. ``offset`` skips that many spectra (after the
-    ``cursor``'s, if one is given). ``GET /runs/{id}/spectra/{frame_id}`` returns every spectrum
-    of one frame."""
+    match, the response has a ``Link: <url>; rel="next"`` header with the next page's URL and
+    ``X-Next-Offset`` (how many spectra come before the next page); a page shorter than
+    ``limit`` is the last. The link is a reference relative to the request's URL (RFC 8288),
+    or an absolute URL under ``SPECTRAWATCH_PUBLIC_URL`` when that is set; its ``cursor`` names
+    the page's last spectrum, and the next page is read from the index from there, however
+    deep. ``offset`` skips that many spectra (after the ``cursor``'s, if one is given).
+    ``GET /runs/{id}/spectra/{frame_id}`` returns every spectrum of one frame."""
     position, after = (0, None) if cursor is None else _parse_cursor(cursor)
     rows = repo.spectra_for(
         session,
@@ -262,10 +265,9 @@ def read_spectra(
         following = position + offset + limit
         last = rows[-1]
         token = _cursor(following, (last.step, last.layer, last.analysis, last.id))
-        url = request.url.remove_query_params("offset").include_query_params(
-            cursor=token, limit=limit
+        response.headers["Link"] = next_link(
+            request, state.settings.public_url, drop=("offset",), cursor=token, limit=limit
         )
-        response.headers["Link"] = f'<{url}>; rel="next"'
         response.headers["X-Next-Offset"] = str(following)
     return [SpectrumPublic.model_validate(r) for r in rows]
 

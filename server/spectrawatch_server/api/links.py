@@ -1,0 +1,27 @@
+"""``Link`` headers of paged responses that a client behind a proxy can follow.
+
+The request's own URL names the host and scheme the server was reached at: behind a reverse
+proxy that sends no ``Forwarded`` / ``X-Forwarded-*`` headers, the internal address
+(``http://127.0.0.1:8000``), which the client cannot reach. A link is therefore a relative
+reference, path and query, which RFC 8288 §3.2 resolves against the request's URI (the URI the
+client asked for); with ``SPECTRAWATCH_PUBLIC_URL`` set, an absolute URL under it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+
+def next_link(
+    request: Request, public_url: str | None, drop: tuple[str, ...] = (), **params: Any
+) -> str:
+    """The ``Link`` header value (``<ref>; rel="next"``) of the request's URL with ``params``
+    set and the ``drop`` query parameters removed: ``/path?query``, or
+    ``<public_url>/path?query`` when the server has a public URL."""
+    url = request.url.remove_query_params(list(drop)).include_query_params(**params)
+    ref = f"{url.path}?{url.query}" if url.query else url.path
+    if public_url:
+        ref = public_url.rstrip("/") + ref
+    return f'<{ref}>; rel="next"'
