@@ -416,7 +416,7 @@ def test_activations_of_a_long_run_read_a_bounded_number_of_points(
         assert min(drawn) == 0
         assert max(drawn) >= 2 * steps - 2 * 4  # to the end of the run
         assert all(t % 4 == 0 for t in drawn)  # every other stored step, on the stored grid
-    assert "1,000 evenly spaced steps" in panel["help"]
+    assert "eigentrack.entropy is read at up to 1,000 evenly spaced" in panel["help"]
 
 
 # --- GET /runs/{id}/metrics/catalog ------------------------------------------------------------

@@ -450,7 +450,7 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             # buckets), not 1,000; the layers by index seeks
             count = sum(len(repo.metric_layers(session, run.id, m)) for m in group)
             per_line = max(MIN_LINE_POINTS, min(n, ACTIVATION_POINTS // max(1, count)))
-            # and a read budget: 150 modules x 5,000 steps read 800 steps of each, not all
+            # and a read budget: 150 modules x 5,000 steps read <= 800 steps of each (715)
             per_read = max(per_line, ACTIVATION_READ_POINTS // max(1, count))
             series, decimated = reads.bucketed_layers(
                 session, run.id, group, max(1, per_line // 2), per_read
@@ -463,10 +463,9 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             help_text = spec.help
             if decimated:
                 help_text += (
-                    f" Each line is read at {per_read:,} evenly spaced steps of the"
-                    f" {'series' if len(group) == 1 else ', '.join(decimated)} (of more stored):"
-                    " a spike between two of them is not drawn (GET"
-                    " /api/v1/runs/{id}/metrics?name=…&layer=… has every point)."
+                    f" Each module's {', '.join(decimated)} is read at up to {per_read:,} evenly"
+                    " spaced stored steps (it has more): a spike between two of them may not be"
+                    f" drawn; GET /api/v1/runs/{run.id}/metrics?name=…&layer=… has every point."
                 )
             if len(lines) > ACTIVATION_LINES:
                 lines = dash.thin_lines(lines, ACTIVATION_LINES)
