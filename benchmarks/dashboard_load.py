@@ -106,6 +106,8 @@ def seed_big(data_dir: Path, layers: int, steps: int, activations: bool = False)
         raw.commit()
     finally:
         raw.close()
+    with sessions.begin() as s:  # the rows went in around the repository: count the series
+        repo.rebuild_metric_series(s, run_id)
     engine.dispose()
     return run_id
 

@@ -16,7 +16,7 @@ import spectrawatch
 from spectrawatch import Api
 from spectrawatch.api import MODEL_LAYER, ApiError
 from spectrawatch.cli import main
-from tests.servers import ServerProcess, database_url, wait_until
+from tests.servers import ServerProcess, database_url, db_rows, wait_until
 from tests.training import Loop, client_settings, frames_of
 
 pytestmark = pytest.mark.integration
@@ -47,6 +47,16 @@ def test_results_read_back_in_python(
         keys = run.metric_keys()
         catalog = api.get(f"/runs/{run_id}/metrics/catalog").json()
         assert keys == [(c["name"], c["layer"]) for c in catalog]
+        # the counts the worker's writes kept (metric_series) are the metric rows' own
+        grouped = db_rows(
+            server.data_dir,
+            "SELECT name, layer, count(*), min(step), max(step) FROM metric WHERE run_id = :r"
+            " GROUP BY name, layer ORDER BY name, layer",
+            r=run_id,
+        )
+        assert [
+            (c["name"], c["layer"], c["points"], c["first_step"], c["last_step"]) for c in catalog
+        ] == [tuple(g) for g in grouped]
         name, layer = next(k for k in keys if k[1] == MODEL_LAYER)
         series = run.metric(name)[layer]
         raw = api.get(f"/runs/{run_id}/metrics", params={"name": name, "layer": layer}).json()

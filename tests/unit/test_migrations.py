@@ -78,9 +78,10 @@ def _spectrum_indexes(engine: Any) -> dict[str, list[str]]:
     }
 
 
-def test_spectrum_page_index_migration_keeps_spectra_and_downgrades(empty_database: str) -> None:
-    """0008 replaces ``ix_spectrum_run_id`` by the page order's index on a database holding
-    spectra; one step down restores it; the rows stay."""
+def test_read_side_migration_keeps_rows_counts_series_and_downgrades(empty_database: str) -> None:
+    """0008 on a database holding spectra and metrics: ``ix_spectrum_run_id`` replaced by the
+    page order's index, ``metric_series`` filled from the metric rows; one step down restores
+    the index and drops the table; the rows stay."""
     url = empty_database
     engine = make_engine(url)
     command.upgrade(alembic_config(url), "0007_run_uid")
@@ -112,13 +113,27 @@ def test_spectrum_page_index_migration_keeps_spectra_and_downgrades(empty_databa
                     ),
                     {"f": step + 1, "l": layer, "s": 2 - step},
                 )
+                for name in ("m", "n")[: step + 1]:
+                    conn.execute(
+                        text(
+                            "INSERT INTO metric (run_id, frame_id, analysis, layer, name, step,"
+                            " value) VALUES (1, :f, 'htsr', :l, :n, :s, NULL)"
+                        ),
+                        {"f": step + 1, "l": layer, "n": name, "s": 10 - step},
+                    )
     assert "ix_spectrum_run_id" in _spectrum_indexes(engine)
     migrate.upgrade(engine)
     indexes = _spectrum_indexes(engine)
     assert indexes["ix_spectrum_run_step_layer"] == ["run_id", "step", "layer", "analysis", "id"]
     assert "ix_spectrum_run_id" not in indexes
     sessions = make_session_factory(engine)
-    with sessions() as s:
+    with sessions() as s:  # the series counted from the rows stored before
+        assert list(repo.metric_catalog(s, 1)) == [
+            ("m", "a", 3, 8, 10),
+            ("m", "b", 3, 8, 10),
+            ("n", "a", 2, 8, 9),
+            ("n", "b", 2, 8, 9),
+        ]
         first = repo.spectra_for(s, 1, None, None, None, limit=3)
         assert [(r.step, r.layer) for r in first] == [(0, "a"), (0, "b"), (1, "a")]
         last = first[-1]
@@ -127,6 +142,7 @@ def test_spectrum_page_index_migration_keeps_spectra_and_downgrades(empty_databa
         )
         assert [(r.step, r.layer) for r in rest] == [(1, "b"), (2, "a"), (2, "b")]
     command.downgrade(alembic_config(url), "-1")
+    assert "metric_series" not in inspect(engine).get_table_names()
     indexes = _spectrum_indexes(engine)
     assert "ix_spectrum_run_step_layer" not in indexes
     assert indexes["ix_spectrum_run_id"] == ["run_id"]

@@ -165,6 +165,20 @@ class Metric(Base):
     value: Mapped[float | None] = mapped_column(Float, nullable=True)  # None stores NaN/Inf
 
 
+class MetricSeries(Base):
+    """How many metric rows each (run, name, layer) series holds, kept by every metric write
+    (``storage.repository``): the catalog reads it instead of counting every row (0008)."""
+
+    __tablename__ = "metric_series"
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("run.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    layer: Mapped[str] = mapped_column(String(500), primary_key=True)
+    points: Mapped[int] = mapped_column(BigInteger)  # 0: every row deleted since
+
+
 class Spectrum(Base):
     """Per-layer spectrum summary of a frame (histogram, fit), for drill-down plots."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,6 +38,7 @@ from spectrawatch_server.db.models import (
     Frame,
     Job,
     Metric,
+    MetricSeries,
     Project,
     Run,
     Scalar,
@@ -183,7 +185,7 @@ def delete_run(session: Session, run: Run) -> DeletedRun | None:
     if not result.rowcount:  # type: ignore[attr-defined]
         return None  # deleted meanwhile by a concurrent request
     rows = session.execute(select(Frame.blob_key, Frame.bytes).where(Frame.run_id == run.id)).all()
-    for model in (Frame, Metric, Spectrum, Scalar, Alert):
+    for model in (Frame, Metric, MetricSeries, Spectrum, Scalar, Alert):
         session.execute(delete(model).where(model.run_id == run.id))
     keys = [k for k, _ in rows if k]  # imported metric batches have no blob
     return DeletedRun(len(rows), sum(int(b) for _, b in rows), keys)
@@ -520,13 +522,12 @@ def replace_model_values(
 ) -> None:
     """Make ``values`` the only ``model_layer`` rows of ``analysis`` at ``step`` (owned by
     ``frame_id``), whichever frame wrote the earlier ones."""
-    session.execute(
-        delete(Metric).where(
-            Metric.run_id == run_id,
-            Metric.step == step,
-            Metric.analysis == analysis,
-            Metric.layer == model_layer,
-        )
+    gone = _delete_metrics(
+        session,
+        Metric.run_id == run_id,
+        Metric.step == step,
+        Metric.analysis == analysis,
+        Metric.layer == model_layer,
     )
     rows = [
         {
@@ -542,6 +543,7 @@ def replace_model_values(
     ]
     if rows:
         session.execute(insert(cast(Table, Metric.__table__)), rows)
+    _count_points(session, run_id, _series_counts(rows), gone)
 
 
 def drop_other_model_values(
@@ -557,16 +559,17 @@ def drop_other_model_values(
     analysis of an update-sketch frame and of a theta-sketch frame ending at the same step
     both evaluate the grokking detector there)."""
     wanted = list(set(keys))
+    gone: Counter[tuple[str, str]] = Counter()
     for start in range(0, len(wanted), 200):
-        session.execute(
-            delete(Metric).where(
-                Metric.run_id == run_id,
-                Metric.analysis == analysis,
-                Metric.layer == model_layer,
-                Metric.frame_id != frame_id,
-                tuple_(Metric.name, Metric.step).in_(wanted[start : start + 200]),
-            )
+        gone += _delete_metrics(
+            session,
+            Metric.run_id == run_id,
+            Metric.analysis == analysis,
+            Metric.layer == model_layer,
+            Metric.frame_id != frame_id,
+            tuple_(Metric.name, Metric.step).in_(wanted[start : start + 200]),
         )
+    _count_points(session, run_id, Counter(), gone)
 
 
 def replace_results(
@@ -579,7 +582,7 @@ def replace_results(
     spectra: Iterable[SpectrumRow],
 ) -> None:
     """Store an analysis' output for a frame, replacing any earlier output (idempotent)."""
-    session.execute(delete(Metric).where(Metric.frame_id == frame_id, Metric.analysis == analysis))
+    gone = _delete_metrics(session, Metric.frame_id == frame_id, Metric.analysis == analysis)
     session.execute(
         delete(Spectrum).where(Spectrum.frame_id == frame_id, Spectrum.analysis == analysis)
     )
@@ -599,6 +602,8 @@ def replace_results(
         # Core insert of the table: one executemany, without the ORM's per-row bulk bookkeeping
         # (~7 us a row: 0.3 s for the 44k rows of a GPT-2-sized frame at per-step SED)
         session.execute(insert(cast(Table, Metric.__table__)), rows)
+        _count_stored_points(session, frame_id, analysis)
+    _count_points(session, run_id, Counter(), gone)
     spectrum_rows = [
         {
             "run_id": run_id,
@@ -612,6 +617,80 @@ def replace_results(
     ]
     if spectrum_rows:
         session.execute(insert(Spectrum), spectrum_rows)
+
+
+SeriesCounts = Counter[tuple[str, str]]  # (name, layer) -> metric rows
+
+
+def _series_counts(rows: Iterable[Mapping[str, Any]]) -> SeriesCounts:
+    return Counter((str(r["name"]), str(r["layer"])) for r in rows)
+
+
+def _delete_metrics(session: Session, *where: ColumnElement[bool]) -> SeriesCounts:
+    """Delete the metric rows matching ``where``; how many of each series went (``RETURNING``:
+    the rows this transaction deleted, not ones a concurrent one took first)."""
+    result = session.execute(delete(Metric).where(*where).returning(Metric.name, Metric.layer))
+    return Counter((str(n), str(la)) for n, la in result)
+
+
+def _count_points(
+    session: Session, run_id: int, added: SeriesCounts, removed: SeriesCounts
+) -> None:
+    """Add ``added`` minus ``removed`` rows to each series' ``metric_series.points``: an
+    upsert incrementing the stored count, so concurrent writers' changes add up in any order
+    (a series whose rows all went keeps a row with 0 points)."""
+    delta = Counter(added)
+    delta.subtract(removed)
+    values = [
+        {"run_id": run_id, "name": n, "layer": la, "points": d}
+        for (n, la), d in sorted(delta.items())
+        if d
+    ]
+    if not values:
+        return
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert_fn(cast(Table, MetricSeries.__table__))  # Core: no ORM bulk bookkeeping
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id", "name", "layer"],
+        set_={"points": MetricSeries.points + stmt.excluded.points},
+    )
+    session.connection().execute(stmt, values)
+
+
+def _count_stored_points(session: Session, frame_id: int, analysis: str) -> None:
+    """Add the metric rows ``analysis`` stored for ``frame_id`` to their series' counts, counted
+    in the database (one ``INSERT ... SELECT ... GROUP BY`` over the frame's rows, by its
+    unique index): a row-by-row upsert from Python doubled the time to store a weights frame
+    (one row a series: 15 -> 28 ms for 1,500 rows)."""
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    counted = (
+        select(Metric.run_id, Metric.name, Metric.layer, func.count())
+        .where(Metric.frame_id == frame_id, Metric.analysis == analysis)
+        .group_by(Metric.run_id, Metric.layer, Metric.name)
+    )
+    table = cast(Table, MetricSeries.__table__)
+    stmt = insert_fn(table).from_select(["run_id", "name", "layer", "points"], counted)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id", "name", "layer"],
+        set_={"points": MetricSeries.points + stmt.excluded.points},
+    )
+    session.execute(stmt)
+
+
+def rebuild_metric_series(session: Session, run_id: int) -> None:
+    """Count every series of a run anew from its metric rows: for rows written around this
+    module (a benchmark's bulk seed through the DB-API)."""
+    session.execute(delete(MetricSeries).where(MetricSeries.run_id == run_id))
+    counted = (
+        select(Metric.run_id, Metric.name, Metric.layer, func.count())
+        .where(Metric.run_id == run_id)
+        .group_by(Metric.run_id, Metric.name, Metric.layer)
+    )
+    session.execute(
+        insert(MetricSeries).from_select(["run_id", "name", "layer", "points"], counted)
+    )
 
 
 def insert_metric_batch(
@@ -802,46 +881,21 @@ def metric_catalog(session: Session, run_id: int) -> Sequence[tuple[str, str, in
     """``(name, layer, points, first_step, last_step)`` for every metric series of a run, by
     name then layer.
 
-    A loose index scan of the covering ``ix_metric_run_name_layer_step``: the names and each
-    name's layers by recursive skip-scans (one seek each), each series' first and last step by
-    a seek, its point count by counting its index entries. One ``GROUP BY name, layer`` over
-    every metric row compared two strings a row: 0.5-0.6 s on 2.3 M rows in SQLite, against
-    ~0.2 s (the count still visits each entry, in the database's own loop). PostgreSQL keeps
-    the ``GROUP BY`` (0.3-0.45 s there; its per-series counts took as long)."""
-    from spectrawatch_server.storage.dashboard_reads import series_names
-
-    if session.get_bind().dialect.name != "sqlite":
-        grouped = (
-            select(
-                Metric.name,
-                Metric.layer,
-                func.count(),
-                func.min(Metric.step),
-                func.max(Metric.step),
-            )
-            .where(Metric.run_id == run_id)
-            .group_by(Metric.name, Metric.layer)
-            .order_by(Metric.name, Metric.layer)
-        )
-        return [(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in session.execute(grouped)]
-    series = "FROM metric m WHERE m.run_id = :r AND m.name = :n AND m.layer = l.layer"
-    stmt = text(
-        "WITH RECURSIVE l(layer) AS ("
-        " SELECT min(layer) FROM metric WHERE run_id = :r AND name = :n"
-        " UNION ALL"
-        " SELECT (SELECT min(m.layer) FROM metric m"
-        "  WHERE m.run_id = :r AND m.name = :n AND m.layer > l.layer)"
-        " FROM l WHERE l.layer IS NOT NULL"
-        ") SELECT layer,"
-        f" (SELECT count(*) {series}), (SELECT min(m.step) {series}),"
-        f" (SELECT max(m.step) {series})"
-        " FROM l WHERE layer IS NOT NULL ORDER BY layer"
+    The series and their point counts from ``metric_series`` (kept by every metric write), the
+    first and last step by a seek each in ``ix_metric_run_name_layer_step``: one ``GROUP BY
+    name, layer`` over every metric row took 0.5-0.6 s on 2.3 M rows in SQLite and 0.4 s in
+    PostgreSQL."""
+    series = "FROM metric m WHERE m.run_id = s.run_id AND m.name = s.name AND m.layer = s.layer"
+    rows = session.execute(
+        text(
+            f"SELECT s.name, s.layer, s.points, (SELECT min(m.step) {series}),"
+            f" (SELECT max(m.step) {series})"
+            " FROM metric_series s WHERE s.run_id = :r AND s.points > 0"
+            " ORDER BY s.name, s.layer"
+        ),
+        {"r": run_id},
     )
-    out: list[tuple[str, str, int, int, int]] = []
-    for name in series_names(session, run_id):
-        for layer, points, first, last in session.execute(stmt, {"r": run_id, "n": name}):
-            out.append((name, str(layer), int(points), int(first), int(last)))
-    return out
+    return [(str(n), str(la), int(p), int(a), int(b)) for n, la, p, a, b in rows]
 
 
 def scalar_points(
