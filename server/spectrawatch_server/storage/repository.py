@@ -23,6 +23,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -602,7 +603,7 @@ def replace_results(
         # Core insert of the table: one executemany, without the ORM's per-row bulk bookkeeping
         # (~7 us a row: 0.3 s for the 44k rows of a GPT-2-sized frame at per-step SED)
         session.execute(insert(cast(Table, Metric.__table__)), rows)
-        _count_stored_points(session, frame_id, analysis)
+        _count_stored_points(session, run_id, frame_id, analysis)
     _count_points(session, run_id, Counter(), gone)
     spectrum_rows = [
         {
@@ -643,7 +644,7 @@ def _count_points(
     delta.subtract(removed)
     values = [
         {"run_id": run_id, "name": n, "layer": la, "points": d}
-        for (n, la), d in sorted(delta.items())
+        for (n, la), d in sorted(delta.items(), key=lambda kv: (kv[0][1], kv[0][0]))
         if d
     ]
     if not values:
@@ -658,7 +659,7 @@ def _count_points(
     session.connection().execute(stmt, values)
 
 
-def _count_stored_points(session: Session, frame_id: int, analysis: str) -> None:
+def _count_stored_points(session: Session, run_id: int, frame_id: int, analysis: str) -> None:
     """Add the metric rows ``analysis`` stored for ``frame_id`` to their series' counts, counted
     in the database (one ``INSERT ... SELECT ... GROUP BY`` over the frame's rows, by its
     unique index): a row-by-row upsert from Python doubled the time to store a weights frame
@@ -666,9 +667,12 @@ def _count_stored_points(session: Session, frame_id: int, analysis: str) -> None
     dialect = session.get_bind().dialect.name
     insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
     counted = (
-        select(Metric.run_id, Metric.name, Metric.layer, func.count())
+        select(literal(run_id, BigInteger), Metric.name, Metric.layer, func.count())
         .where(Metric.frame_id == frame_id, Metric.analysis == analysis)
-        .group_by(Metric.run_id, Metric.layer, Metric.name)
+        # in the unique index's (layer, name) order, as _count_points writes series: no sort,
+        # and two writers of one series lock their rows in one order (PostgreSQL)
+        .group_by(Metric.layer, Metric.name)
+        .order_by(Metric.layer, Metric.name)
     )
     table = cast(Table, MetricSeries.__table__)
     stmt = insert_fn(table).from_select(["run_id", "name", "layer", "points"], counted)
