@@ -68,23 +68,27 @@ def make_data_dir(data_dir: Path) -> None:
 
 
 def check_database(url: str) -> None:
-    """Connect once to ``url`` (creating a SQLite file), so an unreachable database is one line."""
+    """Connect once to ``url`` (creating a SQLite file), so an unreachable database is one line;
+    refuse one whose schema a newer spectrawatch has migrated (:class:`SchemaTooNew`)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
+    from spectrawatch_server.db.migrate import SchemaTooNew, check_revision
     from spectrawatch_server.db.session import make_engine
 
+    shown = make_url(url).render_as_string(hide_password=True)
     try:
         engine = make_engine(url)
         try:
-            with engine.connect():
-                pass
+            with engine.connect() as connection:
+                check_revision(connection, url)
         finally:
             engine.dispose()
     except (SQLAlchemyError, ImportError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        shown = make_url(url).render_as_string(hide_password=True)
         raise StartupError(f"cannot open the database {shown}: {reason}") from None
+    except SchemaTooNew as exc:
+        raise StartupError(f"the database {shown} cannot be used: {exc}") from None
 
 
 def check_device(device: str) -> None:

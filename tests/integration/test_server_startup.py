@@ -9,7 +9,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import ServerProcess, cli_env, embedded_only, free_port
+from tests.servers import (
+    ServerProcess,
+    cli_env,
+    create_token,
+    db_rows,
+    embedded_only,
+    free_port,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,3 +62,33 @@ def test_port_in_use_is_refused_before_start_up(tmp_path: Path) -> None:
         assert not (tmp_path / "other" / "spectrawatch.db").exists()
     finally:
         first.stop()
+
+
+def test_database_of_a_newer_version_is_refused_with_one_line(tmp_path: Path) -> None:
+    """A schema revision this version's migrations lack (a newer spectrawatch migrated the
+    database): the server and the admin commands say so and exit 2, before printing that they
+    serve; before, uvicorn's lifespan died on Alembic's "Can't locate revision" traceback."""
+    data_dir = tmp_path / "srv"
+    create_token(data_dir, "p")  # a database at this version's head
+    db_rows(data_dir, "UPDATE alembic_version SET version_num = '0099_from_the_future'")
+    expected = "its schema is at revision 0099_from_the_future, newer than this spectrawatch "
+    server = start_second(data_dir, free_port())
+    cmd = ["token", "create", "--project", "p", "--data-dir", str(data_dir)]
+    token = subprocess.run(
+        [sys.executable, "-m", "spectrawatch", *cmd],
+        env=cli_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    for result in (server, token):
+        assert result.returncode == 2, result.stderr
+        assert result.stdout == ""
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("error: the database "), line
+        assert expected in line
+        assert "0007_run_uid" in line  # this version's newest, so the user can compare
+    assert db_rows(data_dir, "SELECT version_num FROM alembic_version") == [
+        ("0099_from_the_future",)
+    ]  # left as it was

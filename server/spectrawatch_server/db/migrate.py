@@ -6,10 +6,20 @@ from importlib import resources
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, text
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, text
+
+from spectrawatch._version import __version__
 
 # pg_advisory_xact_lock key: API processes and workers starting together migrate one at a time
 _MIGRATION_LOCK_KEY = 0x5357_4D49
+
+
+class SchemaTooNew(RuntimeError):
+    """The database's schema revision is unknown to this version: a newer spectrawatch
+    migrated it. Alembic can neither upgrade nor read it ("Can't locate revision"), and running
+    on it anyway would read and write tables this version does not know the shape of."""
 
 
 def alembic_config(url: str) -> Config:
@@ -21,11 +31,31 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+def check_revision(connection: Connection, url: str) -> None:
+    """Raise :class:`SchemaTooNew` when the database at ``url`` (open on ``connection``) is at a
+    revision this version's migrations do not contain. An empty database, or one at an older
+    revision, passes (the upgrade brings it to head)."""
+    script = ScriptDirectory.from_config(alembic_config(url))
+    current = MigrationContext.configure(connection).get_current_heads()
+    known = {rev.revision for rev in script.walk_revisions()}
+    unknown = [rev for rev in current if rev not in known]
+    if unknown:
+        raise SchemaTooNew(
+            f"its schema is at revision {', '.join(unknown)}, newer than this spectrawatch "
+            f"{__version__} knows (its newest: {script.get_current_head()}): a newer "
+            "spectrawatch has upgraded it; run that version (or newer) on it, or restore the "
+            "backup made before the upgrade (see docs/deployment.md, Migrations)"
+        )
+
+
 def upgrade(engine: Engine) -> None:
-    """Bring the database behind ``engine`` to the newest schema."""
-    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    """Bring the database behind ``engine`` to the newest schema; :class:`SchemaTooNew` when
+    it is already past it."""
+    url = engine.url.render_as_string(hide_password=False)
+    cfg = alembic_config(url)
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+        check_revision(connection, url)
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
