@@ -49,7 +49,9 @@ else:
     if connection is not None:
         _run(connection)
     else:
+        from spectrawatch_server.db.migrate import foreign_keys_off
+
         engine = make_engine(_url())
-        with engine.connect() as conn:
+        with engine.connect() as conn, foreign_keys_off(conn):
             _run(conn)
         engine.dispose()

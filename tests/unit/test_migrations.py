@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from spectrawatch_server.db import migrate
@@ -18,6 +21,14 @@ from spectrawatch_server.storage import repository as repo
 from tests.servers import POSTGRES_URL, fresh_database
 
 T = {"t": "2026-11-28 00:00:00+00:00"}
+
+# every revision before head, oldest first (a new migration joins by itself)
+OLD_REVISIONS = [
+    rev.revision
+    for rev in reversed(
+        list(ScriptDirectory.from_config(alembic_config("sqlite://")).walk_revisions())
+    )
+][:-1]
 
 
 def test_migrations_match_models_and_downgrade_cleanly(tmp_path: Path) -> None:
@@ -151,4 +162,88 @@ def test_read_side_migration_keeps_rows_counts_series_and_downgrades(empty_datab
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == (
             "0007_run_uid"
         )
+
+
+# parents before children, so each row's foreign keys name rows already there
+_TABLE_ORDER = (
+    "project",
+    "token",
+    "run",
+    "frame",
+    "job",
+    "scalar",
+    "metric",
+    "spectrum",
+    "alert_rule",
+    "alert",
+    "webhook",
+    "delivery",
+    "delivery_attempt",
+)
+_STATUS = {"run": "finished", "frame": "done", "job": "done", "alert": "open"}
+
+
+def _column_value(column: Any, i: int) -> Any:
+    """A value of ``column``'s type for row ``i`` (foreign keys name row ``i`` of the parent)."""
+    kind = column.type
+    if column.name == "id" or column.foreign_keys:
+        return i
+    if isinstance(kind, sa.Integer):
+        return i
+    if isinstance(kind, sa.Float | sa.Numeric):
+        return 0.5 * i
+    if isinstance(kind, sa.Boolean):
+        return False
+    if isinstance(kind, sa.DateTime):
+        return datetime(2026, 11, 25, 12, 0, i, tzinfo=timezone.utc)
+    if isinstance(kind, sa.JSON):
+        return {}
+    if isinstance(kind, sa.LargeBinary):
+        return b"x"
+    if column.name == "status":
+        return _STATUS.get(column.table.name, "done")
+    if column.name == "kind":
+        return "weights"
+    return f"{column.table.name}-{column.name}-{i}"
+
+
+def _fill_every_table(engine: Any) -> dict[str, int]:
+    """Two rows in every table of the schema as it is now (reflected), required columns set."""
+    tables = sa.MetaData()
+    tables.reflect(engine)
+    counts = {}
+    with engine.begin() as conn:
+        for name in _TABLE_ORDER:
+            if name in tables.tables:
+                table = tables.tables[name]
+                for i in (1, 2):
+                    row = {c.name: _column_value(c, i) for c in table.columns if not c.nullable}
+                    conn.execute(sa.insert(table).values(**row))
+                counts[name] = 2
+    return counts
+
+
+def _count(engine: Any, names: Iterable[str]) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {n: conn.execute(sa.text(f"SELECT count(*) FROM {n}")).scalar_one() for n in names}
+
+
+@pytest.mark.parametrize("revision", OLD_REVISIONS)
+def test_upgrade_from_every_revision_keeps_every_row(tmp_path: Path, revision: str) -> None:
+    """A table rebuilt by a batch migration on SQLite (0007's ``run``) was dropped with foreign
+    keys enforced, and ON DELETE CASCADE emptied every table under it: a server upgraded from
+    0001-0006 kept its projects, runs and webhooks but lost every frame, job, scalar, metric,
+    spectrum and alert."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    command.upgrade(alembic_config(url), revision)
+    counts = _fill_every_table(engine)
+    assert {"frame", "metric", "scalar", "spectrum", "alert", "job"} <= set(counts)
+    migrate.upgrade(engine)
+    assert _count(engine, counts) == counts
+    with engine.connect() as conn:  # the pooled connection enforces foreign keys again
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+        assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+        head = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one()
+    assert head == ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     engine.dispose()

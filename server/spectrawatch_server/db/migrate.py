@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from importlib import resources
 
 from alembic import command
@@ -50,12 +52,38 @@ def check_revision(connection: Connection, url: str) -> None:
 
 def upgrade(engine: Engine) -> None:
     """Bring the database behind ``engine`` to the newest schema; :class:`SchemaTooNew` when
-    it is already past it."""
+    it is already past it. On SQLite the migration runs with foreign keys off (see
+    :func:`foreign_keys_off`)."""
     url = engine.url.render_as_string(hide_password=False)
     cfg = alembic_config(url)
-    with engine.begin() as connection:
+    with engine.connect() as connection, foreign_keys_off(connection), connection.begin():
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
         check_revision(connection, url)
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+@contextlib.contextmanager
+def foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """SQLite: foreign-key enforcement off on ``connection`` while migrations run, on again after.
+
+    A batch migration that SQLite cannot do in place (``alter_column``, ``drop_column``) copies
+    the table, DROPs the old one and renames the copy; with enforcement on, that DROP deletes
+    every row referencing the table through ``ON DELETE CASCADE``: 0007's rebuild of ``run``
+    emptied frame, job, metric, spectrum, scalar and alert (Alembic's batch documentation says
+    to turn the pragma off). The pragma is a no-op inside a transaction, so it is set before
+    one begins (the driver begins lazily, at the first write). Other dialects: nothing.
+    """
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    connection.commit()
+    try:
+        yield
+    finally:
+        if connection.in_transaction():
+            connection.rollback()
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")  # pooled: the next user expects it
+        connection.commit()
