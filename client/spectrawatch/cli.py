@@ -270,6 +270,54 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    """Give the SQLite database's free pages back to the file system (``VACUUM``), offline.
+
+    Deleting runs, or pruning, frees pages inside the file that SQLite reuses but never
+    returns; the write-ahead log also stays at its largest size. The server must be stopped:
+    the command takes the data directory's lock, and ``VACUUM`` needs up to the database's size
+    again in free disk space while it copies.
+    """
+    import sqlite3
+
+    from spectrawatch_server import startup
+
+    settings = _server_settings(args)
+    database = settings.sqlite_path
+    if database is None:
+        raise CommandError(
+            "compact is for the SQLite database; PostgreSQL's autovacuum reuses freed space "
+            "(VACUUM FULL on its tables gives it back to the file system)"
+        )
+    if not database.exists():
+        raise CommandError(
+            f"no spectrawatch database at {database}: check --data-dir / SPECTRAWATCH_DATA_DIR"
+        )
+    files = [database, database.with_name(database.name + "-wal")]
+
+    def size() -> int:
+        return sum(f.stat().st_size for f in files if f.exists())
+
+    with _startup_check(args, lambda: startup.lock_data_dir(settings.data_dir)):
+        _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
+        before = size()
+        connection = sqlite3.connect(database, isolation_level=None)  # VACUUM: no transaction
+        try:
+            connection.execute("PRAGMA busy_timeout=30000")
+            connection.execute("VACUUM")
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise CommandError(f"cannot compact {database}: {exc}") from None
+        finally:
+            connection.close()
+        after = size()
+    print(
+        f"compacted {database}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+        f"({(before - after) / 2**20:.1f} MiB given back)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spectrawatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"spectrawatch {__version__}")
@@ -319,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", type=int)
     revoke.add_argument("--data-dir", default=None)
     revoke.set_defaults(func=cmd_token_revoke)
+    compact = sub.add_parser(
+        "compact",
+        help="give a stopped server's free SQLite pages back to the disk (VACUUM)",
+        description=cmd_compact.__doc__,
+    )
+    compact.add_argument("--data-dir", default=None)
+    compact.set_defaults(func=cmd_compact)
     from spectrawatch._cli_alerts import add_alerts_commands  # alerts list|rules|set|reset
     from spectrawatch._demo import add_demo_command
 

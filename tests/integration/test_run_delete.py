@@ -170,3 +170,27 @@ def test_concurrent_writes_to_one_run_and_concurrent_deletes(
 
     with ThreadPoolExecutor(3) as pool:
         assert sorted(pool.map(delete, range(3))) == [200, 404, 404]
+
+
+@pytest.mark.skipif(POSTGRES_MODE, reason="compact is the SQLite file's VACUUM")
+def test_compact_gives_a_deleted_runs_pages_back_once_the_server_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    srv = ServerProcess(tmp_path / "srv").start()
+    database = srv.data_dir / "spectrawatch.db"
+    try:
+        keep, gone = _stream(srv, tmp_path, "keep"), _stream(srv, tmp_path, "gone")
+        wait_until(lambda: all(f["status"] == "done" for f in frames_of(srv.url, gone)), 120)
+        httpx.delete(f"{srv.url}/api/v1/runs/{gone}", timeout=30).raise_for_status()
+        assert main(["compact", "--data-dir", str(srv.data_dir)]) == 2  # the server holds it
+        assert "is in use by another spectrawatch server" in capsys.readouterr().err
+    finally:
+        srv.stop()
+    [(free,)] = db_rows(srv.data_dir, "PRAGMA freelist_count")
+    assert free > 0  # the deleted run's pages, kept inside the file
+    before = database.stat().st_size
+    assert main(["compact", "--data-dir", str(srv.data_dir)]) == 0
+    assert f"compacted {database}: " in capsys.readouterr().out
+    assert db_rows(srv.data_dir, "PRAGMA freelist_count") == [(0,)]
+    assert database.stat().st_size <= before - free * 4096 + 4096
+    assert db_rows(srv.data_dir, "SELECT count(*) FROM frame WHERE run_id = :r", r=keep)[0][0] > 0
