@@ -62,6 +62,7 @@ class AlertEngine:
         """Open/resolve episodes of every enabled rule of the frame's project for its run."""
         run = session.get_one(Run, frame.run_id)
         project = session.get_one(Project, run.project_id)
+        alert_store.lock_rules(session, project.id, edit=False)  # no rule edit until commit
         specs = R.effective_rules(alert_store.stored_rules(session, project.id))
         open_now = alert_store.open_alerts(session, run.id)
         watched = R.watched_series(specs, alert_store.frame_series(session, frame.id))
@@ -84,6 +85,7 @@ class AlertEngine:
         """The ``client_drops`` rules after the client reported its counters (a run whose
         frames were all dropped sends no frame that would run them)."""
         project = session.get_one(Project, run.project_id)
+        alert_store.lock_rules(session, project.id, edit=False)
         open_now = alert_store.open_alerts(session, run.id)
         for rule in R.effective_rules(alert_store.stored_rules(session, project.id)):
             if rule.enabled and rule.kind == "client_drops":
@@ -323,6 +325,7 @@ class AlertEngine:
         rules_by_project: dict[int, list[R.RuleSpec]] = {}
         for run in candidates.values():
             if run.project_id not in rules_by_project:
+                alert_store.lock_rules(session, run.project_id, edit=False)
                 stored = alert_store.stored_rules(session, run.project_id)
                 rules_by_project[run.project_id] = [
                     r for r in R.effective_rules(stored) if r.enabled and r.kind == "silence"

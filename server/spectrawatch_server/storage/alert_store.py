@@ -16,11 +16,31 @@ from spectrawatch_server.db.models import (
     Delivery,
     DeliveryAttempt,
     Metric,
+    Project,
     Run,
     Webhook,
 )
 
 # --- rules -------------------------------------------------------------------------------
+
+
+def lock_rules(session: Session, project_id: int, *, edit: bool) -> None:
+    """Hold a project's rules steady until the commit (PostgreSQL; SQLite serialises writers).
+
+    The lock is on the project's row (a default rule never edited has no ``alert_rule`` row to
+    lock): an edit takes ``FOR NO KEY UPDATE`` (``edit=True``), an evaluation ``FOR SHARE``,
+    before reading the rules. An evaluation then either reads the rules before an edit, which
+    waits for it and so sees (and resolves) the alerts it opened, or after the edit's commit:
+    it never opens an alert under a rule an edit has just disabled. Evaluations do not wait for
+    each other, and neither lock blocks the foreign-key checks (``KEY SHARE``) of new runs. Take
+    it before touching any alert row (one lock order: no deadlock with an edit).
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    stmt = select(Project.id).where(Project.id == project_id)
+    session.execute(
+        stmt.with_for_update(key_share=True) if edit else stmt.with_for_update(read=True)
+    )
 
 
 def stored_rules(session: Session, project_id: int) -> dict[str, tuple[bool, dict[str, Any]]]:

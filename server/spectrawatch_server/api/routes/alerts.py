@@ -139,6 +139,7 @@ def update_rule(
     rule holds at its next evaluation of each run.
     """
     row = find_project(session, principal, project)
+    alert_store.lock_rules(session, row.id, edit=True)  # evaluations in flight finish first
     stored = alert_store.stored_rules(session, row.id)
     enabled, params = stored.get(rule, (True, {}))
     merged = {**params, **body.params}
@@ -176,6 +177,7 @@ def reset_rule(
     resolved as ``rule changed`` (see :func:`update_rule`).
     """
     row = find_project(session, principal, project)
+    alert_store.lock_rules(session, row.id, edit=True)
     base = {r.name: r for r in R.default_rules()}.get(rule)
     customized = alert_store.delete_rule(session, row.id, rule)
     if not customized and base is None:
