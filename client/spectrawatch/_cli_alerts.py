@@ -69,7 +69,10 @@ def cmd_rules(args: argparse.Namespace) -> int:
     for r in data:
         shown = {k: v for k, v in r["params"].items() if _shown(k, v)}
         state = "on " if r["enabled"] else "off"
-        lines.append(f"{state} {r['name']:<26} {r['kind']:<12} {json.dumps(shown)}")
+        line = f"{state} {r['name']:<26} {r['kind']:<12} {json.dumps(shown)}"
+        if r.get("problem"):  # stored params an upgrade made invalid: off until edited/reset
+            line += f"  INVALID ({r['problem']}; reset or edit it)"
+        lines.append(line)
     print_result(args, data, lines)
     return 0
 

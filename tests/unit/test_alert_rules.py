@@ -3,6 +3,8 @@ over a real SQLite database migrated by Alembic (episodes, resolution, outbox ro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -569,3 +571,74 @@ def test_a_custom_silence_rule_resolves_when_the_run_ends_or_speaks_again(
             (ids[0], "resolved"),
             (ids[1], "resolved"),
         ]
+
+
+def test_a_stored_rule_that_stops_validating_resolves_its_alerts_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rule whose stored params an upgrade made invalid is off: its open alerts are resolved
+    (``rule invalid: ...``) in every run of the project, by the next evaluation of one of them
+    or by the periodic sweep; it is logged once, and the rules API lists it off with the
+    problem (a custom one too)."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
+    engine = AlertEngine()
+    custom = {"kind": "threshold", "metric": "htsr.alpha", "above": 1.0}
+    severity = "params.severity: must be one of info, warning, critical, got 'fatal'"
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
+        runs: dict[str, int] = {}  # project -> run (its other run ended before the upgrade)
+        with sessions.begin() as session:
+            for name in ("live", "ended"):
+                project, _ = repo.get_or_create_project(session, name)
+                alert_store.upsert_rule(session, project.id, "alpha_high", True, custom)
+                for run_name in ("a", "b"):
+                    run, _ = repo.get_or_create_run(session, project, run_name, {}, [])
+                    frame = add_frame(session, run, 1, {"htsr.alpha": 3.0}, {"fc.weight": 2})
+                    engine.evaluate(session, frame)
+                runs[name] = run.id
+                # the upgrade: a severity and a metric this version no longer knows
+                alert_store.upsert_rule(
+                    session, project.id, "nonfinite", True, {"severity": "fatal"}
+                )
+                gone = {**custom, "metric": "htsr.gone"}
+                alert_store.upsert_rule(session, project.id, "alpha_high", True, gone)
+
+        def open_rules() -> list[tuple[str, str]]:
+            with sessions() as session:
+                alerts = alert_store.list_alerts(session, status="open")
+                return sorted((a.rule, f"{a.run_id}") for a in alerts)
+
+        assert len(open_rules()) == 8
+        rules = {r["name"]: r for r in client.get("/api/v1/projects/live/alert-rules").json()}
+        assert (rules["nonfinite"]["enabled"], rules["nonfinite"]["problem"]) == (False, severity)
+        assert rules["alpha_high"]["enabled"] is False
+        assert rules["alpha_high"]["problem"] == "params.metric: unknown metric 'htsr.gone'"
+        assert rules["alpha_high"]["params"]["metric"] == "htsr.gone"
+        assert rules["alpha_out_of_range"]["problem"] is None
+
+        with caplog.at_level("WARNING", logger="spectrawatch_server.alerts.engine"):
+            # a frame of project live's run resolves the alerts of both its runs
+            with sessions.begin() as session:
+                run = session.get_one(Run, runs["live"])
+                engine.evaluate(session, add_frame(session, run, 2, {"htsr.alpha": 3.0}))
+            assert len(open_rules()) == 4  # project ended's
+            with sessions.begin() as session:
+                engine.evaluate(session, add_frame(session, run, 3, {"htsr.alpha": 3.0}))
+                assert engine.sweep_invalid_rules(session) == 4  # project ended: no frame comes
+            with sessions.begin() as session:
+                assert engine.sweep_invalid_rules(session) == 0
+        assert open_rules() == []
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 4, warnings  # once per rule and project
+        assert "'alpha_high' no longer validates (params.metric: unknown metric" in warnings[0]
+        with sessions() as session:
+            alerts = alert_store.list_alerts(session)
+            reasons = {(a.run_id, a.rule): a.values["resolved_reason"] for a in alerts}
+        assert len(reasons) == 8
+        assert reasons[(runs["ended"], "nonfinite")] == f"rule invalid: {severity}"
+        assert reasons[(runs["live"], "alpha_high")].startswith("rule invalid: params.metric:")

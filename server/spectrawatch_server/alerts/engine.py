@@ -55,6 +55,7 @@ class AlertEngine:
     def __init__(self, base_url: str = "", ttl: timedelta = DEFAULT_TTL) -> None:
         self.base_url = base_url
         self.ttl = ttl
+        self._reported: set[tuple[int, str, str]] = set()  # invalid rules logged (once each)
 
     # --- the worker hook -------------------------------------------------------------------
 
@@ -63,8 +64,12 @@ class AlertEngine:
         run = session.get_one(Run, frame.run_id)
         project = session.get_one(Project, run.project_id)
         alert_store.lock_rules(session, project.id, edit=False)  # no rule edit until commit
-        specs = R.effective_rules(alert_store.stored_rules(session, project.id))
+        stored = alert_store.stored_rules(session, project.id)
+        specs = R.effective_rules(stored)
         open_now = alert_store.open_alerts(session, run.id)
+        if any(rule in stored for rule, _ in open_now):
+            self.resolve_invalid(session, project, stored, {rule for rule, _ in open_now})
+            open_now = alert_store.open_alerts(session, run.id)
         watched = R.watched_series(specs, alert_store.frame_series(session, frame.id))
         tails = series.metric_tails(session, run.id, R.history_wanted(specs, watched))
         for rule in specs:
@@ -302,6 +307,48 @@ class AlertEngine:
             self._resolve(session, alert, run, project, step)
             log.info("alert %d resolved: %s", alert.id, reason)
         return len(alerts)
+
+    def resolve_invalid(
+        self,
+        session: Session,
+        project: Project,
+        stored: dict[str, tuple[bool, dict[str, Any]]],
+        among: set[str] | None = None,
+    ) -> int:
+        """Resolve the open episodes of the project's stored rules (of ``among``, else all)
+        that no longer validate, e.g. a parameter an upgrade renamed: nothing evaluates them
+        any more (:func:`~spectrawatch_server.alerts.rules.effective_rules` leaves them off).
+        ``values.resolved_reason`` is ``rule invalid: params.<field>: <message>``; each such
+        rule is logged once by this engine. Returns the number of episodes resolved."""
+        resolved = 0
+        for rule, problem in sorted(R.invalid_rules(stored).items()):
+            if among is not None and rule not in among:
+                continue
+            if (project.id, rule, problem) not in self._reported:
+                self._reported.add((project.id, rule, problem))
+                log.warning(
+                    "project %r: stored alert rule %r no longer validates (%s): it is off until "
+                    "edited or reset (spectrawatch alerts set/reset)",
+                    project.name,
+                    rule,
+                    problem,
+                )
+            resolved += self.resolve_rule(session, project, rule, f"rule invalid: {problem}")
+        return resolved
+
+    def sweep_invalid_rules(self, session: Session) -> int:
+        """:meth:`resolve_invalid` for every project (periodic: a finished run whose rule an
+        upgrade made invalid gets no frame that would do it). Returns episodes resolved."""
+        resolved = 0
+        for project_id, stored in alert_store.stored_rules_by_project(session).items():
+            if not R.invalid_rules(stored):
+                continue
+            alert_store.lock_rules(session, project_id, edit=False)  # read again under it
+            project = session.get_one(Project, project_id)
+            resolved += self.resolve_invalid(
+                session, project, alert_store.stored_rules(session, project_id)
+            )
+        return resolved
 
     # --- periodic: runs gone silent --------------------------------------------------------
 

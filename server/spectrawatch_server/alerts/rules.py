@@ -412,7 +412,7 @@ def effective_rules(stored: Mapping[str, tuple[bool, Mapping[str, Any]]]) -> lis
     """Defaults overridden by a project's stored ``{rule: (enabled, params)}``, plus custom rules.
 
     A stored row that no longer validates (e.g. a metric renamed) disables that rule rather than
-    breaking evaluation of the others.
+    breaking evaluation of the others (:func:`invalid_rules` says which and why).
     """
     defaults = {r.name: r for r in default_rules()}
     out: list[RuleSpec] = []
@@ -431,6 +431,25 @@ def effective_rules(stored: Mapping[str, tuple[bool, Mapping[str, Any]]]) -> lis
         except RuleError:
             continue
     return out
+
+
+def invalid_rules(stored: Mapping[str, tuple[bool, Mapping[str, Any]]]) -> dict[str, str]:
+    """The stored rules that no longer validate (a parameter an upgrade renamed or tightened):
+    ``{rule: "params.<field>: <message>"}``, the message a ``PATCH`` would answer with.
+    :func:`effective_rules` leaves them off (a default rule disabled, a custom one out)."""
+    defaults = {r.name: r for r in default_rules()}
+    problems: dict[str, str] = {}
+    for name, (enabled, params) in stored.items():
+        try:
+            build_rule(name, params, enabled=enabled, base=defaults.get(name))
+        except RuleError as exc:
+            problems[name] = rule_problem(exc)
+    return problems
+
+
+def rule_problem(exc: RuleError) -> str:
+    """How an API answer and a stored rule's ``problem`` name a parameter error."""
+    return f"params.{exc.field}: {exc.message}"
 
 
 # --- decisions ------------------------------------------------------------------------------

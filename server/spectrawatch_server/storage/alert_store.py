@@ -49,6 +49,14 @@ def stored_rules(session: Session, project_id: int) -> dict[str, tuple[bool, dic
     return {r.rule: (r.enabled, dict(r.params)) for r in rows}
 
 
+def stored_rules_by_project(session: Session) -> dict[int, dict[str, tuple[bool, dict[str, Any]]]]:
+    """Every project's rule rows (a small table): ``{project_id: {rule: (enabled, params)}}``."""
+    out: dict[int, dict[str, tuple[bool, dict[str, Any]]]] = {}
+    for r in session.scalars(select(AlertRule).order_by(AlertRule.project_id, AlertRule.rule)):
+        out.setdefault(r.project_id, {})[r.rule] = (r.enabled, dict(r.params))
+    return out
+
+
 def upsert_rule(
     session: Session, project_id: int, rule: str, enabled: bool, params: dict[str, Any]
 ) -> AlertRule:

@@ -412,13 +412,15 @@ def build_sender(
     sessions: sessionmaker[Session],
     ticks: Sequence[tuple[float, Callable[[], None]]] = (),
 ) -> DeliveryThread:
-    """The sender thread (not started), with the silent-run sweep and ``ticks`` as periodic
-    tasks."""
+    """The sender thread (not started), with the alert sweep (silent runs, rules that no longer
+    validate) and ``ticks`` as periodic tasks."""
     engine = engine_for(settings)
 
     def sweep() -> None:
         with sessions.begin() as session:
             engine.sweep_silent(session)
+        with sessions.begin() as session:
+            engine.sweep_invalid_rules(session)
 
     return DeliveryThread(
         Deliverer(sessions, policy_for(settings)),

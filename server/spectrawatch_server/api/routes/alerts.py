@@ -46,6 +46,11 @@ class RulePublic(BaseModel):
     customized: bool = Field(description="the project stores overrides for this rule")
     description: str
     params: dict[str, Any]
+    problem: str | None = Field(
+        None,
+        description="why the stored params no longer validate (e.g. after an upgrade): the rule "
+        "is off and its alerts were resolved until it is edited (PATCH) or reset (DELETE)",
+    )
 
 
 class RuleUpdate(BaseModel):
@@ -63,7 +68,9 @@ def find_project(session: Session, principal: Principal, name: str) -> Project:
     return project
 
 
-def _rule_public(spec: R.RuleSpec, stored: dict[str, tuple[bool, dict[str, Any]]]) -> RulePublic:
+def _rule_public(
+    spec: R.RuleSpec, stored: dict[str, tuple[bool, dict[str, Any]]], problem: str | None = None
+) -> RulePublic:
     builtin = spec.name in {r.name for r in R.default_rules()}
     return RulePublic(
         name=spec.name,
@@ -73,6 +80,21 @@ def _rule_public(spec: R.RuleSpec, stored: dict[str, tuple[bool, dict[str, Any]]
         customized=spec.name in stored,
         description=spec.description,
         params=spec.params(),
+        problem=problem,
+    )
+
+
+def _invalid_custom_rule(name: str, params: dict[str, Any], problem: str) -> RulePublic:
+    """A stored custom rule that no longer validates: off, its stored params as they are."""
+    return RulePublic(
+        name=name,
+        kind=str(params.get("kind", "")),
+        enabled=False,
+        builtin=False,
+        customized=True,
+        description="custom rule whose stored parameters no longer validate",
+        params=params,
+        problem=problem,
     )
 
 
@@ -113,10 +135,22 @@ def list_alerts(
 
 @router.get("/projects/{project}/alert-rules", response_model=list[RulePublic])
 def list_rules(project: str, principal: PrincipalDep, session: SessionDep) -> list[RulePublic]:
-    """Every rule in force for the project: the defaults (with overrides) and custom rules."""
+    """Every rule of the project: the defaults (with overrides) and custom rules. A stored rule
+    that no longer validates (a parameter an upgrade renamed or tightened) is listed off, with
+    its ``problem``; the engine resolves its open alerts (``rule invalid: ...``) at its next
+    sweep or evaluation."""
     row = find_project(session, principal, project)
     stored = alert_store.stored_rules(session, row.id)
-    return [_rule_public(spec, stored) for spec in R.effective_rules(stored)]
+    problems = R.invalid_rules(stored)
+    specs = R.effective_rules(stored)
+    out = [_rule_public(spec, stored, problems.get(spec.name)) for spec in specs]
+    listed = {spec.name for spec in specs}
+    out += [
+        _invalid_custom_rule(name, stored[name][1], problem)
+        for name, problem in sorted(problems.items())
+        if name not in listed
+    ]
+    return out
 
 
 @router.patch("/projects/{project}/alert-rules/{rule}", response_model=RulePublic)
@@ -155,7 +189,7 @@ def update_rule(
     try:
         spec = R.build_rule(rule, merged, enabled=enabled, base=base)
     except R.RuleError as exc:
-        raise ApiError(422, "invalid_rule", f"params.{exc.field}: {exc.message}") from exc
+        raise ApiError(422, "invalid_rule", R.rule_problem(exc)) from exc
     alert_store.upsert_rule(session, row.id, rule, enabled, merged)
     if not enabled:
         engine_for(state.settings).resolve_rule(session, row, rule, "rule disabled")
