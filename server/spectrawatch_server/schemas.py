@@ -21,17 +21,27 @@ from spectrawatch.wire import (
 Name = Field(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)
 
 
+def dot_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a new project or run, if it is ``.`` or ``..``."""
+    if name not in DOT_NAMES:
+        return None
+    return (
+        f"{name!r} is not accepted as a new project or run name: the dashboards' links "
+        f"would resolve /projects/{name} to another page"
+    )
+
+
 def _not_a_dot_name(name: str) -> str:
-    if name in DOT_NAMES:
-        raise ValueError(
-            f"{name!r} is not accepted as a new project or run name: the dashboards' links "
-            f"would resolve /projects/{name} to another page"
-        )
+    problem = dot_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
     return name
 
 
 # the name of a project or run being created (a stored "." or ".." stays readable)
 NewName = Annotated[str, Name, AfterValidator(_not_a_dot_name)]
+# the name of a project or run that may exist: "." and ".." are checked against what is stored
+StoredName = Annotated[str, Name]
 # free text that ends up in SQL text columns: no control characters (PostgreSQL rejects NUL)
 Tag = Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=TEXT_PATTERN)]
 Layer = Field(min_length=1, max_length=LAYER_MAX, pattern=LAYER_PATTERN)
@@ -50,9 +60,12 @@ class ProjectPublic(BaseModel):
 
 
 class RunCreate(BaseModel):
+    """Get-or-create: a new project or run gets a :data:`NewName`; an existing one named ``.``
+    or ``..`` (stored before those were refused) takes runs / resumes (checked by the route)."""
+
     model_config = ConfigDict(extra="forbid")
-    project: NewName
-    name: NewName
+    project: StoredName
+    name: StoredName
     config: dict[str, Any] = Field(default_factory=dict)
     tags: list[Tag] = Field(default_factory=list, max_length=100)
     resume: bool = Field(True, description="false: answer 409 if the run exists (create only)")

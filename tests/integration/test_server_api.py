@@ -434,8 +434,22 @@ def test_dot_names_refused_stored_ones_readable_and_every_project_link_lands(
             page = web.get(url)
             assert page.status_code == 200, (name, url, page.text)
             assert f"<h1>Project {html.escape(name, quote=False)}</h1>" in page.text, (name, url)
+    # a stored "." / ".." project takes new runs and a stored run resumes: POST /runs is
+    # get-or-create; only a new project or run named so is refused
+    resumed = client.post("/runs", json={"project": "..", "name": ".."})
+    assert resumed.status_code == 200, resumed.text
+    added = client.post("/runs", json={"project": ".", "name": "after"})
+    assert added.status_code == 201, added.text
+    assert added.json()["project"] == "."
+    for project in ("..", "new-dots"):  # a new run named "." (in a new project: not created)
+        r = client.post("/runs", json={"project": project, "name": "."})
+        assert r.status_code == 422, (project, r.text)
+        assert r.json()["error"]["message"].startswith("body.name: "), r.text
+    assert client.get("/runs", params={"project": "new-dots"}).status_code == 404
     runs = client.get("/runs", params={"project": ".."}).json()
     assert [(r["project"], r["name"]) for r in runs] == [("..", "..")]
+    runs_of_dot = client.get("/runs", params={"project": "."}).json()
+    assert sorted(r["name"] for r in runs_of_dot) == [".", "after"]
     assert client.get("/projects/%2E%2E/alert-rules").status_code == 200
     assert client.delete(f"/runs/{runs[0]['id']}").status_code == 200
     assert client.get("/runs", params={"project": ".."}).json() == []

@@ -125,6 +125,10 @@ def get_run(session: Session, run_id: int) -> Run | None:
     return None if run is None or run.status == DELETED else run
 
 
+def get_run_by_name(session: Session, project_id: int, name: str) -> Run | None:
+    return session.scalar(select(Run).where(Run.project_id == project_id, Run.name == name))
+
+
 def get_or_create_run(
     session: Session,
     project: Project,
@@ -133,7 +137,7 @@ def get_or_create_run(
     tags: list[str],
 ) -> tuple[Run, bool]:
     """Create run ``name`` in ``project`` or return the existing one (a resumed run)."""
-    run = session.scalar(select(Run).where(Run.project_id == project.id, Run.name == name))
+    run = get_run_by_name(session, project.id, name)
     if run is not None:
         return run, False
     run = Run(project_id=project.id, name=name, config=config, tags=tags, status="running")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -19,6 +20,7 @@ from spectrawatch_server.schemas import (
     RunDeleted,
     RunPublic,
     RunUpdate,
+    dot_name_problem,
 )
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import delete_all
@@ -59,21 +61,39 @@ def create_run(
     if principal.project_id is not None and (project is None or project.id != principal.project_id):
         raise ApiError(403, "forbidden", f"token is not valid for project {body.project!r}")
     try:
-        project, _ = repo.get_or_create_project(session, body.project)
-        run, created = repo.get_or_create_run(session, project, body.name, body.config, body.tags)
+        run, created = _get_or_create_run(session, body)
         _refuse_resume(body, created)
         if not created and run.status != "running":
             run.status = "running"
         session.commit()
     except IntegrityError:  # the project or run was created concurrently: retry once
         session.rollback()
-        project, _ = repo.get_or_create_project(session, body.project)
-        run, created = repo.get_or_create_run(session, project, body.name, body.config, body.tags)
+        run, created = _get_or_create_run(session, body)
         _refuse_resume(body, created)
         session.commit()
     if not created:
         response.status_code = 200
     return run_public(session, run)
+
+
+def _get_or_create_run(session: Session, body: RunCreate) -> tuple[Run, bool]:
+    """The run, created (and its project) if needed; ``.`` and ``..`` name only a project or run
+    stored before those names were refused, never a new one (422 naming the field)."""
+    project = repo.get_project(session, body.project)
+    if project is None:
+        _refuse_dot_name("project", body.project)
+        project, _ = repo.get_or_create_project(session, body.project)
+    if repo.get_run_by_name(session, project.id, body.name) is None:
+        _refuse_dot_name("name", body.name)  # before anything is written: nothing to undo
+    return repo.get_or_create_run(session, project, body.name, body.config, body.tags)
+
+
+def _refuse_dot_name(field: str, name: str) -> None:
+    """The 422 a :data:`~spectrawatch_server.schemas.NewName` field answers with."""
+    problem = dot_name_problem(name)
+    if problem is not None:
+        error = {"loc": ("body", field), "msg": f"Value error, {problem}", "type": "value_error"}
+        raise RequestValidationError([error])
 
 
 def _refuse_resume(body: RunCreate, created: bool) -> None:
