@@ -8,8 +8,10 @@
   // bound; allDrawnMs: when every plot was (then body[data-ready] is set).
   var SW = (window.SW = { cfg: cfg, renders: 0, ready: false, interactiveMs: null, allDrawnMs: null,
                           lastData: null, errors: [] });
-  var POLL_LIVE_MS = 2000;
-  var POLL_IDLE_MS = 15000;
+  // while a run is live / once every run has ended (then only its state is polled, to notice a
+  // resumed run); window.SW_POLL_MS (set before this script: the browser tests) shortens them
+  var POLL_LIVE_MS = (window.SW_POLL_MS && window.SW_POLL_MS.live) || 2000;
+  var POLL_IDLE_MS = (window.SW_POLL_MS && window.SW_POLL_MS.idle) || 15000;
   var STATE_KEYS = { overview: ["sed_layer"], layers: ["metric"], layer: ["step", "metric"], activations: [],
                      alerts: [], compare: ["runs", "names", "layer"] };
   // This script runs before plotly.min.js (so the first request overlaps its parsing); every
@@ -271,8 +273,8 @@
       var select = el("select", { name: name, id: "control-" + name });
       if (c.multiple) { select.multiple = true; }
       var values = Array.isArray(c.value) ? c.value : [c.value];
-      c.options.forEach(function (opt) {
-        var o = el("option", { value: opt }, opt);
+      c.options.forEach(function (opt, i) {
+        var o = el("option", { value: opt }, c.labels ? c.labels[i] : opt);
         if (values.indexOf(opt) >= 0) { o.selected = true; }
         select.appendChild(o);
       });
@@ -280,7 +282,12 @@
         var chosen = Array.prototype.filter.call(select.options, function (o) { return o.selected; })
           .map(function (o) { return o.value; });
         var p = params();
-        p.set(name, chosen.join(","));
+        if (name === "add") {  // compare: one more run of the compared runs' projects
+          if (!chosen[0]) { return; }
+          p.set("runs", (p.get("runs") || "").split(",").filter(Boolean).concat(chosen).join(","));
+        } else {
+          p.set(name, chosen.join(","));
+        }
         if (name === "metric" && cfg.page === "layer") { p.delete("step"); }
         // one history entry per choice: Back returns to the previous one (see popstate)
         window.history.pushState(null, "", window.location.pathname + "?" + p.toString());
@@ -512,7 +519,7 @@
           SW.timing.scriptsDone = domReadyAt;
           document.body.dataset.ready = "1";
         }
-        if (data.run) { lastSignature = signature(data.run); }
+        lastSignature = data.runs ? runsSignature(data.runs) : signature(data.run);
         liveBadge(data.runs || [data.run]);
       });
     }).catch(function (err) {
@@ -528,6 +535,8 @@
   function signature(run) {
     return [run.status, run.last_step, JSON.stringify(run.frames), run.updated_at, run.last_seen_at].join("|");
   }
+
+  function runsSignature(runs) { return runs.map(signature).join(";"); }
 
   function isLive(runs) { return runs.some(function (r) { return r && r.status === "running"; }); }
 
@@ -546,8 +555,9 @@
     window.setTimeout(function () {
       if (document.hidden || !data) { poll(); return; }
       var check;
-      if (cfg.page === "compare") {
-        check = Promise.resolve(true);
+      if (cfg.page === "compare") {  // the figure again only when a compared run changed
+        check = Promise.all(runs.map(function (r) { return api("/runs/" + r.id); }))
+          .then(function (now) { return runsSignature(now) !== lastSignature; });
       } else {
         check = api("/runs/" + cfg.runId).then(function (run) { return signature(run) !== lastSignature; });
       }

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -421,6 +422,87 @@ def test_legend_of_many_runs_stays_clear_of_the_axis_title(browser: Any, seeded:
     assert plot["rows"] >= 2, plot
     assert plot["legendTop"] >= plot["titleBottom"], plot
     assert plot["legendBottom"] <= plot["bottom"] + 1, plot
+
+
+FETCH_LOG_JS = """
+window.SW_POLL_MS = {live: 300, idle: 300};
+window.swFetches = [];
+var realFetch = window.fetch;
+window.fetch = function (url) {
+  window.swFetches.push(new URL(String(url), location.href).pathname);
+  return realFetch.apply(this, arguments);
+};
+"""
+
+
+def test_compare_polls_run_states_refetches_on_change_and_adds_a_run(
+    browser: Any, seeded: Any
+) -> None:
+    """Once every compared run has ended the compare page asks only for the runs' states, and
+    draws again when one changes (resumed, ended); it used to refetch its whole figure at every
+    poll. Its "add a run" control offers the other runs of the project. Polls shortened to
+    0.3 s (``window.SW_POLL_MS``), requests counted by wrapping ``fetch``."""
+    server, _ = seeded
+    ids: list[int] = []
+    for name in ("a", "b", "c"):
+        with httpx.Client(base_url=f"{server.url}/api/v1") as api:
+            run = make_run(api, project="poll", name=name)
+        rows = [{"step": s, "name": "loss", "value": 1 / (s + len(ids) + 1)} for s in range(20)]
+        assert httpx.post(f"{server.url}/api/v1/runs/{run}/scalars", json=rows).status_code < 300
+        ended = httpx.patch(f"{server.url}/api/v1/runs/{run}", json={"status": "finished"})
+        assert ended.status_code == 200, ended.text
+        ids.append(run)
+    script = browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument", {"source": FETCH_LOG_JS}
+    )
+    try:
+        open_page(browser, f"{server.url}/compare?runs={ids[0]},{ids[1]}&names=loss")
+
+        def figures() -> int:
+            paths = browser.execute_script("return window.swFetches")
+            return sum(p.endswith("/dashboards/compare") for p in paths)
+
+        def state_polls() -> int:
+            paths = browser.execute_script("return window.swFetches")
+            return sum(p.endswith((f"/runs/{ids[0]}", f"/runs/{ids[1]}")) for p in paths)
+
+        wait_js(browser, "window.swFetches.length >= 9")  # 4 polls of both runs' states
+        assert figures() == 1, browser.execute_script("return window.swFetches")
+        assert state_polls() >= 8
+
+        # resumed: drawn again and polled as live; ended again: drawn once more, then quiet
+        for status, badge in (("running", "live · "), ("finished", "page updated")):
+            before = figures()
+            r = httpx.patch(f"{server.url}/api/v1/runs/{ids[1]}", json={"status": status})
+            assert r.status_code == 200, r.text
+            wait_js(browser, f"document.body.dataset.renders > {before}", timeout=15)
+            assert browser.find_element("id", "live").text.startswith(badge)
+        drawn = figures()
+        time.sleep(1.5)
+        assert figures() == drawn
+
+        options = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#control-add option'))"
+            ".map(function (o) { return [o.value, o.textContent]; })"
+        )
+        assert options == [["", "—"], [str(ids[2]), f"#{ids[2]} c (finished)"]], options
+        browser.execute_script(
+            "var s = document.getElementById('control-add'); s.value = arguments[0];"
+            "s.dispatchEvent(new Event('change'));",
+            str(ids[2]),
+        )
+        wait_js(browser, "document.querySelectorAll('#panels .plot .legendtext').length === 3")
+        query = parse_qs(urlsplit(browser.current_url).query)
+        assert query["runs"] == [",".join(map(str, ids))], browser.current_url
+        check_plotted(
+            panels(browser)["compare-loss"], {f"#{i} {n}" for i, n in zip(ids, "abc", strict=True)}
+        )
+        assert browser.find_elements("id", "control-add") == []  # no run of the project left
+        assert console_errors(browser) == []
+    finally:
+        browser.execute_cdp_cmd(
+            "Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]}
+        )
 
 
 def test_api_error_banner_shows_the_message_not_json(browser: Any, seeded: Any) -> None:

@@ -609,6 +609,14 @@ def read_compare(
     }
     if layer_opts:
         body["controls"]["layer"] = {"label": "layer", "options": layer_opts, "value": layer_value}
+    more = _runs_to_add(session, run_rows)
+    if more:  # value "": the page adds the chosen run to ``runs`` (labels: what the list shows)
+        body["controls"]["add"] = {
+            "label": "add a run",
+            "options": ["", *(str(r.id) for r in more)],
+            "labels": ["—", *(f"#{r.id} {r.name} ({r.status})" for r in more)],
+            "value": "",
+        }
     spec = page.panel("compare")
     panels = []
     for name in requested:
@@ -628,6 +636,23 @@ def read_compare(
         panels.append(dash.panel_from(spec, None, empty=None if ids else NO_RUNS_PICKED))
     body["panels"] = [p.public() for p in panels]
     return _json(body)
+
+
+ADD_RUN_OPTIONS = 200  # newest runs offered per project by the compare page's "add a run"
+
+
+def _runs_to_add(session: Session, compared: Sequence[Run]) -> list[Run]:
+    """Newest runs of the compared runs' projects not compared yet (none at the cap)."""
+    if not compared or len(compared) >= MAX_COMPARE_RUNS:
+        return []
+    ids = {r.id for r in compared}
+    projects = dict.fromkeys(r.project_id for r in compared)
+    return [
+        r
+        for project_id in projects
+        for r in repo.list_runs(session, project_id, ADD_RUN_OPTIONS, 0)
+        if r.id not in ids
+    ]
 
 
 # --- HTML pages -------------------------------------------------------------------------------
