@@ -567,6 +567,21 @@
     }, delay);
   }
 
+  // Plotly (responsive) follows the window's width, but a legend moved under the axis title
+  // was measured at the old width (more or fewer rows now): measure again once resizing stops.
+  var resizeTimer = null;
+  SW.resizes = 0;
+  window.addEventListener("resize", function () {
+    window.clearTimeout(resizeTimer);
+    resizeTimer = window.setTimeout(function () {
+      if (!SW.ready || !SW.lastData || loading) { return; }  // a load draws afresh anyway
+      Array.prototype.forEach.call(document.querySelectorAll("#panels .plot"), function (plot) {
+        delete plot.dataset.legendBottom;
+      });
+      renderPanels(SW.lastData).all.then(function () { SW.resizes += 1; });
+    }, 250);
+  });
+
   // Back / Forward between the page's own states (control choices): draw the URL's state.
   window.addEventListener("popstate", function () { load(); });
   load().then(poll);

@@ -422,6 +422,40 @@ def test_legend_of_many_runs_stays_clear_of_the_axis_title(browser: Any, seeded:
     assert plot["rows"] >= 2, plot
     assert plot["legendTop"] >= plot["titleBottom"], plot
     assert plot["legendBottom"] <= plot["bottom"] + 1, plot
+    # measured again after a window resize: a one-row legend that wraps in a narrower window
+    # goes under the axis title, and back where it was once the window is wide again (it
+    # stayed where the narrow window had put it, over the axis title)
+    open_page(browser, f"{server.url}/compare?runs={','.join(ids[:2])}&names=loss")
+    (first,) = browser.execute_script(LEGEND_JS)
+    assert first["rows"] == 1, first
+    size = browser.get_window_size()
+
+    def clear_of_title(plot: dict[str, float]) -> bool:
+        return (
+            plot["legendTop"] >= plot["titleBottom"]
+            and plot["legendBottom"] <= plot["bottom"] + 1
+            and plot["bottom"] - plot["legendBottom"] < 30  # no room left for other rows
+        )
+
+    def as_first(plot: dict[str, float]) -> bool:
+        keys = ("legendTop", "legendBottom", "bottom")
+        return all(
+            abs(plot[k] - plot["titleBottom"] - first[k] + first["titleBottom"]) < 2 for k in keys
+        )
+
+    try:
+        for width, settled in ((700, clear_of_title), (size["width"], as_first)):
+            browser.set_window_size(width, size["height"])
+            deadline = time.monotonic() + 10
+            while True:  # Plotly's own resize comes first, the page's measure after it
+                (plot,) = browser.execute_script(LEGEND_JS)
+                if settled(plot) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert settled(plot), (width, first, plot)
+            assert plot["rows"] == (2 if width == 700 else 1), plot
+    finally:
+        browser.set_window_size(size["width"], size["height"])
 
 
 FETCH_LOG_JS = """
