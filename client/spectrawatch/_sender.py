@@ -61,6 +61,9 @@ _TAGS = {
 }
 
 
+NONFINITE_SCALAR_NAMES = 100  # scalar names whose first NaN/Inf step the client reports
+
+
 class ClientStats:
     """Thread-safe counters of what the client sent, spooled, dropped and failed at."""
 
@@ -68,6 +71,7 @@ class ClientStats:
         self._lock = threading.Lock()
         self._c: Counter[str] = Counter()
         self._dropped_by_kind: Counter[str] = Counter()
+        self._nonfinite_scalars: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
 
     def incr(self, name: str, n: int = 1) -> None:
@@ -77,6 +81,17 @@ class ClientStats:
     def set(self, name: str, value: int) -> None:
         with self._lock:
             self._c[name] = value
+
+    def nonfinite_scalar(self, name: str, step: int, value: float) -> None:
+        """Remember the first step at which scalar ``name`` was NaN/Inf (the value itself is
+        not sent: the server stores finite values), for the dashboards to mark where its line
+        ends; the first :data:`NONFINITE_SCALAR_NAMES` names only."""
+        with self._lock:
+            seen = self._nonfinite_scalars.get(name)
+            if seen is None and len(self._nonfinite_scalars) >= NONFINITE_SCALAR_NAMES:
+                return
+            if seen is None or step < seen["step"]:
+                self._nonfinite_scalars[name] = {"step": step, "value": str(value)}
 
     def drop(self, kind: str, n: int = 1) -> None:
         with self._lock:
@@ -109,6 +124,8 @@ class ClientStats:
             }
             out.update({k: v for k, v in self._c.items() if k not in out})
             out["dropped_by_kind"] = dict(self._dropped_by_kind)
+            if self._nonfinite_scalars:
+                out["nonfinite_scalars"] = {k: dict(v) for k, v in self._nonfinite_scalars.items()}
             if self.last_error:
                 out["last_error"] = self.last_error[:500]
             return out

@@ -383,7 +383,8 @@ class Monitor:
                 except Exception as exc:  # str, complex, meta tensor, 10**400: skip this one
                     self._errors.record(f"log {name!r}", exc)
                     continue
-                if not math.isfinite(v):
+                if not math.isfinite(v):  # not sent; its first step goes in the client stats
+                    self.stats.nonfinite_scalar(key, step, v)
                     self._errors.record(f"log {name!r}", ValueError(f"non-finite value {v}"))
                     continue
                 rows.append({"step": step, "name": key, "value": v})

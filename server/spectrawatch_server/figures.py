@@ -568,6 +568,42 @@ def nonfinite_note(
     )
 
 
+def scalar_onsets(client_stats: Any) -> dict[str, tuple[int, str]]:
+    """``{scalar: (first step, "nan"|"inf"|"-inf")}`` from a run's client stats
+    (``nonfinite_scalars``: the client sends no NaN/Inf value, only where each began); entries
+    of another shape are skipped (the stats are the client's JSON)."""
+    raw = client_stats.get("nonfinite_scalars") if isinstance(client_stats, Mapping) else None
+    out: dict[str, tuple[int, str]] = {}
+    for name, onset in raw.items() if isinstance(raw, Mapping) else ():
+        step = onset.get("step") if isinstance(onset, Mapping) else None
+        if isinstance(name, str) and isinstance(step, int) and not isinstance(step, bool):
+            value = onset.get("value")
+            out[name] = (step, value if value in ("nan", "inf", "-inf") else "nan")
+    return out
+
+
+def scalar_onset_line(line: Line, step: int, value: str) -> Line:
+    """One red point where scalar ``line`` went non-finite (its line just ends there: the client
+    does not send NaN/Inf), at its last finite value before ``step``; in the legend as
+    "loss: nan from step 61" (TensorBoard marks non-finite points on its charts likewise)."""
+    before = [y for x, y in zip(line.x, line.y, strict=True) if x <= step and y is not None]
+    finite = [y for y in line.y if y is not None]
+    y = before[-1] if before else (finite[0] if finite else 0.0)
+    return Line(f"{line.name}: {value} from step {step}", [step], [y], color=NONFINITE_COLOR)
+
+
+def scalar_onsets_note(onsets: Mapping[str, tuple[int, str]], names: Iterable[str]) -> str:
+    """One sentence on the scalars of ``names`` that went non-finite, "" when none did."""
+    hits = [(onsets[n][0], n, onsets[n][1]) for n in names if n in onsets]
+    if not hits:
+        return ""
+    parts = [f"{name} became {value} at step {step}" for step, name, value in sorted(hits)]
+    return (
+        "; ".join(parts)
+        + ": the client sends no NaN/Inf value, so the line ends there (red point)."
+    )
+
+
 def nonfinite_marker(
     onsets: Mapping[str, tuple[int, str]], layers: Iterable[str] | None = None
 ) -> Marker | None:

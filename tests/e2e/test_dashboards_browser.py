@@ -539,6 +539,41 @@ def test_compare_polls_run_states_refetches_on_change_and_adds_a_run(
         )
 
 
+def test_a_loss_gone_nan_is_marked_where_its_line_ends(
+    browser: Any, seeded: Any, tmp_path: Path
+) -> None:
+    """The client sends no NaN/Inf scalar (the line just ended, unexplained); it reports each
+    scalar's first non-finite step in its stats, and the overview marks it: a red point named
+    "loss: nan from step 20" at the last finite value, and a note on the panel."""
+    import spectrawatch
+    from tests.training import client_settings
+
+    server, _ = seeded
+    mon = spectrawatch.Monitor()
+    mon.init(**client_settings(tmp_path, server.url, "gone-nan", project="nanloss"))
+    for step in range(30):
+        loss = 1.0 / (step + 1) if step < 20 else float("nan" if step < 25 else "inf")
+        mon.log({"loss": loss, "val_acc": step / 30}, step=step)
+    assert mon.finish(timeout=60)
+    open_page(browser, f"{server.url}/runs/{mon.run_id}")
+    (panel,) = [
+        p for p in panels(browser).values() if any(t["name"] == "loss" for t in p["traces"])
+    ]
+    marks = [t for t in panel["traces"] if t["name"].startswith("loss: ")]
+    assert [(t["name"], t["n"]) for t in marks] == [("loss: nan from step 20", 1)], panel
+    point = browser.execute_script(
+        "var gd = document.querySelector('#panel-' + arguments[0] + ' .plot');"
+        "var t = gd.data.filter(function (d) { return d.name.indexOf('loss: ') === 0; })[0];"
+        "return [t.x[0], t.y[0], t.line.color];",
+        panel["id"],
+    )
+    assert point[:2] == [20, pytest.approx(1 / 20)], point
+    note = browser.find_element("css selector", f"#panel-{panel['id']} .note")
+    assert note.is_displayed()
+    assert "loss became nan at step 20" in note.text, note.text
+    assert console_errors(browser) == []
+
+
 def test_api_error_banner_shows_the_message_not_json(browser: Any, seeded: Any) -> None:
     """A figure request the API refuses shows its message, not the raw error JSON."""
     server, _ = seeded

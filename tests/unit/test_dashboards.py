@@ -903,3 +903,25 @@ def test_deliveries_table_names_its_time_columns(tmp_path: Path) -> None:
     assert tables["deliveries"]["times"] == ["created_at", "delivered_at"]
     assert set(tables["deliveries"]["times"]) <= set(tables["deliveries"]["columns"])
     assert page["run"]["created_at"].endswith("Z") or page["run"]["created_at"].endswith("+00:00")
+
+
+def test_scalar_onsets_read_the_client_stats_and_skip_other_shapes() -> None:
+    """The client's ``nonfinite_scalars`` (its JSON, so anything): well-formed entries only."""
+    stats = {
+        "nonfinite_scalars": {
+            "loss": {"step": 20, "value": "nan"},
+            "grad": {"step": 3, "value": "-inf"},
+            "odd": {"step": 4, "value": "<b>"},
+            "bad": {"step": "7"},
+            "flag": {"step": True},
+            "list": [1, 2],
+        }
+    }
+    assert fig.scalar_onsets(stats) == {"loss": (20, "nan"), "grad": (3, "-inf"), "odd": (4, "nan")}
+    for junk in (None, [], {"nonfinite_scalars": [1]}, {"nonfinite_scalars": "x"}):
+        assert fig.scalar_onsets(junk) == {}
+    line = fig.Line("loss", [0, 10, 19], [1.0, None, 0.25])
+    mark = fig.scalar_onset_line(line, 20, "nan")
+    assert (mark.name, list(mark.x), list(mark.y)) == ("loss: nan from step 20", [20], [0.25])
+    note = fig.scalar_onsets_note(fig.scalar_onsets(stats), ["loss", "acc"])
+    assert note.startswith("loss became nan at step 20: the client sends no NaN/Inf value")

@@ -281,18 +281,25 @@ def read_overview(
         if group
     }
     claimed = dash.claim_scalars(page.panels, scalars)
+    scalar_onsets = dash.scalar_onsets(run.client_stats)
     panels = []
     for spec in page.panels:
         if spec.kind == "scalars":
             chosen = claimed[spec.id]
+            lines = [scalars[s] for s in chosen]
+            lines += [
+                dash.scalar_onset_line(scalars[s], *scalar_onsets[s])
+                for s in chosen
+                if s in scalar_onsets
+            ]
             fig = dash.line_figure(
-                spec.title,
-                [scalars[s] for s in chosen],
-                y_title=spec.y_title,
-                log_y=spec.log_y,
-                markers=markers,
+                spec.title, lines, y_title=spec.y_title, log_y=spec.log_y, markers=markers
             )
-            panels.append(dash.panel_from(spec, fig))
+            panel = dash.panel_from(spec, fig)
+            note = dash.scalar_onsets_note(scalar_onsets, chosen)
+            if note and panel.figure is not None:
+                panel.extra["note"] = note
+            panels.append(panel)
         elif spec.kind == "sed":
             at_layer = series.get(layer, {})
             lines = []
