@@ -149,6 +149,7 @@
   function figureCsv(gd) {
     var lines = [];
     (gd.data || []).forEach(function (t) {
+      if (t.hoverinfo === "skip") { return; }  // holds no data (the heatmap's top axis)
       if (t.type === "heatmap") {
         if (!lines.length) { lines.push("layer,step,value"); }
         (t.y || []).forEach(function (_, i) {

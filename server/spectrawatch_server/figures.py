@@ -648,6 +648,9 @@ def grid_from_rows(rows: Iterable[tuple[str, int, float | None]]) -> Grid:
     return Grid(lay, st, [flat[i * len(st) : (i + 1) * len(st)] for i in range(len(lay))])
 
 
+TOP_AXIS_LAYERS = 30  # from this many layers (480 px of rows) the heatmap has a top step axis
+
+
 def heatmap_figure(
     metric: str, grid: Grid, *, sampled: bool = False, marker: Marker | None = None
 ) -> Figure:
@@ -663,12 +666,13 @@ def heatmap_figure(
     # Category y-axis in layer order, first layer at the top.
     # y holds the escaped names (tick labels and hover render HTML), meta the names as stored
     # (for the click-through and the CSV); the metric enters the hover as data, not template
+    rows = [plot_text(la, 10_000) for la in grid.layers]
     data = [
         {
             "type": "heatmap",
             "name": plot_text(metric),
             "x": grid.steps,
-            "y": [plot_text(la, 10_000) for la in grid.layers],
+            "y": rows,
             "meta": list(grid.layers),
             "z": grid.z,
             "colorscale": "Viridis",
@@ -684,6 +688,22 @@ def heatmap_figure(
     layout["yaxis"].update({"type": "category", "autorange": "reversed", "dtick": 1})
     longest = max((len(la) for la in grid.layers), default=8)
     layout["margin"]["l"] = min(320, 30 + 7 * longest)
+    top_axis = len(grid.layers) > TOP_AXIS_LAYERS and bool(grid.steps)
+    if top_axis:  # a tall heatmap (16 px a layer) has its steps above the rows too
+        layout["xaxis2"] = {"overlaying": "x", "side": "top", "matches": "x", "showgrid": False}
+        layout["margin"]["t"] = 70
+        data.append(  # an axis shows only with a trace: two invisible points, no hover/CSV
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "x": [grid.steps[0], grid.steps[-1]],
+                "y": rows[:1] * 2,
+                "xaxis": "x2",
+                "marker": {"opacity": 0},
+                "hoverinfo": "skip",
+                "showlegend": False,
+            }
+        )
     if marker is not None:
         layout["shapes"].append(
             {
@@ -708,6 +728,7 @@ def heatmap_figure(
                 "showarrow": False,
                 "xanchor": "right",
                 "yanchor": "bottom",
+                "yshift": 18 if top_axis else 0,  # above the top axis's tick labels
                 "font": {"size": 11, "color": marker.color},
             }
         )

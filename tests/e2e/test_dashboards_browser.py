@@ -574,6 +574,35 @@ def test_a_loss_gone_nan_is_marked_where_its_line_ends(
     assert console_errors(browser) == []
 
 
+def test_a_tall_heatmap_has_its_step_axis_on_top_too(browser: Any, seeded: Any) -> None:
+    """A heatmap of many layers (16 px a row: 201 layers are 3,376 px) had its step axis only
+    at the bottom; it has one above the rows too, following the bottom one's zoom."""
+    server, _ = seeded
+    with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as api:
+        run_id = make_run(api, project="tall", name="deep")
+        rows = [
+            {"step": step, "layer": f"blocks.{i}.weight", "name": "htsr.alpha", "value": 2 + i / 40}
+            for i in range(60)
+            for step in (10, 20, 30, 40)
+        ]
+        r = api.post(f"/runs/{run_id}/metrics", json={"source": "import", "rows": rows})
+        assert r.status_code == 202, r.text
+    open_page(browser, f"{server.url}/runs/{run_id}/layers?metric=htsr.alpha")
+    ticks = browser.execute_script(
+        "var gd = document.querySelector('#panel-heatmap .plot');"
+        "var area = gd.querySelector('.nsewdrag').getBoundingClientRect();"
+        "function labels(sel) { return Array.from(gd.querySelectorAll(sel)).map(function (t) {"
+        "  var r = t.getBoundingClientRect(); return [t.textContent, r.bottom - area.top,"
+        "  r.top - area.bottom]; }); }"
+        "return {top: labels('.x2tick text'), bottom: labels('.xtick text')};"
+    )
+    assert [t[0] for t in ticks["top"]] == [t[0] for t in ticks["bottom"]], ticks
+    assert {"10", "40"} <= {t[0] for t in ticks["top"]}, ticks
+    assert all(-30 < t[1] <= 0 for t in ticks["top"]), ticks  # just above the first row
+    assert all(0 <= t[2] < 30 for t in ticks["bottom"]), ticks
+    assert console_errors(browser) == []
+
+
 def test_api_error_banner_shows_the_message_not_json(browser: Any, seeded: Any) -> None:
     """A figure request the API refuses shows its message, not the raw error JSON."""
     server, _ = seeded
