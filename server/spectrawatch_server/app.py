@@ -46,7 +46,12 @@ API_PREFIX = "/api/v1"
 def build_state(settings: ServerSettings) -> AppState:
     """Open the database (migrated to head), the blob store, the worker and the queue."""
     make_data_dir(settings.data_dir)
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(
+        settings.resolved_database_url,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        statement_timeout=settings.db_statement_timeout_seconds,
+        lock_timeout=settings.db_lock_timeout_seconds,
+    )
     migrate.upgrade(engine)
     sessions = make_session_factory(engine)
     blobs = open_blob_store(settings)  # local directory, or S3 when SPECTRAWATCH_BLOB_URL=s3://

@@ -77,7 +77,12 @@ def serve(settings: ServerSettings, name: str | None = None) -> int:
     app_name = worker_application_name(worker_name, str(resolve_device(settings.device)))
     url = make_url(settings.resolved_database_url).update_query_dict({"application_name": app_name})
     settings = settings.model_copy(
-        update={"database_url": url.render_as_string(hide_password=False)}
+        update={
+            "database_url": url.render_as_string(hide_password=False),
+            # analysis reads and writes may take longer than an API request's
+            "db_statement_timeout_seconds": settings.worker_db_statement_timeout_seconds,
+            "db_lock_timeout_seconds": settings.worker_db_lock_timeout_seconds,
+        }
     )
     state = build_state(settings)
     queue = state.queue

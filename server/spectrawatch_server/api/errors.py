@@ -14,6 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spectrawatch.wire import FrameError
+from spectrawatch_server.db.errors import LOCK_NOT_AVAILABLE, STATEMENT_TIMEOUTS, sqlstate
 from spectrawatch_server.storage.blobs import BlobStoreFull
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+        code = sqlstate(exc)
+        if code in STATEMENT_TIMEOUTS:
+            # SPECTRAWATCH_DB_STATEMENT_TIMEOUT_SECONDS / _DB_LOCK_TIMEOUT_SECONDS ran out: the
+            # database is busy (a long lock, a heavy query), not down
+            what = "a database lock" if code == LOCK_NOT_AVAILABLE else "a database statement"
+            log.warning("database busy: timed out waiting for %s: %s", what.split()[-1], exc)
+            return error_response(
+                503,
+                "database_busy",
+                f"the database is busy: timed out waiting for {what}; retry later",
+                {"Retry-After": "5"},
+            )
         log.warning("database unavailable: %s", exc)
         return error_response(
             503, "database_unavailable", "database unavailable; retry later", {"Retry-After": "5"}

@@ -50,6 +50,14 @@ def check_revision(connection: Connection, url: str) -> None:
         )
 
 
+def lift_timeouts(connection: Connection) -> None:
+    """No statement or lock timeout for the rest of this PostgreSQL transaction: a migration
+    may rewrite a large table, and a process starting beside another waits on its advisory
+    lock for as long as that one migrates."""
+    connection.execute(text("SET LOCAL statement_timeout = 0"))
+    connection.execute(text("SET LOCAL lock_timeout = 0"))
+
+
 def upgrade(engine: Engine) -> None:
     """Bring the database behind ``engine`` to the newest schema; :class:`SchemaTooNew` when
     it is already past it. On SQLite the migration runs with foreign keys off (see
@@ -58,6 +66,7 @@ def upgrade(engine: Engine) -> None:
     cfg = alembic_config(url)
     with engine.connect() as connection, foreign_keys_off(connection), connection.begin():
         if connection.dialect.name == "postgresql":
+            lift_timeouts(connection)
             connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
         check_revision(connection, url)
         cfg.attributes["connection"] = connection

@@ -1,4 +1,5 @@
-"""Engine and session factory; SQLite gets WAL, a busy timeout and enforced foreign keys."""
+"""Engine and session factory; SQLite gets WAL, a busy timeout and enforced foreign keys;
+PostgreSQL connections get a statement and a lock timeout (:func:`make_engine`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,32 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine for ``url``; SQLite connections are configured on connect."""
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+def make_engine(
+    url: str,
+    *,
+    pool_timeout: float = 30.0,
+    statement_timeout: float = 0.0,
+    lock_timeout: float = 0.0,
+) -> Engine:
+    """Create the engine for ``url``; SQLite connections are configured on connect.
+
+    ``pool_timeout``: seconds a request waits for a free pooled connection before
+    :class:`sqlalchemy.exc.TimeoutError`. On PostgreSQL every connection starts with
+    ``statement_timeout`` and ``lock_timeout`` (seconds, 0 = none: PostgreSQL's default), so a
+    statement stuck behind a lock or running away fails (``QueryCanceled`` /
+    ``LockNotAvailable``) instead of holding its connection as long as the lock lasts.
+    """
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_timeout": pool_timeout}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    elif timeouts := _timeout_options(statement_timeout, lock_timeout):
+        given = make_url(url).query.get("options")  # ?options=... in the URL: kept, ours after
+        given = given if isinstance(given, str) else " ".join(given or ())
+        kwargs["connect_args"] = {"options": f"{given} {timeouts}".strip()}
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         database = engine.url.database
@@ -23,6 +42,12 @@ def make_engine(url: str) -> Engine:
             _create_private(Path(database))
         event.listen(engine, "connect", _configure_sqlite)
     return engine
+
+
+def _timeout_options(statement_timeout: float, lock_timeout: float) -> str:
+    """libpq ``options`` setting the session's timeouts in whole milliseconds (0: none)."""
+    settings = {"statement_timeout": statement_timeout, "lock_timeout": lock_timeout}
+    return " ".join(f"-c {k}={round(v * 1000)}" for k, v in settings.items() if v > 0)
 
 
 def _create_private(path: Path) -> None:

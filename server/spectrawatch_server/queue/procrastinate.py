@@ -42,6 +42,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from spectrawatch_server.db import migrate
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.queue.base import JobHandler, database_unavailable
 from spectrawatch_server.storage import repository as repo
@@ -164,6 +165,7 @@ def ensure_schema(engine: Engine) -> bool:
     once. (Upgrading procrastinate across schema versions: ``procrastinate schema --migrate``.)
     """
     with engine.begin() as conn:
+        migrate.lift_timeouts(conn)
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
         if conn.scalar(text("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")):
             return False

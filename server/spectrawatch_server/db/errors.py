@@ -1,0 +1,31 @@
+"""Which database errors are whose: a statement timed out or a lock wait ran out, versus a
+connection lost. Told by PostgreSQL's SQLSTATE (``psycopg.Error.sqlstate``), not by class:
+psycopg raises all of them as ``OperationalError``, and so does SQLAlchemy."""
+
+from __future__ import annotations
+
+QUERY_CANCELED = "57014"  # statement_timeout ran out (or pg_cancel_backend)
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out (or NOWAIT)
+STATEMENT_TIMEOUTS = frozenset({QUERY_CANCELED, LOCK_NOT_AVAILABLE})
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of the first PostgreSQL error in ``exc``, its ``orig`` (SQLAlchemy's
+    wrapped DBAPI error) or its chain of explicit causes; None when none carries one (a
+    connection refused or cut has none)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "sqlstate", None)
+        if isinstance(code, str):
+            return code
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return None
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a statement or lock timeout: this statement waited or ran too long,
+    the connection and the database are fine."""
+    return sqlstate(exc) in STATEMENT_TIMEOUTS

@@ -1,0 +1,147 @@
+"""PostgreSQL operations against a real PostgreSQL (``.ci/postgres.sh``; skipped without
+``SPECTRAWATCH_TEST_POSTGRES_URL``): what the API answers when the database is busy, the cost
+of ``/health``, readiness, and how workers come back after an outage.
+
+The API runs in-process (``TestClient``) on its own fresh database; the locks, finished jobs
+and outages are real PostgreSQL ones.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from spectrawatch.config import ClientSettings
+from spectrawatch_server.app import create_app
+from spectrawatch_server.config import ServerSettings
+from tests.servers import fresh_database
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not os.environ.get("SPECTRAWATCH_TEST_POSTGRES_URL"),
+        reason='SPECTRAWATCH_TEST_POSTGRES_URL is unset (eval "$(.ci/postgres.sh)")',
+    ),
+]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    base = os.environ["SPECTRAWATCH_TEST_POSTGRES_URL"]
+    with fresh_database(base, "sw_ops") as url:
+        yield url
+
+
+def settings(url: str, data_dir: Path, **values: object) -> ServerSettings:
+    return ServerSettings(
+        data_dir=data_dir,
+        database_url=url,
+        run_worker=False,
+        run_webhooks=False,
+        **values,  # type: ignore[arg-type]
+    )
+
+
+def api(app_settings: ServerSettings) -> TestClient:
+    return TestClient(create_app(app_settings), base_url="http://127.0.0.1")
+
+
+class TableLock:
+    """``LOCK TABLE ... ACCESS EXCLUSIVE`` held by another connection until ``release()``: every
+    statement that touches the table waits, as behind a long migration or a stuck writer."""
+
+    def __init__(self, url: str, table: str) -> None:
+        self.engine = create_engine(url)
+        self.conn = self.engine.connect()
+        self.conn.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+
+    def release(self) -> None:
+        if self.conn.closed:
+            return
+        self.conn.rollback()
+        self.conn.close()
+        self.engine.dispose()
+
+
+# --- 1. a busy database answers 503 database_busy before the client gives up ---------------
+
+
+def test_request_blocked_on_a_lock_answers_503_before_the_client_times_out(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A table locked for longer than the client waits: the request answers 503
+    ``database_busy`` with ``Retry-After`` within the client's request timeout (default
+    settings), instead of holding its connection as long as the lock lasts."""
+    defaults = settings(pg_url, tmp_path)
+    client_timeout = ClientSettings().timeout_s
+    assert defaults.db_pool_timeout_seconds < client_timeout
+    assert defaults.db_lock_timeout_seconds < client_timeout
+    with api(defaults) as client:
+        assert client.post("/api/v1/projects", json={"name": "p"}).status_code == 201
+        engine = client.app.state.spectrawatch.engine  # type: ignore[attr-defined]
+        assert engine.pool.timeout() == defaults.db_pool_timeout_seconds
+        lock = TableLock(pg_url, "project")
+        released = threading.Timer(30, lock.release)  # the lock outlasts the client's timeout
+        released.start()
+        try:
+            started = time.monotonic()
+            resp = client.get("/api/v1/projects")
+            elapsed = time.monotonic() - started
+        finally:
+            released.cancel()
+            lock.release()
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "database_busy"
+        assert "lock" in resp.json()["error"]["message"]
+        assert resp.headers["Retry-After"].isdigit()
+        assert elapsed < client_timeout
+        assert client.get("/api/v1/projects").status_code == 200  # and fine once it is released
+
+
+def test_statement_timeout_answers_503_database_busy(pg_url: str, tmp_path: Path) -> None:
+    """A statement past SPECTRAWATCH_DB_STATEMENT_TIMEOUT_SECONDS (here waiting on a lock with
+    no lock timeout): 503 ``database_busy`` naming the statement, not ``database_unavailable``."""
+    app_settings = settings(
+        pg_url, tmp_path, db_statement_timeout_seconds=1.0, db_lock_timeout_seconds=0
+    )
+    with api(app_settings) as client:
+        lock = TableLock(pg_url, "project")
+        released = threading.Timer(15, lock.release)  # without the timeout, the request waits
+        released.start()
+        try:
+            started = time.monotonic()
+            resp = client.get("/api/v1/projects")
+            elapsed = time.monotonic() - started
+        finally:
+            released.cancel()
+            lock.release()
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "database_busy"
+        assert "statement" in resp.json()["error"]["message"]
+        assert resp.headers["Retry-After"].isdigit()
+        assert elapsed < 5
+        with client.app.state.spectrawatch.sessions() as session:  # type: ignore[attr-defined]
+            assert session.scalar(text("SHOW statement_timeout")) == "1s"
+            assert session.scalar(text("SHOW lock_timeout")) == "0"
+
+
+def test_engine_adds_the_timeouts_after_the_urls_own_options(pg_url: str) -> None:
+    """``?options=...`` in SPECTRAWATCH_DATABASE_URL is kept; the timeouts are added to it."""
+    from spectrawatch_server.db.session import make_engine
+
+    url = f"{pg_url}?options=-c%20application_name%3Dx"
+    engine = make_engine(url, statement_timeout=300, lock_timeout=60)
+    try:
+        with engine.connect() as conn:
+            assert conn.scalar(text("SHOW statement_timeout")) == "5min"
+            assert conn.scalar(text("SHOW lock_timeout")) == "1min"
+            assert conn.scalar(text("SHOW application_name")) == "x"
+    finally:
+        engine.dispose()
