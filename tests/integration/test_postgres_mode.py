@@ -260,7 +260,7 @@ def test_failing_job_retries_with_backoff_then_fails_visibly(topology: Topology)
     starts = [float(t) for (t,) in retry_gaps]
     assert len(starts) == 3
     assert all(b - a >= 0.9 for a, b in itertools.pairwise(starts))  # backoff 1**n s
-    assert client.get("/health").json()["queue"]["jobs"].get("failed", 0) >= 1
+    assert client.get("/health").json()["queue"]["jobs"]["failed_recent"] >= 1
 
 
 def test_kill_9_worker_mid_job_is_redelivered_and_stored_once(topology: Topology) -> None:

@@ -21,6 +21,8 @@ from sqlalchemy import create_engine, text
 from spectrawatch.config import ClientSettings
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.queue import procrastinate as pq
+from spectrawatch_server.storage import repository as repo
 from tests.servers import fresh_database
 
 pytestmark = [
@@ -145,3 +147,51 @@ def test_engine_adds_the_timeouts_after_the_urls_own_options(pg_url: str) -> Non
             assert conn.scalar(text("SHOW application_name")) == "x"
     finally:
         engine.dispose()
+
+
+# --- 2. /health counts what it shows, not the whole job history ------------------------------
+
+FINISHED_JOBS = 200_000
+
+
+def insert_jobs(url: str, finished: int) -> None:
+    """``finished`` succeeded analysis jobs (a long-lived deployment's history), then 2 failed,
+    3 waiting and 1 running ones, and fresh planner statistics (as autovacuum keeps them)."""
+    engine = create_engine(url)
+    jobs = (
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, attempts) "
+        "SELECT :queue, :task, jsonb_build_object('frame_id', g), "
+        "CAST(:status AS procrastinate_job_status), 1 FROM generate_series(1, :n) AS g"
+    )
+    with engine.begin() as conn:
+        for status, n in (("succeeded", finished), ("failed", 2), ("todo", 3), ("doing", 1)):
+            conn.execute(
+                text(jobs),
+                {"queue": pq.ANALYSIS_QUEUE, "task": pq.ANALYSIS_TASK, "status": status, "n": n},
+            )
+    with engine.connect() as conn:
+        conn.execute(text("ANALYZE procrastinate_jobs"))
+        conn.commit()
+    engine.dispose()
+
+
+def test_health_job_counts_do_not_read_the_finished_jobs(pg_url: str, tmp_path: Path) -> None:
+    """With 200,000 finished analysis jobs, the health counts read the waiting and running
+    jobs and the latest RECENT_JOBS only (PostgreSQL's own per-transaction table statistics);
+    they counted every job ever with ``GROUP BY status`` (PostgreSQL fault audit)."""
+    with api(settings(pg_url, tmp_path, queue="procrastinate")) as client:
+        insert_jobs(pg_url, FINISHED_JOBS)
+        jobs = client.get("/api/v1/health").json()["queue"]["jobs"]
+        assert jobs == {"pending": 3, "running": 1, "failed_recent": 2}
+        state = client.app.state.spectrawatch  # type: ignore[attr-defined]
+        with state.sessions() as session:
+            assert pq.analysis_job_counts(session) == jobs
+            read = session.execute(
+                text(
+                    "SELECT seq_scan, seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables "
+                    "WHERE relname = 'procrastinate_jobs'"
+                )
+            ).one()
+        assert read.seq_scan == 0
+        assert read.seq_tup_read == 0
+        assert read.idx_tup_fetch <= 3 * repo.RECENT_JOBS  # against 200,000 finished

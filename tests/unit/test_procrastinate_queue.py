@@ -193,7 +193,7 @@ def test_job_commits_and_rolls_back_with_its_frame(pg_sessions: sessionmaker[Ses
     assert _jobs(pg_sessions) == [(frame.id, "todo", run_lock, f"frame:{frame.id}", 0)]
     with pg_sessions() as session:
         assert session.scalar(text("SELECT count(*) FROM frame")) == 1
-    assert queue.counts() == {"pending": 1}
+    assert queue.counts() == {"pending": 1, "running": 0, "failed_recent": 0}
     assert queue.alive is False  # no worker heartbeat yet
 
 
@@ -234,7 +234,7 @@ def test_stalled_jobs_are_requeued_then_failed_on_the_last_attempt(
     assert _jobs(pg_sessions)[0][1] == "failed"  # no attempts left: failed, not re-queued
     with pg_sessions() as session:
         assert session.get_one(Frame, frame_id).status == "failed"
-    assert queue.counts() == {"failed": 1}
+    assert queue.counts() == {"pending": 0, "running": 0, "failed_recent": 1}
     assert asyncio.run(recover()) == []
 
 

@@ -254,20 +254,14 @@ class ProcrastinateQueue:
         """Nothing to do (see :meth:`start`)."""
 
     def counts(self) -> dict[str, int]:
-        """Analysis jobs by status, named as in the embedded queue (pending/running/done/failed)."""
+        """Analysis jobs ``pending`` (todo) and ``running`` (doing), and ``failed_recent``:
+        failed among the latest :data:`~spectrawatch_server.storage.repository.RECENT_JOBS`,
+        named as in the embedded queue. Finished jobs stay in ``procrastinate_jobs`` for ever,
+        so nothing counts them all: the first count reads procrastinate's partial index of
+        waiting and running jobs (``procrastinate_jobs_id_lock_idx_v1``), the second the newest
+        ids of the primary key."""
         with self.sessions() as session:
-            rows = session.execute(
-                text(
-                    "SELECT status::text, count(*) FROM procrastinate_jobs "
-                    "WHERE queue_name = :queue GROUP BY status"
-                ),
-                {"queue": ANALYSIS_QUEUE},
-            ).all()
-        out: dict[str, int] = {}
-        for status, n in rows:
-            name = STATUS_NAMES.get(status, status)
-            out[name] = out.get(name, 0) + int(n)
-        return out
+            return analysis_job_counts(session)
 
     @property
     def alive(self) -> bool:
@@ -433,6 +427,28 @@ class ProcrastinateQueue:
             return
         with self.sessions.begin() as session:
             repo.finish_frame(session, frame_id, "failed", error)
+
+
+_ACTIVE_SQL = (
+    "SELECT status::text, count(*) FROM procrastinate_jobs WHERE queue_name = :queue "
+    "AND status = ANY (ARRAY['todo'::procrastinate_job_status, 'doing'::procrastinate_job_status])"
+    " GROUP BY status"
+)
+_RECENT_FAILED_SQL = (
+    "SELECT count(*) FROM (SELECT status FROM procrastinate_jobs WHERE queue_name = :queue "
+    "ORDER BY id DESC LIMIT :recent) AS latest WHERE status = 'failed'"
+)
+
+
+def analysis_job_counts(session: Session) -> dict[str, int]:
+    """:meth:`ProcrastinateQueue.counts` on an open session."""
+    params = {"queue": ANALYSIS_QUEUE}
+    active = {"pending": 0, "running": 0}
+    for status, n in session.execute(text(_ACTIVE_SQL), params):
+        name = STATUS_NAMES.get(status, status)
+        active[name] = active.get(name, 0) + int(n)
+    failed = session.scalar(text(_RECENT_FAILED_SQL), {**params, "recent": repo.RECENT_JOBS})
+    return active | {"failed_recent": int(failed or 0)}
 
 
 def _frame_id(job: Job) -> int | None:

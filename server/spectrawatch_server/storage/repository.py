@@ -460,9 +460,23 @@ def _greatest(session: Session, *values: Any) -> Any:
     return larger(*values)
 
 
+RECENT_JOBS = 1000
+"""How many of the latest jobs ``failed_recent`` looks at (health: a bounded count)."""
+
+
 def job_counts(session: Session) -> dict[str, int]:
-    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
-    return {status: int(n) for status, n in rows}
+    """``pending`` and ``running`` jobs, and ``failed_recent``: failed among the latest
+    :data:`RECENT_JOBS`. Finished jobs are never counted in full (their number grows with every
+    frame ever ingested): each count reads a range of ``ix_job_status_id`` or the newest ids."""
+    rows = session.execute(
+        select(Job.status, func.count())
+        .where(Job.status.in_(("pending", "running")))
+        .group_by(Job.status)
+    ).all()
+    counts = {"pending": 0, "running": 0} | {status: int(n) for status, n in rows}
+    recent = select(Job.status).order_by(Job.id.desc()).limit(RECENT_JOBS).subquery()
+    failed = session.scalar(select(func.count()).where(recent.c.status == "failed"))
+    return counts | {"failed_recent": int(failed or 0)}
 
 
 def job_for_frame(session: Session, frame_id: int) -> Job | None:
