@@ -408,6 +408,10 @@ def test_database_down_answers_503_and_client_loses_nothing(
             assert resp.status_code == 503, resp.text
             assert resp.headers["Retry-After"].isdigit()
             assert resp.json()["error"]["code"] == "database_unavailable"
+            ready = api.get("/ready")
+            assert ready.status_code == 503, ready.text
+            assert ready.headers["Retry-After"].isdigit()
+            assert ready.json()["checks"]["database"].startswith("unavailable")
             resp = api.post(
                 f"/runs/{probe_run}/scalars", json=[{"step": 1, "name": "loss", "value": 1.0}]
             )

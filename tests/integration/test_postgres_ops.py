@@ -8,6 +8,7 @@ and outages are real PostgreSQL ones.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -195,3 +196,41 @@ def test_health_job_counts_do_not_read_the_finished_jobs(pg_url: str, tmp_path: 
         assert read.seq_scan == 0
         assert read.seq_tup_read == 0
         assert read.idx_tup_fetch <= 3 * repo.RECENT_JOBS  # against 200,000 finished
+
+
+# --- 3. readiness: 503 without a worker, /health stays the status report --------------------
+
+
+def test_ready_is_503_until_a_worker_heartbeats(pg_url: str, tmp_path: Path) -> None:
+    """Scale-out API with no ``spectrawatch worker``: ``/ready`` answers 503 (``/health`` 200
+    with ``worker.running: false`` as before, where the truth was only in the body); once a
+    worker registers with procrastinate it is ready; when that worker leaves, 503 again."""
+    app_settings = settings(pg_url, tmp_path, queue="procrastinate", worker_stalled_seconds=5)
+    with api(app_settings) as client:
+        health = client.get("/api/v1/health")
+        assert health.status_code == 200
+        assert health.json()["worker"]["running"] is False
+        resp = client.get("/api/v1/ready")
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["Retry-After"].isdigit()
+        body = resp.json()
+        assert body["ready"] is False
+        assert body["checks"]["database"] == "ok"
+        assert "no worker heartbeat in the last 5 s" in body["checks"]["worker"]
+
+        queue = client.app.state.spectrawatch.queue  # type: ignore[attr-defined]
+
+        async def register() -> int:
+            async with queue.app.open_async():
+                return int(await queue.jobs.register_worker())
+
+        async def unregister(worker_id: int) -> None:
+            async with queue.app.open_async():
+                await queue.jobs.unregister_worker(worker_id)
+
+        worker_id = asyncio.run(register())  # what a starting worker does
+        resp = client.get("/api/v1/ready")
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"ready": True, "checks": {"database": "ok", "worker": "ok"}}
+        asyncio.run(unregister(worker_id))
+        assert client.get("/api/v1/ready").status_code == 503

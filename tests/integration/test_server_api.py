@@ -50,6 +50,11 @@ def test_health_and_openapi(client: httpx.Client, shared_server: ServerProcess) 
     assert health["status"] == "ok"
     assert health["database"] == DIALECT
     assert health["worker"]["running"] is True
+    # readiness: the database answers and a worker runs (the embedded thread, or the topology's
+    # `spectrawatch worker` processes in postgres mode)
+    ready = client.get("/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {"ready": True, "checks": {"database": "ok", "worker": "ok"}}
     docs = httpx.get(f"{shared_server.url}/docs")
     assert docs.status_code == 200
     paths = httpx.get(f"{shared_server.url}/openapi.json").json()["paths"]

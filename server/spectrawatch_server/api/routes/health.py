@@ -1,11 +1,14 @@
-"""Liveness and readiness: database reachable, queue depth, worker devices."""
+"""Health (``/health``: the process answers, the database is reachable, queue depth, workers)
+and readiness (``/ready``: 503 until the whole pipeline can do its job)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from spectrawatch._version import __version__
 from spectrawatch_server.api.deps import StateDep
@@ -48,3 +51,44 @@ def read_health(state: StateDep) -> dict[str, Any]:
         "worker": worker_health(state),
         "auth_required": state.settings.require_auth,
     }
+
+
+def _database_check(state: AppState) -> str:
+    try:
+        with state.sessions() as session:
+            session.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:  # down, restarting, no pooled connection free
+        return f"unavailable ({type(exc).__name__})"
+    return "ok"
+
+
+def _worker_check(state: AppState) -> str:
+    live_workers = getattr(state.queue, "live_workers", None)
+    if live_workers is None:  # embedded: this process's thread, unless it was turned off
+        if not state.settings.run_worker:
+            return "ok (not run by this process: SPECTRAWATCH_RUN_WORKER=false)"
+        return "ok" if getattr(state.queue, "alive", False) else "the worker thread is not running"
+    if live_workers()[0] > 0:
+        return "ok"
+    window = state.settings.worker_stalled_seconds
+    return f"no worker heartbeat in the last {window:g} s: start `spectrawatch worker`"
+
+
+@router.get(
+    "/ready",
+    responses={503: {"description": "not ready: the database is unreachable or no worker runs"}},
+)
+def read_ready(state: StateDep) -> JSONResponse:
+    """Readiness: 200 when the database answers and a worker runs (a ``spectrawatch worker``
+    heartbeat within ``WORKER_STALLED_SECONDS`` in scale-out mode, the worker thread when
+    embedded); else 503 with ``Retry-After`` and the failing check. ``/health`` is the status
+    report, 200 while the process and its database answer, with or without a worker."""
+    checks = {"database": _database_check(state)}
+    if checks["database"] == "ok":
+        checks["worker"] = _worker_check(state)
+    ready = all(value.startswith("ok") for value in checks.values())
+    return JSONResponse(
+        {"ready": ready, "checks": checks},
+        status_code=200 if ready else 503,
+        headers=None if ready else {"Retry-After": "5"},
+    )
