@@ -9,7 +9,11 @@ and outages are real PostgreSQL ones.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import random
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,9 +26,12 @@ from sqlalchemy import create_engine, text
 from spectrawatch.config import ClientSettings
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.db import migrate
+from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue import procrastinate as pq
 from spectrawatch_server.storage import repository as repo
-from tests.servers import fresh_database
+from tests.integration.test_faults import PrivatePostgres
+from tests.servers import fresh_database, wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -137,8 +144,6 @@ def test_statement_timeout_answers_503_database_busy(pg_url: str, tmp_path: Path
 
 def test_engine_adds_the_timeouts_after_the_urls_own_options(pg_url: str) -> None:
     """``?options=...`` in SPECTRAWATCH_DATABASE_URL is kept; the timeouts are added to it."""
-    from spectrawatch_server.db.session import make_engine
-
     url = f"{pg_url}?options=-c%20application_name%3Dx"
     engine = make_engine(url, statement_timeout=300, lock_timeout=60)
     try:
@@ -234,3 +239,93 @@ def test_ready_is_503_until_a_worker_heartbeats(pg_url: str, tmp_path: Path) -> 
         assert resp.json() == {"ready": True, "checks": {"database": "ok", "worker": "ok"}}
         asyncio.run(unregister(worker_id))
         assert client.get("/api/v1/ready").status_code == 503
+
+
+# --- 4. a worker is back within seconds of the database ---------------------------------------
+
+
+def test_reconnect_delay_is_capped_and_jittered() -> None:
+    rng = random.Random(0)
+    delays = [[pq.reconnect_delay(n, rng) for n in range(40)] for _ in range(50)]
+    assert all(0.25 <= d <= 5.0 for row in delays for d in row)
+    assert all(d >= 2.5 for row in delays for d in row[4:])  # never hammering once capped
+    assert len({round(row[10], 6) for row in delays}) == 50  # workers do not retry in step
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[tuple[PrivatePostgres, str]]:
+    pg = PrivatePostgres()
+    try:
+        url = pg.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pg.clean()
+        pytest.skip(f"PostgreSQL cannot be started here: {exc}")
+    try:
+        yield pg, url
+    finally:
+        pg.clean()
+
+
+OUTAGE_SECONDS = 20.0
+
+
+@pytest.mark.slow
+def test_worker_is_back_within_seconds_of_the_database(
+    private_postgres: tuple[PrivatePostgres, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL stopped 20 s under a worker: the worker retries at most 5 s apart and
+    heartbeats again within a few seconds of the restart. Its backoff doubled up to 30 s and
+    procrastinate's pool waited 30 s with its own backoff: 6-18 s late (PostgreSQL audit)."""
+    pg, url = private_postgres
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    pq.ensure_schema(engine)
+    engine.dispose()
+    sessions = make_session_factory(make_engine(url))
+    queue = pq.ProcrastinateQueue(sessions, url, lambda _fid: None, heartbeat_seconds=0.5)
+    watcher = create_engine(url, connect_args={"connect_timeout": 2})
+
+    def heartbeats_since(moment: object) -> int:
+        with watcher.connect() as conn:
+            return int(
+                conn.scalar(
+                    text("SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat > :t"),
+                    {"t": moment},
+                )
+                or 0
+            )
+
+    result: dict[str, float] = {}
+
+    def outage() -> None:
+        try:
+            with watcher.connect() as conn:
+                started = conn.scalar(text("SELECT now()"))
+            wait_until(lambda: heartbeats_since(started) > 0, timeout=60)
+            pg.stop()
+            watcher.dispose()
+            time.sleep(OUTAGE_SECONDS)
+            pg.start()
+            up = time.monotonic()
+            with watcher.connect() as conn:
+                back = conn.scalar(text("SELECT now()"))
+            wait_until(lambda: heartbeats_since(back) > 0, timeout=60, interval=0.1)
+            result["back_after"] = time.monotonic() - up
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # the worker's own stop signal
+
+    control = threading.Thread(target=outage)
+    control.start()
+    with caplog.at_level(logging.WARNING, logger=pq.__name__):
+        queue.run_worker("outage-worker")
+    control.join()
+    watcher.dispose()
+    sessions.kw["bind"].dispose()
+    delays = [
+        float(r.getMessage().rsplit(" in ", 1)[1].split()[0])
+        for r in caplog.records
+        if "reconnecting to the database in" in r.getMessage()
+    ]
+    assert len(delays) >= 4  # it kept trying during the outage, ...
+    assert max(delays) <= 5.0  # ... never more than 5 s apart
+    assert result["back_after"] < 7.0  # 5 s at most + a connection + one heartbeat

@@ -28,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 from datetime import datetime
 
+import psycopg
 from procrastinate import App, BaseConnector, PsycopgConnector, RetryStrategy
 from procrastinate import exceptions as pexc
 from procrastinate.job_context import JobContext
@@ -54,7 +56,14 @@ STALLED_TASK = "spectrawatch.retry_stalled_jobs"
 CLEANUP_TASK = "spectrawatch.delete_old_jobs"
 ANALYSIS_QUEUE = "spectrawatch-analysis"
 MAINTENANCE_QUEUE = "spectrawatch-maintenance"
-_RECONNECT_MAX_SECONDS = 30.0  # longest wait between reconnection attempts of a worker
+# A worker cut off from PostgreSQL tries one connection after 0.5, 1, 2, 4, 5, 5, ... s (each
+# wait drawn in [half, all] of that: workers cut off together do not retry in step): back
+# within 5 s of the database, at most one attempt per 2.5 s per worker while it is away.
+_RECONNECT_FIRST_SECONDS = 0.5
+_RECONNECT_MAX_SECONDS = 5.0
+_RECONNECT_CONNECT_TIMEOUT = 5  # seconds (libpq connect_timeout) of one attempt
+_POOL_TIMEOUT = _RECONNECT_MAX_SECONDS  # longest wait of a worker task for a pooled connection
+_HEALTHY_RUN_SECONDS = 30.0  # a worker up this long before it stopped starts the backoff afresh
 _SCHEMA_LOCK_KEY = 0x5357_5150  # pg_advisory_xact_lock key serialising schema installs
 
 # procrastinate job status -> the embedded queue's names, so health/API read the same keys.
@@ -76,6 +85,13 @@ def worker_application_name(name: str, device: str) -> str:
     """``<name>@<device>`` (PostgreSQL keeps 63 bytes): who holds which lock, on which device."""
     suffix = f"{_DEVICE_SEP}{device}"
     return name.replace(_DEVICE_SEP, "-")[: 63 - len(suffix)] + suffix
+
+
+def reconnect_delay(failures: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait before reconnection attempt ``failures + 1``: capped exponential
+    backoff (0.5 s doubling up to 5 s) with "equal jitter" (a uniform draw in its upper half)."""
+    ceiling = min(_RECONNECT_MAX_SECONDS, _RECONNECT_FIRST_SECONDS * 2.0 ** min(failures, 16))
+    return ceiling * (rng or random).uniform(0.5, 1.0)
 
 
 class AnalysisRetry(BaseRetryStrategy):
@@ -208,7 +224,11 @@ class ProcrastinateQueue:
         self.stalled_seconds = stalled_seconds
         self.poll_seconds = poll_seconds
         self.retry = AnalysisRetry(max_attempts, backoff_seconds, db_retry_seconds)
-        self.app = App(connector=PsycopgConnector(conninfo=libpq_dsn(database_url)))
+        self.dsn = libpq_dsn(database_url)
+        # timeout: a worker task waits this long for a pooled connection (psycopg_pool's
+        # default is 30 s, during which its reconnections back off up to 16 s apart): with the
+        # database away the worker stops within it and reconnects on the short backoff instead
+        self.app = App(connector=PsycopgConnector(conninfo=self.dsn, timeout=_POOL_TIMEOUT))
         # before the tasks are registered: they keep the job manager they were made with
         self.jobs = RefundingJobManager(self.app.connector, self.retry.refunds)
         self.app.job_manager = self.jobs
@@ -304,15 +324,16 @@ class ProcrastinateQueue:
         """Run procrastinate's worker until SIGINT/SIGTERM, reconnecting after database loss.
 
         procrastinate stops a worker whose LISTEN connection or heartbeat fails (the database
-        restarted, a network blip); this process then reconnects with a backoff of 1..30 s
-        and goes on. The job in hand of a lost worker is re-queued by the stalled-job check.
+        restarted, a network blip); this process then reconnects with a capped, jittered
+        backoff (:func:`reconnect_delay`: 0.5 s up to 5 s) and goes on. The job in hand of a
+        lost worker is re-queued by the stalled-job check.
         On a signal the current job finishes first (procrastinate's graceful stop).
         """
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        delay = 1.0
+        failures = 0
         try:
             while not stop.is_set():
                 started = loop.time()
@@ -328,21 +349,29 @@ class ProcrastinateQueue:
                 error = worker.exception()
                 if stop.is_set():
                     return
-                delay = 1.0 if loop.time() - started > _RECONNECT_MAX_SECONDS else delay
+                failures = 0 if loop.time() - started > _HEALTHY_RUN_SECONDS else failures
+                delay = reconnect_delay(failures)
+                failures += 1
                 log.warning(
-                    "worker %s stopped (%s); reconnecting to the database in %.0f s",
+                    "worker %s stopped (%s); reconnecting to the database in %.1f s",
                     name,
-                    repr(error) if error else "lost its database connection",
+                    _first_line(error) if error else "lost its database connection",
                     delay,
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
-                delay = min(2 * delay, _RECONNECT_MAX_SECONDS)
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
 
     async def _run_worker_once(self, name: str) -> None:
+        # One connection first: procrastinate's pool, opened while the database is away, waits
+        # up to 30 s with its own growing backoff (the worker came back up to 18 s after the
+        # database); a failed probe goes straight back to run_worker_async's short backoff.
+        probe = await psycopg.AsyncConnection.connect(
+            self.dsn, connect_timeout=_RECONNECT_CONNECT_TIMEOUT
+        )
+        await probe.close()
         connector = self.app.connector
         try:
             await connector.open_async()
@@ -449,6 +478,12 @@ def analysis_job_counts(session: Session) -> dict[str, int]:
         active[name] = active.get(name, 0) + int(n)
     failed = session.scalar(text(_RECENT_FAILED_SQL), {**params, "recent": repo.RECENT_JOBS})
     return active | {"failed_recent": int(failed or 0)}
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (psycopg's connection errors run to three lines)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _frame_id(job: Job) -> int | None:
