@@ -9,6 +9,7 @@ and outages are real PostgreSQL ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -16,19 +17,24 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
 
 from spectrawatch.config import ClientSettings
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db import migrate
+from spectrawatch_server.db.models import Frame
 from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue import procrastinate as pq
+from spectrawatch_server.queue.base import database_unavailable
+from spectrawatch_server.queue.embedded import EmbeddedQueue
 from spectrawatch_server.storage import repository as repo
 from tests.integration.test_faults import PrivatePostgres
 from tests.servers import fresh_database, wait_until
@@ -329,3 +335,127 @@ def test_worker_is_back_within_seconds_of_the_database(
     assert len(delays) >= 4  # it kept trying during the outage, ...
     assert max(delays) <= 5.0  # ... never more than 5 s apart
     assert result["back_after"] < 7.0  # 5 s at most + a connection + one heartbeat
+
+
+# --- 5. a statement timeout in one job uses its attempts; an outage does not -----------------
+
+
+def test_outages_are_told_from_one_statements_errors_by_sqlstate(pg_url: str) -> None:
+    """Real PostgreSQL errors: a statement timeout and a lock timeout are the statement's
+    (psycopg and SQLAlchemy raise them as OperationalError, like a lost connection); a
+    terminated connection is an outage."""
+    engine = make_engine(pg_url, statement_timeout=0.2, lock_timeout=0.2)
+    errors: list[BaseException] = []
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE project (id int)"))
+    try:
+        with engine.connect() as conn:
+            try:
+                conn.execute(text("SELECT pg_sleep(2)"))
+            except sa_exc.OperationalError as exc:
+                errors.append(exc)
+        lock = TableLock(pg_url, "project")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SET statement_timeout = 0"))
+                try:
+                    conn.execute(text("SELECT * FROM project"))
+                except sa_exc.OperationalError as exc:
+                    errors.append(exc)
+        finally:
+            lock.release()
+        with engine.connect() as conn:
+            try:
+                conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+            except sa_exc.OperationalError as exc:
+                outage = exc
+    finally:
+        engine.dispose()
+    assert [type(e.orig).__name__ for e in errors] == [  # type: ignore[attr-defined]
+        "QueryCanceled",
+        "LockNotAvailable",
+    ]
+    assert [database_unavailable(e) for e in errors] == [False, False]
+    assert database_unavailable(outage) is True
+
+
+@contextlib.contextmanager
+def slow_statement_handler(url: str, calls: list[int]) -> Iterator[Callable[[int], None]]:
+    """A job body whose query always runs past the statement timeout (a real QueryCanceled),
+    for the first 5 runs: without a bound it would be retried as an outage for ever."""
+    engine = make_engine(url, statement_timeout=0.1)
+
+    def handler(frame_id: int) -> None:
+        calls.append(frame_id)
+        if len(calls) <= 5:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_sleep(1)"))
+
+    try:
+        yield handler
+    finally:
+        engine.dispose()
+
+
+def add_frame(session: Session) -> int:
+    project, _ = repo.get_or_create_project(session, "p")
+    run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+    frame = Frame(
+        run_id=run.id, kind="weights", step=0, seq=0, idempotency_key="k", blob_key="b", bytes=1
+    )
+    return repo.insert_frame(session, frame).id
+
+
+def test_statement_timeout_in_a_procrastinate_job_uses_its_attempts(
+    pg_url: str, tmp_path: Path
+) -> None:
+    with api(settings(pg_url, tmp_path, queue="procrastinate")) as client:
+        state = client.app.state.spectrawatch  # type: ignore[attr-defined]
+        calls: list[int] = []
+        with slow_statement_handler(pg_url, calls) as handler:
+            queue = pq.ProcrastinateQueue(
+                state.sessions,
+                pg_url,
+                handler,
+                max_attempts=2,
+                backoff_seconds=0,
+                db_retry_seconds=0,
+            )
+            with state.sessions.begin() as session:
+                frame_id = add_frame(session)
+                queue.enqueue(session, frame_id)
+
+            async def work() -> None:
+                async with queue.app.open_async():
+                    await queue.app.run_worker_async(
+                        queues=[pq.ANALYSIS_QUEUE], wait=False, install_signal_handlers=False
+                    )
+
+            asyncio.run(work())
+        assert calls == [frame_id] * 2  # two attempts, then failed (was: retried as an outage)
+        assert queue.counts()["failed_recent"] == 1
+        with state.sessions() as session:
+            frame = session.get_one(Frame, frame_id)
+            assert frame.status == "failed"
+            assert "QueryCanceled" in (frame.error or "")
+
+
+def test_statement_timeout_in_an_embedded_job_uses_its_attempts(
+    pg_url: str, tmp_path: Path
+) -> None:
+    with api(settings(pg_url, tmp_path)) as client:
+        state = client.app.state.spectrawatch  # type: ignore[attr-defined]
+        calls: list[int] = []
+        with slow_statement_handler(pg_url, calls) as handler:
+            queue = EmbeddedQueue(state.sessions, handler, max_attempts=2)
+            with state.sessions.begin() as session:
+                frame_id = add_frame(session)
+                queue.enqueue(session, frame_id)
+            for _ in range(8):
+                with contextlib.suppress(sa_exc.OperationalError):  # an outage is re-raised
+                    queue.run_once()
+        assert calls == [frame_id] * 2
+        with state.sessions() as session:
+            frame = session.get_one(Frame, frame_id)
+            assert frame.status == "failed"
+            assert "QueryCanceled" in (frame.error or "")

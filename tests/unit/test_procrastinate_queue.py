@@ -84,8 +84,15 @@ def test_database_outages_are_told_from_analysis_failures() -> None:
         ValueError("bad frame"),
         sa_exc.DBAPIError("SELECT 1", {}, Exception("syntax")),
         sa_exc.IntegrityError("INSERT", {}, Exception("duplicate")),
+        # one statement's errors, raised as OperationalError like a lost connection: they
+        # would repeat on every retry, so they use the job's attempts
+        sa_exc.OperationalError("SELECT", {}, psycopg.errors.QueryCanceled("statement timeout")),
+        sa_exc.OperationalError("LOCK", {}, psycopg.errors.LockNotAvailable("lock timeout")),
+        sa_exc.OperationalError("UPDATE", {}, psycopg.errors.DeadlockDetected("deadlock")),
     ]
-    assert [database_unavailable(e) for e in failures] == [False] * 4
+    assert [database_unavailable(e) for e in failures] == [False] * 7
+    shutdown = sa_exc.OperationalError("SELECT", {}, psycopg.errors.AdminShutdown("terminating"))
+    assert database_unavailable(shutdown) is True
 
 
 def test_database_outage_is_retried_without_limit_and_noted_for_a_refund() -> None:

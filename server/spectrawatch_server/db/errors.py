@@ -1,6 +1,7 @@
-"""Which database errors are whose: a statement timed out or a lock wait ran out, versus a
-connection lost. Told by PostgreSQL's SQLSTATE (``psycopg.Error.sqlstate``), not by class:
-psycopg raises all of them as ``OperationalError``, and so does SQLAlchemy."""
+"""Which database errors are whose: a statement timed out or a lock wait ran out (one
+statement's failure), versus a connection lost (the database's). Told by PostgreSQL's SQLSTATE
+(``psycopg.Error.sqlstate``), not by class: psycopg raises all of them as ``OperationalError``,
+and so does SQLAlchemy."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` is a statement or lock timeout: this statement waited or ran too long,
     the connection and the database are fine."""
     return sqlstate(exc) in STATEMENT_TIMEOUTS
+
+
+def connection_lost(code: str) -> bool:
+    """Whether SQLSTATE ``code`` says the connection or the server is gone or refusing
+    (class 08 connection exceptions; 57P01-57P04: shut down, crashed, starting up, database
+    dropped; class 53: too many connections, out of memory or disk), rather than that one
+    statement failed (a timeout, a deadlock, a serialisation failure, bad SQL)."""
+    return code.startswith(("08", "53", "57P"))

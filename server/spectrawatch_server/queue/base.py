@@ -9,6 +9,8 @@ from typing import Protocol
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
+from spectrawatch_server.db.errors import connection_lost, sqlstate
+
 JobHandler = Callable[[int], None]
 """Processes the analysis job of one frame id; raises on failure (the queue retries)."""
 
@@ -20,7 +22,17 @@ def database_unavailable(exc: BaseException) -> bool:
     Both queues give such an attempt back: retried for as long as the outage lasts, the job
     never runs out of attempts because of it. Explicit causes (``raise ... from``) are followed,
     so a wrapper (procrastinate's ``ConnectorException``) is classified by what it wraps.
+
+    An error PostgreSQL answered with a SQLSTATE other than a lost or refused connection
+    (:func:`~spectrawatch_server.db.errors.connection_lost`) is the job's own, although psycopg
+    and SQLAlchemy raise it as ``OperationalError`` too: a statement or lock timeout, a
+    deadlock, a serialisation failure. It would repeat on every retry (one job's query too slow
+    for the statement timeout), so it uses an attempt like any analysis error instead of being
+    retried for ever.
     """
+    code = sqlstate(exc)
+    if code is not None and not connection_lost(code):
+        return False
     psycopg = sys.modules.get("psycopg")  # optional (scale extra); not imported: none raised
     seen: set[int] = set()
     current: BaseException | None = exc
