@@ -64,6 +64,21 @@ def default_name(device: str) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{device}"
 
 
+def worker_settings(settings: ServerSettings, application_name: str) -> ServerSettings:
+    """The settings a worker process opens its database with: its connections named
+    ``application_name`` (``pg_stat_activity``), and the worker's statement and lock timeouts
+    instead of the API's (analysis reads and writes may take longer than a request should)."""
+    url = make_url(settings.resolved_database_url)
+    url = url.update_query_dict({"application_name": application_name})
+    return settings.model_copy(
+        update={
+            "database_url": url.render_as_string(hide_password=False),
+            "db_statement_timeout_seconds": settings.worker_db_statement_timeout_seconds,
+            "db_lock_timeout_seconds": settings.worker_db_lock_timeout_seconds,
+        }
+    )
+
+
 def serve(settings: ServerSettings, name: str | None = None) -> int:
     """Run one worker in this process until SIGINT/SIGTERM (finishing the job in hand)."""
     from spectrawatch_server.app import build_state  # torch is imported here, CUDA still idle
@@ -75,16 +90,7 @@ def serve(settings: ServerSettings, name: str | None = None) -> int:
     # pg_stat_activity.application_name <name>@<device>: which worker holds which lock/job,
     # and the devices /health reports.
     app_name = worker_application_name(worker_name, str(resolve_device(settings.device)))
-    url = make_url(settings.resolved_database_url).update_query_dict({"application_name": app_name})
-    settings = settings.model_copy(
-        update={
-            "database_url": url.render_as_string(hide_password=False),
-            # analysis reads and writes may take longer than an API request's
-            "db_statement_timeout_seconds": settings.worker_db_statement_timeout_seconds,
-            "db_lock_timeout_seconds": settings.worker_db_lock_timeout_seconds,
-        }
-    )
-    state = build_state(settings)
+    state = build_state(worker_settings(settings, app_name))
     queue = state.queue
     if not isinstance(queue, ProcrastinateQueue):  # pragma: no cover - check_config prevents it
         raise WorkerConfigError("the worker needs the procrastinate queue")

@@ -26,7 +26,12 @@ from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue import procrastinate as pq
 from spectrawatch_server.queue.base import database_unavailable
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.worker_main import WorkerConfigError, check_config, is_cuda
+from spectrawatch_server.worker_main import (
+    WorkerConfigError,
+    check_config,
+    is_cuda,
+    worker_settings,
+)
 from tests.servers import fresh_database
 
 POSTGRES_URL = os.environ.get("SPECTRAWATCH_TEST_POSTGRES_URL")
@@ -138,6 +143,16 @@ def test_worker_config_rules() -> None:
     with pytest.raises(WorkerConfigError, match="concurrency"):
         check_config(ok, 0)
     assert [is_cuda(d) for d in ("cpu", "cuda", "cuda:3", "auto")] == [False, True, True, True]
+
+
+def test_worker_opens_the_database_with_the_worker_timeouts() -> None:
+    """A `spectrawatch worker` gets WORKER_DB_*_TIMEOUT_SECONDS, not the API's shorter ones."""
+    api = ServerSettings(queue="procrastinate", database_url=PG, device="cpu")
+    worker = worker_settings(api, "w1@cpu")
+    assert (api.db_statement_timeout_seconds, api.db_lock_timeout_seconds) == (10.0, 3.0)
+    assert (worker.db_statement_timeout_seconds, worker.db_lock_timeout_seconds) == (300.0, 60.0)
+    assert worker.database_url == f"{PG}?application_name=w1%40cpu"
+    assert worker.db_pool_timeout_seconds == api.db_pool_timeout_seconds
 
 
 # --- against a real PostgreSQL ----------------------------------------------------------
