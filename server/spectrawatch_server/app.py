@@ -109,6 +109,7 @@ def reconcile_blobs(state: AppState, min_age_seconds: float) -> int:
     if removed:
         log.warning("removed %d temp upload(s) left by an earlier crash", removed)
     with state.sessions() as session:
+        migrate.lift_timeouts(session.connection())  # every frame: no API statement timeout
         referenced = repo.referenced_blob_keys(session)
     for key in state.blobs.keys(min_age_seconds):
         if key not in referenced and FRAME_BLOB_KEY.fullmatch(key):

@@ -27,7 +27,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from spectrawatch.config import ClientSettings
-from spectrawatch_server.app import create_app
+from spectrawatch_server.api.routes.blobs import prune_expired
+from spectrawatch_server.app import create_app, reconcile_blobs
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db import migrate
 from spectrawatch_server.db.models import Frame
@@ -146,6 +147,26 @@ def test_statement_timeout_answers_503_database_busy(pg_url: str, tmp_path: Path
         with client.app.state.spectrawatch.sessions() as session:  # type: ignore[attr-defined]
             assert session.scalar(text("SHOW statement_timeout")) == "1s"
             assert session.scalar(text("SHOW lock_timeout")) == "0"
+
+
+def test_sweeps_are_not_cut_by_the_api_timeouts(pg_url: str, tmp_path: Path) -> None:
+    """The start-up blob reconciliation and the retention sweep read or update every frame:
+    behind a lock held longer than DB_LOCK_TIMEOUT_SECONDS they wait for it instead of failing
+    every time (the sweep would then never prune), as migrations do."""
+    with api(settings(pg_url, tmp_path, db_lock_timeout_seconds=0.5)) as client:
+        state = client.app.state.spectrawatch  # type: ignore[attr-defined]
+        for sweep in (lambda: reconcile_blobs(state, 0.0), lambda: prune_expired(state, 1.0)):
+            lock = TableLock(pg_url, "frame")
+            released = threading.Timer(2, lock.release)
+            released.start()
+            try:
+                started = time.monotonic()
+                assert sweep() == 0
+                assert time.monotonic() - started > 1.5  # it waited for the lock
+            finally:
+                released.cancel()
+                lock.release()
+        assert client.get("/api/v1/runs").status_code == 200  # requests keep theirs
 
 
 def test_engine_adds_the_timeouts_after_the_urls_own_options(pg_url: str) -> None:

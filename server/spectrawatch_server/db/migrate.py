@@ -51,9 +51,12 @@ def check_revision(connection: Connection, url: str) -> None:
 
 
 def lift_timeouts(connection: Connection) -> None:
-    """No statement or lock timeout for the rest of this PostgreSQL transaction: a migration
-    may rewrite a large table, and a process starting beside another waits on its advisory
-    lock for as long as that one migrates."""
+    """No statement or lock timeout for the rest of this PostgreSQL transaction (nothing to
+    do on SQLite): a migration may rewrite a large table, a process starting beside another
+    waits on its advisory lock for as long as that one migrates, and the start-up blob
+    reconciliation and the retention sweep read or update every frame."""
+    if connection.dialect.name != "postgresql":
+        return
     connection.execute(text("SET LOCAL statement_timeout = 0"))
     connection.execute(text("SET LOCAL lock_timeout = 0"))
 

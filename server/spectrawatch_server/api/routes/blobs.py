@@ -10,6 +10,7 @@ from spectrawatch_server.api.deps import PrincipalDep, SessionDep, StateDep, fin
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.api.state import AppState
+from spectrawatch_server.db import migrate
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.schemas import PruneRequest, PruneResult
 from spectrawatch_server.storage import repository as repo
@@ -48,6 +49,7 @@ def prune(
 def prune_expired(state: AppState, days: float) -> int:
     """The periodic retention sweep (``SPECTRAWATCH_PRUNE_BLOBS_AFTER_DAYS``): frames pruned."""
     with state.sessions.begin() as session:
+        migrate.lift_timeouts(session.connection())  # a sweep, not a request: no API timeouts
         pruned = repo.prune_blobs(session, utcnow() - timedelta(days=days))
     delete_all(state.blobs, pruned.blob_keys)
     return pruned.frames
