@@ -36,8 +36,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 MODE = os.environ.get("SPECTRAWATCH_TEST_MODE", "embedded")
 if MODE not in {"embedded", "postgres"}:
@@ -92,9 +93,24 @@ def fresh_database(base_url: str, prefix: str = "sw") -> Iterator[str]:
     try:
         yield make_url(base_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        try:
+            _drop_database(admin, name)
+        finally:
+            admin.dispose()
+
+
+def _drop_database(admin: Engine, name: str, tries: int = 20) -> None:
+    """``DROP DATABASE ... WITH (FORCE)``, retried: an autovacuum worker (a superuser's
+    process, which the test role may not terminate) can be in the database for a moment."""
+    for attempt in range(tries):
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except DBAPIError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5)
 
 
 def _admin_url(database: str | None = None) -> str:
