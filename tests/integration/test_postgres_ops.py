@@ -75,16 +75,19 @@ class TableLock:
     statement that touches the table waits, as behind a long migration or a stuck writer."""
 
     def __init__(self, url: str, table: str) -> None:
+        self._releasing = threading.Lock()
         self.engine = create_engine(url)
         self.conn = self.engine.connect()
         self.conn.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
 
     def release(self) -> None:
-        if self.conn.closed:
-            return
-        self.conn.rollback()
-        self.conn.close()
-        self.engine.dispose()
+        """Idempotent and thread-safe (a timer thread and the test's ``finally`` both call it)."""
+        with self._releasing:
+            if self.conn.closed:
+                return
+            self.conn.rollback()
+            self.conn.close()
+            self.engine.dispose()
 
 
 # --- 1. a busy database answers 503 database_busy before the client gives up ---------------

@@ -53,7 +53,11 @@ def app_client(tmp_path: Path, database: str) -> Iterator[TestClient]:
         return
     assert POSTGRES_URL is not None
     with fresh_database(POSTGRES_URL, "sw_race") as url:
-        settings = ServerSettings(data_dir=tmp_path, database_url=url, run_worker=False)
+        # the second request waits for the run's row lock while the first one is held at the
+        # barrier (up to 5 s): a lock timeout longer than that keeps this a test of the replay
+        settings = ServerSettings(
+            data_dir=tmp_path, database_url=url, run_worker=False, db_lock_timeout_seconds=30
+        )
         with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
             yield c
 

@@ -89,12 +89,21 @@ def _spectrum_indexes(engine: Any) -> dict[str, list[str]]:
     }
 
 
-def test_read_side_migration_keeps_rows_counts_series_and_downgrades(empty_database: str) -> None:
+@pytest.fixture
+def empty_engine(empty_database: str) -> Iterator[Any]:
+    """An engine on ``empty_database``, disposed after the test (no connection left open)."""
+    engine = make_engine(empty_database)
+    yield engine
+    engine.dispose()
+
+
+def test_read_side_migration_keeps_rows_counts_series_and_downgrades(
+    empty_database: str, empty_engine: Any
+) -> None:
     """0008 on a database holding spectra and metrics: ``ix_spectrum_run_id`` replaced by the
     page order's index, ``metric_series`` filled from the metric rows; one step down restores
     the index and drops the table; the rows stay."""
-    url = empty_database
-    engine = make_engine(url)
+    url, engine = empty_database, empty_engine
     command.upgrade(alembic_config(url), "0007_run_uid")
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO project (id, name, created_at) VALUES (1, 'p', :t)"), T)
