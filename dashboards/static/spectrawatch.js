@@ -225,6 +225,13 @@
     }
     var summary = $("summary");
     summary.textContent = "";
+    if (cfg.page === "alerts" && data.run) {  // the rules that raise these alerts
+      var project = data.run.project;
+      var href = (project === "." || project === "..")
+        ? "/alert-rules?project=" + encodeURIComponent(project)
+        : "/projects/" + encodeURIComponent(project) + "/alert-rules";
+      summary.appendChild(el("a", { href: href, id: "rules-link" }, "Alert rules of project " + project + " →"));
+    }
     var s = data.summary;
     if (s) {
       var parts = [];

@@ -16,6 +16,7 @@ import torch
 
 from spectrawatch.spectral.htsr import analyze_weights, esd_payload
 from spectrawatch_server.db.models import Alert, Delivery, DeliveryAttempt, Webhook
+from spectrawatch_server.storage import alert_store
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.repository import MetricRow, SpectrumRow
 from tests.dashboard_seed import done_frame, migrated
@@ -205,6 +206,45 @@ def seed_nonfinite(data_dir: Path) -> int:
                 continue
             metrics = [MetricRow(la, "htsr.alpha", step, 4.0 - step / 60) for la in LAYERS]
             repo.replace_results(s, run.id, frame.id, step, "htsr", metrics, [])
+        run_id = run.id
+    engine.dispose()
+    return run_id
+
+
+RULES_PROJECT = "guarded"
+
+
+def seed_rules(data_dir: Path) -> int:
+    """A project whose rules show every state on the rules page: two open alerts (one
+    resolved) under ``alpha_out_of_range``, a customized default (``spectral_norm_blowup``,
+    factor 20) and a stored custom rule that no longer validates (an unknown parameter, as an
+    upgrade that renamed one leaves it). Returns the run's id."""
+    engine, sessions = migrated(data_dir)
+    with sessions.begin() as s:
+        proj, _ = repo.get_or_create_project(s, RULES_PROJECT)
+        run, _ = repo.get_or_create_run(s, proj, "watched", {}, [])
+        run.status = "finished"
+        for layer, status in (("fc1", "open"), ("fc2", "open"), ("fc3", "resolved")):
+            s.add(
+                Alert(
+                    run_id=run.id,
+                    rule="alpha_out_of_range",
+                    layer=layer,
+                    severity="warning",
+                    status=status,
+                    step=10,
+                    message="alpha 1.5 < 2",
+                    values={"htsr.alpha": 1.5},
+                )
+            )
+        alert_store.upsert_rule(s, proj.id, "spectral_norm_blowup", True, {"factor": 20.0})
+        alert_store.upsert_rule(
+            s,
+            proj.id,
+            "old_custom",
+            True,
+            {"kind": "threshold", "metric": "htsr.alpha", "below": 1.0, "renamed_param": 3},
+        )
         run_id = run.id
     engine.dispose()
     return run_id

@@ -29,11 +29,13 @@ from tests.e2e.dashboard_data import (
     CROSSING_STEP,
     LAYERS,
     NAN_FROM,
+    RULES_PROJECT,
     STEPS,
     WARNING_STEP,
     SeededRun,
     seed,
     seed_nonfinite,
+    seed_rules,
 )
 from tests.factories import make_run
 from tests.servers import ServerProcess, create_token, wait_until
@@ -913,3 +915,194 @@ def test_times_are_local_with_the_zone_and_the_header_says_when_the_run_started(
         assert console_errors(browser) == []
     finally:
         browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})
+
+
+RULES_JS = """
+return Array.from(document.querySelectorAll('table.rules tbody tr')).map(function (tr) {
+  var problem = tr.querySelector('.rule-problem');
+  return {name: tr.dataset.rule, enabled: tr.querySelector('.rule-toggle').checked,
+          origin: tr.querySelector('td.origin').textContent,
+          open: Number(tr.querySelector('td.open-alerts').textContent),
+          condition: tr.querySelector('td.condition').firstChild.textContent,
+          layers: tr.querySelector('td.layers').textContent,
+          problem: problem ? problem.textContent : null};
+});
+"""
+
+
+def rule_rows(driver: Any) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in driver.execute_script(RULES_JS)}
+
+
+def rerendered(driver: Any, before: int) -> None:
+    """Wait for the rules table drawn again after a write (``data-renders`` past ``before``)."""
+    wait_js(driver, f"Number(document.body.dataset.renders) > {before}")
+
+
+def renders(driver: Any) -> int:
+    return int(driver.execute_script("return Number(document.body.dataset.renders)"))
+
+
+def check_rules_page(
+    browser: Any, server: ServerProcess, run_id: int, token: str | None, artifacts: Path
+) -> None:
+    """The rules page of ``seed_rules``' project, reached from the runs list: every rule with
+    its state and open alerts; switch one off, a 422 shown in the editor, a customized default
+    reset. Each write checked through the API."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    api = httpx.Client(base_url=f"{server.url}/api/v1", headers=headers, timeout=30)
+
+    def stored(rule: str) -> dict[str, Any]:
+        listed = api.get(f"/projects/{RULES_PROJECT}/alert-rules")
+        assert listed.status_code == 200, listed.text
+        (row,) = [r for r in listed.json() if r["name"] == rule]
+        return dict(row)
+
+    with api:
+        browser.get(f"{server.url}/projects/{RULES_PROJECT}")
+        console_errors(browser)  # a page of an earlier test's server, stopped under it
+        browser.find_element("id", "rules-link").click()
+        if token is not None:  # a fresh browser: the page asks for the token
+            wait_js(browser, "document.body.dataset.ready === 'error'")
+            browser.find_element("id", "token-input").send_keys(token)
+            browser.find_element("css selector", "#banner button").click()
+        wait_js(browser, "document.body.dataset.ready === '1'")
+        assert browser.current_url.endswith(f"/projects/{RULES_PROJECT}/alert-rules")
+        rows = rule_rows(browser)
+        assert rows["alpha_out_of_range"] == {
+            "name": "alpha_out_of_range",
+            "enabled": True,
+            "origin": "default",
+            "open": 2,  # the resolved one is not counted
+            "condition": "htsr.alpha < 2 or > 6 (hysteresis 0.1)",
+            "layers": "*",
+            "problem": None,
+        }
+        assert rows["spectral_norm_blowup"]["origin"] == "customized"
+        assert rows["spectral_norm_blowup"]["condition"].startswith("norm.spectral ≥ 20 times")
+        assert rows["old_custom"]["origin"] == "custom"
+        assert not rows["old_custom"]["enabled"]
+        assert "renamed_param: unknown rule parameter" in rows["old_custom"]["problem"]
+        screenshot(browser, artifacts, "rules" + ("-auth" if token else ""))
+
+        # switch alpha_out_of_range off: the API says so, and its open alerts are resolved
+        before = renders(browser)
+        browser.find_element(
+            "css selector", "tr[data-rule='alpha_out_of_range'] .rule-toggle"
+        ).click()
+        rerendered(browser, before)
+        assert stored("alpha_out_of_range")["enabled"] is False
+        row = rule_rows(browser)["alpha_out_of_range"]
+        assert (row["enabled"], row["open"]) == (False, 0), row
+
+        # the rule whose stored params no longer validate cannot be switched on: the API's
+        # message in the banner, and the checkbox back off (the table read again)
+        before = renders(browser)
+        browser.find_element("css selector", "tr[data-rule='old_custom'] .rule-toggle").click()
+        rerendered(browser, before)
+        banner = browser.find_element("id", "banner").text
+        assert "Could not change rule old_custom: 422: params.renamed_param" in banner, banner
+        assert rule_rows(browser)["old_custom"]["enabled"] is False
+        assert stored("old_custom")["enabled"] is False
+
+        # a bad parameter: the API's 422 message in the editor, nothing stored
+        browser.find_element(
+            "css selector", "tr[data-rule='spectral_norm_blowup'] .rule-edit-button"
+        ).click()
+        area = browser.find_element("css selector", "tr[data-rule='spectral_norm_blowup'] textarea")
+        area.clear()
+        area.send_keys('{"factor": "big"}')
+        browser.find_element(
+            "css selector", "tr[data-rule='spectral_norm_blowup'] .rule-save"
+        ).click()
+        error = wait_js(
+            browser,
+            "(function () { var e = document.querySelector("
+            "\"tr[data-rule='spectral_norm_blowup'] .rule-error\");"
+            " return e && !e.hidden && e.textContent; })()",
+        )
+        assert error == "422: params.factor: must be a finite number, got 'big'", error
+        assert stored("spectral_norm_blowup")["params"]["factor"] == 20.0
+        # a good one
+        area.clear()
+        area.send_keys('{"factor": 15}')
+        before = renders(browser)
+        browser.find_element(
+            "css selector", "tr[data-rule='spectral_norm_blowup'] .rule-save"
+        ).click()
+        rerendered(browser, before)
+        assert stored("spectral_norm_blowup")["params"]["factor"] == 15
+
+        # reset the customized default (the confirm dialog answered yes)
+        browser.execute_script("window.confirm = function () { return true; };")
+        before = renders(browser)
+        browser.find_element(
+            "css selector", "tr[data-rule='spectral_norm_blowup'] .rule-reset"
+        ).click()
+        rerendered(browser, before)
+        reset = stored("spectral_norm_blowup")
+        assert (reset["customized"], reset["params"]["factor"]) == (False, 10.0), reset
+        assert rule_rows(browser)["spectral_norm_blowup"]["origin"] == "default"
+        assert not browser.find_elements(
+            "css selector", "tr[data-rule='spectral_norm_blowup'] .rule-reset"
+        )
+
+        # the run's alerts page links to the rules
+        open_page(browser, f"{server.url}/runs/{run_id}/alerts")
+        link = browser.find_element("id", "rules-link")
+        assert link.get_attribute("href") == f"{server.url}/projects/{RULES_PROJECT}/alert-rules"
+        # the browser logs the 422 answer as a failed load: nothing else
+        errors = [e for e in console_errors(browser) if "422 (Unprocessable Entity)" not in e]
+        if token is not None:
+            errors = [e for e in errors if "401 (Unauthorized)" not in e]
+        assert errors == []
+
+
+def test_alert_rules_page_lists_switches_and_resets_rules(
+    browser: Any, tmp_path: Path, artifacts: Path
+) -> None:
+    """An anonymous loopback server: the page's writes are same-origin and go through; the
+    same write from another site's page (its ``Origin``) is refused and changes nothing."""
+    data_dir = tmp_path / "rules"
+    run_id = seed_rules(data_dir)
+    server = ServerProcess(data_dir).start()
+    try:
+        check_rules_page(browser, server, run_id, None, artifacts)
+        refused = httpx.patch(
+            f"{server.url}/api/v1/projects/{RULES_PROJECT}/alert-rules/nonfinite",
+            json={"enabled": False},
+            headers={"Origin": "http://evil.example"},
+            timeout=30,
+        )
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "cross_origin"
+        rules = httpx.get(
+            f"{server.url}/api/v1/projects/{RULES_PROJECT}/alert-rules", timeout=30
+        ).json()
+        assert [r["enabled"] for r in rules if r["name"] == "nonfinite"] == [True]
+    finally:
+        server.stop()
+
+
+def test_alert_rules_page_of_a_server_requiring_auth_writes_with_the_token(
+    browser: Any, tmp_path: Path, artifacts: Path
+) -> None:
+    """With auth on the page asks for the token, then reads and writes with it; a token of
+    another project finds no such project."""
+    data_dir = tmp_path / "rules-auth"
+    run_id = seed_rules(data_dir)
+    token = create_token(data_dir, RULES_PROJECT)
+    other = create_token(data_dir, "elsewhere")
+    server = ServerProcess(data_dir, args=["--require-auth"]).start()
+    try:
+        browser.execute_script("window.localStorage.clear()")
+        check_rules_page(browser, server, run_id, token, artifacts)
+        browser.execute_script(f"window.localStorage.setItem('spectrawatch.token', '{other}')")
+        browser.get(f"{server.url}/projects/{RULES_PROJECT}/alert-rules")
+        wait_js(browser, "document.body.dataset.ready === 'error'")
+        banner = browser.find_element("id", "banner").text
+        assert f"404: project '{RULES_PROJECT}' does not exist" in banner, banner
+    finally:
+        browser.execute_script("window.localStorage.clear()")
+        console_errors(browser)  # the 401 and 404 loads above, not for later tests
+        server.stop()

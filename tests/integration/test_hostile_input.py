@@ -83,6 +83,7 @@ def test_authz_matrix(secured: tuple[ServerProcess, dict[str, str]]) -> None:
         ("get", f"/dashboards/runs/{run_id}/layers", None),
         ("get", f"/dashboards/runs/{run_id}/alerts", None),
         ("get", f"/dashboards/compare?runs={run_id}", None),
+        ("get", "/dashboards/projects/mine/alert-rules", None),
     ]
     callers = {
         "none": {},

@@ -925,3 +925,43 @@ def test_scalar_onsets_read_the_client_stats_and_skip_other_shapes() -> None:
     assert (mark.name, list(mark.x), list(mark.y)) == ("loss: nan from step 20", [20], [0.25])
     note = fig.scalar_onsets_note(fig.scalar_onsets(stats), ["loss", "acc"])
     assert note.startswith("loss became nan at step 20: the client sends no NaN/Inf value")
+
+
+def test_rule_condition_says_each_kind_in_words() -> None:
+    cond = routes.rule_condition
+    threshold = {"kind": "threshold", "metric": "htsr.alpha", "below": 2.0, "above": 6.0}
+    assert cond({**threshold, "hysteresis": 0.1}) == "htsr.alpha < 2 or > 6 (hysteresis 0.1)"
+    assert cond({"kind": "threshold", "metric": "m", "above": 0.5}) == "m > 0.5"
+    growth = {"kind": "growth", "metric": "norm.spectral", "factor": 10.0, "window": 10}
+    assert cond(growth) == "norm.spectral ≥ 10 times the minimum of the previous 10 points"
+    assert cond({"kind": "silence", "minutes": 30.0}) == "a running run silent for 30 min"
+    assert cond({"kind": "nonfinite"}) == "NaN/Inf in a frame"
+    assert cond({"kind": "mystery"}) == ""
+
+
+def test_rules_pages_of_every_project_name_and_a_missing_one(tmp_path: Path) -> None:
+    """The rules page of a project, linked from its runs list; a project named ``.`` (stored
+    before such names were refused) is reached by the query form, a missing one is a 404."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    assert routes.rules_href("a b#c") == "/projects/a%20b%23c/alert-rules"
+    assert routes.rules_href(".") == "/alert-rules?project=."
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        client.post("/api/v1/runs", json={"project": "p q", "name": "r"}).raise_for_status()
+        runs = client.get("/projects/p%20q")
+        assert 'href="/projects/p%20q/alert-rules"' in runs.text
+        page = client.get("/projects/p%20q/alert-rules")
+        assert page.status_code == 200
+        assert '"project": "p q"' in page.text
+        assert client.get("/alert-rules", params={"project": "p q"}).status_code == 200
+        missing = client.get("/projects/nope/alert-rules")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "project_not_found"
+        body = client.get("/api/v1/dashboards/projects/p%20q/alert-rules").json()
+        assert body["project"] == "p q"
+        assert {r["name"] for r in body["rules"]} >= {"alpha_out_of_range", "nonfinite"}
+        assert all(r["open_alerts"] == 0 for r in body["rules"])

@@ -23,6 +23,7 @@ from spectrawatch_server.db.models import (
     DeliveryAttempt,
     Frame,
     Metric,
+    Run,
     Scalar,
     Webhook,
 )
@@ -402,6 +403,17 @@ def open_alert_counts(session: Session, run_ids: Sequence[int]) -> dict[int, int
         .group_by(Alert.run_id)
     ).all()
     return {int(r): int(n) for r, n in rows}
+
+
+def open_alerts_by_rule(session: Session, project_id: int) -> dict[str, int]:
+    """Open alerts per rule name across the runs of a project (rules without any are absent)."""
+    runs = select(Run.id).where(Run.project_id == project_id)
+    rows = session.execute(
+        select(Alert.rule, func.count())
+        .where(Alert.run_id.in_(runs), Alert.status == "open")
+        .group_by(Alert.rule)
+    ).all()
+    return {str(rule): int(n) for rule, n in rows}
 
 
 def alert_rows(session: Session, run_id: int) -> list[dict[str, Any]]:

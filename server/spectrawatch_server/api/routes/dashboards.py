@@ -2,7 +2,8 @@
 
 HTML pages (``/``, ``/projects/{name}``, ``/runs/{id}``, ``/runs/{id}/layers``,
 ``/runs/{id}/layers/{layer}``, ``/runs/{id}/activations``, ``/runs/{id}/alerts``,
-``/compare?runs=1,2``) are shells: the browser script reads the page state from the URL, fetches
+``/compare?runs=1,2``, ``/projects/{name}/alert-rules``) are shells: the browser script reads the
+page state from the URL, fetches
 ``/api/v1/dashboards/...`` (Plotly figures built by :mod:`spectrawatch_server.figures` from
 the downsampled reads of :mod:`spectrawatch_server.storage.dashboard_reads`, behind the same
 auth as the rest of the API) and polls
@@ -41,6 +42,7 @@ from spectrawatch_server.api.deps import (
     find_run,
 )
 from spectrawatch_server.api.errors import STATIC_URL, ApiError
+from spectrawatch_server.api.routes.alerts import find_project, list_rules
 from spectrawatch_server.api.routes.runs import run_public
 from spectrawatch_server.db.models import Run, Scalar, Spectrum
 from spectrawatch_server.storage import dashboard_reads as reads
@@ -98,10 +100,19 @@ def project_href(name: str) -> str:
     return "/projects/" + quote(name, safe="")
 
 
+def rules_href(name: str) -> str:
+    """The dashboard link of a project's alert rules (``.`` and ``..`` as a query, as
+    :func:`project_href`)."""
+    if name in DOT_NAMES:
+        return "/alert-rules?" + urlencode({"project": name})
+    return "/projects/" + quote(name, safe="") + "/alert-rules"
+
+
 @cache
 def templates() -> Jinja2Templates:
     out = Jinja2Templates(directory=str(package_dir() / "templates"))
     out.env.filters["project_href"] = project_href
+    out.env.filters["rules_href"] = rules_href
     return out
 
 
@@ -645,6 +656,62 @@ def read_compare(
     return _json(body)
 
 
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def rule_condition(params: dict[str, Any]) -> str:
+    """A rule's condition in a few words, from its params (``htsr.alpha < 2 or > 6``)."""
+    kind = params.get("kind")
+    metric = params.get("metric") or "?"
+    if kind == "threshold":
+        bounds = [
+            f"{op} {_number(params[key])}"
+            for op, key in (("<", "below"), (">", "above"))
+            if params.get(key) is not None
+        ]
+        text = f"{metric} " + " or ".join(bounds) if bounds else str(metric)
+    elif kind == "growth":
+        text = (
+            f"{metric} ≥ {_number(params.get('factor'))} times the minimum of the previous "
+            f"{params.get('window')} points"
+        )
+    elif kind == "nonfinite":
+        text = "NaN/Inf in a frame"
+    elif kind == "client_drops":
+        text = f"client drops > {_number(params.get('above'))}"
+    elif kind == "silence":
+        text = f"a running run silent for {_number(params.get('minutes'))} min"
+    else:
+        return ""
+    if params.get("hysteresis"):
+        text += f" (hysteresis {_number(params['hysteresis'])})"
+    return text
+
+
+@api_router.get("/projects/{project}/alert-rules")
+def read_rules(project: str, principal: PrincipalDep, session: SessionDep) -> Response:
+    """The project's alert rules (as ``GET /projects/{project}/alert-rules``), each with its
+    condition in words and the number of alerts open under it across the project's runs."""
+    row = find_project(session, principal, project)
+    counts = reads.open_alerts_by_rule(session, row.id)
+    rules = []
+    for rule in list_rules(project, principal, session):
+        item = rule.model_dump(mode="json")
+        item["condition"] = rule_condition(rule.params) if rule.problem is None else ""
+        item["layers"] = rule.params.get("layers", "*") if isinstance(rule.params, dict) else "*"
+        item["open_alerts"] = counts.get(rule.name, 0)
+        rules.append(item)
+    return _json(
+        {
+            "project": row.name,
+            "page": {"id": "rules", "title": "Alert rules"},
+            "runs_href": project_href(row.name),
+            "rules": rules,
+        }
+    )
+
+
 ADD_RUN_OPTIONS = 200  # newest runs offered per project by the compare page's "add a run"
 
 
@@ -863,3 +930,21 @@ def show_compare(request: Request, runs: str = "") -> HTMLResponse:
         config=config,
         page_title=pages()["compare"].title,
     )
+
+
+@router.get("/projects/{name}/alert-rules", response_class=HTMLResponse)
+def show_rules(request: Request, state: StateDep, session: SessionDep, name: str) -> HTMLResponse:
+    """A project's alert rules: each one's condition, state and open alerts, with controls to
+    switch it on or off, reset a customized default and edit its parameters."""
+    if not state.settings.require_auth and repo.get_project(session, name) is None:
+        raise ApiError(404, "project_not_found", f"project {name!r} does not exist")
+    config = {"page": "rules", "project": name, "api": "/api/v1"}
+    return _page(request, "rules.html", project=name, config=config)
+
+
+@router.get("/alert-rules", response_class=HTMLResponse)
+def show_rules_of(
+    request: Request, state: StateDep, session: SessionDep, project: str
+) -> HTMLResponse:
+    """:func:`show_rules` for the projects named ``.`` or ``..`` (see :func:`rules_href`)."""
+    return show_rules(request, state, session, project)
