@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -592,16 +592,38 @@ def scalar_onset_line(line: Line, step: int, value: str) -> Line:
     return Line(f"{line.name}: {value} from step {step}", [step], [y], color=NONFINITE_COLOR)
 
 
-def scalar_onsets_note(onsets: Mapping[str, tuple[int, str]], names: Iterable[str]) -> str:
-    """One sentence on the scalars of ``names`` that went non-finite, "" when none did."""
-    hits = [(onsets[n][0], n, onsets[n][1]) for n in names if n in onsets]
+def scalar_onset_marker(name: str, step: int, value: str) -> Marker:
+    """A red vertical line at ``step`` for scalar ``name`` that was non-finite from its first
+    logged step: the client sent no value of it at all, so there is no line whose end a point
+    could mark."""
+    label = f"{name}: {value} from step {step}"
+    return Marker(step, plot_text(label, 60), NONFINITE_COLOR, "solid", plot_text(label, 200))
+
+
+def scalar_onsets_note(
+    onsets: Mapping[str, tuple[int, str]],
+    names: Iterable[str],
+    drawn: Container[str] | None = None,
+) -> str:
+    """One sentence on the scalars of ``names`` that went non-finite, "" when none did.
+    ``drawn``: the names with a line (finite values before their onset); the others (all when
+    None: every name has one) were non-finite from their first logged step."""
+    hits = sorted((onsets[n][0], n, onsets[n][1]) for n in names if n in onsets)
     if not hits:
         return ""
-    parts = [f"{name} became {value} at step {step}" for step, name, value in sorted(hits)]
-    return (
-        "; ".join(parts)
-        + ": the client sends no NaN/Inf value, so the line ends there (red point)."
-    )
+    ended = [h for h in hits if drawn is None or h[1] in drawn]
+    never = [h for h in hits if h not in ended]
+    parts = [f"{name} became {value} at step {step}" for step, name, value in ended]
+    parts += [
+        f"{name} was {value} from its first logged step, {step}" for step, name, value in never
+    ]
+    if not never:
+        why = "the line ends there (red point)"
+    elif not ended:
+        why = "there is no line to draw (red line at that step)"
+    else:
+        why = "a line ends there (red point) or is not drawn at all (red line)"
+    return "; ".join(parts) + f": the client sends no NaN/Inf value, so {why}."
 
 
 def nonfinite_marker(

@@ -872,9 +872,78 @@ def test_pages_of_a_run_gone_nan_say_where_and_why_its_data_stops(
         open_page(browser, f"{server.url}/runs/{run_id}")
         summary = browser.find_element("id", "summary").text
         assert f"non-finite (NaN/Inf) from step {NAN_FROM}" in summary
+        # the compare page marks it too (it drew the line ending at step 60, unexplained)
+        open_page(browser, f"{server.url}/compare?runs={run_id}&names=htsr.alpha&layer={LAYERS[0]}")
+        compare = panels(browser)["compare-htsr.alpha"]
+        assert {"type": "line", "x0": NAN_FROM, "x1": NAN_FROM} in compare["shapes"]
+        assert f"#{run_id}: non-finite from step {NAN_FROM}" in annotations(browser, compare)
+        text = wait_js(browser, note + ".textContent")
+        assert f"weights non-finite (NaN/Inf) from step {NAN_FROM} in {LAYERS[0]}" in text
         assert console_errors(browser) == []
     finally:
         server.stop()
+
+
+def annotations(driver: Any, panel: dict[str, Any]) -> list[str]:
+    """The texts written on a panel's plot (marker labels)."""
+    return list(
+        driver.execute_script(
+            "var gd = document.querySelector('#panel-' + arguments[0] + ' .plot');"
+            "return (gd.layout.annotations || []).map(function (a) { return a.text; });",
+            panel["id"].replace(".", "_"),
+        )
+    )
+
+
+def test_scalars_non_finite_from_the_first_step_and_on_the_compare_page_are_marked(
+    browser: Any, seeded: Any, tmp_path: Path
+) -> None:
+    """A loss NaN from its first logged step drew nothing at all (no finite value, so no line
+    whose end a point could mark): the overview marks it with a red line at that step and a
+    note. The compare page marked no onset: it marks both runs', a red point where one's line
+    ends and a red line for the other, and says so."""
+    import spectrawatch
+    from tests.training import client_settings
+
+    server, _ = seeded
+    ids = {}
+    for name, nan_from in (("nan-at-20", 20), ("nan-from-0", 0)):
+        mon = spectrawatch.Monitor()
+        mon.init(**client_settings(tmp_path / name, server.url, name, project="nanstart"))
+        for step in range(30):
+            loss = 1.0 / (step + 1) if step < nan_from else float("nan")
+            mon.log({"loss": loss, "val_acc": step / 30}, step=step)
+        assert mon.finish(timeout=60)
+        ids[name] = mon.run_id
+    late, early = ids["nan-at-20"], ids["nan-from-0"]
+
+    open_page(browser, f"{server.url}/runs/{early}")
+    loss = panels(browser)["loss"]
+    assert loss["state"] == "plot", loss  # was the empty state: "No loss logged yet"
+    assert {"type": "line", "x0": 0, "x1": 0} in loss["shapes"]
+    assert "loss: nan from step 0" in annotations(browser, loss)
+    note = browser.find_element("css selector", "#panel-loss .note")
+    assert note.is_displayed()
+    assert "loss was nan from its first logged step, 0" in note.text, note.text
+    assert "no line to draw" in note.text
+    # over the run's steps (an x-axis of -1..6 around the line, a log axis of nothing, before)
+    axis = browser.execute_script(
+        "var gd = document.querySelector('#panel-loss .plot');"
+        "return [gd.layout.xaxis.range, gd.layout.yaxis.type];"
+    )
+    assert axis[0][0] < 0 < 29 < axis[0][1], axis
+    assert axis[1] == "linear", axis
+
+    open_page(browser, f"{server.url}/compare?runs={late},{early}&names=loss")
+    compare = panels(browser)["compare-loss"]
+    names = {t["name"] for t in compare["traces"]}
+    assert f"#{late} nan-at-20: nan from step 20" in names, names
+    assert {"type": "line", "x0": 0, "x1": 0} in compare["shapes"]
+    assert f"#{early} loss: nan from step 0" in annotations(browser, compare)
+    text = browser.find_element("css selector", "#panel-compare-loss .note").text
+    assert f"#{late} nan-at-20: loss became nan at step 20" in text, text
+    assert f"#{early} nan-from-0: loss was nan from its first logged step, 0" in text, text
+    assert console_errors(browser) == []
 
 
 LOCAL_TIME = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d GMT\+5:30$"

@@ -927,6 +927,27 @@ def test_scalar_onsets_read_the_client_stats_and_skip_other_shapes() -> None:
     assert note.startswith("loss became nan at step 20: the client sends no NaN/Inf value")
 
 
+def test_scalar_onsets_note_names_scalars_never_finite_apart() -> None:
+    """A scalar with a line "became" non-finite (a red point ends it); one without any finite
+    value "was" non-finite from its first step (a red line marks it)."""
+    onsets = {"loss": (20, "nan"), "aux_loss": (0, "inf")}
+    assert fig.scalar_onsets_note(onsets, ["loss"]) == (
+        "loss became nan at step 20: the client sends no NaN/Inf value, so the line ends there"
+        " (red point)."
+    )
+    both = fig.scalar_onsets_note(onsets, ["loss", "aux_loss"], drawn={"loss"})
+    assert both.startswith("loss became nan at step 20; aux_loss was inf from its first")
+    assert both.endswith("a line ends there (red point) or is not drawn at all (red line).")
+    never = fig.scalar_onsets_note(onsets, ["aux_loss"], drawn=set())
+    assert never.endswith("so there is no line to draw (red line at that step).")
+
+
+def test_scalar_onset_marker_is_a_red_line_with_the_name_escaped() -> None:
+    marker = fig.scalar_onset_marker("<b>loss</b>", 0, "nan")
+    assert (marker.step, marker.color, marker.dash) == (0, fig.NONFINITE_COLOR, "solid")
+    assert marker.label == "&lt;b&gt;loss&lt;/b&gt;: nan from step 0"
+
+
 def test_rule_condition_says_each_kind_in_words() -> None:
     cond = routes.rule_condition
     threshold = {"kind": "threshold", "metric": "htsr.alpha", "below": 2.0, "above": 6.0}

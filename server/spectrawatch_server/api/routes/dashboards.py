@@ -291,23 +291,35 @@ def read_overview(
         for at, group in wanted.items()
         if group
     }
-    claimed = dash.claim_scalars(page.panels, scalars)
     scalar_onsets = dash.scalar_onsets(run.client_stats)
+    # a scalar non-finite from its first logged step has no line: its panel still marks it
+    claimed = dash.claim_scalars(page.panels, [*scalars, *scalar_onsets])
     panels = []
     for spec in page.panels:
         if spec.kind == "scalars":
             chosen = claimed[spec.id]
-            lines = [scalars[s] for s in chosen]
+            lines = [scalars[s] for s in chosen if s in scalars]
             lines += [
                 dash.scalar_onset_line(scalars[s], *scalar_onsets[s])
                 for s in chosen
-                if s in scalar_onsets
+                if s in scalar_onsets and s in scalars
+            ]
+            never = [
+                dash.scalar_onset_marker(s, *scalar_onsets[s])
+                for s in chosen
+                if s in scalar_onsets and s not in scalars
             ]
             fig = dash.line_figure(
-                spec.title, lines, y_title=spec.y_title, log_y=spec.log_y, markers=markers
+                spec.title,
+                lines,
+                y_title=spec.y_title,
+                log_y=spec.log_y,
+                markers=[*markers, *never],
             )
             panel = dash.panel_from(spec, fig)
-            note = dash.scalar_onsets_note(scalar_onsets, chosen)
+            if panel.figure is None and never:  # nothing finite at all: the red lines alone
+                panel.figure, panel.empty = _markers_only(fig, never, run.last_step), ""
+            note = dash.scalar_onsets_note(scalar_onsets, chosen, drawn=scalars)
             if note and panel.figure is not None:
                 panel.extra["note"] = note
             panels.append(panel)
@@ -594,8 +606,15 @@ def read_compare(
     run_rows = [find_run(session, principal, i) for i in ids]
     scalars = {r.id: scalar_lines(session, r.id, n) for r in run_rows}
     metrics = {r.id: reads.series_names(session, r.id) for r in run_rows}
+    # where each run's scalars (client stats) and layers (frames) went NaN/Inf
+    scalar_onsets = {r.id: dash.scalar_onsets(r.client_stats) for r in run_rows}
+    layer_onsets = {r.id: reads.nonfinite_onsets(session, r.id) for r in run_rows}
     available = sorted(
-        {*(s for v in scalars.values() for s in v), *(m for v in metrics.values() for m in v)},
+        {
+            *(s for v in scalars.values() for s in v),
+            *(s for v in scalar_onsets.values() for s in v),  # non-finite from the first step
+            *(m for v in metrics.values() for m in v),
+        },
         key=dash.natural_key,
     )
     requested = [x for x in (names or "").split(",") if x in available]
@@ -639,17 +658,45 @@ def read_compare(
     panels = []
     for name in requested:
         lines = []
+        marks: list[dash.Marker] = []
+        notes: list[str] = []
         for r in run_rows:
             label = f"#{r.id} {r.name}"
+            onset = scalar_onsets[r.id].get(name)
             if name in scalars[r.id]:
                 ln = scalars[r.id][name]
                 lines.append(dash.Line(label, ln.x, ln.y))
+                if onset is not None:  # a red point where the run's line ends
+                    lines.append(dash.scalar_onset_line(dash.Line(label, ln.x, ln.y), *onset))
+                    notes.append(f"{label}: {name} became {onset[1]} at step {onset[0]}")
+            elif onset is not None:  # non-finite from its first step: no line, a red one
+                marks.append(dash.scalar_onset_marker(f"#{r.id} {name}", *onset))
+                notes.append(
+                    f"{label}: {name} was {onset[1]} from its first logged step, {onset[0]}"
+                )
             elif name in metrics[r.id]:
                 series = metric_series(session, r.id, [name], layer_value, n)
                 lines += lines_of(series, name, label)
+                found = _compare_layer_marker(layer_onsets[r.id], layer_value, r)
+                if found is not None:
+                    marks.append(found[0])
+                    notes.append(f"{label}: {found[1]}")
         title = name + (f" · {layer_value}" if name in metric_chosen and layer_value else "")
         sub = dash.PanelSpec(f"compare-{name}", title, "compare", empty=spec.empty)
-        panels.append(dash.panel_from(sub, dash.line_figure(title, lines, y_title=name)))
+        fig = dash.line_figure(title, lines, y_title=name, markers=marks)
+        panel = dash.panel_from(sub, fig)
+        if panel.figure is None and marks:  # nothing finite at all: the red lines alone
+            last = max((r.last_step or 0 for r in run_rows), default=0)
+            panel.figure, panel.empty = _markers_only(fig, marks, last), ""
+        if notes and panel.figure is not None:
+            note = "; ".join(notes)
+            if name not in metric_chosen:  # the layers' sentences say why themselves
+                note += (
+                    ": the client sends no NaN/Inf value, so a run's line ends there (red"
+                    " point), or is not drawn at all when it never had a finite one (red line)."
+                )
+            panel.extra["note"] = note
+        panels.append(panel)
     if not panels:
         panels.append(dash.panel_from(spec, None, empty=None if ids else NO_RUNS_PICKED))
     body["panels"] = [p.public() for p in panels]
@@ -710,6 +757,35 @@ def read_rules(project: str, principal: PrincipalDep, session: SessionDep) -> Re
             "rules": rules,
         }
     )
+
+
+def _markers_only(
+    figure: dash.Figure, markers: Sequence[dash.Marker], last_step: int | None
+) -> dash.Figure:
+    """A figure of no finite value, only red lines (a scalar never finite): over the run's
+    steps, a linear y-axis without ticks (there is no value to read)."""
+    first = min(m.step for m in markers)
+    last = max(last_step or 0, max(m.step for m in markers))
+    pad = max(1.0, (last - first) * 0.02)
+    figure["layout"]["xaxis"]["range"] = [first - pad, last + pad]
+    figure["layout"]["yaxis"].update(type="linear", showticklabels=False, range=[0, 1])
+    return figure
+
+
+def _compare_layer_marker(
+    onsets: dict[str, tuple[int, str]], layer: str | None, run: Run
+) -> tuple[dash.Marker, str] | None:
+    """A red line where ``run``'s ``layer`` went NaN/Inf (the whole-model series: where any
+    layer did), labelled with the run, and the sentence saying so; None if it did not."""
+    layers = None if layer is None or layer == dash.MODEL_LAYER else [layer]
+    marker = dash.nonfinite_marker(onsets, layers)
+    if marker is None:
+        return None
+    note = dash.nonfinite_note(onsets, layers)
+    label = f"#{run.id}: non-finite from step {marker.step}"
+    return dash.Marker(
+        marker.step, label, marker.color, marker.dash, dash.plot_text(note, 400)
+    ), note
 
 
 ADD_RUN_OPTIONS = 200  # newest runs offered per project by the compare page's "add a run"
