@@ -1,14 +1,23 @@
 """``spectrawatch runs list|show|delete|prune|lag``: the runs of a server, one run's state (frames,
-the client's report, alerts, metrics, config), removing one with its data, releasing the stored
-frame bodies of ended runs (their results stay), and a run's SED lag analysis."""
+the client's report, alerts, metrics, config), removing one (or the old ones: retention) with its
+data, releasing the stored frame bodies of ended runs (their results stay), and a run's SED lag
+analysis; ``spectrawatch projects delete``: a project with everything of it."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
-from spectrawatch._cli_http import call, print_result, reporting_errors, server_args
+from spectrawatch._cli_http import (
+    CliError,
+    call,
+    print_result,
+    reporting_errors,
+    segment,
+    server_args,
+)
 from spectrawatch._export import resolve_run
 
 
@@ -93,6 +102,14 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_delete(args: argparse.Namespace) -> int:
+    if args.older_than is not None:
+        if args.run is not None:
+            raise CliError("give a run or --older-than, not both")
+        return _delete_stale(args)
+    if args.run is None:
+        raise CliError("give a run (id, or name with --project) or --older-than DURATION")
+    if args.status is not None:
+        raise CliError("--status selects runs for --older-than only")
     run = resolve_run(args, args.run, args.project)
     label = f"run {run['id']} ({run['project']}/{run['name']})"
     if not args.yes:
@@ -105,6 +122,107 @@ def cmd_runs_delete(args: argparse.Namespace) -> int:
         return 1
     out = call(args, "DELETE", f"/runs/{run['id']}")
     print(f"deleted {label}: {out['frames']} frames, {out['bytes'] / 2**20:.1f} MiB of blobs")
+    if out.get("blobs_not_deleted"):
+        print(
+            f"{out['blobs_not_deleted']} blob(s) could not be deleted now; the server removes "
+            "them at its next start"
+        )
+    return 0
+
+
+RETENTION_BATCH = 100  # runs per request: each call stays well within the HTTP timeout
+
+
+def _delete_stale(args: argparse.Namespace) -> int:
+    """``runs delete --older-than``: list what matches; with ``--yes`` delete it in batches."""
+    body: dict[str, Any] = {
+        "older_than_days": args.older_than,
+        "statuses": args.status or ["finished", "crashed"],
+        "limit": RETENTION_BATCH,
+    }
+    if args.project:
+        body["project"] = args.project
+    what = f"{'/'.join(body['statuses'])} runs inactive for more than {args.older_than:g} days"
+    if args.dry_run or not args.yes:
+        out = call(args, "POST", "/runs/bulk-delete", json={**body, "dry_run": True})
+        for r in out["runs"]:
+            print(f"{r['id']:>6}  {r['project']}/{r['name']}  {r['status']}  {r['updated_at']}")
+        more = out["matched"] - len(out["runs"])
+        if more > 0:
+            print(f"... and {more} more")
+        print(
+            f"would delete {out['matched']} {what}"
+            + ("" if args.dry_run else "; pass --yes to delete"),
+            file=sys.stderr,
+        )
+        return 0 if args.dry_run else 1
+    runs = frames = size = failed = 0
+    while True:
+        out = call(args, "POST", "/runs/bulk-delete", json=body)
+        for r in out["runs"]:
+            print(f"deleted run {r['id']} ({r['project']}/{r['name']})")
+        runs, frames, size = runs + len(out["runs"]), frames + out["frames"], size + out["bytes"]
+        failed += out.get("blobs_not_deleted", 0)
+        if not out["runs"] or out["matched"] <= len(out["runs"]):
+            break  # done, or the rest changed meanwhile (resumed): never loop on them
+    print(f"deleted {runs} {what}: {frames} frames, {size / 2**20:.1f} MiB of blobs")
+    if failed:
+        print(
+            f"{failed} blob(s) could not be deleted now; the server removes them at its next start"
+        )
+    return 0
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([hdw]?)\s*$")
+_UNIT_DAYS = {"h": 1 / 24, "d": 1.0, "w": 7.0, "": 1.0}
+
+
+def _duration_days(text: str) -> float:
+    """``30d``, ``12h``, ``2w`` or a plain number of days, as days (0-36500)."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 30d, 12h or 2w, got {text!r}"
+        )
+    days = float(match.group(1)) * _UNIT_DAYS[match.group(2)]
+    if not 0 <= days <= 36_500:
+        raise argparse.ArgumentTypeError(f"must be 0-36500 days, got {text!r}")
+    return days
+
+
+_RUN_STATUSES = ("running", "finished", "crashed")
+
+
+def _statuses(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in _RUN_STATUSES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"statuses are {', '.join(_RUN_STATUSES)} (comma-separated), got {text!r}"
+        )
+    return names
+
+
+def cmd_projects_delete(args: argparse.Namespace) -> int:
+    name = args.name
+    if not args.yes:
+        runs = call(args, "GET", "/runs", params={"project": name, "limit": 1000})
+        frames = sum(sum((r.get("frames") or {}).values()) for r in runs)
+        count = f"{len(runs)}{'+' if len(runs) == 1000 else ''}"
+        print(
+            f"would delete project {name!r}: {count} run(s), {frames} frames with their blobs, "
+            "every metric, spectrum, scalar and alert, its alert rules and webhooks, and revoke "
+            "its tokens; pass --yes to delete",
+            file=sys.stderr,
+        )
+        return 1
+    out = call(args, "DELETE", f"/projects/{segment(name)}")
+    print(
+        f"deleted project {name!r}: {out['runs']} run(s), {out['frames']} frames, "
+        f"{out['bytes'] / 2**20:.1f} MiB of blobs, {out['alert_rules']} alert rule(s), "
+        f"{out['webhooks']} webhook(s) ({out['deliveries_dropped']} pending deliveries "
+        f"dropped), {out['tokens_revoked']} token(s) revoked"
+    )
     if out.get("blobs_not_deleted"):
         print(
             f"{out['blobs_not_deleted']} blob(s) could not be deleted now; the server removes "
@@ -185,8 +303,33 @@ def add_runs_commands(subparsers: Any) -> None:
     )
     show.set_defaults(func=reporting_errors(cmd_runs_show))
     rm = sub.add_parser(
-        "delete", parents=[common, one_run], help="delete a run and everything stored for it"
+        "delete",
+        parents=[common],
+        help="delete a run (or, with --older-than, the old ones) and everything stored for it",
+        description="Delete one run, or (retention) every run inactive for more than "
+        "--older-than (its last write and last client contact both older), with its frames, "
+        "blobs, metrics, spectra, scalars and alerts. Retention deletes finished and crashed "
+        "runs only, unless --status names running too.",
     )
+    rm.add_argument(
+        "run", nargs="?", default=None, help="run id; or run name, with --project when given"
+    )
+    rm.add_argument("--project", default=None, help="the run's project; with --older-than: only it")
+    rm.add_argument(
+        "--older-than",
+        type=_duration_days,
+        default=None,
+        metavar="DURATION",
+        help="retention: runs inactive for longer than this (30d, 12h, 2w; a number is days)",
+    )
+    rm.add_argument(
+        "--status",
+        type=_statuses,
+        default=None,
+        help="with --older-than: run statuses to delete, comma-separated (default "
+        "finished,crashed; running only when named)",
+    )
+    rm.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     rm.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")
     rm.set_defaults(func=reporting_errors(cmd_runs_delete))
     prune = sub.add_parser(
@@ -213,3 +356,17 @@ def add_runs_commands(subparsers: Any) -> None:
     lag.add_argument("--max-lag", type=int, default=10, help="lags in points of the shared steps")
     lag.add_argument("--json", action="store_true", help="print the analysis as JSON")
     lag.set_defaults(func=reporting_errors(cmd_runs_lag))
+
+    projects = subparsers.add_parser("projects", help="delete a project with everything of it")
+    projects_sub = projects.add_subparsers(dest="projects_command", required=True)
+    prm = projects_sub.add_parser(
+        "delete",
+        parents=[common],
+        help="delete a project: its runs with their data, alert rules, webhooks; revoke tokens",
+        description="Delete a project: every run of it as `runs delete` does (a client still "
+        "streaming stops), its alert rules, webhooks and their pending deliveries; its tokens "
+        "are revoked. With --require-auth the token must be one of this project's.",
+    )
+    prm.add_argument("name", help="project name")
+    prm.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")
+    prm.set_defaults(func=reporting_errors(cmd_projects_delete))

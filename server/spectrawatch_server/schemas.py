@@ -92,6 +92,58 @@ class RunDeleted(BaseModel):
     blobs_not_deleted: int = 0
 
 
+class ProjectDeleted(BaseModel):
+    """What ``DELETE /projects/{name}`` removed."""
+
+    name: str
+    runs: int
+    frames: int
+    bytes: int
+    tokens_revoked: int
+    alert_rules: int
+    webhooks: int
+    deliveries_dropped: int
+    blobs_not_deleted: int = 0
+
+
+def _ended_statuses() -> list[RunStatus]:
+    return ["finished", "crashed"]
+
+
+class BulkDeleteRequest(BaseModel):
+    """Retention: delete the runs of ``statuses`` inactive for more than ``older_than_days``
+    (``updated_at`` and ``last_seen_at`` both older), in ``project`` (all the caller may see
+    when not given), at most ``limit`` of them, oldest first. Running runs only when
+    ``statuses`` names ``running``."""
+
+    model_config = ConfigDict(extra="forbid")
+    older_than_days: float = Field(ge=0, le=36_500)
+    project: str | None = Field(None, min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)
+    statuses: list[RunStatus] = Field(default_factory=_ended_statuses, min_length=1, max_length=3)
+    limit: int = Field(100, ge=1, le=1000)
+    dry_run: bool = False
+
+
+class BulkDeletedRun(BaseModel):
+    id: int
+    project: str
+    name: str
+    status: str
+    updated_at: datetime
+
+
+class BulkDeleteResult(BaseModel):
+    """``runs``: those deleted (or, with ``dry_run``, to be deleted) by this call; ``matched``:
+    how many match in all (more than ``len(runs)``: call again)."""
+
+    runs: list[BulkDeletedRun]
+    matched: int
+    frames: int
+    bytes: int
+    blobs_not_deleted: int
+    dry_run: bool
+
+
 class RunPublic(BaseModel):
     id: int
     uid: str = Field(

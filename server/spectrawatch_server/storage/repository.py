@@ -36,6 +36,9 @@ from sqlalchemy.orm import Session
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import (
     Alert,
+    AlertRule,
+    Delivery,
+    DeliveryAttempt,
     Frame,
     Job,
     Metric,
@@ -45,6 +48,7 @@ from spectrawatch_server.db.models import (
     Scalar,
     Spectrum,
     Token,
+    Webhook,
 )
 
 TOKEN_PREFIX = "sw_"
@@ -54,7 +58,13 @@ DELETED = "deleted"  # status of a deleted run's tombstone row (see delete_run)
 # --- projects and tokens ---------------------------------------------------------------
 
 
+DELETED_PROJECT_PREFIX = "deleted/"  # a deleted project's tombstone name (see delete_project)
+
+
 def get_project(session: Session, name: str) -> Project | None:
+    """The live project called ``name`` (a deleted one's tombstone is never found by name)."""
+    if name.startswith(DELETED_PROJECT_PREFIX):
+        return None
     return session.scalar(select(Project).where(Project.name == name))
 
 
@@ -70,7 +80,8 @@ def get_or_create_project(session: Session, name: str) -> tuple[Project, bool]:
 
 
 def list_projects(session: Session, project_id: int | None = None) -> Sequence[Project]:
-    stmt = select(Project).order_by(Project.name)
+    stmt = select(Project).where(~Project.name.startswith(DELETED_PROJECT_PREFIX))
+    stmt = stmt.order_by(Project.name)
     if project_id is not None:
         stmt = stmt.where(Project.id == project_id)
     return session.scalars(stmt).all()
@@ -194,6 +205,126 @@ def delete_run(session: Session, run: Run) -> DeletedRun | None:
         session.execute(delete(model).where(model.run_id == run.id))
     keys = [k for k, _ in rows if k]  # imported metric batches have no blob
     return DeletedRun(len(rows), sum(int(b) for _, b in rows), keys)
+
+
+@dataclass(frozen=True)
+class DeletedProject:
+    """What :func:`delete_project` removed; the caller deletes ``blob_keys`` after the commit
+    and forgets ``run_ids`` (jobs, cached ingest authorisation)."""
+
+    run_ids: list[int]
+    frames: int
+    bytes: int
+    blob_keys: list[str]
+    tokens_revoked: int
+    alert_rules: int
+    webhooks: int
+    deliveries_dropped: int
+
+
+def delete_project(session: Session, project: Project) -> DeletedProject | None:
+    """Delete everything stored for ``project``; its row stays as a tombstone (None: it
+    already is one, deleted by a concurrent request).
+
+    The row is renamed first (``deleted/<id>``: no client can choose a name with ``/``), so the
+    name is free at once for a new project, and on PostgreSQL it stays locked until the commit.
+    Each run is deleted as :func:`delete_run` does (a tombstone: a client still streaming to it
+    gets 404 ``run_deleted`` and stops, never recreates it); its tokens are revoked (kept,
+    listed by ``spectrawatch token list`` under the tombstone name); its alert rules, webhooks
+    and their deliveries (pending ones too: nothing is sent for a deleted project) are deleted.
+    """
+    result = session.execute(
+        update(Project)
+        .where(Project.id == project.id, ~Project.name.startswith(DELETED_PROJECT_PREFIX))
+        .values(name=f"{DELETED_PROJECT_PREFIX}{project.id}")
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return None
+    run_ids = list(
+        session.scalars(
+            select(Run.id)
+            .where(Run.project_id == project.id, Run.status != DELETED)
+            .order_by(Run.id)
+        )
+    )
+    frames, size, keys = 0, 0, []
+    for run_id in run_ids:
+        deleted = delete_run(session, session.get_one(Run, run_id))
+        if deleted is not None:
+            frames, size = frames + deleted.frames, size + deleted.bytes
+            keys.extend(deleted.blob_keys)
+    tokens = session.execute(
+        update(Token)
+        .where(Token.project_id == project.id, Token.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    hooks = select(Webhook.id).where(Webhook.project_id == project.id).scalar_subquery()
+    deliveries = select(Delivery.id).where(Delivery.webhook_id.in_(hooks)).scalar_subquery()
+    session.execute(delete(DeliveryAttempt).where(DeliveryAttempt.delivery_id.in_(deliveries)))
+    dropped = session.execute(
+        delete(Delivery).where(Delivery.webhook_id.in_(hooks), Delivery.status == "pending")
+    )
+    session.execute(delete(Delivery).where(Delivery.webhook_id.in_(hooks)))
+    webhooks = session.execute(delete(Webhook).where(Webhook.project_id == project.id))
+    rules = session.execute(delete(AlertRule).where(AlertRule.project_id == project.id))
+    return DeletedProject(
+        run_ids=run_ids,
+        frames=frames,
+        bytes=size,
+        blob_keys=keys,
+        tokens_revoked=int(tokens.rowcount),  # type: ignore[attr-defined]
+        alert_rules=int(rules.rowcount),  # type: ignore[attr-defined]
+        webhooks=int(webhooks.rowcount),  # type: ignore[attr-defined]
+        deliveries_dropped=int(dropped.rowcount),  # type: ignore[attr-defined]
+    )
+
+
+def stale_runs(
+    session: Session,
+    before: datetime,
+    statuses: Iterable[str],
+    project_id: int | None = None,
+    limit: int = 1000,
+) -> tuple[int, Sequence[Run]]:
+    """Runs of ``statuses`` whose last activity (``updated_at``; ``last_seen_at`` when later)
+    is before ``before``, optionally of one project: how many in all, and the oldest ``limit``
+    of them (what a retention deletes)."""
+    where = [
+        Run.status.in_([s for s in statuses if s != DELETED]),
+        Run.updated_at < before,
+        or_(Run.last_seen_at.is_(None), Run.last_seen_at < before),
+    ]
+    if project_id is not None:
+        where.append(Run.project_id == project_id)
+    matched = int(session.scalar(select(func.count()).select_from(Run).where(*where)) or 0)
+    runs = session.scalars(
+        select(Run).where(*where).order_by(Run.updated_at, Run.id).limit(limit)
+    ).all()
+    return matched, runs
+
+
+def is_stale(run: Run, before: datetime, statuses: Iterable[str]) -> bool:
+    """Whether ``run`` still matches :func:`stale_runs` (re-checked under its lock)."""
+    return (
+        run.status in statuses
+        and run.status != DELETED
+        and run.updated_at < before
+        and (run.last_seen_at is None or run.last_seen_at < before)
+    )
+
+
+def frame_totals(session: Session, run_ids: Sequence[int]) -> tuple[int, int]:
+    """How many frames the runs hold and their stored bytes (what deleting them frees)."""
+    frames, size = 0, 0
+    for start in range(0, len(run_ids), 500):
+        chunk = run_ids[start : start + 500]
+        n, b = session.execute(
+            select(func.count(), func.coalesce(func.sum(Frame.bytes), 0)).where(
+                Frame.run_id.in_(chunk)
+            )
+        ).one()
+        frames, size = frames + int(n), size + int(b)
+    return frames, size
 
 
 PRUNABLE_RUN_STATUSES = ("finished", "crashed")

@@ -1,14 +1,16 @@
-"""Projects: get-or-create and list (scoped to the caller's token)."""
+"""Projects: get-or-create, list (scoped to the caller's token) and delete."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import IntegrityError
 
-from spectrawatch_server.api.deps import PrincipalDep, SessionDep
+from spectrawatch_server.api.deps import PrincipalDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
-from spectrawatch_server.schemas import ProjectCreate, ProjectPublic
+from spectrawatch_server.api.routes.alerts import find_project
+from spectrawatch_server.schemas import ProjectCreate, ProjectDeleted, ProjectPublic
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage.blobs import delete_all
 
 router = APIRouter(prefix="/projects", tags=["projects"])
 
@@ -39,3 +41,42 @@ def list_projects(principal: PrincipalDep, session: SessionDep) -> list[ProjectP
     return [
         ProjectPublic.model_validate(p) for p in repo.list_projects(session, principal.project_id)
     ]
+
+
+@router.delete("/{name}", response_model=ProjectDeleted)
+def delete_project(
+    name: str, principal: PrincipalDep, session: SessionDep, state: StateDep, request: Request
+) -> ProjectDeleted:
+    """Delete a project with everything stored for it: each run as ``DELETE /runs/{id}`` does
+    (frames, blobs, results, alerts, pending jobs; a client still streaming gets 404
+    ``run_deleted`` and stops), its alert rules, webhooks and their deliveries; its tokens are
+    revoked. The name is free at once for a new project.
+
+    Who may: anyone when the server does not require auth (as every other call); with
+    ``--require-auth``, a token of this project only (another project's token gets 404, as for
+    every lookup): the rule that already lets it delete each of the project's runs.
+    """
+    project = find_project(session, principal, name)
+    deleted = repo.delete_project(session, project)
+    if deleted is not None:
+        for run_id in deleted.run_ids:
+            state.queue.forget_run(session, run_id)
+    session.commit()
+    if deleted is None:  # a concurrent DELETE of the same project won
+        raise ApiError(404, "project_not_found", f"project {name!r} does not exist")
+    ingest = getattr(request.app.state, "ingest", None)
+    if ingest is not None:  # this process's cached ingest authorisation for its runs
+        for run_id in deleted.run_ids:
+            ingest.auth.forget_run(run_id)
+    failed = delete_all(state.blobs, deleted.blob_keys)  # after the commit: orphans, not holes
+    return ProjectDeleted(
+        name=name,
+        runs=len(deleted.run_ids),
+        frames=deleted.frames,
+        bytes=deleted.bytes,
+        tokens_revoked=deleted.tokens_revoked,
+        alert_rules=deleted.alert_rules,
+        webhooks=deleted.webhooks,
+        deliveries_dropped=deleted.deliveries_dropped,
+        blobs_not_deleted=failed,
+    )

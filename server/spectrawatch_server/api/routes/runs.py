@@ -1,7 +1,9 @@
-"""Runs: create (or resume by name), get, list, update status, client health stats, delete."""
+"""Runs: create (or resume by name), get, list, update status, client health stats, delete
+(one, or the stale ones of a retention)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -13,8 +15,13 @@ from sqlalchemy.orm import Session
 from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.api.deps import LiveRunDep, PrincipalDep, RunDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.routes.alerts import find_project
+from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Frame, Project, Run
 from spectrawatch_server.schemas import (
+    BulkDeletedRun,
+    BulkDeleteRequest,
+    BulkDeleteResult,
     ClientStats,
     RunCreate,
     RunDeleted,
@@ -118,6 +125,74 @@ def list_runs(
             raise ApiError(404, "project_not_found", f"project {project!r} does not exist")
         project_id = row.id
     return [run_public(session, r) for r in repo.list_runs(session, project_id, limit, offset)]
+
+
+@router.post("/bulk-delete", response_model=BulkDeleteResult)
+def bulk_delete_runs(
+    body: BulkDeleteRequest,
+    principal: PrincipalDep,
+    session: SessionDep,
+    state: StateDep,
+    request: Request,
+) -> BulkDeleteResult:
+    """Retention: delete the runs (``finished``/``crashed`` unless ``statuses`` says otherwise)
+    inactive for more than ``older_than_days``, each as ``DELETE /runs/{id}`` does and in its
+    own transaction (a long retention never holds the database), at most ``limit`` per call;
+    ``matched`` says how many matched in all. A project token deletes in its own project only.
+    """
+    project_id = find_project(session, principal, body.project).id if body.project else None
+    if project_id is None:
+        project_id = principal.project_id
+    before = utcnow() - timedelta(days=body.older_than_days)
+    matched, candidates = repo.stale_runs(session, before, body.statuses, project_id, body.limit)
+    names = {p.id: p.name for p in session.scalars(select(Project))}
+    listed = [
+        BulkDeletedRun(
+            id=r.id,
+            project=names.get(r.project_id, ""),
+            name=r.name,
+            status=r.status,
+            updated_at=r.updated_at,
+        )
+        for r in candidates
+    ]
+    if body.dry_run:
+        frames, size = repo.frame_totals(session, [r.id for r in candidates])
+        session.rollback()
+        return BulkDeleteResult(
+            runs=listed,
+            matched=matched,
+            frames=frames,
+            bytes=size,
+            blobs_not_deleted=0,
+            dry_run=True,
+        )
+    done: list[BulkDeletedRun] = []
+    frames = size = failed = 0
+    ingest = getattr(request.app.state, "ingest", None)
+    for entry in listed:
+        session.rollback()  # a fresh transaction each: re-check the run under it
+        run = session.get(Run, entry.id, with_for_update=True, populate_existing=True)
+        if run is None or not repo.is_stale(run, before, body.statuses):
+            continue  # resumed, written to or deleted meanwhile
+        deleted = repo.delete_run(session, run)
+        if deleted is None:
+            continue
+        state.queue.forget_run(session, entry.id)
+        session.commit()
+        if ingest is not None:
+            ingest.auth.forget_run(entry.id)
+        failed += delete_all(state.blobs, deleted.blob_keys)
+        frames, size = frames + deleted.frames, size + deleted.bytes
+        done.append(entry)
+    return BulkDeleteResult(
+        runs=done,
+        matched=matched,
+        frames=frames,
+        bytes=size,
+        blobs_not_deleted=failed,
+        dry_run=False,
+    )
 
 
 @router.get("/{run_id}", response_model=RunPublic)
