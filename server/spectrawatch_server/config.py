@@ -159,6 +159,8 @@ class ServerSettings(BaseSettings):
     # heartbeat age after which a worker's job is re-queued
     worker_stalled_seconds: float = Field(30.0, gt=0)
     stall_check_seconds: int = Field(10, ge=1, le=59)  # period of the stalled-job check
+    # how often a scale-out worker checks that no newer spectrawatch migrated the schema
+    worker_schema_check_seconds: float = Field(30.0, gt=0, le=86_400)
     # used in links (alerts, CLI output)
     public_url: Annotated[str | None, AfterValidator(_http_url)] = None
     # alerts and webhooks (issue 8)

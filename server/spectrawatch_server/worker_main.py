@@ -20,12 +20,15 @@ import socket
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
 from spectrawatch_server.config import ServerSettings
 
 log = logging.getLogger(__name__)
+
+EXIT_SCHEMA_TOO_NEW = 3  # the worker's exit status when a newer spectrawatch migrated the schema
 
 _PR_SET_PDEATHSIG = 1
 
@@ -97,11 +100,66 @@ def serve(settings: ServerSettings, name: str | None = None) -> int:
     log.info("worker %s consuming analysis jobs on %s", worker_name, state.worker.device)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_maintenance)
+    watch = SchemaWatch(state.engine, settings.resolved_database_url, worker_name)
+    watch.start(settings.worker_schema_check_seconds)
     try:
         queue.run_worker(worker_name)
     finally:
+        watch.stop()
         state.engine.dispose()
-    return 0
+    return EXIT_SCHEMA_TOO_NEW if watch.too_new else 0
+
+
+class SchemaWatch:
+    """Stop this worker when a newer spectrawatch (an API process upgraded beside it) migrates
+    the database past what this code knows: from then on its reads and writes would meet
+    tables of another shape. Checked every ``period`` seconds on its own connection; on a
+    newer revision it logs one error line and stops the worker as SIGTERM does (the job in hand
+    finishes or is re-queued), and :func:`serve` returns :data:`EXIT_SCHEMA_TOO_NEW`. A failed
+    check (database away) is skipped: the queue's reconnection handles that."""
+
+    def __init__(self, engine: Any, url: str, name: str) -> None:
+        self.engine = engine
+        self.url = url
+        self.name = name
+        self.too_new = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, period: float) -> None:
+        self._thread = threading.Thread(
+            target=self._loop, args=(period,), name="schema-watch", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check(self) -> bool:
+        """One check: True when the schema is newer than this code (and the worker stops)."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from spectrawatch_server.db.migrate import SchemaTooNew, check_revision
+
+        try:
+            with self.engine.connect() as connection:
+                check_revision(connection, self.url)
+        except SQLAlchemyError as exc:
+            log.debug("schema check skipped: %s", exc)
+            return False
+        except SchemaTooNew as exc:
+            self.too_new = True
+            log.error(
+                "worker %s stops: a newer spectrawatch migrated the database; %s", self.name, exc
+            )
+            os.kill(os.getpid(), signal.SIGTERM)  # the queue's graceful stop
+            return True
+        return False
+
+    def _loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            if self.check():
+                return
 
 
 def _quiet_maintenance(record: logging.LogRecord) -> bool:
