@@ -6,19 +6,24 @@ ended runs inactive for longer, never running ones unless asked."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, select, update
+from sqlalchemy.orm import Session
 
 import spectrawatch
 from spectrawatch.cli import main
-from spectrawatch_server.db.models import Run
+from spectrawatch_server.db.models import Project, Run
+from spectrawatch_server.storage import repository as repo
 from tests.factories import make_run, post_frame, weight_frame
 from tests.servers import (
+    POSTGRES_MODE,
     ServerProcess,
     create_token,
     database_url,
@@ -265,3 +270,64 @@ def test_retention_skips_a_run_resumed_since(server: ServerProcess, api: httpx.C
     out = api.post("/runs/bulk-delete", json={"older_than_days": 30}).json()
     assert out["runs"] == []
     assert api.get(f"/runs/{run_id}").json()["status"] == "running"
+
+
+def _while_deleting(server: ServerProcess, delete: Callable[[Session], object]) -> httpx.Response:
+    """``POST /runs`` sent while a deletion holds its row locks (PostgreSQL), committed 1 s
+    later: the answer of the request that waited for it."""
+    engine = create_engine(database_url(server.data_dir))
+    answer: list[httpx.Response] = []
+    try:
+        with Session(engine) as session:
+            delete(session)
+            session.flush()
+            sender = threading.Thread(
+                target=lambda: answer.append(
+                    httpx.post(
+                        f"{server.url}/api/v1/runs",
+                        json={"project": "racing", "name": "r"},
+                        timeout=30,
+                    )
+                )
+            )
+            sender.start()
+            time.sleep(1.0)  # the request reads the old rows, then waits on the locks
+            assert not answer  # it did wait
+            session.commit()
+            sender.join(30)
+    finally:
+        engine.dispose()
+    return answer[0]
+
+
+@pytest.mark.skipif(not POSTGRES_MODE, reason="row locks: PostgreSQL")
+def test_a_run_resumed_while_deleted_is_created_afresh(
+    server: ServerProcess, api: httpx.Client
+) -> None:
+    """Before: the resume's status update of a finished run, queued behind the deletion,
+    revived the tombstone (status ``running``, name ``deleted/<id>``) and the client wrote into
+    it."""
+    old = make_run(api, "racing", "r")
+    assert api.patch(f"/runs/{old}", json={"status": "finished"}).status_code == 200
+    answer = _while_deleting(server, lambda s: repo.delete_run(s, s.get_one(Run, old)))
+    assert answer.status_code == 201, answer.text  # a new run, not the tombstone
+    assert answer.json()["id"] != old
+    assert api.get(f"/runs/{old}").json()["error"]["code"] == "run_deleted"
+    assert [r["id"] for r in api.get("/runs").json()] == [answer.json()["id"]]
+
+
+@pytest.mark.skipif(not POSTGRES_MODE, reason="row locks: PostgreSQL")
+def test_a_run_created_while_its_project_is_deleted_goes_to_a_new_project(
+    server: ServerProcess, api: httpx.Client
+) -> None:
+    """Before: the insert, queued behind the project's deletion, put a live run under the
+    tombstone project (never listed in a project, reachable by id)."""
+    make_run(api, "racing", "other")
+    answer = _while_deleting(
+        server,
+        lambda s: repo.delete_project(s, s.scalars(select(Project)).one()),
+    )
+    assert answer.status_code == 201, answer.text
+    assert [p["name"] for p in api.get("/projects").json()] == ["racing"]
+    listed = api.get("/runs", params={"project": "racing"}).json()
+    assert [r["id"] for r in listed] == [answer.json()["id"]]

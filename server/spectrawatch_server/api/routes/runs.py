@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -67,17 +67,21 @@ def create_run(
     project = repo.get_project(session, body.project)
     if principal.project_id is not None and (project is None or project.id != principal.project_id):
         raise ApiError(403, "forbidden", f"token is not valid for project {body.project!r}")
-    try:
-        run, created = _get_or_create_run(session, body)
-        _refuse_resume(body, created)
-        if not created and run.status != "running":
-            run.status = "running"
-        session.commit()
-    except IntegrityError:  # the project or run was created concurrently: retry once
-        session.rollback()
-        run, created = _get_or_create_run(session, body)
-        _refuse_resume(body, created)
-        session.commit()
+    for attempt in (1, 2):
+        try:
+            run, created = _get_or_create_run(session, body)
+            _refuse_resume(body, created)
+            if _claim(session, run, created, body.project):
+                session.commit()
+                break
+        except IntegrityError:  # the project or run was created concurrently: retry once
+            if attempt == 2:
+                raise
+        session.rollback()  # or deleted concurrently: create it afresh
+    else:
+        raise ApiError(
+            409, "run_deleted", f"run {body.name!r} was deleted while it was resumed; retry"
+        )
     if not created:
         response.status_code = 200
     return run_public(session, run)
@@ -93,6 +97,21 @@ def _get_or_create_run(session: Session, body: RunCreate) -> tuple[Run, bool]:
     if repo.get_run_by_name(session, project.id, body.name) is None:
         _refuse_dot_name("name", body.name)  # before anything is written: nothing to undo
     return repo.get_or_create_run(session, project, body.name, body.config, body.tags)
+
+
+def _claim(session: Session, run: Run, created: bool, project: str) -> bool:
+    """Mark a resumed run running and check that it and its project are still there: False
+    when a concurrent deletion won (on PostgreSQL the writes here wait for its row locks,
+    then see its tombstones), so the caller creates the run afresh instead of reviving a
+    tombstone or filling a deleted project."""
+    if not created:
+        resumed = session.execute(
+            update(Run).where(Run.id == run.id, Run.status != repo.DELETED).values(status="running")
+        )
+        session.expire(run)
+        if not resumed.rowcount:  # type: ignore[attr-defined]
+            return False
+    return session.scalar(select(Project.name).where(Project.id == run.project_id)) == project
 
 
 def _refuse_dot_name(field: str, name: str) -> None:
