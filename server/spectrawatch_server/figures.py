@@ -275,7 +275,8 @@ class Line:
 
 @dataclass(frozen=True)
 class Marker:
-    """A vertical marker at ``step`` (alert, early warning, accuracy crossing)."""
+    """A vertical marker at ``step`` (alert, early warning, accuracy crossing); ``label`` and
+    ``hover`` are plotly text, user names in them escaped by :func:`plot_text`."""
 
     step: int
     label: str
@@ -513,19 +514,25 @@ def overview_markers(
         lead = ""
         if crossing_step is not None:
             lead = f" (lead {crossing_step - warning_step:+d} steps)"
-        out.append(Marker(warning_step, "early warning" + lead, "#9467bd", "dot", warning_hover))
+        hover = plot_text(warning_hover, 400)
+        out.append(Marker(warning_step, "early warning" + lead, "#9467bd", "dot", hover))
     if crossing_step is not None:
         out.append(
-            Marker(crossing_step, f"{crossing_name} ≥ {VAL_ACC_THRESHOLD:g}", "#2ca02c", "dash")
+            Marker(
+                crossing_step,
+                f"{plot_text(crossing_name, 60)} ≥ {VAL_ACC_THRESHOLD:g}",
+                "#2ca02c",
+                "dash",
+            )
         )
     labelled: set[str] = set()
     for a in alerts:
         color = SEVERITY_COLORS.get(str(a.get("severity", "warning")), "#ff7f0e")
         rule = str(a.get("rule", "alert"))
-        label = "" if rule in labelled else f"⚠ {rule}"  # one label per rule: no pile-ups
+        label = "" if rule in labelled else f"⚠ {plot_text(rule, 60)}"  # one per rule
         labelled.add(rule)
         hover = f"{a.get('rule')} {a.get('layer') or ''}: {a.get('message') or ''}".strip()
-        out.append(Marker(int(a["step"]), label, color, "dashdot", hover))
+        out.append(Marker(int(a["step"]), label, color, "dashdot", plot_text(hover, 400)))
     return out
 
 
@@ -640,7 +647,7 @@ def nonfinite_marker(
         f"non-finite from step {first}",
         NONFINITE_COLOR,
         "solid",
-        nonfinite_note(onsets, layers),
+        plot_text(nonfinite_note(onsets, layers), 400),
     )
 
 

@@ -630,6 +630,21 @@ def test_repeated_alert_rules_are_labelled_once() -> None:
     assert [a["text"] for a in f["layout"]["annotations"]] == ["\u26a0 gap_collapse"]
 
 
+def test_marker_texts_escape_user_names() -> None:
+    """Alert rule/layer/message, a scalar's name and non-finite layer names reach plotly's
+    label and hover text, which render ``<a href>``: they are shown as written, not as markup."""
+    evil = '<a href="https://example.com">x</a>'
+    alerts = [{"step": 4, "rule": evil, "layer": evil, "message": evil, "severity": "warning"}]
+    markers = fig.overview_markers(7, 9, evil, alerts, warning_hover=evil)
+    bad = fig.nonfinite_marker({evil: (5, "weights")})
+    assert bad is not None
+    f = fig.line_figure("t", [fig.Line("loss", [0, 10], [1.0, 0.5])], markers=[*markers, bad])
+    texts = [a[k] for a in f["layout"]["annotations"] for k in ("text", "hovertext")]
+    assert len(texts) == 8
+    assert not [t for t in texts if "<a" in t], texts
+    assert sum("&lt;a href=" in t for t in texts) == 6  # 2 labels hold no name
+
+
 def test_runs_page_filters_and_sorts(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
