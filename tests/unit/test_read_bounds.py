@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, delete, event, func, select
+from sqlalchemy import Engine, Select, delete, event, func, select
 
 import spectrawatch.api as client_api
 from spectrawatch_server.api.routes import dashboards
@@ -23,6 +23,7 @@ from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.downsample import downsample, downsample_many
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage import series
 from spectrawatch_server.storage.repository import SpectrumRow
 from tests.dashboard_seed import done_frame, migrated, new_run
 from tests.unit.test_dashboards import statements
@@ -572,4 +573,47 @@ def test_whole_model_rewrites_seek_the_run_metric_names(tmp_path: Path) -> None:
     with sessions() as s:
         kept = s.scalar(select(func.count()).select_from(Metric).where(Metric.run_id == run_id))
         assert kept == len(rows)
+    engine.dispose()
+
+
+def test_history_reads_run_prebuilt_statements(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's history reads (a frame reads dozens of tails) run statements built once
+    with bound values: building each anew cost more than its index seek (~10% of a backlog of
+    small frames). Same points as before: the last ``limit`` finite ones, oldest first."""
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = [
+            repo.MetricRow(la, "a", t, math.nan if t == 7 else float(t))
+            for la in LAYERS
+            for t in range(10)
+            if la != "l1" or t < 3
+        ]
+        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+        repo.upsert_scalars(s, run_id, [(t, "loss", float(t)) for t in range(6)])
+    built: list[object] = []
+    where = Select.where
+
+    def counted(self: Select[Any], *args: Any) -> Select[Any]:
+        built.append(args)
+        return where(self, *args)
+
+    monkeypatch.setattr(Select, "where", counted)
+    with sessions() as s:
+        tails = series.metric_tails(s, run_id, {("a", "l2"): 3, ("a", "l1"): 5, ("a", "l10"): 4})
+        since = series.metric_tails(s, run_id, {("a", "l10"): 2, ("a", "l1"): 1})
+        one = repo.metric_tail(s, run_id, "a", "l2", 2)
+        loss = repo.scalar_tail(s, run_id, "loss", 4)
+    assert tails == {
+        ("a", "l2"): [(6, 6.0), (8, 8.0), (9, 9.0)],
+        ("a", "l1"): [(0, 0.0), (1, 1.0), (2, 2.0)],
+        ("a", "l10"): [(5, 5.0), (6, 6.0), (8, 8.0), (9, 9.0)],
+    }
+    assert since == {("a", "l10"): [(8, 8.0), (9, 9.0)], ("a", "l1"): [(2, 2.0)]}
+    assert one == [(8, 8.0), (9, 9.0)]
+    assert loss == [(2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0)]
+    assert built == []
     engine.dispose()

@@ -1036,18 +1036,34 @@ def metric_tail(
     session: Session, run_id: int, name: str, layer: str, limit: int
 ) -> list[tuple[int, float]]:
     """The last ``limit`` finite points of a metric, oldest first."""
-    rows = session.execute(
-        select(Metric.step, Metric.value)
-        .where(
-            Metric.run_id == run_id,
-            Metric.name == name,
-            Metric.layer == layer,
-            Metric.value.is_not(None),
-        )
-        .order_by(Metric.step.desc())
-        .limit(limit)
-    ).all()
+    args = {"run": run_id, "name": name, "layer": layer, "limit": limit}
+    rows = session.connection().execute(_METRIC_TAIL, args).all()
     return [(int(s), float(v)) for s, v in reversed(rows) if v is not None]
+
+
+# The worker's history reads, built once and run with bound values (a frame reads dozens of
+# tails: building each statement anew cost more than its index seek)
+_METRIC_TAIL = (
+    select(Metric.step, Metric.value)
+    .where(
+        Metric.run_id == bindparam("run"),
+        Metric.name == bindparam("name"),
+        Metric.layer == bindparam("layer"),
+        Metric.value.is_not(None),
+    )
+    .order_by(Metric.step.desc())
+    .limit(bindparam("limit"))
+)
+_SCALAR_TAIL = (
+    select(Scalar.step, Scalar.value)
+    .where(
+        Scalar.run_id == bindparam("run"),
+        Scalar.name == bindparam("name"),
+        Scalar.value.is_not(None),
+    )
+    .order_by(Scalar.step.desc())
+    .limit(bindparam("limit"))
+)
 
 
 def metric_catalog(session: Session, run_id: int) -> Sequence[tuple[str, str, int, int, int]]:
@@ -1083,12 +1099,9 @@ def scalar_points(
 
 
 def scalar_tail(session: Session, run_id: int, name: str, limit: int) -> list[tuple[int, float]]:
-    rows = session.execute(
-        select(Scalar.step, Scalar.value)
-        .where(Scalar.run_id == run_id, Scalar.name == name, Scalar.value.is_not(None))
-        .order_by(Scalar.step.desc())
-        .limit(limit)
-    ).all()
+    """The last ``limit`` finite points of a scalar, oldest first."""
+    args = {"run": run_id, "name": name, "limit": limit}
+    rows = session.connection().execute(_SCALAR_TAIL, args).all()
     return [(int(s), float(v)) for s, v in reversed(rows) if v is not None]
 
 
