@@ -9,7 +9,10 @@ tensor per frame, as the client sends them). Two measurements:
               windows x new steps at once (skipped when the imported ``sed`` lacks it).
 ``analysis``  the whole registered ``sed`` worker analysis on one frame: row assembly from the
               history frames, SED, phase detection against a stored 1,024-point gap series per
-              tensor and window (an in-memory context, no database), metric objects.
+              tensor and window (an in-memory context, no database), metric objects. The
+              history frames are analysed first (what they keep for later frames, as in the
+              worker); each timed call sees a new copy of the newest frame (since session 24:
+              before, repeats reused what the first call kept on it).
 ``--worker N`` instead: the real worker (SQLite, every analysis, storage, alert hook) on N
               ``ingest_load.py`` frames of one run posted through the app (``--layers``
               sketch tensors each: 4 by default, 149 for GPT-2 small); CPU time per frame
@@ -112,9 +115,20 @@ def analysis_cost(rows: int, repeat: int, device: torch.device) -> float:
         header = FrameHeader(FrameKind.UPDATE_SKETCH, steps[0], seq, {"steps": steps}, (), 0)
         frames.append(DecodedFrame(1, seq, header, tensors, device))
     gap = [(s - GAP_POINTS, 1.5) for s in range(GAP_POINTS)]  # stored points before the history
-    context = _Context(frames[:-1], gap)
     (analysis,) = [a for a in analyses_for(FrameKind.UPDATE_SKETCH) if a.name == "sed"]
-    return _best(lambda: analysis.fn(frames[-1], context), repeat, device)
+    for i, f in enumerate(frames[:-1]):  # the history was analysed first, as by the worker
+        analysis.fn(f, _Context(frames[:i], gap))
+    context = _Context(frames[:-1], gap)
+    last = frames[-1]
+    memo = dict(frames[-2].memo)
+
+    def fresh() -> None:  # the newest frame as the worker first sees it; the history as it was
+        frames[-2].memo.clear()
+        frames[-2].memo.update(memo)
+        frame = DecodedFrame(last.run_id, last.frame_id, last.header, last.tensors, last.device)
+        analysis.fn(frame, context)
+
+    return _best(fresh, repeat, device)
 
 
 def worker_cost(frames: int, layers: int = 4) -> tuple[float, float]:

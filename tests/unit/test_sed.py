@@ -788,3 +788,114 @@ def test_layer_grams_equal_float64_products_for_every_width(n: int) -> None:
     for g, r in zip(grams, rows, strict=True):
         x = r.to(torch.float64).numpy()
         np.testing.assert_allclose(g.numpy(), x @ x.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_extend_grams_equal_the_grams_of_the_stacked_rows(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(31)
+    widths = (640, 8, 48, 640)  # mixed, some narrower than the rows are many
+    old = [torch.randn(20, d, generator=g) * 10.0 ** (i - 2) for i, d in enumerate(widths)]
+    new = [torch.randn(4, d, generator=g) for d in widths]
+    grams = sed.extend_grams(
+        sed.layer_grams(old).to(device), [r.to(device) for r in old], [r.to(device) for r in new]
+    ).cpu()
+    for i, (a, b) in enumerate(zip(old, new, strict=True)):
+        x = torch.cat([a, b]).double().numpy()
+        want = x @ x.T
+        np.testing.assert_allclose(grams[i].numpy(), want, rtol=1e-12, atol=1e-14 * want.max())
+    # eigvalsh reads one triangle: the new rows' blocks must be the same in both
+    assert torch.equal(grams[:, 20:], grams[:, :, 20:].mT)
+    with pytest.raises(ValueError, match="do not fit"):
+        sed.extend_grams(sed.layer_grams(old), old, [torch.randn(4, 7)] * 4)
+
+
+def _sed_stream(frames: list[DecodedFrame], *, fresh: bool) -> list[object]:
+    """The ``sed`` analysis of each frame with the frames before it as history; ``fresh``:
+    every frame and its history as newly decoded (nothing kept from earlier frames)."""
+    results = []
+    for i in range(len(frames)):
+        if fresh:
+            frames = [
+                DecodedFrame(g.run_id, g.frame_id, g.header, g.tensors, g.device) for g in frames
+            ]
+        results.append(spectral_edge_dynamics(frames[i], StubHistory(frames[:i])))
+    return results
+
+
+def _numpy_window(rows: np.ndarray, steps: np.ndarray, end: int, window: int) -> np.ndarray:
+    """Singular values by numpy's SVD of the finite rows with step in (end - window, end]."""
+    keep = (steps > end - window) & (steps <= end) & np.isfinite(rows).all(axis=1)
+    return np.linalg.svd(rows[keep][-window:].astype(np.float64), compute_uv=False)
+
+
+def test_worker_sed_reusing_grams_equals_numpy_svd_per_window() -> None:
+    """Each frame's SED grows the previous frame's Grams by its own rows' products; the stored
+    values equal numpy's SVD of every window, and the analysis without anything kept from earlier
+    frames (the straightforward per-frame Grams) to round-off."""
+    g = torch.Generator().manual_seed(5)
+    n_frames, per = 30, 4
+    total = n_frames * per
+    layers = {
+        "a": _planted(total, 640, (30.0, 10.0, 3.0), noise=0.05, seed=3).float(),  # 3 signals
+        "b": torch.randn(total, 8, generator=g),  # narrower than the windows: rank 8
+        # exactly rank 2 (rank-deficient windows): s3.. are round-off
+        "c": (torch.randn(total, 2, generator=g) @ torch.randn(2, 48, generator=g)),
+    }
+    layers["a"][41] = math.nan  # a missing (non-finite) row: windows over it are incomplete
+    layers["b"][77, 3] = math.inf
+    frames = [
+        _frame(
+            FrameKind.UPDATE_SKETCH,
+            list(range(i * per + 1, (i + 1) * per + 1)),
+            {name: rows[i * per : (i + 1) * per] for name, rows in layers.items()},
+            seq=i + 1,
+        )
+        for i in range(n_frames)
+    ]
+    extended = []
+    real_extend = sed.extend_grams
+
+    def counting(*args: object) -> torch.Tensor:
+        extended.append(1)
+        return real_extend(*args)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sed, "extend_grams", counting)
+        kept = _sed_stream(frames, fresh=False)
+        # every later frame: layers and __model__ (more groups while a layer lacks a row)
+        assert len(extended) >= 2 * (n_frames - 1)
+        extended.clear()
+        plain = _sed_stream(frames, fresh=True)
+        assert not extended
+    steps = np.arange(1, total + 1)
+    joined = torch.cat([layers[n].double() for n in sorted(layers)], dim=1).numpy()
+    checked = 0
+    for a, b in zip(kept, plain, strict=True):
+        got = [(m.layer, m.name, m.step, m.value) for m in a.metrics]  # type: ignore[attr-defined]
+        want = [(m.layer, m.name, m.step, m.value) for m in b.metrics]  # type: ignore[attr-defined]
+        assert [x[:3] for x in got] == [x[:3] for x in want]
+        for (layer, name, step, x), (_, _, _, y) in zip(got, want, strict=True):
+            if not (layer == "c" and name.startswith((sed.GAP_RATIO, sed.MARGIN))):
+                assert x == pytest.approx(y, rel=1e-9, abs=1e-300), (layer, name, step)
+            if name.startswith(sed.GAP_RATIO) and layer != "c":
+                w = int(name.rsplit(".w", 1)[1])
+                rows = joined if layer == MODEL_LAYER else layers[layer].double().numpy()
+                s = _numpy_window(rows, steps, step, w)
+                if len(s) < sed.MIN_ROWS:
+                    continue
+                ratios = s[: len(s) - 2] / np.maximum(s[1 : len(s) - 1], 1e-12 * s[0])
+                assert x == pytest.approx(ratios.max(), rel=1e-9), (layer, step, w)
+                checked += 1
+            if name.startswith(sed.EDGE) and layer == "c" and x:
+                assert x == 2.0  # the rank-2 edge, whatever the round-off values after it
+        for spectrum in a.spectra:  # type: ignore[attr-defined]
+            rows = joined if spectrum.layer == MODEL_LAYER else layers[spectrum.layer].numpy()
+            for w, entry in spectrum.payload["windows"].items():
+                s = _numpy_window(rows, steps, entry["step"], int(w))
+                got_s = np.asarray(entry["singular_values"])
+                assert len(got_s) == min(len(s), rows.shape[1])
+                # s_k from the Gram: ~1e-16 s1^2 / s_k relative, i.e. ~1e-8 s1 absolute
+                np.testing.assert_allclose(got_s, s[: len(got_s)], rtol=1e-9, atol=1e-7 * s[0])
+    assert checked > 500

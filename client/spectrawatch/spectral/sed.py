@@ -294,6 +294,7 @@ def batched_sed(
     step_interval: int | None = None,
     min_rows: int = MIN_ROWS,
     energy: float = 0.95,
+    grams: torch.Tensor | None = None,
 ) -> list[dict[int, list[WindowSED]]]:
     """:func:`rolling_sed` (Gram method) of L tensors sharing ``steps``, every window size at once.
 
@@ -302,16 +303,24 @@ def batched_sed(
     and row count, the principal blocks of every tensor and window end are stacked and passed to
     one batched ``torch.linalg.eigvalsh`` (split only to bound memory). Returns, per tensor,
     ``{window: [WindowSED, ...]}`` in ``at`` order, equal to :func:`rolling_sed` per tensor.
+
+    ``grams``, when given, are the float64 Grams ``(L, N, N)`` of all of ``rows`` (what
+    :func:`layer_grams` returns, e.g. kept from the previous frame and grown by
+    :func:`extend_grams`): their principal blocks are used instead of new products.
     """
     if not rows:
         return []
     _check_stream(rows, steps)
+    if grams is not None and tuple(grams.shape) != (len(rows), len(steps), len(steps)):
+        raise ValueError(
+            f"grams {tuple(grams.shape)} do not match {len(rows)} tensors of {len(steps)} rows"
+        )
     delta = step_interval or min_step_gap(steps)
     ends = list(steps if at is None else at)
     out: list[dict[int, list[WindowSED]]] = [{w: [] for w in windows} for _ in rows]
     for c in range(0, len(ends), _ENDS_PER_PART):  # bounds the Gram matrix to ~(part + W)^2
         part = _sed_part(
-            rows, steps, ends[c : c + _ENDS_PER_PART], windows, delta, min_rows, energy
+            rows, steps, ends[c : c + _ENDS_PER_PART], windows, delta, min_rows, energy, grams
         )
         for layer, found in enumerate(part):
             for w in windows:
@@ -327,16 +336,17 @@ def _sed_part(
     delta: int,
     min_rows: int,
     energy: float,
+    given: torch.Tensor | None,
 ) -> list[dict[int, list[WindowSED]]]:
-    """:func:`batched_sed` for one slice of window ends."""
+    """:func:`batched_sed` for one slice of window ends (``given``: the Grams of all rows)."""
     bounds = {w: _window_bounds(steps, ends, w, delta) for w in windows}
     groups = {w: _count_groups(lo, hi, max(min_rows, MIN_ROWS)) for w, (lo, hi) in bounds.items()}
     used = [(int(bounds[w][0][j]), c) for w, g in groups.items() for c, m in g.items() for j in m]
     out: list[dict[int, list[WindowSED]]] = [{w: [] for w in windows} for _ in rows]
     if not used:
         return out
-    a0 = min(a for a, _ in used)
-    grams = layer_grams([r[a0 : max(a + c for a, c in used)] for r in rows])
+    a0, a1 = min(a for a, _ in used), max(a + c for a, c in used)
+    grams = layer_grams([r[a0:a1] for r in rows]) if given is None else given[:, a0:a1, a0:a1]
     n_layers = len(rows)
     for w, by_count in groups.items():
         found: list[dict[int, WindowSED]] = [{} for _ in rows]
@@ -399,6 +409,51 @@ def layer_grams(rows: Sequence[torch.Tensor]) -> torch.Tensor:
         x = torch.stack([rows[i].to(grams.device) for i in members]).to(torch.float64)
         grams[members] = x @ x.mT
     return grams
+
+
+def extend_grams(
+    grams: torch.Tensor, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """float64 Grams ``(L, M + n, M + n)`` of L row blocks ``old[l]`` ``(M, d_l)`` followed by
+    ``new[l]`` ``(n, d_l)``, given the Grams ``(L, M, M)`` of ``old``: equal to
+    :func:`layer_grams` of the stacked rows up to round-off (each entry is the same float64 dot
+    product, summed in another order), at the cost of the ``n`` new rows' products only.
+
+    A stream's next frame shares all but its oldest rows with the previous one: its SED Grams
+    are the previous Grams' trailing block plus the new rows' products with every row (on the CPU
+    numpy's ``gemm`` and ``syrk`` per tensor, one BLAS thread, as :func:`layer_grams`)."""
+    if not (len(grams) == len(old) == len(new)):
+        raise ValueError(f"{len(grams)} Grams for {len(old)} old and {len(new)} new row blocks")
+    m = grams.shape[-1]
+    n = new[0].shape[0]
+    for a, b in zip(old, new, strict=True):
+        if a.shape[0] != m or b.shape[0] != n or a.shape[1] != b.shape[1]:
+            raise ValueError(f"row blocks {tuple(a.shape)} and {tuple(b.shape)} do not fit")
+    out = torch.empty(len(old), m + n, m + n, dtype=torch.float64, device=grams.device)
+    out[:, :m, :m] = grams
+    if grams.device.type == "cpu":  # numpy: its slices cost a tenth of torch's per tensor
+        dst = out.numpy()
+        with one_blas_thread():
+            for i, (a, b) in enumerate(zip(old, new, strict=True)):
+                x = a.detach().cpu().numpy().astype(np.float64)
+                y = b.detach().cpu().numpy().astype(np.float64)
+                products = y @ x.T
+                dst[i, m:, :m] = products
+                dst[i, :m, m:] = products.T
+                dst[i, m:, m:] = y @ y.T  # numpy's syrk: exactly symmetric
+        return out
+    by_width: dict[int, list[int]] = {}
+    for i, a in enumerate(old):
+        by_width.setdefault(a.shape[1], []).append(i)
+    for members in by_width.values():
+        xs = torch.stack([old[i].to(out.device) for i in members]).to(torch.float64)
+        ys = torch.stack([new[i].to(out.device) for i in members]).to(torch.float64)
+        cross = ys @ xs.mT
+        own = ys @ ys.mT
+        out[members, m:, :m] = cross
+        out[members, :m, m:] = cross.mT
+        out[members, m:, m:] = (own + own.mT) / 2  # bmm's blocks need not be symmetric
+    return out
 
 
 def multi_window_sed(
@@ -624,6 +679,7 @@ __all__ = [
     "assemble_rows",
     "batched_sed",
     "detect_phases",
+    "extend_grams",
     "interval_deltas",
     "interval_key",
     "interval_sed",

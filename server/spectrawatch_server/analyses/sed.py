@@ -34,6 +34,7 @@ import bisect
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
@@ -117,8 +118,9 @@ def _finite_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def _layer_rows(
     frames: Sequence[DecodedFrame], layer: str
-) -> tuple[list[int], torch.Tensor] | None:
-    """Rows of ``layer`` over ``frames`` in step order, ``None`` when none is usable.
+) -> tuple[list[int], torch.Tensor, tuple[int, ...]] | None:
+    """Rows of ``layer`` over ``frames`` in step order, with the id of the frame each row came
+    from; ``None`` when none is usable.
 
     Rows of another width or projection (a client that changed its sketch dimension, seed or
     hash recipe, e.g. a run resumed by a newer client: ``info["sketch"]``) than the newest
@@ -142,10 +144,14 @@ def _layer_rows(
         if not bool(finite.all()):
             steps = [s for s, ok in zip(steps, finite.tolist(), strict=True) if ok]
             rows = rows[finite]
-        chunks.append((_projection(f), steps, rows))
+        chunks.append((_projection(f), steps, rows, f.frame_id))
     newest, width = chunks[-1][0], chunks[-1][2].shape[1]
-    usable = [(s, r) for p, s, r in chunks if p == newest and r.shape[1] == width and s]
-    return sed.assemble_rows(usable) if usable else None
+    usable = [(s, r, i) for p, s, r, i in chunks if p == newest and r.shape[1] == width and s]
+    if not usable:
+        return None
+    owner = {step: i for s, _, i in usable for step in s}  # a later chunk's row wins
+    steps, rows = sed.assemble_rows((s, r) for s, r, _ in usable)
+    return steps, rows, tuple(owner[step] for step in steps)
 
 
 def _projection(frame: DecodedFrame) -> tuple[str, ...]:
@@ -175,30 +181,32 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
     result = AnalysisResult()
     if not targets:
         return result
-    by_steps: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = {}
+    by_steps: dict[_Group, list[tuple[str, torch.Tensor]]] = {}
     for layer in layers:
         if layer != MODEL_LAYER and not layer_targets:
             continue
         assembled = _layer_rows(frames, layer)
         if assembled is None:
             continue
-        all_steps, rows = assembled
+        all_steps, rows, owners = assembled
         if interval:
             if len(all_steps) < 2:
                 continue
             rows, ends = sed.interval_deltas(rows, all_steps)
-            key = (int(layer == MODEL_LAYER), sed.min_step_gap(all_steps), *ends)
+            key = _Group(layer == MODEL_LAYER, sed.min_step_gap(all_steps), tuple(ends), ())
         else:  # rows every `every` steps; denser older rows (a raised cadence): the last W
-            key = (int(layer == MODEL_LAYER), every if every > 1 else 0, *all_steps)
+            key = _Group(layer == MODEL_LAYER, every if every > 1 else 0, tuple(all_steps), owners)
         by_steps.setdefault(key, []).append((layer, rows))
     found: list[tuple[str, dict[int, list[sed.WindowSED]]]] = []
-    for (is_model, delta, *group_steps), members in by_steps.items():
+    for group, members in by_steps.items():
+        grams = None if interval else _stream_grams(frames, group, members)
         batch = sed.batched_sed(
             [rows for _, rows in members],
-            group_steps,
+            group.steps,
             windows,
-            at=targets if is_model else layer_targets,
-            step_interval=delta or None,
+            at=targets if group.model else layer_targets,
+            step_interval=group.delta or None,
+            grams=grams,
         )
         found.extend((layer, f) for (layer, _), f in zip(members, batch, strict=True))
     past = context.metric_tails(
@@ -213,6 +221,71 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
         _layer_result(result, layer, by_window, interval, past)
     result.metrics.extend(_grokking_metrics(frame, context, result.metrics, layers))
     return result
+
+
+class _Group(NamedTuple):
+    """Tensors whose SED goes through one :func:`sed.batched_sed` call: the model row or
+    layers, the step interval (0: the smallest present), the row steps and, for update frames,
+    the id of the frame each row came from."""
+
+    model: bool
+    delta: int
+    steps: tuple[int, ...]
+    owners: tuple[int, ...]
+
+
+_GRAM = "sed.grams"  # frame.memo: Grams of the rows its update-frame SED assembled, per group
+_GRAM_ROWS = "sed.gram_rows"  # ... and the (frame id, step) of each of their rows
+
+
+def _stream_grams(
+    frames: Sequence[DecodedFrame], group: _Group, members: Sequence[tuple[str, torch.Tensor]]
+) -> torch.Tensor:
+    """float64 Grams ``(L, N, N)`` of the group's assembled rows, kept on the newest frame.
+
+    The previous frame kept the Grams of its own assembled rows (:data:`_GRAM`): when this
+    frame's rows are a suffix of those followed by rows of this frame, their trailing block is
+    reused and only the new rows' products are computed (:func:`sed.extend_grams`); the
+    previous frame's copy is dropped then (the next frame reads this one's), so a stream keeps
+    one. Otherwise (the first frame, frames analysed out of order, a replay, another worker's
+    history) every product is computed as :func:`sed.layer_grams` would.
+    """
+    newest = frames[-1]
+    name = ("\n" if group.model else "") + "\n".join(layer for layer, _ in members)
+    ident = torch.tensor([group.owners, group.steps], dtype=torch.int64)
+    new = sum(1 for owner in group.owners if owner == newest.frame_id)
+    keep = len(group.steps) - new
+    rows = [r for _, r in members]
+    grams = None
+    if (
+        keep > 0
+        and new
+        and len(frames) > 1
+        and all(o == newest.frame_id for o in group.owners[keep:])
+    ):
+        previous = frames[-2]
+        before = previous.memo.get((_GRAM, name))
+        seen = previous.memo.get((_GRAM_ROWS, name))
+        if (
+            isinstance(before, torch.Tensor)
+            and isinstance(seen, torch.Tensor)
+            and seen.shape[1] >= keep
+            and torch.equal(seen[:, seen.shape[1] - keep :], ident[:, :keep])
+            and before.device == rows[0].device
+        ):
+            last = before.shape[-1]
+            grams = sed.extend_grams(
+                before[:, last - keep :, last - keep :],
+                [r[:keep] for r in rows],
+                [r[keep:] for r in rows],
+            )
+            previous.memo.pop((_GRAM, name), None)
+            previous.memo.pop((_GRAM_ROWS, name), None)
+    if grams is None:
+        grams = sed.layer_grams(rows)
+    newest.memo[(_GRAM, name)] = grams
+    newest.memo[(_GRAM_ROWS, name)] = ident
+    return grams
 
 
 def _layer_result(
