@@ -67,6 +67,9 @@ class _Context:
     ) -> dict[tuple[str, str], list[tuple[int, float]]]:
         return {k: self.metric_series(*k, n) for k, n in wanted.items()}
 
+    def flagged_steps(self, name: str, since: int) -> dict[str, set[int]]:
+        return {}  # the stored gap series has no incomplete window
+
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
         return []
 

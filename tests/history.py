@@ -35,6 +35,14 @@ class StubHistory:
     ) -> dict[tuple[str, str], list[tuple[int, float]]]:
         return {k: self.metric_series(*k, n) for k, n in wanted.items()}
 
+    def flagged_steps(self, name: str, since: int) -> dict[str, set[int]]:
+        out: dict[str, set[int]] = {}
+        for (n, layer), points in self.series.items():
+            flagged = {s for s, v in points if n == name and s >= since and v != 0}
+            if flagged:
+                out[layer] = flagged
+        return out
+
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
         return self.scalars.get(name, [])[-limit:]
 

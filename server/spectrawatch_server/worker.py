@@ -128,6 +128,9 @@ class RunHistory:
     ) -> dict[tuple[str, str], list[tuple[int, float]]]:
         return series.metric_tails(self.session, self.frame.run_id, wanted)
 
+    def flagged_steps(self, name: str, since: int) -> dict[str, set[int]]:
+        return series.flagged_steps(self.session, self.frame.run_id, name, since)
+
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
         return repo.scalar_tail(self.session, self.frame.run_id, name, limit)
 

@@ -403,6 +403,32 @@ def test_metric_tails_equal_per_series_queries(sessions: sessionmaker[Session]) 
     assert len(queries) == 2 * 5 + 1  # 2 per name + 1 fallback for (a, l2), whatever the layers
 
 
+def test_flagged_steps_are_the_non_zero_points_from_a_step_on(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "p")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        for seq in range(10):
+            frame = add_frame(session, run, seq, {})
+            rows = [
+                repo.MetricRow(layer, "flag", 10 * seq + k, float((seq + k + i) % 3 == 0))
+                for i, layer in enumerate(("a", "b"))
+                for k in range(2)
+            ]
+            rows.append(repo.MetricRow("a", "other", 10 * seq, 1.0))
+            rows.append(repo.MetricRow("b", "flag", 10 * seq + 5, float("nan")))  # stored NULL
+            repo.replace_results(session, run.id, frame.id, frame.step, "t", rows, [])
+        run_id = run.id
+    with sessions() as session:
+        got = series.flagged_steps(session, run_id, "flag", 31)
+        for layer in ("a", "b"):
+            points = repo.metric_tail(session, run_id, "flag", layer, 1000)
+            assert got[layer] == {s for s, v in points if s >= 31 and v}
+        assert set(got) == {"a", "b"}
+        assert series.flagged_steps(session, run_id, "flag", 10**6) == {}
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "Infinity"])
 def test_cli_refuses_non_finite_thresholds(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     """They reached the JSON encoder and ended in a traceback (the API refuses them too)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -788,6 +789,46 @@ def test_layer_grams_equal_float64_products_for_every_width(n: int) -> None:
     for g, r in zip(grams, rows, strict=True):
         x = r.to(torch.float64).numpy()
         np.testing.assert_allclose(g.numpy(), x @ x.T, rtol=1e-12, atol=1e-12)
+
+
+class TailsRecorder(StubHistory):
+    """:class:`StubHistory` that records the series tails read."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.tails_read: list[str] = []
+
+    def metric_tails(
+        self, wanted: Mapping[tuple[str, str], int]
+    ) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        self.tails_read.extend(name for name, _ in wanted)
+        return super().metric_tails(wanted)
+
+
+def test_stored_incomplete_windows_are_left_out_of_phases_read_as_flags_only() -> None:
+    """The stored gap points of incomplete windows are left out of the phase history; the
+    flags come as flagged steps, not as every point of each flag series."""
+    rows = _planted(40, 200, (5.0, 1.0), noise=0.01, seed=2)
+    frame = _frame(FrameKind.UPDATE_SKETCH, list(range(24, 40)), {"a": rows[24:]}, seq=2)
+    history = [_frame(FrameKind.UPDATE_SKETCH, list(range(24)), {"a": rows[:24]}, seq=1)]
+    gap, flag = sed.windowed_key(sed.GAP_RATIO, 16), sed.windowed_key(sed.INCOMPLETE, 16)
+    # stored: a rise to a plateau of complete windows, with huge gaps of incomplete ones
+    points = [(s, 30.0 if s % 4 == 0 else 1.0 + min(s, 12) / 4) for s in range(-200, 24)]
+    flags = [(s, float(s % 4 == 0)) for s, _ in points]
+    series = {
+        (n, layer): p for layer in ("a", MODEL_LAYER) for n, p in ((gap, points), (flag, flags))
+    }
+    context = TailsRecorder(history, series)
+    result = spectral_edge_dynamics(frame, context)
+    assert flag not in context.tails_read
+    assert gap in context.tails_read
+    complete = [(s, v) for s, v in points if s % 4]
+    clean = TailsRecorder(history, {(gap, layer): complete for layer in ("a", MODEL_LAYER)})
+    want = spectral_edge_dynamics(frame, clean)
+    phase = sed.windowed_key(sed.PHASE, 16)
+    got = _values(result, phase, "a")
+    assert got == _values(want, phase, "a")
+    assert set(got.values()) != {float(sed.Phase.COLLAPSE)}  # what the incomplete peaks made
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

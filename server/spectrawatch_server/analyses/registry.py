@@ -92,6 +92,12 @@ class AnalysisContext(Protocol):
         instead of one per series); series with no points may be absent."""
         ...
 
+    def flagged_steps(self, name: str, since: int) -> dict[str, set[int]]:
+        """Per layer, the steps from ``since`` on where metric ``name`` (a 0/1 flag such as
+        ``sed.incomplete.w16``) is stored non-zero: the few flagged points of a flag series,
+        not its every point; layers with none may be absent."""
+        ...
+
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
         """The last ``limit`` client-logged ``(step, value)`` scalars, oldest first."""
         ...

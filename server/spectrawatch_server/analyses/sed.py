@@ -210,15 +210,11 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
         )
         found.extend((layer, f) for (layer, _), f in zip(members, batch, strict=True))
     past = context.metric_tails(
-        {
-            (_key(name, w, interval), layer): PHASE_HISTORY
-            for layer, f in found
-            for w in f
-            for name in (sed.GAP_RATIO, sed.INCOMPLETE)
-        }
+        {(_key(sed.GAP_RATIO, w, interval), layer): PHASE_HISTORY for layer, f in found for w in f}
     )
+    partial = _partial_steps(context, found, past, interval)
     for layer, by_window in found:
-        _layer_result(result, layer, by_window, interval, past)
+        _layer_result(result, layer, by_window, interval, past, partial)
     result.metrics.extend(_grokking_metrics(frame, context, result.metrics, layers))
     return result
 
@@ -288,21 +284,48 @@ def _stream_grams(
     return grams
 
 
+def _partial_steps(
+    context: AnalysisContext,
+    found: Sequence[tuple[str, Mapping[int, object]]],
+    past: Mapping[tuple[str, str], list[tuple[int, float]]],
+    interval: bool,
+) -> dict[tuple[str, str], set[int]]:
+    """Steps of incomplete windows among the stored gap series ``past``, by ``(gap key,
+    layer)``: per window size, the ``sed.incomplete`` flags from the oldest step of its gap
+    tails on. The flag and gap series are written together, so these are the flags of those
+    tails' points; read as flagged steps only (one index range returning a few rows), not as
+    the 1,024-point flag series per layer and window, which doubled the SED history read."""
+    since: dict[int, int] = {}
+    for layer, by_window in found:
+        for w in by_window:
+            gaps = past.get((_key(sed.GAP_RATIO, w, interval), layer))
+            if gaps:
+                since[w] = min(since.get(w, gaps[0][0]), gaps[0][0])
+    out: dict[tuple[str, str], set[int]] = {}
+    for w, first in since.items():
+        flagged = context.flagged_steps(_key(sed.INCOMPLETE, w, interval), first)
+        out.update(((_key(sed.GAP_RATIO, w, interval), lay), s) for lay, s in flagged.items())
+    return out
+
+
 def _layer_result(
     result: AnalysisResult,
     layer: str,
     found_by_window: dict[int, list[sed.WindowSED]],
     interval: bool,
     past: Mapping[tuple[str, str], list[tuple[int, float]]],
+    partial_steps: Mapping[tuple[str, str], set[int]],
 ) -> None:
     """Append one layer's metrics and its spectrum record (latest window of each size);
-    ``past`` holds the stored gap series by ``(key, layer)``."""
+    ``past`` holds the stored gap series by ``(key, layer)``, ``partial_steps`` the steps of
+    theirs that were incomplete windows (:func:`_partial_steps`)."""
     payload: dict[str, object] = {"analysis": "sed", "interval": interval, "windows": {}}
     for w, found in found_by_window.items():
         if not found:
             continue
-        gaps = past.get((_key(sed.GAP_RATIO, w, interval), layer), [])
-        partial = {s for s, v in past.get((_key(sed.INCOMPLETE, w, interval), layer), []) if v}
+        key = _key(sed.GAP_RATIO, w, interval)
+        gaps = past.get((key, layer), [])
+        partial = partial_steps.get((key, layer))
         # (filtering every stored point cost ~1/4 of a GPT-2-sized frame's analysis)
         stored = [(s, v) for s, v in gaps if s not in partial] if partial else gaps
         result.metrics.extend(_window_metrics(found, layer, w, interval, stored))

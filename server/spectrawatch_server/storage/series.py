@@ -75,6 +75,29 @@ def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str],
     return out
 
 
+_FLAGGED = (
+    select(Metric.layer, Metric.step)
+    .where(
+        Metric.run_id == bindparam("run"),
+        Metric.name == bindparam("name"),
+        Metric.step >= bindparam("since"),
+        Metric.value != 0,
+    )
+    .order_by(Metric.step)
+)
+
+
+def flagged_steps(session: Session, run_id: int, name: str, since: int) -> dict[str, set[int]]:
+    """Per layer, the steps from ``since`` on where metric ``name`` is stored non-zero (NULL
+    and 0 left out): one index range over the name's points, returning only the flagged ones
+    (the SED phase history's ``sed.incomplete`` flags, instead of 1,024 points per series)."""
+    out: dict[str, set[int]] = {}
+    rows = session.connection().execute(_FLAGGED, {"run": run_id, "name": name, "since": since})
+    for layer, step in rows:
+        out.setdefault(layer, set()).add(int(step))
+    return out
+
+
 def metrics_at(
     session: Session, run_id: int, layer: str, prefix: str, step: int
 ) -> dict[str, float]:
