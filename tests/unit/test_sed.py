@@ -697,6 +697,27 @@ def test_phase_codes_equal_detect_phases_on_every_prefix() -> None:
     assert seen[2] == {sed.Phase.UNKNOWN}
 
 
+def test_phase_codes_batch_equal_phase_codes_per_series() -> None:
+    """Stacked series of equal length, others alone; any first point; a NaN, a huge value."""
+    rng = np.random.default_rng(8)
+    series, firsts = [], []
+    for n in (1, 3, 5, 6, 40, 40, 40, 40, 1040, 1040, 1040):
+        t = np.arange(n)
+        centre, width = rng.uniform(0, n), rng.uniform(2, 30)
+        shape = 1.0 + rng.uniform(0, 4) * np.exp(-(((t - centre) / width) ** 2))
+        series.append(shape + rng.uniform(0, 0.3) * rng.standard_normal(n))
+        firsts.append(int(rng.integers(0, n + 1)))
+    series.append(np.full(40, 1.01))  # flat: UNKNOWN
+    series.append(1.0 + np.arange(40) / 10)  # still rising
+    series[5][17] = math.nan
+    series[6][30] = 1e12  # (stored values are finite: inf - inf would warn in both)
+    firsts += [0, 0]
+    got = sed.phase_codes_batch(series, firsts)
+    want = [sed.phase_codes(list(v), first) for v, first in zip(series, firsts, strict=True)]
+    assert got == want
+    assert {c for codes in got for c in codes} == set(sed.Phase)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batched_sed_on_cuda_equals_cpu() -> None:

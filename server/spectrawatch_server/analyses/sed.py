@@ -17,8 +17,10 @@ thin out). Rows are one every ``info["update_every"]`` steps (the client's caden
 ``overhead_budget`` may raise during a run): a window spans that many steps per row, and where
 older rows are denser (before the cadence rose) it holds the last W of them. ``__model__`` is
 evaluated at every row. All layers sharing the same steps, every window size and every new step
-go through one :func:`sed.batched_sed` call, and the
-stored gap series that phase detection continues are read in one ``metric_tails`` call.
+go through one :func:`sed.batched_sed` call, on float64 Grams of the assembled rows that the
+previous update frame kept (:func:`_stream_grams`: only the new rows' products are computed), and
+the stored gap series that phase detection continues are read in one ``metric_tails`` call (their
+incomplete windows' flags as flagged steps only: :func:`_partial_steps`).
 
 The grokking detector (``spectrawatch.spectral.grokking``) is evaluated for ``__model__`` on each
 frame from the commutator-defect scalars and the per-layer Frobenius norms and effective ranks
@@ -31,11 +33,14 @@ the frame's last step. Validation scalars are never read.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
+from operator import itemgetter
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from spectrawatch.spectral import grokking, sed
@@ -213,8 +218,16 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
         {(_key(sed.GAP_RATIO, w, interval), layer): PHASE_HISTORY for layer, f in found for w in f}
     )
     partial = _partial_steps(context, found, past, interval)
+    series = []
     for layer, by_window in found:
-        _layer_result(result, layer, by_window, interval, past, partial)
+        for w, windows_found in by_window.items():
+            if windows_found:
+                gap = (_key(sed.GAP_RATIO, w, interval), layer)
+                series.append(_phase_series(windows_found, past.get(gap, []), partial.get(gap)))
+    codes = iter(sed.phase_codes_batch([v for v, _ in series], [cut for _, cut in series]))
+    for layer, by_window in found:
+        phases = {w: next(codes) for w, windows_found in by_window.items() if windows_found}
+        _layer_result(result, layer, by_window, interval, phases)
     result.metrics.extend(_grokking_metrics(frame, context, result.metrics, layers))
     return result
 
@@ -308,27 +321,36 @@ def _partial_steps(
     return out
 
 
+def _phase_series(
+    found: list[sed.WindowSED], gaps: list[tuple[int, float]], partial: set[int] | None
+) -> tuple[np.ndarray, int]:
+    """The gap series that phase detection runs on for one layer and window size, and the index
+    of its first new point: the stored points of complete windows (``gaps`` less the steps in
+    ``partial``) before the first new window, then the new complete windows' gaps. Phases are
+    detected on complete windows only: a window of a few rows has a large, meaningless gap,
+    which made its peak and every later point a "collapse"."""
+    # (filtering every stored point cost ~1/4 of a GPT-2-sized frame's analysis)
+    stored = [(s, v) for s, v in gaps if s not in partial] if partial else gaps
+    cut = bisect.bisect_left(stored, found[0].step, key=lambda p: p[0])
+    old = np.fromiter(map(itemgetter(1), itertools.islice(stored, cut)), np.float64, cut)
+    new = np.fromiter((w.gap_ratio for w in found if w.complete), np.float64)
+    return np.concatenate([old, new]), cut
+
+
 def _layer_result(
     result: AnalysisResult,
     layer: str,
     found_by_window: dict[int, list[sed.WindowSED]],
     interval: bool,
-    past: Mapping[tuple[str, str], list[tuple[int, float]]],
-    partial_steps: Mapping[tuple[str, str], set[int]],
+    phases: Mapping[int, list[sed.Phase]],
 ) -> None:
     """Append one layer's metrics and its spectrum record (latest window of each size);
-    ``past`` holds the stored gap series by ``(key, layer)``, ``partial_steps`` the steps of
-    theirs that were incomplete windows (:func:`_partial_steps`)."""
+    ``phases`` holds the phase of each complete new window, per window size."""
     payload: dict[str, object] = {"analysis": "sed", "interval": interval, "windows": {}}
     for w, found in found_by_window.items():
         if not found:
             continue
-        key = _key(sed.GAP_RATIO, w, interval)
-        gaps = past.get((key, layer), [])
-        partial = partial_steps.get((key, layer))
-        # (filtering every stored point cost ~1/4 of a GPT-2-sized frame's analysis)
-        stored = [(s, v) for s, v in gaps if s not in partial] if partial else gaps
-        result.metrics.extend(_window_metrics(found, layer, w, interval, stored))
+        result.metrics.extend(_window_metrics(found, layer, w, interval, phases[w]))
         last = found[-1]
         payload["windows"][str(w)] = {  # type: ignore[index]
             "step": last.step,
@@ -353,16 +375,12 @@ def _window_metrics(
     layer: str,
     window: int,
     interval: bool,
-    stored: list[tuple[int, float]],
+    phases: list[sed.Phase],
 ) -> list[MetricValue]:
-    """Metrics of one layer's windows; ``stored`` is the gap series of complete windows so far
-    (oldest first). Phases are detected on complete windows only: a window of a few rows has
-    a large, meaningless gap, which made its peak and every later point a "collapse"; an
-    incomplete window's phase is UNKNOWN."""
+    """Metrics of one layer's windows; ``phases`` are those of its complete windows
+    (:func:`_phase_series`); an incomplete window's phase is UNKNOWN."""
     keys = [_key(name, window, interval) for name in _WINDOW_NAMES]
-    cut = bisect.bisect_left(stored, found[0].step, key=lambda p: p[0])
-    values = [v for _, v in stored[:cut]] + [w.gap_ratio for w in found if w.complete]
-    codes = iter(sed.phase_codes(values, cut))
+    codes = iter(phases)
     out: list[MetricValue] = []
     for w in found:
         phase = next(codes) if w.complete else sed.Phase.UNKNOWN
