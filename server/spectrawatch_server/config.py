@@ -139,11 +139,12 @@ class ServerSettings(BaseSettings):
     # at most this long; 0 disables), and the most frames one group-commit transaction holds
     auth_cache_seconds: float = Field(5.0, ge=0, le=300)
     ingest_batch_max: int = Field(64, ge=1, le=10_000)
-    # PostgreSQL timeouts (seconds; 0 = none). The API's: a request waits at most
+    # Database timeouts (seconds; 0 = none). The API's: a request waits at most
     # db_pool_timeout for a pooled connection and each statement at most db_lock_timeout for a
-    # lock, so a busy database answers 503 database_busy (Retry-After) well within the client's
-    # 10 s request timeout; db_statement_timeout ends a runaway query. `spectrawatch worker`
-    # uses the worker_* ones instead (analysis writes may legitimately take longer).
+    # lock (on SQLite: the busy timeout), so a busy database answers 503 database_busy
+    # (Retry-After) well within the client's 10 s request timeout; db_statement_timeout ends a
+    # runaway query (PostgreSQL only). `spectrawatch worker` uses the worker_* ones instead
+    # (analysis writes may legitimately take longer).
     db_pool_timeout_seconds: float = Field(5.0, gt=0, le=300)
     db_statement_timeout_seconds: float = Field(10.0, ge=0, le=86_400)
     db_lock_timeout_seconds: float = Field(3.0, ge=0, le=86_400)

@@ -14,7 +14,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spectrawatch.wire import FrameError
-from spectrawatch_server.db.errors import LOCK_NOT_AVAILABLE, STATEMENT_TIMEOUTS, sqlstate
+from spectrawatch_server.db.errors import (
+    LOCK_NOT_AVAILABLE,
+    STATEMENT_TIMEOUTS,
+    sqlite_busy,
+    sqlstate,
+)
 from spectrawatch_server.storage.blobs import BlobStoreFull
 
 log = logging.getLogger(__name__)
@@ -114,10 +119,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
         code = sqlstate(exc)
-        if code in STATEMENT_TIMEOUTS:
-            # SPECTRAWATCH_DB_STATEMENT_TIMEOUT_SECONDS / _DB_LOCK_TIMEOUT_SECONDS ran out: the
-            # database is busy (a long lock, a heavy query), not down
-            what = "a database lock" if code == LOCK_NOT_AVAILABLE else "a database statement"
+        if code in STATEMENT_TIMEOUTS or sqlite_busy(exc):
+            # SPECTRAWATCH_DB_STATEMENT_TIMEOUT_SECONDS / _DB_LOCK_TIMEOUT_SECONDS ran out (on
+            # SQLite the lock timeout is the busy timeout): the database is busy (a long lock, a
+            # heavy query), not down
+            statement = code is not None and code != LOCK_NOT_AVAILABLE
+            what = "a database statement" if statement else "a database lock"
             log.warning("database busy: timed out waiting for %s: %s", what.split()[-1], exc)
             return error_response(
                 503,

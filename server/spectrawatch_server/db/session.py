@@ -1,9 +1,10 @@
-"""Engine and session factory; SQLite gets WAL, a busy timeout and enforced foreign keys;
-PostgreSQL connections get a statement and a lock timeout (:func:`make_engine`)."""
+"""Engine and session factory; SQLite gets WAL, a busy timeout (the lock timeout) and enforced
+foreign keys; PostgreSQL connections get a statement and a lock timeout (:func:`make_engine`)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,15 @@ def make_engine(
     :class:`sqlalchemy.exc.TimeoutError`. On PostgreSQL every connection starts with
     ``statement_timeout`` and ``lock_timeout`` (seconds, 0 = none: PostgreSQL's default), so a
     statement stuck behind a lock or running away fails (``QueryCanceled`` /
-    ``LockNotAvailable``) instead of holding its connection as long as the lock lasts.
+    ``LockNotAvailable``) instead of holding its connection as long as the lock lasts. On
+    SQLite ``lock_timeout`` is the busy timeout: how long a statement waits for another
+    connection's write lock before ``database is locked`` (0: as long as SQLite allows, about
+    24 days); SQLite has no statement timeout.
     """
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_timeout": pool_timeout}
+    busy_ms = sqlite_busy_timeout_ms(lock_timeout)
     if url.startswith("sqlite"):
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_ms // 1000}
     elif timeouts := _timeout_options(statement_timeout, lock_timeout):
         given = make_url(url).query.get("options")  # ?options=... in the URL: kept, ours after
         given = given if isinstance(given, str) else " ".join(given or ())
@@ -40,8 +45,18 @@ def make_engine(
         database = engine.url.database
         if database and database != ":memory:":
             _create_private(Path(database))
-        event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "connect", functools.partial(_configure_sqlite, busy_ms=busy_ms))
     return engine
+
+
+SQLITE_MAX_BUSY_MS = 2**31 - 1  # PRAGMA busy_timeout takes a C int of milliseconds
+
+
+def sqlite_busy_timeout_ms(lock_timeout: float) -> int:
+    """SQLite's busy timeout for a lock timeout of ``lock_timeout`` seconds (0: no limit)."""
+    if lock_timeout <= 0:
+        return SQLITE_MAX_BUSY_MS
+    return max(1, min(round(lock_timeout * 1000), SQLITE_MAX_BUSY_MS))
 
 
 def _timeout_options(statement_timeout: float, lock_timeout: float) -> str:
@@ -63,13 +78,13 @@ def _create_private(path: Path) -> None:
 WAL_SIZE_LIMIT = 16 << 20
 
 
-def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+def _configure_sqlite(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> None:
     cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")  # first: switching to WAL may wait too
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 

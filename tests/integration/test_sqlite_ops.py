@@ -1,0 +1,130 @@
+"""SQLite operations against a real SQLite file: what the API answers while another connection
+holds the database's write lock, and what a real client does with that answer.
+
+SQLite has one write lock per database. ``spectrawatch compact``, an admin command, or the
+embedded worker's analysis write may hold it; a request waiting for it must answer
+``503 database_busy`` (``Retry-After``) well within the client's request timeout, as a
+PostgreSQL lock timeout does (``test_postgres_ops.py``), instead of waiting out a 30 s busy
+timeout the client has long given up on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+import spectrawatch
+from spectrawatch.config import ClientSettings
+from spectrawatch_server.app import create_app
+from spectrawatch_server.config import ServerSettings
+from tests.servers import ServerProcess, embedded_only, wait_until
+from tests.training import Loop, frames_of
+from tests.training import client_settings as _client_settings
+
+pytestmark = [pytest.mark.integration, embedded_only("the SQLite write lock")]
+
+PORT = 18301
+
+
+class WriteLock:
+    """``BEGIN IMMEDIATE`` on another connection: SQLite's write lock is held until
+    :meth:`release` (readers go on: WAL), as by a long writer."""
+
+    def __init__(self, path: Path) -> None:
+        self._releasing = threading.Lock()
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        """Idempotent and thread-safe (a timer thread and the test's ``finally`` both call it)."""
+        with self._releasing, contextlib.suppress(sqlite3.ProgrammingError):  # closed already
+            self.conn.rollback()
+            self.conn.close()
+
+
+@contextlib.contextmanager
+def write_locked(path: Path, seconds: float) -> Iterator[WriteLock]:
+    """The write lock for at most ``seconds`` (longer than the client waits) or the block."""
+    lock = WriteLock(path)
+    released = threading.Timer(seconds, lock.release)
+    released.start()
+    try:
+        yield lock
+    finally:
+        released.cancel()
+        lock.release()
+
+
+def test_request_waiting_for_the_write_lock_answers_503_before_the_client_times_out(
+    tmp_path: Path,
+) -> None:
+    """Default settings: a write waiting for SQLite's lock answers 503 ``database_busy`` with
+    ``Retry-After`` within the client's request timeout (it waited up to 30 s, then answered
+    ``database_unavailable`` as for an outage); reads go on; the write succeeds once the lock is
+    released."""
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
+    client_timeout = ClientSettings().timeout_s
+    assert settings.db_lock_timeout_seconds < client_timeout
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.post("/api/v1/projects", json={"name": "p"}).status_code == 201
+        database = settings.sqlite_path
+        assert database is not None
+        with write_locked(database, 20):
+            started = time.monotonic()
+            resp = client.post("/api/v1/projects", json={"name": "q"})
+            elapsed = time.monotonic() - started
+            assert client.get("/api/v1/projects").status_code == 200  # WAL: readers go on
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "database_busy"
+        assert "lock" in resp.json()["error"]["message"]
+        assert resp.headers["Retry-After"].isdigit()
+        assert settings.db_lock_timeout_seconds - 0.5 < elapsed < client_timeout
+        assert client.post("/api/v1/projects", json={"name": "q"}).status_code == 201
+
+
+@pytest.mark.slow
+def test_client_backs_off_on_database_busy_and_loses_nothing(tmp_path: Path) -> None:
+    """A real server and a real training loop; the SQLite write lock is held 12 s, longer than
+    the client's request timeout: the client gets ``503 database_busy`` (not a timeout of its
+    own), spools and retries after ``Retry-After``, and every frame and scalar arrives once,
+    in order; the training loop's steps are never held up."""
+    srv = ServerProcess(tmp_path / "server", port=PORT).start()
+    m = spectrawatch.Monitor()
+    try:
+        run_settings = _client_settings(
+            tmp_path, srv.url, "busy", project="ops", flush_timeout_s=120.0
+        )
+        m.init(**run_settings)
+        loop = Loop(m)
+        loop.run(10, pause=0.005)
+        assert m.wait_idle(30)
+        with write_locked(tmp_path / "server" / "spectrawatch.db", 12):
+            loop.run_for(10.0, pause=0.04)
+            # 503 after the 3 s lock timeout, a retry after Retry-After: 5 s, 503 again, spooled
+            wait_until(lambda: "503 database_busy" in (m.stats.last_error or ""), timeout=15)
+        assert "database busy: timed out waiting for lock" in srv.log_path.read_text()
+        assert m.stats.get("spooled_frames") > 0
+        assert max(loop.times) < 1.0  # the sender thread waited, never the loop
+        loop.run(10, pause=0.005)
+        assert m.finish(timeout=120)
+        assert m._sender is not None
+        assert isinstance(m.run_id, int)
+        base = m._sender._seq_base or 0
+        sent = list(range(base, base + m._sender._seq_next))
+        frames = sorted(frames_of(srv.url, m.run_id), key=lambda f: f["id"])
+        assert [f["seq"] for f in frames] == sent  # each once, in order
+        assert m.stats.get("dropped_frames") == 0
+        with httpx.Client(base_url=f"{srv.url}/api/v1", timeout=30) as api:
+            series = api.get(f"/runs/{m.run_id}/scalars", params={"name": "loss"}).json()
+        assert [len(s["steps"]) for s in series if s["name"] == "loss"] == [loop.step]
+    finally:
+        m.finish(status="crashed", timeout=5)
+        srv.stop()
