@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy import Engine
 
 from spectrawatch._version import __version__
 from spectrawatch.wire import FrameLimits
@@ -54,6 +55,8 @@ def build_state(settings: ServerSettings) -> AppState:
     )
     migrate.upgrade(engine)
     sessions = make_session_factory(engine)
+    worker_engine = _embedded_worker_engine(settings, engine)
+    worker_sessions = make_session_factory(worker_engine) if worker_engine else sessions
     blobs = open_blob_store(settings)  # local directory, or S3 when SPECTRAWATCH_BLOB_URL=s3://
     limits = FrameLimits(
         max_tensors=settings.max_tensors,
@@ -67,7 +70,7 @@ def build_state(settings: ServerSettings) -> AppState:
         settings.max_body_bytes,
         settings.frame_cache_mb << 20,
     )
-    worker = Worker(sessions, loader, hooks=[engine_for(settings).evaluate])
+    worker = Worker(worker_sessions, loader, hooks=[engine_for(settings).evaluate])
     queue: JobQueue
     if settings.queue == "procrastinate":
         # Lazy: the [scale] extra. The API process only defers jobs; `spectrawatch worker`
@@ -90,12 +93,35 @@ def build_state(settings: ServerSettings) -> AppState:
         queue = EmbeddedQueue(
             sessions,
             worker.process,
+            worker_sessions=worker_sessions,
             lease_seconds=settings.job_lease_seconds,
             max_attempts=settings.job_max_attempts,
             poll_seconds=settings.worker_poll_seconds,
             backoff_seconds=settings.job_backoff_seconds,
         )
-    return AppState(settings, engine, sessions, blobs, queue, worker, limits)
+    return AppState(settings, engine, sessions, blobs, queue, worker, limits, worker_engine)
+
+
+def _embedded_worker_engine(settings: ServerSettings, api_engine: Engine) -> Engine | None:
+    """The in-process worker's own engine, with the worker's statement and lock timeouts
+    (``WORKER_DB_*``; on SQLite the lock timeout is the busy timeout) instead of the API's: an
+    analysis writes hundreds of rows for one frame and waits behind ingest for its run's lock,
+    longer than a request should. None where no worker thread runs here (the procrastinate
+    queue's API process, ``--no-worker``) or the timeouts are the same (``spectrawatch
+    worker``'s settings)."""
+    if settings.queue != "embedded" or not settings.run_worker:
+        return None
+    worker_timeouts = (
+        settings.worker_db_statement_timeout_seconds,
+        settings.worker_db_lock_timeout_seconds,
+    )
+    if worker_timeouts == (settings.db_statement_timeout_seconds, settings.db_lock_timeout_seconds):
+        return None
+    return make_engine(
+        api_engine.url.render_as_string(hide_password=False),
+        statement_timeout=settings.worker_db_statement_timeout_seconds,
+        lock_timeout=settings.worker_db_lock_timeout_seconds,
+    )
 
 
 def reconcile_blobs(state: AppState, min_age_seconds: float) -> int:
@@ -155,6 +181,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                 sender.stop()
             state.queue.stop()
             state.engine.dispose()
+            if state.worker_engine is not None:
+                state.worker_engine.dispose()
 
     app = FastAPI(
         title="spectrawatch",

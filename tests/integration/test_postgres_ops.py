@@ -185,6 +185,27 @@ def test_engine_adds_the_timeouts_after_the_urls_own_options(pg_url: str) -> Non
         engine.dispose()
 
 
+def test_embedded_worker_runs_under_the_worker_timeouts(pg_url: str, tmp_path: Path) -> None:
+    """``spectrawatch server`` with its in-process worker on PostgreSQL: the worker's claims
+    and analysis writes run on connections with WORKER_DB_STATEMENT/LOCK_TIMEOUT_SECONDS
+    (300 s, 60 s), the API's requests on the API's (10 s, 3 s); the worker shared the API's."""
+    embedded = ServerSettings(data_dir=tmp_path, database_url=pg_url, run_webhooks=False)
+    with api(embedded) as client:
+        state = client.app.state.spectrawatch  # type: ignore[attr-defined]
+        assert state.queue.alive
+
+        def timeouts(sessions: Callable[[], Session]) -> tuple[str | None, str | None]:
+            with sessions() as session:
+                return (
+                    session.scalar(text("SHOW statement_timeout")),
+                    session.scalar(text("SHOW lock_timeout")),
+                )
+
+        assert timeouts(state.sessions) == ("10s", "3s")
+        assert timeouts(state.worker.sessions) == ("5min", "1min")  # the analysis writes
+        assert timeouts(state.queue.worker_sessions) == ("5min", "1min")  # the job claims
+
+
 # --- 2. /health counts what it shows, not the whole job history ------------------------------
 
 FINISHED_JOBS = 200_000

@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 
 import spectrawatch
 from spectrawatch.config import ClientSettings
@@ -88,6 +90,24 @@ def test_request_waiting_for_the_write_lock_answers_503_before_the_client_times_
         assert resp.headers["Retry-After"].isdigit()
         assert settings.db_lock_timeout_seconds - 0.5 < elapsed < client_timeout
         assert client.post("/api/v1/projects", json={"name": "q"}).status_code == 201
+
+
+def test_embedded_worker_waits_for_the_lock_with_the_worker_timeout(tmp_path: Path) -> None:
+    """The in-process worker's connections wait WORKER_DB_LOCK_TIMEOUT_SECONDS (60 s) for the
+    write lock, the API's DB_LOCK_TIMEOUT_SECONDS (3 s): an analysis write queued behind ingest
+    must not fail after a request's timeout."""
+    settings = ServerSettings(data_dir=tmp_path, run_webhooks=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        state = client.app.state.spectrawatch  # type: ignore[attr-defined]
+        assert state.queue.alive
+
+        def busy_ms(sessions: sessionmaker[Session]) -> int | None:
+            with sessions() as session:
+                return session.scalar(text("PRAGMA busy_timeout"))
+
+        assert busy_ms(state.sessions) == 3_000
+        assert busy_ms(state.worker.sessions) == 60_000  # the analysis writes
+        assert busy_ms(state.queue.worker_sessions) == 60_000  # the job claims
 
 
 @pytest.mark.slow

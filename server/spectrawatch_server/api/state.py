@@ -23,3 +23,5 @@ class AppState:
     queue: JobQueue
     worker: Worker
     limits: FrameLimits
+    # the in-process worker's engine (its own timeouts); None: it uses ``engine``
+    worker_engine: Engine | None = None

@@ -26,19 +26,26 @@ log = logging.getLogger(__name__)
 
 
 class EmbeddedQueue:
-    """DB-table queue with leases; ``start()`` runs ``handler`` on a daemon thread."""
+    """DB-table queue with leases; ``start()`` runs ``handler`` on a daemon thread.
+
+    ``sessions``: the API's (job counts for /health, the start-up release);
+    ``worker_sessions`` (default: the same): the worker thread's claims and releases, on an
+    engine with the worker's timeouts.
+    """
 
     def __init__(
         self,
         sessions: sessionmaker[Session],
         handler: JobHandler,
         *,
+        worker_sessions: sessionmaker[Session] | None = None,
         lease_seconds: float = 120.0,
         max_attempts: int = 5,
         poll_seconds: float = 0.5,
         backoff_seconds: float = 0.0,
     ) -> None:
         self.sessions = sessions
+        self.worker_sessions = worker_sessions or sessions
         self.handler = handler
         self.lease = timedelta(seconds=lease_seconds)
         self.max_attempts = max_attempts
@@ -85,7 +92,7 @@ class EmbeddedQueue:
 
     def run_once(self) -> bool:
         """Claim and run one job; False when there was nothing to do."""
-        with self.sessions.begin() as session:
+        with self.worker_sessions.begin() as session:
             for job_id in self._release_later:  # jobs interrupted by a database outage
                 repo.release_job(session, job_id, "database unavailable", refund_attempt=True)
             self._release_later.clear()
@@ -102,7 +109,7 @@ class EmbeddedQueue:
                 self._release_later.append(job.job_id)
                 raise
             log.exception("analysis of frame %d failed (attempt %d)", job.frame_id, job.attempts)
-            with self.sessions.begin() as session:
+            with self.worker_sessions.begin() as session:
                 if job.attempts >= self.max_attempts:
                     repo.finish_frame(session, job.frame_id, "failed", repr(exc))
                 else:
