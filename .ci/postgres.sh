@@ -45,6 +45,15 @@ if [[ -z "${BINDIR}" ]]; then
   apt-get install -y -qq --no-install-recommends postgresql >&2
   BINDIR="$(find_bindir)"
 fi
+# PgBouncer (transaction pooling tests in test_postgres_ops.py; they skip without it): the
+# Debian package, its service not started (the tests run their own on a free port).
+if [[ "${1:-start}" == "start" && "$(id -u)" -eq 0 ]] && ! command -v pgbouncer >/dev/null \
+    && [[ ! -x /usr/sbin/pgbouncer ]]; then
+  log "installing PgBouncer from Debian packages"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >&2 \
+    || log "PgBouncer could not be installed: its tests will skip"
+  if command -v invoke-rc.d >/dev/null; then invoke-rc.d pgbouncer stop >/dev/null 2>&1 || true; fi
+fi
 
 # PostgreSQL refuses to run as root: use the package's `postgres` account then.
 if [[ "$(id -u)" -eq 0 ]]; then

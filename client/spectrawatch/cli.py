@@ -203,7 +203,9 @@ def _open_db(args: argparse.Namespace, create: bool = False) -> Any:
     if create:
         _startup_check(args, lambda: startup.make_data_dir(settings.data_dir))
     _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(
+        settings.resolved_database_url, transaction_pooling=settings.db_transaction_pooling
+    )
     migrate.upgrade(engine)
     return make_session_factory(engine)
 

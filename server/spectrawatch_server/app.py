@@ -52,6 +52,7 @@ def build_state(settings: ServerSettings) -> AppState:
         pool_timeout=settings.db_pool_timeout_seconds,
         statement_timeout=settings.db_statement_timeout_seconds,
         lock_timeout=settings.db_lock_timeout_seconds,
+        transaction_pooling=settings.db_transaction_pooling,
     )
     migrate.upgrade(engine)
     sessions = make_session_factory(engine)
@@ -121,6 +122,7 @@ def _embedded_worker_engine(settings: ServerSettings, api_engine: Engine) -> Eng
         api_engine.url.render_as_string(hide_password=False),
         statement_timeout=settings.worker_db_statement_timeout_seconds,
         lock_timeout=settings.worker_db_lock_timeout_seconds,
+        transaction_pooling=settings.db_transaction_pooling,
     )
 
 

@@ -150,6 +150,9 @@ class ServerSettings(BaseSettings):
     db_lock_timeout_seconds: float = Field(3.0, ge=0, le=86_400)
     worker_db_statement_timeout_seconds: float = Field(300.0, ge=0, le=86_400)
     worker_db_lock_timeout_seconds: float = Field(60.0, ge=0, le=86_400)
+    # DATABASE_URL goes through PgBouncer in transaction pooling mode: the timeouts are set per
+    # transaction (a pooler drops the startup packet's), no server-side prepared statements
+    db_transaction_pooling: bool = False
     job_lease_seconds: float = Field(120.0, gt=0)
     job_max_attempts: int = Field(5, ge=1)
     worker_poll_seconds: float = Field(0.5, gt=0)  # 0 would spin

@@ -13,8 +13,10 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
 from spectrawatch.config import ClientSettings
@@ -38,7 +41,7 @@ from spectrawatch_server.queue.base import database_unavailable
 from spectrawatch_server.queue.embedded import EmbeddedQueue
 from spectrawatch_server.storage import repository as repo
 from tests.integration.test_faults import PrivatePostgres
-from tests.servers import fresh_database, wait_until
+from tests.servers import free_port, fresh_database, wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -193,17 +196,115 @@ def test_embedded_worker_runs_under_the_worker_timeouts(pg_url: str, tmp_path: P
     with api(embedded) as client:
         state = client.app.state.spectrawatch  # type: ignore[attr-defined]
         assert state.queue.alive
+        assert timeouts_of(state.sessions) == ("10s", "3s")
+        assert timeouts_of(state.worker.sessions) == ("5min", "1min")  # the analysis writes
+        assert timeouts_of(state.queue.worker_sessions) == ("5min", "1min")  # the job claims
 
-        def timeouts(sessions: Callable[[], Session]) -> tuple[str | None, str | None]:
-            with sessions() as session:
-                return (
-                    session.scalar(text("SHOW statement_timeout")),
-                    session.scalar(text("SHOW lock_timeout")),
-                )
 
-        assert timeouts(state.sessions) == ("10s", "3s")
-        assert timeouts(state.worker.sessions) == ("5min", "1min")  # the analysis writes
-        assert timeouts(state.queue.worker_sessions) == ("5min", "1min")  # the job claims
+# --- 1b. PgBouncer in transaction pooling mode ------------------------------------------------
+
+
+@contextlib.contextmanager
+def pgbouncer(url: str) -> Iterator[str]:
+    """A real PgBouncer in transaction pooling mode in front of ``url``'s server, with ONE
+    server connection: every transaction of every client runs on it, in turn. Default
+    ``ignore_startup_parameters`` (none): a client sending libpq ``options`` is refused."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not os.path.exists(binary):
+        pytest.skip("pgbouncer is not installed (.ci/postgres.sh installs it as root)")
+    with tempfile.TemporaryDirectory(prefix="sw-pgbouncer-") as tmp:  # readable by its account
+        yield from _pgbouncer(binary, make_url(url), Path(tmp))
+
+
+def _pgbouncer(binary: str, target: URL, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    (tmp_path / "users.txt").write_text(f'"{target.username}" "{target.password}"\n')
+    (tmp_path / "pgbouncer.ini").write_text(
+        f"[databases]\n* = host={target.host} port={target.port}\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = plain\nauth_file = {tmp_path / 'users.txt'}\npool_mode = transaction\n"
+        "default_pool_size = 1\nmax_client_conn = 50\n"
+    )
+    as_root = os.geteuid() == 0  # PgBouncer refuses to run as root: the package's account
+    if as_root:
+        shutil.chown(tmp_path, "postgres")
+        for name in ("users.txt", "pgbouncer.ini"):
+            shutil.chown(tmp_path / name, "postgres")
+    runas = ["runuser", "-u", "postgres", "--"] if as_root else []
+    proc = subprocess.Popen(
+        [*runas, binary, str(tmp_path / "pgbouncer.ini")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        proxied = target.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+
+        def answers() -> bool:
+            with contextlib.suppress(sa_exc.OperationalError):
+                engine = create_engine(proxied)
+                try:
+                    with engine.connect() as conn:
+                        return conn.scalar(text("SELECT 1")) == 1
+                finally:
+                    engine.dispose()
+            return False
+
+        wait_until(answers, timeout=20)
+        yield proxied
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def timeouts_of(sessions: Callable[[], Session]) -> tuple[str | None, str | None]:
+    with sessions() as session:
+        return (
+            session.scalar(text("SHOW statement_timeout")),
+            session.scalar(text("SHOW lock_timeout")),
+        )
+
+
+def test_timeouts_hold_through_pgbouncer_in_transaction_pooling_mode(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """SPECTRAWATCH_DB_TRANSACTION_POOLING=true behind a real PgBouncer (transaction mode, one
+    server connection shared by the API's and the embedded worker's engines): each transaction
+    runs under its own engine's timeouts (the startup packet's ``options`` were refused or
+    dropped by the pooler: no timeout at all), more transactions than psycopg's prepare
+    threshold run (no server-side prepared statements), and a request blocked on a lock answers
+    503 ``database_busy`` within the client's timeout."""
+    with pgbouncer(pg_url) as proxied:
+        app_settings = ServerSettings(
+            data_dir=tmp_path / "data",
+            database_url=proxied,
+            db_transaction_pooling=True,
+            run_webhooks=False,
+        )
+        with api(app_settings) as client:
+            state = client.app.state.spectrawatch  # type: ignore[attr-defined]
+            for _ in range(4):  # alternately, on the one server connection
+                assert timeouts_of(state.sessions) == ("10s", "3s")
+                assert timeouts_of(state.worker.sessions) == ("5min", "1min")
+                assert client.post("/api/v1/projects", json={"name": "p"}).status_code < 300
+                assert client.get("/api/v1/projects").status_code == 200
+            with state.sessions.begin() as session:  # a sweep lifts them for its transaction
+                migrate.lift_timeouts(session.connection())
+                assert session.scalar(text("SHOW statement_timeout")) == "0"
+            assert timeouts_of(state.sessions) == ("10s", "3s")  # and only for it
+            lock = TableLock(pg_url, "project")  # directly: the pooler's connection stays free
+            released = threading.Timer(30, lock.release)
+            released.start()
+            try:
+                started = time.monotonic()
+                resp = client.get("/api/v1/projects")
+                elapsed = time.monotonic() - started
+            finally:
+                released.cancel()
+                lock.release()
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["error"]["code"] == "database_busy"
+            assert elapsed < ClientSettings().timeout_s
+            assert client.get("/api/v1/projects").status_code == 200
 
 
 # --- 2. /health counts what it shows, not the whole job history ------------------------------

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +20,7 @@ def make_engine(
     pool_timeout: float = 30.0,
     statement_timeout: float = 0.0,
     lock_timeout: float = 0.0,
+    transaction_pooling: bool = False,
 ) -> Engine:
     """Create the engine for ``url``; SQLite connections are configured on connect.
 
@@ -31,16 +32,29 @@ def make_engine(
     SQLite ``lock_timeout`` is the busy timeout: how long a statement waits for another
     connection's write lock before ``database is locked`` (0: as long as SQLite allows, about
     24 days); SQLite has no statement timeout.
+
+    ``transaction_pooling`` (PostgreSQL behind PgBouncer in transaction pooling mode): a
+    pooler hands each transaction whichever server connection is free and drops (or refuses)
+    the startup packet's ``options``, so the timeouts are set at the start of every transaction
+    instead (``set_config(..., true)``: ``SET LOCAL``, one statement), and psycopg's automatic
+    server-side prepared statements are off (a statement prepared on one server connection
+    does not exist on the next).
     """
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_timeout": pool_timeout}
     busy_ms = sqlite_busy_timeout_ms(lock_timeout)
+    per_transaction = ""
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_ms // 1000}
+    elif transaction_pooling:
+        kwargs["connect_args"] = {"prepare_threshold": None}
+        per_transaction = _set_local_timeouts(statement_timeout, lock_timeout)
     elif timeouts := _timeout_options(statement_timeout, lock_timeout):
         given = make_url(url).query.get("options")  # ?options=... in the URL: kept, ours after
         given = given if isinstance(given, str) else " ".join(given or ())
         kwargs["connect_args"] = {"options": f"{given} {timeouts}".strip()}
     engine = create_engine(url, **kwargs)
+    if per_transaction:
+        event.listen(engine, "begin", functools.partial(_begin_with, per_transaction))
     if engine.dialect.name == "sqlite":
         database = engine.url.database
         if database and database != ":memory:":
@@ -63,6 +77,19 @@ def _timeout_options(statement_timeout: float, lock_timeout: float) -> str:
     """libpq ``options`` setting the session's timeouts in whole milliseconds (0: none)."""
     settings = {"statement_timeout": statement_timeout, "lock_timeout": lock_timeout}
     return " ".join(f"-c {k}={round(v * 1000)}" for k, v in settings.items() if v > 0)
+
+
+def _set_local_timeouts(statement_timeout: float, lock_timeout: float) -> str:
+    """One statement setting the transaction's timeouts in whole milliseconds (0: none, as
+    :func:`_timeout_options`); empty when there is none to set."""
+    settings = {"statement_timeout": statement_timeout, "lock_timeout": lock_timeout}
+    calls = [f"set_config('{k}', '{round(v * 1000)}', true)" for k, v in settings.items() if v > 0]
+    return f"SELECT {', '.join(calls)}" if calls else ""
+
+
+def _begin_with(statement: str, connection: Connection) -> None:
+    """The engine's ``begin`` event: run ``statement`` first in every transaction."""
+    connection.exec_driver_sql(statement)
 
 
 def _create_private(path: Path) -> None:
