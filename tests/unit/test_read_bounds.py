@@ -4,20 +4,23 @@ read and downsampled per layer, the activations figures keep a bounded number of
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, Select, delete, event, func, select
+from sqlalchemy import Engine, Select, delete, event, func, select, update
 
 import spectrawatch.api as client_api
 from spectrawatch_server.api.routes import dashboards
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Metric, MetricSeries, Run
 from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.downsample import downsample, downsample_many
@@ -617,3 +620,48 @@ def test_history_reads_run_prebuilt_statements(
     assert loss == [(2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0)]
     assert built == []
     engine.dispose()
+
+
+def test_bulk_delete_reads_only_the_candidate_runs_projects(tmp_path: Path) -> None:
+    """``POST /runs/bulk-delete`` names each candidate run's project: it read every project
+    of the database for that (a statement without a WHERE clause); now the candidates' only.
+    The answer (dry run and real) is unchanged."""
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        for i in range(30):  # projects with runs that are not stale
+            assert client.post("/api/v1/runs", json={"project": f"p{i}", "name": "r"}).is_success
+        old = client.post("/api/v1/runs", json={"project": "old", "name": "r"}).json()["id"]
+        assert client.patch(f"/api/v1/runs/{old}", json={"status": "finished"}).is_success
+        sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
+        then = utcnow() - timedelta(days=40)
+        with sessions.begin() as session:
+            session.execute(
+                update(Run).where(Run.id == old).values(updated_at=then, last_seen_at=then)
+            )
+        engine = client.app.state.spectrawatch.engine  # type: ignore[attr-defined]
+        seen: list[tuple[str, Any]] = []
+
+        def record(*args: Any) -> None:
+            seen.append((args[2], args[3]))
+
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            dry = client.post(
+                "/api/v1/runs/bulk-delete", json={"older_than_days": 30, "dry_run": True}
+            )
+            done = client.post("/api/v1/runs/bulk-delete", json={"older_than_days": 30})
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        for resp in (dry, done):
+            assert resp.status_code == 200, resp.text
+            assert [(r["id"], r["project"]) for r in resp.json()["runs"]] == [(old, "old")]
+        assert client.get(f"/api/v1/runs/{old}").status_code == 404
+    # every statement reading the project table, run again: the rows each returned
+    with sqlite3.connect(tmp_path / "spectrawatch.db") as db:
+        project_rows = [
+            len(db.execute(sql, params).fetchall())
+            for sql, params in seen
+            if sql.lstrip().upper().startswith("SELECT") and re.search(r"\bFROM project\b", sql)
+        ]
+    assert project_rows, "no statement read the project names"
+    assert max(project_rows) <= 1, project_rows  # was 31: every project

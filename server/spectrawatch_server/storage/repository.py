@@ -303,6 +303,15 @@ def stale_runs(
     return matched, runs
 
 
+def project_names(session: Session, project_ids: Iterable[int]) -> dict[int, str]:
+    """``{id: name}`` of the projects ``project_ids`` (those that exist), read by key only."""
+    wanted = sorted(set(project_ids))
+    if not wanted:
+        return {}
+    rows = session.execute(select(Project.id, Project.name).where(Project.id.in_(wanted)))
+    return {int(row.id): str(row.name) for row in rows}
+
+
 def is_stale(run: Run, before: datetime, statuses: Iterable[str]) -> bool:
     """Whether ``run`` still matches :func:`stale_runs` (re-checked under its lock)."""
     return (

@@ -164,7 +164,7 @@ def bulk_delete_runs(
         project_id = principal.project_id
     before = utcnow() - timedelta(days=body.older_than_days)
     matched, candidates = repo.stale_runs(session, before, body.statuses, project_id, body.limit)
-    names = {p.id: p.name for p in session.scalars(select(Project))}
+    names = repo.project_names(session, {r.project_id for r in candidates})
     listed = [
         BulkDeletedRun(
             id=r.id,
