@@ -75,6 +75,9 @@ class EmbeddedQueue:
     def start(self) -> None:
         with self.sessions.begin() as session:
             released = repo.release_jobs_of_other_workers(session, self.worker_id)
+            # every job out of attempts, pending ones too (released above, or a lower
+            # max_attempts); from now on only a lapsed lease can make one (run_once)
+            repo.fail_expired_jobs(session, self.max_attempts)
         if released:
             log.info("requeued %d job(s) left running by a previous process", released)
         self._thread = threading.Thread(target=self._loop, name="spectrawatch-worker", daemon=True)
@@ -96,7 +99,7 @@ class EmbeddedQueue:
             for job_id in self._release_later:  # jobs interrupted by a database outage
                 repo.release_job(session, job_id, "database unavailable", refund_attempt=True)
             self._release_later.clear()
-            repo.fail_expired_jobs(session, self.max_attempts)
+            repo.fail_expired_jobs(session, self.max_attempts, pending=False)
             job = repo.claim_job(session, self.worker_id, self.lease, self.max_attempts)
         if job is None:
             return False

@@ -497,17 +497,25 @@ def claim_job(
 ) -> ClaimedJob | None:
     """Lease the oldest runnable job: pending, or running with an expired lease.
 
-    The conditional UPDATE makes the claim safe against other workers on any backend.
+    The conditional UPDATE makes the claim safe against other workers on any backend. The
+    candidates are read as two ranges of ``ix_job_status_id`` (status, id), the first pending
+    jobs and the first running ones, each in id order: one query with ``OR`` between the
+    statuses walked the primary key past every finished job (they are kept) and filtered, so a
+    claim cost grew with the job table (17 ms on SQLite after 100,000 jobs).
     """
     now = utcnow()
     # a pending job's lease_until is its not-before time (a retry's backoff), if it has one
     waited = or_(Job.lease_until.is_(None), Job.lease_until <= now)
-    runnable = or_(
-        (Job.status == "pending") & waited, (Job.status == "running") & (Job.lease_until < now)
-    )
-    candidates = session.scalars(
-        select(Job.id).where(runnable, Job.attempts < max_attempts).order_by(Job.id).limit(8)
-    ).all()
+    pending = (Job.status == "pending") & waited
+    expired = (Job.status == "running") & (Job.lease_until < now)
+    runnable = or_(pending, expired)
+    candidates = sorted(
+        job_id
+        for where in (pending, expired)
+        for job_id in session.scalars(
+            select(Job.id).where(where, Job.attempts < max_attempts).order_by(Job.id).limit(8)
+        )
+    )[:8]
     for job_id in candidates:
         claimed = session.execute(
             update(Job)
@@ -526,13 +534,20 @@ def claim_job(
     return None
 
 
-def fail_expired_jobs(session: Session, max_attempts: int) -> int:
+def fail_expired_jobs(session: Session, max_attempts: int, *, pending: bool = True) -> int:
     """Mark jobs that used up their attempts (and are not running) as failed, and their frames
-    too, as :func:`finish_frame` does (the reason stays in the job's ``error``)."""
+    too, as :func:`finish_frame` does (the reason stays in the job's ``error``).
+
+    ``pending=False``: running jobs whose lease ran out only (one index range of the few
+    running jobs): while a queue runs, only a lease running out after the last attempt leaves a
+    job out of attempts; pending ones are made at start-up (jobs of a crashed process released,
+    a lower ``max_attempts``), and reading every pending job on each claim made a claim's cost
+    grow with the backlog."""
     now = utcnow()
+    lapsed = (Job.status == "running") & (Job.lease_until < now)
     expired = (
         Job.attempts >= max_attempts,
-        or_(Job.status == "pending", (Job.status == "running") & (Job.lease_until < now)),
+        or_(Job.status == "pending", lapsed) if pending else lapsed,
     )
     frame_ids = session.scalars(select(Job.frame_id).where(*expired)).all()
     if not frame_ids:
