@@ -275,8 +275,10 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 def cmd_compact(args: argparse.Namespace) -> int:
     """Give the SQLite database's free pages back to the file system (``VACUUM``), offline.
 
-    Deleting runs, or pruning, frees pages inside the file that SQLite reuses but never
-    returns; the write-ahead log also stays at its largest size. The server must be stopped:
+    A database made before incremental auto-vacuum keeps the pages of deleted runs inside the
+    file (SQLite reuses them but never returns them); this VACUUM gives them back and switches
+    the file to ``auto_vacuum=INCREMENTAL``, after which the server returns a deleted run's
+    pages itself. The write-ahead log is cut back too. The server must be stopped:
     the command takes the data directory's lock, and ``VACUUM`` needs up to the database's size
     again in free disk space while it copies.
     """
@@ -306,6 +308,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
         connection = sqlite3.connect(database, isolation_level=None)  # VACUUM: no transaction
         try:
             connection.execute("PRAGMA busy_timeout=30000")
+            # a database made before incremental auto-vacuum switches to it with this
+            # VACUUM: from then on the server gives deleted runs' pages back by itself
+            connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
             connection.execute("VACUUM")
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:

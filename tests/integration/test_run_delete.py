@@ -3,6 +3,8 @@ late frames for it get 404 and its name can be used again (SQLite and PostgreSQL
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import httpx
@@ -176,8 +178,13 @@ def test_concurrent_writes_to_one_run_and_concurrent_deletes(
 def test_compact_gives_a_deleted_runs_pages_back_once_the_server_stopped(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    database = tmp_path / "srv" / "spectrawatch.db"
+    database.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(database)) as db:  # made by an earlier version:
+        db.execute("PRAGMA auto_vacuum=NONE")  # no incremental auto-vacuum (fixed by a table)
+        db.execute("CREATE TABLE made_by_an_older_version (x)")
+        db.execute("DROP TABLE made_by_an_older_version")
     srv = ServerProcess(tmp_path / "srv").start()
-    database = srv.data_dir / "spectrawatch.db"
     try:
         keep, gone = _stream(srv, tmp_path, "keep"), _stream(srv, tmp_path, "gone")
         wait_until(lambda: all(f["status"] == "done" for f in frames_of(srv.url, gone)), 120)
@@ -192,5 +199,6 @@ def test_compact_gives_a_deleted_runs_pages_back_once_the_server_stopped(
     assert main(["compact", "--data-dir", str(srv.data_dir)]) == 0
     assert f"compacted {database}: " in capsys.readouterr().out
     assert db_rows(srv.data_dir, "PRAGMA freelist_count") == [(0,)]
+    assert db_rows(srv.data_dir, "PRAGMA auto_vacuum") == [(2,)]  # incremental from now on
     assert database.stat().st_size <= before - free * 4096 + 4096
     assert db_rows(srv.data_dir, "SELECT count(*) FROM frame WHERE run_id = :r", r=keep)[0][0] > 0

@@ -148,3 +148,64 @@ def test_client_backs_off_on_database_busy_and_loses_nothing(tmp_path: Path) -> 
     finally:
         m.finish(status="crashed", timeout=5)
         srv.stop()
+
+
+def sqlite_pragmas(path: Path) -> dict[str, int]:
+    """``auto_vacuum``, ``page_count`` and ``freelist_count`` as a fresh connection sees them."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {
+            name: int(db.execute(f"PRAGMA {name}").fetchone()[0])
+            for name in ("auto_vacuum", "page_count", "freelist_count")
+        }
+
+
+def test_deleting_a_run_gives_its_pages_back_to_the_file_system(tmp_path: Path) -> None:
+    """A new database uses ``auto_vacuum=INCREMENTAL``, and deleting a run gives its pages
+    back (the file kept them free inside it until ``spectrawatch compact``); the other run's
+    rows stay."""
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
+    database = tmp_path / "spectrawatch.db"
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        ids = [
+            client.post("/api/v1/runs", json={"project": "p", "name": name}).json()["id"]
+            for name in ("keep", "gone")
+        ]
+        for run_id in ids:
+            rows = [
+                {"step": step, "name": f"loss.{k}", "value": 0.5}
+                for step in range(2000)
+                for k in range(10)
+            ]
+            assert client.post(f"/api/v1/runs/{run_id}/scalars", json=rows).is_success
+        full = sqlite_pragmas(database)
+        assert full["auto_vacuum"] == 2  # INCREMENTAL
+        assert client.delete(f"/api/v1/runs/{ids[1]}").status_code == 200
+        after = sqlite_pragmas(database)
+        series = client.get(f"/api/v1/runs/{ids[0]}/scalars", params={"name": "loss.0"}).json()
+        assert [s["points"] for s in series] == [2000]
+    assert after["freelist_count"] < 16, after  # was: every page of the deleted rows
+    assert after["page_count"] < 0.75 * full["page_count"], (full, after)
+
+
+def test_compact_switches_an_old_database_to_incremental_auto_vacuum(tmp_path: Path) -> None:
+    """A database made before (``auto_vacuum=NONE``, fixed once a table exists): ``spectrawatch
+    compact`` switches it, and the next run deletion gives its pages back."""
+    from spectrawatch.cli import main
+
+    database = tmp_path / "spectrawatch.db"
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute("PRAGMA auto_vacuum=NONE")
+        db.execute("CREATE TABLE made_by_an_older_version (x)")
+        db.execute("DROP TABLE made_by_an_older_version")
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.post("/api/v1/runs", json={"project": "p", "name": "r"}).is_success
+    assert sqlite_pragmas(database)["auto_vacuum"] == 0
+    assert main(["compact", "--data-dir", str(tmp_path)]) == 0
+    assert sqlite_pragmas(database)["auto_vacuum"] == 2
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        (run,) = client.get("/api/v1/runs").json()
+        rows = [{"step": step, "name": "loss", "value": 0.5} for step in range(20_000)]
+        assert client.post(f"/api/v1/runs/{run['id']}/scalars", json=rows).is_success
+        assert client.delete(f"/api/v1/runs/{run['id']}").status_code == 200
+    assert sqlite_pragmas(database)["freelist_count"] < 16

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -108,6 +109,9 @@ WAL_SIZE_LIMIT = 16 << 20
 def _configure_sqlite(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout={busy_ms}")  # first: switching to WAL may wait too
+    # A new database (no table yet) keeps its free pages apart so that release_free_pages can
+    # give them back; on an existing one this is a no-op until a VACUUM (`spectrawatch compact`)
+    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     cursor.execute("PRAGMA synchronous=NORMAL")
@@ -117,3 +121,40 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> N
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+SQLITE_AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+FREE_PAGES_PER_STEP = 1024  # pages one incremental_vacuum moves (4 MiB at SQLite's 4 KiB)
+
+
+def release_free_pages(engine: Engine) -> int:
+    """Give the SQLite file's free pages (deleted runs' rows) back to the file system, and the
+    number of pages given; 0 on PostgreSQL (autovacuum reuses the space) and on a database made
+    before ``auto_vacuum=INCREMENTAL`` (``spectrawatch compact`` switches it).
+
+    ``incremental_vacuum`` moves pages from the end of the file into the free ones and cuts
+    the file: :data:`FREE_PAGES_PER_STEP` pages at a time, each step its own short write, so
+    ingest waiting for the write lock gets it between steps. A step that cannot get the lock
+    within the busy timeout ends the release (the pages stay free for the next deletion)."""
+    if engine.dialect.name != "sqlite":
+        return 0
+    released = 0
+    with engine.connect() as connection:
+        if connection.exec_driver_sql("PRAGMA auto_vacuum").scalar() != (
+            SQLITE_AUTO_VACUUM_INCREMENTAL
+        ):
+            return 0
+        free = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
+        while free > 0:
+            try:
+                connection.exec_driver_sql(f"PRAGMA incremental_vacuum({FREE_PAGES_PER_STEP})")
+                connection.commit()
+            except OperationalError:
+                connection.rollback()
+                break
+            left = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
+            if left >= free:  # nothing moved: stop rather than spin
+                break
+            released += free - left
+            free = left
+    return released

@@ -8,6 +8,7 @@ from sqlalchemy.exc import IntegrityError
 from spectrawatch_server.api.deps import PrincipalDep, SessionDep, StateDep
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
+from spectrawatch_server.db.session import release_free_pages
 from spectrawatch_server.schemas import ProjectCreate, ProjectDeleted, ProjectPublic
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import delete_all
@@ -69,6 +70,7 @@ def delete_project(
         for run_id in deleted.run_ids:
             ingest.auth.forget_run(run_id)
     failed = delete_all(state.blobs, deleted.blob_keys)  # after the commit: orphans, not holes
+    release_free_pages(state.engine)  # SQLite: the file shrinks by the project's rows
     return ProjectDeleted(
         name=name,
         runs=len(deleted.run_ids),

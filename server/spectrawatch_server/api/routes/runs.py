@@ -18,6 +18,7 @@ from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Frame, Project, Run
+from spectrawatch_server.db.session import release_free_pages
 from spectrawatch_server.schemas import (
     BulkDeletedRun,
     BulkDeleteRequest,
@@ -204,6 +205,8 @@ def bulk_delete_runs(
         failed += delete_all(state.blobs, deleted.blob_keys)
         frames, size = frames + deleted.frames, size + deleted.bytes
         done.append(entry)
+    if done:
+        release_free_pages(state.engine)
     return BulkDeleteResult(
         runs=done,
         matched=matched,
@@ -260,6 +263,7 @@ def delete_run(run: RunDep, session: SessionDep, state: StateDep, request: Reque
     if ingest is not None:  # this process's cached ingest authorisation for the run
         ingest.auth.forget_run(run_id)
     failed = delete_all(state.blobs, deleted.blob_keys)  # after the commit: orphans, not holes
+    release_free_pages(state.engine)  # SQLite: the file shrinks by the run's rows
     return RunDeleted(
         id=run_id,
         project=project,
