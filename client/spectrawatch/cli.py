@@ -184,6 +184,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return worker_main.run(settings, args.concurrency, args.name)
 
 
+CLI_SQLITE_LOCK_SECONDS = 30.0  # offline token commands on a live SQLite file
+
+
 def _open_db(args: argparse.Namespace, create: bool = False) -> Any:
     """Session factory on the server's database (migrated), for offline admin commands.
 
@@ -204,7 +207,11 @@ def _open_db(args: argparse.Namespace, create: bool = False) -> Any:
         _startup_check(args, lambda: startup.make_data_dir(settings.data_dir))
     _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
     engine = make_engine(
-        settings.resolved_database_url, transaction_pooling=settings.db_transaction_pooling
+        settings.resolved_database_url,
+        # SQLite: wait for a running server's write lock as long as before (the API's busy
+        # timeout is its 3 s lock timeout now), not without a limit
+        lock_timeout=CLI_SQLITE_LOCK_SECONDS if database is not None else 0.0,
+        transaction_pooling=settings.db_transaction_pooling,
     )
     migrate.upgrade(engine)
     return make_session_factory(engine)

@@ -209,3 +209,20 @@ def test_compact_switches_an_old_database_to_incremental_auto_vacuum(tmp_path: P
         assert client.post(f"/api/v1/runs/{run['id']}/scalars", json=rows).is_success
         assert client.delete(f"/api/v1/runs/{run['id']}").status_code == 200
     assert sqlite_pragmas(database)["freelist_count"] < 16
+
+
+def test_offline_admin_commands_wait_for_a_live_servers_lock_as_before(tmp_path: Path) -> None:
+    """The ``spectrawatch token`` commands open the database themselves: on SQLite they
+    wait up to 30 s for a running server's write lock (as before the API's busy timeout became
+    its 3 s lock timeout), neither the API's 3 s nor without a limit."""
+    import argparse
+
+    from spectrawatch import cli
+
+    args = argparse.Namespace(data_dir=str(tmp_path), database_url=None)
+    sessions = cli._open_db(args, create=True)
+    try:
+        with sessions() as session:
+            assert session.scalar(text("PRAGMA busy_timeout")) == 30_000
+    finally:
+        sessions.kw["bind"].dispose()
