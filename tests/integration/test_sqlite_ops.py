@@ -226,3 +226,34 @@ def test_offline_admin_commands_wait_for_a_live_servers_lock_as_before(tmp_path:
             assert session.scalar(text("PRAGMA busy_timeout")) == 30_000
     finally:
         sessions.kw["bind"].dispose()
+
+
+def test_worker_counts_a_lock_wait_past_its_busy_timeout_as_the_jobs_failure(
+    tmp_path: Path,
+) -> None:
+    """A worker write that waited out its busy timeout (``database is locked``) is one
+    statement's failure, as a PostgreSQL lock timeout is: it uses an attempt and backs off, not
+    given back as an outage and retried for ever behind a lock that may never go."""
+    from sqlalchemy import exc as sa_exc
+
+    from spectrawatch_server.db.session import make_engine
+    from spectrawatch_server.queue.base import database_unavailable
+
+    path = tmp_path / "db.sqlite"
+    engine = make_engine(f"sqlite:///{path}", lock_timeout=0.2)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE t (x INTEGER)"))
+        with (
+            write_locked(path, 5),
+            pytest.raises(sa_exc.OperationalError) as caught,
+            engine.begin() as connection,
+        ):
+            connection.execute(text("INSERT INTO t VALUES (1)"))
+        assert "database is locked" in str(caught.value)
+        assert database_unavailable(caught.value) is False
+        wrapped = RuntimeError("analysis")
+        wrapped.__cause__ = caught.value
+        assert database_unavailable(wrapped) is False
+    finally:
+        engine.dispose()

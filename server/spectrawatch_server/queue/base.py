@@ -9,7 +9,7 @@ from typing import Protocol
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from spectrawatch_server.db.errors import connection_lost, sqlstate
+from spectrawatch_server.db.errors import connection_lost, sqlite_busy, sqlstate
 
 JobHandler = Callable[[int], None]
 """Processes the analysis job of one frame id; raises on failure (the queue retries)."""
@@ -28,10 +28,11 @@ def database_unavailable(exc: BaseException) -> bool:
     and SQLAlchemy raise it as ``OperationalError`` too: a statement or lock timeout, a
     deadlock, a serialisation failure. It would repeat on every retry (one job's query too slow
     for the statement timeout), so it uses an attempt like any analysis error instead of being
-    retried for ever.
+    retried for ever. So is SQLite's ``database is locked`` (the busy timeout ran out: a lock
+    wait, like PostgreSQL's lock timeout).
     """
     code = sqlstate(exc)
-    if code is not None and not connection_lost(code):
+    if (code is not None and not connection_lost(code)) or sqlite_busy(exc):
         return False
     psycopg = sys.modules.get("psycopg")  # optional (scale extra); not imported: none raised
     seen: set[int] = set()
