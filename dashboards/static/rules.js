@@ -6,18 +6,12 @@
 (function () {
   "use strict";
   var cfg = JSON.parse(document.getElementById("sw-config").textContent);
-  var TOKEN_KEY = "spectrawatch.token";  // the run pages' key (spectrawatch.js)
   var box = document.getElementById("rules");
   var SW = (window.SW = { cfg: cfg, renders: 0, errors: [], lastData: null });
 
-  function $(id) { return document.getElementById(id); }
-  function el(tag, attrs, text) {
-    var node = document.createElement(tag);
-    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
-    if (text !== undefined && text !== null) { node.textContent = String(text); }
-    return node;
-  }
-  function token() { try { return window.localStorage.getItem(TOKEN_KEY); } catch (e) { return null; } }
+  var C = window.SWCommon;  // common.js: loaded first by base.html
+  var el = C.el, token = C.token, askToken = C.askToken, showError = C.showError,
+      clearError = C.clearError;
   function rulesPath(rule) {
     return cfg.api + "/projects/" + encodeURIComponent(cfg.project) + "/alert-rules" +
       (rule === undefined ? "" : "/" + encodeURIComponent(rule));
@@ -46,37 +40,6 @@
         return parsed;
       });
     });
-  }
-
-  function askToken() {
-    var banner = $("banner");
-    if (banner.dataset.token) { return; }
-    banner.dataset.token = "1";
-    banner.hidden = false;
-    banner.className = "banner";
-    banner.textContent = token() ? "This server refused the stored API token (revoked?); paste another: "
-                                 : "This server requires an API token: ";
-    var input = el("input", { type: "password", size: "40", placeholder: "sw_…", id: "token-input" });
-    var save = el("button", { type: "button" }, "use token");
-    save.addEventListener("click", function () {
-      try { window.localStorage.setItem(TOKEN_KEY, input.value.trim()); } catch (e) { /* private mode */ }
-      window.location.reload();
-    });
-    banner.appendChild(input);
-    banner.appendChild(save);
-  }
-
-  function showError(message) {
-    var banner = $("banner");
-    if (banner.dataset.token) { return; }  // the token prompt says why
-    banner.hidden = false;
-    banner.className = "banner error";
-    banner.textContent = message;
-  }
-
-  function clearError() {
-    var banner = $("banner");
-    if (!banner.dataset.token) { banner.hidden = true; }
   }
 
   // A write, then the table again (the server's view: alerts resolved by a disable, etc.).

@@ -2,7 +2,7 @@
 // With auth on, the page comes without rows: the table is asked for with the browser's token.
 (function () {
   "use strict";
-  var TOKEN_KEY = "spectrawatch.token";  // the run pages' key (spectrawatch.js)
+  var C = window.SWCommon;  // common.js: loaded first by base.html
   var table = document.getElementById("runs-table");
   var button = document.getElementById("compare-selected");
   if (button) {
@@ -11,41 +11,25 @@
       if (ids.length) { window.location.href = "/compare?runs=" + ids.join(","); }
     });
   }
-  // The ages' tooltips: the time in the browser's zone, the run pages' format (spectrawatch.js).
-  var TIME_FORMAT = new Intl.DateTimeFormat(undefined, {
-    year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit",
-    second: "2-digit", hourCycle: "h23", timeZoneName: "short" });
+  // The ages' tooltips: the time in the browser's zone, the run pages' format.
   function titleTimes() {
     Array.prototype.forEach.call(document.querySelectorAll("table.runs time[datetime]"), function (node) {
       var date = new Date(node.getAttribute("datetime"));
-      if (isNaN(date.getTime())) { return; }
-      var p = {};
-      TIME_FORMAT.formatToParts(date).forEach(function (part) { p[part.type] = part.value; });
-      node.title = p.year + "-" + p.month + "-" + p.day + " " + p.hour + ":" + p.minute + ":" +
-        p.second + " " + p.timeZoneName;
+      if (!isNaN(date.getTime())) { node.title = C.formatTime(date); }
     });
   }
   titleTimes();
   if (!table) { return; }
   var locked = table.dataset.locked === "1";
   var refused = false;  // the server refused the stored token: asking again is the user's move
-  function token() { try { return window.localStorage.getItem(TOKEN_KEY); } catch (e) { return null; } }
+  var token = C.token;
 
-  function askToken(refused) {
+  function promptToken(refused) {
     var prompt = document.getElementById("runs-token-prompt");
     if (!prompt || prompt.dataset.shown) { return; }
     prompt.dataset.shown = "1";
     prompt.appendChild(document.createTextNode(refused ? "The stored token was refused (revoked?); paste another: " : "Paste one: "));
-    var input = document.createElement("input");
-    input.type = "password"; input.size = 40; input.placeholder = "sw_…"; input.id = "runs-token-input";
-    var save = document.createElement("button");
-    save.type = "button"; save.textContent = "use token";
-    save.addEventListener("click", function () {
-      try { window.localStorage.setItem(TOKEN_KEY, input.value.trim()); } catch (e) { /* private mode */ }
-      window.location.reload();
-    });
-    prompt.appendChild(input);
-    prompt.appendChild(save);
+    C.tokenForm(prompt, "runs-token-input");
   }
 
   function refresh(force) {
@@ -57,7 +41,7 @@
     if (t) { headers.Authorization = "Bearer " + t; }
     fetch(window.location.pathname + "?" + params.toString(), { headers: headers })
       .then(function (r) {
-        if (r.status === 401) { refused = true; askToken(Boolean(t)); return null; }
+        if (r.status === 401) { refused = true; promptToken(Boolean(t)); return null; }
         return r.ok ? r.text() : null;
       })
       .then(function (html) {
@@ -71,7 +55,7 @@
       .catch(function () { /* transient: try again next tick */ });
   }
   if (locked) {
-    if (token()) { refresh(true); } else { askToken(false); }
+    if (token()) { refresh(true); } else { promptToken(false); }
   }
   window.setInterval(function () { if (!refused && (!locked || token())) { refresh(false); } }, 5000);
 })();

@@ -24,27 +24,9 @@
   var lastSignature = null;
   var loading = false;
 
-  function $(id) { return document.getElementById(id); }
-  function el(tag, attrs, text) {
-    var node = document.createElement(tag);
-    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
-    if (text !== undefined && text !== null) { node.textContent = String(text); }
-    return node;
-  }
-  // Every time on the pages: the browser's local time with its zone, one format
-  // ("2026-11-28 12:03:18 GMT+1"); the API's UTC ISO value is the element's tooltip.
-  var TIME_FORMAT = new Intl.DateTimeFormat(undefined, {
-    year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit",
-    second: "2-digit", hourCycle: "h23", timeZoneName: "short" });
-  function formatTime(value) {
-    if (value === null || value === undefined || value === "") { return "—"; }
-    var date = value instanceof Date ? value : new Date(value);
-    if (isNaN(date.getTime())) { return String(value); }
-    var p = {};
-    TIME_FORMAT.formatToParts(date).forEach(function (part) { p[part.type] = part.value; });
-    return p.year + "-" + p.month + "-" + p.day + " " + p.hour + ":" + p.minute + ":" + p.second +
-      " " + p.timeZoneName;
-  }
+  var C = window.SWCommon;  // common.js: loaded first by base.html
+  var $ = C.$, el = C.el, token = C.token, askToken = C.askToken, showError = C.showError,
+      clearError = C.clearError, formatTime = C.formatTime;
   function timeNode(value, id) {
     var date = value instanceof Date ? value : new Date(value);
     var attrs = { title: isNaN(date.getTime()) ? "" : date.toISOString().replace(".000Z", "Z") + " (UTC)" };
@@ -55,7 +37,6 @@
   SW.formatTime = formatTime;
 
   function params() { return new URLSearchParams(window.location.search); }
-  function token() { try { return window.localStorage.getItem("spectrawatch.token"); } catch (e) { return null; } }
 
   function api(path) {
     var headers = { Accept: "application/json" };
@@ -77,37 +58,6 @@
       }
       return r.json();
     });
-  }
-
-  function askToken() {
-    var banner = $("banner");
-    if (banner.dataset.token) { return; }
-    banner.dataset.token = "1";
-    banner.hidden = false;
-    banner.className = "banner";
-    banner.textContent = token() ? "This server refused the stored API token (revoked?); paste another: "
-                                 : "This server requires an API token: ";
-    var input = el("input", { type: "password", size: "40", placeholder: "sw_…", id: "token-input" });
-    var save = el("button", { type: "button" }, "use token");
-    save.addEventListener("click", function () {
-      try { window.localStorage.setItem("spectrawatch.token", input.value.trim()); } catch (e) { /* private mode */ }
-      window.location.reload();
-    });
-    banner.appendChild(input);
-    banner.appendChild(save);
-  }
-
-  function showError(message) {
-    var banner = $("banner");
-    if (banner.dataset.token) { return; }  // the token prompt says why; replacing it left no way in
-    banner.hidden = false;
-    banner.className = "banner error";
-    banner.textContent = message;
-  }
-
-  function clearError() {
-    var banner = $("banner");
-    if (!banner.dataset.token) { banner.hidden = true; }
   }
 
   function plotWidth() {

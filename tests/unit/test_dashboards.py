@@ -112,6 +112,24 @@ def test_bundled_plotly_is_the_installed_plotly_js() -> None:
     )
 
 
+SHARED_JS = ("$", "el", "token", "askToken", "tokenForm", "showError", "clearError", "formatTime")
+
+
+def test_page_scripts_share_their_helpers_from_common_js() -> None:
+    """The token, DOM, banner and time helpers are written once, in ``common.js``; the page
+    scripts take them from ``window.SWCommon`` (two copies drift: a fix lands in one page)."""
+    static = routes.package_dir() / "static"
+    for name in ("spectrawatch.js", "rules.js", "runs.js"):
+        text = (static / name).read_text(encoding="utf-8")
+        for helper in SHARED_JS:
+            assert f"function {helper}(" not in text, f"{name} defines {helper} again"
+        assert "localStorage.getItem" not in text, f"{name} reads the token itself"
+        assert "window.SWCommon" in text, name
+    common = (static / "common.js").read_text(encoding="utf-8")
+    for helper in SHARED_JS:
+        assert f"function {helper}(" in common, helper
+
+
 # --- small helpers ---------------------------------------------------------------------------
 
 
@@ -434,11 +452,17 @@ def test_routes_serve_pages_and_figures(tmp_path: Path) -> None:
             f"/runs/{run['id']}/activations",
             f"/runs/{run['id']}/alerts",
             f"/compare?runs={run['id']}",
+            "/projects/p/alert-rules",
         ):
             page = client.get(path)
             assert page.status_code == 200, path
             assert "text/html" in page.headers["content-type"]
+            # every page loads the shared helpers before its own script
+            scripts = re.findall(r'<script src="([^"]+)"', page.text)
+            assert scripts[0] == "/dashboards/static/common.js", (path, scripts)
+            assert len(scripts) > 1, (path, scripts)
         assert "/dashboards/static/plotly.min.js" in client.get(f"/runs/{run['id']}").text
+        assert client.get("/dashboards/static/common.js").status_code == 200
         assert client.get("/dashboards/static/plotly.min.js").status_code == 200
         assert client.get("/runs/999").status_code == 404
         assert client.get("/projects/nope").status_code == 404
