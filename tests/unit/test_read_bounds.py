@@ -386,6 +386,7 @@ def test_activations_of_a_long_run_read_a_bounded_number_of_points(
         repo.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
     engine.dispose()
     # 12 modules: 1,000 points drawn a line, and 6,000 / 12 -> 1,000 read of 2,000 stored
+    # (875 evenly spaced, 125 kept for the values beyond their range)
     monkeypatch.setattr(dashboards, "ACTIVATION_READ_POINTS", 6000, raising=False)
     seen: list[tuple[str, Any]] = []
 
@@ -418,8 +419,63 @@ def test_activations_of_a_long_run_read_a_bounded_number_of_points(
         assert len(drawn) <= 1000
         assert min(drawn) == 0
         assert max(drawn) >= 2 * steps - 2 * 4  # to the end of the run
-        assert all(t % 4 == 0 for t in drawn)  # every other stored step, on the stored grid
-    assert "eigentrack.entropy is read at up to 1,000 evenly spaced" in panel["help"]
+        assert all(t % 2 == 0 for t in drawn)  # stored steps
+        # every third stored step (875 of 2,000), and up to 125 steps beyond their range
+        assert len([t for t in drawn if t % 6]) <= 2 * 125
+    assert "eigentrack.entropy is read at up to 875 evenly spaced" in panel["help"]
+
+
+def test_decimated_activations_keep_a_one_step_burst_and_a_nan_between_sampled_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A descriptor read at evenly spaced steps lost a one-step outlier (an eigenvalue burst)
+    or a NaN at a step between two sampled ones: the figure showed a calm series. The read
+    now keeps, in the same budget, each layer's values beyond the range of those sampled and
+    its non-finite ones."""
+    layers = ["blocks.0", "blocks.1", "blocks.2"]
+    steps = 4000
+    burst, nan_at = 2001, 3003  # the sample takes every 5th step (875 of 4,000)
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = []
+        for i, layer in enumerate(layers):
+            for t in range(steps):
+                value: float = math.sin(t / 100) + i
+                if layer == "blocks.1" and t == burst:
+                    value = 1e6
+                if layer == "blocks.2" and t == nan_at:
+                    value = math.nan
+                rows.append(repo.MetricRow(layer, "eigentrack.top_eigenvalue", t, value))
+        repo.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
+    engine.dispose()
+    # 3 modules: 1,000 points a line, 3,000 / 3 -> 1,000 read a layer of 4,000 stored
+    monkeypatch.setattr(dashboards, "ACTIVATION_READ_POINTS", 3000, raising=False)
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)),
+        base_url="http://127.0.0.1",
+    ) as client:
+        body = client.get(f"/api/v1/dashboards/runs/{run_id}/activations").json()
+    (panel,) = [p for p in body["panels"] if p["figure"]]
+    assert "evenly spaced" in panel["help"], panel["help"]
+    traces = {t["name"]: t for t in panel["figure"]["data"] if t["name"] in layers}
+    assert len(traces["blocks.1"]["x"]) <= 1000
+    high = [
+        (x, y) for x, y in zip(traces["blocks.1"]["x"], traces["blocks.1"]["y"], strict=True) if y
+    ]
+    peak = max(high, key=lambda p: p[1])
+    assert peak[1] == 1e6
+    assert abs(peak[0] - burst) <= steps // 500, peak  # drawn in the burst's own bucket
+    assert max(y for y in traces["blocks.0"]["y"] if y is not None) < 1.01  # no burst there
+    gaps = [
+        x
+        for x, y in zip(traces["blocks.2"]["x"], traces["blocks.2"]["y"], strict=True)
+        if y is None
+    ]
+    assert len(gaps) == 1, gaps
+    assert abs(gaps[0] - nan_at) <= steps // 500, gaps
+    assert [y for y in traces["blocks.1"]["y"] if y is None] == []
 
 
 # --- GET /runs/{id}/metrics/catalog ------------------------------------------------------------

@@ -9,6 +9,7 @@ every row, and one parameterised min/max-per-bucket query for every plotted seri
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -262,6 +263,12 @@ def _bucketed_sql(
     return out
 
 
+def extreme_budget(read_points: int) -> int:
+    """Of a decimated read of ``read_points`` a layer, the points kept for
+    :func:`beyond_sample` (an eighth); the rest are evenly spaced steps."""
+    return max(1, read_points // 8)
+
+
 def bucketed_layers(
     session: Session, run_id: int, names: Sequence[str], buckets: int, read_points: int
 ) -> tuple[Series, list[str]]:
@@ -271,10 +278,12 @@ def bucketed_layers(
 
     A metric whose stored steps fit in ``read_points`` is bucketed exactly as by
     :func:`bucketed_series` (every point read). One with more is decimated first: its values at
-    the first stored step at or after each of ``read_points`` equally spaced starts over its
-    step range (:func:`sampled_steps`, the heatmap's columns), bucketed the same way, so a
-    bucket's min and max are those of the steps read, and a spike between two of them is not
-    drawn. Second value: the names decimated so (to say so on the figure)."""
+    the first stored step at or after each of ``read_points - read_points // 8`` equally spaced
+    starts over its step range (:func:`sampled_steps`, the heatmap's columns), and, in the
+    eighth left, each layer's points beyond the range of those read and its non-finite ones
+    (:func:`beyond_sample`): a one-step burst or a NaN between two sampled steps is drawn, where
+    it is. Bucketed the same way. Second value: the names decimated so (to say so on the
+    figure)."""
     ranges = [r for n in names if (r := step_range(session, run_id, n))]
     if not ranges:
         return {}, []
@@ -283,12 +292,15 @@ def bucketed_layers(
     n = max(1, min(buckets, span))
     out: Series = {}
     decimated: list[str] = []
+    extremes = extreme_budget(read_points)
     for name in dict.fromkeys(names):
-        steps, skipped = sampled_steps(session, run_id, name, max(1, read_points))
+        steps, skipped = sampled_steps(session, run_id, name, max(1, read_points - extremes))
         if skipped:
             decimated.append(name)
         out.update(
-            _bucketed_layers(session, run_id, [name], lo, span, n, steps if skipped else None)
+            _bucketed_layers(
+                session, run_id, [name], lo, span, n, steps if skipped else None, extremes
+            )
         )
     return out, decimated
 
@@ -301,20 +313,88 @@ def _bucketed_layers(
     span: int,
     n: int,
     at_steps: Sequence[int] | None = None,
+    extremes: int = 0,
 ) -> Series:
     """:func:`bucketed_series` of every layer of metrics ``names`` (same buckets, same points):
     each layer's points by its own covering-index search (:func:`repository.metric_series`;
-    only those at ``at_steps`` when given), the buckets' min and max by numpy. SQLite's
-    ``GROUP BY`` evaluated the bucket expression and four aggregates row by row: 1.8-2.8 s for
-    150 layers x 5,000 steps, against ~1 s."""
+    only those at ``at_steps`` when given, with up to ``extremes`` more of
+    :func:`beyond_sample`), the buckets' min and max by numpy. SQLite's ``GROUP BY`` evaluated
+    the bucket expression and four aggregates row by row: 1.8-2.8 s for 150 layers x 5,000
+    steps, against ~1 s."""
     from spectrawatch_server.storage.repository import metric_series
 
     out: Series = {}
     for name in dict.fromkeys(names):
-        for layer, (steps, values) in metric_series(
-            session, run_id, name, None, None, None, at_steps=at_steps
-        ).items():
+        read = metric_series(session, run_id, name, None, None, None, at_steps=at_steps)
+        if at_steps is not None and extremes > 0:
+            extra = beyond_sample(session, run_id, name, read, extremes)
+            for layer, found in extra.items():
+                merged = sorted({**dict(zip(*read[layer], strict=True)), **found}.items())
+                read[layer] = ([t for t, _ in merged], [v for _, v in merged])
+        for layer, (steps, values) in read.items():
             out[(name, layer)] = _bucket_points(steps, values, lo, span, n)
+    return out
+
+
+BEYOND_CHUNK = 200  # layers of one beyond_sample statement (3 bound values each)
+
+
+def beyond_sample(
+    session: Session,
+    run_id: int,
+    name: str,
+    sampled: dict[str, tuple[list[int], list[float | None]]],
+    limit: int,
+) -> dict[str, dict[int, float | None]]:
+    """``{layer: {step: value}}``: of each layer's stored points of metric ``name``, up to
+    ``limit`` that its decimated read (``sampled``, :func:`repository.metric_series`) hides and
+    a figure must not lose: non-finite ones (stored as NULL) and those above the highest or
+    below the lowest finite value read (a one-step eigenvalue burst between two sampled steps);
+    non-finite first, then the farthest out. A layer whose read has no finite value is left as
+    read.
+
+    One statement for up to :data:`BEYOND_CHUNK` layers: each layer's range joined to its
+    covering ``ix_metric_run_name_layer_step`` search (steps and values are in the index),
+    only the rows outside it returned (150 layers x 5,000 steps: ~0.15 s scanned in SQLite, a
+    few rows back; one statement a layer cost twice that in round trips)."""
+    ranges = []
+    for layer, (_, values) in sampled.items():
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if finite:
+            ranges.append((layer, min(finite), max(finite)))
+    found: dict[str, list[tuple[int, float | None]]] = {}
+    conn = session.connection()
+    for i in range(0, len(ranges), BEYOND_CHUNK):
+        chunk = ranges[i : i + BEYOND_CHUNK]
+        params: dict[str, Any] = {"r": run_id, "n": name}
+        rows = []
+        for j, (layer, low, high) in enumerate(chunk):
+            params.update({f"l{j}": layer, f"a{j}": low, f"b{j}": high})
+            rows.append(
+                f"(:l{j}, CAST(:a{j} AS DOUBLE PRECISION), CAST(:b{j} AS DOUBLE PRECISION))"
+            )
+        result = conn.execute(
+            text(
+                f"WITH env(layer, low, high) AS (VALUES {', '.join(rows)}) "
+                "SELECT m.layer, m.step, m.value FROM env JOIN metric m"
+                " ON m.run_id = :r AND m.name = :n AND m.layer = env.layer"
+                " WHERE m.value IS NULL OR m.value > env.high OR m.value < env.low"
+            ),
+            params,
+        )
+        try:  # the DB-API's tuples, as metric_series reads them
+            for layer, step, value in result.cursor.fetchall():
+                found.setdefault(str(layer), []).append(
+                    (int(step), None if value is None else float(value))
+                )
+        finally:
+            result.close()
+    middle = {layer: (low + high) / 2 for layer, low, high in ranges}
+    out: dict[str, dict[int, float | None]] = {}
+    for layer, points in found.items():
+        mid = middle[layer]
+        points.sort(key=lambda p: (p[1] is not None, -abs((p[1] or 0.0) - mid)))
+        out[layer] = dict(points[:limit])
     return out
 
 

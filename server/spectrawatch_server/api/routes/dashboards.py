@@ -492,10 +492,14 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             title = group[0] if len(group) == 1 else spec.title
             help_text = spec.help
             if decimated:
+                extremes = reads.extreme_budget(per_read)
                 help_text += (
-                    f" Each module's {', '.join(decimated)} is read at up to {per_read:,} evenly"
-                    " spaced stored steps (it has more): a spike between two of them may not be"
-                    f" drawn; GET /api/v1/runs/{run.id}/metrics?name=…&layer=… has every point."
+                    f" Each module's {', '.join(decimated)} is read at up to"
+                    f" {per_read - extremes:,} evenly spaced stored steps (it has more), and at"
+                    f" up to {extremes:,} more: its non-finite values and those beyond the range"
+                    " of the steps read (a one-step burst between two of them is drawn; a dip"
+                    " inside that range may not be);"
+                    f" GET /api/v1/runs/{run.id}/metrics?name=…&layer=… has every point."
                 )
             if len(lines) > ACTIVATION_LINES:
                 lines = dash.thin_lines(lines, ACTIVATION_LINES)
