@@ -8,6 +8,8 @@
   var cfg = JSON.parse(document.getElementById("sw-config").textContent);
   var box = document.getElementById("rules");
   var SW = (window.SW = { cfg: cfg, renders: 0, errors: [], lastData: null });
+  var writes = 0;  // writes in flight: a poll's answer would be older than the table they bring
+  var epoch = 0;  // writes started: a poll's answer asked for before one is dropped
 
   var C = window.SWCommon;  // common.js: loaded first by base.html
   var el = C.el, token = C.token, askToken = C.askToken, showError = C.showError,
@@ -44,16 +46,18 @@
 
   // A write, then the table again (the server's view: alerts resolved by a disable, etc.).
   function write(method, rule, body, onError) {
+    writes += 1;
+    epoch += 1;
     return request(method, rulesPath(rule), body).then(function () {
       clearError();
-      return load();
+      return load(true);
     }).catch(function (err) {
       var msg = String(err.message || err);
       SW.errors.push(msg);
       if (onError) { onError(msg); return null; }
       showError("Could not change rule " + rule + ": " + msg);
-      return load();  // the server's state again (a checkbox flipped by a refused write)
-    });
+      return load(true);  // the server's state again (a checkbox flipped by a refused write)
+    }).then(function (out) { writes -= 1; return out; });
   }
 
   function editor(cell, rule) {
@@ -102,6 +106,9 @@
   }
 
   function render(data) {
+    // the "parameters" boxes the user opened stay open
+    var opened = Array.prototype.map.call(box.querySelectorAll("tr[data-rule] details[open]"),
+      function (node) { return node.closest("tr").dataset.rule; });
     box.removeAttribute("aria-busy");
     box.textContent = "";
     if (!data.rules.length) {
@@ -178,11 +185,21 @@
     });
     table.appendChild(body);
     box.appendChild(table);
+    opened.forEach(function (name) {
+      var row = box.querySelector("tr[data-rule='" + CSS.escape(name) + "'] details");
+      if (row) { row.open = true; }
+    });
   }
 
-  function load() {
+  // ``force``: draw what the server answers (a page load, after a write); a poll draws only an
+  // answer that differs from the table shown, and only while the user is not busy with it.
+  function load(force) {
+    var asked = epoch;
     return request("GET", cfg.api + "/dashboards/projects/" + encodeURIComponent(cfg.project) + "/alert-rules")
       .then(function (data) {
+        if (!force && SW.renders && (busy() || asked !== epoch || JSON.stringify(data) === JSON.stringify(SW.lastData))) {
+          return;
+        }
         SW.lastData = data;
         render(data);
         SW.renders += 1;
@@ -191,10 +208,33 @@
       })
       .catch(function (err) {
         SW.errors.push(String(err.message || err));
+        if (!force && SW.renders) {  // a poll: the table shown stays, the next poll tries again
+          console.warn("spectrawatch: refresh failed:", err.message || err);
+          return;
+        }
         showError("Could not load the alert rules: " + (err.message || err));
         if (!SW.renders) { box.textContent = ""; document.body.dataset.ready = "error"; }
       });
   }
+
+  // Refresh while the page is open, as the run pages do (spectrawatch.js poll): the worker
+  // opens and resolves alerts, another user or the CLI changes rules. Not while the tab is
+  // hidden, a write is in flight, a rule's editor is open (the user's typing is never
+  // overwritten) or the token prompt waits for the user. window.SW_POLL_MS.rules (set before
+  // this script: the browser tests) shortens the period.
+  var POLL_MS = (window.SW_POLL_MS && window.SW_POLL_MS.rules) || 10000;
+  SW.polls = 0;
+  function busy() { return writes > 0 || Boolean(box.querySelector("form.rule-edit")); }
+  function poll() {
+    window.setTimeout(function () {
+      if (document.hidden || busy() || document.getElementById("banner").dataset.token) {
+        poll();
+        return;
+      }
+      SW.polls += 1;
+      load(false).then(poll);
+    }, POLL_MS);
+  }
   SW.load = load;
-  load();
+  load(true).then(poll);
 })();

@@ -1175,3 +1175,71 @@ def test_alert_rules_page_of_a_server_requiring_auth_writes_with_the_token(
         browser.execute_script("window.localStorage.clear()")
         console_errors(browser)  # the 401 and 404 loads above, not for later tests
         server.stop()
+
+
+def test_alert_rules_page_refreshes_without_overwriting_an_edit(
+    browser: Any, tmp_path: Path
+) -> None:
+    """The rules page polls its rules (0.3 s here, ``window.SW_POLL_MS.rules``) as the run
+    pages poll their run: a rule switched off elsewhere shows without a reload, an opened
+    parameters box stays open; while a rule's editor is open nothing is drawn over it, and the
+    change shows once the editor is closed."""
+    data_dir = tmp_path / "rules-poll"
+    seed_rules(data_dir)
+    server = ServerProcess(data_dir).start()
+    script = browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument", {"source": "window.SW_POLL_MS = {rules: 300};"}
+    )
+    rule_url = f"{server.url}/api/v1/projects/{RULES_PROJECT}/alert-rules/nonfinite"
+
+    def nonfinite_shown(enabled: bool) -> None:
+        wait_js(
+            browser,
+            "(function () { var t = document.querySelector("
+            "\"tr[data-rule='nonfinite'] .rule-toggle\");"
+            f" return t && t.checked === {str(enabled).lower()}; }})()",
+            timeout=15,
+        )
+
+    try:
+        browser.get(f"{server.url}/projects/{RULES_PROJECT}/alert-rules")
+        wait_js(browser, "document.body.dataset.ready === '1'")
+        assert rule_rows(browser)["nonfinite"]["enabled"] is True
+        browser.find_element(
+            "css selector", "tr[data-rule='alpha_out_of_range'] details summary"
+        ).click()
+        assert httpx.patch(rule_url, json={"enabled": False}, timeout=30).status_code == 200
+        nonfinite_shown(False)  # no reload
+        assert browser.execute_script(
+            "return document.querySelector(\"tr[data-rule='alpha_out_of_range'] details\").open"
+        )
+        drawn = renders(browser)
+        polls = browser.execute_script("return window.SW.polls")
+        wait_js(browser, f"window.SW.polls >= {polls + 3}", timeout=15)
+        assert renders(browser) == drawn  # nothing changed: nothing drawn again
+
+        # an edit in progress: the table is not drawn over the user's typing
+        browser.find_element(
+            "css selector", "tr[data-rule='spectral_norm_blowup'] .rule-edit-button"
+        ).click()
+        area = browser.find_element("css selector", "tr[data-rule='spectral_norm_blowup'] textarea")
+        area.clear()
+        area.send_keys('{"factor": 1')
+        assert httpx.patch(rule_url, json={"enabled": True}, timeout=30).status_code == 200
+        polls = browser.execute_script("return window.SW.polls")
+        time.sleep(1.5)
+        assert area.get_attribute("value") == '{"factor": 1'
+        assert rule_rows(browser)["nonfinite"]["enabled"] is False  # not drawn yet
+        area.send_keys("2}")
+        assert area.get_attribute("value") == '{"factor": 12}'
+        browser.find_element(
+            "css selector", "tr[data-rule='spectral_norm_blowup'] form button:not(.rule-save)"
+        ).click()  # cancel: the next poll draws the change
+        nonfinite_shown(True)
+        assert browser.execute_script("return window.SW.polls") > polls
+        assert console_errors(browser) == []
+    finally:
+        browser.execute_cdp_cmd(
+            "Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]}
+        )
+        server.stop()
