@@ -1243,3 +1243,45 @@ def test_alert_rules_page_refreshes_without_overwriting_an_edit(
             "Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]}
         )
         server.stop()
+
+
+ODD_PROJECT = "team a b#1?x=%2F&é"
+ODD_RUN = "run #2 ?q=%20 ü"
+
+
+def test_names_with_url_characters_link_and_load_end_to_end(browser: Any, seeded: Any) -> None:
+    """A project and a run named with ``#``, ``?``, ``%``, ``&``, spaces and non-ASCII
+    (``/`` is refused at creation: names are URL segments) are reached from the runs list:
+    the project's page filters to it, its rules page loads its rules, the run's pages name it,
+    and the compare page offers it."""
+    server, _ = seeded
+    with httpx.Client(base_url=f"{server.url}/api/v1") as api:
+        run_id = make_run(api, project=ODD_PROJECT, name=ODD_RUN)
+        refused = api.post("/runs", json={"project": "team/a", "name": "r"})
+        assert refused.status_code == 422, refused.text
+    browser.get(server.url + "/")
+    wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
+    browser.find_element("css selector", f"tr[data-run='{run_id}'] td:nth-child(4) a").click()
+    wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length === 1")
+    assert browser.find_element("css selector", "h1").text == f"Project {ODD_PROJECT}"
+    assert browser.find_element("css selector", "table.runs tbody a").text == ODD_RUN
+    browser.find_element("id", "rules-link").click()
+    wait_js(browser, "document.body.dataset.ready === '1'")
+    assert browser.find_element("id", "rules-project").text == ODD_PROJECT
+    assert len(rule_rows(browser)) > 3
+    # the filters form submits to the project's own page, the name intact
+    browser.get(server.url + "/")
+    wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
+    browser.find_element("css selector", f"tr[data-run='{run_id}'] td:nth-child(4) a").click()
+    wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length === 1")
+    browser.find_element("css selector", "#filters button[type=submit]").click()
+    wait_js(browser, "document.readyState === 'complete'")
+    wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length === 1")
+    assert browser.find_element("css selector", "h1").text == f"Project {ODD_PROJECT}"
+    open_page(browser, f"{server.url}/runs/{run_id}/alerts")
+    assert ODD_RUN in browser.find_element("id", "run-title").text
+    assert ODD_RUN in browser.title
+    browser.find_element("id", "rules-link").click()
+    wait_js(browser, "document.body.dataset.ready === '1'")
+    assert browser.find_element("id", "rules-project").text == ODD_PROJECT
+    assert console_errors(browser) == []
