@@ -463,7 +463,10 @@ class Sender:
             return True
         try:
             try:
-                self.api.create_project(self.settings.project)
+                # POST /runs creates the project too; POST /projects refuses "." and ".." even
+                # stored (a new-name rule), where POST /runs resumes a stored one
+                if self.settings.project not in wire.DOT_NAMES:
+                    self.api.create_project(self.settings.project)
             except Rejected as exc:
                 if exc.status != 409:  # 409: exists, fine
                     raise

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from spectrawatch.wire import DOT_NAMES, NAME_MAX, NAME_PATTERN
+from spectrawatch.wire import NAME_MAX, NAME_PATTERN
 
 ENV_PREFIX = "SPECTRAWATCH_"
 DEFAULT_URL = "http://127.0.0.1:8765"
@@ -134,7 +134,7 @@ class ClientSettings:
             if value is not None and not _valid_name(value):
                 raise SettingsError(
                     f"{name} name {value!r} is not accepted by the server: 1-200 characters, "
-                    "not blank, not '.' or '..', no '/' and no control characters"
+                    "not blank, no '/' and no control characters"
                 )
         for name in ("timeout_s", "request_deadline_s", "flush_timeout_s"):
             if not getattr(self, name) > 0:
@@ -196,12 +196,14 @@ def url_problem(url: str) -> str | None:
 
 
 def _valid_name(name: str) -> bool:
-    """The server's rule for new project and run names (``schemas.NewName``)."""
+    """The server's rule for every project and run name (``schemas.StoredName``). ``.`` and
+    ``..`` pass: the server resumes a run or project stored under them before new ones were
+    refused, and answers a 422 for a new one (recorded in the client's errors, training
+    unaffected); only it knows which they are."""
     return (
         isinstance(name, str)
         and len(name) <= NAME_MAX
         and re.fullmatch(NAME_PATTERN, name) is not None
-        and name not in DOT_NAMES
     )
 
 

@@ -10,9 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
 import spectrawatch
-from tests.servers import ServerProcess, embedded_only, free_port, wait_until
+from spectrawatch_server.storage import repository as repo
+from tests.servers import ServerProcess, database_url, embedded_only, free_port, wait_until
 from tests.training import Loop, frames_of
 from tests.training import client_settings as _client_settings
 
@@ -203,6 +206,43 @@ def test_a_resumed_run_continues_after_its_last_step(server: ServerProcess, tmp_
     steps = sorted(f["step"] for f in frames_of(server.url, m.run_id) if f["kind"] == "weights")
     assert steps == sorted(set(steps))  # one snapshot per step: the second session's are > 10
     assert steps[-1] == 20
+
+
+def test_a_run_stored_under_dot_names_is_resumed_and_a_new_one_refused_quietly(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A project and run stored as ".." (before new ones were refused) resume from
+    ``monitor.init`` as the server allows; a new run named "." is refused by the server (422),
+    recorded in the client's errors, and training goes on."""
+    engine = create_engine(database_url(server.data_dir))
+    try:
+        with Session(engine) as session, session.begin():
+            project, _ = repo.get_or_create_project(session, "..")
+            stored, _ = repo.get_or_create_run(session, project, "..", {}, [])
+            stored_id = stored.id
+    finally:
+        engine.dispose()
+    m = spectrawatch.Monitor()
+    m.init(**_client_settings(tmp_path, server.url, "..", project=".."))
+    for step in range(5):
+        m.log({"loss": 1.0 / (step + 1)}, step=step)
+    assert m.finish(timeout=60)
+    assert m.run_id == stored_id
+    assert m.stats.get("errors") == 0
+    with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as c:
+        (loss,) = c.get(f"/runs/{stored_id}/scalars", params={"name": "loss"}).json()
+        assert loss["steps"] == list(range(5))
+        assert c.get(f"/runs/{stored_id}").json()["status"] == "finished"
+
+    fresh = spectrawatch.Monitor()
+    fresh.init(**_client_settings(tmp_path / "new", server.url, ".", project="new-dots"))
+    started = time.monotonic()
+    for step in range(5):
+        fresh.log({"loss": 1.0}, step=step)
+    fresh.finish(timeout=5)
+    assert time.monotonic() - started < 30
+    assert fresh.run_id is None
+    assert fresh.stats.get("errors") >= 1
 
 
 def test_sync_delivers_what_runs_left_in_the_spool(tmp_path: Path) -> None:

@@ -707,12 +707,20 @@ def test_sync_skips_a_spool_a_live_run_holds_and_one_it_cannot_name(tmp_path: Pa
     assert len(Spool(mangled.dir, 1 << 20)) == 1  # left as it was
 
 
-@pytest.mark.parametrize("name", ["a/b", "", "tab\there", "x" * 201, ".", ".."])
+@pytest.mark.parametrize("name", ["a/b", "", "tab\there", "x" * 201])
 def test_names_the_server_would_refuse_fail_at_init(name: str) -> None:
     from spectrawatch.config import SettingsError
 
     with pytest.raises(SettingsError, match="not accepted by the server"):
         ClientSettings.from_env({}, run=name)
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_dot_names_are_left_to_the_server(name: str) -> None:
+    """The server resumes a project or run stored as "." or ".." (refusing only new ones, with a
+    422): the client refused them at init, so such a run could never be resumed."""
+    settings = ClientSettings.from_env({}, project=name, run=name)
+    assert (settings.project, settings.run) == (name, name)
 
 
 def test_a_later_session_that_sets_its_status_drops_an_old_sessions_run_json(
