@@ -1203,6 +1203,7 @@ def test_alert_rules_page_refreshes_without_overwriting_an_edit(
 
     try:
         browser.get(f"{server.url}/projects/{RULES_PROJECT}/alert-rules")
+        console_errors(browser)  # an earlier test's page polling its server, stopped under it
         wait_js(browser, "document.body.dataset.ready === '1'")
         assert rule_rows(browser)["nonfinite"]["enabled"] is True
         browser.find_element(
@@ -1242,6 +1243,8 @@ def test_alert_rules_page_refreshes_without_overwriting_an_edit(
         browser.execute_cdp_cmd(
             "Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]}
         )
+        browser.get("about:blank")  # no page left polling the server stopped next
+        console_errors(browser)
         server.stop()
 
 
@@ -1260,6 +1263,7 @@ def test_names_with_url_characters_link_and_load_end_to_end(browser: Any, seeded
         refused = api.post("/runs", json={"project": "team/a", "name": "r"})
         assert refused.status_code == 422, refused.text
     browser.get(server.url + "/")
+    console_errors(browser)  # an earlier test's page polling its server, stopped under it
     wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
     browser.find_element("css selector", f"tr[data-run='{run_id}'] td:nth-child(4) a").click()
     wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length === 1")
