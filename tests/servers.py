@@ -196,9 +196,21 @@ def run_cli(data_dir: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
-def create_token(data_dir: Path, project: str) -> str:
-    """A new token of ``project`` (``spectrawatch token create``), on ``data_dir``'s database."""
-    return run_cli(data_dir, "token", "create", "--project", project, "--data-dir", str(data_dir))
+def create_token(data_dir: Path, project: str, role: str = "admin") -> str:
+    """A new token of ``project`` with ``role`` (``spectrawatch token create``; ``admin`` here
+    by default, as tokens made before roles: these tests use every route), on ``data_dir``'s
+    database."""
+    return run_cli(
+        data_dir,
+        "token",
+        "create",
+        "--project",
+        project,
+        "--role",
+        role,
+        "--data-dir",
+        str(data_dir),
+    )
 
 
 def db_rows(data_dir: Path, query: str, **params: Any) -> list[Any]:

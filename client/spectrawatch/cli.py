@@ -246,11 +246,12 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         if not valid and repo.get_project(session, args.project) is None:
             raise refused
         project, _ = repo.get_or_create_project(session, args.project)
-        token, secret = repo.create_token(session, project, args.name or "")
+        token, secret = repo.create_token(session, project, args.name or "", args.role)
         token_id = token.id
     print(secret)
     print(
-        f"token {token_id} for project {args.project!r}; store it now, it is not shown again",
+        f"token {token_id} ({args.role}) for project {args.project!r}; store it now, it is not "
+        "shown again",
         file=sys.stderr,
     )
     return 0
@@ -262,7 +263,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     with _open_db(args)() as session:
         for token, project in repo.list_tokens(session):
             state = f"revoked {token.revoked_at:%Y-%m-%d}" if token.revoked_at else "active"
-            print(f"{token.id}\t{project}\t{token.prefix}…\t{token.name}\t{state}")
+            print(f"{token.id}\t{project}\t{token.role}\t{token.prefix}…\t{token.name}\t{state}")
     return 0
 
 
@@ -372,9 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     create = token_sub.add_parser("create", help="create a token scoped to a project")
     create.add_argument("--project", required=True)
     create.add_argument("--name", default="")
+    create.add_argument(
+        "--role",
+        choices=("read", "write", "admin"),
+        default="write",
+        help="read: GET only (dashboards); write (default): what a training run needs; "
+        "admin: also deletions, alert rules, webhooks",
+    )
     create.add_argument("--data-dir", default=None)
     create.set_defaults(func=cmd_token_create)
-    listing = token_sub.add_parser("list", help="list tokens (ids, projects, prefixes)")
+    listing = token_sub.add_parser("list", help="list tokens (ids, projects, roles, prefixes)")
     listing.add_argument("--data-dir", default=None)
     listing.set_defaults(func=cmd_token_list)
     revoke = token_sub.add_parser("revoke", help="revoke a token by id")

@@ -42,6 +42,11 @@ from spectrawatch_server.worker import FrameLoader, Worker, resolve_device
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+# under API_PREFIX (the dashboards' figure API is added by dashboards.install)
+API_ROUTERS = tuple(
+    module.router
+    for module in (health, projects, runs, frames, scalars, metrics, alerts, webhooks, blobs)
+)
 
 
 def build_state(settings: ServerSettings) -> AppState:
@@ -196,8 +201,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
     if not settings.require_auth:  # added last: runs first
         app.add_middleware(CrossSiteGuard, public_url=settings.public_url)
-    for module in (health, projects, runs, frames, scalars, metrics, alerts, webhooks, blobs):
-        app.include_router(module.router, prefix=API_PREFIX)
+    for api_router in API_ROUTERS:
+        app.include_router(api_router, prefix=API_PREFIX)
     from spectrawatch_server.api.routes import dashboards  # HTML pages, figure API, static files
 
     dashboards.install(app, API_PREFIX)

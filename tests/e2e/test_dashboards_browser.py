@@ -1157,7 +1157,8 @@ def test_alert_rules_page_of_a_server_requiring_auth_writes_with_the_token(
     browser: Any, tmp_path: Path, artifacts: Path
 ) -> None:
     """With auth on the page asks for the token, then reads and writes with it; a token of
-    another project finds no such project."""
+    another project finds no such project; a ``read`` token sees every page and a refused
+    change shows the API's 403 message."""
     data_dir = tmp_path / "rules-auth"
     run_id = seed_rules(data_dir)
     token = create_token(data_dir, RULES_PROJECT)
@@ -1171,9 +1172,41 @@ def test_alert_rules_page_of_a_server_requiring_auth_writes_with_the_token(
         wait_js(browser, "document.body.dataset.ready === 'error'")
         banner = browser.find_element("id", "banner").text
         assert f"404: project '{RULES_PROJECT}' does not exist" in banner, banner
+        # a read token views every page; a rule change it may not make shows the API's 403
+        reader = create_token(data_dir, RULES_PROJECT, role="read")
+        browser.execute_script(f"window.localStorage.setItem('spectrawatch.token', '{reader}')")
+        for page in ("", f"projects/{RULES_PROJECT}"):  # runs lists, filled with the token
+            browser.get(f"{server.url}/{page}")
+            wait_js(browser, "document.body.dataset.runs === '1'")
+            assert not browser.find_element("id", "runs-locked").is_displayed()
+        for page in (f"runs/{run_id}", f"runs/{run_id}/layers", f"runs/{run_id}/alerts"):
+            open_page(browser, f"{server.url}/{page}")
+        open_page(browser, f"{server.url}/projects/{RULES_PROJECT}/alert-rules")
+        enabled = rule_rows(browser)["alpha_out_of_range"]["enabled"]
+        browser.find_element(
+            "css selector", "tr[data-rule='alpha_out_of_range'] .rule-toggle"
+        ).click()
+        banner = wait_js(
+            browser,
+            "(function () { var b = document.getElementById('banner');"
+            " return !b.hidden && b.textContent.indexOf('403') >= 0 && b.textContent; })()",
+        )
+        needed = "Could not change rule alpha_out_of_range: 403: this needs a token with role"
+        assert f"{needed} 'admin' or above; this token's role is 'read'" in banner, banner
+        wait_js(  # the page shows the server's state again
+            browser,
+            "document.querySelector(\"tr[data-rule='alpha_out_of_range'] .rule-toggle\")"
+            f".checked === {'true' if enabled else 'false'}",
+        )
+        rules = httpx.get(
+            f"{server.url}/api/v1/projects/{RULES_PROJECT}/alert-rules",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        ).json()
+        assert [r["enabled"] for r in rules if r["name"] == "alpha_out_of_range"] == [enabled]
     finally:
         browser.execute_script("window.localStorage.clear()")
-        console_errors(browser)  # the 401 and 404 loads above, not for later tests
+        console_errors(browser)  # the 401, 403 and 404 loads above, not for later tests
         server.stop()
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+import spectrawatch
 from tests.factories import make_run, post_frame, weight_frame
 from tests.servers import ServerProcess, create_token, db_rows
+from tests.training import Loop, client_settings
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +73,40 @@ def test_token_is_scoped_to_its_project(secured: tuple[ServerProcess, str, str])
         assert [r["id"] for r in b.get("/runs").json()] == []
         assert [r["id"] for r in a.get("/runs").json()] == [run_id]
         assert [p["name"] for p in a.get("/projects").json()] == ["alpha"]
+
+
+def test_a_read_token_cannot_post_frames_and_a_write_token_streams_a_run(
+    secured: tuple[ServerProcess, str, str], tmp_path: Path
+) -> None:
+    """Roles through the real server: the training client with a ``write`` token streams its
+    run (nothing rejected); a ``read`` token reads the run but its frame gets 403
+    ``insufficient_role`` every time (the ingest auth cache keeps the role, not a pass)."""
+    proc = secured[0]
+    writer = create_token(proc.data_dir, "alpha", role="write")
+    reader = create_token(proc.data_dir, "alpha", role="read")
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, proc.url, "roles", project="alpha", token=writer))
+    Loop(m).run(20)
+    assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    assert m.stats.get("rejected_frames") == 0
+    assert m.stats.get("sent_frames") > 0
+    with client(proc, reader) as r:
+        run = r.get(f"/runs/{m.run_id}")
+        assert run.status_code == 200
+        assert run.json()["status"] == "finished"
+        assert sum(run.json()["frames"].values()) == m.stats.get("sent_frames")
+        for seq in range(2):  # the second one after the writer's success is cached
+            refused = post_frame(r, m.run_id, weight_frame(100 + seq, seq), seq=1000 + seq)
+            assert refused.status_code == 403
+            error = refused.json()["error"]
+            assert error["code"] == "insufficient_role"
+            assert "'write'" in error["message"]
+            assert "'read'" in error["message"]
+        assert sum(r.get(f"/runs/{m.run_id}").json()["frames"].values()) == m.stats.get(
+            "sent_frames"
+        )
+        assert r.delete(f"/runs/{m.run_id}").status_code == 403
 
 
 def test_an_anonymous_server_refuses_other_sites_pages(

@@ -30,7 +30,9 @@ def secured(
 ) -> Iterator[tuple[ServerProcess, dict[str, str]]]:
     data_dir = tmp_path_factory.mktemp("authz")
     tokens = {
-        "own": cli("token", "create", "--project", "mine", "--data-dir", str(data_dir)),
+        "own": cli(
+            "token", "create", "--project", "mine", "--role", "admin", "--data-dir", str(data_dir)
+        ),
         "other": cli("token", "create", "--project", "theirs", "--data-dir", str(data_dir)),
         "revoked": cli("token", "create", "--project", "mine", "--data-dir", str(data_dir)),
     }

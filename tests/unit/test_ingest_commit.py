@@ -168,6 +168,34 @@ def test_auth_cache_ttl_revocation_and_no_negative_caching(
     assert not AuthCache(0.0).check(False, None, run_mine)  # disabled
 
 
+def test_auth_cache_keeps_the_token_role_and_refuses_a_read_token(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The cache answers for a token's role too: a ``read`` token is refused (403, another
+    project's run still 404 first) and never cached; a cached ``write`` token passes a
+    ``write`` check from memory, not an ``admin`` one."""
+    with sessions.begin() as session:
+        mine, _ = repo.get_or_create_project(session, "mine")
+        other, _ = repo.get_or_create_project(session, "other")
+        _, reader = repo.create_token(session, mine, role="read")
+        _, writer = repo.create_token(session, mine, role="write")
+        run_mine = repo.get_or_create_run(session, mine, "a", {}, [])[0].id
+        run_other = repo.get_or_create_run(session, other, "b", {}, [])[0].id
+    cache = AuthCache(5.0, clock=lambda: 0.0)
+    with pytest.raises(ApiError) as err:
+        cache.authorize(sessions, True, f"Bearer {reader}", run_mine)
+    assert (err.value.status, err.value.code) == (403, "insufficient_role")
+    assert "'write'" in err.value.message
+    assert "'read'" in err.value.message
+    assert not cache.check(True, f"Bearer {reader}", run_mine)
+    with pytest.raises(ApiError) as err:
+        cache.authorize(sessions, True, f"Bearer {reader}", run_other)
+    assert err.value.status == 404
+    cache.authorize(sessions, True, f"Bearer {writer}", run_mine)
+    assert cache.check(True, f"Bearer {writer}", run_mine)
+    assert not cache.check(True, f"Bearer {writer}", run_mine, role="admin")
+
+
 def test_a_job_cut_by_a_database_outage_is_released_at_once_without_using_an_attempt(
     sessions: sessionmaker[Session],
 ) -> None:

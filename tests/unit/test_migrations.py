@@ -161,7 +161,7 @@ def test_read_side_migration_keeps_rows_counts_series_and_downgrades(
             s, 1, None, None, None, after=(last.step, last.layer, last.analysis, last.id)
         )
         assert [(r.step, r.layer) for r in rest] == [(1, "b"), (2, "a"), (2, "b")]
-    command.downgrade(alembic_config(url), "-1")
+    command.downgrade(alembic_config(url), "0007_run_uid")
     assert "metric_series" not in inspect(engine).get_table_names()
     indexes = _spectrum_indexes(engine)
     assert "ix_spectrum_run_step_layer" not in indexes
@@ -171,6 +171,44 @@ def test_read_side_migration_keeps_rows_counts_series_and_downgrades(
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == (
             "0007_run_uid"
         )
+
+
+def test_token_role_migration_makes_existing_tokens_admin_and_new_ones_write(
+    empty_database: str, empty_engine: Any
+) -> None:
+    """0009 on a database holding a token: the token keeps doing what it did (``admin``,
+    found by its secret as before); a token created afterwards is ``write``; the column refuses
+    an unknown role; one step down drops the column and keeps the token."""
+    url, engine = empty_database, empty_engine
+    command.upgrade(alembic_config(url), "0008_read_side")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO project (name, created_at) VALUES ('p', :t)"), T)
+        conn.execute(
+            text(
+                "INSERT INTO token (project_id, name, prefix, secret_hash, created_at)"
+                " SELECT id, 'old', 'sw_old', :h, :t FROM project"
+            ),
+            {"h": repo.hash_secret("sw_old-secret"), **T},
+        )
+    migrate.upgrade(engine)
+    sessions = make_session_factory(engine)
+    with sessions() as s:
+        old = repo.find_token(s, "sw_old-secret")
+        assert old is not None
+        assert (old.name, old.role) == ("old", "admin")
+        project = repo.get_project(s, "p")
+        assert project is not None
+        _new, secret = repo.create_token(s, project, "new")
+        s.commit()
+        found = repo.find_token(s, secret)
+        assert found is not None
+        assert found.role == "write"
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(text("UPDATE token SET role = 'owner' WHERE name = 'old'"))
+    command.downgrade(alembic_config(url), "0008_read_side")
+    assert "role" not in {c["name"] for c in inspect(engine).get_columns("token")}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM token")).scalar() == 2
 
 
 # parents before children, so each row's foreign keys name rows already there
@@ -213,6 +251,8 @@ def _column_value(column: Any, i: int) -> Any:
         return _STATUS.get(column.table.name, "done")
     if column.name == "kind":
         return "weights"
+    if column.name == "role":
+        return "admin"
     return f"{column.table.name}-{column.name}-{i}"
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from spectrawatch.wire import RUN_UID_HEADER
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.state import AppState
-from spectrawatch_server.db.models import Run
+from spectrawatch_server.db.models import Delivery, Run, Webhook
 from spectrawatch_server.storage import repository as repo
 
 
@@ -32,14 +32,43 @@ def get_session(state: StateDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
+Role = Literal["read", "write", "admin"]
+ROLES: tuple[Role, ...] = get_args(Role)  # each allows what the ones before it allow
+DEFAULT_ROLE: Role = "write"
+
+
+def parse_role(value: str) -> Role:
+    """``value`` as a :data:`Role` (ValueError naming the roles otherwise)."""
+    for role in ROLES:
+        if value == role:
+            return role
+    raise ValueError(f"role must be one of {', '.join(ROLES)}, not {value!r}")
+
+
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a token's project, or anonymous local use (``project_id`` None)."""
+    """Who is calling: a token's project and role, or anonymous local use (``project_id``
+    None, role ``admin``: a server without ``--require-auth`` allows everything)."""
 
     project_id: int | None
+    role: Role = "admin"
 
     def can_access(self, project_id: int) -> bool:
         return self.project_id is None or self.project_id == project_id
+
+    def allows(self, role: Role) -> bool:
+        """Whether this principal's role includes ``role`` (read < write < admin)."""
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+    def require(self, role: Role) -> None:
+        """403 ``insufficient_role`` unless :meth:`allows` ``role``."""
+        if not self.allows(role):
+            raise ApiError(
+                403,
+                "insufficient_role",
+                f"this needs a token with role {role!r} or above; this token's role is "
+                f"{self.role!r} (spectrawatch token create --role {role})",
+            )
 
 
 def get_principal(request: Request, state: StateDep, session: SessionDep) -> Principal:
@@ -59,10 +88,74 @@ def authenticate(session: Session, require_auth: bool, header: str | None) -> Pr
     token = repo.find_token(session, secret.strip())
     if token is None:
         raise ApiError(401, "unauthorized", "invalid or revoked token")
-    return Principal(project_id=token.project_id)
+    return Principal(project_id=token.project_id, role=parse_role(token.role))
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+ROLE_ATTRIBUTE = "spectrawatch_role"  # on a role dependency, and on endpoints that check inside
+
+
+def require_role(role: Role) -> Any:
+    """A route dependency (``dependencies=[require_role("admin")]``): 403
+    ``insufficient_role`` when the caller's token has a lesser role. The object the route names
+    (``run_id``, project ``name``/``project``, ``webhook_id``, ``delivery_id`` in the path) is
+    looked up first, on refusal only: one the caller may not see stays a 404, so a 403 tells
+    nothing about another project's objects."""
+
+    def check_role(request: Request, principal: PrincipalDep, session: SessionDep) -> None:
+        if not principal.allows(role):
+            _check_visible(session, principal, request.path_params)
+            principal.require(role)
+
+    setattr(check_role, ROLE_ATTRIBUTE, role)
+    return Depends(check_role)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def checks_role_inside(role: Role) -> Callable[[_F], _F]:
+    """Marks an endpoint that checks ``role`` itself (frame ingest, with its auth cache), for
+    the route-table test that every write route declares a role."""
+
+    def mark(endpoint: _F) -> _F:
+        setattr(endpoint, ROLE_ATTRIBUTE, role)
+        return endpoint
+
+    return mark
+
+
+def _check_visible(session: Session, principal: Principal, params: dict[str, Any]) -> None:
+    """404 as the route's own lookup would answer, for the object a refused route names."""
+    if "run_id" in params:
+        find_run(session, principal, _int(params["run_id"], "run_not_found", "run"))
+    name = params.get("project", params.get("name"))
+    if isinstance(name, str):
+        project = repo.get_project(session, name)
+        if project is None or not principal.can_access(project.id):
+            raise ApiError(404, "project_not_found", f"project {name!r} does not exist")
+    if "webhook_id" in params:
+        hook_id = _int(params["webhook_id"], "webhook_not_found", "webhook")
+        hook = session.get(Webhook, hook_id)
+        if hook is None or not principal.can_access(hook.project_id):
+            raise ApiError(404, "webhook_not_found", f"webhook {hook_id} does not exist")
+    if "delivery_id" in params:
+        delivery_id = _int(params["delivery_id"], "delivery_not_found", "delivery")
+        delivery = session.get(Delivery, delivery_id)
+        hook = None if delivery is None else session.get(Webhook, delivery.webhook_id)
+        if hook is None or not principal.can_access(hook.project_id):
+            raise ApiError(404, "delivery_not_found", f"delivery {delivery_id} does not exist")
+
+
+def _int(value: Any, code: str, what: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(404, code, f"{what} {value!r} does not exist") from None
+    if not 0 < number < 2**63:
+        raise ApiError(404, code, f"{what} {value} does not exist")
+    return number
 
 
 RunUidDep = Annotated[

@@ -10,6 +10,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     Float,
     ForeignKey,
     Index,
@@ -42,9 +43,11 @@ class Project(Base):
 
 
 class Token(Base):
-    """API token scoped to one project; only the SHA-256 of the secret is stored."""
+    """API token scoped to one project with a role (``read``/``write``/``admin``); only the
+    SHA-256 of the secret is stored."""
 
     __tablename__ = "token"
+    __table_args__ = (CheckConstraint("role IN ('read', 'write', 'admin')", name="role"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     project_id: Mapped[int] = mapped_column(
@@ -53,6 +56,7 @@ class Token(Base):
     name: Mapped[str] = mapped_column(String(200), default="")
     prefix: Mapped[str] = mapped_column(String(16))
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="write")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -91,11 +91,18 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(session: Session, project: Project, name: str = "") -> tuple[Token, str]:
-    """Create a token for ``project``; returns the row and the secret (shown once, never stored)."""
+def create_token(
+    session: Session, project: Project, name: str = "", role: str = "write"
+) -> tuple[Token, str]:
+    """Create a token for ``project`` with ``role`` (``read``/``write``/``admin``); returns the
+    row and the secret (shown once, never stored)."""
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = Token(
-        project_id=project.id, name=name, prefix=secret[:10], secret_hash=hash_secret(secret)
+        project_id=project.id,
+        name=name,
+        prefix=secret[:10],
+        secret_hash=hash_secret(secret),
+        role=role,
     )
     session.add(token)
     session.flush()

@@ -11,7 +11,14 @@ from sqlalchemy.orm import Session
 
 from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.alerts.engine import engine_for
-from spectrawatch_server.api.deps import Principal, PrincipalDep, RunDep, SessionDep, StateDep
+from spectrawatch_server.api.deps import (
+    Principal,
+    PrincipalDep,
+    RunDep,
+    SessionDep,
+    StateDep,
+    require_role,
+)
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.db.models import Project
 from spectrawatch_server.storage import alert_store
@@ -153,7 +160,11 @@ def list_rules(project: str, principal: PrincipalDep, session: SessionDep) -> li
     return out
 
 
-@router.patch("/projects/{project}/alert-rules/{rule}", response_model=RulePublic)
+@router.patch(
+    "/projects/{project}/alert-rules/{rule}",
+    response_model=RulePublic,
+    dependencies=[require_role("admin")],
+)
 def update_rule(
     project: str,
     rule: str,
@@ -199,7 +210,9 @@ def update_rule(
     return _rule_public(spec, {**stored, rule: (enabled, merged)})
 
 
-@router.delete("/projects/{project}/alert-rules/{rule}", status_code=204)
+@router.delete(
+    "/projects/{project}/alert-rules/{rule}", status_code=204, dependencies=[require_role("admin")]
+)
 def reset_rule(
     project: str, rule: str, principal: PrincipalDep, session: SessionDep, state: StateDep
 ) -> Response:

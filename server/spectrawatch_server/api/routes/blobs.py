@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from fastapi import APIRouter
 
-from spectrawatch_server.api.deps import PrincipalDep, SessionDep, StateDep, find_run
+from spectrawatch_server.api.deps import PrincipalDep, SessionDep, StateDep, find_run, require_role
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.api.state import AppState
@@ -19,7 +19,7 @@ from spectrawatch_server.storage.blobs import delete_all
 router = APIRouter(tags=["blobs"])
 
 
-@router.post("/blobs/prune", response_model=PruneResult)
+@router.post("/blobs/prune", response_model=PruneResult, dependencies=[require_role("admin")])
 def prune(
     body: PruneRequest, principal: PrincipalDep, session: SessionDep, state: StateDep
 ) -> PruneResult:

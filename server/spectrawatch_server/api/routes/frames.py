@@ -27,7 +27,13 @@ from spectrawatch.wire import (
     row_steps,
 )
 from spectrawatch_server.api.auth_cache import AuthCache
-from spectrawatch_server.api.deps import RunDep, RunUidDep, SessionDep, StateDep
+from spectrawatch_server.api.deps import (
+    RunDep,
+    RunUidDep,
+    SessionDep,
+    StateDep,
+    checks_role_inside,
+)
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.db.models import Frame
@@ -71,6 +77,7 @@ def ingest_context(request: Request, state: AppState) -> IngestContext:
     response_model=FramePublic,
     responses={200: {"description": "repeat of an idempotency key: the stored frame"}},
 )
+@checks_role_inside("write")  # in its auth cache: no database query per frame
 async def ingest_frame(
     run_id: int,
     request: Request,
@@ -79,7 +86,8 @@ async def ingest_frame(
     content_encoding: Annotated[str | None, Header(alias="Content-Encoding")] = None,
     uid: RunUidDep = None,
 ) -> JSONResponse:
-    """Store one safetensors frame (optionally zstd) and queue its analysis."""
+    """Store one safetensors frame (optionally zstd) and queue its analysis (a ``write``
+    token)."""
     ctx = ingest_context(request, state)
     authorization = request.headers.get("authorization")
     require_auth = state.settings.require_auth

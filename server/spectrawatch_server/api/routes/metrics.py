@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from spectrawatch.spectral import sed
 from spectrawatch.wire import FrameKind
-from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
+from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep, require_role
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.links import next_link
 from spectrawatch_server.db.models import Frame
@@ -81,7 +81,7 @@ def read_metrics(
     )
 
 
-@router.post("/runs/{run_id}/metrics", status_code=202)
+@router.post("/runs/{run_id}/metrics", status_code=202, dependencies=[require_role("write")])
 def ingest_metrics(
     body: MetricBatch,
     run: LiveRunDep,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import IntegrityError
 
-from spectrawatch_server.api.deps import PrincipalDep, SessionDep, StateDep
+from spectrawatch_server.api.deps import PrincipalDep, SessionDep, StateDep, require_role
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.db.session import release_free_pages
@@ -16,7 +16,9 @@ from spectrawatch_server.storage.blobs import delete_all
 router = APIRouter(prefix="/projects", tags=["projects"])
 
 
-@router.post("", status_code=201, response_model=ProjectPublic)
+@router.post(
+    "", status_code=201, response_model=ProjectPublic, dependencies=[require_role("write")]
+)
 def create_project(
     body: ProjectCreate, principal: PrincipalDep, session: SessionDep, response: Response
 ) -> ProjectPublic:
@@ -44,7 +46,7 @@ def list_projects(principal: PrincipalDep, session: SessionDep) -> list[ProjectP
     ]
 
 
-@router.delete("/{name}", response_model=ProjectDeleted)
+@router.delete("/{name}", response_model=ProjectDeleted, dependencies=[require_role("admin")])
 def delete_project(
     name: str, principal: PrincipalDep, session: SessionDep, state: StateDep, request: Request
 ) -> ProjectDeleted:

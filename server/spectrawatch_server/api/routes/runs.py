@@ -13,7 +13,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.alerts.engine import engine_for
-from spectrawatch_server.api.deps import LiveRunDep, PrincipalDep, RunDep, SessionDep, StateDep
+from spectrawatch_server.api.deps import (
+    LiveRunDep,
+    PrincipalDep,
+    RunDep,
+    SessionDep,
+    StateDep,
+    require_role,
+)
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.db.base import utcnow
@@ -59,7 +66,7 @@ def run_public(session: Session, run: Run) -> RunPublic:
     )
 
 
-@router.post("", status_code=201, response_model=RunPublic)
+@router.post("", status_code=201, response_model=RunPublic, dependencies=[require_role("write")])
 def create_run(
     body: RunCreate, principal: PrincipalDep, session: SessionDep, response: Response
 ) -> RunPublic:
@@ -147,7 +154,7 @@ def list_runs(
     return [run_public(session, r) for r in repo.list_runs(session, project_id, limit, offset)]
 
 
-@router.post("/bulk-delete", response_model=BulkDeleteResult)
+@router.post("/bulk-delete", response_model=BulkDeleteResult, dependencies=[require_role("admin")])
 def bulk_delete_runs(
     body: BulkDeleteRequest,
     principal: PrincipalDep,
@@ -222,7 +229,7 @@ def read_run(run: RunDep, session: SessionDep) -> RunPublic:
     return run_public(session, run)
 
 
-@router.patch("/{run_id}", response_model=RunPublic)
+@router.patch("/{run_id}", response_model=RunPublic, dependencies=[require_role("write")])
 def update_run(body: RunUpdate, run: LiveRunDep, session: SessionDep) -> RunPublic:
     if body.status is not None:
         run.status = body.status
@@ -234,7 +241,9 @@ def update_run(body: RunUpdate, run: LiveRunDep, session: SessionDep) -> RunPubl
     return run_public(session, run)
 
 
-@router.post("/{run_id}/client-stats", response_model=RunPublic)
+@router.post(
+    "/{run_id}/client-stats", response_model=RunPublic, dependencies=[require_role("write")]
+)
 def report_client_stats(
     body: ClientStats, run: LiveRunDep, session: SessionDep, state: StateDep
 ) -> RunPublic:
@@ -246,7 +255,7 @@ def report_client_stats(
     return run_public(session, run)
 
 
-@router.delete("/{run_id}", response_model=RunDeleted)
+@router.delete("/{run_id}", response_model=RunDeleted, dependencies=[require_role("admin")])
 def delete_run(run: RunDep, session: SessionDep, state: StateDep, request: Request) -> RunDeleted:
     """Delete a run with everything stored for it: frames and their blobs, metrics, spectra,
     scalars, alerts and pending analysis jobs. Writes still arriving for it get 404

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 
-from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep
+from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep, require_role
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.downsample import downsample_many
 from spectrawatch_server.schemas import ScalarIn, ScalarSeries
@@ -15,7 +15,7 @@ from spectrawatch_server.storage import repository as repo
 router = APIRouter(tags=["scalars"])
 
 
-@router.post("/runs/{run_id}/scalars", status_code=202)
+@router.post("/runs/{run_id}/scalars", status_code=202, dependencies=[require_role("write")])
 def ingest_scalars(
     body: Annotated[list[ScalarIn], Body()], run: LiveRunDep, session: SessionDep, state: StateDep
 ) -> dict[str, Any]:

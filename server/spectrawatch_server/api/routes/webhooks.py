@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from spectrawatch_server.api.deps import Principal, PrincipalDep, SessionDep, StateDep
+from spectrawatch_server.api.deps import Principal, PrincipalDep, SessionDep, StateDep, require_role
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.api.state import AppState
@@ -152,7 +152,12 @@ def _delivery_public(session: Session, delivery: Delivery, with_log: bool) -> De
     return out
 
 
-@router.post("/webhooks", status_code=201, response_model=WebhookCreated)
+@router.post(
+    "/webhooks",
+    status_code=201,
+    response_model=WebhookCreated,
+    dependencies=[require_role("admin")],
+)
 def create_webhook(
     body: WebhookCreate, state: StateDep, principal: PrincipalDep, session: SessionDep
 ) -> WebhookCreated:
@@ -197,7 +202,9 @@ def read_webhook(webhook_id: int, principal: PrincipalDep, session: SessionDep) 
     return WebhookPublic(**_public(session, _find_webhook(session, principal, webhook_id)))
 
 
-@router.patch("/webhooks/{webhook_id}", response_model=WebhookPublic)
+@router.patch(
+    "/webhooks/{webhook_id}", response_model=WebhookPublic, dependencies=[require_role("admin")]
+)
 def update_webhook(
     webhook_id: int,
     body: WebhookUpdate,
@@ -220,7 +227,7 @@ def update_webhook(
     return WebhookPublic(**_public(session, hook))
 
 
-@router.delete("/webhooks/{webhook_id}", status_code=204)
+@router.delete("/webhooks/{webhook_id}", status_code=204, dependencies=[require_role("admin")])
 def delete_webhook(webhook_id: int, principal: PrincipalDep, session: SessionDep) -> Response:
     session.delete(_find_webhook(session, principal, webhook_id))
     session.commit()
@@ -247,7 +254,11 @@ def read_delivery(delivery_id: int, principal: PrincipalDep, session: SessionDep
     return _delivery_public(session, _find_delivery(session, principal, delivery_id), with_log=True)
 
 
-@router.post("/deliveries/{delivery_id}/redeliver", response_model=DeliveryPublic)
+@router.post(
+    "/deliveries/{delivery_id}/redeliver",
+    response_model=DeliveryPublic,
+    dependencies=[require_role("admin")],
+)
 def redeliver(
     delivery_id: int, state: StateDep, principal: PrincipalDep, session: SessionDep
 ) -> DeliveryPublic:
@@ -277,7 +288,11 @@ TEST_SENDS_IN_FLIGHT = 4  # per API process: each holds a request thread up to t
 _test_sends = threading.BoundedSemaphore(TEST_SENDS_IN_FLIGHT)
 
 
-@router.post("/webhooks/{webhook_id}/test", response_model=DeliveryPublic)
+@router.post(
+    "/webhooks/{webhook_id}/test",
+    response_model=DeliveryPublic,
+    dependencies=[require_role("admin")],
+)
 def send_test(
     webhook_id: int, state: StateDep, principal: PrincipalDep, session: SessionDep
 ) -> DeliveryPublic:

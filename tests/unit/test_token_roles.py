@@ -1,0 +1,246 @@
+"""Token roles: ``read`` (GET), ``write`` (a training client), ``admin`` (deletions and
+configuration); the route table declares a role for every write route."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from spectrawatch.cli import main
+from spectrawatch_server.api.deps import ROLE_ATTRIBUTE
+from spectrawatch_server.api.routes import dashboards
+from spectrawatch_server.app import API_PREFIX, API_ROUTERS, create_app
+from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.storage import repository as repo
+
+# the documented table (docs/deployment.md, "Token roles") of every route that is not a GET
+WRITE_ROUTES = {
+    ("POST", "/projects"): "write",
+    ("DELETE", "/projects/{name}"): "admin",
+    ("POST", "/runs"): "write",
+    ("PATCH", "/runs/{run_id}"): "write",
+    ("POST", "/runs/{run_id}/client-stats"): "write",
+    ("POST", "/runs/{run_id}/frames"): "write",
+    ("POST", "/runs/{run_id}/metrics"): "write",
+    ("POST", "/runs/{run_id}/scalars"): "write",
+    ("DELETE", "/runs/{run_id}"): "admin",
+    ("POST", "/runs/bulk-delete"): "admin",
+    ("POST", "/blobs/prune"): "admin",
+    ("PATCH", "/projects/{project}/alert-rules/{rule}"): "admin",
+    ("DELETE", "/projects/{project}/alert-rules/{rule}"): "admin",
+    ("POST", "/webhooks"): "admin",
+    ("PATCH", "/webhooks/{webhook_id}"): "admin",
+    ("DELETE", "/webhooks/{webhook_id}"): "admin",
+    ("POST", "/webhooks/{webhook_id}/test"): "admin",
+    ("POST", "/deliveries/{delivery_id}/redeliver"): "admin",
+}
+
+
+def _declared_roles(route: APIRoute) -> list[str]:
+    """The roles a route requires: its role dependencies, or its endpoint's own mark."""
+    found: list[str] = []
+
+    def walk(dependant: Dependant) -> None:
+        role = getattr(dependant.call, ROLE_ATTRIBUTE, None)
+        if role is not None:
+            found.append(role)
+        for sub in dependant.dependencies:
+            walk(sub)
+
+    walk(route.dependant)
+    return found
+
+
+def test_every_write_route_declares_its_role_and_reads_need_at_most_read(tmp_path: Path) -> None:
+    """Every API route: a non-GET declares exactly one role (``require_role`` or, for frame
+    ingest, ``checks_role_inside``) and it is the documented one; a GET at most ``read``. The
+    routers walked are those the app serves under /api/v1 (its OpenAPI schema): a router
+    added to the app but not to ``API_ROUTERS`` fails here too."""
+    declared: dict[tuple[str, str], str] = {}
+    seen: set[tuple[str, str]] = set()
+    for router in (*API_ROUTERS, dashboards.api_router):
+        for route in router.routes:
+            assert isinstance(route, APIRoute)
+            roles = _declared_roles(route)
+            for method in route.methods - {"HEAD"}:
+                seen.add((method, route.path))
+                if method == "GET":
+                    assert set(roles) <= {"read"}, (route.path, roles)
+                else:
+                    assert len(roles) == 1, f"{method} {route.path}: no require_role"
+                    declared[(method, route.path)] = roles[0]
+    assert declared == WRITE_ROUTES
+    app = create_app(ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False))
+    served = {
+        (method.upper(), path.removeprefix(API_PREFIX))
+        for path, operations in app.openapi()["paths"].items()
+        if path.startswith(API_PREFIX)
+        for method in operations
+    }
+    assert served == seen
+    assert len({s for s in seen if s[0] == "GET"}) > 15
+
+
+class Api:
+    """A ``--require-auth`` app and one token per (project, role)."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+        self.sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
+        self.tokens: dict[tuple[str, str], str] = {}
+        self.runs: dict[str, int] = {}
+        with self.sessions.begin() as session:
+            for name in ("mine", "theirs"):
+                project, _ = repo.get_or_create_project(session, name)
+                for role in ("read", "write", "admin"):
+                    self.tokens[(name, role)] = repo.create_token(session, project, role=role)[1]
+                self.runs[name] = repo.get_or_create_run(session, project, "r", {}, [])[0].id
+
+    def call(self, role: str, method: str, path: str, project: str = "mine", **kw: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.tokens[(project, role)]}"}
+        return self.client.request(method, API_PREFIX + path, headers=headers, **kw)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    settings = ServerSettings(
+        data_dir=tmp_path, run_worker=False, run_webhooks=False, require_auth=True
+    )
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        yield Api(client)
+
+
+def _refused(response: Any, needed: str, role: str) -> None:
+    assert response.status_code == 403, response.text
+    error = response.json()["error"]
+    assert error["code"] == "insufficient_role"
+    assert f"role {needed!r}" in error["message"]
+    assert f"token's role is {role!r}" in error["message"]
+
+
+def test_a_read_token_reads_everything_and_writes_nothing(api: Api) -> None:
+    run = api.runs["mine"]
+    for path in (
+        "/projects",
+        "/runs",
+        f"/runs/{run}",
+        f"/runs/{run}/metrics/catalog",
+        f"/runs/{run}/frames",
+        f"/runs/{run}/alerts",
+        "/projects/mine/alert-rules",
+        "/webhooks",
+        f"/dashboards/runs/{run}/overview",
+        f"/dashboards/runs/{run}/alerts",
+        "/dashboards/projects/mine/alert-rules",
+    ):
+        assert api.call("read", "GET", path).status_code == 200, path
+    headers = {"Authorization": f"Bearer {api.tokens[('mine', 'read')]}"}
+    for page in ("/", "/projects/mine", f"/runs/{run}", "/projects/mine/alert-rules"):
+        assert api.client.get(page, headers=headers).status_code == 200, page
+    _refused(
+        api.call("read", "POST", "/runs", json={"project": "mine", "name": "x"}), "write", "read"
+    )
+    _refused(
+        api.call("read", "PATCH", f"/runs/{run}", json={"status": "finished"}), "write", "read"
+    )
+    body = {"step": 1, "values": {"loss": 0.5}}
+    _refused(api.call("read", "POST", f"/runs/{run}/scalars", json=body), "write", "read")
+    _refused(api.call("read", "POST", "/projects", json={"name": "mine"}), "write", "read")
+
+
+def test_a_write_token_runs_training_but_deletes_and_configures_nothing(api: Api) -> None:
+    run = api.runs["mine"]
+    created = api.call("write", "POST", "/runs", json={"project": "mine", "name": "x"})
+    assert created.status_code == 201
+    finished = api.call("write", "PATCH", f"/runs/{run}", json={"status": "finished"})
+    assert finished.status_code == 200
+    _refused(api.call("write", "DELETE", f"/runs/{run}"), "admin", "write")
+    _refused(api.call("write", "DELETE", "/projects/mine"), "admin", "write")
+    bulk = {"older_than_days": 0, "project": "mine"}
+    _refused(api.call("write", "POST", "/runs/bulk-delete", json=bulk), "admin", "write")
+    rule = "/projects/mine/alert-rules/nonfinite"
+    _refused(api.call("write", "PATCH", rule, json={"enabled": False}), "admin", "write")
+    _refused(api.call("write", "DELETE", rule), "admin", "write")
+    hook = {"project": "mine", "url": "https://93.184.216.34/h"}
+    _refused(api.call("write", "POST", "/webhooks", json=hook), "admin", "write")
+    _refused(
+        api.call("write", "POST", "/blobs/prune", json={"older_than_days": 0}), "admin", "write"
+    )
+    with api.sessions() as session:
+        assert repo.get_run(session, run) is not None  # nothing was deleted
+
+
+def test_a_refused_role_still_answers_404_for_what_it_may_not_see(api: Api) -> None:
+    """403 tells a caller only about its own project's objects: another project's run,
+    project, webhook, or one that does not exist, stays a 404."""
+    theirs = api.runs["theirs"]
+    hook = api.call(
+        "admin",
+        "POST",
+        "/webhooks",
+        "theirs",
+        json={"project": "theirs", "url": "https://93.184.216.34/h"},
+    )
+    assert hook.status_code == 201
+    hook_id = hook.json()["id"]
+    for method, path in (
+        ("DELETE", f"/runs/{theirs}"),
+        ("DELETE", "/runs/999999"),
+        ("DELETE", "/projects/theirs"),
+        ("DELETE", "/projects/nowhere"),
+        ("PATCH", "/projects/theirs/alert-rules/nonfinite"),
+        ("DELETE", f"/webhooks/{hook_id}"),
+        ("POST", f"/webhooks/{hook_id}/test"),
+        ("POST", "/deliveries/999999/redeliver"),
+    ):
+        response = api.call("write", method, path, json={"enabled": False})
+        assert response.status_code == 404, (method, path, response.text)
+    response = api.call("read", "PATCH", f"/runs/{theirs}", json={"status": "finished"})
+    assert response.status_code == 404
+
+
+def test_an_admin_token_deletes_and_configures(api: Api) -> None:
+    rule = "/projects/mine/alert-rules/nonfinite"
+    assert api.call("admin", "PATCH", rule, json={"enabled": False}).status_code == 200
+    hook = {"project": "mine", "url": "https://93.184.216.34/h"}
+    assert api.call("admin", "POST", "/webhooks", json=hook).status_code == 201
+    assert api.call("admin", "DELETE", f"/runs/{api.runs['mine']}").status_code == 200
+    deleted = api.call("admin", "DELETE", "/projects/mine")
+    assert deleted.status_code == 200
+    assert deleted.json()["tokens_revoked"] == 3
+
+
+def test_anonymous_local_use_still_does_everything(tmp_path: Path) -> None:
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        run = client.post(f"{API_PREFIX}/runs", json={"project": "p", "name": "r"}).json()
+        assert client.delete(f"{API_PREFIX}/runs/{run['id']}").status_code == 200
+        assert client.delete(f"{API_PREFIX}/projects/p").status_code == 200
+
+
+def test_token_create_takes_a_role_defaults_to_write_and_list_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = str(tmp_path / "d")
+    assert main(["token", "create", "--project", "p", "--data-dir", data]) == 0
+    assert "(write)" in capsys.readouterr().err
+    assert main(["token", "create", "--project", "p", "--role", "read", "--data-dir", data]) == 0
+    assert main(["token", "create", "--project", "p", "--role", "admin", "--data-dir", data]) == 0
+    capsys.readouterr()
+    assert main(["token", "list", "--data-dir", data]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("1", "p", "write"),
+        ("2", "p", "read"),
+        ("3", "p", "admin"),
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        main(["token", "create", "--project", "p", "--role", "owner", "--data-dir", data])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'owner'" in capsys.readouterr().err
