@@ -218,12 +218,25 @@ def _open_db(args: argparse.Namespace, create: bool = False) -> Any:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    """Create a project-scoped API token and print it once (only its hash is stored)."""
+    """Create a project-scoped (or server-wide) API token and print it once (only its hash is
+    stored)."""
     from pydantic import ValidationError
 
     from spectrawatch.wire import DOT_NAMES
     from spectrawatch_server.schemas import ProjectCreate
     from spectrawatch_server.storage import repository as repo
+
+    if args.all_projects:
+        with _open_db(args, create=True).begin() as session:
+            token, secret = repo.create_token(session, None, args.name or "", args.role)
+            token_id = token.id
+        print(secret)
+        print(
+            f"token {token_id} ({args.role}) for every project; store it now, it is not shown "
+            "again",
+            file=sys.stderr,
+        )
+        return 0
 
     refused = CommandError(
         f"--project: {args.project!r} is not a valid project name (1-200 characters, "
@@ -263,7 +276,8 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     with _open_db(args)() as session:
         for token, project in repo.list_tokens(session):
             state = f"revoked {token.revoked_at:%Y-%m-%d}" if token.revoked_at else "active"
-            print(f"{token.id}\t{project}\t{token.role}\t{token.prefix}…\t{token.name}\t{state}")
+            scope = "*" if project is None else project  # server-wide
+            print(f"{token.id}\t{scope}\t{token.role}\t{token.prefix}…\t{token.name}\t{state}")
     return 0
 
 
@@ -371,7 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="manage API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="create a token scoped to a project")
-    create.add_argument("--project", required=True)
+    scope = create.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--project", help="the project the token may see (made if missing)")
+    scope.add_argument(
+        "--all-projects",
+        action="store_true",
+        help="a server-wide token: every project, present and future (give it --role read "
+        "for a dashboard of them all)",
+    )
     create.add_argument("--name", default="")
     create.add_argument(
         "--role",

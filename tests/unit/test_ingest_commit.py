@@ -194,6 +194,11 @@ def test_auth_cache_keeps_the_token_role_and_refuses_a_read_token(
     cache.authorize(sessions, True, f"Bearer {writer}", run_mine)
     assert cache.check(True, f"Bearer {writer}", run_mine)
     assert not cache.check(True, f"Bearer {writer}", run_mine, role="admin")
+    with sessions.begin() as session:  # a server-wide token is cached as one
+        _, everywhere = repo.create_token(session, None, role="write")
+    cache.authorize(sessions, True, f"Bearer {everywhere}", run_other)
+    assert cache.check(True, f"Bearer {everywhere}", run_other)
+    assert cache.check(True, f"Bearer {everywhere}", run_mine)
 
 
 def test_a_job_cut_by_a_database_outage_is_released_at_once_without_using_an_attempt(

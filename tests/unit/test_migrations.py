@@ -178,7 +178,8 @@ def test_token_role_migration_makes_existing_tokens_admin_and_new_ones_write(
 ) -> None:
     """0009 on a database holding a token: the token keeps doing what it did (``admin``,
     found by its secret as before); a token created afterwards is ``write``; the column refuses
-    an unknown role; one step down drops the column and keeps the token."""
+    an unknown role; a server-wide token (no project) can be stored; one step down drops the
+    column, keeps the project tokens and deletes the server-wide one."""
     url, engine = empty_database, empty_engine
     command.upgrade(alembic_config(url), "0008_read_side")
     with engine.begin() as conn:
@@ -203,12 +204,15 @@ def test_token_role_migration_makes_existing_tokens_admin_and_new_ones_write(
         found = repo.find_token(s, secret)
         assert found is not None
         assert found.role == "write"
+        repo.create_token(s, None, "server-wide", role="read")
+        s.commit()
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
         conn.execute(text("UPDATE token SET role = 'owner' WHERE name = 'old'"))
     command.downgrade(alembic_config(url), "0008_read_side")
     assert "role" not in {c["name"] for c in inspect(engine).get_columns("token")}
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM token")).scalar() == 2
+    with engine.connect() as conn:  # the server-wide token had no project to keep
+        names = conn.execute(text("SELECT name FROM token ORDER BY name")).scalars().all()
+        assert names == ["new", "old"]
 
 
 # parents before children, so each row's foreign keys name rows already there

@@ -216,6 +216,22 @@ def test_an_admin_token_deletes_and_configures(api: Api) -> None:
     assert deleted.json()["tokens_revoked"] == 3
 
 
+def test_a_server_wide_token_sees_every_project_within_its_role(api: Api) -> None:
+    with api.sessions.begin() as session:
+        for role in ("read", "admin"):
+            api.tokens[("*", role)] = repo.create_token(session, None, role=role)[1]
+    projects = api.call("read", "GET", "/projects", "*").json()
+    assert sorted(p["name"] for p in projects) == ["mine", "theirs"]
+    runs = api.call("read", "GET", "/runs", "*").json()
+    assert sorted(r["id"] for r in runs) == sorted(api.runs.values())
+    theirs = api.runs["theirs"]
+    _refused(api.call("read", "DELETE", f"/runs/{theirs}", "*"), "admin", "read")
+    assert api.call("admin", "DELETE", f"/runs/{theirs}", "*").status_code == 200
+    deleted = api.call("admin", "DELETE", "/projects/theirs", "*").json()
+    assert deleted["tokens_revoked"] == 3  # the project's own; the server-wide one stays
+    assert api.call("admin", "GET", "/projects", "*").status_code == 200
+
+
 def test_anonymous_local_use_still_does_everything(tmp_path: Path) -> None:
     settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
@@ -244,3 +260,12 @@ def test_token_create_takes_a_role_defaults_to_write_and_list_shows_it(
         main(["token", "create", "--project", "p", "--role", "owner", "--data-dir", data])
     assert exit_.value.code == 2
     assert "invalid choice: 'owner'" in capsys.readouterr().err
+    everywhere = ["token", "create", "--all-projects", "--role", "read", "--data-dir", data]
+    assert main(everywhere) == 0
+    assert "for every project" in capsys.readouterr().err
+    assert main(["token", "list", "--data-dir", data]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split("\t")[:3] == ["4", "*", "read"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["token", "create", "--project", "p", "--all-projects", "--data-dir", data])
+    assert exit_.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -1,10 +1,10 @@
 """Short-lived cache of ingest authorization, so a frame costs no token or run query.
 
-Positive answers only: a bearer secret's project and role (kept ``ttl_seconds``, keyed by the
-secret's SHA-256, never the secret) and a run's project and ``uid`` (kept until evicted or the
-run is deleted here: runs never change project or ``uid``). A token revoked by ``spectrawatch
-token revoke`` (another process) thus stops ingest within ``ttl_seconds``; every other
-endpoint checks the database each time.
+Positive answers only: a bearer secret's project (none: a server-wide token) and role (kept
+``ttl_seconds``, keyed by the secret's SHA-256, never the secret) and a run's project and
+``uid`` (kept until evicted or the run is deleted here: runs never change project or
+``uid``). A token revoked by ``spectrawatch token revoke`` (another process) thus stops ingest
+within ``ttl_seconds``; every other endpoint checks the database each time.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class AuthCache:
         self.ttl = ttl_seconds
         self.clock = clock
         # sha256(secret) -> project, role, expiry
-        self._tokens: dict[str, tuple[int, Role, float]] = {}
+        self._tokens: dict[str, tuple[int | None, Role, float]] = {}
         self._runs: dict[int, tuple[int, str]] = {}  # run id -> project id, uid
 
     def check(
@@ -73,7 +73,7 @@ class AuthCache:
         principal.require(role)
         if self.ttl <= 0:
             return
-        if header is not None and principal.project_id is not None:
+        if header is not None:  # a token's (project None: a server-wide token)
             _bounded(self._tokens)[_token_key(header)] = (
                 principal.project_id,
                 principal.role,

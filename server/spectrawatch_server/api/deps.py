@@ -47,8 +47,9 @@ def parse_role(value: str) -> Role:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a token's project and role, or anonymous local use (``project_id``
-    None, role ``admin``: a server without ``--require-auth`` allows everything)."""
+    """Who is calling: a token's project (None: a server-wide token, every project) and role,
+    or anonymous local use (``project_id`` None, role ``admin``: a server without
+    ``--require-auth`` allows everything)."""
 
     project_id: int | None
     role: Role = "admin"

@@ -43,15 +43,15 @@ class Project(Base):
 
 
 class Token(Base):
-    """API token scoped to one project with a role (``read``/``write``/``admin``); only the
-    SHA-256 of the secret is stored."""
+    """API token scoped to one project (or every project: ``project_id`` None) with a role
+    (``read``/``write``/``admin``); only the SHA-256 of the secret is stored."""
 
     __tablename__ = "token"
     __table_args__ = (CheckConstraint("role IN ('read', 'write', 'admin')", name="role"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    project_id: Mapped[int] = mapped_column(
-        ForeignKey("project.id", ondelete="CASCADE"), index=True
+    project_id: Mapped[int | None] = mapped_column(
+        ForeignKey("project.id", ondelete="CASCADE"), index=True, nullable=True
     )
     name: Mapped[str] = mapped_column(String(200), default="")
     prefix: Mapped[str] = mapped_column(String(16))

@@ -92,13 +92,14 @@ def hash_secret(secret: str) -> str:
 
 
 def create_token(
-    session: Session, project: Project, name: str = "", role: str = "write"
+    session: Session, project: Project | None, name: str = "", role: str = "write"
 ) -> tuple[Token, str]:
-    """Create a token for ``project`` with ``role`` (``read``/``write``/``admin``); returns the
-    row and the secret (shown once, never stored)."""
+    """Create a token for ``project`` (None: every project, a server-wide token) with ``role``
+    (``read``/``write``/``admin``); returns the row and the secret (shown once, never
+    stored)."""
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = Token(
-        project_id=project.id,
+        project_id=None if project is None else project.id,
         name=name,
         prefix=secret[:10],
         secret_hash=hash_secret(secret),
@@ -119,10 +120,13 @@ def revoke_token(session: Session, token_id: int) -> bool:
     return int(result.rowcount) == 1  # type: ignore[attr-defined]
 
 
-def list_tokens(session: Session) -> Sequence[tuple[Token, str]]:
-    """Every token with its project name (secrets are never stored, only prefixes)."""
+def list_tokens(session: Session) -> Sequence[tuple[Token, str | None]]:
+    """Every token with its project name, None for a server-wide one (secrets are never
+    stored, only prefixes)."""
     rows = session.execute(
-        select(Token, Project.name).join(Project, Project.id == Token.project_id).order_by(Token.id)
+        select(Token, Project.name)
+        .outerjoin(Project, Project.id == Token.project_id)
+        .order_by(Token.id)
     ).all()
     return [(t, n) for t, n in rows]
 
