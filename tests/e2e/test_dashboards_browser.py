@@ -1208,6 +1208,7 @@ def test_alert_rules_page_of_a_server_requiring_auth_writes_with_the_token(
         server.stop()  # first: a failing clear below (a data: page) must not leave it running
         browser.execute_script("window.localStorage.clear()")
         console_errors(browser)  # the 401, 403 and 404 loads above, not for later tests
+        browser.get("about:blank")  # the rules page polls: none left polling a stopped server
 
 
 def test_alert_rules_page_refreshes_without_overwriting_an_edit(
