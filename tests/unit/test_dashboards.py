@@ -459,9 +459,9 @@ def test_routes_serve_pages_and_figures(tmp_path: Path) -> None:
             assert "text/html" in page.headers["content-type"]
             # every page loads the shared helpers before its own script
             scripts = re.findall(r'<script src="([^"]+)"', page.text)
-            assert scripts[0] == "/dashboards/static/common.js", (path, scripts)
+            assert scripts[0].startswith("/dashboards/static/common.js?v="), (path, scripts)
             assert len(scripts) > 1, (path, scripts)
-        assert "/dashboards/static/plotly.min.js" in client.get(f"/runs/{run['id']}").text
+        assert "/dashboards/static/plotly.min.js?v=" in client.get(f"/runs/{run['id']}").text
         assert client.get("/dashboards/static/common.js").status_code == 200
         assert client.get("/dashboards/static/plotly.min.js").status_code == 200
         assert client.get("/runs/999").status_code == 404
@@ -1025,3 +1025,40 @@ def test_rules_pages_of_every_project_name_and_a_missing_one(tmp_path: Path) -> 
         assert body["project"] == "p q"
         assert {r["name"] for r in body["rules"]} >= {"alpha_out_of_range", "nonfinite"}
         assert all(r["open_alerts"] == 0 for r in body["rules"])
+
+
+def test_static_files_are_linked_by_content_version_and_cached_accordingly(
+    tmp_path: Path,
+) -> None:
+    """Pages link every script and stylesheet as ``NAME?v=<first 12 hex of its SHA-256>``; that
+    URL is cached for a year, immutable (no revalidation of plotly.min.js per page load); any
+    other (an old version, none) is revalidated on every use, so an upgrade's page never runs
+    with a stale script."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    static = routes.package_dir() / "static"
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.post("/api/v1/projects", json={"name": "p"}).status_code == 201
+        page = client.get("/").text + client.get("/projects/p/alert-rules").text
+        links = re.findall(r'(?:src|href)="(/dashboards/static/[^"]+)"', page)
+        assert {link.split("?")[0].rsplit("/", 1)[1] for link in links} >= {
+            "common.js",
+            "runs.js",
+            "rules.js",
+            "spectrawatch.css",
+        }
+        for link in links:
+            name, _, query = link.removeprefix("/dashboards/static/").partition("?")
+            digest = hashlib.sha256((static / name).read_bytes()).hexdigest()[:12]
+            assert query == f"v={digest}", link
+            resp = client.get(link)
+            assert resp.status_code == 200
+            assert resp.headers["cache-control"] == "public, max-age=31536000, immutable"
+        for stale in ("/dashboards/static/common.js", "/dashboards/static/common.js?v=0"):
+            resp = client.get(stale)
+            assert resp.status_code == 200
+            assert resp.headers["cache-control"] == "no-cache", stale

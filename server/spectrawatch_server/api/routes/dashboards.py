@@ -17,14 +17,13 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
-from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
@@ -44,6 +43,7 @@ from spectrawatch_server.api.deps import (
 from spectrawatch_server.api.errors import STATIC_URL, ApiError
 from spectrawatch_server.api.routes.alerts import find_project, list_rules
 from spectrawatch_server.api.routes.runs import run_public
+from spectrawatch_server.api.static_assets import VersionedStaticFiles, asset_url
 from spectrawatch_server.db.models import Run, Scalar, Spectrum
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import repository as repo
@@ -113,6 +113,7 @@ def templates() -> Jinja2Templates:
     out = Jinja2Templates(directory=str(package_dir() / "templates"))
     out.env.filters["project_href"] = project_href
     out.env.filters["rules_href"] = rules_href
+    out.env.globals["asset"] = partial(asset_url, STATIC_URL, package_dir() / "static")
     return out
 
 
@@ -126,9 +127,7 @@ def install(app: FastAPI, api_prefix: str) -> None:
     """Add the HTML pages, the figure API (under ``api_prefix``) and the static mount to ``app``."""
     app.include_router(router)
     app.include_router(api_router, prefix=api_prefix)
-    app.mount(
-        STATIC_URL, StaticFiles(directory=str(package_dir() / "static")), name="dashboards-static"
-    )
+    app.mount(STATIC_URL, VersionedStaticFiles(package_dir() / "static"), name="dashboards-static")
 
 
 def warning_evidence(
@@ -879,7 +878,6 @@ def runs_table(
 
 
 def _page(request: Request, template: str, **context: Any) -> HTMLResponse:
-    context.setdefault("static", STATIC_URL)
     return templates().TemplateResponse(request, template, context)
 
 
