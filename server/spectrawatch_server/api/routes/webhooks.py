@@ -185,7 +185,8 @@ def create_webhook(
     return WebhookCreated(**_public(session, hook), secret=secret)
 
 
-@router.get("/webhooks", response_model=list[WebhookPublic])
+# reads too: a webhook URL is often a credential (Slack, ?token=), its deliveries echo it
+@router.get("/webhooks", response_model=list[WebhookPublic], dependencies=[require_role("admin")])
 def list_webhooks(
     principal: PrincipalDep, session: SessionDep, project: str | None = None
 ) -> list[WebhookPublic]:
@@ -197,7 +198,9 @@ def list_webhooks(
     ]
 
 
-@router.get("/webhooks/{webhook_id}", response_model=WebhookPublic)
+@router.get(
+    "/webhooks/{webhook_id}", response_model=WebhookPublic, dependencies=[require_role("admin")]
+)
 def read_webhook(webhook_id: int, principal: PrincipalDep, session: SessionDep) -> WebhookPublic:
     return WebhookPublic(**_public(session, _find_webhook(session, principal, webhook_id)))
 
@@ -234,7 +237,11 @@ def delete_webhook(webhook_id: int, principal: PrincipalDep, session: SessionDep
     return Response(status_code=204)
 
 
-@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryPublic])
+@router.get(
+    "/webhooks/{webhook_id}/deliveries",
+    response_model=list[DeliveryPublic],
+    dependencies=[require_role("admin")],
+)
 def list_deliveries(
     webhook_id: int,
     principal: PrincipalDep,
@@ -249,7 +256,9 @@ def list_deliveries(
     return [_delivery_public(session, d, with_log=True) for d in rows]
 
 
-@router.get("/deliveries/{delivery_id}", response_model=DeliveryPublic)
+@router.get(
+    "/deliveries/{delivery_id}", response_model=DeliveryPublic, dependencies=[require_role("admin")]
+)
 def read_delivery(delivery_id: int, principal: PrincipalDep, session: SessionDep) -> DeliveryPublic:
     return _delivery_public(session, _find_delivery(session, principal, delivery_id), with_log=True)
 
