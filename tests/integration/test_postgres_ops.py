@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -93,6 +94,21 @@ class TableLock:
             self.engine.dispose()
 
 
+def get_while_locked(client: TestClient, url: str, path: str) -> tuple[Any, float]:
+    """``GET path`` while another connection holds the ``project`` table locked (released after
+    30 s at the latest, longer than the client waits): the response and its seconds."""
+    lock = TableLock(url, "project")
+    released = threading.Timer(30, lock.release)
+    released.start()
+    try:
+        started = time.monotonic()
+        resp = client.get(path)
+        return resp, time.monotonic() - started
+    finally:
+        released.cancel()
+        lock.release()
+
+
 # --- 1. a busy database answers 503 database_busy before the client gives up ---------------
 
 
@@ -110,16 +126,7 @@ def test_request_blocked_on_a_lock_answers_503_before_the_client_times_out(
         assert client.post("/api/v1/projects", json={"name": "p"}).status_code == 201
         engine = client.app.state.spectrawatch.engine  # type: ignore[attr-defined]
         assert engine.pool.timeout() == defaults.db_pool_timeout_seconds
-        lock = TableLock(pg_url, "project")
-        released = threading.Timer(30, lock.release)  # the lock outlasts the client's timeout
-        released.start()
-        try:
-            started = time.monotonic()
-            resp = client.get("/api/v1/projects")
-            elapsed = time.monotonic() - started
-        finally:
-            released.cancel()
-            lock.release()
+        resp, elapsed = get_while_locked(client, pg_url, "/api/v1/projects")
         assert resp.status_code == 503, resp.text
         assert resp.json()["error"]["code"] == "database_busy"
         assert "lock" in resp.json()["error"]["message"]
@@ -291,16 +298,8 @@ def test_timeouts_hold_through_pgbouncer_in_transaction_pooling_mode(
                 migrate.lift_timeouts(session.connection())
                 assert session.scalar(text("SHOW statement_timeout")) == "0"
             assert timeouts_of(state.sessions) == ("10s", "3s")  # and only for it
-            lock = TableLock(pg_url, "project")  # directly: the pooler's connection stays free
-            released = threading.Timer(30, lock.release)
-            released.start()
-            try:
-                started = time.monotonic()
-                resp = client.get("/api/v1/projects")
-                elapsed = time.monotonic() - started
-            finally:
-                released.cancel()
-                lock.release()
+            # locked directly: the pooler's one server connection stays free
+            resp, elapsed = get_while_locked(client, pg_url, "/api/v1/projects")
             assert resp.status_code == 503, resp.text
             assert resp.json()["error"]["code"] == "database_busy"
             assert elapsed < ClientSettings().timeout_s
