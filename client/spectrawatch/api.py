@@ -85,6 +85,14 @@ class Api:
             raise ApiError(f"{method} {path}: HTTP {resp.status_code}: {message}", resp.status_code)
         return resp
 
+    def whoami(self) -> dict[str, Any]:
+        """``GET /token``: this client's token's ``project`` (None: every project), ``role``
+        (``read``/``write``/``admin``) and ``token`` (``id``, ``name``, ``prefix``,
+        ``created_at``); without a token on a server that does not require auth,
+        ``anonymous`` true and role ``admin``."""
+        out: dict[str, Any] = self.get("/token")
+        return out
+
     def projects(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = self.get("/projects")
         return out

@@ -43,9 +43,12 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 # under API_PREFIX (the dashboards' figure API is added by dashboards.install)
-API_ROUTERS = tuple(
-    module.router
-    for module in (health, projects, runs, frames, scalars, metrics, alerts, webhooks, blobs)
+API_ROUTERS = (
+    *(
+        module.router
+        for module in (health, projects, runs, frames, scalars, metrics, alerts, webhooks, blobs)
+    ),
+    projects.token_router,
 )
 
 

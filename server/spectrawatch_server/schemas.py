@@ -59,6 +59,26 @@ class ProjectPublic(BaseModel):
     created_at: datetime
 
 
+class TokenPublic(BaseModel):
+    """A token as ``spectrawatch token list`` shows it (the secret is never stored)."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    name: str
+    prefix: str
+    created_at: datetime
+
+
+class WhoAmI(BaseModel):
+    """``GET /token``: what the calling token may do. ``project`` None: every project (a
+    server-wide token, or anonymous local use, ``anonymous`` true and ``token`` None)."""
+
+    project: str | None
+    role: Literal["read", "write", "admin"]
+    token: TokenPublic | None
+    anonymous: bool = False
+
+
 class RunCreate(BaseModel):
     """Get-or-create: a new project or run gets a :data:`NewName`; an existing one named ``.``
     or ``..`` (stored before those were refused) takes runs / resumes (checked by the route)."""

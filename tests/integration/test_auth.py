@@ -109,6 +109,24 @@ def test_a_read_token_cannot_post_frames_and_a_write_token_streams_a_run(
         assert r.delete(f"/runs/{m.run_id}").status_code == 403
 
 
+def test_api_whoami_names_the_tokens_project_and_role(
+    secured: tuple[ServerProcess, str, str],
+) -> None:
+    proc, token_a, _ = secured
+    reader = create_token(proc.data_dir, "alpha", role="read")
+    with spectrawatch.Api(proc.url, reader) as sw:
+        me = sw.whoami()
+    assert (me["project"], me["role"], me["anonymous"]) == ("alpha", "read", False)
+    assert reader.startswith(me["token"]["prefix"])
+    with spectrawatch.Api(proc.url, token_a) as sw:
+        assert sw.whoami()["role"] == "admin"  # create_token's default here
+    with (
+        spectrawatch.Api(proc.url, "sw_not-a-real-token") as sw,
+        pytest.raises(spectrawatch.api.ApiError, match="HTTP 401"),
+    ):
+        sw.whoami()
+
+
 def test_an_anonymous_server_refuses_other_sites_pages(
     server: ServerProcess, api: httpx.Client
 ) -> None:

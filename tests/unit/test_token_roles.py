@@ -92,6 +92,7 @@ def test_every_write_route_declares_its_role_and_reads_need_at_most_read(tmp_pat
     }
     assert served == seen
     assert len({s for s in seen if s[0] == "GET"}) > 15
+    assert ("GET", "/token") in seen  # whoami: any token may ask what it may do
 
 
 class Api:
@@ -245,6 +246,36 @@ def test_a_server_wide_token_sees_every_project_within_its_role(api: Api) -> Non
     deleted = api.call("admin", "DELETE", "/projects/theirs", "*").json()
     assert deleted["tokens_revoked"] == 3  # the project's own; the server-wide one stays
     assert api.call("admin", "GET", "/projects", "*").status_code == 200
+
+
+def test_whoami_answers_each_token_its_scope_and_role(api: Api) -> None:
+    with api.sessions.begin() as session:
+        api.tokens[("*", "read")] = repo.create_token(session, None, "dash", role="read")[1]
+    for role in ("read", "write", "admin"):
+        response = api.call(role, "GET", "/token")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["project"], body["role"], body["anonymous"]) == ("mine", role, False)
+        assert api.tokens[("mine", role)].startswith(body["token"]["prefix"])
+        assert set(body["token"]) == {"id", "name", "prefix", "created_at"}
+    everywhere = api.call("read", "GET", "/token", "*").json()
+    assert (everywhere["project"], everywhere["role"]) == (None, "read")
+    assert everywhere["token"]["name"] == "dash"
+    assert api.client.get(f"{API_PREFIX}/token").status_code == 401
+    with api.sessions.begin() as session:
+        repo.revoke_token(session, everywhere["token"]["id"])
+    assert api.call("read", "GET", "/token", "*").status_code == 401
+
+
+def test_whoami_without_a_token_on_an_open_server_is_anonymous_admin(tmp_path: Path) -> None:
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        assert client.get(f"{API_PREFIX}/token").json() == {
+            "project": None,
+            "role": "admin",
+            "token": None,
+            "anonymous": True,
+        }
 
 
 def test_anonymous_local_use_still_does_everything(tmp_path: Path) -> None:

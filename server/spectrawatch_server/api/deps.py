@@ -49,10 +49,12 @@ def parse_role(value: str) -> Role:
 class Principal:
     """Who is calling: a token's project (None: a server-wide token, every project) and role,
     or anonymous local use (``project_id`` None, role ``admin``: a server without
-    ``--require-auth`` allows everything)."""
+    ``--require-auth`` allows everything). ``token_id``: the token's row (None when anonymous,
+    and on frame ingest, whose auth cache does not need it)."""
 
     project_id: int | None
     role: Role = "admin"
+    token_id: int | None = None
 
     def can_access(self, project_id: int) -> bool:
         return self.project_id is None or self.project_id == project_id
@@ -89,7 +91,7 @@ def authenticate(session: Session, require_auth: bool, header: str | None) -> Pr
     token = repo.find_token(session, secret.strip())
     if token is None:
         raise ApiError(401, "unauthorized", "invalid or revoked token")
-    return Principal(project_id=token.project_id, role=parse_role(token.role))
+    return Principal(project_id=token.project_id, role=parse_role(token.role), token_id=token.id)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

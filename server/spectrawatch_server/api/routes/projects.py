@@ -8,12 +8,38 @@ from sqlalchemy.exc import IntegrityError
 from spectrawatch_server.api.deps import PrincipalDep, SessionDep, StateDep, require_role
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
+from spectrawatch_server.db.models import Project, Token
 from spectrawatch_server.db.session import release_free_pages
-from spectrawatch_server.schemas import ProjectCreate, ProjectDeleted, ProjectPublic
+from spectrawatch_server.schemas import (
+    ProjectCreate,
+    ProjectDeleted,
+    ProjectPublic,
+    TokenPublic,
+    WhoAmI,
+)
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import delete_all
 
 router = APIRouter(prefix="/projects", tags=["projects"])
+token_router = APIRouter(tags=["projects"])
+
+
+@token_router.get("/token", response_model=WhoAmI)
+def whoami(principal: PrincipalDep, session: SessionDep) -> WhoAmI:
+    """The calling token's scope and role: ``project`` (None: a server-wide token, every
+    project), ``role`` (``read`` < ``write`` < ``admin``) and the token's ``id``, ``name``,
+    ``prefix`` and ``created_at`` as ``spectrawatch token list`` shows them. Without a token on
+    a server that does not require auth: ``anonymous`` true, role ``admin``, every project.
+    ``spectrawatch doctor`` asks this to tell whether a token can stream a run (``write``)."""
+    if principal.token_id is None:
+        return WhoAmI(project=None, role=principal.role, token=None, anonymous=True)
+    token = session.get(Token, principal.token_id)
+    project = None if principal.project_id is None else session.get(Project, principal.project_id)
+    return WhoAmI(
+        project=None if project is None else project.name,
+        role=principal.role,
+        token=TokenPublic.model_validate(token),
+    )
 
 
 @router.post(
