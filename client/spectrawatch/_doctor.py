@@ -3,7 +3,8 @@
 Checks, in order: the local install (spectrawatch, Python, torch, local CUDA and, with CUDA,
 whether update sketches use the Triton kernel), connectivity to
 ``/api/v1/health`` (latency, server version against the client's, database, queue), auth (the
-token is accepted; the server requires one or not), the worker (running, its device: GPU or
+token is accepted, its role and project, a warning when its role cannot stream a run; the
+server requires one or not), the worker (running, its device: GPU or
 CPU), and the local spool (runs with frames still waiting to be replayed, size against the cap).
 Prints one line per check; exits 1 when a check fails, 0 otherwise (warnings included).
 """
@@ -192,18 +193,25 @@ def _auth(
     settings: ClientSettings, base: str, required: bool, get: Callable[..., httpx.Response]
 ) -> Check:
     headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
+    path = "/token"
     try:
-        r = get(f"{base}/runs", params={"limit": 1}, headers=headers)
-    except httpx.HTTPError as exc:
+        r = get(f"{base}{path}", headers=headers)
+        if r.status_code == 404:  # a server older than GET /token: is the token accepted?
+            path = "/runs"
+            r = get(f"{base}{path}", params={"limit": 1}, headers=headers)
+        whoami = r.json() if r.status_code == 200 and path == "/token" else None
+    except (httpx.HTTPError, ValueError) as exc:
         return Check("auth", "fail", f"request failed: {exc}")
     if r.status_code == 200:
-        if settings.token:
+        if not settings.token:
+            return Check(
+                "auth",
+                "ok" if not required else "fail",
+                "anonymous access allowed (no token configured)",
+            )
+        if not isinstance(whoami, dict):
             return Check("auth", "ok", "token accepted")
-        return Check(
-            "auth",
-            "ok" if not required else "fail",
-            "anonymous access allowed (no token configured)",
-        )
+        return _role_check(whoami)
     if r.status_code in (401, 403):
         what = "token rejected" if settings.token else "the server requires a token"
         return Check(
@@ -212,7 +220,25 @@ def _auth(
             f"{what} (HTTP {r.status_code}): set SPECTRAWATCH_TOKEN or "
             "--token (create one with `spectrawatch token create --project NAME`)",
         )
-    return Check("auth", "fail", f"/runs answered HTTP {r.status_code}")
+    return Check("auth", "fail", f"{path} answered HTTP {r.status_code}")
+
+
+def _role_check(whoami: dict[str, Any]) -> Check:
+    """The token's role and scope from ``GET /token``; a warning when it cannot stream a run."""
+    role, project = str(whoami.get("role")), whoami.get("project")
+    token = whoami.get("token") or {}
+    scope = f"project {project!r}" if project else "every project (server-wide)"
+    name = f" {token['name']!r}" if token.get("name") else ""
+    detail = f"token{name} ({token.get('prefix', '?')}...) accepted: role {role}, {scope}"
+    if role in ("write", "admin"):
+        return Check("auth", "ok", detail)
+    target = project if project else "P"
+    return Check(
+        "auth",
+        "warn",
+        f"{detail}; a {role} token cannot stream a run: create one with "
+        f"`spectrawatch token create --project {target} --role write`",
+    )
 
 
 def run_checks(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 
 import spectrawatch
+from spectrawatch.cli import main
 from tests.factories import make_run, post_frame, weight_frame
 from tests.servers import ServerProcess, create_token, db_rows
 from tests.training import Loop, client_settings
@@ -125,6 +127,33 @@ def test_api_whoami_names_the_tokens_project_and_role(
         pytest.raises(spectrawatch.api.ApiError, match="HTTP 401"),
     ):
         sw.whoami()
+
+
+def test_doctor_reports_the_tokens_role_and_warns_a_read_token_cannot_stream(
+    secured: tuple[ServerProcess, str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proc = secured[0]
+    monkeypatch.setenv("SPECTRAWATCH_SPOOL_DIR", str(tmp_path / "spool"))
+    reader = create_token(proc.data_dir, "alpha", role="read")
+    writer = create_token(proc.data_dir, "alpha", role="write")
+    assert main(["doctor", "--url", proc.url, "--token", reader, "--json"]) == 0  # a warning
+    auth = {c["name"]: c for c in json.loads(capsys.readouterr().out)}["auth"]
+    assert auth["status"] == "warn"
+    assert "role read, project 'alpha'" in auth["detail"]
+    assert reader[:10] in auth["detail"]
+    assert (
+        "a read token cannot stream a run: create one with "
+        "`spectrawatch token create --project alpha --role write`" in auth["detail"]
+    )
+    assert main(["doctor", "--url", proc.url, "--token", writer]) == 0
+    out = capsys.readouterr().out
+    assert "[ok  ] auth          token (" in out
+    assert "accepted: role write, project 'alpha'" in out
+    assert main(["doctor", "--url", proc.url]) == 1
+    assert "the server requires a token (HTTP 401)" in capsys.readouterr().out
 
 
 def test_an_anonymous_server_refuses_other_sites_pages(

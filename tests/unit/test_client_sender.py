@@ -770,6 +770,22 @@ def test_doctor_names_a_final_status_waiting_in_the_spool(tmp_path: Path) -> Non
     assert "final status of proj/r1" in check.detail
 
 
+def test_doctor_asks_an_older_server_without_get_token_whether_the_token_is_accepted() -> None:
+    """A server older than ``GET /token`` answers it 404: doctor falls back to ``/runs``."""
+    from spectrawatch._doctor import _auth
+    from spectrawatch.config import ClientSettings
+
+    asked: list[str] = []
+
+    def old_server(url: str, **_: Any) -> httpx.Response:
+        asked.append(url.rsplit("/", 1)[1])
+        return httpx.Response(404 if url.endswith("/token") else 200, json=[])
+
+    settings = ClientSettings(url="http://s", token="sw_x")
+    check = _auth(settings, "http://s/api/v1", True, old_server)
+    assert (check.status, check.detail, asked) == ("ok", "token accepted", ["token", "runs"])
+
+
 def test_a_live_session_holds_a_spool_with_an_earlier_run_json(tmp_path: Path) -> None:
     """A ``sync`` during a later session of the run must not set the earlier final status."""
     server = FakeServer()
