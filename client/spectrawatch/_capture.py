@@ -456,8 +456,14 @@ class Capture:
             h.remove()
         self._handles.clear()
 
+    def _off(self) -> bool:
+        """Nothing to capture: in a forked child, or when monitoring turned itself off for the
+        run (the server refused the token's role: ``stats.off_reason``). A sharded model keeps
+        capturing then, as its sketches are collectives the other ranks join."""
+        return self._forked or (self.stats.off_reason is not None and not self.sharded)
+
     def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._forked:
+        if not self._off():
             self._guard("update sketch", self._before_step)
             self._join_stream()
 
@@ -481,8 +487,9 @@ class Capture:
     def on_step(self, step: int | None = None) -> None:
         """Run the captures due after an optimizer step (called by the post-hook); nothing in
         a forked child, where some CPU kernels the sketch uses can hang (torch's thread pool
-        does not survive a fork) and whose sender is inert anyway."""
-        if self._forked:
+        does not survive a fork) and whose sender is inert anyway; nor once monitoring is off
+        (see :meth:`_off`)."""
+        if self._off():
             return
         try:
             if step is not None and self._stepped and int(step) <= self.step:
@@ -983,7 +990,7 @@ class Capture:
             except Exception as exc:
                 self.errors.record("update sketch", exc)
         self.release_frames()
-        if self.s.weights_at_finish and self.step > 0:
+        if self.s.weights_at_finish and self.step > 0 and not self._off():
             self._guard("weights", lambda: self.capture_weights(self.step))
         self.remove()
 

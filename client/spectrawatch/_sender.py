@@ -73,6 +73,8 @@ class ClientStats:
         self._dropped_by_kind: Counter[str] = Counter()
         self._nonfinite_scalars: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
+        # why monitoring turned itself off for this run (the server refused the token's role)
+        self.off_reason: str | None = None
 
     def incr(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -128,6 +130,8 @@ class ClientStats:
                 out["nonfinite_scalars"] = {k: dict(v) for k, v in self._nonfinite_scalars.items()}
             if self.last_error:
                 out["last_error"] = self.last_error[:500]
+            if self.off_reason:
+                out["monitoring_off"] = self.off_reason[:500]
             return out
 
 
@@ -252,7 +256,7 @@ class Sender:
 
     def put_frame(self, item: FrameItem) -> None:
         """Queue a frame, applying the drop policy; never blocks on I/O, never raises."""
-        if self._disabled or self._closing:
+        if self._disabled or self._closing or self.stats.off_reason:
             return
         s = self.settings
         with self._cond:
@@ -278,7 +282,7 @@ class Sender:
             self._cond.notify()
 
     def put_scalars(self, rows: Sequence[dict[str, Any]]) -> None:
-        if self._disabled or self._closing or not rows:
+        if self._disabled or self._closing or not rows or self.stats.off_reason:
             return
         with self._cond:
             room = _SCALAR_CAP - len(self._scalars)
@@ -423,7 +427,7 @@ class Sender:
             self._send_stats()
 
     def _online(self) -> bool:
-        if self.settings.mode == "offline":
+        if self.settings.mode == "offline" or self.stats.off_reason:
             return False
         if time.monotonic() < self._offline_until or (self._closing and self._past_deadline()):
             return False  # past the flush deadline what is left goes to the spool
@@ -484,6 +488,8 @@ class Sender:
             self._went_offline(exc)
             return False
         except Rejected as exc:  # bad token, bad name: retrying soon will not help
+            if self._refused_role(exc):
+                return False
             self.errors.record("create run", exc)
             self._offline_until = time.monotonic() + self.settings.backoff_max_s
             return False
@@ -530,6 +536,8 @@ class Sender:
         retries = self.settings.retries
         if online and not len(self.spool) and self._deliver_frame(meta, body, retries):
             return
+        if self.stats.off_reason:  # the token may not write: nothing is kept to retry
+            return
         self._spool_put(_TAGS[item.kind], meta, body)
 
     def _deliver_frame(self, meta: Mapping[str, Any], body: bytes, retries: int) -> bool:
@@ -545,6 +553,8 @@ class Sender:
             except Rejected as exc:
                 if self._run_lost(exc):
                     return False
+                if self._refused_role(exc):
+                    return False  # not spooled now; a spooled one stays for a write token
                 self.stats.incr("rejected_frames")
                 self.errors.record(f"frame rejected ({meta.get('kind')})", exc)
                 return True
@@ -561,6 +571,8 @@ class Sender:
         for start in range(0, len(rows), _SCALARS_PER_POST):
             chunk = rows[start : start + _SCALARS_PER_POST]
             if not (self._online() and self._deliver_scalars(chunk, self.settings.retries)):
+                if self.stats.off_reason:  # the token may not write: nothing kept to retry
+                    return
                 body = wire_json(chunk)
                 self._spool_put("sc", {"type": "scalars", "n": len(chunk)}, body)
 
@@ -574,6 +586,8 @@ class Sender:
             except Rejected as exc:
                 if self._run_lost(exc):
                     return False
+                if self._refused_role(exc):
+                    return False  # as for a frame
                 self.errors.record("scalars rejected", exc)
                 self.stats.incr("rejected_scalars", len(rows))
                 return True
@@ -673,6 +687,8 @@ class Sender:
         Returns why it stopped early, or ``""`` when everything was delivered.
         """
         if not self._online():
+            if self.stats.off_reason:  # the token may not write (a read token)
+                return self.stats.off_reason
             return f"server unreachable: {self.stats.last_error or 'no reply'}"
         while len(self.spool):
             if time.monotonic() >= until:
@@ -687,7 +703,12 @@ class Sender:
         return time.monotonic() >= self._deadline
 
     def _send_stats(self) -> None:
-        if self.run_id is None or self._run_deleted or time.monotonic() < self._offline_until:
+        if (
+            self.run_id is None
+            or self._run_deleted
+            or self.stats.off_reason
+            or time.monotonic() < self._offline_until
+        ):
             return
         snap = self.stats.snapshot()
         snap["spooled_pending"] = len(self.spool)
@@ -697,7 +718,7 @@ class Sender:
             self.api.post_client_stats(self.run_id, snap, uid=self.run_uid)
             self._last_stats = snap
         except Rejected as exc:
-            if not self._run_lost(exc):
+            if not (self._run_lost(exc) or self._refused_role(exc)):
                 self.errors.record("client stats", exc)
         except Unavailable as exc:
             self.errors.record("client stats", exc)
@@ -729,6 +750,41 @@ class Sender:
         self._pause()
         return True
 
+    def _refused_role(self, exc: Rejected) -> bool:
+        """True when the server refused this client's token its role (403
+        ``insufficient_role``: a ``read`` token, for dashboards). Retrying cannot help and a
+        spool of the run could only be delivered with another token: monitoring turns itself
+        off for this run (the queue dropped, nothing new spooled, the captures stop; entries
+        spooled before stay for ``spectrawatch sync``), logged once, and ``stats.off_reason``
+        (client stat ``monitoring_off``) says why."""
+        if exc.status != 403 or exc.code != "insufficient_role":
+            return False
+        if self.stats.off_reason:
+            return True
+        project = self.settings.project
+        reason = (
+            f"the server refused this client's token: {exc}. A read token is for dashboards; "
+            "a training client needs role 'write': create one with `spectrawatch token create "
+            f"--project {project} --role write` and set SPECTRAWATCH_TOKEN"
+        )
+        self.stats.off_reason = reason
+        self.stats.last_error = reason
+        self.stats.incr("errors")
+        with self._cond:
+            dropped = len(self._queue)
+            self._queue.clear()
+            self._queue_bytes = 0
+            self._scalars = []
+            self.stats.set("queued_frames", 0)
+        logger.warning(
+            "spectrawatch: monitoring is off for run %r (training goes on, nothing is sent or "
+            "spooled; %d queued frame(s) dropped): %s",
+            self.run_name,
+            dropped,
+            reason,
+        )
+        return True
+
     def _finish(self) -> None:
         """Final drain: replay what the deadline allows, report stats, close the run.
 
@@ -743,6 +799,7 @@ class Sender:
             self._online()
         while (
             len(self.spool)
+            and not self.stats.off_reason
             and not self._past_deadline()
             and (self.run_id is not None or self.run_info)  # reached in this session
             and self._own_spool()
@@ -757,6 +814,12 @@ class Sender:
             if len(self.spool) == before:
                 continue
         summary = {**self._summary, "client": self.stats.snapshot()}
+        if self.stats.off_reason:  # nothing more is sent; nothing new was spooled
+            if len(self.spool):  # spooled before the refusal: `sync` with a write token
+                self._leave_spool(summary)
+            elif self._spool_owned:  # an earlier session's run.json stays as it was
+                self.spool.unlock()
+            return
         try:
             if (
                 self.run_id is not None
@@ -769,7 +832,10 @@ class Sender:
                 try:
                     self.api.update_run(self.run_id, self._final_status, summary, uid=self.run_uid)
                     self._status_sent = True
-                except (Unavailable, Rejected) as exc:
+                except Rejected as exc:
+                    if not self._refused_role(exc):
+                        self.errors.record("close run", exc)
+                except Unavailable as exc:
                     self.errors.record("close run", exc)
         finally:
             self._leave_spool(summary)

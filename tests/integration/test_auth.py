@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +12,10 @@ import httpx
 import pytest
 
 import spectrawatch
+from spectrawatch._spool import spooled_run_dirs
 from spectrawatch.cli import main
 from tests.factories import make_run, post_frame, weight_frame
-from tests.servers import ServerProcess, create_token, db_rows
+from tests.servers import ServerProcess, create_token, db_rows, wait_until
 from tests.training import Loop, client_settings
 
 pytestmark = pytest.mark.integration
@@ -154,6 +157,47 @@ def test_doctor_reports_the_tokens_role_and_warns_a_read_token_cannot_stream(
     assert "accepted: role write, project 'alpha'" in out
     assert main(["doctor", "--url", proc.url]) == 1
     assert "the server requires a token (HTTP 401)" in capsys.readouterr().out
+
+
+def test_a_training_run_with_a_read_token_turns_monitoring_off_once_and_trains_on(
+    secured: tuple[ServerProcess, str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dashboard's ``read`` token in a training script: one warning naming the role and the
+    way to a ``write`` token, then nothing more is tried, spooled or captured; the loop runs
+    to the end and ``finish`` returns at once."""
+    proc = secured[0]
+    reader = create_token(proc.data_dir, "alpha", role="read")
+    m = spectrawatch.Monitor()
+    with caplog.at_level(logging.WARNING, logger="spectrawatch"):
+        m.init(**client_settings(tmp_path, proc.url, "read-only", project="alpha", token=reader))
+        loop = Loop(m)
+        wait_until(lambda: m.stats.off_reason is not None, 30)
+        captures = m.stats.get("captures")
+        loop.run_for(2.0, pause=0.01)  # four times backoff_max_s: a retry would show
+        t0 = time.monotonic()
+        assert m.finish(timeout=30)
+        assert time.monotonic() - t0 < 5
+    assert loop.step > 20
+    off = [r.getMessage() for r in caplog.records if "monitoring is off" in r.getMessage()]
+    assert len(off) == 1, off
+    for said in (
+        "insufficient_role",
+        "this token's role is 'read'",
+        "spectrawatch token create --project alpha --role write",
+        "read-only",
+    ):
+        assert said in off[0]
+    assert m.stats.off_reason is not None
+    assert "this token's role is 'read'" in m.stats.snapshot()["monitoring_off"]
+    assert m.run_id is None
+    assert m.stats.get("errors") == 1  # the one refusal: no retry loop
+    assert m.stats.get("captures") == captures  # the hooks stopped sketching
+    for counter in ("sent_frames", "spooled_frames", "spooled_scalars", "queued_frames"):
+        assert m.stats.get(counter) == 0, counter
+    assert spooled_run_dirs(tmp_path / "spool") == []
+    assert not list((tmp_path / "spool").rglob("*.sw"))
+    rows = db_rows(proc.data_dir, "SELECT count(*) FROM run WHERE name = 'read-only'")
+    assert rows[0][0] == 0
 
 
 def test_an_anonymous_server_refuses_other_sites_pages(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import gc
 import json
+import logging
 import math
 import os
 import threading
@@ -20,7 +21,7 @@ import torch
 
 from spectrawatch import wire
 from spectrawatch._sender import FrameItem, Sender
-from spectrawatch._spool import Spool
+from spectrawatch._spool import Spool, spooled_run_dirs
 from spectrawatch._transport import Api, Unavailable
 from spectrawatch.config import ClientSettings
 
@@ -755,6 +756,69 @@ def test_a_later_session_that_sets_its_status_drops_an_old_sessions_run_json(
     assert server.patches[-1]["status"] == "finished"
     assert not (run_dir / RUN_META).exists()
     assert spooled_run_dirs(tmp_path / "spool") == []
+
+
+def test_a_write_refused_its_role_mid_run_turns_monitoring_off_and_spools_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The run was created, then a frame answers 403 ``insufficient_role`` (the token was
+    replaced by a ``read`` one): one warning, the queue dropped, nothing spooled or retried,
+    the final status not attempted, ``off_reason`` set."""
+    server = FakeServer()
+    s = settings(tmp_path)
+    sender = make_sender(server, s)
+    sender.put_frame(sketch_item(0))
+    assert sender.wait_idle(10)
+    assert len(server.frames) == 1
+    role = "this needs a token with role 'write' or above; this token's role is 'read'"
+    refused = httpx.Response(403, json={"error": {"code": "insufficient_role", "message": role}})
+    server._route = lambda request: refused  # type: ignore[method-assign]
+    before = len(server.times)
+    with caplog.at_level(logging.WARNING, logger="spectrawatch"):
+        for step in range(1, 40):
+            sender.put_frame(sketch_item(step))
+            sender.put_scalars([{"step": step, "name": "loss", "value": 1.0}])
+        assert sender.close(timeout=5)
+    posts = len(server.times)
+    off = [r.getMessage() for r in caplog.records if "monitoring is off" in r.getMessage()]
+    assert len(off) == 1, off
+    assert "this token's role is 'read'" in off[0]
+    assert "spectrawatch token create --project p --role write" in off[0]
+    assert sender.stats.off_reason is not None
+    assert sender.stats.snapshot()["monitoring_off"] == sender.stats.off_reason
+    assert sender.stats.get("spooled_frames") == sender.stats.get("spooled_scalars") == 0
+    assert sender.stats.get("errors") == 1
+    assert spooled_run_dirs(tmp_path / "spool") == []
+    assert server.patches == []  # no final status tried with a token that may not write
+    assert posts - before <= 2  # the refused write (and a client-stats post maybe before it)
+    sender.put_frame(sketch_item(99))  # after close and off: ignored
+    assert len(server.times) == posts
+
+
+def test_frames_spooled_before_a_role_refusal_stay_for_a_sync_with_a_write_token(
+    tmp_path: Path,
+) -> None:
+    server = FakeServer()
+    s = settings(tmp_path)
+    sender = make_sender(server, s)
+    sender.put_frame(sketch_item(0))
+    assert sender.wait_idle(10)
+    server.down = True  # an outage: these three wait in the spool
+    for step in (1, 2, 3):
+        sender.put_frame(sketch_item(step))
+    assert sender.wait_idle(10)
+    assert len(sender.spool) == 3
+    role = "this needs a token with role 'write' or above; this token's role is 'read'"
+    refused = httpx.Response(403, json={"error": {"code": "insufficient_role", "message": role}})
+    server._route = lambda request: refused  # type: ignore[method-assign]
+    server.down = False
+    t0 = time.monotonic()
+    assert sender.close(timeout=5)  # its replay is refused: no waiting out the deadline
+    assert time.monotonic() - t0 < 2
+    assert sender.stats.off_reason is not None
+    run_dir = tmp_path / "spool" / "p" / "r"
+    assert len(Spool(run_dir, 1 << 20)) == 3  # not dropped as refused: a write token syncs them
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
 
 
 def test_doctor_names_a_final_status_waiting_in_the_spool(tmp_path: Path) -> None:
