@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
@@ -13,6 +14,7 @@ from spectrawatch._version import __version__
 from spectrawatch.wire import FrameLimits
 from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.api.cross_site import CrossSiteGuard
+from spectrawatch_server.api.deps import describe_roles
 from spectrawatch_server.api.errors import install_error_handlers
 from spectrawatch_server.api.limits import JsonBodyLimit
 from spectrawatch_server.api.routes import (
@@ -209,4 +211,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     from spectrawatch_server.api.routes import dashboards  # HTML pages, figure API, static files
 
     dashboards.install(app, API_PREFIX)
+    schema_of = app.openapi
+    routes = [r for router in (*API_ROUTERS, dashboards.api_router) for r in router.routes]
+
+    def openapi() -> dict[str, Any]:  # each operation's description names the role it needs
+        schema = schema_of()
+        describe_roles(schema, routes, API_PREFIX)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -95,6 +95,35 @@ def test_every_write_route_declares_its_role_and_reads_need_at_most_read(tmp_pat
     assert ("GET", "/token") in seen  # whoami: any token may ask what it may do
 
 
+def test_the_openapi_schema_names_each_operations_role(tmp_path: Path) -> None:
+    """Each operation's description ends with the role the table above gives it (``read`` for
+    the other GETs; health and readiness need no token), once, however often it is built."""
+    app = create_app(ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False))
+    app.openapi()
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        paths = client.get("/openapi.json").json()["paths"]  # as served, built again
+    table = WRITE_ROUTES | ADMIN_READS
+    checked = 0
+    for path, operations in paths.items():
+        if not path.startswith(API_PREFIX):
+            continue
+        for method, operation in operations.items():
+            key = (method.upper(), path.removeprefix(API_PREFIX))
+            last = operation["description"].splitlines()[-1]
+            if key[1] in ("/health", "/ready"):
+                assert last == "No token needed.", key
+                continue
+            role = table.get(key, "read")
+            above = "" if role == "admin" else " or above"
+            assert last.startswith(f"Requires a token with role `{role}`{above} on a "), key
+            assert operation["description"].count("Requires a token") == 1, key
+            checked += 1
+    assert checked == sum(len(ops) for ops in paths.values()) - 2 > 40
+    assert (
+        "`write` or above" in paths[f"{API_PREFIX}/runs/{{run_id}}/frames"]["post"]["description"]
+    )
+
+
 class Api:
     """A ``--require-auth`` app and one token per (project, role)."""
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from fastapi import Depends, Header, Request
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from spectrawatch.wire import RUN_UID_HEADER
@@ -127,6 +128,56 @@ def checks_role_inside(role: Role) -> Callable[[_F], _F]:
         return endpoint
 
     return mark
+
+
+def route_role(dependant: Any) -> tuple[list[Role], bool]:
+    """The roles a route declares (its ``require_role`` dependencies, or its endpoint's
+    :func:`checks_role_inside` mark) and whether it authenticates the caller at all, from its
+    FastAPI ``Dependant`` tree."""
+    roles: list[Role] = []
+    authenticates = False
+
+    def walk(node: Any) -> None:
+        nonlocal authenticates
+        role = getattr(node.call, ROLE_ATTRIBUTE, None)
+        if role is not None:
+            roles.append(role)
+        authenticates = authenticates or node.call is get_principal
+        for sub in node.dependencies:
+            walk(sub)
+
+    walk(dependant)
+    return roles, authenticates or bool(roles)
+
+
+def role_line(route: APIRoute) -> str:
+    """The sentence an operation's OpenAPI description ends with: the role it requires."""
+    roles, authenticates = route_role(route.dependant)
+    if not authenticates:
+        return "No token needed."
+    role = max(roles or ["read"], key=ROLES.index)
+    above = "" if role == "admin" else " or above"
+    return (
+        f"Requires a token with role `{role}`{above} on a server that requires auth "
+        "(`--require-auth`); without it, anonymous local use may do everything."
+    )
+
+
+def describe_roles(schema: dict[str, Any], routes: Iterable[Any], prefix: str) -> None:
+    """End each operation's description in ``schema`` (an OpenAPI document) with the role its
+    route among ``routes`` (served under ``prefix``) requires; idempotent."""
+    paths = schema.get("paths", {})
+    for route in routes:
+        if not isinstance(route, APIRoute):
+            continue
+        line = role_line(route)
+        for method in (route.methods or set()) - {"HEAD"}:
+            operation = paths.get(prefix + route.path, {}).get(method.lower())
+            if operation is None:
+                continue
+            description = str(operation.get("description") or "").rstrip()
+            if not description.endswith(line):
+                operation["description"] = f"{description}\n\n{line}" if description else line
 
 
 def _check_visible(session: Session, principal: Principal, params: dict[str, Any]) -> None:
