@@ -777,8 +777,8 @@ class Sender:
             self._scalars = []
             self.stats.set("queued_frames", 0)
         logger.warning(
-            "spectrawatch: monitoring is off for run %r (training goes on, nothing is sent or "
-            "spooled; %d queued frame(s) dropped): %s",
+            "spectrawatch: monitoring is off for run %r (training goes on; nothing more is "
+            "sent or spooled, %d queued frame(s) dropped): %s",
             self.run_name,
             dropped,
             reason,

@@ -200,6 +200,30 @@ def test_a_training_run_with_a_read_token_turns_monitoring_off_once_and_trains_o
     assert rows[0][0] == 0
 
 
+def test_sync_with_a_read_token_says_so_and_keeps_the_spool_for_a_write_token(
+    secured: tuple[ServerProcess, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proc = secured[0]
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, proc.url, "synced", project="alpha", mode="offline"))
+    Loop(m).run(10)
+    assert m.finish()
+    spool = tmp_path / "spool"
+    entries = len(list(spool.rglob("*.sw")))
+    assert entries > 0
+    reader = create_token(proc.data_dir, "alpha", role="read")
+    assert main(["sync", "--spool-dir", str(spool), "--token", reader]) == 1
+    out = capsys.readouterr().out
+    assert "0 of" in out
+    assert "this token's role is 'read'" in out
+    assert "--role write" in out
+    assert "server unreachable" not in out
+    assert len(list(spool.rglob("*.sw"))) == entries  # nothing dropped as refused
+    writer = create_token(proc.data_dir, "alpha", role="write")
+    assert main(["sync", "--spool-dir", str(spool), "--token", writer]) == 0
+    assert f"{entries} of {entries} entries delivered" in capsys.readouterr().out
+
+
 def test_an_anonymous_server_refuses_other_sites_pages(
     server: ServerProcess, api: httpx.Client
 ) -> None:
