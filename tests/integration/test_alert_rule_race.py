@@ -58,8 +58,14 @@ def app_client(tmp_path: Path, database: str) -> Iterator[TestClient]:
         if database == "postgresql":
             assert POSTGRES_URL is not None
             url = stack.enter_context(fresh_database(POSTGRES_URL, "sw_rulerace"))
+        # the requests wait for the evaluation's lock as long as the test holds it (up to 3 s
+        # on SQLite, its default lock timeout): this is about the order, not the timeouts
         settings = ServerSettings(
-            data_dir=tmp_path, database_url=url, run_worker=False, run_webhooks=False
+            data_dir=tmp_path,
+            database_url=url,
+            run_worker=False,
+            run_webhooks=False,
+            db_lock_timeout_seconds=30,
         )
         yield stack.enter_context(TestClient(create_app(settings), base_url="http://127.0.0.1"))
 
