@@ -230,13 +230,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         with _open_db(args, create=True).begin() as session:
             token, secret = repo.create_token(session, None, args.name or "", args.role)
             token_id = token.id
-        print(secret)
-        print(
-            f"token {token_id} ({args.role}) for every project; store it now, it is not shown "
-            "again",
-            file=sys.stderr,
-        )
-        return 0
+        return _print_new_token(secret, token_id, args.role, "every project")
 
     refused = CommandError(
         f"--project: {args.project!r} is not a valid project name (1-200 characters, "
@@ -261,10 +255,14 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         project, _ = repo.get_or_create_project(session, args.project)
         token, secret = repo.create_token(session, project, args.name or "", args.role)
         token_id = token.id
+    return _print_new_token(secret, token_id, args.role, f"project {args.project!r}")
+
+
+def _print_new_token(secret: str, token_id: int, role: str, scope: str) -> int:
+    """Print a new token's secret (stdout, for scripts) and what it is (stderr); exit 0."""
     print(secret)
     print(
-        f"token {token_id} ({args.role}) for project {args.project!r}; store it now, it is not "
-        "shown again",
+        f"token {token_id} ({role}) for {scope}; store it now, it is not shown again",
         file=sys.stderr,
     )
     return 0
