@@ -68,8 +68,8 @@ part client_paired 120 "$PY" benchmarks/client_overhead.py --device cuda --batch
 # bf16 with overhead_budget=0.01: the cadence the CUDA-event timing picks, and its paired cost
 part client_budget_bf16 120 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 \
   --batch 8 --seq 256 --paired 4 --steps 40 --warmup 15 --reps 2 --threads 4 --budget 0.01
-# where the hooks' 1.9-2.2 ms of host time per step go with the real (Triton) sketch
-part hook_host 60 "$PY" benchmarks/hook_host_cost.py --device cuda --steps 100
+# where the hooks' host time per step goes with the real (Triton) sketch, by part (--parts)
+part hook_host 60 "$PY" benchmarks/hook_host_cost.py --device cuda --steps 100 --parts
 part hook_host_eager 60 env SPECTRAWATCH_SKETCH_GRAPH=0 "$PY" benchmarks/hook_host_cost.py \
   --device cuda --steps 100
 # the side-stream sketch overlaps the next step only where steps are not synchronised one by one

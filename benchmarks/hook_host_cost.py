@@ -12,6 +12,11 @@ kernel where triton imports, on the side stream): the host time per step is then
 training thread pays for launching it, the row differences and the frame copies (the GPU work
 itself is queued, not waited for; one synchronisation ends the timed loop). There the sketch is
 replayed from a CUDA graph unless ``SPECTRAWATCH_SKETCH_GRAPH=0``.
+
+``--parts`` adds a breakdown of the host time per step by part of the hooks (layout check, stream
+join, the sketch's launch or graph replay, the row difference, the frames' copies...), each timed
+by a wrapper around that part on this capture (~0.3 us a wrapped call): where a GPU lease should
+look first, without the inflation of a profiler.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import pstats
 import statistics
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import torch
@@ -36,6 +44,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--repeat", type=int, default=5, help="blocks of --steps; the best is shown")
     ap.add_argument("--device", default="cpu", help="cpu (sketch faked) or cuda (real sketch)")
+    ap.add_argument("--parts", action="store_true", help="host time per step by part of the hooks")
     args = ap.parse_args()
     torch.set_num_threads(1)
     device = torch.device(args.device)
@@ -93,12 +102,99 @@ def main() -> None:
         f"best of {args.repeat} blocks of {args.steps}, median {statistics.median(host):.3f}); "
         f"{wall:.3f} ms per step until the device finished"
     )
+    if args.parts:
+        print_parts(cap, opt, steps, sync, args.steps, args.repeat)
     profile = cProfile.Profile()
     profile.runcall(steps, args.steps)
     stats = pstats.Stats(profile).sort_stats("tottime")
     stats.print_stats(15)
     stats.print_callers(5)  # who makes the five costliest calls
     m.finish(timeout=5)
+
+
+class _Timed:
+    """A callable (or an object with ``__call__``) whose calls add their host time to a total;
+    every other attribute is the wrapped object's."""
+
+    def __init__(self, inner: Any, totals: dict[str, float], name: str) -> None:
+        self._inner, self._totals, self._name = inner, totals, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            self._totals[self._name] += time.perf_counter() - t
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+# (label, owner path on the capture, attribute); nested parts are also inside their parents
+_PARTS = (
+    ("pre-step hook", "", "_pre_hook"),
+    ("  layout check", "", "_check_layout"),
+    ("  stream join", "", "_join_stream"),
+    ("post-step hook", "", "_post_hook"),
+    ("  frames released", "_frames", "release"),
+    ("  theta sketch (_sketch_all)", "", "_sketch_all"),
+    ("    graph replay + clone", "", "_graphed"),
+    ("    eager sketch launches", "", "_fused"),
+    ("    row groups", "", "_grouped"),
+    ("    stream bookkeeping", "_stream", "launched"),
+    ("  frame flush (stack + copy)", "", "flush_updates"),
+)
+
+
+def print_parts(
+    cap: Any,
+    opt: Any,
+    steps: Callable[[int], None],
+    sync: Callable[[], None],
+    n: int,
+    repeat: int,
+) -> None:
+    """Host time per step of each part of the hooks (the best block of ``repeat``)."""
+    totals: dict[str, float] = defaultdict(float)
+    saved = []
+    for label, path, attr in _PARTS:
+        owner = getattr(cap, path) if path else cap
+        inner = getattr(owner, attr)
+        if inner is None:
+            continue
+        saved.append((owner, attr, owner.__dict__.get(attr)))
+        setattr(owner, attr, _Timed(inner, totals, label))
+    blocks = []
+    try:
+        for _ in range(repeat):
+            totals.clear()
+            t = time.perf_counter()
+            steps(n)
+            wall = time.perf_counter() - t
+            sync()
+            blocks.append((wall, dict(totals)))
+    finally:
+        for owner, attr, before in saved:
+            if before is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, before)
+    wall, best = min(blocks, key=lambda b: b[0])
+    print(f"host time per step by part (us; best of {repeat} blocks of {n}, parts wrapped):")
+    print(f"  {'whole step (both hooks)':34s} {wall / n * 1e6:8.1f}")
+    for label, _, _ in _PARTS:
+        if label in best:
+            print(f"  {label:34s} {best[label] / n * 1e6:8.1f}")
+    post = best.get("post-step hook", 0.0)
+    inside = sum(
+        best.get(k, 0.0)
+        for k in (
+            "  frames released",
+            "  theta sketch (_sketch_all)",
+            "  frame flush (stack + copy)",
+        )
+    )
+    print(f"  {'  rest of post-step (diff, bookkeeping)':34s} {(post - inside) / n * 1e6:8.1f}")
 
 
 if __name__ == "__main__":
