@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 import spectrawatch
@@ -109,3 +112,36 @@ def test_cli_refuses_a_malformed_url_in_one_line(
     out = capsys.readouterr()
     assert "not a valid URL" in out.out + out.err
     assert "Traceback" not in out.out + out.err
+
+
+def _settings_rows() -> dict[str, list[str]]:
+    """docs/client-settings.md's table rows by setting: ``{name: [environment, default, ...]}``."""
+    page = (Path(__file__).parents[2] / "docs" / "client-settings.md").read_text()
+    rows: dict[str, list[str]] = {}
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 4:
+            name = cells[0].strip("`")
+            assert name not in rows, f"{name} documented twice"
+            rows[name] = cells[1:]
+    return rows
+
+
+def _documented_default(field: dataclasses.Field[object]) -> str:
+    """The default as the reference page writes it: the value, in backticks."""
+    if field.default_factory is not dataclasses.MISSING:  # spool_dir: under the user's cache
+        return "~/.cache/spectrawatch/spool"
+    value = field.default
+    return value if isinstance(value, str) else repr(value)
+
+
+def test_every_client_setting_is_documented_with_its_variable_and_default() -> None:
+    """The reference page lists each setting once, with its variable and its actual default,
+    and nothing that is not a setting: a renamed field or a changed default fails here."""
+    rows = _settings_rows()
+    fields = {f.name: f for f in dataclasses.fields(ClientSettings)}
+    assert sorted(rows) == sorted(fields)
+    for name, (env, default, meaning) in rows.items():
+        assert env == f"`SPECTRAWATCH_{name.upper()}`", name
+        assert default.split(" ")[0] == f"`{_documented_default(fields[name])}`", name
+        assert meaning, name
