@@ -48,5 +48,9 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/ingest_load.py
 
+## Regenerate docs/cli.md (the command-line reference) from the parser.
+docs: $(STAMP)
+	$(PY) -m spectrawatch._cli_doc > docs/cli.md
+
 clean:
 	rm -rf $(VENV) .spectrawatch build dist *.egg-info

@@ -20,19 +20,20 @@ def _finite_float(text: str) -> float:
     return value
 
 
-_PARAMS: dict[str, Callable[[str], Any]] = {
-    "kind": str,
-    "metric": str,
-    "below": _finite_float,
-    "above": _finite_float,
-    "factor": _finite_float,
-    "window": int,
-    "hysteresis": _finite_float,
-    "fire_after": int,
-    "clear_after": int,
-    "minutes": _finite_float,
-    "layers": str,
-    "severity": str,
+# rule parameters: --NAME VALUE (type, help); docs/alerts.md "Rule kinds and parameters"
+_PARAMS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "kind": (str, "threshold, growth, nonfinite, client_drops or silence (a custom rule)"),
+    "metric": (str, "metric key the rule watches (threshold, growth)"),
+    "below": (_finite_float, "threshold: fire below this"),
+    "above": (_finite_float, "threshold: fire above this; client_drops: drops above this"),
+    "factor": (_finite_float, "growth: fire when value / min(previous --window values) >= this"),
+    "window": (int, "growth: how many previous positive values the minimum is taken over"),
+    "hysteresis": (_finite_float, "clear only once the value is back inside by this margin"),
+    "fire_after": (int, "consecutive points past the limit before the alert opens"),
+    "clear_after": (int, "consecutive points back inside before it resolves"),
+    "minutes": (_finite_float, "silence: minutes without data"),
+    "layers": (str, "glob on layer names (default *)"),
+    "severity": (str, "info, warning or critical"),
 }
 
 _FLAGS = {  # boolean rule parameters: --NAME / --no-NAME
@@ -110,25 +111,31 @@ def add_alerts_commands(subparsers: Any) -> None:
     sub = alerts.add_subparsers(dest="alerts_command", required=True)
 
     lst = sub.add_parser("list", parents=[common], help="alerts of a run or project")
-    lst.add_argument("--project", default=None)
-    lst.add_argument("--run", type=int, default=None, help="run id")
-    lst.add_argument("--status", choices=["open", "resolved"], default=None)
+    lst.add_argument("--project", default=None, help="only alerts of this project")
+    lst.add_argument("--run", type=int, default=None, help="only alerts of this run (id)")
+    lst.add_argument(
+        "--status", choices=["open", "resolved"], default=None, help="only open or resolved ones"
+    )
     lst.set_defaults(func=reporting_errors(cmd_list))
 
     rules = sub.add_parser("rules", parents=[common], help="the rules in force for a project")
-    rules.add_argument("--project", required=True)
+    rules.add_argument("--project", required=True, help="the project")
     rules.set_defaults(func=reporting_errors(cmd_rules))
 
     set_ = sub.add_parser(
         "set", parents=[common], help="edit a rule or create a custom one (needs --kind, --metric)"
     )
     set_.add_argument("rule", help="rule name, e.g. alpha_out_of_range")
-    set_.add_argument("--project", required=True)
+    set_.add_argument("--project", required=True, help="the project whose rule it is")
     toggle = set_.add_mutually_exclusive_group()
-    toggle.add_argument("--enable", dest="enabled", action="store_true", default=None)
-    toggle.add_argument("--disable", dest="enabled", action="store_false")
-    for name, kind in _PARAMS.items():
-        set_.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
+    toggle.add_argument(
+        "--enable", dest="enabled", action="store_true", default=None, help="turn the rule on"
+    )
+    toggle.add_argument("--disable", dest="enabled", action="store_false", help="turn it off")
+    for name, (kind, text) in _PARAMS.items():
+        set_.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=text
+        )
     for flag, text in _FLAGS.items():
         set_.add_argument(
             f"--{flag.replace('_', '-')}",
@@ -140,6 +147,6 @@ def add_alerts_commands(subparsers: Any) -> None:
     set_.set_defaults(func=reporting_errors(cmd_set))
 
     reset = sub.add_parser("reset", parents=[common], help="reset a rule to its defaults")
-    reset.add_argument("rule")
-    reset.add_argument("--project", required=True)
+    reset.add_argument("rule", help="rule name")
+    reset.add_argument("--project", required=True, help="the project whose rule it is")
     reset.set_defaults(func=reporting_errors(cmd_reset))

@@ -285,12 +285,12 @@ def add_runs_commands(subparsers: Any) -> None:
     common = server_args()
     one_run = argparse.ArgumentParser(add_help=False)  # the commands about one run
     one_run.add_argument("run", help="run id; or run name, always with --project when given")
-    one_run.add_argument("--project", default=None)
+    one_run.add_argument("--project", default=None, help="the run's project")
     runs = subparsers.add_parser("runs", help="list runs, delete a run with its data")
     sub = runs.add_subparsers(dest="runs_command", required=True)
     ls = sub.add_parser("list", parents=[common], help="runs, newest first")
-    ls.add_argument("--project", default=None)
-    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--project", default=None, help="only runs of this project")
+    ls.add_argument("--limit", type=int, default=100, help="at most this many runs")
     ls.add_argument("--json", action="store_true", help="print the runs as JSON")
     ls.set_defaults(func=reporting_errors(cmd_runs_list))
     show = sub.add_parser(
@@ -341,7 +341,13 @@ def add_runs_commands(subparsers: Any) -> None:
         "spectra, scalars and alerts stay and dashboards keep working; only re-analysis of "
         "those frames becomes impossible. Running runs are never pruned.",
     )
-    prune.add_argument("--older-than", type=_days, required=True, metavar="DAYS")
+    prune.add_argument(
+        "--older-than",
+        type=_days,
+        required=True,
+        metavar="DAYS",
+        help="frames stored more than this many days ago",
+    )
     prune.add_argument("--project", default=None, help="only this project")
     prune.add_argument("--run", default=None, help="only this run (id, or name with --project)")
     prune.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")

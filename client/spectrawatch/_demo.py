@@ -104,12 +104,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="run the server and a real grokking run streaming to it")
-    demo.add_argument("--port", type=int, default=8765)
-    demo.add_argument("--data-dir", default=".spectrawatch/demo")
+    demo.add_argument("--port", type=int, default=8765, help="the server's port")
+    demo.add_argument(
+        "--data-dir", default=".spectrawatch/demo", help="the demo server's database and blobs"
+    )
     demo.add_argument(
         "--steps", type=int, default=1000, help="training steps (val_acc jumps near step 4,100)"
     )
-    demo.add_argument("--project", default="demo")
-    demo.add_argument("--run", default=None)
+    demo.add_argument("--project", default="demo", help="project of the demo run")
+    demo.add_argument("--run", default=None, help="run name (default: a new generated name)")
     demo.add_argument("--keep-serving", action="store_true", help="keep the server up afterwards")
     demo.set_defaults(func=run_demo)

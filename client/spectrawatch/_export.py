@@ -559,11 +559,13 @@ def add_export_commands(subparsers: Any) -> None:
         description=EXPORT_HELP,
     )
     exp.add_argument("run", help="run id; or run name, always with --project when given")
-    exp.add_argument("--project", default=None)
+    exp.add_argument("--project", default=None, help="the run's project")
     exp.add_argument(
         "-o", "--output", default=None, help="output directory (default PROJECT-RUN-export)"
     )
-    exp.add_argument("--format", choices=FORMATS, default="csv")
+    exp.add_argument(
+        "--format", choices=FORMATS, default="csv", help="file format (parquet needs pyarrow)"
+    )
     exp.add_argument(
         "--force", action="store_true", help="replace an export already in the output directory"
     )

@@ -345,6 +345,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+DATA_DIR_HELP = "the server's data directory (default SPECTRAWATCH_DATA_DIR, else ~/.spectrawatch)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spectrawatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"spectrawatch {__version__}")
@@ -391,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a server-wide token: every project, present and future (give it --role read "
         "for a dashboard of them all)",
     )
-    create.add_argument("--name", default="")
+    create.add_argument("--name", default="", help="a label, shown by `token list`")
     create.add_argument(
         "--role",
         choices=("read", "write", "admin"),
@@ -399,21 +402,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="read: GET only (dashboards); write (default): what a training run needs; "
         "admin: also deletions, alert rules, webhooks",
     )
-    create.add_argument("--data-dir", default=None)
+    create.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     create.set_defaults(func=cmd_token_create)
     listing = token_sub.add_parser("list", help="list tokens (ids, projects, roles, prefixes)")
-    listing.add_argument("--data-dir", default=None)
+    listing.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     listing.set_defaults(func=cmd_token_list)
     revoke = token_sub.add_parser("revoke", help="revoke a token by id")
-    revoke.add_argument("id", type=int)
-    revoke.add_argument("--data-dir", default=None)
+    revoke.add_argument("id", type=int, help="the token's id (`token list`)")
+    revoke.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     revoke.set_defaults(func=cmd_token_revoke)
     compact = sub.add_parser(
         "compact",
         help="give a stopped server's free SQLite pages back to the disk (VACUUM)",
         description=cmd_compact.__doc__,
     )
-    compact.add_argument("--data-dir", default=None)
+    compact.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     compact.set_defaults(func=cmd_compact)
     from spectrawatch._cli_alerts import add_alerts_commands  # alerts list|rules|set|reset
     from spectrawatch._demo import add_demo_command

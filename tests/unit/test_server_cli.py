@@ -209,3 +209,19 @@ def test_runs_show_says_why_a_frame_failed(
     assert "frames: 3 analysed, 0 queued, 2 failed" in out
     assert "first failure: frame 12 (weights): OSError('gone')" in out
     assert ("/runs/7/frames", {"status": "failed", "limit": 1}) in asked
+
+
+def test_the_command_line_reference_is_the_parsers() -> None:
+    """docs/cli.md is rendered from the parser (`make docs`): a new command or option, or a
+    changed default or help text, must be regenerated into it; and every argument has a help
+    text, so that no row of the reference is blank."""
+    from spectrawatch._cli_doc import render
+    from spectrawatch.cli import build_parser
+
+    page = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    rendered = render(build_parser())
+    assert page == rendered, "docs/cli.md is stale: run `make docs`"
+    blank = [
+        line for line in rendered.splitlines() if line.startswith("| `") and line.endswith("|  |")
+    ]
+    assert blank == []
