@@ -69,9 +69,12 @@ part client_paired 120 "$PY" benchmarks/client_overhead.py --device cuda --batch
 part client_budget_bf16 120 "$PY" benchmarks/client_overhead.py --device cuda --amp bf16 \
   --batch 8 --seq 256 --paired 4 --steps 40 --warmup 15 --reps 2 --threads 4 --budget 0.01
 # where the hooks' host time per step goes with the real (Triton) sketch, by part (--parts)
-part hook_host 60 "$PY" benchmarks/hook_host_cost.py --device cuda --steps 100 --parts
+part hook_host 90 "$PY" benchmarks/hook_host_cost.py --device cuda --steps 100 --parts --primitives
 part hook_host_eager 60 env SPECTRAWATCH_SKETCH_GRAPH=0 "$PY" benchmarks/hook_host_cost.py \
   --device cuda --steps 100
+# the same hooks on this host's CPU with a tiny faked sketch: their Python and op dispatch alone,
+# to set against the CUDA run's parts (55 us per step on the 2-core CI box, session 25)
+part hook_host_cpu_d8 60 "$PY" benchmarks/hook_host_cost.py --steps 64 --repeat 7 --parts --dim 8
 # the side-stream sketch overlaps the next step only where steps are not synchronised one by one
 part client_block 90 "$PY" benchmarks/client_overhead.py --device cuda --batch 8 --seq 256 \
   --steps 60 --warmup 5 --reps 2 --threads 4 --block --conditions none,spectrawatch

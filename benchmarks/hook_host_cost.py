@@ -16,7 +16,9 @@ replayed from a CUDA graph unless ``SPECTRAWATCH_SKETCH_GRAPH=0``.
 ``--parts`` adds a breakdown of the host time per step by part of the hooks (layout check, stream
 join, the sketch's launch or graph replay, the row difference, the frames' copies...), each timed
 by a wrapper around that part on this capture (~0.3 us a wrapped call): where a GPU lease should
-look first, without the inflation of a profiler.
+look first, without the inflation of a profiler. On CUDA, ``--primitives`` also prints the host
+cost of each CUDA call the hooks make per step (a side-stream context, ``wait_stream``, an event
+recorded or waited for, a graph replay, a small op launched), to add up against the parts.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="blocks of --steps; the best is shown")
     ap.add_argument("--device", default="cpu", help="cpu (sketch faked) or cuda (real sketch)")
     ap.add_argument("--parts", action="store_true", help="host time per step by part of the hooks")
+    ap.add_argument("--primitives", action="store_true", help="CUDA: host cost of each call")
+    ap.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="sketch dimension (default 20 W = 640); a small one on the CPU leaves the hooks' "
+        "Python and op dispatch without the faked sketch's arithmetic, as a GPU's host sees them",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     device = torch.device(args.device)
@@ -52,7 +62,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     m = spectrawatch.Monitor(transport=httpx.MockTransport(accept))
-    m.init(project="bench", run="hooks", spool_dir=tempfile.mkdtemp())
+    m.init(project="bench", run="hooks", spool_dir=tempfile.mkdtemp(), sketch_dim=args.dim)
     handle = m.attach(model, opt)
     assert handle is not None
     cap = handle.capture
@@ -104,6 +114,8 @@ def main() -> None:
     )
     if args.parts:
         print_parts(cap, opt, steps, sync, args.steps, args.repeat)
+    if args.primitives and device.type == "cuda":
+        print_primitives(device, rows + 1, cap.spec.dim)
     profile = cProfile.Profile()
     profile.runcall(steps, args.steps)
     stats = pstats.Stats(profile).sort_stats("tottime")
@@ -195,6 +207,47 @@ def print_parts(
         )
     )
     print(f"  {'  rest of post-step (diff, bookkeeping)':34s} {(post - inside) / n * 1e6:8.1f}")
+
+
+def print_primitives(device: torch.device, rows: int, dim: int, n: int = 2000) -> None:
+    """Host microseconds per call of the CUDA calls a monitored step makes (best of 5 x ``n``)."""
+    side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    a = torch.zeros(rows, dim, dtype=torch.float64, device=device)
+    b = torch.zeros_like(a)
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        c = a - b
+    del c
+
+    def ctx() -> None:
+        with torch.cuda.stream(side):
+            pass
+
+    calls: dict[str, Callable[[], object]] = {
+        "torch.cuda.current_stream()": lambda: torch.cuda.current_stream(device),
+        "side.wait_stream(current)": lambda: side.wait_stream(torch.cuda.current_stream(device)),
+        "with torch.cuda.stream(side): pass": ctx,
+        "torch.cuda.Event() + record": lambda: torch.cuda.Event().record(side),  # type: ignore[no-untyped-call]
+        "current.wait_event(event)": lambda: torch.cuda.current_stream(device).wait_event(event),
+        "event.query()": event.query,
+        "graph.replay() (one small kernel)": graph.replay,
+        "a - b (launch)": lambda: a - b,
+        "a.clone() (launch)": a.clone,
+        "a.to(float32) (launch)": lambda: a.to(torch.float32),
+    }
+    event.record()
+    torch.cuda.synchronize(device)
+    print(f"host cost of CUDA calls (us per call, best of 5 x {n}; ({rows}, {dim}) float64):")
+    for name, fn in calls.items():
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - t) / n * 1e6)
+            torch.cuda.synchronize(device)
+        print(f"  {name:38s} {best:8.2f}")
 
 
 if __name__ == "__main__":
