@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -57,19 +58,44 @@ def segment(text: str) -> str:
     return quoted.replace(".", "%2E") if text in (".", "..") else quoted
 
 
+# 503s whose request changed nothing (the transaction was rolled back): safe to send again
+RETRIED_CODES = ("database_busy", "database_unavailable")
+BUSY_RETRIES = 3  # after the first attempt; each waits Retry-After, at most BUSY_WAIT_MAX_S
+BUSY_WAIT_MAX_S = 10.0
+
+
 def call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
-    """One request to ``/api/v1{path}``: its JSON (None for 204), or :class:`CliError`."""
+    """One request to ``/api/v1{path}``: its JSON (None for 204), or :class:`CliError`. A 503
+    ``database_busy`` / ``database_unavailable`` (a lock held by an analysis, a database
+    restarting) is sent again after its ``Retry-After``, up to :data:`BUSY_RETRIES` times."""
     with _client(args) as client:
-        try:
-            response = client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise CliError(f"cannot reach the server: {exc}") from exc
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                response = client.request(method, path, **kwargs)
+            except httpx.HTTPError as exc:
+                raise CliError(f"cannot reach the server: {exc}") from exc
+            wait = _busy_wait(response)
+            if wait is None or attempt == BUSY_RETRIES:
+                break
+            print(f"server busy ({error_of(response)[1]}); again in {wait:g} s", file=sys.stderr)
+            time.sleep(wait)
     if response.status_code >= 400:
         _, message = error_of(response)
         if response.status_code == 404 and server_url(args).endswith("/api/v1"):
             message += " (--url is the server root, e.g. http://host:8765, without /api/v1)"
         raise CliError(f"HTTP {response.status_code}: {message}", response.status_code)
     return None if response.status_code == 204 else response.json()
+
+
+def _busy_wait(response: httpx.Response) -> float | None:
+    """Seconds to wait before sending a request that got a retryable 503 again; else None."""
+    if response.status_code != 503 or error_of(response)[0] not in RETRIED_CODES:
+        return None
+    try:
+        after = float(response.headers.get("retry-after", "1"))
+    except ValueError:
+        after = 1.0
+    return min(max(after, 0.0), BUSY_WAIT_MAX_S)
 
 
 def print_result(args: argparse.Namespace, data: Any, lines: list[str]) -> None:

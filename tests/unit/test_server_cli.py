@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+import httpx
 import pytest
 
 from spectrawatch.cli import main
@@ -225,3 +227,56 @@ def test_the_command_line_reference_is_the_parsers() -> None:
         line for line in rendered.splitlines() if line.startswith("| `") and line.endswith("|  |")
     ]
     assert blank == []
+
+
+def _busy_server(answers: list[tuple[int, str]]) -> tuple[httpx.Client, list[str]]:
+    """A client whose server answers ``answers`` in turn (status, error code), then 200."""
+    seen: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        if len(seen) <= len(answers):
+            status, code = answers[len(seen) - 1]
+            body = {"error": {"code": code, "message": f"{code}; retry later"}}
+            return httpx.Response(status, json=body, headers={"Retry-After": "5"})
+        return httpx.Response(200, json={"deleted": True})
+
+    client = httpx.Client(base_url="http://sw.test/api/v1", transport=httpx.MockTransport(handle))
+    return client, seen
+
+
+@pytest.mark.parametrize(
+    ("answers", "attempts", "outcome"),
+    [
+        ([(503, "database_busy")] * 2, 3, None),  # retried after Retry-After, then done
+        ([(503, "database_unavailable")], 2, None),
+        ([(503, "database_busy")] * 9, 4, "HTTP 503: database_busy; retry later"),  # gives up
+        ([(503, "overloaded")], 1, "HTTP 503: overloaded; retry later"),  # not a rolled-back one
+        ([(409, "database_busy")], 1, "HTTP 409: database_busy; retry later"),
+    ],
+)
+def test_cli_calls_retry_a_busy_database_after_retry_after(
+    answers: list[tuple[int, str]],
+    attempts: int,
+    outcome: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A 503 ``database_busy`` / ``database_unavailable`` (its transaction rolled back: e.g. a
+    deletion waiting on a lock an analysis holds) is sent again after ``Retry-After`` (capped),
+    at most three times; other errors are reported at once."""
+    from spectrawatch import _cli_http
+
+    client, seen = _busy_server(answers)
+    waits: list[float] = []
+    monkeypatch.setattr(_cli_http, "_client", lambda args: client)
+    monkeypatch.setattr(_cli_http.time, "sleep", waits.append)
+    args = argparse.Namespace(url=None, token=None)
+    if outcome is None:
+        assert _cli_http.call(args, "DELETE", "/projects/p") == {"deleted": True}
+    else:
+        with pytest.raises(_cli_http.CliError, match=outcome):
+            _cli_http.call(args, "DELETE", "/projects/p")
+    assert len(seen) == attempts
+    assert waits == [5.0] * (attempts - 1)
+    assert capsys.readouterr().err.count("server busy") == attempts - 1
