@@ -95,7 +95,9 @@ def _busy_wait(response: httpx.Response) -> float | None:
         after = float(response.headers.get("retry-after", "1"))
     except ValueError:
         after = 1.0
-    return min(max(after, 0.0), BUSY_WAIT_MAX_S)
+    if not after >= 0:  # NaN too (a proxy's nonsense): time.sleep would raise
+        after = 1.0
+    return min(after, BUSY_WAIT_MAX_S)
 
 
 def print_result(args: argparse.Namespace, data: Any, lines: list[str]) -> None:

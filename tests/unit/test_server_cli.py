@@ -229,7 +229,9 @@ def test_the_command_line_reference_is_the_parsers() -> None:
     assert blank == []
 
 
-def _busy_server(answers: list[tuple[int, str]]) -> tuple[httpx.Client, list[str]]:
+def _busy_server(
+    answers: list[tuple[int, str]], retry_after: str = "5"
+) -> tuple[httpx.Client, list[str]]:
     """A client whose server answers ``answers`` in turn (status, error code), then 200."""
     seen: list[str] = []
 
@@ -238,7 +240,7 @@ def _busy_server(answers: list[tuple[int, str]]) -> tuple[httpx.Client, list[str
         if len(seen) <= len(answers):
             status, code = answers[len(seen) - 1]
             body = {"error": {"code": code, "message": f"{code}; retry later"}}
-            return httpx.Response(status, json=body, headers={"Retry-After": "5"})
+            return httpx.Response(status, json=body, headers={"Retry-After": retry_after})
         return httpx.Response(200, json={"deleted": True})
 
     client = httpx.Client(base_url="http://sw.test/api/v1", transport=httpx.MockTransport(handle))
@@ -280,3 +282,17 @@ def test_cli_calls_retry_a_busy_database_after_retry_after(
     assert len(seen) == attempts
     assert waits == [5.0] * (attempts - 1)
     assert capsys.readouterr().err.count("server busy") == attempts - 1
+
+
+@pytest.mark.parametrize(("header", "wait"), [("nan", 1.0), ("-3", 1.0), ("x", 1.0), ("600", 10.0)])
+def test_cli_busy_retry_waits_a_sane_time_whatever_retry_after_says(
+    header: str, wait: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spectrawatch import _cli_http
+
+    client, _ = _busy_server([(503, "database_busy")], retry_after=header)
+    waits: list[float] = []
+    monkeypatch.setattr(_cli_http, "_client", lambda args: client)
+    monkeypatch.setattr(_cli_http.time, "sleep", waits.append)
+    _cli_http.call(argparse.Namespace(url=None, token=None), "GET", "/runs")
+    assert waits == [wait]
