@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ def _worker(rank: int, mode: str, port: int, url: str, tmp: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    done = False
     try:
         model = make_model()
         if mode == "fsdp":
@@ -88,6 +90,7 @@ def _worker(rank: int, mode: str, port: int, url: str, tmp: str) -> None:
             Path(tmp, "run.json").write_text(json.dumps({"run_id": m.run_id}))
         else:
             assert m.run_id is None  # rank 1 never talks to the server
+        done = True
     finally:
         # tear down together: a rank that destroys its gloo group and exits while the other is
         # still finishing (rank 0 sends) was seen to abort ("terminate called without an active
@@ -95,6 +98,12 @@ def _worker(rank: int, mode: str, port: int, url: str, tmp: str) -> None:
         with contextlib.suppress(Exception):
             dist.barrier()
         dist.destroy_process_group()
+        if done:  # everything finished and checked: leave without the interpreter's teardown,
+            # where a gloo thread still joinable aborted a rank after its work was done
+            # ("terminate called without an active exception", SIGABRT; CI, session 25)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def run_distributed(mode: str, url: str, tmp: Path, timeout: float = 240) -> int:
