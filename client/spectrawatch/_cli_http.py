@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from spectrawatch._transport import error_of
+from spectrawatch._transport import error_of, parse_retry_after
 from spectrawatch.config import DEFAULT_URL, url_problem
 
 
@@ -91,13 +91,8 @@ def _busy_wait(response: httpx.Response) -> float | None:
     """Seconds to wait before sending a request that got a retryable 503 again; else None."""
     if response.status_code != 503 or error_of(response)[0] not in RETRIED_CODES:
         return None
-    try:
-        after = float(response.headers.get("retry-after", "1"))
-    except ValueError:
-        after = 1.0
-    if not after >= 0:  # NaN too (a proxy's nonsense): time.sleep would raise
-        after = 1.0
-    return min(after, BUSY_WAIT_MAX_S)
+    after = parse_retry_after(response.headers.get("retry-after"))  # None: absent or nonsense
+    return min(1.0 if after is None else after, BUSY_WAIT_MAX_S)
 
 
 def print_result(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
