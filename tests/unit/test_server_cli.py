@@ -230,9 +230,12 @@ def test_the_command_line_reference_is_the_parsers() -> None:
 
 
 def _busy_server(
-    answers: list[tuple[int, str]], retry_after: str = "5"
-) -> tuple[httpx.Client, list[str]]:
-    """A client whose server answers ``answers`` in turn (status, error code), then 200."""
+    monkeypatch: pytest.MonkeyPatch, answers: list[tuple[int, str]], retry_after: str = "5"
+) -> tuple[list[str], list[float]]:
+    """The CLI's calls go to a server that answers ``answers`` in turn (status, error code),
+    then 200; returns the methods it was sent and the CLI's sleeps (patched, not slept)."""
+    from spectrawatch import _cli_http
+
     seen: list[str] = []
 
     def handle(request: httpx.Request) -> httpx.Response:
@@ -244,7 +247,10 @@ def _busy_server(
         return httpx.Response(200, json={"deleted": True})
 
     client = httpx.Client(base_url="http://sw.test/api/v1", transport=httpx.MockTransport(handle))
-    return client, seen
+    waits: list[float] = []
+    monkeypatch.setattr(_cli_http, "_client", lambda args: client)
+    monkeypatch.setattr(_cli_http.time, "sleep", waits.append)
+    return seen, waits
 
 
 @pytest.mark.parametrize(
@@ -269,10 +275,7 @@ def test_cli_calls_retry_a_busy_database_after_retry_after(
     at most three times; other errors are reported at once."""
     from spectrawatch import _cli_http
 
-    client, seen = _busy_server(answers)
-    waits: list[float] = []
-    monkeypatch.setattr(_cli_http, "_client", lambda args: client)
-    monkeypatch.setattr(_cli_http.time, "sleep", waits.append)
+    seen, waits = _busy_server(monkeypatch, answers)
     args = argparse.Namespace(url=None, token=None)
     if outcome is None:
         assert _cli_http.call(args, "DELETE", "/projects/p") == {"deleted": True}
@@ -290,9 +293,6 @@ def test_cli_busy_retry_waits_a_sane_time_whatever_retry_after_says(
 ) -> None:
     from spectrawatch import _cli_http
 
-    client, _ = _busy_server([(503, "database_busy")], retry_after=header)
-    waits: list[float] = []
-    monkeypatch.setattr(_cli_http, "_client", lambda args: client)
-    monkeypatch.setattr(_cli_http.time, "sleep", waits.append)
+    _, waits = _busy_server(monkeypatch, [(503, "database_busy")], retry_after=header)
     _cli_http.call(argparse.Namespace(url=None, token=None), "GET", "/runs")
     assert waits == [wait]
