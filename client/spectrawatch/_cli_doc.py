@@ -27,13 +27,14 @@ training client's settings are in [client settings](client-settings.md), the ser
 
 def _subcommands(
     parser: argparse.ArgumentParser,
-) -> Iterator[tuple[str, str, argparse.ArgumentParser]]:
-    """``(name, help, parser)`` of each subcommand of ``parser``, in the order added."""
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """``(help, parser)`` of each subcommand of ``parser``, in the order added (a subcommand's
+    parser names it in its ``prog``)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             helps = {a.dest: a.help or "" for a in action._choices_actions}
             for name, sub in action.choices.items():
-                yield name, helps.get(name, ""), sub
+                yield helps.get(name, ""), sub
 
 
 def _metavar(action: argparse.Action) -> str:
@@ -94,7 +95,7 @@ def _arguments(parser: argparse.ArgumentParser) -> list[str]:
     return rows
 
 
-def _section(parser: argparse.ArgumentParser, name: str, help_: str, depth: int) -> list[str]:
+def _section(parser: argparse.ArgumentParser, help_: str, depth: int) -> list[str]:
     out = [f"{'#' * depth} `{parser.prog}`", ""]
     if help_:
         out += [help_[0].upper() + help_[1:] + ("" if help_.endswith(".") else "."), ""]
@@ -103,16 +104,16 @@ def _section(parser: argparse.ArgumentParser, name: str, help_: str, depth: int)
     rows = _arguments(parser)
     if rows:
         out += ["| argument | default | meaning |", "|---|---|---|", *rows, ""]
-    for sub_name, sub_help, sub in _subcommands(parser):
-        out += _section(sub, sub_name, sub_help, min(depth + 1, 4))
+    for sub_help, sub in _subcommands(parser):
+        out += _section(sub, sub_help, min(depth + 1, 4))
     return out
 
 
 def render(parser: argparse.ArgumentParser) -> str:
     """The reference page of ``parser`` and its subcommands (Markdown)."""
     lines = [HEADER]
-    for name, help_, sub in _subcommands(parser):
-        lines += _section(sub, name, help_, 2)
+    for help_, sub in _subcommands(parser):
+        lines += _section(sub, help_, 2)
     return "\n".join(lines).rstrip() + "\n"
 
 
