@@ -215,7 +215,12 @@ def create_token(data_dir: Path, project: str, role: str = "admin") -> str:
 
 def db_rows(data_dir: Path, query: str, **params: Any) -> list[Any]:
     """Rows of a SQL query (``:name`` parameters) on the database of ``data_dir``."""
-    engine = create_engine(database_url(data_dir))
+    return url_rows(database_url(data_dir), query, **params)
+
+
+def url_rows(url: str, query: str, **params: Any) -> list[Any]:
+    """Rows of a SQL query (``:name`` parameters) on the database at ``url``."""
+    engine = create_engine(url)
     try:
         with engine.begin() as conn:
             result = conn.execute(text(query), params)

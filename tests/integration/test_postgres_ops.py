@@ -43,7 +43,7 @@ from spectrawatch_server.queue.embedded import EmbeddedQueue
 from spectrawatch_server.storage import repository as repo
 from tests.factories import make_run, post_frame, weight_frame
 from tests.integration.test_faults import PrivatePostgres
-from tests.servers import free_port, fresh_database, wait_until
+from tests.servers import free_port, fresh_database, url_rows, wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -333,16 +333,10 @@ def test_procrastinate_api_works_through_pgbouncer_in_transaction_pooling_mode(
             again = post_frame(client, run_id, weight_frame(0, 0), seq=0)
             assert again.status_code in (200, 202), again.text
             assert client.get(f"/runs/{run_id}").status_code == 200
-    engine = create_engine(pg_url)
-    try:
-        with engine.connect() as conn:
-            queued = conn.scalar(
-                text("SELECT count(*) FROM procrastinate_jobs WHERE queue_name = :q"),
-                {"q": pq.ANALYSIS_QUEUE},
-            )
-    finally:
-        engine.dispose()
-    assert queued == frames
+    queued = url_rows(
+        pg_url, "SELECT count(*) FROM procrastinate_jobs WHERE queue_name = :q", q=pq.ANALYSIS_QUEUE
+    )
+    assert queued == [(frames,)]
 
 
 # --- 2. /health counts what it shows, not the whole job history ------------------------------
