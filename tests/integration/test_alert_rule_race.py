@@ -151,3 +151,66 @@ def test_a_rule_disabled_during_an_evaluation_leaves_no_alert_open(
         assert [a["status"] for a in alerts if a["rule"] == "nonfinite"] == ["resolved"], alerts
         (alert,) = alerts
         assert alert["values"]["resolved_reason"] == "rule disabled"
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_a_project_deleted_during_an_evaluation_waits_for_it_without_deadlock(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's results transaction locks the run, then (alert engine) the project; a
+    project deletion takes the same two locks. It used to take them the other way round (the
+    project's rename first), so PostgreSQL found a deadlock and the ``DELETE`` answered 503
+    (half the runs of ``test_delete_project_while_a_client_streams``, session 26). Now it waits
+    for the evaluation, then deletes the run with what the evaluation stored."""
+    with app_client(tmp_path, database) as client:
+        api = "/api/v1"
+        run_id = client.post(f"{api}/runs", json={"project": "p", "name": "r"}).json()["id"]
+        r = client.post(f"{api}/runs/{run_id}/frames", content=nan_weights(10, 1))
+        assert r.status_code == 202, r.text
+        sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
+        with sessions() as session:
+            (frame_id,) = session.scalars(select(Frame.id).where(Frame.run_id == run_id)).all()
+
+        run_locked, go_on = threading.Event(), threading.Event()
+        lock_rules = alert_store.lock_rules
+        evaluator: list[threading.Thread] = []
+
+        def held_lock_rules(*args: Any, **kwargs: Any) -> None:
+            if threading.current_thread() in evaluator:
+                run_locked.set()
+                assert go_on.wait(30)
+            lock_rules(*args, **kwargs)
+
+        monkeypatch.setattr(alert_store, "lock_rules", held_lock_rules)
+        failures: list[BaseException] = []
+
+        def evaluate() -> None:  # the worker's results transaction (worker.Worker.process)
+            try:
+                with sessions.begin() as session:
+                    assert repo.live_runs(session, [run_id]) == {run_id}
+                    frame = session.get_one(Frame, frame_id)
+                    repo.finish_frame(session, frame.id, "done", None)
+                    AlertEngine().evaluate(session, frame)
+            except BaseException as exc:
+                failures.append(exc)
+
+        evaluator.append(threading.Thread(target=evaluate))
+        evaluator[0].start()
+        assert run_locked.wait(30), failures
+
+        answers: list[Any] = []
+        deletion = threading.Thread(
+            target=lambda: answers.append(client.delete(f"{api}/projects/p"))
+        )
+        deletion.start()
+        deadline = time.monotonic() + 3  # SQLite: no sign of the wait but time
+        while deletion.is_alive() and not waiting_on_lock(client) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        go_on.set()
+        evaluator[0].join(30)
+        deletion.join(30)
+        assert not failures, failures
+        assert [a.status_code for a in answers] == [200], [a.text for a in answers]
+        assert answers[0].json()["runs"] == 1
+        assert client.get(f"{api}/projects").json() == []
+        assert client.get(f"{api}/runs/{run_id}/alerts").status_code == 404

@@ -237,13 +237,18 @@ def delete_project(session: Session, project: Project) -> DeletedProject | None:
     """Delete everything stored for ``project``; its row stays as a tombstone (None: it
     already is one, deleted by a concurrent request).
 
-    The row is renamed first (``deleted/<id>``: no client can choose a name with ``/``), so the
-    name is free at once for a new project, and on PostgreSQL it stays locked until the commit.
-    Each run is deleted as :func:`delete_run` does (a tombstone: a client still streaming to it
-    gets 404 ``run_deleted`` and stops, never recreates it); its tokens are revoked (kept,
-    listed by ``spectrawatch token list`` under the tombstone name); its alert rules, webhooks
-    and their deliveries (pending ones too: nothing is sent for a deleted project) are deleted.
+    The row is renamed (``deleted/<id>``: no client can choose a name with ``/``), so the name
+    is free at once for a new project, and on PostgreSQL it stays locked until the commit. The
+    project's runs are locked before it (:func:`live_runs`): the order of the worker's results
+    transaction, which locks its run, then the project's rules (the project's row); the other
+    order deadlocked with it. Each run is deleted as :func:`delete_run` does (a tombstone: a
+    client still streaming to it gets 404 ``run_deleted`` and stops, never recreates it); its
+    tokens are revoked (kept, listed by ``spectrawatch token list`` under the tombstone name);
+    its alert rules, webhooks and their deliveries (pending ones too: nothing is sent for a
+    deleted project) are deleted.
     """
+    listed = select(Run.id).where(Run.project_id == project.id, Run.status != DELETED)
+    live_runs(session, session.scalars(listed))
     result = session.execute(
         update(Project)
         .where(Project.id == project.id, ~Project.name.startswith(DELETED_PROJECT_PREFIX))
@@ -251,13 +256,7 @@ def delete_project(session: Session, project: Project) -> DeletedProject | None:
     )
     if not result.rowcount:  # type: ignore[attr-defined]
         return None
-    run_ids = list(
-        session.scalars(
-            select(Run.id)
-            .where(Run.project_id == project.id, Run.status != DELETED)
-            .order_by(Run.id)
-        )
-    )
+    run_ids = list(session.scalars(listed.order_by(Run.id)))
     frames, size, keys = 0, 0, []
     for run_id in run_ids:
         deleted = delete_run(session, session.get_one(Run, run_id))
