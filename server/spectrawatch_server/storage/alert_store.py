@@ -210,6 +210,28 @@ def list_webhooks(session: Session, project_id: int | None) -> Sequence[Webhook]
     return session.scalars(stmt).all()
 
 
+def lock_webhooks(
+    session: Session, *, webhook_id: int | None = None, project_id: int | None = None
+) -> None:
+    """Lock endpoints' rows (``FOR NO KEY UPDATE``, in id order) until the commit, on
+    PostgreSQL: one endpoint, or every one of a project.
+
+    Whatever changes an endpoint and its deliveries takes the endpoint first, as its deletion
+    does (``DELETE webhook`` locks the row, then cascades to its deliveries): a sender
+    disabling an endpoint on a 410 (which fails its pending deliveries) and a project's
+    deletion. A delivery locked before its endpoint deadlocked with them. New deliveries'
+    foreign-key checks (``KEY SHARE``) are not blocked.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    stmt = select(Webhook.id).order_by(Webhook.id).with_for_update(key_share=True)
+    if webhook_id is not None:
+        stmt = stmt.where(Webhook.id == webhook_id)
+    if project_id is not None:
+        stmt = stmt.where(Webhook.project_id == project_id)
+    session.execute(stmt)
+
+
 def disable_webhook(session: Session, webhook_id: int, reason: str) -> None:
     """Disable an endpoint and fail its pending deliveries (a 410 Gone, or an operator)."""
     session.execute(
@@ -241,12 +263,18 @@ def claim_due_deliveries(
     The conditional UPDATE makes a claim exclusive across processes; a sender that dies
     mid-attempt leaves the row due again when the lease runs out.
     """
-    candidates = session.scalars(
+    stmt = (
         select(Delivery.id)
         .where(Delivery.status == "pending", Delivery.next_at <= now)
         .order_by(Delivery.next_at, Delivery.id)
         .limit(limit)
-    ).all()
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        # rows another transaction holds (a sender recording an attempt, an endpoint being
+        # disabled or deleted) are skipped, not waited for: a claim waiting on one while
+        # holding rows it had claimed could deadlock with a transaction that wants those
+        stmt = stmt.with_for_update(skip_locked=True)
+    candidates = session.scalars(stmt).all()
     claimed = []
     for delivery_id in candidates:
         result = session.execute(

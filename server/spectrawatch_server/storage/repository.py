@@ -50,6 +50,7 @@ from spectrawatch_server.db.models import (
     Token,
     Webhook,
 )
+from spectrawatch_server.storage import alert_store
 
 TOKEN_PREFIX = "sw_"
 DELETED = "deleted"  # status of a deleted run's tombstone row (see delete_run)
@@ -238,14 +239,18 @@ def delete_project(session: Session, project: Project) -> DeletedProject | None:
     already is one, deleted by a concurrent request).
 
     The row is renamed (``deleted/<id>``: no client can choose a name with ``/``), so the name
-    is free at once for a new project, and on PostgreSQL it stays locked until the commit. The
-    project's runs are locked before it (:func:`live_runs`): the order of the worker's results
-    transaction, which locks its run, then the project's rules (the project's row); the other
-    order deadlocked with it. Each run is deleted as :func:`delete_run` does (a tombstone: a
-    client still streaming to it gets 404 ``run_deleted`` and stops, never recreates it); its
-    tokens are revoked (kept, listed by ``spectrawatch token list`` under the tombstone name);
-    its alert rules, webhooks and their deliveries (pending ones too: nothing is sent for a
-    deleted project) are deleted.
+    is free at once for a new project, and on PostgreSQL it stays locked until the commit.
+    Each run is deleted as :func:`delete_run` does (a tombstone: a client still streaming to it
+    gets 404 ``run_deleted`` and stops, never recreates it); its tokens are revoked (kept,
+    listed by ``spectrawatch token list`` under the tombstone name); its alert rules, webhooks
+    and their deliveries (pending ones too: nothing is sent for a deleted project) are deleted.
+
+    Lock order (PostgreSQL): the project's runs (:func:`live_runs`), then its row, then its
+    endpoints (:func:`~spectrawatch_server.storage.alert_store.lock_webhooks`), then the rest.
+    The worker's results transaction locks its run, then the project's row (the alert
+    engine's rule lock), and a sender disabling an endpoint locks it before its deliveries:
+    the project's row first, or a delivery (an alert's, unlinked) before its endpoint,
+    deadlocked with them.
     """
     listed = select(Run.id).where(Run.project_id == project.id, Run.status != DELETED)
     live_runs(session, session.scalars(listed))
@@ -256,6 +261,7 @@ def delete_project(session: Session, project: Project) -> DeletedProject | None:
     )
     if not result.rowcount:  # type: ignore[attr-defined]
         return None
+    alert_store.lock_webhooks(session, project_id=project.id)  # before the runs' deliveries
     run_ids = list(session.scalars(listed.order_by(Run.id)))
     frames, size, keys = 0, 0, []
     for run_id in run_ids:

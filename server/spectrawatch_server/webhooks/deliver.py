@@ -289,6 +289,8 @@ class Deliverer:
         final: bool,
     ) -> Outcome:
         with self.sessions.begin() as session:
+            if code == 410:  # it disables the endpoint: its row first, as its deletion does
+                alert_store.lock_webhooks(session, webhook_id=message.webhook_id)
             # locked: a webhook deleted now waits; one deleted during the request took its
             # deliveries with it (no attempt to record, and no row to retry)
             delivery = session.get(Delivery, delivery_id, with_for_update=True)
