@@ -19,21 +19,24 @@ posts the metrics to ``POST /runs/{id}/metrics`` in batches (each with an idempo
 server keeps them under a frame of kind ``import`` that is never re-analysed), and sets the
 exported status, tags and summary (``summary.imported_from`` names the source run and its
 ``created_at``; the new run's own ``created_at`` is the import time). If a request fails after
-the run was created, the run is deleted again. ``--skip-metrics`` imports the run and its
-scalars only.
+the run was created, the run is deleted again, or, when the token may not delete (a ``write``
+token), it stays marked partial (``summary.imported_from.partial``) and ``--resume`` finishes
+it: the scalars are posted again (each replaces itself) and the metric batches with the same
+idempotency keys (derived from the export and the target run), so nothing is stored twice.
+``--skip-metrics`` imports the run and its scalars only.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import importlib
 import io
 import json
 import math
 import re
 import sys
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -56,6 +59,8 @@ FORMAT_NAME = "spectrawatch-export"
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
 IMPORT_KIND = "import"  # frame kind and analysis name of imported metrics
+ORIGIN = "imported_from"  # the imported run's summary key naming its source
+PARTIAL = "partial"  # in it while the import is not complete
 STATUSES = ("running", "finished", "crashed")
 SCALAR_BATCH = 5000
 METRIC_BATCH = 20000
@@ -417,7 +422,9 @@ def _parquet_rows(path: Path, table: Table, max_rows: int) -> Iterator[tuple[str
 # --- import ------------------------------------------------------------------------------------
 def import_run(args: argparse.Namespace, data: ExportedRun) -> dict[str, Any]:
     """Create the run on the target server (create-only) and load its scalars and metrics; a
-    failure after the run was created deletes it again."""
+    failure after the run was created deletes it again (if the token may: a ``write`` token
+    leaves it, and ``--resume`` finishes it). With ``--resume`` an existing run that a cut-short
+    import of this export left is finished instead of refused."""
     src = data.meta["run"]
     project = args.project or src["project"]
     name = args.run or src["name"]
@@ -433,37 +440,98 @@ def import_run(args: argparse.Namespace, data: ExportedRun) -> dict[str, Any]:
         "tags": src.get("tags") or [],
         "resume": False,
     }
+    origin = _origin(data)
     try:
         run = call(args, "POST", "/runs", json=body)
     except CliError as exc:
-        if exc.status == 409:
+        if exc.status != 409:
+            raise
+        if not args.resume:
             raise ExportError(
                 f"run {name!r} already exists in project {project!r} on the target server: "
-                "pass --run NEW_NAME"
+                "pass --run NEW_NAME (or --resume to finish an import of this export that was "
+                "cut short)"
             ) from exc
-        raise
+        run = _resumable(args, name, project, origin)
+        if run is None:  # imported completely already
+            return resolve_run(args, name, project)
+        try:
+            return _load_run(args, data, run["id"], origin)
+        except CliError as again:
+            raise ExportError(
+                f"{again}; run {run['id']} stays partly imported: run the same import with "
+                "--resume again to finish it"
+            ) from again
     try:
-        return _load_run(args, data, run["id"])
+        # marked partial until the last request: --resume recognises it by this
+        call(
+            args,
+            "PATCH",
+            f"/runs/{run['id']}",
+            json={"summary": {ORIGIN: {**origin, PARTIAL: True}}},
+        )
+        return _load_run(args, data, run["id"], origin)
     except (CliError, KeyboardInterrupt) as exc:
         try:
             call(args, "DELETE", f"/runs/{run['id']}")
             note = f"the partly imported run {run['id']} was deleted"
         except CliError as again:
-            note = f"deleting the partly imported run {run['id']} failed too ({again})"
+            note = (
+                f"deleting the partly imported run {run['id']} failed too ({again}); "
+                "run the same import with --resume to finish it"
+            )
         if isinstance(exc, KeyboardInterrupt):
             print(f"interrupted: {note}", file=sys.stderr)
             raise
         raise ExportError(f"{exc}; {note}") from exc
 
 
-def _load_run(args: argparse.Namespace, data: ExportedRun, rid: int) -> dict[str, Any]:
-    """Post the scalars and metrics of ``data`` into run ``rid``, then its status and summary."""
+def _origin(data: ExportedRun) -> dict[str, Any]:
+    """``summary.imported_from`` of the imported run: the source server, run and times."""
+    src = data.meta["run"]
+    return {
+        "url": data.meta.get("source_url"),
+        "run_id": src.get("id"),
+        "created_at": src.get("created_at"),
+        "exported_at": data.meta.get("exported_at"),
+    }
+
+
+def _resumable(
+    args: argparse.Namespace, name: str, project: str, origin: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The existing run ``project/name`` if a cut-short import of this export left it (None:
+    this export is imported there completely); any other run is refused."""
+    run = resolve_run(args, name, project)
+    stored = (run.get("summary") or {}).get(ORIGIN)
+    if not isinstance(stored, dict) or {k: stored.get(k) for k in origin} != origin:
+        raise ExportError(
+            f"run {name!r} in project {project!r} is not an import of this export "
+            f"(summary.{ORIGIN} differs): --resume finishes only a cut-short import of the same "
+            "export; pass --run NEW_NAME"
+        )
+    if not stored.get(PARTIAL):
+        print(f"run {run['id']} ({project}/{name}) holds this export already", file=sys.stderr)
+        return None
+    print(f"resuming the import into run {run['id']} ({project}/{name})", file=sys.stderr)
+    return run
+
+
+def _load_run(
+    args: argparse.Namespace, data: ExportedRun, rid: int, origin: dict[str, Any]
+) -> dict[str, Any]:
+    """Post the scalars and metrics of ``data`` into run ``rid``, then its status and summary.
+
+    A scalar posted again replaces itself; each metric batch's idempotency key is derived
+    from the export and the target run, so the batches a resumed import posts again are
+    stored once."""
     batches: list[tuple[str, Any, str | None]] = [
         (f"/runs/{rid}/scalars", [{"step": s, "name": n, "value": v} for s, n, v in b], None)
         for b in _chunks(data.scalars, SCALAR_BATCH)
     ]
     if not args.skip_metrics:
-        batch_id = uuid.uuid4().hex
+        identity = json.dumps([rid, origin, METRIC_BATCH, len(data.metrics)], sort_keys=True)
+        batch_id = hashlib.sha256(identity.encode()).hexdigest()[:32]
         batches += [
             (
                 f"/runs/{rid}/metrics",
@@ -480,13 +548,7 @@ def _load_run(args: argparse.Namespace, data: ExportedRun, rid: int) -> dict[str
         # json.dumps writes NaN (the server stores it as null); httpx's json= would refuse it
         call(args, "POST", path, content=json.dumps(rows), headers=headers)
     src = data.meta["run"]
-    summary = dict(src.get("summary") or {})
-    summary["imported_from"] = {
-        "url": data.meta.get("source_url"),
-        "run_id": src.get("id"),
-        "created_at": src.get("created_at"),
-        "exported_at": data.meta.get("exported_at"),
-    }
+    summary = {**(src.get("summary") or {}), ORIGIN: origin}
     status = src.get("status") if src.get("status") in STATUSES else "finished"
     final: dict[str, Any] = call(
         args, "PATCH", f"/runs/{rid}", json={"status": status, "summary": summary}
@@ -544,8 +606,9 @@ IMPORT_HELP = """\
 Checks the whole export first (run.json, every row against the server's rules, row counts),
 then creates the run (refused if it exists), posts scalars and metrics and sets the exported
 status, tags and summary; summary.imported_from names the source run and its created_at (the
-new run's created_at is the import time). A failure after the run was created deletes it. A
-row given twice (same step and name, and layer) keeps its last value."""
+new run's created_at is the import time). A failure after the run was created deletes it; if
+the token may not delete (a write token), the run stays marked partial and the same import with
+--resume finishes it. A row given twice (same step and name, and layer) keeps its last value."""
 
 
 def add_export_commands(subparsers: Any) -> None:
@@ -580,6 +643,12 @@ def add_export_commands(subparsers: Any) -> None:
     imp.add_argument("path", help="export directory (from spectrawatch export)")
     imp.add_argument("--project", default=None, help="target project (default: the exported one)")
     imp.add_argument("--run", default=None, help="target run name (default: the exported one)")
+    imp.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an import of this export that was cut short (the run exists, marked "
+        "partial) instead of refusing the existing run",
+    )
     imp.add_argument(
         "--skip-metrics",
         action="store_true",

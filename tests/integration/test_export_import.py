@@ -18,7 +18,7 @@ import torch
 from spectrawatch import _export
 from spectrawatch.cli import main
 from tests.factories import make_run, post_frame, weight_frame
-from tests.servers import DIALECT, ServerProcess, wait_until
+from tests.servers import DIALECT, ServerProcess, create_token, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -65,9 +65,11 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         proc.stop()
 
 
-def _everything(url: str, run_id: int) -> tuple[dict[Any, Any], dict[Any, Any]]:
+def _everything(
+    url: str, run_id: int, headers: dict[str, str] | None = None
+) -> tuple[dict[Any, Any], dict[Any, Any]]:
     """``{(name, step): value}`` of scalars and ``{(name, layer, step): value}`` of metrics."""
-    with httpx.Client(base_url=f"{url}/api/v1", timeout=30) as api:
+    with httpx.Client(base_url=f"{url}/api/v1", timeout=30, headers=headers) as api:
         scalars = {
             (s["name"], st): v
             for s in api.get(f"/runs/{run_id}/scalars").json()
@@ -81,8 +83,10 @@ def _everything(url: str, run_id: int) -> tuple[dict[Any, Any], dict[Any, Any]]:
     return scalars, metrics
 
 
-def _run_named(url: str, project: str, name: str) -> dict[str, Any]:
-    runs = httpx.get(f"{url}/api/v1/runs", params={"project": project}).json()
+def _run_named(
+    url: str, project: str, name: str, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    runs = httpx.get(f"{url}/api/v1/runs", params={"project": project}, headers=headers).json()
     run: dict[str, Any] = next(r for r in runs if r["name"] == name)
     return run
 
@@ -503,3 +507,67 @@ def test_help_says_what_is_not_exported(capsys: pytest.CaptureFixture[str]) -> N
     assert "Not exported: frames (raw tensors), spectra, alerts, client_stats" in out
     assert "formulas" in out
     assert "created_at is the import time" in out
+
+
+def test_an_import_cut_short_with_a_write_token_is_finished_by_resume(
+    exported: dict[str, Path],
+    source: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A write token cannot delete the partial run; ``--resume`` finishes it with the same
+    idempotency keys (each batch stored once), refuses a run of another origin and leaves a
+    complete import as it is."""
+    monkeypatch.setattr(_export, "METRIC_BATCH", 7)
+    data_dir = tmp_path / "secure"
+    token = create_token(data_dir, "resumed", role="write")
+    auth = {"authorization": f"Bearer {token}"}
+    proc = ServerProcess(data_dir, args=["--require-auth"]).start()
+    try:
+        api = f"{proc.url}/api/v1"
+        argv = ["import", str(exported["csv"]), "--url", proc.url, "--token", token]
+        real_call = _export.call
+        posted: list[str] = []
+
+        def cut_at_the_fourth_batch(args: Any, method: str, path: str, **kw: Any) -> Any:
+            if path.endswith("/metrics"):
+                if len(posted) == 3:
+                    raise _export.CliError("connection lost (injected)")
+                posted.append(kw["headers"]["Idempotency-Key"])
+            return real_call(args, method, path, **kw)
+
+        monkeypatch.setattr(_export, "call", cut_at_the_fourth_batch)
+        assert main([*argv, "--project", "resumed"]) == 1
+        err = capsys.readouterr().err
+        assert "connection lost (injected)" in err, err
+        assert "run the same import with --resume to finish it" in err, err
+        run = _run_named(proc.url, "resumed", "src", auth)  # kept: a write token cannot delete
+        assert run["summary"]["imported_from"]["partial"] is True
+        assert len(httpx.get(f"{api}/runs/{run['id']}/frames", headers=auth).json()) == 3
+
+        monkeypatch.setattr(_export, "call", real_call)
+        assert main([*argv, "--project", "resumed"]) == 1  # refused without --resume
+        assert "--resume to finish" in capsys.readouterr().err
+        assert main([*argv, "--project", "resumed", "--resume"]) == 0
+        assert "resuming the import into run" in capsys.readouterr().err
+        run = httpx.get(f"{api}/runs/{run['id']}", headers=auth).json()
+        assert "partial" not in run["summary"]["imported_from"]
+        assert run["status"] == "finished"
+        points = json.loads((exported["csv"] / "run.json").read_text())["counts"]["metrics"]
+        batches = -(-points // 7)
+        frames = httpx.get(f"{api}/runs/{run['id']}/frames", headers=auth).json()
+        assert len(frames) == batches  # the three posted before the cut are not stored twice
+        expected = _everything(source["url"], source["id"])
+        assert _everything(proc.url, run["id"], auth) == expected
+
+        assert main([*argv, "--project", "resumed", "--resume"]) == 0  # complete already
+        assert "holds this export already" in capsys.readouterr().err
+        assert len(httpx.get(f"{api}/runs/{run['id']}/frames", headers=auth).json()) == batches
+
+        body = {"project": "resumed", "name": "other"}
+        httpx.post(f"{api}/runs", json=body, headers=auth).raise_for_status()
+        assert main([*argv, "--project", "resumed", "--run", "other", "--resume"]) == 1
+        assert "is not an import of this export" in capsys.readouterr().err
+    finally:
+        proc.stop()
