@@ -3,8 +3,9 @@
 A real API process (webhook sender included) and two worker processes on PostgreSQL
 (``tests.servers`` in postgres mode) take, for ``--seconds``: training clients streaming
 (tiny MLPs, a NaN loss now and then, so alerts open and webhook deliveries queue), deletions
-of runs and of whole projects, alert-rule edits, endpoints created and deleted (a local
-receiver answers 200, 500 or 410 Gone, which disables an endpoint), and dashboard reads.
+of runs (one by one, by retention) and of whole projects, blob pruning, run edits, alert-rule
+edits, endpoints created, tested and deleted (a local receiver answers 200, 500 or 410 Gone,
+which disables an endpoint), and dashboard reads.
 Every API answer is counted by route and status; at the end the PostgreSQL log is searched
 for deadlocks and errors, and the server's and workers' logs for tracebacks.
 
@@ -135,6 +136,18 @@ def churn(url: str, receiver: str, tally: Tally, stop: threading.Event, seed: in
                 hooks = tally.call(api, "GET", "/webhooks")
                 if hooks is not None and hooks.is_success and hooks.json():
                     tally.call(api, "DELETE", f"/webhooks/{rng.choice(hooks.json())['id']}")
+            elif action < 0.70:
+                body = {"older_than_days": 0, "project": project, "limit": 3}
+                tally.call(api, "POST", "/runs/bulk-delete", json=body)
+            elif action < 0.75:
+                tally.call(api, "POST", "/blobs/prune", json={"older_than_days": 0})
+            elif action < 0.80:
+                hooks = tally.call(api, "GET", "/webhooks")
+                if hooks is not None and hooks.is_success and hooks.json():
+                    tally.call(api, "POST", f"/webhooks/{rng.choice(hooks.json())['id']}/test")
+            elif action < 0.85 and ids:
+                body = {"tags": [f"t{rng.randint(0, 9)}"], "summary": {"soak": rng.random()}}
+                tally.call(api, "PATCH", f"/runs/{rng.choice(ids)}", json=body)
             elif ids:
                 run_id = rng.choice(ids)
                 tally.call(api, "GET", f"/runs/{run_id}/metrics/catalog")

@@ -14,7 +14,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,17 +146,21 @@ def beside(held: Held, client: TestClient, request: Callable[[], Any]) -> Any:
 # --- the worker's results transaction ----------------------------------------------------
 
 
-def nan_weights(step: int, seq: int) -> bytes:
-    w = torch.randn(24, 12, generator=torch.Generator().manual_seed(seq))
-    w[3, 4] = float("nan")
-    return encode_frame(FrameKind.WEIGHTS, step, seq, {"fc.weight": w})
+def nan_weights(step: int, seq: int, layers: Sequence[str] = ("fc.weight",)) -> bytes:
+    """A weights frame whose ``layers`` each hold a NaN."""
+    tensors = {}
+    for i, layer in enumerate(layers):
+        w = torch.randn(24, 12, generator=torch.Generator().manual_seed(seq + i))
+        w[3, 4] = float("nan")
+        tensors[layer] = w
+    return encode_frame(FrameKind.WEIGHTS, step, seq, tensors)
 
 
-def seeded_nan_run(client: TestClient) -> tuple[int, int]:
-    """Run ``p/r`` with one stored (not yet analysed) weights frame holding a NaN: its run and
-    frame ids."""
+def seeded_nan_run(client: TestClient, layers: Sequence[str] = ("fc.weight",)) -> tuple[int, int]:
+    """Run ``p/r`` with one stored (not yet analysed) weights frame holding a NaN in each of
+    ``layers``: its run and frame ids."""
     run_id = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()["id"]
-    r = client.post(f"/api/v1/runs/{run_id}/frames", content=nan_weights(10, 1))
+    r = client.post(f"/api/v1/runs/{run_id}/frames", content=nan_weights(10, 1, layers))
     assert r.status_code == 202, r.text
     sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
     with sessions() as session:

@@ -7,8 +7,9 @@ the same interleavings must work too (see :mod:`tests.races`).
   ``test_delete_project_while_a_client_streams`` deadlocked in the PostgreSQL topology
   (session 26; stop 39's CI failed on it).
 - A sender recording a 410 disables the endpoint (its row, then its pending deliveries); it
-  locked its delivery first, while a deletion of the endpoint (or of its project) locks the
-  endpoint, then its deliveries.
+  locked its delivery first, while a deletion of the endpoint locks the endpoint, then its
+  deliveries, and a deletion of a run (or of its project) unlinks its alerts' deliveries.
+  Now whatever touches an endpoint and its deliveries locks the endpoint first.
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ def test_a_project_deleted_during_an_evaluation_waits_for_it(
         assert client.get(f"{API}/runs/{run_id}/alerts").status_code == 404
 
 
-def pending_delivery(client: TestClient) -> int:
-    """An endpoint of project ``p`` and the pending delivery of the ``alert.opened`` event a
-    NaN weights frame raised: the delivery's id."""
-    run_id, frame_id = seeded_nan_run(client)
+def pending_deliveries(client: TestClient) -> tuple[int, list[int]]:
+    """An endpoint of project ``p`` and the pending deliveries of the two ``alert.opened``
+    events (one a layer) a weights frame with NaNs raised in run ``p/r``: the run's id and the
+    deliveries' ids."""
+    run_id, frame_id = seeded_nan_run(client, layers=("fc1.weight", "fc2.weight"))
     sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
     with sessions.begin() as session:
         project_id = session.get_one(Run, run_id).project_id
@@ -59,21 +61,22 @@ def pending_delivery(client: TestClient) -> int:
         session.add(Webhook(project_id=project_id, url=url, secret=generate_secret()))
     evaluate(client, run_id, frame_id)
     with sessions() as session:
-        (delivery_id,) = session.scalars(
-            select(Delivery.id).where(Delivery.status == "pending")
-        ).all()
-    return int(delivery_id)
+        pending = select(Delivery.id).where(Delivery.status == "pending").order_by(Delivery.id)
+        ids = [int(i) for i in session.scalars(pending)]
+    assert len(ids) == 2, ids
+    return run_id, ids
 
 
 @pytest.mark.parametrize("database", DATABASES)
-@pytest.mark.parametrize("deleted", ["webhook", "project"])
+@pytest.mark.parametrize("deleted", ["webhook", "project", "run"])
 def test_an_endpoint_deleted_while_a_sender_records_its_410(
     tmp_path: Path, database: str, deleted: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The deletion waits for the sender (held between its locks and the endpoint's
-    disabling), then deletes the endpoint and its deliveries."""
+    """The deletion (of the endpoint, its project, or the run whose alerts' deliveries it
+    unlinks) waits for the sender, held between its locks and the endpoint's disabling (which
+    fails the other pending delivery too), then goes on."""
     with app_client(tmp_path, database) as client:
-        delivery_id = pending_delivery(client)
+        run_id, (first, second) = pending_deliveries(client)
         sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
         deliverer = Deliverer(
             sessions,
@@ -82,14 +85,28 @@ def test_an_endpoint_deleted_while_a_sender_records_its_410(
             transport=httpx.MockTransport(lambda request: httpx.Response(410)),
         )
         (hook,) = client.get(f"{API}/webhooks").json()
+        path = {
+            "webhook": f"{API}/webhooks/{hook['id']}",
+            "project": f"{API}/projects/p",
+            "run": f"{API}/runs/{run_id}",
+        }[deleted]
         outcomes = []
         held = Held(monkeypatch, alert_store, "disable_webhook")
-        held.start(lambda: outcomes.append(deliverer.attempt(delivery_id)))
-        path = f"{API}/webhooks/{hook['id']}" if deleted == "webhook" else f"{API}/projects/p"
+        held.start(lambda: outcomes.append(deliverer.attempt(second)))
         answer = beside(held, client, lambda: client.delete(path))
         deliverer.close()
         assert answer.status_code in (200, 204), answer.text
         assert [(o.status, o.status_code) for o in outcomes] == [("failed", 410)]
-        assert client.get(f"{API}/webhooks").json() == []
         with sessions() as session:
-            assert session.scalars(select(Delivery.id)).all() == []
+            rows = session.execute(select(Delivery.id, Delivery.status, Delivery.alert_id))
+            left = sorted((int(i), status, alert) for i, status, alert in rows)
+        if deleted == "run":  # the endpoint stays, disabled; its deliveries stay, unlinked
+            (hook,) = client.get(f"{API}/webhooks").json()
+            assert (hook["enabled"], hook["disabled_reason"]) == (
+                False,
+                "receiver answered 410 Gone",
+            )
+            assert left == [(first, "failed", None), (second, "failed", None)]
+        else:
+            assert client.get(f"{API}/webhooks").json() == []
+            assert left == []

@@ -196,7 +196,8 @@ def delete_run(session: Session, run: Run) -> DeletedRun | None:
     run) with status ``deleted``, a name no client can choose (``deleted/<id>``: names cannot
     hold ``/``) and no config, tags or summary. Webhook deliveries stay, unlinked from their
     alerts. The row is updated first, so a concurrent ingest that locks it (:func:`live_runs`)
-    either commits before and is deleted too, or sees the tombstone.
+    either commits before and is deleted too, or sees the tombstone; the project's endpoints
+    next, before the deliveries are unlinked.
     """
     result = session.execute(
         update(Run)
@@ -212,6 +213,8 @@ def delete_run(session: Session, run: Run) -> DeletedRun | None:
     )
     if not result.rowcount:  # type: ignore[attr-defined]
         return None  # deleted meanwhile by a concurrent request
+    # the alerts' deletion unlinks their deliveries: the endpoints first (see lock_webhooks)
+    alert_store.lock_webhooks(session, project_id=run.project_id)
     rows = session.execute(select(Frame.blob_key, Frame.bytes).where(Frame.run_id == run.id)).all()
     for model in (Frame, Metric, MetricSeries, Spectrum, Scalar, Alert):
         session.execute(delete(model).where(model.run_id == run.id))
