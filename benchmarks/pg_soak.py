@@ -223,7 +223,8 @@ def main() -> None:
     httpd.shutdown()
 
     findings = 0
-    print(f"{took:.0f} s, {sum(steps)} training steps by {args.clients} clients")
+    answers = sum(tally.counts.values())
+    print(f"{took:.0f} s, {sum(steps)} training steps by {args.clients} clients, {answers} answers")
     print("| method | route | status | code | answers |")
     print("| --- | --- | --- | --- | --- |")
     for (method, route, status, code), n in sorted(tally.counts.items()):
