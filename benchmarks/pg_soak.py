@@ -15,6 +15,10 @@ show here first (session 26: a project deletion deadlocked with the worker's res
 
     eval "$(bash .ci/postgres.sh)"
     python benchmarks/pg_soak.py --seconds 90 --pg-log /tmp/spectrawatch-pg-54329/server.log
+
+``--embedded`` runs the same load against the default server (SQLite, the worker in the API
+process); its 503 ``database_busy`` answers (the SQLite write lock held past the API's lock
+timeout) are counted apart, as they cost clients a retry.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -34,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ["SPECTRAWATCH_TEST_MODE"] = "postgres"  # before tests.servers reads it
+# before tests.servers reads it: --embedded soaks the default server (SQLite, in-process worker)
+os.environ["SPECTRAWATCH_TEST_MODE"] = "embedded" if "--embedded" in sys.argv else "postgres"
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "client", "server")]
 
 import httpx  # noqa: E402
@@ -179,6 +185,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--churners", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embedded", action="store_true", help="SQLite, in-process worker")
+    parser.add_argument("--logs", type=Path, default=Path("/tmp/sw-soak-logs"), help="kept here")
     parser.add_argument(
         "--pg-log", type=Path, default=Path("/tmp/spectrawatch-pg-54329/server.log")
     )
@@ -214,12 +222,13 @@ def main() -> None:
             t.join(120)
         took = time.monotonic() - started
         logs = [server.log_path, *(w.log_path for w in server.workers)]
-        tracebacks = {
-            str(p.name): p.read_text(errors="replace").count("Traceback")
-            for p in logs
-            if p.exists()
-        }
         server.stop()
+        args.logs.mkdir(parents=True, exist_ok=True)
+        tracebacks = {}
+        for log in logs:
+            if log.exists():
+                tracebacks[log.name] = log.read_text(errors="replace").count("Traceback")
+                shutil.copy(log, args.logs / log.name)
     httpd.shutdown()
 
     findings = 0
@@ -233,11 +242,14 @@ def main() -> None:
         if key[2] == 0 or (key[2] >= 500 and key[3] != "database_busy"):
             findings += n
             print(f"FINDING {key} x{n}: {tally.examples[key]}")
-    for what, contexts in sorted(log_findings(args.pg_log, pg_offset).items()):
+    logged = {} if args.embedded else log_findings(args.pg_log, pg_offset)
+    for what, contexts in sorted(logged.items()):
         print(f"postgres ERROR x{len(contexts)}: {what}")
         print(f"    e.g. {contexts[0]}")
         findings += len(contexts) if "deadlock" in what else 0
-    print(f"tracebacks in the server's and workers' logs: {json.dumps(tracebacks)}")
+    print(f"tracebacks in the server's and workers' logs ({args.logs}): {json.dumps(tracebacks)}")
+    busy = sum(n for key, n in tally.counts.items() if key[3] == "database_busy")
+    print(f"503 database_busy answers: {busy}")
     print(f"findings: {findings}")
 
 

@@ -81,18 +81,36 @@ def waiting_on_lock(client: TestClient) -> bool:
 
 class Held:
     """Stops the call of ``owner.name`` made by :meth:`start`'s thread (before the call, or
-    after it with ``after=True``) until :meth:`release`; other threads' calls pass."""
+    after it with ``after=True``) until :meth:`release`; other threads' calls pass. With
+    ``anywhere=True`` the first call of any thread but the test's stops (a request that
+    :meth:`start`'s thread sent, served by the app's threads)."""
 
     def __init__(
-        self, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, *, after: bool = False
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        owner: Any,
+        name: str,
+        *,
+        after: bool = False,
+        anywhere: bool = False,
     ) -> None:
         self.reached, self.go_on = threading.Event(), threading.Event()
         self.failures: list[BaseException] = []
         self._thread: threading.Thread | None = None
+        test_thread, claim, taken = threading.current_thread(), threading.Lock(), [False]
         original = getattr(owner, name)
 
+        def chosen() -> bool:
+            if not anywhere:
+                return threading.current_thread() is self._thread
+            if threading.current_thread() is test_thread:
+                return False
+            with claim:  # the first call only
+                first, taken[0] = not taken[0], True
+            return first
+
         def held(*args: Any, **kwargs: Any) -> Any:
-            mine = threading.current_thread() is self._thread
+            mine = chosen()
             if mine and not after:
                 self._stop()
             result = original(*args, **kwargs)

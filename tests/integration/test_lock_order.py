@@ -21,11 +21,20 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from spectrawatch_server.db.models import Delivery, Run, Webhook
+from spectrawatch_server.db.models import Delivery, Frame, Run, Webhook
 from spectrawatch_server.storage import alert_store
+from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.webhooks.deliver import Deliverer, DeliveryPolicy
 from spectrawatch_server.webhooks.signing import generate_secret
-from tests.races import DATABASES, Held, app_client, beside, evaluate, seeded_nan_run
+from tests.races import (
+    DATABASES,
+    Held,
+    app_client,
+    beside,
+    evaluate,
+    nan_weights,
+    seeded_nan_run,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +119,29 @@ def test_an_endpoint_deleted_while_a_sender_records_its_410(
         else:
             assert client.get(f"{API}/webhooks").json() == []
             assert left == []
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_a_run_deleted_while_its_frame_is_stored_keeps_no_frame(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingest checks that the run is live, then stores the frame; a deletion between the two
+    left a frame (and its blob and analysis) under the tombstone on SQLite, whose driver ran
+    the check outside the transaction. Now the check takes the write lock (as PostgreSQL's
+    row lock): the deletion waits, then deletes the frame too."""
+    with app_client(tmp_path, database) as client:
+        run_id = client.post(f"{API}/runs", json={"project": "p", "name": "r"}).json()["id"]
+        held = Held(monkeypatch, repo, "live_runs", after=True, anywhere=True)
+        answers = []
+        held.start(
+            lambda: answers.append(
+                client.post(f"{API}/runs/{run_id}/frames", content=nan_weights(10, 1))
+            )
+        )
+        deleted = beside(held, client, lambda: client.delete(f"{API}/runs/{run_id}"))
+        assert [a.status_code for a in answers] == [202], [a.text for a in answers]
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["frames"] == 1  # the frame stored first, deleted with the run
+        sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
+        with sessions() as session:
+            assert session.scalars(select(Frame.id)).all() == []

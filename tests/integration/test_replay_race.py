@@ -2,69 +2,35 @@
 being stored) is answered as a replay, on SQLite and, with ``SPECTRAWATCH_TEST_POSTGRES_URL``
 set (``eval "$(.ci/postgres.sh)"``), on PostgreSQL.
 
-In-process (``TestClient``): a barrier holds both requests after their look-up of the key, so
-both miss it and both insert; a real server's timing would hit that window only by chance. On
-PostgreSQL the run's row lock (``LiveRunDep``) already queues two writes to one run before
-that look-up: the barrier times out there and the second request finds the first's batch.
+In-process (``TestClient``, :func:`tests.races.app_client`): a barrier holds both requests after
+their look-up of the key, so both would miss it and both insert; a real server's timing would hit
+that window only by chance. The run's lock (``LiveRunDep``: the row's on PostgreSQL, the write
+lock on SQLite) already queues two writes to one run before that look-up: the barrier times out
+there and the second request finds the first's batch (before session 26 SQLite took the lock
+only at the insert: both missed the key, and the loser of its unique constraint answered as a
+replay).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from spectrawatch_server.app import create_app
-from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.storage import repository as repo
-from tests.servers import fresh_database
+from tests.races import DATABASES, app_client
 
 pytestmark = pytest.mark.integration
 
-POSTGRES_URL = os.environ.get("SPECTRAWATCH_TEST_POSTGRES_URL")
-DATABASES = [
-    "sqlite",
-    pytest.param(
-        "postgresql",
-        marks=pytest.mark.skipif(
-            not POSTGRES_URL,
-            reason='SPECTRAWATCH_TEST_POSTGRES_URL is unset (eval "$(.ci/postgres.sh)")',
-        ),
-    ),
-]
-
-
-@contextlib.contextmanager
-def app_client(tmp_path: Path, database: str) -> Iterator[TestClient]:
-    """A client of an in-process app (no worker) on a fresh SQLite file or PostgreSQL database."""
-    if database == "sqlite":
-        with TestClient(
-            create_app(ServerSettings(data_dir=tmp_path, run_worker=False)),
-            base_url="http://127.0.0.1",
-        ) as c:
-            yield c
-        return
-    assert POSTGRES_URL is not None
-    with fresh_database(POSTGRES_URL, "sw_race") as url:
-        # the second request waits for the run's row lock while the first one is held at the
-        # barrier (up to 5 s): a lock timeout longer than that keeps this a test of the replay
-        settings = ServerSettings(
-            data_dir=tmp_path, database_url=url, run_worker=False, db_lock_timeout_seconds=30
-        )
-        with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
-            yield c
-
 
 def hold(wrapped: Callable[..., Any], parties: int, *, after: bool = True) -> Callable[..., Any]:
-    """``wrapped``, whose first ``parties`` calls wait for each other (up to 5 s: on PostgreSQL
-    the later ones wait for the run's lock the first holds) after returning, or before."""
+    """``wrapped``, whose first ``parties`` calls wait for each other (up to 5 s: the later ones
+    wait for the run's lock the first holds) after returning, or before."""
     barrier = threading.Barrier(parties)
     calls = iter(range(parties))
 
