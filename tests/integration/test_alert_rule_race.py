@@ -13,10 +13,14 @@ evaluation holds the write lock from its first write).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from spectrawatch_server.alerts.engine import AlertEngine
+from spectrawatch_server.db.base import utcnow
+from spectrawatch_server.db.models import Run
 from spectrawatch_server.storage import alert_store
 from tests.races import DATABASES, Held, app_client, beside, evaluate, seeded_nan_run
 
@@ -45,3 +49,37 @@ def test_a_rule_disabled_during_an_evaluation_leaves_no_alert_open(
         assert [a["status"] for a in alerts if a["rule"] == "nonfinite"] == ["resolved"], alerts
         (alert,) = alerts
         assert alert["values"]["resolved_reason"] == "rule disabled"
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_a_rule_disabled_during_the_silence_sweep_leaves_no_alert_open(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic sweep of silent runs reads a project's rules, then opens ``run_silent``
+    episodes. On SQLite its rule lock did nothing and the driver ran the reads outside the
+    transaction, so a ``PATCH`` disabling the rule between the two resolved nothing and the
+    sweep then opened an episode under the disabled rule, which no sweep resolves. The rule
+    lock now takes SQLite's write lock: the ``PATCH`` waits and resolves the episode."""
+    with app_client(tmp_path, database) as client:
+        api = "/api/v1"
+        run_id = client.post(f"{api}/runs", json={"project": "p", "name": "quiet"}).json()["id"]
+        sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
+        with sessions.begin() as session:
+            session.get_one(Run, run_id).last_seen_at = utcnow() - timedelta(hours=2)
+
+        def sweep() -> None:
+            with sessions.begin() as session:
+                assert AlertEngine().sweep_silent(session) == 1
+
+        held = Held(monkeypatch, alert_store, "stored_rules", after=True)
+        held.start(sweep)
+        answer = beside(
+            held,
+            client,
+            lambda: client.patch(
+                f"{api}/projects/p/alert-rules/run_silent", json={"enabled": False}
+            ),
+        )
+        assert answer.status_code == 200, answer.text
+        alerts = client.get(f"{api}/runs/{run_id}/alerts").json()
+        assert [(a["rule"], a["status"]) for a in alerts] == [("run_silent", "resolved")], alerts

@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.base import utcnow
@@ -34,13 +34,23 @@ def lock_rules(session: Session, project_id: int, *, edit: bool) -> None:
     it never opens an alert under a rule an edit has just disabled. Evaluations do not wait for
     each other, and neither lock blocks the foreign-key checks (``KEY SHARE``) of new runs. Take
     it before touching any alert row (one lock order: no deadlock with an edit).
+
+    On SQLite both take the database's write lock (a write that changes nothing): the driver
+    runs a transaction's reads before its first write outside it, so an edit could commit
+    between an evaluation's read of the rules and its first write.
     """
-    if session.get_bind().dialect.name != "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        session.execute(_TOUCH_PROJECT, {"id": project_id})
+    if dialect != "postgresql":
         return
     stmt = select(Project.id).where(Project.id == project_id)
     session.execute(
         stmt.with_for_update(key_share=True) if edit else stmt.with_for_update(read=True)
     )
+
+
+_TOUCH_PROJECT = text("UPDATE project SET name = name WHERE id = :id")  # see lock_rules
 
 
 def stored_rules(session: Session, project_id: int) -> dict[str, tuple[bool, dict[str, Any]]]:
