@@ -25,7 +25,8 @@ from spectrawatch_server.db.models import (
 
 
 def lock_rules(session: Session, project_id: int, *, edit: bool) -> None:
-    """Hold a project's rules steady until the commit (PostgreSQL; SQLite serialises writers).
+    """Hold a project's rules steady until the commit (the project's row on PostgreSQL, the
+    database's write lock on SQLite).
 
     The lock is on the project's row (a default rule never edited has no ``alert_rule`` row to
     lock): an edit takes ``FOR NO KEY UPDATE`` (``edit=True``), an evaluation ``FOR SHARE``,
