@@ -231,9 +231,13 @@ def lock_webhooks(
     does (``DELETE webhook`` locks the row, then cascades to its deliveries): a sender
     disabling an endpoint on a 410 (which fails its pending deliveries) and a project's
     deletion. A delivery locked before its endpoint deadlocked with them. New deliveries'
-    foreign-key checks (``KEY SHARE``) are not blocked.
+    foreign-key checks (``KEY SHARE``) are not blocked. On SQLite the database's write lock is
+    taken instead (see :func:`lock_rules`).
     """
-    if session.get_bind().dialect.name != "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        session.execute(_TOUCH_PROJECT, {"id": -1})  # any write takes the database's lock
+    if dialect != "postgresql":
         return
     stmt = select(Webhook.id).order_by(Webhook.id).with_for_update(key_share=True)
     if webhook_id is not None:

@@ -289,10 +289,10 @@ class Deliverer:
         final: bool,
     ) -> Outcome:
         with self.sessions.begin() as session:
-            if code == 410:  # it disables the endpoint: its row first, as its deletion does
-                alert_store.lock_webhooks(session, webhook_id=message.webhook_id)
-            # locked: a webhook deleted now waits; one deleted during the request took its
+            # the endpoint first, as its deletion locks it (a 410 disables it), then the
+            # delivery: a webhook deleted now waits; one deleted during the request took its
             # deliveries with it (no attempt to record, and no row to retry)
+            alert_store.lock_webhooks(session, webhook_id=message.webhook_id)
             delivery = session.get(Delivery, delivery_id, with_for_update=True)
             if delivery is None:
                 log.info("webhook delivery %d: webhook deleted during the attempt", delivery_id)
