@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from spectrawatch_server.alerts.engine import AlertEngine
 from spectrawatch_server.db.base import utcnow
@@ -25,6 +26,13 @@ from spectrawatch_server.storage import alert_store
 from tests.races import DATABASES, Held, app_client, beside, evaluate, seeded_nan_run
 
 pytestmark = pytest.mark.integration
+
+
+def disable_beside(held: Held, client: TestClient, rule: str) -> None:
+    """``PATCH`` project ``p``'s ``rule`` off while ``held`` is stopped (:func:`beside`)."""
+    url = f"/api/v1/projects/p/alert-rules/{rule}"
+    answer = beside(held, client, lambda: client.patch(url, json={"enabled": False}))
+    assert answer.status_code == 200, answer.text
 
 
 @pytest.mark.parametrize("database", DATABASES)
@@ -36,14 +44,7 @@ def test_a_rule_disabled_during_an_evaluation_leaves_no_alert_open(
         run_id, frame_id = seeded_nan_run(client)
         held = Held(monkeypatch, alert_store, "stored_rules", after=True)
         held.start(lambda: evaluate(client, run_id, frame_id))
-        answer = beside(
-            held,
-            client,
-            lambda: client.patch(
-                f"{api}/projects/p/alert-rules/nonfinite", json={"enabled": False}
-            ),
-        )
-        assert answer.status_code == 200, answer.text
+        disable_beside(held, client, "nonfinite")
 
         alerts = client.get(f"{api}/runs/{run_id}/alerts").json()
         assert [a["status"] for a in alerts if a["rule"] == "nonfinite"] == ["resolved"], alerts
@@ -73,13 +74,6 @@ def test_a_rule_disabled_during_the_silence_sweep_leaves_no_alert_open(
 
         held = Held(monkeypatch, alert_store, "stored_rules", after=True)
         held.start(sweep)
-        answer = beside(
-            held,
-            client,
-            lambda: client.patch(
-                f"{api}/projects/p/alert-rules/run_silent", json={"enabled": False}
-            ),
-        )
-        assert answer.status_code == 200, answer.text
+        disable_beside(held, client, "run_silent")
         alerts = client.get(f"{api}/runs/{run_id}/alerts").json()
         assert [(a["rule"], a["status"]) for a in alerts] == [("run_silent", "resolved")], alerts
