@@ -6,8 +6,10 @@ A real API process (webhook sender included) and two worker processes on Postgre
 of runs (one by one, by retention) and of whole projects, blob pruning, run edits, alert-rule
 edits, endpoints created, tested and deleted (a local receiver answers 200, 500 or 410 Gone,
 which disables an endpoint), and dashboard reads.
-Every API answer is counted by route and status; at the end the PostgreSQL log is searched
-for deadlocks and errors, and the server's and workers' logs for tracebacks.
+Every API answer is counted by route and status; at the end the database is checked for rows a
+deletion left behind (frames, results, alerts of deleted runs; endpoints, rules and live runs of
+deleted projects) and for alerts open under disabled rules, the PostgreSQL log is searched for
+deadlocks and errors, and the server's and workers' logs for tracebacks.
 
 An answer is a finding when it is a 5xx other than a 503 ``database_busy`` (a lock wait past
 the API's lock timeout: by design), or when PostgreSQL logged a deadlock. Lock-order bugs
@@ -46,7 +48,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "clie
 import httpx  # noqa: E402
 
 import spectrawatch  # noqa: E402
-from tests.servers import ServerProcess  # noqa: E402
+from tests.servers import ServerProcess, db_rows  # noqa: E402
 from tests.training import Loop, client_settings  # noqa: E402
 
 PROJECTS = ("soak-a", "soak-b", "soak-c")
@@ -161,6 +163,26 @@ def churn(url: str, receiver: str, tally: Tally, stop: threading.Event, seed: in
                 tally.call(api, "GET", f"/dashboards/runs/{run_id}/activations")
 
 
+# rows a deletion must not leave behind, whatever ran beside it: each count must be 0
+INVARIANTS = {
+    **{
+        f"{table} rows of deleted runs": f"SELECT count(*) FROM {table} t JOIN run r "
+        "ON r.id = t.run_id WHERE r.status = 'deleted'"
+        for table in ("frame", "metric", "metric_series", "spectrum", "scalar", "alert")
+    },
+    **{
+        f"{table} rows of deleted projects": f"SELECT count(*) FROM {table} t JOIN project p "
+        "ON p.id = t.project_id WHERE p.name LIKE 'deleted/%'"
+        for table in ("webhook", "alert_rule")
+    },
+    "live runs in deleted projects": "SELECT count(*) FROM run r JOIN project p "
+    "ON p.id = r.project_id WHERE p.name LIKE 'deleted/%' AND r.status != 'deleted'",
+    "open alerts under disabled rules": "SELECT count(*) FROM alert a JOIN run r "
+    "ON r.id = a.run_id JOIN alert_rule ar ON ar.project_id = r.project_id "
+    "AND ar.rule = a.rule WHERE a.status = 'open' AND NOT ar.enabled",
+}
+
+
 def log_findings(path: Path, offset: int) -> dict[str, list[str]]:
     """Deadlocks and other ERROR lines PostgreSQL logged past ``offset``."""
     if not path.exists():
@@ -222,6 +244,7 @@ def main() -> None:
             t.join(120)
         took = time.monotonic() - started
         logs = [server.log_path, *(w.log_path for w in server.workers)]
+        broken = {what: db_rows(server.data_dir, query)[0][0] for what, query in INVARIANTS.items()}
         server.stop()
         args.logs.mkdir(parents=True, exist_ok=True)
         tracebacks = {}
@@ -248,6 +271,9 @@ def main() -> None:
         print(f"    e.g. {contexts[0]}")
         findings += len(contexts) if "deadlock" in what else 0
     print(f"tracebacks in the server's and workers' logs ({args.logs}): {json.dumps(tracebacks)}")
+    for what, count in broken.items():
+        print(f"{'FINDING ' if count else ''}{what}: {count}")
+        findings += count
     busy = sum(n for key, n in tally.counts.items() if key[3] == "database_busy")
     print(f"503 database_busy answers: {busy}")
     print(f"findings: {findings}")

@@ -147,3 +147,27 @@ def test_a_run_deleted_while_its_frame_is_stored_keeps_no_frame(
         sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
         with sessions() as session:
             assert session.scalars(select(Frame.id)).all() == []
+
+
+@pytest.mark.parametrize("database", DATABASES)
+@pytest.mark.parametrize("deleted", ["run", "project"])
+def test_a_run_finished_while_it_is_deleted_stays_deleted(
+    tmp_path: Path, database: str, deleted: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client finishing its run (``PATCH status``) checks that the run is live, then writes
+    the status; on SQLite a deletion between the two was overwritten: the tombstone came back
+    as a live ``finished`` run (in a deleted project; 2 such runs in a 90 s soak). Now the
+    deletion waits for the status, then deletes the run."""
+    with app_client(tmp_path, database) as client:
+        run_id = client.post(f"{API}/runs", json={"project": "p", "name": "r"}).json()["id"]
+        held = Held(monkeypatch, repo, "live_runs", after=True, anywhere=True)
+        finished = []
+        path = f"{API}/runs/{run_id}"
+        held.start(lambda: finished.append(client.patch(path, json={"status": "finished"})))
+        gone = f"{API}/projects/p" if deleted == "project" else path
+        answer = beside(held, client, lambda: client.delete(gone))
+        assert [f.status_code for f in finished] == [200], [f.text for f in finished]
+        assert answer.status_code == 200, answer.text
+        sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
+        with sessions() as session:
+            assert session.get_one(Run, run_id).status == repo.DELETED
