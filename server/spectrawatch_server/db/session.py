@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -117,6 +117,25 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> N
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+_NO_OP_WRITE = text("UPDATE project SET name = name WHERE id IS NULL")  # matches no row
+
+
+def sqlite_write_lock(session: Session) -> bool:
+    """On SQLite, take the database's write lock now, until the commit (a write that changes
+    nothing); False, doing nothing, on another database.
+
+    SQLite's only lock is that one, taken by a transaction's first write, and the sqlite3
+    driver runs the statements before it outside the transaction: a check read first could
+    be stale when the write that relies on it commits (a deletion committed in between).
+    Taken before the check, it holds the checked state until the commit, as a row lock does
+    on PostgreSQL.
+    """
+    if session.get_bind().dialect.name != "sqlite":
+        return False
+    session.execute(_NO_OP_WRITE)
+    return True
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.base import utcnow
@@ -20,6 +20,7 @@ from spectrawatch_server.db.models import (
     Run,
     Webhook,
 )
+from spectrawatch_server.db.session import sqlite_write_lock
 
 # --- rules -------------------------------------------------------------------------------
 
@@ -36,22 +37,15 @@ def lock_rules(session: Session, project_id: int, *, edit: bool) -> None:
     each other, and neither lock blocks the foreign-key checks (``KEY SHARE``) of new runs. Take
     it before touching any alert row (one lock order: no deadlock with an edit).
 
-    On SQLite both take the database's write lock (a write that changes nothing): the driver
-    runs a transaction's reads before its first write outside it, so an edit could commit
-    between an evaluation's read of the rules and its first write.
+    On SQLite both take the database's write lock (:func:`sqlite_write_lock`): else an edit
+    could commit between an evaluation's read of the rules and its first write.
     """
-    dialect = session.get_bind().dialect.name
-    if dialect == "sqlite":
-        session.execute(_TOUCH_PROJECT, {"id": project_id})
-    if dialect != "postgresql":
+    if sqlite_write_lock(session):
         return
     stmt = select(Project.id).where(Project.id == project_id)
     session.execute(
         stmt.with_for_update(key_share=True) if edit else stmt.with_for_update(read=True)
     )
-
-
-_TOUCH_PROJECT = text("UPDATE project SET name = name WHERE id = :id")  # see lock_rules
 
 
 def stored_rules(session: Session, project_id: int) -> dict[str, tuple[bool, dict[str, Any]]]:
@@ -232,12 +226,9 @@ def lock_webhooks(
     disabling an endpoint on a 410 (which fails its pending deliveries) and a project's
     deletion. A delivery locked before its endpoint deadlocked with them. New deliveries'
     foreign-key checks (``KEY SHARE``) are not blocked. On SQLite the database's write lock is
-    taken instead (see :func:`lock_rules`).
+    taken instead (:func:`sqlite_write_lock`).
     """
-    dialect = session.get_bind().dialect.name
-    if dialect == "sqlite":
-        session.execute(_TOUCH_PROJECT, {"id": -1})  # any write takes the database's lock
-    if dialect != "postgresql":
+    if sqlite_write_lock(session):
         return
     stmt = select(Webhook.id).order_by(Webhook.id).with_for_update(key_share=True)
     if webhook_id is not None:

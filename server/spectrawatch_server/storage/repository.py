@@ -50,6 +50,7 @@ from spectrawatch_server.db.models import (
     Token,
     Webhook,
 )
+from spectrawatch_server.db.session import sqlite_write_lock
 from spectrawatch_server.storage import alert_store
 
 TOKEN_PREFIX = "sw_"
@@ -411,10 +412,9 @@ def live_runs(session: Session, run_ids: Iterable[int]) -> set[int]:
     deletion waits for the caller's writes (and deletes them too) or made the run a tombstone
     before this check.
 
-    On SQLite the lock is the database's write lock, taken here by a write that changes
-    nothing: the driver runs a transaction's statements before its first write outside it,
-    so a deletion could commit between this check and the caller's writes (a frame stored
-    under a tombstone, results for a deleted frame).
+    On SQLite the lock is the database's write lock (:func:`sqlite_write_lock`): else a
+    deletion could commit between this check and the caller's writes (a frame stored under a
+    tombstone, a tombstone revived by a status, results for a deleted frame).
 
     On PostgreSQL it is ``FOR NO KEY UPDATE``: the one the writes' own ``UPDATE run`` (last step,
     status, client stats) takes, so two writes to one run queue instead of deadlocking (a share
@@ -422,20 +422,10 @@ def live_runs(session: Session, run_ids: Iterable[int]) -> set[int]:
     blocked, and a deletion (an ``UPDATE``) waits for the writes that checked. Rows are locked
     in id order, so batches naming several runs cannot deadlock either.
     """
-    ids = set(run_ids)
-    stmt = select(Run.id).where(Run.id.in_(ids), Run.status != DELETED)
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
+    stmt = select(Run.id).where(Run.id.in_(set(run_ids)), Run.status != DELETED)
+    if not sqlite_write_lock(session) and session.get_bind().dialect.name == "postgresql":
         stmt = stmt.order_by(Run.id).with_for_update(key_share=True)
-    elif dialect == "sqlite" and ids:
-        session.execute(_TOUCH_RUNS, {"ids": sorted(ids)})
     return set(session.scalars(stmt).all())
-
-
-# a write that changes nothing (no onupdate column either): see live_runs
-_TOUCH_RUNS = text("UPDATE run SET status = status WHERE id IN :ids").bindparams(
-    bindparam("ids", expanding=True)
-)
 
 
 def touch_run(session: Session, run_id: int, step: int | None) -> None:
