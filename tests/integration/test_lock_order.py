@@ -14,6 +14,7 @@ the same interleavings must work too (see :mod:`tests.races`).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Delivery, Frame, Run, Webhook
 from spectrawatch_server.storage import alert_store
 from spectrawatch_server.storage import repository as repo
@@ -171,3 +173,31 @@ def test_a_run_finished_while_it_is_deleted_stays_deleted(
         sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
         with sessions() as session:
             assert session.get_one(Run, run_id).status == repo.DELETED
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_a_run_resumed_while_retention_deletes_it_is_created_afresh(
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention (``POST /runs/bulk-delete``) re-checks that each run is still stale, then
+    deletes it. On SQLite the re-check ran outside the transaction: a client resuming the run
+    in between got 200, then lost the run to the deletion (404 ``run_deleted``: monitoring
+    stopped). Now the resume waits, finds the tombstone and creates the run afresh."""
+    with app_client(tmp_path, database) as client:
+        body = {"project": "p", "name": "r", "resume": True}
+        old = client.post(f"{API}/runs", json=body).json()["id"]
+        client.patch(f"{API}/runs/{old}", json={"status": "finished"}).raise_for_status()
+        sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
+        with sessions.begin() as session:  # inactive for two days
+            run = session.get_one(Run, old)
+            run.updated_at = run.last_seen_at = utcnow() - timedelta(days=2)
+        held = Held(monkeypatch, repo, "is_stale", after=True, anywhere=True)
+        retired = []
+        retention = {"older_than_days": 1, "project": "p"}
+        held.start(lambda: retired.append(client.post(f"{API}/runs/bulk-delete", json=retention)))
+        resumed = beside(held, client, lambda: client.post(f"{API}/runs", json=body))
+        assert [r.status_code for r in retired] == [200], [r.text for r in retired]
+        assert resumed.status_code == 201, resumed.text  # created afresh, not resumed
+        assert resumed.json()["id"] != old
+        run = client.get(f"{API}/runs/{resumed.json()['id']}").json()
+        assert run["status"] == "running"

@@ -25,7 +25,7 @@ from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Frame, Project, Run
-from spectrawatch_server.db.session import release_free_pages
+from spectrawatch_server.db.session import release_free_pages, sqlite_write_lock
 from spectrawatch_server.schemas import (
     BulkDeletedRun,
     BulkDeleteRequest,
@@ -198,7 +198,8 @@ def bulk_delete_runs(
     frames = size = failed = 0
     ingest = getattr(request.app.state, "ingest", None)
     for entry in listed:
-        session.rollback()  # a fresh transaction each: re-check the run under it
+        session.rollback()  # a fresh transaction each: re-check the run under its lock
+        sqlite_write_lock(session)  # SQLite's lock (with_for_update is PostgreSQL's)
         run = session.get(Run, entry.id, with_for_update=True, populate_existing=True)
         if run is None or not repo.is_stale(run, before, body.statuses):
             continue  # resumed, written to or deleted meanwhile
