@@ -48,6 +48,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "clie
 import httpx  # noqa: E402
 
 import spectrawatch  # noqa: E402
+from spectrawatch._transport import error_of  # noqa: E402
+from spectrawatch_server.storage.repository import DELETED, DELETED_PROJECT_PREFIX  # noqa: E402
 from tests.servers import ServerProcess, db_rows  # noqa: E402
 from tests.training import Loop, client_settings  # noqa: E402
 
@@ -84,12 +86,7 @@ class Tally:
         except httpx.HTTPError as exc:
             self._add((method, ROUTE_IDS.sub("/N", path), 0, type(exc).__name__), str(exc))
             return None
-        code = ""
-        if resp.status_code >= 400:
-            try:
-                code = resp.json()["error"]["code"]
-            except (ValueError, KeyError, TypeError):
-                code = "?"
+        code = error_of(resp)[0] if resp.status_code >= 400 else ""
         self._add((method, ROUTE_IDS.sub("/N", path), resp.status_code, code), resp.text[:300])
         return resp
 
@@ -123,6 +120,14 @@ def churn(url: str, receiver: str, tally: Tally, stop: threading.Event, seed: in
     """Deletions, rule edits, endpoints and reads, at random, until ``stop``."""
     rng = random.Random(seed)
     with httpx.Client(base_url=f"{url}/api/v1", timeout=30) as api:
+
+        def a_webhook() -> int | None:
+            """The id of an endpoint picked at random, if there is one."""
+            hooks = tally.call(api, "GET", "/webhooks")
+            if hooks is None or not hooks.is_success or not hooks.json():
+                return None
+            return int(rng.choice(hooks.json())["id"])
+
         while not stop.wait(rng.uniform(0.1, 0.6)):
             project = rng.choice(PROJECTS)
             runs = tally.call(api, "GET", "/runs", params={"project": project})
@@ -141,18 +146,16 @@ def churn(url: str, receiver: str, tally: Tally, stop: threading.Event, seed: in
                 body = {"project": project, "url": f"{receiver}{path}"}
                 tally.call(api, "POST", "/webhooks", json=body)
             elif action < 0.65:
-                hooks = tally.call(api, "GET", "/webhooks")
-                if hooks is not None and hooks.is_success and hooks.json():
-                    tally.call(api, "DELETE", f"/webhooks/{rng.choice(hooks.json())['id']}")
+                if (hook := a_webhook()) is not None:
+                    tally.call(api, "DELETE", f"/webhooks/{hook}")
             elif action < 0.70:
                 body = {"older_than_days": 0, "project": project, "limit": 3}
                 tally.call(api, "POST", "/runs/bulk-delete", json=body)
             elif action < 0.75:
                 tally.call(api, "POST", "/blobs/prune", json={"older_than_days": 0})
             elif action < 0.80:
-                hooks = tally.call(api, "GET", "/webhooks")
-                if hooks is not None and hooks.is_success and hooks.json():
-                    tally.call(api, "POST", f"/webhooks/{rng.choice(hooks.json())['id']}/test")
+                if (hook := a_webhook()) is not None:
+                    tally.call(api, "POST", f"/webhooks/{hook}/test")
             elif action < 0.85 and ids:
                 body = {"tags": [f"t{rng.randint(0, 9)}"], "summary": {"soak": rng.random()}}
                 tally.call(api, "PATCH", f"/runs/{rng.choice(ids)}", json=body)
@@ -167,16 +170,16 @@ def churn(url: str, receiver: str, tally: Tally, stop: threading.Event, seed: in
 INVARIANTS = {
     **{
         f"{table} rows of deleted runs": f"SELECT count(*) FROM {table} t JOIN run r "
-        "ON r.id = t.run_id WHERE r.status = 'deleted'"
+        f"ON r.id = t.run_id WHERE r.status = '{DELETED}'"
         for table in ("frame", "metric", "metric_series", "spectrum", "scalar", "alert")
     },
     **{
         f"{table} rows of deleted projects": f"SELECT count(*) FROM {table} t JOIN project p "
-        "ON p.id = t.project_id WHERE p.name LIKE 'deleted/%'"
+        f"ON p.id = t.project_id WHERE p.name LIKE '{DELETED_PROJECT_PREFIX}%'"
         for table in ("webhook", "alert_rule")
     },
-    "live runs in deleted projects": "SELECT count(*) FROM run r JOIN project p "
-    "ON p.id = r.project_id WHERE p.name LIKE 'deleted/%' AND r.status != 'deleted'",
+    "live runs in deleted projects": "SELECT count(*) FROM run r JOIN project p ON p.id = "
+    f"r.project_id WHERE p.name LIKE '{DELETED_PROJECT_PREFIX}%' AND r.status != '{DELETED}'",
     "open alerts under disabled rules": "SELECT count(*) FROM alert a JOIN run r "
     "ON r.id = a.run_id JOIN alert_rule ar ON ar.project_id = r.project_id "
     "AND ar.rule = a.rule WHERE a.status = 'open' AND NOT ar.enabled",
