@@ -133,8 +133,12 @@ def run_one(
         model = as_module(weights)
         for _ in range(repeat):
             t = time.perf_counter()
-            details = ww.WeightWatcher(model=model).analyze(mp_fit=config == "ww_mp")
+            details = ww.WeightWatcher(model=model).analyze(
+                mp_fit=config != "ww", randomize=config == "ww_traps"
+            )
             times.append(time.perf_counter() - t)
+        if config == "ww_traps":
+            result["num_traps"] = [int(n) for n in details["num_traps"]]
         result["alpha"] = [float(a) for a in details["alpha"]]
         result["log_norm"] = [float(a) for a in details["log_norm"]]
         result["layers"] = len(details)
@@ -148,9 +152,15 @@ def run_one(
         for _ in range(repeat):
             t = time.perf_counter()
             report = analyze_weights(
-                weights, farms=FARMS_CV if use_farms else None, mp_fit=mp, dtype=dtype
+                weights,
+                farms=FARMS_CV if use_farms else None,
+                mp_fit=mp,
+                dtype=dtype,
+                traps="traps" in config,
             )
             times.append(time.perf_counter() - t)
+        if "traps" in config:
+            result["num_traps"] = [r.traps.num_traps if r.traps else -1 for r in report.layers]
         result["alpha"] = [r.plain.alpha for r in report.layers]
         result["log_norm"] = [r.plain.log_norm for r in report.layers]
         result["layers"] = len(report.layers)
@@ -216,6 +226,29 @@ def compare_trained(args: argparse.Namespace) -> None:
         )
 
 
+def compare_traps(args: argparse.Namespace) -> None:
+    """Correlation traps: WeightWatcher ``analyze(mp_fit=True, randomize=True)`` against
+    spectrawatch ``traps=True``, and spectrawatch's cost of the traps over its own HT-SR."""
+    plan = [("ww_mp", 1), ("ww_traps", 1), ("sw", args.repeat), ("sw_traps", args.repeat)]
+    best: dict[str, dict[str, Any]] = {}
+    for rnd in range(args.rounds):
+        for config, rep in plan if rnd % 2 == 0 else plan[::-1]:
+            r = spawn(config, args.blocks, False, rep, args.threads)
+            if config not in best or r["seconds"] < best[config]["seconds"]:
+                best[config] = r
+            print(f"round {rnd} {config:10s} {r['seconds']:8.3f}s", flush=True)
+    for config, r in best.items():
+        traps = r.get("num_traps")
+        print(f"{config:10s} layers={r['layers']:3d} time={r['seconds']:8.3f}s traps={traps}")
+    ww, ww_mp, sw, sw_traps = best["ww_traps"], best["ww_mp"], best["sw"], best["sw_traps"]
+    print(
+        f"traps: WeightWatcher {ww['seconds'] - ww_mp['seconds']:.2f}s more than mp_fit, "
+        f"spectrawatch {sw_traps['seconds'] - sw['seconds']:.2f}s more "
+        f"(x{sw_traps['seconds'] / sw['seconds']:.2f}); with traps spectrawatch is "
+        f"{ww['seconds'] / sw_traps['seconds']:.1f}x faster"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blocks", type=int, default=2, help="GPT-2 blocks given to WeightWatcher")
@@ -231,6 +264,11 @@ def main() -> None:
         action="store_true",
         help="compare on a briefly trained small transformer instead of GPT-2 shapes",
     )
+    p.add_argument(
+        "--traps",
+        action="store_true",
+        help="correlation traps: WeightWatcher randomize=True vs spectrawatch traps=True",
+    )
     args = p.parse_args()
     if args.worker:
         import torch
@@ -244,6 +282,9 @@ def main() -> None:
         return
     if args.trained:
         compare_trained(args)
+        return
+    if args.traps:
+        compare_traps(args)
         return
 
     rows: list[dict[str, Any]] = [spawn("baseline", 0, False, 1, args.threads)]

@@ -51,6 +51,8 @@ from spectrawatch.spectral.htsr import (
     LOG_SPECTRAL_NORM,
     MP_SOFTRANK,
     NUM_SPIKES,
+    NUM_TRAPS,
+    RAND_DISTANCE,
     STABLE_RANK,
     XMIN,
     LayerReport,
@@ -95,8 +97,10 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("entropy", ENTROPY),
     ("farms_alpha", farms_key(ALPHA)),
     ("farms_alpha_weighted", farms_key(ALPHA_WEIGHTED)),
+    ("num_traps", NUM_TRAPS),  # with --traps only
+    ("rand_distance", RAND_DISTANCE),
 )
-_INTEGER_FIELDS = frozenset({"num_spikes"})
+_INTEGER_FIELDS = frozenset({"num_spikes", "num_traps"})
 #: Floating dtypes the linear algebra takes as they are; others (float8, float4) are upcast.
 _NATIVE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Bytes of working memory per weight element (a float64 copy, the SVD and its workspace).
@@ -441,10 +445,12 @@ def analyze_layer(
     *,
     device: torch.device,
     farms: FarmsConfig | None = FARMS_CV,
+    traps: bool = False,
 ) -> LayerResult:
     """HT-SR + FARMS (:func:`~spectrawatch.spectral.htsr.analyze_weights`) and conditioning of
     one weight (4-D conv kernels: HT-SR per kernel position, conditioning of ``(out, in*kh*kw)``,
-    the matrix the client sends). Non-finite values are kept as NaN/inf here."""
+    the matrix the client sends); ``traps`` adds the correlation traps. Non-finite values are
+    kept as NaN/inf here."""
     w = weight.detach()
     if w.is_meta:
         raise AnalyzeError("a meta tensor: shape only, no values")
@@ -466,7 +472,7 @@ def analyze_layer(
     # a 2-D weight's float64 singular values give HT-SR its ESD without a second decomposition
     share = sv is not None and w.ndim == 2 and sv.dtype == torch.float64
     esds = {name: sv.square()} if share and sv is not None else None
-    model = analyze_weights({name: w}, farms=farms, device=device, esds=esds)
+    model = analyze_weights({name: w}, farms=farms, device=device, esds=esds, traps=traps)
     report = model.layers[0] if model.layers else None
     if report is not None:
         values.update(report.values())
@@ -485,6 +491,7 @@ def analyze_checkpoint(
     farms: FarmsConfig | None = FARMS_CV,
     progress: bool = True,
     layers: Callable[[str], bool] | None = None,
+    traps: bool = False,
 ) -> CheckpointAnalysis:
     """Analyse every weight of ``path`` (:attr:`TensorRef.is_weight`), reading and analysing one
     tensor at a time with a progress bar on stderr; ``layers`` filters tensor names. Unreadable
@@ -502,12 +509,16 @@ def analyze_checkpoint(
     if not selected:
         raise AnalyzeError(f"{path}: the layer filter matched none of its {len(weights)} weights")
     desc = f"analyze {_printable(Path(path).name)}"
-    results = [_analyze_ref(ref, dev, farms) for ref in _progress(selected, desc, enabled=progress)]
+    results = [
+        _analyze_ref(ref, dev, farms, traps) for ref in _progress(selected, desc, enabled=progress)
+    ]
     ignored = sum(1 for r in refs if not r.is_weight)
     return CheckpointAnalysis(str(path), str(dev), tuple(results), ignored, tuple(unreadable))
 
 
-def _analyze_ref(ref: TensorRef, device: torch.device, farms: FarmsConfig | None) -> LayerResult:
+def _analyze_ref(
+    ref: TensorRef, device: torch.device, farms: FarmsConfig | None, traps: bool
+) -> LayerResult:
     """One weight; what cannot be computed for it (too large for this machine's memory, a tensor
     kind the linear algebra lacks) becomes a note on its row instead of ending the run."""
     need = math.prod(ref.shape) * _BYTES_PER_ELEMENT
@@ -517,7 +528,7 @@ def _analyze_ref(ref: TensorRef, device: torch.device, farms: FarmsConfig | None
         return LayerResult(ref.name, ref.shape, {}, "", note)
     weight = ref.load()  # a read error is the file's: it ends the run (AnalyzeError)
     try:
-        return analyze_layer(ref.name, weight, device=device, farms=farms)
+        return analyze_layer(ref.name, weight, device=device, farms=farms, traps=traps)
     except (AnalyzeError, RuntimeError, NotImplementedError, ValueError, MemoryError) as exc:
         reason = str(exc).splitlines()[0][:300] if str(exc) else ""
         note = f"not analysed: {type(exc).__name__}: {reason}"
@@ -609,11 +620,13 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def _fmt(v: float | None) -> str:
+def _fmt(v: float | None, *, integer: bool = False) -> str:
     if v is None:
         return "-"
     if not math.isfinite(v):
         return str(v)
+    if integer:
+        return str(int(v))
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
         return f"{v:.3e}"
     return f"{v:.4g}" if abs(v) >= 100 else f"{v:.3f}"
@@ -631,11 +644,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def format_table(analysis: CheckpointAnalysis) -> str:
     """The printed per-layer table (selected metrics; CSV/JSON hold all of them)."""
-    header = ["layer", "shape", *(h for _, h in TABLE_COLUMNS), "warning"]
+    columns = list(TABLE_COLUMNS)
+    if any(NUM_TRAPS in r.values for r in analysis.layers):  # --traps
+        columns.append((NUM_TRAPS, "traps"))
+    header = ["layer", "shape", *(h for _, h in columns), "warning"]
     rows = []
     for r in analysis.layers:
         cells = [_printable(r.layer), "x".join(map(str, r.shape))]
-        cells += [_fmt(r.values.get(k)) for k, _ in TABLE_COLUMNS]
+        cells += [_fmt(r.values.get(k), integer=k == NUM_TRAPS) for k, _ in columns]
         cells.append(r.warning or (r.note and f"({r.note})"))
         rows.append(cells)
     return _table(header, rows)
@@ -939,7 +955,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     farms = FARMS_CV if args.farms else None
-    opts: dict[str, Any] = {"device": args.device, "farms": farms, "progress": not args.quiet}
+    opts: dict[str, Any] = {
+        "device": args.device,
+        "farms": farms,
+        "progress": not args.quiet,
+        "traps": args.traps,
+    }
     if args.layers:
         needle = args.layers
         opts["layers"] = lambda name: needle in name

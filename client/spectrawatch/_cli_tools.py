@@ -70,6 +70,13 @@ def add_analyze_command(subparsers: Any) -> None:
         default=True,
         help="FARMS metrics (default on; --no-farms is faster)",
     )
+    p.add_argument(
+        "--traps",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="correlation traps (WeightWatcher's randomize=True): the ESD of each weight with its "
+        "entries shuffled, one more eigendecomposition per layer (default off)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
     p.set_defaults(func=_cmd_analyze)
 

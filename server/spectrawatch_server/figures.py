@@ -55,6 +55,7 @@ PANEL_KINDS = frozenset(
         "heatmap",
         "esd",
         "mp",
+        "traps",
         "alpha_history",
         "layer_metrics",
         "alerts_timeline",
@@ -804,12 +805,7 @@ def _xy(part: Mapping[str, Any], ykey: str) -> tuple[list[float], list[float]]:
 
 def esd_figure(payload: Mapping[str, Any], title: str) -> Figure:
     """ESD on log-log axes (``htsr.esd_payload``): histogram density, power-law fit, xmin line."""
-    lo, hi, density, _ = _bins(payload)
-    xs, ys = [], []
-    for a, b, d in zip(lo, hi, density, strict=True):
-        if d > 0 and a > 0:
-            xs.append(math.sqrt(a * b))
-            ys.append(d)
+    xs, ys = _density_points(payload)
     data: list[dict[str, Any]] = [
         {
             "type": "scatter",
@@ -838,31 +834,7 @@ def esd_figure(payload: Mapping[str, Any], title: str) -> Figure:
                 "line": {"dash": "dash", "color": "#d62728", "width": 2},
             }
         )
-        layout["shapes"].append(
-            {
-                "type": "line",
-                "xref": "x",
-                "yref": "paper",
-                "x0": xmin,
-                "x1": xmin,
-                "y0": 0,
-                "y1": 1,
-                "line": {"color": "#d62728", "dash": "dot", "width": 1.2},
-            }
-        )
-        layout["annotations"].append(  # annotation x on a log axis is in log10 units
-            {
-                "x": math.log10(xmin),
-                "y": 1,
-                "xref": "x",
-                "yref": "paper",
-                "showarrow": False,
-                "text": f"xmin={xmin:.3g}",
-                "xanchor": "left",
-                "yanchor": "top",
-                "font": {"size": 10, "color": "#d62728"},
-            }
-        )
+        _vline(layout, xmin, f"xmin={xmin:.3g}", "#d62728", 1.0)
     lam = _num(payload.get("lambda_max"))
     if lam is not None and lam > 0:
         layout["annotations"].append(
@@ -877,6 +849,84 @@ def esd_figure(payload: Mapping[str, Any], title: str) -> Figure:
                 "font": {"size": 10},
             }
         )
+    return {"data": data, "layout": layout}
+
+
+def _density_points(payload: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    """Geometric bin centres and densities of an ESD histogram's non-empty bins (log-log)."""
+    xs, ys = [], []
+    for a, b, d in zip(*_bins(payload)[:3], strict=True):
+        if d > 0 and a > 0:
+            xs.append(math.sqrt(a * b))
+            ys.append(d)
+    return xs, ys
+
+
+def _vline(layout: dict[str, Any], x: float, text: str, color: str, y: float) -> None:
+    """A dotted vertical line at ``x`` on a log x axis, labelled at height ``y`` (paper)."""
+    layout["shapes"].append(
+        {
+            "type": "line",
+            "xref": "x",
+            "yref": "paper",
+            "x0": x,
+            "x1": x,
+            "y0": 0,
+            "y1": 1,
+            "line": {"color": color, "dash": "dot", "width": 1.2},
+        }
+    )
+    layout["annotations"].append(  # annotation x on a log axis is in log10 units
+        {
+            "x": math.log10(x),
+            "y": y,
+            "xref": "x",
+            "yref": "paper",
+            "showarrow": False,
+            "text": text,
+            "xanchor": "left",
+            "yanchor": "top",
+            "font": {"size": 10, "color": color},
+        }
+    )
+
+
+def traps_figure(payload: Mapping[str, Any], title: str) -> Figure:
+    """The ESD against the ESD of the same weight with its entries shuffled (log-log), with the
+    shuffled ESD's MP edge: shuffled eigenvalues past it are correlation traps."""
+    traps = payload.get("traps") or {}
+    if not isinstance(traps, Mapping) or not traps.get("hist"):
+        return {}
+    xs, ys = _density_points(payload)
+    rx, ry = _density_points(traps)
+    data: list[dict[str, Any]] = [
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "ESD",
+            "x": xs,
+            "y": ys,
+            "line": {"shape": "hvh", "width": 1.4, "color": "#1f77b4"},
+        },
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "ESD of the shuffled weight",
+            "x": rx,
+            "y": ry,
+            "line": {"shape": "hvh", "width": 1.4, "color": "#9467bd"},
+        },
+    ]
+    layout = _layout(title, x_title="eigenvalue λ", y_title="density", log_y=True)
+    layout["xaxis"]["type"] = "log"
+    layout["hovermode"] = "closest"
+    edge = _num(traps.get("bulk_max"))
+    n_traps = int(_num(traps.get("num_traps")) or 0)
+    if edge is not None and edge > 0:
+        _vline(layout, edge, f"shuffled λ+={edge:.3g} · {n_traps} trap(s)", "#9467bd", 1.0)
+    lam = _num(traps.get("lambda_max"))
+    if lam is not None and lam > 0 and n_traps:
+        _vline(layout, lam, f"shuffled λmax={lam:.3g}", "#d62728", 0.9)
     return {"data": data, "layout": layout}
 
 

@@ -2,7 +2,8 @@
 
 Rows go through ``storage.repository`` (and the ORM for alert/webhook rows, which have no
 repository functions yet) into a database migrated by Alembic, before the server starts.
-The HT-SR drill-down payload is the real ``esd_payload`` of a random matrix.
+The HT-SR drill-down payload is the real ``esd_payload`` (and ``traps_payload``) of a random
+matrix.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from spectrawatch.spectral.htsr import analyze_weights, esd_payload
+from spectrawatch.spectral.htsr import analyze_weights, esd_payload, traps_payload
 from spectrawatch_server.db.models import Alert, Delivery, DeliveryAttempt, Webhook
 from spectrawatch_server.storage import alert_store
 from spectrawatch_server.storage import repository as repo
@@ -48,19 +49,21 @@ def _finite(value: Any) -> Any:
 
 
 def htsr_payloads(seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Real HT-SR drill-down payloads (plain + FARMS) for heavy-tailed random matrices."""
+    """Real HT-SR drill-down payloads (plain, with the shuffled ESD of the correlation traps) for
+    heavy-tailed random matrices."""
     gen = torch.Generator().manual_seed(seed)
     weights = {
         name: torch.randn(96, 64, generator=gen, dtype=torch.float64)
         * (1 + 3 * torch.rand(1, 64, generator=gen, dtype=torch.float64) ** 4)
         for name in LAYERS
     }
-    report = analyze_weights(weights)
+    report = analyze_weights(weights, traps=True)
     out = {}
     for layer in report.layers:
-        out[layer.layer] = _finite(
-            {"analysis": "htsr", "plain": esd_payload(layer.evals, layer.plain)}
-        )
+        plain = esd_payload(layer.evals, layer.plain)
+        if layer.traps is not None and layer.rand_evals is not None:
+            plain["traps"] = traps_payload(layer.rand_evals, layer.traps)
+        out[layer.layer] = _finite({"analysis": "htsr", "plain": plain})
     return out
 
 

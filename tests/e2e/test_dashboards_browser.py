@@ -307,6 +307,8 @@ def test_heatmap_click_opens_layer_drilldown(browser: Any, seeded: Any, artifact
     assert axis == "log"
     check_plotted(got["mp"])
     assert any(t["name"].startswith("Marchenko") for t in got["mp"]["traces"])
+    check_plotted(got["traps"], min_points=10)
+    assert [t["name"] for t in got["traps"]["traces"]] == ["ESD", "ESD of the shuffled weight"]
     check_plotted(got["alpha"], {"htsr.alpha", "farms.alpha"}, len(STEPS))
     assert got["esd_farms"]["state"] == "empty"  # the seeded payloads carry no FARMS ESD
     screenshot(browser, artifacts, "layer")

@@ -273,6 +273,44 @@ def test_alpha_above_range_fires_only_after_the_layer_was_in_range(api: httpx.Cl
     assert values[2] > 6
 
 
+def test_correlation_traps_rule_is_opt_in(api: httpx.Client, receiver: Receiver) -> None:
+    """Off by default: a weight with an outsized entry raises nothing; once enabled, the next
+    such frame opens an alert naming the layer and its trap count, delivered signed."""
+    project = "traps"
+    run_id, hook = setup_project(api, receiver, project, events=["alert.opened:correlation_traps"])
+    rules = {r["name"]: r for r in api.get(f"/projects/{project}/alert-rules").json()}
+    assert rules["correlation_traps"]["enabled"] is False
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(256, 128, generator=gen)
+    w[3, 5] = 40.0
+
+    def send(seq: int, weight: torch.Tensor) -> None:
+        body = encode_frame(FrameKind.WEIGHTS, 100 * (seq + 1), seq, {"fc.weight": weight})
+        assert post_frame(api, run_id, body, seq=seq).status_code == 202
+        wait_until(
+            lambda: (
+                [f["status"] for f in api.get(f"/runs/{run_id}/frames").json()]
+                == ["done"] * (seq + 1)
+            ),
+            timeout=60,
+        )
+
+    send(0, w)
+    traps = api.get(f"/runs/{run_id}/metrics", params={"name": "htsr.num_traps"}).json()
+    assert traps["series"][0]["values"] == [1.0]
+    assert not [
+        a for a in api.get(f"/runs/{run_id}/alerts").json() if a["rule"] == "correlation_traps"
+    ]
+    r = api.patch(f"/projects/{project}/alert-rules/correlation_traps", json={"enabled": True})
+    assert r.status_code == 200, r.text
+    send(1, w * 1.01)
+    wait_until(lambda: len(receiver.at(f"/{project}")) >= 1, timeout=60)
+    (event,) = events(receiver, project, hook["secret"])
+    data = event["data"]
+    assert (data["rule"], data["layer"], data["step"]) == ("correlation_traps", "fc.weight", 200)
+    assert data["values"]["value"] == 1.0
+
+
 def test_retries_on_500_then_one_logical_delivery(api: httpx.Client, receiver: Receiver) -> None:
     project = "retry"
     receiver.script[f"/{project}"] = [(500, {}), (503, {"Retry-After": "1"}), (200, {})]

@@ -96,15 +96,16 @@ def test_default_rules_cover_the_design() -> None:
     assert set(names) == {
         "grokking_imminent", "alpha_out_of_range", "farms_alpha_out_of_range",
         "spectral_norm_blowup", "nonfinite", "gap_collapse", "activation_change",
-        "client_drops", "run_silent",
+        "client_drops", "run_silent", "correlation_traps",
     }  # fmt: skip
-    assert all(r.enabled for r in names.values())
+    assert [n for n, r in names.items() if not r.enabled] == ["correlation_traps"]  # opt-in
     # metric keys are the spectral modules' own constants
     from spectrawatch.spectral import grokking, htsr, norms, sed
 
     assert names["grokking_imminent"].metric == grokking.IMMINENT
     assert names["alpha_out_of_range"].metric == htsr.ALPHA
     assert names["farms_alpha_out_of_range"].metric == htsr.FARMS_PREFIX + "alpha"
+    assert names["correlation_traps"].metric == htsr.NUM_TRAPS
     assert names["spectral_norm_blowup"].metric == norms.SPECTRAL_NORM
     assert names["gap_collapse"].metric == sed.PHASE
     assert names["gap_collapse"].covers(MODEL_LAYER)  # the whole model only, by default

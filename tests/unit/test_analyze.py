@@ -20,7 +20,14 @@ from spectrawatch import _analyze as an
 from spectrawatch.cli import main
 from spectrawatch.spectral.conditioning import GMCN, SIGMA_MAX, SIGMA_MIN
 from spectrawatch.spectral.farms import FARMS_CV
-from spectrawatch.spectral.htsr import ALPHA, LOG_SPECTRAL_NORM, analyze_model, farms_key
+from spectrawatch.spectral.htsr import (
+    ALPHA,
+    LOG_SPECTRAL_NORM,
+    NUM_TRAPS,
+    RAND_DISTANCE,
+    analyze_model,
+    farms_key,
+)
 from tests.training import tiny_gpt2
 
 REL = 1e-9  # same float64 code path: agreement to round-off
@@ -417,10 +424,12 @@ def test_format_json_and_csv_follow_the_issue_contract(
     contract = {
         "layer", "shape", "alpha", "alpha_weighted", "xmin", "ks_distance",
         "log_spectral_norm", "log_norm", "stable_rank", "mp_softrank", "num_spikes",
-        "entropy", "farms_alpha", "farms_alpha_weighted", "warning",
+        "entropy", "farms_alpha", "farms_alpha_weighted", "num_traps", "rand_distance",
+        "warning",
     }  # fmt: skip
     for row in rows:
         assert contract <= set(row)
+        assert row["num_traps"] is None  # without --traps
         ref = analysis.layer(row["layer"])
         assert row["shape"] == list(ref.shape)
         if ALPHA in ref.values:
@@ -437,6 +446,34 @@ def test_format_json_and_csv_follow_the_issue_contract(
     assert dense["farms_alpha"] == ""
     dense_json = next(r for r in rows if r["layer"] == "encoder.dense.weight")
     assert dense["num_spikes"] == str(dense_json["num_spikes"])  # an integer, as in JSON
+
+
+def test_traps_flag_adds_the_correlation_traps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--traps``: WeightWatcher's ``randomize=True`` per layer, in JSON, CSV and the table, equal
+    to the in-process analysis; a planted outsized entry is a trap."""
+    sd = _state_dict()
+    sd["encoder.dense.weight"][5, 7] = 60.0
+    path = tmp_path / "trapped.safetensors"
+    save_file(sd, str(path))
+    out = tmp_path / "layers.json"
+    assert main(["analyze", str(path), "-q", "--traps", "--format", "json", "-o", str(out)]) == 0
+    rows = {r["layer"]: r for r in json.loads(out.read_text())}
+    dense = rows["encoder.dense.weight"]
+    assert dense["num_traps"] == 5  # one entry, five shuffles pooled (M = 40 < 100)
+    assert isinstance(dense["num_traps"], int)
+    assert rows["conv.weight"]["num_traps"] == 0
+    direct = analyze_model({"w": sd["encoder.dense.weight"]}, traps=True).layers[0]
+    assert dense["rand_distance"] == pytest.approx(direct.values()[RAND_DISTANCE], rel=1e-6)
+    assert dense["metrics"][NUM_TRAPS] == 5
+    assert main(["analyze", str(path), "--traps", "--no-farms"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[-2:] == ["traps", "warning"]
+    line = next(t for t in table if t.startswith("encoder.dense.weight"))
+    assert " 5 " in f" {line} "
+    assert main(["analyze", str(path)]) == 0
+    assert "traps" not in capsys.readouterr().out.splitlines()[0]
 
 
 def test_odd_tensors_become_notes_not_crashes(

@@ -344,8 +344,9 @@ def test_summary_means_and_counts() -> None:
     assert set(row) == {
         "layer", "shape", "alpha", "alpha_weighted", "xmin", "ks_distance", "log_spectral_norm",
         "log_norm", "stable_rank", "mp_softrank", "num_spikes", "entropy", "farms_alpha",
-        "farms_alpha_weighted", "warning",
+        "farms_alpha_weighted", "num_traps", "rand_distance", "warning",
     }  # fmt: skip
+    assert row["num_traps"] is None  # without traps=True
 
 
 def test_esd_payload_histogram_and_line() -> None:

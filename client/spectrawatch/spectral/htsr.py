@@ -58,6 +58,12 @@ OVER_TRAINED = "htsr.over_trained"  # 1.0 when alpha < 2, else 0.0
 NUM_UNDER_TRAINED = "htsr.num_under_trained"  # model level
 NUM_OVER_TRAINED = "htsr.num_over_trained"  # model level
 NUM_LAYERS = "htsr.num_layers"  # model level
+# correlation traps (WeightWatcher's ``randomize=True``): the ESD of the element-shuffled weight
+NUM_TRAPS = "htsr.num_traps"  # spikes of the shuffled ESD above its fitted MP edge
+RAND_LAMBDA_MAX = "htsr.rand_lambda_max"  # largest eigenvalue of the shuffled ESD
+RAND_SOFTRANK = "htsr.rand_softrank"  # rand_lambda_max / lambda_max (WW's ww_softrank)
+RAND_DISTANCE = "htsr.rand_distance"  # Jensen-Shannon distance between the ESD and the shuffled
+NUM_TRAPPED_LAYERS = "htsr.num_trapped_layers"  # model level: layers with num_traps > 0
 
 # relative eigenvalue spread under which an ESD has no tail to fit: an orthogonal float32 matrix
 # (every eigenvalue 1 up to round-off) got alpha ~ 1e6 under 1e-6
@@ -83,6 +89,8 @@ LAYER_KEYS: tuple[str, ...] = (
     UNDER_TRAINED,
     OVER_TRAINED,
 )
+#: Correlation-trap keys, present when the traps were computed (not on the FARMS ESD).
+TRAP_KEYS: tuple[str, ...] = (NUM_TRAPS, RAND_LAMBDA_MAX, RAND_SOFTRANK, RAND_DISTANCE)
 
 
 def farms_key(key: str) -> str:
@@ -98,6 +106,8 @@ MIN_EVALS = 8  # layers with fewer eigenvalues (M * rf) are skipped
 MAX_EVALS = 15000  # ... or more
 MAX_N = 50000  # ... or a larger dimension above this (e.g. GPT-2's 50257 x 768 token embedding)
 SMALL_N = 20  # below this many fitted eigenvalues WWFit switches to its small-n estimator
+TRAP_REPLICAS_BELOW = 100  # layers with M below this pool 5 shuffles (apply_random_esd)
+TRAP_SMALL_REPLICAS = 5
 CONV2D_SCALE = math.sqrt(0.5)  # pooled Conv2d slices are scaled by sqrt(conv2d_count / 2)
 OVER_TRAINED_WARNING = "over-trained"
 UNDER_TRAINED_WARNING = "under-trained"
@@ -820,15 +830,6 @@ def esd_payload(
     """
     ev = evals.detach().to(_F64).flatten()
     k = ev.numel()
-    pos = ev[ev > EVALS_THRESH]  # numerically zero eigenvalues would stretch the log axis
-    if pos.numel() == 0:
-        raise SpectralError(f"no eigenvalue above {EVALS_THRESH}")
-    lo, hi = math.log10(float(pos.min())), math.log10(float(pos.max()))
-    if hi <= lo:
-        hi = lo + 1e-6
-    edges = torch.logspace(lo, hi, bins + 1, dtype=_F64, device=ev.device)
-    counts = torch.histc(torch.log10(pos), bins=bins, min=lo, max=hi)
-    density = counts / (k * (edges[1:] - edges[:-1]))
     fit = metrics.fit
     line_x = torch.logspace(
         math.log10(fit.xmin), math.log10(fit.xmax), 20, dtype=_F64, device=ev.device
@@ -838,11 +839,7 @@ def esd_payload(
         "num_evals": k,
         "shape": [metrics.n_rows, metrics.n_cols],
         "lambda_max": metrics.lambda_max,
-        "hist": {
-            "edges": edges.tolist(),
-            "counts": [int(c) for c in counts.tolist()],
-            "density": density.tolist(),
-        },
+        "hist": log_histogram(ev, bins),
         "fit": {
             "alpha": fit.alpha,
             "xmin": fit.xmin,
@@ -873,6 +870,142 @@ def esd_payload(
     return payload
 
 
+def log_histogram(evals: torch.Tensor, bins: int = 100) -> dict[str, list[float] | list[int]]:
+    """``edges`` (``bins + 1``, log-spaced over the eigenvalues > 1e-5), ``counts`` and
+    ``density`` (counts / (all eigenvalues * bin width)) of an ESD, for log-log plots."""
+    ev = evals.detach().to(_F64).flatten()
+    pos = ev[ev > EVALS_THRESH]  # numerically zero eigenvalues would stretch the log axis
+    if pos.numel() == 0:
+        raise SpectralError(f"no eigenvalue above {EVALS_THRESH}")
+    lo, hi = math.log10(float(pos.min())), math.log10(float(pos.max()))
+    if hi <= lo:
+        hi = lo + 1e-6
+    edges = torch.logspace(lo, hi, bins + 1, dtype=_F64, device=ev.device)
+    counts = torch.histc(torch.log10(pos), bins=bins, min=lo, max=hi)
+    density = counts / (ev.numel() * (edges[1:] - edges[:-1]))
+    return {
+        "edges": edges.tolist(),
+        "counts": [int(c) for c in counts.tolist()],
+        "density": density.tolist(),
+    }
+
+
+def traps_payload(
+    rand_evals: torch.Tensor, traps: CorrelationTraps, *, bins: int = 100
+) -> dict[str, Any]:
+    """JSON-able drill-down data of the shuffled ESD (all replicas pooled): its log-binned
+    histogram (:func:`log_histogram`), its fitted MP edge in eigenvalue units and the trap
+    metrics, to draw over the layer's own ESD."""
+    mp = traps.mp
+    return {
+        "hist": log_histogram(rand_evals, bins),
+        "lambda_max": traps.rand_lambda_max,
+        "bulk_max": mp.bulk_max / mp.w_scale**2,
+        "num_traps": traps.num_traps,
+        "softrank": traps.softrank,
+        "distance": traps.distance,
+    }
+
+
+# --- correlation traps ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CorrelationTraps:
+    """What shuffling a weight's entries leaves in its ESD (WeightWatcher's ``randomize=True``;
+    Martin & Mahoney, JMLR 22(165), 2021, and the WeightWatcher docs' "correlation traps").
+
+    A shuffle keeps the entries' distribution and destroys their correlations, so the shuffled
+    ESD should be a Marchenko-Pastur bulk: its ``num_traps`` eigenvalues above the fitted MP edge
+    (plus the Tracy-Widom pad, ``mp``) come from a few outsized entries, which training (e.g. a
+    learning rate too large) has pushed out of the bulk. ``rand_lambda_max`` is the shuffled
+    ESD's largest eigenvalue, ``softrank`` that over the layer's own ``lambda_max`` (near 1: the
+    top direction is no more than the entries' scale; WW's ``ww_softrank``), ``distance`` the
+    Jensen-Shannon distance between the sorted ESD and one shuffled ESD (0: the layer learned no
+    correlation; WW's ``rand_distance``).
+    """
+
+    num_traps: int
+    rand_lambda_max: float
+    softrank: float
+    distance: float
+    mp: MarchenkoPasturFit
+
+    def values(self) -> dict[str, float]:
+        """The trap metrics as ``{htsr key: value}``."""
+        return {
+            NUM_TRAPS: float(self.num_traps),
+            RAND_LAMBDA_MAX: self.rand_lambda_max,
+            RAND_SOFTRANK: self.softrank,
+            RAND_DISTANCE: self.distance,
+        }
+
+
+def trap_replicas(n_cols: int) -> int:
+    """Shuffles pooled for a layer's trap ESD: 5 when ``M < 100`` (few eigenvalues), else 1."""
+    return TRAP_SMALL_REPLICAS if n_cols < TRAP_REPLICAS_BELOW else 1
+
+
+def shuffled_matrices(mats: WeightMatrices, generator: torch.Generator) -> list[torch.Tensor]:
+    """:func:`trap_replicas` element-wise shuffles of each of ``mats``' matrices, replica by
+    replica (``random_eigenvalues``: each matrix shuffled on its own), on their device.
+    ``generator`` lives on that device."""
+    out: list[torch.Tensor] = []
+    for _ in range(trap_replicas(mats.n_cols)):
+        for m in mats.matrices:
+            flat = m.detach().reshape(-1)
+            perm = torch.randperm(flat.numel(), generator=generator, device=flat.device)
+            out.append(flat[perm].view(m.shape))
+    return out
+
+
+def jensen_shannon_distance(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon distance of two equal-length non-negative vectors, each read as a
+    distribution (``RMT_Util.jensen_shannon_distance``: ``scipy.stats.entropy`` normalises ``p``,
+    ``q`` and their mean to sum 1)."""
+    a = p.detach().to(device="cpu", dtype=_F64).flatten()
+    b = q.detach().to(device="cpu", dtype=_F64).flatten()
+    if a.numel() != b.numel():
+        raise SpectralError(f"vectors of {a.numel()} and {b.numel()} values")
+    mid = (a + b) / 2.0
+
+    def kl(x: torch.Tensor) -> float:
+        xn, mn = x / x.sum(), mid / mid.sum()
+        keep = xn > 0  # 0 log 0 = 0; mid > 0 wherever x > 0
+        return float((xn[keep] * (xn[keep] / mn[keep]).log()).sum())
+
+    return math.sqrt(max((kl(a) + kl(b)) / 2.0, 0.0))
+
+
+def correlation_traps(
+    evals: torch.Tensor, rand_evals: Sequence[torch.Tensor], n_rows: int, n_cols: int
+) -> CorrelationTraps:
+    """:class:`CorrelationTraps` of a layer's ESD ``evals`` given the ESDs of its shuffles
+    (:func:`shuffled_matrices`; one tensor per replica, each pooled over the layer's matrices).
+
+    The MP fit (:func:`fit_marchenko_pastur`) is of all replicas pooled, as ``apply_mp_fit``
+    (``random=True``); the distance is to the first replica (WeightWatcher draws another shuffle
+    for it: the same in distribution). Raises :class:`SpectralError` when nothing can be fitted.
+    """
+    if not rand_evals:
+        raise SpectralError("no shuffled ESD")
+    ev = evals.detach().to(device="cpu", dtype=_F64).flatten()
+    first = torch.sort(rand_evals[0].detach().to(device="cpu", dtype=_F64).flatten()).values
+    pooled = torch.cat([r.detach().to(device="cpu", dtype=_F64).flatten() for r in rand_evals])
+    if not (bool(torch.isfinite(ev).all()) and bool(torch.isfinite(pooled).all())):
+        raise SpectralError("non-finite ESD")
+    lam_max = float(ev.max())
+    if not lam_max > 0.0:
+        raise SpectralError("all eigenvalues are zero")
+    mp = fit_marchenko_pastur(pooled, max(n_rows, n_cols), min(n_rows, n_cols))
+    rand_max = float(pooled.max())
+    return CorrelationTraps(
+        num_traps=mp.num_spikes,
+        rand_lambda_max=rand_max,
+        softrank=rand_max / lam_max,
+        distance=jensen_shannon_distance(torch.sort(ev).values, first),
+        mp=mp,
+    )
+
+
 # --- layers and models ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerReport:
@@ -887,10 +1020,15 @@ class LayerReport:
     farms: SpectralMetrics | None
     evals: torch.Tensor = field(repr=False, compare=False)
     farms_evals: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    traps: CorrelationTraps | None = None
+    rand_evals: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def values(self) -> dict[str, float]:
-        """``{key: value}`` with plain ``htsr.*`` and FARMS ``farms.*`` keys."""
+        """``{key: value}`` with plain ``htsr.*`` (correlation traps included when computed)
+        and FARMS ``farms.*`` keys."""
         out = self.plain.values()
+        if self.traps is not None:
+            out.update(self.traps.values())
         if self.farms is not None:
             out.update({farms_key(k): v for k, v in self.farms.values().items()})
         return out
@@ -913,6 +1051,8 @@ class LayerReport:
             "entropy": self.plain.entropy,
             "farms_alpha": f.alpha if f else None,
             "farms_alpha_weighted": f.alpha_weighted if f else None,
+            "num_traps": self.traps.num_traps if self.traps else None,
+            "rand_distance": self.traps.distance if self.traps else None,
             "warning": self.plain.warning,
         }
 
@@ -947,11 +1087,14 @@ def summarize_layers(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k in dict.fromkeys(k for r in rows for k in r):
         have = [r[k] for r in rows if k in r]
-        if len(have) == len(rows) or k.startswith(FARMS_PREFIX):
+        if len(have) == len(rows) or k.startswith(FARMS_PREFIX) or k in TRAP_KEYS:
             out[k] = sum(have) / len(have)
     out[NUM_LAYERS] = float(len(rows))
     out[NUM_UNDER_TRAINED] = sum(r.get(UNDER_TRAINED, 0.0) for r in rows)
     out[NUM_OVER_TRAINED] = sum(r.get(OVER_TRAINED, 0.0) for r in rows)
+    trapped = [r[NUM_TRAPS] for r in rows if NUM_TRAPS in r]
+    if trapped:  # the layers whose traps were computed (a failed shuffled fit has none)
+        out[NUM_TRAPPED_LAYERS] = float(sum(t > 0 for t in trapped))
     for k in (UNDER_TRAINED, OVER_TRAINED, farms_key(UNDER_TRAINED), farms_key(OVER_TRAINED)):
         out.pop(k, None)
     return out
@@ -965,6 +1108,8 @@ def analyze_weights(
     device: torch.device | str | None = None,
     dtype: torch.dtype = _F64,
     esds: Mapping[str, torch.Tensor] | None = None,
+    traps: bool = False,
+    trap_seed: int = 0,
 ) -> ModelReport:
     """HT-SR metrics of every 2-D / 4-D weight in ``weights`` (name -> tensor).
 
@@ -973,8 +1118,13 @@ def analyze_weights(
     ``esds`` may hold the ESD of some 2-D layers already (eigenvalues of ``W^T W``, e.g. squared
     exact singular values, which the server has for other analyses): those layers skip their
     Gram and eigendecomposition. ``farms`` adds FARMS metrics
-    (:mod:`spectrawatch.spectral.farms`). Layers outside WeightWatcher's size filter, of other
-    ranks, or whose fit fails are listed as skipped.
+    (:mod:`spectrawatch.spectral.farms`). ``traps`` adds the correlation traps
+    (:class:`CorrelationTraps`): the ESDs of each layer's element-wise shuffles, drawn from a
+    generator seeded with ``trap_seed`` (the same weights give the same values), join the batched
+    eigendecompositions; they hold one shuffled copy of every analysed weight (five of a layer
+    with ``M < 100``) while they run. Layers outside WeightWatcher's size filter, of other ranks,
+    or whose fit fails are listed as skipped; a layer whose shuffled ESD cannot be fitted keeps
+    its other metrics, without trap values.
     """
     given = dict(esds or {})
     names: list[str] = []
@@ -1003,7 +1153,13 @@ def analyze_weights(
     windows: list[list[torch.Tensor]] = []
     if farms is not None:
         windows = [farms_windows(lm, farms) for lm in layer_mats]
-    all_evals = eigenvalues(flat + [w for ws in windows for w in ws], dtype=dtype)
+    shuffles: list[list[torch.Tensor]] = []
+    if traps and layer_mats:
+        gen = torch.Generator(device=layer_mats[0].matrices[0].device).manual_seed(trap_seed)
+        shuffles = [shuffled_matrices(lm, gen) for lm in layer_mats]
+    all_evals = eigenvalues(
+        flat + [w for ws in windows for w in ws] + [m for ms in shuffles for m in ms], dtype=dtype
+    )
     plain_evals: list[torch.Tensor] = []
     pos = 0
     for name, k, lm in zip(names, known, layer_mats, strict=True):
@@ -1018,12 +1174,19 @@ def analyze_weights(
         if ws:
             farms_evals[i] = torch.sort(torch.cat(all_evals[pos : pos + len(ws)])).values
             pos += len(ws)
+    rand_evals: list[torch.Tensor | None] = [None] * len(layer_mats)
+    for i, ms in enumerate(shuffles):  # replica-major: one pooled, sorted ESD per replica
+        per = len(layer_mats[i].matrices)
+        reps = [torch.cat(all_evals[pos + r : pos + r + per]) for r in range(0, len(ms), per)]
+        rand_evals[i] = torch.stack([torch.sort(r).values for r in reps])
+        pos += len(ms)
     # the fits are many small steps: on host copies they took 126 vs 190 ms (223 vs 313 with the
     # MP fit) for GPT-2 small on an H100 (benchmarks/results/gpu_h100.md)
-    n_plain = len(plain_evals)
-    host = _on_host([*plain_evals, *farms_evals])  # one transfer for all
+    n_plain, n_farms = len(plain_evals), len(farms_evals)
+    host = _on_host([*plain_evals, *farms_evals, *rand_evals])  # one transfer for all
     plain_evals = [e for e in host[:n_plain] if e is not None]
-    farms_evals = host[n_plain:]
+    farms_evals = host[n_plain : n_plain + n_farms]
+    rand_evals = host[n_plain + n_farms :]
     reports: list[LayerReport] = []
     eps = torch.finfo(dtype).eps  # the Grams' precision: sets the entropy's numerical rank
     for i, (name, shape, lm) in enumerate(zip(names, shapes, layer_mats, strict=True)):
@@ -1037,8 +1200,17 @@ def analyze_weights(
         except SpectralError as exc:
             skipped.append(SkippedLayer(name, shape, str(exc)))
             continue
+        trap: CorrelationTraps | None = None
+        re = rand_evals[i]
+        if re is not None:
+            try:
+                trap = correlation_traps(plain_evals[i], list(re), lm.n_rows, lm.n_cols)
+            except SpectralError:
+                trap = None
         reports.append(
-            LayerReport(name, shape, lm.n_rows, lm.n_cols, lm.rf, plain, fm, plain_evals[i], fe)
+            LayerReport(
+                name, shape, lm.n_rows, lm.n_cols, lm.rf, plain, fm, plain_evals[i], fe, trap, re
+            )
         )
     return ModelReport(tuple(reports), tuple(skipped))
 
@@ -1073,6 +1245,7 @@ def analyze_model(
     farms: FarmsConfig | None = None,
     mp_fit: bool = True,
     device: torch.device | str | None = None,
+    traps: bool = False,
 ) -> ModelReport:
     """WeightWatcher-style analysis of a model or state dict, offline.
 
@@ -1091,4 +1264,4 @@ def analyze_model(
             weights[f"{name}.weight" if name else "weight"] = w
     else:
         weights = {k: v for k, v in model_or_state_dict.items() if "norm" not in k.lower()}
-    return analyze_weights(weights, farms=farms, mp_fit=mp_fit, device=device)
+    return analyze_weights(weights, farms=farms, mp_fit=mp_fit, device=device, traps=traps)

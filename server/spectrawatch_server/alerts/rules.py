@@ -164,7 +164,8 @@ def describe_evidence(evidence: Mapping[str, Any], labels: Mapping[str, str]) ->
 
 @lru_cache(maxsize=1)
 def default_rules() -> tuple[RuleSpec, ...]:
-    """The rules every project has, on by default (DESIGN §7, issue 8)."""
+    """The rules every project has, on by default (DESIGN §7, issue 8) but the opt-in
+    ``correlation_traps``."""
     alpha = _key("htsr", "ALPHA", "htsr.alpha")
     farms_prefix = _key("htsr", "FARMS_PREFIX", "farms.")
     collapse = 3  # spectrawatch.spectral.sed.Phase.COLLAPSE
@@ -200,6 +201,18 @@ def default_rules() -> tuple[RuleSpec, ...]:
             include_model=False,
             above_after_in_range=True,
             description="FARMS alpha < 2 or > 6 (aspect-ratio-corrected heavy-tail exponent)",
+        ),
+        RuleSpec(
+            "correlation_traps",
+            "threshold",
+            metric=_key("htsr", "NUM_TRAPS", "htsr.num_traps"),
+            above=0.5,
+            include_model=False,
+            # off by default: traps also appear in runs that generalise (a 1-layer transformer
+            # at lr 1e-2 groks with one in its key projection; benchmarks/RESULTS.md)
+            enabled=False,
+            description="a layer's shuffled ESD has eigenvalues past its MP edge: a few "
+            "outsized weight entries (WeightWatcher's correlation traps); off by default",
         ),
         RuleSpec(
             "spectral_norm_blowup",

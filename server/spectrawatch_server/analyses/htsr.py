@@ -2,10 +2,11 @@
 
 Per layer: every ``htsr.*`` key of :mod:`spectrawatch.spectral.htsr` (alpha, alpha_weighted,
 Hill alpha, xmin, KS distance, norms, stable rank, MP soft rank and spikes, entropy,
-under/over-trained flags) and its ``farms.*`` twin on the FARMS average ESD; under
-:data:`MODEL_LAYER` the means over layers plus layer counts (WeightWatcher's ``get_summary``).
-One :class:`SpectrumRecord` per layer carries the log-binned ESD, the fitted power-law line and
-the MP curve, for plain and FARMS spectra, for the drill-down plot.
+under/over-trained flags, correlation traps) and its ``farms.*`` twin on the FARMS average ESD
+(no traps there); under :data:`MODEL_LAYER` the means over layers plus layer counts
+(WeightWatcher's ``get_summary``). One :class:`SpectrumRecord` per layer carries the log-binned
+ESD, the fitted power-law line and the MP curve, for plain and FARMS spectra, and the shuffled
+ESD behind the traps, for the drill-down plots.
 
 Conv kernels arrive flattened to 2-D; when ``info["shapes"][layer]`` gives the original 4-D
 shape, the matrix is restored to it so that WeightWatcher's per-kernel-position slicing applies.
@@ -20,7 +21,12 @@ from typing import Any
 import torch
 
 from spectrawatch.spectral.farms import FARMS_CV
-from spectrawatch.spectral.htsr import analyze_weights, esd_payload, summarize_layers
+from spectrawatch.spectral.htsr import (
+    analyze_weights,
+    esd_payload,
+    summarize_layers,
+    traps_payload,
+)
 from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.norms import shared_singular_values
 from spectrawatch_server.analyses.registry import (
@@ -71,7 +77,7 @@ def heavy_tail_metrics(frame: DecodedFrame, context: AnalysisContext) -> Analysi
         for layer, w in weights.items()
         if w.ndim == 2 and (sv := shared_singular_values(frame, layer)) is not None
     }
-    report = analyze_weights(weights, farms=FARMS_CV, device=frame.device, esds=esds)
+    report = analyze_weights(weights, farms=FARMS_CV, device=frame.device, esds=esds, traps=True)
     result = AnalysisResult()
     for layer in report.layers:
         for name, value in layer.values().items():
@@ -85,6 +91,8 @@ def heavy_tail_metrics(frame: DecodedFrame, context: AnalysisContext) -> Analysi
             "rf": layer.rf,
             "plain": esd_payload(layer.evals, layer.plain),
         }
+        if layer.traps is not None and layer.rand_evals is not None:
+            payload["plain"]["traps"] = traps_payload(layer.rand_evals, layer.traps)
         if layer.farms is not None and layer.farms_evals is not None:
             payload["farms"] = esd_payload(layer.farms_evals, layer.farms)
             payload["farms_config"] = {

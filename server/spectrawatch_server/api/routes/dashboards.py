@@ -419,13 +419,13 @@ def read_layer(
     body["nonfinite_note"] = note
     panels = []
     for spec in page.panels:
-        if spec.kind in ("esd", "mp"):
+        if spec.kind in ("esd", "mp", "traps"):
             part = (chosen_row.payload.get(spec.match[0]) if chosen_row is not None else None) or {}
             title = f"{spec.title} · {layer}" + (
                 f" @ step {chosen_row.step}" if chosen_row is not None else ""
             )
-            builder = dash.esd_figure if spec.kind == "esd" else dash.mp_figure
-            fig = builder(part, title) if part else None
+            builder = {"esd": dash.esd_figure, "mp": dash.mp_figure, "traps": dash.traps_figure}
+            fig = (builder[spec.kind](part, title) or None) if part else None
             skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
             panel = dash.panel_from(
                 spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None
