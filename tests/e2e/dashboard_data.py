@@ -176,6 +176,7 @@ def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float
         sed.append(
             MetricRow("__model__", "grok.imminent", step, 1.0 if step >= WARNING_STEP else 0.0)
         )
+        sed.append(MetricRow("__model__", "norm.update_ratio", step, 1e-2 * math.exp(-step / 80)))
         sed += [  # the detector's evidence: the step each piece appeared, once present
             MetricRow("__model__", f"grok.evidence.{piece}", step, float(at))
             for piece, at in EVIDENCE.items()

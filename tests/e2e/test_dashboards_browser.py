@@ -249,6 +249,13 @@ def test_overview_scalars_sed_phases_and_markers(
     check_plotted(got["sed_gap"], {"w16", "w32"}, 200)
     check_plotted(got["sed_edge"], {"w16", "w32"})
     check_plotted(got["warning"], {"grok.warning_score", "grok.imminent"})
+    check_plotted(got["update_ratio"], {"norm.update_ratio"}, 100)
+    assert (
+        browser.execute_script(
+            "return document.querySelector('#panel-update_ratio .plot').layout.yaxis.type"
+        )
+        == "log"
+    )
     rects = [s for s in got["sed_gap"]["shapes"] if s["type"] == "rect"]
     assert [(r["x0"], r["x1"]) for r in rects] == [
         (0, 60),

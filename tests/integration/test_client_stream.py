@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
@@ -504,3 +505,56 @@ def stats_of(url: str, run_id: int) -> dict[str, Any]:
     with httpx.Client(base_url=f"{url}/api/v1", timeout=30) as c:
         stats: dict[str, Any] = c.get(f"/runs/{run_id}").json()["client_stats"]
     return stats
+
+
+def test_update_norms_estimate_the_real_updates(server: ServerProcess, tmp_path: Path) -> None:
+    """``norm.update`` per layer and for the model, from the sketch rows a real training loop
+    streams (d = 640, layers of 8 to 1,024 parameters), against ``||delta theta||`` measured in
+    the loop; ``norm.update_ratio`` against ``||delta theta|| / ||theta||`` at the same step."""
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "update-norms", weights_every=0))
+    loop = Loop(m)
+    names = [n for n, _ in loop.model.named_parameters()]
+    exact: dict[int, dict[str, float]] = {}
+    sizes: dict[int, dict[str, float]] = {}
+    for step in range(1, 41):
+        before = [p.detach().clone() for p in loop.model.parameters()]
+        loop.run(1)
+        after = [p.detach() for p in loop.model.parameters()]
+        deltas = [a - b for a, b in zip(after, before, strict=True)]
+        exact[step] = {n: float(d.norm()) for n, d in zip(names, deltas, strict=True)}
+        exact[step]["__model__"] = float(torch.cat([d.flatten() for d in deltas]).norm())
+        sizes[step] = {n: float(a.norm()) for n, a in zip(names, after, strict=True)}
+    assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    wait_until(
+        lambda: all(f["status"] == "done" for f in frames_of(server.url, m.run_id or 0)),
+        timeout=120,
+    )
+    with spectrawatch.Api(server.url) as api:
+        stored = api.run(m.run_id)
+        updates = stored.metric("norm.update")
+        ratios = stored.metric("norm.update_ratio")
+        params = stored.metric("norm.param")
+    assert set(updates) == {*names, "__model__"}
+    theta = params["0.weight"]
+    assert theta.steps == [10, 20, 30, 40]
+    for step, value in zip(theta.steps, theta.values, strict=True):
+        assert value == pytest.approx(sizes[step]["0.weight"], rel=0.1)
+    errors = []
+    for layer, series in updates.items():
+        assert len(series.steps) >= 36, layer  # every step but the first
+        for step, value in zip(series.steps, series.values, strict=True):
+            errors.append(value / exact[step][layer] - 1.0)
+    assert statistics.fmean(errors) == pytest.approx(0.0, abs=0.02)
+    assert max(abs(e) for e in errors) < 0.1  # 3.6 % at most when written
+    # the ratio divides by ||theta|| of the theta frame sent last before the update frame
+    # (steps 10, 20, 30, 40; frames of 4 steps): at most 3 steps older or newer than the row
+    weight = ratios["0.weight"]
+    assert weight.steps[0] == 9  # the frame of steps 9-12 is sent after theta at step 10
+    assert weight.steps == list(range(9, 41))
+    off = [
+        value / (exact[step]["0.weight"] / sizes[step]["0.weight"]) - 1.0
+        for step, value in zip(weight.steps, weight.values, strict=True)
+    ]
+    assert max(abs(e) for e in off) < 0.2  # 11.5 %: ||theta|| moves ~10 % in 10 steps here

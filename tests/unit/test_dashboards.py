@@ -38,12 +38,14 @@ def test_shipped_pages_parse_and_cover_every_route() -> None:
         "accuracy",
         "sed_gap",
         "sed_edge",
+        "update_ratio",
         "warning",
         "output_rank",
         "probe",
         "defect",
     ]
     assert pages["layer"].panel("esd").kind == "esd"
+    assert pages["layer"].panel("traps").kind == "traps"
     assert pages["activations"].panels[0].split
 
 

@@ -196,3 +196,22 @@ def test_server_analysis_stores_traps_and_the_shuffled_esd() -> None:
     labels = [a["text"] for a in figure["layout"]["annotations"]]
     assert any("5 trap(s)" in text for text in labels)
     assert traps_figure({"hist": payload["plain"]["hist"]}, "no traps") == {}
+
+
+@pytest.mark.gpu
+def test_cuda_traps_find_the_planted_entries() -> None:
+    """On CUDA the shuffles come from a CUDA generator (other permutations than the CPU's), so
+    the counts, not the values, are compared: the planted entries are the traps on both."""
+    g = torch.Generator().manual_seed(6)
+    weights = {"a": torch.randn(300, 120, generator=g), "b": torch.randn(90, 200, generator=g)}
+    weights["a"][1, 2], weights["b"][3, 4] = 35.0, -35.0
+    cpu = htsr.analyze_weights(weights, farms=FARMS_CV, traps=True)
+    gpu = htsr.analyze_weights(weights, farms=FARMS_CV, traps=True, device="cuda")
+    counts = [[r.traps.num_traps if r.traps else None for r in rep.layers] for rep in (cpu, gpu)]
+    assert counts == [[1, 5], [1, 5]]
+    for c, d in zip(cpu.layers, gpu.layers, strict=True):
+        assert d.rand_evals is not None
+        assert d.rand_evals.device.type == "cpu"
+        assert d.values()[htsr.RAND_LAMBDA_MAX] == pytest.approx(
+            c.values()[htsr.RAND_LAMBDA_MAX], rel=0.2
+        )

@@ -73,6 +73,14 @@ class DecodedFrame:
     def step(self) -> int:
         return self.header.step
 
+    @property
+    def row_steps(self) -> list[int]:
+        """The steps of a sketch frame's rows (``info["steps"]``), else ``[step]``."""
+        steps = self.header.info.get("steps")
+        if isinstance(steps, list) and steps:
+            return [int(s) for s in steps]
+        return [self.step]
+
 
 class AnalysisContext(Protocol):
     """Read-only history of the run the frame belongs to (supplied by the worker)."""

@@ -94,6 +94,15 @@ def _settings(frame: DecodedFrame) -> tuple[tuple[int, ...], int, int, int]:
     return tuple(sorted(set(windows))), stride, layer_stride, every
 
 
+def evaluation_steps(frame: DecodedFrame) -> tuple[list[int], list[int]]:
+    """``(model steps, layer steps)``: the steps of a sketch frame's rows at which values are
+    kept for the whole model and for each layer (``info["sed"]`` ``stride`` and
+    ``layer_stride``, else :func:`default_layer_stride`)."""
+    _, stride, layer_stride, every = _settings(frame)
+    targets = [s for s in frame.row_steps if (s // every) % stride == 0]
+    return targets, [s for s in targets if (s // every) % layer_stride == 0]
+
+
 def default_layer_stride(layers: int, every: int = 1) -> int:
     """In rows (one every ``every`` steps): 1 while ``layers / every`` is at most
     :data:`LAYER_POINTS_PER_STEP`, else the smallest power of two ``k`` with
@@ -101,13 +110,6 @@ def default_layer_stride(layers: int, every: int = 1) -> int:
     if layers <= LAYER_POINTS_PER_STEP * every:
         return 1
     return 1 << math.ceil(math.log2(layers / (LAYER_POINTS_PER_STEP * every)))
-
-
-def _steps(frame: DecodedFrame) -> list[int]:
-    steps = frame.header.info.get("steps")
-    if isinstance(steps, list) and steps:
-        return [int(s) for s in steps]
-    return [frame.step]
 
 
 def _joined_rows(frame: DecodedFrame) -> torch.Tensor:
@@ -143,7 +145,7 @@ def _layer_rows(
             rows = f.memoised(("joined_rows", layer), partial(_joined_rows, f))
         else:
             continue
-        rows, steps = rows.to(device), _steps(f)
+        rows, steps = rows.to(device), f.row_steps
         # a frame is history for several frames: its rows are checked once
         finite = f.memoised(("finite_rows", layer), partial(_finite_rows, rows))
         if not bool(finite.all()):
@@ -172,14 +174,12 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
     """SED metrics for the steps of this frame, per layer and ``__model__``, every window."""
     kind = frame.header.kind
     interval = kind == FrameKind.PARAM_SKETCH
-    windows, stride, layer_stride, every = _settings(frame)
-    steps = _steps(frame)
+    windows, _, _, every = _settings(frame)
     need = max(windows) + (1 if interval else 0)
-    limit = min(MAX_HISTORY_FRAMES, math.ceil(need / len(steps)) + 1)
+    limit = min(MAX_HISTORY_FRAMES, math.ceil(need / len(frame.row_steps)) + 1)
     history = [f for f in context.recent_frames(kind, limit) if f.frame_id != frame.frame_id]
     frames = [*history, frame]
-    targets = [s for s in steps if (s // every) % stride == 0]
-    layer_targets = [s for s in targets if (s // every) % layer_stride == 0]
+    targets, layer_targets = evaluation_steps(frame)
     layers = sorted(frame.tensors)
     if MODEL_LAYER not in layers:
         layers.append(MODEL_LAYER)
@@ -469,7 +469,7 @@ def _grokking_metrics(
         confidence=confidence or None,
         output_rank=output_rank or None,
     )
-    last = _steps(frame)[-1]
+    last = frame.row_steps[-1]
     score = [v for s, v in warning.score if s <= last]
     out = [
         MetricValue(MODEL_LAYER, grokking.WARNING_SCORE, score[-1] if score else 0.0, step=last),

@@ -341,7 +341,9 @@ def read_overview(
             lines = []
             for name in dash.match_names(names, spec.match):
                 lines += lines_of(model_level, name, lambda k: k[0])
-            fig = dash.line_figure(spec.title, lines, y_title=spec.y_title, markers=markers)
+            fig = dash.line_figure(
+                spec.title, lines, y_title=spec.y_title, log_y=spec.log_y, markers=markers
+            )
             panels.append(dash.panel_from(spec, fig))
     body["panels"] = [p.public() for p in panels]
     return _json(body)

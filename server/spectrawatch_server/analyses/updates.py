@@ -1,0 +1,83 @@
+"""Update sizes per layer and for the whole model, read from the sketch frames.
+
+``norm.update`` is ``||delta theta||`` of one optimizer step (the norm of its update-sketch row),
+``norm.param`` is ``||theta||`` (the norm of a theta-sketch row), and ``norm.update_ratio`` the
+first over the second from the run's latest theta frame sent before the update frame (the
+client sends one every ``theta_every`` steps, 100 by default): the update-to-weight ratio that
+training guides watch, often quoted near 1e-3 for a well-set learning rate, far above it when
+the rate is too high for a layer. Norms of count-sketch rows estimate the true norms within a
+few per cent (:mod:`spectrawatch.spectral.norms`); exact-mode frames carry the updates
+themselves and give exact norms (they have no theta frames, so no ratio).
+
+Update frames: the whole model at every row, each layer (or row group) at the steps where SED
+keeps its per-layer values (:func:`~spectrawatch_server.analyses.sed.evaluation_steps`), so
+the series of a 150-tensor model stay as thin as its SED series. Theta frames: every row.
+Rows that are not finite are left out (the frame's ``nonfinite`` count and alert report them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from spectrawatch.spectral.norms import PARAM_NORM, UPDATE_NORM, UPDATE_RATIO, row_norms
+from spectrawatch.wire import FrameKind
+from spectrawatch_server.analyses.registry import (
+    MODEL_LAYER,
+    AnalysisContext,
+    AnalysisResult,
+    DecodedFrame,
+    MetricValue,
+    register,
+)
+from spectrawatch_server.analyses.sed import evaluation_steps
+
+
+def _points(frame: DecodedFrame, layer: str, keep: Sequence[int] | None) -> list[tuple[int, float]]:
+    """``(step, norm)`` of ``layer``'s finite rows, at the steps in ``keep`` (all when None)."""
+    steps = frame.row_steps
+    rows = frame.tensors[layer]
+    if rows.ndim != 2 or rows.shape[0] != len(steps):
+        return []
+    wanted = None if keep is None else set(keep)
+    return [
+        (step, norm)
+        for step, norm in zip(steps, row_norms(rows), strict=True)
+        if math.isfinite(norm) and (wanted is None or step in wanted)
+    ]
+
+
+def _latest_param_norms(context: AnalysisContext) -> dict[str, float]:
+    """``{layer: ||theta||}`` from the last row of the run's latest earlier theta frame."""
+    previous = context.recent_frames(FrameKind.PARAM_SKETCH, 1)
+    if not previous:
+        return {}
+    frame = previous[-1]
+    out = {}
+    for layer in frame.tensors:
+        points = _points(frame, layer, None)
+        if points and points[-1][1] > 0.0:
+            out[layer] = points[-1][1]
+    return out
+
+
+@register("update_norms", [FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH])
+def update_norms(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
+    """``norm.param`` of theta frames; ``norm.update`` and ``norm.update_ratio`` of update
+    frames, per layer (row group) and ``__model__``."""
+    result = AnalysisResult()
+    if frame.header.kind == FrameKind.PARAM_SKETCH:
+        for layer in sorted(frame.tensors):
+            for step, norm in _points(frame, layer, None):
+                result.metrics.append(MetricValue(layer, PARAM_NORM, norm, step))
+        return result
+    model_steps, layer_steps = evaluation_steps(frame)
+    params = _latest_param_norms(context)
+    for layer in sorted(frame.tensors):
+        keep = model_steps if layer == MODEL_LAYER else layer_steps
+        base = params.get(layer)
+        for step, norm in _points(frame, layer, keep):
+            result.metrics.append(MetricValue(layer, UPDATE_NORM, norm, step))
+            if base is not None:
+                result.metrics.append(MetricValue(layer, UPDATE_RATIO, norm / base, step))
+    return result
