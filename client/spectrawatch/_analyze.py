@@ -59,6 +59,7 @@ from spectrawatch.spectral.htsr import (
     analyze_weights,
     esd_payload,
     farms_key,
+    log_histogram,
     training_warning,
 )
 
@@ -762,7 +763,8 @@ def _plotly() -> Any:
 def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
     """A self-contained HTML page (plotly.js inlined, no CDN): alpha per layer (plain and FARMS,
     every checkpoint), a warnings table, and per-layer ESD log-log plots with the power-law fit
-    and the Marchenko-Pastur bulk of the first checkpoint."""
+    and the Marchenko-Pastur bulk of the first checkpoint (with ``--traps``, the shuffled
+    weight's ESD too)."""
     go, pio, get_plotlyjs = _plotly()
     figures: list[tuple[str, Any]] = []
     bar = go.Figure()
@@ -823,6 +825,19 @@ def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
                         name="Marchenko-Pastur bulk",
                     )
                 )
+        if r.report.traps is not None and r.report.rand_evals is not None:  # --traps
+            hist = log_histogram(r.report.rand_evals)
+            mids = [math.sqrt(lo * hi) for lo, hi in itertools.pairwise(hist["edges"])]
+            keep = [i for i, d in enumerate(hist["density"]) if d > 0]
+            fig.add_trace(
+                go.Scatter(
+                    x=[mids[i] for i in keep],
+                    y=[hist["density"][i] for i in keep],
+                    mode="markers",
+                    marker={"symbol": "x"},
+                    name=f"shuffled weight's ESD: {r.report.traps.num_traps} correlation trap(s)",
+                )
+            )
         fig.update_layout(
             title=f"{r.layer} {'x'.join(map(str, r.shape))}"
             + (f" - {r.warning}" if r.warning else ""),

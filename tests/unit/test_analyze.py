@@ -474,6 +474,10 @@ def test_traps_flag_adds_the_correlation_traps(
     assert " 5 " in f" {line} "
     assert main(["analyze", str(path)]) == 0
     assert "traps" not in capsys.readouterr().out.splitlines()[0]
+    pytest.importorskip("plotly")
+    page = tmp_path / "r.html"
+    assert main(["analyze", str(path), "-q", "--traps", "--html", str(page)]) == 0
+    assert "shuffled weight's ESD: 5 correlation trap(s)" in page.read_text()
 
 
 def test_odd_tensors_become_notes_not_crashes(

@@ -64,16 +64,23 @@ def test_htsr_takes_the_shared_svd_as_its_esd_with_the_same_metrics(
     frame = decoded_frame(FrameKind.WEIGHTS, 5, tensors)
     weight_conditioning(frame, StubHistory())
     decomposed: list[int] = []
+    originals: list[torch.Tensor] = []
     eigenvalues = htsr_math.eigenvalues
 
     def counting(matrices: list[torch.Tensor], **kw: object) -> list[torch.Tensor]:
         decomposed.extend(max(m.shape) for m in matrices)
+        originals.extend(
+            m
+            for m in matrices
+            if any(m.shape == t.shape and torch.equal(m, t) for t in tensors.values())
+        )
         return eigenvalues(matrices, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(htsr_math, "eigenvalues", counting)
     shared = heavy_tail_metrics(frame, StubHistory())
-    assert decomposed  # the FARMS windows still are
-    assert max(decomposed) <= 100  # but no whole matrix: 120 and 150 rows came from the SVDs
+    assert decomposed  # the FARMS windows still are, and the correlation traps' shuffles
+    assert sum(n > 100 for n in decomposed) == 10  # 5 shuffles of each layer (M < 100)
+    assert not originals  # but no whole matrix: 120 and 150 rows came from the SVDs
     want = {(m.layer, m.name): m.value for m in alone.metrics}
     got = {(m.layer, m.name): m.value for m in shared.metrics}
     assert got.keys() == want.keys()
