@@ -930,9 +930,30 @@ def traps_figure(payload: Mapping[str, Any], title: str) -> Figure:
     return {"data": data, "layout": layout}
 
 
+def _linear_bins(
+    payload: Mapping[str, Any],
+) -> tuple[list[float], list[float], list[float], list[int]]:
+    """``(left edges, right edges, density, counts)`` of the ESD in equal bins
+    (``linear_hist``: counts over ``[lo, hi]``), density = counts / (all * width); payloads
+    stored before it existed fall back to the log-spaced bins (:func:`_bins`)."""
+    part = payload.get("linear_hist")
+    part = part if isinstance(part, Mapping) else {}
+    lo, hi = _num(part.get("lo")), _num(part.get("hi"))
+    raw = part.get("counts")
+    counts = [int(c) for c in raw if isinstance(c, int | float)] if isinstance(raw, list) else []
+    total = sum(counts)
+    if lo is None or hi is None or not hi > lo or not counts or total <= 0:
+        return _bins(payload)
+    width = (hi - lo) / len(counts)
+    left = [lo + i * width for i in range(len(counts))]
+    return left, [x + width for x in left], [c / (total * width) for c in counts], counts
+
+
 def mp_figure(payload: Mapping[str, Any], title: str) -> Figure:
-    """ESD on linear axes against the fitted Marchenko-Pastur density: λ+ and the spikes past it."""
-    lo, hi, density, counts = _bins(payload)
+    """ESD on linear axes (equal bins) against the fitted Marchenko-Pastur density: λ+ and the
+    spikes past it. The y axis stops a little above the histogram, so an MP density that
+    diverges at 0 (a square matrix's, Q = 1) does not flatten the bars."""
+    lo, hi, density, counts = _linear_bins(payload)
     mp = payload.get("mp") or {}
     bulk_max = _num(mp.get("bulk_max"))
     edge = bulk_max if bulk_max is not None else math.inf
@@ -1008,6 +1029,9 @@ def mp_figure(payload: Mapping[str, Any], title: str) -> Figure:
                 "line": {"color": "#ff7f0e", "dash": "dash", "width": 1.5},
             }
         )
+        top = max(density, default=0.0)
+        if top > 0 and max(my, default=0.0) > 1.5 * top:
+            layout["yaxis"]["range"] = [0, 1.3 * top]
         layout["annotations"].append(
             {
                 "x": bulk_max,

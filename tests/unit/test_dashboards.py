@@ -261,10 +261,11 @@ def test_mp_figure_marks_spikes_beyond_lambda_plus(payload: dict[str, Any]) -> N
     assert names[0] == "ESD bulk"
     assert names[1] == "beyond \u03bb+ (spikes)"
     bulk_max = payload["mp"]["bulk_max"]
-    # Independent count: eigenvalues in bins whose centre lies beyond lambda+ (numpy histogram).
+    # Independent count: eigenvalues in equal bins over [0, lambda_max] whose centre lies beyond
+    # lambda+ (numpy histogram).
     evals = np.asarray(payload["_evals"])
-    edges = np.asarray(payload["hist"]["edges"])
-    counts, _ = np.histogram(np.log10(evals[evals > 0]), bins=np.log10(edges))
+    edges = np.linspace(0.0, evals.max(), 101)
+    counts, _ = np.histogram(evals, bins=edges)
     centers = (edges[:-1] + edges[1:]) / 2
     beyond = counts[centers > bulk_max]
     # Red: the top bins holding the num_spikes largest eigenvalues (the label's count).
@@ -285,15 +286,41 @@ def test_mp_figure_bars_agree_with_the_spike_count(payload: dict[str, Any]) -> N
     assert [t["name"] for t in f["data"]] == ["ESD bulk", f["data"][1]["name"]]
     assert f["data"][1]["type"] == "scatter"  # the MP density, no spike bars
     assert "0 spike(s)" in f["layout"]["annotations"][0]["text"]
-    edges = np.asarray(payload["hist"]["edges"])
-    centers = (edges[:-1] + edges[1:]) / 2
-    past = centers[
-        (centers > payload["mp"]["bulk_max"]) & (np.asarray(payload["hist"]["counts"]) > 0)
-    ]
+    hist = payload["linear_hist"]
+    width = (hist["hi"] - hist["lo"]) / len(hist["counts"])
+    centers = hist["lo"] + width * (np.arange(len(hist["counts"])) + 0.5)
+    past = centers[(centers > payload["mp"]["bulk_max"]) & (np.asarray(hist["counts"]) > 0)]
     assert len(past) >= 1
-    assert set(past.tolist()) <= set(f["data"][0]["x"])  # within the pad: drawn as bulk
+    bulk = np.asarray(f["data"][0]["x"])
+    assert all(np.isclose(bulk, c, rtol=1e-12).any() for c in past)  # within the pad: bulk
     legacy = {**payload, "mp": {k: v for k, v in payload["mp"].items() if k != "num_spikes"}}
     assert fig.mp_figure(legacy, "MP")["data"][1]["name"] == "beyond \u03bb+ (spikes)"
+
+
+def test_mp_figure_bins_are_equal_and_the_axis_ignores_a_divergent_density() -> None:
+    """A square weight (Q = 1): its MP density diverges at 0 and its smallest eigenvalues sit in
+    log bins thousands of times narrower than the bulk's; the MP plot (equal bins, as
+    WeightWatcher's) keeps the bars readable, its y axis a little above the tallest bar. A
+    payload stored before ``linear_hist`` keeps the log bins."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(128, 128, generator=gen, dtype=torch.float64)
+    layer = analyze_weights({"w": w}).layers[0]
+    payload = esd_payload(layer.evals, layer.plain)
+    f = fig.mp_figure(payload, "MP")
+    bars = [t for t in f["data"] if t["type"] == "bar"]
+    widths = {round(x, 12) for t in bars for x in t["width"]}
+    assert len(widths) == 1
+    assert widths == {round(float(layer.evals.max()) / 100, 12)}
+    evals = layer.evals.numpy()
+    counts, _ = np.histogram(evals, bins=np.linspace(0.0, evals.max(), 101))
+    tallest = counts.max() / (len(evals) * evals.max() / 100)
+    assert max(y for t in bars for y in t["y"]) == pytest.approx(tallest, rel=1e-12)
+    curve = next(t for t in f["data"] if t["type"] == "scatter")
+    assert max(curve["y"]) > 10 * tallest  # diverges at 0
+    assert f["layout"]["yaxis"]["range"] == [0, pytest.approx(1.3 * tallest)]
+    legacy = {k: v for k, v in payload.items() if k != "linear_hist"}
+    old = fig.mp_figure(legacy, "MP")
+    assert len({round(x, 12) for t in old["data"] if t["type"] == "bar" for x in t["width"]}) > 1
 
 
 def test_payload_with_nulls_does_not_break_builders() -> None:

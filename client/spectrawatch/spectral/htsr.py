@@ -824,9 +824,10 @@ def esd_payload(
 
     ``hist.edges`` (``bins + 1`` eigenvalue edges, log-spaced over the eigenvalues > 1e-5),
     ``hist.counts`` and ``hist.density`` (counts / (k * bin width), a density in lambda for a
-    log-log plot); ``fit`` with the line ``pdf(x) = (n_tail/k) (alpha-1)/xmin (x/xmin)^-alpha``
-    on ``[xmin, xmax]`` (scaled by the tail fraction so it overlays the full-ESD density); ``mp``
-    with the fitted MP density mapped back to eigenvalue units.
+    log-log plot); ``linear_hist`` (:func:`linear_histogram`, for the MP plot); ``fit`` with
+    the line ``pdf(x) = (n_tail/k) (alpha-1)/xmin (x/xmin)^-alpha`` on ``[xmin, xmax]`` (scaled
+    by the tail fraction so it overlays the full-ESD density); ``mp`` with the fitted MP density
+    mapped back to eigenvalue units.
     """
     ev = evals.detach().to(_F64).flatten()
     k = ev.numel()
@@ -840,6 +841,7 @@ def esd_payload(
         "shape": [metrics.n_rows, metrics.n_cols],
         "lambda_max": metrics.lambda_max,
         "hist": log_histogram(ev, bins),
+        "linear_hist": linear_histogram(ev, bins),
         "fit": {
             "alpha": fit.alpha,
             "xmin": fit.xmin,
@@ -888,6 +890,19 @@ def log_histogram(evals: torch.Tensor, bins: int = 100) -> dict[str, list[float]
         "counts": [int(c) for c in counts.tolist()],
         "density": density.tolist(),
     }
+
+
+def linear_histogram(evals: torch.Tensor, bins: int = 100) -> dict[str, Any]:
+    """``counts`` of an ESD in ``bins`` equal bins over ``[lo, hi] = [0, lambda_max]`` (every
+    eigenvalue, zeros included), for plots on linear axes such as the MP fit's (as
+    WeightWatcher's ``plt.hist(evals, bins=100)``): log-spaced bins there give the smallest
+    eigenvalues' narrow bins densities thousands of times the bulk's."""
+    ev = evals.detach().to(device="cpu", dtype=_F64).flatten()
+    hi = float(ev.max()) if ev.numel() else 0.0
+    if not hi > 0.0:
+        raise SpectralError("all eigenvalues are zero")
+    counts = torch.histc(ev.clamp(0.0, hi), bins=bins, min=0.0, max=hi)
+    return {"lo": 0.0, "hi": hi, "counts": [int(c) for c in counts.tolist()]}
 
 
 def traps_payload(
