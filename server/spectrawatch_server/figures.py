@@ -47,6 +47,7 @@ SEVERITY_COLORS = {
     "warning": "#ff7f0e",
     "info": "#1f77b4",
 }
+FEW_STEP_TICKS = 10  # a heatmap of at most this many columns has a tick at each step
 PANEL_KINDS = frozenset(
     {
         "scalars",
@@ -718,6 +719,8 @@ def heatmap_figure(
     layout["yaxis"].update({"type": "category", "autorange": "reversed", "dtick": 1})
     longest = max((len(la) for la in grid.layers), default=8)
     layout["margin"]["l"] = min(320, 30 + 7 * longest)
+    if 0 < len(grid.steps) <= FEW_STEP_TICKS:  # ticks at the steps, not at 499.6, 499.8...
+        layout["xaxis"]["tickvals"] = list(grid.steps)
     top_axis = len(grid.layers) > TOP_AXIS_LAYERS and bool(grid.steps)
     if top_axis:  # a tall heatmap (16 px a layer) has its steps above the rows too
         layout["xaxis2"] = {"overlaying": "x", "side": "top", "matches": "x", "showgrid": False}

@@ -242,3 +242,28 @@ def test_non_finite_activations_raise_value_error(value: float) -> None:
         activation_spectrum_from_gram(x.double().T @ x.double(), 50)
     with pytest.raises(ValueError, match="not finite"):
         activation_spectrum(x.nan_to_num(1.0).double() * 1e200)  # squares overflow
+
+
+@pytest.mark.parametrize(
+    "lam",
+    [
+        np.exp(-np.arange(128) / 5.0),  # fast decay: no noise bulk at all
+        np.arange(1, 129) ** -2.0,
+        np.r_[np.full(10, 100.0), np.full(118, 1e-6)],  # rank 10 over a tiny noise floor
+    ],
+    ids=["exp", "power", "low_rank"],
+)
+def test_structured_spectra_keep_a_bulk_and_a_bounded_distance(lam: np.ndarray) -> None:
+    """Session 27: on the demo's probe the fit shed every eigenvalue but one as an outlier,
+    sigma2 fell to 5e-11 of the top (an ``exp(-i/5)`` spectrum does the same) and the W1
+    distance read 1e10. The bulk now keeps at least half of the spectrum, and W1 compares the
+    shape (rescaled to the law's mean): bounded by 2 max(1, y), unchanged by the units."""
+    fit = fit_marchenko_pastur(lam, 339, 128)
+    low = np.sort(lam)[::-1][64:]
+    assert fit.sigma2 >= low.sum() / 64 * (1 - 1e-12)  # the bulk is at least the lower half
+    assert 0.3 < fit.wasserstein <= 2.0
+    assert fit_marchenko_pastur(lam * 1e6, 339, 128).wasserstein == pytest.approx(
+        fit.wasserstein, rel=1e-9
+    )
+    wide = fit_marchenko_pastur(lam[:60], 60, 100)  # y = 5/3: the nonzero part's mean is y
+    assert 0.0 < wide.wasserstein <= 2 * 100 / 60

@@ -215,6 +215,11 @@ def test_grid_and_heatmap() -> None:
     assert "sampled at 2 steps" in heat["layout"]["title"]["text"]
     missing = fig.grid_from_rows([("a", 0, 1.0), ("b", 1, 2.0)])
     assert missing.z == [[1.0, None], [None, 2.0]]
+    assert heat["layout"]["xaxis"]["tickvals"] == [0, 5]  # few columns: a tick at each step
+    one = fig.heatmap_figure("x", fig.grid_from_rows([("a", 500, 1.0)]))
+    assert one["layout"]["xaxis"]["tickvals"] == [500]  # not 499.6, 499.8, ... 500.4
+    many = fig.grid_from_rows([("a", s, 1.0) for s in range(0, 200, 10)])
+    assert "tickvals" not in fig.heatmap_figure("x", many)["layout"]["xaxis"]
 
 
 @pytest.fixture(scope="module")

@@ -56,9 +56,10 @@ class MarchenkoPasturFit:
     """MP law fitted to one covariance spectrum, in the covariance's own units.
 
     ``ratio`` is ``y = p / n_eff``; ``threshold`` the outlier cut above ``lambda_plus``;
-    ``outlier_mass`` the outliers' share of the trace; ``ks`` and ``wasserstein`` the KS and
-    W1 distances of the ESD of ``lambda / sigma2`` to the unit-variance MP law (W1 in units of
-    ``sigma2``).
+    ``outlier_mass`` the outliers' share of the trace; ``ks`` the KS distance of the ESD of
+    ``lambda / sigma2`` to the unit-variance MP law; ``wasserstein`` the W1 distance of the ESD
+    rescaled to the unit law's mean (``max(1, y)``, that of its nonzero part) to that law: 0 for
+    noise, at most ``2 max(1, y)`` whatever the outliers' scale.
     """
 
     sigma2: float
@@ -223,7 +224,10 @@ def fit_marchenko_pastur(
     k = -1
     for _ in range(max_iter):
         new_k = int((lam > sigma2 * (unit_plus + margin * tw)).sum())
-        new_k = min(new_k, m - 1)
+        # the bulk keeps at least half of the spectrum: a spectrum with no noise bulk (a
+        # trained, fast-decaying representation) would otherwise shed eigenvalue after
+        # eigenvalue until sigma2 was its smallest one's (5e-11 of the top on exp(-i/5))
+        new_k = min(new_k, m // 2)
         if new_k == k:
             break
         k = new_k
@@ -240,7 +244,9 @@ def fit_marchenko_pastur(
         outliers=outliers,
         outlier_mass=float(lam[:outliers].sum()) / total,
         ks=ks_distance(scaled, ratio),
-        wasserstein=wasserstein_distance(scaled, ratio),
+        # the shape's distance: lambda at the unit law's mean (1, or y when y > 1: the nonzero
+        # part's), so outliers far above a small bulk cannot make it 1e6 (it is at most 2 max(1, y))
+        wasserstein=wasserstein_distance(lam * (max(1.0, ratio) / float(lam.mean())), ratio),
     )
 
 
