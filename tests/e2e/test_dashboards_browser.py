@@ -317,6 +317,13 @@ def test_heatmap_click_opens_layer_drilldown(browser: Any, seeded: Any, artifact
     check_plotted(got["traps"], min_points=10)
     assert [t["name"] for t in got["traps"]["traces"]] == ["ESD", "ESD of the shuffled weight"]
     check_plotted(got["alpha"], {"htsr.alpha", "farms.alpha"}, len(STEPS))
+    check_plotted(got["update"], {"norm.update_ratio"}, len(STEPS))
+    assert (
+        browser.execute_script(
+            "return document.querySelector('#panel-update .plot').layout.yaxis.type"
+        )
+        == "log"
+    )
     assert got["esd_farms"]["state"] == "empty"  # the seeded payloads carry no FARMS ESD
     screenshot(browser, artifacts, "layer")
     assert console_errors(browser) == []

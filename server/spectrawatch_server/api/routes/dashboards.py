@@ -448,6 +448,7 @@ def read_layer(
                 f"{spec.title} · {layer}",
                 lines,
                 y_title=spec.y_title,
+                log_y=spec.log_y,
                 y_band=band,
                 markers=line_markers,
             )
