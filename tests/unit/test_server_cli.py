@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from spectrawatch.cli import main
+from tests.servers import free_port
 
 
 def test_several_api_processes_need_the_postgresql_queue(
@@ -122,7 +123,8 @@ def test_worker_log_level_is_checked_and_an_empty_one_is_unset(
     served: dict[str, object] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(kwargs))
     monkeypatch.setenv("SPECTRAWATCH_LOG_LEVEL", "")  # empty: unset
-    assert main(["server", "--data-dir", str(tmp_path), "--port", "8798"]) == 0
+    port = str(free_port())  # the server checks that it can listen before uvicorn.run
+    assert main(["server", "--data-dir", str(tmp_path), "--port", port]) == 0
     assert served["log_level"] == "info"
 
 
