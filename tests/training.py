@@ -77,6 +77,11 @@ def frames_of(url: str, run_id: int) -> list[dict[str, Any]]:
         return out
 
 
+def all_analysed(url: str, run_id: int) -> bool:
+    """Whether every frame of the run is analysed (``done``)."""
+    return all(f["status"] == "done" for f in frames_of(url, run_id))
+
+
 def tiny_gpt2(transformers: Any) -> Any:
     """A 1-layer, 32-wide GPT-2 (``transformers.GPT2LMHeadModel``), seeded, for adapter tests."""
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 import spectrawatch
 from spectrawatch.cli import main
 from tests.servers import ServerProcess, wait_until
-from tests.training import Loop, client_settings, frames_of
+from tests.training import Loop, all_analysed, client_settings, frames_of
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def test_retention_setting_prunes_at_start_and_hourly(
     """``SPECTRAWATCH_PRUNE_BLOBS_AFTER_DAYS``: the sweep runs when the server starts, then
     hourly."""
     ended = _stream(server, tmp_path, "sweep", "ended")
-    wait_until(lambda: all(f["status"] == "done" for f in frames_of(server.url, ended)), 180)
+    wait_until(lambda: all_analysed(server.url, ended), 180)
     assert _blob_files(server, ended)
     server.stop()
     server.env["SPECTRAWATCH_PRUNE_BLOBS_AFTER_DAYS"] = "0.00001"  # 0.86 s

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 import spectrawatch
 from spectrawatch_server.storage import repository as repo
 from tests.servers import ServerProcess, database_url, embedded_only, free_port, wait_until
-from tests.training import Loop, frames_of
+from tests.training import Loop, all_analysed, frames_of
 from tests.training import client_settings as _client_settings
 
 pytestmark = pytest.mark.integration
@@ -40,9 +40,7 @@ def test_every_frame_arrives_exactly_once(server: ServerProcess, tmp_path: Path)
     kinds = {f["kind"] for f in frames}
     assert kinds == {"update_sketch", "param_sketch", "weights", "activations"}
     assert m.stats.get("errors") == 0
-    wait_until(
-        lambda: all(f["status"] == "done" for f in frames_of(server.url, m.run_id)), timeout=120
-    )
+    wait_until(lambda: all_analysed(server.url, m.run_id), timeout=120)
     with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as c:
         run = c.get(f"/runs/{m.run_id}").json()
     assert run["status"] == "finished"
@@ -370,7 +368,7 @@ def test_model_summaries_cover_every_part_of_a_weight_snapshot(
     weights = [f for f in frames if f["kind"] == "weights"]
     steps = sorted({f["step"] for f in weights})
     assert len(weights) >= 2 * len(steps)  # every snapshot came in parts
-    wait_until(lambda: all(f["status"] == "done" for f in frames_of(server.url, m.run_id)), 120)
+    wait_until(lambda: all_analysed(server.url, m.run_id), 120)
     with spectrawatch.Api(server.url) as api:
         run = api.run(m.run_id)
         layers = run.metric("htsr.num_layers", layer="__model__")["__model__"]
@@ -432,7 +430,7 @@ def test_grokking_alert_quotes_its_evidence_end_to_end(
                 m.log({"grok.commutator_defect": defect}, step=step + 1)
 
     def analysed() -> bool:
-        return all(f["status"] == "done" for f in frames_of(server.url, m.run_id or 0))
+        return all_analysed(server.url, m.run_id or 0)
 
     train(range(160))
     assert m.wait_idle(30)
@@ -485,10 +483,7 @@ def test_a_raised_cadence_keeps_one_step_rows_and_complete_sed_windows(
     loop.run(200)
     assert m.finish(timeout=60)
     assert isinstance(m.run_id, int)
-    wait_until(
-        lambda: all(f["status"] == "done" for f in frames_of(server.url, m.run_id or 0)),
-        timeout=120,
-    )
+    wait_until(lambda: all_analysed(server.url, m.run_id or 0), timeout=120)
     with spectrawatch.Api(server.url) as api:
         stored = api.run(m.run_id)
         gap = stored.metric("sed.gap_ratio.w16", layer="__model__")["__model__"]
@@ -527,10 +522,7 @@ def test_update_norms_estimate_the_real_updates(server: ServerProcess, tmp_path:
         sizes[step] = {n: float(a.norm()) for n, a in zip(names, after, strict=True)}
     assert m.finish(timeout=60)
     assert isinstance(m.run_id, int)
-    wait_until(
-        lambda: all(f["status"] == "done" for f in frames_of(server.url, m.run_id or 0)),
-        timeout=120,
-    )
+    wait_until(lambda: all_analysed(server.url, m.run_id or 0), timeout=120)
     with spectrawatch.Api(server.url) as api:
         stored = api.run(m.run_id)
         updates = stored.metric("norm.update")

@@ -40,7 +40,7 @@ from tests.servers import (
     free_port,
     wait_until,
 )
-from tests.training import Loop, frames_of
+from tests.training import Loop, all_analysed, frames_of
 from tests.training import client_settings as _client_settings
 
 pytestmark = pytest.mark.integration
@@ -155,9 +155,7 @@ def test_kill9_api_during_stream_stores_every_frame_once(
         assert loss_rows == (loop.step, loop.step)
         # the worker analyses every frame exactly once
         t_stream = time.monotonic() - t0
-        wait_until(
-            lambda: all(f["status"] == "done" for f in frames_of(srv.url, m.run_id)), timeout=180
-        )
+        wait_until(lambda: all_analysed(srv.url, m.run_id), timeout=180)
         t_analysed = time.monotonic() - t0
         (dupes,) = db_rows(
             data_dir,
@@ -441,9 +439,7 @@ def test_database_down_answers_503_and_client_loses_nothing(
         series = api.get(f"/runs/{m.run_id}/scalars", params={"name": "loss"}).json()
         assert [len(s["steps"]) for s in series if s["name"] == "loss"] == [loop.step]
         # the worker (embedded, or the two worker processes) survived the outage
-        wait_until(
-            lambda: all(f["status"] == "done" for f in frames_of(srv.url, m.run_id)), timeout=180
-        )
+        wait_until(lambda: all_analysed(srv.url, m.run_id), timeout=180)
         marks["all analysed"] = time.monotonic() - t0
         db = create_engine(url)
         with db.connect() as conn:

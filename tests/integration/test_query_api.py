@@ -17,7 +17,7 @@ from spectrawatch import Api
 from spectrawatch.api import MODEL_LAYER, ApiError
 from spectrawatch.cli import main
 from tests.servers import ServerProcess, database_url, db_rows, wait_until
-from tests.training import Loop, client_settings, frames_of
+from tests.training import Loop, all_analysed, client_settings, frames_of
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def test_results_read_back_in_python(
     assert m.finish(timeout=60)
     run_id = m.run_id
     assert isinstance(run_id, int)
-    wait_until(lambda: all(f["status"] == "done" for f in frames_of(server.url, run_id)), 180)
+    wait_until(lambda: all_analysed(server.url, run_id), 180)
 
     with Api(server.url) as sw:
         run = sw.run("queried", project="notebook")

@@ -14,7 +14,7 @@ import spectrawatch
 from spectrawatch import wire
 from spectrawatch.cli import main
 from tests.servers import POSTGRES_MODE, ServerProcess, db_rows, wait_until
-from tests.training import Loop, client_settings, frames_of
+from tests.training import Loop, all_analysed, client_settings, frames_of
 
 pytestmark = pytest.mark.integration
 
@@ -187,7 +187,7 @@ def test_compact_gives_a_deleted_runs_pages_back_once_the_server_stopped(
     srv = ServerProcess(tmp_path / "srv").start()
     try:
         keep, gone = _stream(srv, tmp_path, "keep"), _stream(srv, tmp_path, "gone")
-        wait_until(lambda: all(f["status"] == "done" for f in frames_of(srv.url, gone)), 120)
+        wait_until(lambda: all_analysed(srv.url, gone), 120)
         httpx.delete(f"{srv.url}/api/v1/runs/{gone}", timeout=30).raise_for_status()
         assert main(["compact", "--data-dir", str(srv.data_dir)]) == 2  # the server holds it
         assert "is in use by another spectrawatch server" in capsys.readouterr().err

@@ -9,9 +9,7 @@ eigenvalue arrays the fit agrees with `WWFit` and `powerlaw.Fit` to 1e-9 (summat
 from __future__ import annotations
 
 import json
-import logging
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -25,22 +23,13 @@ from spectrawatch.wire import FrameKind, encode_frame, parse_header
 from spectrawatch_server.analyses import MODEL_LAYER, DecodedFrame, analyses_for
 from spectrawatch_server.analyses.htsr import heavy_tail_metrics
 from tests.history import StubHistory
+from tests.references import weightwatcher
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning:powerlaw",
     "ignore::RuntimeWarning:powerlaw",
     "ignore::DeprecationWarning:weightwatcher",
 )
-
-
-def _ww() -> Any:
-    """Import weightwatcher quietly (it logs and prints about missing CUDA at import)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ww = pytest.importorskip("weightwatcher")
-        from weightwatcher import WW_powerlaw
-    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-    return ww, WW_powerlaw
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -111,7 +100,7 @@ def _esd(shape: tuple[int, int], seed: int, student_df: float | None = None) -> 
 def test_fit_matches_wwfit_and_powerlaw(shape: tuple[int, int], df: float | None) -> None:
     import powerlaw
 
-    _, ww_pl = _ww()
+    ww_pl = weightwatcher().WW_powerlaw
     ev = _esd(shape, 3, df)
     fit = htsr.fit_power_law(ev)
     x = ev.numpy()
@@ -132,7 +121,7 @@ def test_fit_matches_wwfit_and_powerlaw(shape: tuple[int, int], df: float | None
 
 def test_pruned_search_on_large_sample_matches_wwfit() -> None:
     """n = 3000 > 256 takes the bound-and-prune KS search; it must equal WWFit's full loop."""
-    _, ww_pl = _ww()
+    ww_pl = weightwatcher().WW_powerlaw
     rng = np.random.default_rng(7)
     x = np.sort(rng.pareto(1.7, 3000) + 1.0) * 0.3
     fit = htsr.fit_power_law(torch.from_numpy(x))
@@ -167,7 +156,7 @@ def test_pruned_ks_search_equals_exhaustive(seed: int) -> None:
 
 
 def test_small_n_fit_matches_wwfit() -> None:
-    _, ww_pl = _ww()
+    ww_pl = weightwatcher().WW_powerlaw
     x = np.sort(np.random.default_rng(2).pareto(2.0, 15) + 1.0)
     fit = htsr.fit_power_law(torch.from_numpy(x))
     ref = ww_pl.WWFit(x)
@@ -277,7 +266,7 @@ EXACT_COLUMNS = [
 
 @pytest.mark.slow
 def test_analyze_model_matches_weightwatcher_analyze() -> None:
-    ww, _ = _ww()
+    ww = weightwatcher()
     torch.manual_seed(0)
     model = _Model()
     details = ww.WeightWatcher(model=model).analyze(mp_fit=True)

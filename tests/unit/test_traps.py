@@ -9,35 +9,22 @@ exactly.
 
 from __future__ import annotations
 
-import logging
-import warnings
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
 
 from spectrawatch.spectral import htsr
 from spectrawatch.spectral.farms import FARMS_CV
-from spectrawatch.wire import FrameKind, encode_frame, parse_header
-from spectrawatch_server.analyses import DecodedFrame
+from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.htsr import heavy_tail_metrics
 from spectrawatch_server.figures import traps_figure
-from tests.history import StubHistory
+from tests.history import StubHistory, decoded_frame
+from tests.references import weightwatcher
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning:weightwatcher",
     "ignore::RuntimeWarning:weightwatcher",
 )
-
-
-def _ww() -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ww = pytest.importorskip("weightwatcher")
-        from weightwatcher import RMT_Util
-    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-    return ww, RMT_Util
 
 
 def _weight(n_out: int, n_in: int, planted: int, seed: int) -> torch.Tensor:
@@ -65,7 +52,7 @@ def _esd(w: np.ndarray) -> torch.Tensor:
     [(300, 150, 0), (300, 150, 3), (150, 300, 2), (200, 60, 0), (200, 60, 2)],
 )
 def test_traps_match_weightwatcher_randomize(n_out: int, n_in: int, planted: int) -> None:
-    ww, _ = _ww()
+    ww = weightwatcher()
     w = _weight(n_out, n_in, planted, seed=n_out + n_in + planted)
     model = torch.nn.Sequential(torch.nn.Linear(n_in, n_out, bias=False))
     with torch.no_grad():
@@ -95,7 +82,7 @@ def test_traps_match_weightwatcher_randomize(n_out: int, n_in: int, planted: int
 
 
 def test_jensen_shannon_distance_matches_weightwatcher() -> None:
-    _, rmt = _ww()
+    rmt = weightwatcher().RMT_Util
     g = torch.Generator().manual_seed(3)
     p = torch.rand(50, generator=g, dtype=torch.float64)
     q = torch.rand(50, generator=g, dtype=torch.float64) * 2.0  # unequal sums
@@ -170,17 +157,11 @@ def test_shuffle_keeps_the_entries() -> None:
     assert torch.equal(shuffled.flatten().sort().values, w.flatten().sort().values)
 
 
-def _frame(tensors: dict[str, torch.Tensor]) -> DecodedFrame:
-    data = encode_frame(FrameKind.WEIGHTS, 500, 3, tensors, {})
-    header = parse_header(data, len(data))
-    return DecodedFrame(1, 7, header, tensors, torch.device("cpu"))
-
-
 def test_server_analysis_stores_traps_and_the_shuffled_esd() -> None:
     g = torch.Generator().manual_seed(4)
     w = torch.randn(160, 96, generator=g)
     w[10, 20] = 30.0
-    frame = _frame({"fc.weight": w})
+    frame = decoded_frame(FrameKind.WEIGHTS, 500, {"fc.weight": w})
     result = heavy_tail_metrics(frame, StubHistory())
     values = {m.name: m.value for m in result.metrics if m.layer == "fc.weight"}
     direct = htsr.analyze_weights({"fc.weight": w}, farms=FARMS_CV, traps=True).layers[0]
