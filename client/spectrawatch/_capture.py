@@ -825,6 +825,7 @@ class Capture:
                     "layers": shapes,
                     "part": parts,
                     "shapes": {k: v["orig_shape"] for k, v in shapes.items()},
+                    "traps": self.s.weights_traps,
                 }
                 if head in part:
                     info["output_layer"] = head

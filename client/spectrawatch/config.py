@@ -72,6 +72,9 @@ class ClientSettings:
     weights_every: int = 500
     weights_at_finish: bool = True
     weights_dtype: WeightsDtype = "float32"
+    # the server computes correlation traps on the snapshots (one more eigendecomposition per
+    # layer; off for very large models whose weight frames take the worker long)
+    weights_traps: bool = True
     activations_every: int = 250
     max_activation_hidden: int = 4096  # default probe modules: Linear/Conv with <= this width
     defect_every: int = 100

@@ -276,10 +276,21 @@ def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:
     assert info["layers"]["0.weight"]["orig_shape"] == [8, 3, 3, 3]
     assert info["shapes"]["0.weight"] == [8, 3, 3, 3]  # the server's htsr reads "shapes"
     assert info["dtype"] == "float16"
+    assert all(f.info["traps"] is True for f in frames)  # the server computes them
     torch.testing.assert_close(conv, model[0].weight.detach().reshape(8, 27).half())
     assert all(f.compress and f.step == 7 for f in frames)
     body = wire.encode_frame(frames[0].kind, 7, 0, frames[0].tensors, frames[0].info)
     wire.decode_frame(body)  # valid on the wire
+
+
+def test_weights_traps_off_says_so_in_every_weights_frame() -> None:
+    sink = Sink()
+    cap, _ = make_capture(mlp(), None, sink, weights_traps=False)
+    cap.capture_weights(3)
+    frames = sink.of(wire.FrameKind.WEIGHTS)
+    assert frames
+    assert all(f.info["traps"] is False for f in frames)
+    assert ClientSettings.from_env({"SPECTRAWATCH_WEIGHTS_TRAPS": "0"}).weights_traps is False
 
 
 def test_weights_frames_stay_within_the_servers_tensor_count() -> None:

@@ -196,3 +196,18 @@ def test_cuda_traps_find_the_planted_entries() -> None:
         assert d.values()[htsr.RAND_LAMBDA_MAX] == pytest.approx(
             c.values()[htsr.RAND_LAMBDA_MAX], rel=0.2
         )
+
+
+def test_a_run_that_turned_traps_off_gets_none() -> None:
+    """Client setting ``weights_traps=False``: its weight frames say ``"traps": false``."""
+    w = torch.randn(160, 96, generator=torch.Generator().manual_seed(4))
+    off = heavy_tail_metrics(
+        decoded_frame(FrameKind.WEIGHTS, 500, {"fc.weight": w}, {"traps": False}), StubHistory()
+    )
+    assert off.metrics
+    assert not {m.name for m in off.metrics} & set(htsr.TRAP_KEYS)
+    assert "traps" not in off.spectra[0].payload["plain"]
+    on = heavy_tail_metrics(
+        decoded_frame(FrameKind.WEIGHTS, 500, {"fc.weight": w}, {"traps": True}), StubHistory()
+    )
+    assert set(htsr.TRAP_KEYS) <= {m.name for m in on.metrics}

@@ -10,6 +10,8 @@ ESD behind the traps, for the drill-down plots.
 
 Conv kernels arrive flattened to 2-D; when ``info["shapes"][layer]`` gives the original 4-D
 shape, the matrix is restored to it so that WeightWatcher's per-kernel-position slicing applies.
+A frame whose ``info["traps"]`` is ``false`` (client setting ``weights_traps``) gets no
+correlation traps.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from spectrawatch_server.analyses.registry import (
 )
 
 SHAPES_INFO_KEY = "shapes"  # frame info: {layer: original shape} for reshaped conv kernels
+TRAPS_INFO_KEY = "traps"  # frame info: false when the run turned correlation traps off
 
 
 def restore_shapes(tensors: Mapping[str, torch.Tensor], shapes: object) -> dict[str, torch.Tensor]:
@@ -77,7 +80,8 @@ def heavy_tail_metrics(frame: DecodedFrame, context: AnalysisContext) -> Analysi
         for layer, w in weights.items()
         if w.ndim == 2 and (sv := shared_singular_values(frame, layer)) is not None
     }
-    report = analyze_weights(weights, farms=FARMS_CV, device=frame.device, esds=esds, traps=True)
+    traps = frame.header.info.get(TRAPS_INFO_KEY) is not False  # on unless the client says no
+    report = analyze_weights(weights, farms=FARMS_CV, device=frame.device, esds=esds, traps=traps)
     result = AnalysisResult()
     for layer in report.layers:
         for name, value in layer.values().items():
