@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import httpx
+
+_PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a child gets when its parent dies
 
 
 def _healthy(url: str) -> bool:
@@ -24,9 +31,36 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the server child, before exec (Linux): SIGTERM when the demo process dies, even by
+    SIGKILL, so no orphaned server keeps the port and the data directory."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit`` (the default kills the process before any ``finally``
+    stops the server it started); the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def start_server(port: int, data_dir: Path, timeout: float = 120.0) -> subprocess.Popen[bytes]:
-    """Start ``spectrawatch server`` on ``port`` and wait until it is healthy."""
+    """Start ``spectrawatch server`` on ``port`` and wait until it is healthy. On Linux the
+    server is SIGTERMed when this process dies."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    linux = sys.platform.startswith("linux")
     with open(data_dir / "server.log", "ab") as log:
         proc = subprocess.Popen(
             [
@@ -41,6 +75,8 @@ def start_server(port: int, data_dir: Path, timeout: float = 120.0) -> subproces
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            # no thread runs yet (the monitor starts later), so a pre-exec hook is safe here
+            preexec_fn=_die_with_parent if linux else None,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -69,9 +105,16 @@ def wait_for_analysis(url: str, run_id: int, timeout: float) -> dict[str, int]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    url = f"http://127.0.0.1:{args.port}"
+    with _sigterm_exits():
+        return _run(args, url)
+
+
+def _run(args: argparse.Namespace, url: str) -> int:
+    """:func:`run_demo`: the server it starts is stopped however the demo ends (an error,
+    Ctrl-C, SIGTERM)."""
     from spectrawatch import grokking_demo
 
-    url = f"http://127.0.0.1:{args.port}"
     server = None if _healthy(url) else start_server(args.port, Path(args.data_dir))
     try:
         print(f"server: {url}  (API docs {url}/docs)", flush=True)

@@ -104,7 +104,9 @@
         if (!lines.length) { lines.push("layer,step,value"); }
         (t.y || []).forEach(function (_, i) {
           var layer = rawName(t, i);
-          (t.x || []).forEach(function (step, j) { lines.push([layer, step, t.z[i][j]].map(csvCell).join(",")); });
+          // a log-coloured heatmap keeps the values themselves in customdata
+          var values = Array.isArray(t.customdata) ? t.customdata : t.z;
+          (t.x || []).forEach(function (step, j) { lines.push([layer, step, values[i][j]].map(csvCell).join(",")); });
         });
       } else {
         if (!lines.length) { lines.push("series,x,y"); }

@@ -48,6 +48,7 @@ SEVERITY_COLORS = {
     "info": "#1f77b4",
 }
 FEW_STEP_TICKS = 10  # a heatmap of at most this many columns has a tick at each step
+LOG_COLOR_SPAN = 1e3  # a heatmap of positive values spanning this factor is coloured by log10
 PANEL_KINDS = frozenset(
     {
         "scalars",
@@ -694,24 +695,35 @@ def heatmap_figure(
     title = f"{metric} by layer and step"
     if sampled:
         title += f" (sampled at {len(grid.steps)} steps)"
+    values = [v for row in grid.z for v in row if v is not None and math.isfinite(v)]
+    log_color = bool(values) and min(values) > 0 and max(values) >= LOG_COLOR_SPAN * min(values)
+    if log_color:
+        title += " · log colour scale"
     # Category y-axis in layer order, first layer at the top.
     # y holds the escaped names (tick labels and hover render HTML), meta the names as stored
     # (for the click-through and the CSV); the metric enters the hover as data, not template
     rows = [plot_text(la, 10_000) for la in grid.layers]
-    data = [
-        {
-            "type": "heatmap",
-            "name": plot_text(metric),
-            "x": grid.steps,
-            "y": rows,
-            "meta": list(grid.layers),
-            "z": grid.z,
-            "colorscale": "Viridis",
-            "colorbar": {"title": {"text": plot_text(metric)}, "thickness": 12},
-            "hovertemplate": "layer %{y}<br>step %{x}<br>%{fullData.name} %{z:.4g}<extra></extra>",
-            "hoverongaps": False,
-        }
-    ]
+    heat: dict[str, Any] = {
+        "type": "heatmap",
+        "name": plot_text(metric),
+        "x": grid.steps,
+        "y": rows,
+        "meta": list(grid.layers),
+        "z": grid.z,
+        "colorscale": "Viridis",
+        "colorbar": {"title": {"text": plot_text(metric)}, "thickness": 12},
+        "hovertemplate": "layer %{y}<br>step %{x}<br>%{fullData.name} %{z:.4g}<extra></extra>",
+        "hoverongaps": False,
+    }
+    if log_color:  # decades apart (update ratios, condition numbers): colour by log10, while
+        # hover and CSV keep the values (customdata)
+        lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+        decades = list(range(lo, hi + 1))
+        heat["z"] = [[_log10(v) for v in row] for row in grid.z]
+        heat["customdata"] = grid.z
+        heat["hovertemplate"] = heat["hovertemplate"].replace("%{z:.4g}", "%{customdata:.4g}")
+        heat["colorbar"].update({"tickvals": decades, "ticktext": [f"1e{k}" for k in decades]})
+    data: list[dict[str, Any]] = [heat]
     layout = _layout(title, y_title="layer")
     layout["hovermode"] = "closest"
     # A fixed margin sized to the longest name: automargin costs a second layout pass.
@@ -766,6 +778,10 @@ def heatmap_figure(
             }
         )
     return {"data": data, "layout": layout}
+
+
+def _log10(value: float | None) -> float | None:
+    return math.log10(value) if value is not None and math.isfinite(value) and value > 0 else None
 
 
 def _num(value: Any) -> float | None:

@@ -152,6 +152,7 @@ def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float
                 MetricRow(layer, "eigentrack.entropy", step, 0.9 - step / 1000 - 0.01 * i),
                 MetricRow(layer, "eigentrack.outliers", step, float(i % 3 + step // 100)),
                 MetricRow(layer, "norm.update_ratio", step, 1e-3 * (1 + i) * (1 + step / 100)),
+                MetricRow(layer, "conditioning.condition_number", step, 10.0 ** (i + step / 100)),
             ]
         spectra = [SpectrumRow(layer, payloads[layer]) for layer in LAYERS if layer in payloads]
         repo.replace_results(s, run_id, frame.id, step, "htsr", metrics, spectra)

@@ -669,6 +669,17 @@ def test_png_and_csv_downloads(browser: Any, seeded: Any) -> None:
     )
     assert csv.split("\n")[0] == "layer,step,value"
     assert len(csv.strip().split("\n")) == 1 + len(LAYERS) * len(STEPS)
+    # a metric spanning decades is coloured by its log, and its CSV still holds the values
+    open_page(
+        browser, f"{server.url}/runs/{runs.run_id}/layers?metric=conditioning.condition_number"
+    )
+    assert "log colour scale" in panels(browser)["heatmap"]["title"]
+    csv = browser.execute_script(
+        "return SW.figureCsv(document.querySelector('#panel-heatmap .plot'))"
+    )
+    first = csv.strip().split("\n")[1].split(",")
+    assert first[:2] == [LAYERS[0], "0"]
+    assert float(first[2]) == 1.0  # 10 ** (0 + 0 / 100), not its log
     assert console_errors(browser) == []
 
 

@@ -222,6 +222,26 @@ def test_grid_and_heatmap() -> None:
     assert "tickvals" not in fig.heatmap_figure("x", many)["layout"]["xaxis"]
 
 
+def test_heatmap_of_values_decades_apart_is_coloured_by_their_log() -> None:
+    """Per-layer update ratios or condition numbers span decades: on a linear colour scale all
+    but the largest layer read as one colour. Coloured by log10, with decade ticks; hover and
+    CSV (``customdata``) keep the values."""
+    rows = [("a", 0, 1e-4), ("a", 5, 2e-3), ("b", 0, 0.5), ("b", 5, None)]
+    heat = fig.heatmap_figure("norm.update_ratio", fig.grid_from_rows(rows))
+    trace = heat["data"][0]
+    assert trace["customdata"] == [[1e-4, 2e-3], [0.5, None]]
+    np.testing.assert_allclose(trace["z"][0], [-4.0, math.log10(2e-3)])
+    assert trace["z"][1] == [pytest.approx(math.log10(0.5)), None]
+    assert trace["colorbar"]["tickvals"] == [-4, -3, -2, -1, 0]
+    assert trace["colorbar"]["ticktext"][0] == "1e-4"
+    assert "%{customdata:.4g}" in trace["hovertemplate"]
+    assert "log colour scale" in heat["layout"]["title"]["text"]
+    for linear in ([("a", 0, 1.0), ("a", 5, 900.0)], [("a", 0, 0.0), ("a", 5, 1e6)]):
+        plain = fig.heatmap_figure("x", fig.grid_from_rows(linear))["data"][0]
+        assert "customdata" not in plain  # within 1,000x, or not all positive
+        assert plain["z"] == [[v for _, _, v in linear]]
+
+
 @pytest.fixture(scope="module")
 def payload() -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
