@@ -4,7 +4,8 @@
 plus ``wpe`` 1024x768, random (0.02-scaled, as GPT-2's init), and a previous snapshot of the
 same shapes for ``subspace``. Every analysis registered for weight frames runs on the frame,
 in registry order, with an in-memory context (no database, no blob store); ``conditioning``
-runs first and pays for the SVD it shares with ``norms`` and ``grok_rank``.
+runs first and pays for the SVD it shares with ``norms`` and ``grok_rank``. ``htsr`` includes
+the correlation traps unless ``--no-traps``.
 
 "Before" numbers come from the same script run against an older tree, e.g.::
 
@@ -52,8 +53,10 @@ class Previous:
         return []
 
 
-def frame(tensors: dict[str, torch.Tensor], step: int, frame_id: int) -> DecodedFrame:
-    header = FrameHeader(FrameKind.WEIGHTS, step, step, {}, (), 0)
+def frame(
+    tensors: dict[str, torch.Tensor], step: int, frame_id: int, traps: bool = True
+) -> DecodedFrame:
+    header = FrameHeader(FrameKind.WEIGHTS, step, step, {"traps": traps}, (), 0)
     return DecodedFrame(1, frame_id, header, tensors, torch.device("cpu"))
 
 
@@ -61,6 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-traps", action="store_true", help="as a run with weights_traps=False sends it"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -72,7 +78,7 @@ def main() -> None:
     weights["wpe.weight"] = torch.randn(1024, 768, generator=g) * 0.02
     before = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in weights.items()}
     context = Previous(frame(before, 0, 1))
-    current = frame(weights, 500, 2)
+    current = frame(weights, 500, 2, traps=not args.no_traps)
     total = 0.0
     print(f"{len(weights)} matrices, {args.threads} thread(s)")
     for analysis in analyses_for(FrameKind.WEIGHTS):
