@@ -760,6 +760,13 @@ def _plotly() -> Any:
     return go, pio, get_plotlyjs
 
 
+def _density_points(hist: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    """Geometric bin centres and densities of a log-binned ESD histogram's non-empty bins."""
+    mids = [math.sqrt(lo * hi) for lo, hi in itertools.pairwise(hist["edges"])]
+    keep = [i for i, d in enumerate(hist["density"]) if d > 0]
+    return [mids[i] for i in keep], [hist["density"][i] for i in keep]
+
+
 def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
     """A self-contained HTML page (plotly.js inlined, no CDN): alpha per layer (plain and FARMS,
     every checkpoint), a warnings table, and per-layer ESD log-log plots with the power-law fit
@@ -798,15 +805,8 @@ def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
             if evals is None or metrics is None:
                 continue
             p = esd_payload(evals, metrics)
-            edges = p["hist"]["edges"]
-            mids = [math.sqrt(lo * hi) for lo, hi in itertools.pairwise(edges)]
-            dens = p["hist"]["density"]
-            keep = [i for i, d in enumerate(dens) if d > 0]
-            fig.add_trace(
-                go.Scatter(
-                    x=[mids[i] for i in keep], y=[dens[i] for i in keep], mode="markers", name=which
-                )
-            )
+            xs, ys = _density_points(p["hist"])
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=which))
             fig.add_trace(
                 go.Scatter(
                     x=p["fit"]["x"],
@@ -826,13 +826,11 @@ def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
                     )
                 )
         if r.report.traps is not None and r.report.rand_evals is not None:  # --traps
-            hist = log_histogram(r.report.rand_evals)
-            mids = [math.sqrt(lo * hi) for lo, hi in itertools.pairwise(hist["edges"])]
-            keep = [i for i, d in enumerate(hist["density"]) if d > 0]
+            xs, ys = _density_points(log_histogram(r.report.rand_evals))
             fig.add_trace(
                 go.Scatter(
-                    x=[mids[i] for i in keep],
-                    y=[hist["density"][i] for i in keep],
+                    x=xs,
+                    y=ys,
                     mode="markers",
                     marker={"symbol": "x"},
                     name=f"shuffled weight's ESD: {r.report.traps.num_traps} correlation trap(s)",

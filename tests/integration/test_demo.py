@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from spectrawatch._demo import _healthy
 from tests.servers import embedded_only, free_port, wait_until
 
 pytestmark = [pytest.mark.integration, embedded_only("the demo runs the embedded default")]
@@ -44,10 +45,7 @@ class Demo:
         wait_until(lambda: any(text in line for line in self.lines), timeout=timeout)
 
     def serving(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/api/v1/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return _healthy(self.url)  # the demo's own check of its server
 
     def stop(self) -> None:
         if self.proc.poll() is None:

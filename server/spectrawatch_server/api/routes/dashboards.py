@@ -56,6 +56,8 @@ ACTIVATION_POINTS = 60_000  # points per activations figure (legend-only lines i
 ACTIVATION_READ_POINTS = 2 * ACTIVATION_POINTS
 MIN_LINE_POINTS = 200
 MAX_COMPARE_RUNS = 8
+# the layer page's panels drawn from its HT-SR spectrum payload, by panel kind
+SPECTRUM_FIGURES = {"esd": dash.esd_figure, "mp": dash.mp_figure, "traps": dash.traps_figure}
 NO_RUNS_PICKED = (
     "No runs picked: tick them on the runs list (/) and press “compare selected”, "
     "or open /compare?runs=1,2."
@@ -421,13 +423,12 @@ def read_layer(
     body["nonfinite_note"] = note
     panels = []
     for spec in page.panels:
-        if spec.kind in ("esd", "mp", "traps"):
+        if spec.kind in SPECTRUM_FIGURES:
             part = (chosen_row.payload.get(spec.match[0]) if chosen_row is not None else None) or {}
             title = f"{spec.title} · {layer}" + (
                 f" @ step {chosen_row.step}" if chosen_row is not None else ""
             )
-            builder = {"esd": dash.esd_figure, "mp": dash.mp_figure, "traps": dash.traps_figure}
-            fig = (builder[spec.kind](part, title) or None) if part else None
+            fig = (SPECTRUM_FIGURES[spec.kind](part, title) or None) if part else None
             skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
             panel = dash.panel_from(
                 spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None
