@@ -112,10 +112,11 @@ def test_embedded_worker_waits_for_the_lock_with_the_worker_timeout(tmp_path: Pa
 
 @pytest.mark.slow
 def test_client_backs_off_on_database_busy_and_loses_nothing(tmp_path: Path) -> None:
-    """A real server and a real training loop; the SQLite write lock is held 12 s, longer than
-    the client's request timeout: the client gets ``503 database_busy`` (not a timeout of its
-    own), spools and retries after ``Retry-After``, and every frame and scalar arrives once,
-    in order; the training loop's steps are never held up."""
+    """A real server and a real training loop; the SQLite write lock is held, longer than the
+    client's request timeout, until the client has spooled (at most 40 s): the client gets
+    ``503 database_busy`` (not a timeout of its own), spools and retries after ``Retry-After``,
+    and every frame and scalar arrives once, in order; the training loop's steps are never
+    held up. (A lock of a fixed 12 s could end before the second 503 under load: no spool.)"""
     srv = ServerProcess(tmp_path / "server", port=PORT).start()
     m = spectrawatch.Monitor()
     try:
@@ -126,10 +127,11 @@ def test_client_backs_off_on_database_busy_and_loses_nothing(tmp_path: Path) -> 
         loop = Loop(m)
         loop.run(10, pause=0.005)
         assert m.wait_idle(30)
-        with write_locked(tmp_path / "server" / "spectrawatch.db", 12):
+        with write_locked(tmp_path / "server" / "spectrawatch.db", 40):
             loop.run_for(10.0, pause=0.04)
             # 503 after the 3 s lock timeout, a retry after Retry-After: 5 s, 503 again, spooled
             wait_until(lambda: "503 database_busy" in (m.stats.last_error or ""), timeout=15)
+            wait_until(lambda: m.stats.get("spooled_frames") > 0, timeout=25)
         assert "database busy: timed out waiting for lock" in srv.log_path.read_text()
         assert m.stats.get("spooled_frames") > 0
         assert max(loop.times) < 1.0  # the sender thread waited, never the loop
