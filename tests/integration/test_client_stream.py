@@ -541,12 +541,13 @@ def test_update_norms_estimate_the_real_updates(server: ServerProcess, tmp_path:
     assert statistics.fmean(errors) == pytest.approx(0.0, abs=0.02)
     assert max(abs(e) for e in errors) < 0.1  # 3.6 % at most when written
     # the ratio divides by ||theta|| of the theta frame sent last before the update frame
-    # (steps 10, 20, 30, 40; frames of 4 steps): at most 3 steps older or newer than the row
+    # (steps 10, 20, 30, 40; frames of 4 steps): at most 3 steps older or newer than the row;
+    # the frames sent before the first theta frame (steps up to 8), by that first ||theta||
     weight = ratios["0.weight"]
-    assert weight.steps[0] == 9  # the frame of steps 9-12 is sent after theta at step 10
-    assert weight.steps == list(range(9, 41))
+    assert weight.steps == updates["0.weight"].steps
+    assert weight.steps[0] <= 2
     off = [
         value / (exact[step]["0.weight"] / sizes[step]["0.weight"]) - 1.0
         for step, value in zip(weight.steps, weight.values, strict=True)
     ]
-    assert max(abs(e) for e in off) < 0.2  # 11.5 %: ||theta|| moves ~10 % in 10 steps here
+    assert max(abs(e) for e in off) < 0.25  # 16.4 %: ||theta|| moves ~10 % in 10 steps here

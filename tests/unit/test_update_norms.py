@@ -121,3 +121,36 @@ def test_registered_on_both_sketch_kinds_only() -> None:
         assert "update_norms" in [a.name for a in analyses_for(kind)]
     for kind in (FrameKind.WEIGHTS, FrameKind.ACTIVATIONS):
         assert "update_norms" not in [a.name for a in analyses_for(kind)]
+
+
+def test_first_theta_frame_gives_the_earlier_updates_their_ratio() -> None:
+    """Updates sent before the run's first theta frame are divided by that frame's first
+    ``||theta||`` when it arrives (once: a later theta frame adds none)."""
+    g = torch.Generator().manual_seed(5)
+    names = ("fc.weight", MODEL_LAYER)
+    updates = [
+        decoded_frame(
+            FrameKind.UPDATE_SKETCH,
+            4 * (i + 1),
+            {k: torch.randn(4, 32, generator=g) for k in names},
+            _info(list(range(4 * i + 1, 4 * i + 5))),
+            frame_id=i + 1,
+        )
+        for i in range(3)
+    ]
+    theta = {k: torch.randn(2, 32, generator=g, dtype=torch.float64) * 10.0 for k in names}
+    theta["fc.weight"][1] *= 3.0  # the later row is not the one divided by
+    first = decoded_frame(FrameKind.PARAM_SKETCH, 12, theta, _info([10, 12]), frame_id=4)
+    result = update_norms(first, StubHistory(updates))
+    got = {(m.layer, m.name, m.step): m.value for m in result.metrics}
+    for frame in updates:
+        for i, step in enumerate(frame.row_steps):
+            for layer in names:
+                want = float(frame.tensors[layer][i].double().norm() / theta[layer][0].norm())
+                assert got[(layer, UPDATE_RATIO, step)] == pytest.approx(want, rel=1e-12)
+    assert not [k for k in got if k[1] == UPDATE_NORM]  # the update frames stored their norms
+    assert len([k for k in got if k[1] == UPDATE_RATIO]) == 2 * 12
+    later_theta = {k: v[:1] for k, v in theta.items()}
+    later = decoded_frame(FrameKind.PARAM_SKETCH, 20, later_theta, _info([20]), frame_id=5)
+    again = update_norms(later, StubHistory([*updates, first]))
+    assert {m.name for m in again.metrics} == {PARAM_NORM}

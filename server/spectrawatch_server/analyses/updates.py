@@ -3,7 +3,9 @@
 ``norm.update`` is ``||delta theta||`` of one optimizer step (the norm of its update-sketch row),
 ``norm.param`` is ``||theta||`` (the norm of a theta-sketch row), and ``norm.update_ratio`` the
 first over the second from the run's latest theta frame sent before the update frame (the
-client sends one every ``theta_every`` steps, 100 by default): the update-to-weight ratio that
+client sends one every ``theta_every`` steps, 100 by default; the updates sent before the run's
+first theta frame get their ratio when it arrives, against that first ``||theta||``, from up to
+:data:`BACKFILL_FRAMES` update frames): the update-to-weight ratio that
 training guides watch, often quoted near 1e-3 for a well-set learning rate, far above it when
 the rate is too high for a layer. Norms of count-sketch rows estimate the true norms within a
 few per cent (:mod:`spectrawatch.spectral.norms`); exact-mode frames carry the updates
@@ -61,23 +63,48 @@ def _latest_param_norms(context: AnalysisContext) -> dict[str, float]:
     return out
 
 
+# update frames before the run's first theta frame given their ratio when it arrives: 256 steps
+# of 16-step frames (theta_every is 100 by default); each is decoded once for it
+BACKFILL_FRAMES = 16
+
+
 @register("update_norms", [FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH])
 def update_norms(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     """``norm.param`` of theta frames; ``norm.update`` and ``norm.update_ratio`` of update
-    frames, per layer (row group) and ``__model__``."""
+    frames, per layer (row group) and ``__model__``. The run's first theta frame also gives the
+    ratios of the update frames sent before it."""
     result = AnalysisResult()
     if frame.header.kind == FrameKind.PARAM_SKETCH:
+        first: dict[str, float] = {}
         for layer in sorted(frame.tensors):
-            for step, norm in _points(frame, layer, None):
+            points = _points(frame, layer, None)
+            for step, norm in points:
                 result.metrics.append(MetricValue(layer, PARAM_NORM, norm, step))
+            if points and points[0][1] > 0.0:
+                first[layer] = points[0][1]
+        if first and not context.recent_frames(FrameKind.PARAM_SKETCH, 1):
+            for earlier in context.recent_frames(FrameKind.UPDATE_SKETCH, BACKFILL_FRAMES):
+                result.metrics += _update_values(earlier, first, norms=False)
         return result
+    result.metrics += _update_values(frame, _latest_param_norms(context), norms=True)
+    return result
+
+
+def _update_values(
+    frame: DecodedFrame, params: dict[str, float], *, norms: bool
+) -> list[MetricValue]:
+    """``norm.update`` (when ``norms``) and ``norm.update_ratio`` against ``params``
+    (``{layer: ||theta||}``) of an update frame's rows, at SED's evaluation steps."""
+    out = []
     model_steps, layer_steps = evaluation_steps(frame)
-    params = _latest_param_norms(context)
     for layer in sorted(frame.tensors):
         keep = model_steps if layer == MODEL_LAYER else layer_steps
         base = params.get(layer)
+        if base is None and not norms:
+            continue
         for step, norm in _points(frame, layer, keep):
-            result.metrics.append(MetricValue(layer, UPDATE_NORM, norm, step))
+            if norms:
+                out.append(MetricValue(layer, UPDATE_NORM, norm, step))
             if base is not None:
-                result.metrics.append(MetricValue(layer, UPDATE_RATIO, norm / base, step))
-    return result
+                out.append(MetricValue(layer, UPDATE_RATIO, norm / base, step))
+    return out
