@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectrawatch.spectral import htsr
+from spectrawatch.spectral import htsr, marchenko_pastur, power_law
 from spectrawatch.spectral.eigen import TORCH_EIG_MAX
 from spectrawatch.spectral.farms import FARMS_CV
 from spectrawatch.wire import FrameKind, encode_frame, parse_header
@@ -102,9 +102,9 @@ def test_fit_matches_wwfit_and_powerlaw(shape: tuple[int, int], df: float | None
 
     ww_pl = weightwatcher().WW_powerlaw
     ev = _esd(shape, 3, df)
-    fit = htsr.fit_power_law(ev)
+    fit = power_law.fit_power_law(ev)
     x = ev.numpy()
-    x = x[x > htsr.EVALS_THRESH]
+    x = x[x > power_law.EVALS_THRESH]
     ref = ww_pl.WWFit(x)
     assert fit.alpha == pytest.approx(ref.alpha, rel=1e-9)
     assert fit.xmin == ref.xmin
@@ -124,7 +124,7 @@ def test_pruned_search_on_large_sample_matches_wwfit() -> None:
     ww_pl = weightwatcher().WW_powerlaw
     rng = np.random.default_rng(7)
     x = np.sort(rng.pareto(1.7, 3000) + 1.0) * 0.3
-    fit = htsr.fit_power_law(torch.from_numpy(x))
+    fit = power_law.fit_power_law(torch.from_numpy(x))
     ref = ww_pl.WWFit(x)
     assert fit.xmin == ref.xmin
     assert fit.alpha == pytest.approx(ref.alpha, rel=1e-9)
@@ -149,8 +149,8 @@ def test_pruned_ks_search_equals_exhaustive(seed: int) -> None:
     idx = torch.arange(xt.numel() - 1)
     n_i = (xt.numel() - idx).double()
     alphas = 1.0 + n_i / (suffix[:-1] - n_i * logx[:-1])
-    full = htsr._ks_distances(logx, alphas, idx)
-    pruned = htsr._ks_distances_pruned(logx, alphas)
+    full = power_law._ks_distances(logx, alphas, idx)
+    pruned = power_law._ks_distances_pruned(logx, alphas)
     assert int(torch.argmin(pruned)) == int(torch.argmin(full))
     assert float(pruned.min()) == float(full.min())
 
@@ -158,7 +158,7 @@ def test_pruned_ks_search_equals_exhaustive(seed: int) -> None:
 def test_small_n_fit_matches_wwfit() -> None:
     ww_pl = weightwatcher().WW_powerlaw
     x = np.sort(np.random.default_rng(2).pareto(2.0, 15) + 1.0)
-    fit = htsr.fit_power_law(torch.from_numpy(x))
+    fit = power_law.fit_power_law(torch.from_numpy(x))
     ref = ww_pl.WWFit(x)
     assert fit.alpha == pytest.approx(ref.alpha, rel=1e-9)
     assert fit.xmin == ref.xmin
@@ -168,7 +168,7 @@ def test_small_n_fit_matches_wwfit() -> None:
 def test_constant_spectrum_gives_infinite_alpha_like_weightwatcher() -> None:
     """An orthogonal matrix has all eigenvalues 1: WWFit returns alpha = inf, D = 1/2."""
     q, _ = torch.linalg.qr(torch.randn(64, 64, generator=_gen(4), dtype=torch.float64))
-    fit = htsr.fit_power_law(torch.ones(64, dtype=torch.float64))
+    fit = power_law.fit_power_law(torch.ones(64, dtype=torch.float64))
     assert math.isinf(fit.alpha)
     assert fit.ks_distance == pytest.approx(0.5)
     assert htsr.eigenvalues([q])[0].sub(1.0).abs().max() < 1e-12
@@ -179,8 +179,8 @@ def test_pareto_samples_recover_alpha() -> None:
     (MLE standard error (alpha-1)/sqrt(n_tail) ~ 0.03 at n_tail ~ 2000)."""
     rng = np.random.default_rng(11)
     x = torch.from_numpy(rng.pareto(1.5, 4000) + 1.0)
-    assert htsr.fit_power_law(x).alpha == pytest.approx(2.5, abs=0.1)
-    assert htsr.hill_alpha(x) == pytest.approx(2.5, abs=0.1)
+    assert power_law.fit_power_law(x).alpha == pytest.approx(2.5, abs=0.1)
+    assert power_law.hill_alpha(x) == pytest.approx(2.5, abs=0.1)
 
 
 def test_matrix_with_power_law_spectrum_recovers_alpha() -> None:
@@ -201,8 +201,8 @@ def test_matrix_with_power_law_spectrum_recovers_alpha() -> None:
 def test_hill_alpha_rises_with_aspect_ratio_like_marchenko_pastur() -> None:
     """Median-xmin Hill alpha of Gaussian matrices: MP-limit values 2.122 (Q=1) and 3.455 (Q=4)
     (research note farms_htsr.md §4), within 0.08 at M = 256."""
-    assert htsr.hill_alpha(_esd((256, 256), 0)) == pytest.approx(2.122, abs=0.08)
-    assert htsr.hill_alpha(_esd((1024, 256), 0)) == pytest.approx(3.455, abs=0.08)
+    assert power_law.hill_alpha(_esd((256, 256), 0)) == pytest.approx(2.122, abs=0.08)
+    assert power_law.hill_alpha(_esd((1024, 256), 0)) == pytest.approx(3.455, abs=0.08)
 
 
 # --- MP fit and KDE ---------------------------------------------------------------------------
@@ -213,13 +213,15 @@ def test_linear_kde_matches_sklearn() -> None:
     grid = torch.linspace(0, 4.5, 1000, dtype=torch.float64)
     kde = KernelDensity(kernel="linear", bandwidth=0.1).fit(x.numpy()[:, None])
     ref = np.exp(kde.score_samples(grid.numpy()[:, None]))
-    np.testing.assert_allclose(htsr.linear_kde(x, grid, 0.1).numpy(), ref, atol=1e-12)
+    np.testing.assert_allclose(marchenko_pastur.linear_kde(x, grid, 0.1).numpy(), ref, atol=1e-12)
 
 
 def test_marchenko_pastur_density_integrates_to_one() -> None:
     x = torch.linspace(1e-6, 10, 200001, dtype=torch.float64)
     for q in (1.5, 4.0):
-        pdf = htsr.marchenko_pastur_density(x, q, torch.tensor(1.0, dtype=torch.float64))
+        pdf = marchenko_pastur.marchenko_pastur_density(
+            x, q, torch.tensor(1.0, dtype=torch.float64)
+        )
         assert float(torch.trapezoid(pdf, x)) == pytest.approx(1.0, abs=2e-3)
 
 

@@ -15,6 +15,12 @@ import torch
 
 from spectrawatch.spectral import htsr
 from spectrawatch.spectral.farms import FARMS_CV
+from spectrawatch.spectral.traps import (
+    correlation_traps,
+    jensen_shannon_distance,
+    shuffled_matrices,
+    trap_replicas,
+)
 from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.htsr import heavy_tail_metrics
 from spectrawatch_server.figures import traps_figure
@@ -64,17 +70,17 @@ def test_traps_match_weightwatcher_randomize(n_out: int, n_in: int, planted: int
     wn = model[0].weight.detach().double().numpy()
     replicas = [
         _esd(wn.flatten()[np.random.permutation(wn.size)].reshape(wn.shape))  # noqa: NPY002
-        for _ in range(htsr.trap_replicas(min(n_out, n_in)))
+        for _ in range(trap_replicas(min(n_out, n_in)))
     ]
     second = _esd(wn.flatten()[np.random.permutation(wn.size)].reshape(wn.shape))  # noqa: NPY002
     evals = _esd(wn)
-    traps = htsr.correlation_traps(evals, replicas, n_out, n_in)
+    traps = correlation_traps(evals, replicas, n_out, n_in)
     assert traps.num_traps == row["num_traps"] == row["rand_num_spikes"]
     assert traps.rand_lambda_max == pytest.approx(row["max_rand_eval"], rel=1e-7)
     assert traps.mp.bulk_max / traps.mp.w_scale**2 == pytest.approx(row["rand_bulk_max"], rel=1e-7)
     assert traps.mp.softrank == pytest.approx(row["rand_mp_softrank"], rel=1e-7)
     assert traps.mp.sigma == pytest.approx(row["rand_sigma_mp"], rel=1e-7)
-    distance = htsr.jensen_shannon_distance(evals, second)
+    distance = jensen_shannon_distance(evals, second)
     assert distance == pytest.approx(row["rand_distance"], rel=1e-7)
     assert float(second.max() / evals.max()) == pytest.approx(row["ww_softrank"], rel=1e-7)
     # the planted entries are the traps: one per entry and shuffle
@@ -87,12 +93,12 @@ def test_jensen_shannon_distance_matches_weightwatcher() -> None:
     p = torch.rand(50, generator=g, dtype=torch.float64)
     q = torch.rand(50, generator=g, dtype=torch.float64) * 2.0  # unequal sums
     q[:5] = 0.0
-    assert htsr.jensen_shannon_distance(p, q) == pytest.approx(
+    assert jensen_shannon_distance(p, q) == pytest.approx(
         rmt.jensen_shannon_distance(p.numpy(), q.numpy()), rel=1e-12
     )
-    assert htsr.jensen_shannon_distance(p, p) == pytest.approx(0.0, abs=1e-7)
+    assert jensen_shannon_distance(p, p) == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(htsr.SpectralError):
-        htsr.jensen_shannon_distance(p, q[:10])
+        jensen_shannon_distance(p, q[:10])
 
 
 def test_gaussian_weights_have_no_traps_and_planted_entries_do() -> None:
@@ -149,7 +155,7 @@ def test_analyze_weights_traps_are_seeded_and_summarized() -> None:
 def test_shuffle_keeps_the_entries() -> None:
     w = torch.randn(30, 20, generator=torch.Generator().manual_seed(2))
     mats = htsr.weight_matrices(w)
-    (shuffled,) = htsr.shuffled_matrices(
+    (shuffled,) = shuffled_matrices(
         htsr.WeightMatrices(mats.matrices, 30, 200, 1), torch.Generator().manual_seed(0)
     )
     assert shuffled.shape == w.shape

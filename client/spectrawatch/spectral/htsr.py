@@ -10,20 +10,26 @@ the power-law exponent ``alpha`` of the ESD tail: 2 <= alpha <= 6 for well-train
 alpha < 2 "over-trained", alpha > 6 "under-trained" (WeightWatcher ``constants.py``).
 
 Definitions follow WeightWatcher 0.7.7 (``weightwatcher.py``: ``combined_eigenvalues``,
-``fit_powerlaw``, ``apply_norm_metrics``, ``mp_fit``; ``WW_powerlaw.WWFit``; ``RMT_Util``); each
-function below names the one it reproduces. Everything is torch on any device; fits run in
-float64; the power-law fit scores every xmin candidate with tensor ops (no loop over candidates).
+``apply_norm_metrics``, ``get_summary``; ``RMT_Util``); each function names the one it
+reproduces. This module holds the metric keys, the weight matrices and their ESDs, the metrics of
+one ESD (:func:`spectral_metrics`, :func:`esd_payload`) and of a model (:func:`analyze_weights`,
+:func:`analyze_model`). The fits are in their own modules, re-exported here where callers use
+them: :mod:`~spectrawatch.spectral.power_law` (``fit_powerlaw``, ``WW_powerlaw.WWFit``, the Hill
+estimator), :mod:`~spectrawatch.spectral.marchenko_pastur` (``mp_fit``),
+:mod:`~spectrawatch.spectral.traps` (correlation traps, ``randomize=True``, and their keys),
+:mod:`~spectrawatch.spectral.histograms` (plot histograms) and
+:mod:`~spectrawatch.spectral.errors` (:class:`SpectralError`). Everything is torch on any device;
+fits run in float64.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from spectrawatch.spectral.eigen import (
@@ -36,7 +42,31 @@ from spectrawatch.spectral.eigen import (
     squared_svdvals,
     svd_route,
 )
+from spectrawatch.spectral.errors import SpectralError as SpectralError
 from spectrawatch.spectral.farms import FarmsConfig, applies, sample_windows, window_views
+from spectrawatch.spectral.histograms import linear_histogram
+from spectrawatch.spectral.histograms import log_histogram as log_histogram
+from spectrawatch.spectral.marchenko_pastur import MarchenkoPasturFit, fit_marchenko_pastur
+from spectrawatch.spectral.marchenko_pastur import linear_kde as linear_kde
+from spectrawatch.spectral.marchenko_pastur import (
+    marchenko_pastur_density as marchenko_pastur_density,
+)
+from spectrawatch.spectral.power_law import EVALS_THRESH as EVALS_THRESH
+from spectrawatch.spectral.power_law import PowerLawFit
+from spectrawatch.spectral.power_law import fit_power_law as fit_power_law
+from spectrawatch.spectral.power_law import hill_alpha as hill_alpha
+from spectrawatch.spectral.traps import NUM_TRAPPED_LAYERS as NUM_TRAPPED_LAYERS
+from spectrawatch.spectral.traps import NUM_TRAPS as NUM_TRAPS
+from spectrawatch.spectral.traps import RAND_DISTANCE as RAND_DISTANCE
+from spectrawatch.spectral.traps import RAND_LAMBDA_MAX as RAND_LAMBDA_MAX
+from spectrawatch.spectral.traps import RAND_SOFTRANK as RAND_SOFTRANK
+from spectrawatch.spectral.traps import TRAP_KEYS as TRAP_KEYS
+from spectrawatch.spectral.traps import CorrelationTraps
+from spectrawatch.spectral.traps import correlation_traps as correlation_traps
+from spectrawatch.spectral.traps import jensen_shannon_distance as jensen_shannon_distance
+from spectrawatch.spectral.traps import shuffled_matrices as shuffled_matrices
+from spectrawatch.spectral.traps import trap_replicas as trap_replicas
+from spectrawatch.spectral.traps import traps_payload as traps_payload
 
 # --- metric keys (dotted, defined once) -------------------------------------------------------
 ALPHA = "htsr.alpha"
@@ -58,12 +88,8 @@ OVER_TRAINED = "htsr.over_trained"  # 1.0 when alpha < 2, else 0.0
 NUM_UNDER_TRAINED = "htsr.num_under_trained"  # model level
 NUM_OVER_TRAINED = "htsr.num_over_trained"  # model level
 NUM_LAYERS = "htsr.num_layers"  # model level
-# correlation traps (WeightWatcher's ``randomize=True``): the ESD of the element-shuffled weight
-NUM_TRAPS = "htsr.num_traps"  # spikes of the shuffled ESD above its fitted MP edge
-RAND_LAMBDA_MAX = "htsr.rand_lambda_max"  # largest eigenvalue of the shuffled ESD
-RAND_SOFTRANK = "htsr.rand_softrank"  # rand_lambda_max / lambda_max (WW's ww_softrank)
-RAND_DISTANCE = "htsr.rand_distance"  # Jensen-Shannon distance between the ESD and the shuffled
-NUM_TRAPPED_LAYERS = "htsr.num_trapped_layers"  # model level: layers with num_traps > 0
+# correlation-trap keys (htsr.num_traps, htsr.rand_*, htsr.num_trapped_layers, TRAP_KEYS): in
+# spectrawatch.spectral.traps, imported above
 
 # relative eigenvalue spread under which an ESD has no tail to fit: an orthogonal float32 matrix
 # (every eigenvalue 1 up to round-off) got alpha ~ 1e6 under 1e-6
@@ -89,8 +115,6 @@ LAYER_KEYS: tuple[str, ...] = (
     UNDER_TRAINED,
     OVER_TRAINED,
 )
-#: Correlation-trap keys, present when the traps were computed (not on the FARMS ESD).
-TRAP_KEYS: tuple[str, ...] = (NUM_TRAPS, RAND_LAMBDA_MAX, RAND_SOFTRANK, RAND_DISTANCE)
 
 
 def farms_key(key: str) -> str:
@@ -99,21 +123,15 @@ def farms_key(key: str) -> str:
 
 
 # --- WeightWatcher constants (weightwatcher/constants.py, 0.7.7) -------------------------------
-EVALS_THRESH = 1e-5  # eigenvalues at or below are dropped before the power-law fit
 OVER_TRAINED_THRESH = 2.0
 UNDER_TRAINED_THRESH = 6.0
 MIN_EVALS = 8  # layers with fewer eigenvalues (M * rf) are skipped
 MAX_EVALS = 15000  # ... or more
 MAX_N = 50000  # ... or a larger dimension above this (e.g. GPT-2's 50257 x 768 token embedding)
-SMALL_N = 20  # below this many fitted eigenvalues WWFit switches to its small-n estimator
-TRAP_REPLICAS_BELOW = 100  # layers with M below this pool 5 shuffles (apply_random_esd)
-TRAP_SMALL_REPLICAS = 5
 CONV2D_SCALE = math.sqrt(0.5)  # pooled Conv2d slices are scaled by sqrt(conv2d_count / 2)
 OVER_TRAINED_WARNING = "over-trained"
 UNDER_TRAINED_WARNING = "under-trained"
 
-_DIRECT_KS_MAX_N = 256  # exact O(n^2) KS up to this; bound-pruned exact search above
-_KS_CHUNK_ELEMENTS = 1 << 22  # candidates x points per chunk of the direct KS
 _EIG_CHUNK_BYTES = 1 << 27  # at most ~128 MB of stacked float64 matrices per batched call
 _SVD_CHUNK_BYTES = 1 << 24  # ... and 16 MB per batched SVD of mid-sized CUDA matrices
 _SVD_LARGE_CHUNK_BYTES = 1 << 28  # ... and 256 MB of matrices wider than HOST_MAX (a GPT-2
@@ -121,52 +139,7 @@ _SVD_LARGE_CHUNK_BYTES = 1 << 28  # ... and 256 MB of matrices wider than HOST_M
 _F64 = torch.float64
 
 
-class SpectralError(ValueError):
-    """An ESD that cannot be analysed (too few positive eigenvalues, non-finite weights...)."""
-
-
 # --- results ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PowerLawFit:
-    """Continuous power law ``p(x) ~ x^-alpha`` for ``x >= xmin`` (Clauset, Shalizi & Newman,
-    "Power-law distributions in empirical data", SIAM Rev. 51(4), 2009, §3.1 MLE and §3.3 KS
-    choice of xmin), as ``WW_powerlaw.WWFit``.
-
-    ``ks_distance`` is the KS distance D at the chosen xmin, ``sigma = (alpha - 1) / sqrt(n_tail)``
-    the MLE standard error, ``num_tail`` the number of eigenvalues ``>= xmin`` (WeightWatcher's
-    ``num_pl_spikes``), ``num_fitted`` the eigenvalues above the 1e-5 threshold, ``xmax`` the
-    largest eigenvalue (no truncation).
-    """
-
-    alpha: float
-    xmin: float
-    xmax: float
-    ks_distance: float
-    sigma: float
-    num_tail: int
-    num_fitted: int
-
-
-@dataclass(frozen=True)
-class MarchenkoPasturFit:
-    """Marchenko-Pastur bulk fitted to a rescaled ESD, as WeightWatcher's ``mp_fit``.
-
-    The ESD is rescaled by ``w_scale**2`` (mean eigenvalue 1). ``sigma`` is the fitted MP scale,
-    ``bulk_max``/``bulk_min`` the MP edges ``(sigma (1 +- 1/sqrt(Q)))^2`` (rescaled units),
-    ``num_spikes`` the eigenvalues above ``bulk_max + sqrt(TW)`` with the Tracy-Widom pad
-    ``TW = Q^-1/2 bulk_max^(2/3) M^(-2/3)``, ``softrank = bulk_max / lambda_max`` (Martin &
-    Mahoney JMLR 2021 §4.2 "MP soft rank").
-    """
-
-    sigma: float
-    w_scale: float
-    bulk_max: float
-    bulk_min: float
-    num_spikes: int
-    softrank: float
-    q: float
-
-
 @dataclass(frozen=True)
 class SpectralMetrics:
     """All HT-SR metrics of one ESD (``apply_norm_metrics`` + ``fit_powerlaw`` + ``mp_fit``).
@@ -372,395 +345,6 @@ def pooled_eigenvalues(mats: WeightMatrices, *, dtype: torch.dtype = _F64) -> to
     return torch.sort(torch.cat(eigenvalues(mats.matrices, dtype=dtype))).values
 
 
-# --- power-law fit ----------------------------------------------------------------------------
-def fit_power_law(evals: torch.Tensor, *, thresh: float = EVALS_THRESH) -> PowerLawFit:
-    """Clauset-style power-law fit of an ESD, reproducing WeightWatcher's ``WWFit``.
-
-    Data ``x`` = sorted eigenvalues ``> thresh`` (float64). Every value but the largest is an
-    xmin candidate (duplicates kept). For candidate ``i`` with ``n_i = n - i`` tail points,
-    ``alpha_i = 1 + n_i / sum_{j>=i} ln(x_j / x_i)`` and
-    ``D_i = max_{j>=i} |1 - (x_j/x_i)^(1-alpha_i) - (j-i)/n_i|`` (``D_i = 1`` if alpha_i <= 1);
-    the fit is the first ``argmin D``. All candidates are scored at once: suffix sums give every
-    ``alpha_i``; D is exact, by chunked ``(candidates, points)`` tensors for n <= 256 and by a
-    bound-and-prune search above 256 points (same answer, see :func:`_ks_distances_pruned`).
-    With fewer than 20 points WWFit's small-n variant is used (bias-corrected
-    ``alpha = 1 + (n_i - 1) / sum ln``, tails of >= 8 points).
-    """
-    x = torch.sort(evals.detach().to(_F64).flatten()).values
-    x = x[x > thresh]
-    n = int(x.numel())
-    if n < 2:
-        raise SpectralError(f"need at least 2 eigenvalues above {thresh}, got {n}")
-    logx = torch.log(x)
-    suffix = torch.flip(torch.cumsum(torch.flip(logx, (0,)), 0), (0,))  # sum_{j>=i} ln x_j
-    idx = torch.arange(n - 1, device=x.device)
-    n_i = (n - idx).to(_F64)
-    log_sum = suffix[:-1] - n_i * logx[:-1]  # sum_{j>=i} ln(x_j / x_i)
-    if n < SMALL_N:
-        return _fit_small_n(x, logx, n_i, log_sum)
-    alphas = 1.0 + n_i / log_sum
-    if n <= _DIRECT_KS_MAX_N:
-        ks = _ks_distances(logx, alphas, idx)
-    else:
-        ks = _ks_distances_pruned(logx, alphas)
-    best = int(torch.argmin(ks))
-    alpha = float(alphas[best])
-    return PowerLawFit(
-        alpha=alpha,
-        xmin=float(x[best]),
-        xmax=float(x[-1]),
-        ks_distance=float(ks[best]),
-        sigma=(alpha - 1.0) / math.sqrt(n - best),
-        num_tail=int((x >= x[best]).sum()),
-        num_fitted=n,
-    )
-
-
-def _ks_rows(logx: torch.Tensor, alphas: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """Exact KS distance of candidates ``cand`` (indices into ``logx``): ``(len(cand),)``."""
-    n = logx.numel()
-    j = torch.arange(n, device=logx.device)
-    a = alphas[cand].unsqueeze(1)
-    ci = cand.unsqueeze(1)
-    theory = _model_cdf(a, logx.unsqueeze(0) - logx[ci])
-    empirical = (j.unsqueeze(0) - ci).to(_F64) / (n - ci).to(_F64)
-    diff = torch.where(j.unsqueeze(0) >= ci, (theory - empirical).abs(), 0.0)
-    d = torch.nan_to_num(diff.amax(dim=1), nan=1.0)
-    return torch.where(alphas[cand] > 1.0, d, torch.ones_like(d))
-
-
-def _model_cdf(alpha: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """Power-law CDF ``1 - (x/xmin)^(1-alpha)`` from ``ln(x/xmin)``; exactly 0 at ``x = xmin``
-    even for an infinite alpha (ties at the top of the ESD), as numpy's ``1 ** -inf = 1``."""
-    expo = torch.where(log_ratio == 0.0, 0.0, (1.0 - alpha) * log_ratio)
-    return 1.0 - torch.exp(expo)
-
-
-def _ks_distances(logx: torch.Tensor, alphas: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Exact KS distance of every candidate, in chunks of ~4M ``(candidate, point)`` pairs."""
-    n = logx.numel()
-    chunk = max(1, _KS_CHUNK_ELEMENTS // n)
-    parts = [_ks_rows(logx, alphas, idx[s : s + chunk]) for s in range(0, idx.numel(), chunk)]
-    return torch.cat(parts)
-
-
-def _ks_distances_pruned(
-    logx: torch.Tensor, alphas: torch.Tensor, levels: Iterable[int] = (4, 32, 256, 1024)
-) -> torch.Tensor:
-    """KS distances where only candidates that can still be the minimum are computed exactly.
-
-    For candidate ``i`` the model CDF ``F`` and the empirical step ``E = (j-i)/n_i`` are both
-    non-decreasing in ``j``. Sampling ``G + 1`` points evenly over the tail ``j = i..n-1``,
-    ``|F - E|`` at the samples is a lower bound on ``D_i``, and ``max(F(b) - E(a), E(b) - F(a))``
-    over consecutive samples ``a < b`` an upper bound (slack ~2/G). A candidate whose lower
-    bound exceeds the smallest upper bound cannot be the (first) minimiser and is dropped; G
-    grows per level and the survivors get exact distances. The smallest upper bound is tightened
-    by the exact distance of the candidate that has it (one row of ``n`` points per level): any
-    exact distance is at least the minimum. Dropped candidates get ``+inf``; the argmin, ties
-    included, is that of the full computation. With that exact limit even G = 4 prunes all but
-    a few hundred of ~8,000 FARMS candidates: levels (4, 32, 256, 1024) fit a FARMS ESD in
-    4.2-4.6 ms, (16, 64, 256, 1024) in 5.3-5.6 ms (one core, same fits).
-    """
-    n = logx.numel()
-    dev = logx.device
-    cand = torch.nonzero(alphas > 1.0).flatten()
-    if cand.numel() == 0:
-        return torch.ones(n - 1, dtype=_F64, device=dev)
-    for g in levels:
-        if 4 * (g + 1) >= n:
-            break  # bounds cost about as much as the exact pass
-        chunk = max(1, _KS_CHUNK_ELEMENTS // (g + 1))
-        bounds = [
-            _ks_bounds(logx, alphas, cand[s : s + chunk], g) for s in range(0, cand.numel(), chunk)
-        ]
-        lower = torch.cat([lo for lo, _ in bounds])
-        upper = torch.cat([up for _, up in bounds])
-        seed = cand[int(torch.argmin(upper))].reshape(1)
-        limit = torch.minimum(upper.min(), _ks_rows(logx, alphas, seed)[0])
-        cand = cand[lower <= limit + 1e-12]
-    ks = torch.full((n - 1,), math.inf, dtype=_F64, device=dev)
-    ks[cand] = _ks_distances(logx, alphas, cand)
-    return ks
-
-
-def _ks_bounds(
-    logx: torch.Tensor, alphas: torch.Tensor, cand: torch.Tensor, g: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower and upper bounds on the KS distance of ``cand`` from ``g + 1`` tail samples each."""
-    n = logx.numel()
-    ci = cand.unsqueeze(1)
-    n_i = n - ci  # tail sizes (c, 1)
-    k = torch.arange(g + 1, device=logx.device).unsqueeze(0)
-    # 0 .. n_i - 1, non-decreasing: floor(k (n_i - 1) / g), exact in float64 (and faster on a
-    # CPU than int64 floor division)
-    offset = torch.floor((k * (n_i - 1)).to(_F64) / g).long()
-    theory = _model_cdf(alphas[cand].unsqueeze(1), logx[ci + offset] - logx[ci])
-    empirical = offset.to(_F64) / n_i.to(_F64)
-    lower = (theory - empirical).abs().amax(dim=1)
-    block = torch.maximum(theory[:, 1:] - empirical[:, :-1], empirical[:, 1:] - theory[:, :-1])
-    return lower, block.amax(dim=1)
-
-
-def _fit_small_n(
-    x: torch.Tensor, logx: torch.Tensor, n_i: torch.Tensor, log_sum: torch.Tensor
-) -> PowerLawFit:
-    """WWFit's ``fit_powerlaw_smallN`` (n < 20), vectorised over candidates.
-
-    Candidates with tails of >= 8 points get the bias-corrected ``alpha = 1 + (n_i - 1) / s``;
-    the others keep ``D = 1``. WWFit ranks candidates by ``D - 0.868 / sqrt(n_i)`` internally,
-    but its constructor then re-selects by ``argmin D``, which is what it reports; so do we.
-    """
-    n = x.numel()
-    idx = torch.arange(n - 1, device=x.device)
-    usable = (n_i >= 8) & (log_sum > 1e-12)
-    alphas = torch.where(usable, 1.0 + (n_i - 1.0) / log_sum, torch.zeros_like(n_i))
-    ks = torch.where(usable, _ks_distances(logx, alphas, idx), torch.ones_like(alphas))
-    if not bool((usable & (alphas > 1.0)).any()) and float(log_sum[0]) > 1e-12:
-        alphas[0] = 1.0 + (n - 1.0) / log_sum[0]  # WWFit's fallback: the whole sample as tail
-        ks[0] = _ks_rows(logx, alphas, idx[:1])[0]
-    best = int(torch.argmin(ks))
-    alpha = float(alphas[best])
-    return PowerLawFit(
-        alpha=alpha,
-        xmin=float(x[best]),
-        xmax=float(x[-1]),
-        ks_distance=float(ks[best]),
-        sigma=(alpha - 1.0) / math.sqrt(n - best),
-        num_tail=n - best,
-        num_fitted=n,
-    )
-
-
-def hill_alpha(evals: torch.Tensor, *, thresh: float = EVALS_THRESH) -> float:
-    """Hill estimator with xmin at the median eigenvalue (TempBalance / FARMS ``xmin_mid``).
-
-    With ``x`` sorted ascending (``> thresh``), ``i = n // 2``, ``k = n - i``:
-    ``alpha = 1 + k / sum_{j>=i} ln(x_j / x_i)`` (Hill, Ann. Stat. 3(5), 1975; as used by
-    Zhou et al., "Temperature balancing, layer-wise weight analysis...", NeurIPS 2023, and by
-    FARMS, ICML 2025, for image classification).
-    """
-    x = torch.sort(evals.detach().to(_F64).flatten()).values
-    x = x[x > thresh]
-    n = int(x.numel())
-    if n < 2:
-        raise SpectralError(f"need at least 2 eigenvalues above {thresh}, got {n}")
-    i = n // 2
-    tail = torch.log(x[i:])
-    denom = float(tail.sum() - (n - i) * tail[0])
-    return math.inf if denom <= 0.0 else 1.0 + (n - i) / denom
-
-
-# --- Marchenko-Pastur fit ---------------------------------------------------------------------
-_MP_BANDWIDTH = 0.1
-_MP_GRID = 1000
-_MP_DENSITY_FLOOR = 0.01
-_MP_PENALTY = 1000.0
-
-
-def linear_kde(samples: torch.Tensor, points: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """Linear-kernel density estimate at ``points`` (as sklearn ``KernelDensity(kernel="linear")``).
-
-    ``f(g) = 1/(n h) sum_i max(0, 1 - |g - x_i| / h)``, computed exactly in O((n + G) log n) from
-    prefix sums of the sorted samples instead of an ``(n, G)`` kernel matrix (on the host).
-    """
-    x = samples.detach().to(device="cpu", dtype=_F64).flatten().numpy()
-    g = points.detach().to(device="cpu", dtype=_F64).numpy()
-    return torch.from_numpy(_linear_kde(np.sort(x), g, bandwidth)).to(points.device)
-
-
-def _linear_kde(x: np.ndarray, g: np.ndarray, h: float) -> np.ndarray:
-    """:func:`linear_kde` of sorted host samples ``x`` at ``g``."""
-    prefix = np.concatenate([[0.0], np.cumsum(x)])
-    lo = np.searchsorted(x, g - h, side="right")
-    mid = np.searchsorted(x, g, side="right")
-    hi = np.searchsorted(x, g + h, side="left")
-    n_left = (mid - lo).astype(np.float64)
-    s_left = prefix[mid] - prefix[lo]
-    n_right = (hi - mid).astype(np.float64)
-    s_right = prefix[hi] - prefix[mid]
-    total = n_left - (n_left * g - s_left) / h + n_right - (s_right - n_right * g) / h
-    out: np.ndarray = np.maximum(total, 0.0) / (x.size * h)
-    return out
-
-
-def marchenko_pastur_density(x: torch.Tensor, q: float, sigma: torch.Tensor) -> torch.Tensor:
-    """MP density of the eigenvalues of ``W^T W / N`` for i.i.d. entries of variance sigma^2.
-
-    ``rho(x) = sqrt((b - x)(x - a)) / (2 pi sigma^2 x / Q)`` on ``[a, b]``,
-    ``a, b = (sigma (1 -+ 1/sqrt(Q)))^2``, 0 elsewhere (``RMT_Util.marchenko_pastur_fun``).
-    ``sigma`` broadcasts against ``x``.
-    """
-    b = (sigma * (1.0 + math.sqrt(1.0 / q))) ** 2
-    a = (sigma * (1.0 - math.sqrt(1.0 / q))) ** 2
-    val = torch.sqrt((b - x) * (x - a)) / (2.0 * math.pi * sigma**2 * x / q)
-    return torch.nan_to_num(val, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-class _MpObjective:
-    """WeightWatcher's ``resid_mp``: the summed squared residual between the MP density of sigma
-    (the quarter-circle law for Q = 1) and the KDE ``yg`` on the sorted host grid ``xg``, for a
-    grid of sigmas (:meth:`grid`) or one (a call: the Nelder-Mead polish).
-
-    Arranged so that an evaluation costs little: the density is 0 outside the bulk ``[a, b]``, so
-    the points there add ``sum y^2`` (prefix sums), and penalised sigmas (bulk edge below the
-    KDE's peak or past the grid, or bulk start past the peak) are not evaluated; for Q = 1 the
-    law is ``c(x) / sigma^2``, so the residual is a quadratic in ``1 / sigma^2``.
-    """
-
-    def __init__(self, xg: np.ndarray, yg: np.ndarray, q: float) -> None:
-        self.xg, self.yg, self.q = xg, yg, q
-        self.peak = float(xg[int(np.argmax(yg))])
-        self.xmax = float(xg.max())
-        self.penalty = float(_MP_PENALTY**2 * yg.size)
-        self.y2 = np.concatenate([[0.0], np.cumsum(yg * yg)])  # prefix sums of y^2
-        self.r = math.sqrt(1.0 / q)
-        c = np.sqrt(np.maximum(4.0 - xg**2, 0.0)) / math.pi  # quarter circle (Q = 1) at s = 1
-        self.quad = (float(c @ c), float(c @ yg), float(self.y2[-1]))
-
-    def _band(self, a: float, b: float) -> tuple[int, int]:
-        """The grid points in ``[a, b]``, less a point at 0 (density 0 there: 0 / 0 below)."""
-        lo = int(np.searchsorted(self.xg, a, side="left"))
-        lo += int(lo < self.xg.size and self.xg[lo] == 0.0)
-        return lo, int(np.searchsorted(self.xg, b, side="right"))
-
-    def grid(self, sigmas: np.ndarray) -> np.ndarray:
-        """The residual for each of ``sigmas``: ``(S,)``."""
-        if self.q == 1.0:
-            cc, cy, yy = self.quad
-            k = 1.0 / sigmas**2
-            return k * k * cc - 2.0 * k * cy + yy
-        b = (sigmas * (1.0 + self.r)) ** 2
-        a = (sigmas * (1.0 - self.r)) ** 2
-        good = ~((b < self.peak) | (b > self.xmax) | (a > self.peak))
-        out = np.full(sigmas.shape, self.penalty)
-        if not good.any():
-            return out
-        lo, hi = self._band(a[good].min(), b[good].max())
-        x, y = self.xg[lo:hi], self.yg[lo:hi]
-        s, ag, bg = sigmas[good, None], a[good, None], b[good, None]
-        # (b - x)(x - a) < 0 off each bulk: density 0 there (WeightWatcher's nan_to_num of nan)
-        model = np.sqrt(np.maximum((bg - x) * (x - ag), 0.0)) / (2.0 * math.pi * s**2 * x / self.q)
-        outside = self.y2[lo] + (self.y2[-1] - self.y2[hi])
-        out[good] = ((model - y) ** 2).sum(axis=1) + outside
-        return out
-
-    def __call__(self, sigma: float) -> float:
-        s2 = sigma * sigma
-        if self.q == 1.0:
-            cc, cy, yy = self.quad
-            if s2 == 0.0:
-                return yy if cc == 0.0 else math.inf
-            k = 1.0 / s2
-            return k * k * cc - 2.0 * k * cy + yy
-        b = (sigma * (1.0 + self.r)) ** 2
-        a = (sigma * (1.0 - self.r)) ** 2
-        if b < self.peak or b > self.xmax or a > self.peak:
-            return self.penalty
-        lo, hi = self._band(a, b)
-        x, y = self.xg[lo:hi], self.yg[lo:hi]
-        # a <= x <= b: both factors >= 0 in floating point, x > 0
-        model = np.sqrt((b - x) * (x - a)) / (2.0 * math.pi * s2 * x / self.q)
-        return float(np.sum((model - y) ** 2) + self.y2[lo] + (self.y2[-1] - self.y2[hi]))
-
-
-def _nelder_mead_1d(fun: Any, x0: float, *, xatol: float = 1e-4, fatol: float = 1e-4) -> float:
-    """``scipy.optimize.fmin`` (Nelder-Mead, default settings) in one dimension.
-
-    Used only to polish the grid optimum as ``scipy.optimize.brute(finish=fmin)`` does; each
-    step evaluates the vectorised objective at one point, so this loop is over iterations.
-    """
-    sim = [x0, x0 * 1.05 if x0 != 0 else 0.00025]
-    fsim = [fun(sim[0]), fun(sim[1])]
-    calls = 2
-    if fsim[1] < fsim[0]:
-        sim.reverse()
-        fsim.reverse()
-    for _ in range(199):
-        if calls >= 200 or (abs(sim[1] - sim[0]) <= xatol and abs(fsim[0] - fsim[1]) <= fatol):
-            break
-        xbar = sim[0]
-        xr = 2.0 * xbar - sim[1]
-        fxr = fun(xr)
-        calls += 1
-        if fxr < fsim[0]:
-            xe = 3.0 * xbar - 2.0 * sim[1]
-            fxe = fun(xe)
-            calls += 1
-            sim[1], fsim[1] = (xe, fxe) if fxe < fxr else (xr, fxr)
-        elif fxr < fsim[1]:  # 1-D: fsim[-2] is fsim[0], so this is the contraction branch
-            xc = 1.5 * xbar - 0.5 * sim[1]
-            fxc = fun(xc)
-            calls += 1
-            if fxc <= fxr:
-                sim[1], fsim[1] = xc, fxc
-            else:
-                sim[1] = sim[0] + 0.5 * (sim[1] - sim[0])
-                fsim[1] = fun(sim[1])
-                calls += 1
-        else:
-            xcc = 0.5 * xbar + 0.5 * sim[1]
-            fxcc = fun(xcc)
-            calls += 1
-            if fxcc < fsim[1]:
-                sim[1], fsim[1] = xcc, fxcc
-            else:
-                sim[1] = sim[0] + 0.5 * (sim[1] - sim[0])
-                fsim[1] = fun(sim[1])
-                calls += 1
-        if fsim[1] < fsim[0]:
-            sim.reverse()
-            fsim.reverse()
-    return sim[0]
-
-
-def fit_marchenko_pastur(evals: torch.Tensor, n_rows: int, n_cols: int) -> MarchenkoPasturFit:
-    """Fit the MP bulk to an ESD as WeightWatcher's ``mp_fit`` / ``fit_density_with_range``.
-
-    Rescale to mean eigenvalue 1; estimate the density by a linear-kernel KDE (bandwidth 0.1)
-    on 1000 points over ``[0, max + 0.5]``, dropping points of density <= 0.01; choose sigma
-    minimising the squared residual to the MP density (Q = N/M != 1) or to WeightWatcher's
-    quarter-circle law on the singular values (Q = 1) over the grid
-    ``sigma0 * (0.05, 0.06, ..., <2)`` with ``sigma0 = sqrt(lambda_max) / (1 + Q^-1/2)``, then
-    polish with Nelder-Mead (``scipy.optimize.brute(finish=fmin)``). On the host (the ESD is
-    copied there): the grid is evaluated as one array op; the KDE is exact (prefix sums).
-    """
-    q = n_rows / n_cols
-    x = evals.detach().to(device="cpu", dtype=_F64).flatten().numpy()  # <= a few 1000 values
-    total = float(x.sum())
-    if not total > 0.0:
-        raise SpectralError("all eigenvalues are zero")
-    w_scale = math.sqrt(x.size) / math.sqrt(total)
-    x = x * w_scale**2
-    lam_max = float(x.max())
-    sigma0 = math.sqrt(lam_max / (1.0 + 1.0 / math.sqrt(q)) ** 2)
-    to_fit = np.sqrt(x) if q == 1.0 else x
-    grid = np.linspace(0.0, float(to_fit.max()) + 0.5, _MP_GRID)
-    dens = _linear_kde(np.sort(to_fit), grid, _MP_BANDWIDTH)
-    keep = dens > _MP_DENSITY_FLOOR
-    xg, yg = grid[keep], dens[keep]
-    if xg.size == 0:
-        raise SpectralError("ESD density is nowhere above the MP-fit floor")
-    start, stop, step = 0.05 * sigma0, 2.0 * sigma0, 0.01 * sigma0
-    count = math.ceil((stop - start) / step)  # as numpy.mgrid[start:stop:step]
-    sigmas = np.arange(count, dtype=np.float64) * step + start
-    objective = _MpObjective(xg, yg, q)
-    best = float(sigmas[int(np.argmin(objective.grid(sigmas)))])
-    sigma = _nelder_mead_1d(objective, best)  # the polish is scalar
-    bulk_max = (sigma * (1.0 + 1.0 / math.sqrt(q))) ** 2
-    bulk_min = (sigma * (1.0 - 1.0 / math.sqrt(q))) ** 2
-    tw = 1.0 / math.sqrt(q) * bulk_max ** (2.0 / 3.0) * n_cols ** (-2.0 / 3.0)
-    spikes = int((x > bulk_max + math.sqrt(tw)).sum())
-    return MarchenkoPasturFit(
-        sigma=sigma,
-        w_scale=w_scale,
-        bulk_max=bulk_max,
-        bulk_min=bulk_min,
-        num_spikes=spikes,
-        softrank=bulk_max / lam_max,
-        q=q,
-    )
-
-
 # --- all metrics of one ESD -------------------------------------------------------------------
 def spectral_metrics(
     evals: torch.Tensor,
@@ -870,155 +454,6 @@ def esd_payload(
             "pdf": (pdf * scale).tolist(),
         }
     return payload
-
-
-def log_histogram(evals: torch.Tensor, bins: int = 100) -> dict[str, list[float] | list[int]]:
-    """``edges`` (``bins + 1``, log-spaced over the eigenvalues > 1e-5), ``counts`` and
-    ``density`` (counts / (all eigenvalues * bin width)) of an ESD, for log-log plots."""
-    ev = evals.detach().to(_F64).flatten()
-    pos = ev[ev > EVALS_THRESH]  # numerically zero eigenvalues would stretch the log axis
-    if pos.numel() == 0:
-        raise SpectralError(f"no eigenvalue above {EVALS_THRESH}")
-    lo, hi = math.log10(float(pos.min())), math.log10(float(pos.max()))
-    if hi <= lo:
-        hi = lo + 1e-6
-    edges = torch.logspace(lo, hi, bins + 1, dtype=_F64, device=ev.device)
-    counts = torch.histc(torch.log10(pos), bins=bins, min=lo, max=hi)
-    density = counts / (ev.numel() * (edges[1:] - edges[:-1]))
-    return {
-        "edges": edges.tolist(),
-        "counts": [int(c) for c in counts.tolist()],
-        "density": density.tolist(),
-    }
-
-
-def linear_histogram(evals: torch.Tensor, bins: int = 100) -> dict[str, Any]:
-    """``counts`` of an ESD in ``bins`` equal bins over ``[lo, hi] = [0, lambda_max]`` (every
-    eigenvalue, zeros included), for plots on linear axes such as the MP fit's (as
-    WeightWatcher's ``plt.hist(evals, bins=100)``): log-spaced bins there give the smallest
-    eigenvalues' narrow bins densities thousands of times the bulk's."""
-    ev = evals.detach().to(device="cpu", dtype=_F64).flatten()
-    hi = float(ev.max()) if ev.numel() else 0.0
-    if not hi > 0.0:
-        raise SpectralError("all eigenvalues are zero")
-    counts = torch.histc(ev.clamp(0.0, hi), bins=bins, min=0.0, max=hi)
-    return {"lo": 0.0, "hi": hi, "counts": [int(c) for c in counts.tolist()]}
-
-
-def traps_payload(
-    rand_evals: torch.Tensor, traps: CorrelationTraps, *, bins: int = 100
-) -> dict[str, Any]:
-    """JSON-able drill-down data of the shuffled ESD (all replicas pooled): its log-binned
-    histogram (:func:`log_histogram`), its fitted MP edge in eigenvalue units and the trap
-    metrics, to draw over the layer's own ESD."""
-    mp = traps.mp
-    return {
-        "hist": log_histogram(rand_evals, bins),
-        "lambda_max": traps.rand_lambda_max,
-        "bulk_max": mp.bulk_max / mp.w_scale**2,
-        "num_traps": traps.num_traps,
-        "softrank": traps.softrank,
-        "distance": traps.distance,
-    }
-
-
-# --- correlation traps ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CorrelationTraps:
-    """What shuffling a weight's entries leaves in its ESD (WeightWatcher's ``randomize=True``;
-    Martin & Mahoney, JMLR 22(165), 2021, and the WeightWatcher docs' "correlation traps").
-
-    A shuffle keeps the entries' distribution and destroys their correlations, so the shuffled
-    ESD should be a Marchenko-Pastur bulk: its ``num_traps`` eigenvalues above the fitted MP edge
-    (plus the Tracy-Widom pad, ``mp``) come from a few outsized entries, which training (e.g. a
-    learning rate too large) has pushed out of the bulk. ``rand_lambda_max`` is the shuffled
-    ESD's largest eigenvalue, ``softrank`` that over the layer's own ``lambda_max`` (near 1: the
-    top direction is no more than the entries' scale; WW's ``ww_softrank``), ``distance`` the
-    Jensen-Shannon distance between the sorted ESD and one shuffled ESD (0: the layer learned no
-    correlation; WW's ``rand_distance``).
-    """
-
-    num_traps: int
-    rand_lambda_max: float
-    softrank: float
-    distance: float
-    mp: MarchenkoPasturFit
-
-    def values(self) -> dict[str, float]:
-        """The trap metrics as ``{htsr key: value}``."""
-        return {
-            NUM_TRAPS: float(self.num_traps),
-            RAND_LAMBDA_MAX: self.rand_lambda_max,
-            RAND_SOFTRANK: self.softrank,
-            RAND_DISTANCE: self.distance,
-        }
-
-
-def trap_replicas(n_cols: int) -> int:
-    """Shuffles pooled for a layer's trap ESD: 5 when ``M < 100`` (few eigenvalues), else 1."""
-    return TRAP_SMALL_REPLICAS if n_cols < TRAP_REPLICAS_BELOW else 1
-
-
-def shuffled_matrices(mats: WeightMatrices, generator: torch.Generator) -> list[torch.Tensor]:
-    """:func:`trap_replicas` element-wise shuffles of each of ``mats``' matrices, replica by
-    replica (``random_eigenvalues``: each matrix shuffled on its own), on their device.
-    ``generator`` lives on that device."""
-    out: list[torch.Tensor] = []
-    for _ in range(trap_replicas(mats.n_cols)):
-        for m in mats.matrices:
-            flat = m.detach().reshape(-1)
-            perm = torch.randperm(flat.numel(), generator=generator, device=flat.device)
-            out.append(flat[perm].view(m.shape))
-    return out
-
-
-def jensen_shannon_distance(p: torch.Tensor, q: torch.Tensor) -> float:
-    """Jensen-Shannon distance of two equal-length non-negative vectors, each read as a
-    distribution (``RMT_Util.jensen_shannon_distance``: ``scipy.stats.entropy`` normalises ``p``,
-    ``q`` and their mean to sum 1)."""
-    a = p.detach().to(device="cpu", dtype=_F64).flatten()
-    b = q.detach().to(device="cpu", dtype=_F64).flatten()
-    if a.numel() != b.numel():
-        raise SpectralError(f"vectors of {a.numel()} and {b.numel()} values")
-    mid = (a + b) / 2.0
-
-    def kl(x: torch.Tensor) -> float:
-        xn, mn = x / x.sum(), mid / mid.sum()
-        keep = xn > 0  # 0 log 0 = 0; mid > 0 wherever x > 0
-        return float((xn[keep] * (xn[keep] / mn[keep]).log()).sum())
-
-    return math.sqrt(max((kl(a) + kl(b)) / 2.0, 0.0))
-
-
-def correlation_traps(
-    evals: torch.Tensor, rand_evals: Sequence[torch.Tensor], n_rows: int, n_cols: int
-) -> CorrelationTraps:
-    """:class:`CorrelationTraps` of a layer's ESD ``evals`` given the ESDs of its shuffles
-    (:func:`shuffled_matrices`; one tensor per replica, each pooled over the layer's matrices).
-
-    The MP fit (:func:`fit_marchenko_pastur`) is of all replicas pooled, as ``apply_mp_fit``
-    (``random=True``); the distance is to the first replica (WeightWatcher draws another shuffle
-    for it: the same in distribution). Raises :class:`SpectralError` when nothing can be fitted.
-    """
-    if not rand_evals:
-        raise SpectralError("no shuffled ESD")
-    ev = evals.detach().to(device="cpu", dtype=_F64).flatten()
-    first = torch.sort(rand_evals[0].detach().to(device="cpu", dtype=_F64).flatten()).values
-    pooled = torch.cat([r.detach().to(device="cpu", dtype=_F64).flatten() for r in rand_evals])
-    if not (bool(torch.isfinite(ev).all()) and bool(torch.isfinite(pooled).all())):
-        raise SpectralError("non-finite ESD")
-    lam_max = float(ev.max())
-    if not lam_max > 0.0:
-        raise SpectralError("all eigenvalues are zero")
-    mp = fit_marchenko_pastur(pooled, max(n_rows, n_cols), min(n_rows, n_cols))
-    rand_max = float(pooled.max())
-    return CorrelationTraps(
-        num_traps=mp.num_spikes,
-        rand_lambda_max=rand_max,
-        softrank=rand_max / lam_max,
-        distance=jensen_shannon_distance(torch.sort(ev).values, first),
-        mp=mp,
-    )
 
 
 # --- layers and models ------------------------------------------------------------------------
