@@ -1,0 +1,69 @@
+"""What every figure module shares: :data:`Figure` (Plotly figure JSON as plain dicts), the
+common layout (plotly.js >= 3 conventions: titles as ``{"text": ...}``), user text escaped for
+plotly labels, the natural order of layer and metric names, and values rounded to 6 significant
+digits (smaller JSON). Pure: no I/O, no SQL.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+Figure = dict[str, Any]
+
+
+def natural_key(text: str) -> tuple[Any, ...]:
+    """Sort key that orders embedded integers numerically (``w16`` before ``w128``)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
+def rounded(values: Sequence[float | None], digits: int = 6) -> list[float | None]:
+    """Values rounded to ``digits`` significant digits (smaller JSON; plots cannot show more).
+
+    None and non-finite values come back as None. Vectorised: ``round(v * 10^k) / 10^k`` with
+    ``k = digits - 1 - floor(log10 |v|)`` is the double nearest the rounded decimal, whose
+    shortest repr is that decimal.
+    """
+    if not values:
+        return []
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    finite = np.isfinite(v) & (v != 0) & (np.abs(v) < 10.0**digits)  # big values stay as they are
+    scale = np.ones_like(v)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exp = digits - 1 - np.floor(np.log10(np.abs(v[finite])))
+    scale[finite] = 10.0**exp
+    out = np.where(finite, np.round(v * scale) / scale, v)
+    return [None if not math.isfinite(x) else x for x in out.tolist()]
+
+
+def plot_text(text: str, limit: int = 120) -> str:
+    """User text (layer, metric, run and scalar names) for plotly.js labels, which render a
+    subset of HTML (``<a href>``, ``<b>``, ``<br>``): ``& < >`` become entities, so a name shows
+    as written and cannot add a link; cut to ``limit`` characters with an ellipsis."""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _layout(
+    title: str, *, x_title: str = "step", y_title: str = "", log_y: bool = False
+) -> dict[str, Any]:
+    return {
+        "title": {"text": plot_text(title, 160), "x": 0.01, "font": {"size": 14}},
+        "margin": {"l": 60, "r": 20, "t": 40, "b": 45},
+        "xaxis": {"title": {"text": plot_text(x_title)}, "zeroline": False},
+        "yaxis": {
+            "title": {"text": plot_text(y_title)},
+            "type": "log" if log_y else "linear",
+            "zeroline": False,
+        },
+        "legend": {"orientation": "h", "y": -0.18, "font": {"size": 11}},
+        "hovermode": "x unified",
+        "uirevision": title,  # keep zoom/legend state across live refreshes
+        "shapes": [],
+        "annotations": [],
+    }

@@ -1,0 +1,22 @@
+"""Metric keys, layer names and value ranges the dashboard pages look for: the validation
+accuracy and its "generalised" threshold, the SED early warning and phase series, the
+model-level pseudo-layer, HT-SR's range of well-trained alphas, and the window suffix of a
+windowed SED key.
+"""
+
+from __future__ import annotations
+
+import re
+
+VAL_ACC_THRESHOLD = 0.9  # "generalised" line of the grokking overview
+VAL_ACC_PATTERN = re.compile(r"^(val|valid|validation|test|eval)[._/ -]?(acc|accuracy)$", re.I)
+WARNING_KEY = "grok.imminent"  # 1.0 from the step the SED early-warning detector fires
+PHASE_PREFIX = "sed.phase"
+MODEL_LAYER = "__model__"
+HTSR_GOOD_RANGE = (2.0, 6.0)  # Martin & Mahoney JMLR 2021 §5: well-trained layers
+
+
+def window_of(name: str) -> str:
+    """The window suffix of a windowed SED key (``sed.gap_ratio.w32`` -> ``w32``), or ``""``."""
+    m = re.search(r"\.(w\d+)$", name)
+    return m.group(1) if m else ""
