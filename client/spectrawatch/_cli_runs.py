@@ -112,14 +112,14 @@ def cmd_runs_delete(args: argparse.Namespace) -> int:
         raise CliError("--status selects runs for --older-than only")
     run = resolve_run(args, args.run, args.project)
     label = f"run {run['id']} ({run['project']}/{run['name']})"
-    if not args.yes:
+    if args.dry_run or not args.yes:
         frames = sum((run.get("frames") or {}).values())
         print(
             f"would delete {label}: {frames} frames with their blobs, every metric, "
-            "spectrum, scalar and alert of it; pass --yes to delete",
+            "spectrum, scalar and alert of it" + ("" if args.dry_run else "; pass --yes to delete"),
             file=sys.stderr,
         )
-        return 1
+        return 0 if args.dry_run else 1
     out = call(args, "DELETE", f"/runs/{run['id']}")
     print(f"deleted {label}: {out['frames']} frames, {out['bytes'] / 2**20:.1f} MiB of blobs")
     if out.get("blobs_not_deleted"):
@@ -273,13 +273,6 @@ def cmd_runs_lag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _days(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 36_500:
-        raise argparse.ArgumentTypeError(f"must be 0-36500 days, got {text!r}")
-    return value
-
-
 def add_runs_commands(subparsers: Any) -> None:
     """Register ``runs list|show|delete|prune|lag`` on the top-level ``spectrawatch`` parser."""
     common = server_args()
@@ -337,16 +330,16 @@ def add_runs_commands(subparsers: Any) -> None:
         parents=[common],
         help="delete the stored frames (tensors) of ended runs, keeping every result",
         description="Delete the blobs (sketches, weights, activations) of analysed frames "
-        "stored more than --older-than days ago, of finished or crashed runs. Metrics, "
+        "stored longer than --older-than ago, of finished or crashed runs. Metrics, "
         "spectra, scalars and alerts stay and dashboards keep working; only re-analysis of "
         "those frames becomes impossible. Running runs are never pruned.",
     )
     prune.add_argument(
         "--older-than",
-        type=_days,
+        type=_duration_days,
         required=True,
-        metavar="DAYS",
-        help="frames stored more than this many days ago",
+        metavar="DURATION",
+        help="frames stored longer ago than this (30d, 12h, 2w; a number is days)",
     )
     prune.add_argument("--project", default=None, help="only this project")
     prune.add_argument("--run", default=None, help="only this run (id, or name with --project)")

@@ -51,6 +51,9 @@ def test_prune_releases_blobs_of_ended_runs_and_keeps_results(
     assert main(["runs", "prune", "--older-than", "0", "--project", "retention", *url]) == 1
     assert f"would delete {len(before[ended][1])} frame blob(s)" in capsys.readouterr().err
     assert len(_blob_files(server, ended)) == before[ended][0]  # a dry run deletes nothing
+    # durations as runs delete takes them: nothing is 30 days old yet
+    assert main(["runs", "prune", "--older-than", "30d", "--project", "retention", *url]) == 1
+    assert "would delete 0 frame blob(s)" in capsys.readouterr().err
 
     assert (
         main(["runs", "prune", "--older-than", "0", "--project", "retention", "--yes", *url]) == 0

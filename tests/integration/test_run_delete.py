@@ -58,6 +58,7 @@ def test_delete_run_removes_everything_of_it_and_nothing_else(
 
     url = ["--url", server.url]
     assert main(["runs", "delete", str(gone), *url]) == 1  # no --yes: a dry run
+    assert main(["runs", "delete", str(gone), "--dry-run", "--yes", *url]) == 0  # still dry
     assert api.get(f"/runs/{gone}").status_code == 200
     assert main(["runs", "delete", "gone", "--project", "deletes", "--yes", *url]) == 0
     printed = capsys.readouterr().out
