@@ -10,6 +10,7 @@ server can reject a hostile body cheaply; tensors are then loaded with ``safeten
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -280,8 +281,8 @@ def _parse_metadata(meta: object) -> tuple[FrameKind, int, int, dict[str, Any]]:
         raise FrameError(
             "unknown_kind", f"__metadata__.kind {meta.get('kind')!r} is not one of {allowed}"
         ) from None
-    step = _nonneg_int(meta, "step")
-    seq = _nonneg_int(meta, "seq")
+    step = _nonneg_int(meta, "step", MAX_STEP)
+    seq = _nonneg_int(meta, "seq", 2**63 - 1)
     try:
         info = json.loads(meta.get("info", "{}"))
     except (TypeError, ValueError, RecursionError) as exc:
@@ -300,11 +301,17 @@ def _brief(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200]
 
 
-def _nonneg_int(meta: Mapping[str, Any], key: str) -> int:
+def _nonneg_int(meta: Mapping[str, Any], key: str, most: int) -> int:
     value = meta.get(key)
-    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) or len(value) > 18:
+    if (
+        not isinstance(value, str)
+        or not (value.isascii() and value.isdigit())
+        or len(value) > 19
+        or int(value) > most
+    ):
         raise FrameError(
-            "bad_metadata", f"__metadata__.{key} must be a non-negative integer, got {value!r}"
+            "bad_metadata",
+            f"__metadata__.{key} must be an integer in [0, {most}], got {value!r:.40}",
         )
     return int(value)
 
@@ -382,8 +389,16 @@ def validate_layout(header: FrameHeader) -> None:
                 "bad_metadata",
                 "info.steps must list one step in [0, 2**62] per row of every sketch tensor",
             )
-        if steps != sorted(steps):
-            raise FrameError("bad_metadata", "info.steps must be non-decreasing")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise FrameError(
+                "bad_metadata", "info.steps must be strictly increasing (one row per step)"
+            )
+        every = header.info.get("update_every")
+        if every is not None and not (type(every) is int and 1 <= every <= MAX_STEP):
+            raise FrameError(
+                "bad_metadata",
+                f"info.update_every must be an integer in [1, 2**62], got {every!r:.40}",
+            )
 
 
 def load_tensors(data: bytes) -> dict[str, torch.Tensor]:

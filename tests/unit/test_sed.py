@@ -325,6 +325,26 @@ def test_update_frames_out_of_order_give_the_direct_sed_per_layer_and_model() ->
     assert {r.layer for r in result.spectra} == {"a", "b", MODEL_LAYER}
 
 
+def test_extreme_steps_and_settings_give_values_not_overflow() -> None:
+    """Steps up to the wire's 2**62 with gaps of ~2**60 (a window's span in steps no longer
+    fits an int64), and ``info["sed"]`` values beyond their bounds (ignored for the defaults):
+    the analysis still answers, as a client could send all of these."""
+    rows = _planted(8, 64, (4.0,), 0.05, seed=3).float()
+    steps = [i * 2**59 for i in range(8)]
+    frame = _frame(
+        FrameKind.UPDATE_SKETCH,
+        steps,
+        {"a": rows, MODEL_LAYER: rows},
+        seq=0,
+        sed={"windows": [10**30], "stride": 10**30, "layer_stride": 10**30},
+        update_every=2**62,
+    )
+    result = spectral_edge_dynamics(frame, FakeContext())
+    got = _values(result, sed.windowed_key(sed.GAP_RATIO, 16), MODEL_LAYER)
+    assert got  # the default windows, over the rows there are
+    assert all(math.isfinite(v) for v in got.values())
+
+
 def test_frames_of_another_sketch_projection_are_left_out() -> None:
     """A run resumed by a client with another hash recipe (or seed): its earlier sketches are
     not comparable, so windows use only the frames made like the newest one."""

@@ -133,6 +133,31 @@ def test_sketch_frames_need_one_step_per_row() -> None:
     bad = encode_frame("update_sketch", 10, 0, {"l": rows}, {"steps": [10, 11]})
     with pytest.raises(FrameError, match=r"info\.steps"):
         parse_header(bad, len(bad))
+    # a repeated step: its rows' results would collide in storage
+    bad = encode_frame("update_sketch", 10, 0, {"l": rows}, {"steps": [10, 10, 12]})
+    with pytest.raises(FrameError, match=r"info\.steps must be strictly increasing"):
+        parse_header(bad, len(bad))
+    for every in (0, 2**62 + 1, 10**30, "2", 1.0, True):
+        info = {"steps": [10, 11, 12], "update_every": every}
+        bad = encode_frame("update_sketch", 10, 0, {"l": rows}, info)
+        with pytest.raises(FrameError, match=r"info\.update_every") as err:
+            parse_header(bad, len(bad))
+        assert err.value.code == "bad_metadata"
+    info = {"steps": [10, 11, 12], "update_every": 2**62}
+    big = encode_frame("update_sketch", 10, 0, {"l": rows}, info)
+    assert parse_header(big, len(big)).info["update_every"] == 2**62
+
+
+def test_steps_and_seqs_up_to_their_limits() -> None:
+    rows = torch.randn(1, 4)
+    top = encode_frame("update_sketch", 2**62, 2**63 - 1, {"l": rows}, {"steps": [2**62]})
+    header = parse_header(top, len(top))
+    assert (header.step, header.seq) == (2**62, 2**63 - 1)
+    for step, seq in ((2**62 + 1, 0), (0, 2**63)):
+        bad = encode_frame("update_sketch", step, seq, {"l": rows}, {"steps": [0]})
+        with pytest.raises(FrameError, match=r"must be an integer in \[0, ") as err:
+            parse_header(bad, len(bad))
+        assert err.value.code == "bad_metadata"
 
 
 @pytest.mark.parametrize(

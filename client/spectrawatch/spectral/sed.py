@@ -36,6 +36,8 @@ INTERVAL_PREFIX = "sed.interval"  # checkpoint-interval variant: "sed.interval.g
 
 DEFAULT_WINDOWS = (16, 32, 64)
 INTERVAL_WINDOW = 10
+_MAX_SPAN = 2**62 + 1  # the widest window span in steps that matters (steps are <= 2**62)
+MAX_WINDOW = 4096  # the widest window (rows) the server takes from a frame's info["sed"]
 MIN_ROWS = 4  # fewer rows leave no runner-up ratio to compare k* against
 _SVD_BYTES = 64 << 20  # cap on a batched (n, W, d) float64 stack for method="svd"
 _ENDS_PER_PART = 256  # window ends per Gram matrix
@@ -185,7 +187,10 @@ def _window_bounds(
     st = torch.tensor(list(steps), dtype=torch.int64)
     at = torch.tensor(list(ends), dtype=torch.int64)
     hi = torch.searchsorted(st, at, right=True)
-    lo = torch.searchsorted(st, at - window * delta, right=True)
+    # steps are in [0, 2**62]: a longer span than 2**62 + 1 reaches no further back, and the
+    # product of a wide window and a sparse stream's step gap may not fit an int64
+    span = min(window * delta, _MAX_SPAN)
+    lo = torch.searchsorted(st, at - span, right=True)
     return torch.maximum(lo, hi - window), hi
 
 

@@ -80,7 +80,7 @@ def _settings(frame: DecodedFrame) -> tuple[tuple[int, ...], int, int, int]:
     )
     windows = cfg.get("windows", default)
     if not isinstance(windows, list | tuple) or not all(
-        isinstance(w, int) and w >= sed.MIN_ROWS for w in windows
+        isinstance(w, int) and sed.MIN_ROWS <= w <= sed.MAX_WINDOW for w in windows
     ):
         windows = default
     stride = cfg.get("stride", 1)
