@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from spectrawatch.wire import (
     DOT_NAMES,
@@ -184,15 +192,110 @@ class RunPublic(BaseModel):
     frames: dict[str, int] = Field(default_factory=dict, description="frames by analysis status")
 
 
+COUNTER_MAX = 2**63 - 1  # a counter as the database's BIGINT holds it
+STATS_MAX_KEYS = 200
+STAT_KEY_MAX = 64
+STAT_TEXT_MAX = 1000  # the client sends at most 500 characters of its last error
+STAT_DICT_MAX = {"dropped_by_kind": 32, "nonfinite_scalars": 100}
+STAT_VALUE_MAX = 64  # characters of a non-finite scalar's value ("nan", "-inf")
+# counters and settings the bundled client sends as integers (shown as numbers, compared)
+INT_STATS = frozenset(
+    {
+        "sent_frames",
+        "rejected_frames",
+        "replayed_frames",
+        "queued_frames",
+        "sent_scalars",
+        "dropped_scalars",
+        "rejected_scalars",
+        "spooled_scalars",
+        "captures",
+        "update_every",
+        "row_groups",
+        "layout_changes",
+        "steps_not_increasing",
+        "sketch_steps_skipped",
+        "sketch_graph_off",
+        "sketch_stream_off",
+        "spool_unreadable",
+        "run_lost",
+    }
+)
+CounterInt = Annotated[int, Field(ge=0, le=COUNTER_MAX)]
+
+
+class NonfiniteScalar(BaseModel):
+    """The first step a logged scalar was NaN/Inf, and that value as text."""
+
+    model_config = ConfigDict(extra="forbid")
+    step: int = Field(ge=0, le=MAX_STEP)
+    value: str = Field(max_length=STAT_VALUE_MAX)
+
+
 class ClientStats(BaseModel):
-    """Client-side health counters, reported by the client's sender."""
+    """Client-side health counters, reported by the client's sender: the counters below,
+    ``dropped_by_kind`` (``{kind: count}``), ``nonfinite_scalars`` (``{name: {step, value}}``),
+    and any other key (at most :data:`STATS_MAX_KEYS`) with a number, a boolean or a text of
+    at most :data:`STAT_TEXT_MAX` characters (``last_error``, ``monitoring_off``); the
+    bundled client's counters (:data:`INT_STATS`) are non-negative integers."""
 
     model_config = ConfigDict(extra="allow")
-    dropped_frames: int = Field(0, ge=0)
-    spooled_frames: int = Field(0, ge=0)
-    spool_bytes: int = Field(0, ge=0)
-    spool_overflow: int = Field(0, ge=0)
-    errors: int = Field(0, ge=0)
+    dropped_frames: CounterInt = 0
+    spooled_frames: CounterInt = 0
+    spool_bytes: CounterInt = 0
+    spool_overflow: CounterInt = 0
+    errors: CounterInt = 0
+
+    @model_validator(mode="after")
+    def _check_extra(self) -> ClientStats:
+        extra = self.model_extra or {}
+        if len(extra) > STATS_MAX_KEYS:
+            raise ValueError(f"at most {STATS_MAX_KEYS} client stats, got {len(extra)}")
+        for key, value in extra.items():
+            if len(key) > STAT_KEY_MAX or not key.isprintable():
+                raise ValueError(
+                    f"client stat name {key[:STAT_KEY_MAX]!r} is too long or unprintable"
+                )
+            problem = _stat_problem(key, value)
+            if problem is not None:
+                raise ValueError(f"client stat {key!r} {problem}")
+            if key == "nonfinite_scalars":
+                extra[key] = {
+                    name: NonfiniteScalar.model_validate(seen).model_dump()
+                    for name, seen in value.items()
+                }
+        return self
+
+
+def _stat_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the client stat ``key``, or None."""
+    if key in STAT_DICT_MAX:
+        most = STAT_DICT_MAX[key]
+        if not isinstance(value, dict) or len(value) > most:
+            return f"must be an object of at most {most} entries"
+        for name, item in value.items():
+            if len(name) > NAME_MAX:
+                return f"has a name of more than {NAME_MAX} characters"
+            if key == "dropped_by_kind" and not _is_counter(item):
+                return f"entry {name[:64]!r} must be an integer in [0, 2**63 - 1]"
+            if key == "nonfinite_scalars" and not isinstance(item, dict):
+                return f"entry {name[:64]!r} must be an object with step and value"
+        return None
+    if key in INT_STATS:
+        return None if _is_counter(value) else "must be an integer in [0, 2**63 - 1]"
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if -COUNTER_MAX <= value <= COUNTER_MAX else "is out of the 64-bit range"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "must be finite"
+    if isinstance(value, str):
+        return None if len(value) <= STAT_TEXT_MAX else f"is longer than {STAT_TEXT_MAX} characters"
+    return "must be a number, a boolean or a text"
+
+
+def _is_counter(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= COUNTER_MAX
 
 
 class FramePublic(BaseModel):

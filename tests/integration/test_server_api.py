@@ -163,6 +163,11 @@ def test_run_lifecycle(client: httpx.Client) -> None:
     assert [r["id"] for r in listed] == [run_id]
     stats = client.post(f"/runs/{run_id}/client-stats", json={"dropped_frames": 3, "errors": 1})
     assert stats.json()["client_stats"]["dropped_frames"] == 3
+    for bad, named in (({"dropped_frames": 2**70}, "dropped_frames"), ({"x": "y" * 5000}, "'x'")):
+        refused = client.post(f"/runs/{run_id}/client-stats", json=bad)
+        assert refused.status_code == 422
+        assert named in refused.json()["error"]["message"]
+    assert client.get(f"/runs/{run_id}").json()["client_stats"]["dropped_frames"] == 3
     assert client.patch(f"/runs/{run_id}", json={"status": "exploded"}).status_code == 422
 
 
