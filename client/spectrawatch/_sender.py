@@ -231,6 +231,8 @@ class Sender:
         self._summary: dict[str, Any] = {}
         self._deadline = float("inf")
         self._offline_until = 0.0
+        # why the server last refused to create or resume the run (a bad token, name...)
+        self._run_refused: str | None = None
         self._backoff = settings.backoff_s
         self._jitter = random.Random()  # its own stream: the user's global one is left alone
         self._last_stats_at = 0.0
@@ -491,8 +493,10 @@ class Sender:
             if self._refused_role(exc):
                 return False
             self.errors.record("create run", exc)
+            self._run_refused = str(exc)
             self._offline_until = time.monotonic() + self.settings.backoff_max_s
             return False
+        self._run_refused = None
         self.run_id = info["id"]
         self.run_uid = uid
         self.run_info = info
@@ -689,6 +693,8 @@ class Sender:
         if not self._online():
             if self.stats.off_reason:  # the token may not write (a read token)
                 return self.stats.off_reason
+            if self._run_refused:  # reached, and refused: no network problem to look for
+                return f"the server refused the run: {self._run_refused}"
             return f"server unreachable: {self.stats.last_error or 'no reply'}"
         while len(self.spool):
             if time.monotonic() >= until:

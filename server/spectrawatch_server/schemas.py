@@ -219,6 +219,7 @@ INT_STATS = frozenset(
         "sketch_stream_off",
         "spool_unreadable",
         "run_lost",
+        "spooled_pending",
     }
 )
 CounterInt = Annotated[int, Field(ge=0, le=COUNTER_MAX)]

@@ -219,6 +219,14 @@ def test_sync_with_a_read_token_says_so_and_keeps_the_spool_for_a_write_token(
     assert "--role write" in out
     assert "server unreachable" not in out
     assert len(list(spool.rglob("*.sw"))) == entries  # nothing dropped as refused
+    # no token, another project's token: refused, said so (not "unreachable"), nothing dropped
+    for token in ([], ["--token", secured[2]]):
+        assert main(["sync", "--spool-dir", str(spool), *token]) == 1
+        out = capsys.readouterr().out
+        assert "the server refused the run" in out
+        assert ("401" if not token else "403") in out
+        assert "server unreachable" not in out
+    assert len(list(spool.rglob("*.sw"))) == entries
     writer = create_token(proc.data_dir, "alpha", role="write")
     assert main(["sync", "--spool-dir", str(spool), "--token", writer]) == 0
     assert f"{entries} of {entries} entries delivered" in capsys.readouterr().out
