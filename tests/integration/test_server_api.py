@@ -98,6 +98,14 @@ def test_weight_frame_produces_norm_metrics_matching_numpy(client: httpx.Client)
     assert norms == {
         (n, f"layer{i}.weight", 3) for n in ("norm.spectral", "norm.frobenius") for i in (0, 1)
     }
+    # one frame's spectra; a frame of another run, or none, is 404
+    frame_id = client.get(f"/runs/{run_id}/frames").json()[0]["id"]
+    assert client.get(f"/runs/{run_id}/spectra/{frame_id}").status_code == 200
+    other = make_run(client, name="norms-other")
+    for run, frame in ((other, frame_id), (run_id, 2**62), (run_id, 10**30), (run_id, 0)):
+        missing = client.get(f"/runs/{run}/spectra/{frame}")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "frame_not_found"
 
 
 def test_same_idempotency_key_stores_one_frame(client: httpx.Client) -> None:

@@ -293,5 +293,9 @@ def _parse_cursor(cursor: str) -> tuple[int, repo.SpectrumKey]:
 
 @router.get("/runs/{run_id}/spectra/{frame_id}", response_model=list[SpectrumPublic])
 def read_frame_spectra(run: RunDep, session: SessionDep, frame_id: int) -> list[SpectrumPublic]:
+    """Every spectrum of one frame of the run (404 for a frame the run does not have)."""
+    frame = session.get(Frame, frame_id) if 0 < frame_id < 2**63 else None
+    if frame is None or frame.run_id != run.id:
+        raise ApiError(404, "frame_not_found", f"frame {frame_id} of run {run.id} does not exist")
     rows = repo.spectra_for(session, run.id, None, frame_id, None)
     return [SpectrumPublic.model_validate(r) for r in rows]
