@@ -3,7 +3,7 @@
 On the weights of ``htsr_gpu.py`` (49 matrices, all with 768 x 768 Grams), each best of
 ``--repeat`` synchronised calls:
 
-1. ESDs: :func:`spectrawatch.spectral.htsr.eigenvalues` of all 49 (on CUDA: batched ``gesvda``);
+1. ESDs: :func:`spectrawatch.spectral.esd.eigenvalues` of all 49 (on CUDA: batched ``gesvda``);
 2. the ``eigvalsh`` of the 49 float64 Grams alone, by solver: cuSOLVER (torch's default), the
    same split over 2-16 CUDA streams (:func:`~spectrawatch.spectral.eigen.streams_eigvalsh`),
    and with ``--all-solvers`` MAGMA (``torch.backends.cuda.preferred_linalg_library``), the

@@ -268,7 +268,7 @@ def grams(mats: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     FARMS windows of 100 x 100: 0.30 vs 0.46 s on one core). Each matrix is converted through
     one reused buffer (none where it already is a contiguous ``dtype`` array) and multiplied
     into the result: no stacked ``(B, rows, cols)`` copy (up to 128 MB per chunk of
-    :func:`~spectrawatch.spectral.htsr.eigenvalues`), whose fresh pages cost more than the
+    :func:`~spectrawatch.spectral.esd.eigenvalues`), whose fresh pages cost more than the
     conversion (GPT-2's HT-SR + FARMS on one core, three A/B pairs: best of 3 5.09-5.51 vs
     5.30-5.64 s). :func:`gram` of a CPU stack uses it too.
     """

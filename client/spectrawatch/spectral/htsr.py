@@ -9,40 +9,37 @@ training or testing data", Nat. Commun. 12:4122, 2021, §"Methods") reads traini
 the power-law exponent ``alpha`` of the ESD tail: 2 <= alpha <= 6 for well-trained layers,
 alpha < 2 "over-trained", alpha > 6 "under-trained" (WeightWatcher ``constants.py``).
 
-Definitions follow WeightWatcher 0.7.7 (``weightwatcher.py``: ``combined_eigenvalues``,
-``apply_norm_metrics``, ``get_summary``; ``RMT_Util``); each function names the one it
-reproduces. This module holds the metric keys, the weight matrices and their ESDs, the metrics of
-one ESD (:func:`spectral_metrics`, :func:`esd_payload`) and of a model (:func:`analyze_weights`,
-:func:`analyze_model`). The fits are in their own modules, re-exported here where callers use
-them: :mod:`~spectrawatch.spectral.power_law` (``fit_powerlaw``, ``WW_powerlaw.WWFit``, the Hill
-estimator), :mod:`~spectrawatch.spectral.marchenko_pastur` (``mp_fit``),
-:mod:`~spectrawatch.spectral.traps` (correlation traps, ``randomize=True``, and their keys),
-:mod:`~spectrawatch.spectral.histograms` (plot histograms) and
-:mod:`~spectrawatch.spectral.errors` (:class:`SpectralError`). Everything is torch on any device;
-fits run in float64.
+Definitions follow WeightWatcher 0.7.7 (``weightwatcher.py``: ``apply_norm_metrics``,
+``get_summary``; ``RMT_Util``); each function names the one it reproduces. This module holds the
+metric keys, the metrics of one ESD (:func:`spectral_metrics`, :func:`esd_payload`) and of a
+model (:func:`analyze_weights`, :func:`analyze_model`). The rest is in its own modules,
+re-exported here where callers use it: :mod:`~spectrawatch.spectral.esd` (weight matrices and
+their ESDs, ``combined_eigenvalues``), :mod:`~spectrawatch.spectral.power_law`
+(``fit_powerlaw``, ``WW_powerlaw.WWFit``, the Hill estimator),
+:mod:`~spectrawatch.spectral.marchenko_pastur` (``mp_fit``), :mod:`~spectrawatch.spectral.traps`
+(correlation traps, ``randomize=True``, and their keys), :mod:`~spectrawatch.spectral.histograms`
+(plot histograms) and :mod:`~spectrawatch.spectral.errors` (:class:`SpectralError`). Everything
+is torch on any device; fits run in float64.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from spectrawatch.spectral.eigen import (
-    HOST_MAX,
-    batched_eigvalsh,
-    cuda_streams,
-    gram,
-    grams,
-    on_streams,
-    squared_svdvals,
-    svd_route,
-)
 from spectrawatch.spectral.errors import SpectralError as SpectralError
+from spectrawatch.spectral.esd import MAX_EVALS as MAX_EVALS
+from spectrawatch.spectral.esd import MAX_N as MAX_N
+from spectrawatch.spectral.esd import MIN_EVALS as MIN_EVALS
+from spectrawatch.spectral.esd import WeightMatrices as WeightMatrices
+from spectrawatch.spectral.esd import eigenvalues as eigenvalues
+from spectrawatch.spectral.esd import is_supported as is_supported
+from spectrawatch.spectral.esd import pooled_eigenvalues as pooled_eigenvalues
+from spectrawatch.spectral.esd import weight_matrices as weight_matrices
 from spectrawatch.spectral.farms import FarmsConfig, applies, sample_windows, window_views
 from spectrawatch.spectral.histograms import linear_histogram
 from spectrawatch.spectral.histograms import log_histogram as log_histogram
@@ -125,17 +122,9 @@ def farms_key(key: str) -> str:
 # --- WeightWatcher constants (weightwatcher/constants.py, 0.7.7) -------------------------------
 OVER_TRAINED_THRESH = 2.0
 UNDER_TRAINED_THRESH = 6.0
-MIN_EVALS = 8  # layers with fewer eigenvalues (M * rf) are skipped
-MAX_EVALS = 15000  # ... or more
-MAX_N = 50000  # ... or a larger dimension above this (e.g. GPT-2's 50257 x 768 token embedding)
-CONV2D_SCALE = math.sqrt(0.5)  # pooled Conv2d slices are scaled by sqrt(conv2d_count / 2)
 OVER_TRAINED_WARNING = "over-trained"
 UNDER_TRAINED_WARNING = "under-trained"
 
-_EIG_CHUNK_BYTES = 1 << 27  # at most ~128 MB of stacked float64 matrices per batched call
-_SVD_CHUNK_BYTES = 1 << 24  # ... and 16 MB per batched SVD of mid-sized CUDA matrices
-_SVD_LARGE_CHUNK_BYTES = 1 << 28  # ... and 256 MB of matrices wider than HOST_MAX (a GPT-2
-# shape's whole stack: 4 such calls on 4 streams peaked at 4.4 GiB on an H200)
 _F64 = torch.float64
 
 
@@ -207,142 +196,6 @@ def training_warning(alpha: float) -> str:
     if alpha > UNDER_TRAINED_THRESH:
         return UNDER_TRAINED_WARNING
     return ""
-
-
-# --- weight matrices and ESDs -----------------------------------------------------------------
-@dataclass(frozen=True)
-class WeightMatrices:
-    """The 2-D matrices WeightWatcher analyses for one weight tensor, before any SVD.
-
-    ``matrices``: one ``(N, M)`` matrix for a dense weight, ``kh*kw`` slices for a Conv2d kernel
-    (scaled by sqrt(1/2), ``conv2D_Wmats`` + ``apply_normalize_Wmats``); ``rf`` = receptive field.
-    """
-
-    matrices: tuple[torch.Tensor, ...]
-    n_rows: int
-    n_cols: int
-    rf: int
-
-    @property
-    def num_evals(self) -> int:
-        return self.n_cols * self.rf
-
-
-def weight_matrices(weight: torch.Tensor) -> WeightMatrices:
-    """Split a weight tensor into WeightWatcher's matrices.
-
-    2-D ``(out, in)`` (Linear, HF Conv1D, Embedding): itself. 4-D Conv2d ``(out, in, kh, kw)``
-    (channels last in WW's naming: ``out + in >= kh + kw``) or Keras ``(kh, kw, in, out)``: one
-    ``(max, min)`` matrix per kernel position, scaled by ``sqrt(1/2)`` so pooled conv
-    eigenvalues are halved exactly as in WeightWatcher. Other ranks raise :class:`SpectralError`.
-    """
-    if weight.ndim == 2:
-        n, m = max(weight.shape), min(weight.shape)
-        return WeightMatrices((weight,), n, m, 1)
-    if weight.ndim == 4:
-        s0, s1, s2, s3 = weight.shape
-        if s0 + s1 >= s2 + s3:
-            slices = weight.permute(2, 3, 0, 1).reshape(s2 * s3, s0, s1)
-        else:
-            slices = weight.reshape(s0 * s1, s2, s3)
-        n, m = max(slices.shape[1:]), min(slices.shape[1:])
-        mats = tuple(slices * CONV2D_SCALE)
-        return WeightMatrices(mats, n, m, int(slices.shape[0]))
-    raise SpectralError(f"expected a 2-D or 4-D weight, got shape {tuple(weight.shape)}")
-
-
-def is_supported(mats: WeightMatrices) -> bool:
-    """WeightWatcher's size filter (``layer_supported``, pooled mode): 8 <= M*rf <= 15000 and
-    N <= 50000."""
-    return MIN_EVALS <= mats.num_evals <= MAX_EVALS and mats.n_rows <= MAX_N
-
-
-def eigenvalues(
-    matrices: Sequence[torch.Tensor], *, dtype: torch.dtype = _F64
-) -> list[torch.Tensor]:
-    """Ascending eigenvalues of ``W^T W`` (squared singular values, no 1/N) of each matrix.
-
-    Matrices of equal shape are stacked (up to ~128 MB per call) and decomposed in batched
-    calls: the Gram matrix on the smaller side ``(B, M, M)`` in ``dtype`` (float64 by default:
-    the Gram squares the condition number, so float32 loses eigenvalues below ~1e-7 lambda_max
-    and shifts alpha by ~1e-4 on GPT-2-shaped layers), then a batched ``eigvalsh``
-    (:mod:`spectrawatch.spectral.eigen` picks the solver: numpy's LAPACK for wide CPU matrices,
-    the host's for mid-sized CUDA stacks); round-off negatives are clamped to 0. On CUDA,
-    matrices up to :data:`~spectrawatch.spectral.eigen.SVD_MAX` wide (FARMS windows, GPT-2's
-    weights) take cuSOLVER's batched SVD of the matrices themselves
-    (:func:`~spectrawatch.spectral.eigen.squared_svdvals`), and the stacks are solved on several
-    streams at once (:func:`~spectrawatch.spectral.eigen.on_streams`; wider matrices' Grams one
-    by one). Each result is
-    ``(M,)`` ``dtype`` on the matrices' device, in input order; a matrix with NaN/Inf entries
-    gets an all-NaN result (its metrics then raise :class:`SpectralError`) without spoiling its
-    batch.
-    """
-    out: list[torch.Tensor | None] = [None] * len(matrices)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, w in enumerate(matrices):
-        if w.ndim != 2 or 0 in w.shape:
-            raise SpectralError(f"expected a non-empty 2-D matrix, got shape {tuple(w.shape)}")
-        groups.setdefault(tuple(w.shape), []).append(i)
-    device = matrices[0].device if matrices else torch.device("cpu")
-    streams = cuda_streams() if device.type == "cuda" else 1
-    chunks: list[list[int]] = []
-    for (rows, cols), group in groups.items():
-        n = min(rows, cols)
-        svd = svd_route(n, len(group), device)  # batched gesvda: its workspace is ~15x the
-        # input for small matrices (peak 6.8 GiB for FARMS' 3,969 windows in 128 MB chunks)
-        if streams > 1 and n > HOST_MAX and not svd:
-            # syevd of Grams this large: cuSOLVER solves a stack one matrix after another
-            # anyway, so one matrix per task on the streams
-            chunks += [[i] for i in group]
-            continue
-        cap = _EIG_CHUNK_BYTES
-        if svd:
-            cap = _SVD_LARGE_CHUNK_BYTES if n > HOST_MAX else _SVD_CHUNK_BYTES
-        per_chunk = max(2 if svd else 1, cap // (rows * cols * 8))
-        chunks += [group[start : start + per_chunk] for start in range(0, len(group), per_chunk)]
-
-    def solve(idx: list[int]) -> torch.Tensor:
-        return _batched_eigenvalues([matrices[i] for i in idx], dtype)
-
-    if streams > 1 and chunks:  # the chunks on CUDA streams at once
-        results = on_streams([functools.partial(solve, c) for c in chunks], device, streams)
-    else:
-        results = [solve(c) for c in chunks]
-    for idx, evals in zip(chunks, results, strict=True):
-        for i, ev in zip(idx, evals, strict=True):
-            out[i] = ev
-    return [e for e in out if e is not None]
-
-
-def _batched_eigenvalues(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Eigenvalues of ``W^T W`` for equal-shape ``mats``: ``(B, min(rows, cols))``."""
-    solve: Callable[[torch.Tensor], torch.Tensor]
-    if mats[0].device.type == "cpu" and dtype in (torch.float32, torch.float64):
-        data, solve = grams(mats, dtype), batched_eigvalsh  # no stacked copy
-    else:
-        stack = torch.stack(mats).to(dtype)  # one kernel, not one per matrix
-        if svd_route(min(stack.shape[-2:]), len(mats), stack.device):  # FARMS windows, weights
-            data, solve = stack, squared_svdvals
-        else:
-            data, solve = gram(stack), batched_eigvalsh
-            del stack
-    if solve is squared_svdvals:
-        finite = torch.isfinite(data).flatten(1).all(dim=1)
-    else:
-        # A NaN/Inf entry makes its row's or column's diagonal Gram entry NaN/Inf (as does a
-        # finite matrix whose squares overflow): the diagonal finds them without a full pass.
-        finite = torch.isfinite(torch.diagonal(data, dim1=-2, dim2=-1)).all(dim=-1)
-    if not bool(finite.all()):  # decompose zeros instead; those ESDs become NaN below
-        data = torch.where(finite[:, None, None], data, 0.0)
-    evals: torch.Tensor = solve(data).clamp_min_(0.0)
-    bad = ~(finite & torch.isfinite(evals).all(dim=-1))  # squares overflowing in the SVD route
-    evals[bad] = math.nan
-    return evals
-
-
-def pooled_eigenvalues(mats: WeightMatrices, *, dtype: torch.dtype = _F64) -> torch.Tensor:
-    """One sorted ESD for a layer: eigenvalues of all its matrices (``combined_eigenvalues``)."""
-    return torch.sort(torch.cat(eigenvalues(mats.matrices, dtype=dtype))).values
 
 
 # --- all metrics of one ESD -------------------------------------------------------------------

@@ -16,16 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from spectrawatch.spectral.errors import SpectralError
+from spectrawatch.spectral.esd import WeightMatrices
 from spectrawatch.spectral.histograms import log_histogram
 from spectrawatch.spectral.marchenko_pastur import MarchenkoPasturFit, fit_marchenko_pastur
-
-if TYPE_CHECKING:  # htsr imports this module: the name is needed for annotations only
-    from spectrawatch.spectral.htsr import WeightMatrices
 
 # --- metric keys (dotted, defined once) -------------------------------------------------------
 # correlation traps (WeightWatcher's ``randomize=True``): the ESD of the element-shuffled weight
