@@ -572,8 +572,9 @@ def test_bucketed_series_keep_each_bucket_min_and_max(db: Any) -> None:
 
 
 def test_bucketed_series_match_a_numpy_reference(tmp_path: Path) -> None:
-    """Min/max per bucket from SQL against numpy over the same random series (with NaN gaps),
-    for a scalar and a metric read in one query."""
+    """Min/max per bucket against numpy over the same random series (with NaN gaps), for a
+    scalar, a metric of every layer and one layer's: each point is a stored (step, value) pair,
+    in step order (a bucket's min and max were stamped on its first and last steps)."""
     gen = np.random.default_rng(7)
     steps = np.sort(gen.choice(5000, size=1200, replace=False)) + 100
     values = np.cumsum(gen.normal(size=steps.size))
@@ -589,10 +590,20 @@ def test_bucketed_series_match_a_numpy_reference(tmp_path: Path) -> None:
         )
     n = 37
     k = (steps - steps[0]) * n // (steps[-1] - steps[0] + 1)
+    stored = dict(zip(steps.tolist(), values.tolist(), strict=True))
     with sessions() as s:
-        for model, key in ((Metric, ("m", "fc")), (Scalar, ("loss", ""))):
-            got_x, got_y = reads.bucketed_series(s, run_id, [key[0]], n, model=model)[key]
+        for model, key, layer in (
+            (Metric, ("m", "fc"), None),
+            (Metric, ("m", "fc"), "fc"),
+            (Scalar, ("loss", ""), None),
+        ):
+            got_x, got_y = reads.bucketed_series(s, run_id, [key[0]], n, model=model, layer=layer)[
+                key
+            ]
             assert len(got_x) <= 3 * n
+            assert got_x == sorted(set(got_x))
+            for x, y in zip(got_x, got_y, strict=True):
+                assert math.isnan(stored[x]) if y is None else y == stored[x], x
             for b in range(n):
                 inside = k == b
                 finite = inside & np.isfinite(values)

@@ -270,9 +270,9 @@ def test_downsample_many_equals_downsample_of_each(max_points: int | None) -> No
 
 
 def test_bucketed_layers_equal_the_sql_buckets(tmp_path: Path) -> None:
-    """Every layer's min/max buckets computed in numpy from per-layer reads are the points the
-    ``GROUP BY`` read returns: gaps (NaN stored as NULL), falling stretches, layers with other
-    steps, a bucket of missing values only."""
+    """Every layer's min/max buckets from the all-layers read (each layer's covering-index
+    search) are the points of that layer's own read with the same buckets: gaps (NaN stored as
+    NULL), falling stretches, layers with other steps, a bucket of missing values only."""
     engine, sessions = migrated(tmp_path)
     rng = np.random.default_rng(3)
     with sessions.begin() as s:
@@ -293,7 +293,11 @@ def test_bucketed_layers_equal_the_sql_buckets(tmp_path: Path) -> None:
             ranges = [r for n in names if (r := reads.step_range(s, run_id, n))]
             lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
             n = max(1, min(buckets, hi - lo + 1))
-            want = reads._bucketed_sql(s, run_id, names, None, Metric, lo, hi - lo + 1, n)
+            want = {}
+            for layer in ("a", "b", "c.1", "c.10"):
+                want.update(
+                    reads._bucketed_sql(s, run_id, names, layer, Metric, lo, hi - lo + 1, n)
+                )
             assert got == want, (names, buckets)
             assert None in got[("m", "b")][1]
     engine.dispose()

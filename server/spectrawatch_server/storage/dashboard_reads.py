@@ -3,7 +3,8 @@ heatmap cells, alert and webhook-delivery rows. All dashboard SQL lives here.
 
 Index-friendly for large runs (100 layers x 10k steps): names and step ranges by index seeks
 over ``ix_metric_run_name_step`` / ``ix_scalar_run_name_step`` instead of ``GROUP BY`` over
-every row, and one parameterised min/max-per-bucket query for every plotted series.
+every row, and one index-ordered read of steps and values for every plotted series, bucketed
+in numpy (min and max per bucket, each at the step it was stored at).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import BindParameter, String, bindparam, cast, func, select, text
 from sqlalchemy.orm import Session
 
@@ -187,15 +189,16 @@ def bucketed_series(
     model: Model = Metric,
 ) -> Series:
     """Min and max per step bucket of each series of ``names`` (one layer if ``layer`` is given;
-    scalars with ``model=Scalar``), aggregated in SQL by one parameterised query run per name:
-    ``{(name, layer): (steps, values)}``, at most ``2 * buckets`` points per series.
+    scalars with ``model=Scalar``): ``{(name, layer): (steps, values)}``, at most
+    ``3 * buckets`` points per series (min, max and a gap).
 
     The buckets split the common step range of ``names`` into equal parts, so every series of
     one plot shares its bucket edges; at one bucket per pixel column (or two) the plot looks
-    like the full series (the M4 idea, Jugel et al., VLDB 2014). Within a bucket the min and
-    max come in the order the series moves (max first when it falls), so a line through the
-    points keeps its shape. A bucket holding missing values (NaN/Inf stored as NULL) ends in a
-    None point so gaps stay visible. Exact when a series has no more steps than ``buckets``.
+    like the full series (the M4 idea, Jugel et al., VLDB 2014). A bucket's min and max are
+    points of the series, at the steps they were stored at, in step order, so a line through
+    them keeps its shape and every point plotted, hovered or exported as CSV is a stored one. A
+    bucket holding missing values (NaN/Inf stored as NULL) has a None point at the first of
+    them so gaps stay visible. Exact when no bucket holds more than two steps.
     """
     ranges = [r for n in names if (r := step_range(session, run_id, n, layer, model))]
     if not ranges:
@@ -218,48 +221,25 @@ def _bucketed_sql(
     span: int,
     n: int,
 ) -> Series:
-    """:func:`bucketed_series` by one ``GROUP BY`` statement per name."""
-    k = ((model.step - lo) * n // span).label("k")
-    keys: list[Any] = [model.name] + ([Metric.layer] if model is Metric else [])
+    """:func:`bucketed_series` of one layer's metrics or of scalars: each series' points by one
+    index-ordered read of steps and values, bucketed by :func:`_bucket_points` (the steps of a
+    bucket's min and max are the steps they were stored at; a ``GROUP BY`` gives their values
+    only)."""
     name: BindParameter[str] = bindparam("name")
-    stmt = (
-        select(
-            *keys,
-            k,
-            func.min(model.step),
-            func.max(model.step),
-            func.min(model.value),
-            func.max(model.value),
-            func.count(model.value),
-            func.count(),
-        )
-        .where(*_where(model, run_id, name, layer))
-        .group_by(*keys, k)
-        .order_by(*keys, k)
-    )
-    # One execution per name: SQLite sorts each name's groups apart, faster than one sort of all.
-    rows = itertools.chain.from_iterable(
-        session.connection().execute(stmt, {"name": n}) for n in dict.fromkeys(names)
-    )
+    stmt = select(model.step, model.value).where(*_where(model, run_id, name, layer))
+    stmt = stmt.order_by(model.step)
     out: Series = {}
-    previous: dict[Key, float] = {}
-    for row in rows:
-        key: Key = (str(row[0]), str(row[1]) if model is Metric else "")
-        smin, smax, vmin, vmax, finite, total = row[-6:]
-        steps, values = out.setdefault(key, ([], []))
-        if finite:
-            mid = (vmin + vmax) / 2
-            falling = mid < previous.get(key, mid)
-            previous[key] = mid
-            first, second = (vmax, vmin) if falling else (vmin, vmax)
-            steps.append(int(smin))
-            values.append(first)
-            if second != first:
-                steps.append(int(smax))
-                values.append(second)
-        if finite < total:
-            steps.append(int(smax))
-            values.append(None)
+    conn = session.connection()
+    for series_name in dict.fromkeys(names):
+        result = conn.execute(stmt, {"name": series_name})
+        try:  # the DB-API's tuples: SQLAlchemy's Row objects cost 4x the read itself here
+            rows = result.cursor.fetchall() if result.cursor is not None else []
+        finally:
+            result.close()
+        if rows:
+            steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            values = np.array([r[1] for r in rows], dtype=np.float64)  # None -> NaN
+            out[(series_name, layer or "")] = _bucket_points(steps, values, lo, span, n)
     return out
 
 
@@ -399,41 +379,44 @@ def beyond_sample(
 
 
 def _bucket_points(
-    steps: list[int], values: list[float | None], lo: int, span: int, n: int
+    steps: Sequence[int] | npt.NDArray[np.int64],
+    values: Sequence[float | None] | npt.NDArray[np.float64],
+    lo: int,
+    span: int,
+    n: int,
 ) -> Points:
-    """One series (steps ascending) as :func:`bucketed_series` returns it: bucket ``k = (step -
-    lo) * n // span``, its min and max in the order the series moves, None after a bucket
-    holding a missing value."""
+    """One series (steps ascending) as :func:`bucketed_series` returns it: per bucket ``k =
+    (step - lo) * n // span``, its min and its max at the steps they were stored at, in step
+    order (one point when they are the same), and a None point at the bucket's first missing
+    value (NaN/Inf stored as NULL), so a gap shows where it is."""
     s = np.asarray(steps, dtype=np.int64)
-    v = np.asarray(values, dtype=np.float64)  # None -> NaN
+    v = np.array(values, dtype=np.float64)  # None -> NaN
+    if not len(s):
+        return [], []
     k = (s - lo) * n // span
     starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
-    ends = np.r_[starts[1:], len(s)] - 1
+    group = np.cumsum(np.r_[False, k[1:] != k[:-1]])  # each point's bucket, 0..len(starts)-1
     ok = ~np.isnan(v)
-    finite = np.add.reduceat(ok, starts).tolist()
-    total = (ends - starts + 1).tolist()
     with np.errstate(invalid="ignore"):
-        vmin = np.fmin.reduceat(v, starts).tolist()  # NaN only where every value is missing
-        vmax = np.fmax.reduceat(v, starts).tolist()
-    smin, smax = s[starts].tolist(), s[ends].tolist()
-    out_steps: list[int] = []
-    out_values: list[float | None] = []
-    previous: float | None = None
-    for i in range(len(starts)):
-        if finite[i]:
-            mid = (vmin[i] + vmax[i]) / 2
-            falling = previous is not None and mid < previous
-            previous = mid
-            first, second = (vmax[i], vmin[i]) if falling else (vmin[i], vmax[i])
-            out_steps.append(smin[i])
-            out_values.append(first)
-            if second != first:
-                out_steps.append(smax[i])
-                out_values.append(second)
-        if finite[i] < total[i]:
-            out_steps.append(smax[i])
-            out_values.append(None)
-    return out_steps, out_values
+        vmin = np.fmin.reduceat(v, starts)  # NaN only where every value is missing
+        vmax = np.fmax.reduceat(v, starts)
+    picked = [
+        _first_per_group(group, ok & (v == vmin[group])),  # each bucket's first min
+        _first_per_group(group, ok & (v == vmax[group])),  # ... and first max
+        _first_per_group(group, ~ok),  # ... and first missing value
+    ]
+    index = np.unique(np.concatenate(picked))  # sorted: step order
+    out_values: list[float | None] = [None if math.isnan(x) else float(x) for x in v[index]]
+    return s[index].tolist(), out_values
+
+
+def _first_per_group(group: npt.NDArray[np.int64], mask: npt.NDArray[np.bool_]) -> Any:
+    """Index of the first point of each group (ascending ``group``) where ``mask`` holds."""
+    idx = np.flatnonzero(mask)
+    if not len(idx):
+        return idx
+    first = np.r_[True, group[idx][1:] != group[idx][:-1]]
+    return idx[first]
 
 
 def first_step_at_least(
