@@ -748,6 +748,11 @@ def compare_json(
     }
 
 
+# the report's plots: no Plotly logo, no "Share chart" to Plotly Cloud (plotly.js 4 offers it
+# by default): a checkpoint's spectra stay with the report
+REPORT_CONFIG = {"displaylogo": False, "showSendToCloud": False}
+
+
 def _plotly() -> Any:
     try:
         import plotly.graph_objects as go
@@ -876,7 +881,15 @@ def html_report(analyses: Sequence[CheckpointAnalysis], title: str) -> str:
     for i, (_, fig) in enumerate(figures):
         if i == 1:
             body.write("<h2>Eigenvalue spectra</h2>")
-        body.write(pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"fig{i}"))
+        body.write(
+            pio.to_html(
+                fig,
+                include_plotlyjs=False,
+                full_html=False,
+                div_id=f"fig{i}",
+                config=REPORT_CONFIG,
+            )
+        )
     body.write("</body></html>")
     return body.getvalue()
 

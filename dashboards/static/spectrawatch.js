@@ -135,6 +135,8 @@
     return {
       responsive: true,
       displaylogo: false,
+      // plotly.js 4 offers to share a chart on Plotly Cloud by default: run data stays here
+      showSendToCloud: false,
       toImageButtonOptions: { format: "png", filename: base, scale: 2 },
       modeBarButtonsToAdd: [{
         name: "downloadCsv", title: "Download data as CSV", icon: CSV_ICON,

@@ -663,6 +663,13 @@ def test_png_and_csv_downloads(browser: Any, seeded: Any) -> None:
     assert browser.execute_script(
         "return !!document.querySelector('#panel-loss [data-title=\"Download data as CSV\"]')"
     )
+    # no "Share chart..." to Plotly Cloud (plotly.js 4 shows it unless told not to)
+    buttons = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#panel-loss .modebar-btn'))"
+        ".map(function (b) { return b.getAttribute('data-title'); })"
+    )
+    assert "Download data as CSV" in buttons
+    assert not [b for b in buttons if b and "Share" in b]
     open_page(browser, f"{server.url}/runs/{runs.run_id}/layers?metric=farms.alpha")
     csv = browser.execute_script(
         "return SW.figureCsv(document.querySelector('#panel-heatmap .plot'))"

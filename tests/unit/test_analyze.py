@@ -185,6 +185,8 @@ def test_cli_writes_table_csv_json_and_self_contained_html(
     assert 'src="http' not in page
     assert len(page) > 1_000_000  # plotly.js inlined
     assert page.count("Plotly.newPlot") == 1 + 3  # alpha bars + one ESD plot per fitted layer
+    # no "Share chart" to Plotly Cloud (on by default in plotly.js 4), on every plot
+    assert page.count('"showSendToCloud": false') == 1 + 3
 
 
 def test_refuses_pickles_that_need_code_without_running_them(tmp_path: Path) -> None:
