@@ -130,18 +130,44 @@
 
   var CSV_ICON = { width: 1000, height: 1000, path: "M100 100h800v800h-800z M200 300h600v60h-600z M200 470h600v60h-600z M200 640h600v60h-600z" };
 
+  // a log/linear y axis toggle on line plots; the reader's choice per panel survives refreshes
+  var LOG_ICON = { width: 1000, height: 1000, path: "M100 850h800v60h-800z M150 780h120v70h-120z M350 640h120v210h-120z M550 420h120v430h-120z M750 100h120v750h-120z" };
+  var yAxisChoice = {};
+  function isLinePlot(panel) {
+    var fig = panel.figure;
+    return !!(fig && fig.data.length && /^scatter/.test(fig.data[0].type) && fig.layout.yaxis);
+  }
+  function withAxisChoice(panel, layout) {
+    var type = yAxisChoice[panel.id];
+    if (!type || !isLinePlot(panel)) { return layout; }
+    var out = Object.assign({}, layout);
+    out.yaxis = Object.assign({}, layout.yaxis, { type: type, autorange: true });
+    return out;
+  }
+
   function plotConfig(panel) {
     var base = "spectrawatch-" + (cfg.runId || "compare") + "-" + (panel.csv_name || panel.id);
+    var buttons = [{
+      name: "downloadCsv", title: "Download data as CSV", icon: CSV_ICON,
+      click: function (gd) { download(base + ".csv", figureCsv(gd)); }
+    }];
+    if (isLinePlot(panel)) {
+      buttons.push({
+        name: "toggleLogY", title: "Log / linear y axis", icon: LOG_ICON,
+        click: function (gd) {
+          var next = gd.layout.yaxis && gd.layout.yaxis.type === "log" ? "linear" : "log";
+          yAxisChoice[panel.id] = next;
+          Plotly.relayout(gd, { "yaxis.type": next, "yaxis.autorange": true });
+        }
+      });
+    }
     return {
       responsive: true,
       displaylogo: false,
       // plotly.js 4 offers to share a chart on Plotly Cloud by default: run data stays here
       showSendToCloud: false,
       toImageButtonOptions: { format: "png", filename: base, scale: 2 },
-      modeBarButtonsToAdd: [{
-        name: "downloadCsv", title: "Download data as CSV", icon: CSV_ICON,
-        click: function (gd) { download(base + ".csv", figureCsv(gd)); }
-      }]
+      modeBarButtonsToAdd: buttons
     };
   }
 
@@ -388,7 +414,7 @@
         if (panel.click) { plot.dataset.metric = panel.click.metric; }
         draws.push({ node: node, draw: function () {
           var drawStart = window.performance.now();
-          var layout = legendLayout(panel.figure.layout, legendBottom(plot, panel.figure));
+          var layout = withAxisChoice(panel, legendLayout(panel.figure.layout, legendBottom(plot, panel.figure)));
           return Plotly.react(plot, panel.figure.data, layout, plotConfig(panel)).then(clearLegend).then(function (gd) {
             bindClick(gd, panel);
             if (SW.timing && !SW.ready) { SW.timing.draws.push([panel.id, Math.round(window.performance.now() - drawStart)]); }
@@ -493,6 +519,8 @@
       if (loadAgain) { loadAgain = false; return load(); }
     });
   }
+
+  SW.reload = load;  // the page's data fetched and drawn again (what a refresh does)
 
   function signature(run) {
     return [run.status, run.last_step, JSON.stringify(run.frames), run.updated_at, run.last_seen_at].join("|");

@@ -256,6 +256,17 @@ def test_overview_scalars_sed_phases_and_markers(
         )
         == "log"
     )
+    # a line plot's y axis toggles between log and linear, and stays so when the page refreshes
+    toggle = "#panel-update_ratio .modebar-btn[data-title='Log / linear y axis']"
+    browser.execute_script(f"document.querySelector({toggle!r}).click()")
+    y_type = "return document.querySelector('#panel-update_ratio .plot').layout.yaxis.type"
+    assert browser.execute_script(y_type) == "linear"
+    renders = browser.execute_script("return SW.renders")
+    browser.execute_async_script("SW.reload().then(arguments[0])")
+    assert browser.execute_script("return SW.renders") == renders + 1
+    assert browser.execute_script(y_type) == "linear"
+    browser.execute_script(f"document.querySelector({toggle!r}).click()")
+    assert browser.execute_script(y_type) == "log"
     rects = [s for s in got["sed_gap"]["shapes"] if s["type"] == "rect"]
     assert [(r["x0"], r["x1"]) for r in rects] == [
         (0, 60),
@@ -671,6 +682,12 @@ def test_png_and_csv_downloads(browser: Any, seeded: Any) -> None:
     assert "Download data as CSV" in buttons
     assert not [b for b in buttons if b and "Share" in b]
     open_page(browser, f"{server.url}/runs/{runs.run_id}/layers?metric=farms.alpha")
+    titles = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#panel-heatmap .modebar-btn'))"
+        ".map(function (b) { return b.getAttribute('data-title'); })"
+    )
+    assert "Download data as CSV" in titles
+    assert "Log / linear y axis" not in titles  # a heatmap's y axis is its layers
     csv = browser.execute_script(
         "return SW.figureCsv(document.querySelector('#panel-heatmap .plot'))"
     )

@@ -176,6 +176,23 @@ def test_click_target_encodes_layer_names() -> None:
 # --- figure builders -------------------------------------------------------------------------
 
 
+def test_a_log_axis_with_values_at_or_below_zero_turns_linear_and_says_so() -> None:
+    """A loss panel is log-scaled, but a negative loss (NLL of a density, an ELBO) would vanish
+    from a log axis without a word: the figure is linear then, and its title says why."""
+    positive = fig.Line("loss", [0, 1, 2], [2.0, 1.0, 0.5])
+    negative = fig.Line("val_loss", [0, 1, 2], [1.0, None, -0.5])
+    kept = fig.line_figure("Loss", [positive], log_y=True)["layout"]
+    assert (kept["yaxis"]["type"], kept["title"]["text"]) == ("log", "Loss")
+    for lines in ([positive, negative], [positive, fig.Line("zero", [3], [0.0])]):
+        layout = fig.line_figure("Loss", lines, log_y=True)["layout"]
+        assert layout["yaxis"]["type"] == "linear"
+        assert layout["title"]["text"] == "Loss · linear axis: values ≤ 0"
+    hidden = fig.Line("val_loss", [0], [-1.0], shown=False)  # not drawn: no reason to switch
+    assert fig.line_figure("Loss", [positive, hidden], log_y=True)["layout"]["yaxis"]["type"] == (
+        "log"
+    )
+
+
 def test_line_figure_markers_bands_and_webgl_switch() -> None:
     small = fig.line_figure(
         "t",

@@ -101,6 +101,10 @@ def line_figure(
             trace["fill"] = line.fill
             trace["line"]["width"] = 0.8
         data.append(trace)
+    if log_y and _has_non_positive(lines):
+        # a log axis would drop them without a word (losses go negative: NLL of densities, ELBO)
+        log_y = False
+        title += " · linear axis: values ≤ 0"
     layout = _layout(title, y_title=y_title, log_y=log_y)
     for band in bands:
         layout["shapes"].append(
@@ -234,3 +238,13 @@ def thin_lines(lines: Sequence[Line], drawn: int) -> list[Line]:
     extremes = {min(finite)[1], max(finite)[1]} if finite else set()
     marked = [replace(line, shown=i < drawn or i in extremes) for i, line in enumerate(lines)]
     return envelope_lines(lines, f"all {len(lines)}:") + marked
+
+
+def _has_non_positive(lines: Sequence[Line]) -> bool:
+    """Whether a drawn line has a finite value <= 0 (which a log axis cannot show)."""
+    return any(
+        y is not None and math.isfinite(y) and y <= 0
+        for line in lines
+        if line.shown and not line.fill
+        for y in line.y
+    )
