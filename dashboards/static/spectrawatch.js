@@ -135,7 +135,8 @@
   var yAxisChoice = {};
   function isLinePlot(panel) {
     var fig = panel.figure;
-    return !!(fig && fig.data.length && /^scatter/.test(fig.data[0].type) && fig.layout.yaxis);
+    return !!(fig && fig.data.length && /^scatter/.test(fig.data[0].type) && fig.layout.yaxis &&
+      fig.layout.yaxis.type !== "category");
   }
   function withAxisChoice(panel, layout) {
     var type = yAxisChoice[panel.id];
@@ -398,9 +399,13 @@
       if (box.children[index] !== node) { box.insertBefore(node, box.children[index] || null); }
       var isHeatmap = panel.figure && panel.figure.data.length && panel.figure.data[0].type === "heatmap";
       node.classList.toggle("heatmap", !!isHeatmap);
-      // one readable row per layer (16 px): 150 layers in the fixed 620 px were 4 px each
-      var rows = isHeatmap ? (panel.figure.data[0].y || []).length : 0;
-      node.querySelector(".plot").style.height = isHeatmap ? Math.min(4000, Math.max(620, 160 + 16 * rows)) + "px" : "";
+      // one readable row per layer (16 px): 150 layers in the fixed 620 px were 4 px each; the
+      // same for a plot of named rows (the alert timeline: one per rule and layer)
+      var yaxis = panel.figure && panel.figure.layout.yaxis;
+      var categories = !isHeatmap && yaxis && yaxis.type === "category" ? (yaxis.categoryarray || []).length : 0;
+      var rows = isHeatmap ? (panel.figure.data[0].y || []).length : categories;
+      var minHeight = isHeatmap ? 620 : 360;
+      node.querySelector(".plot").style.height = rows ? Math.min(4000, Math.max(minHeight, 160 + 16 * rows)) + "px" : "";
       node.dataset.panel = panel.id;
       node.querySelector(".help").textContent = panel.help || "";
       var note = node.querySelector(".note");  // why the data stops (NaN/Inf weights...)

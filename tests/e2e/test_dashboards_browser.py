@@ -387,6 +387,12 @@ def test_activations_alerts_and_compare_pages(browser: Any, seeded: Any, artifac
 
     open_page(browser, f"{server.url}/runs/{runs.run_id}/alerts")
     check_plotted(panels(browser)["timeline"], {"warning", "info"})
+    titles = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#panel-timeline .modebar-btn'))"
+        ".map(function (b) { return b.getAttribute('data-title'); })"
+    )
+    assert "Download data as CSV" in titles
+    assert "Log / linear y axis" not in titles  # its rows are rules, not values
     assert wait_js(browser, "document.querySelector('#table-alerts table').dataset.rows") == "2"
     deliveries = browser.find_element("id", "table-deliveries").text
     assert "alert.opened" in deliveries

@@ -406,6 +406,14 @@ def test_alerts_timeline_open_episode_runs_to_last_step() -> None:
     assert by_name["critical"]["x"] == [5, 9, None]
     assert by_name["critical"]["y"] == ["nan fc", "nan fc", None]
     assert by_name["warning"]["x"] == [2, 4, None]
+    # rows in natural order, top to bottom, each labelled (the page sizes the plot by them)
+    many = [
+        {"rule": "alpha", "layer": f"blocks.{i}", "severity": "warning", "step": 1}
+        for i in (10, 2, 1)
+    ]
+    yaxis = fig.alerts_timeline_figure(many, last_step=3)["layout"]["yaxis"]
+    assert yaxis["categoryarray"] == ["alpha blocks.10", "alpha blocks.2", "alpha blocks.1"]
+    assert (yaxis["categoryorder"], yaxis["dtick"]) == ("array", 1)
 
 
 # --- queries and routes on a real (temporary) SQLite database ---------------------------------

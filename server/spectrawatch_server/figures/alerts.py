@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from spectrawatch_server.figures.base import Figure, _layout, plot_text
+from spectrawatch_server.figures.base import Figure, _layout, natural_key, plot_text
 
 SEVERITY_COLORS = {
     "critical": "#d62728",
@@ -18,8 +18,11 @@ SEVERITY_COLORS = {
 
 
 def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int | None) -> Figure:
-    """Alert episodes over steps, one row per rule: a segment from firing to resolution."""
+    """Alert episodes over steps, one row per rule and layer: a segment from firing to
+    resolution. Rows in natural order (``blocks.2`` before ``blocks.10``), their list in
+    ``yaxis.categoryarray`` (the page gives each row its own height from it)."""
     data: list[dict[str, Any]] = []
+    labels: set[str] = set()
     by_severity: dict[str, list[Mapping[str, Any]]] = {}
     for a in alerts:
         by_severity.setdefault(str(a.get("severity", "warning")), []).append(a)
@@ -34,6 +37,7 @@ def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int |
             label = plot_text(f"{a['rule']} {a.get('layer') or ''}".strip(), 10_000)
             message = plot_text(str(a.get("message") or ""), 300)
             text = f"{label}<br>{plot_text(str(a.get('status')))} · {message}"
+            labels.add(label)
             xs += [int(a["step"]), int(end), None]
             ys += [label, label, None]
             texts += [text, text, None]
@@ -52,5 +56,14 @@ def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int |
         )
     layout = _layout("Alert episodes", y_title="rule · layer")
     layout["hovermode"] = "closest"
-    layout["yaxis"].update({"type": "category", "automargin": True})
+    rows = sorted(labels, key=natural_key, reverse=True)  # the first row at the top
+    layout["yaxis"].update(
+        {
+            "type": "category",
+            "automargin": True,
+            "categoryorder": "array",
+            "categoryarray": rows,
+            "dtick": 1,  # every row labelled: the page is as tall as the rows need
+        }
+    )
     return {"data": data, "layout": layout}
