@@ -195,6 +195,8 @@ def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float
 
 
 NAN_FROM = 70  # the first weight frame with NaN/Inf of seed_nonfinite's run
+NAN_ACTIVATIONS_FROM = 40  # ... and its first activations frame with NaN/Inf (one module)
+MODULES = ("block.0", "block.1")  # that run's probed modules
 
 
 def seed_nonfinite(data_dir: Path) -> int:
@@ -212,6 +214,17 @@ def seed_nonfinite(data_dir: Path) -> int:
                 continue
             metrics = [MetricRow(la, "htsr.alpha", step, 4.0 - step / 60) for la in LAYERS]
             repo.replace_results(s, run.id, frame.id, step, "htsr", metrics, [])
+        # the probe's activations of one module went NaN/Inf earlier: their frames say so
+        for seq, step in enumerate(range(0, 121, 10), start=100):
+            frame = done_frame(s, run.id, step, seq, kind="activations", layers=MODULES)
+            gone = [m for m in MODULES if m == MODULES[1] and step >= NAN_ACTIVATIONS_FROM]
+            frame.nonfinite = dict.fromkeys(gone, 64)
+            rows = [
+                MetricRow(m, "eigentrack.entropy", step, 2.0 + step / 100)
+                for m in MODULES
+                if m not in gone
+            ]
+            repo.replace_results(s, run.id, frame.id, step, "activations", rows, [])
         run_id = run.id
     engine.dispose()
     return run_id

@@ -28,6 +28,8 @@ import pytest
 from tests.e2e.dashboard_data import (
     CROSSING_STEP,
     LAYERS,
+    MODULES,
+    NAN_ACTIVATIONS_FROM,
     NAN_FROM,
     RULES_PROJECT,
     STEPS,
@@ -928,7 +930,7 @@ def test_pages_of_a_run_gone_nan_say_where_and_why_its_data_stops(
         assert f"from step {NAN_FROM} in {LAYERS[0]}" in wait_js(browser, note + ".textContent")
         open_page(browser, f"{server.url}/runs/{run_id}")
         summary = browser.find_element("id", "summary").text
-        assert f"non-finite (NaN/Inf) from step {NAN_FROM}" in summary
+        assert f"non-finite (NaN/Inf) from step {NAN_ACTIVATIONS_FROM}" in summary  # the first
         # the compare page marks it too (it drew the line ending at step 60, unexplained)
         open_page(browser, f"{server.url}/compare?runs={run_id}&names=htsr.alpha&layer={LAYERS[0]}")
         compare = panels(browser)["compare-htsr.alpha"]
@@ -936,6 +938,17 @@ def test_pages_of_a_run_gone_nan_say_where_and_why_its_data_stops(
         assert f"#{run_id}: non-finite from step {NAN_FROM}" in annotations(browser, compare)
         text = wait_js(browser, note + ".textContent")
         assert f"weights non-finite (NaN/Inf) from step {NAN_FROM} in {LAYERS[0]}" in text
+        # the activations page: the module's lines stopped at step 30 without a word
+        open_page(browser, f"{server.url}/runs/{run_id}/activations")
+        text = wait_js(browser, note + ".textContent")
+        assert (
+            f"activations non-finite (NaN/Inf) from step {NAN_ACTIVATIONS_FROM} in {MODULES[1]}"
+            in text
+        )
+        entropy = panels(browser)["eigentrack-eigentrack.entropy"]
+        assert {"type": "line", "x0": NAN_ACTIVATIONS_FROM, "x1": NAN_ACTIVATIONS_FROM} in entropy[
+            "shapes"
+        ]
         assert console_errors(browser) == []
     finally:
         server.stop()

@@ -56,13 +56,13 @@ def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int |
         )
     layout = _layout("Alert episodes", y_title="rule · layer")
     layout["hovermode"] = "closest"
-    rows = sorted(labels, key=natural_key, reverse=True)  # the first row at the top
+    order = sorted(labels, key=natural_key, reverse=True)  # the first row at the top
     layout["yaxis"].update(
         {
             "type": "category",
             "automargin": True,
             "categoryorder": "array",
-            "categoryarray": rows,
+            "categoryarray": order,
             "dtick": 1,  # every row labelled: the page is as tall as the rows need
         }
     )

@@ -471,6 +471,7 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
     n = _points(max_points)
     body = _base(session, run, page)
     names = reads.series_names(session, run.id)
+    onsets = reads.nonfinite_onsets(session, run.id)  # modules whose activations went NaN/Inf
     panels = []
     for spec in page.panels:
         matched = dash.match_names(names, spec.match)
@@ -514,11 +515,17 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             sub = dash.PanelSpec(
                 f"{spec.id}-{group[0]}", title, spec.kind, help=help_text, empty=spec.empty
             )
-            panels.append(
-                dash.panel_from(
-                    sub, dash.line_figure(title, lines, y_title=group[0] if len(group) == 1 else "")
-                )
+            modules = sorted({layer for name, layer in series if name in group})
+            marker = dash.nonfinite_marker(onsets, modules)
+            figure = dash.line_figure(
+                title,
+                lines,
+                y_title=group[0] if len(group) == 1 else "",
+                markers=[marker] if marker else [],
             )
+            panel = dash.panel_from(sub, figure)
+            panel.extra["note"] = dash.nonfinite_note(onsets, modules)
+            panels.append(panel)
     body["panels"] = [p.public() for p in panels]
     return _json(body)
 
