@@ -153,6 +153,21 @@ def test_scalars_nan_accepted_and_flagged(client: httpx.Client) -> None:
     assert series["values"] == [None, 0.5]
 
 
+def test_a_scalar_batch_of_the_largest_size_is_stored(client: httpx.Client) -> None:
+    """``max_scalars_per_batch`` (100,000) scalars in one request: on PostgreSQL one INSERT of
+    more than 16,383 rows exceeded its 65,535 bound parameters (503 ``database_unavailable``,
+    forever retried), on SQLite more than 62,500 its 250,000."""
+    run_id = make_run(client, name="big-batch")
+    rows = [{"step": i, "name": "loss", "value": i / 1000} for i in range(99_999)]
+    rows.append({"step": 3, "name": "loss", "value": -1.0})  # repeated: the later one wins
+    response = client.post(f"/runs/{run_id}/scalars", json=rows, timeout=120)
+    assert response.status_code == 202, response.text[:300]
+    (series,) = client.get(f"/runs/{run_id}/scalars", params={"name": "loss"}).json()
+    assert series["steps"] == list(range(99_999))
+    assert series["values"][:5] == [0.0, 0.001, 0.002, -1.0, 0.004]
+    assert series["values"][-1] == 99.998
+
+
 def test_run_lifecycle(client: httpx.Client) -> None:
     created = client.post(
         "/runs", json={"project": "life", "name": "r", "config": {"lr": 0.1}, "tags": ["a"]}

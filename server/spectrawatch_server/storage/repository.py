@@ -956,8 +956,13 @@ def finite_or_none(value: float) -> float | None:
 # --- scalars ---------------------------------------------------------------------------
 
 
+SCALAR_CHUNK = 5000  # rows of one multi-row INSERT: 4 bound values each, under PostgreSQL's
+# 65,535 and SQLite's 250,000 parameters a statement (a batch of 16,384 rows failed on the first)
+
+
 def upsert_scalars(session: Session, run_id: int, rows: Sequence[tuple[int, str, float]]) -> int:
-    """Insert ``(step, name, value)`` scalars; a repeated (name, step) overwrites the value."""
+    """Insert ``(step, name, value)`` scalars; a repeated (name, step) overwrites the value (a
+    batch holding one twice: the later one, the rows go in order)."""
     if not rows:
         return 0
     dialect = session.get_bind().dialect.name
@@ -966,11 +971,12 @@ def upsert_scalars(session: Session, run_id: int, rows: Sequence[tuple[int, str,
         {"run_id": run_id, "step": step, "name": name, "value": finite_or_none(value)}
         for step, name, value in rows
     ]
-    stmt = insert_fn(Scalar).values(values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["run_id", "name", "step"], set_={"value": stmt.excluded.value}
-    )
-    session.execute(stmt)
+    for start in range(0, len(values), SCALAR_CHUNK):
+        stmt = insert_fn(Scalar).values(values[start : start + SCALAR_CHUNK])
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["run_id", "name", "step"], set_={"value": stmt.excluded.value}
+        )
+        session.execute(stmt)
     touch_run(session, run_id, max(step for step, _, _ in rows))
     return len(rows)
 
