@@ -135,7 +135,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         app: Any = create_app(settings)
         if args.workers > 1:  # uvicorn starts each process from an import string: env settings
             _export_settings(settings)
-            app = "spectrawatch_server.app:create_app"
+            app = "spectrawatch_server.app:create_served_app"
         uvicorn.run(
             app,
             factory=args.workers > 1,

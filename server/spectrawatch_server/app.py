@@ -38,6 +38,7 @@ from spectrawatch_server.startup import make_data_dir
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import FRAME_BLOB_KEY
 from spectrawatch_server.storage.s3 import open_blob_store
+from spectrawatch_server.supervision import die_with_parent
 from spectrawatch_server.webhooks.deliver import build_sender
 from spectrawatch_server.worker import FrameLoader, Worker, resolve_device
 
@@ -164,6 +165,14 @@ def _prune(state: AppState, days: float) -> None:
     frames = blobs.prune_expired(state, days)
     if frames:
         log.info("retention: released the blobs of %d frame(s) older than %g days", frames, days)
+
+
+def create_served_app() -> FastAPI:
+    """The factory ``spectrawatch server --workers N`` gives uvicorn for each of its processes:
+    the app of the environment's settings, in a process that stops with the server's main
+    process (killed by SIGKILL, it left them serving on its port)."""
+    die_with_parent()
+    return create_app()
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:

@@ -10,7 +10,6 @@ Jobs carry a frame id; the worker reads the frame's blob from the shared blob st
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -25,12 +24,12 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.supervision import die_with_parent
 
 log = logging.getLogger(__name__)
 
 EXIT_SCHEMA_TOO_NEW = 3  # the worker's exit status when a newer spectrawatch migrated the schema
 
-_PR_SET_PDEATHSIG = 1
 
 
 class WorkerConfigError(ValueError):
@@ -212,37 +211,13 @@ def run(settings: ServerSettings, concurrency: int = 1, name: str | None = None)
 
 def _child(settings: ServerSettings, name: str, concurrency: int) -> None:
     """A spawned worker: dies with its supervisor, shares the CPU cores with its siblings."""
-    _die_with_parent()
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
     import torch
 
     torch.set_num_threads(threads_per_child(concurrency))
     sys.exit(serve(settings, name))
 
-
-def _die_with_parent() -> None:
-    """SIGTERM this process when its supervisor dies, even by SIGKILL.
-
-    Two independent mechanisms: the kernel's parent-death signal (Linux ``prctl``), and a
-    daemon thread that waits on the supervisor's ``multiprocessing`` sentinel (portable, and
-    effective where a sandboxed kernel ignores ``PR_SET_PDEATHSIG``).
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):  # pragma: no cover - exotic libc
-            log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
-    parent = multiprocessing.parent_process()
-    if parent is None:  # pragma: no cover - only called in spawned children
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        log.warning("supervisor %s is gone: stopping", parent.pid)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def _refuse_if_cuda_initialised() -> None:

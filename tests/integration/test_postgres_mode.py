@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -377,9 +378,25 @@ def test_several_api_processes_share_one_port(topology: Topology, tmp_path: Path
                 assert list(pool.map(send, range(24))) == [200] * 24
             wait_until(lambda: frame_statuses(client, run_id) == ["done"] * 24, timeout=180)
         assert api.proc is not None
-        assert len(_spawned_children(api.proc.pid)) == 2  # uvicorn's supervisor and its 2
+        children = _spawned_children(api.proc.pid)
+        assert len(children) == 2  # uvicorn's supervisor and its 2
+        # the main process killed by SIGKILL (an OOM kill): its 2 stop too, the port frees
+        api.proc.kill()
+        api.proc.wait()
+        wait_until(lambda: not [c for c in children if _running(c)], timeout=30)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", api.port))
     finally:
         api.stop()
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.mark.gpu
