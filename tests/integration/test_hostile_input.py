@@ -168,6 +168,35 @@ def test_out_of_range_ids_are_4xx(open_server: ServerProcess) -> None:
         )
 
 
+def test_nul_characters_are_refused_by_name(open_server: ServerProcess) -> None:
+    """NUL (``%00``, ``\\u0000``) in a query parameter, the path or a webhook's fields: 422
+    naming where it is (PostgreSQL cannot store or compare such text; its error came back as "a
+    numeric parameter is out of range"), never a 5xx."""
+    with httpx.Client(base_url=f"{open_server.url}/api/v1", timeout=30) as api:
+        run_id = make_run(api, name="nul")
+        for path, param in (
+            ("/runs", "project"),
+            (f"/runs/{run_id}/metrics", "name"),
+            (f"/runs/{run_id}/scalars", "name"),
+            (f"/runs/{run_id}/spectra", "layer"),
+            ("/alerts", "rule"),
+            (f"/dashboards/runs/{run_id}/layer", "layer"),
+        ):
+            response = api.get(f"{path}?{param}=a%00b")
+            assert response.status_code == 422, (path, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "nul_character"
+            assert f"query parameter '{param}'" in error["message"]
+        response = api.get("/projects/a%00b/alert-rules")
+        assert response.status_code == 422
+        assert response.json()["error"]["message"] == "the URL path holds a NUL character (%00)"
+        hook = {"project": "nul", "url": "http://93.184.216.34/hook?t=a\u0000b"}
+        response = api.post("/webhooks", json=hook)
+        assert response.status_code == 422
+        assert "url" in response.text
+        assert api.get("/health").status_code == 200
+
+
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_errors(open_server: ServerProcess) -> None:
     """Property-based requests from the OpenAPI schema: no operation may answer 5xx."""

@@ -105,6 +105,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OverflowError)
     @app.exception_handler(DataError)
     async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
+        if "NUL" in str(exc):  # PostgreSQL text cannot hold U+0000 (a field no schema checks)
+            return error_response(
+                422, "nul_character", "a text value holds a NUL character (\\u0000)"
+            )
         # ids/steps beyond the database's 64-bit integers (or similar value errors)
         return error_response(422, "out_of_range", "a numeric parameter is out of range")
 

@@ -1,8 +1,10 @@
-"""Request-size limit for JSON endpoints (frame bodies have their own, larger, streamed limit)."""
+"""Request guards before routing: the size limit for JSON endpoints (frame bodies have their
+own, larger, streamed limit) and NUL characters in URLs."""
 
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -48,14 +50,46 @@ class JsonBodyLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            {"error": {"code": "too_large", "message": f"body exceeds {self.max_bytes} bytes"}}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = f"body exceeds {self.max_bytes} bytes"
+        await _send_json(send, 413, {"error": {"code": "too_large", "message": message}})
+
+
+class NulGuard:
+    """Refuse a URL whose path or query holds a NUL character (``%00``) with 422, naming the
+    parameter: PostgreSQL cannot store or compare text with NUL, and its error reached callers
+    as "a numeric parameter is out of range"."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = nul_problem(scope.get("path", ""), scope.get("query_string", b""))
+            if problem is not None:
+                error = {"code": "nul_character", "message": problem}
+                await _send_json(send, 422, {"error": error})
+                return
+        await self.app(scope, receive, send)
+
+
+def nul_problem(path: str, query: bytes) -> str | None:
+    """Where a NUL character is in a request's ``path`` or ``query`` string, or None."""
+    if "\x00" in path:
+        return "the URL path holds a NUL character (%00)"
+    if b"%00" not in query.lower() and b"\x00" not in query:
+        return None
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            return f"query parameter {name.replace(chr(0), '')[:64]!r} holds a NUL character (%00)"
+    return None
+
+
+async def _send_json(send: Send, status: int, content: object) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps(content).encode()})

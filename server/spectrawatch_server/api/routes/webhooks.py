@@ -28,13 +28,14 @@ router = APIRouter(tags=["webhooks"])
 
 WebhookFormat = Literal["standard", "slack"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
+NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"  # no NUL (PostgreSQL cannot store it), tab or newline
 _EVENT = re.compile(r"^(alert\.opened|alert\.resolved)(:[a-z][a-z0-9_]{0,63})?$|^webhook\.test$")
 
 
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    project: str = Field(min_length=1, max_length=200)
-    url: str = Field(min_length=1, max_length=2000)
+    project: str = Field(min_length=1, max_length=200, pattern=NO_CONTROL)
+    url: str = Field(min_length=1, max_length=2000, pattern=NO_CONTROL)
     events: list[str] = Field(default_factory=list, max_length=100)
     secret: str | None = Field(default=None, max_length=200)
     format: WebhookFormat = "standard"
@@ -43,7 +44,7 @@ class WebhookCreate(BaseModel):
 
 class WebhookUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: str | None = Field(default=None, min_length=1, max_length=2000)
+    url: str | None = Field(default=None, min_length=1, max_length=2000, pattern=NO_CONTROL)
     events: list[str] | None = Field(default=None, max_length=100)
     format: WebhookFormat | None = None
     enabled: bool | None = None
