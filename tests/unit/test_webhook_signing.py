@@ -502,3 +502,42 @@ def test_sender_honours_the_projects_expires_with_run(
         assert "run ended" in outcome.error
     else:
         assert (outcome.status, len(sent)) == ("delivered", 1)
+
+
+def test_sender_loop_logs_a_database_outage_once_and_backs_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database away for a while: one warning (it logged a 50-line traceback every second,
+    34 in a 20-s PostgreSQL outage of a 2-process API), waits growing to 30 s, one line when it
+    is back."""
+    import httpx
+    from sqlalchemy.exc import OperationalError
+
+    from spectrawatch_server.webhooks.deliver import DeliveryThread
+
+    sessions, _, _, _ = make_outbox(tmp_path)
+    thread = DeliveryThread(sender(sessions, lambda _: httpx.Response(204)), poll_seconds=0.0)
+    outage = OperationalError("SELECT 1", {}, Exception("connection refused\nmore text"))
+    rounds = iter([outage] * 8 + [None])
+    waits: list[float] = []
+
+    def run_once() -> int:
+        failure = next(rounds)
+        if failure is not None:
+            raise failure
+        thread._stop.set()  # back: one good round, then stop
+        return 0
+
+    monkeypatch.setattr(thread, "run_once", run_once)
+    monkeypatch.setattr(thread._stop, "wait", lambda seconds: waits.append(seconds))
+    with caplog.at_level("INFO", logger="spectrawatch_server.webhooks.deliver"):
+        thread._loop()
+    thread.deliverer.close()
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "database unavailable" in messages[0]
+    assert "connection refused" in messages[0]
+    assert "more text" not in messages[0]
+    assert not any(r.exc_info for r in caplog.records)
+    assert "back after 8 failed rounds" in messages[1]

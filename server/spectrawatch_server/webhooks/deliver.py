@@ -25,6 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch._transport import parse_retry_after
@@ -386,14 +387,24 @@ class DeliveryThread:
                 fn()
 
     def _loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             busy = 0
             try:
                 self._run_ticks()
                 busy = self.run_once()
-            except Exception:  # the sender must survive a database hiccup
+                if failures:
+                    log.info("webhook sender: database back after %d failed rounds", failures)
+                failures = 0
+            except OperationalError as exc:  # the database is away: one line, then back off
+                failures += 1
+                if failures == 1:
+                    log.warning("webhook sender: database unavailable, retrying: %s", _brief(exc))
+                self._stop.wait(min(30.0, 2.0 ** min(failures - 1, 5)))
+            except Exception:  # the sender must survive anything else too; this one is a bug
+                failures += 1
                 log.exception("webhook sender loop failed; retrying")
-                self._stop.wait(1.0)
+                self._stop.wait(min(30.0, 2.0 ** min(failures - 1, 5)))
             if busy < self.batch:
                 self._wake.wait(self.poll_seconds)
                 self._wake.clear()
@@ -429,3 +440,8 @@ def build_sender(
         poll_seconds=settings.webhook_poll_seconds,
         ticks=[(settings.alert_sweep_seconds, sweep), *ticks],
     )
+
+
+def _brief(exc: BaseException) -> str:
+    """The first line of an exception's text (SQLAlchemy appends the statement and a link)."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
