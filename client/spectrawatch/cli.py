@@ -125,7 +125,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             )
         _startup_check(args, lambda: startup.check_port_free(settings.host, settings.port))
         _startup_check(args, lambda: startup.check_device(settings.device))
-        _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
+        _startup_check(args, lambda: _check_database(settings))
         print(
             f"spectrawatch {__version__} serving on {settings.base_url} "
             f"(data in {settings.data_dir})"
@@ -146,6 +146,18 @@ def cmd_server(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=5,
         )
     return 0
+
+
+def _check_database(settings: Any) -> None:
+    """The database opened as the server's engine will open it (timeouts, pooling mode)."""
+    from spectrawatch_server import startup
+
+    startup.check_database(
+        settings.resolved_database_url,
+        statement_timeout=settings.db_statement_timeout_seconds,
+        lock_timeout=settings.db_lock_timeout_seconds,
+        transaction_pooling=settings.db_transaction_pooling,
+    )
 
 
 def _export_settings(settings: Any) -> None:
@@ -180,7 +192,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except worker_main.WorkerConfigError as exc:
         raise CommandError(str(exc)) from None
     _startup_check(args, lambda: startup.check_device(settings.device))
-    _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
+    _startup_check(args, lambda: _check_database(settings))
     return worker_main.run(settings, args.concurrency, args.name)
 
 
@@ -205,7 +217,7 @@ def _open_db(args: argparse.Namespace, create: bool = False) -> Any:
         )
     if create:
         _startup_check(args, lambda: startup.make_data_dir(settings.data_dir))
-    _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
+    _startup_check(args, lambda: _check_database(settings))
     engine = make_engine(
         settings.resolved_database_url,
         # SQLite: wait for a running server's write lock as long as before (the API's busy
@@ -323,7 +335,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
         return sum(f.stat().st_size for f in files if f.exists())
 
     with _startup_check(args, lambda: startup.lock_data_dir(settings.data_dir)):
-        _startup_check(args, lambda: startup.check_database(settings.resolved_database_url))
+        _startup_check(args, lambda: _check_database(settings))
         before = size()
         connection = sqlite3.connect(database, isolation_level=None)  # VACUUM: no transaction
         try:

@@ -67,9 +67,23 @@ def make_data_dir(data_dir: Path) -> None:
         raise SettingError("data_dir", f"{data_dir} is not writable")
 
 
-def check_database(url: str) -> None:
-    """Connect once to ``url`` (creating a SQLite file), so an unreachable database is one line;
-    refuse one whose schema a newer spectrawatch has migrated (:class:`SchemaTooNew`)."""
+POOLER_HINT = (
+    " (behind PgBouncer in transaction pooling mode? set SPECTRAWATCH_DB_TRANSACTION_POOLING=true:"
+    " docs/deployment.md, PgBouncer)"
+)
+
+
+def check_database(
+    url: str,
+    *,
+    statement_timeout: float = 0.0,
+    lock_timeout: float = 0.0,
+    transaction_pooling: bool = False,
+) -> None:
+    """Connect once to ``url`` (creating a SQLite file) as the server will, with its timeouts
+    and pooling mode (:func:`~spectrawatch_server.db.session.make_engine`), so an unreachable
+    database, or a pooler refusing the timeouts' startup options, is one line; refuse one whose
+    schema a newer spectrawatch has migrated (:class:`SchemaTooNew`)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -78,7 +92,12 @@ def check_database(url: str) -> None:
 
     shown = make_url(url).render_as_string(hide_password=True)
     try:
-        engine = make_engine(url)
+        engine = make_engine(
+            url,
+            statement_timeout=statement_timeout,
+            lock_timeout=lock_timeout,
+            transaction_pooling=transaction_pooling,
+        )
         try:
             with engine.connect() as connection:
                 check_revision(connection, url)
@@ -86,7 +105,8 @@ def check_database(url: str) -> None:
             engine.dispose()
     except (SQLAlchemyError, ImportError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StartupError(f"cannot open the database {shown}: {reason}") from None
+        hint = POOLER_HINT if "unsupported startup parameter" in reason else ""
+        raise StartupError(f"cannot open the database {shown}: {reason}{hint}") from None
     except SchemaTooNew as exc:
         raise StartupError(f"the database {shown} cannot be used: {exc}") from None
 

@@ -311,6 +311,25 @@ def test_timeouts_hold_through_pgbouncer_in_transaction_pooling_mode(
             assert client.get("/api/v1/projects").status_code == 200
 
 
+def test_startup_behind_pgbouncer_without_the_pooling_setting_says_what_to_set(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Behind PgBouncer in transaction mode without ``DB_TRANSACTION_POOLING``, the timeouts'
+    startup ``options`` are refused: the start-up check opens the database as the server will,
+    so the operator gets one line naming the setting (it was a 178-line traceback after the
+    "serving on" banner); with the setting it passes."""
+    from spectrawatch_server import startup
+
+    with pgbouncer(pg_url) as proxied:
+        with pytest.raises(startup.StartupError) as refused:
+            startup.check_database(proxied, statement_timeout=10.0, lock_timeout=3.0)
+        assert "unsupported startup parameter" in str(refused.value)
+        assert "SPECTRAWATCH_DB_TRANSACTION_POOLING=true" in str(refused.value)
+        startup.check_database(
+            proxied, statement_timeout=10.0, lock_timeout=3.0, transaction_pooling=True
+        )
+
+
 def test_procrastinate_api_works_through_pgbouncer_in_transaction_pooling_mode(
     pg_url: str, tmp_path: Path
 ) -> None:
