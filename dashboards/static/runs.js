@@ -42,6 +42,19 @@
     fetch(window.location.pathname + "?" + params.toString(), { headers: headers })
       .then(function (r) {
         if (r.status === 401) { refused = true; promptToken(Boolean(t)); return null; }
+        if (r.status === 403 || r.status === 404) {  // the token is fine; these runs are not its
+          refused = true;
+          var notice = document.getElementById("runs-locked");
+          if (notice) {
+            notice.textContent = r.status === 404
+              ? "No such project, or not one this token may see (HTTP 404)."
+              : "This token may not see these runs (HTTP 403).";
+            notice.dataset.refused = String(r.status);
+          }
+          var prompt = document.getElementById("runs-token-prompt");
+          if (prompt) { prompt.hidden = true; }
+          return null;
+        }
         return r.ok ? r.text() : null;
       })
       .then(function (html) {

@@ -902,6 +902,13 @@ def test_pages_of_a_server_requiring_auth_ask_for_a_token(browser: Any, tmp_path
         assert "mine-run" in table
         assert "theirs-run" not in browser.page_source
         assert not browser.find_element("id", "runs-locked").is_displayed()
+        # another project's list, or none: said so, not a token prompt again and again
+        for project in ("theirs", "nonexistent"):
+            browser.get(f"{server.url}/projects/{project}")
+            wait_js(browser, "document.getElementById('runs-locked').dataset.refused === '404'")
+            notice = browser.find_element("id", "runs-locked").text
+            assert notice == "No such project, or not one this token may see (HTTP 404)."
+            assert "theirs-run" not in browser.page_source
     finally:
         browser.execute_script("window.localStorage.clear()")
         console_errors(browser)  # the 401 and 404 loads above, not for later tests
