@@ -280,6 +280,16 @@ def test_correlation_traps_rule_is_opt_in(api: httpx.Client, receiver: Receiver)
     run_id, hook = setup_project(api, receiver, project, events=["alert.opened:correlation_traps"])
     rules = {r["name"]: r for r in api.get(f"/projects/{project}/alert-rules").json()}
     assert rules["correlation_traps"]["enabled"] is False
+    # a default switched and switched back is the default again: nothing stored, not customized
+    for flip in (True, False):
+        r = api.patch(f"/projects/{project}/alert-rules/correlation_traps", json={"enabled": flip})
+        assert r.status_code == 200, r.text
+        assert (r.json()["enabled"], r.json()["customized"]) == (flip, flip)
+    rules = {r["name"]: r for r in api.get(f"/projects/{project}/alert-rules").json()}
+    assert (rules["correlation_traps"]["enabled"], rules["correlation_traps"]["customized"]) == (
+        False,
+        False,
+    )
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(256, 128, generator=gen)
     w[3, 5] = 40.0

@@ -925,7 +925,8 @@ def test_runs_list_status_filter_offers_the_run_statuses(tmp_path: Path) -> None
 
 def test_compare_heading_names_the_page_once(tmp_path: Path) -> None:
     """The compare page's heading is "Compare runs" (it read "Compare runs compare runs":
-    the run pages' run-name slot filled with the page's title)."""
+    the run pages' run-name slot filled with the page's title), and so is its tab's title (it
+    read "Compare runs · compare runs · spectrawatch")."""
     from fastapi.testclient import TestClient
 
     from spectrawatch_server.app import create_app
@@ -937,6 +938,7 @@ def test_compare_heading_names_the_page_once(tmp_path: Path) -> None:
         page = client.get("/compare?runs=1,2").text
     heading = page.split("<h1>")[1].split("</h1>")[0]
     assert heading == '<span id="page-title">Compare runs</span> ', heading
+    assert page.split("<title>")[1].split("</title>")[0] == "Compare runs · spectrawatch"
 
 
 def test_nan_weights_are_said_on_heatmap_drilldown_and_overview(tmp_path: Path) -> None:

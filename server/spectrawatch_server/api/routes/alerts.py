@@ -201,13 +201,19 @@ def update_rule(
         spec = R.build_rule(rule, merged, enabled=enabled, base=base)
     except R.RuleError as exc:
         raise ApiError(422, "invalid_rule", R.rule_problem(exc)) from exc
-    alert_store.upsert_rule(session, row.id, rule, enabled, merged)
+    now = {**stored, rule: (enabled, merged)}
+    if base is not None and not merged and enabled == base.enabled:
+        # a default switched back as it was (off, then on): nothing to store, not "customized"
+        alert_store.delete_rule(session, row.id, rule)
+        now.pop(rule)
+    else:
+        alert_store.upsert_rule(session, row.id, rule, enabled, merged)
     if not enabled:
         engine_for(state.settings).resolve_rule(session, row, rule, "rule disabled")
     elif merged != params:
         engine_for(state.settings).resolve_rule(session, row, rule, "rule changed")
     session.commit()
-    return _rule_public(spec, {**stored, rule: (enabled, merged)})
+    return _rule_public(spec, now)
 
 
 @router.delete(

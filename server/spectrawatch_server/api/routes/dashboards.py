@@ -1014,7 +1014,7 @@ def show_compare(request: Request, runs: str = "") -> HTMLResponse:
         request,
         "run.html",
         page="compare",
-        title="compare runs",
+        title="",  # the page's own title says it: "Compare runs · spectrawatch"
         run_id=None,
         config=config,
         page_title=pages()["compare"].title,
