@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 EXIT_SCHEMA_TOO_NEW = 3  # the worker's exit status when a newer spectrawatch migrated the schema
 
 
-
 class WorkerConfigError(ValueError):
     """A worker configuration that cannot run (wrong queue, several jobs on one GPU)."""
 
@@ -217,7 +216,6 @@ def _child(settings: ServerSettings, name: str, concurrency: int) -> None:
 
     torch.set_num_threads(threads_per_child(concurrency))
     sys.exit(serve(settings, name))
-
 
 
 def _refuse_if_cuda_initialised() -> None:
