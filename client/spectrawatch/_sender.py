@@ -105,25 +105,10 @@ class ClientStats:
             return self._c[name]
 
     def snapshot(self) -> dict[str, Any]:
-        """Plain dict for ``/client-stats``: the keys below always present."""
+        """Plain dict for ``/client-stats``: :data:`~spectrawatch.wire.CLIENT_COUNTERS` always
+        present."""
         with self._lock:
-            out: dict[str, Any] = {
-                k: self._c[k]
-                for k in (
-                    "dropped_frames",
-                    "spooled_frames",
-                    "spool_bytes",
-                    "errors",
-                    "sent_frames",
-                    "rejected_frames",
-                    "replayed_frames",
-                    "queued_frames",
-                    "sent_scalars",
-                    "dropped_scalars",
-                    "spool_overflow",
-                    "captures",
-                )
-            }
+            out: dict[str, Any] = {k: self._c[k] for k in wire.CLIENT_COUNTERS}
             out.update({k: v for k, v in self._c.items() if k not in out})
             out["dropped_by_kind"] = dict(self._dropped_by_kind)
             if self._nonfinite_scalars:

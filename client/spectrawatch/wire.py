@@ -35,6 +35,21 @@ NAME_PATTERN = r"^[^\x00-\x1f/]*[^\s\x00-\x1f/][^\x00-\x1f/]*$"
 # a new project or run name is also refused as exactly "." or "..": the dashboards link
 # /projects/<name>, which a browser resolves to another page (names stored before stay readable)
 DOT_NAMES = (".", "..")
+#: Counters every client-stats report (``POST /runs/{id}/client-stats``) carries, as integers.
+CLIENT_COUNTERS = (
+    "dropped_frames",
+    "spooled_frames",
+    "spool_bytes",
+    "errors",
+    "sent_frames",
+    "rejected_frames",
+    "replayed_frames",
+    "queued_frames",
+    "sent_scalars",
+    "dropped_scalars",
+    "spool_overflow",
+    "captures",
+)
 TEXT_PATTERN = r"^[^\x00-\x1f]+$"  # scalar names and tags, 1-200 characters
 # a layer name is also a dashboard URL segment: "." and ".." would be resolved away by browsers
 LAYER_PATTERN = r"^([^\x00-\x1f.][^\x00-\x1f]*|\.[^\x00-\x1f.][^\x00-\x1f]*|\.\.[^\x00-\x1f]+)$"

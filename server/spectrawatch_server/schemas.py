@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from spectrawatch.wire import (
+    CLIENT_COUNTERS,
     DOT_NAMES,
     LAYER_MAX,
     LAYER_PATTERN,
@@ -199,29 +200,20 @@ STAT_TEXT_MAX = 1000  # the client sends at most 500 characters of its last erro
 STAT_DICT_MAX = {"dropped_by_kind": 32, "nonfinite_scalars": 100}
 STAT_VALUE_MAX = 64  # characters of a non-finite scalar's value ("nan", "-inf")
 # counters and settings the bundled client sends as integers (shown as numbers, compared)
-INT_STATS = frozenset(
-    {
-        "sent_frames",
-        "rejected_frames",
-        "replayed_frames",
-        "queued_frames",
-        "sent_scalars",
-        "dropped_scalars",
-        "rejected_scalars",
-        "spooled_scalars",
-        "captures",
-        "update_every",
-        "row_groups",
-        "layout_changes",
-        "steps_not_increasing",
-        "sketch_steps_skipped",
-        "sketch_graph_off",
-        "sketch_stream_off",
-        "spool_unreadable",
-        "run_lost",
-        "spooled_pending",
-    }
-)
+INT_STATS = frozenset(CLIENT_COUNTERS) | {
+    "rejected_scalars",
+    "spooled_scalars",
+    "update_every",
+    "row_groups",
+    "layout_changes",
+    "steps_not_increasing",
+    "sketch_steps_skipped",
+    "sketch_graph_off",
+    "sketch_stream_off",
+    "spool_unreadable",
+    "run_lost",
+    "spooled_pending",
+}
 CounterInt = Annotated[int, Field(ge=0, le=COUNTER_MAX)]
 
 
