@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spectrawatch_server.storage import repository as repo  # noqa: E402
+from spectrawatch_server.storage import result_store  # noqa: E402
 from tests.dashboard_seed import done_frame, migrated, new_run  # noqa: E402
 from tests.e2e.test_dashboards_browser import CHROMIUM_FLAGS, find_chromium  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
@@ -45,7 +45,7 @@ def seed_big(data_dir: Path, layers: int, steps: int, activations: bool = False)
     with sessions.begin() as s:
         run_id = new_run(s, "bench", f"big-{layers}x{steps}")
         frame_id = done_frame(s, run_id, steps - 1, 0).id
-        repo.upsert_scalars(
+        result_store.upsert_scalars(
             s,
             run_id,
             [(t, "loss", 2.0 * math.exp(-t / (steps / 5)) + 0.01) for t in range(steps)]
@@ -107,7 +107,7 @@ def seed_big(data_dir: Path, layers: int, steps: int, activations: bool = False)
     finally:
         raw.close()
     with sessions.begin() as s:  # the rows went in around the repository: count the series
-        repo.rebuild_metric_series(s, run_id)
+        result_store.rebuild_metric_series(s, run_id)
     engine.dispose()
     return run_id
 

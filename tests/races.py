@@ -28,6 +28,7 @@ from spectrawatch_server.alerts.engine import AlertEngine
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db.models import Frame
+from spectrawatch_server.storage import job_store
 from spectrawatch_server.storage import repository as repo
 from tests.servers import fresh_database
 
@@ -193,5 +194,5 @@ def evaluate(client: TestClient, run_id: int, frame_id: int) -> None:
     with sessions.begin() as session:
         assert repo.live_runs(session, [run_id]) == {run_id}
         frame = session.get_one(Frame, frame_id)
-        repo.finish_frame(session, frame.id, "done", None)
+        job_store.finish_frame(session, frame.id, "done", None)
         AlertEngine().evaluate(session, frame)

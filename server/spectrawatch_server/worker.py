@@ -22,8 +22,8 @@ from spectrawatch.wire import SKETCH_KINDS, FrameKind, FrameLimits, decode_frame
 from spectrawatch_server.analyses import AnalysisResult, DecodedFrame, analyses_for
 from spectrawatch_server.analyses.registry import MODEL_LAYER, Analysis, SummarizeFn
 from spectrawatch_server.db.models import Frame
+from spectrawatch_server.storage import job_store, metric_reads, result_store, series
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.storage import series
 from spectrawatch_server.storage.blobs import BlobStore
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class RunHistory:
         return out
 
     def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
-        return repo.metric_tail(self.session, self.frame.run_id, name, layer, limit)
+        return metric_reads.metric_tail(self.session, self.frame.run_id, name, layer, limit)
 
     def metric_tails(
         self, wanted: Mapping[tuple[str, str], int]
@@ -132,7 +132,7 @@ class RunHistory:
         return series.flagged_steps(self.session, self.frame.run_id, name, since)
 
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
-        return repo.scalar_tail(self.session, self.frame.run_id, name, limit)
+        return metric_reads.scalar_tail(self.session, self.frame.run_id, name, limit)
 
 
 class Worker:
@@ -205,7 +205,7 @@ class Worker:
                     if analysis.summarize is not None:
                         self._summarize(session, frame, analysis.name, analysis.summarize)
                 error = "; ".join(errors) or None
-                repo.finish_frame(session, frame.id, "failed" if errors else "done", error)
+                job_store.finish_frame(session, frame.id, "failed" if errors else "done", error)
                 for hook in self.hooks:
                     hook(session, frame)
 
@@ -213,27 +213,29 @@ class Worker:
     def _summarize(session: Session, frame: Frame, analysis: str, fn: SummarizeFn) -> None:
         """The step's whole-model values from every layer stored for it (all parts of a
         weight snapshot), replacing the summary an earlier part wrote."""
-        layers = repo.layer_values_at(session, frame.run_id, frame.step, analysis, MODEL_LAYER)
+        layers = result_store.layer_values_at(
+            session, frame.run_id, frame.step, analysis, MODEL_LAYER
+        )
         values = fn(layers) if layers else {}
-        repo.replace_model_values(
+        result_store.replace_model_values(
             session, frame.run_id, frame.id, frame.step, analysis, MODEL_LAYER, values
         )
 
     @staticmethod
     def _store(session: Session, frame: Frame, analysis: str, result: AnalysisResult) -> None:
         metrics = [
-            repo.MetricRow(
+            result_store.MetricRow(
                 m.layer, m.name, frame.step if m.step is None else m.step, float(m.value)
             )
             for m in result.metrics
         ]
-        spectra = [repo.SpectrumRow(s.layer, _jsonable(s.payload)) for s in result.spectra]
-        repo.replace_results(
+        spectra = [result_store.SpectrumRow(s.layer, _jsonable(s.payload)) for s in result.spectra]
+        result_store.replace_results(
             session, frame.run_id, frame.id, frame.step, analysis, metrics, spectra
         )
         model = {(m.name, m.step) for m in metrics if m.layer == MODEL_LAYER}
         if model:
-            repo.drop_other_model_values(
+            result_store.drop_other_model_values(
                 session, frame.run_id, frame.id, analysis, MODEL_LAYER, model
             )
 
@@ -241,7 +243,7 @@ class Worker:
 def _jsonable(value: Any) -> Any:
     """Turn tensors/numpy values and non-finite floats into plain JSON values."""
     if isinstance(value, float):  # numpy's float64 too: stored as a plain float
-        return repo.finite_or_none(float(value))
+        return result_store.finite_or_none(float(value))
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

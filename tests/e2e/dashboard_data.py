@@ -17,9 +17,9 @@ import torch
 
 from spectrawatch.spectral.htsr import analyze_weights, esd_payload, traps_payload
 from spectrawatch_server.db.models import Alert, Delivery, DeliveryAttempt, Webhook
-from spectrawatch_server.storage import alert_store
+from spectrawatch_server.storage import alert_store, result_store
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.storage.repository import MetricRow, SpectrumRow
+from spectrawatch_server.storage.result_store import MetricRow, SpectrumRow
 from tests.dashboard_seed import done_frame, migrated
 
 LAYERS = ("blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "head")
@@ -155,7 +155,7 @@ def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float
                 MetricRow(layer, "conditioning.condition_number", step, 10.0 ** (i + step / 100)),
             ]
         spectra = [SpectrumRow(layer, payloads[layer]) for layer in LAYERS if layer in payloads]
-        repo.replace_results(s, run_id, frame.id, step, "htsr", metrics, spectra)
+        result_store.replace_results(s, run_id, frame.id, step, "htsr", metrics, spectra)
     # Update-sketch derived SED at __model__, every step, windows 16 and 32, with phases.
     frame = done_frame(s, run_id, STEPS[-1], len(STEPS), "update_sketch", ["__model__"])
     sed = []
@@ -184,14 +184,14 @@ def _fill(s: Any, run_id: int, payloads: dict[str, dict[str, Any]], shift: float
             for piece, at in EVIDENCE.items()
             if step >= at
         ]
-    repo.replace_results(s, run_id, frame.id, STEPS[-1], "sed", sed, [])
+    result_store.replace_results(s, run_id, frame.id, STEPS[-1], "sed", sed, [])
     scalars = []
     for step in range(200):
         scalars.append((step, "loss", 2.5 * math.exp(-step / 40) + 0.01))
         acc = 0.2 + 0.78 / (1 + math.exp(-(step - CROSSING_STEP + 8) / 3))
         scalars.append((step, "val_acc", acc))
         scalars.append((step, "train_acc", min(1.0, 0.3 + step / 50)))
-    repo.upsert_scalars(s, run_id, scalars)
+    result_store.upsert_scalars(s, run_id, scalars)
 
 
 NAN_FROM = 70  # the first weight frame with NaN/Inf of seed_nonfinite's run
@@ -213,7 +213,7 @@ def seed_nonfinite(data_dir: Path) -> int:
                 frame.nonfinite = dict.fromkeys(LAYERS, 12)
                 continue
             metrics = [MetricRow(la, "htsr.alpha", step, 4.0 - step / 60) for la in LAYERS]
-            repo.replace_results(s, run.id, frame.id, step, "htsr", metrics, [])
+            result_store.replace_results(s, run.id, frame.id, step, "htsr", metrics, [])
         # the probe's activations of one module went NaN/Inf earlier: their frames say so
         for seq, step in enumerate(range(0, 121, 10), start=100):
             frame = done_frame(s, run.id, step, seq, kind="activations", layers=MODULES)
@@ -224,7 +224,7 @@ def seed_nonfinite(data_dir: Path) -> int:
                 for m in MODULES
                 if m not in gone
             ]
-            repo.replace_results(s, run.id, frame.id, step, "activations", rows, [])
+            result_store.replace_results(s, run.id, frame.id, step, "activations", rows, [])
         run_id = run.id
     engine.dispose()
     return run_id

@@ -40,6 +40,7 @@ from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue import procrastinate as pq
 from spectrawatch_server.queue.base import database_unavailable
 from spectrawatch_server.queue.embedded import EmbeddedQueue
+from spectrawatch_server.storage import job_store
 from spectrawatch_server.storage import repository as repo
 from tests.factories import make_run, post_frame, weight_frame
 from tests.integration.test_faults import PrivatePostgres
@@ -409,7 +410,7 @@ def test_health_job_counts_do_not_read_the_finished_jobs(pg_url: str, tmp_path: 
             engine.dispose()
         assert read.seq_scan == 0
         assert read.seq_tup_read == 0
-        assert read.idx_tup_fetch <= 3 * repo.RECENT_JOBS  # against 200,000 finished
+        assert read.idx_tup_fetch <= 3 * job_store.RECENT_JOBS  # against 200,000 finished
 
 
 # --- 3. readiness: 503 without a worker, /health stays the status report --------------------

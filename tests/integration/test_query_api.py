@@ -173,7 +173,7 @@ def _seed_spectra(data_dir: Path) -> int:
     server on ``data_dir`` (either mode); its id."""
     from spectrawatch_server.db import migrate
     from spectrawatch_server.db.session import make_engine, make_session_factory
-    from spectrawatch_server.storage import repository as repo
+    from spectrawatch_server.storage import result_store
     from tests.dashboard_seed import done_frame, new_run
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -184,8 +184,8 @@ def _seed_spectra(data_dir: Path) -> int:
             run_id = new_run(s, "proxied", "r")
             for step in range(SPECTRA_STEPS):
                 frame = done_frame(s, run_id, step, step)
-                rows = [repo.SpectrumRow(la, {"at": [step, la]}) for la in SPECTRA_LAYERS]
-                repo.replace_results(s, run_id, frame.id, step, "htsr", [], rows)
+                rows = [result_store.SpectrumRow(la, {"at": [step, la]}) for la in SPECTRA_LAYERS]
+                result_store.replace_results(s, run_id, frame.id, step, "htsr", [], rows)
     finally:
         engine.dispose()
     return run_id

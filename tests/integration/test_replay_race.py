@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage import result_store
 from tests.races import DATABASES, app_client
 
 pytestmark = pytest.mark.integration
@@ -98,7 +99,9 @@ def test_a_scalar_batch_sent_twice_at_once_is_stored_once(
     with app_client(tmp_path, database) as client:
         run_id = client.post("/api/v1/runs", json={"project": "p", "name": "race"}).json()["id"]
         url = f"/api/v1/runs/{run_id}/scalars"
-        monkeypatch.setattr(repo, "upsert_scalars", hold(repo.upsert_scalars, 2, after=False))
+        monkeypatch.setattr(
+            result_store, "upsert_scalars", hold(result_store.upsert_scalars, 2, after=False)
+        )
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda _: client.post(url, json=body), range(2)))
         assert [a.status_code for a in answers] == [202, 202], [a.text for a in answers]

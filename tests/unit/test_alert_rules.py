@@ -13,7 +13,7 @@ from spectrawatch_server.alerts import rules as R
 from spectrawatch_server.alerts.engine import AlertEngine
 from spectrawatch_server.analyses.registry import MODEL_LAYER
 from spectrawatch_server.db.models import Alert, Delivery, Frame, Project, Run, Webhook
-from spectrawatch_server.storage import alert_store, series
+from spectrawatch_server.storage import alert_store, metric_reads, result_store, series
 from spectrawatch_server.storage import repository as repo
 
 ALPHA = R.RuleSpec("alpha", "threshold", metric="htsr.alpha", below=2.0, above=6.0, hysteresis=0.1)
@@ -206,8 +206,8 @@ def add_frame(
         status="done",
     )
     repo.insert_frame(session, frame)
-    rows = [repo.MetricRow(layer, name, frame.step, v) for name, v in metrics.items()]
-    repo.replace_results(session, run.id, frame.id, frame.step, "test", rows, [])
+    rows = [result_store.MetricRow(layer, name, frame.step, v) for name, v in metrics.items()]
+    result_store.replace_results(session, run.id, frame.id, frame.step, "test", rows, [])
     return frame
 
 
@@ -357,16 +357,18 @@ def test_metric_tails_equal_per_series_queries(sessions: sessionmaker[Session]) 
         for seq in range(12):
             frame = add_frame(session, run, seq, {})
             rows = [
-                repo.MetricRow(layer, name, 100 * seq + k, float(seq * 10 + k))
+                result_store.MetricRow(layer, name, 100 * seq + k, float(seq * 10 + k))
                 for name in ("a", "b")
                 for layer in [f"l{i}" for i in range(10)]
                 for k in range(3)  # three points per frame, as a multi-step sketch frame
                 if not (layer == "l2" and seq % 2)  # l2 is in every other frame only
             ]
-            rows.append(repo.MetricRow("l0", "nan", 100 * seq, float("nan")))
+            rows.append(result_store.MetricRow("l0", "nan", 100 * seq, float("nan")))
             if seq >= 10:
-                rows.append(repo.MetricRow("l0", "young", 100 * seq, 1.0))  # 2 points in all
-            repo.replace_results(session, run.id, frame.id, frame.step, "t", rows, [])
+                rows.append(
+                    result_store.MetricRow("l0", "young", 100 * seq, 1.0)
+                )  # 2 points in all
+            result_store.replace_results(session, run.id, frame.id, frame.step, "t", rows, [])
         run_id = run.id
     wanted = {
         (name, layer): limit
@@ -383,7 +385,7 @@ def test_metric_tails_equal_per_series_queries(sessions: sessionmaker[Session]) 
         ]
     }
     with sessions() as session:
-        want = {k: repo.metric_tail(session, run_id, *k, n) for k, n in wanted.items()}
+        want = {k: metric_reads.metric_tail(session, run_id, *k, n) for k, n in wanted.items()}
         queries: list[str] = []
         listen = session.connection().engine
         event.listen(listen, "before_cursor_execute", lambda *a: queries.append(a[2]))
@@ -413,18 +415,20 @@ def test_flagged_steps_are_the_non_zero_points_from_a_step_on(
         for seq in range(10):
             frame = add_frame(session, run, seq, {})
             rows = [
-                repo.MetricRow(layer, "flag", 10 * seq + k, float((seq + k + i) % 3 == 0))
+                result_store.MetricRow(layer, "flag", 10 * seq + k, float((seq + k + i) % 3 == 0))
                 for i, layer in enumerate(("a", "b"))
                 for k in range(2)
             ]
-            rows.append(repo.MetricRow("a", "other", 10 * seq, 1.0))
-            rows.append(repo.MetricRow("b", "flag", 10 * seq + 5, float("nan")))  # stored NULL
-            repo.replace_results(session, run.id, frame.id, frame.step, "t", rows, [])
+            rows.append(result_store.MetricRow("a", "other", 10 * seq, 1.0))
+            rows.append(
+                result_store.MetricRow("b", "flag", 10 * seq + 5, float("nan"))
+            )  # stored NULL
+            result_store.replace_results(session, run.id, frame.id, frame.step, "t", rows, [])
         run_id = run.id
     with sessions() as session:
         got = series.flagged_steps(session, run_id, "flag", 31)
         for layer in ("a", "b"):
-            points = repo.metric_tail(session, run_id, "flag", layer, 1000)
+            points = metric_reads.metric_tail(session, run_id, "flag", layer, 1000)
             assert got[layer] == {s for s, v in points if s >= 31 and v}
         assert set(got) == {"a", "b"}
         assert series.flagged_steps(session, run_id, "flag", 10**6) == {}

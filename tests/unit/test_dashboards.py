@@ -22,9 +22,9 @@ from spectrawatch_server import figures as fig
 from spectrawatch_server.api.routes import dashboards as routes
 from spectrawatch_server.db.models import Metric, Scalar
 from spectrawatch_server.storage import dashboard_reads as reads
+from spectrawatch_server.storage import metric_reads, result_store, series
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.storage import series
-from spectrawatch_server.storage.repository import MetricRow
+from spectrawatch_server.storage.result_store import MetricRow
 from tests.dashboard_seed import done_frame, migrated, new_run
 
 # --- page definitions ------------------------------------------------------------------------
@@ -442,7 +442,7 @@ def db(tmp_path: Path) -> Any:
         rows += [
             MetricRow(f"h{i}", "sed.edge.w16", t, 2.0) for i in range(3) for t in range(16, 500, 16)
         ]
-        repo.replace_results(s, run_id, frame.id, 0, "htsr", rows, [])
+        result_store.replace_results(s, run_id, frame.id, 0, "htsr", rows, [])
     yield sessions, run_id
     engine.dispose()
 
@@ -609,8 +609,8 @@ def test_bucketed_series_match_a_numpy_reference(tmp_path: Path) -> None:
         run_id = new_run(s, "p", "r")
         frame = done_frame(s, run_id, 0, 0)
         rows = [MetricRow("fc", "m", int(t), float(v)) for t, v in zip(steps, values, strict=True)]
-        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
-        repo.upsert_scalars(
+        result_store.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+        result_store.upsert_scalars(
             s, run_id, [(int(t), "loss", float(v)) for t, v in zip(steps, values, strict=True)]
         )
     n = 37
@@ -665,8 +665,8 @@ def test_series_reads_touch_no_table_row(db: Any) -> None:
         with statements(conn) as seen:
             reads.bucketed_series(s, run_id, ["htsr.alpha", "x.gappy"], 4)
             reads.bucketed_series(s, run_id, ["htsr.alpha"], 4, layer="l1")
-            repo.metric_points(s, run_id, "htsr.alpha", None, None, None)
-            repo.metric_points(s, run_id, "htsr.alpha", "l1", 3, 50)
+            metric_reads.metric_points(s, run_id, "htsr.alpha", None, None, None)
+            metric_reads.metric_points(s, run_id, "htsr.alpha", "l1", 3, 50)
             cells_from = len(seen)
             assert len(reads.grid_cells(s, run_id, "htsr.alpha", [0, 3, 96])) == 3 * 4
             assert reads.grid_cells(s, run_id, "htsr.alpha", []) == []
@@ -719,8 +719,8 @@ def test_layer_values_at_seeks_each_name_not_every_row(db: Any) -> None:
     with sessions() as s:
         conn = s.connection()
         with statements(conn) as seen:
-            got = repo.layer_values_at(s, run_id, 3, "htsr", "__model__")
-            assert repo.layer_values_at(s, run_id, 3, "conditioning", "__model__") == {}
+            got = result_store.layer_values_at(s, run_id, 3, "htsr", "__model__")
+            assert result_store.layer_values_at(s, run_id, 3, "conditioning", "__model__") == {}
         assert got == {f"l{i}": {"htsr.alpha": i + 0.03} for i in range(4)}
         queries = [(q, p) for q, p in seen if "metric.value" in q]
         assert len(queries) == 2
@@ -823,8 +823,8 @@ def test_drilldown_of_a_layer_htsr_skips_says_why(tmp_path: Path) -> None:
             )  # fmt: skip
             repo.insert_frame(session, frame)
             skipped = {"analysis": "htsr", "shape": [50257, 768], "skipped": "outside the filter"}
-            row = repo.SpectrumRow("wte.weight", skipped)
-            repo.replace_results(session, run["id"], frame.id, 5, "htsr", [], [row])
+            row = result_store.SpectrumRow("wte.weight", skipped)
+            result_store.replace_results(session, run["id"], frame.id, 5, "htsr", [], [row])
         url = f"/api/v1/dashboards/runs/{run['id']}/layer"
         page = client.get(url, params={"layer": "wte.weight"}).json()
     esd = next(p for p in page["panels"] if p["id"] == "esd")
@@ -860,8 +860,10 @@ def test_layer_drilldown_loads_the_shown_spectrum_only(tmp_path: Path) -> None:
                     layers=["a.weight", "b.weight"], status="done",
                 )  # fmt: skip
                 repo.insert_frame(session, frame)
-                rows = [repo.SpectrumRow(name, payload) for name in ("a.weight", "b.weight")]
-                repo.replace_results(session, run["id"], frame.id, step, "htsr", [], rows)
+                rows = [
+                    result_store.SpectrumRow(name, payload) for name in ("a.weight", "b.weight")
+                ]
+                result_store.replace_results(session, run["id"], frame.id, step, "htsr", [], rows)
         loaded: list[tuple[str, int]] = []
 
         def on_load(target: Spectrum, _context: Any) -> None:
@@ -967,12 +969,14 @@ def test_nan_weights_are_said_on_heatmap_drilldown_and_overview(tmp_path: Path) 
                 repo.insert_frame(session, frame)
                 if not bad:
                     rows = [MetricRow(la, "htsr.alpha", step, 3.0) for la in layers]
-                    repo.replace_results(session, run["id"], frame.id, step, "htsr", rows, [])
+                    result_store.replace_results(
+                        session, run["id"], frame.id, step, "htsr", rows, []
+                    )
             # a finite run beside it says nothing
             other = new_run(session, "p", "fine")
             frame = done_frame(session, other, 0, 0, layers=layers)
             rows = [MetricRow(la, "htsr.alpha", 0, 3.0) for la in layers]
-            repo.replace_results(session, other, frame.id, 0, "htsr", rows, [])
+            result_store.replace_results(session, other, frame.id, 0, "htsr", rows, [])
         api = f"/api/v1/dashboards/runs/{run['id']}"
         heat = client.get(f"{api}/layers").json()["panels"][0]
         drill = client.get(f"{api}/layer", params={"layer": "fc1.weight"}).json()

@@ -20,6 +20,7 @@ from spectrawatch_server.db.models import Frame, Job, Run
 from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.queue.embedded import EmbeddedQueue
 from spectrawatch_server.schemas import FramePublic
+from spectrawatch_server.storage import job_store
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.group_commit import Committed, FrameCommitter, RunGone
 
@@ -213,7 +214,7 @@ def test_a_job_cut_by_a_database_outage_is_released_at_once_without_using_an_att
         if outage["on"]:
             raise OperationalError("SELECT 1", {}, Exception("connection lost"))
         with sessions.begin() as session:
-            repo.finish_frame(session, frame_id, "done", None)
+            job_store.finish_frame(session, frame_id, "done", None)
 
     queue = EmbeddedQueue(sessions, handler, lease_seconds=3600, max_attempts=2)
     FrameCommitter(sessions, queue).write([frame(a, 0)])
@@ -235,13 +236,13 @@ def test_job_out_of_attempts_fails_its_frame_too(sessions: sessionmaker[Session]
         row = repo.insert_frame(session, frame(run_id, 0))
         session.add(Job(frame_id=row.id, status="pending", attempts=3))
     with sessions.begin() as session:
-        assert repo.fail_expired_jobs(session, max_attempts=3) == 1
+        assert job_store.fail_expired_jobs(session, max_attempts=3) == 1
     with sessions() as session:
         job = session.scalars(select(Job)).one()
         assert (job.status, job.error) == ("failed", "gave up after max attempts")
         assert session.scalars(select(Frame.status)).one() == "failed"
         assert session.scalars(select(Frame.error)).one() == "gave up after max attempts"
-        assert repo.fail_expired_jobs(session, max_attempts=3) == 0
+        assert job_store.fail_expired_jobs(session, max_attempts=3) == 0
 
 
 def test_a_failed_job_waits_its_backoff_before_the_next_attempt(
@@ -257,7 +258,7 @@ def test_a_failed_job_waits_its_backoff_before_the_next_attempt(
         if len(calls) < 3:
             raise OSError("blob store unavailable")
         with sessions.begin() as session:
-            repo.finish_frame(session, frame_id, "done", None)
+            job_store.finish_frame(session, frame_id, "done", None)
 
     queue = EmbeddedQueue(sessions, handler, max_attempts=5, backoff_seconds=0.5)
     FrameCommitter(sessions, queue).write([frame(run_id, 0)])
@@ -289,7 +290,7 @@ def test_a_failed_frame_says_why_until_it_is_analysed(sessions: sessionmaker[Ses
         if fail["on"]:
             raise OSError("blob store unavailable")
         with sessions.begin() as session:
-            repo.finish_frame(session, frame_id, "done", None)
+            job_store.finish_frame(session, frame_id, "done", None)
 
     queue = EmbeddedQueue(sessions, handler, max_attempts=1)
     FrameCommitter(sessions, queue).write([frame(run_id, 0), frame(run_id, 1)])
@@ -303,7 +304,7 @@ def test_a_failed_frame_says_why_until_it_is_analysed(sessions: sessionmaker[Ses
         ]
     fail["on"] = False
     with sessions.begin() as session:
-        repo.finish_frame(session, failed.id, "done", None)  # re-analysed
+        job_store.finish_frame(session, failed.id, "done", None)  # re-analysed
     with sessions() as session:
         assert repo.list_frames(session, run_id, None, 10, 0, status="failed") == []
         assert session.get_one(Frame, failed.id).error is None

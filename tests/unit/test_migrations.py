@@ -17,6 +17,7 @@ from spectrawatch_server.db import migrate
 from spectrawatch_server.db.migrate import alembic_config
 from spectrawatch_server.db.models import Base
 from spectrawatch_server.db.session import make_engine, make_session_factory
+from spectrawatch_server.storage import metric_reads
 from spectrawatch_server.storage import repository as repo
 from tests.servers import POSTGRES_URL, fresh_database
 
@@ -148,16 +149,16 @@ def test_read_side_migration_keeps_rows_counts_series_and_downgrades(
     assert "ix_spectrum_run_id" not in indexes
     sessions = make_session_factory(engine)
     with sessions() as s:  # the series counted from the rows stored before
-        assert list(repo.metric_catalog(s, 1)) == [
+        assert list(metric_reads.metric_catalog(s, 1)) == [
             ("m", "a", 3, 8, 10),
             ("m", "b", 3, 8, 10),
             ("n", "a", 2, 8, 9),
             ("n", "b", 2, 8, 9),
         ]
-        first = repo.spectra_for(s, 1, None, None, None, limit=3)
+        first = metric_reads.spectra_for(s, 1, None, None, None, limit=3)
         assert [(r.step, r.layer) for r in first] == [(0, "a"), (0, "b"), (1, "a")]
         last = first[-1]
-        rest = repo.spectra_for(
+        rest = metric_reads.spectra_for(
             s, 1, None, None, None, after=(last.step, last.layer, last.analysis, last.id)
         )
         assert [(r.step, r.layer) for r in rest] == [(1, "b"), (2, "a"), (2, "b")]

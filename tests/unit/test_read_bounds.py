@@ -25,9 +25,9 @@ from spectrawatch_server.db.models import Metric, MetricSeries, Run
 from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.downsample import downsample, downsample_many
 from spectrawatch_server.storage import dashboard_reads as reads
+from spectrawatch_server.storage import metric_reads, result_store, series
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.storage import series
-from spectrawatch_server.storage.repository import SpectrumRow
+from spectrawatch_server.storage.result_store import SpectrumRow
 from tests.dashboard_seed import done_frame, migrated, new_run
 from tests.unit.test_dashboards import statements
 
@@ -43,7 +43,7 @@ def spectra_app(tmp_path: Path) -> Iterator[tuple[TestClient, int]]:
         for step in range(SPECTRA_STEPS):
             frame = done_frame(s, run_id, step, step)
             spectra = [SpectrumRow(layer, {"step": step, "layer": layer}) for layer in LAYERS]
-            repo.replace_results(s, run_id, frame.id, step, "htsr", [], spectra)
+            result_store.replace_results(s, run_id, frame.id, step, "htsr", [], spectra)
     engine.dispose()
     with TestClient(
         create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
@@ -126,8 +126,10 @@ def test_spectra_pages_are_index_ranges_after_a_cursor(
     with make_session_factory(engine)() as s:
         conn = s.connection()
         with statements(conn) as seen:
-            repo.spectra_for(s, run_id, None, None, None, limit=11, after=(40, "l10", "htsr", 9))
-            repo.spectra_for(s, run_id, None, None, None, limit=11, offset=100)
+            metric_reads.spectra_for(
+                s, run_id, None, None, None, limit=11, after=(40, "l10", "htsr", 9)
+            )
+            metric_reads.spectra_for(s, run_id, None, None, None, limit=11, offset=100)
         for query, params in seen[::2]:  # the keys of the page (then its rows, by id)
             plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query, params)]
             assert plan[0].startswith(
@@ -162,12 +164,12 @@ def metrics_app(tmp_path: Path) -> Iterator[tuple[TestClient, int]]:
         run_id = new_run(s, "p", "r")
         frame = done_frame(s, run_id, 0, 0)
         rows = [
-            repo.MetricRow(layer, "m", t, 100.0 if t == SPIKE else math.sin(t / 40) + i)
+            result_store.MetricRow(layer, "m", t, 100.0 if t == SPIKE else math.sin(t / 40) + i)
             for i, layer in enumerate(LAYERS)
             for t in range(SERIES_STEPS)
         ]
-        rows += [repo.MetricRow("short", "m", t, float(t)) for t in range(10)]
-        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+        rows += [result_store.MetricRow("short", "m", t, float(t)) for t in range(10)]
+        result_store.replace_results(s, run_id, frame.id, 0, "x", rows, [])
     engine.dispose()
     with TestClient(
         create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
@@ -232,12 +234,14 @@ def test_metric_series_seeks_each_layer_in_the_covering_index(tmp_path: Path) ->
     with sessions.begin() as s:
         run_id = new_run(s, "p", "r")
         frame = done_frame(s, run_id, 0, 0)
-        rows = [repo.MetricRow(la, n, t, 1.0) for la in LAYERS for n in "ab" for t in range(5)]
-        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+        rows = [
+            result_store.MetricRow(la, n, t, 1.0) for la in LAYERS for n in "ab" for t in range(5)
+        ]
+        result_store.replace_results(s, run_id, frame.id, 0, "x", rows, [])
     with sessions() as s:
         conn = s.connection()
         with statements(conn) as seen:
-            got = repo.metric_series(s, run_id, "a", None, 1, 3)
+            got = metric_reads.metric_series(s, run_id, "a", None, 1, 3)
         assert list(got) == sorted(LAYERS)
         assert all(v == ([1, 2, 3], [1.0, 1.0, 1.0]) for v in got.values())
         assert len(seen) == 1 + len(LAYERS)
@@ -247,8 +251,8 @@ def test_metric_series_seeks_each_layer_in_the_covering_index(tmp_path: Path) ->
                 "SEARCH metric USING COVERING INDEX ix_metric_run_name_layer_step"
                 " (run_id=? AND name=? AND layer=? AND step>? AND step<?)"
             ], plan
-        assert repo.metric_series(s, run_id, "zz", None, None, None) == {}
-        assert repo.metric_series(s, run_id, "a", "nope", None, None) == {}
+        assert metric_reads.metric_series(s, run_id, "zz", None, None, None) == {}
+        assert metric_reads.metric_series(s, run_id, "a", "nope", None, None) == {}
     engine.dispose()
 
 
@@ -284,9 +288,9 @@ def test_bucketed_layers_equal_the_sql_buckets(tmp_path: Path) -> None:
             walk = rng.standard_normal(len(steps)).cumsum()
             for j, (t, v) in enumerate(zip(steps, walk, strict=True)):
                 value = math.nan if (j % 97 == 5 or 300 <= t < 306) and layer == "b" else v
-                rows.append(repo.MetricRow(layer, "m", t, float(value)))
-        rows += [repo.MetricRow("a", "other", t, float(t % 7)) for t in range(0, 900, 4)]
-        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+                rows.append(result_store.MetricRow(layer, "m", t, float(value)))
+        rows += [result_store.MetricRow("a", "other", t, float(t % 7)) for t in range(0, 900, 4)]
+        result_store.replace_results(s, run_id, frame.id, 0, "x", rows, [])
     with sessions() as s:
         for names, buckets in ((["m"], 50), (["m"], 3), (["m", "other"], 128), (["m"], 5000)):
             got = reads.bucketed_series(s, run_id, names, buckets)
@@ -314,11 +318,13 @@ def test_activations_figures_draw_a_band_and_a_few_lines_of_many(tmp_path: Path)
         run_id = new_run(s, "p", "r")
         frame = done_frame(s, run_id, 0, 0)
         rows = [
-            repo.MetricRow(layer, "eigentrack.entropy", t, 50.0 if (i, t) == (20, 777) else i)
+            result_store.MetricRow(
+                layer, "eigentrack.entropy", t, 50.0 if (i, t) == (20, 777) else i
+            )
             for i, layer in enumerate(layers)
             for t in range(3000)
         ]
-        repo.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
+        result_store.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
     engine.dispose()
     with TestClient(
         create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
@@ -383,11 +389,11 @@ def test_activations_of_a_long_run_read_a_bounded_number_of_points(
         run_id = new_run(s, "p", "r")
         frame = done_frame(s, run_id, 0, 0)
         rows = [
-            repo.MetricRow(layer, "eigentrack.entropy", t, math.sin(t / 100) + i)
+            result_store.MetricRow(layer, "eigentrack.entropy", t, math.sin(t / 100) + i)
             for i, layer in enumerate(layers)
             for t in range(0, 2 * steps, 2)  # every other step: the sample keeps to them
         ]
-        repo.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
+        result_store.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
     engine.dispose()
     # 12 modules: 1,000 points drawn a line, and 6,000 / 12 -> 1,000 read of 2,000 stored
     # (875 evenly spaced, 125 kept for the values beyond their range)
@@ -451,8 +457,8 @@ def test_decimated_activations_keep_a_one_step_burst_and_a_nan_between_sampled_s
                     value = 1e6
                 if layer == "blocks.2" and t == nan_at:
                     value = math.nan
-                rows.append(repo.MetricRow(layer, "eigentrack.top_eigenvalue", t, value))
-        repo.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
+                rows.append(result_store.MetricRow(layer, "eigentrack.top_eigenvalue", t, value))
+        result_store.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
     engine.dispose()
     # 3 modules: 1,000 points a line, 3,000 / 3 -> 1,000 read a layer of 4,000 stored
     monkeypatch.setattr(dashboards, "ACTIVATION_READ_POINTS", 3000, raising=False)
@@ -511,31 +517,37 @@ def test_metric_catalog_is_kept_at_write_time_with_the_group_by_answer(tmp_path:
         other = new_run(s, "p", "other")
         frame = done_frame(s, run_id, 0, 0)
         rows = [
-            repo.MetricRow(layer, name, t, math.nan if t % 7 == 3 else float(t))
+            result_store.MetricRow(layer, name, t, math.nan if t % 7 == 3 else float(t))
             for i, layer in enumerate(("a", "b.10", "b.2", "ü", "__model__"))
             for j, name in enumerate(("htsr.alpha", "sed.gap_ratio.w16", "z", "a.b"))
             if (i + j) % 3
             for t in range(i, 40 + 5 * j, 1 + j)
         ]
-        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+        result_store.replace_results(s, run_id, frame.id, 0, "x", rows, [])
         frame2 = done_frame(s, other, 0, 0)
-        repo.replace_results(s, other, frame2.id, 0, "x", [repo.MetricRow("q", "m", 5, 1.0)], [])
+        result_store.replace_results(
+            s, other, frame2.id, 0, "x", [result_store.MetricRow("q", "m", 5, 1.0)], []
+        )
     steps: list[Any] = [
         # re-analysis: the frame's rows replaced by fewer (series shrink, one goes)
-        lambda s: repo.replace_results(
+        lambda s: result_store.replace_results(
             s, run_id, frame.id, 0, "x", [r for r in rows if r.step % 2 and r.name != "z"], []
         ),
-        lambda s: repo.replace_model_values(
+        lambda s: result_store.replace_model_values(
             s, run_id, frame.id, 9, "sed", "__model__", {"grok.score": 0.5, "z": 1.0}
         ),
-        lambda s: repo.replace_model_values(
+        lambda s: result_store.replace_model_values(
             s, run_id, done_frame(s, run_id, 9, 1).id, 9, "sed", "__model__", {"grok.score": 0.7}
         ),
-        lambda s: repo.drop_other_model_values(
+        lambda s: result_store.drop_other_model_values(
             s, run_id, -1, "sed", "__model__", [("grok.score", 9), ("z", 9)]
         ),
-        lambda s: repo.insert_metric_batch(
-            s, run_id, "k1", "import", [repo.MetricRow("a", "imported", t, 1.0) for t in (4, 2)]
+        lambda s: result_store.insert_metric_batch(
+            s,
+            run_id,
+            "k1",
+            "import",
+            [result_store.MetricRow("a", "imported", t, 1.0) for t in (4, 2)],
         ),
         lambda s: repo.delete_run(s, s.get(Run, other)),
     ]
@@ -548,9 +560,9 @@ def test_metric_catalog_is_kept_at_write_time_with_the_group_by_answer(tmp_path:
             assert len(want) > 4, i
             conn = s.connection()
             with statements(conn) as seen:
-                got = list(repo.metric_catalog(s, run_id))
+                got = list(metric_reads.metric_catalog(s, run_id))
             assert got == want, i
-            assert list(repo.metric_catalog(s, other)) == _grouped_catalog(s, other), i
+            assert list(metric_reads.metric_catalog(s, other)) == _grouped_catalog(s, other), i
             (query, params), *_ = seen
             plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query, params)]
             assert "metric_series" in plan[0], plan
@@ -558,12 +570,12 @@ def test_metric_catalog_is_kept_at_write_time_with_the_group_by_answer(tmp_path:
             metric = [p for p in plan if "SEARCH m " in p or "SCAN m " in p]
             assert len(metric) == 2, plan
             assert all("(run_id=? AND name=? AND layer=?)" in p for p in metric), plan
-            assert repo.metric_catalog(s, 10_000) == []
+            assert metric_reads.metric_catalog(s, 10_000) == []
     with sessions.begin() as s:  # rows written around the repository: counted anew
         s.execute(delete(MetricSeries))
-        repo.rebuild_metric_series(s, run_id)
+        result_store.rebuild_metric_series(s, run_id)
     with sessions() as s:
-        assert list(repo.metric_catalog(s, run_id)) == _grouped_catalog(s, run_id)
+        assert list(metric_reads.metric_catalog(s, run_id)) == _grouped_catalog(s, run_id)
     engine.dispose()
 
 
@@ -613,15 +625,19 @@ def test_whole_model_rewrites_seek_the_run_metric_names(tmp_path: Path) -> None:
     with sessions.begin() as s:
         run_id = new_run(s, "p", "r")
         first, second = done_frame(s, run_id, 9, 0), done_frame(s, run_id, 9, 1)
-        rows = [repo.MetricRow(la, n, t, 1.0) for la in LAYERS for n in "ab" for t in range(12)]
-        repo.replace_results(s, run_id, first.id, 0, "x", rows, [])
+        rows = [
+            result_store.MetricRow(la, n, t, 1.0) for la in LAYERS for n in "ab" for t in range(12)
+        ]
+        result_store.replace_results(s, run_id, first.id, 0, "x", rows, [])
         model = {"grok.score": 0.5, "z": 1.0}
-        repo.replace_model_values(s, run_id, first.id, 9, "sed", "__model__", model)
+        result_store.replace_model_values(s, run_id, first.id, 9, "sed", "__model__", model)
     with sessions.begin() as s:
         conn = s.connection()
         with statements(conn) as seen:
-            repo.replace_model_values(s, run_id, second.id, 9, "sed", "__model__", {"z": 2.0})
-            repo.drop_other_model_values(
+            result_store.replace_model_values(
+                s, run_id, second.id, 9, "sed", "__model__", {"z": 2.0}
+            )
+            result_store.drop_other_model_values(
                 s, run_id, first.id, "sed", "__model__", [("z", 9), ("a", 3)]
             )
         deletes = [(q, p) for q, p in seen if q.lstrip().upper().startswith("DELETE")]
@@ -650,13 +666,13 @@ def test_history_reads_run_prebuilt_statements(
         run_id = new_run(s, "p", "r")
         frame = done_frame(s, run_id, 0, 0)
         rows = [
-            repo.MetricRow(la, "a", t, math.nan if t == 7 else float(t))
+            result_store.MetricRow(la, "a", t, math.nan if t == 7 else float(t))
             for la in LAYERS
             for t in range(10)
             if la != "l1" or t < 3
         ]
-        repo.replace_results(s, run_id, frame.id, 0, "x", rows, [])
-        repo.upsert_scalars(s, run_id, [(t, "loss", float(t)) for t in range(6)])
+        result_store.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+        result_store.upsert_scalars(s, run_id, [(t, "loss", float(t)) for t in range(6)])
     built: list[object] = []
     where = Select.where
 
@@ -668,8 +684,8 @@ def test_history_reads_run_prebuilt_statements(
     with sessions() as s:
         tails = series.metric_tails(s, run_id, {("a", "l2"): 3, ("a", "l1"): 5, ("a", "l10"): 4})
         since = series.metric_tails(s, run_id, {("a", "l10"): 2, ("a", "l1"): 1})
-        one = repo.metric_tail(s, run_id, "a", "l2", 2)
-        loss = repo.scalar_tail(s, run_id, "loss", 4)
+        one = metric_reads.metric_tail(s, run_id, "a", "l2", 2)
+        loss = metric_reads.scalar_tail(s, run_id, "loss", 4)
     assert tails == {
         ("a", "l2"): [(6, 6.0), (8, 8.0), (9, 9.0)],
         ("a", "l1"): [(0, 0.0), (1, 1.0), (2, 2.0)],

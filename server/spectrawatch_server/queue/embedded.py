@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Job
 from spectrawatch_server.queue.base import JobHandler, database_unavailable
-from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage import job_store
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,14 @@ class EmbeddedQueue:
 
     def counts(self) -> dict[str, int]:
         with self.sessions() as session:
-            return repo.job_counts(session)
+            return job_store.job_counts(session)
 
     def start(self) -> None:
         with self.sessions.begin() as session:
-            released = repo.release_jobs_of_other_workers(session, self.worker_id)
+            released = job_store.release_jobs_of_other_workers(session, self.worker_id)
             # every job out of attempts, pending ones too (released above, or a lower
             # max_attempts); from now on only a lapsed lease can make one (run_once)
-            repo.fail_expired_jobs(session, self.max_attempts)
+            job_store.fail_expired_jobs(session, self.max_attempts)
         if released:
             log.info("requeued %d job(s) left running by a previous process", released)
         self._thread = threading.Thread(target=self._loop, name="spectrawatch-worker", daemon=True)
@@ -97,10 +97,10 @@ class EmbeddedQueue:
         """Claim and run one job; False when there was nothing to do."""
         with self.worker_sessions.begin() as session:
             for job_id in self._release_later:  # jobs interrupted by a database outage
-                repo.release_job(session, job_id, "database unavailable", refund_attempt=True)
+                job_store.release_job(session, job_id, "database unavailable", refund_attempt=True)
             self._release_later.clear()
-            repo.fail_expired_jobs(session, self.max_attempts, pending=False)
-            job = repo.claim_job(session, self.worker_id, self.lease, self.max_attempts)
+            job_store.fail_expired_jobs(session, self.max_attempts, pending=False)
+            job = job_store.claim_job(session, self.worker_id, self.lease, self.max_attempts)
         if job is None:
             return False
         try:
@@ -114,10 +114,12 @@ class EmbeddedQueue:
             log.exception("analysis of frame %d failed (attempt %d)", job.frame_id, job.attempts)
             with self.worker_sessions.begin() as session:
                 if job.attempts >= self.max_attempts:
-                    repo.finish_frame(session, job.frame_id, "failed", repr(exc))
+                    job_store.finish_frame(session, job.frame_id, "failed", repr(exc))
                 else:
                     wait = timedelta(seconds=self.backoff_seconds**job.attempts)
-                    repo.release_job(session, job.job_id, repr(exc), not_before=utcnow() + wait)
+                    job_store.release_job(
+                        session, job.job_id, repr(exc), not_before=utcnow() + wait
+                    )
         self.processed += 1
         return True
 

@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from spectrawatch_server.db import migrate
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.queue.base import JobHandler, database_unavailable
-from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage import job_store
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class ProcrastinateQueue:
 
     def counts(self) -> dict[str, int]:
         """Analysis jobs ``pending`` (todo) and ``running`` (doing), and ``failed_recent``:
-        failed among the latest :data:`~spectrawatch_server.storage.repository.RECENT_JOBS`,
+        failed among the latest :data:`~spectrawatch_server.storage.job_store.RECENT_JOBS`,
         named as in the embedded queue. Finished jobs stay in ``procrastinate_jobs`` for ever,
         so nothing counts them all: the first count reads procrastinate's partial index of
         waiting and running jobs (``procrastinate_jobs_id_lock_idx_v1``), the second the newest
@@ -455,7 +455,7 @@ class ProcrastinateQueue:
         if frame_id is None:
             return
         with self.sessions.begin() as session:
-            repo.finish_frame(session, frame_id, "failed", error)
+            job_store.finish_frame(session, frame_id, "failed", error)
 
 
 _ACTIVE_SQL = (
@@ -476,7 +476,7 @@ def analysis_job_counts(session: Session) -> dict[str, int]:
     for status, n in session.execute(text(_ACTIVE_SQL), params):
         name = STATUS_NAMES.get(status, status)
         active[name] = active.get(name, 0) + int(n)
-    failed = session.scalar(text(_RECENT_FAILED_SQL), {**params, "recent": repo.RECENT_JOBS})
+    failed = session.scalar(text(_RECENT_FAILED_SQL), {**params, "recent": job_store.RECENT_JOBS})
     return active | {"failed_recent": int(failed or 0)}
 
 

@@ -31,6 +31,7 @@ from spectrawatch_server.db.models import (
     Webhook,
 )
 from spectrawatch_server.storage import alert_store
+from spectrawatch_server.storage.metric_reads import metric_series, raw_rows
 
 Model = type[Metric] | type[Scalar]
 Key = tuple[str, str]  # (series name, layer); scalars have layer ""
@@ -231,11 +232,7 @@ def _bucketed_sql(
     out: Series = {}
     conn = session.connection()
     for series_name in dict.fromkeys(names):
-        result = conn.execute(stmt, {"name": series_name})
-        try:  # the DB-API's tuples: SQLAlchemy's Row objects cost 4x the read itself here
-            rows = result.cursor.fetchall() if result.cursor is not None else []
-        finally:
-            result.close()
+        rows = raw_rows(conn, stmt, {"name": series_name})
         if rows:
             steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             values = np.array([r[1] for r in rows], dtype=np.float64)  # None -> NaN
@@ -296,13 +293,11 @@ def _bucketed_layers(
     extremes: int = 0,
 ) -> Series:
     """:func:`bucketed_series` of every layer of metrics ``names`` (same buckets, same points):
-    each layer's points by its own covering-index search (:func:`repository.metric_series`;
+    each layer's points by its own covering-index search (:func:`metric_reads.metric_series`;
     only those at ``at_steps`` when given, with up to ``extremes`` more of
     :func:`beyond_sample`), the buckets' min and max by numpy. SQLite's ``GROUP BY`` evaluated
     the bucket expression and four aggregates row by row: 1.8-2.8 s for 150 layers x 5,000
     steps, against ~1 s."""
-    from spectrawatch_server.storage.repository import metric_series
-
     out: Series = {}
     for name in dict.fromkeys(names):
         read = metric_series(session, run_id, name, None, None, None, at_steps=at_steps)
@@ -327,7 +322,7 @@ def beyond_sample(
     limit: int,
 ) -> dict[str, dict[int, float | None]]:
     """``{layer: {step: value}}``: of each layer's stored points of metric ``name``, up to
-    ``limit`` that its decimated read (``sampled``, :func:`repository.metric_series`) hides and
+    ``limit`` that its decimated read (``sampled``, :func:`metric_reads.metric_series`) hides and
     a figure must not lose: non-finite ones (stored as NULL) and those above the highest or
     below the lowest finite value read (a one-step eigenvalue burst between two sampled steps);
     non-finite first, then the farthest out. A layer whose read has no finite value is left as
@@ -353,22 +348,16 @@ def beyond_sample(
             rows.append(
                 f"(:l{j}, CAST(:a{j} AS DOUBLE PRECISION), CAST(:b{j} AS DOUBLE PRECISION))"
             )
-        result = conn.execute(
-            text(
-                f"WITH env(layer, low, high) AS (VALUES {', '.join(rows)}) "
-                "SELECT m.layer, m.step, m.value FROM env JOIN metric m"
-                " ON m.run_id = :r AND m.name = :n AND m.layer = env.layer"
-                " WHERE m.value IS NULL OR m.value > env.high OR m.value < env.low"
-            ),
-            params,
+        stmt = text(
+            f"WITH env(layer, low, high) AS (VALUES {', '.join(rows)}) "
+            "SELECT m.layer, m.step, m.value FROM env JOIN metric m"
+            " ON m.run_id = :r AND m.name = :n AND m.layer = env.layer"
+            " WHERE m.value IS NULL OR m.value > env.high OR m.value < env.low"
         )
-        try:  # the DB-API's tuples, as metric_series reads them
-            for layer, step, value in result.cursor.fetchall():
-                found.setdefault(str(layer), []).append(
-                    (int(step), None if value is None else float(value))
-                )
-        finally:
-            result.close()
+        for layer, step, value in raw_rows(conn, stmt, params):
+            found.setdefault(str(layer), []).append(
+                (int(step), None if value is None else float(value))
+            )
     middle = {layer: (low + high) / 2 for layer, low, high in ranges}
     out: dict[str, dict[int, float | None]] = {}
     for layer, points in found.items():

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.models import Metric
 from spectrawatch_server.storage.dashboard_reads import series_names
-from spectrawatch_server.storage.repository import metric_tail
+from spectrawatch_server.storage.metric_reads import metric_tail
 
 Series = dict[tuple[str, str], list[tuple[int, float]]]
 
@@ -38,7 +38,7 @@ _POINTS_SINCE = (
 
 def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str], int]) -> Series:
     """The last ``wanted[(name, layer)]`` finite ``(step, value)`` points of each series, oldest
-    first (what :func:`repository.metric_tail` returns for one series), in two queries per
+    first (what :func:`metric_reads.metric_tail` returns for one series), in two queries per
     metric name instead of one per series.
 
     Per name, with k the most points any of its series needs: the step of the k-th latest point

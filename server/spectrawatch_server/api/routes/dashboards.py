@@ -46,6 +46,7 @@ from spectrawatch_server.api.routes.runs import run_public
 from spectrawatch_server.api.static_assets import VersionedStaticFiles, asset_url
 from spectrawatch_server.db.models import Run, Scalar, Spectrum
 from spectrawatch_server.storage import dashboard_reads as reads
+from spectrawatch_server.storage import metric_reads
 from spectrawatch_server.storage import repository as repo
 
 HEATMAP_COLUMNS = 300  # steps sampled for the layer x step heatmap (about one per pixel column)
@@ -404,7 +405,7 @@ def read_layer(
     # the HT-SR spectra's keys, then the one payload shown (a long run holds hundreds of them,
     # ~10 KB each); a layer HT-SR leaves out (e.g. a 50k-token embedding) has spectra that say
     # why ("skipped"), so its page says so, not "no ESD yet"
-    keys = repo.spectrum_steps(session, run.id, layer, "htsr")
+    keys = metric_reads.spectrum_steps(session, run.id, layer, "htsr")
     steps = sorted({s for s, _ in keys})
     chosen_row = None
     if keys:
@@ -482,7 +483,7 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
         for group in groups:
             # a point budget per figure: 150 modules get 400 points each (min and max of 200
             # buckets), not 1,000; the layers by index seeks
-            count = sum(len(repo.metric_layers(session, run.id, m)) for m in group)
+            count = sum(len(metric_reads.metric_layers(session, run.id, m)) for m in group)
             per_line = max(MIN_LINE_POINTS, min(n, ACTIVATION_POINTS // max(1, count)))
             # and a read budget: 150 modules x 5,000 steps read <= 800 steps of each (715)
             per_read = max(per_line, ACTIVATION_READ_POINTS // max(1, count))

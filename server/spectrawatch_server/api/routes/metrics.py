@@ -31,6 +31,7 @@ from spectrawatch_server.schemas import (
     Series,
     SpectrumPublic,
 )
+from spectrawatch_server.storage import metric_reads, result_store
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.dashboard_reads import series_names
 
@@ -64,7 +65,7 @@ def read_metrics(
     for one ``layer`` to read all of its points."""
     if max_points is None and layer is None:
         max_points = SERIES_POINTS
-    stored = repo.metric_series(session, run.id, name, layer, start, end)
+    stored = metric_reads.metric_series(session, run.id, name, layer, start, end)
     kept = downsample_many(list(stored.values()), max_points)
     return MetricSeries(
         name=name,
@@ -104,11 +105,13 @@ def ingest_metrics(
     # a (layer, name, step) given twice: the last value wins, as for scalars
     latest = {(m.layer, m.name, m.step): m.value for m in body.rows}
     rows = [
-        repo.MetricRow(layer, name, step, math.nan if value is None else value)
+        result_store.MetricRow(layer, name, step, math.nan if value is None else value)
         for (layer, name, step), value in latest.items()
     ]
     try:
-        frame = repo.insert_metric_batch(session, run.id, key, body.source, rows, digest=digest)
+        frame = result_store.insert_metric_batch(
+            session, run.id, key, body.source, rows, digest=digest
+        )
         session.commit()
     except IntegrityError:
         # the key was stored since the look-up above: the same batch sent again while its first
@@ -171,14 +174,14 @@ def read_sed_lag(
     l > 0 says the gap leads the scalar by ``steps``; at l < 0 it lags behind it. ``best`` is
     chosen among lags over at least :data:`BEST_LAG_PAIRS` point pairs (each lag says its own).
     """
-    y_steps, y = _finite_points(repo.scalar_points(session, run.id, scalar, None, None))
+    y_steps, y = _finite_points(metric_reads.scalar_points(session, run.id, scalar, None, None))
     if not y_steps:
         raise ApiError(404, "unknown_scalar", f"run {run.id} has no finite scalar {scalar!r}")
     # the run's names by index seeks, not its catalog (a GROUP BY over every metric row)
     names = sorted(n for n in series_names(session, run.id) if _is_gap_series(n))
     out = []
     for name in names:
-        rows = repo.metric_points(session, run.id, name, layer, None, None)
+        rows = metric_reads.metric_points(session, run.id, name, layer, None, None)
         if not rows:  # a window only other layers have
             continue
         x_steps, x = _finite_points(rows)
@@ -213,7 +216,7 @@ def read_metric_catalog(run: RunDep, session: SessionDep) -> list[MetricInfo]:
     """Every (metric, layer) series the run has, with point counts and step range."""
     return [
         MetricInfo(name=n, layer=la, points=p, first_step=a, last_step=b)
-        for n, la, p, a, b in repo.metric_catalog(session, run.id)
+        for n, la, p, a, b in metric_reads.metric_catalog(session, run.id)
     ]
 
 
@@ -248,7 +251,7 @@ def read_spectra(
     deep. ``offset`` skips that many spectra (after the ``cursor``'s, if one is given).
     ``GET /runs/{id}/spectra/{frame_id}`` returns every spectrum of one frame."""
     position, after = (0, None) if cursor is None else _parse_cursor(cursor)
-    rows = repo.spectra_for(
+    rows = metric_reads.spectra_for(
         session,
         run.id,
         layer,
@@ -272,13 +275,13 @@ def read_spectra(
     return [SpectrumPublic.model_validate(r) for r in rows]
 
 
-def _cursor(position: int, key: repo.SpectrumKey) -> str:
+def _cursor(position: int, key: metric_reads.SpectrumKey) -> str:
     """A page cursor: the spectra before the next page and the last one's key, base64url."""
     raw = json.dumps([position, *key], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _parse_cursor(cursor: str) -> tuple[int, repo.SpectrumKey]:
+def _parse_cursor(cursor: str) -> tuple[int, metric_reads.SpectrumKey]:
     """``(position, key)`` of a cursor :func:`_cursor` made; 422 ``invalid_cursor`` otherwise."""
     try:
         value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
@@ -297,5 +300,5 @@ def read_frame_spectra(run: RunDep, session: SessionDep, frame_id: int) -> list[
     frame = session.get(Frame, frame_id) if 0 < frame_id < 2**63 else None
     if frame is None or frame.run_id != run.id:
         raise ApiError(404, "frame_not_found", f"frame {frame_id} of run {run.id} does not exist")
-    rows = repo.spectra_for(session, run.id, None, frame_id, None)
+    rows = metric_reads.spectra_for(session, run.id, None, frame_id, None)
     return [SpectrumPublic.model_validate(r) for r in rows]

@@ -10,7 +10,7 @@ from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDe
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.downsample import downsample_many
 from spectrawatch_server.schemas import ScalarIn, ScalarSeries
-from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage import metric_reads, result_store
 
 router = APIRouter(tags=["scalars"])
 
@@ -27,9 +27,11 @@ def ingest_scalars(
             f"{len(body)} scalars exceed {state.settings.max_scalars_per_batch}",
         )
     rows = {(s.name, s.step): s.value for s in body}  # last value wins within a batch
-    accepted = repo.upsert_scalars(session, run.id, [(st, n, v) for (n, st), v in rows.items()])
+    accepted = result_store.upsert_scalars(
+        session, run.id, [(st, n, v) for (n, st), v in rows.items()]
+    )
     session.commit()
-    nonfinite = sum(1 for v in rows.values() if repo.finite_or_none(v) is None)
+    nonfinite = sum(1 for v in rows.values() if result_store.finite_or_none(v) is None)
     return {"accepted": accepted, "nonfinite": nonfinite}
 
 
@@ -43,7 +45,7 @@ def read_scalars(
     max_points: Annotated[int | None, Query(ge=3, le=100_000)] = None,
 ) -> list[ScalarSeries]:
     grouped: dict[str, tuple[list[int], list[float | None]]] = {}
-    for sname, step, value in repo.scalar_points(session, run.id, name, start, end):
+    for sname, step, value in metric_reads.scalar_points(session, run.id, name, start, end):
         steps, values = grouped.setdefault(sname, ([], []))
         steps.append(step)
         values.append(value)
