@@ -152,6 +152,26 @@ def test_analyze_weights_traps_are_seeded_and_summarized() -> None:
     assert htsr.NUM_TRAPPED_LAYERS not in plain.summary()
 
 
+def test_a_layers_trap_values_do_not_depend_on_the_other_layers() -> None:
+    """A weights frame's tensor order varies from frame to frame: a layer's trap values must be
+    those of its weights alone (one generator for the whole call drew them after the layers
+    before it, so unchanged weights flickered between frames: 10 traps, then 7)."""
+    g = torch.Generator().manual_seed(3)
+    heavy = torch.distributions.StudentT(2.5).sample((400, 300))
+    weights = {
+        "fc1": torch.randn(300, 200, generator=g),
+        "fc2": torch.randn(200, 120, generator=g),
+        "heavy": heavy,
+    }
+    alone = htsr.analyze_weights({"heavy": heavy}, traps=True).layers[0].values()
+    for order in (["fc1", "fc2", "heavy"], ["heavy", "fc2", "fc1"], ["fc2", "heavy"]):
+        report = htsr.analyze_weights({k: weights[k] for k in order}, traps=True)
+        by_layer = {r.layer: r.values() for r in report.layers}
+        assert {k: by_layer["heavy"][k] for k in htsr.TRAP_KEYS} == {
+            k: alone[k] for k in htsr.TRAP_KEYS
+        }
+
+
 def test_shuffle_keeps_the_entries() -> None:
     w = torch.randn(30, 20, generator=torch.Generator().manual_seed(2))
     mats = htsr.weight_matrices(w)

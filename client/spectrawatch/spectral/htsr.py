@@ -58,7 +58,7 @@ from spectrawatch.spectral.traps import RAND_DISTANCE as RAND_DISTANCE
 from spectrawatch.spectral.traps import RAND_LAMBDA_MAX as RAND_LAMBDA_MAX
 from spectrawatch.spectral.traps import RAND_SOFTRANK as RAND_SOFTRANK
 from spectrawatch.spectral.traps import TRAP_KEYS as TRAP_KEYS
-from spectrawatch.spectral.traps import CorrelationTraps
+from spectrawatch.spectral.traps import CorrelationTraps, layer_generator
 from spectrawatch.spectral.traps import correlation_traps as correlation_traps
 from spectrawatch.spectral.traps import jensen_shannon_distance as jensen_shannon_distance
 from spectrawatch.spectral.traps import shuffled_matrices as shuffled_matrices
@@ -423,7 +423,8 @@ def analyze_weights(
     Gram and eigendecomposition. ``farms`` adds FARMS metrics
     (:mod:`spectrawatch.spectral.farms`). ``traps`` adds the correlation traps
     (:class:`CorrelationTraps`): the ESDs of each layer's element-wise shuffles, drawn from a
-    generator seeded with ``trap_seed`` (the same weights give the same values), join the batched
+    generator seeded with ``trap_seed`` and the layer's name (:func:`layer_generator`: a layer's
+    values depend on its weights alone, not on the other layers of the call), join the batched
     eigendecompositions; they hold one shuffled copy of every analysed weight (five of a layer
     with ``M < 100``) while they run. Layers outside WeightWatcher's size filter, of other ranks,
     or whose fit fails are listed as skipped; a layer whose shuffled ESD cannot be fitted keeps
@@ -458,8 +459,10 @@ def analyze_weights(
         windows = [farms_windows(lm, farms) for lm in layer_mats]
     shuffles: list[list[torch.Tensor]] = []
     if traps and layer_mats:
-        gen = torch.Generator(device=layer_mats[0].matrices[0].device).manual_seed(trap_seed)
-        shuffles = [shuffled_matrices(lm, gen) for lm in layer_mats]
+        shuffles = [
+            shuffled_matrices(lm, layer_generator(trap_seed, name, lm.matrices[0].device))
+            for name, lm in zip(names, layer_mats, strict=True)
+        ]
     all_evals = eigenvalues(
         flat + [w for ws in windows for w in ws] + [m for ms in shuffles for m in ms], dtype=dtype
     )

@@ -14,6 +14,7 @@ defined here once and re-exported by :mod:`~spectrawatch.spectral.htsr`.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,14 @@ class CorrelationTraps:
 def trap_replicas(n_cols: int) -> int:
     """Shuffles pooled for a layer's trap ESD: 5 when ``M < 100`` (few eigenvalues), else 1."""
     return TRAP_SMALL_REPLICAS if n_cols < TRAP_REPLICAS_BELOW else 1
+
+
+def layer_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """The shuffles' generator of layer ``name``: seeded from ``seed`` and the name alone, so a
+    layer's trap values depend on its weights only, never on which layers share the call or in
+    what order (a weights frame's tensor order varies from frame to frame)."""
+    layer_seed = (seed * 0x9E3779B1 + zlib.crc32(name.encode("utf-8"))) % 2**63
+    return torch.Generator(device=device).manual_seed(layer_seed)
 
 
 def shuffled_matrices(mats: WeightMatrices, generator: torch.Generator) -> list[torch.Tensor]:
