@@ -22,12 +22,15 @@ from spectrawatch.spectral.conditioning import (
     PC_COEFFICIENTS,
     SIGMA_MAX,
     conditioning,
+    conditioning_metrics,
     gmcn,
     pc_polynomial,
     pc_precondition,
     pc_preview,
     singular_values,
 )
+from spectrawatch.spectral.errors import SpectralError
+from spectrawatch.spectral.norms import matrix_norms
 from spectrawatch.spectral.polar import MUON_POLAR_DISTANCE, POLAR_MP_SPIKES
 from spectrawatch.wire import FrameHeader, FrameKind
 from spectrawatch_server.analyses.conditioning import muon_update_audit, weight_conditioning
@@ -66,6 +69,20 @@ def test_gmcn_bottom_tenth_rounds_up_and_handles_rank_deficiency() -> None:
     sv = np.array([10.0, 9, 8, 7, 6, 5, 4, 3, 2, 1.0, 3.0])
     assert gmcn(sv) == pytest.approx(10.0 / 1.5)
     assert gmcn(np.array([1.0, 0.5, 0.0])) == math.inf
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_weights_have_no_conditioning(bad: float) -> None:
+    """One NaN entry made LAPACK raise its own error, one Inf answered sigma_max NaN, GMCN inf
+    and 0 MP spikes: a typed error instead."""
+    w = torch.randn(20, 10, dtype=torch.float64)
+    w[3, 4] = bad
+    with pytest.raises(SpectralError, match="NaN/Inf"):
+        conditioning(w)
+    with pytest.raises(SpectralError, match="NaN/Inf"):
+        matrix_norms(w)
+    with pytest.raises(SpectralError, match="non-finite"):
+        conditioning_metrics(torch.tensor([3.0, bad, 1.0]), (20, 3))
 
 
 def test_mp_spikes_count_planted_singular_values() -> None:

@@ -20,6 +20,7 @@ import numpy.typing as npt
 import torch
 
 from spectrawatch.spectral.eigen import svdvals
+from spectrawatch.spectral.errors import SpectralError
 
 SIGMA_MAX = "conditioning.sigma_max"
 SIGMA_MIN = "conditioning.sigma_min"
@@ -66,6 +67,8 @@ def gmcn(sv: torch.Tensor | FloatArray, fraction: float = 0.1) -> float:
     s = np.sort(np.asarray(torch.as_tensor(sv).detach().cpu(), dtype=np.float64))
     if s.size == 0:
         raise ValueError("no singular values")
+    if not np.isfinite(s).all():
+        raise SpectralError("non-finite singular values")
     bottom = float(s[: max(1, math.ceil(fraction * s.size))].mean())
     return float(s[-1]) / bottom if bottom > 0 else math.inf
 
@@ -93,7 +96,11 @@ def mp_spike_threshold(shape: tuple[int, int], frobenius_sq: float, delta: float
 
 
 def conditioning(weights: torch.Tensor, delta: float = 0.05) -> Conditioning:
-    """Conditioning of one weight matrix ``(m, n)`` from its exact singular values."""
+    """Conditioning of one weight matrix ``(m, n)`` from its exact singular values; a matrix
+    with a NaN/Inf entry has none (:class:`SpectralError`, where LAPACK would fail or answer
+    NaN)."""
+    if not bool(torch.isfinite(weights).all()):
+        raise SpectralError("the weight has NaN/Inf entries: no singular values")
     return conditioning_from_singular_values(
         singular_values(weights), (weights.shape[0], weights.shape[1]), delta
     )
@@ -106,6 +113,8 @@ def conditioning_from_singular_values(
     s = np.asarray(torch.as_tensor(sv).detach().cpu(), dtype=np.float64)
     if s.size == 0:
         raise ValueError("no singular values")
+    if not np.isfinite(s).all():
+        raise SpectralError("non-finite singular values")
     threshold = mp_spike_threshold(shape, float((s**2).sum()), delta)
     smax, smin = float(s.max()), float(s.min())
     return Conditioning(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from spectrawatch.spectral.eigen import svdvals
+from spectrawatch.spectral.errors import SpectralError
 
 FROBENIUS_NORM = "norm.frobenius"
 SPECTRAL_NORM = "norm.spectral"
@@ -36,9 +37,12 @@ class MatrixNorms:
 
 def matrix_norms(weights: torch.Tensor) -> MatrixNorms:
     """Norms of a 2-D matrix ``(m, n)``, computed in float64 for a stable reference value (the
-    spectral norm as the largest of :func:`~spectrawatch.spectral.eigen.svdvals`)."""
+    spectral norm as the largest of :func:`~spectrawatch.spectral.eigen.svdvals`); a matrix
+    with a NaN/Inf entry has no spectral norm (:class:`SpectralError`)."""
     if weights.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(weights.shape)}")
+    if not bool(torch.isfinite(weights).all()):
+        raise SpectralError("the weight has NaN/Inf entries: no norms")
     w = weights.to(torch.float64)
     return MatrixNorms(
         frobenius=float(torch.linalg.matrix_norm(w, ord="fro")),
