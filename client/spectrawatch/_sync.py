@@ -47,6 +47,31 @@ def _names(meta: dict[str, Any] | None) -> tuple[str, str] | None:
     return None
 
 
+SYNC_COUNTERS = (
+    "replayed_frames",
+    "sent_scalars",
+    "rejected_frames",
+    "rejected_scalars",
+    "spool_unreadable",
+)
+"""The sync's own counters added to the run's: what it delivered and what it lost."""
+
+
+def _run_stats(summary: Any, sender: Sender, left: int) -> dict[str, Any] | None:
+    """The run's client report for ``/client-stats``: the counters its process kept in
+    ``run.json`` (``summary.client``: drops, errors, the loss's first NaN...), which it could not
+    send, plus what this sync delivered and lost; None for a run.json without them."""
+    client = summary.get("client") if isinstance(summary, dict) else None
+    if not isinstance(client, dict):
+        return None
+    stats = dict(client)
+    for name in SYNC_COUNTERS:
+        before = stats.get(name, 0)
+        stats[name] = (before if isinstance(before, int) else 0) + sender.stats.get(name)
+    stats["spooled_pending"] = left
+    return stats
+
+
 def sync_run(
     settings: ClientSettings,
     run_dir: Path,
@@ -106,6 +131,12 @@ def sync_run(
             if sender.run_id is None:
                 result.note = result.note or "final status not set: the server was not reached"
             else:
+                stats = _run_stats(summary, sender, result.left)
+                if stats is not None:
+                    try:
+                        api.post_client_stats(sender.run_id, stats, uid=sender.run_uid)
+                    except (Unavailable, Rejected) as exc:  # the status still goes
+                        result.note = f"client stats not delivered: {exc}"
                 try:
                     api.update_run(
                         sender.run_id,

@@ -332,8 +332,10 @@ def test_offline_mode_sends_nothing_until_sync(server: ServerProcess, tmp_path: 
     m = spectrawatch.Monitor()
     m.init(**client_settings(tmp_path, server.url, "offline-run", mode="offline"))
     Loop(m).run(15)
+    m.log({"loss": float("nan")}, step=16)  # the report's first NaN: the overview marks it
     assert m.finish()
     assert m.run_id is None
+    kept = m.stats.snapshot()
     with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as c:
 
         def run_named() -> dict[str, Any] | None:
@@ -351,6 +353,13 @@ def test_offline_mode_sends_nothing_until_sync(server: ServerProcess, tmp_path: 
         assert run is not None
         assert run["status"] == "finished"
         assert sorted(f["seq"] for f in frames_of(server.url, run["id"])) == seqs
+        # the process's report reaches the run (it was only in run.json's summary), with what
+        # the sync delivered
+        stats = c.get(f"/runs/{run['id']}").json()["client_stats"]
+        assert stats["nonfinite_scalars"] == {"loss": {"step": 16, "value": "nan"}}
+        assert stats["spooled_frames"] == kept["spooled_frames"] == len(seqs)
+        assert stats["replayed_frames"] == len(seqs)
+        assert stats["spooled_pending"] == 0
 
 
 def test_model_summaries_cover_every_part_of_a_weight_snapshot(
