@@ -248,6 +248,20 @@ def test_lagged_correlation_finds_the_lead() -> None:
     assert out[-2] == pytest.approx(float(np.corrcoef(x[2:], y[:-2])[0, 1]))
 
 
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 7, 9, 10, 12])
+def test_lagged_correlation_of_a_short_series_keeps_lags_with_three_points(n: int) -> None:
+    """Seven shared points at the default ``max_lag`` of 10 crashed the lag API (HTTP 500): a
+    lag of 7 or more sliced ``a[:n - lag]`` with a negative end, which wraps around."""
+    rng = np.random.default_rng(n)
+    x, y = rng.standard_normal(n), rng.standard_normal(n)
+    steps = list(range(n))
+    out = dict(sed.lagged_correlation(steps, x.tolist(), steps, y.tolist(), max_lag=10))
+    assert sorted(out) == [lag for lag in range(-10, 11) if n - abs(lag) >= 3]
+    for lag, r in out.items():
+        xa, yb = (x[: n - lag], y[lag:]) if lag >= 0 else (x[-lag:], y[: n + lag])
+        assert r == pytest.approx(float(np.corrcoef(xa, yb)[0, 1]))
+
+
 def test_metric_keys() -> None:
     assert sed.windowed_key(sed.GAP_RATIO, 32) == "sed.gap_ratio.w32"
     assert sed.interval_key(sed.EDGE) == "sed.interval.edge.w10"

@@ -706,12 +706,13 @@ def lagged_correlation(
     common = [(float(v), float(ys[s])) for s, v in zip(x_steps, x, strict=True) if s in ys]
     a = np.array([c[0] for c in common])
     b = np.array([c[1] for c in common])
+    n = len(a)
     out: list[tuple[int, float]] = []
     for lag in range(-max_lag, max_lag + 1):
-        xa = a[: len(a) - lag] if lag >= 0 else a[-lag:]
-        yb = b[lag:] if lag >= 0 else b[: len(b) + lag]
-        if len(xa) < 3:
+        if n - abs(lag) < 3:  # (a slice end of n - lag < 0 would wrap around)
             continue
+        xa = a[: n - lag] if lag >= 0 else a[-lag:]
+        yb = b[lag:] if lag >= 0 else b[: n + lag]
         if xa.std() == 0 or yb.std() == 0:
             out.append((lag, math.nan))
         else:
