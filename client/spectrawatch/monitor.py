@@ -21,6 +21,7 @@ import operator
 import os
 import re
 import secrets
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -461,23 +462,41 @@ _LIVE: set[Monitor] = set()
 
 
 _exit_hook = False
+_uncaught: list[type[BaseException]] = []
+"""The exception that is ending the script, if one is (noted by :func:`_note_uncaught`)."""
 
 
 def _keep_until_finish(m: Monitor) -> None:
     """Hold ``m`` until ``finish()``; the exit hook is registered at the first ``init`` (so it
-    runs before the handlers of libraries imported earlier, as a per-monitor hook did)."""
+    runs before the handlers of libraries imported earlier, as a per-monitor hook did), with an
+    ``excepthook`` in front of the one in place that notes a script dying of an exception."""
     global _exit_hook
     if not _exit_hook:
         atexit.register(_finish_at_exit)
+        sys.excepthook = _note_uncaught(sys.excepthook)
         _exit_hook = True
     _LIVE.add(m)
 
 
+def _note_uncaught(previous: Any) -> Any:
+    """``sys.excepthook`` noting an uncaught exception, then handing it on. Outside an
+    interactive session such an exception ends the script, so its unfinished runs close as
+    ``crashed``; in a REPL it ends one statement, and the session goes on."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if not (hasattr(sys, "ps1") or sys.flags.interactive):
+            _uncaught.append(kind)
+        previous(kind, value, tb)
+
+    return hook
+
+
 def _finish_at_exit() -> None:
+    status = "crashed" if _uncaught else "finished"
     for m in list(_LIVE):
         s = m.settings
         with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to tell
-            m.finish(timeout=min(s.flush_timeout_s, 10.0) if s else 10.0)
+            m.finish(status, timeout=min(s.flush_timeout_s, 10.0) if s else 10.0)
 
 
 monitor = Monitor()

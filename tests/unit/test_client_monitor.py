@@ -347,6 +347,35 @@ main()  # returns without finish(): nothing holds the Monitor but the module
     assert any(e.get("type") == "scalars" for e in spooled)
 
 
+@pytest.mark.parametrize("ending", ["raise RuntimeError('diverged')", "pass"])
+def test_a_script_dying_of_an_exception_closes_its_run_as_crashed(
+    tmp_path: Path, ending: str
+) -> None:
+    """The module-level monitor, no ``finish()``: a script ended by an uncaught exception was
+    closed as ``finished`` (as ``with Monitor(...)`` does, it is ``crashed``); one that ends
+    normally stays ``finished``."""
+    script = f"""
+import sys
+import torch
+from torch import nn
+from spectrawatch import monitor
+
+seen = []
+sys.excepthook = lambda *exc: seen.append(exc[0])  # the user's hook still runs
+monitor.init(url="http://127.0.0.1:9", project="p", run="dies", spool_dir={str(tmp_path)!r},
+             flush_timeout_s=2, backoff_s=0.01)
+model = nn.Linear(3, 3)
+monitor.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+monitor.log({{"loss": 1.0}}, step=1)
+{ending}
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], timeout=120, env=env, check=False)
+    assert done.returncode == (1 if "raise" in ending else 0)
+    (meta,) = [json.loads(p.read_text()) for p in tmp_path.rglob("run.json")]
+    assert meta["status"] == ("crashed" if "raise" in ending else "finished")
+
+
 def test_api_use_from_the_session_6_audit(tmp_path: Path) -> None:
     """One model per monitor (re-attach: the same handle), bad scalar keys dropped alone, one
     step per log() call without a model, log() after finish() ignored, modules= checked."""
