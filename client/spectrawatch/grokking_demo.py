@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % args.eval_every == 0 or step == 1:
+        if step % args.eval_every == 0 or step in (1, args.steps):  # the last: the final figures
             model.eval()
             with torch.no_grad():
                 train_acc = (model(x_tr).argmax(-1) == y_tr).float().mean().item()

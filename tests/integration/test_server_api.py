@@ -119,6 +119,12 @@ def test_same_idempotency_key_stores_one_frame(client: httpx.Client) -> None:
     assert without_header.status_code == 200
     assert without_header.json()["id"] == first.json()["id"]
     assert len(client.get(f"/runs/{run_id}/frames").json()) == 1
+    weights = client.get(f"/runs/{run_id}/frames", params={"kind": "weights"}).json()
+    assert [f["id"] for f in weights] == [first.json()["id"]]
+    assert client.get(f"/runs/{run_id}/frames", params={"kind": "activations"}).json() == []
+    bogus = client.get(f"/runs/{run_id}/frames", params={"kind": "bogus"})  # was 200 []
+    assert bogus.status_code == 422
+    assert "kind" in bogus.text
 
 
 def test_metrics_downsampled_server_side(client: httpx.Client) -> None:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from spectrawatch.wire import (
     FrameError,
     FrameHeader,
+    FrameKind,
     count_nonfinite,
     decompress,
     load_tensors,
@@ -261,12 +262,14 @@ def _frame_response(frame: Frame, status: int) -> JSONResponse:
 def list_frames(
     run: RunDep,
     session: SessionDep,
-    kind: str | None = None,
+    kind: FrameKind | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
     status: Literal["pending", "running", "done", "failed"] | None = None,
 ) -> list[FramePublic]:
     return [
         FramePublic.model_validate(f)
-        for f in repo.list_frames(session, run.id, kind, limit, offset, status)
+        for f in repo.list_frames(
+            session, run.id, kind.value if kind else None, limit, offset, status
+        )
     ]
