@@ -55,6 +55,30 @@ StoredName = Annotated[str, Name]
 Tag = Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=TEXT_PATTERN)]
 Layer = Field(min_length=1, max_length=LAYER_MAX, pattern=LAYER_PATTERN)
 
+JSON_DEPTH_MAX = 64
+"""Levels of nesting a run's config or summary may have (a training config has ~10): deeper
+ones were stored, then every read of the run failed (pydantic serialises 255 levels at most)."""
+
+
+def _not_too_deep(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` unchanged, or a ValueError when it nests more than :data:`JSON_DEPTH_MAX`
+    levels of objects and arrays (walked without recursion)."""
+    level: list[Any] = [value]
+    for _ in range(JSON_DEPTH_MAX):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, (dict, list))
+        ]
+        if not level:
+            return value
+    raise ValueError(f"nested more than {JSON_DEPTH_MAX} levels deep")
+
+
+# free-form JSON a run carries (config, summary)
+JsonObject = Annotated[dict[str, Any], AfterValidator(_not_too_deep)]
+
 
 class ProjectCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -95,7 +119,7 @@ class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     project: StoredName
     name: StoredName
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: JsonObject = Field(default_factory=dict)
     tags: list[Tag] = Field(default_factory=list, max_length=100)
     resume: bool = Field(True, description="false: answer 409 if the run exists (create only)")
 
@@ -106,7 +130,7 @@ RunStatus = Literal["running", "finished", "crashed"]
 class RunUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: RunStatus | None = None
-    summary: dict[str, Any] | None = None
+    summary: JsonObject | None = None
     tags: list[Tag] | None = Field(default=None, max_length=100)
 
 

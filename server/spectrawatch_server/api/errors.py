@@ -67,6 +67,11 @@ def error_page(status: int, message: str) -> HTMLResponse:
     return HTMLResponse(body, status_code=status)
 
 
+UNPARSED_BODY = "There was an error parsing the body"
+"""FastAPI's 400 detail for a JSON body that ``json.loads`` fails on otherwise than with a
+syntax error (which is a 422): in practice a body nested past Python's recursion limit."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -94,9 +99,12 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
+        detail = str(exc.detail)
+        if detail == UNPARSED_BODY:  # FastAPI's words when json.loads fails on recursion
+            detail = "the JSON body could not be parsed: nested too deep (about 1,000 levels)"
         if _wants_page(request):
-            return error_page(exc.status_code, str(exc.detail))
-        return error_response(exc.status_code, code, str(exc.detail))
+            return error_page(exc.status_code, detail)
+        return error_response(exc.status_code, code, detail)
 
     @app.exception_handler(BlobStoreFull)
     async def _full(_: Request, exc: BlobStoreFull) -> JSONResponse:
