@@ -218,11 +218,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.add_middleware(CrossSiteGuard, public_url=settings.public_url)
     for api_router in API_ROUTERS:
         app.include_router(api_router, prefix=API_PREFIX)
-    from spectrawatch_server.api.routes import dashboards  # HTML pages, figure API, static files
+    from spectrawatch_server.api.routes import dashboard_figures, dashboards  # pages, figures
 
     dashboards.install(app, API_PREFIX)
     schema_of = app.openapi
-    routes = [r for router in (*API_ROUTERS, dashboards.api_router) for r in router.routes]
+    routes = [r for router in (*API_ROUTERS, dashboard_figures.api_router) for r in router.routes]
 
     def openapi() -> dict[str, Any]:  # each operation's description names the role it needs
         schema = schema_of()

@@ -19,7 +19,7 @@ from sqlalchemy import event
 
 from spectrawatch.spectral.htsr import analyze_weights, esd_payload
 from spectrawatch_server import figures as fig
-from spectrawatch_server.api.routes import dashboards as routes
+from spectrawatch_server.api.routes import dashboard_figures as routes
 from spectrawatch_server.db.models import Metric, Scalar
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import metric_reads, result_store, series

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, Select, delete, event, func, select, update
 
 import spectrawatch.api as client_api
-from spectrawatch_server.api.routes import dashboards
+from spectrawatch_server.api.routes import dashboard_figures
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db.base import utcnow
@@ -397,7 +397,7 @@ def test_activations_of_a_long_run_read_a_bounded_number_of_points(
     engine.dispose()
     # 12 modules: 1,000 points drawn a line, and 6,000 / 12 -> 1,000 read of 2,000 stored
     # (875 evenly spaced, 125 kept for the values beyond their range)
-    monkeypatch.setattr(dashboards, "ACTIVATION_READ_POINTS", 6000, raising=False)
+    monkeypatch.setattr(dashboard_figures, "ACTIVATION_READ_POINTS", 6000)
     seen: list[tuple[str, Any]] = []
 
     def record(*args: Any) -> None:
@@ -461,7 +461,7 @@ def test_decimated_activations_keep_a_one_step_burst_and_a_nan_between_sampled_s
         result_store.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
     engine.dispose()
     # 3 modules: 1,000 points a line, 3,000 / 3 -> 1,000 read a layer of 4,000 stored
-    monkeypatch.setattr(dashboards, "ACTIVATION_READ_POINTS", 3000, raising=False)
+    monkeypatch.setattr(dashboard_figures, "ACTIVATION_READ_POINTS", 3000)
     with TestClient(
         create_app(ServerSettings(data_dir=tmp_path, run_worker=False)),
         base_url="http://127.0.0.1",

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from spectrawatch.cli import main
 from spectrawatch_server.api.deps import ROLE_ATTRIBUTE
-from spectrawatch_server.api.routes import dashboards
+from spectrawatch_server.api.routes import dashboard_figures
 from spectrawatch_server.app import API_PREFIX, API_ROUTERS, create_app
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.storage import repository as repo
@@ -71,7 +71,7 @@ def test_every_write_route_declares_its_role_and_reads_need_at_most_read(tmp_pat
     added to the app but not to ``API_ROUTERS`` fails here too."""
     declared: dict[tuple[str, str], str] = {}
     seen: set[tuple[str, str]] = set()
-    for router in (*API_ROUTERS, dashboards.api_router):
+    for router in (*API_ROUTERS, dashboard_figures.api_router):
         for route in router.routes:
             assert isinstance(route, APIRoute)
             roles = _declared_roles(route)

@@ -6,7 +6,7 @@ templates and static assets shipped from the top-level ``dashboards/`` folder.)
 Page definitions (``dashboards/pages/*.json``, shipped as ``spectrawatch_server.dashboards``)
 are parsed by :func:`parse_page`; each panel names a plot ``kind`` and the metric keys it shows
 (glob patterns, matched against the run's metric names). The route module
-(``api/routes/dashboards.py``) runs the queries and calls the builders here; the browser only
+(``api/routes/dashboard_figures.py``) runs the queries and calls the builders here; the browser only
 hands the returned ``{"data", "layout"}`` to ``Plotly.react``.
 
 Figures use plotly.js >= 3 conventions (titles as ``{"text": ...}``), SVG traces for small
