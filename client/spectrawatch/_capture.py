@@ -102,6 +102,7 @@ _Watch = tuple[list[nn.Parameter], tuple[torch.Size, ...], tuple[bool, ...]]
 _SHAPE = attrgetter("shape")
 _REQUIRES_GRAD = attrgetter("requires_grad")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float64: "float64", **{v: k for k, v in _DTYPES.items()}}
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -138,6 +139,28 @@ def output_layer(model: nn.Module) -> str | None:
             if named is not None:
                 return named
     return next((name for name, p in reversed(params) if p.dim() >= 2), None)
+
+
+def _host_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU copy of weight ``w`` in ``dtype``, or in float32 (float64 for a float64 weight)
+    where that cast would turn finite entries into Inf: a float16 copy of a weight beyond
+    +-65504 reached the server as Inf, with a ``nonfinite`` alert and no norms. Entries that
+    are NaN/Inf already stay so in either dtype, for the server to alert on. The check is one
+    ``aminmax`` of ``w`` where ``dtype`` is narrower (~0.6 ms per million parameters on a CPU,
+    at snapshot steps only); a weight with NaN/Inf entries is looked at entry by entry."""
+    if not w.is_floating_point() or torch.finfo(dtype).max >= torch.finfo(w.dtype).max:
+        return w.to(device="cpu", dtype=dtype, copy=True)
+    limit = torch.finfo(dtype).max
+    low, high = (float(x) for x in torch.aminmax(w))
+    wide = torch.float64 if w.dtype == torch.float64 else torch.float32
+    if -limit <= low and high <= limit:  # False for NaN
+        overflow = False
+    elif math.isfinite(low) and math.isfinite(high):
+        overflow = True  # (an entry just past the limit may round to it: sent wide all the same)
+    else:
+        size = w.abs()
+        overflow = bool(torch.logical_and(size > limit, size != math.inf).any())
+    return w.to(device="cpu", dtype=wide if overflow else dtype, copy=True)
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -813,6 +836,7 @@ class Capture:
         dtype = _DTYPES[self.s.weights_dtype]
         part: dict[str, torch.Tensor] = {}
         shapes: dict[str, dict[str, list[int]]] = {}
+        widened: dict[str, str] = {}  # sent wider than weights_dtype, by name
         size = 0
         parts = 0
         head = self.s.output_layer or output_layer(self.model)
@@ -829,6 +853,9 @@ class Capture:
                 }
                 if head in part:
                     info["output_layer"] = head
+                wider = {k: v for k, v in widened.items() if k in part}
+                if wider:
+                    info["widened"] = wider
                 self.emit_frame(FrameItem(wire.FrameKind.WEIGHTS, n, part, info, compress=True))
                 parts += 1
             part, shapes, size = {}, {}, 0
@@ -842,7 +869,15 @@ class Capture:
             full = _shards.full_tensor(p.detach())  # sharded: every rank joins the gather
             if not self.emits:
                 continue
-            w = full.reshape(p.shape[0], -1).to(device="cpu", dtype=dtype, copy=True)
+            w = _host_weight(full.reshape(p.shape[0], -1), dtype)
+            if w.dtype != dtype:
+                widened[name] = _DTYPE_NAMES[w.dtype]
+                self.stats.incr("weights_widened")
+                self.errors.note(
+                    f"weights dtype {name}",
+                    f"weights {name} sent as {_DTYPE_NAMES[w.dtype]}: finite entries beyond "
+                    f"{self.s.weights_dtype}'s range would arrive as Inf (weights_dtype)",
+                )
             nbytes = w.numel() * w.element_size()
             if part and (size + nbytes > self.s.max_frame_bytes or len(part) >= _MAX_TENSORS):
                 emit()

@@ -71,6 +71,7 @@ class ClientSettings:
 
     weights_every: int = 500
     weights_at_finish: bool = True
+    # a weight beyond float16/bfloat16's range goes in float32 (never as Inf; weights_widened)
     weights_dtype: WeightsDtype = "float32"
     # the server computes correlation traps on the snapshots (one more eigendecomposition per
     # layer; off for very large models whose weight frames take the worker long)

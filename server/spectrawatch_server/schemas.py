@@ -232,6 +232,7 @@ INT_STATS = frozenset(CLIENT_COUNTERS) | {
     "layout_changes",
     "steps_not_increasing",
     "sketch_steps_skipped",
+    "weights_widened",
     "sketch_graph_off",
     "sketch_stream_off",
     "spool_unreadable",

@@ -560,3 +560,42 @@ def test_update_norms_estimate_the_real_updates(server: ServerProcess, tmp_path:
         for step, value in zip(weight.steps, weight.values, strict=True)
     ]
     assert max(abs(e) for e in off) < 0.25  # 16.4 %: ||theta|| moves ~10 % in 10 steps here
+
+
+def test_float16_weights_beyond_its_range_arrive_finite(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """``weights_dtype="float16"`` sent a weight of entries beyond +-65504 as Inf: a
+    ``nonfinite`` alert on a finite weight and no norms. It goes in float32 now; a weight that
+    is NaN itself still raises the alert."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    spare = torch.nn.Linear(8, 8)  # not in the forward: never trained
+    model = torch.nn.ModuleDict({"net": net, "spare": spare})
+    with torch.no_grad():
+        net[0].weight.mul_(1e6)
+        spare.weight[0, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "fp16-range", weights_dtype="float16"))
+    assert m.attach(model, opt) is not None
+    x = torch.randn(32, 16)
+    for step in range(1, 21):
+        loss = net(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.log({"loss": loss}, step=step)
+    assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    wait_until(lambda: all_analysed(server.url, m.run_id or 0), timeout=120)
+    with spectrawatch.Api(server.url) as api:
+        stored = api.run(m.run_id)
+        alerts = [a for a in stored.alerts() if a["rule"] == "nonfinite"]
+        frobenius = stored.metric("norm.frobenius")
+    assert {a["layer"] for a in alerts} >= {"spare.weight"}
+    assert "net.0.weight" not in {a["layer"] for a in alerts}
+    want = float(net[0].weight.detach().double().norm())
+    assert frobenius["net.0.weight"].steps == [10, 20]
+    assert frobenius["net.0.weight"].values == pytest.approx([want, want], rel=1e-6)
+    assert stats_of(server.url, m.run_id)["weights_widened"] == 2

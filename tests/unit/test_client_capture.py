@@ -283,6 +283,38 @@ def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:
     wire.decode_frame(body)  # valid on the wire
 
 
+@pytest.mark.parametrize("weights_dtype", ["float16", "bfloat16"])
+def test_weights_beyond_the_dtypes_range_are_sent_in_float32(
+    weights_dtype: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A float16 copy of a weight beyond +-65504 reached the server as Inf (a ``nonfinite``
+    alert, no norms): such a weight goes in float32, said once; a NaN weight stays NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 8), nn.Linear(8, 4))
+    with torch.no_grad():  # finite float32 entries past the narrow dtype's largest value
+        model[0].weight[:, 0] = 7e4 if weights_dtype == "float16" else 3.4e38
+        model[2].weight[0, 0] = float("nan")
+    sink = Sink()
+    cap, stats = make_capture(model, None, sink, weights_dtype=weights_dtype)
+    narrow = getattr(torch, weights_dtype)
+    with caplog.at_level("WARNING", logger="spectrawatch"):
+        cap.capture_weights(10)
+        cap.capture_weights(20)
+    for frame in sink.of(wire.FrameKind.WEIGHTS):
+        body = wire.encode_frame(frame.kind, frame.step, 0, frame.tensors, frame.info)
+        header, tensors = wire.decode_frame(body)  # mixed dtypes in one frame: valid
+        wire.validate_layout(header)
+        assert header.info["widened"] == {"0.weight": "float32"}
+        assert tensors["0.weight"].dtype == torch.float32
+        assert torch.equal(tensors["0.weight"], model[0].weight.detach())
+        assert tensors["1.weight"].dtype == narrow
+        assert tensors["2.weight"].dtype == narrow  # NaN is no overflow: the setting's dtype
+        assert wire.count_nonfinite(tensors) == {"2.weight": 1}  # the real NaN alone
+    assert stats.get("errors") == 0
+    assert stats.get("weights_widened") == 2  # counted per snapshot, logged once
+    assert len([r for r in caplog.records if "0.weight sent as float32" in r.message]) == 1
+
+
 def test_weights_traps_off_says_so_in_every_weights_frame() -> None:
     sink = Sink()
     cap, _ = make_capture(mlp(), None, sink, weights_traps=False)
