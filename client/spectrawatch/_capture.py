@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from spectrawatch import _shards, wire
 from spectrawatch._cadence import AdaptiveCadence
@@ -97,8 +98,9 @@ ROOT_MODULE = "(model)"
 Rows = torch.Tensor | dict[str, torch.Tensor]
 _MAX_FAILURES = 3
 _MAX_TENSORS = wire.FrameLimits().max_tensors  # per frame: the server refuses more (default)
-# the model's parameters, their shapes and requires_grad flags, as last looked at
-_Watch = tuple[list[nn.Parameter], tuple[torch.Size, ...], tuple[bool, ...]]
+# the model's parameters, their shapes and requires_grad flags, as last looked at, and its
+# lazy parameters (nn.LazyLinear's before its first forward: no shape yet)
+_Watch = tuple[list[nn.Parameter], tuple[torch.Size, ...], tuple[bool, ...], list[nn.Parameter]]
 _SHAPE = attrgetter("shape")
 _REQUIRES_GRAD = attrgetter("requires_grad")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -138,7 +140,7 @@ def output_layer(model: nn.Module) -> str | None:
             named = next((name for name, p in params if p is weight), None)
             if named is not None:
                 return named
-    return next((name for name, p in reversed(params) if p.dim() >= 2), None)
+    return next((name for name, p in reversed(params) if not is_lazy(p) and p.dim() >= 2), None)
 
 
 def _host_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -285,9 +287,14 @@ class Capture:
     # -- the sketched parameters --------------------------------------------------------------
 
     def _trained(self) -> list[tuple[str, nn.Parameter]]:
-        """The parameters sketched: trainable and real (a real sketch of a complex parameter
-        would drop its imaginary part; they are left out, and said so once)."""
-        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        """The parameters sketched: trainable, materialised (a lazy module's parameters have no
+        shape before its first forward; they join once they have one) and real (a real sketch
+        of a complex parameter would drop its imaginary part; they are left out, said once)."""
+        trained = [
+            (name, p)
+            for name, p in self.model.named_parameters()
+            if p.requires_grad and not is_lazy(p)
+        ]
         real = [(name, p) for name, p in trained if not p.is_complex()]
         if len(real) < len(trained) and not self._layout:  # said once, at attach
             skipped = ", ".join(name for name, p in trained if p.is_complex())
@@ -298,16 +305,22 @@ class Capture:
 
     def _watched(self) -> _Watch:
         params = list(self.model.parameters())
-        return params, tuple(map(_SHAPE, params)), tuple(map(_REQUIRES_GRAD, params))
+        lazy = [p for p in params if is_lazy(p)]
+        if lazy:
+            params = [p for p in params if not is_lazy(p)]
+        return params, tuple(map(_SHAPE, params)), tuple(map(_REQUIRES_GRAD, params)), lazy
 
     def _layout_may_have_changed(self) -> bool:
         """Cheap, every step (~35 us for 150 parameters on a 2-core box; the loops are C's
         ``map``, a generator was ~60 us): a parameter or module registered anywhere since the last
         look (torch's global registration hooks), or one of the model's parameters with another
-        shape or ``requires_grad``."""
+        shape or ``requires_grad``, or a lazy one materialised (``materialize()`` gives a
+        parameter its shape in place, without a registration hook)."""
         if _STRUCTURE[0] != self._structure:
             return True
-        params, shapes, trained = self._watch
+        params, shapes, trained, lazy = self._watch
+        if lazy and not all(map(is_lazy, lazy)):
+            return True
         return tuple(map(_REQUIRES_GRAD, params)) != trained or tuple(map(_SHAPE, params)) != shapes
 
     @staticmethod
@@ -368,7 +381,8 @@ class Capture:
 
     def _check_layout(self) -> None:
         """Follow the model when its trained parameters change after ``attach``: one unfrozen,
-        frozen, replaced (a new ``nn.Parameter``) or resized (``resize_token_embeddings``).
+        frozen, replaced (a new ``nn.Parameter``), resized (``resize_token_embeddings``) or
+        materialised (a lazy module's first forward).
         The rows buffered so far go out with the old layout, the sketch index is rebuilt, and
         update rows restart with the next step (the step of the change has none: its before
         and after sketches are of different parameter sets). Not for sharded models, whose
@@ -389,8 +403,8 @@ class Capture:
         self.stats.incr("layout_changes")
         self.errors.note(
             "layout",
-            "the model's trained parameters changed after attach (unfrozen, replaced or resized):"
-            " sketching the new set from the next step",
+            "the model's trained parameters changed after attach (unfrozen, replaced, resized or"
+            " materialised): sketching the new set from the next step",
         )
         self._start_index_build()
 
@@ -861,7 +875,7 @@ class Capture:
             part, shapes, size = {}, {}, 0
 
         for name, p in self.model.named_parameters():
-            if p.dim() < 2 or p.numel() == 0:
+            if is_lazy(p) or p.dim() < 2 or p.numel() == 0:  # lazy: no shape before a forward
                 continue
             if p.is_complex():  # a real cast would drop the imaginary part without a word
                 self.errors.record("weights", TypeError(f"complex parameter {name} not sent"))

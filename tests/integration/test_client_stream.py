@@ -599,3 +599,36 @@ def test_float16_weights_beyond_its_range_arrive_finite(
     assert frobenius["net.0.weight"].steps == [10, 20]
     assert frobenius["net.0.weight"].values == pytest.approx([want, want], rel=1e-6)
     assert stats_of(server.url, m.run_id)["weights_widened"] == 2
+
+
+def test_a_lazy_module_attached_before_its_first_forward_streams_its_layer(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Attaching a model with an ``nn.LazyLinear`` before its first forward failed (``attach``
+    returned None: only scalars reached the server); the lazy layer now has update norms from
+    the first step and weight norms at every snapshot."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.LazyLinear(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "lazy", activations_every=0))
+    assert m.attach(model, opt) is not None
+    x = torch.randn(64, 16)
+    for step in range(1, 21):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.log({"loss": loss}, step=step)
+    assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    wait_until(lambda: all_analysed(server.url, m.run_id or 0), timeout=120)
+    with spectrawatch.Api(server.url) as api:
+        stored = api.run(m.run_id)
+        updates = stored.metric("norm.update")
+        frobenius = stored.metric("norm.frobenius")
+    assert updates["2.weight"].steps == list(range(1, 21))
+    assert frobenius["2.weight"].steps == [10, 20]
+    want = float(model[2].weight.detach().double().norm())
+    assert frobenius["2.weight"].values[-1] == pytest.approx(want, rel=1e-5)
+    assert stats_of(server.url, m.run_id)["errors"] == 0

@@ -813,6 +813,45 @@ def test_parameters_that_change_after_attach_are_followed(exact: bool) -> None:
     assert stats.get("layout_changes") == 3
 
 
+def test_a_lazy_module_attached_before_its_first_forward_is_captured_once_materialised() -> None:
+    """``attach`` before a ``nn.LazyLinear``'s first forward raised on the uninitialized
+    parameter's shape and turned every capture off; the lazy layer now joins at the step its
+    forward gives it a shape (the pre-step hook sees it), with exact update rows and weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.LazyLinear(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, stats = make_capture(model, opt, sink, weights_every=2, frame_steps=1)
+    assert [n for n, _ in cap.layers] == ["0.weight", "0.bias"]
+    thetas: list[dict[str, torch.Tensor]] = []
+    train(model, opt, 4, record=thetas)
+    cap.finish()
+    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    spec = SketchSpec(640, 0)
+    updates = sink.of(wire.FrameKind.UPDATE_SKETCH)
+    assert [f.info["steps"] for f in updates] == [[1], [2], [3], [4]]
+    for frame in updates:
+        body = wire.encode_frame(frame.kind, frame.step, 0, frame.tensors, frame.info)
+        header, tensors = wire.decode_frame(body)
+        wire.validate_layout(header)
+        assert set(tensors) == {*names, MODEL_KEY}
+        assert header.info["layers"]["2.weight"] == {"numel": 36, "shape": [3, 12]}
+        step = frame.step
+        for name in names:
+            delta = thetas[step][name].double() - thetas[step - 1][name].double()
+            assert_sketch_of(tensors[name][0], delta, spec, name)
+    weights = {f.step: f for f in sink.of(wire.FrameKind.WEIGHTS)}
+    assert sorted(weights) == [2, 4]
+    for step, frame in weights.items():
+        _, tensors = wire.decode_frame(
+            wire.encode_frame(frame.kind, step, 0, frame.tensors, frame.info)
+        )
+        assert torch.equal(tensors["2.weight"], thetas[step]["2.weight"])
+    assert frame.info["output_layer"] == "2.weight"
+    assert stats.get("layout_changes") == 1
+    assert stats.get("errors") == 0
+
+
 def _cuda_run(steps: int, *, sketch_stream: bool, clamp: bool = False) -> tuple[Sink, ClientStats]:
     model = mlp().cuda().eval()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
