@@ -278,6 +278,7 @@ class Capture:
         self._failures: dict[str, int] = {}
         self._disabled: set[str] = set()
         self._last_weights_step: int | None = None
+        self._last_activations_step: int | None = None
         self._handles: list[Any] = []
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
@@ -933,6 +934,9 @@ class Capture:
     @torch.no_grad()
     def capture_activations(self, n: int) -> None:
         """X ``(tokens, hidden)`` per probe module, or its Gram ``XᵀX`` when that is smaller."""
+        if self._last_activations_step == n:
+            return
+        self._last_activations_step = n
         captured: dict[str, torch.Tensor] = {}
         tokens: dict[str, int] = {}
         gram: list[str] = []
@@ -1031,8 +1035,9 @@ class Capture:
     # -- end -----------------------------------------------------------------------------------
 
     def finish(self) -> None:
-        """Flush partial frames and take the final weight snapshot (never raises); the rows
-        already buffered go out even if the update sketch was disabled after failures."""
+        """Flush partial frames and take the final weight snapshot and probe capture (never
+        raises); the rows already buffered go out even if the update sketch was disabled after
+        failures."""
         self._join_stream()
         for flush in (self.flush_updates, self.flush_theta):
             try:
@@ -1042,6 +1047,8 @@ class Capture:
         self.release_frames()
         if self.s.weights_at_finish and self.step > 0 and not self._off():
             self._guard("weights", lambda: self.capture_weights(self.step))
+            if self.probe is not None and self.s.activations_every > 0:
+                self._guard("activations", lambda: self.capture_activations(self.step))
         self.remove()
 
 

@@ -557,6 +557,31 @@ def test_activations_x_or_gram_and_modes_restored() -> None:
     wire.decode_frame(wire.encode_frame(frame.kind, 5, 0, frame.tensors, frame.info))
 
 
+@pytest.mark.parametrize(("steps", "at_finish"), [(5, True), (7, True), (7, False)])
+def test_finish_takes_a_last_probe_capture_with_the_last_weights(
+    steps: int, at_finish: bool
+) -> None:
+    """The final state of the activations, as of the weights: one probe capture at finish()
+    unless the last step had one (``activations_every`` 5: at step 7, not again at step 5);
+    none with ``weights_at_finish`` off."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(
+        model,
+        opt,
+        sink,
+        probe=torch.randn(8, 6),
+        activations_every=5,
+        weights_at_finish=at_finish,
+    )
+    train(model, opt, steps)
+    cap.finish()
+    final = {steps} if at_finish else set()
+    assert [f.step for f in sink.of(wire.FrameKind.ACTIVATIONS)] == sorted({5} | final)
+    assert [f.step for f in sink.of(wire.FrameKind.WEIGHTS)] == sorted(final)
+
+
 def test_a_model_that_is_one_layer_is_probed_under_a_name_a_frame_can_carry() -> None:
     """Its ``named_modules()`` name is "": the server refused such frames (422 bad_tensor_name)."""
     torch.manual_seed(0)
