@@ -19,7 +19,9 @@ that many are, new requests fail at once instead of piling up connections.
 from __future__ import annotations
 
 import email.utils
+import html
 import math
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -163,7 +165,7 @@ class Api:
         resp = self._send(method, path, content, json=json, headers=headers)
         if resp.status_code >= 400:
             code, message = error_of(resp)
-            text = f"{method} {path} -> {resp.status_code} {code}: {message}"
+            text = f"{method} {path} -> {resp.status_code}{f' {code}' if code else ''}: {message}"
             if resp.status_code >= 500 or resp.status_code in _RETRYABLE_4XX:
                 wait = parse_retry_after(resp.headers.get("retry-after"))
                 raise Unavailable(text, resp.status_code, code, wait)
@@ -271,7 +273,8 @@ def _uid_header(uid: str | None) -> dict[str, str]:
 
 
 def error_of(resp: httpx.Response) -> tuple[str, str]:
-    """``(code, message)`` of a JSON error body ``{"error": {"code", "message"}}``."""
+    """``(code, message)`` of a JSON error body ``{"error": {"code", "message"}}``; for any
+    other body, :func:`foreign_reply`."""
     try:
         body = resp.json()
         err = body.get("error") if isinstance(body, dict) else None
@@ -281,4 +284,32 @@ def error_of(resp: httpx.Response) -> tuple[str, str]:
             return "", str(body["detail"])[:500]
     except ValueError:
         pass
-    return "", resp.text[:500]
+    return "", foreign_reply(resp)
+
+
+_SUMMARY_MAX = 120  # characters of a foreign error page quoted in a message
+_HTML_NOISE = re.compile(r"<(head|script|style)\b.*?</\1\s*>|<!--.*?-->", re.DOTALL | re.IGNORECASE)
+_HTML_TAG = re.compile(r"<[^>]*>")
+
+
+def foreign_reply(resp: httpx.Response) -> str:
+    """One short line for an error reply that is not the API's JSON (every spectrawatch error
+    is JSON): another service's or a proxy's page, which quoted whole would fill the warning,
+    ``last_error`` and the client stats with HTML."""
+    text = resp.text
+    if "html" in resp.headers.get("content-type", "") or text.lstrip().startswith("<"):
+        text = html.unescape(_HTML_TAG.sub(" ", _HTML_NOISE.sub(" ", text)))
+    text = " ".join(text.split())
+    if len(text) > _SUMMARY_MAX:
+        text = text[: _SUMMARY_MAX - 3] + "..."
+    where = _root_of(resp)
+    return f"{text or 'empty body'} (not a spectrawatch reply: is {where} a spectrawatch server?)"
+
+
+def _root_of(resp: httpx.Response) -> str:
+    """The server root URL the request went to (the part before ``/api/v1``, no credentials)."""
+    try:
+        url = resp.request.url
+    except RuntimeError:  # a response built without a request (tests)
+        return "the URL"
+    return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path.partition(API)[0]}".rstrip("/")

@@ -22,7 +22,7 @@ import torch
 from spectrawatch import wire
 from spectrawatch._sender import FrameItem, Sender
 from spectrawatch._spool import Spool, spooled_run_dirs
-from spectrawatch._transport import Api, Unavailable
+from spectrawatch._transport import Api, Rejected, Unavailable
 from spectrawatch.config import ClientSettings
 
 
@@ -511,6 +511,45 @@ def test_a_reply_that_is_not_the_server_spools_and_the_thread_survives(
     assert sender.close(timeout=10)
     assert sorted(h.step for h, _, _ in server.frames.values()) == [0, 1, 2, 3]
     assert server.scalars == [{"step": 2, "name": "loss", "value": 1.0}]
+
+
+_HTML_404 = """<!DOCTYPE HTML>
+<html lang="en">
+    <head>
+        <meta charset="utf-8">
+        <title>Error response</title>
+    </head>
+    <body>
+        <h1>Error response</h1>
+        <p>Error code: 404</p>
+        <p>Message: File not found.</p>
+        <p>Error code explanation: 404 - Nothing matches the given URI.</p>
+    </body>
+</html>
+"""  # python -m http.server's error page: a URL that is not a spectrawatch server
+
+
+def test_an_error_page_that_is_not_the_api_is_summarised_in_one_line(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, headers={"content-type": "text/html"}, text=_HTML_404)
+
+    api = Api("http://sw.test:9000", transport=httpx.MockTransport(handler))
+    with pytest.raises(Rejected) as info:
+        api.create_run("p", "r")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "<" not in message
+    assert message.startswith("POST /runs -> 404: Error response Error code: 404 Message:")
+    assert "is http://sw.test:9000 a spectrawatch server?" in message
+    assert len(message) < 250
+    s = settings(tmp_path)
+    sender = Sender(s, Api(s.url, transport=httpx.MockTransport(handler)), "r")
+    sender.start()
+    sender.put_frame(sketch_item(0))
+    sender.close(timeout=10)
+    last_error = sender.stats.snapshot()["last_error"]
+    assert "a spectrawatch server?" in last_error
+    assert "<" not in last_error
 
 
 def test_a_redirect_on_upload_is_not_counted_as_sent(tmp_path: Path) -> None:
