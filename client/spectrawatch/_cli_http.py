@@ -81,8 +81,6 @@ def call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any
             time.sleep(wait)
     if response.status_code >= 400:
         _, message = error_of(response)
-        if response.status_code == 404 and server_url(args).endswith("/api/v1"):
-            message += " (--url is the server root, e.g. http://host:8765, without /api/v1)"
         raise CliError(f"HTTP {response.status_code}: {message}", response.status_code)
     return None if response.status_code == 204 else response.json()
 

@@ -177,9 +177,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
     failed = 0
     for run_dir, meta in chosen:
         url = args.url or (meta or {}).get("url") or settings.url
-        r = sync_run(
-            settings.replace(url=url), run_dir, meta, deadline_s=args.timeout, dry_run=args.dry_run
-        )
+        try:
+            run_settings = settings.replace(url=url)
+        except SettingsError as exc:  # a run.json URL this client refuses (ending in /api/v1)
+            print(f"{run_dir}: {exc}: skipped (--url gives the server root to use)")
+            failed += 1
+            continue
+        r = sync_run(run_settings, run_dir, meta, deadline_s=args.timeout, dry_run=args.dry_run)
         failed += (r.left > 0 or r.status_pending) and not args.dry_run
         note = f" ({r.note})" if r.note else ""
         print(f"{r.project}/{r.run}: {r.delivered} of {r.entries} entries delivered to {url}{note}")

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from spectrawatch._transport import error_of
-from spectrawatch.config import DEFAULT_URL
+from spectrawatch.config import DEFAULT_URL, SettingsError, url_problem
 
 MODEL_LAYER = "__model__"  # the layer name of whole-model series
 _PAGE = 1000
@@ -48,12 +48,18 @@ class Series:
 
 
 class Api:
-    """A connection to a spectrawatch server (``url``/``token`` default to the environment)."""
+    """A connection to a spectrawatch server (``url``/``token`` default to the environment).
+
+    A ``url`` that cannot be the server root (not http(s), or ending in ``/api/v1``) raises
+    :class:`~spectrawatch.config.SettingsError` here, as ``monitor.init`` and ``--url`` do."""
 
     def __init__(
         self, url: str | None = None, token: str | None = None, timeout_s: float = 30.0
     ) -> None:
         self.url = (url or os.environ.get("SPECTRAWATCH_URL") or DEFAULT_URL).rstrip("/")
+        problem = url_problem(self.url)
+        if problem is not None:
+            raise SettingsError(f"url {self.url!r:.200}: {problem}")
         token = token or os.environ.get("SPECTRAWATCH_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=f"{self.url}/api/v1", headers=headers, timeout=timeout_s)

@@ -20,6 +20,7 @@ from spectrawatch.wire import NAME_MAX, NAME_PATTERN
 
 ENV_PREFIX = "SPECTRAWATCH_"
 DEFAULT_URL = "http://127.0.0.1:8765"
+API_PATH = "/api/v1"  # the API's path under the server root URL
 
 WeightsDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -185,9 +186,11 @@ class ClientSettings:
 
 
 def url_problem(url: str) -> str | None:
-    """Why ``url`` cannot be a server root URL (httpx refuses to parse it, or it is not
-    http(s) with a host), or None. Checked up front: httpx raises its ``InvalidURL`` only when a
-    client is built or a request made, where a command would print a traceback."""
+    """Why ``url`` cannot be a server root URL (httpx refuses to parse it, it is not http(s)
+    with a host, or it names the API's path: refused, not cut off, as any other wrong URL: a
+    URL rewritten behind the user's back is one the logs, the spool and ``doctor`` disagree
+    on), or None. Checked up front: httpx raises its ``InvalidURL`` only when a client is built
+    or a request made, where a command would print a traceback."""
     import httpx
 
     try:
@@ -196,6 +199,13 @@ def url_problem(url: str) -> str | None:
         return f"not a valid URL ({exc})"
     if parsed.scheme not in ("http", "https") or not parsed.host:
         return "must be http:// or https:// with a host, e.g. " + DEFAULT_URL
+    api = re.search(re.escape(API_PATH) + "(?=/|$)", parsed.path)
+    if api is not None:
+        root = parsed.copy_with(path=parsed.path[: api.start()] or "/", query=None, fragment=None)
+        return (
+            f"the server root is wanted, without {API_PATH} (the client adds it): "
+            f"use {str(root).rstrip('/')}"
+        )
     return None
 
 

@@ -496,7 +496,7 @@ def test_export_output_and_url_mistakes_are_clear(
     ]
 
     assert main(["export", run, "--url", f"{source['url']}/api/v1"]) == 1
-    assert "--url is the server root" in capsys.readouterr().err
+    assert f"without /api/v1 (the client adds it): use {source['url']}" in capsys.readouterr().err
 
 
 def test_help_says_what_is_not_exported(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,31 @@ def test_cli_refuses_a_malformed_url_in_one_line(
     out = capsys.readouterr()
     assert "not a valid URL" in out.out + out.err
     assert "Traceback" not in out.out + out.err
+
+
+@pytest.mark.parametrize(
+    "url", ["http://h:8765/api/v1", "http://h:8765/api/v1/", "http://h:8765/api/v1/runs"]
+)
+def test_a_url_naming_the_api_path_is_refused_with_the_root_to_use(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spectrawatch import Api
+    from spectrawatch.cli import main
+
+    fix = "without /api/v1 (the client adds it): use http://h:8765"
+    with pytest.raises(SettingsError, match=re.escape(fix)):
+        ClientSettings.from_env({}, url=url)  # monitor.init, sync, doctor
+    with pytest.raises(SettingsError, match=re.escape(fix)):
+        Api(url)
+    monkeypatch.setenv("SPECTRAWATCH_URL", url)
+    with pytest.raises(SettingsError, match=re.escape(fix)):
+        Api()
+    for argv in (["runs", "list"], ["export", "1"], ["alerts", "list"], ["doctor"]):
+        assert main(argv) in (1, 2)
+        out = capsys.readouterr()
+        assert fix in out.out + out.err
+        assert "Traceback" not in out.out + out.err
+    assert ClientSettings.from_env({}, url="http://h:8765/sw/api/v10").url.endswith("/api/v10")
 
 
 def _settings_rows() -> dict[str, list[str]]:

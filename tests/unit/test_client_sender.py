@@ -747,6 +747,23 @@ def test_sync_skips_a_spool_a_live_run_holds_and_one_it_cannot_name(tmp_path: Pa
     assert len(Spool(mangled.dir, 1 << 20)) == 1  # left as it was
 
 
+def test_sync_skips_a_spool_whose_run_json_names_the_api_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run spooled by a client that took ``.../api/v1`` (never delivered: every request
+    404'd) is named with the fix, not a traceback; ``--url`` then delivers it."""
+    from spectrawatch.cli import main
+
+    spool = Spool(tmp_path / "p" / "r", 1 << 20)
+    spool.put("sc", {"type": "scalars", "n": 1}, b"[]")
+    spool.write_meta({"project": "p", "run": "r", "url": "http://127.0.0.1:9/api/v1"})
+    assert main(["sync", "--spool-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "use http://127.0.0.1:9" in out
+    assert "skipped" in out
+    assert len(Spool(spool.dir, 1 << 20)) == 1
+
+
 @pytest.mark.parametrize("name", ["a/b", "", "tab\there", "x" * 201])
 def test_names_the_server_would_refuse_fail_at_init(name: str) -> None:
     from spectrawatch.config import SettingsError
