@@ -218,6 +218,7 @@ class Sender:
         self._offline_until = 0.0
         # why the server last refused to create or resume the run (a bad token, name...)
         self._run_refused: str | None = None
+        self._auth_refused = False  # ... and whether for the token (401/403)
         self._backoff = settings.backoff_s
         self._jitter = random.Random()  # its own stream: the user's global one is left alone
         self._last_stats_at = 0.0
@@ -477,11 +478,15 @@ class Sender:
         except Rejected as exc:  # bad token, bad name: retrying soon will not help
             if self._refused_role(exc):
                 return False
+            if exc.status in (401, 403):  # no token, or one that is not this project's
+                self._auth_refused = True
+                exc = Rejected(f"{exc}; {self._token_fix()}", exc.status, exc.code)
             self.errors.record("create run", exc)
             self._run_refused = str(exc)
             self._offline_until = time.monotonic() + self.settings.backoff_max_s
             return False
         self._run_refused = None
+        self._auth_refused = False
         self.run_id = info["id"]
         self.run_uid = uid
         self.run_info = info
@@ -741,6 +746,22 @@ class Sender:
         self._pause()
         return True
 
+    def _token_fix(self) -> str:
+        """What to do about a 401/403 at run creation: the token to make, and how to pass it
+        (here or in ``spectrawatch sync``, which replays with this class)."""
+        project = self.settings.project
+        return (
+            f"a write token for project {project!r} is needed (`spectrawatch token create "
+            f"--project {project}`): pass token= to monitor.init (sync: --token) or set "
+            "SPECTRAWATCH_TOKEN"
+        )
+
+    def _sync_command(self) -> str:
+        """How to deliver what stays spooled: under a token refusal only with another token."""
+        if self._auth_refused or self.stats.off_reason:
+            return "`spectrawatch sync --token <write token>`"
+        return "`spectrawatch sync`"
+
     def _refused_role(self, exc: Rejected) -> bool:
         """True when the server refused this client's token its role (403
         ``insufficient_role``: a ``read`` token, for dashboards). Retrying cannot help and a
@@ -847,10 +868,10 @@ class Sender:
                 else:
                     logger.warning(
                         "spectrawatch: %d entries could not be delivered before finish and "
-                        "stay spooled in %s: `spectrawatch sync` delivers them (so does "
-                        "resuming run %r)",
+                        "stay spooled in %s: %s delivers them (so does resuming run %r)",
                         len(self.spool),
                         self.spool.dir,
+                        self._sync_command(),
                         self.run_name,
                     )
                 self.spool.unlock()
@@ -865,9 +886,10 @@ class Sender:
                 self.spool.write_meta(self.run_meta(status=self._final_status, summary=summary))
                 logger.warning(
                     "spectrawatch: the final status of run %r (%s) could not be delivered; "
-                    "`spectrawatch sync` sets it (%s)",
+                    "%s sets it (%s)",
                     self.run_name,
                     self._final_status,
+                    self._sync_command(),
                     self.spool.dir,
                 )
                 self.spool.unlock()

@@ -851,6 +851,36 @@ def test_a_write_refused_its_role_mid_run_turns_monitoring_off_and_spools_nothin
     assert len(server.times) == posts
 
 
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (401, "missing Authorization: Bearer <token> header"),
+        (403, "token is not valid for project 'p'"),
+    ],
+)
+def test_a_token_refused_at_run_creation_names_the_token_to_pass_and_the_sync_to_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, status: int, message: str
+) -> None:
+    code = "unauthorized" if status == 401 else "forbidden"
+    refused = httpx.Response(status, json={"error": {"code": code, "message": message}})
+    s = settings(tmp_path)
+    sender = Sender(s, Api(s.url, transport=httpx.MockTransport(lambda _: refused)), "r")
+    with caplog.at_level(logging.WARNING, logger="spectrawatch"):
+        sender.start()
+        sender.put_frame(sketch_item(0))
+        sender.close(timeout=5)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    fix = (
+        "a write token for project 'p' is needed (`spectrawatch token create --project p`): "
+        "pass token= to monitor.init (sync: --token) or set SPECTRAWATCH_TOKEN"
+    )
+    assert message in logged
+    assert fix in logged
+    assert fix in sender.stats.snapshot()["last_error"]
+    assert "`spectrawatch sync --token <write token>` delivers them" in logged
+    assert len(sender.spool) == 1
+
+
 def test_frames_spooled_before_a_role_refusal_stay_for_a_sync_with_a_write_token(
     tmp_path: Path,
 ) -> None:
