@@ -161,6 +161,31 @@ def _refused(response: Any, needed: str, role: str) -> None:
     assert f"token's role is {role!r}" in error["message"]
 
 
+def test_a_refusal_names_the_token_create_command_with_its_project(api: Api) -> None:
+    """``--project`` is required by ``token create``: the hint names it, with the project."""
+    fix = "(spectrawatch token create --project mine --role write)"
+    run = api.runs["mine"]
+    body = {"project": "mine", "name": "x"}
+    for response in (
+        api.call("read", "POST", "/runs", json=body),
+        api.call("read", "POST", f"/runs/{run}/scalars", json=[]),
+        api.call("read", "POST", f"/runs/{run}/frames", content=b"x"),  # the auth cache's check
+    ):
+        _refused(response, "write", "read")
+        assert response.json()["error"]["message"].endswith(fix), response.text
+    with api.sessions.begin() as session:
+        everywhere = repo.create_token(session, None, role="read")[1]
+    headers = {"Authorization": f"Bearer {everywhere}"}
+    for method, path, project in (
+        ("POST", f"/runs/{run}/scalars", "mine"),  # the run's project
+        ("POST", "/runs", "<project>"),  # named in the body only: not known here
+    ):
+        response = api.client.request(method, API_PREFIX + path, headers=headers, json=body)
+        _refused(response, "write", "read")
+        message = response.json()["error"]["message"]
+        assert message.endswith(f"(spectrawatch token create --project {project} --role write)")
+
+
 def test_a_read_token_reads_everything_and_writes_nothing(api: Api) -> None:
     run = api.runs["mine"]
     for path in (

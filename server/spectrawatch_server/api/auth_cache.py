@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from spectrawatch_server.api.deps import Principal, Role, authenticate, find_run
+from spectrawatch_server.api.deps import Principal, Role, authenticate, find_run, project_name
 from spectrawatch_server.storage.repository import hash_secret
 
 _K = TypeVar("_K")
@@ -70,7 +70,8 @@ class AuthCache:
         with sessions() as session:
             principal = authenticate(session, require_auth, header)
             run = find_run(session, principal, run_id, uid)
-        principal.require(role)
+            if not principal.allows(role):
+                principal.require(role, project_name(session, run.project_id))
         if self.ttl <= 0:
             return
         if header is not None:  # a token's (project None: a server-wide token)

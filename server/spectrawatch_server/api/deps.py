@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from spectrawatch.wire import RUN_UID_HEADER
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.state import AppState
-from spectrawatch_server.db.models import Delivery, Run, Webhook
+from spectrawatch_server.db.models import Delivery, Project, Run, Webhook
 from spectrawatch_server.storage import repository as repo
 
 
@@ -64,14 +64,16 @@ class Principal:
         """Whether this principal's role includes ``role`` (read < write < admin)."""
         return ROLES.index(self.role) >= ROLES.index(role)
 
-    def require(self, role: Role) -> None:
-        """403 ``insufficient_role`` unless :meth:`allows` ``role``."""
+    def require(self, role: Role, project: str | None = None) -> None:
+        """403 ``insufficient_role`` unless :meth:`allows` ``role``; the message is the command
+        that makes such a token (``--project`` is required: ``project``, when known)."""
         if not self.allows(role):
             raise ApiError(
                 403,
                 "insufficient_role",
                 f"this needs a token with role {role!r} or above; this token's role is "
-                f"{self.role!r} (spectrawatch token create --role {role})",
+                f"{self.role!r} (spectrawatch token create --project {project or '<project>'} "
+                f"--role {role})",
             )
 
 
@@ -110,7 +112,7 @@ def require_role(role: Role) -> Any:
     def check_role(request: Request, principal: PrincipalDep, session: SessionDep) -> None:
         if not principal.allows(role):
             _check_visible(session, principal, request.path_params)
-            principal.require(role)
+            principal.require(role, _refused_project(session, principal, request.path_params))
 
     setattr(check_role, ROLE_ATTRIBUTE, role)
     return Depends(check_role)
@@ -200,6 +202,26 @@ def _check_visible(session: Session, principal: Principal, params: dict[str, Any
         hook = None if delivery is None else session.get(Webhook, delivery.webhook_id)
         if hook is None or not principal.can_access(hook.project_id):
             raise ApiError(404, "delivery_not_found", f"delivery {delivery_id} does not exist")
+
+
+def _refused_project(session: Session, principal: Principal, params: dict[str, Any]) -> str | None:
+    """The project a refused caller needs another token for: its token's own, else (a
+    server-wide token) the one the route names, by name or by run; None when neither."""
+    project_id = principal.project_id
+    if project_id is None and "run_id" in params:
+        project_id = find_run(
+            session, principal, _int(params["run_id"], "run_not_found", "run")
+        ).project_id
+    if project_id is not None:
+        return project_name(session, project_id)
+    name = params.get("project", params.get("name"))
+    return name if isinstance(name, str) else None
+
+
+def project_name(session: Session, project_id: int) -> str | None:
+    """Project ``project_id``'s name, for messages (None: deleted meanwhile)."""
+    project = session.get(Project, project_id)
+    return None if project is None else project.name
 
 
 def _int(value: Any, code: str, what: str) -> int:
