@@ -29,6 +29,9 @@ from spectrawatch.config import DEFAULT_URL, SettingsError, url_problem
 MODEL_LAYER = "__model__"  # the layer name of whole-model series
 _PAGE = 1000
 _MAX_POINTS = 100_000  # the most points per series the server returns at once
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # repeating one changes nothing
+# a connection closed or reset under a request (not: refused, timed out)
+_BROKEN_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class ApiError(Exception):
@@ -82,8 +85,16 @@ class Api:
         return resp.json() if resp.content else None
 
     def _send(self, method: str, path: str | httpx.URL, **kwargs: Any) -> httpx.Response:
+        """One request; a safe one (a read) whose connection broke is sent once more, on a new
+        connection: a kept-alive connection the server closed (as it does after some errors)
+        while the client reused it fails before any reply, with the server up."""
         try:
-            resp = self._http.request(method, path, **kwargs)
+            try:
+                resp = self._http.request(method, path, **kwargs)
+            except _BROKEN_CONNECTION:
+                if method not in _SAFE_METHODS:  # it may have run: repeating it is not safe
+                    raise
+                resp = self._http.request(method, path, **kwargs)  # the broken one is discarded
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach {self.url}: {exc}") from exc
         if resp.status_code >= 400:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import socket
+import struct
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -171,3 +176,66 @@ def test_every_client_setting_is_documented_with_its_variable_and_default() -> N
         assert env == f"`SPECTRAWATCH_{name.upper()}`", name
         assert default.split(" ")[0] == f"`{_documented_default(fields[name])}`", name
         assert meaning, name
+
+
+class DroppingServer:
+    """An HTTP/1.1 server that answers the first request of each connection (keeping it
+    alive, as it says nothing else) and resets the connection at the second, unanswered: a
+    server that closed a kept-alive connection just as the client reused it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self.requests: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            while True:
+                conn, _ = self.sock.accept()
+                self.connections += 1
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            for answered in (False, True):
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                self.requests.append(head.split(b" ", 2)[0].decode())
+                if answered:  # SO_LINGER 0: the close is a reset (errno 104 at the client)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+                body = b'[{"name": "p"}]'
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                )
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def dropping_server() -> Iterator[DroppingServer]:
+    server = DroppingServer()
+    yield server
+    server.close()
+
+
+def test_a_read_on_a_connection_the_server_dropped_is_sent_again(
+    dropping_server: DroppingServer,
+) -> None:
+    from spectrawatch.api import Api, ApiError
+
+    with Api(dropping_server.url, timeout_s=5) as api:
+        for _ in range(3):
+            assert api.projects() == [{"name": "p"}]
+        assert dropping_server.connections == 3  # each reused one failed, a new one answered
+        with pytest.raises(ApiError, match="cannot reach"):  # may have run: not repeated
+            api._call("DELETE", "/runs/1")
+    assert dropping_server.requests == ["GET", "GET", "GET", "GET", "GET", "DELETE"]
