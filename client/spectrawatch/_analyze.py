@@ -916,10 +916,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:  # the reader went away (`| head`): cli.main ends quietly
+        raise
     except OSError as exc:  # stdout itself failed (disk full)
         print(f"error: cannot write the output: {exc}", file=sys.stderr)
         return 2

@@ -442,6 +442,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; exit 1 without a traceback when stdout's reader went away (``| head``),
+    as the Python docs' recipe for SIGPIPE does, for every command alike."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # output that fit in the buffer meets the closed pipe here
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at devnull so that flush succeeds
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     func: Command = args.func
     try:

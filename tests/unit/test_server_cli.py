@@ -298,3 +298,48 @@ def test_cli_busy_retry_waits_a_sane_time_whatever_retry_after_says(
     _, waits = _busy_server(monkeypatch, [(503, "database_busy")], retry_after=header)
     _cli_http.call(argparse.Namespace(url=None, token=None), "GET", "/runs")
     assert waits == [wait]
+
+
+@pytest.mark.parametrize("alerts", [0, 3000])  # in stdout's buffer at exit; written at once
+def test_every_command_ends_quietly_when_its_reader_is_gone(alerts: int) -> None:
+    """``spectrawatch alerts list --json | head -c 100`` (any command): a closed pipe is exit
+    1 without a traceback, as for ``analyze`` (docs/integrations.md)."""
+    import json
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    alert = {"status": "open", "severity": "warning", "run_id": 2, "step": 9, "message": "m"}
+    body = json.dumps([{"id": i, **alert} for i in range(alerts)]).encode()
+
+    class Alerts(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Alerts)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    cmd = [sys.executable, "-m", "spectrawatch", "alerts", "list", "--run", "2", "--json"]
+    try:
+        proc = subprocess.Popen(
+            [*cmd, "--url", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdout.close()  # before the command has printed anything
+        with proc.stderr:
+            err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 1, err
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "Traceback" not in err
+    assert "BrokenPipeError" not in err
