@@ -463,6 +463,70 @@ def test_a_webhook_deleted_during_an_attempt_ends_it_and_the_batch_goes_on(
         assert session.query(DeliveryAttempt).count() == 1
 
 
+def test_a_sender_whose_claim_ran_out_leaves_the_rest_of_its_batch_to_the_next(
+    tmp_path: Path,
+) -> None:
+    """A batch of slow receivers outlasted its claim (60 s lease, 16 x 5 s timeouts): another
+    process's sender claimed the rows still to go, and both POSTed them. Each attempt now
+    renews the claim first and a sender that lost it skips the row."""
+    import time
+
+    import httpx
+
+    from spectrawatch_server.db.models import Delivery
+    from spectrawatch_server.webhooks.deliver import Deliverer, DeliveryThread
+
+    sessions, _, first_id, _ = make_outbox(tmp_path)
+    with sessions.begin() as session:
+        first = session.get_one(Delivery, first_id)
+        for i in range(2):
+            session.add(
+                Delivery(
+                    webhook_id=first.webhook_id, alert_id=first.alert_id, message_id=f"msg_{i}",
+                    event=first.event, payload=first.payload, status="pending", attempts=0,
+                    next_at=first.next_at,
+                )
+            )  # fmt: skip
+    posts: list[tuple[str, str]] = []
+    other: list[DeliveryThread] = []
+
+    def handler(who: str) -> Any:
+        def answer(request: httpx.Request) -> httpx.Response:
+            posts.append((who, request.headers["webhook-id"]))
+            return httpx.Response(204 if who == "a" else 503)  # B's fail: pending, due later
+
+        return answer
+
+    def thread(name: str) -> DeliveryThread:
+        policy = DeliveryPolicy(schedule=(0, 5, 300), jitter=0.0, timeout=0.25)  # lease 0.75 s
+        deliverer = Deliverer(
+            sessions, policy, resolve=lambda host, port: ["93.184.215.14"],
+            transport=httpx.MockTransport(handler(name)), rng=random.Random(0),
+        )  # fmt: skip
+        return DeliveryThread(deliverer, lease_seconds=0.0)
+
+    a = thread("a")
+    other.append(thread("b"))
+    attempt = a.deliverer.attempt
+
+    def slow_batch(*args: Any) -> Any:  # A's first attempt takes the whole lease
+        done = attempt(*args)
+        if len(posts) == 1:
+            time.sleep(0.9)
+            assert other[0].run_once() == 2  # B claims the two rows A has not reached
+        return done
+
+    a.deliverer.attempt = slow_batch  # type: ignore[method-assign]
+    assert a.run_once() == 3
+    a.deliverer.close()
+    other[0].deliverer.close()
+    ids = [message for _, message in posts]
+    assert len(ids) == 3 == len(set(ids))  # each message once: A skipped what B had claimed
+    with sessions() as session:
+        rows = {d.message_id: (d.status, d.attempts) for d in session.query(Delivery)}
+    assert sorted(rows.values()) == [("delivered", 1), ("pending", 1), ("pending", 1)]
+
+
 @pytest.mark.parametrize(
     ("rule", "params", "expires"),
     [

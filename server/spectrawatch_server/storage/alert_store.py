@@ -295,6 +295,22 @@ def claim_due_deliveries(
     return claimed
 
 
+def renew_claim(session: Session, delivery_id: int, held_until: datetime, until: datetime) -> bool:
+    """Push a claimed delivery's lease to ``until`` if this sender still holds it (its
+    ``next_at`` is still ``held_until``, the lease it set); False when another sender has
+    claimed it since (the first one's lease ran out) or it is no longer pending."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == delivery_id,
+            Delivery.status == "pending",
+            Delivery.next_at == held_until,
+        )
+        .values(next_at=until)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
 def record_attempt(
     session: Session,
     delivery_id: int,

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -94,6 +94,17 @@ class _Message:
     msg_id: str
     body: bytes
     attempts: int
+    held_until: datetime | None = None  # the lease this sender set on the row (claimed ones)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A sender's hold on a delivery it claimed: the ``next_at`` it set (``until``) and the
+    lease it renews before each attempt, so that a batch of slow receivers never outlasts its
+    claim while another sender re-claims the rows still to go."""
+
+    until: datetime
+    lease: timedelta
 
 
 class _Watchdog:
@@ -168,9 +179,10 @@ class Deliverer:
     def close(self) -> None:
         self.client.close()
 
-    def attempt(self, delivery_id: int) -> Outcome | None:
-        """One attempt of a pending delivery; ``None`` when it is no longer pending."""
-        message, skipped = self._load(delivery_id)
+    def attempt(self, delivery_id: int, claim: Claim | None = None) -> Outcome | None:
+        """One attempt of a pending delivery; ``None`` when it is no longer pending, or no
+        longer held by ``claim`` (a delivery this sender claimed: another sender has it now)."""
+        message, skipped = self._load(delivery_id, claim)
         if message is None:
             return skipped
         try:
@@ -234,8 +246,15 @@ class Deliverer:
             text = raw.decode("utf-8", "replace")[: self.policy.log_chars]
             return response.status_code, text, response.headers.get("retry-after")
 
-    def _load(self, delivery_id: int) -> tuple[_Message | None, Outcome | None]:
+    def _load(
+        self, delivery_id: int, claim: Claim | None
+    ) -> tuple[_Message | None, Outcome | None]:
         with self.sessions.begin() as session:
+            held_until = None
+            if claim is not None:
+                held_until = utcnow() + claim.lease
+                if not alert_store.renew_claim(session, delivery_id, claim.until, held_until):
+                    return None, None
             delivery = session.get(Delivery, delivery_id)
             if delivery is None or delivery.status != "pending":
                 return None, None
@@ -257,6 +276,7 @@ class Deliverer:
                 delivery.message_id,
                 encode_body(payload),
                 delivery.attempts,
+                held_until,
             ), None
 
     @staticmethod
@@ -299,6 +319,11 @@ class Deliverer:
                 log.info("webhook delivery %d: webhook deleted during the attempt", delivery_id)
                 return Outcome(delivery_id, "failed", code, "webhook deleted", latency_ms)
             alert_store.record_attempt(session, delivery_id, code, latency_ms, error)
+            if message.held_until is not None and delivery.next_at != message.held_until:
+                # this attempt outlasted its lease and another sender claimed the delivery:
+                # the attempt is logged, the delivery's state is the other sender's to set
+                log.warning("webhook delivery %d: lease ran out during the attempt", delivery_id)
+                return Outcome(delivery_id, delivery.status, code, error, latency_ms)
             delivery.attempts += 1
             delivery.last_status_code = code
             delivery.last_error = error
@@ -371,12 +396,14 @@ class DeliveryThread:
 
     def run_once(self) -> int:
         """Attempt every due delivery once; returns how many were attempted."""
+        now = utcnow()
         with self.deliverer.sessions.begin() as session:
-            ids = alert_store.claim_due_deliveries(session, utcnow(), self.lease, self.batch)
+            ids = alert_store.claim_due_deliveries(session, now, self.lease, self.batch)
+        claim = Claim(now + self.lease, self.lease)
         for delivery_id in ids:
             if self._stop.is_set():
                 break
-            self.deliverer.attempt(delivery_id)
+            self.deliverer.attempt(delivery_id, claim)
         return len(ids)
 
     def _run_ticks(self) -> None:
