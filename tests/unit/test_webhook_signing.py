@@ -187,6 +187,7 @@ def resolver(*addresses: str):  # type: ignore[no-untyped-def]
         ("172.16.5.4", "private"),
         ("192.168.1.1", "private"),
         ("fd00::1", "private"),
+        ("fec0::1", "site_local"),
         ("224.0.0.251", "multicast"),
         ("ff02::1", "multicast"),
         ("0.0.0.0", "unspecified"),

@@ -86,6 +86,8 @@ def classify(address: IPAddress) -> str | None:
         ("unspecified", address.is_unspecified),
         ("reserved", address.is_reserved),
         ("private", address.is_private),
+        # fec0::/10, deprecated (RFC 3879) but still routed inside some networks
+        ("site_local", isinstance(address, ipaddress.IPv6Address) and address.is_site_local),
     )
     for name, hit in checks:
         if hit:
