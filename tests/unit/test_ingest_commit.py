@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch_server.api.auth_cache import AuthCache
@@ -22,7 +23,12 @@ from spectrawatch_server.queue.embedded import EmbeddedQueue
 from spectrawatch_server.schemas import FramePublic
 from spectrawatch_server.storage import job_store
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.storage.group_commit import Committed, FrameCommitter, RunGone
+from spectrawatch_server.storage.group_commit import (
+    Committed,
+    CommitUnknown,
+    FrameCommitter,
+    RunGone,
+)
 
 
 def make_runs(sessions: sessionmaker[Session], n: int, project: str = "p") -> list[int]:
@@ -89,6 +95,43 @@ def test_duplicate_key_in_batch_costs_only_itself(sessions: sessionmaker[Session
     assert ids[4] == ids[3]
     n, jobs, keys = stored(sessions)
     assert (n, jobs, len(set(keys))) == (3, 3, 3)
+
+
+def test_a_batch_committed_as_the_connection_failed_is_answered_from_its_rows(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection lost while the database acknowledged COMMIT: the batch is stored, yet
+    the error reached the requests, which deleted their blobs (rows naming missing blobs).
+    The rows are read back; a batch that did not commit still raises, and one whose outcome
+    cannot be read raises CommitUnknown (the requests keep their blobs)."""
+    (a,) = make_runs(sessions, 1)
+    c = committer(sessions)
+    insert = c._insert
+    lost = OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    def commit_then_fail(frames: list[Frame]) -> None:
+        insert(frames)
+        raise lost
+
+    monkeypatch.setattr(c, "_insert", commit_then_fail)
+    results = c.write([frame(a, 0), frame(a, 1)])
+    assert created(results) == [True, True]
+    assert [r.frame.blob_key for r in results if isinstance(r, Committed)] == [
+        f"runs/{a}/0",
+        f"runs/{a}/1",
+    ]
+    assert stored(sessions)[:2] == (2, 2)
+
+    def fail(frames: list[Frame]) -> None:
+        raise lost
+
+    monkeypatch.setattr(c, "_insert", fail)  # nothing committed: the error itself
+    with pytest.raises(OperationalError):
+        c.write([frame(a, 2)])
+    monkeypatch.setattr(repo, "frame_by_key", lambda *_: (_ for _ in ()).throw(lost))
+    with pytest.raises(CommitUnknown) as unknown:  # the database cannot say
+        c.write([frame(a, 3)])
+    assert unknown.value.error is lost
 
 
 def test_concurrent_requests_share_transactions(sessions: sessionmaker[Session]) -> None:

@@ -9,7 +9,9 @@ frame is acknowledged only after the transaction holding it has committed.
 A batch that fails on the idempotency-key constraint (a replay, or two requests racing with the
 same key), or that holds a frame of a run deleted meanwhile (:class:`RunGone`), is redone one
 frame per transaction, so one such frame costs only itself. Any other error (database down) is
-raised in every request of the batch.
+raised in every request of the batch, unless the batch was committed all the same (a connection
+lost while the database acknowledged COMMIT): its rows are read back and answered; when they
+cannot be read, :class:`CommitUnknown` tells the requests to keep their blobs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -32,6 +34,16 @@ class RunGone(Exception):
     def __init__(self, run_id: int) -> None:
         super().__init__(f"run {run_id} was deleted")
         self.run_id = run_id
+
+
+class CommitUnknown(Exception):
+    """The batch's transaction failed at a point where it may have committed, and the database
+    could not be asked: a request must keep its blob (a row may name it; an orphan is removed
+    at the next start-up) and answer ``error``, the failure itself."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,11 @@ class FrameCommitter:
             if len(frames) == 1:
                 return [self._stored(frames[0], exc)]
             return [self._write_one(f) for f in frames]
+        except DBAPIError as exc:  # down, or the connection lost while COMMIT was acknowledged
+            committed = self._committed_anyway(frames, exc)
+            if committed is None:
+                raise
+            return committed
         self.batches += 1
         self.frames += len(frames)
         return [Committed(f, True) for f in frames]
@@ -120,6 +137,26 @@ class FrameCommitter:
             return self.write([frame])[0]
         except Exception as exc:  # this frame's outcome, not the batch's
             return exc
+
+    def _committed_anyway(
+        self, frames: list[Frame], error: DBAPIError
+    ) -> list[Committed | Exception] | None:
+        """The rows of ``frames`` if their failed transaction committed all the same (each key
+        stored with this upload's blob), None if it did not; :class:`CommitUnknown` when the
+        database cannot say."""
+        try:
+            with self.sessions() as session:
+                rows = [repo.frame_by_key(session, f.idempotency_key) for f in frames]
+        except DBAPIError:
+            raise CommitUnknown(error) from error
+        stored = [r for r, f in zip(rows, frames, strict=True) if r and r.blob_key == f.blob_key]
+        if not stored:
+            return None
+        if len(stored) < len(frames):  # one transaction holds all or none: not what it seems
+            raise CommitUnknown(error) from error
+        self.batches += 1
+        self.frames += len(frames)
+        return [Committed(r, True) for r in stored]
 
     def _stored(self, frame: Frame, error: IntegrityError) -> Committed:
         """The stored frame holding ``frame``'s key; ``error`` again if no frame has it."""

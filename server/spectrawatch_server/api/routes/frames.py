@@ -41,7 +41,7 @@ from spectrawatch_server.db.models import Frame
 from spectrawatch_server.schemas import FramePublic
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import BlobStoreFull, frame_blob_key
-from spectrawatch_server.storage.group_commit import FrameCommitter, RunGone
+from spectrawatch_server.storage.group_commit import CommitUnknown, FrameCommitter, RunGone
 
 if TYPE_CHECKING:
     import torch
@@ -122,6 +122,8 @@ async def ingest_frame(
         raise
     try:
         committed = await ctx.committer.commit(frame)
+    except CommitUnknown as exc:  # a row may name the blob: it stays (or goes as an orphan)
+        raise exc.error from exc
     except Exception as exc:  # its transaction rolled back: no row names the blob
         await run_in_threadpool(state.blobs.delete, frame.blob_key)
         if isinstance(exc, RunGone):  # deleted while this frame streamed in
