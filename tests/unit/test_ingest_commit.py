@@ -417,10 +417,9 @@ def test_claims_take_the_oldest_runnable_job_pending_or_lapsed(
     running with a lapsed lease; a leased, a finished or a backed-off job is not claimed; a job
     whose lease lapsed after its last attempt fails (with its frame) on the next claim; pending
     jobs out of attempts (a crashed process's, released at start) fail when the queue starts."""
-    (run_id,) = make_runs(sessions, 1)
-    ids = add_jobs(
-        sessions, run_id, ["done", "running", "running", "pending", "pending", "pending"]
-    )
+    statuses = ["done", "running", "running", "pending", "pending", "pending"]
+    runs = make_runs(sessions, len(statuses))  # a run each: a run's jobs also wait in turn
+    ids = [add_jobs(sessions, r, [s])[0] for r, s in zip(runs, statuses, strict=True)]
     done, _leased, lapsed, waiting, later, exhausted = ids
     with sessions.begin() as session:
         session.execute(
@@ -463,3 +462,32 @@ def test_claims_take_the_oldest_runnable_job_pending_or_lapsed(
         )
     assert (status[exhausted], frame_status) == ("failed", "failed")
     assert (status[done], status[waiting]) == ("done", "pending")
+
+
+def test_a_runs_jobs_wait_for_its_job_backing_off(sessions: sessionmaker[Session]) -> None:
+    """A transient failure's backoff let the run's later frames be analysed first (frames 2, 3,
+    then 1), on the wrong history: SED windows, EigenTrack's change score, alert episodes. A
+    run's jobs now run in order; another run's go on meanwhile."""
+    a, b = make_runs(sessions, 2)
+    first, second, third = add_jobs(sessions, a, ["pending", "pending", "pending"])
+    (other,) = add_jobs(sessions, b, ["pending"])
+    with sessions.begin() as session:  # the first one failed and backs off
+        session.execute(
+            update(Job).where(Job.id == first).values(lease_until=utcnow() + timedelta(hours=1))
+        )
+
+    def claim() -> int | None:
+        with sessions.begin() as session:
+            job = job_store.claim_job(session, "w", timedelta(minutes=5), 5)
+            return None if job is None else job.job_id
+
+    assert claim() == other  # run b goes on; a's later jobs wait
+    assert claim() is None
+    with sessions.begin() as session:  # its backoff over: the first, then the others in turn
+        session.execute(update(Job).where(Job.id == first).values(lease_until=None))
+    assert claim() == first
+    assert claim() is None  # while it runs
+    for job_id, then in ((first, second), (second, third)):
+        with sessions.begin() as session:
+            job_store.finish_frame(session, session.get_one(Job, job_id).frame_id, "done", None)
+        assert claim() == then

@@ -33,7 +33,9 @@ def claim_job(
     candidates are read as two ranges of ``ix_job_status_id`` (status, id), the first pending
     jobs and the first running ones, each in id order: one query with ``OR`` between the
     statuses walked the primary key past every finished job (they are kept) and filtered, so a
-    claim cost grew with the job table (17 ms on SQLite after 100,000 jobs).
+    claim cost grew with the job table (17 ms on SQLite after 100,000 jobs). A job whose run
+    has an older job still to run (backing off after a failure, or running) waits for it
+    (:func:`waits_for_earlier`), as the procrastinate queue's run lock makes its jobs wait.
     """
     now = utcnow()
     # a pending job's lease_until is its not-before time (a retry's backoff), if it has one
@@ -49,6 +51,8 @@ def claim_job(
         )
     )[:8]
     for job_id in candidates:
+        if waits_for_earlier(session, job_id):
+            continue
         claimed = session.execute(
             update(Job)
             .where(Job.id == job_id, runnable)
@@ -64,6 +68,27 @@ def claim_job(
             session.refresh(job)
             return ClaimedJob(job.id, job.frame_id, job.attempts)
     return None
+
+
+def waits_for_earlier(session: Session, job_id: int) -> bool:
+    """Whether an older job of ``job_id``'s run is still to run: backing off after a failure
+    (pending, not yet due) or running. Analyses read their run's earlier results (SED windows,
+    EigenTrack's change score, the alert episodes), so a run's frames are analysed in order: a
+    retry's backoff let every later frame of the run go first. Two short index ranges: pending
+    jobs older than a claimable one are only those backing off, and running ones are few."""
+    run_of = select(Frame.run_id).where(Frame.id == Job.frame_id).scalar_subquery()
+    this_run = (
+        select(Frame.run_id)
+        .join(Job, Job.frame_id == Frame.id)
+        .where(Job.id == job_id)
+        .scalar_subquery()
+    )
+    earlier = (
+        select(Job.id)
+        .where(Job.status.in_(("pending", "running")), Job.id < job_id, run_of == this_run)
+        .limit(1)
+    )
+    return session.scalar(earlier) is not None
 
 
 def fail_expired_jobs(session: Session, max_attempts: int, *, pending: bool = True) -> int:
