@@ -14,7 +14,10 @@ Beside the entries: ``run.json`` names the run they belong to (project and run n
 config, tags, and the final status once the run finished) so that ``spectrawatch sync`` can
 deliver them later without the training script; and ``.lock``, which the process using the
 spool holds (``flock``, released when the process ends) so that a sync never replays entries
-a live run is replaying too. Used only from the sender thread (or the sync command).
+a live run is replaying too. Only the holder deletes a crashed writer's temporary files, when it
+takes the lock: a scan (``len``, ``spectrawatch sync --dry-run``) may look at a directory a live
+process is writing, and deleting its half-written ``.tmp`` made its rename fail and lose the
+entry. Used only from the sender thread (or the sync command).
 """
 
 from __future__ import annotations
@@ -104,7 +107,18 @@ class Spool:
             os.close(fd)
             return False
         self._lock_fd = fd
+        self._remove_leftovers()
         return True
+
+    def _remove_leftovers(self) -> None:
+        """Delete the temporary files of a writer that died mid-write (only the lock holder
+        may: no other process is writing this directory then)."""
+        with contextlib.suppress(OSError):
+            for p in self.dir.iterdir():
+                if p.name == RUN_META + ".tmp" or (
+                    p.name.endswith(".tmp") and _NAME.match(p.name[: -len(".tmp")])
+                ):
+                    p.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -147,9 +161,7 @@ class Spool:
             return
         for p in sorted(self.dir.iterdir()):
             m = _NAME.match(p.name)
-            if m is None:
-                if p.name.endswith(".tmp"):
-                    p.unlink(missing_ok=True)
+            if m is None:  # a .tmp being written (or left by a crash): the lock holder's
                 continue
             size = p.stat().st_size
             seq = None

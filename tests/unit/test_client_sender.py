@@ -764,6 +764,28 @@ def test_sync_skips_a_spool_whose_run_json_names_the_api_path(
     assert len(Spool(spool.dir, 1 << 20)) == 1
 
 
+def test_a_scan_never_deletes_a_live_writers_temp_files(tmp_path: Path) -> None:
+    """Listing a spool (``sync --dry-run``, a second process's ``len``) deleted every ``*.tmp``
+    in it: a live writer's rename then failed and its entry was lost. Only the next holder of
+    the lock removes them (a crashed writer's leftovers)."""
+    from spectrawatch._sync import sync_run
+
+    s = settings(tmp_path, url="http://127.0.0.1:9")  # nothing listens: must not be contacted
+    writer = Spool(tmp_path / "spool" / "p" / "r", 1 << 20)
+    assert writer.lock()
+    writer.write_meta({"project": "p", "run": "r"})
+    half_written = [writer.dir / "0000000000000000-w.sw.tmp", writer.dir / "run.json.tmp"]
+    for p in half_written:  # what the writer is writing at the moment of the scans
+        p.write_bytes(b"{")
+    assert len(Spool(writer.dir, 1 << 20)) == 0
+    assert sync_run(s, writer.dir, writer.read_meta(), deadline_s=5, dry_run=True).entries == 0
+    assert sync_run(s, writer.dir, writer.read_meta(), deadline_s=5).note.startswith("in use")
+    assert all(p.exists() for p in half_written)
+    writer.unlock()  # the writer died mid-write: the next holder tidies up
+    assert Spool(writer.dir, 1 << 20).lock()
+    assert not any(p.exists() for p in half_written)
+
+
 @pytest.mark.parametrize("name", ["a/b", "", "tab\there", "x" * 201])
 def test_names_the_server_would_refuse_fail_at_init(name: str) -> None:
     from spectrawatch.config import SettingsError
