@@ -63,20 +63,28 @@ class Unavailable(ApiError):
         self.retry_after = retry_after
 
 
+_RETRY_AFTER_MAX_CHARS = 64  # an HTTP-date has 29; a longer value is no Retry-After
+
+
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), else None."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), else None.
+
+    Never raises, and is finite: the value is another party's text (a server, a proxy, a webhook
+    receiver) and a caller that crashed on it lost what it was sending."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if len(value) > _RETRY_AFTER_MAX_CHARS:
+        return None
+    if value.isascii() and value.isdigit():  # isdigit() alone takes "²", which float() refuses
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
 
 
 class Rejected(ApiError):

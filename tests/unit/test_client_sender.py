@@ -22,7 +22,7 @@ import torch
 from spectrawatch import wire
 from spectrawatch._sender import FrameItem, Sender
 from spectrawatch._spool import Spool, spooled_run_dirs
-from spectrawatch._transport import Api, Rejected, Unavailable
+from spectrawatch._transport import Api, Rejected, Unavailable, parse_retry_after
 from spectrawatch.config import ClientSettings
 
 
@@ -63,7 +63,7 @@ class FakeServer:
             self.times.append((request.url.path, time.monotonic()))
             if self.fail_next > 0:
                 self.fail_next -= 1
-                headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+                headers = {"Retry-After": self.retry_after.encode()} if self.retry_after else {}
                 return httpx.Response(
                     503, json={"error": {"code": "busy", "message": "later"}}, headers=headers
                 )
@@ -228,6 +228,38 @@ def test_unavailable_carries_the_servers_retry_after(status: int) -> None:
     assert got[0] == 7.0
     assert got[1] == pytest.approx(90, abs=2)  # an HTTP-date: seconds from now
     assert got[2:] == [None, None]  # unreadable or absent: the client's own backoff
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("\u00b2", None),  # "²".isdigit() is True; float("²") raised ValueError
+        ("\u0661\u0662", None),  # Arabic-Indic digits: HTTP's delta-seconds is ASCII only
+        (" 12 ", 12.0),
+        ("9" * 64, float("9" * 64)),
+        ("9" * 65, None),  # too long to be a Retry-After (float() would make it inf)
+        ("Mon, 01 Jan 10000 00:00:00 GMT", None),
+        ("01 Jan 99999999999999999999 00:00:00", None),  # OverflowError in the date parser
+    ],
+)
+def test_an_odd_retry_after_is_read_as_none_never_raised(
+    value: str, expected: float | None
+) -> None:
+    assert parse_retry_after(value) == expected
+
+
+def test_a_frame_answered_with_an_unreadable_retry_after_is_retried_not_lost(
+    tmp_path: Path,
+) -> None:
+    """``Retry-After: ²`` made the parser raise out of the delivery: the frame was dropped."""
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path, retries=3))
+    wait_for_run(sender)
+    server.fail_next, server.retry_after = 1, "\u00b2"
+    sender.put_frame(sketch_item(0))
+    assert sender.close(timeout=10)
+    assert len(server.frames) == 1
+    assert sender.stats.get("errors") == 0
 
 
 def test_a_short_retry_after_is_waited_before_the_next_attempt(tmp_path: Path) -> None:
