@@ -562,13 +562,24 @@ class Sender:
         return False
 
     def _handle_scalars(self, rows: list[dict[str, Any]]) -> None:
+        """Post ``rows`` behind whatever the spool holds, spooling them while it holds any: the
+        server keeps the last value written per (step, name), so a row sent before an older
+        spooled one (a resumed run logging a step again) would be overwritten by it."""
         for start in range(0, len(rows), _SCALARS_PER_POST):
             chunk = rows[start : start + _SCALARS_PER_POST]
-            if not (self._online() and self._deliver_scalars(chunk, self.settings.retries)):
-                if self.stats.off_reason:  # the token may not write: nothing kept to retry
-                    return
-                body = wire_json(chunk)
-                self._spool_put("sc", {"type": "scalars", "n": len(chunk)}, body)
+            online = self._online()
+            if online and len(self.spool):
+                self._replay(_REPLAY_PER_TURN)
+            if (
+                online
+                and not len(self.spool)
+                and self._deliver_scalars(chunk, self.settings.retries)
+            ):
+                continue
+            if self.stats.off_reason:  # the token may not write: nothing kept to retry
+                return
+            body = wire_json(chunk)
+            self._spool_put("sc", {"type": "scalars", "n": len(chunk)}, body)
 
     def _deliver_scalars(self, rows: list[dict[str, Any]], retries: int) -> bool:
         assert self.run_id is not None

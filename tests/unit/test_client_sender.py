@@ -331,6 +331,22 @@ def test_server_down_mid_run_spools_then_replays_in_order(tmp_path: Path) -> Non
     assert not list((tmp_path / "spool" / "p" / "r").glob("*.sw"))
 
 
+def test_new_scalars_are_posted_behind_the_spooled_ones(tmp_path: Path) -> None:
+    """The server keeps the last value per (step, name). A run resumed from a checkpoint logs
+    step 5 again; its new value was posted before the crashed session's spooled one, which
+    then overwrote it on the server."""
+    first = make_sender(FakeServer(), settings(tmp_path, mode="offline"))
+    first.put_scalars([{"step": 5, "name": "loss", "value": 1.0}])
+    assert first.close(timeout=10)
+    server = FakeServer()
+    resumed = make_sender(server, settings(tmp_path), start=False)
+    resumed.put_scalars([{"step": 5, "name": "loss", "value": 2.0}])
+    resumed.start()
+    assert resumed.close(timeout=10)
+    assert [r["value"] for r in server.scalars] == [1.0, 2.0]  # the new value written last
+    assert len(resumed.spool) == 0
+
+
 def test_replay_after_lost_response_does_not_duplicate(tmp_path: Path) -> None:
     # A frame the server stored but whose answer was lost is replayed with the same key.
     server = FakeServer()
