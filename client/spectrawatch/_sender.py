@@ -10,8 +10,8 @@ Drop policy (bounded queue: ``queue_max_frames`` items and ``queue_max_bytes`` o
   1. the oldest queued ``update_sketch`` frame is dropped first, repeatedly, until the new frame
      fits (per-step sketches are the most redundant data: a window of W survives a gap);
   2. other frames (``param_sketch``, ``weights``, ``activations``) are never evicted for
-     another frame; if no sketch is left to drop, the *new* frame is refused with a logged
-     warning;
+     another frame; if dropping every queued sketch would not make room, the *new* frame is
+     refused with a logged warning (and no sketch is dropped for it);
   3. scalars are never dropped (their own list, capped at ``_SCALAR_CAP`` rows as a last-resort
      memory guard).
 Every drop is counted (``dropped_frames``, ``dropped_by_kind``) and sent to the server.
@@ -246,28 +246,41 @@ class Sender:
         """Queue a frame, applying the drop policy; never blocks on I/O, never raises."""
         if self._disabled or self._closing or self.stats.off_reason:
             return
-        s = self.settings
         with self._cond:
-            self._queue.append(item)
-            self._queue_bytes += item.nbytes
-            while len(self._queue) > s.queue_max_frames or self._queue_bytes > s.queue_max_bytes:
-                victim = next(
-                    (q for q in self._queue if q.kind is wire.FrameKind.UPDATE_SKETCH), None
+            victims = self._victims(item)
+            if victims is None:
+                self.stats.drop(item.kind.value)
+                self.errors.note(
+                    "queue full",
+                    f"queue full, dropping a {item.kind.value} frame of step {item.step} "
+                    "(server slow or away)",
                 )
-                if victim is None:
-                    victim = item
-                    self.errors.note(
-                        "queue full",
-                        f"queue full, dropping a {item.kind.value} frame of step {item.step} "
-                        "(server slow or away)",
-                    )
-                self._queue.remove(victim)
-                self._queue_bytes -= victim.nbytes
-                self.stats.drop(victim.kind.value)
-                if victim is item:
-                    break
+            else:
+                for victim in victims:  # the oldest sketches: only other kinds precede them
+                    self._queue.remove(victim)
+                    self._queue_bytes -= victim.nbytes
+                    self.stats.drop(victim.kind.value)
+                self._queue.append(item)
+                self._queue_bytes += item.nbytes
             self.stats.set("queued_frames", len(self._queue))
             self._cond.notify()
+
+    def _victims(self, item: FrameItem) -> list[FrameItem] | None:
+        """The oldest queued update sketches to drop so that ``item`` fits (none when it fits
+        as is), or None when it would not fit even with every one gone: then none is dropped
+        for a frame refused anyway. Called with ``_cond`` held."""
+        s = self.settings
+        extra_frames = len(self._queue) + 1 - s.queue_max_frames
+        extra_bytes = self._queue_bytes + item.nbytes - s.queue_max_bytes
+        victims: list[FrameItem] = []
+        for queued in self._queue:
+            if extra_frames <= 0 and extra_bytes <= 0:
+                break
+            if queued.kind is wire.FrameKind.UPDATE_SKETCH:
+                victims.append(queued)
+                extra_frames -= 1
+                extra_bytes -= queued.nbytes
+        return victims if extra_frames <= 0 and extra_bytes <= 0 else None
 
     def put_scalars(self, rows: Sequence[dict[str, Any]]) -> None:
         if self._disabled or self._closing or not rows or self.stats.off_reason:

@@ -8,7 +8,8 @@ Entries keep the frame's ``seq``: a replay sends the same idempotency key as the
 the server stores each frame once however often it is replayed.
 
 Cap policy (``max_bytes``): to make room the oldest *update-sketch* entries are deleted first;
-if that is not enough the new entry is refused. Callers count both as drops.
+if deleting them all would not be enough, the new entry is refused and none is deleted. Callers
+count both as drops.
 
 Beside the entries: ``run.json`` names the run they belong to (project and run names as given,
 config, tags, and the final status once the run finished) so that ``spectrawatch sync`` can
@@ -189,16 +190,11 @@ class Spool:
         self._scan()
         head = json.dumps(meta, separators=(",", ":")).encode() + b"\n"
         size = len(head) + len(body)
-        evicted = 0
-        if self._bytes + size > self.max_bytes:
-            for entry in list(self._entries):
-                if self._bytes + size <= self.max_bytes:
-                    break
-                if entry.tag in DROPPABLE_TAGS:
-                    self._remove(entry)
-                    evicted += 1
-            if self._bytes + size > self.max_bytes:
-                return False, evicted
+        victims = self._victims(size)
+        if victims is None:
+            return False, 0
+        for entry in victims:
+            self._remove(entry)
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{self._next:016d}-{tag}.sw"
         tmp = path.with_name(path.name + ".tmp")
@@ -209,7 +205,21 @@ class Spool:
         self._entries.append(SpoolEntry(path, self._next, tag, size, meta.get("seq")))
         self._next += 1
         self._bytes += size
-        return True, evicted
+        return True, len(victims)
+
+    def _victims(self, size: int) -> list[SpoolEntry] | None:
+        """The oldest droppable entries to delete so that ``size`` more bytes fit (none when
+        they fit as is), or None when deleting every one would not make room: then none is
+        deleted for an entry refused anyway."""
+        excess = self._bytes + size - self.max_bytes
+        victims: list[SpoolEntry] = []
+        for entry in self._entries:
+            if excess <= 0:
+                break
+            if entry.tag in DROPPABLE_TAGS:
+                victims.append(entry)
+                excess -= entry.size
+        return victims if excess <= 0 else None
 
     @property
     def max_seq(self) -> int | None:

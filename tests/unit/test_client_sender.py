@@ -425,6 +425,30 @@ def test_queue_byte_cap(tmp_path: Path) -> None:
     assert sender.stats.get("dropped_frames") == 2
 
 
+def test_a_frame_too_large_for_the_queue_drops_no_sketch(tmp_path: Path) -> None:
+    """A frame over ``queue_max_bytes`` on its own dropped every queued sketch, then itself."""
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path, queue_max_bytes=200), start=False)
+    for step in range(3):
+        sender.put_frame(sketch_item(step))  # 64 bytes each
+    sender.put_frame(weights_item(3, n=8))  # 256 bytes: over the cap whatever is dropped
+    assert [q.step for q in sender._queue] == [0, 1, 2]
+    assert sender.stats.snapshot()["dropped_by_kind"] == {"weights": 1}
+    sender.put_frame(weights_item(4, n=5))  # 100 bytes: fits once two sketches are dropped
+    assert [q.step for q in sender._queue] == [2, 4]
+
+
+def test_an_entry_too_large_for_the_spool_deletes_no_sketch(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s", max_bytes=1200)
+    meta = {"type": "frame", "kind": "update_sketch"}
+    for _ in range(3):
+        assert spool.put("us", meta, b"a" * 300) == (True, 0)
+    assert spool.put("w", meta, b"b" * 1200) == (False, 0)  # over the cap on its own
+    assert [e.tag for e in spool.entries()] == ["us", "us", "us"]
+    assert spool.put("w", meta, b"c" * 600) == (True, 2)
+    assert [e.tag for e in spool.entries()] == ["us", "w"]
+
+
 def test_spool_cap_evicts_oldest_update_sketches_first(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s", max_bytes=1200)  # entries are 300 bytes + ~50 of header
     meta = {"type": "frame", "kind": "update_sketch"}
