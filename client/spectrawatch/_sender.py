@@ -225,7 +225,9 @@ class Sender:
         self._last_stats: dict[str, Any] | None = None
         self._thread: threading.Thread | None = None
         self._disabled = False
-        self._busy = False
+        # what the sender thread has taken off the queue and not yet delivered or spooled:
+        # (frames, their bytes, scalar rows)
+        self._in_hand = (0, 0, 0)
         self._spool_owned = False
         self._spool_named = False
         self._spool_private = False  # spooling to <run>~<pid>: another process holds <run>
@@ -299,7 +301,8 @@ class Sender:
         summary: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> bool:
-        """Flush (deliver or spool everything), mark the run ``status``; True if done in time.
+        """Flush (deliver or spool everything), mark the run ``status``; True if done in time
+        (False when spooling what was left took it past ``timeout``).
 
         ``timeout`` bounds the wait for the server. What is still queued then is written to the
         spool before this returns (local work only: no request outlives the deadline), however
@@ -316,28 +319,38 @@ class Sender:
                 self._summary = dict(summary or {})
                 self._deadline = time.monotonic() + max(timeout - 0.5, 0.0)
                 self.api.not_after = self._deadline  # a request in flight is cut off there
-            self._cond.notify()
+            self._cond.notify_all()  # also ends a wait before a retry (see _wait)
         # inf (wait as long as it takes) or a huge timeout: join() itself refuses those
         self._thread.join(min(timeout, threading.TIMEOUT_MAX))
-        if self._thread.is_alive():
-            with self._cond:
-                left = len(self._queue) + (1 if self._busy else 0)
-                size = self._queue_bytes
-            if left:
-                logger.warning(
-                    "spectrawatch: the server did not take everything within %.0f s; writing "
-                    "%d frame(s) (%.0f MB) to the spool %s for `spectrawatch sync`",
-                    timeout,
-                    left,
-                    size / 2**20,
-                    self.spool.dir,
-                )
-            self._thread.join(_SPOOL_AFTER_DEADLINE_S)
-        return not self._thread.is_alive() and self.pending() == 0
+        if not self._thread.is_alive():
+            return self.pending() == 0
+        left = self._left()
+        if left:
+            logger.warning(
+                "spectrawatch: the server did not take everything within %.0f s; writing %s "
+                "to the spool %s for `spectrawatch sync`",
+                timeout,
+                left,
+                self.spool.dir,
+            )
+        self._thread.join(_SPOOL_AFTER_DEADLINE_S)
+        return False  # not in time, even if everything reached the spool since
+
+    def _left(self) -> str:
+        """What the sender still holds, in words (``2 frame(s) (31 MB), 40 scalar row(s)``)."""
+        with self._cond:
+            frames = len(self._queue) + self._in_hand[0]
+            size = self._queue_bytes + self._in_hand[1]
+            rows = len(self._scalars) + self._in_hand[2]
+        parts = [f"{frames} frame(s) ({size / 2**20:.0f} MB)"] if frames else []
+        if rows:
+            parts.append(f"{rows} scalar row(s)")
+        return ", ".join(parts)
 
     def pending(self) -> int:
         with self._cond:
-            return len(self._queue) + (1 if self._scalars else 0) + (1 if self._busy else 0)
+            busy = 1 if any(self._in_hand) else 0
+            return len(self._queue) + (1 if self._scalars else 0) + busy
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until the queue is empty (test/benchmark helper); True if it emptied in time."""
@@ -360,7 +373,7 @@ class Sender:
                     self.errors.record("sender", exc)
                     if self._closing and self._past_deadline():
                         return
-                    time.sleep(min(self._backoff, 1.0))
+                    self._wait(min(self._backoff, 1.0))
         except BaseException as exc:  # the thread must never die noisily
             self.errors.record("sender thread", exc)
         finally:
@@ -390,7 +403,10 @@ class Sender:
                     self.stats.set("queued_frames", len(self._queue))
                 rows, self._scalars = self._scalars, []
                 closing = self._closing
-                self._busy = item is not None or bool(rows)
+                if item is not None:
+                    self._in_hand = (1, item.nbytes, len(rows))
+                else:
+                    self._in_hand = (0, 0, len(rows))
             try:
                 if rows:
                     self._handle_scalars(rows)
@@ -400,7 +416,7 @@ class Sender:
             except Exception as exc:
                 self.errors.record("sender", exc)
             finally:
-                self._busy = False
+                self._in_hand = (0, 0, 0)
             if closing and item is None and not rows:
                 with self._cond:
                     if self._queue or self._scalars:
@@ -456,9 +472,16 @@ class Sender:
         asked = exc.retry_after or 0.0
         if attempt >= retries or self._past_deadline() or asked > _INLINE_RETRY_S:
             return False
-        wait = max(min(self.settings.backoff_s * 2**attempt, 5.0), asked)
-        time.sleep(max(0.0, min(wait, self._deadline - time.monotonic())))
-        return True
+        self._wait(max(min(self.settings.backoff_s * 2**attempt, 5.0), asked))
+        return not self._past_deadline()
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less: until the flush deadline, which :meth:`close` may set
+        meanwhile (it wakes this wait), so ``close(timeout)`` is not held past its timeout."""
+        end = time.monotonic() + seconds
+        with self._cond:
+            while (left := min(end, self._deadline) - time.monotonic()) > 0:
+                self._cond.wait(left)
 
     def _back_online(self) -> None:
         self._backoff = self.settings.backoff_s

@@ -784,6 +784,50 @@ def test_finish_waits_for_a_large_backlog_to_reach_the_spool(tmp_path: Path) -> 
         server.close()
 
 
+def test_close_ends_a_wait_for_retry_after_at_its_deadline(tmp_path: Path) -> None:
+    """A ``Retry-After: 5`` waited before an inline retry: ``close(timeout=1)`` could not end
+    that sleep (its deadline was set after the sleep began) and returned after 4.5 s."""
+    server = FakeServer()
+    sender = make_sender(server, settings(tmp_path, retries=3))
+    wait_for_run(sender)
+    server.fail_next, server.retry_after = 1000, "5"
+    sender.put_scalars([{"step": 0, "name": "loss", "value": 1.0}])
+    deadline = time.monotonic() + 5
+    while not any(path.endswith("/scalars") for path, _ in server.times):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    assert sender.close(timeout=1.0)  # done in time: the row is spooled
+    assert time.monotonic() - t0 < 1.0
+    assert len(sender.spool) == 1
+
+
+def test_close_past_its_timeout_says_so_and_what_it_spools(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() returned True after overrunning its timeout (spooling what was left), and its
+    warning called a scalar batch "1 frame(s)"."""
+    put = Spool.put
+
+    def slow_put(self: Spool, tag: str, meta: dict[str, Any], body: bytes) -> tuple[bool, int]:
+        time.sleep(1.0)  # a slow disk
+        return put(self, tag, meta, body)
+
+    monkeypatch.setattr(Spool, "put", slow_put)
+    server = FakeServer()
+    server.down = True
+    sender = make_sender(server, settings(tmp_path))
+    assert sender.first_contact.wait(5)
+    with caplog.at_level(logging.WARNING, logger="spectrawatch"):
+        sender.put_scalars([{"step": i, "name": "loss", "value": 1.0} for i in range(3)])
+        assert not sender.close(timeout=0.5)
+    assert sender.pending() == 0
+    assert len(sender.spool) == 1
+    said = [r.getMessage() for r in caplog.records if "did not take everything" in r.getMessage()]
+    assert len(said) == 1
+    assert "writing 3 scalar row(s) to the spool" in said[0]
+
+
 @pytest.mark.parametrize("timeout", [math.inf, 1e12])
 def test_close_without_a_time_limit_delivers_everything(tmp_path: Path, timeout: float) -> None:
     """``finish(timeout=inf)`` (or ``flush_timeout_s=inf``) raised OverflowError from
