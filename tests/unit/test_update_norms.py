@@ -154,3 +154,21 @@ def test_first_theta_frame_gives_the_earlier_updates_their_ratio() -> None:
     later = decoded_frame(FrameKind.PARAM_SKETCH, 20, later_theta, _info([20]), frame_id=5)
     again = update_norms(later, StubHistory([*updates, first]))
     assert {m.name for m in again.metrics} == {PARAM_NORM}
+    # a resumed run whose steps restarted: two update frames share steps 1-4; one value each
+    # (the later frame's), or the results' unique index failed the theta frame's job for good
+    resumed = decoded_frame(
+        FrameKind.UPDATE_SKETCH,
+        4,
+        {k: torch.randn(4, 32, generator=g) for k in names},
+        _info([1, 2, 3, 4]),
+        frame_id=6,
+    )
+    twice = update_norms(first, StubHistory([*updates, resumed]))
+    keys = [(m.layer, m.name, m.step) for m in twice.metrics]
+    assert len(keys) == len(set(keys)) == len(got)
+    step_one = next(
+        m for m in twice.metrics if (m.layer, m.name, m.step) == (names[0], UPDATE_RATIO, 1)
+    )
+    assert step_one.value == pytest.approx(
+        float(resumed.tensors[names[0]][0].double().norm() / theta[names[0]][0].norm())
+    )

@@ -83,8 +83,14 @@ def update_norms(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResul
             if points and points[0][1] > 0.0:
                 first[layer] = points[0][1]
         if first and not context.recent_frames(FrameKind.PARAM_SKETCH, 1):
-            for earlier in context.recent_frames(FrameKind.UPDATE_SKETCH, BACKFILL_FRAMES):
-                result.metrics += _update_values(earlier, first, norms=False)
+            # the later frame's value where two share a step (a resumed run's steps restart):
+            # one result holds a (layer, name, step) once, as the results' unique index wants
+            backfill = {
+                (m.layer, m.name, m.step): m
+                for earlier in context.recent_frames(FrameKind.UPDATE_SKETCH, BACKFILL_FRAMES)
+                for m in _update_values(earlier, first, norms=False)
+            }
+            result.metrics += backfill.values()
         return result
     result.metrics += _update_values(frame, _latest_param_norms(context), norms=True)
     return result
