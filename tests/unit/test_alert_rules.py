@@ -406,6 +406,35 @@ def test_metric_tails_equal_per_series_queries(sessions: sessionmaker[Session]) 
     assert len(queries) == 2 * 5 + 1  # 2 per name + 1 fallback for (a, l2), whatever the layers
 
 
+def test_metric_tails_of_sparse_layers_and_a_dense_model_take_two_queries(
+    sessions: sessionmaker[Session],
+) -> None:
+    """SED keeps the whole model's value at every row and a layer's every ``layer_stride``
+    rows: probed on ``__model__`` (sorted first), every layer was short in the range read and
+    got its own query once the run was past the tail (41 series: 42 queries, not 2)."""
+    from sqlalchemy import event
+
+    layers = [f"blocks.{i}.w" for i in range(8)]
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "p")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        frame = add_frame(session, run, 0, {})
+        rows = [result_store.MetricRow("__model__", "g", t, float(t)) for t in range(640)]
+        rows += [result_store.MetricRow(la, "g", t, -t) for la in layers for t in range(0, 640, 16)]
+        result_store.replace_results(session, run.id, frame.id, 0, "sed", rows, [])
+        run_id = run.id
+    wanted = {("g", la): 16 for la in ["__model__", *layers]}
+    with sessions() as session:
+        want = {k: metric_reads.metric_tail(session, run_id, *k, n) for k, n in wanted.items()}
+        queries: list[str] = []
+        listen = session.connection().engine
+        event.listen(listen, "before_cursor_execute", lambda *a: queries.append(a[2]))
+        got = series.metric_tails(session, run_id, wanted)
+    assert got == want
+    assert len(got[("g", "blocks.0.w")]) == 16
+    assert len(queries) == 2
+
+
 def test_flagged_steps_are_the_non_zero_points_from_a_step_on(
     sessions: sessionmaker[Session],
 ) -> None:

@@ -12,6 +12,7 @@ from spectrawatch_server.storage.dashboard_reads import series_names
 from spectrawatch_server.storage.metric_reads import metric_tail
 
 Series = dict[tuple[str, str], list[tuple[int, float]]]
+WHOLE_MODEL = "__model__"  # the layer name of whole-model series (analyses.MODEL_LAYER)
 
 
 # Built once, run with bound values: building the expressions anew for every name of every
@@ -51,7 +52,12 @@ def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str],
     conn = session.connection()  # Core rows: no ORM row processing for thousands of points
     by_name: dict[str, tuple[int, str]] = {}
     for (name, layer), limit in sorted(wanted.items()):
-        if limit > by_name.get(name, (0, ""))[0]:
+        most, probe = by_name.get(name, (0, ""))
+        # the probe: a series needing the most points, a layer's over the whole model's (SED
+        # keeps the model's value at every row, a layer's every layer_stride rows): probed on
+        # the model, every layer was short in the range read and got its own query (149 of a
+        # GPT-2's, per frame, once the run was past the longest tail)
+        if limit > most or (limit == most and probe == WHOLE_MODEL):
             by_name[name] = (limit, layer)
     for name, (k, probe) in sorted(by_name.items()):
         args = {"run": run_id, "name": name}
