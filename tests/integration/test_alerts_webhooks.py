@@ -290,6 +290,13 @@ def test_correlation_traps_rule_is_opt_in(api: httpx.Client, receiver: Receiver)
         False,
         False,
     )
+    # its parameters alone, never edited before: still off (a params-only PATCH enabled it)
+    edited = api.patch(
+        f"/projects/{project}/alert-rules/correlation_traps", json={"params": {"fire_after": 1}}
+    )
+    assert edited.status_code == 200, edited.text
+    assert (edited.json()["enabled"], edited.json()["customized"]) == (False, True)
+    assert api.delete(f"/projects/{project}/alert-rules/correlation_traps").status_code == 204
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(256, 128, generator=gen)
     w[3, 5] = 40.0

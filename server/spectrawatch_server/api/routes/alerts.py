@@ -186,9 +186,11 @@ def update_rule(
     row = find_project(session, principal, project)
     alert_store.lock_rules(session, row.id, edit=True)  # evaluations in flight finish first
     stored = alert_store.stored_rules(session, row.id)
-    enabled, params = stored.get(rule, (True, {}))
-    merged = {**params, **body.params}
     base = {r.name: r for r in R.default_rules()}.get(rule)
+    # a default never edited has its default state: a PATCH of parameters alone enabled an
+    # off-by-default rule (correlation_traps)
+    enabled, params = stored.get(rule, (base.enabled if base is not None else True, {}))
+    merged = {**params, **body.params}
     if base is None and rule not in stored and "kind" not in merged:
         raise ApiError(
             404,
