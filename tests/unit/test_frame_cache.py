@@ -6,6 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from spectrawatch.wire import FrameKind, FrameLimits, encode_frame
@@ -98,3 +99,28 @@ def test_payloads_become_json_values_with_non_finite_floats_as_null() -> None:
         "2": {"x": 0.5, "y": 0.25},
     }
     assert type(_jsonable(payload)["2"]["y"]) is float
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds by /proc")
+def test_a_committed_blob_is_fsynced_then_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blob first: the row committed next must never name a blob a power loss took. The file
+    was fsynced but not the directory holding the rename, which a power loss can undo."""
+    import os
+
+    store = LocalBlobStore(tmp_path)
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    upload = store.new_upload()
+    upload.write(b"body")
+    store.commit_upload(upload, "runs/1/7")
+    assert store.read("runs/1/7") == b"body"
+    assert synced[0].endswith(".part")
+    assert synced[1:] == [str(store.path("runs/1/7").parent)]

@@ -61,7 +61,9 @@ class LocalBlobStore:
         return open(self.tmp / f"{uuid.uuid4().hex}.part", "w+b")
 
     def commit_upload(self, upload: BinaryIO, key: str) -> None:
-        """fsync the upload and atomically move it to ``key``."""
+        """fsync the upload, atomically move it to ``key`` and fsync the directory entry, so
+        the blob outlives a power loss as the row the caller commits next does (a rename alone
+        can be lost with the page cache: a row naming a missing blob)."""
         try:
             upload.flush()
             os.fsync(upload.fileno())
@@ -74,6 +76,7 @@ class LocalBlobStore:
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.replace(upload.name, dest)
+                _fsync_dir(dest.parent)
                 return
             except FileNotFoundError:
                 if attempt == 2 or not os.path.exists(upload.name):
@@ -136,3 +139,14 @@ def _translate(exc: OSError) -> OSError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return BlobStoreFull(exc.errno, "blob store is full")
     return exc
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename into ``path`` durable (POSIX; elsewhere directories cannot be opened)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
