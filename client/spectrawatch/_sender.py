@@ -121,22 +121,35 @@ class ClientStats:
 
 
 class ErrorLog:
-    """Count every error; log each (where, exception type) once, so a loop is never flooded."""
+    """Count every error; log each (where, exception type) once, so a loop is never flooded.
+    At most :data:`SEEN_MAX` kinds are remembered (a ``where`` may name a scalar, and names
+    can be endless): past them, errors are counted, not logged."""
+
+    SEEN_MAX = 1000
 
     def __init__(self, stats: ClientStats) -> None:
         self.stats = stats
         self._seen: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
+    def _first(self, key: tuple[str, str]) -> bool:
+        """Whether ``key`` is new and should be logged (remembered, up to the cap)."""
+        with self._lock:
+            if key in self._seen or len(self._seen) >= self.SEEN_MAX:
+                return False
+            self._seen.add(key)
+            full = len(self._seen) == self.SEEN_MAX
+        if full:
+            logger.warning(
+                "spectrawatch: %d kinds of error logged; more are counted only", self.SEEN_MAX
+            )
+        return True
+
     def record(self, where: str, exc: BaseException) -> None:
         try:
             self.stats.incr("errors")
             self.stats.last_error = f"{where}: {type(exc).__name__}: {exc}"
-            key = (where, type(exc).__name__)
-            with self._lock:
-                first = key not in self._seen
-                self._seen.add(key)
-            if first:
+            if self._first((where, type(exc).__name__)):
                 logger.warning(
                     "spectrawatch: %s failed: %s: %s (counted; not logged again)",
                     where,
@@ -148,10 +161,7 @@ class ErrorLog:
 
     def note(self, where: str, message: str) -> None:
         """Log a condition once per ``where`` (its occurrences are counted elsewhere)."""
-        with self._lock:
-            first = (where, "") not in self._seen
-            self._seen.add((where, ""))
-        if first:
+        if self._first((where, "")):
             logger.warning("spectrawatch: %s (counted in client-stats; not logged again)", message)
 
 
@@ -970,12 +980,18 @@ _LIVE: weakref.WeakSet[Sender] = weakref.WeakSet()
 
 
 def _after_fork() -> None:
-    """In a forked child (e.g. a DataLoader worker) every sender is inert: no thread, no sends."""
+    """In a forked child (e.g. a DataLoader worker) every sender is inert: no thread, no sends.
+    Its locks are new (one the parent's sender thread held at the fork would never be released
+    in the child: a ``monitor.log`` of a NaN there blocked for good), and its copy of the
+    spool's lock descriptor is closed (it kept the spool locked after the parent ended)."""
     for sender in list(_LIVE):
         sender._disabled = True
         sender._cond = threading.Condition(threading.Lock())
+        sender.stats._lock = threading.Lock()
+        sender.errors._lock = threading.Lock()
         sender._queue.clear()
         sender._scalars = []
+        sender.spool.unlock()  # its copy only: the parent's descriptor keeps the lock
 
 
 os.register_at_fork(after_in_child=_after_fork)

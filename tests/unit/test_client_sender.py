@@ -510,6 +510,62 @@ def test_forked_child_is_inert(tmp_path: Path) -> None:
     assert len(server.frames) == 1  # the parent still sends; the child sent nothing
 
 
+def test_the_error_log_remembers_a_bounded_number_of_kinds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``where`` names a scalar for a NaN log: endless names grew the set of logged kinds
+    without bound. Past the cap errors are counted, not logged nor remembered."""
+    from spectrawatch._sender import ClientStats, ErrorLog
+
+    stats = ClientStats()
+    errors = ErrorLog(stats)
+    with caplog.at_level("WARNING", logger="spectrawatch"):
+        for i in range(ErrorLog.SEEN_MAX + 500):
+            errors.record(f"log 'loss_{i}'", ValueError("non-finite value nan"))
+        errors.record("log 'loss_0'", ValueError("again"))
+    assert stats.get("errors") == ErrorLog.SEEN_MAX + 501
+    assert len(errors._seen) == ErrorLog.SEEN_MAX
+    assert len(caplog.records) == ErrorLog.SEEN_MAX + 1  # one each, and one at the cap
+    assert sum("more are counted only" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_child_forked_while_a_counter_lock_is_held_counts_and_lets_the_spool_go(
+    tmp_path: Path,
+) -> None:
+    """The parent's sender thread held the stats lock at the fork: the child's NaN log (a
+    counted error) blocked for good; and the child's copy of the spool lock kept the spool
+    locked once the parent had let it go."""
+    import fcntl
+    import signal
+
+    sender = make_sender(FakeServer(), settings(tmp_path))
+    assert sender.spool.lock()
+    lock_path = sender.spool.dir / ".lock"
+    with sender.stats._lock:  # as the sender thread might at any moment
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.alarm(20)  # a deadlock ends the child, not the test run
+                sender.stats.incr("errors")
+                sender.errors.record("log", ValueError("loss is nan"))
+                code = 0 if sender.spool._lock_fd is None else 3
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child blocked on a lock held at the fork")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    sender.spool.unlock()  # the parent lets the spool go: another process may take it
+    with open(lock_path, "a+") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    sender.close(timeout=1)
+
+
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_senders_share_one_fork_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fork hook can never be unregistered: one per sender would pile up in a process that
