@@ -562,6 +562,19 @@ def test_update_norms_estimate_the_real_updates(server: ServerProcess, tmp_path:
     assert max(abs(e) for e in off) < 0.25  # 16.4 %: ||theta|| moves ~10 % in 10 steps here
 
 
+def train_and_finish(
+    m: spectrawatch.Monitor, model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor
+) -> None:
+    """20 optimizer steps on ``x`` with the loss logged, then ``finish()`` (delivered)."""
+    for step in range(1, 21):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.log({"loss": loss}, step=step)
+    assert m.finish(timeout=60)
+
+
 def test_float16_weights_beyond_its_range_arrive_finite(
     server: ServerProcess, tmp_path: Path
 ) -> None:
@@ -579,14 +592,7 @@ def test_float16_weights_beyond_its_range_arrive_finite(
     m = spectrawatch.Monitor()
     m.init(**client_settings(tmp_path, server.url, "fp16-range", weights_dtype="float16"))
     assert m.attach(model, opt) is not None
-    x = torch.randn(32, 16)
-    for step in range(1, 21):
-        loss = net(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        m.log({"loss": loss}, step=step)
-    assert m.finish(timeout=60)
+    train_and_finish(m, net, opt, torch.randn(32, 16))
     assert isinstance(m.run_id, int)
     wait_until(lambda: all_analysed(server.url, m.run_id or 0), timeout=120)
     with spectrawatch.Api(server.url) as api:
@@ -613,14 +619,7 @@ def test_a_lazy_module_attached_before_its_first_forward_streams_its_layer(
     m = spectrawatch.Monitor()
     m.init(**client_settings(tmp_path, server.url, "lazy", activations_every=0))
     assert m.attach(model, opt) is not None
-    x = torch.randn(64, 16)
-    for step in range(1, 21):
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        m.log({"loss": loss}, step=step)
-    assert m.finish(timeout=60)
+    train_and_finish(m, model, opt, torch.randn(64, 16))
     assert isinstance(m.run_id, int)
     wait_until(lambda: all_analysed(server.url, m.run_id or 0), timeout=120)
     with spectrawatch.Api(server.url) as api:
