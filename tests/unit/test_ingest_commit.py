@@ -467,9 +467,11 @@ def test_claims_take_the_oldest_runnable_job_pending_or_lapsed(
 def test_a_runs_jobs_wait_for_its_job_backing_off(sessions: sessionmaker[Session]) -> None:
     """A transient failure's backoff let the run's later frames be analysed first (frames 2, 3,
     then 1), on the wrong history: SED windows, EigenTrack's change score, alert episodes. A
-    run's jobs now run in order; another run's go on meanwhile."""
+    run's jobs now run in order; another run's go on meanwhile, however many of the waiting
+    run's jobs come before them."""
     a, b = make_runs(sessions, 2)
-    first, second, third = add_jobs(sessions, a, ["pending", "pending", "pending"])
+    # more of a's jobs before b's than a claim reads at once: they stalled b's too
+    first, second, third, *_ = add_jobs(sessions, a, ["pending"] * 12)
     (other,) = add_jobs(sessions, b, ["pending"])
     with sessions.begin() as session:  # the first one failed and backs off
         session.execute(

@@ -43,31 +43,54 @@ def claim_job(
     pending = (Job.status == "pending") & waited
     expired = (Job.status == "running") & (Job.lease_until < now)
     runnable = or_(pending, expired)
-    candidates = sorted(
-        job_id
-        for where in (pending, expired)
-        for job_id in session.scalars(
-            select(Job.id).where(where, Job.attempts < max_attempts).order_by(Job.id).limit(8)
-        )
-    )[:8]
-    for job_id in candidates:
-        if waits_for_earlier(session, job_id):
-            continue
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, runnable)
-            .values(
-                status="running",
-                worker_id=worker_id,
-                lease_until=now + lease,
-                attempts=Job.attempts + 1,
+    waiting: set[int] = set()  # runs whose older job is still to run: none of theirs now
+    while True:
+        candidates = _candidates(session, (pending, expired), max_attempts, waiting)
+        if not candidates:
+            return None
+        newly_waiting = False
+        for job_id, run_id in candidates:
+            if run_id in waiting:
+                continue
+            if waits_for_earlier(session, job_id):
+                waiting.add(run_id)
+                newly_waiting = True
+                continue
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, runnable)
+                .values(
+                    status="running",
+                    worker_id=worker_id,
+                    lease_until=now + lease,
+                    attempts=Job.attempts + 1,
+                )
             )
+            if claimed.rowcount == 1:  # type: ignore[attr-defined]
+                job = session.get_one(Job, job_id)
+                session.refresh(job)
+                return ClaimedJob(job.id, job.frame_id, job.attempts)
+        if not newly_waiting:  # every candidate was claimed by another worker meanwhile
+            return None
+
+
+def _candidates(
+    session: Session, ranges: tuple[Any, ...], max_attempts: int, skip_runs: set[int]
+) -> list[tuple[int, int]]:
+    """``(job id, run id)`` of the first 8 runnable jobs in id order, leaving out the jobs of
+    ``skip_runs`` (runs waiting for an older job: 8 of one such run in a row stalled every
+    other run until its backoff ended)."""
+    found: list[tuple[int, int]] = []
+    for where in ranges:
+        stmt = (
+            select(Job.id, Frame.run_id)
+            .join(Frame, Frame.id == Job.frame_id)
+            .where(where, Job.attempts < max_attempts)
         )
-        if claimed.rowcount == 1:  # type: ignore[attr-defined]
-            job = session.get_one(Job, job_id)
-            session.refresh(job)
-            return ClaimedJob(job.id, job.frame_id, job.attempts)
-    return None
+        if skip_runs:
+            stmt = stmt.where(Frame.run_id.not_in(skip_runs))
+        found += [(int(j), int(r)) for j, r in session.execute(stmt.order_by(Job.id).limit(8))]
+    return sorted(found)[:8]
 
 
 def waits_for_earlier(session: Session, job_id: int) -> bool:
