@@ -369,11 +369,15 @@ class MetricIn(BaseModel):
     value: float | None
 
 
+SOURCE_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+"""An import's ``source``: the kind of the frame its metrics are stored under."""
+
+
 class MetricBatch(BaseModel):
     """Analysis results computed elsewhere (``spectrawatch import``), stored as-is."""
 
     model_config = ConfigDict(extra="forbid")
-    source: str = Field("import", pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    source: str = Field("import", pattern=SOURCE_PATTERN)
     rows: list[MetricIn] = Field(min_length=1)
 
     @field_validator("source")

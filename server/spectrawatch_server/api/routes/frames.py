@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse
 from spectrawatch.wire import (
     FrameError,
     FrameHeader,
-    FrameKind,
     count_nonfinite,
     decompress,
     load_tensors,
@@ -38,7 +37,7 @@ from spectrawatch_server.api.deps import (
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.db.models import Frame
-from spectrawatch_server.schemas import FramePublic
+from spectrawatch_server.schemas import SOURCE_PATTERN, FramePublic
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import BlobStoreFull, frame_blob_key
 from spectrawatch_server.storage.group_commit import CommitUnknown, FrameCommitter, RunGone
@@ -264,14 +263,13 @@ def _frame_response(frame: Frame, status: int) -> JSONResponse:
 def list_frames(
     run: RunDep,
     session: SessionDep,
-    kind: FrameKind | None = None,
+    # a FrameKind, or an import's source (its metrics are stored as a frame of that kind)
+    kind: Annotated[str | None, Query(pattern=SOURCE_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
     status: Literal["pending", "running", "done", "failed"] | None = None,
 ) -> list[FramePublic]:
     return [
         FramePublic.model_validate(f)
-        for f in repo.list_frames(
-            session, run.id, kind.value if kind else None, limit, offset, status
-        )
+        for f in repo.list_frames(session, run.id, kind, limit, offset, status)
     ]
