@@ -109,8 +109,8 @@ def test_a_batch_committed_as_the_connection_failed_is_answered_from_its_rows(
     insert = c._insert
     lost = OperationalError("COMMIT", {}, Exception("server closed the connection"))
 
-    def commit_then_fail(frames: list[Frame]) -> None:
-        insert(frames)
+    def commit_then_fail(frames: list[Frame], at_commit: list[bool]) -> None:
+        insert(frames, at_commit)
         raise lost
 
     monkeypatch.setattr(c, "_insert", commit_then_fail)
@@ -122,16 +122,22 @@ def test_a_batch_committed_as_the_connection_failed_is_answered_from_its_rows(
     ]
     assert stored(sessions)[:2] == (2, 2)
 
-    def fail(frames: list[Frame]) -> None:
+    def fail_at_commit(frames: list[Frame], at_commit: list[bool]) -> None:
+        at_commit[0] = True
         raise lost
 
-    monkeypatch.setattr(c, "_insert", fail)  # nothing committed: the error itself
+    monkeypatch.setattr(c, "_insert", fail_at_commit)  # nothing committed: the error itself
     with pytest.raises(OperationalError):
         c.write([frame(a, 2)])
     monkeypatch.setattr(repo, "frame_by_key", lambda *_: (_ for _ in ()).throw(lost))
     with pytest.raises(CommitUnknown) as unknown:  # the database cannot say
         c.write([frame(a, 3)])
     assert unknown.value.error is lost
+    # down before COMMIT (connection refused): rolled back for sure, the blob goes, no
+    # read-back (it kept every blob of an outage as an orphan until the next start-up)
+    monkeypatch.setattr(c, "_insert", lambda frames, at_commit: (_ for _ in ()).throw(lost))
+    with pytest.raises(OperationalError):
+        c.write([frame(a, 4)])
 
 
 def test_concurrent_requests_share_transactions(sessions: sessionmaker[Session]) -> None:

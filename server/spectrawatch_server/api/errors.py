@@ -68,8 +68,8 @@ def error_page(status: int, message: str) -> HTMLResponse:
 
 
 UNPARSED_BODY = "There was an error parsing the body"
-"""FastAPI's 400 detail for a JSON body that ``json.loads`` fails on otherwise than with a
-syntax error (which is a 422): in practice a body nested past Python's recursion limit."""
+"""FastAPI's 400 detail for a body it fails to parse otherwise than with a JSON syntax error
+(which is a 422): bytes that are not UTF-8, or JSON nested past Python's recursion limit."""
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -100,8 +100,11 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "http_error"
         )
         detail = str(exc.detail)
-        if detail == UNPARSED_BODY:  # FastAPI's words when json.loads fails on recursion
-            detail = "the JSON body could not be parsed: nested too deep (about 1,000 levels)"
+        if detail == UNPARSED_BODY:
+            detail = (
+                "the body could not be parsed: not UTF-8, or JSON nested more than about "
+                "1,000 levels deep"
+            )
         if _wants_page(request):
             return error_page(exc.status_code, detail)
         return error_response(exc.status_code, code, detail)

@@ -113,8 +113,9 @@ class FrameCommitter:
         Raises only when nothing was stored; after a split, each frame gets its own outcome
         (a frame whose own transaction failed gets its exception, the others their rows).
         """
+        at_commit = [False]
         try:
-            self._insert(frames)
+            self._insert(frames, at_commit)
         except RunGone:
             if len(frames) == 1:
                 raise
@@ -123,7 +124,10 @@ class FrameCommitter:
             if len(frames) == 1:
                 return [self._stored(frames[0], exc)]
             return [self._write_one(f) for f in frames]
-        except DBAPIError as exc:  # down, or the connection lost while COMMIT was acknowledged
+        except DBAPIError as exc:
+            if not at_commit[0]:  # failed before COMMIT was sent: rolled back for sure
+                raise
+            # the connection lost at COMMIT: the database may have committed all the same
             committed = self._committed_anyway(frames, exc)
             if committed is None:
                 raise
@@ -166,7 +170,10 @@ class FrameCommitter:
             raise error
         return Committed(existing, False)
 
-    def _insert(self, frames: list[Frame]) -> None:
+    def _insert(self, frames: list[Frame], at_commit: list[bool]) -> None:
+        """Insert ``frames`` and their jobs in one transaction; ``at_commit[0]`` turns True
+        once every statement but the COMMIT has run (a failure after it has an unknown
+        outcome, one before it none)."""
         with self.sessions.begin() as session:
             live = repo.live_runs(session, {f.run_id for f in frames})
             gone = next((f.run_id for f in frames if f.run_id not in live), None)
@@ -175,3 +182,5 @@ class FrameCommitter:
             repo.insert_frames(session, frames)
             for frame in frames:
                 self.queue.enqueue(session, frame.id)
+            session.flush()
+            at_commit[0] = True
