@@ -3,6 +3,7 @@ over a real SQLite database migrated by Alembic (episodes, resolution, outbox ro
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -406,7 +407,7 @@ def test_metric_tails_equal_per_series_queries(sessions: sessionmaker[Session]) 
     assert len(queries) == 2 * 5 + 1  # 2 per name + 1 fallback for (a, l2), whatever the layers
 
 
-def test_metric_tails_of_sparse_layers_and_a_dense_model_take_two_queries(
+def test_metric_tails_of_sparse_layers_and_a_dense_model_take_a_few_queries(
     sessions: sessionmaker[Session],
 ) -> None:
     """SED keeps the whole model's value at every row and a layer's every ``layer_stride``
@@ -421,9 +422,12 @@ def test_metric_tails_of_sparse_layers_and_a_dense_model_take_two_queries(
         frame = add_frame(session, run, 0, {})
         rows = [result_store.MetricRow("__model__", "g", t, float(t)) for t in range(640)]
         rows += [result_store.MetricRow(la, "g", t, -t) for la in layers for t in range(0, 640, 16)]
+        # a frozen layer's gap is never finite (stored NULL): probed first, it bounded nothing
+        # and every point of the name was read, growing with the run
+        rows += [result_store.MetricRow("a.frozen", "g", t, math.nan) for t in range(0, 640, 16)]
         result_store.replace_results(session, run.id, frame.id, 0, "sed", rows, [])
         run_id = run.id
-    wanted = {("g", la): 16 for la in ["__model__", *layers]}
+    wanted = {("g", la): 16 for la in ["__model__", "a.frozen", *layers]}
     with sessions() as session:
         want = {k: metric_reads.metric_tail(session, run_id, *k, n) for k, n in wanted.items()}
         queries: list[str] = []
@@ -432,7 +436,10 @@ def test_metric_tails_of_sparse_layers_and_a_dense_model_take_two_queries(
         got = series.metric_tails(session, run_id, wanted)
     assert got == want
     assert len(got[("g", "blocks.0.w")]) == 16
-    assert len(queries) == 2
+    assert got[("g", "a.frozen")] == []
+    # two probes (the frozen layer's, then a layer's), the range, the frozen layer's own tail:
+    # not one per layer (probed on the model), nor every point of the name
+    assert len(queries) == 4
 
 
 def test_flagged_steps_are_the_non_zero_points_from_a_step_on(

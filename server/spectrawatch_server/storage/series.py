@@ -43,25 +43,24 @@ def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str],
     metric name instead of one per series.
 
     Per name, with k the most points any of its series needs: the step of the k-th latest point
-    of one such series (an index seek), then every finite point of the name from that step on;
-    a series with enough points there has its tail. When that series has fewer than k points,
-    every point of the name is read instead (a young run). A series with fewer points than it
-    needs after the bounded read (a layer missing from some frames) gets its own query.
+    of one such series (an index seek, :func:`_probes`), then every finite point of the name
+    from that step on; a series with enough points there has its tail. When no probed series
+    has k points, every point of the name is read instead (a young run). A series with fewer
+    points than it needs after the bounded read (a layer missing from some frames) gets its own
+    query.
     """
     out: Series = {}
     conn = session.connection()  # Core rows: no ORM row processing for thousands of points
-    by_name: dict[str, tuple[int, str]] = {}
-    for (name, layer), limit in sorted(wanted.items()):
-        most, probe = by_name.get(name, (0, ""))
-        # the probe: a series needing the most points, a layer's over the whole model's (SED
-        # keeps the model's value at every row, a layer's every layer_stride rows): probed on
-        # the model, every layer was short in the range read and got its own query (149 of a
-        # GPT-2's, per frame, once the run was past the longest tail)
-        if limit > most or (limit == most and probe == WHOLE_MODEL):
-            by_name[name] = (limit, layer)
-    for name, (k, probe) in sorted(by_name.items()):
+    most: dict[str, int] = {}
+    for (name, _), limit in wanted.items():
+        most[name] = max(most.get(name, 0), limit)
+    for name, k in sorted(most.items()):
         args = {"run": run_id, "name": name}
-        since = conn.scalar(_SINCE, {**args, "layer": probe, "skip": k - 1})
+        since = None
+        for probe in _probes(name, k, wanted):
+            since = conn.scalar(_SINCE, {**args, "layer": probe, "skip": k - 1})
+            if since is not None:
+                break
         if since is None:
             rows = conn.execute(_POINTS, args)
         else:
@@ -79,6 +78,18 @@ def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str],
             else:
                 out[key] = metric_tail(session, run_id, name, key[1], limit)
     return out
+
+
+def _probes(name: str, k: int, wanted: Mapping[tuple[str, str], int]) -> list[str]:
+    """The series of ``name`` whose k-th latest point bounds the range read, in the order to
+    try: up to 3 layers needing ``k`` points, then the whole model's. A layer first: SED keeps
+    the model's value at every row and a layer's every ``layer_stride`` rows, so probed on the
+    model every layer was short in the range and got its own query (149 of a GPT-2's, a frame,
+    once the run was past the tail). More than one: a layer may be young or never finite (a
+    frozen one's gap), and no probe reads every point of the name, growing with the run."""
+    layers = sorted(la for (n, la), limit in wanted.items() if n == name and limit == k)
+    model = [WHOLE_MODEL] if WHOLE_MODEL in layers else []
+    return [la for la in layers if la != WHOLE_MODEL][:3] + model
 
 
 _FLAGGED = (
