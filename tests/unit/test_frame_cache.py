@@ -124,3 +124,38 @@ def test_a_committed_blob_is_fsynced_then_its_directory(
     assert store.read("runs/1/7") == b"body"
     assert synced[0].endswith(".part")
     assert synced[1:] == [str(store.path("runs/1/7").parent)]
+
+
+def test_a_filesystem_that_cannot_fsync_a_directory_still_stores_blobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some FUSE and network mounts answer EINVAL to a directory fsync: every ingest would
+    have answered 500. The blob is stored; other errors still fail the upload."""
+    import errno
+    import os
+    import stat
+
+    store = LocalBlobStore(tmp_path)
+    fsync = os.fsync
+
+    def refuse_dirs(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refuse_dirs)
+    upload = store.new_upload()
+    upload.write(b"body")
+    store.commit_upload(upload, "runs/1/8")
+    assert store.read("runs/1/8") == b"body"
+
+    def fail_dirs(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fail_dirs)
+    upload = store.new_upload()
+    upload.write(b"body")
+    with pytest.raises(OSError, match="Input/output"):
+        store.commit_upload(upload, "runs/1/9")

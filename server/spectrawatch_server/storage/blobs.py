@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -141,12 +142,21 @@ def _translate(exc: OSError) -> OSError:
     return exc
 
 
+# filesystems that cannot fsync a directory say so with these (some FUSE and network mounts);
+# PostgreSQL ignores them there too: the rename is as durable as such a filesystem makes it
+_NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EACCES})
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename into ``path`` durable (POSIX; elsewhere directories cannot be opened)."""
     if os.name != "posix":
         return
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_FSYNC:
+            raise
