@@ -165,9 +165,14 @@ def database_url(data_dir: Path) -> str:
 
 
 def drop_databases() -> None:
-    """Drop every database this session created (end of the session)."""
-    while created_databases:
-        _admin(f'DROP DATABASE IF EXISTS "{created_databases.pop()}" WITH (FORCE)')
+    """Drop every database this session created (end of the session), retried as
+    :func:`_drop_database` is: an autovacuum worker in one failed the CI's last teardown."""
+    admin = create_engine(_admin_url(), isolation_level="AUTOCOMMIT")
+    try:
+        while created_databases:
+            _drop_database(admin, created_databases.pop())
+    finally:
+        admin.dispose()
 
 
 def mode_env(data_dir: Path) -> dict[str, str]:
