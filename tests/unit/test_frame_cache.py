@@ -138,24 +138,18 @@ def test_a_filesystem_that_cannot_fsync_a_directory_still_stores_blobs(
     store = LocalBlobStore(tmp_path)
     fsync = os.fsync
 
-    def refuse_dirs(fd: int) -> None:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "Invalid argument")
-        fsync(fd)
+    def commit_where_dir_fsync_fails(key: str, code: int) -> None:
+        def failing(fd: int) -> None:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(code, os.strerror(code))
+            fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", refuse_dirs)
-    upload = store.new_upload()
-    upload.write(b"body")
-    store.commit_upload(upload, "runs/1/8")
+        monkeypatch.setattr(os, "fsync", failing)
+        upload = store.new_upload()
+        upload.write(b"body")
+        store.commit_upload(upload, key)
+
+    commit_where_dir_fsync_fails("runs/1/8", errno.EINVAL)
     assert store.read("runs/1/8") == b"body"
-
-    def fail_dirs(fd: int) -> None:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise OSError(errno.EIO, "Input/output error")
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fail_dirs)
-    upload = store.new_upload()
-    upload.write(b"body")
-    with pytest.raises(OSError, match="Input/output"):
-        store.commit_upload(upload, "runs/1/9")
+    with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+        commit_where_dir_fsync_fails("runs/1/9", errno.EIO)
