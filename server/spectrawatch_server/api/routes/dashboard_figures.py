@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -495,6 +495,23 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
     return _json(body)
 
 
+def _table(
+    table_id: str,
+    title: str,
+    columns: Sequence[str],
+    records: Sequence[Mapping[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """A page table: its ``columns`` as the header and each record's values in that order."""
+    return {
+        "id": table_id,
+        "title": title,
+        "columns": list(columns),
+        "rows": [[r[c] for c in columns] for r in records],
+        **extra,
+    }
+
+
 @api_router.get("/runs/{run_id}/alerts")
 def read_alerts(run: RunDep, session: SessionDep) -> Response:
     """Alert episodes on a timeline, the alert list and the project's webhook delivery log."""
@@ -506,31 +523,17 @@ def read_alerts(run: RunDep, session: SessionDep) -> Response:
         dash.panel_from(spec, dash.alerts_timeline_figure(alerts, run.last_step)).public()
     ]
     body["tables"] = [
-        {
-            "id": "alerts",
-            "title": "Alerts",
-            "columns": ["step", "rule", "layer", "severity", "status", "resolved_step", "message"],
-            "rows": [
-                [
-                    a[c]
-                    for c in (
-                        "step",
-                        "rule",
-                        "layer",
-                        "severity",
-                        "status",
-                        "resolved_step",
-                        "message",
-                    )
-                ]
-                for a in alerts
-            ],
-            "empty": "No alerts for this run.",
-        },
-        {
-            "id": "deliveries",
-            "title": "Webhook deliveries (this project)",
-            "columns": [
+        _table(
+            "alerts",
+            "Alerts",
+            ("step", "rule", "layer", "severity", "status", "resolved_step", "message"),
+            alerts,
+            empty="No alerts for this run.",
+        ),
+        _table(
+            "deliveries",
+            "Webhook deliveries (this project)",
+            (
                 "id",
                 "event",
                 "url",
@@ -541,29 +544,12 @@ def read_alerts(run: RunDep, session: SessionDep) -> Response:
                 "last_error",
                 "created_at",
                 "delivered_at",
-            ],
-            "rows": [
-                [
-                    d[c]
-                    for c in (
-                        "id",
-                        "event",
-                        "url",
-                        "status",
-                        "attempts",
-                        "last_status_code",
-                        "latency_ms",
-                        "last_error",
-                        "created_at",
-                        "delivered_at",
-                    )
-                ]
-                for d in reads.delivery_rows(session, run.project_id)
-            ],
-            "empty": "No webhook deliveries yet (add one with POST /api/v1/webhooks).",
+            ),
+            reads.delivery_rows(session, run.project_id),
+            empty="No webhook deliveries yet (add one with POST /api/v1/webhooks).",
             # UTC ISO values: the page shows them in the browser's local time, zone named
-            "times": ["created_at", "delivered_at"],
-        },
+            times=["created_at", "delivered_at"],
+        ),
     ]
     return _json(body)
 
