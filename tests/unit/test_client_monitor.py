@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from torch import nn
 
 import spectrawatch
 from spectrawatch import wire
+from tests.forks import arm_child_alarm, child_exit_code
 from tests.unit.test_client_sender import FakeServer
 
 
@@ -300,22 +299,14 @@ def _fork_and_step(tmp_path: Path) -> None:
     if pid == 0:
         code = 1
         try:
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
-            signal.alarm(30)  # a hang in C code ends the child, not the test run
+            arm_child_alarm(30)  # a hang in C code ends the child, not the test run
             for _ in range(3):
                 model(torch.ones(1, 5)).sum().backward()
                 opt.step()
             code = 0
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 60
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if done[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung in opt.step()")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert child_exit_code(pid, 60, "opt.step()") == 0
     assert m.finish()
 
 

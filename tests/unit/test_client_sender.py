@@ -24,6 +24,7 @@ from spectrawatch._sender import FrameItem, Sender
 from spectrawatch._spool import Spool, spooled_run_dirs
 from spectrawatch._transport import Api, Rejected, Unavailable, parse_retry_after
 from spectrawatch.config import ClientSettings
+from tests.forks import arm_child_alarm, child_exit_code
 
 
 class FakeServer:
@@ -536,7 +537,6 @@ def test_a_child_forked_while_a_counter_lock_is_held_counts_and_lets_the_spool_g
     counted error) blocked for good; and the child's copy of the spool lock kept the spool
     locked once the parent had let it go."""
     import fcntl
-    import signal
 
     sender = make_sender(FakeServer(), settings(tmp_path))
     assert sender.spool.lock()
@@ -546,20 +546,13 @@ def test_a_child_forked_while_a_counter_lock_is_held_counts_and_lets_the_spool_g
         if pid == 0:
             code = 1
             try:
-                signal.alarm(20)  # a deadlock ends the child, not the test run
+                arm_child_alarm(20)  # a deadlock ends the child, not the test run
                 sender.stats.incr("errors")
                 sender.errors.record("log", ValueError("loss is nan"))
                 code = 0 if sender.spool._lock_fd is None else 3
             finally:
                 os._exit(code)
-    deadline = time.monotonic() + 30
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if done[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child blocked on a lock held at the fork")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert child_exit_code(pid, 30, "a lock held at the fork") == 0
     sender.spool.unlock()  # the parent lets the spool go: another process may take it
     with open(lock_path, "a+") as other:
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
