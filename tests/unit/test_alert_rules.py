@@ -349,8 +349,23 @@ def test_watched_series_takes_the_longest_history_per_series() -> None:
     }
 
 
-def test_metric_tails_equal_per_series_queries(sessions: sessionmaker[Session]) -> None:
+def tails_and_queries(
+    sessions: sessionmaker[Session], run_id: int, wanted: dict[tuple[str, str], int]
+) -> tuple[series.Series, series.Series, list[str]]:
+    """``(reference tails, series.metric_tails, its SQL statements)``: each wanted series read
+    alone by ``metric_tail``, then all at once, counting the statements of the latter."""
     from sqlalchemy import event
+
+    with sessions() as session:
+        want = {k: metric_reads.metric_tail(session, run_id, *k, n) for k, n in wanted.items()}
+        queries: list[str] = []
+        listen = session.connection().engine
+        event.listen(listen, "before_cursor_execute", lambda *a: queries.append(a[2]))
+        got = series.metric_tails(session, run_id, wanted)
+    return want, got, queries
+
+
+def test_metric_tails_equal_per_series_queries(sessions: sessionmaker[Session]) -> None:
 
     with sessions.begin() as session:
         project, _ = repo.get_or_create_project(session, "p")
@@ -385,12 +400,7 @@ def test_metric_tails_equal_per_series_queries(sessions: sessionmaker[Session]) 
             *[("a", f"l{i}", 3) for i in range(3, 10)],
         ]
     }
-    with sessions() as session:
-        want = {k: metric_reads.metric_tail(session, run_id, *k, n) for k, n in wanted.items()}
-        queries: list[str] = []
-        listen = session.connection().engine
-        event.listen(listen, "before_cursor_execute", lambda *a: queries.append(a[2]))
-        got = series.metric_tails(session, run_id, wanted)
+    want, got, queries = tails_and_queries(sessions, run_id, wanted)
     assert {k: v for k, v in got.items() if v} == {k: v for k, v in want.items() if v}
     assert (
         got[("a", "l1")]
@@ -413,7 +423,6 @@ def test_metric_tails_of_sparse_layers_and_a_dense_model_take_a_few_queries(
     """SED keeps the whole model's value at every row and a layer's every ``layer_stride``
     rows: probed on ``__model__`` (sorted first), every layer was short in the range read and
     got its own query once the run was past the tail (41 series: 42 queries, not 2)."""
-    from sqlalchemy import event
 
     layers = [f"blocks.{i}.w" for i in range(8)]
     with sessions.begin() as session:
@@ -428,12 +437,7 @@ def test_metric_tails_of_sparse_layers_and_a_dense_model_take_a_few_queries(
         result_store.replace_results(session, run.id, frame.id, 0, "sed", rows, [])
         run_id = run.id
     wanted = {("g", la): 16 for la in ["__model__", "a.frozen", *layers]}
-    with sessions() as session:
-        want = {k: metric_reads.metric_tail(session, run_id, *k, n) for k, n in wanted.items()}
-        queries: list[str] = []
-        listen = session.connection().engine
-        event.listen(listen, "before_cursor_execute", lambda *a: queries.append(a[2]))
-        got = series.metric_tails(session, run_id, wanted)
+    want, got, queries = tails_and_queries(sessions, run_id, wanted)
     assert got == want
     assert len(got[("g", "blocks.0.w")]) == 16
     assert got[("g", "a.frozen")] == []
