@@ -23,7 +23,7 @@ import httpx
 
 from spectrawatch._spool import spooled_run_dirs
 from spectrawatch._version import __version__
-from spectrawatch.config import ClientSettings, SettingsError
+from spectrawatch.config import API_PATH, ClientSettings, SettingsError
 
 Status = Literal["ok", "warn", "fail", "info"]
 
@@ -120,7 +120,7 @@ def _spool(settings: ClientSettings) -> Check:
 
 
 def _remote(settings: ClientSettings, get: Callable[..., httpx.Response]) -> list[Check]:
-    base = settings.url.rstrip("/") + "/api/v1"
+    base = settings.url.rstrip("/") + API_PATH
     t0 = time.perf_counter()
     try:
         r = get(f"{base}/health")

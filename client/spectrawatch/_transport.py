@@ -30,9 +30,9 @@ from typing import Any
 
 import httpx
 
+from spectrawatch.config import API_PATH
 from spectrawatch.wire import IDEMPOTENCY_HEADER, RUN_UID_HEADER
 
-API = "/api/v1"
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 _MIN_RATE = 100_000  # bytes/s an upload is allowed on top of ``deadline_s``
 _MAX_ABANDONED = 2
@@ -139,7 +139,9 @@ class Api:
 
         def call() -> None:
             try:
-                outcome.append(self._client.request(method, API + path, content=content, **kwargs))
+                outcome.append(
+                    self._client.request(method, API_PATH + path, content=content, **kwargs)
+                )
             except BaseException as exc:  # handed to the caller, never raised here
                 outcome.append(exc)
 
@@ -320,4 +322,6 @@ def _root_of(resp: httpx.Response) -> str:
         url = resp.request.url
     except RuntimeError:  # a response built without a request (tests)
         return "the URL"
-    return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path.partition(API)[0]}".rstrip("/")
+    return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path.partition(API_PATH)[0]}".rstrip(
+        "/"
+    )

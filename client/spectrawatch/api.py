@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from spectrawatch._transport import error_of
-from spectrawatch.config import DEFAULT_URL, SettingsError, url_problem
+from spectrawatch.config import API_PATH, DEFAULT_URL, SettingsError, url_problem
 
 MODEL_LAYER = "__model__"  # the layer name of whole-model series
 _PAGE = 1000
@@ -65,7 +65,7 @@ class Api:
             raise SettingsError(f"url {self.url!r:.200}: {problem}")
         token = token or os.environ.get("SPECTRAWATCH_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=f"{self.url}/api/v1", headers=headers, timeout=timeout_s)
+        self._http = httpx.Client(base_url=self.url + API_PATH, headers=headers, timeout=timeout_s)
 
     def close(self) -> None:
         self._http.close()
