@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from spectrawatch.wire import RUN_UID_HEADER
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.state import AppState
-from spectrawatch_server.db.models import Delivery, Project, Run, Webhook
+from spectrawatch_server.db.models import Delivery, Run, Webhook
 from spectrawatch_server.storage import repository as repo
 
 
@@ -220,8 +220,7 @@ def _refused_project(session: Session, principal: Principal, params: dict[str, A
 
 def project_name(session: Session, project_id: int) -> str | None:
     """Project ``project_id``'s name, for messages (None: deleted meanwhile)."""
-    project = session.get(Project, project_id)
-    return None if project is None else project.name
+    return repo.project_names(session, [project_id]).get(project_id)
 
 
 def _int(value: Any, code: str, what: str) -> int:
