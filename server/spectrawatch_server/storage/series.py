@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from spectrawatch_server.analyses.registry import MODEL_LAYER
 from spectrawatch_server.db.models import Metric
 from spectrawatch_server.storage.dashboard_reads import series_names
 from spectrawatch_server.storage.metric_reads import metric_tail
 
 Series = dict[tuple[str, str], list[tuple[int, float]]]
-WHOLE_MODEL = "__model__"  # the layer name of whole-model series (analyses.MODEL_LAYER)
 
 
 # Built once, run with bound values: building the expressions anew for every name of every
@@ -88,8 +88,8 @@ def _probes(name: str, k: int, wanted: Mapping[tuple[str, str], int]) -> list[st
     once the run was past the tail). More than one: a layer may be young or never finite (a
     frozen one's gap), and no probe reads every point of the name, growing with the run."""
     layers = sorted(la for (n, la), limit in wanted.items() if n == name and limit == k)
-    model = [WHOLE_MODEL] if WHOLE_MODEL in layers else []
-    return [la for la in layers if la != WHOLE_MODEL][:3] + model
+    model = [MODEL_LAYER] if MODEL_LAYER in layers else []
+    return [la for la in layers if la != MODEL_LAYER][:3] + model
 
 
 _FLAGGED = (
