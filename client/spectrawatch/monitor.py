@@ -22,10 +22,11 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import torch
@@ -462,18 +463,21 @@ _LIVE: set[Monitor] = set()
 
 
 _exit_hook = False
-_uncaught: list[type[BaseException]] = []
-"""The exception that is ending the script, if one is (noted by :func:`_note_uncaught`)."""
+_uncaught: list[object] = []
+"""What is ending the script badly, if anything: an uncaught exception's type (noted by
+:func:`_note_uncaught`) or a failing ``sys.exit`` code (noted by :func:`_note_exit`)."""
 
 
 def _keep_until_finish(m: Monitor) -> None:
     """Hold ``m`` until ``finish()``; the exit hook is registered at the first ``init`` (so it
     runs before the handlers of libraries imported earlier, as a per-monitor hook did), with an
-    ``excepthook`` in front of the one in place that notes a script dying of an exception."""
+    ``excepthook`` in front of the one in place that notes a script dying of an exception and a
+    ``sys.exit`` in front of the one in place that notes a failing exit code."""
     global _exit_hook
     if not _exit_hook:
         atexit.register(_finish_at_exit)
         sys.excepthook = _note_uncaught(sys.excepthook)
+        sys.exit = _note_exit(sys.exit)
         _exit_hook = True
     _LIVE.add(m)
 
@@ -489,6 +493,21 @@ def _note_uncaught(previous: Any) -> Any:
         previous(kind, value, tb)
 
     return hook
+
+
+def _note_exit(previous: Any) -> Any:
+    """``sys.exit`` noting a failing code (anything but ``None`` or ``0``, as the interpreter
+    reads it), then handing it on. Only the main thread's call ends the script; a code of a
+    ``SystemExit`` the script catches and survives is forgotten by a later ``sys.exit(0)``
+    (W&B's exit hook makes the same trade: a ``raise SystemExit(1)`` is not seen)."""
+
+    def noting_exit(code: object = None) -> NoReturn:
+        if threading.current_thread() is threading.main_thread():
+            _uncaught[:] = [] if code is None or (isinstance(code, int) and code == 0) else [code]
+        previous(code)
+        raise SystemExit(code)  # a replaced sys.exit that returned
+
+    return noting_exit
 
 
 def _finish_at_exit() -> None:

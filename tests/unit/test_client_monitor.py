@@ -338,15 +338,27 @@ main()  # returns without finish(): nothing holds the Monitor but the module
     assert any(e.get("type") == "scalars" for e in spooled)
 
 
-@pytest.mark.parametrize("ending", ["raise RuntimeError('diverged')", "pass"])
+@pytest.mark.parametrize(
+    ("ending", "code", "status"),
+    [
+        ("raise RuntimeError('diverged')", 1, "crashed"),
+        ("pass", 0, "finished"),
+        ("sys.exit(3)", 3, "crashed"),
+        ("sys.exit('diverged')", 1, "crashed"),
+        ("sys.exit(0)", 0, "finished"),
+        ("sys.exit()", 0, "finished"),
+        ("threading.Thread(target=sys.exit, args=(2,)).start()", 0, "finished"),
+    ],
+)
 def test_a_script_dying_of_an_exception_closes_its_run_as_crashed(
-    tmp_path: Path, ending: str
+    tmp_path: Path, ending: str, code: int, status: str
 ) -> None:
-    """The module-level monitor, no ``finish()``: a script ended by an uncaught exception was
-    closed as ``finished`` (as ``with Monitor(...)`` does, it is ``crashed``); one that ends
-    normally stays ``finished``."""
+    """The module-level monitor, no ``finish()``: a script ended by an uncaught exception or a
+    failing ``sys.exit`` was closed as ``finished`` (as ``with Monitor(...)`` does, it is
+    ``crashed``); one that ends normally, or a thread's ``sys.exit``, stays ``finished``."""
     script = f"""
 import sys
+import threading
 import torch
 from torch import nn
 from spectrawatch import monitor
@@ -362,9 +374,9 @@ monitor.log({{"loss": 1.0}}, step=1)
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", script], timeout=120, env=env, check=False)
-    assert done.returncode == (1 if "raise" in ending else 0)
+    assert done.returncode == code
     (meta,) = [json.loads(p.read_text()) for p in tmp_path.rglob("run.json")]
-    assert meta["status"] == ("crashed" if "raise" in ending else "finished")
+    assert meta["status"] == status
 
 
 def test_api_use_from_the_session_6_audit(tmp_path: Path) -> None:
