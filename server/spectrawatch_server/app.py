@@ -210,6 +210,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         version=__version__,
         description="Spectral monitoring of neural-network training.",
         lifespan=lifespan,
+        docs_url=None,  # served by api_docs from the package's files, not a CDN
+        redoc_url=None,
     )
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
@@ -218,9 +220,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.add_middleware(CrossSiteGuard, public_url=settings.public_url)
     for api_router in API_ROUTERS:
         app.include_router(api_router, prefix=API_PREFIX)
+    from spectrawatch_server.api import api_docs
     from spectrawatch_server.api.routes import dashboard_figures, dashboards  # pages, figures
 
     dashboards.install(app, API_PREFIX)
+    api_docs.install(app, dashboard_figures.package_dir() / "static")
     schema_of = app.openapi
     routes = [r for router in (*API_ROUTERS, dashboard_figures.api_router) for r in router.routes]
 

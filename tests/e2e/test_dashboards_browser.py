@@ -1409,3 +1409,24 @@ def test_names_with_url_characters_link_and_load_end_to_end(browser: Any, seeded
     wait_js(browser, "document.body.dataset.ready === '1'")
     assert browser.find_element("id", "rules-project").text == ODD_PROJECT
     assert console_errors(browser) == []
+
+
+def test_api_docs_pages_render_from_the_servers_own_files(browser: Any, seeded: Any) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` render the API's operations with no script from
+    another origin (this machine has no internet: FastAPI's CDN defaults left them blank);
+    their content security policy refuses ReDoc's footer logo from ``cdn.redoc.ly``."""
+    proc, _ = seeded
+    resources = "performance.getEntriesByType('resource').map(function (e) { return e.name; })"
+    console_errors(browser)  # clear earlier pages' entries
+    browser.get(f"{proc.url}/docs")
+    assert wait_js(browser, "document.querySelectorAll('.opblock').length") > 20
+    assert all(u.startswith(proc.url) for u in browser.execute_script("return " + resources))
+    assert console_errors(browser) == []
+    browser.get(f"{proc.url}/redoc")
+    wait_js(browser, "document.querySelector('[data-section-id^=\"operation/\"]')")
+    scripts = browser.execute_script(
+        "return Array.from(document.scripts).map(function (s) { return s.src; })"
+    )
+    assert all(s == "" or s.startswith(proc.url) for s in scripts), scripts
+    errors = console_errors(browser)
+    assert all("cdn.redoc.ly" in e and "Content Security Policy" in e for e in errors), errors

@@ -55,8 +55,17 @@ def test_health_and_openapi(client: httpx.Client, shared_server: ServerProcess) 
     ready = client.get("/ready")
     assert ready.status_code == 200, ready.text
     assert ready.json() == {"ready": True, "checks": {"database": "ok", "worker": "ok"}}
-    docs = httpx.get(f"{shared_server.url}/docs")
-    assert docs.status_code == 200
+    for page in ("docs", "redoc"):  # their scripts come from the server, not a CDN
+        answer = httpx.get(f"{shared_server.url}/{page}")
+        assert answer.status_code == 200
+        assets = re.findall(r'(?:src|href)="([^"]+)"', answer.text)
+        assert assets
+        assert all(a.startswith("/dashboards/static/vendor/") for a in assets), assets
+        for asset in assets:
+            served = httpx.get(f"{shared_server.url}{asset}")
+            assert served.status_code == 200, asset
+            assert len(served.content) > 500, asset
+            assert "immutable" in served.headers["cache-control"]
     paths = httpx.get(f"{shared_server.url}/openapi.json").json()["paths"]
     assert "/api/v1/runs/{run_id}/frames" in paths
 
