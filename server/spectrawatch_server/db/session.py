@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -164,11 +165,15 @@ def release_free_pages(engine: Engine) -> int:
         ):
             return 0
         free = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
+        driver = connection.connection.driver_connection
+        assert driver is not None  # an open connection's sqlite3.Connection
         while free > 0:
             try:
-                connection.exec_driver_sql(f"PRAGMA incremental_vacuum({FREE_PAGES_PER_STEP})")
+                # executescript: sqlite3_exec steps the pragma to its end; the driver's
+                # execute() steps a statement without result columns once, one page a step
+                driver.executescript(f"PRAGMA incremental_vacuum({FREE_PAGES_PER_STEP});")
                 connection.commit()
-            except OperationalError:
+            except (OperationalError, sqlite3.OperationalError):
                 connection.rollback()
                 break
             left = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
