@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,6 +97,76 @@ def empty_engine(empty_database: str) -> Iterator[Any]:
     engine = make_engine(empty_database)
     yield engine
     engine.dispose()
+
+
+def test_open_episode_migration_merges_the_twins_the_race_left(
+    empty_database: str, empty_engine: Any
+) -> None:
+    """0002 on a database holding the race it closes (two workers opened one (run, rule, layer)
+    episode twice, or three times): its unique index failed to build (IntegrityError on SQLite,
+    UniqueViolation on PostgreSQL) and the server never started. Now the twins are merged into
+    the first opened, spanning them all, with their webhook deliveries; resolved episodes and
+    other layers' are kept as they were."""
+    url, engine = empty_database, empty_engine
+    command.upgrade(alembic_config(url), "0001")
+    alert = (
+        "INSERT INTO alert (id, run_id, rule, layer, severity, status, step, message,"
+        " \"values\", created_at) VALUES (:i, 1, 'nan_inf', :l, 'critical', :s, :step, '',"
+        " :v, :t)"
+    )
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO project (id, name, created_at) VALUES (1, 'p', :t)"), T)
+        conn.execute(
+            text(
+                "INSERT INTO run (id, project_id, name, status, config, tags, summary,"
+                " client_stats, created_at, updated_at) VALUES"
+                " (1, 1, 'r', 'running', '{}', '[]', '{}', '{}', :t, :t)"
+            ),
+            T,
+        )
+        for i, layer, status, step, span in (
+            (1, "fc1", "resolved", 5, (5, 6)),
+            (2, "fc1", "open", 30, (30, 40)),
+            (3, "fc1", "open", 20, (20, 25)),
+            (4, "fc1", "open", 50, (50, 50)),
+            (5, "fc2", "open", 30, (30, 30)),
+        ):
+            values = f'{{"first_step": {span[0]}, "last_step": {span[1]}}}'
+            conn.execute(
+                text(alert), {"i": i, "l": layer, "s": status, "step": step, "v": values, **T}
+            )
+        conn.execute(
+            text(
+                "INSERT INTO webhook (id, project_id, url, events, secret, enabled, format,"
+                " created_at) VALUES (1, 1, 'https://example.org/h', '[]', 's', true, 'json', :t)"
+            ),
+            T,
+        )
+        for i, alert_id in enumerate((2, 3, 4, 5), start=1):
+            conn.execute(
+                text(
+                    "INSERT INTO delivery (webhook_id, alert_id, message_id, event, payload,"
+                    " status, attempts, next_at, created_at)"
+                    " VALUES (1, :a, :m, 'alert.opened', '{}', 'delivered', 1, :t, :t)"
+                ),
+                {"a": alert_id, "m": f"m{i}", **T},
+            )
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        alerts = conn.execute(
+            text('SELECT id, layer, status, step, "values" FROM alert ORDER BY id')
+        ).all()
+        deliveries = conn.execute(text("SELECT alert_id FROM delivery ORDER BY id")).all()
+    spans = [
+        (i, layer, status, step, json.loads(v) if isinstance(v, str) else v)
+        for i, layer, status, step, v in alerts
+    ]
+    assert spans == [
+        (1, "fc1", "resolved", 5, {"first_step": 5, "last_step": 6}),
+        (2, "fc1", "open", 20, {"first_step": 20, "last_step": 50}),
+        (5, "fc2", "open", 30, {"first_step": 30, "last_step": 30}),
+    ]
+    assert [d[0] for d in deliveries] == [2, 2, 2, 5]
 
 
 def test_read_side_migration_keeps_rows_counts_series_and_downgrades(
