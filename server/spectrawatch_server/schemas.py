@@ -76,8 +76,29 @@ def _not_too_deep(value: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"nested more than {JSON_DEPTH_MAX} levels deep")
 
 
-# free-form JSON a run carries (config, summary)
-JsonObject = Annotated[dict[str, Any], AfterValidator(_not_too_deep)]
+NONFINITE_JSON = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+"""How a run's config or summary stores a NaN/Inf number: the token Python's ``json`` writes
+(and ``float()`` or JavaScript's ``Number()`` reads back), as a string: standard JSON holds no
+such number, and PostgreSQL refused the run while SQLite stored invalid JSON."""
+
+
+def _nonfinite_as_strings(value: Any) -> Any:
+    """``value`` with every NaN/Inf float replaced by its :data:`NONFINITE_JSON` string (the
+    depth is already bounded by :func:`_not_too_deep`)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else NONFINITE_JSON[repr(value)]
+    if isinstance(value, dict):
+        return {k: _nonfinite_as_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nonfinite_as_strings(v) for v in value]
+    return value
+
+
+# free-form JSON a run carries (config, summary): a diverged run's summary may hold a NaN loss,
+# a config ``max_steps = inf``; both are kept, as strings
+JsonObject = Annotated[
+    dict[str, Any], AfterValidator(_not_too_deep), AfterValidator(_nonfinite_as_strings)
+]
 
 
 class ProjectCreate(BaseModel):

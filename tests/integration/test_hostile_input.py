@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ import torch
 
 from spectrawatch.wire import encode_frame
 from tests.factories import make_run, post_frame, weight_frame
+from tests.races import DATABASES, app_client
 from tests.servers import ServerProcess, run_cli
 
 pytestmark = pytest.mark.integration
@@ -283,3 +286,27 @@ def test_full_blob_disk_answers_507_and_stores_nothing(tmp_path: Path) -> None:
     finally:
         proc.stop()
         subprocess.run(["umount", str(blob_dir)], capture_output=True)
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_nonfinite_numbers_in_a_run_config_or_summary_are_kept_as_strings(
+    tmp_path: Path, database: str
+) -> None:
+    """A config ``max_steps = inf`` or a diverged run's NaN summary, in a body written by
+    ``json.dumps`` (NaN/Infinity tokens): SQLite stored the invalid JSON (read back as null),
+    PostgreSQL answered 422 naming no field. Now both keep them as the strings Python writes."""
+    config = {"max_steps": math.inf, "floor": -math.inf, "lr": 1e-3, "sched": [1.0, math.nan]}
+    want = {"max_steps": "Infinity", "floor": "-Infinity", "lr": 1e-3, "sched": [1.0, "NaN"]}
+    json_body = {"content-type": "application/json"}
+    with app_client(tmp_path, database, prefix="sw_nan") as client:
+        body = json.dumps({"project": "p", "name": "r", "config": config})
+        created = client.post("/api/v1/runs", content=body, headers=json_body)
+        assert created.status_code == 201, created.text
+        assert created.json()["config"] == want
+        run_id = created.json()["id"]
+        body = json.dumps({"summary": {"loss": math.nan, "best": {"loss": 0.5}}})
+        updated = client.patch(f"/api/v1/runs/{run_id}", content=body, headers=json_body)
+        assert updated.status_code == 200, updated.text
+        read = client.get(f"/api/v1/runs/{run_id}").json()
+    assert read["config"] == want
+    assert read["summary"] == {"loss": "NaN", "best": {"loss": 0.5}}
