@@ -233,11 +233,6 @@ class Worker:
         result_store.replace_results(
             session, frame.run_id, frame.id, frame.step, analysis, metrics, spectra
         )
-        model = {(m.name, m.step) for m in metrics if m.layer == MODEL_LAYER}
-        if model:
-            result_store.drop_other_model_values(
-                session, frame.run_id, frame.id, analysis, MODEL_LAYER, model
-            )
 
 
 def _jsonable(value: Any) -> Any:

@@ -21,13 +21,13 @@ from spectrawatch_server.api.routes import dashboard_figures
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db.base import utcnow
-from spectrawatch_server.db.models import Metric, MetricSeries, Run
+from spectrawatch_server.db.models import Metric, MetricSeries, Run, Spectrum
 from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.downsample import downsample, downsample_many
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import metric_reads, result_store, series
 from spectrawatch_server.storage import repository as repo
-from spectrawatch_server.storage.result_store import SpectrumRow
+from spectrawatch_server.storage.result_store import MetricRow, SpectrumRow
 from tests.dashboard_seed import done_frame, migrated, new_run
 from tests.unit.test_dashboards import statements
 
@@ -510,7 +510,8 @@ def test_metric_catalog_is_kept_at_write_time_with_the_group_by_answer(tmp_path:
     writes (``metric_series``, 0008) and its first and last step are seeks. The answer equals
     the ``GROUP BY``'s after every kind of metric write: an analysis stored, stored again
     (re-analysis), whole-model values replaced and dropped, an imported batch, NaN stored as
-    NULL, another run deleted; layers missing from some metrics, unicode names."""
+    NULL, other frames' rows at the same steps, another run deleted; layers missing from some
+    metrics, unicode names."""
     engine, sessions = migrated(tmp_path)
     with sessions.begin() as s:
         run_id = new_run(s, "p", "r")
@@ -539,8 +540,13 @@ def test_metric_catalog_is_kept_at_write_time_with_the_group_by_answer(tmp_path:
         lambda s: result_store.replace_model_values(
             s, run_id, done_frame(s, run_id, 9, 1).id, 9, "sed", "__model__", {"grok.score": 0.7}
         ),
-        lambda s: result_store.drop_other_model_values(
-            s, run_id, -1, "sed", "__model__", [("grok.score", 9), ("z", 9)]
+        # a resumed session's frame re-sends steps 0-9: its rows replace the older frame's there
+        lambda s: result_store.replace_results(
+            s, run_id, done_frame(s, run_id, 9, 2).id, 9, "x", [r for r in rows if r.step < 10], []
+        ),
+        # an older frame analysed after it: its rows where the newer frame's are go unstored
+        lambda s: result_store.replace_results(
+            s, run_id, done_frame(s, run_id, 5, -5).id, 5, "y", [r for r in rows if r.step > 5], []
         ),
         lambda s: result_store.insert_metric_batch(
             s,
@@ -617,10 +623,10 @@ def test_client_follows_next_links_and_sends_its_token_to_no_other_host() -> Non
 
 
 def test_whole_model_rewrites_seek_the_run_metric_names(tmp_path: Path) -> None:
-    """The worker's deletes of whole-model values (a weight frame's summary, an SED frame's
-    grokking values) seek ``(run_id, name, ...)``: filtered on step, analysis and layer alone
-    they walked every metric row of the run once per frame (10-17 ms on a 90,000-row run,
-    growing with the run). They still delete exactly the rows they did."""
+    """The worker's delete of a weight frame's whole-model summary seeks ``(run_id, name,
+    ...)``: filtered on step, analysis and layer alone it walked every metric row of the run
+    once per frame (10-17 ms on a 90,000-row run, growing with the run). It still deletes
+    exactly the rows it did."""
     engine, sessions = migrated(tmp_path)
     with sessions.begin() as s:
         run_id = new_run(s, "p", "r")
@@ -637,21 +643,75 @@ def test_whole_model_rewrites_seek_the_run_metric_names(tmp_path: Path) -> None:
             result_store.replace_model_values(
                 s, run_id, second.id, 9, "sed", "__model__", {"z": 2.0}
             )
-            result_store.drop_other_model_values(
-                s, run_id, first.id, "sed", "__model__", [("z", 9), ("a", 3)]
-            )
         deletes = [(q, p) for q, p in seen if q.lstrip().upper().startswith("DELETE")]
-        assert len(deletes) == 2
+        assert len(deletes) == 1
         for query, params in deletes:
             plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query, params)]
             assert "name=?" in plan[0], plan
         left = s.execute(
             select(Metric.frame_id, Metric.name, Metric.step).where(Metric.layer == "__model__")
         ).all()
-        assert left == []  # "z" of the second frame went too: not the first frame's
+        assert left == [(second.id, "z", 9)]
     with sessions() as s:
         kept = s.scalar(select(func.count()).select_from(Metric).where(Metric.run_id == run_id))
-        assert kept == len(rows)
+        assert kept == len(rows) + 1
+    engine.dispose()
+
+
+def test_a_resumed_run_keeps_one_point_per_step_the_latest_frames(tmp_path: Path) -> None:
+    """A run resumed from a checkpoint re-sends steps under higher seqs (weights at 0, 500,
+    1000, then 500, 1000 again, then 1500): every series (per layer and whole-model) kept both
+    rows at each re-sent step (steps 0, 500, 500, 1000, 1000, 1500). Now one a step, the higher
+    seq's, whatever order the frames are analysed in (seq 2 here after seq 4, seq 1 re-analysed
+    last); the catalog counts those points. Two imported batches: the later one's. The layer
+    drill-down's spectrum of a step is the higher seq's too."""
+    engine, sessions = migrated(tmp_path)
+    steps = [0, 500, 1000, 500, 1000, 1500]  # by seq
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "resumed")
+        frames = [done_frame(s, run_id, step, seq).id for seq, step in enumerate(steps)]
+
+    def analyse(seq: int) -> None:
+        rows = [
+            MetricRow(layer, name, steps[seq], float(seq))
+            for layer in ("l0", "l1", "__model__")
+            for name in ("htsr.alpha", "norm")
+        ]
+        spectra = [SpectrumRow("l0", {"seq": seq})]
+        with sessions.begin() as s:
+            result_store.replace_results(s, run_id, frames[seq], steps[seq], "htsr", rows, spectra)
+
+    for seq in (0, 1, 3, 4, 2, 5, 1):
+        analyse(seq)
+    with sessions.begin() as s:  # frames sharing no step: a seek per stored row, index only
+        frame = done_frame(s, run_id, 2000, 6)
+        conn = s.connection()
+        with statements(conn) as seen:
+            result_store.replace_results(
+                s, run_id, frame.id, 2000, "htsr", [MetricRow("l0", "norm", 2000, 6.0)], []
+            )
+        (query, params), *_ = [(q, p) for q, p in seen if "LIMIT" in q.upper()]
+        plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query, params)]
+        assert "COVERING INDEX sqlite_autoindex_metric_1 (frame_id=? AND analysis=?)" in plan[0]
+        assert "COVERING INDEX ix_metric_run_name_layer_step (run_id=? AND name=? AND" in plan[-1]
+        s.execute(delete(Metric).where(Metric.frame_id == frame.id))
+        result_store.rebuild_metric_series(s, run_id)
+    with sessions.begin() as s:
+        for key, value in (("k1", 1.0), ("k2", 2.0)):
+            rows = [MetricRow("l0", "imported", t, value) for t in (7, 8)]
+            result_store.insert_metric_batch(s, run_id, key, "import", rows)
+    with sessions() as s:
+        for layer in ("l0", "l1", "__model__"):
+            for name in ("htsr.alpha", "norm"):
+                got = metric_reads.metric_tail(s, run_id, name, layer, 100)
+                assert got == [(0, 0.0), (500, 3.0), (1000, 4.0), (1500, 5.0)], (name, layer)
+        assert metric_reads.metric_tail(s, run_id, "imported", "l0", 9) == [(7, 2.0), (8, 2.0)]
+        assert list(metric_reads.metric_catalog(s, run_id)) == _grouped_catalog(s, run_id)
+        assert ("norm", "l0", 4, 0, 1500) in _grouped_catalog(s, run_id)
+        shown = metric_reads.spectrum_steps(s, run_id, "l0", "htsr")
+        payloads = [s.get_one(Spectrum, sid).payload["seq"] for _, sid in shown]
+        assert [step for step, _ in shown] == [0, 500, 1000, 1500]
+        assert payloads == [0, 3, 4, 5]
     engine.dispose()
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import ColumnElement, bindparam, select, text, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from spectrawatch_server.db.models import Metric, Scalar, Spectrum
+from spectrawatch_server.db.models import Frame, Metric, Scalar, Spectrum
 
 
 def _in_range(step_col: Any, start: int | None, end: int | None) -> list[ColumnElement[bool]]:
@@ -198,14 +198,18 @@ def scalar_tail(session: Session, run_id: int, name: str, limit: int) -> list[tu
 def spectrum_steps(
     session: Session, run_id: int, layer: str, analysis: str
 ) -> list[tuple[int, int]]:
-    """``(step, id)`` of one layer's spectra of one analysis, by step then id: the keys alone
-    (a layer's drill-down lists its steps and loads one payload, not every one of the run)."""
+    """``(step, id)`` of one layer's spectra of one analysis, by step: the keys alone (a
+    layer's drill-down lists its steps and loads one payload, not every one of the run). One a
+    step: the latest frame's, by ``(seq, id)``, as for metric rows (a resumed run's frames
+    re-send steps, each with its spectra)."""
     stmt = (
         select(Spectrum.step, Spectrum.id)
+        .join(Frame, Frame.id == Spectrum.frame_id)
         .where(Spectrum.run_id == run_id, Spectrum.layer == layer, Spectrum.analysis == analysis)
-        .order_by(Spectrum.step, Spectrum.id)
+        .order_by(Spectrum.step, Frame.seq, Frame.id)
     )
-    return [(int(step), int(sid)) for step, sid in session.execute(stmt)]
+    latest = {int(step): int(sid) for step, sid in session.execute(stmt)}
+    return list(latest.items())
 
 
 SpectrumKey = tuple[int, str, str, int]  # (step, layer, analysis, id): the page order
