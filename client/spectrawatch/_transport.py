@@ -217,7 +217,7 @@ class Api:
         """Create the run, or get the existing one of that name (resume: ``_status`` 200)."""
         body: dict[str, Any] = {"project": project, "name": name}
         if config:
-            body["config"] = dict(config)
+            body["config"] = finite_json(dict(config))
         if tags:
             body["tags"] = list(tags)
         out: dict[str, Any] = self._request("POST", "/runs", json=body)
@@ -235,7 +235,7 @@ class Api:
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"status": status}
         if summary:
-            body["summary"] = dict(summary)
+            body["summary"] = finite_json(dict(summary))
         out: dict[str, Any] = self._request(
             "PATCH", f"/runs/{run_id}", json=body, headers=_uid_header(uid)
         )
@@ -325,3 +325,19 @@ def _root_of(resp: httpx.Response) -> str:
     return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path.partition(API_PATH)[0]}".rstrip(
         "/"
     )
+
+
+NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN/Infinity float replaced by the string the server stores for it
+    (``"NaN"``, ``"Infinity"``, ``"-Infinity"``; Python's ``json`` tokens): httpx refuses to
+    encode them, and a run whose ``config`` held ``max_steps=inf`` was never created."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else NON_FINITE[value]
+    if isinstance(value, Mapping):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value

@@ -3,6 +3,7 @@ across a kill -9 and restart, and training that completes when no server ever st
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
@@ -205,6 +206,31 @@ def test_a_resumed_run_continues_after_its_last_step(server: ServerProcess, tmp_
     steps = sorted(f["step"] for f in frames_of(server.url, m.run_id) if f["kind"] == "weights")
     assert steps == sorted(set(steps))  # one snapshot per step: the second session's are > 10
     assert steps[-1] == 20
+
+
+def test_a_config_holding_infinity_or_nan_creates_its_run(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """``config={"max_steps": inf}``: httpx refused to encode the run's creation, and the run
+    was never created (every frame stayed spooled). Non-finite numbers travel as the strings
+    the server stores for them."""
+    m = spectrawatch.Monitor()
+    config = {"max_steps": math.inf, "sched": [1.0, math.nan], "floor": -math.inf, "lr": 0.1}
+    m.init(**client_settings(tmp_path, server.url, "inf-config"), config=config)
+    loop = Loop(m)
+    for _ in range(3):
+        loss = loop.model(loop.x).pow(2).mean()
+        loop.opt.zero_grad()
+        loss.backward()
+        loop.opt.step()
+        m.log({"loss": loss})
+    assert m.finish(timeout=60)
+    assert isinstance(m.run_id, int)
+    with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as c:
+        run = c.get(f"/runs/{m.run_id}").json()
+    want = {"max_steps": "Infinity", "sched": [1.0, "NaN"], "floor": "-Infinity", "lr": 0.1}
+    assert run["config"] == want
+    assert run["last_step"] == 3
 
 
 def test_a_run_stored_under_dot_names_is_resumed_and_a_new_one_refused_quietly(
