@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
+from spectrawatch._reply import ACCEPT_ENCODING, REPLY_MAX, ReplyError, read_reply
 from spectrawatch._transport import error_of, parse_retry_after
 from spectrawatch.config import DEFAULT_URL, url_problem
 
@@ -38,7 +39,9 @@ def server_url(args: argparse.Namespace) -> str:
 def _client(args: argparse.Namespace) -> httpx.Client:
     url = server_url(args)
     token = args.token or os.environ.get("SPECTRAWATCH_TOKEN")
-    headers = {"authorization": f"Bearer {token}"} if token else {}
+    headers = {"accept-encoding": ACCEPT_ENCODING}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
     return httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=30)
 
 
@@ -64,14 +67,21 @@ BUSY_RETRIES = 3  # after the first attempt; each waits Retry-After, at most BUS
 BUSY_WAIT_MAX_S = 10.0
 
 
-def call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
-    """One request to ``/api/v1{path}``: its JSON (None for 204), or :class:`CliError`. A 503
-    ``database_busy`` / ``database_unavailable`` (a lock held by an analysis, a database
-    restarting) is sent again after its ``Retry-After``, up to :data:`BUSY_RETRIES` times."""
+def call(
+    args: argparse.Namespace, method: str, path: str, max_bytes: int = REPLY_MAX, **kwargs: Any
+) -> Any:
+    """One request to ``/api/v1{path}``: its JSON (None for 204), or :class:`CliError`, also
+    for a reply larger than ``max_bytes``. A 503 ``database_busy`` / ``database_unavailable``
+    (a lock held by an analysis, a database restarting) is sent again after its
+    ``Retry-After``, up to :data:`BUSY_RETRIES` times."""
     with _client(args) as client:
         for attempt in range(BUSY_RETRIES + 1):
             try:
-                response = client.request(method, path, **kwargs)
+                response = read_reply(
+                    client, client.build_request(method, path, **kwargs), max_bytes
+                )
+            except ReplyError as exc:
+                raise CliError(f"{method} {path}: {exc}") from exc
             except httpx.HTTPError as exc:
                 raise CliError(f"cannot reach the server: {exc}") from exc
             wait = _busy_wait(response)

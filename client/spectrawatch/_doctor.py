@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import httpx
 
+from spectrawatch._reply import ACCEPT_ENCODING, REPLY_MAX, read_reply
 from spectrawatch._spool import spooled_run_dirs
 from spectrawatch._version import __version__
 from spectrawatch.config import API_PATH, ClientSettings, SettingsError
@@ -249,7 +250,8 @@ def run_checks(
         timeout = min(settings.timeout_s, 10.0)
 
         def get(url: str, **kwargs: Any) -> httpx.Response:
-            return httpx.get(url, timeout=timeout, **kwargs)
+            with httpx.Client(timeout=timeout, headers={"Accept-Encoding": ACCEPT_ENCODING}) as c:
+                return read_reply(c, c.build_request("GET", url, **kwargs), REPLY_MAX)
 
     return [*_local(), *_remote(settings, get), _spool(settings)]
 

@@ -13,7 +13,11 @@ thread and is abandoned (as :class:`Unavailable`) when it has not completed with
 (the sender's flush deadline). An abandoned request may still complete later; everything the
 client sends is idempotent (frames by their key, scalars by (step, name)), so sending it again
 from the spool is safe. At most ``_MAX_ABANDONED`` abandoned requests are left running; while
-that many are, new requests fail at once instead of piling up connections.
+that many are, new requests fail at once instead of piling up connections; an abandoned one
+stops reading at its next chunk of reply. No reply is read past :data:`_REPLY_MAX` bytes (plus
+twice the largest JSON body sent, which a run's reply may echo: its config), compressed or not
+(:func:`~spectrawatch._reply.read_reply`): a server answering without end cannot fill the
+training process's memory.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ from typing import Any
 
 import httpx
 
+from spectrawatch._reply import ACCEPT_ENCODING, read_reply
 from spectrawatch.config import API_PATH
 from spectrawatch.wire import IDEMPOTENCY_HEADER, RUN_UID_HEADER
 
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 _MIN_RATE = 100_000  # bytes/s an upload is allowed on top of ``deadline_s``
 _MAX_ABANDONED = 2
+_REPLY_MAX = 4 << 20  # bytes of a reply read at most, besides the echo of what was sent
 
 
 class ApiError(Exception):
@@ -107,7 +113,7 @@ class Api:
         transport: httpx.BaseTransport | None = None,
         deadline_s: float | None = None,
     ) -> None:
-        headers = {"User-Agent": "spectrawatch-client"}
+        headers = {"User-Agent": "spectrawatch-client", "Accept-Encoding": ACCEPT_ENCODING}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._client = httpx.Client(
@@ -119,6 +125,7 @@ class Api:
         self.deadline_s = 3 * timeout_s if deadline_s is None else deadline_s
         self.not_after = math.inf  # monotonic time after which no request may still run
         self._abandoned: list[threading.Thread] = []
+        self._reply_max = _REPLY_MAX
 
     def close(self) -> None:
         self._client.close()
@@ -135,13 +142,16 @@ class Api:
                 f"{method} {path}: not sent, {len(self._abandoned)} earlier requests are "
                 "still unanswered (server too slow)"
             )
+        request = self._client.build_request(method, API_PATH + path, content=content, **kwargs)
+        if kwargs.get("json") is not None:  # a run's reply echoes its config
+            self._reply_max = max(self._reply_max, _REPLY_MAX + 2 * len(request.content))
+        limit = self._reply_max
         outcome: list[httpx.Response | BaseException] = []
+        abandoned = threading.Event()
 
         def call() -> None:
             try:
-                outcome.append(
-                    self._client.request(method, API_PATH + path, content=content, **kwargs)
-                )
+                outcome.append(read_reply(self._client, request, limit, abandoned))
             except BaseException as exc:  # handed to the caller, never raised here
                 outcome.append(exc)
 
@@ -153,6 +163,7 @@ class Api:
             left = min(end, self.not_after) - time.monotonic()
             if left <= 0:
                 self._abandoned.append(worker)
+                abandoned.set()
                 waited = time.monotonic() - start
                 raise Unavailable(f"{method} {path}: no complete reply in {waited:.1f} s")
             worker.join(min(left, 0.25))

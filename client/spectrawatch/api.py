@@ -9,7 +9,8 @@ The notebook side of the HTTP API (like ``wandb.Api`` or ``mlflow.search_runs``)
     df = run.history(["htsr.alpha", "sed.gap_ratio.w32"], layer="__model__")  # pandas, if present
 
 Values the server stored as NaN/Inf come back as ``nan``. Every call is one or a few HTTP
-requests; errors raise :class:`ApiError` with the server's message.
+requests; errors raise :class:`ApiError` with the server's message, also a reply larger than
+1 GiB (a run's every point fits several times over), which is not read further.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from spectrawatch._reply import ACCEPT_ENCODING, SERIES_REPLY_MAX, ReplyError, read_reply
 from spectrawatch._transport import error_of
 from spectrawatch.config import API_PATH, DEFAULT_URL, SettingsError, url_problem
 
@@ -64,7 +66,9 @@ class Api:
         if problem is not None:
             raise SettingsError(f"url {self.url!r:.200}: {problem}")
         token = token or os.environ.get("SPECTRAWATCH_TOKEN")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {"Accept-Encoding": ACCEPT_ENCODING}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(base_url=self.url + API_PATH, headers=headers, timeout=timeout_s)
 
     def close(self) -> None:
@@ -90,17 +94,23 @@ class Api:
         while the client reused it fails before any reply, with the server up."""
         try:
             try:
-                resp = self._http.request(method, path, **kwargs)
+                resp = self._read(method, path, **kwargs)
             except _BROKEN_CONNECTION:
                 if method not in _SAFE_METHODS:  # it may have run: repeating it is not safe
                     raise
-                resp = self._http.request(method, path, **kwargs)  # the broken one is discarded
+                resp = self._read(method, path, **kwargs)  # the broken one is discarded
+        except ReplyError as exc:
+            raise ApiError(f"{method} {path}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach {self.url}: {exc}") from exc
         if resp.status_code >= 400:
             _, message = error_of(resp)
             raise ApiError(f"{method} {path}: HTTP {resp.status_code}: {message}", resp.status_code)
         return resp
+
+    def _read(self, method: str, path: str | httpx.URL, **kwargs: Any) -> httpx.Response:
+        request = self._http.build_request(method, path, **kwargs)
+        return read_reply(self._http, request, SERIES_REPLY_MAX)
 
     def whoami(self) -> dict[str, Any]:
         """``GET /token``: this client's token's ``project`` (None: every project), ``role``
