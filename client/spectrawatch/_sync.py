@@ -5,6 +5,10 @@ A run whose server was away (or too slow) when it finished leaves its frames and
 spool in order with the entries' own idempotency keys (so nothing is stored twice, however
 often it is run), then sets the run's final status if the run had finished. A spool that a live
 training process holds (its ``.lock``) is skipped. Like ``wandb sync`` for offline runs.
+
+Each run goes to ``--url``, else to the server its ``run.json`` records. With a token, a run
+recorded for another server than the configured one (``SPECTRAWATCH_URL``) is skipped: anyone
+who can write to the spool directory could otherwise name a URL that collects the token.
 """
 
 from __future__ import annotations
@@ -177,6 +181,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
     failed = 0
     for run_dir, meta in chosen:
         url = args.url or (meta or {}).get("url") or settings.url
+        if settings.token and not args.url and str(url).rstrip("/") != settings.url.rstrip("/"):
+            print(
+                f"{run_dir}: skipped: recorded for {url!r:.200}, not the configured server "
+                f"{settings.url}, and the token is sent only there (--url with that server's "
+                "root, and its token, delivers it there)"
+            )
+            failed += not args.dry_run
+            continue
         try:
             run_settings = settings.replace(url=url)
         except SettingsError as exc:  # a run.json URL this client refuses (ending in /api/v1)
@@ -198,7 +210,8 @@ def add_sync_command(subparsers: Any) -> None:
     p.add_argument(
         "--url",
         default=None,
-        help="server URL (default: the one each run used, then SPECTRAWATCH_URL)",
+        help="server URL for every run (default: the one each run used, then "
+        "SPECTRAWATCH_URL; with a token, runs used with another server are skipped)",
     )
     p.add_argument("--token", default=None, help="API token (SPECTRAWATCH_TOKEN)")
     p.add_argument("--spool-dir", default=None, help="spool directory (SPECTRAWATCH_SPOOL_DIR)")

@@ -201,9 +201,13 @@ def test_a_training_run_with_a_read_token_turns_monitoring_off_once_and_trains_o
 
 
 def test_sync_with_a_read_token_says_so_and_keeps_the_spool_for_a_write_token(
-    secured: tuple[ServerProcess, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    secured: tuple[ServerProcess, str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     proc = secured[0]
+    monkeypatch.setenv("SPECTRAWATCH_URL", proc.url)  # a token goes only to this server
     m = spectrawatch.Monitor()
     m.init(**client_settings(tmp_path, proc.url, "synced", project="alpha", mode="offline"))
     Loop(m).run(10)

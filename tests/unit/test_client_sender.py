@@ -929,6 +929,72 @@ def test_sync_skips_a_spool_whose_run_json_names_the_api_path(
     assert len(Spool(spool.dir, 1 << 20)) == 1
 
 
+class HeaderLog:
+    """A real HTTP server that logs each request's header lines and answers ``404 {}``."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.heads: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed at the end of the test
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+                self.heads.append(head.decode("latin-1").lower())
+                conn.sendall(b"HTTP/1.1 404 x\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_sync_sends_the_token_only_to_the_configured_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``run.json`` naming another server (a spool anyone can write to) does not get the
+    token sent there: the run is skipped, saying where it was recorded for; ``--url`` sends it
+    there, and without a token the recorded server is used as before."""
+    from spectrawatch.cli import main
+
+    log = HeaderLog()
+    try:
+        spool = Spool(tmp_path / "p" / "r", 1 << 20)
+        spool.put("sc", {"type": "scalars", "n": 1}, b'[{"step":1,"name":"x","value":1.0}]')
+        spool.write_meta({"project": "p", "run": "r", "url": log.url, "status": "finished"})
+        monkeypatch.setenv("SPECTRAWATCH_URL", "http://127.0.0.1:9")  # the configured server
+        monkeypatch.setenv("SPECTRAWATCH_TOKEN", "sw_real")
+        sync = ["sync", "--spool-dir", str(tmp_path), "--timeout", "5"]
+        assert main(sync) == 1
+        out = capsys.readouterr().out
+        assert f"recorded for {log.url!r}" in out
+        assert "skipped" in out
+        assert "--url" in out
+        assert log.heads == []
+        assert len(Spool(spool.dir, 1 << 20)) == 1
+        assert main([*sync, "--url", log.url]) == 1  # the user's choice (404: not delivered)
+        assert log.heads
+        assert all("authorization: bearer sw_real" in h for h in log.heads)
+        log.heads.clear()
+        monkeypatch.delenv("SPECTRAWATCH_TOKEN")
+        assert main(sync) == 1
+        assert log.heads
+        assert not any("authorization" in h for h in log.heads)
+    finally:
+        log.close()
+
+
 def test_a_scan_never_deletes_a_live_writers_temp_files(tmp_path: Path) -> None:
     """Listing a spool (``sync --dry-run``, a second process's ``len``) deleted every ``*.tmp``
     in it: a live writer's rename then failed and its entry was lost. Only the next holder of
