@@ -562,10 +562,27 @@ def _chunks(rows: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 # --- commands ----------------------------------------------------------------------------------
+_UNSAFE_IN_NAME = re.compile(r"[\x00-\x1f\x7f/\\\ud800-\udfff]")
+_OUTPUT_NAME_BYTES = 200  # of the default output folder's name (filesystems allow 255)
+
+
+def default_output(project: object, name: object) -> Path:
+    """``PROJECT-RUN-export`` as one folder of the working directory, whatever names the server
+    sends: path separators, control characters and lone surrogates as ``_``, no leading dot (no
+    hidden folder, no ``..``), at most 200 bytes (one cut short ends in a digest of both)."""
+    text = f"{project}-{name}-export"
+    clean = _UNSAFE_IN_NAME.sub("_", text).lstrip(".")
+    if len(clean.encode()) > _OUTPUT_NAME_BYTES:
+        digest = hashlib.sha256(clean.encode()).hexdigest()[:8]
+        head = clean.encode()[: _OUTPUT_NAME_BYTES - 16].decode(errors="ignore")
+        clean = f"{head}-{digest}-export"
+    return Path(clean)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     try:
         run = resolve_run(args, args.run, args.project)
-        out = Path(args.output or f"{run['project']}-{run['name']}-export")
+        out = Path(args.output) if args.output else default_output(run["project"], run["name"])
         if args.format == "parquet":
             _pyarrow()  # before fetching everything
         data = fetch_run(args, run)
@@ -625,7 +642,11 @@ def add_export_commands(subparsers: Any) -> None:
     exp.add_argument("run", help="run id; or run name, always with --project when given")
     exp.add_argument("--project", default=None, help="the run's project")
     exp.add_argument(
-        "-o", "--output", default=None, help="output directory (default PROJECT-RUN-export)"
+        "-o",
+        "--output",
+        default=None,
+        help="output directory (default PROJECT-RUN-export, one folder of the working "
+        "directory: separators and control characters in the names become _)",
     )
     exp.add_argument(
         "--format", choices=FORMATS, default="csv", help="file format (parquet needs pyarrow)"

@@ -499,6 +499,41 @@ def test_export_output_and_url_mistakes_are_clear(
     assert f"without /api/v1 (the client adds it): use {source['url']}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("project", "name", "folder"),
+    [
+        ("{outside}", "x", "_{outside_flat}-x-export"),
+        ("..", "../../x", "-.._.._x-export"),
+        (".hidden", "r\x00\n", "hidden-r__-export"),
+        ("my proj", "ré", "my proj-ré-export"),
+    ],
+)
+def test_the_default_export_folder_is_one_folder_whatever_the_server_names_the_run(
+    project: str,
+    name: str,
+    folder: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A server's project and run names make the default folder's name, never its path: a
+    hostile server naming its project ``/elsewhere`` cannot have the export written there."""
+    outside = tmp_path / "outside" / "escaped"
+    outside.parent.mkdir()
+    project = project.format(outside=outside)
+    folder = folder.format(outside_flat=str(outside).strip("/").replace("/", "_"))
+    run = {"id": 7, "project": project, "name": name, "status": "finished", "config": {}}
+    replies = {"/runs/7": run, "/runs/7/scalars": [], "/runs/7/metrics/catalog": []}
+    monkeypatch.setattr(_export, "call", lambda _args, _method, path, *_a, **_k: replies[path])
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["export", "7", "--url", "http://127.0.0.1:9"]) == 0, capsys.readouterr().err
+    assert [p.name for p in work.iterdir()] == [folder]
+    assert (work / folder / "run.json").is_file()
+    assert not list(outside.parent.iterdir())
+
+
 def test_help_says_what_is_not_exported(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ("export", "import"):
         with pytest.raises(SystemExit):
