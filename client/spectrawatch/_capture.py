@@ -89,8 +89,8 @@ from spectrawatch.spectral.grokking import (
     prediction_agreement,
     predictions_of,
 )
+from spectrawatch.wire import MODEL_LAYER as MODEL_KEY
 
-MODEL_KEY = "__model__"
 # the name of the model itself among the probed modules (a model that is one Linear or Conv):
 # its ``named_modules()`` name is "", which a frame cannot carry as a tensor name
 ROOT_MODULE = "(model)"

@@ -19,6 +19,7 @@ from spectrawatch._cli_http import (
     server_args,
 )
 from spectrawatch._export import resolve_run
+from spectrawatch.wire import MODEL_LAYER
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
@@ -351,7 +352,7 @@ def add_runs_commands(subparsers: Any) -> None:
         help="SED lag analysis: does the spectral gap lead a logged scalar, by how many steps",
     )
     lag.add_argument("--scalar", default="val_loss", help="logged scalar (default val_loss)")
-    lag.add_argument("--layer", default="__model__", help="layer of the gap series")
+    lag.add_argument("--layer", default=MODEL_LAYER, help="layer of the gap series")
     lag.add_argument("--max-lag", type=int, default=10, help="lags in points of the shared steps")
     lag.add_argument("--json", action="store_true", help="print the analysis as JSON")
     lag.set_defaults(func=reporting_errors(cmd_runs_lag))

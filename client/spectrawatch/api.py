@@ -27,8 +27,8 @@ import httpx
 from spectrawatch._reply import ACCEPT_ENCODING, SERIES_REPLY_MAX, ReplyError, read_reply
 from spectrawatch._transport import error_of
 from spectrawatch.config import API_PATH, DEFAULT_URL, SettingsError, url_problem
+from spectrawatch.wire import MODEL_LAYER as MODEL_LAYER  # the layer of whole-model series
 
-MODEL_LAYER = "__model__"  # the layer name of whole-model series
 _PAGE = 1000
 _MAX_POINTS = 100_000  # the most points per series the server returns at once
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # repeating one changes nothing
@@ -224,7 +224,7 @@ class Run:
         return self.api._every(f"/runs/{self.id}/alerts", status=status)
 
     def sed_lag(
-        self, scalar: str = "val_loss", layer: str = "__model__", max_lag: int = 10
+        self, scalar: str = "val_loss", layer: str = MODEL_LAYER, max_lag: int = 10
     ) -> list[dict[str, Any]]:
         """SED lag analysis: per gap-ratio series, r(gap_t, ``scalar``_{t+lag}) for each lag and
         the strongest (``best``: ``lag`` > 0 means the gap leads, by ``steps``)."""

@@ -14,11 +14,10 @@ from typing import Any, Protocol, TypeVar, cast
 
 import torch
 
+from spectrawatch.wire import MODEL_LAYER as MODEL_LAYER  # layer name for whole-model metrics
 from spectrawatch.wire import FrameHeader, FrameKind
 
 _Memo = TypeVar("_Memo", torch.Tensor, bool)
-
-MODEL_LAYER = "__model__"  # layer name for whole-model metrics
 
 
 @dataclass(frozen=True)

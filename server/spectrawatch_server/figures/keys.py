@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 
+from spectrawatch.wire import MODEL_LAYER as MODEL_LAYER  # the model-level pseudo-layer
+
 VAL_ACC_THRESHOLD = 0.9  # "generalised" line of the grokking overview
 VAL_ACC_PATTERN = re.compile(r"^(val|valid|validation|test|eval)[._/ -]?(acc|accuracy)$", re.I)
 WARNING_KEY = "grok.imminent"  # 1.0 from the step the SED early-warning detector fires
 PHASE_PREFIX = "sed.phase"
-MODEL_LAYER = "__model__"
 HTSR_GOOD_RANGE = (2.0, 6.0)  # Martin & Mahoney JMLR 2021 §5: well-trained layers
 
 

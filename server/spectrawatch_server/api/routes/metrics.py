@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.exc import IntegrityError
 
 from spectrawatch.spectral import sed
-from spectrawatch.wire import FrameKind
+from spectrawatch.wire import MODEL_LAYER, FrameKind
 from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep, require_role
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.links import next_link
@@ -165,7 +165,7 @@ def read_sed_lag(
     run: RunDep,
     session: SessionDep,
     scalar: Annotated[str, Query(min_length=1, max_length=200)] = "val_loss",
-    layer: Annotated[str, Query(min_length=1, max_length=500)] = "__model__",
+    layer: Annotated[str, Query(min_length=1, max_length=500)] = MODEL_LAYER,
     max_lag: Annotated[int, Query(ge=1, le=500)] = 10,
 ) -> LagAnalysis:
     """SED lag analysis (the SED paper's §4): Pearson r(gap_t, scalar_{t+l}) of every gap-ratio
