@@ -37,10 +37,10 @@ same captures on its local shards (the sketch is summed over ranks with one ``al
 weights are gathered only at snapshot steps; the probe forward runs on every rank) and only the
 emitting rank (rank 0) sends. The commutator-defect probe is off for sharded models.
 
-Activations: forward hooks on the probe modules over a fixed probe batch, in eval mode under
-``torch.no_grad()`` with the RNG forked; every module's train flag is restored and hooks removed.
-For compiled models the probe runs the original (eager) module, so the compiled graph never
-sees a hook. Commutator defect (opt-in):
+Collaborators: the hash index in :mod:`spectrawatch._sketch_index`, weight snapshots in
+:mod:`spectrawatch._weights`, activations and prediction scalars of the probe batch in
+:mod:`spectrawatch._probe`, the model helpers (unwrapping, the registration count) in
+:mod:`spectrawatch._model`. Commutator defect (opt-in):
 :func:`spectrawatch.spectral.grokking.median_commutator_defect` (``research/sed_eigentrack.md``
 §2.2; parameters, buffers and RNG state restored, optimizer never touched), sent as the scalar
 ``grok.commutator_defect``.
@@ -48,14 +48,12 @@ sees a hook. Commutator defect (opt-in):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any
 
@@ -65,117 +63,39 @@ from torch.nn.parameter import is_lazy
 
 from spectrawatch import _shards, wire
 from spectrawatch._cadence import AdaptiveCadence
+from spectrawatch._model import _STRUCTURE, _watch_structure, unwrap_model
+from spectrawatch._model import output_layer as output_layer
 from spectrawatch._overlap import GraphedSketch, PendingFrames, SketchStream
+from spectrawatch._probe import ROOT_MODULE as ROOT_MODULE
+from spectrawatch._probe import ProbeCapture
 from spectrawatch._row_groups import RowGroups, prefix_groups
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
+from spectrawatch._sketch_index import SketchIndex
 from spectrawatch._sketch_triton import CountSketcher
+from spectrawatch._weights import _MAX_TENSORS, WeightSnapshots
 from spectrawatch.config import ClientSettings
 from spectrawatch.sketch import (
     HASH_NAME,
     SketchSpec,
     count_sketch_signed,
-    signed_buckets,
 )
 from spectrawatch.spectral.grokking import (
-    AGREEMENT_WINDOW,
     COMMUTATOR_DEFECT,
     GRADIENT_COHERENCE,
-    PREDICTION_AGREEMENT,
-    PREDICTION_CHURN,
-    PREDICTION_CONFIDENCE,
-    PREDICTION_POSITIONS,
     commutator_probe,
-    confidence_of,
-    prediction_agreement,
-    predictions_of,
 )
 from spectrawatch.wire import MODEL_LAYER as MODEL_KEY
 
-# the name of the model itself among the probed modules (a model that is one Linear or Conv):
-# its ``named_modules()`` name is "", which a frame cannot carry as a tensor name
-ROOT_MODULE = "(model)"
 # theta sketches of all layers: an (L + 1, d) matrix, or (exact mode) flat parameters by name
 Rows = torch.Tensor | dict[str, torch.Tensor]
 _MAX_FAILURES = 3
-_MAX_TENSORS = wire.FrameLimits().max_tensors  # per frame: the server refuses more (default)
 # the model's parameters, their shapes and requires_grad flags, as last looked at, and its
 # lazy parameters (nn.LazyLinear's before its first forward: no shape yet)
 _Watch = tuple[list[nn.Parameter], tuple[torch.Size, ...], tuple[bool, ...], list[nn.Parameter]]
 _SHAPE = attrgetter("shape")
 _REQUIRES_GRAD = attrgetter("requires_grad")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_NAMES = {torch.float64: "float64", **{v: k for k, v in _DTYPES.items()}}
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    for _ in range(4):
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        inner = getattr(model, "module", None)
-        if isinstance(inner, nn.Module) and type(model).__name__ in (
-            "DistributedDataParallel",
-            "DataParallel",
-        ):
-            model = inner
-            continue
-        break
-    return model
-
-
-def output_layer(model: nn.Module) -> str | None:
-    """Name of the weight that maps features to the model's outputs: that of the module a
-    Hugging Face model's ``get_output_embeddings()`` returns (with tied embeddings, the
-    embedding's name), else the last parameter of >= 2 dimensions in registration order (where
-    PyTorch models define their head)."""
-    params = list(model.named_parameters())
-    get = getattr(model, "get_output_embeddings", None)
-    if callable(get):
-        with contextlib.suppress(Exception):  # a model's own method: whatever it raises
-            weight = getattr(get(), "weight", None)
-            named = next((name for name, p in params if p is weight), None)
-            if named is not None:
-                return named
-    return next((name for name, p in reversed(params) if not is_lazy(p) and p.dim() >= 2), None)
-
-
-def _host_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU copy of weight ``w`` in ``dtype``, or in float32 (float64 for a float64 weight)
-    where that cast would turn finite entries into Inf: a float16 copy of a weight beyond
-    +-65504 reached the server as Inf, with a ``nonfinite`` alert and no norms. Entries that
-    are NaN/Inf already stay so in either dtype, for the server to alert on. The check is one
-    ``aminmax`` of ``w`` where ``dtype`` is narrower (~0.6 ms per million parameters on a CPU,
-    at snapshot steps only); a weight with NaN/Inf entries is looked at entry by entry."""
-    if not w.is_floating_point() or torch.finfo(dtype).max >= torch.finfo(w.dtype).max:
-        return w.to(device="cpu", dtype=dtype, copy=True)
-    limit = torch.finfo(dtype).max
-    low, high = (float(x) for x in torch.aminmax(w))
-    wide = torch.float64 if w.dtype == torch.float64 else torch.float32
-    if -limit <= low and high <= limit:  # False for NaN
-        overflow = False
-    elif math.isfinite(low) and math.isfinite(high):
-        overflow = True  # (an entry just past the limit may round to it: sent wide all the same)
-    else:
-        size = w.abs()
-        overflow = bool(torch.logical_and(size > limit, size != math.inf).any())
-    return w.to(device="cpu", dtype=wide if overflow else dtype, copy=True)
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """``model(batch)``, ``model(*batch)`` for tuples/lists, ``model(**batch)`` for mappings."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def _rng_devices(model: nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 class Capture:
@@ -200,7 +120,6 @@ class Capture:
     ) -> None:
         self.model = unwrap_model(model)
         self.emits = emits  # False: a non-zero rank that joins collective captures, sends nothing
-        self._predictions: deque[torch.Tensor] = deque(maxlen=AGREEMENT_WINDOW)  # probe argmax
         self.sharded = _shards.has_sharded_params(self.model)
         if self.sharded and loss_fn is not None:
             errors.record("commutator defect", NotImplementedError("off for sharded models"))
@@ -211,7 +130,12 @@ class Capture:
         self.emit_scalars = emit_scalars
         self.errors = errors
         self.stats = stats
-        self.probe = probe
+        self._probes = ProbeCapture(
+            self.model, probe, modules, settings, emit_frame, emit_scalars, emits=emits
+        )
+        self._weights = WeightSnapshots(
+            self.model, settings, emit_frame, errors, stats, emits=emits
+        )
         self.loss_fn = loss_fn
         self.sample_batch = sample_batch
         self.step = start_step
@@ -226,14 +150,7 @@ class Capture:
         self._structure = _STRUCTURE[0]
         self._watch = self._watched()
         self._set_layers(self._trained())
-        self._modules_arg = list(modules) if modules is not None else None
-        self._index: dict[str, torch.Tensor] = {}  # per layer, where not fused
-        self._fused: CountSketcher | None = None
-        self._index_ready = threading.Event()
-        self._index_error: BaseException | None = None
-        self._index_cancel = False
-        self._index_gen = 0  # a layout change starts a new build; older builds are discarded
-        self._index_lock = threading.Lock()
+        self._sketch_index = SketchIndex(self.spec, settings, errors)
         self._prev: Rows | None = None
         self._prev_step: int | None = None
         # overhead_budget: the update cadence follows measured sketch and loop times; not for
@@ -277,13 +194,16 @@ class Capture:
         self._one_device = False
         self._failures: dict[str, int] = {}
         self._disabled: set[str] = set()
-        self._last_weights_step: int | None = None
-        self._last_activations_step: int | None = None
         self._handles: list[Any] = []
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
             self._handles.append(optimizer.register_step_post_hook(self._post_hook))
-        self._start_index_build()
+        self._sketch_index.start(self.layers, self._shard_of)
+
+    @property
+    def probe(self) -> Any:
+        """The probe batch (None: no activation captures)."""
+        return self._probes.probe
 
     # -- the sketched parameters --------------------------------------------------------------
 
@@ -399,97 +319,34 @@ class Capture:
         self.flush_theta()
         self._set_layers(layers)
         self._prev, self._prev_step = None, None
-        self._index, self._fused = {}, None
-        self._index_error = None
         self.stats.incr("layout_changes")
         self.errors.note(
             "layout",
             "the model's trained parameters changed after attach (unfrozen, replaced, resized or"
             " materialised): sketching the new set from the next step",
         )
-        self._start_index_build()
+        self._sketch_index.start(self.layers, self._shard_of)
 
     # -- hash index ---------------------------------------------------------------------------
 
-    def _start_index_build(self) -> None:
-        """Build the folded hash index inline (small model) or on a background thread."""
-        with self._index_lock:
-            self._index_gen += 1
-            gen = self._index_gen
-            self._index_ready.clear()
-        if self.s.exact or not self.s.sketch_cache:
-            self._index_ready.set()
-            return
-        local_numel = sum(numel for _, numel, _ in self._shard_of.values())
-        if local_numel <= self.s.index_inline_max:
-            self._build_index(gen)
-            return
-        threading.Thread(
-            target=self._build_index, args=(gen,), name="spectrawatch-index", daemon=True
-        ).start()
-
-    def _build_index(self, gen: int) -> None:
-        """Build the fused all-layer sketcher (layers on one device) or else fill ``_index``
-        (int16 ``(numel,)`` per layer, on its device), then set ready; a build overtaken by a
-        layout change (``gen`` no longer current) is dropped."""
-        fused: CountSketcher | None = None
-        index: dict[str, torch.Tensor] = {}
-        error: BaseException | None = None
-        try:
-            if threading.current_thread() is not threading.main_thread():
-                with contextlib.suppress(AttributeError, OSError):  # Linux: this thread only
-                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-            layers, shard_of = list(self.layers), dict(self._shard_of)
-            devices = {p.device for _, p in layers}
-            if len(devices) == 1 and all(c for _, _, c in shard_of.values()):
-                # one fused all-layer sketcher, which owns its index (none with Triton)
-                device = devices.pop()
-                fused = CountSketcher(
-                    [shard_of[name][1] for name, _ in layers],
-                    self.spec.dim,
-                    device,
-                    seeds=[self.spec.layer_seed(name) for name, _ in layers],
-                    starts=[shard_of[name][0] for name, _ in layers],
-                )
-                if self._index_cancel or gen != self._index_gen:
-                    return
-                if fused.backend == "triton":  # compile the kernel here, off the training steps
-                    with torch.no_grad():
-                        fused([_shards.local_tensor(p.detach()) for _, p in layers])
-            else:
-                for name, p in layers:
-                    if self._index_cancel or gen != self._index_gen:
-                        return
-                    index[name] = self._hash_index(name, p.device, shard_of)
-        except Exception as exc:
-            error = exc
-        finally:
-            with self._index_lock:
-                if gen == self._index_gen:
-                    self._index, self._fused = index, fused
-                    self._index_error = error
-                    if error is not None:
-                        self.errors.record("sketch index", error)
-                    self._index_ready.set()
-
-    def _hash_index(
-        self,
-        name: str,
-        device: torch.device,
-        shard_of: dict[str, tuple[int, int, bool]] | None = None,
-    ) -> torch.Tensor:
-        start, numel, _ = (self._shard_of if shard_of is None else shard_of)[name]
-        return signed_buckets(numel, self.spec.layer_seed(name), self.spec.dim, device, start)
-
     def wait_index(self, timeout: float | None = None) -> bool:
         """Block until the hash index is built (tests, benchmarks); True when it is ready."""
-        return self._index_ready.wait(timeout) and self._index_error is None
+        return self._sketch_index.wait_index(timeout)
+
+    @property
+    def _fused(self) -> CountSketcher | None:
+        """The fused all-layer sketcher of the hash index (tests and benchmarks swap it)."""
+        return self._sketch_index.fused
+
+    @_fused.setter
+    def _fused(self, fused: CountSketcher | None) -> None:
+        self._sketch_index.fused = fused
 
     # -- hooks ----------------------------------------------------------------------------
 
     def remove(self) -> None:
         """Remove the optimizer hooks (the capture stops; buffered rows are kept for flush)."""
-        self._index_cancel = True
+        self._sketch_index.cancel()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -637,14 +494,6 @@ class Capture:
             self._cadence.sketch_time(host)
         return out
 
-    def _folded(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        idx = self._index.get(name)
-        if idx is None or idx.device != local.device:
-            idx = self._hash_index(name, local.device)
-            if self.s.sketch_cache:
-                self._index[name] = idx
-        return idx
-
     @torch.no_grad()
     def _sketch_all(self) -> Rows | None:
         """Theta sketches: float64 ``(L + 1, d)``, one row per layer then ``__model__`` (their
@@ -657,9 +506,10 @@ class Capture:
                 name: _shards.full_tensor(p.detach()).reshape(-1).to(torch.float32, copy=True)
                 for name, p in self.layers
             }
-        ready = self._index_ready.is_set() and self._index_error is None
-        if self._index_error is not None and not self.sharded:
-            raise RuntimeError("the sketch hash index could not be built") from self._index_error
+        ready = self._sketch_index.ready()
+        if self._sketch_index.error is not None and not self.sharded:
+            error = self._sketch_index.error
+            raise RuntimeError("the sketch hash index could not be built") from error
         if not ready and not self.sharded:
             return None
         if not self.layers:
@@ -668,7 +518,7 @@ class Capture:
         # no detach(): this runs under no_grad, and 150 detach() calls cost ~0.5 ms a step
         locals_ = [_shards.local_tensor(p) for p in self._params] if self.sharded else self._params
         device = locals_[0].device
-        fused = self._fused_on(device) if ready else None
+        fused = self._sketch_index.fused_on(device) if ready else None
         ptrs = tuple(map(torch.Tensor.data_ptr, locals_))
         if ptrs != self._checked_ptrs:  # new storage: look again whether it is all on one device
             self._one_device = all(t.device == device for t in locals_)
@@ -697,7 +547,7 @@ class Capture:
             rows = []
             for (name, _), local in zip(self.layers, locals_, strict=True):
                 if ready and self._shard_of[name][2]:
-                    row = count_sketch_signed(local, self._folded(name, local), d)
+                    row = count_sketch_signed(local, self._sketch_index.folded(name, local), d)
                 else:  # a not-yet-ready rank still joins the all_reduce, with zeros
                     row = torch.zeros(d, dtype=torch.float64, device=local.device)
                 rows.append(row.to(device))
@@ -730,15 +580,6 @@ class Capture:
         start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         start.record()
         return start, torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-
-    def _fused_on(self, device: torch.device) -> CountSketcher | None:
-        """The fused sketcher, rebuilt for ``device`` if the model moved there."""
-        fused = self._fused
-        if fused is not None and fused.device != device:
-            self._fused = fused = CountSketcher(
-                fused.numels, fused.dim, device, seeds=fused.seeds, starts=fused.starts
-            )
-        return fused
 
     @property
     def row_names(self) -> list[str]:
@@ -839,179 +680,19 @@ class Capture:
         self._theta_rows, self._theta_steps = [], []
         self._emit_rows(wire.FrameKind.PARAM_SKETCH, rows, steps)
 
-    # -- weights ----------------------------------------------------------------------------
+    # -- weights and probe --------------------------------------------------------------------
 
-    @torch.no_grad()
     def capture_weights(self, n: int) -> None:
-        """All >= 2-D parameters as 2-D matrices (conv ``(out, in*kh*kw)``), split into frames
-        of at most ``max_frame_bytes`` and of at most the server's default tensor count."""
-        if self._last_weights_step == n:
-            return
-        self._last_weights_step = n
-        dtype = _DTYPES[self.s.weights_dtype]
-        part: dict[str, torch.Tensor] = {}
-        shapes: dict[str, dict[str, list[int]]] = {}
-        widened: dict[str, str] = {}  # sent wider than weights_dtype, by name
-        size = 0
-        parts = 0
-        head = self.s.output_layer or output_layer(self.model)
+        """A weight snapshot at step ``n`` (see :class:`spectrawatch._weights.WeightSnapshots`)."""
+        self._weights.capture_weights(n)
 
-        def emit() -> None:
-            nonlocal part, shapes, size, parts
-            if part:
-                info: dict[str, Any] = {
-                    "dtype": self.s.weights_dtype,
-                    "layers": shapes,
-                    "part": parts,
-                    "shapes": {k: v["orig_shape"] for k, v in shapes.items()},
-                    "traps": self.s.weights_traps,
-                }
-                if head in part:
-                    info["output_layer"] = head
-                wider = {k: v for k, v in widened.items() if k in part}
-                if wider:
-                    info["widened"] = wider
-                self.emit_frame(FrameItem(wire.FrameKind.WEIGHTS, n, part, info, compress=True))
-                parts += 1
-            part, shapes, size = {}, {}, 0
-
-        for name, p in self.model.named_parameters():
-            if is_lazy(p) or p.dim() < 2 or p.numel() == 0:  # lazy: no shape before a forward
-                continue
-            if p.is_complex():  # a real cast would drop the imaginary part without a word
-                self.errors.record("weights", TypeError(f"complex parameter {name} not sent"))
-                continue
-            full = _shards.full_tensor(p.detach())  # sharded: every rank joins the gather
-            if not self.emits:
-                continue
-            w = _host_weight(full.reshape(p.shape[0], -1), dtype)
-            if w.dtype != dtype:
-                widened[name] = _DTYPE_NAMES[w.dtype]
-                self.stats.incr("weights_widened")
-                self.errors.note(
-                    f"weights dtype {name}",
-                    f"weights {name} sent as {_DTYPE_NAMES[w.dtype]}: finite entries beyond "
-                    f"{self.s.weights_dtype}'s range would arrive as Inf (weights_dtype)",
-                )
-            nbytes = w.numel() * w.element_size()
-            if part and (size + nbytes > self.s.max_frame_bytes or len(part) >= _MAX_TENSORS):
-                emit()
-            part[name] = w
-            shapes[name] = {"orig_shape": list(p.shape)}
-            size += nbytes
-        emit()
-
-    # -- activations -------------------------------------------------------------------------
+    def capture_activations(self, n: int) -> None:
+        """The probe capture at step ``n`` (see :class:`spectrawatch._probe.ProbeCapture`)."""
+        self._probes.capture_activations(n)
 
     def _probe_modules(self) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of the probed modules; the model itself is named ``ROOT_MODULE``."""
-        return [(name or ROOT_MODULE, m) for name, m in self._named_probe_modules()]
-
-    def _named_probe_modules(self) -> list[tuple[str, nn.Module]]:
-        named = dict(self.model.named_modules())
-        if self._modules_arg is not None:
-            by_id = {id(m): name for name, m in named.items()}
-            out = []
-            for m in self._modules_arg:
-                if isinstance(m, str):
-                    out.append((m, named[m]))
-                else:
-                    out.append((by_id[id(m)], m))
-            return out
-        out = []
-        for name, m in named.items():
-            width = None
-            if isinstance(m, nn.Linear):
-                width = m.out_features
-            elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
-                width = m.out_channels
-            elif type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int):
-                width = m.nf  # Hugging Face's GPT-2-style linear layer (weight: in x out)
-            if width is not None and width <= self.s.max_activation_hidden:
-                out.append((name, m))
-        return out
-
-    @torch.no_grad()
-    def capture_activations(self, n: int) -> None:
-        """X ``(tokens, hidden)`` per probe module, or its Gram ``XᵀX`` when that is smaller."""
-        if self._last_activations_step == n:
-            return
-        self._last_activations_step = n
-        captured: dict[str, torch.Tensor] = {}
-        tokens: dict[str, int] = {}
-        gram: list[str] = []
-
-        def make_hook(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                t = output[0] if isinstance(output, (tuple, list)) else output
-                if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2):
-                    return
-                if t.numel() == 0:  # a zero-width layer (or no tokens): no spectrum to send
-                    return
-                if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-                    t = t.movedim(1, -1)
-                x = t.detach().reshape(-1, t.shape[-1]).to(torch.float32)
-                tokens[name] = int(x.shape[0])
-                if x.shape[0] > x.shape[1]:
-                    captured[name] = (x.T @ x).to("cpu")
-                    gram.append(name)
-                else:
-                    captured[name] = x.to("cpu", copy=True)
-
-            return hook
-
-        modes = [(m, m.training) for m in self.model.modules()]
-        handles = []
-        try:
-            self.model.eval()
-            probed = self._probe_modules() if self.emits else []  # other ranks: forward only
-            handles = [m.register_forward_hook(make_hook(name)) for name, m in probed]
-            with torch.random.fork_rng(devices=_rng_devices(self.model)):
-                output = call_model(self.model, self.probe)
-        finally:
-            for h in handles:
-                h.remove()
-            for m, was in modes:
-                m.training = was
-        if self.emits:
-            self._prediction_scalars(n, predictions_of(output), confidence_of(output))
-        if captured:
-            info = {"gram": gram, "tokens": tokens}
-            self.emit_frame(FrameItem(wire.FrameKind.ACTIVATIONS, n, captured, info, compress=True))
-
-    def _prediction_scalars(
-        self, n: int, pred: torch.Tensor | None, confidence: float | None
-    ) -> None:
-        """Confidence (mean largest softmax probability), churn and agreement of the probe
-        batch's predictions, sent as one batch of scalars."""
-        rows = (
-            []
-            if confidence is None
-            else [{"step": n, "name": PREDICTION_CONFIDENCE, "value": confidence}]
-        )
-        if pred is not None:
-            rows += self._agreement_rows(n, pred)
-        if rows:
-            self.emit_scalars(rows)
-
-    def _agreement_rows(self, n: int, pred: torch.Tensor) -> list[dict[str, Any]]:
-        """Churn (changed since the last probe) and agreement (unchanged through the last
-        ``AGREEMENT_WINDOW`` probes), from the second probe of one shape on."""
-        history = self._predictions
-        if history and history[-1].shape != pred.shape:
-            history.clear()  # another probe shape: start over
-        history.append(pred.to("cpu", torch.int64, copy=True))
-        if len(history) < 2:
-            return []
-        last_two = [history[-2], history[-1]]
-        rows: list[dict[str, Any]] = [
-            {"step": n, "name": PREDICTION_CHURN, "value": 1.0 - prediction_agreement(last_two)},
-            {"step": n, "name": PREDICTION_POSITIONS, "value": float(pred.numel())},
-        ]
-        if len(history) == AGREEMENT_WINDOW:
-            value = prediction_agreement(list(history))
-            rows.append({"step": n, "name": PREDICTION_AGREEMENT, "value": value})
-        return rows
+        return self._probes._probe_modules()
 
     # -- commutator defect ---------------------------------------------------------------------
 
@@ -1050,27 +731,6 @@ class Capture:
             if self.probe is not None and self.s.activations_every > 0:
                 self._guard("activations", lambda: self.capture_activations(self.step))
         self.remove()
-
-
-_STRUCTURE = [0]  # bumped whenever any module registers a parameter or a submodule
-_STRUCTURE_HOOKS: list[Any] = []
-
-
-def _bump_structure(*_: Any) -> None:
-    _STRUCTURE[0] += 1
-
-
-def _watch_structure() -> None:
-    """Install torch's global registration hooks once (they cost one call per registration)."""
-    if not _STRUCTURE_HOOKS:
-        from torch.nn.modules import module as torch_module
-
-        _STRUCTURE_HOOKS.append(
-            torch_module.register_module_parameter_registration_hook(_bump_structure)
-        )
-        _STRUCTURE_HOOKS.append(
-            torch_module.register_module_module_registration_hook(_bump_structure)
-        )
 
 
 # the captures alive in this process, for the one fork hook below (a hook per capture could

@@ -83,7 +83,7 @@ class ClientSettings:
     defect_samples: int = 5  # K pairs of batches per measurement (median reported)
     defect_eta: float = 1e-3
     # the weight that maps features to the model's outputs, named in weight frames for the
-    # grokking detector's output-rank evidence; None: found (see _capture.output_layer)
+    # grokking detector's output-rank evidence; None: found (see _model.output_layer)
     output_layer: str | None = None
 
     # sender / spool

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from spectrawatch import _shards
-from spectrawatch._capture import Capture, LossFn, unwrap_model
+from spectrawatch._capture import Capture, LossFn
+from spectrawatch._model import unwrap_model
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem, Sender
 from spectrawatch._transport import Api
 from spectrawatch.config import ClientSettings, SettingsError
