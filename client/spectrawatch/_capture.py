@@ -37,7 +37,8 @@ same captures on its local shards (the sketch is summed over ranks with one ``al
 weights are gathered only at snapshot steps; the probe forward runs on every rank) and only the
 emitting rank (rank 0) sends. The commutator-defect probe is off for sharded models.
 
-Collaborators: the hash index in :mod:`spectrawatch._sketch_index`, weight snapshots in
+Collaborators: the sketched parameters and their rows in :mod:`spectrawatch._sketch_layout`,
+the hash index in :mod:`spectrawatch._sketch_index`, weight snapshots in
 :mod:`spectrawatch._weights`, activations and prediction scalars of the probe batch in
 :mod:`spectrawatch._probe`, the model helpers (unwrapping, the registration count) in
 :mod:`spectrawatch._model`. Commutator defect (opt-in):
@@ -54,25 +55,23 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from operator import attrgetter
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parameter import is_lazy
 
 from spectrawatch import _shards, wire
 from spectrawatch._cadence import AdaptiveCadence
-from spectrawatch._model import _STRUCTURE, _watch_structure, unwrap_model
 from spectrawatch._model import output_layer as output_layer
+from spectrawatch._model import unwrap_model
 from spectrawatch._overlap import GraphedSketch, PendingFrames, SketchStream
 from spectrawatch._probe import ROOT_MODULE as ROOT_MODULE
 from spectrawatch._probe import ProbeCapture
-from spectrawatch._row_groups import RowGroups, prefix_groups
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch._sketch_index import SketchIndex
+from spectrawatch._sketch_layout import SketchLayout
 from spectrawatch._sketch_triton import CountSketcher
-from spectrawatch._weights import _MAX_TENSORS, WeightSnapshots
+from spectrawatch._weights import WeightSnapshots
 from spectrawatch.config import ClientSettings
 from spectrawatch.sketch import (
     HASH_NAME,
@@ -89,11 +88,6 @@ from spectrawatch.wire import MODEL_LAYER as MODEL_KEY
 # theta sketches of all layers: an (L + 1, d) matrix, or (exact mode) flat parameters by name
 Rows = torch.Tensor | dict[str, torch.Tensor]
 _MAX_FAILURES = 3
-# the model's parameters, their shapes and requires_grad flags, as last looked at, and its
-# lazy parameters (nn.LazyLinear's before its first forward: no shape yet)
-_Watch = tuple[list[nn.Parameter], tuple[torch.Size, ...], tuple[bool, ...], list[nn.Parameter]]
-_SHAPE = attrgetter("shape")
-_REQUIRES_GRAD = attrgetter("requires_grad")
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -141,15 +135,7 @@ class Capture:
         self.step = start_step
         self._stepped = False  # whether on_step ran (an explicit first step may be any number)
         self.spec = SketchSpec(settings.dim, settings.sketch_seed)
-        self.layers: list[tuple[str, nn.Parameter]] = []
-        # per layer: (global flat offset of the local shard, its numel, whether it is summed)
-        self._shard_of: dict[str, tuple[int, int, bool]] = {}
-        self._layer_info: dict[str, dict[str, Any]] = {}
-        self._layout: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
-        _watch_structure()
-        self._structure = _STRUCTURE[0]
-        self._watch = self._watched()
-        self._set_layers(self._trained())
+        self.layout = SketchLayout(self.model, settings, errors, stats)
         self._sketch_index = SketchIndex(self.spec, settings, errors)
         self._prev: Rows | None = None
         self._prev_step: int | None = None
@@ -198,7 +184,12 @@ class Capture:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
             self._handles.append(optimizer.register_step_post_hook(self._post_hook))
-        self._sketch_index.start(self.layers, self._shard_of)
+        self._sketch_index.start(self.layout.layers, self.layout.shard_of)
+
+    @property
+    def layers(self) -> list[tuple[str, nn.Parameter]]:
+        """The sketched parameters, in row order (see :class:`SketchLayout`)."""
+        return self.layout.layers
 
     @property
     def probe(self) -> Any:
@@ -206,99 +197,6 @@ class Capture:
         return self._probes.probe
 
     # -- the sketched parameters --------------------------------------------------------------
-
-    def _trained(self) -> list[tuple[str, nn.Parameter]]:
-        """The parameters sketched: trainable, materialised (a lazy module's parameters have no
-        shape before its first forward; they join once they have one) and real (a real sketch
-        of a complex parameter would drop its imaginary part; they are left out, said once)."""
-        trained = [
-            (name, p)
-            for name, p in self.model.named_parameters()
-            if p.requires_grad and not is_lazy(p)
-        ]
-        real = [(name, p) for name, p in trained if not p.is_complex()]
-        if len(real) < len(trained) and not self._layout:  # said once, at attach
-            skipped = ", ".join(name for name, p in trained if p.is_complex())
-            self.errors.record(
-                "update sketch", TypeError(f"complex parameters not sketched: {skipped}")
-            )
-        return real
-
-    def _watched(self) -> _Watch:
-        params = list(self.model.parameters())
-        lazy = [p for p in params if is_lazy(p)]
-        if lazy:
-            params = [p for p in params if not is_lazy(p)]
-        return params, tuple(map(_SHAPE, params)), tuple(map(_REQUIRES_GRAD, params)), lazy
-
-    def _layout_may_have_changed(self) -> bool:
-        """Cheap, every step (~35 us for 150 parameters on a 2-core box; the loops are C's
-        ``map``, a generator was ~60 us): a parameter or module registered anywhere since the last
-        look (torch's global registration hooks), or one of the model's parameters with another
-        shape or ``requires_grad``, or a lazy one materialised (``materialize()`` gives a
-        parameter its shape in place, without a registration hook)."""
-        if _STRUCTURE[0] != self._structure:
-            return True
-        params, shapes, trained, lazy = self._watch
-        if lazy and not all(map(is_lazy, lazy)):
-            return True
-        return tuple(map(_REQUIRES_GRAD, params)) != trained or tuple(map(_SHAPE, params)) != shapes
-
-    @staticmethod
-    def _layout_of(
-        layers: list[tuple[str, nn.Parameter]],
-    ) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
-        return tuple((name, id(p), tuple(p.shape)) for name, p in layers)
-
-    def _set_layers(self, layers: list[tuple[str, nn.Parameter]]) -> None:
-        self.layers = layers
-        self._params: list[torch.Tensor] = [p for _, p in layers]
-        self._layout = self._layout_of(layers)
-        self._shard_of = {}
-        for name, p in layers:
-            local, start, contributes = _shards.local_shard(p.detach())
-            self._shard_of[name] = (start, local.numel(), contributes)
-        self._layer_info = {
-            name: {"numel": p.numel(), "shape": list(p.shape)} for name, p in layers
-        }
-        self._set_row_groups(layers)
-
-    def _set_row_groups(self, layers: list[tuple[str, nn.Parameter]]) -> None:
-        """Rows per module prefix when the trained tensors (plus ``__model__``) are more than a
-        frame carries (:mod:`spectrawatch._row_groups`); exact mode sends every tensor."""
-        groups = None if self.s.exact else prefix_groups([n for n, _ in layers], _MAX_TENSORS - 1)
-        self._groups: RowGroups | None = groups
-        self._group_index: dict[torch.device, torch.Tensor] = {}
-        if groups is None:
-            return
-        numel = [0] * len(groups.names)
-        for (_, p), g in zip(layers, groups.member_of, strict=True):
-            numel[g] += p.numel()
-        self._layer_info = {
-            name: {"numel": n, "shape": [n], "tensors": k}
-            for name, n, k in zip(groups.names, numel, groups.sizes(), strict=True)
-        }
-        self.stats.set("row_groups", len(groups.names))
-        self.errors.note(
-            "row groups",
-            f"{len(layers)} trained tensors are more than a frame carries ({_MAX_TENSORS - 1} "
-            f"rows and __model__): update and theta sketches are sent as {len(groups.names)} "
-            f"rows, one per group of tensors (e.g. {groups.names[0]!r})",
-        )
-
-    def _grouped(self, rows: torch.Tensor) -> torch.Tensor:
-        """A sketch matrix ``(L + 1, d)`` summed into its groups' rows ``(G + 1, d)`` (on the
-        current stream); ``rows`` itself where there are no groups."""
-        groups = self._groups
-        if groups is None:
-            return rows
-        index = self._group_index.get(rows.device)
-        if index is None:
-            member_of = [*groups.member_of, len(groups.names)]  # __model__ stays itself
-            index = torch.tensor(member_of, dtype=torch.int64, device=rows.device)
-            self._group_index[rows.device] = index
-        out = rows.new_zeros((len(groups.names) + 1, rows.shape[1]))
-        return out.index_add_(0, index, rows)
 
     def _check_layout(self) -> None:
         """Follow the model when its trained parameters change after ``attach``: one unfrozen,
@@ -308,16 +206,14 @@ class Capture:
         update rows restart with the next step (the step of the change has none: its before
         and after sketches are of different parameter sets). Not for sharded models, whose
         captures are collective."""
-        if self.sharded or not self._layout_may_have_changed():
+        if self.sharded or not self.layout.may_have_changed():
             return
-        self._structure = _STRUCTURE[0]
-        self._watch = self._watched()
-        layers = self._trained()
-        if self._layout_of(layers) == self._layout:
+        layers = self.layout.changed()
+        if layers is None:
             return
         self.flush_updates()
         self.flush_theta()
-        self._set_layers(layers)
+        self.layout.set_layers(layers)
         self._prev, self._prev_step = None, None
         self.stats.incr("layout_changes")
         self.errors.note(
@@ -325,7 +221,7 @@ class Capture:
             "the model's trained parameters changed after attach (unfrozen, replaced, resized or"
             " materialised): sketching the new set from the next step",
         )
-        self._sketch_index.start(self.layers, self._shard_of)
+        self._sketch_index.start(self.layout.layers, self.layout.shard_of)
 
     # -- hash index ---------------------------------------------------------------------------
 
@@ -516,7 +412,8 @@ class Capture:
             return None
         d = self.spec.dim
         # no detach(): this runs under no_grad, and 150 detach() calls cost ~0.5 ms a step
-        locals_ = [_shards.local_tensor(p) for p in self._params] if self.sharded else self._params
+        params = self.layout.params
+        locals_ = [_shards.local_tensor(p) for p in params] if self.sharded else params
         device = locals_[0].device
         fused = self._sketch_index.fused_on(device) if ready else None
         ptrs = tuple(map(torch.Tensor.data_ptr, locals_))
@@ -534,19 +431,19 @@ class Capture:
                     if out is None:
                         mat = fused(locals_)
                         out = torch.cat([mat, mat.sum(0, keepdim=True)])
-                    out = self._grouped(out)
+                    out = self.layout.grouped(out)
                     self._graph_failed()
                     if events is not None:
                         events[1].record()
                         self._gpu_sketches.append(events)
                         self._sketch_on_gpu = True
-                self._stream.launched(device, self._params)
+                self._stream.launched(device, params)
                 return out
             mat = fused(locals_)
         else:  # layers on several devices (or replicated shards): one sketch per layer
             rows = []
             for (name, _), local in zip(self.layers, locals_, strict=True):
-                if ready and self._shard_of[name][2]:
+                if ready and self.layout.shard_of[name][2]:
                     row = count_sketch_signed(local, self._sketch_index.folded(name, local), d)
                 else:  # a not-yet-ready rank still joins the all_reduce, with zeros
                     row = torch.zeros(d, dtype=torch.float64, device=local.device)
@@ -559,7 +456,7 @@ class Capture:
             if flat[-1].item() < _shards.world_size():
                 return None
             mat = flat[:-1].view(-1, d)
-        return self._grouped(torch.cat([mat, mat.sum(0, keepdim=True)]))
+        return self.layout.grouped(torch.cat([mat, mat.sum(0, keepdim=True)]))
 
     def _graph_failed(self) -> None:
         """Log (once) a sketch graph capture that failed: the sketch runs eagerly from then on."""
@@ -583,10 +480,9 @@ class Capture:
 
     @property
     def row_names(self) -> list[str]:
-        """Names of the rows of a sketch matrix from :meth:`_sketch_all` (layers or their groups,
-        then ``__model__``)."""
-        names = self._groups.names if self._groups is not None else [n for n, _ in self.layers]
-        return [*names, MODEL_KEY]
+        """Names of the rows of a sketch matrix from :meth:`_sketch_all` (see
+        :attr:`SketchLayout.row_names`)."""
+        return self.layout.row_names
 
     def _after_step(self, n: int, due_update: bool, due_theta: bool) -> None:
         self._frames.release(self.emit_frame, wait=False)
@@ -628,8 +524,8 @@ class Capture:
                 "layer_seed": "(seed*1000003 + crc32(name)) & 0x7fffffff",
             },
             "window": self.s.window,
-            "layers": self._layer_info,
-            "shapes": {name: info["shape"] for name, info in self._layer_info.items()},
+            "layers": self.layout.layer_info,
+            "shapes": {name: info["shape"] for name, info in self.layout.layer_info.items()},
             "exact": self.s.exact,
             "model_sketch": "concat" if self.s.exact else "sum_of_layers",
             "update": "per_step" if self.optimizer is not None else "since_previous_row",
