@@ -123,15 +123,17 @@ def rss_mib() -> tuple[float, float]:
 def index_in_first_step() -> None:
     """Patch the client back to building the hash index inside the first captured step."""
     from spectrawatch._capture import Capture
+    from spectrawatch._sketch_index import SketchIndex
 
     before_step = Capture._before_step
 
     def build_then_sketch(self: Capture) -> None:
-        if not self._index_ready.is_set():
-            self._build_index()
+        index = self._sketch_index
+        if not index._index_ready.is_set():
+            index._build_index(index._index_gen)
         before_step(self)
 
-    Capture._start_index_build = lambda self: None  # type: ignore[method-assign]
+    SketchIndex._start_index_build = lambda self: None  # type: ignore[method-assign]
     Capture._before_step = build_then_sketch  # type: ignore[method-assign]
 
 
