@@ -151,8 +151,8 @@ _PARTS = (
     ("  frames released", "_frames", "release"),
     ("  theta sketch (_sketch_all)", "", "_sketch_all"),
     ("    graph replay + clone", "", "_graphed"),
-    ("    eager sketch launches", "", "_fused"),
-    ("    row groups", "", "_grouped"),
+    ("    eager sketch launches", "_sketch_index", "_fused"),
+    ("    row groups", "layout", "grouped"),
     ("    stream bookkeeping", "_stream", "launched"),
     ("  frame flush (stack + copy)", "", "flush_updates"),
 )
