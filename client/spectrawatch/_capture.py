@@ -295,9 +295,9 @@ class Capture:
             self._stepped = True
             n = self.step
             s = self.s
+            every = self.update_every  # the cadence this step's pre-step hook sketched for
             if self._cadence is not None:
-                self._time_loop()
-            every = self.update_every
+                self._time_loop()  # a new cadence applies from the next step
             due_update = every > 0 and n % every == 0
             due_theta = s.theta_every > 0 and n % s.theta_every == 0
             if due_update or due_theta:
@@ -511,8 +511,11 @@ class Capture:
             self._theta_steps.append(n)
             if len(self._theta_rows) >= self.s.theta_frame_steps:
                 self.flush_theta()
-        self._prev = cur
-        self._prev_step = n
+        if self.optimizer is not None or due_update:
+            # without an optimizer a row is the change since the previous row: a theta-only
+            # step's sketch must not become its start
+            self._prev = cur
+            self._prev_step = n
 
     def _sketch_info(self, steps: list[int]) -> dict[str, Any]:
         return {

@@ -123,14 +123,52 @@ def test_capture_switches_to_the_cadence_the_times_call_for(
     assert cap.update_every == 20
     assert stats.get("update_every") == 20
     (frame,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
-    # 2 warm-up + 3 counted sketches by step 5, 8 loop samples by step 9 (step 1 has none)
-    assert frame.info["steps"] == [1, 2, 3, 4, 5, 6, 7, 8, 20, 40, 60]
+    # 2 warm-up + 3 counted sketches by step 5, 8 loop samples by step 9 (step 1 has none):
+    # decided after step 9, every 20 from step 10 on
+    assert frame.info["steps"] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 40, 60]
     assert frame.info["update_every"] == 20
     spec = SketchSpec(640, 0)
     for row, step in enumerate(frame.info["steps"]):
         delta = thetas[step]["0.weight"].double() - thetas[step - 1]["0.weight"].double()
         assert_sketch_of(frame.tensors["0.weight"][row], delta, spec, "0.weight")
     assert stats.get("errors") == 0
+
+
+def test_a_cadence_raised_at_a_step_due_under_it_applies_from_the_next_step() -> None:
+    """The controller moving 20 -> 50 after step 50: the pre-step hook of step 50 had not
+    sketched theta_49 (not due every 20), and the row at 50 was theta_50 - theta_40 labelled
+    one step; now the new cadence starts at step 51 (rows 20, 40, then 100)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(
+        model, opt, sink, exact=True, overhead_budget=0.05, update_every=1, frame_steps=1
+    )
+    cadence = cap._cadence
+    assert cadence is not None
+    cadence.every = 20  # as if reached from measured times
+
+    def update() -> int | None:
+        if cap.step == 50:
+            cadence.every = 50
+            return 50
+        return None
+
+    cadence.update = update  # type: ignore[method-assign]
+    thetas = {0: model.weight.detach().clone()}
+    for n in range(1, 101):
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        thetas[n] = model.weight.detach().clone()
+    cap.finish()
+    rows = {
+        f.info["steps"][0]: f.tensors["weight"][0] for f in sink.of(wire.FrameKind.UPDATE_SKETCH)
+    }
+    assert sorted(rows) == [20, 40, 100]
+    for step, row in rows.items():
+        torch.testing.assert_close(row, (thetas[step] - thetas[step - 1]).reshape(-1))
 
 
 def test_real_loops_cheap_sketch_keeps_every_step_costly_one_is_stretched() -> None:

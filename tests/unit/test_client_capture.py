@@ -654,6 +654,39 @@ def test_no_optimizer_mode_uses_explicit_steps() -> None:
     assert frame.info["update"] == "since_previous_row"
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_no_optimizer_rows_span_since_the_previous_row_across_theta_steps(exact: bool) -> None:
+    """Without an optimizer (``monitor.step()``), ``update_every=4``, ``theta_every=6``: the row
+    at step 8 was ``theta_8 - theta_6`` (the theta-only step's sketch became its start); it is
+    ``theta_8 - theta_4``, the change since the previous row, as the frame says."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(
+        model, None, sink, exact=exact, update_every=4, theta_every=6, frame_steps=1
+    )
+    assert exact or cap.wait_index(30)
+    thetas = {}
+    for n in range(1, 13):
+        model(torch.randn(5, 3)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        thetas[n] = model.weight.detach().clone().reshape(-1)
+        cap.on_step()
+    cap.finish()
+    rows = {
+        f.info["steps"][0]: f.tensors["weight"][0] for f in sink.of(wire.FrameKind.UPDATE_SKETCH)
+    }
+    assert sorted(rows) == [8, 12]  # step 4 starts the first row
+    for step, start in ((8, 4), (12, 8)):
+        delta = thetas[step] - thetas[start]
+        if exact:
+            torch.testing.assert_close(rows[step], delta)
+        else:
+            assert_sketch_of(rows[step], delta, cap.spec, "weight")
+
+
 def test_explicit_steps_that_do_not_increase_are_ignored() -> None:
     """As a late ``log(step=...)``: a frame's rows keep increasing steps, no row twice; a first
     explicit step may be 0."""
