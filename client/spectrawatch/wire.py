@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -128,6 +128,11 @@ class FrameHeader:
     def names(self) -> list[str]:
         return [t.name for t in self.tensors]
 
+    @property
+    def size(self) -> int:
+        """Bytes of the whole frame: prefix, header and the tensor data it declares."""
+        return self.data_offset + max((t.end for t in self.tensors), default=0)
+
 
 # str(torch dtype) -> safetensors dtype code (torch is imported lazily here)
 _TORCH_DTYPES: dict[str, str] = {
@@ -233,19 +238,101 @@ def decompress(data: bytes, max_size: int) -> bytes:
     return out
 
 
-def parse_header(head: bytes, total_size: int, limits: FrameLimits | None = None) -> FrameHeader:
+def decompress_frame(
+    data: bytes,
+    max_size: int,
+    limits: FrameLimits | None = None,
+    admit: Callable[[int], None] | None = None,
+) -> tuple[FrameHeader, bytes]:
+    """Undo :func:`compress` on a frame, header first: (its validated header, its bytes).
+
+    Only the 8-byte prefix and the safetensors header are inflated before the header is
+    validated (:func:`parse_header`) and the size it declares is checked against ``max_size``;
+    then ``admit(size)`` is called (the server reserves memory there; it may raise) and exactly
+    that many bytes are inflated. A body decoding to more (trailing bytes) or fewer (truncated)
+    bytes is refused, so a few KB of zstd cannot make the caller inflate what no header declares.
+    """
+    import zstandard
+
+    limits = limits or FrameLimits()
+    try:
+        content_size = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise FrameError("bad_encoding", f"body is not valid zstd: {exc}", status=400) from exc
+    declared = None if content_size == zstandard.CONTENTSIZE_UNKNOWN else content_size
+    prefix = _inflate(data, 8)
+    _check_length(prefix, 8, declared)
+    (n,) = struct.unpack("<Q", prefix)
+    if n > limits.max_header_bytes:
+        raise FrameError(
+            "header_too_large", f"header of {n} bytes exceeds {limits.max_header_bytes}"
+        )
+    if 8 + n > max_size:
+        raise FrameError("too_large", f"decompressed frame exceeds {max_size} bytes", status=413)
+    head = _inflate(data, 8 + n)
+    _check_length(head, 8 + n, declared)
+    header = parse_header(head, None, limits)
+    if header.size > max_size:
+        raise FrameError(
+            "too_large",
+            f"decompressed frame of {header.size} bytes exceeds {max_size} bytes",
+            status=413,
+        )
+    if admit is not None:
+        admit(header.size)
+    out = _inflate(data, header.size + 1)  # again from the start: one buffer, no copy
+    if len(out) > header.size:
+        raise FrameError(
+            "bad_offsets",
+            f"body decodes to more than the {header.size} bytes its safetensors header covers",
+            status=400,
+        )
+    _check_length(out, max(header.size, declared or 0), declared)
+    return header, out
+
+
+def _inflate(data: bytes, size: int) -> bytes:
+    """The first ``size`` bytes (or fewer, if it ends) that zstd ``data`` decodes to."""
+    import zstandard
+
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+        return reader.read(size)
+    except zstandard.ZstdError as exc:
+        raise FrameError("bad_encoding", f"body is not valid zstd: {exc}", status=400) from exc
+
+
+def _check_length(out: bytes, size: int, declared: int | None) -> None:
+    """Refuse ``out`` when shorter than the ``size`` bytes wanted: as a truncated zstd body when
+    the first zstd frame ``declared`` more (a truncated frame decodes to what it holds, silently),
+    else as a truncated safetensors file."""
+    if len(out) < size:
+        if declared is not None and len(out) < declared:
+            raise FrameError(
+                "bad_encoding",
+                f"zstd body is truncated: {len(out)} of the {declared} bytes its frame declares",
+                status=400,
+            )
+        raise FrameError("truncated", f"frame ends after {len(out)} bytes", status=400)
+
+
+def parse_header(
+    head: bytes, total_size: int | None, limits: FrameLimits | None = None
+) -> FrameHeader:
     """Validate a safetensors header without reading tensor data.
 
     ``head`` must hold at least the first ``8 + header_length`` bytes of the file and
-    ``total_size`` is the file's full length; every offset is checked against it.
+    ``total_size`` is the file's full length; every offset is checked against it. With
+    ``total_size`` None, the file is taken to be as long as its tensors' offsets say
+    (:attr:`FrameHeader.size`; :func:`decompress_frame` checks that before inflating it).
     """
     limits = limits or FrameLimits()
-    if total_size < 8 or len(head) < 8:
+    if (total_size is not None and total_size < 8) or len(head) < 8:
         raise FrameError(
             "truncated", "frame is shorter than the 8-byte safetensors prefix", status=400
         )
     (n,) = struct.unpack("<Q", head[:8])
-    if 8 + n > total_size or len(head) < 8 + n:
+    if (total_size is not None and 8 + n > total_size) or len(head) < 8 + n:
         raise FrameError("truncated", "frame ends inside its safetensors header", status=400)
     if n > limits.max_header_bytes:
         raise FrameError(
@@ -266,7 +353,7 @@ def parse_header(head: bytes, total_size: int, limits: FrameLimits | None = None
         raise FrameError(
             "too_many_tensors", f"{len(raw)} tensors exceed the limit of {limits.max_tensors}"
         )
-    data_len = total_size - 8 - n
+    data_len = _declared_data_len(raw) if total_size is None else total_size - 8 - n
     entries = [_parse_entry(name, entry, limits, data_len) for name, entry in raw.items()]
     if not entries:
         raise FrameError("empty_frame", "frame holds no tensors")
@@ -282,6 +369,20 @@ def parse_header(head: bytes, total_size: int, limits: FrameLimits | None = None
     header = FrameHeader(kind, step, seq, info, tuple(entries), data_offset=8 + n)
     validate_layout(header)
     return header
+
+
+def _declared_data_len(raw: Mapping[str, Any]) -> int:
+    """The end of the furthest tensor's ``data_offsets`` (malformed entries count as 0: their
+    own check refuses them)."""
+    ends = [
+        e["data_offsets"][1]
+        for e in raw.values()
+        if isinstance(e, dict)
+        and isinstance(e.get("data_offsets"), list)
+        and len(e["data_offsets"]) == 2
+        and type(e["data_offsets"][1]) is int
+    ]
+    return max(ends, default=0)
 
 
 def _parse_metadata(meta: object) -> tuple[FrameKind, int, int, dict[str, Any]]:

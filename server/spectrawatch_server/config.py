@@ -130,6 +130,9 @@ class ServerSettings(BaseSettings):
     run_worker: bool = True  # run the in-process worker thread (embedded queue)
     require_auth: bool = False
     max_body_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    # bytes zstd frame bodies may be decompressed to at once, all requests together (a frame
+    # larger than this waits for the whole budget); past it a request answers 503 Retry-After
+    max_inflating_bytes: int = Field(1024 * 1024 * 1024, ge=1)
     max_tensors: int = Field(4096, ge=1)
     max_dims: int = Field(4, ge=1)
     max_tensor_elements: int = Field(1 << 30, ge=1)

@@ -9,6 +9,7 @@ once to validate and store the blob, once (shared by the batch) to commit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
 
@@ -20,7 +21,7 @@ from spectrawatch.wire import (
     FrameError,
     FrameHeader,
     count_nonfinite,
-    decompress,
+    decompress_frame,
     load_tensors,
     nonfinite_steps,
     parse_header,
@@ -35,6 +36,7 @@ from spectrawatch_server.api.deps import (
     checks_role_inside,
 )
 from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.inflate_budget import InflateBudget
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.schemas import SOURCE_PATTERN, FramePublic
@@ -49,6 +51,7 @@ router = APIRouter(tags=["frames"])
 
 MAX_KEY_LENGTH = 160
 SPOOL_BYTES = 1024 * 1024  # bodies up to this size stay in memory until validated
+INFLATE_WAIT_S = 2.0  # a zstd body waits this long for decompression budget, then 503
 
 
 @dataclass
@@ -57,6 +60,7 @@ class IngestContext:
 
     auth: AuthCache
     committer: FrameCommitter
+    budget: InflateBudget  # bytes zstd bodies may be decompressed to at once
 
 
 def ingest_context(request: Request, state: AppState) -> IngestContext:
@@ -66,6 +70,7 @@ def ingest_context(request: Request, state: AppState) -> IngestContext:
         ctx = IngestContext(
             AuthCache(state.settings.auth_cache_seconds),
             FrameCommitter(state.sessions, state.queue, state.settings.ingest_batch_max),
+            InflateBudget(state.settings.max_inflating_bytes, INFLATE_WAIT_S),
         )
         request.app.state.ingest = ctx
     return ctx
@@ -115,7 +120,9 @@ async def ingest_frame(
     body = _Body(state)
     try:
         await _receive(request, body, limit)
-        frame = await run_in_threadpool(_store, state, run_id, body, encoding, idempotency_key)
+        frame = await run_in_threadpool(
+            _store, state, ctx.budget, run_id, body, encoding, idempotency_key
+        )
     except Exception:
         await run_in_threadpool(body.discard)
         raise
@@ -205,15 +212,24 @@ async def _receive(request: Request, body: _Body, limit: int) -> None:
 
 
 def _store(
-    state: AppState, run_id: int, body: _Body, encoding: str, idempotency_key: str | None
+    state: AppState,
+    budget: InflateBudget,
+    run_id: int,
+    body: _Body,
+    encoding: str,
+    idempotency_key: str | None,
 ) -> Frame:
-    """Validate the body, commit its blob (durable before any row names it), build the row."""
+    """Validate the body, commit its blob (durable before any row names it), build the row.
+
+    A zstd body's decompressed bytes are held against ``budget`` until its tensors are freed.
+    """
     data = body.data()
-    header, tensors = _validate(state, data, encoding)
-    nonfinite = count_nonfinite(tensors)
-    steps = row_steps(header.kind.value, header.info)
-    bad_steps = nonfinite_steps(tensors, nonfinite, steps, header.step)
-    del tensors
+    with budget.reservation() as reservation:
+        header, tensors = _validate(state, data, encoding, reservation.take)
+        nonfinite = count_nonfinite(tensors)
+        steps = row_steps(header.kind.value, header.info)
+        bad_steps = nonfinite_steps(tensors, nonfinite, steps, header.step)
+        del tensors
     body.spill()  # in-memory bodies are written only once they proved valid
     assert body.upload is not None
     blob_key = frame_blob_key(run_id, header.kind.value, header.seq, encoding)
@@ -238,12 +254,14 @@ def _store(
 
 
 def _validate(
-    state: AppState, data: bytes, encoding: str
+    state: AppState, data: bytes, encoding: str, admit: Callable[[int], None]
 ) -> tuple[FrameHeader, dict[str, torch.Tensor]]:
-    """Header checks, then a full tensor read (also catches corrupt data)."""
+    """Header checks, then a full tensor read (also catches corrupt data). A zstd body is
+    inflated only once its header is valid and ``admit`` took the size it declares."""
     if encoding == "zstd":
-        data = decompress(data, state.settings.max_body_bytes)
-    header = parse_header(data, len(data), state.limits)
+        header, data = decompress_frame(data, state.settings.max_body_bytes, state.limits, admit)
+    else:
+        header = parse_header(data, len(data), state.limits)
     tensors = load_tensors(data)
     if set(tensors) != set(header.names):
         raise FrameError("bad_tensor_data", "tensor names differ from the header", status=400)
