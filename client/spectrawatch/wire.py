@@ -100,6 +100,9 @@ class FrameLimits:
     max_dims: int = 4
     max_tensor_elements: int = 1 << 30
     max_name_length: int = 512
+    # serialized __metadata__.info; the bundled client sends ~16 KB for GPT-2 small (148 tensors,
+    # 16 steps per update_sketch frame), ~1 MB at most for 4,095 tensors of 80-character names
+    max_info_bytes: int = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -348,7 +351,7 @@ def parse_header(
     if not isinstance(raw, dict):
         raise FrameError("bad_header", "safetensors header must be a JSON object", status=400)
     meta = raw.pop("__metadata__", None)
-    kind, step, seq, info = _parse_metadata(meta)
+    kind, step, seq, info = _parse_metadata(meta, limits)
     if len(raw) > limits.max_tensors:
         raise FrameError(
             "too_many_tensors", f"{len(raw)} tensors exceed the limit of {limits.max_tensors}"
@@ -385,7 +388,9 @@ def _declared_data_len(raw: Mapping[str, Any]) -> int:
     return max(ends, default=0)
 
 
-def _parse_metadata(meta: object) -> tuple[FrameKind, int, int, dict[str, Any]]:
+def _parse_metadata(
+    meta: object, limits: FrameLimits
+) -> tuple[FrameKind, int, int, dict[str, Any]]:
     if not isinstance(meta, dict):
         raise FrameError("missing_metadata", "safetensors __metadata__ is missing")
     if meta.get("spectrawatch") != WIRE_VERSION:
@@ -402,8 +407,16 @@ def _parse_metadata(meta: object) -> tuple[FrameKind, int, int, dict[str, Any]]:
         ) from None
     step = _nonneg_int(meta, "step", MAX_STEP)
     seq = _nonneg_int(meta, "seq", 2**63 - 1)
+    text = meta.get("info", "{}")
+    size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else 0
+    if size > limits.max_info_bytes:
+        raise FrameError(
+            "info_too_large",
+            f"__metadata__.info of {size} bytes exceeds the limit of {limits.max_info_bytes} "
+            "(SPECTRAWATCH_MAX_INFO_BYTES)",
+        )
     try:
-        info = json.loads(meta.get("info", "{}"))
+        info = json.loads(text)
     except (TypeError, ValueError, RecursionError) as exc:
         raise FrameError(
             "bad_metadata", f"__metadata__.info must be a JSON object ({_brief(exc)})"

@@ -74,6 +74,7 @@ def build_state(settings: ServerSettings) -> AppState:
         max_tensors=settings.max_tensors,
         max_dims=settings.max_dims,
         max_tensor_elements=settings.max_tensor_elements,
+        max_info_bytes=settings.max_info_bytes,
     )
     loader = FrameLoader(
         blobs,

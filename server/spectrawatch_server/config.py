@@ -136,6 +136,7 @@ class ServerSettings(BaseSettings):
     max_tensors: int = Field(4096, ge=1)
     max_dims: int = Field(4, ge=1)
     max_tensor_elements: int = Field(1 << 30, ge=1)
+    max_info_bytes: int = Field(2 * 1024 * 1024, ge=1)  # a frame's serialized __metadata__.info
     max_scalars_per_batch: int = Field(100_000, ge=1)
     max_json_bytes: int = Field(32 * 1024 * 1024, ge=1)  # JSON request bodies (scalars, runs...)
     # ingest throughput: token/run cache of the frame route (a revoked token stops ingest after

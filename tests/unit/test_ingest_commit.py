@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select, update
+from sqlalchemy import event, func, inspect, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -499,3 +499,14 @@ def test_a_runs_jobs_wait_for_its_job_backing_off(sessions: sessionmaker[Session
         with sessions.begin() as session:
             job_store.finish_frame(session, session.get_one(Job, job_id).frame_id, "done", None)
         assert claim() == then
+
+
+def test_the_frame_listing_leaves_info_unloaded(sessions: sessionmaker[Session]) -> None:
+    """``info`` (up to ``MAX_INFO_BYTES`` a frame) is not part of the listing's answer: it was
+    read for every listed row all the same (3.3 s for 60 frames of 8 MB)."""
+    (run_id,) = make_runs(sessions, 1)
+    FrameCommitter(sessions, EmbeddedQueue(sessions, lambda _: None)).write([frame(run_id, 0)])
+    with sessions() as session:
+        (listed,) = repo.list_frames(session, run_id, None, 10, 0)
+        assert "info" in inspect(listed).unloaded
+        assert "layers" not in inspect(listed).unloaded

@@ -148,6 +148,23 @@ def test_sketch_frames_need_one_step_per_row() -> None:
     assert parse_header(big, len(big)).info["update_every"] == 2**62
 
 
+def test_info_is_capped_by_its_serialized_size() -> None:
+    """``info`` was bounded only by the 8 MiB header and stored as-is with the frame's row: a
+    few hundred bytes of zstd added ~8 MB to the database. The bundled client sends ~16 KB for
+    GPT-2 small (148 tensors, 16 steps a frame)."""
+    w = {"w": torch.ones(2, 2)}
+    limits = FrameLimits(max_info_bytes=1000)
+    ok = encode_frame("weights", 1, 0, w, {"pad": "a" * 990})  # {"pad":"..."}: 1,000 bytes
+    assert parse_header(ok, len(ok), limits).info["pad"] == "a" * 990
+    big = encode_frame("weights", 1, 0, w, {"pad": "a" * 991})
+    with pytest.raises(FrameError, match=r"1001 bytes exceeds the limit of 1000") as err:
+        parse_header(big, len(big), limits)
+    assert (err.value.code, err.value.status) == ("info_too_large", 422)
+    default = encode_frame("weights", 1, 0, w, {"pad": "a" * (2 * 1024 * 1024)})
+    with pytest.raises(FrameError, match="MAX_INFO_BYTES"):
+        parse_header(default, len(default))
+
+
 def test_steps_and_seqs_up_to_their_limits() -> None:
     rows = torch.randn(1, 4)
     top = encode_frame("update_sketch", 2**62, 2**63 - 1, {"l": rows}, {"steps": [2**62]})

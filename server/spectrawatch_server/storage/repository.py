@@ -26,7 +26,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import (
@@ -471,14 +471,50 @@ def list_frames(
     offset: int,
     status: str | None = None,
 ) -> Sequence[Frame]:
+    return frames_page(session, run_id, kind, limit, offset, status)[0]
+
+
+def frames_page(
+    session: Session,
+    run_id: int,
+    kind: str | None,
+    limit: int,
+    offset: int,
+    status: str | None = None,
+    max_layer_chars: int | None = None,
+) -> tuple[list[Frame], bool]:
+    """Up to ``limit`` frames by seq, without their ``info`` (the client's metadata, up to
+    ``MAX_INFO_BYTES`` each: not loaded), and whether more follow the page.
+
+    With ``max_layer_chars`` the page also ends once its frames' layer names add up to more
+    than that many characters (it holds one frame at least); rows are read a few at a time.
+    """
     stmt = (
-        select(Frame).where(Frame.run_id == run_id).order_by(Frame.seq).limit(limit).offset(offset)
+        select(Frame)
+        .options(defer(Frame.info))
+        .where(Frame.run_id == run_id)
+        .order_by(Frame.seq)
+        .limit(limit)
+        .offset(offset)
     )
     if kind is not None:
         stmt = stmt.where(Frame.kind == kind)
     if status is not None:
         stmt = stmt.where(Frame.status == status)
-    return session.scalars(stmt).all()
+    if max_layer_chars is None:
+        return list(session.scalars(stmt)), False
+    page: list[Frame] = []
+    chars = 0
+    result = session.scalars(stmt.execution_options(yield_per=16))
+    try:
+        for frame in result:
+            chars += sum(map(len, frame.layers))
+            if page and chars > max_layer_chars:
+                return page, True
+            page.append(frame)
+    finally:
+        result.close()  # a page ended early leaves rows unread
+    return page, False
 
 
 def recent_frames(

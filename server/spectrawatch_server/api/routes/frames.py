@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from spectrawatch.wire import (
     FrameError,
@@ -37,6 +37,7 @@ from spectrawatch_server.api.deps import (
 )
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.inflate_budget import InflateBudget
+from spectrawatch_server.api.links import next_link
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.schemas import SOURCE_PATTERN, FramePublic
@@ -51,6 +52,8 @@ router = APIRouter(tags=["frames"])
 
 MAX_KEY_LENGTH = 160
 SPOOL_BYTES = 1024 * 1024  # bodies up to this size stay in memory until validated
+# layer names of one page of GET /runs/{id}/frames (a frame holds up to 4,096 names of 512)
+PAGE_LAYER_CHARS = 4 * 1024 * 1024
 INFLATE_WAIT_S = 2.0  # a zstd body waits this long for decompression budget, then 503
 
 
@@ -281,13 +284,25 @@ def _frame_response(frame: Frame, status: int) -> JSONResponse:
 def list_frames(
     run: RunDep,
     session: SessionDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
     # a FrameKind, or an import's source (its metrics are stored as a frame of that kind)
     kind: Annotated[str | None, Query(pattern=SOURCE_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
     status: Literal["pending", "running", "done", "failed"] | None = None,
 ) -> list[FramePublic]:
-    return [
-        FramePublic.model_validate(f)
-        for f in repo.list_frames(session, run.id, kind, limit, offset, status)
-    ]
+    """The run's frames by seq: at most ``limit``, and at most ``PAGE_LAYER_CHARS`` characters
+    of layer names (one frame at least). A page that ends early for its layer names has a
+    ``Link: <url>; rel="next"`` header and ``X-Next-Offset`` (the ``offset`` of the next page)."""
+    frames, more = repo.frames_page(
+        session, run.id, kind, limit, offset, status, max_layer_chars=PAGE_LAYER_CHARS
+    )
+    if more:
+        following = offset + len(frames)
+        response.headers["Link"] = next_link(
+            request, state.settings.public_url, offset=following, limit=limit
+        )
+        response.headers["X-Next-Offset"] = str(following)
+    return [FramePublic.model_validate(f) for f in frames]
