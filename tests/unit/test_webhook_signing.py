@@ -606,3 +606,61 @@ def test_sender_loop_logs_a_database_outage_once_and_backs_off(
     assert "more text" not in messages[0]
     assert not any(r.exc_info for r in caplog.records)
     assert "back after 8 failed rounds" in messages[1]
+
+
+ELL = "\u217c"  # SMALL ROMAN NUMERAL FIFTY: "l" to Python's idna codec, refused by httpx
+
+
+def test_a_host_httpx_cannot_send_is_refused_and_names_resolve_as_sent() -> None:
+    """Python's IDNA 2003 codec maps ``localhost`` spelt with U+217C onto ``localhost``, so the
+    check resolved and passed it; httpx (IDNA 2008) refuses it, and the test send answered 500."""
+    asked: list[str] = []
+
+    def record(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["93.184.215.14"]
+
+    for url in (f"http://{ELL}ocalhost:19718/hook", f"https://hooks.s{ELL}ack.com/x"):
+        with pytest.raises(UnsafeTarget) as info:
+            check_url(url, Allowlist.parse("127.0.0.1"), record)
+        assert info.value.reason == "bad_url"
+        assert "cannot be sent" in info.value.message
+    assert asked == []
+    # a name IDNA 2003 and 2008 spell differently is resolved as httpx will send it
+    assert check_url("https://straße.de/x", Allowlist(), record).host == "xn--strae-oqa.de"
+    assert asked == ["xn--strae-oqa.de"]
+
+
+def test_a_stored_url_httpx_refuses_fails_its_delivery_only(tmp_path: Path) -> None:
+    """A URL stored before the check refused it raised httpx.InvalidURL out of ``attempt``: the
+    test send answered 500, the delivery stayed pending, the sender's batch was abandoned."""
+    import httpx
+
+    from spectrawatch_server.db.models import Delivery, Webhook
+    from spectrawatch_server.webhooks.deliver import DeliveryThread
+
+    sessions, _, poisoned_id, _ = make_outbox(tmp_path)
+    with sessions.begin() as session:
+        poisoned = session.get_one(Delivery, poisoned_id)
+        session.get_one(Webhook, poisoned.webhook_id).url = f"http://{ELL}ocalhost:19718/hook"
+        healthy = Webhook(project_id=1, url="https://hooks.example/ok", secret=generate_secret())
+        session.add(healthy)
+        session.flush()
+        session.add(
+            Delivery(
+                webhook_id=healthy.id, alert_id=poisoned.alert_id, message_id="msg_ok",
+                event=poisoned.event, payload=poisoned.payload, status="pending", attempts=0,
+                next_at=poisoned.next_at,
+            )
+        )  # fmt: skip
+
+    thread = DeliveryThread(sender(sessions, lambda request: httpx.Response(204)))
+    assert thread.run_once() == 2
+    thread.deliverer.close()
+    with sessions() as session:
+        rows = {d.message_id: d for d in session.query(Delivery).all()}
+        assert rows["msg_ok"].status == "delivered"
+        bad = rows[poisoned.message_id]
+        assert (bad.status, bad.attempts) == ("failed", 1)
+        assert bad.last_error is not None
+        assert bad.last_error.startswith("refused: webhook URL cannot be sent")

@@ -187,11 +187,12 @@ class Deliverer:
             return skipped
         try:
             target = check_url(message.url, self.policy.allow, self.resolve)
-        except UnsafeTarget as exc:
+            url = httpx.URL(target.url)
+            pinned = url.copy_with(host=target.address)
+        except (UnsafeTarget, httpx.InvalidURL) as exc:  # one stored before a check refused it
             return self._finish(delivery_id, message, None, None, f"refused: {exc}", None, True)
         body = message.body
         headers = signed_headers(message.msg_id, int(time.time()), body, message.secret)
-        url = httpx.URL(target.url)
         headers["host"] = url.netloc.decode("ascii")
         headers["accept-encoding"] = "identity"  # the answer is only logged: never inflate it
         extensions: dict[str, Any] = (
@@ -200,9 +201,7 @@ class Deliverer:
         started = time.perf_counter()
         watchdog = _Watchdog(self.policy.timeout)
         try:
-            code, text, retry_header = self._post(
-                url.copy_with(host=target.address), body, headers, extensions, watchdog
-            )
+            code, text, retry_header = self._post(pinned, body, headers, extensions, watchdog)
         except httpx.HTTPError as exc:
             latency = (time.perf_counter() - started) * 1000
             failure = (
@@ -403,7 +402,12 @@ class DeliveryThread:
         for delivery_id in ids:
             if self._stop.is_set():
                 break
-            self.deliverer.attempt(delivery_id, claim)
+            try:
+                self.deliverer.attempt(delivery_id, claim)
+            except OperationalError:
+                raise  # the database is away: the loop backs off
+            except Exception:  # a bug in one delivery must not hold the rest of the batch
+                log.exception("webhook delivery %d: attempt failed", delivery_id)
         return len(ids)
 
     def _run_ticks(self) -> None:

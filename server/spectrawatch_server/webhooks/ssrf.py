@@ -9,6 +9,9 @@ reserved and every other non-global address. An IPv6 address that embeds an IPv4
 address is the obfuscated IPv4) is also judged by that IPv4 address.
 The check runs at creation (a clear 4xx) and again before every attempt, and the sender connects
 to the address that was checked (no second DNS lookup for a rebinding attack to race).
+A host name is checked as httpx will send it (IDNA 2008, its ASCII form): Python's own ``idna``
+codec (IDNA 2003) maps names httpx refuses onto others (``localhost`` spelt with U+217C, a
+roman numeral, to ``localhost``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -95,6 +100,16 @@ def classify(address: IPAddress) -> str | None:
     return None if address.is_global else "non_global"
 
 
+def _sent_host(url: str) -> str:
+    """The host name as httpx will send it (ASCII; IDNA 2008 punycode for a non-ASCII name):
+    the name resolved, matched against the allowlist and named in ``Host`` and SNI."""
+    try:
+        raw = httpx.URL(url.strip()).raw_host
+    except httpx.InvalidURL as exc:
+        raise UnsafeTarget("bad_url", f"webhook URL cannot be sent: {exc}") from exc
+    return raw.decode("ascii").strip("[]").rstrip(".").lower()
+
+
 def system_resolver(host: str, port: int) -> list[str]:
     """All addresses ``host`` resolves to (A and AAAA)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -122,6 +137,7 @@ def check_url(url: str, allow: Allowlist, resolve: Resolver = system_resolver) -
         raise UnsafeTarget("bad_url", f"webhook URL {url!r} has no host")
     if parts.username is not None or parts.password is not None:
         raise UnsafeTarget("bad_url", "webhook URL must not carry credentials (user:pass@)")
+    host = _sent_host(url)
     try:
         port = parts.port or (443 if scheme == "https" else 80)
     except ValueError as exc:
