@@ -664,3 +664,28 @@ def test_a_stored_url_httpx_refuses_fails_its_delivery_only(tmp_path: Path) -> N
         assert (bad.status, bad.attempts) == ("failed", 1)
         assert bad.last_error is not None
         assert bad.last_error.startswith("refused: webhook URL cannot be sent")
+
+
+def test_a_receivers_answer_cannot_forge_log_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first 500 characters of a non-2xx answer went into the log line and the stored
+    error with their newlines: a receiver could append forged log lines."""
+    import httpx
+
+    from spectrawatch_server.db.models import Delivery
+
+    forged = "oops\n2024-01-01 WARNING token 1 (admin) revoked\r\x1b[2K\u2028done"
+    sessions, _, delivery_id, _ = make_outbox(tmp_path)
+    deliverer = sender(sessions, lambda request: httpx.Response(500, text=forged))
+    with caplog.at_level("INFO", logger="spectrawatch_server.webhooks.deliver"):
+        outcome = deliverer.attempt(delivery_id)
+    deliverer.close()
+    assert outcome is not None
+    expected = "HTTP 500: oops\\n2024-01-01 WARNING token 1 (admin) revoked\\r\\x1b[2K\\u2028done"
+    assert outcome.error == expected
+    (line,) = [m for r in caplog.records if f"delivery {delivery_id}" in (m := r.getMessage())]
+    assert expected in line
+    assert line.isprintable()
+    with sessions() as session:
+        assert session.get_one(Delivery, delivery_id).last_error == expected

@@ -152,6 +152,15 @@ def _shutdown(sock: socket.socket) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
+def escape_controls(text: str) -> str:
+    """``text`` with its unprintable characters escaped (newline as ``\\n``, ESC as ``\\x1b``):
+    a receiver's answer and error texts go into the log and the delivery's error as one line,
+    so a receiver cannot forge log lines or terminal sequences."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 class Deliverer:
     """Makes single delivery attempts and records them (usable from a route or the thread)."""
 
@@ -242,7 +251,7 @@ class Deliverer:
                     raw += chunk
                     if len(raw) >= limit:
                         break
-            text = raw.decode("utf-8", "replace")[: self.policy.log_chars]
+            text = escape_controls(raw.decode("utf-8", "replace"))[: self.policy.log_chars]
             return response.status_code, text, response.headers.get("retry-after")
 
     def _load(
@@ -308,6 +317,7 @@ class Deliverer:
         retry_after: float | None,
         final: bool,
     ) -> Outcome:
+        error = None if error is None else escape_controls(error)
         with self.sessions.begin() as session:
             # the endpoint first, as its deletion locks it (a 410 disables it), then the
             # delivery: a webhook deleted now waits; one deleted during the request took its
