@@ -17,6 +17,7 @@ from spectrawatch_server.api.cross_site import CrossSiteGuard
 from spectrawatch_server.api.deps import describe_roles
 from spectrawatch_server.api.errors import install_error_handlers
 from spectrawatch_server.api.limits import JsonBodyLimit, NulGuard
+from spectrawatch_server.api.no_framing import NoFraming
 from spectrawatch_server.api.routes import (
     alerts,
     blobs,
@@ -217,6 +218,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
     app.add_middleware(NulGuard)
+    app.add_middleware(NoFraming)
     if not settings.require_auth:  # added last: runs first
         app.add_middleware(CrossSiteGuard, public_url=settings.public_url)
     for api_router in API_ROUTERS:
