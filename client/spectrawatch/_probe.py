@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from spectrawatch import wire
 from spectrawatch._model import _rng_devices, call_model
@@ -81,7 +84,7 @@ class ProbeCapture:
             width = None
             if isinstance(m, nn.Linear):
                 width = m.out_features
-            elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            elif isinstance(m, _ConvNd):  # Conv1d/2d/3d and their transposes
                 width = m.out_channels
             elif type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int):
                 width = m.nf  # Hugging Face's GPT-2-style linear layer (weight: in x out)
@@ -106,7 +109,7 @@ class ProbeCapture:
                     return
                 if t.numel() == 0:  # a zero-width layer (or no tokens): no spectrum to send
                     return
-                if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+                if channels_first(module):  # (N, C, *spatial): features last, one row a site
                     t = t.movedim(1, -1)
                 x = t.detach().reshape(-1, t.shape[-1]).to(torch.float32)
                 tokens[name] = int(x.shape[0])
@@ -170,3 +173,21 @@ class ProbeCapture:
             value = prediction_agreement(list(history))
             rows.append({"step": n, "name": PREDICTION_AGREEMENT, "value": value})
         return rows
+
+
+CHANNELS_FIRST = (_ConvNd, _BatchNorm, _InstanceNorm, nn.GroupNorm)
+"""Modules whose output holds the features on dim 1, ``(N, C, *spatial)``."""
+
+
+def channels_first(module: nn.Module) -> bool:
+    """Whether ``module``'s output is ``(N, C, *spatial)``: a convolution (any dimension,
+    transposed too) or a batch/instance/group norm, or a container whose last leaf with
+    parameters is one (a ResNet stage, a conv-bn-relu block). Only Conv1d/Conv2d were, and a
+    Conv3d's or a conv block's spectrum was taken over its last spatial axis."""
+    if isinstance(module, CHANNELS_FIRST):
+        return True
+    last = None
+    for m in module.modules():
+        if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None:
+            last = m
+    return last is not module and isinstance(last, CHANNELS_FIRST)

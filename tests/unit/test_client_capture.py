@@ -557,6 +557,47 @@ def test_activations_x_or_gram_and_modes_restored() -> None:
     wire.decode_frame(wire.encode_frame(frame.kind, 5, 0, frame.tensors, frame.info))
 
 
+class _ChannelFirst(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.c3 = nn.Conv3d(1, 6, 3)
+        self.ct = nn.ConvTranspose2d(3, 5, 2)
+        self.block = block
+
+    def forward(self, volume: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
+        return [self.c3(volume), self.ct(image), self.block(image)]
+
+
+def test_channel_first_modules_are_probed_over_their_channels() -> None:
+    """Conv3d, ConvTranspose2d, BatchNorm2d and a conv-bn-relu block put their features on
+    dim 1: each probe's Gram is channels x channels over every site (only Conv1d/Conv2d were,
+    and the others' spectra were taken over their last spatial axis); Conv3d and the
+    transposed conv are probed by default too, as every ``Conv``."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+    model = _ChannelFirst(block)
+    probe = (torch.randn(2, 1, 5, 6, 6), torch.randn(2, 3, 7, 7))
+    default, _ = make_capture(model, None, Sink(), probe=probe)
+    assert {n for n, _ in default._probe_modules()} == {"c3", "ct", "block.0"}
+    sink = Sink()
+    names = ["c3", "ct", "block", "block.1"]  # the block and its norm too
+    cap, stats = make_capture(model, None, sink, probe=probe, modules=names)
+    cap.capture_activations(1)
+    (frame,) = sink.of(wire.FrameKind.ACTIVATIONS)
+    model.eval()
+    outputs = {
+        "c3": model.c3(probe[0]),
+        "ct": model.ct(probe[1]),
+        "block": block(probe[1]),
+        "block.1": block[1](block[0](probe[1])),
+    }
+    for name, out in outputs.items():
+        x = out.detach().movedim(1, -1).reshape(-1, out.shape[1])
+        torch.testing.assert_close(frame.tensors[name], x.T @ x, rtol=1e-4, atol=1e-3)
+        assert frame.info["tokens"][name] == x.shape[0]
+    assert stats.get("errors") == 0
+
+
 @pytest.mark.parametrize(("steps", "at_finish"), [(5, True), (7, True), (7, False)])
 def test_finish_takes_a_last_probe_capture_with_the_last_weights(
     steps: int, at_finish: bool
