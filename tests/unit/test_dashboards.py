@@ -834,7 +834,8 @@ def test_drilldown_of_a_layer_htsr_skips_says_why(tmp_path: Path) -> None:
 
 def test_layer_drilldown_loads_the_shown_spectrum_only(tmp_path: Path) -> None:
     """The drill-down listed a layer's steps by loading every spectrum of it (histograms and
-    fits, ~10 KB each: tens of MB a page on a long run); now their keys and the one shown."""
+    fits, ~10 KB each: tens of MB a page on a long run); now their keys and the one shown. A
+    step before the first ESD shows the first one (it showed the last)."""
     import torch
     from fastapi.testclient import TestClient
     from sqlalchemy import event
@@ -847,7 +848,7 @@ def test_layer_drilldown_loads_the_shown_spectrum_only(tmp_path: Path) -> None:
 
     (layer,) = analyze_weights({"a.weight": torch.randn(64, 32)}).layers
     payload = {"analysis": "htsr", "plain": esd_payload(layer.evals, layer.plain)}
-    steps = list(range(0, 300, 10))
+    steps = list(range(10, 300, 10))
     with TestClient(
         create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
     ) as client:
@@ -874,9 +875,11 @@ def test_layer_drilldown_loads_the_shown_spectrum_only(tmp_path: Path) -> None:
             url = f"/api/v1/dashboards/runs/{run['id']}/layer"
             page = client.get(url, params={"layer": "a.weight", "step": 125}).json()
             latest = client.get(url, params={"layer": "a.weight"}).json()
+            early = client.get(url, params={"layer": "a.weight", "step": 3}).json()
         finally:
             event.remove(Spectrum, "load", on_load)
-    assert loaded == [("a.weight", 120), ("a.weight", 290)]
+    assert loaded == [("a.weight", 120), ("a.weight", 290), ("a.weight", 10)]
+    assert early["controls"]["step"]["value"] == "10"
     assert page["controls"]["step"] == {
         "label": "ESD at step",
         "options": [str(s) for s in steps],

@@ -374,7 +374,8 @@ def read_layer(
     chosen_row = None
     if keys:
         target = step if step is not None else steps[-1]
-        chosen = max([k for k in keys if k[0] <= target] or keys)
+        # the last ESD at or before the step asked for; the first one for a step before it
+        chosen = max([k for k in keys if k[0] <= target] or [k for k in keys if k[0] == steps[0]])
         chosen_row = session.get_one(Spectrum, chosen[1])
         body["controls"]["step"] = {
             "label": "ESD at step",
