@@ -639,6 +639,35 @@ def test_bucketed_series_match_a_numpy_reference(tmp_path: Path) -> None:
     engine.dispose()
 
 
+def test_buckets_of_steps_near_max_step_are_exact() -> None:
+    """``(step - lo) * n // span`` overflowed int64 for steps near MAX_STEP (2**62): bucket
+    indices went negative and out of order. Each bucket's min and max against Python's exact
+    integers."""
+    wide = 2**62 // 3000
+    steps = [0, *range(2**62 - 2000, 2**62 + 1, 7), *range(wide, 2**62 - 2000, wide)]
+    steps.sort()
+    values = [float((t // 7) % 11) for t in steps]
+    lo, span, n = 0, 2**62 + 1, 500
+    buckets: dict[int, list[tuple[int, float]]] = {}
+    for t, v in zip(steps, values, strict=True):
+        buckets.setdefault((t - lo) * n // span, []).append((t, v))
+    want = set()
+    for points in buckets.values():
+        ys = [v for _, v in points]
+        want |= {next(p for p in points if p[1] == y) for y in (min(ys), max(ys))}
+    got_x, got_y = reads._bucket_points(steps, values, lo, span, n)
+    assert list(zip(got_x, got_y, strict=True)) == sorted(want)
+    # buckets 0 and 4 side by side: (4 * span / n) * n wrapped once to bucket 0, one bucket
+    wrap = 2**64 // n + 1
+    got = reads._bucket_points([0, 5, wrap, wrap + 9], [1.0, 2.0, 3.0, 4.0], lo, span, n)
+    assert got == ([0, 5, wrap, wrap + 9], [1.0, 2.0, 3.0, 4.0])
+    k = reads.bucket_index(np.array(steps, dtype=np.int64), lo, span, n)
+    assert k.tolist() == [(t - lo) * n // span for t in steps]
+    assert reads.bucket_index(np.arange(1000, dtype=np.int64), 0, 1000, 37).tolist() == [
+        t * 37 // 1000 for t in range(1000)
+    ]
+
+
 @contextlib.contextmanager
 def statements(conn: Any) -> Iterator[list[tuple[str, Any]]]:
     """The SQL statements (and their parameters) ``conn``'s engine runs inside the block."""

@@ -9,6 +9,7 @@ in numpy (min and max per bucket, each at the step it was stored at).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -375,14 +376,14 @@ def _bucket_points(
     n: int,
 ) -> Points:
     """One series (steps ascending) as :func:`bucketed_series` returns it: per bucket ``k =
-    (step - lo) * n // span``, its min and its max at the steps they were stored at, in step
-    order (one point when they are the same), and a None point at the bucket's first missing
-    value (NaN/Inf stored as NULL), so a gap shows where it is."""
+    (step - lo) * n // span`` (:func:`bucket_index`), its min and its max at the steps they
+    were stored at, in step order (one point when they are the same), and a None point at the
+    bucket's first missing value (NaN/Inf stored as NULL), so a gap shows where it is."""
     s = np.asarray(steps, dtype=np.int64)
     v = np.array(values, dtype=np.float64)  # None -> NaN
     if not len(s):
         return [], []
-    k = (s - lo) * n // span
+    k = bucket_index(s, lo, span, n)
     starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
     group = np.cumsum(np.r_[False, k[1:] != k[:-1]])  # each point's bucket, 0..len(starts)-1
     ok = ~np.isnan(v)
@@ -397,6 +398,23 @@ def _bucket_points(
     index = np.unique(np.concatenate(picked))  # sorted: step order
     out_values: list[float | None] = [None if math.isnan(x) else float(x) for x in v[index]]
     return s[index].tolist(), out_values
+
+
+def bucket_index(steps: npt.NDArray[np.int64], lo: int, span: int, n: int) -> Any:
+    """``(steps - lo) * n // span`` exactly, for steps in ``[lo, lo + span)``: each step's
+    bucket of ``n`` equal parts of that range, by search among the buckets' first steps
+    (``ceil(k * span / n)``, Python ints). The product itself overflows int64 for steps near
+    ``MAX_STEP`` (2**62), which made bucket indices negative and out of order."""
+    return np.searchsorted(_bucket_edges(span, n), steps - lo, side="right") - 1
+
+
+@functools.lru_cache(maxsize=16)
+def _bucket_edges(span: int, n: int) -> npt.NDArray[np.int64]:
+    """First offset of each of ``n`` buckets of ``span`` steps, ``ceil(k * span / n)`` (each
+    below ``span``); cached: every layer of a figure has the same buckets."""
+    edges = np.array([-(-k * span // n) for k in range(n)], dtype=np.int64)
+    edges.flags.writeable = False
+    return edges
 
 
 def _first_per_group(group: npt.NDArray[np.int64], mask: npt.NDArray[np.bool_]) -> Any:
