@@ -265,9 +265,36 @@ def test_downsample_many_equals_downsample_of_each(max_points: int | None) -> No
     for i in range(12):
         n = (2000, 1500, 2000, 37)[i % 4]
         values: list[float | None] = rng.standard_normal(n).cumsum().tolist()
-        values[i] = None
+        if i % 3 == 0:
+            values[i] = None
         series.append((list(range(0, 3 * n, 3)), values))
     assert downsample_many(series, max_points) == [downsample(s, v, max_points) for s, v in series]
+
+
+@pytest.mark.parametrize("scale", [0.001, 1.0, 1000.0])
+def test_downsample_keeps_every_gap_whatever_the_values(scale: float) -> None:
+    """LTTB read NaN as 0: a gap in a series around 0 spans no triangle and was dropped (around
+    +-1 it survived). Each run of None keeps a point, LTTB picks the rest of ``max_points``."""
+    steps = list(range(10_000))
+    values: list[float | None] = [scale * ((t % 7) - 3) for t in steps]
+    for t in (0, 5000, 5001, 5002, 7777, 9999):
+        values[t] = None
+    for got_steps, got_values in (
+        downsample(steps, values, 100),
+        downsample_many([(steps, values)], 100)[0],
+    ):
+        assert len(got_steps) <= 100
+        assert got_steps == sorted(got_steps)
+        assert [t for t, v in zip(got_steps, got_values, strict=True) if v is None] == [
+            0,
+            5000,
+            7777,
+            9999,
+        ]
+        assert got_steps[1] == 1  # and the first and last finite points
+        assert got_steps[-2] == 9998
+    few = downsample(steps, [None if t % 2 else 1.0 for t in steps], 10)  # 5,000 gaps
+    assert [t for t, v in zip(*few, strict=True) if v is None] == list(range(1, 10_000, 2))
 
 
 # --- the activations page ----------------------------------------------------------------------

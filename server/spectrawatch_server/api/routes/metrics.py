@@ -58,11 +58,12 @@ def read_metrics(
 ) -> MetricSeries:
     """One metric, one series per layer, each LTTB-downsampled to at most ``max_points``
     points (LTTB keeps the first and last point and each bucket's most prominent one, so peaks
-    survive). With ``layer``, every point unless ``max_points`` is given; without it, every
-    layer's series has at most 1000 points unless ``max_points`` says otherwise (a metric of
-    150 layers x 5,000 steps is 750,000 points, 17 MB of JSON). Each series says how many
-    points it has stored (``points``) and whether some were left out (``downsampled``); ask
-    for one ``layer`` to read all of its points."""
+    survive; and one point of each run of NaN/Inf values, so gaps do, even past ``max_points``
+    in a series with more gaps than that). With ``layer``, every point unless ``max_points``
+    is given; without it, every layer's series has at most 1000 points unless ``max_points``
+    says otherwise (a metric of 150 layers x 5,000 steps is 750,000 points, 17 MB of JSON).
+    Each series says how many points it has stored (``points``) and whether some were left out
+    (``downsampled``); ask for one ``layer`` to read all of its points."""
     if max_points is None and layer is None:
         max_points = SERIES_POINTS
     stored = metric_reads.metric_series(session, run.id, name, layer, start, end)
