@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -496,16 +497,56 @@ def test_sampled_steps_pick_first_step_of_each_bucket(db: Any) -> None:
         assert not skipped
         steps, skipped = reads.sampled_steps(s, run_id, "htsr.alpha", 4)
         # Starts every 3 * ceil(201 / (4 * 3)) = 51 steps (a multiple of the logging gap 3):
-        # 0, 51, 102, 153; the first stored step at or after each.
-        assert steps == [0, 51, 200]
+        # 0, 51, 102, 153; the first stored step at or after each: 0, 51, 200, 200. The
+        # column left is spent on starts every 3 * ceil(201 / (5 * 3)) = 42 steps instead.
+        assert steps == [0, 42, 84, 200]
         assert skipped
         regular, skipped = reads.sampled_steps(s, run_id, "l.regular", 10)
         assert regular == list(range(5, 3000, 300))  # logged every 3rd step: equal columns
         assert skipped
         rows = reads.grid_cells(s, run_id, "htsr.alpha", steps)
         assert sorted(rows) == sorted(
-            [(f"l{i}", st, i + st / 100) for i in range(4) for st in (0, 51)] + [("l9", 200, 1.0)]
+            [(f"l{i}", st, i + st / 100) for i in range(4) for st in (0, 42, 84)]
+            + [("l9", 200, 1.0)]
         )
+
+
+def test_sampled_steps_are_not_ruled_by_one_outlying_gap(tmp_path: Path) -> None:
+    """The sample's spacing came from the gap between the first two stored steps: a step 0,
+    then every 10 steps from 10,000 to 20,000, gave 3 heatmap columns (0, 10,000, 20,000) of
+    300 asked for. Now the usual gap and the columns the empty stretch left: as many as
+    without the step 0, equally spaced; likewise for a run resumed with a finer cadence."""
+    engine, sessions = migrated(tmp_path)
+    dense = list(range(10_000, 20_001, 10))
+    series = {
+        "lone": [0, *dense],
+        "dense": dense,
+        "resumed": [*range(0, 5000, 500), *range(5000, 20_001, 10)],
+    }
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = [
+            MetricRow(f"l{i}", name, t, float(i))
+            for name, steps in series.items()
+            for t in steps
+            for i in range(4)
+        ]
+        result_store.replace_results(s, run_id, frame.id, 0, "htsr", rows, [])
+    with sessions() as s:
+        without, skipped = reads.sampled_steps(s, run_id, "dense", 300)
+        assert skipped
+        assert len(without) == 251
+        steps, skipped = reads.sampled_steps(s, run_id, "lone", 300)
+        assert skipped
+        assert steps == [0, *without]
+        assert len({b - a for a, b in itertools.pairwise(steps[1:])}) == 1  # equal columns
+        resumed, _ = reads.sampled_steps(s, run_id, "resumed", 300)
+        assert 250 <= len(resumed) <= 300
+        assert set(resumed) <= set(series["resumed"])
+        every, skipped = reads.sampled_steps(s, run_id, "lone", 1002)
+        assert (every, skipped) == (series["lone"], False)
+    engine.dispose()
 
 
 def test_routes_serve_pages_and_figures(tmp_path: Path) -> None:

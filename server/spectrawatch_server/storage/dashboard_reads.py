@@ -10,7 +10,6 @@ in numpy (min and max per bucket, each at the step it was stored at).
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Sequence
 from datetime import datetime
@@ -114,27 +113,105 @@ def layers_at_last_step(
 def sampled_steps(
     session: Session, run_id: int, name: str, columns: int, skip_layer: str | None = None
 ) -> tuple[list[int], bool]:
-    """Up to ``columns`` steps of metric ``name``: the first stored step at or after each of
-    equally spaced starts over its step range (one index seek each). Second value: whether
-    stored steps were skipped (the sample is a decimation, not every step).
-
-    The spacing is a multiple of the gap between the first two stored steps, so a series logged
-    every ``g`` steps is sampled at exactly equal intervals (which Plotly draws as a uniform
-    heatmap, several times faster than one with uneven columns). Rows of ``skip_layer`` are not
-    sampled while other layers have the metric: the heatmap's ``__model__`` row is left out, and
-    its SED series has every step while the layers' have every ``layer_stride``-th.
+    """Up to ``columns`` steps of metric ``name``: every stored step when it has no more
+    (:func:`first_steps`), else :func:`spaced_steps`. Second value: whether stored steps were
+    skipped (the sample is a decimation, not every step). Rows of ``skip_layer`` are not
+    sampled while other layers have the metric: the heatmap's ``__model__`` row is left out,
+    and its SED series has every step while the layers' have every ``layer_stride``-th.
     """
     rng = step_range(session, run_id, name, skip_layer=skip_layer)
     if rng is None and skip_layer is not None:
         return sampled_steps(session, run_id, name, columns)  # only that layer has the metric
     if rng is None:
         return [], False
+    every = first_steps(session, run_id, name, columns + 1, skip_layer)
+    if len(every) <= columns:
+        return every, False
+    return spaced_steps(session, run_id, name, columns, rng, skip_layer), True
+
+
+def first_steps(
+    session: Session, run_id: int, name: str, limit: int, skip_layer: str | None = None
+) -> list[int]:
+    """The first ``limit`` distinct stored steps of metric ``name`` (not counting rows of
+    ``skip_layer``), ascending, by a recursive skip-scan: one index seek a step, however many
+    layers store it."""
+    skip = "" if skip_layer is None else " AND m.layer != :x"
+    rows = session.execute(
+        text(
+            "WITH RECURSIVE s(step, i) AS ("
+            f" SELECT min(m.step), 1 FROM metric m WHERE m.run_id = :r AND m.name = :n{skip}"
+            " UNION ALL"
+            " SELECT (SELECT min(m.step) FROM metric m"
+            f"  WHERE m.run_id = :r AND m.name = :n AND m.step > s.step{skip}), s.i + 1"
+            " FROM s WHERE s.step IS NOT NULL AND s.i < :k"
+            ") SELECT step FROM s WHERE step IS NOT NULL"
+        ),
+        {"r": run_id, "n": name, "x": skip_layer, "k": limit},
+    ).all()
+    return [int(r[0]) for r in rows]
+
+
+def spaced_steps(
+    session: Session,
+    run_id: int,
+    name: str,
+    columns: int,
+    rng: tuple[int, int],
+    skip_layer: str | None = None,
+) -> list[int]:
+    """Up to ``columns`` stored steps of metric ``name`` in ``rng``: the first stored step at
+    or after each of equally spaced starts (one index seek each).
+
+    The spacing is a multiple of the series' logging gap (:func:`logging_gap`), so a series
+    logged every ``g`` steps is sampled at exactly equal intervals (which Plotly draws as a
+    uniform heatmap, several times faster than one with uneven columns). Starts in a stretch
+    without steps (a lone step 0, then dense logging from 10,000) all find its next step: the
+    columns they leave are spent once more, on starts spaced closer (4 times at most)."""
     lo, hi = rng
-    where = _where(Metric, run_id, name, None, skip_layer)
-    second = session.scalar(select(func.min(Metric.step)).where(*where, Metric.step > lo))
-    gap = 1 if second is None else int(second) - lo
-    stride = gap * max(1, -(-(hi - lo + 1) // (columns * gap)))  # ceil division
-    starts = list(range(lo, hi + 1, stride))
+    gap = logging_gap(session, _where(Metric, run_id, name, None, skip_layer), lo, hi)
+    starts = _starts(lo, hi, gap, columns)
+    steps = _first_at_or_after(session, run_id, name, starts, skip_layer)
+    if len(steps) < len(starts):
+        wider = min(4 * columns, columns * len(starts) // max(1, len(steps)))
+        again = _first_at_or_after(session, run_id, name, _starts(lo, hi, gap, wider), skip_layer)
+        if len(steps) < len(again) <= columns:
+            steps = again
+    return steps
+
+
+def _starts(lo: int, hi: int, gap: int, columns: int) -> range:
+    """Equally spaced starts over ``[lo, hi]``, at most ``columns``, a multiple of ``gap``
+    apart."""
+    return range(lo, hi + 1, gap * max(1, -(-(hi - lo + 1) // (columns * gap))))  # ceil
+
+
+def logging_gap(session: Session, where: list[Any], lo: int, hi: int) -> int:
+    """The series' (rows matching ``where``, steps ``lo`` to ``hi``) usual gap between stored
+    steps: the middle one of the gaps after its first step, in the middle of its range and
+    before its last, so that one outlying gap (a lone early step, a run resumed with another
+    cadence) does not set it (by 4 index seeks)."""
+
+    def seek(aggregate: Any, *condition: Any) -> int | None:
+        found = session.scalar(select(aggregate(Metric.step)).where(*where, *condition))
+        return None if found is None else int(found)
+
+    middle = seek(func.min, Metric.step >= (lo + hi) // 2)
+    middle = hi if middle is None else middle
+    pairs = [
+        (lo, seek(func.min, Metric.step > lo)),
+        (middle, seek(func.min, Metric.step > middle)),
+        (seek(func.max, Metric.step < hi), hi),
+    ]
+    gaps = sorted(b - a for a, b in pairs if a is not None and b is not None)
+    return gaps[(len(gaps) - 1) // 2] if gaps else 1
+
+
+def _first_at_or_after(
+    session: Session, run_id: int, name: str, starts: Sequence[int], skip_layer: str | None
+) -> list[int]:
+    """The distinct first stored steps of metric ``name`` at or after each of ``starts``
+    (one index seek each, 500 a statement), ascending."""
     skip = "" if skip_layer is None else " AND m.layer != :x"
     params: dict[str, Any] = {"r": run_id, "n": name, "x": skip_layer}
     found: list[int] = []
@@ -149,19 +226,7 @@ def sampled_steps(
             params,
         ).all()
         found.extend(int(r[0]) for r in rows if r[0] is not None)
-    steps = sorted(set(found))
-    return steps, hi - lo + 1 > len(steps) and _skips_stored_steps(session, where, steps)
-
-
-def _skips_stored_steps(session: Session, where: list[Any], steps: Sequence[int]) -> bool:
-    """True if a stored step (rows matching ``where``) lies strictly between two consecutive
-    sampled steps."""
-    for a, b in itertools.pairwise(steps):
-        if b - a > 1:
-            nxt = session.scalar(select(func.min(Metric.step)).where(*where, Metric.step > a))
-            if nxt is not None and nxt < b:
-                return True
-    return False
+    return sorted(set(found))
 
 
 def grid_cells(
