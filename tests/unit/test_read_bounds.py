@@ -3,6 +3,7 @@ read and downsampled per layer, the activations figures keep a bounded number of
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import sqlite3
@@ -331,6 +332,36 @@ def test_bucketed_layers_equal_the_sql_buckets(tmp_path: Path) -> None:
                 )
             assert got == want, (names, buckets)
             assert None in got[("m", "b")][1]
+    engine.dispose()
+
+
+def test_bucketed_layers_read_a_series_within_the_budget_in_full(tmp_path: Path) -> None:
+    """A descriptor at step 0, then every 10 steps from 10,000 to 20,000 (1,002 steps), was
+    read at the 3 steps of a sample spaced by its first gap (its line drew 152 points, none
+    between 10,000 and 17,010), and one with fewer steps than its read budget but more than the
+    budget's evenly spaced part was decimated too. Within the budget now: every point; past
+    it: evenly spaced, not ruled by the first gap."""
+    steps = [0, *range(10_000, 20_001, 10)]
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        frame = done_frame(s, run_id, 0, 0)
+        rows = [
+            result_store.MetricRow(f"blocks.{i}", "eigentrack.entropy", t, i + t / 1e4)
+            for t in steps
+            for i in range(4)
+        ]
+        result_store.replace_results(s, run_id, frame.id, 0, "activations", rows, [])
+    with sessions() as s:
+        series, decimated = reads.bucketed_layers(s, run_id, ["eigentrack.entropy"], 5000, 1002)
+        assert decimated == []
+        assert series["eigentrack.entropy", "blocks.0"][0] == steps
+        series, decimated = reads.bucketed_layers(s, run_id, ["eigentrack.entropy"], 5000, 600)
+        assert decimated == ["eigentrack.entropy"]
+        drawn = series["eigentrack.entropy", "blocks.0"][0]
+        assert drawn[:2] == [0, 10_000]
+        assert 400 <= len(drawn) <= 600
+        assert max(b - a for a, b in itertools.pairwise(drawn[1:])) <= 40
     engine.dispose()
 
 

@@ -152,6 +152,22 @@ def first_steps(
     return [int(r[0]) for r in rows]
 
 
+def step_count(session: Session, run_id: int, name: str, at_most: int) -> int:
+    """Distinct stored steps of metric ``name``, counted up to ``at_most + 1``: one
+    index-ordered scan of at most ``(at_most + 1) x layers`` entries (4 layers x 40,000 steps
+    up to 30,001: ~0.03 s in SQLite and PostgreSQL, where :func:`first_steps`' seek a step
+    took 0.07-0.3 s)."""
+    steps = (
+        select(Metric.step)
+        .where(Metric.run_id == run_id, Metric.name == name)
+        .distinct()
+        .order_by(Metric.step)
+        .limit(at_most + 1)
+        .subquery()
+    )
+    return int(session.scalar(select(func.count()).select_from(steps)) or 0)
+
+
 def spaced_steps(
     session: Session,
     run_id: int,
@@ -319,32 +335,31 @@ def bucketed_layers(
     ``read_points`` stored points of each layer's series (the activations figures: 150
     modules x 5,000 steps is 750,000 points a descriptor, 0.7 s to read in full in SQLite).
 
-    A metric whose stored steps fit in ``read_points`` is bucketed exactly as by
+    A metric with at most ``read_points`` stored steps (:func:`step_count`) is bucketed
+    exactly as by
     :func:`bucketed_series` (every point read). One with more is decimated first: its values at
     the first stored step at or after each of ``read_points - read_points // 8`` equally spaced
-    starts over its step range (:func:`sampled_steps`, the heatmap's columns), and, in the
+    starts over its step range (:func:`spaced_steps`, the heatmap's columns), and, in the
     eighth left, each layer's points beyond the range of those read and its non-finite ones
     (:func:`beyond_sample`): a one-step burst or a NaN between two sampled steps is drawn, where
     it is. Bucketed the same way. Second value: the names decimated so (to say so on the
     figure)."""
-    ranges = [r for n in names if (r := step_range(session, run_id, n))]
+    ranges = {n: r for n in dict.fromkeys(names) if (r := step_range(session, run_id, n))}
     if not ranges:
         return {}, []
-    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    lo, hi = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
     span = hi - lo + 1
     n = max(1, min(buckets, span))
     out: Series = {}
     decimated: list[str] = []
     extremes = extreme_budget(read_points)
-    for name in dict.fromkeys(names):
-        steps, skipped = sampled_steps(session, run_id, name, max(1, read_points - extremes))
-        if skipped:
+    for name, rng in ranges.items():
+        steps = None
+        fits = rng[1] - rng[0] < read_points  # else count
+        if not fits and step_count(session, run_id, name, read_points) > read_points:
+            steps = spaced_steps(session, run_id, name, max(1, read_points - extremes), rng)
             decimated.append(name)
-        out.update(
-            _bucketed_layers(
-                session, run_id, [name], lo, span, n, steps if skipped else None, extremes
-            )
-        )
+        out.update(_bucketed_layers(session, run_id, [name], lo, span, n, steps, extremes))
     return out, decimated
 
 
