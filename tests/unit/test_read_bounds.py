@@ -433,6 +433,41 @@ def test_run_alerts_reads_every_page() -> None:
     assert run.alerts(status="resolved") == [a for a in stored if a["status"] == "resolved"]
 
 
+def test_runs_list_reads_frame_counts_in_one_query(tmp_path: Path) -> None:
+    """``GET /runs`` counted each run's frames by a query of its own (1,000 runs: 0.58 s);
+    now the page's projects and frame counts by one query each."""
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        runs = [new_run(s, "p" if i % 3 else "q", f"r{i}") for i in range(40)]
+        for i, run_id in enumerate(runs[:5]):
+            for seq in range(i + 1):
+                done_frame(s, run_id, seq, seq).status = "done" if seq % 2 else "queued"
+    engine.dispose()
+    seen: list[str] = []
+
+    def record(*args: Any) -> None:
+        seen.append(args[2])
+
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)),
+        base_url="http://127.0.0.1",
+    ) as client:
+        event.listen(Engine, "before_cursor_execute", record)
+        try:
+            listed = client.get("/api/v1/runs", params={"limit": 1000}).json()
+        finally:
+            event.remove(Engine, "before_cursor_execute", record)
+    assert len(listed) == 40
+    assert sum("FROM frame" in sql for sql in seen) == 1, seen
+    assert sum("FROM project" in sql for sql in seen) == 1, seen
+    by_id = {r["id"]: r for r in listed}
+    assert by_id[runs[0]]["frames"] == {"queued": 1}
+    assert by_id[runs[4]]["frames"] == {"queued": 3, "done": 2}
+    assert by_id[runs[9]]["frames"] == {}
+    assert {r["project"] for r in listed} == {"p", "q"}
+    assert by_id[runs[3]]["project"] == "q"
+
+
 def test_activations_of_a_long_run_read_a_bounded_number_of_points(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

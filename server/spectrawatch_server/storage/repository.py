@@ -326,6 +326,22 @@ def project_names(session: Session, project_ids: Iterable[int]) -> dict[int, str
     return {int(row.id): str(row.name) for row in rows}
 
 
+def frame_counts(session: Session, run_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+    """``{run id: {frame status: count}}`` of the runs ``run_ids`` (runs without frames are
+    absent), by one grouped query."""
+    if not run_ids:
+        return {}
+    rows = session.execute(
+        select(Frame.run_id, Frame.status, func.count())
+        .where(Frame.run_id.in_(sorted(set(run_ids))))
+        .group_by(Frame.run_id, Frame.status)
+    )
+    out: dict[int, dict[str, int]] = {}
+    for run_id, status, n in rows:
+        out.setdefault(int(run_id), {})[str(status)] = int(n)
+    return out
+
+
 def is_stale(run: Run, before: datetime, statuses: Iterable[str]) -> bool:
     """Whether ``run`` still matches :func:`stale_runs` (re-checked under its lock)."""
     return (

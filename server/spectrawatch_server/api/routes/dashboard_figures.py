@@ -29,7 +29,7 @@ from spectrawatch_server.api.deps import (
     find_run,
 )
 from spectrawatch_server.api.routes.alerts import find_project, list_rules
-from spectrawatch_server.api.routes.runs import run_public
+from spectrawatch_server.api.routes.runs import run_public, runs_public
 from spectrawatch_server.db.models import Run, Scalar, Spectrum
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import metric_reads
@@ -598,7 +598,7 @@ def read_compare(
             layer_opts += [la for la in layer_options(session, r.id, name) if la not in layer_opts]
     layer_value = _choose(layer_opts, layer, [dash.MODEL_LAYER])
     body: dict[str, Any] = {
-        "runs": [run_public(session, r).model_dump(mode="json") for r in run_rows],
+        "runs": [r.model_dump(mode="json") for r in runs_public(session, run_rows)],
         "page": {"id": page.id, "title": page.title},
         "controls": {
             "names": {

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -24,7 +25,7 @@ from spectrawatch_server.api.deps import (
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.db.base import utcnow
-from spectrawatch_server.db.models import Frame, Project, Run
+from spectrawatch_server.db.models import Project, Run
 from spectrawatch_server.db.session import release_free_pages, sqlite_write_lock
 from spectrawatch_server.schemas import (
     BulkDeletedRun,
@@ -44,26 +45,34 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 
 
 def run_public(session: Session, run: Run) -> RunPublic:
-    project = session.get_one(Project, run.project_id)
-    counts = session.execute(
-        select(Frame.status, func.count()).where(Frame.run_id == run.id).group_by(Frame.status)
-    ).all()
-    return RunPublic(
-        id=run.id,
-        uid=run.uid,
-        project=project.name,
-        name=run.name,
-        status=run.status,
-        config=run.config,
-        tags=run.tags,
-        summary=run.summary,
-        client_stats=run.client_stats,
-        last_step=run.last_step,
-        created_at=run.created_at,
-        updated_at=run.updated_at,
-        last_seen_at=run.last_seen_at,
-        frames={status: int(n) for status, n in counts},
-    )
+    """``run`` as the API shows it, with its frames counted by status."""
+    return runs_public(session, [run])[0]
+
+
+def runs_public(session: Session, runs: Sequence[Run]) -> list[RunPublic]:
+    """:func:`run_public` of each of ``runs``: their projects' names and frame counts by one
+    query each (a list of 1,000 runs made one query a run)."""
+    projects = repo.project_names(session, [r.project_id for r in runs])
+    counts = repo.frame_counts(session, [r.id for r in runs])
+    return [
+        RunPublic(
+            id=run.id,
+            uid=run.uid,
+            project=projects[run.project_id],
+            name=run.name,
+            status=run.status,
+            config=run.config,
+            tags=run.tags,
+            summary=run.summary,
+            client_stats=run.client_stats,
+            last_step=run.last_step,
+            created_at=run.created_at,
+            updated_at=run.updated_at,
+            last_seen_at=run.last_seen_at,
+            frames=counts.get(run.id, {}),
+        )
+        for run in runs
+    ]
 
 
 @router.post("", status_code=201, response_model=RunPublic, dependencies=[require_role("write")])
@@ -151,7 +160,7 @@ def list_runs(
         if row is None or not principal.can_access(row.id):
             raise ApiError(404, "project_not_found", f"project {project!r} does not exist")
         project_id = row.id
-    return [run_public(session, r) for r in repo.list_runs(session, project_id, limit, offset)]
+    return runs_public(session, repo.list_runs(session, project_id, limit, offset))
 
 
 @router.post("/bulk-delete", response_model=BulkDeleteResult, dependencies=[require_role("admin")])
