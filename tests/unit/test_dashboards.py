@@ -853,6 +853,53 @@ def test_runs_page_filters_and_sorts(tmp_path: Path) -> None:
         assert client.get("/projects/a", params={"fragment": "true"}).text.count("<tr ") == 2
 
 
+def test_runs_page_filters_and_sorts_every_run_and_says_when_cut(tmp_path: Path) -> None:
+    """The runs list read the newest 1,000 runs, then filtered and sorted those: an older run
+    was never listed, not by its name nor by its status, and nothing said the list was cut.
+    Filtered and sorted in SQL now, the page saying how many runs match past the first 1,000.
+    """
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+    from spectrawatch_server.db.models import Alert
+
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        needle = new_run(s, "p", "needle-Old", status="crashed")
+        repo.get_run(s, needle).last_step = 10**6  # type: ignore[union-attr]
+        runs = [new_run(s, "p", f"r{i:04d}") for i in range(1000)]
+        s.add_all([Alert(run_id=needle, rule="x", step=1), Alert(run_id=runs[5], rule="x", step=1)])
+        s.add(Alert(run_id=runs[5], rule="y", step=1))
+        s.add(Alert(run_id=runs[6], rule="x", step=1, status="resolved"))
+    engine.dispose()
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+
+        def names(**params: str) -> tuple[list[str], str]:
+            html = client.get("/projects/p", params={"fragment": "true", **params}).text
+            return re.findall(r'<a href="/runs/\d+">([^<]+)</a>', html), html
+
+        assert names(q="OLD")[0] == ["needle-Old"]
+        assert names(q="%")[0] == []  # a wildcard is a character
+        assert names(status="crashed")[0] == ["needle-Old"]
+        shown, html = names()
+        assert len(shown) == 1000
+        assert shown[0] == "r0999"
+        assert "needle-Old" not in shown
+        assert "Showing the first 1,000 of 1,001 matching runs" in html
+        assert names(sort="step")[0][0] == "needle-Old"  # over every run, not the shown ones
+        assert names(sort="alerts")[0][:2] == ["r0005", "needle-Old"]
+        # ascending: 999 runs without open alerts (ties newest first), then the needle; the
+        # run with 2 is the 1,001st
+        assert names(sort="alerts", desc="false")[0][-2:] == ["r0000", "needle-Old"]
+        assert names(sort="name", desc="false")[0][0] == "needle-Old"
+        shown, html = names(q="r0")
+        assert len(shown) == 1000
+        assert "Showing" not in html
+
+
 def test_user_names_cannot_add_markup_to_plots() -> None:
     """plotly.js renders ``<a href>``, ``<b>``, ``<br>`` in labels: names are shown escaped,
     the names as stored travel in ``meta`` (click-through, CSV), and a metric name is data in

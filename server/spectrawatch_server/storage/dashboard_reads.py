@@ -30,7 +30,7 @@ from spectrawatch_server.db.models import (
     Scalar,
     Webhook,
 )
-from spectrawatch_server.storage import alert_store
+from spectrawatch_server.storage import alert_store, repository
 from spectrawatch_server.storage.metric_reads import metric_series, raw_rows
 
 Model = type[Metric] | type[Scalar]
@@ -541,6 +541,49 @@ def nonfinite_onsets(session: Session, run_id: int) -> dict[str, tuple[int, str]
             if layer not in out or first < out[layer][0]:
                 out[layer] = (first, str(kind))
     return out
+
+
+def runs_page(
+    session: Session,
+    project_id: int | None,
+    status: str | None,
+    q: str | None,
+    sort: str,
+    desc: bool,
+    limit: int,
+) -> tuple[list[Run], int]:
+    """The runs list (of project ``project_id``, or all): the first ``limit`` runs with
+    ``status``, their name holding ``q`` (case-insensitive; ASCII only on SQLite), in the order
+    of ``sort`` (a key of :data:`RUN_SORTS`, else ``id``; ties newest first), and how many
+    match in all. Filtered and sorted in SQL: the list read the newest 1,000 runs and filtered
+    those, so an older run was never listed, even by its name."""
+    where: list[Any] = [Run.status != repository.DELETED]
+    if project_id is not None:
+        where.append(Run.project_id == project_id)
+    if status:
+        where.append(Run.status == status)
+    if q:
+        where.append(func.lower(Run.name).contains(q.lower(), autoescape=True))
+    key = RUN_SORTS.get(sort, RUN_SORTS["id"])
+    order = [key.desc() if desc else key.asc(), Run.id.desc()]
+    runs = list(session.scalars(select(Run).where(*where).order_by(*order).limit(limit)).all())
+    total = len(runs)
+    if total == limit:
+        total = session.scalar(select(func.count()).select_from(Run).where(*where)) or 0
+    return runs, total
+
+
+RUN_SORTS: dict[str, Any] = {  # the runs list's sort keys, as SQL
+    "id": Run.id,
+    "name": func.lower(Run.name),
+    "step": func.coalesce(Run.last_step, -1),
+    "age": Run.created_at,
+    "alerts": select(func.count())  # open alerts of each run
+    .where(Alert.run_id == Run.id, Alert.status == "open")
+    .correlate(Run)
+    .scalar_subquery(),
+    "status": Run.status,
+}
 
 
 def open_alert_counts(session: Session, run_ids: Sequence[int]) -> dict[int, int]:

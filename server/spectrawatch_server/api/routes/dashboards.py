@@ -76,14 +76,7 @@ def _age(value: datetime | None, now: datetime) -> str:
     return f"{int(seconds)}s"
 
 
-SORTS = {
-    "id": lambda r: r["id"],
-    "name": lambda r: r["name"].lower(),
-    "step": lambda r: r["last_step"] or -1,
-    "age": lambda r: r["created_ts"],
-    "alerts": lambda r: r["open_alerts"],
-    "status": lambda r: r["status"],
-}
+RUNS_SHOWN = 1000  # rows of the runs list; past it, the page says how many match in all
 
 
 def runs_table(
@@ -94,42 +87,38 @@ def runs_table(
     q: str | None,
     sort: str,
     desc: bool,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], int]:
+    """The runs list's rows (the first :data:`RUNS_SHOWN` by ``sort``, filtered by ``status``
+    and name ``q``, :func:`~spectrawatch_server.storage.dashboard_reads.runs_page`) and how
+    many runs match in all."""
     project_id = principal_project
     if project is not None:
         row = repo.get_project(session, project)
         if row is None or (principal_project is not None and row.id != principal_project):
             raise ApiError(404, "project_not_found", f"project {project!r} does not exist")
         project_id = row.id
-    runs = repo.list_runs(session, project_id, 1000, 0)
+    runs, total = reads.runs_page(session, project_id, status, q, sort, desc, RUNS_SHOWN)
     counts = reads.open_alert_counts(session, [r.id for r in runs])
-    projects = {p.id: p.name for p in repo.list_projects(session)}
+    projects = repo.project_names(session, [r.project_id for r in runs])
     now = datetime.now(timezone.utc)
-    out = []
-    for r in runs:
-        if status and r.status != status:
-            continue
-        if q and q.lower() not in r.name.lower():
-            continue
-        out.append(
-            {
-                "id": r.id,
-                "name": r.name,
-                "project": projects.get(r.project_id, "?"),
-                "status": r.status,
-                "last_step": r.last_step,
-                "age": _age(r.created_at, now),
-                "seen": _age(r.last_seen_at, now),
-                # UTC ISO: the page's script titles the ages with them in local time
-                "created_at": r.created_at.isoformat(),
-                "last_seen_at": None if r.last_seen_at is None else r.last_seen_at.isoformat(),
-                "created_ts": r.created_at.timestamp(),
-                "open_alerts": counts.get(r.id, 0),
-                "tags": r.tags,
-            }
-        )
-    out.sort(key=SORTS.get(sort, SORTS["id"]), reverse=desc)
-    return out
+    rows = [
+        {
+            "id": r.id,
+            "name": r.name,
+            "project": projects.get(r.project_id, "?"),
+            "status": r.status,
+            "last_step": r.last_step,
+            "age": _age(r.created_at, now),
+            "seen": _age(r.last_seen_at, now),
+            # UTC ISO: the page's script titles the ages with them in local time
+            "created_at": r.created_at.isoformat(),
+            "last_seen_at": None if r.last_seen_at is None else r.last_seen_at.isoformat(),
+            "open_alerts": counts.get(r.id, 0),
+            "tags": r.tags,
+        }
+        for r in runs
+    ]
+    return rows, total
 
 
 def _page(request: Request, template: str, **context: Any) -> HTMLResponse:
@@ -160,11 +149,14 @@ def show_runs(
         locked = header is None and not fragment
         if not locked:
             principal = authenticate(session, True, header)
-    rows = (
-        [] if locked else runs_table(session, principal.project_id, project, status, q, sort, desc)
+    rows, total = (
+        ([], 0)
+        if locked
+        else runs_table(session, principal.project_id, project, status, q, sort, desc)
     )
     context = {
         "rows": rows,
+        "total": total,
         "project": project,
         "status": status or "",
         "q": q or "",
