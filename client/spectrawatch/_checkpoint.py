@@ -98,17 +98,19 @@ def _tensor_refs(tensors: Mapping[str, torch.Tensor]) -> list[TensorRef]:
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a loaded checkpoint: a flat name -> tensor mapping, or one nested under
-    ``state_dict`` / ``model`` ... (Lightning and common training-loop checkpoints)."""
+    ``state_dict`` / ``model`` ... (Lightning and common training-loop checkpoints), also
+    beside top-level tensors that are no weights (``rng_state``, ``step``)."""
     if isinstance(obj, torch.nn.Module):  # pragma: no cover - weights_only never yields one
         obj = obj.state_dict()
     if isinstance(obj, Mapping):
         tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
+        inner = next((obj[k] for k in NESTED_STATE_KEYS if isinstance(obj.get(k), Mapping)), None)
+        # a training checkpoint's own tensors (an RNG state, a step) are no state dict
+        weights = any(t.is_floating_point() and t.dim() >= 2 for t in tensors.values())
+        if tensors and (inner is None or weights):
             return tensors
-        for key in NESTED_STATE_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, Mapping):
-                return _state_dict_of(inner, path)
+        if inner is not None:
+            return _state_dict_of(inner, path)
     raise AnalyzeError(
         f"{path}: no tensors found (expected a state dict of name -> tensor, or one under "
         f"{', '.join(repr(k) for k in NESTED_STATE_KEYS)})"

@@ -109,9 +109,14 @@ def test_conditioning_matches_lapack(
 def test_alpha_is_independent_of_the_checkpoint_form(
     tmp_path: Path, sd: dict[str, torch.Tensor], analysis: an.CheckpointAnalysis
 ) -> None:
-    """state-dict file, Lightning-style nested checkpoint, a folder of shards: same numbers."""
+    """state-dict file, Lightning-style nested checkpoint, a training loop's checkpoint with
+    tensors beside the state dict (refused: "no 2-D weights"), a folder of shards: same
+    numbers."""
     torch.save(sd, tmp_path / "sd.pt")
     torch.save({"epoch": 3, "state_dict": sd}, tmp_path / "lightning.ckpt")
+    # a training loop's checkpoint: its RNG state and step beside the model's state dict
+    loop = {"model": sd, "rng_state": torch.get_rng_state(), "step": torch.tensor(7)}
+    torch.save(loop, tmp_path / "loop.pt")
     shards = tmp_path / "shards"
     shards.mkdir()
     names = sorted(sd)
@@ -119,7 +124,7 @@ def test_alpha_is_independent_of_the_checkpoint_form(
     save_file({k: sd[k] for k in names[3:]}, str(shards / "model-00002-of-00002.safetensors"))
     (shards / "config.json").write_text("{}")
     want = {r.layer: r.values for r in analysis.layers}
-    for path in (tmp_path / "sd.pt", tmp_path / "lightning.ckpt", shards):
+    for path in (tmp_path / "sd.pt", tmp_path / "lightning.ckpt", tmp_path / "loop.pt", shards):
         got = an.analyze_checkpoint(path, device="cpu", progress=False)
         assert {r.layer: r.values for r in got.layers} == want, path
 
