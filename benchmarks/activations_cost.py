@@ -43,6 +43,9 @@ class _Context:
     def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
         return []
 
+    def frames_holding(self, kind: FrameKind, layers: object) -> dict[str, DecodedFrame]:
+        return {}
+
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
         return []
 

@@ -59,6 +59,9 @@ class _Context:
     def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
         return self.frames[-limit:]
 
+    def frames_holding(self, kind: FrameKind, layers: object) -> dict[str, DecodedFrame]:
+        return {}
+
     def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
         return self.series[-limit:] if name.startswith(sed.GAP_RATIO) else []
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -42,6 +43,11 @@ class Previous:
 
     def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
         return [self.frame] if kind == FrameKind.WEIGHTS and limit > 0 else []
+
+    def frames_holding(self, kind: FrameKind, layers: Iterable[str]) -> dict[str, DecodedFrame]:
+        if kind != FrameKind.WEIGHTS:
+            return {}
+        return {layer: self.frame for layer in layers if layer in self.frame.tensors}
 
     def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
         return []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -12,20 +12,30 @@ from spectrawatch_server.analyses.registry import DecodedFrame
 
 
 class StubHistory:
-    """An :class:`AnalysisContext` over given earlier frames, metric and scalar series."""
+    """An :class:`AnalysisContext` over given earlier frames (oldest first), metric and scalar
+    series; ``step``: the analysed frame's, which :meth:`frames_holding` stays below."""
 
     def __init__(
         self,
         frames: list[DecodedFrame] | None = None,
         series: dict[tuple[str, str], list[tuple[int, float]]] | None = None,
         scalars: dict[str, list[tuple[int, float]]] | None = None,
+        step: int | None = None,
     ) -> None:
         self.frames = frames or []
         self.series = series or {}
         self.scalars = scalars or {}
+        self.step = step
 
     def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
         return [f for f in self.frames if f.header.kind == kind][-limit:]
+
+    def frames_holding(self, kind: FrameKind, layers: Collection[str]) -> dict[str, DecodedFrame]:
+        out: dict[str, DecodedFrame] = {}
+        for f in self.frames:  # oldest first: the newest holding a layer stays
+            if f.header.kind == kind and (self.step is None or f.step < self.step):
+                out.update({layer: f for layer in layers if layer in f.tensors})
+        return out
 
     def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
         return self.series.get((name, layer), [])[-limit:]

@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -113,12 +113,19 @@ class RunHistory:
         rows = repo.recent_frames(
             self.session, self.frame.run_id, kind.value, self.frame.seq, limit
         )
-        out = []
-        for row in rows:
-            if row.id not in self._cache:
-                self._cache[row.id] = self.loader.load(row)
-            out.append(self._cache[row.id])
-        return out
+        return [self._decoded(row) for row in rows]
+
+    def frames_holding(self, kind: FrameKind, layers: Collection[str]) -> dict[str, DecodedFrame]:
+        rows = repo.frames_holding(
+            self.session, self.frame.run_id, kind.value, self.frame.seq, self.frame.step, layers
+        )
+        return {layer: self._decoded(row) for layer, row in rows.items()}
+
+    def _decoded(self, row: Frame) -> DecodedFrame:
+        """``row`` decoded, once per analysed frame (the loader caches sketch frames longer)."""
+        if row.id not in self._cache:
+            self._cache[row.id] = self.loader.load(row)
+        return self._cache[row.id]
 
     def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
         return metric_reads.metric_tail(self.session, self.frame.run_id, name, layer, limit)

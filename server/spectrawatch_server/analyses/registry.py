@@ -8,7 +8,7 @@ on ``(frame, analysis, layer, name)``, so running a job twice duplicates nothing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
@@ -86,6 +86,12 @@ class AnalysisContext(Protocol):
 
     def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
         """Up to ``limit`` earlier frames of ``kind`` of this run (lower seq), oldest first."""
+        ...
+
+    def frames_holding(self, kind: FrameKind, layers: Collection[str]) -> dict[str, DecodedFrame]:
+        """For each of ``layers``, the newest earlier frame of ``kind`` of this run (lower seq,
+        lower step) holding it; layers none holds are absent. A weight snapshot comes in parts:
+        this finds each layer's previous snapshot, decoding only the frames it returns."""
         ...
 
     def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:

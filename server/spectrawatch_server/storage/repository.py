@@ -11,8 +11,9 @@ several of them compose into one atomic unit (frame row + job row, results + job
 from __future__ import annotations
 
 import hashlib
+import itertools
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -550,6 +551,62 @@ def recent_frames(
         .limit(limit)
     ).all()
     return list(reversed(rows))
+
+
+HOLDING_PAGES = (4, 16, 64, 256)  # frame rows read per query by frames_holding, then the last
+
+
+def frames_holding(
+    session: Session,
+    run_id: int,
+    kind: str,
+    before_seq: int,
+    before_step: int,
+    layers: Collection[str],
+) -> dict[str, Frame]:
+    """For each of ``layers``, the newest frame of ``kind`` (highest seq below ``before_seq``,
+    at a step below ``before_step``, with a blob) whose ``layers`` name it; layers no such
+    frame holds are absent.
+
+    A weight snapshot arrives in parts: each layer's previous snapshot is in one of them. Reads
+    frame rows' ids and layer names a page at a time, newest first (small pages first: part
+    ``k`` of a snapshot finds its layers ``parts - k`` rows back), until every layer is found,
+    then loads only the rows that hold one."""
+    wanted = set(layers)
+    found: dict[str, int] = {}
+    seq, seen = before_seq - 1, set[int]()  # next page: seq <= seq, ids not seen at that seq
+    pages = itertools.chain(HOLDING_PAGES, itertools.repeat(HOLDING_PAGES[-1]))
+    while wanted:
+        limit = next(pages)
+        where = [
+            Frame.run_id == run_id,
+            Frame.kind == kind,
+            Frame.seq <= seq,
+            Frame.step < before_step,
+            Frame.blob_key != "",
+        ]
+        if seen:  # a seq may repeat: keyset paging on (seq, id)
+            where.append(Frame.id.not_in(seen))
+        page = session.execute(
+            select(Frame.id, Frame.seq, Frame.layers)
+            .where(*where)
+            .order_by(Frame.seq.desc(), Frame.id.desc())
+            .limit(limit)
+        ).all()
+        for frame_id, _, names in page:
+            held = wanted.intersection(names or ())
+            found.update(dict.fromkeys(held, frame_id))
+            wanted -= held
+        if len(page) < limit:
+            break
+        last = page[-1].seq
+        seen = (seen if last == seq else set()) | {i for i, s, _ in page if s == last}
+        seq = last
+    if not found:
+        return {}
+    rows = session.scalars(select(Frame).where(Frame.id.in_(set(found.values()))))
+    by_id = {row.id: row for row in rows}
+    return {layer: by_id[frame_id] for layer, frame_id in found.items()}
 
 
 def referenced_blob_keys(session: Session) -> set[str]:
