@@ -85,9 +85,9 @@ class Handle:
 class Monitor:
     """One run's client: settings, captures, and the sender thread.
 
-    ``Monitor(**settings)`` only stores settings; :meth:`init` (called implicitly by ``attach``,
-    ``log`` or ``__enter__``) starts the run. After :meth:`finish` the same object can ``init``
-    another run.
+    ``Monitor(**settings)`` only stores settings (and the run's ``config`` and ``tags``, as
+    :meth:`init` takes them); :meth:`init` (called implicitly by ``attach``, ``log`` or
+    ``__enter__``) starts the run. After :meth:`finish` the same object can ``init`` another run.
     """
 
     def __init__(self, transport: httpx.BaseTransport | None = None, **settings: Any) -> None:
@@ -132,7 +132,8 @@ class Monitor:
     ) -> Monitor:
         """Start a run (lazily created on the server by the sender thread); returns ``self``.
 
-        Arguments override ``Monitor(...)`` arguments, which override ``SPECTRAWATCH_*`` env.
+        Arguments override ``Monitor(...)`` arguments (``config`` and ``tags`` included),
+        which override ``SPECTRAWATCH_*`` env.
         Invalid settings raise :class:`~spectrawatch.config.SettingsError` here -- the one
         place the client raises, before training starts. In a DataLoader worker it does
         nothing (the monitor stays a no-op there): a worker never trains, and one started by
@@ -155,6 +156,11 @@ class Monitor:
         merged = {k: v for k, v in merged.items() if v is not None}
         for key in ("url", "project", "run", "token"):
             merged.setdefault(key, self._init_kwargs.get(key))
+        # the run's config and tags, from Monitor(...) unless given here: not settings
+        config = config if config is not None else merged.get("config")
+        tags = tags if tags is not None else merged.get("tags")
+        merged.pop("config", None)
+        merged.pop("tags", None)
         s = ClientSettings.from_env(**merged)
         self.settings = s
         self.stats = ClientStats()

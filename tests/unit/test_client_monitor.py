@@ -82,6 +82,26 @@ def test_init_attach_log_finish(tmp_path: Path) -> None:
     assert server.runs[("grok", "p97")]["name"] == "p97"
 
 
+def test_monitor_takes_the_config_and_tags_init_takes(tmp_path: Path) -> None:
+    """``Monitor(config=..., tags=...)`` raised ``SettingsError: unknown setting(s): config`` at
+    ``__enter__``; they are the run's, as in ``init``, whose own arguments win."""
+    server = FakeServer()
+    with spectrawatch.Monitor(
+        transport=server.transport(),
+        project="p",
+        run="cfg",
+        config={"lr": 0.1},
+        tags=["sweep"],
+        **fast(tmp_path),
+    ) as m:
+        assert m._sender is not None
+        assert (m._sender.config, m._sender.tags) == ({"lr": 0.1}, ["sweep"])
+    m.init(run="cfg2", config={"lr": 0.2})
+    assert m._sender is not None
+    assert (m._sender.config, m._sender.tags) == ({"lr": 0.2}, ["sweep"])
+    assert m.finish()
+
+
 def test_context_manager_marks_crash_and_lets_user_errors_through(tmp_path: Path) -> None:
     server = FakeServer()
 
