@@ -694,7 +694,10 @@ class Sender:
         if evicted:
             self.stats.drop(wire.FrameKind.UPDATE_SKETCH.value, evicted)
         if stored:
-            self.stats.incr("spooled_frames" if meta["type"] == "frame" else "spooled_scalars")
+            if meta["type"] == "frame":
+                self.stats.incr("spooled_frames")
+            else:  # rows, as sent_scalars and dropped_scalars count them
+                self.stats.incr("spooled_scalars", int(meta.get("n", 0)))
         elif meta["type"] == "frame":
             self.stats.drop(str(meta["kind"]))
             self.stats.incr("spool_overflow")

@@ -348,6 +348,16 @@ def test_new_scalars_are_posted_behind_the_spooled_ones(tmp_path: Path) -> None:
     assert len(resumed.spool) == 0
 
 
+def test_spooled_scalars_counts_rows_as_the_other_scalar_counters(tmp_path: Path) -> None:
+    """``spooled_scalars`` counted spooled batches (1 per ``log()`` call) while
+    ``sent_scalars`` and ``dropped_scalars`` count rows."""
+    sender = make_sender(FakeServer(), settings(tmp_path, mode="offline"))
+    for step in range(4):
+        sender.put_scalars([{"step": step, "name": n, "value": 1.0} for n in ("loss", "lr", "gn")])
+    assert sender.close(timeout=10)
+    assert sender.stats.get("spooled_scalars") == 12
+
+
 def test_replay_after_lost_response_does_not_duplicate(tmp_path: Path) -> None:
     # A frame the server stored but whose answer was lost is replayed with the same key.
     server = FakeServer()
