@@ -247,6 +247,18 @@ class Capture:
             h.remove()
         self._handles.clear()
 
+    def follow(self, optimizer: torch.optim.Optimizer) -> None:
+        """Move the step hooks to ``optimizer``, which replaces the one attached (a notebook's
+        optimizer cell run again): the step count, buffered rows and hash index are kept."""
+        self._join_stream()  # the last sketch read the parameters the new optimizer writes
+        for h in self._handles:
+            h.remove()
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_hook),
+            optimizer.register_step_post_hook(self._post_hook),
+        ]
+        self.optimizer = optimizer
+
     def _off(self) -> bool:
         """Nothing to capture: in a forked child, or when monitoring turned itself off for the
         run (the server refused the token's role: ``stats.off_reason``). A sharded model keeps

@@ -246,11 +246,12 @@ class Monitor:
         (the error is logged); an invalid ``every``, or a name in ``modules`` the model lacks or
         a module not in it, raises :class:`~spectrawatch.config.SettingsError`. One model per
         monitor: attaching the same model and optimizer again returns a handle to the same hooks
-        (none are added); another model needs another :class:`Monitor` (after
-        ``handle.remove()`` the same run may attach it again, e.g. with a new optimizer: its
-        steps continue after the removed one's). FSDP1
-        ``FullyShardedDataParallel`` is
-        refused (logged); use FSDP2 ``fully_shard``.
+        (none are added; the other arguments are ignored); the same model with a new optimizer
+        over its parameters (an optimizer cell run again) moves the step hooks to it, steps
+        continuing; another model is refused (logged): ``handle.remove()`` first (the run may
+        then attach it, its steps continuing after the removed one's), or another
+        :class:`Monitor`. FSDP1 ``FullyShardedDataParallel`` is refused (logged); use FSDP2
+        ``fully_shard``.
         """
         if not self._ensure_init() and not self._participant:
             return None
@@ -280,17 +281,7 @@ class Monitor:
                     f"{type(foreign[0]).__name__}"
                 )
         if self._captures:
-            first = self._captures[0]
-            if first.model is unwrap_model(model) and first.optimizer is optimizer:
-                return Handle(self, first)  # attached already: the same hooks, not twice
-            self._errors.record(
-                "attach",
-                ValueError(
-                    "this monitor already watches a model: one model (and optimizer) per "
-                    "Monitor; use another Monitor (another run) for a second one"
-                ),
-            )
-            return None
+            return self._attach_again(self._captures[0], unwrap_model(model), optimizer)
         if start_step is None:
             start_step = max(self._resumed_step(s), self._detached_step)
         try:
@@ -324,6 +315,40 @@ class Monitor:
         except Exception as exc:
             self._errors.record("attach", exc)
             return None
+
+    def _attach_again(
+        self, first: Capture, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> Handle | None:
+        """``attach`` when ``first`` already watches a model: the same model and optimizer give
+        its handle; the same model with an optimizer that replaces the attached one (a
+        notebook's optimizer cell run again) moves its step hooks there, steps continuing;
+        anything else is refused (logged), naming the remedy."""
+        if first.model is model:
+            if first.optimizer is optimizer:
+                return Handle(self, first)  # attached already: the same hooks, not twice
+            if _replaces(first.optimizer, optimizer):
+                assert optimizer is not None
+                first.follow(optimizer)
+                logger.info(
+                    "spectrawatch: attach: a new optimizer for the attached model; its steps "
+                    "continue after step %d",
+                    first.step,
+                )
+                return Handle(self, first)
+            problem = (
+                "this monitor already watches this model with another optimizer (or none), "
+                "which this one does not replace: call remove() on the first attach's handle, "
+                "then attach again (its steps continue), or attach without an optimizer and "
+                "call monitor.step() after each step for several optimizers"
+            )
+        else:
+            problem = (
+                "this monitor already watches another model: one model per run; call remove() "
+                "on the first attach's handle to watch this one instead (its steps continue), "
+                "or use another Monitor (another run) to watch both"
+            )
+        self._errors.record("attach", ValueError(problem))
+        return None
 
     def _resumed_step(self, s: ClientSettings) -> int:
         """A resumed run's last step on the server (0 for a new run, or without an answer)."""
@@ -459,6 +484,15 @@ class Monitor:
         tb: TracebackType | None,
     ) -> None:
         self.finish("crashed" if exc_type is not None else "finished")
+
+
+def _replaces(old: torch.optim.Optimizer | None, new: torch.optim.Optimizer | None) -> bool:
+    """Whether ``new`` takes over from ``old``: both are optimizers over a parameter in common
+    (one over other parameters is a second optimizer, stepped besides the first)."""
+    if old is None or new is None:
+        return False
+    ids = {id(p) for group in old.param_groups for p in group["params"]}
+    return any(id(p) in ids for group in new.param_groups for p in group["params"])
 
 
 def _discard(item: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -242,6 +243,57 @@ def test_attaching_again_with_a_new_optimizer_continues_the_steps(tmp_path: Path
     kinds = server.headers_by_kind()
     assert [s for h in kinds["update_sketch"] for s in h.info["steps"]] == [1, 2, 3, 4, 5, 6]
     assert [h.step for h in kinds["weights"]] == [3, 6]
+
+
+def test_a_new_optimizer_for_the_attached_model_takes_over_its_steps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notebook's optimizer cell run again (``attach(model, new_opt)`` without ``remove()``)
+    was refused with advice to use another Monitor; the old capture then stood still, so every
+    later ``log()`` without ``step`` landed on one step and overwrote the last."""
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="cell", **fast(tmp_path, weights_every=0))
+    model = nn.Linear(3, 3)
+    handles = []
+    for lr in (0.1, 0.01):
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        handles.append(m.attach(model, opt))
+        for _ in range(3):
+            model(torch.ones(1, 3)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            m.log({"loss": lr})
+    first, second = handles
+    assert first is not None
+    assert second is not None
+    assert second.capture is first.capture
+    other = nn.Linear(3, 3)
+    with caplog.at_level(logging.WARNING, logger="spectrawatch"):
+        assert m.attach(other, torch.optim.SGD(other.parameters(), lr=0.1)) is None
+    assert "remove()" in caplog.text
+    assert m.stats.get("errors") == 1
+    assert m.finish()
+    steps = [s for h in server.headers_by_kind()["update_sketch"] for s in h.info["steps"]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], r["value"]) for r in server.scalars] == [(n, 0.1) for n in (1, 2, 3)] + [
+        (n, 0.01) for n in (4, 5, 6)
+    ]
+
+
+def test_a_second_optimizer_over_other_parameters_is_refused(tmp_path: Path) -> None:
+    """An optimizer over other parameters of the attached model (Muon beside AdamW) does not
+    replace the first: refused, the first keeps its hooks."""
+    m = spectrawatch.Monitor(transport=FakeServer().transport())
+    m.init(project="p", run="two", **fast(tmp_path))
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    handle = m.attach(model, first)
+    assert handle is not None
+    assert m.attach(model, torch.optim.SGD(model[1].parameters(), lr=0.1)) is None
+    assert m.attach(model) is None
+    assert handle.capture.optimizer is first
+    assert m.finish()
 
 
 def test_fsdp1_is_refused_with_a_logged_reason(tmp_path: Path) -> None:
