@@ -100,6 +100,9 @@ class ClientSettings:
     spool_dir: str = field(default_factory=_default_spool_dir)
     spool_max_bytes: int = 2 << 30
     flush_timeout_s: float = 30.0
+    # SIGTERM with its default action (no handler of a framework, launcher or the user): close
+    # the live runs as crashed (5 s at most for the server, then the spool), then die of it
+    handle_sigterm: bool = True
     stats_every_s: float = 10.0
     rank0_only: bool = True
     # attach() without start_step waits up to this long for the server's answer to "create or

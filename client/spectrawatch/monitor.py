@@ -21,11 +21,12 @@ import operator
 import os
 import re
 import secrets
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
 import httpx
@@ -201,6 +202,8 @@ class Monitor:
             self._noop = True
         if self._active:
             _keep_until_finish(self)
+            if s.handle_sigterm:
+                _handle_sigterm()
         return self
 
     def _ensure_init(self) -> bool:
@@ -436,6 +439,7 @@ class Monitor:
         self._active = False
         self._finished = True
         _LIVE.discard(self)
+        _release_sigterm()
         ok = True
         try:
             for c in list(self._captures):
@@ -557,6 +561,77 @@ def _finish_at_exit() -> None:
         s = m.settings
         with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to tell
             m.finish(status, timeout=min(s.flush_timeout_s, 10.0) if s else 10.0)
+
+
+_SIGTERM_FLUSH_S = 5.0
+"""How long a SIGTERM waits for the server, all live runs together, before what is left goes
+to the spool (a scheduler sends SIGKILL after its grace period: 30 s by default for SLURM's
+``KillWait`` and Kubernetes' ``terminationGracePeriodSeconds``)."""
+_SIGTERM_SPOOL_S = 3.0
+"""The extra time a SIGTERM gives the spooling of what the server did not take."""
+_sigterm_pid: int | None = None
+"""The process that installed :func:`_on_sigterm` (a forked child inherits the handler)."""
+
+
+def _handle_sigterm() -> None:
+    """Install :func:`_on_sigterm` for SIGTERM: in the main thread only, and only while SIGTERM
+    has its default action. A handler of anyone else (Lightning, a launcher, the user) is left
+    alone, and one installed later over ours owns SIGTERM from then on."""
+    global _sigterm_pid
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal.signal works in the main thread only
+    try:
+        current = signal.getsignal(signal.SIGTERM)
+        if current is signal.SIG_DFL or current is _on_sigterm:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            _sigterm_pid = os.getpid()
+    except (ValueError, OSError, AttributeError):  # no SIGTERM here, or not the main interpreter
+        return
+
+
+def _release_sigterm() -> None:
+    """Give SIGTERM back its default action once no run is live (from the main thread)."""
+    if _LIVE or threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (a scheduler's time limit, an eviction, ``timeout``), whose default action skips
+    the exit hook: close the live runs as ``crashed`` (see :func:`_finish_on_sigterm`), then
+    die of the signal as the default action would, so the exit status is unchanged.
+
+    The runs are closed on another thread, waited for a bounded time: the main thread may be
+    interrupted holding a lock that closing them takes. Called by a handler installed over it
+    (Lightning's calls the one it found), it does nothing: that handler decides how the
+    process ends (its exceptions and the exit hook close the runs)."""
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+        return
+    try:
+        if os.getpid() == _sigterm_pid:
+            closer = threading.Thread(
+                target=_finish_on_sigterm, name="spectrawatch-sigterm", daemon=True
+            )
+            closer.start()
+            closer.join(_SIGTERM_FLUSH_S + _SIGTERM_SPOOL_S)
+    except Exception:  # never raise from a signal handler: the process ends either way
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _finish_on_sigterm() -> None:
+    """Finish every live run as ``crashed``, each within its ``flush_timeout_s`` and all
+    within :data:`_SIGTERM_FLUSH_S` for the server; what is left goes to the spool."""
+    deadline = time.monotonic() + _SIGTERM_FLUSH_S
+    for m in list(_LIVE):
+        s = m.settings
+        left = max(deadline - time.monotonic(), 0.1)
+        with contextlib.suppress(Exception):
+            m.finish("crashed", timeout=min(s.flush_timeout_s, left) if s else left)
 
 
 monitor = Monitor()

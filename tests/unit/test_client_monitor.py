@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -449,6 +451,81 @@ monitor.log({{"loss": 1.0}}, step=1)
     assert done.returncode == code
     (meta,) = [json.loads(p.read_text()) for p in tmp_path.rglob("run.json")]
     assert meta["status"] == status
+
+
+_FRAMEWORK_OVER_OURS = """
+previous = signal.getsignal(signal.SIGTERM)
+def framework(signum, frame):  # as Lightning's: installed later, calls the handler it found
+    print("framework saw SIGTERM", flush=True)
+    previous(signum, frame)
+signal.signal(signal.SIGTERM, framework)
+"""
+
+
+@pytest.mark.parametrize(
+    ("before", "settings", "after", "code", "status", "final_snapshot"),
+    [
+        ("", "", "", -signal.SIGTERM, "crashed", True),
+        ("", "handle_sigterm=False,", "", -signal.SIGTERM, None, False),
+        ("signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))", "", "", 7, "crashed", True),
+        ("", "", _FRAMEWORK_OVER_OURS, 0, "finished", True),
+        ("", "", "monitor.finish(); assert signal.getsignal(15) is signal.SIG_DFL", -15,
+         "finished", True),
+    ],
+    ids=["default", "opted-out", "user-handler", "framework-over-ours", "after-finish"],
+)  # fmt: skip
+def test_a_sigterm_closes_the_live_runs_as_crashed_and_still_kills(
+    tmp_path: Path,
+    before: str,
+    settings: str,
+    after: str,
+    code: int,
+    status: str | None,
+    final_snapshot: bool,
+) -> None:
+    """SIGTERM (a SLURM time limit, an eviction, ``timeout``) ended the process by its default
+    action, which skips the exit hook: the run stayed ``running`` forever and what the client
+    held (the final snapshot, queued rows) was lost. With SIGTERM at its default the monitor now
+    closes the run ``crashed`` (spooling what the server does not take) and the process still
+    dies of the signal; a handler of the user's or a framework's is left to decide."""
+    script = f"""
+import os
+import signal
+import sys
+import time
+import torch
+from torch import nn
+from spectrawatch import monitor
+
+{before}
+monitor.init(url="http://127.0.0.1:9", project="p", run="term", spool_dir={str(tmp_path)!r},
+             flush_timeout_s=30, backoff_s=0.01, weights_every=0, {settings})
+model = nn.Linear(3, 3)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+monitor.attach(model, opt)
+for t in range(5):
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    monitor.log({{"loss": float(t)}})
+{after}
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script], timeout=120, env=env, check=False, capture_output=True
+    )
+    assert done.returncode == code, done.stderr.decode()[-2000:]
+    assert time.monotonic() - started < 60
+    metas = [json.loads(p.read_text()) for p in tmp_path.rglob("run.json")]
+    assert [m.get("status") for m in metas] in ([status], [] if status is None else [status])
+    spooled = [json.loads(p.read_bytes().split(b"\n", 1)[0]) for p in tmp_path.rglob("*.sw")]
+    weights = [e for e in spooled if e.get("type") == "frame" and e.get("kind") == "weights"]
+    assert bool(weights) is final_snapshot
+    if final_snapshot:
+        assert any(e.get("type") == "scalars" for e in spooled)
+    assert (b"framework saw SIGTERM" in done.stdout) is (after == _FRAMEWORK_OVER_OURS)
 
 
 def test_api_use_from_the_session_6_audit(tmp_path: Path) -> None:
