@@ -106,6 +106,9 @@ class Monitor:
         self._detached_step = 0  # the last step of a capture removed from this run
         self._logged = False
         self._finished = False
+        # the status the exit hook closes this run with if it is still open (None: by how the
+        # script ends); a framework callback sets "crashed" while its training runs
+        self._exit_status: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """What a pickled monitor keeps: its constructor arguments. Lightning's spawn launchers
@@ -171,6 +174,7 @@ class Monitor:
         self._detached_step = 0
         self._logged = False
         self._finished = False
+        self._exit_status = None
         self._active = True
         self._participant = s.mode != "disabled" and s.rank0_only and _is_nonzero_rank()
         self._noop = s.mode == "disabled" or self._participant
@@ -560,7 +564,7 @@ def _finish_at_exit() -> None:
     for m in list(_LIVE):
         s = m.settings
         with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to tell
-            m.finish(status, timeout=min(s.flush_timeout_s, 10.0) if s else 10.0)
+            m.finish(m._exit_status or status, timeout=min(s.flush_timeout_s, 10.0) if s else 10.0)
 
 
 _SIGTERM_FLUSH_S = 5.0

@@ -97,6 +97,79 @@ def test_hf_trainer_callback_streams_a_run(
     assert {f["step"] for f in weights} >= {3, STEPS}
 
 
+class _Pruned(Exception):
+    """What Optuna's ``TrialPruned`` is to a sweep loop: raised from a callback, caught."""
+
+
+def test_hf_trials_ended_by_an_exception_close_crashed_and_free_their_model(
+    server: ServerProcess, api: httpx.Client, tmp_path: Path
+) -> None:
+    """A ``train()`` ended by an exception never calls ``on_train_end``: each such trial of a
+    sweep left its run ``running`` (closed ``finished`` at exit), its last rows in the client,
+    and a monitor, a sender thread and the model alive. The next trial's ``on_train_begin``
+    now finishes it ``crashed``; a trial still open at exit is closed ``crashed`` too."""
+    import gc
+    import weakref
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from spectrawatch.integrations.hf import SpectrawatchCallback
+
+    monitor_module = sys.modules["spectrawatch.monitor"]  # spectrawatch.monitor: the instance
+
+    class Pruner(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 3:
+                raise _Pruned
+
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 8)).unbind(0)]
+    models: list[weakref.ref[torch.nn.Module]] = []
+    monitors = []
+    for trial, pruned in enumerate((True, False, True)):
+        model = tiny_gpt2(transformers)
+        models.append(weakref.ref(model))
+        callback = SpectrawatchCallback(
+            url=server.url, project="sweep", run=f"t{trial}", spool_dir=str(tmp_path / "spool")
+        )
+        monitors.append(callback.monitor)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            max_steps=5,
+            per_device_train_batch_size=4,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        callbacks = [callback, Pruner()] if pruned else [callback]
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=data, callbacks=callbacks
+        )
+        try:
+            trainer.train()
+            interrupted = False
+        except _Pruned:
+            interrupted = True
+        assert interrupted is pruned
+        del trainer, model, callback, callbacks
+        gc.collect()
+        # at most the trial that just ended holds a model and a monitor
+        assert sum(ref() is not None for ref in models) == (1 if pruned else 0)
+        assert len([m for m in monitors if m in monitor_module._LIVE]) == (1 if pruned else 0)
+    monitor_module._finish_at_exit()  # what the interpreter's exit runs
+    runs = {name: _run(api, "sweep", name) for name in ("t0", "t1", "t2")}
+    assert {n: (r["status"], r["last_step"]) for n, r in runs.items()} == {
+        "t0": ("crashed", 3),
+        "t1": ("finished", 5),
+        "t2": ("crashed", 3),
+    }
+    assert _scalars(api, runs["t0"]["id"])["loss"] == [1, 2]  # step 3 raised before its log
+    sketched = [f["step"] for f in _frames(api, runs["t0"]["id"]) if f["kind"] == "weights"]
+    assert sketched == [3]  # the final snapshot of the interrupted trial
+
+
 class _TinyLightningModel:
     """Built lazily so that this module imports without lightning."""
 

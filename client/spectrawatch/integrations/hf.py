@@ -14,6 +14,12 @@ finishes the run. Only the world-process-zero rank reports (with an FSDP2-sharde
 rank attaches, for the collective captures). ``transformers`` is imported lazily:
 importing this module does not need it, constructing the callback does.
 
+A ``train()`` ended by an exception (an Optuna-style pruning raised from a callback, an OOM a
+sweep loop catches) never calls ``on_train_end``, and ``TrainerCallback`` has no exception
+hook: its run is finished ``crashed`` by the next ``on_train_begin`` of any
+``SpectrawatchCallback`` in the process on the same thread (or once the thread that trained it
+has ended), by the exit hook (``crashed`` too), or by a SIGTERM.
+
 ``transformers`` selects its built-in loggers with ``report_to``; spectrawatch is not one of them,
 so pass the callback in ``callbacks=[...]`` (``report_to="none"`` leaves spectrawatch alone on the
 run). Settings come from keyword arguments over ``SPECTRAWATCH_*`` env, as for ``monitor.init``.
@@ -24,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +41,33 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.optim import Optimizer
 
+    from spectrawatch.monitor import Monitor
+
 logger = logging.getLogger("spectrawatch")
 
 _CONFIG_MAX_ITEMS = 200
+
+_TRAINING: dict[Monitor, threading.Thread] = {}
+"""The runs of callbacks whose ``train()`` has not reached ``on_train_end``, with the thread
+that trains them (the monitor holds them until finished anyway)."""
+
+
+def end_interrupted_runs() -> None:
+    """Finish as ``crashed`` the runs of earlier ``train()`` calls that never reached
+    ``on_train_end`` (an exception ended them): those trained on this thread, which is starting
+    another, or on a thread that has ended. A run training on another live thread is left."""
+    here = threading.current_thread()
+    for monitor, thread in list(_TRAINING.items()):
+        if thread is here or not thread.is_alive():
+            del _TRAINING[monitor]
+            if not monitor._active:  # finished by the user's code already
+                continue
+            logger.info(
+                "spectrawatch: run %r never reached on_train_end (an exception ended its "
+                "train()): finished as crashed",
+                monitor.run_name,
+            )
+            monitor.finish("crashed")
 
 
 def _trainer_callback_base() -> type:
@@ -109,6 +140,7 @@ class _Callback(CallbackOptions):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
+        end_interrupted_runs()
         zero = getattr(state, "is_world_process_zero", True)
         if not zero and (model is None or not has_sharded_params(model)):
             return  # FSDP2: every rank attaches, the captures are collective (rank 0 sends)
@@ -116,6 +148,8 @@ class _Callback(CallbackOptions):
         if init.get("run") is None and getattr(args, "run_name", None):
             init["run"] = str(args.run_name)
         self.monitor.init(config=_config_of(args), tags=self._tags, **init)
+        self.monitor._exit_status = "crashed"  # open at exit: training never reached its end
+        _TRAINING[self.monitor] = threading.current_thread()
         self._active = True
         if model is not None:
             self.monitor.attach(
@@ -140,6 +174,7 @@ class _Callback(CallbackOptions):
                 self.monitor.log(values, step=int(state.global_step))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        _TRAINING.pop(self.monitor, None)
         if self._active:
             self._active = False
             self.monitor.finish()
