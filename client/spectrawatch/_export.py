@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 from spectrawatch._cli_http import CliError, call, server_args, server_url
-from spectrawatch._reply import SERIES_REPLY_MAX
 from spectrawatch._version import __version__
 from spectrawatch.wire import (
     DOT_NAMES,
@@ -140,13 +139,11 @@ def _metric_series(args: argparse.Namespace, rid: int, name: str) -> list[dict[s
     bounds each series (``max_points``), so a layer still cut short is read again alone."""
     path = f"/runs/{rid}/metrics"
     out = []
-    every = call(
-        args, "GET", path, SERIES_REPLY_MAX, params={"name": name, "max_points": MAX_POINTS}
-    )
+    every = call(args, "GET", path, params={"name": name, "max_points": MAX_POINTS})
     for series in every["series"]:
         if series.get("downsampled"):
             params = {"name": name, "layer": series["layer"]}
-            (series,) = call(args, "GET", path, SERIES_REPLY_MAX, params=params)["series"]
+            (series,) = call(args, "GET", path, params=params)["series"]
         out.append(series)
     return out
 
@@ -156,7 +153,7 @@ def fetch_run(args: argparse.Namespace, run: dict[str, Any]) -> ExportedRun:
     rid = run["id"]
     scalars = [
         (int(step), s["name"], _num(v))
-        for s in call(args, "GET", f"/runs/{rid}/scalars", SERIES_REPLY_MAX)
+        for s in call(args, "GET", f"/runs/{rid}/scalars")
         for step, v in zip(s["steps"], s["values"], strict=True)
     ]
     names = sorted({m["name"] for m in call(args, "GET", f"/runs/{rid}/metrics/catalog")})

@@ -19,12 +19,11 @@ import httpx
 ACCEPT_ENCODING = "gzip, deflate"  # the codings :func:`read_reply` decodes within its bound
 _WBITS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
 _MIB = 1 << 20
-# Bounds for the CLI and the notebook Api (the training process's are its own, smaller): a
-# page of 1000 runs with 64 KiB of config each; a run's every point (series, export): about 40
-# million points at the ~27 bytes of JSON each takes, four times the rows an import reads by
-# default.
-REPLY_MAX = 64 * _MIB
-SERIES_REPLY_MAX = 1024 * _MIB
+# The bound of the CLI and the notebook Api (the training process's are its own, smaller): a
+# run's every point (series, export) takes ~27 bytes of JSON, so about 40 million points, four
+# times the rows an import reads by default; a page of runs echoing configs and summaries of up
+# to the server's 32 MiB JSON limit each.
+REPLY_MAX = 1024 * _MIB
 
 
 class ReplyError(httpx.RequestError):

@@ -14,8 +14,9 @@ thread and is abandoned (as :class:`Unavailable`) when it has not completed with
 client sends is idempotent (frames by their key, scalars by (step, name)), so sending it again
 from the spool is safe. At most ``_MAX_ABANDONED`` abandoned requests are left running; while
 that many are, new requests fail at once instead of piling up connections; an abandoned one
-stops reading at its next chunk of reply. No reply is read past :data:`_REPLY_MAX` bytes (plus
-twice the largest JSON body sent, which a run's reply may echo: its config), compressed or not
+stops reading at its next chunk of reply. No reply is read past :data:`_REPLY_MAX` bytes (a
+run's, which echoes its config and summary: :data:`_RUN_REPLY_MAX`; both plus twice the JSON
+body sent), compressed or not
 (:func:`~spectrawatch._reply.read_reply`): a server answering without end cannot fill the
 training process's memory.
 """
@@ -41,7 +42,11 @@ from spectrawatch.wire import IDEMPOTENCY_HEADER, RUN_UID_HEADER
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 _MIN_RATE = 100_000  # bytes/s an upload is allowed on top of ``deadline_s``
 _MAX_ABANDONED = 2
-_REPLY_MAX = 4 << 20  # bytes of a reply read at most, besides the echo of what was sent
+_REPLY_MAX = 4 << 20  # bytes of a reply read at most
+_RUN_REPLY_MAX = 80 << 20
+"""A run's reply echoes its config and summary, each up to the server's default JSON body
+limit (32 MiB), stored by whichever process sent them: a resumed run's reply may be that large
+though this process sent none of it."""
 
 
 class ApiError(Exception):
@@ -125,13 +130,20 @@ class Api:
         self.deadline_s = 3 * timeout_s if deadline_s is None else deadline_s
         self.not_after = math.inf  # monotonic time after which no request may still run
         self._abandoned: list[threading.Thread] = []
-        self._reply_max = _REPLY_MAX
 
     def close(self) -> None:
         self._client.close()
 
-    def _send(self, method: str, path: str, content: bytes | None, **kwargs: Any) -> httpx.Response:
-        """``httpx.Client.request`` bounded as a whole (see the module docstring)."""
+    def _send(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        reply_max: int = _REPLY_MAX,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """``httpx.Client.request`` bounded as a whole (see the module docstring); the reply is
+        read to ``reply_max`` bytes, or to twice the JSON body sent and 4 MiB (an echo)."""
         size = len(content) if content else 0
         budget = self.deadline_s + size / _MIN_RATE
         if self.not_after <= time.monotonic():
@@ -143,9 +155,8 @@ class Api:
                 "still unanswered (server too slow)"
             )
         request = self._client.build_request(method, API_PATH + path, content=content, **kwargs)
-        if kwargs.get("json") is not None:  # a run's reply echoes its config
-            self._reply_max = max(self._reply_max, _REPLY_MAX + 2 * len(request.content))
-        limit = self._reply_max
+        echo = 2 * len(request.content) if kwargs.get("json") is not None else 0
+        limit = max(reply_max, _REPLY_MAX + echo)
         outcome: list[httpx.Response | BaseException] = []
         abandoned = threading.Event()
 
@@ -182,8 +193,9 @@ class Api:
         json: Any = None,
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        reply_max: int = _REPLY_MAX,
     ) -> Any:
-        resp = self._send(method, path, content, json=json, headers=headers)
+        resp = self._send(method, path, content, reply_max, json=json, headers=headers)
         if resp.status_code >= 400:
             code, message = error_of(resp)
             text = f"{method} {path} -> {resp.status_code}{f' {code}' if code else ''}: {message}"
@@ -231,7 +243,7 @@ class Api:
             body["config"] = finite_json(dict(config))
         if tags:
             body["tags"] = list(tags)
-        out: dict[str, Any] = self._request("POST", "/runs", json=body)
+        out: dict[str, Any] = self._request("POST", "/runs", json=body, reply_max=_RUN_REPLY_MAX)
         return out
 
     # The writes to a run take its ``uid`` (from ``create_run``; None for a server older than
@@ -248,7 +260,11 @@ class Api:
         if summary:
             body["summary"] = finite_json(dict(summary))
         out: dict[str, Any] = self._request(
-            "PATCH", f"/runs/{run_id}", json=body, headers=_uid_header(uid)
+            "PATCH",
+            f"/runs/{run_id}",
+            json=body,
+            headers=_uid_header(uid),
+            reply_max=_RUN_REPLY_MAX,
         )
         return out
 

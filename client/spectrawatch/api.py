@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from spectrawatch._reply import ACCEPT_ENCODING, SERIES_REPLY_MAX, ReplyError, read_reply
+from spectrawatch._reply import ACCEPT_ENCODING, REPLY_MAX, ReplyError, read_reply
 from spectrawatch._transport import error_of
 from spectrawatch.config import API_PATH, DEFAULT_URL, SettingsError, url_problem
 from spectrawatch.wire import MODEL_LAYER as MODEL_LAYER  # the layer of whole-model series
@@ -110,7 +110,7 @@ class Api:
 
     def _read(self, method: str, path: str | httpx.URL, **kwargs: Any) -> httpx.Response:
         request = self._http.build_request(method, path, **kwargs)
-        return read_reply(self._http, request, SERIES_REPLY_MAX)
+        return read_reply(self._http, request, REPLY_MAX)
 
     def whoami(self) -> dict[str, Any]:
         """``GET /token``: this client's token's ``project`` (None: every project), ``role``

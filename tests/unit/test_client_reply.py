@@ -154,6 +154,24 @@ def test_a_reply_echoing_a_large_config_is_still_read() -> None:
     assert api.create_run("p", "r", config)["config"] == config
 
 
+def test_a_resumed_runs_reply_echoing_a_config_another_process_sent_is_read() -> None:
+    """A run resumed (or closed) by a process that sent no config: its reply echoes the stored
+    config and summary, which another process sent (the server takes 32 MiB bodies); refused
+    past 4 MiB, the resumed run's frames stayed spooled and ``sync`` could not deliver them."""
+    import httpx
+
+    from spectrawatch._transport import Api
+
+    stored = {"vocab": "x" * (20 * MIB)}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"id": 1, "config": stored, "summary": stored})
+
+    api = Api("http://sw.test", transport=httpx.MockTransport(handler))
+    assert api.create_run("p", "r")["config"] == stored
+    assert api.update_run(1, "finished")["summary"] == stored
+
+
 def test_the_cli_reads_an_endless_reply_to_its_bound(flood: FloodServer) -> None:
     from spectrawatch._cli_http import CliError, call
 
@@ -168,7 +186,7 @@ def test_the_notebook_api_reads_an_endless_reply_to_its_bound(
 ) -> None:
     import spectrawatch.api as client_api
 
-    monkeypatch.setattr(client_api, "SERIES_REPLY_MAX", MIB)
+    monkeypatch.setattr(client_api, "REPLY_MAX", MIB)
     with (
         client_api.Api(flood.url, timeout_s=5) as api,
         pytest.raises(client_api.ApiError, match=r"GET /projects: reply larger than 1\.0 MiB"),
