@@ -170,6 +170,59 @@ def test_hf_trials_ended_by_an_exception_close_crashed_and_free_their_model(
     assert sketched == [3]  # the final snapshot of the interrupted trial
 
 
+def test_hf_callbacks_of_one_trainer_or_of_a_nested_trainer_leave_each_other_alone(
+    server: ServerProcess, api: httpx.Client, tmp_path: Path
+) -> None:
+    """Two ``SpectrawatchCallback``s of one Trainer: the second's ``on_train_begin`` finished
+    the first's run ``crashed``; a Trainer trained from inside another's ``train()`` (a callback
+    fine-tuning a probe) did the same to the outer run. Only a ``train()`` that ended is closed."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from spectrawatch.integrations.hf import SpectrawatchCallback
+
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 8)).unbind(0)]
+
+    def trainer(name: str, steps: int, *extra: Any) -> Any:
+        callbacks = [
+            SpectrawatchCallback(
+                url=server.url, project="nest", run=run, spool_dir=str(tmp_path / "spool")
+            )
+            for run in name.split(",")
+        ]
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name),
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        return transformers.Trainer(
+            model=tiny_gpt2(transformers),
+            args=args,
+            train_dataset=data,
+            callbacks=[*callbacks, *extra],
+        )
+
+    class Nested(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 2:
+                trainer("inner", 2).train()
+
+    trainer("a,b", 3).train()
+    trainer("outer", 4, Nested()).train()
+    runs = {name: _run(api, "nest", name) for name in ("a", "b", "outer", "inner")}
+    assert {n: (r["status"], r["last_step"]) for n, r in runs.items()} == {
+        "a": ("finished", 3),
+        "b": ("finished", 3),
+        "outer": ("finished", 4),
+        "inner": ("finished", 2),
+    }
+
+
 class _TinyLightningModel:
     """Built lazily so that this module imports without lightning."""
 

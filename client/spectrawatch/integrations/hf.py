@@ -18,7 +18,8 @@ A ``train()`` ended by an exception (an Optuna-style pruning raised from a callb
 sweep loop catches) never calls ``on_train_end``, and ``TrainerCallback`` has no exception
 hook: its run is finished ``crashed`` by the next ``on_train_begin`` of any
 ``SpectrawatchCallback`` in the process on the same thread (or once the thread that trained it
-has ended), by the exit hook (``crashed`` too), or by a SIGTERM.
+has ended), by the exit hook (``crashed`` too), or by a SIGTERM. Several callbacks of one
+Trainer, and a Trainer started inside another's ``train()``, leave each other's runs alone.
 
 ``transformers`` selects its built-in loggers with ``report_to``; spectrawatch is not one of them,
 so pass the callback in ``callbacks=[...]`` (``report_to="none"`` leaves spectrawatch alone on the
@@ -30,8 +31,10 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import sys
 import threading
 from collections.abc import Mapping
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from spectrawatch._shards import has_sharded_params
@@ -47,27 +50,54 @@ logger = logging.getLogger("spectrawatch")
 
 _CONFIG_MAX_ITEMS = 200
 
-_TRAINING: dict[Monitor, threading.Thread] = {}
+_TRAINING: dict[Monitor, tuple[threading.Thread, Any]] = {}
 """The runs of callbacks whose ``train()`` has not reached ``on_train_end``, with the thread
-that trains them (the monitor holds them until finished anyway)."""
+that trains them and that ``train()``'s ``TrainerState`` (the monitor holds them until
+finished anyway)."""
 
 
-def end_interrupted_runs() -> None:
+def end_interrupted_runs(state: Any = None) -> None:
     """Finish as ``crashed`` the runs of earlier ``train()`` calls that never reached
     ``on_train_end`` (an exception ended them): those trained on this thread, which is starting
-    another, or on a thread that has ended. A run training on another live thread is left."""
+    another, or on a thread that has ended. Left alone: a run training on another live thread,
+    and one of the ``train()`` beginning now (``state``: another callback of the same Trainer)
+    or of a ``train()`` still running further up this thread's stack (a Trainer started from
+    inside another's training)."""
     here = threading.current_thread()
-    for monitor, thread in list(_TRAINING.items()):
-        if thread is here or not thread.is_alive():
-            del _TRAINING[monitor]
-            if not monitor._active:  # finished by the user's code already
-                continue
-            logger.info(
-                "spectrawatch: run %r never reached on_train_end (an exception ended its "
-                "train()): finished as crashed",
-                monitor.run_name,
-            )
-            monitor.finish("crashed")
+    for monitor, (thread, began) in list(_TRAINING.items()):
+        if thread.is_alive() and thread is not here:
+            continue
+        if thread is here and began is not None and (began is state or _training(began)):
+            continue
+        del _TRAINING[monitor]
+        if not monitor._active:  # finished by the user's code already
+            continue
+        logger.info(
+            "spectrawatch: run %r never reached on_train_end (an exception ended its "
+            "train()): finished as crashed",
+            monitor.run_name,
+        )
+        monitor.finish("crashed")
+
+
+def _training(state: Any) -> bool:
+    """Whether a frame up the current stack belongs to the Trainer whose ``state`` this is
+    (its ``train()`` is still running: the calls under it start another)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        # only the Trainer's own training frames: reading a frame's f_locals snapshots them
+        # into it (before Python 3.13), which would keep a sweep loop's last model alive
+        if frame.f_code.co_name in _TRAINING_FRAMES and str(
+            frame.f_globals.get("__name__", "")
+        ).startswith("transformers."):
+            owner = frame.f_locals.get("self")
+            if owner is not None and getattr(owner, "state", None) is state:
+                return True
+        frame = frame.f_back
+    return False
+
+
+_TRAINING_FRAMES = frozenset({"_inner_training_loop", "train"})
 
 
 def _trainer_callback_base() -> type:
@@ -140,7 +170,7 @@ class _Callback(CallbackOptions):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        end_interrupted_runs()
+        end_interrupted_runs(state)
         zero = getattr(state, "is_world_process_zero", True)
         if not zero and (model is None or not has_sharded_params(model)):
             return  # FSDP2: every rank attaches, the captures are collective (rank 0 sends)
@@ -149,7 +179,7 @@ class _Callback(CallbackOptions):
             init["run"] = str(args.run_name)
         self.monitor.init(config=_config_of(args), tags=self._tags, **init)
         self.monitor._exit_status = "crashed"  # open at exit: training never reached its end
-        _TRAINING[self.monitor] = threading.current_thread()
+        _TRAINING[self.monitor] = (threading.current_thread(), state)
         self._active = True
         if model is not None:
             self.monitor.attach(
