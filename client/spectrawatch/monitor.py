@@ -105,6 +105,7 @@ class Monitor:
         self._last_step = 0
         self._detached_step = 0  # the last step of a capture removed from this run
         self._logged = False
+        self._log_calls = 0  # log() calls of this run: progress a caught SystemExit is read by
         self._finished = False
         # the status the exit hook closes this run with if it is still open (None: by how the
         # script ends); a framework callback sets "crashed" while its training runs
@@ -173,6 +174,7 @@ class Monitor:
         self._last_step = 0
         self._detached_step = 0
         self._logged = False
+        self._log_calls = 0  # log() calls of this run: progress a caught SystemExit is read by
         self._finished = False
         self._exit_status = None
         self._active = True
@@ -411,6 +413,7 @@ class Monitor:
                 return
             self._last_step = max(self._last_step, step)
             self._logged = True
+            self._log_calls += 1
             rows = []
             for name, value in values.items():
                 key = str(name)
@@ -512,9 +515,11 @@ _LIVE: set[Monitor] = set()
 
 
 _exit_hook = False
-_uncaught: list[object] = []
-"""What is ending the script badly, if anything: an uncaught exception's type (noted by
-:func:`_note_uncaught`) or a failing ``sys.exit`` code (noted by :func:`_note_exit`)."""
+_uncaught: list[type[BaseException]] = []
+"""The exception that is ending the script, if one is (noted by :func:`_note_uncaught`)."""
+_failing_exit: list[int] = []
+"""The live runs' progress (:func:`_progress`) when ``sys.exit`` was last called with a failing
+code (noted by :func:`_note_exit`); empty after a succeeding one."""
 
 
 def _keep_until_finish(m: Monitor) -> None:
@@ -546,21 +551,29 @@ def _note_uncaught(previous: Any) -> Any:
 
 def _note_exit(previous: Any) -> Any:
     """``sys.exit`` noting a failing code (anything but ``None`` or ``0``, as the interpreter
-    reads it), then handing it on. Only the main thread's call ends the script; a code of a
-    ``SystemExit`` the script catches and survives is forgotten by a later ``sys.exit(0)``
-    (W&B's exit hook makes the same trade: a ``raise SystemExit(1)`` is not seen)."""
+    reads it) with the runs' progress then, and handing it on. Only the main thread's call ends
+    the script. A ``SystemExit`` the script catches (argparse's, in a ``try``) is forgotten once
+    a run steps or logs again, or by a later succeeding ``sys.exit``; one caught at the very end
+    still counts (as with W&B's exit hook; a bare ``raise SystemExit(1)`` is not seen)."""
 
     def noting_exit(code: object = None) -> NoReturn:
         if threading.current_thread() is threading.main_thread():
-            _uncaught[:] = [] if code is None or (isinstance(code, int) and code == 0) else [code]
+            ok = code is None or (isinstance(code, int) and code == 0)
+            _failing_exit[:] = [] if ok else [_progress()]
         previous(code)
         raise SystemExit(code)  # a replaced sys.exit that returned
 
     return noting_exit
 
 
+def _progress() -> int:
+    """A number that grows whenever a live run steps or logs."""
+    return sum(m._log_calls + sum(c.step for c in m._captures) for m in list(_LIVE))
+
+
 def _finish_at_exit() -> None:
-    status = "crashed" if _uncaught else "finished"
+    failed = bool(_failing_exit) and _failing_exit[0] == _progress()  # not caught and gone on
+    status = "crashed" if _uncaught or failed else "finished"
     for m in list(_LIVE):
         s = m.settings
         with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to tell

@@ -422,6 +422,12 @@ main()  # returns without finish(): nothing holds the Monitor but the module
         ("sys.exit(0)", 0, "finished"),
         ("sys.exit()", 0, "finished"),
         ("threading.Thread(target=sys.exit, args=(2,)).start()", 0, "finished"),
+        # argparse's exit caught, then training goes on: the script did not end there
+        (
+            "try:\n    sys.exit(2)\nexcept SystemExit:\n    pass\nmonitor.log({'loss': 0.5})",
+            0,
+            "finished",
+        ),
     ],
 )
 def test_a_script_dying_of_an_exception_closes_its_run_as_crashed(
