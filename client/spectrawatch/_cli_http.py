@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
+from spectrawatch._paging import read_pages
 from spectrawatch._reply import ACCEPT_ENCODING, REPLY_MAX, ReplyError, read_reply
 from spectrawatch._transport import error_of, parse_retry_after
 from spectrawatch.config import DEFAULT_URL, url_problem
@@ -74,6 +75,35 @@ def call(
     for a reply larger than ``max_bytes``. A 503 ``database_busy`` / ``database_unavailable``
     (a lock held by an analysis, a database restarting) is sent again after its
     ``Retry-After``, up to :data:`BUSY_RETRIES` times."""
+    response = request(args, method, path, max_bytes, **kwargs)
+    return None if response.status_code == 204 else response.json()
+
+
+PAGE_MAX = 1000  # the most items a list endpoint returns per request
+
+
+def call_pages(
+    args: argparse.Namespace, path: str, params: dict[str, Any], most: int | None = None
+) -> list[Any]:
+    """Every item (at most ``most``) of the list endpoint ``/api/v1{path}``, a request per
+    :data:`PAGE_MAX`: by the server's ``Link: rel="next"``, else (an older server) by offset,
+    an item read twice kept once (:func:`~spectrawatch._paging.read_pages`)."""
+
+    def send(target: str | httpx.URL, query: dict[str, Any] | None) -> httpx.Response:
+        return request(args, "GET", target, params=query)
+
+    return read_pages(send, path, params, PAGE_MAX, most)
+
+
+def request(
+    args: argparse.Namespace,
+    method: str,
+    path: str | httpx.URL,
+    max_bytes: int = REPLY_MAX,
+    **kwargs: Any,
+) -> httpx.Response:
+    """:func:`call`'s request (a path under ``/api/v1``, or a server's absolute link): the
+    response, read; :class:`CliError` for an error status."""
     with _client(args) as client:
         for attempt in range(BUSY_RETRIES + 1):
             try:
@@ -92,7 +122,7 @@ def call(
     if response.status_code >= 400:
         _, message = error_of(response)
         raise CliError(f"HTTP {response.status_code}: {message}", response.status_code)
-    return None if response.status_code == 204 else response.json()
+    return response
 
 
 def _busy_wait(response: httpx.Response) -> float | None:

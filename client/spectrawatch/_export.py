@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from spectrawatch._cli_http import CliError, call, server_args, server_url
+from spectrawatch._cli_http import CliError, call, call_pages, server_args, server_url
 from spectrawatch._version import __version__
 from spectrawatch.wire import (
     DOT_NAMES,
@@ -108,17 +108,12 @@ def resolve_run(args: argparse.Namespace, run: str, project: str | None) -> dict
     if run.isdigit() and not project:
         found: dict[str, Any] = call(args, "GET", f"/runs/{int(run)}")
         return found
-    params: dict[str, Any] = {"limit": 1000}
+    params: dict[str, Any] = {"name": run}  # a server without the filter lists every run
     if project:
         params["project"] = project
-    offset = 0
-    matches: list[dict[str, Any]] = []
-    while True:
-        page = call(args, "GET", "/runs", params={**params, "offset": offset})
-        matches += [r for r in page if r["name"] == run]
-        if len(page) < params["limit"]:
-            break
-        offset += len(page)
+    matches: list[dict[str, Any]] = [
+        r for r in call_pages(args, "/runs", params) if r["name"] == run
+    ]
     if not matches:
         where = f" in project {project!r}" if project else ""
         raise ExportError(f"no run named {run!r}{where}")

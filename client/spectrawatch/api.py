@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from spectrawatch._paging import read_pages
 from spectrawatch._reply import ACCEPT_ENCODING, REPLY_MAX, ReplyError, read_reply
 from spectrawatch._transport import error_of
 from spectrawatch.config import API_PATH, DEFAULT_URL, SettingsError, url_problem
@@ -131,33 +132,10 @@ class Api:
     def _every(self, path: str, **params: Any) -> list[Any]:
         """Every item of a paged list endpoint, read ``_PAGE`` at a time (one request returns
         at most the server's page size): by the response's ``Link: <...>; rel="next"`` where
-        it sends one, else by ``offset``.
-
-        A link is resolved against the URL of the request it answered (RFC 8288: the server
-        sends a relative reference, or a URL under its public URL). One naming another origin
-        (a public URL this client does not use) is followed on this client's server, its query
-        on the same path: the token is sent to no other host."""
+        it sends one, else by ``offset`` with an item read twice kept once
+        (:func:`~spectrawatch._paging.read_pages`)."""
         query = {k: v for k, v in params.items() if v is not None}
-        found: list[Any] = []
-        resp = self._send("GET", path, params={**query, "limit": _PAGE, "offset": 0})
-        linked = False
-        while True:
-            page = resp.json()
-            found += page
-            link = resp.links.get("next", {}).get("url")
-            if link:
-                linked = True
-                here = resp.url
-                url = here.join(link)
-                if (url.scheme, url.host, url.port) != (here.scheme, here.host, here.port):
-                    url = here.copy_with(query=url.query)
-                resp = self._send("GET", url)
-            elif linked or len(page) < _PAGE:
-                return found
-            else:
-                resp = self._send(
-                    "GET", path, params={**query, "limit": _PAGE, "offset": len(found)}
-                )
+        return read_pages(lambda target, q: self._send("GET", target, params=q), path, query, _PAGE)
 
     def run(self, run: int | str, project: str | None = None) -> Run:
         """A run by id (an int, or a string of digits without ``project``), or by name
@@ -165,7 +143,9 @@ class Api:
         always a name, as in ``spectrawatch runs delete RUN --project P``)."""
         if isinstance(run, int) or (project is None and run.isdigit()):
             return Run(self, self.get(f"/runs/{int(run)}"))
-        matches = [r for r in self.runs(project) if r.name == run]
+        # by the server's name filter; a server without one lists every run: filtered here
+        listed = self._every("/runs", project=project, name=run)
+        matches = [Run(self, r) for r in listed if r["name"] == run]
         if len(matches) != 1:
             where = f" in project {project!r}" if project else ""
             many = f"{len(matches)} runs are" if matches else "no run is"

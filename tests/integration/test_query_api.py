@@ -7,13 +7,16 @@ import http.server
 import json
 import math
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 import spectrawatch
 from spectrawatch import Api
+from spectrawatch import _cli_http as cli_http
 from spectrawatch.api import MODEL_LAYER, ApiError
 from spectrawatch.cli import main
 from tests.servers import ServerProcess, database_url, db_rows, wait_until
@@ -230,3 +233,101 @@ def test_spectra_pages_are_followed_through_a_proxy(
     followed = [p for p in paths if "cursor=" in p]
     assert len(followed) == len(links)  # the client followed each link through the proxy
     assert all(p.startswith(f"{prefix}/api/v1/runs/{run_id}/spectra?") for p in followed)
+
+
+# --- listing runs while runs are created or deleted ---------------------------------------------
+
+
+def _between_pages(sw: Api, action: Callable[[], object]) -> list[str]:
+    """Make ``sw`` run ``action`` once, after its first request answered (a training started,
+    or a retention ran, between two pages); the URLs it requests are appended to the list."""
+    send = sw._send
+    sent: list[str] = []
+
+    def between(method: str, path: str | httpx.URL, **kwargs: Any) -> httpx.Response:
+        resp = send(method, path, **kwargs)
+        sent.append(str(resp.request.url))
+        if len(sent) == 1:
+            action()
+        return resp
+
+    sw._send = between  # type: ignore[method-assign]
+    return sent
+
+
+def _new_run(api: httpx.Client, project: str) -> int:
+    """A run created in ``project`` with a fresh name: its id."""
+    name = f"new{len(api.get('/runs', params={'project': project, 'limit': 1000}).json())}"
+    created = api.post("/runs", json={"project": project, "name": name})
+    assert created.status_code == 201, created.text
+    run_id: int = created.json()["id"]
+    return run_id
+
+
+def test_runs_listed_once_each_while_runs_are_created_and_deleted(
+    server: ServerProcess, api: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Api.runs()`` paged by offset: a run created between two pages listed the boundary run
+    twice, and ``Api.run(name, project=)`` of that run then said two runs had its name; a run
+    deleted between pages hid a live one. Pages now follow the server's ``Link`` (by id) and a
+    name is looked up by ``name=``."""
+    monkeypatch.setattr(spectrawatch.api, "_PAGE", 4)
+    ids = [
+        api.post("/runs", json={"project": "paged", "name": f"p{i}"}).json()["id"]
+        for i in range(10)
+    ]
+    with Api(server.url) as sw:
+        sent = _between_pages(sw, lambda: _new_run(api, "paged"))
+        assert [r.id for r in sw.runs("paged")] == ids[::-1]  # each once; the new run is newer
+        assert len(sent) == 3
+        assert all("before_id=" in url for url in sent[1:])
+    with Api(server.url) as sw:
+        sent = _between_pages(sw, lambda: _new_run(api, "paged"))
+        assert sw.run("p6", project="paged").id == ids[6]  # the first page's last, before
+        assert len(sent) == 1  # by name: one request, no paging
+    with Api(server.url) as sw:
+        newest = api.get("/runs", params={"project": "paged", "limit": 1}).json()[0]["id"]
+        _between_pages(sw, lambda: api.delete(f"/runs/{newest}").raise_for_status())
+        listed = [r.id for r in sw.runs("paged")]
+        live = [r["id"] for r in api.get("/runs", params={"project": "paged"}).json()]
+        assert listed == [newest, *live]  # read before its deletion; no live run missed
+
+
+def _cli_requests(monkeypatch: pytest.MonkeyPatch, api: httpx.Client, project: str) -> list[str]:
+    """The URLs the CLI requests from now on, a run created in ``project`` after the first."""
+    request = cli_http.request
+    sent: list[str] = []
+
+    def between(*args: Any, **kwargs: Any) -> httpx.Response:
+        resp = request(*args, **kwargs)
+        sent.append(str(resp.request.url))
+        if len(sent) == 1:
+            _new_run(api, project)
+        return resp
+
+    monkeypatch.setattr(cli_http, "request", between)
+    return sent
+
+
+def test_cli_resolves_a_run_name_by_one_request(
+    server: ServerProcess,
+    api: httpx.Client,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``runs show|delete NAME --project P`` read every run by offset to find one name (a run
+    created meanwhile could list a run twice: "exists in several projects"); ``name=`` now
+    finds it in one request."""
+    ids = [
+        api.post("/runs", json={"project": "named", "name": f"n{i}"}).json()["id"] for i in range(8)
+    ]
+    api.post("/runs", json={"project": "other", "name": "n3"}).raise_for_status()
+    monkeypatch.setattr(cli_http, "PAGE_MAX", 3)
+    sent = _cli_requests(monkeypatch, api, "named")
+    url = ["--url", server.url]
+    assert main(["runs", "show", "n3", "--project", "named", "--json", *url]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == ids[3]
+    assert sum("/runs?" in u for u in sent) == 1  # by name=, not page by page
+    assert "name=n3" in sent[0]
+    assert main(["runs", "show", "n3", *url]) == 1  # in two projects: still refused
+    assert "exists in several projects (named, other)" in capsys.readouterr().err

@@ -211,6 +211,59 @@ def test_run_lifecycle(client: httpx.Client) -> None:
     assert client.patch(f"/runs/{run_id}", json={"status": "exploded"}).status_code == 422
 
 
+def _next_link(resp: httpx.Response) -> str | None:
+    """The ``rel="next"`` reference of ``resp``'s ``Link`` header, or None."""
+    link: str | None = resp.links.get("next", {}).get("url")
+    return link
+
+
+def test_runs_pages_are_stable_while_runs_are_created_and_deleted(client: httpx.Client) -> None:
+    """``GET /runs`` paged by offset: a run created between two pages shifted the second by
+    one (the boundary run listed twice), a run deleted meanwhile hid a live one. The next page's
+    ``Link`` names it by ``before_id`` (runs older than the page's last), unmoved by either."""
+    ids = [
+        client.post("/runs", json={"project": "keyset", "name": f"k{i}"}).json()["id"]
+        for i in range(8)
+    ]
+    first = client.get("/runs", params={"project": "keyset", "limit": 3})
+    assert [r["id"] for r in first.json()] == ids[:-4:-1]  # newest first
+    link = _next_link(first)
+    assert link is not None
+    assert link.startswith("/api/v1/runs?"), link  # relative, as the spectra's (RFC 8288)
+    assert f"before_id={ids[-3]}" in link
+    assert "offset" not in link
+    client.post("/runs", json={"project": "keyset", "name": "newer"}).raise_for_status()
+    second = client.get(urljoin(str(first.url), link))
+    assert [r["id"] for r in second.json()] == ids[-4:-7:-1]  # none repeated
+    client.delete(f"/runs/{ids[-1]}").raise_for_status()  # a run already listed
+    link = _next_link(second)
+    assert link is not None
+    last = client.get(urljoin(str(second.url), link))
+    assert [r["id"] for r in last.json()] == ids[1::-1]  # none skipped
+    assert _next_link(last) is None  # the last page
+    # offset still pages as before, and its link continues by id
+    by_offset = client.get("/runs", params={"project": "keyset", "limit": 2, "offset": 2})
+    assert [r["id"] for r in by_offset.json()] == ids[-3:-5:-1]  # after "newer" and ids[-2]
+    assert f"before_id={ids[-4]}" in (_next_link(by_offset) or "")
+    older = client.get("/runs", params={"project": "keyset", "before_id": ids[2]})
+    assert [r["id"] for r in older.json()] == ids[1::-1]
+    assert client.get("/runs", params={"before_id": 0}).status_code == 422
+
+
+def test_runs_by_exact_name(client: httpx.Client) -> None:
+    """``name=`` lists the runs of that exact name (one per project), so a client resolving a
+    name reads one page instead of every run."""
+    one = client.post("/runs", json={"project": "named-a", "name": "same"}).json()["id"]
+    two = client.post("/runs", json={"project": "named-b", "name": "same"}).json()["id"]
+    client.post("/runs", json={"project": "named-a", "name": "same2"}).raise_for_status()
+    listed = client.get("/runs", params={"name": "same"}).json()
+    assert [r["id"] for r in listed] == [two, one]
+    in_a = client.get("/runs", params={"name": "same", "project": "named-a"}).json()
+    assert [r["id"] for r in in_a] == [one]
+    assert client.get("/runs", params={"name": "sam"}).json() == []  # exact, not a prefix
+    assert client.get("/runs", params={"name": "x" * 201}).status_code == 422
+
+
 def _raw(header: dict[str, object], data: bytes) -> bytes:
     head = json.dumps(header).encode()
     return struct.pack("<Q", len(head)) + head + data

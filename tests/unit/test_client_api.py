@@ -8,9 +8,10 @@ import re
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 import spectrawatch
@@ -239,3 +240,49 @@ def test_a_read_on_a_connection_the_server_dropped_is_sent_again(
         with pytest.raises(ApiError, match="cannot reach"):  # may have run: not repeated
             api._call("DELETE", "/runs/1")
     assert dropping_server.requests == ["GET", "GET", "GET", "GET", "GET", "DELETE"]
+
+
+def _old_server(runs: list[dict[str, object]], between: Callable[[], None]) -> httpx.MockTransport:
+    """A server from before ``GET /runs`` had ``Link``, ``before_id`` and ``name=``: pages by
+    ``offset`` only (newest first), the others ignored; ``between`` runs after the first page."""
+    pages: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/api/v1/runs"
+        limit = int(request.url.params.get("limit", 100))
+        offset = int(request.url.params.get("offset", 0))
+        newest = sorted(runs, key=lambda r: -int(str(r["id"])))
+        resp = httpx.Response(200, json=newest[offset : offset + limit])
+        pages.append(str(request.url))
+        if len(pages) == 1:
+            between()
+        return resp
+
+    return httpx.MockTransport(handle)
+
+
+def test_an_older_server_is_paged_by_offset_and_a_run_listed_twice_kept_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Against a server without ``Link``/``name=`` (offset paging), a run created between two
+    pages shifts the boundary run into the next page: it is listed once, and found by name."""
+    from spectrawatch import api as api_module
+
+    monkeypatch.setattr(api_module, "_PAGE", 3)
+    runs: list[dict[str, object]] = [
+        {"id": i, "name": f"r{i}", "project": "p", "status": "running"} for i in range(1, 8)
+    ]
+    new = {"id": 8, "name": "r8", "project": "p", "status": "running"}
+    with api_module.Api("http://old.test") as sw:
+        sw._http.close()
+        sw._http = httpx.Client(
+            base_url="http://old.test/api/v1", transport=_old_server(runs, lambda: runs.append(new))
+        )
+        assert [r.id for r in sw.runs("p")] == [7, 6, 5, 4, 3, 2, 1]  # 5 came back twice
+    runs.remove(new)
+    with api_module.Api("http://old.test") as sw:
+        sw._http.close()
+        sw._http = httpx.Client(
+            base_url="http://old.test/api/v1", transport=_old_server(runs, lambda: runs.append(new))
+        )
+        assert sw.run("r5", project="p").id == 5  # was: "2 runs are named 'r5'"

@@ -165,11 +165,25 @@ def get_or_create_run(
     return run, True
 
 
-def list_runs(session: Session, project_id: int | None, limit: int, offset: int) -> Sequence[Run]:
+def list_runs(
+    session: Session,
+    project_id: int | None,
+    limit: int,
+    offset: int,
+    before_id: int | None = None,
+    name: str | None = None,
+) -> Sequence[Run]:
+    """Live runs newest first (id descending), of one project and of one exact ``name`` when
+    given: those with an id below ``before_id`` (a keyset page, unmoved by runs created or
+    deleted meanwhile), ``offset`` of them skipped, at most ``limit``."""
     stmt = select(Run).where(Run.status != DELETED).order_by(Run.id.desc())
     stmt = stmt.limit(limit).offset(offset)
     if project_id is not None:
         stmt = stmt.where(Run.project_id == project_id)
+    if before_id is not None:
+        stmt = stmt.where(Run.id < before_id)
+    if name is not None:
+        stmt = stmt.where(Run.name == name)
     return session.scalars(stmt).all()
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from spectrawatch.wire import NAME_MAX
 from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.api.deps import (
     LiveRunDep,
@@ -23,6 +24,7 @@ from spectrawatch_server.api.deps import (
     require_role,
 )
 from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.links import next_link
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Project, Run
@@ -40,6 +42,7 @@ from spectrawatch_server.schemas import (
 )
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import delete_all
+from spectrawatch_server.storage.metric_reads import INT64_MAX
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
@@ -150,17 +153,34 @@ def _refuse_resume(body: RunCreate, created: bool) -> None:
 def list_runs(
     principal: PrincipalDep,
     session: SessionDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
     project: str | None = None,
+    name: Annotated[str | None, Query(min_length=1, max_length=NAME_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
+    before_id: Annotated[int | None, Query(ge=1, le=INT64_MAX)] = None,
 ) -> list[RunPublic]:
+    """Runs newest first (of ``project``; named exactly ``name``): those with an id below
+    ``before_id`` when given, ``offset`` of them skipped, at most ``limit``. When more match,
+    ``Link: <url>; rel="next"`` names the next page by ``before_id`` (the page's last id), which
+    neither repeats nor skips a run when runs are created or deleted between pages, as
+    ``offset`` does; the link is relative to the request's URL (RFC 8288), or under
+    ``SPECTRAWATCH_PUBLIC_URL``."""
     project_id = principal.project_id
     if project is not None:
         row = repo.get_project(session, project)
         if row is None or not principal.can_access(row.id):
             raise ApiError(404, "project_not_found", f"project {project!r} does not exist")
         project_id = row.id
-    return runs_public(session, repo.list_runs(session, project_id, limit, offset))
+    runs = repo.list_runs(session, project_id, limit + 1, offset, before_id, name)
+    if len(runs) > limit:
+        runs = runs[:limit]
+        response.headers["Link"] = next_link(
+            request, state.settings.public_url, drop=("offset",), before_id=runs[-1].id
+        )
+    return runs_public(session, runs)
 
 
 @router.post("/bulk-delete", response_model=BulkDeleteResult, dependencies=[require_role("admin")])
