@@ -13,6 +13,7 @@ from typing import Any
 from spectrawatch._cli_http import (
     CliError,
     call,
+    call_pages,
     print_result,
     reporting_errors,
     segment,
@@ -23,10 +24,11 @@ from spectrawatch.wire import MODEL_LAYER
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
-    params: dict[str, Any] = {"limit": args.limit}
-    if args.project:
-        params["project"] = args.project
-    runs = call(args, "GET", "/runs", params=params)
+    """``runs list``: the newest ``--limit`` runs (or ``--all``), read a page at a time."""
+    if args.limit < 1:
+        raise CliError("--limit must be at least 1")
+    params: dict[str, Any] = {"project": args.project} if args.project else {}
+    runs = call_pages(args, "/runs", params, None if args.all else args.limit)
     lines = [
         f"{r['id']:>6}  {r['project']}/{r['name']}  {r['status']}  "
         f"last step {r.get('last_step')}  {sum((r.get('frames') or {}).values())} frames"
@@ -284,7 +286,11 @@ def add_runs_commands(subparsers: Any) -> None:
     sub = runs.add_subparsers(dest="runs_command", required=True)
     ls = sub.add_parser("list", parents=[common], help="runs, newest first")
     ls.add_argument("--project", default=None, help="only runs of this project")
-    ls.add_argument("--limit", type=int, default=100, help="at most this many runs")
+    most = ls.add_mutually_exclusive_group()
+    most.add_argument(
+        "--limit", type=int, default=100, help="at most this many runs (read 1,000 a request)"
+    )
+    most.add_argument("--all", action="store_true", help="every run")
     ls.add_argument("--json", action="store_true", help="print the runs as JSON")
     ls.set_defaults(func=reporting_errors(cmd_runs_list))
     show = sub.add_parser(

@@ -331,3 +331,36 @@ def test_cli_resolves_a_run_name_by_one_request(
     assert "name=n3" in sent[0]
     assert main(["runs", "show", "n3", *url]) == 1  # in two projects: still refused
     assert "exists in several projects (named, other)" in capsys.readouterr().err
+
+
+def test_cli_lists_runs_past_a_page_while_runs_are_created(
+    server: ServerProcess,
+    api: httpx.Client,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``runs list --limit`` above the server's page (1,000) failed with its 422 and nothing
+    listed older runs: ``--limit`` now reads page after page, ``--all`` every run; a run created
+    between pages is not listed twice."""
+    ids = [
+        api.post("/runs", json={"project": "many", "name": f"m{i}"}).json()["id"] for i in range(8)
+    ]
+    url = ["--url", server.url]
+
+    def listed(*argv: str) -> list[int]:
+        assert main(["runs", "list", "--project", "many", "--json", *argv, *url]) == 0
+        return [r["id"] for r in json.loads(capsys.readouterr().out)]
+
+    assert listed("--limit", "5000") == ids[::-1]
+    monkeypatch.setattr(cli_http, "PAGE_MAX", 3)
+    sent = _cli_requests(monkeypatch, api, "many")
+    assert listed("--limit", "7") == ids[:0:-1]
+    assert len(sent) == 3  # pages of 3, 3 and 1
+    sent.clear()
+    _newer, *rest = listed("--all")
+    assert rest == ids[::-1]  # each once (the run created before this listing first)
+    assert len(sent) == 3
+    assert main(["runs", "list", "--limit", "0", *url]) == 1
+    assert "--limit must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["runs", "list", "--limit", "3", "--all", *url])
