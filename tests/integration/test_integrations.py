@@ -101,6 +101,21 @@ class _Pruned(Exception):
     """What Optuna's ``TrialPruned`` is to a sweep loop: raised from a callback, caught."""
 
 
+def _cpu_args(transformers: Any, output_dir: Path, steps: int) -> Any:
+    """``TrainingArguments`` of a short CPU run logging every step, saving nothing."""
+    return transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
 def test_hf_trials_ended_by_an_exception_close_crashed_and_free_their_model(
     server: ServerProcess, api: httpx.Client, tmp_path: Path
 ) -> None:
@@ -132,17 +147,7 @@ def test_hf_trials_ended_by_an_exception_close_crashed_and_free_their_model(
             url=server.url, project="sweep", run=f"t{trial}", spool_dir=str(tmp_path / "spool")
         )
         monitors.append(callback.monitor)
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / "out"),
-            max_steps=5,
-            per_device_train_batch_size=4,
-            logging_steps=1,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
+        args = _cpu_args(transformers, tmp_path / "out", 5)
         callbacks = [callback, Pruner()] if pruned else [callback]
         trainer = transformers.Trainer(
             model=model, args=args, train_dataset=data, callbacks=callbacks
@@ -189,17 +194,7 @@ def test_hf_callbacks_of_one_trainer_or_of_a_nested_trainer_leave_each_other_alo
             )
             for run in name.split(",")
         ]
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / name),
-            max_steps=steps,
-            per_device_train_batch_size=4,
-            logging_steps=1,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
+        args = _cpu_args(transformers, tmp_path / name, steps)
         return transformers.Trainer(
             model=tiny_gpt2(transformers),
             args=args,
