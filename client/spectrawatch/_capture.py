@@ -166,6 +166,9 @@ class Capture:
         self._update_steps: list[int] = []
         self._theta_rows: list[Rows] = []
         self._theta_steps: list[int] = []
+        # the first sketched step also sends theta: ``norm.update_ratio`` from the first step,
+        # not only from ``theta_every`` on (a run that dies before step 100 has its ratio too)
+        self._theta_sent = False
         # CUDA: sketch on a side stream, rows leave the GPU asynchronously (see _overlap); not
         # for sharded models, whose sketch ends in a collective on the training stream
         self._stream = SketchStream(
@@ -506,6 +509,9 @@ class Capture:
             self._prev, self._prev_step = None, None
             return
         prev = self._prev
+        first_theta = not self._theta_sent and self.s.theta_every > 0
+        if first_theta and not self.s.exact:
+            due_theta = True
         if due_update and prev is not None:
             row: Rows
             if isinstance(cur, torch.Tensor) and isinstance(prev, torch.Tensor):
@@ -521,7 +527,8 @@ class Capture:
         if due_theta and not self.s.exact:
             self._theta_rows.append(cur)
             self._theta_steps.append(n)
-            if len(self._theta_rows) >= self.s.theta_frame_steps:
+            self._theta_sent = True
+            if first_theta or len(self._theta_rows) >= self.s.theta_frame_steps:
                 self.flush_theta()
         if self.optimizer is not None or due_update:
             # without an optimizer a row is the change since the previous row: a theta-only

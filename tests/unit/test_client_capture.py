@@ -155,13 +155,31 @@ def test_theta_sketches_difference_into_interval_updates() -> None:
     train(model, opt, 10)
     cap.finish()
     theta = sink.of(wire.FrameKind.PARAM_SKETCH)
-    assert [f.info["steps"] for f in theta] == [[5], [10]]
+    assert [f.info["steps"] for f in theta] == [[1], [5], [10]]  # the first step too
     assert theta[0].tensors[MODEL_KEY].dtype == torch.float64
     (upd,) = sink.of(wire.FrameKind.UPDATE_SKETCH)
     # linearity: theta_10 - theta_5 sketch == sum of per-step update sketches 6..10
-    interval = theta[1].tensors[MODEL_KEY][0] - theta[0].tensors[MODEL_KEY][0]
+    interval = theta[2].tensors[MODEL_KEY][0] - theta[1].tensors[MODEL_KEY][0]
     summed = upd.tensors[MODEL_KEY][5:10].double().sum(0)
     torch.testing.assert_close(interval, summed, rtol=1e-5, atol=1e-6 * float(interval.abs().max()))
+
+
+def test_the_first_step_sends_theta_at_once() -> None:
+    """The first sketched step's theta leaves at once, whatever ``theta_frame_steps``: a run
+    that stops before ``theta_every`` still gets ``norm.update_ratio``; none without theta."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(model, opt, sink, theta_every=100, theta_frame_steps=4, frame_steps=100)
+    train(model, opt, 3)
+    assert [f.info["steps"] for f in sink.of(wire.FrameKind.PARAM_SKETCH)] == [[1]]
+    cap.finish()
+    assert [f.info["steps"] for f in sink.of(wire.FrameKind.PARAM_SKETCH)] == [[1]]
+    off = Sink()
+    cap, _ = make_capture(model, opt, off, theta_every=0, frame_steps=100)
+    train(model, opt, 3)
+    cap.finish()
+    assert off.of(wire.FrameKind.PARAM_SKETCH) == []
 
 
 def test_amp_skipped_steps_are_not_captured() -> None:

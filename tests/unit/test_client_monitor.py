@@ -69,7 +69,7 @@ def test_init_attach_log_finish(tmp_path: Path) -> None:
     assert sum(len(h.info["steps"]) for h in kinds["update_sketch"]) == 20
     assert [h.step for h in kinds["weights"]] == [10, 20]  # the finish snapshot is deduplicated
     assert [h.step for h in kinds["activations"]] == [5, 10, 15, 20]
-    assert [h.info["steps"] for h in kinds["param_sketch"]] == [[10], [20]]
+    assert [h.info["steps"] for h in kinds["param_sketch"]] == [[1], [10], [20]]
     user = [r for r in server.scalars if not r["name"].startswith("probe.")]
     assert len(user) == 40
     assert {r["name"] for r in user} == {"loss", "lr"}

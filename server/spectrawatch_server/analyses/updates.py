@@ -3,13 +3,14 @@
 ``norm.update`` is ``||delta theta||`` of one optimizer step (the norm of its update-sketch row),
 ``norm.param`` is ``||theta||`` (the norm of a theta-sketch row), and ``norm.update_ratio`` the
 first over the second from the run's latest theta frame sent before the update frame (the
-client sends one every ``theta_every`` steps, 100 by default; the updates sent before the run's
-first theta frame get their ratio when it arrives, against that first ``||theta||``, from up to
-:data:`BACKFILL_FRAMES` update frames): the update-to-weight ratio that
-training guides watch, often quoted near 1e-3 for a well-set learning rate, far above it when
-the rate is too high for a layer. Norms of count-sketch rows estimate the true norms within a
-few per cent (:mod:`spectrawatch.spectral.norms`); exact-mode frames carry the updates
-themselves and give exact norms (they have no theta frames, so no ratio).
+client sends one at its first sketched step and every ``theta_every`` steps, 100 by default;
+the updates sent before the run's first theta frame get their ratio when it arrives, against
+that first ``||theta||``, from up to :data:`BACKFILL_FRAMES` update frames): the
+update-to-weight ratio that training guides watch, often quoted near 1e-3 for a well-set
+learning rate, far above it when the rate is too high for a layer. Norms of count-sketch rows
+estimate the true norms within a few per cent (:mod:`spectrawatch.spectral.norms`); exact-mode
+frames carry the updates themselves and give exact norms (they have no theta frames, so no
+ratio).
 
 Update frames: the whole model at every row, each layer (or row group) at the steps where SED
 keeps its per-layer values (:func:`~spectrawatch_server.analyses.sed.evaluation_steps`), so
