@@ -83,6 +83,17 @@ def test_batch_is_one_transaction_with_jobs_and_run_steps(sessions: sessionmaker
         assert session.get_one(Run, b).last_step == 50
 
 
+def test_a_sketch_frames_last_row_is_its_runs_last_step(sessions: sessionmaker[Session]) -> None:
+    """A sketch frame's ``step`` is its first row's: the run's last step is its last row's,
+    else a run resumed by name started inside the frame and stored its last steps twice."""
+    (a,) = make_runs(sessions, 1)
+    sketch = frame(a, 1)
+    sketch.kind, sketch.step, sketch.info = "update_sketch", 9, {"steps": [9, 10, 11, 12]}
+    assert created(committer(sessions).write([frame(a, 0), sketch])) == [True, True]
+    with sessions() as session:
+        assert session.get_one(Run, a).last_step == 12
+
+
 def test_duplicate_key_in_batch_costs_only_itself(sessions: sessionmaker[Session]) -> None:
     (a,) = make_runs(sessions, 1)
     c = committer(sessions)

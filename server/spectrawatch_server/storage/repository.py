@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, defer
 
+from spectrawatch.wire import row_steps
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import (
     Alert,
@@ -474,13 +475,21 @@ def insert_frame(session: Session, frame: Frame) -> Frame:
     return frame
 
 
+def frame_last_step(frame: Frame) -> int:
+    """The last step a frame holds: its last row's for sketch frames (``info.steps``, checked
+    at ingest), else its step. A run resumed by name continues after it."""
+    steps = row_steps(frame.kind, frame.info or {})
+    return int(steps[-1]) if steps else frame.step
+
+
 def insert_frames(session: Session, frames: Sequence[Frame]) -> None:
     """Insert ``frames`` in one flush (ids assigned) and touch each run once with its top step."""
     session.add_all(frames)
     session.flush()
     top: dict[int, int] = {}
     for frame in frames:
-        top[frame.run_id] = max(frame.step, top.get(frame.run_id, frame.step))
+        last = frame_last_step(frame)
+        top[frame.run_id] = max(last, top.get(frame.run_id, last))
     # one executemany on the connection (compiled once) instead of an ORM statement per run
     step = bindparam("top_step", type_=BigInteger)
     stmt = (
