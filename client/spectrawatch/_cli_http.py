@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -133,12 +134,24 @@ def _busy_wait(response: httpx.Response) -> float | None:
     return min(1.0 if after is None else after, BUSY_WAIT_MAX_S)
 
 
+# C0/C1 controls (ESC sequences clear or retitle a terminal, CR/LF forge lines) and the bidi
+# overrides and isolates that reorder what a reader sees
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``): values other processes stored (a
+    run's config, a client's last error) cannot drive the terminal of whoever reads them."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def print_result(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
-    """``data`` as JSON with ``--json``, else ``lines`` (``(none)`` when there are none)."""
+    """``data`` as JSON with ``--json``, else ``lines`` (``(none)`` when there are none), each
+    with its control characters escaped."""
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        print("\n".join(lines) if lines else "(none)")
+        print("\n".join(map(printable, lines)) if lines else "(none)")
 
 
 def reporting_errors(
@@ -150,7 +163,7 @@ def reporting_errors(
         try:
             code: int = func(args)
         except CliError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(printable(f"error: {exc}"), file=sys.stderr)
             return 1
         return code
 

@@ -41,7 +41,12 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 def client_report(stats: dict[str, Any]) -> str:
     """The client's own report in one line: frames sent, dropped, spooled, errors, cadence."""
     bits = [f"{stats.get('sent_frames', 0)} frames sent"]
-    for key, noun in (("dropped_frames", "dropped"), ("spooled_frames", "spooled")):
+    for key, noun in (
+        ("dropped_frames", "dropped"),
+        ("spooled_frames", "spooled"),
+        ("replayed_frames", "delivered from the spool"),
+        ("spooled_pending", "still in the spool (spectrawatch sync)"),
+    ):
         if stats.get(key):
             bits.append(f"{stats[key]} {noun}")
     if stats.get("errors"):

@@ -238,11 +238,13 @@
     var bits = [(cs.sent_frames || 0) + " frames sent"];
     if (cs.dropped_frames) { bits.push(cs.dropped_frames + " dropped"); }
     if (cs.spooled_frames) { bits.push(cs.spooled_frames + " spooled"); }
+    if (cs.replayed_frames) { bits.push(cs.replayed_frames + " delivered from the spool"); }
+    if (cs.spooled_pending) { bits.push(cs.spooled_pending + " still in the spool (spectrawatch sync)"); }
     if (cs.errors) { bits.push(cs.errors + (cs.errors === 1 ? " error" : " errors")); }
     if (cs.update_every) {
       bits.push("update sketch every " + (cs.update_every === 1 ? "step" : cs.update_every + " steps"));
     }
-    var bad = cs.dropped_frames || cs.errors;
+    var bad = cs.dropped_frames || cs.errors || cs.spooled_pending;
     meta.appendChild(document.createTextNode(" · "));
     meta.appendChild(el("span", {
       id: "client-stats", "class": "client" + (bad ? " warn" : ""), title: cs.last_error || ""

@@ -215,6 +215,29 @@ def test_runs_show_says_why_a_frame_failed(
     assert ("/runs/7/frames", {"status": "failed", "limit": 1}) in asked
 
 
+def test_runs_show_escapes_control_characters_and_counts_replayed_frames(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config value holding ESC sequences cleared and recoloured the reader's terminal (any
+    writer of the run chooses it); a run delivered by ``sync`` read "0 frames sent, 15
+    spooled" as if nothing had arrived."""
+    from typing import Any
+
+    from spectrawatch import _cli_runs
+
+    run: dict[str, Any] = {"id": 7, "project": "p", "name": "r", "status": "finished"}
+    run |= {"created_at": "t", "config": {"lr": "\x1b[2J\x1b[31mALL CLEAR\x1b[0m\nfake: line"}}
+    run["client_stats"] = {"sent_frames": 0, "spooled_frames": 15, "replayed_frames": 15}
+    answers: dict[str, Any] = {"/runs/7": run, "/runs/7/alerts": [], "/runs/7/metrics/catalog": []}
+    monkeypatch.setattr(_cli_runs, "call", lambda args, method, path, **kw: answers[path])
+    monkeypatch.setattr("spectrawatch._export.call", lambda args, method, path, **kw: answers[path])
+    assert main(["runs", "show", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "config: lr=\\x1b[2J\\x1b[31mALL CLEAR\\x1b[0m\\nfake: line" in out
+    assert "client: 0 frames sent, 15 spooled, 15 delivered from the spool" in out
+
+
 def test_the_command_line_reference_is_the_parsers() -> None:
     """docs/cli.md is rendered from the parser (`make docs`): a new command or option, or a
     changed default or help text, must be regenerated into it; and every argument has a help
