@@ -541,8 +541,10 @@ def _load_run(
         # json.dumps writes NaN (the server stores it as null); httpx's json= would refuse it
         call(args, "POST", path, content=json.dumps(rows), headers=headers)
     src = data.meta["run"]
-    summary = {**(src.get("summary") or {}), ORIGIN: origin}
     status = src.get("status") if src.get("status") in STATUSES else "finished"
+    if status == "running":  # a snapshot: nothing writes to the copy (no run_silent alert)
+        status, origin = "finished", {**origin, "status": "running"}
+    summary = {**(src.get("summary") or {}), ORIGIN: origin}
     final: dict[str, Any] = call(
         args, "PATCH", f"/runs/{rid}", json={"status": status, "summary": summary}
     )
@@ -616,9 +618,11 @@ IMPORT_HELP = """\
 Checks the whole export first (run.json, every row against the server's rules, row counts),
 then creates the run (refused if it exists), posts scalars and metrics and sets the exported
 status, tags and summary; summary.imported_from names the source run and its created_at (the
-new run's created_at is the import time). A failure after the run was created deletes it; if
-the token may not delete (a write token), the run stays marked partial and the same import with
---resume finishes it. A row given twice (same step and name, and layer) keeps its last value."""
+new run's created_at is the import time). A run exported while running is imported finished
+(summary.imported_from.status says "running"): nothing will write to the copy. A failure after
+the run was created deletes it; if the token may not delete (a write token), the run stays
+marked partial and the same import with --resume finishes it. A row given twice (same step and
+name, and layer) keeps its last value."""
 
 
 def add_export_commands(subparsers: Any) -> None:
