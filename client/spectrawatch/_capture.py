@@ -373,7 +373,9 @@ class Capture:
         except Exception as exc:
             self.errors.record(what, exc)
             self._failures[what] = self._failures.get(what, 0) + 1
-            if self._failures[what] >= _MAX_FAILURES:
+            # a sharded model's captures are collectives: one rank turning one off on its own
+            # count would leave the others waiting in it for good
+            if self._failures[what] >= _MAX_FAILURES and not self.sharded:
                 self._disabled.add(what)
                 self.errors.record(
                     what, RuntimeError(f"{what} disabled after {_MAX_FAILURES} failures")

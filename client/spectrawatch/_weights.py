@@ -99,15 +99,8 @@ class WeightSnapshots:
                 parts += 1
             part, shapes, size = {}, {}, 0
 
-        for name, p in self.model.named_parameters():
-            if is_lazy(p) or p.dim() < 2 or p.numel() == 0:  # lazy: no shape before a forward
-                continue
-            if p.is_complex():  # a real cast would drop the imaginary part without a word
-                self.errors.record("weights", TypeError(f"complex parameter {name} not sent"))
-                continue
-            full = _shards.full_tensor(p.detach())  # sharded: every rank joins the gather
-            if not self.emits:
-                continue
+        def add(name: str, p: torch.Tensor, full: torch.Tensor) -> None:
+            nonlocal size
             w = _host_weight(full.reshape(p.shape[0], -1), dtype)
             if w.dtype != dtype:
                 widened[name] = _DTYPE_NAMES[w.dtype]
@@ -123,4 +116,21 @@ class WeightSnapshots:
             part[name] = w
             shapes[name] = {"orig_shape": list(p.shape)}
             size += nbytes
+
+        failed: Exception | None = None
+        for name, p in self.model.named_parameters():
+            if is_lazy(p) or p.dim() < 2 or p.numel() == 0:  # lazy: no shape before a forward
+                continue
+            if p.is_complex():  # a real cast would drop the imaginary part without a word
+                self.errors.record("weights", TypeError(f"complex parameter {name} not sent"))
+                continue
+            full = _shards.full_tensor(p.detach())  # sharded: every rank joins the gather
+            if not self.emits or failed is not None:
+                continue  # after a failure of this rank's own work: still join the gathers
+            try:
+                add(name, p, full)
+            except Exception as exc:
+                failed = exc
+        if failed is not None:
+            raise failed
         emit()

@@ -1142,3 +1142,32 @@ def test_captures_share_one_fork_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert not any(c._forked for c in caps)
+
+
+def test_a_weights_failure_of_this_rank_still_joins_every_gather(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under FSDP2 a failure of the sending rank's own work (the host copy) left the weight
+    loop before the remaining gathers, which the other ranks still joined: a collective
+    mismatch that aborted them. Every parameter is gathered; the failure is recorded; and a
+    sharded model's capture stays on after repeated failures (per-rank counts would diverge)."""
+    from spectrawatch import _shards, _weights
+
+    gathered: list[tuple[int, ...]] = []
+    real = _shards.full_tensor
+    monkeypatch.setattr(_shards, "full_tensor", lambda t: gathered.append(t.shape) or real(t))
+
+    def fail(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        raise RuntimeError("host copy failed")
+
+    monkeypatch.setattr(_weights, "_host_weight", fail)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, stats = make_capture(model, opt, sink, weights_every=1, update_every=0)
+    cap.sharded = True
+    train(model, opt, 4)
+    assert gathered == [(12, 6), (3, 12)] * 4  # both matrices at each of the 4 steps
+    assert sink.of(wire.FrameKind.WEIGHTS) == []
+    assert stats.snapshot()["errors"] >= 4
+    assert "weights" not in cap._disabled
