@@ -394,9 +394,10 @@ class Monitor:
         """Queue scalars ``{name: number}`` at ``step`` (default: the latest optimizer step of
         the attached model; with none attached, one step per call from 0).
 
-        Non-finite and non-numeric values, and names the server refuses (empty, over 200
-        characters, control characters), are skipped one by one (counted as errors); tensors
-        are read with ``float()``. ``train/loss``-style names are fine.
+        Non-numeric values and names the server refuses (empty, over 200 characters, control
+        characters) are skipped one by one (counted as errors); NaN/Inf values are skipped too,
+        their first step per name kept in the client stats (``nonfinite_scalars``), logged once;
+        tensors are read with ``float()``. ``train/loss``-style names are fine.
         """
         if not self._ensure_init():
             return
@@ -428,8 +429,12 @@ class Monitor:
                     self._errors.record(f"log {name!r}", exc)
                     continue
                 if not math.isfinite(v):  # not sent; its first step goes in the client stats
+                    # (data, not a client error: a NaN loss made every later step an "error")
                     self.stats.nonfinite_scalar(key, step, v)
-                    self._errors.record(f"log {name!r}", ValueError(f"non-finite value {v}"))
+                    self._errors.note(
+                        f"log {key!r} non-finite",
+                        f"{key} is {v} at step {step}: not sent (client stats: nonfinite_scalars)",
+                    )
                     continue
                 rows.append({"step": step, "name": key, "value": v})
             self._sender.put_scalars(rows)

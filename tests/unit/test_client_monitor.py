@@ -172,7 +172,8 @@ def test_log_skips_bad_values_and_defaults_the_step(tmp_path: Path) -> None:
     m.finish()
     assert {"step": 3, "name": "ok", "value": 2.0} in server.scalars
     assert not any(r["name"] in ("nan", "text") for r in server.scalars)
-    assert m.stats.get("errors") == 2
+    assert m.stats.get("errors") == 1  # the text; a NaN is data, kept in nonfinite_scalars
+    assert m.stats.snapshot()["nonfinite_scalars"] == {"nan": {"step": 3, "value": "nan"}}
 
 
 def test_env_configures_the_default_monitor(
