@@ -184,8 +184,8 @@ def test_nan_frame_opens_alert_delivered_signed_and_resolves(
         verify(got.body, got.headers, "whsec_" + "A" * 44)
     assert event["type"] == "alert.opened"
     data = event["data"]
-    assert (data["rule"], data["layer"], data["step"]) == ("nonfinite", "fc.weight", 10)
-    assert data["values"]["count"] == 2
+    assert (data["rule"], data["layer"], data["step"]) == ("nonfinite", "", 10)
+    assert (data["values"]["count"], data["values"]["layers"]) == (2, ["fc.weight"])
     assert data["run"]["id"] == run_id
     assert data["dashboard_url"].endswith(f"/runs/{run_id}")
 
@@ -867,8 +867,10 @@ def test_real_training_run_nan_alert_survives_receiver_outage(
         received = [verify(r.body, r.headers, hook["secret"]) for r in got]
         assert len(got) == len(rows)  # exactly one logical delivery per alert
         assert {r.headers["webhook-id"] for r in got} == {d["message_id"] for d in rows}
-        nan_layers = {e["data"]["layer"] for e in received if e["data"]["rule"] == "nonfinite"}
-        assert "0.weight" in nan_layers, nan_layers
+        nan = [e["data"] for e in received if e["data"]["rule"] == "nonfinite"]
+        assert len(nan) == 1, nan  # one incident, one alert: not one per tensor
+        assert nan[0]["layer"] == ""
+        assert "0.weight" in nan[0]["values"]["layers"], nan
         run_id = received[0]["data"]["run"]["id"]
         alerts = api.get(f"/runs/{run_id}/alerts", params={"status": "open"}).json()
         assert {a["id"] for a in alerts} >= {e["data"]["alert_id"] for e in received}

@@ -532,6 +532,82 @@ def test_engine_nonfinite_episodes_follow_steps_not_arrival(
         assert "(param_sketch frame, steps 100-112)" in first.message
 
 
+def test_engine_nonfinite_incident_is_one_episode_naming_its_layers(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A NaN in every tensor of a 2-layer MLP (and the whole-model series) is one critical
+    episode and one webhook delivery, not one per tensor; later bad frames add the layers
+    they hit; a clean frame past the last bad step resolves it (one more delivery). An episode
+    opened per layer before the grouping is still resolved by a clean frame of its layer."""
+    engine = AlertEngine()
+    params = ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+    def frame(seq: int, step: int, bad: list[str]) -> Frame:
+        row = Frame(
+            run_id=run_id,
+            kind="weights",
+            step=step,
+            seq=seq,
+            idempotency_key=f"mlp:{seq}",
+            blob_key=f"m{seq}",
+            bytes=1,
+            layers=params,
+            nonfinite=dict.fromkeys(bad, 2),
+            status="done",
+        )
+        repo.insert_frame(session, row)
+        return row
+
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "mlp")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        run_id = run.id
+        session.add(Webhook(project_id=project.id, url="https://h.example/", secret="whsec_x"))
+        legacy = Alert(run_id=run_id, rule="nonfinite", layer="2.bias", step=5, status="open")
+        session.add(legacy)
+        session.flush()
+        engine.evaluate(session, frame(0, 60, ["0.weight", "2.weight", MODEL_LAYER]))
+        spread = frame(1, 80, [*params, MODEL_LAYER])
+        engine.evaluate(session, spread)
+        engine.evaluate(session, spread)  # redelivered
+        alerts = alert_store.list_alerts(session, run_id=run_id, rule="nonfinite", status="open")
+        assert [(a.layer, a.step, a.severity) for a in alerts] == [("", 60, "critical")]
+        (alert,) = alerts
+        assert alert.values["layers"] == ["0.weight", "2.weight", MODEL_LAYER, "0.bias", "2.bias"]
+        assert (alert.values["layer_count"], alert.values["count"]) == (5, 6)
+        assert alert.values["last_step"] == 80
+        assert alert.message == (
+            "nonfinite: 6 NaN/Inf values in 3 layers: 0.weight, 2.weight, __model__ "
+            "(weights frame, step 60)"
+        )
+        engine.evaluate(session, frame(2, 100, []))
+        rows = alert_store.list_alerts(session, run_id=run_id, rule="nonfinite")
+        assert sorted((a.layer, a.status, a.resolved_step) for a in rows) == [
+            ("", "resolved", 100),
+            ("2.bias", "resolved", 60),  # clean in the first frame
+        ]
+        deliveries = session.query(Delivery).order_by(Delivery.id).all()
+        assert [(d.event, d.payload["data"]["layer"]) for d in deliveries] == [
+            ("alert.resolved", "2.bias"),
+            ("alert.opened", ""),
+            ("alert.resolved", ""),
+        ]
+
+
+def test_nonfinite_layer_list_is_bounded_and_counted() -> None:
+    """GPT-2 has ~150 tensors: the episode names the first few in its message and keeps at
+    most ``NONFINITE_LAYERS_MAX`` names, counting them all."""
+    rule = R.RuleSpec("nonfinite", "nonfinite", include_model=False)
+    names = [f"h.{i}.w" for i in range(250)]
+    bad = R.nonfinite_layers(rule, names, dict.fromkeys([*names, MODEL_LAYER], 1))
+    assert bad == names  # the whole-model series is not covered by this rule
+    values = R.nonfinite_layer_values({}, bad)
+    assert (len(values["layers"]), values["layer_count"]) == (R.NONFINITE_LAYERS_MAX, 250)
+    assert R.nonfinite_layer_values(values, ["other"]) == values | {"layer_count": 250}
+    text = R.describe(rule, "", {"count": 250, "kind": "weights", **values})
+    assert "in 250 layers: h.0.w, h.1.w, h.2.w and 247 more (weights frame)" in text
+
+
 def test_engine_growth_episode_stays_open_while_grown(sessions: sessionmaker[Session]) -> None:
     """A weight blown up x100 and left there stayed "resolved" once the 10-frame window had slid
     into the grown values; it now resolves when the norm comes back."""

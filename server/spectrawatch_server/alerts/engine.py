@@ -3,7 +3,8 @@
 Runs inside the worker's results transaction (a :data:`spectrawatch_server.worker.ResultHook`):
 the alert rows and their outbox deliveries commit atomically with the metrics that caused them,
 and a redelivered job re-evaluates to the same state (an open episode is never opened twice).
-Episodes are keyed by (rule, run, layer); ``layer`` is ``""`` for run-level rules.
+Episodes are keyed by (rule, run, layer); ``layer`` is ``""`` for run-level rules and for
+``nonfinite``, whose one episode per incident names the layers it hit.
 """
 
 from __future__ import annotations
@@ -189,44 +190,78 @@ class AlertEngine:
         frame: Frame,
         open_now: dict[tuple[str, str], Alert],
     ) -> None:
-        """Per layer: NaN/Inf rows open an episode at their first step (unless they are the
-        tail of an episode already resolved after them: frames of other kinds arrive out of
-        step order); a later open episode only extends its ``last_step``. A clean frame
-        resolves it only if it reaches past that last bad step."""
+        """One episode per run (layer ``""``) for a NaN/Inf incident, naming the layers it hit
+        (``values.layers``, ``layer_count``): one NaN spreads to every tensor within a step, and
+        an episode per layer flooded one critical alert and webhook per tensor. Its message
+        names the layers of the frame that opened it (where the incident began). Bad rows open it
+        at their first step (unless they are the tail of an episode already resolved after
+        them: frames of other kinds arrive out of step order); while open, bad rows only add
+        layers and extend ``last_step``. A frame finite in every layer it carries resolves it
+        if it reaches past that last bad step and carries one of the episode's layers."""
+        self._legacy_nonfinite(session, rule, run, project, frame, open_now)
         counts = frame.nonfinite or {}
-        spans = frame.nonfinite_steps or {}
+        bad = R.nonfinite_layers(rule, frame.layers or [], counts)
         frame_last = max([frame.step, *(row_steps(frame.kind, frame.info or {}) or [])])
-        for layer in sorted(set(frame.layers or []) | set(counts)):
-            if not rule.covers(layer):
+        alert = open_now.get((rule.name, ""))
+        if not bad:
+            if alert is not None and self._clears(alert, frame, frame_last):
+                last_bad = int((alert.values or {}).get("last_step", alert.step))
+                self._resolve(session, alert, run, project, max(frame.step, last_bad + 1))
+                del open_now[(rule.name, "")]
+            return
+        spans = frame.nonfinite_steps or {}
+        first = min(int(spans.get(layer, (frame.step, frame_last))[0]) for layer in bad)
+        last = max(int(spans.get(layer, (frame.step, frame_last))[1]) for layer in bad)
+        if alert is not None:
+            values = dict(alert.values or {})
+            values["last_step"] = max(last, int(values.get("last_step", alert.step)))
+            values.update(R.nonfinite_layer_values(values, bad))
+            alert.values = values  # the message stays the one delivered: where it began
+            return
+        resolved = alert_store.last_resolved_step(session, run.id, rule.name, "")
+        if resolved is not None and last <= resolved:
+            return
+        values = {
+            "count": sum(int(counts.get(layer, 0)) for layer in bad),
+            "kind": frame.kind,
+            "frame_id": frame.id,
+            "first_step": first,
+            "last_step": last,
+            **R.nonfinite_layer_values({}, bad),
+        }
+        open_now[(rule.name, "")] = self._open(session, rule, run, project, "", first, values)
+
+    @staticmethod
+    def _clears(alert: Alert, frame: Frame, frame_last: int) -> bool:
+        """A finite frame past the episode's last bad step that carries one of its layers
+        (any layer when the episode's list was truncated)."""
+        values = alert.values or {}
+        if frame_last <= int(values.get("last_step", alert.step)):
+            return False
+        named = set(values.get("layers") or [])
+        truncated = int(values.get("layer_count", len(named))) > len(named)
+        return truncated or not named or bool(named & set(frame.layers or []))
+
+    def _legacy_nonfinite(
+        self,
+        session: Session,
+        rule: R.RuleSpec,
+        run: Run,
+        project: Project,
+        frame: Frame,
+        open_now: dict[tuple[str, str], Alert],
+    ) -> None:
+        """Episodes opened per layer before the per-run grouping: a finite frame carrying
+        their layer past their last bad step resolves them (nothing opens new ones)."""
+        counts = frame.nonfinite or {}
+        frame_last = max([frame.step, *(row_steps(frame.kind, frame.info or {}) or [])])
+        for (name, layer), alert in list(open_now.items()):
+            if name != rule.name or not layer or layer not in (frame.layers or []):
                 continue
-            alert = open_now.get((rule.name, layer))
-            count = int(counts.get(layer, 0))
-            if not count:
-                last_bad = int((alert.values or {}).get("last_step", alert.step)) if alert else 0
-                if alert is not None and frame_last > last_bad:
-                    self._resolve(session, alert, run, project, max(frame.step, last_bad + 1))
-                    del open_now[(rule.name, layer)]
-                continue
-            first, last = spans.get(layer, (frame.step, frame_last))
-            if alert is not None:
-                alert.values = {
-                    **alert.values,
-                    "last_step": max(last, int(alert.values.get("last_step", alert.step))),
-                }
-                continue
-            resolved = alert_store.last_resolved_step(session, run.id, rule.name, layer)
-            if resolved is not None and last <= resolved:
-                continue
-            values = {
-                "count": count,
-                "kind": frame.kind,
-                "frame_id": frame.id,
-                "first_step": first,
-                "last_step": last,
-            }
-            open_now[(rule.name, layer)] = self._open(
-                session, rule, run, project, layer, first, values
-            )
+            last_bad = int((alert.values or {}).get("last_step", alert.step))
+            if not counts.get(layer) and frame_last > last_bad:
+                self._resolve(session, alert, run, project, max(frame.step, last_bad + 1))
+                del open_now[(name, layer)]
 
     def _apply(
         self,

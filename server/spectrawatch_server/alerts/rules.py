@@ -67,7 +67,8 @@ class RuleSpec:
       >= ``factor``; clears when that ratio < ``factor * (1 - hysteresis)``, the minimum then
       including the baseline the episode fired against (a grown value that stays grown does
       not clear once the window has slid past the jump).
-    - ``nonfinite``: fires when a frame carries NaN/Inf in a layer; clears on a finite frame.
+    - ``nonfinite``: fires when a frame carries NaN/Inf in a covered layer: one episode per
+      run and incident, naming the layers; clears on a finite frame past its last bad step.
     - ``client_drops``: fires when the client's dropped + spool-overflow count > ``above``.
     - ``silence``: fires when a running run sent nothing for ``minutes``.
 
@@ -590,6 +591,41 @@ def silence_state(rule: RuleSpec, silent_minutes: float, running: bool) -> Point
     return "fire" if silent_minutes > rule.minutes else "clear"
 
 
+NONFINITE_LAYERS_MAX = 200  # layer names an episode keeps (``layer_count`` counts them all)
+NONFINITE_LAYERS_SHOWN = 3  # named in the message
+
+
+def nonfinite_layers(rule: RuleSpec, layers: Sequence[str], counts: Mapping[str, int]) -> list[str]:
+    """The layers of a frame with NaN/Inf values that ``rule`` covers: in the frame's order,
+    then any others counted (by name), the whole-model series last."""
+    order = [x for x in layers if counts.get(x)] + sorted(set(counts) - set(layers))
+    order.sort(key=lambda x: x == MODEL_LAYER)  # stable: only moves __model__ last
+    return [x for x in order if counts.get(x) and rule.covers(x)]
+
+
+def nonfinite_layer_values(values: Mapping[str, Any], bad: Sequence[str]) -> dict[str, Any]:
+    """``{"layers", "layer_count"}`` of an episode after ``bad`` layers joined it: the first
+    :data:`NONFINITE_LAYERS_MAX` names in order of appearance, and how many there are (a lower
+    bound once the list is full: names past it cannot be told apart)."""
+    kept = [str(x) for x in values.get("layers") or []]
+    count = int(values.get("layer_count", len(kept)))
+    known = set(kept)
+    new = [x for x in bad if x not in known]
+    if count > len(kept):  # truncated before: new names may have been counted already
+        return {"layers": kept, "layer_count": max(count, len(bad))}
+    layers = kept + new
+    return {"layers": layers[:NONFINITE_LAYERS_MAX], "layer_count": len(layers)}
+
+
+def _named_layers(layers: Sequence[str], count: int) -> str:
+    """``"3 layers: a, b, c"`` / ``"150 layers: a, b, c and 147 more"`` / ``"layer a"``."""
+    if count <= 1 and len(layers) == 1:
+        return f"layer {layers[0]}"
+    shown = ", ".join(layers[:NONFINITE_LAYERS_SHOWN])
+    more = count - min(len(layers), NONFINITE_LAYERS_SHOWN)
+    return f"{count} layers: {shown}" + (f" and {more} more" if more > 0 else "")
+
+
 def _span(first: Any, last: Any) -> str:
     """``", steps 129-140"`` / ``", step 140"`` / nothing when unknown."""
     if first is None or last is None:
@@ -626,6 +662,9 @@ def describe(rule: RuleSpec, layer: str, values: Mapping[str, Any]) -> str:
             f"points (fires at x{rule.factor:g})"
         )
     if rule.kind == "nonfinite":
+        layers = values.get("layers")
+        if not layer and isinstance(layers, list) and layers:
+            where = " in " + _named_layers(layers, int(values.get("layer_count", len(layers))))
         return (
             f"{rule.name}: {values.get('count')} NaN/Inf values{where} ({values.get('kind')} frame"
             + _span(values.get("first_step"), values.get("last_step"))
@@ -655,6 +694,8 @@ __all__ = [
     "growth_ratio",
     "is_known_metric",
     "known_metrics",
+    "nonfinite_layer_values",
+    "nonfinite_layers",
     "point_states",
     "silence_state",
 ]
