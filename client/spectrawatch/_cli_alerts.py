@@ -1,4 +1,4 @@
-"""``spectrawatch alerts list|rules|set|reset``: alerts and alert rules over the HTTP API."""
+"""``spectrawatch alerts list|ack|rules|set|reset``: alerts and alert rules over the HTTP API."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from spectrawatch._cli_http import call, print_result, reporting_errors, segment, server_args
+from spectrawatch._cli_http import (
+    CliError,
+    call,
+    call_pages,
+    print_result,
+    reporting_errors,
+    segment,
+    server_args,
+)
 
 
 # CLI flag -> rule parameter (value type)
@@ -44,7 +52,9 @@ _FLAGS = {  # boolean rule parameters: --NAME / --no-NAME
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    params = {"status": args.status} if args.status else {}
+    params: dict[str, Any] = {"status": args.status} if args.status else {}
+    if args.acknowledged is not None:
+        params["acknowledged"] = str(args.acknowledged).lower()
     if args.run is not None:
         data = call(args, "GET", f"/runs/{args.run}/alerts", params=params)
     else:
@@ -52,11 +62,41 @@ def cmd_list(args: argparse.Namespace) -> int:
             params["project"] = args.project
         data = call(args, "GET", "/alerts", params=params)
     lines = [
-        f"{a['id']:>6}  {a['status']:<8} {a['severity']:<8} run {a['run_id']:<5} "
+        f"{a['id']:>6}  {_state(a):<8} {a['severity']:<8} run {a['run_id']:<5} "
         f"step {a['step']:<8} {a['message']}"
         for a in data
     ]
     print_result(args, data, lines)
+    return 0
+
+
+def _state(alert: dict[str, Any]) -> str:
+    """``open``, ``resolved``, or ``acked`` for an open episode someone acknowledged."""
+    acked = alert.get("acknowledged_at") is not None and alert["status"] == "open"
+    return "acked" if acked else str(alert["status"])
+
+
+def _ack_targets(args: argparse.Namespace) -> list[int]:
+    """The alert ids given, or every open episode of ``--run`` / ``--project`` still to change
+    (all read before the first change: paging by offset would skip some)."""
+    if args.ids:
+        if args.run is not None or args.project:
+            raise CliError("give alert ids, or --run / --project, not both")
+        return list(args.ids)
+    params = {"status": "open", "acknowledged": str(args.undo).lower()}
+    if args.run is not None:
+        return [a["id"] for a in call_pages(args, f"/runs/{args.run}/alerts", params)]
+    if args.project:
+        rows = call_pages(args, "/alerts", {**params, "project": args.project})
+        return [a["id"] for a in rows]
+    raise CliError("name the alerts: ids, or --run RUN_ID, or --project NAME")
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    body = {"acknowledged": not args.undo}
+    data = [call(args, "PATCH", f"/alerts/{i}", json=body) for i in _ack_targets(args)]
+    verb = "unacknowledged" if args.undo else "acknowledged"
+    print_result(args, data, [f"{a['id']:>6}  {verb:<14} {a['message']}" for a in data])
     return 0
 
 
@@ -105,7 +145,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 def add_alerts_commands(subparsers: Any) -> None:
     """Register ``alerts`` and its sub-commands on the top-level ``spectrawatch`` parser."""
-    alerts = subparsers.add_parser("alerts", help="list alerts and edit alert rules")
+    alerts = subparsers.add_parser("alerts", help="list and acknowledge alerts, edit alert rules")
     common = server_args()
     common.add_argument("--json", action="store_true", help="print the API's JSON")
     sub = alerts.add_subparsers(dest="alerts_command", required=True)
@@ -116,7 +156,29 @@ def add_alerts_commands(subparsers: Any) -> None:
     lst.add_argument(
         "--status", choices=["open", "resolved"], default=None, help="only open or resolved ones"
     )
+    seen = lst.add_mutually_exclusive_group()
+    seen.add_argument(
+        "--acknowledged",
+        dest="acknowledged",
+        action="store_true",
+        default=None,
+        help="only acknowledged ones",
+    )
+    seen.add_argument(
+        "--unacknowledged", dest="acknowledged", action="store_false", help="only the others"
+    )
     lst.set_defaults(func=reporting_errors(cmd_list))
+
+    ack = sub.add_parser(
+        "ack",
+        parents=[common],
+        help="acknowledge alert episodes (they stop counting in the runs list; no webhook)",
+    )
+    ack.add_argument("ids", nargs="*", type=int, help="alert ids (spectrawatch alerts list)")
+    ack.add_argument("--run", type=int, default=None, help="every open alert of this run (id)")
+    ack.add_argument("--project", default=None, help="every open alert of this project")
+    ack.add_argument("--undo", action="store_true", help="unacknowledge them instead")
+    ack.set_defaults(func=reporting_errors(cmd_ack))
 
     rules = sub.add_parser("rules", parents=[common], help="the rules in force for a project")
     rules.add_argument("--project", required=True, help="the project")

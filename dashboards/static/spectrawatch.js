@@ -469,21 +469,61 @@
         var table = el("table", { "data-rows": String(t.rows.length) });
         var head = el("tr");
         t.columns.forEach(function (c) { head.appendChild(el("th", {}, c)); });
+        if (t.actions) { head.appendChild(el("th", {}, "")); }
         table.appendChild(el("thead")).appendChild(head);
         var body = el("tbody");
-        t.rows.forEach(function (row) {
+        t.rows.forEach(function (row, r) {
           var tr = el("tr");
           row.forEach(function (v, i) {
             var td = el("td", {}, v === null ? "—" : (times.indexOf(t.columns[i]) >= 0 ? undefined : v));
             if (v !== null && times.indexOf(t.columns[i]) >= 0) { td.appendChild(timeNode(v)); }
             tr.appendChild(td);
           });
+          if (t.actions) { tr.appendChild(ackCell(t.actions[r])); }
           body.appendChild(tr);
         });
         table.appendChild(body);
         section.appendChild(table);
       }
       box.appendChild(section);
+    });
+  }
+
+  // An alert row's acknowledge / unacknowledge button: PATCH /alerts/{id}, then the page again
+  // (the runs list and the overview count only unacknowledged open alerts).
+  function ackCell(action) {
+    var td = el("td", {});
+    var button = el("button", { type: "button", "class": "ack", "data-alert": String(action.id) },
+                    action.acknowledged ? "unacknowledge" : "acknowledge");
+    button.addEventListener("click", function () {
+      button.disabled = true;
+      acknowledge(action.id, !action.acknowledged).then(function () { clearError(); return load(); })
+        .catch(function (err) {
+          var msg = String(err.message || err);
+          SW.errors.push(msg);
+          showError("Could not change alert " + action.id + ": " + msg);
+          button.disabled = false;
+        });
+    });
+    td.appendChild(button);
+    return td;
+  }
+
+  function acknowledge(id, value) {
+    var headers = { Accept: "application/json", "Content-Type": "application/json" };
+    var t = token();
+    if (t) { headers.Authorization = "Bearer " + t; }
+    return fetch(cfg.api + "/alerts/" + encodeURIComponent(id), {
+      method: "PATCH", headers: headers, credentials: "same-origin",
+      body: JSON.stringify({ acknowledged: value }),
+    }).then(function (r) {
+      if (r.status === 401) { askToken(); throw new Error("this server requires a token"); }
+      if (r.ok) { return r.json(); }
+      return r.text().then(function (text) {
+        var msg = text;
+        try { var parsed = JSON.parse(text); msg = (parsed.error && parsed.error.message) || text; } catch (e) { /* plain text */ }
+        throw new Error(r.status + ": " + msg);
+      });
     });
   }
 

@@ -230,6 +230,32 @@ def seed_nonfinite(data_dir: Path) -> int:
     return run_id
 
 
+def seed_open_alert(data_dir: Path) -> tuple[int, int]:
+    """A finished run with one open ``nonfinite`` alert (nothing evaluates it again): the
+    alerts page's acknowledge button. Returns the run's and the alert's ids."""
+    engine, sessions = migrated(data_dir)
+    with sessions.begin() as s:
+        proj, _ = repo.get_or_create_project(s, "acked")
+        run, _ = repo.get_or_create_run(s, proj, "done", {}, [])
+        run.status = "finished"
+        alert = alert_store.insert_alert(
+            s,
+            Alert(
+                run_id=run.id,
+                rule="nonfinite",
+                severity="critical",
+                status="open",
+                step=60,
+                message="nonfinite: 5 NaN/Inf values in 5 layers: 0.weight, 0.bias, 2.weight "
+                "and 2 more (weights frame, step 60)",
+                values={"layers": ["0.weight"], "layer_count": 1},
+            ),
+        )
+        ids = run.id, alert.id
+    engine.dispose()
+    return ids
+
+
 RULES_PROJECT = "guarded"
 
 

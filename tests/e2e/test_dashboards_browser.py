@@ -37,6 +37,7 @@ from tests.e2e.dashboard_data import (
     SeededRun,
     seed,
     seed_nonfinite,
+    seed_open_alert,
     seed_rules,
 )
 from tests.factories import make_run
@@ -912,6 +913,45 @@ def test_pages_of_a_server_requiring_auth_ask_for_a_token(browser: Any, tmp_path
     finally:
         browser.execute_script("window.localStorage.clear()")
         console_errors(browser)  # the 401 and 404 loads above, not for later tests
+        server.stop()
+
+
+def test_alerts_page_acknowledges_an_alert_and_the_runs_list_stops_counting_it(
+    browser: Any, tmp_path: Path, artifacts: Path
+) -> None:
+    """A finished run's open alert stayed red in the runs list for good: the alerts page's
+    button acknowledges it (``PATCH /alerts/{id}``), the row says who, the runs list and the
+    overview count 0; the button then takes it back."""
+    data_dir = tmp_path / "acked"
+    run_id, alert_id = seed_open_alert(data_dir)
+    server = ServerProcess(data_dir).start()
+    button = f"document.querySelector(\"button.ack[data-alert='{alert_id}']\")"
+    try:
+        rows = "document.querySelectorAll('table.runs tbody tr').length"
+        link = f"tr[data-run='{run_id}'] a.alerts"
+        browser.get(f"{server.url}/projects/acked")
+        assert wait_js(browser, rows) == 1
+        assert browser.find_element("css selector", link).text == "1"
+        open_page(browser, f"{server.url}/runs/{run_id}/alerts")
+        assert wait_js(browser, button + ".textContent") == "acknowledge"
+        renders = int(wait_js(browser, "document.body.dataset.renders"))
+        browser.execute_script(button + ".click()")
+        wait_js(browser, f"Number(document.body.dataset.renders) > {renders} || null")
+        assert wait_js(browser, button + ".textContent") == "unacknowledge"
+        assert "anonymous" in browser.find_element("id", "table-alerts").text
+        screenshot(browser, artifacts, "alerts-acknowledged")
+        alert = httpx.get(f"{server.url}/api/v1/runs/{run_id}/alerts").json()[0]
+        assert (alert["status"], alert["acknowledged_by"]) == ("open", "anonymous")
+        browser.get(f"{server.url}/projects/acked")
+        assert wait_js(browser, rows) == 1
+        assert not browser.find_elements("css selector", link)  # 0: nothing needs attention
+        open_page(browser, f"{server.url}/runs/{run_id}/alerts")
+        browser.execute_script(button + ".click()")
+        wait_js(browser, button + ".textContent === 'acknowledge' || null")
+        alert = httpx.get(f"{server.url}/api/v1/runs/{run_id}/alerts").json()[0]
+        assert alert["acknowledged_at"] is None
+        assert console_errors(browser) == []
+    finally:
         server.stop()
 
 

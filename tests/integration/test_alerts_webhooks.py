@@ -208,6 +208,64 @@ def test_nan_frame_opens_alert_delivered_signed_and_resolves(
     assert all(len(d["log"]) == 1 and d["log"][0]["status_code"] == 204 for d in deliveries)
 
 
+def test_acknowledged_alert_sends_nothing_more_and_leaves_the_runs_count(
+    api: httpx.Client,
+    receiver: Receiver,
+    alert_server: ServerProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``spectrawatch alerts ack``: the episode's ``alert.opened`` still retrying is dropped
+    (one attempt reached the receiver), further bad frames of the same episode send nothing,
+    the runs list counts no open alert, and its resolution is still sent; ``--undo`` and
+    ``--run`` (every open alert of a run) work on the real server."""
+    project = "ack"
+    run_id, hook = setup_project(api, receiver, project)
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")
+    receiver.script[f"/{project}"] = [(503, {"Retry-After": "4"})]  # the retry waits 4 s
+
+    def cell() -> str:
+        page = api.get(f"{alert_server.url}/", params={"project": project, "fragment": "true"})
+        return page.text
+
+    assert post_frame(api, run_id, weights(10, 0, nan=True), seq=0).status_code == 202
+    wait_until(lambda: len(receiver.at(f"/{project}")) == 1, timeout=30)
+    (alert,) = api.get(f"/runs/{run_id}/alerts").json()
+    assert f'href="/runs/{run_id}/alerts">1</a>' in cell()
+    base = ["--url", alert_server.url]
+    assert cli_main(["alerts", "ack", str(alert["id"]), *base]) == 0
+    assert f"acknowledged   {alert['message']}" in capsys.readouterr().out
+    assert f'href="/runs/{run_id}/alerts">' not in cell()  # 0 open alerts needing attention
+
+    def opened() -> dict[str, Any]:
+        rows = api.get(f"/webhooks/{hook['id']}/deliveries").json()
+        return next(d for d in rows if d["event"] == "alert.opened")
+
+    wait_until(lambda: opened()["status"] == "failed", timeout=30)
+    assert opened()["last_error"] == "dropped: alert acknowledged before delivery"
+    assert post_frame(api, run_id, weights(20, 1, nan=True), seq=1).status_code == 202
+    assert post_frame(api, run_id, weights(30, 2), seq=2).status_code == 202
+    wait_until(lambda: len(receiver.at(f"/{project}")) == 2, timeout=30)
+    time.sleep(1.0)  # nothing else arrives
+    types = [e["type"] for e in events(receiver, project, hook["secret"])]
+    assert types == ["alert.opened", "alert.resolved"]
+    (done,) = api.get(f"/runs/{run_id}/alerts").json()
+    assert (done["status"], done["acknowledged_by"]) == ("resolved", "anonymous")
+
+    assert post_frame(api, run_id, weights(40, 3, nan=True), seq=3).status_code == 202
+    wait_until(lambda: len(receiver.at(f"/{project}")) == 3, timeout=30)  # a new episode
+    assert cli_main(["alerts", "ack", "--run", str(run_id), "--json", *base]) == 0
+    (acked,) = json.loads(capsys.readouterr().out)
+    assert acked["status"] == "open"
+    assert acked["acknowledged_at"] is not None
+    assert cli_main(["alerts", "ack", "--run", str(run_id), "--undo", *base]) == 0
+    shown = ["alerts", "list", "--run", str(run_id), "--unacknowledged", "--status", "open"]
+    capsys.readouterr()
+    assert cli_main([*shown, *base]) == 0
+    assert f"{acked['id']:>6}  open" in capsys.readouterr().out
+    assert cli_main(["alerts", "ack", *base]) == 1  # nothing named
+    assert "error: name the alerts" in capsys.readouterr().err
+
+
 def test_spectral_norm_blowup_fires_once_per_episode(api: httpx.Client, receiver: Receiver) -> None:
     project = "blowup"
     run_id, hook = setup_project(api, receiver, project, events=["alert.opened"])

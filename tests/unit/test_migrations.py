@@ -18,7 +18,7 @@ from spectrawatch_server.db import migrate
 from spectrawatch_server.db.migrate import alembic_config
 from spectrawatch_server.db.models import Base
 from spectrawatch_server.db.session import make_engine, make_session_factory
-from spectrawatch_server.storage import metric_reads
+from spectrawatch_server.storage import alert_store, metric_reads
 from spectrawatch_server.storage import repository as repo
 from tests.servers import POSTGRES_URL, fresh_database
 
@@ -285,6 +285,45 @@ def test_token_role_migration_makes_existing_tokens_admin_and_new_ones_write(
     with engine.connect() as conn:  # the server-wide token had no project to keep
         names = conn.execute(text("SELECT name FROM token ORDER BY name")).scalars().all()
         assert names == ["new", "old"]
+
+
+def test_alert_acknowledged_migration_keeps_alerts_unacknowledged_and_downgrades(
+    empty_database: str, empty_engine: Any
+) -> None:
+    """0010 on a database holding an open alert: it is unacknowledged (both columns NULL)
+    and can be acknowledged; one step down drops the columns and keeps the alert."""
+    url, engine = empty_database, empty_engine
+    command.upgrade(alembic_config(url), "0009_token_role")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO project (id, name, created_at) VALUES (1, 'p', :t)"), T)
+        conn.execute(
+            text(
+                "INSERT INTO run (id, project_id, name, uid, status, config, tags, summary,"
+                " client_stats, created_at, updated_at) VALUES"
+                " (1, 1, 'r', 'u', 'finished', '{}', '[]', '{}', '{}', :t, :t)"
+            ),
+            T,
+        )
+        conn.execute(
+            text(
+                "INSERT INTO alert (id, run_id, rule, layer, severity, status, step, message,"
+                " \"values\", created_at) VALUES (1, 1, 'nonfinite', '', 'critical', 'open', 5,"
+                " '', '{}', :t)"
+            ),
+            T,
+        )
+    migrate.upgrade(engine)
+    with make_session_factory(engine)() as s:
+        (alert,) = alert_store.list_alerts(s, run_id=1, acknowledged=False)
+        assert (alert.acknowledged_at, alert.acknowledged_by) == (None, None)
+        alert_store.acknowledge_alert(s, alert, "alice")
+        s.commit()
+        assert [a.id for a in alert_store.list_alerts(s, acknowledged=True)] == [1]
+    command.downgrade(alembic_config(url), "0009_token_role")
+    columns = {c["name"] for c in inspect(engine).get_columns("alert")}
+    assert not {"acknowledged_at", "acknowledged_by"} & columns
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT status FROM alert")).scalars().all() == ["open"]
 
 
 # parents before children, so each row's foreign keys name rows already there

@@ -17,6 +17,8 @@ from spectrawatch_server.api.deps import ROLE_ATTRIBUTE
 from spectrawatch_server.api.routes import dashboard_figures
 from spectrawatch_server.app import API_PREFIX, API_ROUTERS, create_app
 from spectrawatch_server.config import ServerSettings
+from spectrawatch_server.db.models import Alert
+from spectrawatch_server.storage import alert_store
 from spectrawatch_server.storage import repository as repo
 
 # the documented table (docs/deployment.md, "Token roles") of every route that is not a GET
@@ -29,6 +31,7 @@ WRITE_ROUTES = {
     ("POST", "/runs/{run_id}/frames"): "write",
     ("POST", "/runs/{run_id}/metrics"): "write",
     ("POST", "/runs/{run_id}/scalars"): "write",
+    ("PATCH", "/alerts/{alert_id}"): "write",
     ("DELETE", "/runs/{run_id}"): "admin",
     ("POST", "/runs/bulk-delete"): "admin",
     ("POST", "/blobs/prune"): "admin",
@@ -244,6 +247,38 @@ def test_a_write_token_runs_training_but_deletes_and_configures_nothing(api: Api
     )
     with api.sessions() as session:
         assert repo.get_run(session, run) is not None  # nothing was deleted
+
+
+def test_acknowledging_an_alert_needs_write_and_names_who(api: Api) -> None:
+    """``PATCH /alerts/{id}``: a ``read`` token is refused (403), another project's alert or
+    none is 404 whatever the role; a ``write`` token acknowledges (its name kept, or
+    ``token <id>``) and takes it back; an unknown field is 422."""
+    with api.sessions.begin() as session:
+        alerts = {
+            name: alert_store.insert_alert(
+                session, Alert(run_id=api.runs[name], rule="nonfinite", step=1, status="open")
+            ).id
+            for name in ("mine", "theirs")
+        }
+    mine, theirs = alerts["mine"], alerts["theirs"]
+    _refused(
+        api.call("read", "PATCH", f"/alerts/{mine}", json={"acknowledged": True}), "write", "read"
+    )
+    for role in ("read", "write"):
+        for alert_id in (theirs, 999_999):
+            response = api.call(role, "PATCH", f"/alerts/{alert_id}", json={"acknowledged": True})
+            assert response.status_code == 404, response.text
+            assert response.json()["error"]["code"] == "alert_not_found"
+    bad = api.call("write", "PATCH", f"/alerts/{mine}", json={"status": "resolved"})
+    assert bad.status_code == 422, bad.text
+    acked = api.call("write", "PATCH", f"/alerts/{mine}", json={"acknowledged": True}).json()
+    assert acked["acknowledged_by"].startswith("token ")
+    assert acked["acknowledged_at"] is not None
+    assert acked["status"] == "open"
+    listed = api.call("read", "GET", "/alerts", params={"acknowledged": "true"}).json()
+    assert [a["id"] for a in listed] == [mine]
+    undone = api.call("write", "PATCH", f"/alerts/{mine}", json={"acknowledged": False}).json()
+    assert (undone["acknowledged_at"], undone["acknowledged_by"]) == (None, None)
 
 
 def test_a_refused_role_still_answers_404_for_what_it_may_not_see(api: Api) -> None:

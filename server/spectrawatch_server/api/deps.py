@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from spectrawatch.wire import RUN_UID_HEADER
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.state import AppState
-from spectrawatch_server.db.models import Delivery, Run, Webhook
+from spectrawatch_server.db.models import Alert, Delivery, Run, Webhook
 from spectrawatch_server.storage import repository as repo
 
 
@@ -196,12 +196,23 @@ def _check_visible(session: Session, principal: Principal, params: dict[str, Any
         hook = session.get(Webhook, hook_id)
         if hook is None or not principal.can_access(hook.project_id):
             raise ApiError(404, "webhook_not_found", f"webhook {hook_id} does not exist")
+    if "alert_id" in params:
+        find_alert(session, principal, _int(params["alert_id"], "alert_not_found", "alert"))
     if "delivery_id" in params:
         delivery_id = _int(params["delivery_id"], "delivery_not_found", "delivery")
         delivery = session.get(Delivery, delivery_id)
         hook = None if delivery is None else session.get(Webhook, delivery.webhook_id)
         if hook is None or not principal.can_access(hook.project_id):
             raise ApiError(404, "delivery_not_found", f"delivery {delivery_id} does not exist")
+
+
+def find_alert(session: Session, principal: Principal, alert_id: int) -> Alert:
+    """Alert ``alert_id`` of a run the caller may see, else 404 ``alert_not_found``."""
+    alert = session.get(Alert, alert_id)
+    run = None if alert is None else session.get(Run, alert.run_id)
+    if alert is None or run is None or not principal.can_access(run.project_id):
+        raise ApiError(404, "alert_not_found", f"alert {alert_id} does not exist")
+    return alert
 
 
 def _refused_project(session: Session, principal: Principal, params: dict[str, Any]) -> str | None:

@@ -244,6 +244,10 @@ class Alert(Base):
     values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # someone has seen the episode (migration 0010): not counted as needing attention, its
+    # pending alert.opened deliveries dropped; None when unacknowledged
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    acknowledged_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class Webhook(Base):

@@ -147,6 +147,13 @@ def resolve_alert(session: Session, alert: Alert, step: int | None) -> None:
     session.flush()
 
 
+def acknowledge_alert(session: Session, alert: Alert, by: str | None) -> None:
+    """Mark an episode as seen by ``by`` (a token's name), or not seen again (``by`` None)."""
+    alert.acknowledged_at = None if by is None else utcnow()
+    alert.acknowledged_by = by
+    session.flush()
+
+
 def list_alerts(
     session: Session,
     *,
@@ -154,10 +161,14 @@ def list_alerts(
     project_id: int | None = None,
     status: str | None = None,
     rule: str | None = None,
+    acknowledged: bool | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> Sequence[Alert]:
     stmt = select(Alert).order_by(Alert.id.desc()).limit(limit).offset(offset)
+    if acknowledged is not None:
+        at = Alert.acknowledged_at
+        stmt = stmt.where(at.is_not(None) if acknowledged else at.is_(None))
     if run_id is not None:
         stmt = stmt.where(Alert.run_id == run_id)
     if project_id is not None:

@@ -587,12 +587,16 @@ RUN_SORTS: dict[str, Any] = {  # the runs list's sort keys, as SQL
 
 
 def open_alert_counts(session: Session, run_ids: Sequence[int]) -> dict[int, int]:
-    """Open alerts per run of ``run_ids`` (runs without any are absent)."""
+    """Open alerts nobody acknowledged per run of ``run_ids`` (runs without any are absent)."""
     if not run_ids:
         return {}
     rows = session.execute(
         select(Alert.run_id, func.count())
-        .where(Alert.run_id.in_(list(run_ids)), Alert.status == "open")
+        .where(
+            Alert.run_id.in_(list(run_ids)),
+            Alert.status == "open",
+            Alert.acknowledged_at.is_(None),
+        )
         .group_by(Alert.run_id)
     ).all()
     return {int(r): int(n) for r, n in rows}
@@ -627,6 +631,8 @@ def alert_rows(session: Session, run_id: int) -> list[dict[str, Any]]:
             "values": a.values,
             "created_at": _iso(a.created_at),
             "resolved_at": _iso(a.resolved_at),
+            "acknowledged_at": _iso(a.acknowledged_at),
+            "acknowledged_by": a.acknowledged_by,
         }
         for a in alerts
     ]

@@ -4,7 +4,8 @@ Retry schedule (Standard Webhooks): attempts at 0 s, 5 s, 5 min, 30 min, 2 h, 5 
 after the event, each delay with +-``jitter`` relative noise; a ``Retry-After`` answer pushes
 the next attempt at least that far. ``410 Gone`` disables the endpoint. A delivery past its
 ``expires_at`` (or, for rules bound to a live run such as the grokking warning, once the run has
-ended) is marked failed instead of being sent late. Redirects are not followed. ``timeout``
+ended), or an ``alert.opened`` of an episode acknowledged since, is marked failed instead of
+being sent late. Redirects are not followed. ``timeout``
 bounds the whole attempt (connect, send, answer), not each read: at the deadline a watchdog
 shuts the socket down, so a receiver trickling bytes cannot hold the sender. Only the first
 ``log_chars`` characters of an answer are read (uncompressed: ``Accept-Encoding: identity``),
@@ -35,7 +36,7 @@ from spectrawatch_server.config import ServerSettings, parse_schedule
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Alert, Delivery, Run, Webhook
 from spectrawatch_server.storage import alert_store
-from spectrawatch_server.webhooks.outbox import slack_body
+from spectrawatch_server.webhooks.outbox import ALERT_OPENED, slack_body
 from spectrawatch_server.webhooks.signing import encode_body, signed_headers
 from spectrawatch_server.webhooks.ssrf import Allowlist, Resolver, UnsafeTarget, check_url
 from spectrawatch_server.webhooks.ssrf import system_resolver as _system_resolver
@@ -298,6 +299,9 @@ class Deliverer:
         if delivery.alert_id is not None:
             alert = session.get(Alert, delivery.alert_id)
             run = session.get(Run, alert.run_id) if alert is not None else None
+            acknowledged = alert is not None and alert.acknowledged_at is not None
+            if acknowledged and delivery.event == ALERT_OPENED:
+                return "dropped: alert acknowledged before delivery"
             if alert is not None and run is not None and run.status != "running":
                 # the project's rule: `expires_with_run` is an editable parameter
                 stored = alert_store.stored_rules(session, run.project_id)

@@ -17,10 +17,11 @@ from spectrawatch_server.api.deps import (
     RunDep,
     SessionDep,
     StateDep,
+    find_alert,
     require_role,
 )
 from spectrawatch_server.api.errors import ApiError
-from spectrawatch_server.db.models import Project
+from spectrawatch_server.db.models import Project, Token
 from spectrawatch_server.storage import alert_store
 from spectrawatch_server.storage import repository as repo
 
@@ -43,6 +44,19 @@ class AlertPublic(BaseModel):
     values: dict[str, Any]
     created_at: datetime
     resolved_at: datetime | None
+    acknowledged_at: datetime | None = Field(
+        None, description="when someone acknowledged the episode (None: not acknowledged)"
+    )
+    acknowledged_by: str | None = Field(
+        None, description="who: the token's name (or `token <id>`), `anonymous` without auth"
+    )
+
+
+class AlertUpdate(BaseModel):
+    """``{"acknowledged": true}`` acknowledges an episode, ``false`` takes that back."""
+
+    model_config = ConfigDict(extra="forbid")
+    acknowledged: bool
 
 
 class RulePublic(BaseModel):
@@ -110,12 +124,19 @@ def list_run_alerts(
     run: RunDep,
     session: SessionDep,
     status: AlertStatus | None = None,
+    acknowledged: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[AlertPublic]:
-    """Alert episodes of a run, newest first, with their status (open or resolved)."""
+    """Alert episodes of a run, newest first, with their status (open or resolved); with
+    ``acknowledged``, only the acknowledged (true) or unacknowledged (false) ones."""
     rows = alert_store.list_alerts(
-        session, run_id=run.id, status=status, limit=limit, offset=offset
+        session,
+        run_id=run.id,
+        status=status,
+        acknowledged=acknowledged,
+        limit=limit,
+        offset=offset,
     )
     return [AlertPublic.model_validate(a) for a in rows]
 
@@ -127,6 +148,7 @@ def list_alerts(
     project: str | None = None,
     status: AlertStatus | None = None,
     rule: str | None = None,
+    acknowledged: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[AlertPublic]:
@@ -135,9 +157,45 @@ def list_alerts(
     if project is not None:
         project_id = find_project(session, principal, project).id
     rows = alert_store.list_alerts(
-        session, project_id=project_id, status=status, rule=rule, limit=limit, offset=offset
+        session,
+        project_id=project_id,
+        status=status,
+        rule=rule,
+        acknowledged=acknowledged,
+        limit=limit,
+        offset=offset,
     )
     return [AlertPublic.model_validate(a) for a in rows]
+
+
+def _acknowledger(session: Session, principal: Principal) -> str:
+    """Who acknowledges: the token's name, ``token <id>`` for an unnamed one, or anonymous."""
+    token = None if principal.token_id is None else session.get(Token, principal.token_id)
+    if token is None:
+        return "anonymous"
+    return token.name or f"token {token.id}"
+
+
+@router.patch(
+    "/alerts/{alert_id}", response_model=AlertPublic, dependencies=[require_role("write")]
+)
+def update_alert(
+    alert_id: int, body: AlertUpdate, principal: PrincipalDep, session: SessionDep
+) -> AlertPublic:
+    """Acknowledge an alert episode (``{"acknowledged": true}``), or take it back (``false``).
+
+    An acknowledged open episode no longer counts as needing attention (the runs list counts
+    only unacknowledged open alerts) and its ``alert.opened`` deliveries still pending
+    (retries) are dropped; nothing is sent for the acknowledgement itself. It stays open until
+    its signal clears (an ``alert.resolved`` event then, as for any episode); a new episode of
+    the same rule later is unacknowledged. Acknowledging twice keeps the first time and name.
+    """
+    alert = find_alert(session, principal, alert_id)
+    if body.acknowledged != (alert.acknowledged_at is not None):
+        by = _acknowledger(session, principal) if body.acknowledged else None
+        alert_store.acknowledge_alert(session, alert, by)
+    session.commit()
+    return AlertPublic.model_validate(alert)
 
 
 @router.get("/projects/{project}/alert-rules", response_model=list[RulePublic])

@@ -229,7 +229,9 @@ def read_overview(
         "val_acc_crossing_step": crossing,
         "lead_steps": None if warning is None or crossing is None else crossing - warning,
         "metric_names": len(names),
-        "open_alerts": sum(1 for a in alerts if a["status"] == "open"),
+        "open_alerts": sum(  # as the runs list counts them: not acknowledged
+            1 for a in alerts if a["status"] == "open" and a["acknowledged_at"] is None
+        ),
         "nonfinite_step": None if bad is None else bad.step,
         "nonfinite_note": dash.nonfinite_note(onsets),
     }
@@ -527,9 +529,22 @@ def read_alerts(run: RunDep, session: SessionDep) -> Response:
         _table(
             "alerts",
             "Alerts",
-            ("step", "rule", "layer", "severity", "status", "resolved_step", "message"),
+            (
+                "step",
+                "rule",
+                "layer",
+                "severity",
+                "status",
+                "resolved_step",
+                "acknowledged_by",
+                "message",
+            ),
             alerts,
             empty="No alerts for this run.",
+            # the page's acknowledge buttons (PATCH /alerts/{id}): one entry per row
+            actions=[
+                {"id": a["id"], "acknowledged": a["acknowledged_at"] is not None} for a in alerts
+            ],
         ),
         _table(
             "deliveries",
