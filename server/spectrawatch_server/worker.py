@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from spectrawatch.wire import SKETCH_KINDS, FrameKind, FrameLimits, decode_frame, decompress
+from spectrawatch.wire import (
+    SKETCH_KINDS,
+    FrameKind,
+    FrameLimits,
+    decode_frame,
+    decompress,
+    row_steps,
+)
 from spectrawatch_server.analyses import AnalysisResult, DecodedFrame, analyses_for
 from spectrawatch_server.analyses.registry import MODEL_LAYER, Analysis, SummarizeFn
 from spectrawatch_server.db.models import Frame
@@ -101,12 +108,20 @@ class FrameLoader:
 
 
 class RunHistory:
-    """:class:`AnalysisContext` over the database and blob store, for one frame's run."""
+    """:class:`AnalysisContext` over the database and blob store, for one frame's run.
+
+    History is what the run held up to this frame: earlier frames (lower seq), and metric and
+    scalar points at steps up to the frame's last (:attr:`until`). A frame analysed again while
+    later frames' results are stored, one of a resumed run re-sending earlier steps, or one
+    analysed behind scalars logged far ahead, reads the series as they stood at its steps, not
+    their newest points: "the last N points" of a series were the later frames' (EigenTrack's
+    change score had no history left, SED's phases continued from points after the frame)."""
 
     def __init__(self, session: Session, loader: FrameLoader, frame: Frame) -> None:
         self.session = session
         self.loader = loader
         self.frame = frame
+        self.until = max([frame.step, *(row_steps(frame.kind, frame.info or {}) or [])])
         self._cache: dict[int, DecodedFrame] = {}
 
     def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
@@ -128,18 +143,19 @@ class RunHistory:
         return self._cache[row.id]
 
     def metric_series(self, name: str, layer: str, limit: int) -> list[tuple[int, float]]:
-        return metric_reads.metric_tail(self.session, self.frame.run_id, name, layer, limit)
+        run_id = self.frame.run_id
+        return metric_reads.metric_tail(self.session, run_id, name, layer, limit, self.until)
 
     def metric_tails(
         self, wanted: Mapping[tuple[str, str], int]
     ) -> dict[tuple[str, str], list[tuple[int, float]]]:
-        return series.metric_tails(self.session, self.frame.run_id, wanted)
+        return series.metric_tails(self.session, self.frame.run_id, wanted, self.until)
 
     def flagged_steps(self, name: str, since: int) -> dict[str, set[int]]:
-        return series.flagged_steps(self.session, self.frame.run_id, name, since)
+        return series.flagged_steps(self.session, self.frame.run_id, name, since, self.until)
 
     def scalar_series(self, name: str, limit: int) -> list[tuple[int, float]]:
-        return metric_reads.scalar_tail(self.session, self.frame.run_id, name, limit)
+        return metric_reads.scalar_tail(self.session, self.frame.run_id, name, limit, self.until)
 
 
 class Worker:

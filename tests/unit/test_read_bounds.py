@@ -14,21 +14,25 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, Select, delete, event, func, select, update
 
 import spectrawatch.api as client_api
+from spectrawatch.wire import FrameLimits
 from spectrawatch_server.api.routes import dashboard_figures
 from spectrawatch_server.app import create_app
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db.base import utcnow
-from spectrawatch_server.db.models import Metric, MetricSeries, Run, Spectrum
+from spectrawatch_server.db.models import Frame, Metric, MetricSeries, Run, Spectrum
 from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.downsample import downsample, downsample_many
 from spectrawatch_server.storage import dashboard_reads as reads
 from spectrawatch_server.storage import metric_reads, result_store, series
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage.blobs import LocalBlobStore
 from spectrawatch_server.storage.result_store import MetricRow, SpectrumRow
+from spectrawatch_server.worker import FrameLoader, RunHistory
 from tests.dashboard_seed import done_frame, migrated, new_run
 from tests.unit.test_dashboards import statements
 
@@ -848,6 +852,40 @@ def test_history_reads_run_prebuilt_statements(
     assert one == [(8, 8.0), (9, 9.0)]
     assert loss == [(2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0)]
     assert built == []
+    engine.dispose()
+
+
+def test_history_reads_stop_at_the_analysed_frames_steps(tmp_path: Path) -> None:
+    """A frame's history is the run up to its steps: with later frames' results stored (a
+    re-analysis, or a resumed run re-sending earlier steps), "the last N points" were theirs (an
+    activations frame re-analysed found no earlier point for its change score). Metric tails,
+    flagged steps and scalars stop at the frame's last step, a sketch frame's last row."""
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "r")
+        owner = done_frame(s, run_id, 30, 0)
+        rows = [MetricRow("l", name, t, float(t)) for name in ("m", "f") for t in range(31)]
+        result_store.replace_results(s, run_id, owner.id, 30, "x", rows, [])
+        result_store.upsert_scalars(s, run_id, [(t, "loss", float(t)) for t in range(31)])
+        weights = done_frame(s, run_id, 10, 1)
+        sketch = done_frame(s, run_id, 11, 2, kind="update_sketch")
+        sketch.info = {"steps": [11, 12, 13, 14]}
+    loader = FrameLoader(
+        LocalBlobStore(tmp_path / "blobs"), torch.device("cpu"), FrameLimits(), 1 << 20, 0
+    )
+    with sessions() as s:
+        at = RunHistory(s, loader, s.get_one(Frame, weights.id))
+        points = [(t, float(t)) for t in range(6, 11)]
+        assert at.metric_series("m", "l", 5) == points
+        assert at.metric_tails({("m", "l"): 5, ("f", "l"): 2}) == {
+            ("m", "l"): points,
+            ("f", "l"): points[-2:],
+        }
+        assert at.flagged_steps("f", 8) == {"l": {8, 9, 10}}
+        assert at.scalar_series("loss", 3) == points[-3:]
+        rows_end = RunHistory(s, loader, s.get_one(Frame, sketch.id))
+        assert rows_end.metric_series("m", "l", 2) == [(13, 13.0), (14, 14.0)]
+        assert rows_end.scalar_series("loss", 1) == [(14, 14.0)]
     engine.dispose()
 
 

@@ -82,7 +82,10 @@ class DecodedFrame:
 
 
 class AnalysisContext(Protocol):
-    """Read-only history of the run the frame belongs to (supplied by the worker)."""
+    """Read-only history of the run the frame belongs to (supplied by the worker): earlier
+    frames, and metric and scalar points at steps up to the frame's last (a sketch frame's last
+    row), so a frame analysed again with later frames' results stored reads what it read the
+    first time."""
 
     def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
         """Up to ``limit`` earlier frames of ``kind`` of this run (lower seq), oldest first."""

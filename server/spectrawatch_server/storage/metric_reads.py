@@ -123,10 +123,12 @@ INT64_MAX = 2**63 - 1
 
 
 def metric_tail(
-    session: Session, run_id: int, name: str, layer: str, limit: int
+    session: Session, run_id: int, name: str, layer: str, limit: int, until: int | None = None
 ) -> list[tuple[int, float]]:
-    """The last ``limit`` finite points of a metric, oldest first."""
-    args = {"run": run_id, "name": name, "layer": layer, "limit": limit}
+    """The last ``limit`` finite points of a metric (at steps up to ``until`` when given),
+    oldest first."""
+    last = INT64_MAX if until is None else until
+    args = {"run": run_id, "name": name, "layer": layer, "limit": limit, "until": last}
     rows = session.connection().execute(_METRIC_TAIL, args).all()
     return [(int(s), float(v)) for s, v in reversed(rows) if v is not None]
 
@@ -140,6 +142,7 @@ _METRIC_TAIL = (
         Metric.name == bindparam("name"),
         Metric.layer == bindparam("layer"),
         Metric.value.is_not(None),
+        Metric.step <= bindparam("until"),
     )
     .order_by(Metric.step.desc())
     .limit(bindparam("limit"))
@@ -150,6 +153,7 @@ _SCALAR_TAIL = (
         Scalar.run_id == bindparam("run"),
         Scalar.name == bindparam("name"),
         Scalar.value.is_not(None),
+        Scalar.step <= bindparam("until"),
     )
     .order_by(Scalar.step.desc())
     .limit(bindparam("limit"))
@@ -188,9 +192,13 @@ def scalar_points(
     return [(r[0], r[1], r[2]) for r in session.execute(stmt).all()]
 
 
-def scalar_tail(session: Session, run_id: int, name: str, limit: int) -> list[tuple[int, float]]:
-    """The last ``limit`` finite points of a scalar, oldest first."""
-    args = {"run": run_id, "name": name, "limit": limit}
+def scalar_tail(
+    session: Session, run_id: int, name: str, limit: int, until: int | None = None
+) -> list[tuple[int, float]]:
+    """The last ``limit`` finite points of a scalar (at steps up to ``until`` when given),
+    oldest first."""
+    last = INT64_MAX if until is None else until
+    args = {"run": run_id, "name": name, "limit": limit, "until": last}
     rows = session.connection().execute(_SCALAR_TAIL, args).all()
     return [(int(s), float(v)) for s, v in reversed(rows) if v is not None]
 

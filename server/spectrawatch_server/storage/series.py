@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from spectrawatch_server.analyses.registry import MODEL_LAYER
 from spectrawatch_server.db.models import Metric
 from spectrawatch_server.storage.dashboard_reads import series_names
-from spectrawatch_server.storage.metric_reads import metric_tail
+from spectrawatch_server.storage.metric_reads import INT64_MAX, metric_tail
 
 Series = dict[tuple[str, str], list[tuple[int, float]]]
 
@@ -21,6 +21,7 @@ _FINITE = (
     Metric.run_id == bindparam("run"),
     Metric.name == bindparam("name"),
     Metric.value.is_not(None),
+    Metric.step <= bindparam("until"),
 )
 _SINCE = (
     select(Metric.step)
@@ -37,10 +38,15 @@ _POINTS_SINCE = (
 )
 
 
-def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str], int]) -> Series:
-    """The last ``wanted[(name, layer)]`` finite ``(step, value)`` points of each series, oldest
-    first (what :func:`metric_reads.metric_tail` returns for one series), in two queries per
-    metric name instead of one per series.
+def metric_tails(
+    session: Session,
+    run_id: int,
+    wanted: Mapping[tuple[str, str], int],
+    until: int | None = None,
+) -> Series:
+    """The last ``wanted[(name, layer)]`` finite ``(step, value)`` points of each series (at
+    steps up to ``until`` when given), oldest first (what :func:`metric_reads.metric_tail`
+    returns for one series), in two queries per metric name instead of one per series.
 
     Per name, with k the most points any of its series needs: the step of the k-th latest point
     of one such series (an index seek, :func:`_probes`), then every finite point of the name
@@ -54,8 +60,9 @@ def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str],
     most: dict[str, int] = {}
     for (name, _), limit in wanted.items():
         most[name] = max(most.get(name, 0), limit)
+    last = INT64_MAX if until is None else until
     for name, k in sorted(most.items()):
-        args = {"run": run_id, "name": name}
+        args = {"run": run_id, "name": name, "until": last}
         since = None
         for probe in _probes(name, k, wanted):
             since = conn.scalar(_SINCE, {**args, "layer": probe, "skip": k - 1})
@@ -76,7 +83,7 @@ def metric_tails(session: Session, run_id: int, wanted: Mapping[tuple[str, str],
             if len(found) >= limit or since is None:
                 out[key] = found[-limit:]
             else:
-                out[key] = metric_tail(session, run_id, name, key[1], limit)
+                out[key] = metric_tail(session, run_id, name, key[1], limit, until)
     return out
 
 
@@ -98,18 +105,25 @@ _FLAGGED = (
         Metric.run_id == bindparam("run"),
         Metric.name == bindparam("name"),
         Metric.step >= bindparam("since"),
+        Metric.step <= bindparam("until"),
         Metric.value != 0,
     )
     .order_by(Metric.step)
 )
 
 
-def flagged_steps(session: Session, run_id: int, name: str, since: int) -> dict[str, set[int]]:
-    """Per layer, the steps from ``since`` on where metric ``name`` is stored non-zero (NULL
-    and 0 left out): one index range over the name's points, returning only the flagged ones
-    (the SED phase history's ``sed.incomplete`` flags, instead of 1,024 points per series)."""
+def flagged_steps(
+    session: Session, run_id: int, name: str, since: int, until: int | None = None
+) -> dict[str, set[int]]:
+    """Per layer, the steps from ``since`` on (up to ``until`` when given) where metric ``name``
+    is stored non-zero (NULL and 0 left out): one index range over the name's points, returning
+    only the flagged ones (the SED phase history's ``sed.incomplete`` flags, instead of 1,024
+    points per series)."""
     out: dict[str, set[int]] = {}
-    rows = session.connection().execute(_FLAGGED, {"run": run_id, "name": name, "since": since})
+    args = {"run": run_id, "name": name, "since": since}
+    rows = session.connection().execute(
+        _FLAGGED, {**args, "until": INT64_MAX if until is None else until}
+    )
     for layer, step in rows:
         out.setdefault(layer, set()).add(int(step))
     return out
