@@ -1,7 +1,8 @@
-"""``spectrawatch runs list|show|delete|prune|lag``: the runs of a server, one run's state (frames,
-the client's report, alerts, metrics, config), removing one (or the old ones: retention) with its
-data, releasing the stored frame bodies of ended runs (their results stay), and a run's SED lag
-analysis; ``spectrawatch projects delete``: a project with everything of it."""
+"""``spectrawatch runs list|show|delete|prune|reanalyze|lag``: the runs of a server, one run's
+state (frames, the client's report, alerts, metrics, config), removing one (or the old ones:
+retention) with its data, releasing the stored frame bodies of ended runs (their results stay),
+analysing a run's stored frames again, and a run's SED lag analysis; ``spectrawatch projects
+delete``: a project with everything of it."""
 
 from __future__ import annotations
 
@@ -256,6 +257,30 @@ def cmd_runs_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_reanalyze(args: argparse.Namespace) -> int:
+    """``runs reanalyze``: queue a run's stored frames for analysis again (the server answers
+    at once; the worker recomputes them in order)."""
+    run = resolve_run(args, args.run, args.project)
+    body = {} if args.from_step is None else {"from_step": args.from_step}
+    out = call(args, "POST", f"/runs/{run['id']}/reanalyze", json=body)
+    where = "" if args.from_step is None else f" from step {args.from_step}"
+    skipped = [
+        f"{n} {what}"
+        for n, what in (
+            (out["skipped_pruned"], "pruned (blobs deleted)"),
+            (out["skipped_imported"], "imported (never analysed)"),
+        )
+        if n
+    ]
+    lines = [
+        f"run {run['id']} ({run['project']}/{run['name']}){where}: {out['queued']} frame(s) "
+        "queued for analysis" + (f"; kept as they are: {', '.join(skipped)}" if skipped else ""),
+        f"  follow it with: spectrawatch runs show {run['id']}",
+    ]
+    print_result(args, out, lines)
+    return 0
+
+
 def cmd_runs_lag(args: argparse.Namespace) -> int:
     run = resolve_run(args, args.run, args.project)
     params = {"scalar": args.scalar, "layer": args.layer, "max_lag": args.max_lag}
@@ -282,7 +307,7 @@ def cmd_runs_lag(args: argparse.Namespace) -> int:
 
 
 def add_runs_commands(subparsers: Any) -> None:
-    """Register ``runs list|show|delete|prune|lag`` on the top-level ``spectrawatch`` parser."""
+    """Register ``runs list|show|delete|prune|reanalyze|lag`` on the top-level parser."""
     common = server_args()
     one_run = argparse.ArgumentParser(add_help=False)  # the commands about one run
     one_run.add_argument("run", help="run id; or run name, always with --project when given")
@@ -357,6 +382,25 @@ def add_runs_commands(subparsers: Any) -> None:
     prune.add_argument("--run", default=None, help="only this run (id, or name with --project)")
     prune.add_argument("--yes", action="store_true", help="really delete (without it: a dry run)")
     prune.set_defaults(func=reporting_errors(cmd_runs_prune))
+    again = sub.add_parser(
+        "reanalyze",
+        parents=[common, one_run],
+        help="analyse a run's stored frames again (after an upgrade that fixed a metric)",
+        description="Queue a finished or crashed run's stored frames for analysis again, in "
+        "their original order: their metrics and spectra are deleted and recomputed, each "
+        "frame reading only what the frames before it stored. Frames whose blobs were pruned "
+        "and imported metrics keep their results; alerts are not evaluated again. Needs an "
+        "admin token; refused while the run is running or frames of it wait for analysis.",
+    )
+    again.add_argument(
+        "--from-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="from the first frame at step N or later (default: every frame)",
+    )
+    again.add_argument("--json", action="store_true", help="print the server's answer as JSON")
+    again.set_defaults(func=reporting_errors(cmd_runs_reanalyze))
     lag = sub.add_parser(
         "lag",
         parents=[common, one_run],

@@ -371,6 +371,25 @@ class PruneResult(BaseModel):
     dry_run: bool
 
 
+class ReanalyzeRequest(BaseModel):
+    """Which frames of a run to analyse again: from the first one at ``from_step`` or later
+    (in seq order) to the last; every frame when absent."""
+
+    model_config = ConfigDict(extra="forbid")
+    from_step: int | None = Field(None, ge=0, le=MAX_STEP)
+
+
+class ReanalyzeResult(BaseModel):
+    """Frames queued for analysis again, and those left as they are: ``skipped_pruned`` (their
+    blobs were pruned) and ``skipped_imported`` (imported metric batches, never analysed)."""
+
+    run_id: int
+    from_step: int | None
+    queued: int
+    skipped_pruned: int
+    skipped_imported: int
+
+
 # scalar names are query parameters, never path segments: "train/loss" is fine
 ScalarName = Field(min_length=1, max_length=NAME_MAX, pattern=TEXT_PATTERN)
 

@@ -2,7 +2,8 @@
 
 Analyses are pure functions (``spectrawatch_server.analyses``); this module is the only place
 that feeds them tensors and stores what they return. Results replace earlier results of the
-same (frame, analysis), so a redelivered job duplicates nothing.
+same (frame, analysis), so a redelivered job duplicates nothing. Alert rules run on a frame's
+first analysis only: a re-analysis (``requeued_at`` set) recomputes results, never episodes.
 """
 
 from __future__ import annotations
@@ -229,8 +230,9 @@ class Worker:
                         self._summarize(session, frame, analysis.name, analysis.summarize)
                 error = "; ".join(errors) or None
                 job_store.finish_frame(session, frame.id, "failed" if errors else "done", error)
-                for hook in self.hooks:
-                    hook(session, frame)
+                if frame.requeued_at is None:  # a re-analysis: its alerts were evaluated once
+                    for hook in self.hooks:
+                        hook(session, frame)
 
     @staticmethod
     def _summarize(session: Session, frame: Frame, analysis: str, fn: SummarizeFn) -> None:

@@ -521,3 +521,39 @@ def test_the_frame_listing_leaves_info_unloaded(sessions: sessionmaker[Session])
         (listed,) = repo.list_frames(session, run_id, None, 10, 0)
         assert "info" in inspect(listed).unloaded
         assert "layers" not in inspect(listed).unloaded
+
+
+def test_requeued_frames_run_in_the_order_given_and_count_as_the_runs_backlog(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A re-analysis queues frames analysed before (one job row per frame): their finished
+    jobs are replaced and the new ones are claimed in the order given (seq order), whatever
+    order the frames were ingested in; the run's backlog counts them until they are done."""
+    run_id, other = make_runs(sessions, 2)
+    ran: list[int] = []
+
+    def handler(frame_id: int) -> None:
+        ran.append(frame_id)
+        with sessions.begin() as session:
+            job_store.finish_frame(session, frame_id, "done", None)
+
+    queue = EmbeddedQueue(sessions, handler)
+    FrameCommitter(sessions, queue).write([frame(run_id, s) for s in (2, 0, 1)] + [frame(other, 0)])
+    while queue.run_once():
+        pass
+    with sessions() as session:
+        rows = session.execute(select(Frame.seq, Frame.id).where(Frame.run_id == run_id))
+        ids = {int(seq): int(i) for seq, i in rows}
+        assert queue.backlog(session, run_id) == 0
+    ran.clear()
+    with sessions.begin() as session:
+        queue.requeue(session, [ids[0], ids[1], ids[2]])
+    with sessions() as session:
+        assert queue.backlog(session, run_id) == 3
+        assert queue.backlog(session, other) == 0
+        assert session.scalar(select(func.count()).select_from(Job)) == 4
+    while queue.run_once():
+        pass
+    assert ran == [ids[0], ids[1], ids[2]]
+    with sessions() as session:
+        assert queue.backlog(session, run_id) == 0

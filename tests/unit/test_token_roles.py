@@ -33,6 +33,7 @@ WRITE_ROUTES = {
     ("POST", "/runs/{run_id}/scalars"): "write",
     ("PATCH", "/alerts/{alert_id}"): "write",
     ("DELETE", "/runs/{run_id}"): "admin",
+    ("POST", "/runs/{run_id}/reanalyze"): "admin",
     ("POST", "/runs/bulk-delete"): "admin",
     ("POST", "/blobs/prune"): "admin",
     ("PATCH", "/projects/{project}/alert-rules/{rule}"): "admin",
@@ -245,6 +246,7 @@ def test_a_write_token_runs_training_but_deletes_and_configures_nothing(api: Api
     _refused(
         api.call("write", "POST", "/blobs/prune", json={"older_than_days": 0}), "admin", "write"
     )
+    _refused(api.call("write", "POST", f"/runs/{run}/reanalyze"), "admin", "write")
     with api.sessions() as session:
         assert repo.get_run(session, run) is not None  # nothing was deleted
 

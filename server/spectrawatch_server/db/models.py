@@ -107,6 +107,9 @@ class Frame(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why its analysis failed
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # when a re-analysis last queued it again (migration 0011); None: analysed as ingested only. Its
+    # alerts were evaluated by its first analysis: a re-analysis does not evaluate them again
+    requeued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     @property
     def has_blob(self) -> bool:

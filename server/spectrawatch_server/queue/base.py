@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from sqlalchemy import exc as sa_exc
@@ -56,6 +56,15 @@ class JobQueue(Protocol):
 
     def forget_run(self, session: Session, run_id: int) -> int:
         """Drop the waiting jobs of a run being deleted, in the caller's transaction; how many."""
+        ...
+
+    def requeue(self, session: Session, frame_ids: Sequence[int]) -> None:
+        """Add the analysis jobs of frames analysed before, in the caller's transaction, to run
+        in the order given (a re-analysis: seq order)."""
+        ...
+
+    def backlog(self, session: Session, run_id: int) -> int:
+        """The run's analysis jobs waiting or running."""
         ...
 
     def notify(self) -> None:

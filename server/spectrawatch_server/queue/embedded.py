@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,6 +65,14 @@ class EmbeddedQueue:
     def forget_run(self, session: Session, run_id: int) -> int:
         """Nothing to do: a run's jobs are deleted with its frames (foreign-key cascade)."""
         return 0
+
+    def requeue(self, session: Session, frame_ids: Sequence[int]) -> None:
+        """New jobs for the frames, in the order given (a claim takes a run's jobs by id); their
+        finished jobs go (one job row per frame)."""
+        job_store.requeue_jobs(session, frame_ids)
+
+    def backlog(self, session: Session, run_id: int) -> int:
+        return job_store.run_backlog(session, run_id)
 
     def notify(self) -> None:
         self._wake.set()

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import random
 import signal
+from collections.abc import Sequence
 from datetime import datetime
 
 import psycopg
@@ -263,6 +264,23 @@ class ProcrastinateQueue:
             {"queue": ANALYSIS_QUEUE, "lock": f"run:{run_id}"},
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def requeue(self, session: Session, frame_ids: Sequence[int]) -> None:
+        """Defer the frames' analyses again, one after another (the ``run:`` lock runs a run's
+        jobs in id order); their finished jobs stay, as every finished job does."""
+        for frame_id in frame_ids:
+            self.enqueue(session, frame_id)
+
+    def backlog(self, session: Session, run_id: int) -> int:
+        """The run's analysis jobs ``todo`` or ``doing`` (their lock names the run)."""
+        found = session.scalar(
+            text(
+                "SELECT count(*) FROM procrastinate_jobs WHERE queue_name = :queue "
+                "AND lock = :lock AND status IN ('todo', 'doing')"
+            ),
+            {"queue": ANALYSIS_QUEUE, "lock": f"run:{run_id}"},
+        )
+        return int(found or 0)
 
     def notify(self) -> None:
         """Nothing to do: procrastinate's insert trigger NOTIFYs listening workers."""

@@ -5,11 +5,12 @@ Callers own the transaction, as in :mod:`~spectrawatch_server.storage.repository
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.base import utcnow
@@ -206,6 +207,35 @@ def job_counts(session: Session) -> dict[str, int]:
     recent = select(Job.status).order_by(Job.id.desc()).limit(RECENT_JOBS).subquery()
     failed = session.scalar(select(func.count()).where(recent.c.status == "failed"))
     return counts | {"failed_recent": int(failed or 0)}
+
+
+REQUEUE_CHUNK = 500  # frame ids of one statement
+
+
+def requeue_jobs(session: Session, frame_ids: Sequence[int]) -> None:
+    """Replace the job rows of ``frame_ids`` by pending ones whose ids follow the order given
+    (claims take a run's jobs in id order; a job row is unique per frame)."""
+    for start in range(0, len(frame_ids), REQUEUE_CHUNK):
+        chunk = list(frame_ids[start : start + REQUEUE_CHUNK])
+        session.execute(
+            delete(Job).where(Job.frame_id.in_(chunk)),
+            execution_options={"synchronize_session": False},
+        )
+        # one executemany: rows inserted one after another, ids ascending in the given order
+        session.execute(
+            insert(Job), [{"frame_id": f, "status": "pending", "attempts": 0} for f in chunk]
+        )
+
+
+def run_backlog(session: Session, run_id: int) -> int:
+    """The run's jobs pending or running (``ix_job_status_id``'s two short ranges)."""
+    waiting = (
+        select(func.count())
+        .select_from(Job)
+        .join(Frame, Frame.id == Job.frame_id)
+        .where(Job.status.in_(("pending", "running")), Frame.run_id == run_id)
+    )
+    return int(session.scalar(waiting) or 0)
 
 
 def job_for_frame(session: Session, frame_id: int) -> Job | None:

@@ -296,6 +296,25 @@ def _count_stored_points(session: Session, run_id: int, frame_id: int, analysis:
     session.execute(stmt)
 
 
+CLEAR_CHUNK = 500  # frame ids of one delete
+
+
+def clear_frame_results(session: Session, run_id: int, frame_ids: Sequence[int]) -> None:
+    """Delete every metric and spectrum row the frames ``frame_ids`` of run ``run_id`` own
+    (whole-model summaries included), then count the run's series anew from the rows left
+    (:func:`rebuild_metric_series`: counts that drifted are repaired too). Before a
+    re-analysis: its analyses then read as history only what earlier frames stored, as when
+    the run was first analysed."""
+    for start in range(0, len(frame_ids), CLEAR_CHUNK):
+        chunk = list(frame_ids[start : start + CLEAR_CHUNK])
+        for table in (Metric, Spectrum):
+            session.execute(
+                delete(table).where(table.frame_id.in_(chunk)),
+                execution_options={"synchronize_session": False},
+            )
+    rebuild_metric_series(session, run_id)
+
+
 def rebuild_metric_series(session: Session, run_id: int) -> None:
     """Count every series of a run anew from its metric rows: for rows written around this
     module (a benchmark's bulk seed through the DB-API)."""

@@ -1,5 +1,5 @@
 """Runs: create (or resume by name), get, list, update status, client health stats, delete
-(one, or the stale ones of a retention)."""
+(one, or the stale ones of a retention), re-analyse stored frames."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from spectrawatch_server.api.deps import (
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.links import next_link
 from spectrawatch_server.api.routes.alerts import find_project
+from spectrawatch_server.db import migrate
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Project, Run
 from spectrawatch_server.db.session import release_free_pages, sqlite_write_lock
@@ -34,12 +35,15 @@ from spectrawatch_server.schemas import (
     BulkDeleteRequest,
     BulkDeleteResult,
     ClientStats,
+    ReanalyzeRequest,
+    ReanalyzeResult,
     RunCreate,
     RunDeleted,
     RunPublic,
     RunUpdate,
     dot_name_problem,
 )
+from spectrawatch_server.storage import reanalysis, result_store
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import delete_all
 from spectrawatch_server.storage.metric_reads import INT64_MAX
@@ -283,6 +287,55 @@ def report_client_stats(
     engine_for(state.settings).evaluate_client_stats(session, run)
     session.commit()
     return run_public(session, run)
+
+
+@router.post(
+    "/{run_id}/reanalyze", response_model=ReanalyzeResult, dependencies=[require_role("admin")]
+)
+def reanalyze_run(
+    run: LiveRunDep, session: SessionDep, state: StateDep, body: ReanalyzeRequest | None = None
+) -> ReanalyzeResult:
+    """Analyse a run's stored frames again (after an upgrade that fixed a metric, or frames
+    whose analysis failed for good), from the first frame at ``from_step`` on, in seq order.
+
+    In one transaction: the results of those frames are deleted and their jobs queued, so each
+    frame reads as history what the frames before it stored, as when it was first analysed.
+    Frames whose blobs were pruned and imported metric batches keep their results. Alerts are
+    not evaluated again (their episodes and webhooks stay as they were). 409 ``run_running``
+    for a running run, 409 ``analysis_pending`` while frames of the run wait for analysis.
+    """
+    from_step = body.from_step if body is not None else None
+    session.refresh(run)  # its status under the run's lock (LiveRunDep)
+    if run.status == "running":
+        raise ApiError(
+            409,
+            "run_running",
+            f"run {run.id} is running: re-analyse it once it is finished or crashed",
+        )
+    waiting = state.queue.backlog(session, run.id)
+    if waiting:
+        raise ApiError(
+            409,
+            "analysis_pending",
+            f"run {run.id} has {waiting} analysis job(s) waiting or running: re-analyse it "
+            "once they are done",
+        )
+    # an admin's one-off, deleting every result row of the run's frames (millions on a long
+    # run): not bounded by the API's statement timeout (PostgreSQL), as the retention sweep
+    migrate.lift_timeouts(session.connection())
+    plan = reanalysis.plan_reanalysis(session, run.id, from_step)
+    result_store.clear_frame_results(session, run.id, plan.frame_ids)
+    reanalysis.mark_requeued(session, plan.frame_ids)
+    state.queue.requeue(session, plan.frame_ids)
+    session.commit()
+    state.queue.notify()
+    return ReanalyzeResult(
+        run_id=run.id,
+        from_step=from_step,
+        queued=len(plan.frame_ids),
+        skipped_pruned=plan.pruned,
+        skipped_imported=plan.imported,
+    )
 
 
 @router.delete("/{run_id}", response_model=RunDeleted, dependencies=[require_role("admin")])
