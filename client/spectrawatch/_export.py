@@ -63,7 +63,7 @@ ORIGIN = "imported_from"  # the imported run's summary key naming its source
 PARTIAL = "partial"  # in it while the import is not complete
 STATUSES = ("running", "finished", "crashed")
 SCALAR_BATCH = 5000
-METRIC_BATCH = 20000
+METRIC_BATCH = 5000  # rows a metric request; the server takes at most 10,000 by default
 FORMATS = ("csv", "parquet")
 MAX_ROWS = 10_000_000  # rows per table import reads by default (--max-rows): bounds memory
 

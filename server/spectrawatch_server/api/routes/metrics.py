@@ -91,12 +91,18 @@ def ingest_metrics(
     state: StateDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=160)] = None,
 ) -> dict[str, Any]:
-    """Store a batch of metrics computed elsewhere (``spectrawatch import``); replay-safe."""
-    if len(body.rows) > state.settings.max_scalars_per_batch:
+    """Store a batch of metrics computed elsewhere (``spectrawatch import``); replay-safe.
+
+    All or nothing: the batch is one transaction, so at most ``max_metrics_per_batch`` rows
+    (10,000 by default; more answer 413 ``too_many_metrics``) keep it from holding SQLite's
+    write lock for seconds while other runs' writes wait."""
+    limit = state.settings.max_metrics_per_batch
+    if len(body.rows) > limit:
         raise ApiError(
             413,
             "too_many_metrics",
-            f"{len(body.rows)} rows exceed {state.settings.max_scalars_per_batch}",
+            f"body.rows: {len(body.rows)} rows exceed max_metrics_per_batch ({limit}); "
+            "send them in smaller batches",
         )
     key = f"{run.id}/{idempotency_key or uuid.uuid4().hex}"
     digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
