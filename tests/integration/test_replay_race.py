@@ -4,11 +4,11 @@ set (``eval "$(.ci/postgres.sh)"``), on PostgreSQL.
 
 In-process (``TestClient``, :func:`tests.races.app_client`): a barrier holds both requests after
 their look-up of the key, so both would miss it and both insert; a real server's timing would hit
-that window only by chance. The run's lock (``LiveRunDep``: the row's on PostgreSQL, the write
-lock on SQLite) already queues two writes to one run before that look-up: the barrier times out
-there and the second request finds the first's batch (before session 26 SQLite took the lock
-only at the insert: both missed the key, and the loser of its unique constraint answered as a
-replay).
+that window only by chance. The run's lock (``get_live_run``: the row's on PostgreSQL, the
+write lock on SQLite) already queues two writes to one run before that look-up: the barrier
+times out there and the second request finds the first's batch (before session 26 SQLite took
+the lock only at the insert: both missed the key, and the loser of its unique constraint
+answered as a replay).
 """
 
 from __future__ import annotations

@@ -16,7 +16,13 @@ from sqlalchemy.exc import IntegrityError
 
 from spectrawatch.spectral import sed
 from spectrawatch.wire import MODEL_LAYER, FrameKind
-from spectrawatch_server.api.deps import LiveRunDep, RunDep, SessionDep, StateDep, require_role
+from spectrawatch_server.api.deps import (
+    RunDep,
+    SessionDep,
+    StateDep,
+    get_live_run,
+    require_role,
+)
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.links import next_link
 from spectrawatch_server.db.models import Frame
@@ -86,7 +92,7 @@ def read_metrics(
 @router.post("/runs/{run_id}/metrics", status_code=202, dependencies=[require_role("write")])
 def ingest_metrics(
     body: MetricBatch,
-    run: LiveRunDep,
+    run: RunDep,
     session: SessionDep,
     state: StateDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=160)] = None,
@@ -95,7 +101,8 @@ def ingest_metrics(
 
     All or nothing: the batch is one transaction, so at most ``max_metrics_per_batch`` rows
     (10,000 by default; more answer 413 ``too_many_metrics``) keep it from holding SQLite's
-    write lock for seconds while other runs' writes wait."""
+    write lock for seconds while other runs' writes wait. The lock (:func:`get_live_run`) is
+    taken once the body is validated, hashed and deduplicated, for the writes alone."""
     limit = state.settings.max_metrics_per_batch
     if len(body.rows) > limit:
         raise ApiError(
@@ -106,15 +113,16 @@ def ingest_metrics(
         )
     key = f"{run.id}/{idempotency_key or uuid.uuid4().hex}"
     digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    existing = repo.frame_by_key(session, key)
-    if existing is not None:
-        return _replayed(existing, digest)
     # a (layer, name, step) given twice: the last value wins, as for scalars
     latest = {(m.layer, m.name, m.step): m.value for m in body.rows}
     rows = [
         result_store.MetricRow(layer, name, step, math.nan if value is None else value)
         for (layer, name, step), value in latest.items()
     ]
+    get_live_run(run, session)
+    existing = repo.frame_by_key(session, key)
+    if existing is not None:
+        return _replayed(existing, digest)
     try:
         frame = result_store.insert_metric_batch(
             session, run.id, key, body.source, rows, digest=digest
