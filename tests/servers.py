@@ -395,6 +395,8 @@ class ServerProcess:
         for worker in self.workers:
             if not worker.alive:
                 raise RuntimeError(f"worker exited early:\n{worker.log_path.read_text()[-4000:]}")
+        if "worker" not in health:  # --require-auth: workers are shown to a token only
+            return httpx.get(f"{self.url}/api/v1/ready", timeout=2).status_code == 200
         return int(health["worker"].get("live", 0)) >= len(self.workers)
 
     def stop(self, timeout: float = 30.0) -> None:

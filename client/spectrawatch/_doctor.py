@@ -122,9 +122,11 @@ def _spool(settings: ClientSettings) -> Check:
 
 def _remote(settings: ClientSettings, get: Callable[..., httpx.Response]) -> list[Check]:
     base = settings.url.rstrip("/") + API_PATH
+    # the token, if any: a server that requires auth shows its queue and workers to one only
+    headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
     t0 = time.perf_counter()
     try:
-        r = get(f"{base}/health")
+        r = get(f"{base}/health", headers=headers)
     except httpx.HTTPError as exc:
         return [Check("connectivity", "fail", f"cannot reach {settings.url}: {exc}")]
     ms = (time.perf_counter() - t0) * 1000
@@ -150,17 +152,16 @@ def _remote(settings: ClientSettings, get: Callable[..., httpx.Response]) -> lis
             + ("" if version == __version__ else " (mismatch: upgrade the older side)"),
         )
     )
-    queue = health.get("queue") or {}
-    jobs = queue.get("jobs") or {}
-    checks.append(
-        Check(
-            "database",
-            "info",
-            f"{health.get('database', '?')}; queue "
-            f"{queue.get('engine', '?')}, jobs {json.dumps(jobs, sort_keys=True)}",
-        )
-    )
+    queue = health.get("queue")
+    shown = "queue and workers shown to a valid token only"
+    if isinstance(queue, dict):
+        jobs = json.dumps(queue.get("jobs") or {}, sort_keys=True)
+        shown = f"queue {queue.get('engine', '?')}, jobs {jobs}"
+    checks.append(Check("database", "info", f"{health.get('database', '?')}; {shown}"))
     checks.append(_auth(settings, base, bool(health.get("auth_required")), get))
+    if "worker" not in health:  # a server requiring auth, and no valid token
+        checks.append(Check("worker", "info", "not shown without a valid token (--token)"))
+        return checks
     worker = health.get("worker") or {}
     device = str(worker.get("device", "?"))
     if not worker.get("running"):

@@ -62,6 +62,42 @@ def test_missing_and_bad_tokens_are_rejected(secured: tuple[ServerProcess, str, 
         assert basic.get("/runs").status_code == 401
 
 
+def test_health_shows_queue_and_workers_to_a_token_only(
+    secured: tuple[ServerProcess, str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``/health`` answered anyone the job counts and the workers (devices, how many): a load
+    balancer's liveness check needs neither. Without a valid token it now says only that the
+    server and its database are up (200, as ``/ready``); any token's role sees the rest, and
+    ``doctor`` sends its token to read them."""
+    proc, _, _ = secured
+    reader = create_token(proc.data_dir, "alpha", role="read")
+    for token in (None, "sw_not-a-real-token"):
+        with client(proc, token) as anon:
+            health = anon.get("/health")
+            assert health.status_code == 200
+            assert health.json()["status"] == "ok"
+            assert health.json()["auth_required"] is True
+            assert "queue" not in health.json()
+            assert "worker" not in health.json()
+            assert anon.get("/ready").json()["ready"] is True
+    with client(proc, reader) as read:
+        details = read.get("/health").json()
+    assert details["queue"]["jobs"]["pending"] >= 0
+    assert details["worker"]["running"] is True
+    monkeypatch.setenv("SPECTRAWATCH_SPOOL_DIR", str(tmp_path / "spool"))
+    assert main(["doctor", "--url", proc.url, "--token", reader, "--json"]) == 0
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    assert "jobs {" in checks["database"]["detail"]
+    assert checks["worker"]["detail"].startswith("running on cpu")
+    main(["doctor", "--url", proc.url, "--json"])
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    assert "shown to a valid token only" in checks["database"]["detail"]
+    assert checks["worker"]["status"] == "info"
+
+
 def test_token_is_scoped_to_its_project(secured: tuple[ServerProcess, str, str]) -> None:
     proc, token_a, token_b = secured
     with client(proc, token_a) as a, client(proc, token_b) as b:

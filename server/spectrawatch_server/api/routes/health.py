@@ -1,17 +1,19 @@
-"""Health (``/health``: the process answers, the database is reachable, queue depth, workers)
-and readiness (``/ready``: 503 until the whole pipeline can do its job)."""
+"""Health (``/health``: the process answers, the database is reachable; queue depth and workers
+for token holders) and readiness (``/ready``: 503 until the whole pipeline can do its job)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from spectrawatch._version import __version__
-from spectrawatch_server.api.deps import StateDep
+from spectrawatch_server.api.deps import StateDep, authenticate
+from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.state import AppState
 
 router = APIRouter(tags=["health"])
@@ -37,20 +39,40 @@ def worker_health(state: AppState) -> dict[str, Any]:
 
 
 @router.get("/health")
-def read_health(state: StateDep) -> dict[str, Any]:
+def read_health(request: Request, state: StateDep) -> dict[str, Any]:
+    """Liveness and status, without a token (load balancers, the compose health check):
+    ``status``, ``version``, ``database`` and ``auth_required``. The job counts (``queue``) and
+    the workers (``worker``) are operational data: on a server that requires auth they come
+    only with a valid token (``Authorization: Bearer``, any role; a missing or bad one leaves
+    them out, still 200)."""
     # One connection at a time: the check's session is closed before the queue and worker
     # queries open theirs, so health checks never hold one connection while waiting for another
     # (as many concurrent checks as the pool has connections would otherwise wait on each other).
     with state.sessions() as session:
         session.execute(text("SELECT 1"))
-    return {
+        details = _may_see_details(session, state, request.headers.get("authorization"))
+    body: dict[str, Any] = {
         "status": "ok",
         "version": __version__,
         "database": state.engine.dialect.name,
-        "queue": {"engine": state.settings.queue, "jobs": state.queue.counts()},
-        "worker": worker_health(state),
         "auth_required": state.settings.require_auth,
     }
+    if details:
+        body["queue"] = {"engine": state.settings.queue, "jobs": state.queue.counts()}
+        body["worker"] = worker_health(state)
+    return body
+
+
+def _may_see_details(session: Session, state: AppState, header: str | None) -> bool:
+    """Whether ``/health`` shows queue counts and workers: to anyone on a server without auth
+    (anonymous callers may do everything there), else to a valid token of any role."""
+    if not state.settings.require_auth:
+        return True
+    try:
+        authenticate(session, True, header)
+    except ApiError:  # missing, malformed, unknown or revoked
+        return False
+    return True
 
 
 def _database_check(state: AppState) -> str:
