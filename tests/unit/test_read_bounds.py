@@ -233,29 +233,60 @@ def test_client_metric_keeps_full_resolution(
 
 
 def test_metric_series_seeks_each_layer_in_the_covering_index(tmp_path: Path) -> None:
-    """The read behind the endpoint: the layers by a skip-scan, then one covering-index search
-    per layer returning steps and values only."""
+    """The read behind the endpoint and the activations figures: the layers by a skip-scan,
+    then a covering-index search per layer returning steps and values only, up to 200 layers
+    a statement (one statement a layer: 1,853 for the activations figure of a 150-module run).
+    The same points as :func:`metric_points`, layers in its order, with a step range, at
+    given steps (a layer met only in the second chunk of steps), and for one layer."""
+    layers = [*LAYERS, "Blocks.0", "blocks_1", "blocks.1.a", *(f"m.{i:03d}" for i in range(250))]
     engine, sessions = migrated(tmp_path)
     with sessions.begin() as s:
         run_id = new_run(s, "p", "r")
         frame = done_frame(s, run_id, 0, 0)
         rows = [
-            result_store.MetricRow(la, n, t, 1.0) for la in LAYERS for n in "ab" for t in range(5)
+            result_store.MetricRow(la, n, t, math.nan if t == i % 9 else t + i / 8)
+            for i, la in enumerate(layers)
+            for n in "ab"
+            for t in range(2, 12)
         ]
+        rows += [result_store.MetricRow("late", "a", t, 1.0) for t in range(1201, 1300)]
         result_store.replace_results(s, run_id, frame.id, 0, "x", rows, [])
+    every = sorted({*layers, "late"})
+
+    def reference(s: Any, start: int | None, end: int | None, at: set[int] | None) -> Any:
+        out: dict[str, tuple[list[int], list[float | None]]] = {}
+        for la, t, v in metric_reads.metric_points(s, run_id, "a", None, start, end):
+            if at is None or t in at:
+                steps, values = out.setdefault(la, ([], []))
+                steps.append(t)
+                values.append(v)
+        return out
+
+    at = {*range(0, 1300, 2), 1201}  # 651 steps, one statement
+    wide = set(range(2600))  # three chunks of 1,000 steps: "late" only in the second
     with sessions() as s:
         conn = s.connection()
         with statements(conn) as seen:
-            got = metric_reads.metric_series(s, run_id, "a", None, 1, 3)
-        assert list(got) == sorted(LAYERS)
-        assert all(v == ([1, 2, 3], [1.0, 1.0, 1.0]) for v in got.values())
-        assert len(seen) == 1 + len(LAYERS)
+            got = metric_reads.metric_series(s, run_id, "a", None, 3, 9)
+        assert got == reference(s, 3, 9, None)
+        assert list(got) == [la for la in every if la != "late"]  # the database's order
+        assert len(seen) == 1 + 2  # the layers, then 254 layers in two statements
         for query, params in seen[1:]:
             plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query, params)]
-            assert plan == [
-                "SEARCH metric USING COVERING INDEX ix_metric_run_name_layer_step"
+            assert plan[-1] == (
+                "SEARCH m USING COVERING INDEX ix_metric_run_name_layer_step"
                 " (run_id=? AND name=? AND layer=? AND step>? AND step<?)"
-            ], plan
+            ), plan
+        for steps in (at, wide):
+            got = metric_reads.metric_series(s, run_id, "a", None, None, None, at_steps=steps)
+            assert got == reference(s, None, None, steps)
+            assert list(got) == every
+        assert metric_reads.metric_series(s, run_id, "a", None, None, None) == reference(
+            s, None, None, None
+        )
+        one = metric_reads.metric_series(s, run_id, "b", "Blocks.0", None, None)
+        points = metric_reads.metric_points(s, run_id, "b", "Blocks.0", None, None)
+        assert one == {"Blocks.0": ([t for _, t, _ in points], [v for _, _, v in points])}
         assert metric_reads.metric_series(s, run_id, "zz", None, None, None) == {}
         assert metric_reads.metric_series(s, run_id, "a", "nope", None, None) == {}
     engine.dispose()
