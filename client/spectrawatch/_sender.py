@@ -327,8 +327,12 @@ class Sender:
                 self._closing = True
                 self._final_status = status
                 self._summary = dict(summary or {})
-                self._deadline = time.monotonic() + max(timeout - 0.5, 0.0)
-                self.api.not_after = self._deadline  # a request in flight is cut off there
+            # a second close (a SIGTERM's, during the exit hook's) may bring the deadline
+            # closer, never move it away
+            deadline = time.monotonic() + max(timeout - 0.5, 0.0)
+            if deadline < self._deadline:
+                self._deadline = deadline
+                self.api.not_after = deadline  # a request in flight is cut off there
             self._cond.notify_all()  # also ends a wait before a retry (see _wait)
         # inf (wait as long as it takes) or a huge timeout: join() itself refuses those
         self._thread.join(min(timeout, threading.TIMEOUT_MAX))

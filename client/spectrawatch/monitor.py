@@ -451,7 +451,7 @@ class Monitor:
         self._active = False
         self._finished = True
         _LIVE.discard(self)
-        _release_sigterm()
+        _CLOSING[self] = status  # a SIGTERM meanwhile waits for this close (see _on_sigterm)
         ok = True
         try:
             for c in list(self._captures):
@@ -462,6 +462,9 @@ class Monitor:
         except Exception as exc:
             self._errors.record("finish", exc)
             ok = False
+        finally:
+            _CLOSING.pop(self, None)
+            _release_sigterm()
         return ok
 
     # -- introspection ---------------------------------------------------------------------
@@ -517,6 +520,8 @@ def _discard(item: Any) -> None:
 
 _LIVE: set[Monitor] = set()
 """Active monitors: a ``Monitor`` created in a function and never finished is still flushed."""
+_CLOSING: dict[Monitor, str] = {}
+"""Monitors whose ``finish`` is under way, with the status it closes them with."""
 
 
 _exit_hook = False
@@ -593,6 +598,9 @@ _SIGTERM_SPOOL_S = 3.0
 """The extra time a SIGTERM gives the spooling of what the server did not take."""
 _sigterm_pid: int | None = None
 """The process that installed :func:`_on_sigterm` (a forked child inherits the handler)."""
+_sigterm_closer: tuple[threading.Thread, float] | None = None
+"""The thread closing the runs on the first SIGTERM, and when the process dies at the latest
+(a SIGTERM arriving meanwhile waits for the same thread, up to the same time)."""
 
 
 def _handle_sigterm() -> None:
@@ -612,8 +620,9 @@ def _handle_sigterm() -> None:
 
 
 def _release_sigterm() -> None:
-    """Give SIGTERM back its default action once no run is live (from the main thread)."""
-    if _LIVE or threading.current_thread() is not threading.main_thread():
+    """Give SIGTERM back its default action once no run is live or closing (from the main
+    thread)."""
+    if _LIVE or _CLOSING or threading.current_thread() is not threading.main_thread():
         return
     with contextlib.suppress(ValueError, OSError, AttributeError):
         if signal.getsignal(signal.SIGTERM) is _on_sigterm:
@@ -626,18 +635,25 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     die of the signal as the default action would, so the exit status is unchanged.
 
     The runs are closed on another thread, waited for a bounded time: the main thread may be
-    interrupted holding a lock that closing them takes. Called by a handler installed over it
-    (Lightning's calls the one it found), it does nothing: that handler decides how the
-    process ends (its exceptions and the exit hook close the runs)."""
+    interrupted holding a lock that closing them takes. A second SIGTERM (torchrun's agent and
+    schedulers repeat it) waits for the first one's closing thread until the same deadline; it
+    used to find no live run and kill at once, losing what was being flushed. Called by a
+    handler installed over it (Lightning's calls the one it found), it does nothing: that
+    handler decides how the process ends (its exceptions and the exit hook close the runs)."""
+    global _sigterm_closer
     if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
         return
     try:
         if os.getpid() == _sigterm_pid:
-            closer = threading.Thread(
-                target=_finish_on_sigterm, name="spectrawatch-sigterm", daemon=True
-            )
-            closer.start()
-            closer.join(_SIGTERM_FLUSH_S + _SIGTERM_SPOOL_S)
+            if _sigterm_closer is None:
+                closer = threading.Thread(
+                    target=_finish_on_sigterm, name="spectrawatch-sigterm", daemon=True
+                )
+                end = time.monotonic() + _SIGTERM_FLUSH_S + _SIGTERM_SPOOL_S
+                _sigterm_closer = (closer, end)
+                closer.start()
+            closer, end = _sigterm_closer
+            closer.join(max(end - time.monotonic(), 0.0))
     except Exception:  # never raise from a signal handler: the process ends either way
         pass
     finally:
@@ -647,13 +663,20 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def _finish_on_sigterm() -> None:
     """Finish every live run as ``crashed``, each within its ``flush_timeout_s`` and all
-    within :data:`_SIGTERM_FLUSH_S` for the server; what is left goes to the spool."""
+    within :data:`_SIGTERM_FLUSH_S` for the server; what is left goes to the spool. A close
+    already under way (the exit hook's, a ``finish()`` the signal interrupted) is hurried to
+    the same deadline and waited for, keeping its status."""
     deadline = time.monotonic() + _SIGTERM_FLUSH_S
     for m in list(_LIVE):
         s = m.settings
         left = max(deadline - time.monotonic(), 0.1)
         with contextlib.suppress(Exception):
             m.finish("crashed", timeout=min(s.flush_timeout_s, left) if s else left)
+    for m, status in list(_CLOSING.items()):
+        left = max(deadline - time.monotonic(), 0.1)
+        with contextlib.suppress(Exception):
+            if m._sender is not None:  # its capture flush may be cut short: the rest goes
+                m._sender.close(status, None, left)
 
 
 monitor = Monitor()

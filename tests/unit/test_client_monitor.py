@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -533,6 +534,67 @@ time.sleep(0.5)
     if final_snapshot:
         assert any(e.get("type") == "scalars" for e in spooled)
     assert (b"framework saw SIGTERM" in done.stdout) is (after == _FRAMEWORK_OVER_OURS)
+
+
+_SECOND_SIGTERM = """
+closer = threading.Thread(target=lambda: (time.sleep(0.3), os.kill(os.getpid(), signal.SIGTERM)))
+closer.start()  # while the first SIGTERM's close waits for the silent server
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(30)
+"""
+_SIGTERM_IN_EXIT_HOOK = """
+def kill() -> None:
+    time.sleep(1.0)  # the script has ended: the exit hook is flushing to the silent server
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=kill, daemon=True).start()
+"""
+
+
+@pytest.mark.parametrize(
+    ("ending", "status"),
+    [(_SECOND_SIGTERM, "crashed"), (_SIGTERM_IN_EXIT_HOOK, "finished")],
+    ids=["second-sigterm", "sigterm-in-exit-hook"],
+)
+def test_a_sigterm_during_a_close_waits_for_it(tmp_path: Path, ending: str, status: str) -> None:
+    """A SIGTERM arriving while a run is being closed (a second one, as torchrun's agent and
+    schedulers send; or one during the exit hook's flush) killed the process at once: the
+    nested handler found no live run, and ``finish`` had given SIGTERM back its default action
+    before flushing. Nothing was spooled and the run stayed ``running``. It now waits for the
+    close under way (the SIGTERM's own deadline), then dies of the signal; the close keeps its
+    status and what the server did not take is spooled."""
+    silent = socket.create_server(("127.0.0.1", 0))  # connects, never answers
+    port = silent.getsockname()[1]
+    script = f"""
+import os
+import signal
+import threading
+import time
+import torch
+from torch import nn
+from spectrawatch import monitor
+
+monitor.init(url="http://127.0.0.1:{port}", project="p", run="term2", spool_dir={str(tmp_path)!r},
+             flush_timeout_s=30, timeout_s=30, backoff_s=0.01)
+model = nn.Linear(3, 3)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+monitor.attach(model, opt)
+for t in range(5):
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    monitor.log({{"loss": float(t)}})
+{ending}
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with silent:
+        done = subprocess.run(
+            [sys.executable, "-c", script], timeout=120, env=env, check=False, capture_output=True
+        )
+    assert done.returncode == -signal.SIGTERM, done.stderr.decode()[-2000:]
+    metas = [json.loads(p.read_text()) for p in tmp_path.rglob("run.json")]
+    assert [m.get("status") for m in metas] == [status]
+    spooled = [json.loads(p.read_bytes().split(b"\n", 1)[0]) for p in tmp_path.rglob("*.sw")]
+    assert any(e.get("type") == "frame" and e.get("kind") == "weights" for e in spooled)
+    assert any(e.get("type") == "scalars" for e in spooled)
 
 
 def test_api_use_from_the_session_6_audit(tmp_path: Path) -> None:
