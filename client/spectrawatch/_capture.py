@@ -49,8 +49,10 @@ the hash index in :mod:`spectrawatch._sketch_index`, weight snapshots in
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 import time
 import weakref
 from collections import deque
@@ -84,6 +86,8 @@ from spectrawatch.spectral.grokking import (
     commutator_probe,
 )
 from spectrawatch.wire import MODEL_LAYER as MODEL_KEY
+
+logger = logging.getLogger("spectrawatch")
 
 # theta sketches of all layers: an (L + 1, d) matrix, or (exact mode) flat parameters by name
 Rows = torch.Tensor | dict[str, torch.Tensor]
@@ -134,6 +138,9 @@ class Capture:
         self.sample_batch = sample_batch
         self.step = start_step
         self._stepped = False  # whether on_step ran (an explicit first step may be any number)
+        # the thread that steps the model: the only one where a sharded model's collective
+        # captures may run (the other ranks join them from their training threads)
+        self._training_thread = threading.get_ident()
         self.spec = SketchSpec(settings.dim, settings.sketch_seed)
         self.layout = SketchLayout(self.model, settings, errors, stats)
         self._sketch_index = SketchIndex(self.spec, settings, errors)
@@ -308,6 +315,7 @@ class Capture:
                 return
             self.step = self.step + 1 if step is None else int(step)
             self._stepped = True
+            self._training_thread = threading.get_ident()
             n = self.step
             s = self.s
             every = self.update_every  # the cadence this step's pre-step hook sketched for
@@ -635,10 +643,17 @@ class Capture:
 
     # -- end -----------------------------------------------------------------------------------
 
-    def finish(self) -> None:
+    def finish(self, collectives: bool = True) -> None:
         """Flush partial frames and take the final weight snapshot and probe capture (never
         raises); the rows already buffered go out even if the update sketch was disabled after
-        failures."""
+        failures.
+
+        For a sharded model the final captures are collectives (weight all-gathers, the probe
+        forward) that every rank must join from its training thread: they are skipped unless
+        ``collectives`` (an explicit ``finish()``, which every rank calls) and this is the
+        thread that steps the model. A SIGTERM's close on its own thread ran them beside the
+        training thread's FSDP collectives (gloo aborted: "collective mismatch"), and the exit
+        hook's ran them with no partner (other ranks have exited or are elsewhere)."""
         self._join_stream()
         for flush in (self.flush_updates, self.flush_theta):
             try:
@@ -646,11 +661,24 @@ class Capture:
             except Exception as exc:
                 self.errors.record("update sketch", exc)
         self.release_frames()
-        if self.s.weights_at_finish and self.step > 0 and not self._off():
+        final = self.s.weights_at_finish and self.step > 0 and not self._off()
+        if final and self.sharded and not self._may_gather(collectives):
+            logger.info(
+                "spectrawatch: no final weight snapshot or probe capture of the sharded model "
+                "at step %d: they are collectives, taken only by finish() on every rank's "
+                "training thread (not at exit or on a SIGTERM)",
+                self.step,
+            )
+            final = False
+        if final:
             self._guard("weights", lambda: self.capture_weights(self.step))
             if self.probe is not None and self.s.activations_every > 0:
                 self._guard("activations", lambda: self.capture_activations(self.step))
         self.remove()
+
+    def _may_gather(self, collectives: bool) -> bool:
+        """Whether a sharded model's collective captures may run now (see :meth:`finish`)."""
+        return collectives and threading.get_ident() == self._training_thread
 
 
 # the captures alive in this process, for the one fork hook below (a hook per capture could

@@ -444,8 +444,15 @@ class Monitor:
     def finish(self, status: str = "finished", timeout: float | None = None) -> bool:
         """Flush captures and the queue (bounded by ``timeout``), close the run.
 
-        Returns True when everything was delivered or spooled in time.
+        Returns True when everything was delivered or spooled in time. A sharded (FSDP2)
+        model's final weight snapshot and probe capture are collectives: call ``finish()`` on
+        every rank, from the training thread (the exit hook and a SIGTERM skip them).
         """
+        return self._close(status, timeout, collectives=True)
+
+    def _close(self, status: str, timeout: float | None, *, collectives: bool) -> bool:
+        """:meth:`finish`; ``collectives=False`` (the exit hook, a SIGTERM) skips a sharded
+        model's collective final captures, whose other ranks cannot be assumed to join."""
         if not self._active:
             return True
         self._active = False
@@ -455,7 +462,7 @@ class Monitor:
         ok = True
         try:
             for c in list(self._captures):
-                c.finish()  # participants too: the final weight gather is collective
+                c.finish(collectives)  # participants too: the final weight gather is collective
             self._captures = []
             if self._sender is not None:
                 ok = self._sender.close(status, None, timeout)  # it adds its final stats
@@ -587,7 +594,11 @@ def _finish_at_exit() -> None:
     for m in list(_LIVE):
         s = m.settings
         with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to tell
-            m.finish(m._exit_status or status, timeout=min(s.flush_timeout_s, 10.0) if s else 10.0)
+            m._close(
+                m._exit_status or status,
+                min(s.flush_timeout_s, 10.0) if s else 10.0,
+                collectives=False,  # a sharded model's other ranks may be gone or elsewhere
+            )
 
 
 _SIGTERM_FLUSH_S = 5.0
@@ -671,7 +682,7 @@ def _finish_on_sigterm() -> None:
         s = m.settings
         left = max(deadline - time.monotonic(), 0.1)
         with contextlib.suppress(Exception):
-            m.finish("crashed", timeout=min(s.flush_timeout_s, left) if s else left)
+            m._close("crashed", min(s.flush_timeout_s, left) if s else left, collectives=False)
     for m, status in list(_CLOSING.items()):
         left = max(deadline - time.monotonic(), 0.1)
         with contextlib.suppress(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -9,8 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,11 @@ import torch
 from torch import nn
 
 import spectrawatch
-from spectrawatch import wire
+from spectrawatch import _shards, wire
 from tests.forks import arm_child_alarm, child_exit_code
 from tests.unit.test_client_sender import FakeServer
+
+_monitor_module = importlib.import_module("spectrawatch.monitor")
 
 
 def fast(tmp_path: Path, **kw: Any) -> dict[str, Any]:
@@ -595,6 +600,58 @@ for t in range(5):
     spooled = [json.loads(p.read_bytes().split(b"\n", 1)[0]) for p in tmp_path.rglob("*.sw")]
     assert any(e.get("type") == "frame" and e.get("kind") == "weights" for e in spooled)
     assert any(e.get("type") == "scalars" for e in spooled)
+
+
+def _close_on_a_thread(close: Callable[[], object], name: str) -> None:
+    thread = threading.Thread(target=close, name=name)
+    thread.start()
+    thread.join(60)
+
+
+_ENDS: dict[str, Callable[[spectrawatch.Monitor], object]] = {
+    "finish": lambda m: m.finish(),
+    "finish-elsewhere": lambda m: _close_on_a_thread(m.finish, "elsewhere"),
+    "exit-hook": lambda m: _monitor_module._finish_at_exit(),
+    "sigterm": lambda m: _close_on_a_thread(_monitor_module._finish_on_sigterm, "sigterm"),
+}
+
+
+@pytest.mark.parametrize("end", list(_ENDS))
+def test_a_sharded_models_final_captures_run_only_in_finish_on_the_training_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    """A sharded (FSDP2) model's final weight snapshot and probe forward are collectives every
+    rank joins from its training thread. The SIGTERM handler ran them on its own thread, beside
+    the training thread's FSDP collectives (gloo: SIGABRT, "collective mismatch"), and the exit
+    hook ran them on rank 0 alone (the other ranks keep no exit hook: "Connection closed by
+    peer"). Only ``finish()`` on the training thread takes them now; the other ends flush what
+    is buffered."""
+    gathers: list[str] = []
+    full_tensor = _shards.full_tensor
+
+    def gather(p: torch.Tensor) -> torch.Tensor:
+        gathers.append(threading.current_thread().name)
+        return full_tensor(p)
+
+    # a one-rank stand-in for a sharded model: its collectives are identities here
+    monkeypatch.setattr(_shards, "has_sharded_params", lambda model: True)
+    monkeypatch.setattr(_shards, "all_reduce_sum", lambda x: x)
+    monkeypatch.setattr(_shards, "full_tensor", gather)
+    monkeypatch.setattr(_monitor_module, "_LIVE", set())  # the exit hook closes this run only
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="sharded", **fast(tmp_path, weights_every=0, activations_every=100))
+    model = loop(m, 3)
+    probed: list[str] = []
+    model.register_forward_hook(lambda *a: probed.append(threading.current_thread().name))
+    _ENDS[end](m)
+    assert not m._active
+    taken = end == "finish"
+    assert bool(gathers) is taken, gathers
+    assert bool(probed) is taken, probed
+    assert set(gathers) <= {threading.current_thread().name}
+    steps = [s for h in server.headers_by_kind()["update_sketch"] for s in h.info["steps"]]
+    assert steps == [1, 2, 3]  # the buffered rows are flushed by every end
 
 
 def test_api_use_from_the_session_6_audit(tmp_path: Path) -> None:
