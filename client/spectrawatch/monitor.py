@@ -57,12 +57,18 @@ def _in_dataloader_worker() -> bool:
 
 
 def _is_nonzero_rank() -> bool:
+    """Whether this process is a rank other than 0: the default process group's rank, or
+    before ``init_process_group`` the ``RANK`` that torch's launchers (torchrun,
+    ``torch.distributed.launch``) set, so that ``init()`` at the top of a script knows it."""
     try:
         import torch.distributed as dist
 
-        return bool(dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+        if dist.is_available() and dist.is_initialized():
+            return bool(dist.get_rank() != 0)
     except Exception:
-        return False
+        pass
+    rank = os.environ.get("RANK", "").strip()
+    return rank.isdigit() and int(rank) != 0
 
 
 class Handle:
@@ -262,7 +268,8 @@ class Monitor:
         :class:`Monitor`. FSDP1 ``FullyShardedDataParallel`` is refused (logged); use FSDP2
         ``fully_shard``.
         """
-        if not self._ensure_init() and not self._participant:
+        ready = self._ensure_init() and not self._rank_now_nonzero()
+        if not ready and not self._participant:
             return None
         assert self.settings is not None
         s = self.settings
@@ -324,6 +331,29 @@ class Monitor:
         except Exception as exc:
             self._errors.record("attach", exc)
             return None
+
+    def _rank_now_nonzero(self) -> bool:
+        """Whether ``init`` took this process for rank 0 (no process group, no ``RANK``) and
+        the process group since started says otherwise: then it becomes a participant (it
+        sends nothing more) and closes the sender it started (logged). That sender has already
+        created or resumed its run: a run of its own (a generated name) is closed
+        ``finished``, one named for every rank is left ``running`` for rank 0."""
+        s = self.settings
+        if s is None or self._participant or not s.rank0_only or not _is_nonzero_rank():
+            return False
+        logger.warning(
+            "spectrawatch: init() ran before init_process_group without RANK set; this rank is "
+            "not rank 0 and sends nothing from now on (call init() after init_process_group)"
+        )
+        sender, self._sender = self._sender, None
+        self._participant, self._noop = True, True
+        _LIVE.discard(self)
+        if sender is not None:
+            try:
+                sender.close("finished" if sender.auto_named else "running", None, 2.0)
+            except Exception as exc:
+                self._errors.record("init", exc)
+        return True
 
     def _attach_again(
         self, first: Capture, model: nn.Module, optimizer: torch.optim.Optimizer | None

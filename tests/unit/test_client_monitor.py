@@ -654,6 +654,60 @@ def test_a_sharded_models_final_captures_run_only_in_finish_on_the_training_thre
     assert steps == [1, 2, 3]  # the buffered rows are flushed by every end
 
 
+@pytest.mark.parametrize(("rank", "sends"), [("1", False), ("0", True), ("", True)])
+def test_init_before_the_process_group_takes_the_rank_from_RANK(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: str, sends: bool
+) -> None:
+    """``init()`` at the top of a torchrun script, before ``init_process_group``: only an
+    initialised group was asked for the rank, so every rank sent (duplicate frames, two
+    senders' sequence numbers, each rank's scalars in one run). torchrun's ``RANK`` now
+    decides until the group exists."""
+    monkeypatch.setenv("RANK", rank)
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="ranked", **fast(tmp_path))
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert (m.attach(model, opt) is not None) is sends
+    for t in range(3):
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        m.log({"loss": float(t)})
+    assert m.finish()
+    assert bool(server.runs) is sends
+    assert bool(server.frames) is sends
+    assert bool(server.scalars) is sends
+
+
+@pytest.mark.parametrize(("run", "status"), [("shared", "running"), (None, "finished")])
+def test_a_rank_known_only_at_attach_stops_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: str | None, status: str
+) -> None:
+    """No ``RANK`` at ``init`` (``mp.spawn``), the process group started before ``attach``:
+    ``attach`` asks again, and a non-zero rank stops sending there. The run its sender already
+    started is left ``running`` when every rank names it (rank 0's), closed when it is this
+    rank's own (a generated name)."""
+    monkeypatch.delenv("RANK", raising=False)
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run=run, **fast(tmp_path))
+    monkeypatch.setenv("RANK", "1")  # stands for the process group initialised since
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert m.attach(model, opt) is None
+    for t in range(3):
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        m.log({"loss": float(t)})
+    assert m.finish()
+    assert m.run_name is None
+    assert not server.frames
+    assert not server.scalars
+    assert [p.get("status") for p in server.patches] == [status]
+
+
 def test_api_use_from_the_session_6_audit(tmp_path: Path) -> None:
     """One model per monitor (re-attach: the same handle), bad scalar keys dropped alone, one
     step per log() call without a model, log() after finish() ignored, modules= checked."""
