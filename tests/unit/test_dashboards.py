@@ -144,6 +144,41 @@ def test_match_names_orders_windows_numerically_and_dedupes() -> None:
     assert fig.window_of("sed.gap_ratio") == ""
 
 
+def test_natural_key_takes_only_ascii_digit_runs_as_numbers() -> None:
+    """``²`` is a digit to ``str.isdigit`` but not to ``int``: it stays text (every figure
+    sorting a name ``grad_L2²`` answered 500)."""
+    assert fig.natural_key("grad_L2²") == ("grad_L", 2, "²")
+    assert fig.natural_key("1²") == ("", 1, "²")
+    names = ["fc2²", "fc10", "fc2", "x²", "grad_L2²"]
+    assert sorted(names, key=fig.natural_key) == ["fc2", "fc2²", "fc10", "grad_L2²", "x²"]
+
+
+def test_pages_of_names_with_superscript_digits_load(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        rid = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()["id"]
+        scalars = [{"step": s, "name": n, "value": 1.0} for s in range(3) for n in ("loss", "L2²")]
+        client.post(f"/api/v1/runs/{rid}/scalars", json=scalars).raise_for_status()
+        rows = [
+            {"step": s, "layer": la, "name": "htsr.alpha", "value": 3.0}
+            for s in range(3)
+            for la in ("fc1", "fc2²")
+        ]
+        client.post(
+            f"/api/v1/runs/{rid}/metrics", json={"source": "import", "rows": rows}
+        ).raise_for_status()
+        for path in ("overview", "layers", "layer?layer=fc1"):
+            assert client.get(f"/api/v1/dashboards/runs/{rid}/{path}").status_code == 200, path
+        compare = client.get("/api/v1/dashboards/compare", params={"runs": rid})
+        assert compare.status_code == 200
+        assert compare.json()["controls"]["names"]["options"] == ["L2²", "htsr.alpha", "loss"]
+
+
 def test_first_at_least_skips_missing_values() -> None:
     assert fig.first_at_least([0, 5, 10, 15], [0.1, None, 0.95, 0.99], 0.9) == 10
     assert fig.first_at_least([0, 5], [0.1, 0.2], 0.9) is None

@@ -16,9 +16,17 @@ import numpy as np
 Figure = dict[str, Any]
 
 
+_ASCII_DIGITS = re.compile(r"([0-9]+)")
+
+
 def natural_key(text: str) -> tuple[Any, ...]:
-    """Sort key that orders embedded integers numerically (``w16`` before ``w128``)."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+    """Sort key that orders embedded integers numerically (``w16`` before ``w128``).
+
+    Only ASCII digit runs count as numbers: the split's odd pieces are exactly those runs, so
+    other characters that ``str.isdigit`` takes (``²``, which ``int`` refuses) stay text.
+    """
+    pieces = _ASCII_DIGITS.split(text)
+    return tuple(int(t) if i % 2 else t for i, t in enumerate(pieces))
 
 
 def rounded(values: Sequence[float | None], digits: int = 6) -> list[float | None]:
