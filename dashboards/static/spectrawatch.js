@@ -458,6 +458,7 @@
     (data.tables || []).forEach(function (t) {
       var section = el("section", { id: "table-" + t.id });
       section.appendChild(el("h2", {}, t.title));
+      if (t.help) { section.appendChild(el("div", { "class": "help" }, t.help)); }
       var times = t.times || [];  // columns holding UTC ISO times: shown local, zone named
       if (times.length && t.rows.length) {
         section.appendChild(el("div", { "class": "help" },

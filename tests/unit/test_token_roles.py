@@ -11,13 +11,14 @@ import pytest
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from spectrawatch.cli import main
 from spectrawatch_server.api.deps import ROLE_ATTRIBUTE
 from spectrawatch_server.api.routes import dashboard_figures
 from spectrawatch_server.app import API_PREFIX, API_ROUTERS, create_app
 from spectrawatch_server.config import ServerSettings
-from spectrawatch_server.db.models import Alert
+from spectrawatch_server.db.models import Alert, Delivery
 from spectrawatch_server.storage import alert_store
 from spectrawatch_server.storage import repository as repo
 
@@ -226,6 +227,42 @@ def test_a_read_token_reads_everything_and_writes_nothing(api: Api) -> None:
             _refused(response, "admin", role)
             assert "s3cret" not in response.text
         assert api.call("admin", "GET", path).status_code == 200, path
+
+
+def test_the_alerts_page_shows_webhook_urls_and_errors_in_full_to_admins_only(api: Api) -> None:
+    """The alerts page's deliveries table is read with a ``read`` token too: below ``admin``
+    a URL is its scheme and host, an error its words before the receiver's answer."""
+    hook = {"project": "mine", "url": "https://93.184.216.34:8443/h?token=s3cret"}
+    hook_id = api.call("admin", "POST", "/webhooks", json=hook).json()["id"]
+    assert api.call("admin", "POST", f"/webhooks/{hook_id}/test").status_code < 300
+    with api.sessions.begin() as session:
+        session.execute(
+            update(Delivery).values(last_error="HTTP 500: no such hook /h?token=s3cret")
+        )
+    path = f"/dashboards/runs/{api.runs['mine']}/alerts"
+    for role in ("read", "write", "admin"):
+        response = api.call(role, "GET", path)
+        table = next(t for t in response.json()["tables"] if t["id"] == "deliveries")
+        row = dict(zip(table["columns"], table["rows"][0], strict=True))
+        if role == "admin":
+            assert row["url"] == hook["url"]
+            assert row["last_error"] == "HTTP 500: no such hook /h?token=s3cret"
+            assert not table["help"]
+        else:
+            assert "s3cret" not in response.text, role
+            assert row["url"] == "https://93.184.216.34:8443/…"
+            assert row["last_error"] == "HTTP 500: …"
+            assert "admin token" in table["help"]
+
+
+def test_url_origin_keeps_scheme_host_and_port_only() -> None:
+    origin = dashboard_figures.url_origin
+    assert origin("https://hooks.slack.com/services/T0/B0/XYZ") == "https://hooks.slack.com/…"
+    assert origin("https://user:pw@example.com") == "https://example.com/…"
+    assert origin("http://[::1]:8080/x") == "http://[::1]:8080/…"
+    assert origin("http://example.com/") == "http://example.com"
+    assert origin("not a url") == origin("http://h:99999/") == "…"
+    assert dashboard_figures.error_gist("webhook deleted") == "webhook deleted"
 
 
 def test_a_write_token_runs_training_but_deletes_and_configures_nothing(api: Api) -> None:

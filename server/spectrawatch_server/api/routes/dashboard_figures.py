@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
@@ -45,6 +45,10 @@ MIN_LINE_POINTS = 200
 MAX_COMPARE_RUNS = 8
 # the layer page's panels drawn from its HT-SR spectrum payload, by panel kind
 SPECTRUM_FIGURES = {"esd": dash.esd_figure, "mp": dash.mp_figure, "traps": dash.traps_figure}
+DELIVERIES_MASKED = (
+    "Webhook URLs show their scheme and host only, and errors their first words: the rest"
+    " needs an admin token (a webhook's URL is often a credential, and an error can quote it)."
+)
 NO_RUNS_PICKED = (
     "No runs picked: tick them on the runs list (/) and press “compare selected”, "
     "or open /compare?runs=1,2."
@@ -515,9 +519,39 @@ def _table(
     }
 
 
+def url_origin(url: str) -> str:
+    """``url``'s scheme and host (and port), ``/…`` for the rest: no user info, path or query
+    (where a webhook's credential is: a Slack path, a ``?token=``)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "…"
+    if not parts.scheme or not host:
+        return "…"
+    origin = f"{parts.scheme}://" + (f"[{host}]" if ":" in host else host)
+    origin += f":{port}" if port is not None else ""
+    hidden = parts.path.strip("/") or parts.query or parts.fragment or "@" in parts.netloc
+    return origin + ("/…" if hidden else "")
+
+
+def error_gist(error: str) -> str:
+    """A delivery error's words before its first ``:`` (the server's own: ``HTTP 500``,
+    ``refused``, ``gave up after 3 attempts``, an exception's class), ``…`` for the rest,
+    which can quote the receiver's answer or the URL."""
+    head, sep, _ = error.partition(":")
+    return head + ": …" if sep else head
+
+
+def masked_delivery(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A delivery row for a token below ``admin``: :func:`url_origin` and :func:`error_gist`."""
+    return {**row, "url": url_origin(row["url"]), "last_error": error_gist(row["last_error"])}
+
+
 @api_router.get("/runs/{run_id}/alerts")
-def read_alerts(run: RunDep, session: SessionDep) -> Response:
-    """Alert episodes on a timeline, the alert list and the project's webhook delivery log."""
+def read_alerts(run: RunDep, session: SessionDep, principal: PrincipalDep) -> Response:
+    """Alert episodes on a timeline, the alert list and the project's webhook delivery log
+    (below ``admin``: URLs and errors cut to what cannot hold a credential)."""
     page = pages()["alerts"]
     body = _base(session, run, page)
     alerts = reads.alert_rows(session, run.id)
@@ -525,6 +559,10 @@ def read_alerts(run: RunDep, session: SessionDep) -> Response:
     body["panels"] = [
         dash.panel_from(spec, dash.alerts_timeline_figure(alerts, run.last_step)).public()
     ]
+    admin = principal.allows("admin")
+    deliveries = reads.delivery_rows(session, run.project_id)
+    if not admin:
+        deliveries = [masked_delivery(d) for d in deliveries]
     body["tables"] = [
         _table(
             "alerts",
@@ -561,10 +599,11 @@ def read_alerts(run: RunDep, session: SessionDep) -> Response:
                 "created_at",
                 "delivered_at",
             ),
-            reads.delivery_rows(session, run.project_id),
+            deliveries,
             empty="No webhook deliveries yet (add one with POST /api/v1/webhooks).",
             # UTC ISO values: the page shows them in the browser's local time, zone named
             times=["created_at", "delivered_at"],
+            help="" if admin else DELIVERIES_MASKED,
         ),
     ]
     return _json(body)
