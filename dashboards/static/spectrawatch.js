@@ -218,7 +218,7 @@
       var parts = [];
       if (s.early_warning_step !== null) { parts.push(["early warning at step ", s.early_warning_step]); }
       if (s.early_warning_reason) { parts.push([s.early_warning_reason, ""]); }
-      if (s.val_acc_crossing_step !== null) { parts.push([s.val_acc_name + " ≥ 0.9 at step ", s.val_acc_crossing_step]); }
+      if (s.val_acc_crossing_step !== null) { parts.push([s.val_acc_name + " ≥ " + (s.val_acc_threshold || 0.9) + " at step ", s.val_acc_crossing_step]); }
       if (s.lead_steps !== null) { parts.push(["lead time ", s.lead_steps + " steps"]); }
       if (s.open_alerts) { parts.push(["open alerts ", s.open_alerts]); }
       if (s.nonfinite_step !== null && s.nonfinite_step !== undefined) {

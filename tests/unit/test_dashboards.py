@@ -199,6 +199,36 @@ def test_val_acc_pattern() -> None:
     assert not any(fig.VAL_ACC_PATTERN.match(n) for n in ("train_acc", "val_loss", "accuracy"))
 
 
+def test_accuracy_logged_in_percent_crosses_90_not_0_9(tmp_path: Path) -> None:
+    """A val_acc from 10 to 95 (percent, as torchvision's scripts print it) was past 0.9 at
+    step 0: its crossing is where it reaches 90."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    assert fig.val_acc_threshold(None) == fig.val_acc_threshold(1.0) == 0.9
+    assert fig.val_acc_threshold(95.0) == 90.0
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        summaries = {}
+        for scale, threshold in ((1.0, 0.9), (100.0, 90.0)):
+            rid = client.post("/api/v1/runs", json={"project": "p", "name": f"x{scale}"}).json()
+            values = [
+                {"step": s, "name": "val_acc", "value": scale * (0.1 + 0.85 * s / 1000)}
+                for s in range(0, 1001, 50)
+            ]
+            client.post(f"/api/v1/runs/{rid['id']}/scalars", json=values).raise_for_status()
+            body = client.get(f"/api/v1/dashboards/runs/{rid['id']}/overview").json()
+            summaries[threshold] = body["summary"]
+            accuracy = next(p for p in body["panels"] if p["id"] == "accuracy")
+            texts = [a["text"] for a in accuracy["figure"]["layout"]["annotations"]]
+            assert f"val_acc ≥ {threshold:g}" in texts
+    for threshold, summary in summaries.items():
+        assert summary["val_acc_crossing_step"] == 950, threshold
+        assert summary["val_acc_threshold"] == threshold
+
+
 def test_series_csv_quotes_names() -> None:
     csv = fig.series_csv([("a,b", [1, 2], [0.5, None])])
     assert csv == 'series,step,value\n"a,b",1,0.5\n"a,b",2,\n'

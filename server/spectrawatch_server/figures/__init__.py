@@ -40,6 +40,7 @@ from spectrawatch_server.figures.keys import PHASE_PREFIX as PHASE_PREFIX
 from spectrawatch_server.figures.keys import VAL_ACC_PATTERN as VAL_ACC_PATTERN
 from spectrawatch_server.figures.keys import VAL_ACC_THRESHOLD as VAL_ACC_THRESHOLD
 from spectrawatch_server.figures.keys import WARNING_KEY as WARNING_KEY
+from spectrawatch_server.figures.keys import val_acc_threshold as val_acc_threshold
 from spectrawatch_server.figures.keys import window_of as window_of
 from spectrawatch_server.figures.lines import ENVELOPE_COLOR as ENVELOPE_COLOR
 from spectrawatch_server.figures.lines import WEBGL_POINTS as WEBGL_POINTS

@@ -10,11 +10,21 @@ import re
 
 from spectrawatch.wire import MODEL_LAYER as MODEL_LAYER  # the model-level pseudo-layer
 
-VAL_ACC_THRESHOLD = 0.9  # "generalised" line of the grokking overview
+VAL_ACC_THRESHOLD = 0.9  # "generalised" line of the grokking overview, accuracy as a fraction
+VAL_ACC_PERCENT_THRESHOLD = 90.0  # the same, for an accuracy logged in percent
+PERCENT_SCALE_ABOVE = 1.5  # an accuracy series reaching above this is logged in percent (0-100)
 VAL_ACC_PATTERN = re.compile(r"^(val|valid|validation|test|eval)[._/ -]?(acc|accuracy)$", re.I)
 WARNING_KEY = "grok.imminent"  # 1.0 from the step the SED early-warning detector fires
 PHASE_PREFIX = "sed.phase"
 HTSR_GOOD_RANGE = (2.0, 6.0)  # Martin & Mahoney JMLR 2021 §5: well-trained layers
+
+
+def val_acc_threshold(largest: float | None) -> float:
+    """The "generalised" level of a validation accuracy whose largest value is ``largest``:
+    :data:`VAL_ACC_THRESHOLD` (0.9), or :data:`VAL_ACC_PERCENT_THRESHOLD` (90) for one logged
+    in percent (above :data:`PERCENT_SCALE_ABOVE`, which a fraction cannot reach)."""
+    percent = largest is not None and largest > PERCENT_SCALE_ABOVE
+    return VAL_ACC_PERCENT_THRESHOLD if percent else VAL_ACC_THRESHOLD
 
 
 def window_of(name: str) -> str:

@@ -65,9 +65,11 @@ def overview_markers(
     alerts: Sequence[Mapping[str, Any]] = (),
     *,
     warning_hover: str = "",
+    threshold: float = VAL_ACC_THRESHOLD,
 ) -> list[Marker]:
     """Early-warning and val-accuracy markers (with the lead time between them) plus alerts;
-    ``warning_hover`` (the detector's evidence) is the early-warning marker's hover text."""
+    ``warning_hover`` (the detector's evidence) is the early-warning marker's hover text,
+    ``threshold`` the accuracy the crossing reached (90 for one logged in percent)."""
     out: list[Marker] = []
     if warning_step is not None:
         lead = ""
@@ -79,7 +81,7 @@ def overview_markers(
         out.append(
             Marker(
                 crossing_step,
-                f"{plot_text(crossing_name, 60)} ≥ {VAL_ACC_THRESHOLD:g}",
+                f"{plot_text(crossing_name, 60)} ≥ {threshold:g}",
                 "#2ca02c",
                 "dash",
             )

@@ -209,9 +209,13 @@ def read_overview(
     scalars = scalar_lines(session, run.id, n)
     crossing_name = next((s for s in sorted(scalars) if dash.VAL_ACC_PATTERN.match(s)), "")
     crossing = None
+    threshold = dash.VAL_ACC_THRESHOLD
     if crossing_name:
+        # the line keeps each bucket's max: its largest value is the series' (percent or not)
+        values = [v for v in scalars[crossing_name].y if v is not None]
+        threshold = dash.val_acc_threshold(max(values, default=None))
         crossing = reads.first_step_at_least(
-            session, run.id, crossing_name, dash.VAL_ACC_THRESHOLD, model=Scalar
+            session, run.id, crossing_name, threshold, model=Scalar
         )
     warning = None
     if dash.WARNING_KEY in names:
@@ -220,7 +224,9 @@ def read_overview(
         )
     evidence, why = warning_evidence(session, run.id, warning)
     alerts = reads.alert_rows(session, run.id)
-    markers = dash.overview_markers(warning, crossing, crossing_name, alerts, warning_hover=why)
+    markers = dash.overview_markers(
+        warning, crossing, crossing_name, alerts, warning_hover=why, threshold=threshold
+    )
     onsets = reads.nonfinite_onsets(session, run.id)
     bad = dash.nonfinite_marker(onsets)
     if bad is not None:
@@ -230,6 +236,7 @@ def read_overview(
         "early_warning_evidence": evidence,
         "early_warning_reason": why,
         "val_acc_name": crossing_name,
+        "val_acc_threshold": threshold,
         "val_acc_crossing_step": crossing,
         "lead_steps": None if warning is None or crossing is None else crossing - warning,
         "metric_names": len(names),
