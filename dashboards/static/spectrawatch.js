@@ -108,6 +108,13 @@
           var values = Array.isArray(t.customdata) ? t.customdata : t.z;
           (t.x || []).forEach(function (step, j) { lines.push([layer, step, values[i][j]].map(csvCell).join(",")); });
         });
+      } else if (t.meta && Array.isArray(t.meta.csv)) {
+        // its own columns (the alert timeline): the name, each point's stored fields, the step
+        if (!lines.length) { lines.push(t.meta.csv.map(csvCell).join(",")); }
+        (t.x || []).forEach(function (x, i) {
+          if (x === null || x === undefined) { return; }
+          lines.push([t.name].concat((t.customdata || [])[i] || [], [x]).map(csvCell).join(","));
+        });
       } else {
         if (!lines.length) { lines.push("series,x,y"); }
         (t.x || []).forEach(function (x, i) {

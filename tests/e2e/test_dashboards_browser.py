@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from tests.e2e.dashboard_data import (
+    ALERT_STEP,
     CROSSING_STEP,
     LAYERS,
     MODULES,
@@ -396,6 +397,13 @@ def test_activations_alerts_and_compare_pages(browser: Any, seeded: Any, artifac
     )
     assert "Download data as CSV" in titles
     assert "Log / linear y axis" not in titles  # its rows are rules, not values
+    # its CSV: rule and layer apart, as stored (the row labels are escaped "rule layer")
+    csv = browser.execute_script(
+        "return SW.figureCsv(document.querySelector('#panel-timeline .plot'))"
+    ).split("\n")
+    assert csv[0] == "severity,rule,layer,status,step"
+    assert f"warning,heavy_tail_out_of_range,blocks.1.mlp,open,{ALERT_STEP}" in csv
+    assert f"info,grokking_imminent,,resolved,{CROSSING_STEP}" in csv
     assert wait_js(browser, "document.querySelector('#table-alerts table').dataset.rows") == "2"
     deliveries = browser.find_element("id", "table-deliveries").text
     assert "alert.opened" in deliveries

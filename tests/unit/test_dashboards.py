@@ -485,6 +485,24 @@ def test_alerts_timeline_open_episode_runs_to_last_step() -> None:
 # --- queries and routes on a real (temporary) SQLite database ---------------------------------
 
 
+def test_alerts_timeline_carries_rule_and_layer_as_stored_for_its_csv() -> None:
+    """The timeline's labels are HTML-escaped "rule layer" strings: its CSV (figureCsv) reads
+    rule, layer and status as stored from each point's customdata, under ``meta.csv``."""
+    alerts = [
+        {
+            "rule": "r&d",
+            "layer": "<b>in&.weight",
+            "severity": "warning",
+            "status": "open",
+            "step": 3,
+        }
+    ]
+    trace = fig.alerts_timeline_figure(alerts, last_step=7)["data"][0]
+    assert trace["y"][0] == "r&amp;d &lt;b&gt;in&amp;.weight"
+    assert trace["customdata"] == [["r&d", "<b>in&.weight", "open"]] * 2 + [None]
+    assert trace["meta"] == {"csv": ["severity", "rule", "layer", "status", "step"]}
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Any:
     engine, sessions = migrated(tmp_path)

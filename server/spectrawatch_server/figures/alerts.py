@@ -17,10 +17,16 @@ SEVERITY_COLORS = {
 }
 
 
+# the CSV of the timeline (the page's figureCsv): the trace's name, its customdata row, the step
+TIMELINE_CSV = ("severity", "rule", "layer", "status", "step")
+
+
 def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int | None) -> Figure:
     """Alert episodes over steps, one row per rule and layer: a segment from firing to
     resolution. Rows in natural order (``blocks.2`` before ``blocks.10``), their list in
-    ``yaxis.categoryarray`` (the page gives each row its own height from it)."""
+    ``yaxis.categoryarray`` (the page gives each row its own height from it). Each point's
+    ``customdata`` is its ``[rule, layer, status]`` as stored (the labels are HTML-escaped)
+    and the trace's ``meta.csv`` the CSV header: :data:`TIMELINE_CSV`."""
     data: list[dict[str, Any]] = []
     labels: set[str] = set()
     by_severity: dict[str, list[Mapping[str, Any]]] = {}
@@ -30,6 +36,7 @@ def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int |
         xs: list[int | None] = []
         ys: list[str | None] = []
         texts: list[str | None] = []
+        raw: list[list[str] | None] = []
         for a in rows:
             end = a.get("resolved_step")
             if end is None:
@@ -41,6 +48,8 @@ def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int |
             xs += [int(a["step"]), int(end), None]
             ys += [label, label, None]
             texts += [text, text, None]
+            stored = [str(a["rule"]), str(a.get("layer") or ""), str(a.get("status"))]
+            raw += [stored, stored, None]
         data.append(
             {
                 "type": "scatter",
@@ -49,6 +58,8 @@ def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int |
                 "x": xs,
                 "y": ys,
                 "text": texts,
+                "customdata": raw,
+                "meta": {"csv": list(TIMELINE_CSV)},
                 "hoverinfo": "text+x",
                 "line": {"width": 6, "color": SEVERITY_COLORS.get(severity, "#7f7f7f")},
                 "marker": {"size": 9, "symbol": "diamond"},
