@@ -386,6 +386,15 @@
     return { visible: first, all: all };
   }
 
+  // A panel's DOM id: its id with each character outside [A-Za-z0-9_-] written as ·<hex>·
+  // (one to one: train/loss and train_loss are two panels; "·" is a CSS name character).
+  function domId(panelId) {
+    return "panel-" + panelId.replace(/[^A-Za-z0-9_-]/gu, function (c) {
+      return "\u00b7" + c.codePointAt(0).toString(16) + "\u00b7";
+    });
+  }
+  SW.domId = domId;
+
   function renderPanels(data) {
     var box = $("panels");
     box.removeAttribute("aria-busy");
@@ -395,7 +404,7 @@
     var keep = {};
     var draws = [];
     (data.panels || []).forEach(function (panel, index) {
-      var id = "panel-" + panel.id.replace(/[^A-Za-z0-9_-]/g, "_");
+      var id = domId(panel.id);
       keep[id] = true;
       var node = $(id);
       if (!node) {

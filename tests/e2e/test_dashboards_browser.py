@@ -423,6 +423,35 @@ def test_activations_alerts_and_compare_pages(browser: Any, seeded: Any, artifac
     assert console_errors(browser) == []
 
 
+def test_compare_panels_of_names_alike_but_for_punctuation_are_two(
+    browser: Any, seeded: Any
+) -> None:
+    """``train/loss`` and ``train_loss`` were one DOM id (``/`` became ``_``): two panels came
+    from the API and the page showed one."""
+    server, _ = seeded
+    with httpx.Client(base_url=f"{server.url}/api/v1") as api:
+        run_id = make_run(api, project="punct", name="p")
+        rows = [
+            {"step": s, "name": n, "value": v * (s + 1)}
+            for s in range(20)
+            for n, v in (("train/loss", 1.0), ("train_loss", -1.0), ("train·2f·loss", 2.0))
+        ]
+        api.post(f"/runs/{run_id}/scalars", json=rows).raise_for_status()
+    names = "train%2Floss,train_loss,train%C2%B72f%C2%B7loss"
+    open_page(browser, f"{server.url}/compare?runs={run_id}&names={names}")
+    got = panels(browser)
+    assert set(got) == {"compare-train/loss", "compare-train_loss", "compare-train·2f·loss"}
+    for name, panel in got.items():
+        check_plotted(panel, min_points=20)
+        assert panel["title"].startswith(name.removeprefix("compare-")), panel
+    ids = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#panels section')).map(function (n) {"
+        " return n.id; })"
+    )
+    assert len(set(ids)) == 3, ids
+    assert console_errors(browser) == []
+
+
 def test_compare_without_runs_says_how_to_pick_them(browser: Any, seeded: Any) -> None:
     """``/compare`` with no runs (typed, bookmarked) is an empty state, not an error banner
     with the API's raw 422 JSON and a 422 in the console."""
@@ -1013,9 +1042,9 @@ def annotations(driver: Any, panel: dict[str, Any]) -> list[str]:
     """The texts written on a panel's plot (marker labels)."""
     return list(
         driver.execute_script(
-            "var gd = document.querySelector('#panel-' + arguments[0] + ' .plot');"
+            "var gd = document.getElementById(SW.domId(arguments[0])).querySelector('.plot');"
             "return (gd.layout.annotations || []).map(function (a) { return a.text; });",
-            panel["id"].replace(".", "_"),
+            panel["id"],
         )
     )
 
