@@ -67,7 +67,10 @@
   function endpoint() {
     var p = params();
     var q = new URLSearchParams();
-    (STATE_KEYS[cfg.page] || []).forEach(function (k) { if (p.get(k)) { q.set(k, p.get(k)); } });
+    // every value of a key: names=a&names=b (a name may hold a comma)
+    (STATE_KEYS[cfg.page] || []).forEach(function (k) {
+      p.getAll(k).forEach(function (v) { if (v) { q.append(k, v); } });
+    });
     var path;
     if (cfg.page === "compare") {
       path = "/dashboards/compare";
@@ -283,6 +286,9 @@
         if (name === "add") {  // compare: one more run of the compared runs' projects
           if (!chosen[0]) { return; }
           p.set("runs", (p.get("runs") || "").split(",").filter(Boolean).concat(chosen).join(","));
+        } else if (c.multiple) {  // one parameter per choice: a name may hold a comma
+          p.delete(name);
+          chosen.forEach(function (v) { p.append(name, v); });
         } else {
           p.set(name, chosen.join(","));
         }

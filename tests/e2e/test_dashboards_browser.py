@@ -452,6 +452,35 @@ def test_compare_panels_of_names_alike_but_for_punctuation_are_two(
     assert console_errors(browser) == []
 
 
+def test_compare_metric_with_a_comma_in_its_name_can_be_picked(browser: Any, seeded: Any) -> None:
+    """Picking ``a,b`` in the metrics control wrote ``names=a,b``, which the API split: the
+    page drew its default metrics. Each choice is its own ``names`` parameter now."""
+    server, _ = seeded
+    with httpx.Client(base_url=f"{server.url}/api/v1") as api:
+        run_id = make_run(api, project="comma", name="c")
+        rows = [
+            {"step": s, "name": n, "value": 1.0 + s} for s in range(10) for n in ("loss", "a,b")
+        ]
+        api.post(f"/runs/{run_id}/scalars", json=rows).raise_for_status()
+    open_page(browser, f"{server.url}/compare?runs={run_id}")
+    assert set(panels(browser)) == {"compare-loss"}
+    before = renders(browser)
+    browser.execute_script(
+        "var s = document.getElementById('control-names');"
+        "Array.prototype.forEach.call(s.options, function (o) {"
+        " o.selected = o.value === 'a,b' || o.value === 'loss'; });"
+        "s.dispatchEvent(new Event('change'));"
+    )
+    rerendered(browser, before)
+    assert set(panels(browser)) == {"compare-a,b", "compare-loss"}
+    query = parse_qs(urlsplit(browser.current_url).query)
+    assert query["names"] == ["a,b", "loss"]
+    browser.refresh()  # the URL alone draws the same
+    wait_js(browser, "document.body.dataset.ready === '1'")
+    assert set(panels(browser)) == {"compare-a,b", "compare-loss"}
+    assert console_errors(browser) == []
+
+
 def test_compare_without_runs_says_how_to_pick_them(browser: Any, seeded: Any) -> None:
     """``/compare`` with no runs (typed, bookmarked) is an empty state, not an error banner
     with the API's raw 422 JSON and a 422 in the console."""

@@ -1128,6 +1128,40 @@ def test_runs_list_status_filter_offers_the_run_statuses(tmp_path: Path) -> None
     assert re.findall(r'<option value="([^"]*)"', select) == ["", *typing.get_args(RunStatus)]
 
 
+def test_compare_picks_names_repeated_or_comma_separated() -> None:
+    """A name holding a comma (``a,b``) can be picked: repeated ``names`` parameters, each a
+    name, or a comma-separated list (``names=loss,acc``) where a value is no name."""
+    available = ["a", "a,b", "acc", "b", "loss"]
+    assert routes.picked_names(["a,b"], available) == ["a,b"]
+    assert routes.picked_names(["loss", "a,b", "loss"], available) == ["loss", "a,b"]
+    assert routes.picked_names(["loss,acc,nope"], available) == ["loss", "acc"]
+    assert routes.picked_names(["", "x"], available) == []
+
+
+def test_compare_draws_a_name_with_a_comma(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        rid = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()["id"]
+        rows = [
+            {"step": s, "name": n, "value": 1.0 + s} for s in range(10) for n in ("loss", "a,b")
+        ]
+        client.post(f"/api/v1/runs/{rid}/scalars", json=rows).raise_for_status()
+        for names in (["a,b"], ["a,b", "loss"], ["loss,a,b"]):
+            body = client.get("/api/v1/dashboards/compare", params={"runs": rid, "names": names})
+            value = body.json()["controls"]["names"]["value"]
+            panels = [p["id"] for p in body.json()["panels"]]
+            assert panels == ["compare-" + n for n in value], names
+            if names != ["loss,a,b"]:  # no name "loss,a,b": the comma form, "loss" only
+                assert value == names
+            else:
+                assert value == ["loss"]
+
+
 def test_compare_heading_names_the_page_once(tmp_path: Path) -> None:
     """The compare page's heading is "Compare runs" (it read "Compare runs compare runs":
     the run pages' run-name slot filled with the page's title), and so is its tab's title (it

@@ -621,12 +621,13 @@ def read_compare(
     principal: PrincipalDep,
     session: SessionDep,
     runs: Annotated[str | None, Query(pattern=r"^\d+(,\d+)*$")] = None,
-    names: str | None = None,
+    names: Annotated[list[str] | None, Query()] = None,
     layer: str | None = None,
     max_points: Points = None,
 ) -> Response:
     """Two or more runs overlaid per metric or scalar, aligned by step; none picked (the
-    page opened as ``/compare``): the empty state says how to pick them."""
+    page opened as ``/compare``): the empty state says how to pick them. ``names`` repeated
+    (``names=a&names=b``), or comma-separated (see :func:`picked_names`)."""
     page = pages()["compare"]
     n = _points(max_points)
     ids = list(dict.fromkeys(int(r) for r in (runs or "").split(",") if r))[:MAX_COMPARE_RUNS]
@@ -644,7 +645,7 @@ def read_compare(
         },
         key=dash.natural_key,
     )
-    requested = [x for x in (names or "").split(",") if x in available]
+    requested = picked_names(names or [], available)
     if not requested:
         requested = []
         for pattern in page.preferred:
@@ -728,6 +729,18 @@ def read_compare(
         panels.append(dash.panel_from(spec, None, empty=None if ids else NO_RUNS_PICKED))
     body["panels"] = [p.public() for p in panels]
     return _json(body)
+
+
+def picked_names(values: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The names of ``available`` that ``values`` (the repeated ``names`` parameter) pick, in
+    order, once each: a value that is a name is that name (``a,b`` too), any other one a
+    comma-separated list of names (``names=loss,htsr.alpha``)."""
+    known = set(available)
+    picked = (
+        [value] if value in known else [n for n in value.split(",") if n in known]
+        for value in values
+    )
+    return list(dict.fromkeys(n for group in picked for n in group))
 
 
 def _number(value: Any) -> str:
