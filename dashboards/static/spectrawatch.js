@@ -223,6 +223,9 @@
         : "/projects/" + encodeURIComponent(project) + "/alert-rules";
       summary.appendChild(el("a", { href: href, id: "rules-link" }, "Alert rules of project " + project + " →"));
     }
+    if (data.notice) {  // compare: runs asked for past the cap, named
+      summary.appendChild(el("span", { id: "notice", role: "note", "class": "warn" }, data.notice));
+    }
     var s = data.summary;
     if (s) {
       var parts = [];

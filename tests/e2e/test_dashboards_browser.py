@@ -481,6 +481,20 @@ def test_compare_metric_with_a_comma_in_its_name_can_be_picked(browser: Any, see
     assert console_errors(browser) == []
 
 
+def test_compare_says_which_runs_past_its_cap_it_left_out(browser: Any, seeded: Any) -> None:
+    server, _ = seeded
+    with httpx.Client(base_url=f"{server.url}/api/v1") as api:
+        ids = [make_run(api, project="cap", name=f"r{i}") for i in range(9)]
+    open_page(browser, f"{server.url}/compare?runs={','.join(map(str, ids))}")
+    notice = browser.find_element("id", "notice")
+    assert notice.is_displayed()
+    assert notice.text.startswith(f"1 run left out (#{ids[-1]})"), notice.text
+    assert "at most 8 runs" in notice.text
+    open_page(browser, f"{server.url}/compare?runs={ids[0]}")
+    assert not browser.find_elements("id", "notice")
+    assert console_errors(browser) == []
+
+
 def test_compare_without_runs_says_how_to_pick_them(browser: Any, seeded: Any) -> None:
     """``/compare`` with no runs (typed, bookmarked) is an empty state, not an error banner
     with the API's raw 422 JSON and a 422 in the console."""

@@ -1162,6 +1162,28 @@ def test_compare_draws_a_name_with_a_comma(tmp_path: Path) -> None:
                 assert value == ["loss"]
 
 
+def test_compare_names_the_runs_past_its_cap(tmp_path: Path) -> None:
+    """A 9th run was dropped without a word: the answer names the runs left out."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        ids = [
+            client.post("/api/v1/runs", json={"project": "p", "name": f"r{i}"}).json()["id"]
+            for i in range(routes.MAX_COMPARE_RUNS + 2)
+        ]
+        asked = ",".join(map(str, ids))
+        body = client.get("/api/v1/dashboards/compare", params={"runs": asked}).json()
+        assert [r["id"] for r in body["runs"]] == ids[: routes.MAX_COMPARE_RUNS]
+        assert body["left_out"] == ids[routes.MAX_COMPARE_RUNS :]
+        assert body["notice"].startswith(f"2 runs left out (#{ids[-2]}, #{ids[-1]})")
+        few = client.get("/api/v1/dashboards/compare", params={"runs": ids[0]}).json()
+        assert (few["left_out"], few["notice"]) == ([], "")
+
+
 def test_compare_heading_names_the_page_once(tmp_path: Path) -> None:
     """The compare page's heading is "Compare runs" (it read "Compare runs compare runs":
     the run pages' run-name slot filled with the page's title), and so is its tab's title (it

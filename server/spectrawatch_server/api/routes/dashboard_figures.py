@@ -630,7 +630,8 @@ def read_compare(
     (``names=a&names=b``), or comma-separated (see :func:`picked_names`)."""
     page = pages()["compare"]
     n = _points(max_points)
-    ids = list(dict.fromkeys(int(r) for r in (runs or "").split(",") if r))[:MAX_COMPARE_RUNS]
+    asked = list(dict.fromkeys(int(r) for r in (runs or "").split(",") if r))
+    ids, left_out = asked[:MAX_COMPARE_RUNS], asked[MAX_COMPARE_RUNS:]
     run_rows = [find_run(session, principal, i) for i in ids]
     scalars = {r.id: scalar_lines(session, r.id, n) for r in run_rows}
     metrics = {r.id: reads.series_names(session, r.id) for r in run_rows}
@@ -671,6 +672,8 @@ def read_compare(
             }
         },
         "tables": [],
+        "left_out": left_out,
+        "notice": left_out_notice(left_out),
     }
     if layer_opts:
         body["controls"]["layer"] = {"label": "layer", "options": layer_opts, "value": layer_value}
@@ -729,6 +732,17 @@ def read_compare(
         panels.append(dash.panel_from(spec, None, empty=None if ids else NO_RUNS_PICKED))
     body["panels"] = [p.public() for p in panels]
     return _json(body)
+
+
+def left_out_notice(left_out: Sequence[int]) -> str:
+    """What the compare page says of runs asked for past :data:`MAX_COMPARE_RUNS` (``""``)."""
+    if not left_out:
+        return ""
+    runs = ", ".join(f"#{i}" for i in left_out)
+    return (
+        f"{len(left_out)} run{'s' if len(left_out) > 1 else ''} left out ({runs}): the page"
+        f" compares at most {MAX_COMPARE_RUNS} runs, the first {MAX_COMPARE_RUNS} in its list."
+    )
 
 
 def picked_names(values: Sequence[str], available: Sequence[str]) -> list[str]:
