@@ -195,7 +195,8 @@
   // answer that differs from the table shown, and only while the user is not busy with it.
   function load(force) {
     var asked = epoch;
-    return request("GET", cfg.api + "/dashboards/projects/" + encodeURIComponent(cfg.project) + "/alert-rules")
+    // the project as a query: "." and ".." in a path are resolved away by the browser
+    return request("GET", cfg.api + "/dashboards/alert-rules?project=" + encodeURIComponent(cfg.project))
       .then(function (data) {
         if (!force && SW.renders && (busy() || asked !== epoch || JSON.stringify(data) === JSON.stringify(SW.lastData))) {
           return;

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests.e2e.dashboard_data import (
     ALERT_STEP,
@@ -1528,6 +1529,24 @@ def test_names_with_url_characters_link_and_load_end_to_end(browser: Any, seeded
     browser.find_element("id", "rules-link").click()
     wait_js(browser, "document.body.dataset.ready === '1'")
     assert browser.find_element("id", "rules-project").text == ODD_PROJECT
+    assert console_errors(browser) == []
+
+
+def test_rules_page_of_a_project_named_dot_loads_its_rules(browser: Any, seeded: Any) -> None:
+    """The page fetched ``/api/v1/dashboards/projects/./alert-rules``, which the browser
+    resolves to ``/projects/alert-rules``: it asks with ``?project=`` now."""
+    server, _ = seeded
+    engine = create_engine(f"sqlite:///{server.data_dir / 'spectrawatch.db'}")
+    with engine.begin() as conn:  # stored before such names were refused
+        conn.execute(
+            text("INSERT INTO project (name, created_at) VALUES ('.', '2025-01-01 00:00:00')")
+        )
+    engine.dispose()
+    browser.get(f"{server.url}/alert-rules?project=.")
+    ready = wait_js(browser, "document.body.dataset.ready")
+    assert ready == "1", browser.execute_script("return SW.errors")
+    assert browser.find_element("id", "rules-project").text == "."
+    assert len(rule_rows(browser)) > 3
     assert console_errors(browser) == []
 
 

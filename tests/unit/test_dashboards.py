@@ -1378,6 +1378,16 @@ def test_rules_pages_of_every_project_name_and_a_missing_one(tmp_path: Path) -> 
         assert missing.json()["error"]["code"] == "project_not_found"
         body = client.get("/api/v1/dashboards/projects/p%20q/alert-rules").json()
         assert body["project"] == "p q"
+        # the query form (the page's): "." and ".." in a URL path are resolved away
+        assert (
+            client.get("/api/v1/dashboards/alert-rules", params={"project": "p q"}).json() == body
+        )
+        with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
+            repo.get_or_create_project(session, ".")  # stored before such names were refused
+        dot = client.get("/api/v1/dashboards/alert-rules", params={"project": "."})
+        assert dot.status_code == 200, dot.text
+        assert dot.json()["project"] == "."
+        assert dot.json()["runs_href"] == "/?project=."
         assert {r["name"] for r in body["rules"]} >= {"alpha_out_of_range", "nonfinite"}
         assert all(r["open_alerts"] == 0 for r in body["rules"])
 

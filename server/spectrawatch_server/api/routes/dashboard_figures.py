@@ -813,6 +813,14 @@ def read_rules(project: str, principal: PrincipalDep, session: SessionDep) -> Re
     )
 
 
+@api_router.get("/alert-rules")
+def read_rules_of(project: str, principal: PrincipalDep, session: SessionDep) -> Response:
+    """:func:`read_rules` with the project as a query (``?project=``): the rules page's read,
+    which reaches the projects named ``.`` and ``..`` too (a browser resolves those away as
+    path segments, escaped as ``%2E`` or not)."""
+    return read_rules(project, principal, session)
+
+
 def _markers_only(
     figure: dash.Figure, markers: Sequence[dash.Marker], last_step: int | None
 ) -> dash.Figure:
