@@ -21,8 +21,12 @@ from spectrawatch._cli_http import (
 
 # CLI flag -> rule parameter (value type)
 def _finite_float(text: str) -> float:
-    """A finite number (argparse type): rule thresholds cannot be NaN or infinite."""
-    value = float(text)
+    """A finite number (argparse type): rule thresholds cannot be NaN or infinite. A bad value
+    raises ArgumentTypeError, whose text argparse shows after the option's name."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value

@@ -474,15 +474,18 @@ def test_flagged_steps_are_the_non_zero_points_from_a_step_on(
         assert series.flagged_steps(session, run_id, "flag", 10**6) == {}
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "Infinity"])
+@pytest.mark.parametrize("value", ["nan", "inf", "Infinity", "abc"])
 def test_cli_refuses_non_finite_thresholds(value: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """They reached the JSON encoder and ended in a traceback (the API refuses them too)."""
+    """They reached the JSON encoder and ended in a traceback (the API refuses them too); a
+    word said "invalid _finite_float value": the option and what it takes are named."""
     from spectrawatch.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["alerts", "set", "r", "--project", "p", "--above", value, "--url", "http://x:1"])
     assert exit_info.value.code == 2
-    assert f"must be a finite number, got '{value}'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"argument --above: must be a finite number, got '{value}'" in err
+    assert "_finite_float" not in err
 
 
 def test_engine_nonfinite_episodes_follow_steps_not_arrival(
