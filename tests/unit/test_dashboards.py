@@ -1027,9 +1027,16 @@ def test_drilldown_of_a_layer_htsr_skips_says_why(tmp_path: Path) -> None:
             result_store.replace_results(session, run["id"], frame.id, 5, "htsr", [], [row])
         url = f"/api/v1/dashboards/runs/{run['id']}/layer"
         page = client.get(url, params={"layer": "wte.weight"}).json()
+        # the page of /runs/1/layers/ (no layer) said "query.layer: String should have..."
+        missing = client.get(url, params={"layer": ""})
     esd = next(p for p in page["panels"] if p["id"] == "esd")
     assert esd["figure"] is None
     assert esd["empty"] == "Layer skipped: outside the filter"
+    alpha = next(p for p in page["panels"] if p["id"] == "alpha")  # said "No alpha series yet"
+    assert (alpha["figure"], alpha["empty"]) == (None, "Layer skipped: outside the filter")
+    assert missing.status_code == 422
+    assert missing.json()["error"]["code"] == "layer_missing"
+    assert missing.json()["error"]["message"].startswith("layer: none given; pick a layer on")
 
 
 def test_layer_drilldown_loads_the_shown_spectrum_only(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from spectrawatch_server.api.deps import (
     SessionDep,
     find_run,
 )
+from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.routes.alerts import find_project, list_rules
 from spectrawatch_server.api.routes.runs import run_public, runs_public
 from spectrawatch_server.db.models import Run, Scalar, Spectrum
@@ -369,12 +370,18 @@ def read_layers(
 def read_layer(
     run: RunDep,
     session: SessionDep,
-    layer: Annotated[str, Query(min_length=1, max_length=500)],
+    layer: Annotated[str, Query(max_length=500)],
     step: int | None = None,
     metric: str | None = None,
     max_points: Points = None,
 ) -> Response:
     """Drilldown of one layer: ESD + power law, MP bulk and spikes, plain vs FARMS alpha."""
+    if not layer:  # the page's URL ends in /layers/: say what to do, not "min_length"
+        raise ApiError(
+            422,
+            "layer_missing",
+            f"layer: none given; pick a layer on the run's layer heatmap (/runs/{run.id}/layers)",
+        )
     page = pages()["layer"]
     n = _points(max_points)
     body = _base(session, run, page)
@@ -400,6 +407,8 @@ def read_layer(
     note = dash.nonfinite_note(onsets, [layer])
     bad = dash.nonfinite_marker(onsets, [layer])
     body["nonfinite_note"] = note
+    skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
+    skipped_text = f"Layer skipped: {skipped}" if skipped else None
     panels = []
     for spec in page.panels:
         if spec.kind in SPECTRUM_FIGURES:
@@ -408,10 +417,7 @@ def read_layer(
                 f" @ step {chosen_row.step}" if chosen_row is not None else ""
             )
             fig = (SPECTRUM_FIGURES[spec.kind](part, title) or None) if part else None
-            skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
-            panel = dash.panel_from(
-                spec, fig, empty=f"Layer skipped: {skipped}" if skipped else None
-            )
+            panel = dash.panel_from(spec, fig, empty=skipped_text)
             panel.extra["note"] = note
             panels.append(panel)
         else:
@@ -432,7 +438,9 @@ def read_layer(
                 y_band=band,
                 markers=line_markers,
             )
-            panel = dash.panel_from(spec, fig)
+            # HT-SR's alphas: none for a layer it skips, which says why as the ESDs do
+            alpha_empty = skipped_text if spec.kind == "alpha_history" else None
+            panel = dash.panel_from(spec, fig, empty=alpha_empty)
             panel.extra["note"] = note
             panels.append(panel)
     body["panels"] = [p.public() for p in panels]
