@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 import weakref
@@ -53,6 +54,7 @@ _INLINE_RETRY_S = 5.0  # a longer Retry-After is waited out with the frame in th
 # past the flush deadline only local work is left (encode, compress, write): wait this long at
 # most for it (a stuck disk), not for the server
 _SPOOL_AFTER_DEADLINE_S = 600.0
+_NUMBERED_MAX = 100  # resume="never": NAME-2 ... NAME-100 are tried, then NAME-<random hex>
 _TAGS = {
     wire.FrameKind.UPDATE_SKETCH: "us",
     wire.FrameKind.PARAM_SKETCH: "ps",
@@ -204,10 +206,12 @@ class Sender:
         self.tags = list(tags or [])
         self.stats = stats or ClientStats()
         self.errors = errors or ErrorLog(self.stats)
-        self.spool = Spool(
-            Path(settings.spool_dir) / safe_component(settings.project) / safe_component(run_name),
-            settings.spool_max_bytes,
-        )
+        self.requested_name = run_name
+        # resume="never": the name is settled when the run is created (NAME, or NAME-2, ...);
+        # until then this session spools to a directory of its own, never an earlier session's
+        self._name_settled = settings.resume != "never" or auto_named
+        suffix = "" if self._name_settled else f"~new-{secrets.token_hex(4)}"
+        self.spool = self._spool_for(run_name, suffix)
         self.run_id: int | str | None = None
         self.run_uid: str | None = None  # the run's uid, sent with each write (None: old server)
         self.run_info: dict[str, Any] = {}
@@ -242,6 +246,8 @@ class Sender:
         self._spool_named = False
         self._spool_private = False  # spooling to <run>~<pid>: another process holds <run>
         self.reopen = True  # set a finished run of this name back to running when resuming
+        self.announce = True  # tell the user what the first contact found (not for `sync`)
+        self._announced = False
         if settings.mode == "offline":
             self._offline_until = float("inf")  # never contacts the server
         _LIVE.add(self)  # made inert in a forked child (see _after_fork)
@@ -512,7 +518,7 @@ class Sender:
             except Rejected as exc:
                 if exc.status != 409:  # 409: exists, fine
                     raise
-            info = self.api.create_run(self.settings.project, self.run_name, self.config, self.tags)
+            info = self._create_run()
             run_id = info.get("id") if isinstance(info, dict) else None
             if not isinstance(run_id, int | str) or isinstance(run_id, bool) or run_id == "":
                 # a proxy page, a redirect target or another service: not our server, for now
@@ -541,6 +547,10 @@ class Sender:
         self.run_uid = uid
         self.run_info = info
         self._back_online()
+        if not self._announced:
+            self._announced = True
+            if self.announce:
+                self._announce(info)
         if self._seq_base is None:
             nxt = info.get("next_seq")
             if isinstance(nxt, int) and nxt >= 0:
@@ -548,6 +558,61 @@ class Sender:
             elif info.get("_status") == 201:
                 self._seq_base = 0
         return True
+
+    def _spool_for(self, name: str, suffix: str = "") -> Spool:
+        """The spool directory of run ``name`` in this run's project (``suffix`` added)."""
+        s = self.settings
+        run_dir = Path(s.spool_dir) / safe_component(s.project) / (safe_component(name) + suffix)
+        return Spool(run_dir, s.spool_max_bytes)
+
+    def _create_run(self) -> dict[str, Any]:
+        """``POST /runs`` for this run. Under ``resume="never"``, until the name is settled, an
+        existing run is not joined: its 409 ``run_exists`` moves on to ``NAME-2``, ``NAME-3``,
+        ... (see :func:`numbered_names`), and the first one created is this run's name."""
+        s = self.settings
+        if self._name_settled:
+            return self.api.create_run(s.project, self.run_name, self.config, self.tags)
+        for name in numbered_names(self.requested_name):
+            try:
+                info = self.api.create_run(s.project, name, self.config, self.tags, resume=False)
+            except Rejected as exc:
+                if exc.status == 409 and exc.code == "run_exists":
+                    continue
+                raise
+            self._settle_name(name)
+            return info
+        raise AssertionError("unreachable: numbered_names ends with a random name")
+
+    def _settle_name(self, name: str) -> None:
+        """Take ``name``, the run ``resume="never"`` created: spool under it from now on (or,
+        with entries spooled already, name it in their ``run.json``), and say so if it is not
+        the name asked for."""
+        self._name_settled = True
+        self.run_name = name
+        if name != self.requested_name:
+            logger.warning(
+                "spectrawatch: run %r already exists in project %r; this session is a new run, "
+                "%r (resume='never')",
+                self.requested_name,
+                self.settings.project,
+                name,
+            )
+        if not self._spool_owned and not len(self.spool):
+            self.spool = self._spool_for(name)
+            self._spool_named = False
+        elif self._spool_named:
+            self.spool.write_meta(self.run_meta())
+
+    def _announce(self, info: Mapping[str, Any]) -> None:
+        """Tell the user, once a session, what the first contact with the server found."""
+        s = self.settings
+        if s.resume == "must" and info.get("_status") == 201:
+            logger.error(
+                "spectrawatch: resume='must', but project %r had no run %r: it was created as "
+                "a new run (training goes on; check the run name)",
+                s.project,
+                self.run_name,
+            )
 
     def _next_seq(self) -> int:
         if self._seq_base is None:
@@ -683,6 +748,8 @@ class Sender:
             "config": self.config,
             "tags": self.tags,
         }
+        if not self._name_settled:  # `sync` creates a new run too, not joining one of the name
+            meta["resume"] = "never"
         return {**meta, **final}
 
     def _spool_put(self, tag: str, meta: dict[str, Any], body: bytes) -> None:
@@ -963,6 +1030,14 @@ class Sender:
                 self.spool.remove_if_empty()
         except OSError as exc:
             self.errors.record("spool close", exc)
+
+
+def numbered_names(name: str) -> list[str]:
+    """``name``, then ``name-2`` ... ``name-100``, then ``name-<6 random hex digits>`` (each
+    shortened to the server's 200 characters by cutting ``name``): the names ``resume="never"``
+    tries in turn."""
+    suffixes = ["", *(f"-{n}" for n in range(2, _NUMBERED_MAX + 1)), f"-{secrets.token_hex(3)}"]
+    return [name[: wire.NAME_MAX - len(x)] + x for x in suffixes]
 
 
 def _spooled_rows(body: bytes) -> list[dict[str, Any]]:

@@ -106,8 +106,14 @@ def sync_run(
         return result
     meta = meta or {}
     try:
+        # the run joined by name, unless its session never learnt it was created (see below)
+        resume = "never" if meta.get("resume") == "never" else "allow"
         s = settings.replace(
-            project=project, run=run, spool_dir=str(run_dir.parent.parent), mode="online"
+            project=project,
+            run=run,
+            spool_dir=str(run_dir.parent.parent),
+            mode="online",
+            resume=resume,
         )
     except SettingsError as exc:  # a hand-edited run.json
         spool.unlock()
@@ -117,8 +123,14 @@ def sync_run(
     sender = Sender(s, api, run, config=meta.get("config"), tags=meta.get("tags"))
     sender.spool = spool  # the one scanned and locked above (same directory)
     sender.reopen = False  # a finished run stays finished; its final status is set below
+    sender.announce = False
     try:
         result.note = sender.drain_spool(time.monotonic() + deadline_s)
+        if resume == "never" and sender.run_id is not None:
+            # created now (NAME, or NAME-2 if NAME exists): a later sync continues this one
+            meta = {**{k: v for k, v in meta.items() if k != "resume"}, "run": sender.run_name}
+            spool.write_meta(meta)
+            result.run = sender.run_name
         result.left = len(spool)
         result.delivered = count - result.left
         lost = {

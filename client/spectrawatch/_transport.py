@@ -236,9 +236,14 @@ class Api:
         name: str,
         config: Mapping[str, Any] | None = None,
         tags: Sequence[str] | None = None,
+        *,
+        resume: bool = True,
     ) -> dict[str, Any]:
-        """Create the run, or get the existing one of that name (resume: ``_status`` 200)."""
+        """Create the run, or get the existing one of that name (resume: ``_status`` 200); with
+        ``resume=False`` an existing one is refused (:class:`Rejected` 409 ``run_exists``)."""
         body: dict[str, Any] = {"project": project, "name": name}
+        if not resume:
+            body["resume"] = False
         if config:
             body["config"] = finite_json(dict(config))
         if tags:

@@ -23,6 +23,8 @@ DEFAULT_URL = "http://127.0.0.1:8765"
 API_PATH = "/api/v1"  # the API's path under the server root URL
 
 WeightsDtype = Literal["float32", "float16", "bfloat16"]
+ResumeMode = Literal["allow", "never", "must"]
+RESUME_MODES = ("allow", "never", "must")
 
 
 class SettingsError(ValueError):
@@ -44,6 +46,9 @@ class ClientSettings:
     url: str = DEFAULT_URL
     project: str = "default"
     run: str | None = None  # None: generated, ``run-YYYYmmdd-HHMMSS-<pid>-<rand>``
+    # an existing run of this name: "allow" joins it, "never" creates NAME-2 (NAME-3, ...)
+    # instead, "must" expects it (none: a new run all the same, logged as an error)
+    resume: ResumeMode = "allow"
     token: str | None = field(default=None, repr=False)  # a secret: not in reprs, tracebacks
     # offline: everything goes to the spool, nothing to the network; `spectrawatch sync` uploads
     mode: Literal["online", "offline", "disabled"] = "online"
@@ -160,6 +165,8 @@ class ClientSettings:
             raise SettingsError(
                 f"mode must be 'online', 'offline' or 'disabled', got {self.mode!r}"
             )
+        if self.resume not in RESUME_MODES:
+            raise SettingsError(f"resume must be 'allow', 'never' or 'must', got {self.resume!r}")
         if self.weights_dtype not in ("float32", "float16", "bfloat16"):
             raise SettingsError(
                 f"weights_dtype must be float32|float16|bfloat16, got {self.weights_dtype!r}"

@@ -3,6 +3,7 @@ across a kill -9 and restart, and training that completes when no server ever st
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -206,6 +207,72 @@ def test_a_resumed_run_continues_after_its_last_step(server: ServerProcess, tmp_
     steps = sorted(f["step"] for f in frames_of(server.url, m.run_id) if f["kind"] == "weights")
     assert steps == sorted(set(steps))  # one snapshot per step: the second session's are > 10
     assert steps[-1] == 20
+
+
+def _one_session(tmp_path: Path, url: str, run: str, steps: int = 5, **kw: Any) -> str | None:
+    """A short session of run ``run`` (attach, ``steps`` steps, log): the run's name it got."""
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, url, run, **kw))
+    loop = Loop(m)
+    for _ in range(steps):
+        loss = loop.model(loop.x).pow(2).mean()
+        loop.opt.zero_grad()
+        loss.backward()
+        loop.opt.step()
+        m.log({"loss": loss})
+    assert m.finish(timeout=60)
+    assert m.stats.get("errors") == 0
+    return m.run_name
+
+
+def _runs_by_name(url: str, project: str = "stream") -> dict[str, dict[str, Any]]:
+    with httpx.Client(base_url=f"{url}/api/v1", timeout=30) as c:
+        return {r["name"]: r for r in c.get("/runs", params={"project": project}).json()}
+
+
+def test_resume_never_makes_a_numbered_new_run_instead_of_joining(
+    server: ServerProcess,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A script run again under its run name with ``resume="never"`` (or
+    ``SPECTRAWATCH_RESUME=never``) gets ``NAME-2``, then ``NAME-3``, each a run of its own with
+    its own config and steps; the first session of a name keeps it, and says nothing."""
+    with caplog.at_level(logging.WARNING, logger="spectrawatch"):
+        assert _one_session(tmp_path, server.url, "again", config={"lr": 1}) == "again"
+        assert not caplog.records
+        assert _one_session(tmp_path, server.url, "again", config={"lr": 2}, resume="never") == (
+            "again-2"
+        )
+        monkeypatch.setenv("SPECTRAWATCH_RESUME", "never")
+        assert _one_session(tmp_path, server.url, "again", config={"lr": 3}) == "again-3"
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("'again' already exists" in m and "'again-3'" in m for m in said)
+    runs = _runs_by_name(server.url)
+    assert {n: (r["config"], r["last_step"]) for n, r in runs.items()} == {
+        "again": ({"lr": 1}, 5),
+        "again-2": ({"lr": 2}, 5),
+        "again-3": ({"lr": 3}, 5),
+    }
+
+
+def test_resume_must_without_the_run_goes_on_as_a_new_run_with_an_error(
+    server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``resume="must"`` naming no run: logged as an error, training goes on as a new run of
+    that name (the client never raises into training); naming an existing one joins it."""
+    with caplog.at_level(logging.WARNING, logger="spectrawatch"):
+        assert _one_session(tmp_path, server.url, "missing", resume="must") == "missing"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "resume='must'" in errors[0]
+    assert "'missing'" in errors[0]
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="spectrawatch"):
+        assert _one_session(tmp_path, server.url, "missing", resume="must") == "missing"
+    assert not caplog.records
+    assert _runs_by_name(server.url)["missing"]["last_step"] == 10
 
 
 def test_a_config_holding_infinity_or_nan_creates_its_run(

@@ -23,7 +23,7 @@ from spectrawatch import wire
 from spectrawatch._sender import FrameItem, Sender
 from spectrawatch._spool import Spool, spooled_run_dirs
 from spectrawatch._transport import Api, Rejected, Unavailable, parse_retry_after
-from spectrawatch.config import ClientSettings
+from spectrawatch.config import ClientSettings, SettingsError
 from tests.forks import arm_child_alarm, child_exit_code
 
 
@@ -78,6 +78,9 @@ class FakeServer:
         if path == "/api/v1/runs":
             body = json.loads(request.content)
             key = (body["project"], body["name"])
+            if key in self.runs and body.get("resume") is False:
+                error = {"code": "run_exists", "message": f"run {key[1]!r} already exists"}
+                return httpx.Response(409, json={"error": error})
             if key in self.runs:
                 return httpx.Response(200, json=self.runs[key])
             run = {"id": len(self.runs) + 1, "project": key[0], "name": key[1], "status": "running"}
@@ -1077,6 +1080,67 @@ def test_a_later_session_that_sets_its_status_drops_an_old_sessions_run_json(
     assert spooled_run_dirs(tmp_path / "spool") == []
 
 
+def test_resume_never_away_from_the_server_spools_apart_and_syncs_into_a_new_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``resume="never"`` with the server away all session: its entries wait in a directory of
+    their own (the name's may hold an earlier session's), whose run.json says ``resume:
+    never``; ``spectrawatch sync`` then creates ``r-2`` beside the stored ``r`` instead of
+    joining it, and renames the run in run.json for a later sync."""
+    from spectrawatch import _sync
+    from spectrawatch._spool import spooled_run_dirs
+
+    server = FakeServer()
+    server.runs[("p", "r")] = {"id": 7, "project": "p", "name": "r", "status": "finished"}
+    server.down = True
+    s = settings(tmp_path, resume="never")
+    sender = make_sender(server, s)
+    sender.put_scalars([{"step": 1, "name": "loss", "value": 1.0}])
+    sender.close(timeout=2)
+    ((run_dir, files),) = spooled_run_dirs(tmp_path / "spool")
+    assert run_dir.name.startswith("r~new-")
+    assert len(files) == 1
+    meta = Spool(run_dir, 0).read_meta()
+    assert meta is not None
+    assert (meta["run"], meta["resume"]) == ("r", "never")
+    server.down = False
+    route = server._route
+
+    def no_patch(request: httpx.Request) -> httpx.Response:
+        if request.method == "PATCH":  # the final status waits: run.json stays
+            return httpx.Response(503, json={"error": {"code": "busy", "message": "later"}})
+        return route(request)
+
+    server._route = no_patch  # type: ignore[method-assign]
+    monkeypatch.setattr(_sync, "Api", lambda *a, **kw: Api(*a, **kw, transport=server.transport()))
+    result = _sync.sync_run(s.replace(resume="allow"), run_dir, meta, deadline_s=5)
+    assert (result.run, result.delivered, result.left) == ("r-2", 1, 0)
+    assert set(server.runs) == {("p", "r"), ("p", "r-2")}
+    assert server.scalars == [{"step": 1, "name": "loss", "value": 1.0}]
+    meta = Spool(run_dir, 0).read_meta()
+    assert meta is not None
+    assert meta["run"] == "r-2"
+    assert "resume" not in meta
+
+
+def test_resume_never_names_are_numbered_within_the_servers_length() -> None:
+    from spectrawatch._sender import numbered_names
+
+    names = numbered_names("x" * 200)
+    assert names[0] == "x" * 200
+    assert names[1] == "x" * 198 + "-2"
+    assert names[99] == "x" * 196 + "-100"
+    assert len(names) == 101
+    assert all(len(n) == 200 for n in names)
+    assert len(set(names)) == 101
+
+
+def test_a_resume_setting_other_than_allow_never_must_is_refused() -> None:
+    with pytest.raises(SettingsError, match="resume must be"):
+        ClientSettings.from_env({"SPECTRAWATCH_RESUME": "sometimes"})
+    assert ClientSettings.from_env({}).resume == "allow"
+
+
 def test_a_write_refused_its_role_mid_run_turns_monitoring_off_and_spools_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1283,6 +1347,9 @@ class ReplaceableServer(FakeServer):
         if request.url.path == "/api/v1/runs":
             body = json.loads(request.content)
             key = (body["project"], body["name"])
+            if key in self.runs and body.get("resume") is False:
+                error = {"code": "run_exists", "message": f"run {key[1]!r} already exists"}
+                return httpx.Response(409, json={"error": error})
             if key in self.runs:
                 return httpx.Response(200, json=self.runs[key])
             return httpx.Response(201, json=self._create(key))
