@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from spectrawatch import wire
+from spectrawatch._notices import joined_message
 from spectrawatch._spool import RUN_META, Spool, safe_component
 from spectrawatch._transport import Api, Rejected, Unavailable
 from spectrawatch.config import ClientSettings
@@ -606,7 +607,9 @@ class Sender:
     def _announce(self, info: Mapping[str, Any]) -> None:
         """Tell the user, once a session, what the first contact with the server found."""
         s = self.settings
-        if s.resume == "must" and info.get("_status") == 201:
+        if info.get("_status") == 200:
+            logger.warning(joined_message(s.project, self.run_name, s.resume, info, self.config))
+        elif s.resume == "must":
             logger.error(
                 "spectrawatch: resume='must', but project %r had no run %r: it was created as "
                 "a new run (training goes on; check the run name)",

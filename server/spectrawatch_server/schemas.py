@@ -238,6 +238,16 @@ class RunPublic(BaseModel):
     frames: dict[str, int] = Field(default_factory=dict, description="frames by analysis status")
 
 
+class RunCreated(RunPublic):
+    """``POST /runs``'s reply: the run, and what it was before this request resumed it."""
+
+    resumed_status: str | None = Field(
+        None,
+        description="the status the run had before this request resumed it (it is `running` "
+        "now); null for a run this request created",
+    )
+
+
 COUNTER_MAX = 2**63 - 1  # a counter as the database's BIGINT holds it
 STATS_MAX_KEYS = 200
 STAT_KEY_MAX = 64

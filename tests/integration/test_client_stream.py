@@ -257,6 +257,26 @@ def test_resume_never_makes_a_numbered_new_run_instead_of_joining(
     }
 
 
+def test_joining_an_existing_run_warns_with_its_step_status_and_config_changes(
+    server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same script run again under its run name (the default ``resume="allow"``) joins the
+    run as before, but says so: a warning naming the run, the status and last step it had,
+    how to get a new run instead, and the config keys this session changed (the stored config
+    is kept)."""
+    assert _one_session(tmp_path, server.url, "rerun", config={"lr": 0.001, "wd": 1}) == "rerun"
+    with caplog.at_level(logging.WARNING, logger="spectrawatch"):
+        _one_session(tmp_path, server.url, "rerun", config={"lr": 0.1, "wd": 1, "seed": 3})
+    (said,) = [r.getMessage() for r in caplog.records if "exists" in r.getMessage()]
+    assert said.startswith("spectrawatch: run 'rerun' of project 'stream' exists")
+    assert "status finished, last step 5" in said
+    assert "resume='never'" in said
+    assert "lr (stored 0.001, now 0.1), seed (stored absent, now 3)" in said
+    assert "wd (" not in said
+    run = _runs_by_name(server.url)["rerun"]
+    assert (run["config"], run["last_step"]) == ({"lr": 0.001, "wd": 1}, 10)
+
+
 def test_resume_must_without_the_run_goes_on_as_a_new_run_with_an_error(
     server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -191,6 +191,7 @@ def test_run_lifecycle(client: httpx.Client) -> None:
         "/runs", json={"project": "life", "name": "r", "config": {"lr": 0.1}, "tags": ["a"]}
     )
     assert created.status_code == 201
+    assert created.json()["resumed_status"] is None
     again = client.post("/runs", json={"project": "life", "name": "r"})
     assert again.status_code == 200
     assert again.json()["id"] == created.json()["id"]
@@ -200,6 +201,10 @@ def test_run_lifecycle(client: httpx.Client) -> None:
     )
     assert patched.json()["status"] == "finished"
     assert patched.json()["config"] == {"lr": 0.1}
+    # resumed: running again, and the reply says what it was (the client's warning names it)
+    resumed = client.post("/runs", json={"project": "life", "name": "r"}).json()
+    assert (resumed["status"], resumed["resumed_status"]) == ("running", "finished")
+    client.patch(f"/runs/{run_id}", json={"status": "finished"})
     listed = client.get("/runs", params={"project": "life"}).json()
     assert [r["id"] for r in listed] == [run_id]
     stats = client.post(f"/runs/{run_id}/client-stats", json={"dropped_frames": 3, "errors": 1})

@@ -1135,6 +1135,19 @@ def test_resume_never_names_are_numbered_within_the_servers_length() -> None:
     assert len(set(names)) == 101
 
 
+def test_the_config_changes_a_joined_run_warns_of_are_few_and_short() -> None:
+    from spectrawatch._notices import config_changes
+
+    stored = {f"k{i}": i for i in range(8)} | {"big": "x" * 100, "inf": "Infinity"}
+    sent = {f"k{i}": -i for i in range(1, 8)} | {"big": "x" * 100, "inf": math.inf, "new": [1]}
+    assert config_changes(sent, stored) == (
+        "k0 (stored 0, now absent), k1 (stored 1, now -1), k2 (stored 2, now -2), "
+        "k3 (stored 3, now -3), k4 (stored 4, now -4) and 4 more"
+    )
+    assert config_changes({"a": "y" * 50}, {"a": 1}) == f'a (stored 1, now "{"y" * 36}...)'
+    assert config_changes({}, stored) == ""  # a session that sent none changed nothing
+
+
 def test_a_resume_setting_other_than_allow_never_must_is_refused() -> None:
     with pytest.raises(SettingsError, match="resume must be"):
         ClientSettings.from_env({"SPECTRAWATCH_RESUME": "sometimes"})

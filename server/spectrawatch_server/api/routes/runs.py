@@ -38,6 +38,7 @@ from spectrawatch_server.schemas import (
     ReanalyzeRequest,
     ReanalyzeResult,
     RunCreate,
+    RunCreated,
     RunDeleted,
     RunPublic,
     RunUpdate,
@@ -82,10 +83,10 @@ def runs_public(session: Session, runs: Sequence[Run]) -> list[RunPublic]:
     ]
 
 
-@router.post("", status_code=201, response_model=RunPublic, dependencies=[require_role("write")])
+@router.post("", status_code=201, response_model=RunCreated, dependencies=[require_role("write")])
 def create_run(
     body: RunCreate, principal: PrincipalDep, session: SessionDep, response: Response
-) -> RunPublic:
+) -> RunCreated:
     """Create run ``name`` in ``project`` (created if needed); an existing run resumes (200),
     or with ``resume: false`` is refused (409: ``spectrawatch import`` creates, never merges)."""
     project = repo.get_project(session, body.project)
@@ -95,6 +96,7 @@ def create_run(
         try:
             run, created = _get_or_create_run(session, body)
             _refuse_resume(body, created)
+            previous = None if created else run.status  # before _claim sets it running
             if _claim(session, run, created, body.project):
                 session.commit()
                 break
@@ -108,7 +110,7 @@ def create_run(
         )
     if not created:
         response.status_code = 200
-    return run_public(session, run)
+    return RunCreated(**dict(run_public(session, run)), resumed_status=previous)
 
 
 def _get_or_create_run(session: Session, body: RunCreate) -> tuple[Run, bool]:
