@@ -1,17 +1,23 @@
-"""What the client tells the user about the run it reached: a run joined by name (with how its
-config differs), a run ``resume="must"`` did not find.
+"""What the client tells the user about the run it reached: where to see it, a run joined by
+name (with how its config differs), a run ``resume="must"`` did not find.
 
 Warnings go to the ``spectrawatch`` logger, which Python prints on stderr when the script set up
-no logging (as it does the client's other warnings: the server away, the spool full).
+no logging (as it does the client's other warnings: the server away, the spool full). The
+"view run" line is information: logged at INFO where the script's logging shows INFO, else
+printed on stderr, so it is seen either way (like W&B's "View run at").
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from spectrawatch._transport import finite_json
+
+logger = logging.getLogger("spectrawatch")
 
 CHANGES_SHOWN = 5  # config keys a warning names at most
 _ABSENT = object()
@@ -63,3 +69,22 @@ def joined_message(
             f". The run keeps its stored config, which this session's differs from at: {changes}"
         )
     return text
+
+
+def run_url(server_url: str, info: Mapping[str, Any]) -> str:
+    """The run's dashboard page: the server's ``dashboard_url`` (absolute, or a path under
+    ``server_url``, the URL this client reached it at), or ``/runs/<id>`` from an older server."""
+    link = info.get("dashboard_url")
+    if isinstance(link, str) and link.startswith(("http://", "https://")):
+        return link
+    path = link if isinstance(link, str) and link.startswith("/") else f"/runs/{info.get('id')}"
+    return server_url.rstrip("/") + path
+
+
+def notice(message: str) -> None:
+    """Show ``message`` (information, not a warning): through logging where it shows INFO of
+    the ``spectrawatch`` logger, else on stderr."""
+    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+        logger.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from spectrawatch import wire
-from spectrawatch._notices import joined_message
+from spectrawatch._notices import joined_message, notice, run_url
 from spectrawatch._spool import RUN_META, Spool, safe_component
 from spectrawatch._transport import Api, Rejected, Unavailable
 from spectrawatch.config import ClientSettings
@@ -550,8 +550,11 @@ class Sender:
         self._back_online()
         if not self._announced:
             self._announced = True
-            if self.announce:
-                self._announce(info)
+            try:
+                if self.announce:
+                    self._announce(info)
+            except Exception as exc:  # a notice must not cost the run
+                self.errors.record("announce", exc)
         if self._seq_base is None:
             nxt = info.get("next_seq")
             if isinstance(nxt, int) and nxt >= 0:
@@ -616,6 +619,8 @@ class Sender:
                 s.project,
                 self.run_name,
             )
+        if not s.quiet:
+            notice(f"spectrawatch: view run {self.run_name!r} at {run_url(s.url, info)}")
 
     def _next_seq(self) -> int:
         if self._seq_base is None:

@@ -49,6 +49,7 @@ class ClientSettings:
     # an existing run of this name: "allow" joins it, "never" creates NAME-2 (NAME-3, ...)
     # instead, "must" expects it (none: a new run all the same, logged as an error)
     resume: ResumeMode = "allow"
+    quiet: bool = False  # no "view run at URL" line on stderr when the run is reached
     token: str | None = field(default=None, repr=False)  # a secret: not in reprs, tracebacks
     # offline: everything goes to the spool, nothing to the network; `spectrawatch sync` uploads
     mode: Literal["online", "offline", "disabled"] = "online"

@@ -246,6 +246,10 @@ class RunCreated(RunPublic):
         description="the status the run had before this request resumed it (it is `running` "
         "now); null for a run this request created",
     )
+    dashboard_url: str = Field(
+        description="the run's dashboard page: a path (`/runs/{id}`, relative to the server "
+        "URL the client used), or an absolute URL under the server's public URL when it has one"
+    )
 
 
 COUNTER_MAX = 2**63 - 1  # a counter as the database's BIGINT holds it

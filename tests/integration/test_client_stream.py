@@ -277,6 +277,22 @@ def test_joining_an_existing_run_warns_with_its_step_status_and_config_changes(
     assert (run["config"], run["last_step"]) == ({"lr": 0.001, "wd": 1}, 10)
 
 
+def test_a_run_says_once_where_to_see_it_unless_quiet(
+    server: ServerProcess, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Reaching its run, the client prints the run's dashboard page once on stderr (W&B's
+    "View run at"); ``quiet=True`` leaves it out, and the page is there."""
+    _one_session(tmp_path, server.url, "where")
+    run_id = _runs_by_name(server.url)["where"]["id"]
+    line = f"spectrawatch: view run 'where' at {server.url}/runs/{run_id}\n"
+    assert capfd.readouterr().err.count(line) == 1
+    _one_session(tmp_path, server.url, "where", quiet=True)
+    assert "view run" not in capfd.readouterr().err
+    page = httpx.get(f"{server.url}/runs/{run_id}", timeout=30)
+    assert page.status_code == 200
+    assert "text/html" in page.headers["content-type"]
+
+
 def test_resume_must_without_the_run_goes_on_as_a_new_run_with_an_error(
     server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

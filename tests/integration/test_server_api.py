@@ -192,6 +192,7 @@ def test_run_lifecycle(client: httpx.Client) -> None:
     )
     assert created.status_code == 201
     assert created.json()["resumed_status"] is None
+    assert created.json()["dashboard_url"] == f"/runs/{created.json()['id']}"
     again = client.post("/runs", json={"project": "life", "name": "r"})
     assert again.status_code == 200
     assert again.json()["id"] == created.json()["id"]

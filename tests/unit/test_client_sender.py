@@ -1148,6 +1148,19 @@ def test_the_config_changes_a_joined_run_warns_of_are_few_and_short() -> None:
     assert config_changes({}, stored) == ""  # a session that sent none changed nothing
 
 
+def test_the_view_run_url_follows_the_servers_link() -> None:
+    from spectrawatch._notices import run_url
+    from spectrawatch_server.api.links import page_link
+
+    assert page_link(None, "/runs/3") == "/runs/3"
+    assert page_link("https://sw.example/base/", "/runs/3") == "https://sw.example/base/runs/3"
+    url = "http://10.0.0.5:8765/"
+    assert run_url(url, {"id": 3, "dashboard_url": "/runs/3"}) == "http://10.0.0.5:8765/runs/3"
+    public = {"id": 3, "dashboard_url": "https://sw.example/runs/3"}
+    assert run_url(url, public) == "https://sw.example/runs/3"
+    assert run_url(url, {"id": 3}) == "http://10.0.0.5:8765/runs/3"  # an older server
+
+
 def test_a_resume_setting_other_than_allow_never_must_is_refused() -> None:
     with pytest.raises(SettingsError, match="resume must be"):
         ClientSettings.from_env({"SPECTRAWATCH_RESUME": "sometimes"})

@@ -25,3 +25,9 @@ def next_link(
     if public_url:
         ref = public_url.rstrip("/") + ref
     return f'<{ref}>; rel="next"'
+
+
+def page_link(public_url: str | None, path: str) -> str:
+    """A dashboard page's link: ``path``, or ``<public_url><path>`` when the server has a public
+    URL (as :func:`next_link`'s references)."""
+    return public_url.rstrip("/") + path if public_url else path

@@ -24,7 +24,7 @@ from spectrawatch_server.api.deps import (
     require_role,
 )
 from spectrawatch_server.api.errors import ApiError
-from spectrawatch_server.api.links import next_link
+from spectrawatch_server.api.links import next_link, page_link
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.db import migrate
 from spectrawatch_server.db.base import utcnow
@@ -85,7 +85,11 @@ def runs_public(session: Session, runs: Sequence[Run]) -> list[RunPublic]:
 
 @router.post("", status_code=201, response_model=RunCreated, dependencies=[require_role("write")])
 def create_run(
-    body: RunCreate, principal: PrincipalDep, session: SessionDep, response: Response
+    body: RunCreate,
+    principal: PrincipalDep,
+    session: SessionDep,
+    state: StateDep,
+    response: Response,
 ) -> RunCreated:
     """Create run ``name`` in ``project`` (created if needed); an existing run resumes (200),
     or with ``resume: false`` is refused (409: ``spectrawatch import`` creates, never merges)."""
@@ -110,7 +114,11 @@ def create_run(
         )
     if not created:
         response.status_code = 200
-    return RunCreated(**dict(run_public(session, run)), resumed_status=previous)
+    return RunCreated(
+        **dict(run_public(session, run)),
+        resumed_status=previous,
+        dashboard_url=page_link(state.settings.public_url, f"/runs/{run.id}"),
+    )
 
 
 def _get_or_create_run(session: Session, body: RunCreate) -> tuple[Run, bool]:
