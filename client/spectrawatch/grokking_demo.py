@@ -7,8 +7,12 @@ later (val_acc >= 0.9 at step 4,100 with seed 0; minutes on a laptop CPU). With 
 not grok in the same budget (the control run).
 
     spectrawatch server &                          # the embedded server on 127.0.0.1:8765
-    python -m spectrawatch.grokking_demo --steps 6000 --run p97-wd1
-    python -m spectrawatch.grokking_demo --steps 6000 --wd 0 --run p97-wd0
+    python -m spectrawatch.grokking_demo --steps 6000
+    python -m spectrawatch.grokking_demo --steps 6000 --wd 0
+
+Each execution is a new run, named ``p97-wd1-s0-<date>-<time>-<hex>``; ``--run NAME`` names it
+(a run of that name that exists is joined, with a warning; ``SPECTRAWATCH_RESUME=never`` makes
+``NAME-2`` instead).
 
 (``examples/grokking.py`` is the same script; ``spectrawatch demo`` runs it against a server it
 starts itself.)
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +88,12 @@ def make_data(
     return x[tr], y[tr], x[va], y[va]
 
 
+def default_run_name(p: int, wd: float, seed: int) -> str:
+    """A new run name per execution, ``p97-wd1-s0-YYYYmmdd-HHMMSS-<4 hex>``: running the script
+    again makes another run, not a second session of the first (a fixed default merged them)."""
+    return f"p{p}-wd{wd:g}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--steps", type=int, default=6000)
@@ -94,7 +105,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--url", default=None, help="server URL (default: SPECTRAWATCH_URL or local)")
     ap.add_argument("--project", default="grokking")
-    ap.add_argument("--run", default=None, help="run name (default: p{p}-wd{wd}-s{seed})")
+    ap.add_argument(
+        "--run",
+        default=None,
+        help="run name (default: a new one per execution, p{p}-wd{wd}-s{seed}-<time>-<hex>)",
+    )
     ap.add_argument(
         "--defect",
         action="store_true",
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = ModAddTransformer(args.p)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd, betas=(0.9, 0.98))
     loss_f = nn.CrossEntropyLoss()
-    run = args.run or f"p{args.p}-wd{args.wd:g}-s{args.seed}"
+    run = args.run or default_run_name(args.p, args.wd, args.seed)
     if not args.no_monitor:
         config = {k: v for k, v in vars(args).items() if k not in ("url", "no_monitor")}
         monitor.init(
