@@ -81,6 +81,13 @@ def test_prune_releases_blobs_of_ended_runs_and_keeps_results(
         "/blobs/prune", json={"older_than_days": 0, "project": "elsewhere", "run_id": ended}
     )
     assert wrong.status_code == 404
+    # deleting the pruned run frees no more blob bytes (it reported every frame's bytes again)
+    body = {"older_than_days": 0, "project": "retention", "statuses": ["finished"]}
+    dry = api.post("/runs/bulk-delete", json={**body, "dry_run": True}).json()
+    assert [r["id"] for r in dry["runs"]] == [ended]
+    assert (dry["frames"], dry["bytes"]) == (len(before[ended][1]), 0)
+    gone = api.delete(f"/runs/{ended}").json()
+    assert (gone["frames"], gone["bytes"]) == (len(before[ended][1]), 0)
 
 
 def test_retention_setting_prunes_at_start_and_hourly(

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     bindparam,
+    case,
     delete,
     func,
     or_,
@@ -193,7 +194,7 @@ class DeletedRun:
     """What :func:`delete_run` removed; the caller deletes ``blob_keys`` after the commit."""
 
     frames: int
-    bytes: int
+    bytes: int  # of the blobs still stored (pruned frames freed theirs before)
     blob_keys: list[str]
 
 
@@ -229,8 +230,9 @@ def delete_run(session: Session, run: Run) -> DeletedRun | None:
     rows = session.execute(select(Frame.blob_key, Frame.bytes).where(Frame.run_id == run.id)).all()
     for model in (Frame, Metric, MetricSeries, Spectrum, Scalar, Alert):
         session.execute(delete(model).where(model.run_id == run.id))
-    keys = [k for k, _ in rows if k]  # imported metric batches have no blob
-    return DeletedRun(len(rows), sum(int(b) for _, b in rows), keys)
+    # imported metric batches and pruned frames have no blob: their bytes are not freed here
+    keys = [k for k, _ in rows if k]
+    return DeletedRun(len(rows), sum(int(b) for k, b in rows if k), keys)
 
 
 @dataclass(frozen=True)
@@ -369,14 +371,14 @@ def is_stale(run: Run, before: datetime, statuses: Iterable[str]) -> bool:
 
 
 def frame_totals(session: Session, run_ids: Sequence[int]) -> tuple[int, int]:
-    """How many frames the runs hold and their stored bytes (what deleting them frees)."""
+    """How many frames the runs hold and the bytes of their blobs still stored (what deleting
+    them frees: pruned frames' blobs are gone already)."""
     frames, size = 0, 0
+    stored = case((Frame.blob_key != "", Frame.bytes), else_=0)
     for start in range(0, len(run_ids), 500):
         chunk = run_ids[start : start + 500]
         n, b = session.execute(
-            select(func.count(), func.coalesce(func.sum(Frame.bytes), 0)).where(
-                Frame.run_id.in_(chunk)
-            )
+            select(func.count(), func.coalesce(func.sum(stored), 0)).where(Frame.run_id.in_(chunk))
         ).one()
         frames, size = frames + int(n), size + int(b)
     return frames, size
