@@ -16,6 +16,7 @@ from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.api.cross_site import CrossSiteGuard
 from spectrawatch_server.api.deps import describe_roles
 from spectrawatch_server.api.errors import install_error_handlers
+from spectrawatch_server.api.known_query import KNOWN_QUERY_ONLY
 from spectrawatch_server.api.limits import JsonBodyLimit, NulGuard
 from spectrawatch_server.api.no_framing import NoFraming
 from spectrawatch_server.api.routes import (
@@ -222,7 +223,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     if not settings.require_auth:  # added last: runs first
         app.add_middleware(CrossSiteGuard, public_url=settings.public_url)
     for api_router in API_ROUTERS:
-        app.include_router(api_router, prefix=API_PREFIX)
+        app.include_router(api_router, prefix=API_PREFIX, dependencies=[KNOWN_QUERY_ONLY])
     from spectrawatch_server.api import api_docs
     from spectrawatch_server.api.routes import dashboard_figures, dashboards  # pages, figures
 

@@ -27,6 +27,7 @@ from spectrawatch_server.api.deps import (
     authenticate,
 )
 from spectrawatch_server.api.errors import STATIC_URL, ApiError
+from spectrawatch_server.api.known_query import KNOWN_QUERY_ONLY
 from spectrawatch_server.api.routes.dashboard_figures import (
     api_router,
     package_dir,
@@ -57,9 +58,10 @@ def read_favicon() -> Response:
 
 
 def install(app: FastAPI, api_prefix: str) -> None:
-    """Add the HTML pages, the figure API (under ``api_prefix``) and the static mount to ``app``."""
+    """Add the HTML pages, the figure API (under ``api_prefix``; an unknown query parameter is
+    a 422, as on the rest of the API) and the static mount to ``app``."""
     app.include_router(router)
-    app.include_router(api_router, prefix=api_prefix)
+    app.include_router(api_router, prefix=api_prefix, dependencies=[KNOWN_QUERY_ONLY])
     app.mount(STATIC_URL, VersionedStaticFiles(package_dir() / "static"), name="dashboards-static")
 
 
