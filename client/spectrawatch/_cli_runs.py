@@ -25,11 +25,22 @@ from spectrawatch.wire import MODEL_LAYER
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
-    """``runs list``: the newest ``--limit`` runs (or ``--all``), read a page at a time."""
+    """``runs list``: the newest ``--limit`` runs (or ``--all``; with ``--status``, ``--tag``),
+    read a page at a time."""
     if args.limit < 1:
         raise CliError("--limit must be at least 1")
     params: dict[str, Any] = {"project": args.project} if args.project else {}
+    if args.status:
+        params["status"] = args.status
+    if args.tag:
+        params["tag"] = args.tag
     runs = call_pages(args, "/runs", params, None if args.all else args.limit)
+    runs = [  # a server without these filters lists every run
+        r
+        for r in runs
+        if (not args.status or r["status"] in args.status)
+        and set(args.tag or []) <= set(r.get("tags") or [])
+    ]
     lines = [
         f"{r['id']:>6}  {r['project']}/{r['name']}  {r['status']}  "
         f"last step {r.get('last_step')}  {sum((r.get('frames') or {}).values())} frames"
@@ -316,6 +327,20 @@ def add_runs_commands(subparsers: Any) -> None:
     sub = runs.add_subparsers(dest="runs_command", required=True)
     ls = sub.add_parser("list", parents=[common], help="runs, newest first")
     ls.add_argument("--project", default=None, help="only runs of this project")
+    ls.add_argument(
+        "--status",
+        type=_statuses,
+        action="extend",
+        default=None,
+        help="only runs with this status (running, finished, crashed; comma-separated or "
+        "repeated: any of them)",
+    )
+    ls.add_argument(
+        "--tag",
+        action="append",
+        default=None,
+        help="only runs with this tag (repeated: with every one of them)",
+    )
     most = ls.add_mutually_exclusive_group()
     most.add_argument(
         "--limit", type=int, default=100, help="at most this many runs (read 1,000 a request)"

@@ -125,9 +125,24 @@ class Api:
         out: list[dict[str, Any]] = self.get("/projects")
         return out
 
-    def runs(self, project: str | None = None) -> list[Run]:
-        """Every run (of ``project``), newest first."""
-        return [Run(self, r) for r in self._every("/runs", project=project)]
+    def runs(
+        self,
+        project: str | None = None,
+        status: str | Sequence[str] | None = None,
+        tags: str | Sequence[str] | None = None,
+    ) -> list[Run]:
+        """Every run (of ``project``; with ``status``, or one of several, a list or
+        comma-separated: ``running``, ``finished``, ``crashed``; having every one of ``tags``),
+        newest first. The server filters (one without these filters lists every run: filtered
+        here)."""
+        statuses = [s.strip() for word in _words(status) for s in word.split(",") if s.strip()]
+        wanted = _words(tags)
+        listed = self._every("/runs", project=project, status=statuses or None, tag=wanted or None)
+        return [
+            Run(self, r)
+            for r in listed
+            if (not statuses or r["status"] in statuses) and set(wanted) <= set(r.get("tags") or [])
+        ]
 
     def _every(self, path: str, **params: Any) -> list[Any]:
         """Every item of a paged list endpoint, read ``_PAGE`` at a time (one request returns
@@ -246,6 +261,13 @@ class Run:
         """Delete the run and everything stored for it (see ``spectrawatch runs delete``)."""
         out: dict[str, Any] = self.api._call("DELETE", f"/runs/{self.id}")
         return out
+
+
+def _words(value: str | Sequence[str] | None) -> list[str]:
+    """A filter given as one word or several, as a list (empty: no filter)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _series(body: dict[str, Any]) -> Series:

@@ -364,3 +364,66 @@ def test_cli_lists_runs_past_a_page_while_runs_are_created(
     assert "--limit must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["runs", "list", "--limit", "3", "--all", *url])
+
+
+def test_runs_filtered_by_status_and_tag_in_pages(
+    server: ServerProcess,
+    api: httpx.Client,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``GET /runs?status=running`` listed finished runs too and ``?tag=`` every run (ignored);
+    the runs can be filtered by status (repeated or comma-separated: any) and tags (every one),
+    page by page through ``Link``, from ``Api.runs`` and ``runs list``."""
+    statuses = ("running", "finished", "crashed")
+    runs: list[tuple[int, str, list[str]]] = []
+    for i in range(12):
+        tags = ["baseline"] * (i % 2 == 0) + ["a,b"] * (i % 3 == 0)
+        body = {"project": "tagged", "name": f"t{i}", "tags": tags}
+        run_id = api.post("/runs", json=body).json()["id"]
+        if statuses[i % 3] != "running":
+            api.patch(f"/runs/{run_id}", json={"status": statuses[i % 3]}).raise_for_status()
+        runs.append((run_id, statuses[i % 3], tags))
+    api.post("/runs", json={"project": "other", "name": "o", "tags": ["baseline"]})
+
+    def expected(status: set[str], tags: set[str]) -> list[int]:
+        return [i for i, s, t in runs[::-1] if (not status or s in status) and tags <= set(t)]
+
+    def listed(query: str) -> list[int]:
+        pages, url = [], f"/runs?project=tagged&limit=2&{query}"
+        while url:
+            resp = api.get(url)
+            assert resp.status_code == 200, resp.text
+            pages += [r["id"] for r in resp.json()]
+            link = resp.links.get("next", {}).get("url", "")
+            kept = set(httpx.URL(link).params.multi_items())
+            assert not link or set(httpx.QueryParams(query).multi_items()) <= kept  # the filters
+            url = str(resp.url.join(link)) if link else ""
+        return pages
+
+    assert listed("status=running") == expected({"running"}, set())
+    assert listed("status=finished,crashed") == expected({"finished", "crashed"}, set())
+    assert listed("status=finished&status=crashed") == expected({"finished", "crashed"}, set())
+    assert listed("tag=baseline") == expected(set(), {"baseline"})
+    assert listed("tag=baseline&tag=a%2Cb") == expected(set(), {"baseline", "a,b"})
+    assert listed("tag=a") == []  # a tag is matched whole
+    assert listed("status=crashed&tag=baseline") == expected({"crashed"}, {"baseline"})
+    wrong = api.get("/runs", params={"status": "running,opne"})
+    assert wrong.status_code == 422
+    assert "query.status: run statuses are running, finished, crashed, not 'opne'" in wrong.text
+    monkeypatch.setattr(spectrawatch.api, "_PAGE", 2)
+    with Api(server.url) as sw:
+        assert [r.id for r in sw.runs("tagged", status="running")] == expected({"running"}, set())
+        got = [r.id for r in sw.runs("tagged", status=["finished", "crashed"], tags="baseline")]
+        assert got == expected({"finished", "crashed"}, {"baseline"})
+        assert [r.id for r in sw.runs(tags=["baseline", "a,b"])] == expected(
+            set(), {"a,b"} | {"baseline"}
+        )
+    monkeypatch.setattr(cli_http, "PAGE_MAX", 2)
+    argv = ["runs", "list", "--project", "tagged", "--json", "--url", server.url, "--all"]
+    assert main([*argv, "--status", "finished,crashed", "--tag", "baseline"]) == 0
+    got = [r["id"] for r in json.loads(capsys.readouterr().out)]
+    assert got == expected({"finished", "crashed"}, {"baseline"})
+    assert main([*argv, "--status", "running", "--status", "crashed", "--tag", "a,b"]) == 0
+    got = [r["id"] for r in json.loads(capsys.readouterr().out)]
+    assert got == expected({"running", "crashed"}, {"a,b"})

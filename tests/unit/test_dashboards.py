@@ -936,6 +936,34 @@ def test_runs_page_filters_and_sorts(tmp_path: Path) -> None:
         assert client.get("/projects/a", params={"fragment": "true"}).text.count("<tr ") == 2
 
 
+def test_runs_page_search_matches_tags_as_well_as_names(tmp_path: Path) -> None:
+    """The runs list's search matched names only: a run tagged ``baseline`` was not found by
+    it. It matches a tag too now (case-insensitive, a wildcard a character), in SQL."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        for name, tags in (("lr1e-3", ["Baseline", "mlp"]), ("lr1e-1", ["50%"]), ("base", [])):
+            client.post("/api/v1/runs", json={"project": "p", "name": name, "tags": tags})
+
+        def names(q: str) -> list[str]:
+            html = client.get("/", params={"fragment": "true", "q": q}).text
+            return re.findall(r'<a href="/runs/\d+">([^<]+)</a>', html)
+
+        assert names("baseline") == ["lr1e-3"]
+        assert names("BASE") == ["base", "lr1e-3"]  # a name or a tag
+        assert names("0%") == ["lr1e-1"]
+        assert names("%") == ["lr1e-1"]  # a wildcard is a character
+        assert names("1e") == ["lr1e-1", "lr1e-3"]
+        assert names("gpt") == []
+        empty = client.get("/", params={"fragment": "true", "q": "gpt"}).text
+        assert "name or tag contains “gpt”" in empty
+
+
 def test_runs_page_filters_and_sorts_every_run_and_says_when_cut(tmp_path: Path) -> None:
     """The runs list read the newest 1,000 runs, then filtered and sorted those: an older run
     was never listed, not by its name nor by its status, and nothing said the list was cut.

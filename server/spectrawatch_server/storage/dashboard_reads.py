@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import BindParameter, String, bindparam, cast, func, select, text
+from sqlalchemy import BindParameter, String, bindparam, cast, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.models import (
@@ -553,17 +553,21 @@ def runs_page(
     limit: int,
 ) -> tuple[list[Run], int]:
     """The runs list (of project ``project_id``, or all): the first ``limit`` runs with
-    ``status``, their name holding ``q`` (case-insensitive; ASCII only on SQLite), in the order
-    of ``sort`` (a key of :data:`RUN_SORTS`, else ``id``; ties newest first), and how many
-    match in all. Filtered and sorted in SQL: the list read the newest 1,000 runs and filtered
-    those, so an older run was never listed, even by its name."""
+    ``status``, their name or one of their tags holding ``q`` (case-insensitive; ASCII only on
+    SQLite), in the order of ``sort`` (a key of :data:`RUN_SORTS`, else ``id``; ties newest
+    first), and how many match in all. Filtered and sorted in SQL: the list read the newest
+    1,000 runs and filtered those, so an older run was never listed, even by its name."""
     where: list[Any] = [Run.status != repository.DELETED]
     if project_id is not None:
         where.append(Run.project_id == project_id)
     if status:
         where.append(Run.status == status)
     if q:
-        where.append(func.lower(Run.name).contains(q.lower(), autoescape=True))
+        needle = q.lower()
+        in_tag = repository.tag_matches(
+            session, lambda tag: func.lower(tag).contains(needle, autoescape=True)
+        )
+        where.append(or_(func.lower(Run.name).contains(needle, autoescape=True), in_tag))
     key = RUN_SORTS.get(sort, RUN_SORTS["id"])
     order = [key.desc() if desc else key.asc(), Run.id.desc()]
     runs = list(session.scalars(select(Run).where(*where).order_by(*order).limit(limit)).all())

@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import secrets
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    ColumnElement,
+    String,
     bindparam,
     case,
     delete,
@@ -28,6 +30,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import column as sa_column
 from sqlalchemy.orm import Session, defer
 
 from spectrawatch.wire import row_steps
@@ -174,10 +177,13 @@ def list_runs(
     offset: int,
     before_id: int | None = None,
     name: str | None = None,
+    statuses: Collection[str] = (),
+    tags: Collection[str] = (),
 ) -> Sequence[Run]:
-    """Live runs newest first (id descending), of one project and of one exact ``name`` when
-    given: those with an id below ``before_id`` (a keyset page, unmoved by runs created or
-    deleted meanwhile), ``offset`` of them skipped, at most ``limit``."""
+    """Live runs newest first (id descending), of one project, of one exact ``name``, with one
+    of ``statuses`` and with every one of ``tags`` when given: those with an id below
+    ``before_id`` (a keyset page, unmoved by runs created or deleted meanwhile), ``offset`` of
+    them skipped, at most ``limit``."""
     stmt = select(Run).where(Run.status != DELETED).order_by(Run.id.desc())
     stmt = stmt.limit(limit).offset(offset)
     if project_id is not None:
@@ -186,7 +192,28 @@ def list_runs(
         stmt = stmt.where(Run.id < before_id)
     if name is not None:
         stmt = stmt.where(Run.name == name)
+    if statuses:
+        stmt = stmt.where(Run.status.in_(sorted(statuses)))
+    for tag in sorted(set(tags)):
+        stmt = stmt.where(has_tag(session, tag))
     return session.scalars(stmt).all()
+
+
+def has_tag(session: Session, tag: str) -> ColumnElement[bool]:
+    """Whether a run's tags hold ``tag`` exactly, in SQL (:func:`tag_matches`)."""
+    return tag_matches(session, lambda value: value == tag)
+
+
+def tag_matches(
+    session: Session, test: Callable[[ColumnElement[str]], ColumnElement[bool]]
+) -> ColumnElement[bool]:
+    """Whether one of a run's tags passes ``test`` (a condition on the tag's text), in SQL: an
+    ``EXISTS`` over the elements of its JSON ``tags`` array (``json_each`` on SQLite,
+    ``json_array_elements_text`` on PostgreSQL), correlated to the query's ``run``."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    each = func.json_array_elements_text if postgres else func.json_each
+    elements = each(Run.tags).table_valued(sa_column("value", String))
+    return select(elements.c.value).where(test(elements.c.value)).exists()
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, get_args
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -41,7 +41,9 @@ from spectrawatch_server.schemas import (
     RunCreated,
     RunDeleted,
     RunPublic,
+    RunStatus,
     RunUpdate,
+    Tag,
     dot_name_problem,
 )
 from spectrawatch_server.storage import reanalysis, result_store
@@ -50,6 +52,7 @@ from spectrawatch_server.storage.blobs import delete_all
 from spectrawatch_server.storage.metric_reads import INT64_MAX
 
 router = APIRouter(prefix="/runs", tags=["runs"])
+RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)  # those a run can be listed by
 
 
 def run_public(session: Session, run: Run) -> RunPublic:
@@ -175,26 +178,43 @@ def list_runs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
     before_id: Annotated[int | None, Query(ge=1, le=INT64_MAX)] = None,
+    status: Annotated[list[str] | None, Query(max_length=len(RUN_STATUSES))] = None,
+    tag: Annotated[list[Tag] | None, Query(max_length=100)] = None,
 ) -> list[RunPublic]:
-    """Runs newest first (of ``project``; named exactly ``name``): those with an id below
+    """Runs newest first (of ``project``; named exactly ``name``; with one of the ``status``
+    values, repeated or comma-separated; with every ``tag`` given): those with an id below
     ``before_id`` when given, ``offset`` of them skipped, at most ``limit``. When more match,
     ``Link: <url>; rel="next"`` names the next page by ``before_id`` (the page's last id), which
     neither repeats nor skips a run when runs are created or deleted between pages, as
-    ``offset`` does; the link is relative to the request's URL (RFC 8288), or under
-    ``SPECTRAWATCH_PUBLIC_URL``."""
+    ``offset`` does; the link keeps the filters and is relative to the request's URL (RFC
+    8288), or under ``SPECTRAWATCH_PUBLIC_URL``."""
+    statuses = _statuses(status or [])
     project_id = principal.project_id
     if project is not None:
         row = repo.get_project(session, project)
         if row is None or not principal.can_access(row.id):
             raise ApiError(404, "project_not_found", f"project {project!r} does not exist")
         project_id = row.id
-    runs = repo.list_runs(session, project_id, limit + 1, offset, before_id, name)
+    runs = repo.list_runs(
+        session, project_id, limit + 1, offset, before_id, name, statuses, tag or []
+    )
     if len(runs) > limit:
         runs = runs[:limit]
         response.headers["Link"] = next_link(
             request, state.settings.public_url, drop=("offset",), before_id=runs[-1].id
         )
     return runs_public(session, runs)
+
+
+def _statuses(values: list[str]) -> list[str]:
+    """The run statuses of ``status`` query values, each one or a comma-separated list (422
+    naming the field for any other word)."""
+    names = [s.strip() for value in values for s in value.split(",") if s.strip()]
+    bad = [s for s in names if s not in RUN_STATUSES]
+    if bad:
+        message = f"run statuses are {', '.join(RUN_STATUSES)}, not {bad[0][:64]!r}"
+        raise RequestValidationError([{"loc": ("query", "status"), "msg": message, "type": "enum"}])
+    return names
 
 
 @router.post("/bulk-delete", response_model=BulkDeleteResult, dependencies=[require_role("admin")])
