@@ -1293,6 +1293,43 @@ def test_nan_weights_are_said_on_heatmap_drilldown_and_overview(tmp_path: Path) 
     assert fine["figure"]["layout"]["shapes"] == []
 
 
+def test_sed_layer_menu_keeps_the_model_after_a_nan(tmp_path: Path) -> None:
+    """After a NaN the model's SED stops (and a NaN layer's) while a finite layer's goes on: the
+    overview's SED layer menu offered the layers at the last step only, lost ``__model__`` and
+    defaulted to ``0.bias``; ``?sed_layer=__model__`` fell back to it too. The model is offered
+    whenever it has the metric, and is the default."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "diverged")
+        frame = done_frame(s, run_id, 0, 0)
+        stops = {"__model__": 60, "0.weight": 60, "0.bias": 100}
+        rows = [
+            MetricRow(layer, "sed.gap_ratio.w16", step, 2.0)
+            for layer, last in stops.items()
+            for step in range(16, last + 1, 4)
+        ]
+        result_store.replace_results(s, run_id, frame.id, 0, "sed", rows, [])
+    engine.dispose()
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        url = f"/api/v1/dashboards/runs/{run_id}/overview"
+        control = client.get(url).json()["controls"]["sed_layer"]
+        assert "__model__" in control["options"]
+        assert control["value"] == "__model__"
+        asked = client.get(url, params={"sed_layer": "__model__"}).json()
+        assert asked["controls"]["sed_layer"]["value"] == "__model__"
+        gap = next(p for p in asked["panels"] if p["id"] == "sed_gap")
+        assert gap["figure"]["layout"]["title"]["text"].endswith(" · __model__")
+        bias = client.get(url, params={"sed_layer": "0.bias"}).json()
+        assert bias["controls"]["sed_layer"]["value"] == "0.bias"
+
+
 def test_nonfinite_onsets_take_the_first_row_step_of_sketch_frames(db: Any) -> None:
     """A sketch frame of steps 100..131 whose rows go NaN from step 117 starts at 117."""
     from spectrawatch_server.db.models import Frame

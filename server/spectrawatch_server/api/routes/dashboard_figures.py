@@ -157,8 +157,12 @@ def scalar_lines(session: Session, run_id: int, max_points: int) -> dict[str, da
 
 
 def layer_options(session: Session, run_id: int, name: str) -> list[str]:
-    """Layers of metric ``name`` at its latest step, natural order (a layer control's options)."""
-    layers = reads.layers_at_last_step(session, run_id, name, skip_layer=dash.MODEL_LAYER)
+    """Layers of metric ``name`` at its latest step, natural order (a layer control's options),
+    and ``__model__`` whenever it has the metric: its series stops at a NaN while a finite
+    layer's goes on, and the control lost it (and its default)."""
+    layers = set(reads.layers_at_last_step(session, run_id, name, skip_layer=dash.MODEL_LAYER))
+    if reads.step_range(session, run_id, name, layer=dash.MODEL_LAYER) is not None:
+        layers.add(dash.MODEL_LAYER)
     return sorted(layers, key=dash.natural_key)
 
 
