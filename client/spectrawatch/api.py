@@ -15,6 +15,7 @@ requests; errors raise :class:`ApiError` with the server's message, also a reply
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import os
@@ -38,7 +39,8 @@ _BROKEN_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteErr
 
 
 class ApiError(Exception):
-    """A request the server refused or could not be reached for; ``status`` is None then."""
+    """A request the server refused or could not be reached for (``status`` None then), or a
+    run, metric or scalar asked for that is not there (``status`` None)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -239,20 +241,30 @@ class Run:
         self, names: Sequence[str], layer: str = MODEL_LAYER, scalars: Iterable[str] = ()
     ) -> Any:
         """A ``pandas.DataFrame`` indexed by step: one column per metric (at ``layer``) and per
-        scalar, NaN where a series has no point at a step. Needs pandas."""
+        scalar, NaN where a series has no point at a step. Needs pandas.
+
+        ``names`` are metric keys as :meth:`metric_keys` lists them; an SED key ends in its
+        window, ``.w<W>`` (``sed.gap_ratio.w32``: one series per window the client computed).
+        A key the run has no series of at ``layer``, or a scalar it never logged, raises
+        :class:`ApiError` naming it and the closest keys it has (it was left out silently)."""
         try:
             pd = importlib.import_module("pandas")  # optional, untyped
         except ImportError as exc:
             raise ImportError("Run.history needs pandas: pip install pandas") from exc
+        scalars = list(scalars)
+        listed = self.api.get(f"/runs/{self.id}/scalars", max_points=3) if scalars else []
+        logged = [s["name"] for s in listed]  # every scalar's name (3 points each, unused)
+        problems = _missing_metrics(names, layer, self.metric_keys())
+        problems += [_unknown("scalar", name, logged) for name in scalars if name not in logged]
+        if problems:
+            raise ApiError(f"Run.history of run {self.id}: " + "; ".join(problems))
         columns: dict[str, Any] = {}
         for name in names:
-            series = self.metric(name, layer=layer).get(layer)
-            if series is not None:
-                columns[name] = pd.Series(series.values, index=series.steps, dtype=float)
+            series = self.metric(name, layer=layer)[layer]
+            columns[name] = pd.Series(series.values, index=series.steps, dtype=float)
         for name in scalars:
-            found = self.scalars(name).get(name)
-            if found is not None:
-                columns[name] = pd.Series(found.values, index=found.steps, dtype=float)
+            found = self.scalars(name)[name]
+            columns[name] = pd.Series(found.values, index=found.steps, dtype=float)
         frame = pd.DataFrame(columns)
         frame.index.name = "step"
         return frame.sort_index()
@@ -261,6 +273,34 @@ class Run:
         """Delete the run and everything stored for it (see ``spectrawatch runs delete``)."""
         out: dict[str, Any] = self.api._call("DELETE", f"/runs/{self.id}")
         return out
+
+
+def _missing_metrics(
+    names: Sequence[str], layer: str, keys: Sequence[tuple[str, str]]
+) -> list[str]:
+    """What is wrong with each of ``names`` that has no series at ``layer`` among ``keys``
+    (``(metric, layer)`` pairs): unknown (with the closest known keys), or at other layers."""
+    layers: dict[str, list[str]] = {}
+    for name, at in keys:
+        layers.setdefault(name, []).append(at)
+    problems = []
+    for name in names:
+        if name not in layers:
+            problems.append(_unknown("metric", name, list(layers)))
+        elif layer not in layers[name]:
+            shown = ", ".join(layers[name][:5]) + (", ..." if len(layers[name]) > 5 else "")
+            problems.append(f"metric {name!r} has no series at layer {layer!r} (it has: {shown})")
+    return problems
+
+
+def _unknown(kind: str, name: str, known: Sequence[str]) -> str:
+    """``kind`` ``name`` is unknown, and the closest of ``known``: its SED windows
+    (``name.w<W>``) first, then those ``difflib`` finds alike."""
+    windows = sorted(k for k in known if k.startswith(f"{name}.w"))
+    close = [*windows, *difflib.get_close_matches(name, known, n=3, cutoff=0.6)]
+    hint = ", ".join(repr(k) for k in dict.fromkeys(close)) or "none alike"
+    suffix = " (SED keys end in their window: .w<W>)" if windows else ""
+    return f"no {kind} {name!r}; closest: {hint}{suffix}"
 
 
 def _words(value: str | Sequence[str] | None) -> list[str]:

@@ -286,3 +286,62 @@ def test_an_older_server_is_paged_by_offset_and_a_run_listed_twice_kept_once(
             base_url="http://old.test/api/v1", transport=_old_server(runs, lambda: runs.append(new))
         )
         assert sw.run("r5", project="p").id == 5  # was: "2 runs are named 'r5'"
+
+
+def _run_server(sent: list[str]) -> httpx.MockTransport:
+    """Run 7's catalog, scalars and one SED series; ``sent`` gets each request's path and query."""
+    catalog = [
+        {"name": "htsr.alpha", "layer": "0.weight"},
+        {"name": "htsr.alpha", "layer": "2.weight"},
+        {"name": "sed.gap_ratio.w16", "layer": "__model__"},
+        {"name": "sed.gap_ratio.w32", "layer": "__model__"},
+    ]
+    scalars = [{"name": n, "steps": [1, 2], "values": [0.5, 0.75]} for n in ("loss", "val_acc")]
+    gap = {"layer": "__model__", "steps": [2, 3], "values": [0.1, None]}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append(f"{request.url.path}?{request.url.query.decode()}")
+        path, params = request.url.path.removeprefix("/api/v1/runs/7"), request.url.params
+        if path == "/metrics/catalog":
+            return httpx.Response(200, json=catalog)
+        if path == "/scalars":
+            name = params.get("name")
+            return httpx.Response(200, json=[s for s in scalars if name in (None, s["name"])])
+        assert path == "/metrics"
+        found = (params["name"], params.get("layer")) == ("sed.gap_ratio.w32", "__model__")
+        return httpx.Response(200, json={"name": params["name"], "series": [gap] * found})
+
+    return httpx.MockTransport(handle)
+
+
+def test_history_of_unknown_keys_names_them_and_the_closest_known() -> None:
+    """``history(["htsr.alpah", "sed.gap_ratio"], scalars=["val_accc"])`` returned an empty
+    (0, 0) frame: a typo, an SED key without its window suffix and a scalar never logged were
+    left out silently. Refused now, naming each and the keys the run has that are closest."""
+    import math
+
+    from spectrawatch.api import Api, ApiError, Run
+
+    sent: list[str] = []
+    with Api("http://run.test") as api:
+        api._http.close()
+        api._http = httpx.Client(base_url="http://run.test/api/v1", transport=_run_server(sent))
+        run = Run(api, {"id": 7, "name": "r", "project": "p", "status": "finished"})
+        with pytest.raises(ApiError) as refused:
+            run.history(["htsr.alpah", "sed.gap_ratio"], scalars=["val_accc", "loss"])
+        assert str(refused.value) == (
+            "Run.history of run 7: no metric 'htsr.alpah'; closest: 'htsr.alpha'; "
+            "no metric 'sed.gap_ratio'; closest: 'sed.gap_ratio.w16', 'sed.gap_ratio.w32' "
+            "(SED keys end in their window: .w<W>); no scalar 'val_accc'; closest: 'val_acc'"
+        )
+        assert not any(u.startswith("/api/v1/runs/7/metrics?") for u in sent)  # no series read
+        with pytest.raises(ApiError, match="no metric 'xyz'; closest: none alike"):
+            run.history(["xyz"])
+        at_model = "metric 'htsr.alpha' has no series at layer '__model__' (it has: 0.weight, "
+        with pytest.raises(ApiError, match=re.escape(at_model + "2.weight)")):
+            run.history(["htsr.alpha"])
+        frame = run.history(["sed.gap_ratio.w32"], scalars=["val_acc"])
+    assert list(frame.columns) == ["sed.gap_ratio.w32", "val_acc"]
+    assert frame.index.tolist() == [1, 2, 3]
+    assert frame["sed.gap_ratio.w32"].tolist()[1] == 0.1
+    assert math.isnan(frame["val_acc"].tolist()[2])
