@@ -545,7 +545,7 @@ def test_metric_names_skip_scan_equals_distinct(db: Any) -> None:
             "zz",
         ]
         assert reads.series_names(s, run_id + 1) == []
-        assert reads.layers_at_last_step(s, run_id, "htsr.alpha") == ["l9"]
+        assert sorted(reads.metric_layers(s, run_id, "htsr.alpha")) == ["l0", "l1", "l2", "l3", "l9"]
         assert reads.step_range(s, run_id, "htsr.alpha") == (0, 200)
         assert reads.step_range(s, run_id, "htsr.alpha", "l1") == (0, 96)
 
@@ -561,10 +561,12 @@ def test_heatmap_steps_come_from_the_layers_not_the_denser_model_row(db: Any) ->
         assert {(layer, st) for layer, st, _ in cells if layer != "__model__"} == {
             (f"h{i}", st) for i in range(3) for st in steps
         }
-        assert reads.layers_at_last_step(s, run_id, "sed.edge.w16") == ["__model__"]  # step 499
-        assert sorted(
-            reads.layers_at_last_step(s, run_id, "sed.edge.w16", skip_layer="__model__")
-        ) == ["__model__", "h0", "h1", "h2"]  # and the layers' last step, 496
+        assert sorted(reads.metric_layers(s, run_id, "sed.edge.w16")) == [
+            "__model__",
+            "h0",
+            "h1",
+            "h2",
+        ]
         dense, _ = reads.sampled_steps(s, run_id, "sed.edge.w16", 10)  # with the model row
         assert [st % 16 for st in dense] != [0] * len(dense)
         only_model, _ = reads.sampled_steps(s, run_id, "grok.imminent", 10, skip_layer="__model__")
@@ -1296,8 +1298,8 @@ def test_nan_weights_are_said_on_heatmap_drilldown_and_overview(tmp_path: Path) 
 def test_sed_layer_menu_keeps_the_model_after_a_nan(tmp_path: Path) -> None:
     """After a NaN the model's SED stops (and a NaN layer's) while a finite layer's goes on: the
     overview's SED layer menu offered the layers at the last step only, lost ``__model__`` and
-    defaulted to ``0.bias``; ``?sed_layer=__model__`` fell back to it too. The model is offered
-    whenever it has the metric, and is the default."""
+    defaulted to ``0.bias``; ``?sed_layer=__model__`` fell back to it too. Every layer with the
+    metric is offered (the one that went NaN too), and the model is the default."""
     from fastapi.testclient import TestClient
 
     from spectrawatch_server.app import create_app
@@ -1320,7 +1322,7 @@ def test_sed_layer_menu_keeps_the_model_after_a_nan(tmp_path: Path) -> None:
     ) as client:
         url = f"/api/v1/dashboards/runs/{run_id}/overview"
         control = client.get(url).json()["controls"]["sed_layer"]
-        assert "__model__" in control["options"]
+        assert control["options"] == ["0.bias", "0.weight", "__model__"]
         assert control["value"] == "__model__"
         asked = client.get(url, params={"sed_layer": "__model__"}).json()
         assert asked["controls"]["sed_layer"]["value"] == "__model__"

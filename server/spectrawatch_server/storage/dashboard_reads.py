@@ -88,26 +88,24 @@ def step_range(
     return None if lo is None or hi is None else (int(lo), int(hi))
 
 
-def layers_at_last_step(
-    session: Session, run_id: int, name: str, skip_layer: str | None = None
-) -> list[str]:
-    """Layers reporting metric ``name`` at its latest step (unordered); with ``skip_layer``, also
-    those at the latest step of the other layers (per-layer SED is evaluated every
-    ``layer_stride``-th step, ``__model__`` at every step)."""
-    rng = step_range(session, run_id, name)
-    if rng is None:
-        return []
-    steps = {rng[1]}
-    others = step_range(session, run_id, name, skip_layer=skip_layer) if skip_layer else None
-    if others is not None:
-        steps.add(others[1])
-    return list(
-        session.scalars(
-            select(Metric.layer)
-            .where(*_where(Metric, run_id, name, None), Metric.step.in_(sorted(steps)))
-            .distinct()
-        ).all()
-    )
+def metric_layers(session: Session, run_id: int, name: str) -> list[str]:
+    """Layers with metric ``name`` (unordered), by a recursive skip-scan of the
+    ``(run_id, name, layer, ...)`` index: one seek per layer. Every layer with a point, also
+    one whose series ended early (it went NaN, its frames stopped): that is the one to look at.
+    """
+    rows = session.execute(
+        text(
+            "WITH RECURSIVE l(layer) AS ("
+            " SELECT min(layer) FROM metric WHERE run_id = :r AND name = :n"
+            " UNION ALL"
+            " SELECT (SELECT min(m.layer) FROM metric m"
+            " WHERE m.run_id = :r AND m.name = :n AND m.layer > l.layer)"
+            " FROM l WHERE l.layer IS NOT NULL"
+            ") SELECT layer FROM l WHERE layer IS NOT NULL"
+        ),
+        {"r": run_id, "n": name},
+    ).all()
+    return [str(r[0]) for r in rows]
 
 
 def sampled_steps(

@@ -157,13 +157,10 @@ def scalar_lines(session: Session, run_id: int, max_points: int) -> dict[str, da
 
 
 def layer_options(session: Session, run_id: int, name: str) -> list[str]:
-    """Layers of metric ``name`` at its latest step, natural order (a layer control's options),
-    and ``__model__`` whenever it has the metric: its series stops at a NaN while a finite
-    layer's goes on, and the control lost it (and its default)."""
-    layers = set(reads.layers_at_last_step(session, run_id, name, skip_layer=dash.MODEL_LAYER))
-    if reads.step_range(session, run_id, name, layer=dash.MODEL_LAYER) is not None:
-        layers.add(dash.MODEL_LAYER)
-    return sorted(layers, key=dash.natural_key)
+    """Every layer with metric ``name``, natural order (a layer control's options): a series
+    that stopped at a NaN (``__model__``'s, a layer's) while others went on is still offered;
+    only layers at the latest step were, and the control lost them (and its default)."""
+    return sorted(reads.metric_layers(session, run_id, name), key=dash.natural_key)
 
 
 def _points(max_points: int | None) -> int:
