@@ -36,6 +36,11 @@ def _finite_float(text: str) -> float:
 _PARAMS: dict[str, tuple[Callable[[str], Any], str]] = {
     "kind": (str, "threshold, growth, nonfinite, client_drops or silence (a custom rule)"),
     "metric": (str, "metric key the rule watches (threshold, growth)"),
+    "scalar": (
+        str,
+        "a scalar the run logs (monitor.log, e.g. val_loss) the rule watches instead of a "
+        "metric (threshold, growth; a custom rule)",
+    ),
     "below": (_finite_float, "threshold: fire below this"),
     "above": (_finite_float, "threshold: fire above this; client_drops: drops above this"),
     "factor": (_finite_float, "growth: fire when value / min(previous --window values) >= this"),
@@ -189,7 +194,9 @@ def add_alerts_commands(subparsers: Any) -> None:
     rules.set_defaults(func=reporting_errors(cmd_rules))
 
     set_ = sub.add_parser(
-        "set", parents=[common], help="edit a rule or create a custom one (needs --kind, --metric)"
+        "set",
+        parents=[common],
+        help="edit a rule or create a custom one (needs --kind, and --metric or --scalar)",
     )
     set_.add_argument("rule", help="rule name, e.g. alpha_out_of_range")
     set_.add_argument("--project", required=True, help="the project whose rule it is")

@@ -22,7 +22,8 @@ from fastapi.testclient import TestClient
 from spectrawatch_server.alerts.engine import AlertEngine
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import Run
-from spectrawatch_server.storage import alert_store
+from spectrawatch_server.storage import alert_store, result_store
+from spectrawatch_server.storage import repository as repo
 from tests.races import DATABASES, Held, app_client, beside, evaluate, seeded_nan_run
 
 pytestmark = pytest.mark.integration
@@ -77,3 +78,39 @@ def test_a_rule_disabled_during_the_silence_sweep_leaves_no_alert_open(
         disable_beside(held, client, "run_silent")
         alerts = client.get(f"{api}/runs/{run_id}/alerts").json()
         assert [(a["rule"], a["status"]) for a in alerts] == [("run_silent", "resolved")], alerts
+
+
+@pytest.mark.parametrize("held_at", ["stored_rules", "lock_rules"])
+@pytest.mark.parametrize("database", DATABASES)
+def test_a_scalar_rule_disabled_during_a_scalar_batch_leaves_no_alert_open(
+    tmp_path: Path, database: str, held_at: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scalar batch reads the project's rules unlocked (is any scalar rule watching?), then
+    takes the rule lock and reads them again. On PostgreSQL a ``PATCH`` disabling the rule
+    after the first read commits first (the batch then finds it off); one after the lock
+    waits for the batch, then resolves the alert it opened. On SQLite the batch holds the
+    write lock from its first write: the ``PATCH`` waits either way."""
+    with app_client(tmp_path, database) as client:
+        api = "/api/v1"
+        run_id = client.post(f"{api}/runs", json={"project": "p", "name": "r"}).json()["id"]
+        params = {"kind": "threshold", "scalar": "loss", "above": 1.0}
+        r = client.patch(f"{api}/projects/p/alert-rules/loss_high", json={"params": params})
+        assert r.status_code == 200, r.text
+        sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
+
+        def scalar_batch() -> None:  # what POST /runs/{id}/scalars does
+            with sessions.begin() as session:
+                (run,) = [session.get_one(Run, i) for i in repo.live_runs(session, [run_id])]
+                result_store.upsert_scalars(session, run_id, [(5, "loss", 3.0)])
+                AlertEngine().evaluate_scalars(session, run, {"loss"})
+
+        held = Held(monkeypatch, alert_store, held_at, after=True)
+        held.start(scalar_batch)
+        disable_beside(held, client, "loss_high")
+        alerts = client.get(f"{api}/runs/{run_id}/alerts").json()
+        if database == "postgresql" and held_at == "stored_rules":
+            assert alerts == []
+        else:
+            (alert,) = alerts
+            assert (alert["rule"], alert["status"]) == ("loss_high", "resolved")
+            assert alert["values"]["resolved_reason"] == "rule disabled"

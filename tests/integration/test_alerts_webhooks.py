@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -935,3 +936,86 @@ def test_real_training_run_nan_alert_survives_receiver_outage(
         assert min(e["data"]["step"] for e in received) >= 12
     finally:
         stop_receiver(rec)
+
+
+def test_rule_on_a_logged_loss_fires_and_resolves_from_a_real_run(
+    api: httpx.Client,
+    alert_server: ServerProcess,
+    receiver: Receiver,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``spectrawatch alerts set loss_high --scalar loss``: a real training loop under the
+    client monitor logs a loss that blows up past the threshold (learning rate 5) and comes
+    back (weights re-initialised): one episode, opened and resolved on the loss's own steps,
+    each delivered once, signed, to the project's webhook."""
+    project = "scalar-rules"
+    assert api.post("/projects", json={"name": project}).status_code in (200, 201)
+    hook = api.post(
+        "/webhooks",
+        json={
+            "project": project,
+            "url": f"{receiver.base}/{project}",
+            "events": ["alert.opened:loss_high", "alert.resolved:loss_high"],
+        },
+    ).json()
+    base = ["--url", alert_server.url, "--project", project]
+    # a logged scalar is not an analysis metric: --metric still refuses it
+    argv = ["alerts", "set", "loss_high", "--kind", "threshold", "--above", "100"]
+    assert cli_main([*argv, "--metric", "loss", *base]) == 1
+    assert "unknown metric 'loss'" in capsys.readouterr().err
+    assert cli_main([*argv, "--scalar", "loss", "--fire-after", "2", *base]) == 0
+    assert '"scalar": "loss"' in capsys.readouterr().out
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    monitor = Monitor(
+        url=alert_server.url, project=project, run="blowup", weights_every=0,
+        activations_every=0, theta_every=0, spool_dir=str(tmp_path / "spool"),
+    )  # fmt: skip
+    monitor.attach(model, opt)
+    losses: dict[int, float] = {}
+    phases = {"calm": range(1, 11), "blow-up": range(11, 19), "reset": range(19, 29)}
+    for phase, steps in phases.items():
+        for group in opt.param_groups:
+            group["lr"] = 5.0 if phase == "blow-up" else 0.05
+        if phase == "reset":
+            for layer in (model[0], model[2]):
+                layer.reset_parameters()
+        for step in steps:
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses[step] = loss.item()
+            monitor.log({"loss": loss.item()}, step=step)
+        assert monitor.wait_idle(timeout=30)  # each phase reaches the server before the next
+    assert monitor.finish(timeout=60)
+    # past 100 at 3 steps, then inf and NaN (not sent: the client counts them in its stats)
+    high = [s for s, v in losses.items() if math.isfinite(v) and v > 100]
+    assert len(high) >= 2, losses
+    assert set(high) <= set(phases["blow-up"]), losses
+    assert all(losses[s] < 100 for s in phases["reset"]), losses
+
+    wait_until(lambda: len(events(receiver, project, hook["secret"])) == 2, timeout=30)
+    time.sleep(0.5)  # nothing more comes
+    received = events(receiver, project, hook["secret"])
+    assert [e["type"] for e in received] == ["alert.opened", "alert.resolved"]
+    opened, resolved = (e["data"] for e in received)
+    assert (opened["rule"], opened["layer"], opened["values"]["scalar"]) == (
+        "loss_high",
+        "",
+        "loss",
+    )
+    assert opened["step"] in phases["blow-up"]
+    assert opened["step"] >= high[1]  # fire_after 2
+    assert resolved["alert_id"] == opened["alert_id"]
+    (alert,) = [
+        a for a in api.get(f"/runs/{opened['run']['id']}/alerts").json() if a["rule"] == "loss_high"
+    ]
+    assert alert["status"] == "resolved"
+    assert alert["resolved_step"] in phases["reset"]
+    assert alert["message"].startswith("loss_high: loss = ")
+    assert len(receiver.at(f"/{project}")) == 2  # one delivery each, no retry

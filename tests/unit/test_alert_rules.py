@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch.spectral import grokking
@@ -792,3 +793,166 @@ def test_a_stored_rule_that_stops_validating_resolves_its_alerts_and_says_why(
         assert len(reasons) == 8
         assert reasons[(runs["ended"], "nonfinite")] == f"rule invalid: {severity}"
         assert reasons[(runs["live"], "alpha_high")].startswith("rule invalid: params.metric:")
+
+
+# --- rules on logged scalars -------------------------------------------------------------
+
+VAL_LOSS = {"kind": "threshold", "scalar": "val_loss", "above": 2.0, "fire_after": 3}
+
+
+def test_a_custom_rule_watches_a_logged_scalar() -> None:
+    rule = R.build_rule("val_loss_high", VAL_LOSS)
+    assert (rule.scalar, rule.metric, rule.fire_after) == ("val_loss", None, 3)
+    assert rule.params()["scalar"] == "val_loss"
+    growth = R.build_rule("loss_jump", {"kind": "growth", "scalar": "loss", "factor": 3.0})
+    assert (growth.scalar, growth.window) == ("loss", 10)
+    # an analysis metric is still checked by name; a scalar is any name the API takes
+    with pytest.raises(R.RuleError, match="unknown metric 'loss'"):
+        R.build_rule("loss_high", {"kind": "threshold", "metric": "loss", "above": 0.5})
+    # switching a custom rule from a metric to a scalar: the metric is dropped explicitly
+    switched = R.build_rule("r", {"kind": "threshold", "metric": None, "scalar": "acc", "below": 1})
+    assert (switched.metric, switched.scalar) == (None, "acc")
+    # rules on scalars are skipped by the frame path (no layer series matches them)
+    assert R.watched_series([rule], [("", "val_loss"), ("fc.weight", "val_loss")]) == {}
+    assert R.describe(rule, "", {"scalar": "val_loss", "value": 2.5}) == (
+        "val_loss_high: val_loss = 2.5 (fires > 2 for 3 points)"
+    )
+    assert R.describe(rule, "", {"scalar": "val_loss", "value": None}) == (
+        "val_loss_high: val_loss = NaN/Inf (fires > 2 for 3 points)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "field"),
+    [
+        ("alpha_out_of_range", {"scalar": "loss"}, "scalar"),  # a default keeps its metric
+        ("custom_one", {**VAL_LOSS, "metric": "htsr.alpha"}, "scalar"),
+        ("custom_one", {"kind": "silence", "scalar": "loss", "minutes": 1.0}, "scalar"),
+        ("custom_one", {**VAL_LOSS, "scalar": ""}, "scalar"),
+        ("custom_one", {**VAL_LOSS, "scalar": "a\nb"}, "scalar"),
+        ("custom_one", {**VAL_LOSS, "scalar": "x" * 201}, "scalar"),
+        ("custom_one", {**VAL_LOSS, "scalar": 3}, "scalar"),
+        ("custom_one", {**VAL_LOSS, "layers": "fc.*"}, "layers"),
+        ("custom_one", {"kind": "threshold", "scalar": "loss"}, "above"),
+    ],
+)
+def test_bad_scalar_rules_name_the_field(name: str, params: dict[str, object], field: str) -> None:
+    base = {r.name: r for r in R.default_rules()}.get(name)
+    with pytest.raises(R.RuleError) as info:
+        R.build_rule(name, params, base=base)
+    assert info.value.field == field
+
+
+def test_a_nonfinite_scalar_fires_its_rules() -> None:
+    # a NaN loss is the divergence a loss rule watches for (a metric's NaN still holds)
+    rule = R.build_rule("loss_high", {"kind": "threshold", "scalar": "loss", "above": 10.0})
+    assert R.point_states(rule, [1.0, float("nan"), float("inf"), 1.0]) == [
+        "clear", "fire", "fire", "clear",
+    ]  # fmt: skip
+    growth = R.build_rule("g", {"kind": "growth", "scalar": "loss", "factor": 3.0})
+    assert R.point_states(growth, [1.0, 1.0, float("nan")]) == ["hold", "clear", "fire"]
+
+
+def post_scalars(
+    sessions: sessionmaker[Session],
+    engine: AlertEngine,
+    run_id: int,
+    points: list[tuple[int, float]],
+    name: str = "val_loss",
+) -> None:
+    """What ``POST /runs/{id}/scalars`` does: store the batch, then the scalar rules."""
+    with sessions.begin() as session:
+        run = session.get_one(Run, run_id)
+        result_store.upsert_scalars(session, run_id, [(s, name, v) for s, v in points])
+        engine.evaluate_scalars(session, run, {name})
+
+
+def test_engine_scalar_rule_episodes_by_step_not_arrival(
+    sessions: sessionmaker[Session],
+) -> None:
+    """``val_loss`` above 2.0 for 3 points opens one episode (one webhook delivery), a re-sent
+    or late old batch neither reopens nor resolves it, and it resolves on the latest steps."""
+    engine = AlertEngine()
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "scalars")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        other, _ = repo.get_or_create_run(session, project, "other", {}, [])
+        session.add(Webhook(project_id=project.id, url="https://h.example/", secret="whsec_x"))
+        alert_store.upsert_rule(session, project.id, "val_loss_high", True, VAL_LOSS)
+        run_id, other_id = run.id, other.id
+
+    def alerts() -> list[tuple[str, str, str, int, int | None]]:
+        with sessions() as session:
+            rows = alert_store.list_alerts(session, run_id=run_id)
+            return [(a.rule, a.layer, a.status, a.step, a.resolved_step) for a in rows]
+
+    post_scalars(sessions, engine, run_id, [(1, 1.0), (2, 2.5), (3, 2.6)])
+    assert alerts() == []  # 2 points above: fire_after is 3
+    post_scalars(sessions, engine, run_id, [(4, 2.7)], name="loss")  # another scalar
+    assert alerts() == []
+    post_scalars(sessions, engine, run_id, [(4, 2.7)])
+    assert alerts() == [("val_loss_high", "", "open", 4, None)]
+    post_scalars(sessions, engine, run_id, [(1, 1.0), (2, 2.5), (3, 2.6), (4, 2.7)])  # re-sent
+    assert alerts() == [("val_loss_high", "", "open", 4, None)]
+    post_scalars(sessions, engine, run_id, [(5, 1.5)])
+    assert alerts() == [("val_loss_high", "", "resolved", 4, 5)]
+    # a late old step above the threshold: not among the latest 3, nothing reopens
+    post_scalars(sessions, engine, run_id, [(0, 9.0)])
+    post_scalars(sessions, engine, run_id, [(6, 3.0), (7, 3.0), (8, float("nan"))])
+    assert alerts()[0] == ("val_loss_high", "", "open", 8, None)
+    # a late step among the latest ones counts (the series by step): 7, 8, 9 all still fire
+    post_scalars(sessions, engine, run_id, [(9, 2.1)])
+    post_scalars(sessions, engine, run_id, [(7, 2.2)])
+    assert alerts()[0][2] == "open"
+    post_scalars(sessions, engine, run_id, [(10, 1.0)])
+    post_scalars(sessions, engine, run_id, [(2, 1.0)])  # late and clear: no change either
+    post_scalars(sessions, engine, other_id, [(1, 5.0), (2, 5.0)])  # another run: its own
+    with sessions() as session:
+        rows = alert_store.list_alerts(session, run_id=run_id)
+        assert [(a.status, a.step, a.resolved_step) for a in rows] == [
+            ("resolved", 8, 10),
+            ("resolved", 4, 5),
+        ]
+        assert rows[0].values["value"] is None  # the NaN of step 8
+        assert rows[1].values == {"scalar": "val_loss", "value": 2.7, "below": None, "above": 2.0}
+        assert rows[1].message == "val_loss_high: val_loss = 2.7 (fires > 2 for 3 points)"
+        deliveries = session.query(Delivery).order_by(Delivery.id).all()
+        assert [d.event for d in deliveries] == ["alert.opened", "alert.resolved"] * 2
+        assert deliveries[0].payload["data"]["values"]["scalar"] == "val_loss"
+        assert alert_store.list_alerts(session, run_id=other_id) == []
+
+
+def test_engine_scalar_rules_off_or_absent_cost_one_read(sessions: sessionmaker[Session]) -> None:
+    """Without an enabled rule on a scalar of the batch the engine reads the project's rules
+    once and stops; a disabled rule opens nothing; an above_after_in_range rule waits for the
+    scalar to have been within range."""
+    engine = AlertEngine()
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "quiet")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        alert_store.upsert_rule(session, project.id, "off", False, {**VAL_LOSS, "fire_after": 1})
+        armed = {"kind": "threshold", "scalar": "acc", "below": 0.2, "above": 0.9}
+        alert_store.upsert_rule(
+            session, project.id, "acc_band", True, {**armed, "above_after_in_range": True}
+        )
+        run_id = run.id
+    statements: list[str] = []
+
+    def record(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    with sessions.begin() as session:
+        run = session.get_one(Run, run_id)
+        result_store.upsert_scalars(session, run_id, [(s, "val_loss", 5.0) for s in range(5000)])
+        connection = session.connection()
+        event.listen(connection, "before_cursor_execute", record)
+        engine.evaluate_scalars(session, run, {"val_loss", "loss"})
+        event.remove(connection, "before_cursor_execute", record)
+    assert len(statements) == 1, statements  # the rules, no lock: nothing to evaluate
+    post_scalars(sessions, engine, run_id, [(1, 0.95), (2, 0.97)], name="acc")
+    with sessions() as session:
+        assert alert_store.list_alerts(session, run_id=run_id) == []  # never in range yet
+    post_scalars(sessions, engine, run_id, [(3, 0.5), (4, 0.95)], name="acc")
+    with sessions() as session:
+        (alert,) = alert_store.list_alerts(session, run_id=run_id)
+        assert (alert.rule, alert.step, alert.values["value"]) == ("acc_band", 4, 0.95)

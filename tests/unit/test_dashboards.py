@@ -1426,6 +1426,35 @@ def test_rule_condition_says_each_kind_in_words() -> None:
     assert cond({"kind": "silence", "minutes": 30.0}) == "a running run silent for 30 min"
     assert cond({"kind": "nonfinite"}) == "NaN/Inf in a frame"
     assert cond({"kind": "mystery"}) == ""
+    scalar = {"kind": "threshold", "metric": None, "scalar": "val_loss", "above": 2.0}
+    assert cond({**scalar, "fire_after": 3}) == "scalar val_loss > 2 for 3 points"
+    assert cond({**growth, "metric": None, "scalar": "loss", "fire_after": 1}) == (
+        "scalar loss ≥ 10 times the minimum of the previous 10 points"
+    )
+
+
+def test_rules_page_lists_a_rule_on_a_logged_scalar(tmp_path: Path) -> None:
+    """A custom rule on a scalar (``alerts set val_loss_high --scalar val_loss``) is listed with
+    its condition, no layers, and the alert a scalar batch opened under it."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()["id"]
+        params = {"kind": "threshold", "scalar": "val_loss", "above": 2.0, "fire_after": 3}
+        rule = client.patch("/api/v1/projects/p/alert-rules/val_loss_high", json={"params": params})
+        assert rule.status_code == 200, rule.text
+        points = [{"step": s, "name": "val_loss", "value": 2.0 + s} for s in range(1, 4)]
+        assert client.post(f"/api/v1/runs/{run}/scalars", json=points).status_code == 202
+        body = client.get("/api/v1/dashboards/projects/p/alert-rules").json()
+        (row,) = [r for r in body["rules"] if r["name"] == "val_loss_high"]
+        assert row["condition"] == "scalar val_loss > 2 for 3 points"
+        assert (row["layers"], row["open_alerts"], row["builtin"]) == ("—", 1, False)
+        assert row["params"]["scalar"] == "val_loss"
+        assert row["params"]["metric"] is None
 
 
 def test_rules_pages_of_every_project_name_and_a_missing_one(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 Runs inside the worker's results transaction (a :data:`spectrawatch_server.worker.ResultHook`):
 the alert rows and their outbox deliveries commit atomically with the metrics that caused them,
 and a redelivered job re-evaluates to the same state (an open episode is never opened twice).
+Rules on logged scalars run the same way inside the transaction of ``POST /runs/{id}/scalars``
+(:meth:`AlertEngine.evaluate_scalars`).
 Episodes are keyed by (rule, run, layer); ``layer`` is ``""`` for run-level rules and for
 ``nonfinite``, whose one episode per incident names the layers it hit.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from datetime import timedelta
 from typing import Any
 
@@ -97,6 +100,74 @@ class AlertEngine:
             if rule.enabled and rule.kind == "client_drops":
                 self._drops_rule(session, rule, run, project, run.last_step or 0, open_now)
 
+    def evaluate_scalars(self, session: Session, run: Run, names: Collection[str]) -> None:
+        """The enabled scalar rules of the run's project that watch one of ``names`` (a batch
+        of scalars just stored, in the caller's transaction), each decided on the points of its
+        scalar with the highest steps: a late or re-sent old step changes the decision only if
+        it is among them, so an episode does not flap on it.
+
+        Without such a rule it costs one read of the project's stored rules (no lock); with
+        one, a read of ``history_needed`` points per watched scalar, whatever the batch size."""
+        if not _watched_scalars(alert_store.stored_rules(session, run.project_id), names):
+            return
+        project = session.get_one(Project, run.project_id)
+        alert_store.lock_rules(session, project.id, edit=False)  # read again under the lock
+        specs = [
+            rule
+            for rule in R.effective_rules(alert_store.stored_rules(session, project.id))
+            if rule.enabled and rule.scalar is not None and rule.scalar in names
+        ]
+        if not specs:
+            return
+        open_now = alert_store.open_alerts(session, run.id)
+        wanted: dict[str, int] = {}
+        for rule in specs:
+            assert rule.scalar is not None
+            wanted[rule.scalar] = max(wanted.get(rule.scalar, 0), rule.history_needed)
+        tails = {n: alert_store.scalar_tail(session, run.id, n, k) for n, k in wanted.items()}
+        for rule in specs:
+            assert rule.scalar is not None
+            tail = tails[rule.scalar][-rule.history_needed :]
+            if tail:
+                self._scalar_rule(session, rule, run, project, tail, open_now)
+
+    def _scalar_rule(
+        self,
+        session: Session,
+        rule: R.RuleSpec,
+        run: Run,
+        project: Project,
+        tail: list[tuple[int, float]],
+        open_now: dict[tuple[str, str], Alert],
+    ) -> None:
+        """Open or resolve the run's one episode (layer ``""``) of a scalar rule on ``tail``."""
+        assert rule.scalar is not None
+        episode = open_now.get((rule.name, ""))
+        baseline = (episode.values or {}).get("baseline") if episode is not None else None
+        values = [v for _, v in tail]
+        growth_baseline = baseline if rule.kind == "growth" else None
+        transition = R.decide_series(rule, episode is not None, values, growth_baseline)
+        if transition is R.Transition.OPEN:
+            if self._scalar_not_armed(session, rule, run, values[-1]):
+                return  # above range, but the scalar never was in range
+            opened = self._metric_values(rule, rule.scalar, tail, key="scalar")
+            open_now[(rule.name, "")] = self._open(
+                session, rule, run, project, "", tail[-1][0], opened
+            )
+        elif transition is R.Transition.RESOLVE and episode is not None:
+            self._resolve(session, episode, run, project, tail[-1][0])
+            del open_now[(rule.name, "")]
+
+    @staticmethod
+    def _scalar_not_armed(session: Session, rule: R.RuleSpec, run: Run, value: float) -> bool:
+        """:meth:`_not_armed` for a rule on a logged scalar."""
+        if not rule.above_after_in_range or rule.above is None or not value > rule.above:
+            return False
+        assert rule.scalar is not None
+        return not alert_store.scalar_was_within(
+            session, run.id, rule.scalar, rule.below, rule.above
+        )
+
     def _drops_rule(
         self,
         session: Session,
@@ -168,9 +239,11 @@ class AlertEngine:
 
     @staticmethod
     def _metric_values(
-        rule: R.RuleSpec, name: str, tail: list[tuple[int, float]]
+        rule: R.RuleSpec, name: str, tail: list[tuple[int, float]], key: str = "metric"
     ) -> dict[str, Any]:
-        values: dict[str, Any] = {"metric": name, "value": _finite(tail[-1][1])}
+        """An opened episode's ``values``: the series (``{key: name}``), its latest value,
+        and the rule's bounds or growth ratio and baseline."""
+        values: dict[str, Any] = {key: name, "value": _finite(tail[-1][1])}
         if rule.kind == "growth":
             ratio = R.growth_ratio(rule, [v for _, v in tail])
             values["ratio"] = _finite(ratio)
@@ -425,6 +498,15 @@ class AlertEngine:
                 )
                 changes += int(before != (len(open_now), (rule.name, "") in open_now))
         return changes
+
+
+def _watched_scalars(
+    stored: dict[str, tuple[bool, dict[str, Any]]], names: Collection[str]
+) -> bool:
+    """Whether an enabled stored rule names one of ``names`` as its scalar (no default rule
+    watches a scalar: without a custom one, a scalar batch takes no lock)."""
+    scalars = {params.get("scalar") for enabled, params in stored.values() if enabled}
+    return any(isinstance(n, str) and n in names for n in scalars)
 
 
 def evaluate(session: Session, frame: Frame) -> None:

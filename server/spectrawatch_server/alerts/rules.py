@@ -28,7 +28,7 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, Literal
 
-from spectrawatch.wire import LAYER_MAX
+from spectrawatch.wire import LAYER_MAX, NAME_MAX, TEXT_PATTERN
 from spectrawatch_server.analyses.registry import MODEL_LAYER
 
 RuleKind = Literal["threshold", "growth", "nonfinite", "client_drops", "silence"]
@@ -38,6 +38,7 @@ METRIC_KINDS = ("threshold", "growth")
 
 PointState = Literal["fire", "clear", "hold"]
 RULE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+SCALAR_NAME = re.compile(TEXT_PATTERN)  # what POST /runs/{id}/scalars accepts as a name
 
 
 class Transition(str, Enum):
@@ -61,17 +62,20 @@ class RuleError(ValueError):
 class RuleSpec:
     """One rule. Which fields matter depends on ``kind``:
 
-    - ``threshold``: ``metric``; fires when value < ``below`` or > ``above``; clears when
-      ``below + hysteresis <= value <= above - hysteresis`` (metric units).
-    - ``growth``: ``metric``; fires when value / min(previous ``window`` positive values)
-      >= ``factor``; clears when that ratio < ``factor * (1 - hysteresis)``, the minimum then
-      including the baseline the episode fired against (a grown value that stays grown does
-      not clear once the window has slid past the jump).
+    - ``threshold``: ``metric`` or ``scalar``; fires when value < ``below`` or > ``above``;
+      clears when ``below + hysteresis <= value <= above - hysteresis`` (metric units).
+    - ``growth``: ``metric`` or ``scalar``; fires when value / min(previous ``window``
+      positive values) >= ``factor``; clears when that ratio < ``factor * (1 - hysteresis)``,
+      the minimum then including the baseline the episode fired against (a grown value that
+      stays grown does not clear once the window has slid past the jump).
     - ``nonfinite``: fires when a frame carries NaN/Inf in a covered layer: one episode per
       run and incident, naming the layers; clears on a finite frame past its last bad step.
     - ``client_drops``: fires when the client's dropped + spool-overflow count > ``above``.
     - ``silence``: fires when a running run sent nothing for ``minutes``.
 
+    ``scalar`` (instead of ``metric``): a custom threshold or growth rule on a scalar the run
+    logs (``monitor.log``, ``POST /runs/{id}/scalars``): one series per run (layer ``""``),
+    decided when a batch of it is stored; a NaN/Inf value of it (stored as null) fires.
     ``layers`` is a glob on layer names; ``include_model`` says whether the whole-model series
     (layer ``__model__``, e.g. the mean alpha over layers) is watched too.
     ``expires_with_run``: deliveries of this rule's events are dropped once the run ended.
@@ -83,6 +87,7 @@ class RuleSpec:
     name: str
     kind: RuleKind
     metric: str | None = None
+    scalar: str | None = None
     below: float | None = None
     above: float | None = None
     factor: float | None = None
@@ -116,6 +121,11 @@ class RuleSpec:
         if layer == MODEL_LAYER:
             return self.include_model
         return fnmatch.fnmatchcase(layer, self.layers)
+
+    @property
+    def watches_scalar(self) -> bool:
+        """A threshold or growth rule on a logged scalar rather than an analysis metric."""
+        return self.scalar is not None
 
     def matches_metric(self, name: str) -> bool:
         """``name`` is this rule's metric or a windowed variant of it (``sed.phase.w32``)."""
@@ -355,9 +365,10 @@ def build_rule(
             "kind", f"rule {name!r} is of kind {base.kind!r}; create a new rule instead"
         )
     metric = merged.get("metric")
-    if kind in METRIC_KINDS:
+    scalar = _scalar(name, kind, merged, base)
+    if kind in METRIC_KINDS and scalar is None:
         if not isinstance(metric, str) or not metric:
-            raise RuleError("metric", f"a {kind} rule needs a metric name")
+            raise RuleError("metric", f"a {kind} rule needs a metric (or a scalar) name")
         if not is_known_metric(metric):
             raise RuleError("metric", f"unknown metric {metric!r}")
     severity = merged.get("severity", "warning")
@@ -403,7 +414,8 @@ def build_rule(
     return RuleSpec(
         name=name,
         kind=kind,
-        metric=metric if kind in METRIC_KINDS else None,
+        metric=metric if kind in METRIC_KINDS and scalar is None else None,
+        scalar=scalar,
         below=below,
         above=above,
         factor=factor,
@@ -420,6 +432,28 @@ def build_rule(
         enabled=enabled,
         description=base.description if base is not None else f"custom {kind} rule",
     )
+
+
+def _scalar(name: str, kind: str, merged: Mapping[str, Any], base: RuleSpec | None) -> str | None:
+    """The logged scalar a custom threshold/growth rule watches (``params.scalar``), if any.
+
+    Refused on a default rule (it watches its analysis metric), beside a ``metric`` (one
+    series or the other), on other kinds, with a ``layers`` glob (a scalar has no layers), and
+    for a name ``POST /runs/{id}/scalars`` would not take."""
+    scalar = merged.get("scalar")
+    if scalar is None:
+        return None
+    if base is not None:
+        raise RuleError("scalar", f"rule {name!r} watches {base.metric!r}; create a new rule")
+    if kind not in METRIC_KINDS:
+        raise RuleError("scalar", f"only {' and '.join(METRIC_KINDS)} rules watch a scalar")
+    if not isinstance(scalar, str) or not SCALAR_NAME.match(scalar) or len(scalar) > NAME_MAX:
+        raise RuleError("scalar", f"must be a scalar name of 1-{NAME_MAX} characters")
+    if merged.get("metric") is not None:
+        raise RuleError("scalar", "a rule watches a metric or a scalar, not both (metric: null)")
+    if merged.get("layers", "*") != "*":
+        raise RuleError("layers", "a scalar rule watches one series per run: no layers glob")
+    return scalar
 
 
 def effective_rules(stored: Mapping[str, tuple[bool, Mapping[str, Any]]]) -> list[RuleSpec]:
@@ -475,14 +509,16 @@ def point_states(
     """State of each point of a series (oldest first) under a threshold or growth rule.
 
     Growth points with fewer than one earlier point, or no positive earlier value, are ``hold``.
+    A non-finite value is ``hold`` (the ``nonfinite`` rule reports NaN/Inf in frames), but
+    ``fire`` for a rule on a logged scalar (a NaN loss is the divergence it watches for).
     ``baseline`` (an open growth episode's reference value) joins every point's earlier values,
     so the episode clears only once the value is back near it, not when the window has slid
     into the grown values.
     """
     states: list[PointState] = []
     for i, v in enumerate(values):
-        if not math.isfinite(v):
-            states.append("hold")
+        if not math.isfinite(v):  # a NaN/Inf scalar: the run diverged; a metric's: no news
+            states.append("fire" if rule.watches_scalar else "hold")
         elif rule.kind == "threshold":
             states.append(_threshold_state(rule, v))
         elif rule.kind == "growth":
@@ -547,7 +583,7 @@ def watched_series(rules: Sequence[RuleSpec], series: Sequence[tuple[str, str]])
         layers_by_name.setdefault(name, set()).add(layer)
     out: Watched = {}
     for rule in rules:
-        if not rule.enabled or rule.kind not in METRIC_KINDS:
+        if not rule.enabled or rule.kind not in METRIC_KINDS or rule.watches_scalar:
             continue
         per_layer: dict[str, set[str]] = {}
         for name, layers in layers_by_name.items():
@@ -633,6 +669,11 @@ def _span(first: Any, last: Any) -> str:
     return f", step {first}" if first == last else f", steps {first}-{last}"
 
 
+def _points(rule: RuleSpec) -> str:
+    """``" for 3 points"`` when a rule needs several points past its limit to fire."""
+    return f" for {rule.fire_after} points" if rule.fire_after > 1 else ""
+
+
 def describe(rule: RuleSpec, layer: str, values: Mapping[str, Any]) -> str:
     """One human line for an alert (also the Slack text)."""
     where = f" in {layer}" if layer else ""
@@ -647,8 +688,11 @@ def describe(rule: RuleSpec, layer: str, values: Mapping[str, Any]) -> str:
         )
         value = values.get("value")
         shown_value = f"{value:.4g}" if isinstance(value, float) else str(value)
-        metric = values.get("metric") or rule.metric  # the windowed name, e.g. sed.phase.w32
-        line = f"{rule.name}: {metric} = {shown_value}{where} (fires {bounds})"
+        if value is None and rule.watches_scalar:
+            shown_value = "NaN/Inf"
+        # the windowed name, e.g. sed.phase.w32
+        metric = values.get("metric") or rule.metric or rule.scalar
+        line = f"{rule.name}: {metric} = {shown_value}{where} (fires {bounds}{_points(rule)})"
         evidence = values.get("evidence")
         if isinstance(evidence, Mapping) and evidence:
             source = evidence_sources().get(str(metric))
@@ -658,8 +702,8 @@ def describe(rule: RuleSpec, layer: str, values: Mapping[str, Any]) -> str:
         ratio = values.get("ratio")
         shown = f"{ratio:.3g}" if isinstance(ratio, float) else "?"
         return (
-            f"{rule.name}: {rule.metric} grew x{shown}{where} over the previous {rule.window} "
-            f"points (fires at x{rule.factor:g})"
+            f"{rule.name}: {rule.metric or rule.scalar} grew x{shown}{where} over the previous "
+            f"{rule.window} points (fires at x{rule.factor:g}{_points(rule)})"
         )
     if rule.kind == "nonfinite":
         layers = values.get("layers")

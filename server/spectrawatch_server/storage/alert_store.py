@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,6 +19,7 @@ from spectrawatch_server.db.models import (
     Metric,
     Project,
     Run,
+    Scalar,
     Webhook,
 )
 from spectrawatch_server.db.session import sqlite_write_lock
@@ -111,6 +113,31 @@ def was_within(
     )
     if low is not None:
         stmt = stmt.where(Metric.value >= low)
+    return session.scalar(stmt.limit(1)) is not None
+
+
+def scalar_tail(session: Session, run_id: int, name: str, limit: int) -> list[tuple[int, float]]:
+    """The ``limit`` points of a run's scalar with the highest steps, oldest first, a NaN/Inf
+    value (stored as null) as NaN: by step, not by arrival, so a late or re-sent old step
+    counts only if it is among them (one seek of ``ix_scalar_run_name_step``)."""
+    rows = session.execute(
+        select(Scalar.step, Scalar.value)
+        .where(Scalar.run_id == run_id, Scalar.name == name)
+        .order_by(Scalar.step.desc())
+        .limit(limit)
+    ).all()
+    return [(int(s), math.nan if v is None else float(v)) for s, v in reversed(rows)]
+
+
+def scalar_was_within(
+    session: Session, run_id: int, name: str, low: float | None, high: float
+) -> bool:
+    """Whether a run's scalar ever had a value in ``[low, high]`` (:func:`was_within`)."""
+    stmt = select(Scalar.id).where(
+        Scalar.run_id == run_id, Scalar.name == name, Scalar.value <= high
+    )
+    if low is not None:
+        stmt = stmt.where(Scalar.value >= low)
     return session.scalar(stmt.limit(1)) is not None
 
 

@@ -231,7 +231,8 @@ def update_rule(
     session: SessionDep,
     state: StateDep,
 ) -> RulePublic:
-    """Edit a default rule or create/edit a custom one (custom rules need ``kind`` + ``metric``).
+    """Edit a default rule or create/edit a custom one (custom rules need ``kind`` and a
+    ``metric``, or a ``scalar`` the run logs for a threshold or growth rule).
 
     Bad parameters (unknown key, non-numeric threshold, unknown metric...) answer 422 naming
     the parameter. Disabling a rule resolves its open alerts (``values.resolved_reason``
@@ -254,7 +255,7 @@ def update_rule(
             404,
             "rule_not_found",
             f"project {project!r} has no rule {rule!r}; a new custom rule needs params.kind "
-            "and params.metric",
+            "and params.metric (or params.scalar)",
         )
     enabled = enabled if body.enabled is None else body.enabled
     try:

@@ -771,9 +771,12 @@ def _number(value: Any) -> str:
 
 
 def rule_condition(params: dict[str, Any]) -> str:
-    """A rule's condition in a few words, from its params (``htsr.alpha < 2 or > 6``)."""
+    """A rule's condition in a few words, from its params (``htsr.alpha < 2 or > 6``,
+    ``scalar val_loss > 2 for 3 points``)."""
     kind = params.get("kind")
     metric = params.get("metric") or "?"
+    if params.get("scalar") is not None:
+        metric = f"scalar {params['scalar']}"
     if kind == "threshold":
         bounds = [
             f"{op} {_number(params[key])}"
@@ -794,6 +797,8 @@ def rule_condition(params: dict[str, Any]) -> str:
         text = f"a running run silent for {_number(params.get('minutes'))} min"
     else:
         return ""
+    if kind in ("threshold", "growth") and (params.get("fire_after") or 1) > 1:
+        text += f" for {params['fire_after']} points"
     if params.get("hysteresis"):
         text += f" (hysteresis {_number(params['hysteresis'])})"
     return text
@@ -810,6 +815,8 @@ def read_rules(project: str, principal: PrincipalDep, session: SessionDep) -> Re
         item = rule.model_dump(mode="json")
         item["condition"] = rule_condition(rule.params) if rule.problem is None else ""
         item["layers"] = rule.params.get("layers", "*") if isinstance(rule.params, dict) else "*"
+        if isinstance(rule.params, dict) and rule.params.get("scalar") is not None:
+            item["layers"] = "—"  # a logged scalar: one series per run, no layers
         item["open_alerts"] = counts.get(rule.name, 0)
         rules.append(item)
     return _json(

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 
+from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.api.deps import (
     RunDep,
     SessionDep,
@@ -28,7 +29,10 @@ def ingest_scalars(
     """Store a batch ``[{step, name, value}]``; NaN/Inf values are kept as null and counted.
 
     The write lock (:func:`get_live_run`) is taken once the body is validated, for the writes
-    alone: as a dependency it was held while FastAPI validated the body (100,000 rows: ~0.5 s)."""
+    alone: as a dependency it was held while FastAPI validated the body (100,000 rows: ~0.5 s).
+    The project's alert rules on logged scalars (``params.scalar``) that watch a name of the
+    batch are evaluated in the same transaction, after the run's lock: an alert commits with
+    the scalars it rests on, its webhook deliveries in the outbox."""
     if len(body) > state.settings.max_scalars_per_batch:
         raise ApiError(
             413,
@@ -40,6 +44,7 @@ def ingest_scalars(
     accepted = result_store.upsert_scalars(
         session, run.id, [(st, n, v) for (n, st), v in rows.items()]
     )
+    engine_for(state.settings).evaluate_scalars(session, run, {n for n, _ in rows})
     session.commit()
     nonfinite = sum(1 for v in rows.values() if result_store.finite_or_none(v) is None)
     return {"accepted": accepted, "nonfinite": nonfinite}
