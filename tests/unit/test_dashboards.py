@@ -545,7 +545,13 @@ def test_metric_names_skip_scan_equals_distinct(db: Any) -> None:
             "zz",
         ]
         assert reads.series_names(s, run_id + 1) == []
-        assert sorted(reads.metric_layers(s, run_id, "htsr.alpha")) == ["l0", "l1", "l2", "l3", "l9"]
+        assert sorted(reads.metric_layers(s, run_id, "htsr.alpha")) == [
+            "l0",
+            "l1",
+            "l2",
+            "l3",
+            "l9",
+        ]
         assert reads.step_range(s, run_id, "htsr.alpha") == (0, 200)
         assert reads.step_range(s, run_id, "htsr.alpha", "l1") == (0, 96)
 
