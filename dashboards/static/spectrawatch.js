@@ -309,6 +309,75 @@
     }
   }
 
+  // --- compare: the runs' configs ----------------------------------------------------------
+  // One column per run, rows for its status and tags, then one per config key: the keys whose
+  // values differ first (highlighted), the identical ones folded under a toggle.
+  var configOpen = false;
+  function configRow(key, values, cls) {
+    var tr = el("tr", cls ? { "class": cls } : {});
+    tr.appendChild(el("td", { "class": "key" }, key));
+    values.forEach(function (v) {
+      tr.appendChild(el("td", v === null ? { "class": "unset" } : {}, v === null ? "—" : v));
+    });
+    return tr;
+  }
+  function renderConfig(data) {
+    var box = $("config");
+    var c = data.config;
+    if (!box || !c) { return; }
+    var key = JSON.stringify(c);
+    if (box.dataset.key === key) { return; }  // a refresh keeps the table (and its toggle)
+    box.dataset.key = key;
+    box.textContent = "";
+    box.hidden = !c.columns.length;
+    if (!c.columns.length) { return; }
+    box.appendChild(el("h2", {}, "Config"));
+    var table = el("table", { "class": "config", id: "config-table" });
+    var head = el("tr");
+    head.appendChild(el("th", {}, "key"));
+    c.columns.forEach(function (label, i) {
+      var th = el("th");
+      th.appendChild(el("a", { href: "/runs/" + data.runs[i].id }, label));
+      head.appendChild(th);
+    });
+    table.appendChild(el("thead")).appendChild(head);
+    var body = el("tbody");
+    var differs = function (values) { return new Set(values).size > 1 ? "differs" : ""; };
+    body.appendChild(configRow("status", c.status, differs(c.status)));
+    var tags = c.tags.map(function (t) { return t.join(", "); });
+    body.appendChild(configRow("tags", tags, differs(tags)));
+    var same = c.rows.filter(function (r) { return !r.differs; });
+    c.rows.filter(function (r) { return r.differs; }).forEach(function (r) {
+      body.appendChild(configRow(r.key, r.values, "differs"));
+    });
+    table.appendChild(body);
+    if (!c.rows.length) {
+      var none = el("tr", { "class": "toggle" });
+      none.appendChild(el("td", { colspan: String(c.columns.length + 1) },
+        "No config logged: pass config={...} to monitor.init."));
+      body.appendChild(none);
+    }
+    if (same.length) {
+      var toggleRow = el("tr", { "class": "toggle" });
+      var cell = el("td", { colspan: String(c.columns.length + 1) });
+      var button = el("button", { type: "button", id: "config-toggle" });
+      var rest = el("tbody", { "class": "same" });
+      same.forEach(function (r) { rest.appendChild(configRow(r.key, r.values, "")); });
+      var show = function () {
+        rest.hidden = !configOpen;
+        button.textContent = (configOpen ? "hide " : "show ") + same.length + " key" +
+          (same.length > 1 ? "s" : "") + " identical in every run";
+      };
+      button.addEventListener("click", function () { configOpen = !configOpen; show(); });
+      show();
+      cell.appendChild(button);
+      toggleRow.appendChild(cell);
+      body.appendChild(toggleRow);
+      table.appendChild(rest);
+    }
+    box.appendChild(table);
+  }
+
   function bindClick(gd, panel) {
     if (!panel.click || gd.dataset.clickBound) { return; }
     gd.dataset.clickBound = "1";
@@ -564,6 +633,7 @@
       clearError();
       renderMeta(data);
       renderControls(data);
+      renderConfig(data);
       renderTables(data);
       return plotlyReady.then(function () {
         var drawn = renderPanels(data);

@@ -658,6 +658,48 @@ def test_compare_polls_run_states_refetches_on_change_and_adds_a_run(
         )
 
 
+def test_compare_shows_the_runs_configs_differing_keys_first(browser: Any, seeded: Any) -> None:
+    """The compare page named the runs and their states, never their configs: a table now has
+    one column per run, its status and tags, then the config keys whose values differ
+    (highlighted), the identical ones folded under a button."""
+    server, _ = seeded
+    ids = []
+    for lr, tags in ((0.001, ["base"]), (0.01, ["base", "hi-lr"])):
+        config = {"lr": lr, "optimizer": {"name": "adamw", "betas": [0.9, 0.95]}, "seed": 0}
+        created = httpx.post(
+            f"{server.url}/api/v1/runs",
+            json={"project": "configs", "name": f"lr{lr}", "config": config, "tags": tags},
+        )
+        assert created.status_code == 201, created.text
+        ids.append(created.json()["id"])
+    open_page(browser, f"{server.url}/compare?runs={ids[0]},{ids[1]}")
+    rows_js = (
+        "return Array.from(document.querySelectorAll('#config-table tr')).filter(function (r) {"
+        " return !r.closest('tbody[hidden]'); }).map(function (r) {"
+        " return [r.className].concat(Array.from(r.cells).map(function (c) {"
+        " return c.textContent; })); })"
+    )
+    rows = browser.execute_script(rows_js)
+    assert rows == [
+        ["", "key", f"#{ids[0]} lr0.001", f"#{ids[1]} lr0.01"],
+        ["", "status", "running", "running"],
+        ["differs", "tags", "base", "base, hi-lr"],
+        ["differs", "lr", "0.001", "0.01"],
+        ["toggle", "show 3 keys identical in every run"],
+    ], rows
+    browser.find_element("id", "config-toggle").click()
+    rows = browser.execute_script(rows_js)
+    assert rows[-3:] == [
+        ["", "optimizer.betas", "[0.9, 0.95]", "[0.9, 0.95]"],
+        ["", "optimizer.name", "adamw", "adamw"],
+        ["", "seed", "0", "0"],
+    ], rows
+    # a refresh (the runs' states polled) keeps the identical keys open
+    browser.execute_async_script("SW.reload().then(arguments[0])")
+    assert browser.find_element("id", "config-toggle").text.startswith("hide 3 keys")
+    assert console_errors(browser) == []
+
+
 def test_a_loss_gone_nan_is_marked_where_its_line_ends(
     browser: Any, seeded: Any, tmp_path: Path
 ) -> None:
@@ -844,7 +886,12 @@ def test_user_strings_are_escaped_not_executed(browser: Any, seeded: Any) -> Non
     )
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
-    for path in ("/projects/xss-probe", f"/runs/{run_id}", f"/runs/{run_id}/layers"):
+    for path in (
+        "/projects/xss-probe",
+        f"/runs/{run_id}",
+        f"/runs/{run_id}/layers",
+        f"/compare?runs={run_id}",
+    ):
         browser.get(server.url + path)
         wait_js(browser, "document.body.dataset.ready || document.readyState === 'complete'")
         time.sleep(0.5)  # give an injected onerror handler the chance to fire

@@ -1536,3 +1536,53 @@ def test_static_files_are_linked_by_content_version_and_cached_accordingly(
             resp = client.get(stale)
             assert resp.status_code == 200
             assert resp.headers["cache-control"] == "no-cache", stale
+
+
+def test_config_rows_put_differing_keys_first() -> None:
+    """The compare page showed the runs' names and states, never their configs: their rows are
+    the flattened keys, those whose values differ (or that a run lacks) first."""
+    rows = fig.config_rows(
+        [
+            {"lr": 0.001, "opt": {"name": "adam", "betas": [0.9, 0.99]}, "seed": 1, "d": {}},
+            {"lr": 0.01, "opt": {"name": "adam", "betas": [0.9, 0.99]}, "seed": 1, "wd": 0.1},
+        ]
+    )
+    assert [(r.key, r.values, r.differs) for r in rows] == [
+        ("d", ("{}", None), True),
+        ("lr", ("0.001", "0.01"), True),
+        ("wd", (None, "0.1"), True),
+        ("opt.betas", ("[0.9, 0.99]", "[0.9, 0.99]"), False),
+        ("opt.name", ("adam", "adam"), False),
+        ("seed", ("1", "1"), False),
+    ]
+    assert fig.flatten_config({"a": {"b": {"c": 1}}, "x": None}) == {"a.b.c": 1, "x": None}
+    assert fig.config_text(True) == "true"
+    assert fig.config_text("<b>") == "<b>"  # the page writes it as text
+
+
+def test_compare_answers_the_runs_configs(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        ids = [
+            client.post(
+                "/api/v1/runs",
+                json={"project": "p", "name": f"r{lr}", "config": {"lr": lr, "bs": 32}, "tags": t},
+            ).json()["id"]
+            for lr, t in ((0.1, ["a"]), (0.2, []))
+        ]
+        body = client.get("/api/v1/dashboards/compare", params={"runs": f"{ids[0]},{ids[1]}"})
+        config = body.json()["config"]
+    assert config == {
+        "columns": [f"#{ids[0]} r0.1", f"#{ids[1]} r0.2"],
+        "status": ["running", "running"],
+        "tags": [["a"], []],
+        "rows": [
+            {"key": "lr", "values": ["0.1", "0.2"], "differs": True},
+            {"key": "bs", "values": ["32", "32"], "differs": False},
+        ],
+    }

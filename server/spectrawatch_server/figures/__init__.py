@@ -15,8 +15,9 @@ series and ``scattergl`` once a figure holds more than :data:`WEBGL_POINTS` poin
 The builders live in modules by what they draw: :mod:`.pages` (page definitions, panels),
 :mod:`.lines`, :mod:`.overview` (phase bands, early-warning and accuracy markers),
 :mod:`.nonfinite` (NaN/Inf onsets), :mod:`.heatmaps`, :mod:`.spectra` (ESD, correlation traps,
-Marchenko-Pastur), :mod:`.alerts`, over :mod:`.keys` (the metric keys the pages read) and
-:mod:`.base` (layout, label text, rounding); every public name is re-exported here.
+Marchenko-Pastur), :mod:`.alerts`, :mod:`.configs` (run configs as tables), over :mod:`.keys`
+(the metric keys the pages read) and :mod:`.base` (layout, label text, rounding); every public
+name is re-exported here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from spectrawatch_server.figures.base import Figure as Figure
 from spectrawatch_server.figures.base import natural_key as natural_key
 from spectrawatch_server.figures.base import plot_text as plot_text
 from spectrawatch_server.figures.base import rounded as rounded
+from spectrawatch_server.figures.configs import ConfigRow as ConfigRow
+from spectrawatch_server.figures.configs import config_rows as config_rows
+from spectrawatch_server.figures.configs import config_text as config_text
+from spectrawatch_server.figures.configs import flatten_config as flatten_config
 from spectrawatch_server.figures.heatmaps import FEW_STEP_TICKS as FEW_STEP_TICKS
 from spectrawatch_server.figures.heatmaps import LOG_COLOR_SPAN as LOG_COLOR_SPAN
 from spectrawatch_server.figures.heatmaps import TOP_AXIS_LAYERS as TOP_AXIS_LAYERS

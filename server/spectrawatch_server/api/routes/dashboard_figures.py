@@ -669,8 +669,9 @@ def read_compare(
         for name in metric_chosen:
             layer_opts += [la for la in layer_options(session, r.id, name) if la not in layer_opts]
     layer_value = _choose(layer_opts, layer, [dash.MODEL_LAYER])
+    public = [r.model_dump(mode="json") for r in runs_public(session, run_rows)]
     body: dict[str, Any] = {
-        "runs": [r.model_dump(mode="json") for r in runs_public(session, run_rows)],
+        "runs": public,
         "page": {"id": page.id, "title": page.title},
         "controls": {
             "names": {
@@ -683,6 +684,7 @@ def read_compare(
         "tables": [],
         "left_out": left_out,
         "notice": left_out_notice(left_out),
+        "config": compare_config(public),
     }
     if layer_opts:
         body["controls"]["layer"] = {"label": "layer", "options": layer_opts, "value": layer_value}
@@ -741,6 +743,17 @@ def read_compare(
         panels.append(dash.panel_from(spec, None, empty=None if ids else NO_RUNS_PICKED))
     body["panels"] = [p.public() for p in panels]
     return _json(body)
+
+
+def compare_config(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The compare page's config table of ``runs`` (public run dicts): one column per run,
+    its status and tags, then one row per flattened config key, differing keys first."""
+    return {
+        "columns": [f"#{r['id']} {r['name']}" for r in runs],
+        "status": [r["status"] for r in runs],
+        "tags": [list(r["tags"]) for r in runs],
+        "rows": [row.public() for row in dash.config_rows([r["config"] for r in runs])],
+    }
 
 
 def left_out_notice(left_out: Sequence[int]) -> str:
