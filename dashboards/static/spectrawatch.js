@@ -103,6 +103,7 @@
     var lines = [];
     (gd.data || []).forEach(function (t) {
       if (t.hoverinfo === "skip") { return; }  // holds no data (the heatmap's top axis)
+      if (t.swSmoothed) { return; }  // the smoothing slider's line: the raw one has the data
       if (t.type === "heatmap") {
         if (!lines.length) { lines.push("layer,step,value"); }
         (t.y || []).forEach(function (_, i) {
@@ -267,7 +268,7 @@
   function renderControls(data) {
     var form = $("controls");
     var controls = data.controls || {};
-    var key = JSON.stringify(controls);
+    var key = JSON.stringify(controls) + "|" + smoothWeight();  // Back may change either
     if (form.dataset.key === key) { return; }
     form.dataset.key = key;
     form.textContent = "";
@@ -303,10 +304,103 @@
       label.appendChild(select);
       form.appendChild(label);
     });
+    if (SMOOTHED_PAGES[cfg.page]) { form.appendChild(smoothControl()); }
     if (cfg.page === "layer" && data.links && data.links.heatmap_metric) {
       form.appendChild(el("a", { href: "/runs/" + cfg.runId + "/layers?metric=" + encodeURIComponent(data.links.heatmap_metric) },
         "← back to the layer heatmap"));
     }
+  }
+
+  // --- smoothing (overview and compare) ---------------------------------------------------
+  // An exponential moving average of each line, TensorBoard's: smoothed = last·w + (1−w)·y,
+  // divided by 1 − (product of the weights so far) so the first points are not pulled to 0.
+  // Steps are not always even (bucketed series, gaps): each point's weight is w^(Δstep/mean
+  // Δstep), which is w itself on evenly spaced points (TensorBoard's numbers exactly). A
+  // null/NaN point stays a gap; the average goes on after it, the past weighed down by the
+  // steps the gap spans (w per mean step). w = 0 (the default): no smoothing. Kept in the URL
+  // as ``smooth`` (the figure API never sees it).
+  var SMOOTHED_PAGES = { overview: true, compare: true };
+  var SMOOTH_MAX = 0.999;
+  // plotly's default colorway: a raw line and its smoothed twin take the colour the raw line
+  // had (its index in the figure)
+  var COLORWAY = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                  "#7f7f7f", "#bcbd22", "#17becf"];
+
+  function ema(xs, ys, w) {
+    if (!(w > 0)) { return ys.slice(); }
+    var finite = function (v) { return v !== null && v !== undefined && isFinite(v); };
+    var first = null, last = null, count = 0;  // the mean step, gaps included
+    xs.forEach(function (x) {
+      if (finite(x)) { if (first === null) { first = x; } last = x; count += 1; }
+    });
+    var spacing = count > 1 && last > first ? (last - first) / (count - 1) : 1;
+    var acc = 0, decay = 1, prev = null;
+    return ys.map(function (y, i) {
+      if (!finite(y) || !finite(xs[i])) { return y === undefined ? null : y; }
+      var wi = prev === null ? w : Math.pow(w, Math.max(0, xs[i] - prev) / spacing);
+      acc = acc * wi + (1 - wi) * y;
+      decay *= wi;
+      prev = xs[i];
+      return decay < 1 ? acc / (1 - decay) : y;
+    });
+  }
+  SW.ema = ema;
+
+  function smoothWeight() {
+    if (!SMOOTHED_PAGES[cfg.page]) { return 0; }
+    var w = parseFloat(params().get("smooth") || "0");
+    return isFinite(w) ? Math.max(0, Math.min(SMOOTH_MAX, w)) : 0;
+  }
+
+  function smoothable(t) {
+    return /^scatter/.test(t.type) && String(t.mode || "lines").indexOf("lines") >= 0 && !t.fill &&
+      (t.x || []).length > 2;
+  }
+
+  // ``data`` with each line drawn twice: the raw one faint behind, the smoothed one in the
+  // legend (one legend group: a click hides both). The CSV download skips the smoothed ones.
+  function smoothedData(data, w) {
+    if (!(w > 0)) { return data; }
+    var out = [];
+    data.forEach(function (t, i) {
+      if (!smoothable(t)) { out.push(t); return; }
+      var color = (t.line && t.line.color) || COLORWAY[i % COLORWAY.length];
+      var group = t.legendgroup || "sw-smooth-" + i;
+      out.push(Object.assign({}, t, {
+        line: Object.assign({}, t.line, { color: color }), opacity: 0.25, showlegend: false,
+        legendgroup: group, mode: "lines" }));
+      out.push(Object.assign({}, t, {
+        y: ema(t.x, t.y, w), line: Object.assign({}, t.line, { color: color, width: 2 }),
+        legendgroup: group, mode: "lines", swSmoothed: true }));
+    });
+    return out;
+  }
+
+  function smoothControl() {
+    var w = smoothWeight();
+    var label = el("label", { title: "Exponential moving average of each line (TensorBoard's); " +
+      "0: off. The raw line stays, faint, behind." }, "smoothing ");
+    var input = el("input", { type: "range", id: "control-smooth", min: "0", max: "0.99", step: "0.01" });
+    input.value = String(w);
+    var shown = el("output", { id: "smooth-value", "for": "control-smooth" }, w.toFixed(2));
+    var timer = null;
+    input.addEventListener("input", function () {
+      shown.textContent = Number(input.value).toFixed(2);
+      var p = params();
+      if (Number(input.value) > 0) { p.set("smooth", input.value); } else { p.delete("smooth"); }
+      // the page state, without one history entry per slider tick
+      window.history.replaceState(null, "", window.location.pathname + (p.toString() ? "?" + p.toString() : ""));
+      window.clearTimeout(timer);
+      timer = window.setTimeout(function () {
+        if (SW.lastData && !loading) {
+          renderPanels(SW.lastData).all.then(function () { SW.smoothings = (SW.smoothings || 0) + 1; });
+        }
+      }, 60);
+    });
+    label.appendChild(input);
+    label.appendChild(document.createTextNode(" "));
+    label.appendChild(shown);
+    return label;
   }
 
   // --- compare: the runs' configs ----------------------------------------------------------
@@ -516,7 +610,8 @@
         draws.push({ node: node, draw: function () {
           var drawStart = window.performance.now();
           var layout = withAxisChoice(panel, legendLayout(panel.figure.layout, legendBottom(plot, panel.figure)));
-          return Plotly.react(plot, panel.figure.data, layout, plotConfig(panel)).then(clearLegend).then(function (gd) {
+          var traces = smoothedData(panel.figure.data, smoothWeight());
+          return Plotly.react(plot, traces, layout, plotConfig(panel)).then(clearLegend).then(function (gd) {
             bindClick(gd, panel);
             if (SW.timing && !SW.ready) { SW.timing.draws.push([panel.id, Math.round(window.performance.now() - drawStart)]); }
             return gd;

@@ -12,6 +12,7 @@ skips only when no Chromium binary can be found. Screenshots of every page go to
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -697,6 +698,80 @@ def test_compare_shows_the_runs_configs_differing_keys_first(browser: Any, seede
     # a refresh (the runs' states polled) keeps the identical keys open
     browser.execute_async_script("SW.reload().then(arguments[0])")
     assert browser.find_element("id", "config-toggle").text.startswith("hide 3 keys")
+    assert console_errors(browser) == []
+
+
+def tensorboard_ema(values: list[float | None], weight: float) -> list[float | None]:
+    """TensorBoard's debiased EMA (``vz_line_chart2``): the reference of the smoothing slider
+    on evenly spaced steps; a non-finite point is kept as it is and not counted."""
+    last, count, out = 0.0, 0, []
+    for v in values:
+        if v is None or not math.isfinite(v):
+            out.append(v)
+            continue
+        last = last * weight + (1 - weight) * v
+        count += 1
+        out.append(last / (1 - weight**count))
+    return out
+
+
+def test_smoothing_slider_draws_an_ema_over_the_faint_raw_line(browser: Any, seeded: Any) -> None:
+    """No smoothing for noisy loss curves: a slider (``smooth`` in the URL) now draws each line
+    of the overview and compare pages as TensorBoard's debiased EMA, the raw line faint behind;
+    gaps stay gaps and uneven steps weigh by their distance."""
+    server, runs = seeded
+    open_page(browser, f"{server.url}/runs/{runs.run_id}?smooth=0.9")
+    # the EMA itself: TensorBoard's on even steps
+    ys: list[float | None] = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    xs = list(range(0, 80, 10))
+    got = browser.execute_script("return SW.ema(arguments[0], arguments[1], 0.9)", xs, ys)
+    assert got == pytest.approx(tensorboard_ema(ys, 0.9), rel=1e-12)
+    assert browser.execute_script("return SW.ema([0, 1, 2], [1, 2, 3], 0)") == [1, 2, 3]
+    # a gap (null, NaN) stays one; the point after it weighs the past by 0.9 per step spanned
+    got = browser.execute_script(  # WebDriver's JSON has no NaN: set in the page
+        "return SW.ema([0, 1, 2, 3, 4], [3, null, NaN, 1, 2], 0.9)"
+    )
+    assert got[1:3] == [None, None]
+    w3 = 0.9**3
+    acc, decay = (0.1 * 3) * w3 + (1 - w3) * 1, 0.9 * w3
+    assert got[3] == pytest.approx(acc / (1 - decay), rel=1e-12)
+    assert got[4] == pytest.approx((acc * 0.9 + 0.1 * 2) / (1 - decay * 0.9), rel=1e-12)
+    # uneven steps: a point 10 mean steps after the last weighs the past by 0.9^10, not 0.9
+    got = browser.execute_script("return SW.ema([0, 1, 2, 12], [0, 0, 0, 1], 0.9)")
+    w1, w3 = 0.9 ** (1 / 4), 0.9 ** (10 / 4)  # the mean step: 12 / 3
+    assert got[-1] == pytest.approx((1 - w3) / (1 - 0.9 * w1 * w1 * w3), rel=1e-12)
+
+    def loss_traces() -> list[dict[str, Any]]:
+        return browser.execute_script(
+            "return document.querySelector('#panel-loss .plot').data.map(function (t) {"
+            " return {name: t.name, opacity: t.opacity, legend: t.showlegend,"
+            " smoothed: !!t.swSmoothed, color: t.line.color, y: t.y}; })"
+        )
+
+    raw, smooth = loss_traces()
+    assert (raw["opacity"], raw["legend"], raw["smoothed"]) == (0.25, False, False)
+    assert (smooth["name"], smooth["smoothed"]) == ("loss", True)
+    assert raw["color"] == smooth["color"]
+    assert smooth["y"] == pytest.approx(tensorboard_ema(raw["y"], 0.9), rel=1e-3)
+    assert browser.find_element("id", "control-smooth").get_attribute("value") == "0.9"
+    csv = browser.execute_script("return SW.figureCsv(document.querySelector('#panel-loss .plot'))")
+    assert len(csv.strip().split("\n")) == 1 + len(raw["y"])  # the raw points only
+    # the slider back to 0: the raw line alone, and the URL forgets it
+    browser.execute_script(
+        "var s = document.getElementById('control-smooth'); s.value = '0';"
+        "s.dispatchEvent(new Event('input'));"
+    )
+    wait_js(browser, "SW.smoothings >= 1")
+    assert [t["smoothed"] for t in loss_traces()] == [False]
+    assert "smooth" not in browser.current_url
+    # compare: one smoothed line per run
+    both = f"{runs.run_id},{runs.other_run_id}"
+    open_page(browser, f"{server.url}/compare?runs={both}&names=loss&smooth=0.6")
+    flags = browser.execute_script(
+        "return document.querySelector('#panel-compare-loss .plot').data.map(function (t) {"
+        " return !!t.swSmoothed; })"
+    )
+    assert flags == [False, True, False, True], flags
     assert console_errors(browser) == []
 
 
