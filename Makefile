@@ -48,9 +48,11 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/ingest_load.py
 
-## Regenerate docs/cli.md (the command-line reference) from the parser.
+## Regenerate docs/cli.md (the command-line reference) from the parser, and the pages' metric
+## help (dashboards/metric_help.json) from docs/metrics.md.
 docs: $(STAMP)
 	$(PY) -m spectrawatch._cli_doc > docs/cli.md
+	$(PY) -m spectrawatch_server.figures.metric_help docs/metrics.md > dashboards/metric_help.json
 
 clean:
 	rm -rf $(VENV) .spectrawatch build dist *.egg-info

@@ -598,6 +598,7 @@
       node.querySelector(".plot").style.height = rows ? Math.min(4000, Math.max(minHeight, 160 + 16 * rows)) + "px" : "";
       node.dataset.panel = panel.id;
       node.querySelector(".help").textContent = panel.help || "";
+      renderMetricHelp(node, panel.metrics_help || []);
       var note = node.querySelector(".note");  // why the data stops (NaN/Inf weights...)
       note.textContent = panel.note || "";
       note.hidden = !panel.note;
@@ -638,6 +639,41 @@
       }
     });
     return drawVisibleFirst(draws);
+  }
+
+  // A panel's metrics as docs/metrics.md reads them: definition, how to read it, the healthy
+  // range shaded on the chart, a link to the metrics reference page. Folded but on the layers
+  // page (one metric); a refresh keeps it as the reader left it.
+  function renderMetricHelp(node, items) {
+    var box = node.querySelector(".metric-help");
+    if (!box) {
+      box = el("details", { "class": "metric-help" });
+      node.insertBefore(box, node.querySelector(".note"));
+      box.open = cfg.page === "layers";
+    }
+    var key = JSON.stringify(items);
+    box.hidden = !items.length;
+    if (box.dataset.key === key) { return; }
+    box.dataset.key = key;
+    box.textContent = "";
+    if (!items.length) { return; }
+    box.appendChild(el("summary", {}, items.length === 1
+      ? "What " + items[0].name + " is and how to read it"
+      : "What these " + items.length + " metrics are and how to read them"));
+    items.forEach(function (item) {
+      var div = el("div", { "class": "metric", "data-key": item.key });
+      div.appendChild(el("code", {}, item.name));
+      div.appendChild(document.createTextNode(": " + item.definition + "."));
+      if (item.reading) { div.appendChild(el("div", { "class": "reading" }, "How to read it: " + item.reading)); }
+      if (item.healthy) {
+        div.appendChild(el("div", { "class": "healthy" }, "Healthy range (shaded on line charts): " + item.healthy.text));
+      }
+      var more = el("div", { "class": "docs" });
+      more.appendChild(el("a", { href: "/metrics-reference#" + encodeURIComponent(item.key) },
+        "docs/metrics.md § " + item.section));
+      div.appendChild(more);
+      box.appendChild(div);
+    });
   }
 
   function renderTables(data) {

@@ -775,6 +775,46 @@ def test_smoothing_slider_draws_an_ema_over_the_faint_raw_line(browser: Any, see
     assert console_errors(browser) == []
 
 
+def test_layers_and_overview_say_what_a_metric_is_and_link_the_docs(
+    browser: Any, seeded: Any
+) -> None:
+    """The layers page offered 60+ metric keys with no word on what they are: the chosen one's
+    definition and "how to read it" (docs/metrics.md) show above the heatmap, linked to the
+    metrics reference; the overview's panels fold theirs, and shade the update ratio's healthy
+    range."""
+    server, runs = seeded
+    open_page(browser, f"{server.url}/runs/{runs.run_id}/layers?metric=htsr.alpha")
+    box = browser.find_element("css selector", "#panel-heatmap details.metric-help")
+    assert box.get_attribute("open") is not None
+    assert "What htsr.alpha is and how to read it" in box.text
+    assert "How to read it: 2-6: typical of well-trained layers" in box.text
+    assert "Healthy range (shaded on line charts): 2-6" in box.text
+    link = box.find_element("css selector", ".docs a")
+    assert link.get_attribute("href").endswith("/metrics-reference#htsr.alpha")
+    link.click()
+    wait_until(lambda: "/metrics-reference" in browser.current_url, 20)
+    row = browser.find_element("css selector", "tr:target")
+    assert row.get_attribute("id") == "htsr.alpha"
+    assert "well-trained" in row.text
+
+    open_page(browser, f"{server.url}/runs/{runs.run_id}")
+    ratio = browser.find_element("css selector", "#panel-update_ratio details.metric-help")
+    assert ratio.get_attribute("open") is None  # folded on the overview
+    assert ratio.find_element("css selector", "summary").text == (
+        "What norm.update_ratio is and how to read it"
+    )
+    band = browser.execute_script(
+        "return document.querySelector('#panel-update_ratio .plot').layout.shapes"
+        ".filter(function (s) { return s.type === 'rect'; }).map(function (s) {"
+        " return [s.y0, s.y1, s.label.text]; })"
+    )
+    assert band == [[3e-4, 3e-3, "healthy: about 1e-3: the update ratio often quoted as healthy"]]
+    assert (
+        browser.find_elements("css selector", "#panel-loss details.metric-help:not([hidden])") == []
+    )
+    assert console_errors(browser) == []
+
+
 def test_a_loss_gone_nan_is_marked_where_its_line_ends(
     browser: Any, seeded: Any, tmp_path: Path
 ) -> None:

@@ -1586,3 +1586,79 @@ def test_compare_answers_the_runs_configs(tmp_path: Path) -> None:
             {"key": "bs", "values": ["32", "32"], "differs": False},
         ],
     }
+
+
+def test_metric_help_reads_the_docs_tables_and_finds_stored_keys() -> None:
+    """The layers page's 60+ metric keys had no description and nothing linked to
+    docs/metrics.md: each key's row is found by its stored name now."""
+    docs = fig.parse_metric_docs(
+        "## HT-SR (`htsr.*`)\n\n| key | definition | how to read it |\n|---|---|---|\n"
+        "| `htsr.alpha` | tail `lambda` | **2-6**: fine |\n"
+        "| `htsr.under_trained`, `htsr.over_trained` | flags | per layer |\n\n"
+        "## SED\n\n| key | definition | how to read it |\n|---|---|---|\n"
+        "| `sed.edge.w<W>` | k* | directions |\n"
+    )
+    assert sorted(docs) == [
+        "htsr.alpha",
+        "htsr.over_trained",
+        "htsr.under_trained",
+        "sed.edge.w<W>",
+    ]
+    alpha = docs["htsr.alpha"]
+    assert (alpha.definition, alpha.reading) == ("tail lambda", "2-6: fine")
+    assert (alpha.section, alpha.anchor) == ("HT-SR (htsr.*)", "ht-sr-htsr")
+    assert fig.find_help(docs, "sed.edge.w32") == docs["sed.edge.w<W>"]
+    assert fig.find_help(docs, "sed.edge.w32.x") is None
+    farms = fig.find_help(docs, "farms.alpha")
+    assert farms is not None
+    assert farms.definition == "the FARMS twin of htsr.alpha: tail lambda"
+    public = fig.help_public(docs, "htsr.alpha")
+    assert public is not None
+    assert public["healthy"] == {
+        "low": 2.0,
+        "high": 6.0,
+        "text": fig.HEALTHY_RANGES["htsr.alpha"][2],
+    }
+    assert (
+        fig.healthy_band(["norm.update_ratio", "norm.update"])
+        == fig.HEALTHY_RANGES["norm.update_ratio"]
+    )
+    assert fig.healthy_band(["htsr.alpha", "norm.update_ratio"]) is None
+
+
+def test_layers_and_overview_answer_metric_help_and_healthy_bands(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        rid = new_run(s, "p", "r")
+        rows = [MetricRow(la, "htsr.alpha", st, 3.0) for la in ("a", "b") for st in (1, 2)]
+        rows += [MetricRow(fig.MODEL_LAYER, "norm.update_ratio", st, 1e-3) for st in range(5)]
+        rows += [MetricRow(fig.MODEL_LAYER, "sed.gap_ratio.w16", st, 2.0) for st in range(5)]
+        rows += [MetricRow(fig.MODEL_LAYER, "sed.gap_ratio.w32", st, 2.0) for st in range(5)]
+        result_store.replace_results(s, rid, done_frame(s, rid, 0, 0).id, 0, "htsr", rows, [])
+    engine.dispose()
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        layers = client.get(f"/api/v1/dashboards/runs/{rid}/layers").json()
+        (item,) = layers["panels"][0]["metrics_help"]
+        assert item["name"] == "htsr.alpha"
+        assert item["reading"].startswith("2-6: typical of well-trained layers")
+        assert item["healthy"]["low"] == 2.0
+        assert item["anchor"] == "ht-sr-heavy-tailed-self-regularisation-htsr"
+        overview = client.get(f"/api/v1/dashboards/runs/{rid}/overview").json()
+        by_id = {p["id"]: p for p in overview["panels"]}
+        assert [h["key"] for h in by_id["sed_gap"]["metrics_help"]] == ["sed.gap_ratio.w<W>"]
+        ratio = by_id["update_ratio"]
+        (band,) = [s for s in ratio["figure"]["layout"]["shapes"] if s["type"] == "rect"]
+        assert (band["y0"], band["y1"]) == fig.HEALTHY_RANGES["norm.update_ratio"][:2]
+        assert band["label"]["text"].startswith("healthy: about 1e-3")
+        assert ratio["metrics_help"][0]["healthy"] is not None
+        page = client.get("/metrics-reference")
+        assert page.status_code == 200
+        assert '<tr id="htsr.alpha"><td><code>htsr.alpha</code></td>' in page.text
+        assert '<tr id="sed.gap_ratio.w&lt;W&gt;">' in page.text

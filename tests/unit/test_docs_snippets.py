@@ -62,3 +62,13 @@ def test_quickstart_runs_against_a_real_server(
     assert loss[0]["steps"] == list(range(1, 101))
     kinds = {f["kind"] for f in api.get(f"/runs/{run['id']}/frames").json()}
     assert {"update_sketch", "weights"} <= kinds  # weights: the snapshot at finish
+
+
+def test_metric_help_shipped_with_the_pages_is_the_docs_tables() -> None:
+    """The pages' metric help (``dashboards/metric_help.json``) is ``docs/metrics.md``'s key /
+    definition / how-to-read-it rows; ``make docs`` writes it again after a docs edit."""
+    from spectrawatch_server.figures.metric_help import docs_json
+
+    shipped = DOCS.parent / "dashboards" / "metric_help.json"
+    text = (DOCS / "metrics.md").read_text(encoding="utf-8")
+    assert shipped.read_text(encoding="utf-8") == docs_json(text), "run `make docs`"

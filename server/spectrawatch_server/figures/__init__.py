@@ -15,7 +15,8 @@ series and ``scattergl`` once a figure holds more than :data:`WEBGL_POINTS` poin
 The builders live in modules by what they draw: :mod:`.pages` (page definitions, panels),
 :mod:`.lines`, :mod:`.overview` (phase bands, early-warning and accuracy markers),
 :mod:`.nonfinite` (NaN/Inf onsets), :mod:`.heatmaps`, :mod:`.spectra` (ESD, correlation traps,
-Marchenko-Pastur), :mod:`.alerts`, :mod:`.configs` (run configs as tables), over :mod:`.keys`
+Marchenko-Pastur), :mod:`.alerts`, :mod:`.configs` (run configs as tables),
+:mod:`.metric_help` (docs/metrics.md's rows by key), over :mod:`.keys`
 (the metric keys the pages read) and :mod:`.base` (layout, label text, rounding); every public
 name is re-exported here.
 """
@@ -56,6 +57,13 @@ from spectrawatch_server.figures.lines import envelope_lines as envelope_lines
 from spectrawatch_server.figures.lines import line_figure as line_figure
 from spectrawatch_server.figures.lines import series_csv as series_csv
 from spectrawatch_server.figures.lines import thin_lines as thin_lines
+from spectrawatch_server.figures.metric_help import HEALTHY_RANGES as HEALTHY_RANGES
+from spectrawatch_server.figures.metric_help import MetricHelp as MetricHelp
+from spectrawatch_server.figures.metric_help import find_help as find_help
+from spectrawatch_server.figures.metric_help import healthy_band as healthy_band
+from spectrawatch_server.figures.metric_help import help_public as help_public
+from spectrawatch_server.figures.metric_help import load_metric_help as load_metric_help
+from spectrawatch_server.figures.metric_help import parse_metric_docs as parse_metric_docs
 from spectrawatch_server.figures.nonfinite import NONFINITE_COLOR as NONFINITE_COLOR
 from spectrawatch_server.figures.nonfinite import NONFINITE_KINDS as NONFINITE_KINDS
 from spectrawatch_server.figures.nonfinite import nonfinite_marker as nonfinite_marker

@@ -75,8 +75,10 @@ def line_figure(
     markers: Sequence[Marker] = (),
     bands: Sequence[Band] = (),
     y_band: tuple[float, float] | None = None,
+    y_band_label: str = "",
 ) -> Figure:
-    """Lines over steps with optional vertical markers, shaded x-bands and a shaded y-range."""
+    """Lines over steps with optional vertical markers, shaded x-bands and a shaded y-range
+    (labelled ``y_band_label`` at its top left: a healthy range)."""
     total = sum(len(line.x) for line in lines if line.shown)  # hidden lines are not drawn
     trace_type = "scattergl" if total > WEBGL_POINTS else "scatter"
     data = []
@@ -154,6 +156,12 @@ def line_figure(
                 "layer": "below",
             }
         )
+        if y_band_label:  # a shape's label: it stays on the band when the axis turns log
+            layout["shapes"][-1]["label"] = {
+                "text": plot_text(y_band_label),
+                "textposition": "top left",
+                "font": {"size": 10, "color": "#1f77b4"},
+            }
     labelled = 0
     for m in markers:
         layout["shapes"].append(

@@ -84,6 +84,24 @@ def pages() -> dict[str, dash.PageSpec]:
     return out
 
 
+@cache
+def metric_docs() -> dict[str, dash.MetricHelp]:
+    """``dashboards/metric_help.json``: docs/metrics.md's rows by key, read once."""
+    path = package_dir() / "metric_help.json"
+    return dash.load_metric_help(path.read_text(encoding="utf-8"))
+
+
+def metrics_help(names: Sequence[str]) -> list[dict[str, Any]]:
+    """The docs' help of ``names`` (those the docs have), one per docs row: the windows of one
+    SED key share theirs."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        item = dash.help_public(metric_docs(), name)
+        if item is not None and item["key"] not in out:
+            out[item["key"]] = item
+    return list(out.values())
+
+
 def project_href(name: str) -> str:
     """The dashboard link of a project's runs: ``/projects/<name>`` with the name escaped as
     one path segment (``#``, ``?``, ``%``, space, ``\\``...), or ``/?project=<name>`` for ``.``
@@ -303,6 +321,7 @@ def read_overview(
             note = dash.scalar_onsets_note(scalar_onsets, chosen, drawn=scalars)
             if note and panel.figure is not None:
                 panel.extra["note"] = note
+            panel.extra["metrics_help"] = metrics_help(chosen)
             panels.append(panel)
         elif spec.kind == "sed":
             at_layer = series.get(layer, {})
@@ -317,16 +336,28 @@ def read_overview(
             fig = dash.line_figure(
                 title, lines, y_title=spec.y_title, log_y=spec.log_y, markers=markers, bands=bands
             )
-            panels.append(dash.panel_from(spec, fig))
+            panel = dash.panel_from(spec, fig)
+            panel.extra["metrics_help"] = metrics_help(dash.match_names(names, spec.match))
+            panels.append(panel)
         else:
             model_level = series.get(dash.MODEL_LAYER, {})
             lines = []
-            for name in dash.match_names(names, spec.match):
+            matched = dash.match_names(names, spec.match)
+            for name in matched:
                 lines += lines_of(model_level, name, lambda k: k[0])
+            healthy = dash.healthy_band(matched)
             fig = dash.line_figure(
-                spec.title, lines, y_title=spec.y_title, log_y=spec.log_y, markers=markers
+                spec.title,
+                lines,
+                y_title=spec.y_title,
+                log_y=spec.log_y,
+                markers=markers,
+                y_band=None if healthy is None else healthy[:2],
+                y_band_label="" if healthy is None else "healthy: " + healthy[2],
             )
-            panels.append(dash.panel_from(spec, fig))
+            panel = dash.panel_from(spec, fig)
+            panel.extra["metrics_help"] = metrics_help(matched)
+            panels.append(panel)
     body["panels"] = [p.public() for p in panels]
     return _json(body)
 
@@ -363,6 +394,7 @@ def read_layers(
         panel = dash.panel_from(spec, figure)
         panel.extra["click"] = {"kind": "layer_drilldown", "metric": chosen}
         panel.extra["note"] = dash.nonfinite_note(onsets, shown)
+        panel.extra["metrics_help"] = metrics_help([chosen])
     body["panels"] = [panel.public()]
     return _json(body)
 
@@ -425,7 +457,9 @@ def read_layer(
             matched = dash.match_names(names, spec.match)
             series = metric_series(session, run.id, matched, layer, n)
             lines = [ln for name in matched for ln in lines_of(series, name, lambda k: k[0])]
+            healthy = None if spec.kind == "alpha_history" else dash.healthy_band(matched)
             band = dash.HTSR_GOOD_RANGE if spec.kind == "alpha_history" else None
+            band = band if healthy is None else healthy[:2]
             line_markers = []
             if chosen_row is not None:
                 line_markers.append(dash.Marker(chosen_row.step, "ESD step", "#555", "dot"))
@@ -437,6 +471,7 @@ def read_layer(
                 y_title=spec.y_title,
                 log_y=spec.log_y,
                 y_band=band,
+                y_band_label="" if healthy is None else "healthy: " + healthy[2],
                 markers=line_markers,
             )
             # HT-SR's alphas: none for a layer it skips, which says why as the ESDs do

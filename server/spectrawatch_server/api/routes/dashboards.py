@@ -30,6 +30,7 @@ from spectrawatch_server.api.errors import STATIC_URL, ApiError
 from spectrawatch_server.api.known_query import KNOWN_QUERY_ONLY
 from spectrawatch_server.api.routes.dashboard_figures import (
     api_router,
+    metric_docs,
     package_dir,
     pages,
     project_href,
@@ -257,6 +258,17 @@ def show_compare(request: Request, runs: str = "") -> HTMLResponse:
         config=config,
         page_title=pages()["compare"].title,
     )
+
+
+@router.get("/metrics-reference", response_class=HTMLResponse)
+def show_metrics_reference(request: Request) -> HTMLResponse:
+    """Every metric key the docs describe (``docs/metrics.md``'s tables, as the pages' help
+    shows them), by section, each row anchored by its key: the pages' help links here. Docs
+    text only, no run data: served without a token."""
+    sections: dict[str, list[Any]] = {}
+    for entry in metric_docs().values():
+        sections.setdefault(entry.section, []).append(entry)
+    return _page(request, "metrics.html", sections=sections)
 
 
 @router.get("/projects/{name}/alert-rules", response_class=HTMLResponse)
