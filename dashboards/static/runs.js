@@ -19,6 +19,19 @@
     });
   }
   titleTimes();
+  // The config-column picker lists the keys of the runs in the table: a page served without
+  // rows (auth on) learns them from the table it fetches.
+  function offerConfigKeys() {
+    var picker = document.getElementById("config-columns");
+    var runs = document.querySelector("table.runs[data-config-keys]");
+    if (!picker || !runs) { return; }
+    var have = {};
+    Array.prototype.forEach.call(picker.options, function (o) { have[o.value] = true; });
+    JSON.parse(runs.dataset.configKeys).forEach(function (k) {
+      if (!have[k]) { picker.appendChild(C.el("option", { value: k }, k)); }
+    });
+  }
+  offerConfigKeys();
   if (!table) { return; }
   var locked = table.dataset.locked === "1";
   var refused = false;  // the server refused the stored token: asking again is the user's move
@@ -61,6 +74,7 @@
         if (html === null) { return; }
         table.innerHTML = html;
         titleTimes();
+        offerConfigKeys();
         var notice = document.getElementById("runs-locked");
         if (notice) { notice.hidden = true; }
         document.body.dataset.runs = "1";

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import pytest
@@ -1003,6 +1003,7 @@ def test_user_strings_are_escaped_not_executed(browser: Any, seeded: Any) -> Non
     run_id = created.json()["id"]
     for path in (
         "/projects/xss-probe",
+        "/projects/xss-probe?cols=note&cols=" + quote(XSS, safe=""),
         f"/runs/{run_id}",
         f"/runs/{run_id}/layers",
         f"/compare?runs={run_id}",
@@ -1020,6 +1021,9 @@ def test_user_strings_are_escaped_not_executed(browser: Any, seeded: Any) -> Non
     browser.get(server.url + "/projects/xss-probe")
     wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
     assert XSS in browser.find_element("css selector", "table.runs").text
+    browser.get(server.url + "/projects/xss-probe?cols=note")
+    wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
+    assert browser.find_element("css selector", "table.runs td.config").text == XSS
 
 
 @pytest.mark.slow
@@ -1112,7 +1116,9 @@ def test_pages_of_a_server_requiring_auth_ask_for_a_token(browser: Any, tmp_path
         for project, token in tokens.items():
             headers = {"Authorization": f"Bearer {token}"}
             with httpx.Client(base_url=f"{server.url}/api/v1", headers=headers) as api:
-                ids[project] = make_run(api, project=project, name=f"{project}-run")
+                ids[project] = make_run(
+                    api, project=project, name=f"{project}-run", config={"opt": {"lr": 0.1}}
+                )
         browser.get(f"{server.url}/runs/{ids['mine']}")
         wait_js(browser, "document.body.dataset.ready === 'error'")
         assert "requires an API token" in browser.execute_script("return " + banner)
@@ -1146,6 +1152,17 @@ def test_pages_of_a_server_requiring_auth_ask_for_a_token(browser: Any, tmp_path
         assert "mine-run" in table
         assert "theirs-run" not in browser.page_source
         assert not browser.find_element("id", "runs-locked").is_displayed()
+        # config columns: the picker learns the keys from the table fetched with the token
+        keys = "Array.from(document.getElementById('config-columns').options).map(o => o.value)"
+        assert wait_js(browser, keys) == ["opt.lr"]
+        browser.get(f"{server.url}/?cols=opt.lr&sort=config:opt.lr")
+        wait_js(browser, "document.body.dataset.runs === '1'")
+        cells = browser.find_elements("css selector", "table.runs td.config")
+        assert [c.text for c in cells] == ["0.1"]
+        # the compare page's config table, read with the token
+        open_page(browser, f"{server.url}/compare?runs={ids['mine']}")
+        config = browser.find_element("id", "config-table").get_attribute("textContent")
+        assert "opt.lr0.1" in config, config  # one run: its keys folded (none differs)
         # another project's list, or none: said so, not a token prompt again and again
         for project in ("theirs", "nonexistent"):
             browser.get(f"{server.url}/projects/{project}")

@@ -1662,3 +1662,41 @@ def test_layers_and_overview_answer_metric_help_and_healthy_bands(tmp_path: Path
         assert page.status_code == 200
         assert '<tr id="htsr.alpha"><td><code>htsr.alpha</code></td>' in page.text
         assert '<tr id="sed.gap_ratio.w&lt;W&gt;">' in page.text
+
+
+def test_runs_list_shows_and_sorts_by_config_columns(tmp_path: Path) -> None:
+    """The runs list had no config columns: ``cols`` (repeated) adds one per config key (the
+    picker offers the listed runs' flattened keys), and ``sort=config:<key>`` orders the listed
+    runs by it, numbers by value, runs without the key last."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        for name, config in (
+            ("a", {"opt": {"lr": 0.01}, "bs": 32}),
+            ("b", {"opt": {"lr": 0.1}, "note": "<b>x</b>"}),
+            ("c", {"opt": {"lr": 0.001}}),
+            ("d", {}),
+        ):
+            client.post("/api/v1/runs", json={"project": "p", "name": name, "config": config})
+
+        def table(**params: Any) -> tuple[list[str], str]:
+            html = client.get("/", params={"fragment": "true", **params}).text
+            return re.findall(r'<a href="/runs/\d+">([^<]+)</a>', html), html
+
+        names, html = table(cols=["opt.lr", "note"], sort="config:opt.lr", desc="false")
+        assert names == ["c", "a", "b", "d"]
+        assert '<th class="config" title="config key opt.lr">opt.lr</th>' in html
+        cells = re.findall(r'<td class="config">([^<]*)</td>', html)
+        assert cells == ["0.001", "—", "0.01", "—", "0.1", "&lt;b&gt;x&lt;/b&gt;", "—", "—"]
+        assert table(cols=["opt.lr"], sort="config:opt.lr")[0] == ["b", "a", "c", "d"]
+        assert 'data-config-keys=\'["bs", "note", "opt.lr"]\'' in html
+        page = client.get("/", params={"cols": "bs"}).text
+        assert '<option value="bs" selected>bs</option>' in page
+        assert '<option value="opt.lr" >opt.lr</option>' in page
+        assert '<option value="config:bs" >config bs</option>' in page
+        assert "<th class" not in table()[1]  # no columns unless asked for

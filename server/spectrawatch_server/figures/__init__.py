@@ -30,9 +30,11 @@ from spectrawatch_server.figures.base import natural_key as natural_key
 from spectrawatch_server.figures.base import plot_text as plot_text
 from spectrawatch_server.figures.base import rounded as rounded
 from spectrawatch_server.figures.configs import ConfigRow as ConfigRow
+from spectrawatch_server.figures.configs import config_keys as config_keys
 from spectrawatch_server.figures.configs import config_rows as config_rows
 from spectrawatch_server.figures.configs import config_text as config_text
 from spectrawatch_server.figures.configs import flatten_config as flatten_config
+from spectrawatch_server.figures.configs import sort_by_config as sort_by_config
 from spectrawatch_server.figures.heatmaps import FEW_STEP_TICKS as FEW_STEP_TICKS
 from spectrawatch_server.figures.heatmaps import LOG_COLOR_SPAN as LOG_COLOR_SPAN
 from spectrawatch_server.figures.heatmaps import TOP_AXIS_LAYERS as TOP_AXIS_LAYERS

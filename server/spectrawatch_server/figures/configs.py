@@ -6,6 +6,7 @@ the runs list's config columns.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,3 +57,27 @@ def config_rows(configs: Sequence[Mapping[str, Any]]) -> list[ConfigRow]:
         values = tuple(config_text(f[key]) if key in f else None for f in flat)
         rows.append(ConfigRow(key, values, len(set(values)) > 1))
     return sorted(rows, key=lambda r: not r.differs)  # stable: key order kept in each group
+
+
+def config_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The flattened keys present in any of ``configs``, natural order (the runs list's picker
+    of config columns)."""
+    return sorted({k for c in configs for k in flatten_config(c)}, key=natural_key)
+
+
+def sort_by_config(rows: Sequence[Any], key: str, *, desc: bool) -> list[Any]:
+    """``rows`` (each with a flattened ``config`` mapping) ordered by their value of config
+    ``key``: numbers before text (numbers by value, text case-insensitively), runs without the
+    key last whichever the direction; ties keep their order."""
+
+    def rank(row: Any) -> tuple[int, float, str]:
+        value = row["config"].get(key)
+        if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+            return (1, 0.0, "" if value is None else config_text(value).lower())
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return (0, float(value), "")
+        return (1, 0.0, config_text(value).lower())
+
+    present = [r for r in rows if key in r["config"]]
+    missing = [r for r in rows if key not in r["config"]]
+    return sorted(present, key=rank, reverse=desc) + missing

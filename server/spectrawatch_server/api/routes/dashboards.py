@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 from functools import cache, partial
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
+from spectrawatch_server import figures as dash
 from spectrawatch_server.api.deps import (
     Principal,
     SessionDep,
@@ -48,6 +49,7 @@ def templates() -> Jinja2Templates:
     out = Jinja2Templates(directory=str(package_dir() / "templates"))
     out.env.filters["project_href"] = project_href
     out.env.filters["rules_href"] = rules_href
+    out.env.filters["config_text"] = dash.config_text
     out.env.globals["asset"] = partial(asset_url, STATIC_URL, package_dir() / "static")
     return out
 
@@ -80,6 +82,9 @@ def _age(value: datetime | None, now: datetime) -> str:
 
 
 RUNS_SHOWN = 1000  # rows of the runs list; past it, the page says how many match in all
+CONFIG_SORT = "config:"  # sort=config:<key>: the listed runs by a config key (see runs_table)
+CONFIG_COLUMNS = 20  # config columns a runs list shows at most
+Columns = Annotated[list[str] | None, Query(max_length=CONFIG_COLUMNS)]
 
 
 def runs_table(
@@ -93,14 +98,20 @@ def runs_table(
 ) -> tuple[list[dict[str, Any]], int]:
     """The runs list's rows (the first :data:`RUNS_SHOWN` by ``sort``, filtered by ``status``
     and name ``q``, :func:`~spectrawatch_server.storage.dashboard_reads.runs_page`) and how
-    many runs match in all."""
+    many runs match in all.
+
+    ``sort`` ``config:<key>`` orders the rows listed (the newest :data:`RUNS_SHOWN`) by that
+    config key, in Python: a JSON path in SQL is a full scan and a different function on
+    SQLite and PostgreSQL, and each row's config is read anyway for its columns."""
     project_id = principal_project
     if project is not None:
         row = repo.get_project(session, project)
         if row is None or (principal_project is not None and row.id != principal_project):
             raise ApiError(404, "project_not_found", f"project {project!r} does not exist")
         project_id = row.id
-    runs, total = reads.runs_page(session, project_id, status, q, sort, desc, RUNS_SHOWN)
+    by_config = sort.startswith(CONFIG_SORT)
+    sql_sort, sql_desc = ("id", True) if by_config else (sort, desc)
+    runs, total = reads.runs_page(session, project_id, status, q, sql_sort, sql_desc, RUNS_SHOWN)
     counts = reads.open_alert_counts(session, [r.id for r in runs])
     projects = repo.project_names(session, [r.project_id for r in runs])
     now = datetime.now(timezone.utc)
@@ -118,9 +129,12 @@ def runs_table(
             "last_seen_at": None if r.last_seen_at is None else r.last_seen_at.isoformat(),
             "open_alerts": counts.get(r.id, 0),
             "tags": r.tags,
+            "config": dash.flatten_config(r.config or {}),
         }
         for r in runs
     ]
+    if by_config:
+        rows = dash.sort_by_config(rows, sort.removeprefix(CONFIG_SORT), desc=desc)
     return rows, total
 
 
@@ -139,8 +153,11 @@ def show_runs(
     sort: str = "id",
     desc: bool = True,
     fragment: bool = False,
+    cols: Columns = None,
 ) -> HTMLResponse:
-    """All runs (of one project with ``?project=``): status, last step, age, open alerts.
+    """All runs (of one project with ``?project=``): status, last step, age, open alerts, and
+    the config keys of ``cols`` (repeated) as columns, offered from the keys the listed runs
+    have.
 
     With auth on, a page asked for without a token (a browser's navigation) is served without
     its rows; its script asks for the table (``fragment``) with the token the browser keeps,
@@ -157,8 +174,14 @@ def show_runs(
         if locked
         else runs_table(session, principal.project_id, project, status, q, sort, desc)
     )
+    columns = list(dict.fromkeys(c for c in cols or [] if c))
     context = {
         "rows": rows,
+        "cols": columns,
+        "config_keys": sorted(
+            {*dash.config_keys([r["config"] for r in rows]), *columns}, key=dash.natural_key
+        ),
+        "config_sort": CONFIG_SORT,
         "total": total,
         "project": project,
         "status": status or "",
@@ -185,8 +208,9 @@ def show_project(
     sort: str = "id",
     desc: bool = True,
     fragment: bool = False,
+    cols: Columns = None,
 ) -> HTMLResponse:
-    return show_runs(request, state, session, name, status, q, sort, desc, fragment)
+    return show_runs(request, state, session, name, status, q, sort, desc, fragment, cols)
 
 
 def _run_page(
