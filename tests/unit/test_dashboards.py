@@ -545,7 +545,7 @@ def test_metric_names_skip_scan_equals_distinct(db: Any) -> None:
             "zz",
         ]
         assert reads.series_names(s, run_id + 1) == []
-        assert sorted(reads.metric_layers(s, run_id, "htsr.alpha")) == [
+        assert sorted(metric_reads.metric_layers(s, run_id, "htsr.alpha")) == [
             "l0",
             "l1",
             "l2",
@@ -567,7 +567,7 @@ def test_heatmap_steps_come_from_the_layers_not_the_denser_model_row(db: Any) ->
         assert {(layer, st) for layer, st, _ in cells if layer != "__model__"} == {
             (f"h{i}", st) for i in range(3) for st in steps
         }
-        assert sorted(reads.metric_layers(s, run_id, "sed.edge.w16")) == [
+        assert sorted(metric_reads.metric_layers(s, run_id, "sed.edge.w16")) == [
             "__model__",
             "h0",
             "h1",

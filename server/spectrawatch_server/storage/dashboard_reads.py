@@ -88,26 +88,6 @@ def step_range(
     return None if lo is None or hi is None else (int(lo), int(hi))
 
 
-def metric_layers(session: Session, run_id: int, name: str) -> list[str]:
-    """Layers with metric ``name`` (unordered), by a recursive skip-scan of the
-    ``(run_id, name, layer, ...)`` index: one seek per layer. Every layer with a point, also
-    one whose series ended early (it went NaN, its frames stopped): that is the one to look at.
-    """
-    rows = session.execute(
-        text(
-            "WITH RECURSIVE l(layer) AS ("
-            " SELECT min(layer) FROM metric WHERE run_id = :r AND name = :n"
-            " UNION ALL"
-            " SELECT (SELECT min(m.layer) FROM metric m"
-            " WHERE m.run_id = :r AND m.name = :n AND m.layer > l.layer)"
-            " FROM l WHERE l.layer IS NOT NULL"
-            ") SELECT layer FROM l WHERE layer IS NOT NULL"
-        ),
-        {"r": run_id, "n": name},
-    ).all()
-    return [str(r[0]) for r in rows]
-
-
 def sampled_steps(
     session: Session, run_id: int, name: str, columns: int, skip_layer: str | None = None
 ) -> tuple[list[int], bool]:

@@ -178,7 +178,7 @@ def layer_options(session: Session, run_id: int, name: str) -> list[str]:
     """Every layer with metric ``name``, natural order (a layer control's options): a series
     that stopped at a NaN (``__model__``'s, a layer's) while others went on is still offered;
     only layers at the latest step were, and the control lost them (and its default)."""
-    return sorted(reads.metric_layers(session, run_id, name), key=dash.natural_key)
+    return sorted(metric_reads.metric_layers(session, run_id, name), key=dash.natural_key)
 
 
 def _points(max_points: int | None) -> int:
