@@ -61,9 +61,10 @@ def test_a_project_deleted_during_an_evaluation_waits_for_it(
 
 
 def pending_deliveries(client: TestClient) -> tuple[int, list[int]]:
-    """An endpoint of project ``p`` and the pending deliveries of the two ``alert.opened``
-    events (one a layer) a weights frame with NaNs raised in run ``p/r``: the run's id and the
-    deliveries' ids."""
+    """An endpoint of project ``p`` and two pending deliveries of run ``p/r``'s alerts: the
+    ``alert.opened`` of the NaN incident a weights frame raised (one episode for both layers)
+    and a second event of it queued beside (a copy under a new message id): the run's id and
+    the deliveries' ids."""
     run_id, frame_id = seeded_nan_run(client, layers=("fc1.weight", "fc2.weight"))
     sessions = client.app.state.spectrawatch.sessions  # type: ignore[attr-defined]
     with sessions.begin() as session:
@@ -71,6 +72,17 @@ def pending_deliveries(client: TestClient) -> tuple[int, list[int]]:
         url = "https://hooks.example/in"
         session.add(Webhook(project_id=project_id, url=url, secret=generate_secret()))
     evaluate(client, run_id, frame_id)
+    with sessions.begin() as session:
+        (opened,) = session.scalars(select(Delivery)).all()
+        session.add(
+            Delivery(
+                webhook_id=opened.webhook_id,
+                alert_id=opened.alert_id,
+                message_id=f"{opened.message_id}-2",
+                event=opened.event,
+                payload=opened.payload,
+            )
+        )
     with sessions() as session:
         pending = select(Delivery.id).where(Delivery.status == "pending").order_by(Delivery.id)
         ids = [int(i) for i in session.scalars(pending)]
