@@ -538,7 +538,9 @@ class Capture:
             self._theta_rows.append(cur)
             self._theta_steps.append(n)
             self._theta_sent = True
-            if first_theta or len(self._theta_rows) >= self.s.theta_frame_steps:
+            if first_theta:  # alone, and marked when off the cadence (see flush_theta)
+                self.flush_theta(off_cadence=n % self.s.theta_every != 0)
+            elif len(self._theta_rows) >= self.s.theta_frame_steps:
                 self.flush_theta()
         if self.optimizer is not None or due_update:
             # without an optimizer a row is the change since the previous row: a theta-only
@@ -564,10 +566,14 @@ class Capture:
             "update_every": self.update_every,
         }
 
-    def _emit_rows(self, kind: wire.FrameKind, rows: list[Rows], steps: list[int]) -> None:
+    def _emit_rows(
+        self, kind: wire.FrameKind, rows: list[Rows], steps: list[int], off_cadence: bool = False
+    ) -> None:
         """One frame of ``rows`` (one per step): a ``(steps, d)`` CPU tensor per row name, after
         one device-to-host copy that the training thread does not wait for (see _overlap)."""
         info = self._sketch_info(steps)
+        if off_cadence:
+            info["off_cadence"] = True
         first = rows[0]
         if isinstance(first, dict):  # exact mode
             dicts = [r for r in rows if isinstance(r, dict)]
@@ -601,12 +607,17 @@ class Capture:
         self._update_rows, self._update_steps = [], []
         self._emit_rows(wire.FrameKind.UPDATE_SKETCH, rows, steps)
 
-    def flush_theta(self) -> None:
+    def flush_theta(self, off_cadence: bool = False) -> None:
+        """Send the buffered theta rows. ``off_cadence``: the first sketched step's theta of a
+        session, off the ``theta_every`` grid (step 1, or a resumed run's first step): it gives
+        ``norm.update_ratio`` from the first step, and its ``info["off_cadence"]`` keeps it out
+        of interval SED, whose window is the grid's (an extra checkpoint split its intervals
+        and left ~11 windows incomplete)."""
         if not self._theta_rows:
             return
         rows, steps = self._theta_rows, self._theta_steps
         self._theta_rows, self._theta_steps = [], []
-        self._emit_rows(wire.FrameKind.PARAM_SKETCH, rows, steps)
+        self._emit_rows(wire.FrameKind.PARAM_SKETCH, rows, steps, off_cadence)
 
     # -- weights and probe --------------------------------------------------------------------
 

@@ -172,7 +172,9 @@ def test_the_first_step_sends_theta_at_once() -> None:
     sink = Sink()
     cap, _ = make_capture(model, opt, sink, theta_every=100, theta_frame_steps=4, frame_steps=100)
     train(model, opt, 3)
-    assert [f.info["steps"] for f in sink.of(wire.FrameKind.PARAM_SKETCH)] == [[1]]
+    (first,) = sink.of(wire.FrameKind.PARAM_SKETCH)
+    assert first.info["steps"] == [1]
+    assert first.info["off_cadence"] is True
     cap.finish()
     assert [f.info["steps"] for f in sink.of(wire.FrameKind.PARAM_SKETCH)] == [[1]]
     off = Sink()

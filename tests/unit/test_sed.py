@@ -514,6 +514,29 @@ def test_param_sketch_frames_give_the_interval_variant() -> None:
         assert value == pytest.approx(want[step].gap_ratio, rel=1e-9)
 
 
+def test_an_off_cadence_theta_frame_is_not_an_interval_checkpoint() -> None:
+    """The client's first theta of a session (step 1, or a resumed run's first step, off the
+    ``theta_every`` grid) split the grid's intervals: a resumed run's windows came out
+    incomplete for ~11 frames (gap ratio 30.6 instead of 43.3). Marked ``off_cadence``, it is
+    left out: the same values as without it, and none of its own."""
+    g = torch.Generator().manual_seed(8)
+    theta = torch.cumsum(torch.randn(16, 400, generator=g, dtype=torch.float64), dim=0)
+    steps = [100 * i for i in range(16)]
+    frames = [
+        _frame(FrameKind.PARAM_SKETCH, [s], {MODEL_LAYER: theta[i : i + 1]}, seq=i)
+        for i, s in enumerate(steps)
+    ]
+    extra = _frame(FrameKind.PARAM_SKETCH, [1050], {MODEL_LAYER: theta[10:11] + 1.0}, seq=99)
+    extra.header.info["off_cadence"] = True
+    key = sed.interval_key(sed.GAP_RATIO)
+    plain = _values(spectral_edge_dynamics(frames[15], FakeContext(frames[:15])), key, MODEL_LAYER)
+    mixed = [*frames[:11], extra, *frames[11:15]]
+    marked = _values(spectral_edge_dynamics(frames[15], FakeContext(mixed)), key, MODEL_LAYER)
+    assert plain
+    assert plain == marked
+    assert spectral_edge_dynamics(extra, FakeContext(frames[:11])).metrics == []
+
+
 def test_grokking_score_uses_training_series_only() -> None:
     rows = _planted(10, 50, (1.0,), 0.1, seed=5).float()
     frame = _frame(FrameKind.UPDATE_SKETCH, list(range(2000, 2010)), {"w": rows}, seq=0)

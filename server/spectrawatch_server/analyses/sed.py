@@ -169,15 +169,27 @@ def _projection(frame: DecodedFrame) -> tuple[str, ...]:
     return tuple(str(sketch.get(k)) for k in ("hash", "seed", "dim", "layer_seed"))
 
 
+def _off_cadence(frame: DecodedFrame) -> bool:
+    """A theta frame the client sent off its ``theta_every`` grid (a session's first step, for
+    ``norm.update_ratio``): not a checkpoint of interval SED, whose window is the grid's."""
+    return frame.header.info.get("off_cadence") is True
+
+
 @register("sed", [FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH])
 def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     """SED metrics for the steps of this frame, per layer and ``__model__``, every window."""
     kind = frame.header.kind
     interval = kind == FrameKind.PARAM_SKETCH
+    if interval and _off_cadence(frame):
+        return AnalysisResult()
     windows, _, _, every = _settings(frame)
     need = max(windows) + (1 if interval else 0)
     limit = min(MAX_HISTORY_FRAMES, math.ceil(need / len(frame.row_steps)) + 1)
-    history = [f for f in context.recent_frames(kind, limit) if f.frame_id != frame.frame_id]
+    history = [
+        f
+        for f in context.recent_frames(kind, limit)
+        if f.frame_id != frame.frame_id and not (interval and _off_cadence(f))
+    ]
     frames = [*history, frame]
     targets, layer_targets = evaluation_steps(frame)
     layers = sorted(frame.tensors)
