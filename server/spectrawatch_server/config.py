@@ -139,8 +139,9 @@ class ServerSettings(BaseSettings):
     max_info_bytes: int = Field(2 * 1024 * 1024, ge=1)  # a frame's serialized __metadata__.info
     max_scalars_per_batch: int = Field(100_000, ge=1)
     # rows of one POST /runs/{id}/metrics: a batch is one transaction (its frame row and every
-    # row), so this bounds how long it holds SQLite's write lock (99,900 rows: 3.8-7.2 s)
-    max_metrics_per_batch: int = Field(10_000, ge=1)
+    # row), so this bounds how long it holds SQLite's write lock (99,900 rows: 3.8-7.2 s); the
+    # 20,000 rows the previous release's `spectrawatch import` sends pass (this one sends 5,000)
+    max_metrics_per_batch: int = Field(20_000, ge=1)
     max_json_bytes: int = Field(32 * 1024 * 1024, ge=1)  # JSON request bodies (scalars, runs...)
     # ingest throughput: token/run cache of the frame route (a revoked token stops ingest after
     # at most this long; 0 disables), and the most frames one group-commit transaction holds

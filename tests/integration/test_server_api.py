@@ -476,19 +476,20 @@ def test_metric_batches_are_stored_once_per_key(client: httpx.Client) -> None:
 def test_a_metric_batch_over_the_limit_is_refused_naming_it(client: httpx.Client) -> None:
     """A metric batch is one transaction (its frame and every row, so its key makes a retry a
     no-op): 99,900 rows held SQLite's write lock 3.8-7.2 s and another run's scalar post
-    answered 503. At most ``max_metrics_per_batch`` (10,000) rows now; more answer 413 naming
-    the limit, storing nothing. ``spectrawatch import`` sends batches within it."""
+    answered 503. At most ``max_metrics_per_batch`` (20,000: the previous release's
+    ``spectrawatch import`` batch) rows now; more answer 413 naming the limit, storing nothing.
+    ``spectrawatch import`` sends 5,000."""
     run_id = make_run(client, name="metric-limit")
-    rows = [{"step": s, "layer": "l0", "name": "htsr.alpha", "value": 1.0} for s in range(10_001)]
+    rows = [{"step": s, "layer": "l0", "name": "htsr.alpha", "value": 1.0} for s in range(20_001)]
     refused = client.post(f"/runs/{run_id}/metrics", json={"rows": rows}, timeout=120)
     assert refused.status_code == 413, refused.text[:300]
     error = refused.json()["error"]
     assert error["code"] == "too_many_metrics"
-    assert "body.rows: 10001 rows exceed max_metrics_per_batch (10000)" in error["message"]
+    assert "body.rows: 20001 rows exceed max_metrics_per_batch (20000)" in error["message"]
     assert client.get(f"/runs/{run_id}/frames").json() == []
     stored = client.post(f"/runs/{run_id}/metrics", json={"rows": rows[:-1]}, timeout=120)
-    assert stored.json()["accepted"] == 10_000
-    assert _export.METRIC_BATCH <= 10_000
+    assert stored.json()["accepted"] == 20_000
+    assert _export.METRIC_BATCH <= 5_000
 
 
 def test_dashboard_errors_are_pages_api_errors_json(shared_server: ServerProcess) -> None:
