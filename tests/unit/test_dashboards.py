@@ -10,6 +10,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -991,6 +992,13 @@ def test_runs_page_filters_and_sorts_every_run_and_says_when_cut(tmp_path: Path)
         s.add_all([Alert(run_id=needle, rule="x", step=1), Alert(run_id=runs[5], rule="x", step=1)])
         s.add(Alert(run_id=runs[5], rule="y", step=1))
         s.add(Alert(run_id=runs[6], rule="x", step=1, status="resolved"))
+        # acknowledged: not counted in the column, so not in the sort either
+        s.add_all(
+            [
+                Alert(run_id=runs[7], rule=r, step=1, acknowledged_at=datetime.now(UTC))
+                for r in "xyz"
+            ]
+        )
     engine.dispose()
     with TestClient(
         create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"

@@ -560,8 +560,8 @@ RUN_SORTS: dict[str, Any] = {  # the runs list's sort keys, as SQL
     "name": func.lower(Run.name),
     "step": func.coalesce(Run.last_step, -1),
     "age": Run.created_at,
-    "alerts": select(func.count())  # open alerts of each run
-    .where(Alert.run_id == Run.id, Alert.status == "open")
+    "alerts": select(func.count())  # open alerts nobody acknowledged (the column's count)
+    .where(Alert.run_id == Run.id, Alert.status == "open", Alert.acknowledged_at.is_(None))
     .correlate(Run)
     .scalar_subquery(),
     "status": Run.status,
