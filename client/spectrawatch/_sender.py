@@ -1005,13 +1005,20 @@ class Sender:
                         self.spool.dir,
                     )
                 else:
+                    # resume="never" spools a new run's entries in a folder of their own: only
+                    # `sync` delivers them (resuming the name joins the run stored under it)
+                    also = (
+                        ""
+                        if self.settings.resume == "never"
+                        else f" (so does resuming run {self.run_name!r})"
+                    )
                     logger.warning(
                         "spectrawatch: %d entries could not be delivered before finish and "
-                        "stay spooled in %s: %s delivers them (so does resuming run %r)",
+                        "stay spooled in %s: %s delivers them%s",
                         len(self.spool),
                         self.spool.dir,
                         self._sync_command(),
-                        self.run_name,
+                        also,
                     )
                 self.spool.unlock()
             elif (

@@ -1081,7 +1081,7 @@ def test_a_later_session_that_sets_its_status_drops_an_old_sessions_run_json(
 
 
 def test_resume_never_away_from_the_server_spools_apart_and_syncs_into_a_new_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``resume="never"`` with the server away all session: its entries wait in a directory of
     their own (the name's may hold an earlier session's), whose run.json says ``resume:
@@ -1096,7 +1096,12 @@ def test_resume_never_away_from_the_server_spools_apart_and_syncs_into_a_new_run
     s = settings(tmp_path, resume="never")
     sender = make_sender(server, s)
     sender.put_scalars([{"step": 1, "name": "loss", "value": 1.0}])
-    sender.close(timeout=2)
+    with caplog.at_level(logging.WARNING, logger="spectrawatch"):
+        sender.close(timeout=2)
+    # resuming "r" would join the stored run, not deliver these: only sync is named
+    (left,) = [r.getMessage() for r in caplog.records if "stay spooled" in r.getMessage()]
+    assert "spectrawatch sync" in left
+    assert "resuming" not in left
     ((run_dir, files),) = spooled_run_dirs(tmp_path / "spool")
     assert run_dir.name.startswith("r~new-")
     assert len(files) == 1
