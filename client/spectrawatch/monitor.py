@@ -336,8 +336,9 @@ class Monitor:
         """Whether ``init`` took this process for rank 0 (no process group, no ``RANK``) and
         the process group since started says otherwise: then it becomes a participant (it
         sends nothing more) and closes the sender it started (logged). That sender has already
-        created or resumed its run: a run of its own (a generated name) is closed
-        ``finished``, one named for every rank is left ``running`` for rank 0."""
+        created or resumed its run: a run of its own (a generated name, or a new one under
+        ``resume="never"``) is closed ``finished``, one named for every rank is left
+        ``running`` for rank 0."""
         s = self.settings
         if s is None or self._participant or not s.rank0_only or not _is_nonzero_rank():
             return False
@@ -350,7 +351,8 @@ class Monitor:
         _LIVE.discard(self)
         if sender is not None:
             try:
-                sender.close("finished" if sender.auto_named else "running", None, 2.0)
+                own = sender.auto_named or sender.settings.resume == "never"
+                sender.close("finished" if own else "running", None, 2.0)
             except Exception as exc:
                 self._errors.record("init", exc)
         return True

@@ -680,18 +680,22 @@ def test_init_before_the_process_group_takes_the_rank_from_RANK(
     assert bool(server.scalars) is sends
 
 
-@pytest.mark.parametrize(("run", "status"), [("shared", "running"), (None, "finished")])
+@pytest.mark.parametrize(
+    ("run", "resume", "status"),
+    [("shared", "allow", "running"), (None, "allow", "finished"), ("shared", "never", "finished")],
+)
 def test_a_rank_known_only_at_attach_stops_sending(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: str | None, status: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: str | None, resume: str, status: str
 ) -> None:
     """No ``RANK`` at ``init`` (``mp.spawn``), the process group started before ``attach``:
     ``attach`` asks again, and a non-zero rank stops sending there. The run its sender already
     started is left ``running`` when every rank names it (rank 0's), closed when it is this
-    rank's own (a generated name)."""
+    rank's own (a generated name, or under ``resume="never"`` a new run of its own: it stayed
+    ``running`` for good)."""
     monkeypatch.delenv("RANK", raising=False)
     server = FakeServer()
     m = spectrawatch.Monitor(transport=server.transport())
-    m.init(project="p", run=run, **fast(tmp_path))
+    m.init(project="p", run=run, resume=resume, **fast(tmp_path))
     monkeypatch.setenv("RANK", "1")  # stands for the process group initialised since
     torch.manual_seed(0)
     model = nn.Linear(3, 3)
