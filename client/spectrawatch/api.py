@@ -251,20 +251,21 @@ class Run:
             pd = importlib.import_module("pandas")  # optional, untyped
         except ImportError as exc:
             raise ImportError("Run.history needs pandas: pip install pandas") from exc
-        scalars = list(scalars)
-        listed = self.api.get(f"/runs/{self.id}/scalars", max_points=3) if scalars else []
-        logged = [s["name"] for s in listed]  # every scalar's name (3 points each, unused)
         problems = _missing_metrics(names, layer, self.metric_keys())
-        problems += [_unknown("scalar", name, logged) for name in scalars if name not in logged]
+        found = {name: self.scalars(name).get(name) for name in dict.fromkeys(scalars)}
+        missing = [name for name, series in found.items() if series is None]
+        if missing:  # only then every scalar's name (a read of all their points, thinned)
+            logged = [s["name"] for s in self.api.get(f"/runs/{self.id}/scalars", max_points=3)]
+            problems += [_unknown("scalar", name, logged) for name in missing]
         if problems:
             raise ApiError(f"Run.history of run {self.id}: " + "; ".join(problems))
         columns: dict[str, Any] = {}
         for name in names:
             series = self.metric(name, layer=layer)[layer]
             columns[name] = pd.Series(series.values, index=series.steps, dtype=float)
-        for name in scalars:
-            found = self.scalars(name)[name]
-            columns[name] = pd.Series(found.values, index=found.steps, dtype=float)
+        for name, scalar in found.items():
+            assert scalar is not None
+            columns[name] = pd.Series(scalar.values, index=scalar.steps, dtype=float)
         frame = pd.DataFrame(columns)
         frame.index.name = "step"
         return frame.sort_index()

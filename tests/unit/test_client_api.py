@@ -340,7 +340,11 @@ def test_history_of_unknown_keys_names_them_and_the_closest_known() -> None:
         at_model = "metric 'htsr.alpha' has no series at layer '__model__' (it has: 0.weight, "
         with pytest.raises(ApiError, match=re.escape(at_model + "2.weight)")):
             run.history(["htsr.alpha"])
+        sent.clear()
         frame = run.history(["sed.gap_ratio.w32"], scalars=["val_acc"])
+        # the scalars asked for only: listing every scalar's name read all their points
+        # (5.3 s against 0.5 s on 25 scalars x 40,000 steps), now only when one is missing
+        assert not any("max_points=3" in u for u in sent)
     assert list(frame.columns) == ["sed.gap_ratio.w32", "val_acc"]
     assert frame.index.tolist() == [1, 2, 3]
     assert frame["sed.gap_ratio.w32"].tolist()[1] == 0.1
