@@ -170,7 +170,6 @@ def test_reanalysis_restores_corrupted_and_deleted_results(
         db_rows(data, "UPDATE metric SET value = value + 1 WHERE name LIKE 'sed.gap_ratio%'")
         db_rows(data, "DELETE FROM metric WHERE name LIKE 'eigentrack.%'")
         db_rows(data, "DELETE FROM spectrum WHERE analysis = 'htsr'")
-        db_rows(data, "UPDATE frame SET status = 'failed', error = 'x' WHERE run_id = :r", r=run_id)
         assert metric_rows(alert_server, run_id) != before["metrics"]
         reanalyze(alert_server, api, run_id)
         assert_same(snapshot(alert_server, api, run_id), before)
@@ -192,6 +191,44 @@ def test_reanalysis_restores_corrupted_and_deleted_results(
         queued_after = dict(db_rows(data, marked, r=run_id))
         again = [seq for seq, at in queued_after.items() if at != queued_before[seq]]
         assert again == [seq for seq in sorted(queued_after) if seq >= first]
+
+
+def test_a_missing_blob_refuses_reanalysis_and_a_failed_frame_gets_its_first_alerts(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A blob the store lost (a disk, an S3 object, a database restored without its blobs):
+    the frame's results were deleted, then its analysis (and the next snapshot's, reading it as
+    history) failed for good (71 metric kinds -> 23). Refused now (409), nothing changed. A
+    frame whose first analysis failed never evaluated its alerts: it is queued without
+    ``requeued_at``, so the worker evaluates them."""
+    with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as api:
+        m = spectrawatch.Monitor()
+        m.init(**client_settings(tmp_path, server.url, "lost", project=PROJECT))
+        Loop(m).run(12)
+        assert m.finish(timeout=60)
+        run_id = m.run_id
+        assert isinstance(run_id, int)
+        wait_until(lambda: all_analysed(server.url, run_id), timeout=120)
+        before = metric_rows(server, run_id)
+        data = server.data_dir
+        keys = "SELECT id, blob_key FROM frame WHERE run_id = :r AND kind = :k ORDER BY seq"
+        ((lost, key), *_) = db_rows(data, keys, r=run_id, k="weights")
+        (data / "blobs" / key).rename(tmp_path / "lost-blob")
+        ((failed, _), *_) = db_rows(data, keys, r=run_id, k="update_sketch")
+        db_rows(data, "UPDATE frame SET status = 'failed' WHERE id = :f", f=failed)
+        refused = api.post(f"/runs/{run_id}/reanalyze")
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "blobs_missing"
+        assert metric_rows(server, run_id) == before  # nothing cleared
+        (tmp_path / "lost-blob").rename(data / "blobs" / key)
+        out = api.post(f"/runs/{run_id}/reanalyze").json()
+        assert out["queued"] == len(frames_of(server.url, run_id))
+        wait_until(lambda: all_analysed(server.url, run_id), timeout=120)
+        assert metric_rows(server, run_id) == before
+        marks = dict(db_rows(data, "SELECT id, requeued_at FROM frame WHERE run_id = :r", r=run_id))
+        assert marks[failed] is None  # queued as a first analysis: its alerts evaluated
+        assert marks[lost] is not None
+        assert sum(at is not None for at in marks.values()) == len(marks) - 1
 
 
 def test_reanalysis_is_refused_while_running_and_skips_pruned_and_imported_frames(

@@ -68,6 +68,8 @@ def test_round_trip_listing_and_delete(store: Store) -> None:
     put(store, "runs/2/update_sketch/000000000007-cd.safetensors.zst", b"\x00two\xff")
     assert store.read("runs/1/weights/000000000001-ab.safetensors") == b"one"
     assert store.read("runs/2/update_sketch/000000000007-cd.safetensors.zst") == b"\x00two\xff"
+    assert store.exists("runs/1/weights/000000000001-ab.safetensors")
+    assert not store.exists("runs/1/weights/000000000002-ab.safetensors")
     assert sorted(store.keys()) == [
         "runs/1/weights/000000000001-ab.safetensors",
         "runs/2/update_sketch/000000000007-cd.safetensors.zst",

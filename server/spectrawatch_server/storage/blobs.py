@@ -36,6 +36,8 @@ class BlobStore(Protocol):
 
     def read(self, key: str) -> bytes: ...
 
+    def exists(self, key: str) -> bool: ...
+
     def delete(self, key: str) -> None: ...
 
     def keys(self, min_age_seconds: float = 0.0) -> list[str]: ...
@@ -89,6 +91,9 @@ class LocalBlobStore:
 
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
 
     def delete(self, key: str) -> None:
         """Remove a blob and the directories it leaves empty (never ``root`` itself)."""

@@ -76,6 +76,18 @@ class S3BlobStore:
     def abort_upload(self, upload: BinaryIO) -> None:
         upload.close()
 
+    def exists(self, key: str) -> bool:
+        """Whether the object is there (a HEAD request)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as exc:
+            if _error_code(exc) in {"NoSuchKey", "404", "NotFound"}:
+                return False
+            raise
+        return True
+
     def read(self, key: str) -> bytes:
         """The object's bytes; a missing object raises FileNotFoundError, as a missing file."""
         from botocore.exceptions import ClientError

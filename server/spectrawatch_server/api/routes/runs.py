@@ -330,8 +330,11 @@ def reanalyze_run(
 
     In one transaction: the results of those frames are deleted and their jobs queued, so each
     frame reads as history what the frames before it stored, as when it was first analysed.
-    Frames whose blobs were pruned and imported metric batches keep their results. Alerts are
-    not evaluated again (their episodes and webhooks stay as they were). 409 ``run_running``
+    Frames whose blobs were pruned and imported metric batches keep their results; 409
+    ``blobs_missing`` when a frame's blob is missing from the store (its results would be
+    deleted for an analysis that fails, and later frames read it as history). Alerts are not
+    evaluated again (their episodes and webhooks stay as they were), except for frames whose
+    first analysis failed: they never were. 409 ``run_running``
     for a running run, 409 ``analysis_pending`` while frames of the run wait for analysis.
     """
     from_step = body.from_step if body is not None else None
@@ -353,9 +356,16 @@ def reanalyze_run(
     # an admin's one-off, deleting every result row of the run's frames (millions on a long
     # run): not bounded by the API's statement timeout (PostgreSQL), as the retention sweep
     migrate.lift_timeouts(session.connection())
-    plan = reanalysis.plan_reanalysis(session, run.id, from_step)
+    plan = reanalysis.plan_reanalysis(session, run.id, from_step, state.blobs.exists)
+    if plan.missing:  # their analyses (and later frames' reading them) would fail for good
+        raise ApiError(
+            409,
+            "blobs_missing",
+            f"{plan.missing} frame(s) of run {run.id} have a blob the store no longer has: "
+            "restore the blobs first (nothing was changed)",
+        )
     result_store.clear_frame_results(session, run.id, plan.frame_ids)
-    reanalysis.mark_requeued(session, plan.frame_ids)
+    reanalysis.mark_requeued(session, plan)
     state.queue.requeue(session, plan.frame_ids)
     session.commit()
     state.queue.notify()
