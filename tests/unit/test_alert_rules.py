@@ -584,6 +584,10 @@ def test_engine_nonfinite_incident_is_one_episode_naming_its_layers(
             "nonfinite: 6 NaN/Inf values in 3 layers: 0.weight, 2.weight, __model__ "
             "(weights frame, step 60)"
         )
+        early = frame(3, 50, ["0.weight"])  # analysed later, its bad rows earlier (a sketch)
+        early.nonfinite_steps = {"0.weight": [52, 58]}
+        engine.evaluate(session, early)
+        assert (alert.step, alert.values["first_step"], alert.values["last_step"]) == (52, 52, 80)
         engine.evaluate(session, frame(2, 100, []))
         rows = alert_store.list_alerts(session, run_id=run_id, rule="nonfinite")
         assert sorted((a.layer, a.status, a.resolved_step) for a in rows) == [

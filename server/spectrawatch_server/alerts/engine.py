@@ -268,9 +268,10 @@ class AlertEngine:
         an episode per layer flooded one critical alert and webhook per tensor. Its message
         names the layers of the frame that opened it (where the incident began). Bad rows open it
         at their first step (unless they are the tail of an episode already resolved after
-        them: frames of other kinds arrive out of step order); while open, bad rows only add
-        layers and extend ``last_step``. A frame finite in every layer it carries resolves it
-        if it reaches past that last bad step and carries one of the episode's layers."""
+        them: frames of other kinds arrive out of step order); while open, bad rows add layers,
+        extend ``last_step`` and move its step (``first_step``) back to an earlier bad row. A
+        frame finite in every layer it carries resolves it if it reaches past that last bad step
+        and carries one of the episode's layers."""
         self._legacy_nonfinite(session, rule, run, project, frame, open_now)
         counts = frame.nonfinite or {}
         bad = R.nonfinite_layers(rule, frame.layers or [], counts)
@@ -288,6 +289,10 @@ class AlertEngine:
         if alert is not None:
             values = dict(alert.values or {})
             values["last_step"] = max(last, int(values.get("last_step", alert.step)))
+            # a frame analysed later may hold earlier bad rows (an update frame still filling
+            # when a theta frame opened the episode): the episode starts at the first of them
+            values["first_step"] = min(first, int(values.get("first_step", alert.step)))
+            alert.step = min(alert.step, first)
             values.update(R.nonfinite_layer_values(values, bad))
             alert.values = values  # the message stays the one delivered: where it began
             return
