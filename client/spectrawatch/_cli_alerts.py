@@ -103,8 +103,14 @@ def _ack_targets(args: argparse.Namespace) -> list[int]:
 
 def cmd_ack(args: argparse.Namespace) -> int:
     body = {"acknowledged": not args.undo}
-    data = [call(args, "PATCH", f"/alerts/{i}", json=body) for i in _ack_targets(args)]
     verb = "unacknowledged" if args.undo else "acknowledged"
+    data: list[Any] = []
+    for alert_id in _ack_targets(args):
+        try:
+            data.append(call(args, "PATCH", f"/alerts/{alert_id}", json=body))
+        except CliError as exc:  # say what was already done before the failure
+            done = ", ".join(str(a["id"]) for a in data) or "none"
+            raise CliError(f"alert {alert_id}: {exc} ({verb} before it: {done})") from None
     print_result(args, data, [f"{a['id']:>6}  {verb:<14} {a['message']}" for a in data])
     return 0
 

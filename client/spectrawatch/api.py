@@ -238,7 +238,10 @@ class Run:
         return self.api._every(f"/runs/{self.id}/spectra", layer=layer, analysis=analysis)
 
     def history(
-        self, names: Sequence[str], layer: str = MODEL_LAYER, scalars: Iterable[str] = ()
+        self,
+        names: str | Sequence[str],
+        layer: str = MODEL_LAYER,
+        scalars: str | Iterable[str] = (),
     ) -> Any:
         """A ``pandas.DataFrame`` indexed by step: one column per metric (at ``layer``) and per
         scalar, NaN where a series has no point at a step. Needs pandas.
@@ -251,6 +254,8 @@ class Run:
             pd = importlib.import_module("pandas")  # optional, untyped
         except ImportError as exc:
             raise ImportError("Run.history needs pandas: pip install pandas") from exc
+        names = _words(names)  # one key as a string: not its letters
+        scalars = [scalars] if isinstance(scalars, str) else list(scalars)
         problems = _missing_metrics(names, layer, self.metric_keys())
         found = {name: self.scalars(name).get(name) for name in dict.fromkeys(scalars)}
         missing = [name for name, series in found.items() if series is None]

@@ -185,8 +185,16 @@ class ClientSettings:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        from_env = set(values)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        from_env -= {k for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**values)
+        except SettingsError as exc:  # "resume must be ...": name the variable it came from
+            name = str(exc).split(" ", 1)[0]
+            if name in from_env:
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()}: {exc}") from None
+            raise
 
     def replace(self, **changes: Any) -> ClientSettings:
         return dataclasses.replace(self, **changes)

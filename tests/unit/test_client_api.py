@@ -342,6 +342,8 @@ def test_history_of_unknown_keys_names_them_and_the_closest_known() -> None:
             run.history(["htsr.alpha"])
         sent.clear()
         frame = run.history(["sed.gap_ratio.w32"], scalars=["val_acc"])
+        # one key as a string is that key, not its letters ("no metric 'h'; ...")
+        assert run.history("sed.gap_ratio.w32", scalars="val_acc").equals(frame)
         # the scalars asked for only: listing every scalar's name read all their points
         # (5.3 s against 0.5 s on 25 scalars x 40,000 steps), now only when one is missing
         assert not any("max_points=3" in u for u in sent)

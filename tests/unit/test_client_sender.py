@@ -1167,8 +1167,10 @@ def test_the_view_run_url_follows_the_servers_link() -> None:
 
 
 def test_a_resume_setting_other_than_allow_never_must_is_refused() -> None:
-    with pytest.raises(SettingsError, match="resume must be"):
-        ClientSettings.from_env({"SPECTRAWATCH_RESUME": "sometimes"})
+    with pytest.raises(SettingsError, match=r"^SPECTRAWATCH_RESUME: resume must be"):
+        ClientSettings.from_env({"SPECTRAWATCH_RESUME": "sometimes"})  # names the variable
+    with pytest.raises(SettingsError, match=r"^resume must be"):
+        ClientSettings.from_env({}, resume="sometimes")
     assert ClientSettings.from_env({}).resume == "allow"
 
 

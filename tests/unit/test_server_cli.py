@@ -238,6 +238,27 @@ def test_runs_show_escapes_control_characters_and_counts_replayed_frames(
     assert "client: 0 frames sent, 15 spooled, 15 delivered from the spool" in out
 
 
+def test_alerts_ack_says_what_it_acknowledged_before_a_failure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``alerts ack 2 999 3`` acknowledged 2, stopped at 999 with only "error: HTTP 404" and
+    left 3: nothing said that 2 had changed."""
+    from typing import Any
+
+    from spectrawatch import _cli_alerts
+    from spectrawatch._cli_http import CliError
+
+    def call(args: Any, method: str, path: str, **kwargs: Any) -> Any:
+        if path.endswith("/999"):
+            raise CliError("HTTP 404: alert 999 not found")
+        return {"id": int(path.rsplit("/", 1)[1]), "message": "m"}
+
+    monkeypatch.setattr(_cli_alerts, "call", call)
+    assert main(["alerts", "ack", "2", "999", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "alert 999: HTTP 404: alert 999 not found (acknowledged before it: 2)" in err
+
+
 def test_the_command_line_reference_is_the_parsers() -> None:
     """docs/cli.md is rendered from the parser (`make docs`): a new command or option, or a
     changed default or help text, must be regenerated into it; and every argument has a help

@@ -310,6 +310,8 @@ def test_acknowledging_an_alert_needs_write_and_names_who(api: Api) -> None:
             assert response.json()["error"]["code"] == "alert_not_found"
     bad = api.call("write", "PATCH", f"/alerts/{mine}", json={"status": "resolved"})
     assert bad.status_code == 422, bad.text
+    loose = api.call("write", "PATCH", f"/alerts/{mine}", json={"acknowledged": "yes"})
+    assert loose.status_code == 422, loose.text  # not read as true
     acked = api.call("write", "PATCH", f"/alerts/{mine}", json={"acknowledged": True}).json()
     assert acked["acknowledged_by"].startswith("token ")
     assert acked["acknowledged_at"] is not None

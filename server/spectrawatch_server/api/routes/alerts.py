@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.alerts import rules as R
@@ -56,7 +56,7 @@ class AlertUpdate(BaseModel):
     """``{"acknowledged": true}`` acknowledges an episode, ``false`` takes that back."""
 
     model_config = ConfigDict(extra="forbid")
-    acknowledged: bool
+    acknowledged: StrictBool  # "yes" or 1 is refused, not read as true
 
 
 class RulePublic(BaseModel):
