@@ -430,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compact.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     compact.set_defaults(func=cmd_compact)
+    from spectrawatch._cli_db import add_db_commands  # db copy
+
+    add_db_commands(sub)
     from spectrawatch._cli_alerts import add_alerts_commands  # alerts list|ack|rules|set|reset
     from spectrawatch._demo import add_demo_command
 
