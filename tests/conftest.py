@@ -6,6 +6,7 @@ procrastinate, one API and two worker processes): see :mod:`tests.servers`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,11 @@ from tests.servers import (
 # CI has 2 cores shared with the server subprocesses: oversubscribed BLAS threads make the
 # math tests 3-10x slower there, and results do not depend on the thread count.
 torch.set_num_threads(1)
+
+# The client samples system metrics every 10 s by default: rows at whatever step a slow test
+# reached then. Tests that count scalars must not depend on timing, so the sampler is off
+# unless a test turns it on (the system metrics' tests pass system_every_s themselves).
+os.environ.setdefault("SPECTRAWATCH_SYSTEM_EVERY_S", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,6 +9,7 @@ Nothing is read at import time: :meth:`ClientSettings.from_env` runs when a moni
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -110,6 +111,9 @@ class ClientSettings:
     # the live runs as crashed (5 s at most for the server, then the spool), then die of it
     handle_sigterm: bool = True
     stats_every_s: float = 10.0
+    # system metrics (process CPU and memory, CUDA memory, NVML utilisation/temperature/power)
+    # sampled on a thread of their own every this many seconds, W&B's default (0: none)
+    system_every_s: float = 10.0
     rank0_only: bool = True
     # attach() without start_step waits up to this long for the server's answer to "create or
     # resume run": a resumed run's steps then continue after its last step (0: never wait)
@@ -157,6 +161,10 @@ class ClientSettings:
             raise SettingsError(
                 "overhead_budget must be in [0, 1) (a fraction, 0 = off), "
                 f"got {self.overhead_budget}"
+            )
+        if not 0 <= self.system_every_s < math.inf:  # also refuses NaN
+            raise SettingsError(
+                f"system_every_s must be >= 0 and finite (0 = off), got {self.system_every_s}"
             )
         if not 0 <= self.resume_wait_s <= 600:
             raise SettingsError(f"resume_wait_s must be in [0, 600], got {self.resume_wait_s}")

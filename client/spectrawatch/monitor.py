@@ -37,6 +37,7 @@ from spectrawatch import _shards
 from spectrawatch._capture import Capture, LossFn
 from spectrawatch._model import unwrap_model
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem, Sender
+from spectrawatch._system import SystemSampler
 from spectrawatch._transport import Api
 from spectrawatch.config import ClientSettings, SettingsError
 from spectrawatch.wire import MAX_STEP, NAME_MAX, TEXT_PATTERN
@@ -90,7 +91,7 @@ class Handle:
 
 
 class Monitor:
-    """One run's client: settings, captures, and the sender thread.
+    """One run's client: settings, captures, the sender thread and the system metrics' sampler.
 
     ``Monitor(**settings)`` only stores settings (and the run's ``config`` and ``tags``, as
     :meth:`init` takes them); :meth:`init` (called implicitly by ``attach``, ``log`` or
@@ -104,6 +105,7 @@ class Monitor:
         self.stats = ClientStats()
         self._errors = ErrorLog(self.stats)
         self._sender: Sender | None = None
+        self._system: SystemSampler | None = None  # system metrics' thread (this run's)
         self._captures: list[Capture] = []
         self._active = False
         self._noop = False
@@ -209,6 +211,11 @@ class Monitor:
                 errors=self._errors,
             )
             self._sender.start()
+            if s.system_every_s > 0:
+                self._system = SystemSampler(
+                    s.system_every_s, self._current_step, self._sender.put_scalars, self._errors
+                )
+                self._system.start()
         except Exception as exc:
             self._errors.record("init", exc)
             self._noop = True
@@ -349,6 +356,7 @@ class Monitor:
         sender, self._sender = self._sender, None
         self._participant, self._noop = True, True
         _LIVE.discard(self)
+        self._stop_system()
         if sender is not None:
             try:
                 own = sender.auto_named or sender.settings.resume == "never"
@@ -493,6 +501,7 @@ class Monitor:
         _CLOSING[self] = status  # a SIGTERM meanwhile waits for this close (see _on_sigterm)
         ok = True
         try:
+            self._stop_system()
             for c in list(self._captures):
                 c.finish(collectives)  # participants too: the final weight gather is collective
             self._captures = []
@@ -505,6 +514,19 @@ class Monitor:
             _CLOSING.pop(self, None)
             _release_sigterm()
         return ok
+
+    def _stop_system(self) -> None:
+        sampler, self._system = self._system, None
+        if sampler is not None:
+            sampler.stop()
+
+    def _current_step(self) -> int:
+        """The latest step this run has seen (an attached model's optimizer step, a logged
+        step; 0 before any): where the system metrics' samples go."""
+        steps = [c.step for c in list(self._captures)]
+        if self._logged:
+            steps.append(self._last_step)
+        return max(steps, default=0)
 
     # -- introspection ---------------------------------------------------------------------
 
