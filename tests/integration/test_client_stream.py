@@ -761,3 +761,46 @@ def test_a_lazy_module_attached_before_its_first_forward_streams_its_layer(
     want = float(model[2].weight.detach().double().norm())
     assert frobenius["2.weight"].values[-1] == pytest.approx(want, rel=1e-5)
     assert stats_of(server.url, m.run_id)["errors"] == 0
+
+
+def test_system_metrics_reach_the_server_live_and_through_the_spool(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """The client's ``system/...`` samples arrive as scalars at steps the run went through,
+    the overview draws them in the system panels (not beside the training scalars), and an
+    offline run's samples are spooled and uploaded by ``sync`` like any scalar."""
+    from spectrawatch.cli import main
+
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "system", system_every_s=0.2))
+    loop = Loop(m)
+    loop.run_for(1.5, pause=0.02)
+    assert m.finish(timeout=60)
+    offline = spectrawatch.Monitor()
+    offline.init(
+        **client_settings(
+            tmp_path, server.url, "system-offline", mode="offline", system_every_s=0.2
+        )
+    )
+    Loop(offline).run_for(0.6, pause=0.02)
+    assert offline.finish()
+    assert main(["sync", "--spool-dir", str(tmp_path / "spool")]) == 0
+    with httpx.Client(base_url=f"{server.url}/api/v1", timeout=30) as c:
+        series = {s["name"]: s for s in c.get(f"/runs/{m.run_id}/scalars").json()}
+        assert {"loss", "system/cpu_percent", "system/rss_mib"} <= set(series)
+        rss = series["system/rss_mib"]
+        assert len(rss["steps"]) >= 3
+        assert all(0 <= s <= loop.step for s in rss["steps"])
+        assert all(50 < v < 1 << 20 for v in rss["values"])  # MiB of a Python process with torch
+        overview = c.get(f"/dashboards/runs/{m.run_id}/overview").json()
+        traces = {
+            p["id"]: {t.get("name") for t in (p["figure"] or {}).get("data", [])}
+            for p in overview["panels"]
+        }
+        assert "system/cpu_percent" in traces["system_util"]
+        assert "system/rss_mib" in traces["system_memory"]
+        assert not any(n and n.startswith("system/") for n in traces["accuracy"] | traces["loss"])
+        runs = c.get("/runs", params={"project": "stream", "limit": 1000}).json()
+        synced = next(r for r in runs if r["name"] == "system-offline")
+        names = {s["name"] for s in c.get(f"/runs/{synced['id']}/scalars").json()}
+        assert {"loss", "system/cpu_percent", "system/rss_mib"} <= names

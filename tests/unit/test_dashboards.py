@@ -45,6 +45,9 @@ def test_shipped_pages_parse_and_cover_every_route() -> None:
         "output_rank",
         "probe",
         "defect",
+        "system_util",
+        "system_memory",
+        "system_gpu",
     ]
     assert pages["layer"].panel("esd").kind == "esd"
     assert pages["layer"].panel("traps").kind == "traps"
@@ -75,7 +78,48 @@ def test_scalars_claimed_by_specific_panels_before_catch_alls() -> None:
             "grok.gradient_coherence",
         ],
         "defect": ["grok.commutator_defect"],
+        "system_util": [],
+        "system_memory": [],
+        "system_gpu": [],
     }  # the sample size is claimed by "probe" (hide) and drawn nowhere
+
+
+def test_system_metrics_get_panels_of_their_own_after_the_training_scalars() -> None:
+    """The client's ``system/...`` samples (CPU %, MiB, °C, W) go to three system panels at
+    the end of the overview, by unit, never into the catch-all beside ``val_acc``."""
+    overview = routes.pages()["overview"]
+    names = [
+        "loss",
+        "val_acc",
+        "system/cpu_percent",
+        "system/rss_mib",
+        "system/cuda0/gpu_util_percent",
+        "system/cuda0/memory_allocated_mib",
+        "system/cuda0/memory_reserved_mib",
+        "system/cuda0/max_memory_allocated_mib",
+        "system/cuda0/memory_used_mib",
+        "system/cuda0/temperature_c",
+        "system/cuda0/power_w",
+        "system/cuda1/gpu_util_percent",
+    ]
+    got = fig.claim_scalars(overview.panels, names)
+    assert got["loss"] == ["loss"]
+    assert got["accuracy"] == ["val_acc"]
+    assert got["system_util"] == [
+        "system/cpu_percent",
+        "system/cuda0/gpu_util_percent",
+        "system/cuda1/gpu_util_percent",
+    ]
+    assert got["system_memory"] == [
+        "system/rss_mib",
+        "system/cuda0/max_memory_allocated_mib",
+        "system/cuda0/memory_allocated_mib",
+        "system/cuda0/memory_reserved_mib",
+        "system/cuda0/memory_used_mib",
+    ]
+    assert got["system_gpu"] == ["system/cuda0/power_w", "system/cuda0/temperature_c"]
+    ids = [p.id for p in overview.panels]
+    assert ids.index("system_util") > ids.index("defect")  # after every training panel
 
 
 @pytest.mark.parametrize(
