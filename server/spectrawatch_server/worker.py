@@ -50,6 +50,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class MissingBlob(FileNotFoundError):
+    """A frame's blob is not in the blob store (deleted by hand, a lost file, a bucket's
+    lifecycle rule): the frame cannot be analysed, and later frames read history without it."""
+
+    def __init__(self, frame: Frame) -> None:
+        super().__init__(
+            f"frame {frame.id} (run {frame.run_id}, {frame.kind}, step {frame.step}): "
+            f"blob {frame.blob_key!r} is missing from the blob store"
+        )
+        self.frame_id = frame.id
+
+
+MISSING_REPORTED = 4096  # frame ids whose missing blob the loader remembers having logged
+
+
 class FrameLoader:
     """Reads and decodes frame blobs onto the worker device.
 
@@ -77,6 +92,7 @@ class FrameLoader:
         self._cached = 0
         self._lock = threading.Lock()
         self.hits = 0
+        self._reported: set[int] = set()
 
     def load(self, frame: Frame) -> DecodedFrame:
         if frame.kind not in SKETCH_KINDS or self.cache_bytes <= 0:
@@ -99,8 +115,26 @@ class FrameLoader:
                     self._cached -= gone
         return decoded
 
+    def report_missing(self, missing: MissingBlob, reader: Frame) -> None:
+        """Log, once per frame and process, that a history frame's blob is gone: every later
+        frame whose history covers it would say so again."""
+        with self._lock:
+            if missing.frame_id in self._reported:
+                return
+            if len(self._reported) >= MISSING_REPORTED:
+                self._reported.clear()
+            self._reported.add(missing.frame_id)
+        log.warning(
+            "%s; frame %d and later frames are analysed without it (a gap in their history)",
+            missing,
+            reader.id,
+        )
+
     def _load(self, frame: Frame) -> DecodedFrame:
-        data = self.blobs.read(frame.blob_key)
+        try:
+            data = self.blobs.read(frame.blob_key)
+        except FileNotFoundError as exc:
+            raise MissingBlob(frame) from exc
         if frame.encoding == "zstd":
             data = decompress(data, self.max_bytes)
         header, tensors = decode_frame(data, self.limits)
@@ -116,7 +150,12 @@ class RunHistory:
     later frames' results are stored, one of a resumed run re-sending earlier steps, or one
     analysed behind scalars logged far ahead, reads the series as they stood at its steps, not
     their newest points: "the last N points" of a series were the later frames' (EigenTrack's
-    change score had no history left, SED's phases continued from points after the frame)."""
+    change score had no history left, SED's phases continued from points after the frame).
+
+    An earlier frame whose blob is missing from the store is read as a pruned one: left out,
+    and the query asked again without it, so the frames before it fill its place (SED windows
+    over its steps come out incomplete). It failed the analysis of every later frame whose
+    history covered it (SED: up to ``1 + W / rows`` frames)."""
 
     def __init__(self, session: Session, loader: FrameLoader, frame: Frame) -> None:
         self.session = session
@@ -124,18 +163,40 @@ class RunHistory:
         self.frame = frame
         self.until = max([frame.step, *(row_steps(frame.kind, frame.info or {}) or [])])
         self._cache: dict[int, DecodedFrame] = {}
+        self._missing: set[int] = set()  # ids of earlier frames whose blob is missing
 
     def recent_frames(self, kind: FrameKind, limit: int) -> list[DecodedFrame]:
-        rows = repo.recent_frames(
-            self.session, self.frame.run_id, kind.value, self.frame.seq, limit
-        )
-        return [self._decoded(row) for row in rows]
+        while True:  # each pass leaves out at least one more frame, or returns
+            rows = repo.recent_frames(
+                self.session, self.frame.run_id, kind.value, self.frame.seq, limit, self._missing
+            )
+            decoded = self._decoded_all(rows)
+            if decoded is not None:
+                return list(decoded.values())
 
     def frames_holding(self, kind: FrameKind, layers: Collection[str]) -> dict[str, DecodedFrame]:
-        rows = repo.frames_holding(
-            self.session, self.frame.run_id, kind.value, self.frame.seq, self.frame.step, layers
-        )
-        return {layer: self._decoded(row) for layer, row in rows.items()}
+        frame = self.frame
+        while True:
+            rows = repo.frames_holding(
+                self.session, frame.run_id, kind.value, frame.seq, frame.step, layers, self._missing
+            )
+            decoded = self._decoded_all(list(rows.values()))
+            if decoded is not None:
+                return {layer: decoded[row.id] for layer, row in rows.items()}
+
+    def _decoded_all(self, rows: Sequence[Frame]) -> dict[int, DecodedFrame] | None:
+        """``rows`` decoded by id, in order; ``None`` when a blob was missing (its frame is
+        noted in ``_missing`` and reported)."""
+        out: dict[int, DecodedFrame] = {}
+        for row in rows:
+            if row.id in out or row.id in self._missing:  # a frame holding several layers
+                continue
+            try:
+                out[row.id] = self._decoded(row)
+            except MissingBlob as missing:
+                self._missing.add(row.id)
+                self.loader.report_missing(missing, self.frame)
+        return None if any(row.id in self._missing for row in rows) else out
 
     def _decoded(self, row: Frame) -> DecodedFrame:
         """``row`` decoded, once per analysed frame (the loader caches sketch frames longer)."""

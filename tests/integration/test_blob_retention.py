@@ -1,6 +1,7 @@
 """Blob retention against a real server: `spectrawatch runs prune` releases the stored frames of
-ended runs and keeps every result; running runs and other projects keep their blobs (SQLite
-and PostgreSQL modes)."""
+ended runs and keeps every result; running runs and other projects keep their blobs; a blob
+lost from the store is a gap in the history of later frames, as a pruned one (SQLite and
+PostgreSQL modes)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 import spectrawatch
 from spectrawatch.cli import main
-from tests.servers import ServerProcess, wait_until
+from tests.servers import ServerProcess, db_rows, wait_until
 from tests.training import Loop, all_analysed, client_settings, frames_of
 
 pytestmark = pytest.mark.integration
@@ -28,6 +29,11 @@ def _stream(server: ServerProcess, tmp_path: Path, project: str, name: str) -> i
 
 def _blob_files(server: ServerProcess, run_id: int) -> list[Path]:
     return [p for p in (server.data_dir / "blobs" / "runs" / str(run_id)).rglob("*") if p.is_file()]
+
+
+def _finished(server: ServerProcess, run_id: int) -> bool:
+    """Whether every frame of the run is analysed or failed."""
+    return all(f["status"] in {"done", "failed"} for f in frames_of(server.url, run_id))
 
 
 def test_prune_releases_blobs_of_ended_runs_and_keeps_results(
@@ -103,3 +109,45 @@ def test_retention_setting_prunes_at_start_and_hourly(
     server.start()
     wait_until(lambda: not any(f["has_blob"] for f in frames_of(server.url, ended)), 30)
     assert not _blob_files(server, ended)
+
+
+def test_a_lost_history_blob_leaves_a_gap_in_later_frames_sed(
+    server: ServerProcess, api: httpx.Client, tmp_path: Path
+) -> None:
+    """A blob gone from the store mid-run (deleted by hand, a lost file, a bucket rule) and a
+    worker that no longer holds it decoded: every later update frame whose SED windows covered
+    it failed (``sed: FileNotFoundError``), the run's SED stopping there. They are analysed on
+    the frames that exist, their windows over the lost steps flagged incomplete; one warning
+    names the frame. Re-analysis still refuses the run (409 ``blobs_missing``)."""
+    m = spectrawatch.Monitor()
+    m.init(**client_settings(tmp_path, server.url, "lost", project="retention"))
+    loop = Loop(m)
+    loop.run(24)
+    assert m.wait_idle(60)
+    run_id = m.run_id
+    assert isinstance(run_id, int)
+    wait_until(lambda: all_analysed(server.url, run_id), 180)
+    updates = [f for f in frames_of(server.url, run_id) if f["kind"] == "update_sketch"]
+    lost = updates[2]
+    ((key,),) = db_rows(server.data_dir, "SELECT blob_key FROM frame WHERE id = :f", f=lost["id"])
+    (server.data_dir / "blobs" / key).unlink()
+    server.stop()  # a worker without the lost frame decoded (its cache, or another worker)
+    server.start()
+    loop.run(24)
+    assert m.finish(timeout=60)
+    wait_until(lambda: _finished(server, run_id), 180)
+    assert [f["error"] for f in frames_of(server.url, run_id) if f["status"] != "done"] == []
+    later = [f for f in frames_of(server.url, run_id) if f["seq"] > updates[-1]["seq"]]
+    assert any(f["kind"] == "update_sketch" for f in later)
+    params = {"name": "sed.incomplete.w16", "layer": "__model__"}
+    (series,) = api.get(f"/runs/{run_id}/metrics", params=params).json()["series"]
+    flags = dict(zip(series["steps"], series["values"], strict=True))
+    assert max(flags) == 48  # SED to the run's last step
+    # windows (t - 16, t] over the lost frame's 4 steps, of the steps analysed after the loss
+    lost_steps = range(lost["step"], lost["step"] + 4)
+    assert {s for s, v in flags.items() if v and s > 24} == set(range(25, lost_steps[-1] + 16))
+    logs = server.log_path.read_text() + "".join(w.log_path.read_text() for w in server.workers)
+    assert logs.count(f"blob {key!r} is missing from the blob store") == 1
+    refused = api.post(f"/runs/{run_id}/reanalyze")
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "blobs_missing"

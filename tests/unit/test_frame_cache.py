@@ -1,18 +1,23 @@
-"""The worker's cache of decoded sketch frames (``FrameLoader``): hits, keys and its bound."""
+"""The worker's frame loading: its cache of decoded sketch frames (``FrameLoader``: hits, keys
+and its bound) and earlier frames whose blob is missing (``RunHistory``)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from spectrawatch.wire import FrameKind, FrameLimits, encode_frame
-from spectrawatch_server.db.models import Frame
+from spectrawatch_server.db.models import Frame, Metric
+from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import LocalBlobStore
-from spectrawatch_server.worker import FrameLoader
+from spectrawatch_server.worker import FrameLoader, Worker
 
 ROWS = torch.arange(16 * 64, dtype=torch.float32).reshape(16, 64)  # 4 KiB of tensor
 
@@ -153,3 +158,90 @@ def test_a_filesystem_that_cannot_fsync_a_directory_still_stores_blobs(
     assert store.read("runs/1/8") == b"body"
     with pytest.raises(OSError, match=os.strerror(errno.EIO)):
         commit_where_dir_fsync_fails("runs/1/9", errno.EIO)
+
+
+def _update_frames(
+    sessions: sessionmaker[Session], store: LocalBlobStore, run: str, rows: torch.Tensor
+) -> list[int]:
+    """A run of update-sketch frames of 4 rows each (steps 1, 2, ...) of layer ``w``; ids."""
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "p")
+        run_id = repo.get_or_create_run(session, project, run, {}, [])[0].id
+    ids = []
+    for seq in range(len(rows) // 4):
+        info = {"steps": list(range(4 * seq + 1, 4 * seq + 5))}
+        body = encode_frame(
+            FrameKind.UPDATE_SKETCH, 4 * seq + 1, seq, {"w": rows[4 * seq :][:4]}, info
+        )
+        key = f"runs/{run_id}/{seq}.st"
+        upload = store.new_upload()
+        upload.write(body)
+        store.commit_upload(upload, key)
+        with sessions.begin() as session:
+            frame = Frame(
+                run_id=run_id,
+                kind=FrameKind.UPDATE_SKETCH.value,
+                step=4 * seq + 1,
+                seq=seq,
+                idempotency_key=f"{run}:{seq}",
+                blob_key=key,
+                bytes=len(body),
+                info=info,
+                layers=["w"],
+                nonfinite={},
+            )
+            session.add(frame)
+            session.flush()
+            ids.append(frame.id)
+    return ids
+
+
+def _metrics_after(
+    sessions: sessionmaker[Session], ids: list[int], step: int
+) -> dict[tuple[str, str, int], float]:
+    with sessions() as session:
+        rows = session.execute(
+            select(Metric.layer, Metric.name, Metric.step, Metric.value).where(
+                Metric.frame_id.in_(ids), Metric.step > step
+            )
+        ).all()
+    return {(layer, name, at): value for layer, name, at, value in rows}
+
+
+def test_a_missing_history_blob_is_a_gap_in_later_frames_as_a_pruned_frame(
+    sessions: sessionmaker[Session], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An earlier frame's blob gone from the store (deleted by hand, lost, expired by a bucket
+    rule): each later frame whose SED windows cover it (17 frames back for W = 64) failed
+    (``sed: FileNotFoundError``), losing the run's SED from there on. Now it is read as a pruned
+    frame: the same values, its windows incomplete; one warning names it; the frame itself
+    still fails, naming its blob."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    rows = torch.randn(40, 24, generator=torch.Generator().manual_seed(3))
+    lost, pruned = (_update_frames(sessions, store, run, rows) for run in ("lost", "pruned"))
+    worker = Worker(sessions, FrameLoader(store, torch.device("cpu"), FrameLimits(), 1 << 26, 0))
+    for frame_id in lost[:4] + pruned[:4]:
+        worker.process(frame_id)
+    with sessions.begin() as session:  # steps 13-16: lost in one run, pruned in the other
+        lost_key = session.get_one(Frame, lost[3]).blob_key
+        store.delete(lost_key)
+        store.delete(session.get_one(Frame, pruned[3]).blob_key)
+        session.execute(update(Frame).where(Frame.id == pruned[3]).values(blob_key=""))
+    with caplog.at_level(logging.WARNING, logger="spectrawatch_server.worker"):
+        for frame_id in lost[4:] + pruned[4:]:
+            worker.process(frame_id)
+    with sessions() as session:
+        later = [session.get_one(Frame, i) for i in lost[4:]]
+        assert [(f.status, f.error) for f in later] == [("done", None)] * len(later)
+    got = _metrics_after(sessions, lost, 16)
+    assert got == _metrics_after(sessions, pruned, 16)
+    gaps = {step for (layer, name, step) in got if (layer, name) == ("w", "sed.gap_ratio.w16")}
+    assert gaps == set(range(17, 41))
+    flagged = {s for (layer, name, s), v in got.items() if name == "sed.incomplete.w16" and v}
+    assert flagged == set(range(17, 32))  # windows (t - 16, t] holding steps 13-16
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1  # once, not for each of the 6 later frames
+    assert f"frame {lost[3]} " in warned[0]
+    assert lost_key in warned[0]
+    with pytest.raises(FileNotFoundError, match=f"frame {lost[3]} .*{lost_key}.* missing"):
+        worker.process(lost[3])  # the queue retries it, then marks it failed with this

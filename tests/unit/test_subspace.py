@@ -404,4 +404,8 @@ def test_frames_holding_pages_to_each_layers_newest_earlier_frame(
             "c",
         }
         assert repo.frames_holding(session, run_id, "weights", 9, 10, ["a"]) == {}
+        # a frame whose blob the store lost is skipped as a pruned one: the one before it
+        lost = {got["a"].id, got["c"].id}
+        again = repo.frames_holding(session, run_id, "weights", 9, 40, ["a", "c"], lost)
+        assert {k: (f.step, f.seq) for k, f in again.items()} == {"a": (10, 0), "c": (10, 1)}
         assert repo.frames_holding(session, run_id, "activations", 9, 40, ["a"]) == {}

@@ -587,20 +587,26 @@ def frames_page(
 
 
 def recent_frames(
-    session: Session, run_id: int, kind: str, before_seq: int, limit: int
+    session: Session,
+    run_id: int,
+    kind: str,
+    before_seq: int,
+    limit: int,
+    skip: Collection[int] = (),
 ) -> list[Frame]:
     """Up to ``limit`` frames of ``kind`` with seq < ``before_seq``, oldest first; only frames
-    with a blob (never imported metric batches, whatever their kind)."""
+    with a blob (never imported metric batches, whatever their kind, nor pruned frames) and
+    not in ``skip`` (frame ids whose blob the store no longer has: read as if pruned)."""
+    where = [
+        Frame.run_id == run_id,
+        Frame.kind == kind,
+        Frame.seq < before_seq,
+        Frame.blob_key != "",
+    ]
+    if skip:
+        where.append(Frame.id.not_in(skip))
     rows = session.scalars(
-        select(Frame)
-        .where(
-            Frame.run_id == run_id,
-            Frame.kind == kind,
-            Frame.seq < before_seq,
-            Frame.blob_key != "",
-        )
-        .order_by(Frame.seq.desc())
-        .limit(limit)
+        select(Frame).where(*where).order_by(Frame.seq.desc()).limit(limit)
     ).all()
     return list(reversed(rows))
 
@@ -615,10 +621,11 @@ def frames_holding(
     before_seq: int,
     before_step: int,
     layers: Collection[str],
+    skip: Collection[int] = (),
 ) -> dict[str, Frame]:
     """For each of ``layers``, the newest frame of ``kind`` (highest seq below ``before_seq``,
-    at a step below ``before_step``, with a blob) whose ``layers`` name it; layers no such
-    frame holds are absent.
+    at a step below ``before_step``, with a blob, not in ``skip``) whose ``layers`` name it;
+    layers no such frame holds are absent.
 
     A weight snapshot arrives in parts: each layer's previous snapshot is in one of them. Reads
     frame rows' ids and layer names a page at a time, newest first (small pages first: part
@@ -637,6 +644,8 @@ def frames_holding(
             Frame.step < before_step,
             Frame.blob_key != "",
         ]
+        if skip:
+            where.append(Frame.id.not_in(skip))
         if seen:  # a seq may repeat: keyset paging on (seq, id)
             where.append(Frame.id.not_in(seen))
         page = session.execute(
