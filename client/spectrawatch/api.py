@@ -29,6 +29,7 @@ from spectrawatch._paging import read_pages
 from spectrawatch._reply import ACCEPT_ENCODING, REPLY_MAX, ReplyError, read_reply
 from spectrawatch._transport import error_of
 from spectrawatch.config import API_PATH, DEFAULT_URL, SettingsError, url_problem
+from spectrawatch.spectral.keys import is_stored_key, stored_keys
 from spectrawatch.wire import MODEL_LAYER as MODEL_LAYER  # the layer of whole-model series
 
 _PAGE = 1000
@@ -185,6 +186,7 @@ class Run:
         self.summary: dict[str, Any] = info.get("summary") or {}
         self.tags: list[str] = info.get("tags") or []
         self.last_step: int | None = info.get("last_step")
+        self._names: dict[str, list[str]] = {}  # "metric"/"scalar": the run's names, as last read
 
     def __repr__(self) -> str:
         return f"<Run {self.id} {self.project}/{self.name} ({self.status})>"
@@ -199,22 +201,54 @@ class Run:
         """Series of metric ``name`` by layer (all points unless ``max_points``: LTTB).
 
         Without ``layer`` the server bounds each layer's series (1,000 points unless told
-        otherwise); all points are asked for, and a layer still cut short is read again alone."""
+        otherwise); all points are asked for, and a layer still cut short is read again alone.
+
+        Empty for a key the worker stores that the run has no rows of yet (early in a run), or
+        none at ``layer``; a ``name`` that is neither such a key nor one of the run's metrics
+        (a typo) raises :class:`ApiError` naming the closest keys."""
         path = f"/runs/{self.id}/metrics"
+        out: dict[str, Series] = {}
         if max_points is not None or layer is not None:
             body = self.api.get(path, name=name, layer=layer, max_points=max_points)
-            return {s["layer"]: _series(s) for s in body["series"]}
-        out: dict[str, Series] = {}
-        for s in self.api.get(path, name=name, max_points=_MAX_POINTS)["series"]:
-            if s.get("downsampled"):
-                (s,) = self.api.get(path, name=name, layer=s["layer"])["series"]
-            out[s["layer"]] = _series(s)
+            out = {s["layer"]: _series(s) for s in body["series"]}
+        else:
+            for s in self.api.get(path, name=name, max_points=_MAX_POINTS)["series"]:
+                if s.get("downsampled"):
+                    (s,) = self.api.get(path, name=name, layer=s["layer"])["series"]
+                out[s["layer"]] = _series(s)
+        if not out and not is_stored_key(name):
+            self._check_name("metric", name)
         return out
 
     def scalars(self, name: str | None = None) -> dict[str, Series]:
-        """Logged scalars (``monitor.log``) by name."""
+        """Logged scalars (``monitor.log``) by name; a ``name`` the run never logged raises
+        :class:`ApiError` naming the closest it did (it may still log it later)."""
+        out = self._read_scalars(name)
+        if name is not None and not out:
+            self._check_name("scalar", name)
+        return out
+
+    def _read_scalars(self, name: str | None) -> dict[str, Series]:
         body = self.api.get(f"/runs/{self.id}/scalars", name=name)
         return {s["name"]: _series(s) for s in body}
+
+    def _check_name(self, kind: str, name: str) -> None:
+        """Raise :class:`ApiError` when the run has no ``kind`` (metric or scalar) ``name``
+        (whose read came back empty): the run's names are read only then, and again only when
+        ``name`` is not among those read before (the run may have stored it since)."""
+        if name in self._names.get(kind, ()):
+            return
+        names = self._names[kind] = self._read_names(kind)
+        if name not in names:
+            known = [*names, *stored_keys()] if kind == "metric" else names
+            raise ApiError(f"run {self.id}: {_unknown(kind, name, known)}")
+
+    def _read_names(self, kind: str) -> list[str]:
+        """The run's metric (by its catalog) or scalar names (by a read of all their points,
+        thinned: no endpoint lists them alone)."""
+        if kind == "metric":
+            return list(dict.fromkeys(name for name, _ in self.metric_keys()))
+        return [s["name"] for s in self.api.get(f"/runs/{self.id}/scalars", max_points=3)]
 
     def alerts(self, status: str | None = None) -> list[dict[str, Any]]:
         """Every alert episode of the run (``status``: open or resolved), newest first."""
@@ -257,10 +291,10 @@ class Run:
         names = _words(names)  # one key as a string: not its letters
         scalars = [scalars] if isinstance(scalars, str) else list(scalars)
         problems = _missing_metrics(names, layer, self.metric_keys())
-        found = {name: self.scalars(name).get(name) for name in dict.fromkeys(scalars)}
+        found = {name: self._read_scalars(name).get(name) for name in dict.fromkeys(scalars)}
         missing = [name for name, series in found.items() if series is None]
         if missing:  # only then every scalar's name (a read of all their points, thinned)
-            logged = [s["name"] for s in self.api.get(f"/runs/{self.id}/scalars", max_points=3)]
+            logged = self._names["scalar"] = self._read_names("scalar")
             problems += [_unknown("scalar", name, logged) for name in missing]
         if problems:
             raise ApiError(f"Run.history of run {self.id}: " + "; ".join(problems))

@@ -19,6 +19,7 @@ from spectrawatch import Api
 from spectrawatch import _cli_http as cli_http
 from spectrawatch.api import MODEL_LAYER, ApiError
 from spectrawatch.cli import main
+from spectrawatch.spectral.keys import is_stored_key
 from tests.servers import ServerProcess, database_url, db_rows, wait_until
 from tests.training import Loop, all_analysed, client_settings, frames_of
 
@@ -50,6 +51,11 @@ def test_results_read_back_in_python(
         keys = run.metric_keys()
         catalog = api.get(f"/runs/{run_id}/metrics/catalog").json()
         assert keys == [(c["name"], c["layer"]) for c in catalog]
+        # every key the worker stored is one the client knows: a typo is told from a key that
+        # an early run has no rows of yet (empty)
+        assert [n for n, _ in keys if not is_stored_key(n)] == []
+        with pytest.raises(ApiError, match=r"no metric 'htsr\.aplha'; closest: 'htsr\.alpha'"):
+            run.metric("htsr.aplha")
         # the counts the worker's writes kept (metric_series) are the metric rows' own
         grouped = db_rows(
             server.data_dir,

@@ -351,3 +351,42 @@ def test_history_of_unknown_keys_names_them_and_the_closest_known() -> None:
     assert frame.index.tolist() == [1, 2, 3]
     assert frame["sed.gap_ratio.w32"].tolist()[1] == 0.1
     assert math.isnan(frame["val_acc"].tolist()[2])
+
+
+def test_a_misspelt_metric_or_scalar_is_refused_naming_the_closest() -> None:
+    """``run.metric("htsr.aplha")`` and ``run.scalars("val_accc")`` returned ``{}``: an empty
+    plot and no hint. Refused now, naming the closest names; a key the worker stores that the
+    run has no rows of yet (early in a run) is still empty, with no request more than the read.
+    """
+    from spectrawatch.api import Api, ApiError, Run
+
+    sent: list[str] = []
+    with Api("http://run.test") as api:
+        api._http.close()
+        api._http = httpx.Client(base_url="http://run.test/api/v1", transport=_run_server(sent))
+        run = Run(api, {"id": 7, "name": "r", "project": "p", "status": "running"})
+        with pytest.raises(ApiError, match=r"^run 7: no metric 'htsr\.aplha'; closest: 'htsr\.al"):
+            run.metric("htsr.aplha")
+        with pytest.raises(ApiError, match=r"no metric 'sed\.gap_ratio'; closest: 'sed\.gap_ra"):
+            run.metric("sed.gap_ratio", layer="__model__")  # an SED key needs its window
+        with pytest.raises(ApiError, match=r"^run 7: no scalar 'val_accc'; closest: 'val_acc'$"):
+            run.scalars("val_accc")
+        sent.clear()
+        assert run.metric("htsr.stable_rank") == {}  # stored by the worker: not analysed yet
+        assert run.metric("sed.gap_ratio.w64", layer="__model__") == {}
+        # the run's, at other layers: its names as read for the typo above, not read again
+        assert run.metric("htsr.alpha", layer="__model__") == {}
+        assert run.scalars("loss")["loss"].steps == [1, 2]
+        paths = [u.split("?")[0].removeprefix("/api/v1/runs/7") for u in sent]
+        assert paths == ["/metrics", "/metrics", "/metrics", "/scalars"]
+
+
+def test_every_metric_key_alert_rules_accept_is_one_the_read_api_knows() -> None:
+    """The read API tells a typo from a key not analysed yet by the stored keys: each one the
+    server's alert rules accept (SED ones by base name) is among them, with its window."""
+    from spectrawatch.spectral.keys import is_stored_key, stored_keys
+    from spectrawatch_server.alerts.rules import known_metrics
+
+    rule_keys = known_metrics() - {"sed.interval"}  # the interval keys' prefix, no key
+    assert not [k for k in rule_keys if not (is_stored_key(k) or is_stored_key(f"{k}.w32"))]
+    assert not [k for k in stored_keys() if not is_stored_key(k)]

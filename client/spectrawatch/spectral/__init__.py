@@ -5,7 +5,7 @@ weight metrics) built on ``esd`` (weight matrices and their ESDs), ``power_law``
 ``marchenko_pastur`` (MP fit), ``traps`` (correlation traps), ``histograms`` and ``errors``
 (``SpectralError``), ``farms`` (fixed-aspect-ratio sampling), ``activations`` (EigenTrack),
 ``polar`` (Polar Express), ``conditioning`` (GMCN, PC layers), ``subspace`` (spike-subspace
-drift), ``manifold`` (quadratic fit), ``norms``.
+drift), ``manifold`` (quadratic fit), ``norms``; ``keys`` lists the metric keys they define.
 """
 
 from spectrawatch.spectral.htsr import analyze_model
