@@ -3,7 +3,8 @@
 One directory per run (``<spool_dir>/<project>/<run>/``), one file per entry, named
 ``<counter:016d>-<tag>.sw`` so that sorted names are the write order and the tag tells what an
 entry holds without opening it. A file is a JSON header line (kind, seq, encoding, ...) followed
-by the body bytes, written to a temporary name and renamed, so a crash never leaves a torn entry.
+by the body bytes, written to a temporary name, fsynced, renamed and its directory fsynced, so
+neither a crash nor a power loss leaves a torn entry (or loses a renamed one).
 Entries keep the frame's ``seq``: a replay sends the same idempotency key as the first try, so
 the server stores each frame once however often it is replayed.
 
@@ -27,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,42 @@ def spooled_run_dirs(root: str | Path) -> list[tuple[Path, list[Path]]]:
         if files or (run_dir / RUN_META).is_file():
             out.append((run_dir, files))
     return out
+
+
+def _sync_dir(path: Path) -> None:
+    """Make the names ``path`` holds (a rename, a new file or directory) survive a power loss:
+    POSIX syncs a directory's entries only by its own fsync (not possible on Windows)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dir(path: Path) -> None:
+    """``mkdir -p path``, each directory it creates synced into its parent."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        _sync_dir(folder.parent)
+
+
+def _write_durably(path: Path, chunks: Sequence[bytes]) -> None:
+    """Write ``path`` through ``<path>.tmp``: fsynced, renamed, the directory fsynced, so that
+    after a crash or a power loss it is whole or absent (~6 ms an entry on an ext4 virtual disk)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _sync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -100,7 +138,7 @@ class Spool:
             import fcntl
         except ImportError:  # no flock (Windows): no protection against a concurrent sync
             return True
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _make_dir(self.dir)
         fd = os.open(self.dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,11 +166,10 @@ class Spool:
             self._lock_fd = None
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        """Write ``run.json`` (atomically)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / (RUN_META + ".tmp")
-        tmp.write_text(json.dumps(meta, separators=(",", ":"), default=str))
-        os.replace(tmp, self.dir / RUN_META)
+        """Write ``run.json`` (atomically, durably)."""
+        _make_dir(self.dir)
+        body = json.dumps(meta, separators=(",", ":"), default=str).encode()
+        _write_durably(self.dir / RUN_META, [body])
 
     def read_meta(self) -> dict[str, Any] | None:
         """``run.json``, or None when absent or unreadable."""
@@ -195,13 +232,9 @@ class Spool:
             return False, 0
         for entry in victims:
             self._remove(entry)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _make_dir(self.dir)
         path = self.dir / f"{self._next:016d}-{tag}.sw"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(head)
-            fh.write(body)
-        os.replace(tmp, path)
+        _write_durably(path, [head, body])
         self._entries.append(SpoolEntry(path, self._next, tag, size, meta.get("seq")))
         self._next += 1
         self._bytes += size

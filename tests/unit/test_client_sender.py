@@ -485,6 +485,42 @@ def test_spool_cap_evicts_oldest_update_sketches_first(tmp_path: Path) -> None:
     assert entry.read() == (meta, b"b" * 300)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds by /proc/self/fd")
+def test_a_spool_entry_is_fsynced_before_its_rename_and_its_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries were renamed unsynced: after a power loss one could be empty or torn (replay
+    dropped it as unreadable). Now the file is fsynced before the rename, the directory after
+    it, and each directory the spool creates into its parent."""
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def synced(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def renamed(src: Any, dst: Any) -> None:
+        events.append(("rename", str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", renamed)
+    root = tmp_path.resolve()
+    spool = Spool(root / "spool" / "p" / "r", 1 << 20)
+    assert spool.put("us", {"type": "frame", "seq": 1}, b"x" * 100) == (True, 0)
+    entry = str(spool.dir / "0000000000000000-us.sw")
+    assert events == [
+        *[("fsync", str(d)) for d in (root, root / "spool", root / "spool" / "p")],
+        ("fsync", entry + ".tmp"),
+        ("rename", entry),
+        ("fsync", str(spool.dir)),
+    ]
+    events.clear()
+    spool.write_meta({"project": "p", "run": "r"})
+    meta = str(spool.dir / "run.json")
+    assert events == [("fsync", meta + ".tmp"), ("rename", meta), ("fsync", str(spool.dir))]
+
+
 def test_slow_server_never_blocks_put(tmp_path: Path) -> None:
     server = FakeServer()
     server.delay = 0.2
