@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from spectrawatch import wire
+from spectrawatch._eviction import oldest_droppable
 from spectrawatch._notices import joined_message, notice, run_url
 from spectrawatch._spool import RUN_META, Spool, safe_component
 from spectrawatch._transport import Api, Rejected, Unavailable
@@ -289,17 +290,13 @@ class Sender:
         as is), or None when it would not fit even with every one gone: then none is dropped
         for a frame refused anyway. Called with ``_cond`` held."""
         s = self.settings
-        extra_frames = len(self._queue) + 1 - s.queue_max_frames
-        extra_bytes = self._queue_bytes + item.nbytes - s.queue_max_bytes
-        victims: list[FrameItem] = []
-        for queued in self._queue:
-            if extra_frames <= 0 and extra_bytes <= 0:
-                break
-            if queued.kind is wire.FrameKind.UPDATE_SKETCH:
-                victims.append(queued)
-                extra_frames -= 1
-                extra_bytes -= queued.nbytes
-        return victims if extra_frames <= 0 and extra_bytes <= 0 else None
+        return oldest_droppable(
+            self._queue,
+            lambda queued: queued.kind is wire.FrameKind.UPDATE_SKETCH,
+            lambda queued: queued.nbytes,
+            extra_bytes=self._queue_bytes + item.nbytes - s.queue_max_bytes,
+            extra_items=len(self._queue) + 1 - s.queue_max_frames,
+        )
 
     def put_scalars(self, rows: Sequence[dict[str, Any]]) -> None:
         if self._disabled or self._closing or not rows or self.stats.off_reason:

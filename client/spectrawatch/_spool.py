@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spectrawatch._eviction import oldest_droppable
+
 _NAME = re.compile(r"^(\d{16})-([a-z]+)\.sw$")
 RUN_META = "run.json"
 _LOCK = ".lock"
@@ -244,15 +246,12 @@ class Spool:
         """The oldest droppable entries to delete so that ``size`` more bytes fit (none when
         they fit as is), or None when deleting every one would not make room: then none is
         deleted for an entry refused anyway."""
-        excess = self._bytes + size - self.max_bytes
-        victims: list[SpoolEntry] = []
-        for entry in self._entries:
-            if excess <= 0:
-                break
-            if entry.tag in DROPPABLE_TAGS:
-                victims.append(entry)
-                excess -= entry.size
-        return victims if excess <= 0 else None
+        return oldest_droppable(
+            self._entries,
+            lambda entry: entry.tag in DROPPABLE_TAGS,
+            lambda entry: entry.size,
+            extra_bytes=self._bytes + size - self.max_bytes,
+        )
 
     @property
     def max_seq(self) -> int | None:

@@ -452,6 +452,26 @@ def test_a_frame_too_large_for_the_queue_drops_no_sketch(tmp_path: Path) -> None
     assert [q.step for q in sender._queue] == [2, 4]
 
 
+def test_oldest_droppable_frees_items_and_bytes_or_drops_nothing() -> None:
+    """The one eviction plan of the sender's queue (frames and bytes) and the spool (bytes):
+    the oldest droppable items, skipping the others, until both excesses are gone."""
+    from spectrawatch._eviction import oldest_droppable
+
+    items = [("w", 50), ("us", 10), ("w", 5), ("us", 20), ("us", 30)]
+
+    def plan(extra_bytes: int, extra_items: int = 0) -> list[tuple[str, int]] | None:
+        return oldest_droppable(
+            items, lambda i: i[0] == "us", lambda i: i[1], extra_bytes, extra_items
+        )
+
+    assert plan(0) == []  # fits as is
+    assert plan(-100, 0) == []
+    assert plan(11) == [("us", 10), ("us", 20)]  # the oldest sketches first, weights skipped
+    assert plan(1, extra_items=3) == [("us", 10), ("us", 20), ("us", 30)]  # too many items
+    assert plan(61) is None  # every sketch gone would free 60 bytes: none is dropped
+    assert plan(0, extra_items=4) is None
+
+
 def test_an_entry_too_large_for_the_spool_deletes_no_sketch(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s", max_bytes=1200)
     meta = {"type": "frame", "kind": "update_sketch"}
