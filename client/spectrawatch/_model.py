@@ -32,9 +32,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def output_layer(model: nn.Module) -> str | None:
     """Name of the weight that maps features to the model's outputs: that of the module a
-    Hugging Face model's ``get_output_embeddings()`` returns (with tied embeddings, the
-    embedding's name), else the last parameter of >= 2 dimensions in registration order (where
-    PyTorch models define their head)."""
+    Hugging Face model's ``get_output_embeddings()`` returns, else the last parameter of >= 2
+    dimensions in registration order (where PyTorch models define their head).
+
+    A tied weight (``head.weight = emb.weight``) is registered twice but named once, by its
+    first registration (``emb.weight``): the last registration is looked for among all of them
+    and named as :meth:`~torch.nn.Module.named_parameters` names it (the de-duplicated list put
+    the tied head first and picked the last other matrix, a hidden layer)."""
     params = list(model.named_parameters())
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
@@ -43,7 +47,9 @@ def output_layer(model: nn.Module) -> str | None:
             named = next((name for name, p in params if p is weight), None)
             if named is not None:
                 return named
-    return next((name for name, p in reversed(params) if not is_lazy(p) and p.dim() >= 2), None)
+    registered = model.named_parameters(remove_duplicate=False)
+    last = next((p for _, p in reversed(list(registered)) if not is_lazy(p) and p.dim() >= 2), None)
+    return next((name for name, p in params if p is last), None)
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:

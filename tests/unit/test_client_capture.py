@@ -454,6 +454,19 @@ class TiedLM(nn.Module):
         return self.lm_head
 
 
+class TiedNoHF(nn.Module):
+    """A tied language model outside Hugging Face: no ``get_output_embeddings``, the head's
+    weight registered last but named first (``emb.weight``) by ``named_parameters()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.block = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+        self.ln = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+
 class Broken(nn.Sequential):
     def get_output_embeddings(self) -> nn.Module:
         raise NotImplementedError
@@ -462,6 +475,9 @@ class Broken(nn.Sequential):
 def test_output_layer_is_found_and_named_in_the_weights_frame_holding_it() -> None:
     assert output_layer(mlp()) == "3.weight"  # the last matrix in registration order
     assert output_layer(TiedLM()) == "wte.weight"  # tied: the embedding's (only) name
+    # tied without get_output_embeddings: the last registration, not the last other matrix
+    # (before the fix "block.2.weight", the MLP's down-projection)
+    assert output_layer(TiedNoHF()) == "emb.weight"
     assert output_layer(Broken(nn.Linear(4, 4), nn.Linear(4, 2))) == "1.weight"
     assert output_layer(nn.LayerNorm(4)) is None
     model = nn.Sequential(nn.Linear(40, 40), nn.Linear(40, 3))
