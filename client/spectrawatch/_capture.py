@@ -176,6 +176,8 @@ class Capture:
         # the first sketched step also sends theta: ``norm.update_ratio`` from the first step,
         # not only from ``theta_every`` on (a run that dies before step 100 has its ratio too)
         self._theta_sent = False
+        # theta row names whose chain restarts at the next on-grid theta frame (_check_layout)
+        self._chain_breaks: set[str] = set()
         # CUDA: sketch on a side stream, rows leave the GPU asynchronously (see _overlap); not
         # for sharded models, whose sketch ends in a collective on the training stream
         self._stream = SketchStream(
@@ -214,8 +216,11 @@ class Capture:
         materialised (a lazy module's first forward).
         The rows buffered so far go out with the old layout, the sketch index is rebuilt, and
         update rows restart with the next step (the step of the change has none: its before
-        and after sketches are of different parameter sets). Not for sharded models, whose
-        captures are collective."""
+        and after sketches are of different parameter sets). The theta rows whose parameter set
+        changed (``__model__``, new or replaced tensors) restart their chain too: the next
+        theta frame names them in ``info["chain_break"]`` and the server does not difference
+        its first row with the rows before (interval SED took the switched layer's +-theta for
+        an update). Not for sharded models, whose captures are collective."""
         if self.sharded or not self.layout.may_have_changed():
             return
         layers = self.layout.changed()
@@ -223,7 +228,7 @@ class Capture:
             return
         self.flush_updates()
         self.flush_theta()
-        self.layout.set_layers(layers)
+        self._chain_breaks |= self.layout.relayout(layers)
         self._prev, self._prev_step = None, None
         self.stats.incr("layout_changes")
         self.errors.note(
@@ -567,13 +572,20 @@ class Capture:
         }
 
     def _emit_rows(
-        self, kind: wire.FrameKind, rows: list[Rows], steps: list[int], off_cadence: bool = False
+        self,
+        kind: wire.FrameKind,
+        rows: list[Rows],
+        steps: list[int],
+        off_cadence: bool = False,
+        chain_break: list[str] | None = None,
     ) -> None:
         """One frame of ``rows`` (one per step): a ``(steps, d)`` CPU tensor per row name, after
         one device-to-host copy that the training thread does not wait for (see _overlap)."""
         info = self._sketch_info(steps)
         if off_cadence:
             info["off_cadence"] = True
+        if chain_break:
+            info["chain_break"] = chain_break
         first = rows[0]
         if isinstance(first, dict):  # exact mode
             dicts = [r for r in rows if isinstance(r, dict)]
@@ -612,12 +624,19 @@ class Capture:
         session, off the ``theta_every`` grid (step 1, or a resumed run's first step): it gives
         ``norm.update_ratio`` from the first step, and its ``info["off_cadence"]`` keeps it out
         of interval SED, whose window is the grid's (an extra checkpoint split its intervals
-        and left ~11 windows incomplete)."""
+        and left ~11 windows incomplete).
+
+        The first on-grid frame after a layout change names the rows whose chain restarts
+        (``info["chain_break"]``, see :meth:`_check_layout`); an off-cadence frame, which interval
+        SED skips, leaves them to the next one."""
         if not self._theta_rows:
             return
         rows, steps = self._theta_rows, self._theta_steps
         self._theta_rows, self._theta_steps = [], []
-        self._emit_rows(wire.FrameKind.PARAM_SKETCH, rows, steps, off_cadence)
+        breaks = None
+        if self._chain_breaks and not off_cadence:
+            breaks, self._chain_breaks = sorted(self._chain_breaks), set()
+        self._emit_rows(wire.FrameKind.PARAM_SKETCH, rows, steps, off_cadence, breaks)
 
     # -- weights and probe --------------------------------------------------------------------
 

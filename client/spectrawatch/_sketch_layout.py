@@ -106,6 +106,21 @@ class SketchLayout:
         self.layer_info = {name: {"numel": p.numel(), "shape": list(p.shape)} for name, p in layers}
         self._set_row_groups(layers)
 
+    def relayout(self, layers: list[tuple[str, nn.Parameter]]) -> set[str]:
+        """Apply ``layers`` (:meth:`set_layers`); return the row names whose theta sketches are
+        not comparable with the rows of the same name before: ``__model__`` (a sum over another
+        set), a parameter new to the rows or another one under its name (replaced, resized),
+        and every row where either layout groups its rows (a group's members may differ)."""
+        before = {name: (ident, shape) for name, ident, shape in self._layout}
+        grouped = self._groups is not None
+        self.set_layers(layers)
+        if grouped or self._groups is not None:
+            return set(self.row_names)
+        changed = {
+            name for name, ident, shape in self._layout if before.get(name) != (ident, shape)
+        }
+        return {*changed, MODEL_KEY}
+
     def _set_row_groups(self, layers: list[tuple[str, nn.Parameter]]) -> None:
         """Rows per module prefix when the trained tensors (plus ``__model__``) are more than a
         frame carries (:mod:`spectrawatch._row_groups`); exact mode sends every tensor."""

@@ -184,6 +184,41 @@ def test_the_first_step_sends_theta_at_once() -> None:
     assert off.of(wire.FrameKind.PARAM_SKETCH) == []
 
 
+def test_a_layout_change_restarts_the_theta_chain_of_the_rows_it_changed() -> None:
+    """The first on-grid theta frame after a layer is frozen or unfrozen names the rows whose
+    chain restarts in ``info["chain_break"]``: ``__model__`` (a sum over another set) and the
+    layers that joined; the server does not difference that row with the rows before. Before
+    the fix nothing said so and interval SED took the switched layer's theta for an update."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(model, opt, sink, theta_every=2, frame_steps=100)
+    assert cap.wait_index(30)
+    train(model, opt, 3)  # theta at 1 (off the grid) and 2
+    model[0].weight.requires_grad_(False)
+    train(model, opt, 3)  # 4, 6
+    model[0].weight.requires_grad_(True)
+    train(model, opt, 2)  # 8
+    cap.finish()
+    breaks = {
+        f.info["steps"][0]: f.info.get("chain_break") for f in sink.of(wire.FrameKind.PARAM_SKETCH)
+    }
+    assert breaks == {1: None, 2: None, 4: [MODEL_KEY], 6: None, 8: ["0.weight", MODEL_KEY]}
+    # a change before a session's first theta (a lazy layer's first forward): that frame is off
+    # the grid, skipped by interval SED, so the next one names the rows
+    torch.manual_seed(0)
+    lazy = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.LazyLinear(3))
+    opt = torch.optim.SGD(lazy.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(lazy, opt, sink, theta_every=2, frame_steps=100)
+    train(lazy, opt, 4)
+    cap.finish()
+    breaks = {
+        f.info["steps"][0]: f.info.get("chain_break") for f in sink.of(wire.FrameKind.PARAM_SKETCH)
+    }
+    assert breaks == {1: None, 2: ["2.bias", "2.weight", MODEL_KEY], 4: None}
+
+
 def test_amp_skipped_steps_are_not_captured() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

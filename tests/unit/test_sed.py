@@ -537,6 +537,133 @@ def test_an_off_cadence_theta_frame_is_not_an_interval_checkpoint() -> None:
     assert spectral_edge_dynamics(extra, FakeContext(frames[:11])).metrics == []
 
 
+def test_interval_deltas_leave_out_the_displacements_across_a_break() -> None:
+    theta = torch.arange(10.0, dtype=torch.float64).reshape(5, 2).square()
+    steps = [0, 10, 20, 30, 40]
+    deltas, ends = sed.interval_deltas(theta, steps, [20])
+    assert ends == [10, 30, 40]
+    assert torch.equal(deltas, (theta[1:] - theta[:-1])[[0, 2, 3]])
+    assert sed.interval_deltas(theta, steps, [25, 40])[1] == [10, 20]  # (20, 30] holds 25
+    assert sed.interval_deltas(theta, steps, [0, 50])[1] == [10, 20, 30, 40]
+
+
+def test_a_chain_break_leaves_the_displacement_across_it_out() -> None:
+    """A theta frame naming ``__model__`` in ``info["chain_break"]`` (a layer frozen before it:
+    the model row sums over another set from then on) is not differenced with the row before:
+    the windows over that slot are computed without it and flagged incomplete, as at a run's
+    start, and a layer it does not name keeps its chain. Differenced, the frozen layer's theta
+    was taken for an update (gap ratio ~150 instead of ~1.2 in the audit's freeze control)."""
+    g = torch.Generator().manual_seed(8)
+    walk = torch.cumsum(torch.randn(20, 400, generator=g, dtype=torch.float64), dim=0)
+    left = 50.0 * torch.randn(400, generator=g, dtype=torch.float64)  # the frozen layer's theta
+    model = walk + torch.where(torch.arange(20)[:, None] < 8, left, 0.0)
+    steps = [100 * i for i in range(20)]
+    frames = [
+        _frame(
+            FrameKind.PARAM_SKETCH,
+            [s],
+            {"a": walk[i : i + 1], MODEL_LAYER: model[i : i + 1]},
+            seq=i,
+            **({"chain_break": [MODEL_LAYER]} if s == 800 else {}),
+        )
+        for i, s in enumerate(steps)
+    ]
+    gap, flag = sed.interval_key(sed.GAP_RATIO), sed.interval_key(sed.INCOMPLETE)
+    got: dict[tuple[str, str], dict[int, float]] = {}
+    for i in range(9, 20):
+        result = spectral_edge_dynamics(frames[i], FakeContext(frames[:i]))
+        for key in itertools.product((gap, flag), ("a", MODEL_LAYER)):
+            got.setdefault(key, {}).update(_values(result, *key))
+    deltas = walk[1:] - walk[:-1]
+    kept = [i for i in range(19) if steps[i + 1] != 800]
+    want = sed.rolling_sed(deltas[kept], [steps[i + 1] for i in kept], 10, step_interval=100)
+    want_model = {w.step: w for w in want if w.step >= 900}
+    assert got[gap, MODEL_LAYER] == pytest.approx({s: w.gap_ratio for s, w in want_model.items()})
+    assert got[flag, MODEL_LAYER] == {s: float(s < 1800) for s in range(900, 2000, 100)}
+    whole = {w.step: w.gap_ratio for w in sed.interval_sed(walk, steps, 10) if w.step >= 900}
+    assert got[gap, "a"] == pytest.approx(whole)
+    assert got[flag, "a"] == dict.fromkeys(range(1000, 2000, 100), 0.0) | {900: 1.0}
+
+
+def _theta_frames(freeze: str) -> list[DecodedFrame]:
+    """The audit's freeze control: the middle layer of a 3-layer MLP stops moving after step
+    12, by ``requires_grad_(False)`` or by its group's lr set to 0 (the same parameters in
+    both); its theta frames (every 5 steps) through the wire, as the worker decodes them."""
+    from spectrawatch import wire
+    from spectrawatch._capture import Capture
+    from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
+    from spectrawatch.config import ClientSettings
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )  # fmt: skip
+    big = [net[2].weight, net[2].bias]
+    rest = [p for n, p in net.named_parameters() if not n.startswith("2.")]
+    opt = torch.optim.SGD([{"params": big}, {"params": rest}], lr=0.05)
+    sent: list[FrameItem] = []
+    settings = ClientSettings.from_env(
+        {}, weights_every=0, activations_every=0, theta_every=5, frame_steps=100
+    )
+    stats = ClientStats()
+    cap = Capture(net, opt, settings, sent.append, lambda _: None, ErrorLog(stats), stats)
+    assert cap.wait_index(30)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 81):
+        if step == 13 and freeze == "requires_grad":
+            for p in big:
+                p.requires_grad_(False)
+        elif step == 13:
+            opt.param_groups[0]["lr"] = 0.0
+        x, y = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    cap.finish()
+    out = []
+    for i, item in enumerate(f for f in sent if f.kind is wire.FrameKind.PARAM_SKETCH):
+        body = wire.encode_frame(item.kind, item.step, i, item.tensors, item.info)
+        header, tensors = wire.decode_frame(body)
+        out.append(DecodedFrame(1, i + 1, header, tensors, torch.device("cpu")))
+    return out
+
+
+def _interval_model_series(frames: list[DecodedFrame]) -> dict[str, dict[int, float]]:
+    """``__model__``'s ``sed.interval.*`` series, each frame analysed after the earlier ones with
+    their stored results (as the worker does: phases continue the stored gap series)."""
+    stored: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for i, frame in enumerate(frames):
+        for m in spectral_edge_dynamics(frame, StubHistory(frames[:i], stored)).metrics:
+            if m.step is not None and m.name.startswith(sed.INTERVAL_PREFIX):
+                stored.setdefault((m.name, m.layer), []).append((m.step, m.value))
+    return {name: dict(points) for (name, layer), points in stored.items() if layer == MODEL_LAYER}
+
+
+def test_interval_sed_across_a_frozen_layer_equals_the_lr0_control() -> None:
+    """The audit's freeze control end to end (client capture, wire, analysis): a layer frozen by
+    ``requires_grad_(False)`` after step 12 gives the interval SED of the same training with
+    that layer's lr at 0 instead, at every step where both windows are complete; the windows
+    over the change are incomplete, never a spike. Before the fix the first theta after the
+    change was differenced with the one before: gap ratio 150-160 against 1.15-1.25, signal
+    rank 1 against 4-9, and a collapse phase at steps 75-80."""
+    frozen = _interval_model_series(_theta_frames("requires_grad"))
+    control = _interval_model_series(_theta_frames("lr0"))
+    gap, rank, phase, flag = (
+        sed.interval_key(name)
+        for name in (sed.GAP_RATIO, sed.SIGNAL_RANK, sed.PHASE, sed.INCOMPLETE)
+    )
+    assert max(frozen[gap].values()) < 2 * max(control[gap].values())
+    assert 3.0 not in frozen[phase].values()
+    complete = [s for s in frozen[flag] if frozen[flag][s] == 0 and control[flag].get(s) == 0]
+    assert complete == [65, 70, 75, 80]  # windows (t - 50, t] clear of the change at step 15
+    for key in (gap, rank, phase):
+        assert {s: frozen[key][s] for s in complete} == pytest.approx(
+            {s: control[key][s] for s in complete}, rel=1e-9
+        )
+    assert all(frozen[flag][s] == 1.0 for s in frozen[flag] if s < 65)
+
+
 def test_grokking_score_uses_training_series_only() -> None:
     rows = _planted(10, 50, (1.0,), 0.1, seed=5).float()
     frame = _frame(FrameKind.UPDATE_SKETCH, list(range(2000, 2010)), {"w": rows}, seq=0)

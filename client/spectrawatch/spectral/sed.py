@@ -14,6 +14,7 @@ paper's checkpoint-interval displacements θ_t - θ_{t-Δ}, obtained by differen
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Iterable, Sequence
@@ -472,17 +473,38 @@ def multi_window_sed(
 
 
 def interval_deltas(
-    theta_rows: torch.Tensor, steps: Sequence[int]
+    theta_rows: torch.Tensor, steps: Sequence[int], breaks: Iterable[int] = ()
 ) -> tuple[torch.Tensor, list[int]]:
     """Checkpoint-interval displacements from θ sketches ``(N, d)`` (float64) at ``steps``.
 
     Row i of the result is sketch(θ_{t_i+1}) - sketch(θ_{t_i}) = sketch(θ_{t_i+1} - θ_{t_i}) (the
     count-sketch is linear), labelled with its end step t_i+1. Differenced in float64.
+    ``breaks``: steps where the θ chain restarts (the sketched parameter set changed before
+    them: a layer frozen or unfrozen); a displacement whose interval (t_i, t_i+1] holds one is
+    left out, its two sketches being of different parameters, so the windows over it count
+    the missing slot as at a run's start.
     """
     if theta_rows.ndim != 2 or theta_rows.shape[0] != len(steps):
         raise ValueError(f"rows {tuple(theta_rows.shape)} do not match {len(steps)} steps")
     th = theta_rows.to(torch.float64)
-    return th[1:] - th[:-1], [int(s) for s in steps[1:]]
+    deltas, ends = th[1:] - th[:-1], [int(s) for s in steps[1:]]
+    cuts = sorted(set(breaks))
+    if not cuts:
+        return deltas, ends
+    keep = [
+        i
+        for i, (start, end) in enumerate(zip(steps[:-1], ends, strict=True))
+        if not _holds_step(cuts, int(start), end)
+    ]
+    if len(keep) == len(ends):
+        return deltas, ends
+    return deltas[keep], [ends[i] for i in keep]
+
+
+def _holds_step(cuts: Sequence[int], start: int, end: int) -> bool:
+    """Whether a step of the sorted ``cuts`` lies in (start, end]."""
+    i = bisect.bisect_right(cuts, start)
+    return i < len(cuts) and cuts[i] <= end
 
 
 def interval_sed(
@@ -492,15 +514,19 @@ def interval_sed(
     *,
     at: Sequence[int] | None = None,
     energy: float = 0.95,
+    breaks: Iterable[int] = (),
 ) -> list[WindowSED]:
     """The paper's SED: uncentred window of the last ``window`` checkpoint displacements.
 
     A missing checkpoint makes one displacement span two intervals; that window is computed on
-    the displacements present and counts the missing slot (``n_rows < window``).
+    the displacements present and counts the missing slot (``n_rows < window``). So does one
+    left out across a restart of the θ chain (``breaks``, see :func:`interval_deltas`).
     """
     if len(steps) < 2:
         return []
-    deltas, ends = interval_deltas(theta_rows, steps)
+    deltas, ends = interval_deltas(theta_rows, steps, breaks)
+    if not ends:
+        return []
     return rolling_sed(
         deltas, ends, window, at=at, step_interval=min_step_gap(steps), energy=energy
     )

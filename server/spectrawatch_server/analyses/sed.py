@@ -2,7 +2,8 @@
 
 ``sed`` runs on ``update_sketch`` frames (per-step updates; windows 16/32/64 by default, or
 ``info["sed"]["windows"]``) and on ``param_sketch`` frames (theta sketches, differenced into the
-SED paper's checkpoint-interval displacements; W = 10, keys ``sed.interval.*``). The trailing
+SED paper's checkpoint-interval displacements; W = 10, keys ``sed.interval.*``; a displacement
+across a restart of a row's θ chain, ``info["chain_break"]``, is left out). The trailing
 window is assembled from earlier frames of the same kind (``context.recent_frames``), in step
 order whatever order frames arrived in; a window with missing steps is computed on the rows
 present and flagged with ``sed.incomplete.w<W> = 1``. Per layer and for the whole model
@@ -175,6 +176,17 @@ def _off_cadence(frame: DecodedFrame) -> bool:
     return frame.header.info.get("off_cadence") is True
 
 
+def _chain_breaks(frames: Sequence[DecodedFrame], layer: str) -> list[int]:
+    """Steps where ``layer``'s θ chain restarts: the first row of each theta frame whose
+    ``info["chain_break"]`` names it (the client's trained parameters changed before it: its
+    rows are not differenced with earlier ones)."""
+    return [
+        f.row_steps[0]
+        for f in frames
+        if isinstance(names := f.header.info.get("chain_break"), list) and layer in names
+    ]
+
+
 @register("sed", [FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH])
 def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     """SED metrics for the steps of this frame, per layer and ``__model__``, every window."""
@@ -209,7 +221,9 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
         if interval:
             if len(all_steps) < 2:
                 continue
-            rows, ends = sed.interval_deltas(rows, all_steps)
+            rows, ends = sed.interval_deltas(rows, all_steps, _chain_breaks(frames, layer))
+            if not ends:
+                continue
             key = _Group(layer == MODEL_LAYER, sed.min_step_gap(all_steps), tuple(ends), ())
         else:  # rows every `every` steps; denser older rows (a raised cadence): the last W
             key = _Group(layer == MODEL_LAYER, every if every > 1 else 0, tuple(all_steps), owners)
