@@ -554,7 +554,7 @@ class Capture:
             self._prev_step = n
 
     def _sketch_info(self, steps: list[int]) -> dict[str, Any]:
-        return {
+        info: dict[str, Any] = {
             "steps": steps,
             "sketch": {
                 "dim": self.spec.dim,
@@ -568,8 +568,10 @@ class Capture:
             "exact": self.s.exact,
             "model_sketch": "concat" if self.s.exact else "sum_of_layers",
             "update": "per_step" if self.optimizer is not None else "since_previous_row",
-            "update_every": self.update_every,
         }
+        if self.update_every > 0:  # 0: update sketches off (theta only); the wire wants >= 1
+            info["update_every"] = self.update_every
+        return info
 
     def _emit_rows(
         self,

@@ -184,6 +184,25 @@ def test_the_first_step_sends_theta_at_once() -> None:
     assert off.of(wire.FrameKind.PARAM_SKETCH) == []
 
 
+def test_theta_only_frames_pass_the_wire_check() -> None:
+    """``update_every=0`` (theta sketches only): the frames leave ``info.update_every`` out
+    instead of sending 0, which the server's frame check refuses (422, every frame lost)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Sink()
+    cap, _ = make_capture(model, opt, sink, update_every=0, theta_every=2, theta_frame_steps=2)
+    train(model, opt, 6)
+    cap.finish()
+    assert sink.of(wire.FrameKind.UPDATE_SKETCH) == []
+    theta = sink.of(wire.FrameKind.PARAM_SKETCH)
+    assert theta
+    for frame in theta:
+        assert "update_every" not in frame.info
+        data = wire.encode_frame(frame.kind, frame.step, 1, frame.tensors, frame.info)
+        header, _ = wire.decode_frame(data)
+        wire.validate_layout(header)  # raises FrameError where the server answers 422
+
+
 def test_a_layout_change_restarts_the_theta_chain_of_the_rows_it_changed() -> None:
     """The first on-grid theta frame after a layer is frozen or unfrozen names the rows whose
     chain restarts in ``info["chain_break"]``: ``__model__`` (a sum over another set) and the
