@@ -1,6 +1,7 @@
-"""Weight snapshots: every >= 2-D parameter of the model as a 2-D matrix, sent in frames of
-bounded size and tensor count, each weight in ``weights_dtype`` unless that would turn its
-finite entries into Inf."""
+"""Weight snapshots: every 2-D parameter and 4-D conv kernel of the model as a 2-D matrix, sent
+in frames of bounded size and tensor count, each weight in ``weights_dtype`` unless that would
+turn its finite entries into Inf. Other weights (3-D, 5-D) are not sent: the frames name
+them with the reason (``info["skipped"]``), which the server shows on their layer pages."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ from spectrawatch.config import ClientSettings
 _MAX_TENSORS = wire.FrameLimits().max_tensors  # per frame: the server refuses more (default)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float64: "float64", **{v: k for k, v in _DTYPES.items()}}
+
+
+def skip_reason(p: torch.Tensor) -> str | None:
+    """Why the >= 2-D weight ``p`` is left out of snapshots, or None to send it.
+
+    The server analyses 2-D matrices and 4-D conv kernels only, as ``spectrawatch analyze`` and
+    WeightWatcher do, with the same reason for the others: a 3-D MoE expert stack
+    ``(E, d_in, d_out)`` flattened to ``(E, d_in * d_out)`` gave an alpha from ``E`` eigenvalues
+    and a spectral norm no expert has; a Conv1d ``(out, in, k)`` or Conv3d kernel likewise."""
+    if p.dim() not in (2, 4):
+        return f"{p.dim()}-D tensor"
+    return None
 
 
 def _host_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,8 +80,10 @@ class WeightSnapshots:
 
     @torch.no_grad()
     def capture_weights(self, n: int) -> None:
-        """All >= 2-D parameters as 2-D matrices (conv ``(out, in*kh*kw)``), split into frames
-        of at most ``max_frame_bytes`` and of at most the server's default tensor count."""
+        """All 2-D and 4-D parameters as 2-D matrices (conv ``(out, in*kh*kw)``), split into
+        frames of at most ``max_frame_bytes`` (a larger matrix travels alone in its frame) and of
+        at most the server's default tensor count; the first frame names the weights left out
+        (:func:`skip_reason`)."""
         if self._last_weights_step == n:
             return
         self._last_weights_step = n
@@ -79,6 +94,7 @@ class WeightSnapshots:
         size = 0
         parts = 0
         head = self.s.output_layer or output_layer(self.model)
+        skipped = self._skipped()
 
         def emit() -> None:
             nonlocal part, shapes, size, parts
@@ -92,6 +108,8 @@ class WeightSnapshots:
                 }
                 if head in part:
                     info["output_layer"] = head
+                if skipped and parts == 0:
+                    info["skipped"] = skipped
                 wider = {k: v for k, v in widened.items() if k in part}
                 if wider:
                     info["widened"] = wider
@@ -119,7 +137,7 @@ class WeightSnapshots:
 
         failed: Exception | None = None
         for name, p in self.model.named_parameters():
-            if is_lazy(p) or p.dim() < 2 or p.numel() == 0:  # lazy: no shape before a forward
+            if not _snapshotted(p) or name in skipped:
                 continue
             if p.is_complex():  # a real cast would drop the imaginary part without a word
                 self.errors.record("weights", TypeError(f"complex parameter {name} not sent"))
@@ -134,3 +152,26 @@ class WeightSnapshots:
         if failed is not None:
             raise failed
         emit()
+
+    def _skipped(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"shape", "reason"}}`` of the weights a snapshot leaves out (logged once)."""
+        skipped: dict[str, dict[str, Any]] = {}
+        for name, p in self.model.named_parameters():
+            reason = skip_reason(p) if _snapshotted(p) else None
+            if reason is not None:
+                skipped[name] = {"shape": list(p.shape), "reason": reason}
+        if skipped:
+            listed = [f"{k} ({v['reason']})" for k, v in skipped.items()]
+            more = f" and {len(listed) - 5} more" if len(listed) > 5 else ""
+            self.errors.note(
+                "weights skipped",
+                f"weights not in snapshots: {', '.join(listed[:5])}{more}; only 2-D matrices "
+                "and 4-D conv kernels are analysed (their layer pages say why)",
+            )
+        return skipped
+
+
+def _snapshotted(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a weight that snapshots consider (>= 2-D, not empty, not lazy: a lazy
+    parameter has no shape before the first forward)."""
+    return not is_lazy(p) and p.dim() >= 2 and p.numel() > 0

@@ -21,6 +21,7 @@ from spectrawatch.config import ClientSettings
 from spectrawatch.sketch import SketchSpec, count_sketch, hash_coordinates
 from spectrawatch.spectral import grokking as gk
 from spectrawatch.spectral.grokking import COMMUTATOR_DEFECT, GRADIENT_COHERENCE
+from spectrawatch.spectral.htsr import analyze_model
 
 
 class Sink:
@@ -355,6 +356,58 @@ def test_weights_frames_reshape_skip_1d_dtype_and_split() -> None:
     assert all(f.compress and f.step == 7 for f in frames)
     body = wire.encode_frame(frames[0].kind, 7, 0, frames[0].tensors, frames[0].info)
     wire.decode_frame(body)  # valid on the wire
+
+
+class ThreeD(nn.Module):
+    """A mixture-of-experts stack ``(E, d_in, d_out)``, Conv1d and Conv3d kernels next to a
+    Conv2d kernel and a matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.experts = nn.Parameter(torch.randn(4, 8, 16))
+        self.conv1d = nn.Conv1d(3, 5, 3)
+        self.conv3d = nn.Conv3d(2, 3, 2)
+        self.conv2d = nn.Conv2d(2, 6, 3)
+        self.fc = nn.Linear(8, 10)
+
+
+def test_weights_of_3d_and_5d_tensors_are_named_as_skipped_not_sent_flattened(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 3-D expert stack (8, 64, 128) went flattened to (8, 8192): an alpha from 8 eigenvalues
+    and a spectral norm of 11.6 where no expert's exceeds 2.4. Like ``spectrawatch analyze``,
+    snapshots hold 2-D and 4-D weights only and name the others with the same reason."""
+    model = ThreeD()
+    sink = Sink()
+    cap, stats = make_capture(model, None, sink, max_frame_bytes=600)
+    with caplog.at_level("WARNING", logger="spectrawatch"):
+        cap.capture_weights(10)
+        cap.capture_weights(20)
+    frames = sink.of(wire.FrameKind.WEIGHTS)
+    assert {f.step for f in frames} == {10, 20}
+    for step in (10, 20):
+        parts = [f for f in frames if f.step == step]
+        assert len(parts) == 2  # split: the 2-D/4-D weights as before
+        assert {n for f in parts for n in f.tensors} == {"conv2d.weight", "fc.weight"}
+        got = {n: t for f in parts for n, t in f.tensors.items()}
+        assert got["conv2d.weight"].shape == (6, 18)
+        assert got["fc.weight"].shape == (10, 8)
+        assert parts[0].info["skipped"] == {
+            "experts": {"shape": [4, 8, 16], "reason": "3-D tensor"},
+            "conv1d.weight": {"shape": [5, 3, 3], "reason": "3-D tensor"},
+            "conv3d.weight": {"shape": [3, 2, 2, 2, 2], "reason": "5-D tensor"},
+        }
+        assert "skipped" not in parts[1].info
+        first = parts[0]
+        wire.decode_frame(wire.encode_frame(first.kind, step, 0, first.tensors, first.info))
+    offline = analyze_model(model.state_dict())  # what `spectrawatch analyze` says of them
+    sent = parts[0].info["skipped"]
+    assert {s.layer: s.reason for s in offline.skipped if s.layer in sent} == {
+        k: v["reason"] for k, v in sent.items()
+    }
+    assert stats.get("errors") == 0
+    assert len([r for r in caplog.records if "weights not in snapshots" in r.message]) == 1
 
 
 @pytest.mark.parametrize("weights_dtype", ["float16", "bfloat16"])

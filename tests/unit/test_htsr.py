@@ -431,6 +431,33 @@ def test_cuda_matches_cpu() -> None:
             assert d.values()[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
+def test_weights_the_client_left_out_get_a_skip_record_not_metrics() -> None:
+    """A 3-D expert stack or Conv1d kernel the client names in ``info["skipped"]`` (instead of
+    sending it flattened, which gave an alpha from E eigenvalues) gets a spectrum record saying
+    why, as a layer skipped here does; malformed entries and names of sent tensors are ignored."""
+    w = torch.randn(64, 32, generator=_gen(16))
+    skipped = {
+        "moe.w_in": {"shape": [8, 64, 128], "reason": "3-D tensor"},
+        "conv3d.weight": {"shape": [4, 2, 3, 3, 3], "reason": "5-D tensor"},
+        "fc.weight": {"shape": [64, 32], "reason": "3-D tensor"},  # sent: its metrics stand
+        "bad.reason": {"shape": [2, 2, 2], "reason": 3},
+        "bad\x00name": {"shape": [2, 2, 2], "reason": "3-D tensor"},
+        "odd.shape": {"shape": "x", "reason": "3-D tensor"},
+    }
+    result = heavy_tail_metrics(_frame({"fc.weight": w}, {"skipped": skipped}), StubHistory())
+    spectra = {s.layer: s.payload for s in result.spectra}
+    expected = {"analysis": "htsr", "shape": [8, 64, 128], "skipped": "3-D tensor"}
+    assert spectra["moe.w_in"] == expected
+    assert spectra["conv3d.weight"]["skipped"] == "5-D tensor"
+    assert spectra["odd.shape"] == {"analysis": "htsr", "shape": [], "skipped": "3-D tensor"}
+    assert "plain" in spectra["fc.weight"]
+    assert set(spectra) == {"moe.w_in", "conv3d.weight", "odd.shape", "fc.weight"}
+    assert {m.layer for m in result.metrics} == {"fc.weight"}
+    for info in ({"skipped": None}, {"skipped": [1]}, {}):
+        frame = _frame({"fc.weight": w}, info)
+        assert [s.layer for s in heavy_tail_metrics(frame, StubHistory()).spectra] == ["fc.weight"]
+
+
 def test_restore_shapes_ignores_malformed_entries() -> None:
     from spectrawatch_server.analyses.htsr import restore_shapes
 

@@ -11,7 +11,9 @@ ESD behind the traps, for the drill-down plots.
 Conv kernels arrive flattened to 2-D; when ``info["shapes"][layer]`` gives the original 4-D
 shape, the matrix is restored to it so that WeightWatcher's per-kernel-position slicing applies.
 A frame whose ``info["traps"]`` is ``false`` (client setting ``weights_traps``) gets no
-correlation traps.
+correlation traps. The weights the client left out of the snapshot (3-D and 5-D tensors, which
+``spectrawatch analyze`` skips too), named in ``info["skipped"]`` as ``{layer: {"shape",
+"reason"}}``, get a spectrum record that says why, as the layers skipped here do.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from spectrawatch.spectral.htsr import (
     summarize_layers,
     traps_payload,
 )
-from spectrawatch.wire import FrameKind
+from spectrawatch.wire import LAYER_MAX, FrameKind
 from spectrawatch_server.analyses.norms import shared_singular_values
 from spectrawatch_server.analyses.registry import (
     AnalysisContext,
@@ -42,6 +44,9 @@ from spectrawatch_server.analyses.registry import (
 
 SHAPES_INFO_KEY = "shapes"  # frame info: {layer: original shape} for reshaped conv kernels
 TRAPS_INFO_KEY = "traps"  # frame info: false when the run turned correlation traps off
+SKIPPED_INFO_KEY = "skipped"  # frame info: {layer: {"shape", "reason"}} the client did not send
+_REASON_MAX = 200  # characters of a client's skip reason kept
+_SHAPE_MAX = 16  # dimensions of a skipped weight's shape kept
 
 
 def restore_shapes(tensors: Mapping[str, torch.Tensor], shapes: object) -> dict[str, torch.Tensor]:
@@ -60,6 +65,36 @@ def restore_shapes(tensors: Mapping[str, torch.Tensor], shapes: object) -> dict[
         ):
             out[layer] = t.reshape(shape)
     return out
+
+
+def client_skipped(frame: DecodedFrame) -> list[SpectrumRecord]:
+    """Spectrum records for the weights the client left out of the snapshot and named in
+    ``info["skipped"]``; malformed entries, and names of tensors the frame holds, are ignored."""
+    skipped = frame.header.info.get(SKIPPED_INFO_KEY)
+    if not isinstance(skipped, Mapping):
+        return []
+    records = []
+    for layer, entry in skipped.items():
+        if (
+            not isinstance(layer, str)
+            or not 0 < len(layer) <= LAYER_MAX
+            or not layer.isprintable()
+            or layer in frame.tensors
+            or not isinstance(entry, Mapping)
+        ):
+            continue
+        reason, shape = entry.get("reason"), entry.get("shape")
+        if not isinstance(reason, str) or not reason.strip() or not reason.isprintable():
+            continue
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= _SHAPE_MAX
+            and all(isinstance(s, int) and 0 <= s < 2**63 for s in shape)
+        ):
+            shape = []
+        payload = {"analysis": "htsr", "shape": shape, "skipped": reason[:_REASON_MAX]}
+        records.append(SpectrumRecord(layer, payload))
+    return records
 
 
 def _summary(layers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -112,6 +147,7 @@ def heavy_tail_metrics(frame: DecodedFrame, context: AnalysisContext) -> Analysi
                 {"analysis": "htsr", "shape": list(skipped.shape), "skipped": skipped.reason},
             )
         )
+    result.spectra.extend(client_skipped(frame))
     return result  # the whole-model means come from _summary over every part of the snapshot
 
 
