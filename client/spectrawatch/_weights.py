@@ -1,6 +1,6 @@
 """Weight snapshots: every 2-D parameter and 4-D conv kernel of the model as a 2-D matrix, sent
 in frames of bounded size and tensor count, each weight in ``weights_dtype`` unless that would
-turn its finite entries into Inf. Other weights (3-D, 5-D) are not sent: the frames name
+turn its finite entries into Inf. Other weights (3-D, 5-D, complex) are not sent: the frames name
 them with the reason (``info["skipped"]``), which the server shows on their layer pages."""
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ def skip_reason(p: torch.Tensor) -> str | None:
     The server analyses 2-D matrices and 4-D conv kernels only, as ``spectrawatch analyze`` and
     WeightWatcher do, with the same reason for the others: a 3-D MoE expert stack
     ``(E, d_in, d_out)`` flattened to ``(E, d_in * d_out)`` gave an alpha from ``E`` eigenvalues
-    and a spectral norm no expert has; a Conv1d ``(out, in, k)`` or Conv3d kernel likewise."""
+    and a spectral norm no expert has; a Conv1d ``(out, in, k)`` or Conv3d kernel likewise. A
+    complex weight would lose its imaginary part in a real cast."""
+    if p.is_complex():
+        return "complex parameter"
     if p.dim() not in (2, 4):
         return f"{p.dim()}-D tensor"
     return None
@@ -139,9 +142,6 @@ class WeightSnapshots:
         for name, p in self.model.named_parameters():
             if not _snapshotted(p) or name in skipped:
                 continue
-            if p.is_complex():  # a real cast would drop the imaginary part without a word
-                self.errors.record("weights", TypeError(f"complex parameter {name} not sent"))
-                continue
             full = _shards.full_tensor(p.detach())  # sharded: every rank joins the gather
             if not self.emits or failed is not None:
                 continue  # after a failure of this rank's own work: still join the gathers
@@ -165,8 +165,8 @@ class WeightSnapshots:
             more = f" and {len(listed) - 5} more" if len(listed) > 5 else ""
             self.errors.note(
                 "weights skipped",
-                f"weights not in snapshots: {', '.join(listed[:5])}{more}; only 2-D matrices "
-                "and 4-D conv kernels are analysed (their layer pages say why)",
+                f"weights not in snapshots: {', '.join(listed[:5])}{more}; only real 2-D "
+                "matrices and 4-D conv kernels are analysed (their layer pages say why)",
             )
         return skipped
 
