@@ -1,7 +1,9 @@
 """Weight snapshots: every 2-D parameter and 4-D conv kernel of the model as a 2-D matrix, sent
 in frames of bounded size and tensor count, each weight in ``weights_dtype`` unless that would
-turn its finite entries into Inf. Other weights (3-D, 5-D, complex) are not sent: the frames name
-them with the reason (``info["skipped"]``), which the server shows on their layer pages."""
+turn its finite entries into Inf. A frozen weight (``requires_grad`` False) is sent in the first
+snapshot and again only when it changes (:func:`frozen_state`). Other weights (3-D, 5-D,
+complex) are not sent: the frames name them with the reason (``info["skipped"]``), which the
+server shows on their layer pages."""
 
 from __future__ import annotations
 
@@ -36,6 +38,17 @@ def skip_reason(p: torch.Tensor) -> str | None:
     if p.dim() not in (2, 4):
         return f"{p.dim()}-D tensor"
     return None
+
+
+def frozen_state(p: torch.Tensor) -> tuple[object, ...]:
+    """What must stay equal for a frozen weight ``p`` to count as unchanged since it was sent:
+    the same tensor object, shape and dtype, and no in-place write (its version counter, which
+    ``copy_``, ``load_state_dict`` and optimizer steps bump); on an unsharded weight also the
+    same storage (``p.data = ...`` replaces it). A sharded weight leaves its storage address out:
+    it is rank-local, and every rank must take the same decision (each joins the gather of what
+    is sent). Writes through ``p.data`` go unseen (``weights_frozen_every`` sends every time)."""
+    storage = None if _shards.is_sharded(p) else p.data_ptr()
+    return id(p), p._version, tuple(p.shape), p.dtype, storage
 
 
 def _host_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -80,13 +93,14 @@ class WeightSnapshots:
         self.stats = stats
         self.emits = emits  # False: a non-zero rank, which joins the gathers and sends nothing
         self._last_weights_step: int | None = None
+        self._frozen_sent: dict[str, tuple[object, ...]] = {}  # by name: frozen_state when sent
 
     @torch.no_grad()
     def capture_weights(self, n: int) -> None:
         """All 2-D and 4-D parameters as 2-D matrices (conv ``(out, in*kh*kw)``), split into
         frames of at most ``max_frame_bytes`` (a larger matrix travels alone in its frame) and of
         at most the server's default tensor count; the first frame names the weights left out
-        (:func:`skip_reason`)."""
+        (:func:`skip_reason`). Frozen weights unchanged since sent are left out unnamed."""
         if self._last_weights_step == n:
             return
         self._last_weights_step = n
@@ -140,7 +154,7 @@ class WeightSnapshots:
 
         failed: Exception | None = None
         for name, p in self.model.named_parameters():
-            if not _snapshotted(p) or name in skipped:
+            if not _snapshotted(p) or name in skipped or self._sent_as_is(name, p):
                 continue
             full = _shards.full_tensor(p.detach())  # sharded: every rank joins the gather
             if not self.emits or failed is not None:
@@ -152,6 +166,19 @@ class WeightSnapshots:
         if failed is not None:
             raise failed
         emit()
+
+    def _sent_as_is(self, name: str, p: torch.Tensor) -> bool:
+        """Whether ``p`` is a frozen weight sent already and unchanged since (then it is left
+        out: its metrics would repeat); remembers it otherwise. Not for trainable weights, nor
+        with ``weights_frozen_every``. A weight frozen later goes once more, as it is then."""
+        if p.requires_grad or self.s.weights_frozen_every:
+            self._frozen_sent.pop(name, None)
+            return False
+        state = frozen_state(p)
+        if self._frozen_sent.get(name) == state:
+            return True
+        self._frozen_sent[name] = state
+        return False
 
     def _skipped(self) -> dict[str, dict[str, Any]]:
         """``{name: {"shape", "reason"}}`` of the weights a snapshot leaves out (logged once)."""

@@ -84,6 +84,9 @@ class ClientSettings:
     # the server computes correlation traps on the snapshots (one more eigendecomposition per
     # layer; off for very large models whose weight frames take the worker long)
     weights_traps: bool = True
+    # frozen weights (requires_grad False) go in the first snapshot and again only when they
+    # change (replaced or written in place); True: in every snapshot
+    weights_frozen_every: bool = False
     activations_every: int = 250
     max_activation_hidden: int = 4096  # default probe modules: Linear/Conv with <= this width
     defect_every: int = 100

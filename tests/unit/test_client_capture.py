@@ -410,6 +410,46 @@ def test_weights_of_3d_and_5d_tensors_are_named_as_skipped_not_sent_flattened(
     assert len([r for r in caplog.records if "weights not in snapshots" in r.message]) == 1
 
 
+def test_frozen_weights_are_sent_once_and_again_only_when_they_change() -> None:
+    """A LoRA run re-sent its frozen base in every snapshot (~87 % of the weight bytes) though
+    its metrics never change: a frozen weight goes in the first snapshot, and again when it is
+    written in place, replaced, or frozen after training; a trainable one every time."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"base": nn.Linear(16, 32), "lora": nn.Linear(16, 4, bias=False)})
+    model["base"].requires_grad_(False)
+    sink = Sink()
+    cap, stats = make_capture(model, None, sink)
+
+    def sent(step: int) -> set[str]:
+        cap.capture_weights(step)
+        return {n for f in sink.of(wire.FrameKind.WEIGHTS) if f.step == step for n in f.tensors}
+
+    assert sent(1) == {"base.weight", "lora.weight"}
+    assert sent(2) == {"lora.weight"}
+    with torch.no_grad():
+        model["base"].weight.add_(1.0)  # in place: its version counter moves
+    assert sent(3) == {"base.weight", "lora.weight"}
+    assert sent(4) == {"lora.weight"}
+    model["base"].weight.data = torch.zeros(32, 16)  # replaced storage
+    assert sent(5) == {"base.weight", "lora.weight"}
+    model["base"].weight.requires_grad_(True)  # trainable: every snapshot
+    assert sent(6) == sent(7) == {"base.weight", "lora.weight"}
+    model["base"].weight.requires_grad_(False)  # frozen after training: once more, then not
+    assert sent(8) == {"base.weight", "lora.weight"}
+    assert sent(9) == {"lora.weight"}
+    assert stats.get("errors") == 0
+
+    every = Sink()
+    cap, _ = make_capture(model, None, every, weights_frozen_every=True)
+    cap.capture_weights(1)
+    cap.capture_weights(2)
+    assert [sorted(f.tensors) for f in every.of(wire.FrameKind.WEIGHTS)] == [
+        ["base.weight", "lora.weight"]
+    ] * 2
+    env = ClientSettings.from_env({"SPECTRAWATCH_WEIGHTS_FROZEN_EVERY": "1"})
+    assert env.weights_frozen_every is True
+
+
 @pytest.mark.parametrize("weights_dtype", ["float16", "bfloat16"])
 def test_weights_beyond_the_dtypes_range_are_sent_in_float32(
     weights_dtype: str, caplog: pytest.LogCaptureFixture
