@@ -670,7 +670,10 @@ class Sender:
                 if self._refused_role(exc):
                     return False  # not spooled now; a spooled one stays for a write token
                 self.stats.incr("rejected_frames")
-                self.errors.record(f"frame rejected ({meta.get('kind')})", exc)
+                if exc.status == 413 and meta.get("kind") == wire.FrameKind.WEIGHTS.value:
+                    self._weights_too_large(meta, body, exc)
+                else:
+                    self.errors.record(f"frame rejected ({meta.get('kind')})", exc)
                 return True
             except Unavailable as exc:
                 if self._retry_soon(exc, attempt, retries):
@@ -680,6 +683,24 @@ class Sender:
             self.stats.incr("sent_frames")
             return True
         return False
+
+    def _weights_too_large(self, meta: Mapping[str, Any], body: bytes, exc: Rejected) -> None:
+        """Record a weights frame the server refused as too large, naming its layers, its size
+        and the server setting to raise (a weight above ``max_frame_bytes`` travels alone in its
+        frame, which a server with a lower ``MAX_BODY_BYTES`` refuses at every snapshot)."""
+        try:
+            header = wire.read_header(body, meta.get("encoding") == "zstd")
+            names, size = header.names, f"{header.size:,} bytes"
+        except wire.FrameError:  # not expected of a frame this client encoded
+            names, size = [], f"{len(body):,} bytes sent"
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        message = (
+            f"a weights frame of step {meta.get('step')} ({size}; {listed or 'layers unknown'}) "
+            f"was refused: {exc.message}. These weights get no HT-SR or norm metrics at this "
+            "step; raise the server's SPECTRAWATCH_MAX_BODY_BYTES above the frame's size, or "
+            "send the weights smaller (weights_dtype='bfloat16')"
+        )
+        self.errors.record(f"weights too large ({listed})", Rejected(message, exc.status, exc.code))
 
     def _handle_scalars(self, rows: list[dict[str, Any]]) -> None:
         """Post ``rows`` behind whatever the spool holds, spooling them while it holds any: the

@@ -294,6 +294,24 @@ def decompress_frame(
     return header, out
 
 
+def read_header(data: bytes, compressed: bool, limits: FrameLimits | None = None) -> FrameHeader:
+    """The validated header of an encoded frame, zstd-``compressed`` or not, inflating only its
+    prefix and header (what a client says of a frame the server refused)."""
+    if not compressed:
+        return parse_header(data, len(data), limits)
+    prefix = _inflate(data, 8)
+    _check_length(prefix, 8, None)
+    (n,) = struct.unpack("<Q", prefix)
+    limits = limits or FrameLimits()
+    if n > limits.max_header_bytes:
+        raise FrameError(
+            "header_too_large", f"header of {n} bytes exceeds {limits.max_header_bytes}"
+        )
+    head = _inflate(data, 8 + n)
+    _check_length(head, 8 + n, None)
+    return parse_header(head, None, limits)
+
+
 def _inflate(data: bytes, size: int) -> bytes:
     """The first ``size`` bytes (or fewer, if it ends) that zstd ``data`` decodes to."""
     import zstandard

@@ -42,6 +42,7 @@ class FakeServer:
         self.retry_after: str | None = None  # the Retry-After header of those 503s
         self.delay = 0.0
         self.reject_frames = False
+        self.max_body: int | None = None  # a frame body above it answers 413, as the server
         self.runs: dict[tuple[str, str], dict[str, Any]] = {}
         self.frames: dict[str, tuple[wire.FrameHeader, dict[str, torch.Tensor], str | None]] = {}
         self.arrivals: list[str] = []
@@ -94,6 +95,13 @@ class FakeServer:
             if self.reject_frames:
                 return httpx.Response(
                     422, json={"error": {"code": "bad_shape", "message": "tensor 'x' bad"}}
+                )
+            if self.max_body is not None and len(request.content) > self.max_body:
+                message = (
+                    f"body of {len(request.content)} bytes exceeds the limit of {self.max_body}"
+                )
+                return httpx.Response(
+                    413, json={"error": {"code": "too_large", "message": message}}
                 )
             key = request.headers["Idempotency-Key"]
             assert request.headers["Content-Type"] == "application/octet-stream"
@@ -294,6 +302,33 @@ def test_a_long_retry_after_spools_and_keeps_the_client_away(tmp_path: Path) -> 
     assert sender.stats.get("spooled_frames") == 1
     # away for Retry-After capped at backoff_max_s, not the 0.01 s backoff
     assert 1.4 <= posts[1] - posts[0] <= 4.0
+
+
+def test_a_weights_frame_too_large_for_the_server_names_its_layers_and_the_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A weight above ``max_frame_bytes`` travels alone in its frame; a server whose
+    MAX_BODY_BYTES is lower refused it (413) with one generic log line. The log names the
+    layer, the frame's size, the server's limit and the setting to raise."""
+    server = FakeServer()
+    server.max_body = 20_000
+    sender = make_sender(server, settings(tmp_path, retries=3))
+    torch.manual_seed(0)
+    big = {"emb.weight": torch.randn(100, 64)}  # 25.6 kB
+    sender.put_frame(FrameItem(wire.FrameKind.WEIGHTS, 5, big, {"dtype": "float32"}))
+    sender.put_frame(FrameItem(wire.FrameKind.WEIGHTS, 10, big, {}, compress=True))
+    sender.put_frame(weights_item(10))  # small: accepted
+    with caplog.at_level("WARNING", logger="spectrawatch"):
+        assert sender.close(timeout=10)
+    assert server.frame_posts == 3  # refused, not retried
+    assert sender.stats.get("rejected_frames") == 2
+    assert len(sender.spool) == 0
+    (line,) = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert "emb.weight" in line
+    assert "step 5 (25," in line  # the frame's size
+    assert "limit of 20000" in line
+    assert "SPECTRAWATCH_MAX_BODY_BYTES" in line
+    assert "emb.weight" in (sender.stats.last_error or "")
 
 
 def test_rejected_frames_are_counted_not_retried_nor_spooled(tmp_path: Path) -> None:

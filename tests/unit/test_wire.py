@@ -19,6 +19,7 @@ from spectrawatch.wire import (
     encode_frame,
     nonfinite_steps,
     parse_header,
+    read_header,
 )
 
 
@@ -99,6 +100,18 @@ def test_zstd_roundtrip_and_decompression_cap() -> None:
     with pytest.raises(FrameError) as err:
         decompress(b"not zstd at all", 1000)
     assert err.value.code == "bad_encoding"
+
+
+def test_read_header_of_a_plain_or_zstd_frame() -> None:
+    """What the client reads of a frame the server refused: its names and size."""
+    data = weights_frame(a=torch.zeros(300, 200), b=torch.ones(2, 2))
+    for body, compressed in ((data, False), (compress(data), True)):
+        header = read_header(body, compressed)
+        assert header.names == ["a", "b"]
+        assert header.size == len(data)
+        assert header.step == 7
+    with pytest.raises(FrameError):
+        read_header(b"not zstd at all", True)
 
 
 def test_zstd_body_is_read_to_its_end() -> None:
