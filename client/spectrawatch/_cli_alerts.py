@@ -48,6 +48,10 @@ _PARAMS: dict[str, tuple[Callable[[str], Any], str]] = {
     "hysteresis": (_finite_float, "clear only once the value is back inside by this margin"),
     "fire_after": (int, "consecutive points past the limit before the alert opens"),
     "clear_after": (int, "consecutive points back inside before it resolves"),
+    "after_step": (
+        int,
+        "threshold, growth: ignore the points at steps below this (a warm-up; default 0)",
+    ),
     "minutes": (_finite_float, "silence: minutes without data"),
     "layers": (str, "glob on layer names (default *)"),
     "severity": (str, "info, warning or critical"),
@@ -116,7 +120,11 @@ def cmd_ack(args: argparse.Namespace) -> int:
 
 
 def _shown(key: str, value: Any) -> bool:
-    return value is not None and value is not False and value != "*" and key != "kind"
+    """A parameter worth printing: set, not a default that says nothing (``layers: *``,
+    ``after_step: 0``), not the kind (a column of its own)."""
+    if key == "kind" or (key == "after_step" and not value):
+        return False
+    return value is not None and value is not False and value != "*"
 
 
 def cmd_rules(args: argparse.Namespace) -> int:

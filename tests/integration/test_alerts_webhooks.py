@@ -1019,3 +1019,50 @@ def test_rule_on_a_logged_loss_fires_and_resolves_from_a_real_run(
     assert alert["resolved_step"] in phases["reset"]
     assert alert["message"].startswith("loss_high: loss = ")
     assert len(receiver.at(f"/{project}")) == 2  # one delivery each, no retry
+
+
+def test_an_after_step_rule_is_silent_through_the_warm_up(
+    api: httpx.Client,
+    alert_server: ServerProcess,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``alerts set val_acc_low --scalar val_acc --below 0.6 --fire-after 2 --after-step 10``:
+    a run under the client monitor logs a low accuracy from step 0; the rule stays silent
+    through steps 0-9 and opens at step 11, its second low point from step 10 on."""
+    project = "warm-up"
+    assert api.post("/projects", json={"name": project}).status_code in (200, 201)
+    base = ["--url", alert_server.url, "--project", project]
+    argv = ["alerts", "set", "val_acc_low", "--kind", "threshold", "--scalar", "val_acc"]
+    assert (
+        cli_main([*argv, "--below", "0.6", "--fire-after", "2", "--after-step", "10", *base]) == 0
+    )
+    assert cli_main([*argv, "--after-step", "-1", *base]) == 1
+    assert "params.after_step: must be an integer in 0.." in capsys.readouterr().err
+    assert cli_main(["alerts", "rules", *base]) == 0
+    assert '"after_step": 10' in capsys.readouterr().out
+    rules = api.get(f"/dashboards/projects/{project}/alert-rules").json()["rules"]
+    (row,) = [r for r in rules if r["name"] == "val_acc_low"]
+    assert row["condition"] == "scalar val_acc < 0.6 for 2 points from step 10"
+
+    monitor = Monitor(
+        url=alert_server.url, project=project, run="warm-up", spool_dir=str(tmp_path / "spool")
+    )
+
+    def val_acc_alerts() -> list[dict[str, Any]]:
+        assert monitor.wait_idle(timeout=30)
+        alerts = api.get(f"/runs/{monitor.run_id}/alerts").json()
+        return [a for a in alerts if a["rule"] == "val_acc_low"]
+
+    for step in range(10):
+        monitor.log({"val_acc": 0.05 * step}, step=step)
+    assert val_acc_alerts() == []  # ten low points, all in the warm-up
+    monitor.log({"val_acc": 0.5}, step=10)
+    assert val_acc_alerts() == []  # one low point from step 10 on
+    monitor.log({"val_acc": 0.55}, step=11)
+    (alert,) = val_acc_alerts()
+    assert (alert["status"], alert["step"]) == ("open", 11)
+    assert alert["message"] == (
+        "val_acc_low: val_acc = 0.55 (fires < 0.6 for 2 points from step 10)"
+    )
+    assert monitor.finish(timeout=60)

@@ -3,6 +3,7 @@ over a real SQLite database migrated by Alembic (episodes, resolution, outbox ro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -960,3 +961,99 @@ def test_engine_scalar_rules_off_or_absent_cost_one_read(sessions: sessionmaker[
     with sessions() as session:
         (alert,) = alert_store.list_alerts(session, run_id=run_id)
         assert (alert.rule, alert.step, alert.values["value"]) == ("acc_band", 4, 0.95)
+
+
+# --- after_step: a warm-up gate -------------------------------------------------------------
+
+VAL_ACC_LOW = {"kind": "threshold", "scalar": "val_acc", "below": 0.6, "fire_after": 2}
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("custom_one", {**VAL_ACC_LOW, "after_step": -1}),
+        ("custom_one", {**VAL_ACC_LOW, "after_step": 1.5}),
+        ("custom_one", {**VAL_ACC_LOW, "after_step": "500"}),
+        ("custom_one", {**VAL_ACC_LOW, "after_step": True}),
+        ("custom_one", {**VAL_ACC_LOW, "after_step": 2**62 + 1}),
+        ("nonfinite", {"after_step": 100}),  # frames, not a series of points
+        ("run_silent", {"after_step": 100}),
+        ("custom_one", {"kind": "client_drops", "above": 0, "after_step": 1}),
+    ],
+)
+def test_after_step_is_a_step_of_threshold_and_growth_rules(
+    name: str, params: dict[str, object]
+) -> None:
+    base = {r.name: r for r in R.default_rules()}.get(name)
+    with pytest.raises(R.RuleError) as info:
+        R.build_rule(name, params, base=base)
+    assert info.value.field == "after_step"
+
+
+def test_after_step_leaves_out_the_points_before_it() -> None:
+    """``val_acc < 0.6 for 2 points from step 500``: the low accuracies of the warm-up neither
+    fire nor count toward ``fire_after``; a growth rule takes no baseline before it."""
+    rule = R.build_rule("val_acc_low", {**VAL_ACC_LOW, "after_step": 500})
+    assert (rule.after_step, rule.params()["after_step"]) == (500, 500)
+    assert R.build_rule("val_acc_low", VAL_ACC_LOW).after_step == 0  # absent: every step
+    nonfinite = {r.name: r for r in R.default_rules()}["nonfinite"]
+    assert R.build_rule("nonfinite", {"after_step": 0}, base=nonfinite).after_step == 0
+    warmup = [(100, 0.1), (200, 0.2), (400, 0.3), (500, 0.4), (600, 0.5)]
+    assert R.evaluated_points(rule, warmup) == [(500, 0.4), (600, 0.5)]
+    values = [v for _, v in R.evaluated_points(rule, warmup[:4])]
+    assert R.decide_series(rule, False, values) is R.Transition.NONE  # one point from 500 on
+    values = [v for _, v in R.evaluated_points(rule, warmup)]
+    assert R.decide_series(rule, False, values) is R.Transition.OPEN
+    growth = R.build_rule("g", {"kind": "growth", "scalar": "loss", "factor": 3.0})
+    late = dataclasses.replace(growth, after_step=300)
+    points = [(100, 1.0), (200, 1.0), (300, 4.0), (400, 4.5)]
+    assert R.point_states(growth, [v for _, v in points])[2:] == ["fire", "fire"]
+    # from step 300 on the series is 4.0, 4.5: no baseline under the grown value
+    assert R.point_states(late, [v for _, v in R.evaluated_points(late, points)]) == [
+        "hold", "clear",
+    ]  # fmt: skip
+    assert R.describe(rule, "", {"scalar": "val_acc", "value": 0.5}) == (
+        "val_acc_low: val_acc = 0.5 (fires < 0.6 for 2 points from step 500)"
+    )
+
+
+def test_engine_after_step_is_silent_before_its_step(sessions: sessionmaker[Session]) -> None:
+    """A scalar rule and a metric rule with ``after_step``: out of range through the warm-up,
+    no alert; out of range after it, one; ``above_after_in_range`` is armed only by a value in
+    range from ``after_step`` on."""
+    engine = AlertEngine()
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "warmup")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        alert_store.upsert_rule(
+            session, project.id, "val_acc_low", True, {**VAL_ACC_LOW, "after_step": 500}
+        )
+        alert_store.upsert_rule(
+            session, project.id, "alpha_out_of_range", True, {"after_step": 300}
+        )
+        run_id = run.id
+
+    def alerts() -> list[tuple[str, str, int]]:
+        with sessions() as session:
+            rows = alert_store.list_alerts(session, run_id=run_id)
+            return [(a.rule, a.status, a.step) for a in reversed(rows)]
+
+    post_scalars(sessions, engine, run_id, [(s, 0.1) for s in range(0, 500, 100)], name="val_acc")
+    assert alerts() == []  # five points < 0.6, all before step 500
+    post_scalars(sessions, engine, run_id, [(500, 0.2)], name="val_acc")
+    assert alerts() == []  # one point from step 500 on; fire_after is 2
+    post_scalars(sessions, engine, run_id, [(600, 0.3)], name="val_acc")
+    assert alerts() == [("val_acc_low", "open", 600)]
+
+    # alpha: in range at step 100 (before after_step), then above 6: not armed from step 300
+    def analyse(seq: int, alpha: float) -> None:  # a frame at step 100 * seq
+        with sessions.begin() as session:
+            frame = add_frame(session, session.get_one(Run, run_id), seq, {"htsr.alpha": alpha})
+            engine.evaluate(session, frame)
+
+    for seq, alpha in [(1, 1.0), (2, 4.0), (3, 7.0), (4, 7.5)]:
+        analyse(seq, alpha)
+    assert alerts() == [("val_acc_low", "open", 600)]  # 1.0 < 2 at step 100: before 300
+    analyse(5, 4.0)
+    analyse(6, 7.0)
+    assert alerts() == [("val_acc_low", "open", 600), ("alpha_out_of_range", "open", 600)]

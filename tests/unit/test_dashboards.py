@@ -1489,6 +1489,10 @@ def test_rule_condition_says_each_kind_in_words() -> None:
     assert cond({**growth, "metric": None, "scalar": "loss", "fire_after": 1}) == (
         "scalar loss ≥ 10 times the minimum of the previous 10 points"
     )
+    low = {"kind": "threshold", "scalar": "val_acc", "below": 0.6, "fire_after": 5}
+    assert cond({**low, "after_step": 500}) == "scalar val_acc < 0.6 for 5 points from step 500"
+    assert cond({**low, "after_step": 0}) == "scalar val_acc < 0.6 for 5 points"
+    assert cond({**growth, "after_step": 100}).endswith("previous 10 points from step 100")
 
 
 def test_rules_page_lists_a_rule_on_a_logged_scalar(tmp_path: Path) -> None:

@@ -259,6 +259,42 @@ def test_alerts_ack_says_what_it_acknowledged_before_a_failure(
     assert "alert 999: HTTP 404: alert 999 not found (acknowledged before it: 2)" in err
 
 
+def test_alerts_set_and_rules_carry_after_step(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``alerts set --after-step 500`` sends ``params.after_step``; ``alerts rules`` shows it
+    where it is set and leaves out the default 0."""
+    from typing import Any
+
+    from spectrawatch import _cli_alerts
+
+    sent: list[tuple[str, str, Any]] = []
+    rules = [
+        {"name": "val_acc_low", "kind": "threshold", "enabled": True,
+         "params": {"kind": "threshold", "scalar": "val_acc", "below": 0.6, "after_step": 500}},
+        {"name": "nonfinite", "kind": "nonfinite", "enabled": True,
+         "params": {"kind": "nonfinite", "after_step": 0}},
+    ]  # fmt: skip
+
+    def call(args: Any, method: str, path: str, **kwargs: Any) -> Any:
+        sent.append((method, path, kwargs.get("json")))
+        if method == "GET":
+            return rules
+        return {"name": "val_acc_low", "enabled": True, "params": kwargs["json"]["params"]}
+
+    monkeypatch.setattr(_cli_alerts, "call", call)
+    argv = ["alerts", "set", "val_acc_low", "--project", "p", "--kind", "threshold"]
+    assert main([*argv, "--scalar", "val_acc", "--below", "0.6", "--after-step", "500"]) == 0
+    assert sent[0][2] == {
+        "params": {"kind": "threshold", "scalar": "val_acc", "below": 0.6, "after_step": 500}
+    }
+    capsys.readouterr()
+    assert main(["alerts", "rules", "--project", "p"]) == 0
+    val_acc, nonfinite = capsys.readouterr().out.splitlines()
+    assert val_acc.endswith('{"scalar": "val_acc", "below": 0.6, "after_step": 500}')
+    assert nonfinite.endswith("{}")
+
+
 def test_the_command_line_reference_is_the_parsers() -> None:
     """docs/cli.md is rendered from the parser (`make docs`): a new command or option, or a
     changed default or help text, must be regenerated into it; and every argument has a help

@@ -127,7 +127,7 @@ class AlertEngine:
         tails = {n: alert_store.scalar_tail(session, run.id, n, k) for n, k in wanted.items()}
         for rule in specs:
             assert rule.scalar is not None
-            tail = tails[rule.scalar][-rule.history_needed :]
+            tail = R.evaluated_points(rule, tails[rule.scalar])[-rule.history_needed :]
             if tail:
                 self._scalar_rule(session, rule, run, project, tail, open_now)
 
@@ -165,7 +165,7 @@ class AlertEngine:
             return False
         assert rule.scalar is not None
         return not alert_store.scalar_was_within(
-            session, run.id, rule.scalar, rule.below, rule.above
+            session, run.id, rule.scalar, rule.below, rule.above, rule.after_step
         )
 
     def _drops_rule(
@@ -200,7 +200,8 @@ class AlertEngine:
             baseline = (episode.values or {}).get("baseline") if episode is not None else None
             decisions: list[tuple[R.Transition, str, list[tuple[int, float]]]] = []
             for name in sorted(names):
-                tail = tails.get((name, layer), [])[-rule.history_needed :]
+                points = R.evaluated_points(rule, tails.get((name, layer), []))
+                tail = points[-rule.history_needed :]
                 if not tail:
                     continue
                 values = [v for _, v in tail]
@@ -232,10 +233,13 @@ class AlertEngine:
         session: Session, rule: R.RuleSpec, run: Run, name: str, layer: str, value: float
     ) -> bool:
         """An ``above_after_in_range`` rule firing on its upper bound for a series that never
-        was within range (e.g. alpha of a near-random layer since the first snapshot)."""
+        was within range (e.g. alpha of a near-random layer since the first snapshot), from
+        ``after_step`` on."""
         if not rule.above_after_in_range or rule.above is None or not value > rule.above:
             return False
-        return not alert_store.was_within(session, run.id, name, layer, rule.below, rule.above)
+        return not alert_store.was_within(
+            session, run.id, name, layer, rule.below, rule.above, rule.after_step
+        )
 
     @staticmethod
     def _metric_values(

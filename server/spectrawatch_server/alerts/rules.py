@@ -28,7 +28,7 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, Literal
 
-from spectrawatch.wire import LAYER_MAX, NAME_MAX, TEXT_PATTERN
+from spectrawatch.wire import LAYER_MAX, MAX_STEP, NAME_MAX, TEXT_PATTERN
 from spectrawatch_server.analyses.registry import MODEL_LAYER
 
 RuleKind = Literal["threshold", "growth", "nonfinite", "client_drops", "silence"]
@@ -78,6 +78,9 @@ class RuleSpec:
     decided when a batch of it is stored; a NaN/Inf value of it (stored as null) fires.
     ``layers`` is a glob on layer names; ``include_model`` says whether the whole-model series
     (layer ``__model__``, e.g. the mean alpha over layers) is watched too.
+    ``after_step`` (threshold, growth): points at steps below it are not evaluated, as if the
+    series began there (a warm-up: early in training every value is out of range); they are
+    no growth baseline and do not arm ``above_after_in_range`` either.
     ``expires_with_run``: deliveries of this rule's events are dropped once the run ended.
     ``above_after_in_range`` (threshold rules): a value above ``above`` fires only for a series
     that was once within range; a run trained from scratch starts with every layer near-random
@@ -95,6 +98,7 @@ class RuleSpec:
     hysteresis: float = 0.0
     fire_after: int = 1
     clear_after: int = 1
+    after_step: int = 0
     minutes: float | None = None
     layers: str = "*"
     include_model: bool = True
@@ -341,6 +345,17 @@ def _count(params: Mapping[str, Any], key: str, default: int, upper: int) -> int
     return value
 
 
+def _after_step(kind: str, params: Mapping[str, Any]) -> int:
+    """``after_step``: an integer in 0..MAX_STEP; above 0 on threshold and growth rules only
+    (the other kinds watch frames, counters or time, not a series of points)."""
+    value = params.get("after_step", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEP:
+        raise RuleError("after_step", f"must be an integer in 0..{MAX_STEP}, got {value!r}")
+    if value and kind not in METRIC_KINDS:
+        raise RuleError("after_step", f"only {' and '.join(METRIC_KINDS)} rules take after_step")
+    return value
+
+
 def build_rule(
     name: str, params: Mapping[str, Any], *, enabled: bool = True, base: RuleSpec | None = None
 ) -> RuleSpec:
@@ -423,6 +438,7 @@ def build_rule(
         hysteresis=hysteresis,
         fire_after=_count(merged, "fire_after", 1, 1000),
         clear_after=_count(merged, "clear_after", 1, 1000),
+        after_step=_after_step(kind, merged),
         minutes=minutes,
         layers=layers,
         include_model=include_model,
@@ -550,6 +566,14 @@ def _growth_state(rule: RuleSpec, v: float, baseline: float) -> PointState:
     return "hold"
 
 
+def evaluated_points(
+    rule: RuleSpec, points: Sequence[tuple[int, float]]
+) -> list[tuple[int, float]]:
+    """The ``(step, value)`` points of a series (oldest first) that ``rule`` evaluates: those at
+    steps ``>= after_step``. The rest count for nothing (no fire, no clear, no growth baseline)."""
+    return [p for p in points if p[0] >= rule.after_step]
+
+
 def decide(rule: RuleSpec, is_open: bool, states: Sequence[PointState]) -> Transition:
     """Open when the last ``fire_after`` states all fire (no episode open); resolve when the last
     ``clear_after`` all clear (episode open); otherwise nothing changes."""
@@ -670,8 +694,10 @@ def _span(first: Any, last: Any) -> str:
 
 
 def _points(rule: RuleSpec) -> str:
-    """``" for 3 points"`` when a rule needs several points past its limit to fire."""
-    return f" for {rule.fire_after} points" if rule.fire_after > 1 else ""
+    """``" for 3 points"`` when a rule needs several points past its limit to fire, and
+    ``" from step 500"`` when it skips the steps before ``after_step``."""
+    text = f" for {rule.fire_after} points" if rule.fire_after > 1 else ""
+    return text + (f" from step {rule.after_step}" if rule.after_step else "")
 
 
 def describe(rule: RuleSpec, layer: str, values: Mapping[str, Any]) -> str:
@@ -735,6 +761,7 @@ __all__ = [
     "describe",
     "drops_state",
     "effective_rules",
+    "evaluated_points",
     "growth_ratio",
     "is_known_metric",
     "known_metrics",

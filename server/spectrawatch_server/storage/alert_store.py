@@ -101,16 +101,25 @@ def frame_series(session: Session, frame_id: int) -> list[tuple[str, str]]:
 
 
 def was_within(
-    session: Session, run_id: int, name: str, layer: str, low: float | None, high: float
+    session: Session,
+    run_id: int,
+    name: str,
+    layer: str,
+    low: float | None,
+    high: float,
+    since: int = 0,
 ) -> bool:
-    """Whether a run's ``(name, layer)`` series ever had a value in ``[low, high]`` (any step;
-    the ``ix_metric_run_name_layer_step`` index bounds the scan to that series)."""
+    """Whether a run's ``(name, layer)`` series had a value in ``[low, high]`` at a step
+    ``>= since`` (a rule's ``after_step``; the ``ix_metric_run_name_layer_step`` index bounds
+    the scan to that series)."""
     stmt = select(Metric.id).where(
         Metric.run_id == run_id,
         Metric.name == name,
         Metric.layer == layer,
         Metric.value <= high,
     )
+    if since:
+        stmt = stmt.where(Metric.step >= since)
     if low is not None:
         stmt = stmt.where(Metric.value >= low)
     return session.scalar(stmt.limit(1)) is not None
@@ -130,12 +139,15 @@ def scalar_tail(session: Session, run_id: int, name: str, limit: int) -> list[tu
 
 
 def scalar_was_within(
-    session: Session, run_id: int, name: str, low: float | None, high: float
+    session: Session, run_id: int, name: str, low: float | None, high: float, since: int = 0
 ) -> bool:
-    """Whether a run's scalar ever had a value in ``[low, high]`` (:func:`was_within`)."""
+    """Whether a run's scalar had a value in ``[low, high]`` at a step ``>= since``
+    (:func:`was_within`)."""
     stmt = select(Scalar.id).where(
         Scalar.run_id == run_id, Scalar.name == name, Scalar.value <= high
     )
+    if since:
+        stmt = stmt.where(Scalar.step >= since)
     if low is not None:
         stmt = stmt.where(Scalar.value >= low)
     return session.scalar(stmt.limit(1)) is not None

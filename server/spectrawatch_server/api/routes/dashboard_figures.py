@@ -820,7 +820,7 @@ def _number(value: Any) -> str:
 
 def rule_condition(params: dict[str, Any]) -> str:
     """A rule's condition in a few words, from its params (``htsr.alpha < 2 or > 6``,
-    ``scalar val_loss > 2 for 3 points``)."""
+    ``scalar val_loss > 2 for 3 points``, ``scalar val_acc < 0.6 for 5 points from step 500``)."""
     kind = params.get("kind")
     metric = params.get("metric") or "?"
     if params.get("scalar") is not None:
@@ -847,6 +847,8 @@ def rule_condition(params: dict[str, Any]) -> str:
         return ""
     if kind in ("threshold", "growth") and (params.get("fire_after") or 1) > 1:
         text += f" for {params['fire_after']} points"
+    if kind in ("threshold", "growth") and params.get("after_step"):
+        text += f" from step {params['after_step']}"
     if params.get("hysteresis"):
         text += f" (hysteresis {_number(params['hysteresis'])})"
     return text
