@@ -89,9 +89,9 @@ class ClientStats:
             self._c[name] = value
 
     def nonfinite_scalar(self, name: str, step: int, value: float) -> None:
-        """Remember the first step at which scalar ``name`` was NaN/Inf (the value itself is
-        not sent: the server stores finite values), for the dashboards to mark where its line
-        ends; the first :data:`NONFINITE_SCALAR_NAMES` names only."""
+        """Remember the first step at which scalar ``name`` was NaN/Inf and which (the value is
+        sent too, stored as null: the kind is lost there), for the dashboards to mark where its
+        line ends; the first :data:`NONFINITE_SCALAR_NAMES` names only."""
         with self._lock:
             seen = self._nonfinite_scalars.get(name)
             if seen is None and len(self._nonfinite_scalars) >= NONFINITE_SCALAR_NAMES:

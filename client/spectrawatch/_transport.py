@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import email.utils
 import html
+import json
 import math
 import re
 import threading
@@ -296,8 +297,13 @@ class Api:
     def post_scalars(
         self, run_id: int | str, rows: Sequence[Mapping[str, Any]], uid: str | None = None
     ) -> dict[str, Any]:
+        """``[{step, name, value}]``; a NaN/Inf value goes as ``NaN``/``Infinity``/``-Infinity``
+        (Python's JSON, which the server reads and stores as null; httpx's ``json=`` refuses
+        them)."""
+        body = json.dumps(list(rows), separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", **_uid_header(uid)}
         out: dict[str, Any] = self._request(
-            "POST", f"/runs/{run_id}/scalars", json=list(rows), headers=_uid_header(uid)
+            "POST", f"/runs/{run_id}/scalars", content=body, headers=headers
         )
         return out
 

@@ -435,9 +435,11 @@ class Monitor:
         the attached model; with none attached, one step per call from 0).
 
         Non-numeric values and names the server refuses (empty, over 200 characters, control
-        characters) are skipped one by one (counted as errors); NaN/Inf values are skipped too,
-        their first step per name kept in the client stats (``nonfinite_scalars``), logged once;
-        tensors are read with ``float()``. ``train/loss``-style names are fine.
+        characters) are skipped one by one (counted as errors). NaN/Inf values are sent (the
+        server stores them as null, a gap in the chart, and a rule on the scalar fires on
+        them); the first step per name goes in the client stats (``nonfinite_scalars``, where
+        the dashboards mark it), logged once per name. Tensors are read with ``float()``.
+        ``train/loss``-style names are fine.
         """
         if not self._ensure_init():
             return
@@ -468,14 +470,14 @@ class Monitor:
                 except Exception as exc:  # str, complex, meta tensor, 10**400: skip this one
                     self._errors.record(f"log {name!r}", exc)
                     continue
-                if not math.isfinite(v):  # not sent; its first step goes in the client stats
+                if not math.isfinite(v):  # sent; its first step also goes in the client stats
                     # (data, not a client error: a NaN loss made every later step an "error")
                     self.stats.nonfinite_scalar(key, step, v)
                     self._errors.note(
                         f"log {key!r} non-finite",
-                        f"{key} is {v} at step {step}: not sent (client stats: nonfinite_scalars)",
+                        f"{key} is {v} at step {step} (stored as null; client stats: "
+                        "nonfinite_scalars)",
                     )
-                    continue
                 rows.append({"step": step, "name": key, "value": v})
             self._sender.put_scalars(rows)
         except Exception as exc:

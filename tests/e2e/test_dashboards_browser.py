@@ -818,7 +818,7 @@ def test_layers_and_overview_say_what_a_metric_is_and_link_the_docs(
 def test_a_loss_gone_nan_is_marked_where_its_line_ends(
     browser: Any, seeded: Any, tmp_path: Path
 ) -> None:
-    """The client sends no NaN/Inf scalar (the line just ended, unexplained); it reports each
+    """A NaN/Inf scalar is stored as a gap, so its line just stops; the client reports each
     scalar's first non-finite step in its stats, and the overview marks it: a red point named
     "loss: nan from step 20" at the last finite value, and a note on the panel."""
     import spectrawatch

@@ -993,7 +993,7 @@ def test_rule_on_a_logged_loss_fires_and_resolves_from_a_real_run(
             monitor.log({"loss": loss.item()}, step=step)
         assert monitor.wait_idle(timeout=30)  # each phase reaches the server before the next
     assert monitor.finish(timeout=60)
-    # past 100 at 3 steps, then inf and NaN (not sent: the client counts them in its stats)
+    # past 100 at 3 steps, then inf and NaN (sent, stored as null: they fire the rule too)
     high = [s for s, v in losses.items() if math.isfinite(v) and v > 100]
     assert len(high) >= 2, losses
     assert set(high) <= set(phases["blow-up"]), losses
@@ -1066,3 +1066,47 @@ def test_an_after_step_rule_is_silent_through_the_warm_up(
         "val_acc_low: val_acc = 0.55 (fires < 0.6 for 2 points from step 10)"
     )
     assert monitor.finish(timeout=60)
+
+
+def test_a_nan_loss_logged_by_the_monitor_fires_a_loss_rule(
+    api: httpx.Client, alert_server: ServerProcess, tmp_path: Path
+) -> None:
+    """``monitor.log({"loss": nan})`` reaches the server (stored as null): a rule on the loss
+    opens at the first NaN step. The client skipped NaN/Inf, so a loss rule never saw the
+    divergence it watches for. A rule with ``after_step`` 12 skips the NaNs of steps 10-11
+    and opens at 12; the client stats still name the first NaN step for the dashboards."""
+    project = "nan-loss"
+    rules = f"/projects/{project}/alert-rules"
+    assert api.post("/projects", json={"name": project}).status_code in (200, 201)
+    loss_high = {"kind": "threshold", "scalar": "loss", "above": 10.0}
+    assert api.patch(f"{rules}/loss_high", json={"params": loss_high}).status_code == 200
+    late = {**loss_high, "after_step": 12}
+    assert api.patch(f"{rules}/loss_high_late", json={"params": late}).status_code == 200
+    monitor = Monitor(
+        url=alert_server.url, project=project, run="diverged", spool_dir=str(tmp_path / "spool")
+    )
+
+    def loss_alerts() -> dict[str, dict[str, Any]]:
+        assert monitor.wait_idle(timeout=30)
+        alerts = api.get(f"/runs/{monitor.run_id}/alerts").json()
+        return {a["rule"]: a for a in alerts}
+
+    for step in range(10):
+        monitor.log({"loss": 1.0 / (step + 1)}, step=step)
+    assert loss_alerts() == {}
+    for step in range(10, 12):
+        monitor.log({"loss": torch.tensor(float("nan"))}, step=step)
+    alert = loss_alerts()["loss_high"]
+    assert (alert["status"], alert["step"], alert["values"]["value"]) == ("open", 10, None)
+    assert alert["message"] == "loss_high: loss = NaN/Inf (fires > 10)"
+    assert "loss_high_late" not in loss_alerts()  # NaN at steps 10-11: before its step
+    monitor.log({"loss": float("nan")}, step=12)
+    late_alert = loss_alerts()["loss_high_late"]
+    assert (late_alert["status"], late_alert["step"]) == ("open", 12)
+    assert monitor.finish(timeout=60)
+    (series,) = api.get(f"/runs/{monitor.run_id}/scalars", params={"name": "loss"}).json()
+    assert series["steps"] == list(range(13))
+    assert series["values"][10:] == [None, None, None]
+    stats = api.get(f"/runs/{monitor.run_id}").json()["client_stats"]
+    assert stats["nonfinite_scalars"] == {"loss": {"step": 10, "value": "nan"}}
+    assert stats["errors"] == 0

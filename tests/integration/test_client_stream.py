@@ -486,6 +486,9 @@ def test_offline_mode_sends_nothing_until_sync(server: ServerProcess, tmp_path: 
         # the sync delivered
         stats = c.get(f"/runs/{run['id']}").json()["client_stats"]
         assert stats["nonfinite_scalars"] == {"loss": {"step": 16, "value": "nan"}}
+        # the NaN itself went through the spool (stored as null)
+        (loss,) = c.get(f"/runs/{run['id']}/scalars", params={"name": "loss"}).json()
+        assert (loss["steps"][-1], loss["values"][-1]) == (16, None)
         assert stats["spooled_frames"] == kept["spooled_frames"] == len(seqs)
         assert stats["replayed_frames"] == len(seqs)
         assert stats["spooled_pending"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -169,17 +170,34 @@ def test_disabled_mode_sends_nothing(tmp_path: Path) -> None:
     assert server.runs == {}
 
 
-def test_log_skips_bad_values_and_defaults_the_step(tmp_path: Path) -> None:
+def test_log_sends_nan_skips_bad_values_and_defaults_the_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NaN/Inf value is sent (as JSON's ``NaN``/``Infinity``, which the server stores as
+    null): a rule on the scalar sees it. It was skipped, so a loss rule never saw a NaN loss.
+    Its first step per name is in the client stats, and it is logged once per name."""
     server = FakeServer()
     m = spectrawatch.Monitor(transport=server.transport())
     m.init(project="p", run="log", **fast(tmp_path))
     loop(m, 3, probe=False)
     m.log({"nan": float("nan"), "text": "abc", "ok": 2})  # step: the latest optimizer step
+    for step in range(4, 8):  # diverged: NaN at every step, logged once
+        m.log({"nan": float("nan"), "inf": torch.tensor(-math.inf)}, step=step)
     m.finish()
     assert {"step": 3, "name": "ok", "value": 2.0} in server.scalars
-    assert not any(r["name"] in ("nan", "text") for r in server.scalars)
+    assert not any(r["name"] == "text" for r in server.scalars)
+    sent = {(r["step"], r["name"]): r["value"] for r in server.scalars if "n" in r["name"]}
+    assert set(sent) == {(s, "inf") for s in range(4, 8)} | {(s, "nan") for s in range(3, 8)}
+    assert all(math.isnan(v) for (_, n), v in sent.items() if n == "nan")
+    assert all(v == -math.inf for (_, n), v in sent.items() if n == "inf")
     assert m.stats.get("errors") == 1  # the text; a NaN is data, kept in nonfinite_scalars
-    assert m.stats.snapshot()["nonfinite_scalars"] == {"nan": {"step": 3, "value": "nan"}}
+    assert m.stats.snapshot()["nonfinite_scalars"] == {
+        "nan": {"step": 3, "value": "nan"},
+        "inf": {"step": 4, "value": "-inf"},
+    }
+    logged = [r.getMessage() for r in caplog.records if "non" in r.getMessage()]
+    assert len([x for x in logged if x.startswith("spectrawatch: nan is nan")]) == 1, logged
+    assert len([x for x in logged if x.startswith("spectrawatch: inf is -inf")]) == 1, logged
 
 
 def test_env_configures_the_default_monitor(

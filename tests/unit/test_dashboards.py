@@ -1450,7 +1450,7 @@ def test_scalar_onsets_read_the_client_stats_and_skip_other_shapes() -> None:
     mark = fig.scalar_onset_line(line, 20, "nan")
     assert (mark.name, list(mark.x), list(mark.y)) == ("loss: nan from step 20", [20], [0.25])
     note = fig.scalar_onsets_note(fig.scalar_onsets(stats), ["loss", "acc"])
-    assert note.startswith("loss became nan at step 20: the client sends no NaN/Inf value")
+    assert note.startswith("loss became nan at step 20: NaN/Inf values are gaps in a chart")
 
 
 def test_scalar_onsets_note_names_scalars_never_finite_apart() -> None:
@@ -1458,14 +1458,56 @@ def test_scalar_onsets_note_names_scalars_never_finite_apart() -> None:
     value "was" non-finite from its first step (a red line marks it)."""
     onsets = {"loss": (20, "nan"), "aux_loss": (0, "inf")}
     assert fig.scalar_onsets_note(onsets, ["loss"]) == (
-        "loss became nan at step 20: the client sends no NaN/Inf value, so the line ends there"
+        "loss became nan at step 20: NaN/Inf values are gaps in a chart, so the line stops there"
         " (red point)."
     )
     both = fig.scalar_onsets_note(onsets, ["loss", "aux_loss"], drawn={"loss"})
     assert both.startswith("loss became nan at step 20; aux_loss was inf from its first")
-    assert both.endswith("a line ends there (red point) or is not drawn at all (red line).")
+    assert both.endswith("a line stops there (red point) or is not drawn at all (red line).")
     never = fig.scalar_onsets_note(onsets, ["aux_loss"], drawn=set())
     assert never.endswith("so there is no line to draw (red line at that step).")
+
+
+def test_stored_nan_scalars_are_marked_where_they_began(tmp_path: Path) -> None:
+    """The client sends NaN/Inf scalars now (stored as null) beside its ``nonfinite_scalars``:
+    a loss that went NaN at step 20 gets its red point at its last finite value, and a scalar
+    NaN from its first step (nulls only) its red line, not an empty line and a point at 0; on
+    the overview and the compare page. An older run (no rows for the NaN) is marked as before."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, run_webhooks=False)
+    onsets = {"loss": {"step": 20, "value": "nan"}, "aux": {"step": 0, "value": "inf"}}
+    headers = {"content-type": "application/json"}
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        runs = []
+        for name, last in (("now", 30), ("older", 20)):
+            run = client.post("/api/v1/runs", json={"project": "p", "name": name}).json()["id"]
+            rows = [f'{{"step": {s}, "name": "loss", "value": {1 / (s + 1)}}}' for s in range(20)]
+            rows += [f'{{"step": {s}, "name": "loss", "value": NaN}}' for s in range(20, last)]
+            rows += [f'{{"step": {s}, "name": "aux", "value": Infinity}}' for s in range(last - 20)]
+            body = "[" + ",".join(rows) + "]"
+            assert client.post(f"/api/v1/runs/{run}/scalars", content=body, headers=headers)
+            stats = {"nonfinite_scalars": onsets}
+            assert client.post(f"/api/v1/runs/{run}/client-stats", json=stats).status_code == 200
+            runs.append(run)
+        for run in runs:
+            overview = client.get(f"/api/v1/dashboards/runs/{run}/overview").json()
+            drawn = [p for p in overview["panels"] if p["figure"]]
+            traces = {t["meta"]: t for p in drawn for t in p["figure"]["data"]}
+            assert "aux" not in traces  # nothing finite: no empty line
+            point = traces["loss: nan from step 20"]
+            assert (point["x"], point["y"]) == ([20], [pytest.approx(1 / 20)])
+            (aux,) = [p for p in drawn if p.get("note", "").startswith("aux was inf from its")]
+            (shape,) = aux["figure"]["layout"]["shapes"]
+            assert (shape["x0"], shape["line"]["color"]) == (0, fig.NONFINITE_COLOR)
+        params = {"runs": f"{runs[0]},{runs[1]}", "names": "aux"}
+        (aux,) = client.get("/api/v1/dashboards/compare", params=params).json()["panels"]
+        assert [t["meta"] for t in aux["figure"]["data"]] == []
+        assert f"#{runs[0]} now: aux was inf from its first logged step, 0" in aux["note"]
+        assert len(aux["figure"]["layout"]["shapes"]) == 2  # a red line per run
 
 
 def test_scalar_onset_marker_is_a_red_line_with_the_name_escaped() -> None:

@@ -29,7 +29,6 @@ run). Settings come from keyword arguments over ``SPECTRAWATCH_*`` env, as for `
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import sys
 import threading
@@ -112,7 +111,8 @@ def _trainer_callback_base() -> type:
 
 
 def numeric_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
-    """The finite numbers (and 0-d tensors) of a Trainer ``logs`` dict; strings and lists out."""
+    """The numbers (and 0-d tensors) of a Trainer ``logs`` dict; strings and lists out. NaN/Inf
+    stay: :meth:`Monitor.log` sends them (stored as null), so a rule on the loss sees it diverge."""
     out: dict[str, float] = {}
     for name, value in (logs or {}).items():
         if isinstance(value, bool):
@@ -123,8 +123,7 @@ def numeric_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
             v = float(value.item())
         else:
             continue
-        if math.isfinite(v):
-            out[str(name)] = v
+        out[str(name)] = v
     return out
 
 

@@ -68,6 +68,7 @@ from spectrawatch_server.figures.metric_help import load_metric_help as load_met
 from spectrawatch_server.figures.metric_help import parse_metric_docs as parse_metric_docs
 from spectrawatch_server.figures.nonfinite import NONFINITE_COLOR as NONFINITE_COLOR
 from spectrawatch_server.figures.nonfinite import NONFINITE_KINDS as NONFINITE_KINDS
+from spectrawatch_server.figures.nonfinite import drawn_scalars as drawn_scalars
 from spectrawatch_server.figures.nonfinite import nonfinite_marker as nonfinite_marker
 from spectrawatch_server.figures.nonfinite import nonfinite_note as nonfinite_note
 from spectrawatch_server.figures.nonfinite import scalar_onset_line as scalar_onset_line

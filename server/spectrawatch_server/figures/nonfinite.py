@@ -1,6 +1,7 @@
 """Where data went NaN/Inf: the layers' onsets as a sentence and a marker (their series end at
-the last finite frame), and the scalars' onsets (the client sends no NaN/Inf value, only where
-each began) as a red point at a line's end, a red vertical line, or a sentence.
+the last finite frame), and the scalars' onsets (a NaN/Inf value is stored as null, a gap in the
+line; the client reports where each began and which it was) as a red point where a line stops,
+a red vertical line, or a sentence.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def nonfinite_note(
 
 def scalar_onsets(client_stats: Any) -> dict[str, tuple[int, str]]:
     """``{scalar: (first step, "nan"|"inf"|"-inf")}`` from a run's client stats
-    (``nonfinite_scalars``: the client sends no NaN/Inf value, only where each began); entries
-    of another shape are skipped (the stats are the client's JSON)."""
+    (``nonfinite_scalars``: where each began and which it was; the stored values are nulls,
+    and older clients sent none); entries of another shape are skipped (the stats are the
+    client's JSON)."""
     raw = client_stats.get("nonfinite_scalars") if isinstance(client_stats, Mapping) else None
     out: dict[str, tuple[int, str]] = {}
     for name, onset in raw.items() if isinstance(raw, Mapping) else ():
@@ -65,8 +67,8 @@ def scalar_onsets(client_stats: Any) -> dict[str, tuple[int, str]]:
 
 
 def scalar_onset_line(line: Line, step: int, value: str) -> Line:
-    """One red point where scalar ``line`` went non-finite (its line just ends there: the client
-    does not send NaN/Inf), at its last finite value before ``step``; in the legend as
+    """One red point where scalar ``line`` went non-finite (its line stops there: NaN/Inf is
+    stored as a gap), at its last finite value before ``step``; in the legend as
     "loss: nan from step 61" (TensorBoard marks non-finite points on its charts likewise)."""
     before = [y for x, y in zip(line.x, line.y, strict=True) if x <= step and y is not None]
     finite = [y for y in line.y if y is not None]
@@ -76,8 +78,8 @@ def scalar_onset_line(line: Line, step: int, value: str) -> Line:
 
 def scalar_onset_marker(name: str, step: int, value: str) -> Marker:
     """A red vertical line at ``step`` for scalar ``name`` that was non-finite from its first
-    logged step: the client sent no value of it at all, so there is no line whose end a point
-    could mark."""
+    logged step: it has no finite value at all, so there is no line whose end a point could
+    mark."""
     label = f"{name}: {value} from step {step}"
     return Marker(step, plot_text(label, 60), NONFINITE_COLOR, "solid", plot_text(label, 200))
 
@@ -100,12 +102,18 @@ def scalar_onsets_note(
         f"{name} was {value} from its first logged step, {step}" for step, name, value in never
     ]
     if not never:
-        why = "the line ends there (red point)"
+        why = "the line stops there (red point)"
     elif not ended:
         why = "there is no line to draw (red line at that step)"
     else:
-        why = "a line ends there (red point) or is not drawn at all (red line)"
-    return "; ".join(parts) + f": the client sends no NaN/Inf value, so {why}."
+        why = "a line stops there (red point) or is not drawn at all (red line)"
+    return "; ".join(parts) + f": NaN/Inf values are gaps in a chart, so {why}."
+
+
+def drawn_scalars(lines: Mapping[str, Line]) -> set[str]:
+    """The names of ``lines`` with a finite point: a scalar NaN/Inf from its first logged step
+    (all nulls) has no line whose end a red point could mark (a red line marks it instead)."""
+    return {name for name, line in lines.items() if any(y is not None for y in line.y)}
 
 
 def nonfinite_marker(

@@ -291,22 +291,28 @@ def read_overview(
         if group
     }
     scalar_onsets = dash.scalar_onsets(run.client_stats)
-    # a scalar non-finite from its first logged step has no line: its panel still marks it
+    # a scalar non-finite from its first logged step has no line (nulls only, or no rows from
+    # an older client): its panel still marks it
+    drawn = dash.drawn_scalars(scalars)
     claimed = dash.claim_scalars(page.panels, [*scalars, *scalar_onsets])
     panels = []
     for spec in page.panels:
         if spec.kind == "scalars":
             chosen = claimed[spec.id]
-            lines = [scalars[s] for s in chosen if s in scalars]
+            lines = [
+                scalars[s]
+                for s in chosen
+                if s in drawn or (s in scalars and s not in scalar_onsets)
+            ]
             lines += [
                 dash.scalar_onset_line(scalars[s], *scalar_onsets[s])
                 for s in chosen
-                if s in scalar_onsets and s in scalars
+                if s in scalar_onsets and s in drawn
             ]
             never = [
                 dash.scalar_onset_marker(s, *scalar_onsets[s])
                 for s in chosen
-                if s in scalar_onsets and s not in scalars
+                if s in scalar_onsets and s not in drawn
             ]
             fig = dash.line_figure(
                 spec.title,
@@ -318,7 +324,7 @@ def read_overview(
             panel = dash.panel_from(spec, fig)
             if panel.figure is None and never:  # nothing finite at all: the red lines alone
                 panel.figure, panel.empty = _markers_only(fig, never, run.last_step), ""
-            note = dash.scalar_onsets_note(scalar_onsets, chosen, drawn=scalars)
+            note = dash.scalar_onsets_note(scalar_onsets, chosen, drawn=drawn)
             if note and panel.figure is not None:
                 panel.extra["note"] = note
             panel.extra["metrics_help"] = metrics_help(chosen)
@@ -678,6 +684,7 @@ def read_compare(
     ids, left_out = asked[:MAX_COMPARE_RUNS], asked[MAX_COMPARE_RUNS:]
     run_rows = [find_run(session, principal, i) for i in ids]
     scalars = {r.id: scalar_lines(session, r.id, n) for r in run_rows}
+    drawn = {r.id: dash.drawn_scalars(scalars[r.id]) for r in run_rows}
     metrics = {r.id: reads.series_names(session, r.id) for r in run_rows}
     # where each run's scalars (client stats) and layers (frames) went NaN/Inf
     scalar_onsets = {r.id: dash.scalar_onsets(r.client_stats) for r in run_rows}
@@ -740,7 +747,7 @@ def read_compare(
         for r in run_rows:
             label = f"#{r.id} {r.name}"
             onset = scalar_onsets[r.id].get(name)
-            if name in scalars[r.id]:
+            if name in scalars[r.id] and (onset is None or name in drawn[r.id]):
                 ln = scalars[r.id][name]
                 lines.append(dash.Line(label, ln.x, ln.y))
                 if onset is not None:  # a red point where the run's line ends
@@ -769,7 +776,7 @@ def read_compare(
             note = "; ".join(notes)
             if name not in metric_chosen:  # the layers' sentences say why themselves
                 note += (
-                    ": the client sends no NaN/Inf value, so a run's line ends there (red"
+                    ": NaN/Inf values are gaps in a chart, so a run's line stops there (red"
                     " point), or is not drawn at all when it never had a finite one (red line)."
                 )
             panel.extra["note"] = note
