@@ -139,9 +139,10 @@ def test_above_after_in_range_is_a_flag_of_threshold_rules() -> None:
 def test_known_metrics() -> None:
     known = ["htsr.alpha", "farms.alpha", "norm.spectral", "sed.phase.w32"]
     known += ["sed.interval.gap_ratio.w10", "grok.imminent", "eigentrack.change_score"]
+    known += ["subspace.drift", "sed.phase", "grok.evidence.defect"]  # every stored key
     for name in known:
         assert R.is_known_metric(name), name
-    for name in ("htsr.alphaa", "farms.nothing", "loss", "sed.phase.wx"):
+    for name in ("htsr.alphaa", "farms.nothing", "loss", "sed.phase.wx", "sed.interval"):
         assert not R.is_known_metric(name), name
 
 

@@ -68,4 +68,11 @@ def stored_keys() -> list[str]:
     return sorted(keys)
 
 
-__all__ = ["is_stored_key", "stored_keys"]
+def rule_keys() -> frozenset[str]:
+    """The keys an alert rule may name: every stored key, SED ones without their window (a
+    rule on ``sed.phase`` watches each window's series)."""
+    plain, windowed = _kinds()
+    return plain | windowed
+
+
+__all__ = ["is_stored_key", "rule_keys", "stored_keys"]

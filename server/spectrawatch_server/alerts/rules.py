@@ -28,6 +28,7 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, Literal
 
+from spectrawatch.spectral import keys as metric_keys
 from spectrawatch.wire import LAYER_MAX, MAX_STEP, NAME_MAX, TEXT_PATTERN
 from spectrawatch_server.analyses.registry import MODEL_LAYER
 
@@ -281,47 +282,20 @@ def default_rules() -> tuple[RuleSpec, ...]:
 
 # --- metric names ------------------------------------------------------------------------
 
-_SPECTRAL_MODULES = (
-    "norms",
-    "htsr",
-    "farms",
-    "sed",
-    "grokking",
-    "activations",
-    "polar",
-    "conditioning",
-    "manifold",
-)
-_DOTTED = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
-
 
 @lru_cache(maxsize=1)
 def known_metrics() -> frozenset[str]:
-    """Every dotted metric key defined as a constant in ``spectrawatch.spectral`` modules."""
-    keys: set[str] = set()
-    for name in _SPECTRAL_MODULES:
-        try:
-            module = importlib.import_module(f"spectrawatch.spectral.{name}")
-        except ImportError:
-            continue
-        for attr, value in vars(module).items():
-            if attr.isupper() and isinstance(value, str) and _DOTTED.match(value):
-                keys.add(value)
-    for rule in default_rules():
-        if rule.metric is not None:
-            keys.add(rule.metric)
+    """Every metric key the worker stores (:mod:`spectrawatch.spectral.keys`; SED keys without
+    their window), plus the default rules' metrics."""
+    keys = set(metric_keys.rule_keys())
+    keys.update(rule.metric for rule in default_rules() if rule.metric is not None)
     return frozenset(keys)
 
 
 def is_known_metric(name: str) -> bool:
-    """A defined key, its FARMS twin (``farms.alpha``), windowed (``.w32``) or interval variant."""
-    known = known_metrics()
-    base = re.sub(r"\.w\d+$", "", name)
-    if base.startswith("sed.interval."):
-        base = "sed." + base.removeprefix("sed.interval.")
-    if base in known:
-        return True
-    return base.startswith("farms.") and "htsr." + base.removeprefix("farms.") in known
+    """A stored key: a defined one, its FARMS twin (``farms.alpha``), an SED key with or without
+    its window (``sed.phase``, ``sed.phase.w32``), an interval variant, a grokking evidence key."""
+    return name in known_metrics() or metric_keys.is_stored_key(name)
 
 
 # --- building specs from stored parameters --------------------------------------------------
