@@ -319,7 +319,8 @@ def test_line_figure_markers_bands_and_webgl_switch() -> None:
     lines = [
         (s["x0"], s["line"]["color"]) for s in small["layout"]["shapes"] if s["type"] == "line"
     ]
-    assert lines == [(10, "#9467bd"), (25, "#2ca02c"), (30, "#d62728")]
+    assert lines == [(10, fig.EARLY_WARNING_COLOR), (25, fig.CROSSING_COLOR), (30, "#d62728")]
+    assert not {c for _, c in lines} & set(fig.DATA_COLORS)  # marks are no data colour
     labels = [a["text"] for a in small["layout"]["annotations"]]
     assert "early warning (lead +15 steps)" in labels
     rects = [(s["x0"], s["x1"]) for s in small["layout"]["shapes"] if s["type"] == "rect"]
@@ -361,7 +362,7 @@ def test_heatmap_of_values_decades_apart_is_coloured_by_their_log() -> None:
     np.testing.assert_allclose(trace["z"][0], [-4.0, math.log10(2e-3)])
     assert trace["z"][1] == [pytest.approx(math.log10(0.5)), None]
     assert trace["colorbar"]["tickvals"] == [-4, -3, -2, -1, 0]
-    assert trace["colorbar"]["ticktext"][0] == "1e-4"
+    assert trace["colorbar"]["ticktext"][0] == "10<sup>\u22124</sup>"  # 10⁻⁴: the values' units
     assert "%{customdata:.4g}" in trace["hovertemplate"]
     assert "log colour scale" in heat["layout"]["title"]["text"]
     for linear in ([("a", 0, 1.0), ("a", 5, 900.0)], [("a", 0, 0.0), ("a", 5, 1e6)]):
@@ -941,13 +942,17 @@ def test_rounded_keeps_six_significant_digits() -> None:
     assert got == [0.123457, 123457.0, None, None, 0.0, -2.5e-07, 1e300]
 
 
-def test_repeated_alert_rules_are_labelled_once() -> None:
-    alerts = [{"step": s, "rule": "gap_collapse", "severity": "warning"} for s in (3, 5, 9)]
+def test_repeated_alert_rules_are_labelled_once_where_their_labels_would_overlap() -> None:
+    """Only a rule's first alert was labelled; now each is, above the plot area, and a rule's
+    alerts whose labels would overlap share one label that counts them."""
+    alerts = [{"step": s, "rule": "gap_collapse", "severity": "warning"} for s in (3, 5, 90)]
     markers = fig.overview_markers(None, None, "", alerts)
-    assert [m.step for m in markers] == [3, 5, 9]
-    f = fig.line_figure("t", [fig.Line("loss", [0, 10], [1.0, 0.5])], markers=markers)
+    assert [m.step for m in markers] == [3, 5, 90]
+    f = fig.line_figure("t", [fig.Line("loss", [0, 100], [1.0, 0.5])], markers=markers)
     assert len([s for s in f["layout"]["shapes"] if s["type"] == "line"]) == 3
-    assert [a["text"] for a in f["layout"]["annotations"]] == ["\u26a0 gap_collapse"]
+    labels = f["layout"]["annotations"]
+    assert [a["text"] for a in labels] == ["\u26a0 gap_collapse \u00d72", "\u26a0 gap_collapse"]
+    assert {(a["y"], a["yanchor"], a["yref"]) for a in labels} == {(1, "bottom", "paper")}
 
 
 def test_marker_texts_escape_user_names() -> None:

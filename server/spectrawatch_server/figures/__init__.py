@@ -25,10 +25,13 @@ from __future__ import annotations
 
 from spectrawatch_server.figures.alerts import SEVERITY_COLORS as SEVERITY_COLORS
 from spectrawatch_server.figures.alerts import alerts_timeline_figure as alerts_timeline_figure
+from spectrawatch_server.figures.base import DATA_COLORS as DATA_COLORS
+from spectrawatch_server.figures.base import VALUE_AXIS_FORMAT as VALUE_AXIS_FORMAT
 from spectrawatch_server.figures.base import Figure as Figure
 from spectrawatch_server.figures.base import natural_key as natural_key
 from spectrawatch_server.figures.base import plot_text as plot_text
 from spectrawatch_server.figures.base import rounded as rounded
+from spectrawatch_server.figures.base import series_style as series_style
 from spectrawatch_server.figures.configs import ConfigRow as ConfigRow
 from spectrawatch_server.figures.configs import config_keys as config_keys
 from spectrawatch_server.figures.configs import config_rows as config_rows
@@ -36,12 +39,15 @@ from spectrawatch_server.figures.configs import config_text as config_text
 from spectrawatch_server.figures.configs import flatten_config as flatten_config
 from spectrawatch_server.figures.configs import sort_by_config as sort_by_config
 from spectrawatch_server.figures.heatmaps import FEW_STEP_TICKS as FEW_STEP_TICKS
+from spectrawatch_server.figures.heatmaps import LOG_COLOR_METRICS as LOG_COLOR_METRICS
 from spectrawatch_server.figures.heatmaps import LOG_COLOR_SPAN as LOG_COLOR_SPAN
 from spectrawatch_server.figures.heatmaps import TOP_AXIS_LAYERS as TOP_AXIS_LAYERS
 from spectrawatch_server.figures.heatmaps import Grid as Grid
+from spectrawatch_server.figures.heatmaps import band_colorscale as band_colorscale
 from spectrawatch_server.figures.heatmaps import grid_from_rows as grid_from_rows
 from spectrawatch_server.figures.heatmaps import heatmap_click_target as heatmap_click_target
 from spectrawatch_server.figures.heatmaps import heatmap_figure as heatmap_figure
+from spectrawatch_server.figures.heatmaps import uses_log_color as uses_log_color
 from spectrawatch_server.figures.keys import HTSR_GOOD_RANGE as HTSR_GOOD_RANGE
 from spectrawatch_server.figures.keys import MODEL_LAYER as MODEL_LAYER
 from spectrawatch_server.figures.keys import PHASE_PREFIX as PHASE_PREFIX
@@ -56,9 +62,11 @@ from spectrawatch_server.figures.lines import Band as Band
 from spectrawatch_server.figures.lines import Line as Line
 from spectrawatch_server.figures.lines import Marker as Marker
 from spectrawatch_server.figures.lines import envelope_lines as envelope_lines
+from spectrawatch_server.figures.lines import group_by_magnitude as group_by_magnitude
 from spectrawatch_server.figures.lines import line_figure as line_figure
 from spectrawatch_server.figures.lines import series_csv as series_csv
 from spectrawatch_server.figures.lines import thin_lines as thin_lines
+from spectrawatch_server.figures.lines import value_range as value_range
 from spectrawatch_server.figures.metric_help import HEALTHY_RANGES as HEALTHY_RANGES
 from spectrawatch_server.figures.metric_help import MetricHelp as MetricHelp
 from spectrawatch_server.figures.metric_help import find_help as find_help
@@ -75,6 +83,8 @@ from spectrawatch_server.figures.nonfinite import scalar_onset_line as scalar_on
 from spectrawatch_server.figures.nonfinite import scalar_onset_marker as scalar_onset_marker
 from spectrawatch_server.figures.nonfinite import scalar_onsets as scalar_onsets
 from spectrawatch_server.figures.nonfinite import scalar_onsets_note as scalar_onsets_note
+from spectrawatch_server.figures.overview import CROSSING_COLOR as CROSSING_COLOR
+from spectrawatch_server.figures.overview import EARLY_WARNING_COLOR as EARLY_WARNING_COLOR
 from spectrawatch_server.figures.overview import PHASES as PHASES
 from spectrawatch_server.figures.overview import first_at_least as first_at_least
 from spectrawatch_server.figures.overview import overview_markers as overview_markers
@@ -89,6 +99,7 @@ from spectrawatch_server.figures.pages import claim_scalars as claim_scalars
 from spectrawatch_server.figures.pages import match_names as match_names
 from spectrawatch_server.figures.pages import panel_from as panel_from
 from spectrawatch_server.figures.pages import parse_page as parse_page
+from spectrawatch_server.figures.pages import share_step_range as share_step_range
 from spectrawatch_server.figures.spectra import esd_figure as esd_figure
 from spectrawatch_server.figures.spectra import mp_figure as mp_figure
 from spectrawatch_server.figures.spectra import traps_figure as traps_figure

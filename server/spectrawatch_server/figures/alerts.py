@@ -9,11 +9,11 @@ from typing import Any
 
 from spectrawatch_server.figures.base import Figure, _layout, natural_key, plot_text
 
-SEVERITY_COLORS = {
+SEVERITY_COLORS = {  # none of them a data line's colour (figures.base.DATA_COLORS)
     "critical": "#d62728",
     "error": "#d62728",
     "warning": "#ff7f0e",
-    "info": "#1f77b4",
+    "info": "#5f6b7a",
 }
 
 

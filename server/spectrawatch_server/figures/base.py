@@ -57,19 +57,60 @@ def plot_text(text: str, limit: int = 120) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+# Colours of data lines: Plotly's default colorway without its orange and red (and grey),
+# which mark alerts, NaN onsets and the like; a page gives each run, module or metric the
+# colour of its index in the page's list (:func:`series_style`), the same in every chart.
+DATA_COLORS = (
+    "#1f77b4",
+    "#2ca02c",
+    "#9467bd",
+    "#17becf",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#393b79",
+    "#637939",
+    "#7b4173",
+)
+SERIES_DASHES = ("solid", "dot", "dash")  # past the palette: the colours again, dotted...
+
+
+def series_style(index: int) -> tuple[str, str]:
+    """``(colour, dash)`` of the ``index``-th series of a page: :data:`DATA_COLORS` in order,
+    then again dotted, then dashed (one style per series for 30 series)."""
+    n = len(DATA_COLORS)
+    return DATA_COLORS[index % n], SERIES_DASHES[(index // n) % len(SERIES_DASHES)]
+
+
+# A value axis's tick and hover format: powers of ten (``10⁻³``, not SI's ``1m``/``100µ``
+# mixed with decimals), labels at decades only once it is log (the page's toggle too: plotly
+# reads ``minorloglabels`` on log axes only), hover values to 3 significant digits
+VALUE_AXIS_FORMAT: dict[str, Any] = {
+    "exponentformat": "power",
+    "minorloglabels": "none",
+    "hoverformat": ".3~g",
+}
+
+
 def _layout(
     title: str, *, x_title: str = "step", y_title: str = "", log_y: bool = False
 ) -> dict[str, Any]:
+    xaxis: dict[str, Any] = {"title": {"text": plot_text(x_title)}, "zeroline": False}
+    if x_title == "step":  # the unified hover's header says what the number is
+        xaxis["unifiedhovertitle"] = {"text": "step %{x}"}
     return {
         "title": {"text": plot_text(title, 160), "x": 0.01, "font": {"size": 14}},
         "margin": {"l": 60, "r": 20, "t": 40, "b": 45},
-        "xaxis": {"title": {"text": plot_text(x_title)}, "zeroline": False},
+        "xaxis": xaxis,
         "yaxis": {
             "title": {"text": plot_text(y_title)},
             "type": "log" if log_y else "linear",
             "zeroline": False,
+            **VALUE_AXIS_FORMAT,
         },
         "legend": {"orientation": "h", "y": -0.18, "font": {"size": 11}},
+        "colorway": list(DATA_COLORS),
+        "hoverlabel": {"namelength": -1},  # whole names: "#3 mlp-lr1e-2-nan", not "#3 mlp-lr1e-..."
         "hovermode": "x unified",
         "uirevision": title,  # keep zoom/legend state across live refreshes
         "shapes": [],

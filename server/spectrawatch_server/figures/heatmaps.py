@@ -6,6 +6,7 @@ span decades, and a click on a cell going to that layer's drilldown
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,9 +15,13 @@ from urllib.parse import quote, urlencode
 
 from spectrawatch_server.figures.base import Figure, _layout, natural_key, plot_text, rounded
 from spectrawatch_server.figures.lines import Marker
+from spectrawatch_server.figures.metric_help import HEALTHY_RANGES
 
 FEW_STEP_TICKS = 10  # a heatmap of at most this many columns has a tick at each step
 LOG_COLOR_SPAN = 1e3  # a heatmap of positive values spanning this factor is coloured by log10
+LOG_NON_POSITIVE_SHARE = 0.05  # ... with at most this share of its values <= 0
+# ratios and other scale-free metrics: coloured by log10 whenever they have a positive value
+LOG_COLOR_METRICS = ("*update_ratio*", "conditioning.*")
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,12 @@ def heatmap_figure(
     if sampled:
         title += f" (sampled at {len(grid.steps)} steps)"
     values = [v for row in grid.z for v in row if v is not None and math.isfinite(v)]
-    log_color = bool(values) and min(values) > 0 and max(values) >= LOG_COLOR_SPAN * min(values)
+    log_color = uses_log_color(metric, values)
+    band = HEALTHY_RANGES.get(metric)
     if log_color:
         title += " · log colour scale"
+    elif band is not None:
+        title += f" · green: healthy {band[0]:g}-{band[1]:g}"
     # Category y-axis in layer order, first layer at the top.
     # y holds the escaped names (tick labels and hover render HTML), meta the names as stored
     # (for the click-through and the CSV); the metric enters the hover as data, not template
@@ -81,13 +89,17 @@ def heatmap_figure(
         "hoverongaps": False,
     }
     if log_color:  # decades apart (update ratios, condition numbers): colour by log10, while
-        # hover and CSV keep the values (customdata)
-        lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+        # hover and CSV keep the values (customdata); values <= 0 take the lowest colour
+        positive = [v for v in values if v > 0]
+        lo, hi = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
         decades = list(range(lo, hi + 1))
-        heat["z"] = [[_log10(v) for v in row] for row in grid.z]
+        heat["z"] = [[_log10(v, lo) for v in row] for row in grid.z]
+        heat["zmin"], heat["zmax"] = lo, max(hi, lo + 1)
         heat["customdata"] = grid.z
         heat["hovertemplate"] = heat["hovertemplate"].replace("%{z:.4g}", "%{customdata:.4g}")
-        heat["colorbar"].update({"tickvals": decades, "ticktext": [f"1e{k}" for k in decades]})
+        heat["colorbar"].update({"tickvals": decades, "ticktext": [_power(k) for k in decades]})
+    elif band is not None:  # anchored to the healthy range: the same colours whatever the run
+        heat.update(band_colorscale(band[0], band[1]))
     data: list[dict[str, Any]] = [heat]
     layout = _layout(title, y_title="layer")
     layout["hovermode"] = "closest"
@@ -145,8 +157,50 @@ def heatmap_figure(
     return {"data": data, "layout": layout}
 
 
-def _log10(value: float | None) -> float | None:
-    return math.log10(value) if value is not None and math.isfinite(value) and value > 0 else None
+def uses_log_color(metric: str, values: list[float]) -> bool:
+    """Whether a heatmap of ``metric`` (finite ``values``) is coloured by log10: a scale-free
+    metric (:data:`LOG_COLOR_METRICS`) with a positive value, or positive values spanning
+    :data:`LOG_COLOR_SPAN` with at most :data:`LOG_NON_POSITIVE_SHARE` of them <= 0 (an update
+    ratio of 0 at the first step kept 0.06 .. 1e-9 on a linear scale: one colour)."""
+    positive = [v for v in values if v > 0]
+    if not positive:
+        return False
+    if any(fnmatch.fnmatchcase(metric, p) for p in LOG_COLOR_METRICS):
+        return True
+    few_others = len(values) - len(positive) <= LOG_NON_POSITIVE_SHARE * len(values)
+    return few_others and max(positive) >= LOG_COLOR_SPAN * min(positive)
+
+
+BAND_COLORS = ("#b2182b", "#f4a582", "#d9f0d3", "#1b7837", "#d9f0d3", "#92c5de", "#2166ac")
+
+
+def band_colorscale(low: float, high: float) -> dict[str, Any]:
+    """A diverging colour scale anchored to a healthy range ``low``..``high``: greens inside,
+    darkest at its middle; reds below it, blues above, to half the range's width past either
+    end (``zmin``/``zmax``, beyond them the end colours). An alpha heatmap of 2.5-4.2 stretched
+    over Viridis looked alarming; in 2-6 it is green."""
+    width = high - low
+    zmin, zmax = low - width / 2, high + width / 2
+    at_low, at_high = 0.25, 0.75  # low and high on the scale from zmin to zmax
+    eps = 1e-3
+    stops = (0.0, at_low - eps, at_low, 0.5, at_high, at_high + eps, 1.0)
+    return {
+        "zmin": zmin,
+        "zmax": zmax,
+        "colorscale": [[s, c] for s, c in zip(stops, BAND_COLORS, strict=True)],
+    }
+
+
+def _power(k: int) -> str:
+    """``10^k`` as a tick label in the values' own units (``10⁻³``, as the line charts)."""
+    return f"10<sup>{k}</sup>".replace("-", "\u2212")  # a minus sign, as plotly's
+
+
+def _log10(value: float | None, floor: int) -> float | None:
+    """log10 of a finite ``value``; ``floor`` for one <= 0 (the scale's lowest colour)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return math.log10(value) if value > 0 else float(floor)
 
 
 def heatmap_click_target(run_id: int, layer: str, metric: str, step: int | None) -> str:

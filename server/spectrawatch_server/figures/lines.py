@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from spectrawatch_server.figures.base import Figure, _layout, plot_text
+from spectrawatch_server.figures.base import Figure, _layout, plot_text, series_style
 
 WEBGL_POINTS = 20_000  # above this many points in one figure, line traces switch to WebGL
 
@@ -51,7 +51,7 @@ class Marker:
 
     step: int
     label: str
-    color: str = "#d62728"
+    color: str = "#d62728"  # one of MARK_COLORS: no data line has it
     dash: str = "dash"
     hover: str = ""
 
@@ -77,12 +77,21 @@ def line_figure(
     y_band: tuple[float, float] | None = None,
     y_band_label: str = "",
 ) -> Figure:
-    """Lines over steps with optional vertical markers, shaded x-bands and a shaded y-range
-    (labelled ``y_band_label`` at its top left: a healthy range)."""
+    """Lines over steps with optional vertical markers (labelled above the plot area), shaded
+    x-bands (a legend key each) and a shaded y-range (labelled ``y_band_label`` at its top
+    left: a healthy range). A line without a colour takes :func:`series_style` of its index
+    among those (a red NaN point added between them shifts none); a linear axis spans at least
+    :data:`MIN_RELATIVE_SPAN` of the values' size (:func:`value_range`)."""
     total = sum(len(line.x) for line in lines if line.shown)  # hidden lines are not drawn
     trace_type = "scattergl" if total > WEBGL_POINTS else "scatter"
     data = []
+    styled = 0
     for line in lines:
+        color, dash = line.color, line.dash
+        if color is None:
+            color, default_dash = series_style(styled)
+            dash = default_dash if dash == "solid" else dash
+            styled += 1
         trace: dict[str, Any] = {
             "type": trace_type,
             "mode": "lines+markers" if len(line.x) <= 30 else "lines",
@@ -90,11 +99,9 @@ def line_figure(
             "meta": line.name,  # as stored: the CSV download
             "x": list(line.x),
             "y": list(line.y),
-            "line": {"dash": line.dash, "width": 1.6},
+            "line": {"dash": dash, "width": 1.6, "color": color},
             "connectgaps": False,
         }
-        if line.color:
-            trace["line"]["color"] = line.color
         if line.group:
             trace["legendgroup"] = line.group
         if not line.shown:
@@ -107,7 +114,12 @@ def line_figure(
         # a log axis would drop them without a word (losses go negative: NLL of densities, ELBO)
         log_y = False
         title += " · linear axis: values ≤ 0"
+    y_range = None if log_y else value_range(lines)
+    if y_range is not None and y_range == ALL_ZERO_RANGE:
+        title += " · all values 0"
     layout = _layout(title, y_title=y_title, log_y=log_y)
+    if y_range is not None:
+        layout["yaxis"]["range"] = list(y_range)
     for band in bands:
         layout["shapes"].append(
             {
@@ -123,24 +135,7 @@ def line_figure(
                 "layer": "below",
             }
         )
-    seen_bands: set[str] = set()
-    for band in bands:  # one legend-like label per phase kind, at its first span
-        if band.label in seen_bands:
-            continue
-        seen_bands.add(band.label)
-        layout["annotations"].append(
-            {
-                "x": band.start,
-                "y": 1,
-                "xref": "x",
-                "yref": "paper",
-                "text": band.label,
-                "showarrow": False,
-                "xanchor": "left",
-                "yanchor": "top",
-                "font": {"size": 10, "color": "#555"},
-            }
-        )
+    data += band_keys(bands)
     if y_band is not None:
         layout["shapes"].append(
             {
@@ -162,7 +157,6 @@ def line_figure(
                 "textposition": "top left",
                 "font": {"size": 10, "color": "#1f77b4"},
             }
-    labelled = 0
     for m in markers:
         layout["shapes"].append(
             {
@@ -176,25 +170,121 @@ def line_figure(
                 "line": {"color": m.color, "dash": m.dash, "width": 1.5},
             }
         )
-        if not m.label:
+    steps = [int(x) for line in lines for x in line.x] + [m.step for m in markers]
+    rows = marker_labels(layout, markers, (min(steps), max(steps)) if steps else (0, 1))
+    if rows:  # a strip above the plot area, one row of labels each; the title above it
+        layout["margin"]["t"] += LABEL_ROW_PX * rows
+        layout["title"].update(yref="container", y=1, yanchor="top", pad={"t": 10})
+    return {"data": data, "layout": layout}
+
+
+MIN_RELATIVE_SPAN = 0.02  # a linear axis spans at least 2 % of its values' size
+ALL_ZERO_RANGE = (-0.05, 1.0)  # the axis of lines that are all 0: the 0 line at the bottom
+
+
+def value_range(lines: Sequence[Line]) -> tuple[float, float] | None:
+    """The y range of a linear axis over ``lines`` when plotly's own would mislead, else None:
+    every value 0 gives :data:`ALL_ZERO_RANGE` (not -1..1); values spanning less than
+    :data:`MIN_RELATIVE_SPAN` of their midpoint's size get an axis that spans that much
+    centred on them (an effective rank of 9.910-9.916, a 0.06 % change, was a full-height
+    dip)."""
+    values = [
+        y
+        for line in lines
+        if line.shown and not line.fill
+        for y in line.y
+        if y is not None and math.isfinite(y)
+    ]
+    if not values:
+        return None
+    lo, hi = min(values), max(values)
+    if lo == hi == 0:
+        return ALL_ZERO_RANGE
+    mid = (lo + hi) / 2
+    half = MIN_RELATIVE_SPAN / 2 * abs(mid)
+    if hi - lo >= 2 * half:
+        return None
+    return (mid - half, mid + half)
+
+
+LEGEND_SYMBOL_ALPHA = "0.45"  # a band's legend key: its fill, more opaque than the band
+
+
+def band_keys(bands: Sequence[Band]) -> list[dict[str, Any]]:
+    """One legend entry per band label (phase: rise, plateau, collapse) in the band's colour: a
+    key for the shaded x-bands, whose labels in the plot overlapped where bands are short."""
+    keys: dict[str, dict[str, Any]] = {}
+    for band in bands:
+        if band.label in keys:
             continue
-        labelled += 1
-        layout["annotations"].append(
+        color = re.sub(r"[0-9.]+\)$", LEGEND_SYMBOL_ALPHA + ")", band.color)
+        keys[band.label] = {
+            "type": "scatter",
+            "mode": "markers",
+            "name": f"phase: {plot_text(band.label)}",
+            "x": [None],
+            "y": [None],
+            "marker": {"symbol": "square", "size": 12, "color": color},
+            "hoverinfo": "skip",  # no data: left out of hover and the CSV download
+            "legendgroup": "phases",
+        }
+    return list(keys.values())
+
+
+LABEL_ROW_PX = 14  # a row of marker labels above the plot area
+LABEL_ROWS = 3  # rows at most; past them labels share the row that ends first
+LABEL_CHAR_PX = 6.0  # a label's width per character (10 px font), for placing them in rows
+PLOT_PX = 620  # a plot area's width assumed for that (a panel of the two-column layout)
+
+
+def marker_labels(layout: dict[str, Any], markers: Sequence[Marker], span: tuple[int, int]) -> int:
+    """Each labelled marker's label above the plot area (out of the data), in the first of
+    :data:`LABEL_ROWS` rows where it overlaps no other; a label equal to the one it would
+    overlap joins it (``⚠ gap_collapse x3``). Its ``hover`` shows on it. Returns the rows."""
+    per_px = max(1, span[1] - span[0]) / PLOT_PX
+    ends: list[float] = []  # each row's right end, in steps
+    placed: list[dict[str, Any]] = []  # the annotations
+    counts: list[int] = []
+    texts: list[str] = []
+    for m in sorted((m for m in markers if m.label), key=lambda m: m.step):
+        width = (len(m.label) + 3) * LABEL_CHAR_PX * per_px
+        same = [i for i, a in enumerate(placed) if texts[i] == m.label and m.step - a["x"] < width]
+        if same:  # the same label again within a label's width: one label, counted
+            i = same[-1]
+            counts[i] += 1
+            placed[i]["text"] = f"{texts[i]} \u00d7{counts[i]}"  # x3
+            placed[i]["hovertext"] += "<br>" + (m.hover or m.label)
+            continue
+        right = m.step > span[0] + (span[1] - span[0]) * 0.7  # near the right edge: leftwards
+        start, end = (m.step - width, m.step) if right else (m.step, m.step + width)
+        free = [r for r, e in enumerate(ends) if e < start]
+        if free:
+            row = free[0]
+        elif len(ends) < LABEL_ROWS:
+            row = len(ends)
+            ends.append(end)
+        else:
+            row = min(range(len(ends)), key=lambda r: ends[r])
+        ends[row] = end
+        placed.append(
             {
                 "x": m.step,
-                "y": 1 - 0.07 * ((labelled - 1) % 4),
+                "y": 1,
                 "xref": "x",
                 "yref": "paper",
                 "text": m.label,
                 "hovertext": m.hover or m.label,
                 "showarrow": False,
-                "xanchor": "left",
-                "yanchor": "top",
+                "xanchor": "right" if right else "left",
+                "yanchor": "bottom",
+                "yshift": LABEL_ROW_PX * row,
                 "font": {"size": 10, "color": m.color},
-                "bgcolor": "rgba(255,255,255,0.7)",
             }
         )
-    return {"data": data, "layout": layout}
+        counts.append(1)
+        texts.append(m.label)
+    layout["annotations"].extend(placed)
+    return len(ends)
 
 
 ENVELOPE_COLOR = "rgba(120, 120, 120, 0.55)"
@@ -256,3 +346,31 @@ def _has_non_positive(lines: Sequence[Line]) -> bool:
         if line.shown and not line.fill
         for y in line.y
     )
+
+
+MAGNITUDE_FACTOR = 10.0  # lines whose largest values differ more share no chart
+
+
+def group_by_magnitude(lines: Sequence[Line], factor: float = MAGNITUDE_FACTOR) -> list[list[Line]]:
+    """``lines`` in groups of like size (largest |value| within ``factor`` of each other), each
+    group in the lines' order, groups in the order of their first line: one chart per group,
+    so a learning rate of 3e-3 is not a flat line at 0 under a grad norm of 3. A line of no
+    finite value, or of zeros only, joins the first group."""
+    sizes = [_size(line) for line in lines]
+    order = sorted((i for i, s in enumerate(sizes) if s > 0), key=lambda i: sizes[i])
+    group_of: dict[int, int] = {}
+    groups = 0
+    smallest = 0.0
+    for i in order:
+        if not groups or sizes[i] > factor * smallest:
+            groups, smallest = groups + 1, sizes[i]
+        group_of[i] = groups - 1
+    first = group_of[min(group_of)] if group_of else 0  # the group shown first
+    buckets: dict[int, list[int]] = {}
+    for i in range(len(lines)):
+        buckets.setdefault(group_of.get(i, first), []).append(i)
+    return [[lines[i] for i in idx] for idx in sorted(buckets.values())]
+
+
+def _size(line: Line) -> float:
+    return max((abs(y) for y in line.y if y is not None and math.isfinite(y)), default=0.0)

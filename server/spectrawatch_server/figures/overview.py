@@ -14,6 +14,9 @@ from spectrawatch_server.figures.base import plot_text
 from spectrawatch_server.figures.keys import VAL_ACC_THRESHOLD
 from spectrawatch_server.figures.lines import Band, Marker
 
+EARLY_WARNING_COLOR = "#000000"  # marker colours: none is a data line's (base.DATA_COLORS)
+CROSSING_COLOR = "#555555"
+
 # Phase codes of ``sed.phase`` (spectrawatch.spectral.sed.Phase): paper §3 rise/plateau/collapse.
 PHASES: dict[int, tuple[str, str]] = {
     1: ("rise", "rgba(46, 160, 67, 0.13)"),
@@ -67,7 +70,8 @@ def overview_markers(
     warning_hover: str = "",
     threshold: float = VAL_ACC_THRESHOLD,
 ) -> list[Marker]:
-    """Early-warning and val-accuracy markers (with the lead time between them) plus alerts;
+    """Early-warning and val-accuracy markers (with the lead time between them) plus alerts,
+    in colours no data line has;
     ``warning_hover`` (the detector's evidence) is the early-warning marker's hover text,
     ``threshold`` the accuracy the crossing reached (90 for one logged in percent)."""
     out: list[Marker] = []
@@ -76,22 +80,19 @@ def overview_markers(
         if crossing_step is not None:
             lead = f" (lead {crossing_step - warning_step:+d} steps)"
         hover = plot_text(warning_hover, 400)
-        out.append(Marker(warning_step, "early warning" + lead, "#9467bd", "dot", hover))
+        out.append(Marker(warning_step, "early warning" + lead, EARLY_WARNING_COLOR, "dot", hover))
     if crossing_step is not None:
         out.append(
             Marker(
                 crossing_step,
                 f"{plot_text(crossing_name, 60)} ≥ {threshold:g}",
-                "#2ca02c",
+                CROSSING_COLOR,
                 "dash",
             )
         )
-    labelled: set[str] = set()
-    for a in alerts:
-        color = SEVERITY_COLORS.get(str(a.get("severity", "warning")), "#ff7f0e")
-        rule = str(a.get("rule", "alert"))
-        label = "" if rule in labelled else f"⚠ {plot_text(rule, 60)}"  # one per rule
-        labelled.add(rule)
+    for a in alerts:  # each labelled: line_figure joins a rule's labels that would overlap
+        color = SEVERITY_COLORS.get(str(a.get("severity", "warning")), SEVERITY_COLORS["warning"])
+        label = f"⚠ {plot_text(str(a.get('rule', 'alert')), 60)}"
         hover = f"{a.get('rule')} {a.get('layer') or ''}: {a.get('message') or ''}".strip()
         out.append(Marker(int(a["step"]), label, color, "dashdot", plot_text(hover, 400)))
     return out

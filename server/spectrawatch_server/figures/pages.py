@@ -187,3 +187,29 @@ def _trace_has_data(trace: Mapping[str, Any]) -> bool:
     if trace.get("type") == "heatmap":
         return any(v is not None for row in trace.get("z", []) for v in row)
     return any(v is not None for v in trace.get("y", []))
+
+
+def _is_step_chart(figure: Figure) -> bool:
+    layout = figure.get("layout", {})
+    step_axis = layout.get("xaxis", {}).get("title", {}).get("text") == "step"
+    return step_axis and all(t.get("type") != "heatmap" for t in figure.get("data", []))
+
+
+def share_step_range(panels: Sequence[Panel], steps: Iterable[int] = ()) -> tuple[float, float]:
+    """Give every step-axis line chart of ``panels`` one x range: from the first to the last
+    step any of them draws or marks (and ``steps``: the runs' last steps), padded 2 %; so a
+    "non-finite from step 230" line sits at one place on each. Such panels get ``shared_x``
+    (the page links their zoom). Returns the range ((0, 1) when none has a step)."""
+    charts = [(p, p.figure) for p in panels if p.figure is not None and _is_step_chart(p.figure)]
+    xs: list[float] = [int(s) for s in steps]
+    for _, figure in charts:
+        for trace in figure["data"]:
+            xs += [x for x in trace.get("x", []) if isinstance(x, (int, float))]
+        xs += [s["x0"] for s in figure["layout"].get("shapes", []) if s.get("xref") == "x"]
+    lo, hi = (min(xs), max(xs)) if xs else (0, 1)
+    pad = max(0.5, (hi - lo) * 0.02)
+    shared = (lo - pad, hi + pad)
+    for panel, figure in charts:
+        figure["layout"]["xaxis"]["range"] = list(shared)
+        panel.extra["shared_x"] = True
+    return shared

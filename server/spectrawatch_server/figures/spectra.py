@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from spectrawatch_server.figures.base import Figure, _layout
+from spectrawatch_server.figures.base import VALUE_AXIS_FORMAT, Figure, _layout
 
 
 def _num(value: Any) -> float | None:
@@ -66,7 +66,7 @@ def esd_figure(payload: Mapping[str, Any], title: str) -> Figure:
         },
     ]
     layout = _layout(title, x_title="eigenvalue λ", y_title="density", log_y=True)
-    layout["xaxis"]["type"] = "log"
+    layout["xaxis"].update(type="log", **VALUE_AXIS_FORMAT)  # decades in powers of ten
     layout["hovermode"] = "closest"
     fit = payload.get("fit") or {}
     alpha, xmin = _num(fit.get("alpha")), _num(fit.get("xmin"))
@@ -166,7 +166,7 @@ def traps_figure(payload: Mapping[str, Any], title: str) -> Figure:
         },
     ]
     layout = _layout(title, x_title="eigenvalue λ", y_title="density", log_y=True)
-    layout["xaxis"]["type"] = "log"
+    layout["xaxis"].update(type="log", **VALUE_AXIS_FORMAT)  # decades in powers of ten
     layout["hovermode"] = "closest"
     edge = _num(traps.get("bulk_max"))
     n_traps = int(_num(traps.get("num_traps")) or 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -145,19 +146,32 @@ def layer_label(prefix: str = "") -> Callable[[reads.Key], str]:
 
 
 def lines_of(
-    series: reads.Series, name: str, label: str | Callable[[reads.Key], str] | None = None
+    series: reads.Series,
+    name: str,
+    label: str | Callable[[reads.Key], str] | None = None,
+    styles: Mapping[str, int] | None = None,
 ) -> list[dash.Line]:
     """The lines of series ``name`` in ``series`` (one per layer, natural order), each labelled
     ``label`` (a string, or a function of ``(name, layer)``; the layer by default), values
-    rounded for the JSON."""
+    rounded for the JSON; ``styles``: each layer's index in the page's list, whose
+    :func:`~spectrawatch_server.figures.series_style` it takes in every chart."""
     label = label or layer_label()
     keys = sorted((k for k in series if k[0] == name), key=_by_natural_key)
-    return [
-        dash.Line(
-            label if isinstance(label, str) else label(k), series[k][0], dash.rounded(series[k][1])
-        )
-        for k in keys
-    ]
+    out = []
+    for k in keys:
+        text = label if isinstance(label, str) else label(k)
+        line = dash.Line(text, series[k][0], dash.rounded(series[k][1]))
+        if styles is not None and k[1] in styles:
+            color, style = dash.series_style(styles[k[1]])
+            line = replace(line, color=color, dash=style)
+        out.append(line)
+    return out
+
+
+def styled(line: dash.Line, index: int) -> dash.Line:
+    """``line`` in the page's ``index``-th colour and dash (a run's on the compare page)."""
+    color, style = dash.series_style(index)
+    return replace(line, color=color, dash=style)
 
 
 def metric_series(
@@ -290,45 +304,16 @@ def read_overview(
         for at, group in wanted.items()
         if group
     }
-    scalar_onsets = dash.scalar_onsets(run.client_stats)
     # a scalar non-finite from its first logged step has no line (nulls only, or no rows from
-    # an older client): its panel still marks it
-    drawn = dash.drawn_scalars(scalars)
+    # an older client): its panel still marks it (scalar_panels)
+    scalar_onsets = dash.scalar_onsets(run.client_stats)
     claimed = dash.claim_scalars(page.panels, [*scalars, *scalar_onsets])
     panels = []
     for spec in page.panels:
         if spec.kind == "scalars":
-            chosen = claimed[spec.id]
-            lines = [
-                scalars[s]
-                for s in chosen
-                if s in drawn or (s in scalars and s not in scalar_onsets)
-            ]
-            lines += [
-                dash.scalar_onset_line(scalars[s], *scalar_onsets[s])
-                for s in chosen
-                if s in scalar_onsets and s in drawn
-            ]
-            never = [
-                dash.scalar_onset_marker(s, *scalar_onsets[s])
-                for s in chosen
-                if s in scalar_onsets and s not in drawn
-            ]
-            fig = dash.line_figure(
-                spec.title,
-                lines,
-                y_title=spec.y_title,
-                log_y=spec.log_y,
-                markers=[*markers, *never],
+            panels += scalar_panels(
+                spec, claimed[spec.id], scalars, scalar_onsets, markers, run.last_step
             )
-            panel = dash.panel_from(spec, fig)
-            if panel.figure is None and never:  # nothing finite at all: the red lines alone
-                panel.figure, panel.empty = _markers_only(fig, never, run.last_step), ""
-            note = dash.scalar_onsets_note(scalar_onsets, chosen, drawn=drawn)
-            if note and panel.figure is not None:
-                panel.extra["note"] = note
-            panel.extra["metrics_help"] = metrics_help(chosen)
-            panels.append(panel)
         elif spec.kind == "sed":
             at_layer = series.get(layer, {})
             lines = []
@@ -364,8 +349,57 @@ def read_overview(
             panel = dash.panel_from(spec, fig)
             panel.extra["metrics_help"] = metrics_help(matched)
             panels.append(panel)
+    dash.share_step_range(panels, [run.last_step] if run.last_step is not None else [])
     body["panels"] = [p.public() for p in panels]
     return _json(body)
+
+
+def scalar_panels(
+    spec: dash.PanelSpec,
+    chosen: Sequence[str],
+    scalars: Mapping[str, dash.Line],
+    onsets: Mapping[str, tuple[int, str]],
+    markers: Sequence[dash.Marker],
+    last_step: int | None,
+) -> list[dash.Panel]:
+    """The overview's panels of scalars ``chosen`` by ``spec``: one chart per group of like
+    size (:func:`~spectrawatch_server.figures.group_by_magnitude`: a learning rate is not drawn
+    flat under a grad norm), each scalar's red NaN point with its line; a scalar non-finite
+    from its first step (no line) is a red line on the first chart."""
+    drawn = dash.drawn_scalars(scalars)  # with a finite value: a NaN from the start has none
+    visible = [s for s in chosen if s in drawn or (s in scalars and s not in onsets)]
+    never = [
+        dash.scalar_onset_marker(s, *onsets[s]) for s in chosen if s in onsets and s not in drawn
+    ]
+    groups = dash.group_by_magnitude([scalars[s] for s in visible]) or [[]]
+    out = []
+    for k, group in enumerate(groups):
+        names = [line.name for line in group]
+        lines = group + [
+            dash.scalar_onset_line(scalars[s], *onsets[s]) for s in names if s in onsets
+        ]
+        sub = spec
+        if len(groups) > 1:  # the first chart keeps the panel's id (links, tests, CSV name)
+            title = f"{spec.title}: {', '.join(names)}"
+            sub = replace(spec, id=spec.id if k == 0 else f"{spec.id}-{k + 1}", title=title)
+        fig = dash.line_figure(
+            sub.title,
+            lines,
+            y_title=spec.y_title,
+            log_y=spec.log_y,
+            markers=[*markers, *(never if k == 0 else [])],
+        )
+        panel = dash.panel_from(sub, fig)
+        if panel.figure is None and never and k == 0:  # nothing finite: the red lines alone
+            panel.figure, panel.empty = _markers_only(fig, never, last_step), ""
+        # its scalars, and on the first chart those without a line
+        mine = [s for s in chosen if s in names or (k == 0 and s not in visible)]
+        note = dash.scalar_onsets_note(onsets, mine, drawn=drawn)
+        if note and panel.figure is not None:
+            panel.extra["note"] = note
+        panel.extra["metrics_help"] = metrics_help(mine)
+        out.append(panel)
+    return out
 
 
 @api_router.get("/runs/{run_id}/layers")
@@ -448,6 +482,7 @@ def read_layer(
     body["nonfinite_note"] = note
     skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
     skipped_text = f"Layer skipped: {skipped}" if skipped else None
+    metric_styles: dict[str, int] = {}  # each metric's colour: its place on the page
     panels = []
     for spec in page.panels:
         if spec.kind in SPECTRUM_FIGURES:
@@ -463,6 +498,9 @@ def read_layer(
             matched = dash.match_names(names, spec.match)
             series = metric_series(session, run.id, matched, layer, n)
             lines = [ln for name in matched for ln in lines_of(series, name, lambda k: k[0])]
+            lines = [
+                styled(ln, metric_styles.setdefault(ln.name, len(metric_styles))) for ln in lines
+            ]
             healthy = None if spec.kind == "alpha_history" else dash.healthy_band(matched)
             band = dash.HTSR_GOOD_RANGE if spec.kind == "alpha_history" else None
             band = band if healthy is None else healthy[:2]
@@ -471,20 +509,29 @@ def read_layer(
                 line_markers.append(dash.Marker(chosen_row.step, "ESD step", "#555", "dot"))
             if bad is not None:
                 line_markers.append(bad)
-            fig = dash.line_figure(
-                f"{spec.title} · {layer}",
-                lines,
-                y_title=spec.y_title,
-                log_y=spec.log_y,
-                y_band=band,
-                y_band_label="" if healthy is None else "healthy: " + healthy[2],
-                markers=line_markers,
-            )
-            # HT-SR's alphas: none for a layer it skips, which says why as the ESDs do
-            alpha_empty = skipped_text if spec.kind == "alpha_history" else None
-            panel = dash.panel_from(spec, fig, empty=alpha_empty)
-            panel.extra["note"] = note
-            panels.append(panel)
+            # many metrics (the "other metrics"): one chart per group of like size
+            groups = [lines] if spec.kind == "alpha_history" else dash.group_by_magnitude(lines)
+            for k, group in enumerate(groups or [[]]):
+                sub = spec
+                if len(groups) > 1:
+                    names_in = ", ".join(ln.name for ln in group)
+                    sub_id = spec.id if k == 0 else f"{spec.id}-{k + 1}"
+                    sub = replace(spec, id=sub_id, title=f"{spec.title}: {names_in}")
+                fig = dash.line_figure(
+                    f"{sub.title} · {layer}",
+                    group,
+                    y_title=spec.y_title,
+                    log_y=spec.log_y,
+                    y_band=band,
+                    y_band_label="" if healthy is None else "healthy: " + healthy[2],
+                    markers=line_markers,
+                )
+                # HT-SR's alphas: none for a layer it skips, which says why as the ESDs do
+                alpha_empty = skipped_text if spec.kind == "alpha_history" else None
+                panel = dash.panel_from(sub, fig, empty=alpha_empty)
+                panel.extra["note"] = note
+                panels.append(panel)
+    dash.share_step_range(panels, [run.last_step] if run.last_step is not None else [])
     body["panels"] = [p.public() for p in panels]
     heat = _choose(
         [m for m in names if not m.startswith("grok.")], metric, pages()["layers"].preferred
@@ -501,6 +548,14 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
     body = _base(session, run, page)
     names = reads.series_names(session, run.id)
     onsets = reads.nonfinite_onsets(session, run.id)  # modules whose activations went NaN/Inf
+    # each module's colour: its place among every module of the page, the same in each chart
+    layers_of = {
+        m: metric_reads.metric_layers(session, run.id, m)
+        for spec in page.panels
+        for m in dash.match_names(names, spec.match)
+    }
+    every = sorted({la for found in layers_of.values() for la in found}, key=dash.natural_key)
+    styles = {la: i for i, la in enumerate(every)}
     panels = []
     for spec in page.panels:
         matched = dash.match_names(names, spec.match)
@@ -511,7 +566,7 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
         for group in groups:
             # a point budget per figure: 150 modules get 400 points each (min and max of 200
             # buckets), not 1,000; the layers by index seeks
-            count = sum(len(metric_reads.metric_layers(session, run.id, m)) for m in group)
+            count = sum(len(layers_of[m]) for m in group)
             per_line = max(MIN_LINE_POINTS, min(n, ACTIVATION_POINTS // max(1, count)))
             # and a read budget: 150 modules x 5,000 steps read <= 800 steps of each (715)
             per_read = max(per_line, ACTIVATION_READ_POINTS // max(1, count))
@@ -521,7 +576,7 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             lines = []
             for name in group:
                 prefix = "" if len(group) == 1 else f"{name} · "
-                lines += lines_of(series, name, layer_label(prefix))
+                lines += lines_of(series, name, layer_label(prefix), styles)
             title = group[0] if len(group) == 1 else spec.title
             help_text = spec.help
             if decimated:
@@ -555,6 +610,7 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             panel = dash.panel_from(sub, figure)
             panel.extra["note"] = dash.nonfinite_note(onsets, modules)
             panels.append(panel)
+    dash.share_step_range(panels, [run.last_step] if run.last_step is not None else [])
     body["panels"] = [p.public() for p in panels]
     return _json(body)
 
@@ -744,12 +800,12 @@ def read_compare(
         lines = []
         marks: list[dash.Marker] = []
         notes: list[str] = []
-        for r in run_rows:
+        for index, r in enumerate(run_rows):  # a run's colour: its place in the page's list
             label = f"#{r.id} {r.name}"
             onset = scalar_onsets[r.id].get(name)
             if name in scalars[r.id] and (onset is None or name in drawn[r.id]):
                 ln = scalars[r.id][name]
-                lines.append(dash.Line(label, ln.x, ln.y))
+                lines.append(styled(dash.Line(label, ln.x, ln.y), index))
                 if onset is not None:  # a red point where the run's line ends
                     lines.append(dash.scalar_onset_line(dash.Line(label, ln.x, ln.y), *onset))
                     notes.append(f"{label}: {name} became {onset[1]} at step {onset[0]}")
@@ -760,14 +816,14 @@ def read_compare(
                 )
             elif name in metrics[r.id]:
                 series = metric_series(session, r.id, [name], layer_value, n)
-                lines += lines_of(series, name, label)
+                lines += [styled(ln, index) for ln in lines_of(series, name, label)]
                 found = _compare_layer_marker(layer_onsets[r.id], layer_value, r)
                 if found is not None:
                     marks.append(found[0])
                     notes.append(f"{label}: {found[1]}")
         title = name + (f" · {layer_value}" if name in metric_chosen and layer_value else "")
         sub = dash.PanelSpec(f"compare-{name}", title, "compare", empty=spec.empty)
-        fig = dash.line_figure(title, lines, y_title=name, markers=marks)
+        fig = dash.line_figure(title, lines, y_title=name, log_y=log_axis(name), markers=marks)
         panel = dash.panel_from(sub, fig)
         if panel.figure is None and marks:  # nothing finite at all: the red lines alone
             last = max((r.last_step or 0 for r in run_rows), default=0)
@@ -781,10 +837,18 @@ def read_compare(
                 )
             panel.extra["note"] = note
         panels.append(panel)
+    dash.share_step_range(panels, [r.last_step for r in run_rows if r.last_step is not None])
     if not panels:
         panels.append(dash.panel_from(spec, None, empty=None if ids else NO_RUNS_PICKED))
     body["panels"] = [p.public() for p in panels]
     return _json(body)
+
+
+def log_axis(name: str) -> bool:
+    """Whether the compare page draws ``name`` on a log y axis: where the overview or the layer
+    page does (losses, SED gap ratios, update ratios; linear for values <= 0 all the same)."""
+    specs = [*pages()["overview"].panels, *pages()["layer"].panels]
+    return any(spec.log_y and dash.match_names([name], spec.match) for spec in specs)
 
 
 def compare_config(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
