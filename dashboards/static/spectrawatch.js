@@ -139,10 +139,22 @@
   }
   SW.figureCsv = figureCsv;
 
-  var CSV_ICON = { width: 1000, height: 1000, path: "M100 100h800v800h-800z M200 300h600v60h-600z M200 470h600v60h-600z M200 640h600v60h-600z" };
+  // The modebar buttons of our own, as words: a 16 px glyph of a table or of a log curve read
+  // as a grey square and a signal icon. Plotly takes a function returning the icon's node.
+  function textIcon(text) {
+    return function () {
+      var span = document.createElement("span");
+      span.className = "sw-modebar-text";
+      span.textContent = text;
+      span.style.cssText = "display:inline-block;min-width:16px;font:bold 10px/16px sans-serif;" +
+        "color:#506784;text-align:center;letter-spacing:0;vertical-align:top";
+      return span;
+    };
+  }
+  var CSV_ICON = textIcon("CSV");
 
   // a log/linear y axis toggle on line plots; the reader's choice per panel survives refreshes
-  var LOG_ICON = { width: 1000, height: 1000, path: "M100 850h800v60h-800z M150 780h120v70h-120z M350 640h120v210h-120z M550 420h120v430h-120z M750 100h120v750h-120z" };
+  var LOG_ICON = textIcon("log");
   var yAxisChoice = {};
   function isLinePlot(panel) {
     var fig = panel.figure;
@@ -321,8 +333,8 @@
   // as ``smooth`` (the figure API never sees it).
   var SMOOTHED_PAGES = { overview: true, compare: true };
   var SMOOTH_MAX = 0.999;
-  // plotly's default colorway: a raw line and its smoothed twin take the colour the raw line
-  // had (its index in the figure)
+  // a figure's colorway (the server's: plotly's default here): a raw line and its smoothed
+  // twin take the colour the raw line had (the server gives each line its own; else its index)
   var COLORWAY = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                   "#7f7f7f", "#bcbd22", "#17becf"];
 
@@ -359,12 +371,13 @@
 
   // ``data`` with each line drawn twice: the raw one faint behind, the smoothed one in the
   // legend (one legend group: a click hides both). The CSV download skips the smoothed ones.
-  function smoothedData(data, w) {
+  function smoothedData(data, w, colorway) {
     if (!(w > 0)) { return data; }
+    var colors = colorway || COLORWAY;
     var out = [];
     data.forEach(function (t, i) {
       if (!smoothable(t)) { out.push(t); return; }
-      var color = (t.line && t.line.color) || COLORWAY[i % COLORWAY.length];
+      var color = (t.line && t.line.color) || colors[i % colors.length];
       var group = t.legendgroup || "sw-smooth-" + i;
       out.push(Object.assign({}, t, {
         line: Object.assign({}, t.line, { color: color }), opacity: 0.25, showlegend: false,
@@ -483,6 +496,33 @@
       var layer = rawName(gd.data[p.curveNumber] || {}, row);
       window.location.href = "/runs/" + cfg.runId + "/layers/" + encodeURIComponent(layer) +
         "?metric=" + encodeURIComponent(metric) + "&step=" + encodeURIComponent(p.x);
+    });
+  }
+
+  // The step axes of a page share one range (the server's): zooming or panning one chart's
+  // steps sets the others' to the same; a reset (double-click) puts them all back. The last
+  // range synced is remembered, so the relayouts this makes do not echo back.
+  var syncedRange = "";
+  function bindSharedX(gd) {
+    if (gd.dataset.sharedBound) { return; }
+    gd.dataset.sharedBound = "1";
+    gd.on("plotly_relayout", function (ev) {
+      if (!ev || !gd.dataset.sharedX) { return; }
+      var range = ev["xaxis.range"] ||
+        (ev["xaxis.range[0]"] !== undefined && ev["xaxis.range[1]"] !== undefined
+          ? [ev["xaxis.range[0]"], ev["xaxis.range[1]"]] : null);
+      var reset = !range && ev["xaxis.autorange"] === true;
+      if (!range && !reset) { return; }
+      if (reset) { range = JSON.parse(gd.dataset.xRange || "null"); }
+      if (!range) { return; }
+      var key = JSON.stringify(range);
+      if (key === syncedRange && !reset) { return; }
+      syncedRange = key;
+      Array.prototype.forEach.call(document.querySelectorAll("#panels .plot"), function (other) {
+        if ((other === gd && !reset) || other.dataset.sharedX !== "1" || !other._fullLayout) { return; }
+        Plotly.relayout(other, { "xaxis.range": range.slice() });
+      });
+      SW.xSyncs = (SW.xSyncs || 0) + 1;
     });
   }
 
@@ -611,9 +651,12 @@
         draws.push({ node: node, draw: function () {
           var drawStart = window.performance.now();
           var layout = withAxisChoice(panel, legendLayout(panel.figure.layout, legendBottom(plot, panel.figure)));
-          var traces = smoothedData(panel.figure.data, smoothWeight());
+          var traces = smoothedData(panel.figure.data, smoothWeight(), panel.figure.layout.colorway);
+          plot.dataset.sharedX = panel.shared_x ? "1" : "";
+          plot.dataset.xRange = panel.shared_x ? JSON.stringify(panel.figure.layout.xaxis.range) : "";
           return Plotly.react(plot, traces, layout, plotConfig(panel)).then(clearLegend).then(function (gd) {
             bindClick(gd, panel);
+            bindSharedX(gd);
             if (SW.timing && !SW.ready) { SW.timing.draws.push([panel.id, Math.round(window.performance.now() - drawStart)]); }
             return gd;
           });

@@ -156,6 +156,7 @@ return Array.from(document.querySelectorAll('#panels section.panel')).map(functi
           empty: n.querySelector('.empty').textContent,
           traces: (gd && gd.data) ? gd.data.map(function (t) {
             return {name: t.name, type: t.type, n: (t.x || []).length,
+                    key: t.legendgroup === 'phases',
                     nz: t.z ? t.z.length : 0, finite: (t.y || []).filter(function (v) {
                       return v !== null && isFinite(v); }).length};
           }) : [],
@@ -183,7 +184,7 @@ def check_plotted(
     if names is not None:
         assert names <= got, f"{panel['id']}: traces {got}, expected {names}"
     for t in panel["traces"]:
-        if t["type"] != "heatmap":
+        if t["type"] != "heatmap" and not t["key"]:  # a phase's legend key holds no data
             assert t["n"] >= min_points, f"{panel['id']}/{t['name']}: {t['n']} points"
 
 
@@ -253,6 +254,8 @@ def test_overview_scalars_sed_phases_and_markers(
     check_plotted(got["loss"], {"loss"}, 200)
     check_plotted(got["accuracy"], {"val_acc", "train_acc"}, 200)
     check_plotted(got["sed_gap"], {"w16", "w32"}, 200)
+    phases = {f"phase: {p}" for p in ("rise", "plateau", "collapse")}
+    assert phases <= {t["name"] for t in got["sed_gap"]["traces"] if t["key"]}  # legend keys
     check_plotted(got["sed_edge"], {"w16", "w32"})
     check_plotted(got["warning"], {"grok.warning_score", "grok.imminent"})
     check_plotted(got["update_ratio"], {"norm.update_ratio"}, 100)
@@ -1748,3 +1751,46 @@ def test_api_docs_pages_render_from_the_servers_own_files(browser: Any, seeded: 
     assert all(s == "" or s.startswith(proc.url) for s in scripts), scripts
     errors = console_errors(browser)
     assert all("cdn.redoc.ly" in e and "Content Security Policy" in e for e in errors), errors
+
+
+def test_overview_step_charts_zoom_together_and_buttons_say_csv_and_log(
+    browser: Any, seeded: Any
+) -> None:
+    """Each chart had its own step range and zoomed alone; the CSV and log buttons were a grey
+    square and a signal icon. The step charts share one range, a zoom on one sets the others',
+    a double-click puts them all back; the buttons read "CSV" and "log"."""
+    server, runs = seeded
+    open_page(browser, f"{server.url}/runs/{runs.run_id}")
+    ranges_js = (
+        "return Array.from(document.querySelectorAll('#panels .plot[data-shared-x=\"1\"]'))"
+        ".filter(function (gd) { return gd._fullLayout; })"
+        ".map(function (gd) { return gd._fullLayout.xaxis.range.map(Math.round); });"
+    )
+    start = browser.execute_script(ranges_js)
+    assert len(start) >= 2
+    assert all(r == start[0] for r in start), start
+    browser.execute_script(
+        "var gd = document.querySelector('#panels .plot[data-shared-x=\"1\"]');"
+        "Plotly.relayout(gd, {'xaxis.range': [2, 5]});"
+    )
+    shared = "Array.from(document.querySelectorAll('#panels .plot[data-shared-x=\"1\"]'))"
+    wait_js(  # the others follow the zoomed one
+        browser,
+        shared + ".every(function (gd) { return gd._fullLayout.xaxis.range.join() === '2,5'; })",
+    )
+    browser.execute_script(
+        "var gd = document.querySelectorAll('#panels .plot[data-shared-x=\"1\"]')[1];"
+        "Plotly.relayout(gd, {'xaxis.autorange': true});"
+    )
+    want = ",".join(map(str, start[0]))
+    wait_js(  # a reset on any puts them all back on the page's range
+        browser,
+        shared + ".every(function (gd) { return gd._fullLayout.xaxis.range.map(Math.round)"
+        f".join() === '{want}'; }})",
+    )
+    words = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#panels .sw-modebar-text'))"
+        ".map(function (s) { return s.textContent; });"
+    )
+    assert {"CSV", "log"} <= set(words), words
+    assert console_errors(browser) == []
