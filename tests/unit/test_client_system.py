@@ -3,6 +3,7 @@ lifecycle inside a Monitor, the setting, and the CUDA/NVML branch with stand-ins
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -61,10 +62,12 @@ def test_readings_agree_with_proc() -> None:
     assert got["cpu_percent"] == pytest.approx(expected, abs=100 * 0.03 / (wall1 - wall0))
     assert got["rss_mib"] == pytest.approx(_proc_rss_mib(), abs=2.0)
     before = got["rss_mib"]
-    block = torch.ones(64 << 18)  # 64 MiB of float32, written
-    grown = sampler.sample()["rss_mib"] - before
+    # 64 MiB of fresh pages, each written (a tensor could reuse memory freed by earlier tests)
+    with mmap.mmap(-1, 64 << 20) as block:
+        for offset in range(0, 64 << 20, mmap.PAGESIZE):
+            block[offset] = 1
+        grown = sampler.sample()["rss_mib"] - before
     assert 60 <= grown <= 70
-    del block
 
 
 def test_sampler_emits_system_scalars_at_the_current_step_and_never_raises() -> None:
