@@ -70,9 +70,14 @@ def _sync_dir(path: Path) -> None:
     POSIX syncs a directory's entries only by its own fsync (not possible on Windows)."""
     if os.name == "nt":
         return
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:  # some file systems (FUSE, CIFS) refuse a directory's fsync: as SQLite,
+        pass  # keep the entry, which is renamed into place already, rather than lose it
     finally:
         os.close(fd)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import email.utils
+import errno
 import gc
 import json
 import logging
 import math
 import os
+import stat
 import threading
 import time
 import weakref
@@ -574,6 +576,28 @@ def test_a_spool_entry_is_fsynced_before_its_rename_and_its_directory_after(
     spool.write_meta({"project": "p", "run": "r"})
     meta = str(spool.dir / "run.json")
     assert events == [("fsync", meta + ".tmp"), ("rename", meta), ("fsync", str(spool.dir))]
+
+
+def test_a_directory_refusing_fsync_keeps_the_spool_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some file systems (FUSE, CIFS) answer EINVAL to a directory's fsync: the entry, renamed
+    into place already, is kept and counted (it was reported as dropped, the next entry
+    overwriting it), and ``run.json`` is written."""
+    fsync = os.fsync
+
+    def refusing(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refusing)
+    spool = Spool(tmp_path / "spool" / "p" / "r", 1 << 20)
+    for seq in (1, 2, 3):
+        assert spool.put("us", {"type": "frame", "seq": seq}, b"x" * 100) == (True, 0)
+    spool.write_meta({"project": "p", "run": "r"})
+    assert [e.seq for e in spool.entries()] == [1, 2, 3]
+    assert spool.read_meta() == {"project": "p", "run": "r"}
 
 
 def test_slow_server_never_blocks_put(tmp_path: Path) -> None:
