@@ -493,3 +493,16 @@ def test_entropy_rank_ignores_gram_round_off() -> None:
     b = htsr.spectral_metrics(clean, 60, 43, mp_fit=False)
     assert a.matrix_rank == b.matrix_rank == 40
     assert a.entropy == pytest.approx(b.entropy, rel=1e-12)
+
+
+def test_layer_keys_are_one_layers_values_and_the_only_farms_keys() -> None:
+    """``LAYER_KEYS`` lists what one layer's metrics hold (MP fit included), and only those have
+    FARMS twins among the stored keys: model-level counts and traps have none, so a rule or a
+    read of ``farms.num_traps`` is refused as never stored."""
+    from spectrawatch.spectral.keys import is_stored_key
+
+    ev = _esd((400, 200), 12, 2.0)
+    assert set(htsr.spectral_metrics(ev, 400, 200).values()) == set(htsr.LAYER_KEYS)
+    assert all(is_stored_key(htsr.farms_key(k)) for k in htsr.LAYER_KEYS)
+    for key in ("farms.num_traps", "farms.num_layers", "farms.rand_softrank"):
+        assert not is_stored_key(key), key

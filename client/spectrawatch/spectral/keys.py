@@ -42,7 +42,7 @@ def _kinds() -> tuple[frozenset[str], frozenset[str]]:
     windowed = {k for k in constants if k.startswith("sed.")}
     windowed |= {sed.interval_key(k).rpartition(".w")[0] for k in windowed}
     plain = constants - windowed
-    plain |= {htsr.farms_key(k) for k in constants if k.startswith("htsr.")}
+    plain |= {htsr.farms_key(k) for k in htsr.LAYER_KEYS}  # FARMS: per-layer values only
     plain |= {grokking.EVIDENCE_PREFIX + field for field in grokking.EVIDENCE_LABELS}
     return frozenset(plain), frozenset(windowed)
 
