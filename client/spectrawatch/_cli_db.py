@@ -118,6 +118,14 @@ def _blobs(args: argparse.Namespace, report: Any, source: str, target: str) -> N
             f"already there, {done.missing:,} missing in {args.blobs_from}; set "
             f"SPECTRAWATCH_BLOB_DIR={Path(args.blobs_to).resolve()} for the new server"
         )
+        if done.invalid:
+            shown = ", ".join(str(i) for i in done.invalid[:10])
+            more = f" and {len(done.invalid) - 10} more" if len(done.invalid) > 10 else ""
+            print(
+                f"warning: {len(done.invalid):,} frames have a blob key that is no path inside "
+                f"the store (frames {shown}{more}): not copied",
+                file=sys.stderr,
+            )
         return
     if not report.blob_frames:
         return

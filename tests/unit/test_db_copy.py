@@ -4,6 +4,7 @@ server, is in ``tests/integration/test_db_copy.py``."""
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from spectrawatch.cli import main
 from spectrawatch_server import startup
@@ -274,3 +275,23 @@ def test_blob_files_are_copied_by_their_frames_keys(source: str, tmp_path: Path)
     assert not (tmp_path / "copy" / "stray.txt").exists()
     again = transfer.copy_blob_files(source, tmp_path / "blobs", tmp_path / "copy")
     assert (again.copied, again.present) == (0, 1)  # a re-run resumes
+    assert stat.S_IMODE((tmp_path / "copy" / key).stat().st_mode) == 0o600
+    for folder in ("copy", "copy/runs", "copy/runs/9", "copy/runs/9/weights"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
+
+
+def test_a_blob_key_outside_the_store_is_skipped_and_named(source: str, tmp_path: Path) -> None:
+    """A key with ``..`` is never followed; it was a ValueError that ended the command with a
+    traceback after the database copy had committed, leaving the other blobs uncopied."""
+    engine = make_engine(source)
+    with engine.begin() as connection:
+        first = connection.scalar(select(Frame.id).order_by(Frame.id).limit(1))
+        connection.execute(
+            update(Frame).where(Frame.id == first).values(blob_key="runs/../../../../tmp/x")
+        )
+    engine.dispose()
+    (tmp_path / "blobs").mkdir()
+    done = transfer.copy_blob_files(source, tmp_path / "blobs", tmp_path / "copy")
+    assert done.invalid == (first,)
+    assert (done.copied, done.missing) == (0, 0)
+    assert not (tmp_path / "copy").exists()

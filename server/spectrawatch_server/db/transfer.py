@@ -119,44 +119,65 @@ def copy_database(
 @dataclass(frozen=True)
 class BlobCopy:
     """What :func:`copy_blob_files` did: files copied, already there (same size), missing in
-    the source directory, and the bytes copied."""
+    the source directory, and the bytes copied; ``invalid`` names frames whose blob key is no
+    relative path inside the store (``..``, empty parts), skipped."""
 
     copied: int
     present: int
     missing: int
     bytes: int
+    invalid: tuple[int, ...] = ()
 
 
 def copy_blob_files(database_url: str, source_dir: Path, target_dir: Path) -> BlobCopy:
     """Copy the blob file of every frame of the database at ``database_url`` from the local blob
     directory ``source_dir`` to ``target_dir`` (same relative keys), each through a temp file
-    renamed into place; a file already there with the same size is kept (a re-run resumes)."""
+    renamed into place; a file already there with the same size is kept (a re-run resumes).
+    Folders are created private (0700) and files written 0600: the copy of a private data
+    directory stays private whatever the umask."""
     copied = present = missing = size = 0
+    invalid: list[int] = []
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:
-            keys = connection.execution_options(yield_per=BATCH_ROWS).scalars(
-                select(Frame.blob_key).where(Frame.blob_key != "").order_by(Frame.id)
+            rows = connection.execution_options(yield_per=BATCH_ROWS).execute(
+                select(Frame.id, Frame.blob_key).where(Frame.blob_key != "").order_by(Frame.id)
             )
-            for key in keys:
+            for frame_id, key in rows:
                 parts = key.split("/")
                 if any(p in {"", ".", ".."} for p in parts):
-                    raise ValueError(f"invalid blob key {key!r}")
+                    invalid.append(frame_id)
+                    continue
                 src, dest = source_dir.joinpath(*parts), target_dir.joinpath(*parts)
                 if not src.is_file():
                     missing += 1
                 elif dest.is_file() and dest.stat().st_size == src.stat().st_size:
                     present += 1
                 else:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    _private_dirs(target_dir, dest.parent)
                     part = dest.with_name(dest.name + ".part")
-                    shutil.copyfile(src, part)
+                    with src.open("rb") as fin:
+                        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                        with os.fdopen(fd, "wb") as fout:
+                            shutil.copyfileobj(fin, fout)
                     os.replace(part, dest)
                     copied += 1
                     size += dest.stat().st_size
     finally:
         engine.dispose()
-    return BlobCopy(copied, present, missing, size)
+    return BlobCopy(copied, present, missing, size, tuple(invalid))
+
+
+def _private_dirs(root: Path, folder: Path) -> None:
+    """``mkdir -p folder`` with mode 0700 for each folder created (``root`` too)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        if folder == root:
+            break
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
 
 
 def shown(url: str) -> str:
