@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
+from spectrawatch import wire
 from spectrawatch._sender import ErrorLog
 
-PREFIX = "system/"
+PREFIX = wire.SYSTEM_SCALAR_PREFIX
 _MIB = float(1 << 20)
 
 

@@ -55,6 +55,8 @@ TEXT_PATTERN = r"^[^\x00-\x1f]+$"  # scalar names and tags, 1-200 characters
 LAYER_PATTERN = r"^([^\x00-\x1f.][^\x00-\x1f]*|\.[^\x00-\x1f.][^\x00-\x1f]*|\.\.[^\x00-\x1f]+)$"
 NAME_MAX = 200  # characters, for names and TEXT_PATTERN text
 LAYER_MAX = 500  # characters
+# scalars a client's background sampler logs (CPU, memory, GPU): no sign that training goes on
+SYSTEM_SCALAR_PREFIX = "system/"
 # The layer of whole-model rows and metrics: the tensor of update and theta sketch frames that
 # sketches the whole model, and the ``layer`` the server stores whole-model metrics under.
 MODEL_LAYER = "__model__"

@@ -284,6 +284,34 @@ def test_database_allows_one_open_episode(sessions: sessionmaker[Session]) -> No
         session.add(Alert(run_id=run_id, rule="nonfinite", layer="a", step=3, status="open"))
 
 
+def test_system_metrics_alone_do_not_keep_a_hung_run_from_silence(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The client's system sampler logs every 10 s while the training loop hangs (an NCCL
+    deadlock, a stuck data loader): its scalars moved last_seen_at, and run_silent never fired.
+    A batch with any training scalar still counts as activity."""
+    from datetime import timedelta
+
+    from spectrawatch_server.db.base import utcnow
+    from spectrawatch_server.storage import result_store
+
+    long_ago = utcnow() - timedelta(minutes=31)
+    with sessions.begin() as session:
+        project, _ = repo.get_or_create_project(session, "hung")
+        run, _ = repo.get_or_create_run(session, project, "r", {}, [])
+        run.last_seen_at, run_id = long_ago, run.id
+    with sessions.begin() as session:
+        rows = [(5, "system/cpu_percent", 12.0), (5, "system/rss_mib", 900.0)]
+        result_store.upsert_scalars(session, run_id, rows)
+    with sessions.begin() as session:
+        run = session.get_one(Run, run_id)
+        assert (run.last_seen_at, run.last_step) == (long_ago, 5)
+        assert AlertEngine().sweep_silent(session) == 1
+    with sessions.begin() as session:
+        result_store.upsert_scalars(session, run_id, [(6, "loss", 1.0), *rows])
+        assert session.get_one(Run, run_id).last_seen_at > long_ago
+
+
 def test_engine_silent_runs_and_client_drops(sessions: sessionmaker[Session]) -> None:
     from datetime import timedelta
 

@@ -483,9 +483,10 @@ def live_runs(session: Session, run_ids: Iterable[int]) -> set[int]:
     return set(session.scalars(stmt).all())
 
 
-def touch_run(session: Session, run_id: int, step: int | None) -> None:
-    """Record activity (and the highest step seen) on a run."""
-    values: dict[str, Any] = {"last_seen_at": utcnow()}
+def touch_run(session: Session, run_id: int, step: int | None, *, seen: bool = True) -> None:
+    """Record activity (and the highest step seen) on a run; ``seen=False`` only the step (a
+    write that is no sign of training going on, which ``run_silent`` must not count)."""
+    values: dict[str, Any] = {"last_seen_at": utcnow()} if seen else {}
     if step is not None:
         values["last_step"] = greatest(session, func.coalesce(Run.last_step, step), step)
     session.execute(update(Run).where(Run.id == run_id).values(**values))

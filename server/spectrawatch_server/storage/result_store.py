@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
+from spectrawatch.wire import SYSTEM_SCALAR_PREFIX
 from spectrawatch_server.db.models import Frame, Metric, MetricSeries, Scalar, Spectrum
 from spectrawatch_server.storage.dashboard_reads import series_names
 from spectrawatch_server.storage.repository import insert_frame, touch_run
@@ -391,5 +392,8 @@ def upsert_scalars(session: Session, run_id: int, rows: Sequence[tuple[int, str,
         index_elements=["run_id", "name", "step"], set_={"value": stmt.excluded.value}
     )
     session.connection().execute(stmt, values)
-    touch_run(session, run_id, max(step for step, _, _ in rows))
+    # a batch of the client's system sampler alone (it goes on while training hangs) is no
+    # activity for run_silent
+    training = any(not name.startswith(SYSTEM_SCALAR_PREFIX) for _, name, _ in rows)
+    touch_run(session, run_id, max(step for step, _, _ in rows), seen=training)
     return len(rows)
