@@ -72,3 +72,18 @@ def test_metric_help_shipped_with_the_pages_is_the_docs_tables() -> None:
     shipped = DOCS.parent / "dashboards" / "metric_help.json"
     text = (DOCS / "metrics.md").read_text(encoding="utf-8")
     assert shipped.read_text(encoding="utf-8") == docs_json(text), "run `make docs`"
+
+
+def test_each_metric_key_of_the_docs_has_its_own_definition() -> None:
+    """A docs row naming two keys gave both one definition: ``/metrics-reference`` and the
+    pages' help said the same of ``conditioning.sigma_max`` and ``sigma_min``, and of
+    ``eigentrack.mp_sigma2`` and ``mp_ratio``. Each key has its own row now."""
+    from spectrawatch_server.figures.metric_help import parse_metric_docs
+
+    docs = parse_metric_docs((DOCS / "metrics.md").read_text(encoding="utf-8"))
+    by_definition: dict[str, list[str]] = {}
+    for key, entry in docs.items():
+        by_definition.setdefault(entry.definition, []).append(key)
+    shared = {d: keys for d, keys in by_definition.items() if len(keys) > 1}
+    assert shared == {}
+    assert docs["conditioning.sigma_max"].definition != docs["conditioning.sigma_min"].definition
