@@ -12,6 +12,21 @@
     if (text !== undefined && text !== null) { node.textContent = String(text); }
     return node;
   }
+  // ``table`` in a box that scrolls sideways when the table is wider than the page (a phone):
+  // its columns keep their words whole instead of breaking them mid-token.
+  function scrollBox(table) {
+    var box = el("div", { "class": "table-scroll" });
+    box.appendChild(table);
+    return box;
+  }
+  // The class of a cell showing ``value``: "num" for numbers (right-aligned, one line), "token"
+  // for one short word (a status, a rule or layer name: one line), "text" for free text (wraps,
+  // in a column wide enough to read).
+  function cellClass(value) {
+    if (typeof value === "number") { return "num"; }
+    var s = value === null || value === undefined ? "" : String(value);
+    return s.length <= 60 && !/\s/.test(s) ? "token" : "text";
+  }
   function token() { try { return window.localStorage.getItem(TOKEN_KEY); } catch (e) { return null; } }
 
   // A password box and a "use token" button appended to ``container``: the token is stored
@@ -69,5 +84,5 @@
 
   window.SWCommon = { TOKEN_KEY: TOKEN_KEY, $: $, el: el, token: token, tokenForm: tokenForm,
                       askToken: askToken, showError: showError, clearError: clearError,
-                      formatTime: formatTime };
+                      formatTime: formatTime, scrollBox: scrollBox, cellClass: cellClass };
 })();

@@ -184,7 +184,7 @@
       body.appendChild(tr);
     });
     table.appendChild(body);
-    box.appendChild(table);
+    box.appendChild(C.scrollBox(table));
     opened.forEach(function (name) {
       var row = box.querySelector("tr[data-rule='" + CSS.escape(name) + "'] details");
       if (row) { row.open = true; }

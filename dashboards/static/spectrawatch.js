@@ -482,7 +482,7 @@
       body.appendChild(toggleRow);
       table.appendChild(rest);
     }
-    box.appendChild(table);
+    box.appendChild(C.scrollBox(table));
   }
 
   function bindClick(gd, panel) {
@@ -737,14 +737,20 @@
       } else {
         var table = el("table", { "data-rows": String(t.rows.length) });
         var head = el("tr");
-        t.columns.forEach(function (c) { head.appendChild(el("th", {}, c)); });
+        // a column of numbers (nulls aside) is right-aligned, its header too
+        var numeric = t.columns.map(function (_, i) {
+          var values = t.rows.map(function (row) { return row[i]; }).filter(function (v) { return v !== null; });
+          return values.length > 0 && values.every(function (v) { return typeof v === "number"; });
+        });
+        t.columns.forEach(function (c, i) { head.appendChild(el("th", numeric[i] ? { "class": "num" } : {}, c)); });
         if (t.actions) { head.appendChild(el("th", {}, "")); }
         table.appendChild(el("thead")).appendChild(head);
         var body = el("tbody");
         t.rows.forEach(function (row, r) {
           var tr = el("tr");
           row.forEach(function (v, i) {
-            var td = el("td", {}, v === null ? "—" : (times.indexOf(t.columns[i]) >= 0 ? undefined : v));
+            var cls = numeric[i] ? "num" : C.cellClass(v);
+            var td = el("td", cls ? { "class": cls } : {}, v === null ? "—" : (times.indexOf(t.columns[i]) >= 0 ? undefined : v));
             if (v !== null && times.indexOf(t.columns[i]) >= 0) { td.appendChild(timeNode(v)); }
             tr.appendChild(td);
           });
@@ -752,7 +758,7 @@
           body.appendChild(tr);
         });
         table.appendChild(body);
-        section.appendChild(table);
+        section.appendChild(C.scrollBox(table));
       }
       box.appendChild(section);
     });

@@ -245,6 +245,71 @@ def check_one_line_cells(browser: Any) -> None:
     assert [n for _, n in texts] == [1] * 4, texts
 
 
+BROKEN_TOKENS_JS = """
+var out = [];
+document.querySelectorAll('td, th').forEach(function (cell) {
+  var walk = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+  for (var node = walk.nextNode(); node; node = walk.nextNode()) {
+    var text = node.textContent.trim();
+    if (!text || /\\s/.test(text)) { continue; }
+    var r = document.createRange(); r.selectNodeContents(node);
+    var tops = new Set(Array.from(r.getClientRects())
+      .map(function (x) { return Math.round(x.top); }));
+    if (tops.size > 1) { out.push(text); }
+  }
+});
+return out;
+"""
+
+
+def emulate_width(driver: Any, width: int) -> None:
+    """Lay pages out ``width`` CSS pixels wide (a phone under 500: mobile); 0: the window's."""
+    if not width:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        return
+    metrics = {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 500}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+
+
+def test_table_cells_keep_words_numbers_and_buttons_whole(browser: Any, seeded: Any) -> None:
+    """At 1024 px, the alerts page's and the runs list's cells broke words and numbers
+    mid-token ("resolve|d", "acknowl|edge", "0.0|01": ``overflow-wrap: anywhere`` let the
+    table squeeze a column below one word); a wide table scrolls in its box instead."""
+    server, runs = seeded
+    emulate_width(browser, 1024)
+    try:
+        open_page(browser, f"{server.url}/runs/{runs.run_id}/alerts")
+        assert browser.execute_script(BROKEN_TOKENS_JS) == []
+        status = browser.execute_script(
+            "var td = Array.from(document.querySelectorAll('#table-alerts td'))"
+            ".find(function (c) { return c.textContent === 'resolved'; });"
+            "var r = document.createRange(); r.selectNodeContents(td);"
+            "return r.getClientRects().length;"
+        )
+        assert status == 1
+        heads = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#table-alerts th')).map(function (th)"
+            " { return [th.textContent, getComputedStyle(th).textAlign]; })"
+        )
+        assert heads[0][1] == "right", heads  # step: a number column, aligned as its numbers
+        config = {f"k{i}": 0.001 * i for i in range(12)}
+        created = httpx.post(
+            f"{server.url}/api/v1/runs",
+            json={"project": "wide-config", "name": "lr-sweep-0.001", "config": config},
+            timeout=30,
+        )
+        assert created.status_code == 201, created.text
+        cols = "&".join(f"cols=k{i}" for i in range(12))
+        browser.get(f"{server.url}/projects/wide-config?{cols}")
+        wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length")
+        assert browser.execute_script(BROKEN_TOKENS_JS) == []
+        assert browser.execute_script(
+            "return document.documentElement.scrollWidth <= window.innerWidth"
+        )
+    finally:
+        emulate_width(browser, 0)
+
+
 def test_overview_scalars_sed_phases_and_markers(
     browser: Any, seeded: Any, artifacts: Path
 ) -> None:

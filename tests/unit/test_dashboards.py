@@ -1802,4 +1802,4 @@ def test_runs_list_shows_and_sorts_by_config_columns(tmp_path: Path) -> None:
         assert '<option value="bs" selected>bs</option>' in page
         assert '<option value="opt.lr" >opt.lr</option>' in page
         assert '<option value="config:bs" >config bs</option>' in page
-        assert "<th class" not in table()[1]  # no columns unless asked for
+        assert '<th class="config"' not in table()[1]  # no columns unless asked for
