@@ -859,6 +859,7 @@
     var live = isLive(runs);
     badge.classList.toggle("on", live);
     badge.textContent = (live ? "live · " : "") + "page updated " + formatTime(new Date());
+    badge.title = badge.textContent;  // a phone shows only the dot (spectrawatch.css)
   }
 
   function poll() {

@@ -310,6 +310,38 @@ def test_table_cells_keep_words_numbers_and_buttons_whole(browser: Any, seeded: 
         emulate_width(browser, 0)
 
 
+def test_pages_fit_a_phone_with_a_one_line_header(browser: Any, seeded: Any) -> None:
+    """At 390 px the sticky header took 105 px (the nav on 4 lines, "page updated" on 5), the
+    runs, alerts and rules pages were 487-705 px wide, and an error page 980 px (no viewport)
+    without a header: now each fits the screen (wide tables scroll in their box)."""
+    server, runs = seeded
+    emulate_width(browser, 390)
+    measure = (
+        "return [document.documentElement.scrollWidth,"
+        " document.querySelector('header.top').getBoundingClientRect().height]"
+    )
+    try:
+        for path, ready in (
+            (f"/runs/{runs.run_id}/alerts", True),
+            (f"/runs/{runs.run_id}/layers", True),
+            ("/projects/demo/alert-rules", True),
+            ("/projects/demo", False),
+            ("/runs/99999999", False),
+            ("/alert-rules", False),
+        ):
+            if ready:
+                open_page(browser, server.url + path)
+            else:
+                browser.get(server.url + path)
+            width, header = browser.execute_script(measure)
+            assert width <= 390, (path, width)
+            assert header <= 48, (path, header)
+        assert browser.find_element("css selector", "header.top nav a").text == "Runs"
+    finally:
+        emulate_width(browser, 0)
+        console_errors(browser)  # the 404 page's own load, asked for
+
+
 def test_overview_scalars_sed_phases_and_markers(
     browser: Any, seeded: Any, artifacts: Path
 ) -> None:

@@ -1604,6 +1604,38 @@ def test_rules_pages_of_every_project_name_and_a_missing_one(tmp_path: Path) -> 
         assert all(r["open_alerts"] == 0 for r in body["rules"])
 
 
+def test_error_pages_fit_a_phone_and_lead_back_and_rules_without_a_project_offer_them(
+    tmp_path: Path,
+) -> None:
+    """A browser's 404/422 page had no viewport (980 px wide on a phone) and no header; bare
+    ``/alert-rules`` answered "422 query.project: Field required": it lists the projects now."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    page = {"Accept": "text/html"}
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        client.post("/api/v1/runs", json={"project": "p q", "name": "r"}).raise_for_status()
+        for bad, status in (("/runs/999", 404), ("/?desc=x", 422), ("/no/such/page", 404)):
+            answer = client.get(bad, headers=page)
+            assert answer.status_code == status
+            assert "<meta name='viewport' content='width=device-width" in answer.text
+            assert "<header class='top'>" in answer.text
+            assert "<nav><a href='/'>Runs</a></nav>" in answer.text
+        rules = client.get("/alert-rules", headers=page)
+        assert rules.status_code == 200, rules.text
+        assert '<header class="top">' in rules.text
+        assert 'href="/projects/p%20q/alert-rules"' in rules.text
+    settings = ServerSettings(data_dir=tmp_path, run_worker=False, require_auth=True)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        rules = client.get("/alert-rules", headers=page)
+        assert rules.status_code == 200
+        assert "p q" not in rules.text  # a token's project is its own to see
+        assert "requires an API token" in rules.text
+
+
 def test_static_files_are_linked_by_content_version_and_cached_accordingly(
     tmp_path: Path,
 ) -> None:

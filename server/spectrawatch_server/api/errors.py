@@ -57,11 +57,16 @@ def _wants_page(request: Request) -> bool:
 
 
 def error_page(status: int, message: str) -> HTMLResponse:
-    """The dashboards' error page: the status and the message (escaped), a link home."""
+    """The dashboards' error page: the pages' header, the status and the message (escaped), a
+    link home; phone-sized with the pages' viewport (it rendered 980 px wide, without a way on)."""
     text = html.escape(message)
     body = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{status} · spectrawatch"
-        f"</title><link rel='stylesheet' href='{STATIC_URL}/spectrawatch.css'></head><body><main>"
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{status} · spectrawatch</title>"
+        f"<link rel='stylesheet' href='{STATIC_URL}/spectrawatch.css'></head><body>"
+        "<header class='top'><a class='brand' href='/'>spectrawatch</a>"
+        "<nav><a href='/'>Runs</a></nav></header><main class='error-page'>"
         f"<h1>{status}</h1><p>{text}</p><p><a href='/'>All runs</a></p></main></body></html>"
     )
     return HTMLResponse(body, status_code=status)

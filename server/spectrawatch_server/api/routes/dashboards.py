@@ -307,7 +307,12 @@ def show_rules(request: Request, state: StateDep, session: SessionDep, name: str
 
 @router.get("/alert-rules", response_class=HTMLResponse)
 def show_rules_of(
-    request: Request, state: StateDep, session: SessionDep, project: str
+    request: Request, state: StateDep, session: SessionDep, project: str | None = None
 ) -> HTMLResponse:
-    """:func:`show_rules` for the projects named ``.`` or ``..`` (see :func:`rules_href`)."""
-    return show_rules(request, state, session, project)
+    """:func:`show_rules` for the projects named ``.`` or ``..`` (see :func:`rules_href`);
+    without a project, a page to pick one (it was a bare "422 query.project: Field required").
+    With auth on, no project names: those are a token's to see, its runs list links its rules."""
+    if project:
+        return show_rules(request, state, session, project)
+    names = [] if state.settings.require_auth else [p.name for p in repo.list_projects(session)]
+    return _page(request, "rules_index.html", projects=names, locked=state.settings.require_auth)
