@@ -258,6 +258,17 @@
     }
   }
 
+  // What the page says once above its panels: its figures' shared caption and why data stops
+  // (NaN/Inf), each panel's chart marking the step.
+  function renderPageNote(data) {
+    [["page-help", data.help], ["page-note", data.note]].forEach(function (pair) {
+      var node = $(pair[0]);
+      if (!node) { return; }
+      node.textContent = pair[1] || "";
+      node.hidden = !pair[1];
+    });
+  }
+
   // the client's own report (client stats): what it sent, dropped, spooled, its cadence
   function renderClient(meta, cs) {
     if (!cs || !Object.keys(cs).length) { return; }
@@ -812,6 +823,7 @@
       SW.lastData = data;
       clearError();
       renderMeta(data);
+      renderPageNote(data);
       renderControls(data);
       renderConfig(data);
       renderTables(data);

@@ -1324,7 +1324,8 @@ def test_pages_of_a_run_gone_nan_say_where_and_why_its_data_stops(
     data_dir = tmp_path / "nan"
     run_id = seed_nonfinite(data_dir)
     server = ServerProcess(data_dir).start()
-    note = "document.querySelector('#panels .note:not([hidden])')"
+    # a page's note (said once, above the panels), or a panel's (the heatmap, compare)
+    note = "document.querySelector('.page-note:not([hidden]), #panels .note:not([hidden])')"
     try:
         open_page(browser, f"{server.url}/runs/{run_id}/layers")
         text = wait_js(browser, note + ".textContent")
@@ -1352,6 +1353,8 @@ def test_pages_of_a_run_gone_nan_say_where_and_why_its_data_stops(
             f"activations non-finite (NaN/Inf) from step {NAN_ACTIVATIONS_FROM} in {MODULES[1]}"
             in text
         )
+        shown = "document.querySelectorAll('.page-note:not([hidden]), #panels .note:not([hidden])')"
+        assert browser.execute_script(f"return {shown}.length") == 1  # once, not per figure
         entropy = panels(browser)["eigentrack-eigentrack.entropy"]
         assert {"type": "line", "x0": NAN_ACTIVATIONS_FROM, "x1": NAN_ACTIVATIONS_FROM} in entropy[
             "shapes"

@@ -1183,6 +1183,7 @@ def test_layer_drilldown_loads_the_shown_spectrum_only(tmp_path: Path) -> None:
     assert page["controls"]["step"] == {
         "label": "ESD at step",
         "options": [str(s) for s in steps],
+        "labels": [str(s) for s in steps],  # none non-finite
         "value": "120",
     }
     assert latest["controls"]["step"]["value"] == "290"
@@ -1348,14 +1349,97 @@ def test_nan_weights_are_said_on_heatmap_drilldown_and_overview(tmp_path: Path) 
     assert shape["x0"] == 70
     assert heat["figure"]["layout"]["annotations"][0]["text"] == "non-finite from step 70"
     assert "from step 70 in fc1.weight:" in drill["nonfinite_note"]
-    for panel in drill["panels"]:
-        assert panel["note"] == drill["nonfinite_note"], panel["id"]
+    assert drill["note"] == drill["nonfinite_note"]  # said once, above the panels
+    assert all("note" not in panel for panel in drill["panels"])
     alpha = next(p for p in drill["panels"] if p["figure"] and p["id"] != "esd")
     assert any(s["x0"] == 70 for s in alpha["figure"]["layout"]["shapes"])
     assert overview["summary"]["nonfinite_step"] == 70
     assert "from step 70" in overview["summary"]["nonfinite_note"]
     assert fine["note"] == ""
     assert fine["figure"]["layout"]["shapes"] == []
+
+
+def test_drilldown_of_a_layer_gone_nan_opens_at_its_last_finite_esd(tmp_path: Path) -> None:
+    """A layer NaN from step 70 has ESDs that say "Layer skipped: empty or non-finite ESD"
+    from there: its drill-down opened at the last one, every spectrum chart empty. It opens at
+    step 60 now and says so; the later steps stay in the menu, labelled non-finite."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+    from spectrawatch_server.db.models import Frame
+
+    skipped = {"analysis": "htsr", "shape": [96, 64], "skipped": "empty or non-finite ESD"}
+    weights = {"w": torch.randn(96, 64, generator=torch.Generator().manual_seed(0))}
+    plain = {"analysis": "htsr", "plain": esd_payload(*_first_layer(weights))}
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "nan"}).json()
+        with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
+            for step in range(0, 101, 10):
+                bad = step >= 70
+                frame = Frame(
+                    run_id=run["id"], kind="weights", step=step, seq=step,
+                    idempotency_key=f"k{step}", blob_key="", bytes=1, layers=["w"],
+                    nonfinite={"w": 4} if bad else {}, status="done",
+                )  # fmt: skip
+                repo.insert_frame(session, frame)
+                row = result_store.SpectrumRow("w", skipped if bad else plain)
+                result_store.replace_results(session, run["id"], frame.id, step, "htsr", [], [row])
+        url = f"/api/v1/dashboards/runs/{run['id']}/layer"
+        page = client.get(url, params={"layer": "w"}).json()
+        picked = client.get(url, params={"layer": "w", "step": 100}).json()
+    control = page["controls"]["step"]
+    assert control["value"] == "60"
+    assert control["options"][-1] == "100"
+    assert control["labels"][-1] == "100 (non-finite)"
+    assert control["labels"][6] == "60"
+    assert "Showing step 60, the last snapshot before this layer went non-finite" in page["note"]
+    esd = next(p for p in page["panels"] if p["id"] == "esd")
+    assert esd["figure"] is not None
+    assert picked["controls"]["step"]["value"] == "100"  # still there when asked for
+    assert "Showing step" not in picked["note"]
+
+
+def _first_layer(weights: dict[str, Any]) -> tuple[Any, Any]:
+    layer = analyze_weights(weights).layers[0]
+    return layer.evals, layer.plain
+
+
+def test_activations_say_their_caption_and_nan_note_once(tmp_path: Path) -> None:
+    """The activations page repeated its caption and NaN/Inf note on each of its figures (19
+    times, 8,000 px): the page says each once, the figures their own help only."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "nan"}).json()
+        with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
+            for step in range(0, 50, 10):
+                frame = done_frame(session, run["id"], step, step, kind="activations",
+                                   layers=["m0", "m1"])  # fmt: skip
+                frame.nonfinite = {"m1": 8} if step >= 30 else {}
+                rows = [
+                    MetricRow(m, name, step, 1.0 + step)
+                    for m in ("m0", "m1")
+                    for name in ("eigentrack.entropy", "eigentrack.mp_ks", "eigentrack.outliers")
+                    if not (m == "m1" and step >= 30)
+                ]
+                result_store.replace_results(
+                    session, run["id"], frame.id, step, "activations", rows, []
+                )
+        page = client.get(f"/api/v1/dashboards/runs/{run['id']}/activations").json()
+    assert len(page["panels"]) == 3
+    assert "activations non-finite (NaN/Inf) from step 30 in m1" in page["note"]
+    assert page["help"].startswith("One plot per descriptor")
+    for panel in page["panels"]:
+        assert "note" not in panel
+        assert panel["help"] == ""
 
 
 def test_sed_layer_menu_keeps_the_model_after_a_nan(tmp_path: Path) -> None:

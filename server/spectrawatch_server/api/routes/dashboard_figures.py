@@ -439,6 +439,14 @@ def read_layers(
     return _json(body)
 
 
+def default_esd_step(steps: Sequence[int], onset: int | None) -> int:
+    """The step a layer's drill-down opens at: its last ESD (``steps``, sorted), or, for a
+    layer non-finite from step ``onset``, its last ESD before it (those after hold no
+    spectrum: "Layer skipped: empty or non-finite ESD"), when there is one."""
+    finite = [s for s in steps if onset is None or s < onset]
+    return finite[-1] if finite else steps[-1]
+
+
 @api_router.get("/runs/{run_id}/layer")
 def read_layer(
     run: RunDep,
@@ -464,22 +472,35 @@ def read_layer(
     # why ("skipped"), so its page says so, not "no ESD yet"
     keys = metric_reads.spectrum_steps(session, run.id, layer, "htsr")
     steps = sorted({s for s, _ in keys})
+    onsets = reads.nonfinite_onsets(session, run.id)
+    onset = onsets[layer][0] if layer in onsets else None
     chosen_row = None
+    step_note = ""
     if keys:
-        target = step if step is not None else steps[-1]
+        target = step if step is not None else default_esd_step(steps, onset)
         # the last ESD at or before the step asked for; the first one for a step before it
         chosen = max([k for k in keys if k[0] <= target] or [k for k in keys if k[0] == steps[0]])
         chosen_row = session.get_one(Spectrum, chosen[1])
         body["controls"]["step"] = {
             "label": "ESD at step",
             "options": [str(s) for s in steps],
+            "labels": [
+                f"{s} (non-finite)" if onset is not None and s >= onset else str(s) for s in steps
+            ],
             "value": str(chosen_row.step),
         }
+        if step is None and chosen_row.step != steps[-1]:
+            step_note = (
+                f"Showing step {chosen_row.step}, the last snapshot before this layer went"
+                f" non-finite; steps {steps[steps.index(chosen_row.step) + 1]}-{steps[-1]} are"
+                " still in the step menu."
+            )
     names = reads.series_names(session, run.id)
-    onsets = reads.nonfinite_onsets(session, run.id)
     note = dash.nonfinite_note(onsets, [layer])
     bad = dash.nonfinite_marker(onsets, [layer])
     body["nonfinite_note"] = note
+    # said once, above the panels (each of the 7 panels repeated it)
+    body["note"] = " ".join(n for n in (note, step_note) if n)
     skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
     skipped_text = f"Layer skipped: {skipped}" if skipped else None
     metric_styles: dict[str, int] = {}  # each metric's colour: its place on the page
@@ -491,9 +512,7 @@ def read_layer(
                 f" @ step {chosen_row.step}" if chosen_row is not None else ""
             )
             fig = (SPECTRUM_FIGURES[spec.kind](part, title) or None) if part else None
-            panel = dash.panel_from(spec, fig, empty=skipped_text)
-            panel.extra["note"] = note
-            panels.append(panel)
+            panels.append(dash.panel_from(spec, fig, empty=skipped_text))
         else:
             matched = dash.match_names(names, spec.match)
             series = metric_series(session, run.id, matched, layer, n)
@@ -528,9 +547,7 @@ def read_layer(
                 )
                 # HT-SR's alphas: none for a layer it skips, which says why as the ESDs do
                 alpha_empty = skipped_text if spec.kind == "alpha_history" else None
-                panel = dash.panel_from(sub, fig, empty=alpha_empty)
-                panel.extra["note"] = note
-                panels.append(panel)
+                panels.append(dash.panel_from(sub, fig, empty=alpha_empty))
     dash.share_step_range(panels, [run.last_step] if run.last_step is not None else [])
     body["panels"] = [p.public() for p in panels]
     heat = _choose(
@@ -557,6 +574,7 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
     every = sorted({la for found in layers_of.values() for la in found}, key=dash.natural_key)
     styles = {la: i for i, la in enumerate(every)}
     panels = []
+    drawn: set[str] = set()  # the modules of every figure: the page's one NaN/Inf note
     for spec in page.panels:
         matched = dash.match_names(names, spec.match)
         if not matched:
@@ -578,7 +596,10 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
                 prefix = "" if len(group) == 1 else f"{name} · "
                 lines += lines_of(series, name, layer_label(prefix), styles)
             title = group[0] if len(group) == 1 else spec.title
-            help_text = spec.help
+            # the panel spec's caption is the page's, said once above the figures (it was
+            # repeated on each of them): a figure's help is what only it has
+            body["help"] = spec.help
+            help_text = ""
             if decimated:
                 extremes = reads.extreme_budget(per_read)
                 help_text += (
@@ -597,9 +618,10 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
                     " drawn, the others are in the legend: click one to draw it."
                 )
             sub = dash.PanelSpec(
-                f"{spec.id}-{group[0]}", title, spec.kind, help=help_text, empty=spec.empty
+                f"{spec.id}-{group[0]}", title, spec.kind, help=help_text.strip(), empty=spec.empty
             )
             modules = sorted({layer for name, layer in series if name in group})
+            drawn.update(modules)
             marker = dash.nonfinite_marker(onsets, modules)
             figure = dash.line_figure(
                 title,
@@ -607,9 +629,8 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
                 y_title=group[0] if len(group) == 1 else "",
                 markers=[marker] if marker else [],
             )
-            panel = dash.panel_from(sub, figure)
-            panel.extra["note"] = dash.nonfinite_note(onsets, modules)
-            panels.append(panel)
+            panels.append(dash.panel_from(sub, figure))
+    body["note"] = dash.nonfinite_note(onsets, sorted(drawn))
     dash.share_step_range(panels, [run.last_step] if run.last_step is not None else [])
     body["panels"] = [p.public() for p in panels]
     return _json(body)
