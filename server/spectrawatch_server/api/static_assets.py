@@ -6,22 +6,64 @@ the file's SHA-256): a browser caches such a response for a year without asking 
 an upgrade that changes a file changes its URL, so a page never runs a new template with an old
 script. A URL without the current digest (an old page, a hand-typed one) is served with
 ``no-cache``: revalidated (ETag) on every use.
+
+Text files (scripts, styles, JSON) go gzip-compressed to a browser that accepts it, compressed
+once a process and kept: ``plotly.min.js`` is 4.8 MB as is, 1.5 MB gzipped, which a page's
+first load waited for.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 from functools import cache
 from pathlib import Path
 from urllib.parse import parse_qs
 
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
+COMPRESSED_SUFFIXES = frozenset({".js", ".css", ".json", ".svg", ".html", ".map", ".txt"})
+COMPRESS_MIN_BYTES = 1024  # smaller files gain less than the header costs
+
+
+@cache
+def gzipped(path: Path, mtime_ns: int, size: int) -> bytes:
+    """``path``'s bytes gzip-compressed (level 6), once per version of the file (``mtime_ns``
+    and ``size`` key the cache)."""
+    return gzip.compress(path.read_bytes(), compresslevel=6, mtime=0)
+
+
+def accepts_gzip(scope: Scope) -> bool:
+    """Whether the request's ``Accept-Encoding`` takes gzip (not refused with ``q=0``) and asks
+    no byte range (a range is of the file as stored)."""
+    headers = Headers(scope=scope)
+    if "range" in headers:
+        return False
+    for part in headers.get("accept-encoding", "").split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip().lower() in ("gzip", "*"):
+            return params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+def gzip_response(response: Response, full_path: Path, stat_result: os.stat_result) -> Response:
+    """``response`` (a 200 of file ``full_path``) as its gzip-compressed bytes: its headers but
+    the length, ``Content-Encoding: gzip`` and a weak ETag (the same file, another encoding;
+    an ``If-None-Match`` with it still answers 304)."""
+    body = gzipped(full_path, stat_result.st_mtime_ns, stat_result.st_size)
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    headers["content-encoding"] = "gzip"
+    headers["vary"] = "Accept-Encoding"
+    etag = headers.get("etag")
+    if etag and not etag.startswith("W/"):
+        headers["etag"] = "W/" + etag
+    return Response(body, status_code=response.status_code, headers=headers)
 
 
 @cache
@@ -63,6 +105,15 @@ class VersionedStaticFiles(StaticFiles):
             name = Path(full_path).resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:  # a link out of the folder: served, never as immutable
             name = ""
+        path = Path(full_path)
+        if (
+            response.status_code == 200
+            and path.suffix in COMPRESSED_SUFFIXES
+            and stat_result.st_size >= COMPRESS_MIN_BYTES
+        ):
+            response.headers["Vary"] = "Accept-Encoding"
+            if accepts_gzip(scope):
+                response = gzip_response(response, path, stat_result)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         current = bool(name) and query.get("v") == [asset_digests(self.root).get(name)]
         response.headers["Cache-Control"] = IMMUTABLE if current else REVALIDATE
