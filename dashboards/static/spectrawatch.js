@@ -753,7 +753,9 @@
           var values = t.rows.map(function (row) { return row[i]; }).filter(function (v) { return v !== null; });
           return values.length > 0 && values.every(function (v) { return typeof v === "number"; });
         });
-        t.columns.forEach(function (c, i) { head.appendChild(el("th", numeric[i] ? { "class": "num" } : {}, c)); });
+        t.columns.forEach(function (c, i) {
+          head.appendChild(el("th", numeric[i] ? { "class": "num" } : {}, (t.labels || t.columns)[i]));
+        });
         if (t.actions) { head.appendChild(el("th", {}, "")); }
         table.appendChild(el("thead")).appendChild(head);
         var body = el("tbody");

@@ -1442,6 +1442,57 @@ def test_activations_say_their_caption_and_nan_note_once(tmp_path: Path) -> None
         assert panel["help"] == ""
 
 
+def test_pages_name_the_model_level_and_table_columns_in_words(tmp_path: Path) -> None:
+    """``__model__`` (an internal key) showed in the SED layer menu, chart titles, the alert
+    timeline and table; table headers were field names (``resolved_step``); activations
+    charts titled by raw keys had no "what this is" help. URLs and the API keep the keys."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+    from spectrawatch_server.db.models import Alert
+
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()
+        with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
+            frame = done_frame(session, run["id"], 10, 0, "update_sketch", ["__model__", "fc"])
+            rows = [
+                MetricRow(layer, "sed.gap_ratio.w16", step, 2.0)
+                for layer in ("__model__", "fc")
+                for step in range(10)
+            ]
+            result_store.replace_results(session, run["id"], frame.id, 10, "sed", rows, [])
+            frame = done_frame(session, run["id"], 10, 1, "activations", ["fc"])
+            rows = [MetricRow("fc", "eigentrack.mp_sigma2", 10, 0.5)]
+            result_store.replace_results(session, run["id"], frame.id, 10, "activations", rows, [])
+            session.add(
+                Alert(run_id=run["id"], rule="gap_collapse", layer="__model__", severity="warning",
+                      status="open", step=5, message="gap ratio fell")
+            )  # fmt: skip
+        api = f"/api/v1/dashboards/runs/{run['id']}"
+        overview = client.get(f"{api}/overview").json()
+        alerts = client.get(f"{api}/alerts").json()
+        activations = client.get(f"{api}/activations").json()
+    control = overview["controls"]["sed_layer"]
+    assert control["value"] == "__model__"
+    assert dict(zip(control["options"], control["labels"], strict=True)) == {
+        "__model__": "whole model",
+        "fc": "fc",
+    }
+    gap = next(p for p in overview["panels"] if p["id"] == "sed_gap")
+    assert gap["figure"]["layout"]["title"]["text"].endswith(" · whole model")
+    timeline = alerts["panels"][0]["figure"]
+    assert "gap_collapse whole model" in timeline["layout"]["yaxis"]["categoryarray"]
+    table = alerts["tables"][0]
+    assert table["columns"][5:7] == ["resolved_step", "acknowledged_by"]
+    assert table["labels"][5:7] == ["resolved at step", "acknowledged by"]
+    assert table["rows"][0][2] == "whole model"
+    (panel,) = activations["panels"]
+    assert [h["key"] for h in panel["metrics_help"]] == ["eigentrack.mp_sigma2"]
+
+
 def test_sed_layer_menu_keeps_the_model_after_a_nan(tmp_path: Path) -> None:
     """After a NaN the model's SED stops (and a NaN layer's) while a finite layer's goes on: the
     overview's SED layer menu offered the layers at the last step only, lost ``__model__`` and
@@ -1474,7 +1525,7 @@ def test_sed_layer_menu_keeps_the_model_after_a_nan(tmp_path: Path) -> None:
         asked = client.get(url, params={"sed_layer": "__model__"}).json()
         assert asked["controls"]["sed_layer"]["value"] == "__model__"
         gap = next(p for p in asked["panels"] if p["id"] == "sed_gap")
-        assert gap["figure"]["layout"]["title"]["text"].endswith(" · __model__")
+        assert gap["figure"]["layout"]["title"]["text"].endswith(" · whole model")
         bias = client.get(url, params={"sed_layer": "0.bias"}).json()
         assert bias["controls"]["sed_layer"]["value"] == "0.bias"
 

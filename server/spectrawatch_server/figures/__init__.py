@@ -49,11 +49,13 @@ from spectrawatch_server.figures.heatmaps import heatmap_click_target as heatmap
 from spectrawatch_server.figures.heatmaps import heatmap_figure as heatmap_figure
 from spectrawatch_server.figures.heatmaps import uses_log_color as uses_log_color
 from spectrawatch_server.figures.keys import HTSR_GOOD_RANGE as HTSR_GOOD_RANGE
+from spectrawatch_server.figures.keys import MODEL_LABEL as MODEL_LABEL
 from spectrawatch_server.figures.keys import MODEL_LAYER as MODEL_LAYER
 from spectrawatch_server.figures.keys import PHASE_PREFIX as PHASE_PREFIX
 from spectrawatch_server.figures.keys import VAL_ACC_PATTERN as VAL_ACC_PATTERN
 from spectrawatch_server.figures.keys import VAL_ACC_THRESHOLD as VAL_ACC_THRESHOLD
 from spectrawatch_server.figures.keys import WARNING_KEY as WARNING_KEY
+from spectrawatch_server.figures.keys import layer_text as layer_text
 from spectrawatch_server.figures.keys import val_acc_threshold as val_acc_threshold
 from spectrawatch_server.figures.keys import window_of as window_of
 from spectrawatch_server.figures.lines import ENVELOPE_COLOR as ENVELOPE_COLOR

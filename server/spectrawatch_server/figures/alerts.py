@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spectrawatch_server.figures.base import Figure, _layout, natural_key, plot_text
+from spectrawatch_server.figures.keys import layer_text
 
 SEVERITY_COLORS = {  # none of them a data line's colour (figures.base.DATA_COLORS)
     "critical": "#d62728",
@@ -41,7 +42,7 @@ def alerts_timeline_figure(alerts: Sequence[Mapping[str, Any]], last_step: int |
             end = a.get("resolved_step")
             if end is None:
                 end = max(int(a["step"]), last_step or int(a["step"]))
-            label = plot_text(f"{a['rule']} {a.get('layer') or ''}".strip(), 10_000)
+            label = plot_text(f"{a['rule']} {layer_text(a.get('layer'))}".strip(), 10_000)
             message = plot_text(str(a.get("message") or ""), 300)
             text = f"{label}<br>{plot_text(str(a.get('status')))} · {message}"
             labels.add(label)

@@ -17,6 +17,13 @@ VAL_ACC_PATTERN = re.compile(r"^(val|valid|validation|test|eval)[._/ -]?(acc|acc
 WARNING_KEY = "grok.imminent"  # 1.0 from the step the SED early-warning detector fires
 PHASE_PREFIX = "sed.phase"
 HTSR_GOOD_RANGE = (2.0, 6.0)  # Martin & Mahoney JMLR 2021 §5: well-trained layers
+MODEL_LABEL = "whole model"  # what the pages call MODEL_LAYER (URLs and the API keep the key)
+
+
+def layer_text(layer: str | None) -> str:
+    """A layer as the pages name it: :data:`MODEL_LABEL` for the model-level pseudo-layer
+    (``__model__``, an internal key), any other one as it is (``None``: ``""``)."""
+    return MODEL_LABEL if layer == MODEL_LAYER else (layer or "")
 
 
 def val_acc_threshold(largest: float | None) -> float:

@@ -287,6 +287,7 @@ def read_overview(
         body["controls"]["sed_layer"] = {
             "label": "SED layer",
             "options": layer_opts,
+            "labels": [dash.layer_text(o) for o in layer_opts],
             "value": layer,
         }
 
@@ -323,7 +324,7 @@ def read_overview(
             if phase_names and lines:
                 for key in (k for k in at_layer if k[0] == phase_names[0]):
                     bands = dash.phase_bands(*at_layer[key])
-            title = spec.title + (f" · {layer}" if layer else "")
+            title = spec.title + (f" · {dash.layer_text(layer)}" if layer else "")
             fig = dash.line_figure(
                 title, lines, y_title=spec.y_title, log_y=spec.log_y, markers=markers, bands=bands
             )
@@ -629,11 +630,26 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
                 y_title=group[0] if len(group) == 1 else "",
                 markers=[marker] if marker else [],
             )
-            panels.append(dash.panel_from(sub, figure))
+            panel = dash.panel_from(sub, figure)
+            panel.extra["metrics_help"] = metrics_help(group)  # what the raw key means
+            panels.append(panel)
     body["note"] = dash.nonfinite_note(onsets, sorted(drawn))
     dash.share_step_range(panels, [run.last_step] if run.last_step is not None else [])
     body["panels"] = [p.public() for p in panels]
     return _json(body)
+
+
+# a page table's headers: the field names as words (the API and CSV keep the names)
+COLUMN_LABELS = {
+    "resolved_step": "resolved at step",
+    "acknowledged_by": "acknowledged by",
+    "last_status_code": "last HTTP status",
+    "latency_ms": "latency (ms)",
+    "last_error": "last error",
+    "created_at": "created",
+    "delivered_at": "delivered",
+    "url": "URL",
+}
 
 
 def _table(
@@ -648,6 +664,7 @@ def _table(
         "id": table_id,
         "title": title,
         "columns": list(columns),
+        "labels": [COLUMN_LABELS.get(c, c.replace("_", " ")) for c in columns],
         "rows": [[r[c] for c in columns] for r in records],
         **extra,
     }
@@ -711,7 +728,7 @@ def read_alerts(run: RunDep, session: SessionDep, principal: PrincipalDep) -> Re
                 "acknowledged_by",
                 "message",
             ),
-            alerts,
+            [{**a, "layer": dash.layer_text(a["layer"])} for a in alerts],
             empty="No alerts for this run.",
             # the page's acknowledge buttons (PATCH /alerts/{id}): one entry per row
             actions=[
@@ -806,7 +823,12 @@ def read_compare(
         "config": compare_config(public),
     }
     if layer_opts:
-        body["controls"]["layer"] = {"label": "layer", "options": layer_opts, "value": layer_value}
+        body["controls"]["layer"] = {
+            "label": "layer",
+            "options": layer_opts,
+            "labels": [dash.layer_text(o) for o in layer_opts],
+            "value": layer_value,
+        }
     more = _runs_to_add(session, run_rows)
     if more:  # value "": the page adds the chosen run to ``runs`` (labels: what the list shows)
         body["controls"]["add"] = {
@@ -842,7 +864,8 @@ def read_compare(
                 if found is not None:
                     marks.append(found[0])
                     notes.append(f"{label}: {found[1]}")
-        title = name + (f" · {layer_value}" if name in metric_chosen and layer_value else "")
+        shown = dash.layer_text(layer_value)
+        title = name + (f" · {shown}" if name in metric_chosen and layer_value else "")
         sub = dash.PanelSpec(f"compare-{name}", title, "compare", empty=spec.empty)
         fig = dash.line_figure(title, lines, y_title=name, log_y=log_axis(name), markers=marks)
         panel = dash.panel_from(sub, fig)
