@@ -9,6 +9,7 @@ graph never sees a hook.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,6 +34,8 @@ from spectrawatch.spectral.grokking import (
     prediction_agreement,
     predictions_of,
 )
+
+logger = logging.getLogger("spectrawatch")
 
 # the name of the model itself among the probed modules (a model that is one Linear or Conv):
 # its ``named_modules()`` name is "", which a frame cannot carry as a tensor name
@@ -63,6 +66,7 @@ class ProbeCapture:
         self._modules_arg = list(modules) if modules is not None else None
         self._predictions: deque[torch.Tensor] = deque(maxlen=AGREEMENT_WINDOW)  # probe argmax
         self._last_activations_step: int | None = None
+        self._silent_checked = False  # named modules that gave nothing: said once
 
     def _probe_modules(self) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of the probed modules; the model itself is named ``ROOT_MODULE``."""
@@ -136,9 +140,27 @@ class ProbeCapture:
                 m.training = was
         if self.emits:
             self._prediction_scalars(n, predictions_of(output), confidence_of(output))
+            self._warn_silent(probed, captured)
         if captured:
             info = {"gram": gram, "tokens": tokens}
             self.emit_frame(FrameItem(wire.FrameKind.ACTIVATIONS, n, captured, info, compress=True))
+
+    def _warn_silent(
+        self, probed: list[tuple[str, nn.Module]], captured: dict[str, torch.Tensor]
+    ) -> None:
+        """After the first probe pass, name the modules asked for by ``modules=`` that gave no
+        activations: their forward never ran (``nn.MultiheadAttention`` uses its ``out_proj``'s
+        weights without calling it) or returned no floating tensor of 2 or more dims."""
+        if self._silent_checked or self._modules_arg is None:
+            return
+        self._silent_checked = True
+        silent = [name for name, _ in probed if name not in captured]
+        if silent:
+            logger.warning(
+                "spectrawatch: probe modules %s gave no activations in the probe pass (forward "
+                "not called, or no floating output of >= 2 dims): no activation metrics for them",
+                ", ".join(repr(n) for n in silent[:10]) + (" ..." if len(silent) > 10 else ""),
+            )
 
     def _prediction_scalars(
         self, n: int, pred: torch.Tensor | None, confidence: float | None

@@ -740,6 +740,36 @@ def test_activations_x_or_gram_and_modes_restored() -> None:
     wire.decode_frame(wire.encode_frame(frame.kind, 5, 0, frame.tensors, frame.info))
 
 
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mha(x, x, x)[0])
+
+
+def test_named_probe_modules_that_give_nothing_are_named_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``nn.MultiheadAttention`` never calls its ``out_proj``: a probe on it was accepted and
+    silently gave no activations."""
+    torch.manual_seed(0)
+    model = _Attention()
+    sink = Sink()
+    cap, _ = make_capture(
+        model, None, sink, probe=torch.randn(2, 5, 8), modules=["mha.out_proj", "head"]
+    )
+    with caplog.at_level("WARNING", logger="spectrawatch"):
+        cap.capture_activations(1)
+        cap.capture_activations(2)
+    (warning,) = [r for r in caplog.records if "gave no activations" in r.getMessage()]
+    assert "'mha.out_proj'" in warning.getMessage()
+    assert "'head'" not in warning.getMessage()
+    assert [set(f.tensors) for f in sink.of(wire.FrameKind.ACTIVATIONS)] == [{"head"}] * 2
+
+
 class _ChannelFirst(nn.Module):
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
