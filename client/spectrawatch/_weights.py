@@ -1,14 +1,16 @@
 """Weight snapshots: every 2-D parameter and 4-D conv kernel of the model as a 2-D matrix, sent
 in frames of bounded size and tensor count, each weight in ``weights_dtype`` unless that would
 turn its finite entries into Inf. A frozen weight (``requires_grad`` False) is sent in the first
-snapshot and again only when it changes (:func:`frozen_state`). Other weights (3-D, 5-D,
-complex) are not sent: the frames name them with the reason (``info["skipped"]``), which the
-server shows on their layer pages."""
+snapshot and again only when it changes (:func:`frozen_state`); the snapshots that leave it out
+name it with the step it was last sent (``info["unchanged"]``), so the server's whole-model
+values still cover it. Other weights (3-D, 5-D, complex) are not sent: the frames name them with
+the reason (``info["skipped"]``), which the server shows on their layer pages."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +25,9 @@ from spectrawatch.config import ClientSettings
 _MAX_TENSORS = wire.FrameLimits().max_tensors  # per frame: the server refuses more (default)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float64: "float64", **{v: k for k, v in _DTYPES.items()}}
+# bytes of info["unchanged"] per snapshot (~7,000 names of 60 characters): the rest is counted in
+# info["unchanged_more"], within the server's 2 MiB of frame info with the part's own entries
+UNCHANGED_INFO_BYTES = 512 * 1024
 
 
 def skip_reason(p: torch.Tensor) -> str | None:
@@ -94,13 +99,15 @@ class WeightSnapshots:
         self.emits = emits  # False: a non-zero rank, which joins the gathers and sends nothing
         self._last_weights_step: int | None = None
         self._frozen_sent: dict[str, tuple[object, ...]] = {}  # by name: frozen_state when sent
+        self._frozen_step: dict[str, int] = {}  # by name: the step a frozen weight was sent at
 
     @torch.no_grad()
     def capture_weights(self, n: int) -> None:
         """All 2-D and 4-D parameters as 2-D matrices (conv ``(out, in*kh*kw)``), split into
         frames of at most ``max_frame_bytes`` (a larger matrix travels alone in its frame) and of
         at most the server's default tensor count; the first frame names the weights left out
-        (:func:`skip_reason`). Frozen weights unchanged since sent are left out unnamed."""
+        (:func:`skip_reason`) and the frozen weights left out as unchanged since they were sent
+        (:func:`unchanged_info`)."""
         if self._last_weights_step == n:
             return
         self._last_weights_step = n
@@ -112,6 +119,7 @@ class WeightSnapshots:
         parts = 0
         head = self.s.output_layer or output_layer(self.model)
         skipped = self._skipped()
+        unchanged: dict[str, int] = {}  # frozen weights left out: the step each was last sent
 
         def emit() -> None:
             nonlocal part, shapes, size, parts
@@ -127,6 +135,8 @@ class WeightSnapshots:
                     info["output_layer"] = head
                 if skipped and parts == 0:
                     info["skipped"] = skipped
+                if unchanged and parts == 0:
+                    info.update(self._unchanged_info(unchanged))
                 wider = {k: v for k, v in widened.items() if k in part}
                 if wider:
                     info["widened"] = wider
@@ -154,7 +164,10 @@ class WeightSnapshots:
 
         failed: Exception | None = None
         for name, p in self.model.named_parameters():
-            if not _snapshotted(p) or name in skipped or self._sent_as_is(name, p):
+            if not _snapshotted(p) or name in skipped:
+                continue
+            if self._sent_as_is(name, p, n):
+                unchanged[name] = self._frozen_step[name]
                 continue
             full = _shards.full_tensor(p.detach())  # sharded: every rank joins the gather
             if not self.emits or failed is not None:
@@ -167,18 +180,33 @@ class WeightSnapshots:
             raise failed
         emit()
 
-    def _sent_as_is(self, name: str, p: torch.Tensor) -> bool:
+    def _sent_as_is(self, name: str, p: torch.Tensor, n: int) -> bool:
         """Whether ``p`` is a frozen weight sent already and unchanged since (then it is left
-        out: its metrics would repeat); remembers it otherwise. Not for trainable weights, nor
-        with ``weights_frozen_every``. A weight frozen later goes once more, as it is then."""
+        out: its metrics would repeat); remembers it, sent at step ``n``, otherwise. Not for
+        trainable weights, nor with ``weights_frozen_every``. A weight frozen later goes once
+        more, as it is then."""
         if p.requires_grad or self.s.weights_frozen_every:
             self._frozen_sent.pop(name, None)
+            self._frozen_step.pop(name, None)
             return False
         state = frozen_state(p)
         if self._frozen_sent.get(name) == state:
             return True
         self._frozen_sent[name] = state
+        self._frozen_step[name] = n
         return False
+
+    def _unchanged_info(self, unchanged: Mapping[str, int]) -> dict[str, Any]:
+        """:func:`unchanged_info`, noting once when names did not fit."""
+        info = unchanged_info(unchanged)
+        if "unchanged_more" in info:
+            self.errors.note(
+                "weights unchanged more",
+                f"{info['unchanged_more']} of {len(unchanged)} unchanged frozen weights not "
+                "named in weight snapshots (over the info budget): the server's whole-model "
+                "values leave them out (weights_frozen_every=True sends them instead)",
+            )
+        return info
 
     def _skipped(self) -> dict[str, dict[str, Any]]:
         """``{name: {"shape", "reason"}}`` of the weights a snapshot leaves out (logged once)."""
@@ -196,6 +224,25 @@ class WeightSnapshots:
                 "matrices and 4-D conv kernels are analysed (their layer pages say why)",
             )
         return skipped
+
+
+def unchanged_info(
+    unchanged: Mapping[str, int], budget: int = UNCHANGED_INFO_BYTES
+) -> dict[str, Any]:
+    """Frame info naming the frozen weights a snapshot leaves out as unchanged:
+    ``{"unchanged": {name: step last sent}}``, whose server summary carries their values of that
+    step forward; names past ``budget`` bytes of JSON are only counted (``"unchanged_more"``)."""
+    named: dict[str, int] = {}
+    size = 2  # {}
+    for name, step in unchanged.items():
+        size += len(json.dumps(name)) + len(str(step)) + 2  # "name": step,
+        if size > budget:
+            break
+        named[name] = step
+    info: dict[str, Any] = {"unchanged": named}
+    if len(named) < len(unchanged):
+        info["unchanged_more"] = len(unchanged) - len(named)
+    return info
 
 
 def _snapshotted(p: torch.Tensor) -> bool:

@@ -4,6 +4,12 @@ Analyses are pure functions (``spectrawatch_server.analyses``); this module is t
 that feeds them tensors and stores what they return. Results replace earlier results of the
 same (frame, analysis), so a redelivered job duplicates nothing. Alert rules run on a frame's
 first analysis only: a re-analysis (``requeued_at`` set) recomputes results, never episodes.
+
+A weight snapshot's whole-model values (each analysis's ``summarize``) cover the layers stored
+at its step and the frozen weights the client left out as unchanged (``info["unchanged"]``,
+``{layer: step last sent}``), whose values of that step each analysis carries forward
+(``carry``): a LoRA run's ``__model__`` means covered its adapters alone from the second
+snapshot on. Carried values are those stored when the later snapshot is analysed.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from spectrawatch.wire import (
     row_steps,
 )
 from spectrawatch_server.analyses import AnalysisResult, DecodedFrame, analyses_for
-from spectrawatch_server.analyses.registry import MODEL_LAYER, Analysis, SummarizeFn
+from spectrawatch_server.analyses.registry import MODEL_LAYER, Analysis
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.storage import job_store, metric_reads, result_store, series
 from spectrawatch_server.storage import repository as repo
@@ -256,7 +262,8 @@ class Worker:
             outputs: list[tuple[Analysis, AnalysisResult]] = []
             errors: list[str] = []
             took: dict[str, float] = {}
-            for analysis in analyses_for(decoded.header.kind):
+            analyses = analyses_for(decoded.header.kind)
+            for analysis in analyses:
                 started = time.perf_counter()
                 try:
                     outputs.append((analysis, analysis.fn(decoded, history)))
@@ -285,10 +292,13 @@ class Worker:
                 if frame is None:  # its run was deleted meanwhile
                     log.info("frame %d deleted during its analysis; results dropped", frame_id)
                     return
+                carried: dict[str, dict[str, dict[str, float]]] | None = None
                 for analysis, result in outputs:
                     self._store(session, frame, analysis.name, result)
                     if analysis.summarize is not None:
-                        self._summarize(session, frame, analysis.name, analysis.summarize)
+                        if carried is None:  # once per frame, for every summary
+                            carried = self._carried(session, frame, [a.name for a in analyses])
+                        self._summarize(session, frame, analysis, carried)
                 error = "; ".join(errors) or None
                 job_store.finish_frame(session, frame.id, "failed" if errors else "done", error)
                 if frame.requeued_at is None:  # a re-analysis: its alerts were evaluated once
@@ -296,15 +306,47 @@ class Worker:
                         hook(session, frame)
 
     @staticmethod
-    def _summarize(session: Session, frame: Frame, analysis: str, fn: SummarizeFn) -> None:
+    def _carried(
+        session: Session, frame: Frame, analyses: Sequence[str]
+    ) -> dict[str, dict[str, dict[str, float]]]:
+        """``{layer: {analysis: {name: value}}}`` of the frozen weights the snapshot at the
+        frame's step left out as unchanged (:func:`~repo.unchanged_layers`), as ``analyses``
+        stored them at the step each was last sent (a carry may read another's values)."""
+        if frame.kind != FrameKind.WEIGHTS.value:
+            return {}
+        since = repo.unchanged_layers(session, frame.run_id, frame.step)
+        by_step: dict[int, list[str]] = {}
+        for layer, step in since.items():
+            by_step.setdefault(step, []).append(layer)
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for step, layers in by_step.items():
+            stored = result_store.layer_values_by_analysis_at(
+                session, frame.run_id, step, analyses, MODEL_LAYER
+            )
+            out.update((layer, stored[layer]) for layer in layers if layer in stored)
+        return out
+
+    @staticmethod
+    def _summarize(
+        session: Session,
+        frame: Frame,
+        analysis: Analysis,
+        carried: Mapping[str, Mapping[str, Mapping[str, float]]],
+    ) -> None:
         """The step's whole-model values from every layer stored for it (all parts of a
-        weight snapshot), replacing the summary an earlier part wrote."""
+        weight snapshot) and the ``carried`` values of the weights it left out as unchanged,
+        replacing the summary an earlier part wrote."""
+        assert analysis.summarize is not None
         layers = result_store.layer_values_at(
-            session, frame.run_id, frame.step, analysis, MODEL_LAYER
+            session, frame.run_id, frame.step, analysis.name, MODEL_LAYER
         )
-        values = fn(layers) if layers else {}
+        if analysis.carry is not None:
+            for layer, stored in carried.items():
+                if layer not in layers and (values := analysis.carry(stored)):
+                    layers[layer] = values
+        values = analysis.summarize(layers) if layers else {}
         result_store.replace_model_values(
-            session, frame.run_id, frame.id, frame.step, analysis, MODEL_LAYER, values
+            session, frame.run_id, frame.id, frame.step, analysis.name, MODEL_LAYER, values
         )
 
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import math
 import os
 import weakref
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from spectrawatch import wire
+from spectrawatch import _weights, wire
 from spectrawatch._capture import MODEL_KEY, ROOT_MODULE, Capture, output_layer
 from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
 from spectrawatch.config import ClientSettings
@@ -448,6 +449,52 @@ def test_frozen_weights_are_sent_once_and_again_only_when_they_change() -> None:
     ] * 2
     env = ClientSettings.from_env({"SPECTRAWATCH_WEIGHTS_FROZEN_EVERY": "1"})
     assert env.weights_frozen_every is True
+
+
+def test_snapshots_name_the_frozen_weights_they_leave_out_with_the_step_last_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server's whole-model values covered the sent weights alone from the second snapshot
+    on: the first frame of a snapshot names each frozen weight left out as unchanged with the
+    step it was last sent (``info["unchanged"]``), within a byte budget past which the names
+    are only counted (``info["unchanged_more"]``)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {"base": nn.Linear(16, 32), "head": nn.Linear(32, 8), "lora": nn.Linear(16, 4)}
+    )
+    model["base"].requires_grad_(False)
+    model["head"].requires_grad_(False)
+    sink = Sink()
+    cap, _ = make_capture(model, None, sink, max_frame_bytes=256)  # one tensor per frame
+
+    def infos(step: int) -> list[dict[str, Any]]:
+        cap.capture_weights(step)
+        return [f.info for f in sink.of(wire.FrameKind.WEIGHTS) if f.step == step]
+
+    assert all("unchanged" not in info for info in infos(1))
+    second = infos(2)
+    assert second[0]["unchanged"] == {"base.weight": 1, "head.weight": 1}
+    assert all("unchanged" not in info for info in second[1:])
+    with torch.no_grad():
+        model["head"].weight.mul_(2.0)  # written in place: sent at 3, unchanged since 3
+    assert infos(3)[0]["unchanged"] == {"base.weight": 1}
+    assert infos(4)[0]["unchanged"] == {"base.weight": 1, "head.weight": 3}
+    assert "unchanged_more" not in infos(5)[0]
+
+    names = {f"model.layers.{i}.mlp.up_proj.weight": 10 for i in range(100)}
+    info = _weights.unchanged_info(names, budget=1000)
+    assert 0 < len(info["unchanged"]) < 100
+    assert len(json.dumps(info["unchanged"], separators=(",", ":"))) <= 1000  # as wire sends
+    assert info["unchanged_more"] == 100 - len(info["unchanged"])
+    assert list(info["unchanged"]) == list(names)[: len(info["unchanged"])]
+    assert _weights.unchanged_info(names) == {"unchanged": names}
+    many = {f"model.layers.{i}.mlp.experts.up_proj.weight": 10 for i in range(20_000)}
+    info = cap._weights._unchanged_info(many)  # ~1 MB of names: past the 512 KiB budget
+    assert (
+        len(json.dumps(info["unchanged"], separators=(",", ":"))) <= _weights.UNCHANGED_INFO_BYTES
+    )
+    assert info["unchanged_more"] == 20_000 - len(info["unchanged"])
+    assert len([r for r in caplog.records if "unchanged frozen weights" in r.message]) == 1
 
 
 @pytest.mark.parametrize("weights_dtype", ["float16", "bfloat16"])

@@ -43,6 +43,7 @@ from spectrawatch_server.analyses.registry import (
     DecodedFrame,
     MetricValue,
     register,
+    same_values,
 )
 
 POLAR_MIN_DIM = 512  # below this, exact SVD is as cheap as the GEMM-only count
@@ -58,7 +59,9 @@ def _global_gmcn(layers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {GMCN: math.exp(sum(logs) / len(logs))} if logs else {}
 
 
-@register("conditioning", [FrameKind.WEIGHTS], summarize=_global_gmcn)
+@register(
+    "conditioning", [FrameKind.WEIGHTS], summarize=_global_gmcn, carry=same_values("conditioning")
+)
 def weight_conditioning(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     """Per-layer conditioning metrics of every 2-D weight in the frame."""
     del context  # stateless

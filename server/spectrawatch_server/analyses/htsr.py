@@ -40,6 +40,7 @@ from spectrawatch_server.analyses.registry import (
     MetricValue,
     SpectrumRecord,
     register,
+    same_values,
 )
 
 SHAPES_INFO_KEY = "shapes"  # frame info: {layer: original shape} for reshaped conv kernels
@@ -102,7 +103,7 @@ def _summary(layers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {k: v for k, v in values.items() if math.isfinite(v)}
 
 
-@register("htsr", [FrameKind.WEIGHTS], summarize=_summary)
+@register("htsr", [FrameKind.WEIGHTS], summarize=_summary, carry=same_values("htsr"))
 def heavy_tail_metrics(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     """HT-SR + FARMS metrics and ESD drill-down records of every weight in the frame.
 

@@ -125,23 +125,44 @@ AnalysisFn = Callable[[DecodedFrame, AnalysisContext], AnalysisResult]
 SummarizeFn = Callable[[Mapping[str, Mapping[str, float]]], dict[str, float]]
 """Whole-model values of one step from ``{layer: {metric name: value}}`` of that step."""
 
+CarryFn = Callable[[Mapping[str, Mapping[str, float]]], dict[str, float]]
+"""An analysis's values at a weight snapshot for a layer it left out as unchanged (a frozen
+weight the client named in ``info["unchanged"]``), from what every analysis stored for the layer
+at the snapshot that last held it, ``{analysis: {metric name: value}}``; what the summary of
+the later snapshot reads for that layer ({}: none)."""
+
+
+def same_values(analysis: str) -> CarryFn:
+    """:data:`CarryFn` of an ``analysis`` whose values are a function of the weight alone: an
+    unchanged weight has the values it had."""
+
+    def carry(stored: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        return dict(stored.get(analysis, {}))
+
+    return carry
+
 
 @dataclass(frozen=True)
 class Analysis:
     """A registered analysis: a stable ``name``, the frame ``kinds`` it runs on, and optionally
-    how its per-layer values of a step make the :data:`MODEL_LAYER` values (``summarize``)."""
+    how its per-layer values of a step make the :data:`MODEL_LAYER` values (``summarize``) and
+    what a weight left out of a snapshot as unchanged adds to them (``carry``)."""
 
     name: str
     kinds: frozenset[FrameKind]
     fn: AnalysisFn
     summarize: SummarizeFn | None = None
+    carry: CarryFn | None = None
 
 
 _REGISTRY: dict[str, Analysis] = {}
 
 
 def register(
-    name: str, kinds: Sequence[FrameKind], summarize: SummarizeFn | None = None
+    name: str,
+    kinds: Sequence[FrameKind],
+    summarize: SummarizeFn | None = None,
+    carry: CarryFn | None = None,
 ) -> Callable[[AnalysisFn], AnalysisFn]:
     """Decorator: register ``fn`` as analysis ``name`` for frames of ``kinds``.
 
@@ -149,13 +170,15 @@ def register(
     frame's results the worker hands it every layer's values stored for the step (a weight
     snapshot arrives in several frames) and stores what it returns as the step's only
     whole-model values, under the run's lock, so parts analysed in any order or by several
-    workers end with one summary of the whole snapshot.
+    workers end with one summary of the whole snapshot. ``carry``: with ``summarize``, the
+    values a weight the snapshot left out as unchanged (:data:`CarryFn`) adds to the layers
+    handed to it, so whole-model values stay comparable across snapshots (None: it adds none).
     """
 
     def wrap(fn: AnalysisFn) -> AnalysisFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"analysis {name!r} is registered twice")
-        _REGISTRY[name] = Analysis(name, frozenset(kinds), fn, summarize)
+        _REGISTRY[name] = Analysis(name, frozenset(kinds), fn, summarize, carry)
         return fn
 
     return wrap

@@ -7,13 +7,16 @@ turned orthogonal; :mod:`spectrawatch.spectral.subspace`) and ``subspace.rank`` 
 under :data:`MODEL_LAYER` the mean drift over the step's layers, all parts (``summarize``). On a
 CUDA worker, matrices whose short side is at least ``POLAR_MIN_DIM`` use GEMM-only Polar Express
 projectors, elsewhere exact ``eigh``. Layers without a spike in either snapshot have no drift
-and are skipped.
+and are skipped. A frozen weight a snapshot leaves out as unchanged did not move: its drift in
+the model mean is 0 where it has spikes (``conditioning.mp_spikes`` of its last snapshot, the
+same MP threshold), not the drift it had when last sent (``carry``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from spectrawatch.spectral.conditioning import MP_SPIKES
 from spectrawatch.spectral.subspace import SUBSPACE_DRIFT, SUBSPACE_RANK, weight_subspace_drift
 from spectrawatch.wire import FrameKind
 from spectrawatch_server.analyses.conditioning import POLAR_MIN_DIM
@@ -33,7 +36,13 @@ def _mean_drift(layers: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {SUBSPACE_DRIFT: sum(drifts) / len(drifts)} if drifts else {}
 
 
-@register("subspace", [FrameKind.WEIGHTS], summarize=_mean_drift)
+def _unmoved(stored: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """An unchanged weight's drift: 0 where it has a spike subspace to follow (counted by
+    ``conditioning`` with the same MP threshold), none otherwise (as for a spike-free one)."""
+    return {SUBSPACE_DRIFT: 0.0} if stored.get("conditioning", {}).get(MP_SPIKES, 0.0) > 0 else {}
+
+
+@register("subspace", [FrameKind.WEIGHTS], summarize=_mean_drift, carry=_unmoved)
 def weight_subspace(frame: DecodedFrame, context: AnalysisContext) -> AnalysisResult:
     """Drift of each layer's spike subspace since the layer's previous snapshot."""
     result = AnalysisResult()

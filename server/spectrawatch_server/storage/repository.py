@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import secrets
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy import column as sa_column
 from sqlalchemy.orm import Session, defer
 
-from spectrawatch.wire import row_steps
+from spectrawatch.wire import LAYER_MAX, MODEL_LAYER, row_steps
 from spectrawatch_server.db.base import utcnow
 from spectrawatch_server.db.models import (
     Alert,
@@ -669,6 +669,56 @@ def frames_holding(
     rows = session.scalars(select(Frame).where(Frame.id.in_(set(found.values()))))
     by_id = {row.id: row for row in rows}
     return {layer: by_id[frame_id] for layer, frame_id in found.items()}
+
+
+UNCHANGED_INFO_KEY = "unchanged"  # weights frame info: {layer: step last sent}, left out
+
+
+def unchanged_layers(session: Session, run_id: int, step: int) -> dict[str, int]:
+    """``{layer: step last sent}`` of the frozen weights the run's weight snapshot at ``step``
+    left out as unchanged, named by its frames' ``info["unchanged"]`` (:func:`unchanged_since`).
+
+    Reads that info entry alone (a JSON path in the query), not each part's whole info, which
+    names and shapes up to thousands of tensors; the parts' layer lists only when it names
+    any."""
+    where = (Frame.run_id == run_id, Frame.kind == "weights", Frame.step == step)
+    named = [
+        value
+        for value in session.execute(select(Frame.info[UNCHANGED_INFO_KEY]).where(*where))
+        .scalars()
+        .all()
+        if value is not None
+    ]
+    if not named:
+        return {}
+    held = {
+        layer
+        for layers in session.execute(select(Frame.layers).where(*where)).scalars()
+        for layer in layers or ()
+    }
+    return unchanged_since(named, step, held)
+
+
+def unchanged_since(entries: Iterable[object], step: int, held: Collection[str]) -> dict[str, int]:
+    """``{layer: step last sent}`` from the ``info["unchanged"]`` ``entries`` of a snapshot at
+    ``step`` (as the client sent them): a layer the snapshot holds, an unprintable or over-long
+    name, or a step not before ``step`` is ignored; a layer named twice keeps its latest."""
+    out: dict[str, int] = {}
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            continue
+        for layer, since in entry.items():
+            if (
+                isinstance(layer, str)
+                and 0 < len(layer) <= LAYER_MAX
+                and layer.isprintable()
+                and layer != MODEL_LAYER
+                and layer not in held
+                and type(since) is int
+                and 0 <= since < step
+            ):
+                out[layer] = max(since, out.get(layer, since))
+    return out
 
 
 def referenced_blob_keys(session: Session) -> set[str]:

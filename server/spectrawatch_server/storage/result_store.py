@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -70,6 +70,31 @@ def layer_values_at(
     for layer, name, value in rows:
         if value is not None:
             out.setdefault(layer, {})[name] = float(value)
+    return out
+
+
+def layer_values_by_analysis_at(
+    session: Session, run_id: int, step: int, analyses: Collection[str], model_layer: str
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{layer: {analysis: {name: value}}}`` of ``analyses`` stored at ``step`` for every layer
+    of the run but ``model_layer``: what :func:`layer_values_at` reads, for several analyses
+    at once (a weight snapshot's values carried forward to a later one)."""
+    rows = session.execute(
+        select(Metric.layer, Metric.analysis, Metric.name, Metric.value)
+        .where(
+            Metric.run_id == run_id,
+            Metric.name.in_(series_names(session, run_id)),
+            Metric.step == step,
+            Metric.analysis.in_(analyses),
+            Metric.layer != model_layer,
+            Metric.value.is_not(None),
+        )
+        .order_by(Metric.id)
+    ).all()
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for layer, analysis, name, value in rows:
+        if value is not None:
+            out.setdefault(layer, {}).setdefault(analysis, {})[name] = float(value)
     return out
 
 
