@@ -1493,6 +1493,39 @@ def test_pages_name_the_model_level_and_table_columns_in_words(tmp_path: Path) -
     assert [h["key"] for h in panel["metrics_help"]] == ["eigentrack.mp_sigma2"]
 
 
+def test_frozen_layers_left_out_of_later_snapshots_are_said_on_heatmap_and_drilldown(
+    tmp_path: Path,
+) -> None:
+    """A frozen layer sent at step 0 only (the client leaves it out while unchanged) showed one
+    heatmap column and a drill-down ending at step 0 as if data were missing; now both say
+    "frozen: unchanged since step 0", from the latest snapshot's ``info["unchanged"]``."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "lora"}).json()["id"]
+        with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
+            for step in (0, 10, 20):
+                sent = ["base.weight", "lora.weight"] if step == 0 else ["lora.weight"]
+                frame = done_frame(session, run, step, step, layers=sent)
+                if step:
+                    frame.info = {"unchanged": {"base.weight": 0}}
+                rows = [MetricRow(la, "htsr.alpha", step, 3.0) for la in sent]
+                result_store.replace_results(session, run, frame.id, step, "htsr", rows, [])
+        api = f"/api/v1/dashboards/runs/{run}"
+        heat = client.get(f"{api}/layers").json()["panels"][0]
+        base = client.get(f"{api}/layer", params={"layer": "base.weight"}).json()
+        lora = client.get(f"{api}/layer", params={"layer": "lora.weight"}).json()
+    assert "frozen: unchanged since step 0 (base.weight)" in heat["note"]
+    assert base["frozen_note"].startswith("frozen: unchanged since step 0 (base.weight):")
+    assert base["note"] == base["frozen_note"]  # said once, above the panels
+    assert lora["frozen_note"] == lora["note"] == ""
+
+
 def test_sed_layer_menu_keeps_the_model_after_a_nan(tmp_path: Path) -> None:
     """After a NaN the model's SED stops (and a NaN layer's) while a finite layer's goes on: the
     overview's SED layer menu offered the layers at the last step only, lost ``__model__`` and

@@ -699,6 +699,15 @@ def unchanged_layers(session: Session, run_id: int, step: int) -> dict[str, int]
     return unchanged_since(named, step, held)
 
 
+def latest_unchanged(session: Session, run_id: int) -> tuple[int, dict[str, int]]:
+    """The step of the run's latest weight snapshot (-1: none) and :func:`unchanged_layers`
+    of it: the frozen weights whose metrics stop at the step they were last sent."""
+    step = session.execute(
+        select(func.max(Frame.step)).where(Frame.run_id == run_id, Frame.kind == "weights")
+    ).scalar()
+    return (-1, {}) if step is None else (step, unchanged_layers(session, run_id, step))
+
+
 def unchanged_since(entries: Iterable[object], step: int, held: Collection[str]) -> dict[str, int]:
     """``{layer: step last sent}`` from the ``info["unchanged"]`` ``entries`` of a snapshot at
     ``step`` (as the client sent them): a layer the snapshot holds, an unprintable or over-long

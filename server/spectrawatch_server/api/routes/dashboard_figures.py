@@ -403,6 +403,24 @@ def scalar_panels(
     return out
 
 
+def _frozen_note(unchanged: Mapping[str, int], layers: Sequence[str] | None = None) -> str:
+    """Why frozen layers' series stop early: ``unchanged`` (``{layer: step last sent}`` of the
+    latest weight snapshot, ``repo.latest_unchanged``) of ``layers`` (all when None) as one
+    sentence, e.g. "frozen: unchanged since step 10 (base.0.weight): ..."; "" for none."""
+    wanted = None if layers is None else set(layers)
+    hits = sorted((step, la) for la, step in unchanged.items() if wanted is None or la in wanted)
+    if not hits:
+        return ""
+    names = sorted((layer for _, layer in hits), key=dash.natural_key)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    since = hits[0][0] if hits[0][0] == hits[-1][0] else f"{hits[0][0]}-{hits[-1][0]}"
+    return (
+        f"frozen: unchanged since step {since} ({shown}): the client sends a frozen weight again "
+        "only when it changes, so its metrics are at the steps it was sent; the model means "
+        "carry them forward."
+    )
+
+
 @api_router.get("/runs/{run_id}/layers")
 def read_layers(
     run: RunDep,
@@ -434,7 +452,9 @@ def read_layers(
         figure = dash.heatmap_figure(chosen, grid, sampled=skipped, marker=marker)
         panel = dash.panel_from(spec, figure)
         panel.extra["click"] = {"kind": "layer_drilldown", "metric": chosen}
-        panel.extra["note"] = dash.nonfinite_note(onsets, shown)
+        frozen = _frozen_note(repo.latest_unchanged(session, run.id)[1], grid.layers)
+        notes = [dash.nonfinite_note(onsets, shown), frozen]
+        panel.extra["note"] = " ".join(n for n in notes if n)
         panel.extra["metrics_help"] = metrics_help([chosen])
     body["panels"] = [panel.public()]
     return _json(body)
@@ -500,8 +520,9 @@ def read_layer(
     note = dash.nonfinite_note(onsets, [layer])
     bad = dash.nonfinite_marker(onsets, [layer])
     body["nonfinite_note"] = note
+    body["frozen_note"] = _frozen_note(repo.latest_unchanged(session, run.id)[1], [layer])
     # said once, above the panels (each of the 7 panels repeated it)
-    body["note"] = " ".join(n for n in (note, step_note) if n)
+    body["note"] = " ".join(n for n in (note, body["frozen_note"], step_note) if n)
     skipped = chosen_row.payload.get("skipped") if chosen_row is not None else None
     skipped_text = f"Layer skipped: {skipped}" if skipped else None
     metric_styles: dict[str, int] = {}  # each metric's colour: its place on the page
