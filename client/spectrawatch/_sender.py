@@ -75,6 +75,7 @@ class ClientStats:
         self._lock = threading.Lock()
         self._c: Counter[str] = Counter()
         self._dropped_by_kind: Counter[str] = Counter()
+        self._weights_refused = 0
         self._nonfinite_scalars: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
         # why monitoring turned itself off for this run (the server refused the token's role)
@@ -103,6 +104,16 @@ class ClientStats:
         with self._lock:
             self._c["dropped_frames"] += n
             self._dropped_by_kind[kind] += n
+
+    def lose_weights(self) -> None:
+        """A weights frame the server refused (dropped ones count by :meth:`drop`)."""
+        with self._lock:
+            self._weights_refused += 1
+
+    def weights_lost(self) -> int:
+        """Weights frames dropped or refused so far: a frozen weight they held goes again."""
+        with self._lock:
+            return self._dropped_by_kind[wire.FrameKind.WEIGHTS.value] + self._weights_refused
 
     def get(self, name: str) -> int:
         with self._lock:
@@ -670,6 +681,8 @@ class Sender:
                 if self._refused_role(exc):
                     return False  # not spooled now; a spooled one stays for a write token
                 self.stats.incr("rejected_frames")
+                if meta.get("kind") == wire.FrameKind.WEIGHTS.value:
+                    self.stats.lose_weights()
                 if exc.status == 413 and meta.get("kind") == wire.FrameKind.WEIGHTS.value:
                     self._weights_too_large(meta, body, exc)
                 else:

@@ -100,6 +100,8 @@ class WeightSnapshots:
         self._last_weights_step: int | None = None
         self._frozen_sent: dict[str, tuple[object, ...]] = {}  # by name: frozen_state when sent
         self._frozen_step: dict[str, int] = {}  # by name: the step a frozen weight was sent at
+        self._lost_seen = 0  # weights frames dropped or refused at the last snapshot
+        self._resend = False  # this snapshot: frozen (unsharded) weights go again
 
     @torch.no_grad()
     def capture_weights(self, n: int) -> None:
@@ -111,6 +113,10 @@ class WeightSnapshots:
         if self._last_weights_step == n:
             return
         self._last_weights_step = n
+        # a weights frame lost since (queue or spool full, refused) may have held a frozen
+        # weight's only copy: they all go again
+        lost = self.stats.weights_lost()
+        self._resend, self._lost_seen = lost != self._lost_seen, lost
         dtype = _DTYPES[self.s.weights_dtype]
         part: dict[str, torch.Tensor] = {}
         shapes: dict[str, dict[str, list[int]]] = {}
@@ -184,13 +190,15 @@ class WeightSnapshots:
         """Whether ``p`` is a frozen weight sent already and unchanged since (then it is left
         out: its metrics would repeat); remembers it, sent at step ``n``, otherwise. Not for
         trainable weights, nor with ``weights_frozen_every``. A weight frozen later goes once
-        more, as it is then."""
+        more, as it is then; every unsharded one again after a weights frame was lost (a sharded
+        one's choice must not depend on rank 0's sender: every rank joins its gather)."""
         if p.requires_grad or self.s.weights_frozen_every:
             self._frozen_sent.pop(name, None)
             self._frozen_step.pop(name, None)
             return False
         state = frozen_state(p)
-        if self._frozen_sent.get(name) == state:
+        resend = self._resend and not _shards.is_sharded(p)
+        if self._frozen_sent.get(name) == state and not resend:
             return True
         self._frozen_sent[name] = state
         self._frozen_step[name] = n

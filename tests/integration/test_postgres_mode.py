@@ -251,7 +251,8 @@ def test_failing_job_retries_with_backoff_then_fails_visibly(topology: Topology)
     assert job() == ("failed", 3)  # 3 runs (2 retries), then given up
     assert frame_statuses(client, run_id) == ["failed"]
     (failed,) = client.get(f"/runs/{run_id}/frames", params={"status": "failed"}).json()
-    assert "FileNotFoundError" in failed["error"], failed  # why, through the API
+    assert "MissingBlob" in failed["error"], failed  # why, through the API
+    assert blob_key in failed["error"], failed  # naming the lost file
     assert client.get(f"/runs/{run_id}/frames", params={"status": "done"}).json() == []
     retry_gaps = topology.sql(
         "SELECT extract(epoch FROM e.at) FROM procrastinate_events e JOIN procrastinate_jobs j "

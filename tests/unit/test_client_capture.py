@@ -438,6 +438,14 @@ def test_frozen_weights_are_sent_once_and_again_only_when_they_change() -> None:
     model["base"].weight.requires_grad_(False)  # frozen after training: once more, then not
     assert sent(8) == {"base.weight", "lora.weight"}
     assert sent(9) == {"lora.weight"}
+    # a weights frame lost since (queue or spool full, refused) may have held its only copy
+    stats.drop(wire.FrameKind.WEIGHTS.value)
+    assert sent(10) == {"base.weight", "lora.weight"}
+    assert sent(11) == {"lora.weight"}
+    stats.lose_weights()
+    assert sent(12) == {"base.weight", "lora.weight"}
+    stats.drop(wire.FrameKind.UPDATE_SKETCH.value)  # other kinds: nothing to send again
+    assert sent(13) == {"lora.weight"}
     assert stats.get("errors") == 0
 
     every = Sink()

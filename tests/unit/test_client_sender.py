@@ -339,12 +339,14 @@ def test_rejected_frames_are_counted_not_retried_nor_spooled(tmp_path: Path) -> 
     sender = make_sender(server, settings(tmp_path, retries=3))
     sender.put_frame(sketch_item(0))
     sender.put_frame(sketch_item(2))
+    sender.put_frame(weights_item(3))
     assert sender.close(timeout=10)
-    assert server.frame_posts == 2
-    assert sender.stats.get("rejected_frames") == 2
+    assert server.frame_posts == 3
+    assert sender.stats.get("rejected_frames") == 3
+    assert sender.stats.weights_lost() == 1  # its frozen weights go again at the next snapshot
     assert sender.stats.get("errors") >= 2
     assert len(sender.spool) == 0
-    assert server.stats[-1]["rejected_frames"] == 2
+    assert server.stats[-1]["rejected_frames"] == 3
 
 
 def test_server_down_mid_run_spools_then_replays_in_order(tmp_path: Path) -> None:
