@@ -19,6 +19,7 @@ from spectrawatch_server.api.errors import install_error_handlers
 from spectrawatch_server.api.known_query import KNOWN_QUERY_ONLY
 from spectrawatch_server.api.limits import JsonBodyLimit, NulGuard
 from spectrawatch_server.api.no_framing import NoFraming
+from spectrawatch_server.api.openapi import document_errors
 from spectrawatch_server.api.routes import (
     alerts,
     blobs,
@@ -232,9 +233,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     schema_of = app.openapi
     routes = [r for router in (*API_ROUTERS, dashboard_figures.api_router) for r in router.routes]
 
-    def openapi() -> dict[str, Any]:  # each operation's description names the role it needs
+    def openapi() -> dict[str, Any]:
         schema = schema_of()
-        describe_roles(schema, routes, API_PREFIX)
+        describe_roles(schema, routes, API_PREFIX)  # each description names the role it needs
+        document_errors(schema, routes, API_PREFIX)  # the error answers, with their schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

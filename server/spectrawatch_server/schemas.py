@@ -510,3 +510,25 @@ class SpectrumPublic(BaseModel):
     layer: str
     step: int
     payload: dict[str, Any]
+
+
+class Problem(BaseModel):
+    """One invalid part of a request: ``field`` is where (``body.name``, ``query.limit``)."""
+
+    field: str
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable ``code`` (``run_not_found``) and a message naming the field;
+    a 422 ``invalid_request`` lists each invalid part in ``problems``."""
+
+    code: str = Field(description="stable, machine-readable: `run_not_found`, `too_large`, ...")
+    message: str
+    problems: list[Problem] | None = Field(None, description="422 `invalid_request` only")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer of the API: ``{"error": {"code", "message"[, "problems"]}}``."""
+
+    error: ErrorDetail

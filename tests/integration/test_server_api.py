@@ -8,11 +8,16 @@ import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
 import pytest
 import torch
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate as validate_spec
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
@@ -69,6 +74,70 @@ def test_health_and_openapi(client: httpx.Client, shared_server: ServerProcess) 
             assert "immutable" in served.headers["cache-control"]
     paths = httpx.get(f"{shared_server.url}/openapi.json").json()["paths"]
     assert "/api/v1/runs/{run_id}/frames" in paths
+
+
+def _validator(document: dict[str, Any], schema: dict[str, Any]) -> Draft202012Validator:
+    """A JSON-schema validator of ``schema``, one of ``document``'s (an OpenAPI document's),
+    its ``#/components/...`` references resolved in ``document``."""
+    registry = Registry().with_resource(
+        "urn:openapi", Resource.from_contents(document, default_specification=DRAFT202012)
+    )
+    return Draft202012Validator({"$ref": "urn:openapi#", **schema}, registry=registry)
+
+
+def _response_schema(document: dict[str, Any], path: str, method: str, status: int) -> Any:
+    """The JSON schema ``document`` declares for ``status`` of ``method`` on ``path``."""
+    response = document["paths"][f"/api/v1{path}"][method]["responses"][str(status)]
+    schema = response["content"]["application/json"]["schema"]
+    return {key: value.replace("#/", "urn:openapi#/") for key, value in schema.items()}
+
+
+def test_openapi_document_declares_what_the_server_answers(
+    client: httpx.Client, shared_server: ServerProcess
+) -> None:
+    """The served OpenAPI document is valid; POST /runs declares the 200 of a resumed run; every
+    operation declares its error answers with the one schema the server sends (errors
+    generated clients can read), never FastAPI's ``HTTPValidationError``; frame ingest takes a
+    binary body."""
+    document = httpx.get(f"{shared_server.url}/openapi.json").json()
+    validate_spec(document)
+    schemas = document["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas
+    assert "HTTPValidationError" not in json.dumps(document)
+    create = document["paths"]["/api/v1/runs"]["post"]["responses"]
+    assert {"200", "201", "401", "403", "409", "422"} <= set(create)
+    ingest = document["paths"]["/api/v1/runs/{run_id}/frames"]["post"]
+    assert "application/octet-stream" in ingest["requestBody"]["content"]
+    assert ingest["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/FramePublic"
+    }
+    run_id = make_run(client, name="openapi")
+    resumed = client.post("/runs", json={"project": "proj", "name": "openapi"})
+    assert resumed.status_code == 200
+    checks = [
+        ("/runs", "post", resumed),
+        ("/runs/{run_id}", "get", client.get("/runs/999999")),
+        ("/runs", "get", client.get("/runs", params={"limit": 0})),
+        (
+            "/runs",
+            "post",
+            client.post("/runs", json={"project": "proj", "name": "openapi", "resume": False}),
+        ),
+        ("/runs/{run_id}/scalars", "post", client.post(f"/runs/{run_id}/scalars", json={})),
+        ("/runs/{run_id}/frames", "post", post_frame(client, run_id, b"xx")),
+    ]
+    for path, method, answer in checks:
+        schema = _response_schema(document, path, method, answer.status_code)
+        errors = list(_validator(document, schema).iter_errors(answer.json()))
+        assert not errors, (path, answer.status_code, answer.text, errors[0].message)
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if status.startswith(("4", "5")) and (path, status) != ("/api/v1/ready", "503"):
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, method)
+            if "{" in path:
+                assert "404" in operation["responses"], (path, method)
 
 
 def test_weight_frame_produces_norm_metrics_matching_numpy(client: httpx.Client) -> None:

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 
 from spectrawatch_server.api.deps import PrincipalDep, SessionDep, StateDep, find_run, require_role
 from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.openapi import PROJECT_NOT_FOUND
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.db import migrate
@@ -19,7 +20,12 @@ from spectrawatch_server.storage.blobs import delete_all
 router = APIRouter(tags=["blobs"])
 
 
-@router.post("/blobs/prune", response_model=PruneResult, dependencies=[require_role("admin")])
+@router.post(
+    "/blobs/prune",
+    response_model=PruneResult,
+    dependencies=[require_role("admin")],
+    responses=PROJECT_NOT_FOUND,
+)
 def prune(
     body: PruneRequest, principal: PrincipalDep, session: SessionDep, state: StateDep
 ) -> PruneResult:

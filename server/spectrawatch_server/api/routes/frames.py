@@ -38,6 +38,7 @@ from spectrawatch_server.api.deps import (
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.inflate_budget import InflateBudget
 from spectrawatch_server.api.links import next_link
+from spectrawatch_server.api.openapi import error
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.schemas import SOURCE_PATTERN, FramePublic
@@ -79,11 +80,30 @@ def ingest_context(request: Request, state: AppState) -> IngestContext:
     return ctx
 
 
+FRAME_BODY = {
+    "required": True,
+    "description": "one frame as `spectrawatch.wire.encode_frame` writes it: safetensors "
+    "tensors with the frame's metadata in the header, compressed with zstd when sent with "
+    "`Content-Encoding: zstd`",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+
 @router.post(
     "/runs/{run_id}/frames",
     status_code=202,
     response_model=FramePublic,
-    responses={200: {"description": "repeat of an idempotency key: the stored frame"}},
+    responses={
+        200: {"model": FramePublic, "description": "a repeated idempotency key: the stored frame"},
+        400: error("the body is not a frame: `empty_body`, `truncated`, `bad_encoding`, ..."),
+        409: error("`idempotency_conflict`: the key was used for another frame"),
+        413: error("`too_large`: the body, or its decompressed frame, exceeds the limit"),
+        415: error("`unsupported_encoding`: a Content-Encoding other than zstd"),
+        422: error("the frame's metadata or tensors are invalid (the code names the problem)"),
+        503: error("`ingest_busy` (decompression budget), `database_busy`: retry later"),
+        507: error("`storage_full`: the blob store is full; the frame was not stored"),
+    },
+    openapi_extra={"requestBody": FRAME_BODY},
 )
 @checks_role_inside("write")  # in its auth cache: no database query per frame
 async def ingest_frame(

@@ -25,6 +25,7 @@ from spectrawatch_server.api.deps import (
 )
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.links import next_link
+from spectrawatch_server.api.openapi import error
 from spectrawatch_server.db.models import Frame
 from spectrawatch_server.downsample import downsample_many
 from spectrawatch_server.schemas import (
@@ -89,7 +90,15 @@ def read_metrics(
     )
 
 
-@router.post("/runs/{run_id}/metrics", status_code=202, dependencies=[require_role("write")])
+@router.post(
+    "/runs/{run_id}/metrics",
+    status_code=202,
+    dependencies=[require_role("write")],
+    responses={
+        409: error("`idempotency_conflict`: the key was used for another batch or a frame"),
+        413: error("`too_many_metrics` (over `max_metrics_per_batch`), `too_large`"),
+    },
+)
 def ingest_metrics(
     body: MetricBatch,
     run: RunDep,

@@ -43,7 +43,11 @@ def whoami(principal: PrincipalDep, session: SessionDep) -> WhoAmI:
 
 
 @router.post(
-    "", status_code=201, response_model=ProjectPublic, dependencies=[require_role("write")]
+    "",
+    status_code=201,
+    response_model=ProjectPublic,
+    dependencies=[require_role("write")],
+    responses={200: {"model": ProjectPublic, "description": "the project existed"}},
 )
 def create_project(
     body: ProjectCreate, principal: PrincipalDep, session: SessionDep, response: Response

@@ -25,6 +25,7 @@ from spectrawatch_server.api.deps import (
 )
 from spectrawatch_server.api.errors import ApiError
 from spectrawatch_server.api.links import next_link, page_link
+from spectrawatch_server.api.openapi import PROJECT_NOT_FOUND, error
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.db import migrate
 from spectrawatch_server.db.base import utcnow
@@ -86,7 +87,19 @@ def runs_public(session: Session, runs: Sequence[Run]) -> list[RunPublic]:
     ]
 
 
-@router.post("", status_code=201, response_model=RunCreated, dependencies=[require_role("write")])
+@router.post(
+    "",
+    status_code=201,
+    response_model=RunCreated,
+    dependencies=[require_role("write")],
+    responses={
+        200: {"model": RunCreated, "description": "the run existed: resumed"},
+        409: error(
+            "`run_exists`: the run exists and `resume` is false; `run_deleted`: it was "
+            "deleted while it was resumed"
+        ),
+    },
+)
 def create_run(
     body: RunCreate,
     principal: PrincipalDep,
@@ -217,7 +230,12 @@ def _statuses(values: list[str]) -> list[str]:
     return names
 
 
-@router.post("/bulk-delete", response_model=BulkDeleteResult, dependencies=[require_role("admin")])
+@router.post(
+    "/bulk-delete",
+    response_model=BulkDeleteResult,
+    dependencies=[require_role("admin")],
+    responses=PROJECT_NOT_FOUND,
+)
 def bulk_delete_runs(
     body: BulkDeleteRequest,
     principal: PrincipalDep,
@@ -320,7 +338,12 @@ def report_client_stats(
 
 
 @router.post(
-    "/{run_id}/reanalyze", response_model=ReanalyzeResult, dependencies=[require_role("admin")]
+    "/{run_id}/reanalyze",
+    response_model=ReanalyzeResult,
+    dependencies=[require_role("admin")],
+    responses={
+        409: error("`run_running`, `analysis_pending` (frames still queued), `blobs_missing`")
+    },
 )
 def reanalyze_run(
     run: LiveRunDep, session: SessionDep, state: StateDep, body: ReanalyzeRequest | None = None

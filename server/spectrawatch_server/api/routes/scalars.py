@@ -15,6 +15,7 @@ from spectrawatch_server.api.deps import (
     require_role,
 )
 from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.openapi import error
 from spectrawatch_server.downsample import downsample_many
 from spectrawatch_server.schemas import ScalarIn, ScalarSeries
 from spectrawatch_server.storage import metric_reads, result_store
@@ -22,7 +23,12 @@ from spectrawatch_server.storage import metric_reads, result_store
 router = APIRouter(tags=["scalars"])
 
 
-@router.post("/runs/{run_id}/scalars", status_code=202, dependencies=[require_role("write")])
+@router.post(
+    "/runs/{run_id}/scalars",
+    status_code=202,
+    dependencies=[require_role("write")],
+    responses={413: error("`too_many_scalars` (over `max_scalars_per_batch`), `too_large`")},
+)
 def ingest_scalars(
     body: Annotated[list[ScalarIn], Body()], run: RunDep, session: SessionDep, state: StateDep
 ) -> dict[str, Any]:

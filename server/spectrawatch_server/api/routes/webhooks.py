@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from spectrawatch_server.api.deps import Principal, PrincipalDep, SessionDep, StateDep, require_role
 from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.openapi import PROJECT_NOT_FOUND, error
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.config import ServerSettings
@@ -158,6 +159,7 @@ def _delivery_public(session: Session, delivery: Delivery, with_log: bool) -> De
     status_code=201,
     response_model=WebhookCreated,
     dependencies=[require_role("admin")],
+    responses=PROJECT_NOT_FOUND,
 )
 def create_webhook(
     body: WebhookCreate, state: StateDep, principal: PrincipalDep, session: SessionDep
@@ -268,6 +270,7 @@ def read_delivery(delivery_id: int, principal: PrincipalDep, session: SessionDep
     "/deliveries/{delivery_id}/redeliver",
     response_model=DeliveryPublic,
     dependencies=[require_role("admin")],
+    responses={409: error("`webhook_disabled`: re-enable the webhook first")},
 )
 def redeliver(
     delivery_id: int, state: StateDep, principal: PrincipalDep, session: SessionDep
@@ -302,6 +305,7 @@ _test_sends = threading.BoundedSemaphore(TEST_SENDS_IN_FLIGHT)
     "/webhooks/{webhook_id}/test",
     response_model=DeliveryPublic,
     dependencies=[require_role("admin")],
+    responses={429: error("`too_many_test_sends`: retry after `Retry-After` seconds")},
 )
 def send_test(
     webhook_id: int, state: StateDep, principal: PrincipalDep, session: SessionDep

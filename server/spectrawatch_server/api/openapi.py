@@ -1,0 +1,113 @@
+"""The OpenAPI document as the server behaves: every operation declares the error statuses it
+can answer, each with the one error schema the server sends (:class:`ErrorBody`, never
+FastAPI's ``HTTPValidationError``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi.routing import APIRoute
+
+from spectrawatch_server.api.deps import route_role
+from spectrawatch_server.api.known_query import query_names
+from spectrawatch_server.schemas import ErrorBody
+
+SCHEMAS_REF = "#/components/schemas/"
+ERROR_SCHEMA = {"$ref": f"{SCHEMAS_REF}{ErrorBody.__name__}"}
+FASTAPI_422 = ("HTTPValidationError", "ValidationError")  # FastAPI's schemas, never sent
+
+ERRORS = {
+    400: "`bad_request`: the body could not be parsed (not UTF-8, JSON nested too deep)",
+    401: "`unauthorized`: no `Authorization: Bearer` token (on a server that requires auth), "
+    "or a malformed, unknown or revoked one",
+    403: "`insufficient_role`: the token's role is below the one this needs; `forbidden`: "
+    "the token is for another project",
+    404: "`*_not_found`: no such object, or one of a project the token may not see; "
+    "`run_deleted`: the run was deleted",
+    409: "`conflict`: a concurrent change broke a constraint; retry",
+    413: "`too_large`: the body exceeds the server's limit (`SPECTRAWATCH_MAX_JSON_BYTES`)",
+    422: "`invalid_request` (each invalid field in `problems`), `out_of_range` (an id or step "
+    "beyond 64 bits), `nul_character`",
+    503: "`database_busy` / `database_unavailable`: retry after `Retry-After` seconds",
+}
+
+
+def error(description: str) -> dict[str, Any]:
+    """A ``responses=`` entry of a route: an error answer with :class:`ErrorBody`."""
+    return {"model": ErrorBody, "description": description}
+
+
+PROJECT_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: error(
+        "`project_not_found` / `run_not_found`: the project (or run) the body names does not "
+        "exist, or the token may not see it"
+    )
+}
+"""``responses=`` of a route whose body names a project or run."""
+
+
+def error_statuses(route: APIRoute, method: str) -> list[int]:
+    """The error statuses of :data:`ERRORS` that ``method`` on ``route`` can answer, from what
+    it declares: a token (401), a role above ``read`` (403), an object named in its path or
+    a ``project`` filter (404), a write (409), a JSON body (400, 413)."""
+    roles, authenticates = route_role(route.dependant)
+    statuses = [422, 503]
+    if authenticates:
+        statuses.append(401)
+    if any(role != "read" for role in roles):
+        statuses.append(403)
+    if "{" in route.path or "project" in query_names(route.dependant):
+        statuses.append(404)
+    if method != "GET":
+        statuses.append(409)
+    if route.body_field is not None:
+        statuses += [400, 413]
+    return sorted(statuses)
+
+
+def document_errors(schema: dict[str, Any], routes: Iterable[Any], prefix: str) -> None:
+    """Give each operation of ``schema`` (an OpenAPI document; ``routes`` served under
+    ``prefix``) its :func:`error_statuses` with :class:`ErrorBody` (a route's own
+    ``responses=`` entry for a status stays), and the ``ErrorBody`` schema in place of
+    FastAPI's 422 ``HTTPValidationError``; idempotent."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, definition in _error_schemas().items():
+        components.setdefault(name, definition)
+    paths = schema.get("paths", {})
+    for operations in paths.values():
+        for operation in operations.values():
+            _replace_default_422(operation["responses"])
+    for name in FASTAPI_422:  # referred to by nothing now
+        components.pop(name, None)
+    for route in routes:
+        if not isinstance(route, APIRoute):
+            continue
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            operation = paths.get(prefix + route.path, {}).get(method.lower())
+            if operation is not None:
+                _declare_errors(operation["responses"], error_statuses(route, method))
+
+
+def _replace_default_422(responses: dict[str, Any]) -> None:
+    """FastAPI's 422 (``HTTPValidationError``, a body the server never sends) becomes ours."""
+    default = responses.get("422", {}).get("content", {}).get("application/json", {})
+    if default.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+        responses["422"] = _error_response(ERRORS[422])
+
+
+def _declare_errors(responses: dict[str, Any], statuses: list[int]) -> None:
+    """Add ``statuses`` to an operation's ``responses`` (those it has stay)."""
+    for status in statuses:
+        responses.setdefault(str(status), _error_response(ERRORS[status]))
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+
+
+def _error_schemas() -> dict[str, Any]:
+    """:class:`ErrorBody`'s JSON schema and those it refers to, by component name."""
+    definition = ErrorBody.model_json_schema(ref_template=SCHEMAS_REF + "{model}")
+    nested: dict[str, Any] = definition.pop("$defs", {})
+    return {ErrorBody.__name__: definition, **nested}
