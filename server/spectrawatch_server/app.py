@@ -19,7 +19,7 @@ from spectrawatch_server.api.errors import install_error_handlers
 from spectrawatch_server.api.known_query import KNOWN_QUERY_ONLY
 from spectrawatch_server.api.limits import JsonBodyLimit, NulGuard
 from spectrawatch_server.api.no_framing import NoFraming
-from spectrawatch_server.api.openapi import document_errors
+from spectrawatch_server.api.openapi import document_errors, document_security
 from spectrawatch_server.api.routes import (
     alerts,
     blobs,
@@ -237,6 +237,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         schema = schema_of()
         describe_roles(schema, routes, API_PREFIX)  # each description names the role it needs
         document_errors(schema, routes, API_PREFIX)  # the error answers, with their schema
+        document_security(schema, routes, API_PREFIX)  # bearer tokens, where they are checked
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

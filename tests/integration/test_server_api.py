@@ -9,6 +9,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 from urllib.parse import urljoin
 
 import httpx
@@ -138,6 +139,18 @@ def test_openapi_document_declares_what_the_server_answers(
                     assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, method)
             if "{" in path:
                 assert "404" in operation["responses"], (path, method)
+
+
+def test_openapi_document_declares_bearer_auth(shared_server: ServerProcess) -> None:
+    """HTTP bearer auth is a security scheme (Swagger UI's Authorize button), required by
+    every operation that checks a token; health and readiness stay open."""
+    document = httpx.get(f"{shared_server.url}/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes == {"bearerAuth": {"type": "http", "scheme": "bearer", "description": ANY}}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            expected = [] if path in ("/api/v1/health", "/api/v1/ready") else [{"bearerAuth": []}]
+            assert operation.get("security", []) == expected, (method, path)
 
 
 def test_weight_frame_produces_norm_metrics_matching_numpy(client: httpx.Client) -> None:

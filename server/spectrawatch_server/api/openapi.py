@@ -1,10 +1,10 @@
 """The OpenAPI document as the server behaves: every operation declares the error statuses it
 can answer, each with the one error schema the server sends (:class:`ErrorBody`, never
-FastAPI's ``HTTPValidationError``)."""
+FastAPI's ``HTTPValidationError``); bearer-token security where the route checks a token."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fastapi.routing import APIRoute
@@ -80,13 +80,42 @@ def document_errors(schema: dict[str, Any], routes: Iterable[Any], prefix: str) 
             _replace_default_422(operation["responses"])
     for name in FASTAPI_422:  # referred to by nothing now
         components.pop(name, None)
+    for route, method, operation in _operations(schema, routes, prefix):
+        _declare_errors(operation["responses"], error_statuses(route, method))
+
+
+BEARER = "bearerAuth"
+BEARER_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "a token from `spectrawatch token create` (`sw_...`), with the role each "
+    "operation names; a server without `--require-auth` also answers without one",
+}
+
+
+def document_security(schema: dict[str, Any], routes: Iterable[Any], prefix: str) -> None:
+    """Declare HTTP bearer auth in ``schema`` and require it on each operation whose route
+    authenticates the caller (health, readiness and the docs stay open); idempotent."""
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})[BEARER] = BEARER_SCHEME
+    for route, _, operation in _operations(schema, routes, prefix):
+        if route_role(route.dependant)[1]:
+            operation["security"] = [{BEARER: []}]
+
+
+def _operations(
+    schema: dict[str, Any], routes: Iterable[Any], prefix: str
+) -> Iterator[tuple[APIRoute, str, dict[str, Any]]]:
+    """Each API route among ``routes`` (served under ``prefix``), method (not HEAD) and its
+    operation in ``schema``."""
+    paths = schema.get("paths", {})
     for route in routes:
         if not isinstance(route, APIRoute):
             continue
         for method in sorted((route.methods or set()) - {"HEAD"}):
             operation = paths.get(prefix + route.path, {}).get(method.lower())
             if operation is not None:
-                _declare_errors(operation["responses"], error_statuses(route, method))
+                yield route, method, operation
 
 
 def _replace_default_422(responses: dict[str, Any]) -> None:
