@@ -19,7 +19,13 @@ from spectrawatch_server.api.errors import install_error_handlers
 from spectrawatch_server.api.known_query import KNOWN_QUERY_ONLY
 from spectrawatch_server.api.limits import JsonBodyLimit, NulGuard
 from spectrawatch_server.api.no_framing import NoFraming
-from spectrawatch_server.api.openapi import document_errors, document_security
+from spectrawatch_server.api.openapi import (
+    TAGS,
+    document_errors,
+    document_security,
+    exact_integer_bounds,
+    operation_id,
+)
 from spectrawatch_server.api.routes import (
     alerts,
     blobs,
@@ -216,6 +222,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served by api_docs from the package's files, not a CDN
         redoc_url=None,
+        openapi_tags=TAGS,
+        generate_unique_id_function=operation_id,
     )
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
@@ -238,6 +246,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         describe_roles(schema, routes, API_PREFIX)  # each description names the role it needs
         document_errors(schema, routes, API_PREFIX)  # the error answers, with their schema
         document_security(schema, routes, API_PREFIX)  # bearer tokens, where they are checked
+        exact_integer_bounds(schema)  # 2**63 - 1, not 9.223372036854776e+18
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

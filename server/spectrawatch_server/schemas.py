@@ -226,7 +226,7 @@ class RunPublic(BaseModel):
     )
     project: str
     name: str
-    status: str
+    status: RunStatus
     config: dict[str, Any]
     tags: list[str]
     summary: dict[str, Any]

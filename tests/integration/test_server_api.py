@@ -153,6 +153,53 @@ def test_openapi_document_declares_bearer_auth(shared_server: ServerProcess) -> 
             assert operation.get("security", []) == expected, (method, path)
 
 
+def _integer_bounds(node: Any) -> Iterator[Any]:
+    """The minimum/maximum of every ``integer`` schema under ``node``."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _integer_bounds(item)
+    elif isinstance(node, dict):
+        if node.get("type") == "integer":
+            yield from (node[k] for k in ("minimum", "maximum") if k in node)
+        for child in node.values():
+            yield from _integer_bounds(child)
+
+
+def test_openapi_operation_ids_tags_enums_and_bounds(shared_server: ServerProcess) -> None:
+    """Operation ids are the route functions' names (``list_runs``), unique; each tag has a
+    description and ``whoami`` its own; statuses and severities are enums; integer bounds are
+    exact integers (2**63 - 1 was written ``9.223372036854776e+18``)."""
+    document = httpx.get(f"{shared_server.url}/openapi.json").json()
+    operations = [op for ops in document["paths"].values() for op in ops.values()]
+    ids = [op["operationId"] for op in operations]
+    assert len(ids) == len(set(ids))
+    assert document["paths"]["/api/v1/runs"]["get"]["operationId"] == "list_runs"
+    assert document["paths"]["/api/v1/token"]["get"]["tags"] == ["tokens"]
+    described = {tag["name"] for tag in document["tags"] if tag["description"]}
+    assert {tag for op in operations for tag in op["tags"]} <= described
+    schemas = document["components"]["schemas"]
+    assert schemas["RunPublic"]["properties"]["status"]["enum"] == [
+        "running",
+        "finished",
+        "crashed",
+    ]
+    assert schemas["AlertPublic"]["properties"]["severity"]["enum"] == [
+        "info",
+        "warning",
+        "critical",
+    ]
+    assert schemas["DeliveryPublic"]["properties"]["status"]["enum"] == [
+        "pending",
+        "delivered",
+        "failed",
+    ]
+    bounds = list(_integer_bounds(document))
+    assert bounds
+    assert all(type(b) is int for b in bounds), [b for b in bounds if type(b) is not int]
+    assert schemas["MetricIn"]["properties"]["step"]["maximum"] == 2**62
+    assert 2**63 - 1 in bounds
+
+
 def test_weight_frame_produces_norm_metrics_matching_numpy(client: httpx.Client) -> None:
     run_id = make_run(client, name="norms")
     bodies = [weight_frame(step=100 * i, seq=i) for i in range(3)]

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from spectrawatch.spectral import keys as metric_keys
 from spectrawatch.wire import LAYER_MAX, MAX_STEP, NAME_MAX, TEXT_PATTERN
@@ -34,7 +34,8 @@ from spectrawatch_server.analyses.registry import MODEL_LAYER
 
 RuleKind = Literal["threshold", "growth", "nonfinite", "client_drops", "silence"]
 RULE_KINDS: tuple[RuleKind, ...] = ("threshold", "growth", "nonfinite", "client_drops", "silence")
-SEVERITIES = ("info", "warning", "critical")
+Severity = Literal["info", "warning", "critical"]
+SEVERITIES: tuple[Severity, ...] = get_args(Severity)
 METRIC_KINDS = ("threshold", "growth")
 
 PointState = Literal["fire", "clear", "hold"]

@@ -1,6 +1,8 @@
 """The OpenAPI document as the server behaves: every operation declares the error statuses it
 can answer, each with the one error schema the server sends (:class:`ErrorBody`, never
-FastAPI's ``HTTPValidationError``); bearer-token security where the route checks a token."""
+FastAPI's ``HTTPValidationError``); bearer-token security where the route checks a token;
+operation ids that are the route functions' names; tags with descriptions; integer bounds as
+integers."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 
 from fastapi.routing import APIRoute
 
+from spectrawatch.wire import MAX_STEP
 from spectrawatch_server.api.deps import route_role
 from spectrawatch_server.api.known_query import query_names
 from spectrawatch_server.schemas import ErrorBody
@@ -140,3 +143,52 @@ def _error_schemas() -> dict[str, Any]:
     definition = ErrorBody.model_json_schema(ref_template=SCHEMAS_REF + "{model}")
     nested: dict[str, Any] = definition.pop("$defs", {})
     return {ErrorBody.__name__: definition, **nested}
+
+
+TAGS = [
+    {"name": "health", "description": "Liveness (`/health`) and readiness (`/ready`); no token."},
+    {"name": "tokens", "description": "What the calling token may do (`GET /token`)."},
+    {"name": "projects", "description": "Projects: get-or-create, list, delete with all runs."},
+    {"name": "runs", "description": "Runs: create or resume by name, list, update, delete."},
+    {
+        "name": "frames",
+        "description": "Frame ingest (safetensors, optionally zstd) and the frames of a run.",
+    },
+    {"name": "scalars", "description": "Logged scalars (loss, accuracy): ingest and read."},
+    {
+        "name": "metrics",
+        "description": "Analysis results: metric series, catalog, spectra, SED lag; imports.",
+    },
+    {"name": "alerts", "description": "Alert episodes and each project's alert rules."},
+    {"name": "webhooks", "description": "Webhooks and their deliveries (admin tokens)."},
+    {"name": "blobs", "description": "Releasing the stored frame blobs of ended runs."},
+    {"name": "dashboards", "description": "The dashboards' figures (Plotly JSON) and tables."},
+]
+"""The document's tags, in the order Swagger UI lists them."""
+
+
+def operation_id(route: APIRoute) -> str:
+    """An operation's id: its route function's name (``list_runs``), unique across the API."""
+    return route.name
+
+
+INTEGER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+EXACT_BOUNDS = {float(bound): bound for bound in (MAX_STEP, 2**63 - 1)}
+"""Bounds the API uses whose float (FastAPI's OpenAPI models keep bounds as floats) is not
+the integer: ``2**63 - 1`` became ``9.223372036854776e+18``."""
+
+
+def exact_integer_bounds(node: Any) -> None:
+    """Write the bounds of every ``integer`` schema under ``node`` as integers (in place)."""
+    if isinstance(node, list):
+        for item in node:
+            exact_integer_bounds(item)
+    if not isinstance(node, dict):
+        return
+    if node.get("type") == "integer":
+        for key in INTEGER_BOUNDS:
+            value = node.get(key)
+            if isinstance(value, float) and value.is_integer():
+                node[key] = EXACT_BOUNDS.get(value, int(value))
+    for child in node.values():
+        exact_integer_bounds(child)

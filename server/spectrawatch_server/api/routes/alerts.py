@@ -36,8 +36,8 @@ class AlertPublic(BaseModel):
     run_id: int
     rule: str
     layer: str
-    severity: str
-    status: str
+    severity: R.Severity
+    status: AlertStatus
     step: int
     resolved_step: int | None
     message: str

@@ -21,7 +21,7 @@ from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import delete_all
 
 router = APIRouter(prefix="/projects", tags=["projects"])
-token_router = APIRouter(tags=["projects"])
+token_router = APIRouter(tags=["tokens"])
 
 
 @token_router.get("/token", response_model=WhoAmI)

@@ -82,7 +82,7 @@ class DeliveryPublic(BaseModel):
     alert_id: int | None
     message_id: str
     event: str
-    status: str
+    status: DeliveryStatus
     attempts: int
     next_at: datetime
     expires_at: datetime | None
