@@ -15,7 +15,8 @@ from spectrawatch.wire import FrameLimits
 from spectrawatch_server.alerts.engine import engine_for
 from spectrawatch_server.api.cross_site import CrossSiteGuard
 from spectrawatch_server.api.deps import describe_roles
-from spectrawatch_server.api.errors import install_error_handlers
+from spectrawatch_server.api.errors import install_error_handlers, method_index
+from spectrawatch_server.api.head import HeadAsGet
 from spectrawatch_server.api.known_query import KNOWN_QUERY_ONLY
 from spectrawatch_server.api.limits import JsonBodyLimit, NulGuard
 from spectrawatch_server.api.no_framing import NoFraming
@@ -229,8 +230,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(JsonBodyLimit, max_bytes=settings.max_json_bytes)
     app.add_middleware(NulGuard)
     app.add_middleware(NoFraming)
-    if not settings.require_auth:  # added last: runs first
+    if not settings.require_auth:
         app.add_middleware(CrossSiteGuard, public_url=settings.public_url)
+    app.add_middleware(HeadAsGet)  # added last: runs first, so the others see a GET
     for api_router in API_ROUTERS:
         app.include_router(api_router, prefix=API_PREFIX, dependencies=[KNOWN_QUERY_ONLY])
     from spectrawatch_server.api import api_docs
@@ -240,6 +242,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     api_docs.install(app, dashboard_figures.package_dir() / "static")
     schema_of = app.openapi
     routes = [r for router in (*API_ROUTERS, dashboard_figures.api_router) for r in router.routes]
+    app.state.method_index = method_index(routes, API_PREFIX)  # a 405's Allow
 
     def openapi() -> dict[str, Any]:
         schema = schema_of()

@@ -82,18 +82,36 @@ def get_principal(request: Request, state: StateDep, session: SessionDep) -> Pri
     return authenticate(session, state.settings.require_auth, request.headers.get("authorization"))
 
 
+def challenge(error: str | None = None) -> dict[str, str]:
+    """A 401's ``WWW-Authenticate`` header (RFC 6750): the Bearer scheme, and ``error``
+    (``invalid_request``, ``invalid_token``) when a token was sent."""
+    value = 'Bearer realm="spectrawatch"' + (f', error="{error}"' if error else "")
+    return {"WWW-Authenticate": value}
+
+
 def authenticate(session: Session, require_auth: bool, header: str | None) -> Principal:
-    """The principal for an ``Authorization`` header value (``None`` when absent)."""
+    """The principal for an ``Authorization`` header value (``None`` when absent); 401 with a
+    ``WWW-Authenticate: Bearer`` challenge otherwise."""
     if header is None:
         if require_auth:
-            raise ApiError(401, "unauthorized", "missing Authorization: Bearer <token> header")
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing Authorization: Bearer <token> header",
+                challenge(),
+            )
         return Principal(project_id=None)
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
-        raise ApiError(401, "unauthorized", "Authorization header must be 'Bearer <token>'")
+        raise ApiError(
+            401,
+            "unauthorized",
+            "Authorization header must be 'Bearer <token>'",
+            challenge("invalid_request"),
+        )
     token = repo.find_token(session, secret.strip())
     if token is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked token")
+        raise ApiError(401, "unauthorized", "invalid or revoked token", challenge("invalid_token"))
     return Principal(project_id=token.project_id, role=parse_role(token.role), token_id=token.id)
 
 

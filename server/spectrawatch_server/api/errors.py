@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import html
 import logging
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from spectrawatch.wire import FrameError
 from spectrawatch_server.db.errors import (
@@ -77,6 +81,33 @@ UNPARSED_BODY = "There was an error parsing the body"
 (which is a 422): bytes that are not UTF-8, or JSON nested past Python's recursion limit."""
 
 
+MethodIndex = list[tuple[re.Pattern[str], frozenset[str]]]
+
+
+def method_index(routes: Iterable[Any], prefix: str) -> MethodIndex:
+    """Each API route's path pattern (served under ``prefix``) and methods: a 405's ``Allow``
+    (``app.state.method_index``)."""
+    return [
+        (compile_path(prefix + route.path)[0], frozenset(route.methods or ()))
+        for route in routes
+        if isinstance(route, APIRoute)
+    ]
+
+
+def allowed_methods(request: Request, allow: str) -> str:
+    """A 405's ``Allow``: Starlette names the first route of the path only (``POST`` for
+    ``/runs``, which ``GET`` lists too), so the methods of every route the app's
+    :func:`method_index` matches are added; and HEAD wherever GET is (:class:`HeadAsGet`)."""
+    methods = {m.strip() for m in allow.split(",") if m.strip()}
+    index: MethodIndex = getattr(request.app.state, "method_index", [])
+    for pattern, route_methods in index:
+        if pattern.match(request.scope["path"]):
+            methods |= route_methods
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -110,9 +141,12 @@ def install_error_handlers(app: FastAPI) -> None:
                 "the body could not be parsed: not UTF-8, or JSON nested more than about "
                 "1,000 levels deep"
             )
+        headers = dict(exc.headers or {})  # a 405's Allow
+        if "Allow" in headers:
+            headers["Allow"] = allowed_methods(request, headers["Allow"])
         if _wants_page(request):
             return error_page(exc.status_code, detail)
-        return error_response(exc.status_code, code, detail)
+        return error_response(exc.status_code, code, detail, headers)
 
     @app.exception_handler(BlobStoreFull)
     async def _full(_: Request, exc: BlobStoreFull) -> JSONResponse:
