@@ -106,7 +106,7 @@ def test_openapi_document_declares_what_the_server_answers(
     assert "HTTPValidationError" not in schemas
     assert "HTTPValidationError" not in json.dumps(document)
     create = document["paths"]["/api/v1/runs"]["post"]["responses"]
-    assert {"200", "201", "401", "403", "409", "422"} <= set(create)
+    assert {"200", "201", "401", "403", "409", "415", "422"} <= set(create)
     ingest = document["paths"]["/api/v1/runs/{run_id}/frames"]["post"]
     assert "application/octet-stream" in ingest["requestBody"]["content"]
     assert ingest["responses"]["200"]["content"]["application/json"]["schema"] == {

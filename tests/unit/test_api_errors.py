@@ -1,10 +1,12 @@
 """HTTP semantics of the API's answers: 405 names the allowed methods, 401 challenges for a
-bearer token, HEAD is answered as GET without a body."""
+bearer token, HEAD is answered as GET without a body; body errors say what is wrong (415 for
+a body that is not sent as JSON, where malformed JSON breaks, which parameter is too big)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from fastapi.testclient import TestClient
@@ -65,3 +67,46 @@ def test_401_challenges_for_a_bearer_token(tmp_path: Path) -> None:
     assert malformed.headers["www-authenticate"].endswith('error="invalid_request"')
     assert unknown.headers["www-authenticate"].endswith('error="invalid_token"')
     assert frame.headers["www-authenticate"] == 'Bearer realm="spectrawatch"'
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"content-type": "application/x-www-form-urlencoded"}, {"content-type": ""}, {}],
+)
+def test_a_json_body_sent_as_another_type_is_415(
+    client: TestClient, headers: dict[str, str]
+) -> None:
+    body = b'{"project": "p", "name": "curl-run"}'
+    answer = client.post("/api/v1/runs", content=body, headers=headers)
+    assert answer.status_code == 415, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert "Content-Type: application/json" in error["message"]
+    json_type = {"content-type": "application/json; charset=utf-8"}
+    assert client.post("/api/v1/runs", content=body, headers=json_type).status_code == 201
+    missing = client.post("/api/v1/runs", headers=headers)  # no body: a field is missing
+    assert missing.status_code == 422
+
+
+def test_malformed_json_names_the_offset_and_the_reason(client: TestClient) -> None:
+    answer = client.post(
+        "/api/v1/runs",
+        content=b'{"project":"grok",}',
+        headers={"content-type": "application/json"},
+    )
+    assert answer.status_code == 422
+    error = answer.json()["error"]
+    assert error["problems"] == [{"field": "body", "message": ANY}]
+    assert error["message"].startswith("body: malformed JSON at character 18: ")
+    assert "double quotes" in error["message"]
+
+
+def test_an_id_beyond_64_bits_is_named(client: TestClient) -> None:
+    for path, name in (
+        ("/api/v1/runs/99999999999999999999", "run_id"),
+        ("/api/v1/webhooks/99999999999999999999", "webhook_id"),
+    ):
+        answer = client.get(path)
+        assert answer.status_code == 422, path
+        assert answer.json()["error"]["code"] == "out_of_range"
+        assert answer.json()["error"]["message"].startswith(f"{name} out of range"), path

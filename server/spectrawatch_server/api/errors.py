@@ -108,6 +108,51 @@ def allowed_methods(request: Request, allow: str) -> str:
     return ", ".join(sorted(methods))
 
 
+JSON_TYPES = ("application/json",)
+"""The body media type of the API's JSON routes (``+json`` suffixes are read as JSON too)."""
+
+
+def _unsupported_media_type(request: Request, exc: RequestValidationError) -> str | None:
+    """Why a body failed as not JSON (415), or None: FastAPI reads the body of a request whose
+    Content-Type is not JSON (``curl -d`` sends a form type) as no object at all, and answered
+    422 "body: Input should be a valid dictionary"."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media in JSON_TYPES or media.endswith("+json"):
+        return None
+    if not any(e.get("loc", ())[:1] == ("body",) for e in exc.errors()):
+        return None
+    empty = request.headers.get("content-length", "0") == "0"
+    if empty and "transfer-encoding" not in request.headers:
+        return None  # no body at all: 422 "Field required" says so
+    sent = f"this request's is {media!r}" if media else "this request has none"
+    return f"the body must be JSON sent with Content-Type: application/json ({sent})"
+
+
+def _problem(error: Any) -> dict[str, str]:
+    """One pydantic/FastAPI validation error as ``{field, message}``; a JSON syntax error
+    (loc ``("body", offset)``) names the offset and the parser's reason, not a field."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid" and loc[:1] == ("body",):
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        reason = str(error.get("ctx", {}).get("error", "")).strip()
+        return {"field": "body", "message": f"malformed JSON{where}: {reason or 'invalid'}"}
+    return {"field": ".".join(str(p) for p in loc), "message": str(error.get("msg", ""))}
+
+
+def _out_of_range_names(request: Request) -> list[str]:
+    """The path and query parameters of ``request`` holding an integer beyond 64 bits."""
+    pairs = [*request.path_params.items(), *request.query_params.multi_items()]
+    return sorted(
+        {
+            name
+            for name, value in pairs
+            if isinstance(value, str | int)
+            and str(value).lstrip("-").isdigit()
+            and not -(2**63) <= int(value) < 2**63
+        }
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -121,10 +166,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        problems = [
-            {"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")}
-            for e in exc.errors()
-        ]
+        unsupported = _unsupported_media_type(request, exc)
+        if unsupported is not None:
+            return error_response(415, "unsupported_media_type", unsupported)
+        problems = [_problem(e) for e in exc.errors()]
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
         if _wants_page(request):
             return error_page(422, summary)
@@ -154,13 +199,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OverflowError)
     @app.exception_handler(DataError)
-    async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
+    async def _out_of_range(request: Request, exc: Exception) -> JSONResponse:
         if "NUL" in str(exc):  # PostgreSQL text cannot hold U+0000 (a field no schema checks)
             return error_response(
                 422, "nul_character", "a text value holds a NUL character (\\u0000)"
             )
         # ids/steps beyond the database's 64-bit integers (or similar value errors)
-        return error_response(422, "out_of_range", "a numeric parameter is out of range")
+        names = _out_of_range_names(request)
+        message = (
+            f"{', '.join(names)} out of range: ids and steps are at most 2**63 - 1"
+            if names
+            else "a numeric parameter is out of range"
+        )
+        return error_response(422, "out_of_range", message)
 
     @app.exception_handler(IntegrityError)
     async def _conflict(_: Request, exc: IntegrityError) -> JSONResponse:

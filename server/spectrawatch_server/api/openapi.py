@@ -30,6 +30,7 @@ ERRORS = {
     "`run_deleted`: the run was deleted",
     409: "`conflict`: a concurrent change broke a constraint; retry",
     413: "`too_large`: the body exceeds the server's limit (`SPECTRAWATCH_MAX_JSON_BYTES`)",
+    415: "`unsupported_media_type`: the body is not sent as `application/json`",
     422: "`invalid_request` (each invalid field in `problems`), `out_of_range` (an id or step "
     "beyond 64 bits), `nul_character`",
     503: "`database_busy` / `database_unavailable`: retry after `Retry-After` seconds",
@@ -53,7 +54,7 @@ PROJECT_NOT_FOUND: dict[int | str, dict[str, Any]] = {
 def error_statuses(route: APIRoute, method: str) -> list[int]:
     """The error statuses of :data:`ERRORS` that ``method`` on ``route`` can answer, from what
     it declares: a token (401), a role above ``read`` (403), an object named in its path or
-    a ``project`` filter (404), a write (409), a JSON body (400, 413)."""
+    a ``project`` filter (404), a write (409), a JSON body (400, 413, 415)."""
     roles, authenticates = route_role(route.dependant)
     statuses = [422, 503]
     if authenticates:
@@ -65,7 +66,7 @@ def error_statuses(route: APIRoute, method: str) -> list[int]:
     if method != "GET":
         statuses.append(409)
     if route.body_field is not None:
-        statuses += [400, 413]
+        statuses += [400, 413, 415]
     return sorted(statuses)
 
 
