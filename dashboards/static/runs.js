@@ -32,6 +32,22 @@
     });
   }
   offerConfigKeys();
+  // Likewise the summary-column picker: the scalars the listed runs logged, a new one picked
+  // when the table shows it (a default column of a page served without rows).
+  function offerSummaryNames() {
+    var picker = document.getElementById("summary-columns");
+    var runs = document.querySelector("table.runs[data-scalar-names]");
+    if (!picker || !runs) { return; }
+    var shown = JSON.parse(runs.dataset.summaryColumns);
+    var have = {};
+    Array.prototype.forEach.call(picker.options, function (o) { have[o.value] = true; });
+    JSON.parse(runs.dataset.scalarNames).forEach(function (k) {
+      if (have[k]) { return; }  // as served, or as the user left it
+      var option = picker.appendChild(C.el("option", { value: k }, k));
+      option.selected = shown.indexOf(k) >= 0;
+    });
+  }
+  offerSummaryNames();
   if (!table) { return; }
   var locked = table.dataset.locked === "1";
   var refused = false;  // the server refused the stored token: asking again is the user's move
@@ -75,6 +91,7 @@
         table.innerHTML = html;
         titleTimes();
         offerConfigKeys();
+        offerSummaryNames();
         var notice = document.getElementById("runs-locked");
         if (notice) { notice.hidden = true; }
         document.body.dataset.runs = "1";

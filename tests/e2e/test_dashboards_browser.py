@@ -207,6 +207,61 @@ def test_runs_page_lists_filters_and_links(browser: Any, seeded: Any, artifacts:
     assert console_errors(browser) == []
 
 
+def test_runs_list_shows_last_values_and_flags_a_run_gone_nan(
+    browser: Any, seeded: Any, artifacts: Path
+) -> None:
+    """A run that hit NaN read "finished" with an alert count and no results: the list shows
+    each run's last loss and accuracy (the picker offering every logged scalar) and a NaN/Inf
+    badge, titled with where, on the run whose loss went non-finite."""
+    server, _ = seeded
+    api = f"{server.url}/api/v1"
+    ids = {}
+    for name, last in (("fine", 0.125), ("diverged", math.nan)):
+        run = httpx.post(f"{api}/runs", json={"project": "summaries", "name": name}, timeout=30)
+        ids[name] = run.json()["id"]
+        points = [{"step": t, "name": "loss", "value": 2.0 - t / 100} for t in range(0, 60, 10)]
+        points += [
+            {"step": 60, "name": "loss", "value": last},
+            {"step": 60, "name": "val_acc", "value": 0.875},
+            {"step": 60, "name": "lr", "value": 1e-3},
+        ]
+        body = json.dumps(points)  # NaN as the client sends it
+        headers = {"Content-Type": "application/json"}
+        sent = httpx.post(f"{api}/runs/{ids[name]}/scalars", content=body, headers=headers)
+        assert sent.status_code == 202, sent.text
+    stats = {"nonfinite_scalars": {"loss": {"step": 60, "value": "nan"}}}
+    httpx.post(f"{api}/runs/{ids['diverged']}/client-stats", json=stats, timeout=30)
+    browser.get(server.url + "/projects/summaries")
+    wait_js(browser, "document.querySelectorAll('table.runs tbody tr').length === 2")
+    heads = browser.execute_script(
+        "return Array.from(document.querySelectorAll('table.runs th.last-value'))"
+        ".map(function (th) { return th.textContent; })"
+    )
+    assert heads == ["loss", "val_acc"]
+    cells = browser.execute_script(
+        "return Array.from(document.querySelectorAll('table.runs tbody tr')).map(function (tr) {"
+        " return Array.from(tr.querySelectorAll('td.last-value'))"
+        ".map(function (td) { return td.textContent.trim(); }); })"
+    )
+    assert cells == [["NaN/Inf", "0.875"], ["0.125", "0.875"]]
+    flag = browser.find_element("css selector", f"tr[data-run='{ids['diverged']}'] .nonfinite-flag")
+    assert flag.text == "NaN/Inf"
+    assert flag.get_attribute("title") == "NaN/Inf: loss (nan) from step 60"
+    assert (
+        browser.find_elements("css selector", f"tr[data-run='{ids['fine']}'] .nonfinite-flag") == []
+    )
+    picked = browser.execute_script(
+        "return Array.from(document.getElementById('summary-columns').options)"
+        ".map(function (o) { return o.value + (o.selected ? '*' : ''); })"
+    )
+    assert picked == ["loss*", "lr", "val_acc*"]
+    screenshot(browser, artifacts, "runs-summary")
+    browser.get(server.url + "/projects/summaries?summary=lr&sort=summary:lr")
+    wait_js(browser, "document.querySelectorAll('table.runs th.last-value').length === 1")
+    assert browser.find_element("css selector", "table.runs th.last-value").text == "lr"
+    assert console_errors(browser) == []
+
+
 def test_long_run_name_does_not_break_status_badges(browser: Any, seeded: Any) -> None:
     """A 200-character run name squeezes the other columns: the status badges stay one line
     (they wrapped mid-word, "finishe / d", with the cells' ``overflow-wrap: anywhere``)."""

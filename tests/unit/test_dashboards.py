@@ -2034,3 +2034,66 @@ def test_runs_list_shows_and_sorts_by_config_columns(tmp_path: Path) -> None:
         assert '<option value="opt.lr" >opt.lr</option>' in page
         assert '<option value="config:bs" >config bs</option>' in page
         assert '<th class="config"' not in table()[1]  # no columns unless asked for
+
+
+def test_runs_list_shows_last_scalar_values_and_a_nan_badge(tmp_path: Path) -> None:
+    """The runs list showed a run that hit NaN as "finished" with an alert count and no
+    results: it shows the last value of chosen scalars now (by default a loss and an accuracy
+    the listed runs logged; ``summary`` repeated picks others, an empty one none), sorts every
+    matching run by one (``sort=summary:<scalar>``, runs without a finite value last), and a
+    NaN/Inf badge where the run's frames (its ``nonfinite`` alert episodes) or scalars (the
+    client's ``nonfinite_scalars``) went non-finite, each read by one query for the page."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+    from spectrawatch_server.db.models import Alert
+
+    engine, sessions = migrated(tmp_path)
+    with sessions.begin() as s:
+        ids = {name: new_run(s, "p", name) for name in ("a", "b", "nan", "empty")}
+        for name, loss in (("a", 0.5), ("b", 0.25), ("nan", math.nan)):
+            rows = [(t, "train/loss", 2.0 - t / 100) for t in range(0, 100, 10)]
+            rows += [(100, "train/loss", loss), (100, "val_acc", 0.9), (5, "lr", 1e-3)]
+            result_store.upsert_scalars(s, ids[name], rows)
+        s.add(Alert(run_id=ids["nan"], rule="nonfinite", step=61, status="resolved"))
+        s.add(Alert(run_id=ids["a"], rule="grad_spike", step=3))  # another rule: no badge
+        repo.get_run(s, ids["b"]).client_stats = {  # type: ignore[union-attr]
+            "nonfinite_scalars": {"val/loss": {"step": 70, "value": "inf"}}
+        }
+    engine.dispose()
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+
+        def table(**params: Any) -> tuple[list[str], str]:
+            html = client.get("/projects/p", params={"fragment": "true", **params}).text
+            return re.findall(r'<a href="/runs/\d+">([^<]+)</a>', html), html
+
+        _, html = table()
+        heads = re.findall(r'<th class="num last-value" title="[^"]*">([^<]+)</th>', html)
+        assert heads == ["train/loss", "val_acc"]  # defaults among the logged names
+        assert 'data-scalar-names=\'["lr", "train/loss", "val_acc"]\'' in html
+        cells = re.findall(r'<td class="num last-value">(.*?)</td>', html)
+        assert cells[:2] == ["—", "—"]  # "empty" logged nothing
+        assert cells[2] == '<span class="nonfinite-value" title="step 100">NaN/Inf</span>'
+        assert cells[4:6] == [
+            '<span title="step 100">0.25</span>',
+            '<span title="step 100">0.9</span>',
+        ]
+        flag = r'data-run="(\d+)">(?:(?!</tr>).)*class="nonfinite-flag" title="([^"]*)"'
+        flags = dict(re.findall(flag, html, re.S))
+        assert flags[str(ids["nan"])] == "NaN/Inf: frames from step 61"
+        assert flags[str(ids["b"])] == "NaN/Inf: val/loss (inf) from step 70"
+        assert html.count('class="nonfinite-flag"') == 2
+        # no finite last value: last either way, newest first
+        assert table(sort="summary:train/loss", desc="false")[0] == ["b", "a", "empty", "nan"]
+        assert table(sort="summary:train/loss")[0] == ["a", "b", "empty", "nan"]
+        _, html = table(summary=["lr"])
+        assert re.findall(r'<th class="num last-value" title="[^"]*">([^<]+)</th>', html) == ["lr"]
+        assert "0.001" in html
+        assert 'class="num last-value"' not in table(summary="")[1]  # none picked: none shown
+        page = client.get("/projects/p").text
+        assert '<option value="train/loss" selected>train/loss</option>' in page
+        assert '<option value="lr" >lr</option>' in page
+        assert '<option value="summary:val_acc" >last val_acc</option>' in page

@@ -36,8 +36,10 @@ from spectrawatch_server.figures.configs import ConfigRow as ConfigRow
 from spectrawatch_server.figures.configs import config_keys as config_keys
 from spectrawatch_server.figures.configs import config_rows as config_rows
 from spectrawatch_server.figures.configs import config_text as config_text
+from spectrawatch_server.figures.configs import default_summary as default_summary
 from spectrawatch_server.figures.configs import flatten_config as flatten_config
 from spectrawatch_server.figures.configs import sort_by_config as sort_by_config
+from spectrawatch_server.figures.configs import summary_text as summary_text
 from spectrawatch_server.figures.heatmaps import FEW_STEP_TICKS as FEW_STEP_TICKS
 from spectrawatch_server.figures.heatmaps import LOG_COLOR_METRICS as LOG_COLOR_METRICS
 from spectrawatch_server.figures.heatmaps import LOG_COLOR_SPAN as LOG_COLOR_SPAN

@@ -1,17 +1,29 @@
 """Run configs as tables: a nested config flattened to dotted keys (``optimizer.lr``, as W&B
 and MLflow show them), the compare page's key x run table (keys whose values differ first) and
-the runs list's config columns.
+the runs list's config columns and summary columns (the last value of chosen scalars, as W&B's
+runs table shows them).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from spectrawatch_server.figures.base import natural_key
+from spectrawatch_server.figures.keys import VAL_ACC_PATTERN
+
+# the summary columns a runs list shows unless asked for others: the first logged scalar
+# matching each, in this order (training loss, validation loss, validation accuracy, accuracy)
+SUMMARY_DEFAULTS = (
+    re.compile(r"^(train[._/ -]?)?loss$", re.I),
+    re.compile(r"^(val|valid|validation|test|eval)[._/ -]?loss$", re.I),
+    VAL_ACC_PATTERN,
+    re.compile(r"^(train[._/ -]?)?(acc|accuracy)$", re.I),
+)
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -81,3 +93,17 @@ def sort_by_config(rows: Sequence[Any], key: str, *, desc: bool) -> list[Any]:
     present = [r for r in rows if key in r["config"]]
     missing = [r for r in rows if key not in r["config"]]
     return sorted(present, key=rank, reverse=desc) + missing
+
+
+def default_summary(names: Sequence[str]) -> list[str]:
+    """The summary columns of a runs list whose runs logged scalars ``names`` when none were
+    picked: for each of :data:`SUMMARY_DEFAULTS`, the first name (natural order) it matches."""
+    ordered = sorted(names, key=natural_key)
+    picked = (next((n for n in ordered if p.match(n)), None) for p in SUMMARY_DEFAULTS)
+    return [n for n in dict.fromkeys(picked) if n is not None]
+
+
+def summary_text(value: float | None) -> str:
+    """A scalar's last value as a summary cell shows it: 4 significant digits, ``NaN/Inf`` for
+    a non-finite one (stored as NULL)."""
+    return "NaN/Inf" if value is None else f"{value:.4g}"

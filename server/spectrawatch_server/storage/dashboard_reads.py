@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from spectrawatch_server.db.models import (
     Alert,
+    AlertRule,
     Delivery,
     DeliveryAttempt,
     Frame,
@@ -546,8 +547,11 @@ def runs_page(
             session, lambda tag: func.lower(tag).contains(needle, autoescape=True)
         )
         where.append(or_(func.lower(Run.name).contains(needle, autoescape=True), in_tag))
-    key = RUN_SORTS.get(sort, RUN_SORTS["id"])
-    order = [key.desc() if desc else key.asc(), Run.id.desc()]
+    key = run_sort_key(sort)
+    first = key.desc() if desc else key.asc()
+    if sort.startswith(SUMMARY_SORT):  # runs without a finite last value last, either way
+        first = first.nulls_last()
+    order = [first, Run.id.desc()]
     runs = list(session.scalars(select(Run).where(*where).order_by(*order).limit(limit)).all())
     total = len(runs)
     if total == limit:
@@ -566,6 +570,111 @@ RUN_SORTS: dict[str, Any] = {  # the runs list's sort keys, as SQL
     .scalar_subquery(),
     "status": Run.status,
 }
+
+
+SUMMARY_SORT = "summary:"  # sort=summary:<scalar>: by the last value of a logged scalar
+
+
+def run_sort_key(sort: str) -> Any:
+    """The SQL the runs list orders by: a key of :data:`RUN_SORTS` (else ``id``), or
+    ``summary:<scalar>``, the run's last stored value of that scalar (NULL when it has none or
+    it was NaN/Inf): one index seek on ``ix_scalar_run_name_step`` a run."""
+    if sort.startswith(SUMMARY_SORT):
+        return (
+            select(Scalar.value)
+            .where(Scalar.run_id == Run.id, Scalar.name == sort.removeprefix(SUMMARY_SORT))
+            .order_by(Scalar.step.desc())
+            .limit(1)
+            .correlate(Run)
+            .scalar_subquery()
+        )
+    return RUN_SORTS.get(sort, RUN_SORTS["id"])
+
+
+def _id_values(run_ids: Sequence[int]) -> str:
+    """``VALUES (1), (2), ...`` of ``run_ids`` (ints only: nothing a user wrote)."""
+    return "VALUES " + ", ".join(f"({int(i)})" for i in run_ids)
+
+
+def scalar_names_of(session: Session, run_ids: Sequence[int]) -> list[str]:
+    """The distinct scalar names of ``run_ids``, natural order not applied (sorted by the
+    caller): one recursive skip-scan over every run, an index seek per (run, name), not a read
+    of every stored point."""
+    if not run_ids:
+        return []
+    rows = session.execute(
+        text(
+            f"WITH RECURSIVE r(id) AS ({_id_values(run_ids)}),"
+            " n(run_id, name) AS ("
+            " SELECT r.id, (SELECT min(s.name) FROM scalar s WHERE s.run_id = r.id) FROM r"
+            " UNION ALL"
+            " SELECT n.run_id, (SELECT min(s.name) FROM scalar s"
+            "  WHERE s.run_id = n.run_id AND s.name > n.name)"
+            " FROM n WHERE n.name IS NOT NULL"
+            ") SELECT DISTINCT name FROM n WHERE name IS NOT NULL"
+        )
+    ).all()
+    return [str(r[0]) for r in rows]
+
+
+def last_scalars(
+    session: Session, run_ids: Sequence[int], names: Sequence[str]
+) -> dict[int, dict[str, tuple[int, float | None]]]:
+    """``{run: {scalar: (step, value)}}``: the last stored point of each of ``names`` in each
+    of ``run_ids`` (value None: NaN/Inf), by one statement: an index seek per (run, name) pair
+    for its last step, then its row (runs without the scalar are absent)."""
+    if not run_ids or not names:
+        return {}
+    params = {f"n{i}": name for i, name in enumerate(names)}
+    wanted = ", ".join(f"(CAST(:n{i} AS VARCHAR(200)))" for i in range(len(names)))
+    rows = session.execute(
+        text(
+            f"WITH r(id) AS ({_id_values(run_ids)}), n(name) AS (VALUES {wanted}),"
+            " last(run_id, name, step) AS ("
+            " SELECT r.id, n.name, (SELECT max(s.step) FROM scalar s"
+            "  WHERE s.run_id = r.id AND s.name = n.name) FROM r CROSS JOIN n)"
+            " SELECT s.run_id, s.name, s.step, s.value FROM last JOIN scalar s"
+            " ON s.run_id = last.run_id AND s.name = last.name AND s.step = last.step"
+        ),
+        params,
+    ).all()
+    out: dict[int, dict[str, tuple[int, float | None]]] = {}
+    for run_id, name, step, value in rows:
+        out.setdefault(int(run_id), {})[str(name)] = (int(step), _finite(value))
+    return out
+
+
+def _finite(value: Any) -> float | None:
+    """A stored value, None for NULL (NaN/Inf) and for a NaN PostgreSQL kept as such."""
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+NONFINITE_RULE = "nonfinite"  # the default rule that opens an episode for NaN/Inf frames
+
+
+def nonfinite_runs(session: Session, runs: Sequence[Run]) -> dict[int, int]:
+    """``{run: first step}`` of the ``runs`` whose frames carried NaN/Inf values: the earliest
+    step of an alert episode (open or resolved) of a ``nonfinite`` kind rule (the default
+    :data:`NONFINITE_RULE` or a project's custom one). One grouped seek on
+    ``ix_alert_run_rule_layer`` for the listed runs, where reading their frames' ``nonfinite``
+    maps scanned every frame; a project that switched its NaN/Inf rule off has no episode."""
+    if not runs:
+        return {}
+    projects = {r.project_id for r in runs}
+    custom = session.execute(
+        select(AlertRule.rule, AlertRule.params).where(AlertRule.project_id.in_(projects))
+    ).all()
+    rules = {NONFINITE_RULE} | {
+        str(rule)
+        for rule, params in custom
+        if isinstance(params, dict) and params.get("kind") == "nonfinite"
+    }
+    rows = session.execute(
+        select(Alert.run_id, func.min(Alert.step))
+        .where(Alert.run_id.in_([r.id for r in runs]), Alert.rule.in_(sorted(rules)))
+        .group_by(Alert.run_id)
+    ).all()
+    return {int(run_id): int(step) for run_id, step in rows}
 
 
 def open_alert_counts(session: Session, run_ids: Sequence[int]) -> dict[int, int]:

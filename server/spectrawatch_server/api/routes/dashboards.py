@@ -85,6 +85,8 @@ RUNS_SHOWN = 1000  # rows of the runs list; past it, the page says how many matc
 CONFIG_SORT = "config:"  # sort=config:<key>: the listed runs by a config key (see runs_table)
 CONFIG_COLUMNS = 20  # config columns a runs list shows at most
 Columns = Annotated[list[str] | None, Query(max_length=CONFIG_COLUMNS)]
+SUMMARY_COLUMNS = 10  # summary (last scalar value) columns a runs list shows at most
+SummaryColumns = Annotated[list[str] | None, Query(max_length=SUMMARY_COLUMNS + 1)]
 
 
 def runs_table(
@@ -113,6 +115,7 @@ def runs_table(
     sql_sort, sql_desc = ("id", True) if by_config else (sort, desc)
     runs, total = reads.runs_page(session, project_id, status, q, sql_sort, sql_desc, RUNS_SHOWN)
     counts = reads.open_alert_counts(session, [r.id for r in runs])
+    nonfinite = reads.nonfinite_runs(session, runs)
     projects = repo.project_names(session, [r.project_id for r in runs])
     now = datetime.now(timezone.utc)
     rows = [
@@ -130,12 +133,43 @@ def runs_table(
             "open_alerts": counts.get(r.id, 0),
             "tags": r.tags,
             "config": dash.flatten_config(r.config or {}),
+            "nonfinite": nonfinite_text(nonfinite.get(r.id), r.client_stats),
         }
         for r in runs
     ]
     if by_config:
         rows = dash.sort_by_config(rows, sort.removeprefix(CONFIG_SORT), desc=desc)
     return rows, total
+
+
+def nonfinite_text(frame_step: int | None, client_stats: Any) -> str:
+    """Where a run went NaN/Inf, for its runs-list badge ("" when it did not): its frames'
+    first step (:func:`~spectrawatch_server.storage.dashboard_reads.nonfinite_runs`) and each
+    scalar's, from the client's stats."""
+    parts = [] if frame_step is None else [f"frames from step {frame_step}"]
+    onsets = sorted(dash.scalar_onsets(client_stats).items(), key=lambda kv: kv[1])
+    parts += [f"{name} ({value}) from step {step}" for name, (step, value) in onsets]
+    return "NaN/Inf: " + "; ".join(parts) if parts else ""
+
+
+def summary_columns(
+    session: Session, rows: list[dict[str, Any]], picked: list[str] | None
+) -> tuple[list[str], list[str]]:
+    """The summary columns of the runs list (``picked``, "" entries dropped; when None, the
+    :func:`~spectrawatch_server.figures.configs.default_summary` of the listed runs' scalars)
+    and the scalar names its picker offers; each row gets ``summary``, ``{name: (step,
+    value)}`` of its last points (one statement for the page's runs)."""
+    ids = [r["id"] for r in rows]
+    names = reads.scalar_names_of(session, ids)
+    columns = (
+        dash.default_summary(names)
+        if picked is None
+        else list(dict.fromkeys(c for c in picked if c))[:SUMMARY_COLUMNS]
+    )
+    last = reads.last_scalars(session, ids, columns)
+    for row in rows:
+        row["summary"] = last.get(row["id"], {})
+    return columns, sorted({*names, *columns}, key=dash.natural_key)
 
 
 def _page(request: Request, template: str, **context: Any) -> HTMLResponse:
@@ -154,10 +188,14 @@ def show_runs(
     desc: bool = True,
     fragment: bool = False,
     cols: Columns = None,
+    summary: SummaryColumns = None,
 ) -> HTMLResponse:
-    """All runs (of one project with ``?project=``): status, last step, age, open alerts, and
-    the config keys of ``cols`` (repeated) as columns, offered from the keys the listed runs
-    have.
+    """All runs (of one project with ``?project=``): status (with a NaN/Inf badge), last step,
+    age, open alerts, the config keys of ``cols`` (repeated) as columns, offered from the keys
+    the listed runs have, and the last values of the scalars of ``summary`` (repeated; without
+    it, a training loss, a validation loss and accuracy the listed runs logged; an empty one
+    alone: none), offered from the scalars they logged; ``sort=summary:<scalar>`` orders every
+    matching run by one.
 
     With auth on, a page asked for without a token (a browser's navigation) is served without
     its rows; its script asks for the table (``fragment``) with the token the browser keeps,
@@ -175,9 +213,14 @@ def show_runs(
         else runs_table(session, principal.project_id, project, status, q, sort, desc)
     )
     columns = list(dict.fromkeys(c for c in cols or [] if c))
+    sums, scalar_names = summary_columns(session, rows, summary)
     context = {
         "rows": rows,
         "cols": columns,
+        "sums": sums,
+        "scalar_names": scalar_names,
+        "summary_sort": reads.SUMMARY_SORT,
+        "summary_text": dash.summary_text,
         "config_keys": sorted(
             {*dash.config_keys([r["config"] for r in rows]), *columns}, key=dash.natural_key
         ),
@@ -209,8 +252,9 @@ def show_project(
     desc: bool = True,
     fragment: bool = False,
     cols: Columns = None,
+    summary: SummaryColumns = None,
 ) -> HTMLResponse:
-    return show_runs(request, state, session, name, status, q, sort, desc, fragment, cols)
+    return show_runs(request, state, session, name, status, q, sort, desc, fragment, cols, summary)
 
 
 def _run_page(
