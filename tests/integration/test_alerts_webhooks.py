@@ -209,6 +209,37 @@ def test_nan_frame_opens_alert_delivered_signed_and_resolves(
     assert all(len(d["log"]) == 1 and d["log"][0]["status_code"] == 204 for d in deliveries)
 
 
+def _nan_alert(api: httpx.Client, project: str, name: str) -> dict[str, Any]:
+    """The alert a NaN frame opens in a new run ``name`` of ``project``."""
+    run_id = make_run(api, project=project, name=name)
+    assert post_frame(api, run_id, weights(10, 0, nan=True), seq=0).status_code == 202
+    wait_until(lambda: bool(api.get(f"/runs/{run_id}/alerts").json()), timeout=30)
+    alert: dict[str, Any] = api.get(f"/runs/{run_id}/alerts").json()[0]
+    return alert
+
+
+def test_a_deleted_alert_or_webhook_id_never_names_a_new_one(api: httpx.Client) -> None:
+    """SQLite handed the newest row's id, once deleted, to the next row (no AUTOINCREMENT):
+    a deleted run's alert gave its id to the next run's alert, and a ``PATCH /alerts/{id}``
+    meant for the old one acknowledged the new one; a retried ``DELETE /webhooks/{id}``
+    deleted the webhook created after it. Ids are now never reused: the stale id is 404."""
+    project = "id-reuse"
+    old = _nan_alert(api, project, "a")
+    assert api.delete(f"/runs/{old['run_id']}").status_code == 200
+    new = _nan_alert(api, project, "b")
+    assert new["id"] != old["id"]
+    stale = api.patch(f"/alerts/{old['id']}", json={"acknowledged": True})
+    assert stale.status_code == 404, stale.text
+    assert api.get(f"/runs/{new['run_id']}/alerts").json()[0]["acknowledged_at"] is None
+    url = "https://93.184.216.34/hook"
+    first = api.post("/webhooks", json={"project": project, "url": url + "1"}).json()["id"]
+    assert api.delete(f"/webhooks/{first}").status_code == 204
+    second = api.post("/webhooks", json={"project": project, "url": url + "2"}).json()["id"]
+    assert second != first
+    assert api.delete(f"/webhooks/{first}").status_code == 404  # a retried DELETE
+    assert api.delete(f"/webhooks/{second}").status_code == 204
+
+
 def test_acknowledged_alert_sends_nothing_more_and_leaves_the_runs_count(
     api: httpx.Client,
     receiver: Receiver,

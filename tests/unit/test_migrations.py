@@ -411,3 +411,84 @@ def test_upgrade_from_every_revision_keeps_every_row(tmp_path: Path, revision: s
         head = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one()
     assert head == ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     engine.dispose()
+
+
+# tables whose SQLite ids 0012 makes AUTOINCREMENT (never handed out again once deleted)
+_NEVER_REUSED = (
+    "project",
+    "token",
+    "run",
+    "frame",
+    "job",
+    "alert_rule",
+    "alert",
+    "webhook",
+    "delivery",
+    "delivery_attempt",
+)
+
+
+def _layout(engine: Any) -> dict[str, Any]:
+    """Per table: its indexes (with their SQL: a partial index keeps its WHERE), foreign keys
+    and unique constraints, as SQLite and the inspector report them."""
+    found = inspect(engine)
+    with engine.connect() as conn:
+        index_sql = dict(
+            conn.exec_driver_sql(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            ).all()
+        )
+    return {
+        table: (
+            sorted(index_sql[str(ix["name"])] for ix in found.get_indexes(table)),
+            sorted(str(fk) for fk in found.get_foreign_keys(table)),
+            sorted(str(uq["column_names"]) for uq in found.get_unique_constraints(table)),
+        )
+        for table in found.get_table_names()
+    }
+
+
+def _autoincrement_tables(engine: Any) -> set[str]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'table'")
+        return {name for name, sql in rows if "AUTOINCREMENT" in sql}
+
+
+def test_sqlite_autoincrement_migration_keeps_rows_and_never_reuses_ids(tmp_path: Path) -> None:
+    """0012 on a populated SQLite database: the tables whose ids the API shows are rebuilt with
+    AUTOINCREMENT, rows, indexes (the open-episode index keeps its WHERE) and foreign keys kept,
+    ``sqlite_sequence`` seeded from the largest ids: the newest webhook, deleted, does not give
+    its id to the next one (it did: SQLite hands out the largest id + 1). One step down
+    rebuilds them as they were, the rows kept; up again."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    command.upgrade(alembic_config(url), "0011_frame_requeued_at")
+    counts = _fill_every_table(engine)
+    before = _layout(engine)
+    migrate.upgrade(engine)
+    assert _autoincrement_tables(engine) == set(_NEVER_REUSED)
+    assert _count(engine, counts) == counts
+    assert _layout(engine) == before
+    with engine.begin() as conn:
+        seeded = dict(conn.exec_driver_sql("SELECT name, seq FROM sqlite_sequence").all())
+        assert seeded == dict.fromkeys(_NEVER_REUSED, 2)
+        assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+        conn.exec_driver_sql("DELETE FROM webhook WHERE id = 2")  # its delivery goes with it
+        assert conn.exec_driver_sql("SELECT count(*) FROM delivery").scalar_one() == 1
+        conn.execute(
+            text(
+                "INSERT INTO webhook (project_id, url, secret, events, enabled, format,"
+                " created_at) VALUES (1, 'https://example.org/new', 's', '[]', 1, 'standard', :t)"
+            ),
+            T,
+        )
+        assert conn.exec_driver_sql("SELECT max(id) FROM webhook").scalar_one() == 3
+    command.downgrade(alembic_config(url), "0011_frame_requeued_at")
+    assert _autoincrement_tables(engine) == set()
+    assert _layout(engine) == before
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+        assert conn.exec_driver_sql("SELECT count(*) FROM webhook").scalar_one() == 2
+    migrate.upgrade(engine)
+    assert _autoincrement_tables(engine) == set(_NEVER_REUSED)
+    engine.dispose()

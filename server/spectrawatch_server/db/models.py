@@ -32,10 +32,14 @@ def new_run_uid() -> str:
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; BigInteger elsewhere.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+# table option: SQLite's AUTOINCREMENT, so a deleted row's id never goes to a new row (without
+# it SQLite hands out the largest id + 1: the newest row's id once deleted). Migration 0012
+NEVER_REUSE_IDS: dict[str, Any] = {"sqlite_autoincrement": True}
 
 
 class Project(Base):
     __tablename__ = "project"
+    __table_args__ = NEVER_REUSE_IDS
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -47,7 +51,10 @@ class Token(Base):
     (``read``/``write``/``admin``); only the SHA-256 of the secret is stored."""
 
     __tablename__ = "token"
-    __table_args__ = (CheckConstraint("role IN ('read', 'write', 'admin')", name="role"),)
+    __table_args__ = (
+        CheckConstraint("role IN ('read', 'write', 'admin')", name="role"),
+        NEVER_REUSE_IDS,
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     project_id: Mapped[int | None] = mapped_column(
@@ -64,7 +71,7 @@ class Token(Base):
 
 class Run(Base):
     __tablename__ = "run"
-    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    __table_args__ = (UniqueConstraint("project_id", "name"), NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     project_id: Mapped[int] = mapped_column(
@@ -88,7 +95,7 @@ class Frame(Base):
     """One ingested snapshot; its tensors live in the blob store at ``blob_key``."""
 
     __tablename__ = "frame"
-    __table_args__ = (Index("ix_frame_run_kind_seq", "run_id", "kind", "seq"),)
+    __table_args__ = (Index("ix_frame_run_kind_seq", "run_id", "kind", "seq"), NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
@@ -121,7 +128,7 @@ class Job(Base):
     """Analysis job of the embedded queue: one per frame, leased by a worker."""
 
     __tablename__ = "job"
-    __table_args__ = (Index("ix_job_status_id", "status", "id"),)
+    __table_args__ = (Index("ix_job_status_id", "status", "id"), NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     frame_id: Mapped[int] = mapped_column(ForeignKey("frame.id", ondelete="CASCADE"), unique=True)
@@ -207,7 +214,7 @@ class Spectrum(Base):
 
 class AlertRule(Base):
     __tablename__ = "alert_rule"
-    __table_args__ = (UniqueConstraint("project_id", "rule"),)
+    __table_args__ = (UniqueConstraint("project_id", "rule"), NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
@@ -233,6 +240,7 @@ class Alert(Base):
             sqlite_where=text("status = 'open'"),
             postgresql_where=text("status = 'open'"),
         ),
+        NEVER_REUSE_IDS,
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -255,6 +263,7 @@ class Alert(Base):
 
 class Webhook(Base):
     __tablename__ = "webhook"
+    __table_args__ = NEVER_REUSE_IDS
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     project_id: Mapped[int] = mapped_column(
@@ -273,7 +282,7 @@ class Delivery(Base):
     """Outbox row: one (event, webhook) message and its delivery attempts."""
 
     __tablename__ = "delivery"
-    __table_args__ = (Index("ix_delivery_status_next_at", "status", "next_at"),)
+    __table_args__ = (Index("ix_delivery_status_next_at", "status", "next_at"), NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     webhook_id: Mapped[int] = mapped_column(
@@ -299,6 +308,7 @@ class DeliveryAttempt(Base):
     """Delivery log: one row per HTTP attempt."""
 
     __tablename__ = "delivery_attempt"
+    __table_args__ = NEVER_REUSE_IDS
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     delivery_id: Mapped[int] = mapped_column(
