@@ -11,7 +11,7 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from spectrawatch_server.api.known_query import query_names
+from spectrawatch_server.api.known_query import query_names, repeatable_names
 from spectrawatch_server.api.routes import dashboard_figures
 from spectrawatch_server.app import API_PREFIX, API_ROUTERS, create_app
 from spectrawatch_server.config import ServerSettings
@@ -61,6 +61,34 @@ def test_every_api_route_refuses_an_unknown_query_parameter(client: TestClient) 
     assert client.get(f"{API_PREFIX}/runs/1").status_code == 200  # DELETE?bogus did not run
     metrics = client.get(f"{API_PREFIX}/runs/1/metrics?name=htsr.alpha&layr=0.weight")
     assert "GET /api/v1/runs/1/metrics takes: from, layer, max_points, name, to" in metrics.text
+
+
+def test_a_single_valued_parameter_given_twice_is_refused_naming_it(client: TestClient) -> None:
+    """Before, the last value counted alone: ``/alerts?status=open&status=resolved`` listed the
+    resolved alerts only, ``/frames?kind=weights&kind=activations`` the activation frames. Every
+    route's parameters that take one value answer 422 naming them; the list ones repeat."""
+    checked = 0
+    for route in api_routes():
+        path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: PATH_VALUES.get(m[1], "p"), route.path)
+        lists = repeatable_names(route.dependant)
+        for name in sorted(query_names(route.dependant) - lists):
+            for method in route.methods - {"HEAD"}:
+                resp = client.request(method, f"{API_PREFIX}{path}?{name}=1&{name}=2")
+                assert resp.status_code == 422, (method, path, name, resp.text)
+                (problem,) = resp.json()["error"]["problems"]
+                assert problem == {
+                    "field": f"query.{name}",
+                    "message": "given 2 times; it takes one value",
+                }
+                checked += 1
+    assert checked > 50
+    assert client.get(f"{API_PREFIX}/runs/1").status_code == 200  # DELETE?x&x did not run
+    runs = next(r for r in api_routes() if r.path == "/runs" and "GET" in r.methods)
+    assert repeatable_names(runs.dependant) == {"status", "tag"}
+    both = client.get(f"{API_PREFIX}/runs?status=running&status=finished&tag=a&tag=b")
+    assert both.status_code == 200, both.text
+    alerts = client.get(f"{API_PREFIX}/alerts?status=open&status=resolved")
+    assert alerts.json()["error"]["message"] == "query.status: given 2 times; it takes one value"
 
 
 def test_the_parameters_the_client_cli_and_dashboards_send_are_taken(
