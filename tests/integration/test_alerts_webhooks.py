@@ -240,6 +240,53 @@ def test_a_deleted_alert_or_webhook_id_never_names_a_new_one(api: httpx.Client) 
     assert api.delete(f"/webhooks/{second}").status_code == 204
 
 
+def _page_ids(api: httpx.Client, url: str, **params: Any) -> tuple[list[int], str | None]:
+    """The ids of one page of a list and the URL its ``Link: rel="next"`` names (or None)."""
+    resp = api.get(url, params=params or None)  # {} would drop a link's query
+    assert resp.status_code == 200, resp.text
+    link = resp.links.get("next", {}).get("url")
+    return [item["id"] for item in resp.json()], link and str(resp.url.join(link))
+
+
+def test_alerts_and_deliveries_pages_link_the_next_by_before_id(
+    api: httpx.Client, receiver: Receiver
+) -> None:
+    """``/alerts``, a run's alerts and an endpoint's deliveries sent no ``Link`` (a client
+    following links stopped at the first page, 100 alerts by default) and paged by ``offset``
+    alone, newest first: an alert opened between two pages listed one twice. Each now links
+    its next page by ``before_id``, which an alert opened meanwhile does not shift."""
+    project = "alert-pages"
+    run_id = make_run(api, project=project, name="twice")
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")  # NaN alerts only
+    hook = api.post("/webhooks", json={"project": project, "url": f"{receiver.base}/{project}"})
+    assert hook.status_code == 201, hook.text
+    for seq, nan in enumerate((True, False, True)):  # two episodes of one run
+        assert post_frame(api, run_id, weights(10 * seq, seq, nan=nan), seq=seq).status_code == 202
+    wait_until(lambda: len(api.get(f"/runs/{run_id}/alerts").json()) == 2, timeout=30)
+    third = _nan_alert(api, project, "other")["id"]
+    older = [a["id"] for a in api.get(f"/runs/{run_id}/alerts").json()]
+    page, link = _page_ids(api, "/alerts", project=project, limit=2)
+    assert page == [third, older[0]]
+    assert link is not None
+    assert f"before_id={older[0]}" in link
+    assert "offset" not in link
+    _nan_alert(api, project, "newer")  # opened between the two pages
+    page, link = _page_ids(api, link)
+    assert (page, link) == ([older[1]], None)  # none repeated, none skipped
+    page, link = _page_ids(api, f"/runs/{run_id}/alerts", limit=1)
+    assert page == older[:1]
+    assert link is not None
+    assert _page_ids(api, link) == (older[1:], None)
+    assert api.get("/alerts", params={"before_id": 0}).status_code == 422
+    deliveries = f"/webhooks/{hook.json()['id']}/deliveries"
+    wait_until(lambda: len(api.get(deliveries).json()) == 5, timeout=30)  # 4 opened, 1 resolved
+    every = [d["id"] for d in api.get(deliveries).json()]
+    page, link = _page_ids(api, deliveries, limit=3)
+    assert page == every[:3]
+    assert link is not None
+    assert _page_ids(api, link) == (every[3:], None)
+
+
 def test_acknowledged_alert_sends_nothing_more_and_leaves_the_runs_count(
     api: httpx.Client,
     receiver: Receiver,

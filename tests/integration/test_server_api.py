@@ -386,6 +386,24 @@ def test_runs_pages_are_stable_while_runs_are_created_and_deleted(client: httpx.
     assert client.get("/runs", params={"before_id": 0}).status_code == 422
 
 
+def test_a_full_frames_page_links_the_next(client: httpx.Client) -> None:
+    """A page of ``limit`` frames said nothing when more followed (only one cut short by its
+    layer names had a ``Link``): a client following links stopped at the first page, 1000
+    frames by default. Every page with more after it now links the next by ``offset``."""
+    run_id = make_run(client, name="frame-pages")
+    ids = [post_frame(client, run_id, weight_frame(i, i), seq=i).json()["id"] for i in range(3)]
+    first = client.get(f"/runs/{run_id}/frames", params={"limit": 2})
+    assert [f["id"] for f in first.json()] == ids[:2]
+    link = _next_link(first)
+    assert link is not None
+    assert link.startswith(f"/api/v1/runs/{run_id}/frames?"), link
+    assert first.headers["X-Next-Offset"] == "2"
+    last = client.get(urljoin(str(first.url), link))
+    assert [f["id"] for f in last.json()] == ids[2:]
+    assert _next_link(last) is None
+    assert _next_link(client.get(f"/runs/{run_id}/frames", params={"limit": 3})) is None
+
+
 def test_runs_by_exact_name(client: httpx.Client) -> None:
     """``name=`` lists the runs of that exact name (one per project), so a client resolving a
     name reads one page instead of every run."""

@@ -9,9 +9,10 @@ client asked for); with ``SPECTRAWATCH_PUBLIC_URL`` set, an absolute URL under i
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
 
 
 def next_link(
@@ -25,6 +26,29 @@ def next_link(
     if public_url:
         ref = public_url.rstrip("/") + ref
     return f'<{ref}>; rel="next"'
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> int: ...
+
+
+Row = TypeVar("Row", bound=_HasId)
+
+
+def keyset_page(
+    request: Request, response: Response, public_url: str | None, rows: Sequence[Row], limit: int
+) -> Sequence[Row]:
+    """The first ``limit`` of ``rows`` (read newest first, ``limit + 1`` of them); when there
+    were more, ``Link: rel="next"`` on ``response`` names the next page by ``before_id`` (the
+    page's last id, ``offset`` dropped), which no row created or deleted meanwhile shifts."""
+    if len(rows) <= limit:
+        return rows
+    rows = rows[:limit]
+    response.headers["Link"] = next_link(
+        request, public_url, drop=("offset",), before_id=rows[-1].id
+    )
+    return rows
 
 
 def page_link(public_url: str | None, path: str) -> str:

@@ -203,8 +203,12 @@ def list_alerts(
     acknowledged: bool | None = None,
     limit: int = 100,
     offset: int = 0,
+    before_id: int | None = None,
 ) -> Sequence[Alert]:
+    """Alerts newest first (by id), those with an id below ``before_id`` when given."""
     stmt = select(Alert).order_by(Alert.id.desc()).limit(limit).offset(offset)
+    if before_id is not None:
+        stmt = stmt.where(Alert.id < before_id)
     if acknowledged is not None:
         at = Alert.acknowledged_at
         stmt = stmt.where(at.is_not(None) if acknowledged else at.is_(None))
@@ -377,8 +381,14 @@ def record_attempt(
 
 
 def webhook_deliveries(
-    session: Session, webhook_id: int, status: str | None, limit: int, offset: int
+    session: Session,
+    webhook_id: int,
+    status: str | None,
+    limit: int,
+    offset: int,
+    before_id: int | None = None,
 ) -> Sequence[Delivery]:
+    """An endpoint's deliveries newest first (by id), below ``before_id`` when given."""
     stmt = (
         select(Delivery)
         .where(Delivery.webhook_id == webhook_id)
@@ -386,6 +396,8 @@ def webhook_deliveries(
         .limit(limit)
         .offset(offset)
     )
+    if before_id is not None:
+        stmt = stmt.where(Delivery.id < before_id)
     if status is not None:
         stmt = stmt.where(Delivery.status == status)
     return session.scalars(stmt).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy.orm import Session
 
@@ -21,9 +21,11 @@ from spectrawatch_server.api.deps import (
     require_role,
 )
 from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.links import keyset_page
 from spectrawatch_server.db.models import Project, Token
 from spectrawatch_server.storage import alert_store
 from spectrawatch_server.storage import repository as repo
+from spectrawatch_server.storage.metric_reads import INT64_MAX
 
 router = APIRouter(tags=["alerts"])
 
@@ -119,40 +121,59 @@ def _invalid_custom_rule(name: str, params: dict[str, Any], problem: str) -> Rul
     )
 
 
+BeforeId = Annotated[int | None, Query(ge=1, le=INT64_MAX)]
+
+
 @router.get("/runs/{run_id}/alerts", response_model=list[AlertPublic])
 def list_run_alerts(
     run: RunDep,
     session: SessionDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
     status: AlertStatus | None = None,
     acknowledged: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
+    before_id: BeforeId = None,
 ) -> list[AlertPublic]:
     """Alert episodes of a run, newest first, with their status (open or resolved); with
-    ``acknowledged``, only the acknowledged (true) or unacknowledged (false) ones."""
+    ``acknowledged``, only the acknowledged (true) or unacknowledged (false) ones. Paged as
+    ``GET /alerts``."""
     rows = alert_store.list_alerts(
         session,
         run_id=run.id,
         status=status,
         acknowledged=acknowledged,
-        limit=limit,
+        limit=limit + 1,
         offset=offset,
+        before_id=before_id,
     )
-    return [AlertPublic.model_validate(a) for a in rows]
+    page = keyset_page(request, response, state.settings.public_url, rows, limit)
+    return [AlertPublic.model_validate(a) for a in page]
 
 
 @router.get("/alerts", response_model=list[AlertPublic])
 def list_alerts(
     principal: PrincipalDep,
     session: SessionDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
     project: str | None = None,
     status: AlertStatus | None = None,
     rule: str | None = None,
     acknowledged: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
+    before_id: BeforeId = None,
 ) -> list[AlertPublic]:
-    """Alerts across runs of a project (or of every project the caller can see)."""
+    """Alerts across runs of a project (or of every project the caller can see), newest
+    first: those with an id below ``before_id`` when given, ``offset`` of them skipped, at most
+    ``limit``. When more match, ``Link: <url>; rel="next"`` names the next page by
+    ``before_id`` (the page's last id), which an alert opened or deleted between two pages does
+    not shift, as ``offset`` does; the link keeps the filters (relative to the request's URL,
+    or under ``SPECTRAWATCH_PUBLIC_URL``)."""
     project_id = principal.project_id
     if project is not None:
         project_id = find_project(session, principal, project).id
@@ -162,10 +183,12 @@ def list_alerts(
         status=status,
         rule=rule,
         acknowledged=acknowledged,
-        limit=limit,
+        limit=limit + 1,
         offset=offset,
+        before_id=before_id,
     )
-    return [AlertPublic.model_validate(a) for a in rows]
+    page = keyset_page(request, response, state.settings.public_url, rows, limit)
+    return [AlertPublic.model_validate(a) for a in page]
 
 
 def _acknowledger(session: Session, principal: Principal) -> str:

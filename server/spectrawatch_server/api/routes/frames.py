@@ -314,11 +314,14 @@ def list_frames(
     status: Literal["pending", "running", "done", "failed"] | None = None,
 ) -> list[FramePublic]:
     """The run's frames by seq: at most ``limit``, and at most ``PAGE_LAYER_CHARS`` characters
-    of layer names (one frame at least). A page that ends early for its layer names has a
-    ``Link: <url>; rel="next"`` header and ``X-Next-Offset`` (the ``offset`` of the next page)."""
+    of layer names (one frame at least). While more match (the page is full, or ends early for
+    its layer names) the response has a ``Link: <url>; rel="next"`` header and
+    ``X-Next-Offset`` (the ``offset`` of the next page)."""
     frames, more = repo.frames_page(
-        session, run.id, kind, limit, offset, status, max_layer_chars=PAGE_LAYER_CHARS
+        session, run.id, kind, limit + 1, offset, status, max_layer_chars=PAGE_LAYER_CHARS
     )
+    if len(frames) > limit:  # one more than asked for: the next page has frames
+        frames, more = frames[:limit], True
     if more:
         following = offset + len(frames)
         response.headers["Link"] = next_link(

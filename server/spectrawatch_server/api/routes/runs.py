@@ -24,7 +24,7 @@ from spectrawatch_server.api.deps import (
     require_role,
 )
 from spectrawatch_server.api.errors import ApiError
-from spectrawatch_server.api.links import next_link, page_link
+from spectrawatch_server.api.links import keyset_page, page_link
 from spectrawatch_server.api.openapi import PROJECT_NOT_FOUND, error
 from spectrawatch_server.api.routes.alerts import find_project
 from spectrawatch_server.db import migrate
@@ -211,12 +211,8 @@ def list_runs(
     runs = repo.list_runs(
         session, project_id, limit + 1, offset, before_id, name, statuses, tag or []
     )
-    if len(runs) > limit:
-        runs = runs[:limit]
-        response.headers["Link"] = next_link(
-            request, state.settings.public_url, drop=("offset",), before_id=runs[-1].id
-        )
-    return runs_public(session, runs)
+    page = keyset_page(request, response, state.settings.public_url, runs, limit)
+    return runs_public(session, page)
 
 
 def _statuses(values: list[str]) -> list[str]:

@@ -7,14 +7,15 @@ import threading
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from spectrawatch_server.api.deps import Principal, PrincipalDep, SessionDep, StateDep, require_role
 from spectrawatch_server.api.errors import ApiError
+from spectrawatch_server.api.links import keyset_page
 from spectrawatch_server.api.openapi import PROJECT_NOT_FOUND, error
-from spectrawatch_server.api.routes.alerts import find_project
+from spectrawatch_server.api.routes.alerts import BeforeId, find_project
 from spectrawatch_server.api.state import AppState
 from spectrawatch_server.config import ServerSettings
 from spectrawatch_server.db.base import utcnow
@@ -249,14 +250,20 @@ def list_deliveries(
     webhook_id: int,
     principal: PrincipalDep,
     session: SessionDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
     status: DeliveryStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
+    before_id: BeforeId = None,
 ) -> list[DeliveryPublic]:
-    """The delivery log of an endpoint, newest first, each with its attempts."""
+    """The delivery log of an endpoint, newest first, each with its attempts; paged as
+    ``GET /alerts`` (``Link: rel="next"`` by ``before_id`` while more match)."""
     hook = _find_webhook(session, principal, webhook_id)
-    rows = alert_store.webhook_deliveries(session, hook.id, status, limit, offset)
-    return [_delivery_public(session, d, with_log=True) for d in rows]
+    rows = alert_store.webhook_deliveries(session, hook.id, status, limit + 1, offset, before_id)
+    page = keyset_page(request, response, state.settings.public_url, rows, limit)
+    return [_delivery_public(session, d, with_log=True) for d in page]
 
 
 @router.get(
