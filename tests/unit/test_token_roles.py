@@ -322,6 +322,41 @@ def test_acknowledging_an_alert_needs_write_and_names_who(api: Api) -> None:
     assert (undone["acknowledged_at"], undone["acknowledged_by"]) == (None, None)
 
 
+def test_an_alert_a_project_and_a_rule_are_each_read_alone(api: Api) -> None:
+    """``/alerts/{id}``, ``/projects/{name}`` and ``/projects/{p}/alert-rules/{rule}`` could be
+    changed (PATCH/DELETE) but not read (405): a webhook receiver could not fetch the alert an
+    event named. A ``read`` token reads its own project's; another project's, or none, is 404
+    with the error code the PATCH answers with."""
+    with api.sessions.begin() as session:
+        alerts = {
+            name: alert_store.insert_alert(
+                session, Alert(run_id=api.runs[name], rule="nonfinite", step=3, status="open")
+            ).id
+            for name in ("mine", "theirs")
+        }
+    alert = api.call("read", "GET", f"/alerts/{alerts['mine']}")
+    assert alert.status_code == 200, alert.text
+    assert alert.json() == api.call("read", "GET", "/alerts").json()[0]
+    project = api.call("read", "GET", "/projects/mine")
+    assert project.status_code == 200, project.text
+    assert project.json() == api.call("read", "GET", "/projects").json()[0]
+    rules = api.call("read", "GET", "/projects/mine/alert-rules").json()
+    for listed in rules:
+        rule = api.call("read", "GET", f"/projects/mine/alert-rules/{listed['name']}")
+        assert (rule.status_code, rule.json()) == (200, listed)
+    for path, code in (
+        (f"/alerts/{alerts['theirs']}", "alert_not_found"),
+        ("/alerts/999999", "alert_not_found"),
+        ("/projects/theirs", "project_not_found"),
+        ("/projects/nowhere", "project_not_found"),
+        ("/projects/theirs/alert-rules/nonfinite", "project_not_found"),
+        ("/projects/mine/alert-rules/no_such_rule", "rule_not_found"),
+    ):
+        response = api.call("read", "GET", path)
+        assert response.status_code == 404, (path, response.text)
+        assert response.json()["error"]["code"] == code, path
+
+
 def test_a_refused_role_still_answers_404_for_what_it_may_not_see(api: Api) -> None:
     """403 tells a caller only about its own project's objects: another project's run,
     project, webhook, or one that does not exist, stays a 404."""

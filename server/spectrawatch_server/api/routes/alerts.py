@@ -199,6 +199,13 @@ def _acknowledger(session: Session, principal: Principal) -> str:
     return token.name or f"token {token.id}"
 
 
+@router.get("/alerts/{alert_id}", response_model=AlertPublic)
+def read_alert(alert_id: int, principal: PrincipalDep, session: SessionDep) -> AlertPublic:
+    """One alert episode (a webhook event names it by ``data.id``); 404 ``alert_not_found``
+    for an id that no alert of a project the caller may see has."""
+    return AlertPublic.model_validate(find_alert(session, principal, alert_id))
+
+
 @router.patch(
     "/alerts/{alert_id}", response_model=AlertPublic, dependencies=[require_role("write")]
 )
@@ -227,8 +234,22 @@ def list_rules(project: str, principal: PrincipalDep, session: SessionDep) -> li
     that no longer validates (a parameter an upgrade renamed or tightened) is listed off, with
     its ``problem``; the engine resolves its open alerts (``rule invalid: ...``) at its next
     sweep or evaluation."""
-    row = find_project(session, principal, project)
-    stored = alert_store.stored_rules(session, row.id)
+    return _project_rules(session, find_project(session, principal, project))
+
+
+@router.get("/projects/{project}/alert-rules/{rule}", response_model=RulePublic)
+def read_rule(project: str, rule: str, principal: PrincipalDep, session: SessionDep) -> RulePublic:
+    """One rule of the project, as the list shows it; 404 ``rule_not_found`` for a name that
+    is neither a default rule nor one of the project's custom rules."""
+    for found in _project_rules(session, find_project(session, principal, project)):
+        if found.name == rule:
+            return found
+    raise ApiError(404, "rule_not_found", f"project {project!r} has no rule {rule!r}")
+
+
+def _project_rules(session: Session, project: Project) -> list[RulePublic]:
+    """Every rule of ``project``: the effective ones, then stored ones that no longer validate."""
+    stored = alert_store.stored_rules(session, project.id)
     problems = R.invalid_rules(stored)
     specs = R.effective_rules(stored)
     out = [_rule_public(spec, stored, problems.get(spec.name)) for spec in specs]

@@ -76,6 +76,12 @@ def list_projects(principal: PrincipalDep, session: SessionDep) -> list[ProjectP
     ]
 
 
+@router.get("/{name}", response_model=ProjectPublic)
+def read_project(name: str, principal: PrincipalDep, session: SessionDep) -> ProjectPublic:
+    """One project by name; 404 ``project_not_found`` for one the caller's token cannot see."""
+    return ProjectPublic.model_validate(find_project(session, principal, name))
+
+
 @router.delete("/{name}", response_model=ProjectDeleted, dependencies=[require_role("admin")])
 def delete_project(
     name: str, principal: PrincipalDep, session: SessionDep, state: StateDep, request: Request
