@@ -861,6 +861,40 @@ def test_bad_webhook_input_is_4xx(api: httpx.Client, receiver: Receiver) -> None
     assert r.status_code == 404
 
 
+def test_a_second_webhook_for_the_same_url_is_409_naming_the_first(
+    api: httpx.Client, receiver: Receiver
+) -> None:
+    """A provisioning script run twice registered the URL twice: two webhooks, every event
+    delivered twice. The second POST (or a PATCH onto a URL another endpoint has) is now 409
+    ``webhook_exists`` naming the first, which keeps the only delivery; another project may
+    register the same URL."""
+    project, url = "duphooks", f"{receiver.base}/duphooks"
+    run_id = make_run(api, project=project, name="r")
+    disable(api, project, "alpha_out_of_range", "farms_alpha_out_of_range")
+    first = api.post("/webhooks", json={"project": project, "url": url})
+    assert first.status_code == 201, first.text
+    hook = first.json()["id"]
+    again = api.post("/webhooks", json={"project": project, "url": url, "format": "slack"})
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "webhook_exists")
+    assert f"webhook {hook} for this URL" in again.json()["error"]["message"]
+    assert again.headers["location"] == f"/api/v1/webhooks/{hook}"
+    listed = api.get("/webhooks", params={"project": project}).json()
+    assert [(w["id"], w["format"]) for w in listed] == [(hook, "standard")]
+    make_run(api, project="duphooks-b", name="r")
+    other = api.post("/webhooks", json={"project": "duphooks-b", "url": url})
+    assert other.status_code == 201, other.text
+    second = api.post("/webhooks", json={"project": project, "url": url + "/2"}).json()["id"]
+    moved = api.patch(f"/webhooks/{second}", json={"url": url})
+    assert (moved.status_code, moved.json()["error"]["code"]) == (409, "webhook_exists")
+    assert api.patch(f"/webhooks/{second}", json={"url": url + "/2"}).status_code == 200
+    assert api.delete(f"/webhooks/{second}").status_code == 204
+    assert api.delete(f"/webhooks/{other.json()['id']}").status_code == 204
+    assert post_frame(api, run_id, weights(10, 0, nan=True), seq=0).status_code == 202
+    wait_until(lambda: len(receiver.at(f"/{project}")) >= 1, timeout=30)
+    time.sleep(0.5)
+    assert len(receiver.at(f"/{project}")) == 1  # one webhook: the event once
+
+
 def test_custom_rule_and_cli(
     api: httpx.Client, alert_server: ServerProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:

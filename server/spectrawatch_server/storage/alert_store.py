@@ -269,6 +269,28 @@ def list_webhooks(session: Session, project_id: int | None) -> Sequence[Webhook]
     return session.scalars(stmt).all()
 
 
+def lock_project_webhooks(session: Session, project_id: int) -> None:
+    """Hold a project's set of endpoint URLs steady until the commit: its row ``FOR NO KEY
+    UPDATE`` on PostgreSQL (which new rows' foreign-key checks do not wait for), the
+    database's write lock on SQLite. Two requests registering one URL at once then take turns,
+    and the second sees the first's endpoint (:func:`webhook_with_url`)."""
+    if sqlite_write_lock(session):
+        return
+    session.execute(
+        select(Project.id).where(Project.id == project_id).with_for_update(key_share=True)
+    )
+
+
+def webhook_with_url(
+    session: Session, project_id: int, url: str, other_than: int | None = None
+) -> Webhook | None:
+    """The project's endpoint for ``url`` (the first by id), other than ``other_than``."""
+    stmt = select(Webhook).where(Webhook.project_id == project_id, Webhook.url == url)
+    if other_than is not None:
+        stmt = stmt.where(Webhook.id != other_than)
+    return session.scalars(stmt.order_by(Webhook.id).limit(1)).first()
+
+
 def lock_webhooks(
     session: Session, *, webhook_id: int | None = None, project_id: int | None = None
 ) -> None:

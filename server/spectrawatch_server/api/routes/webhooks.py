@@ -129,6 +129,24 @@ def _check_events(events: list[str]) -> list[str]:
     return sorted(set(events))
 
 
+def _refuse_duplicate(
+    session: Session, project: Project, url: str, other_than: int | None = None
+) -> None:
+    """409 ``webhook_exists`` naming the project's endpoint for ``url`` when it has one: a
+    second would receive every event twice (a retried or re-run provisioning script made one).
+    Takes the project's endpoint lock first, held until the commit."""
+    alert_store.lock_project_webhooks(session, project.id)
+    existing = alert_store.webhook_with_url(session, project.id, url, other_than)
+    if existing is not None:
+        raise ApiError(
+            409,
+            "webhook_exists",
+            f"project {project.name!r} already has webhook {existing.id} for this URL; "
+            f"change that one (PATCH /api/v1/webhooks/{existing.id}) or delete it first",
+            {"Location": f"/api/v1/webhooks/{existing.id}"},
+        )
+
+
 def _find_webhook(session: Session, principal: Principal, webhook_id: int) -> Webhook:
     hook = session.get(Webhook, webhook_id)
     if hook is None or not principal.can_access(hook.project_id):
@@ -165,7 +183,9 @@ def _delivery_public(session: Session, delivery: Delivery, with_log: bool) -> De
 def create_webhook(
     body: WebhookCreate, state: StateDep, principal: PrincipalDep, session: SessionDep
 ) -> WebhookCreated:
-    """Register an endpoint; the response carries its secret (generated unless given) once."""
+    """Register an endpoint; the response carries its secret (generated unless given) once.
+    409 ``webhook_exists`` (naming it, with its ``Location``) when the project already has an
+    endpoint for the URL."""
     project = find_project(session, principal, body.project)
     url = _check_url(state.settings, body.url)
     events = _check_events(body.events)
@@ -176,6 +196,7 @@ def create_webhook(
             raise ApiError(422, "invalid_secret", f"secret: {exc}") from exc
     else:
         secret = generate_secret()
+    _refuse_duplicate(session, project, url)
     hook = Webhook(
         project_id=project.id,
         url=url,
@@ -219,10 +240,13 @@ def update_webhook(
     principal: PrincipalDep,
     session: SessionDep,
 ) -> WebhookPublic:
-    """Change URL, event filter, format or enabled flag (re-enabling clears the 410 reason)."""
+    """Change URL, event filter, format or enabled flag (re-enabling clears the 410 reason);
+    409 ``webhook_exists`` for a URL another endpoint of the project has."""
     hook = _find_webhook(session, principal, webhook_id)
     if body.url is not None:
-        hook.url = _check_url(state.settings, body.url)
+        url = _check_url(state.settings, body.url)
+        _refuse_duplicate(session, session.get_one(Project, hook.project_id), url, hook.id)
+        hook.url = url
     if body.events is not None:
         hook.events = _check_events(body.events)
     if body.format is not None:
