@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import random
+import re
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -333,8 +334,10 @@ def test_sender_signs_pins_and_does_not_follow_redirects(tmp_path: Path) -> None
     assert request.url.host == "93.184.215.14"  # connected to the checked address
     assert request.headers["host"] == "hooks.example"
     assert request.extensions["sni_hostname"] == "hooks.example"
-    event = verify(request.content, request.headers, secret)
+    event = verify(request.content, request.headers, secret)  # signed over the body as sent
     assert event["data"]["rule"] == "nonfinite"
+    # ISO 8601 UTC with a Z, as every other timestamp of the API (it was +00:00)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", event["timestamp"])
     with sessions() as session:
         row = session.get_one(Delivery, delivery_id)
         assert row.attempts == 1
@@ -394,6 +397,23 @@ def test_sender_expires_at_deadline_and_gives_up(tmp_path: Path) -> None:
     assert expired is not None
     assert expired.status == "failed"
     assert expired.error == "expired before it could be delivered"
+
+
+def test_event_timestamps_are_written_as_the_api_writes_times() -> None:
+    """``payload.timestamp`` said ``+00:00`` where the API's other timestamps say ``Z``
+    (pydantic's JSON form); an event's time in another zone is converted to UTC."""
+    from pydantic import TypeAdapter
+
+    from spectrawatch_server.webhooks.outbox import iso_utc
+
+    for at in (
+        datetime(2026, 11, 29, 20, 17, 21, 969599, tzinfo=timezone.utc),
+        datetime(2026, 11, 29, 20, 17, 21, tzinfo=timezone.utc),
+    ):
+        assert iso_utc(at) == TypeAdapter(datetime).dump_json(at).decode().strip('"')
+    assert iso_utc(datetime(2026, 11, 29, 21, tzinfo=timezone(timedelta(hours=1)))) == (
+        "2026-11-29T20:00:00Z"
+    )
 
 
 def test_slack_text_escapes_user_names() -> None:

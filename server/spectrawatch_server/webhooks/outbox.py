@@ -6,7 +6,7 @@ exist together or not at all, and a crash between them loses nothing.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -33,13 +33,19 @@ def dashboard_link(base_url: str, run: Run) -> str:
     return f"{base_url.rstrip('/')}/runs/{run.id}"
 
 
+def iso_utc(at: datetime) -> str:
+    """``at`` in ISO 8601 UTC with a ``Z``, as every timestamp the API answers with (pydantic's
+    JSON form): ``isoformat`` wrote ``+00:00``, the one field of the API that did."""
+    return at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def alert_payload(
     event: str, alert: Alert, run: Run, project: Project, base_url: str, at: datetime
 ) -> dict[str, Any]:
     """The Standard Webhooks event body: ``{type, timestamp, data}``."""
     return {
         "type": event,
-        "timestamp": at.isoformat(),
+        "timestamp": iso_utc(at),
         "data": {
             "alert_id": alert.id,
             "rule": alert.rule,
@@ -60,7 +66,7 @@ def alert_payload(
 def ping_payload(webhook: Webhook, project: Project, at: datetime) -> dict[str, Any]:
     return {
         "type": WEBHOOK_TEST,
-        "timestamp": at.isoformat(),
+        "timestamp": iso_utc(at),
         "data": {"webhook_id": webhook.id, "project": project.name, "message": "test delivery"},
     }
 
