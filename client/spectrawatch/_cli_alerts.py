@@ -65,15 +65,20 @@ _FLAGS = {  # boolean rule parameters: --NAME / --no-NAME
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """``alerts list``: the newest ``--limit`` alerts (or ``--all``), read a page at a time (the
+    server's first page alone stopped at 100)."""
+    if args.limit < 1:
+        raise CliError("--limit must be at least 1")
     params: dict[str, Any] = {"status": args.status} if args.status else {}
     if args.acknowledged is not None:
         params["acknowledged"] = str(args.acknowledged).lower()
+    most = None if args.all else args.limit
     if args.run is not None:
-        data = call(args, "GET", f"/runs/{args.run}/alerts", params=params)
+        data = call_pages(args, f"/runs/{args.run}/alerts", params, most)
     else:
         if args.project:
             params["project"] = args.project
-        data = call(args, "GET", "/alerts", params=params)
+        data = call_pages(args, "/alerts", params, most)
     lines = [
         f"{a['id']:>6}  {_state(a):<8} {a['severity']:<8} run {a['run_id']:<5} "
         f"step {a['step']:<8} {a['message']}"
@@ -190,6 +195,11 @@ def add_alerts_commands(subparsers: Any) -> None:
     seen.add_argument(
         "--unacknowledged", dest="acknowledged", action="store_false", help="only the others"
     )
+    most = lst.add_mutually_exclusive_group()
+    most.add_argument(
+        "--limit", type=int, default=100, help="at most this many alerts, newest first"
+    )
+    most.add_argument("--all", action="store_true", help="every alert")
     lst.set_defaults(func=reporting_errors(cmd_list))
 
     ack = sub.add_parser(

@@ -292,6 +292,7 @@ def test_acknowledged_alert_sends_nothing_more_and_leaves_the_runs_count(
     receiver: Receiver,
     alert_server: ServerProcess,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``spectrawatch alerts ack``: the episode's ``alert.opened`` still retrying is dropped
     (one attempt reached the receiver), further bad frames of the same episode send nothing,
@@ -341,6 +342,14 @@ def test_acknowledged_alert_sends_nothing_more_and_leaves_the_runs_count(
     capsys.readouterr()
     assert cli_main([*shown, *base]) == 0
     assert f"{acked['id']:>6}  open" in capsys.readouterr().out
+    # `alerts list` follows the pages (it printed the server's first page only: 100 alerts)
+    monkeypatch.setattr("spectrawatch._cli_http.PAGE_MAX", 1)
+    both = ["alerts", "list", "--run", str(run_id), "--json", *base]
+    assert cli_main([*both, "--all"]) == 0
+    assert [a["id"] for a in json.loads(capsys.readouterr().out)] == [acked["id"], done["id"]]
+    assert cli_main([*both, "--limit", "1"]) == 0
+    assert [a["id"] for a in json.loads(capsys.readouterr().out)] == [acked["id"]]
+    monkeypatch.undo()
     assert cli_main(["alerts", "ack", *base]) == 1  # nothing named
     assert "error: name the alerts" in capsys.readouterr().err
 
