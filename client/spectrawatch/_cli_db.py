@@ -58,6 +58,8 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
 
     if (args.blobs_from is None) != (args.blobs_to is None):
         raise CommandError("--blobs-from and --blobs-to go together")
+    if args.blobs_from is not None and not Path(args.blobs_from).is_dir():
+        raise CommandError(f"--blobs-from {args.blobs_from}: no such directory")
     source, target = database_url(args.source), database_url(args.target)
     print(f"copying {transfer.shown(source)} to {transfer.shown(target)}", flush=True)
 
@@ -79,8 +81,7 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
         except (transfer.CopyRefused, transfer.CopyMismatch) as exc:
             raise CommandError(str(exc)) from None
     _print_report(report)
-    _blobs(args, report, source, target)
-    return 0
+    return _blobs(args, report, source, target)
 
 
 def _print_report(report: Any) -> None:
@@ -107,8 +108,9 @@ def _print_report(report: Any) -> None:
         )
 
 
-def _blobs(args: argparse.Namespace, report: Any, source: str, target: str) -> None:
-    """Copy the frames' blob files (``--blobs-from/--blobs-to``), or say where they stay."""
+def _blobs(args: argparse.Namespace, report: Any, source: str, target: str) -> int:
+    """Copy the frames' blob files (``--blobs-from/--blobs-to``), or say where they stay; the
+    exit status: 1 when blobs were missing from ``--blobs-from`` or skipped."""
     from spectrawatch_server.db import transfer
 
     if args.blobs_from is not None:
@@ -126,9 +128,15 @@ def _blobs(args: argparse.Namespace, report: Any, source: str, target: str) -> N
                 f"the store (frames {shown}{more}): not copied",
                 file=sys.stderr,
             )
-        return
+        if done.missing:
+            print(
+                f"warning: {done.missing:,} frames' blobs are not in {args.blobs_from}: their "
+                "frames cannot be re-analysed (runs reanalyze) on the new server",
+                file=sys.stderr,
+            )
+        return 1 if done.missing or done.invalid else 0
     if not report.blob_frames:
-        return
+        return 0
     folder = _sqlite_dir(source)
     where = f" (a data directory's default: {folder / 'blobs'})" if folder is not None else ""
     print(
@@ -136,6 +144,7 @@ def _blobs(args: argparse.Namespace, report: Any, source: str, target: str) -> N
         "set SPECTRAWATCH_BLOB_DIR to that directory for the new API and workers (or copy it: "
         "--blobs-from/--blobs-to); an S3 store (SPECTRAWATCH_BLOB_URL) stays as it is"
     )
+    return 0
 
 
 def add_db_commands(subparsers: Any) -> None:

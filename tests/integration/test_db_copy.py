@@ -25,6 +25,7 @@ import torch
 
 from spectrawatch.cli import main
 from spectrawatch.wire import FrameKind, encode_frame
+from spectrawatch_server.db.session import make_engine
 from tests.factories import make_run, post_frame, weight_frame
 from tests.servers import POSTGRES_URL, end_process, free_port, fresh_database, wait_until
 
@@ -188,3 +189,11 @@ def test_postgresql_copy_serves_the_same_run(
             check_copy(source, url)
         assert main(["db", "copy", "--from", str(source["dir"]), "--to", database]) == 2
         assert "is not empty" in capsys.readouterr().err
+        # --replace under a live session (a server or worker still on it) deleted what it wrote
+        live = make_engine(database)
+        with live.connect():
+            replace = ["db", "copy", "--from", str(source["dir"]), "--to", database, "--replace"]
+            assert main(replace) == 2
+            assert "other session(s) connected" in capsys.readouterr().err
+        live.dispose()
+        assert main(replace) == 0

@@ -295,3 +295,18 @@ def test_a_blob_key_outside_the_store_is_skipped_and_named(source: str, tmp_path
     assert done.invalid == (first,)
     assert (done.copied, done.missing) == (0, 0)
     assert not (tmp_path / "copy").exists()
+
+
+def test_blobs_from_a_missing_folder_is_refused_and_missing_blobs_exit_1(
+    source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped ``--blobs-from`` copied the database, reported every blob missing, advised
+    the new server to use the empty target folder, and exited 0."""
+    target = f"sqlite:///{tmp_path / 'dst.db'}"
+    blobs = ["--blobs-from", str(tmp_path / "typo"), "--blobs-to", str(tmp_path / "copy")]
+    assert main(["db", "copy", "--from", source, "--to", target, *blobs]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "dst.db").exists()  # refused before anything was written
+    (tmp_path / "typo").mkdir()  # there, but without the frame's blob
+    assert main(["db", "copy", "--from", source, "--to", target, *blobs]) == 1
+    assert "cannot be re-analysed" in capsys.readouterr().err

@@ -308,10 +308,16 @@ def _check_target(engine: Engine, replace: bool) -> None:
             if table.name in present
             and connection.execute(select(1).select_from(table).limit(1)).first() is not None
         ]
+        others = _other_sessions(connection) if filled else 0
     if filled and not replace:
         raise CopyRefused(
             f"the target {shown(url)} is not empty (rows in {', '.join(filled)}): copy into an "
             "empty database, or pass --replace to delete the target's rows first"
+        )
+    if others:  # --replace under a live API or worker: what they write is deleted
+        raise CopyRefused(
+            f"the target {shown(url)} has {others} other session(s) connected (a running "
+            "server or worker?): --replace would delete what they write; stop them first"
         )
 
 
