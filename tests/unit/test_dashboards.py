@@ -351,6 +351,41 @@ def test_grid_and_heatmap() -> None:
     assert "tickvals" not in fig.heatmap_figure("x", many)["layout"]["xaxis"]
 
 
+def test_model_order_key_puts_the_model_first_then_the_frames_order_then_the_rest() -> None:
+    order = ["embed.weight", "blocks.0.weight", "blocks.10.weight", "blocks.2.weight", "head.w"]
+    key = fig.model_order_key(order)
+    names = ["head.w", "blocks.2.weight", "zz.new", "__model__", "blocks.10.weight", "a.new"]
+    names += ["embed.weight", "blocks.0.weight"]
+    assert sorted(names, key=key) == ["__model__", *order, "a.new", "zz.new"]
+    rows = [(la, 0, 1.0) for la in reversed(order)]
+    assert fig.grid_from_rows(rows, key).layers == order
+    assert fig.grid_from_rows(rows).layers[-2:] == ["embed.weight", "head.w"]  # natural order
+    onsets = {"blocks.2.weight": (5, "weights"), "blocks.10.weight": (5, "weights")}
+    assert "in blocks.10.weight, blocks.2.weight:" in fig.nonfinite_note(onsets, order=key)
+
+
+def test_merge_order_places_a_sketchs_other_tensors_among_a_snapshots() -> None:
+    """A weight snapshot lists the matrices (frozen ones too), a sketch the trained tensors
+    (biases, norms): the merge keeps both walks' order; modules share no name: appended."""
+    snapshot = ["embed.weight", "blocks.0.attn.weight", "blocks.0.mlp.weight", "head.weight"]
+    sketch = ["blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.ln.weight"]
+    sketch += ["blocks.0.mlp.weight", "head.weight", "head.bias", "__model__"]
+    assert reads.merge_order(snapshot, sketch) == [
+        "embed.weight",
+        "blocks.0.attn.weight",
+        "blocks.0.attn.bias",
+        "blocks.0.ln.weight",
+        "blocks.0.mlp.weight",
+        "head.weight",
+        "head.bias",
+        "__model__",
+    ]
+    assert reads.merge_order(["b.weight"], ["a.bias", "b.weight"]) == ["a.bias", "b.weight"]
+    assert reads.merge_order(snapshot, ["embed", "head"]) == [*snapshot, "embed", "head"]
+    assert reads.merge_order([], sketch) == sketch
+    assert reads.merge_order(sketch, []) == sketch
+
+
 def test_heatmap_of_values_decades_apart_is_coloured_by_their_log() -> None:
     """Per-layer update ratios or condition numbers span decades: on a linear colour scale all
     but the largest layer read as one colour. Coloured by log10, with decade ticks; hover and
@@ -1553,7 +1588,7 @@ def test_sed_layer_menu_keeps_the_model_after_a_nan(tmp_path: Path) -> None:
     ) as client:
         url = f"/api/v1/dashboards/runs/{run_id}/overview"
         control = client.get(url).json()["controls"]["sed_layer"]
-        assert control["options"] == ["0.bias", "0.weight", "__model__"]
+        assert control["options"] == ["__model__", "0.bias", "0.weight"]  # the model first
         assert control["value"] == "__model__"
         asked = client.get(url, params={"sed_layer": "__model__"}).json()
         assert asked["controls"]["sed_layer"]["value"] == "__model__"
@@ -1561,6 +1596,80 @@ def test_sed_layer_menu_keeps_the_model_after_a_nan(tmp_path: Path) -> None:
         assert gap["figure"]["layout"]["title"]["text"].endswith(" · whole model")
         bias = client.get(url, params={"sed_layer": "0.bias"}).json()
         assert bias["controls"]["sed_layer"]["value"] == "0.bias"
+
+
+# registration order (named_parameters(), the forward pass), not natural order
+MODEL_ORDER = ["embed.weight", "blocks.0.weight", "blocks.10.weight", "blocks.2.weight", "head.w"]
+
+
+def test_pages_list_layers_in_the_models_order(tmp_path: Path) -> None:
+    """Layer lists (heatmap rows, layer menus, legends, the activations' modules, NaN notes)
+    were in natural order: ``embed`` and ``head`` among the blocks by name. They follow the
+    model, as its client's frames list it: the first weight snapshot (both parts; the frozen
+    embedding later ones leave out), the sketch's other tensors among those, the activations'
+    modules in forward order; ``__model__`` first, a layer no frame names last."""
+    from fastapi.testclient import TestClient
+
+    from spectrawatch_server.app import create_app
+    from spectrawatch_server.config import ServerSettings
+
+    sketched = ["blocks.0.weight", "blocks.0.bias", *MODEL_ORDER[2:], "head.bias", "__model__"]
+    modules = ["embed", "blocks.0", "blocks.10", "blocks.2", "head"]
+    with TestClient(
+        create_app(ServerSettings(data_dir=tmp_path, run_worker=False)), base_url="http://127.0.0.1"
+    ) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "gpt"}).json()["id"]
+        with client.app.state.spectrawatch.sessions.begin() as session:  # type: ignore[attr-defined]
+            done_frame(session, run, 0, 0, layers=MODEL_ORDER[:2])
+            done_frame(session, run, 0, 1, layers=MODEL_ORDER[2:])
+            later = done_frame(session, run, 10, 4, layers=MODEL_ORDER[1:])
+            later.info = {"unchanged": {"embed.weight": 0}}
+            later.nonfinite = {"blocks.2.weight": 3, "blocks.10.weight": 1}
+            rows = [
+                MetricRow(la, "htsr.alpha", step, 3.0)
+                for la in [*MODEL_ORDER, "extra.weight"]
+                for step in (0, 10)
+            ]
+            result_store.replace_results(session, run, later.id, 10, "htsr", rows, [])
+            sketch = done_frame(session, run, 10, 3, "update_sketch", sketched)
+            rows = [MetricRow(la, "sed.gap_ratio.w16", t, 2.0) for la in sketched for t in (16, 20)]
+            result_store.replace_results(session, run, sketch.id, 10, "sed", rows, [])
+            probe = done_frame(session, run, 10, 5, "activations", modules)
+            rows = [MetricRow(m, "eigentrack.entropy", 10, 1.0) for m in reversed(modules)]
+            result_store.replace_results(session, run, probe.id, 10, "activations", rows, [])
+        api = f"/api/v1/dashboards/runs/{run}"
+        heat = client.get(f"{api}/layers", params={"metric": "htsr.alpha"}).json()["panels"][0]
+        menu = client.get(f"{api}/overview").json()["controls"]["sed_layer"]
+        activations = client.get(f"{api}/activations").json()["panels"][0]["figure"]["data"]
+        compare = client.get(
+            "/api/v1/dashboards/compare", params={"runs": str(run), "names": "htsr.alpha"}
+        ).json()
+    assert heat["figure"]["data"][0]["meta"] == [*MODEL_ORDER, "extra.weight"]
+    assert "from step 10 in blocks.10.weight, blocks.2.weight:" in heat["note"]
+    assert menu["options"] == ["__model__", *sketched[:-1]]
+    assert compare["controls"]["layer"]["options"] == [*MODEL_ORDER, "extra.weight"]
+    lines = [t for t in activations if t.get("name") in modules]
+    assert [t["name"] for t in lines] == modules
+    assert lines[0]["line"]["color"] == fig.series_style(0)[0]  # the first module's colour
+
+
+def test_model_order_reads_the_first_snapshots_parts_not_every_frame(db: Any) -> None:
+    """The order is a few index seeks: the first snapshot's parts a growing page at a time
+    (here 6 parts: pages of 1, 4, 16), the latest sketch and activations frame, each LIMITed;
+    the run's other 300 snapshots are not read."""
+    sessions, _ = db
+    with sessions.begin() as s:
+        run_id = new_run(s, "p", "many")
+        names = [f"blocks.{i}.weight" for i in (0, 10, 2, 1, 11, 3)]
+        for part, name in enumerate(names):
+            done_frame(s, run_id, 0, part, layers=[name])
+        for step in range(1, 301):
+            done_frame(s, run_id, step, 100 + step, layers=list(reversed(names)))
+    with sessions() as s, statements(s.connection()) as seen:
+        assert reads.model_order(s, run_id) == names
+    frame_reads = [q for q, _ in seen if "FROM frame" in q]
+    assert len(frame_reads) == 6  # 3 pages of the snapshot, 2 sketch kinds, activations
+    assert all("LIMIT" in q for q in frame_reads)
 
 
 def test_nonfinite_onsets_take_the_first_row_step_of_sketch_frames(db: Any) -> None:

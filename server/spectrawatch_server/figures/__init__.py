@@ -28,6 +28,8 @@ from spectrawatch_server.figures.alerts import alerts_timeline_figure as alerts_
 from spectrawatch_server.figures.base import DATA_COLORS as DATA_COLORS
 from spectrawatch_server.figures.base import VALUE_AXIS_FORMAT as VALUE_AXIS_FORMAT
 from spectrawatch_server.figures.base import Figure as Figure
+from spectrawatch_server.figures.base import LayerKey as LayerKey
+from spectrawatch_server.figures.base import model_order_key as model_order_key
 from spectrawatch_server.figures.base import natural_key as natural_key
 from spectrawatch_server.figures.base import plot_text as plot_text
 from spectrawatch_server.figures.base import rounded as rounded

@@ -1,19 +1,23 @@
 """What every figure module shares: :data:`Figure` (Plotly figure JSON as plain dicts), the
 common layout (plotly.js >= 3 conventions: titles as ``{"text": ...}``), user text escaped for
-plotly labels, the natural order of layer and metric names, and values rounded to 6 significant
-digits (smaller JSON). Pure: no I/O, no SQL.
+plotly labels, the natural order of layer and metric names (layers in the model's order where the
+run's frames give it), and values rounded to 6 significant digits (smaller JSON). Pure: no I/O,
+no SQL.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from spectrawatch.wire import MODEL_LAYER
+
 Figure = dict[str, Any]
+LayerKey = Callable[[str], tuple[Any, ...]]  # a sort key of layer names
 
 
 _ASCII_DIGITS = re.compile(r"([0-9]+)")
@@ -27,6 +31,24 @@ def natural_key(text: str) -> tuple[Any, ...]:
     """
     pieces = _ASCII_DIGITS.split(text)
     return tuple(int(t) if i % 2 else t for i, t in enumerate(pieces))
+
+
+def model_order_key(order: Sequence[str]) -> LayerKey:
+    """Sort key of layer names in the model's ``order`` (``dashboard_reads.model_order``):
+    ``__model__`` first, then the names of ``order`` as it lists them, then any other one in
+    natural order (a layer no frame named yet). ``embed``, ``blocks.2``, ``blocks.10``, ``head``
+    read as the forward pass runs, not ``blocks.2``, ``blocks.10``, ``embed``, ``head``."""
+    rank: dict[str, int] = {}
+    for name in order:
+        rank.setdefault(name, len(rank))
+
+    def key(name: str) -> tuple[Any, ...]:
+        if name == MODEL_LAYER:
+            return (0, 0, ())
+        at = rank.get(name)
+        return (1, at, ()) if at is not None else (2, 0, natural_key(name))
+
+    return key
 
 
 def rounded(values: Sequence[float | None], digits: int = 6) -> list[float | None]:

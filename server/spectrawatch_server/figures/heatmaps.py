@@ -1,6 +1,6 @@
 """Layer x step heatmaps: ``(layer, step, value)`` rows pivoted into a :class:`Grid` (layers in
-natural order), drawn with the first layer at the top, coloured by log10 where positive values
-span decades, and a click on a cell going to that layer's drilldown
+the model's order, or natural order), drawn with the first layer at the top, coloured by log10
+where positive values span decades, and a click on a cell going to that layer's drilldown
 (:func:`heatmap_click_target`).
 """
 
@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from spectrawatch_server.figures.base import Figure, _layout, natural_key, plot_text, rounded
+from spectrawatch_server.figures.base import (
+    Figure,
+    LayerKey,
+    _layout,
+    natural_key,
+    plot_text,
+    rounded,
+)
 from spectrawatch_server.figures.lines import Marker
 from spectrawatch_server.figures.metric_help import HEALTHY_RANGES
 
@@ -34,12 +41,15 @@ class Grid:
     z: list[list[float | None]]
 
 
-def grid_from_rows(rows: Iterable[tuple[str, int, float | None]]) -> Grid:
-    """Pivot ``(layer, step, value)`` rows into a :class:`Grid` (layers in natural order),
-    values rounded by :func:`rounded` (vectorised over the whole grid: heatmaps hold ~10^4-10^5
-    cells)."""
+def grid_from_rows(
+    rows: Iterable[tuple[str, int, float | None]], order: LayerKey = natural_key
+) -> Grid:
+    """Pivot ``(layer, step, value)`` rows into a :class:`Grid`, layers sorted by ``order``
+    (:func:`~spectrawatch_server.figures.base.model_order_key`: the model's; natural order by
+    default), values rounded by :func:`rounded` (vectorised over the whole grid: heatmaps hold
+    ~10^4-10^5 cells)."""
     cells = list(rows)
-    lay = sorted({c[0] for c in cells}, key=natural_key)
+    lay = sorted({c[0] for c in cells}, key=order)
     st = sorted({int(c[1]) for c in cells})
     row_of = {la: i for i, la in enumerate(lay)}
     col_of = {s: j for j, s in enumerate(st)}

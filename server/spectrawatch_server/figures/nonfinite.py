@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
-from spectrawatch_server.figures.base import natural_key, plot_text
+from spectrawatch_server.figures.base import LayerKey, natural_key, plot_text
 from spectrawatch_server.figures.lines import Line, Marker
 
 NONFINITE_COLOR = "#a40e26"
@@ -22,13 +22,16 @@ NONFINITE_KINDS = {
 
 
 def nonfinite_note(
-    onsets: Mapping[str, tuple[int, str]], layers: Iterable[str] | None = None
+    onsets: Mapping[str, tuple[int, str]],
+    layers: Iterable[str] | None = None,
+    order: LayerKey = natural_key,
 ) -> str:
     """Why a run's per-layer series stop early: ``onsets`` (``{layer: (first step, frame
     kind)}`` of NaN/Inf data, see ``dashboard_reads.nonfinite_onsets``) as one sentence per frame
     kind, e.g. "weights non-finite (NaN/Inf) from step 61 in fc1, fc2: HT-SR and the other
     analyses skip them, so their series end at the last finite frame". ``layers``: only those
-    (all when None); "" when none of them went non-finite."""
+    (all when None), named in ``order`` (the model's, :func:`.base.model_order_key`); "" when
+    none of them went non-finite."""
     wanted = None if layers is None else set(layers)
     by_kind: dict[str, list[tuple[int, str]]] = {}
     for layer, (step, kind) in onsets.items():
@@ -37,7 +40,7 @@ def nonfinite_note(
     parts = []
     for kind, hits in sorted(by_kind.items(), key=lambda kv: min(kv[1])):
         first = min(step for step, _ in hits)
-        names = sorted((layer for _, layer in hits), key=natural_key)
+        names = sorted((layer for _, layer in hits), key=order)
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         parts.append(
             f"{NONFINITE_KINDS.get(kind, kind)} non-finite (NaN/Inf) from step {first} in {shown}"
@@ -117,9 +120,12 @@ def drawn_scalars(lines: Mapping[str, Line]) -> set[str]:
 
 
 def nonfinite_marker(
-    onsets: Mapping[str, tuple[int, str]], layers: Iterable[str] | None = None
+    onsets: Mapping[str, tuple[int, str]],
+    layers: Iterable[str] | None = None,
+    order: LayerKey = natural_key,
 ) -> Marker | None:
-    """A marker at the first step where ``layers`` (all when None) went NaN/Inf, or None."""
+    """A marker at the first step where ``layers`` (all when None) went NaN/Inf, or None; its
+    hover is :func:`nonfinite_note` (layers named in ``order``)."""
     wanted = None if layers is None else set(layers)
     steps = [step for layer, (step, _) in onsets.items() if wanted is None or layer in wanted]
     if not steps:
@@ -130,5 +136,5 @@ def nonfinite_marker(
         f"non-finite from step {first}",
         NONFINITE_COLOR,
         "solid",
-        plot_text(nonfinite_note(onsets, layers), 400),
+        plot_text(nonfinite_note(onsets, layers, order), 400),
     )

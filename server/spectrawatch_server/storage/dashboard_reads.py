@@ -10,6 +10,7 @@ in numpy (min and max per bucket, each at the step it was stored at).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from datetime import datetime
@@ -498,6 +499,83 @@ def first_step_at_least(
     where = _where(model, run_id, name, layer)
     step = session.scalar(select(func.min(model.step)).where(*where, model.value >= threshold))
     return None if step is None else int(step)
+
+
+ORDER_PAGES = (1, 4, 16, 64)  # frames read per page of a weight snapshot's parts, then 64 each
+SKETCH_KINDS = ("update_sketch", "param_sketch")  # the same rows: the trained tensors
+
+
+def model_order(session: Session, run_id: int) -> list[str]:
+    """The run's layer and module names in its model's order, as its client sent them: the
+    weights of its first weight snapshot (every part; a frozen weight is in it, later ones leave
+    it out), the trained tensors of its latest sketch frame (biases, norms) merged in where they
+    fall among those (:func:`merge_order`), then the modules of its latest activations frame
+    (forward order). A few index seeks on ``ix_frame_run_kind_seq``, no scan of the frames;
+    ``[]`` for a run without any."""
+    order = first_snapshot_layers(session, run_id)
+    for kind in SKETCH_KINDS:  # update sketches off: the parameter sketches list the same rows
+        sketch = latest_frame_layers(session, run_id, kind)
+        if sketch:
+            order = merge_order(order, sketch)
+            break
+    return merge_order(order, latest_frame_layers(session, run_id, "activations"))
+
+
+def first_snapshot_layers(session: Session, run_id: int) -> list[str]:
+    """The layer names of the run's first weight snapshot, its parts in ``seq`` order (the
+    client walks ``named_parameters()`` and each frame lists its tensors in that order): its
+    frames are read a growing page at a time up to the first of a later step."""
+    names: list[str] = []
+    first: int | None = None
+    done = 0
+    pages = itertools.chain(ORDER_PAGES, itertools.repeat(ORDER_PAGES[-1]))
+    while True:
+        limit = next(pages)
+        rows = session.execute(
+            select(Frame.step, Frame.layers)
+            .where(Frame.run_id == run_id, Frame.kind == "weights")
+            .order_by(Frame.seq, Frame.id)
+            .offset(done)
+            .limit(limit)
+        ).all()
+        for step, layers in rows:
+            first = step if first is None else first
+            if step != first:
+                return names
+            names += [la for la in layers or () if isinstance(la, str)]
+        if len(rows) < limit:
+            return names
+        done += limit
+
+
+def latest_frame_layers(session: Session, run_id: int, kind: str) -> list[str]:
+    """The names the run's latest frame of ``kind`` lists, in its order (``[]``: none)."""
+    layers = session.execute(
+        select(Frame.layers)
+        .where(Frame.run_id == run_id, Frame.kind == kind)
+        .order_by(Frame.seq.desc(), Frame.id.desc())
+        .limit(1)
+    ).scalar()
+    return [la for la in layers or () if isinstance(la, str)]
+
+
+def merge_order(order: Sequence[str], other: Sequence[str]) -> list[str]:
+    """``order`` with the names of ``other`` it lacks, each placed after the last name before it
+    in ``other`` that ``order`` has (first where there is none): both are walks of one model,
+    ``other`` with names ``order`` leaves out (a sketch's biases among a snapshot's matrices).
+    Appended in their order where the two share no name (activations name modules, not
+    parameters)."""
+    place = {name: i for i, name in enumerate(dict.fromkeys(order))}
+    if not any(name in place for name in other):
+        return [*place, *(name for name in dict.fromkeys(other) if name not in place)]
+    keys = {name: (i, 0) for name, i in place.items()}
+    after = -1
+    for j, name in enumerate(other):
+        if name in place:
+            after = place[name]
+        else:
+            keys.setdefault(name, (after, j + 1))
+    return sorted(keys, key=keys.__getitem__)
 
 
 def nonfinite_onsets(session: Session, run_id: int) -> dict[str, tuple[int, str]]:

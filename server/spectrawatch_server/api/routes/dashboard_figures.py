@@ -136,10 +136,6 @@ def warning_evidence(
 # --- series as plot lines (the SQL is in storage.dashboard_reads) -----------------------------
 
 
-def _by_natural_key(key: reads.Key) -> tuple[Any, ...]:
-    return (dash.natural_key(key[0]), dash.natural_key(key[1]))
-
-
 def layer_label(prefix: str = "") -> Callable[[reads.Key], str]:
     """Labels a line by its layer, after ``prefix``."""
     return lambda key: prefix + key[1]
@@ -150,13 +146,15 @@ def lines_of(
     name: str,
     label: str | Callable[[reads.Key], str] | None = None,
     styles: Mapping[str, int] | None = None,
+    order: dash.LayerKey = dash.natural_key,
 ) -> list[dash.Line]:
-    """The lines of series ``name`` in ``series`` (one per layer, natural order), each labelled
-    ``label`` (a string, or a function of ``(name, layer)``; the layer by default), values
-    rounded for the JSON; ``styles``: each layer's index in the page's list, whose
-    :func:`~spectrawatch_server.figures.series_style` it takes in every chart."""
+    """The lines of series ``name`` in ``series`` (one per layer, in ``order``: the model's, see
+    :func:`model_order`), each labelled ``label`` (a string, or a function of ``(name, layer)``;
+    the layer by default), values rounded for the JSON; ``styles``: each layer's index in the
+    page's list, whose :func:`~spectrawatch_server.figures.series_style` it takes in every
+    chart."""
     label = label or layer_label()
-    keys = sorted((k for k in series if k[0] == name), key=_by_natural_key)
+    keys = sorted((k for k in series if k[0] == name), key=lambda k: order(k[1]))
     out = []
     for k in keys:
         text = label if isinstance(label, str) else label(k)
@@ -188,11 +186,20 @@ def scalar_lines(session: Session, run_id: int, max_points: int) -> dict[str, da
     return {n: line for n in names for line in lines_of(series, n, lambda k: k[0])}
 
 
-def layer_options(session: Session, run_id: int, name: str) -> list[str]:
-    """Every layer with metric ``name``, natural order (a layer control's options): a series
+def model_order(session: Session, run_id: int) -> dash.LayerKey:
+    """The sort key of the run's layers in its model's order (``__model__`` first, layers no
+    frame names after the others in natural order): ``embed`` before ``blocks.0``, ``blocks.2``
+    before ``blocks.10``, ``head`` last, as W&B and TensorBoard list them."""
+    return dash.model_order_key(reads.model_order(session, run_id))
+
+
+def layer_options(
+    session: Session, run_id: int, name: str, order: dash.LayerKey = dash.natural_key
+) -> list[str]:
+    """Every layer with metric ``name`` in ``order`` (a layer control's options): a series
     that stopped at a NaN (``__model__``'s, a layer's) while others went on is still offered;
     only layers at the latest step were, and the control lost them (and its default)."""
-    return sorted(metric_reads.metric_layers(session, run_id, name), key=dash.natural_key)
+    return sorted(metric_reads.metric_layers(session, run_id, name), key=order)
 
 
 def _points(max_points: int | None) -> int:
@@ -281,7 +288,8 @@ def read_overview(
         "nonfinite_note": dash.nonfinite_note(onsets),
     }
     gap_names = dash.match_names(names, page.panel("sed_gap").match)
-    layer_opts = layer_options(session, run.id, gap_names[0]) if gap_names else []
+    order = model_order(session, run.id) if gap_names else dash.natural_key
+    layer_opts = layer_options(session, run.id, gap_names[0], order) if gap_names else []
     layer = _choose(layer_opts, sed_layer, [dash.MODEL_LAYER])
     if layer_opts:
         body["controls"]["sed_layer"] = {
@@ -403,15 +411,20 @@ def scalar_panels(
     return out
 
 
-def _frozen_note(unchanged: Mapping[str, int], layers: Sequence[str] | None = None) -> str:
+def _frozen_note(
+    unchanged: Mapping[str, int],
+    layers: Sequence[str] | None = None,
+    order: dash.LayerKey = dash.natural_key,
+) -> str:
     """Why frozen layers' series stop early: ``unchanged`` (``{layer: step last sent}`` of the
-    latest weight snapshot, ``repo.latest_unchanged``) of ``layers`` (all when None) as one
-    sentence, e.g. "frozen: unchanged since step 10 (base.0.weight): ..."; "" for none."""
+    latest weight snapshot, ``repo.latest_unchanged``) of ``layers`` (all when None, named in
+    ``order``) as one sentence, e.g. "frozen: unchanged since step 10 (base.0.weight): ..."; ""
+    for none."""
     wanted = None if layers is None else set(layers)
     hits = sorted((step, la) for la, step in unchanged.items() if wanted is None or la in wanted)
     if not hits:
         return ""
-    names = sorted((layer for _, layer in hits), key=dash.natural_key)
+    names = sorted((layer for _, layer in hits), key=order)
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     since = hits[0][0] if hits[0][0] == hits[-1][0] else f"{hits[0][0]}-{hits[-1][0]}"
     return (
@@ -444,16 +457,17 @@ def read_layers(
         )
         cells = reads.grid_cells(session, run.id, chosen, steps)
         layer_cells = [c for c in cells if c[0] != dash.MODEL_LAYER]  # a model mean is no layer
-        grid = dash.grid_from_rows(layer_cells or cells)
+        order = model_order(session, run.id)  # rows top to bottom as the forward pass runs
+        grid = dash.grid_from_rows(layer_cells or cells, order)
         # layers gone NaN/Inf: their columns stop at the last finite frame; say so, and where
         onsets = reads.nonfinite_onsets(session, run.id)
         shown = [la for la in grid.layers if la in onsets] or None
-        marker = dash.nonfinite_marker(onsets, shown)
+        marker = dash.nonfinite_marker(onsets, shown, order)
         figure = dash.heatmap_figure(chosen, grid, sampled=skipped, marker=marker)
         panel = dash.panel_from(spec, figure)
         panel.extra["click"] = {"kind": "layer_drilldown", "metric": chosen}
-        frozen = _frozen_note(repo.latest_unchanged(session, run.id)[1], grid.layers)
-        notes = [dash.nonfinite_note(onsets, shown), frozen]
+        frozen = _frozen_note(repo.latest_unchanged(session, run.id)[1], grid.layers, order)
+        notes = [dash.nonfinite_note(onsets, shown, order), frozen]
         panel.extra["note"] = " ".join(n for n in notes if n)
         panel.extra["metrics_help"] = metrics_help([chosen])
     body["panels"] = [panel.public()]
@@ -593,7 +607,8 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
         for spec in page.panels
         for m in dash.match_names(names, spec.match)
     }
-    every = sorted({la for found in layers_of.values() for la in found}, key=dash.natural_key)
+    order = model_order(session, run.id)  # modules in forward order, in menus and legends
+    every = sorted({la for found in layers_of.values() for la in found}, key=order)
     styles = {la: i for i, la in enumerate(every)}
     panels = []
     drawn: set[str] = set()  # the modules of every figure: the page's one NaN/Inf note
@@ -616,7 +631,7 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             lines = []
             for name in group:
                 prefix = "" if len(group) == 1 else f"{name} · "
-                lines += lines_of(series, name, layer_label(prefix), styles)
+                lines += lines_of(series, name, layer_label(prefix), styles, order)
             title = group[0] if len(group) == 1 else spec.title
             # the panel spec's caption is the page's, said once above the figures (it was
             # repeated on each of them): a figure's help is what only it has
@@ -642,9 +657,9 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             sub = dash.PanelSpec(
                 f"{spec.id}-{group[0]}", title, spec.kind, help=help_text.strip(), empty=spec.empty
             )
-            modules = sorted({layer for name, layer in series if name in group})
+            modules = sorted({layer for name, layer in series if name in group}, key=order)
             drawn.update(modules)
-            marker = dash.nonfinite_marker(onsets, modules)
+            marker = dash.nonfinite_marker(onsets, modules, order)
             figure = dash.line_figure(
                 title,
                 lines,
@@ -654,7 +669,7 @@ def read_activations(run: RunDep, session: SessionDep, max_points: Points = None
             panel = dash.panel_from(sub, figure)
             panel.extra["metrics_help"] = metrics_help(group)  # what the raw key means
             panels.append(panel)
-    body["note"] = dash.nonfinite_note(onsets, sorted(drawn))
+    body["note"] = dash.nonfinite_note(onsets, drawn, order)
     dash.share_step_range(panels, [run.last_step] if run.last_step is not None else [])
     body["panels"] = [p.public() for p in panels]
     return _json(body)
@@ -821,10 +836,12 @@ def read_compare(
                 requested.append(hit[0])
         requested = requested[:3] or available[:1]
     metric_chosen = [x for x in requested if any(x in m for m in metrics.values())]
-    layer_opts: list[str] = []
+    layer_opts: list[str] = []  # the first run's layers in its model's order, then the others'
     for r in run_rows:
-        for name in metric_chosen:
-            layer_opts += [la for la in layer_options(session, r.id, name) if la not in layer_opts]
+        held = {la for name in metric_chosen for la in layer_options(session, r.id, name)}
+        if held:
+            order = model_order(session, r.id)
+            layer_opts += [la for la in sorted(held, key=order) if la not in layer_opts]
     layer_value = _choose(layer_opts, layer, [dash.MODEL_LAYER])
     public = [r.model_dump(mode="json") for r in runs_public(session, run_rows)]
     body: dict[str, Any] = {
