@@ -182,3 +182,14 @@ def test_esd_eigenvalue_axis_ticks_at_decades_in_powers_of_ten() -> None:
     assert esd is not None
     assert esd["layout"]["xaxis"]["exponentformat"] == "power"
     assert esd["layout"]["xaxis"]["minorloglabels"] == "none"
+
+
+def test_a_single_line_names_its_axis() -> None:
+    """Plotly draws no legend for one trace: a panel of "other scalars" holding only val_acc
+    named it nowhere but in the hover (its axis said "value")."""
+    one = fig.line_figure("s", [fig.Line("val_acc", [1, 2], [0.1, 0.4])], y_title="value")
+    assert one["layout"]["yaxis"]["title"]["text"] == "val_acc"
+    two = [fig.Line(n, [1, 2], [0.1, 0.4]) for n in ("a", "b")]
+    assert fig.line_figure("s", two, y_title="value")["layout"]["yaxis"]["title"]["text"] == "value"
+    named = fig.line_figure("l", [fig.Line("train/loss", [1, 2], [2.0, 1.0])], y_title="loss")
+    assert named["layout"]["yaxis"]["title"]["text"] == "loss"  # a panel's own title stays

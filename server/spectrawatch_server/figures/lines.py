@@ -117,6 +117,8 @@ def line_figure(
     y_range = None if log_y else value_range(lines)
     if y_range is not None and y_range == ALL_ZERO_RANGE:
         title += " · all values 0"
+    if len(data) == 1 and y_title in ("", "value"):  # one line has no legend: the axis names it
+        y_title = lines[0].name
     layout = _layout(title, y_title=y_title, log_y=log_y)
     if y_range is not None:
         layout["yaxis"]["range"] = list(y_range)
