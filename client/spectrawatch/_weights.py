@@ -168,13 +168,18 @@ class WeightSnapshots:
             shapes[name] = {"orig_shape": list(p.shape)}
             size += nbytes
 
-        failed: Exception | None = None
+        # which frozen weights stay out, decided before any frame leaves: the first frame names
+        # them all (a frame filled before the walk reached one named none of the later ones)
+        sending = []
         for name, p in self.model.named_parameters():
             if not _snapshotted(p) or name in skipped:
                 continue
             if self._sent_as_is(name, p, n):
                 unchanged[name] = self._frozen_step[name]
-                continue
+            else:
+                sending.append((name, p))
+        failed: Exception | None = None
+        for name, p in sending:
             full = _shards.full_tensor(p.detach())  # sharded: every rank joins the gather
             if not self.emits or failed is not None:
                 continue  # after a failure of this rank's own work: still join the gathers

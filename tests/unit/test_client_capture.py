@@ -488,6 +488,17 @@ def test_snapshots_name_the_frozen_weights_they_leave_out_with_the_step_last_sen
     assert infos(3)[0]["unchanged"] == {"base.weight": 1}
     assert infos(4)[0]["unchanged"] == {"base.weight": 1, "head.weight": 3}
     assert "unchanged_more" not in infos(5)[0]
+    # a frozen weight after a frame already filled by trainable ones is named too (it was
+    # named by no frame: the first one had left before the walk reached it)
+    late = nn.ModuleDict({"a": nn.Linear(16, 32), "b": nn.Linear(16, 32), "z": nn.Linear(16, 8)})
+    late["z"].requires_grad_(False)
+    late_sink = Sink()
+    cap, _ = make_capture(late, None, late_sink, max_frame_bytes=256)
+    cap.capture_weights(1)
+    cap.capture_weights(2)
+    second = [f.info for f in late_sink.of(wire.FrameKind.WEIGHTS) if f.step == 2]
+    assert len(second) == 2
+    assert second[0]["unchanged"] == {"z.weight": 1}
 
     names = {f"model.layers.{i}.mlp.up_proj.weight": 10 for i in range(100)}
     info = _weights.unchanged_info(names, budget=1000)
