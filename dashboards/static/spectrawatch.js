@@ -664,6 +664,7 @@
           var layout = withAxisChoice(panel, legendLayout(panel.figure.layout, legendBottom(plot, panel.figure)));
           var traces = smoothedData(panel.figure.data, smoothWeight(), panel.figure.layout.colorway);
           plot.dataset.sharedX = panel.shared_x ? "1" : "";
+          syncedRange = "";  // a redrawn chart shows its full range: the next zoom is news
           plot.dataset.xRange = panel.shared_x ? JSON.stringify(panel.figure.layout.xaxis.range) : "";
           return Plotly.react(plot, traces, layout, plotConfig(panel)).then(clearLegend).then(function (gd) {
             bindClick(gd, panel);

@@ -1943,6 +1943,25 @@ def test_overview_step_charts_zoom_together_and_buttons_say_csv_and_log(
         shared + ".every(function (gd) { return gd._fullLayout.xaxis.range.map(Math.round)"
         f".join() === '{want}'; }})",
     )
+    # after a refresh (a live run's, every few seconds) the same zoom links again: the range
+    # last synced was remembered and a zoom to it was taken for an echo
+    zoom = (
+        "var gd = document.querySelector('#panels .plot[data-shared-x=\"1\"]');"
+        "Plotly.relayout(gd, {'xaxis.range': [2, 5]});"
+    )
+    browser.execute_script(zoom)
+    every_zoomed = (
+        shared + ".every(function (gd) { return gd._fullLayout.xaxis.range.join() === '2,5'; })"
+    )
+    wait_js(browser, every_zoomed)
+    browser.execute_script("SW.reload();")
+    wait_js(
+        browser,
+        shared + ".every(function (gd) { return gd._fullLayout.xaxis.range.map(Math.round)"
+        f".join() === '{want}'; }})",
+    )
+    browser.execute_script(zoom)
+    wait_js(browser, every_zoomed)
     words = browser.execute_script(
         "return Array.from(document.querySelectorAll('#panels .sw-modebar-text'))"
         ".map(function (s) { return s.textContent; });"
