@@ -310,3 +310,28 @@ def test_blobs_from_a_missing_folder_is_refused_and_missing_blobs_exit_1(
     (tmp_path / "typo").mkdir()  # there, but without the frame's blob
     assert main(["db", "copy", "--from", source, "--to", target, *blobs]) == 1
     assert "cannot be re-analysed" in capsys.readouterr().err
+
+
+def test_the_copy_keeps_the_ids_the_source_handed_out(source: str, tmp_path: Path) -> None:
+    """A deleted newest row's id came back on the copy (its counter was the copied max id): a
+    retried ``DELETE /webhooks/{id}`` aimed at the old one would hit a new one."""
+    engine = make_engine(source)
+    with engine.begin() as connection:
+        top = int(connection.scalar(select(func.max(Project.id))) or 0)
+        connection.execute(
+            text("INSERT INTO project (id, name, created_at) VALUES (:i, 'gone', :t)"),
+            {"i": top + 40, "t": datetime.now(timezone.utc)},
+        )
+        connection.execute(text("DELETE FROM project WHERE id = :i"), {"i": top + 40})
+    engine.dispose()
+    target = f"sqlite:///{tmp_path / 'dst.db'}"
+    transfer.copy_database(source, target)
+    copy = make_engine(target)
+    with copy.begin() as connection:
+        connection.execute(
+            text("INSERT INTO project (name, created_at) VALUES ('new', :t)"),
+            {"t": datetime.now(timezone.utc)},
+        )
+        new_id = connection.scalar(select(Project.id).where(Project.name == "new"))
+    copy.dispose()
+    assert new_id == top + 41

@@ -106,7 +106,7 @@ def copy_database(
                 if replace:
                     _empty(writing)
                 copied = tuple(_copy_tables(reading, writing, batch_rows, progress))
-                _reset_sequences(writing)
+                _reset_sequences(writing, _ids_handed_out(reading))
                 _verify(reading, writing, copied)
             blob_frames = int(reading.scalar(select(func.count()).where(Frame.blob_key != "")) or 0)
     finally:
@@ -385,22 +385,61 @@ def _copy_rows(connection: Connection, table: Table, rows: Rows) -> None:
             copy.write_row([v if b is None else b(v) for b, v in zip(binds, row, strict=True)])
 
 
-def _reset_sequences(connection: Connection) -> None:
-    """PostgreSQL: move each id sequence past the largest copied id (the copy inserted the ids
-    itself, so the sequences were not used: the next insert would collide). SQLite picks
-    ``max(id) + 1`` by itself."""
-    if connection.dialect.name != "postgresql":
-        return
-    for table in Base.metadata.sorted_tables:
-        if "id" not in table.c or table.primary_key.columns.keys() != ["id"]:
-            continue  # metric_series: a composite key, no sequence
-        connection.execute(
-            text(
-                f"SELECT setval(pg_get_serial_sequence(:table, 'id'), "
-                f"COALESCE((SELECT max(id) FROM {table.name}), 0) + 1, false)"
-            ),
-            {"table": table.name},
-        )
+def _id_tables() -> list[Table]:
+    """The tables with a single integer ``id`` key (metric_series: a composite key)."""
+    return [
+        t
+        for t in Base.metadata.sorted_tables
+        if "id" in t.c and t.primary_key.columns.keys() == ["id"]
+    ]
+
+
+def _ids_handed_out(connection: Connection) -> dict[str, int]:
+    """The highest id each table of the source ever handed out, deleted rows' included
+    (SQLite's ``sqlite_sequence``, PostgreSQL's sequences): a deleted alert's or webhook's id
+    must not name a new one on the copy either."""
+    if connection.dialect.name == "postgresql":
+        out = {}
+        for table in _id_tables():
+            last = connection.scalar(
+                text("SELECT pg_sequence_last_value(pg_get_serial_sequence(:t, 'id'))"),
+                {"t": table.name},
+            )
+            out[table.name] = int(last or 0)
+        return out
+    known = text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_sequence'")
+    if connection.scalar(known) is None:  # no AUTOINCREMENT table yet (inspect hides it)
+        return {}
+    rows = connection.execute(text("SELECT name, seq FROM sqlite_sequence")).all()
+    return {str(name): int(seq or 0) for name, seq in rows}
+
+
+def _reset_sequences(connection: Connection, handed_out: dict[str, int]) -> None:
+    """Move each id counter past the largest id the source handed out: PostgreSQL's sequences
+    (the copy inserted the ids itself: the next insert would collide), SQLite's
+    ``sqlite_sequence`` of its AUTOINCREMENT tables (it holds the largest copied id: a
+    deleted newest row's id would come back)."""
+    postgres = connection.dialect.name == "postgresql"
+    for table in _id_tables():
+        floor = handed_out.get(table.name, 0)
+        if postgres:
+            connection.execute(
+                text(
+                    f"SELECT setval(pg_get_serial_sequence(:table, 'id'), GREATEST("
+                    f"COALESCE((SELECT max(id) FROM {table.name}), 0), :floor) + 1, false)"
+                ),
+                {"table": table.name, "floor": floor},
+            )
+        elif floor and table.dialect_options["sqlite"].get("autoincrement"):
+            updated = connection.execute(
+                text("UPDATE sqlite_sequence SET seq = max(seq, :floor) WHERE name = :table"),
+                {"table": table.name, "floor": floor},
+            )
+            if not updated.rowcount:
+                connection.execute(
+                    text("INSERT INTO sqlite_sequence (name, seq) VALUES (:table, :floor)"),
+                    {"table": table.name, "floor": floor},
+                )
 
 
 def _verify(reading: Connection, writing: Connection, copied: tuple[TableCopy, ...]) -> None:
