@@ -887,6 +887,11 @@ def test_a_second_webhook_for_the_same_url_is_409_naming_the_first(
     assert (again.status_code, again.json()["error"]["code"]) == (409, "webhook_exists")
     assert f"webhook {hook} for this URL" in again.json()["error"]["message"]
     assert again.headers["location"] == f"/api/v1/webhooks/{hook}"
+    # other spellings of the same endpoint: scheme and host case, a fragment, an empty query
+    scheme, rest = url.split("://", 1)
+    for spelling in (f"{scheme.upper()}://{rest}", f"{url}#x", f"{url}?"):
+        dup = api.post("/webhooks", json={"project": project, "url": spelling})
+        assert (dup.status_code, dup.json()["error"]["code"]) == (409, "webhook_exists"), spelling
     listed = api.get("/webhooks", params={"project": project}).json()
     assert [(w["id"], w["format"]) for w in listed] == [(hook, "standard")]
     make_run(api, project="duphooks-b", name="r")

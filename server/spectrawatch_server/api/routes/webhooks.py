@@ -6,6 +6,7 @@ import re
 import threading
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -110,11 +111,23 @@ def _public(session: Session, hook: Webhook) -> dict[str, Any]:
 
 
 def _check_url(settings: ServerSettings, url: str) -> str:
+    """The URL checked against request forgery, in the one spelling it is stored and compared
+    in (:func:`canonical_url`)."""
     try:
         target = check_url(url, Allowlist.parse(settings.webhook_allowed_hosts))
-        return target.url
     except UnsafeTarget as exc:
         raise ApiError(422, "unsafe_webhook_url", f"url: {exc.message}") from exc
+    return canonical_url(target.url)
+
+
+def canonical_url(url: str) -> str:
+    """``url`` as requests reach it: scheme and host in lower case, no fragment (never sent),
+    no empty query or path (``HTTP://Host/hook#x`` and ``http://host/hook?`` are one endpoint, a
+    second webhook for which would get every event twice)."""
+    parts = urlsplit(url)
+    return urlunsplit(
+        (parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", parts.query, "")
+    )
 
 
 def _check_events(events: list[str]) -> list[str]:
