@@ -110,6 +110,12 @@ def _public(session: Session, hook: Webhook) -> dict[str, Any]:
     }
 
 
+WEBHOOK_EXISTS = error(
+    "`webhook_exists`: the project has a webhook for this URL already (its id in the message, "
+    "its path in `Location`)"
+)
+
+
 def _check_url(settings: ServerSettings, url: str) -> str:
     """The URL checked against request forgery, in the one spelling it is stored and compared
     in (:func:`canonical_url`)."""
@@ -191,7 +197,7 @@ def _delivery_public(session: Session, delivery: Delivery, with_log: bool) -> De
     status_code=201,
     response_model=WebhookCreated,
     dependencies=[require_role("admin")],
-    responses=PROJECT_NOT_FOUND,
+    responses={**PROJECT_NOT_FOUND, 409: WEBHOOK_EXISTS},
 )
 def create_webhook(
     body: WebhookCreate, state: StateDep, principal: PrincipalDep, session: SessionDep
@@ -244,7 +250,10 @@ def read_webhook(webhook_id: int, principal: PrincipalDep, session: SessionDep) 
 
 
 @router.patch(
-    "/webhooks/{webhook_id}", response_model=WebhookPublic, dependencies=[require_role("admin")]
+    "/webhooks/{webhook_id}",
+    response_model=WebhookPublic,
+    dependencies=[require_role("admin")],
+    responses={409: WEBHOOK_EXISTS},
 )
 def update_webhook(
     webhook_id: int,
