@@ -664,6 +664,76 @@ def test_interval_sed_across_a_frozen_layer_equals_the_lr0_control() -> None:
     assert all(frozen[flag][s] == 1.0 for s in frozen[flag] if s < 65)
 
 
+def _resumed_theta_frames(sessions: list[tuple[int, int]], unfreeze_at: int) -> list[DecodedFrame]:
+    """The review's resume scenario: a 3-layer MLP whose middle layer is frozen until
+    ``unfreeze_at``, trained over ``sessions`` (``(first, last)`` steps each, a new model, SGD
+    and capture per session that load the previous one's state, as a resumed process does);
+    theta frames every 5 steps through the wire, as the worker decodes them."""
+    from spectrawatch import wire
+    from spectrawatch._capture import Capture
+    from spectrawatch._sender import ClientStats, ErrorLog, FrameItem
+    from spectrawatch.config import ClientSettings
+
+    settings = ClientSettings.from_env(
+        {}, weights_every=0, activations_every=0, update_every=0, theta_every=5
+    )
+    state: dict[str, torch.Tensor] = {}
+    sent: list[FrameItem] = []
+    for first, last in sessions:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+            torch.nn.Linear(64, 4),
+        )  # fmt: skip
+        net.load_state_dict(state or net.state_dict())
+        net[2].requires_grad_(first >= unfreeze_at)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        stats = ClientStats()
+        cap = Capture(
+            net, opt, settings, sent.append, lambda _: None, ErrorLog(stats), stats,
+            start_step=first - 1,
+        )  # fmt: skip
+        assert cap.wait_index(30)
+        for step in range(first, last + 1):
+            if step == unfreeze_at:
+                net[2].requires_grad_(True)
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        cap.finish()
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+    out = []
+    for i, item in enumerate(f for f in sent if f.kind is wire.FrameKind.PARAM_SKETCH):
+        body = wire.encode_frame(item.kind, item.step, i, item.tensors, item.info)
+        header, tensors = wire.decode_frame(body)
+        out.append(DecodedFrame(1, i + 1, header, tensors, torch.device("cpu")))
+    return out
+
+
+def test_a_resume_with_another_trained_set_breaks_the_theta_chain() -> None:
+    """A layer unfrozen when the run is resumed (steps 1-30 with it frozen, then a new process
+    trains 31-60) gives the interval SED of the same change within one process, where the
+    client marks it (``info["chain_break"]``): the server sees the theta rows differ from the
+    previous frame's and does not difference ``__model__`` (a sum over another set) or the new
+    rows across it. Before, the resumed ``__model__`` displacement at step 35 was ~100x the
+    others (the review: 3.406 against ~0.02). A resume with the same trained set keeps the
+    one-process run's series (no break)."""
+    one = _interval_model_series(_resumed_theta_frames([(1, 60)], 31))
+    resumed = _interval_model_series(_resumed_theta_frames([(1, 30), (31, 60)], 31))
+    assert one.keys() == resumed.keys()
+    for key, series in one.items():
+        assert resumed[key] == pytest.approx(series, rel=1e-9), key
+    flag = sed.interval_key(sed.INCOMPLETE)
+    assert resumed[flag][35] == 1.0  # the window over the change lacks its displacement
+    same = _interval_model_series(_resumed_theta_frames([(1, 60)], 1))
+    same_resumed = _interval_model_series(_resumed_theta_frames([(1, 30), (31, 60)], 1))
+    for key, series in same.items():
+        assert same_resumed[key] == pytest.approx(series, rel=1e-9), key
+    assert same[flag][60] == 0.0
+
+
 def test_grokking_score_uses_training_series_only() -> None:
     rows = _planted(10, 50, (1.0,), 0.1, seed=5).float()
     frame = _frame(FrameKind.UPDATE_SKETCH, list(range(2000, 2010)), {"w": rows}, seq=0)

@@ -3,7 +3,8 @@
 ``sed`` runs on ``update_sketch`` frames (per-step updates; windows 16/32/64 by default, or
 ``info["sed"]["windows"]``) and on ``param_sketch`` frames (theta sketches, differenced into the
 SED paper's checkpoint-interval displacements; W = 10, keys ``sed.interval.*``; a displacement
-across a restart of a row's θ chain, ``info["chain_break"]``, is left out). The trailing
+across a restart of a row's θ chain, ``info["chain_break"]`` or theta rows that differ from the
+previous theta frame's (a run resumed with another trained set), is left out). The trailing
 window is assembled from earlier frames of the same kind (``context.recent_frames``), in step
 order whatever order frames arrived in; a window with missing steps is computed on the rows
 present and flagged with ``sed.incomplete.w<W> = 1``. Per layer and for the whole model
@@ -176,15 +177,40 @@ def _off_cadence(frame: DecodedFrame) -> bool:
     return frame.header.info.get("off_cadence") is True
 
 
-def _chain_breaks(frames: Sequence[DecodedFrame], layer: str) -> list[int]:
-    """Steps where ``layer``'s θ chain restarts: the first row of each theta frame whose
-    ``info["chain_break"]`` names it (the client's trained parameters changed before it: its
-    rows are not differenced with earlier ones)."""
-    return [
-        f.row_steps[0]
-        for f in frames
-        if isinstance(names := f.header.info.get("chain_break"), list) and layer in names
-    ]
+def _chain_breaks(frames: Sequence[DecodedFrame]) -> dict[str, list[int]]:
+    """Steps where each row's θ chain restarts, by row name: the first row of each theta frame
+    whose ``info["chain_break"]`` names it (the client's trained parameters changed before it:
+    its rows are not differenced with earlier ones), or whose rows differ from the previous
+    theta frame's (:func:`_changed_rows`: a run resumed with another trained set, a change no
+    client process saw)."""
+    out: dict[str, list[int]] = {}
+    for f in frames:
+        if isinstance(names := f.header.info.get("chain_break"), list):
+            for name in names:
+                out.setdefault(str(name), []).append(f.row_steps[0])
+    ordered = sorted(frames, key=lambda f: f.row_steps[0])
+    for before, after in itertools.pairwise(ordered):
+        for name in _changed_rows(before, after):
+            out.setdefault(name, []).append(after.row_steps[0])
+    return out
+
+
+def _changed_rows(before: DecodedFrame, after: DecodedFrame) -> set[str]:
+    """Rows of theta frame ``after`` that sum over other parameters than in ``before``, the
+    previous one: a row new to the rows or whose ``info["layers"]`` entry (numel, shape, a
+    group's tensor count) differs, and ``__model__`` when any row was added, dropped or changed
+    (a row that disappears has no displacement to leave out)."""
+    old, new = before.tensors.keys() - {MODEL_LAYER}, after.tensors.keys() - {MODEL_LAYER}
+    changed = {name for name in new if name not in old or not _same_entry(before, after, name)}
+    return (changed | {MODEL_LAYER}) if changed or old != new else set()
+
+
+def _same_entry(before: DecodedFrame, after: DecodedFrame, row: str) -> bool:
+    """Whether two frames' ``info["layers"]`` entries for ``row`` agree; a frame without one
+    (an older client's) agrees with any."""
+    entries = [f.header.info.get("layers") for f in (before, after)]
+    a, b = (e.get(row) if isinstance(e, dict) else None for e in entries)
+    return a is None or b is None or a == b
 
 
 @register("sed", [FrameKind.UPDATE_SKETCH, FrameKind.PARAM_SKETCH])
@@ -210,6 +236,7 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
     result = AnalysisResult()
     if not targets:
         return result
+    breaks = _chain_breaks(frames) if interval else {}
     by_steps: dict[_Group, list[tuple[str, torch.Tensor]]] = {}
     for layer in layers:
         if layer != MODEL_LAYER and not layer_targets:
@@ -221,7 +248,7 @@ def spectral_edge_dynamics(frame: DecodedFrame, context: AnalysisContext) -> Ana
         if interval:
             if len(all_steps) < 2:
                 continue
-            rows, ends = sed.interval_deltas(rows, all_steps, _chain_breaks(frames, layer))
+            rows, ends = sed.interval_deltas(rows, all_steps, breaks.get(layer, ()))
             if not ends:
                 continue
             key = _Group(layer == MODEL_LAYER, sed.min_step_gap(all_steps), tuple(ends), ())
