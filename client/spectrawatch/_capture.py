@@ -328,7 +328,7 @@ class Capture:
                 self._time_loop()  # a new cadence applies from the next step
             due_update = every > 0 and n % every == 0
             due_theta = s.theta_every > 0 and n % s.theta_every == 0
-            if due_update or due_theta:
+            if due_update or due_theta or self._first_theta_due:
                 self._guard("update sketch", lambda: self._after_step(n, due_update, due_theta))
             if s.weights_every > 0 and n % s.weights_every == 0:
                 self._guard("weights", lambda: self.capture_weights(n))
@@ -524,8 +524,8 @@ class Capture:
             self._prev, self._prev_step = None, None
             return
         prev = self._prev
-        first_theta = not self._theta_sent and self.s.theta_every > 0
-        if first_theta and not self.s.exact:
+        first_theta = self._first_theta_due
+        if first_theta:
             due_theta = True
         if due_update and prev is not None:
             row: Rows
@@ -552,6 +552,13 @@ class Capture:
             # step's sketch must not become its start
             self._prev = cur
             self._prev_step = n
+
+    @property
+    def _first_theta_due(self) -> bool:
+        """Whether the session's first theta is still to be sent: at its first sketched step,
+        whatever the cadences (theta-only capture, ``update_every=0``, sent none before
+        ``theta_every``); not in exact mode, which sends no theta."""
+        return not self._theta_sent and self.s.theta_every > 0 and not self.s.exact
 
     def _sketch_info(self, steps: list[int]) -> dict[str, Any]:
         info: dict[str, Any] = {

@@ -39,7 +39,8 @@ class Sink:
 def make_capture(
     model: nn.Module, opt: torch.optim.Optimizer | None, sink: Sink, **kw: Any
 ) -> tuple[Capture, ClientStats]:
-    options = {k: kw.pop(k) for k in ("probe", "modules", "loss_fn", "sample_batch") if k in kw}
+    keys = ("probe", "modules", "loss_fn", "sample_batch", "start_step")
+    options = {k: kw.pop(k) for k in keys if k in kw}
     s = ClientSettings.from_env(
         {}, **{"weights_every": 0, "activations_every": 0, "theta_every": 0, "frame_steps": 4, **kw}
     )
@@ -203,6 +204,26 @@ def test_theta_only_frames_pass_the_wire_check() -> None:
         data = wire.encode_frame(frame.kind, frame.step, 1, frame.tensors, frame.info)
         header, _ = wire.decode_frame(data)
         wire.validate_layout(header)  # raises FrameError where the server answers 422
+
+
+def test_theta_only_capture_sends_the_first_step_theta() -> None:
+    """``update_every=0``: the session's first step still sends its theta at once (off the
+    grid), a fresh run's at step 1 and a resumed one's at its first step, as with update
+    sketches. Before, the step hook ran the sketch only on due steps, so the first theta came
+    at ``theta_every`` and a resumed session sent none at its first step."""
+    for start, every, want in ((0, 4, [[1], [4], [8]]), (15, 5, [[16], [20]])):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sink = Sink()
+        cap, _ = make_capture(model, opt, sink, update_every=0, theta_every=every, start_step=start)
+        assert cap.wait_index(30)
+        train(model, opt, want[-1][0] - start)
+        cap.finish()
+        theta = sink.of(wire.FrameKind.PARAM_SKETCH)
+        assert [f.info["steps"] for f in theta] == want
+        assert theta[0].info["off_cadence"] is True
+        assert all("off_cadence" not in f.info for f in theta[1:])
+        assert sink.of(wire.FrameKind.UPDATE_SKETCH) == []
 
 
 def test_a_layout_change_restarts_the_theta_chain_of_the_rows_it_changed() -> None:
