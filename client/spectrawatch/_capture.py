@@ -204,6 +204,12 @@ class Capture:
         return self.layout.layers
 
     @property
+    def stepped(self) -> bool:
+        """Whether this session has taken a step (before, :attr:`step` is ``start_step``, the
+        step it continues from)."""
+        return self._stepped
+
+    @property
     def probe(self) -> Any:
         """The probe batch (None: no activation captures)."""
         return self._probes.probe

@@ -121,13 +121,14 @@ def cuda_readings(cuda: Any, nvml: Nvml | None) -> dict[str, float]:
 
 class SystemSampler:
     """Samples every ``every_s`` seconds on its own daemon thread and emits the readings as
-    scalar rows ``{step, name: "system/...", value}`` at ``step()`` (the run's current step).
-    The first sample comes ``every_s`` after :meth:`start` (CPU % is over the interval)."""
+    scalar rows ``{step, name: "system/...", value}`` at ``step()`` (the run's current step;
+    ``None``: none to put it at, the sample is dropped). The first sample comes ``every_s``
+    after :meth:`start` (CPU % is over the interval)."""
 
     def __init__(
         self,
         every_s: float,
-        step: Callable[[], int],
+        step: Callable[[], int | None],
         emit: Callable[[list[dict[str, Any]]], None],
         errors: ErrorLog,
         cuda: Any = None,
@@ -173,8 +174,10 @@ class SystemSampler:
     def sample_and_emit(self) -> None:
         """Take a sample and emit it; never raises (errors are counted)."""
         try:
-            values = self.sample()
+            values = self.sample()  # also before a skipped one: CPU % is over its interval
             step = self._step()
+            if step is None:
+                return
             rows = [
                 {"step": step, "name": PREFIX + k, "value": v}
                 for k, v in values.items()

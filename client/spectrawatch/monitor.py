@@ -522,13 +522,27 @@ class Monitor:
         if sampler is not None:
             sampler.stop()
 
-    def _current_step(self) -> int:
-        """The latest step this run has seen (an attached model's optimizer step, a logged
-        step; 0 before any): where the system metrics' samples go."""
-        steps = [c.step for c in list(self._captures)]
+    def _current_step(self) -> int | None:
+        """Where the system metrics' samples go: the latest step of this session (an attached
+        model's optimizer step, a logged step, a removed model's last step). Before its first:
+        step 0 of a new run; ``None`` (the sample is skipped) where the run already has later
+        steps (resumed: the last step its join reported, or ``attach``'s ``start_step``), whose
+        step 0 and last step hold the earlier session's samples."""
+        captures = list(self._captures)
+        steps = [c.step for c in captures if c.stepped]
         if self._logged:
             steps.append(self._last_step)
-        return max(steps, default=0)
+        if self._detached_step > 0:
+            steps.append(self._detached_step)
+        if steps:
+            return max(steps)
+        earlier = max([self._joined_last_step(), *(c.step for c in captures)])
+        return None if earlier > 0 else 0
+
+    def _joined_last_step(self) -> int:
+        """The run's last step as joining it reported (0: a new run, or no answer yet)."""
+        last = self._sender.run_info.get("last_step") if self._sender is not None else None
+        return last if isinstance(last, int) and not isinstance(last, bool) else 0
 
     # -- introspection ---------------------------------------------------------------------
 

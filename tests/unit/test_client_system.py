@@ -145,6 +145,40 @@ def test_samples_do_not_move_logged_steps_or_the_runs_progress(tmp_path: Path) -
     assert {r["step"] for r in server.scalars if r["name"].startswith("system/")} <= {0, 1, 2}
 
 
+def test_a_resumed_session_samples_nothing_before_its_first_step(tmp_path: Path) -> None:
+    """A resumed session's samples before its first step (loading a checkpoint, then after
+    ``attach`` continued the run's steps) are skipped: step 0 and the run's last step hold the
+    first session's samples. Before, they went to step 0 until ``attach`` and then to the last
+    step (``start_step``), overwriting both. A new run still samples at step 0 before its first."""
+    server = FakeServer()
+    m = spectrawatch.Monitor(transport=server.transport())
+    m.init(project="p", run="resumed", **fast(tmp_path, system_every_s=0.02))
+    time.sleep(0.1)  # a new run: its samples before the first step go at 0
+    _loop(m, 10, pause=0.03)
+    assert m.finish()
+    first = [r["step"] for r in server.scalars if r["name"] == "system/rss_mib"]
+    assert first[0] == 0
+    server.runs["p", "resumed"]["last_step"] = 10  # what the server reports to a join
+    seen = len(server.scalars)
+    m.init(project="p", run="resumed", **fast(tmp_path, system_every_s=0.02))
+    time.sleep(0.1)  # loading a checkpoint: no step yet
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert m.attach(model, opt) is not None  # continues from step 10
+    time.sleep(0.1)  # attached, no step yet
+    for _ in range(5):
+        model(torch.randn(3, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        time.sleep(0.03)
+    assert m.finish()
+    steps = [r["step"] for r in server.scalars[seen:] if r["name"] == "system/rss_mib"]
+    assert steps
+    assert min(steps) >= 11
+    assert max(steps) <= 15
+
+
 def test_off_disabled_and_nonzero_ranks_start_no_sampler(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
