@@ -492,3 +492,45 @@ def test_sqlite_autoincrement_migration_keeps_rows_and_never_reuses_ids(tmp_path
     migrate.upgrade(engine)
     assert _autoincrement_tables(engine) == set(_NEVER_REUSED)
     engine.dispose()
+
+
+def test_an_interrupted_sqlite_upgrade_leaves_nothing_and_the_next_start_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's driver began its transaction at the first INSERT, not before DDL: a batch
+    migration's first ``CREATE TABLE _alembic_tmp_project`` committed alone, and an upgrade
+    stopped after it (killed, disk full) left that table, so every later start failed with
+    "table _alembic_tmp_project already exists". The upgrade is one transaction now."""
+    from alembic.operations import Operations
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    command.upgrade(alembic_config(url), "0011_frame_requeued_at")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO project (id, name, created_at) VALUES (1, 'p', :t)"),
+            {"t": datetime.now(timezone.utc)},
+        )
+    batch = Operations.batch_alter_table
+
+    def disk_full(self: Any, table: str, *args: Any, **kwargs: Any) -> Any:
+        if table == "token":  # the second table 0012 rebuilds
+            raise OSError(28, "No space left on device")
+        return batch(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(Operations, "batch_alter_table", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        migrate.upgrade(engine)
+    monkeypatch.undo()
+    with engine.connect() as connection:
+        names = set(inspect(connection).get_table_names())
+        assert not [n for n in names if n.startswith("_alembic_tmp")]
+        assert connection.scalar(text("SELECT version_num FROM alembic_version")) == (
+            "0011_frame_requeued_at"
+        )
+    migrate.upgrade(engine)  # the next start
+    with engine.connect() as connection:
+        assert connection.scalar(text("SELECT name FROM project WHERE id = 1")) == "p"
+        head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+        assert connection.scalar(text("SELECT version_num FROM alembic_version")) == head
+    engine.dispose()

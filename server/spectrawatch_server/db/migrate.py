@@ -50,6 +50,12 @@ def check_revision(connection: Connection, url: str) -> None:
         )
 
 
+def _at_head(connection: Connection, cfg: Config) -> bool:
+    """Whether the database on ``connection`` is at this version's newest revision."""
+    current = set(MigrationContext.configure(connection).get_current_heads())
+    return current == set(ScriptDirectory.from_config(cfg).get_heads())
+
+
 def lift_timeouts(connection: Connection) -> None:
     """No statement or lock timeout for the rest of this PostgreSQL transaction (nothing to
     do on SQLite): a migration may rewrite a large table, a process starting beside another
@@ -71,6 +77,13 @@ def upgrade(engine: Engine) -> None:
         if connection.dialect.name == "postgresql":
             lift_timeouts(connection)
             connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+        elif not _at_head(connection, cfg):
+            # the driver begins at the first INSERT, not before DDL: a batch migration's first
+            # CREATE TABLE _alembic_tmp_... committed alone, and a migration stopped after it
+            # (killed, disk full) left that table, which failed every later start. One
+            # explicit transaction makes the whole upgrade all or nothing (a start at head
+            # takes no write lock).
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         check_revision(connection, url)
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
