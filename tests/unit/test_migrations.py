@@ -534,3 +534,47 @@ def test_an_interrupted_sqlite_upgrade_leaves_nothing_and_the_next_start_complet
         head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
         assert connection.scalar(text("SELECT version_num FROM alembic_version")) == head
     engine.dispose()
+
+
+def test_a_start_beside_a_sqlite_upgrade_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second process starting while another rebuilt 0012's tables gave up after the 3-s
+    busy timeout ("database is locked"): it waits for the upgrade now and finds the schema at
+    head, as PostgreSQL's advisory lock makes it."""
+    import threading
+    import time
+
+    from alembic.operations import Operations
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    command.upgrade(alembic_config(url), "0011_frame_requeued_at")
+    batch = Operations.batch_alter_table
+    started = threading.Event()
+
+    def slow(self: Any, table: str, *args: Any, **kwargs: Any) -> Any:
+        if table == "project":
+            started.set()
+            time.sleep(4.0)  # longer than the busy timeout
+        return batch(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(Operations, "batch_alter_table", slow)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            migrate.upgrade(make_engine(url, lock_timeout=3.0))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    first = threading.Thread(target=start)
+    first.start()
+    assert started.wait(10)
+    start()  # the second process's start, while the first holds the write lock
+    first.join(30)
+    assert errors == []
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+        assert connection.scalar(text("SELECT version_num FROM alembic_version")) == head
+    engine.dispose()

@@ -50,6 +50,9 @@ def check_revision(connection: Connection, url: str) -> None:
         )
 
 
+SQLITE_MIGRATION_WAIT_MS = 30 * 60 * 1000  # a start waits this long for another's upgrade
+
+
 def _at_head(connection: Connection, cfg: Config) -> bool:
     """Whether the database on ``connection`` is at this version's newest revision."""
     current = set(MigrationContext.configure(connection).get_current_heads())
@@ -82,8 +85,15 @@ def upgrade(engine: Engine) -> None:
             # CREATE TABLE _alembic_tmp_... committed alone, and a migration stopped after it
             # (killed, disk full) left that table, which failed every later start. One
             # explicit transaction makes the whole upgrade all or nothing (a start at head
-            # takes no write lock).
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # takes no write lock). A process starting beside one that migrates waits for it,
+            # as PostgreSQL's advisory lock makes it (the busy timeout, 3 s, gave up on a
+            # 10-s rebuild), and then finds the schema at head.
+            waits = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
+            connection.exec_driver_sql(f"PRAGMA busy_timeout = {SQLITE_MIGRATION_WAIT_MS}")
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            finally:
+                connection.exec_driver_sql(f"PRAGMA busy_timeout = {int(waits or 0)}")
         check_revision(connection, url)
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")

@@ -105,14 +105,19 @@ def _create_private(path: Path) -> None:
 # keeps the size of the largest burst between checkpoints for as long as the server runs (a
 # deletion of two 330-frame runs left 36 MB), on top of the database.
 WAL_SIZE_LIMIT = 16 << 20
+_AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout={busy_ms}")  # first: switching to WAL may wait too
     # A new database (no table yet) keeps its free pages apart so that release_free_pages can
-    # give them back; on an existing one this is a no-op until a VACUUM (`spectrawatch compact`)
-    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    # give them back; on an existing one this is a no-op until a VACUUM (`spectrawatch compact`).
+    # Set only where it is not yet: setting it waits for the write lock, and a connection
+    # opened while another process held that lock longer than the busy timeout (a migration
+    # rebuilding tables) failed with "database is locked"
+    if cursor.execute("PRAGMA auto_vacuum").fetchone()[0] != _AUTO_VACUUM_INCREMENTAL:
+        cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     cursor.execute("PRAGMA synchronous=NORMAL")
