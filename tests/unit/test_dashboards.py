@@ -1971,6 +1971,9 @@ def test_static_scripts_go_gzipped_to_a_browser_that_accepts_it(tmp_path: Path) 
         assert etag.startswith("W/")
         again = client.get(url, headers={"Accept-Encoding": "gzip", "If-None-Match": etag})
         assert again.status_code == 304
+        # the 304 carries the validators the 200 would (it had the uncompressed file's strong
+        # ETag and no Vary: a cache could splice identity bytes into a gzip body)
+        assert (again.headers["etag"], again.headers["vary"]) == (etag, "Accept-Encoding")
         plain = client.get(url, headers={"Accept-Encoding": "identity"})
         assert "content-encoding" not in plain.headers
         assert plain.content == raw

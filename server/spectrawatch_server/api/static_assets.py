@@ -106,14 +106,16 @@ class VersionedStaticFiles(StaticFiles):
         except ValueError:  # a link out of the folder: served, never as immutable
             name = ""
         path = Path(full_path)
-        if (
-            response.status_code == 200
-            and path.suffix in COMPRESSED_SUFFIXES
-            and stat_result.st_size >= COMPRESS_MIN_BYTES
-        ):
-            response.headers["Vary"] = "Accept-Encoding"
-            if accepts_gzip(scope):
+        if path.suffix in COMPRESSED_SUFFIXES and stat_result.st_size >= COMPRESS_MIN_BYTES:
+            if response.status_code in (200, 304):
+                response.headers["Vary"] = "Accept-Encoding"
+            if response.status_code == 200 and accepts_gzip(scope):
                 response = gzip_response(response, path, stat_result)
+            elif response.status_code == 304 and accepts_gzip(scope):
+                # the validators the gzip 200 would carry (RFC 9110 15.4.5): its weak ETag
+                etag = response.headers.get("etag", "")
+                if etag and not etag.startswith("W/"):
+                    response.headers["etag"] = "W/" + etag
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         current = bool(name) and query.get("v") == [asset_digests(self.root).get(name)]
         response.headers["Cache-Control"] = IMMUTABLE if current else REVALIDATE
