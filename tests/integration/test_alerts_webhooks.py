@@ -1220,10 +1220,11 @@ def test_a_nan_loss_logged_by_the_monitor_fires_a_loss_rule(
     for step in range(10):
         monitor.log({"loss": 1.0 / (step + 1)}, step=step)
     assert loss_alerts() == {}
-    for step in range(10, 12):
-        monitor.log({"loss": torch.tensor(float("nan"))}, step=step)
+    monitor.log({"loss": torch.tensor(float("nan"))}, step=10)
+    # one batch each: a batch of steps 10 and 11 opens the episode at its latest step, 11
     alert = loss_alerts()["loss_high"]
     assert (alert["status"], alert["step"], alert["values"]["value"]) == ("open", 10, None)
+    monitor.log({"loss": torch.tensor(float("nan"))}, step=11)
     assert alert["message"] == "loss_high: loss = NaN/Inf (fires > 10)"
     assert "loss_high_late" not in loss_alerts()  # NaN at steps 10-11: before its step
     monitor.log({"loss": float("nan")}, step=12)
