@@ -60,10 +60,14 @@ def gzip_response(response: Response, full_path: Path, stat_result: os.stat_resu
     headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
     headers["content-encoding"] = "gzip"
     headers["vary"] = "Accept-Encoding"
-    etag = headers.get("etag")
-    if etag and not etag.startswith("W/"):
-        headers["etag"] = "W/" + etag
+    if "etag" in headers:
+        headers["etag"] = weak_etag(headers["etag"])
     return Response(body, status_code=response.status_code, headers=headers)
+
+
+def weak_etag(etag: str) -> str:
+    """``etag`` as a weak validator: the gzip bytes are the same file in another encoding."""
+    return etag if not etag or etag.startswith("W/") else "W/" + etag
 
 
 @cache
@@ -111,11 +115,9 @@ class VersionedStaticFiles(StaticFiles):
                 response.headers["Vary"] = "Accept-Encoding"
             if response.status_code == 200 and accepts_gzip(scope):
                 response = gzip_response(response, path, stat_result)
-            elif response.status_code == 304 and accepts_gzip(scope):
+            elif response.status_code == 304 and accepts_gzip(scope) and "etag" in response.headers:
                 # the validators the gzip 200 would carry (RFC 9110 15.4.5): its weak ETag
-                etag = response.headers.get("etag", "")
-                if etag and not etag.startswith("W/"):
-                    response.headers["etag"] = "W/" + etag
+                response.headers["etag"] = weak_etag(response.headers["etag"])
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         current = bool(name) and query.get("v") == [asset_digests(self.root).get(name)]
         response.headers["Cache-Control"] = IMMUTABLE if current else REVALIDATE
