@@ -49,36 +49,22 @@ def layer_values_at(
     session: Session, run_id: int, step: int, analysis: str, model_layer: str
 ) -> dict[str, dict[str, float]]:
     """``{layer: {name: value}}`` an analysis stored at ``step`` for every layer of the run
-    but ``model_layer`` (all frames; the latest row wins where a step was analysed twice).
-
-    By a seek per metric name of the run (``ix_metric_run_name_step``): filtered on step and
-    analysis alone the read walked every metric row of the run, once per weight frame (0.42
-    -> 0.01 s on a run of 4.5 M rows)."""
-    rows = session.execute(
-        select(Metric.layer, Metric.name, Metric.value)
-        .where(
-            Metric.run_id == run_id,
-            Metric.name.in_(series_names(session, run_id)),
-            Metric.step == step,
-            Metric.analysis == analysis,
-            Metric.layer != model_layer,
-            Metric.value.is_not(None),
-        )
-        .order_by(Metric.id)
-    ).all()
-    out: dict[str, dict[str, float]] = {}
-    for layer, name, value in rows:
-        if value is not None:
-            out.setdefault(layer, {})[name] = float(value)
-    return out
+    but ``model_layer`` (all frames; the latest row wins where a step was analysed twice):
+    :func:`layer_values_by_analysis_at` of that one analysis."""
+    by_analysis = layer_values_by_analysis_at(session, run_id, step, [analysis], model_layer)
+    return {layer: values[analysis] for layer, values in by_analysis.items()}
 
 
 def layer_values_by_analysis_at(
     session: Session, run_id: int, step: int, analyses: Collection[str], model_layer: str
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{layer: {analysis: {name: value}}}`` of ``analyses`` stored at ``step`` for every layer
-    of the run but ``model_layer``: what :func:`layer_values_at` reads, for several analyses
-    at once (a weight snapshot's values carried forward to a later one)."""
+    of the run but ``model_layer`` (all frames; the latest row wins where a step was analysed
+    twice; a weight snapshot's values carried forward to a later one read several at once).
+
+    By a seek per metric name of the run (``ix_metric_run_name_step``): filtered on step and
+    analysis alone the read walked every metric row of the run, once per weight frame (0.42
+    -> 0.01 s on a run of 4.5 M rows)."""
     rows = session.execute(
         select(Metric.layer, Metric.analysis, Metric.name, Metric.value)
         .where(
