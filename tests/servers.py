@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,36 @@ def fresh_database(base_url: str, prefix: str = "sw") -> Iterator[str]:
             _drop_database(admin, name)
         finally:
             admin.dispose()
+
+
+DATABASES = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=pytest.mark.skipif(POSTGRES_URL is None, reason="no SPECTRAWATCH_TEST_POSTGRES_URL"),
+    ),
+]
+"""Parameters of a fixture run on SQLite, and on PostgreSQL where one is named."""
+
+
+@contextmanager
+def migrated_sessions(kind: str, tmp_path: Path, prefix: str) -> Iterator[Any]:
+    """A session factory (``sessionmaker``) of a migrated database of ``kind`` (one of
+    :data:`DATABASES`): a SQLite file under ``tmp_path``, or a fresh PostgreSQL database
+    ``<prefix>_<random>``, dropped afterwards."""
+    from spectrawatch_server.db import migrate
+    from spectrawatch_server.db.session import make_engine, make_session_factory
+
+    with ExitStack() as stack:
+        if kind == "sqlite":
+            url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+        else:
+            assert POSTGRES_URL is not None
+            url = stack.enter_context(fresh_database(POSTGRES_URL, prefix))
+        engine = make_engine(url)
+        migrate.upgrade(engine)
+        yield make_session_factory(engine)
+        engine.dispose()
 
 
 def _drop_database(admin: Engine, name: str, tries: int = 20) -> None:

@@ -6,7 +6,6 @@ sin^2(theta) / k), numpy's SVD for the spike bases and scipy's principal angles.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,14 +34,12 @@ from spectrawatch_server.analyses.registry import (
     analyses_for,
 )
 from spectrawatch_server.analyses.subspace import weight_subspace
-from spectrawatch_server.db import migrate
 from spectrawatch_server.db.models import Frame, Metric
-from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import LocalBlobStore
 from spectrawatch_server.worker import FrameLoader, Worker
 from tests.history import StubHistory, decoded_frame
-from tests.servers import POSTGRES_URL, fresh_database
+from tests.servers import DATABASES, migrated_sessions
 
 M, N, K = 300, 120, 4
 
@@ -216,30 +213,12 @@ def test_each_layer_of_a_split_snapshot_compares_with_its_own_previous_part() ->
     assert _summary(per_layer) == {SUBSPACE_DRIFT: pytest.approx(sum(got.values()) / 4)}
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(
-                POSTGRES_URL is None, reason="no SPECTRAWATCH_TEST_POSTGRES_URL"
-            ),
-        ),
-    ]
-)
+@pytest.fixture(params=DATABASES)
 def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     """Sessions of a migrated database: SQLite (as ``tests/unit/conftest.py``'s), and
     PostgreSQL where ``SPECTRAWATCH_TEST_POSTGRES_URL`` names a server."""
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-        else:
-            assert POSTGRES_URL is not None
-            url = stack.enter_context(fresh_database(POSTGRES_URL, "sw_subspace"))
-        engine = make_engine(url)
-        migrate.upgrade(engine)
-        yield make_session_factory(engine)
-        engine.dispose()
+    with migrated_sessions(request.param, tmp_path, "sw_subspace") as factory:
+        yield factory
 
 
 def _store_frame(

@@ -8,7 +8,6 @@ time (``weights_frozen_every=True``). Real client capture, real worker, real dat
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,43 +21,23 @@ from spectrawatch import wire
 from spectrawatch.spectral.conditioning import GMCN
 from spectrawatch.spectral.htsr import ALPHA, NUM_LAYERS
 from spectrawatch.spectral.subspace import SUBSPACE_DRIFT
-from spectrawatch_server.db import migrate
 from spectrawatch_server.db.models import Frame, Metric
-from spectrawatch_server.db.session import make_engine, make_session_factory
 from spectrawatch_server.storage import repository as repo
 from spectrawatch_server.storage.blobs import LocalBlobStore
 from spectrawatch_server.storage.repository import unchanged_since
 from spectrawatch_server.worker import FrameLoader, Worker
-from tests.servers import POSTGRES_URL, fresh_database
+from tests.servers import DATABASES, migrated_sessions
 from tests.unit.test_client_capture import Sink, make_capture
 
 BASE = ["base.0.weight", "base.1.weight", "base.2.weight"]
 ADAPTERS = ["lora.0.weight", "lora.1.weight"]
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(
-                POSTGRES_URL is None, reason="no SPECTRAWATCH_TEST_POSTGRES_URL"
-            ),
-        ),
-    ]
-)
+@pytest.fixture(params=DATABASES)
 def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     """Sessions of a migrated SQLite database, and PostgreSQL where one is named."""
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-        else:
-            assert POSTGRES_URL is not None
-            url = stack.enter_context(fresh_database(POSTGRES_URL, "sw_frozen"))
-        engine = make_engine(url)
-        migrate.upgrade(engine)
-        yield make_session_factory(engine)
-        engine.dispose()
+    with migrated_sessions(request.param, tmp_path, "sw_frozen") as factory:
+        yield factory
 
 
 def lora_toy() -> nn.Module:
